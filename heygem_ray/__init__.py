@@ -1,0 +1,1 @@
+"""heygem_ray: batch lip-sync rendering on Ray."""

@@ -1,0 +1,31 @@
+"""Error kinds. The split decides retries: an InputError is the row's own fault (bad file, no face,
+over a limit) and is reported, never retried; anything else is treated as infrastructure and retried
+within a bound."""
+
+from __future__ import annotations
+
+
+class HeygemError(Exception):
+    """Base class for errors heygem_ray raises on purpose."""
+
+
+class InputError(HeygemError):
+    """A row's input is missing, unreadable or unusable. Not retried."""
+
+    def __init__(self, what: str, uri: str | None, problem: str):
+        from heygem_ray.storage import display
+
+        self.what, self.uri, self.problem = what, uri, problem
+        where = f" {display(uri)}" if uri else ""
+        super().__init__(f"{what}{where}: {problem}")
+
+    def __reduce__(self):  # keep the three fields across Ray's pickling
+        return (InputError, (self.what, self.uri, self.problem))
+
+
+class ManifestError(HeygemError):
+    """The manifest as a whole is invalid; raised before any rendering starts."""
+
+
+class CheckpointError(HeygemError):
+    """A model file is missing, of the wrong kind, corrupt, or unsafe to load."""

@@ -1,0 +1,60 @@
+"""The renderer interface: avatar frames + per-frame audio features + face boxes in, frames out.
+
+A renderer is built once per actor (model loaded there) and then called segment after segment.
+The actor gives it the segment's audio as an `AudioWindow` (16 kHz mono float32 with context on
+both sides) and asks for one feature row per output frame; then it hands over frames in batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class AudioWindow:
+    """A slice of a row's decoded audio.
+
+    samples: float32 mono at SAMPLE_RATE, the row's samples [start, start + len(samples)).
+    total:   number of samples in the whole row's audio (so a renderer knows where the true
+             start and end are, e.g. for reflect padding).
+    level:   the row's speech level (95th percentile of per-frame speech-band RMS), for
+             renderers that normalise loudness per row.
+    """
+
+    samples: np.ndarray
+    start: int
+    total: int
+    level: float
+    sample_rate: int = SAMPLE_RATE
+
+
+class Renderer(Protocol):
+    #: frames per render() call the renderer wants (the actor batches decode to this size)
+    batch_size: int
+
+    def features(self, audio: AudioWindow, frames: np.ndarray, fps: float) -> np.ndarray:
+        """One feature row per output frame number in `frames` (int array), shape (len(frames), ...).
+
+        The window holds at least AUDIO_CONTEXT_SECONDS of audio either side of the frames' span,
+        clipped to the row's audio.
+        """
+        ...
+
+    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+        """Re-render the mouth in each frame.
+
+        frames:   BGR uint8 (H, W, 3) images (the renderer may modify them in place and return them).
+        boxes:    int (n, 4) face boxes x1, y1, x2, y2 in pixel coordinates (already padded).
+        features: (n, ...) rows from `features()` for these frames.
+        Pixels outside the face box must be returned unchanged.
+        """
+        ...
+
+
+#: seconds of audio context the actor reads on each side of a segment's frames
+AUDIO_CONTEXT_SECONDS = 0.5

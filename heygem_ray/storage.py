@@ -1,0 +1,207 @@
+"""Every byte heygem_ray reads or writes goes through here: fsspec URIs, atomic publishing,
+the node-local download cache, content fingerprints and credential-free display.
+
+Local paths and any fsspec URI (s3://, gs://, memory://, ...) are accepted everywhere.
+Per-protocol options (endpoint, credentials) come from the standard environment (for S3:
+AWS_* variables and ~/.aws) or from `configure()`, which each Ray worker calls with the
+campaign's `storage.options` before touching storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_OPTIONS: dict[str, dict[str, Any]] = {}
+_CHUNK = 4 << 20
+
+
+def configure(options: Mapping[str, Mapping[str, Any]] | None) -> None:
+    """Set per-protocol fsspec options for this process, e.g. {"s3": {"endpoint_url": ...}}."""
+    _OPTIONS.clear()
+    for protocol, opts in (options or {}).items():
+        _OPTIONS[protocol] = dict(opts or {})
+
+
+def protocol(uri: str) -> str:
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    return match.group(1).lower() if match else "file"
+
+
+def is_local(uri: str) -> bool:
+    return protocol(uri) in ("file", "local")
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    proto = protocol(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **_OPTIONS.get(proto, {}))
+    return fs, path
+
+
+def local_path(uri: str) -> str:
+    """The OS path of a local URI (plain path or file://)."""
+    if not is_local(uri):
+        raise ValueError(f"not a local path: {display(uri)}")
+    return os.path.abspath(os.path.expanduser(re.sub(r"^(file|local)://", "", uri)))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the scheme; absolute local paths stay absolute."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def normalize(uri: str) -> str:
+    """A canonical form for comparing URIs: local paths made absolute, one '/' between parts."""
+    if is_local(uri):
+        return local_path(uri)
+    proto = protocol(uri)
+    rest = re.sub(r"/+", "/", uri.split("://", 1)[1])
+    return f"{proto}://{rest}".rstrip("/")
+
+
+def basename(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def display(uri: str) -> str:
+    """The URI with any user:password@ or key=secret query part removed, for logs and errors."""
+    uri = re.sub(r"(://)[^/@]*@", r"\1", uri)
+    return re.sub(r"([?&][^=&]*(?:key|token|secret|signature|credential)[^=&]*=)[^&]*", r"\1***", uri, flags=re.I)
+
+
+def exists(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def size(uri: str) -> int:
+    fs, path = url_to_fs(uri)
+    return int(fs.size(path))
+
+
+def open_uri(uri: str, mode: str = "rb") -> IO[bytes]:
+    fs, path = url_to_fs(uri)
+    return fs.open(path, mode)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = url_to_fs(uri)
+    return fs.cat_file(path)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = url_to_fs(uri)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+
+def glob(pattern: str) -> list[str]:
+    """Expand a glob, returning URIs in the same form (scheme kept) in sorted order."""
+    fs, path = url_to_fs(pattern)
+    matches = sorted(fs.glob(path))
+    if is_local(pattern):
+        return matches
+    return [f"{protocol(pattern)}://{m}" for m in matches]
+
+
+def publish_file(local_file: str, uri: str) -> None:
+    """Put a finished local file at `uri` so readers never see a partial file.
+
+    Local destination: copy next to it under a hidden temporary name, then rename (atomic on
+    POSIX). Object stores: a single PUT or a completed multipart upload is atomic to readers.
+    """
+    if is_local(uri):
+        dest = local_path(uri)
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.part-{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copyfile(local_file, tmp)
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
+    fs, path = url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    with contextlib.suppress(Exception):  # object stores have no real directories
+        fs.makedirs(parent, exist_ok=True)
+    fs.put_file(local_file, path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a small object atomically (temp file + publish_file)."""
+    with tempfile.NamedTemporaryFile(prefix="heygem-", delete=False) as tmp:
+        tmp.write(data)
+    try:
+        publish_file(tmp.name, uri)
+    finally:
+        os.unlink(tmp.name)
+
+
+def fingerprint(uri: str) -> str:
+    """BLAKE2b of the content: the same bytes give the same key on any storage."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open_uri(uri) as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def node_cache_dir() -> str:
+    return os.environ.get("HEYGEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "heygem_ray")
+
+
+def local_copy(uri: str, cache_dir: str | None = None) -> str:
+    """A local path holding `uri`'s bytes: local files as they are, remote ones downloaded once per
+    node into the node cache (keyed by URI, size and version/ETag), safe against concurrent callers."""
+    if is_local(uri):
+        return local_path(uri)
+    fs, path = url_to_fs(uri)
+    info = fs.info(path)
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    key = hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()[:24]
+    suffix = os.path.splitext(basename(uri))[1][:16]
+    root = cache_dir or node_cache_dir()
+    os.makedirs(root, exist_ok=True)
+    dest = os.path.join(root, key + suffix)
+    if os.path.exists(dest):
+        return dest
+    with _file_lock(dest + ".lock"):
+        if not os.path.exists(dest):
+            tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
+            try:
+                fs.get_file(path, tmp)
+                os.replace(tmp, dest)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+    return dest
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
