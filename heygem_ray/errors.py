@@ -4,6 +4,9 @@ within a bound."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class HeygemError(Exception):
     """Base class for errors heygem_ray raises on purpose."""
@@ -29,3 +32,16 @@ class ManifestError(HeygemError):
 
 class CheckpointError(HeygemError):
     """A model file is missing, of the wrong kind, corrupt, or unsafe to load."""
+
+
+@contextlib.contextmanager
+def reading(what: str, uri: str) -> Iterator[None]:
+    """Turn storage errors about a row's own input into InputErrors naming that input."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(what, uri, "does not exist") from None
+    except IsADirectoryError:
+        raise InputError(what, uri, "is a directory, not a file") from None
+    except PermissionError:
+        raise InputError(what, uri, "cannot be read (permission denied)") from None

@@ -73,6 +73,10 @@ def normalize(uri: str) -> str:
     return f"{proto}://{rest}".rstrip("/")
 
 
+def dirname(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
 def basename(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 

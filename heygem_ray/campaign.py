@@ -1,0 +1,350 @@
+"""The campaign executor: runs the stages on Ray and keeps the books.
+
+    row ─► prepare_row (task: fingerprints, done-marker check, audio decode)
+        ─► prepare_avatar (task, once per avatar: probe + face track, cached)
+        ─► segments (calls on a fixed pool of warm renderer actors)
+        ─► stitch_row (task: join, mux, publish, marker)
+
+Only small metadata crosses the object store; frames stay inside the actor and segment files go
+through storage. The driver admits rows lazily and caps queued segments, so a campaign of any size
+runs in bounded memory, and it records one result per row whatever happens to the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from heygem_ray import storage
+from heygem_ray.config import Config
+from heygem_ray.errors import InputError
+from heygem_ray.manifest import Row, read_manifest
+from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
+from heygem_ray.prepare import AvatarTrack, RowPrep, marker_uri, prepare_avatar, prepare_row
+from heygem_ray.results import RowResult, Summary, write_results
+from heygem_ray.segment import RenderWorker, SegmentJob, SegmentResult
+from heygem_ray.stitch import Marker, StitchJob, stitch_row
+
+log = logging.getLogger("heygem_ray")
+
+#: task exceptions worth another try (flaky storage, network); bad input is never retried
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
+@dataclass
+class _RowState:
+    row: Row
+    started: float
+    prep: RowPrep | None = None
+    track: AvatarTrack | None = None
+    spans: list[SegmentSpan] = field(default_factory=list)
+    done: set[int] = field(default_factory=set)
+    attempts: dict[int, int] = field(default_factory=dict)
+    finished: bool = False
+
+    @property
+    def work_uri(self) -> str:
+        assert self.prep is not None
+        return storage.join(storage.dirname(self.row.output), "_work", self.row.id, self.prep.fingerprint[:16])
+
+
+def connect(cfg: Config) -> bool:
+    """Join or start Ray; True when this call started it (so the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": cfg.cluster.include_dashboard, "log_to_driver": True}
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, **kwargs)
+    return True
+
+
+def actor_count(cfg: Config) -> int:
+    if cfg.cluster.actors > 0:
+        return cfg.cluster.actors
+    resources = ray.cluster_resources()
+    actor = cfg.cluster.actor
+    if actor.num_gpus > 0:
+        return max(1, math.floor(resources.get("GPU", 0) / actor.num_gpus + 1e-9))
+    spare = resources.get("CPU", 1) - cfg.cluster.reserve_cpus
+    return max(1, math.floor(spare / max(actor.num_cpus, 1e-3) + 1e-9))
+
+
+class Campaign:
+    def __init__(self, cfg: Config, rows: list[Row]):
+        self.cfg = cfg
+        self.rows = rows
+        self.results: dict[str, RowResult] = {}
+        self._states: dict[str, _RowState] = {}
+        self._pending = deque(rows)
+        self._inflight: dict[ray.ObjectRef, tuple[str, Any]] = {}
+        self._avatar_refs: dict[tuple, ray.ObjectRef] = {}
+        self._avatar_tracks: dict[tuple, AvatarTrack | BaseException] = {}
+        self._avatar_waiters: dict[tuple, list[str]] = {}
+        self._segment_queue: deque[tuple[str, int]] = deque()
+        self._actor_load: list[int] = []
+        self._frames_rendered = 0
+
+    # ----------------------------------------------------------------- setup
+    def _start_actors(self) -> None:
+        cfg = self.cfg
+        actor_cls = ray.remote(RenderWorker).options(
+            num_cpus=cfg.cluster.actor.num_cpus,
+            num_gpus=cfg.cluster.actor.num_gpus,
+            max_restarts=-1,  # a crashed actor comes back with its model; the driver re-sends the segment
+            max_task_retries=0,
+        )
+        self._actors = [actor_cls.remote(cfg) for _ in range(actor_count(cfg))]
+        self._actor_load = [0] * len(self._actors)
+        ray.get([a.ready.remote() for a in self._actors])
+
+    def _task(self, fn: Any) -> Any:
+        return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, max_retries=3,
+                                      retry_exceptions=list(TRANSIENT))
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Summary:
+        started = time.time()
+        self._prepare_row = self._task(prepare_row)
+        self._prepare_avatar = self._task(prepare_avatar)
+        self._stitch_row = self._task(stitch_row)
+        progress = _progress(len(self.rows), self.cfg.render.progress)
+        try:
+            self._start_actors()
+            while self._pending or self._inflight or self._segment_queue:
+                self._admit_rows()
+                self._dispatch_segments()
+                if not self._inflight:
+                    continue
+                ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    kind, key = self._inflight.pop(ref)
+                    getattr(self, f"_on_{kind}")(key, ref)
+                progress.update(len(self.results) - progress.n)
+                progress.set_postfix_str(self._postfix(), refresh=False)
+        finally:
+            progress.close()
+            for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
+                if row.id not in self.results:
+                    self._fail(row.id, "campaign interrupted before this row finished")
+        return Summary.of([self.results[r.id] for r in self.rows], time.time() - started)
+
+    def _admit_rows(self) -> None:
+        preparing = sum(1 for s in self._states.values() if not s.finished and not s.spans)
+        while (self._pending and preparing < self.cfg.render.max_prepared_rows
+               and len(self._segment_queue) < self.cfg.render.max_inflight_segments):
+            row = self._pending.popleft()
+            self._states[row.id] = _RowState(row, time.time())
+            self._inflight[self._prepare_row.remote(row, self.cfg)] = ("prepared", row.id)
+            preparing += 1
+
+    def _dispatch_segments(self) -> None:
+        inflight = sum(self._actor_load)
+        while self._segment_queue and inflight < self.cfg.render.max_inflight_segments:
+            row_id, index = self._segment_queue.popleft()
+            state = self._states[row_id]
+            if state.finished:
+                continue
+            actor = int(np.argmin(self._actor_load))
+            ref = self._actors[actor].render_segment.remote(self._segment_job(state, index))
+            self._actor_load[actor] += 1
+            state.attempts[index] = state.attempts.get(index, 0) + 1
+            self._inflight[ref] = ("segment", (row_id, index, actor))
+            inflight += 1
+
+    # -------------------------------------------------------------- handlers
+    def _on_prepared(self, row_id: str, ref: ray.ObjectRef) -> None:
+        state = self._states[row_id]
+        try:
+            state.prep = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this row's result
+            return self._fail(row_id, _reason(exc))
+        if state.prep.skipped:
+            return self._finish(row_id, "skipped", marker=state.prep.marker)
+        key = (state.row.avatar, state.row.box)
+        if key in self._avatar_tracks:
+            return self._on_track(state, self._avatar_tracks[key])
+        self._avatar_waiters.setdefault(key, []).append(row_id)
+        if key not in self._avatar_refs:
+            cfg = self.cfg
+            ref = self._prepare_avatar.remote(state.row.avatar, state.row.box, cfg.detector, cfg.cache_uri,
+                                              cfg.render.still_fps)
+            self._avatar_refs[key] = ref
+            self._inflight[ref] = ("avatar", key)
+
+    def _on_avatar(self, key: tuple, ref: ray.ObjectRef) -> None:
+        try:
+            track: AvatarTrack | BaseException = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001
+            track = exc
+        self._avatar_tracks[key] = track
+        for row_id in self._avatar_waiters.pop(key, []):
+            self._on_track(self._states[row_id], track)
+
+    def _on_track(self, state: _RowState, track: AvatarTrack | BaseException) -> None:
+        if isinstance(track, BaseException):
+            return self._fail(state.row.id, _reason(track))
+        assert state.prep is not None and state.prep.audio is not None
+        state.track = track
+        total = output_frame_count(state.prep.audio.seconds, track.info.fps)
+        state.spans = plan_segments(total, track.info.fps, self.cfg.render.segment_seconds)
+        self._segment_queue.extend((state.row.id, span.index) for span in state.spans)
+
+    def _on_segment(self, key: tuple[str, int, int], ref: ray.ObjectRef) -> None:
+        row_id, index, actor = key
+        self._actor_load[actor] -= 1
+        state = self._states[row_id]
+        try:
+            result: SegmentResult = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001
+            if state.finished:
+                return
+            cause = _cause(exc)
+            if isinstance(cause, InputError) or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
+                return self._fail(row_id, _reason(exc, f"segment {index} failed after {state.attempts[index]} attempt(s)"))
+            log.warning("row %s segment %d: %s; retrying", row_id, index, _reason(exc))
+            self._segment_queue.appendleft((row_id, index))
+            return
+        if state.finished:
+            return
+        state.done.add(index)
+        self._frames_rendered += 0 if result.reused else result.frames
+        if len(state.done) == len(state.spans):
+            self._submit_stitch(state)
+
+    def _submit_stitch(self, state: _RowState) -> None:
+        assert state.prep is not None and state.prep.audio is not None and state.track is not None
+        work = state.work_uri
+        job = StitchJob(
+            row_id=state.row.id,
+            output=state.row.output,
+            segment_uris=[_segment_uri(work, s.index) for s in state.spans],
+            work_uri=work,
+            audio_uri=state.row.audio,
+            fps_fraction=state.track.info.fps_fraction,
+            frames=state.spans[-1].stop,
+            marker_uri=marker_uri(self.cfg, state.row.id),
+            fingerprint=state.prep.fingerprint,
+            encoder=self.cfg.encoder,
+        )
+        self._inflight[self._stitch_row.remote(job)] = ("stitched", state.row.id)
+
+    def _on_stitched(self, row_id: str, ref: ray.ObjectRef) -> None:
+        try:
+            marker: Marker = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001
+            return self._fail(row_id, _reason(exc))
+        self._finish(row_id, "ok", marker=marker)
+
+    # ------------------------------------------------------------ bookkeeping
+    def _segment_job(self, state: _RowState, index: int) -> SegmentJob:
+        assert state.track is not None and state.prep is not None and state.prep.audio is not None
+        span, track, audio = state.spans[index], state.track, state.prep.audio
+        avatar_frames = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
+        lo, hi = int(avatar_frames.min()), int(avatar_frames.max())
+        return SegmentJob(
+            row_id=state.row.id, index=index, out_uri=_segment_uri(state.work_uri, index),
+            avatar_uri=state.row.avatar, info=track.info, start=span.start, avatar_frames=avatar_frames,
+            pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[avatar_frames],
+            pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level,
+        )
+
+    def _finish(self, row_id: str, status: str, marker: Marker | None) -> None:
+        state = self._states[row_id]
+        state.finished = True
+        audio = state.prep.audio if state.prep else None
+        result = RowResult(
+            id=row_id, status=status, output=state.row.output, error=None,
+            audio_seconds=marker.audio_seconds if marker else (audio.seconds if audio else None),
+            frames=marker.frames if marker else None, segments=len(state.spans) or None,
+            render_seconds=round(time.time() - state.started, 3) if status == "ok" else None,
+            attempts=max(state.attempts.values(), default=0), finished_at=time.time(),
+        )
+        self._record(result)
+
+    def _fail(self, row_id: str, reason: str) -> None:
+        state = self._states.get(row_id)
+        row = state.row if state else next(r for r in self.rows if r.id == row_id)
+        if state:
+            state.finished = True
+        audio = state.prep.audio if state and state.prep else None
+        self._record(RowResult(
+            id=row_id, status="failed", output=row.output, error=reason,
+            audio_seconds=audio.seconds if audio else None, frames=None,
+            segments=len(state.spans) if state and state.spans else None, render_seconds=None,
+            attempts=max(state.attempts.values(), default=0) if state else 0, finished_at=time.time(),
+        ))
+
+    def _record(self, result: RowResult) -> None:
+        if result.id in self.results:
+            return
+        self.results[result.id] = result
+        seconds = f"{result.render_seconds:.1f}s" if result.render_seconds is not None else "-"
+        detail = storage.display(result.output) if result.status != "failed" else result.error
+        _write_line(f"[{result.status}] {result.id} {seconds} {detail}")
+
+    def _postfix(self) -> str:
+        counts = {s: sum(1 for r in self.results.values() if r.status == s) for s in ("ok", "failed", "skipped")}
+        queued = len(self._segment_queue)
+        return (f"ok={counts['ok']} failed={counts['failed']} skipped={counts['skipped']} "
+                f"frames={self._frames_rendered} segments_in_flight={sum(self._actor_load)} queued={queued}")
+
+
+def _segment_uri(work_uri: str, index: int) -> str:
+    return storage.join(work_uri, f"seg-{index:05d}.mp4")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        return exc.cause
+    return exc
+
+
+def _reason(exc: BaseException, prefix: str | None = None) -> str:
+    cause = _cause(exc)
+    if isinstance(cause, InputError):
+        text = str(cause)
+    elif isinstance(cause, RayActorError):
+        text = f"renderer actor died ({type(cause).__name__})"
+    else:
+        text = f"{type(cause).__name__}: {cause}".strip()
+    text = text.splitlines()[0] if text else type(cause).__name__
+    return f"{prefix}: {text}" if prefix and not isinstance(cause, InputError) else text
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    # a plain line per update when not on a terminal (e.g. `ray job logs -f`), redrawn in place otherwise
+    return tqdm(total=total, unit="row", desc="campaign", disable=not enabled, file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
+
+
+def _write_line(text: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+
+
+def run(cfg: Config) -> Summary:
+    """Read the manifest, render every row, write the results table, return the summary."""
+    storage.configure(cfg.storage.options)
+    rows = read_manifest(cfg.manifest, cfg.output)  # a bad manifest stops here, before any rendering
+    started_ray = connect(cfg)
+    try:
+        summary = Campaign(cfg, rows).run()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    write_results(storage.join(cfg.output, "_results.parquet"), summary.rows)
+    return summary

@@ -1,0 +1,141 @@
+"""`heygem-ray`: the command line.
+
+    heygem-ray render manifest=URI output=URI [hydra overrides...]   render a campaign
+    heygem-ray demo [--dir DIR] [--rows N] [hydra overrides...]        make and render a demo campaign
+    heygem-ray manifest --audio A... --avatar V... --out URI          build a cross-product manifest
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from heygem_ray import storage
+from heygem_ray.config import Config, register_configs, to_plain
+from heygem_ray.errors import HeygemError
+
+CONFIG_PATH = "pkg://heygem_ray.conf"
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+register_configs()
+
+
+def render(cfg: Config, resolved: DictConfig | None = None) -> int:
+    """Render a campaign from a plain config; returns the process exit status."""
+    from heygem_ray import campaign
+
+    try:
+        if resolved is not None:
+            storage.configure(cfg.storage.options)
+            storage.write_bytes(storage.join(cfg.output, "_config.yaml"), config_yaml(resolved).encode())
+        summary = campaign.run(cfg)
+    except HeygemError as exc:
+        print(f"heygem-ray: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"heygem-ray: {summary.line()}")
+    print(f"heygem-ray: results: {storage.display(storage.join(cfg.output, '_results.parquet'))}")
+    return 1 if summary.failed else 0
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML with credential-looking storage options masked."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+
+    def mask(node: object) -> object:
+        if isinstance(node, dict):
+            return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else mask(v) for k, v in node.items()}
+        return node
+
+    data["storage"] = mask(data.get("storage", {}))
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+def render_main(cfg: DictConfig) -> None:
+    """Hydra entry: compose, resolve to plain dataclasses (nothing Hydra-specific reaches Ray
+    workers), render, exit non-zero when any row failed."""
+    try:
+        plain = to_plain(cfg)
+    except Exception as exc:  # noqa: BLE001 - config mistakes are user errors, show them plainly
+        print(f"heygem-ray: error: invalid configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(render(plain, cfg))
+
+
+def compose(overrides: Sequence[str]) -> DictConfig:
+    """The same config `render` would see, through Hydra's compose API (for the demo and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="heygem_ray.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def demo_main(argv: Sequence[str]) -> int:
+    from heygem_ray.demo import make_demo_assets
+    from heygem_ray.manifest import build_manifest
+
+    parser = argparse.ArgumentParser(prog="heygem-ray demo", description="Make and render a demo campaign on local Ray.")
+    parser.add_argument("--dir", default="heygem-demo", help="folder for inputs and outputs (default: ./heygem-demo)")
+    parser.add_argument("--rows", type=int, default=6, help="manifest rows (default 6: 2 narrations x 3 avatars)")
+    args, overrides = parser.parse_known_args(argv)
+    root = os.path.abspath(args.dir)
+    narrations = max(2, math.ceil(args.rows / 3))
+    seconds = tuple(6.0 + 3.0 * (i % 3) for i in range(narrations))
+    print(f"heygem-ray demo: making {narrations} narrations and 3 avatars in {root}/inputs")
+    assets = make_demo_assets(os.path.join(root, "inputs"), audio_seconds=seconds)
+    manifest = os.path.join(root, "manifest.parquet")
+    build_manifest(assets.audios, assets.avatars, manifest, limit=args.rows)
+    output = os.path.join(root, "output")
+    cfg = compose([f"manifest={manifest}", f"output={output}", *overrides])
+    status = render(to_plain(cfg), cfg)
+    print(f"heygem-ray demo: videos in {output}/, report of every row in {output}/_results.parquet")
+    return status
+
+
+def manifest_main(argv: Sequence[str]) -> int:
+    from heygem_ray.manifest import build_manifest
+
+    parser = argparse.ArgumentParser(
+        prog="heygem-ray manifest",
+        description="Write the cross product of audio x avatar URIs/globs as a Parquet manifest "
+                    "(one narration over many presenters, or many narrations over one).")
+    parser.add_argument("--audio", nargs="+", required=True, help="audio URIs or globs (quote globs)")
+    parser.add_argument("--avatar", nargs="+", required=True, help="avatar video/image URIs or globs")
+    parser.add_argument("--out", required=True, help="manifest URI to write (.parquet)")
+    args = parser.parse_args(argv)
+    try:
+        count = build_manifest(args.audio, args.avatar, args.out)
+    except HeygemError as exc:
+        print(f"heygem-ray: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"heygem-ray: wrote {count} rows to {storage.display(args.out)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(__doc__.strip())
+        sys.exit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    if command == "render":
+        sys.argv = [f"{os.path.basename(sys.argv[0])} render", *rest]
+        render_main()
+    elif command == "demo":
+        sys.exit(demo_main(rest))
+    elif command == "manifest":
+        sys.exit(manifest_main(rest))
+    else:
+        print(f"heygem-ray: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,186 @@
+"""Typed configuration. The dataclasses are the schema; conf/*.yaml pick values and document them.
+
+Hydra composes the YAML on the driver; `to_plain()` turns the result into these dataclasses
+(resolved, no Hydra state) before anything crosses to a Ray worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class ClassicRendererConfig:
+    """Weights-free renderer: reshapes the lower face from the audio's speech-band loudness."""
+
+    name: str = "classic"
+    batch_size: int = 16
+    #: jaw drop at full loudness, as a fraction of the face box height
+    jaw_drop: float = 0.06
+    #: mouth opening at full loudness, as a fraction of the face box height
+    mouth_open: float = 0.07
+    #: how dark the mouth gap gets at full opening (0 = unchanged, 1 = black)
+    mouth_darkness: float = 0.75
+
+
+@dataclass
+class Wav2LipRendererConfig:
+    """The official Wav2Lip generator, loaded from any fsspec URI."""
+
+    name: str = "wav2lip"
+    checkpoint: str = MISSING
+    batch_size: int = 128
+    #: fp32 | fp16 | bf16 (autocast on CUDA)
+    precision: str = "fp32"
+    #: feather (soft lower-face mask, no seam) | hard (the official rectangle)
+    blend: str = "feather"
+    #: auto | cpu | cuda
+    device: str = "auto"
+
+
+@dataclass
+class DetectorConfig:
+    """Face detection and tracking, run once per avatar and cached."""
+
+    #: haar | box | s3fd
+    name: str = "haar"
+    #: fixed box x1, y1, x2, y2 for name=box (a `box` manifest column overrides it per row)
+    box: list[int] | None = None
+    #: pixels added to the detected box: top, bottom, left, right (official default)
+    pads: list[int] = field(default_factory=lambda: [0, 10, 0, 0])
+    #: temporal smoothing of the track (official 5-frame window)
+    smooth: bool = True
+    #: detect on a copy downscaled so its longer side is at most this many pixels
+    max_side: int = 720
+    #: detect on every Nth frame and interpolate between (1 = every frame)
+    stride: int = 1
+    batch_size: int = 16
+    #: model file for learned detectors (s3fd)
+    checkpoint: str | None = None
+    #: auto | cpu | cuda, for learned detectors
+    device: str = "auto"
+
+
+@dataclass
+class ActorConfig:
+    """Resources of one renderer actor. Both are always set: an actor that names only GPUs
+    holds one CPU for life, which hangs fractional-GPU actors on small nodes."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    #: torch threads per actor (0 = num_cpus rounded up)
+    threads: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how wide the campaign runs."""
+
+    #: null = start a local Ray; "auto" or ray://host:10001 or an IP:port joins an existing cluster
+    address: str | None = None
+    #: CPUs/GPUs for a local Ray (null = what the machine has); ignored when joining a cluster
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    #: renderer actors (0 = as many as the cluster's resources fit, less `reserve_cpus`)
+    actors: int = 0
+    #: CPUs left free for the prepare and stitch tasks when sizing the actor pool automatically
+    reserve_cpus: float = 1.0
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    #: CPUs per prepare/stitch task
+    task_cpus: float = 1.0
+    include_dashboard: bool = True
+
+
+@dataclass
+class StorageConfig:
+    """fsspec options per protocol, e.g. {s3: {endpoint_url: ..., key: ..., secret: ...}}.
+    Prefer the standard AWS environment for credentials; options here are passed to workers."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EncoderConfig:
+    """Output codecs. Every segment is encoded with the same settings so segments join without re-encoding."""
+
+    codec: str = "libx264"
+    crf: int = 18
+    preset: str = "veryfast"
+    pix_fmt: str = "yuv420p"
+    audio_codec: str = "aac"
+    audio_bitrate: int = 128_000
+    audio_sample_rate: int = 48_000
+
+
+@dataclass
+class RenderConfig:
+    """Campaign scheduling."""
+
+    #: seconds of output per segment (one actor call)
+    segment_seconds: float = 10.0
+    #: segments submitted to actors and not yet finished, campaign-wide
+    max_inflight_segments: int = 16
+    #: rows being prepared (audio decode) ahead of rendering
+    max_prepared_rows: int = 8
+    #: tries per segment when an actor or node dies (bad input is never retried)
+    max_attempts: int = 3
+    #: frames per second for still-image avatars
+    still_fps: float = 25.0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    #: Parquet manifest URI (columns audio, avatar; optional id, output, box)
+    manifest: str = MISSING
+    #: campaign output root URI; videos default to {output}/{id}.mp4
+    output: str = MISSING
+    #: avatar probe and face-track cache (null = {output}/_cache)
+    cache: str | None = None
+    #: re-render rows whose done-marker matches
+    force: bool = False
+    renderer: Any = MISSING
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+
+    @property
+    def cache_uri(self) -> str:
+        from heygem_ray.storage import join
+
+        return self.cache or join(self.output, "_cache")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="renderer", name="classic_schema", node=ClassicRendererConfig)
+    cs.store(group="renderer", name="wav2lip_schema", node=Wav2LipRendererConfig)
+    cs.store(group="detector", name="detector_schema", node=DetectorConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    cs.store(group="storage", name="storage_schema", node=StorageConfig)
+
+
+RENDERER_CONFIGS = {"classic": ClassicRendererConfig, "wav2lip": Wav2LipRendererConfig}
+
+
+def to_plain(cfg: DictConfig) -> Config:
+    """Resolve every interpolation and return plain dataclasses, safe to send to Ray workers."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    renderer = container.pop("renderer")
+    name = renderer.get("name", "classic")
+    if name not in RENDERER_CONFIGS:
+        raise ValueError(f"unknown renderer {name!r}; choose one of {sorted(RENDERER_CONFIGS)}")
+    merged = OmegaConf.merge(OmegaConf.structured(Config), {**container, "renderer": {}})
+    plain = OmegaConf.to_object(merged)
+    assert isinstance(plain, Config)
+    plain.renderer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RENDERER_CONFIGS[name]), renderer))
+    return plain

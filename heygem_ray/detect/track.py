@@ -1,0 +1,78 @@
+"""From per-frame face candidates to one box per frame: the same person followed, frames without a
+face filled from their neighbours, pads added, and (optionally) the official temporal smoothing.
+Shared by every detector."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from heygem_ray.detect.smoothing import smooth_boxes_official
+
+
+class TrackBuilder:
+    """Fed frame by frame (memory: one optional box per frame). The first face chosen is the
+    largest; after that, the candidate nearest the last chosen box, so a second person walking
+    into the shot does not steal the track."""
+
+    def __init__(self) -> None:
+        self._boxes: list[np.ndarray | None] = []
+        self._last: np.ndarray | None = None
+
+    def add(self, candidates: np.ndarray | None) -> None:
+        """candidates: (k, 5) x1, y1, x2, y2, score, or None for a frame that was not examined."""
+        if candidates is None or len(candidates) == 0:
+            self._boxes.append(None)
+            return
+        boxes = np.asarray(candidates, np.float64)[:, :4]
+        if self._last is None:
+            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            chosen = boxes[int(np.argmax(areas))]
+        else:
+            centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+            last_center = (self._last[:2] + self._last[2:]) / 2
+            chosen = boxes[int(np.argmin(np.linalg.norm(centers - last_center, axis=1)))]
+        self._last = chosen
+        self._boxes.append(chosen)
+
+    @property
+    def frames(self) -> int:
+        return len(self._boxes)
+
+    @property
+    def found(self) -> int:
+        return sum(b is not None for b in self._boxes)
+
+    def finish(self, width: int, height: int, pads: list[int] | tuple[int, ...], smooth: bool) -> np.ndarray:
+        """(n, 4) int32 boxes. Gaps are linearly interpolated between the nearest found frames (held
+        constant before the first and after the last). Raises ValueError when no frame has a face."""
+        n = len(self._boxes)
+        found = np.array([i for i, b in enumerate(self._boxes) if b is not None])
+        if found.size == 0:
+            raise ValueError(f"no face found in any of {n} frames")
+        known = np.stack([self._boxes[i] for i in found])
+        everywhere = np.stack([np.interp(np.arange(n), found, known[:, c]) for c in range(4)], axis=1)
+        return finish_boxes(everywhere, width, height, pads, smooth)
+
+
+def finish_boxes(boxes: np.ndarray, width: int, height: int, pads: list[int] | tuple[int, ...],
+                 smooth: bool) -> np.ndarray:
+    """Pad (top, bottom, left, right), clip to the frame, then smooth, as the official pipeline orders it."""
+    top, bottom, left, right = pads
+    out = np.empty((len(boxes), 4), np.int64)
+    clipped = np.trunc(np.maximum(boxes, 0))  # the official pipeline clips at 0 then truncates with int()
+    out[:, 0] = np.maximum(0, clipped[:, 0] - left)
+    out[:, 1] = np.maximum(0, clipped[:, 1] - top)
+    out[:, 2] = np.minimum(width, clipped[:, 2] + right)
+    out[:, 3] = np.minimum(height, clipped[:, 3] + bottom)
+    if smooth and len(out) > 1:
+        out = smooth_boxes_official(out)
+    return out.astype(np.int32)
+
+
+def fixed_track(box: tuple[int, int, int, int] | list[int], frames: int, width: int, height: int) -> np.ndarray:
+    """The same box for every frame (detector=box), clipped to the frame."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
+    if x2 - x1 < 8 or y2 - y1 < 8:
+        raise ValueError(f"box {list(box)} leaves less than 8x8 pixels inside the {width}x{height} frame")
+    return np.tile(np.array([x1, y1, x2, y2], np.int32), (frames, 1))

@@ -1,0 +1,89 @@
+"""Audio decoding with PyAV: any container/codec FFmpeg reads (wav, mp3, m4a/aac, flac, ogg, ...),
+any rate, mono or multi-channel, 8- to 32-bit or float, streamed to 16 kHz mono float32 in chunks so
+memory does not grow with the audio's length."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import av
+import numpy as np
+
+from heygem_ray.errors import InputError
+from heygem_ray.render.base import SAMPLE_RATE
+
+#: speech band used for loudness (fundamental and first formants)
+SPEECH_BAND_HZ = (250.0, 4000.0)
+#: loudness window: 40 ms, about one video frame at 25 fps
+LOUDNESS_WINDOW = 640
+
+
+def iter_pcm16k(path: str, display_uri: str | None = None) -> Iterator[np.ndarray]:
+    """Decoded audio as float32 mono chunks at 16 kHz; non-finite samples become silence."""
+    uri = display_uri or path
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise InputError("audio", uri, "has no audio stream")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            for frame in container.decode(stream):
+                for out in resampler.resample(_finite(frame)):
+                    yield out.to_ndarray().reshape(-1)
+            for out in resampler.resample(None):
+                yield out.to_ndarray().reshape(-1)
+    except av.error.FFmpegError as exc:
+        raise InputError("audio", uri, f"is not readable audio ({exc.strerror or exc})") from None
+
+
+def _finite(frame: av.AudioFrame) -> av.AudioFrame:
+    """Float audio may carry NaN/inf (broken TTS output); they would poison resampling and AAC."""
+    if frame.format.name not in ("flt", "fltp", "dbl", "dblp"):
+        return frame
+    data = frame.to_ndarray()
+    if np.isfinite(data).all():
+        return frame
+    fixed = av.AudioFrame.from_ndarray(np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0), format=frame.format.name,
+                                       layout=frame.layout.name)
+    fixed.sample_rate, fixed.pts, fixed.time_base = frame.sample_rate, frame.pts, frame.time_base
+    return fixed
+
+
+def speech_loudness(samples: np.ndarray, centers: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Speech-band RMS of a Hann window around each center sample (indices into `samples`;
+    windows reaching past either end see silence there)."""
+    half = LOUDNESS_WINDOW // 2
+    padded = np.concatenate([np.zeros(half, np.float32), samples.astype(np.float32), np.zeros(half, np.float32)])
+    # sample c sits at c + half in `padded`, so its centred window starts at c
+    starts = np.clip(np.asarray(centers, dtype=np.int64), 0, len(padded) - LOUDNESS_WINDOW)
+    windows = padded[starts[:, None] + np.arange(LOUDNESS_WINDOW)[None, :]] * np.hanning(LOUDNESS_WINDOW)[None, :]
+    spectrum = np.abs(np.fft.rfft(windows, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(LOUDNESS_WINDOW, 1.0 / sample_rate)
+    band = (freqs >= SPEECH_BAND_HZ[0]) & (freqs <= SPEECH_BAND_HZ[1])
+    return np.sqrt(spectrum[:, band].sum(axis=1) * 2.0 / (LOUDNESS_WINDOW * np.sum(np.hanning(LOUDNESS_WINDOW) ** 2)))
+
+
+class LevelMeter:
+    """The row's speech level (95th percentile of 20 ms-spaced speech loudness), fed chunk by chunk."""
+
+    HOP = SAMPLE_RATE // 50
+
+    def __init__(self) -> None:
+        self._tail = np.zeros(0, np.float32)
+        self._values: list[np.ndarray] = []
+
+    def feed(self, chunk: np.ndarray) -> None:
+        buf = np.concatenate([self._tail, chunk])
+        n = (len(buf) - LOUDNESS_WINDOW) // self.HOP + 1
+        if n <= 0:
+            self._tail = buf
+            return
+        centers = np.arange(n) * self.HOP + LOUDNESS_WINDOW // 2
+        self._values.append(speech_loudness(buf, centers))
+        self._tail = buf[n * self.HOP:]
+
+    def level(self) -> float:
+        if self._tail.size:
+            self._values.append(speech_loudness(self._tail, np.array([len(self._tail) // 2])))
+        values = np.concatenate(self._values) if self._values else np.zeros(1)
+        return float(np.percentile(values, 95))

@@ -1,0 +1,118 @@
+"""Joins a row's H.264 segments without re-encoding, encodes its audio to AAC and writes one mp4
+with the moov atom at the front. Packets are interleaved as they stream, so memory is flat in the
+video's length."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import BinaryIO
+
+import av
+
+from heygem_ray.errors import InputError
+from heygem_ray.media.audio import _finite
+
+
+@dataclass(frozen=True)
+class StitchStats:
+    frames: int
+    video_seconds: float
+    audio_seconds: float
+
+
+def stitch(
+    open_segment: Callable[[int], BinaryIO],
+    segment_count: int,
+    audio_path: str,
+    out_path: str,
+    fps_fraction: str,
+    audio_codec: str = "aac",
+    audio_bitrate: int = 128_000,
+    audio_sample_rate: int = 48_000,
+    audio_display: str | None = None,
+) -> StitchStats:
+    """Write `out_path` from segments 0..segment_count-1 (opened in order by `open_segment`) and the audio."""
+    frame_seconds = 1 / Fraction(fps_fraction)
+    with av.open(out_path, "w", format="mp4", options={"movflags": "+faststart"}) as out, \
+            av.open(audio_path) as audio_in:
+        if not audio_in.streams.audio:
+            raise InputError("audio", audio_display or audio_path, "has no audio stream")
+        audio_src = audio_in.streams.audio[0]
+        layout = "stereo" if audio_src.channels >= 2 else "mono"
+
+        video_packets = _segment_packets(open_segment, segment_count, frame_seconds)
+        first_packet, template = next(video_packets)
+        video_out = out.add_stream_from_template(template)
+        audio_out = out.add_stream(audio_codec, rate=audio_sample_rate, layout=layout)
+        audio_out.bit_rate = audio_bitrate
+
+        encoder = _AudioEncoder(audio_in, audio_src, audio_out, audio_sample_rate, layout)
+        audio_packets = encoder.packets()
+        frames = 0
+        video_next: av.Packet | None = first_packet
+        audio_next = next(audio_packets, None)
+        while video_next is not None or audio_next is not None:
+            if audio_next is None or (video_next is not None and _time(video_next) <= _time(audio_next)):
+                video_next.stream = video_out
+                out.mux(video_next)
+                frames += 1
+                video_next = next(video_packets, (None, None))[0]
+            else:
+                audio_next.stream = audio_out
+                out.mux(audio_next)
+                audio_next = next(audio_packets, None)
+    return StitchStats(frames, float(frames * frame_seconds), encoder.samples / audio_sample_rate)
+
+
+def _time(packet: av.Packet) -> Fraction:
+    ts = packet.dts if packet.dts is not None else packet.pts
+    return Fraction(ts or 0) * packet.time_base
+
+
+def _segment_packets(open_segment: Callable[[int], BinaryIO], count: int,
+                     frame_seconds: Fraction) -> Iterator[tuple[av.Packet, av.video.stream.VideoStream | None]]:
+    """Every video packet of every segment, timestamps shifted by the frames before it.
+    The first item also carries the first segment's stream, the template for the output stream."""
+    offset = Fraction(0)
+    extradata = None
+    for index in range(count):
+        with open_segment(index) as fh, av.open(fh) as seg:
+            stream = seg.streams.video[0]
+            if extradata is None:
+                extradata = stream.codec_context.extradata
+            elif stream.codec_context.extradata != extradata:
+                raise RuntimeError(f"segment {index} was encoded with different settings; cannot join")
+            shift = round(offset / stream.time_base)
+            seen = 0
+            for packet in seg.demux(stream):
+                if packet.size == 0:
+                    continue
+                packet.pts = None if packet.pts is None else packet.pts + shift
+                packet.dts = None if packet.dts is None else packet.dts + shift
+                seen += 1
+                yield packet, (stream if index == 0 and seen == 1 else None)
+            offset += seen * frame_seconds
+
+
+class _AudioEncoder:
+    """Decodes the source audio, resamples it for the encoder and yields encoded packets."""
+
+    def __init__(self, container: av.container.InputContainer, src: av.audio.stream.AudioStream,
+                 dst: av.audio.stream.AudioStream, rate: int, layout: str):
+        self._container, self._src, self._dst = container, src, dst
+        self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        self.samples = 0
+
+    def packets(self) -> Iterator[av.Packet]:
+        for frame in self._frames():
+            self.samples += frame.samples
+            frame.pts = None  # the encoder numbers samples itself; source gaps are not reproduced
+            yield from self._dst.encode(frame)
+        yield from self._dst.encode(None)
+
+    def _frames(self) -> Iterator[av.AudioFrame]:
+        for frame in self._container.decode(self._src):
+            yield from self._resampler.resample(_finite(frame))
+        yield from self._resampler.resample(None)

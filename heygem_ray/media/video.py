@@ -1,0 +1,224 @@
+"""Avatar decoding and segment encoding with PyAV.
+
+Frames are BGR uint8, display-oriented (rotation metadata applied) and cropped to even sizes so
+yuv420p can carry them. Memory is bounded by the frames a caller asks for at once, never by the
+video's length: the reader seeks to the keyframe before a request and decodes forward.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+
+from heygem_ray.errors import InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_CODECS = {"mjpeg", "png", "bmp", "webp", "tiff", "jpeg2000"}
+#: how far ahead of the decoder a request may be before seeking beats decoding forward
+_SEEK_DISTANCE = 48
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the pipeline needs to know about an avatar (sizes are after rotation and even-cropping)."""
+
+    still: bool
+    fps: float
+    fps_fraction: str  # exact rate, e.g. "30000/1001"
+    width: int
+    height: int
+    rotation: int  # clockwise degrees applied to decoded frames
+    frame_count: int  # from the container header; the decode pass gives the true count
+
+
+def _even(x: int) -> int:
+    return x - (x % 2)
+
+
+def _clockwise_from_display_matrix(ccw_degrees: float | int | None) -> int:
+    # FFmpeg's display matrix states the counter-clockwise rotation needed to show the frame.
+    return int(round(-(ccw_degrees or 0))) % 360
+
+
+def orient(frame: np.ndarray, clockwise: int, width: int, height: int) -> np.ndarray:
+    """Rotate a decoded frame for display and crop it to the even size."""
+    if clockwise:
+        frame = np.rot90(frame, k=-(clockwise // 90))
+    return np.ascontiguousarray(frame[:height, :width])
+
+
+def is_image_path(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
+def read_image(path: str, what: str = "avatar") -> np.ndarray:
+    """A still avatar as BGR uint8 (EXIF orientation applied), cropped to even size."""
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise InputError(what, path, "not a readable image")
+    h, w = _even(image.shape[0]), _even(image.shape[1])
+    if h < 2 or w < 2:
+        raise InputError(what, path, f"image is too small ({image.shape[1]}x{image.shape[0]})")
+    return np.ascontiguousarray(image[:h, :w])
+
+
+def probe(path: str, still_fps: float, display_uri: str | None = None) -> VideoInfo:
+    """Container facts for a video or still image at a local path."""
+    uri = display_uri or path
+    if is_image_path(path):
+        image = read_image(path)
+        return _still_info(image, still_fps)
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+                raise InputError("avatar", uri, f"has no video stream (found {kinds})")
+            stream = container.streams.video[0]
+            if stream.codec_context.name in IMAGE_CODECS and (stream.frames or 1) <= 1:
+                return _still_info(read_image(path), still_fps)
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            if not rate or rate <= 0:
+                raise InputError("avatar", uri, "has no usable frame rate")
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise InputError("avatar", uri, "has no decodable video frames")
+            clockwise = _clockwise_from_display_matrix(first.rotation)
+            w, h = (first.height, first.width) if clockwise in (90, 270) else (first.width, first.height)
+    except av.error.FFmpegError as exc:
+        raise InputError("avatar", uri, f"is not a readable video ({exc.strerror or exc})") from None
+    if _even(w) < 2 or _even(h) < 2:
+        raise InputError("avatar", uri, f"frame size {w}x{h} is too small")
+    return VideoInfo(
+        still=False,
+        fps=float(rate),
+        fps_fraction=f"{rate.numerator}/{rate.denominator}",
+        width=_even(w),
+        height=_even(h),
+        rotation=clockwise,
+        frame_count=int(stream.frames or 0),
+    )
+
+
+def _still_info(image: np.ndarray, still_fps: float) -> VideoInfo:
+    rate = Fraction(still_fps).limit_denominator(1001)
+    return VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", image.shape[1], image.shape[0], 0, 1)
+
+
+class FrameReader:
+    """Random access to an avatar's frames by index, using the per-frame timestamps recorded by
+    the full decode pass (`iter_frames`), so variable frame rates and B-frames index correctly."""
+
+    def __init__(self, path: str, info: VideoInfo, pts: np.ndarray | None, first_index: int = 0, threads: int = 0):
+        """`pts[i]` is the timestamp of frame `first_index + i`; only those frames can be read."""
+        self.info = info
+        self._still = read_image(path) if info.still else None
+        self._container = None
+        if not info.still:
+            assert pts is not None
+            self._pts = pts
+            self._first = first_index
+            self._index_of = {int(p): first_index + i for i, p in enumerate(pts)}
+            self._container = av.open(path)
+            self._stream = self._container.streams.video[0]
+            self._stream.thread_type = "AUTO"
+            if threads:
+                self._stream.codec_context.thread_count = threads
+            self._decoder: Iterator[av.VideoFrame] | None = None
+            self._next = 0  # index of the frame the running decoder yields next
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def __enter__(self) -> FrameReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, indices: np.ndarray) -> dict[int, np.ndarray]:
+        """Frames for the given indices (any order, repeats allowed). Holds at most
+        max(indices) - min(indices) + 1 frames while decoding."""
+        wanted = sorted({int(i) for i in indices})
+        if self._still is not None:
+            return {i: self._still for i in wanted}
+        lo, hi = wanted[0], wanted[-1]
+        if not self._first <= lo <= hi < self._first + len(self._pts):
+            raise IndexError(f"frames {lo}..{hi} outside {self._first}..{self._first + len(self._pts) - 1}")
+        if self._decoder is None or lo < self._next or lo - self._next > _SEEK_DISTANCE:
+            self._seek(lo)
+        want = set(wanted)
+        out: dict[int, np.ndarray] = {}
+        while self._next <= hi:
+            frame = next(self._decoder, None)
+            if frame is None:
+                raise EOFError(f"video ended before frame {hi}")
+            index = self._index_of.get(int(frame.pts)) if frame.pts is not None else self._next
+            if index is None:
+                continue
+            self._next = index + 1
+            if index in want:
+                out[index] = orient(frame.to_ndarray(format="bgr24"), self.info.rotation, self.info.width, self.info.height)
+        missing = want - out.keys()
+        if missing:
+            raise EOFError(f"frames {sorted(missing)[:5]} not found in the stream")
+        return out
+
+    def _seek(self, index: int) -> None:
+        self._container.seek(int(self._pts[index - self._first]), stream=self._stream, backward=True, any_frame=False)
+        self._decoder = self._container.decode(self._stream)
+        self._next = self._first  # a lower bound until the first frame's pts tells
+
+
+def iter_frames(path: str, info: VideoInfo, display_uri: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Every frame in presentation order as (pts, BGR frame); a still image yields one frame."""
+    if info.still:
+        yield 0, read_image(path)
+        return
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                yield int(frame.pts), orient(frame.to_ndarray(format="bgr24"), info.rotation, info.width, info.height)
+    except av.error.FFmpegError as exc:
+        raise InputError("avatar", display_uri or path, f"decoding failed ({exc.strerror or exc})") from None
+
+
+class SegmentWriter:
+    """Encodes exactly the frames it is given into an mp4 file: first frame IDR, closed GOPs, and the
+    same encoder settings for every segment of a row, so segments join without re-encoding."""
+
+    def __init__(self, path: str, width: int, height: int, fps_fraction: str, codec: str, crf: int,
+                 preset: str, pix_fmt: str, threads: int = 0):
+        rate = Fraction(fps_fraction)
+        self._container = av.open(path, "w", format="mp4")
+        self._stream = self._container.add_stream(codec, rate=rate)
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, pix_fmt
+        self._stream.time_base = 1 / rate
+        options = {"crf": str(crf), "preset": preset} if codec == "libx264" else {}
+        self._stream.options = options
+        if threads:
+            self._stream.codec_context.thread_count = threads
+        self._count = 0
+
+    def write(self, frame_bgr: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(frame_bgr, format="bgr24")
+        frame.pts = self._count
+        self._count += 1
+        self._container.mux(self._stream.encode(frame))
+
+    def close(self) -> int:
+        self._container.mux(self._stream.encode(None))
+        self._container.close()
+        return self._count

@@ -1,0 +1,195 @@
+"""Loading model weights from any storage URI, safely and with errors a user can act on.
+
+Every model file goes through `load_state_dict`: fetched once per node (storage.local_copy), then
+read in one of the three forms the Wav2Lip ecosystem ships (WAV2LIP_SPEC.md §1): a training
+checkpoint dict holding `state_dict`, a bare state_dict, or a TorchScript archive. Pickles are only
+ever read with `weights_only=True`, so a file that would run code when unpickled is refused, never
+executed. The usual ways a download goes wrong (an HTML page saved as .pth, a Git LFS pointer, a
+truncated or empty file, the wrong model's weights) each get a CheckpointError that names the
+problem and the credential-free URI, instead of a bare `KeyError: 'state_dict'` or
+`invalid load key '<'` from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from heygem_ray import storage
+from heygem_ray.errors import CheckpointError
+
+#: key -> shape of every tensor a model's state_dict must hold
+Layout = Mapping[str, tuple[int, ...]]
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+# A few keys that only one known model has: lets a mismatch say "this is the S3FD file".
+_SIGNATURES: dict[str, frozenset[str]] = {
+    "Wav2Lip generator": frozenset({"face_decoder_blocks.0.0.conv_block.0.weight", "output_block.1.weight"}),
+    "SyncNet_color lip-sync expert": frozenset(
+        {"face_encoder.0.conv_block.0.weight", "audio_encoder.13.conv_block.0.weight"}
+    ),
+    "S3FD face detector (s3fd.pth)": frozenset({"conv1_1.weight", "fc7.weight", "conv3_3_norm_mbox_conf.weight"}),
+}
+_EXAMPLES = 3  # keys quoted per kind of mismatch
+_BN_COUNTER = ".num_batches_tracked"
+
+
+def layout_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The layout a strict load into `model` needs."""
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def load_model(model: ModelT, uri: str, model_name: str) -> ModelT:
+    """Load `uri` into `model` with strict=True and switch it to eval mode."""
+    model.load_state_dict(load_state_dict(uri, model_name, layout_of(model)), strict=True)
+    return model.eval()
+
+
+def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, torch.Tensor]:
+    """The state_dict stored at `uri`, checked against `expected` and ready for a strict load.
+
+    `module.` is removed wherever it occurs in a key (DataParallel checkpoints), as the official
+    inference.py does. BatchNorm `num_batches_tracked` counters missing from the file are filled
+    with 0 (the official loader tolerates their absence too; inference never reads them).
+    """
+    where = f"{model_name} checkpoint {storage.display(uri)}"
+    path = _fetch(uri, where)
+    state = _unwrap(_read(path, where, expected), where)
+    state = {key.replace("module.", ""): tensor for key, tensor in state.items()}
+    _check_layout(state, expected, model_name, where)
+    return {key: state[key] if key in state else torch.zeros((), dtype=torch.long) for key in expected}
+
+
+def _fetch(uri: str, where: str) -> str:
+    try:
+        path = storage.local_copy(uri)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{where}: not found") from exc
+    if os.path.isdir(path):
+        raise CheckpointError(f"{where}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{where}: not found")
+    return path
+
+
+def _read(path: str, where: str, expected: Layout) -> Any:
+    """Deserialize without running code; refuse anything that is not a PyTorch file."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{where}: the file is empty (0 bytes), probably an interrupted download")
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    _refuse_non_pytorch(head, where)
+    if _is_torchscript(path):
+        try:
+            # The TorchScript loader compiles the archive's TorchScript code; no Python pickle runs.
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as exc:
+            raise CheckpointError(_corrupt(where, size, expected, exc)) from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(_corrupt(where, size, expected, exc)) from exc
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        raise CheckpointError(
+            f"{where}: refused: the file holds Python objects other than tensors and plain containers, "
+            f"and unpickling them could run arbitrary code ({detail.group(1).strip() if detail else 'unsupported content'}). "
+            "Only weights_only loading is allowed; re-save just the model's state_dict from a trusted environment."
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(_corrupt(where, size, expected, exc)) from exc
+
+
+def _refuse_non_pytorch(head: bytes, where: str) -> None:
+    """PyTorch files are zip archives (b'PK') or protocol-2 pickles (b'\\x80'); say what else it is."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"<"):
+        raise CheckpointError(
+            f"{where}: starts with '<' ({_snippet(text)}): it looks like a web page (HTML), not a checkpoint. "
+            "The download link probably returned a page (a login, a 'virus scan' notice, or a Hugging Face "
+            "/blob/ URL instead of /resolve/)."
+        )
+    if text.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"{where}: is a Git LFS pointer file, not the weights; fetch the LFS object")
+    if not head.startswith((b"PK", b"\x80")):
+        raise CheckpointError(
+            f"{where}: starts with {_snippet(head)}, which is neither a PyTorch zip archive nor a pickle: "
+            "not a checkpoint"
+        )
+
+
+def _snippet(data: bytes) -> str:
+    return repr(data[:24].decode("utf-8", "replace"))
+
+
+def _is_torchscript(path: str) -> bool:
+    """torch.jit.save archives carry compiled code and constants; torch.save archives do not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False  # torch.load will report it as corrupt
+
+
+def _corrupt(where: str, size: int, expected: Layout, exc: BaseException) -> str:
+    weights = 4 * sum(math.prod(shape) for shape in expected.values())
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unexpected end of file"
+    return (
+        f"{where}: cannot be read, the file is truncated or corrupt ({size:,} bytes; the float32 "
+        f"weights alone take {weights:,} bytes): {type(exc).__name__}: {reason}"
+    )
+
+
+def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    """The state_dict inside a training checkpoint, or the object itself when it is one."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where}: holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+    if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items()):
+        keys = ", ".join(repr(key) for key in list(obj)[:8])
+        raise CheckpointError(
+            f"{where}: holds a dict with keys [{keys}] that has no 'state_dict' entry and is not a state_dict itself"
+        )
+    return dict(obj)
+
+
+def _check_layout(state: Mapping[str, torch.Tensor], expected: Layout, model_name: str, where: str) -> None:
+    missing = [key for key in expected if key not in state and not key.endswith(_BN_COUNTER)]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [
+        f"{key}: expected {tuple(expected[key])}, found {tuple(state[key].shape)}"
+        for key in expected
+        if key in state and tuple(state[key].shape) != tuple(expected[key])
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    problems = [
+        f"{label} {len(items)} (e.g. {', '.join(items[:_EXAMPLES])})"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if items
+    ]
+    message = (
+        f"{where}: does not match the {model_name} layout: expected {len(expected)} tensors, "
+        f"found {len(state)}; " + "; ".join(problems)
+    )
+    found_as, expected_as = _identify(state), _identify(expected)
+    if found_as is not None and found_as != expected_as:
+        message += f". These are the {found_as} weights, not the {model_name}: check which file is configured"
+    raise CheckpointError(message)
+
+
+def _identify(keys: Mapping[str, Any]) -> str | None:
+    for name, signature in _SIGNATURES.items():
+        if signature.issubset(keys):
+            return name
+    return None

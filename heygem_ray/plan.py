@@ -1,0 +1,71 @@
+"""Pure planning: how many frames a row gets, which avatar frame each output frame shows, and how
+the frames split into segments. No I/O here, so all of it is unit- and property-tested."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
+
+import numpy as np
+
+
+def output_frame_count(audio_seconds: float, fps: float) -> int:
+    """Frames needed so the video covers the whole audio (never shorter, at most one frame longer)."""
+    if audio_seconds <= 0 or fps <= 0:
+        raise ValueError(f"need positive audio length and fps, got {audio_seconds} s at {fps} fps")
+    # the epsilon keeps 10.0 s at 25 fps at 250 frames despite float error
+    return max(1, math.ceil(audio_seconds * fps - 1e-6))
+
+
+def avatar_frame_indices(output_frames: np.ndarray, avatar_frames: int, still: bool) -> np.ndarray:
+    """The avatar frame shown at each output frame number.
+
+    Shorter audio truncates the avatar; longer audio plays it forward, then backward, then forward
+    again (ping-pong), so there is never a jump cut; a still image repeats its only frame.
+    """
+    out = np.asarray(output_frames, dtype=np.int64)
+    if still or avatar_frames <= 1:
+        return np.zeros_like(out)
+    period = 2 * (avatar_frames - 1)
+    phase = out % period
+    return np.where(phase < avatar_frames, phase, period - phase)
+
+
+@dataclass(frozen=True)
+class SegmentSpan:
+    index: int
+    start: int  # first output frame
+    stop: int  # one past the last output frame
+
+    @property
+    def frames(self) -> int:
+        return self.stop - self.start
+
+
+def plan_segments(total_frames: int, fps: float, segment_seconds: float) -> list[SegmentSpan]:
+    """Consecutive spans of `segment_seconds` (at least one frame each) covering every frame once."""
+    if total_frames <= 0:
+        raise ValueError("a row needs at least one frame")
+    length = max(1, round(segment_seconds * fps))
+    return [
+        SegmentSpan(i, start, min(start + length, total_frames))
+        for i, start in enumerate(range(0, total_frames, length))
+    ]
+
+
+def frame_center_samples(frames: np.ndarray, fps: float, sample_rate: int) -> np.ndarray:
+    """The audio sample at the middle of each output frame's display interval [i/fps, (i+1)/fps)."""
+    return np.round((np.asarray(frames, dtype=np.float64) + 0.5) * sample_rate / fps).astype(np.int64)
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """A short hex digest of JSON-able parts (dataclasses allowed), stable across processes and runs."""
+
+    def plain(value: Any) -> Any:
+        return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]

@@ -1,0 +1,250 @@
+"""Preparation stages, run as Ray tasks before rendering.
+
+* Content fingerprints of inputs, memoised in the cache by (URI, size, version) so a rerun does not
+  re-read every file.
+* Audio: decoded once per distinct content to 16 kHz mono float32 PCM in the cache (renderers read
+  only the window a segment needs), with the row's speech level.
+* Avatar: probed and face-tracked once per distinct content and detector config; the track (one box
+  and one timestamp per frame) is cached and reused by every row and every rerun.
+
+Cache layout under `cache`:  fingerprints/<key>.txt, audio/<fp>.f32 + .json, avatars/<fp>/<key>.npz
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import av
+import numpy as np
+
+from heygem_ray import storage
+from heygem_ray.config import Config, DetectorConfig
+from heygem_ray.detect import build_detector
+from heygem_ray.detect.track import TrackBuilder, fixed_track
+from heygem_ray.errors import InputError, reading
+from heygem_ray.media.audio import LevelMeter, iter_pcm16k
+from heygem_ray.manifest import Row
+from heygem_ray.media.video import VideoInfo, iter_frames, probe
+from heygem_ray.plan import stable_hash
+from heygem_ray.render.base import SAMPLE_RATE
+from heygem_ray.stitch import Marker, read_marker
+
+
+def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
+    """BLAKE2b of the file's bytes, memoised under the cache by URI, size and version (mtime/ETag)."""
+    fs, path = storage.url_to_fs(uri)
+    info = fs.info(path)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(path)
+    if not info.get("size"):
+        raise InputError(what, uri, "is empty (0 bytes)")
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    key = hashlib.sha256(f"{storage.normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()[:32]
+    memo = storage.join(cache, "fingerprints", f"{key}.txt")
+    with contextlib.suppress(FileNotFoundError):
+        return storage.read_bytes(memo).decode().strip()
+    fp = storage.fingerprint(uri)
+    storage.write_bytes(memo, fp.encode())
+    return fp
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    uri: str
+    fingerprint: str
+    samples: int
+    level: float
+    pcm_uri: str
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+
+def prepare_audio(uri: str, cache: str) -> AudioInfo:
+    """Decode a row's audio into the PCM cache (once per distinct content)."""
+    with reading("audio", uri):
+        fp = content_fingerprint(uri, cache, "audio")
+        base = storage.join(cache, "audio", fp)
+        with contextlib.suppress(FileNotFoundError):
+            meta = json.loads(storage.read_bytes(base + ".json"))
+            return AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32")
+        local = storage.local_copy(uri)
+        meter = LevelMeter()
+        samples = 0
+        with tempfile.NamedTemporaryFile(prefix="heygem-pcm-", suffix=".f32", delete=False) as tmp:
+            try:
+                for chunk in iter_pcm16k(local, display_uri=uri):
+                    tmp.write(np.ascontiguousarray(chunk, dtype="<f4").tobytes())
+                    meter.feed(chunk)
+                    samples += len(chunk)
+                tmp.close()
+                if samples == 0:
+                    raise InputError("audio", uri, "has no audio samples")
+                storage.publish_file(tmp.name, base + ".f32")
+            finally:
+                os.unlink(tmp.name)
+        level = meter.level()
+        storage.write_bytes(base + ".json", json.dumps({"samples": samples, "level": level}).encode())
+        return AudioInfo(uri, fp, samples, level, base + ".f32")
+
+
+def read_pcm(pcm_uri: str, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of cached PCM (a ranged read: segments never load the whole row)."""
+    with storage.open_uri(pcm_uri) as fh:
+        fh.seek(start * 4)
+        data = fh.read((stop - start) * 4)
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+@dataclass(frozen=True)
+class AvatarTrack:
+    """Everything the renderer needs to know about an avatar: its facts, the timestamp of every frame
+    (for exact seeking, VFR included) and the face box of every frame."""
+
+    uri: str
+    fingerprint: str
+    info: VideoInfo
+    pts: np.ndarray  # int64 (n,), presentation order; [0] for a still image
+    boxes: np.ndarray  # int32 (n, 4) x1, y1, x2, y2
+
+    @property
+    def frames(self) -> int:
+        return len(self.boxes)
+
+
+def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float) -> str:
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "device")}
+    return stable_hash(relevant, box, still_fps)
+
+
+def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: DetectorConfig, cache: str,
+                   still_fps: float) -> AvatarTrack:
+    """Probe and face-track an avatar, or load the cached track."""
+    with reading("avatar", uri):
+        fp = content_fingerprint(uri, cache, "avatar")
+        track_uri = storage.join(cache, "avatars", fp, detector_key(cfg, box, still_fps) + ".npz")
+        with contextlib.suppress(FileNotFoundError):
+            return _load_track(uri, fp, storage.read_bytes(track_uri))
+        local = storage.local_copy(uri)
+        info = probe(local, still_fps, display_uri=uri)
+        fixed = box or (tuple(cfg.box) if cfg.name == "box" and cfg.box else None)
+        if cfg.name == "box" and fixed is None:
+            raise InputError("avatar", uri, "detector=box needs detector.box=[x1,y1,x2,y2] or a `box` manifest column")
+        if fixed is not None:
+            pts = _frame_timestamps(local, info, uri)
+            try:
+                boxes = fixed_track(fixed, len(pts), info.width, info.height)
+            except ValueError as exc:
+                raise InputError("avatar", uri, str(exc)) from None
+        else:
+            pts, boxes = _detect_track(local, info, cfg, uri)
+        track = AvatarTrack(uri, fp, info, pts, boxes)
+        storage.write_bytes(track_uri, _dump_track(track))
+        return track
+
+
+def _detect_track(local: str, info: VideoInfo, cfg: DetectorConfig, uri: str) -> tuple[np.ndarray, np.ndarray]:
+    detector = build_detector(cfg)
+    builder = TrackBuilder()
+    pts: list[int] = []
+    pending: list[np.ndarray | None] = []  # frames in order; None where the stride skips detection
+    queued = 0
+
+    def flush() -> None:
+        results = iter(detector.detect([f for f in pending if f is not None]))
+        for frame in pending:
+            builder.add(next(results) if frame is not None else None)
+        pending.clear()
+
+    for index, (timestamp, frame) in enumerate(iter_frames(local, info, display_uri=uri)):
+        pts.append(timestamp)
+        examine = index % max(1, cfg.stride) == 0
+        pending.append(frame if examine else None)
+        queued += examine
+        if queued >= detector.batch_size:
+            flush()
+            queued = 0
+    flush()
+    if not pts:
+        raise InputError("avatar", uri, "has no decodable video frames")
+    try:
+        boxes = builder.finish(info.width, info.height, cfg.pads, cfg.smooth)
+    except ValueError as exc:
+        raise InputError("avatar", uri, str(exc)) from None
+    return np.sort(np.asarray(pts, np.int64)), boxes
+
+
+def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
+    """Every frame's pts from a demux pass (no decoding), for avatars that need no detection."""
+    if info.still:
+        return np.zeros(1, np.int64)
+    try:
+        with av.open(local) as container:
+            stream = container.streams.video[0]
+            pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
+    except av.error.FFmpegError as exc:
+        raise InputError("avatar", uri, f"demuxing failed ({exc.strerror or exc})") from None
+    if not pts:
+        raise InputError("avatar", uri, "has no video frames")
+    return np.sort(np.asarray(pts, np.int64))
+
+
+def _dump_track(track: AvatarTrack) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, pts=track.pts, boxes=track.boxes, info=np.array(json.dumps(asdict(track.info))))
+    return buf.getvalue()
+
+
+def _load_track(uri: str, fp: str, data: bytes) -> AvatarTrack:
+    with np.load(io.BytesIO(data)) as npz:
+        info = VideoInfo(**json.loads(str(npz["info"])))
+        return AvatarTrack(uri, fp, info, npz["pts"].astype(np.int64), npz["boxes"].astype(np.int32))
+
+
+#: bump when a code change alters rendered output, so reruns re-render instead of skipping
+RENDER_VERSION = "1"
+
+
+def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str, cfg: Config) -> str:
+    """Everything that decides a row's output bytes: input contents and output-affecting config
+    (not scheduling knobs such as segment length, batch sizes or devices)."""
+
+    def relevant(section: object) -> dict:
+        return {k: v for k, v in asdict(section).items() if k not in ("batch_size", "device")}
+
+    return stable_hash(RENDER_VERSION, audio_fp, avatar_fp, row_box, storage.normalize(output),
+                       relevant(cfg.renderer), relevant(cfg.detector), asdict(cfg.encoder), cfg.render.still_fps, length=32)
+
+
+@dataclass(frozen=True)
+class RowPrep:
+    fingerprint: str
+    skipped: bool
+    audio: AudioInfo | None
+    marker: Marker | None
+
+
+def marker_uri(cfg: Config, row_id: str) -> str:
+    return storage.join(cfg.output, "_markers", f"{row_id}.json")
+
+
+def prepare_row(row: Row, cfg: Config) -> RowPrep:
+    """Fingerprint the row; report it skipped when its marker matches, else decode its audio."""
+    storage.configure(cfg.storage.options)
+    cache = cfg.cache_uri
+    fingerprints = {}
+    for what, uri in (("audio", row.audio), ("avatar", row.avatar)):
+        with reading(what, uri):
+            fingerprints[what] = content_fingerprint(uri, cache, what)
+    fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg)
+    marker = read_marker(marker_uri(cfg, row.id))
+    if not cfg.force and marker and marker.fingerprint == fp and storage.exists(row.output):
+        return RowPrep(fp, True, None, marker)
+    return RowPrep(fp, False, prepare_audio(row.audio, cache), None)

@@ -1,0 +1,140 @@
+"""The render stage: one call renders one segment of one row on a warm renderer.
+
+`RenderWorker` is created once per Ray actor (model loaded there) and reused for every segment of
+every row. A call decodes only the avatar frames its segment shows (seek, then decode forward in
+renderer-sized batches), reads only its audio window from the PCM cache, renders, encodes H.264
+and publishes the segment file. The file's key holds the row's fingerprint, so a segment finished
+by an earlier attempt or run is reused, not rendered again.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from heygem_ray import storage
+from heygem_ray.config import Config
+from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo
+from heygem_ray.plan import frame_center_samples
+from heygem_ray.prepare import read_pcm
+from heygem_ray.render import build_renderer
+from heygem_ray.render.base import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    row_id: str
+    index: int
+    out_uri: str
+    avatar_uri: str
+    info: VideoInfo
+    start: int  # first output frame number
+    avatar_frames: np.ndarray  # int64 avatar frame index per output frame
+    pts: np.ndarray  # int64 pts of avatar frames pts_offset.. (the span this segment touches)
+    pts_offset: int
+    boxes: np.ndarray  # int32 (frames, 4) box per output frame
+    pcm_uri: str
+    audio_samples: int
+    audio_level: float
+
+    @property
+    def frames(self) -> int:
+        return len(self.avatar_frames)
+
+
+@dataclass
+class SegmentResult:
+    row_id: str
+    index: int
+    frames: int
+    bytes: int
+    reused: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class RenderWorker:
+    """The body of a renderer actor."""
+
+    def __init__(self, cfg: Config):
+        storage.configure(cfg.storage.options)
+        self.cfg = cfg
+        self.threads = cfg.cluster.actor.threads or max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
+        try:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        except ImportError:  # torch is a dependency; only the classic renderer could run without it
+            pass
+        self.renderer = build_renderer(cfg.renderer)
+
+    def ready(self) -> bool:
+        return True
+
+    def render_segment(self, job: SegmentJob) -> SegmentResult:
+        if storage.exists(job.out_uri):
+            return SegmentResult(job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True)
+        clock = _Clock()
+        info = job.info
+        frame_numbers = np.arange(job.start, job.start + job.frames)
+        with clock("audio"):
+            features = self.renderer.features(self._audio_window(job, frame_numbers), frame_numbers, info.fps)
+        local_avatar = storage.local_copy(job.avatar_uri)
+        enc = self.cfg.encoder
+        with tempfile.TemporaryDirectory(prefix="heygem-seg-") as tmp:
+            path = os.path.join(tmp, "segment.mp4")
+            writer = SegmentWriter(path, info.width, info.height, info.fps_fraction, enc.codec, enc.crf,
+                                   enc.preset, enc.pix_fmt, threads=self.threads)
+            with FrameReader(local_avatar, info, None if info.still else job.pts, job.pts_offset,
+                             threads=self.threads) as reader:
+                step = max(1, self.renderer.batch_size)
+                for lo in range(0, job.frames, step):
+                    hi = min(lo + step, job.frames)
+                    indices = job.avatar_frames[lo:hi]
+                    with clock("decode"):
+                        decoded = reader.read(indices)
+                        frames = [decoded[int(i)].copy() for i in indices]  # renderers draw in place
+                    with clock("render"):
+                        rendered = self.renderer.render(frames, job.boxes[lo:hi], features[lo:hi])
+                    with clock("encode"):
+                        for frame in rendered:
+                            writer.write(frame)
+            with clock("encode"):
+                written = writer.close()
+            if written != job.frames:
+                raise RuntimeError(f"segment {job.index} of {job.row_id}: encoded {written} of {job.frames} frames")
+            size = os.path.getsize(path)
+            with clock("upload"):
+                storage.publish_file(path, job.out_uri)
+        return SegmentResult(job.row_id, job.index, job.frames, size, reused=False, seconds=clock.seconds)
+
+    def _audio_window(self, job: SegmentJob, frames: np.ndarray) -> AudioWindow:
+        context = int(AUDIO_CONTEXT_SECONDS * SAMPLE_RATE)
+        centers = frame_center_samples(frames[[0, -1]], job.info.fps, SAMPLE_RATE)
+        start = max(0, int(centers[0]) - context)
+        stop = min(job.audio_samples, int(centers[1]) + context)
+        samples = read_pcm(job.pcm_uri, start, max(start, stop))
+        return AudioWindow(samples, start, job.audio_samples, job.audio_level)
+
+
+class _Clock:
+    """Adds up wall seconds per stage name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> _Clock._Span:
+        return _Clock._Span(self, name)
+
+    class _Span:
+        def __init__(self, clock: _Clock, name: str):
+            self.clock, self.name = clock, name
+
+        def __enter__(self) -> None:
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc: object) -> None:
+            self.clock.seconds[self.name] = self.clock.seconds.get(self.name, 0.0) + time.perf_counter() - self.start

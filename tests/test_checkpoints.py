@@ -1,0 +1,191 @@
+"""Checkpoint loading: the three shipped forms load strictly, broken or unsafe files are refused clearly."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from recipe_weights import read_keys, recipe_state_dict
+
+from heygem_ray.errors import CheckpointError
+from heygem_ray.models.checkpoints import layout_of, load_model, load_state_dict
+from heygem_ray.models.wav2lip import Wav2Lip
+
+DATA = Path(__file__).parent / "data"
+NAME = "Wav2Lip generator"
+REF = np.load(DATA / "wav2lip_reference.npz")
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, torch.Tensor]:
+    return recipe_state_dict(read_keys(DATA / "wav2lip_state_dict.tsv"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, tuple[int, ...]]:
+    return layout_of(Wav2Lip())
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory, weights) -> Path:
+    """The official wav2lip.pth form: a dict with DataParallel-prefixed keys under state_dict."""
+    path = tmp_path_factory.mktemp("ckpt") / "wav2lip.pth"
+    state = {f"module.{key}": value for key, value in weights.items()}
+    torch.save({"state_dict": state, "optimizer": None, "global_step": 250_000, "global_epoch": 40}, path)
+    return path
+
+
+def _assert_same(loaded: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    assert list(loaded) == list(weights)
+    for key, value in weights.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_training_checkpoint_loads_strictly_and_runs(training_checkpoint, weights):
+    model = load_model(Wav2Lip(), str(training_checkpoint), NAME)
+    assert not model.training
+    _assert_same(model.state_dict(), weights)
+    with torch.inference_mode():
+        out = model(torch.from_numpy(REF["mel"][:1]), torch.from_numpy(REF["faces"][:1]))
+    np.testing.assert_allclose(out.numpy(), REF["output"][:1], rtol=0, atol=1e-4)
+
+
+def test_legacy_serialization_and_missing_batch_counters(tmp_path, weights, expected):
+    """2020-era torch.save files are not zip archives; some state_dicts lack num_batches_tracked."""
+    state = {f"module.{k}": v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pth"
+    torch.save({"state_dict": state, "global_step": 1}, path, _use_new_zipfile_serialization=False)
+    _assert_same(load_state_dict(str(path), NAME, expected), weights)
+
+
+def test_bare_state_dict(tmp_path, weights, expected):
+    path = tmp_path / "bare.pth"
+    torch.save(weights, path)
+    _assert_same(load_state_dict(str(path), NAME, expected), weights)
+
+
+def test_torchscript_archive(tmp_path, weights, expected):
+    model = Wav2Lip()
+    model.load_state_dict(weights)
+    example = (torch.zeros(1, 1, 80, 16), torch.zeros(1, 6, 96, 96))
+    traced = torch.jit.trace(model.eval(), example, check_trace=False)
+    path = tmp_path / "Wav2Lip-SD-GAN.pt"
+    torch.jit.save(traced, str(path))
+    _assert_same(load_state_dict(str(path), NAME, expected), weights)
+
+
+def test_loads_from_a_remote_uri_through_the_node_cache(monkeypatch, tmp_path, training_checkpoint, weights, expected):
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "cache"))
+    uri = "memory://models/wav2lip/wav2lip.pth"
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/wav2lip/wav2lip.pth", training_checkpoint.read_bytes())
+    try:
+        _assert_same(load_state_dict(uri, NAME, expected), weights)
+        assert len(list((tmp_path / "cache").glob("*.pth"))) == 1
+    finally:
+        fs.rm("/models/wav2lip/wav2lip.pth")
+
+
+def test_truncated_file_is_refused(tmp_path, training_checkpoint, expected):
+    data = training_checkpoint.read_bytes()
+    for name, keep in (("half.pth", len(data) // 2), ("head.pth", 300)):
+        path = tmp_path / name
+        path.write_bytes(data[:keep])
+        with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+            load_state_dict(str(path), NAME, expected)
+        assert str(path) in str(info.value) and f"{keep:,} bytes" in str(info.value)
+
+
+def test_truncated_legacy_file_is_refused(tmp_path, weights, expected):
+    path = tmp_path / "old.pth"
+    torch.save({"state_dict": weights}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_state_dict(str(path), NAME, expected)
+
+
+def test_html_page_is_refused_with_a_credential_free_uri(monkeypatch, tmp_path, expected):
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "cache"))
+    page = b"\n<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title>"
+    local = tmp_path / "wav2lip.pth"
+    local.write_bytes(page)
+    with pytest.raises(CheckpointError, match="starts with '<'.*web page"):
+        load_state_dict(str(local), NAME, expected)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/dl/wav2lip.pth?token=s3cr3t", page)
+    try:
+        with pytest.raises(CheckpointError, match="web page") as info:
+            load_state_dict("memory://dl/wav2lip.pth?token=s3cr3t", NAME, expected)
+        assert "memory://dl/wav2lip.pth?token=***" in str(info.value) and "s3cr3t" not in str(info.value)
+    finally:
+        fs.rm("/dl/wav2lip.pth?token=s3cr3t")
+
+
+def test_empty_and_missing_files_are_refused(tmp_path, expected):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_state_dict(str(empty), NAME, expected)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict(str(tmp_path / "nope.pth"), NAME, expected)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict("memory://nowhere/nope.pth", NAME, expected)
+    lfs = tmp_path / "lfs.pth"
+    lfs.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 435801865\n")
+    with pytest.raises(CheckpointError, match="Git LFS pointer"):
+        load_state_dict(str(lfs), NAME, expected)
+
+
+def test_s3fd_weights_given_as_generator_are_named(tmp_path, expected):
+    path = tmp_path / "s3fd.pth"
+    torch.save(recipe_state_dict(read_keys(DATA / "s3fd_state_dict.tsv"), seed=0), path)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict(str(path), NAME, expected)
+    message = str(info.value)
+    assert "S3FD face detector" in message and "not the Wav2Lip generator" in message
+    assert "expected 352 tensors, found 65" in message and "missing 302" in message  # 50 BN counters are optional
+
+
+def test_wrong_shape_is_reported(tmp_path, weights, expected):
+    state = dict(weights)
+    state["output_block.1.weight"] = torch.zeros(4, 32, 1, 1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"wrong shape 1 \(e\.g\. output_block\.1\.weight: expected \(3, 32, 1, 1\), found \(4, 32, 1, 1\)\)"):
+        load_state_dict(str(path), NAME, expected)
+
+
+def test_dict_without_state_dict_is_refused(tmp_path, expected):
+    path = tmp_path / "opt.pth"
+    torch.save({"optimizer": {}, "global_step": 3}, path)
+    with pytest.raises(CheckpointError, match="no 'state_dict' entry"):
+        load_state_dict(str(path), NAME, expected)
+
+
+class _Payload:
+    """Unpickling this calls open(marker, 'w'): a stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_code_carrying_pickle_is_refused_and_never_run(tmp_path, expected, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": {"x": _Payload(marker)}}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump(payload, fh, protocol=2)
+    with pytest.raises(CheckpointError, match="refused.*could run arbitrary code"):
+        load_state_dict(str(path), NAME, expected)
+    assert not marker.exists()
