@@ -51,10 +51,6 @@ class _RowState:
     attempts: dict[int, int] = field(default_factory=dict)
     finished: bool = False
 
-    @property
-    def work_uri(self) -> str:
-        assert self.prep is not None
-        return storage.join(storage.dirname(self.row.output), "_work", self.row.id, self.prep.fingerprint[:16])
 
 
 def connect(cfg: Config) -> bool:
@@ -224,7 +220,7 @@ class Campaign:
 
     def _submit_stitch(self, state: _RowState) -> None:
         assert state.prep is not None and state.prep.audio is not None and state.track is not None
-        work = state.work_uri
+        work = self._work_uri(state)
         job = StitchJob(
             row_id=state.row.id,
             output=state.row.output,
@@ -247,13 +243,19 @@ class Campaign:
         self._finish(row_id, "ok", marker=marker)
 
     # ------------------------------------------------------------ bookkeeping
+    def _work_uri(self, state: _RowState) -> str:
+        """Where a row's segment files wait for its stitch; keyed by the row's fingerprint so an
+        unfinished row's segments are reused by a rerun only if nothing about the row changed."""
+        assert state.prep is not None
+        return storage.join(self.cfg.output, "_work", f"{state.row.id}-{state.prep.fingerprint[:16]}")
+
     def _segment_job(self, state: _RowState, index: int) -> SegmentJob:
         assert state.track is not None and state.prep is not None and state.prep.audio is not None
         span, track, audio = state.spans[index], state.track, state.prep.audio
         avatar_frames = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
         lo, hi = int(avatar_frames.min()), int(avatar_frames.max())
         return SegmentJob(
-            row_id=state.row.id, index=index, out_uri=_segment_uri(state.work_uri, index),
+            row_id=state.row.id, index=index, out_uri=_segment_uri(self._work_uri(state), index),
             avatar_uri=state.row.avatar, info=track.info, start=span.start, avatar_frames=avatar_frames,
             pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[avatar_frames],
             pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level,

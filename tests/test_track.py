@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from heygem_ray.detect.haar import HaarDetector
+from heygem_ray.detect.track import TrackBuilder, finish_boxes, fixed_track
+
+
+def cand(*boxes):
+    return np.array([[*b, 1.0] for b in boxes], np.float32)
+
+
+def test_largest_face_first_then_the_same_person():
+    tb = TrackBuilder()
+    tb.add(cand((0, 0, 10, 10), (50, 50, 90, 90)))  # the larger one is chosen
+    tb.add(cand((52, 51, 92, 91), (0, 0, 60, 60)))  # the big newcomer does not steal the track
+    boxes = tb.finish(200, 200, (0, 0, 0, 0), smooth=False)
+    assert boxes.tolist() == [[50, 50, 90, 90], [52, 51, 92, 91]]
+
+
+def test_frames_without_a_face_take_boxes_from_their_neighbours():
+    tb = TrackBuilder()
+    for c in (None, cand((10, 10, 50, 50)), None, None, cand((40, 10, 80, 50)), None):
+        tb.add(c)
+    boxes = tb.finish(200, 200, (0, 0, 0, 0), smooth=False)
+    assert boxes[:, 0].tolist() == [10, 10, 20, 30, 40, 40]
+
+
+def test_no_face_anywhere_is_an_error():
+    tb = TrackBuilder()
+    for _ in range(3):
+        tb.add(None)
+    with pytest.raises(ValueError, match="no face found in any of 3 frames"):
+        tb.finish(10, 10, (0, 0, 0, 0), smooth=False)
+
+
+def test_pads_and_clipping():
+    boxes = finish_boxes(np.array([[5.7, 5.2, 90.9, 95.5]]), 100, 100, (0, 10, 2, 2), smooth=False)
+    assert boxes.tolist() == [[3, 5, 92, 100]]
+
+
+def test_fixed_track_clips_and_rejects_empty():
+    assert fixed_track((10, 10, 500, 60), 3, 100, 100).tolist() == [[10, 10, 100, 60]] * 3
+    with pytest.raises(ValueError, match="less than 8x8"):
+        fixed_track((200, 200, 300, 300), 1, 100, 100)
+
+
+def test_haar_finds_the_demo_face_and_not_a_blank_frame():
+    from heygem_ray.demo import portrait
+
+    det = HaarDetector(max_side=720)
+    face, blank = det.detect([portrait(256), np.full((300, 256, 3), 90, np.uint8)])
+    assert len(blank) == 0 and len(face) >= 1
+    x1, y1, x2, y2 = face[np.argmax((face[:, 2] - face[:, 0]))][:4]
+    assert 60 < (x1 + x2) / 2 < 200 and 40 < (y1 + y2) / 2 < 180  # on the face in the portrait's upper half
