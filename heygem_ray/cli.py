@@ -139,3 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         print(f"heygem-ray: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

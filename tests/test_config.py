@@ -1,0 +1,54 @@
+"""Every config group option composes and resolves to plain dataclasses; the CLI prints it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from heygem_ray.config import ClassicRendererConfig, Config, Wav2LipRendererConfig
+from tests.conftest import compose_config
+
+
+def test_defaults_are_the_embedded_local_classic_setup():
+    cfg = compose_config("manifest=m.parquet", "output=/out")
+    assert isinstance(cfg, Config) and isinstance(cfg.renderer, ClassicRendererConfig)
+    assert cfg.detector.name == "haar" and cfg.cluster.address is None
+    assert cfg.cluster.actor.num_cpus == 1.0 and cfg.cluster.actor.num_gpus == 0.0
+    assert cfg.render.segment_seconds == 10.0 and cfg.cache_uri == "/out/_cache"
+
+
+@pytest.mark.parametrize("overrides, check", [
+    (["renderer=wav2lip", "renderer.checkpoint=s3://m/wav2lip_gan.pth"],
+     lambda c: isinstance(c.renderer, Wav2LipRendererConfig) and c.renderer.batch_size == 128),
+    (["detector=box", "detector.box=[1,2,30,40]"], lambda c: c.detector.box == [1, 2, 30, 40]),
+    (["detector=s3fd", "detector.checkpoint=/m/s3fd.pth"], lambda c: c.detector.name == "s3fd"),
+    (["cluster=gpu"], lambda c: c.cluster.actor.num_gpus == 1.0 and c.cluster.actor.num_cpus == 4.0),
+    (["+storage.options.s3.endpoint_url=http://127.0.0.1:9"], lambda c: c.storage.options["s3"]["endpoint_url"]),
+])
+def test_group_options_compose(overrides, check):
+    assert check(compose_config("manifest=m", "output=o", *overrides))
+
+
+def test_missing_mandatory_values_and_typos_are_errors():
+    with pytest.raises(Exception, match="manifest"):
+        compose_config("output=o")
+    with pytest.raises(Exception, match="segment_secondz"):
+        compose_config("manifest=m", "output=o", "render.segment_secondz=3")
+    with pytest.raises(Exception, match="checkpoint"):
+        compose_config("manifest=m", "output=o", "renderer=wav2lip")
+
+
+def test_cli_prints_the_resolved_config():
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", "manifest=m.parquet", "output=/o",
+                          "render.segment_seconds=5", "--cfg", "job"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "segment_seconds: 5.0" in out.stdout and "name: classic" in out.stdout and "manifest: m.parquet" in out.stdout
+
+
+def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", f"manifest={tmp_path}/none.parquet",
+                          f"output={tmp_path}/out"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "does not exist" in out.stderr

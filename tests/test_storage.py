@@ -1,0 +1,57 @@
+import os
+
+import pytest
+
+from heygem_ray import storage
+from heygem_ray.errors import InputError
+from heygem_ray.prepare import content_fingerprint
+
+
+def test_fingerprint_is_content_only_across_storages(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"hello" * 1000)
+    storage.write_bytes("memory://fp/b.bin", b"hello" * 1000)
+    assert storage.fingerprint(str(tmp_path / "a.bin")) == storage.fingerprint("memory://fp/b.bin")
+    storage.write_bytes("memory://fp/c.bin", b"hello" * 999 + b"hellp")
+    assert storage.fingerprint("memory://fp/c.bin") != storage.fingerprint("memory://fp/b.bin")
+
+
+def test_fingerprint_memo_follows_changes(tmp_path):
+    path = tmp_path / "in.wav"
+    path.write_bytes(b"one")
+    cache = str(tmp_path / "cache")
+    first = content_fingerprint(str(path), cache)
+    assert len(os.listdir(tmp_path / "cache" / "fingerprints")) == 1
+    assert content_fingerprint(str(path), cache) == first
+    path.write_bytes(b"two!")  # new size and mtime: a new memo entry, a new fingerprint
+    assert content_fingerprint(str(path), cache) != first
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match="is empty"):
+        content_fingerprint(str(path), cache, "audio")
+
+
+def test_publish_is_atomic_and_leaves_no_temp_files(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100)
+    dest = tmp_path / "deep" / "dir" / "out.mp4"
+    storage.publish_file(str(src), str(dest))
+    assert dest.read_bytes() == b"x" * 100
+    assert os.listdir(dest.parent) == ["out.mp4"]
+
+
+def test_local_copy_caches_remote_files(tmp_path):
+    storage.write_bytes("memory://lc/model.pth", b"weights")
+    first = storage.local_copy("memory://lc/model.pth", cache_dir=str(tmp_path))
+    assert open(first, "rb").read() == b"weights"
+    assert storage.local_copy("memory://lc/model.pth", cache_dir=str(tmp_path)) == first
+    assert storage.local_copy(str(tmp_path / "x"), cache_dir=str(tmp_path)) == str(tmp_path / "x")
+
+
+def test_display_hides_credentials():
+    assert storage.display("s3://AKIA:secret@bucket/k.mp4") == "s3://bucket/k.mp4"
+    assert "abc" not in storage.display("https://h/x.mp4?X-Amz-Signature=abc&v=1")
+
+
+def test_join_and_normalize():
+    assert storage.join("s3://b/camp/", "x", "/y.mp4") == "s3://b/camp/x/y.mp4"
+    assert storage.normalize("s3://b//camp/x") == "s3://b/camp/x"
+    assert storage.normalize("rel/x.mp4") == os.path.abspath("rel/x.mp4")
