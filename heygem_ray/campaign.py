@@ -343,10 +343,12 @@ def run(cfg: Config) -> Summary:
     storage.configure(cfg.storage.options)
     rows = read_manifest(cfg.manifest, cfg.output)  # a bad manifest stops here, before any rendering
     started_ray = connect(cfg)
+    job = Campaign(cfg, rows)
     try:
-        summary = Campaign(cfg, rows).run()
+        summary = job.run()
     finally:
         if started_ray:
             ray.shutdown()
-    write_results(storage.join(cfg.output, "_results.parquet"), summary.rows)
+        # written even when interrupted: every row has a result by now (unfinished ones as failed)
+        write_results(storage.join(cfg.output, "_results.parquet"), [job.results[r.id] for r in rows if r.id in job.results])
     return summary

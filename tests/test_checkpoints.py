@@ -68,6 +68,7 @@ def test_bare_state_dict(tmp_path, weights, expected):
     _assert_same(load_state_dict(str(path), NAME, expected), weights)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, but these files exist
 def test_torchscript_archive(tmp_path, weights, expected):
     model = Wav2Lip()
     model.load_state_dict(weights)
@@ -155,8 +156,9 @@ def test_wrong_shape_is_reported(tmp_path, weights, expected):
     state["output_block.1.weight"] = torch.zeros(4, 32, 1, 1)
     path = tmp_path / "bad.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"wrong shape 1 \(e\.g\. output_block\.1\.weight: expected \(3, 32, 1, 1\), found \(4, 32, 1, 1\)\)"):
+    with pytest.raises(CheckpointError) as info:
         load_state_dict(str(path), NAME, expected)
+    assert "wrong shape 1 (e.g. output_block.1.weight: expected (3, 32, 1, 1), found (4, 32, 1, 1))" in str(info.value)
 
 
 def test_dict_without_state_dict_is_refused(tmp_path, expected):
@@ -186,6 +188,8 @@ def test_code_carrying_pickle_is_refused_and_never_run(tmp_path, expected, write
     else:
         with open(path, "wb") as fh:
             pickle.dump(payload, fh, protocol=2)
-    with pytest.raises(CheckpointError, match="refused.*could run arbitrary code"):
+    with pytest.raises(CheckpointError, match="refused.*could run arbitrary code") as info:
         load_state_dict(str(path), NAME, expected)
     assert not marker.exists()
+    if writer == "torch.save":
+        assert "GLOBAL io.open was not an allowed global" in str(info.value)

@@ -9,10 +9,19 @@ import pytest
 
 from heygem_ray.errors import InputError
 from heygem_ray.models import wav2lip_audio as wa
+from heygem_ray.plan import output_frame_count
 from heygem_ray.render.base import AudioWindow
 
 REF = np.load(Path(__file__).parent / "data" / "wav2lip_mel_reference.npz")
 SR = 16_000
+
+
+def _official_num_frames(num_cols: int, fps: float) -> int:
+    """inference.py's frame count: one per full window starting at int(i * 80/fps), plus a tail."""
+    step, count = 80.0 / fps, 0
+    while int(count * step) + wa.MEL_STEP <= num_cols:
+        count += 1
+    return count + 1
 
 
 def _whole_row_chunks(wav: np.ndarray, frames: np.ndarray, fps: float) -> np.ndarray:
@@ -44,16 +53,16 @@ def test_mel_basis_is_librosa_slaney():
 @pytest.mark.parametrize(("fps", "key", "count"), [(25, "fps25", 35), (30, "fps30", 41), (29.97, "fps29_97", 41)])
 def test_chunk_starts_match_official(fps, key, count):
     expected = REF[f"chunk_starts_{key}"]
-    assert wa.official_num_frames(121, fps) == count == len(expected)
+    assert _official_num_frames(121, fps) == count == len(expected)
     np.testing.assert_array_equal(wa.chunk_starts(count, fps, 121), expected)
 
 
 @pytest.mark.parametrize("fps", [25, 30, 29.97, 24, 60])
 def test_video_covers_whole_audio(fps):
     n_samples = 24_000  # 1.5 s -> T = 121
-    n = wa.num_output_frames(n_samples, fps)
+    n = output_frame_count(n_samples / SR, fps)
     assert n == int(np.ceil(1.5 * fps - 1e-9))
-    assert n / fps >= 1.5 and n > wa.official_num_frames(121, fps)  # the official run stops short
+    assert n / fps >= 1.5 and n > _official_num_frames(121, fps)  # the official run stops short
     starts = wa.chunk_starts(n, fps, 121)
     assert len(starts) == n
     expected = [min(int(i * (80.0 / fps)), 121 - 16) for i in range(n)]
@@ -61,15 +70,9 @@ def test_video_covers_whole_audio(fps):
     assert starts.max() == 121 - 16 and (np.diff(starts) >= 0).all()
 
 
-def test_num_output_frames_exact_products_do_not_round_up():
-    assert wa.num_output_frames(48_000, 30) == 90
-    assert wa.num_output_frames(48_001, 30) == 91
-    assert wa.num_output_frames(0, 25) == 1
-
-
 def test_short_audio_is_padded_not_a_crash():
     wav = np.random.default_rng(1).normal(0, 0.1, 1_600).astype(np.float32)  # 0.1 s: T = 9 < 16
-    frames = np.arange(wa.num_output_frames(len(wav), 25))
+    frames = np.arange(output_frame_count(len(wav) / SR, 25))
     chunks = wa.mel_chunks(AudioWindow(wav, 0, len(wav), 0.1), frames, 25)
     assert chunks.shape == (3, 80, 16) and chunks.dtype == np.float32
     padded = np.concatenate([wav, np.zeros(wa.MIN_SAMPLES - len(wav), np.float32)])
@@ -85,8 +88,13 @@ def test_segment_chunks_equal_whole_row_slicing(fps):
     t = np.arange(int(3.3 * SR)) / SR
     wav = (0.4 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.normal(size=t.size))
     wav = wav.astype(np.float32)
-    n = wa.num_output_frames(len(wav), fps)
-    segments = {"start": np.arange(0, 20), "middle": np.arange(35, 52), "end": np.arange(n - 18, n), "all": np.arange(n)}
+    n = output_frame_count(len(wav) / SR, fps)
+    segments = {
+        "start": np.arange(0, 20),
+        "middle": np.arange(35, 52),
+        "end": np.arange(n - 18, n),
+        "all": np.arange(n),
+    }
     for name, frames in segments.items():
         window = _window(wav, frames, fps)
         if name == "middle":

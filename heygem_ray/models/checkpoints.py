@@ -99,11 +99,12 @@ def _read(path: str, where: str, expected: Layout) -> Any:
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise CheckpointError(_corrupt(where, size, expected, exc)) from exc
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(exc))
+        detail = found.group(1).strip() if found else "unsupported content"
         raise CheckpointError(
             f"{where}: refused: the file holds Python objects other than tensors and plain containers, "
-            f"and unpickling them could run arbitrary code ({detail.group(1).strip() if detail else 'unsupported content'}). "
-            "Only weights_only loading is allowed; re-save just the model's state_dict from a trusted environment."
+            f"and unpickling them could run arbitrary code ({detail}). Only weights_only loading is "
+            "allowed; re-save just the model's state_dict from a trusted environment."
         ) from exc
     except Exception as exc:
         raise CheckpointError(_corrupt(where, size, expected, exc)) from exc

@@ -15,7 +15,6 @@ elsewhere.
 from __future__ import annotations
 
 import functools
-import math
 
 import librosa
 import numpy as np
@@ -43,29 +42,12 @@ def melspectrogram(wav: np.ndarray) -> np.ndarray:
     return _log_mel(np.pad(y, _HALF, mode="reflect"), 1 + len(y) // HOP)
 
 
-def official_num_frames(num_cols: int, fps: float) -> int:
-    """How many frames official inference.py renders for a T-column mel (3-4 short of the audio):
-    one per full window starting at int(i * 80/fps), plus its tail chunk."""
-    step, count = 80.0 / fps, 0
-    while int(count * step) + MEL_STEP <= num_cols:
-        count += 1
-    return count + 1
-
-
-def num_output_frames(num_samples: int, fps: float, sample_rate: int = SAMPLE_RATE) -> int:
-    """Frames needed for the video to cover the whole audio: ceil(duration * fps), at least 1.
-
-    The 1e-9 guard keeps an exact product (e.g. 3 s at 30 fps) from rounding up to an extra frame.
-    """
-    return max(1, math.ceil(num_samples * fps / sample_rate - 1e-9))
-
-
 def chunk_starts(num_frames: int, fps: float, num_cols: int) -> np.ndarray:
     """First mel column of each frame's 16-column window: min(int(i * 80/fps), T - 16).
 
     For the official frame count this is exactly inference.py's list (its tail chunk is the
-    clamp); for more frames every extra frame gets the last window. `80/fps` is computed first
-    and then multiplied by i, as the official code does, so float truncation agrees with it.
+    clamp); the extra frames up to ceil(duration * fps) all get the last window. `80/fps` is
+    computed first and then multiplied by i, as the official code does, so truncation agrees.
     """
     return _starts(np.arange(num_frames), fps, num_cols)
 
@@ -83,7 +65,7 @@ def mel_chunks(window: AudioWindow, frames: np.ndarray, fps: float) -> np.ndarra
     Equal (to float rounding) to `melspectrogram(whole row)` sliced at `chunk_starts`, using only
     the samples in `window`. The row's audio is taken as padded with silence to MIN_SAMPLES when
     shorter. Raises InputError for non-finite samples and ValueError when the window lacks the
-    context the frames need (400 samples before a frame's first column, 3400 after).
+    context the frames need: from 25 ms before a frame's window start to 212.5 ms after it.
     """
     frames = np.asarray(frames, dtype=np.int64)
     samples = np.asarray(window.samples, dtype=np.float32)
