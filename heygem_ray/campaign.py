@@ -351,4 +351,5 @@ def run(cfg: Config) -> Summary:
             ray.shutdown()
         # written even when interrupted: every row has a result by now (unfinished ones as failed)
         write_results(storage.join(cfg.output, "_results.parquet"), [job.results[r.id] for r in rows if r.id in job.results])
+        storage.remove_empty_dir(storage.join(cfg.output, "_work"))
     return summary

@@ -114,6 +114,14 @@ def remove(uri: str, recursive: bool = False) -> None:
             fs.rm(path, recursive=recursive)
 
 
+def remove_empty_dir(uri: str) -> None:
+    """Remove a folder that has nothing left in it (object stores have no empty folders to remove)."""
+    fs, path = url_to_fs(uri)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        if fs.isdir(path) and not fs.ls(path):
+            fs.rmdir(path)
+
+
 def glob(pattern: str) -> list[str]:
     """Expand a glob, returning URIs in the same form (scheme kept) in sorted order."""
     fs, path = url_to_fs(pattern)

@@ -34,7 +34,24 @@ def media_dir(tmp_path_factory):
     demo.write_avatar_clip(str(root / "clip2.mp4"), 2.0, seed=1)
     demo.write_avatar_clip(str(root / "clip6.mp4"), 6.0, seed=2)
     demo.write_avatar_image(str(root / "still.png"))
+    write_faceless_clip(str(root / "noface.mp4"), frames=12)
     return root
+
+
+def write_faceless_clip(path: str, frames: int) -> None:
+    """A real H.264 clip of textured noise: decodes fine, has no face."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(60, 200, (96, 128, 3), dtype=np.uint8), format="bgr24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
 
 
 def compose_config(*overrides: str):
@@ -43,3 +60,21 @@ def compose_config(*overrides: str):
     from heygem_ray.config import to_plain
 
     return to_plain(compose(list(overrides)))
+
+
+@pytest.fixture(scope="session")
+def recipe_checkpoints(tmp_path_factory):
+    """Official-layout checkpoints from the recipe weights: the generator as a training dict with
+    DataParallel `module.` keys (like wav2lip_gan.pth), S3FD as a bare state_dict (like s3fd.pth)."""
+    from pathlib import Path
+
+    import torch
+    from recipe_weights import read_keys, recipe_state_dict
+
+    data = Path(__file__).parent / "data"
+    root = tmp_path_factory.mktemp("weights")
+    generator = recipe_state_dict(read_keys(data / "wav2lip_state_dict.tsv"), seed=0)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in generator.items()}, "optimizer": None,
+                "global_step": 0, "global_epoch": 0}, root / "wav2lip_gan.pth")
+    torch.save(recipe_state_dict(read_keys(data / "s3fd_state_dict.tsv"), seed=0), root / "s3fd.pth")
+    return {"wav2lip": str(root / "wav2lip_gan.pth"), "s3fd": str(root / "s3fd.pth")}

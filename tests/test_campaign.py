@@ -18,7 +18,7 @@ from heygem_ray.media import video
 from heygem_ray.plan import avatar_frame_indices
 from heygem_ray.prepare import prepare_avatar
 from heygem_ray.results import read_results
-from tests.conftest import compose_config
+from conftest import compose_config
 
 GOOD = {"short_avatar": ("speech4.wav", "clip2.mp4"), "long_avatar": ("speech3.wav", "clip6.mp4"),
         "still": ("speech3.wav", "still.png")}
@@ -27,9 +27,9 @@ GOOD = {"short_avatar": ("speech4.wav", "clip2.mp4"), "long_avatar": ("speech3.w
 @pytest.fixture(scope="module")
 def rendered(ray_local, media_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("campaign")
-    ids = [*GOOD, "missing_audio"]
-    audio = [str(media_dir / GOOD[i][0]) for i in GOOD] + [str(root / "nowhere" / "missing.wav")]
-    avatar = [str(media_dir / GOOD[i][1]) for i in GOOD] + [str(media_dir / "clip2.mp4")]
+    ids = [*GOOD, "missing_audio", "no_face"]
+    audio = [str(media_dir / GOOD[i][0]) for i in GOOD] + [str(root / "nowhere" / "missing.wav"), str(media_dir / "speech3.wav")]
+    avatar = [str(media_dir / GOOD[i][1]) for i in GOOD] + [str(media_dir / "clip2.mp4"), str(media_dir / "noface.mp4")]
     manifest = str(root / "manifest.parquet")
     pq.write_table(pa.table({"id": ids, "audio": audio, "avatar": avatar}), manifest)
     cfg = compose_config(f"manifest={manifest}", f"output={root / 'out'}", "render.segment_seconds=1.0",
@@ -70,23 +70,25 @@ def psnr(a, b, mask):
 
 def test_results_table_and_summary(rendered):
     cfg, summary, results = rendered
-    assert summary.count("ok") == 3 and summary.failed == 1
+    assert summary.count("ok") == 3 and summary.failed == 2
     assert {r["status"] for i, r in results.items() if i in GOOD} == {"ok"}
     for row_id in GOOD:
         r = results[row_id]
         assert r["segments"] >= 2 and r["frames"] > 0 and r["attempts"] == 1 and r["error"] is None
         assert os.path.exists(os.path.join(cfg.output, "_markers", f"{row_id}.json"))
-    assert os.listdir(os.path.join(cfg.output, "_work")) == [
-        d for d in os.listdir(os.path.join(cfg.output, "_work")) if d.startswith("missing_audio")
-    ]  # finished rows' segment files are cleaned up
+    assert not os.path.exists(os.path.join(cfg.output, "_work"))  # finished rows' segment files are cleaned up
 
 
-def test_missing_audio_fails_alone_and_leaves_nothing(rendered):
+def test_bad_rows_fail_alone_and_leave_nothing(rendered):
     cfg, _, results = rendered
     bad = results["missing_audio"]
     assert bad["status"] == "failed"
     assert "missing.wav" in bad["error"] and "does not exist" in bad["error"] and bad["error"].startswith("audio")
-    assert not os.path.exists(bad["output"])
+    faceless = results["no_face"]
+    assert faceless["status"] == "failed" and faceless["error"].startswith("avatar")
+    assert "noface.mp4" in faceless["error"] and "no face found in any of 12 frames" in faceless["error"]
+    for row in (bad, faceless):
+        assert not os.path.exists(row["output"])
     assert not [f for f in os.listdir(cfg.output) if f.startswith(".") or ".part" in f]
 
 
@@ -131,4 +133,5 @@ def test_rerun_skips_finished_rows(rendered):
     cfg, first, _ = rendered
     again = campaign.run(cfg)
     status = {r.id: r.status for r in again.rows}
-    assert status == {"short_avatar": "skipped", "long_avatar": "skipped", "still": "skipped", "missing_audio": "failed"}
+    assert status == {"short_avatar": "skipped", "long_avatar": "skipped", "still": "skipped",
+                      "missing_audio": "failed", "no_face": "failed"}

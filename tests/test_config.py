@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from heygem_ray.config import ClassicRendererConfig, Config, Wav2LipRendererConfig
-from tests.conftest import compose_config
+from conftest import compose_config
 
 
 def test_defaults_are_the_embedded_local_classic_setup():
