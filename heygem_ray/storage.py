@@ -24,6 +24,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 _OPTIONS: dict[str, dict[str, Any]] = {}
+# Other processes write the same prefixes (markers, segments); a cached listing would hide them.
+_DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
 _CHUNK = 4 << 20
 
 
@@ -45,7 +47,8 @@ def is_local(uri: str) -> bool:
 
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     proto = protocol(uri)
-    fs, path = fsspec.core.url_to_fs(uri, **_OPTIONS.get(proto, {}))
+    options = {**_DEFAULTS.get(proto, {}), **_OPTIONS.get(proto, {})}
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 

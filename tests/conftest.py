@@ -5,21 +5,55 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# node-local download cache of the test session, not the user's ~/.cache
+os.environ.setdefault("HEYGEM_CACHE_DIR", tempfile.mkdtemp(prefix="heygem-node-cache-"))
 
 import pytest  # noqa: E402
 
+S3_SECRET = "heygem-test-secret-4f2a9c"  # grep-able: must never show up in logs or results
+
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (a cold start costs seconds on a 2-core machine)."""
+def s3_endpoint():
+    """A real S3 endpoint on loopback (moto's server) for the whole session. Its credentials are in
+    the standard AWS environment before Ray starts, so Ray workers inherit them as they would on a
+    node with an instance profile."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL_S3": url, "AWS_ACCESS_KEY_ID": "heygem-test-key",
+                       "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_endpoint):
+    """A local Ray, started on first use and shared by later tests (a cold start costs seconds on a
+    2-core machine); multi-node tests shut it down and the next user starts it again."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shutdown_at_exit():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
