@@ -89,7 +89,10 @@ class Campaign:
         self._avatar_waiters: dict[tuple, list[str]] = {}
         self._segment_queue: deque[tuple[str, int]] = deque()
         self._actor_load: list[int] = []
+        self._actor_healthy: list[bool] = []
+        self._probe_after: dict[int, float] = {}  # actor -> time to ask again whether it is back
         self._frames_rendered = 0
+        self.segments_by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
 
     # ----------------------------------------------------------------- setup
     def _start_actors(self) -> None:
@@ -102,6 +105,7 @@ class Campaign:
         )
         self._actors = [actor_cls.remote(cfg) for _ in range(actor_count(cfg))]
         self._actor_load = [0] * len(self._actors)
+        self._actor_healthy = [True] * len(self._actors)
         ray.get([a.ready.remote() for a in self._actors])
 
     def _task(self, fn: Any) -> Any:
@@ -118,9 +122,11 @@ class Campaign:
         try:
             self._start_actors()
             while self._pending or self._inflight or self._segment_queue:
+                self._probe_actors()
                 self._admit_rows()
                 self._dispatch_segments()
                 if not self._inflight:
+                    time.sleep(0.2)  # only restarting actors to wait for
                     continue
                 ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -146,12 +152,13 @@ class Campaign:
 
     def _dispatch_segments(self) -> None:
         inflight = sum(self._actor_load)
-        while self._segment_queue and inflight < self.cfg.render.max_inflight_segments:
+        healthy = [i for i, ok in enumerate(self._actor_healthy) if ok]
+        while self._segment_queue and healthy and inflight < self.cfg.render.max_inflight_segments:
             row_id, index = self._segment_queue.popleft()
             state = self._states[row_id]
             if state.finished:
                 continue
-            actor = int(np.argmin(self._actor_load))
+            actor = min(healthy, key=lambda i: self._actor_load[i])
             ref = self._actors[actor].render_segment.remote(self._segment_job(state, index))
             self._actor_load[actor] += 1
             state.attempts[index] = state.attempts.get(index, 0) + 1
@@ -206,6 +213,8 @@ class Campaign:
             if state.finished:
                 return
             cause = _cause(exc)
+            if isinstance(cause, RayActorError):
+                self._actor_lost(actor)  # no more work for it until it answers again
             if isinstance(cause, InputError) or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
                 return self._fail(row_id, _reason(exc, f"segment {index} failed after {state.attempts[index]} attempt(s)"))
             log.warning("row %s segment %d: %s; retrying", row_id, index, _reason(exc))
@@ -215,8 +224,33 @@ class Campaign:
             return
         state.done.add(index)
         self._frames_rendered += 0 if result.reused else result.frames
+        if result.node:
+            self.segments_by_node[result.node] = self.segments_by_node.get(result.node, 0) + 1
         if len(state.done) == len(state.spans):
             self._submit_stitch(state)
+
+    # ---------------------------------------------------------- actor health
+    def _actor_lost(self, actor: int) -> None:
+        """Stop sending work to an actor that died or is restarting until it answers again."""
+        if self._actor_healthy[actor]:
+            self._actor_healthy[actor] = False
+            self._probe_after[actor] = time.time()
+
+    def _probe_actors(self) -> None:
+        now = time.time()
+        for actor, when in list(self._probe_after.items()):
+            if when <= now:
+                del self._probe_after[actor]
+                self._inflight[self._actors[actor].ready.remote()] = ("actor_ready", actor)
+
+    def _on_actor_ready(self, actor: int, ref: ray.ObjectRef) -> None:
+        try:
+            ray.get(ref)
+        except RayActorError:
+            self._probe_after[actor] = time.time() + 1.0  # still restarting (maybe waiting for a node)
+            return
+        self._actor_healthy[actor] = True
+        log.info("renderer actor %d is back", actor)
 
     def _submit_stitch(self, state: _RowState) -> None:
         assert state.prep is not None and state.prep.audio is not None and state.track is not None

@@ -53,6 +53,7 @@ class SegmentResult:
     frames: int
     bytes: int
     reused: bool
+    node: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -109,7 +110,8 @@ class RenderWorker:
             size = os.path.getsize(path)
             with clock("upload"):
                 storage.publish_file(path, job.out_uri)
-        return SegmentResult(job.row_id, job.index, job.frames, size, reused=False, seconds=clock.seconds)
+        return SegmentResult(job.row_id, job.index, job.frames, size, reused=False, node=_node_id(),
+                             seconds=clock.seconds)
 
     def _audio_window(self, job: SegmentJob, frames: np.ndarray) -> AudioWindow:
         context = int(AUDIO_CONTEXT_SECONDS * SAMPLE_RATE)
@@ -118,6 +120,12 @@ class RenderWorker:
         stop = min(job.audio_samples, int(centers[1]) + context)
         samples = read_pcm(job.pcm_uri, start, max(start, stop))
         return AudioWindow(samples, start, job.audio_samples, job.audio_level)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 class _Clock:

@@ -1,0 +1,299 @@
+"""The campaign report: thumbnails from real mp4s, the page's numbers, escaping and links, and the
+page as a real browser sees it (headless Chromium: thumbnails load, corrupt ones show as broken)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from fractions import Fraction
+from html.parser import HTMLParser
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from heygem_ray import demo
+from heygem_ray.report import render_report, thumbnail_jpeg, video_href, write_report
+from heygem_ray.results import RowResult
+
+XSS = "<script>alert('x')</script>"
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report_clips")
+    paths = {}
+    for name, seconds, seed in (("short", 0.2, 1), ("two", 2.0, 2), ("three", 3.0, 3)):
+        path = str(root / f"{name}.mp4")
+        demo.write_avatar_clip(path, seconds, width=128, seed=seed)
+        paths[name] = path
+    return paths
+
+
+def _decode_all(path: str) -> list[tuple[float, np.ndarray]]:
+    with av.open(path) as container:
+        return [(f.time, f.to_ndarray(format="bgr24")) for f in container.decode(video=0)]
+
+
+def _jpeg(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None, "not a decodable JPEG"
+    return image
+
+
+def _row(rid: str, status: str = "ok", output: str | None = None, error: str | None = None,
+         audio: float | None = 10.0, **kw) -> RowResult:
+    ok = status == "ok"
+    return RowResult(
+        id=rid, status=status, output=output if output is not None else f"/out/{rid}.mp4", error=error,
+        audio_seconds=audio, frames=kw.get("frames", 250 if ok else None), segments=kw.get("segments", 1),
+        render_seconds=kw.get("render_seconds", 12.5 if ok else None), attempts=kw.get("attempts", 1),
+        finished_at=time.time(),
+    )
+
+
+class _Cards(HTMLParser):
+    """Each card's attributes and whether it holds an <img>, plus every link."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cards: list[dict] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "article" and "card" in (attrs.get("class") or ""):
+            self.cards.append({**attrs, "img": False})
+        elif tag == "img" and self.cards:
+            self.cards[-1]["img"] = True
+            self.cards[-1]["src"] = attrs.get("src")
+        elif tag == "a":
+            self.links.append(attrs.get("href"))
+
+
+def _parse(page: str) -> _Cards:
+    parser = _Cards()
+    parser.feed(page)
+    return parser
+
+
+# --------------------------------------------------------------------------- thumbnails
+
+@pytest.mark.parametrize("name", ["short", "two", "three"])
+def test_thumbnail_is_small_jpeg_of_middle_frame(clips, name):
+    data = thumbnail_jpeg(clips[name], width=96)
+    assert data[:3] == b"\xff\xd8\xff" and len(data) < 20_000
+    thumb = _jpeg(data)
+    frames = _decode_all(clips[name])
+    h, w = frames[0][1].shape[:2]
+    assert thumb.shape[1] == 96 and abs(thumb.shape[0] - h * 96 / w) <= 1
+
+    def diff(frame: np.ndarray) -> float:
+        resized = cv2.resize(frame, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_AREA)
+        return float(np.abs(resized.astype(np.float32) - thumb.astype(np.float32)).mean())
+
+    duration = frames[-1][0] + 1 / 25
+    middle = next(f for t, f in frames if t >= duration / 2 - 1e-6)
+    assert diff(middle) < 6.0
+    assert diff(middle) <= min(diff(f) for _, f in frames) + 1.0  # the closest frame, up to JPEG noise
+
+
+def test_thumbnail_default_width_and_size(clips):
+    data = thumbnail_jpeg(clips["three"])
+    assert _jpeg(data).shape[1] == 240
+    assert len(data) < 30_000
+
+
+def test_thumbnail_picks_the_middle_frame_exactly(tmp_path):
+    """Frame i is flat gray 4*i: the thumbnail's level says which frame was taken."""
+    path = str(tmp_path / "ramp.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0", "preset": "veryfast", "g": "12"}
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="bgr24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    level = float(_jpeg(thumbnail_jpeg(path, width=32)).mean())
+    levels = [float(f.mean()) for _, f in _decode_all(path)]  # what the decoder gives, about 4*i
+    assert int(np.argmin([abs(level - x) for x in levels])) == 25, (level, levels)  # t = 1.0 s of 2.0 s
+    assert abs(level - levels[25]) < 1.5
+
+
+def test_thumbnail_is_upright_for_rotated_clips(tmp_path, clips):
+    """A phone-style clip stored turned with rotation metadata gives the same upright thumbnail."""
+    path = str(tmp_path / "rotated.mp4")
+    demo.write_avatar_clip(path, 2.0, width=128, seed=2, rotation=90)
+    upright = _jpeg(thumbnail_jpeg(clips["two"], width=96)).astype(np.float32)
+    rotated = _jpeg(thumbnail_jpeg(path, width=96)).astype(np.float32)
+    assert rotated.shape == upright.shape and rotated.shape[0] > rotated.shape[1]
+    assert float(np.abs(rotated - upright).mean()) < 8.0
+
+
+def test_thumbnail_of_garbage_raises(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 100)
+    with pytest.raises(ValueError):
+        thumbnail_jpeg(str(bad))
+
+
+# --------------------------------------------------------------------------- page
+
+def test_summary_numbers():
+    rows = [
+        _row("a", audio=1800.0),
+        _row("b", audio=1800.0),
+        _row("c", "failed", error="boom", audio=999.0),
+        _row("d", "skipped", audio=50.0),
+    ]
+    page = render_report(rows, {}, wall_seconds=1800.0, title="Campaign 42")
+    summary = dict(re.findall(r"<div><dt>([^<]+)</dt><dd>([^<]+)</dd></div>", page.split("<main>")[0]))
+    assert summary["Rows"] == "4"
+    assert (summary["OK"], summary["Failed"], summary["Skipped"]) == ("2", "1", "1")
+    assert summary["Audio rendered"] == "1.00 h"  # ok rows only
+    assert summary["Wall time"] == "0:30:00"
+    assert summary["Videos per hour"] == "4.0"  # 2 ok videos in half an hour
+    assert summary["Realtime factor"] == "2.00x"
+    assert "Finished: 4 rows" in page
+    assert 'http-equiv="refresh"' not in page
+
+
+def test_in_progress_campaign_says_n_of_m_and_refreshes():
+    page = render_report([_row("a"), _row("b", "failed", error="x")], {}, 60.0, "c", total_rows=10)
+    assert "2 of 10 rows done" in page
+    assert '<meta http-equiv="refresh" content="30">' in page
+    assert 'data-finished="false"' in page
+    done = render_report([_row("a")], {}, 60.0, "c", total_rows=1)
+    assert 'data-finished="true"' in done and 'http-equiv="refresh"' not in done
+
+
+def test_cards_in_order_with_status_and_details(clips):
+    rows = [_row("zeta"), _row("alpha", "failed", error="bad avatar"), _row("mid", "skipped", render_seconds=None)]
+    thumbs = {"zeta": thumbnail_jpeg(clips["two"]), "mid": thumbnail_jpeg(clips["three"])}
+    page = render_report(rows, thumbs, 10.0, "t", report_uri="/out/_report.html")
+    cards = _parse(page).cards
+    assert [c["data-status"] for c in cards] == ["ok", "failed", "skipped"]
+    assert [c["id"] for c in cards] == ["row-zeta", "row-alpha", "row-mid"]
+    assert cards[0]["img"] and cards[0]["src"].startswith("data:image/jpeg;base64,")
+    assert not cards[1]["img"] and cards[1]["data-thumb"] == "none"
+    assert "no video" in page
+    assert cards[2]["img"]
+    zeta = page.split('id="row-zeta"')[1].split("</article>")[0]
+    assert "250" in zeta and "12.5 s" in zeta and "10.0 s" in zeta and "badge ok" in zeta
+    assert 'alt="Middle frame of zeta"' in zeta
+    alpha = page.split('id="row-alpha"')[1].split("</article>")[0]
+    assert '<pre class="error">bad avatar</pre>' in alpha and "badge failed" in alpha and "<a " not in alpha
+    assert "#row-alpha" in _parse(page).links  # the summary links to failed rows
+
+
+def test_user_data_is_escaped():
+    rows = [
+        _row(XSS, "failed", error=f"decode failed: {XSS} & <b>more</b>", output=f"/out/{XSS}.mp4"),
+        _row("ok1"),
+    ]
+    page = render_report(rows, {}, 10.0, title=f"Campaign {XSS}")
+    assert XSS not in page
+    assert "<b>more</b>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert page.count("<script") == 1  # only the page's own script
+    cards = _parse(page).cards
+    assert cards[0]["data-status"] == "failed" and not cards[0]["img"]
+
+
+def test_links_relative_for_local_outputs(tmp_path):
+    out = tmp_path / "campaign"
+    rows = [_row("a", output=str(out / "a.mp4")), _row("b", output=str(out / "sub" / "b c.mp4")),
+            _row("c", output=str(tmp_path / "elsewhere" / "c.mp4"))]
+    page = render_report(rows, {}, 10.0, "t", report_uri=str(out / "_report.html"))
+    assert _parse(page).links == ["a.mp4", "sub/b%20c.mp4", "../elsewhere/c.mp4"]
+    assert str(tmp_path) not in "".join(_parse(page).links)
+
+
+def test_link_rules():
+    assert video_href("s3://bkt/camp/a.mp4", "s3://bkt/camp/_report.html") == "a.mp4"
+    assert video_href("s3://bkt/other/a.mp4", "s3://bkt/camp/_report.html") == "../other/a.mp4"
+    assert video_href("s3://bkt2/camp/a.mp4", "s3://bkt/camp/_report.html") == "s3://bkt2/camp/a.mp4"
+    assert video_href("gs://bkt/camp/a.mp4", "s3://bkt/camp/_report.html") == "gs://bkt/camp/a.mp4"
+    assert video_href("s3://bkt/a.mp4", "/local/_report.html") == "s3://bkt/a.mp4"
+    assert video_href("/data/c/a.mp4", "s3://bkt/_report.html") == "file:///data/c/a.mp4"
+    assert video_href("file:///data/c/a.mp4", "/data/c/_report.html") == "a.mp4"
+    assert video_href("s3://user:pw@bkt/a.mp4", None) == "s3://bkt/a.mp4"  # never credentials
+    assert video_href("javascript://%0aalert(1)", None) is None
+    assert video_href("/data/c/javascript:alert(1)", "/data/c/_report.html") == "javascript%3Aalert%281%29"
+    assert video_href("", "/x/_report.html") is None
+
+
+def test_many_rows_render_fast():
+    rows = [_row(f"row-{i:05d}", "ok" if i % 10 else "failed", error=None if i % 10 else "e") for i in range(5000)]
+    thumbs = {r.id: b"\xff\xd8\xff" + bytes(3000) for r in rows if r.status == "ok"}
+    started = time.perf_counter()
+    page = render_report(rows, thumbs, 3600.0, "big")
+    assert time.perf_counter() - started < 2.0
+    assert page.count("<article") == 5000
+
+
+def test_write_report_publishes_atomically(tmp_path):
+    uri = str(tmp_path / "out" / "_report.html")
+    write_report(uri, "<p>é</p>")
+    assert open(uri, encoding="utf-8").read() == "<p>é</p>"
+    assert os.listdir(tmp_path / "out") == ["_report.html"]
+
+
+# --------------------------------------------------------------------------- browser
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("chromium not installed (.ci/run installs it)")
+
+
+def _dump_dom(browser: str, page_path: str, tmp_path) -> str:
+    profile = tmp_path / "chromium-profile"
+    cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",
+           "--virtual-time-budget=5000", "--dump-dom", f"file://{page_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "<article" in proc.stdout, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_report_in_chromium(clips, tmp_path):
+    browser = _chromium()
+    out = tmp_path / "campaign"
+    rows = [
+        _row("two", output=str(out / "two.mp4")),
+        _row(XSS, "failed", error=f"oops {XSS}", output=str(out / "x.mp4")),
+        _row("three", output=str(out / "three.mp4")),
+        _row("short", output=str(out / "short.mp4")),
+        _row("old", "skipped", output=str(out / "old.mp4")),
+    ]
+    thumbs = {name: thumbnail_jpeg(clips[name]) for name in ("two", "three", "short")}
+    uri = str(out / "_report.html")
+    write_report(uri, render_report(rows, thumbs, 120.0, "Browser check", report_uri=uri))
+
+    cards = {c["data-status"] + ":" + c["id"]: c for c in _parse(_dump_dom(browser, uri, tmp_path)).cards}
+    ok_cards = [c for key, c in cards.items() if key.startswith("ok:")]
+    assert len(ok_cards) == 3
+    assert all(c["data-thumb"] == "loaded" for c in ok_cards), cards
+    assert not any(c["data-thumb"] == "broken" for c in cards.values())
+    assert cards["failed:row-" + XSS]["data-thumb"] == "none"  # the id came through as text, not markup
+
+
+def test_corrupt_thumbnail_shows_broken_in_chromium(clips, tmp_path):
+    browser = _chromium()
+    rows = [_row("good"), _row("bad")]
+    thumbs = {"good": thumbnail_jpeg(clips["two"]), "bad": b"\x00garbage, not a jpeg\xff" * 20}
+    uri = str(tmp_path / "_report.html")
+    write_report(uri, render_report(rows, thumbs, 10.0, "t", report_uri=uri))
+    cards = {c["id"]: c for c in _parse(_dump_dom(browser, uri, tmp_path)).cards}
+    assert cards["row-good"]["data-thumb"] == "loaded"
+    assert cards["row-bad"]["data-thumb"] == "broken"
