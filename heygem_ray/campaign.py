@@ -24,17 +24,21 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from heygem_ray import storage
+from heygem_ray import metrics, storage
 from heygem_ray.config import Config
 from heygem_ray.errors import InputError
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
-from heygem_ray.prepare import AvatarTrack, RowPrep, marker_uri, prepare_avatar, prepare_row
+from heygem_ray.prepare import AvatarTrack, RowPrep, marker_uri, prepare_avatar, prepare_row, thumbnail_uri
+from heygem_ray.report import render_report, write_report
 from heygem_ray.results import RowResult, Summary, write_results
 from heygem_ray.segment import RenderWorker, SegmentJob, SegmentResult
-from heygem_ray.stitch import Marker, StitchJob, stitch_row
+from heygem_ray.stitch import Marker, StitchJob, Stitched, stitch_row
 
 log = logging.getLogger("heygem_ray")
+
+#: seconds between rewrites of the campaign report while rows finish
+REPORT_INTERVAL = 10.0
 
 #: task exceptions worth another try (flaky storage, network); bad input is never retried
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
@@ -93,6 +97,9 @@ class Campaign:
         self._probe_after: dict[int, float] = {}  # actor -> time to ask again whether it is back
         self._frames_rendered = 0
         self.segments_by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
+        self._thumbnails: dict[str, bytes] = {}
+        self._started = time.time()
+        self._report_written = 0.0
 
     # ----------------------------------------------------------------- setup
     def _start_actors(self) -> None:
@@ -114,7 +121,7 @@ class Campaign:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> Summary:
-        started = time.time()
+        started = self._started = time.time()
         self._prepare_row = self._task(prepare_row)
         self._prepare_avatar = self._task(prepare_avatar)
         self._stitch_row = self._task(stitch_row)
@@ -132,6 +139,7 @@ class Campaign:
                 for ref in ready:
                     kind, key = self._inflight.pop(ref)
                     getattr(self, f"_on_{kind}")(key, ref)
+                metrics.segments_in_flight(sum(self._actor_load))
                 progress.update(len(self.results) - progress.n)
                 progress.set_postfix_str(self._postfix(), refresh=False)
         finally:
@@ -139,6 +147,7 @@ class Campaign:
             for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
                 if row.id not in self.results:
                     self._fail(row.id, "campaign interrupted before this row finished")
+            self._write_report(final=True)
         return Summary.of([self.results[r.id] for r in self.rows], time.time() - started)
 
     def _admit_rows(self) -> None:
@@ -173,6 +182,8 @@ class Campaign:
         except Exception as exc:  # noqa: BLE001 - every failure becomes this row's result
             return self._fail(row_id, _reason(exc))
         if state.prep.skipped:
+            if state.prep.thumbnail:
+                self._thumbnails[row_id] = state.prep.thumbnail
             return self._finish(row_id, "skipped", marker=state.prep.marker)
         key = (state.row.avatar, state.row.box)
         if key in self._avatar_tracks:
@@ -264,6 +275,7 @@ class Campaign:
             fps_fraction=state.track.info.fps_fraction,
             frames=state.spans[-1].stop,
             marker_uri=marker_uri(self.cfg, state.row.id),
+            thumbnail_uri=thumbnail_uri(self.cfg, state.row.id),
             fingerprint=state.prep.fingerprint,
             encoder=self.cfg.encoder,
         )
@@ -271,10 +283,12 @@ class Campaign:
 
     def _on_stitched(self, row_id: str, ref: ray.ObjectRef) -> None:
         try:
-            marker: Marker = ray.get(ref)
+            stitched: Stitched = ray.get(ref)
         except Exception as exc:  # noqa: BLE001
             return self._fail(row_id, _reason(exc))
-        self._finish(row_id, "ok", marker=marker)
+        if stitched.thumbnail:
+            self._thumbnails[row_id] = stitched.thumbnail
+        self._finish(row_id, "ok", marker=stitched.marker)
 
     # ------------------------------------------------------------ bookkeeping
     def _work_uri(self, state: _RowState) -> str:
@@ -325,9 +339,25 @@ class Campaign:
         if result.id in self.results:
             return
         self.results[result.id] = result
+        metrics.row_finished(result.status)
         seconds = f"{result.render_seconds:.1f}s" if result.render_seconds is not None else "-"
         detail = storage.display(result.output) if result.status != "failed" else result.error
         _write_line(f"[{result.status}] {result.id} {seconds} {detail}")
+        if time.time() - self._report_written >= REPORT_INTERVAL:
+            self._write_report(final=False)
+
+    def _write_report(self, final: bool) -> None:
+        """{output}/_report.html: rewritten as rows finish, so it can be refreshed during a run."""
+        uri = storage.join(self.cfg.output, "_report.html")
+        done = [self.results[r.id] for r in self.rows if r.id in self.results]
+        html = render_report(done, self._thumbnails, time.time() - self._started,
+                             title=f"heygem_ray campaign {storage.display(self.cfg.output)}", report_uri=uri,
+                             total_rows=None if final else len(self.rows))
+        try:
+            write_report(uri, html)
+        except OSError as exc:  # a report that cannot be written must not stop the campaign
+            log.warning("could not write %s: %s", storage.display(uri), exc)
+        self._report_written = time.time()
 
     def _postfix(self) -> str:
         counts = {s: sum(1 for r in self.results.values() if r.status == s) for s in ("ok", "failed", "skipped")}

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import av
 import numpy as np
 
-from heygem_ray import storage
+from heygem_ray import metrics, storage
 from heygem_ray.config import Config, DetectorConfig
 from heygem_ray.detect import build_detector
 from heygem_ray.detect.track import TrackBuilder, fixed_track
@@ -144,7 +144,10 @@ def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: Detecto
             except ValueError as exc:
                 raise InputError("avatar", uri, str(exc)) from None
         else:
-            pts, boxes = _detect_track(local, info, cfg, uri)
+            clock = metrics.StageClock()
+            with clock("detect"):
+                pts, boxes = _detect_track(local, info, cfg, uri)
+            metrics.stage_seconds(clock.seconds)
         track = AvatarTrack(uri, fp, info, pts, boxes)
         storage.write_bytes(track_uri, _dump_track(track))
         return track
@@ -229,10 +232,15 @@ class RowPrep:
     skipped: bool
     audio: AudioInfo | None
     marker: Marker | None
+    thumbnail: bytes | None = None  # of the finished video, when skipped
 
 
 def marker_uri(cfg: Config, row_id: str) -> str:
     return storage.join(cfg.output, "_markers", f"{row_id}.json")
+
+
+def thumbnail_uri(cfg: Config, row_id: str) -> str:
+    return storage.join(cfg.output, "_thumbs", f"{row_id}.jpg")
 
 
 def prepare_row(row: Row, cfg: Config) -> RowPrep:
@@ -246,5 +254,9 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
     fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg)
     marker = read_marker(marker_uri(cfg, row.id))
     if not cfg.force and marker and marker.fingerprint == fp and storage.exists(row.output):
-        return RowPrep(fp, True, None, marker)
+        try:
+            thumbnail = storage.read_bytes(thumbnail_uri(cfg, row.id))
+        except FileNotFoundError:
+            thumbnail = None
+        return RowPrep(fp, True, None, marker, thumbnail)
     return RowPrep(fp, False, prepare_audio(row.audio, cache), None)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from heygem_ray import storage
+from heygem_ray import metrics, storage
 from heygem_ray.config import Config
 from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo
 from heygem_ray.plan import frame_center_samples
@@ -78,7 +77,7 @@ class RenderWorker:
     def render_segment(self, job: SegmentJob) -> SegmentResult:
         if storage.exists(job.out_uri):
             return SegmentResult(job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True)
-        clock = _Clock()
+        clock = metrics.StageClock()
         info = job.info
         frame_numbers = np.arange(job.start, job.start + job.frames)
         with clock("audio"):
@@ -110,6 +109,8 @@ class RenderWorker:
             size = os.path.getsize(path)
             with clock("upload"):
                 storage.publish_file(path, job.out_uri)
+        metrics.frames_rendered(job.frames)
+        metrics.stage_seconds(clock.seconds)
         return SegmentResult(job.row_id, job.index, job.frames, size, reused=False, node=_node_id(),
                              seconds=clock.seconds)
 
@@ -126,23 +127,3 @@ def _node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-
-
-class _Clock:
-    """Adds up wall seconds per stage name."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str) -> _Clock._Span:
-        return _Clock._Span(self, name)
-
-    class _Span:
-        def __init__(self, clock: _Clock, name: str):
-            self.clock, self.name = clock, name
-
-        def __enter__(self) -> None:
-            self.start = time.perf_counter()
-
-        def __exit__(self, *exc: object) -> None:
-            self.clock.seconds[self.name] = self.clock.seconds.get(self.name, 0.0) + time.perf_counter() - self.start

@@ -13,9 +13,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from heygem_ray import storage
+from heygem_ray import metrics, storage
 from heygem_ray.config import EncoderConfig
 from heygem_ray.media.mux import stitch
+from heygem_ray.report import thumbnail_jpeg
 from heygem_ray.errors import reading
 
 
@@ -29,6 +30,7 @@ class StitchJob:
     fps_fraction: str
     frames: int
     marker_uri: str
+    thumbnail_uri: str
     fingerprint: str
     encoder: EncoderConfig
 
@@ -52,19 +54,31 @@ def read_marker(uri: str) -> Marker | None:
         return None
 
 
-def stitch_row(job: StitchJob) -> Marker:
+@dataclass(frozen=True)
+class Stitched:
+    marker: Marker
+    thumbnail: bytes | None  # a small JPEG of a mid-video frame, for the campaign report
+
+
+def stitch_row(job: StitchJob) -> Stitched:
+    clock = metrics.StageClock()
     with reading("audio", job.audio_uri):
         audio = storage.local_copy(job.audio_uri)
     with tempfile.TemporaryDirectory(prefix="heygem-stitch-") as tmp:
         path = os.path.join(tmp, "out.mp4")
         enc = job.encoder
-        stats = stitch(lambda i: storage.open_uri(job.segment_uris[i]), len(job.segment_uris), audio, path,
-                       job.fps_fraction, enc.audio_codec, enc.audio_bitrate, enc.audio_sample_rate,
-                       audio_display=job.audio_uri)
+        with clock("stitch"):
+            stats = stitch(lambda i: storage.open_uri(job.segment_uris[i]), len(job.segment_uris), audio, path,
+                           job.fps_fraction, enc.audio_codec, enc.audio_bitrate, enc.audio_sample_rate,
+                           audio_display=job.audio_uri)
         if stats.frames != job.frames:
             raise RuntimeError(f"row {job.row_id}: stitched {stats.frames} frames, planned {job.frames}")
-        storage.publish_file(path, job.output)
+        thumbnail = thumbnail_jpeg(path, width=160, quality=75)
+        with clock("upload"):
+            storage.publish_file(path, job.output)
+    storage.write_bytes(job.thumbnail_uri, thumbnail)
     marker = Marker(job.row_id, job.fingerprint, job.output, stats.frames, round(stats.audio_seconds, 4), time.time())
     storage.write_bytes(job.marker_uri, json.dumps(asdict(marker)).encode())
     storage.remove(job.work_uri, recursive=True)
-    return marker
+    metrics.stage_seconds(clock.seconds)
+    return Stitched(marker, thumbnail)

@@ -14,7 +14,19 @@ os.environ.setdefault("HEYGEM_CACHE_DIR", tempfile.mkdtemp(prefix="heygem-node-c
 
 import pytest  # noqa: E402
 
-S3_SECRET = "heygem-test-secret-4f2a9c"  # grep-able: must never show up in logs or results
+S3_SECRET = "heygem-test-secret-4f2a9c"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+#: where the local Ray's node agent exports Prometheus metrics during the tests
+METRICS_PORT = _free_port()  # grep-able: must never show up in logs or results
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +55,7 @@ def ray_local(s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     return ray
 
 

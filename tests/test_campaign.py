@@ -18,7 +18,8 @@ from heygem_ray.media import video
 from heygem_ray.plan import avatar_frame_indices
 from heygem_ray.prepare import prepare_avatar
 from heygem_ray.results import read_results
-from conftest import compose_config
+from browser import chromium, dump_dom, parse_cards
+from conftest import METRICS_PORT, compose_config
 
 GOOD = {"short_avatar": ("speech4.wav", "clip2.mp4"), "long_avatar": ("speech3.wav", "clip6.mp4"),
         "still": ("speech3.wav", "still.png")}
@@ -135,3 +136,38 @@ def test_rerun_skips_finished_rows(rendered):
     status = {r.id: r.status for r in again.rows}
     assert status == {"short_avatar": "skipped", "long_avatar": "skipped", "still": "skipped",
                       "missing_audio": "failed", "no_face": "failed"}
+
+
+def test_report_shows_every_row_with_thumbnails_in_a_browser(rendered, tmp_path):
+    """The report matches the latest results (a rerun's skipped rows keep their thumbnails)."""
+    cfg = rendered[0]
+    results = {r["id"]: r for r in read_results(os.path.join(cfg.output, "_results.parquet"))}
+    page = os.path.join(cfg.output, "_report.html")
+    cards = {c["id"]: c for c in parse_cards(dump_dom(chromium(), page, tmp_path)).cards}
+    assert set(cards) == {f"row-{i}" for i in results}
+    for row_id, result in results.items():
+        assert cards[f"row-{row_id}"]["data-status"] == result["status"]
+        expected = "none" if result["status"] == "failed" else "loaded"
+        assert cards[f"row-{row_id}"]["data-thumb"] == expected, row_id
+
+
+def test_metrics_reach_the_prometheus_endpoint(rendered):
+    """Frames, rows by status and stage timings are exported by the node's Ray agent (what the
+    dashboard's metrics view and Grafana read). Export runs on an interval, hence the polling."""
+    import time
+    import urllib.request
+
+    wanted = ["ray_heygem_frames_rendered_total", 'ray_heygem_rows_total{', 'status="failed"',
+              'ray_heygem_stage_seconds_bucket{', 'stage="render"', 'stage="stitch"', "ray_heygem_segments_in_flight"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    frames = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("ray_heygem_frames_rendered_total"))
+    assert frames >= sum(r["frames"] for r in rendered[2].values() if r["status"] == "ok")

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import time
 from fractions import Fraction
-from html.parser import HTMLParser
 
 import av
 import cv2
 import numpy as np
 import pytest
+
+from browser import chromium, dump_dom, parse_cards
 
 from heygem_ray import demo
 from heygem_ray.report import render_report, thumbnail_jpeg, video_href, write_report
@@ -54,31 +53,6 @@ def _row(rid: str, status: str = "ok", output: str | None = None, error: str | N
         render_seconds=kw.get("render_seconds", 12.5 if ok else None), attempts=kw.get("attempts", 1),
         finished_at=time.time(),
     )
-
-
-class _Cards(HTMLParser):
-    """Each card's attributes and whether it holds an <img>, plus every link."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cards: list[dict] = []
-        self.links: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "article" and "card" in (attrs.get("class") or ""):
-            self.cards.append({**attrs, "img": False})
-        elif tag == "img" and self.cards:
-            self.cards[-1]["img"] = True
-            self.cards[-1]["src"] = attrs.get("src")
-        elif tag == "a":
-            self.links.append(attrs.get("href"))
-
-
-def _parse(page: str) -> _Cards:
-    parser = _Cards()
-    parser.feed(page)
-    return parser
 
 
 # --------------------------------------------------------------------------- thumbnails
@@ -177,7 +151,7 @@ def test_cards_in_order_with_status_and_details(clips):
     rows = [_row("zeta"), _row("alpha", "failed", error="bad avatar"), _row("mid", "skipped", render_seconds=None)]
     thumbs = {"zeta": thumbnail_jpeg(clips["two"]), "mid": thumbnail_jpeg(clips["three"])}
     page = render_report(rows, thumbs, 10.0, "t", report_uri="/out/_report.html")
-    cards = _parse(page).cards
+    cards = parse_cards(page).cards
     assert [c["data-status"] for c in cards] == ["ok", "failed", "skipped"]
     assert [c["id"] for c in cards] == ["row-zeta", "row-alpha", "row-mid"]
     assert cards[0]["img"] and cards[0]["src"].startswith("data:image/jpeg;base64,")
@@ -189,7 +163,7 @@ def test_cards_in_order_with_status_and_details(clips):
     assert 'alt="Middle frame of zeta"' in zeta
     alpha = page.split('id="row-alpha"')[1].split("</article>")[0]
     assert '<pre class="error">bad avatar</pre>' in alpha and "badge failed" in alpha and "<a " not in alpha
-    assert "#row-alpha" in _parse(page).links  # the summary links to failed rows
+    assert "#row-alpha" in parse_cards(page).links  # the summary links to failed rows
 
 
 def test_user_data_is_escaped():
@@ -202,7 +176,7 @@ def test_user_data_is_escaped():
     assert "<b>more</b>" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
     assert page.count("<script") == 1  # only the page's own script
-    cards = _parse(page).cards
+    cards = parse_cards(page).cards
     assert cards[0]["data-status"] == "failed" and not cards[0]["img"]
 
 
@@ -211,8 +185,8 @@ def test_links_relative_for_local_outputs(tmp_path):
     rows = [_row("a", output=str(out / "a.mp4")), _row("b", output=str(out / "sub" / "b c.mp4")),
             _row("c", output=str(tmp_path / "elsewhere" / "c.mp4"))]
     page = render_report(rows, {}, 10.0, "t", report_uri=str(out / "_report.html"))
-    assert _parse(page).links == ["a.mp4", "sub/b%20c.mp4", "../elsewhere/c.mp4"]
-    assert str(tmp_path) not in "".join(_parse(page).links)
+    assert parse_cards(page).links == ["a.mp4", "sub/b%20c.mp4", "../elsewhere/c.mp4"]
+    assert str(tmp_path) not in "".join(parse_cards(page).links)
 
 
 def test_link_rules():
@@ -247,27 +221,8 @@ def test_write_report_publishes_atomically(tmp_path):
 
 # --------------------------------------------------------------------------- browser
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("chromium not installed (.ci/run installs it)")
-
-
-def _dump_dom(browser: str, page_path: str, tmp_path) -> str:
-    profile = tmp_path / "chromium-profile"
-    cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",
-           "--virtual-time-budget=5000", "--dump-dom", f"file://{page_path}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "<article" in proc.stdout, proc.stderr[-2000:]
-    return proc.stdout
-
-
 def test_report_in_chromium(clips, tmp_path):
-    browser = _chromium()
+    browser = chromium()
     out = tmp_path / "campaign"
     rows = [
         _row("two", output=str(out / "two.mp4")),
@@ -280,7 +235,7 @@ def test_report_in_chromium(clips, tmp_path):
     uri = str(out / "_report.html")
     write_report(uri, render_report(rows, thumbs, 120.0, "Browser check", report_uri=uri))
 
-    cards = {c["data-status"] + ":" + c["id"]: c for c in _parse(_dump_dom(browser, uri, tmp_path)).cards}
+    cards = {c["data-status"] + ":" + c["id"]: c for c in parse_cards(dump_dom(browser, uri, tmp_path)).cards}
     ok_cards = [c for key, c in cards.items() if key.startswith("ok:")]
     assert len(ok_cards) == 3
     assert all(c["data-thumb"] == "loaded" for c in ok_cards), cards
@@ -289,11 +244,11 @@ def test_report_in_chromium(clips, tmp_path):
 
 
 def test_corrupt_thumbnail_shows_broken_in_chromium(clips, tmp_path):
-    browser = _chromium()
+    browser = chromium()
     rows = [_row("good"), _row("bad")]
     thumbs = {"good": thumbnail_jpeg(clips["two"]), "bad": b"\x00garbage, not a jpeg\xff" * 20}
     uri = str(tmp_path / "_report.html")
     write_report(uri, render_report(rows, thumbs, 10.0, "t", report_uri=uri))
-    cards = {c["id"]: c for c in _parse(_dump_dom(browser, uri, tmp_path)).cards}
+    cards = {c["id"]: c for c in parse_cards(dump_dom(browser, uri, tmp_path)).cards}
     assert cards["row-good"]["data-thumb"] == "loaded"
     assert cards["row-bad"]["data-thumb"] == "broken"
