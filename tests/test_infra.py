@@ -554,7 +554,7 @@ def dockerfile_problems(b: dict) -> list[str]:
     runs = "\n".join(df["runs"])
     if not re.search(r"pip install\b[^\n]*torch==", runs):
         problems.append("infra/Dockerfile: no pinned torch install")
-    if "pip install" not in runs or "heygem-src" not in runs and " ." not in runs:
+    if not re.search(r"pip install\b[^\n]*(/tmp/heygem-src|\s\.)(\s|$)", runs):
         problems.append("infra/Dockerfile: the package itself is not pip-installed")
     weights = re.compile(r"\.(pth|pt|ckpt|onnx|safetensors|bin)\b")
     for srcs, _ in df["copies"] + df["adds"]:
@@ -695,17 +695,14 @@ def test_all_checks_pass(bundle):
 # --------------------------------------------------------------------------- tests: the checks can fail
 
 def _set(path: str, value: Any) -> Callable[[dict], None]:
-    """A mutation that sets bundle[path] (dotted; [i] for list items) to value."""
+    """A mutation that sets bundle[path] (dotted; [i] for list items, "quoted" keys may hold dots)."""
     def mutate(b: dict) -> None:
-        keys = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+        keys = [int(k[1:-1]) if k.startswith("[") else k.strip('"')
+                for k in re.findall(r'\[\d+\]|"[^"]*"|[^.\[\]"]+', path)]
         node = b
         for key in keys[:-1]:
-            node = node[int(key[1:-1])] if key.startswith("[") else node[key]
-        last = keys[-1]
-        if last.startswith("["):
-            node[int(last[1:-1])] = value
-        else:
-            node[last] = value
+            node = node[key]
+        node[keys[-1]] = value
     return mutate
 
 
@@ -746,13 +743,13 @@ MUTATIONS: dict[str, tuple[Callable[[dict], None], str]] = {
     "worker cpu too small": (_both_specs(f"{WORKER}.resources.limits.cpu", "4"), "limits cpu 4 < actor num_cpus + task_cpus"),
     "worker cpu request in millicores too small": (_both_specs(f"{WORKER}.resources.requests.cpu", "4500m"),
                                                     "requests cpu 4500m"),
-    "worker without gpu": (_both_specs(f"{WORKER}.resources.limits.nvidia.com/gpu", 0), "limits nvidia.com/gpu 0"),
+    "worker without gpu": (_both_specs(f"{WORKER}.resources.limits.\"nvidia.com/gpu\"", 0), "limits nvidia.com/gpu 0"),
     "worker without toleration": (_both_specs("workerGroupSpecs[0].template.spec.tolerations", []), "no toleration"),
     "worker without preStop": (_both_specs(f"{WORKER}.lifecycle", {}), "no preStop `ray stop`"),
     "object store larger than shm": (_both_specs("workerGroupSpecs[0].rayStartParams.object-store-memory", str(20 * 2**30)),
                                      "does not fit /dev/shm"),
     "head advertises cpus": (_both_specs("headGroupSpec.rayStartParams.num-cpus", "2"), "num-cpus is '2'"),
-    "head asks for a gpu": (_both_specs("headGroupSpec.template.spec.containers[0].resources.limits.nvidia.com/gpu", 1),
+    "head asks for a gpu": (_both_specs("headGroupSpec.template.spec.containers[0].resources.limits.\"nvidia.com/gpu\"", 1),
                             "asks for a GPU"),
     "autoscaling off": (_both_specs("enableInTreeAutoscaling", False), "enableInTreeAutoscaling is not true"),
     "gpu group renamed": (_both_specs("workerGroupSpecs[0].groupName", "workers"), "expected one worker group"),
