@@ -192,7 +192,7 @@ class Campaign:
         if key not in self._avatar_refs:
             cfg = self.cfg
             ref = self._prepare_avatar.remote(state.row.avatar, state.row.box, cfg.detector, cfg.cache_uri,
-                                              cfg.render.still_fps)
+                                              cfg.render.still_fps, cfg.limits.max_avatar_pixels)
             self._avatar_refs[key] = ref
             self._inflight[ref] = ("avatar", key)
 
@@ -405,7 +405,8 @@ def _write_line(text: str) -> None:
 def run(cfg: Config) -> Summary:
     """Read the manifest, render every row, write the results table, return the summary."""
     storage.configure(cfg.storage.options)
-    rows = read_manifest(cfg.manifest, cfg.output)  # a bad manifest stops here, before any rendering
+    # a bad manifest stops here, before any rendering
+    rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
     started_ray = connect(cfg)
     job = Campaign(cfg, rows)
     try:

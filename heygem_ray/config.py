@@ -101,6 +101,19 @@ class StorageConfig:
     Prefer the standard AWS environment for credentials; options here are passed to workers."""
 
     options: dict[str, Any] = field(default_factory=dict)
+    #: let manifest rows write outputs outside the campaign's output root
+    allow_outside_output: bool = False
+
+
+@dataclass
+class LimitsConfig:
+    """Per-row caps that protect the cluster: a row over a cap fails with a clear error instead of
+    running a node out of memory or time."""
+
+    #: longest audio a row may have (seconds)
+    max_audio_seconds: float = 4 * 3600.0
+    #: largest avatar frame (width x height, after rotation); the default admits 4K (3840x2160)
+    max_avatar_pixels: int = 4096 * 2304
 
 
 @dataclass
@@ -149,6 +162,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def cache_uri(self) -> str:

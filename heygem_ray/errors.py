@@ -45,3 +45,37 @@ def reading(what: str, uri: str) -> Iterator[None]:
         raise InputError(what, uri, "is a directory, not a file") from None
     except PermissionError:
         raise InputError(what, uri, "cannot be read (permission denied)") from None
+
+
+@contextlib.contextmanager
+def writing(uri: str) -> Iterator[None]:
+    """Turn refusals to write a row's output into InputErrors naming it (not retried: writing again
+    to a read-only place fails again)."""
+    try:
+        yield
+    except PermissionError:
+        raise InputError("output", uri, "cannot be written (permission denied)") from None
+    except (NotADirectoryError, FileExistsError):
+        raise InputError("output", uri, "cannot be written (a parent of it is a file, not a folder)") from None
+    except IsADirectoryError:
+        raise InputError("output", uri, "cannot be written (it is a folder)") from None
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, before rendering, when a local output's folder cannot be created or written."""
+    import os
+
+    from heygem_ray import storage
+
+    if not storage.is_local(uri):
+        return  # object stores answer only to a real write; publishing reports it
+    path = storage.local_path(uri)
+    if os.path.isdir(path):
+        raise InputError("output", uri, "cannot be written (it is a folder)")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError("output", uri, "cannot be written (a parent of it is a file, not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError("output", uri, "cannot be written (permission denied)")

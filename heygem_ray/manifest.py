@@ -32,7 +32,7 @@ def default_id(audio: str, avatar: str) -> str:
     return stable_hash(audio, avatar, length=12)
 
 
-def read_manifest(uri: str, output_root: str) -> list[Row]:
+def read_manifest(uri: str, output_root: str, allow_outside_output: bool = False) -> list[Row]:
     """Read and validate a manifest; raise ManifestError listing what is wrong."""
     try:
         with storage.open_uri(uri) as fh:
@@ -41,10 +41,11 @@ def read_manifest(uri: str, output_root: str) -> list[Row]:
         raise ManifestError(f"manifest {storage.display(uri)} does not exist") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"manifest {storage.display(uri)} is not a readable Parquet file: {exc}") from None
-    return rows_from_table(table, output_root, storage.display(uri))
+    return rows_from_table(table, output_root, storage.display(uri), allow_outside_output)
 
 
-def rows_from_table(table: pa.Table, output_root: str, name: str = "manifest") -> list[Row]:
+def rows_from_table(table: pa.Table, output_root: str, name: str = "manifest",
+                    allow_outside_output: bool = False) -> list[Row]:
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise ManifestError(f"{name} lacks required column(s) {', '.join(missing)}; "
@@ -72,6 +73,10 @@ def rows_from_table(table: pa.Table, output_root: str, name: str = "manifest") -
         output = record.get("output") or f"{row_id}.mp4"
         if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
             output = storage.join(output_root, output)  # relative outputs live under the campaign root
+        if not allow_outside_output and not _is_under(output, output_root):
+            problems.append(f"{where}: output {storage.display(output)} is outside the output root "
+                            f"{storage.display(output_root)} (set storage.allow_outside_output=true to allow)")
+            continue
         try:
             box = _parse_box(record.get("box"))
         except ValueError as exc:
@@ -87,6 +92,11 @@ def rows_from_table(table: pa.Table, output_root: str, name: str = "manifest") -
     if not rows:
         raise ManifestError(f"{name} has no rows")
     return rows
+
+
+def _is_under(uri: str, root: str) -> bool:
+    uri, root = storage.normalize(uri), storage.normalize(root)
+    return uri.startswith(root.rstrip("/") + "/") and "/../" not in uri + "/"
 
 
 def _parse_box(value: object) -> tuple[int, int, int, int] | None:

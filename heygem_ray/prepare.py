@@ -27,7 +27,7 @@ from heygem_ray import metrics, storage
 from heygem_ray.config import Config, DetectorConfig
 from heygem_ray.detect import build_detector
 from heygem_ray.detect.track import TrackBuilder, fixed_track
-from heygem_ray.errors import InputError, reading
+from heygem_ray.errors import InputError, check_writable, reading
 from heygem_ray.media.audio import LevelMeter, iter_pcm16k
 from heygem_ray.manifest import Row
 from heygem_ray.media.video import VideoInfo, iter_frames, probe
@@ -67,14 +67,15 @@ class AudioInfo:
         return self.samples / SAMPLE_RATE
 
 
-def prepare_audio(uri: str, cache: str) -> AudioInfo:
-    """Decode a row's audio into the PCM cache (once per distinct content)."""
+def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> AudioInfo:
+    """Decode a row's audio into the PCM cache (once per distinct content); stop as soon as it
+    runs past `max_seconds` rather than decode hours of an unwanted file."""
     with reading("audio", uri):
         fp = content_fingerprint(uri, cache, "audio")
         base = storage.join(cache, "audio", fp)
         with contextlib.suppress(FileNotFoundError):
             meta = json.loads(storage.read_bytes(base + ".json"))
-            return AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32")
+            return _within_limit(AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32"), max_seconds)
         local = storage.local_copy(uri)
         meter = LevelMeter()
         samples = 0
@@ -84,6 +85,8 @@ def prepare_audio(uri: str, cache: str) -> AudioInfo:
                     tmp.write(np.ascontiguousarray(chunk, dtype="<f4").tobytes())
                     meter.feed(chunk)
                     samples += len(chunk)
+                    if samples > max_seconds * SAMPLE_RATE:
+                        raise InputError("audio", uri, f"is longer than limits.max_audio_seconds={max_seconds:g} s")
                 tmp.close()
                 if samples == 0:
                     raise InputError("audio", uri, "has no audio samples")
@@ -93,6 +96,12 @@ def prepare_audio(uri: str, cache: str) -> AudioInfo:
         level = meter.level()
         storage.write_bytes(base + ".json", json.dumps({"samples": samples, "level": level}).encode())
         return AudioInfo(uri, fp, samples, level, base + ".f32")
+
+
+def _within_limit(audio: AudioInfo, max_seconds: float) -> AudioInfo:
+    if audio.seconds > max_seconds:
+        raise InputError("audio", audio.uri, f"is {audio.seconds:.0f} s long, over limits.max_audio_seconds={max_seconds:g} s")
+    return audio
 
 
 def read_pcm(pcm_uri: str, start: int, stop: int) -> np.ndarray:
@@ -125,15 +134,16 @@ def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, sti
 
 
 def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: DetectorConfig, cache: str,
-                   still_fps: float) -> AvatarTrack:
+                   still_fps: float, max_pixels: int | None = None) -> AvatarTrack:
     """Probe and face-track an avatar, or load the cached track."""
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
         track_uri = storage.join(cache, "avatars", fp, detector_key(cfg, box, still_fps) + ".npz")
         with contextlib.suppress(FileNotFoundError):
-            return _load_track(uri, fp, storage.read_bytes(track_uri))
+            return _within_pixels(_load_track(uri, fp, storage.read_bytes(track_uri)), max_pixels)
         local = storage.local_copy(uri)
         info = probe(local, still_fps, display_uri=uri)
+        _within_pixels(AvatarTrack(uri, fp, info, np.zeros(0, np.int64), np.zeros((0, 4), np.int32)), max_pixels)
         fixed = box or (tuple(cfg.box) if cfg.name == "box" and cfg.box else None)
         if cfg.name == "box" and fixed is None:
             raise InputError("avatar", uri, "detector=box needs detector.box=[x1,y1,x2,y2] or a `box` manifest column")
@@ -151,6 +161,13 @@ def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: Detecto
         track = AvatarTrack(uri, fp, info, pts, boxes)
         storage.write_bytes(track_uri, _dump_track(track))
         return track
+
+
+def _within_pixels(track: AvatarTrack, max_pixels: int | None) -> AvatarTrack:
+    w, h = track.info.width, track.info.height
+    if max_pixels and w * h > max_pixels:
+        raise InputError("avatar", track.uri, f"frames are {w}x{h} = {w * h} pixels, over limits.max_avatar_pixels={max_pixels}")
+    return track
 
 
 def _detect_track(local: str, info: VideoInfo, cfg: DetectorConfig, uri: str) -> tuple[np.ndarray, np.ndarray]:
@@ -259,4 +276,5 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
         except FileNotFoundError:
             thumbnail = None
         return RowPrep(fp, True, None, marker, thumbnail)
-    return RowPrep(fp, False, prepare_audio(row.audio, cache), None)
+    check_writable(row.output)
+    return RowPrep(fp, False, prepare_audio(row.audio, cache, cfg.limits.max_audio_seconds), None)

@@ -17,7 +17,7 @@ from heygem_ray import metrics, storage
 from heygem_ray.config import EncoderConfig
 from heygem_ray.media.mux import stitch
 from heygem_ray.report import thumbnail_jpeg
-from heygem_ray.errors import reading
+from heygem_ray.errors import reading, writing
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def stitch_row(job: StitchJob) -> Stitched:
         if stats.frames != job.frames:
             raise RuntimeError(f"row {job.row_id}: stitched {stats.frames} frames, planned {job.frames}")
         thumbnail = thumbnail_jpeg(path, width=160, quality=75)
-        with clock("upload"):
+        with clock("upload"), writing(job.output):
             storage.publish_file(path, job.output)
     storage.write_bytes(job.thumbnail_uri, thumbnail)
     marker = Marker(job.row_id, job.fingerprint, job.output, stats.frames, round(stats.audio_seconds, 4), time.time())

@@ -19,8 +19,15 @@ def test_defaults_id_and_output_under_root():
 
 def test_explicit_and_relative_outputs():
     rows = rows_from_table(table(audio=["a", "b", "c"], avatar=["v", "v", "v"], id=["r1", "r2", "r3"],
-                                 output=["s3://bucket/x.mp4", "sub/y.mp4", None]), "s3://camp")
+                                 output=["s3://bucket/x.mp4", "sub/y.mp4", None]), "s3://camp", allow_outside_output=True)
     assert [r.output for r in rows] == ["s3://bucket/x.mp4", "s3://camp/sub/y.mp4", "s3://camp/r3.mp4"]
+
+
+@pytest.mark.parametrize("output", ["s3://bucket/x.mp4", "s3://camp-other/x.mp4", "../escape.mp4", "/etc/x.mp4",
+                                    "s3://camp/a/../../x.mp4"])
+def test_outputs_outside_the_root_are_refused_by_default(output):
+    with pytest.raises(ManifestError, match="outside the output root"):
+        rows_from_table(table(audio=["a"], avatar=["v"], output=[output]), "s3://camp" if "s3" in output else "/camp")
 
 
 @pytest.mark.parametrize("cols, message", [
@@ -70,3 +77,41 @@ def test_manifest_through_fsspec_memory():
         pq.write_table(table(audio=["memory://a.wav"], avatar=["memory://v.mp4"], id=["one"]), fh)
     rows = read_manifest("memory://campaign/m.parquet", "memory://campaign/out")
     assert rows[0].output == "memory://campaign/out/one.mp4"
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+uri = st.from_regex(r"(s3://b/|/data/)[a-z0-9_]{1,12}\.(wav|mp4|png)", fullmatch=True)
+safe_id = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(uri, uri, safe_id), min_size=1, max_size=30, unique_by=lambda t: t[2]))
+def test_any_valid_manifest_reads_to_one_row_each(entries):
+    rows = rows_from_table(table(audio=[a for a, _, _ in entries], avatar=[v for _, v, _ in entries],
+                                 id=[i for _, _, i in entries]), "s3://out/c")
+    assert [r.id for r in rows] == [i for _, _, i in entries]
+    assert len({r.output for r in rows}) == len(rows)
+    assert all(r.output.startswith("s3://out/c/") for r in rows)
+
+
+cell = st.one_of(st.none(), st.just(""), uri, st.text(max_size=8))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(cell, cell, st.one_of(st.none(), st.text(max_size=8), safe_id)), min_size=1, max_size=12),
+       st.sampled_from(["audio", "avatar", None]))
+def test_any_manifest_either_reads_or_says_why(entries, drop):
+    cols = {"audio": [a for a, _, _ in entries], "avatar": [v for _, v, _ in entries], "id": [i for _, _, i in entries]}
+    if drop:
+        del cols[drop]
+    try:
+        rows = rows_from_table(pa.table(cols), "/out")
+    except ManifestError as exc:
+        assert str(exc).strip()  # a message a person can act on
+        assert any(word in str(exc) for word in ("lacks", "empty", "duplicate", "must", "outside", "no rows"))
+    else:
+        assert drop is None and len(rows) == len(entries)
+        assert all(r.audio and r.avatar for r in rows)
