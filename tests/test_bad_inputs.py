@@ -1,0 +1,173 @@
+"""A campaign meets every kind of broken or unusual input (all generated here). Each row either
+renders correctly or fails with a message naming the input and the problem; the others finish;
+no partial file is left at any output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import wave
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import compose_config, write_faceless_clip
+
+from heygem_ray import campaign, demo
+from heygem_ray.errors import InputError
+from heygem_ray.prepare import prepare_audio, prepare_avatar
+
+FPS = 25
+
+
+def write_clip(path, frames, pts_ms=None, rotation=0, pix_fmt="yuv420p"):
+    """Encode BGR frames; `pts_ms` gives variable frame timing."""
+    h, w = frames[0].shape[:2]
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if pts_ms is not None:
+            stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(-rotation)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
+            frame.pts = int(pts_ms[i]) if pts_ms is not None else i
+            if pts_ms is not None:
+                frame.time_base = Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    p = lambda name: str(d / name)  # noqa: E731
+    speech = demo.speech_like(1.2, seed=11)
+    demo.write_wav(p("speech.wav"), speech)
+    base = demo.portrait(160)
+    moving = [demo.head_motion_frame(base, i / FPS, 5) for i in range(25)]
+    write_clip(p("clip.mp4"), moving)
+
+    open(p("empty.wav"), "wb").close()
+    open(p("empty.mp4"), "wb").close()
+    data = open(p("clip.mp4"), "rb").read()
+    open(p("truncated.mp4"), "wb").write(data[: len(data) // 3])
+    demo.write_audio(p("audio_only.m4a"), speech)
+    noise = np.random.default_rng(0).integers(60, 200, base.shape, dtype=np.uint8)
+    write_clip(p("face_leaves.mp4"), [noise if 8 <= i < 20 else f for i, f in enumerate(moving)])
+    demo.write_wav(p("silent.wav"), np.zeros(16000, np.float32))
+    demo.write_wav(p("tiny.wav"), speech[:1600])  # 0.1 s
+    nan = speech.copy()
+    nan[2000:2600], nan[5000] = np.nan, np.inf
+    demo.write_audio(p("nan.wav"), nan, codec="pcm_f32le")
+    big = cv2.copyMakeBorder(cv2.resize(base, (1620, 1900)), 130, 130, 1110, 1110, cv2.BORDER_REFLECT)
+    write_clip(p("uhd.mp4"), [big] * 6)  # 3840x2160
+    write_clip(p("phone.mp4"), [np.ascontiguousarray(np.rot90(f, k=1)) for f in moving], rotation=90)
+    write_clip(p("vfr.mp4"), moving, pts_ms=list(np.cumsum([0] + [33 if i % 2 else 50 for i in range(24)])))
+    write_clip(p("odd.mp4"), [cv2.resize(f, (159, 187)) for f in moving], pix_fmt="yuv444p")  # 4:4:4 allows odd sizes
+    cv2.imwrite(p("my.photo.v2.png"), base)
+    for name, rate, channels in (("speech.mp3", 44100, 2), ("speech.m4a", 44100, 1), ("speech.flac", 22050, 1),
+                                 ("speech.ogg", 48000, 2), ("stereo48k.wav", 48000, 2)):
+        demo.write_audio(p(name), np.interp(np.arange(int(1.2 * rate)) / rate, np.arange(len(speech)) / 16000, speech)
+                         .astype(np.float32), sample_rate=rate, channels=channels)
+    with wave.open(p("u8.wav"), "wb") as fh:
+        fh.setnchannels(1), fh.setsampwidth(1), fh.setframerate(8000)
+        fh.writeframes(np.clip(128 + speech[::2] * 127, 0, 255).astype(np.uint8).tobytes())
+    write_faceless_clip(p("noface.mp4"), frames=10)
+    return d
+
+
+# id -> (audio, avatar, expected error substrings or None for "renders")
+CASES = {
+    "missing_avatar": ("speech.wav", "nowhere.mp4", ["avatar", "nowhere.mp4", "does not exist"]),
+    "empty_audio": ("empty.wav", "clip.mp4", ["audio", "empty.wav", "is empty (0 bytes)"]),
+    "empty_avatar": ("speech.wav", "empty.mp4", ["avatar", "empty.mp4", "is empty (0 bytes)"]),
+    "truncated_avatar": ("speech.wav", "truncated.mp4", ["avatar", "truncated.mp4", "not a readable video"]),
+    "audio_as_avatar": ("speech.wav", "audio_only.m4a", ["avatar", "audio_only.m4a", "has no video stream"]),
+    "text_as_audio": ("not_audio.wav", "clip.mp4", ["audio", "not_audio.wav", "not readable audio"]),
+    "no_face": ("speech.wav", "noface.mp4", ["avatar", "noface.mp4", "no face found in any of 10 frames"]),
+    "unwritable_output": ("speech.wav", "clip.mp4", ["output", "blocker/x.mp4", "a parent of it is a file"]),
+    "face_leaves_frame": ("speech.wav", "face_leaves.mp4", None),
+    "silent_audio": ("silent.wav", "clip.mp4", None),
+    "tiny_audio": ("tiny.wav", "clip.mp4", None),
+    "nan_audio": ("nan.wav", "clip.mp4", None),
+    "uhd_avatar": ("speech.wav", "uhd.mp4", None),
+    "phone_rotated": ("speech.wav", "phone.mp4", None),
+    "vfr_avatar": ("speech.wav", "vfr.mp4", None),
+    "odd_size": ("speech.wav", "odd.mp4", None),
+    "dotted_image": ("speech.wav", "my.photo.v2.png", None),
+    "mp3": ("speech.mp3", "clip.mp4", None),
+    "m4a": ("speech.m4a", "clip.mp4", None),
+    "flac": ("speech.flac", "clip.mp4", None),
+    "ogg": ("speech.ogg", "clip.mp4", None),
+    "stereo48k": ("stereo48k.wav", "clip.mp4", None),
+    "pcm_u8": ("u8.wav", "clip.mp4", None),
+}
+
+
+@pytest.fixture(scope="module")
+def campaign_results(ray_local, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad-out")
+    (inputs / "not_audio.wav").write_text("this is not audio")
+    (out / "blocker").write_text("a file where a folder should be")
+    ids = list(CASES)
+    outputs = [str(out / "blocker" / "x.mp4") if i == "unwritable_output" else None for i in ids]
+    manifest = str(out / "m.parquet")
+    pq.write_table(pa.table({"id": ids, "audio": [str(inputs / CASES[i][0]) for i in ids],
+                             "avatar": [str(inputs / CASES[i][1]) for i in ids], "output": outputs}), manifest)
+    cfg = compose_config(f"manifest={manifest}", f"output={out}", "render.segment_seconds=0.5", "render.progress=false")
+    summary = campaign.run(cfg)
+    return out, {r.id: r for r in summary.rows}
+
+
+@pytest.mark.parametrize("row_id", list(CASES))
+def test_each_input_renders_or_fails_with_a_reason(campaign_results, row_id):
+    out, results = campaign_results
+    result = results[row_id]
+    expected = CASES[row_id][2]
+    if expected is None:
+        assert result.status == "ok", result.error
+        with av.open(result.output) as c:
+            frames = [f for f in c.decode(video=0)]
+            assert frames and frames[0].width % 2 == 0 and frames[0].height % 2 == 0
+            assert c.streams.audio
+    else:
+        assert result.status == "failed"
+        for part in expected:
+            assert part in result.error, result.error
+        assert not os.path.exists(result.output)
+
+
+def test_no_partial_files_anywhere(campaign_results):
+    out, _ = campaign_results
+    for root, _, files in os.walk(out):
+        assert not [f for f in files if ".part" in f or f.startswith(".")], root
+
+
+def test_rotated_and_odd_avatars_come_out_upright_and_even(campaign_results):
+    _, results = campaign_results
+    with av.open(results["phone_rotated"].output) as c:
+        first = next(c.decode(video=0)).to_ndarray(format="bgr24")
+    upright = demo.head_motion_frame(demo.portrait(160), 0, 5)
+    assert first.shape[:2] == upright.shape[:2] == (188, 160)  # portrait, like the scene that was filmed
+    assert np.abs(first[:60].astype(int) - upright[:60].astype(int)).mean() < 8  # top of the frame, not sideways
+    with av.open(results["odd_size"].output) as c:
+        frame = next(c.decode(video=0))
+    assert (frame.width, frame.height) == (158, 186)
+
+
+def test_limits_reject_rows_instead_of_running_out_of_memory(inputs, tmp_path):
+    cfg = compose_config("manifest=m", f"output={tmp_path}")
+    with pytest.raises(InputError, match=r"uhd.mp4: frames are 3840x2160 = 8294400 pixels, over limits.max_avatar_pixels=2073600"):
+        prepare_avatar(str(inputs / "uhd.mp4"), None, cfg.detector, str(tmp_path / "c"), 25.0, max_pixels=1920 * 1080)
+    with pytest.raises(InputError, match=r"speech.wav: is longer than limits.max_audio_seconds=0.5 s"):
+        prepare_audio(str(inputs / "speech.wav"), str(tmp_path / "c"), max_seconds=0.5)
+    prepare_audio(str(inputs / "speech.wav"), str(tmp_path / "c2"))  # cached now, the limit still holds
+    with pytest.raises(InputError, match="over limits.max_audio_seconds=1 s"):
+        prepare_audio(str(inputs / "speech.wav"), str(tmp_path / "c2"), max_seconds=1.0)
+    shutil.rmtree(tmp_path / "c2")
