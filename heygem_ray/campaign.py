@@ -113,7 +113,7 @@ class Campaign:
         self._actors = [actor_cls.remote(cfg) for _ in range(actor_count(cfg))]
         self._actor_load = [0] * len(self._actors)
         self._actor_healthy = [True] * len(self._actors)
-        ray.get([a.ready.remote() for a in self._actors])
+        self.actor_pids = ray.get([a.ready.remote() for a in self._actors])
 
     def _task(self, fn: Any) -> Any:
         return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, max_retries=3,
@@ -144,6 +144,8 @@ class Campaign:
                 progress.set_postfix_str(self._postfix(), refresh=False)
         finally:
             progress.close()
+            for actor in getattr(self, "_actors", []):  # free their CPUs/GPUs now, not at garbage collection
+                ray.kill(actor)
             for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
                 if row.id not in self.results:
                     self._fail(row.id, "campaign interrupted before this row finished")

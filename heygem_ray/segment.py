@@ -71,8 +71,9 @@ class RenderWorker:
             pass
         self.renderer = build_renderer(cfg.renderer)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        """Answers once the model is loaded; the process id helps operators find the actor."""
+        return os.getpid()
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
         if storage.exists(job.out_uri):

@@ -1,0 +1,99 @@
+"""Infrastructure faults: a renderer actor killed mid-campaign, and the driver killed and started
+again. Nothing is lost, nothing renders twice, every output appears once and whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import compose_config
+
+from heygem_ray.campaign import Campaign
+from heygem_ray.manifest import read_manifest
+from heygem_ray.results import read_results
+
+
+def manifest(tmp_path, media_dir, rows: int) -> str:
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": [f"row{i}" for i in range(rows)],
+                             "audio": [str(media_dir / ("speech4.wav" if i % 2 else "speech3.wav")) for i in range(rows)],
+                             "avatar": [str(media_dir / ("clip6.mp4" if i % 2 else "clip2.mp4")) for i in range(rows)]}), path)
+    return path
+
+
+def run_killing_the_actor_once(cfg) -> tuple[Campaign, object]:
+    """Run a campaign and SIGKILL its renderer actor's process while segments are queued on it."""
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
+    runner.start()
+    deadline = time.time() + 120
+    while not (getattr(job, "actor_pids", None) and sum(job._actor_load) >= 3):
+        assert time.time() < deadline and runner.is_alive(), "no work ever reached the actor"
+        time.sleep(0.02)
+    os.kill(job.actor_pids[0], signal.SIGKILL)
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    return job, outcome["summary"]
+
+
+def test_actor_killed_mid_segment_the_rows_still_complete(ray_local, media_dir, tmp_path):
+    cfg = compose_config(f"manifest={manifest(tmp_path, media_dir, 2)}", f"output={tmp_path / 'out'}",
+                         "render.segment_seconds=0.25", "render.progress=false", "cluster.actors=1")
+    _, summary = run_killing_the_actor_once(cfg)
+    assert [r.status for r in summary.rows] == ["ok", "ok"], [r.error for r in summary.rows]
+    assert max(r.attempts for r in summary.rows) == 2  # the lost segments were sent again, once
+    assert sorted(f for f in os.listdir(cfg.output) if f.endswith(".mp4")) == ["row0.mp4", "row1.mp4"]
+
+
+def test_actor_lost_beyond_the_retry_bound_fails_the_row_with_the_cause(ray_local, media_dir, tmp_path):
+    cfg = compose_config(f"manifest={manifest(tmp_path, media_dir, 1)}", f"output={tmp_path / 'out'}",
+                         "render.segment_seconds=0.25", "render.progress=false", "cluster.actors=1",
+                         "render.max_attempts=1")
+    _, summary = run_killing_the_actor_once(cfg)
+    row = summary.rows[0]
+    assert row.status == "failed"
+    assert "failed after 1 attempt(s): renderer actor died" in row.error, row.error
+    assert not os.path.exists(row.output)
+
+
+def test_driver_killed_then_rerun_renders_only_unfinished_rows(ray_local, media_dir, tmp_path):
+    """The driver process is SIGKILLed after its first finished row; a second run skips what was
+    done, renders the rest, and no row is rendered twice."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "heygem_ray.cli", "render", f"manifest={manifest(tmp_path, media_dir, 6)}",
+           f"output={out}", "render.segment_seconds=1.0", "render.progress=false",
+           f"cluster.address={ray_local.get_runtime_context().gcs_address}", "cluster.actors=1"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    finished_first = []
+    for line in first.stdout:
+        if line.startswith("[ok]"):
+            finished_first.append(line.split()[1])
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait(timeout=60)
+    assert finished_first, "the first run finished no row before being killed"
+    markers = {f[:-5]: os.stat(out / "_markers" / f).st_mtime_ns for f in os.listdir(out / "_markers")}
+    done_before = set(markers)
+    assert done_before and len(done_before) < 6
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = {r["id"]: r for r in read_results(str(out / "_results.parquet"))}
+    assert {i for i, r in results.items() if r["status"] == "skipped"} == done_before
+    assert {i for i, r in results.items() if r["status"] == "ok"} == {f"row{i}" for i in range(6)} - done_before
+    for row_id, mtime in markers.items():  # finished rows were not rendered again
+        assert os.stat(out / "_markers" / f"{row_id}.json").st_mtime_ns == mtime
+    assert sorted(f for f in os.listdir(out) if f.endswith(".mp4")) == [f"row{i}.mp4" for i in range(6)]
+    assert not [f for f in os.listdir(out) if f.startswith(".") or ".part" in f]
+    for row_id in results:
+        assert json.loads((out / "_markers" / f"{row_id}.json").read_text())["id"] == row_id
