@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import time
 from collections import deque
@@ -112,8 +113,13 @@ class Campaign:
         )
         self._actors = [actor_cls.remote(cfg) for _ in range(actor_count(cfg))]
         self._actor_load = [0] * len(self._actors)
-        self._actor_healthy = [True] * len(self._actors)
-        self.actor_pids = ray.get([a.ready.remote() for a in self._actors])
+        # Each actor gets work once it answers (model loaded). Waiting for all of them up front would
+        # hang a campaign whose cluster cannot fit every actor yet (GPU nodes still being added).
+        self._actor_healthy = [False] * len(self._actors)
+        self._probe_after = {i: 0.0 for i in range(len(self._actors))}
+        self.actor_pids: list[int | None] = [None] * len(self._actors)
+        self._actor_failed: dict[int, str] = {}  # actors whose constructor raised (bad checkpoint...)
+        self._renderer_error: str | None = None  # set when no actor could start at all
 
     def _task(self, fn: Any) -> Any:
         return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, max_retries=3,
@@ -210,6 +216,8 @@ class Campaign:
     def _on_track(self, state: _RowState, track: AvatarTrack | BaseException) -> None:
         if isinstance(track, BaseException):
             return self._fail(state.row.id, _reason(track))
+        if self._renderer_error:
+            return self._fail(state.row.id, self._renderer_error)
         assert state.prep is not None and state.prep.audio is not None
         state.track = track
         total = output_frame_count(state.prep.audio.seconds, track.info.fps)
@@ -245,6 +253,7 @@ class Campaign:
     # ---------------------------------------------------------- actor health
     def _actor_lost(self, actor: int) -> None:
         """Stop sending work to an actor that died or is restarting until it answers again."""
+        self.actor_pids[actor] = None
         if self._actor_healthy[actor]:
             self._actor_healthy[actor] = False
             self._probe_after[actor] = time.time()
@@ -258,12 +267,20 @@ class Campaign:
 
     def _on_actor_ready(self, actor: int, ref: ray.ObjectRef) -> None:
         try:
-            ray.get(ref)
-        except RayActorError:
+            self.actor_pids[actor] = ray.get(ref)
+        except RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):  # its constructor raised: no restart will help
+                self._actor_failed[actor] = _init_error(exc)
+                if len(self._actor_failed) == len(self._actors):
+                    self._renderer_error = f"renderer could not start: {self._actor_failed[actor]}"
+                    for row_id in {row_id for row_id, _ in self._segment_queue}:
+                        self._fail(row_id, self._renderer_error)
+                    self._segment_queue.clear()
+                return
             self._probe_after[actor] = time.time() + 1.0  # still restarting (maybe waiting for a node)
             return
         self._actor_healthy[actor] = True
-        log.info("renderer actor %d is back", actor)
+        log.info("renderer actor %d ready (pid %s)", actor, self.actor_pids[actor])
 
     def _submit_stitch(self, state: _RowState) -> None:
         assert state.prep is not None and state.prep.audio is not None and state.track is not None
@@ -388,6 +405,15 @@ def _reason(exc: BaseException, prefix: str | None = None) -> str:
         text = f"{type(cause).__name__}: {cause}".strip()
     text = text.splitlines()[0] if text else type(cause).__name__
     return f"{prefix}: {text}" if prefix and not isinstance(cause, InputError) else text
+
+
+def _init_error(exc: BaseException) -> str:
+    """The exception line ("CheckpointError: ...") from an actor constructor's traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception): ", line):
+            return line.split(": ", 1)[0].rsplit(".", 1)[-1] + ": " + line.split(": ", 1)[1]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _progress(total: int, enabled: bool) -> Any:

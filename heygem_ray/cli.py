@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +21,15 @@ from heygem_ray import storage
 from heygem_ray.config import Config, register_configs, to_plain
 from heygem_ray.errors import HeygemError
 
-CONFIG_PATH = "pkg://heygem_ray.conf"
+def _config_path() -> str:
+    """conf/ beside the package (a checkout, or a `ray job submit --working-dir` upload, whose copy of
+    heygem_ray/ shadows the installed one) wins over the copy installed as heygem_ray.conf, so code
+    and configs always come from the same place."""
+    beside = Path(__file__).resolve().parent.parent / "conf"
+    return str(beside) if (beside / "config.yaml").is_file() else "pkg://heygem_ray.conf"
+
+
+CONFIG_PATH = _config_path()
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 register_configs()
@@ -73,11 +82,15 @@ def render_main(cfg: DictConfig) -> None:
 def compose(overrides: Sequence[str]) -> DictConfig:
     """The same config `render` would see, through Hydra's compose API (for the demo and tests)."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from hydra import initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="heygem_ray.conf", version_base="1.3"):
+    if CONFIG_PATH.startswith("pkg://"):
+        context = initialize_config_module(config_module="heygem_ray.conf", version_base="1.3")
+    else:
+        context = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
+    with context:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 

@@ -74,3 +74,18 @@ def test_face_tracks_are_cached_by_content(media_dir, tmp_path):
     other = prepare_avatar(str(copy), None, compose_config("manifest=m", f"output={tmp_path}", "detector.smooth=false").detector,
                            cfg.cache_uri, 25.0)
     assert other.boxes[0].tolist() != [1, 2, 33, 44]  # a different detector config tracks anew
+
+
+def test_a_wrong_checkpoint_fails_rows_with_what_was_expected(ray_local, media_dir, recipe_checkpoints, tmp_path):
+    """The S3FD file given as the generator: every row that needs rendering fails with the loader's
+    message (no hang waiting for an actor that can never start)."""
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "audio": [str(media_dir / "speech3.wav")] * 2,
+                             "avatar": [str(media_dir / "clip2.mp4"), str(media_dir / "still.png")]}), manifest)
+    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
+                         "renderer=wav2lip", f"renderer.checkpoint={recipe_checkpoints['s3fd']}")
+    summary = campaign.run(cfg)
+    assert [r.status for r in summary.rows] == ["failed", "failed"]
+    for row in summary.rows:
+        assert row.error.startswith("renderer could not start: CheckpointError:"), row.error
+        assert "S3FD" in row.error and "s3fd.pth" in row.error
