@@ -104,6 +104,7 @@ def _within_limit(audio: AudioInfo, max_seconds: float) -> AudioInfo:
     return audio
 
 
+@storage.retrying
 def read_pcm(pcm_uri: str, start: int, stop: int) -> np.ndarray:
     """Samples [start, stop) of cached PCM (a ranged read: segments never load the whole row)."""
     with storage.open_uri(pcm_uri) as fh:

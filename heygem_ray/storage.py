@@ -10,23 +10,76 @@ campaign's `storage.options` before touching storage.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import hashlib
+import logging
 import os
+import random
 import re
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger("heygem_ray.storage")
+T = TypeVar("T")
 
 _OPTIONS: dict[str, dict[str, Any]] = {}
 # Other processes write the same prefixes (markers, segments); a cached listing would hide them.
 _DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
 _CHUNK = 4 << 20
+
+
+#: tries of one storage operation before a transient error is given up on, and the first backoff;
+#: the delays double (with jitter) up to _BACKOFF_MAX: about 30 s of outage is ridden out
+RETRIES = 6
+_BACKOFF = 0.5
+_BACKOFF_MAX = 10.0
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                     errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors a later try may not meet: throttling (S3 SlowDown/503 arrive as EBUSY), server errors,
+    dropped or refused connections, timeouts. A missing or forbidden file is never transient."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    kind = type(exc)
+    return kind.__module__.split(".")[0] in ("botocore", "aiohttp", "urllib3") and any(
+        word in kind.__name__ for word in ("Connection", "Timeout", "Endpoint", "Disconnected", "Payload"))
+
+
+def retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry a storage operation on transient errors with exponential backoff and jitter."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(1, RETRIES + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if attempt == RETRIES or not is_transient(exc):
+                    raise
+                delay = min(_BACKOFF_MAX, _BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                target = display(str(args[-1] if fn.__name__ == "publish_file" else args[0])) if args else ""
+                log.warning("storage %s %s: %s: %s; try %d of %d in %.1f s", fn.__name__, target,
+                            type(exc).__name__, exc, attempt + 1, RETRIES, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 def configure(options: Mapping[str, Mapping[str, Any]] | None) -> None:
@@ -90,11 +143,13 @@ def display(uri: str) -> str:
     return re.sub(r"([?&][^=&]*(?:key|token|secret|signature|credential)[^=&]*=)[^&]*", r"\1***", uri, flags=re.I)
 
 
+@retrying
 def exists(uri: str) -> bool:
     fs, path = url_to_fs(uri)
     return fs.exists(path)
 
 
+@retrying
 def size(uri: str) -> int:
     fs, path = url_to_fs(uri)
     return int(fs.size(path))
@@ -105,11 +160,13 @@ def open_uri(uri: str, mode: str = "rb") -> IO[bytes]:
     return fs.open(path, mode)
 
 
+@retrying
 def read_bytes(uri: str) -> bytes:
     fs, path = url_to_fs(uri)
     return fs.cat_file(path)
 
 
+@retrying
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = url_to_fs(uri)
     with contextlib.suppress(FileNotFoundError):
@@ -125,6 +182,7 @@ def remove_empty_dir(uri: str) -> None:
             fs.rmdir(path)
 
 
+@retrying
 def glob(pattern: str) -> list[str]:
     """Expand a glob, returning URIs in the same form (scheme kept) in sorted order."""
     fs, path = url_to_fs(pattern)
@@ -134,6 +192,7 @@ def glob(pattern: str) -> list[str]:
     return [f"{protocol(pattern)}://{m}" for m in matches]
 
 
+@retrying
 def publish_file(local_file: str, uri: str) -> None:
     """Put a finished local file at `uri` so readers never see a partial file.
 
@@ -168,6 +227,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.unlink(tmp.name)
 
 
+@retrying
 def fingerprint(uri: str) -> str:
     """BLAKE2b of the content: the same bytes give the same key on any storage."""
     digest = hashlib.blake2b(digest_size=16)
@@ -181,6 +241,7 @@ def node_cache_dir() -> str:
     return os.environ.get("HEYGEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "heygem_ray")
 
 
+@retrying
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """A local path holding `uri`'s bytes: local files as they are, remote ones downloaded once per
     node into the node cache (keyed by URI, size and version/ETag), safe against concurrent callers."""

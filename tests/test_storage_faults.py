@@ -1,0 +1,109 @@
+"""Transient storage errors are retried with backoff; permanent ones are not. The fault is real:
+a TCP proxy on loopback in front of the S3 endpoint drops every connection during an outage."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.parse
+
+import boto3
+import pytest
+
+from heygem_ray import storage
+
+
+class FlakyProxy:
+    """Forwards TCP to `target`; until `down_until` it accepts and immediately resets connections."""
+
+    def __init__(self, target: str):
+        parsed = urllib.parse.urlparse(target)
+        self.target = (parsed.hostname, parsed.port)
+        self.down_until = 0.0
+        self.dropped = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                client, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            if time.time() < self.down_until:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                client.close()  # RST: "connection reset by peer"
+                self.dropped += 1
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture
+def flaky_s3(s3_endpoint):
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="flaky")
+    proxy = FlakyProxy(s3_endpoint)
+    # botocore's own retries off, so what rides out the outage is ours
+    storage.configure({"s3": {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}}})
+    yield proxy
+    storage.configure(None)
+    proxy.close()
+
+
+def test_an_outage_is_ridden_out_with_backoff(flaky_s3, s3_endpoint):
+    flaky_s3.down_until = time.time() + 3.0
+    started = time.time()
+    storage.write_bytes("s3://flaky/out/result.bin", b"payload")
+    assert time.time() - started >= 2.5 and flaky_s3.dropped >= 2  # it failed, waited, and tried again
+    body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket="flaky", Key="out/result.bin")["Body"].read()
+    assert body == b"payload"
+    flaky_s3.down_until = time.time() + 2.0
+    assert storage.read_bytes("s3://flaky/out/result.bin") == b"payload"
+
+
+def test_permanent_errors_fail_at_once(flaky_s3):
+    started = time.time()
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("s3://flaky/never/written.bin")
+    assert time.time() - started < 2.0
+
+
+def test_an_outage_longer_than_the_retries_is_reported(flaky_s3, monkeypatch):
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    flaky_s3.down_until = time.time() + 60
+    with pytest.raises(Exception) as err:
+        storage.exists("s3://flaky/anything")
+    assert storage.is_transient(err.value)
+
+
+@pytest.mark.parametrize("exc, transient", [
+    (OSError(16, "SlowDown"), True), (TimeoutError(), True), (ConnectionResetError(), True),
+    (FileNotFoundError(), False), (PermissionError(), False), (OSError(22, "Invalid"), False), (ValueError(), False),
+])
+def test_transient_classification(exc, transient):
+    assert storage.is_transient(exc) is transient
