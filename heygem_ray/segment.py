@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,20 +92,7 @@ class RenderWorker:
                                    enc.preset, enc.pix_fmt, threads=self.threads)
             with FrameReader(local_avatar, info, None if info.still else job.pts, job.pts_offset,
                              threads=self.threads) as reader:
-                step = max(1, self.renderer.batch_size)
-                for lo in range(0, job.frames, step):
-                    hi = min(lo + step, job.frames)
-                    indices = job.avatar_frames[lo:hi]
-                    with clock("decode"):
-                        decoded = reader.read(indices)
-                        frames = [decoded[int(i)].copy() for i in indices]  # renderers draw in place
-                    with clock("render"):
-                        rendered = self.renderer.render(frames, job.boxes[lo:hi], features[lo:hi])
-                    with clock("encode"):
-                        for frame in rendered:
-                            writer.write(frame)
-            with clock("encode"):
-                written = writer.close()
+                written = self._render_frames(job, features, reader, writer, clock)
             if written != job.frames:
                 raise RuntimeError(f"segment {job.index} of {job.row_id}: encoded {written} of {job.frames} frames")
             size = os.path.getsize(path)
@@ -114,6 +102,44 @@ class RenderWorker:
         metrics.stage_seconds(clock.seconds)
         return SegmentResult(job.row_id, job.index, job.frames, size, reused=False, node=_node_id(),
                              seconds=clock.seconds)
+
+    def _render_frames(self, job: SegmentJob, features: np.ndarray, reader: FrameReader, writer: SegmentWriter,
+                       clock: metrics.StageClock) -> int:
+        """Decode, render and encode in renderer-sized batches, overlapped: while batch k renders
+        (on the GPU, or the main thread), batch k+1 decodes and batch k-1 encodes on two helper
+        threads (PyAV and x264 release the GIL). At most three batches are alive at once, so memory
+        stays flat in the segment's length; batches are encoded strictly in order."""
+        step = max(1, self.renderer.batch_size)
+        spans = [(lo, min(lo + step, job.frames)) for lo in range(0, job.frames, step)]
+
+        def decode(lo: int, hi: int) -> list[np.ndarray]:
+            with clock("decode"):
+                indices = job.avatar_frames[lo:hi]
+                decoded = reader.read(indices)
+                return [decoded[int(i)].copy() for i in indices]  # renderers draw in place
+
+        def encode(frames: list[np.ndarray]) -> None:
+            with clock("encode"):
+                for frame in frames:
+                    writer.write(frame)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
+                ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+            next_batch: Future = decoder.submit(decode, *spans[0])
+            encoding: Future | None = None
+            for k, (lo, hi) in enumerate(spans):
+                frames = next_batch.result()
+                if k + 1 < len(spans):
+                    next_batch = decoder.submit(decode, *spans[k + 1])
+                with clock("render"):
+                    rendered = self.renderer.render(frames, job.boxes[lo:hi], features[lo:hi])
+                if encoding is not None:
+                    encoding.result()  # keeps order and at most one batch waiting to encode
+                encoding = encoder.submit(encode, rendered)
+            if encoding is not None:
+                encoding.result()
+        with clock("encode"):
+            return writer.close()
 
     def _audio_window(self, job: SegmentJob, frames: np.ndarray) -> AudioWindow:
         context = int(AUDIO_CONTEXT_SECONDS * SAMPLE_RATE)
