@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from heygem_ray import metrics, storage
 from heygem_ray.config import Config
 from heygem_ray.errors import InputError
 from heygem_ray.manifest import Row, read_manifest
+from heygem_ray.media.video import encoder_works
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
 from heygem_ray.prepare import AvatarTrack, RowPrep, marker_uri, prepare_avatar, prepare_row, thumbnail_uri
 from heygem_ray.report import render_report, write_report
@@ -126,8 +127,21 @@ class Campaign:
                                       retry_exceptions=list(TRANSIENT))
 
     # ------------------------------------------------------------------ loop
+    def _resolve_codec(self) -> None:
+        """`encoder.codec=auto`: decide once, on a node shaped like the actors' (a task with the
+        actor's resources), so every segment of every row uses the same encoder and segments join.
+        Clusters whose GPU workers differ should name the codec explicitly."""
+        if self.cfg.encoder.codec != "auto":
+            return
+        actor = self.cfg.cluster.actor
+        probe = ray.remote(encoder_works).options(num_cpus=min(actor.num_cpus, 1.0), num_gpus=actor.num_gpus)
+        codec = "h264_nvenc" if actor.num_gpus > 0 and ray.get(probe.remote("h264_nvenc")) else "libx264"
+        self.cfg = replace(self.cfg, encoder=replace(self.cfg.encoder, codec=codec))
+        log.info("encoder.codec=auto resolved to %s", codec)
+
     def run(self) -> Summary:
         started = self._started = time.time()
+        self._resolve_codec()
         self._prepare_row = self._task(prepare_row)
         self._prepare_avatar = self._task(prepare_avatar)
         self._stitch_row = self._task(stitch_row)

@@ -120,7 +120,9 @@ class LimitsConfig:
 class EncoderConfig:
     """Output codecs. Every segment is encoded with the same settings so segments join without re-encoding."""
 
-    codec: str = "libx264"
+    #: libx264 | h264_nvenc | auto (NVENC when the actors' GPU has a video encoder, else libx264)
+    codec: str = "auto"
+    #: quality: x264 CRF, or NVENC constant quality (lower = better, bigger)
     crf: int = 18
     preset: str = "veryfast"
     pix_fmt: str = "yuv420p"

@@ -131,3 +131,10 @@ def test_segments_join_without_reencoding(tmp_path, media_dir):
     assert np.abs(decoded[20].astype(int) - frames[19].astype(int)).mean() > np.abs(decoded[20].astype(int) - frames[20].astype(int)).mean()
     head = open(out, "rb").read(64)
     assert head.index(b"moov") < 64  # faststart: the index precedes the media data
+
+
+def test_encoder_probe_and_options():
+    assert video.encoder_works("libx264")
+    assert not video.encoder_works("no_such_encoder")
+    assert video.encoder_options("libx264", 20, "fast") == {"crf": "20", "preset": "fast"}
+    assert video.encoder_options("h264_nvenc", 20, "fast")["cq"] == "20"

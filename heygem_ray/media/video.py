@@ -195,6 +195,30 @@ def iter_frames(path: str, info: VideoInfo, display_uri: str | None = None) -> I
         raise InputError("avatar", display_uri or path, f"decoding failed ({exc.strerror or exc})") from None
 
 
+def encoder_works(codec: str) -> bool:
+    """Whether this machine can open `codec` for a small H.264 encode (NVENC needs a GPU with a
+    video encoder: L4 and A10G have one, H100 does not)."""
+    try:
+        with av.open(os.devnull, "w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=25)
+            stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+            frame = av.VideoFrame.from_ndarray(np.zeros((256, 256, 3), np.uint8), format="bgr24")
+            container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        return True
+    except (av.error.FFmpegError, ValueError, OSError):
+        return False
+
+
+def encoder_options(codec: str, crf: int, preset: str) -> dict[str, str]:
+    """Quality settings per encoder: x264's CRF and preset, NVENC's constant-quality VBR."""
+    if codec == "libx264":
+        return {"crf": str(crf), "preset": preset}
+    if codec == "h264_nvenc":
+        return {"rc": "vbr", "cq": str(crf), "preset": "p4", "tune": "hq"}
+    return {}
+
+
 class SegmentWriter:
     """Encodes exactly the frames it is given into an mp4 file: first frame IDR, closed GOPs, and the
     same encoder settings for every segment of a row, so segments join without re-encoding."""
@@ -206,8 +230,7 @@ class SegmentWriter:
         self._stream = self._container.add_stream(codec, rate=rate)
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, pix_fmt
         self._stream.time_base = 1 / rate
-        options = {"crf": str(crf), "preset": preset} if codec == "libx264" else {}
-        self._stream.options = options
+        self._stream.options = encoder_options(codec, crf, preset)
         if threads:
             self._stream.codec_context.thread_count = threads
         self._count = 0

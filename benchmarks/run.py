@@ -1,0 +1,923 @@
+"""Pipeline benchmarks (issue 6): one runner that makes its own inputs and prints markdown tables.
+
+    python -m benchmarks.run [--only stages wav2lip rss second scaling] [--quick] [--no-append]
+                             [--avatar-height 720 [1080]] [--avatar-seconds S] [--audio-seconds S]
+                             [--long-audio-minutes M] ...
+
+Measurements (each prints its table as soon as it is measured):
+
+  stages   per-stage seconds and frames/s on a generated 16:9 avatar (720p/1080p): decode
+           (iter_frames full pass; FrameReader batches inside the segment path), detect (haar via
+           prepare_avatar, then the cached call), audio, render, encode, segment upload (the product's
+           own `RenderWorker.render_segment` stage clock, in this process), Wav2Lip render split into
+           generator and crop+paste, stitch (mux.stitch), upload (storage.publish_file), and a whole
+           campaign through `heygem_ray.campaign.run(cfg)` on a local Ray with sampled peak RSS.
+  wav2lip  Wav2Lip with a fixed box: a naive one-process loop (decode one frame, generator on that
+           frame, paste, encode) vs the batched actor segment path in this process and the campaign
+           on a local Ray; same frames, same recipe weights, same torch threads.
+  rss      a renderer actor's peak RSS (VmHWM from /proc, read while the actor is alive) for short vs
+           long audio, same avatar and config.
+  second   prepare_avatar seconds in a first and a second campaign over the same avatar (shared cache).
+  scaling  campaign throughput with 1, 2 and 4 classic actors on a local Ray.
+
+Results go to stdout and, unless --no-append, to benchmarks/RESULTS.md under "## Pipeline (issue 6)"
+with the date and the machine. Inputs are synthetic (heygem_ray.demo) and weights are the recipe
+weights (tests/recipe_weights.py), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray reads the auth mode at import: set it before anything imports ray (as the tests do).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import av  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+from heygem_ray import demo, storage  # noqa: E402
+from heygem_ray.campaign import Campaign  # noqa: E402
+from heygem_ray.prepare import prepare_audio, prepare_avatar  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+HEADING = "## Pipeline (issue 6)"
+FPS = 25
+MEASUREMENTS = ("stages", "wav2lip", "rss", "second", "scaling")
+MIB = 1024.0  # /proc reports kB
+
+
+# --------------------------------------------------------------------------------------- output
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A markdown table; columns in `right` are right-aligned (numbers)."""
+    align = ["---:" if i in right else "---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def f1(x: float | None) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:,.1f}"
+
+
+def f2(x: float | None) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:,.2f}"
+
+
+def mib(kb: float | None) -> str:
+    return "—" if not kb else f"{kb / MIB:,.0f}"
+
+
+def rate(frames: float, seconds: float) -> float:
+    return frames / seconds if seconds > 0 else float("nan")
+
+
+@dataclass
+class Report:
+    """What a measurement prints: markdown sections, plus numbers the target summary needs."""
+
+    sections: list[str] = field(default_factory=list)
+    targets: dict[str, Any] = field(default_factory=dict)
+
+    def emit(self, title: str, body: str, notes: str = "") -> None:
+        text = f"#### {title}\n\n{body}\n" + (f"\n{notes.strip()}\n" if notes else "")
+        self.sections.append(text)
+        print("\n" + text, flush=True)
+
+
+# --------------------------------------------------------------------------------------- machine
+def machine_line() -> str:
+    cpu, cores = "unknown CPU", os.cpu_count() or 0
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+        cores = sum(1 for line in info.splitlines() if line.startswith("processor")) or cores
+    mem = "?"
+    with contextlib.suppress(OSError, ValueError):
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {cores} cores, {mem} RAM; {device}; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads by default), Ray {ray.__version__}, PyAV {av.__version__}")
+
+
+def load_average() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+# --------------------------------------------------------------------------------------- /proc
+def _status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, ... of a process in kB (empty when it is gone)."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Vm"):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+def _title(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace").strip()
+    return ""
+
+
+def _children(ppid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
+                kids.append(int(entry))
+    return kids
+
+
+def _raylets() -> list[int]:
+    """The raylet of the Ray this process started (Ray workers are its children)."""
+    found = []
+    for pid in _children(os.getpid()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
+                found.append(pid)
+    if not found and ray.is_initialized():  # joined a Ray started elsewhere: ask a worker for its parent
+        found.append(ray.get(ray.remote(_parent_pid).options(num_cpus=0).remote()))
+    return found
+
+
+def _parent_pid() -> int:
+    return os.getppid()
+
+
+def _role(title: str) -> str:
+    """'ray::RenderWorker.render_segment' -> 'RenderWorker'; 'ray::stitch_row' -> 'stitch_row'."""
+    return title.removeprefix("ray::").split(".", 1)[0].split(" ", 1)[0] or "?"
+
+
+class RssSampler:
+    """Polls the resident memory of this Ray's worker processes (by role: actor class or task name,
+    from the process title) and of the driver, every `interval` seconds, from /proc.
+
+    Besides the sampled VmRSS it keeps each process's VmHWM, the kernel's own peak-RSS high-water
+    mark: it only grows, so the last sample before a process exits holds that process's true peak
+    (Campaign.run kills its actors when it ends, so it cannot be read afterwards)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peak: dict[str, int] = {}  # role -> highest sampled VmRSS (kB)
+        self.pids: dict[str, set[int]] = {}  # role -> pids seen in that role
+        self.hwm: dict[int, int] = {}  # pid -> latest VmHWM (kB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._raylets: list[int] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RssSampler:
+        self._raylets = _raylets()
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        seen = [(os.getpid(), "driver")]
+        for raylet in self._raylets:
+            seen += [(pid, _role(_title(pid))) for pid in _children(raylet)]
+        with self._lock:
+            for pid, role in seen:
+                status = _status(pid)
+                rss = status.get("VmRSS", 0)
+                if rss:
+                    self.peak[role] = max(self.peak.get(role, 0), rss)
+                    self.pids.setdefault(role, set()).add(pid)
+                    self.hwm[pid] = max(self.hwm.get(pid, 0), status.get("VmHWM", 0))
+
+    def peak_hwm(self, role: str = "RenderWorker") -> int | None:
+        """The highest VmHWM (kB) of the processes seen in `role`."""
+        with self._lock:
+            return max((self.hwm.get(pid, 0) for pid in self.pids.get(role, ())), default=0) or None
+
+
+# --------------------------------------------------------------------------------------- inputs
+class Inputs:
+    """Synthetic inputs, made once per run under `root` and reused by every measurement."""
+
+    def __init__(self, root: str):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def stage_avatar(self, height: int, seconds: float) -> tuple[str, float]:
+        """A 16:9 H.264 clip: the demo portrait (90 % of the height) with its head motion, on a
+        padded canvas. Returns (path, seconds spent making it; 0 when it already existed)."""
+        path = self._path(f"avatar-{height}p-{seconds:g}s.mp4")
+        if os.path.exists(path):
+            return path, 0.0
+        start = time.perf_counter()
+        height -= height % 2
+        width = (height * 16 // 9) // 2 * 2
+        base = demo.portrait(512)
+        ph = int(0.9 * height) // 2 * 2
+        pw = int(round(base.shape[1] * ph / base.shape[0])) // 2 * 2
+        base = cv2.resize(base, (pw, ph), interpolation=cv2.INTER_CUBIC if ph > base.shape[0] else cv2.INTER_AREA)
+        y0, x0 = (height - ph) // 2, (width - pw) // 2
+        ramp = np.linspace(40, 90, width, dtype=np.float32)
+        canvas = np.repeat(np.repeat(ramp[None, :, None], height, 0), 3, 2).astype(np.uint8)
+        with av.open(path, "w") as container:
+            stream = container.add_stream("libx264", rate=FPS)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": "18", "preset": "veryfast"}
+            for i in range(int(round(seconds * FPS))):
+                frame = canvas.copy()
+                frame[y0:y0 + ph, x0:x0 + pw] = demo.head_motion_frame(base, i / FPS, seed=0)
+                video_frame = av.VideoFrame.from_ndarray(frame, format="bgr24")
+                video_frame.pts = i
+                container.mux(stream.encode(video_frame))
+            container.mux(stream.encode(None))
+        return path, time.perf_counter() - start
+
+    def small_avatar(self, width: int, seconds: float) -> str:
+        path = self._path(f"avatar-w{width}-{seconds:g}s.mp4")
+        if not os.path.exists(path):
+            demo.write_avatar_clip(path, seconds, fps=FPS, width=width, seed=1)
+        return path
+
+    def audio(self, seconds: float, seed: int) -> str:
+        path = self._path(f"speech-{seconds:g}s-{seed}.wav")
+        if not os.path.exists(path):
+            demo.write_wav(path, demo.speech_like(seconds, seed=seed))
+        return path
+
+    def checkpoint(self) -> str:
+        """The recipe generator weights as an official-layout training dict (like wav2lip_gan.pth)."""
+        path = self._path("wav2lip_recipe.pth")
+        if not os.path.exists(path):
+            import torch
+
+            spec = importlib.util.spec_from_file_location("recipe_weights", ROOT / "tests" / "recipe_weights.py")
+            recipe = importlib.util.module_from_spec(spec)
+            assert spec.loader is not None
+            spec.loader.exec_module(recipe)
+            state = recipe.recipe_state_dict(recipe.read_keys(ROOT / "tests" / "data" / "wav2lip_state_dict.tsv"), seed=0)
+            torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "optimizer": None,
+                        "global_step": 0, "global_epoch": 0}, path)
+        return path
+
+    def manifest(self, name: str, audios: Sequence[str], avatar: str) -> str:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self._path(f"{name}.parquet")
+        ids = [f"row-{i}" for i in range(len(audios))]
+        pq.write_table(pa.table({"id": ids, "audio": list(audios), "avatar": [avatar] * len(audios)}), path)
+        return path
+
+
+# --------------------------------------------------------------------------------------- Ray + campaigns
+@dataclass
+class Context:
+    args: argparse.Namespace
+    inputs: Inputs
+    work: str
+    report: Report
+
+    def dir(self, name: str) -> str:
+        path = os.path.join(self.work, name)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        return path
+
+
+_SESSION: dict[str, int | None] = {"cpus": None}
+
+
+def ray_session(cpus: int, fresh: bool = False) -> None:
+    """A local Ray with `cpus` logical CPUs; restarted when the CPU count differs or `fresh`."""
+    if ray.is_initialized() and (fresh or _SESSION["cpus"] != cpus):
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        _SESSION["cpus"] = cpus
+
+
+def config(manifest: str, output: str, *overrides: str) -> Any:
+    """The campaign config exactly as `heygem-ray render` composes it (Hydra), resolved to dataclasses."""
+    from heygem_ray.cli import compose
+    from heygem_ray.config import to_plain
+
+    return to_plain(compose([f"manifest={manifest}", f"output={output}", "render.progress=false", *overrides]))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Campaign log lines (one per row) would interleave with the tables; keep them out of stdout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _timed_prepare_avatar(*args: Any, **kwargs: Any) -> Any:
+    """prepare_avatar as a campaign runs it, with its wall seconds attached to the returned track."""
+    start = time.perf_counter()
+    track = prepare_avatar(*args, **kwargs)
+    object.__setattr__(track, "bench_seconds", time.perf_counter() - start)
+    return track
+
+
+class TimedCampaign(Campaign):
+    """The product's Campaign, recording how long each prepare_avatar task took (detect or cache hit)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.avatar_seconds: list[float] = []
+
+    def _task(self, fn: Any) -> Any:
+        return super()._task(_timed_prepare_avatar if fn is prepare_avatar else fn)
+
+    def _on_avatar(self, key: tuple, ref: Any) -> None:
+        with contextlib.suppress(Exception):
+            seconds = getattr(ray.get(ref), "bench_seconds", None)
+            if seconds is not None:
+                self.avatar_seconds.append(seconds)
+        super()._on_avatar(key, ref)
+
+
+def run_campaign(cfg: Any, timed: bool = False) -> tuple[Any, float, RssSampler, Any]:
+    """Render a campaign on the running Ray while sampling memory. Without `timed` this is
+    `campaign.run(cfg)` itself; with it, the same steps through TimedCampaign.
+    Returns (summary, wall seconds, sampler, the TimedCampaign or None)."""
+    from heygem_ray import campaign
+    from heygem_ray.manifest import read_manifest
+
+    job = None
+    with RssSampler() as sampler, quiet():
+        start = time.perf_counter()
+        if not timed:
+            summary = campaign.run(cfg)
+        else:
+            storage.configure(cfg.storage.options)
+            rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
+            job = TimedCampaign(cfg, rows)
+            summary = job.run()
+        wall = time.perf_counter() - start
+    failed = [r for r in summary.rows if r.status != "ok"]
+    if failed:
+        raise RuntimeError(f"campaign row {failed[0].id} {failed[0].status}: {failed[0].error}")
+    return summary, wall, sampler, job
+
+
+def segment_jobs(cfg: Any, track: Any, audio: Any, work: str, frames: int | None = None) -> list[Any]:
+    """The SegmentJobs the campaign would send to actors for this avatar and audio (as Campaign._segment_job)."""
+    from heygem_ray.plan import avatar_frame_indices, output_frame_count, plan_segments
+    from heygem_ray.segment import SegmentJob
+
+    total = frames or output_frame_count(audio.seconds, track.info.fps)
+    jobs = []
+    for span in plan_segments(total, track.info.fps, cfg.render.segment_seconds):
+        shown = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
+        lo, hi = int(shown.min()), int(shown.max())
+        jobs.append(SegmentJob(
+            row_id="bench", index=span.index, out_uri=os.path.join(work, f"seg-{span.index:05d}.mp4"),
+            avatar_uri=track.uri, info=track.info, start=span.start, avatar_frames=shown,
+            pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[shown],
+            pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level))
+    return jobs
+
+
+def render_segments(worker: Any, jobs: list[Any]) -> tuple[float, dict[str, float], int]:
+    """Run RenderWorker.render_segment over the jobs in this process: (wall s, stage seconds, frames)."""
+    seconds: dict[str, float] = {}
+    frames = 0
+    start = time.perf_counter()
+    for job in jobs:
+        result = worker.render_segment(job)
+        frames += result.frames
+        for stage, value in result.seconds.items():
+            seconds[stage] = seconds.get(stage, 0.0) + value
+    return time.perf_counter() - start, seconds, frames
+
+
+def rss_columns(sampler: RssSampler) -> list[str]:
+    return [mib(sampler.peak.get(role)) for role in ("RenderWorker", "prepare_row", "prepare_avatar",
+                                                     "stitch_row", "driver")]
+
+
+RSS_HEADERS = ["actor MiB", "prepare_row MiB", "prepare_avatar MiB", "stitch_row MiB", "driver MiB"]
+
+
+# --------------------------------------------------------------------------------------- 1. stages
+def bench_stages(ctx: Context, height: int) -> None:
+    from heygem_ray.media.mux import stitch
+    from heygem_ray.media.video import iter_frames, probe
+    from heygem_ray.render.base import AudioWindow
+    from heygem_ray.render.wav2lip import Wav2LipRenderer
+    from heygem_ray.segment import RenderWorker
+
+    args = ctx.args
+    avatar, made = ctx.inputs.stage_avatar(height, args.avatar_seconds)
+    audio = ctx.inputs.audio(args.audio_seconds, seed=11)
+    work = ctx.dir(f"stages-{height}")
+    cache = os.path.join(work, "cache")
+    cfg = config(os.path.join(work, "unused.parquet"), os.path.join(work, "out"), f"cache={cache}")
+    info = probe(avatar, cfg.render.still_fps)
+    rows: list[list[Any]] = []
+
+    def row(stage: str, what: str, frames: int | None, seconds: float) -> None:
+        fps = rate(frames, seconds) if frames else None
+        ms = 1000 * seconds / frames if frames else None
+        rows.append([stage, what, frames if frames else "—", f"{seconds:,.3f}", f1(fps), f1(ms)])
+
+    start, count = time.perf_counter(), 0
+    for _ in iter_frames(avatar, info):
+        count += 1
+    row("decode", "iter_frames, full pass (PyAV, threads auto)", count, time.perf_counter() - start)
+
+    start = time.perf_counter()
+    track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
+    row("detect", "prepare_avatar, detector=haar: fingerprint, probe, decode, detect, track", track.frames,
+        time.perf_counter() - start)
+    start = time.perf_counter()
+    prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
+    row("detect (cached)", "prepare_avatar again: cached track", None, time.perf_counter() - start)
+
+    start = time.perf_counter()
+    pcm = prepare_audio(audio, cache)
+    row("audio", f"prepare_audio: {pcm.seconds:g} s wav to the 16 kHz PCM cache", None, time.perf_counter() - start)
+
+    # the actor's own segment path, in this process: its stage clock splits decode/render/encode/upload
+    worker = RenderWorker(cfg)
+    frames = min(track.frames, math.ceil(pcm.seconds * info.fps - 1e-6))
+    jobs = segment_jobs(cfg, track, pcm, os.path.join(work, "segments"), frames)
+    wall, seconds, done = render_segments(worker, jobs)
+    threads = worker.threads
+    batch = cfg.renderer.batch_size
+    row("audio features", "classic renderer.features (per segment window)", done, seconds.get("audio", 0.0))
+    row("decode", f"FrameReader.read, batches of {batch} (in render_segment)", done, seconds.get("decode", 0.0))
+    row("render + paste", f"classic renderer.render, batches of {batch}; draws in place (paste inside)", done,
+        seconds.get("render", 0.0))
+    row("encode", f"SegmentWriter, {cfg.encoder.codec} {cfg.encoder.preset} crf {cfg.encoder.crf}, "
+        f"{threads} thread(s)", done, seconds.get("encode", 0.0))
+    row("upload (segment)", "storage.publish_file of each segment file (local)", None, seconds.get("upload", 0.0))
+    row("segment total", f"RenderWorker.render_segment, {len(jobs)} segment(s), {threads} thread(s)", done, wall)
+
+    # Wav2Lip at this resolution: generator vs the separable pixel work (crop+resize in, resize+paste out)
+    n = min(args.wav2lip_stage_frames, track.frames)
+    w2l = Wav2LipRenderer(ctx.inputs.checkpoint(), batch_size=n, device=args.device)
+    gen = [0.0]
+    generate = w2l._generate
+
+    def timed_generate(crops: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        try:
+            return generate(crops, mels)
+        finally:
+            gen[0] += time.perf_counter() - t
+
+    w2l._generate = timed_generate  # type: ignore[method-assign]
+    frames_in = []
+    for _, frame in iter_frames(avatar, info):
+        frames_in.append(frame)
+        if len(frames_in) == n:
+            break
+    from heygem_ray.prepare import read_pcm
+
+    window = AudioWindow(read_pcm(pcm.pcm_uri, 0, pcm.samples), 0, pcm.samples, pcm.level)
+    feats = w2l.features(window, np.arange(n), info.fps)
+    w2l.render([f.copy() for f in frames_in[:2]], track.boxes[:2], feats[:2])  # warm-up
+    gen[0] = 0.0
+    start = time.perf_counter()
+    w2l.render(frames_in, track.boxes[:n], feats)
+    total = time.perf_counter() - start
+    import torch
+
+    row("wav2lip render", f"Wav2LipRenderer.render, batch {n}, {w2l.device}, {torch.get_num_threads()} thread(s)",
+        n, total)
+    row("  generator", "the network forward (Wav2LipRenderer._generate)", n, gen[0])
+    row("  crop + paste", "crop + resize to 96², resize back + feather paste (render − generator)", n, total - gen[0])
+    del frames_in
+
+    # stitch: the rendered segments repeated to cover the whole audio, joined with AAC audio
+    seg_files = [job.out_uri for job in jobs]
+    need = math.ceil(pcm.seconds * info.fps - 1e-6)
+    count = max(1, math.ceil(need / max(1, frames)) * len(seg_files))
+    stitched = os.path.join(work, "stitched.mp4")
+    start = time.perf_counter()
+    stats = stitch(lambda i: open(seg_files[i % len(seg_files)], "rb"), count, audio, stitched, info.fps_fraction,
+                   cfg.encoder.audio_codec, cfg.encoder.audio_bitrate, cfg.encoder.audio_sample_rate)
+    row("stitch", f"mux.stitch: {count} segment files joined (packet copy) + {stats.audio_seconds:.0f} s AAC",
+        stats.frames, time.perf_counter() - start)
+    size = os.path.getsize(stitched)
+    start = time.perf_counter()
+    storage.publish_file(stitched, os.path.join(work, "published", "row.mp4"))
+    up = time.perf_counter() - start
+    row("upload", f"storage.publish_file, local: {size / 1e6:.1f} MB at {size / 1e6 / max(up, 1e-9):,.0f} MB/s",
+        None, up)
+
+    # the whole product path: campaign.run on a local Ray (cold cache: prepares and detects again)
+    ray_session(ctx.args.session_cpus or 2)
+    manifest = ctx.inputs.manifest(f"stages-{height}", [audio], avatar)
+    cfg_run = config(manifest, os.path.join(work, "campaign"))
+    from heygem_ray.campaign import actor_count
+
+    actors = actor_count(cfg_run)
+    summary, wall, sampler, _ = run_campaign(cfg_run)
+    result = summary.rows[0]
+    row("end to end", f"campaign.run, local Ray ({_SESSION['cpus']} CPUs, {actors} actor(s)), cold cache", result.frames,
+        wall)
+    realtime = result.audio_seconds / wall
+    ctx.report.targets.setdefault("realtime", []).append((height, realtime, rate(result.frames, wall)))
+
+    title = (f"1. Stages, {info.width}×{info.height} avatar ({track.frames} frames, {args.avatar_seconds:g} s), "
+             f"{pcm.seconds:g} s audio")
+    notes = (f"End to end: {result.frames} frames for {result.audio_seconds:.1f} s of audio in {wall:.1f} s = "
+             f"**{realtime:.2f}× realtime** (audio s / wall s), {rate(result.frames, wall):.1f} frames/s; wall time "
+             "includes actor start, audio decode, face detection, rendering and stitch, not Ray's own start. "
+             f"Avatar generation ({made:.1f} s) is not counted. Stage rows run in this process, one after another "
+             f"(the segment path with {threads} thread(s), as a default actor).\n\n"
+             "Peak memory during the campaign (MiB): the actor's VmHWM (kernel peak) and VmRSS sampled every 0.2 s "
+             "per role (the actor class or task name in the process title):\n\n"
+             + table(["actor VmHWM MiB", *[f"sampled {h}" for h in RSS_HEADERS]],
+                     [[mib(sampler.peak_hwm()), *rss_columns(sampler)]], right=range(6)))
+    ctx.report.emit(title, table(["stage", "what runs", "frames", "seconds", "frames/s", "ms/frame"], rows,
+                                 right=(2, 3, 4, 5)), notes)
+
+
+# --------------------------------------------------------------------------------------- 2. wav2lip
+def face_box(avatar: str, cache: str) -> list[int]:
+    """One fixed box for the avatar: the median of a haar track (every 10th frame)."""
+    cfg = config("m", "o", "detector.stride=10")
+    track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
+    return [int(v) for v in np.median(track.boxes, axis=0)]
+
+
+def bench_wav2lip(ctx: Context) -> None:
+    import torch
+
+    from heygem_ray.media.video import SegmentWriter, iter_frames, probe
+    from heygem_ray.plan import output_frame_count
+    from heygem_ray.render.base import AudioWindow
+    from heygem_ray.render.wav2lip import Wav2LipRenderer
+    from heygem_ray.segment import RenderWorker
+
+    args = ctx.args
+    seconds = args.wav2lip_audio_seconds
+    avatar = ctx.inputs.small_avatar(args.wav2lip_width, seconds + 1.0)  # every output frame is a new avatar frame
+    audio = ctx.inputs.audio(seconds, seed=21)
+    checkpoint = ctx.inputs.checkpoint()
+    work = ctx.dir("wav2lip")
+    cache = os.path.join(work, "cache")
+    box = face_box(avatar, cache)
+    threads = args.threads
+    overrides = ["renderer=wav2lip", f"renderer.checkpoint={checkpoint}", f"renderer.device={args.device}",
+                 "detector=box", f"detector.box=[{','.join(map(str, box))}]", "cluster.actors=1",
+                 f"cluster.actor.threads={threads}"]
+    cfg = config("m", os.path.join(work, "unused"), f"cache={cache}", *overrides)
+    info = probe(avatar, cfg.render.still_fps)
+    n = output_frame_count(seconds, info.fps)
+    rows: list[list[Any]] = []
+
+    # naive: one process, frame by frame: decode one frame, generator on it (batch 1), paste, encode
+    torch.set_num_threads(threads)
+    naive = Wav2LipRenderer(checkpoint, batch_size=1, blend=cfg.renderer.blend, device=args.device)
+    boxes = np.asarray([box], np.int64)
+    warm = np.zeros((info.height, info.width, 3), np.uint8)
+    naive.render([warm], boxes, np.zeros((1, 80, 16), np.float32))  # first call pays one-off setup: not timed
+    stage = {"decode": 0.0, "render": 0.0, "encode": 0.0, "audio": 0.0}
+    start = time.perf_counter()
+    t = time.perf_counter()
+    from heygem_ray.media.audio import iter_pcm16k
+
+    samples = np.concatenate(list(iter_pcm16k(audio)))
+    mels = naive.features(AudioWindow(samples, 0, len(samples), 1.0), np.arange(n), info.fps)
+    stage["audio"] += time.perf_counter() - t
+    writer = SegmentWriter(os.path.join(work, "naive.mp4"), info.width, info.height, info.fps_fraction,
+                           cfg.encoder.codec, cfg.encoder.crf, cfg.encoder.preset, cfg.encoder.pix_fmt, threads=threads)
+    frames = iter_frames(avatar, info)
+    for i in range(n):
+        t = time.perf_counter()
+        _, frame = next(frames)
+        stage["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        out = naive.render([frame], boxes, mels[i:i + 1])
+        stage["render"] += time.perf_counter() - t
+        t = time.perf_counter()
+        writer.write(out[0])
+        stage["encode"] += time.perf_counter() - t
+    t = time.perf_counter()
+    frames.close()
+    writer.close()
+    stage["encode"] += time.perf_counter() - t
+    naive_wall = time.perf_counter() - start
+    naive_fps = rate(n, naive_wall)
+
+    def add(path: str, batch: Any, frames: int, wall: float, st: dict[str, float] | None) -> float:
+        fps = rate(frames, wall)
+        parts = [f2(st.get(k)) if st else "—" for k in ("decode", "render", "encode")]
+        other = wall - sum(st.get(k, 0.0) for k in ("decode", "render", "encode")) if st else None
+        rows.append([path, batch, frames, f"{wall:,.2f}", f1(fps), f"{fps / naive_fps:.2f}×", *parts, f2(other)])
+        return fps
+
+    add(f"naive loop: decode 1 → generator (batch 1) → paste → encode, {threads} threads", 1, n, naive_wall, stage)
+
+    # ours, in this process: the actor's batched segment path (RenderWorker.render_segment)
+    worker = RenderWorker(cfg)
+    worker.renderer.render([warm], boxes, np.zeros((1, 80, 16), np.float32))  # same untimed warm-up
+    pcm = prepare_audio(audio, cache)
+    track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
+    jobs = segment_jobs(cfg, track, pcm, os.path.join(work, "segments"))
+    wall, st, done = render_segments(worker, jobs)
+    segment_fps = add(f"RenderWorker.render_segment in this process, {len(jobs)} segment(s), {worker.threads} threads",
+                      cfg.renderer.batch_size, done, wall, st)
+    del worker
+
+    # ours, the product: campaign on a local Ray, renderer=wav2lip detector=box
+    ray_session(args.session_cpus or 2)
+    manifest = ctx.inputs.manifest("wav2lip", [audio], avatar)
+    cfg_run = config(manifest, os.path.join(work, "campaign"), *overrides)
+    summary, wall, _, _ = run_campaign(cfg_run)
+    frames_out = summary.rows[0].frames
+    campaign_fps = add(f"campaign.run, local Ray, 1 actor × {threads} threads (incl. actor start + model load, "
+                       "prepare, stitch)", cfg.renderer.batch_size, frames_out, wall, None)
+    ctx.report.targets["wav2lip"] = (naive_fps, segment_fps, campaign_fps)
+    title = (f"2. Wav2Lip, fixed box: naive loop vs batched path ({info.width}×{info.height} avatar, {seconds:g} s "
+             f"audio = {n} frames, {'CUDA' if torch.cuda.is_available() and args.device != 'cpu' else 'CPU'})")
+    notes = (f"Same recipe weights, same frames, same box {box}, same feather paste and encoder; the naive loop's "
+             "mel features are computed once up front (as the official script does). Model load and one warm-up "
+             "frame are untimed in both in-process rows; the campaign row includes them. Target ≥ 3× the naive loop: "
+             f"**{segment_fps / naive_fps:.2f}×** (segment path), **{campaign_fps / naive_fps:.2f}×** (campaign).")
+    ctx.report.emit(title, table(["path", "batch", "frames", "seconds", "frames/s", "vs naive", "decode s", "render s",
+                                  "encode s", "other s"], rows, right=range(1, 10)), notes)
+
+
+# --------------------------------------------------------------------------------------- 3. rss
+def bench_rss(ctx: Context) -> None:
+    args = ctx.args
+    avatar = ctx.inputs.small_avatar(args.rss_width, 10.0)
+    results = []
+    rows = []
+    for minutes, seed in ((args.short_audio_minutes, 31), (args.long_audio_minutes, 32)):
+        audio = ctx.inputs.audio(60.0 * minutes, seed=seed)
+        work = ctx.dir(f"rss-{minutes:g}")
+        ray_session(args.session_cpus or 2, fresh=not args.quick)  # fresh actor processes, nothing before them
+        manifest = ctx.inputs.manifest(f"rss-{minutes:g}", [audio], avatar)
+        cfg = config(manifest, os.path.join(work, "out"), "cluster.actors=1")
+        summary, wall, sampler, _ = run_campaign(cfg)
+        result = summary.rows[0]
+        peak = sampler.peak_hwm("RenderWorker")
+        results.append(peak)
+        rows.append([f"{minutes:g} min", result.frames, result.segments, f"{wall:,.1f}", f1(rate(result.frames, wall)),
+                     mib(peak), *rss_columns(sampler)])
+    ratio = results[1] / results[0] if all(results) else float("nan")
+    ctx.report.targets["rss"] = (results[0], results[1], ratio, args.short_audio_minutes, args.long_audio_minutes)
+    cfg = config("m", "o")
+    title = (f"3. Renderer actor peak RSS, {args.short_audio_minutes:g} min vs {args.long_audio_minutes:g} min of "
+             f"audio (classic, {args.rss_width} px wide avatar, 1 actor)")
+    notes = (f"actor VmHWM: the actor process's peak resident set (the kernel's high-water mark in /proc/<pid>/status, "
+             "which only grows; polled every 0.2 s until the actor is killed at the end of the campaign, so it covers "
+             "model load, every segment and idle time). Each campaign runs on a fresh local Ray, so the actor process "
+             "is new. The other columns are peaks of VmRSS sampled every 0.2 s. Segments of "
+             f"{cfg.render.segment_seconds:g} s, renderer batch {cfg.renderer.batch_size}. Target ≤ 1.2×: "
+             f"**{ratio:.3f}×** ({mib(results[1])} vs {mib(results[0])} MiB).")
+    ctx.report.emit(title, table(["audio", "frames", "segments", "wall s", "frames/s", "actor VmHWM MiB",
+                                  *[f"sampled {h}" for h in RSS_HEADERS]], rows, right=range(1, 11)), notes)
+
+
+# --------------------------------------------------------------------------------------- 4. second campaign
+def bench_second(ctx: Context) -> None:
+    args = ctx.args
+    height = args.avatar_height[0]
+    avatar, _ = ctx.inputs.stage_avatar(height, args.avatar_seconds)
+    audio = ctx.inputs.audio(args.second_audio_seconds, seed=41)
+    work = ctx.dir("second")
+    cache = os.path.join(work, "cache")
+    ray_session(args.session_cpus or 2)
+    manifest = ctx.inputs.manifest("second", [audio], avatar)
+    rows, detect = [], []
+    for name in ("first", "second"):
+        cfg = config(manifest, os.path.join(work, f"out-{name}"), f"cache={cache}", "cluster.actors=1")
+        summary, wall, _, job = run_campaign(cfg, timed=True)
+        seconds = job.avatar_seconds[0] if job is not None and job.avatar_seconds else float("nan")
+        detect.append(seconds)
+        frames = summary.rows[0].frames
+        rows.append([f"{name} campaign", "empty" if name == "first" else "shared with the first", f"{seconds:,.3f}",
+                     f"{wall:,.1f}", frames, f1(rate(frames, wall))])
+        del job
+    ctx.report.targets["second"] = tuple(detect)
+    title = f"4. A second campaign over an already-seen avatar ({height}p, {args.avatar_seconds:g} s clip, haar)"
+    notes = ("prepare_avatar s: the campaign's avatar task (content fingerprint, probe, decode + detect + track, or the "
+             "cached track), timed inside the task. Outputs differ, the cache (`cache=`) is shared, so the second "
+             f"campaign renders again but detects nothing: **{f2(detect[0])} s → {f2(detect[1])} s**.")
+    ctx.report.emit(title, table(["run", "cache", "prepare_avatar s", "campaign wall s", "frames", "frames/s"], rows,
+                                 right=(2, 3, 4, 5)), notes)
+
+
+# --------------------------------------------------------------------------------------- 5. scaling
+def bench_scaling(ctx: Context) -> None:
+    args = ctx.args
+    height = args.avatar_height[0]
+    avatar, _ = ctx.inputs.stage_avatar(height, args.avatar_seconds)
+    audios = [ctx.inputs.audio(args.scaling_audio_seconds, seed=50 + i) for i in range(args.scaling_rows)]
+    work = ctx.dir("scaling")
+    cache = os.path.join(work, "cache")
+    counts = sorted(set(args.scaling_actors))
+    ray_session(args.session_cpus or max(counts) + 1)
+    manifest = ctx.inputs.manifest("scaling", audios, avatar)
+    base = [f"cache={cache}", "cluster.actor.num_cpus=1", "cluster.actor.threads=1",
+            f"render.segment_seconds={args.scaling_segment_seconds}"]
+    warm = config(manifest, os.path.join(work, "warm"), *base)
+    prepare_avatar(avatar, None, warm.detector, cache, warm.render.still_fps)  # tracks and PCM cached before timing
+    for audio in audios:
+        prepare_audio(audio, cache)
+    cores = os.cpu_count() or 1
+    rows, fps_by = [], {}
+    for n in counts:
+        cfg = config(manifest, os.path.join(work, f"out-{n}"), *base, f"cluster.actors={n}")
+        summary, wall, sampler, _ = run_campaign(cfg)
+        frames = sum(r.frames or 0 for r in summary.rows)
+        fps_by[n] = rate(frames, wall)
+        segments = sum(r.segments or 0 for r in summary.rows)
+        rows.append([n, cores, len(summary.rows), segments, frames, f"{wall:,.1f}", f1(fps_by[n])])
+    one = fps_by.get(counts[0])
+    prev = None
+    for r, n in zip(rows, counts):
+        speedup = fps_by[n] / one if one else float("nan")
+        gain = "—" if prev is None else f"{(fps_by[n] - fps_by[prev]) / (n - prev) / one:+.2f}"
+        r += [f"{speedup:.2f}×", f"{speedup / (n / counts[0]):.0%}", gain]
+        prev = n
+    ctx.report.targets["scaling"] = fps_by
+    title = (f"5. Scaling: classic renderer, {height}p avatar, {len(audios)} rows × {args.scaling_audio_seconds:g} s, "
+             f"{args.scaling_segment_seconds:g} s segments, 1 CPU + 1 thread per actor")
+    notes = (f"Local Ray with {max(counts) + 1 if not args.session_cpus else args.session_cpus} logical CPUs so every "
+             f"actor count can start and prepare/stitch tasks still run; this machine has {cores} cores (\"cores "
+             f"allow\"), so counts above {cores} measure oversubscription, not added hardware. Wall time is "
+             "campaign.run (actor start included), avatar track and audio PCM already cached. Efficiency = speedup ÷ "
+             "actors; gain per added actor = extra frames/s per added actor, in units of one actor's frames/s.")
+    ctx.report.emit(title, table(["actors", "cores allow", "rows", "segments", "frames", "wall s", "frames/s",
+                                  "speedup", "efficiency", "gain per added actor"], rows, right=range(0, 10)), notes)
+
+
+# --------------------------------------------------------------------------------------- targets + main
+def target_summary(report: Report, args: argparse.Namespace) -> str:
+    t = report.targets
+    rows = []
+    if "wav2lip" in t:
+        naive, segment, campaign_fps = t["wav2lip"]
+        best = max(segment, campaign_fps) / naive
+        rows.append(["Wav2Lip fixed box ≥ 3× a naive one-process loop",
+                     f"{naive:.1f} → {segment:.1f} (segment path) / {campaign_fps:.1f} (campaign) frames/s = "
+                     f"{segment / naive:.2f}× / {campaign_fps / naive:.2f}×",
+                     "met" if best >= 3 else "not met on this machine"])
+    if "rss" in t:
+        short, long, ratio, sm, lm = t["rss"]
+        rows.append([f"actor peak RSS at {lm:g} min ≤ 1.2× at {sm:g} min", f"{mib(long)} vs {mib(short)} MiB = {ratio:.3f}×",
+                     "met" if ratio <= 1.2 else "not met"])
+    if "second" in t:
+        first, second = t["second"]
+        rows.append(["second campaign on a seen avatar detects nothing", f"prepare_avatar {first:.2f} s → {second:.3f} s",
+                     "met" if second < max(0.5, 0.1 * first) else "not met"])
+    for height, realtime, fps in t.get("realtime", []):
+        rows.append([f"end to end, {height}p, classic (reported, no target)", f"{fps:.1f} frames/s, {realtime:.2f}× realtime",
+                     "—"])
+    if "scaling" in t and len(t["scaling"]) > 1:
+        fps_by = t["scaling"]
+        counts = sorted(fps_by)
+        text = ", ".join(f"{n}: {fps_by[n]:.1f}" for n in counts)
+        rows.append(["scaling with actors (reported, no target)", f"frames/s by actors {text}", "—"])
+    return table(["target", "measured", "status"], rows) if rows else ""
+
+
+def append_results(path: Path, command: str, machine: str, load: tuple[str, str], sections: list[str],
+                   targets: str) -> None:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = (f"\n### {stamp} — `{command}`\n\nMachine: {machine}. Load average (1/5/15 min) at start {load[0]}, at end "
+             f"{load[1]}: the machine was shared with other work, treat figures as ±20 %.\n\n")
+    if targets:
+        block += "#### Targets\n\n" + targets + "\n\n"
+    block += "\n".join(sections)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    at = text.find("\n" + HEADING + "\n")
+    if at < 0:
+        text = text.rstrip("\n") + f"\n\n{HEADING}\n\nFrom `python -m benchmarks.run` (see its docstring). Newest run last.\n" + block
+    else:
+        nxt = text.find("\n## ", at + len(HEADING) + 2)
+        end = len(text) if nxt < 0 else nxt
+        text = text[:end].rstrip("\n") + "\n" + block + ("\n" + text[end:].lstrip("\n") if nxt >= 0 else "")
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS), help="measurements to run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the runner (figures meaningless)")
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
+    p.add_argument("--results", default=str(RESULTS), help="markdown file to append to")
+    p.add_argument("--avatar-height", type=int, nargs="+", default=[720], help="stage avatar heights, e.g. 720 1080")
+    p.add_argument("--avatar-seconds", type=float, default=10.0, help="stage avatar clip length")
+    p.add_argument("--audio-seconds", type=float, default=30.0, help="stage/end-to-end audio length")
+    p.add_argument("--wav2lip-width", type=int, default=256, help="avatar width for the Wav2Lip comparison")
+    p.add_argument("--wav2lip-audio-seconds", type=float, default=15.0)
+    p.add_argument("--wav2lip-stage-frames", type=int, default=32, help="frames for the Wav2Lip split in `stages`")
+    p.add_argument("--short-audio-minutes", type=float, default=1.0)
+    p.add_argument("--long-audio-minutes", type=float, default=10.0)
+    p.add_argument("--rss-width", type=int, default=256, help="avatar width for the RSS campaigns")
+    p.add_argument("--second-audio-seconds", type=float, default=10.0)
+    p.add_argument("--scaling-actors", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--scaling-rows", type=int, default=4)
+    p.add_argument("--scaling-audio-seconds", type=float, default=20.0)
+    p.add_argument("--scaling-segment-seconds", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch/x264 threads in the Wav2Lip comparison")
+    p.add_argument("--device", default="auto", help="Wav2Lip device: auto | cpu | cuda")
+    p.add_argument("--workdir", default=None, help="where inputs and outputs go (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = p.parse_args(argv)
+    args.session_cpus = None
+    if args.quick:  # one Ray session for everything, tiny inputs
+        args.avatar_height, args.avatar_seconds, args.audio_seconds = [360], 1.0, 2.0
+        args.wav2lip_width, args.wav2lip_audio_seconds, args.wav2lip_stage_frames = 160, 0.4, 4
+        args.short_audio_minutes, args.long_audio_minutes, args.rss_width = 0.05, 0.1, 128
+        args.second_audio_seconds = 1.0
+        args.scaling_actors, args.scaling_rows, args.scaling_audio_seconds, args.scaling_segment_seconds = [1, 2], 2, 1.0, 0.5
+        args.session_cpus = 3
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    machine = machine_line()
+    load_start = load_average()
+    print(f"heygem_ray pipeline benchmarks: {command.strip()}\nMachine: {machine}; load average {load_start}", flush=True)
+    work = args.workdir or tempfile.mkdtemp(prefix="heygem-bench-")
+    ctx = Context(args, Inputs(os.path.join(work, "inputs")), work, Report())
+    failed = []
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if "stages" in args.only:
+        steps += [(f"stages {h}p", lambda h=h: bench_stages(ctx, h)) for h in args.avatar_height]
+    steps += [(name, lambda fn=fn: fn(ctx)) for name, fn in (("wav2lip", bench_wav2lip), ("rss", bench_rss),
+                                                              ("second", bench_second), ("scaling", bench_scaling))
+              if name in args.only]
+    try:
+        for name, step in steps:
+            start = time.perf_counter()
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - one broken measurement must not hide the others
+                traceback.print_exc()
+                failed.append(name)
+                ctx.report.sections.append(f"#### {name}: failed\n\n`{type(exc).__name__}: {exc}`\n")
+            print(f"({name}: {time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    targets = target_summary(ctx.report, args)
+    if targets:
+        print("\n#### Targets\n\n" + targets, flush=True)
+    if not args.no_append and ctx.report.sections:
+        append_results(Path(args.results), command.strip(), machine, (load_start, load_average()),
+                       ctx.report.sections, targets)
+        print(f"\nappended to {args.results}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

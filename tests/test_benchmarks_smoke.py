@@ -1,0 +1,76 @@
+"""The pipeline benchmark runner (`python -m benchmarks.run`) works end to end: a --quick run makes its
+inputs, runs every measurement (stages, Wav2Lip naive vs batched, actor RSS, second campaign,
+scaling) on its own local Ray, prints each table with numbers and leaves RESULTS.md alone with
+--no-append. A behaviour test of the runner, not a timing assertion (about a minute on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HEADERS = [
+    "| stage | what runs | frames | seconds | frames/s | ms/frame |",
+    "| path | batch | frames | seconds | frames/s | vs naive |",
+    "| audio | frames | segments | wall s | frames/s | actor VmHWM MiB |",
+    "| run | cache | prepare_avatar s | campaign wall s | frames | frames/s |",
+    "| actors | cores allow | rows | segments | frames | wall s | frames/s | speedup | efficiency |",
+    "| target | measured | status |",
+]
+
+
+def _table_rows(text: str, header: str) -> list[list[str]]:
+    """The body rows of the markdown table that starts with `header` (cells stripped)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_bytes() if results.exists() else None
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--no-append", "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{proc.stderr[-3000:]}"
+    for header in HEADERS:
+        assert header in out, f"missing table {header!r}\n{out[-3000:]}"
+    assert "Machine:" in out and "cores" in out
+
+    number = re.compile(r"^-?[\d,]+(\.\d+)?×?%?$")
+    stages = {row[0]: row for row in _table_rows(out, HEADERS[0])}
+    for stage in ("decode", "detect", "detect (cached)", "render + paste", "encode", "stitch", "upload", "end to end"):
+        assert stage in stages, stage
+        assert number.match(stages[stage][3]), stages[stage]  # seconds
+    assert float(stages["end to end"][4].replace(",", "")) > 0  # frames/s
+
+    wav2lip = _table_rows(out, HEADERS[1])
+    assert len(wav2lip) == 3 and wav2lip[0][0].startswith("naive loop")
+    assert all(number.match(row[4]) and float(row[4].replace(",", "")) > 0 for row in wav2lip)  # frames/s
+
+    rss = _table_rows(out, HEADERS[2])
+    assert len(rss) == 2 and all(number.match(row[5]) and float(row[5].replace(",", "")) > 50 for row in rss)  # MiB
+
+    second = _table_rows(out, HEADERS[3])
+    assert [row[0] for row in second] == ["first campaign", "second campaign"]
+    assert float(second[1][2]) < float(second[0][2])  # the cached track loads faster than detecting
+
+    scaling = _table_rows(out, HEADERS[4])
+    assert [row[0] for row in scaling] == ["1", "2"] and all(number.match(row[6]) for row in scaling)
+
+    targets = _table_rows(out, HEADERS[5])
+    assert len(targets) >= 3 and all(row[2] for row in targets)
+    after = results.read_bytes() if results.exists() else None
+    assert after == before  # --no-append leaves RESULTS.md alone
