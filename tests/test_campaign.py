@@ -171,3 +171,27 @@ def test_metrics_reach_the_prometheus_endpoint(rendered):
     frames = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                  if line.startswith("ray_heygem_frames_rendered_total"))
     assert frames >= sum(r["frames"] for r in rendered[2].values() if r["status"] == "ok")
+
+
+def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir, tmp_path):
+    import shutil
+
+    audio = tmp_path / "a.wav"
+    shutil.copy(media_dir / "speech3.wav", audio)
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["x", "y"], "audio": [str(audio), str(media_dir / "speech4.wav")],
+                             "avatar": [str(media_dir / "still.png")] * 2}), manifest)
+    base = [f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false"]
+
+    def statuses(*extra):
+        return {r.id: r.status for r in campaign.run(compose_config(*base, *extra)).rows}
+
+    assert statuses() == {"x": "ok", "y": "ok"}
+    assert statuses("render.segment_seconds=3") == {"x": "skipped", "y": "skipped"}  # scheduling only
+    assert statuses("encoder.crf=23") == {"x": "ok", "y": "ok"}  # output-affecting: re-render
+    assert statuses("encoder.crf=23") == {"x": "skipped", "y": "skipped"}
+    assert statuses("encoder.crf=23", "force=true") == {"x": "ok", "y": "ok"}
+    with wave.open(str(media_dir / "speech4.wav")) as src, wave.open(str(audio), "wb") as dst:
+        dst.setparams(src.getparams())
+        dst.writeframes(src.readframes(src.getnframes()))  # x's audio content changed
+    assert statuses("encoder.crf=23") == {"x": "ok", "y": "skipped"}
