@@ -347,6 +347,24 @@ def config(manifest: str, output: str, *overrides: str) -> Any:
     return to_plain(compose([f"manifest={manifest}", f"output={output}", "render.progress=false", *overrides]))
 
 
+def in_process(cfg: Any) -> Any:
+    """The config as an actor sees it: `encoder.codec=auto` decided here, as the campaign driver
+    decides it before starting actors (NVENC when this machine's GPU can encode, else libx264)."""
+    from dataclasses import replace
+
+    if cfg.encoder.codec != "auto":
+        return cfg
+    codec = "libx264"
+    with contextlib.suppress(ImportError):
+        import torch
+
+        from heygem_ray.media.video import encoder_works
+
+        if torch.cuda.is_available() and encoder_works("h264_nvenc"):
+            codec = "h264_nvenc"
+    return replace(cfg, encoder=replace(cfg.encoder, codec=codec))
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Campaign log lines (one per row) would interleave with the tables; keep them out of stdout."""
@@ -456,7 +474,7 @@ def bench_stages(ctx: Context, height: int) -> None:
     audio = ctx.inputs.audio(args.audio_seconds, seed=11)
     work = ctx.dir(f"stages-{height}")
     cache = os.path.join(work, "cache")
-    cfg = config(os.path.join(work, "unused.parquet"), os.path.join(work, "out"), f"cache={cache}")
+    cfg = in_process(config(os.path.join(work, "unused.parquet"), os.path.join(work, "out"), f"cache={cache}"))
     info = probe(avatar, cfg.render.still_fps)
     rows: list[list[Any]] = []
 
@@ -609,7 +627,7 @@ def bench_wav2lip(ctx: Context) -> None:
     overrides = ["renderer=wav2lip", f"renderer.checkpoint={checkpoint}", f"renderer.device={args.device}",
                  "detector=box", f"detector.box=[{','.join(map(str, box))}]", "cluster.actors=1",
                  f"cluster.actor.threads={threads}"]
-    cfg = config("m", os.path.join(work, "unused"), f"cache={cache}", *overrides)
+    cfg = in_process(config("m", os.path.join(work, "unused"), f"cache={cache}", *overrides))
     info = probe(avatar, cfg.render.still_fps)
     n = output_frame_count(seconds, info.fps)
     rows: list[list[Any]] = []

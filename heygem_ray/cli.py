@@ -112,7 +112,8 @@ def demo_main(argv: Sequence[str]) -> int:
     output = os.path.join(root, "output")
     cfg = compose([f"manifest={manifest}", f"output={output}", *overrides])
     status = render(to_plain(cfg), cfg)
-    print(f"heygem-ray demo: videos in {output}/, report of every row in {output}/_results.parquet")
+    print(f"heygem-ray demo: videos in {output}/")
+    print(f"heygem-ray demo: open {output}/_report.html for a page with every row; results table {output}/_results.parquet")
     return status
 
 
