@@ -40,6 +40,11 @@ class Wav2LipRendererConfig:
     blend: str = "feather"
     #: auto | cpu | cuda
     device: str = "auto"
+    #: where crops and the paste-back run: auto (on the model's device when that is CUDA, else cpu) |
+    #: cpu (OpenCV, the official numerics) | device (torch on the model's device)
+    image_ops: str = "auto"
+    #: torch.compile the generator (falls back to eager with a warning if compiling fails)
+    compile: bool = False
 
 
 @dataclass

@@ -1,7 +1,10 @@
-"""Wav2LipRenderer: official preprocessing, untouched pixels outside the box, hard vs feathered paste."""
+"""Wav2LipRenderer: official preprocessing, untouched pixels outside the box, hard vs feathered paste,
+the torch (device) image path against the OpenCV one, and the torch.compile option with its fallback."""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -11,7 +14,7 @@ import torch
 from recipe_weights import read_keys, recipe_state_dict
 
 from heygem_ray.render.base import AudioWindow
-from heygem_ray.render.wav2lip import MASK_ZERO_ABOVE, Wav2LipRenderer
+from heygem_ray.render.wav2lip import MASK_ZERO_ABOVE, Wav2LipRenderer, _resize
 
 DATA = Path(__file__).parent / "data"
 H, W = 160, 200
@@ -128,3 +131,154 @@ def test_options_are_validated(checkpoint):
         Wav2LipRenderer(checkpoint, precision="int8")
     with pytest.raises(ValueError, match="blend"):
         Wav2LipRenderer(checkpoint, blend="poisson")
+    with pytest.raises(ValueError, match="image_ops"):
+        Wav2LipRenderer(checkpoint, image_ops="gpu")
+
+
+# --- the device image path (torch crop / resize / blend), run here on the CPU ---------------------
+
+# Boxes of different sizes, two of the same size (resized together), at every frame border, one
+# covering the whole frame, one tiny (upscaled) and one empty; batch_size 3 splits them 3 + 3 + 2.
+MIXED = np.array([
+    [60, 30, 140, 130], [58, 32, 141, 128], [60, 30, 140, 130], [-5, 90, 70, 175],
+    [150, -10, 230, 60], [0, 0, W, H], [10, 10, 40, 30], [10, 10, 10, 50],
+])
+# Tolerance of the device path against the cv2 path, inside the boxes. cv2 resizes uint8 with
+# 11-bit fixed-point weights, torch in float32; sampling positions and edge clamping are the same
+# (test_resize_matches_cv2), so resized pixels differ by at most one level. Those one-level input
+# differences pass through the generator and are truncated, resized and blended again: measured
+# with the recipe weights, mean |diff| <= 0.15 levels, max 2, and < 0.1% of pixels off by > 1.
+MEAN_TOL, MAX_TOL, WITHIN_ONE = 0.5, 8, 0.98
+
+
+def _box_slices(box: np.ndarray) -> tuple[slice, slice]:
+    x1, y1, x2, y2 = max(box[0], 0), max(box[1], 0), min(box[2], W), min(box[3], H)
+    return slice(y1, max(y1, y2)), slice(x1, max(x1, x2))
+
+
+@pytest.fixture(scope="module")
+def mixed_frames() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (H, W, 3), dtype=np.uint8), (0, 0), 3)
+    return [np.roll(base, (2 * i, 5 * i), axis=(0, 1)) for i in range(len(MIXED))]
+
+
+@pytest.fixture(scope="module")
+def mixed_features(hard) -> np.ndarray:
+    t = np.arange(24_000) / 16_000
+    wav = (0.5 * np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
+    return hard.features(AudioWindow(wav, 0, len(wav), 0.1), np.arange(len(MIXED)), 25.0)
+
+
+def test_auto_image_ops_is_cpu_off_cuda(hard, checkpoint):
+    assert hard.image_ops == "cpu" and not hard.compiled
+    assert Wav2LipRenderer(checkpoint, device="cpu", image_ops="device").image_ops == "device"
+
+
+@pytest.mark.parametrize(("src", "dst"), [((100, 80), (96, 96)), ((96, 96), (100, 80)), ((420, 320), (96, 96)),
+                                          ((96, 96), (420, 320)), ((192, 192), (96, 96)), ((20, 30), (96, 96))])
+def test_resize_matches_cv2(src, dst):
+    """torch bilinear (align_corners=False) samples where cv2.INTER_LINEAR does, edges included;
+    only cv2's fixed-point rounding differs, by at most one level."""
+    img = np.random.default_rng(1).integers(0, 256, (*src, 3), dtype=np.uint8)
+    want = cv2.resize(img, dst[::-1]).astype(int)
+    got = _resize(torch.from_numpy(img).permute(2, 0, 1)[None].float(), *dst).round()[0].permute(1, 2, 0).numpy()
+    diff = np.abs(got.astype(int) - want)
+    assert diff.max() <= 1 and diff.mean() < 0.2
+
+
+@pytest.mark.parametrize("blend", ["hard", "feather"])
+def test_device_path_matches_cv2_path(checkpoint, blend, mixed_frames, mixed_features):
+    reference = Wav2LipRenderer(checkpoint, batch_size=3, blend=blend, device="cpu", image_ops="cpu")
+    device = Wav2LipRenderer(checkpoint, batch_size=3, blend=blend, device="cpu", image_ops="device")
+    want = reference.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
+    got = device.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
+    for frame, box, w, g in zip(mixed_frames, MIXED, want, got):
+        assert g.shape == frame.shape and g.dtype == np.uint8
+        rows, cols = _box_slices(box)
+        outside = np.ones((H, W), bool)
+        outside[rows, cols] = False
+        np.testing.assert_array_equal(g[outside], frame[outside])  # exactly untouched
+        if not outside.all():
+            diff = np.abs(g[rows, cols].astype(int) - w[rows, cols])
+            assert diff.mean() < MEAN_TOL and diff.max() <= MAX_TOL, (box, diff.mean(), diff.max())
+            assert (diff <= 1).mean() > WITHIN_ONE, box
+            changed = np.abs(g[rows, cols].astype(int) - frame[rows, cols]).max(axis=2) > 8
+            assert changed.mean() > (0.5 if blend == "hard" else 0.1), box
+        else:
+            np.testing.assert_array_equal(g, frame)  # the empty box
+        if blend == "feather" and not outside.all():
+            top = rows.start + int(MASK_ZERO_ABOVE * (rows.stop - rows.start)) - 1
+            np.testing.assert_array_equal(g[rows.start : top, cols], frame[rows.start : top, cols])  # eyes kept
+
+
+def test_device_path_read_only_frames_and_no_boxes(checkpoint, frames, features):
+    device = Wav2LipRenderer(checkpoint, batch_size=4, blend="hard", device="cpu", image_ops="device")
+    frozen = [f.copy() for f in frames]
+    for f in frozen:
+        f.flags.writeable = False
+    out = device.render(frozen, BOXES, features)
+    assert all(np.array_equal(f, o) for f, o in zip(frames, frozen))
+    assert not any(np.array_equal(f, o) for f, o in zip(frames, out))
+    empty = np.array([[10, 10, 10, 50], [-50, -50, -1, -1], [W, 0, W + 9, 20]])  # no area in the frame
+    out = device.render([f.copy() for f in frames], empty, features)
+    assert all(np.array_equal(f, o) for f, o in zip(frames, out))
+
+
+# --- torch.compile ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """torch.compile with dynamo's "eager" backend: traces the generator as a real compile does but
+    skips inductor's C++ code generation (about 55 s on 2 CPU cores)."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
+
+
+def test_compile_runs_and_matches_eager(checkpoint, eager_backend, mixed_frames, mixed_features):
+    eager = Wav2LipRenderer(checkpoint, batch_size=3, blend="hard", device="cpu", image_ops="device")
+    compiled = Wav2LipRenderer(checkpoint, batch_size=3, blend="hard", device="cpu", image_ops="device",
+                               compile=True)
+    want = eager.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
+    got = compiled.render([f.copy() for f in mixed_frames], MIXED, mixed_features)  # 3 + 3 + 2 (padded)
+    assert compiled.compiled
+    for w, g in zip(want, got):
+        # the padded tail batch may pick another conv algorithm: truncation can flip a level
+        assert np.abs(g.astype(int) - w).max() <= 1 and (g == w).mean() > 0.999
+
+
+def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch, caplog, frames, features, hard):
+    def broken(model, **kw):
+        def run(*args):
+            raise RuntimeError("no C++ compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    renderer = Wav2LipRenderer(checkpoint, batch_size=8, blend="hard", device="cpu", compile=True)
+    with caplog.at_level(logging.WARNING, logger="heygem_ray.render.wav2lip"):
+        out = renderer.render([f.copy() for f in frames], BOXES, features)
+    assert not renderer.compiled and "running eager" in caplog.text and "no C++ compiler" in caplog.text
+    for w, g in zip(hard.render([f.copy() for f in frames], BOXES, features), out):
+        np.testing.assert_array_equal(g, w)
+
+    def refused(model, **kw):
+        raise RuntimeError("dynamo unsupported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refused)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="heygem_ray.render.wav2lip"):
+        renderer = Wav2LipRenderer(checkpoint, batch_size=8, blend="hard", device="cpu", compile=True)
+    assert not renderer.compiled and "dynamo unsupported" in caplog.text
+    assert len(renderer.render([f.copy() for f in frames], BOXES, features)) == 3
+
+
+@pytest.mark.skipif(not os.environ.get("HEYGEM_TEST_COMPILE"),
+                    reason="inductor compile takes ~55 s on 2 CPU cores; set HEYGEM_TEST_COMPILE=1 to run")
+def test_compile_with_inductor(checkpoint, frames, features, hard):
+    renderer = Wav2LipRenderer(checkpoint, batch_size=8, blend="hard", device="cpu", compile=True)
+    out = renderer.render([f.copy() for f in frames], BOXES, features)
+    assert renderer.compiled
+    for w, g in zip(hard.render([f.copy() for f in frames], BOXES, features), out):
+        assert np.abs(g.astype(int) - w).max() <= 2  # inductor may reorder float sums

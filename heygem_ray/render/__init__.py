@@ -15,5 +15,5 @@ def build_renderer(cfg: ClassicRendererConfig | Wav2LipRendererConfig) -> Render
         from heygem_ray.render.wav2lip import Wav2LipRenderer
 
         return Wav2LipRenderer(cfg.checkpoint, batch_size=cfg.batch_size, precision=cfg.precision,
-                               blend=cfg.blend, device=cfg.device)
+                               blend=cfg.blend, device=cfg.device, image_ops=cfg.image_ops, compile=cfg.compile)
     raise ValueError(f"unknown renderer config {type(cfg).__name__}")
