@@ -712,7 +712,6 @@ def bench_wav2lip(ctx: Context) -> None:
         runs["naive"].append(naive_loop())
         for precision in ("fp32", "bf16"):
             runs[precision].append(segment_path(precision))
-    del workers, naive
     rows: list[list[Any]] = []
     naive_fps = 0.0
 

@@ -141,10 +141,12 @@ def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: Detecto
         fp = content_fingerprint(uri, cache, "avatar")
         track_uri = storage.join(cache, "avatars", fp, detector_key(cfg, box, still_fps) + ".npz")
         with contextlib.suppress(FileNotFoundError):
-            return _within_pixels(_load_track(uri, fp, storage.read_bytes(track_uri)), max_pixels)
+            track = _load_track(uri, fp, storage.read_bytes(track_uri))
+            _check_pixels(uri, track.info, max_pixels)
+            return track
         local = storage.local_copy(uri)
         info = probe(local, still_fps, display_uri=uri)
-        _within_pixels(AvatarTrack(uri, fp, info, np.zeros(0, np.int64), np.zeros((0, 4), np.int32)), max_pixels)
+        _check_pixels(uri, info, max_pixels)
         fixed = box or (tuple(cfg.box) if cfg.name == "box" and cfg.box else None)
         if cfg.name == "box" and fixed is None:
             raise InputError("avatar", uri, "detector=box needs detector.box=[x1,y1,x2,y2] or a `box` manifest column")
@@ -164,11 +166,11 @@ def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: Detecto
         return track
 
 
-def _within_pixels(track: AvatarTrack, max_pixels: int | None) -> AvatarTrack:
-    w, h = track.info.width, track.info.height
-    if max_pixels and w * h > max_pixels:
-        raise InputError("avatar", track.uri, f"frames are {w}x{h} = {w * h} pixels, over limits.max_avatar_pixels={max_pixels}")
-    return track
+def _check_pixels(uri: str, info: VideoInfo, max_pixels: int | None) -> None:
+    pixels = info.width * info.height
+    if max_pixels and pixels > max_pixels:
+        raise InputError("avatar", uri, f"frames are {info.width}x{info.height} = {pixels} pixels, "
+                                        f"over limits.max_avatar_pixels={max_pixels}")
 
 
 def _detect_track(local: str, info: VideoInfo, cfg: DetectorConfig, uri: str) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from conftest import compose_config
 
 from heygem_ray.campaign import Campaign
