@@ -57,7 +57,10 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     assert float(stages["end to end"][4].replace(",", "")) > 0  # frames/s
 
     wav2lip = _table_rows(out, HEADERS[1])
-    assert len(wav2lip) == 3 and wav2lip[0][0].startswith("naive loop")
+    assert [r[0].split(":")[0].split(",")[0] for r in wav2lip] == [
+        "naive loop", "RenderWorker.render_segment in this process", "RenderWorker.render_segment in this process",
+        "campaign.run"]
+    assert "fp32" in wav2lip[1][0] and "bf16" in wav2lip[2][0]
     assert all(number.match(row[5]) and float(row[5].replace(",", "")) > 0 for row in wav2lip)  # frames/s
 
     rss = _table_rows(out, HEADERS[2])

@@ -65,9 +65,10 @@ def test_campaign_survives_losing_a_worker_node(cluster, media_dir, tmp_path):
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
     runner.start()
     deadline = time.time() + 120
-    while sum(job._actor_load) < 2 or not job.segments_by_node:  # both actors busy, work under way
+    # both actors in service and busy, so the lost node takes in-flight segments with it
+    while not (job._actor_healthy and all(job._actor_healthy) and min(job._actor_load) >= 1):
         assert time.time() < deadline and runner.is_alive(), "campaign never got both actors busy"
-        time.sleep(0.05)
+        time.sleep(0.02)
     victim = workers[0]
     c.remove_node(victim, allow_graceful=False)  # hard loss: in-flight segment and actor die with it
     c.add_node(num_cpus=1, num_gpus=1, object_store_memory=STORE)  # what an autoscaler would do
