@@ -695,6 +695,8 @@ def bench_wav2lip(ctx: Context) -> None:
     track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
     workers = {}
     tuned = ["renderer.precision=bf16", f"renderer.batch_size={args.cpu_batch}"]  # what suits a CPU
+    if args.compile:
+        tuned.append("renderer.compile=true")
     for precision in ("fp32", "bf16"):
         cfg_p = in_process(config("m", os.path.join(work, "unused"), f"cache={cache}", *overrides,
                                   *(tuned if precision == "bf16" else [])))
@@ -726,7 +728,8 @@ def bench_wav2lip(ctx: Context) -> None:
     naive_fps = add(f"naive loop: decode 1 → generator (batch 1) → paste → encode, {threads} threads", 1, runs["naive"])
     segment_fps = add(f"RenderWorker.render_segment in this process, fp32 ({threads} threads; decode and encode "
                       "overlap render on helper threads)", cfg.renderer.batch_size, runs["fp32"])
-    bf16_fps = add(f"RenderWorker.render_segment in this process, renderer.precision=bf16 ({threads} threads)",
+    bf16_fps = add(f"RenderWorker.render_segment in this process, renderer.precision=bf16"
+                   f"{' + torch.compile' if args.compile else ''} ({threads} threads)",
                    args.cpu_batch, runs["bf16"])
 
     # ours, the product: campaign on a local Ray, renderer=wav2lip detector=box
@@ -734,8 +737,9 @@ def bench_wav2lip(ctx: Context) -> None:
     manifest = ctx.inputs.manifest("wav2lip", [audio], avatar)
     cfg_run = config(manifest, os.path.join(work, "campaign"), *overrides, *tuned)
     summary, wall, _, _ = run_campaign(cfg_run)
-    campaign_fps = add(f"campaign.run, bf16, local Ray, 1 actor × {threads} threads (incl. actor start + model "
-                       "load, prepare, stitch)", args.cpu_batch, [(wall, {}, summary.rows[0].frames)])
+    campaign_fps = add(f"campaign.run, bf16{' + torch.compile' if args.compile else ''}, local Ray, 1 actor × "
+                       f"{threads} threads (incl. actor start + model load{', compile' if args.compile else ''}, "
+                       "prepare, stitch)", args.cpu_batch, [(wall, {}, summary.rows[0].frames)])
     ctx.report.targets["wav2lip"] = (naive_fps, max(segment_fps, bf16_fps), campaign_fps)
     title = (f"2. Wav2Lip, fixed box: naive loop vs batched path ({info.width}×{info.height} avatar, {seconds:g} s "
              f"audio = {n} frames, {'CUDA' if torch.cuda.is_available() and args.device != 'cpu' else 'CPU'})")
@@ -923,6 +927,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--wav2lip-audio-seconds", type=float, default=15.0)
     p.add_argument("--cpu-batch", type=int, default=16,
                    help="renderer.batch_size of the bf16 rows (16 suits CPU caches; GPUs want 128)")
+    p.add_argument("--compile", action="store_true",
+                   help="add renderer.compile=true to the bf16 rows (a one-off compile per worker, untimed in-process)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of the naive and segment paths (best counts)")
     p.add_argument("--wav2lip-stage-frames", type=int, default=32, help="frames for the Wav2Lip split in `stages`")
     p.add_argument("--short-audio-minutes", type=float, default=1.0)
