@@ -64,13 +64,14 @@ class RenderWorker:
     def __init__(self, cfg: Config):
         storage.configure(cfg.storage.options)
         self.cfg = cfg
+        # Stay within the CPUs Ray gave this actor: torch, OpenCV, the decoder and x264 would each
+        # otherwise start one thread per core of the node, and actors sharing a node would fight.
         self.threads = cfg.cluster.actor.threads or max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
-        try:
-            import torch
+        import cv2
+        import torch
 
-            torch.set_num_threads(self.threads)
-        except ImportError:  # torch is a dependency; only the classic renderer could run without it
-            pass
+        torch.set_num_threads(self.threads)
+        cv2.setNumThreads(self.threads)
         self.renderer = build_renderer(cfg.renderer)
 
     def ready(self) -> int:
