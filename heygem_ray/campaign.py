@@ -42,6 +42,9 @@ log = logging.getLogger("heygem_ray")
 #: seconds between rewrites of the campaign report while rows finish
 REPORT_INTERVAL = 10.0
 
+#: seconds without any ready renderer actor before the driver says why it may be waiting
+ACTOR_WAIT_WARNING = 60.0
+
 #: task exceptions worth another try (flaky storage, network); bad input is never retried
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
@@ -94,9 +97,15 @@ class Campaign:
         self._avatar_tracks: dict[tuple, AvatarTrack | BaseException] = {}
         self._avatar_waiters: dict[tuple, list[str]] = {}
         self._segment_queue: deque[tuple[str, int]] = deque()
+        self._rows_by_id = {row.id: row for row in rows}
+        self._actors: list[Any] = []
         self._actor_load: list[int] = []
         self._actor_healthy: list[bool] = []
         self._probe_after: dict[int, float] = {}  # actor -> time to ask again whether it is back
+        self.actor_pids: list[int | None] = []
+        self._actor_failed: dict[int, str] = {}  # actors whose constructor raised (bad checkpoint...)
+        self._renderer_error: str | None = None  # set when no actor could start at all
+        self._waiting_warned = False
         self._frames_rendered = 0
         self.segments_by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
         self._thumbnails: dict[str, bytes] = {}
@@ -118,9 +127,7 @@ class Campaign:
         # hang a campaign whose cluster cannot fit every actor yet (GPU nodes still being added).
         self._actor_healthy = [False] * len(self._actors)
         self._probe_after = {i: 0.0 for i in range(len(self._actors))}
-        self.actor_pids: list[int | None] = [None] * len(self._actors)
-        self._actor_failed: dict[int, str] = {}  # actors whose constructor raised (bad checkpoint...)
-        self._renderer_error: str | None = None  # set when no actor could start at all
+        self.actor_pids = [None] * len(self._actors)
 
     def _task(self, fn: Any) -> Any:
         return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, max_retries=3,
@@ -164,7 +171,7 @@ class Campaign:
                 progress.set_postfix_str(self._postfix(), refresh=False)
         finally:
             progress.close()
-            for actor in getattr(self, "_actors", []):  # free their CPUs/GPUs now, not at garbage collection
+            for actor in self._actors:  # free their CPUs/GPUs now, not at garbage collection
                 ray.kill(actor)
             for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
                 if row.id not in self.results:
@@ -274,6 +281,12 @@ class Campaign:
 
     def _probe_actors(self) -> None:
         now = time.time()
+        if not any(self._actor_healthy) and now - self._started > ACTOR_WAIT_WARNING and not self._waiting_warned:
+            actor = self.cfg.cluster.actor
+            log.warning("no renderer actor has started after %.0f s: each needs %g CPU and %g GPU on one node; "
+                        "the cluster has %s", now - self._started, actor.num_cpus, actor.num_gpus,
+                        ray.cluster_resources())
+            self._waiting_warned = True
         for actor, when in list(self._probe_after.items()):
             if when <= now:
                 del self._probe_after[actor]
@@ -343,28 +356,23 @@ class Campaign:
         )
 
     def _finish(self, row_id: str, status: str, marker: Marker | None) -> None:
-        state = self._states[row_id]
-        state.finished = True
-        audio = state.prep.audio if state.prep else None
-        result = RowResult(
-            id=row_id, status=status, output=state.row.output, error=None,
-            audio_seconds=marker.audio_seconds if marker else (audio.seconds if audio else None),
-            frames=marker.frames if marker else None, segments=len(state.spans) or None,
-            render_seconds=round(time.time() - state.started, 3) if status == "ok" else None,
-            attempts=max(state.attempts.values(), default=0), finished_at=time.time(),
-        )
-        self._record(result)
+        self._conclude(row_id, status, None, marker)
 
     def _fail(self, row_id: str, reason: str) -> None:
+        self._conclude(row_id, "failed", reason, None)
+
+    def _conclude(self, row_id: str, status: str, error: str | None, marker: Marker | None) -> None:
+        """Record a row's one result (later calls for the same row are ignored by _record)."""
         state = self._states.get(row_id)
-        row = state.row if state else next(r for r in self.rows if r.id == row_id)
         if state:
             state.finished = True
         audio = state.prep.audio if state and state.prep else None
         self._record(RowResult(
-            id=row_id, status="failed", output=row.output, error=reason,
-            audio_seconds=audio.seconds if audio else None, frames=None,
-            segments=len(state.spans) if state and state.spans else None, render_seconds=None,
+            id=row_id, status=status, output=self._rows_by_id[row_id].output, error=error,
+            audio_seconds=marker.audio_seconds if marker else (audio.seconds if audio else None),
+            frames=marker.frames if marker else None,
+            segments=len(state.spans) if state and state.spans else None,
+            render_seconds=round(time.time() - state.started, 3) if state and status == "ok" else None,
             attempts=max(state.attempts.values(), default=0) if state else 0, finished_at=time.time(),
         ))
 

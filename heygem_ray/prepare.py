@@ -13,7 +13,6 @@ Cache layout under `cache`:  fingerprints/<key>.txt, audio/<fp>.f32 + .json, ava
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -44,9 +43,7 @@ def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
         raise IsADirectoryError(path)
     if not info.get("size"):
         raise InputError(what, uri, "is empty (0 bytes)")
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    key = hashlib.sha256(f"{storage.normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()[:32]
-    memo = storage.join(cache, "fingerprints", f"{key}.txt")
+    memo = storage.join(cache, "fingerprints", f"{storage.version_key(uri, info)[:32]}.txt")
     with contextlib.suppress(FileNotFoundError):
         return storage.read_bytes(memo).decode().strip()
     fp = storage.fingerprint(uri)

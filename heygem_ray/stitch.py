@@ -73,10 +73,14 @@ def stitch_row(job: StitchJob) -> Stitched:
                            audio_display=job.audio_uri)
         if stats.frames != job.frames:
             raise RuntimeError(f"row {job.row_id}: stitched {stats.frames} frames, planned {job.frames}")
-        thumbnail = thumbnail_jpeg(path, width=160, quality=75)
+        try:
+            thumbnail: bytes | None = thumbnail_jpeg(path, width=160, quality=75)
+        except ValueError:  # the report shows a placeholder; a good video must not fail over it
+            thumbnail = None
         with clock("upload"), writing(job.output):
             storage.publish_file(path, job.output)
-    storage.write_bytes(job.thumbnail_uri, thumbnail)
+    if thumbnail:
+        storage.write_bytes(job.thumbnail_uri, thumbnail)
     marker = Marker(job.row_id, job.fingerprint, job.output, stats.frames, round(stats.audio_seconds, 4), time.time())
     storage.write_bytes(job.marker_uri, json.dumps(asdict(marker)).encode())
     storage.remove(job.work_uri, recursive=True)

@@ -241,6 +241,13 @@ def node_cache_dir() -> str:
     return os.environ.get("HEYGEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "heygem_ray")
 
 
+def version_key(uri: str, info: Mapping[str, Any]) -> str:
+    """A key that changes when the object at `uri` changes: URI, size and ETag (object stores) or
+    modification time (file systems), as fsspec's info() reports them."""
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()
+
+
 @retrying
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """A local path holding `uri`'s bytes: local files as they are, remote ones downloaded once per
@@ -249,8 +256,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
         return local_path(uri)
     fs, path = url_to_fs(uri)
     info = fs.info(path)
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    key = hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()[:24]
+    key = version_key(uri, info)[:24]
     suffix = os.path.splitext(basename(uri.split("?", 1)[0]))[1][:16]  # never a query string (tokens) on disk
     root = cache_dir or node_cache_dir()
     os.makedirs(root, exist_ok=True)

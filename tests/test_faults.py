@@ -35,7 +35,7 @@ def run_killing_the_actor_once(cfg) -> tuple[Campaign, object]:
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
     runner.start()
     deadline = time.time() + 120
-    while not (getattr(job, "actor_pids", None) and job.actor_pids[0] and sum(job._actor_load) >= 3):
+    while not (job.actor_pids and job.actor_pids[0] and sum(job._actor_load) >= 3):
         assert time.time() < deadline and runner.is_alive(), "no work ever reached the actor"
         time.sleep(0.02)
     os.kill(job.actor_pids[0], signal.SIGKILL)
