@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from heygem_ray.errors import InputError
+from heygem_ray.media.yuv import bgr_to_i420
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 IMAGE_CODECS = {"mjpeg", "png", "bmp", "webp", "tiff", "jpeg2000"}
@@ -233,10 +234,14 @@ class SegmentWriter:
         self._stream.options = encoder_options(codec, crf, preset)
         if threads:
             self._stream.codec_context.thread_count = threads
+        self._i420 = pix_fmt == "yuv420p"
         self._count = 0
 
     def write(self, frame_bgr: np.ndarray) -> None:
-        frame = av.VideoFrame.from_ndarray(frame_bgr, format="bgr24")
+        if self._i420:
+            frame = av.VideoFrame.from_ndarray(bgr_to_i420(frame_bgr), format="yuv420p")
+        else:  # other pixel formats: the encoder's own conversion
+            frame = av.VideoFrame.from_ndarray(frame_bgr, format="bgr24")
         frame.pts = self._count
         self._count += 1
         self._container.mux(self._stream.encode(frame))
