@@ -75,14 +75,29 @@ def connect(cfg: Config) -> bool:
 
 
 def actor_count(cfg: Config) -> int:
+    """`cluster.actors`, or when 0, as many actors as the live nodes can host (`fit_actors`)."""
     if cfg.cluster.actors > 0:
         return cfg.cluster.actors
-    resources = ray.cluster_resources()
-    actor = cfg.cluster.actor
-    if actor.num_gpus > 0:
-        return max(1, math.floor(resources.get("GPU", 0) / actor.num_gpus + 1e-9))
-    spare = resources.get("CPU", 1) - cfg.cluster.reserve_cpus
-    return max(1, math.floor(spare / max(actor.num_cpus, 1e-3) + 1e-9))
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return fit_actors(nodes, cfg.cluster.actor.num_cpus, cfg.cluster.actor.num_gpus, cfg.cluster.reserve_cpus)
+
+
+def fit_actors(nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, reserve_cpus: float) -> int:
+    """Actors of `num_cpus` CPUs and `num_gpus` GPUs that fit on nodes with these resources, leaving
+    `reserve_cpus` of the cluster's CPUs for prepare/stitch tasks. Counted per node, since an actor
+    cannot span nodes: CPU-only nodes host no GPU actors, and a GPU node hosts as many as both its GPU
+    shares and its CPUs allow (on a 16-core, 1-GPU node: 7 actors of 2 CPUs and 1/8 GPU, not 8). At
+    least 1, so a cluster that cannot host any yet gets the driver's "no actor could start" warning."""
+    per_node = []
+    for res in nodes:
+        fits = math.floor(res.get("CPU", 0.0) / max(num_cpus, 1e-3) + 1e-9)
+        if num_gpus > 0:
+            fits = min(fits, math.floor(res.get("GPU", 0.0) / num_gpus + 1e-9))
+        per_node.append(fits)
+    total = sum(per_node)
+    spare_cpus = sum(res.get("CPU", 0.0) for res in nodes) - reserve_cpus
+    total = min(total, math.floor(spare_cpus / max(num_cpus, 1e-3) + 1e-9))
+    return max(1, total)
 
 
 class Campaign:

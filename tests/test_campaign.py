@@ -195,3 +195,23 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
         dst.setparams(src.getparams())
         dst.writeframes(src.readframes(src.getnframes()))  # x's audio content changed
     assert statuses("encoder.crf=23") == {"x": "ok", "y": "skipped"}
+
+
+H100_NODE = {"CPU": 16.0, "GPU": 1.0}
+GPU_POD = {"CPU": 8.0, "GPU": 1.0}
+CPU_NODE = {"CPU": 32.0}
+HEAD = {"CPU": 0.0}
+
+
+@pytest.mark.parametrize("nodes, num_cpus, num_gpus, reserve, expected", [
+    ([H100_NODE], 2.0, 0.125, 1.0, 7),  # 8 GPU shares, but 16 - 1 reserved CPUs hold 7
+    ([H100_NODE], 4.0, 1.0, 1.0, 1),  # one whole-GPU actor per GPU
+    ([HEAD, GPU_POD, GPU_POD], 2.0, 0.125, 1.0, 7),  # CPUs bound each pod (4), the reserve one more
+    ([CPU_NODE, GPU_POD], 2.0, 0.125, 1.0, 4),  # GPU actors cannot use the CPU-only node
+    ([{"CPU": 64.0, "GPU": 2.0}], 2.0, 0.25, 1.0, 8),  # GPU shares bound it
+    ([HEAD, CPU_NODE], 1.0, 0.0, 1.0, 31),  # CPU actors: the cluster's CPUs less the reserve
+    ([{"CPU": 2.0}], 1.0, 0.0, 1.0, 1),  # this CI machine: one actor, one core for tasks
+    ([HEAD, CPU_NODE], 2.0, 0.125, 1.0, 1),  # no GPU node up yet: one, which waits for a node
+])
+def test_fit_actors_counts_per_node(nodes, num_cpus, num_gpus, reserve, expected):
+    assert campaign.fit_actors(nodes, num_cpus, num_gpus, reserve) == expected

@@ -23,7 +23,7 @@ def test_defaults_are_the_embedded_local_classic_setup():
      lambda c: isinstance(c.renderer, Wav2LipRendererConfig) and c.renderer.batch_size == 128),
     (["detector=box", "detector.box=[1,2,30,40]"], lambda c: c.detector.box == [1, 2, 30, 40]),
     (["detector=s3fd", "detector.checkpoint=/m/s3fd.pth"], lambda c: c.detector.name == "s3fd"),
-    (["cluster=gpu"], lambda c: c.cluster.actor.num_gpus == 1.0 and c.cluster.actor.num_cpus == 4.0),
+    (["cluster=gpu"], lambda c: c.cluster.actor.num_gpus == 0.125 and c.cluster.actor.num_cpus == 2.0),
     (["+storage.options.s3.endpoint_url=http://127.0.0.1:9"], lambda c: c.storage.options["s3"]["endpoint_url"]),
 ])
 def test_group_options_compose(overrides, check):
