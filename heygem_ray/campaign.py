@@ -309,7 +309,7 @@ class Campaign:
 
     def _on_actor_ready(self, actor: int, ref: ray.ObjectRef) -> None:
         try:
-            self.actor_pids[actor] = ray.get(ref)
+            info = ray.get(ref)
         except RayActorError as exc:
             if getattr(exc, "actor_init_failed", False):  # its constructor raised: no restart will help
                 self._actor_failed[actor] = _init_error(exc)
@@ -322,7 +322,9 @@ class Campaign:
             self._probe_after[actor] = time.time() + 1.0  # still restarting (maybe waiting for a node)
             return
         self._actor_healthy[actor] = True
-        log.info("renderer actor %d ready (pid %s)", actor, self.actor_pids[actor])
+        self.actor_pids[actor] = info.pid
+        pinned = f", cores {info.cores}" if info.cores is not None else ""
+        log.info("renderer actor %d ready (pid %s%s)", actor, info.pid, pinned)
 
     def _submit_stitch(self, state: _RowState) -> None:
         assert state.prep is not None and state.prep.audio is not None and state.track is not None

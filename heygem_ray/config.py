@@ -79,6 +79,9 @@ class ActorConfig:
     num_gpus: float = 0.0
     #: torch threads per actor (0 = num_cpus rounded up)
     threads: int = 0
+    #: give each actor whole cores of its own (Linux): num_cpus rounded up, claimed per node; an
+    #: actor that finds too few free cores runs unpinned
+    pin_cpus: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ import numpy as np
 from heygem_ray import metrics, storage
 from heygem_ray.config import Config
 from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo
+from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import frame_center_samples
 from heygem_ray.prepare import read_pcm
 from heygem_ray.render import build_renderer
@@ -47,6 +48,13 @@ class SegmentJob:
         return len(self.avatar_frames)
 
 
+@dataclass(frozen=True)
+class WorkerInfo:
+    pid: int
+    #: the cores the actor is pinned to (`cluster.actor.pin_cpus`), or None
+    cores: list[int] | None
+
+
 @dataclass
 class SegmentResult:
     row_id: str
@@ -64,9 +72,12 @@ class RenderWorker:
     def __init__(self, cfg: Config):
         storage.configure(cfg.storage.options)
         self.cfg = cfg
+        cpus = max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
+        # before any thread pool starts, so torch's and the helpers' threads inherit the cores
+        self.cores = pin_to_free_cores(cpus) if cfg.cluster.actor.pin_cpus else None
         # Stay within the CPUs Ray gave this actor: torch, OpenCV, the decoder and x264 would each
         # otherwise start one thread per core of the node, and actors sharing a node would fight.
-        self.threads = cfg.cluster.actor.threads or max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
+        self.threads = cfg.cluster.actor.threads or cpus
         import cv2
         import torch
 
@@ -74,9 +85,9 @@ class RenderWorker:
         cv2.setNumThreads(self.threads)
         self.renderer = build_renderer(cfg.renderer)
 
-    def ready(self) -> int:
-        """Answers once the model is loaded; the process id helps operators find the actor."""
-        return os.getpid()
+    def ready(self) -> WorkerInfo:
+        """Answers once the model is loaded, with what helps operators find the actor."""
+        return WorkerInfo(os.getpid(), self.cores)
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
         if storage.exists(job.out_uri):

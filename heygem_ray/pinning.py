@@ -1,0 +1,58 @@
+"""Pin a renderer actor to cores of its own (`cluster.actor.pin_cpus`).
+
+Ray counts CPUs but does not assign them: an actor with `num_cpus=2` may run its decode, render and
+x264 threads on any core of the node, next to every other actor's. Capping thread counts (segment.py)
+keeps the total in line, but the threads still wander over all cores and an actor that overlaps
+decode, render and encode uses more than its share. Pinned, each actor owns whole cores: it cannot
+slow its neighbours down, its caches stay warm, and throughput grows with actors as long as cores
+remain.
+
+Cores are claimed through one lock file per core in a node-local folder: the first actors to start
+get the first free cores among those the process may use. The kernel drops a lock when its holder
+exits, however it dies, so a restarted actor finds its predecessor's cores free. When fewer free
+cores remain than an actor needs (more actors than cores), it runs unpinned and says so.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+from typing import IO
+
+log = logging.getLogger("heygem_ray.pinning")
+
+#: where the per-core lock files live (shared by every process of the node)
+LOCK_DIR = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(), "heygem-ray-cores")
+
+_held: list[IO[bytes]] = []  # lock files of this process's cores, open for the process's life
+
+
+def pin_to_free_cores(count: int, lock_dir: str = LOCK_DIR) -> list[int] | None:
+    """Claim `count` cores no other process of this node has claimed and restrict the calling thread
+    (and every thread it starts from now on) to them. Returns the cores, or None when the platform
+    cannot pin or not enough cores are free (the caller then runs unpinned)."""
+    if not hasattr(os, "sched_setaffinity") or count < 1:
+        return None
+    os.makedirs(lock_dir, exist_ok=True)
+    claimed: list[tuple[int, IO[bytes]]] = []
+    for core in sorted(os.sched_getaffinity(0)):
+        if len(claimed) == count:
+            break
+        handle = open(os.path.join(lock_dir, f"core-{core}.lock"), "wb")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        claimed.append((core, handle))
+    if len(claimed) < count:
+        for _, handle in claimed:
+            handle.close()  # closing releases the lock
+        log.warning("only %d of the %d cores this actor needs are unclaimed: running unpinned", len(claimed), count)
+        return None
+    cores = [core for core, _ in claimed]
+    os.sched_setaffinity(0, cores)
+    _held.extend(handle for _, handle in claimed)
+    return cores
