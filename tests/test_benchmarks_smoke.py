@@ -1,6 +1,6 @@
 """The pipeline benchmark runner (`python -m benchmarks.run`) works end to end: a --quick run makes its
 inputs, runs every measurement (stages, Wav2Lip naive vs batched, actor RSS, second campaign,
-scaling) on its own local Ray, prints each table with numbers and leaves RESULTS.md alone with
+scaling, one node) on its own local Ray, prints each table with numbers and leaves RESULTS.md alone with
 --no-append. A behaviour test of the runner, not a timing assertion (about a minute on 2 cores)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ HEADERS = [
     "| path | batch | frames | best s | runs s | frames/s | vs naive |",
     "| audio | frames | segments | wall s | frames/s | actor VmHWM MiB |",
     "| run | cache | prepare_avatar s | campaign wall s | frames | frames/s |",
-    "| actors | cores allow | rows | segments | frames | wall s | frames/s | speedup | efficiency |",
+    "| actors | pinned | cores allow | rows | segments | frames | wall s | frames/s | speedup | efficiency |",
+    "| avatar | audio | frames | segments | actors | track s (before) | prepare_avatar s | wall s | frames/s |",
     "| target | measured | status |",
 ]
 
@@ -71,9 +72,14 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     assert float(second[1][2]) < float(second[0][2])  # the cached track loads faster than detecting
 
     scaling = _table_rows(out, HEADERS[4])
-    assert [row[0] for row in scaling] == ["1", "2"] and all(number.match(row[6]) for row in scaling)
+    assert [(row[0], row[1]) for row in scaling] == [("1", "no"), ("2", "no"), ("1", "yes"), ("2", "yes")]
+    assert all(number.match(row[7]) for row in scaling)
 
-    targets = _table_rows(out, HEADERS[5])
+    node = _table_rows(out, HEADERS[5])
+    assert len(node) == 1 and node[0][2] == "75" and float(node[0][8]) > 0  # 3 s at 25 fps, one campaign
+    assert float(node[0][6]) < float(node[0][5])  # the campaign loaded the track built before it
+
+    targets = _table_rows(out, HEADERS[6])
     assert len(targets) >= 3 and all(row[2] for row in targets)
     after = results.read_bytes() if results.exists() else None
     assert after == before  # --no-append leaves RESULTS.md alone
