@@ -914,7 +914,6 @@ def bench_node(ctx: Context) -> None:
     from heygem_ray.campaign import actor_count
 
     actors = actor_count(cfg)
-    cfg = config(manifest, os.path.join(work, "out"), *overrides, f"render.max_inflight_segments={3 * actors}")
     summary, wall, sampler, job = run_campaign(cfg, timed=True)
     cached = job.avatar_seconds[0] if job is not None and job.avatar_seconds else float("nan")
     result = summary.rows[0]

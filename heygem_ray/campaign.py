@@ -197,21 +197,31 @@ class Campaign:
     def _admit_rows(self) -> None:
         preparing = sum(1 for s in self._states.values() if not s.finished and not s.spans)
         while (self._pending and preparing < self.cfg.render.max_prepared_rows
-               and len(self._segment_queue) < self.cfg.render.max_inflight_segments):
+               and len(self._segment_queue) < self._inflight_cap()):
             row = self._pending.popleft()
             self._states[row.id] = _RowState(row, time.time())
             self._inflight[self._prepare_row.remote(row, self.cfg)] = ("prepared", row.id)
             preparing += 1
 
+    def _inflight_cap(self) -> int:
+        render = self.cfg.render
+        return render.max_inflight_segments or render.segments_per_actor * max(1, len(self._actors))
+
     def _dispatch_segments(self) -> None:
-        inflight = sum(self._actor_load)
+        """Hand queued segments to healthy actors, at most `render.segments_per_actor` each: an actor
+        keeps its next segment ready, and the rest wait here for whichever actor frees up first, so
+        actors that start late (a GPU node still joining) or run faster get their share."""
+        render = self.cfg.render
+        inflight, cap = sum(self._actor_load), self._inflight_cap()
         healthy = [i for i, ok in enumerate(self._actor_healthy) if ok]
-        while self._segment_queue and healthy and inflight < self.cfg.render.max_inflight_segments:
+        while self._segment_queue and healthy and inflight < cap:
+            actor = min(healthy, key=lambda i: self._actor_load[i])
+            if self._actor_load[actor] >= render.segments_per_actor:
+                break
             row_id, index = self._segment_queue.popleft()
             state = self._states[row_id]
             if state.finished:
                 continue
-            actor = min(healthy, key=lambda i: self._actor_load[i])
             ref = self._actors[actor].render_segment.remote(self._segment_job(state, index))
             self._actor_load[actor] += 1
             state.attempts[index] = state.attempts.get(index, 0) + 1

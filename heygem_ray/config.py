@@ -145,8 +145,12 @@ class RenderConfig:
 
     #: seconds of output per segment (one actor call)
     segment_seconds: float = 10.0
-    #: segments submitted to actors and not yet finished, campaign-wide
-    max_inflight_segments: int = 16
+    #: campaign-wide cap on segments submitted to actors and not yet finished (0 = no cap beyond
+    #: segments_per_actor x actors)
+    max_inflight_segments: int = 0
+    #: segments one actor holds at once (the one it renders and the next, ready to start); the rest
+    #: wait on the driver for the first actor that frees up
+    segments_per_actor: int = 2
     #: rows being prepared (audio decode) ahead of rendering
     max_prepared_rows: int = 8
     #: tries per segment when an actor or node dies (bad input is never retried)
@@ -154,6 +158,16 @@ class RenderConfig:
     #: frames per second for still-image avatars
     still_fps: float = 25.0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # a zero here would leave segments waiting for a slot that never opens
+        for name in ("segments_per_actor", "max_prepared_rows", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"render.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_inflight_segments < 0:
+            raise ValueError(f"render.max_inflight_segments must be 0 (no cap) or more, got {self.max_inflight_segments}")
+        if not self.segment_seconds > 0 or not self.still_fps > 0:
+            raise ValueError("render.segment_seconds and render.still_fps must be positive")
 
 
 @dataclass

@@ -4,6 +4,7 @@ plus one with a missing audio file, each split into several segments."""
 from __future__ import annotations
 
 import os
+import time
 import wave
 
 import av
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from heygem_ray import campaign
+from heygem_ray.manifest import read_manifest
 from heygem_ray.media import video
 from heygem_ray.plan import avatar_frame_indices
 from heygem_ray.prepare import prepare_avatar
@@ -195,6 +197,38 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
         dst.setparams(src.getparams())
         dst.writeframes(src.readframes(src.getnframes()))  # x's audio content changed
     assert statuses("encoder.crf=23") == {"x": "ok", "y": "skipped"}
+
+
+
+def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_path):
+    """Segments wait on the driver for a free actor instead of piling up on the first actor that
+    answered, where an actor starting later (a GPU node still joining) would find nothing left."""
+    import threading
+
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "audio": [str(media_dir / "speech3.wav")] * 2,
+                             "avatar": [str(media_dir / "still.png")] * 2}), manifest)
+    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
+                         "render.segment_seconds=0.4", "cluster.actors=1")
+    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    loads: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            loads.append(max(job._actor_load, default=0))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = job.run()
+    finally:
+        done.set()
+        watcher.join()
+    assert summary.count("ok") == 2
+    assert sum(len(s.spans) for s in job._states.values()) > 10  # far more segments than the actor may hold
+    assert max(loads) == cfg.render.segments_per_actor == 2
 
 
 H100_NODE = {"CPU": 16.0, "GPU": 1.0}

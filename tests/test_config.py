@@ -39,6 +39,13 @@ def test_missing_mandatory_values_and_typos_are_errors():
         compose_config("manifest=m", "output=o", "renderer=wav2lip")
 
 
+@pytest.mark.parametrize("override", ["render.segments_per_actor=0", "render.max_inflight_segments=-1",
+                                      "render.segment_seconds=0"])
+def test_scheduling_values_that_would_stall_a_campaign_are_refused(override):
+    with pytest.raises(Exception, match=override.split("=")[0]):
+        compose_config("manifest=m", "output=o", override)
+
+
 def test_cli_prints_the_resolved_config():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", "manifest=m.parquet", "output=/o",

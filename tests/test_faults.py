@@ -29,7 +29,8 @@ def manifest(tmp_path, media_dir, rows: int) -> str:
 
 
 def run_killing_the_actor_once(cfg) -> tuple[Campaign, object]:
-    """Run a campaign and SIGKILL its renderer actor's process while segments are queued on it."""
+    """Run a campaign and SIGKILL its renderer actor's process while segments are queued on it
+    (the config lets it hold 3)."""
     job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
@@ -46,7 +47,8 @@ def run_killing_the_actor_once(cfg) -> tuple[Campaign, object]:
 
 def test_actor_killed_mid_segment_the_rows_still_complete(ray_local, media_dir, tmp_path):
     cfg = compose_config(f"manifest={manifest(tmp_path, media_dir, 2)}", f"output={tmp_path / 'out'}",
-                         "render.segment_seconds=0.25", "render.progress=false", "cluster.actors=1")
+                         "render.segment_seconds=0.25", "render.progress=false", "cluster.actors=1",
+                         "render.segments_per_actor=3")
     _, summary = run_killing_the_actor_once(cfg)
     assert [r.status for r in summary.rows] == ["ok", "ok"], [r.error for r in summary.rows]
     assert max(r.attempts for r in summary.rows) == 2  # the lost segments were sent again, once
@@ -56,7 +58,7 @@ def test_actor_killed_mid_segment_the_rows_still_complete(ray_local, media_dir, 
 def test_actor_lost_beyond_the_retry_bound_fails_the_row_with_the_cause(ray_local, media_dir, tmp_path):
     cfg = compose_config(f"manifest={manifest(tmp_path, media_dir, 1)}", f"output={tmp_path / 'out'}",
                          "render.segment_seconds=0.25", "render.progress=false", "cluster.actors=1",
-                         "render.max_attempts=1")
+                         "render.max_attempts=1", "render.segments_per_actor=3")
     _, summary = run_killing_the_actor_once(cfg)
     row = summary.rows[0]
     assert row.status == "failed"
