@@ -11,6 +11,11 @@ Cores are claimed through one lock file per core in a node-local folder: the fir
 get the first free cores among those the process may use. The kernel drops a lock when its holder
 exits, however it dies, so a restarted actor finds its predecessor's cores free. When fewer free
 cores remain than an actor needs (more actors than cores), it runs unpinned and says so.
+
+Off by default: it is right where the process's CPU mask is the machine's or the container's own
+(bare metal, VMs, containers with a cpuset such as Kubernetes' static CPU manager). A container
+limited by a CPU quota alone sees every host core, and several such containers on one host would
+pin their actors to the same first cores.
 """
 
 from __future__ import annotations
