@@ -195,6 +195,8 @@ class Campaign:
         return Summary.of([self.results[r.id] for r in self.rows], time.time() - started)
 
     def _admit_rows(self) -> None:
+        """Prepare rows lazily: while fewer are preparing than `render.max_prepared_rows` and the driver's
+        queue holds less than one more round of segments than the actors may hold."""
         preparing = sum(1 for s in self._states.values() if not s.finished and not s.spans)
         while (self._pending and preparing < self.cfg.render.max_prepared_rows
                and len(self._segment_queue) < self._inflight_cap()):
