@@ -920,8 +920,8 @@ def bench_node(ctx: Context) -> None:
         gpu = config("m", "o", "cluster=gpu").cluster.actor
         overrides += ["renderer.precision=fp16", f"cluster.actor.num_cpus={gpu.num_cpus}",
                       f"cluster.actor.num_gpus={gpu.num_gpus}"]
-    else:  # the same 2 CPUs per actor, bf16 and CPU-sized batches
-        overrides += ["renderer.precision=bf16", f"renderer.batch_size={args.cpu_batch}", "cluster.actor.num_cpus=2"]
+    else:  # the local default actors (1 CPU each, a core left for tasks), bf16 and CPU-sized batches
+        overrides += ["renderer.precision=bf16", f"renderer.batch_size={args.cpu_batch}"]
     manifest = ctx.inputs.manifest("node", [audio], avatar)
     cfg = config(manifest, os.path.join(work, "out"), *overrides)
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from heygem_ray import metrics, storage
 from heygem_ray.config import Config
-from heygem_ray.errors import InputError
+from heygem_ray.errors import ClusterConfigError, InputError
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.media.video import encoder_works
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
@@ -487,13 +487,36 @@ def run(cfg: Config) -> Summary:
     # a bad manifest stops here, before any rendering
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
     started_ray = connect(cfg)
-    job = Campaign(cfg, rows)
+    job = None
     try:
+        if started_ray:  # a Ray of our own: no node will join, so what does not fit now never will
+            check_local_fit(cfg)
+        job = Campaign(cfg, rows)
         summary = job.run()
     finally:
         if started_ray:
             ray.shutdown()
-        # written even when interrupted: every row has a result by now (unfinished ones as failed)
-        write_results(storage.join(cfg.output, "_results.parquet"), [job.results[r.id] for r in rows if r.id in job.results])
-        storage.remove_empty_dir(storage.join(cfg.output, "_work"))
+        if job is not None:
+            # written even when interrupted: every row has a result by now (unfinished ones as failed)
+            write_results(storage.join(cfg.output, "_results.parquet"),
+                          [job.results[r.id] for r in rows if r.id in job.results])
+            storage.remove_empty_dir(storage.join(cfg.output, "_work"))
     return summary
+
+
+def check_local_fit(cfg: Config) -> None:
+    """On a local Ray, refuse actors that could never all start, or that would leave no CPU for a
+    prepare/stitch task: either would hang the campaign instead of failing it."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    actor, count = cfg.cluster.actor, actor_count(cfg)
+    need_cpus = count * actor.num_cpus + cfg.cluster.task_cpus
+    if need_cpus > cpus + 1e-9:
+        raise ClusterConfigError(
+            f"{count} renderer actor(s) of {actor.num_cpus:g} CPU(s) plus a prepare/stitch task of "
+            f"{cfg.cluster.task_cpus:g} need {need_cpus:g} CPUs, but this local Ray has {cpus:g}: lower "
+            "cluster.actors or cluster.actor.num_cpus, or raise cluster.num_cpus")
+    if count * actor.num_gpus > gpus + 1e-9:
+        raise ClusterConfigError(
+            f"{count} renderer actor(s) of {actor.num_gpus:g} GPU need {count * actor.num_gpus:g} GPUs, but this "
+            f"local Ray has {gpus:g}: lower cluster.actors or cluster.actor.num_gpus")

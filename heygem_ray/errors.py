@@ -30,6 +30,10 @@ class ManifestError(HeygemError):
     """The manifest as a whole is invalid; raised before any rendering starts."""
 
 
+class ClusterConfigError(HeygemError):
+    """The configured actors cannot run on the cluster as it is (raised before any rendering)."""
+
+
 class CheckpointError(HeygemError):
     """A model file is missing, of the wrong kind, corrupt, or unsafe to load."""
 

@@ -59,3 +59,25 @@ def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
     out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", f"manifest={tmp_path}/none.parquet",
                           f"output={tmp_path}/out"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.num_cpus=2", "cluster.actor.num_cpus=2"], "need 3 CPUs, but this local Ray has 2"),
+    (["cluster.num_cpus=4", "cluster.num_gpus=0", "cluster.actor.num_gpus=0.5"], "need 0.5 GPUs, but this local Ray has 0"),
+])
+def test_actors_that_could_never_run_locally_are_refused_not_waited_for(tmp_path, media_dir, overrides, message):
+    """On a Ray of its own no node will join: an actor holding every CPU would starve the prepare and
+    stitch tasks, and an actor wanting a GPU the machine lacks would never start. Both would hang."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
+                   manifest)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", f"manifest={manifest}",
+                          f"output={tmp_path}/out", "render.progress=false", "cluster.include_dashboard=false",
+                          *overrides], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr
+    assert not os.path.exists(tmp_path / "out" / "_results.parquet")  # refused before anything ran
