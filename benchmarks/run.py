@@ -416,6 +416,18 @@ class TimedCampaign(Campaign):
         self.avatar_seconds: list[float] = []
         self.started = time.perf_counter()
         self.actor_start_seconds: float | None = None  # from run() until the first actor answered
+        self.workers: dict[int, Any] = {}  # actor index -> WorkerInfo (pid, pinned cores)
+
+    def wait_for_actors_to_exit(self, timeout: float = 30.0) -> None:
+        """ray.kill returns at once; the next campaign's actors must not meet these (pinned cores)."""
+        deadline = time.time() + timeout
+        for info in self.workers.values():
+            while time.time() < deadline:
+                try:
+                    os.kill(info.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
 
     def run(self) -> Any:
         self.started = time.perf_counter()
@@ -423,6 +435,8 @@ class TimedCampaign(Campaign):
 
     def _on_actor_ready(self, actor: int, ref: Any) -> None:
         super()._on_actor_ready(actor, ref)
+        with contextlib.suppress(Exception):  # an actor that failed to start has no WorkerInfo
+            self.workers[actor] = ray.get(ref)
         if self.actor_start_seconds is None and any(self._actor_healthy):
             self.actor_start_seconds = time.perf_counter() - self.started
 
@@ -863,12 +877,15 @@ def bench_scaling(ctx: Context) -> None:
             cfg = config(manifest, os.path.join(work, f"out-{n}-{pinned}"), *base, f"cluster.actors={n}",
                          f"cluster.actor.pin_cpus={str(pinned).lower()}")
             summary, wall, _, job = run_campaign(cfg, timed=True)
+            job.wait_for_actors_to_exit()
+            own_cores = sum(1 for info in job.workers.values() if info.cores is not None)
             frames = sum(r.frames or 0 for r in summary.rows)
             series[n] = rate(frames, wall)
             start = job.actor_start_seconds if job.actor_start_seconds is not None else float("nan")
             segments = sum(r.segments or 0 for r in summary.rows)
             rows.append([n, "yes" if pinned else "no", "yes" if n <= cores else "no", len(summary.rows), segments,
-                         frames, f"{wall:,.1f}", f"{start:,.1f}", f1(series[n]), f1(rate(frames, wall - start))])
+                         frames, f"{wall:,.1f}", f"{start:,.1f}", f1(series[n]), f1(rate(frames, wall - start)),
+                         own_cores])
         one, prev = series[counts[0]], None
         for r, n in zip(rows[-len(counts):], counts):
             speedup = series[n] / one if one else float("nan")
@@ -891,9 +908,9 @@ def bench_scaling(ctx: Context) -> None:
              "it out. Speedup, efficiency and gain use the whole wall time. Efficiency = speedup ÷ actors; gain per added actor = extra frames/s per added actor, "
              "in units of one actor's frames/s (target ≥ 0.8 while cores allow).")
     ctx.report.emit(title, table(["actors", "pinned", "cores allow", "rows", "segments", "frames", "wall s",
-                                  "first actor ready s", "frames/s", "frames/s after start", "speedup",
-                                  "efficiency", "gain per added actor"], rows,
-                                 right=(0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)), notes)
+                                  "first actor ready s", "frames/s", "frames/s after start",
+                                  "actors on own cores", "speedup", "efficiency", "gain per added actor"], rows,
+                                 right=(0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)), notes)
 
 
 # --------------------------------------------------------------------------------------- 6. node
@@ -988,7 +1005,7 @@ def target_summary(report: Report, args: argparse.Namespace) -> str:
         if gains:
             status = f"{'met' if min(gains) >= 0.8 else 'not met'} (pinned, up to {allowed[-1]} actors)"
         else:
-            status = "not measurable: one core"
+            status = "not measurable: only one actor count fits the cores"
         measured = "frames/s by actors: " + "; ".join(texts)
         if gains:
             measured += "; pinned gain per added actor " + ", ".join(f"{g:+.2f}" for g in gains)

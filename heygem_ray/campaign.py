@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -170,7 +171,9 @@ class Campaign:
         progress = _progress(len(self.rows), self.cfg.render.progress)
         try:
             self._start_actors()
-            while self._pending or self._inflight or self._segment_queue:
+            # until every row has its result: a probe of an actor that never starts (no node can host
+            # it) or a finished row's segments still queued must not keep a finished campaign waiting
+            while len(self.results) < len(self.rows):
                 self._probe_actors()
                 self._admit_rows()
                 self._dispatch_segments()
@@ -486,10 +489,11 @@ def run(cfg: Config) -> Summary:
     storage.configure(cfg.storage.options)
     # a bad manifest stops here, before any rendering
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
+    own_ray = not cfg.cluster.address and not os.environ.get("RAY_ADDRESS")  # else ray.init joins a cluster
     started_ray = connect(cfg)
     job = None
     try:
-        if started_ray:  # a Ray of our own: no node will join, so what does not fit now never will
+        if started_ray and own_ray:  # no node will join it, so what does not fit now never will
             check_local_fit(cfg)
         job = Campaign(cfg, rows)
         summary = job.run()
@@ -515,7 +519,8 @@ def check_local_fit(cfg: Config) -> None:
         raise ClusterConfigError(
             f"{count} renderer actor(s) of {actor.num_cpus:g} CPU(s) plus a prepare/stitch task of "
             f"{cfg.cluster.task_cpus:g} need {need_cpus:g} CPUs, but this local Ray has {cpus:g}: lower "
-            "cluster.actors or cluster.actor.num_cpus, or raise cluster.num_cpus")
+            "cluster.actors or cluster.actor.num_cpus, or raise cluster.num_cpus (cluster.actors=0 leaves "
+            "cluster.reserve_cpus free: keep it at least cluster.task_cpus)")
     if count * actor.num_gpus > gpus + 1e-9:
         raise ClusterConfigError(
             f"{count} renderer actor(s) of {actor.num_gpus:g} GPU need {count * actor.num_gpus:g} GPUs, but this "

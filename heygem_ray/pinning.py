@@ -20,6 +20,7 @@ pin their actors to the same first cores.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -40,18 +41,26 @@ def pin_to_free_cores(count: int, lock_dir: str = LOCK_DIR) -> list[int] | None:
     cannot pin or not enough cores are free (the caller then runs unpinned)."""
     if not hasattr(os, "sched_setaffinity") or count < 1:
         return None
-    os.makedirs(lock_dir, exist_ok=True)
     claimed: list[tuple[int, IO[bytes]]] = []
-    for core in sorted(os.sched_getaffinity(0)):
-        if len(claimed) == count:
-            break
-        handle = open(os.path.join(lock_dir, f"core-{core}.lock"), "wb")  # noqa: SIM115 - held for life
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    try:
+        _make_shared_dir(lock_dir)
+        for core in sorted(os.sched_getaffinity(0)):
+            if len(claimed) == count:
+                break
+            handle = open(os.path.join(lock_dir, f"core-{core}.lock"), "ab")  # noqa: SIM115 - held for life
+            with contextlib.suppress(OSError):  # other users' actors lock the same files
+                os.fchmod(handle.fileno(), 0o666)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            claimed.append((core, handle))
+    except OSError as exc:  # e.g. another user's lock folder: pinning is an optimisation, never a failure
+        for _, handle in claimed:
             handle.close()
-            continue
-        claimed.append((core, handle))
+        log.warning("cannot claim cores in %s (%s): running unpinned", lock_dir, exc)
+        return None
     if len(claimed) < count:
         for _, handle in claimed:
             handle.close()  # closing releases the lock
@@ -61,3 +70,11 @@ def pin_to_free_cores(count: int, lock_dir: str = LOCK_DIR) -> list[int] | None:
     os.sched_setaffinity(0, cores)
     _held.extend(handle for _, handle in claimed)
     return cores
+
+
+def _make_shared_dir(path: str) -> None:
+    """The lock folder, writable by every user of the node (sticky, like /tmp)."""
+    if not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+        with contextlib.suppress(OSError):  # someone else's folder: its mode is theirs to set
+            os.chmod(path, 0o1777)

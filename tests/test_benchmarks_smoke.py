@@ -74,6 +74,8 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     scaling = _table_rows(out, HEADERS[4])
     assert [(row[0], row[1]) for row in scaling] == [("1", "no"), ("2", "no"), ("1", "yes"), ("2", "yes")]
     assert all(number.match(row[8]) and float(row[7]) < float(row[6]) for row in scaling)
+    # pinned actors that answered got cores of their own (in a campaign this short the second may not answer)
+    assert [row[10] for row in scaling[:2]] == ["0", "0"] and all(int(row[10]) >= 1 for row in scaling[2:])
 
     node = _table_rows(out, HEADERS[5])
     assert len(node) == 1 and node[0][2] == "75" and float(node[0][8]) > 0  # 3 s at 25 fps, one campaign

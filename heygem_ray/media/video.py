@@ -167,7 +167,10 @@ class FrameReader:
                 continue
             self._next = index + 1
             if index in want:
-                out[index] = orient(frame.to_ndarray(format="bgr24"), self.info.rotation, self.info.width, self.info.height)
+                image = frame.to_ndarray(format="bgr24")
+                if frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
+                    image = image.copy()
+                out[index] = orient(image, self.info.rotation, self.info.width, self.info.height)
         missing = want - out.keys()
         if missing:
             raise EOFError(f"frames {sorted(missing)[:5]} not found in the stream")
