@@ -20,6 +20,7 @@ import numpy as np
 from heygem_ray import metrics, storage
 from heygem_ray.config import Config
 from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo
+from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import frame_center_samples
 from heygem_ray.prepare import read_pcm
@@ -103,8 +104,9 @@ class RenderWorker:
             path = os.path.join(tmp, "segment.mp4")
             writer = SegmentWriter(path, info.width, info.height, info.fps_fraction, enc.codec, enc.crf,
                                    enc.preset, enc.pix_fmt, threads=self.threads)
+            pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
             with FrameReader(local_avatar, info, None if info.still else job.pts, job.pts_offset,
-                             threads=self.threads) as reader:
+                             threads=self.threads, pixel_format=pixel_format) as reader:
                 written = self._render_frames(job, features, reader, writer, clock)
             if written != job.frames:
                 raise RuntimeError(f"segment {job.index} of {job.row_id}: encoded {written} of {job.frames} frames")
@@ -122,8 +124,14 @@ class RenderWorker:
         """Decode, render and encode in renderer-sized batches, overlapped: while batch k renders
         (on the GPU, or the main thread), batch k+1 decodes and batch k-1 encodes on two helper
         threads (PyAV and x264 release the GIL). At most three batches are alive at once, so memory
-        stays flat in the segment's length; batches are encoded strictly in order."""
+        stays flat in the segment's length; batches are encoded strictly in order.
+
+        With a yuv420p encoder (the default) frames stay I420 from decoder to encoder and only the
+        face regions are converted to BGR for the renderer (`_render_regions`)."""
         step = max(1, self.renderer.batch_size)
+        i420 = writer.takes_i420
+        render = self._render_regions if i420 else self.renderer.render
+        write = writer.write_i420 if i420 else writer.write
         spans = [(lo, min(lo + step, job.frames)) for lo in range(0, job.frames, step)]
 
         def decode(lo: int, hi: int) -> list[np.ndarray]:
@@ -143,7 +151,7 @@ class RenderWorker:
         def encode(frames: list[np.ndarray]) -> None:
             with clock("encode"):
                 for frame in frames:
-                    writer.write(frame)
+                    write(frame)
 
         with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
                 ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
@@ -154,7 +162,7 @@ class RenderWorker:
                 if k + 1 < len(spans):
                     next_batch = decoder.submit(decode, *spans[k + 1])
                 with clock("render"):
-                    rendered = self.renderer.render(frames, job.boxes[lo:hi], features[lo:hi])
+                    rendered = render(frames, job.boxes[lo:hi], features[lo:hi])
                 if encoding is not None:
                     encoding.result()  # keeps order and at most one batch waiting to encode
                 encoding = encoder.submit(encode, rendered)
@@ -162,6 +170,27 @@ class RenderWorker:
                 encoding.result()
         with clock("encode"):
             return writer.close()
+
+    def _render_regions(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+        """Render I420 frames: each face region goes to the renderer as a BGR crop with its box
+        moved into the crop, and comes back into the planes. Renderers change nothing outside the
+        box, so the rest of the frame needs no conversion; a frame whose box is outside the picture
+        is passed through."""
+        width, height = i420_size(frames[0])
+        regions = [even_region(box, width, height) for box in boxes]
+        keep = [i for i, region in enumerate(regions) if region is not None]
+        if not keep:
+            return frames
+        crops = [region_to_bgr(frames[i], regions[i]) for i in keep]
+        moved = []
+        for i in keep:
+            x1, y1 = regions[i][:2]
+            box = np.clip(boxes[i], 0, [width, height, width, height])  # as clipped when the region was cut
+            moved.append(box - np.array([x1, y1, x1, y1], dtype=box.dtype))
+        rendered = self.renderer.render(crops, np.stack(moved), features[keep])
+        for i, crop in zip(keep, rendered):
+            paste_bgr(frames[i], regions[i], crop)
+        return frames
 
     def _audio_window(self, job: SegmentJob, frames: np.ndarray) -> AudioWindow:
         context = int(AUDIO_CONTEXT_SECONDS * SAMPLE_RATE)

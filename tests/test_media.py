@@ -78,6 +78,37 @@ def test_reader_seeks_to_exact_frames(media_dir):
             reader.read(np.array([99]))
 
 
+def test_reader_gives_the_decoders_own_planes_as_i420(media_dir, tmp_path):
+    from heygem_ray.media.yuv import bgr_to_i420
+
+    path = str(media_dir / "clip2.mp4")
+    info = video.probe(path, 25)
+    with av.open(path) as container:
+        planes = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+    pts = np.array([p for p, _ in video.iter_frames(path, info)])
+    with video.FrameReader(path, info, pts, pixel_format="yuv420p") as reader:
+        got = reader.read(np.array([3, 30, 31]))
+    for i in (3, 30, 31):
+        assert got[i].shape == (info.height * 3 // 2, info.width)
+        np.testing.assert_array_equal(got[i], planes[i])  # exactly as decoded: no colour conversion
+    # rotated sources turn each plane; a still is converted once
+    turned = str(tmp_path / "rot.mp4")
+    demo.write_avatar_clip(turned, 0.2, seed=3, rotation=90)
+    tinfo = video.probe(turned, 25)
+    tpts = np.array([p for p, _ in video.iter_frames(turned, tinfo)])
+    with video.FrameReader(turned, tinfo, tpts) as bgr:
+        a = bgr.read(np.array([2]))[2]
+    with video.FrameReader(turned, tinfo, tpts, pixel_format="yuv420p") as yuv:
+        b = yuv.read(np.array([2]))[2]
+    assert np.abs(bgr_to_i420(a).astype(int) - b).mean() < 1.0  # the same upright picture
+    still = str(media_dir / "still.png")
+    sinfo = video.probe(still, 25)
+    with video.FrameReader(still, sinfo, None, pixel_format="yuv420p") as reader:
+        np.testing.assert_array_equal(reader.read(np.array([0]))[0], bgr_to_i420(video.read_image(still)))
+    with pytest.raises(ValueError, match="pixel_format"):
+        video.FrameReader(still, sinfo, None, pixel_format="rgb24")
+
+
 def test_rotation_metadata_is_applied(tmp_path):
     upright, turned = str(tmp_path / "up.mp4"), str(tmp_path / "rot.mp4")
     demo.write_avatar_clip(upright, 0.2, seed=3)

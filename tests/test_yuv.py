@@ -60,3 +60,43 @@ def test_chroma_is_averaged_not_point_sampled():
 def test_odd_sizes_are_refused():
     with pytest.raises(ValueError, match="even"):
         bgr_to_i420(np.zeros((5, 4, 3), np.uint8))
+
+
+# -- face regions of I420 frames (the actor renders only these) -------------------------------
+from heygem_ray.media.yuv import even_region, i420_planes, paste_bgr, region_to_bgr  # noqa: E402
+
+
+def test_even_region_clips_and_widens_to_whole_chroma_samples():
+    assert even_region(np.array([3, 5, 11, 20]), 64, 48) == (2, 4, 12, 20)
+    assert even_region(np.array([-7, -3, 70, 50]), 64, 48) == (0, 0, 64, 48)
+    assert even_region(np.array([63, 47, 90, 90]), 64, 48) == (62, 46, 64, 48)
+    assert even_region(np.array([64, 10, 80, 20]), 64, 48) is None  # right of the picture
+    assert even_region(np.array([10, 10, 10, 30]), 64, 48) is None  # no width
+
+
+def test_region_to_bgr_is_the_crop_of_the_whole_frame_conversion():
+    i420 = swscale_i420(textured(120, 160, seed=3))
+    whole = cv2.cvtColor(i420, cv2.COLOR_YUV2BGR_I420)
+    for region in [(0, 0, 160, 120), (20, 36, 84, 100), (2, 2, 4, 4)]:
+        x1, y1, x2, y2 = region
+        np.testing.assert_array_equal(region_to_bgr(i420, region), whole[y1:y2, x1:x2])
+
+
+def test_paste_changes_the_region_only_and_an_unchanged_region_within_a_level():
+    i420 = swscale_i420(textured(120, 160, seed=4))
+    before = i420.copy()
+    region = (20, 36, 84, 100)
+    paste_bgr(i420, region, region_to_bgr(i420, region))  # the round trip a renderer that changes nothing causes
+    x1, y1, x2, y2 = region
+    inside = np.zeros((120, 160), bool)
+    inside[y1:y2, x1:x2] = True
+    masks = (inside, inside[::2, ::2], inside[::2, ::2])
+    for plane, original, mask in zip(i420_planes(i420), i420_planes(before), masks):
+        np.testing.assert_array_equal(plane[~mask], original[~mask])  # bit-exact outside
+        assert np.abs(plane[mask].astype(int) - original[mask]).max() <= 2
+        assert np.abs(plane[mask].astype(int) - original[mask]).mean() < 0.6
+    grey = np.full((y2 - y1, x2 - x1, 3), 128, np.uint8)
+    paste_bgr(i420, region, grey)
+    y, u, v = i420_planes(i420)
+    assert np.all(y[y1:y2, x1:x2] == bgr_to_i420(grey)[0, 0])
+    assert np.all(u[y1 // 2:y2 // 2, x1 // 2:x2 // 2] == 128)

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from heygem_ray.errors import InputError
-from heygem_ray.media.yuv import bgr_to_i420
+from heygem_ray.media.yuv import assemble_i420, bgr_to_i420
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 IMAGE_CODECS = {"mjpeg", "png", "bmp", "webp", "tiff", "jpeg2000"}
@@ -112,14 +112,26 @@ def _still_info(image: np.ndarray, still_fps: float) -> VideoInfo:
     return VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", image.shape[1], image.shape[0], 0, 1)
 
 
+#: what FrameReader.read returns: BGR (h, w, 3), or planar I420 (h * 3 // 2, w) for the encoder
+PIXEL_FORMATS = ("bgr24", "yuv420p")
+
+
 class FrameReader:
     """Random access to an avatar's frames by index, using the per-frame timestamps recorded by
     the full decode pass (`iter_frames`), so variable frame rates and B-frames index correctly."""
 
-    def __init__(self, path: str, info: VideoInfo, pts: np.ndarray | None, first_index: int = 0, threads: int = 0):
-        """`pts[i]` is the timestamp of frame `first_index + i`; only those frames can be read."""
+    def __init__(self, path: str, info: VideoInfo, pts: np.ndarray | None, first_index: int = 0, threads: int = 0,
+                 pixel_format: str = "bgr24"):
+        """`pts[i]` is the timestamp of frame `first_index + i`; only those frames can be read.
+        With `pixel_format="yuv420p"` frames come as I420 arrays: a yuv420p source's planes as
+        decoded (no colour conversion), anything else converted once."""
+        if pixel_format not in PIXEL_FORMATS:
+            raise ValueError(f"pixel_format must be one of {PIXEL_FORMATS}, got {pixel_format!r}")
         self.info = info
+        self._i420 = pixel_format == "yuv420p"
         self._still = read_image(path) if info.still else None
+        if self._still is not None and self._i420:
+            self._still = bgr_to_i420(self._still)
         self._container = None
         if not info.still:
             assert pts is not None
@@ -167,19 +179,36 @@ class FrameReader:
                 continue
             self._next = index + 1
             if index in want:
-                image = frame.to_ndarray(format="bgr24")
-                if frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
-                    image = image.copy()
-                out[index] = orient(image, self.info.rotation, self.info.width, self.info.height)
+                out[index] = self._convert(frame)
         missing = want - out.keys()
         if missing:
             raise EOFError(f"frames {sorted(missing)[:5]} not found in the stream")
         return out
 
+    def _convert(self, frame: av.VideoFrame) -> np.ndarray:
+        info = self.info
+        if self._i420 and _plain_i420(frame):
+            planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes]
+            if info.rotation:
+                planes = [np.rot90(p, k=-(info.rotation // 90)) for p in planes]
+            return assemble_i420(*planes, info.width, info.height)
+        image = frame.to_ndarray(format="bgr24")
+        if frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
+            image = image.copy()
+        image = orient(image, info.rotation, info.width, info.height)
+        return bgr_to_i420(image) if self._i420 else image
+
     def _seek(self, index: int) -> None:
         self._container.seek(int(self._pts[index - self._first]), stream=self._stream, backward=True, any_frame=False)
         self._decoder = self._container.decode(self._stream)
         self._next = self._first  # a lower bound until the first frame's pts tells
+
+
+def _plain_i420(frame: av.VideoFrame) -> bool:
+    """Planes the encoder can take as they are: 8-bit 4:2:0, video range, even size (odd sizes are
+    cropped, which would split chroma samples once rotated)."""
+    return (frame.format.name == "yuv420p" and frame.color_range != av.video.reformatter.ColorRange.JPEG
+            and frame.width % 2 == 0 and frame.height % 2 == 0)
 
 
 def iter_frames(path: str, info: VideoInfo, display_uri: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -240,11 +269,25 @@ class SegmentWriter:
         self._i420 = pix_fmt == "yuv420p"
         self._count = 0
 
+    @property
+    def takes_i420(self) -> bool:
+        """Whether `write_i420` can be used: the encoder's pixel format is yuv420p."""
+        return self._i420
+
     def write(self, frame_bgr: np.ndarray) -> None:
         if self._i420:
             frame = av.VideoFrame.from_ndarray(bgr_to_i420(frame_bgr), format="yuv420p")
         else:  # other pixel formats: the encoder's own conversion
             frame = av.VideoFrame.from_ndarray(frame_bgr, format="bgr24")
+        self._mux(frame)
+
+    def write_i420(self, frame_i420: np.ndarray) -> None:
+        """An I420 frame (h * 3 // 2, w); the encoder's pixel format must be yuv420p."""
+        if not self._i420:
+            raise ValueError("write_i420 needs an encoder with pix_fmt yuv420p")
+        self._mux(av.VideoFrame.from_ndarray(frame_i420, format="yuv420p"))
+
+    def _mux(self, frame: av.VideoFrame) -> None:
         frame.pts = self._count
         self._count += 1
         self._container.mux(self._stream.encode(frame))

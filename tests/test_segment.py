@@ -1,0 +1,71 @@
+"""The actor renders I420 frames by their face regions alone: the same picture as rendering whole BGR
+frames, every pixel away from the face exactly as decoded, for the classic renderer and Wav2Lip."""
+
+from __future__ import annotations
+
+import av
+import cv2
+import numpy as np
+import pytest
+from conftest import compose_config
+
+from heygem_ray.media.yuv import bgr_to_i420, i420_planes
+from heygem_ray.render.base import AudioWindow
+from heygem_ray.segment import RenderWorker
+
+# boxes as the face track gives them (inside the 256x300 picture): odd edges widen the region to even
+BOXES = np.array([[61, 75, 195, 231], [60, 74, 196, 230], [151, 141, 256, 300]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def decoded(media_dir) -> list[np.ndarray]:
+    with av.open(str(media_dir / "clip2.mp4")) as container:
+        return [f.to_ndarray(format="yuv420p") for _, f in zip(range(len(BOXES)), container.decode(video=0))]
+
+
+def worker(*overrides: str) -> RenderWorker:
+    return RenderWorker(compose_config("manifest=m", "output=o", "cluster.actor.threads=1", *overrides))
+
+
+def loud_features(renderer, frames: int) -> np.ndarray:
+    t = np.arange(16_000) / 16_000
+    wav = (0.5 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    return renderer.features(AudioWindow(wav, 0, len(wav), 0.1), np.arange(frames) + 5, 25.0)
+
+
+@pytest.mark.parametrize("renderer", ["classic", "wav2lip"])
+def test_face_regions_render_like_whole_frames(renderer, decoded, recipe_checkpoints):
+    extra = [] if renderer == "classic" else [
+        "renderer=wav2lip", f"renderer.checkpoint={recipe_checkpoints['wav2lip']}", "renderer.device=cpu"]
+    w = worker(*extra)
+    features = loud_features(w.renderer, len(BOXES))
+    whole = w.renderer.render([cv2.cvtColor(f, cv2.COLOR_YUV2BGR_I420) for f in decoded], BOXES, features)
+    regions = w._render_regions([f.copy() for f in decoded], BOXES, features)
+
+    height, width = whole[0].shape[:2]
+    for i, (frame, ours, source) in enumerate(zip(whole, regions, decoded)):
+        x1, y1 = BOXES[i][0] & ~1, BOXES[i][1] & ~1
+        x2, y2 = min(width, BOXES[i][2] + 1) & ~1, min(height, BOXES[i][3] + 1) & ~1
+        inside = np.zeros((height, width), bool)
+        inside[y1:y2, x1:x2] = True
+        drawn = np.abs(frame.astype(int) - cv2.cvtColor(source, cv2.COLOR_YUV2BGR_I420)).max(axis=2) > 8
+        assert drawn.sum() > 200, "the renderer drew nothing: the comparison below would prove nothing"
+        assert inside[drawn].all()
+        # what the whole-frame path would hand the encoder, pixel for pixel inside the region (a box
+        # moved into its crop wrongly would shift the drawing), and the decoder's own pixels outside it
+        reference = bgr_to_i420(frame)
+        for got, want, src, mask in zip(i420_planes(ours), i420_planes(reference), i420_planes(source),
+                                        (inside, inside[::2, ::2], inside[::2, ::2])):
+            np.testing.assert_array_equal(got[mask], want[mask])
+            np.testing.assert_array_equal(got[~mask], src[~mask])
+
+
+def test_a_frame_without_a_face_region_passes_through(decoded):
+    w = worker()
+    features = loud_features(w.renderer, 2)
+    frames = [f.copy() for f in decoded[:2]]
+    out = w._render_regions(frames, np.array([[300, 10, 400, 90], [61, 75, 195, 231]], np.int32), features)
+    np.testing.assert_array_equal(out[0], decoded[0])  # box right of the picture: nothing to render
+    assert not np.array_equal(out[1], decoded[1])
+    assert w._render_regions([decoded[0].copy()], np.array([[0, 0, 0, 0]], np.int32), features[:1])[0].tobytes() \
+        == decoded[0].tobytes()
