@@ -375,21 +375,15 @@ def config(manifest: str, output: str, *overrides: str) -> Any:
 
 
 def in_process(cfg: Any) -> Any:
-    """The config as an actor sees it: `encoder.codec=auto` decided here, as the campaign driver
-    decides it before starting actors (NVENC when this machine's GPU can encode, else libx264)."""
+    """The config as an actor on this machine sees it: `encoder.codec=auto` decided here, as each
+    actor decides it for its node (NVENC when this machine's GPU can encode, else libx264)."""
     from dataclasses import replace
+
+    from heygem_ray.media.video import auto_codec
 
     if cfg.encoder.codec != "auto":
         return cfg
-    codec = "libx264"
-    with contextlib.suppress(ImportError):
-        import torch
-
-        from heygem_ray.media.video import encoder_works
-
-        if torch.cuda.is_available() and encoder_works("h264_nvenc"):
-            codec = "h264_nvenc"
-    return replace(cfg, encoder=replace(cfg.encoder, codec=codec))
+    return replace(cfg, encoder=replace(cfg.encoder, codec=auto_codec()))
 
 
 @contextlib.contextmanager
@@ -476,7 +470,8 @@ def run_campaign(cfg: Any, timed: bool = False) -> tuple[Any, float, RssSampler,
 
 
 def segment_jobs(cfg: Any, track: Any, audio: Any, work: str, frames: int | None = None) -> list[Any]:
-    """The SegmentJobs the campaign would send to actors for this avatar and audio (as Campaign._segment_job)."""
+    """The SegmentJobs the campaign would send to actors for this avatar and audio (as Campaign._segment_job);
+    `cfg` as `in_process` gives it (a decided codec)."""
     from heygem_ray.plan import avatar_frame_indices, output_frame_count, plan_segments
     from heygem_ray.segment import SegmentJob
 
@@ -489,7 +484,7 @@ def segment_jobs(cfg: Any, track: Any, audio: Any, work: str, frames: int | None
             row_id="bench", index=span.index, out_uri=os.path.join(work, f"seg-{span.index:05d}.mp4"),
             avatar_uri=track.uri, info=track.info, start=span.start, avatar_frames=shown,
             pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[shown],
-            pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level))
+            pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level, codec=cfg.encoder.codec))
     return jobs
 
 

@@ -19,7 +19,7 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,6 @@ from heygem_ray import metrics, storage
 from heygem_ray.config import Config
 from heygem_ray.errors import ClusterConfigError, InputError
 from heygem_ray.manifest import Row, read_manifest
-from heygem_ray.media.video import encoder_works
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
 from heygem_ray.prepare import AvatarTrack, RowPrep, marker_uri, prepare_avatar, prepare_row, thumbnail_uri
 from heygem_ray.report import render_report, write_report
@@ -121,6 +120,10 @@ class Campaign:
         self.actor_pids: list[int | None] = []
         self._actor_failed: dict[int, str] = {}  # actors whose constructor raised (bad checkpoint...)
         self._renderer_error: str | None = None  # set when no actor could start at all
+        # `encoder.codec=auto` is decided by the first actor that answers (NVENC if its GPU has an
+        # encoder), so rows prepare meanwhile and nothing waits on a node that may never start.
+        # Every segment then uses that one codec, so a row's segments join without re-encoding.
+        self.codec: str | None = None if cfg.encoder.codec == "auto" else cfg.encoder.codec
         self._waiting_warned = False
         self._frames_rendered = 0
         self.segments_by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
@@ -150,21 +153,8 @@ class Campaign:
                                       retry_exceptions=list(TRANSIENT))
 
     # ------------------------------------------------------------------ loop
-    def _resolve_codec(self) -> None:
-        """`encoder.codec=auto`: decide once, on a node shaped like the actors' (a task with the
-        actor's resources), so every segment of every row uses the same encoder and segments join.
-        Clusters whose GPU workers differ should name the codec explicitly."""
-        if self.cfg.encoder.codec != "auto":
-            return
-        actor = self.cfg.cluster.actor
-        probe = ray.remote(encoder_works).options(num_cpus=min(actor.num_cpus, 1.0), num_gpus=actor.num_gpus)
-        codec = "h264_nvenc" if actor.num_gpus > 0 and ray.get(probe.remote("h264_nvenc")) else "libx264"
-        self.cfg = replace(self.cfg, encoder=replace(self.cfg.encoder, codec=codec))
-        log.info("encoder.codec=auto resolved to %s", codec)
-
     def run(self) -> Summary:
         started = self._started = time.time()
-        self._resolve_codec()
         self._prepare_row = self._task(prepare_row)
         self._prepare_avatar = self._task(prepare_avatar)
         self._stitch_row = self._task(stitch_row)
@@ -327,19 +317,30 @@ class Campaign:
             info = ray.get(ref)
         except RayActorError as exc:
             if getattr(exc, "actor_init_failed", False):  # its constructor raised: no restart will help
-                self._actor_failed[actor] = _init_error(exc)
-                if len(self._actor_failed) == len(self._actors):
-                    self._renderer_error = f"renderer could not start: {self._actor_failed[actor]}"
-                    for row_id in {row_id for row_id, _ in self._segment_queue}:
-                        self._fail(row_id, self._renderer_error)
-                    self._segment_queue.clear()
-                return
+                return self._actor_unusable(actor, _init_error(exc))
             self._probe_after[actor] = time.time() + 1.0  # still restarting (maybe waiting for a node)
             return
+        if self.codec is None:
+            self.codec = info.codec
+            log.info("encoder.codec=auto resolved to %s by renderer actor %d", info.codec, actor)
+        elif info.codec != self.codec:
+            return self._actor_unusable(actor, f"its node encodes with {info.codec} but this campaign's segments "
+                                               f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)")
         self._actor_healthy[actor] = True
         self.actor_pids[actor] = info.pid
         pinned = f", cores {info.cores}" if info.cores is not None else ""
         log.info("renderer actor %d ready (pid %s%s)", actor, info.pid, pinned)
+
+    def _actor_unusable(self, actor: int, reason: str) -> None:
+        """An actor that will never render (constructor failed, wrong encoder): once no actor is
+        left, every row still waiting for one fails with the reason."""
+        self._actor_failed[actor] = reason
+        log.warning("renderer actor %d gets no segments: %s", actor, reason)
+        if len(self._actor_failed) == len(self._actors):
+            self._renderer_error = f"renderer could not start: {reason}"
+            for row_id in {row_id for row_id, _ in self._segment_queue}:
+                self._fail(row_id, self._renderer_error)
+            self._segment_queue.clear()
 
     def _submit_stitch(self, state: _RowState) -> None:
         assert state.prep is not None and state.prep.audio is not None and state.track is not None
@@ -370,13 +371,15 @@ class Campaign:
 
     # ------------------------------------------------------------ bookkeeping
     def _work_uri(self, state: _RowState) -> str:
-        """Where a row's segment files wait for its stitch; keyed by the row's fingerprint so an
-        unfinished row's segments are reused by a rerun only if nothing about the row changed."""
-        assert state.prep is not None
-        return storage.join(self.cfg.output, "_work", f"{state.row.id}-{state.prep.fingerprint[:16]}")
+        """Where a row's segment files wait for its stitch; keyed by the row's fingerprint and the
+        codec, so an unfinished row's segments are reused by a rerun only if nothing about the row
+        changed and `auto` chose the same encoder (segments of two encoders cannot be joined)."""
+        assert state.prep is not None and self.codec is not None
+        return storage.join(self.cfg.output, "_work", f"{state.row.id}-{state.prep.fingerprint[:16]}-{self.codec}")
 
     def _segment_job(self, state: _RowState, index: int) -> SegmentJob:
         assert state.track is not None and state.prep is not None and state.prep.audio is not None
+        assert self.codec is not None  # segments go to actors that answered, and the first decided it
         span, track, audio = state.spans[index], state.track, state.prep.audio
         avatar_frames = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
         lo, hi = int(avatar_frames.min()), int(avatar_frames.max())
@@ -384,7 +387,7 @@ class Campaign:
             row_id=state.row.id, index=index, out_uri=_segment_uri(self._work_uri(state), index),
             avatar_uri=state.row.avatar, info=track.info, start=span.start, avatar_frames=avatar_frames,
             pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[avatar_frames],
-            pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level,
+            pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level, codec=self.codec,
         )
 
     def _finish(self, row_id: str, status: str, marker: Marker | None) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from heygem_ray import metrics, storage
 from heygem_ray.config import Config
-from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo
+from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo, auto_codec, encoder_works
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import frame_center_samples
@@ -43,6 +43,7 @@ class SegmentJob:
     pcm_uri: str
     audio_samples: int
     audio_level: float
+    codec: str  # the campaign's video encoder (never "auto": the driver decided)
 
     @property
     def frames(self) -> int:
@@ -54,6 +55,8 @@ class WorkerInfo:
     pid: int
     #: the cores the actor is pinned to (`cluster.actor.pin_cpus`), or None
     cores: list[int] | None
+    #: the video encoder this actor can use: `encoder.codec`, or what `auto` means on its node
+    codec: str
 
 
 @dataclass
@@ -85,10 +88,14 @@ class RenderWorker:
         torch.set_num_threads(self.threads)
         cv2.setNumThreads(self.threads)
         self.renderer = build_renderer(cfg.renderer)
+        self.codec = auto_codec() if cfg.encoder.codec == "auto" else cfg.encoder.codec
+        if not encoder_works(self.codec):
+            raise RuntimeError(f"encoder.codec={self.codec} cannot encode on this node (h264_nvenc needs a GPU "
+                               "with a video encoder: L4, A10G, not H100; encoder.codec=auto picks for each node)")
 
     def ready(self) -> WorkerInfo:
-        """Answers once the model is loaded, with what helps operators find the actor."""
-        return WorkerInfo(os.getpid(), self.cores)
+        """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
+        return WorkerInfo(os.getpid(), self.cores, self.codec)
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
         if storage.exists(job.out_uri):
@@ -102,7 +109,7 @@ class RenderWorker:
         enc = self.cfg.encoder
         with tempfile.TemporaryDirectory(prefix="heygem-seg-") as tmp:
             path = os.path.join(tmp, "segment.mp4")
-            writer = SegmentWriter(path, info.width, info.height, info.fps_fraction, enc.codec, enc.crf,
+            writer = SegmentWriter(path, info.width, info.height, info.fps_fraction, job.codec, enc.crf,
                                    enc.preset, enc.pix_fmt, threads=self.threads)
             pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
             with FrameReader(local_avatar, info, None if info.still else job.pts, job.pts_offset,

@@ -231,6 +231,25 @@ def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_
     assert max(loads) == cfg.render.segments_per_actor == 2
 
 
+def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_rows(ray_local, media_dir, tmp_path):
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")],
+                             "avatar": [str(media_dir / "still.png")]}), manifest)
+    base = [f"manifest={manifest}", "render.progress=false"]
+    cfg = compose_config(*base, f"output={tmp_path / 'auto'}")
+    assert cfg.encoder.codec == "auto"
+    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    assert job.run().count("ok") == 1
+    assert job.codec == "libx264"  # decided by the actor: no GPU with a video encoder here
+    with av.open(os.path.join(cfg.output, "a.mp4")) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+    # NVENC named where no node has it: the actors refuse at start, and the row says why
+    cfg = compose_config(*base, f"output={tmp_path / 'nvenc'}", "encoder.codec=h264_nvenc")
+    (row,) = campaign.run(cfg).rows
+    assert row.status == "failed"
+    assert row.error.startswith("renderer could not start:") and "h264_nvenc cannot encode on this node" in row.error
+
+
 H100_NODE = {"CPU": 16.0, "GPU": 1.0}
 GPU_POD = {"CPU": 8.0, "GPU": 1.0}
 CPU_NODE = {"CPU": 32.0}

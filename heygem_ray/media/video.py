@@ -243,6 +243,14 @@ def encoder_works(codec: str) -> bool:
         return False
 
 
+def auto_codec() -> str:
+    """What `encoder.codec=auto` means on this machine: NVENC when a CUDA GPU here has a video
+    encoder (L4, A10G; not H100), else libx264."""
+    import torch
+
+    return "h264_nvenc" if torch.cuda.is_available() and encoder_works("h264_nvenc") else "libx264"
+
+
 def encoder_options(codec: str, crf: int, preset: str) -> dict[str, str]:
     """Quality settings per encoder: x264's CRF and preset, NVENC's constant-quality VBR."""
     if codec == "libx264":
