@@ -262,6 +262,80 @@ class RssSampler:
             return max((self.hwm.get(pid, 0) for pid in self.pids.get(role, ())), default=0) or None
 
 
+CPU_PARTS = ("actors", "driver, Ray and tasks", "rest of the machine")
+
+
+class CpuSampler:
+    """Where the machine's CPU time went during a run, from /proc once a second: this benchmark's
+    renderer actors, the rest of its own process tree (driver, Ray's daemons, prepare and stitch
+    tasks), and everything else (kernel threads, host agents): what actors added to a busy machine
+    can only be judged against the cores the rest left them."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self._hz = os.sysconf("SC_CLK_TCK")
+        self._first: dict[int, float] = {}  # pid -> CPU seconds when first seen (0 if born during the run)
+        self._last: dict[int, float] = {}
+        self._actor: set[int] = set()
+        self._ours: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+        self.seconds: dict[str, float] = {}  # CPU seconds by CPU_PARTS
+        self.wall = 0.0
+
+    def _busy(self) -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) / self._hz  # all but idle and iowait
+
+    def sample(self, first: bool = False) -> None:
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                pid = int(entry)
+                parents[pid] = int(fields[1])
+                cpu = (int(fields[11]) + int(fields[12])) / self._hz
+                self._first.setdefault(pid, cpu if first else 0.0)
+                self._last[pid] = cpu
+        root = os.getpid()
+        for pid in parents:
+            ancestor, hops = pid, 0
+            while ancestor not in (0, 1, root) and hops < 64:
+                ancestor, hops = parents.get(ancestor, 0), hops + 1
+            if ancestor == root:
+                self._ours.add(pid)
+                if _role(_title(pid)) == "RenderWorker":
+                    self._actor.add(pid)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> CpuSampler:
+        self._start, self._busy0 = time.perf_counter(), self._busy()
+        self.sample(first=True)
+        self._ours.add(os.getpid())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.wall = time.perf_counter() - self._start
+        used = {pid: self._last[pid] - self._first[pid] for pid in self._last}
+        actors = sum(used[pid] for pid in self._actor)
+        ours = sum(used[pid] for pid in self._ours - self._actor)
+        rest = max(0.0, self._busy() - self._busy0 - actors - ours)
+        self.seconds = dict(zip(CPU_PARTS, (actors, ours, rest)))
+
+    def cores(self, part: str) -> float:
+        """Average cores `part` kept busy over the run."""
+        return self.seconds.get(part, 0.0) / max(self.wall, 1e-9)
+
+
 # --------------------------------------------------------------------------------------- inputs
 class Inputs:
     """Synthetic inputs, made once per run under `root` and reused by every measurement."""
@@ -445,15 +519,15 @@ class TimedCampaign(Campaign):
         super()._on_avatar(key, ref)
 
 
-def run_campaign(cfg: Any, timed: bool = False) -> tuple[Any, float, RssSampler, Any]:
-    """Render a campaign on the running Ray while sampling memory. Without `timed` this is
-    `campaign.run(cfg)` itself; with it, the same steps through TimedCampaign.
-    Returns (summary, wall seconds, sampler, the TimedCampaign or None)."""
+def run_campaign(cfg: Any, timed: bool = False, sampler: Any = None) -> tuple[Any, float, Any, Any]:
+    """Render a campaign on the running Ray while sampling memory (or what `sampler` samples, e.g.
+    a CpuSampler). Without `timed` this is `campaign.run(cfg)` itself; with it, the same steps
+    through TimedCampaign. Returns (summary, wall seconds, sampler, the TimedCampaign or None)."""
     from heygem_ray import campaign
     from heygem_ray.manifest import read_manifest
 
     job = None
-    with RssSampler() as sampler, quiet():
+    with sampler or RssSampler() as sampler, quiet():
         start = time.perf_counter()
         if not timed:
             summary = campaign.run(cfg)
@@ -871,7 +945,7 @@ def bench_scaling(ctx: Context) -> None:
         for n in counts:
             cfg = config(manifest, os.path.join(work, f"out-{n}-{pinned}"), *base, f"cluster.actors={n}",
                          f"cluster.actor.pin_cpus={str(pinned).lower()}")
-            summary, wall, _, job = run_campaign(cfg, timed=True)
+            summary, wall, cpu, job = run_campaign(cfg, timed=True, sampler=CpuSampler())
             job.wait_for_actors_to_exit()
             own_cores = sum(1 for info in job.workers.values() if info.cores is not None)
             frames = sum(r.frames or 0 for r in summary.rows)
@@ -880,7 +954,7 @@ def bench_scaling(ctx: Context) -> None:
             segments = sum(r.segments or 0 for r in summary.rows)
             rows.append([n, "yes" if pinned else "no", "yes" if n <= cores else "no", len(summary.rows), segments,
                          frames, f"{wall:,.1f}", f"{start:,.1f}", f1(series[n]), f1(rate(frames, wall - start)),
-                         own_cores])
+                         own_cores, *(f2(cpu.cores(part)) for part in CPU_PARTS)])
         one, prev = series[counts[0]], None
         for r, n in zip(rows[-len(counts):], counts):
             speedup = series[n] / one if one else float("nan")
@@ -901,11 +975,15 @@ def bench_scaling(ctx: Context) -> None:
              "already cached; \"first actor ready s\" is the part of it before any actor could render (Ray worker start, "
              "imports, renderer load), a fixed cost that longer campaigns amortise, and \"frames/s after start\" leaves "
              "it out. Speedup, efficiency and gain use the whole wall time. Efficiency = speedup ÷ actors; gain per added actor = extra frames/s per added actor, "
-             "in units of one actor's frames/s (target ≥ 0.8 while cores allow).")
+             "in units of one actor's frames/s (target ≥ 0.8 while cores allow). \"cores: ...\" columns: average cores "
+             "kept busy during the run (from /proc each second) by the renderer actors, by the rest of this benchmark's "
+             "process tree (driver, Ray's daemons, prepare and stitch tasks), and by everything else on the machine "
+             "(kernel threads such as memory reclaim, host agents): an added actor can only use what these leave.")
     ctx.report.emit(title, table(["actors", "pinned", "cores allow", "rows", "segments", "frames", "wall s",
                                   "first actor ready s", "frames/s", "frames/s after start",
-                                  "actors on own cores", "speedup", "efficiency", "gain per added actor"], rows,
-                                 right=(0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)), notes)
+                                  "actors on own cores", *(f"cores: {part}" for part in CPU_PARTS), "speedup",
+                                  "efficiency", "gain per added actor"], rows,
+                                 right=(0, *range(3, 17))), notes)
 
 
 # --------------------------------------------------------------------------------------- 6. node
