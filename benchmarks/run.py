@@ -189,27 +189,22 @@ def _role(title: str) -> str:
     return title.removeprefix("ray::").split(".", 1)[0].split(" ", 1)[0] or "?"
 
 
-class RssSampler:
-    """Polls the resident memory of this Ray's worker processes (by role: actor class or task name,
-    from the process title) and of the driver, every `interval` seconds, from /proc.
+class Poller:
+    """Calls `sample()` once on entering, every `interval` seconds on a thread, and once on leaving."""
 
-    Besides the sampled VmRSS it keeps each process's VmHWM, the kernel's own peak-RSS high-water
-    mark: it only grows, so the last sample before a process exits holds that process's true peak
-    (Campaign.run kills its actors when it ends, so it cannot be read afterwards)."""
-
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float):
         self.interval = interval
-        self.peak: dict[str, int] = {}  # role -> highest sampled VmRSS (kB)
-        self.pids: dict[str, set[int]] = {}  # role -> pids seen in that role
-        self.hwm: dict[int, int] = {}  # pid -> latest VmHWM (kB)
-        self.series: list[tuple[float, int]] = []  # (time, summed VmRSS of the actor processes)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
-        self._raylets: list[int] = []
-        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
 
-    def __enter__(self) -> RssSampler:
-        self._raylets = _raylets()
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> Poller:
         self.sample()
         self._thread.start()
         return self
@@ -219,9 +214,28 @@ class RssSampler:
         self._thread.join()
         self.sample()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
+
+class RssSampler(Poller):
+    """Polls the resident memory of this Ray's worker processes (by role: actor class or task name,
+    from the process title) and of the driver, every `interval` seconds, from /proc.
+
+    Besides the sampled VmRSS it keeps each process's VmHWM, the kernel's own peak-RSS high-water
+    mark: it only grows, so the last sample before a process exits holds that process's true peak
+    (Campaign.run kills its actors when it ends, so it cannot be read afterwards)."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(interval)
+        self.peak: dict[str, int] = {}  # role -> highest sampled VmRSS (kB)
+        self.pids: dict[str, set[int]] = {}  # role -> pids seen in that role
+        self.hwm: dict[int, int] = {}  # pid -> latest VmHWM (kB)
+        self.series: list[tuple[float, int]] = []  # (time, summed VmRSS of the actor processes)
+        self._raylets: list[int] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RssSampler:
+        self._raylets = _raylets()
+        super().__enter__()
+        return self
 
     def sample(self) -> None:
         seen = [(os.getpid(), "driver")]
@@ -265,21 +279,20 @@ class RssSampler:
 CPU_PARTS = ("actors", "driver, Ray and tasks", "rest of the machine")
 
 
-class CpuSampler:
+class CpuSampler(Poller):
     """Where the machine's CPU time went during a run, from /proc once a second: this benchmark's
     renderer actors, the rest of its own process tree (driver, Ray's daemons, prepare and stitch
     tasks), and everything else (kernel threads, host agents): what actors added to a busy machine
     can only be judged against the cores the rest left them."""
 
     def __init__(self, interval: float = 1.0):
-        self.interval = interval
+        super().__init__(interval)
         self._hz = os.sysconf("SC_CLK_TCK")
         self._first: dict[int, float] = {}  # pid -> CPU seconds when first seen (0 if born during the run)
         self._last: dict[int, float] = {}
         self._actor: set[int] = set()
-        self._ours: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+        self._ours: set[int] = {os.getpid()}
+        self._started = False
         self.seconds: dict[str, float] = {}  # CPU seconds by CPU_PARTS
         self.wall = 0.0
 
@@ -287,7 +300,8 @@ class CpuSampler:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         return (sum(fields) - fields[3] - fields[4]) / self._hz  # all but idle and iowait
 
-    def sample(self, first: bool = False) -> None:
+    def sample(self) -> None:
+        first, self._started = not self._started, True
         parents: dict[int, int] = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -309,21 +323,13 @@ class CpuSampler:
                 if _role(_title(pid)) == "RenderWorker":
                     self._actor.add(pid)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
     def __enter__(self) -> CpuSampler:
         self._start, self._busy0 = time.perf_counter(), self._busy()
-        self.sample(first=True)
-        self._ours.add(os.getpid())
-        self._thread.start()
+        super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+        super().__exit__(*exc)
         self.wall = time.perf_counter() - self._start
         used = {pid: self._last[pid] - self._first[pid] for pid in self._last}
         actors = sum(used[pid] for pid in self._actor)
