@@ -189,12 +189,9 @@ class RenderWorker:
         if not keep:
             return frames
         crops = [region_to_bgr(frames[i], regions[i]) for i in keep]
-        moved = []
-        for i in keep:
-            x1, y1 = regions[i][:2]
-            box = np.clip(boxes[i], 0, [width, height, width, height])  # as clipped when the region was cut
-            moved.append(box - np.array([x1, y1, x1, y1], dtype=box.dtype))
-        rendered = self.renderer.render(crops, np.stack(moved), features[keep])
+        origins = np.array([regions[i][:2] * 2 for i in keep])  # (x1, y1, x1, y1) of each region
+        moved = np.clip(boxes[keep], 0, [width, height, width, height]) - origins  # clipped as the regions were
+        rendered = self.renderer.render(crops, moved, features[keep])
         for i, crop in zip(keep, rendered):
             paste_bgr(frames[i], regions[i], crop)
         return frames
