@@ -1,0 +1,204 @@
+"""The GPU check kit (benchmarks/gpu) cannot rot unnoticed: its CPU dry run runs every step on tiny
+inputs with imports limited to what the GPU node will have (no Ray, no uncarried wheel) and must pass
+with its figures written; an overrunning step is killed and recorded; the wheel size accounting and
+the node-import guard work without network. Behaviour tests, no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu import prepare  # noqa: E402
+from benchmarks.gpu.packages import CARRIED, allowed_dists, normalize  # noqa: E402
+from benchmarks.gpu.run import STEPS  # noqa: E402
+
+DRY_STEPS = [s.name for s in STEPS if s.dry_args is not None]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _kit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu.run", "--dry-run", "--out", str(out), *args],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _result(out: Path, step: str) -> dict:
+    return _results(out)["steps"][step]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gpu-kit")
+    proc = _kit(out)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    return out
+
+
+def test_dry_run_runs_every_step_and_writes_its_files(dry_run: Path) -> None:
+    # the device tool returns at most eight files from OUT
+    assert sorted(p.name for p in dry_run.iterdir()) == ["log.txt", "node_thumbnail.jpg", "results.json", "summary.md"]
+    results = _results(dry_run)
+    assert results["dry_run"] is True and results["install"] is None
+    assert list(results["steps"]) == [s.name for s in STEPS]
+    log = (dry_run / "log.txt").read_text()
+    for name, record in results["steps"].items():
+        if name not in DRY_STEPS:
+            assert record["status"] == "skipped", name
+            continue
+        assert record["status"] == "ok" and record["dry_run"], (name, record.get("error"))
+        assert record["checks"] == [] or all(c["passed"] is not False for c in record["checks"]), name
+        assert record["markdown"].strip() and record["wall_s"] > 0, name
+        assert f"===== {name}: ok =====" in log, name
+    assert (dry_run / "node_thumbnail.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG
+
+
+def test_dry_run_imports_what_the_node_has(dry_run: Path) -> None:
+    env = _result(dry_run, "env")
+    # the guard was on (Ray is installed here, yet the dry run saw none), and no stage loaded Ray
+    assert env["figures"]["ray_imported"] is False and env["figures"]["ray_installed"] is False
+    for name in DRY_STEPS:
+        assert "ray" not in _result(dry_run, name)["modules"], name
+    assert env["figures"]["cores"] >= 1 and env["figures"]["torch"]
+    assert set(env["figures"]["versions"]) >= {"torch", "av", "librosa", "hydra-core", "omegaconf"}
+
+
+def test_correctness_checks_ran_and_passed(dry_run: Path) -> None:
+    checks = {c["name"]: c for c in _result(dry_run, "correctness")["checks"]}
+    names = list(checks)
+    for prefix in ("Wav2Lip generator fp32 4-d", "Wav2Lip generator fp32 5-d", "image_ops=device vs cpu, fp32, feather",
+                   "S3FD raw outputs fp32", "2 processes sharing the CPU"):
+        match = [n for n in names if n.startswith(prefix)]
+        assert match and all(checks[n]["passed"] is True for n in match), (prefix, names)
+    generator = checks[next(n for n in names if n.startswith("Wav2Lip generator fp32 4-d"))]["figures"]
+    assert 0 <= generator["max"] <= 1e-4
+    sharing = checks[next(n for n in names if "sharing" in n)]["figures"]
+    assert sharing["processes"] == 2 and sharing["max_level_diff"] == 0 and len(sharing["seconds_each_shared"]) == 2
+
+
+def test_node_run_renders_every_frame_in_worker_processes(dry_run: Path) -> None:
+    node = _result(dry_run, "node")["figures"]
+    best = node["best"]
+    assert best is not None and (best["procs"], best["threads"]) == (2, 1)
+    assert best["frames"] == 50 and best["segments"] == 2  # 2 s at 25 fps, 1 s segments
+    assert best["wall_s"] > 0 and best["frames_per_s"] > 0 and best["audio_seconds"] == pytest.approx(2.0, abs=0.05)
+    assert sum(best["segments_per_worker"]) == 2
+    assert {"render", "decode", "encode"} <= set(best["segment_stage_s"])
+    timeline = best["timeline_s"]
+    assert 0 < timeline["first_worker_ready"] <= timeline["last_worker_ready"] <= timeline["segments_done"]
+    assert timeline["segments_done"] <= timeline["published"] == best["wall_s"]
+    assert best["workers_imported_ray"] is False and best["output_mib"] > 0
+
+
+def test_summary_is_markdown_with_every_section(dry_run: Path) -> None:
+    text = (dry_run / "summary.md").read_text()
+    assert text.startswith("### ") and "GPU node check on no GPU (DRY RUN" in text
+    for needle in ("| step | what | status | seconds (budget) | checks passed |", "| check | measured | tolerance | result |",
+                   "| processes × threads | renderer | frames |", "| image_ops | precision | boxes |",
+                   "| precision | torch.compile | batch |", "Machine: "):
+        assert needle in text, needle
+
+
+def test_an_overrunning_step_is_killed_and_recorded(tmp_path: Path) -> None:
+    proc = _kit(tmp_path, "--only", "env", "--step-budget", "env=0.3", timeout=120)
+    assert proc.returncode == 1
+    env = _result(tmp_path, "env")
+    assert env["status"] == "timeout" and "killed after" in env["error"] and env["budget_s"] == 0.3
+    assert list(_results(tmp_path)["steps"]) == ["env"]
+    assert "(a) environment facts — TIMEOUT" in (tmp_path / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------------------- wheels
+def _guarded(code: str, allowed: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter with the node-import guard (over `allowed` distributions)."""
+    setup = ("from benchmarks.gpu.packages import NodeImports, blocked_modules, allowed_dists\n"
+             f"allowed = frozenset({allowed!r}) if {allowed!r} is not None else allowed_dists()\n"
+             "NodeImports(blocked_modules(allowed), allowed).install()\n")
+    return subprocess.run([sys.executable, "-c", setup + code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+
+
+NODE_SIDE = ("import sys\n"
+             "import heygem_ray.segment, heygem_ray.stitch, heygem_ray.prepare, heygem_ray.demo\n"
+             "import heygem_ray.render.wav2lip, heygem_ray.detect.s3fd, heygem_ray.media.mux\n"
+             "from heygem_ray.models.wav2lip_audio import _mel_basis\n"
+             "_mel_basis()\n"
+             "assert 'ray' not in sys.modules\n")
+
+
+def test_carried_wheels_cover_what_the_node_side_imports() -> None:
+    proc = _guarded(NODE_SIDE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_guard_fails_imports_the_node_lacks() -> None:
+    """Without one carried distribution the same imports fail: the check above can fail."""
+    without_librosa = sorted(allowed_dists() - {"librosa"})
+    proc = _guarded(NODE_SIDE, without_librosa)
+    assert proc.returncode != 0 and "No module named 'librosa'" in proc.stderr
+    proc = _guarded("import ray")
+    assert proc.returncode != 0 and "No module named 'ray'" in proc.stderr
+
+
+def test_carried_list_names_each_distribution_once() -> None:
+    names = [normalize(c.dist) for c in CARRIED]
+    assert len(names) == len(set(names)) and "ray" not in names
+    assert {"av", "hydra-core", "omegaconf", "antlr4-python3-runtime", "librosa"} <= set(names)
+
+
+def test_size_accounting_sums_wheels_and_what_git_would_copy(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / ".gitignore").write_text("ignored.bin\n")
+    (repo / "pkg" / "tracked.py").write_bytes(b"x" * 1000)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    (repo / "untracked.txt").write_bytes(b"y" * 300)
+    (repo / "ignored.bin").write_bytes(b"z" * 5000)
+    wheels = repo / "wheels"
+    wheels.mkdir()
+    (wheels / "a-1.0-py3-none-any.whl").write_bytes(b"w" * 2000)
+    (wheels / "b-2.0-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"w" * 500)
+
+    files = prepare.repo_files(repo, exclude=wheels)
+    assert sorted(f.name for f in files) == [".gitignore", "tracked.py", "untracked.txt"]  # wheels counted apart
+    assert prepare.sum_sizes([*files, repo / "deleted.py"]) == 1000 + 300 + len("ignored.bin\n")
+    budget = prepare.budget(wheels, repo)
+    assert budget.wheel_bytes == 2500 and budget.repo_files == 3
+    assert budget.total == 2500 + 1300 + len("ignored.bin\n") and budget.fits
+    assert "| **total** (limit 60) |" in budget.table()
+    assert not prepare.Budget({"big.whl": 61 * prepare.MIB}, 0, 0).fits
+    assert not prepare.Budget({"w.whl": 59 * prepare.MIB}, prepare.MIB, 1).fits  # exactly 60 MiB: not under it
+
+
+def test_a_wheel_unpacks_as_pip_would_lay_it_out(tmp_path: Path) -> None:
+    """The node's interpreter may lack pip: the kit then unzips the wheels itself."""
+    import zipfile
+
+    from benchmarks.gpu.run import unpack_wheel
+
+    wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("demo_pkg/__init__.py", "VALUE = 1\n")
+        archive.writestr("demo_pkg-1.0.dist-info/METADATA", "Name: demo-pkg\nVersion: 1.0\n")
+        archive.writestr("demo_pkg-1.0.data/purelib/demo_extra.py", "VALUE = 2\n")
+        archive.writestr("demo_pkg-1.0.data/scripts/demo", "#!/bin/sh\n")
+    site = tmp_path / "site"
+    site.mkdir()
+    unpack_wheel(wheel, site)
+    assert sorted(p.name for p in site.iterdir()) == ["demo_extra.py", "demo_pkg", "demo_pkg-1.0.dist-info"]
+    assert (site / "demo_pkg" / "__init__.py").read_text() == "VALUE = 1\n"
