@@ -50,3 +50,15 @@ def test_render_changes_only_the_face_box_and_more_when_louder():
     assert np.array_equal(closed, frame)
     change = [np.abs(o.astype(int) - frame.astype(int)).sum() for o in (quiet, loud)]
     assert change[1] > change[0] > 0
+
+
+def test_render_accepts_and_ignores_sources():
+    rng = np.random.default_rng(2)
+    frame = rng.integers(0, 255, (120, 100, 3), dtype=np.uint8)
+    boxes = np.array([[20, 10, 80, 100]] * 2)
+    r = ClassicRenderer(ClassicRendererConfig())
+    plain = r.render([frame.copy(), frame.copy()], boxes, np.array([0.4, 0.9]))
+    with_ids = r.render([frame.copy(), frame.copy()], boxes, np.array([0.4, 0.9]), sources=[("still", 0)] * 2)
+    for p, s in zip(plain, with_ids):
+        assert np.array_equal(p, s)
+    assert not np.array_equal(with_ids[0], with_ids[1])  # each frame still follows its own feature

@@ -59,3 +59,33 @@ def test_channels_last_gives_the_same_numbers(model):
     with torch.inference_mode():
         out = net(torch.from_numpy(REF["mel"]), faces)
     np.testing.assert_allclose(out.numpy(), REF["output"], rtol=0, atol=1e-4)
+
+
+def test_encoder_and_decoder_halves_are_the_forward(model):
+    faces, mel = torch.from_numpy(REF["faces"]), torch.from_numpy(REF["mel"])
+    with torch.inference_mode():
+        skips = model.encode_face(faces)
+        shapes = [tuple(s.shape) for s in skips]
+        out = model.decode(mel, skips)
+        assert torch.equal(out, model(mel, faces))
+        assert torch.equal(model.decode(mel, skips), out)  # decode leaves the skips as they were
+    assert shapes == [(4, 16, 96, 96), (4, 32, 48, 48), (4, 64, 24, 24), (4, 128, 12, 12), (4, 256, 6, 6),
+                      (4, 512, 3, 3), (4, 512, 1, 1)]
+    assert len(skips) == 7
+
+
+def test_fused_cpu_generator_matches_the_official_reference(model):
+    """Conv units fused for the CPU (BatchNorm folded, ReLU and residual add as oneDNN post-ops)
+    give the official outputs to the same tolerance as the plain modules, and leave the model alone."""
+    from heygem_ray.models.wav2lip import ConvUnit, FusedConvUnit, fuse_for_cpu
+
+    fused = fuse_for_cpu(model.to(memory_format=torch.channels_last))
+    assert not any(isinstance(m, ConvUnit) for m in fused.modules())
+    assert sum(isinstance(m, FusedConvUnit) for m in fused.modules()) == sum(
+        isinstance(m, ConvUnit) for m in model.modules()) > 0
+    faces = torch.from_numpy(REF["faces"]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = fused(torch.from_numpy(REF["mel"]), faces)
+        plain = model(torch.from_numpy(REF["mel"]), faces)
+    np.testing.assert_allclose(out.numpy(), REF["output"], rtol=0, atol=1e-4)
+    assert float((out - plain).abs().max()) < 1e-5  # float rounding, not a different network

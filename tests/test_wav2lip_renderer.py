@@ -1,5 +1,6 @@
 """Wav2LipRenderer: official preprocessing, untouched pixels outside the box, hard vs feathered paste,
-the torch (device) image path against the OpenCV one, and the torch.compile option with its fallback."""
+the torch (device) image path against the OpenCV one (its feather mask, its recovery from a failed
+batch), and the torch.compile option: its fallback, compile_now() and the compile worker cap."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ import torch
 from recipe_weights import read_keys, recipe_state_dict
 
 from heygem_ray.render.base import AudioWindow
-from heygem_ray.render.wav2lip import MASK_ZERO_ABOVE, Wav2LipRenderer, _resize
+from heygem_ray.render.wav2lip import (
+    MASK_ZERO_ABOVE,
+    Wav2LipRenderer,
+    _feather_mask,
+    _feather_mask_torch,
+    _resize,
+)
 
 DATA = Path(__file__).parent / "data"
 H, W = 160, 200
@@ -30,12 +37,12 @@ def checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def hard(checkpoint) -> Wav2LipRenderer:
-    return Wav2LipRenderer(checkpoint, batch_size=8, blend="hard", device="cpu")
+    return Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", blend="hard", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def feather(checkpoint) -> Wav2LipRenderer:
-    return Wav2LipRenderer(checkpoint, batch_size=2, device="cpu")
+    return Wav2LipRenderer(checkpoint, batch_size=2, precision="fp32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +196,8 @@ def test_resize_matches_cv2(src, dst):
 
 @pytest.mark.parametrize("blend", ["hard", "feather"])
 def test_device_path_matches_cv2_path(checkpoint, blend, mixed_frames, mixed_features):
-    reference = Wav2LipRenderer(checkpoint, batch_size=3, blend=blend, device="cpu", image_ops="cpu")
-    device = Wav2LipRenderer(checkpoint, batch_size=3, blend=blend, device="cpu", image_ops="device")
+    reference = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend=blend, device="cpu", image_ops="cpu")
+    device = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend=blend, device="cpu", image_ops="device")
     want = reference.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
     got = device.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
     for frame, box, w, g in zip(mixed_frames, MIXED, want, got):
@@ -213,7 +220,7 @@ def test_device_path_matches_cv2_path(checkpoint, blend, mixed_frames, mixed_fea
 
 
 def test_device_path_read_only_frames_and_no_boxes(checkpoint, frames, features):
-    device = Wav2LipRenderer(checkpoint, batch_size=4, blend="hard", device="cpu", image_ops="device")
+    device = Wav2LipRenderer(checkpoint, batch_size=4, precision="fp32", blend="hard", device="cpu", image_ops="device")
     frozen = [f.copy() for f in frames]
     for f in frozen:
         f.flags.writeable = False
@@ -223,6 +230,32 @@ def test_device_path_read_only_frames_and_no_boxes(checkpoint, frames, features)
     empty = np.array([[10, 10, 10, 50], [-50, -50, -1, -1], [W, 0, W + 9, 20]])  # no area in the frame
     out = device.render([f.copy() for f in frames], empty, features)
     assert all(np.array_equal(f, o) for f, o in zip(frames, out))
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (7, 5), (96, 96), (117, 90), (301, 256)])
+def test_device_feather_mask_is_the_numpy_mask(checkpoint, height, width):
+    want = _feather_mask(height, width)
+    got = _feather_mask_torch(height, width, torch.device("cpu"))
+    assert got.shape == want.shape and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
+    device = Wav2LipRenderer(checkpoint, batch_size=2, precision="fp32", device="cpu", image_ops="device")
+    mask, keep = device._device_mask(height, width)
+    np.testing.assert_allclose(mask.numpy(), want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(keep.numpy(), 1.0 - want, rtol=0, atol=1e-6)
+
+
+def test_device_path_recovers_after_a_failed_batch(checkpoint, mixed_frames, mixed_features):
+    """A batch that fails after its upload (here: mel windows of the wrong height) leaves the
+    staging buffers usable. (On CUDA the failure path also waits for the in-flight upload before
+    the next call rewrites the pinned buffer; a CPU cannot show that race.)"""
+    device = Wav2LipRenderer(checkpoint, batch_size=4, precision="fp32", device="cpu", image_ops="device")
+    fresh = Wav2LipRenderer(checkpoint, batch_size=4, precision="fp32", device="cpu", image_ops="device")
+    with pytest.raises(RuntimeError):
+        device.render([f.copy() for f in mixed_frames], MIXED, mixed_features[:, :40])
+    got = device.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
+    want = fresh.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
 
 
 # --- torch.compile ---------------------------------------------------------------------------------
@@ -237,8 +270,8 @@ def eager_backend(monkeypatch):
 
 
 def test_compile_runs_and_matches_eager(checkpoint, eager_backend, mixed_frames, mixed_features):
-    eager = Wav2LipRenderer(checkpoint, batch_size=3, blend="hard", device="cpu", image_ops="device")
-    compiled = Wav2LipRenderer(checkpoint, batch_size=3, blend="hard", device="cpu", image_ops="device",
+    eager = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu", image_ops="device")
+    compiled = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu", image_ops="device",
                                compile=True)
     want = eager.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
     got = compiled.render([f.copy() for f in mixed_frames], MIXED, mixed_features)  # 3 + 3 + 2 (padded)
@@ -256,7 +289,7 @@ def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch, caplog, fr
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    renderer = Wav2LipRenderer(checkpoint, batch_size=8, blend="hard", device="cpu", compile=True)
+    renderer = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", blend="hard", device="cpu", compile=True)
     with caplog.at_level(logging.WARNING, logger="heygem_ray.render.wav2lip"):
         out = renderer.render([f.copy() for f in frames], BOXES, features)
     assert not renderer.compiled and "running eager" in caplog.text and "no C++ compiler" in caplog.text
@@ -269,7 +302,7 @@ def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch, caplog, fr
     monkeypatch.setattr(torch, "compile", refused)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="heygem_ray.render.wav2lip"):
-        renderer = Wav2LipRenderer(checkpoint, batch_size=8, blend="hard", device="cpu", compile=True)
+        renderer = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", blend="hard", device="cpu", compile=True)
     assert not renderer.compiled and "dynamo unsupported" in caplog.text
     assert len(renderer.render([f.copy() for f in frames], BOXES, features)) == 3
 
@@ -277,8 +310,63 @@ def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch, caplog, fr
 @pytest.mark.skipif(not os.environ.get("HEYGEM_TEST_COMPILE"),
                     reason="inductor compile takes ~55 s on 2 CPU cores; set HEYGEM_TEST_COMPILE=1 to run")
 def test_compile_with_inductor(checkpoint, frames, features, hard):
-    renderer = Wav2LipRenderer(checkpoint, batch_size=8, blend="hard", device="cpu", compile=True)
+    renderer = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", blend="hard", device="cpu", compile=True)
     out = renderer.render([f.copy() for f in frames], BOXES, features)
     assert renderer.compiled
     for w, g in zip(hard.render([f.copy() for f in frames], BOXES, features), out):
         assert np.abs(g.astype(int) - w).max() <= 2  # inductor may reorder float sums
+
+
+def test_compile_now_compiles_a_built_renderer_once(checkpoint, eager_backend, mixed_frames, mixed_features):
+    renderer = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu",
+                               image_ops="device")
+    want = renderer.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
+    assert not renderer.compiled
+    assert renderer.compile_now() and renderer.compiled
+    halves = renderer._encode, renderer._decode
+    assert renderer.compile_now() and (renderer._encode, renderer._decode) == halves  # idempotent
+    got = renderer.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
+    assert renderer.compiled
+    for w, g in zip(want, got):  # the same tolerance as test_compile_runs_and_matches_eager
+        assert np.abs(g.astype(int) - w).max() <= 1 and (g == w).mean() > 0.999
+
+
+def test_compile_now_falls_back_to_eager_once(checkpoint, monkeypatch, caplog, frames, features, hard):
+    def refused(model, **kw):
+        raise RuntimeError("dynamo unsupported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refused)
+    renderer = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", blend="hard", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="heygem_ray.render.wav2lip"):
+        assert not renderer.compile_now()
+        assert not renderer.compile_now()  # no second attempt, no second warning
+    assert caplog.text.count("dynamo unsupported") == 1 and not renderer.compiled
+    for w, g in zip(hard.render([f.copy() for f in frames], BOXES, features),
+                    renderer.render([f.copy() for f in frames], BOXES, features)):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize(("threads", "before", "after"), [(1, 8, 1), (3, 8, 3), (16, 8, 8), (0, 8, 8)])
+def test_threads_caps_the_inductor_compile_workers(checkpoint, eager_backend, threads, before, after):
+    from torch._inductor import config
+
+    with config.patch(compile_threads=before):  # restores the process's setting after
+        renderer = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", device="cpu", compile=True,
+                                   threads=threads)
+        assert renderer.compiled and config.compile_threads == after
+    lazy = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", device="cpu", threads=threads)
+    with config.patch(compile_threads=before):
+        assert lazy.compile_now() and config.compile_threads == after
+
+
+def test_cpu_fp32_runs_the_fused_generator_within_rounding_of_the_plain_one(checkpoint, mixed_frames, mixed_features):
+    """The default CPU renderer fuses its conv units; the frames it paints are the plain generator's
+    but for a rare truncated level, and only fp32 on the CPU is fused."""
+    fused = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", device="cpu")
+    plain = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", device="cpu", fuse=False)
+    assert fused.fused and not plain.fused
+    assert not Wav2LipRenderer(checkpoint, batch_size=3, precision="bf16", device="cpu").fused
+    a = fused.render([f.copy() for f in mixed_frames], np.array(MIXED), mixed_features)
+    b = plain.render([f.copy() for f in mixed_frames], np.array(MIXED), mixed_features)
+    diff = np.concatenate([np.abs(x.astype(int) - y.astype(int)).ravel() for x, y in zip(a, b)])
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from heygem_ray.devices import torch_device
 from heygem_ray.models.s3fd import S3FD, s3fd_expected_keys
 
 __all__ = [
@@ -139,9 +140,9 @@ def detections_from_outputs(
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    # "auto" follows the GPUs Ray assigned to this process, not every GPU torch can see: a
+    # GPU-free detect task on a GPU node must stay on the CPU
+    return device if isinstance(device, torch.device) else torch_device(device)
 
 
 class S3FDDetector:
@@ -149,6 +150,8 @@ class S3FDDetector:
 
     model: an `S3FD` (used as given, moved to `device`) or a state_dict loaded strictly into a
     new one (strip any `module.` prefix before; the checkpoint loader does that).
+    device: "auto" (CUDA when this process may use a GPU: one Ray assigned it inside Ray, any
+    torch sees outside; see heygem_ray.devices) or a torch device.
     max_side: frames whose longer side exceeds it are detected on an area-downscaled copy and the
     boxes are scaled back to full resolution — full-HD S3FD costs ~1.3 TFLOP per frame (§6) and
     runs out of memory in the official batches; None detects at full resolution like the official

@@ -4,10 +4,13 @@ Module names, order and shapes follow WAV2LIP_SPEC.md §7: the state_dict is exa
 one (352 keys), so `wav2lip.pth` / `wav2lip_gan.pth` and their TorchScript re-exports load as is.
 The network takes a 16-column mel window (B, 1, 80, 16) and a 6-channel face (B, 6, 96, 96):
 [lower-half-masked crop, unmasked crop], BGR in [0, 1], and returns the re-rendered BGR face
-(B, 3, 96, 96) in [0, 1].
+(B, 3, 96, 96) in [0, 1]. `forward` is `decode(audio, encode_face(faces))`: the face encoder half
+can run on its own, so its output can be reused for a face crop seen before.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -45,6 +48,57 @@ class ConvUnit(nn.Module):
         if self.residual:
             out = out + x
         return self.act(out)
+
+
+class FusedConvUnit(nn.Module):
+    """A ConvUnit for fp32 inference on the CPU: the BatchNorm folded into the conv's weights, and
+    the ReLU (after a residual unit's add) applied inside the same oneDNN convolution, so each big
+    activation is written once instead of four times (conv, BN, add, ReLU). The generator runs
+    ~1.25x faster on one core; outputs differ from the unfused unit by float rounding (~1e-7)."""
+
+    def __init__(self, unit: ConvUnit):
+        super().__init__()
+        conv, bn = unit.conv_block[0], unit.conv_block[1]
+        assert isinstance(bn, nn.BatchNorm2d) and isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d))
+        self.transpose = isinstance(conv, nn.ConvTranspose2d)
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            # output channels are dim 0 of a conv's weight and dim 1 of a transposed conv's
+            shape = (1, -1, 1, 1) if self.transpose else (-1, 1, 1, 1)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            self.register_buffer("weight", (conv.weight * scale.view(shape)).contiguous(memory_format=torch.channels_last))
+            self.register_buffer("bias", (bias - bn.running_mean) * scale + bn.bias)
+        self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+        self.output_padding = list(conv.output_padding) if self.transpose else []
+        self.residual = unit.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mkldnn = torch.ops.mkldnn
+        if self.transpose:
+            return mkldnn._convolution_transpose_pointwise(x, self.weight, self.bias, self.padding, self.output_padding,
+                                                           self.stride, self.dilation, 1, "relu", [], "")
+        if self.residual:
+            return mkldnn._convolution_pointwise.binary(x, x, self.weight, self.bias, self.padding, self.stride,
+                                                        self.dilation, 1, "add", 1.0, "relu", [], "")
+        return mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
+                                             "relu", [], "")
+
+
+def fuse_for_cpu(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every ConvUnit replaced by a FusedConvUnit, for fp32 inference on the
+    CPU (the original is left as it is). The fused ops are oneDNN's, as torch.compile emits them on
+    CPU: callers should check the copy against the original once, since a torch build may lack them."""
+    fused = copy.deepcopy(model).eval()
+
+    def swap(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, ConvUnit):
+                setattr(module, name, FusedConvUnit(child))
+            else:
+                swap(child)
+
+    swap(fused)
+    return fused
 
 
 def _res(ch: int, n: int) -> list[ConvUnit]:
@@ -111,12 +165,23 @@ class Wav2Lip(nn.Module):
         return self._forward4(audio, faces)
 
     def _forward4(self, audio: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        return self.decode(audio, self.encode_face(faces))
+
+    def encode_face(self, faces: torch.Tensor) -> list[torch.Tensor]:
+        """faces (B,6,96,96) -> the face encoder's skip features, finest first: (B,16,96,96),
+        (B,32,48,48), ..., (B,512,1,1). They depend on the face alone, so a renderer may keep them
+        for a face crop it sees again (a still image, a looped clip) and skip this half."""
         skips = []
         x = faces
         for block in self.face_encoder_blocks:
             x = block(x)
             skips.append(x)
+        return skips
+
+    def decode(self, audio: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """audio (B,1,80,16) + `encode_face` skips -> (B,3,96,96): the audio encoder, then the
+        decoder fed with the skips coarsest first. `skips` is not modified."""
         x = self.audio_encoder(audio)
-        for block in self.face_decoder_blocks:
-            x = torch.cat((block(x), skips.pop()), dim=1)
+        for block, skip in zip(self.face_decoder_blocks, reversed(skips)):
+            x = torch.cat((block(x), skip), dim=1)
         return self.output_block(x)

@@ -6,7 +6,8 @@ from heygem_ray.config import ClassicRendererConfig, Wav2LipRendererConfig
 from heygem_ray.render.base import Renderer
 
 
-def build_renderer(cfg: ClassicRendererConfig | Wav2LipRendererConfig) -> Renderer:
+def build_renderer(cfg: ClassicRendererConfig | Wav2LipRendererConfig, threads: int = 0) -> Renderer:
+    """The renderer `cfg` names; `threads` is what the actor may use (0 = torch's setting)."""
     if isinstance(cfg, ClassicRendererConfig):
         from heygem_ray.render.classic import ClassicRenderer
 
@@ -15,5 +16,6 @@ def build_renderer(cfg: ClassicRendererConfig | Wav2LipRendererConfig) -> Render
         from heygem_ray.render.wav2lip import Wav2LipRenderer
 
         return Wav2LipRenderer(cfg.checkpoint, batch_size=cfg.batch_size, precision=cfg.precision,
-                               blend=cfg.blend, device=cfg.device, image_ops=cfg.image_ops, compile=cfg.compile)
+                               blend=cfg.blend, device=cfg.device, image_ops=cfg.image_ops,
+                               compile=cfg.compile == "true", face_cache_mb=cfg.face_cache_mb, threads=threads)
     raise ValueError(f"unknown renderer config {type(cfg).__name__}")

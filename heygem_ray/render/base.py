@@ -7,6 +7,7 @@ both sides) and asks for one feature row per output frame; then it hands over fr
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,12 +46,19 @@ class Renderer(Protocol):
         """
         ...
 
-    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
+               sources: Sequence[Hashable] | None = None) -> list[np.ndarray]:
         """Re-render the mouth in each frame.
 
         frames:   BGR uint8 (H, W, 3) images (the renderer may modify them in place and return them).
         boxes:    int (n, 4) face boxes x1, y1, x2, y2 in pixel coordinates (already padded).
         features: (n, ...) rows from `features()` for these frames.
+        sources:  optional (n,) hashable ids of the frames' pixels, as handed over: two frames with
+                  equal ids must have identical pixels (e.g. (avatar uri, avatar frame index) for
+                  whole frames; a crop of a frame needs its crop origin and size in the id too). A
+                  renderer may then reuse work that depends only on the pixels (Wav2Lip keeps face
+                  encoder features per id and box, across calls); renderers that reuse nothing
+                  ignore it. None: every frame is new.
         Pixels outside the face box must be returned unchanged.
         """
         ...

@@ -8,6 +8,8 @@ renderer, and as a pipeline check: mouth motion must follow the audio frame for 
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import cv2
 import numpy as np
 
@@ -38,7 +40,9 @@ class ClassicRenderer:
         centers = frame_center_samples(frames, fps, audio.sample_rate) - audio.start
         return openness(speech_loudness(audio.samples, centers, audio.sample_rate), audio.level)
 
-    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
+               sources: Sequence[Hashable] | None = None) -> list[np.ndarray]:
+        # `sources` is not needed: each frame costs a few array operations, nothing worth reusing
         return [self._render_one(frame, box, float(o)) for frame, box, o in zip(frames, boxes, features)]
 
     def _render_one(self, frame: np.ndarray, box: np.ndarray, opening: float) -> np.ndarray:

@@ -9,7 +9,7 @@ so the seam disappears and the eyes keep their original sharpness.
 
 Two image paths do the crop, resize and paste around the generator:
 
-- "cpu": OpenCV on the host, exactly the official numerics (cv2.resize INTER_LINEAR on uint8).
+- "cpu": OpenCV on the host, the official numerics (cv2.resize INTER_LINEAR on uint8).
   The reference, and the default off CUDA.
 - "device": torch ops on the model's device, the default on CUDA. Only the box regions travel:
   they are packed into one (pinned) uint8 buffer, uploaded in a single non-blocking copy, resized
@@ -21,6 +21,22 @@ Two image paths do the crop, resize and paste around the generator:
   results are rounded to whole levels here, as the official uint8 crop is), so individual pixels
   can differ by a level, the generator sees slightly different inputs, and the pasted face differs
   from the cpu path by about a level on average (tests/test_wav2lip_renderer.py states the bound).
+
+Face-encoder reuse: the generator's face encoder depends on the face crop alone, and a still image
+(every frame) or a looped clip (every loop) sends the same crop through it again and again. When
+render() is told where each frame's pixels come from (`sources`), the encoder's skip features are
+kept per (source, clipped box) in an LRU bounded by bytes, and only crops not in it are encoded.
+The output is bitwise the same as without reuse: the encoder runs on the same number of rows either
+way (the batch's rows, or batch_size when compiled), the missing crops padded with zeros, so the
+convolutions pick the same algorithms, and the decoder gets the skips in the same layout.
+
+Precision "auto" (the default) runs bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs
+where bf16 is faster than fp32 (AMX), fp32 elsewhere; fp32 on CUDA turns TF32 off, so fp32 means
+the official numerics. fp32 on the CPU runs the generator with its conv units fused (BatchNorm
+folded into the weights, ReLU and residual add as oneDNN post-ops: ~1.25x on one core), which moves
+outputs by float rounding only (~1e-7; a truncated uint8 level differs at ~2 pixels in a million);
+`fuse=False` runs the plain modules. The generator output is cleaned of NaN/inf and clamped to
+[0, 1] before it becomes uint8.
 """
 
 from __future__ import annotations
@@ -30,21 +46,23 @@ import functools
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from heygem_ray.devices import cpu_bf16_is_faster, torch_device
 from heygem_ray.models.checkpoints import load_model
-from heygem_ray.models.wav2lip import Wav2Lip
+from heygem_ray.models.wav2lip import Wav2Lip, fuse_for_cpu
 from heygem_ray.models.wav2lip_audio import mel_chunks
 from heygem_ray.render.base import AudioWindow
 
 log = logging.getLogger("heygem_ray.render.wav2lip")
 
 FACE_SIZE = 96
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 BLENDS = ("feather", "hard")
 IMAGE_OPS = ("auto", "cpu", "device")
 # Feather mask, as fractions of the box: fully generated below MASK_FULL_FROM, original above
@@ -53,6 +71,17 @@ MASK_ZERO_ABOVE = 0.45
 MASK_FULL_FROM = 0.60
 EDGE_RAMP = 0.12
 _DEVICE_MASKS = 64  # feather masks kept on the device, by box size
+# batch_size=0 (auto). On CUDA large batches fill the GPU. On the CPU the generator gets *slower*
+# per frame as the batch grows (activations fall out of the caches). Generator frames/s with one
+# thread (best of 3; 2-core Xeon with AVX512-BF16, no AMX; torch 2.13):
+#   batch     4     8    16    32   128
+#   fp32   15.4  15.5  14.4  14.4  10.6
+#   bf16   10.0  10.7  10.6  10.4   9.8   (autocast: slower than fp32 on this CPU)
+# 16 stays within 7% of the best while giving the actor's decode and encode threads batches big
+# enough to overlap with rendering; 128 would cost a third.
+CPU_BATCH = 16
+CUDA_BATCH = 128
+_AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Wav2LipRenderer:
@@ -60,16 +89,28 @@ class Wav2LipRenderer:
 
     checkpoint: URI of wav2lip.pth / wav2lip_gan.pth (training dict, bare state_dict or
                 TorchScript), on any fsspec storage; fetched once per node.
-    batch_size: frames per render() call and per generator forward pass (official default 128).
-    precision:  "fp32", "fp16" or "bf16". On CUDA fp16/bf16 run under autocast; on CPU fp16 falls
-                back to fp32 (no fast CPU fp16 convolutions) and bf16 uses CPU autocast.
+    batch_size: frames per render() call and per generator forward pass; 0 (default) = auto:
+                CPU_BATCH on the CPU, CUDA_BATCH (the official 128) on CUDA.
+    precision:  "auto" (default), "fp32", "fp16" or "bf16", resolved once into `self.precision`.
+                auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs where bf16 is faster (AMX), else
+                fp32. fp16/bf16 run under autocast; on CPU fp16 becomes fp32 (no fast CPU fp16
+                convolutions). fp32 on CUDA turns TF32 off for the process (official numerics).
     blend:      "feather" (default, seamless lower-face blend) or "hard" (the official rectangle).
-    device:     "auto" (CUDA when available, else CPU) or any torch device string.
+    device:     "auto" (CUDA when this process may use a GPU, see heygem_ray.devices) or any torch
+                device string.
     image_ops:  where crops, resizes and the paste run: "cpu" (OpenCV, the official numerics),
                 "device" (torch on the model's device; within about a level of "cpu") or "auto"
                 (device when the model is on CUDA, else cpu).
-    compile:    torch.compile the generator (batches are padded to batch_size so it compiles
-                once); if compiling fails, logs a warning and runs eager.
+    compile:    torch.compile the generator's two halves (face encoder, audio encoder + decoder),
+                batches padded to batch_size so each compiles once; if compiling fails, logs a
+                warning and runs eager. `compile_now()` does the same later.
+    face_cache_mb: MiB of face-encoder features kept for reuse across render() calls that
+                pass `sources`; 0 disables reuse. A crop's features take ~1.1 MiB in fp32, half
+                in bf16/fp16, on the model's device.
+    threads:    caps inductor's compile worker pool (several actors compiling at once would each
+                start one per core); 0 (default) leaves torch's setting.
+    fuse:       on the CPU at fp32, run the generator with fused conv units (default True; see
+                above); checked once against the plain generator, which is kept if they disagree.
 
     Boxes passed to render() must already carry the official pads (0, 10, 0, 0): the face track
     applies them, so this class never pads.
@@ -78,12 +119,15 @@ class Wav2LipRenderer:
     def __init__(
         self,
         checkpoint: str,
-        batch_size: int = 128,
-        precision: str = "fp32",
+        batch_size: int = 0,
+        precision: str = "auto",
         blend: str = "feather",
         device: str = "auto",
         image_ops: str = "auto",
         compile: bool = False,
+        face_cache_mb: float = 256,
+        threads: int = 0,
+        fuse: bool = True,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -91,54 +135,115 @@ class Wav2LipRenderer:
             raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         if image_ops not in IMAGE_OPS:
             raise ValueError(f"image_ops must be one of {IMAGE_OPS}, got {image_ops!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.batch_size = batch_size
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be positive (or 0 for auto), got {batch_size}")
+        if face_cache_mb < 0:
+            raise ValueError(f"face_cache_mb must be >= 0, got {face_cache_mb}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        self.device = torch_device(device)
+        self.batch_size = batch_size or (CUDA_BATCH if self.device.type == "cuda" else CPU_BATCH)
         self.blend = blend
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         if image_ops == "auto":
             image_ops = "device" if self.device.type == "cuda" else "cpu"
         self.image_ops = image_ops
-        self._amp_dtype = _autocast_dtype(precision, self.device)
-        model = load_model(Wav2Lip(), checkpoint, "Wav2Lip generator")
-        self.model = model.to(self.device, memory_format=torch.channels_last)
-        self._compiled: torch.nn.Module | None = None
+        self.precision = resolve_precision(precision, self.device)
+        log.info("Wav2Lip generator on %s: precision %s (asked %s), batch %d", self.device, self.precision,
+                 precision, self.batch_size)
+        tf32 = tf32_allowed(self.precision, self.device)
+        if tf32 is not None:
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        self._amp_dtype = _AMP_DTYPES[self.precision]
+        self._checkpoint = checkpoint
+        self.model = self._load_generator()
+        self.fused = False
+        if fuse and self.device.type == "cpu" and self.precision == "fp32":
+            self.model, self.fused = _fused_or_plain(self.model)
+        self.threads = threads
+        # the compiled halves; both None when running eager
+        self._encode: Callable[..., list[torch.Tensor]] | None = None
+        self._decode: Callable[..., torch.Tensor] | None = None
+        self._compile_failed = False
         self._compiled_ran = False
-        if compile:
-            try:
-                self._compiled = torch.compile(self.model, dynamic=False)
-            except Exception as exc:  # noqa: BLE001 - any failure means: run eager
-                log.warning("torch.compile of the Wav2Lip generator failed, running eager: %r", exc)
+        # the eager generator and whether it is fused, kept until compiled code has run
+        self._eager_fallback: tuple[torch.nn.Module, bool] | None = None
+        self._face_cache: OrderedDict[Hashable, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._face_cache_bytes = 0
+        self._face_cache_limit = int(face_cache_mb * 2**20)
+        self._cache_lock = threading.Lock()
         self._pinned = self.device.type == "cuda"
         self._staging: dict[str, torch.Tensor] = {}
         self._masks: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # the staging buffers are shared between calls
+        if compile:
+            self.compile_now()
+
+    def _load_generator(self) -> torch.nn.Module:
+        model = load_model(Wav2Lip(), self._checkpoint, "Wav2Lip generator")
+        return model.to(self.device, memory_format=torch.channels_last)
 
     @property
     def compiled(self) -> bool:
         """Whether the generator runs through torch.compile (False after a fallback to eager)."""
-        return self._compiled is not None
+        return self._encode is not None
+
+    def compile_now(self) -> bool:
+        """Turn on torch.compile for this renderer (e.g. once an actor knows its campaign is long
+        enough to repay the compile); returns whether the generator is compiled. Idempotent: a
+        compiled renderer stays as it is, and after a failed compile (here, in the constructor or
+        on the first compiled call) it stays eager without trying again."""
+        if self._encode is not None or self._compile_failed:
+            return self.compiled
+        if self.threads:
+            _cap_compile_threads(self.threads)
+        # inductor fuses on its own, from the plain modules; the fused ones stay the eager fallback
+        plain = self._load_generator() if self.fused else self.model
+        try:
+            # two graphs, so the decoder can run on skips from the face cache; dynamic=False with
+            # batches padded to batch_size: each compiles once
+            encode = torch.compile(plain.encode_face, dynamic=False)
+            decode = torch.compile(plain.decode, dynamic=False)
+        except Exception as exc:  # noqa: BLE001 - any failure means: run eager
+            log.warning("torch.compile of the Wav2Lip generator failed, running eager: %r", exc)
+            self._compile_failed = True
+            return False
+        self._encode, self._decode = encode, decode
+        self._eager_fallback = (self.model, self.fused)
+        self.model, self.fused = plain, False
+        self._clear_face_cache()  # features of the fused encoder: not bitwise the compiled one's
+        return True
 
     def features(self, audio: AudioWindow, frames: np.ndarray, fps: float) -> np.ndarray:
         """(len(frames), 80, 16) float32 mel windows, as the official front end computes them."""
         return mel_chunks(audio, frames, fps)
 
-    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
+               sources: Sequence[Hashable] | None = None) -> list[np.ndarray]:
         """Re-render the mouth in each BGR frame (in place where writable); pixels outside each
-        box are untouched, and a box with no area inside the frame leaves its frame unchanged."""
+        box are untouched, and a box with no area inside the frame leaves its frame unchanged.
+
+        sources: optional id of each frame's pixels (equal ids = identical pixels); face-encoder
+        features are then reused for a (source, box) seen before (see the module docstring)."""
         boxes = np.asarray(boxes).reshape(-1, 4).astype(np.int64)
         if not len(frames) == len(boxes) == len(features):
             raise ValueError(f"got {len(frames)} frames, {len(boxes)} boxes and {len(features)} feature rows")
+        if sources is not None and len(sources) != len(frames):
+            raise ValueError(f"got {len(frames)} frames and {len(sources)} sources")
+        if not self._face_cache_limit:
+            sources = None
         out = [frame if frame.flags.writeable else frame.copy() for frame in frames]
         batch = self._render_batch_device if self.image_ops == "device" else self._render_batch
         for lo in range(0, len(out), self.batch_size):
             hi = lo + self.batch_size
-            batch(out[lo:hi], boxes[lo:hi], np.asarray(features[lo:hi], dtype=np.float32))
+            batch(out[lo:hi], boxes[lo:hi], np.asarray(features[lo:hi], dtype=np.float32),
+                  None if sources is None else sources[lo:hi])
         return out
 
     # -- cpu image path: OpenCV, the official numerics -------------------------------------------
 
-    def _render_batch(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray) -> None:
+    def _render_batch(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
+                      sources: Sequence[Hashable] | None) -> None:
         clipped = [_clip(box, frame.shape) for frame, box in zip(frames, boxes)]
         keep = [i for i, box in enumerate(clipped) if box is not None]
         if not keep:
@@ -147,7 +252,8 @@ class Wav2LipRenderer:
         for i in keep:
             x1, y1, x2, y2 = clipped[i]
             crops.append(cv2.resize(frames[i][y1:y2, x1:x2], (FACE_SIZE, FACE_SIZE)))
-        for i, face in zip(keep, self._generate(np.stack(crops), features[keep])):
+        keys = None if sources is None else [(sources[i], clipped[i]) for i in keep]
+        for i, face in zip(keep, self._generate_cpu(np.stack(crops), features[keep], keys)):
             x1, y1, x2, y2 = clipped[i]
             pasted = cv2.resize(face, (x2 - x1, y2 - y1))
             region = frames[i][y1:y2, x1:x2]
@@ -157,24 +263,26 @@ class Wav2LipRenderer:
                 mask = _feather_mask(y2 - y1, x2 - x1)
                 region[...] = np.rint(region * (1.0 - mask) + pasted * mask).astype(np.uint8)
 
-    def _generate(self, crops: np.ndarray, mels: np.ndarray) -> np.ndarray:
+    def _generate_cpu(self, crops: np.ndarray, mels: np.ndarray, keys: list[Hashable] | None) -> np.ndarray:
         """(B,96,96,3) uint8 BGR crops + (B,80,16) mels -> (B,96,96,3) uint8 generated faces."""
         with torch.inference_mode():
             face = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float() / 255.0
             mel = torch.from_numpy(mels).to(self.device)
-            out = self._forward(mel, face)
+            out = self._forward(mel, face, keys)
             # uint8 conversion truncates, like the official astype(np.uint8)
-            return (out.float() * 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            return (out * 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     # -- device image path: torch on the model's device ------------------------------------------
 
-    def _render_batch_device(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray) -> None:
+    def _render_batch_device(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
+                             sources: Sequence[Hashable] | None) -> None:
         clipped = [_clip(box, frame.shape) for frame, box in zip(frames, boxes)]
         # same-sized boxes next to each other, so each size is resized in one call
         order = sorted((i for i, box in enumerate(clipped) if box is not None),
                        key=lambda i: (clipped[i][3] - clipped[i][1], clipped[i][2] - clipped[i][0]))
         if not order:
             return
+        keys = None if sources is None else [(sources[i], clipped[i]) for i in order]
         shapes = [(clipped[i][3] - clipped[i][1], clipped[i][2] - clipped[i][0]) for i in order]
         offsets = np.cumsum([0] + [h * w * 3 for h, w in shapes]).tolist()
         groups: list[tuple[int, int, int, int]] = []  # (h, w, lo, hi) runs in `order`
@@ -190,35 +298,43 @@ class Wav2LipRenderer:
             for k, i in enumerate(order):
                 x1, y1, x2, y2 = clipped[i]
                 packed[offsets[k] : offsets[k + 1]].reshape(shapes[k] + (3,))[...] = frames[i][y1:y2, x1:x2]
-            flat = host_in.to(self.device, non_blocking=True)
-            mel = torch.from_numpy(features[order]).to(self.device, non_blocking=True)
+            try:
+                flat = host_in.to(self.device, non_blocking=True)
+                mel = torch.from_numpy(features[order]).to(self.device, non_blocking=True)
 
-            originals, crops = [], []
-            for h, w, lo, hi in groups:
-                regions = torch.stack([flat[offsets[k] : offsets[k + 1]].view(h, w, 3) for k in range(lo, hi)])
-                original = regions.float()  # (n, h, w, 3)
-                originals.append(original)
-                # the official crop is uint8: round the float resize to whole levels as cv2 does
-                crops.append(_resize(original.permute(0, 3, 1, 2), FACE_SIZE, FACE_SIZE).round_())
-            out = self._forward(mel, torch.cat(crops) / 255.0)
-            generated = (out.float() * 255.0).trunc_()  # the official astype(np.uint8) truncates
+                originals, crops = [], []
+                for h, w, lo, hi in groups:
+                    regions = torch.stack([flat[offsets[k] : offsets[k + 1]].view(h, w, 3) for k in range(lo, hi)])
+                    original = regions.float()  # (n, h, w, 3)
+                    originals.append(original)
+                    # the official crop is uint8: round the float resize to whole levels as cv2 does
+                    crops.append(_resize(original.permute(0, 3, 1, 2), FACE_SIZE, FACE_SIZE).round_())
+                out = self._forward(mel, torch.cat(crops) / 255.0, keys)
+                generated = (out * 255.0).trunc_()  # the official astype(np.uint8) truncates
 
-            pieces = []
-            for (h, w, lo, hi), original in zip(groups, originals):
-                pasted = _resize(generated[lo:hi], h, w).round_().permute(0, 2, 3, 1)  # (n, h, w, 3)
-                if self.blend == "feather":
-                    mask, keep = self._device_mask(h, w)
-                    pasted = (original * keep + pasted * mask).round_()
-                pieces.append(pasted.to(torch.uint8).reshape(-1))
-            result = torch.cat(pieces)
-            host_out = self._host_buffer("out", offsets[-1])
-            host_out.copy_(result, non_blocking=True)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
+                pieces = []
+                for (h, w, lo, hi), original in zip(groups, originals):
+                    pasted = _resize(generated[lo:hi], h, w).round_().permute(0, 2, 3, 1)  # (n, h, w, 3)
+                    if self.blend == "feather":
+                        mask, keep = self._device_mask(h, w)
+                        pasted = (original * keep + pasted * mask).round_()
+                    pieces.append(pasted.to(torch.uint8).reshape(-1))
+                result = torch.cat(pieces)
+                host_out = self._host_buffer("out", offsets[-1])
+                host_out.copy_(result, non_blocking=True)
+            finally:
+                # also after an exception: a non-blocking upload may still be reading host_in,
+                # which the next call would rewrite under it
+                self._synchronize()
             done = host_out.numpy()
             for k, i in enumerate(order):
                 x1, y1, x2, y2 = clipped[i]
                 frames[i][y1:y2, x1:x2] = done[offsets[k] : offsets[k + 1]].reshape(shapes[k] + (3,))
+
+    def _synchronize(self) -> None:
+        """Wait for the device's queued work (the async copies from and to pinned buffers)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _host_buffer(self, name: str, size: int) -> torch.Tensor:
         """The first `size` bytes of a reusable host staging buffer (page-locked on CUDA, so the
@@ -236,8 +352,10 @@ class Wav2LipRenderer:
         if key in self._masks:
             self._masks.move_to_end(key)
             return self._masks[key]
-        mask = _feather_mask(height, width)
-        pair = (torch.tensor(mask, device=self.device), torch.tensor(1.0 - mask, device=self.device))
+        # built on the device: a smoothed track changes box size nearly every frame, and a host-built
+        # mask would cost a blocking upload each time
+        mask = _feather_mask_torch(height, width, self.device)
+        pair = (mask, 1.0 - mask)
         self._masks[key] = pair
         if len(self._masks) > _DEVICE_MASKS:
             self._masks.popitem(last=False)
@@ -245,37 +363,167 @@ class Wav2LipRenderer:
 
     # -- the generator, shared by both paths -----------------------------------------------------
 
-    def _forward(self, mel: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
-        """(B,80,16) mels + (B,3,96,96) BGR faces in [0, 1] -> (B,3,96,96) generated faces in [0, 1]
-        (autocast dtype under fp16/bf16). Builds the official [lower-half-masked, unmasked] input."""
-        masked = face.clone()
-        masked[:, :, FACE_SIZE // 2 :] = 0
-        faces = torch.cat((masked, face), dim=1).contiguous(memory_format=torch.channels_last)
-        mel = mel.unsqueeze(1)
-        n = faces.shape[0]
+    def _forward(self, mel: torch.Tensor, face: torch.Tensor, keys: list[Hashable] | None = None) -> torch.Tensor:
+        """(B,80,16) mels + (B,3,96,96) BGR faces in [0, 1] -> (B,3,96,96) float32 generated faces,
+        finite and in [0, 1]. `keys` (one per row, or None) names each face for the face cache."""
         amp = (
             torch.autocast(self.device.type, dtype=self._amp_dtype)
             if self._amp_dtype is not None
             else contextlib.nullcontext()
         )
         with amp:
-            if self._compiled is None:
-                return self.model(mel, faces)
-            if n < self.batch_size:  # one static shape: compile once, not once per tail batch
-                faces = torch.cat((faces, faces.new_zeros((self.batch_size - n, *faces.shape[1:])))).contiguous(
-                    memory_format=torch.channels_last)
-                mel = torch.cat((mel, mel.new_zeros((self.batch_size - n, *mel.shape[1:]))))
-            try:
-                out = self._compiled(mel, faces)
-            except Exception as exc:  # noqa: BLE001
-                if self._compiled_ran:  # it compiled and ran before: a real error, not a compile failure
-                    raise
-                log.warning("torch.compile of the Wav2Lip generator failed, running eager: %r", exc)
-                self._compiled = None
-                out = self.model(mel, faces)
+            if not self.compiled:
+                out = self._generate(mel, face, keys)
             else:
-                self._compiled_ran = True
-            return out[:n]
+                try:
+                    out = self._generate(mel, face, keys)
+                except Exception as exc:  # a compile failure shows on the first call
+                    if self._compiled_ran:  # it compiled and ran before: a real error, not a compile failure
+                        raise
+                    log.warning("torch.compile of the Wav2Lip generator failed, running eager: %r", exc)
+                    self._encode = self._decode = None
+                    self._compile_failed = True
+                    if self._eager_fallback is not None:  # back to the (maybe fused) eager generator
+                        self.model, self.fused = self._eager_fallback
+                    self._eager_fallback = None
+                    self._clear_face_cache()  # may hold features from the compiled encoder
+                    out = self._generate(mel, face, keys)
+                else:
+                    self._compiled_ran = True
+                    self._eager_fallback = None
+        # fp16 can overflow to inf and a bad checkpoint can hold NaN; casting either to uint8 is
+        # undefined, so the output is made finite and clamped first (NaN -> 0)
+        return out.float().nan_to_num_(0.0, 1.0, 0.0).clamp_(0.0, 1.0)
+
+    def _generate(self, mel: torch.Tensor, face: torch.Tensor, keys: list[Hashable] | None) -> torch.Tensor:
+        n = face.shape[0]
+        # one static shape when compiled: compile once, not once per tail batch
+        rows = self.batch_size if self.compiled else n
+        if keys is None:
+            skips = self._encode_faces(face, rows)
+        else:
+            skips = self._cached_skips(face, keys, rows)
+        decode = self._decode or self.model.decode
+        return decode(_pad(mel.unsqueeze(1), rows), [_channels_last(_pad(s, rows)) for s in skips])[:n]
+
+    def _encode_faces(self, face: torch.Tensor, rows: int) -> list[torch.Tensor]:
+        """Face-encoder skips of (m,3,96,96) faces, run on `rows` >= m rows (zero padding), so the
+        encoder sees the same batch shape whether or not some faces came from the cache."""
+        masked = face.clone()
+        masked[:, :, FACE_SIZE // 2 :] = 0  # the official input: [lower-half-masked, unmasked]
+        faces = _pad(torch.cat((masked, face), dim=1), rows).contiguous(memory_format=torch.channels_last)
+        return (self._encode or self.model.encode_face)(faces)
+
+    def _cached_skips(self, face: torch.Tensor, keys: list[Hashable], rows: int) -> list[torch.Tensor]:
+        """The face encoder's skips for each row, from the cache where the key is there; the other
+        faces (each distinct key once) are encoded and cached."""
+        found: dict[Hashable, tuple[torch.Tensor, ...]] = {}
+        with self._cache_lock:
+            for key in keys:
+                if key not in found and key in self._face_cache:
+                    self._face_cache.move_to_end(key)
+                    found[key] = self._face_cache[key]
+        first_row: dict[Hashable, int] = {}
+        for row, key in enumerate(keys):
+            if key not in found:
+                first_row.setdefault(key, row)
+        if first_row:
+            index = torch.tensor(list(first_row.values()), device=face.device)
+            encoded = self._encode_faces(face[index], rows)
+            fresh = {key: tuple(s[j].clone() for s in encoded) for j, key in enumerate(first_row)}
+            found.update(fresh)
+            self._cache_put(fresh)
+        return [torch.stack([found[key][level] for key in keys]) for level in range(len(found[keys[0]]))]
+
+    def _cache_put(self, entries: dict[Hashable, tuple[torch.Tensor, ...]]) -> None:
+        with self._cache_lock:
+            for key, skips in entries.items():
+                size = sum(s.numel() * s.element_size() for s in skips)
+                if key in self._face_cache or size > self._face_cache_limit:
+                    continue
+                self._face_cache[key] = skips
+                self._face_cache_bytes += size
+            while self._face_cache_bytes > self._face_cache_limit:
+                _, old = self._face_cache.popitem(last=False)
+                self._face_cache_bytes -= sum(s.numel() * s.element_size() for s in old)
+
+    def _clear_face_cache(self) -> None:
+        with self._cache_lock:
+            self._face_cache.clear()
+            self._face_cache_bytes = 0
+
+
+def _fused_or_plain(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """The generator with its conv units fused for the CPU (`models.wav2lip.fuse_for_cpu`), when
+    this torch build has oneDNN's fused ops and they agree with the plain model on a probe; else
+    the plain model, with a warning. Returns (model, fused)."""
+    generator = torch.Generator().manual_seed(0)
+    face = torch.rand(1, 6, FACE_SIZE, FACE_SIZE, generator=generator).contiguous(memory_format=torch.channels_last)
+    mel = torch.randn(1, 1, 80, 16, generator=generator)
+    try:
+        fused = fuse_for_cpu(model)
+        with torch.inference_mode():
+            diff = float((fused(mel, face) - model(mel, face)).abs().max())
+    except Exception as exc:  # noqa: BLE001 - a build without the ops: run unfused
+        log.warning("fused CPU convolutions are not available (%r): running the generator unfused", exc)
+        return model, False
+    if not diff <= FUSED_TOLERANCE:
+        log.warning("fused CPU convolutions differ from the plain generator by %g: running unfused", diff)
+        return model, False
+    return fused, True
+
+
+#: largest output difference (of 1.0) the fused CPU generator may show against the plain one on the
+#: probe; float rounding gives ~1e-7, so anything near a level (1/255) means the fused ops are wrong
+FUSED_TOLERANCE = 1e-4
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision the generator runs at on `device`: "auto" is bf16 on CUDA GPUs with bf16
+    (compute capability 8.0+), fp16 on older ones, bf16 on CPUs where it is faster (AMX, `devices.cpu_bf16_is_faster`) and fp32 on other
+    CPUs; fp16 on a CPU is fp32 (no fast CPU fp16 convolutions); anything else as asked."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_bf16_is_faster() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        return "fp32"
+    return precision
+
+
+def tf32_allowed(precision: str, device: torch.device) -> bool | None:
+    """The TF32 setting (cuDNN convolutions and CUDA matmuls) a generator at `precision` on `device`
+    needs: False for fp32 on CUDA, since Ampere and later otherwise run fp32 convolutions in TF32
+    (10-bit mantissa) and fp32 would no longer be the official numerics; None (leave the process's
+    setting) otherwise - under autocast the convolutions run in bf16/fp16 anyway."""
+    return False if precision == "fp32" and device.type == "cuda" else None
+
+
+def _cap_compile_threads(threads: int) -> None:
+    """At most `threads` inductor compile workers (it defaults to one per core: several actors
+    compiling at once would start that many each)."""
+    from torch._inductor import config
+
+    config.compile_threads = max(1, min(config.compile_threads or threads, threads))
+
+
+def _pad(batch: torch.Tensor, rows: int) -> torch.Tensor:
+    """`batch` with zero rows appended up to `rows`."""
+    if batch.shape[0] >= rows:
+        return batch
+    return torch.cat((batch, batch.new_zeros((rows - batch.shape[0], *batch.shape[1:]))))
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`x` with exactly torch's channels_last strides, copied only when they differ. The decoder
+    gets skips straight from the encoder or stacked from the cache; a stride difference (even in
+    the 1x1 level, where layouts are ambiguous) could change the convolution kernels and with them
+    the last bits, and would make a compiled decoder recompile."""
+    _, c, h, w = x.shape
+    if x.stride() == (h * w * c, 1, w * c, c):
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return out.copy_(x)
 
 
 def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -284,14 +532,6 @@ def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if images.shape[-2:] == (height, width):
         return images.clone()
     return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16" and device.type == "cuda":
-        return torch.float16
-    return None
 
 
 def _clip(box: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
@@ -316,4 +556,19 @@ def _feather_mask(height: int, width: int) -> np.ndarray:
 
 def _ramp(x: np.ndarray, zero_at: float, one_at: float) -> np.ndarray:
     t = np.clip((x - zero_at) / (one_at - zero_at), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _feather_mask_torch(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """`_feather_mask` computed with torch ops on `device` (float32 rather than numpy's float64:
+    equal to about 1e-7)."""
+    v = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+    u = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
+    rows = _ramp_torch(v, MASK_ZERO_ABOVE, MASK_FULL_FROM) * _ramp_torch(1.0 - v, 0.0, EDGE_RAMP)
+    cols = _ramp_torch(u, 0.0, EDGE_RAMP) * _ramp_torch(1.0 - u, 0.0, EDGE_RAMP)
+    return (rows[:, None] * cols[None, :])[:, :, None]
+
+
+def _ramp_torch(x: torch.Tensor, zero_at: float, one_at: float) -> torch.Tensor:
+    t = ((x - zero_at) / (one_at - zero_at)).clamp(0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)

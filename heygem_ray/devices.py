@@ -1,0 +1,63 @@
+"""Which device a stage may use, and what the CPU can do fast.
+
+Current Ray no longer hides GPUs from processes that asked for none (it used to set an empty
+CUDA_VISIBLE_DEVICES), so `torch.cuda.is_available()` is true in every task and actor on a GPU
+node. A stage that counts as GPU-free for Ray's scheduler must then stay off the GPU: inside Ray
+the device follows the GPUs Ray assigned to this process (`ray.get_gpu_ids()`); outside Ray (a
+laptop run, a test, the GPU check kit) it follows what torch sees.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+
+def assigned_gpus() -> list[str] | None:
+    """The GPU ids Ray gave this worker process, or None when this process is not a Ray worker."""
+    ray = sys.modules.get("ray")  # not imported here: processes outside Ray never need it
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        from ray._private.worker import global_worker
+        from ray._private.worker import WORKER_MODE
+
+        if global_worker.mode != WORKER_MODE:
+            return None  # the driver: no GPU was assigned to it, it uses what it sees
+    except ImportError:  # a Ray without these internals: trust get_gpu_ids alone
+        pass
+    return [str(g) for g in ray.get_gpu_ids()]
+
+
+def cuda_usable() -> bool:
+    """Whether this process may run CUDA work: a GPU Ray assigned to it (inside Ray), or any GPU
+    torch sees (outside Ray)."""
+    gpus = assigned_gpus()
+    if gpus is not None and not gpus:
+        return False
+    return torch.cuda.is_available()
+
+
+def torch_device(requested: str = "auto") -> torch.device:
+    """`auto` → CUDA when `cuda_usable()`, else CPU; any other value is taken as a torch device."""
+    if requested == "auto":
+        return torch.device("cuda" if cuda_usable() else "cpu")
+    return torch.device(requested)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 runs the Wav2Lip generator faster than fp32 on this CPU: only with AMX tiles
+    (Sapphire Rapids and later). Measured with batch 16 on one thread: on a Xeon with AVX512-BF16
+    but no AMX, bf16 autocast gives 10.6 frames/s against fp32's 14.4 (0.7x); without AVX-512 it is
+    emulated and ~13x slower. So `precision=auto` stays fp32 on every CPU without AMX."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False

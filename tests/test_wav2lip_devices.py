@@ -1,0 +1,29 @@
+"""Device choice of the GPU stages inside Ray: with device="auto", a Wav2Lip renderer or S3FD
+detector in a worker that Ray gave no GPU stays on the CPU even where torch sees a GPU."""
+
+from __future__ import annotations
+
+
+def test_auto_device_follows_rays_gpu_assignment(ray_local, recipe_checkpoints):
+    ray = ray_local
+
+    @ray.remote(num_gpus=0)
+    def auto_devices(checkpoint: str) -> tuple[str, str]:
+        import torch
+
+        from heygem_ray.detect.s3fd import S3FDDetector
+        from heygem_ray.models.s3fd import S3FD
+        from heygem_ray.render.wav2lip import Wav2LipRenderer
+
+        # a GPU node as torch sees it: current Ray no longer hides the GPUs from a process that
+        # asked for none. (The worker process is reused by later tasks: restored below.)
+        real = torch.cuda.is_available
+        torch.cuda.is_available = lambda: True
+        try:
+            detector = S3FDDetector(S3FD(), device="auto")
+            renderer = Wav2LipRenderer(checkpoint, batch_size=1, precision="fp32")
+            return str(detector.device), str(renderer.device)
+        finally:
+            torch.cuda.is_available = real
+
+    assert ray.get(auto_devices.remote(recipe_checkpoints["wav2lip"])) == ("cpu", "cpu")

@@ -1,0 +1,156 @@
+"""Wav2LipRenderer numerics: precision and batch size "auto", bf16 against fp32 in the mouth region of
+a real-looking face, the TF32 decision for fp32 on CUDA, and the guard that keeps NaN/inf generator
+output from reaching the uint8 conversion."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from recipe_weights import read_keys, recipe_state_dict
+
+from heygem_ray import demo
+from heygem_ray.devices import cpu_bf16_is_faster
+from heygem_ray.render.base import AudioWindow
+from heygem_ray.render.wav2lip import (
+    CPU_BATCH,
+    MASK_ZERO_ABOVE,
+    Wav2LipRenderer,
+    resolve_precision,
+    tf32_allowed,
+)
+
+DATA = Path(__file__).parent / "data"
+BOX = np.array([76, 56, 190, 172])  # the face on the demo portrait at width 256, padded as the track does
+# bf16 autocast against fp32, PSNR over the lower half of the face box (where the mouth is generated)
+# of 4 portrait frames. Measured with the recipe weights: 51.3-52.0 dB per frame, max |diff| 6 levels,
+# for the cpu and device image paths on three head-motion clips; the bound leaves ~6 dB (4x the MSE).
+BF16_MIN_PSNR_DB = 45.0
+
+
+@pytest.fixture(scope="module")
+def portrait_frames() -> list[np.ndarray]:
+    base = demo.portrait(256)
+    return [demo.head_motion_frame(base, i / 25, seed=3) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def mels(recipe_checkpoints) -> np.ndarray:
+    wav = demo.speech_like(1.0, seed=3)
+    renderer = Wav2LipRenderer(recipe_checkpoints["wav2lip"], device="cpu")
+    return renderer.features(AudioWindow(wav, 0, len(wav), 0.1), np.arange(4), 25.0)
+
+
+def test_auto_precision_and_batch_size_on_the_cpu(recipe_checkpoints, caplog):
+    with caplog.at_level(logging.INFO, logger="heygem_ray.render.wav2lip"):
+        renderer = Wav2LipRenderer(recipe_checkpoints["wav2lip"], device="cpu")
+    want = "bf16" if cpu_bf16_is_faster() else "fp32"
+    assert renderer.precision == want and renderer.batch_size == CPU_BATCH == 16
+    logged = [r for r in caplog.records if "precision" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.INFO and want in logged[0].getMessage()
+    explicit = Wav2LipRenderer(recipe_checkpoints["wav2lip"], batch_size=5, precision="fp16", device="cpu")
+    assert explicit.precision == "fp32" and explicit.batch_size == 5  # no fast fp16 convolutions on CPUs
+    with pytest.raises(ValueError, match="batch_size"):
+        Wav2LipRenderer(recipe_checkpoints["wav2lip"], batch_size=-1, device="cpu")
+
+
+def test_resolve_precision():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_bf16_is_faster() else "fp32")
+    assert [resolve_precision(p, cpu) for p in ("fp32", "fp16", "bf16")] == ["fp32", "fp32", "bf16"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resolve_precision_on_cuda():
+    cuda = torch.device("cuda")
+    native_bf16 = torch.cuda.get_device_capability(cuda) >= (8, 0)
+    assert resolve_precision("auto", cuda) == ("bf16" if native_bf16 else "fp16")
+    assert resolve_precision("fp16", cuda) == "fp16"
+
+
+def test_fp32_on_cuda_turns_tf32_off():
+    assert tf32_allowed("fp32", torch.device("cuda")) is False
+    assert tf32_allowed("fp32", torch.device("cuda", 1)) is False
+    # under autocast the convolutions run in bf16/fp16: the process's TF32 setting is left alone
+    assert tf32_allowed("bf16", torch.device("cuda")) is None
+    assert tf32_allowed("fp16", torch.device("cuda")) is None
+    assert tf32_allowed("fp32", torch.device("cpu")) is None
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 allowed for the test, the process's flags restored after (they are properties of torch's
+    backend modules, which monkeypatch cannot restore)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_cpu_renderer_leaves_tf32_flags_alone(recipe_checkpoints, tf32_on):
+    Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="fp32", device="cpu")
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_renderer_on_cuda_turns_tf32_off(recipe_checkpoints, tf32_on):
+    Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="fp32", device="cuda")
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("image_ops", ["cpu", "device"])
+def test_bf16_stays_close_to_fp32_in_the_mouth(recipe_checkpoints, portrait_frames, mels, image_ops):
+    """bf16 autocast runs on any CPU (emulated where there is no bf16 hardware: slower, same numbers)."""
+    kw = {"batch_size": 4, "device": "cpu", "image_ops": image_ops}
+    fp32 = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="fp32", **kw)
+    bf16 = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="bf16", **kw)
+    boxes = np.tile(BOX, (len(portrait_frames), 1))
+    want = fp32.render([f.copy() for f in portrait_frames], boxes, mels)
+    got = bf16.render([f.copy() for f in portrait_frames], boxes, mels)
+    x1, y1, x2, y2 = BOX
+    mouth = np.s_[(y1 + y2) // 2 : y2, x1:x2]
+    for frame, w, g in zip(portrait_frames, want, got):
+        assert np.abs(w[mouth].astype(int) - frame[mouth]).mean() > 20  # the region is generated
+        assert not np.array_equal(g, w)  # bf16 really ran
+        assert _psnr(g[mouth], w[mouth]) >= BF16_MIN_PSNR_DB, _psnr(g[mouth], w[mouth])
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(tmp_path_factory) -> str:
+    """The recipe weights with one NaN in the output block: the generator's green channel is NaN
+    at every pixel (a real model, as a corrupt checkpoint or an fp16 overflow would give)."""
+    state = recipe_state_dict(read_keys(DATA / "wav2lip_state_dict.tsv"), seed=0)
+    state["output_block.1.weight"][1, 0, 0, 0] = float("nan")
+    path = tmp_path_factory.mktemp("nan") / "wav2lip_nan.pth"
+    torch.save({"state_dict": state}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("image_ops", ["cpu", "device"])
+@pytest.mark.parametrize("blend", ["hard", "feather"])
+def test_nan_output_gives_valid_frames(nan_checkpoint, portrait_frames, mels, image_ops, blend):
+    renderer = Wav2LipRenderer(nan_checkpoint, batch_size=4, precision="fp32", blend=blend, device="cpu",
+                               image_ops=image_ops)
+    boxes = np.tile(BOX, (len(portrait_frames), 1))
+    out = renderer.render([f.copy() for f in portrait_frames], boxes, mels)
+    x1, y1, x2, y2 = BOX
+    outside = np.ones(portrait_frames[0].shape[:2], bool)
+    outside[y1:y2, x1:x2] = False
+    for frame, got in zip(portrait_frames, out):
+        assert got.shape == frame.shape and got.dtype == np.uint8
+        np.testing.assert_array_equal(got[outside], frame[outside])
+        cy, cx = y1 + int(0.8 * (y2 - y1)), (x1 + x2) // 2
+        mouth = np.s_[cy - 3 : cy + 3, cx - 8 : cx + 8]
+        assert (got[mouth][..., 1] == 0).all()  # the NaN channel became 0
+        assert np.abs(got[mouth].astype(int) - frame[mouth])[..., [0, 2]].mean() > 5  # the others are generated
+        if blend == "feather":  # the upper face, where the mask is 0, is the original: NaN * 0 leaked nowhere
+            top = y1 + int(MASK_ZERO_ABOVE * (y2 - y1)) - 1
+            np.testing.assert_array_equal(got[y1:top, x1:x2], frame[y1:top, x1:x2])
