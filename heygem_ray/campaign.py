@@ -34,7 +34,7 @@ from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_coun
 from heygem_ray.prepare import AvatarTrack, RowPrep, marker_uri, prepare_avatar, prepare_row, thumbnail_uri
 from heygem_ray.report import render_report, write_report
 from heygem_ray.results import RowResult, Summary, write_results
-from heygem_ray.segment import RenderWorker, SegmentJob, SegmentResult
+from heygem_ray.segment import RenderWorker, SegmentJob, SegmentResult, WorkerInfo
 from heygem_ray.stitch import Marker, StitchJob, Stitched, stitch_row
 
 log = logging.getLogger("heygem_ray")
@@ -69,9 +69,21 @@ def connect(cfg: Config) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": cfg.cluster.include_dashboard, "log_to_driver": True}
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):  # ray.init joins that cluster, which sizes itself
+        ray.init(**kwargs)
     else:
-        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, **kwargs)
+        ray.init(num_cpus=local_cpus(cfg), num_gpus=cfg.cluster.num_gpus, **kwargs)
     return True
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs of a local Ray: `cluster.num_cpus`, or this machine's cores plus the CPUs kept
+    for prepare/stitch tasks. Those tasks are short and light next to rendering, so they share the
+    actors' cores: on a 2-core machine two actors render instead of one actor beside an idle core."""
+    if cfg.cluster.num_cpus is not None:
+        return cfg.cluster.num_cpus
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores + math.ceil(cfg.cluster.reserve_cpus)
 
 
 def actor_count(cfg: Config) -> int:
@@ -100,9 +112,34 @@ def fit_actors(nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, 
     return max(1, total)
 
 
+@dataclass
+class Startup:
+    """Wall-clock marks (time.time()) of a campaign's start, up to its first rendered frames: what
+    a short campaign pays before rendering, broken down for operators and the benchmarks."""
+
+    driver_started: float = field(default_factory=metrics.process_started)
+    ray_called: float = 0.0
+    ray_ready: float = 0.0
+    #: the actor that rendered the first segment, and that segment
+    actor: WorkerInfo | None = None
+    segment: SegmentResult | None = None
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per step, in order; empty until a segment was rendered."""
+        if self.actor is None or self.segment is None or not self.ray_ready:
+            return {}
+        marks = [("driver", self.driver_started), ("ray start", self.ray_called), ("actor start", self.ray_ready),
+                 ("model load", self.actor.init_started), ("wait for work", self.actor.model_loaded),
+                 ("first batch", self.segment.started_at), ("", self.segment.first_batch_at)]
+        steps = {name: max(0.0, nxt - at) for (name, at), (_, nxt) in zip(marks, marks[1:])}
+        steps["first frames after launch"] = self.segment.first_batch_at - self.driver_started
+        return steps
+
+
 class Campaign:
-    def __init__(self, cfg: Config, rows: list[Row]):
+    def __init__(self, cfg: Config, rows: list[Row], startup: Startup | None = None):
         self.cfg = cfg
+        self.startup = startup or Startup()
         self.rows = rows
         self.results: dict[str, RowResult] = {}
         self._states: dict[str, _RowState] = {}
@@ -118,6 +155,9 @@ class Campaign:
         self._actor_healthy: list[bool] = []
         self._probe_after: dict[int, float] = {}  # actor -> time to ask again whether it is back
         self.actor_pids: list[int | None] = []
+        self._workers: dict[int, WorkerInfo] = {}  # what each actor said when it answered
+        self._frames_planned = 0  # frames of the rows that reached the segment queue
+        self._rows_planned = 0
         self._actor_failed: dict[int, str] = {}  # actors whose constructor raised (bad checkpoint...)
         self._renderer_error: str | None = None  # set when no actor could start at all
         # `encoder.codec=auto` is decided by the first actor that answers (NVENC if its GPU has an
@@ -148,15 +188,23 @@ class Campaign:
         self._probe_after = {i: 0.0 for i in range(len(self._actors))}
         self.actor_pids = [None] * len(self._actors)
 
-    def _task(self, fn: Any) -> Any:
-        return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, max_retries=3,
+    def _detector_gpus(self) -> float:
+        detector = self.cfg.detector
+        if detector.name != "s3fd" or detector.device == "cpu" or not detector.num_gpus:
+            return 0.0
+        return detector.num_gpus if ray.cluster_resources().get("GPU", 0.0) >= detector.num_gpus else 0.0
+
+    def _task(self, fn: Any, num_gpus: float = 0.0) -> Any:
+        return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, max_retries=3,
                                       retry_exceptions=list(TRANSIENT))
 
     # ------------------------------------------------------------------ loop
     def run(self) -> Summary:
         started = self._started = time.time()
         self._prepare_row = self._task(prepare_row)
-        self._prepare_avatar = self._task(prepare_avatar)
+        # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
+        # where the cluster has GPUs, so detection is scheduled and accounted like rendering
+        self._prepare_avatar = self._task(prepare_avatar, num_gpus=self._detector_gpus())
         self._stitch_row = self._task(stitch_row)
         progress = _progress(len(self.rows), self.cfg.render.progress)
         try:
@@ -185,7 +233,7 @@ class Campaign:
                 if row.id not in self.results:
                     self._fail(row.id, "campaign interrupted before this row finished")
             self._write_report(final=True)
-        return Summary.of([self.results[r.id] for r in self.rows], time.time() - started)
+        return Summary.of([self.results[r.id] for r in self.rows], time.time() - started, self.startup.breakdown())
 
     def _admit_rows(self) -> None:
         """Prepare rows lazily: while fewer are preparing than `render.max_prepared_rows` and the driver's
@@ -217,7 +265,8 @@ class Campaign:
             state = self._states[row_id]
             if state.finished:
                 continue
-            ref = self._actors[actor].render_segment.remote(self._segment_job(state, index))
+            job = self._segment_job(state, index, compile=self._compile_pays(actor))
+            ref = self._actors[actor].render_segment.remote(job)
             self._actor_load[actor] += 1
             state.attempts[index] = state.attempts.get(index, 0) + 1
             self._inflight[ref] = ("segment", (row_id, index, actor))
@@ -262,7 +311,11 @@ class Campaign:
         assert state.prep is not None and state.prep.audio is not None
         state.track = track
         total = output_frame_count(state.prep.audio.seconds, track.info.fps)
-        state.spans = plan_segments(total, track.info.fps, self.cfg.render.segment_seconds)
+        # a campaign of fewer rows than actors spreads each row over several, so none idles
+        spread = math.ceil(len(self._actors) / max(1, len(self.rows)))
+        state.spans = plan_segments(total, track.info.fps, self.cfg.render.segment_seconds, spread)
+        self._frames_planned += total
+        self._rows_planned += 1
         self._segment_queue.extend((state.row.id, span.index) for span in state.spans)
 
     def _on_segment(self, key: tuple[str, int, int], ref: ray.ObjectRef) -> None:
@@ -286,6 +339,8 @@ class Campaign:
             return
         state.done.add(index)
         self._frames_rendered += 0 if result.reused else result.frames
+        if self.startup.segment is None and not result.reused and actor in self._workers:
+            self.startup.actor, self.startup.segment = self._workers[actor], result
         if result.node:
             self.segments_by_node[result.node] = self.segments_by_node.get(result.node, 0) + 1
         if len(state.done) == len(state.spans):
@@ -328,6 +383,7 @@ class Campaign:
                                                f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)")
         self._actor_healthy[actor] = True
         self.actor_pids[actor] = info.pid
+        self._workers[actor] = info
         pinned = f", cores {info.cores}" if info.cores is not None else ""
         log.info("renderer actor %d ready (pid %s%s)", actor, info.pid, pinned)
 
@@ -371,13 +427,28 @@ class Campaign:
 
     # ------------------------------------------------------------ bookkeeping
     def _work_uri(self, state: _RowState) -> str:
-        """Where a row's segment files wait for its stitch; keyed by the row's fingerprint and the
-        codec, so an unfinished row's segments are reused by a rerun only if nothing about the row
-        changed and `auto` chose the same encoder (segments of two encoders cannot be joined)."""
+        """Where a row's segment files wait for its stitch; keyed by the row's fingerprint, the codec
+        and the segment count, so an unfinished row's segments are reused by a rerun only if nothing
+        about the row changed, `auto` chose the same encoder (segments of two encoders cannot be
+        joined) and the row was cut the same way (another segment length or actor count cuts it
+        into other spans)."""
         assert state.prep is not None and self.codec is not None
-        return storage.join(self.cfg.output, "_work", f"{state.row.id}-{state.prep.fingerprint[:16]}-{self.codec}")
+        key = f"{state.row.id}-{state.prep.fingerprint[:16]}-{self.codec}-n{len(state.spans)}"
+        return storage.join(self.cfg.output, "_work", key)
 
-    def _segment_job(self, state: _RowState, index: int) -> SegmentJob:
+    def _compile_pays(self, actor: int) -> bool:
+        """renderer.compile=auto: whether this actor can expect enough frames of the campaign to
+        repay a torch.compile (its renderer says how many on its device). Rows not yet prepared are
+        counted at the average length of those that were."""
+        info = self._workers.get(actor)
+        if info is None or info.compile_after_frames is None or not self._rows_planned:
+            return False
+        queued = sum(self._states[row_id].spans[i].frames for row_id, i in self._segment_queue
+                     if not self._states[row_id].finished)
+        expected = queued + len(self._pending) * self._frames_planned / self._rows_planned
+        return expected / max(1, sum(self._actor_healthy)) >= info.compile_after_frames
+
+    def _segment_job(self, state: _RowState, index: int, compile: bool = False) -> SegmentJob:
         assert state.track is not None and state.prep is not None and state.prep.audio is not None
         assert self.codec is not None  # segments go to actors that answered, and the first decided it
         span, track, audio = state.spans[index], state.track, state.prep.audio
@@ -388,6 +459,7 @@ class Campaign:
             avatar_uri=state.row.avatar, info=track.info, start=span.start, avatar_frames=avatar_frames,
             pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[avatar_frames],
             pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level, codec=self.codec,
+            compile=compile,
         )
 
     def _finish(self, row_id: str, status: str, marker: Marker | None) -> None:
@@ -493,12 +565,14 @@ def run(cfg: Config) -> Summary:
     # a bad manifest stops here, before any rendering
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
     own_ray = not cfg.cluster.address and not os.environ.get("RAY_ADDRESS")  # else ray.init joins a cluster
+    startup = Startup(ray_called=time.time())
     started_ray = connect(cfg)
+    startup.ray_ready = time.time()
     job = None
     try:
         if started_ray and own_ray:  # no node will join it, so what does not fit now never will
             check_local_fit(cfg)
-        job = Campaign(cfg, rows)
+        job = Campaign(cfg, rows, startup)
         summary = job.run()
     finally:
         if started_ray:

@@ -48,6 +48,8 @@ def render(cfg: Config, resolved: DictConfig | None = None) -> int:
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
         return 2
     print(f"heygem-ray: {summary.line()}")
+    if summary.startup:
+        print(f"heygem-ray: start-up: {summary.startup_line()}")
     print(f"heygem-ray: results: {storage.display(storage.join(cfg.output, '_results.parquet'))}")
     return 1 if summary.failed else 0
 

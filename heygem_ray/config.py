@@ -29,23 +29,41 @@ class ClassicRendererConfig:
 
 @dataclass
 class Wav2LipRendererConfig:
-    """The official Wav2Lip generator, loaded from any fsspec URI."""
+    """The official Wav2Lip generator, loaded from any fsspec URI. The `auto` defaults pick what
+    is fastest on the device each actor gets (figures in docs/ops.md, "Speed")."""
 
     name: str = "wav2lip"
     checkpoint: str = MISSING
-    batch_size: int = 128
-    #: fp32 | fp16 | bf16 (autocast on CUDA)
-    precision: str = "fp32"
+    #: frames per generator call; 0 = auto (128 on CUDA; 16 on CPU, where larger batches spill the
+    #: caches and run no faster)
+    batch_size: int = 0
+    #: auto | fp32 | fp16 | bf16. auto = bf16 on CUDA and on CPUs with AMX, fp32 on other CPUs (bf16
+    #: measured 0.7x fp32 with AVX512-BF16 but no AMX, ~13x slower without AVX-512)
+    precision: str = "auto"
     #: feather (soft lower-face mask, no seam) | hard (the official rectangle)
     blend: str = "feather"
-    #: auto | cpu | cuda
+    #: auto | cpu | cuda (auto: CUDA only when Ray gave the actor a GPU)
     device: str = "auto"
     #: where crops and the paste-back run: auto (on the model's device when that is CUDA, else cpu) |
     #: cpu (OpenCV, the official numerics) | device (torch on the model's device)
     image_ops: str = "auto"
-    #: torch.compile the generator (falls back to eager with a warning if compiling fails)
-    compile: bool = False
+    #: torch.compile the generator: auto | true | false. auto compiles only once the campaign gives
+    #: each actor enough frames to repay the compile (render.compile_min_frames); a failed compile
+    #: falls back to eager with a warning
+    compile: str = "auto"
+    #: MiB of face-encoder outputs an actor keeps per source frame and box: a still avatar, and every
+    #: frame of a looped clip, encodes its face once instead of once per output frame (0 = off)
+    face_cache_mb: int = 256
 
+    def __post_init__(self) -> None:
+        self.compile = str(self.compile).lower()  # `renderer.compile=true` arrives as a YAML bool
+        # checked here, on the driver, so a typo exits 2 at once instead of failing every actor
+        for key, choices in (("precision", ("auto", "fp32", "fp16", "bf16")), ("compile", ("auto", "true", "false")),
+                             ("blend", ("feather", "hard")), ("image_ops", ("auto", "cpu", "device"))):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"renderer.{key}={getattr(self, key)} is not one of {', '.join(choices)}")
+        if self.batch_size < 0 or self.face_cache_mb < 0:
+            raise ValueError("renderer.batch_size and renderer.face_cache_mb must be 0 (auto/off) or more")
 
 @dataclass
 class DetectorConfig:
@@ -66,8 +84,11 @@ class DetectorConfig:
     batch_size: int = 16
     #: model file for learned detectors (s3fd)
     checkpoint: str | None = None
-    #: auto | cpu | cuda, for learned detectors
+    #: auto | cpu | cuda, for learned detectors (auto: CUDA only when Ray gave the task a GPU)
     device: str = "auto"
+    #: GPU share of each detection task with a learned detector (s3fd) on a cluster with GPUs; a
+    #: task given no GPU detects on the CPU
+    num_gpus: float = 0.125
 
 
 @dataclass
@@ -90,8 +111,11 @@ class ClusterConfig:
 
     #: null = start a local Ray; "auto" or ray://host:10001 or an IP:port joins an existing cluster
     address: str | None = None
-    #: CPUs/GPUs for a local Ray (null = what the machine has); ignored when joining a cluster
+    #: logical CPUs for a local Ray; null = this machine's cores plus `reserve_cpus`, so the actors
+    #: get every core and the light prepare/stitch tasks share them instead of idling one (on 2
+    #: cores: 2 actors, not 1). Ignored when joining a cluster
     num_cpus: int | None = None
+    #: GPUs for a local Ray (null = what the machine has); ignored when joining a cluster
     num_gpus: int | None = None
     #: renderer actors (0 = as many as the cluster's resources fit, less `reserve_cpus`)
     actors: int = 0

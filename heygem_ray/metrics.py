@@ -11,6 +11,8 @@ metrics view when Prometheus/Grafana are attached.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -33,9 +35,9 @@ def _metrics() -> dict[str, Any]:
 
 
 def _enabled() -> bool:
-    import ray
-
-    return ray.is_initialized()
+    # only where Ray runs: the stages also run without it (the GPU check kit), where it may be absent
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def frames_rendered(count: int) -> None:
@@ -72,3 +74,15 @@ class StageClock:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def process_started() -> float:
+    """time.time() when this process started (from /proc on Linux; now, elsewhere)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start, in clock ticks after boot
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()

@@ -45,15 +45,17 @@ class SegmentSpan:
         return self.stop - self.start
 
 
-def plan_segments(total_frames: int, fps: float, segment_seconds: float) -> list[SegmentSpan]:
-    """Consecutive spans of `segment_seconds` (at least one frame each) covering every frame once."""
+def plan_segments(total_frames: int, fps: float, segment_seconds: float, min_segments: int = 1) -> list[SegmentSpan]:
+    """Consecutive spans covering every frame once: as few as keep each at most `segment_seconds`
+    (at least one frame), and at least `min_segments` (while frames last), of near-equal length
+    (differing by one frame at most). Equal spans finish together on parallel actors: a 12 s row
+    in 10 s segments is 6 s + 6 s, not 10 s + 2 s that leaves one actor waiting on the other."""
     if total_frames <= 0:
         raise ValueError("a row needs at least one frame")
     length = max(1, round(segment_seconds * fps))
-    return [
-        SegmentSpan(i, start, min(start + length, total_frames))
-        for i, start in enumerate(range(0, total_frames, length))
-    ]
+    count = min(total_frames, max(min_segments, math.ceil(total_frames / length)))
+    bounds = [i * total_frames // count for i in range(count + 1)]
+    return [SegmentSpan(i, start, stop) for i, (start, stop) in enumerate(zip(bounds, bounds[1:]))]
 
 
 def frame_center_samples(frames: np.ndarray, fps: float, sample_rate: int) -> np.ndarray:

@@ -126,8 +126,13 @@ class AvatarTrack:
         return len(self.boxes)
 
 
+#: config keys that change how fast a stage runs, never the bytes it makes (kept out of cache keys
+#: and row fingerprints, so changing them re-renders nothing)
+NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
+
+
 def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float) -> str:
-    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "device")}
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING}
     return stable_hash(relevant, box, still_fps)
 
 
@@ -237,7 +242,7 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
     (not scheduling knobs such as segment length, batch sizes or devices)."""
 
     def relevant(section: object) -> dict:
-        return {k: v for k, v in asdict(section).items() if k not in ("batch_size", "device")}
+        return {k: v for k, v in asdict(section).items() if k not in NOT_OUTPUT_AFFECTING}
 
     return stable_hash(RENDER_VERSION, audio_fp, avatar_fp, row_box, storage.normalize(output),
                        relevant(cfg.renderer), relevant(cfg.detector), asdict(cfg.encoder), cfg.render.still_fps, length=32)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,10 +42,21 @@ class RowResult:
 class Summary:
     rows: list[RowResult]
     wall_seconds: float
+    #: seconds of each start-up step up to the first rendered frames (campaign.Startup.breakdown)
+    startup: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, rows: list[RowResult], wall_seconds: float) -> Summary:
-        return cls(rows, wall_seconds)
+    def of(cls, rows: list[RowResult], wall_seconds: float, startup: dict[str, float] | None = None) -> Summary:
+        return cls(rows, wall_seconds, dict(startup or {}))
+
+    def startup_line(self) -> str:
+        """"driver 0.6 s, ray start 3.1 s, ...; first frames 9.8 s after launch" (empty when nothing rendered)."""
+        steps = dict(self.startup)
+        total = steps.pop("first frames after launch", None)
+        if total is None:
+            return ""
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items()) + \
+            f"; first frames {total:.1f} s after launch"
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.rows if r.status == status)

@@ -10,8 +10,11 @@ by an earlier attempt or run is reused, not rendered again.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import sys
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,6 +47,9 @@ class SegmentJob:
     audio_samples: int
     audio_level: float
     codec: str  # the campaign's video encoder (never "auto": the driver decided)
+    #: the driver's word that the campaign is long enough for this actor to repay torch.compile
+    #: (renderer.compile=auto); an actor compiles at most once
+    compile: bool = False
 
     @property
     def frames(self) -> int:
@@ -57,6 +63,14 @@ class WorkerInfo:
     cores: list[int] | None
     #: the video encoder this actor can use: `encoder.codec`, or what `auto` means on its node
     codec: str
+    #: wall-clock times (time.time()) of the actor's start: its process started, the constructor
+    #: began, and the model was loaded (for the campaign's start-up breakdown)
+    process_started: float = 0.0
+    init_started: float = 0.0
+    model_loaded: float = 0.0
+    #: frames this actor must be expected to render before torch.compile repays its cost
+    #: (renderer.compile=auto); None when compiling would not pay on its device or was decided
+    compile_after_frames: int | None = None
 
 
 @dataclass
@@ -68,12 +82,16 @@ class SegmentResult:
     reused: bool
     node: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    #: time.time() when the call began and when its first batch of frames was rendered
+    started_at: float = 0.0
+    first_batch_at: float = 0.0
 
 
 class RenderWorker:
     """The body of a renderer actor."""
 
     def __init__(self, cfg: Config):
+        self.init_started = time.time()
         storage.configure(cfg.storage.options)
         self.cfg = cfg
         cpus = max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
@@ -87,7 +105,8 @@ class RenderWorker:
 
         torch.set_num_threads(self.threads)
         cv2.setNumThreads(self.threads)
-        self.renderer = build_renderer(cfg.renderer)
+        self.renderer = build_renderer(cfg.renderer, threads=self.threads)
+        self.model_loaded = time.time()
         self.codec = auto_codec() if cfg.encoder.codec == "auto" else cfg.encoder.codec
         if not encoder_works(self.codec):
             raise RuntimeError(f"encoder.codec={self.codec} cannot encode on this node (h264_nvenc needs a GPU "
@@ -95,11 +114,19 @@ class RenderWorker:
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
-        return WorkerInfo(os.getpid(), self.cores, self.codec)
+        compile_after = getattr(self.renderer, "compile_pays_after_frames", None)
+        return WorkerInfo(os.getpid(), self.cores, self.codec, process_started=metrics.process_started(),
+                          init_started=self.init_started, model_loaded=self.model_loaded,
+                          compile_after_frames=compile_after if getattr(self.cfg.renderer, "compile", "") == "auto"
+                          else None)
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
+        started = time.time()
         if storage.exists(job.out_uri):
-            return SegmentResult(job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True)
+            return SegmentResult(job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True,
+                                 started_at=started)
+        if job.compile and hasattr(self.renderer, "compile_now"):
+            self.renderer.compile_now()
         clock = metrics.StageClock()
         info = job.info
         frame_numbers = np.arange(job.start, job.start + job.frames)
@@ -114,7 +141,7 @@ class RenderWorker:
             pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
             with FrameReader(local_avatar, info, None if info.still else job.pts, job.pts_offset,
                              threads=self.threads, pixel_format=pixel_format) as reader:
-                written = self._render_frames(job, features, reader, writer, clock)
+                written, first_batch_at = self._render_frames(job, features, reader, writer, clock)
             if written != job.frames:
                 raise RuntimeError(f"segment {job.index} of {job.row_id}: encoded {written} of {job.frames} frames")
             size = os.path.getsize(path)
@@ -124,22 +151,26 @@ class RenderWorker:
         metrics.stage_seconds(clock.seconds)
         _release_free_memory()
         return SegmentResult(job.row_id, job.index, job.frames, size, reused=False, node=_node_id(),
-                             seconds=clock.seconds)
+                             seconds=clock.seconds, started_at=started, first_batch_at=first_batch_at)
 
     def _render_frames(self, job: SegmentJob, features: np.ndarray, reader: FrameReader, writer: SegmentWriter,
-                       clock: metrics.StageClock) -> int:
-        """Decode, render and encode in renderer-sized batches, overlapped: while batch k renders
-        (on the GPU, or the main thread), batch k+1 decodes and batch k-1 encodes on two helper
-        threads (PyAV and x264 release the GIL). At most three batches are alive at once, so memory
-        stays flat in the segment's length; batches are encoded strictly in order.
+                       clock: metrics.StageClock) -> tuple[int, float]:
+        """Decode, render and encode in chunks, overlapped: while chunk k renders (on the GPU, or
+        the main thread), chunk k+1 decodes and chunk k-1 encodes on two helper threads (PyAV and
+        x264 release the GIL). At most three chunks are alive at once, so memory stays flat in the
+        segment's length; chunks are encoded strictly in order. Returns (frames encoded, time.time()
+        when the first chunk was rendered).
 
         With a yuv420p encoder (the default) frames stay I420 from decoder to encoder and only the
         face regions are converted to BGR for the renderer (`_render_regions`)."""
-        step = max(1, self.renderer.batch_size)
         i420 = writer.takes_i420
         render = self._render_regions if i420 else self.renderer.render
         write = writer.write_i420 if i420 else writer.write
-        spans = [(lo, min(lo + step, job.frames)) for lo in range(0, job.frames, step)]
+        spans = pipeline_chunks(job.frames, self.renderer.batch_size)
+
+        # which avatar frame each output frame shows: equal ids mean equal pixels, so a renderer may
+        # reuse work done on a frame it has seen (a still, or a clip that loops)
+        sources = [(job.avatar_uri, int(i)) for i in job.avatar_frames]
 
         def decode(lo: int, hi: int) -> list[np.ndarray]:
             with clock("decode"):
@@ -164,21 +195,24 @@ class RenderWorker:
                 ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
             next_batch: Future = decoder.submit(decode, *spans[0])
             encoding: Future | None = None
+            first_batch_at = 0.0
             for k, (lo, hi) in enumerate(spans):
                 frames = next_batch.result()
                 if k + 1 < len(spans):
                     next_batch = decoder.submit(decode, *spans[k + 1])
                 with clock("render"):
-                    rendered = render(frames, job.boxes[lo:hi], features[lo:hi])
+                    rendered = render(frames, job.boxes[lo:hi], features[lo:hi], sources[lo:hi])
+                first_batch_at = first_batch_at or time.time()
                 if encoding is not None:
                     encoding.result()  # keeps order and at most one batch waiting to encode
                 encoding = encoder.submit(encode, rendered)
             if encoding is not None:
                 encoding.result()
         with clock("encode"):
-            return writer.close()
+            return writer.close(), first_batch_at
 
-    def _render_regions(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+    def _render_regions(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
+                        sources: list[tuple[str, int]] | None = None) -> list[np.ndarray]:
         """Render I420 frames: each face region goes to the renderer as a BGR crop with its box
         moved into the crop, and comes back into the planes. Renderers change nothing outside the
         box, so the rest of the frame needs no conversion; a frame whose box is outside the picture
@@ -191,7 +225,9 @@ class RenderWorker:
         crops = [region_to_bgr(frames[i], regions[i]) for i in keep]
         origins = np.array([regions[i][:2] * 2 for i in keep])  # (x1, y1, x1, y1) of each region
         moved = np.clip(boxes[keep], 0, [width, height, width, height]) - origins  # clipped as the regions were
-        rendered = self.renderer.render(crops, moved, features[keep])
+        # a crop's pixels depend on its region too: rows sharing an avatar may bring other boxes
+        kept_sources = None if sources is None else [(*sources[i], *regions[i]) for i in keep]
+        rendered = self.renderer.render(crops, moved, features[keep], kept_sources)
         for i, crop in zip(keep, rendered):
             paste_bgr(frames[i], regions[i], crop)
         return frames
@@ -203,6 +239,19 @@ class RenderWorker:
         stop = min(job.audio_samples, int(centers[1]) + context)
         samples = read_pcm(job.pcm_uri, start, max(start, stop))
         return AudioWindow(samples, start, job.audio_samples, job.audio_level)
+
+
+def pipeline_chunks(frames: int, batch_size: int) -> list[tuple[int, int]]:
+    """(lo, hi) spans of a segment's frames for the decode/render/encode pipeline: at most the
+    renderer's batch, and small enough that a segment has at least four chunks. With chunks as
+    large as a GPU batch (128) a 5 s segment (125 frames) would be one chunk, and its decode,
+    render and encode would run one after another instead of overlapping."""
+    step = max(1, min(batch_size, math.ceil(frames / PIPELINE_DEPTH)))
+    return [(lo, min(lo + step, frames)) for lo in range(0, frames, step)]
+
+
+#: chunks a segment is cut into at least, so decode, render and encode overlap
+PIPELINE_DEPTH = 4
 
 
 def _release_free_memory() -> None:
@@ -225,6 +274,5 @@ _LIBC = _load_libc()
 
 
 def _node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    ray = sys.modules.get("ray")  # not imported here: segments also render without Ray (the GPU check kit)
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""

@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 HEADERS = [
+    "| work | path | wall s | frames/s | vs naive |",
     "| stage | what runs | frames | seconds | frames/s | ms/frame |",
     "| path | batch | frames | best s | runs s | frames/s | vs naive |",
     "| audio | frames | segments | wall s | frames/s | actor VmHWM MiB |",
@@ -51,37 +52,45 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     assert "Machine:" in out and "cores" in out
 
     number = re.compile(r"^-?[\d,]+(\.\d+)?×?%?$")
-    stages = {row[0]: row for row in _table_rows(out, HEADERS[0])}
+    defaults = _table_rows(out, HEADERS[0])
+    assert [(row[0], row[1].split(",")[0]) for row in defaults] == [
+        ("one row", "naive loop"), ("one row", "heygem-ray render"), ("2 rows", "naive loop"), ("2 rows", "heygem-ray render")]
+    assert all(number.match(row[2]) and float(row[2]) > 0 and number.match(row[4]) for row in defaults)
+    startup = dict(_table_rows(out, "| start-up step (one row, from the CLI's own line) | s |"))
+    assert set(startup) >= {"driver", "ray start", "actor start", "model load", "first batch", "first frames"}
+    assert float(startup["first frames"]) > float(startup["model load"]) > 0
+
+    stages = {row[0]: row for row in _table_rows(out, HEADERS[1])}
     for stage in ("decode", "detect", "detect (cached)", "render + paste", "encode", "stitch", "upload", "end to end"):
         assert stage in stages, stage
         assert number.match(stages[stage][3]), stages[stage]  # seconds
     assert float(stages["end to end"][4].replace(",", "")) > 0  # frames/s
 
-    wav2lip = _table_rows(out, HEADERS[1])
+    wav2lip = _table_rows(out, HEADERS[2])
     assert [r[0].split(":")[0].split(",")[0] for r in wav2lip] == [
         "naive loop", "RenderWorker.render_segment in this process", "RenderWorker.render_segment in this process",
         "campaign.run"]
     assert "fp32" in wav2lip[1][0] and "bf16" in wav2lip[2][0]
     assert all(number.match(row[5]) and float(row[5].replace(",", "")) > 0 for row in wav2lip)  # frames/s
 
-    rss = _table_rows(out, HEADERS[2])
+    rss = _table_rows(out, HEADERS[3])
     assert len(rss) == 2 and all(number.match(row[5]) and float(row[5].replace(",", "")) > 50 for row in rss)  # MiB
 
-    second = _table_rows(out, HEADERS[3])
+    second = _table_rows(out, HEADERS[4])
     assert [row[0] for row in second] == ["first campaign", "second campaign"]
     assert float(second[1][2]) < float(second[0][2])  # the cached track loads faster than detecting
 
-    scaling = _table_rows(out, HEADERS[4])
+    scaling = _table_rows(out, HEADERS[5])
     assert [(row[0], row[1]) for row in scaling] == [("1", "no"), ("2", "no"), ("1", "yes"), ("2", "yes")]
     assert all(number.match(row[8]) and float(row[7]) < float(row[6]) for row in scaling)
     # pinned actors that answered got cores of their own (in a campaign this short the second may not answer)
     assert [row[10] for row in scaling[:2]] == ["0", "0"] and all(int(row[10]) >= 1 for row in scaling[2:])
 
-    node = _table_rows(out, HEADERS[5])
+    node = _table_rows(out, HEADERS[6])
     assert len(node) == 1 and node[0][2] == "75" and float(node[0][8]) > 0  # 3 s at 25 fps, one campaign
     assert float(node[0][6]) < float(node[0][5])  # the campaign loaded the track built before it
 
-    targets = _table_rows(out, HEADERS[6])
+    targets = _table_rows(out, HEADERS[7])
     assert len(targets) >= 3 and all(row[2] for row in targets)
     after = results.read_bytes() if results.exists() else None
     assert after == before  # --no-append leaves RESULTS.md alone

@@ -80,6 +80,13 @@ def test_results_table_and_summary(rendered):
         assert r["segments"] >= 2 and r["frames"] > 0 and r["attempts"] == 1 and r["error"] is None
         assert os.path.exists(os.path.join(cfg.output, "_markers", f"{row_id}.json"))
     assert not os.path.exists(os.path.join(cfg.output, "_work"))  # finished rows' segment files are cleaned up
+    # the start-up breakdown: consecutive steps from the driver's launch to the first rendered frames
+    steps = dict(summary.startup)
+    total = steps.pop("first frames after launch")
+    assert list(steps) == ["driver", "ray start", "actor start", "model load", "wait for work", "first batch"]
+    assert all(seconds >= 0 for seconds in steps.values()) and steps["model load"] > 0 and steps["first batch"] > 0
+    assert sum(steps.values()) == pytest.approx(total, abs=0.01)
+    assert summary.startup_line().startswith("driver ") and "first frames" in summary.startup_line()
 
 
 def test_bad_rows_fail_alone_and_leave_nothing(rendered):
@@ -136,6 +143,7 @@ def test_rerun_skips_finished_rows(rendered):
     cfg, first, _ = rendered
     again = campaign.run(cfg)
     status = {r.id: r.status for r in again.rows}
+    assert again.startup == {} and again.startup_line() == ""  # nothing rendered, nothing to break down
     assert status == {"short_avatar": "skipped", "long_avatar": "skipped", "still": "skipped",
                       "missing_audio": "failed", "no_face": "failed"}
 

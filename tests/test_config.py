@@ -20,7 +20,10 @@ def test_defaults_are_the_embedded_local_classic_setup():
 
 @pytest.mark.parametrize("overrides, check", [
     (["renderer=wav2lip", "renderer.checkpoint=s3://m/wav2lip_gan.pth"],
-     lambda c: isinstance(c.renderer, Wav2LipRendererConfig) and c.renderer.batch_size == 128),
+     lambda c: isinstance(c.renderer, Wav2LipRendererConfig) and c.renderer.batch_size == 0
+     and c.renderer.precision == "auto" and c.renderer.compile == "auto"),
+    (["renderer=wav2lip", "renderer.checkpoint=m.pth", "renderer.compile=true"], lambda c: c.renderer.compile == "true"),
+    (["renderer=wav2lip", "renderer.checkpoint=m.pth", "renderer.compile=false"], lambda c: c.renderer.compile == "false"),
     (["detector=box", "detector.box=[1,2,30,40]"], lambda c: c.detector.box == [1, 2, 30, 40]),
     (["detector=s3fd", "detector.checkpoint=/m/s3fd.pth"], lambda c: c.detector.name == "s3fd"),
     (["cluster=gpu"], lambda c: c.cluster.actor.num_gpus == 0.125 and c.cluster.actor.num_cpus == 2.0),
@@ -37,6 +40,30 @@ def test_missing_mandatory_values_and_typos_are_errors():
         compose_config("manifest=m", "output=o", "render.segment_secondz=3")
     with pytest.raises(Exception, match="checkpoint"):
         compose_config("manifest=m", "output=o", "renderer=wav2lip")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("renderer.precision=bf61", "renderer.precision=bf61 is not one of auto, fp32, fp16, bf16"),
+    ("renderer.compile=maybe", "renderer.compile=maybe is not one of auto, true, false"),
+    ("renderer.blend=soft", "renderer.blend=soft is not one of feather, hard"),
+    ("renderer.batch_size=-1", "renderer.batch_size"),
+])
+def test_renderer_choices_are_checked_when_composed(override, message):
+    """A typo fails on the driver at once, not as "renderer could not start" on every row."""
+    with pytest.raises(Exception, match=message.replace(".", r"\.")):
+        compose_config("manifest=m", "output=o", "renderer=wav2lip", "renderer.checkpoint=m.pth", override)
+
+
+def test_a_local_ray_gives_the_actors_every_core():
+    """On a Ray of its own, tasks share the actors' cores: cores + reserve logical CPUs, so
+    `cluster.actors=0` fits one actor per core (2 on a 2-core machine, not 1 beside an idle core)."""
+    from heygem_ray.campaign import fit_actors, local_cpus
+
+    cfg = compose_config("manifest=m", "output=o")
+    cores = len(os.sched_getaffinity(0))
+    assert local_cpus(cfg) == cores + 1
+    assert fit_actors([{"CPU": local_cpus(cfg)}], cfg.cluster.actor.num_cpus, 0.0, cfg.cluster.reserve_cpus) == cores
+    assert local_cpus(compose_config("manifest=m", "output=o", "cluster.num_cpus=5")) == 5
 
 
 @pytest.mark.parametrize("override", ["render.segments_per_actor=0", "render.max_inflight_segments=-1",

@@ -31,17 +31,24 @@ def test_still_image_repeats_its_frame():
     assert avatar_frame_indices(np.arange(3), avatar_frames=1, still=False).tolist() == [0, 0, 0]
 
 
-def test_segments_split_consecutively():
+def test_segments_split_consecutively_into_equal_spans():
     spans = plan_segments(63, 25, 1.0)
-    assert [(s.start, s.stop) for s in spans] == [(0, 25), (25, 50), (50, 63)]
+    assert [(s.start, s.stop) for s in spans] == [(0, 21), (21, 42), (42, 63)]
     assert [s.index for s in spans] == [0, 1, 2]
     assert plan_segments(5, 25, 0.001)[1].frames == 1  # never zero-length
+    # a 12 s row in 10 s segments: two of 6 s, not 10 s and a 2 s tail
+    assert [s.frames for s in plan_segments(300, 25, 10.0)] == [150, 150]
+    # spread over at least `min_segments` (4 actors, one row), never below one frame each
+    assert [s.frames for s in plan_segments(300, 25, 10.0, min_segments=4)] == [75, 75, 75, 75]
+    assert len(plan_segments(3, 25, 10.0, min_segments=8)) == 3
 
 
 @given(total=st.integers(1, 20_000), fps=st.sampled_from([12.0, 24.0, 25.0, 29.97, 30.0, 60.0]),
        seconds=st.floats(0.01, 120.0), avatar=st.integers(1, 5_000), still=st.booleans())
 def test_every_output_frame_planned_exactly_once(total, fps, seconds, avatar, still):
-    spans = plan_segments(total, fps, seconds)
+    spans = plan_segments(total, fps, seconds, min_segments=1 + total % 5)
+    sizes = [s.frames for s in spans]
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= max(1, round(seconds * fps))
     covered = np.concatenate([np.arange(s.start, s.stop) for s in spans])
     assert np.array_equal(covered, np.arange(total))
     mapped = avatar_frame_indices(covered, avatar, still)

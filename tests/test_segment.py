@@ -11,7 +11,7 @@ from conftest import compose_config
 
 from heygem_ray.media.yuv import bgr_to_i420, i420_planes
 from heygem_ray.render.base import AudioWindow
-from heygem_ray.segment import RenderWorker
+from heygem_ray.segment import RenderWorker, pipeline_chunks
 
 # boxes as the face track gives them (inside the 256x300 picture): odd edges widen the region to even
 BOXES = np.array([[61, 75, 195, 231], [60, 74, 196, 230], [151, 141, 256, 300]], np.int32)
@@ -69,3 +69,13 @@ def test_a_frame_without_a_face_region_passes_through(decoded):
     assert not np.array_equal(out[1], decoded[1])
     assert w._render_regions([decoded[0].copy()], np.array([[0, 0, 0, 0]], np.int32), features[:1])[0].tobytes() \
         == decoded[0].tobytes()
+
+
+@pytest.mark.parametrize("frames, batch, step", [(250, 16, 16), (250, 128, 63), (125, 128, 32), (3, 128, 1), (1, 16, 1)])
+def test_pipeline_chunks_overlap_even_with_gpu_sized_batches(frames, batch, step):
+    """Chunks never exceed the renderer's batch, and a segment has at least four of them (when it has
+    that many frames), so decode, render and encode overlap even when a GPU batch covers the segment."""
+    chunks = pipeline_chunks(frames, batch)
+    assert chunks[0] == (0, step) and chunks[-1][1] == frames
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # consecutive, every frame once
+    assert max(hi - lo for lo, hi in chunks) <= batch and len(chunks) >= min(4, frames)

@@ -244,11 +244,12 @@ def encoder_works(codec: str) -> bool:
 
 
 def auto_codec() -> str:
-    """What `encoder.codec=auto` means on this machine: NVENC when a CUDA GPU here has a video
-    encoder (L4, A10G; not H100), else libx264."""
-    import torch
+    """What `encoder.codec=auto` means for this process: NVENC when it may use a GPU (inside Ray:
+    one Ray gave it) and that GPU has a video encoder (L4, A10G; not H100), else libx264. A CPU
+    actor on a GPU node sees the GPU too, but must not take its encoder unaccounted."""
+    from heygem_ray.devices import cuda_usable
 
-    return "h264_nvenc" if torch.cuda.is_available() and encoder_works("h264_nvenc") else "libx264"
+    return "h264_nvenc" if cuda_usable() and encoder_works("h264_nvenc") else "libx264"
 
 
 def encoder_options(codec: str, crf: int, preset: str) -> dict[str, str]:
