@@ -156,8 +156,6 @@ class Campaign:
         self._probe_after: dict[int, float] = {}  # actor -> time to ask again whether it is back
         self.actor_pids: list[int | None] = []
         self._workers: dict[int, WorkerInfo] = {}  # what each actor said when it answered
-        self._frames_planned = 0  # frames of the rows that reached the segment queue
-        self._rows_planned = 0
         self._actor_failed: dict[int, str] = {}  # actors whose constructor raised (bad checkpoint...)
         self._renderer_error: str | None = None  # set when no actor could start at all
         # `encoder.codec=auto` is decided by the first actor that answers (NVENC if its GPU has an
@@ -167,6 +165,7 @@ class Campaign:
         self._waiting_warned = False
         self._frames_rendered = 0
         self.segments_by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
+        self.segments_by_actor: dict[int, int] = {}  # which actor rendered them
         self._thumbnails: dict[str, bytes] = {}
         self._started = time.time()
         self._report_written = 0.0
@@ -253,20 +252,24 @@ class Campaign:
     def _dispatch_segments(self) -> None:
         """Hand queued segments to healthy actors, at most `render.segments_per_actor` each: an actor
         keeps its next segment ready, and the rest wait here for whichever actor frees up first, so
-        actors that start late (a GPU node still joining) or run faster get their share."""
+        actors that start late (a GPU node still joining) or run faster get their share. A busy
+        actor is sent its next segment only while the queue holds more than the actors still
+        starting can take: a small campaign's last segments wait for an actor that is about to
+        answer instead of queueing behind the first one."""
         render = self.cfg.render
         inflight, cap = sum(self._actor_load), self._inflight_cap()
         healthy = [i for i, ok in enumerate(self._actor_healthy) if ok]
+        starting = sum(1 for i, ok in enumerate(self._actor_healthy) if not ok and i not in self._actor_failed)
         while self._segment_queue and healthy and inflight < cap:
             actor = min(healthy, key=lambda i: self._actor_load[i])
-            if self._actor_load[actor] >= render.segments_per_actor:
+            load = self._actor_load[actor]
+            if load >= render.segments_per_actor or (load and len(self._segment_queue) <= starting):
                 break
             row_id, index = self._segment_queue.popleft()
             state = self._states[row_id]
             if state.finished:
                 continue
-            job = self._segment_job(state, index, compile=self._compile_pays(actor))
-            ref = self._actors[actor].render_segment.remote(job)
+            ref = self._actors[actor].render_segment.remote(self._segment_job(state, index))
             self._actor_load[actor] += 1
             state.attempts[index] = state.attempts.get(index, 0) + 1
             self._inflight[ref] = ("segment", (row_id, index, actor))
@@ -314,8 +317,6 @@ class Campaign:
         # a campaign of fewer rows than actors spreads each row over several, so none idles
         spread = math.ceil(len(self._actors) / max(1, len(self.rows)))
         state.spans = plan_segments(total, track.info.fps, self.cfg.render.segment_seconds, spread)
-        self._frames_planned += total
-        self._rows_planned += 1
         self._segment_queue.extend((state.row.id, span.index) for span in state.spans)
 
     def _on_segment(self, key: tuple[str, int, int], ref: ray.ObjectRef) -> None:
@@ -343,6 +344,8 @@ class Campaign:
             self.startup.actor, self.startup.segment = self._workers[actor], result
         if result.node:
             self.segments_by_node[result.node] = self.segments_by_node.get(result.node, 0) + 1
+        if not result.reused:
+            self.segments_by_actor[actor] = self.segments_by_actor.get(actor, 0) + 1
         if len(state.done) == len(state.spans):
             self._submit_stitch(state)
 
@@ -436,19 +439,7 @@ class Campaign:
         key = f"{state.row.id}-{state.prep.fingerprint[:16]}-{self.codec}-n{len(state.spans)}"
         return storage.join(self.cfg.output, "_work", key)
 
-    def _compile_pays(self, actor: int) -> bool:
-        """renderer.compile=auto: whether this actor can expect enough frames of the campaign to
-        repay a torch.compile (its renderer says how many on its device). Rows not yet prepared are
-        counted at the average length of those that were."""
-        info = self._workers.get(actor)
-        if info is None or info.compile_after_frames is None or not self._rows_planned:
-            return False
-        queued = sum(self._states[row_id].spans[i].frames for row_id, i in self._segment_queue
-                     if not self._states[row_id].finished)
-        expected = queued + len(self._pending) * self._frames_planned / self._rows_planned
-        return expected / max(1, sum(self._actor_healthy)) >= info.compile_after_frames
-
-    def _segment_job(self, state: _RowState, index: int, compile: bool = False) -> SegmentJob:
+    def _segment_job(self, state: _RowState, index: int) -> SegmentJob:
         assert state.track is not None and state.prep is not None and state.prep.audio is not None
         assert self.codec is not None  # segments go to actors that answered, and the first decided it
         span, track, audio = state.spans[index], state.track, state.prep.audio
@@ -459,7 +450,6 @@ class Campaign:
             avatar_uri=state.row.avatar, info=track.info, start=span.start, avatar_frames=avatar_frames,
             pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[avatar_frames],
             pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level, codec=self.codec,
-            compile=compile,
         )
 
     def _finish(self, row_id: str, status: str, marker: Marker | None) -> None:

@@ -47,9 +47,10 @@ class Wav2LipRendererConfig:
     #: where crops and the paste-back run: auto (on the model's device when that is CUDA, else cpu) |
     #: cpu (OpenCV, the official numerics) | device (torch on the model's device)
     image_ops: str = "auto"
-    #: torch.compile the generator: auto | true | false. auto compiles only once the campaign gives
-    #: each actor enough frames to repay the compile (render.compile_min_frames); a failed compile
-    #: falls back to eager with a warning
+    #: torch.compile the generator: auto | true | false (a failed compile falls back to eager with a
+    #: warning). auto compiles where it was measured to pay, which is nowhere yet: on CPU the fused
+    #: eager generator beats the compiled one (17.3 vs 16.1 frames/s on one core, after ~40 s of
+    #: compile), and GPU actors are bound by x264 on the CPU, not by the generator
     compile: str = "auto"
     #: MiB of face-encoder outputs an actor keeps per source frame and box: a still avatar, and every
     #: frame of a looped clip, encodes its face once instead of once per output frame (0 = off)

@@ -47,9 +47,6 @@ class SegmentJob:
     audio_samples: int
     audio_level: float
     codec: str  # the campaign's video encoder (never "auto": the driver decided)
-    #: the driver's word that the campaign is long enough for this actor to repay torch.compile
-    #: (renderer.compile=auto); an actor compiles at most once
-    compile: bool = False
 
     @property
     def frames(self) -> int:
@@ -68,9 +65,6 @@ class WorkerInfo:
     process_started: float = 0.0
     init_started: float = 0.0
     model_loaded: float = 0.0
-    #: frames this actor must be expected to render before torch.compile repays its cost
-    #: (renderer.compile=auto); None when compiling would not pay on its device or was decided
-    compile_after_frames: int | None = None
 
 
 @dataclass
@@ -114,19 +108,14 @@ class RenderWorker:
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
-        compile_after = getattr(self.renderer, "compile_pays_after_frames", None)
         return WorkerInfo(os.getpid(), self.cores, self.codec, process_started=metrics.process_started(),
-                          init_started=self.init_started, model_loaded=self.model_loaded,
-                          compile_after_frames=compile_after if getattr(self.cfg.renderer, "compile", "") == "auto"
-                          else None)
+                          init_started=self.init_started, model_loaded=self.model_loaded)
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
         started = time.time()
         if storage.exists(job.out_uri):
             return SegmentResult(job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True,
                                  started_at=started)
-        if job.compile and hasattr(self.renderer, "compile_now"):
-            self.renderer.compile_now()
         clock = metrics.StageClock()
         info = job.info
         frame_numbers = np.arange(job.start, job.start + job.frames)

@@ -208,6 +208,21 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
 
 
 
+def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path):
+    """One short row and two actors: the row is cut into two equal segments and each actor renders
+    one, even when one actor answers first (it is not handed the second segment while the other
+    is still starting)."""
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["solo"], "audio": [str(media_dir / "speech3.wav")],
+                             "avatar": [str(media_dir / "still.png")]}), manifest)
+    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
+                         "cluster.actors=2", "cluster.actor.num_cpus=0.5")
+    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    (row,) = job.run().rows
+    assert row.status == "ok" and row.segments == 2  # a 3 s row, 10 s segments: 2 so both actors work
+    assert job.segments_by_actor == {0: 1, 1: 1}
+
+
 def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_path):
     """Segments wait on the driver for a free actor instead of piling up on the first actor that
     answered, where an actor starting later (a GPU node still joining) would find nothing left."""
