@@ -776,16 +776,16 @@ def bench_stages(ctx: Context, height: int) -> None:
     n = min(args.wav2lip_stage_frames, track.frames)
     w2l = Wav2LipRenderer(ctx.inputs.checkpoint(), batch_size=n, device=args.device)
     gen = [0.0]
-    generate = w2l._generate
+    generate = w2l._generate_cpu
 
-    def timed_generate(crops: np.ndarray, mels: np.ndarray) -> np.ndarray:
+    def timed_generate(*args: Any) -> np.ndarray:
         t = time.perf_counter()
         try:
-            return generate(crops, mels)
+            return generate(*args)
         finally:
             gen[0] += time.perf_counter() - t
 
-    w2l._generate = timed_generate  # type: ignore[method-assign]
+    w2l._generate_cpu = timed_generate  # type: ignore[method-assign]
     frames_in = []
     for _, frame in iter_frames(avatar, info):
         frames_in.append(frame)

@@ -209,18 +209,35 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
 
 
 def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path):
-    """One short row and two actors: the row is cut into two equal segments and each actor renders
-    one, even when one actor answers first (it is not handed the second segment while the other
-    is still starting)."""
+    """One short row and two actors: the row is cut into two equal segments, and the actor that
+    answers first is not handed the second while the other is still starting (it would render both
+    one after the other while the second actor idled)."""
+    import threading
+
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(pa.table({"id": ["solo"], "audio": [str(media_dir / "speech3.wav")],
                              "avatar": [str(media_dir / "still.png")]}), manifest)
     cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
                          "cluster.actors=2", "cluster.actor.num_cpus=0.5")
     job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
-    (row,) = job.run().rows
-    assert row.status == "ok" and row.segments == 2  # a 3 s row, 10 s segments: 2 so both actors work
-    assert job.segments_by_actor == {0: 1, 1: 1}
+    loads: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            loads.append(max(job._actor_load, default=0))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        (row,) = job.run().rows
+    finally:
+        done.set()
+        watcher.join()
+    assert row.status == "ok" and row.segments == 2  # a 3 s row, 10 s segments: 2 so both actors can work
+    assert max(loads) == 1  # never both segments at one actor
+    assert sum(job.segments_by_actor.values()) == 2
 
 
 def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_path):
