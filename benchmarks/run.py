@@ -366,46 +366,28 @@ class Inputs:
         if os.path.exists(path):
             return path, 0.0
         start = time.perf_counter()
-        height -= height % 2
-        width = (height * 16 // 9) // 2 * 2
-        base = demo.portrait(512)
-        ph = int(0.9 * height) // 2 * 2
-        pw = int(round(base.shape[1] * ph / base.shape[0])) // 2 * 2
-        base = cv2.resize(base, (pw, ph), interpolation=cv2.INTER_CUBIC if ph > base.shape[0] else cv2.INTER_AREA)
-        y0, x0 = (height - ph) // 2, (width - pw) // 2
-        ramp = np.linspace(40, 90, width, dtype=np.float32)
-        canvas = np.repeat(np.repeat(ramp[None, :, None], height, 0), 3, 2).astype(np.uint8)
+        stage = demo.Stage.of_height(height)
         with av.open(path, "w") as container:
             stream = container.add_stream("libx264", rate=FPS)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.height, stream.width = stage.canvas.shape[:2]
+            stream.pix_fmt = "yuv420p"
             # a keyframe every 2 s, as camera and phone files have (x264's default of 250 frames would
             # make every segment's seek decode ~25 % more frames than a real campaign does)
             stream.options = {"crf": "18", "preset": "veryfast", "g": str(2 * FPS)}
             for i in range(int(round(seconds * FPS))):
-                frame = canvas.copy()
-                frame[y0:y0 + ph, x0:x0 + pw] = demo.head_motion_frame(base, i / FPS, seed=0)
-                video_frame = av.VideoFrame.from_ndarray(bgr_to_i420(frame), format="yuv420p")
+                video_frame = av.VideoFrame.from_ndarray(bgr_to_i420(stage.frame(i / FPS)), format="yuv420p")
                 video_frame.pts = i
                 container.mux(stream.encode(video_frame))
             container.mux(stream.encode(None))
         return path, time.perf_counter() - start
 
     def still_avatar(self, height: int) -> tuple[str, list[int]]:
-        """A 16:9 PNG of the demo portrait (90 % of the height) and the box of its face (fixed,
-        measured once on the portrait: Haar misses this face at 720p)."""
-        height -= height % 2
-        width = (height * 16 // 9) // 2 * 2
-        base = demo.portrait(512)
-        ph = int(0.9 * height) // 2 * 2
-        pw = int(round(base.shape[1] * ph / base.shape[0])) // 2 * 2
-        y0, x0 = (height - ph) // 2, (width - pw) // 2
-        box = [x0 + int(0.30 * pw), y0 + int(0.24 * ph), x0 + int(0.74 * pw), y0 + int(0.56 * ph)]
+        """A 16:9 PNG of the demo portrait (90 % of the height) and the box of its face."""
+        stage = demo.Stage.of_height(height)
         path = self._path(f"still-{height}p.png")
         if not os.path.exists(path):
-            canvas = np.full((height, width, 3), 60, np.uint8)
-            canvas[y0:y0 + ph, x0:x0 + pw] = cv2.resize(base, (pw, ph), interpolation=cv2.INTER_CUBIC)
-            cv2.imwrite(path, canvas)
-        return path, box
+            cv2.imwrite(path, stage.frame())
+        return path, stage.face_box()
 
     def small_avatar(self, width: int, seconds: float) -> str:
         path = self._path(f"avatar-w{width}-{seconds:g}s.mp4")

@@ -39,6 +39,48 @@ def head_motion_frame(base: np.ndarray, t: float, seed: int) -> np.ndarray:
     return cv2.warpAffine(base, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
+#: the portrait's face box as fractions of the photo (x1, y1, x2, y2)
+FACE_FRACTIONS = (0.30, 0.17, 0.74, 0.57)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A 16:9 frame of a given height: the portrait at 90 % of the height, centred on a grey ramp
+    (how a presenter sits in a wide shot). For benchmark avatars at 720p, 1080p and more."""
+
+    canvas: np.ndarray  # BGR background
+    portrait: np.ndarray  # BGR, at its size on the canvas
+    x0: int
+    y0: int
+
+    @classmethod
+    def of_height(cls, height: int) -> Stage:
+        height -= height % 2
+        width = (height * 16 // 9) // 2 * 2
+        base = portrait(512)
+        ph = int(0.9 * height) // 2 * 2
+        pw = int(round(base.shape[1] * ph / base.shape[0])) // 2 * 2
+        base = cv2.resize(base, (pw, ph), interpolation=cv2.INTER_CUBIC if ph > base.shape[0] else cv2.INTER_AREA)
+        ramp = np.linspace(40, 90, width, dtype=np.float32)
+        canvas = np.repeat(np.repeat(ramp[None, :, None], height, 0), 3, 2).astype(np.uint8)
+        return cls(canvas, base, (width - pw) // 2, (height - ph) // 2)
+
+    def frame(self, t: float | None = None, seed: int = 0) -> np.ndarray:
+        """The stage at time t (head motion), or the portrait still when t is None."""
+        out = self.canvas.copy()
+        ph, pw = self.portrait.shape[:2]
+        out[self.y0:self.y0 + ph, self.x0:self.x0 + pw] = (
+            self.portrait if t is None else head_motion_frame(self.portrait, t, seed))
+        return out
+
+    def face_box(self) -> list[int]:
+        """x1, y1, x2, y2 of the still portrait's face, for `detector=box`: Haar's box on the photo
+        with the official bottom pad, as fractions of it (Haar itself misses the face at some sizes)."""
+        ph, pw = self.portrait.shape[:2]
+        fx1, fy1, fx2, fy2 = FACE_FRACTIONS
+        return [self.x0 + int(fx1 * pw), self.y0 + int(fy1 * ph), self.x0 + int(fx2 * pw), self.y0 + int(fy2 * ph)]
+
+
 def write_avatar_clip(path: str, seconds: float, fps: int = 25, width: int = 256, seed: int = 0,
                       rotation: int = 0) -> int:
     """An H.264 mp4 of the moving portrait; returns its frame count. `rotation` stores the frames

@@ -208,18 +208,10 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
 
 
 
-def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path):
-    """One short row and two actors: the row is cut into two equal segments, and the actor that
-    answers first is not handed the second while the other is still starting (it would render both
-    one after the other while the second actor idled)."""
+def _run_watching_loads(job: campaign.Campaign) -> tuple:
+    """Run the campaign while sampling the most segments any one actor holds (every 2 ms)."""
     import threading
 
-    manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": ["solo"], "audio": [str(media_dir / "speech3.wav")],
-                             "avatar": [str(media_dir / "still.png")]}), manifest)
-    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
-                         "cluster.actors=2", "cluster.actor.num_cpus=0.5")
-    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
     loads: list[int] = []
     done = threading.Event()
 
@@ -231,10 +223,24 @@ def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        (row,) = job.run().rows
+        return job.run(), loads
     finally:
         done.set()
         watcher.join()
+
+
+def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path):
+    """One short row and two actors: the row is cut into two equal segments, and the actor that
+    answers first is not handed the second while the other is still starting (it would render both
+    one after the other while the second actor idled)."""
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["solo"], "audio": [str(media_dir / "speech3.wav")],
+                             "avatar": [str(media_dir / "still.png")]}), manifest)
+    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
+                         "cluster.actors=2", "cluster.actor.num_cpus=0.5")
+    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    summary, loads = _run_watching_loads(job)
+    (row,) = summary.rows
     assert row.status == "ok" and row.segments == 2  # a 3 s row, 10 s segments: 2 so both actors can work
     assert max(loads) == 1  # never both segments at one actor
     assert sum(job.segments_by_actor.values()) == 2
@@ -243,29 +249,13 @@ def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path)
 def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_path):
     """Segments wait on the driver for a free actor instead of piling up on the first actor that
     answered, where an actor starting later (a GPU node still joining) would find nothing left."""
-    import threading
-
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(pa.table({"id": ["a", "b"], "audio": [str(media_dir / "speech3.wav")] * 2,
                              "avatar": [str(media_dir / "still.png")] * 2}), manifest)
     cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
                          "render.segment_seconds=0.4", "cluster.actors=1")
     job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
-    loads: list[int] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            loads.append(max(job._actor_load, default=0))
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        summary = job.run()
-    finally:
-        done.set()
-        watcher.join()
+    summary, loads = _run_watching_loads(job)
     assert summary.count("ok") == 2
     assert sum(len(s.spans) for s in job._states.values()) > 10  # far more segments than the actor may hold
     assert max(loads) == cfg.render.segments_per_actor == 2

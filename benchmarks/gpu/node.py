@@ -37,8 +37,6 @@ import numpy as np
 
 FPS = 25
 GOP = 50  # keyframe every 2 s, as a camera file has (x264's default is 250)
-#: the demo portrait's face (haar on the portrait, official bottom pad added), as fractions of it
-FACE_FRACTIONS = (0.30, 0.17, 0.74, 0.57)
 TARGET_SECONDS_PER_3_MIN = 15.0
 _CHUNK = 64  # frames composed ahead of the encoder
 
@@ -57,29 +55,19 @@ class Inputs:
 
 
 def make_avatar(path: Path, seconds: float, height: int, threads: int) -> tuple[tuple[int, int, int, int], int]:
-    """A 16:9 H.264 clip (GOP of GOP frames) of the demo portrait, 90 % of the height, swaying on a
-    grey ramp; frames are composed on `threads` threads while x264 encodes. Returns the face box
-    and the width."""
+    """A 16:9 H.264 clip (GOP of GOP frames) of the demo stage (`heygem_ray.demo.Stage`: the
+    portrait at 90 % of the height, swaying on a grey ramp); frames are composed on `threads`
+    threads while x264 encodes. Returns the face box and the width."""
     import av
-    import cv2
 
     from heygem_ray import demo
     from heygem_ray.media.yuv import bgr_to_i420
 
-    height -= height % 2
-    width = (height * 16 // 9) // 2 * 2
-    base = demo.portrait(512)
-    ph = int(0.9 * height) // 2 * 2
-    pw = int(round(base.shape[1] * ph / base.shape[0])) // 2 * 2
-    base = cv2.resize(base, (pw, ph), interpolation=cv2.INTER_CUBIC if ph > base.shape[0] else cv2.INTER_AREA)
-    y0, x0 = (height - ph) // 2, (width - pw) // 2
-    ramp = np.linspace(40, 90, width, dtype=np.float32)
-    canvas = np.repeat(np.repeat(ramp[None, :, None], height, 0), 3, 2).astype(np.uint8)
+    stage = demo.Stage.of_height(height)
+    height, width = stage.canvas.shape[:2]
 
     def compose(i: int) -> np.ndarray:
-        frame = canvas.copy()
-        frame[y0:y0 + ph, x0:x0 + pw] = demo.head_motion_frame(base, i / FPS, seed=0)
-        return bgr_to_i420(frame)
+        return bgr_to_i420(stage.frame(i / FPS))
 
     count = int(round(seconds * FPS))
     with av.open(str(path), "w") as container, ThreadPoolExecutor(max(1, threads)) as pool:
@@ -97,9 +85,8 @@ def make_avatar(path: Path, seconds: float, height: int, threads: int) -> tuple[
                 frame.pts = lo + k
                 container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    fx1, fy1, fx2, fy2 = FACE_FRACTIONS
-    box = (x0 + int(fx1 * pw), y0 + int(fy1 * ph), x0 + int(fx2 * pw), y0 + int(fy2 * ph))
-    return box, width
+    x1, y1, x2, y2 = stage.face_box()
+    return (x1, y1, x2, y2), width
 
 
 def make_inputs(work: Path, seconds: float, height: int, threads: int) -> Inputs:
