@@ -1,6 +1,6 @@
 """The pipeline benchmark runner (`python -m benchmarks.run`) works end to end: a --quick run makes its
-inputs, runs every measurement (stages, Wav2Lip naive vs batched, actor RSS, second campaign,
-scaling, one node) on its own local Ray, prints each table with numbers and leaves RESULTS.md alone with
+inputs, runs every measurement (defaults as whole commands against the naive loop per video,
+stages, Wav2Lip naive vs batched, actor RSS, second campaign, scaling, one node) on its own local Ray, prints each table with numbers and leaves RESULTS.md alone with
 --no-append. A behaviour test of the runner, not a timing assertion (about a minute on 2 cores)."""
 
 from __future__ import annotations
