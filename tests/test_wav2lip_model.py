@@ -89,3 +89,22 @@ def test_fused_cpu_generator_matches_the_official_reference(model):
         plain = model(torch.from_numpy(REF["mel"]), faces)
     np.testing.assert_allclose(out.numpy(), REF["output"], rtol=0, atol=1e-4)
     assert float((out - plain).abs().max()) < 1e-5  # float rounding, not a different network
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_decoding_only_the_lower_rows_gives_those_rows_exactly(model, fused):
+    """decode(rows_from=r) skips the decoder's work above row r: the rows a feather paste shows come
+    out as the full decoder computes them, and the rows above as zeros."""
+    from heygem_ray.models.wav2lip import fuse_for_cpu
+
+    net = fuse_for_cpu(model.to(memory_format=torch.channels_last)) if fused else model
+    faces = torch.from_numpy(REF["faces"]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        skips = net.encode_face(faces)
+        full = net.decode(torch.from_numpy(REF["mel"]), skips)
+        lower = net.decode(torch.from_numpy(REF["mel"]), skips, rows_from=40)
+    assert lower.shape == full.shape == (4, 3, 96, 96)
+    # the same numbers but for float rounding (other shapes may pick other conv algorithms)
+    np.testing.assert_allclose(lower[:, :, 40:].numpy(), full[:, :, 40:].numpy(), rtol=0, atol=1e-5)
+    assert float(lower[:, :, :28].abs().max()) == 0.0  # 24x24 rows 0..6 dropped: output rows 0..27
+    assert not torch.equal(lower[:, :, 28:37], full[:, :, 28:37])  # the margin rows are not the full ones

@@ -370,3 +370,18 @@ def test_cpu_fp32_runs_the_fused_generator_within_rounding_of_the_plain_one(chec
     b = plain.render([f.copy() for f in mixed_frames], np.array(MIXED), mixed_features)
     diff = np.concatenate([np.abs(x.astype(int) - y.astype(int)).ravel() for x, y in zip(a, b)])
     assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
+
+
+@pytest.mark.parametrize("image_ops", ["cpu", "device"])
+def test_feather_paste_decodes_only_the_rows_it_shows(checkpoint, mixed_frames, mixed_features, monkeypatch, image_ops):
+    """The feather paste runs the decoder on the rows its mask can show (FEATHER_FIRST_ROW on): the
+    frames are those of a full decode, in both image paths."""
+    import heygem_ray.render.wav2lip as w2l
+
+    renderer = Wav2LipRenderer(checkpoint, batch_size=4, precision="fp32", device="cpu", image_ops=image_ops)
+    assert renderer.blend == "feather" and w2l.FEATHER_FIRST_ROW == 40
+    lower = renderer.render([f.copy() for f in mixed_frames], np.array(MIXED), mixed_features)
+    monkeypatch.setattr(w2l, "FEATHER_FIRST_ROW", 0)  # decode every row
+    full = renderer.render([f.copy() for f in mixed_frames], np.array(MIXED), mixed_features)
+    diff = np.concatenate([np.abs(a.astype(int) - b.astype(int)).ravel() for a, b in zip(lower, full)])
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-4

@@ -178,10 +178,26 @@ class Wav2Lip(nn.Module):
             skips.append(x)
         return skips
 
-    def decode(self, audio: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def decode(self, audio: torch.Tensor, skips: list[torch.Tensor], rows_from: int = 0) -> torch.Tensor:
         """audio (B,1,80,16) + `encode_face` skips -> (B,3,96,96): the audio encoder, then the
-        decoder fed with the skips coarsest first. `skips` is not modified."""
+        decoder fed with the skips coarsest first. `skips` is not modified.
+
+        rows_from > 0: only output rows rows_from..95 are wanted (a paste that keeps the lower face
+        only). The decoder then drops the top rows of its 24x24 stage and every stage after it, where
+        most of its work is: from 24x24 on, each row of the output depends on a few rows above it
+        (two transposed convs double the rows, five 3x3 convs reach one row each), so dropping
+        stage row s keeps output rows 4s+9 on exactly what the full decoder computes. The rows
+        above come back as zeros. Keeping rows 40..95 saves ~20 % of the decoder."""
         x = self.audio_encoder(audio)
+        drop = max(0, (rows_from - 9) // 4)  # rows of the 24x24 stage whose outputs are not wanted
         for block, skip in zip(self.face_decoder_blocks, reversed(skips)):
+            size = skip.shape[2]
+            if drop and size > 24:
+                skip = skip[:, :, drop * size // 24:]
             x = torch.cat((block(x), skip), dim=1)
-        return self.output_block(x)
+            if drop and size == 24:
+                x = x[:, :, drop:].contiguous(memory_format=torch.channels_last)
+        out = self.output_block(x)
+        if drop:
+            out = torch.cat((out.new_zeros((*out.shape[:2], 4 * drop, out.shape[3])), out), dim=2)
+        return out

@@ -70,6 +70,10 @@ IMAGE_OPS = ("auto", "cpu", "device")
 MASK_ZERO_ABOVE = 0.45
 MASK_FULL_FROM = 0.60
 EDGE_RAMP = 0.12
+#: the first row of the 96x96 generated face a feather paste can show: its mask is zero above
+#: MASK_ZERO_ABOVE of the box, and the bilinear resize back to the box reads the source row at or
+#: above (0.45 * 96 - 0.5 = 42.7, so rows 42 and 43 first); two rows of margin on top
+FEATHER_FIRST_ROW = int(MASK_ZERO_ABOVE * FACE_SIZE) - 3
 _DEVICE_MASKS = 64  # feather masks kept on the device, by box size
 # batch_size=0 (auto). On CUDA large batches fill the GPU. On the CPU the generator gets *slower*
 # per frame as the batch grows (activations fall out of the caches). Generator frames/s with one
@@ -404,7 +408,9 @@ class Wav2LipRenderer:
         else:
             skips = self._cached_skips(face, keys, rows)
         decode = self._decode or self.model.decode
-        return decode(_pad(mel.unsqueeze(1), rows), [_channels_last(_pad(s, rows)) for s in skips])[:n]
+        # a feather paste never shows the generated rows above the mask: the decoder skips them
+        rows_from = FEATHER_FIRST_ROW if self.blend == "feather" else 0
+        return decode(_pad(mel.unsqueeze(1), rows), [_channels_last(_pad(s, rows)) for s in skips], rows_from)[:n]
 
     def _encode_faces(self, face: torch.Tensor, rows: int) -> list[torch.Tensor]:
         """Face-encoder skips of (m,3,96,96) faces, run on `rows` >= m rows (zero padding), so the
