@@ -22,6 +22,11 @@ Two image paths do the crop, resize and paste around the generator:
   can differ by a level, the generator sees slightly different inputs, and the pasted face differs
   from the cpu path by about a level on average (tests/test_wav2lip_renderer.py states the bound).
 
+Rows the paste never shows: the feather mask is zero over the upper face, so with blend="feather"
+the decoder computes the generated face from row FEATHER_FIRST_ROW down only (`Wav2Lip.decode`'s
+rows_from: ~20 % of the decoder's work saved); those rows are what a full decode gives, and the
+rows above, which the mask hides, are zeros.
+
 Face-encoder reuse: the generator's face encoder depends on the face crop alone, and a still image
 (every frame) or a looped clip (every loop) sends the same crop through it again and again. When
 render() is told where each frame's pixels come from (`sources`), the encoder's skip features are
