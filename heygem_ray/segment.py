@@ -60,9 +60,8 @@ class WorkerInfo:
     cores: list[int] | None
     #: the video encoder this actor can use: `encoder.codec`, or what `auto` means on its node
     codec: str
-    #: wall-clock times (time.time()) of the actor's start: its process started, the constructor
-    #: began, and the model was loaded (for the campaign's start-up breakdown)
-    process_started: float = 0.0
+    #: wall-clock times (time.time()) of the actor's start: the constructor began, and the model was
+    #: loaded (for the campaign's start-up breakdown)
     init_started: float = 0.0
     model_loaded: float = 0.0
 
@@ -108,8 +107,8 @@ class RenderWorker:
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
-        return WorkerInfo(os.getpid(), self.cores, self.codec, process_started=metrics.process_started(),
-                          init_started=self.init_started, model_loaded=self.model_loaded)
+        return WorkerInfo(os.getpid(), self.cores, self.codec, init_started=self.init_started,
+                          model_loaded=self.model_loaded)
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
         started = time.time()
