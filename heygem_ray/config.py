@@ -27,6 +27,12 @@ class ClassicRendererConfig:
     mouth_darkness: float = 0.75
 
 
+#: the Wav2Lip renderer's choices (heygem_ray.render.wav2lip checks them too, for direct callers)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+BLENDS = ("feather", "hard")
+IMAGE_OPS = ("auto", "cpu", "device")
+
+
 @dataclass
 class Wav2LipRendererConfig:
     """The official Wav2Lip generator, loaded from any fsspec URI. The `auto` defaults pick what
@@ -59,8 +65,8 @@ class Wav2LipRendererConfig:
     def __post_init__(self) -> None:
         self.compile = str(self.compile).lower()  # `renderer.compile=true` arrives as a YAML bool
         # checked here, on the driver, so a typo exits 2 at once instead of failing every actor
-        for key, choices in (("precision", ("auto", "fp32", "fp16", "bf16")), ("compile", ("auto", "true", "false")),
-                             ("blend", ("feather", "hard")), ("image_ops", ("auto", "cpu", "device"))):
+        for key, choices in (("precision", PRECISIONS), ("compile", ("auto", "true", "false")),
+                             ("blend", BLENDS), ("image_ops", IMAGE_OPS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"renderer.{key}={getattr(self, key)} is not one of {', '.join(choices)}")
         if self.batch_size < 0 or self.face_cache_mb < 0:

@@ -66,7 +66,8 @@ class FusedConvUnit(nn.Module):
             # output channels are dim 0 of a conv's weight and dim 1 of a transposed conv's
             shape = (1, -1, 1, 1) if self.transpose else (-1, 1, 1, 1)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            self.register_buffer("weight", (conv.weight * scale.view(shape)).contiguous(memory_format=torch.channels_last))
+            weight = (conv.weight * scale.view(shape)).contiguous(memory_format=torch.channels_last)
+            self.register_buffer("weight", weight)
             self.register_buffer("bias", (bias - bn.running_mean) * scale + bn.bias)
         self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
         self.output_padding = list(conv.output_padding) if self.transpose else []

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from heygem_ray.config import BLENDS, IMAGE_OPS, PRECISIONS
 from heygem_ray.devices import cpu_bf16_is_faster, torch_device
 from heygem_ray.models.checkpoints import load_model
 from heygem_ray.models.wav2lip import Wav2Lip, fuse_for_cpu
@@ -67,9 +68,6 @@ from heygem_ray.render.base import AudioWindow
 log = logging.getLogger("heygem_ray.render.wav2lip")
 
 FACE_SIZE = 96
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-BLENDS = ("feather", "hard")
-IMAGE_OPS = ("auto", "cpu", "device")
 # Feather mask, as fractions of the box: fully generated below MASK_FULL_FROM, original above
 # MASK_ZERO_ABOVE, and a ramp of EDGE_RAMP of the width/height at the left, right and bottom edges.
 MASK_ZERO_ABOVE = 0.45
@@ -101,8 +99,8 @@ class Wav2LipRenderer:
     batch_size: frames per render() call and per generator forward pass; 0 (default) = auto:
                 CPU_BATCH on the CPU, CUDA_BATCH (the official 128) on CUDA.
     precision:  "auto" (default), "fp32", "fp16" or "bf16", resolved once into `self.precision`.
-                auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs where bf16 is faster (AMX), else
-                fp32. fp16/bf16 run under autocast; on CPU fp16 becomes fp32 (no fast CPU fp16
+                auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs where bf16 is faster
+                (AMX), else fp32. fp16/bf16 run under autocast; on CPU fp16 becomes fp32 (no fast CPU fp16
                 convolutions). fp32 on CUDA turns TF32 off for the process (official numerics).
     blend:      "feather" (default, seamless lower-face blend) or "hard" (the official rectangle).
     device:     "auto" (CUDA when this process may use a GPU, see heygem_ray.devices) or any torch
@@ -198,8 +196,8 @@ class Wav2LipRenderer:
         return self._encode is not None
 
     def compile_now(self) -> bool:
-        """Turn on torch.compile for this renderer (e.g. once an actor knows its campaign is long
-        enough to repay the compile); returns whether the generator is compiled. Idempotent: a
+        """Turn on torch.compile for this renderer (`compile=True` calls it at construction);
+        returns whether the generator is compiled. Idempotent: a
         compiled renderer stays as it is, and after a failed compile (here, in the constructor or
         on the first compiled call) it stays eager without trying again."""
         if self._encode is not None or self._compile_failed:
@@ -491,8 +489,9 @@ FUSED_TOLERANCE = 1e-4
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision the generator runs at on `device`: "auto" is bf16 on CUDA GPUs with bf16
-    (compute capability 8.0+), fp16 on older ones, bf16 on CPUs where it is faster (AMX, `devices.cpu_bf16_is_faster`) and fp32 on other
-    CPUs; fp16 on a CPU is fp32 (no fast CPU fp16 convolutions); anything else as asked."""
+    (compute capability 8.0+), fp16 on older ones, bf16 on CPUs where it is faster (AMX:
+    `devices.cpu_bf16_is_faster`) and fp32 on other CPUs; fp16 on a CPU is fp32 (no fast CPU fp16
+    convolutions); anything else as asked."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
