@@ -28,7 +28,7 @@ class ClassicRendererConfig:
 
 
 #: the Wav2Lip renderer's choices (heygem_ray.render.wav2lip checks them too, for direct callers)
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "int8", "fp16", "bf16")
 BLENDS = ("feather", "hard")
 IMAGE_OPS = ("auto", "cpu", "device")
 
@@ -43,8 +43,9 @@ class Wav2LipRendererConfig:
     #: frames per generator call; 0 = auto (128 on CUDA; 16 on CPU, where larger batches spill the
     #: caches and run no faster)
     batch_size: int = 0
-    #: auto | fp32 | fp16 | bf16. auto = bf16 on CUDA and on CPUs with AMX, fp32 on other CPUs (bf16
-    #: measured 0.7x fp32 with AVX512-BF16 but no AMX, ~13x slower without AVX-512)
+    #: auto | fp32 | int8 | fp16 | bf16. auto = bf16 on CUDA and on CPUs with AMX, int8 on other CPUs
+    #: with VNNI (decoder 2x fused fp32; ~40 dB from fp32), fp32 elsewhere (bf16 measured 0.7x fp32 with
+    #: AVX512-BF16 but no AMX, ~13x slower without AVX-512). int8 runs on the CPU only
     precision: str = "auto"
     #: feather (soft lower-face mask, no seam) | hard (the official rectangle)
     blend: str = "feather"

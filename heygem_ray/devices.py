@@ -48,16 +48,29 @@ def torch_device(requested: str = "auto") -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_bf16_is_faster() -> bool:
-    """Whether bf16 runs the Wav2Lip generator faster than fp32 on this CPU: only with AMX tiles
-    (Sapphire Rapids and later). Measured with batch 16 on one thread: on a Xeon with AVX512-BF16
-    but no AMX, bf16 autocast gives 10.6 frames/s against fp32's 14.4 (0.7x); without AVX-512 it is
-    emulated and ~13x slower. So `precision=auto` stays fp32 on every CPU without AMX."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split(":", 1)[1].split()
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_bf16_is_faster(flags: frozenset[str] | None = None) -> bool:
+    """Whether bf16 runs the Wav2Lip generator faster than fp32 on this CPU (or one with `flags`):
+    only with AMX tiles (Sapphire Rapids and later). Measured with batch 16 on one thread: on a Xeon
+    with AVX512-BF16 but no AMX, bf16 autocast gives 10.6 frames/s against fp32's 14.4 (0.7x);
+    without AVX-512 it is emulated and ~13x slower."""
+    return "amx_bf16" in (cpu_flags() if flags is None else flags)
+
+
+def cpu_int8_is_faster(flags: frozenset[str] | None = None) -> bool:
+    """Whether the int8 generator (`models.wav2lip_cpu`) beats fp32 on this CPU (or one with
+    `flags`): with VNNI's 8-bit dot products (AVX512-VNNI, AVX-VNNI, AMX-INT8). Measured on a Xeon
+    with AVX512-VNNI, one thread, batch 16: decoder 46.6 against fused fp32's 23.3 frames/s; a
+    3x3 conv runs ~5x fp32's rate. Without VNNI it is unmeasured, so fp32 stays."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & (cpu_flags() if flags is None else flags))

@@ -43,7 +43,7 @@ def test_missing_mandatory_values_and_typos_are_errors():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("renderer.precision=bf61", "renderer.precision=bf61 is not one of auto, fp32, fp16, bf16"),
+    ("renderer.precision=bf61", "renderer.precision=bf61 is not one of auto, fp32, int8, fp16, bf16"),
     ("renderer.compile=maybe", "renderer.compile=maybe is not one of auto, true, false"),
     ("renderer.blend=soft", "renderer.blend=soft is not one of feather, hard"),
     ("renderer.batch_size=-1", "renderer.batch_size"),

@@ -47,7 +47,10 @@ def test_mel_matches_official_reflect_padding():
 
 
 def test_mel_basis_is_librosa_slaney():
+    """The saved filterbank is the official one and what the installed librosa computes."""
     np.testing.assert_array_equal(wa._mel_basis(), REF["mel_basis"])
+    np.testing.assert_array_equal(wa._mel_basis(), wa.librosa_mel_basis())
+    assert wa._mel_basis().dtype == np.float32
 
 
 @pytest.mark.parametrize(("fps", "key", "count"), [(25, "fps25", 35), (30, "fps30", 41), (29.97, "fps29_97", 41)])

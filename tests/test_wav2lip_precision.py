@@ -13,7 +13,8 @@ import torch
 from recipe_weights import read_keys, recipe_state_dict
 
 from heygem_ray import demo
-from heygem_ray.devices import cpu_bf16_is_faster
+from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster
+from heygem_ray.render import wav2lip as wav2lip_module
 from heygem_ray.render.base import AudioWindow
 from heygem_ray.render.wav2lip import (
     CPU_BATCH,
@@ -29,6 +30,13 @@ BOX = np.array([76, 56, 190, 172])  # the face on the demo portrait at width 256
 # of 4 portrait frames. Measured with the recipe weights: 51.3-52.0 dB per frame, max |diff| 6 levels,
 # for the cpu and device image paths on three head-motion clips; the bound leaves ~6 dB (4x the MSE).
 BF16_MIN_PSNR_DB = 45.0
+# int8 (audio encoder and decoder) against fp32, same region and frames: measured 42.8-43.3 dB per
+# frame, max |diff| 20 levels, on three head-motion clips and both image paths; the bound leaves ~3 dB
+INT8_MIN_PSNR_DB = 40.0
+
+
+def auto_cpu_precision() -> str:
+    return "bf16" if cpu_bf16_is_faster() else "int8" if cpu_int8_is_faster() else "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +55,7 @@ def mels(recipe_checkpoints) -> np.ndarray:
 def test_auto_precision_and_batch_size_on_the_cpu(recipe_checkpoints, caplog):
     with caplog.at_level(logging.INFO, logger="heygem_ray.render.wav2lip"):
         renderer = Wav2LipRenderer(recipe_checkpoints["wav2lip"], device="cpu")
-    want = "bf16" if cpu_bf16_is_faster() else "fp32"
+    want = auto_cpu_precision()
     assert renderer.precision == want and renderer.batch_size == CPU_BATCH == 16
     logged = [r for r in caplog.records if "precision" in r.getMessage()]
     assert len(logged) == 1 and logged[0].levelno == logging.INFO and want in logged[0].getMessage()
@@ -59,8 +67,20 @@ def test_auto_precision_and_batch_size_on_the_cpu(recipe_checkpoints, caplog):
 
 def test_resolve_precision():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_bf16_is_faster() else "fp32")
-    assert [resolve_precision(p, cpu) for p in ("fp32", "fp16", "bf16")] == ["fp32", "fp32", "bf16"]
+    assert resolve_precision("auto", cpu) == auto_cpu_precision()
+    assert [resolve_precision(p, cpu) for p in ("fp32", "int8", "fp16", "bf16")] == ["fp32", "int8", "fp32", "bf16"]
+    assert resolve_precision("int8", torch.device("meta")) == "fp32"  # int8 is a CPU precision
+
+
+def test_which_cpus_get_bf16_and_int8():
+    sapphire_rapids = frozenset({"avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
+    cascade_lake = frozenset({"avx2", "avx512f", "avx512_vnni"})
+    alder_lake = frozenset({"avx2", "avx_vnni"})
+    haswell = frozenset({"avx2", "fma"})
+    assert [cpu_bf16_is_faster(f) for f in (sapphire_rapids, cascade_lake, alder_lake, haswell)] == [
+        True, False, False, False]
+    assert [cpu_int8_is_faster(f) for f in (sapphire_rapids, cascade_lake, alder_lake, haswell)] == [
+        True, True, True, False]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -69,6 +89,7 @@ def test_resolve_precision_on_cuda():
     native_bf16 = torch.cuda.get_device_capability(cuda) >= (8, 0)
     assert resolve_precision("auto", cuda) == ("bf16" if native_bf16 else "fp16")
     assert resolve_precision("fp16", cuda) == "fp16"
+    assert resolve_precision("int8", cuda) == resolve_precision("auto", cuda)  # int8 is a CPU precision
 
 
 def test_fp32_on_cuda_turns_tf32_off():
@@ -121,6 +142,38 @@ def test_bf16_stays_close_to_fp32_in_the_mouth(recipe_checkpoints, portrait_fram
         assert np.abs(w[mouth].astype(int) - frame[mouth]).mean() > 20  # the region is generated
         assert not np.array_equal(g, w)  # bf16 really ran
         assert _psnr(g[mouth], w[mouth]) >= BF16_MIN_PSNR_DB, _psnr(g[mouth], w[mouth])
+
+
+@pytest.mark.parametrize("image_ops", ["cpu", "device"])
+def test_int8_stays_close_to_fp32_in_the_mouth(recipe_checkpoints, portrait_frames, mels, image_ops):
+    kw = {"batch_size": 4, "device": "cpu", "image_ops": image_ops}
+    fp32 = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="fp32", **kw)
+    int8 = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="int8", **kw)
+    assert int8.precision == "int8"
+    boxes = np.tile(BOX, (len(portrait_frames), 1))
+    want = fp32.render([f.copy() for f in portrait_frames], boxes, mels)
+    got = int8.render([f.copy() for f in portrait_frames], boxes, mels)
+    x1, y1, x2, y2 = BOX
+    mouth = np.s_[(y1 + y2) // 2 : y2, x1:x2]
+    for frame, w, g in zip(portrait_frames, want, got):
+        assert np.abs(w[mouth].astype(int) - frame[mouth]).mean() > 20  # the region is generated
+        assert not np.array_equal(g, w)  # int8 really ran
+        assert _psnr(g[mouth], w[mouth]) >= INT8_MIN_PSNR_DB, _psnr(g[mouth], w[mouth])
+
+
+def test_int8_that_strays_from_fp32_on_the_probe_falls_back_to_fp32(recipe_checkpoints, monkeypatch, caplog):
+    monkeypatch.setattr(wav2lip_module, "INT8_MIN_PROBE_PSNR_DB", 99.0)  # no int8 generator is that close
+    with caplog.at_level(logging.WARNING, logger="heygem_ray.render.wav2lip"):
+        renderer = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="int8", device="cpu")
+    assert renderer.precision == "fp32" and renderer.fused
+    assert any("int8 generator is" in r.getMessage() and "running fp32" in r.getMessage() for r in caplog.records)
+
+
+def test_int8_is_not_compiled(recipe_checkpoints, caplog):
+    with caplog.at_level(logging.WARNING, logger="heygem_ray.render.wav2lip"):
+        renderer = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="int8", device="cpu", compile=True)
+    assert renderer.precision == "int8" and not renderer.compiled
+    assert any("does not apply to the int8" in r.getMessage() for r in caplog.records)
 
 
 @pytest.fixture(scope="module")

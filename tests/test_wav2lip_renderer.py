@@ -135,7 +135,7 @@ def test_mismatched_lengths_are_rejected(hard, frames, features):
 
 def test_options_are_validated(checkpoint):
     with pytest.raises(ValueError, match="precision"):
-        Wav2LipRenderer(checkpoint, precision="int8")
+        Wav2LipRenderer(checkpoint, precision="int4")
     with pytest.raises(ValueError, match="blend"):
         Wav2LipRenderer(checkpoint, blend="poisson")
     with pytest.raises(ValueError, match="image_ops"):

@@ -21,7 +21,7 @@ from typing import Any
 from benchmarks.gpu.packages import CARRIED
 
 #: modules whose versions the report names
-VERSIONS = ("torch", "numpy", "av", "opencv-python-headless", "opencv-python", "librosa", "hydra-core", "omegaconf",
+VERSIONS = ("torch", "numpy", "av", "opencv-python-headless", "opencv-python", "hydra-core", "omegaconf",
             "pyarrow", "fsspec", "scipy", "numba", "triton")
 
 
@@ -97,7 +97,7 @@ def stage_imports() -> dict[str, Any]:
     import heygem_ray.stitch  # noqa: F401
     from heygem_ray.models.wav2lip_audio import _mel_basis
 
-    _mel_basis()  # librosa.filters.mel: pulls in what librosa needs at run time
+    _mel_basis()  # the saved filterbank, read as the renderer reads it
     imported = "ray" in sys.modules  # before the probe below, which imports Ray where it is installed
     return {"ray_imported": imported, "ray_installed": _installed("ray")}
 
@@ -134,7 +134,7 @@ def markdown(f: dict[str, Any]) -> str:
             f"numpy {v.get('numpy')}, OpenCV {f['opencv']} (Haar cascade {'yes' if f['opencv_haar'] else 'no'}), "
             f"PyAV {f['pyav']} (libavcodec {f['ffmpeg']}; {hw}; h264_nvenc opens: "
             f"{'yes' if f['h264_nvenc_opens'] else 'no'}, encoder.codec=auto → {f['encoder_auto']}), "
-            f"librosa {v.get('librosa')}, hydra-core {v.get('hydra-core')}. Ray installed: "
+            f"hydra-core {v.get('hydra-core')}. Ray installed: "
             f"{'yes' if f['ray_installed'] else 'no'}.")
 
 

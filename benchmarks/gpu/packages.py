@@ -5,8 +5,8 @@ Standard library only: the kit's orchestrator imports this before any wheel is i
 
 The carried set is the smallest that the kit's code paths import on the node (measured by importing
 them with everything else blocked, see `NodeImports`): PyAV for all media, Hydra/OmegaConf because
-`heygem_ray.config` imports them at module level, and librosa with what `librosa.filters.mel`
-pulls in that the node lacks. Ray is not carried (its wheel alone is ~78 MB, over the 64 MiB the
+`heygem_ray.config` imports them at module level (the Wav2Lip mel filterbank ships with the package,
+so librosa is not needed at run time). Ray is not carried (its wheel alone is ~78 MB, over the 64 MiB the
 device tool carries); the kit runs `RenderWorker` in plain processes instead (see node.py).
 """
 
@@ -35,15 +35,10 @@ CARRIED: tuple[Carried, ...] = (
     Carried("hydra-core", "heygem_ray.config imports hydra at module level"),
     Carried("omegaconf", "heygem_ray.config imports omegaconf at module level"),
     Carried("antlr4-python3-runtime", "hydra's and omegaconf's grammar runtime", sdist=True),
-    Carried("librosa", "librosa.filters.mel: the Wav2Lip mel filterbank (models/wav2lip_audio.py)"),
-    Carried("decorator", "librosa._cache"),
-    Carried("pooch", "librosa.util.files, imported by librosa.filters"),
-    Carried("platformdirs", "pooch"),
 )
 
 #: What the node's /opt/torch/.venv (Python 3.12) holds: the package list the device tool's
-#: KINDS.md gives for the nvidia-h200 image (read 2026-11-17). librosa's other imports (joblib,
-#: cloudpickle, lazy-loader, msgpack, numba, scipy) are among them.
+#: KINDS.md gives for the nvidia-h200 image (read 2026-11-17).
 NODE_HAS: frozenset[str] = frozenset("""
     absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
     charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core

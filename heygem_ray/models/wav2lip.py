@@ -5,12 +5,11 @@ one (352 keys), so `wav2lip.pth` / `wav2lip_gan.pth` and their TorchScript re-ex
 The network takes a 16-column mel window (B, 1, 80, 16) and a 6-channel face (B, 6, 96, 96):
 [lower-half-masked crop, unmasked crop], BGR in [0, 1], and returns the re-rendered BGR face
 (B, 3, 96, 96) in [0, 1]. `forward` is `decode(audio, encode_face(faces))`: the face encoder half
-can run on its own, so its output can be reused for a face crop seen before.
+can run on its own, so its output can be reused for a face crop seen before. The CPU inference
+forms (fused fp32, int8) are in `models.wav2lip_cpu`.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
@@ -48,58 +47,6 @@ class ConvUnit(nn.Module):
         if self.residual:
             out = out + x
         return self.act(out)
-
-
-class FusedConvUnit(nn.Module):
-    """A ConvUnit for fp32 inference on the CPU: the BatchNorm folded into the conv's weights, and
-    the ReLU (after a residual unit's add) applied inside the same oneDNN convolution, so each big
-    activation is written once instead of four times (conv, BN, add, ReLU). The generator runs
-    ~1.25x faster on one core; outputs differ from the unfused unit by float rounding (~1e-7)."""
-
-    def __init__(self, unit: ConvUnit):
-        super().__init__()
-        conv, bn = unit.conv_block[0], unit.conv_block[1]
-        assert isinstance(bn, nn.BatchNorm2d) and isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d))
-        self.transpose = isinstance(conv, nn.ConvTranspose2d)
-        with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            # output channels are dim 0 of a conv's weight and dim 1 of a transposed conv's
-            shape = (1, -1, 1, 1) if self.transpose else (-1, 1, 1, 1)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            weight = (conv.weight * scale.view(shape)).contiguous(memory_format=torch.channels_last)
-            self.register_buffer("weight", weight)
-            self.register_buffer("bias", (bias - bn.running_mean) * scale + bn.bias)
-        self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
-        self.output_padding = list(conv.output_padding) if self.transpose else []
-        self.residual = unit.residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mkldnn = torch.ops.mkldnn
-        if self.transpose:
-            return mkldnn._convolution_transpose_pointwise(x, self.weight, self.bias, self.padding, self.output_padding,
-                                                           self.stride, self.dilation, 1, "relu", [], "")
-        if self.residual:
-            return mkldnn._convolution_pointwise.binary(x, x, self.weight, self.bias, self.padding, self.stride,
-                                                        self.dilation, 1, "add", 1.0, "relu", [], "")
-        return mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
-                                             "relu", [], "")
-
-
-def fuse_for_cpu(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every ConvUnit replaced by a FusedConvUnit, for fp32 inference on the
-    CPU (the original is left as it is). The fused ops are oneDNN's, as torch.compile emits them on
-    CPU: callers should check the copy against the original once, since a torch build may lack them."""
-    fused = copy.deepcopy(model).eval()
-
-    def swap(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, ConvUnit):
-                setattr(module, name, FusedConvUnit(child))
-            else:
-                swap(child)
-
-    swap(fused)
-    return fused
 
 
 def _res(ch: int, n: int) -> list[ConvUnit]:

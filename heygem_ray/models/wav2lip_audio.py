@@ -15,8 +15,8 @@ elsewhere.
 from __future__ import annotations
 
 import functools
+from importlib import resources
 
-import librosa
 import numpy as np
 
 from heygem_ray.errors import InputError
@@ -133,7 +133,21 @@ def _hann() -> np.ndarray:
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)
 
 
+MEL_BASIS_FILE = "wav2lip_mel_basis.npy"
+
+
 @functools.cache
 def _mel_basis() -> np.ndarray:
-    """librosa's Slaney filterbank (float32, 80 x 401); keywords needed since librosa 0.10."""
+    """librosa's Slaney filterbank (float32, 80 x 401), as `librosa_mel_basis()` computes it, read
+    from the copy saved next to this module: librosa builds it through scipy.signal, whose import
+    alone cost each actor ~1 s of its first batch. A test keeps the copy equal to librosa's."""
+    with resources.files(__package__).joinpath(MEL_BASIS_FILE).open("rb") as f:
+        return np.load(f)
+
+
+def librosa_mel_basis() -> np.ndarray:
+    """The filterbank from librosa itself (keywords needed since librosa 0.10); regenerate the
+    saved copy with `np.save(MEL_BASIS_FILE, librosa_mel_basis())` in this directory."""
+    import librosa
+
     return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)

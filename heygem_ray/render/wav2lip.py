@@ -36,12 +36,15 @@ way (the batch's rows, or batch_size when compiled), the missing crops padded wi
 convolutions pick the same algorithms, and the decoder gets the skips in the same layout.
 
 Precision "auto" (the default) runs bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs
-where bf16 is faster than fp32 (AMX), fp32 elsewhere; fp32 on CUDA turns TF32 off, so fp32 means
-the official numerics. fp32 on the CPU runs the generator with its conv units fused (BatchNorm
-folded into the weights, ReLU and residual add as oneDNN post-ops: ~1.25x on one core), which moves
-outputs by float rounding only (~1e-7; a truncated uint8 level differs at ~2 pixels in a million);
-`fuse=False` runs the plain modules. The generator output is cleaned of NaN/inf and clamped to
-[0, 1] before it becomes uint8.
+where bf16 is faster than fp32 (AMX), int8 on other CPUs with VNNI, fp32 elsewhere; fp32 on CUDA
+turns TF32 off, so fp32 means the official numerics. fp32 on the CPU runs the generator with its
+conv units fused (BatchNorm folded into the weights, ReLU and residual add as oneDNN post-ops: ~1.25x
+on one core), which moves outputs by float rounding only (~1e-7; a truncated uint8 level differs at
+~2 pixels in a million); `fuse=False` runs the plain modules. int8 runs the audio encoder and the
+decoder on 8-bit integers (`models.wav2lip_cpu`: the decoder ~2x the fused fp32 rate) and stays
+~43 dB from fp32 in the mouth region (the official test vectors: max 0.061 of 1.0; bf16 on a GPU is
+off by up to ~0.18); each renderer checks it against fp32 on a probe at start and runs fp32 if it
+strays. The generator output is cleaned of NaN/inf and clamped to [0, 1] before it becomes uint8.
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ import torch
 import torch.nn.functional as F
 
 from heygem_ray.config import BLENDS, IMAGE_OPS, PRECISIONS
-from heygem_ray.devices import cpu_bf16_is_faster, torch_device
+from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster, torch_device
 from heygem_ray.models.checkpoints import load_model
-from heygem_ray.models.wav2lip import Wav2Lip, fuse_for_cpu
+from heygem_ray.models.wav2lip import Wav2Lip
+from heygem_ray.models.wav2lip_cpu import fuse_for_cpu, quantize_for_cpu
 from heygem_ray.models.wav2lip_audio import mel_chunks
 from heygem_ray.render.base import AudioWindow
 
@@ -88,7 +92,7 @@ _DEVICE_MASKS = 64  # feather masks kept on the device, by box size
 # enough to overlap with rendering; 128 would cost a third.
 CPU_BATCH = 16
 CUDA_BATCH = 128
-_AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_AMP_DTYPES = {"fp32": None, "int8": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Wav2LipRenderer:
@@ -98,10 +102,12 @@ class Wav2LipRenderer:
                 TorchScript), on any fsspec storage; fetched once per node.
     batch_size: frames per render() call and per generator forward pass; 0 (default) = auto:
                 CPU_BATCH on the CPU, CUDA_BATCH (the official 128) on CUDA.
-    precision:  "auto" (default), "fp32", "fp16" or "bf16", resolved once into `self.precision`.
-                auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs where bf16 is faster
-                (AMX), else fp32. fp16/bf16 run under autocast; on CPU fp16 becomes fp32 (no fast CPU fp16
-                convolutions). fp32 on CUDA turns TF32 off for the process (official numerics).
+    precision:  "auto" (default), "fp32", "int8", "fp16" or "bf16", resolved once into
+                `self.precision`. auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs where
+                bf16 is faster (AMX), int8 on other CPUs with VNNI, else fp32. fp16/bf16 run under
+                autocast; on CPU fp16 becomes fp32 (no fast CPU fp16 convolutions). int8 is CPU
+                only (elsewhere it is what auto picks) and becomes fp32 if it fails its probe.
+                fp32 on CUDA turns TF32 off for the process (official numerics).
     blend:      "feather" (default, seamless lower-face blend) or "hard" (the official rectangle).
     device:     "auto" (CUDA when this process may use a GPU, see heygem_ray.devices) or any torch
                 device string.
@@ -165,7 +171,10 @@ class Wav2LipRenderer:
         self._checkpoint = checkpoint
         self.model = self._load_generator()
         self.fused = False
-        if fuse and self.device.type == "cpu" and self.precision == "fp32":
+        if self.precision == "int8":
+            self.model, self.precision = _int8_or_fp32(self.model)
+            self.fused = self.precision == "fp32"
+        elif fuse and self.device.type == "cpu" and self.precision == "fp32":
             self.model, self.fused = _fused_or_plain(self.model)
         self.threads = threads
         # the compiled halves; both None when running eager
@@ -202,6 +211,10 @@ class Wav2LipRenderer:
         on the first compiled call) it stays eager without trying again."""
         if self._encode is not None or self._compile_failed:
             return self.compiled
+        if self.precision == "int8":
+            log.warning("torch.compile does not apply to the int8 generator: running it eager")
+            self._compile_failed = True
+            return False
         if self.threads:
             _cap_compile_threads(self.threads)
         # inductor fuses on its own, from the plain modules; the fused ones stay the eager fallback
@@ -487,15 +500,51 @@ def _fused_or_plain(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 FUSED_TOLERANCE = 1e-4
 
 
+def _int8_or_fp32(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The generator with its audio encoder and decoder on int8 (`models.wav2lip_cpu`), when this
+    torch build has oneDNN's int8 ops and the int8 generator stays within INT8_MIN_PROBE_PSNR_DB of
+    the fused fp32 one on a probe, over the rows a feather paste shows; else the fused fp32 (or
+    plain) generator, with a warning. Returns (model, precision)."""
+    fp32, fused = _fused_or_plain(model)
+    generator = torch.Generator().manual_seed(0)
+    face = torch.rand(4, 6, FACE_SIZE, FACE_SIZE, generator=generator).contiguous(memory_format=torch.channels_last)
+    mel = torch.randn(4, 1, 80, 16, generator=generator)
+    try:
+        int8 = quantize_for_cpu(model)
+        with torch.inference_mode():
+            want = fp32(mel, face)[:, :, FEATHER_FIRST_ROW:]
+            got = int8(mel, face)[:, :, FEATHER_FIRST_ROW:]
+    except Exception as exc:  # noqa: BLE001 - a build or CPU without the int8 ops: fp32
+        log.warning("int8 CPU convolutions are not available (%r): running the generator at fp32", exc)
+        return fp32, "fp32"
+    mse = float(((got - want) ** 2).mean())
+    psnr = 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
+    if not psnr >= INT8_MIN_PROBE_PSNR_DB:
+        log.warning("the int8 generator is %.1f dB from fp32 on the probe (at least %g wanted): running fp32",
+                    psnr, INT8_MIN_PROBE_PSNR_DB)
+        return fp32, "fp32"
+    return int8, "int8"
+
+
+#: the least PSNR (dB, outputs in [0, 1]) the int8 generator must keep against fp32 on the probe;
+#: the recipe weights give ~40 dB (the official test vectors, too), a wrong int8 op gives < 20
+INT8_MIN_PROBE_PSNR_DB = 30.0
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision the generator runs at on `device`: "auto" is bf16 on CUDA GPUs with bf16
     (compute capability 8.0+), fp16 on older ones, bf16 on CPUs where it is faster (AMX:
-    `devices.cpu_bf16_is_faster`) and fp32 on other CPUs; fp16 on a CPU is fp32 (no fast CPU fp16
-    convolutions); anything else as asked."""
-    if precision == "auto":
+    `devices.cpu_bf16_is_faster`), int8 on other CPUs with VNNI (`devices.cpu_int8_is_faster`) and
+    fp32 on the rest; fp16 on a CPU is fp32 (no fast CPU fp16 convolutions); int8 off the CPU is
+    what auto picks there; anything else as asked."""
+    if precision == "auto" or (precision == "int8" and device.type != "cpu"):
         if device.type == "cuda":
             return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_bf16_is_faster() else "fp32"
+        if device.type != "cpu":
+            return "fp32"
+        if cpu_bf16_is_faster():
+            return "bf16"
+        return "int8" if cpu_int8_is_faster() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         return "fp32"
     return precision

@@ -1,0 +1,180 @@
+"""CPU inference forms of the Wav2Lip generator: conv units fused for fp32, and an int8 form.
+
+Both are copies of a loaded `Wav2Lip` whose conv units are swapped; the network, its skips and
+`decode(rows_from=...)` are unchanged. Their ops are oneDNN's, as torch.compile and the x86
+quantization flow emit them on CPU, so a torch build may lack them: callers check a copy against
+the original once before using it.
+
+fp32, fused (`fuse_for_cpu`): BatchNorm folded into the conv weights, the ReLU (after a residual
+unit's add) applied inside the same oneDNN convolution, so each big activation is written once
+instead of four times (conv, BN, add, ReLU): ~1.25x on one core, outputs moved by float rounding.
+
+int8 (`quantize_for_cpu`): the audio encoder and the decoder run their convolutions on 8-bit
+integers (VNNI's vpdpbusd does 4x the multiply-adds of fp32 FMA per instruction). Weights are
+quantized per output channel (symmetric int8); each activation per tensor and per call (uint8:
+every quantized unit's input is a ReLU output, or a concatenation of them, so it is >= 0), from
+the batch's own maximum: no calibration data, nothing to go stale when the checkpoint changes.
+The stride-2 transposed convolutions become ordinary 2x2 convolutions with four outputs per
+channel (one per output pixel phase) and a pixel shuffle, so they run int8 too. Kept fp32: the
+face encoder (its skips are what the face cache keeps, and a still encodes its face once), the
+first audio unit (the mel is signed), the 1x1 -> 3x3 transposed unit and the final 1x1 conv.
+Since each activation's scale comes from the whole batch, a frame's output moves (within the
+quantization error) with the other frames in its batch: the same segment rendered twice gives
+the same bytes, a segment cut differently may not.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heygem_ray.models.wav2lip import ConvUnit, Wav2Lip
+
+
+def _folded(unit: ConvUnit) -> tuple[nn.Conv2d | nn.ConvTranspose2d, torch.Tensor, torch.Tensor]:
+    """(conv, weight, bias) of `unit` with its BatchNorm folded into the conv."""
+    conv, bn = unit.conv_block[0], unit.conv_block[1]
+    assert isinstance(bn, nn.BatchNorm2d) and isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d))
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        # output channels are dim 0 of a conv's weight and dim 1 of a transposed conv's
+        shape = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        return conv, conv.weight * scale.view(shape), (bias - bn.running_mean) * scale + bn.bias
+
+
+class FusedConvUnit(nn.Module):
+    """A ConvUnit for fp32 inference on the CPU: BatchNorm folded in, ReLU and residual add as
+    oneDNN post-ops."""
+
+    def __init__(self, unit: ConvUnit):
+        super().__init__()
+        conv, weight, bias = _folded(unit)
+        self.transpose = isinstance(conv, nn.ConvTranspose2d)
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", bias)
+        self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+        self.output_padding = list(conv.output_padding) if self.transpose else []
+        self.residual = unit.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mkldnn = torch.ops.mkldnn
+        if self.transpose:
+            return mkldnn._convolution_transpose_pointwise(x, self.weight, self.bias, self.padding, self.output_padding,
+                                                           self.stride, self.dilation, 1, "relu", [], "")
+        if self.residual:
+            return mkldnn._convolution_pointwise.binary(x, x, self.weight, self.bias, self.padding, self.stride,
+                                                        self.dilation, 1, "add", 1.0, "relu", [], "")
+        return mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
+                                             "relu", [], "")
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight of a ConvTranspose2d(kernel 3, stride 2, padding 1, output_padding 1), (cin, cout,
+    3, 3), as an ordinary 2x2 convolution's, (4 * cout, cin, 2, 2), over the input padded with one
+    zero row below and one zero column right: output channel 4c + 2a + b is output channel c at the
+    pixels (2i + a, 2j + b). Along each axis an even output pixel 2i takes input i through kernel
+    tap 1; an odd one 2i + 1 takes input i through tap 2 and input i + 1 through tap 0."""
+    cin, cout = weight.shape[:2]
+    taps = {0: ((0, 1),), 1: ((0, 2), (1, 0))}  # phase -> ((input offset, kernel tap), ...)
+    out = weight.new_zeros(cout, 2, 2, cin, 2, 2)
+    for a in (0, 1):
+        for b in (0, 1):
+            for di, kr in taps[a]:
+                for dj, kc in taps[b]:
+                    out[:, a, b, :, di, dj] = weight[:, :, kr, kc].t()
+    return out.reshape(4 * cout, cin, 2, 2)
+
+
+def pixel_phases_to_image(y: torch.Tensor) -> torch.Tensor:
+    """(N, 4C, H, W) with channel 4c + 2a + b holding pixel (2i + a, 2j + b) -> (N, C, 2H, 2W),
+    channels-last: `F.pixel_shuffle(y, 2)` in one copy for a channels-last input."""
+    n, c4, h, w = y.shape
+    c = c4 // 4
+    # channels-last memory is (N, H, W, C, a, b); the image's is (N, H, a, W, b, C)
+    phases = y.permute(0, 2, 3, 1).reshape(n, h, w, c, 2, 2)
+    image = phases.permute(0, 1, 4, 2, 5, 3).reshape(n, 2 * h, 2 * w, c)
+    return image.permute(0, 3, 1, 2)
+
+
+class Int8ConvUnit(nn.Module):
+    """A ConvUnit (conv, or stride-2 transposed conv) run on int8 by oneDNN: weights per output
+    channel, the input quantized per call from its own maximum (it must be >= 0), the output fp32
+    with BatchNorm, bias, residual add and ReLU applied inside the convolution. A residual unit
+    accumulates into its input, which must be a tensor nothing else reads (in the generator every
+    residual unit's input is its predecessor's fresh output)."""
+
+    def __init__(self, unit: ConvUnit):
+        super().__init__()
+        conv, weight, bias = _folded(unit)
+        self.subpixel = isinstance(conv, nn.ConvTranspose2d)
+        if self.subpixel:
+            if (conv.kernel_size, conv.stride, conv.padding, conv.output_padding) != ((3, 3), (2, 2), (1, 1), (1, 1)):
+                raise ValueError("only kernel 3, stride 2, padding 1, output padding 1 transposed units go int8")
+            weight, bias = subpixel_weight(weight), bias.repeat_interleave(4)
+            self.stride, self.padding, self.dilation = [1, 1], [0, 0], [1, 1]
+        else:
+            self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.residual = unit.residual
+        with torch.no_grad():
+            w_scale = (weight.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127).float()
+            q = torch.round(weight / w_scale.view(-1, 1, 1, 1)).clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("w_zero_point", torch.zeros(len(w_scale), dtype=torch.long))
+        self.register_buffer("bias", bias.float().contiguous())
+        # oneDNN's blocked layout: an opaque tensor, so an attribute rather than a buffer
+        self.packed = torch.ops.onednn.qconv_prepack(q.contiguous(memory_format=torch.channels_last), w_scale, 1.0,
+                                                     0, self.stride, self.padding, self.dilation, 1, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        peak = float(x.amax())
+        scale = peak / 255 if peak > 0 else 1.0
+        # round half up: the input is >= 0, so truncating x / scale + 0.5 rounds it
+        q = x.mul(1.0 / scale).add_(0.5).to(torch.uint8)
+        if self.subpixel:
+            q = F.pad(q, (0, 1, 0, 1))  # zero is the uint8 zero point
+        q = q.contiguous(memory_format=torch.channels_last)
+        onednn = torch.ops.onednn
+        if self.residual:
+            accum = x.contiguous(memory_format=torch.channels_last)
+            return onednn.qconv2d_pointwise.binary(q, scale, 0, self.packed, self.w_scale, self.w_zero_point, accum,
+                                                   self.bias, self.stride, self.padding, self.dilation, 1, 1.0, 0,
+                                                   torch.float32, 1.0, 0, "sum", 1.0, "relu", [], "")
+        y = onednn.qconv2d_pointwise(q, scale, 0, self.packed, self.w_scale, self.w_zero_point, self.bias, self.stride,
+                                     self.padding, self.dilation, 1, 1.0, 0, torch.float32, "relu", [], "")
+        return pixel_phases_to_image(y) if self.subpixel else y
+
+
+def _swap_units(module: nn.Module, make: type[nn.Module], keep: set[int]) -> None:
+    """Replace every ConvUnit under `module` (but those whose id is in `keep`) with make(unit)."""
+    for name, child in module.named_children():
+        if isinstance(child, ConvUnit):
+            if id(child) not in keep:
+                setattr(module, name, make(child))
+        else:
+            _swap_units(child, make, keep)
+
+
+def fuse_for_cpu(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every ConvUnit replaced by a FusedConvUnit (the original is left as
+    it is)."""
+    fused = copy.deepcopy(model).eval()
+    _swap_units(fused, FusedConvUnit, set())
+    return fused
+
+
+def quantize_for_cpu(model: Wav2Lip) -> Wav2Lip:
+    """A copy of `model` with its audio encoder and decoder on int8 (Int8ConvUnit) and the other
+    conv units fused fp32 (see the module docstring for which stay fp32 and why)."""
+    quantized = copy.deepcopy(model).eval()
+    first_audio = quantized.audio_encoder[0]
+    one_to_three = quantized.face_decoder_blocks[1][0]  # the transposed unit 1x1 -> 3x3 (stride 1)
+    keep = {id(first_audio), id(one_to_three)}
+    _swap_units(quantized.audio_encoder, Int8ConvUnit, keep)
+    _swap_units(quantized.face_decoder_blocks, Int8ConvUnit, keep)
+    _swap_units(quantized.output_block, Int8ConvUnit, keep)
+    _swap_units(quantized, FusedConvUnit, set())  # what is left: face encoder, the kept units
+    return quantized
