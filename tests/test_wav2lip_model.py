@@ -135,7 +135,11 @@ def test_int8_generator_stays_near_the_official_reference(model):
     within the quantization error of the official outputs (measured: 40.8 dB, max 0.061 of 1.0,
     where bf16 on a GPU is off by up to ~0.18)."""
     from heygem_ray.models.wav2lip import ConvUnit
-    from heygem_ray.models.wav2lip_cpu import FusedConvUnit, Int8ConvUnit, quantize_for_cpu
+    from heygem_ray.models.wav2lip_cpu import (
+        FusedConvUnit,
+        Int8ConvUnit,
+        quantize_for_cpu,
+    )
 
     net = model.to(memory_format=torch.channels_last)
     int8 = quantize_for_cpu(net)

@@ -65,8 +65,8 @@ from heygem_ray.config import BLENDS, IMAGE_OPS, PRECISIONS
 from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster, torch_device
 from heygem_ray.models.checkpoints import load_model
 from heygem_ray.models.wav2lip import Wav2Lip
-from heygem_ray.models.wav2lip_cpu import fuse_for_cpu, quantize_for_cpu
 from heygem_ray.models.wav2lip_audio import mel_chunks
+from heygem_ray.models.wav2lip_cpu import fuse_for_cpu, quantize_for_cpu
 from heygem_ray.render.base import AudioWindow
 
 log = logging.getLogger("heygem_ray.render.wav2lip")
@@ -505,7 +505,7 @@ def _int8_or_fp32(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     torch build has oneDNN's int8 ops and the int8 generator stays within INT8_MIN_PROBE_PSNR_DB of
     the fused fp32 one on a probe, over the rows a feather paste shows; else the fused fp32 (or
     plain) generator, with a warning. Returns (model, precision)."""
-    fp32, fused = _fused_or_plain(model)
+    fp32, _ = _fused_or_plain(model)
     generator = torch.Generator().manual_seed(0)
     face = torch.rand(4, 6, FACE_SIZE, FACE_SIZE, generator=generator).contiguous(memory_format=torch.channels_last)
     mel = torch.randn(4, 1, 80, 16, generator=generator)
