@@ -40,7 +40,7 @@ class Wav2LipRendererConfig:
 
     name: str = "wav2lip"
     checkpoint: str = MISSING
-    #: frames per generator call; 0 = auto (128 on CUDA; 16 on CPU, where larger batches spill the
+    #: frames per generator call; 0 = auto (128 on CUDA; 8 on CPU, where larger batches spill the
     #: caches and run no faster)
     batch_size: int = 0
     #: auto | fp32 | int8 | fp16 | bf16. auto = bf16 on CUDA and on CPUs with AMX, int8 on other CPUs

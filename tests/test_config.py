@@ -66,6 +66,28 @@ def test_a_local_ray_gives_the_actors_every_core():
     assert local_cpus(compose_config("manifest=m", "output=o", "cluster.num_cpus=5")) == 5
 
 
+def test_a_local_ray_stops_its_monitor_before_shutting_down(tmp_path):
+    """The autoscaler monitor of a Ray the CLI started is killed ahead of ray.shutdown() (which would
+    give it a second to exit on SIGTERM, every run): Ray keeps working without it."""
+    script = (
+        "import os, ray\n"
+        "from heygem_ray.campaign import shutdown, stop_local_monitor\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "node = ray._private.worker._global_node\n"
+        "monitor = node.all_processes['monitor'][0].process\n"
+        "assert monitor.poll() is None\n"
+        "stop_local_monitor()\n"
+        "assert monitor.poll() is not None\n"
+        "assert ray.get(ray.remote(lambda: 7).remote()) == 7\n"
+        "shutdown(local=True)\n"
+        "assert not ray.is_initialized()\n"
+        "print('ok')\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("override", ["render.segments_per_actor=0", "render.max_inflight_segments=-1",
                                       "render.segment_seconds=0"])
 def test_scheduling_values_that_would_stall_a_campaign_are_refused(override):

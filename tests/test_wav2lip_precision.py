@@ -56,7 +56,7 @@ def test_auto_precision_and_batch_size_on_the_cpu(recipe_checkpoints, caplog):
     with caplog.at_level(logging.INFO, logger="heygem_ray.render.wav2lip"):
         renderer = Wav2LipRenderer(recipe_checkpoints["wav2lip"], device="cpu")
     want = auto_cpu_precision()
-    assert renderer.precision == want and renderer.batch_size == CPU_BATCH == 16
+    assert renderer.precision == want and renderer.batch_size == CPU_BATCH == 8
     logged = [r for r in caplog.records if "precision" in r.getMessage()]
     assert len(logged) == 1 and logged[0].levelno == logging.INFO and want in logged[0].getMessage()
     explicit = Wav2LipRenderer(recipe_checkpoints["wav2lip"], batch_size=5, precision="fp16", device="cpu")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from heygem_ray.models.wav2lip import ConvUnit, Wav2Lip
@@ -132,11 +131,15 @@ class Int8ConvUnit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         peak = float(x.amax())
         scale = peak / 255 if peak > 0 else 1.0
-        # round half up: the input is >= 0, so truncating x / scale + 0.5 rounds it
-        q = x.mul(1.0 / scale).add_(0.5).to(torch.uint8)
-        if self.subpixel:
-            q = F.pad(q, (0, 1, 0, 1))  # zero is the uint8 zero point
-        q = q.contiguous(memory_format=torch.channels_last)
+        # round half up: the input is >= 0, so truncating x / scale + 0.5 (the uint8 cast) rounds it
+        scaled = x.mul(1.0 / scale).add_(0.5)
+        n, c, h, w = x.shape
+        pad = 1 if self.subpixel else 0  # a zero row below and column right; zero is the zero point
+        q = torch.empty((n, c, h + pad, w + pad), dtype=torch.uint8, memory_format=torch.channels_last)
+        if pad:
+            q[:, :, h].zero_()
+            q[:, :, :h, w].zero_()
+        q[:, :, :h, :w].copy_(scaled)
         onednn = torch.ops.onednn
         if self.residual:
             accum = x.contiguous(memory_format=torch.channels_last)

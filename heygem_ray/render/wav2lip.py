@@ -83,14 +83,15 @@ EDGE_RAMP = 0.12
 FEATHER_FIRST_ROW = int(MASK_ZERO_ABOVE * FACE_SIZE) - 3
 _DEVICE_MASKS = 64  # feather masks kept on the device, by box size
 # batch_size=0 (auto). On CUDA large batches fill the GPU. On the CPU the generator gets *slower*
-# per frame as the batch grows (activations fall out of the caches). Generator frames/s with one
-# thread (best of 3; 2-core Xeon with AVX512-BF16, no AMX; torch 2.13):
-#   batch     4     8    16    32   128
-#   fp32   15.4  15.5  14.4  14.4  10.6
-#   bf16   10.0  10.7  10.6  10.4   9.8   (autocast: slower than fp32 on this CPU)
-# 16 stays within 7% of the best while giving the actor's decode and encode threads batches big
-# enough to overlap with rendering; 128 would cost a third.
-CPU_BATCH = 16
+# per frame as the batch grows (activations fall out of the caches). Frames/s with one thread
+# (2-core Xeon with AVX512-VNNI/BF16, no AMX; torch 2.13):
+#   batch                4     8    16    32    64   128
+#   fp32 generator    15.4  15.5  14.4  14.4     -  10.6
+#   int8 decoder      48.5  52.5  45.5  44.7  34.1     -
+# 8 is the best in both. End to end on one core (the segment path: decode, int8 generator, paste,
+# x264 on the same core) a 720p row takes 27.7 ms per frame at batch 8 against 29.9 at 16; smaller
+# batches would cut the pipeline's chunks below what keeps its helper threads fed.
+CPU_BATCH = 8
 CUDA_BATCH = 128
 _AMP_DTYPES = {"fp32": None, "int8": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -101,7 +102,7 @@ class Wav2LipRenderer:
     checkpoint: URI of wav2lip.pth / wav2lip_gan.pth (training dict, bare state_dict or
                 TorchScript), on any fsspec storage; fetched once per node.
     batch_size: frames per render() call and per generator forward pass; 0 (default) = auto:
-                CPU_BATCH on the CPU, CUDA_BATCH (the official 128) on CUDA.
+                CPU_BATCH (8) on the CPU, CUDA_BATCH (the official 128) on CUDA.
     precision:  "auto" (default), "fp32", "int8", "fp16" or "bf16", resolved once into
                 `self.precision`. auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs where
                 bf16 is faster (AMX), int8 on other CPUs with VNNI, else fp32. fp16/bf16 run under
@@ -169,11 +170,11 @@ class Wav2LipRenderer:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         self._amp_dtype = _AMP_DTYPES[self.precision]
         self._checkpoint = checkpoint
-        self.model = self._load_generator()
+        self.model = plain = self._load_generator()
         self.fused = False
         if self.precision == "int8":
             self.model, self.precision = _int8_or_fp32(self.model)
-            self.fused = self.precision == "fp32"
+            self.fused = self.precision == "fp32" and self.model is not plain
         elif fuse and self.device.type == "cpu" and self.precision == "fp32":
             self.model, self.fused = _fused_or_plain(self.model)
         self.threads = threads
@@ -476,12 +477,10 @@ class Wav2LipRenderer:
 
 
 def _fused_or_plain(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
-    """The generator with its conv units fused for the CPU (`models.wav2lip.fuse_for_cpu`), when
+    """The generator with its conv units fused for the CPU (`models.wav2lip_cpu.fuse_for_cpu`), when
     this torch build has oneDNN's fused ops and they agree with the plain model on a probe; else
     the plain model, with a warning. Returns (model, fused)."""
-    generator = torch.Generator().manual_seed(0)
-    face = torch.rand(1, 6, FACE_SIZE, FACE_SIZE, generator=generator).contiguous(memory_format=torch.channels_last)
-    mel = torch.randn(1, 1, 80, 16, generator=generator)
+    mel, face = _probe_input()
     try:
         fused = fuse_for_cpu(model)
         with torch.inference_mode():
@@ -503,32 +502,36 @@ FUSED_TOLERANCE = 1e-4
 def _int8_or_fp32(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """The generator with its audio encoder and decoder on int8 (`models.wav2lip_cpu`), when this
     torch build has oneDNN's int8 ops and the int8 generator stays within INT8_MIN_PROBE_PSNR_DB of
-    the fused fp32 one on a probe, over the rows a feather paste shows; else the fused fp32 (or
-    plain) generator, with a warning. Returns (model, precision)."""
-    fp32, _ = _fused_or_plain(model)
-    generator = torch.Generator().manual_seed(0)
-    face = torch.rand(4, 6, FACE_SIZE, FACE_SIZE, generator=generator).contiguous(memory_format=torch.channels_last)
-    mel = torch.randn(4, 1, 80, 16, generator=generator)
+    the plain fp32 one on a probe, over the rows a feather paste shows; else the fp32 generator
+    (`_fused_or_plain`), with a warning. Returns (model, precision)."""
+    mel, face = _probe_input()
     try:
         int8 = quantize_for_cpu(model)
         with torch.inference_mode():
-            want = fp32(mel, face)[:, :, FEATHER_FIRST_ROW:]
+            want = model(mel, face)[:, :, FEATHER_FIRST_ROW:]
             got = int8(mel, face)[:, :, FEATHER_FIRST_ROW:]
     except Exception as exc:  # noqa: BLE001 - a build or CPU without the int8 ops: fp32
         log.warning("int8 CPU convolutions are not available (%r): running the generator at fp32", exc)
-        return fp32, "fp32"
+        return _fused_or_plain(model)[0], "fp32"
     mse = float(((got - want) ** 2).mean())
     psnr = 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
     if not psnr >= INT8_MIN_PROBE_PSNR_DB:
         log.warning("the int8 generator is %.1f dB from fp32 on the probe (at least %g wanted): running fp32",
                     psnr, INT8_MIN_PROBE_PSNR_DB)
-        return fp32, "fp32"
+        return _fused_or_plain(model)[0], "fp32"
     return int8, "int8"
 
 
 #: the least PSNR (dB, outputs in [0, 1]) the int8 generator must keep against fp32 on the probe;
 #: the recipe weights give ~40 dB (the official test vectors, too), a wrong int8 op gives < 20
 INT8_MIN_PROBE_PSNR_DB = 30.0
+
+
+def _probe_input() -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed (mel, face) pair for the start-up checks of the CPU generator forms."""
+    generator = torch.Generator().manual_seed(0)
+    face = torch.rand(1, 6, FACE_SIZE, FACE_SIZE, generator=generator).contiguous(memory_format=torch.channels_last)
+    return torch.randn(1, 1, 80, 16, generator=generator), face
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
