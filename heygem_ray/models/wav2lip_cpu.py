@@ -58,9 +58,22 @@ class FusedConvUnit(nn.Module):
         self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
         self.output_padding = list(conv.output_padding) if self.transpose else []
         self.residual = unit.residual
+        # A transposed conv without padding on a 1x1 input (the decoder's 1x1 -> 3x3 unit) is a
+        # matrix product: each output pixel is the input vector times one kernel tap. oneDNN's
+        # transposed conv takes ~1.6 ms per frame for it, the product ~0.1 ms.
+        self.as_matmul = self.transpose and self.padding == [0, 0] and self.stride == [1, 1] and \
+            self.output_padding == [0, 0]
+        if self.as_matmul:
+            cin, cout, kh, kw = weight.shape
+            self.register_buffer("matrix", weight.reshape(cin, cout * kh * kw).contiguous())
+            self.register_buffer("matrix_bias", bias.repeat_interleave(kh * kw))
+            self.tap_shape = (cout, kh, kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mkldnn = torch.ops.mkldnn
+        if self.as_matmul and x.shape[2:] == (1, 1):
+            out = torch.addmm(self.matrix_bias, x.flatten(1), self.matrix).relu_()
+            return out.view(-1, *self.tap_shape).contiguous(memory_format=torch.channels_last)
         if self.transpose:
             return mkldnn._convolution_transpose_pointwise(x, self.weight, self.bias, self.padding, self.output_padding,
                                                            self.stride, self.dilation, 1, "relu", [], "")
