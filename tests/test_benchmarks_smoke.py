@@ -70,7 +70,7 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     assert [r[0].split(":")[0].split(",")[0] for r in wav2lip] == [
         "naive loop", "RenderWorker.render_segment in this process", "RenderWorker.render_segment in this process",
         "campaign.run"]
-    assert "fp32" in wav2lip[1][0] and "bf16" in wav2lip[2][0]
+    assert "fp32" in wav2lip[1][0] and "int8" in wav2lip[2][0]
     assert all(number.match(row[5]) and float(row[5].replace(",", "")) > 0 for row in wav2lip)  # frames/s
 
     rss = _table_rows(out, HEADERS[3])
