@@ -313,7 +313,8 @@ class Campaign:
         if key not in self._avatar_refs:
             cfg = self.cfg
             ref = self._prepare_avatar.remote(state.row.avatar, state.row.box, cfg.detector, cfg.cache_uri,
-                                              cfg.render.still_fps, cfg.limits.max_avatar_pixels)
+                                              cfg.render.still_fps, cfg.limits.max_avatar_pixels,
+                                              cfg.storage.options)
             self._avatar_refs[key] = ref
             self._inflight[ref] = ("avatar", key)
 
@@ -436,6 +437,7 @@ class Campaign:
             thumbnail_uri=thumbnail_uri(self.cfg, state.row.id),
             fingerprint=state.prep.fingerprint,
             encoder=self.cfg.encoder,
+            storage_options=self.cfg.storage.options,
         )
         self._inflight[self._stitch_row.remote(job)] = ("stitched", state.row.id)
 

@@ -23,6 +23,7 @@ import av
 import numpy as np
 
 from heygem_ray import metrics, storage
+from heygem_ray.storage import StorageOptions
 from heygem_ray.config import Config, DetectorConfig
 from heygem_ray.detect import build_detector
 from heygem_ray.detect.track import TrackBuilder, fixed_track
@@ -137,8 +138,13 @@ def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, sti
 
 
 def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: DetectorConfig, cache: str,
-                   still_fps: float, max_pixels: int | None = None) -> AvatarTrack:
-    """Probe and face-track an avatar, or load the cached track."""
+                   still_fps: float, max_pixels: int | None = None,
+                   storage_options: StorageOptions | None = None) -> AvatarTrack:
+    """Probe and face-track an avatar, or load the cached track. `storage_options` (the campaign's
+    `storage.options`) are set for this process first: a Ray task may run in a worker that has
+    never seen them (another node, a fresh process); None leaves the process's as they are."""
+    if storage_options is not None:
+        storage.configure(storage_options)
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
         track_uri = storage.join(cache, "avatars", fp, detector_key(cfg, box, still_fps) + ".npz")

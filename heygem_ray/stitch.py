@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from heygem_ray import metrics, storage
+from heygem_ray.storage import StorageOptions
 from heygem_ray.config import EncoderConfig
 from heygem_ray.media.mux import stitch
 from heygem_ray.report import thumbnail_jpeg
@@ -33,6 +34,9 @@ class StitchJob:
     thumbnail_uri: str
     fingerprint: str
     encoder: EncoderConfig
+    #: the campaign's `storage.options`, set for the process before anything is read: a Ray task
+    #: may run in a worker that has never seen them; None leaves the process's as they are
+    storage_options: StorageOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class Stitched:
 
 
 def stitch_row(job: StitchJob) -> Stitched:
+    if job.storage_options is not None:
+        storage.configure(job.storage_options)
     clock = metrics.StageClock()
     with reading("audio", job.audio_uri):
         audio = storage.local_copy(job.audio_uri)

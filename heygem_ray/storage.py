@@ -82,7 +82,11 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def configure(options: Mapping[str, Mapping[str, Any]] | None) -> None:
+#: per-protocol fsspec options, as `storage.options` holds them: {"s3": {"endpoint_url": ...}}
+StorageOptions = Mapping[str, Mapping[str, Any]]
+
+
+def configure(options: StorageOptions | None) -> None:
     """Set per-protocol fsspec options for this process, e.g. {"s3": {"endpoint_url": ...}}."""
     _OPTIONS.clear()
     for protocol, opts in (options or {}).items():

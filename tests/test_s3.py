@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
+import subprocess
+import sys
 
 import av
 import boto3
@@ -97,3 +100,49 @@ def test_saved_config_masks_credentials():
     text = config_yaml(compose(["manifest=m", "output=o", f"+storage.options.s3.secret={S3_SECRET}",
                                 "+storage.options.s3.key=AKIAEXAMPLE", "+storage.options.s3.endpoint_url=http://e"]))
     assert S3_SECRET not in text and "AKIAEXAMPLE" not in text and "http://e" in text
+
+
+FRESH_WORKERS_CAMPAIGN = """
+import json, sys
+import ray
+from heygem_ray import campaign
+from heygem_ray.cli import compose
+from heygem_ray.config import to_plain
+
+def fresh_worker_task(self, fn, num_gpus=0.0):
+    # the campaign's task options, plus max_calls=1: every task runs in a worker process of its own,
+    # as on a cluster where prepare, detect and stitch land on other nodes than the driver's
+    return ray.remote(max_calls=1)(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus,
+                                                max_retries=0)
+
+campaign.Campaign._task = fresh_worker_task
+ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+summary = campaign.run(to_plain(compose(sys.argv[1:])))
+print(json.dumps({r.id: [r.status, r.error] for r in summary.rows}))
+"""
+
+
+def test_storage_options_alone_reach_every_stage_on_fresh_workers(s3_endpoint, bucket, tmp_path):
+    """The endpoint and keys only in `storage.options` (no AWS environment, no config files): the
+    manifest read, row preparation, face tracking, rendering and stitching each run in a worker
+    process of their own, and each reaches the bucket through those options."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({"AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                "AWS_EC2_METADATA_DISABLED": "true", "RAY_ADDRESS": ""})
+    overrides = ["manifest=s3://heygem-e2e/options.parquet", "output=s3://heygem-e2e/out/options",
+                 "render.progress=false", "cluster.actors=1",
+                 f"+storage.options.s3.endpoint_url={s3_endpoint}", "+storage.options.s3.key=heygem-test-key",
+                 f"+storage.options.s3.secret={S3_SECRET}"]
+    table = pa.table({"id": ["still"], "audio": ["s3://heygem-e2e/inputs/speech3.wav"],
+                      "avatar": ["s3://heygem-e2e/inputs/still.png"]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    bucket.put_object(Bucket="heygem-e2e", Key="options.parquet", Body=buf.getvalue())
+    proc = subprocess.run([sys.executable, "-c", FRESH_WORKERS_CAMPAIGN, *overrides], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"still": ["ok", None]}
+    objects = keys(bucket, "out/options/")
+    assert "out/options/still.mp4" in objects
+    assert any(k.startswith("out/options/_cache/audio/") for k in objects)  # prepare_row
+    assert any(k.startswith("out/options/_cache/avatars/") for k in objects)  # prepare_avatar
