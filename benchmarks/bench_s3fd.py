@@ -90,10 +90,14 @@ def main() -> None:
     device = detector.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"S3FD, recipe weights, fp32, {name}, {frames_per_batch} frames per batch, {args.repeats} repeat(s)\n")
-    print("| frame | max_side | net input (h×w) | detect ms/frame | of which network ms/frame | rest (resize, decode, NMS) ms/frame |")
+    print(
+        "| frame | max_side | net input (h×w) | detect ms/frame | of which network ms/frame | rest (resize, decode, NMS) ms/frame |"
+    )
     print("|---|---|---|---:|---:|---:|")
     for frame, max_side, (h, w), total, net in rows:
-        print(f"| {frame} | {max_side or 'none'} | {h}×{w} | {total * 1e3:.1f} | {net * 1e3:.1f} | {(total - net) * 1e3:.1f} |")
+        print(
+            f"| {frame} | {max_side or 'none'} | {h}×{w} | {total * 1e3:.1f} | {net * 1e3:.1f} | {(total - net) * 1e3:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -88,7 +88,6 @@ def bench_network(device: torch.device, runs: list[tuple[str, bool]], batches: l
             print(f"| {precision} | {'yes' if compiled else 'no'} | {batch} | {fps:,.1f} | {ms:,.1f} |", flush=True)
 
 
-
 FRAME_H, FRAME_W = 1080, 1920
 FACE_BOX = (800, 300, 1120, 720)  # x1, y1, x2, y2: 320x420, a 1080p talking-head face with pads
 
@@ -128,8 +127,9 @@ def bench_end_to_end(device: torch.device, batches: list[int], boxes: list[str],
         for precision in precisions:
             for image_ops in ("cpu", "device"):
                 for batch in batches:
-                    renderer = Wav2LipRenderer(checkpoint, batch_size=batch, precision=precision,
-                                               device=str(device), image_ops=image_ops)
+                    renderer = Wav2LipRenderer(
+                        checkpoint, batch_size=batch, precision=precision, device=str(device), image_ops=image_ops
+                    )
                     for kind in boxes:
                         fps, ms = _render_frames_per_second(renderer, batch, kind, seconds)
                         print(f"| {image_ops} | {precision} | {kind} | {batch} | {fps:,.1f} | {ms:,.2f} |", flush=True)
@@ -140,10 +140,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per cell")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--e2e-batches", type=int, nargs="+", default=[32, 128],
-                        help="render() batch sizes of the end-to-end table")
-    parser.add_argument("--boxes", nargs="+", choices=("tracked", "fixed"), default=["tracked", "fixed"],
-                        help="face boxes of the end-to-end table")
+    parser.add_argument(
+        "--e2e-batches", type=int, nargs="+", default=[32, 128], help="render() batch sizes of the end-to-end table"
+    )
+    parser.add_argument(
+        "--boxes",
+        nargs="+",
+        choices=("tracked", "fixed"),
+        default=["tracked", "fixed"],
+        help="face boxes of the end-to-end table",
+    )
     skip = parser.add_mutually_exclusive_group()
     skip.add_argument("--skip-net", action="store_true", help="only the end-to-end table")
     skip.add_argument("--skip-e2e", action="store_true", help="only the network table")

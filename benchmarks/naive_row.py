@@ -47,8 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     steps: dict[str, float] = {}
     t = time.perf_counter()
-    renderer = Wav2LipRenderer(args.checkpoint, batch_size=args.batch, precision="fp32", device="cpu",
-                               image_ops="cpu", face_cache_mb=0)
+    renderer = Wav2LipRenderer(
+        args.checkpoint, batch_size=args.batch, precision="fp32", device="cpu", image_ops="cpu", face_cache_mb=0
+    )
     steps["model load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -69,13 +70,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     render = encode = 0.0
     with tempfile.TemporaryDirectory(prefix="heygem-naive-") as tmp:
         video = os.path.join(tmp, "video.mp4")
-        writer = SegmentWriter(video, info.width, info.height, info.fps_fraction, "libx264", enc.crf, enc.preset,
-                               enc.pix_fmt, threads=os.cpu_count() or 1)
+        writer = SegmentWriter(
+            video,
+            info.width,
+            info.height,
+            info.fps_fraction,
+            "libx264",
+            enc.crf,
+            enc.preset,
+            enc.pix_fmt,
+            threads=os.cpu_count() or 1,
+        )
         for lo in range(0, n, args.batch):
             hi = min(n, lo + args.batch)
             t = time.perf_counter()
-            frames = renderer.render([avatar[i].copy() for i in shown[lo:hi]], np.repeat(boxes, hi - lo, 0),
-                                     mels[lo:hi])
+            frames = renderer.render(
+                [avatar[i].copy() for i in shown[lo:hi]], np.repeat(boxes, hi - lo, 0), mels[lo:hi]
+            )
             render += time.perf_counter() - t
             t = time.perf_counter()
             for frame in frames:
@@ -86,8 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         encode += time.perf_counter() - t
         steps.update(render=render, encode=encode)
         t = time.perf_counter()
-        stitch(lambda _: open(video, "rb"), 1, args.audio, args.out, info.fps_fraction, enc.audio_codec,
-               enc.audio_bitrate, enc.audio_sample_rate)
+        stitch(
+            lambda _: open(video, "rb"),  # noqa: SIM115 - stitch closes each file it opens
+            1,
+            args.audio,
+            args.out,
+            info.fps_fraction,
+            enc.audio_codec,
+            enc.audio_bitrate,
+            enc.audio_sample_rate,
+        )
         steps["mux"] = time.perf_counter() - t
     steps["in process"] = time.perf_counter() - started
     print(json.dumps({"frames": n, "steps": steps}))

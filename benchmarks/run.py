@@ -42,35 +42,35 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import datetime  # noqa: E402
-import importlib.util  # noqa: E402
-import io  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import io
+import itertools
+import json
+import math
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import av  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
+import av
+import cv2
+import numpy as np
+import ray
 
-from heygem_ray import demo, storage  # noqa: E402
-from heygem_ray.campaign import Campaign  # noqa: E402
-from heygem_ray.media.yuv import bgr_to_i420  # noqa: E402
-from heygem_ray.prepare import prepare_audio, prepare_avatar  # noqa: E402
+from heygem_ray import demo, storage
+from heygem_ray.campaign import Campaign
+from heygem_ray.media.yuv import bgr_to_i420
+from heygem_ray.prepare import prepare_audio, prepare_avatar
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -128,14 +128,19 @@ def machine_line() -> str:
         cores = sum(1 for line in info.splitlines() if line.startswith("processor")) or cores
     mem = "?"
     with contextlib.suppress(OSError, ValueError):
-        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))
+        kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
         mem = f"{kb / 1024 / 1024:.1f} GiB"
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {cores} cores, {mem} RAM; {device}; torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads by default), Ray {ray.__version__}, PyAV {av.__version__}")
+    return (
+        f"{cpu}, {cores} cores, {mem} RAM; {device}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads by default), Ray {ray.__version__}, PyAV {av.__version__}"
+    )
 
 
 def load_average() -> str:
@@ -411,9 +416,18 @@ class Inputs:
             recipe = importlib.util.module_from_spec(spec)
             assert spec.loader is not None
             spec.loader.exec_module(recipe)
-            state = recipe.recipe_state_dict(recipe.read_keys(ROOT / "tests" / "data" / "wav2lip_state_dict.tsv"), seed=0)
-            torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "optimizer": None,
-                        "global_step": 0, "global_epoch": 0}, path)
+            state = recipe.recipe_state_dict(
+                recipe.read_keys(ROOT / "tests" / "data" / "wav2lip_state_dict.tsv"), seed=0
+            )
+            torch.save(
+                {
+                    "state_dict": {f"module.{k}": v for k, v in state.items()},
+                    "optimizer": None,
+                    "global_step": 0,
+                    "global_epoch": 0,
+                },
+                path,
+            )
         return path
 
     def manifest(self, name: str, audios: Sequence[str], avatar: str) -> str:
@@ -540,7 +554,7 @@ def run_campaign(cfg: Any, timed: bool = False, sampler: Any = None) -> tuple[An
     from heygem_ray.manifest import read_manifest
 
     job = None
-    with sampler or RssSampler() as sampler, quiet():
+    with sampler or RssSampler() as active, quiet():
         start = time.perf_counter()
         if not timed:
             summary = campaign.run(cfg)
@@ -553,7 +567,7 @@ def run_campaign(cfg: Any, timed: bool = False, sampler: Any = None) -> tuple[An
     failed = [r for r in summary.rows if r.status != "ok"]
     if failed:
         raise RuntimeError(f"campaign row {failed[0].id} {failed[0].status}: {failed[0].error}")
-    return summary, wall, sampler, job
+    return summary, wall, active, job
 
 
 def segment_jobs(cfg: Any, track: Any, audio: Any, work: str, frames: int | None = None) -> list[Any]:
@@ -567,11 +581,24 @@ def segment_jobs(cfg: Any, track: Any, audio: Any, work: str, frames: int | None
     for span in plan_segments(total, track.info.fps, cfg.render.segment_seconds):
         shown = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
         lo, hi = int(shown.min()), int(shown.max())
-        jobs.append(SegmentJob(
-            row_id="bench", index=span.index, out_uri=os.path.join(work, f"seg-{span.index:05d}.mp4"),
-            avatar_uri=track.uri, info=track.info, start=span.start, avatar_frames=shown,
-            pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[shown],
-            pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level, codec=cfg.encoder.codec))
+        jobs.append(
+            SegmentJob(
+                row_id="bench",
+                index=span.index,
+                out_uri=os.path.join(work, f"seg-{span.index:05d}.mp4"),
+                avatar_uri=track.uri,
+                info=track.info,
+                start=span.start,
+                avatar_frames=shown,
+                pts=track.pts[lo : hi + 1],
+                pts_offset=lo,
+                boxes=track.boxes[shown],
+                pcm_uri=audio.pcm_uri,
+                audio_samples=audio.samples,
+                audio_level=audio.level,
+                codec=cfg.encoder.codec,
+            )
+        )
     return jobs
 
 
@@ -589,8 +616,10 @@ def render_segments(worker: Any, jobs: list[Any]) -> tuple[float, dict[str, floa
 
 
 def rss_columns(sampler: RssSampler) -> list[str]:
-    return [mib(sampler.peak.get(role)) for role in ("RenderWorker", "prepare_row", "prepare_avatar",
-                                                     "stitch_row", "driver")]
+    return [
+        mib(sampler.peak.get(role))
+        for role in ("RenderWorker", "prepare_row", "prepare_avatar", "stitch_row", "driver")
+    ]
 
 
 RSS_HEADERS = ["actor MiB", "prepare_row MiB", "prepare_avatar MiB", "stitch_row MiB", "driver MiB"]
@@ -615,7 +644,7 @@ STARTUP_PREFIX = "heygem-ray: start-up: "
 def startup_steps(stdout: str) -> dict[str, float]:
     """The CLI's start-up line ("heygem-ray: start-up: driver 0.6 s, ...; first frames 9.8 s after
     launch") as {step: seconds}, "first frames" last."""
-    line = next((ln[len(STARTUP_PREFIX):] for ln in stdout.splitlines() if ln.startswith(STARTUP_PREFIX)), "")
+    line = next((ln[len(STARTUP_PREFIX) :] for ln in stdout.splitlines() if ln.startswith(STARTUP_PREFIX)), "")
     steps_text, _, total = line.partition("; first frames ")
     steps = {}
     for part in filter(None, steps_text.split(", ")):
@@ -645,10 +674,26 @@ def bench_defaults(ctx: Context) -> None:
     def baseline(rows: list[str], batch: int, tag: str) -> tuple[float, dict[str, float]]:
         wall, steps = 0.0, {}
         for i, audio in enumerate(rows):
-            seconds, out = timed_command([python, "-m", "benchmarks.naive_row", "--checkpoint", checkpoint,
-                                          "--audio", audio, "--avatar", avatar, "--box", *map(str, box),
-                                          "--batch", str(batch), "--out", os.path.join(work, f"{tag}-{i}.mp4")],
-                                         cwd=str(ROOT))
+            seconds, out = timed_command(
+                [
+                    python,
+                    "-m",
+                    "benchmarks.naive_row",
+                    "--checkpoint",
+                    checkpoint,
+                    "--audio",
+                    audio,
+                    "--avatar",
+                    avatar,
+                    "--box",
+                    *map(str, box),
+                    "--batch",
+                    str(batch),
+                    "--out",
+                    os.path.join(work, f"{tag}-{i}.mp4"),
+                ],
+                cwd=str(ROOT),
+            )
             wall += seconds
             for k, v in json.loads(out.strip().splitlines()[-1])["steps"].items():
                 steps[k] = steps.get(k, 0.0) + v
@@ -656,9 +701,20 @@ def bench_defaults(ctx: Context) -> None:
 
     def ours(rows: list[str], tag: str) -> tuple[float, dict[str, float]]:
         manifest = ctx.inputs.manifest(f"defaults-{tag}", rows, avatar)
-        wall, out = timed_command([*command, "render", f"manifest={manifest}", f"output={os.path.join(work, tag)}",
-                                   "renderer=wav2lip", f"renderer.checkpoint={checkpoint}", "detector=box", box_arg,
-                                   "render.progress=false"], cwd=work)
+        wall, out = timed_command(
+            [
+                *command,
+                "render",
+                f"manifest={manifest}",
+                f"output={os.path.join(work, tag)}",
+                "renderer=wav2lip",
+                f"renderer.checkpoint={checkpoint}",
+                "detector=box",
+                box_arg,
+                "render.progress=false",
+            ],
+            cwd=work,
+        )
         return wall, startup_steps(out)
 
     cases = [("one row", audios[:1]), (f"{len(audios)} rows", audios)]
@@ -674,28 +730,49 @@ def bench_defaults(ctx: Context) -> None:
     for name, paths in results.items():
         naive = paths["naive"][0]
         for path, (wall, _) in paths.items():
-            label = {"naive": "naive loop, one process per video (batch 1, fp32)",
-                     "official": "official flow, one process per video (batch 128, fp32)",
-                     "ours": "heygem-ray render, defaults"}[path]
-            table_rows.append([name, label, f"{wall:,.1f}", f1(rate(frames * (1 if name == 'one row' else len(audios)),
-                                                                     wall)), f"{naive / wall:.2f}×"])
+            label = {
+                "naive": "naive loop, one process per video (batch 1, fp32)",
+                "official": "official flow, one process per video (batch 128, fp32)",
+                "ours": "heygem-ray render, defaults",
+            }[path]
+            table_rows.append(
+                [
+                    name,
+                    label,
+                    f"{wall:,.1f}",
+                    f1(rate(frames * (1 if name == "one row" else len(audios)), wall)),
+                    f"{naive / wall:.2f}×",
+                ]
+            )
         ratios[name] = naive / paths["ours"][0]
     startup = results["one row"]["ours"][1]
-    ctx.report.targets["defaults"] = (ratios["one row"], ratios[f"{len(audios)} rows"], len(audios),
-                                      startup.get("first frames"))
-    steps_table = table(["start-up step (one row, from the CLI's own line)", "s"],
-                        [[k, f"{v:.2f}"] for k, v in startup.items()], right=[1])
-    title = (f"0. Defaults, whole command: {len(audios)} rows × {args.defaults_audio_seconds:g} s and one row, "
-             f"Wav2Lip, {args.defaults_height}p still, fixed box")
+    ctx.report.targets["defaults"] = (
+        ratios["one row"],
+        ratios[f"{len(audios)} rows"],
+        len(audios),
+        startup.get("first frames"),
+    )
+    steps_table = table(
+        ["start-up step (one row, from the CLI's own line)", "s"],
+        [[k, f"{v:.2f}"] for k, v in startup.items()],
+        right=[1],
+    )
+    title = (
+        f"0. Defaults, whole command: {len(audios)} rows × {args.defaults_audio_seconds:g} s and one row, "
+        f"Wav2Lip, {args.defaults_height}p still, fixed box"
+    )
     shown = "heygem-ray" if len(command) == 1 else "python -m heygem_ray.cli"
-    notes = (f"Every figure is a whole command timed from start to exit (`{shown} render "
-             "manifest=… output=… renderer=wav2lip renderer.checkpoint=… detector=box detector.box=[…]`, nothing "
-             "else set) against `python -m benchmarks.naive_row` run once per video, model loaded each time, as the "
-             "official script is. Same recipe weights, same still, same box, same x264 settings and audio mux. "
-             f"Targets: ≥ 1.5× for one row, ≥ 3× for the campaign. Measured: **{ratios['one row']:.2f}×** and "
-             f"**{ratios[f'{len(audios)} rows']:.2f}×**.\n\n" + steps_table)
-    ctx.report.emit(title, table(["work", "path", "wall s", "frames/s", "vs naive"], table_rows, right=range(2, 5)),
-                    notes)
+    notes = (
+        f"Every figure is a whole command timed from start to exit (`{shown} render "
+        "manifest=… output=… renderer=wav2lip renderer.checkpoint=… detector=box detector.box=[…]`, nothing "
+        "else set) against `python -m benchmarks.naive_row` run once per video, model loaded each time, as the "
+        "official script is. Same recipe weights, same still, same box, same x264 settings and audio mux. "
+        f"Targets: ≥ 1.5× for one row, ≥ 3× for the campaign. Measured: **{ratios['one row']:.2f}×** and "
+        f"**{ratios[f'{len(audios)} rows']:.2f}×**.\n\n" + steps_table
+    )
+    ctx.report.emit(
+        title, table(["work", "path", "wall s", "frames/s", "vs naive"], table_rows, right=range(2, 5)), notes
+    )
 
 
 # --------------------------------------------------------------------------------------- 1. stages
@@ -727,8 +804,12 @@ def bench_stages(ctx: Context, height: int) -> None:
 
     start = time.perf_counter()
     track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
-    row("detect", "prepare_avatar, detector=haar: fingerprint, probe, decode, detect, track", track.frames,
-        time.perf_counter() - start)
+    row(
+        "detect",
+        "prepare_avatar, detector=haar: fingerprint, probe, decode, detect, track",
+        track.frames,
+        time.perf_counter() - start,
+    )
     start = time.perf_counter()
     prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
     row("detect (cached)", "prepare_avatar again: cached track", None, time.perf_counter() - start)
@@ -746,13 +827,26 @@ def bench_stages(ctx: Context, height: int) -> None:
     batch = cfg.renderer.batch_size
     row("audio features", "classic renderer.features (per segment window)", done, seconds.get("audio", 0.0))
     row("decode", f"FrameReader.read, batches of {batch} (in render_segment)", done, seconds.get("decode", 0.0))
-    row("render + paste", f"classic renderer.render, batches of {batch}; draws in place (paste inside)", done,
-        seconds.get("render", 0.0))
-    row("encode", f"SegmentWriter, {cfg.encoder.codec} {cfg.encoder.preset} crf {cfg.encoder.crf}, "
-        f"{threads} thread(s)", done, seconds.get("encode", 0.0))
+    row(
+        "render + paste",
+        f"classic renderer.render, batches of {batch}; draws in place (paste inside)",
+        done,
+        seconds.get("render", 0.0),
+    )
+    row(
+        "encode",
+        f"SegmentWriter, {cfg.encoder.codec} {cfg.encoder.preset} crf {cfg.encoder.crf}, {threads} thread(s)",
+        done,
+        seconds.get("encode", 0.0),
+    )
     row("upload (segment)", "storage.publish_file of each segment file (local)", None, seconds.get("upload", 0.0))
-    row("segment total", f"RenderWorker.render_segment, {len(jobs)} segment(s), {threads} thread(s); decode and "
-        "encode overlap render on helper threads", done, wall)
+    row(
+        "segment total",
+        f"RenderWorker.render_segment, {len(jobs)} segment(s), {threads} thread(s); decode and "
+        "encode overlap render on helper threads",
+        done,
+        wall,
+    )
 
     # Wav2Lip at this resolution: generator vs the separable pixel work (crop+resize in, resize+paste out)
     n = min(args.wav2lip_stage_frames, track.frames)
@@ -784,8 +878,12 @@ def bench_stages(ctx: Context, height: int) -> None:
     total = time.perf_counter() - start
     import torch
 
-    row("wav2lip render", f"Wav2LipRenderer.render, batch {n}, {w2l.device}, {torch.get_num_threads()} thread(s)",
-        n, total)
+    row(
+        "wav2lip render",
+        f"Wav2LipRenderer.render, batch {n}, {w2l.device}, {torch.get_num_threads()} thread(s)",
+        n,
+        total,
+    )
     row("  generator", "the network forward (Wav2LipRenderer._generate)", n, gen[0])
     row("  crop + paste", "crop + resize to 96², resize back + feather paste (render − generator)", n, total - gen[0])
     del frames_in
@@ -796,16 +894,32 @@ def bench_stages(ctx: Context, height: int) -> None:
     count = max(1, math.ceil(need / max(1, frames)) * len(seg_files))
     stitched = os.path.join(work, "stitched.mp4")
     start = time.perf_counter()
-    stats = stitch(lambda i: open(seg_files[i % len(seg_files)], "rb"), count, audio, stitched, info.fps_fraction,
-                   cfg.encoder.audio_codec, cfg.encoder.audio_bitrate, cfg.encoder.audio_sample_rate)
-    row("stitch", f"mux.stitch: {count} segment files joined (packet copy) + {stats.audio_seconds:.0f} s AAC",
-        stats.frames, time.perf_counter() - start)
+    stats = stitch(
+        lambda i: open(seg_files[i % len(seg_files)], "rb"),  # noqa: SIM115 - stitch closes each file it opens
+        count,
+        audio,
+        stitched,
+        info.fps_fraction,
+        cfg.encoder.audio_codec,
+        cfg.encoder.audio_bitrate,
+        cfg.encoder.audio_sample_rate,
+    )
+    row(
+        "stitch",
+        f"mux.stitch: {count} segment files joined (packet copy) + {stats.audio_seconds:.0f} s AAC",
+        stats.frames,
+        time.perf_counter() - start,
+    )
     size = os.path.getsize(stitched)
     start = time.perf_counter()
     storage.publish_file(stitched, os.path.join(work, "published", "row.mp4"))
     up = time.perf_counter() - start
-    row("upload", f"storage.publish_file, local: {size / 1e6:.1f} MB at {size / 1e6 / max(up, 1e-9):,.0f} MB/s",
-        None, up)
+    row(
+        "upload",
+        f"storage.publish_file, local: {size / 1e6:.1f} MB at {size / 1e6 / max(up, 1e-9):,.0f} MB/s",
+        None,
+        up,
+    )
 
     # the whole product path: campaign.run on a local Ray (cold cache: prepares and detects again)
     ray_session(ctx.args.session_cpus or 2)
@@ -816,25 +930,39 @@ def bench_stages(ctx: Context, height: int) -> None:
     actors = actor_count(cfg_run)
     summary, wall, sampler, _ = run_campaign(cfg_run)
     result = summary.rows[0]
-    row("end to end", f"campaign.run, local Ray ({_SESSION['cpus']} CPUs, {actors} actor(s)), cold cache", result.frames,
-        wall)
+    row(
+        "end to end",
+        f"campaign.run, local Ray ({_SESSION['cpus']} CPUs, {actors} actor(s)), cold cache",
+        result.frames,
+        wall,
+    )
     realtime = result.audio_seconds / wall
     ctx.report.targets.setdefault("realtime", []).append((height, realtime, rate(result.frames, wall)))
 
-    title = (f"1. Stages, {info.width}×{info.height} avatar ({track.frames} frames, {args.avatar_seconds:g} s), "
-             f"{pcm.seconds:g} s audio")
-    notes = (f"End to end: {result.frames} frames for {result.audio_seconds:.1f} s of audio in {wall:.1f} s = "
-             f"**{realtime:.2f}× realtime** (audio s / wall s), {rate(result.frames, wall):.1f} frames/s; wall time "
-             "includes actor start, audio decode, face detection, rendering and stitch, not Ray's own start. "
-             f"Avatar generation ({made:.1f} s) is not counted. Stage rows run in this process, one after another "
-             f"(the segment path with {threads} thread(s), as a default actor; its decode, render and encode seconds come "
-             "from the actor's own stage clock and overlap, so they add up to more than the segment total).\n\n"
-             "Peak memory during the campaign (MiB): the actor's VmHWM (kernel peak) and VmRSS sampled every 0.2 s "
-             "per role (the actor class or task name in the process title):\n\n"
-             + table(["actor VmHWM MiB", *[f"sampled {h}" for h in RSS_HEADERS]],
-                     [[mib(sampler.peak_hwm()), *rss_columns(sampler)]], right=range(6)))
-    ctx.report.emit(title, table(["stage", "what runs", "frames", "seconds", "frames/s", "ms/frame"], rows,
-                                 right=(2, 3, 4, 5)), notes)
+    title = (
+        f"1. Stages, {info.width}×{info.height} avatar ({track.frames} frames, {args.avatar_seconds:g} s), "
+        f"{pcm.seconds:g} s audio"
+    )
+    notes = (
+        f"End to end: {result.frames} frames for {result.audio_seconds:.1f} s of audio in {wall:.1f} s = "
+        f"**{realtime:.2f}× realtime** (audio s / wall s), {rate(result.frames, wall):.1f} frames/s; wall time "
+        "includes actor start, audio decode, face detection, rendering and stitch, not Ray's own start. "
+        f"Avatar generation ({made:.1f} s) is not counted. Stage rows run in this process, one after another "
+        f"(the segment path with {threads} thread(s), as a default actor; its decode, render and encode seconds come "
+        "from the actor's own stage clock and overlap, so they add up to more than the segment total).\n\n"
+        "Peak memory during the campaign (MiB): the actor's VmHWM (kernel peak) and VmRSS sampled every 0.2 s "
+        "per role (the actor class or task name in the process title):\n\n"
+        + table(
+            ["actor VmHWM MiB", *[f"sampled {h}" for h in RSS_HEADERS]],
+            [[mib(sampler.peak_hwm()), *rss_columns(sampler)]],
+            right=range(6),
+        )
+    )
+    ctx.report.emit(
+        title,
+        table(["stage", "what runs", "frames", "seconds", "frames/s", "ms/frame"], rows, right=(2, 3, 4, 5)),
+        notes,
+    )
 
 
 # --------------------------------------------------------------------------------------- 2. wav2lip
@@ -864,9 +992,15 @@ def bench_wav2lip(ctx: Context) -> None:
     cache = os.path.join(work, "cache")
     box = face_box(avatar, cache)
     threads = args.threads
-    overrides = ["renderer=wav2lip", f"renderer.checkpoint={checkpoint}", f"renderer.device={args.device}",
-                 "detector=box", f"detector.box=[{','.join(map(str, box))}]", "cluster.actors=1",
-                 f"cluster.actor.threads={threads}"]
+    overrides = [
+        "renderer=wav2lip",
+        f"renderer.checkpoint={checkpoint}",
+        f"renderer.device={args.device}",
+        "detector=box",
+        f"detector.box=[{','.join(map(str, box))}]",
+        "cluster.actors=1",
+        f"cluster.actor.threads={threads}",
+    ]
     cfg = in_process(config("m", os.path.join(work, "unused"), f"cache={cache}", *overrides))
     info = probe(avatar, cfg.render.still_fps)
     n = output_frame_count(seconds, info.fps)
@@ -876,8 +1010,15 @@ def bench_wav2lip(ctx: Context) -> None:
 
     # naive: one process, frame by frame: decode one frame, generator on it (batch 1), paste, encode
     torch.set_num_threads(threads)
-    naive = Wav2LipRenderer(checkpoint, batch_size=1, precision="fp32", blend=cfg.renderer.blend, device=args.device,
-                            fuse=False, face_cache_mb=0)  # the official plain generator
+    naive = Wav2LipRenderer(
+        checkpoint,
+        batch_size=1,
+        precision="fp32",
+        blend=cfg.renderer.blend,
+        device=args.device,
+        fuse=False,
+        face_cache_mb=0,
+    )  # the official plain generator
     naive.render([warm], boxes, np.zeros((1, 80, 16), np.float32))  # first call pays one-off setup: not timed
 
     def naive_loop() -> tuple[float, dict[str, float], int]:
@@ -886,16 +1027,24 @@ def bench_wav2lip(ctx: Context) -> None:
         samples = np.concatenate(list(iter_pcm16k(audio)))
         mels = naive.features(AudioWindow(samples, 0, len(samples), 1.0), np.arange(n), info.fps)
         stage["audio"] += time.perf_counter() - t
-        writer = SegmentWriter(os.path.join(work, "naive.mp4"), info.width, info.height, info.fps_fraction,
-                               cfg.encoder.codec, cfg.encoder.crf, cfg.encoder.preset, cfg.encoder.pix_fmt,
-                               threads=threads)
+        writer = SegmentWriter(
+            os.path.join(work, "naive.mp4"),
+            info.width,
+            info.height,
+            info.fps_fraction,
+            cfg.encoder.codec,
+            cfg.encoder.crf,
+            cfg.encoder.preset,
+            cfg.encoder.pix_fmt,
+            threads=threads,
+        )
         frames = iter_frames(avatar, info)
         for i in range(n):
             t = time.perf_counter()
             _, frame = next(frames)
             stage["decode"] += time.perf_counter() - t
             t = time.perf_counter()
-            out = naive.render([frame], boxes, mels[i:i + 1])
+            out = naive.render([frame], boxes, mels[i : i + 1])
             stage["render"] += time.perf_counter() - t
             t = time.perf_counter()
             writer.write(out[0])
@@ -915,8 +1064,15 @@ def bench_wav2lip(ctx: Context) -> None:
     if args.compile:
         tuned.append("renderer.compile=true")
     for precision in ("fp32", "int8"):
-        cfg_p = in_process(config("m", os.path.join(work, "unused"), f"cache={cache}", *overrides,
-                                  *(tuned if precision == "int8" else ["renderer.precision=fp32"])))
+        cfg_p = in_process(
+            config(
+                "m",
+                os.path.join(work, "unused"),
+                f"cache={cache}",
+                *overrides,
+                *(tuned if precision == "int8" else ["renderer.precision=fp32"]),
+            )
+        )
         workers[precision] = (cfg_p, RenderWorker(cfg_p))
         workers[precision][1].renderer.render([warm], boxes, np.zeros((1, 80, 16), np.float32))  # untimed warm-up
 
@@ -943,34 +1099,67 @@ def bench_wav2lip(ctx: Context) -> None:
         return fps
 
     naive_fps = add(f"naive loop: decode 1 → generator (batch 1) → paste → encode, {threads} threads", 1, runs["naive"])
-    segment_fps = add(f"RenderWorker.render_segment in this process, fp32 ({threads} threads; decode and encode "
-                      "overlap render on helper threads)", cfg.renderer.batch_size, runs["fp32"])
-    int8_fps = add(f"RenderWorker.render_segment in this process, renderer.precision=int8"
-                   f"{' + torch.compile' if args.compile else ''} ({threads} threads)",
-                   args.cpu_batch, runs["int8"])
+    segment_fps = add(
+        f"RenderWorker.render_segment in this process, fp32 ({threads} threads; decode and encode "
+        "overlap render on helper threads)",
+        cfg.renderer.batch_size,
+        runs["fp32"],
+    )
+    int8_fps = add(
+        f"RenderWorker.render_segment in this process, renderer.precision=int8"
+        f"{' + torch.compile' if args.compile else ''} ({threads} threads)",
+        args.cpu_batch,
+        runs["int8"],
+    )
 
     # ours, the product: campaign on a local Ray, renderer=wav2lip detector=box
     ray_session(args.session_cpus or 2)
     manifest = ctx.inputs.manifest("wav2lip", [audio], avatar)
     cfg_run = config(manifest, os.path.join(work, "campaign"), *overrides)
     summary, wall, _, _ = run_campaign(cfg_run)
-    campaign_fps = add(f"campaign.run, defaults (precision {'auto'}, batch auto), local Ray, 1 actor × "
-                       f"{threads} threads (incl. actor start + model load, prepare, stitch)", "auto",
-                       [(wall, {}, summary.rows[0].frames)])
+    campaign_fps = add(
+        f"campaign.run, defaults (precision {'auto'}, batch auto), local Ray, 1 actor × "
+        f"{threads} threads (incl. actor start + model load, prepare, stitch)",
+        "auto",
+        [(wall, {}, summary.rows[0].frames)],
+    )
     ctx.report.targets["wav2lip"] = (naive_fps, max(segment_fps, int8_fps), campaign_fps)
-    title = (f"2. Wav2Lip, fixed box: naive loop vs batched path ({info.width}×{info.height} avatar, {seconds:g} s "
-             f"audio = {n} frames, {'CUDA' if torch.cuda.is_available() and args.device != 'cpu' else 'CPU'})")
-    notes = (f"Same recipe weights, same frames, same box {box}, same feather paste and encoder. The two in-process "
-             f"paths ran interleaved {max(1, args.repeats)}× (seconds of each run listed; the best counts); model load "
-             "and one warm-up frame are untimed there, the campaign row (one run) includes them. The naive loop's "
-             "mel features are computed once up front, as the official script does. Stage seconds of the segment "
-             "path overlap (helper threads), so they can add up to more than its wall time. Load average "
-             f"{load_start} before, {load_average()} after. Target ≥ 3× the naive loop: "
-             f"**{segment_fps / naive_fps:.2f}×** (segment path, fp32), **{int8_fps / naive_fps:.2f}×** (segment path, "
-             f"int8), **{campaign_fps / naive_fps:.2f}×** (campaign, defaults). int8 stays ~43 dB from fp32 in the "
-             "mouth region on these weights (tests/test_wav2lip_precision.py).")
-    ctx.report.emit(title, table(["path", "batch", "frames", "best s", "runs s", "frames/s", "vs naive", "audio s",
-                                  "decode s", "render s", "encode s"], rows, right=range(1, 11)), notes)
+    title = (
+        f"2. Wav2Lip, fixed box: naive loop vs batched path ({info.width}×{info.height} avatar, {seconds:g} s "
+        f"audio = {n} frames, {'CUDA' if torch.cuda.is_available() and args.device != 'cpu' else 'CPU'})"
+    )
+    notes = (
+        f"Same recipe weights, same frames, same box {box}, same feather paste and encoder. The two in-process "
+        f"paths ran interleaved {max(1, args.repeats)}× (seconds of each run listed; the best counts); model load "
+        "and one warm-up frame are untimed there, the campaign row (one run) includes them. The naive loop's "
+        "mel features are computed once up front, as the official script does. Stage seconds of the segment "
+        "path overlap (helper threads), so they can add up to more than its wall time. Load average "
+        f"{load_start} before, {load_average()} after. Target ≥ 3× the naive loop: "
+        f"**{segment_fps / naive_fps:.2f}×** (segment path, fp32), **{int8_fps / naive_fps:.2f}×** (segment path, "
+        f"int8), **{campaign_fps / naive_fps:.2f}×** (campaign, defaults). int8 stays ~43 dB from fp32 in the "
+        "mouth region on these weights (tests/test_wav2lip_precision.py)."
+    )
+    ctx.report.emit(
+        title,
+        table(
+            [
+                "path",
+                "batch",
+                "frames",
+                "best s",
+                "runs s",
+                "frames/s",
+                "vs naive",
+                "audio s",
+                "decode s",
+                "render s",
+                "encode s",
+            ],
+            rows,
+            right=range(1, 11),
+        ),
+        notes,
+    )
 
 
 # --------------------------------------------------------------------------------------- 3. rss
@@ -989,23 +1178,52 @@ def bench_rss(ctx: Context) -> None:
         result = summary.rows[0]
         peak = sampler.peak_hwm("RenderWorker")
         results.append(peak)
-        rows.append([f"{minutes:g} min", result.frames, result.segments, f"{wall:,.1f}", f1(rate(result.frames, wall)),
-                     mib(peak), sampler.timeline(), *rss_columns(sampler)])
+        rows.append(
+            [
+                f"{minutes:g} min",
+                result.frames,
+                result.segments,
+                f"{wall:,.1f}",
+                f1(rate(result.frames, wall)),
+                mib(peak),
+                sampler.timeline(),
+                *rss_columns(sampler),
+            ]
+        )
     ratio = results[1] / results[0] if all(results) else float("nan")
     ctx.report.targets["rss"] = (results[0], results[1], ratio, args.short_audio_minutes, args.long_audio_minutes)
     cfg = config("m", "o")
-    title = (f"3. Renderer actor peak RSS, {args.short_audio_minutes:g} min vs {args.long_audio_minutes:g} min of "
-             f"audio (classic, {args.rss_width} px wide avatar, 1 actor)")
-    notes = (f"actor VmHWM: the actor process's peak resident set (the kernel's high-water mark in /proc/<pid>/status, "
-             "which only grows; polled every 0.2 s until the actor is killed at the end of the campaign, so it covers "
-             "model load, every segment and idle time). Each campaign runs on a fresh local Ray, so the actor process "
-             "is new. The other columns are peaks of VmRSS sampled every 0.2 s; \"by quarter\" is the actor's highest "
-             "VmRSS in each quarter of the time it was alive (flat = bounded, rising = grows with length). Segments of "
-             f"{cfg.render.segment_seconds:g} s, renderer batch {cfg.renderer.batch_size}. Target ≤ 1.2×: "
-             f"**{ratio:.3f}×** ({mib(results[1])} vs {mib(results[0])} MiB).")
-    ctx.report.emit(title, table(["audio", "frames", "segments", "wall s", "frames/s", "actor VmHWM MiB",
-                                  "actor VmRSS by quarter of the run, MiB", *[f"sampled {h}" for h in RSS_HEADERS]],
-                                 rows, right=range(1, 12)), notes)
+    title = (
+        f"3. Renderer actor peak RSS, {args.short_audio_minutes:g} min vs {args.long_audio_minutes:g} min of "
+        f"audio (classic, {args.rss_width} px wide avatar, 1 actor)"
+    )
+    notes = (
+        f"actor VmHWM: the actor process's peak resident set (the kernel's high-water mark in /proc/<pid>/status, "
+        "which only grows; polled every 0.2 s until the actor is killed at the end of the campaign, so it covers "
+        "model load, every segment and idle time). Each campaign runs on a fresh local Ray, so the actor process "
+        'is new. The other columns are peaks of VmRSS sampled every 0.2 s; "by quarter" is the actor\'s highest '
+        "VmRSS in each quarter of the time it was alive (flat = bounded, rising = grows with length). Segments of "
+        f"{cfg.render.segment_seconds:g} s, renderer batch {cfg.renderer.batch_size}. Target ≤ 1.2×: "
+        f"**{ratio:.3f}×** ({mib(results[1])} vs {mib(results[0])} MiB)."
+    )
+    ctx.report.emit(
+        title,
+        table(
+            [
+                "audio",
+                "frames",
+                "segments",
+                "wall s",
+                "frames/s",
+                "actor VmHWM MiB",
+                "actor VmRSS by quarter of the run, MiB",
+                *[f"sampled {h}" for h in RSS_HEADERS],
+            ],
+            rows,
+            right=range(1, 12),
+        ),
+        notes,
+    )
 
 
 # --------------------------------------------------------------------------------------- 4. second campaign
@@ -1025,16 +1243,29 @@ def bench_second(ctx: Context) -> None:
         seconds = job.avatar_seconds[0] if job is not None and job.avatar_seconds else float("nan")
         detect.append(seconds)
         frames = summary.rows[0].frames
-        rows.append([f"{name} campaign", "empty" if name == "first" else "shared with the first", f"{seconds:,.3f}",
-                     f"{wall:,.1f}", frames, f1(rate(frames, wall))])
+        rows.append(
+            [
+                f"{name} campaign",
+                "empty" if name == "first" else "shared with the first",
+                f"{seconds:,.3f}",
+                f"{wall:,.1f}",
+                frames,
+                f1(rate(frames, wall)),
+            ]
+        )
         del job
     ctx.report.targets["second"] = tuple(detect)
     title = f"4. A second campaign over an already-seen avatar ({height}p, {args.avatar_seconds:g} s clip, haar)"
-    notes = ("prepare_avatar s: the campaign's avatar task (content fingerprint, probe, decode + detect + track, or the "
-             "cached track), timed inside the task. Outputs differ, the cache (`cache=`) is shared, so the second "
-             f"campaign renders again but detects nothing: **{f2(detect[0])} s → {f2(detect[1])} s**.")
-    ctx.report.emit(title, table(["run", "cache", "prepare_avatar s", "campaign wall s", "frames", "frames/s"], rows,
-                                 right=(2, 3, 4, 5)), notes)
+    notes = (
+        "prepare_avatar s: the campaign's avatar task (content fingerprint, probe, decode + detect + track, or the "
+        "cached track), timed inside the task. Outputs differ, the cache (`cache=`) is shared, so the second "
+        f"campaign renders again but detects nothing: **{f2(detect[0])} s → {f2(detect[1])} s**."
+    )
+    ctx.report.emit(
+        title,
+        table(["run", "cache", "prepare_avatar s", "campaign wall s", "frames", "frames/s"], rows, right=(2, 3, 4, 5)),
+        notes,
+    )
 
 
 # --------------------------------------------------------------------------------------- 5. scaling
@@ -1048,8 +1279,12 @@ def bench_scaling(ctx: Context) -> None:
     counts = sorted(set(args.scaling_actors))
     ray_session(args.session_cpus or max(counts) + 1)
     manifest = ctx.inputs.manifest("scaling", audios, avatar)
-    base = [f"cache={cache}", "cluster.actor.num_cpus=1", "cluster.actor.threads=1",
-            f"render.segment_seconds={args.scaling_segment_seconds}"]
+    base = [
+        f"cache={cache}",
+        "cluster.actor.num_cpus=1",
+        "cluster.actor.threads=1",
+        f"render.segment_seconds={args.scaling_segment_seconds}",
+    ]
     warm = config(manifest, os.path.join(work, "warm"), *base)
     prepare_avatar(avatar, None, warm.detector, cache, warm.render.still_fps)  # tracks and PCM cached before timing
     for audio in audios:
@@ -1059,8 +1294,13 @@ def bench_scaling(ctx: Context) -> None:
     for pinned in (False, True):
         series: dict[int, float] = {}
         for n in counts:
-            cfg = config(manifest, os.path.join(work, f"out-{n}-{pinned}"), *base, f"cluster.actors={n}",
-                         f"cluster.actor.pin_cpus={str(pinned).lower()}")
+            cfg = config(
+                manifest,
+                os.path.join(work, f"out-{n}-{pinned}"),
+                *base,
+                f"cluster.actors={n}",
+                f"cluster.actor.pin_cpus={str(pinned).lower()}",
+            )
             summary, wall, cpu, job = run_campaign(cfg, timed=True, sampler=CpuSampler())
             job.wait_for_actors_to_exit()
             own_cores = sum(1 for info in job.workers.values() if info.cores is not None)
@@ -1068,38 +1308,75 @@ def bench_scaling(ctx: Context) -> None:
             series[n] = rate(frames, wall)
             start = job.actor_start_seconds if job.actor_start_seconds is not None else float("nan")
             segments = sum(r.segments or 0 for r in summary.rows)
-            rows.append([n, "yes" if pinned else "no", "yes" if n <= cores else "no", len(summary.rows), segments,
-                         frames, f"{wall:,.1f}", f"{start:,.1f}", f1(series[n]), f1(rate(frames, wall - start)),
-                         own_cores, *(f2(cpu.cores(part)) for part in CPU_PARTS)])
+            rows.append(
+                [
+                    n,
+                    "yes" if pinned else "no",
+                    "yes" if n <= cores else "no",
+                    len(summary.rows),
+                    segments,
+                    frames,
+                    f"{wall:,.1f}",
+                    f"{start:,.1f}",
+                    f1(series[n]),
+                    f1(rate(frames, wall - start)),
+                    own_cores,
+                    *(f2(cpu.cores(part)) for part in CPU_PARTS),
+                ]
+            )
         one, prev = series[counts[0]], None
-        for r, n in zip(rows[-len(counts):], counts):
+        for r, n in zip(rows[-len(counts) :], counts):
             speedup = series[n] / one if one else float("nan")
             gain = "—" if prev is None else f"{(series[n] - series[prev]) / (n - prev) / one:+.2f}"
             r += [f"{speedup:.2f}×", f"{speedup / (n / counts[0]):.0%}", gain]
             prev = n
         fps_by[pinned] = series
     ctx.report.targets["scaling"] = (fps_by, cores)
-    title = (f"5. Scaling: classic renderer, {height}p avatar, {len(audios)} rows × {args.scaling_audio_seconds:g} s, "
-             f"{args.scaling_segment_seconds:g} s segments, 1 CPU + 1 thread per actor, unpinned and pinned")
-    notes = (f"Local Ray with {max(counts) + 1 if not args.session_cpus else args.session_cpus} logical CPUs so every "
-             f"actor count can start and prepare/stitch tasks still run; this process may use {cores} cores (\"cores "
-             "allow\": actors ≤ cores), so larger counts measure oversubscription, not added hardware. Unpinned, an "
-             "actor's decode and encode helper threads can overlap its render on other cores, so an actor may use "
-             "more than its one CPU; pinned (`cluster.actor.pin_cpus=true`), each actor owns one core and cannot, so "
-             "the pinned series shows what an added actor adds while cores remain (actors beyond the cores find none "
-             "free and run unpinned). Wall time is campaign.run (actor start included), avatar track and audio PCM "
-             "already cached; \"first actor ready s\" is the part of it before any actor could render (Ray worker start, "
-             "imports, renderer load), a fixed cost that longer campaigns amortise, and \"frames/s after start\" leaves "
-             "it out. Speedup, efficiency and gain use the whole wall time. Efficiency = speedup ÷ actors; gain per added actor = extra frames/s per added actor, "
-             "in units of one actor's frames/s (target ≥ 0.8 while cores allow). \"cores: ...\" columns: average cores "
-             "kept busy during the run (from /proc each second) by the renderer actors, by the rest of this benchmark's "
-             "process tree (driver, Ray's daemons, prepare and stitch tasks), and by everything else on the machine "
-             "(kernel threads such as memory reclaim, host agents): an added actor can only use what these leave.")
-    ctx.report.emit(title, table(["actors", "pinned", "cores allow", "rows", "segments", "frames", "wall s",
-                                  "first actor ready s", "frames/s", "frames/s after start",
-                                  "actors on own cores", *(f"cores: {part}" for part in CPU_PARTS), "speedup",
-                                  "efficiency", "gain per added actor"], rows,
-                                 right=(0, *range(3, 17))), notes)
+    title = (
+        f"5. Scaling: classic renderer, {height}p avatar, {len(audios)} rows × {args.scaling_audio_seconds:g} s, "
+        f"{args.scaling_segment_seconds:g} s segments, 1 CPU + 1 thread per actor, unpinned and pinned"
+    )
+    notes = (
+        f"Local Ray with {max(counts) + 1 if not args.session_cpus else args.session_cpus} logical CPUs so every "
+        f'actor count can start and prepare/stitch tasks still run; this process may use {cores} cores ("cores '
+        'allow": actors ≤ cores), so larger counts measure oversubscription, not added hardware. Unpinned, an '
+        "actor's decode and encode helper threads can overlap its render on other cores, so an actor may use "
+        "more than its one CPU; pinned (`cluster.actor.pin_cpus=true`), each actor owns one core and cannot, so "
+        "the pinned series shows what an added actor adds while cores remain (actors beyond the cores find none "
+        "free and run unpinned). Wall time is campaign.run (actor start included), avatar track and audio PCM "
+        'already cached; "first actor ready s" is the part of it before any actor could render (Ray worker start, '
+        'imports, renderer load), a fixed cost that longer campaigns amortise, and "frames/s after start" leaves '
+        "it out. Speedup, efficiency and gain use the whole wall time. Efficiency = speedup ÷ actors; gain per added actor = extra frames/s per added actor, "
+        'in units of one actor\'s frames/s (target ≥ 0.8 while cores allow). "cores: ..." columns: average cores '
+        "kept busy during the run (from /proc each second) by the renderer actors, by the rest of this benchmark's "
+        "process tree (driver, Ray's daemons, prepare and stitch tasks), and by everything else on the machine "
+        "(kernel threads such as memory reclaim, host agents): an added actor can only use what these leave."
+    )
+    ctx.report.emit(
+        title,
+        table(
+            [
+                "actors",
+                "pinned",
+                "cores allow",
+                "rows",
+                "segments",
+                "frames",
+                "wall s",
+                "first actor ready s",
+                "frames/s",
+                "frames/s after start",
+                "actors on own cores",
+                *(f"cores: {part}" for part in CPU_PARTS),
+                "speedup",
+                "efficiency",
+                "gain per added actor",
+            ],
+            rows,
+            right=(0, *range(3, 17)),
+        ),
+        notes,
+    )
 
 
 # --------------------------------------------------------------------------------------- 6. node
@@ -1119,13 +1396,21 @@ def bench_node(ctx: Context) -> None:
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     cores = os.cpu_count() or 1
     ray_session(args.session_cpus or cores, fresh=not args.quick)
-    overrides = [f"cache={cache}", "renderer=wav2lip", f"renderer.checkpoint={checkpoint}",
-                 f"renderer.device={'cuda' if cuda else 'cpu'}", f"detector.stride={args.node_detect_stride}",
-                 f"render.segment_seconds={args.node_segment_seconds}"]
+    overrides = [
+        f"cache={cache}",
+        "renderer=wav2lip",
+        f"renderer.checkpoint={checkpoint}",
+        f"renderer.device={'cuda' if cuda else 'cpu'}",
+        f"detector.stride={args.node_detect_stride}",
+        f"render.segment_seconds={args.node_segment_seconds}",
+    ]
     if cuda:  # the cluster=gpu actor shape, on a local Ray that holds this machine's GPUs
         gpu = config("m", "o", "cluster=gpu").cluster.actor
-        overrides += ["renderer.precision=fp16", f"cluster.actor.num_cpus={gpu.num_cpus}",
-                      f"cluster.actor.num_gpus={gpu.num_gpus}"]
+        overrides += [
+            "renderer.precision=fp16",
+            f"cluster.actor.num_cpus={gpu.num_cpus}",
+            f"cluster.actor.num_gpus={gpu.num_gpus}",
+        ]
     else:  # the local default actors (1 CPU each), at the CPU's default precision and CPU-sized batches
         overrides += [f"renderer.batch_size={args.cpu_batch}"]
     manifest = ctx.inputs.manifest("node", [audio], avatar)
@@ -1142,23 +1427,61 @@ def bench_node(ctx: Context) -> None:
     fps = rate(result.frames, wall)
     target_s = seconds * 15.0 / 180.0  # the issue's 15 s for 3 minutes, scaled to this run's length
     ctx.report.targets["node"] = (device, result.frames, wall, target_s, cuda)
-    rows = [[f"{track.info.width}×{track.info.height}", f"{args.node_minutes:g} min", result.frames, result.segments,
-             actors, f"{tracked:,.2f}", f"{cached:,.3f}", f"{wall:,.1f}", f1(fps), f"{result.audio_seconds / wall:.1f}×",
-             f"{target_s:g}", mib(sampler.peak_hwm()), rss_columns(sampler)[-1]]]
-    title = (f"6. One node, Wav2Lip, cached face track: {args.node_minutes:g} min {args.node_height}p25 avatar + "
-             f"{args.node_minutes:g} min audio, on {device}")
-    notes = (f"`campaign.run` on a local Ray holding this machine ({cores} cores{', ' + device if cuda else ''}): "
-             f"{actors} actor(s) of {cfg.cluster.actor.num_cpus:g} CPUs + {cfg.cluster.actor.num_gpus:g} GPU, "
-             f"renderer.precision={cfg.renderer.precision}, batch {cfg.renderer.batch_size}, "
-             f"{args.node_segment_seconds:g} s segments, encoder {in_process(cfg).encoder.codec} "
-             f"{cfg.encoder.preset} crf {cfg.encoder.crf}. Wall time covers the whole campaign (actor start and "
-             "model load, audio decode, rendering, stitch with AAC, publish); the face track was built before it "
-             f"(detector stride {args.node_detect_stride}, \"track s\", not counted), as for an avatar seen before, so "
-             f"the campaign's prepare_avatar only loads it. Avatar generation ({made:.1f} s) is not counted. Target: "
-             f"≤ {target_s:g} s (≥ 300 frames/s; the issue's 15 s for 3 minutes on one H100 node with 16 cores).")
-    ctx.report.emit(title, table(["avatar", "audio", "frames", "segments", "actors", "track s (before)",
-                                  "prepare_avatar s", "wall s", "frames/s", "× realtime", "target s",
-                                  "actor VmHWM MiB", "driver MiB"], rows, right=range(2, 13)), notes)
+    rows = [
+        [
+            f"{track.info.width}×{track.info.height}",
+            f"{args.node_minutes:g} min",
+            result.frames,
+            result.segments,
+            actors,
+            f"{tracked:,.2f}",
+            f"{cached:,.3f}",
+            f"{wall:,.1f}",
+            f1(fps),
+            f"{result.audio_seconds / wall:.1f}×",
+            f"{target_s:g}",
+            mib(sampler.peak_hwm()),
+            rss_columns(sampler)[-1],
+        ]
+    ]
+    title = (
+        f"6. One node, Wav2Lip, cached face track: {args.node_minutes:g} min {args.node_height}p25 avatar + "
+        f"{args.node_minutes:g} min audio, on {device}"
+    )
+    notes = (
+        f"`campaign.run` on a local Ray holding this machine ({cores} cores{', ' + device if cuda else ''}): "
+        f"{actors} actor(s) of {cfg.cluster.actor.num_cpus:g} CPUs + {cfg.cluster.actor.num_gpus:g} GPU, "
+        f"renderer.precision={cfg.renderer.precision}, batch {cfg.renderer.batch_size}, "
+        f"{args.node_segment_seconds:g} s segments, encoder {in_process(cfg).encoder.codec} "
+        f"{cfg.encoder.preset} crf {cfg.encoder.crf}. Wall time covers the whole campaign (actor start and "
+        "model load, audio decode, rendering, stitch with AAC, publish); the face track was built before it "
+        f'(detector stride {args.node_detect_stride}, "track s", not counted), as for an avatar seen before, so '
+        f"the campaign's prepare_avatar only loads it. Avatar generation ({made:.1f} s) is not counted. Target: "
+        f"≤ {target_s:g} s (≥ 300 frames/s; the issue's 15 s for 3 minutes on one H100 node with 16 cores)."
+    )
+    ctx.report.emit(
+        title,
+        table(
+            [
+                "avatar",
+                "audio",
+                "frames",
+                "segments",
+                "actors",
+                "track s (before)",
+                "prepare_avatar s",
+                "wall s",
+                "frames/s",
+                "× realtime",
+                "target s",
+                "actor VmHWM MiB",
+                "driver MiB",
+            ],
+            rows,
+            right=range(2, 13),
+        ),
+        notes,
+    )
 
 
 # --------------------------------------------------------------------------------------- targets + main
@@ -1167,35 +1490,68 @@ def target_summary(report: Report, args: argparse.Namespace) -> str:
     rows = []
     if "defaults" in t:
         one, many, count, first = t["defaults"]
-        rows.append(["CPU defaults, whole command, one row ≥ 1.5× the naive loop per video", f"{one:.2f}×",
-                     "met" if one >= 1.5 else "not met"])
-        rows.append([f"CPU defaults, whole command, {count} rows ≥ 3× the naive loop per video", f"{many:.2f}×",
-                     "met" if many >= 3 else "not met"])
+        rows.append(
+            [
+                "CPU defaults, whole command, one row ≥ 1.5× the naive loop per video",
+                f"{one:.2f}×",
+                "met" if one >= 1.5 else "not met",
+            ]
+        )
+        rows.append(
+            [
+                f"CPU defaults, whole command, {count} rows ≥ 3× the naive loop per video",
+                f"{many:.2f}×",
+                "met" if many >= 3 else "not met",
+            ]
+        )
         if first is not None:
             rows.append(["start-up (launch → first frames rendered), one row", f"{first:.1f} s", "see the breakdown"])
     if "wav2lip" in t:
         naive, segment, campaign_fps = t["wav2lip"]
         best = max(segment, campaign_fps) / naive
-        rows.append(["Wav2Lip fixed box ≥ 3× a naive one-process loop",
-                     f"{naive:.1f} → {segment:.1f} (best segment path) / {campaign_fps:.1f} (campaign, defaults) frames/s = "
-                     f"{segment / naive:.2f}× / {campaign_fps / naive:.2f}×",
-                     "met" if best >= 3 else "not met on this machine"])
+        rows.append(
+            [
+                "Wav2Lip fixed box ≥ 3× a naive one-process loop",
+                (
+                    f"{naive:.1f} → {segment:.1f} (best segment path) / {campaign_fps:.1f} (campaign, defaults) frames/s = "
+                    f"{segment / naive:.2f}× / {campaign_fps / naive:.2f}×"
+                ),
+                "met" if best >= 3 else "not met on this machine",
+            ]
+        )
     if "rss" in t:
         short, long, ratio, sm, lm = t["rss"]
-        rows.append([f"actor peak RSS at {lm:g} min ≤ 1.2× at {sm:g} min", f"{mib(long)} vs {mib(short)} MiB = {ratio:.3f}×",
-                     "met" if ratio <= 1.2 else "not met"])
+        rows.append(
+            [
+                f"actor peak RSS at {lm:g} min ≤ 1.2× at {sm:g} min",
+                f"{mib(long)} vs {mib(short)} MiB = {ratio:.3f}×",
+                "met" if ratio <= 1.2 else "not met",
+            ]
+        )
     if "second" in t:
         first, second = t["second"]
-        rows.append(["second campaign on a seen avatar detects nothing", f"prepare_avatar {first:.2f} s → {second:.3f} s",
-                     "met" if second < max(0.5, 0.1 * first) else "not met"])
+        rows.append(
+            [
+                "second campaign on a seen avatar detects nothing",
+                f"prepare_avatar {first:.2f} s → {second:.3f} s",
+                "met" if second < max(0.5, 0.1 * first) else "not met",
+            ]
+        )
     for height, realtime, fps in t.get("realtime", []):
-        rows.append([f"end to end, {height}p, classic (reported, no target)", f"{fps:.1f} frames/s, {realtime:.2f}× realtime",
-                     "—"])
+        rows.append(
+            [
+                f"end to end, {height}p, classic (reported, no target)",
+                f"{fps:.1f} frames/s, {realtime:.2f}× realtime",
+                "—",
+            ]
+        )
     if "scaling" in t:
         fps_by, cores = t["scaling"]
         texts = []
         for pinned, series in sorted(fps_by.items()):
-            texts.append(("pinned " if pinned else "unpinned ") + ", ".join(f"{n}: {v:.1f}" for n, v in sorted(series.items())))
+            texts.append(
+                ("pinned " if pinned else "unpinned ") + ", ".join(f"{n}: {v:.1f}" for n, v in sorted(series.items()))
+            )
         allowed = sorted(n for n in fps_by[True] if n <= cores)
         pinned = fps_by[True]
         gains = [(pinned[b] - pinned[a]) / (b - a) / pinned[allowed[0]] for a, b in itertools.pairwise(allowed)]
@@ -1209,24 +1565,33 @@ def target_summary(report: Report, args: argparse.Namespace) -> str:
         rows.append(["actors scale ≥ 0.8 per added actor while cores allow", measured, status])
     if "node" in t:
         device, frames, wall, target_s, cuda = t["node"]
-        status = ("met" if wall <= target_s else "not met") if cuda else "reference only: the target is for an H100 node"
+        status = (
+            ("met" if wall <= target_s else "not met") if cuda else "reference only: the target is for an H100 node"
+        )
         measured = f"{frames} frames in {wall:,.1f} s = {rate(frames, wall):.1f} frames/s on {device}"
         rows.append([f"one node, Wav2Lip, cached track, ≤ {target_s:g} s", measured, status])
     return table(["target", "measured", "status"], rows) if rows else ""
 
 
-def append_results(path: Path, command: str, machine: str, load: tuple[str, str], sections: list[str],
-                   targets: str) -> None:
+def append_results(
+    path: Path, command: str, machine: str, load: tuple[str, str], sections: list[str], targets: str
+) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = (f"\n### {stamp} — `{command}`\n\nMachine: {machine}. Load average (1/5/15 min) at start {load[0]}, at end "
-             f"{load[1]}: the machine was shared with other work, treat figures as ±20 %.\n\n")
+    block = (
+        f"\n### {stamp} — `{command}`\n\nMachine: {machine}. Load average (1/5/15 min) at start {load[0]}, at end "
+        f"{load[1]}: the machine was shared with other work, treat figures as ±20 %.\n\n"
+    )
     if targets:
         block += "#### Targets\n\n" + targets + "\n\n"
     block += "\n".join(sections)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     at = text.find("\n" + HEADING + "\n")
     if at < 0:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\nFrom `python -m benchmarks.run` (see its docstring). Newest run last.\n" + block
+        text = (
+            text.rstrip("\n")
+            + f"\n\n{HEADING}\n\nFrom `python -m benchmarks.run` (see its docstring). Newest run last.\n"
+            + block
+        )
     else:
         nxt = text.find("\n## ", at + len(HEADING) + 2)
         end = len(text) if nxt < 0 else nxt
@@ -1243,18 +1608,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--defaults-rows", type=int, default=4, help="rows of the defaults campaign")
     p.add_argument("--defaults-audio-seconds", type=float, default=12.0, help="audio per row in `defaults`")
     p.add_argument("--defaults-height", type=int, default=720, help="height of the still in `defaults`")
-    p.add_argument("--defaults-official", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the official batch-128 flow per video in `defaults`")
+    p.add_argument(
+        "--defaults-official",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the official batch-128 flow per video in `defaults`",
+    )
     p.add_argument("--avatar-height", type=int, nargs="+", default=[720], help="stage avatar heights, e.g. 720 1080")
     p.add_argument("--avatar-seconds", type=float, default=10.0, help="stage avatar clip length")
     p.add_argument("--audio-seconds", type=float, default=30.0, help="stage/end-to-end audio length")
     p.add_argument("--wav2lip-width", type=int, default=256, help="avatar width for the Wav2Lip comparison")
     p.add_argument("--wav2lip-audio-seconds", type=float, default=15.0)
-    p.add_argument("--cpu-batch", type=int, default=8,
-                   help="renderer.batch_size of the int8 rows and CPU node runs (8 suits CPU caches; GPUs want 128)")
-    p.add_argument("--compile", action="store_true",
-                   help="add renderer.compile=true to the int8 rows (int8 stays eager and says so; for trying compile elsewhere)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved runs of the naive and segment paths (best counts)")
+    p.add_argument(
+        "--cpu-batch",
+        type=int,
+        default=8,
+        help="renderer.batch_size of the int8 rows and CPU node runs (8 suits CPU caches; GPUs want 128)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add renderer.compile=true to the int8 rows (int8 stays eager and says so; for trying compile elsewhere)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=2, help="interleaved runs of the naive and segment paths (best counts)"
+    )
     p.add_argument("--wav2lip-stage-frames", type=int, default=32, help="frames for the Wav2Lip split in `stages`")
     p.add_argument("--short-audio-minutes", type=float, default=1.0)
     p.add_argument("--long-audio-minutes", type=float, default=10.0)
@@ -1268,7 +1646,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--node-height", type=int, default=1080, help="avatar height of the one-node run")
     p.add_argument("--node-segment-seconds", type=float, default=5.0)
     p.add_argument("--node-detect-stride", type=int, default=10, help="detector.stride of the (untimed) face track")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch/x264 threads in the Wav2Lip comparison")
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch/x264 threads in the Wav2Lip comparison"
+    )
     p.add_argument("--device", default="auto", help="Wav2Lip device: auto | cpu | cuda")
     p.add_argument("--workdir", default=None, help="where inputs and outputs go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -1281,7 +1661,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.wav2lip_width, args.wav2lip_audio_seconds, args.wav2lip_stage_frames = 160, 0.4, 4
         args.short_audio_minutes, args.long_audio_minutes, args.rss_width = 0.05, 0.1, 128
         args.second_audio_seconds = 1.0
-        args.scaling_actors, args.scaling_rows, args.scaling_audio_seconds, args.scaling_segment_seconds = [1, 2], 2, 1.0, 0.5
+        args.scaling_actors, args.scaling_rows, args.scaling_audio_seconds, args.scaling_segment_seconds = (
+            [1, 2],
+            2,
+            1.0,
+            0.5,
+        )
         args.node_minutes, args.node_height = 0.05, 360
         args.session_cpus = 3
     return args
@@ -1292,7 +1677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     machine = machine_line()
     load_start = load_average()
-    print(f"heygem_ray pipeline benchmarks: {command.strip()}\nMachine: {machine}; load average {load_start}", flush=True)
+    print(
+        f"heygem_ray pipeline benchmarks: {command.strip()}\nMachine: {machine}; load average {load_start}", flush=True
+    )
     work = args.workdir or tempfile.mkdtemp(prefix="heygem-bench-")
     ctx = Context(args, Inputs(os.path.join(work, "inputs")), work, Report())
     failed = []
@@ -1301,10 +1688,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps += [(f"stages {h}p", lambda h=h: bench_stages(ctx, h)) for h in args.avatar_height]
     if "defaults" in args.only:
         steps.insert(0, ("defaults", lambda: bench_defaults(ctx)))
-    steps += [(name, lambda fn=fn: fn(ctx)) for name, fn in (("wav2lip", bench_wav2lip), ("rss", bench_rss),
-                                                              ("second", bench_second), ("scaling", bench_scaling),
-                                                              ("node", bench_node))
-              if name in args.only]
+    steps += [
+        (name, lambda fn=fn: fn(ctx))
+        for name, fn in (
+            ("wav2lip", bench_wav2lip),
+            ("rss", bench_rss),
+            ("second", bench_second),
+            ("scaling", bench_scaling),
+            ("node", bench_node),
+        )
+        if name in args.only
+    ]
     try:
         for name, step in steps:
             start = time.perf_counter()
@@ -1324,8 +1718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if targets:
         print("\n#### Targets\n\n" + targets, flush=True)
     if not args.no_append and ctx.report.sections:
-        append_results(Path(args.results), command.strip(), machine, (load_start, load_average()),
-                       ctx.report.sections, targets)
+        append_results(
+            Path(args.results), command.strip(), machine, (load_start, load_average()), ctx.report.sections, targets
+        )
         print(f"\nappended to {args.results}", flush=True)
     return 1 if failed else 0
 

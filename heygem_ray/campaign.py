@@ -12,6 +12,7 @@ runs in bounded memory, and it records one result per row whatever happens to th
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from heygem_ray.prepare import AvatarTrack, RowPrep, marker_uri, prepare_avatar,
 from heygem_ray.report import render_report, write_report
 from heygem_ray.results import RowResult, Summary, write_results
 from heygem_ray.segment import RenderWorker, SegmentJob, SegmentResult, WorkerInfo
-from heygem_ray.stitch import Marker, StitchJob, Stitched, stitch_row
+from heygem_ray.stitch import Marker, Stitched, StitchJob, stitch_row
 
 log = logging.getLogger("heygem_ray")
 
@@ -59,7 +60,6 @@ class _RowState:
     done: set[int] = field(default_factory=set)
     attempts: dict[int, int] = field(default_factory=dict)
     finished: bool = False
-
 
 
 def connect(cfg: Config) -> bool:
@@ -148,10 +148,16 @@ class Startup:
         """Seconds per step, in order; empty until a segment was rendered."""
         if self.actor is None or self.segment is None or not self.ray_ready:
             return {}
-        marks = [("driver", self.driver_started), ("ray start", self.ray_called), ("actor start", self.ray_ready),
-                 ("model load", self.actor.init_started), ("wait for work", self.actor.model_loaded),
-                 ("first batch", self.segment.started_at), ("", self.segment.first_batch_at)]
-        steps = {name: max(0.0, nxt - at) for (name, at), (_, nxt) in zip(marks, marks[1:])}
+        marks = [
+            ("driver", self.driver_started),
+            ("ray start", self.ray_called),
+            ("actor start", self.ray_ready),
+            ("model load", self.actor.init_started),
+            ("wait for work", self.actor.model_loaded),
+            ("first batch", self.segment.started_at),
+            ("", self.segment.first_batch_at),
+        ]
+        steps = {name: max(0.0, nxt - at) for (name, at), (_, nxt) in itertools.pairwise(marks)}
         steps["first frames after launch"] = self.segment.first_batch_at - self.driver_started
         return steps
 
@@ -214,8 +220,9 @@ class Campaign:
         return detector.num_gpus if ray.cluster_resources().get("GPU", 0.0) >= detector.num_gpus else 0.0
 
     def _task(self, fn: Any, num_gpus: float = 0.0) -> Any:
-        return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, max_retries=3,
-                                      retry_exceptions=list(TRANSIENT))
+        return ray.remote(fn).options(
+            num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, max_retries=3, retry_exceptions=list(TRANSIENT)
+        )
 
     # ------------------------------------------------------------------ loop
     def run(self) -> Summary:
@@ -258,8 +265,11 @@ class Campaign:
         """Prepare rows lazily: while fewer are preparing than `render.max_prepared_rows` and the driver's
         queue holds less than one more round of segments than the actors may hold."""
         preparing = sum(1 for s in self._states.values() if not s.finished and not s.spans)
-        while (self._pending and preparing < self.cfg.render.max_prepared_rows
-               and len(self._segment_queue) < self._inflight_cap()):
+        while (
+            self._pending
+            and preparing < self.cfg.render.max_prepared_rows
+            and len(self._segment_queue) < self._inflight_cap()
+        ):
             row = self._pending.popleft()
             self._states[row.id] = _RowState(row, time.time())
             self._inflight[self._prepare_row.remote(row, self.cfg)] = ("prepared", row.id)
@@ -312,9 +322,15 @@ class Campaign:
         self._avatar_waiters.setdefault(key, []).append(row_id)
         if key not in self._avatar_refs:
             cfg = self.cfg
-            ref = self._prepare_avatar.remote(state.row.avatar, state.row.box, cfg.detector, cfg.cache_uri,
-                                              cfg.render.still_fps, cfg.limits.max_avatar_pixels,
-                                              cfg.storage.options)
+            ref = self._prepare_avatar.remote(
+                state.row.avatar,
+                state.row.box,
+                cfg.detector,
+                cfg.cache_uri,
+                cfg.render.still_fps,
+                cfg.limits.max_avatar_pixels,
+                cfg.storage.options,
+            )
             self._avatar_refs[key] = ref
             self._inflight[ref] = ("avatar", key)
 
@@ -353,7 +369,9 @@ class Campaign:
             if isinstance(cause, RayActorError):
                 self._actor_lost(actor)  # no more work for it until it answers again
             if isinstance(cause, InputError) or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
-                return self._fail(row_id, _reason(exc, f"segment {index} failed after {state.attempts[index]} attempt(s)"))
+                return self._fail(
+                    row_id, _reason(exc, f"segment {index} failed after {state.attempts[index]} attempt(s)")
+                )
             log.warning("row %s segment %d: %s; retrying", row_id, index, _reason(exc))
             self._segment_queue.appendleft((row_id, index))
             return
@@ -382,9 +400,14 @@ class Campaign:
         now = time.time()
         if not any(self._actor_healthy) and now - self._started > ACTOR_WAIT_WARNING and not self._waiting_warned:
             actor = self.cfg.cluster.actor
-            log.warning("no renderer actor has started after %.0f s: each needs %g CPU and %g GPU on one node; "
-                        "the cluster has %s", now - self._started, actor.num_cpus, actor.num_gpus,
-                        ray.cluster_resources())
+            log.warning(
+                "no renderer actor has started after %.0f s: each needs %g CPU and %g GPU on one node; "
+                "the cluster has %s",
+                now - self._started,
+                actor.num_cpus,
+                actor.num_gpus,
+                ray.cluster_resources(),
+            )
             self._waiting_warned = True
         for actor, when in list(self._probe_after.items()):
             if when <= now:
@@ -403,8 +426,11 @@ class Campaign:
             self.codec = info.codec
             log.info("encoder.codec=auto resolved to %s by renderer actor %d", info.codec, actor)
         elif info.codec != self.codec:
-            return self._actor_unusable(actor, f"its node encodes with {info.codec} but this campaign's segments "
-                                               f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)")
+            return self._actor_unusable(
+                actor,
+                f"its node encodes with {info.codec} but this campaign's segments "
+                f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)",
+            )
         self._actor_healthy[actor] = True
         self.actor_pids[actor] = info.pid
         self._workers[actor] = info
@@ -468,10 +494,20 @@ class Campaign:
         avatar_frames = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
         lo, hi = int(avatar_frames.min()), int(avatar_frames.max())
         return SegmentJob(
-            row_id=state.row.id, index=index, out_uri=_segment_uri(self._work_uri(state), index),
-            avatar_uri=state.row.avatar, info=track.info, start=span.start, avatar_frames=avatar_frames,
-            pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[avatar_frames],
-            pcm_uri=audio.pcm_uri, audio_samples=audio.samples, audio_level=audio.level, codec=self.codec,
+            row_id=state.row.id,
+            index=index,
+            out_uri=_segment_uri(self._work_uri(state), index),
+            avatar_uri=state.row.avatar,
+            info=track.info,
+            start=span.start,
+            avatar_frames=avatar_frames,
+            pts=track.pts[lo : hi + 1],
+            pts_offset=lo,
+            boxes=track.boxes[avatar_frames],
+            pcm_uri=audio.pcm_uri,
+            audio_samples=audio.samples,
+            audio_level=audio.level,
+            codec=self.codec,
         )
 
     def _finish(self, row_id: str, status: str, marker: Marker | None) -> None:
@@ -486,14 +522,20 @@ class Campaign:
         if state:
             state.finished = True
         audio = state.prep.audio if state and state.prep else None
-        self._record(RowResult(
-            id=row_id, status=status, output=self._rows_by_id[row_id].output, error=error,
-            audio_seconds=marker.audio_seconds if marker else (audio.seconds if audio else None),
-            frames=marker.frames if marker else None,
-            segments=len(state.spans) if state and state.spans else None,
-            render_seconds=round(time.time() - state.started, 3) if state and status == "ok" else None,
-            attempts=max(state.attempts.values(), default=0) if state else 0, finished_at=time.time(),
-        ))
+        self._record(
+            RowResult(
+                id=row_id,
+                status=status,
+                output=self._rows_by_id[row_id].output,
+                error=error,
+                audio_seconds=marker.audio_seconds if marker else (audio.seconds if audio else None),
+                frames=marker.frames if marker else None,
+                segments=len(state.spans) if state and state.spans else None,
+                render_seconds=round(time.time() - state.started, 3) if state and status == "ok" else None,
+                attempts=max(state.attempts.values(), default=0) if state else 0,
+                finished_at=time.time(),
+            )
+        )
 
     def _record(self, result: RowResult) -> None:
         if result.id in self.results:
@@ -510,9 +552,14 @@ class Campaign:
         """{output}/_report.html: rewritten as rows finish, so it can be refreshed during a run."""
         uri = storage.join(self.cfg.output, "_report.html")
         done = [self.results[r.id] for r in self.rows if r.id in self.results]
-        html = render_report(done, self._thumbnails, time.time() - self._started,
-                             title=f"heygem_ray campaign {storage.display(self.cfg.output)}", report_uri=uri,
-                             total_rows=None if final else len(self.rows))
+        html = render_report(
+            done,
+            self._thumbnails,
+            time.time() - self._started,
+            title=f"heygem_ray campaign {storage.display(self.cfg.output)}",
+            report_uri=uri,
+            total_rows=None if final else len(self.rows),
+        )
         try:
             write_report(uri, html)
         except OSError as exc:  # a report that cannot be written must not stop the campaign
@@ -522,8 +569,10 @@ class Campaign:
     def _postfix(self) -> str:
         counts = {s: sum(1 for r in self.results.values() if r.status == s) for s in ("ok", "failed", "skipped")}
         queued = len(self._segment_queue)
-        return (f"ok={counts['ok']} failed={counts['failed']} skipped={counts['skipped']} "
-                f"frames={self._frames_rendered} segments_in_flight={sum(self._actor_load)} queued={queued}")
+        return (
+            f"ok={counts['ok']} failed={counts['failed']} skipped={counts['skipped']} "
+            f"frames={self._frames_rendered} segments_in_flight={sum(self._actor_load)} queued={queued}"
+        )
 
 
 def _segment_uri(work_uri: str, index: int) -> str:
@@ -561,8 +610,15 @@ def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     # a plain line per update when not on a terminal (e.g. `ray job logs -f`), redrawn in place otherwise
-    return tqdm(total=total, unit="row", desc="campaign", disable=not enabled, file=sys.stderr,
-                mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        unit="row",
+        desc="campaign",
+        disable=not enabled,
+        file=sys.stderr,
+        mininterval=1.0 if sys.stderr.isatty() else 10.0,
+        dynamic_ncols=True,
+    )
 
 
 def _write_line(text: str) -> None:
@@ -591,8 +647,9 @@ def run(cfg: Config) -> Summary:
             shutdown(local=own_ray)
         if job is not None:
             # written even when interrupted: every row has a result by now (unfinished ones as failed)
-            write_results(storage.join(cfg.output, "_results.parquet"),
-                          [job.results[r.id] for r in rows if r.id in job.results])
+            write_results(
+                storage.join(cfg.output, "_results.parquet"), [job.results[r.id] for r in rows if r.id in job.results]
+            )
             storage.remove_empty_dir(storage.join(cfg.output, "_work"))
     return summary
 
@@ -609,8 +666,10 @@ def check_local_fit(cfg: Config) -> None:
             f"{count} renderer actor(s) of {actor.num_cpus:g} CPU(s) plus a prepare/stitch task of "
             f"{cfg.cluster.task_cpus:g} need {need_cpus:g} CPUs, but this local Ray has {cpus:g}: lower "
             "cluster.actors or cluster.actor.num_cpus, or raise cluster.num_cpus (cluster.actors=0 leaves "
-            "cluster.reserve_cpus free: keep it at least cluster.task_cpus)")
+            "cluster.reserve_cpus free: keep it at least cluster.task_cpus)"
+        )
     if count * actor.num_gpus > gpus + 1e-9:
         raise ClusterConfigError(
             f"{count} renderer actor(s) of {actor.num_gpus:g} GPU need {count * actor.num_gpus:g} GPUs, but this "
-            f"local Ray has {gpus:g}: lower cluster.actors or cluster.actor.num_gpus")
+            f"local Ray has {gpus:g}: lower cluster.actors or cluster.actor.num_gpus"
+        )

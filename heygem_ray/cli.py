@@ -1,8 +1,8 @@
 """`heygem-ray`: the command line.
 
-    heygem-ray render manifest=URI output=URI [hydra overrides...]   render a campaign
-    heygem-ray demo [--dir DIR] [--rows N] [hydra overrides...]        make and render a demo campaign
-    heygem-ray manifest --audio A... --avatar V... --out URI          build a cross-product manifest
+heygem-ray render manifest=URI output=URI [hydra overrides...]   render a campaign
+heygem-ray demo [--dir DIR] [--rows N] [hydra overrides...]        make and render a demo campaign
+heygem-ray manifest --audio A... --avatar V... --out URI          build a cross-product manifest
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from heygem_ray import storage
 from heygem_ray.config import Config, register_configs, to_plain
 from heygem_ray.errors import HeygemError
+
 
 def _config_path() -> str:
     """conf/ beside the package (a checkout, or a `ray job submit --working-dir` upload, whose copy of
@@ -100,7 +101,9 @@ def demo_main(argv: Sequence[str]) -> int:
     from heygem_ray.demo import make_demo_assets
     from heygem_ray.manifest import build_manifest
 
-    parser = argparse.ArgumentParser(prog="heygem-ray demo", description="Make and render a demo campaign on local Ray.")
+    parser = argparse.ArgumentParser(
+        prog="heygem-ray demo", description="Make and render a demo campaign on local Ray."
+    )
     parser.add_argument("--dir", default="heygem-demo", help="folder for inputs and outputs (default: ./heygem-demo)")
     parser.add_argument("--rows", type=int, default=6, help="manifest rows (default 6: 2 narrations x 3 avatars)")
     args, overrides = parser.parse_known_args(argv)
@@ -115,7 +118,9 @@ def demo_main(argv: Sequence[str]) -> int:
     cfg = compose([f"manifest={manifest}", f"output={output}", *overrides])
     status = render(to_plain(cfg), cfg)
     print(f"heygem-ray demo: videos in {output}/")
-    print(f"heygem-ray demo: open {output}/_report.html for a page with every row; results table {output}/_results.parquet")
+    print(
+        f"heygem-ray demo: open {output}/_report.html for a page with every row; results table {output}/_results.parquet"
+    )
     return status
 
 
@@ -125,7 +130,8 @@ def manifest_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="heygem-ray manifest",
         description="Write the cross product of audio x avatar URIs/globs as a Parquet manifest "
-                    "(one narration over many presenters, or many narrations over one).")
+        "(one narration over many presenters, or many narrations over one).",
+    )
     parser.add_argument("--audio", nargs="+", required=True, help="audio URIs or globs (quote globs)")
     parser.add_argument("--avatar", nargs="+", required=True, help="avatar video/image URIs or globs")
     parser.add_argument("--out", required=True, help="manifest URI to write (.parquet)")

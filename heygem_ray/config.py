@@ -66,12 +66,17 @@ class Wav2LipRendererConfig:
     def __post_init__(self) -> None:
         self.compile = str(self.compile).lower()  # `renderer.compile=true` arrives as a YAML bool
         # checked here, on the driver, so a typo exits 2 at once instead of failing every actor
-        for key, choices in (("precision", PRECISIONS), ("compile", ("auto", "true", "false")),
-                             ("blend", BLENDS), ("image_ops", IMAGE_OPS)):
+        for key, choices in (
+            ("precision", PRECISIONS),
+            ("compile", ("auto", "true", "false")),
+            ("blend", BLENDS),
+            ("image_ops", IMAGE_OPS),
+        ):
             if getattr(self, key) not in choices:
                 raise ValueError(f"renderer.{key}={getattr(self, key)} is not one of {', '.join(choices)}")
         if self.batch_size < 0 or self.face_cache_mb < 0:
             raise ValueError("renderer.batch_size and renderer.face_cache_mb must be 0 (auto/off) or more")
+
 
 @dataclass
 class DetectorConfig:
@@ -197,7 +202,9 @@ class RenderConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"render.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_inflight_segments < 0:
-            raise ValueError(f"render.max_inflight_segments must be 0 (no cap) or more, got {self.max_inflight_segments}")
+            raise ValueError(
+                f"render.max_inflight_segments must be 0 (no cap) or more, got {self.max_inflight_segments}"
+            )
         if not self.segment_seconds > 0 or not self.still_fps > 0:
             raise ValueError("render.segment_seconds and render.still_fps must be positive")
 

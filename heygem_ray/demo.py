@@ -69,8 +69,9 @@ class Stage:
         """The stage at time t (head motion), or the portrait still when t is None."""
         out = self.canvas.copy()
         ph, pw = self.portrait.shape[:2]
-        out[self.y0:self.y0 + ph, self.x0:self.x0 + pw] = (
-            self.portrait if t is None else head_motion_frame(self.portrait, t, seed))
+        out[self.y0 : self.y0 + ph, self.x0 : self.x0 + pw] = (
+            self.portrait if t is None else head_motion_frame(self.portrait, t, seed)
+        )
         return out
 
     def face_box(self) -> list[int]:
@@ -81,8 +82,9 @@ class Stage:
         return [self.x0 + int(fx1 * pw), self.y0 + int(fy1 * ph), self.x0 + int(fx2 * pw), self.y0 + int(fy2 * ph)]
 
 
-def write_avatar_clip(path: str, seconds: float, fps: int = 25, width: int = 256, seed: int = 0,
-                      rotation: int = 0) -> int:
+def write_avatar_clip(
+    path: str, seconds: float, fps: int = 25, width: int = 256, seed: int = 0, rotation: int = 0
+) -> int:
     """An H.264 mp4 of the moving portrait; returns its frame count. `rotation` stores the frames
     turned and sets display-matrix metadata, like a phone recording, so players show them upright."""
     base = portrait(width)
@@ -128,8 +130,10 @@ def speech_like(seconds: float, sample_rate: int = 16_000, seed: int = 0) -> np.
             f0 = rng.uniform(110, 190) * (1 + 0.08 * np.sin(2 * np.pi * 3 * time))
             phase = 2 * np.pi * np.cumsum(f0) / sample_rate
             formants = rng.uniform([500, 1200, 2400], [800, 1800, 3000])
-            voice = sum(np.sin(k * phase) / k * (1.0 + 2.0 * np.exp(-((k * f0.mean() - formants) ** 2 / 2e5)).sum())
-                        for k in range(1, 16))
+            voice = sum(
+                np.sin(k * phase) / k * (1.0 + 2.0 * np.exp(-((k * f0.mean() - formants) ** 2 / 2e5)).sum())
+                for k in range(1, 16)
+            )
             envelope = np.sin(np.pi * time / length) ** 1.5
             out[start:stop] += (0.25 * rng.uniform(0.6, 1.0) * envelope * voice / 4).astype(np.float32)
             t += length + rng.uniform(0.02, 0.08)
@@ -147,12 +151,21 @@ def write_wav(path: str, samples: np.ndarray, sample_rate: int = 16_000) -> None
         fh.writeframes(pcm.tobytes())
 
 
-def write_audio(path: str, samples: np.ndarray, sample_rate: int = 16_000, codec: str | None = None,
-                channels: int = 1) -> None:
+def write_audio(
+    path: str, samples: np.ndarray, sample_rate: int = 16_000, codec: str | None = None, channels: int = 1
+) -> None:
     """Encode audio with PyAV in whatever format the suffix implies (mp3, m4a, flac, ogg, wav)."""
     suffix = os.path.splitext(path)[1].lower()
-    codec = codec or {".mp3": "libmp3lame", ".m4a": "aac", ".flac": "flac", ".ogg": "libopus" if sample_rate == 48000 else "vorbis",
-                      ".wav": "pcm_s16le"}[suffix]
+    codec = (
+        codec
+        or {
+            ".mp3": "libmp3lame",
+            ".m4a": "aac",
+            ".flac": "flac",
+            ".ogg": "libopus" if sample_rate == 48000 else "vorbis",
+            ".wav": "pcm_s16le",
+        }[suffix]
+    )
     layout = "stereo" if channels == 2 else "mono"
     data = np.repeat(samples[None, :], channels, axis=0).astype(np.float32)
     with av.open(path, "w") as container:
@@ -171,8 +184,12 @@ class DemoAssets:
     avatars: list[str]
 
 
-def make_demo_assets(directory: str, audio_seconds: tuple[float, ...] = (6.0, 9.0),
-                     clip_seconds: tuple[float, ...] = (4.0, 12.0), width: int = 256) -> DemoAssets:
+def make_demo_assets(
+    directory: str,
+    audio_seconds: tuple[float, ...] = (6.0, 9.0),
+    clip_seconds: tuple[float, ...] = (4.0, 12.0),
+    width: int = 256,
+) -> DemoAssets:
     """Narrations and avatars (clips plus one still image) under `directory`; existing files are kept."""
     os.makedirs(directory, exist_ok=True)
     audios, avatars = [], []

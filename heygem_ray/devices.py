@@ -21,8 +21,7 @@ def assigned_gpus() -> list[str] | None:
     if ray is None or not ray.is_initialized():
         return None
     try:
-        from ray._private.worker import global_worker
-        from ray._private.worker import WORKER_MODE
+        from ray._private.worker import WORKER_MODE, global_worker
 
         if global_worker.mode != WORKER_MODE:
             return None  # the driver: no GPU was assigned to it, it uses what it sees

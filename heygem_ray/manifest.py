@@ -44,16 +44,20 @@ def read_manifest(uri: str, output_root: str, allow_outside_output: bool = False
     return rows_from_table(table, output_root, storage.display(uri), allow_outside_output)
 
 
-def rows_from_table(table: pa.Table, output_root: str, name: str = "manifest",
-                    allow_outside_output: bool = False) -> list[Row]:
+def rows_from_table(
+    table: pa.Table, output_root: str, name: str = "manifest", allow_outside_output: bool = False
+) -> list[Row]:
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
-        raise ManifestError(f"{name} lacks required column(s) {', '.join(missing)}; "
-                            f"it has {', '.join(table.column_names) or 'no columns'}")
+        raise ManifestError(
+            f"{name} lacks required column(s) {', '.join(missing)}; "
+            f"it has {', '.join(table.column_names) or 'no columns'}"
+        )
     problems: list[str] = []
     for column in ("audio", "avatar", "id", "output"):
-        if column in table.column_names and not (pa.types.is_string(table[column].type)
-                                                 or pa.types.is_large_string(table[column].type)):
+        if column in table.column_names and not (
+            pa.types.is_string(table[column].type) or pa.types.is_large_string(table[column].type)
+        ):
             problems.append(f"column {column!r} must hold strings, not {table[column].type}")
     if problems:
         raise ManifestError(f"{name}: " + "; ".join(problems))
@@ -74,8 +78,10 @@ def rows_from_table(table: pa.Table, output_root: str, name: str = "manifest",
         if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
             output = storage.join(output_root, output)  # relative outputs live under the campaign root
         if not allow_outside_output and not _is_under(output, output_root):
-            problems.append(f"{where}: output {storage.display(output)} is outside the output root "
-                            f"{storage.display(output_root)} (set storage.allow_outside_output=true to allow)")
+            problems.append(
+                f"{where}: output {storage.display(output)} is outside the output root "
+                f"{storage.display(output_root)} (set storage.allow_outside_output=true to allow)"
+            )
             continue
         try:
             box = _parse_box(record.get("box"))
@@ -119,8 +125,10 @@ def _check_unique(values: list[str], what: str, problems: list[str]) -> None:
         seen[value] = seen.get(value, 0) + 1
     dupes = [v for v, count in seen.items() if count > 1]
     if dupes:
-        problems.append(f"duplicate {what}s: {', '.join(map(storage.display, dupes[:5]))}"
-                        + (f" and {len(dupes) - 5} more" if len(dupes) > 5 else ""))
+        problems.append(
+            f"duplicate {what}s: {', '.join(map(storage.display, dupes[:5]))}"
+            + (f" and {len(dupes) - 5} more" if len(dupes) > 5 else "")
+        )
 
 
 def expand(patterns: list[str]) -> list[str]:

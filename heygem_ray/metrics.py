@@ -29,8 +29,12 @@ def _metrics() -> dict[str, Any]:
         "frames": Counter("heygem_frames_rendered", description="Frames rendered by renderer actors."),
         "inflight": Gauge("heygem_segments_in_flight", description="Segments queued at or running on actors."),
         "rows": Counter("heygem_rows", description="Finished campaign rows by status.", tag_keys=("status",)),
-        "stage": Histogram("heygem_stage_seconds", description="Seconds spent per pipeline stage.",
-                           boundaries=STAGE_BUCKETS, tag_keys=("stage",)),
+        "stage": Histogram(
+            "heygem_stage_seconds",
+            description="Seconds spent per pipeline stage.",
+            boundaries=STAGE_BUCKETS,
+            tag_keys=("stage",),
+        ),
     }
 
 

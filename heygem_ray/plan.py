@@ -4,6 +4,7 @@ the frames split into segments. No I/O here, so all of it is unit- and property-
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, is_dataclass
@@ -55,7 +56,7 @@ def plan_segments(total_frames: int, fps: float, segment_seconds: float, min_seg
     length = max(1, round(segment_seconds * fps))
     count = min(total_frames, max(min_segments, math.ceil(total_frames / length)))
     bounds = [i * total_frames // count for i in range(count + 1)]
-    return [SegmentSpan(i, start, stop) for i, (start, stop) in enumerate(zip(bounds, bounds[1:]))]
+    return [SegmentSpan(i, start, stop) for i, (start, stop) in enumerate(itertools.pairwise(bounds))]
 
 
 def frame_center_samples(frames: np.ndarray, fps: float, sample_rate: int) -> np.ndarray:

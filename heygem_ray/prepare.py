@@ -23,17 +23,17 @@ import av
 import numpy as np
 
 from heygem_ray import metrics, storage
-from heygem_ray.storage import StorageOptions
 from heygem_ray.config import Config, DetectorConfig
 from heygem_ray.detect import build_detector
 from heygem_ray.detect.track import TrackBuilder, fixed_track
 from heygem_ray.errors import InputError, check_writable, reading
-from heygem_ray.media.audio import LevelMeter, iter_pcm16k
 from heygem_ray.manifest import Row
+from heygem_ray.media.audio import LevelMeter, iter_pcm16k
 from heygem_ray.media.video import VideoInfo, iter_frames, probe
 from heygem_ray.plan import stable_hash
 from heygem_ray.render.base import SAMPLE_RATE
 from heygem_ray.stitch import Marker, read_marker
+from heygem_ray.storage import StorageOptions
 
 
 def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
@@ -98,7 +98,9 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> Au
 
 def _within_limit(audio: AudioInfo, max_seconds: float) -> AudioInfo:
     if audio.seconds > max_seconds:
-        raise InputError("audio", audio.uri, f"is {audio.seconds:.0f} s long, over limits.max_audio_seconds={max_seconds:g} s")
+        raise InputError(
+            "audio", audio.uri, f"is {audio.seconds:.0f} s long, over limits.max_audio_seconds={max_seconds:g} s"
+        )
     return audio
 
 
@@ -137,9 +139,15 @@ def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, sti
     return stable_hash(relevant, box, still_fps)
 
 
-def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: DetectorConfig, cache: str,
-                   still_fps: float, max_pixels: int | None = None,
-                   storage_options: StorageOptions | None = None) -> AvatarTrack:
+def prepare_avatar(
+    uri: str,
+    box: tuple[int, int, int, int] | None,
+    cfg: DetectorConfig,
+    cache: str,
+    still_fps: float,
+    max_pixels: int | None = None,
+    storage_options: StorageOptions | None = None,
+) -> AvatarTrack:
     """Probe and face-track an avatar, or load the cached track. `storage_options` (the campaign's
     `storage.options`) are set for this process first: a Ray task may run in a worker that has
     never seen them (another node, a fresh process); None leaves the process's as they are."""
@@ -177,8 +185,11 @@ def prepare_avatar(uri: str, box: tuple[int, int, int, int] | None, cfg: Detecto
 def _check_pixels(uri: str, info: VideoInfo, max_pixels: int | None) -> None:
     pixels = info.width * info.height
     if max_pixels and pixels > max_pixels:
-        raise InputError("avatar", uri, f"frames are {info.width}x{info.height} = {pixels} pixels, "
-                                        f"over limits.max_avatar_pixels={max_pixels}")
+        raise InputError(
+            "avatar",
+            uri,
+            f"frames are {info.width}x{info.height} = {pixels} pixels, over limits.max_avatar_pixels={max_pixels}",
+        )
 
 
 def _detect_track(local: str, info: VideoInfo, cfg: DetectorConfig, uri: str) -> tuple[np.ndarray, np.ndarray]:
@@ -250,8 +261,18 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
     def relevant(section: object) -> dict:
         return {k: v for k, v in asdict(section).items() if k not in NOT_OUTPUT_AFFECTING}
 
-    return stable_hash(RENDER_VERSION, audio_fp, avatar_fp, row_box, storage.normalize(output),
-                       relevant(cfg.renderer), relevant(cfg.detector), asdict(cfg.encoder), cfg.render.still_fps, length=32)
+    return stable_hash(
+        RENDER_VERSION,
+        audio_fp,
+        avatar_fp,
+        row_box,
+        storage.normalize(output),
+        relevant(cfg.renderer),
+        relevant(cfg.detector),
+        asdict(cfg.encoder),
+        cfg.render.still_fps,
+        length=32,
+    )
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ _FAILED_LINKS = 50
 
 # --------------------------------------------------------------------------- thumbnails
 
+
 def thumbnail_jpeg(video_path: str, width: int = 240, quality: int = 80) -> bytes:
     """A small JPEG (`width` pixels wide, aspect kept) of the frame at the middle of a local video.
 
@@ -117,6 +118,7 @@ def _display_bgr(frame: av.VideoFrame) -> np.ndarray:
 
 # --------------------------------------------------------------------------- links
 
+
 def video_href(output: str, report_uri: str | None) -> str | None:
     """The href for a row's video as seen from the report: relative when both are local paths or
     share a scheme and bucket, otherwise the output URI itself (credentials removed); None when
@@ -156,6 +158,7 @@ def _quote_relative(rel: str) -> str:
 
 # --------------------------------------------------------------------------- rendering
 
+
 def render_report(
     rows: Sequence[RowResult],
     thumbnails: Mapping[str, bytes],
@@ -182,10 +185,11 @@ def render_report(
     wall_hours = wall_seconds / 3600 if wall_seconds and wall_seconds > 0 else 0.0
     per_hour = len(ok_rows) / wall_hours if wall_hours else 0.0
     realtime = audio_hours / wall_hours if wall_hours else 0.0
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time()))
+    stamp = time.strftime(
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time())
+    )
 
-    progress = (f"Finished: {len(rows)} rows" if finished
-                else f"In progress: {len(rows)} of {total} rows done")
+    progress = f"Finished: {len(rows)} rows" if finished else f"In progress: {len(rows)} of {total} rows done"
     stats = [
         ("Rows", f"{len(rows)}" if finished else f"{len(rows)} of {total}"),
         ("OK", str(counts["ok"])),
@@ -200,33 +204,33 @@ def render_report(
     stats[4:4] = [(s.capitalize(), str(counts[s])) for s in others]
 
     out: list[str] = [
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n",
-        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">\n",
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n',
     ]
     if not finished:
-        out.append(f"<meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\n")
+        out.append(f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">\n')
     out += [
         f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n",
         f"<header>\n<h1>{esc(title)}</h1>\n",
-        f"<p class=\"progress {'done' if finished else 'running'}\" data-finished=\"{str(finished).lower()}\">",
+        f'<p class="progress {"done" if finished else "running"}" data-finished="{str(finished).lower()}">',
         f"{esc(progress)}",
         "" if finished else f" &middot; this page refreshes every {REFRESH_SECONDS} s",
-        "</p>\n<dl class=\"summary\">\n",
+        '</p>\n<dl class="summary">\n',
     ]
     for label, value in stats:
         out.append(f"<div><dt>{esc(label)}</dt><dd>{esc(value)}</dd></div>\n")
     out.append("</dl>\n")
     failed = [r.id for r in rows if r.status == "failed"]
     if failed:
-        links = ", ".join(f"<a href=\"#{esc(_anchor(rid))}\">{esc(rid)}</a>" for rid in failed[:_FAILED_LINKS])
+        links = ", ".join(f'<a href="#{esc(_anchor(rid))}">{esc(rid)}</a>' for rid in failed[:_FAILED_LINKS])
         more = f" and {len(failed) - _FAILED_LINKS} more" if len(failed) > _FAILED_LINKS else ""
-        out.append(f"<p class=\"failed-list\">Failed: {links}{more}</p>\n")
-    out.append(f"<p class=\"stamp\">Generated {esc(stamp)}</p>\n</header>\n<main>\n")
+        out.append(f'<p class="failed-list">Failed: {links}{more}</p>\n')
+    out.append(f'<p class="stamp">Generated {esc(stamp)}</p>\n</header>\n<main>\n')
     for r in rows:
         out.append(_card(r, thumbnails.get(r.id), report_uri))
     if not rows:
-        out.append("<p class=\"empty\">No rows yet.</p>\n")
+        out.append('<p class="empty">No rows yet.</p>\n')
     out.append(f"</main>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n")
     return "".join(out)
 
@@ -237,12 +241,11 @@ def _card(r: RowResult, thumb: bytes | None, report_uri: str | None) -> str:
     rid = esc(r.id)
     if thumb:
         data = base64.b64encode(thumb).decode("ascii")
-        media = (f"<img src=\"data:image/jpeg;base64,{data}\" alt=\"Middle frame of {rid}\" "
-                 f"decoding=\"async\">")
+        media = f'<img src="data:image/jpeg;base64,{data}" alt="Middle frame of {rid}" decoding="async">'
         state = "pending"
     else:
         reason = "no video" if r.status == "failed" else "no thumbnail"
-        media = f"<div class=\"placeholder\" role=\"img\" aria-label=\"{esc(reason)} for {rid}\">{esc(reason)}</div>"
+        media = f'<div class="placeholder" role="img" aria-label="{esc(reason)} for {rid}">{esc(reason)}</div>'
         state = "none"
     details = [
         ("Audio", _seconds(r.audio_seconds)),
@@ -252,22 +255,26 @@ def _card(r: RowResult, thumb: bytes | None, report_uri: str | None) -> str:
         ("Attempts", _int(r.attempts)),
     ]
     parts = [
-        f"<article class=\"card {status_class}\" id=\"{esc(_anchor(r.id))}\" data-status=\"{esc(r.status)}\" "
-        f"data-thumb=\"{state}\">\n{media}\n<div class=\"body\">\n",
-        f"<h2><span class=\"rid\">{rid}</span> <span class=\"badge {status_class}\">{esc(r.status)}</span></h2>\n",
-        "<dl class=\"facts\">",
+        (
+            f'<article class="card {status_class}" id="{esc(_anchor(r.id))}" data-status="{esc(r.status)}" '
+            f'data-thumb="{state}">\n{media}\n<div class="body">\n'
+        ),
+        f'<h2><span class="rid">{rid}</span> <span class="badge {status_class}">{esc(r.status)}</span></h2>\n',
+        '<dl class="facts">',
     ]
     for label, value in details:
         parts.append(f"<div><dt>{label}</dt><dd>{esc(value)}</dd></div>")
     parts.append("</dl>\n")
     if r.error:
-        parts.append(f"<pre class=\"error\">{esc(r.error)}</pre>\n")
+        parts.append(f'<pre class="error">{esc(r.error)}</pre>\n')
     href = video_href(r.output, report_uri) if r.status != "failed" else None
     if href:
-        parts.append(f"<a class=\"video\" href=\"{esc(href)}\">Open video "
-                     f"<span class=\"path\">{esc(storage.basename(storage.display(r.output)))}</span></a>\n")
+        parts.append(
+            f'<a class="video" href="{esc(href)}">Open video '
+            f'<span class="path">{esc(storage.basename(storage.display(r.output)))}</span></a>\n'
+        )
     elif r.output:
-        parts.append(f"<p class=\"path\">{esc(storage.display(r.output))}</p>\n")
+        parts.append(f'<p class="path">{esc(storage.display(r.output))}</p>\n')
     parts.append("</div>\n</article>\n")
     return "".join(parts)
 
@@ -316,8 +323,10 @@ _SCRIPT = (
 )
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
 # No network at all: images only from data: URIs, styles inline, and only our own script (by hash).
-_CSP = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-        f"script-src 'sha256-{_SCRIPT_HASH}'; base-uri 'none'; form-action 'none'")
+_CSP = (
+    f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    f"script-src 'sha256-{_SCRIPT_HASH}'; base-uri 'none'; form-action 'none'"
+)
 
 _CSS = """
 :root{--ok:#1a7f37;--failed:#cf222e;--skipped:#6e7781;--other:#9a6700;--fg:#1f2328;--muted:#59636e;

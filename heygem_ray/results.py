@@ -10,18 +10,20 @@ import pyarrow.parquet as pq
 
 from heygem_ray import storage
 
-SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("status", pa.string()),  # ok | failed | skipped
-    ("output", pa.string()),
-    ("error", pa.string()),
-    ("audio_seconds", pa.float64()),
-    ("frames", pa.int64()),
-    ("segments", pa.int64()),
-    ("render_seconds", pa.float64()),  # wall seconds from admission to published output
-    ("attempts", pa.int64()),  # most tries any one segment of the row needed
-    ("finished_at", pa.timestamp("s", tz="UTC")),
-])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status", pa.string()),  # ok | failed | skipped
+        ("output", pa.string()),
+        ("error", pa.string()),
+        ("audio_seconds", pa.float64()),
+        ("frames", pa.int64()),
+        ("segments", pa.int64()),
+        ("render_seconds", pa.float64()),  # wall seconds from admission to published output
+        ("attempts", pa.int64()),  # most tries any one segment of the row needed
+        ("finished_at", pa.timestamp("s", tz="UTC")),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,15 @@ class Summary:
         return cls(rows, wall_seconds, dict(startup or {}))
 
     def startup_line(self) -> str:
-        """"driver 0.6 s, ray start 3.1 s, ...; first frames 9.8 s after launch" (empty when nothing rendered)."""
+        """ "driver 0.6 s, ray start 3.1 s, ...; first frames 9.8 s after launch" (empty when nothing rendered)."""
         steps = dict(self.startup)
         total = steps.pop("first frames after launch", None)
         if total is None:
             return ""
-        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items()) + \
-            f"; first frames {total:.1f} s after launch"
+        return (
+            ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
+            + f"; first frames {total:.1f} s after launch"
+        )
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.rows if r.status == status)
@@ -68,8 +72,10 @@ class Summary:
     def line(self) -> str:
         audio = sum(r.audio_seconds or 0.0 for r in self.rows if r.status == "ok")
         speed = f", {audio / self.wall_seconds:.2f}x realtime" if audio and self.wall_seconds else ""
-        return (f"{len(self.rows)} rows: {self.count('ok')} ok, {self.failed} failed, {self.count('skipped')} skipped; "
-                f"{audio:.1f} s of audio rendered in {self.wall_seconds:.1f} s{speed}")
+        return (
+            f"{len(self.rows)} rows: {self.count('ok')} ok, {self.failed} failed, {self.count('skipped')} skipped; "
+            f"{audio:.1f} s of audio rendered in {self.wall_seconds:.1f} s{speed}"
+        )
 
 
 def write_results(uri: str, rows: list[RowResult]) -> None:
@@ -84,6 +90,3 @@ def write_results(uri: str, rows: list[RowResult]) -> None:
 def read_results(uri: str) -> list[dict]:
     with storage.open_uri(uri) as fh:
         return pq.read_table(fh).to_pylist()
-
-
-

@@ -102,19 +102,23 @@ class RenderWorker:
         self.model_loaded = time.time()
         self.codec = auto_codec() if cfg.encoder.codec == "auto" else cfg.encoder.codec
         if not encoder_works(self.codec):
-            raise RuntimeError(f"encoder.codec={self.codec} cannot encode on this node (h264_nvenc needs a GPU "
-                               "with a video encoder: L4, A10G, not H100; encoder.codec=auto picks for each node)")
+            raise RuntimeError(
+                f"encoder.codec={self.codec} cannot encode on this node (h264_nvenc needs a GPU "
+                "with a video encoder: L4, A10G, not H100; encoder.codec=auto picks for each node)"
+            )
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
-        return WorkerInfo(os.getpid(), self.cores, self.codec, init_started=self.init_started,
-                          model_loaded=self.model_loaded)
+        return WorkerInfo(
+            os.getpid(), self.cores, self.codec, init_started=self.init_started, model_loaded=self.model_loaded
+        )
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
         started = time.time()
         if storage.exists(job.out_uri):
-            return SegmentResult(job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True,
-                                 started_at=started)
+            return SegmentResult(
+                job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True, started_at=started
+            )
         clock = metrics.StageClock()
         info = job.info
         frame_numbers = np.arange(job.start, job.start + job.frames)
@@ -124,11 +128,26 @@ class RenderWorker:
         enc = self.cfg.encoder
         with tempfile.TemporaryDirectory(prefix="heygem-seg-") as tmp:
             path = os.path.join(tmp, "segment.mp4")
-            writer = SegmentWriter(path, info.width, info.height, info.fps_fraction, job.codec, enc.crf,
-                                   enc.preset, enc.pix_fmt, threads=self.threads)
+            writer = SegmentWriter(
+                path,
+                info.width,
+                info.height,
+                info.fps_fraction,
+                job.codec,
+                enc.crf,
+                enc.preset,
+                enc.pix_fmt,
+                threads=self.threads,
+            )
             pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
-            with FrameReader(local_avatar, info, None if info.still else job.pts, job.pts_offset,
-                             threads=self.threads, pixel_format=pixel_format) as reader:
+            with FrameReader(
+                local_avatar,
+                info,
+                None if info.still else job.pts,
+                job.pts_offset,
+                threads=self.threads,
+                pixel_format=pixel_format,
+            ) as reader:
                 written, first_batch_at = self._render_frames(job, features, reader, writer, clock)
             if written != job.frames:
                 raise RuntimeError(f"segment {job.index} of {job.row_id}: encoded {written} of {job.frames} frames")
@@ -138,11 +157,26 @@ class RenderWorker:
         metrics.frames_rendered(job.frames)
         metrics.stage_seconds(clock.seconds)
         _release_free_memory()
-        return SegmentResult(job.row_id, job.index, job.frames, size, reused=False, node=_node_id(),
-                             seconds=clock.seconds, started_at=started, first_batch_at=first_batch_at)
+        return SegmentResult(
+            job.row_id,
+            job.index,
+            job.frames,
+            size,
+            reused=False,
+            node=_node_id(),
+            seconds=clock.seconds,
+            started_at=started,
+            first_batch_at=first_batch_at,
+        )
 
-    def _render_frames(self, job: SegmentJob, features: np.ndarray, reader: FrameReader, writer: SegmentWriter,
-                       clock: metrics.StageClock) -> tuple[int, float]:
+    def _render_frames(
+        self,
+        job: SegmentJob,
+        features: np.ndarray,
+        reader: FrameReader,
+        writer: SegmentWriter,
+        clock: metrics.StageClock,
+    ) -> tuple[int, float]:
         """Decode, render and encode in chunks, overlapped: while chunk k renders (on the GPU, or
         the main thread), chunk k+1 decodes and chunk k-1 encodes on two helper threads (PyAV and
         x264 release the GIL). At most three chunks are alive at once, so memory stays flat in the
@@ -179,8 +213,10 @@ class RenderWorker:
                 for frame in frames:
                     write(frame)
 
-        with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
-                ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder,
+            ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder,
+        ):
             next_batch: Future = decoder.submit(decode, *spans[0])
             encoding: Future | None = None
             first_batch_at = 0.0
@@ -199,8 +235,13 @@ class RenderWorker:
         with clock("encode"):
             return writer.close(), first_batch_at
 
-    def _render_regions(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
-                        sources: list[tuple[str, int]] | None = None) -> list[np.ndarray]:
+    def _render_regions(
+        self,
+        frames: list[np.ndarray],
+        boxes: np.ndarray,
+        features: np.ndarray,
+        sources: list[tuple[str, int]] | None = None,
+    ) -> list[np.ndarray]:
         """Render I420 frames: each face region goes to the renderer as a BGR crop with its box
         moved into the crop, and comes back into the planes. Renderers change nothing outside the
         box, so the rest of the frame needs no conversion; a frame whose box is outside the picture

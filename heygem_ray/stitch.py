@@ -14,11 +14,11 @@ import time
 from dataclasses import asdict, dataclass
 
 from heygem_ray import metrics, storage
-from heygem_ray.storage import StorageOptions
 from heygem_ray.config import EncoderConfig
+from heygem_ray.errors import reading, writing
 from heygem_ray.media.mux import stitch
 from heygem_ray.report import thumbnail_jpeg
-from heygem_ray.errors import reading, writing
+from heygem_ray.storage import StorageOptions
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,17 @@ def stitch_row(job: StitchJob) -> Stitched:
         path = os.path.join(tmp, "out.mp4")
         enc = job.encoder
         with clock("stitch"):
-            stats = stitch(lambda i: storage.open_uri(job.segment_uris[i]), len(job.segment_uris), audio, path,
-                           job.fps_fraction, enc.audio_codec, enc.audio_bitrate, enc.audio_sample_rate,
-                           audio_display=job.audio_uri)
+            stats = stitch(
+                lambda i: storage.open_uri(job.segment_uris[i]),
+                len(job.segment_uris),
+                audio,
+                path,
+                job.fps_fraction,
+                enc.audio_codec,
+                enc.audio_bitrate,
+                enc.audio_sample_rate,
+                audio_display=job.audio_uri,
+            )
         if stats.frames != job.frames:
             raise RuntimeError(f"row {job.row_id}: stitched {stats.frames} frames, planned {job.frames}")
         try:

@@ -42,8 +42,18 @@ _CHUNK = 4 << 20
 RETRIES = 6
 _BACKOFF = 0.5
 _BACKOFF_MAX = 10.0
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
-                     errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY,
+    errno.EREMOTEIO,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EAGAIN,
+}
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
@@ -58,7 +68,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     kind = type(exc)
     return kind.__module__.split(".")[0] in ("botocore", "aiohttp", "urllib3") and any(
-        word in kind.__name__ for word in ("Connection", "Timeout", "Endpoint", "Disconnected", "Payload"))
+        word in kind.__name__ for word in ("Connection", "Timeout", "Endpoint", "Disconnected", "Payload")
+    )
 
 
 def retrying(fn: Callable[..., T]) -> Callable[..., T]:
@@ -74,8 +85,16 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
                     raise
                 delay = min(_BACKOFF_MAX, _BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 target = display(str(args[-1] if fn.__name__ == "publish_file" else args[0])) if args else ""
-                log.warning("storage %s %s: %s: %s; try %d of %d in %.1f s", fn.__name__, target,
-                            type(exc).__name__, exc, attempt + 1, RETRIES, delay)
+                log.warning(
+                    "storage %s %s: %s: %s; try %d of %d in %.1f s",
+                    fn.__name__,
+                    target,
+                    type(exc).__name__,
+                    exc,
+                    attempt + 1,
+                    RETRIES,
+                    delay,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -144,7 +163,9 @@ def basename(uri: str) -> str:
 def display(uri: str) -> str:
     """The URI with any user:password@ or key=secret query part removed, for logs and errors."""
     uri = re.sub(r"(://)[^/@]*@", r"\1", uri)
-    return re.sub(r"([?&][^=&]*(?:key|token|secret|signature|credential)[^=&]*=)[^&]*", r"\1***", uri, flags=re.I)
+    return re.sub(
+        r"([?&][^=&]*(?:key|token|secret|signature|credential)[^=&]*=)[^&]*", r"\1***", uri, flags=re.IGNORECASE
+    )
 
 
 @retrying

@@ -34,7 +34,6 @@ def parse_cards(page: str) -> Cards:
     return parser
 
 
-
 def chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         path = shutil.which(name)
@@ -45,9 +44,19 @@ def chromium() -> str:
 
 def dump_dom(browser: str, page_path: str, tmp_path) -> str:
     profile = tmp_path / "chromium-profile"
-    cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",
-           "--virtual-time-budget=5000", "--dump-dom", f"file://{page_path}"]
+    cmd = [
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--no-default-browser-check",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        f"file://{page_path}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "<article" in proc.stdout, proc.stderr[-2000:]

@@ -4,7 +4,6 @@ mode is set here, before anything imports ray."""
 from __future__ import annotations
 
 import os
-
 import tempfile
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -12,7 +11,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # node-local download cache of the test session, not the user's ~/.cache
 os.environ.setdefault("HEYGEM_CACHE_DIR", tempfile.mkdtemp(prefix="heygem-node-cache-"))
 
-import pytest  # noqa: E402
+import pytest
 
 S3_SECRET = "heygem-test-secret-4f2a9c"
 
@@ -40,8 +39,14 @@ def s3_endpoint():
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL_S3": url, "AWS_ACCESS_KEY_ID": "heygem-test-key",
-                       "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL_S3": url,
+            "AWS_ACCESS_KEY_ID": "heygem-test-key",
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         os.environ.pop(name, None)
     yield url
@@ -115,12 +120,20 @@ def recipe_checkpoints(tmp_path_factory):
     from pathlib import Path
 
     import torch
+
     from recipe_weights import read_keys, recipe_state_dict
 
     data = Path(__file__).parent / "data"
     root = tmp_path_factory.mktemp("weights")
     generator = recipe_state_dict(read_keys(data / "wav2lip_state_dict.tsv"), seed=0)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in generator.items()}, "optimizer": None,
-                "global_step": 0, "global_epoch": 0}, root / "wav2lip_gan.pth")
+    torch.save(
+        {
+            "state_dict": {f"module.{k}": v for k, v in generator.items()},
+            "optimizer": None,
+            "global_step": 0,
+            "global_epoch": 0,
+        },
+        root / "wav2lip_gan.pth",
+    )
     torch.save(recipe_state_dict(read_keys(data / "s3fd_state_dict.tsv"), seed=0), root / "s3fd.pth")
     return {"wav2lip": str(root / "wav2lip_gan.pth"), "s3fd": str(root / "s3fd.pth")}

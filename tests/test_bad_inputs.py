@@ -8,6 +8,7 @@ import os
 import shutil
 import wave
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import cv2
@@ -15,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_config, write_faceless_clip
 
+from conftest import compose_config, write_faceless_clip
 from heygem_ray import campaign, demo
 from heygem_ray.errors import InputError
 from heygem_ray.prepare import prepare_audio, prepare_avatar
@@ -46,7 +47,7 @@ def write_clip(path, frames, pts_ms=None, rotation=0, pix_fmt="yuv420p"):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
-    p = lambda name: str(d / name)  # noqa: E731
+    p = lambda name: str(d / name)
     speech = demo.speech_like(1.2, seed=11)
     demo.write_wav(p("speech.wav"), speech)
     base = demo.portrait(160)
@@ -55,8 +56,8 @@ def inputs(tmp_path_factory):
 
     open(p("empty.wav"), "wb").close()
     open(p("empty.mp4"), "wb").close()
-    data = open(p("clip.mp4"), "rb").read()
-    open(p("truncated.mp4"), "wb").write(data[: len(data) // 3])
+    data = Path(p("clip.mp4")).read_bytes()
+    Path(p("truncated.mp4")).write_bytes(data[: len(data) // 3])
     demo.write_audio(p("audio_only.m4a"), speech)
     noise = np.random.default_rng(0).integers(60, 200, base.shape, dtype=np.uint8)
     write_clip(p("face_leaves.mp4"), [noise if 8 <= i < 20 else f for i, f in enumerate(moving)])
@@ -71,10 +72,19 @@ def inputs(tmp_path_factory):
     write_clip(p("vfr.mp4"), moving, pts_ms=list(np.cumsum([0] + [33 if i % 2 else 50 for i in range(24)])))
     write_clip(p("odd.mp4"), [cv2.resize(f, (159, 187)) for f in moving], pix_fmt="yuv444p")  # 4:4:4 allows odd sizes
     cv2.imwrite(p("my.photo.v2.png"), base)
-    for name, rate, channels in (("speech.mp3", 44100, 2), ("speech.m4a", 44100, 1), ("speech.flac", 22050, 1),
-                                 ("speech.ogg", 48000, 2), ("stereo48k.wav", 48000, 2)):
-        demo.write_audio(p(name), np.interp(np.arange(int(1.2 * rate)) / rate, np.arange(len(speech)) / 16000, speech)
-                         .astype(np.float32), sample_rate=rate, channels=channels)
+    for name, rate, channels in (
+        ("speech.mp3", 44100, 2),
+        ("speech.m4a", 44100, 1),
+        ("speech.flac", 22050, 1),
+        ("speech.ogg", 48000, 2),
+        ("stereo48k.wav", 48000, 2),
+    ):
+        demo.write_audio(
+            p(name),
+            np.interp(np.arange(int(1.2 * rate)) / rate, np.arange(len(speech)) / 16000, speech).astype(np.float32),
+            sample_rate=rate,
+            channels=channels,
+        )
     with wave.open(p("u8.wav"), "wb") as fh:
         fh.setnchannels(1), fh.setsampwidth(1), fh.setframerate(8000)
         fh.writeframes(np.clip(128 + speech[::2] * 127, 0, 255).astype(np.uint8).tobytes())
@@ -118,8 +128,17 @@ def campaign_results(ray_local, inputs, tmp_path_factory):
     ids = list(CASES)
     outputs = [str(out / "blocker" / "x.mp4") if i == "unwritable_output" else None for i in ids]
     manifest = str(out / "m.parquet")
-    pq.write_table(pa.table({"id": ids, "audio": [str(inputs / CASES[i][0]) for i in ids],
-                             "avatar": [str(inputs / CASES[i][1]) for i in ids], "output": outputs}), manifest)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ids,
+                "audio": [str(inputs / CASES[i][0]) for i in ids],
+                "avatar": [str(inputs / CASES[i][1]) for i in ids],
+                "output": outputs,
+            }
+        ),
+        manifest,
+    )
     cfg = compose_config(f"manifest={manifest}", f"output={out}", "render.segment_seconds=0.5", "render.progress=false")
     summary = campaign.run(cfg)
     return out, {r.id: r for r in summary.rows}
@@ -127,7 +146,7 @@ def campaign_results(ray_local, inputs, tmp_path_factory):
 
 @pytest.mark.parametrize("row_id", list(CASES))
 def test_each_input_renders_or_fails_with_a_reason(campaign_results, row_id):
-    out, results = campaign_results
+    _out, results = campaign_results
     result = results[row_id]
     expected = CASES[row_id][2]
     if expected is None:
@@ -163,7 +182,9 @@ def test_rotated_and_odd_avatars_come_out_upright_and_even(campaign_results):
 
 def test_limits_reject_rows_instead_of_running_out_of_memory(inputs, tmp_path):
     cfg = compose_config("manifest=m", f"output={tmp_path}")
-    with pytest.raises(InputError, match=r"uhd.mp4: frames are 3840x2160 = 8294400 pixels, over limits.max_avatar_pixels=2073600"):
+    with pytest.raises(
+        InputError, match=r"uhd.mp4: frames are 3840x2160 = 8294400 pixels, over limits.max_avatar_pixels=2073600"
+    ):
         prepare_avatar(str(inputs / "uhd.mp4"), None, cfg.detector, str(tmp_path / "c"), 25.0, max_pixels=1920 * 1080)
     with pytest.raises(InputError, match=r"speech.wav: is longer than limits.max_audio_seconds=0.5 s"):
         prepare_audio(str(inputs / "speech.wav"), str(tmp_path / "c"), max_seconds=0.5)

@@ -30,7 +30,7 @@ def _table_rows(text: str, header: str) -> list[list[str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
@@ -43,7 +43,11 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--no-append", "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{proc.stderr[-3000:]}"
@@ -54,7 +58,11 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     number = re.compile(r"^-?[\d,]+(\.\d+)?×?%?$")
     defaults = _table_rows(out, HEADERS[0])
     assert [(row[0], row[1].split(",")[0]) for row in defaults] == [
-        ("one row", "naive loop"), ("one row", "heygem-ray render"), ("2 rows", "naive loop"), ("2 rows", "heygem-ray render")]
+        ("one row", "naive loop"),
+        ("one row", "heygem-ray render"),
+        ("2 rows", "naive loop"),
+        ("2 rows", "heygem-ray render"),
+    ]
     assert all(number.match(row[2]) and float(row[2]) > 0 and number.match(row[4]) for row in defaults)
     startup = dict(_table_rows(out, "| start-up step (one row, from the CLI's own line) | s |"))
     assert set(startup) >= {"driver", "ray start", "actor start", "model load", "first batch", "first frames"}
@@ -68,8 +76,11 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
 
     wav2lip = _table_rows(out, HEADERS[2])
     assert [r[0].split(":")[0].split(",")[0] for r in wav2lip] == [
-        "naive loop", "RenderWorker.render_segment in this process", "RenderWorker.render_segment in this process",
-        "campaign.run"]
+        "naive loop",
+        "RenderWorker.render_segment in this process",
+        "RenderWorker.render_segment in this process",
+        "campaign.run",
+    ]
     assert "fp32" in wav2lip[1][0] and "int8" in wav2lip[2][0]
     assert all(number.match(row[5]) and float(row[5].replace(",", "")) > 0 for row in wav2lip)  # frames/s
 

@@ -13,30 +13,37 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from browser import chromium, dump_dom, parse_cards
 
+from conftest import METRICS_PORT, compose_config
 from heygem_ray import campaign
 from heygem_ray.manifest import read_manifest
 from heygem_ray.media import video
 from heygem_ray.plan import avatar_frame_indices
 from heygem_ray.prepare import prepare_avatar
 from heygem_ray.results import read_results
-from browser import chromium, dump_dom, parse_cards
-from conftest import METRICS_PORT, compose_config
 
-GOOD = {"short_avatar": ("speech4.wav", "clip2.mp4"), "long_avatar": ("speech3.wav", "clip6.mp4"),
-        "still": ("speech3.wav", "still.png")}
+GOOD = {
+    "short_avatar": ("speech4.wav", "clip2.mp4"),
+    "long_avatar": ("speech3.wav", "clip6.mp4"),
+    "still": ("speech3.wav", "still.png"),
+}
 
 
 @pytest.fixture(scope="module")
 def rendered(ray_local, media_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("campaign")
     ids = [*GOOD, "missing_audio", "no_face"]
-    audio = [str(media_dir / GOOD[i][0]) for i in GOOD] + [str(root / "nowhere" / "missing.wav"), str(media_dir / "speech3.wav")]
+    audio = [str(media_dir / GOOD[i][0]) for i in GOOD] + [
+        str(root / "nowhere" / "missing.wav"),
+        str(media_dir / "speech3.wav"),
+    ]
     avatar = [str(media_dir / GOOD[i][1]) for i in GOOD] + [str(media_dir / "clip2.mp4"), str(media_dir / "noface.mp4")]
     manifest = str(root / "manifest.parquet")
     pq.write_table(pa.table({"id": ids, "audio": audio, "avatar": avatar}), manifest)
-    cfg = compose_config(f"manifest={manifest}", f"output={root / 'out'}", "render.segment_seconds=1.0",
-                         "render.progress=false")
+    cfg = compose_config(
+        f"manifest={manifest}", f"output={root / 'out'}", "render.segment_seconds=1.0", "render.progress=false"
+    )
     summary = campaign.run(cfg)
     return cfg, summary, {r["id"]: r for r in read_results(os.path.join(cfg.output, "_results.parquet"))}
 
@@ -55,7 +62,7 @@ def wav_seconds_and_loudness_db(path, fps, frames):
         rate = fh.getframerate()
         x = np.frombuffer(fh.readframes(fh.getnframes()), "<i2").astype(np.float64) / 32768
     per = rate / fps
-    rms = np.array([np.sqrt(np.mean(x[int(i * per):int((i + 1) * per)] ** 2) + 1e-12) for i in range(frames)])
+    rms = np.array([np.sqrt(np.mean(x[int(i * per) : int((i + 1) * per)] ** 2) + 1e-12) for i in range(frames)])
     return len(x) / rate, 20 * np.log10(np.maximum(rms, 1e-4))
 
 
@@ -68,7 +75,7 @@ def psnr(a, b, mask):
     RGB PSNR near 36 dB on the portrait's sharp red/blue flag edges."""
     a, b = luma(a)[mask], luma(b)[mask]
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_results_table_and_summary(rendered):
@@ -132,20 +139,30 @@ def test_output_matches_audio_and_avatar(rendered, media_dir, row_id):
     # would shift or scramble this relation
     mouth_change = np.array(mouth_change)
     best_r, best_lag = max(
-        (np.corrcoef(mouth_change[max(0, lag):len(frames) + min(0, lag)],
-                     loudness[max(0, -lag):len(frames) - max(0, lag)])[0, 1], lag)
+        (
+            np.corrcoef(
+                mouth_change[max(0, lag) : len(frames) + min(0, lag)],
+                loudness[max(0, -lag) : len(frames) - max(0, lag)],
+            )[0, 1],
+            lag,
+        )
         for lag in range(-3, 4)
     )
     assert best_r >= 0.6 and abs(best_lag) <= 1, (best_r, best_lag)
 
 
 def test_rerun_skips_finished_rows(rendered):
-    cfg, first, _ = rendered
+    cfg, _first, _ = rendered
     again = campaign.run(cfg)
     status = {r.id: r.status for r in again.rows}
     assert again.startup == {} and again.startup_line() == ""  # nothing rendered, nothing to break down
-    assert status == {"short_avatar": "skipped", "long_avatar": "skipped", "still": "skipped",
-                      "missing_audio": "failed", "no_face": "failed"}
+    assert status == {
+        "short_avatar": "skipped",
+        "long_avatar": "skipped",
+        "still": "skipped",
+        "missing_audio": "failed",
+        "no_face": "failed",
+    }
 
 
 def test_report_shows_every_row_with_thumbnails_in_a_browser(rendered, tmp_path):
@@ -167,8 +184,15 @@ def test_metrics_reach_the_prometheus_endpoint(rendered):
     import time
     import urllib.request
 
-    wanted = ["ray_heygem_frames_rendered_total", 'ray_heygem_rows_total{', 'status="failed"',
-              'ray_heygem_stage_seconds_bucket{', 'stage="render"', 'stage="stitch"', "ray_heygem_segments_in_flight"]
+    wanted = [
+        "ray_heygem_frames_rendered_total",
+        "ray_heygem_rows_total{",
+        'status="failed"',
+        "ray_heygem_stage_seconds_bucket{",
+        'stage="render"',
+        'stage="stitch"',
+        "ray_heygem_segments_in_flight",
+    ]
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:
         with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as resp:
@@ -178,8 +202,11 @@ def test_metrics_reach_the_prometheus_endpoint(rendered):
         time.sleep(2)
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
-    frames = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                 if line.startswith("ray_heygem_frames_rendered_total"))
+    frames = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ray_heygem_frames_rendered_total")
+    )
     assert frames >= sum(r["frames"] for r in rendered[2].values() if r["status"] == "ok")
 
 
@@ -189,8 +216,16 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
     audio = tmp_path / "a.wav"
     shutil.copy(media_dir / "speech3.wav", audio)
     manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": ["x", "y"], "audio": [str(audio), str(media_dir / "speech4.wav")],
-                             "avatar": [str(media_dir / "still.png")] * 2}), manifest)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["x", "y"],
+                "audio": [str(audio), str(media_dir / "speech4.wav")],
+                "avatar": [str(media_dir / "still.png")] * 2,
+            }
+        ),
+        manifest,
+    )
     base = [f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false"]
 
     def statuses(*extra):
@@ -205,7 +240,6 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
         dst.setparams(src.getparams())
         dst.writeframes(src.readframes(src.getnframes()))  # x's audio content changed
     assert statuses("encoder.crf=23") == {"x": "ok", "y": "skipped"}
-
 
 
 def _run_watching_loads(job: campaign.Campaign) -> tuple:
@@ -234,10 +268,17 @@ def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path)
     answers first is not handed the second while the other is still starting (it would render both
     one after the other while the second actor idled)."""
     manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": ["solo"], "audio": [str(media_dir / "speech3.wav")],
-                             "avatar": [str(media_dir / "still.png")]}), manifest)
-    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
-                         "cluster.actors=2", "cluster.actor.num_cpus=0.5")
+    pq.write_table(
+        pa.table({"id": ["solo"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
+        manifest,
+    )
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "render.progress=false",
+        "cluster.actors=2",
+        "cluster.actor.num_cpus=0.5",
+    )
     job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
     summary, loads = _run_watching_loads(job)
     (row,) = summary.rows
@@ -250,10 +291,23 @@ def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_
     """Segments wait on the driver for a free actor instead of piling up on the first actor that
     answered, where an actor starting later (a GPU node still joining) would find nothing left."""
     manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": ["a", "b"], "audio": [str(media_dir / "speech3.wav")] * 2,
-                             "avatar": [str(media_dir / "still.png")] * 2}), manifest)
-    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
-                         "render.segment_seconds=0.4", "cluster.actors=1")
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", "b"],
+                "audio": [str(media_dir / "speech3.wav")] * 2,
+                "avatar": [str(media_dir / "still.png")] * 2,
+            }
+        ),
+        manifest,
+    )
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "render.progress=false",
+        "render.segment_seconds=0.4",
+        "cluster.actors=1",
+    )
     job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
     summary, loads = _run_watching_loads(job)
     assert summary.count("ok") == 2
@@ -263,8 +317,10 @@ def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_
 
 def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_rows(ray_local, media_dir, tmp_path):
     manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")],
-                             "avatar": [str(media_dir / "still.png")]}), manifest)
+    pq.write_table(
+        pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
+        manifest,
+    )
     base = [f"manifest={manifest}", "render.progress=false"]
     cfg = compose_config(*base, f"output={tmp_path / 'auto'}")
     assert cfg.encoder.codec == "auto"
@@ -286,15 +342,18 @@ CPU_NODE = {"CPU": 32.0}
 HEAD = {"CPU": 0.0}
 
 
-@pytest.mark.parametrize("nodes, num_cpus, num_gpus, reserve, expected", [
-    ([H100_NODE], 2.0, 0.125, 1.0, 7),  # 8 GPU shares, but 16 - 1 reserved CPUs hold 7
-    ([H100_NODE], 4.0, 1.0, 1.0, 1),  # one whole-GPU actor per GPU
-    ([HEAD, GPU_POD, GPU_POD], 2.0, 0.125, 1.0, 7),  # CPUs bound each pod (4), the reserve one more
-    ([CPU_NODE, GPU_POD], 2.0, 0.125, 1.0, 4),  # GPU actors cannot use the CPU-only node
-    ([{"CPU": 64.0, "GPU": 2.0}], 2.0, 0.25, 1.0, 8),  # GPU shares bound it
-    ([HEAD, CPU_NODE], 1.0, 0.0, 1.0, 31),  # CPU actors: the cluster's CPUs less the reserve
-    ([{"CPU": 2.0}], 1.0, 0.0, 1.0, 1),  # this CI machine: one actor, one core for tasks
-    ([HEAD, CPU_NODE], 2.0, 0.125, 1.0, 1),  # no GPU node up yet: one, which waits for a node
-])
+@pytest.mark.parametrize(
+    "nodes, num_cpus, num_gpus, reserve, expected",
+    [
+        ([H100_NODE], 2.0, 0.125, 1.0, 7),  # 8 GPU shares, but 16 - 1 reserved CPUs hold 7
+        ([H100_NODE], 4.0, 1.0, 1.0, 1),  # one whole-GPU actor per GPU
+        ([HEAD, GPU_POD, GPU_POD], 2.0, 0.125, 1.0, 7),  # CPUs bound each pod (4), the reserve one more
+        ([CPU_NODE, GPU_POD], 2.0, 0.125, 1.0, 4),  # GPU actors cannot use the CPU-only node
+        ([{"CPU": 64.0, "GPU": 2.0}], 2.0, 0.25, 1.0, 8),  # GPU shares bound it
+        ([HEAD, CPU_NODE], 1.0, 0.0, 1.0, 31),  # CPU actors: the cluster's CPUs less the reserve
+        ([{"CPU": 2.0}], 1.0, 0.0, 1.0, 1),  # this CI machine: one actor, one core for tasks
+        ([HEAD, CPU_NODE], 2.0, 0.125, 1.0, 1),  # no GPU node up yet: one, which waits for a node
+    ],
+)
 def test_fit_actors_counts_per_node(nodes, num_cpus, num_gpus, reserve, expected):
     assert campaign.fit_actors(nodes, num_cpus, num_gpus, reserve) == expected

@@ -9,11 +9,11 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-from recipe_weights import read_keys, recipe_state_dict
 
 from heygem_ray.errors import CheckpointError
 from heygem_ray.models.checkpoints import layout_of, load_model, load_state_dict
 from heygem_ray.models.wav2lip import Wav2Lip
+from recipe_weights import read_keys, recipe_state_dict
 
 DATA = Path(__file__).parent / "data"
 NAME = "Wav2Lip generator"

@@ -11,7 +11,7 @@ def test_loudness_lands_on_the_frame_that_shows_it():
     sr, fps = 16000, 25
     audio = np.zeros(sr * 2, np.float32)
     t = np.arange(sr // 25) / sr
-    audio[int(1.0 * sr):int(1.04 * sr)] = 0.5 * np.sin(2 * np.pi * 600 * t)  # frame 25 = [1.00, 1.04) s
+    audio[int(1.0 * sr) : int(1.04 * sr)] = 0.5 * np.sin(2 * np.pi * 600 * t)  # frame 25 = [1.00, 1.04) s
     r = ClassicRenderer(ClassicRendererConfig())
     feats = r.features(AudioWindow(audio, 0, len(audio), level=0.1), np.arange(50), fps)
     assert int(np.argmax(feats)) == 25
@@ -33,8 +33,8 @@ def test_segment_windows_give_the_same_features_as_the_whole_row():
 
 def test_openness_is_relative_to_the_rows_level():
     assert openness(np.array([0.1]), 0.1)[0] == 1.0
-    assert openness(np.array([0.1 / 10 ** 1.5]), 0.1)[0] == 0.0  # 30 dB below the level: closed
-    assert 0.45 < openness(np.array([0.1 / 10 ** 0.75]), 0.1)[0] < 0.55
+    assert openness(np.array([0.1 / 10**1.5]), 0.1)[0] == 0.0  # 30 dB below the level: closed
+    assert 0.45 < openness(np.array([0.1 / 10**0.75]), 0.1)[0] < 0.55
 
 
 def test_render_changes_only_the_face_box_and_more_when_louder():

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from heygem_ray.config import ClassicRendererConfig, Config, Wav2LipRendererConfig
 from conftest import compose_config
+from heygem_ray.config import ClassicRendererConfig, Config, Wav2LipRendererConfig
 
 
 def test_defaults_are_the_embedded_local_classic_setup():
@@ -18,17 +18,32 @@ def test_defaults_are_the_embedded_local_classic_setup():
     assert cfg.render.segment_seconds == 10.0 and cfg.cache_uri == "/out/_cache"
 
 
-@pytest.mark.parametrize("overrides, check", [
-    (["renderer=wav2lip", "renderer.checkpoint=s3://m/wav2lip_gan.pth"],
-     lambda c: isinstance(c.renderer, Wav2LipRendererConfig) and c.renderer.batch_size == 0
-     and c.renderer.precision == "auto" and c.renderer.compile == "auto"),
-    (["renderer=wav2lip", "renderer.checkpoint=m.pth", "renderer.compile=true"], lambda c: c.renderer.compile == "true"),
-    (["renderer=wav2lip", "renderer.checkpoint=m.pth", "renderer.compile=false"], lambda c: c.renderer.compile == "false"),
-    (["detector=box", "detector.box=[1,2,30,40]"], lambda c: c.detector.box == [1, 2, 30, 40]),
-    (["detector=s3fd", "detector.checkpoint=/m/s3fd.pth"], lambda c: c.detector.name == "s3fd"),
-    (["cluster=gpu"], lambda c: c.cluster.actor.num_gpus == 0.125 and c.cluster.actor.num_cpus == 2.0),
-    (["+storage.options.s3.endpoint_url=http://127.0.0.1:9"], lambda c: c.storage.options["s3"]["endpoint_url"]),
-])
+@pytest.mark.parametrize(
+    "overrides, check",
+    [
+        (
+            ["renderer=wav2lip", "renderer.checkpoint=s3://m/wav2lip_gan.pth"],
+            lambda c: (
+                isinstance(c.renderer, Wav2LipRendererConfig)
+                and c.renderer.batch_size == 0
+                and c.renderer.precision == "auto"
+                and c.renderer.compile == "auto"
+            ),
+        ),
+        (
+            ["renderer=wav2lip", "renderer.checkpoint=m.pth", "renderer.compile=true"],
+            lambda c: c.renderer.compile == "true",
+        ),
+        (
+            ["renderer=wav2lip", "renderer.checkpoint=m.pth", "renderer.compile=false"],
+            lambda c: c.renderer.compile == "false",
+        ),
+        (["detector=box", "detector.box=[1,2,30,40]"], lambda c: c.detector.box == [1, 2, 30, 40]),
+        (["detector=s3fd", "detector.checkpoint=/m/s3fd.pth"], lambda c: c.detector.name == "s3fd"),
+        (["cluster=gpu"], lambda c: c.cluster.actor.num_gpus == 0.125 and c.cluster.actor.num_cpus == 2.0),
+        (["+storage.options.s3.endpoint_url=http://127.0.0.1:9"], lambda c: c.storage.options["s3"]["endpoint_url"]),
+    ],
+)
 def test_group_options_compose(overrides, check):
     assert check(compose_config("manifest=m", "output=o", *overrides))
 
@@ -42,12 +57,15 @@ def test_missing_mandatory_values_and_typos_are_errors():
         compose_config("manifest=m", "output=o", "renderer=wav2lip")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("renderer.precision=bf61", "renderer.precision=bf61 is not one of auto, fp32, int8, fp16, bf16"),
-    ("renderer.compile=maybe", "renderer.compile=maybe is not one of auto, true, false"),
-    ("renderer.blend=soft", "renderer.blend=soft is not one of feather, hard"),
-    ("renderer.batch_size=-1", "renderer.batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("renderer.precision=bf61", "renderer.precision=bf61 is not one of auto, fp32, int8, fp16, bf16"),
+        ("renderer.compile=maybe", "renderer.compile=maybe is not one of auto, true, false"),
+        ("renderer.blend=soft", "renderer.blend=soft is not one of feather, hard"),
+        ("renderer.batch_size=-1", "renderer.batch_size"),
+    ],
+)
 def test_renderer_choices_are_checked_when_composed(override, message):
     """A typo fails on the driver at once, not as "renderer could not start" on every row."""
     with pytest.raises(Exception, match=message.replace(".", r"\.")):
@@ -81,15 +99,18 @@ def test_a_local_ray_stops_its_monitor_before_shutting_down(tmp_path):
         "assert ray.get(ray.remote(lambda: 7).remote()) == 7\n"
         "shutdown(local=True)\n"
         "assert not ray.is_initialized()\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                         cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("override", ["render.segments_per_actor=0", "render.max_inflight_segments=-1",
-                                      "render.segment_seconds=0"])
+@pytest.mark.parametrize(
+    "override", ["render.segments_per_actor=0", "render.max_inflight_segments=-1", "render.segment_seconds=0"]
+)
 def test_scheduling_values_that_would_stall_a_campaign_are_refused(override):
     with pytest.raises(Exception, match=override.split("=")[0]):
         compose_config("manifest=m", "output=o", override)
@@ -97,23 +118,58 @@ def test_scheduling_values_that_would_stall_a_campaign_are_refused(override):
 
 def test_cli_prints_the_resolved_config():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", "manifest=m.parquet", "output=/o",
-                          "render.segment_seconds=5", "--cfg", "job"], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "heygem_ray.cli",
+            "render",
+            "manifest=m.parquet",
+            "output=/o",
+            "render.segment_seconds=5",
+            "--cfg",
+            "job",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
-    assert "segment_seconds: 5.0" in out.stdout and "name: classic" in out.stdout and "manifest: m.parquet" in out.stdout
+    assert (
+        "segment_seconds: 5.0" in out.stdout and "name: classic" in out.stdout and "manifest: m.parquet" in out.stdout
+    )
 
 
 def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", f"manifest={tmp_path}/none.parquet",
-                          f"output={tmp_path}/out"], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "heygem_ray.cli",
+            "render",
+            f"manifest={tmp_path}/none.parquet",
+            f"output={tmp_path}/out",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 2 and "does not exist" in out.stderr
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["cluster.num_cpus=2", "cluster.actor.num_cpus=2"], "need 3 CPUs, but this local Ray has 2"),
-    (["cluster.num_cpus=4", "cluster.num_gpus=0", "cluster.actor.num_gpus=0.5"], "need 0.5 GPUs, but this local Ray has 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["cluster.num_cpus=2", "cluster.actor.num_cpus=2"], "need 3 CPUs, but this local Ray has 2"),
+        (
+            ["cluster.num_cpus=4", "cluster.num_gpus=0", "cluster.actor.num_gpus=0.5"],
+            "need 0.5 GPUs, but this local Ray has 0",
+        ),
+    ],
+)
 def test_actors_that_could_never_run_locally_are_refused_not_waited_for(tmp_path, media_dir, overrides, message):
     """On a Ray of its own no node will join: an actor holding every CPU would starve the prepare and
     stitch tasks, and an actor wanting a GPU the machine lacks would never start. Both would hang."""
@@ -121,12 +177,27 @@ def test_actors_that_could_never_run_locally_are_refused_not_waited_for(tmp_path
     import pyarrow.parquet as pq
 
     manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
-                   manifest)
+    pq.write_table(
+        pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}), manifest
+    )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", f"manifest={manifest}",
-                          f"output={tmp_path}/out", "render.progress=false", "cluster.include_dashboard=false",
-                          *overrides], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "heygem_ray.cli",
+            "render",
+            f"manifest={manifest}",
+            f"output={tmp_path}/out",
+            "render.progress=false",
+            "cluster.include_dashboard=false",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr
     assert not os.path.exists(tmp_path / "out" / "_results.parquet")  # refused before anything ran
@@ -141,12 +212,27 @@ def test_a_joined_cluster_is_not_judged_by_what_it_has_now(ray_local, tmp_path):
     import pyarrow.parquet as pq
 
     manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": ["gone"], "audio": [str(tmp_path / "missing.wav")],
-                             "avatar": [str(tmp_path / "missing.png")]}), manifest)
+    pq.write_table(
+        pa.table({"id": ["gone"], "audio": [str(tmp_path / "missing.wav")], "avatar": [str(tmp_path / "missing.png")]}),
+        manifest,
+    )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "heygem_ray.cli", "render", f"manifest={manifest}",
-                          f"output={tmp_path}/out", "render.progress=false", "cluster=gpu",
-                          f"cluster.address={ray_local.get_runtime_context().gcs_address}"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "heygem_ray.cli",
+            "render",
+            f"manifest={manifest}",
+            f"output={tmp_path}/out",
+            "render.progress=false",
+            "cluster=gpu",
+            f"cluster.address={ray_local.get_runtime_context().gcs_address}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     assert "1 failed" in out.stdout and "missing.wav" in out.stdout, out.stdout[-2000:]

@@ -13,8 +13,8 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import compose_config
 
+from conftest import compose_config
 from heygem_ray.campaign import Campaign
 from heygem_ray.manifest import read_manifest
 from heygem_ray.results import read_results
@@ -22,9 +22,16 @@ from heygem_ray.results import read_results
 
 def manifest(tmp_path, media_dir, rows: int) -> str:
     path = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": [f"row{i}" for i in range(rows)],
-                             "audio": [str(media_dir / ("speech4.wav" if i % 2 else "speech3.wav")) for i in range(rows)],
-                             "avatar": [str(media_dir / ("clip6.mp4" if i % 2 else "clip2.mp4")) for i in range(rows)]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"row{i}" for i in range(rows)],
+                "audio": [str(media_dir / ("speech4.wav" if i % 2 else "speech3.wav")) for i in range(rows)],
+                "avatar": [str(media_dir / ("clip6.mp4" if i % 2 else "clip2.mp4")) for i in range(rows)],
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -46,9 +53,14 @@ def run_killing_the_actor_once(cfg) -> tuple[Campaign, object]:
 
 
 def test_actor_killed_mid_segment_the_rows_still_complete(ray_local, media_dir, tmp_path):
-    cfg = compose_config(f"manifest={manifest(tmp_path, media_dir, 2)}", f"output={tmp_path / 'out'}",
-                         "render.segment_seconds=0.25", "render.progress=false", "cluster.actors=1",
-                         "render.segments_per_actor=3")
+    cfg = compose_config(
+        f"manifest={manifest(tmp_path, media_dir, 2)}",
+        f"output={tmp_path / 'out'}",
+        "render.segment_seconds=0.25",
+        "render.progress=false",
+        "cluster.actors=1",
+        "render.segments_per_actor=3",
+    )
     _, summary = run_killing_the_actor_once(cfg)
     assert [r.status for r in summary.rows] == ["ok", "ok"], [r.error for r in summary.rows]
     assert max(r.attempts for r in summary.rows) == 2  # the lost segments were sent again, once
@@ -56,9 +68,15 @@ def test_actor_killed_mid_segment_the_rows_still_complete(ray_local, media_dir, 
 
 
 def test_actor_lost_beyond_the_retry_bound_fails_the_row_with_the_cause(ray_local, media_dir, tmp_path):
-    cfg = compose_config(f"manifest={manifest(tmp_path, media_dir, 1)}", f"output={tmp_path / 'out'}",
-                         "render.segment_seconds=0.25", "render.progress=false", "cluster.actors=1",
-                         "render.max_attempts=1", "render.segments_per_actor=3")
+    cfg = compose_config(
+        f"manifest={manifest(tmp_path, media_dir, 1)}",
+        f"output={tmp_path / 'out'}",
+        "render.segment_seconds=0.25",
+        "render.progress=false",
+        "cluster.actors=1",
+        "render.max_attempts=1",
+        "render.segments_per_actor=3",
+    )
     _, summary = run_killing_the_actor_once(cfg)
     row = summary.rows[0]
     assert row.status == "failed"
@@ -70,9 +88,18 @@ def test_driver_killed_then_rerun_renders_only_unfinished_rows(ray_local, media_
     """The driver process is SIGKILLed after its first finished row; a second run skips what was
     done, renders the rest, and no row is rendered twice."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "heygem_ray.cli", "render", f"manifest={manifest(tmp_path, media_dir, 6)}",
-           f"output={out}", "render.segment_seconds=1.0", "render.progress=false",
-           f"cluster.address={ray_local.get_runtime_context().gcs_address}", "cluster.actors=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "heygem_ray.cli",
+        "render",
+        f"manifest={manifest(tmp_path, media_dir, 6)}",
+        f"output={out}",
+        "render.segment_seconds=1.0",
+        "render.progress=false",
+        f"cluster.address={ray_local.get_runtime_context().gcs_address}",
+        "cluster.actors=1",
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     finished_first = []

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu import prepare  # noqa: E402
-from benchmarks.gpu.packages import CARRIED, allowed_dists, normalize  # noqa: E402
-from benchmarks.gpu.run import STEPS  # noqa: E402
+from benchmarks.gpu import prepare
+from benchmarks.gpu.packages import CARRIED, allowed_dists, normalize
+from benchmarks.gpu.run import STEPS
 
 DRY_STEPS = [s.name for s in STEPS if s.dry_args is not None]
 
@@ -29,8 +29,14 @@ def _env() -> dict[str, str]:
 
 
 def _kit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu.run", "--dry-run", "--out", str(out), *args],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu.run", "--dry-run", "--out", str(out), *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _results(out: Path) -> dict:
@@ -80,8 +86,13 @@ def test_dry_run_imports_what_the_node_has(dry_run: Path) -> None:
 def test_correctness_checks_ran_and_passed(dry_run: Path) -> None:
     checks = {c["name"]: c for c in _result(dry_run, "correctness")["checks"]}
     names = list(checks)
-    for prefix in ("Wav2Lip generator fp32 4-d", "Wav2Lip generator fp32 5-d", "image_ops=device vs cpu, fp32, feather",
-                   "S3FD raw outputs fp32", "2 processes sharing the CPU"):
+    for prefix in (
+        "Wav2Lip generator fp32 4-d",
+        "Wav2Lip generator fp32 5-d",
+        "image_ops=device vs cpu, fp32, feather",
+        "S3FD raw outputs fp32",
+        "2 processes sharing the CPU",
+    ):
         match = [n for n in names if n.startswith(prefix)]
         assert match and all(checks[n]["passed"] is True for n in match), (prefix, names)
     generator = checks[next(n for n in names if n.startswith("Wav2Lip generator fp32 4-d"))]["figures"]
@@ -107,9 +118,14 @@ def test_node_run_renders_every_frame_in_worker_processes(dry_run: Path) -> None
 def test_summary_is_markdown_with_every_section(dry_run: Path) -> None:
     text = (dry_run / "summary.md").read_text()
     assert text.startswith("### ") and "GPU node check on no GPU (DRY RUN" in text
-    for needle in ("| step | what | status | seconds (budget) | checks passed |", "| check | measured | tolerance | result |",
-                   "| processes × threads | renderer | frames |", "| image_ops | precision | boxes |",
-                   "| precision | torch.compile | batch |", "Machine: "):
+    for needle in (
+        "| step | what | status | seconds (budget) | checks passed |",
+        "| check | measured | tolerance | result |",
+        "| processes × threads | renderer | frames |",
+        "| image_ops | precision | boxes |",
+        "| precision | torch.compile | batch |",
+        "Machine: ",
+    ):
         assert needle in text, needle
 
 
@@ -125,19 +141,24 @@ def test_an_overrunning_step_is_killed_and_recorded(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------- wheels
 def _guarded(code: str, allowed: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter with the node-import guard (over `allowed` distributions)."""
-    setup = ("from benchmarks.gpu.packages import NodeImports, blocked_modules, allowed_dists\n"
-             f"allowed = frozenset({allowed!r}) if {allowed!r} is not None else allowed_dists()\n"
-             "NodeImports(blocked_modules(allowed), allowed).install()\n")
-    return subprocess.run([sys.executable, "-c", setup + code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=120)
+    setup = (
+        "from benchmarks.gpu.packages import NodeImports, blocked_modules, allowed_dists\n"
+        f"allowed = frozenset({allowed!r}) if {allowed!r} is not None else allowed_dists()\n"
+        "NodeImports(blocked_modules(allowed), allowed).install()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", setup + code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
+    )
 
 
-NODE_SIDE = ("import sys\n"
-             "import heygem_ray.segment, heygem_ray.stitch, heygem_ray.prepare, heygem_ray.demo\n"
-             "import heygem_ray.render.wav2lip, heygem_ray.detect.s3fd, heygem_ray.media.mux\n"
-             "from heygem_ray.models.wav2lip_audio import _mel_basis\n"
-             "_mel_basis()\n"
-             "assert 'ray' not in sys.modules\n")
+NODE_SIDE = (
+    "import sys\n"
+    "import heygem_ray.segment, heygem_ray.stitch, heygem_ray.prepare, heygem_ray.demo\n"
+    "import heygem_ray.render.wav2lip, heygem_ray.detect.s3fd, heygem_ray.media.mux\n"
+    "from heygem_ray.models.wav2lip_audio import _mel_basis\n"
+    "_mel_basis()\n"
+    "assert 'ray' not in sys.modules\n"
+)
 
 
 def test_carried_wheels_cover_what_the_node_side_imports() -> None:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import compose_config
 
+from conftest import compose_config
 from heygem_ray.campaign import fit_actors
 
 try:
@@ -44,23 +44,41 @@ UPLOAD_LIMIT = 100 * 1024**2  # `ray job submit --working-dir` upload limit (das
 # vCPU and GPU count of EC2 instance types a GPU worker type may use; declared resources must not
 # exceed the machine (Ray would schedule work the node cannot run). Unknown types are not checked.
 EC2_SHAPES = {
-    "g4dn.xlarge": (4, 1), "g4dn.2xlarge": (8, 1), "g4dn.4xlarge": (16, 1), "g4dn.12xlarge": (48, 4),
-    "g5.xlarge": (4, 1), "g5.2xlarge": (8, 1), "g5.4xlarge": (16, 1), "g5.8xlarge": (32, 1),
-    "g5.12xlarge": (48, 4), "g5.16xlarge": (64, 1), "g5.24xlarge": (96, 4), "g5.48xlarge": (192, 8),
-    "g6.xlarge": (4, 1), "g6.2xlarge": (8, 1), "g6.4xlarge": (16, 1), "g6.8xlarge": (32, 1),
-    "g6.12xlarge": (48, 4), "g6e.xlarge": (4, 1), "g6e.2xlarge": (8, 1), "g6e.4xlarge": (16, 1),
-    "p4d.24xlarge": (96, 8), "p5.48xlarge": (192, 8),
+    "g4dn.xlarge": (4, 1),
+    "g4dn.2xlarge": (8, 1),
+    "g4dn.4xlarge": (16, 1),
+    "g4dn.12xlarge": (48, 4),
+    "g5.xlarge": (4, 1),
+    "g5.2xlarge": (8, 1),
+    "g5.4xlarge": (16, 1),
+    "g5.8xlarge": (32, 1),
+    "g5.12xlarge": (48, 4),
+    "g5.16xlarge": (64, 1),
+    "g5.24xlarge": (96, 4),
+    "g5.48xlarge": (192, 8),
+    "g6.xlarge": (4, 1),
+    "g6.2xlarge": (8, 1),
+    "g6.4xlarge": (16, 1),
+    "g6.8xlarge": (32, 1),
+    "g6.12xlarge": (48, 4),
+    "g6e.xlarge": (4, 1),
+    "g6e.2xlarge": (8, 1),
+    "g6e.4xlarge": (16, 1),
+    "p4d.24xlarge": (96, 8),
+    "p5.48xlarge": (192, 8),
 }
 
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", re.IGNORECASE)
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 ENV_ASSIGNMENT = re.compile(r"\b([A-Z][A-Z0-9_]*)=(<[^>]*>|\S+)")
 AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-PLACEHOLDER = re.compile(r"^(<[^>]*>|\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*|changeme|replace[-_ ]?me|x{3,}|\*+)$",
-                         re.IGNORECASE)
+PLACEHOLDER = re.compile(
+    r"^(<[^>]*>|\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*|changeme|replace[-_ ]?me|x{3,}|\*+)$", re.IGNORECASE
+)
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def load_docs(path: Path) -> list[Any]:
     with open(path) as fh:
@@ -128,7 +146,7 @@ def bundle() -> dict[str, Any]:
     return load_bundle()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def composed(*overrides: str):
     """compose_config, memoised (the checks only read the config; a failing compose is not cached)."""
     return compose_config(*overrides)
@@ -141,6 +159,7 @@ def gpu_cfg():
 
 
 # --------------------------------------------------------------------------- small helpers
+
 
 def cpu_quantity(value: Any) -> float | None:
     """Kubernetes CPU quantity ("8", 8, "7500m") in cores; None when absent or unreadable."""
@@ -195,6 +214,7 @@ def diff_paths(a: Any, b: Any, path: str = "") -> list[str]:
 
 # --------------------------------------------------------------------------- checks
 
+
 def image_problems(b: dict) -> list[str]:
     """Dockerfile label, RayCluster, RayJob, AWS launcher and docs all name the same, versioned image."""
     df = b["dockerfile"]
@@ -210,15 +230,21 @@ def image_problems(b: dict) -> list[str]:
     found: list[tuple[str, str]] = []
     for where, spec in cluster_specs(b["raycluster"], b["rayjob"]):
         head = spec.get("headGroupSpec") or {}
-        found += [(f"{where} head container {c.get('name')}", c.get("image")) for c in pod_containers(head.get("template"))]
+        found += [
+            (f"{where} head container {c.get('name')}", c.get("image")) for c in pod_containers(head.get("template"))
+        ]
         for group in spec.get("workerGroupSpecs") or []:
-            found += [(f"{where} group {group.get('groupName')} container {c.get('name')}", c.get("image"))
-                      for c in pod_containers(group.get("template"))]
+            found += [
+                (f"{where} group {group.get('groupName')} container {c.get('name')}", c.get("image"))
+                for c in pod_containers(group.get("template"))
+            ]
         if (spec.get("autoscalerOptions") or {}).get("image"):
             found.append((f"{where} autoscalerOptions", spec["autoscalerOptions"]["image"]))
     submitter = (b["rayjob"].get("spec") or {}).get("submitterPodTemplate")
-    found += [(f"infra/k8s/rayjob.yaml submitter container {c.get('name')}", c.get("image"))
-              for c in pod_containers(submitter)]
+    found += [
+        (f"infra/k8s/rayjob.yaml submitter container {c.get('name')}", c.get("image"))
+        for c in pod_containers(submitter)
+    ]
     docker = b["aws"].get("docker") or {}
     found.append(("infra/aws/cluster.yaml docker.image", docker.get("image")))
     for key in ("head_image", "worker_image"):
@@ -286,10 +312,11 @@ def ray_pod_problems(where: str, group: dict) -> list[str]:
     the object store."""
     problems = []
     spec = (group.get("template") or {}).get("spec") or {}
-    shm_volumes = {v.get("name"): v for v in spec.get("volumes") or []
-                   if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+    shm_volumes = {
+        v.get("name"): v for v in spec.get("volumes") or [] if (v.get("emptyDir") or {}).get("medium") == "Memory"
+    }
     for c in pod_containers(group.get("template"))[:1]:
-        command = " ".join(((((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []))
+        command = " ".join((((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or [])
         if "ray stop" not in command:
             problems.append(f"{where}: container {c.get('name')} has no preStop `ray stop`")
         mounts = [m for m in c.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"]
@@ -312,7 +339,7 @@ def k8s_cluster_problems(where: str, spec: dict, cfg) -> list[str]:
     head = spec.get("headGroupSpec") or {}
     params = head.get("rayStartParams") or {}
     if str(params.get("num-cpus")) != "0":
-        problems.append(f"{where}: head rayStartParams num-cpus is {params.get('num-cpus')!r}, not \"0\"")
+        problems.append(f'{where}: head rayStartParams num-cpus is {params.get("num-cpus")!r}, not "0"')
     if str(params.get("dashboard-host")) != "0.0.0.0":
         problems.append(f"{where}: head dashboard-host is {params.get('dashboard-host')!r}, not 0.0.0.0")
     if float(params.get("num-gpus", 0)) != 0:
@@ -325,7 +352,9 @@ def k8s_cluster_problems(where: str, spec: dict, cfg) -> list[str]:
     groups = spec.get("workerGroupSpecs") or []
     gpu_groups = [g for g in groups if g.get("groupName") == GPU_GROUP]
     if len(gpu_groups) != 1:
-        return problems + [f"{where}: expected one worker group {GPU_GROUP!r}, found {[g.get('groupName') for g in groups]}"]
+        return problems + [
+            f"{where}: expected one worker group {GPU_GROUP!r}, found {[g.get('groupName') for g in groups]}"
+        ]
     group = gpu_groups[0]
     low, high = group.get("minReplicas"), group.get("maxReplicas")
     if low != 0:
@@ -335,7 +364,9 @@ def k8s_cluster_problems(where: str, spec: dict, cfg) -> list[str]:
     elif not 0 <= int(group.get("replicas", 0)) <= high:
         problems.append(f"{where}: {GPU_GROUP} replicas outside [minReplicas, maxReplicas]")
     actor = cfg.cluster.actor
-    problems += k8s_group_problems(f"{where} {GPU_GROUP}", group, actor.num_cpus + cfg.cluster.task_cpus, actor.num_gpus)
+    problems += k8s_group_problems(
+        f"{where} {GPU_GROUP}", group, actor.num_cpus + cfg.cluster.task_cpus, actor.num_gpus
+    )
     problems += ray_pod_problems(f"{where} {GPU_GROUP}", group)
     return problems
 
@@ -409,10 +440,12 @@ def entrypoint_problems(entrypoint: str, workdir: str | None) -> tuple[list[str]
     problems = []
     if script.startswith("/"):
         if not workdir or not script.startswith(workdir.rstrip("/") + "/"):
-            problems.append(f"infra/k8s/rayjob.yaml: entrypoint script {script} is not under the image WORKDIR {workdir}")
+            problems.append(
+                f"infra/k8s/rayjob.yaml: entrypoint script {script} is not under the image WORKDIR {workdir}"
+            )
             relative = script
         else:
-            relative = script[len(workdir.rstrip("/")) + 1:]
+            relative = script[len(workdir.rstrip("/")) + 1 :]
     else:
         relative = script
     if relative != ENTRY_SCRIPT:
@@ -436,8 +469,10 @@ def rayjob_problems(b: dict) -> list[str]:
             problems.append("infra/k8s/rayjob.yaml: shutdownAfterJobFinishes is not true")
         if not isinstance(spec.get("ttlSecondsAfterFinished"), int) or spec["ttlSecondsAfterFinished"] < 0:
             problems.append("infra/k8s/rayjob.yaml: ttlSecondsAfterFinished is not a non-negative integer")
-        problems += [f"infra/k8s/rayjob.yaml rayClusterSpec{p} differs from infra/k8s/raycluster.yaml spec"
-                     for p in diff_paths(spec["rayClusterSpec"], b["raycluster"].get("spec") or {})]
+        problems += [
+            f"infra/k8s/rayjob.yaml rayClusterSpec{p} differs from infra/k8s/raycluster.yaml spec"
+            for p in diff_paths(spec["rayClusterSpec"], b["raycluster"].get("spec") or {})
+        ]
     cluster_spec = spec.get("rayClusterSpec") or b["raycluster"].get("spec") or {}
     if problems and not overrides:
         return problems
@@ -457,11 +492,15 @@ def rayjob_problems(b: dict) -> list[str]:
         reachable = per_pod * int(group.get("maxReplicas") or 0)
         actors = cfg.cluster.actors
         if actors < 1:
-            problems.append("infra/k8s/rayjob.yaml: entrypoint leaves cluster.actors=0; with GPU workers scaled to 0 "
-                            "at submit time that starts a single actor (set cluster.actors)")
+            problems.append(
+                "infra/k8s/rayjob.yaml: entrypoint leaves cluster.actors=0; with GPU workers scaled to 0 "
+                "at submit time that starts a single actor (set cluster.actors)"
+            )
         elif actors > reachable:
-            problems.append(f"infra/k8s/rayjob.yaml: cluster.actors={actors} but {GPU_GROUP} reaches {reachable} "
-                            f"({per_pod} per pod x maxReplicas; the driver would wait forever for the rest)")
+            problems.append(
+                f"infra/k8s/rayjob.yaml: cluster.actors={actors} but {GPU_GROUP} reaches {reachable} "
+                f"({per_pod} per pod x maxReplicas; the driver would wait forever for the rest)"
+            )
     return problems
 
 
@@ -475,12 +514,21 @@ def secret_problems(obj: Any, where: str) -> list[str]:
 
     def walk(node: Any, path: str) -> None:
         if isinstance(node, dict):
-            if isinstance(node.get("name"), str) and "value" in node and SECRET_NAME.search(node["name"]) \
-                    and literal(node["value"]):
+            if (
+                isinstance(node.get("name"), str)
+                and "value" in node
+                and SECRET_NAME.search(node["name"])
+                and literal(node["value"])
+            ):
                 problems.append(f"{where}{path}: env {node['name']} has a literal value")
             for key, value in node.items():
-                if isinstance(key, str) and ENV_NAME.match(key) and SECRET_NAME.search(key) \
-                        and not isinstance(value, (dict, list)) and literal(value):
+                if (
+                    isinstance(key, str)
+                    and ENV_NAME.match(key)
+                    and SECRET_NAME.search(key)
+                    and not isinstance(value, (dict, list))
+                    and literal(value)
+                ):
                     problems.append(f"{where}{path}.{key}: literal value for a secret")
                 walk(value, f"{path}.{key}")
         elif isinstance(node, list):
@@ -494,9 +542,11 @@ def secret_problems(obj: Any, where: str) -> list[str]:
 
 
 def text_secret_problems(text: str, where: str) -> list[str]:
-    problems = [f"{where}: {name}=… sets a secret literally"
-                for name, value in ENV_ASSIGNMENT.findall(text)
-                if SECRET_NAME.search(name) and not PLACEHOLDER.match(value.strip("'\";"))]
+    problems = [
+        f"{where}: {name}=… sets a secret literally"
+        for name, value in ENV_ASSIGNMENT.findall(text)
+        if SECRET_NAME.search(name) and not PLACEHOLDER.match(value.strip("'\";"))
+    ]
     if AWS_KEY_ID.search(text):
         problems.append(f"{where}: contains an AWS access key id")
     return problems
@@ -509,11 +559,16 @@ def runtime_env_problems(b: dict) -> list[str]:
     problems = []
     extra = set(env) - {"env_vars", "excludes"}
     if extra:
-        problems.append(f"infra/runtime_env.yaml: unexpected keys {sorted(extra)} (deps belong in the image, "
-                        "working_dir on the command line)")
+        problems.append(
+            f"infra/runtime_env.yaml: unexpected keys {sorted(extra)} (deps belong in the image, "
+            "working_dir on the command line)"
+        )
     env_vars = env.get("env_vars") or {}
-    problems += [f"infra/runtime_env.yaml: env var {k} value {v!r} is not a string (Ray requires strings)"
-                 for k, v in env_vars.items() if not isinstance(v, str)]
+    problems += [
+        f"infra/runtime_env.yaml: env var {k} value {v!r} is not a string (Ray requires strings)"
+        for k, v in env_vars.items()
+        if not isinstance(v, str)
+    ]
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         if name in env_vars:
             problems.append(f"infra/runtime_env.yaml: {name} is a client/node setting, not a job env var")
@@ -523,8 +578,10 @@ def runtime_env_problems(b: dict) -> list[str]:
     job_vars = (job_env or {}).get("env_vars") or {}
     for key in sorted(set(env_vars) | set(job_vars)):
         if env_vars.get(key) != job_vars.get(key):
-            problems.append(f"env var {key}: infra/runtime_env.yaml {env_vars.get(key)!r} "
-                            f"!= infra/k8s/rayjob.yaml runtimeEnvYAML {job_vars.get(key)!r}")
+            problems.append(
+                f"env var {key}: infra/runtime_env.yaml {env_vars.get(key)!r} "
+                f"!= infra/k8s/rayjob.yaml runtimeEnvYAML {job_vars.get(key)!r}"
+            )
     for key in ("pip", "conda", "uv"):
         if key in (job_env or {}):
             problems.append(f"infra/k8s/rayjob.yaml runtimeEnvYAML: per-job {key} (deps belong in the image)")
@@ -540,10 +597,20 @@ def upload_excludes_problems(excludes: list[str]) -> list[str]:
     from ray._private.runtime_env.packaging import _get_excludes
 
     match = _get_excludes(ROOT, list(excludes))
-    must_exclude = [".venv/lib/python3.11/site-packages/torch/__init__.py", "heygem-demo/output/a.mp4",
-                    "outputs/2026-01-01/run.log", "benchmarks/results/clip.mp4"]
+    must_exclude = [
+        ".venv/lib/python3.11/site-packages/torch/__init__.py",
+        "heygem-demo/output/a.mp4",
+        "outputs/2026-01-01/run.log",
+        "benchmarks/results/clip.mp4",
+    ]
     # the package and its configs travel together (the CLI reads the conf/ beside the package it runs)
-    must_keep = [ENTRY_SCRIPT, "conf/config.yaml", "conf/cluster/gpu.yaml", "heygem_ray/cli.py", "heygem_ray/__init__.py"]
+    must_keep = [
+        ENTRY_SCRIPT,
+        "conf/config.yaml",
+        "conf/cluster/gpu.yaml",
+        "heygem_ray/cli.py",
+        "heygem_ray/__init__.py",
+    ]
     problems = [f"infra/runtime_env.yaml excludes: {p} would be uploaded" for p in must_exclude if not match(ROOT / p)]
     problems += [f"infra/runtime_env.yaml excludes: {p} would be left out" for p in must_keep if match(ROOT / p)]
     return problems
@@ -559,8 +626,10 @@ def dockerfile_problems(b: dict) -> list[str]:
         problems.append(f"infra/Dockerfile: WORKDIR {workdir!r} is not an absolute path")
     copied = {(PurePosixPath(src).as_posix().rstrip("/"), dest) for srcs, dest in df["copies"] for src in srcs}
     for needed in ("jobs", "conf"):
-        if not any(src == needed and (dest.rstrip("/") == needed or dest.rstrip("/") == f"{workdir}/{needed}")
-                   for src, dest in copied):
+        if not any(
+            src == needed and (dest.rstrip("/") == needed or dest.rstrip("/") == f"{workdir}/{needed}")
+            for src, dest in copied
+        ):
             problems.append(f"infra/Dockerfile: {needed}/ is not copied into the WORKDIR")
     sources = {src for src, _ in copied}
     readme = b["pyproject"]["project"].get("readme")
@@ -605,6 +674,7 @@ def dockerignore_matches(pattern: str, path: str) -> bool:
 
 # --------------------------------------------------------------------------- all checks
 
+
 def all_problems(b: dict) -> list[str]:
     cfg = composed("manifest=m", "output=o", "cluster=gpu")
     problems = image_problems(b) + ray_version_problems(b) + dockerfile_problems(b) + runtime_env_problems(b)
@@ -619,11 +689,16 @@ def all_problems(b: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- tests: the real files
 
+
 def test_every_infra_yaml_parses():
     files = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
     names = {p.relative_to(ROOT).as_posix() for p in files}
-    assert {"infra/runtime_env.yaml", "infra/k8s/raycluster.yaml", "infra/k8s/rayjob.yaml",
-            "infra/aws/cluster.yaml"} <= names
+    assert {
+        "infra/runtime_env.yaml",
+        "infra/k8s/raycluster.yaml",
+        "infra/k8s/rayjob.yaml",
+        "infra/aws/cluster.yaml",
+    } <= names
     for path in files:
         assert load_docs(path), f"{path} has no YAML document"
 
@@ -711,15 +786,19 @@ def test_all_checks_pass(bundle):
 
 # --------------------------------------------------------------------------- tests: the checks can fail
 
+
 def _set(path: str, value: Any) -> Callable[[dict], None]:
     """A mutation that sets bundle[path] (dotted; [i] for list items, "quoted" keys may hold dots)."""
+
     def mutate(b: dict) -> None:
-        keys = [int(k[1:-1]) if k.startswith("[") else k.strip('"')
-                for k in re.findall(r'\[\d+\]|"[^"]*"|[^.\[\]"]+', path)]
+        keys = [
+            int(k[1:-1]) if k.startswith("[") else k.strip('"') for k in re.findall(r'\[\d+\]|"[^"]*"|[^.\[\]"]+', path)
+        ]
         node = b
         for key in keys[:-1]:
             node = node[key]
         node[keys[-1]] = value
+
     return mutate
 
 
@@ -730,87 +809,147 @@ def _del(path: str) -> Callable[[dict], None]:
         for key in parent:
             node = node[key]
         del node[last]
+
     return mutate
 
 
 def _edit_entrypoint(old: str, new: str) -> Callable[[dict], None]:
     def mutate(b: dict) -> None:
         b["rayjob"]["spec"]["entrypoint"] = b["rayjob"]["spec"]["entrypoint"].replace(old, new)
+
     return mutate
 
 
 def _both_specs(path: str, value: Any) -> Callable[[dict], None]:
     """Mutate the RayCluster spec and the RayJob's copy alike (so only the targeted check fires)."""
+
     def mutate(b: dict) -> None:
         _set(f"raycluster.spec.{path}", value)(b)
         _set(f"rayjob.spec.rayClusterSpec.{path}", copy.deepcopy(value))(b)
+
     return mutate
 
 
 WORKER = "workerGroupSpecs[0].template.spec.containers[0]"
 MUTATIONS: dict[str, tuple[Callable[[dict], None], str]] = {
-    "aws image differs": (_set("aws.docker.image", "ghcr.io/heygem/heygem-ray:0.0.9"), "infra/aws/cluster.yaml docker.image"),
-    "raycluster worker image differs": (_set(f"raycluster.spec.{WORKER}.image", "rayproject/ray:2.60.0-gpu"),
-                                        "container ray-worker: image"),
+    "aws image differs": (
+        _set("aws.docker.image", "ghcr.io/heygem/heygem-ray:0.0.9"),
+        "infra/aws/cluster.yaml docker.image",
+    ),
+    "raycluster worker image differs": (
+        _set(f"raycluster.spec.{WORKER}.image", "rayproject/ray:2.60.0-gpu"),
+        "container ray-worker: image",
+    ),
     "dockerfile label missing": (_set("dockerfile.labels", {}), "no LABEL heygem.image"),
-    "image tag not the package version": (_set("pyproject.project.version", "0.2.0"), "not tagged with the package version"),
+    "image tag not the package version": (
+        _set("pyproject.project.version", "0.2.0"),
+        "not tagged with the package version",
+    ),
     "docs lack the image": (_set("deploy_doc", "nothing here"), "docs/deploy.md does not mention"),
     "rayVersion differs": (_set("rayjob.spec.rayClusterSpec.rayVersion", "2.59.0"), "rayVersion '2.59.0'"),
     "base image unpinned": (_set("dockerfile.from", ["rayproject/ray:latest-gpu"]), "not a pinned Ray GPU image"),
-    "worker cpu too small": (_both_specs(f"{WORKER}.resources.limits.cpu", "2"), "limits cpu 2 < actor num_cpus + task_cpus"),
-    "worker cpu request in millicores too small": (_both_specs(f"{WORKER}.resources.requests.cpu", "2500m"),
-                                                    "requests cpu 2500m"),
-    "worker without gpu": (_both_specs(f"{WORKER}.resources.limits.\"nvidia.com/gpu\"", 0), "limits nvidia.com/gpu 0"),
+    "worker cpu too small": (
+        _both_specs(f"{WORKER}.resources.limits.cpu", "2"),
+        "limits cpu 2 < actor num_cpus + task_cpus",
+    ),
+    "worker cpu request in millicores too small": (
+        _both_specs(f"{WORKER}.resources.requests.cpu", "2500m"),
+        "requests cpu 2500m",
+    ),
+    "worker without gpu": (_both_specs(f'{WORKER}.resources.limits."nvidia.com/gpu"', 0), "limits nvidia.com/gpu 0"),
     "worker without toleration": (_both_specs("workerGroupSpecs[0].template.spec.tolerations", []), "no toleration"),
     "worker without preStop": (_both_specs(f"{WORKER}.lifecycle", {}), "no preStop `ray stop`"),
-    "object store larger than shm": (_both_specs("workerGroupSpecs[0].rayStartParams.object-store-memory", str(20 * 2**30)),
-                                     "does not fit /dev/shm"),
+    "object store larger than shm": (
+        _both_specs("workerGroupSpecs[0].rayStartParams.object-store-memory", str(20 * 2**30)),
+        "does not fit /dev/shm",
+    ),
     "head advertises cpus": (_both_specs("headGroupSpec.rayStartParams.num-cpus", "2"), "num-cpus is '2'"),
-    "head asks for a gpu": (_both_specs("headGroupSpec.template.spec.containers[0].resources.limits.\"nvidia.com/gpu\"", 1),
-                            "asks for a GPU"),
+    "head asks for a gpu": (
+        _both_specs('headGroupSpec.template.spec.containers[0].resources.limits."nvidia.com/gpu"', 1),
+        "asks for a GPU",
+    ),
     "autoscaling off": (_both_specs("enableInTreeAutoscaling", False), "enableInTreeAutoscaling is not true"),
     "gpu group renamed": (_both_specs("workerGroupSpecs[0].groupName", "workers"), "expected one worker group"),
     "gpu group min 1": (_both_specs("workerGroupSpecs[0].minReplicas", 1), "minReplicas is 1"),
-    "rayjob cluster differs from raycluster": (_set(f"rayjob.spec.rayClusterSpec.{WORKER}.resources.limits.memory", "8Gi"),
-                                               "differs from infra/k8s/raycluster.yaml"),
-    "rayjob runs another script": (_edit_entrypoint("jobs/render_campaign.py", "jobs/other.py"), "not jobs/render_campaign.py"),
-    "rayjob script outside workdir": (_edit_entrypoint("/home/ray/heygem/", "/opt/app/"), "not under the image WORKDIR"),
+    "rayjob cluster differs from raycluster": (
+        _set(f"rayjob.spec.rayClusterSpec.{WORKER}.resources.limits.memory", "8Gi"),
+        "differs from infra/k8s/raycluster.yaml",
+    ),
+    "rayjob runs another script": (
+        _edit_entrypoint("jobs/render_campaign.py", "jobs/other.py"),
+        "not jobs/render_campaign.py",
+    ),
+    "rayjob script outside workdir": (
+        _edit_entrypoint("/home/ray/heygem/", "/opt/app/"),
+        "not under the image WORKDIR",
+    ),
     "rayjob without cluster=gpu": (_edit_entrypoint("cluster=gpu", "cluster=local"), "does not select cluster=gpu"),
     "rayjob override typo": (_edit_entrypoint("cluster.actors=", "cluster.actorz="), "do not compose"),
     "rayjob more actors than pods hold": (_edit_entrypoint("cluster.actors=24", "cluster.actors=25"), "reaches 24"),
     "rayjob actors left at 0": (_edit_entrypoint("cluster.actors=24", "cluster.actors=0"), "single actor"),
     "rayjob keeps its cluster": (_set("rayjob.spec.shutdownAfterJobFinishes", False), "shutdownAfterJobFinishes"),
-    "rayjob env differs": (_set("rayjob.spec.runtimeEnvYAML", "env_vars:\n  PYTHONUNBUFFERED: '0'\n"),
-                           "env var PYTHONUNBUFFERED"),
+    "rayjob env differs": (
+        _set("rayjob.spec.runtimeEnvYAML", "env_vars:\n  PYTHONUNBUFFERED: '0'\n"),
+        "env var PYTHONUNBUFFERED",
+    ),
     "runtime env int value": (_set("runtime_env.env_vars.PYTHONUNBUFFERED", 1), "is not a string"),
-    "runtime env sets auth mode": (_set("runtime_env.env_vars.RAY_AUTH_MODE", "token"), "RAY_AUTH_MODE is a client/node"),
-    "runtime env secret": (_set("runtime_env.env_vars.AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG"), "literal value"),
+    "runtime env sets auth mode": (
+        _set("runtime_env.env_vars.RAY_AUTH_MODE", "token"),
+        "RAY_AUTH_MODE is a client/node",
+    ),
+    "runtime env secret": (
+        _set("runtime_env.env_vars.AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG"),
+        "literal value",
+    ),
     "runtime env pip": (_set("runtime_env.pip", ["torch"]), "unexpected keys ['pip']"),
-    "upload leaves the package out": (_set("runtime_env.excludes", ["/.venv/", "/heygem_ray/"]), "heygem_ray/cli.py would be left out"),
-    "k8s env token literal": (_both_specs(f"{WORKER}.env", [{"name": "RAY_AUTH_TOKEN", "value": "abc123"}]),
-                              "env RAY_AUTH_TOKEN has a literal value"),
-    "aws key id in run options": (_set("aws.docker.run_options", ["--env AWS_ACCESS_KEY_ID=AKIAABCDEFGHIJKLMNOP"]),
-                                  "AWS access key id"),
-    "aws head advertises cpus": (_set("aws.available_node_types.head.resources", {"CPU": 8}), "head resources CPU is 8"),
-    "aws gpu type too small": (_set("aws.available_node_types.gpu_worker.resources", {"CPU": 2, "GPU": 1}),
-                               "CPU 2 < actor num_cpus + task_cpus"),
-    "aws declares more than the instance": (_set("aws.available_node_types.gpu_worker.resources", {"CPU": 16, "GPU": 1}),
-                                            "g5.2xlarge has 8 vCPU"),
+    "upload leaves the package out": (
+        _set("runtime_env.excludes", ["/.venv/", "/heygem_ray/"]),
+        "heygem_ray/cli.py would be left out",
+    ),
+    "k8s env token literal": (
+        _both_specs(f"{WORKER}.env", [{"name": "RAY_AUTH_TOKEN", "value": "abc123"}]),
+        "env RAY_AUTH_TOKEN has a literal value",
+    ),
+    "aws key id in run options": (
+        _set("aws.docker.run_options", ["--env AWS_ACCESS_KEY_ID=AKIAABCDEFGHIJKLMNOP"]),
+        "AWS access key id",
+    ),
+    "aws head advertises cpus": (
+        _set("aws.available_node_types.head.resources", {"CPU": 8}),
+        "head resources CPU is 8",
+    ),
+    "aws gpu type too small": (
+        _set("aws.available_node_types.gpu_worker.resources", {"CPU": 2, "GPU": 1}),
+        "CPU 2 < actor num_cpus + task_cpus",
+    ),
+    "aws declares more than the instance": (
+        _set("aws.available_node_types.gpu_worker.resources", {"CPU": 16, "GPU": 1}),
+        "g5.2xlarge has 8 vCPU",
+    ),
     "aws gpu resources undeclared": (_del("aws.available_node_types.gpu_worker.resources"), "no worker type declares"),
-    "aws worker auth mode differs": (_set("aws.worker_start_ray_commands", ["ray stop", "export RAY_AUTH_MODE=disabled; ray start --address=$RAY_HEAD_IP:6379"]),
-                                     "RAY_AUTH_MODE differs"),
+    "aws worker auth mode differs": (
+        _set(
+            "aws.worker_start_ray_commands",
+            ["ray stop", "export RAY_AUTH_MODE=disabled; ray start --address=$RAY_HEAD_IP:6379"],
+        ),
+        "RAY_AUTH_MODE differs",
+    ),
     "aws worker min 1": (_set("aws.available_node_types.gpu_worker.min_workers", 1), "min_workers is 1"),
     "dockerignore drops the readme": (_set("dockerignore", ["*.md"]), "excludes README.md"),
-    "dockerfile bakes weights": (lambda b: b["dockerfile"]["copies"].append((["wav2lip_gan.pth"], "/models/")),
-                                 "copies weights"),
+    "dockerfile bakes weights": (
+        lambda b: b["dockerfile"]["copies"].append((["wav2lip_gan.pth"], "/models/")),
+        "copies weights",
+    ),
     "dockerfile skips jobs": (lambda b: _drop_copy(b, "jobs/"), "jobs/ is not copied"),
     "dockerfile skips the readme": (lambda b: _drop_copy(b, "README.md"), "README.md is not copied"),
 }
 
 
 def _drop_copy(b: dict, source: str) -> None:
-    b["dockerfile"]["copies"] = [(srcs, dest) if source not in srcs else ([s for s in srcs if s != source], dest)
-                                 for srcs, dest in b["dockerfile"]["copies"]]
+    b["dockerfile"]["copies"] = [
+        (srcs, dest) if source not in srcs else ([s for s in srcs if s != source], dest)
+        for srcs, dest in b["dockerfile"]["copies"]
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
@@ -831,27 +970,33 @@ def test_aws_schema_rejects_unknown_field(bundle):
         validate_config(prepare_config(broken))
 
 
-@pytest.mark.parametrize("text, bad", [
-    ("export AWS_SECRET_ACCESS_KEY=abc", True),
-    ("export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY", False),
-    ("RAY_AUTH_TOKEN=<from the secret>", False),
-    ("RAY_AUTH_MODE=token", False),
-    ("PYTHONUNBUFFERED=1", False),
-    ("key AKIAABCDEFGHIJKLMNOP", True),
-])
+@pytest.mark.parametrize(
+    "text, bad",
+    [
+        ("export AWS_SECRET_ACCESS_KEY=abc", True),
+        ("export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY", False),
+        ("RAY_AUTH_TOKEN=<from the secret>", False),
+        ("RAY_AUTH_MODE=token", False),
+        ("PYTHONUNBUFFERED=1", False),
+        ("key AKIAABCDEFGHIJKLMNOP", True),
+    ],
+)
 def test_text_secret_check(text, bad):
     assert bool(text_secret_problems(text, "t")) is bad
 
 
-@pytest.mark.parametrize("pattern, path, hit", [
-    ("*.md", "README.md", True),
-    ("**/__pycache__", "heygem_ray/__pycache__", True),
-    ("**/__pycache__", "heygem_ray", False),
-    ("conf", "conf", True),
-    ("heygem_ray/conf", "heygem_ray", True),
-    (".venv", "heygem_ray", False),
-    ("*.egg-info", "heygem_ray", False),
-])
+@pytest.mark.parametrize(
+    "pattern, path, hit",
+    [
+        ("*.md", "README.md", True),
+        ("**/__pycache__", "heygem_ray/__pycache__", True),
+        ("**/__pycache__", "heygem_ray", False),
+        ("conf", "conf", True),
+        ("heygem_ray/conf", "heygem_ray", True),
+        (".venv", "heygem_ray", False),
+        ("*.egg-info", "heygem_ray", False),
+    ],
+)
 def test_dockerignore_matcher(pattern, path, hit):
     assert dockerignore_matches(pattern, path) is hit
 

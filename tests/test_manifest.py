@@ -18,27 +18,39 @@ def test_defaults_id_and_output_under_root():
 
 
 def test_explicit_and_relative_outputs():
-    rows = rows_from_table(table(audio=["a", "b", "c"], avatar=["v", "v", "v"], id=["r1", "r2", "r3"],
-                                 output=["s3://bucket/x.mp4", "sub/y.mp4", None]), "s3://camp", allow_outside_output=True)
+    rows = rows_from_table(
+        table(
+            audio=["a", "b", "c"],
+            avatar=["v", "v", "v"],
+            id=["r1", "r2", "r3"],
+            output=["s3://bucket/x.mp4", "sub/y.mp4", None],
+        ),
+        "s3://camp",
+        allow_outside_output=True,
+    )
     assert [r.output for r in rows] == ["s3://bucket/x.mp4", "s3://camp/sub/y.mp4", "s3://camp/r3.mp4"]
 
 
-@pytest.mark.parametrize("output", ["s3://bucket/x.mp4", "s3://camp-other/x.mp4", "../escape.mp4", "/etc/x.mp4",
-                                    "s3://camp/a/../../x.mp4"])
+@pytest.mark.parametrize(
+    "output", ["s3://bucket/x.mp4", "s3://camp-other/x.mp4", "../escape.mp4", "/etc/x.mp4", "s3://camp/a/../../x.mp4"]
+)
 def test_outputs_outside_the_root_are_refused_by_default(output):
     with pytest.raises(ManifestError, match="outside the output root"):
         rows_from_table(table(audio=["a"], avatar=["v"], output=[output]), "s3://camp" if "s3" in output else "/camp")
 
 
-@pytest.mark.parametrize("cols, message", [
-    ({"audio": ["a"]}, "lacks required column(s) avatar"),
-    ({"audio": ["a", "b"], "avatar": ["v", "v"], "id": ["x", "x"]}, "duplicate ids: x"),
-    ({"audio": ["a", "b"], "avatar": ["v", "w"], "output": ["o.mp4", "o.mp4"]}, "duplicate outputs"),
-    ({"audio": ["a", None], "avatar": ["v", "w"]}, "row 1: empty audio"),
-    ({"audio": [1, 2], "avatar": ["v", "w"]}, "column 'audio' must hold strings"),
-    ({"audio": ["a"], "avatar": ["v"], "id": ["../etc"]}, "must be 1-200 letters"),
-    ({"audio": ["a"], "avatar": ["v"], "box": [[1, 2, 3]]}, "must be x1, y1, x2, y2"),
-])
+@pytest.mark.parametrize(
+    "cols, message",
+    [
+        ({"audio": ["a"]}, "lacks required column(s) avatar"),
+        ({"audio": ["a", "b"], "avatar": ["v", "v"], "id": ["x", "x"]}, "duplicate ids: x"),
+        ({"audio": ["a", "b"], "avatar": ["v", "w"], "output": ["o.mp4", "o.mp4"]}, "duplicate outputs"),
+        ({"audio": ["a", None], "avatar": ["v", "w"]}, "row 1: empty audio"),
+        ({"audio": [1, 2], "avatar": ["v", "w"]}, "column 'audio' must hold strings"),
+        ({"audio": ["a"], "avatar": ["v"], "id": ["../etc"]}, "must be 1-200 letters"),
+        ({"audio": ["a"], "avatar": ["v"], "box": [[1, 2, 3]]}, "must be x1, y1, x2, y2"),
+    ],
+)
 def test_invalid_manifests_are_rejected_with_the_reason(cols, message):
     with pytest.raises(ManifestError, match=None) as err:
         rows_from_table(pa.table(cols), "/out")
@@ -62,7 +74,10 @@ def test_build_manifest_cross_product_from_globs(tmp_path):
     for name in ("n1.wav", "n2.wav", "p1.mp4", "p2.mp4", "my.photo.v2.png"):
         (tmp_path / name).write_bytes(b"x")
     out = str(tmp_path / "m.parquet")
-    assert build_manifest([str(tmp_path / "*.wav")], [str(tmp_path / "p*.mp4"), str(tmp_path / "my.photo.v2.png")], out) == 6
+    assert (
+        build_manifest([str(tmp_path / "*.wav")], [str(tmp_path / "p*.mp4"), str(tmp_path / "my.photo.v2.png")], out)
+        == 6
+    )
     got = pq.read_table(out).to_pylist()
     assert [r["id"] for r in got][:3] == ["n1__p1", "n1__p2", "n1__my.photo.v2"]
     assert len(read_manifest(out, str(tmp_path))) == 6
@@ -80,8 +95,8 @@ def test_manifest_through_fsspec_memory():
 
 
 # ------------------------------------------------------------------ properties (hypothesis)
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 uri = st.from_regex(r"(s3://b/|/data/)[a-z0-9_]{1,12}\.(wav|mp4|png)", fullmatch=True)
 safe_id = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
@@ -90,8 +105,10 @@ safe_id = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(uri, uri, safe_id), min_size=1, max_size=30, unique_by=lambda t: t[2]))
 def test_any_valid_manifest_reads_to_one_row_each(entries):
-    rows = rows_from_table(table(audio=[a for a, _, _ in entries], avatar=[v for _, v, _ in entries],
-                                 id=[i for _, _, i in entries]), "s3://out/c")
+    rows = rows_from_table(
+        table(audio=[a for a, _, _ in entries], avatar=[v for _, v, _ in entries], id=[i for _, _, i in entries]),
+        "s3://out/c",
+    )
     assert [r.id for r in rows] == [i for _, _, i in entries]
     assert len({r.output for r in rows}) == len(rows)
     assert all(r.output.startswith("s3://out/c/") for r in rows)
@@ -101,8 +118,10 @@ cell = st.one_of(st.none(), st.just(""), uri, st.text(max_size=8))
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(cell, cell, st.one_of(st.none(), st.text(max_size=8), safe_id)), min_size=1, max_size=12),
-       st.sampled_from(["audio", "avatar", None]))
+@given(
+    st.lists(st.tuples(cell, cell, st.one_of(st.none(), st.text(max_size=8), safe_id)), min_size=1, max_size=12),
+    st.sampled_from(["audio", "avatar", None]),
+)
 def test_any_manifest_either_reads_or_says_why(entries, drop):
     cols = {"audio": [a for a, _, _ in entries], "avatar": [v for _, v, _ in entries], "id": [i for _, _, i in entries]}
     if drop:

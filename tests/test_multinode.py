@@ -11,8 +11,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_config
 
+from conftest import compose_config
 from heygem_ray.campaign import Campaign
 from heygem_ray.manifest import read_manifest
 from heygem_ray.results import read_results
@@ -42,14 +42,21 @@ def campaign_config(tmp_path, media_dir, rows: int):
     avatar = [str(media_dir / ("clip2.mp4" if i % 2 else "still.png")) for i in range(rows)]
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(pa.table({"id": [f"row{i}" for i in range(rows)], "audio": audio, "avatar": avatar}), manifest)
-    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.segment_seconds=0.5",
-                         "render.progress=false", "cluster.actors=2", "cluster.actor.num_gpus=1",
-                         "cluster.actor.num_cpus=1", "render.max_inflight_segments=4")
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "render.segment_seconds=0.5",
+        "render.progress=false",
+        "cluster.actors=2",
+        "cluster.actor.num_gpus=1",
+        "cluster.actor.num_cpus=1",
+        "render.max_inflight_segments=4",
+    )
     return cfg, read_manifest(cfg.manifest, cfg.output)
 
 
 def test_actors_on_both_gpu_workers(cluster, media_dir, tmp_path):
-    c, workers = cluster
+    _c, workers = cluster
     cfg, rows = campaign_config(tmp_path, media_dir, rows=4)
     job = Campaign(cfg, rows)
     summary = job.run()

@@ -3,8 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from heygem_ray.plan import (avatar_frame_indices, frame_center_samples, output_frame_count, plan_segments,
-                             stable_hash)
+from heygem_ray.plan import avatar_frame_indices, frame_center_samples, output_frame_count, plan_segments, stable_hash
 
 
 def test_output_covers_whole_audio_within_one_frame():
@@ -43,8 +42,13 @@ def test_segments_split_consecutively_into_equal_spans():
     assert len(plan_segments(3, 25, 10.0, min_segments=8)) == 3
 
 
-@given(total=st.integers(1, 20_000), fps=st.sampled_from([12.0, 24.0, 25.0, 29.97, 30.0, 60.0]),
-       seconds=st.floats(0.01, 120.0), avatar=st.integers(1, 5_000), still=st.booleans())
+@given(
+    total=st.integers(1, 20_000),
+    fps=st.sampled_from([12.0, 24.0, 25.0, 29.97, 30.0, 60.0]),
+    seconds=st.floats(0.01, 120.0),
+    avatar=st.integers(1, 5_000),
+    still=st.booleans(),
+)
 def test_every_output_frame_planned_exactly_once(total, fps, seconds, avatar, still):
     spans = plan_segments(total, fps, seconds, min_segments=1 + total % 5)
     sizes = [s.frames for s in spans]

@@ -7,12 +7,12 @@ import os
 import re
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import cv2
 import numpy as np
 import pytest
-
 from browser import chromium, dump_dom, parse_cards
 
 from heygem_ray import demo
@@ -44,18 +44,26 @@ def _jpeg(data: bytes) -> np.ndarray:
     return image
 
 
-def _row(rid: str, status: str = "ok", output: str | None = None, error: str | None = None,
-         audio: float | None = 10.0, **kw) -> RowResult:
+def _row(
+    rid: str, status: str = "ok", output: str | None = None, error: str | None = None, audio: float | None = 10.0, **kw
+) -> RowResult:
     ok = status == "ok"
     return RowResult(
-        id=rid, status=status, output=output if output is not None else f"/out/{rid}.mp4", error=error,
-        audio_seconds=audio, frames=kw.get("frames", 250 if ok else None), segments=kw.get("segments", 1),
-        render_seconds=kw.get("render_seconds", 12.5 if ok else None), attempts=kw.get("attempts", 1),
+        id=rid,
+        status=status,
+        output=output if output is not None else f"/out/{rid}.mp4",
+        error=error,
+        audio_seconds=audio,
+        frames=kw.get("frames", 250 if ok else None),
+        segments=kw.get("segments", 1),
+        render_seconds=kw.get("render_seconds", 12.5 if ok else None),
+        attempts=kw.get("attempts", 1),
         finished_at=time.time(),
     )
 
 
 # --------------------------------------------------------------------------- thumbnails
+
 
 @pytest.mark.parametrize("name", ["short", "two", "three"])
 def test_thumbnail_is_small_jpeg_of_middle_frame(clips, name):
@@ -118,6 +126,7 @@ def test_thumbnail_of_garbage_raises(tmp_path):
 
 
 # --------------------------------------------------------------------------- page
+
 
 def test_summary_numbers():
     rows = [
@@ -182,8 +191,11 @@ def test_user_data_is_escaped():
 
 def test_links_relative_for_local_outputs(tmp_path):
     out = tmp_path / "campaign"
-    rows = [_row("a", output=str(out / "a.mp4")), _row("b", output=str(out / "sub" / "b c.mp4")),
-            _row("c", output=str(tmp_path / "elsewhere" / "c.mp4"))]
+    rows = [
+        _row("a", output=str(out / "a.mp4")),
+        _row("b", output=str(out / "sub" / "b c.mp4")),
+        _row("c", output=str(tmp_path / "elsewhere" / "c.mp4")),
+    ]
     page = render_report(rows, {}, 10.0, "t", report_uri=str(out / "_report.html"))
     assert parse_cards(page).links == ["a.mp4", "sub/b%20c.mp4", "../elsewhere/c.mp4"]
     assert str(tmp_path) not in "".join(parse_cards(page).links)
@@ -214,11 +226,12 @@ def test_thousands_of_rows_each_get_one_card():
 def test_write_report_publishes_atomically(tmp_path):
     uri = str(tmp_path / "out" / "_report.html")
     write_report(uri, "<p>é</p>")
-    assert open(uri, encoding="utf-8").read() == "<p>é</p>"
+    assert Path(uri).read_text(encoding="utf-8") == "<p>é</p>"
     assert os.listdir(tmp_path / "out") == ["_report.html"]
 
 
 # --------------------------------------------------------------------------- browser
+
 
 def test_report_in_chromium(clips, tmp_path):
     browser = chromium()

@@ -16,10 +16,10 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_SECRET, compose_config
 
+from conftest import S3_SECRET, compose_config
 from heygem_ray import campaign, storage
-from heygem_ray.cli import config_yaml, compose
+from heygem_ray.cli import compose, config_yaml
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,17 @@ def bucket(s3_endpoint, media_dir):
     s3.create_bucket(Bucket="heygem-e2e")
     for name in ("speech3.wav", "clip2.mp4", "still.png"):
         s3.upload_file(str(media_dir / name), "heygem-e2e", f"inputs/{name}")
-    table = pa.table({
-        "id": ["clip", "still", "broken"],
-        "audio": ["s3://heygem-e2e/inputs/speech3.wav"] * 2 + ["s3://heygem-e2e/inputs/absent.wav"],
-        "avatar": ["s3://heygem-e2e/inputs/clip2.mp4", "s3://heygem-e2e/inputs/still.png", "s3://heygem-e2e/inputs/clip2.mp4"],
-    })
+    table = pa.table(
+        {
+            "id": ["clip", "still", "broken"],
+            "audio": ["s3://heygem-e2e/inputs/speech3.wav"] * 2 + ["s3://heygem-e2e/inputs/absent.wav"],
+            "avatar": [
+                "s3://heygem-e2e/inputs/clip2.mp4",
+                "s3://heygem-e2e/inputs/still.png",
+                "s3://heygem-e2e/inputs/clip2.mp4",
+            ],
+        }
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     s3.put_object(Bucket="heygem-e2e", Key="campaign.parquet", Body=buf.getvalue())
@@ -44,8 +50,12 @@ def keys(s3, prefix):
 
 
 def test_campaign_entirely_on_s3(ray_local, bucket, capfd):
-    overrides = ["manifest=s3://heygem-e2e/campaign.parquet", "output=s3://heygem-e2e/out/c1",
-                 "render.segment_seconds=1.0", "render.progress=false"]
+    overrides = [
+        "manifest=s3://heygem-e2e/campaign.parquet",
+        "output=s3://heygem-e2e/out/c1",
+        "render.segment_seconds=1.0",
+        "render.progress=false",
+    ]
     cfg = compose_config(*overrides)
     storage.write_bytes("s3://heygem-e2e/out/c1/_config.yaml", config_yaml(compose(overrides)).encode())
     summary = campaign.run(cfg)
@@ -55,8 +65,14 @@ def test_campaign_entirely_on_s3(ray_local, bucket, capfd):
     assert broken.error == "audio s3://heygem-e2e/inputs/absent.wav: does not exist"
 
     objects = keys(bucket, "out/c1/")
-    assert {"out/c1/clip.mp4", "out/c1/still.mp4", "out/c1/_results.parquet", "out/c1/_config.yaml",
-            "out/c1/_markers/clip.json", "out/c1/_markers/still.json"} <= set(objects)
+    assert {
+        "out/c1/clip.mp4",
+        "out/c1/still.mp4",
+        "out/c1/_results.parquet",
+        "out/c1/_config.yaml",
+        "out/c1/_markers/clip.json",
+        "out/c1/_markers/still.json",
+    } <= set(objects)
     assert "out/c1/broken.mp4" not in objects
     assert any(k.startswith("out/c1/_cache/audio/") for k in objects)
     assert any(k.startswith("out/c1/_cache/avatars/") for k in objects)
@@ -66,7 +82,9 @@ def test_campaign_entirely_on_s3(ray_local, bucket, capfd):
     with av.open(io.BytesIO(body)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 75  # 3 s of audio at 25 fps
 
-    results = pq.read_table(io.BytesIO(bucket.get_object(Bucket="heygem-e2e", Key="out/c1/_results.parquet")["Body"].read()))
+    results = pq.read_table(
+        io.BytesIO(bucket.get_object(Bucket="heygem-e2e", Key="out/c1/_results.parquet")["Body"].read())
+    )
     assert results.num_rows == 3
 
     again = campaign.run(cfg)
@@ -89,16 +107,32 @@ def test_storage_options_carry_endpoint_and_credentials(s3_endpoint, bucket):
     storage.configure({"s3": {"endpoint_url": s3_endpoint, "key": "heygem-test-key", "secret": S3_SECRET}})
     try:
         assert storage.exists("s3://heygem-e2e/campaign.parquet")
-        storage.configure({"s3": {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}})
-        with pytest.raises(Exception):
+        storage.configure(
+            {
+                "s3": {
+                    "endpoint_url": "http://127.0.0.1:9",
+                    "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+                }
+            }
+        )
+        with pytest.raises(Exception):  # noqa: B017 - s3fs/botocore raise one of several for a dead endpoint
             storage.url_to_fs("s3://heygem-e2e/campaign.parquet")[0].info("heygem-e2e/campaign.parquet")
     finally:
         storage.configure(None)
 
 
 def test_saved_config_masks_credentials():
-    text = config_yaml(compose(["manifest=m", "output=o", f"+storage.options.s3.secret={S3_SECRET}",
-                                "+storage.options.s3.key=AKIAEXAMPLE", "+storage.options.s3.endpoint_url=http://e"]))
+    text = config_yaml(
+        compose(
+            [
+                "manifest=m",
+                "output=o",
+                f"+storage.options.s3.secret={S3_SECRET}",
+                "+storage.options.s3.key=AKIAEXAMPLE",
+                "+storage.options.s3.endpoint_url=http://e",
+            ]
+        )
+    )
     assert S3_SECRET not in text and "AKIAEXAMPLE" not in text and "http://e" in text
 
 
@@ -127,19 +161,36 @@ def test_storage_options_alone_reach_every_stage_on_fresh_workers(s3_endpoint, b
     manifest read, row preparation, face tracking, rendering and stitching each run in a worker
     process of their own, and each reaches the bucket through those options."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update({"AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-                "AWS_EC2_METADATA_DISABLED": "true", "RAY_ADDRESS": ""})
-    overrides = ["manifest=s3://heygem-e2e/options.parquet", "output=s3://heygem-e2e/out/options",
-                 "render.progress=false", "cluster.actors=1",
-                 f"+storage.options.s3.endpoint_url={s3_endpoint}", "+storage.options.s3.key=heygem-test-key",
-                 f"+storage.options.s3.secret={S3_SECRET}"]
-    table = pa.table({"id": ["still"], "audio": ["s3://heygem-e2e/inputs/speech3.wav"],
-                      "avatar": ["s3://heygem-e2e/inputs/still.png"]})
+    env.update(
+        {
+            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "RAY_ADDRESS": "",
+        }
+    )
+    overrides = [
+        "manifest=s3://heygem-e2e/options.parquet",
+        "output=s3://heygem-e2e/out/options",
+        "render.progress=false",
+        "cluster.actors=1",
+        f"+storage.options.s3.endpoint_url={s3_endpoint}",
+        "+storage.options.s3.key=heygem-test-key",
+        f"+storage.options.s3.secret={S3_SECRET}",
+    ]
+    table = pa.table(
+        {
+            "id": ["still"],
+            "audio": ["s3://heygem-e2e/inputs/speech3.wav"],
+            "avatar": ["s3://heygem-e2e/inputs/still.png"],
+        }
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     bucket.put_object(Bucket="heygem-e2e", Key="options.parquet", Body=buf.getvalue())
-    proc = subprocess.run([sys.executable, "-c", FRESH_WORKERS_CAMPAIGN, *overrides], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_WORKERS_CAMPAIGN, *overrides], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"still": ["ok", None]}
     objects = keys(bucket, "out/options/")

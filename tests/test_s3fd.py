@@ -178,11 +178,11 @@ def test_nms_uses_plus_one_areas():
 
 def test_no_face_gives_empty_float32_arrays(state_dict):
     background = dict(state_dict)
-    for name in background:
+    for name, value in background.items():
         if name.endswith("_mbox_conf.weight"):
-            background[name] = torch.zeros_like(background[name])
+            background[name] = torch.zeros_like(value)
         elif name.endswith("_mbox_conf.bias"):
-            bias = torch.full_like(background[name], 5.0)
+            bias = torch.full_like(value, 5.0)
             bias[-1] = -5.0  # face logit last (channel 1, or channel 3 for conv3_3)
             background[name] = bias
     det = S3FDDetector(background, device="cpu", max_side=None)

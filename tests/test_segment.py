@@ -3,12 +3,14 @@ frames, every pixel away from the face exactly as decoded, for the classic rende
 
 from __future__ import annotations
 
+import itertools
+
 import av
 import cv2
 import numpy as np
 import pytest
-from conftest import compose_config
 
+from conftest import compose_config
 from heygem_ray.media.yuv import bgr_to_i420, i420_planes
 from heygem_ray.render.base import AudioWindow
 from heygem_ray.segment import RenderWorker, pipeline_chunks
@@ -35,8 +37,11 @@ def loud_features(renderer, frames: int) -> np.ndarray:
 
 @pytest.mark.parametrize("renderer", ["classic", "wav2lip"])
 def test_face_regions_render_like_whole_frames(renderer, decoded, recipe_checkpoints):
-    extra = [] if renderer == "classic" else [
-        "renderer=wav2lip", f"renderer.checkpoint={recipe_checkpoints['wav2lip']}", "renderer.device=cpu"]
+    extra = (
+        []
+        if renderer == "classic"
+        else ["renderer=wav2lip", f"renderer.checkpoint={recipe_checkpoints['wav2lip']}", "renderer.device=cpu"]
+    )
     w = worker(*extra)
     features = loud_features(w.renderer, len(BOXES))
     whole = w.renderer.render([cv2.cvtColor(f, cv2.COLOR_YUV2BGR_I420) for f in decoded], BOXES, features)
@@ -54,8 +59,9 @@ def test_face_regions_render_like_whole_frames(renderer, decoded, recipe_checkpo
         # what the whole-frame path would hand the encoder, pixel for pixel inside the region (a box
         # moved into its crop wrongly would shift the drawing), and the decoder's own pixels outside it
         reference = bgr_to_i420(frame)
-        for got, want, src, mask in zip(i420_planes(ours), i420_planes(reference), i420_planes(source),
-                                        (inside, inside[::2, ::2], inside[::2, ::2])):
+        for got, want, src, mask in zip(
+            i420_planes(ours), i420_planes(reference), i420_planes(source), (inside, inside[::2, ::2], inside[::2, ::2])
+        ):
             np.testing.assert_array_equal(got[mask], want[mask])
             np.testing.assert_array_equal(got[~mask], src[~mask])
 
@@ -67,15 +73,19 @@ def test_a_frame_without_a_face_region_passes_through(decoded):
     out = w._render_regions(frames, np.array([[300, 10, 400, 90], [61, 75, 195, 231]], np.int32), features)
     np.testing.assert_array_equal(out[0], decoded[0])  # box right of the picture: nothing to render
     assert not np.array_equal(out[1], decoded[1])
-    assert w._render_regions([decoded[0].copy()], np.array([[0, 0, 0, 0]], np.int32), features[:1])[0].tobytes() \
+    assert (
+        w._render_regions([decoded[0].copy()], np.array([[0, 0, 0, 0]], np.int32), features[:1])[0].tobytes()
         == decoded[0].tobytes()
+    )
 
 
-@pytest.mark.parametrize("frames, batch, step", [(250, 16, 16), (250, 128, 63), (125, 128, 32), (3, 128, 1), (1, 16, 1)])
+@pytest.mark.parametrize(
+    "frames, batch, step", [(250, 16, 16), (250, 128, 63), (125, 128, 32), (3, 128, 1), (1, 16, 1)]
+)
 def test_pipeline_chunks_overlap_even_with_gpu_sized_batches(frames, batch, step):
     """Chunks never exceed the renderer's batch, and a segment has at least four of them (when it has
     that many frames), so decode, render and encode overlap even when a GPU batch covers the segment."""
     chunks = pipeline_chunks(frames, batch)
     assert chunks[0] == (0, step) and chunks[-1][1] == frames
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # consecutive, every frame once
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))  # consecutive, every frame once
     assert max(hi - lo for lo, hi in chunks) <= batch and len(chunks) >= min(4, frames)

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_publish_is_atomic_and_leaves_no_temp_files(tmp_path):
 def test_local_copy_caches_remote_files(tmp_path):
     storage.write_bytes("memory://lc/model.pth", b"weights")
     first = storage.local_copy("memory://lc/model.pth", cache_dir=str(tmp_path))
-    assert open(first, "rb").read() == b"weights"
+    assert Path(first).read_bytes() == b"weights"
     assert storage.local_copy("memory://lc/model.pth", cache_dir=str(tmp_path)) == first
     assert storage.local_copy(str(tmp_path / "x"), cache_dir=str(tmp_path)) == str(tmp_path / "x")
 

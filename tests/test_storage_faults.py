@@ -101,9 +101,17 @@ def test_an_outage_longer_than_the_retries_is_reported(flaky_s3, monkeypatch):
     assert storage.is_transient(err.value)
 
 
-@pytest.mark.parametrize("exc, transient", [
-    (OSError(16, "SlowDown"), True), (TimeoutError(), True), (ConnectionResetError(), True),
-    (FileNotFoundError(), False), (PermissionError(), False), (OSError(22, "Invalid"), False), (ValueError(), False),
-])
+@pytest.mark.parametrize(
+    "exc, transient",
+    [
+        (OSError(16, "SlowDown"), True),
+        (TimeoutError(), True),
+        (ConnectionResetError(), True),
+        (FileNotFoundError(), False),
+        (PermissionError(), False),
+        (OSError(22, "Invalid"), False),
+        (ValueError(), False),
+    ],
+)
 def test_transient_classification(exc, transient):
     assert storage.is_transient(exc) is transient

@@ -50,5 +50,5 @@ def test_haar_finds_the_demo_face_and_not_a_blank_frame():
     det = HaarDetector(max_side=720)
     face, blank = det.detect([portrait(256), np.full((300, 256, 3), 90, np.uint8)])
     assert len(blank) == 0 and len(face) >= 1
-    x1, y1, x2, y2 = face[np.argmax((face[:, 2] - face[:, 0]))][:4]
+    x1, y1, x2, y2 = face[np.argmax(face[:, 2] - face[:, 0])][:4]
     assert 60 < (x1 + x2) / 2 < 200 and 40 < (y1 + y2) / 2 < 180  # on the face in the portrait's upper half

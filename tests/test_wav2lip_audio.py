@@ -89,7 +89,7 @@ def test_short_audio_is_padded_not_a_crash():
 def test_segment_chunks_equal_whole_row_slicing(fps):
     rng = np.random.default_rng(7)
     t = np.arange(int(3.3 * SR)) / SR
-    wav = (0.4 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.normal(size=t.size))
+    wav = 0.4 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.normal(size=t.size)
     wav = wav.astype(np.float32)
     n = output_frame_count(len(wav) / SR, fps)
     segments = {

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import compose_config
 
+from conftest import compose_config
 from heygem_ray import campaign
 from heygem_ray.plan import avatar_frame_indices
 from heygem_ray.prepare import prepare_avatar
@@ -25,9 +25,16 @@ def test_wav2lip_with_s3fd_renders_and_leaves_the_rest_of_the_frame(ray_local, m
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(pa.table({"id": ["w2l"], "audio": [audio], "avatar": [avatar]}), manifest)
     cfg = compose_config(
-        f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.segment_seconds=0.4", "render.progress=false",
-        "renderer=wav2lip", f"renderer.checkpoint={recipe_checkpoints['wav2lip']}", "renderer.batch_size=8",
-        "detector=s3fd", f"detector.checkpoint={recipe_checkpoints['s3fd']}", "detector.max_side=160",
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "render.segment_seconds=0.4",
+        "render.progress=false",
+        "renderer=wav2lip",
+        f"renderer.checkpoint={recipe_checkpoints['wav2lip']}",
+        "renderer.batch_size=8",
+        "detector=s3fd",
+        f"detector.checkpoint={recipe_checkpoints['s3fd']}",
+        "detector.max_side=160",
     )
     summary = campaign.run(cfg)
     result = summary.rows[0]
@@ -45,9 +52,9 @@ def test_wav2lip_with_s3fd_renders_and_leaves_the_rest_of_the_frame(ray_local, m
         x1, y1, x2, y2 = track.boxes[mapping[i]]
         outside = np.ones(out.shape[:2], bool)
         outside[y1:y2, x1:x2] = False
-        y = lambda f: cv2.cvtColor(f, cv2.COLOR_BGR2YUV)[..., 0].astype(float)  # noqa: E731
+        y = lambda f: cv2.cvtColor(f, cv2.COLOR_BGR2YUV)[..., 0].astype(float)
         mse = np.mean((y(out)[outside] - y(src)[outside]) ** 2) if outside.any() else 0.0
-        assert mse == 0 or 10 * np.log10(255 ** 2 / mse) >= 35.0, f"frame {i}"
+        assert mse == 0 or 10 * np.log10(255**2 / mse) >= 35.0, f"frame {i}"
         lower = (slice(y1 + (y2 - y1) * 2 // 3, y2), slice(x1, x2))
         changed_inside += np.abs(out[lower].astype(float) - src[lower].astype(float)).mean()
     assert changed_inside / len(frames) > 5.0  # the generator really repainted the lower face
@@ -71,8 +78,13 @@ def test_face_tracks_are_cached_by_content(media_dir, tmp_path):
     shutil.copy(media_dir / "clip2.mp4", copy)
     again = prepare_avatar(str(copy), None, cfg.detector, cfg.cache_uri, 25.0)
     assert again.boxes[0].tolist() == [1, 2, 33, 44]
-    other = prepare_avatar(str(copy), None, compose_config("manifest=m", f"output={tmp_path}", "detector.smooth=false").detector,
-                           cfg.cache_uri, 25.0)
+    other = prepare_avatar(
+        str(copy),
+        None,
+        compose_config("manifest=m", f"output={tmp_path}", "detector.smooth=false").detector,
+        cfg.cache_uri,
+        25.0,
+    )
     assert other.boxes[0].tolist() != [1, 2, 33, 44]  # a different detector config tracks anew
 
 
@@ -80,10 +92,23 @@ def test_a_wrong_checkpoint_fails_rows_with_what_was_expected(ray_local, media_d
     """The S3FD file given as the generator: every row that needs rendering fails with the loader's
     message (no hang waiting for an actor that can never start)."""
     manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": ["a", "b"], "audio": [str(media_dir / "speech3.wav")] * 2,
-                             "avatar": [str(media_dir / "clip2.mp4"), str(media_dir / "still.png")]}), manifest)
-    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false",
-                         "renderer=wav2lip", f"renderer.checkpoint={recipe_checkpoints['s3fd']}")
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", "b"],
+                "audio": [str(media_dir / "speech3.wav")] * 2,
+                "avatar": [str(media_dir / "clip2.mp4"), str(media_dir / "still.png")],
+            }
+        ),
+        manifest,
+    )
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "render.progress=false",
+        "renderer=wav2lip",
+        f"renderer.checkpoint={recipe_checkpoints['s3fd']}",
+    )
     summary = campaign.run(cfg)
     assert [r.status for r in summary.rows] == ["failed", "failed"]
     for row in summary.rows:

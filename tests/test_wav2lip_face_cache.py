@@ -52,8 +52,10 @@ class EncoderCount:
 
 def _pair(checkpoint: str, face_cache_mb: float = 256, **kw) -> tuple[Wav2LipRenderer, Wav2LipRenderer]:
     """(with reuse, without reuse): the same renderer settings, face cache on and off."""
-    return (Wav2LipRenderer(checkpoint, device="cpu", face_cache_mb=face_cache_mb, **kw),
-            Wav2LipRenderer(checkpoint, device="cpu", face_cache_mb=0, **kw))
+    return (
+        Wav2LipRenderer(checkpoint, device="cpu", face_cache_mb=face_cache_mb, **kw),
+        Wav2LipRenderer(checkpoint, device="cpu", face_cache_mb=0, **kw),
+    )
 
 
 def _assert_same(got: list[np.ndarray], want: list[np.ndarray]) -> None:
@@ -62,8 +64,9 @@ def _assert_same(got: list[np.ndarray], want: list[np.ndarray]) -> None:
         assert np.array_equal(g, w), (k, np.abs(g.astype(int) - w).max())
 
 
-@pytest.mark.parametrize(("image_ops", "precision"), [("cpu", "fp32"), ("device", "fp32"), ("cpu", "bf16"),
-                                                      ("device", "bf16")])
+@pytest.mark.parametrize(
+    ("image_ops", "precision"), [("cpu", "fp32"), ("device", "fp32"), ("cpu", "bf16"), ("device", "bf16")]
+)
 def test_still_image_encodes_its_face_once(recipe_checkpoints, portrait, mels, image_ops, precision):
     reuse, plain = _pair(recipe_checkpoints["wav2lip"], batch_size=16, precision=precision, image_ops=image_ops)
     count, baseline = EncoderCount(reuse), EncoderCount(plain)
@@ -102,9 +105,20 @@ def test_mixed_boxes_and_sources(recipe_checkpoints, clip, mels, image_ops):
     count = EncoderCount(reuse)
     h, w = clip[0].shape[:2]
     rows = [  # (clip frame, box)
-        (0, BOX), (1, BOX), (0, BOX), (0, OTHER_BOX), (2, [-20, 150, 90, h + 30]), (1, BOX),
-        (2, [w - 60, -10, w + 40, 90]), (0, OTHER_BOX), (3, [10, 10, 10, 60]), (2, [-20, 150, 90, h + 30]),
-        (1, [0, 0, w, h]), (3, BOX), (0, BOX), (1, [0, 0, w, h]),
+        (0, BOX),
+        (1, BOX),
+        (0, BOX),
+        (0, OTHER_BOX),
+        (2, [-20, 150, 90, h + 30]),
+        (1, BOX),
+        (2, [w - 60, -10, w + 40, 90]),
+        (0, OTHER_BOX),
+        (3, [10, 10, 10, 60]),
+        (2, [-20, 150, 90, h + 30]),
+        (1, [0, 0, w, h]),
+        (3, BOX),
+        (0, BOX),
+        (1, [0, 0, w, h]),
     ]
     boxes = np.array([box for _, box in rows])
     sources = [("clip.mp4", i) for i, _ in rows]
@@ -125,8 +139,9 @@ def eager_backend(monkeypatch):
 
 
 def test_compiled_reuse_is_bitwise_the_compiled_output(recipe_checkpoints, eager_backend, clip, mels):
-    reuse, plain = _pair(recipe_checkpoints["wav2lip"], batch_size=8, precision="fp32", image_ops="device",
-                         compile=True)
+    reuse, plain = _pair(
+        recipe_checkpoints["wav2lip"], batch_size=8, precision="fp32", image_ops="device", compile=True
+    )
     index = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1]  # 8 + a padded tail of 3
     sources = [("clip.mp4", i) for i in index]
     boxes = np.tile(BOX, (len(index), 1))
@@ -148,14 +163,23 @@ def test_compiled_halves_compile_once(recipe_checkpoints, monkeypatch, clip, mel
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counting, **kw))
     torch._dynamo.reset()
-    renderer = Wav2LipRenderer(recipe_checkpoints["wav2lip"], batch_size=4, precision="fp32", device="cpu",
-                               image_ops="device", compile=True)
+    renderer = Wav2LipRenderer(
+        recipe_checkpoints["wav2lip"], batch_size=4, precision="fp32", device="cpu", image_ops="device", compile=True
+    )
     boxes = np.tile(BOX, (6, 1))
-    renderer.render([clip[i].copy() for i in (0, 1, 0, 2, 1, 2)], boxes, mels[:6],
-                    sources=[("clip.mp4", i) for i in (0, 1, 0, 2, 1, 2)])
+    renderer.render(
+        [clip[i].copy() for i in (0, 1, 0, 2, 1, 2)],
+        boxes,
+        mels[:6],
+        sources=[("clip.mp4", i) for i in (0, 1, 0, 2, 1, 2)],
+    )
     renderer.render([clip[i].copy() for i in (0, 1, 3)], boxes[:3], mels[:3])
-    renderer.render([clip[i].copy() for i in (2, 0, 1, 3, 3)], boxes[:5], mels[:5],
-                    sources=[("clip.mp4", i) for i in (2, 0, 1, 3, 3)])
+    renderer.render(
+        [clip[i].copy() for i in (2, 0, 1, 3, 3)],
+        boxes[:5],
+        mels[:5],
+        sources=[("clip.mp4", i) for i in (2, 0, 1, 3, 3)],
+    )
     assert renderer.compiled and len(graphs) == 2
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from recipe_weights import read_keys, recipe_state_dict
 
 from heygem_ray.models.wav2lip import Wav2Lip
+from recipe_weights import read_keys, recipe_state_dict
 
 DATA = Path(__file__).parent / "data"
 KEYS = read_keys(DATA / "wav2lip_state_dict.tsv")
@@ -69,8 +69,15 @@ def test_encoder_and_decoder_halves_are_the_forward(model):
         out = model.decode(mel, skips)
         assert torch.equal(out, model(mel, faces))
         assert torch.equal(model.decode(mel, skips), out)  # decode leaves the skips as they were
-    assert shapes == [(4, 16, 96, 96), (4, 32, 48, 48), (4, 64, 24, 24), (4, 128, 12, 12), (4, 256, 6, 6),
-                      (4, 512, 3, 3), (4, 512, 1, 1)]
+    assert shapes == [
+        (4, 16, 96, 96),
+        (4, 32, 48, 48),
+        (4, 64, 24, 24),
+        (4, 128, 12, 12),
+        (4, 256, 6, 6),
+        (4, 512, 3, 3),
+        (4, 512, 1, 1),
+    ]
     assert len(skips) == 7
 
 
@@ -82,8 +89,11 @@ def test_fused_cpu_generator_matches_the_official_reference(model):
 
     fused = fuse_for_cpu(model.to(memory_format=torch.channels_last))
     assert not any(isinstance(m, ConvUnit) for m in fused.modules())
-    assert sum(isinstance(m, FusedConvUnit) for m in fused.modules()) == sum(
-        isinstance(m, ConvUnit) for m in model.modules()) > 0
+    assert (
+        sum(isinstance(m, FusedConvUnit) for m in fused.modules())
+        == sum(isinstance(m, ConvUnit) for m in model.modules())
+        > 0
+    )
     faces = torch.from_numpy(REF["faces"]).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         out = fused(torch.from_numpy(REF["mel"]), faces)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from recipe_weights import read_keys, recipe_state_dict
 
 from heygem_ray import demo
 from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster
@@ -23,6 +22,7 @@ from heygem_ray.render.wav2lip import (
     resolve_precision,
     tf32_allowed,
 )
+from recipe_weights import read_keys, recipe_state_dict
 
 DATA = Path(__file__).parent / "data"
 BOX = np.array([76, 56, 190, 172])  # the face on the demo portrait at width 256, padded as the track does
@@ -78,9 +78,17 @@ def test_which_cpus_get_bf16_and_int8():
     alder_lake = frozenset({"avx2", "avx_vnni"})
     haswell = frozenset({"avx2", "fma"})
     assert [cpu_bf16_is_faster(f) for f in (sapphire_rapids, cascade_lake, alder_lake, haswell)] == [
-        True, False, False, False]
+        True,
+        False,
+        False,
+        False,
+    ]
     assert [cpu_int8_is_faster(f) for f in (sapphire_rapids, cascade_lake, alder_lake, haswell)] == [
-        True, True, True, False]
+        True,
+        True,
+        True,
+        False,
+    ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -190,8 +198,9 @@ def nan_checkpoint(tmp_path_factory) -> str:
 @pytest.mark.parametrize("image_ops", ["cpu", "device"])
 @pytest.mark.parametrize("blend", ["hard", "feather"])
 def test_nan_output_gives_valid_frames(nan_checkpoint, portrait_frames, mels, image_ops, blend):
-    renderer = Wav2LipRenderer(nan_checkpoint, batch_size=4, precision="fp32", blend=blend, device="cpu",
-                               image_ops=image_ops)
+    renderer = Wav2LipRenderer(
+        nan_checkpoint, batch_size=4, precision="fp32", blend=blend, device="cpu", image_ops=image_ops
+    )
     boxes = np.tile(BOX, (len(portrait_frames), 1))
     out = renderer.render([f.copy() for f in portrait_frames], boxes, mels)
     x1, y1, x2, y2 = BOX

@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from recipe_weights import read_keys, recipe_state_dict
 
 from heygem_ray.render.base import AudioWindow
 from heygem_ray.render.wav2lip import (
@@ -22,6 +21,7 @@ from heygem_ray.render.wav2lip import (
     _feather_mask_torch,
     _resize,
 )
+from recipe_weights import read_keys, recipe_state_dict
 
 DATA = Path(__file__).parent / "data"
 H, W = 160, 200
@@ -146,10 +146,18 @@ def test_options_are_validated(checkpoint):
 
 # Boxes of different sizes, two of the same size (resized together), at every frame border, one
 # covering the whole frame, one tiny (upscaled) and one empty; batch_size 3 splits them 3 + 3 + 2.
-MIXED = np.array([
-    [60, 30, 140, 130], [58, 32, 141, 128], [60, 30, 140, 130], [-5, 90, 70, 175],
-    [150, -10, 230, 60], [0, 0, W, H], [10, 10, 40, 30], [10, 10, 10, 50],
-])
+MIXED = np.array(
+    [
+        [60, 30, 140, 130],
+        [58, 32, 141, 128],
+        [60, 30, 140, 130],
+        [-5, 90, 70, 175],
+        [150, -10, 230, 60],
+        [0, 0, W, H],
+        [10, 10, 40, 30],
+        [10, 10, 10, 50],
+    ]
+)
 # Tolerance of the device path against the cv2 path, inside the boxes. cv2 resizes uint8 with
 # 11-bit fixed-point weights, torch in float32; sampling positions and edge clamping are the same
 # (test_resize_matches_cv2), so resized pixels differ by at most one level. Those one-level input
@@ -182,8 +190,17 @@ def test_auto_image_ops_is_cpu_off_cuda(hard, checkpoint):
     assert Wav2LipRenderer(checkpoint, device="cpu", image_ops="device").image_ops == "device"
 
 
-@pytest.mark.parametrize(("src", "dst"), [((100, 80), (96, 96)), ((96, 96), (100, 80)), ((420, 320), (96, 96)),
-                                          ((96, 96), (420, 320)), ((192, 192), (96, 96)), ((20, 30), (96, 96))])
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ((100, 80), (96, 96)),
+        ((96, 96), (100, 80)),
+        ((420, 320), (96, 96)),
+        ((96, 96), (420, 320)),
+        ((192, 192), (96, 96)),
+        ((20, 30), (96, 96)),
+    ],
+)
 def test_resize_matches_cv2(src, dst):
     """torch bilinear (align_corners=False) samples where cv2.INTER_LINEAR does, edges included;
     only cv2's fixed-point rounding differs, by at most one level."""
@@ -271,8 +288,9 @@ def eager_backend(monkeypatch):
 
 def test_compile_runs_and_matches_eager(checkpoint, eager_backend, mixed_frames, mixed_features):
     eager = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu", image_ops="device")
-    compiled = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu", image_ops="device",
-                               compile=True)
+    compiled = Wav2LipRenderer(
+        checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu", image_ops="device", compile=True
+    )
     want = eager.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
     got = compiled.render([f.copy() for f in mixed_frames], MIXED, mixed_features)  # 3 + 3 + 2 (padded)
     assert compiled.compiled
@@ -307,8 +325,10 @@ def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch, caplog, fr
     assert len(renderer.render([f.copy() for f in frames], BOXES, features)) == 3
 
 
-@pytest.mark.skipif(not os.environ.get("HEYGEM_TEST_COMPILE"),
-                    reason="inductor compile takes ~55 s on 2 CPU cores; set HEYGEM_TEST_COMPILE=1 to run")
+@pytest.mark.skipif(
+    not os.environ.get("HEYGEM_TEST_COMPILE"),
+    reason="inductor compile takes ~55 s on 2 CPU cores; set HEYGEM_TEST_COMPILE=1 to run",
+)
 def test_compile_with_inductor(checkpoint, frames, features, hard):
     renderer = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", blend="hard", device="cpu", compile=True)
     out = renderer.render([f.copy() for f in frames], BOXES, features)
@@ -318,8 +338,9 @@ def test_compile_with_inductor(checkpoint, frames, features, hard):
 
 
 def test_compile_now_compiles_a_built_renderer_once(checkpoint, eager_backend, mixed_frames, mixed_features):
-    renderer = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu",
-                               image_ops="device")
+    renderer = Wav2LipRenderer(
+        checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu", image_ops="device"
+    )
     want = renderer.render([f.copy() for f in mixed_frames], MIXED, mixed_features)
     assert not renderer.compiled
     assert renderer.compile_now() and renderer.compiled
@@ -341,8 +362,10 @@ def test_compile_now_falls_back_to_eager_once(checkpoint, monkeypatch, caplog, f
         assert not renderer.compile_now()
         assert not renderer.compile_now()  # no second attempt, no second warning
     assert caplog.text.count("dynamo unsupported") == 1 and not renderer.compiled
-    for w, g in zip(hard.render([f.copy() for f in frames], BOXES, features),
-                    renderer.render([f.copy() for f in frames], BOXES, features)):
+    for w, g in zip(
+        hard.render([f.copy() for f in frames], BOXES, features),
+        renderer.render([f.copy() for f in frames], BOXES, features),
+    ):
         np.testing.assert_array_equal(g, w)
 
 
@@ -351,8 +374,9 @@ def test_threads_caps_the_inductor_compile_workers(checkpoint, eager_backend, th
     from torch._inductor import config
 
     with config.patch(compile_threads=before):  # restores the process's setting after
-        renderer = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", device="cpu", compile=True,
-                                   threads=threads)
+        renderer = Wav2LipRenderer(
+            checkpoint, batch_size=8, precision="fp32", device="cpu", compile=True, threads=threads
+        )
         assert renderer.compiled and config.compile_threads == after
     lazy = Wav2LipRenderer(checkpoint, batch_size=8, precision="fp32", device="cpu", threads=threads)
     with config.patch(compile_threads=before):

@@ -63,7 +63,7 @@ def test_odd_sizes_are_refused():
 
 
 # -- face regions of I420 frames (the actor renders only these) -------------------------------
-from heygem_ray.media.yuv import even_region, i420_planes, paste_bgr, region_to_bgr  # noqa: E402
+from heygem_ray.media.yuv import even_region, i420_planes, paste_bgr, region_to_bgr
 
 
 def test_even_region_clips_and_widens_to_whole_chroma_samples():
@@ -97,6 +97,6 @@ def test_paste_changes_the_region_only_and_an_unchanged_region_within_a_level():
         assert np.abs(plane[mask].astype(int) - original[mask]).mean() < 0.6
     grey = np.full((y2 - y1, x2 - x1, 3), 128, np.uint8)
     paste_bgr(i420, region, grey)
-    y, u, v = i420_planes(i420)
+    y, u, _v = i420_planes(i420)
     assert np.all(y[y1:y2, x1:x2] == bgr_to_i420(grey)[0, 0])
-    assert np.all(u[y1 // 2:y2 // 2, x1 // 2:x2 // 2] == 128)
+    assert np.all(u[y1 // 2 : y2 // 2, x1 // 2 : x2 // 2] == 128)

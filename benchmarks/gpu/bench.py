@@ -9,8 +9,6 @@ it too; what it prints is echoed and stored as the step's markdown.
 
 from __future__ import annotations
 
-from benchmarks.gpu import common  # noqa: I001 - first: the dry run's import guard
-
 import argparse
 import contextlib
 import io
@@ -18,6 +16,8 @@ import runpy
 import sys
 from collections.abc import Sequence
 from typing import TextIO
+
+from benchmarks.gpu import common
 
 
 class Tee(io.TextIOBase):

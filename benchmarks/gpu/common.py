@@ -18,18 +18,18 @@ if os.environ.get(SIMULATE_ENV) == "1":  # before anything below imports numpy, 
     _GUARD = NodeImports(blocked_modules())
     _GUARD.install()
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import functools
+import importlib.util
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -64,8 +64,12 @@ class StepResult:
 
     def check(self, name: str, passed: bool | None, tolerance: str = "", **figures: Any) -> bool | None:
         self.checks.append(Check(name, None if passed is None else bool(passed), figures, tolerance))
-        print(f"  [{_mark(passed)}] {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in figures.items())
-              + (f"  (tolerance: {tolerance})" if tolerance else ""), flush=True)
+        print(
+            f"  [{_mark(passed)}] {name}: "
+            + ", ".join(f"{k}={_short(v)}" for k, v in figures.items())
+            + (f"  (tolerance: {tolerance})" if tolerance else ""),
+            flush=True,
+        )
         return passed
 
     def to_json(self) -> dict[str, Any]:
@@ -102,8 +106,9 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def step_args(argv: Sequence[str] | None, name: str, doc: str,
-              options: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def step_args(
+    argv: Sequence[str] | None, name: str, doc: str, options: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
     """The options every step takes, plus the step's own (`options` adds them)."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.gpu.{name}", description=doc.splitlines()[0])
     if options is not None:
@@ -111,8 +116,12 @@ def step_args(argv: Sequence[str] | None, name: str, doc: str,
     parser.add_argument("--out", type=Path, required=True, help="folder for <step>.json")
     parser.add_argument("--dry-run", action="store_true", help="tiny inputs on CPU")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--budget", type=float, default=float("inf"),
-                        help="seconds this step has (the orchestrator kills it after them); optional parts skip")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=float("inf"),
+        help="seconds this step has (the orchestrator kills it after them); optional parts skip",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     return args

@@ -19,8 +19,6 @@
 
 from __future__ import annotations
 
-from benchmarks.gpu import common  # noqa: I001 - first: the dry run's import guard
-
 import argparse
 import multiprocessing
 import queue
@@ -32,16 +30,26 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.gpu import common
+
 #: precision -> (mean, max) tolerance of |generator output - reference|
 GENERATOR_TOLERANCE = {"fp32": (None, 1e-4), "fp16": (1e-3, 1.5e-2), "bf16": (6e-3, 6e-2)}
 IMAGE_OPS_TOLERANCE = {"mean": 0.5, "max": 8, "within_one": 0.98}
 S3FD_ATOL = S3FD_RTOL = 1e-4
 #: boxes as fractions of the frame: a face, a near twin, the same again (resized together), one past
 #: the left edge, one past the top, the whole frame, a tiny one (upscaled), an empty one
-BOX_FRACTIONS = np.array([
-    [0.40, 0.20, 0.57, 0.60], [0.40, 0.21, 0.571, 0.59], [0.40, 0.20, 0.57, 0.60], [-0.02, 0.40, 0.20, 0.80],
-    [0.60, -0.05, 0.85, 0.30], [0.0, 0.0, 1.0, 1.0], [0.05, 0.05, 0.09, 0.10], [0.05, 0.05, 0.05, 0.20],
-])
+BOX_FRACTIONS = np.array(
+    [
+        [0.40, 0.20, 0.57, 0.60],
+        [0.40, 0.21, 0.571, 0.59],
+        [0.40, 0.20, 0.57, 0.60],
+        [-0.02, 0.40, 0.20, 0.80],
+        [0.60, -0.05, 0.85, 0.30],
+        [0.0, 0.0, 1.0, 1.0],
+        [0.05, 0.05, 0.09, 0.10],
+        [0.05, 0.05, 0.05, 0.20],
+    ]
+)
 
 
 def frames_and_boxes(width: int, height: int, seed: int = 11) -> tuple[list[np.ndarray], np.ndarray]:
@@ -68,9 +76,16 @@ def renderer(checkpoint: str, device: str, precision: str, image_ops: str, blend
     from heygem_ray.config import Wav2LipRendererConfig
     from heygem_ray.render import build_renderer
 
-    return build_renderer(Wav2LipRendererConfig(checkpoint=checkpoint, batch_size=len(BOX_FRACTIONS),
-                                                precision=precision, blend=blend, device=device,
-                                                image_ops=image_ops))
+    return build_renderer(
+        Wav2LipRendererConfig(
+            checkpoint=checkpoint,
+            batch_size=len(BOX_FRACTIONS),
+            precision=precision,
+            blend=blend,
+            device=device,
+            image_ops=image_ops,
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------- 1. generator
@@ -98,13 +113,20 @@ def check_generator(result: common.StepResult, device: Any, precisions: Sequence
             diff = common.levels(out - ref[output])
             ok = diff["max"] <= max_tol and (mean_tol is None or diff["mean"] <= mean_tol)
             tolerance = f"max <= {max_tol:g}" + (f", mean <= {mean_tol:g}" if mean_tol else "")
-            result.check(f"Wav2Lip generator {precision} {shape} vs official reference", ok, tolerance,
-                         mean=diff["mean"], max=diff["max"], max_levels=round(diff["max"] * 255, 3))
+            result.check(
+                f"Wav2Lip generator {precision} {shape} vs official reference",
+                ok,
+                tolerance,
+                mean=diff["mean"],
+                max=diff["max"],
+                max_levels=round(diff["max"] * 255, 3),
+            )
 
 
 # --------------------------------------------------------------------------------------- 2. image ops
-def compare_paths(reference: list[np.ndarray], got: list[np.ndarray], frames: list[np.ndarray],
-                  boxes: np.ndarray) -> dict[str, float]:
+def compare_paths(
+    reference: list[np.ndarray], got: list[np.ndarray], frames: list[np.ndarray], boxes: np.ndarray
+) -> dict[str, float]:
     """Worst per-box figures inside the boxes, and changed pixels outside them (must be 0)."""
     height, width = frames[0].shape[:2]
     worst = {"mean": 0.0, "max": 0.0, "within_one": 1.0, "outside_changed": 0}
@@ -122,8 +144,9 @@ def compare_paths(reference: list[np.ndarray], got: list[np.ndarray], frames: li
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in worst.items()}
 
 
-def check_image_ops(result: common.StepResult, device: Any, checkpoint: str, size: tuple[int, int],
-                    blends: Sequence[str]) -> None:
+def check_image_ops(
+    result: common.StepResult, device: Any, checkpoint: str, size: tuple[int, int], blends: Sequence[str]
+) -> None:
     frames, boxes = frames_and_boxes(*size)
     tol = IMAGE_OPS_TOLERANCE
     for blend in blends:
@@ -133,18 +156,29 @@ def check_image_ops(result: common.StepResult, device: Any, checkpoint: str, siz
         dev = renderer(checkpoint, str(device), "fp32", "device", blend)
         got = dev.render([f.copy() for f in frames], boxes, feats)
         w = compare_paths(want, got, frames, boxes)
-        ok = (w["outside_changed"] == 0 and w["mean"] <= tol["mean"] and w["max"] <= tol["max"]
-              and w["within_one"] >= tol["within_one"])
-        result.check(f"image_ops=device vs cpu, fp32, {blend}, {size[0]}x{size[1]}", ok,
-                     f"outside unchanged, worst box mean <= {tol['mean']}, max <= {tol['max']} levels, "
-                     f">= {tol['within_one']:.0%} within one", **w)
+        ok = (
+            w["outside_changed"] == 0
+            and w["mean"] <= tol["mean"]
+            and w["max"] <= tol["max"]
+            and w["within_one"] >= tol["within_one"]
+        )
+        result.check(
+            f"image_ops=device vs cpu, fp32, {blend}, {size[0]}x{size[1]}",
+            ok,
+            f"outside unchanged, worst box mean <= {tol['mean']}, max <= {tol['max']} levels, "
+            f">= {tol['within_one']:.0%} within one",
+            **w,
+        )
     if device.type == "cuda":  # what the node runs (half precision on the GPU) against the official numerics
         half = renderer(checkpoint, str(device), common.GPU_PRECISION, "device", "feather")
         got = half.render([f.copy() for f in frames], boxes, feats)
         cpu = renderer(checkpoint, str(device), "fp32", "cpu", "feather")
         want = cpu.render([f.copy() for f in frames], boxes, feats)
-        result.check(f"image_ops=device {common.GPU_PRECISION} vs cpu fp32, feather (reported)", None,
-                     **compare_paths(want, got, frames, boxes))
+        result.check(
+            f"image_ops=device {common.GPU_PRECISION} vs cpu fp32, feather (reported)",
+            None,
+            **compare_paths(want, got, frames, boxes),
+        )
 
 
 # --------------------------------------------------------------------------------------- 3. s3fd
@@ -168,8 +202,13 @@ def check_s3fd(result: common.StepResult, device: Any) -> None:
             diff = np.abs(out - expected)
             worst_abs = max(worst_abs, float(diff.max()))
             worst_excess = max(worst_excess, float((diff - S3FD_ATOL - S3FD_RTOL * np.abs(expected)).max()))
-    result.check("S3FD raw outputs fp32 vs official reference", shapes_ok and worst_excess <= 0,
-                 f"|diff| <= {S3FD_ATOL:g} + {S3FD_RTOL:g}·|ref|", max_abs=worst_abs, outputs=len(outputs))
+    result.check(
+        "S3FD raw outputs fp32 vs official reference",
+        shapes_ok and worst_excess <= 0,
+        f"|diff| <= {S3FD_ATOL:g} + {S3FD_RTOL:g}·|ref|",
+        max_abs=worst_abs,
+        outputs=len(outputs),
+    )
 
 
 # --------------------------------------------------------------------------------------- 4. sharing
@@ -193,12 +232,13 @@ def render_rounds(prepared: Prepared, rounds: int) -> tuple[list[list[np.ndarray
     regions = []
     for _ in range(rounds):
         out = r.render([f.copy() for f in frames], boxes, feats)
-        regions.append([o[max(b[1], 0):max(b[3], 0), max(b[0], 0):max(b[2], 0)].copy() for o, b in zip(out, boxes)])
+        regions.append([o[max(b[1], 0) : max(b[3], 0), max(b[0], 0) : max(b[2], 0)].copy() for o, b in zip(out, boxes)])
     return regions, time.perf_counter() - start
 
 
-def _sharing_worker(checkpoint: str, device: str, precision: str, size: tuple[int, int], rounds: int,
-                    barrier: Any, results: Any) -> None:
+def _sharing_worker(
+    checkpoint: str, device: str, precision: str, size: tuple[int, int], rounds: int, barrier: Any, results: Any
+) -> None:
     """One of the processes sharing the GPU: load, wait for the others, render at the same moment."""
     try:
         if device == "cpu":  # the dry run: processes sharing a small CPU would oversubscribe it
@@ -233,8 +273,15 @@ def collect(answers: Any, workers: list[Any], timeout: float) -> list[tuple[str,
     return out
 
 
-def check_sharing(result: common.StepResult, device: Any, checkpoint: str, procs: int, precision: str,
-                  size: tuple[int, int], rounds: int = 3) -> None:
+def check_sharing(
+    result: common.StepResult,
+    device: Any,
+    checkpoint: str,
+    procs: int,
+    precision: str,
+    size: tuple[int, int],
+    rounds: int = 3,
+) -> None:
     import torch
 
     threads = torch.get_num_threads()
@@ -246,8 +293,10 @@ def check_sharing(result: common.StepResult, device: Any, checkpoint: str, procs
         torch.set_num_threads(threads)
     ctx = multiprocessing.get_context("spawn")
     barrier, answers_q = ctx.Barrier(procs), ctx.Queue()
-    workers = [ctx.Process(target=_sharing_worker, args=(checkpoint, str(device), precision, size, rounds,
-                                                        barrier, answers_q)) for _ in range(procs)]
+    workers = [
+        ctx.Process(target=_sharing_worker, args=(checkpoint, str(device), precision, size, rounds, barrier, answers_q))
+        for _ in range(procs)
+    ]
     for w in workers:
         w.start()
     answers = collect(answers_q, workers, timeout=300)
@@ -261,10 +310,17 @@ def check_sharing(result: common.StepResult, device: Any, checkpoint: str, procs
                     if want.shape == have.shape and want.size:
                         worst = max(worst, int(np.abs(want.astype(int) - have).max()))
     shared_s = [round(a[2], 3) for a in answers if a[0] == "ok"]
-    result.check(f"{procs} processes sharing the {device.type.upper()} render the frames one process renders "
-                 f"({precision}, {rounds} rounds each)", identical, "identical bytes", processes=procs,
-                 max_level_diff=worst, seconds_alone=round(alone_s, 3), seconds_each_shared=shared_s,
-                 errors=errors)
+    result.check(
+        f"{procs} processes sharing the {device.type.upper()} render the frames one process renders "
+        f"({precision}, {rounds} rounds each)",
+        identical,
+        "identical bytes",
+        processes=procs,
+        max_level_diff=worst,
+        seconds_alone=round(alone_s, 3),
+        seconds_each_shared=shared_s,
+        errors=errors,
+    )
 
 
 # --------------------------------------------------------------------------------------- step
@@ -287,11 +343,22 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
         checkpoint = common.wav2lip_checkpoint(Path(work) / "wav2lip_recipe.pth")
         # the dry run keeps every code path but skips what is slow on a CPU (emulated half precision)
         timed("generator", check_generator, ("fp32",) if dry else ("fp32", "fp16", "bf16"))
-        timed("image_ops", check_image_ops, checkpoint, (320, 240) if dry else (1920, 1080),
-              ("feather",) if dry else ("feather", "hard"))
+        timed(
+            "image_ops",
+            check_image_ops,
+            checkpoint,
+            (320, 240) if dry else (1920, 1080),
+            ("feather",) if dry else ("feather", "hard"),
+        )
         timed("s3fd", check_s3fd)
-        timed("sharing", check_sharing, checkpoint, procs, common.GPU_PRECISION if device.type == "cuda" else "fp32",
-              (256, 192) if dry else (1920, 1080))
+        timed(
+            "sharing",
+            check_sharing,
+            checkpoint,
+            procs,
+            common.GPU_PRECISION if device.type == "cuda" else "fp32",
+            (256, 192) if dry else (1920, 1080),
+        )
     result.figures = {"device": str(device), "seconds": seconds}
     result.markdown = markdown(result, device)
 
@@ -300,7 +367,9 @@ def markdown(result: common.StepResult, device: Any) -> str:
     rows = []
     for c in result.checks:
         figures = ", ".join(f"{k} {v}" for k, v in c.figures.items() if k not in ("errors",) and v not in ([], None))
-        rows.append([c.name, figures, c.tolerance or "—", {True: "pass", False: "**FAIL**", None: "reported"}[c.passed]])
+        rows.append(
+            [c.name, figures, c.tolerance or "—", {True: "pass", False: "**FAIL**", None: "reported"}[c.passed]]
+        )
     return common.table(["check", "measured", "tolerance", "result"], rows)
 
 

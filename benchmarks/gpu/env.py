@@ -6,8 +6,6 @@ the versions of what the kit imports, and whether heygem_ray's stages import wit
 
 from __future__ import annotations
 
-from benchmarks.gpu import common  # noqa: I001 - first: the dry run's import guard
-
 import contextlib
 import importlib.metadata
 import os
@@ -18,40 +16,75 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.gpu import common
 from benchmarks.gpu.packages import CARRIED
 
 #: modules whose versions the report names
-VERSIONS = ("torch", "numpy", "av", "opencv-python-headless", "opencv-python", "hydra-core", "omegaconf",
-            "pyarrow", "fsspec", "scipy", "numba", "triton")
+VERSIONS = (
+    "torch",
+    "numpy",
+    "av",
+    "opencv-python-headless",
+    "opencv-python",
+    "hydra-core",
+    "omegaconf",
+    "pyarrow",
+    "fsspec",
+    "scipy",
+    "numba",
+    "triton",
+)
 
 
 def cpu_facts() -> dict[str, Any]:
     model = "?"
     with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         model = names[0] if names else model
     mem_gib = None
     with contextlib.suppress(OSError, ValueError, StopIteration):
-        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))
+        kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
         mem_gib = round(kb / 1024 / 1024, 1)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable, "memory_gib": mem_gib,
-            "python": platform.python_version(), "executable": sys.executable, "platform": platform.platform()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+    }
 
 
 def gpu_facts() -> dict[str, Any]:
     import torch
 
-    facts: dict[str, Any] = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                             "cuda_available": torch.cuda.is_available()}
+    facts: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
     if not torch.cuda.is_available():
         return facts
     props = torch.cuda.get_device_properties(0)
-    facts.update(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                 capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
-                 cudnn=torch.backends.cudnn.version(), bf16_supported=torch.cuda.is_bf16_supported())
+    facts.update(
+        gpu=props.name,
+        gpu_count=torch.cuda.device_count(),
+        gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        capability=f"{props.major}.{props.minor}",
+        multiprocessors=props.multi_processor_count,
+        cudnn=torch.backends.cudnn.version(),
+        bf16_supported=torch.cuda.is_bf16_supported(),
+    )
     facts.update(nvidia_smi())
     return facts
 
@@ -59,8 +92,12 @@ def gpu_facts() -> dict[str, Any]:
 def nvidia_smi() -> dict[str, Any]:
     """Driver version and MIG mode from nvidia-smi, when it is there."""
     try:
-        line = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,mig.mode.current,power.limit",
-                               "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+        line = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version,mig.mode.current,power.limit", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {"driver": None}
     parts = [p.strip() for p in line.splitlines()[0].split(",")] if line.strip() else []
@@ -74,11 +111,15 @@ def media_facts() -> dict[str, Any]:
     from heygem_ray.media.video import auto_codec, encoder_works
 
     codecs = set(av.codecs_available)
-    return {"opencv": cv2.__version__, "opencv_haar": hasattr(cv2, "CascadeClassifier"),
-            "pyav": av.__version__, "ffmpeg": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
-            **{f"pyav_has_{name}": name in codecs for name in ("h264_nvenc", "h264_cuvid", "hevc_nvenc", "libx264")},
-            "h264_nvenc_opens": encoder_works("h264_nvenc") if "h264_nvenc" in codecs else False,
-            "encoder_auto": auto_codec()}
+    return {
+        "opencv": cv2.__version__,
+        "opencv_haar": hasattr(cv2, "CascadeClassifier"),
+        "pyav": av.__version__,
+        "ffmpeg": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
+        **{f"pyav_has_{name}": name in codecs for name in ("h264_nvenc", "h264_cuvid", "hevc_nvenc", "libx264")},
+        "h264_nvenc_opens": encoder_works("h264_nvenc") if "h264_nvenc" in codecs else False,
+        "encoder_auto": auto_codec(),
+    }
 
 
 def versions() -> dict[str, str | None]:
@@ -91,9 +132,9 @@ def versions() -> dict[str, str | None]:
 
 def stage_imports() -> dict[str, Any]:
     """Import every stage the node benchmark runs; whether Ray came along."""
-    import heygem_ray.prepare  # noqa: F401
-    import heygem_ray.render.wav2lip  # noqa: F401
-    import heygem_ray.segment  # noqa: F401
+    import heygem_ray.prepare
+    import heygem_ray.render.wav2lip
+    import heygem_ray.segment
     import heygem_ray.stitch  # noqa: F401
     from heygem_ray.models.wav2lip_audio import _mel_basis
 
@@ -125,17 +166,23 @@ def body(result: common.StepResult) -> None:
 
 
 def markdown(f: dict[str, Any]) -> str:
-    gpu = (f"{f.get('gpu')} ({f.get('gpu_memory_gib')} GiB, compute {f.get('capability')}, driver {f.get('driver')}, "
-           f"MIG {f.get('mig_mode')})" if f.get("cuda_available") else "no GPU")
+    gpu = (
+        f"{f.get('gpu')} ({f.get('gpu_memory_gib')} GiB, compute {f.get('capability')}, driver {f.get('driver')}, "
+        f"MIG {f.get('mig_mode')})"
+        if f.get("cuda_available")
+        else "no GPU"
+    )
     v = f["versions"]
     hw = ", ".join(f"{k.removeprefix('pyav_has_')} {'yes' if f[k] else 'no'}" for k in f if k.startswith("pyav_has_"))
-    return (f"Machine: {f['cpu']}, {f['cores']} cores ({f['usable_cores']} usable), {f['memory_gib']} GiB RAM; {gpu}; "
-            f"Python {f['python']}, torch {f['torch']} (CUDA {f['torch_cuda']}, cuDNN {f.get('cudnn')}), "
-            f"numpy {v.get('numpy')}, OpenCV {f['opencv']} (Haar cascade {'yes' if f['opencv_haar'] else 'no'}), "
-            f"PyAV {f['pyav']} (libavcodec {f['ffmpeg']}; {hw}; h264_nvenc opens: "
-            f"{'yes' if f['h264_nvenc_opens'] else 'no'}, encoder.codec=auto → {f['encoder_auto']}), "
-            f"hydra-core {v.get('hydra-core')}. Ray installed: "
-            f"{'yes' if f['ray_installed'] else 'no'}.")
+    return (
+        f"Machine: {f['cpu']}, {f['cores']} cores ({f['usable_cores']} usable), {f['memory_gib']} GiB RAM; {gpu}; "
+        f"Python {f['python']}, torch {f['torch']} (CUDA {f['torch_cuda']}, cuDNN {f.get('cudnn')}), "
+        f"numpy {v.get('numpy')}, OpenCV {f['opencv']} (Haar cascade {'yes' if f['opencv_haar'] else 'no'}), "
+        f"PyAV {f['pyav']} (libavcodec {f['ffmpeg']}; {hw}; h264_nvenc opens: "
+        f"{'yes' if f['h264_nvenc_opens'] else 'no'}, encoder.codec=auto → {f['encoder_auto']}), "
+        f"hydra-core {v.get('hydra-core')}. Ray installed: "
+        f"{'yes' if f['ray_installed'] else 'no'}."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

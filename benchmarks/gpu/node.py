@@ -16,8 +16,6 @@ track would give) are done before the clock starts and reported apart.
 
 from __future__ import annotations
 
-from benchmarks.gpu import common  # noqa: I001 - first: the dry run's import guard
-
 import argparse
 import multiprocessing
 import os
@@ -34,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.gpu import common
 
 FPS = 25
 GOP = 50  # keyframe every 2 s, as a camera file has (x264's default is 250)
@@ -75,7 +75,7 @@ def make_avatar(path: Path, seconds: float, height: int, threads: int) -> tuple[
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = GOP
         stream.options = {"crf": "18", "preset": "veryfast"}
-        ahead = pool.map(compose, range(0, min(_CHUNK, count)))
+        ahead = pool.map(compose, range(min(_CHUNK, count)))
         for lo in range(0, count, _CHUNK):
             frames = list(ahead)
             nxt = lo + _CHUNK
@@ -97,25 +97,36 @@ def make_inputs(work: Path, seconds: float, height: int, threads: int) -> Inputs
     box, width = make_avatar(avatar, seconds, height, threads)
     demo.write_wav(str(audio), demo.speech_like(seconds, seed=61))
     checkpoint = common.wav2lip_checkpoint(work / "wav2lip_recipe.pth")
-    return Inputs(str(avatar), str(audio), checkpoint, box, seconds, width, height,
-                  round(time.perf_counter() - start, 2))
+    return Inputs(
+        str(avatar), str(audio), checkpoint, box, seconds, width, height, round(time.perf_counter() - start, 2)
+    )
 
 
 # --------------------------------------------------------------------------------------- config
-def node_config(inputs: Inputs, root: Path, threads: int, precision: str, segment_seconds: float,
-                device: str) -> Any:
+def node_config(inputs: Inputs, root: Path, threads: int, precision: str, segment_seconds: float, device: str) -> Any:
     """The campaign config of this run, from the product's dataclasses, every speed option named."""
-    from heygem_ray.config import (ActorConfig, ClusterConfig, Config, DetectorConfig, EncoderConfig, RenderConfig,
-                                   Wav2LipRendererConfig)
+    from heygem_ray.config import (
+        ActorConfig,
+        ClusterConfig,
+        Config,
+        DetectorConfig,
+        EncoderConfig,
+        RenderConfig,
+        Wav2LipRendererConfig,
+    )
     from heygem_ray.media.video import auto_codec
 
-    renderer = Wav2LipRendererConfig(checkpoint=inputs.checkpoint, precision=precision, device=device,
-                                     image_ops="auto")
-    return Config(manifest=str(root / "no-manifest.parquet"), output=str(root / "out"), cache=str(root / "cache"),
-                  renderer=renderer, detector=DetectorConfig(name="box", box=list(inputs.box)),
-                  cluster=ClusterConfig(actor=ActorConfig(num_cpus=float(threads), threads=threads)),
-                  encoder=EncoderConfig(codec=auto_codec()),  # what `auto` decides here: libx264 without NVENC
-                  render=RenderConfig(segment_seconds=segment_seconds, progress=False))
+    renderer = Wav2LipRendererConfig(checkpoint=inputs.checkpoint, precision=precision, device=device, image_ops="auto")
+    return Config(
+        manifest=str(root / "no-manifest.parquet"),
+        output=str(root / "out"),
+        cache=str(root / "cache"),
+        renderer=renderer,
+        detector=DetectorConfig(name="box", box=list(inputs.box)),
+        cluster=ClusterConfig(actor=ActorConfig(num_cpus=float(threads), threads=threads)),
+        encoder=EncoderConfig(codec=auto_codec()),  # what `auto` decides here: libx264 without NVENC
+        render=RenderConfig(segment_seconds=segment_seconds, progress=False),
+    )
 
 
 # --------------------------------------------------------------------------------------- workers
@@ -127,10 +138,19 @@ def _worker_main(cfg: Any, jobs: Any, results: Any) -> None:
 
         worker = RenderWorker(cfg)
         ray_imported = "ray" in sys.modules  # before the probe below, which imports Ray where it is installed
-        results.put(("ready", pid, {"at": time.time(), "info": worker.ready(),
-                                    "batch_size": worker.renderer.batch_size,
-                                    "precision": getattr(worker.renderer, "precision", cfg.renderer.precision),
-                                    "ray_imported": ray_imported}))
+        results.put(
+            (
+                "ready",
+                pid,
+                {
+                    "at": time.time(),
+                    "info": worker.ready(),
+                    "batch_size": worker.renderer.batch_size,
+                    "precision": getattr(worker.renderer, "precision", cfg.renderer.precision),
+                    "ray_imported": ray_imported,
+                },
+            )
+        )
         while (job := jobs.get()) is not None:
             segment = worker.render_segment(job)
             results.put(("done", pid, {"at": time.time(), "result": segment, "gpu_mib": _gpu_peak_mib()}))
@@ -150,8 +170,9 @@ class WorkerPool:
     def __init__(self, cfg: Any, procs: int):
         ctx = multiprocessing.get_context("spawn")
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
-        self.procs = [ctx.Process(target=_worker_main, args=(cfg, self.jobs, self.results), daemon=True)
-                      for _ in range(procs)]
+        self.procs = [
+            ctx.Process(target=_worker_main, args=(cfg, self.jobs, self.results), daemon=True) for _ in range(procs)
+        ]
         self.ready: dict[int, dict[str, Any]] = {}
         self.done: list[tuple[int, dict[str, Any]]] = []
 
@@ -204,11 +225,24 @@ def segment_jobs(cfg: Any, track: Any, audio: Any, work_uri: str) -> list[Any]:
     for span in plan_segments(total, track.info.fps, cfg.render.segment_seconds):
         shown = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
         lo, hi = int(shown.min()), int(shown.max())
-        jobs.append(SegmentJob(
-            row_id="node", index=span.index, out_uri=storage.join(work_uri, f"seg-{span.index:05d}.mp4"),
-            avatar_uri=track.uri, info=track.info, start=span.start, avatar_frames=shown,
-            pts=track.pts[lo:hi + 1], pts_offset=lo, boxes=track.boxes[shown], pcm_uri=audio.pcm_uri,
-            audio_samples=audio.samples, audio_level=audio.level, codec=cfg.encoder.codec))
+        jobs.append(
+            SegmentJob(
+                row_id="node",
+                index=span.index,
+                out_uri=storage.join(work_uri, f"seg-{span.index:05d}.mp4"),
+                avatar_uri=track.uri,
+                info=track.info,
+                start=span.start,
+                avatar_frames=shown,
+                pts=track.pts[lo : hi + 1],
+                pts_offset=lo,
+                boxes=track.boxes[shown],
+                pcm_uri=audio.pcm_uri,
+                audio_samples=audio.samples,
+                audio_level=audio.level,
+                codec=cfg.encoder.codec,
+            )
+        )
     return jobs
 
 
@@ -216,16 +250,31 @@ def stitch_job(cfg: Any, jobs: list[Any], inputs: Inputs, work_uri: str) -> Any:
     from heygem_ray import storage
     from heygem_ray.stitch import StitchJob
 
-    return StitchJob(row_id="node", output=storage.join(cfg.output, "node.mp4"),
-                     segment_uris=[j.out_uri for j in jobs], work_uri=work_uri, audio_uri=inputs.audio,
-                     fps_fraction=jobs[0].info.fps_fraction, frames=jobs[-1].start + jobs[-1].frames,
-                     marker_uri=storage.join(cfg.output, "_markers", "node.json"),
-                     thumbnail_uri=storage.join(cfg.output, "_thumbs", "node.jpg"), fingerprint="gpu-kit",
-                     encoder=cfg.encoder)
+    return StitchJob(
+        row_id="node",
+        output=storage.join(cfg.output, "node.mp4"),
+        segment_uris=[j.out_uri for j in jobs],
+        work_uri=work_uri,
+        audio_uri=inputs.audio,
+        fps_fraction=jobs[0].info.fps_fraction,
+        frames=jobs[-1].start + jobs[-1].frames,
+        marker_uri=storage.join(cfg.output, "_markers", "node.json"),
+        thumbnail_uri=storage.join(cfg.output, "_thumbs", "node.jpg"),
+        fingerprint="gpu-kit",
+        encoder=cfg.encoder,
+    )
 
 
-def run_variant(inputs: Inputs, root: Path, procs: int, threads: int, precision: str, segment_seconds: float,
-                device: str, timeout: float) -> dict[str, Any]:
+def run_variant(
+    inputs: Inputs,
+    root: Path,
+    procs: int,
+    threads: int,
+    precision: str,
+    segment_seconds: float,
+    device: str,
+    timeout: float,
+) -> dict[str, Any]:
     """One timed run: spawn → prepare → render every segment → stitch → published mp4."""
     from heygem_ray.prepare import prepare_audio, prepare_avatar
     from heygem_ray.stitch import stitch_row
@@ -265,9 +314,21 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def summarize(cfg: Any, inputs: Inputs, pool: WorkerPool, jobs: list[Any], stitched: Any, marks: dict[str, float],
-              wall: float, wall0: float, cpu: float, track_s: float, procs: int, threads: int, root: Path
-              ) -> dict[str, Any]:
+def summarize(
+    cfg: Any,
+    inputs: Inputs,
+    pool: WorkerPool,
+    jobs: list[Any],
+    stitched: Any,
+    marks: dict[str, float],
+    wall: float,
+    wall0: float,
+    cpu: float,
+    track_s: float,
+    procs: int,
+    threads: int,
+    root: Path,
+) -> dict[str, Any]:
     from heygem_ray import storage
 
     results = [payload["result"] for _, payload in pool.done]
@@ -283,21 +344,34 @@ def summarize(cfg: Any, inputs: Inputs, pool: WorkerPool, jobs: list[Any], stitc
     output = storage.local_path(stitched.marker.output)
     thumb = root / "out" / "_thumbs" / "node.jpg"
     return {
-        "procs": procs, "threads": threads, "precision": first_ready.get("precision"),
-        "batch_size": first_ready.get("batch_size"), "codec": cfg.encoder.codec, "preset": cfg.encoder.preset,
-        "crf": cfg.encoder.crf, "segment_seconds": cfg.render.segment_seconds, "segments": len(jobs),
-        "frames": frames, "audio_seconds": stitched.marker.audio_seconds, "wall_s": round(wall, 2),
-        "frames_per_s": round(frames / wall, 1), "realtime": round(stitched.marker.audio_seconds / wall, 2),
-        "target_s": round(target, 2), "met": wall <= target,
-        "timeline_s": {**{k: round(v, 2) for k, v in marks.items()},
-                       "first_worker_ready": round(ready_at[0], 2) if ready_at else None,
-                       "last_worker_ready": round(ready_at[-1], 2) if ready_at else None,
-                       "first_segment_done": round(done_at[0], 2) if done_at else None},
+        "procs": procs,
+        "threads": threads,
+        "precision": first_ready.get("precision"),
+        "batch_size": first_ready.get("batch_size"),
+        "codec": cfg.encoder.codec,
+        "preset": cfg.encoder.preset,
+        "crf": cfg.encoder.crf,
+        "segment_seconds": cfg.render.segment_seconds,
+        "segments": len(jobs),
+        "frames": frames,
+        "audio_seconds": stitched.marker.audio_seconds,
+        "wall_s": round(wall, 2),
+        "frames_per_s": round(frames / wall, 1),
+        "realtime": round(stitched.marker.audio_seconds / wall, 2),
+        "target_s": round(target, 2),
+        "met": wall <= target,
+        "timeline_s": {
+            **{k: round(v, 2) for k, v in marks.items()},
+            "first_worker_ready": round(ready_at[0], 2) if ready_at else None,
+            "last_worker_ready": round(ready_at[-1], 2) if ready_at else None,
+            "first_segment_done": round(done_at[0], 2) if done_at else None,
+        },
         "stitch_s": round(marks["published"] - marks["segments_done"], 2),
         "segment_stage_s": {k: round(v, 2) for k, v in sorted(stages.items())},
         "segments_per_worker": sorted(sum(1 for pid, _ in pool.done if pid == w) for w in pool.ready),
         "gpu_peak_mib_per_worker": max((p["gpu_mib"] for _, p in pool.done if p["gpu_mib"] is not None), default=None),
-        "cpu_cores_busy": round(cpu / wall, 2), "track_before_s": round(track_s, 2),
+        "cpu_cores_busy": round(cpu / wall, 2),
+        "track_before_s": round(track_s, 2),
         "output_mib": round(os.path.getsize(output) / 2**20, 2) if os.path.exists(output) else None,
         "thumbnail": str(thumb) if thumb.exists() else None,
         "workers_imported_ray": any(p["ray_imported"] for p in pool.ready.values()),
@@ -331,16 +405,27 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
     runs: list[dict[str, Any]] = []
     with common.scratch(args, "node") as work:
         inputs = make_inputs(Path(work), seconds, height, cores)
-        print(f"  inputs: {inputs.width}x{inputs.height} {seconds:g} s avatar (GOP {GOP}) + audio, face box "
-              f"{inputs.box}, made in {inputs.generate_s} s (not timed)", flush=True)
+        print(
+            f"  inputs: {inputs.width}x{inputs.height} {seconds:g} s avatar (GOP {GOP}) + audio, face box "
+            f"{inputs.box}, made in {inputs.generate_s} s (not timed)",
+            flush=True,
+        )
         for procs, threads in variants(args.variants, cores, dry):
             left = args.budget - (time.monotonic() - started)
             if runs and left < 1.5 * runs[-1].get("wall_s", 60.0) + 20:  # another run like the last must fit
                 runs.append({"procs": procs, "threads": threads, "skipped": f"{left:.0f} s of the step budget left"})
                 continue
             try:
-                run = run_variant(inputs, Path(work) / f"run-{procs}x{threads}", procs, threads, precision,
-                                  segment_seconds, device, timeout=max(30.0, left - 15))
+                run = run_variant(
+                    inputs,
+                    Path(work) / f"run-{procs}x{threads}",
+                    procs,
+                    threads,
+                    precision,
+                    segment_seconds,
+                    device,
+                    timeout=max(30.0, left - 15),
+                )
             except Exception as exc:  # noqa: BLE001 - a variant that fails is recorded; the next may work
                 run = {"procs": procs, "threads": threads, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
             runs.append(run)
@@ -349,15 +434,26 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
         best = min(done, key=lambda r: r["wall_s"]) if done else None
         if best is not None and best["thumbnail"]:  # a look at what was rendered
             shutil.copy(best["thumbnail"], args.out / "node_thumbnail.jpg")
-    result.figures = {"device": torch.cuda.get_device_name(0) if cuda else "CPU", "cores": cores,
-                      "inputs": inputs.__dict__, "runs": runs, "best": best}
+    result.figures = {
+        "device": torch.cuda.get_device_name(0) if cuda else "CPU",
+        "cores": cores,
+        "inputs": inputs.__dict__,
+        "runs": runs,
+        "best": best,
+    }
     result.check("a finished mp4 with every planned frame", bool(done))
     if best is not None:
         result.check("renderer processes never imported Ray", not any(r["workers_imported_ray"] for r in done))
         # a target, not a check of the kit: reported either way, so a slow run is not a broken one
-        result.check(f"one node ≤ {best['target_s']:g} s to the finished mp4 (target)", None, f"≤ {best['target_s']:g} s",
-                     met=best["met"] if cuda else "no GPU", wall_s=best["wall_s"], procs=best["procs"],
-                     threads=best["threads"])
+        result.check(
+            f"one node ≤ {best['target_s']:g} s to the finished mp4 (target)",
+            None,
+            f"≤ {best['target_s']:g} s",
+            met=best["met"] if cuda else "no GPU",
+            wall_s=best["wall_s"],
+            procs=best["procs"],
+            threads=best["threads"],
+        )
     result.markdown = markdown(result.figures, cuda)
 
 
@@ -366,30 +462,63 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
     rows = []
     for r in f["runs"]:
         if "wall_s" not in r:
-            rows.append([f"{r['procs']} × {r['threads']}", r.get("skipped") or f"failed: {r.get('error', '')[:200]}"]
-                        + ["—"] * 9)
+            rows.append(
+                [f"{r['procs']} × {r['threads']}", r.get("skipped") or f"failed: {r.get('error', '')[:200]}"]
+                + ["—"] * 9
+            )
             continue
         tl, st = r["timeline_s"], r["segment_stage_s"]
-        rows.append([f"{r['procs']} × {r['threads']}", f"{r['precision']}, batch {r['batch_size']}, {r['codec']}",
-                     r["frames"], r["segments"], f"**{r['wall_s']:.1f}**", f"{r['frames_per_s']:.0f}",
-                     f"{r['realtime']:.1f}×", f"{tl['first_worker_ready']} / {tl['last_worker_ready']}",
-                     f"{tl['audio_prepared']} / {tl['segments_done']} / {r['stitch_s']}",
-                     " · ".join(f"{k} {v:.0f}" for k, v in st.items()),
-                     f"{r['cpu_cores_busy']} / {r['gpu_peak_mib_per_worker']}"])
+        rows.append(
+            [
+                f"{r['procs']} × {r['threads']}",
+                f"{r['precision']}, batch {r['batch_size']}, {r['codec']}",
+                r["frames"],
+                r["segments"],
+                f"**{r['wall_s']:.1f}**",
+                f"{r['frames_per_s']:.0f}",
+                f"{r['realtime']:.1f}×",
+                f"{tl['first_worker_ready']} / {tl['last_worker_ready']}",
+                f"{tl['audio_prepared']} / {tl['segments_done']} / {r['stitch_s']}",
+                " · ".join(f"{k} {v:.0f}" for k, v in st.items()),
+                f"{r['cpu_cores_busy']} / {r['gpu_peak_mib_per_worker']}",
+            ]
+        )
     best = f["best"]
-    verdict = ("—" if best is None else
-               f"best {best['wall_s']:.1f} s vs target {best['target_s']:g} s: "
-               f"**{'met' if best['met'] else 'not met'}**" + ("" if cuda else " (no GPU: the target does not apply)"))
-    notes = (f"Avatar {i['width']}×{i['height']}, {i['seconds']:g} s, GOP {GOP}, + {i['seconds']:g} s of speech-like "
-             f"audio, recipe Wav2Lip weights, fixed face box {list(i['box'])} (face track cached before the clock). "
-             f"Inputs made in {i['generate_s']} s (not counted). No Ray: N spawned processes × one "
-             "`RenderWorker` each (`num_cpus` = threads; the GPU shared), segments from one queue, "
-             "`prepare_audio` + cached `prepare_avatar` in the parent while they load, then `stitch_row`. Wall s: "
-             "spawn → published mp4 (process start, imports, model load, audio decode, render, stitch). Segment "
-             "stage seconds are summed over segments and overlap (helper threads). " + verdict + ".")
-    return common.table(["processes × threads", "renderer", "frames", "segments", "wall s", "frames/s", "× realtime",
-                         "workers ready s (first / last)", "audio ready / segments done / stitch s",
-                         "segment stage s (summed)", "cores busy / GPU MiB per worker"], rows) + "\n\n" + notes
+    verdict = (
+        "—"
+        if best is None
+        else f"best {best['wall_s']:.1f} s vs target {best['target_s']:g} s: "
+        f"**{'met' if best['met'] else 'not met'}**" + ("" if cuda else " (no GPU: the target does not apply)")
+    )
+    notes = (
+        f"Avatar {i['width']}×{i['height']}, {i['seconds']:g} s, GOP {GOP}, + {i['seconds']:g} s of speech-like "
+        f"audio, recipe Wav2Lip weights, fixed face box {list(i['box'])} (face track cached before the clock). "
+        f"Inputs made in {i['generate_s']} s (not counted). No Ray: N spawned processes × one "
+        "`RenderWorker` each (`num_cpus` = threads; the GPU shared), segments from one queue, "
+        "`prepare_audio` + cached `prepare_avatar` in the parent while they load, then `stitch_row`. Wall s: "
+        "spawn → published mp4 (process start, imports, model load, audio decode, render, stitch). Segment "
+        "stage seconds are summed over segments and overlap (helper threads). " + verdict + "."
+    )
+    return (
+        common.table(
+            [
+                "processes × threads",
+                "renderer",
+                "frames",
+                "segments",
+                "wall s",
+                "frames/s",
+                "× realtime",
+                "workers ready s (first / last)",
+                "audio ready / segments done / stitch s",
+                "segment stage s (summed)",
+                "cores busy / GPU MiB per worker",
+            ],
+            rows,
+        )
+        + "\n\n"
+        + notes
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,9 +56,11 @@ class Budget:
     def table(self) -> str:
         lines = ["| wheel | MiB |", "|---|---:|"]
         lines += [f"| {name} | {size / MIB:.2f} |" for name, size in sorted(self.wheels.items())]
-        lines += [f"| **wheels** ({len(self.wheels)}) | {self.wheel_bytes / MIB:.2f} |",
-                  f"| repository ({self.repo_files} files: tracked + untracked, not ignored) | {self.repo_bytes / MIB:.2f} |",
-                  f"| **total** (limit {self.limit / MIB:.0f}) | {self.total / MIB:.2f} |"]
+        lines += [
+            f"| **wheels** ({len(self.wheels)}) | {self.wheel_bytes / MIB:.2f} |",
+            f"| repository ({self.repo_files} files: tracked + untracked, not ignored) | {self.repo_bytes / MIB:.2f} |",
+            f"| **total** (limit {self.limit / MIB:.0f}) | {self.total / MIB:.2f} |",
+        ]
         return "\n".join(lines)
 
 
@@ -70,8 +72,16 @@ def sum_sizes(paths: Iterable[Path]) -> int:
 def repo_files(root: Path = ROOT, exclude: Path | None = None) -> list[Path]:
     """What the device tool copies: tracked files and untracked files git does not ignore,
     without anything under `exclude` (the wheel folder, counted separately)."""
-    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                           check=True, capture_output=True).stdout.decode().split("\0")
+    names = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     files = {root / n for n in names if n}
     if exclude is not None:
         files = {f for f in files if not f.resolve().is_relative_to(exclude.resolve())}
@@ -100,9 +110,26 @@ def requirement(item: Carried) -> str:
 
 
 def download_command(requirements: Sequence[str], dest: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
-           "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp312", "--abi", "abi3",
-           "--abi", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(dest),
+        "--python-version",
+        PYTHON_VERSION,
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp312",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
     return cmd + list(requirements)
@@ -110,8 +137,18 @@ def download_command(requirements: Sequence[str], dest: Path) -> list[str]:
 
 def build_command(item: Carried, dest: Path) -> list[str]:
     """Build the wheel from PyPI's sdist (never a wheel some local mirror may hold)."""
-    return [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-binary", item.dist, "--wheel-dir", str(dest),
-            requirement(item)]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-binary",
+        item.dist,
+        "--wheel-dir",
+        str(dest),
+        requirement(item),
+    ]
 
 
 def fetch(dest: Path) -> None:
@@ -151,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nCarried wheels ({dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}):\n")
     print(result.table())
     if dest.is_relative_to(ROOT) and not is_ignored(dest):
-        print(f"\nnote: {dest.relative_to(ROOT)} is not git-ignored: it would travel as untracked files "
-              f"(and risk a commit); ignore it and pass it as a carry path instead.")
+        print(
+            f"\nnote: {dest.relative_to(ROOT)} is not git-ignored: it would travel as untracked files "
+            f"(and risk a commit); ignore it and pass it as a carry path instead."
+        )
     verdict = "fits" if result.fits else "DOES NOT FIT"
     print(f"\n{verdict}: {result.total / MIB:.2f} MiB of {result.limit / MIB:.0f} MiB")
     return 0 if result.fits else 1

@@ -56,18 +56,26 @@ class Step:
     dry_budget: float = 120.0
 
 
-def _bench(name: str, module: str, args: tuple[str, ...], dry_args: tuple[str, ...] | None) -> tuple[tuple, tuple | None]:
+def _bench(
+    name: str, module: str, args: tuple[str, ...], dry_args: tuple[str, ...] | None
+) -> tuple[tuple, tuple | None]:
     """The bench wrapper's arguments for running `module` with `args` (or `dry_args`)."""
     head = ("--name", name, module)
     return head + args, None if dry_args is None else head + dry_args
 
 
-_E2E = _bench("bench_wav2lip_e2e", "benchmarks.bench_wav2lip",
-              ("--skip-net", "--seconds", "1", "--e2e-batches", "128"),
-              ("--skip-net", "--seconds", "0.05", "--e2e-batches", "2", "--boxes", "fixed"))
-_NET = _bench("bench_wav2lip_net", "benchmarks.bench_wav2lip",
-              ("--skip-e2e", "--seconds", "1", "--batches", "32", "128"),
-              ("--skip-e2e", "--seconds", "0.05", "--batches", "1", "2"))
+_E2E = _bench(
+    "bench_wav2lip_e2e",
+    "benchmarks.bench_wav2lip",
+    ("--skip-net", "--seconds", "1", "--e2e-batches", "128"),
+    ("--skip-net", "--seconds", "0.05", "--e2e-batches", "2", "--boxes", "fixed"),
+)
+_NET = _bench(
+    "bench_wav2lip_net",
+    "benchmarks.bench_wav2lip",
+    ("--skip-e2e", "--seconds", "1", "--batches", "32", "128"),
+    ("--skip-e2e", "--seconds", "0.05", "--batches", "1", "2"),
+)
 # S3FD at 1080p without downscaling takes ~25 s a frame on a 2-core CPU: no dry run
 _S3FD = _bench("bench_s3fd", "benchmarks.bench_s3fd", ("--frames", "4"), None)
 
@@ -93,9 +101,25 @@ def install_wheels(wheels: Path, target: Path) -> dict[str, Any]:
     target.mkdir(parents=True, exist_ok=True)
     method, log = "none (no wheels found)", ""
     if files and importlib.util.find_spec("pip") is not None:
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                               "--no-cache-dir", "--disable-pip-version-check", "--target", str(target),
-                               *map(str, files)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--target",
+                str(target),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+        )
         method, log = ("pip", "") if proc.returncode == 0 else ("pip failed", (proc.stdout + proc.stderr)[-2000:])
     if files and method != "pip":  # a venv made without pip: a wheel is a zip laid out for site-packages
         try:
@@ -104,8 +128,14 @@ def install_wheels(wheels: Path, target: Path) -> dict[str, Any]:
             method = "unzip" if method.startswith("none") else f"{method}, then unzip"
         except (OSError, zipfile.BadZipFile) as exc:
             method, log = f"{method}, unzip failed", f"{log}\n{exc!r}"
-    return {"method": method, "wheels": [f.name for f in files], "missing": missing, "target": str(target),
-            "seconds": round(time.monotonic() - start, 2), "log": log}
+    return {
+        "method": method,
+        "wheels": [f.name for f in files],
+        "missing": missing,
+        "target": str(target),
+        "seconds": round(time.monotonic() - start, 2),
+        "log": log,
+    }
 
 
 def unpack_wheel(wheel: Path, target: Path) -> None:
@@ -134,8 +164,16 @@ def run_step(step: Step, out: Path, budget: float, env: dict[str, str], dry: boo
     print(f"\n=== {step.name}: {step.what} (budget {budget:.0f} s) ===", flush=True)
     start = time.monotonic()
     with log_file.open("w") as log:
-        proc = subprocess.Popen(step_command(step, out, budget, dry), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", env=env, cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(
+            step_command(step, out, budget, dry),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         pump = threading.Thread(target=_pump, args=(proc.stdout, log), daemon=True)
         pump.start()
         timed_out = False
@@ -148,9 +186,13 @@ def run_step(step: Step, out: Path, budget: float, env: dict[str, str], dry: boo
         pump.join(timeout=5)
     seconds = round(time.monotonic() - start, 1)
     record = _read_json(result_file) or {
-        "step": step.name, "status": "timeout" if timed_out else "error", "checks": [], "figures": {},
+        "step": step.name,
+        "status": "timeout" if timed_out else "error",
+        "checks": [],
+        "figures": {},
         "error": f"killed after its {budget:.0f} s budget" if timed_out else f"exited with {rc} without a result",
-        "markdown": "Output before it ended:\n\n```\n" + _tail(log_file, 3000) + "\n```"}
+        "markdown": "Output before it ended:\n\n```\n" + _tail(log_file, 3000) + "\n```",
+    }
     if timed_out:
         record["status"] = "timeout"
     record.update(rc=rc, wall_s=seconds, budget_s=round(budget, 1))
@@ -232,17 +274,33 @@ def summary(records: list[dict[str, Any]], install: dict[str, Any] | None, dry: 
     if env.get("markdown"):
         lines += [env["markdown"], ""]
     if install:
-        lines += [f"Carried wheels: {len(install['wheels'])} installed with {install['method']} in "
-                  f"{install['seconds']} s" + (f"; missing: {', '.join(install['missing'])}" if install["missing"] else "")
-                  + ".", ""]
-    rows = [[r["step"], _what(r["step"]), r["status"], f"{r.get('wall_s', '—')} ({r.get('budget_s', '—')})",
-             _check_counts(r)] for r in records]
+        lines += [
+            f"Carried wheels: {len(install['wheels'])} installed with {install['method']} in "
+            f"{install['seconds']} s"
+            + (f"; missing: {', '.join(install['missing'])}" if install["missing"] else "")
+            + ".",
+            "",
+        ]
+    rows = [
+        [
+            r["step"],
+            _what(r["step"]),
+            r["status"],
+            f"{r.get('wall_s', '—')} ({r.get('budget_s', '—')})",
+            _check_counts(r),
+        ]
+        for r in records
+    ]
     lines += [_table(["step", "what", "status", "seconds (budget)", "checks passed"], rows), ""]
     for r in records:
         if (r["step"] == "env" and r["status"] == "ok") or not r.get("markdown"):
             continue  # a good env step is the header above
-        lines += [f"#### {_what(r['step'])}" + (f" — {r['status'].upper()}" if r["status"] != "ok" else ""), "",
-                  r["markdown"].strip(), ""]
+        lines += [
+            f"#### {_what(r['step'])}" + (f" — {r['status'].upper()}" if r["status"] != "ok" else ""),
+            "",
+            r["markdown"].strip(),
+            "",
+        ]
         if r.get("error") and r["status"] in ("error", "timeout"):
             lines += ["```", r["error"].strip()[-1500:], "```", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -267,8 +325,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.run", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="results folder (default: $OUT, else a temporary folder)")
     p.add_argument("--dry-run", action="store_true", help="tiny inputs on this machine's CPU, no wheels installed")
-    p.add_argument("--wheels", type=Path, default=None, help="carried wheel folder to install first (run.sh: "
-                                                             "benchmarks/gpu/wheels)")
+    p.add_argument(
+        "--wheels",
+        type=Path,
+        default=None,
+        help="carried wheel folder to install first (run.sh: benchmarks/gpu/wheels)",
+    )
     p.add_argument("--only", nargs="+", choices=[s.name for s in STEPS], default=None, help="steps to run")
     p.add_argument("--budget", type=float, default=TOTAL_BUDGET, help="seconds for everything (default 540)")
     p.add_argument("--step-budget", action="append", default=[], metavar="STEP=S", help="one step's budget")
@@ -291,8 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.wheels and not args.dry_run:
             install = install_wheels(args.wheels.resolve(), scratch / "site")
-            print(f"wheels: {install['method']}, {len(install['wheels'])} in {install['seconds']} s"
-                  + (f"; missing {install['missing']}" if install["missing"] else "") + install["log"], flush=True)
+            print(
+                f"wheels: {install['method']}, {len(install['wheels'])} in {install['seconds']} s"
+                + (f"; missing {install['missing']}" if install["missing"] else "")
+                + install["log"],
+                flush=True,
+            )
         env = step_env(scratch / "site" if install else None, scratch, args.dry_run)
         for step in STEPS:
             if args.only and step.name not in args.only:
@@ -310,8 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = write_outputs(out, steps_dir, records, install, args.dry_run, command, began)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print("\n" + text + f"\n(results in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; "
-          f"{time.monotonic() - began:.1f} s)", flush=True)
+    print(
+        "\n" + text + f"\n(results in {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; "
+        f"{time.monotonic() - began:.1f} s)",
+        flush=True,
+    )
     return 0 if all(r["status"] in ("ok", "skipped") for r in records) else 1
 
 
@@ -319,18 +388,34 @@ def _skipped(step: Step, why: str) -> dict[str, Any]:
     return {"step": step.name, "status": "skipped", "checks": [], "markdown": "", "error": why}
 
 
-def write_outputs(out: Path, steps_dir: Path, records: list[dict[str, Any]], install: dict[str, Any] | None,
-                  dry: bool, command: str, began: float) -> str:
+def write_outputs(
+    out: Path,
+    steps_dir: Path,
+    records: list[dict[str, Any]],
+    install: dict[str, Any] | None,
+    dry: bool,
+    command: str,
+    began: float,
+) -> str:
     """OUT holds four files: summary.md (for RESULTS.md), results.json (every step's record),
     log.txt (every step's output) and node_thumbnail.jpg (a frame of the node run's video)."""
     text = summary(records, install, dry, command)
     (out / "summary.md").write_text(text)
-    _write_json(out / "results.json", {
-        "dry_run": dry, "command": command, "seconds": round(time.monotonic() - began, 1), "install": install,
-        "steps": {r["step"]: r for r in records}})
+    _write_json(
+        out / "results.json",
+        {
+            "dry_run": dry,
+            "command": command,
+            "seconds": round(time.monotonic() - began, 1),
+            "install": install,
+            "steps": {r["step"]: r for r in records},
+        },
+    )
     with (out / "log.txt").open("w") as log:
         for r in records:
-            log.write(f"===== {r['step']}: {r['status']} =====\n{_tail(steps_dir / (r['step'] + '.log'), 2_000_000)}\n\n")
+            log.write(
+                f"===== {r['step']}: {r['status']} =====\n{_tail(steps_dir / (r['step'] + '.log'), 2_000_000)}\n\n"
+            )
     thumbnail = steps_dir / "node_thumbnail.jpg"
     if thumbnail.exists():
         shutil.copy(thumbnail, out / thumbnail.name)

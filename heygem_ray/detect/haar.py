@@ -36,5 +36,7 @@ class HaarDetector:
         if len(boxes) == 0:
             return np.zeros((0, 5), np.float32)
         boxes = np.asarray(boxes, np.float32) / scale
-        out = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:], np.asarray(weights, np.float32).reshape(-1, 1)], axis=1)
+        out = np.concatenate(
+            [boxes[:, :2], boxes[:, :2] + boxes[:, 2:], np.asarray(weights, np.float32).reshape(-1, 1)], axis=1
+        )
         return out.astype(np.float32)

@@ -134,8 +134,7 @@ def detections_from_outputs(
     """
     threshold = max(CANDIDATE_THRESHOLD, score_threshold)
     return [
-        dets[nms(dets, nms_threshold)] if len(dets) else _EMPTY.copy()
-        for dets in decode_outputs(outputs, threshold)
+        dets[nms(dets, nms_threshold)] if len(dets) else _EMPTY.copy() for dets in decode_outputs(outputs, threshold)
     ]
 
 
@@ -215,11 +214,11 @@ class S3FDDetector:
         return dets if back is None else [d * back for d in dets]
 
 
-def load_s3fd_detector(checkpoint: str, device: str = "auto", max_side: int | None = 720,
-                       batch_size: int = 16) -> S3FDDetector:
+def load_s3fd_detector(
+    checkpoint: str, device: str = "auto", max_side: int | None = 720, batch_size: int = 16
+) -> S3FDDetector:
     """The detector with the official weights (`s3fd-619a316812.pth`, a bare state_dict) from any
     fsspec URI, fetched once per node and loaded strictly with weights_only=True."""
     from heygem_ray.models.checkpoints import load_model
 
-    return S3FDDetector(load_model(S3FD(), checkpoint, "S3FD"), device=device, max_side=max_side,
-                        batch_size=batch_size)
+    return S3FDDetector(load_model(S3FD(), checkpoint, "S3FD"), device=device, max_side=max_side, batch_size=batch_size)

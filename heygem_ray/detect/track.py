@@ -54,8 +54,9 @@ class TrackBuilder:
         return finish_boxes(everywhere, width, height, pads, smooth)
 
 
-def finish_boxes(boxes: np.ndarray, width: int, height: int, pads: list[int] | tuple[int, ...],
-                 smooth: bool) -> np.ndarray:
+def finish_boxes(
+    boxes: np.ndarray, width: int, height: int, pads: list[int] | tuple[int, ...], smooth: bool
+) -> np.ndarray:
     """Pad (top, bottom, left, right), clip to the frame, then smooth, as the official pipeline orders it."""
     top, bottom, left, right = pads
     out = np.empty((len(boxes), 4), np.int64)

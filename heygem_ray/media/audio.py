@@ -43,8 +43,9 @@ def _finite(frame: av.AudioFrame) -> av.AudioFrame:
     data = frame.to_ndarray()
     if np.isfinite(data).all():
         return frame
-    fixed = av.AudioFrame.from_ndarray(np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0), format=frame.format.name,
-                                       layout=frame.layout.name)
+    fixed = av.AudioFrame.from_ndarray(
+        np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0), format=frame.format.name, layout=frame.layout.name
+    )
     fixed.sample_rate, fixed.pts, fixed.time_base = frame.sample_rate, frame.pts, frame.time_base
     return fixed
 
@@ -80,7 +81,7 @@ class LevelMeter:
             return
         centers = np.arange(n) * self.HOP + LOUDNESS_WINDOW // 2
         self._values.append(speech_loudness(buf, centers))
-        self._tail = buf[n * self.HOP:]
+        self._tail = buf[n * self.HOP :]
 
     def level(self) -> float:
         if self._tail.size:

@@ -35,8 +35,10 @@ def stitch(
 ) -> StitchStats:
     """Write `out_path` from segments 0..segment_count-1 (opened in order by `open_segment`) and the audio."""
     frame_seconds = 1 / Fraction(fps_fraction)
-    with av.open(out_path, "w", format="mp4", options={"movflags": "+faststart"}) as out, \
-            av.open(audio_path) as audio_in:
+    with (
+        av.open(out_path, "w", format="mp4", options={"movflags": "+faststart"}) as out,
+        av.open(audio_path) as audio_in,
+    ):
         if not audio_in.streams.audio:
             raise InputError("audio", audio_display or audio_path, "has no audio stream")
         audio_src = audio_in.streams.audio[0]
@@ -71,8 +73,9 @@ def _time(packet: av.Packet) -> Fraction:
     return Fraction(ts or 0) * packet.time_base
 
 
-def _segment_packets(open_segment: Callable[[int], BinaryIO], count: int,
-                     frame_seconds: Fraction) -> Iterator[tuple[av.Packet, av.video.stream.VideoStream | None]]:
+def _segment_packets(
+    open_segment: Callable[[int], BinaryIO], count: int, frame_seconds: Fraction
+) -> Iterator[tuple[av.Packet, av.video.stream.VideoStream | None]]:
     """Every video packet of every segment, timestamps shifted by the frames before it.
     The first item also carries the first segment's stream, the template for the output stream."""
     offset = Fraction(0)
@@ -99,8 +102,14 @@ def _segment_packets(open_segment: Callable[[int], BinaryIO], count: int,
 class _AudioEncoder:
     """Decodes the source audio, resamples it for the encoder and yields encoded packets."""
 
-    def __init__(self, container: av.container.InputContainer, src: av.audio.stream.AudioStream,
-                 dst: av.audio.stream.AudioStream, rate: int, layout: str):
+    def __init__(
+        self,
+        container: av.container.InputContainer,
+        src: av.audio.stream.AudioStream,
+        dst: av.audio.stream.AudioStream,
+        rate: int,
+        layout: str,
+    ):
         self._container, self._src, self._dst = container, src, dst
         self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
         self.samples = 0

@@ -42,7 +42,7 @@ def _even(x: int) -> int:
     return x - (x % 2)
 
 
-def _clockwise_from_display_matrix(ccw_degrees: float | int | None) -> int:
+def _clockwise_from_display_matrix(ccw_degrees: float | None) -> int:
     # FFmpeg's display matrix states the counter-clockwise rotation needed to show the frame.
     return int(round(-(ccw_degrees or 0))) % 360
 
@@ -120,8 +120,15 @@ class FrameReader:
     """Random access to an avatar's frames by index, using the per-frame timestamps recorded by
     the full decode pass (`iter_frames`), so variable frame rates and B-frames index correctly."""
 
-    def __init__(self, path: str, info: VideoInfo, pts: np.ndarray | None, first_index: int = 0, threads: int = 0,
-                 pixel_format: str = "bgr24"):
+    def __init__(
+        self,
+        path: str,
+        info: VideoInfo,
+        pts: np.ndarray | None,
+        first_index: int = 0,
+        threads: int = 0,
+        pixel_format: str = "bgr24",
+    ):
         """`pts[i]` is the timestamp of frame `first_index + i`; only those frames can be read.
         With `pixel_format="yuv420p"` frames come as I420 arrays: a yuv420p source's planes as
         decoded (no colour conversion), anything else converted once."""
@@ -188,7 +195,7 @@ class FrameReader:
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         info = self.info
         if self._i420 and _plain_i420(frame):
-            planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes]
+            planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in frame.planes]
             if info.rotation:
                 planes = [np.rot90(p, k=-(info.rotation // 90)) for p in planes]
             return assemble_i420(*planes, info.width, info.height)
@@ -207,8 +214,12 @@ class FrameReader:
 def _plain_i420(frame: av.VideoFrame) -> bool:
     """Planes the encoder can take as they are: 8-bit 4:2:0, video range, even size (odd sizes are
     cropped, which would split chroma samples once rotated)."""
-    return (frame.format.name == "yuv420p" and frame.color_range != av.video.reformatter.ColorRange.JPEG
-            and frame.width % 2 == 0 and frame.height % 2 == 0)
+    return (
+        frame.format.name == "yuv420p"
+        and frame.color_range != av.video.reformatter.ColorRange.JPEG
+        and frame.width % 2 == 0
+        and frame.height % 2 == 0
+    )
 
 
 def iter_frames(path: str, info: VideoInfo, display_uri: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -265,8 +276,18 @@ class SegmentWriter:
     """Encodes exactly the frames it is given into an mp4 file: first frame IDR, closed GOPs, and the
     same encoder settings for every segment of a row, so segments join without re-encoding."""
 
-    def __init__(self, path: str, width: int, height: int, fps_fraction: str, codec: str, crf: int,
-                 preset: str, pix_fmt: str, threads: int = 0):
+    def __init__(
+        self,
+        path: str,
+        width: int,
+        height: int,
+        fps_fraction: str,
+        codec: str,
+        crf: int,
+        preset: str,
+        pix_fmt: str,
+        threads: int = 0,
+    ):
         rate = Fraction(fps_fraction)
         self._container = av.open(path, "w", format="mp4")
         self._stream = self._container.add_stream(codec, rate=rate)

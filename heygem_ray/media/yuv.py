@@ -55,8 +55,11 @@ def i420_planes(i420: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     luma = width * height
     flat = i420.reshape(-1)
     chroma = (height // 2, width // 2)
-    return (flat[:luma].reshape(height, width), flat[luma:luma + luma // 4].reshape(chroma),
-            flat[luma + luma // 4:].reshape(chroma))
+    return (
+        flat[:luma].reshape(height, width),
+        flat[luma : luma + luma // 4].reshape(chroma),
+        flat[luma + luma // 4 :].reshape(chroma),
+    )
 
 
 def assemble_i420(y: np.ndarray, u: np.ndarray, v: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -65,8 +68,8 @@ def assemble_i420(y: np.ndarray, u: np.ndarray, v: np.ndarray, width: int, heigh
     out = np.empty((height * 3 // 2, width), np.uint8)
     oy, ou, ov = i420_planes(out)
     oy[...] = y[:height, :width]
-    ou[...] = u[:height // 2, :width // 2]
-    ov[...] = v[:height // 2, :width // 2]
+    ou[...] = u[: height // 2, : width // 2]
+    ov[...] = v[: height // 2, : width // 2]
     return out
 
 
@@ -84,7 +87,7 @@ def region_to_bgr(i420: np.ndarray, region: tuple[int, int, int, int]) -> np.nda
     """The BGR pixels of an even region of an I420 frame (BT.601 video range, as the decoder's)."""
     x1, y1, x2, y2 = region
     y, u, v = i420_planes(i420)
-    part = assemble_i420(y[y1:y2, x1:x2], u[y1 // 2:, x1 // 2:], v[y1 // 2:, x1 // 2:], x2 - x1, y2 - y1)
+    part = assemble_i420(y[y1:y2, x1:x2], u[y1 // 2 :, x1 // 2 :], v[y1 // 2 :, x1 // 2 :], x2 - x1, y2 - y1)
     return cv2.cvtColor(part, cv2.COLOR_YUV2BGR_I420)
 
 
@@ -94,5 +97,5 @@ def paste_bgr(i420: np.ndarray, region: tuple[int, int, int, int], bgr: np.ndarr
     py, pu, pv = i420_planes(bgr_to_i420(bgr))
     y, u, v = i420_planes(i420)
     y[y1:y2, x1:x2] = py
-    u[y1 // 2:y2 // 2, x1 // 2:x2 // 2] = pu
-    v[y1 // 2:y2 // 2, x1 // 2:x2 // 2] = pv
+    u[y1 // 2 : y2 // 2, x1 // 2 : x2 // 2] = pu
+    v[y1 // 2 : y2 // 2, x1 // 2 : x2 // 2] = pv

@@ -141,7 +141,7 @@ class Wav2Lip(nn.Module):
         for block, skip in zip(self.face_decoder_blocks, reversed(skips)):
             size = skip.shape[2]
             if drop and size > 24:
-                skip = skip[:, :, drop * size // 24:]
+                skip = skip[:, :, drop * size // 24 :]
             x = torch.cat((block(x), skip), dim=1)
             if drop and size == 24:
                 x = x[:, :, drop:].contiguous(memory_format=torch.channels_last)

@@ -61,8 +61,9 @@ class FusedConvUnit(nn.Module):
         # A transposed conv without padding on a 1x1 input (the decoder's 1x1 -> 3x3 unit) is a
         # matrix product: each output pixel is the input vector times one kernel tap. oneDNN's
         # transposed conv takes ~1.6 ms per frame for it, the product ~0.1 ms.
-        self.as_matmul = self.transpose and self.padding == [0, 0] and self.stride == [1, 1] and \
-            self.output_padding == [0, 0]
+        self.as_matmul = (
+            self.transpose and self.padding == [0, 0] and self.stride == [1, 1] and self.output_padding == [0, 0]
+        )
         if self.as_matmul:
             cin, cout, kh, kw = weight.shape
             self.register_buffer("matrix", weight.reshape(cin, cout * kh * kw).contiguous())
@@ -75,13 +76,26 @@ class FusedConvUnit(nn.Module):
             out = torch.addmm(self.matrix_bias, x.flatten(1), self.matrix).relu_()
             return out.view(-1, *self.tap_shape).contiguous(memory_format=torch.channels_last)
         if self.transpose:
-            return mkldnn._convolution_transpose_pointwise(x, self.weight, self.bias, self.padding, self.output_padding,
-                                                           self.stride, self.dilation, 1, "relu", [], "")
+            return mkldnn._convolution_transpose_pointwise(
+                x,
+                self.weight,
+                self.bias,
+                self.padding,
+                self.output_padding,
+                self.stride,
+                self.dilation,
+                1,
+                "relu",
+                [],
+                "",
+            )
         if self.residual:
-            return mkldnn._convolution_pointwise.binary(x, x, self.weight, self.bias, self.padding, self.stride,
-                                                        self.dilation, 1, "add", 1.0, "relu", [], "")
-        return mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
-                                             "relu", [], "")
+            return mkldnn._convolution_pointwise.binary(
+                x, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "add", 1.0, "relu", [], ""
+            )
+        return mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "relu", [], ""
+        )
 
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -138,8 +152,17 @@ class Int8ConvUnit(nn.Module):
         self.register_buffer("w_zero_point", torch.zeros(len(w_scale), dtype=torch.long))
         self.register_buffer("bias", bias.float().contiguous())
         # oneDNN's blocked layout: an opaque tensor, so an attribute rather than a buffer
-        self.packed = torch.ops.onednn.qconv_prepack(q.contiguous(memory_format=torch.channels_last), w_scale, 1.0,
-                                                     0, self.stride, self.padding, self.dilation, 1, None)
+        self.packed = torch.ops.onednn.qconv_prepack(
+            q.contiguous(memory_format=torch.channels_last),
+            w_scale,
+            1.0,
+            0,
+            self.stride,
+            self.padding,
+            self.dilation,
+            1,
+            None,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         peak = float(x.amax())
@@ -156,11 +179,49 @@ class Int8ConvUnit(nn.Module):
         onednn = torch.ops.onednn
         if self.residual:
             accum = x.contiguous(memory_format=torch.channels_last)
-            return onednn.qconv2d_pointwise.binary(q, scale, 0, self.packed, self.w_scale, self.w_zero_point, accum,
-                                                   self.bias, self.stride, self.padding, self.dilation, 1, 1.0, 0,
-                                                   torch.float32, 1.0, 0, "sum", 1.0, "relu", [], "")
-        y = onednn.qconv2d_pointwise(q, scale, 0, self.packed, self.w_scale, self.w_zero_point, self.bias, self.stride,
-                                     self.padding, self.dilation, 1, 1.0, 0, torch.float32, "relu", [], "")
+            return onednn.qconv2d_pointwise.binary(
+                q,
+                scale,
+                0,
+                self.packed,
+                self.w_scale,
+                self.w_zero_point,
+                accum,
+                self.bias,
+                self.stride,
+                self.padding,
+                self.dilation,
+                1,
+                1.0,
+                0,
+                torch.float32,
+                1.0,
+                0,
+                "sum",
+                1.0,
+                "relu",
+                [],
+                "",
+            )
+        y = onednn.qconv2d_pointwise(
+            q,
+            scale,
+            0,
+            self.packed,
+            self.w_scale,
+            self.w_zero_point,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            1,
+            1.0,
+            0,
+            torch.float32,
+            "relu",
+            [],
+            "",
+        )
         return pixel_phases_to_image(y) if self.subpixel else y
 
 

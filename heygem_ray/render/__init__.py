@@ -16,7 +16,15 @@ def build_renderer(cfg: ClassicRendererConfig | Wav2LipRendererConfig, threads: 
         from heygem_ray.render.wav2lip import Wav2LipRenderer
 
         # compile=auto compiles where it was measured to pay: nowhere yet (Wav2LipRendererConfig)
-        return Wav2LipRenderer(cfg.checkpoint, batch_size=cfg.batch_size, precision=cfg.precision,
-                               blend=cfg.blend, device=cfg.device, image_ops=cfg.image_ops,
-                               compile=cfg.compile == "true", face_cache_mb=cfg.face_cache_mb, threads=threads)
+        return Wav2LipRenderer(
+            cfg.checkpoint,
+            batch_size=cfg.batch_size,
+            precision=cfg.precision,
+            blend=cfg.blend,
+            device=cfg.device,
+            image_ops=cfg.image_ops,
+            compile=cfg.compile == "true",
+            face_cache_mb=cfg.face_cache_mb,
+            threads=threads,
+        )
     raise ValueError(f"unknown renderer config {type(cfg).__name__}")

@@ -46,8 +46,13 @@ class Renderer(Protocol):
         """
         ...
 
-    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
-               sources: Sequence[Hashable] | None = None) -> list[np.ndarray]:
+    def render(
+        self,
+        frames: list[np.ndarray],
+        boxes: np.ndarray,
+        features: np.ndarray,
+        sources: Sequence[Hashable] | None = None,
+    ) -> list[np.ndarray]:
         """Re-render the mouth in each frame.
 
         frames:   BGR uint8 (H, W, 3) images (the renderer may modify them in place and return them).

@@ -40,8 +40,13 @@ class ClassicRenderer:
         centers = frame_center_samples(frames, fps, audio.sample_rate) - audio.start
         return openness(speech_loudness(audio.samples, centers, audio.sample_rate), audio.level)
 
-    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
-               sources: Sequence[Hashable] | None = None) -> list[np.ndarray]:
+    def render(
+        self,
+        frames: list[np.ndarray],
+        boxes: np.ndarray,
+        features: np.ndarray,
+        sources: Sequence[Hashable] | None = None,
+    ) -> list[np.ndarray]:
         # `sources` is not needed: each frame costs a few array operations, nothing worth reusing
         return [self._render_one(frame, box, float(o)) for frame, box, o in zip(frames, boxes, features)]
 

@@ -162,8 +162,13 @@ class Wav2LipRenderer:
             image_ops = "device" if self.device.type == "cuda" else "cpu"
         self.image_ops = image_ops
         self.precision = resolve_precision(precision, self.device)
-        log.info("Wav2Lip generator on %s: precision %s (asked %s), batch %d", self.device, self.precision,
-                 precision, self.batch_size)
+        log.info(
+            "Wav2Lip generator on %s: precision %s (asked %s), batch %d",
+            self.device,
+            self.precision,
+            precision,
+            self.batch_size,
+        )
         tf32 = tf32_allowed(self.precision, self.device)
         if tf32 is not None:
             torch.backends.cudnn.allow_tf32 = tf32
@@ -239,8 +244,13 @@ class Wav2LipRenderer:
         """(len(frames), 80, 16) float32 mel windows, as the official front end computes them."""
         return mel_chunks(audio, frames, fps)
 
-    def render(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
-               sources: Sequence[Hashable] | None = None) -> list[np.ndarray]:
+    def render(
+        self,
+        frames: list[np.ndarray],
+        boxes: np.ndarray,
+        features: np.ndarray,
+        sources: Sequence[Hashable] | None = None,
+    ) -> list[np.ndarray]:
         """Re-render the mouth in each BGR frame (in place where writable); pixels outside each
         box are untouched, and a box with no area inside the frame leaves its frame unchanged.
 
@@ -257,14 +267,19 @@ class Wav2LipRenderer:
         batch = self._render_batch_device if self.image_ops == "device" else self._render_batch
         for lo in range(0, len(out), self.batch_size):
             hi = lo + self.batch_size
-            batch(out[lo:hi], boxes[lo:hi], np.asarray(features[lo:hi], dtype=np.float32),
-                  None if sources is None else sources[lo:hi])
+            batch(
+                out[lo:hi],
+                boxes[lo:hi],
+                np.asarray(features[lo:hi], dtype=np.float32),
+                None if sources is None else sources[lo:hi],
+            )
         return out
 
     # -- cpu image path: OpenCV, the official numerics -------------------------------------------
 
-    def _render_batch(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
-                      sources: Sequence[Hashable] | None) -> None:
+    def _render_batch(
+        self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray, sources: Sequence[Hashable] | None
+    ) -> None:
         clipped = [_clip(box, frame.shape) for frame, box in zip(frames, boxes)]
         keep = [i for i, box in enumerate(clipped) if box is not None]
         if not keep:
@@ -295,12 +310,15 @@ class Wav2LipRenderer:
 
     # -- device image path: torch on the model's device ------------------------------------------
 
-    def _render_batch_device(self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray,
-                             sources: Sequence[Hashable] | None) -> None:
+    def _render_batch_device(
+        self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray, sources: Sequence[Hashable] | None
+    ) -> None:
         clipped = [_clip(box, frame.shape) for frame, box in zip(frames, boxes)]
         # same-sized boxes next to each other, so each size is resized in one call
-        order = sorted((i for i, box in enumerate(clipped) if box is not None),
-                       key=lambda i: (clipped[i][3] - clipped[i][1], clipped[i][2] - clipped[i][0]))
+        order = sorted(
+            (i for i, box in enumerate(clipped) if box is not None),
+            key=lambda i: (clipped[i][3] - clipped[i][1], clipped[i][2] - clipped[i][0]),
+        )
         if not order:
             return
         keys = None if sources is None else [(sources[i], clipped[i]) for i in order]
@@ -362,8 +380,9 @@ class Wav2LipRenderer:
         copies can run asynchronously)."""
         buf = self._staging.get(name)
         if buf is None or buf.numel() < size:
-            buf = torch.empty(max(size, int(1.25 * (0 if buf is None else buf.numel()))), dtype=torch.uint8,
-                              pin_memory=self._pinned)
+            buf = torch.empty(
+                max(size, int(1.25 * (0 if buf is None else buf.numel()))), dtype=torch.uint8, pin_memory=self._pinned
+            )
             self._staging[name] = buf
         return buf[:size]
 
@@ -516,8 +535,11 @@ def _int8_or_fp32(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     mse = float(((got - want) ** 2).mean())
     psnr = 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
     if not psnr >= INT8_MIN_PROBE_PSNR_DB:
-        log.warning("the int8 generator is %.1f dB from fp32 on the probe (at least %g wanted): running fp32",
-                    psnr, INT8_MIN_PROBE_PSNR_DB)
+        log.warning(
+            "the int8 generator is %.1f dB from fp32 on the probe (at least %g wanted): running fp32",
+            psnr,
+            INT8_MIN_PROBE_PSNR_DB,
+        )
         return _fused_or_plain(model)[0], "fp32"
     return int8, "int8"
 
