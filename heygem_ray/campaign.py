@@ -399,13 +399,13 @@ class Campaign:
     def _probe_actors(self) -> None:
         now = time.time()
         if not any(self._actor_healthy) and now - self._started > ACTOR_WAIT_WARNING and not self._waiting_warned:
-            actor = self.cfg.cluster.actor
+            shape = self.cfg.cluster.actor
             log.warning(
                 "no renderer actor has started after %.0f s: each needs %g CPU and %g GPU on one node; "
                 "the cluster has %s",
                 now - self._started,
-                actor.num_cpus,
-                actor.num_gpus,
+                shape.num_cpus,
+                shape.num_gpus,
                 ray.cluster_resources(),
             )
             self._waiting_warned = True

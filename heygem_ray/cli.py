@@ -89,6 +89,7 @@ def compose(overrides: Sequence[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
+    context: initialize_config_module | initialize_config_dir
     if CONFIG_PATH.startswith("pkg://"):
         context = initialize_config_module(config_module="heygem_ray.conf", version_base="1.3")
     else:

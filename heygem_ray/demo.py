@@ -21,6 +21,8 @@ def portrait(width: int = 256) -> np.ndarray:
 
     path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
     image = cv2.imread(str(path))
+    if image is None:
+        raise FileNotFoundError(f"matplotlib's sample portrait is missing or unreadable: {path}")
     height = int(round(image.shape[0] * width / image.shape[1] / 2)) * 2
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
@@ -170,6 +172,7 @@ def write_audio(
     data = np.repeat(samples[None, :], channels, axis=0).astype(np.float32)
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=sample_rate, layout=layout)
+        assert isinstance(stream, av.AudioStream)  # every codec above is an audio codec
         frame = av.AudioFrame.from_ndarray(data, format="fltp", layout=layout)
         frame.sample_rate = sample_rate
         frame.time_base = Fraction(1, sample_rate)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,15 +110,18 @@ def _is_under(uri: str, root: str) -> bool:
 def _parse_box(value: object) -> tuple[int, int, int, int] | None:
     if value is None:
         return None
+    parts: Iterable[Any] = ()
     if isinstance(value, str):
-        value = [v for v in re.split(r"[,\s]+", value.strip("[]() ")) if v]
+        parts = [v for v in re.split(r"[,\s]+", value.strip("[]() ")) if v]
+    elif isinstance(value, Iterable):
+        parts = value
     try:
-        box = tuple(int(float(v)) for v in value)  # type: ignore[union-attr]
+        box = [int(float(v)) for v in parts]
     except (TypeError, ValueError):
         raise ValueError(f"box {value!r} must be four numbers x1, y1, x2, y2") from None
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
         raise ValueError(f"box {value!r} must be x1, y1, x2, y2 with x2 > x1 >= 0 and y2 > y1 >= 0")
-    return box  # type: ignore[return-value]
+    return box[0], box[1], box[2], box[3]
 
 
 def _check_unique(values: list[str], what: str, problems: list[str]) -> None:

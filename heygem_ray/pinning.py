@@ -57,13 +57,13 @@ def pin_to_free_cores(count: int, lock_dir: str = LOCK_DIR) -> list[int] | None:
                 continue
             claimed.append((core, handle))
     except OSError as exc:  # e.g. another user's lock folder: pinning is an optimisation, never a failure
-        for _, handle in claimed:
-            handle.close()
+        for _, held in claimed:
+            held.close()
         log.warning("cannot claim cores in %s (%s): running unpinned", lock_dir, exc)
         return None
     if len(claimed) < count:
-        for _, handle in claimed:
-            handle.close()  # closing releases the lock
+        for _, held in claimed:
+            held.close()  # closing releases the lock
         log.warning("only %d of the %d cores this actor needs are unclaimed: running unpinned", len(claimed), count)
         return None
     cores = [core for core, _ in claimed]

@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import av
 import numpy as np
@@ -163,7 +164,7 @@ def prepare_avatar(
         local = storage.local_copy(uri)
         info = probe(local, still_fps, display_uri=uri)
         _check_pixels(uri, info, max_pixels)
-        fixed = box or (tuple(cfg.box) if cfg.name == "box" and cfg.box else None)
+        fixed = box or (list(cfg.box) if cfg.name == "box" and cfg.box else None)
         if cfg.name == "box" and fixed is None:
             raise InputError("avatar", uri, "detector=box needs detector.box=[x1,y1,x2,y2] or a `box` manifest column")
         if fixed is not None:
@@ -258,7 +259,7 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
     """Everything that decides a row's output bytes: input contents and output-affecting config
     (not scheduling knobs such as segment length, batch sizes or devices)."""
 
-    def relevant(section: object) -> dict:
+    def relevant(section: Any) -> dict:
         return {k: v for k, v in asdict(section).items() if k not in NOT_OUTPUT_AFFECTING}
 
     return stable_hash(

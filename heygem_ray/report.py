@@ -109,7 +109,7 @@ def _first_at_or_after(container, stream, seconds: float) -> av.VideoFrame | Non
 
 
 def _display_bgr(frame: av.VideoFrame) -> np.ndarray:
-    image = frame.to_ndarray(format="bgr24")
+    image: np.ndarray = frame.to_ndarray(format="bgr24")
     clockwise = int(round(-(getattr(frame, "rotation", 0) or 0))) % 360  # FFmpeg states it counter-clockwise
     if clockwise in (90, 180, 270):
         image = np.ascontiguousarray(np.rot90(image, k=-(clockwise // 90)))

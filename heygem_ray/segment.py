@@ -247,8 +247,9 @@ class RenderWorker:
         box, so the rest of the frame needs no conversion; a frame whose box is outside the picture
         is passed through."""
         width, height = i420_size(frames[0])
-        regions = [even_region(box, width, height) for box in boxes]
-        keep = [i for i, region in enumerate(regions) if region is not None]
+        found = {i: even_region(box, width, height) for i, box in enumerate(boxes)}
+        regions = {i: region for i, region in found.items() if region is not None}
+        keep = list(regions)
         if not keep:
             return frames
         crops = [region_to_bgr(frames[i], regions[i]) for i in keep]

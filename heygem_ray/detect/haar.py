@@ -11,7 +11,8 @@ import numpy as np
 
 class HaarDetector:
     def __init__(self, max_side: int = 720, batch_size: int = 16, min_face_fraction: float = 0.08):
-        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+        # cv2.data is a plain module of the wheel that OpenCV's type stubs leave out
+        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")  # type: ignore[attr-defined]
         self._cascade = cv2.CascadeClassifier(path)
         if self._cascade.empty():
             raise RuntimeError(f"OpenCV's Haar cascade is missing ({path}); opencv-python-headless>=4.10,<5 ships it")

@@ -5,9 +5,11 @@ memory does not grow with the audio's length."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import av
 import numpy as np
+import numpy.typing as npt
 
 from heygem_ray.errors import InputError
 from heygem_ray.render.base import SAMPLE_RATE
@@ -43,9 +45,11 @@ def _finite(frame: av.AudioFrame) -> av.AudioFrame:
     data = frame.to_ndarray()
     if np.isfinite(data).all():
         return frame
-    fixed = av.AudioFrame.from_ndarray(
-        np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0), format=frame.format.name, layout=frame.layout.name
+    # float formats decode to float32 (flt) or float64 (dbl) arrays, and nan_to_num keeps the dtype
+    cleaned = cast(
+        "npt.NDArray[np.float32] | npt.NDArray[np.float64]", np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
     )
+    fixed = av.AudioFrame.from_ndarray(cleaned, format=frame.format.name, layout=frame.layout.name)
     fixed.sample_rate, fixed.pts, fixed.time_base = frame.sample_rate, frame.pts, frame.time_base
     return fixed
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO
+from typing import IO
 
 import av
 
@@ -23,7 +23,7 @@ class StitchStats:
 
 
 def stitch(
-    open_segment: Callable[[int], BinaryIO],
+    open_segment: Callable[[int], IO[bytes]],
     segment_count: int,
     audio_path: str,
     out_path: str,
@@ -46,8 +46,11 @@ def stitch(
 
         video_packets = _segment_packets(open_segment, segment_count, frame_seconds)
         first_packet, template = next(video_packets)
+        assert template is not None  # the first item carries the first segment's stream
         video_out = out.add_stream_from_template(template)
         audio_out = out.add_stream(audio_codec, rate=audio_sample_rate, layout=layout)
+        if not isinstance(audio_out, av.AudioStream):
+            raise ValueError(f"{audio_codec!r} is not an audio encoder")  # noqa: TRY004 - a bad name, not a bad type
         audio_out.bit_rate = audio_bitrate
 
         encoder = _AudioEncoder(audio_in, audio_src, audio_out, audio_sample_rate, layout)
@@ -56,12 +59,12 @@ def stitch(
         video_next: av.Packet | None = first_packet
         audio_next = next(audio_packets, None)
         while video_next is not None or audio_next is not None:
-            if audio_next is None or (video_next is not None and _time(video_next) <= _time(audio_next)):
+            if video_next is not None and (audio_next is None or _time(video_next) <= _time(audio_next)):
                 video_next.stream = video_out
                 out.mux(video_next)
                 frames += 1
                 video_next = next(video_packets, (None, None))[0]
-            else:
+            elif audio_next is not None:  # always, as the loop runs while either is left
                 audio_next.stream = audio_out
                 out.mux(audio_next)
                 audio_next = next(audio_packets, None)
@@ -74,15 +77,17 @@ def _time(packet: av.Packet) -> Fraction:
 
 
 def _segment_packets(
-    open_segment: Callable[[int], BinaryIO], count: int, frame_seconds: Fraction
+    open_segment: Callable[[int], IO[bytes]], count: int, frame_seconds: Fraction
 ) -> Iterator[tuple[av.Packet, av.video.stream.VideoStream | None]]:
     """Every video packet of every segment, timestamps shifted by the frames before it.
     The first item also carries the first segment's stream, the template for the output stream."""
     offset = Fraction(0)
     extradata = None
     for index in range(count):
-        with open_segment(index) as fh, av.open(fh) as seg:
+        with open_segment(index) as fh, av.open(fh, "r") as seg:
             stream = seg.streams.video[0]
+            if stream.time_base is None:
+                raise RuntimeError(f"segment {index} has no video time base; cannot join")
             if extradata is None:
                 extradata = stream.codec_context.extradata
             elif stream.codec_context.extradata != extradata:

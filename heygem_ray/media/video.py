@@ -139,7 +139,7 @@ class FrameReader:
         self._still = read_image(path) if info.still else None
         if self._still is not None and self._i420:
             self._still = bgr_to_i420(self._still)
-        self._container = None
+        self._container: av.container.InputContainer | None = None
         if not info.still:
             assert pts is not None
             self._pts = pts
@@ -173,12 +173,13 @@ class FrameReader:
         lo, hi = wanted[0], wanted[-1]
         if not self._first <= lo <= hi < self._first + len(self._pts):
             raise IndexError(f"frames {lo}..{hi} outside {self._first}..{self._first + len(self._pts) - 1}")
-        if self._decoder is None or lo < self._next or lo - self._next > _SEEK_DISTANCE:
-            self._seek(lo)
+        decoder = self._decoder
+        if decoder is None or lo < self._next or lo - self._next > _SEEK_DISTANCE:
+            decoder = self._seek(lo)
         want = set(wanted)
         out: dict[int, np.ndarray] = {}
         while self._next <= hi:
-            frame = next(self._decoder, None)
+            frame = next(decoder, None)
             if frame is None:
                 raise EOFError(f"video ended before frame {hi}")
             index = self._index_of.get(int(frame.pts)) if frame.pts is not None else self._next
@@ -195,20 +196,28 @@ class FrameReader:
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         info = self.info
         if self._i420 and _plain_i420(frame):
-            planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in frame.planes]
+            # memoryview: below Python 3.12 numpy's stubs name the buffer types they take, and a plane is none
+            y, u, v = (
+                np.frombuffer(memoryview(p), np.uint8).reshape(p.height, p.line_size)[:, : p.width]
+                for p in frame.planes
+            )
             if info.rotation:
-                planes = [np.rot90(p, k=-(info.rotation // 90)) for p in planes]
-            return assemble_i420(*planes, info.width, info.height)
+                y, u, v = (np.rot90(p, k=-(info.rotation // 90)) for p in (y, u, v))
+            return assemble_i420(y, u, v, info.width, info.height)
         image = frame.to_ndarray(format="bgr24")
         if frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
             image = image.copy()
         image = orient(image, info.rotation, info.width, info.height)
         return bgr_to_i420(image) if self._i420 else image
 
-    def _seek(self, index: int) -> None:
+    def _seek(self, index: int) -> Iterator[av.VideoFrame]:
+        """Restart decoding at the keyframe before frame `index`; returns the new decoder."""
+        if self._container is None:
+            raise ValueError("FrameReader is closed")
         self._container.seek(int(self._pts[index - self._first]), stream=self._stream, backward=True, any_frame=False)
         self._decoder = self._container.decode(self._stream)
         self._next = self._first  # a lower bound until the first frame's pts tells
+        return self._decoder
 
 
 def _plain_i420(frame: av.VideoFrame) -> bool:
@@ -245,6 +254,8 @@ def encoder_works(codec: str) -> bool:
     try:
         with av.open(os.devnull, "w", format="mp4") as container:
             stream = container.add_stream(codec, rate=25)
+            if not isinstance(stream, av.VideoStream):  # an audio or subtitle encoder
+                return False
             stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
             frame = av.VideoFrame.from_ndarray(np.zeros((256, 256, 3), np.uint8), format="bgr24")
             container.mux(stream.encode(frame))
@@ -290,10 +301,13 @@ class SegmentWriter:
     ):
         rate = Fraction(fps_fraction)
         self._container = av.open(path, "w", format="mp4")
-        self._stream = self._container.add_stream(codec, rate=rate)
+        stream = self._container.add_stream(codec, rate=rate, options=encoder_options(codec, crf, preset))
+        if not isinstance(stream, av.VideoStream):
+            self._container.close()
+            raise ValueError(f"encoder {codec!r} is not a video encoder")  # noqa: TRY004 - a bad name, not a bad type
+        self._stream = stream
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, pix_fmt
         self._stream.time_base = 1 / rate
-        self._stream.options = encoder_options(codec, crf, preset)
         if threads:
             self._stream.codec_context.thread_count = threads
         self._i420 = pix_fmt == "yuv420p"

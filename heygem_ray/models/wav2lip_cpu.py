@@ -26,17 +26,21 @@ the same bytes, a segment cut differently may not.
 from __future__ import annotations
 
 import copy
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
 
 from heygem_ray.models.wav2lip import ConvUnit, Wav2Lip
 
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
 
 def _folded(unit: ConvUnit) -> tuple[nn.Conv2d | nn.ConvTranspose2d, torch.Tensor, torch.Tensor]:
     """(conv, weight, bias) of `unit` with its BatchNorm folded into the conv."""
     conv, bn = unit.conv_block[0], unit.conv_block[1]
     assert isinstance(bn, nn.BatchNorm2d) and isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d))
+    assert bn.running_mean is not None and bn.running_var is not None  # tracked: the checkpoint holds them
     with torch.no_grad():
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         # output channels are dim 0 of a conv's weight and dim 1 of a transposed conv's
@@ -45,9 +49,18 @@ def _folded(unit: ConvUnit) -> tuple[nn.Conv2d | nn.ConvTranspose2d, torch.Tenso
         return conv, conv.weight * scale.view(shape), (bias - bn.running_mean) * scale + bn.bias
 
 
+def _ints(values: str | tuple[int, ...]) -> list[int]:
+    """A conv's stride, padding or dilation as a list (never the string forms: the generator has none)."""
+    assert not isinstance(values, str)
+    return list(values)
+
+
 class FusedConvUnit(nn.Module):
     """A ConvUnit for fp32 inference on the CPU: BatchNorm folded in, ReLU and residual add as
     oneDNN post-ops."""
+
+    matrix: torch.Tensor
+    matrix_bias: torch.Tensor
 
     def __init__(self, unit: ConvUnit):
         super().__init__()
@@ -55,8 +68,8 @@ class FusedConvUnit(nn.Module):
         self.transpose = isinstance(conv, nn.ConvTranspose2d)
         self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", bias)
-        self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
-        self.output_padding = list(conv.output_padding) if self.transpose else []
+        self.padding, self.stride, self.dilation = _ints(conv.padding), _ints(conv.stride), _ints(conv.dilation)
+        self.output_padding = _ints(conv.output_padding) if self.transpose else []
         self.residual = unit.residual
         # A transposed conv without padding on a 1x1 input (the decoder's 1x1 -> 3x3 unit) is a
         # matrix product: each output pixel is the input vector times one kernel tap. oneDNN's
@@ -143,7 +156,7 @@ class Int8ConvUnit(nn.Module):
             weight, bias = subpixel_weight(weight), bias.repeat_interleave(4)
             self.stride, self.padding, self.dilation = [1, 1], [0, 0], [1, 1]
         else:
-            self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+            self.stride, self.padding, self.dilation = _ints(conv.stride), _ints(conv.padding), _ints(conv.dilation)
         self.residual = unit.residual
         with torch.no_grad():
             w_scale = (weight.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127).float()
@@ -235,7 +248,7 @@ def _swap_units(module: nn.Module, make: type[nn.Module], keep: set[int]) -> Non
             _swap_units(child, make, keep)
 
 
-def fuse_for_cpu(model: nn.Module) -> nn.Module:
+def fuse_for_cpu(model: ModelT) -> ModelT:
     """A copy of `model` with every ConvUnit replaced by a FusedConvUnit (the original is left as
     it is)."""
     fused = copy.deepcopy(model).eval()
@@ -248,7 +261,7 @@ def quantize_for_cpu(model: Wav2Lip) -> Wav2Lip:
     conv units fused fp32 (see the module docstring for which stay fp32 and why)."""
     quantized = copy.deepcopy(model).eval()
     first_audio = quantized.audio_encoder[0]
-    one_to_three = quantized.face_decoder_blocks[1][0]  # the transposed unit 1x1 -> 3x3 (stride 1)
+    one_to_three = cast(nn.Sequential, quantized.face_decoder_blocks[1])[0]  # the 1x1 -> 3x3 transposed unit
     keep = {id(first_audio), id(one_to_three)}
     _swap_units(quantized.audio_encoder, Int8ConvUnit, keep)
     _swap_units(quantized.face_decoder_blocks, Int8ConvUnit, keep)

@@ -189,7 +189,7 @@ class Wav2LipRenderer:
         self._compile_failed = False
         self._compiled_ran = False
         # the eager generator and whether it is fused, kept until compiled code has run
-        self._eager_fallback: tuple[torch.nn.Module, bool] | None = None
+        self._eager_fallback: tuple[Wav2Lip, bool] | None = None
         self._face_cache: OrderedDict[Hashable, tuple[torch.Tensor, ...]] = OrderedDict()
         self._face_cache_bytes = 0
         self._face_cache_limit = int(face_cache_mb * 2**20)
@@ -201,9 +201,10 @@ class Wav2LipRenderer:
         if compile:
             self.compile_now()
 
-    def _load_generator(self) -> torch.nn.Module:
+    def _load_generator(self) -> Wav2Lip:
         model = load_model(Wav2Lip(), self._checkpoint, "Wav2Lip generator")
-        return model.to(self.device, memory_format=torch.channels_last)
+        # Module.to takes memory_format (channels-last convolutions); its type stubs leave it out
+        return model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @property
     def compiled(self) -> bool:
@@ -280,15 +281,15 @@ class Wav2LipRenderer:
     def _render_batch(
         self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray, sources: Sequence[Hashable] | None
     ) -> None:
-        clipped = [_clip(box, frame.shape) for frame, box in zip(frames, boxes)]
-        keep = [i for i, box in enumerate(clipped) if box is not None]
+        clipped = _clipped_boxes(frames, boxes)
+        keep = list(clipped)
         if not keep:
             return
         crops = []
         for i in keep:
             x1, y1, x2, y2 = clipped[i]
             crops.append(cv2.resize(frames[i][y1:y2, x1:x2], (FACE_SIZE, FACE_SIZE)))
-        keys = None if sources is None else [(sources[i], clipped[i]) for i in keep]
+        keys: list[Hashable] | None = None if sources is None else [(sources[i], clipped[i]) for i in keep]
         for i, face in zip(keep, self._generate_cpu(np.stack(crops), features[keep], keys)):
             x1, y1, x2, y2 = clipped[i]
             pasted = cv2.resize(face, (x2 - x1, y2 - y1))
@@ -313,15 +314,12 @@ class Wav2LipRenderer:
     def _render_batch_device(
         self, frames: list[np.ndarray], boxes: np.ndarray, features: np.ndarray, sources: Sequence[Hashable] | None
     ) -> None:
-        clipped = [_clip(box, frame.shape) for frame, box in zip(frames, boxes)]
+        clipped = _clipped_boxes(frames, boxes)
         # same-sized boxes next to each other, so each size is resized in one call
-        order = sorted(
-            (i for i, box in enumerate(clipped) if box is not None),
-            key=lambda i: (clipped[i][3] - clipped[i][1], clipped[i][2] - clipped[i][0]),
-        )
+        order = sorted(clipped, key=lambda i: (clipped[i][3] - clipped[i][1], clipped[i][2] - clipped[i][0]))
         if not order:
             return
-        keys = None if sources is None else [(sources[i], clipped[i]) for i in order]
+        keys: list[Hashable] | None = None if sources is None else [(sources[i], clipped[i]) for i in order]
         shapes = [(clipped[i][3] - clipped[i][1], clipped[i][2] - clipped[i][0]) for i in order]
         offsets = np.cumsum([0] + [h * w * 3 for h, w in shapes]).tolist()
         groups: list[tuple[int, int, int, int]] = []  # (h, w, lo, hi) runs in `order`
@@ -495,7 +493,7 @@ class Wav2LipRenderer:
             self._face_cache_bytes = 0
 
 
-def _fused_or_plain(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+def _fused_or_plain(model: Wav2Lip) -> tuple[Wav2Lip, bool]:
     """The generator with its conv units fused for the CPU (`models.wav2lip_cpu.fuse_for_cpu`), when
     this torch build has oneDNN's fused ops and they agree with the plain model on a probe; else
     the plain model, with a warning. Returns (model, fused)."""
@@ -518,7 +516,7 @@ def _fused_or_plain(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 FUSED_TOLERANCE = 1e-4
 
 
-def _int8_or_fp32(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+def _int8_or_fp32(model: Wav2Lip) -> tuple[Wav2Lip, str]:
     """The generator with its audio encoder and decoder on int8 (`models.wav2lip_cpu`), when this
     torch build has oneDNN's int8 ops and the int8 generator stays within INT8_MIN_PROBE_PSNR_DB of
     the plain fp32 one on a probe, over the rows a feather paste shows; else the fp32 generator
@@ -616,6 +614,12 @@ def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if images.shape[-2:] == (height, width):
         return images.clone()
     return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _clipped_boxes(frames: list[np.ndarray], boxes: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """Each frame's box clipped to the frame, by frame index, for the boxes with area left."""
+    clipped = {i: _clip(box, frame.shape) for i, (frame, box) in enumerate(zip(frames, boxes))}
+    return {i: box for i, box in clipped.items() if box is not None}
 
 
 def _clip(box: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
