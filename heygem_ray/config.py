@@ -6,6 +6,7 @@ Hydra composes the YAML on the driver; `to_plain()` turns the result into these 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,29 @@ class ClassicRendererConfig:
 PRECISIONS = ("auto", "fp32", "int8", "fp16", "bf16")
 BLENDS = ("feather", "hard")
 IMAGE_OPS = ("auto", "cpu", "device")
+#: face detectors (heygem_ray.detect.build_detector builds them; `box` needs no model)
+DETECTORS = ("haar", "box", "s3fd")
+#: video encoders segments are written with (they must join without re-encoding: H.264 only)
+VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
+#: x264's presets, fastest first
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+#: where a model runs: auto (CUDA only when Ray gave the process a GPU), cpu, cuda or cuda:N
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_choices(section: str, config: object, choices: dict[str, tuple[str, ...]]) -> None:
+    """Raise ValueError naming the key, the value and the choices for the first field of `config`
+    whose value is not among its choices: checked when the config is composed on the driver, so a
+    typo exits 2 at once instead of failing every row on the workers."""
+    for key, allowed in choices.items():
+        value = getattr(config, key)
+        if value not in allowed:
+            raise ValueError(f"{section}.{key}={value} is not one of {', '.join(allowed)}")
+
+
+def check_device(section: str, value: str) -> None:
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ValueError(f"{section}.device={value} is not one of auto, cpu, cuda, cuda:N")
 
 
 @dataclass
@@ -65,15 +89,12 @@ class Wav2LipRendererConfig:
 
     def __post_init__(self) -> None:
         self.compile = str(self.compile).lower()  # `renderer.compile=true` arrives as a YAML bool
-        # checked here, on the driver, so a typo exits 2 at once instead of failing every actor
-        for key, choices in (
-            ("precision", PRECISIONS),
-            ("compile", ("auto", "true", "false")),
-            ("blend", BLENDS),
-            ("image_ops", IMAGE_OPS),
-        ):
-            if getattr(self, key) not in choices:
-                raise ValueError(f"renderer.{key}={getattr(self, key)} is not one of {', '.join(choices)}")
+        check_choices(
+            "renderer",
+            self,
+            {"precision": PRECISIONS, "compile": ("auto", "true", "false"), "blend": BLENDS, "image_ops": IMAGE_OPS},
+        )
+        check_device("renderer", self.device)
         if self.batch_size < 0 or self.face_cache_mb < 0:
             raise ValueError("renderer.batch_size and renderer.face_cache_mb must be 0 (auto/off) or more")
 
@@ -102,6 +123,10 @@ class DetectorConfig:
     #: GPU share of each detection task with a learned detector (s3fd) on a cluster with GPUs; a
     #: task given no GPU detects on the CPU
     num_gpus: float = 0.125
+
+    def __post_init__(self) -> None:
+        check_choices("detector", self, {"name": DETECTORS})
+        check_device("detector", self.device)
 
 
 @dataclass
@@ -169,11 +194,15 @@ class EncoderConfig:
     codec: str = "auto"
     #: quality: x264 CRF, or NVENC constant quality (lower = better, bigger)
     crf: int = 18
+    #: x264 preset (NVENC uses its own p4 with tune hq)
     preset: str = "veryfast"
     pix_fmt: str = "yuv420p"
     audio_codec: str = "aac"
     audio_bitrate: int = 128_000
     audio_sample_rate: int = 48_000
+
+    def __post_init__(self) -> None:
+        check_choices("encoder", self, {"codec": VIDEO_CODECS, "preset": X264_PRESETS})
 
 
 @dataclass

@@ -72,6 +72,22 @@ def test_renderer_choices_are_checked_when_composed(override, message):
         compose_config("manifest=m", "output=o", "renderer=wav2lip", "renderer.checkpoint=m.pth", override)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("detector.name=hair", "detector.name=hair is not one of haar, box, s3fd"),
+        ("detector.device=gpu", "detector.device=gpu is not one of auto, cpu, cuda, cuda:N"),
+        ("encoder.codec=libx265", "encoder.codec=libx265 is not one of auto, libx264, h264_nvenc"),
+        ("encoder.preset=veryfats", "encoder.preset=veryfats is not one of ultrafast, superfast, veryfast"),
+    ],
+)
+def test_detector_and_encoder_choices_are_checked_when_composed(override, message):
+    with pytest.raises(Exception, match=message.replace(".", r"\.")):
+        compose_config("manifest=m", "output=o", override)
+    for good in ("detector.device=cuda:1", "encoder.preset=slow", "encoder.codec=h264_nvenc"):
+        compose_config("manifest=m", "output=o", good)
+
+
 def test_a_local_ray_gives_the_actors_every_core():
     """On a Ray of its own, tasks share the actors' cores: cores + reserve logical CPUs, so
     `cluster.actors=0` fits one actor per core (2 on a 2-core machine, not 1 beside an idle core)."""

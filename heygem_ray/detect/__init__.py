@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from heygem_ray.config import DetectorConfig
+from heygem_ray.config import DETECTORS, DetectorConfig
 from heygem_ray.detect.base import FaceDetector
 
 
@@ -17,4 +17,4 @@ def build_detector(cfg: DetectorConfig) -> FaceDetector:
         if not cfg.checkpoint:
             raise ValueError("detector=s3fd needs detector.checkpoint=<URI of s3fd-619a316812.pth>")
         return load_s3fd_detector(cfg.checkpoint, device=cfg.device, max_side=cfg.max_side, batch_size=cfg.batch_size)
-    raise ValueError(f"unknown detector {cfg.name!r}; choose haar, box or s3fd")
+    raise ValueError(f"unknown detector {cfg.name!r}; choose one of {', '.join(DETECTORS)}")
