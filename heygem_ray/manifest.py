@@ -17,7 +17,6 @@ from heygem_ray.errors import ManifestError
 from heygem_ray.plan import stable_hash
 
 REQUIRED = ("audio", "avatar")
-OPTIONAL = ("id", "output", "box")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 

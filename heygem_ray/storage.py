@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, TypeVar
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger("heygem_ray.storage")
 T = TypeVar("T")
@@ -308,7 +307,3 @@ def _file_lock(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)

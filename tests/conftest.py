@@ -13,19 +13,7 @@ os.environ.setdefault("HEYGEM_CACHE_DIR", tempfile.mkdtemp(prefix="heygem-node-c
 
 import pytest
 
-S3_SECRET = "heygem-test-secret-4f2a9c"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-#: where the local Ray's node agent exports Prometheus metrics during the tests
-METRICS_PORT = _free_port()  # grep-able: must never show up in logs or results
+from helpers import METRICS_PORT, S3_SECRET, write_faceless_clip
 
 
 @pytest.fixture(scope="session")
@@ -87,30 +75,6 @@ def media_dir(tmp_path_factory):
     demo.write_avatar_image(str(root / "still.png"))
     write_faceless_clip(str(root / "noface.mp4"), frames=12)
     return root
-
-
-def write_faceless_clip(path: str, frames: int) -> None:
-    """A real H.264 clip of textured noise: decodes fine, has no face."""
-    import av
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(60, 200, (96, 128, 3), dtype=np.uint8), format="bgr24")
-            frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-
-
-def compose_config(*overrides: str):
-    """The campaign config as `heygem-ray render` would compose it, resolved to plain dataclasses."""
-    from heygem_ray.cli import compose
-    from heygem_ray.config import to_plain
-
-    return to_plain(compose(list(overrides)))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import compose_config, write_faceless_clip
+from helpers import compose_config, write_faceless_clip
 from heygem_ray import campaign, demo
 from heygem_ray.errors import InputError
 from heygem_ray.prepare import prepare_audio, prepare_avatar

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from browser import chromium, dump_dom, parse_cards
 
-from conftest import METRICS_PORT, compose_config
+from helpers import METRICS_PORT, compose_config
 from heygem_ray import campaign
 from heygem_ray.manifest import read_manifest
 from heygem_ray.media import video

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import compose_config
+from helpers import compose_config
 from heygem_ray.config import ClassicRendererConfig, Config, Wav2LipRendererConfig
 
 

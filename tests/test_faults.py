@@ -14,7 +14,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import compose_config
+from helpers import compose_config
 from heygem_ray.campaign import Campaign
 from heygem_ray.manifest import read_manifest
 from heygem_ray.results import read_results

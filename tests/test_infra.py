@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import compose_config
+from helpers import compose_config
 from heygem_ray.campaign import fit_actors
 
 try:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import compose_config
+from helpers import compose_config
 from heygem_ray.campaign import Campaign
 from heygem_ray.manifest import read_manifest
 from heygem_ray.results import read_results

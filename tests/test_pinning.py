@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import compose_config
+from helpers import compose_config
 from heygem_ray.segment import RenderWorker
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")

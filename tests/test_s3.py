@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import S3_SECRET, compose_config
+from helpers import S3_SECRET, compose_config
 from heygem_ray import campaign, storage
 from heygem_ray.cli import compose, config_yaml
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import compose_config
+from helpers import compose_config
 from heygem_ray.media.yuv import bgr_to_i420, i420_planes
 from heygem_ray.render.base import AudioWindow
 from heygem_ray.segment import RenderWorker, pipeline_chunks

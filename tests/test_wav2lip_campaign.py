@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import compose_config
+from helpers import compose_config
 from heygem_ray import campaign
 from heygem_ray.plan import avatar_frame_indices
 from heygem_ray.prepare import prepare_avatar
