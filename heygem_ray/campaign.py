@@ -32,7 +32,7 @@ from heygem_ray.config import Config
 from heygem_ray.errors import ClusterConfigError, InputError
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
-from heygem_ray.prepare import AvatarTrack, RowPrep, marker_uri, prepare_avatar, prepare_row, thumbnail_uri
+from heygem_ray.prepare import AvatarTrack, RowPrep, prepare_avatar, prepare_row
 from heygem_ray.report import render_report, write_report
 from heygem_ray.results import RowResult, Summary, write_results
 from heygem_ray.segment import RenderWorker, SegmentJob, SegmentResult, WorkerInfo
@@ -459,8 +459,8 @@ class Campaign:
             audio_uri=state.row.audio,
             fps_fraction=state.track.info.fps_fraction,
             frames=state.spans[-1].stop,
-            marker_uri=marker_uri(self.cfg, state.row.id),
-            thumbnail_uri=thumbnail_uri(self.cfg, state.row.id),
+            marker_uri=self.cfg.layout.marker(state.row.id),
+            thumbnail_uri=self.cfg.layout.thumbnail(state.row.id),
             fingerprint=state.prep.fingerprint,
             encoder=self.cfg.encoder,
             storage_options=self.cfg.storage.options,
@@ -485,7 +485,7 @@ class Campaign:
         into other spans)."""
         assert state.prep is not None and self.codec is not None
         key = f"{state.row.id}-{state.prep.fingerprint[:16]}-{self.codec}-n{len(state.spans)}"
-        return storage.join(self.cfg.output, "_work", key)
+        return self.cfg.layout.work(key)
 
     def _segment_job(self, state: _RowState, index: int) -> SegmentJob:
         assert state.track is not None and state.prep is not None and state.prep.audio is not None
@@ -550,7 +550,7 @@ class Campaign:
 
     def _write_report(self, final: bool) -> None:
         """{output}/_report.html: rewritten as rows finish, so it can be refreshed during a run."""
-        uri = storage.join(self.cfg.output, "_report.html")
+        uri = self.cfg.layout.report
         done = [self.results[r.id] for r in self.rows if r.id in self.results]
         html = render_report(
             done,
@@ -647,10 +647,8 @@ def run(cfg: Config) -> Summary:
             shutdown(local=own_ray)
         if job is not None:
             # written even when interrupted: every row has a result by now (unfinished ones as failed)
-            write_results(
-                storage.join(cfg.output, "_results.parquet"), [job.results[r.id] for r in rows if r.id in job.results]
-            )
-            storage.remove_empty_dir(storage.join(cfg.output, "_work"))
+            write_results(cfg.layout.results, [job.results[r.id] for r in rows if r.id in job.results])
+            storage.remove_empty_dir(cfg.layout.work_root)
     return summary
 
 

@@ -43,7 +43,7 @@ def render(cfg: Config, resolved: DictConfig | None = None) -> int:
     try:
         if resolved is not None:
             storage.configure(cfg.storage.options)
-            storage.write_bytes(storage.join(cfg.output, "_config.yaml"), config_yaml(resolved).encode())
+            storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
         summary = campaign.run(cfg)
     except HeygemError as exc:
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
@@ -51,7 +51,7 @@ def render(cfg: Config, resolved: DictConfig | None = None) -> int:
     print(f"heygem-ray: {summary.line()}")
     if summary.startup:
         print(f"heygem-ray: start-up: {summary.startup_line()}")
-    print(f"heygem-ray: results: {storage.display(storage.join(cfg.output, '_results.parquet'))}")
+    print(f"heygem-ray: results: {storage.display(cfg.layout.results)}")
     return 1 if summary.failed else 0
 
 
@@ -117,11 +117,11 @@ def demo_main(argv: Sequence[str]) -> int:
     build_manifest(assets.audios, assets.avatars, manifest, limit=args.rows)
     output = os.path.join(root, "output")
     cfg = compose([f"manifest={manifest}", f"output={output}", *overrides])
-    status = render(to_plain(cfg), cfg)
+    plain = to_plain(cfg)
+    status = render(plain, cfg)
     print(f"heygem-ray demo: videos in {output}/")
-    print(
-        f"heygem-ray demo: open {output}/_report.html for a page with every row; results table {output}/_results.parquet"
-    )
+    layout = plain.layout
+    print(f"heygem-ray demo: open {layout.report} for a page with every row; results table {layout.results}")
     return status
 
 

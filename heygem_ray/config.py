@@ -13,6 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from heygem_ray.layout import CampaignLayout
+
 
 @dataclass
 class ClassicRendererConfig:
@@ -257,10 +259,13 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
-    def cache_uri(self) -> str:
-        from heygem_ray.storage import join
+    def layout(self) -> CampaignLayout:
+        """Where the campaign's results, report, markers, work and cache go."""
+        return CampaignLayout(self.output, self.cache)
 
-        return self.cache or join(self.output, "_cache")
+    @property
+    def cache_uri(self) -> str:
+        return self.layout.cache
 
 
 def register_configs() -> None:

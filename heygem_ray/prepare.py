@@ -285,14 +285,6 @@ class RowPrep:
     thumbnail: bytes | None = None  # of the finished video, when skipped
 
 
-def marker_uri(cfg: Config, row_id: str) -> str:
-    return storage.join(cfg.output, "_markers", f"{row_id}.json")
-
-
-def thumbnail_uri(cfg: Config, row_id: str) -> str:
-    return storage.join(cfg.output, "_thumbs", f"{row_id}.jpg")
-
-
 def prepare_row(row: Row, cfg: Config) -> RowPrep:
     """Fingerprint the row; report it skipped when its marker matches, else decode its audio."""
     storage.configure(cfg.storage.options)
@@ -302,10 +294,10 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
         with reading(what, uri):
             fingerprints[what] = content_fingerprint(uri, cache, what)
     fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg)
-    marker = read_marker(marker_uri(cfg, row.id))
+    marker = read_marker(cfg.layout.marker(row.id))
     if not cfg.force and marker and marker.fingerprint == fp and storage.exists(row.output):
         try:
-            thumbnail = storage.read_bytes(thumbnail_uri(cfg, row.id))
+            thumbnail = storage.read_bytes(cfg.layout.thumbnail(row.id))
         except FileNotFoundError:
             thumbnail = None
         return RowPrep(fp, True, None, marker, thumbnail)

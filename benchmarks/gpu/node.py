@@ -258,8 +258,8 @@ def stitch_job(cfg: Any, jobs: list[Any], inputs: Inputs, work_uri: str) -> Any:
         audio_uri=inputs.audio,
         fps_fraction=jobs[0].info.fps_fraction,
         frames=jobs[-1].start + jobs[-1].frames,
-        marker_uri=storage.join(cfg.output, "_markers", "node.json"),
-        thumbnail_uri=storage.join(cfg.output, "_thumbs", "node.jpg"),
+        marker_uri=cfg.layout.marker("node"),
+        thumbnail_uri=cfg.layout.thumbnail("node"),
         fingerprint="gpu-kit",
         encoder=cfg.encoder,
     )

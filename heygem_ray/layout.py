@@ -1,0 +1,54 @@
+"""Every path a campaign keeps beside its videos under the output root, in one place.
+
+{output}/{row}.mp4          the videos (a row's `output` column may put one elsewhere)
+{output}/_results.parquet   one row per manifest row (heygem_ray.results)
+{output}/_report.html       the page operators open (heygem_ray.report)
+{output}/_config.yaml       the resolved config of the last run, credentials masked
+{output}/_markers/{row}.json    a finished row's fingerprint: a rerun skips the row
+{output}/_thumbs/{row}.jpg      a finished row's thumbnail, for the report
+{output}/_work/{key}/       segments of rows in progress, removed once stitched
+{output}/_cache/            decoded audio and face tracks, unless `cache` puts them elsewhere
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from heygem_ray.storage import join
+
+
+@dataclass(frozen=True)
+class CampaignLayout:
+    output: str
+    #: where decoded audio and face tracks go; None = {output}/_cache
+    cache_root: str | None = None
+
+    @property
+    def results(self) -> str:
+        return join(self.output, "_results.parquet")
+
+    @property
+    def report(self) -> str:
+        return join(self.output, "_report.html")
+
+    @property
+    def config(self) -> str:
+        return join(self.output, "_config.yaml")
+
+    @property
+    def cache(self) -> str:
+        return self.cache_root or join(self.output, "_cache")
+
+    @property
+    def work_root(self) -> str:
+        return join(self.output, "_work")
+
+    def work(self, key: str) -> str:
+        """The folder of one row's segments, `key` naming the row and how it is cut."""
+        return join(self.work_root, key)
+
+    def marker(self, row_id: str) -> str:
+        return join(self.output, "_markers", f"{row_id}.json")
+
+    def thumbnail(self, row_id: str) -> str:
+        return join(self.output, "_thumbs", f"{row_id}.jpg")
