@@ -190,51 +190,14 @@ class Int8ConvUnit(nn.Module):
             q[:, :, :h, w].zero_()
         q[:, :, :h, :w].copy_(scaled)
         onednn = torch.ops.onednn
-        if self.residual:
+        source = (q, scale, 0, self.packed, self.w_scale, self.w_zero_point)  # input and weights with their scales
+        geometry = (self.stride, self.padding, self.dilation, 1)
+        dequantized = (1.0, 0, torch.float32)  # output scale, zero point, dtype
+        if self.residual:  # the sum post-op adds the input back (accumulating into it) before the ReLU
             accum = x.contiguous(memory_format=torch.channels_last)
-            return onednn.qconv2d_pointwise.binary(
-                q,
-                scale,
-                0,
-                self.packed,
-                self.w_scale,
-                self.w_zero_point,
-                accum,
-                self.bias,
-                self.stride,
-                self.padding,
-                self.dilation,
-                1,
-                1.0,
-                0,
-                torch.float32,
-                1.0,
-                0,
-                "sum",
-                1.0,
-                "relu",
-                [],
-                "",
-            )
-        y = onednn.qconv2d_pointwise(
-            q,
-            scale,
-            0,
-            self.packed,
-            self.w_scale,
-            self.w_zero_point,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            1,
-            1.0,
-            0,
-            torch.float32,
-            "relu",
-            [],
-            "",
-        )
+            sum_relu: tuple[object, ...] = (1.0, 0, "sum", 1.0, "relu", [], "")
+            return onednn.qconv2d_pointwise.binary(*source, accum, self.bias, *geometry, *dequantized, *sum_relu)
+        y = onednn.qconv2d_pointwise(*source, self.bias, *geometry, *dequantized, "relu", [], "")
         return pixel_phases_to_image(y) if self.subpixel else y
 
 
