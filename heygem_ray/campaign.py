@@ -627,13 +627,17 @@ def _write_line(text: str) -> None:
     tqdm.write(text, file=sys.stdout)
 
 
-def run(cfg: Config) -> Summary:
-    """Read the manifest, render every row, write the results table, return the summary."""
+def run(cfg: Config, launched: float | None = None) -> Summary:
+    """Read the manifest, render every row, write the results table, return the summary.
+    `launched`: when the run was asked for (time.time()), where the start-up breakdown begins;
+    None = when this process started."""
     storage.configure(cfg.storage.options)
     # a bad manifest stops here, before any rendering
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
     own_ray = not cfg.cluster.address and not os.environ.get("RAY_ADDRESS")  # else ray.init joins a cluster
     startup = Startup(ray_called=time.time())
+    if launched is not None:
+        startup.driver_started = launched
     started_ray = connect(cfg)
     startup.ray_ready = time.time()
     job = None
