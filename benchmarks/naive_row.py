@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from heygem_ray.config import EncoderConfig
     from heygem_ray.media.audio import iter_pcm16k
-    from heygem_ray.media.mux import stitch
+    from heygem_ray.media.mux import encode_audio, stitch
     from heygem_ray.media.video import SegmentWriter, iter_frames, probe
     from heygem_ray.plan import avatar_frame_indices, output_frame_count
     from heygem_ray.render.base import AudioWindow
@@ -97,15 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         encode += time.perf_counter() - t
         steps.update(render=render, encode=encode)
         t = time.perf_counter()
+        track = os.path.join(tmp, "audio.m4a")
+        encode_audio(args.audio, track, enc.audio_codec, enc.audio_bitrate, enc.audio_sample_rate)
         stitch(
             lambda _: open(video, "rb"),  # noqa: SIM115 - stitch closes each file it opens
             1,
-            args.audio,
+            track,
             args.out,
             info.fps_fraction,
-            enc.audio_codec,
-            enc.audio_bitrate,
-            enc.audio_sample_rate,
         )
         steps["mux"] = time.perf_counter() - t
     steps["in process"] = time.perf_counter() - started

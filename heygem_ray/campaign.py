@@ -3,7 +3,8 @@
     row ─► prepare_row (task: fingerprints, done-marker check, audio decode)
         ─► prepare_avatar (task, once per avatar: probe + face track, cached)
         ─► segments (calls on a fixed pool of warm renderer actors)
-        ─► stitch_row (task: join, mux, publish, marker)
+           ∥ prepare_audio_track (task, once per narration: the output's AAC, cached)
+        ─► stitch_row (task: join segments + audio track by packet copy, publish, marker)
 
 Only small metadata crosses the object store; frames stay inside the actor and segment files go
 through storage. The driver admits rows lazily and caps queued segments, so a campaign of any size
@@ -32,7 +33,7 @@ from heygem_ray.config import Config
 from heygem_ray.errors import ClusterConfigError, InputError
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
-from heygem_ray.prepare import AvatarTrack, RowPrep, prepare_avatar, prepare_row
+from heygem_ray.prepare import AudioInfo, AvatarTrack, RowPrep, prepare_audio_track, prepare_avatar, prepare_row
 from heygem_ray.report import render_report, write_report
 from heygem_ray.results import RowResult, Summary, write_results
 from heygem_ray.segment import RenderWorker, SegmentJob, SegmentResult, WorkerInfo
@@ -45,6 +46,10 @@ REPORT_INTERVAL = 10.0
 
 #: seconds without any ready renderer actor before the driver says why it may be waiting
 ACTOR_WAIT_WARNING = 60.0
+
+#: narrations whose encode task the driver remembers, so rows sharing one wait on the same task;
+#: an older one is found in the cache by the task that a later row starts
+AUDIO_TRACK_REFS = 1024
 
 #: task exceptions worth another try (flaky storage, network); bad input is never retried
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
@@ -59,6 +64,7 @@ class _RowState:
     spans: list[SegmentSpan] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
     attempts: dict[int, int] = field(default_factory=dict)
+    audio_track: ray.ObjectRef | None = None  # the row's encoded audio, made while it renders
     finished: bool = False
 
 
@@ -172,6 +178,7 @@ class Campaign:
         self._pending = deque(rows)
         self._inflight: dict[ray.ObjectRef, tuple[str, Any]] = {}
         self._avatar_refs: dict[tuple, ray.ObjectRef] = {}
+        self._audio_track_refs: dict[str, ray.ObjectRef] = {}  # by audio fingerprint, oldest first
         self._avatar_tracks: dict[tuple, AvatarTrack | BaseException] = {}
         self._avatar_waiters: dict[tuple, list[str]] = {}
         self._segment_queue: deque[tuple[str, int]] = deque()
@@ -231,6 +238,7 @@ class Campaign:
         # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
         # where the cluster has GPUs, so detection is scheduled and accounted like rendering
         self._prepare_avatar = self._task(prepare_avatar, num_gpus=self._detector_gpus())
+        self._prepare_audio_track = self._task(prepare_audio_track)
         self._stitch_row = self._task(stitch_row)
         progress = _progress(len(self.rows), self.cfg.render.progress)
         try:
@@ -316,6 +324,8 @@ class Campaign:
             if state.prep.thumbnail:
                 self._thumbnails[row_id] = state.prep.thumbnail
             return self._finish(row_id, "skipped", marker=state.prep.marker)
+        assert state.prep.audio is not None
+        state.audio_track = self._audio_track(state.prep.audio)
         key = (state.row.avatar, state.row.box)
         if key in self._avatar_tracks:
             return self._on_track(state, self._avatar_tracks[key])
@@ -333,6 +343,18 @@ class Campaign:
             )
             self._avatar_refs[key] = ref
             self._inflight[ref] = ("avatar", key)
+
+    def _audio_track(self, audio: AudioInfo) -> ray.ObjectRef:
+        """The task encoding this narration for the output: one per distinct audio content, started
+        now so it runs while the row renders; the stitch takes its result."""
+        ref = self._audio_track_refs.pop(audio.fingerprint, None)
+        if ref is None:
+            cfg = self.cfg
+            ref = self._prepare_audio_track.remote(audio, cfg.cache_uri, cfg.encoder, cfg.storage.options)
+        self._audio_track_refs[audio.fingerprint] = ref  # now the most recent
+        while len(self._audio_track_refs) > AUDIO_TRACK_REFS:
+            del self._audio_track_refs[next(iter(self._audio_track_refs))]
+        return ref
 
     def _on_avatar(self, key: tuple, ref: ray.ObjectRef) -> None:
         try:
@@ -456,16 +478,14 @@ class Campaign:
             output=state.row.output,
             segment_uris=[_segment_uri(work, s.index) for s in state.spans],
             work_uri=work,
-            audio_uri=state.row.audio,
             fps_fraction=state.track.info.fps_fraction,
             frames=state.spans[-1].stop,
             marker_uri=self.cfg.layout.marker(state.row.id),
             thumbnail_uri=self.cfg.layout.thumbnail(state.row.id),
             fingerprint=state.prep.fingerprint,
-            encoder=self.cfg.encoder,
             storage_options=self.cfg.storage.options,
         )
-        self._inflight[self._stitch_row.remote(job)] = ("stitched", state.row.id)
+        self._inflight[self._stitch_row.remote(job, state.audio_track)] = ("stitched", state.row.id)
 
     def _on_stitched(self, row_id: str, ref: ray.ObjectRef) -> None:
         try:

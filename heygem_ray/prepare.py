@@ -3,11 +3,15 @@
 * Content fingerprints of inputs, memoised in the cache by (URI, size, version) so a rerun does not
   re-read every file.
 * Audio: decoded once per distinct content to 16 kHz mono float32 PCM in the cache (renderers read
-  only the window a segment needs), with the row's speech level.
+  only the window a segment needs), with the row's speech level; and encoded once per distinct
+  content and audio settings to the output's codec (an audio-only mp4 the stitch copies packets
+  from), while the row renders, so neither a row's last step nor the next row with the same
+  narration encodes it again.
 * Avatar: probed and face-tracked once per distinct content and detector config; the track (one box
   and one timestamp per frame) is cached and reused by every row and every rerun.
 
-Cache layout under `cache`:  fingerprints/<key>.txt, audio/<fp>.f32 + .json, avatars/<fp>/<key>.npz
+Cache layout under `cache`:  fingerprints/<key>.txt, audio/<fp>.f32 + .json,
+audio/<fp>.<codec>-<bitrate>-<rate>.m4a + .json, avatars/<fp>/<key>.npz
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import av
 import numpy as np
 
 from heygem_ray import metrics, storage
-from heygem_ray.config import Config, DetectorConfig
+from heygem_ray.config import Config, DetectorConfig, EncoderConfig
 from heygem_ray.detect import build_detector
 from heygem_ray.detect.track import TrackBuilder, fixed_track
 from heygem_ray.errors import InputError, check_writable, reading
 from heygem_ray.manifest import Row
 from heygem_ray.media.audio import LevelMeter, iter_pcm16k
+from heygem_ray.media.mux import encode_audio
 from heygem_ray.media.video import VideoInfo, iter_frames, probe
 from heygem_ray.plan import stable_hash
 from heygem_ray.render.base import SAMPLE_RATE
@@ -103,6 +108,46 @@ def _within_limit(audio: AudioInfo, max_seconds: float) -> AudioInfo:
             "audio", audio.uri, f"is {audio.seconds:.0f} s long, over limits.max_audio_seconds={max_seconds:g} s"
         )
     return audio
+
+
+@dataclass(frozen=True)
+class AudioTrack:
+    """A row's audio in the output's codec, ready to be copied into the finished mp4."""
+
+    uri: str
+    samples: int
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.sample_rate
+
+
+def prepare_audio_track(
+    audio: AudioInfo, cache: str, encoder: EncoderConfig, storage_options: StorageOptions | None = None
+) -> AudioTrack:
+    """Encode the row's audio with the output's audio settings, once per distinct content and
+    settings (cached beside its PCM)."""
+    if storage_options is not None:
+        storage.configure(storage_options)
+    settings = f"{encoder.audio_codec}-{encoder.audio_bitrate}-{encoder.audio_sample_rate}"
+    base = storage.join(cache, "audio", f"{audio.fingerprint}.{settings}")
+    with contextlib.suppress(FileNotFoundError):
+        meta = json.loads(storage.read_bytes(base + ".json"))
+        return AudioTrack(base + ".m4a", meta["samples"], encoder.audio_sample_rate)
+    with reading("audio", audio.uri), tempfile.TemporaryDirectory(prefix="heygem-track-") as tmp:
+        local = os.path.join(tmp, "track.m4a")
+        samples = encode_audio(
+            storage.local_copy(audio.uri),
+            local,
+            encoder.audio_codec,
+            encoder.audio_bitrate,
+            encoder.audio_sample_rate,
+            audio_display=audio.uri,
+        )
+        storage.publish_file(local, base + ".m4a")
+    storage.write_bytes(base + ".json", json.dumps({"samples": samples}).encode())  # last: the track is whole
+    return AudioTrack(base + ".m4a", samples, encoder.audio_sample_rate)
 
 
 @storage.retrying

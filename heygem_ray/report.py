@@ -23,6 +23,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from typing import IO
 
 import av
 import cv2
@@ -43,14 +44,15 @@ _FAILED_LINKS = 50
 # --------------------------------------------------------------------------- thumbnails
 
 
-def thumbnail_jpeg(video_path: str, width: int = 240, quality: int = 80) -> bytes:
-    """A small JPEG (`width` pixels wide, aspect kept) of the frame at the middle of a local video.
+def thumbnail_jpeg(video_path: str | IO[bytes], width: int = 240, quality: int = 80, at: float = 0.5) -> bytes:
+    """A small JPEG (`width` pixels wide, aspect kept) of a local video's (or an open file's) frame at fraction `at` of
+    its duration (the middle by default; 0 takes the first frame, which decodes only that one).
 
-    Seeks near the middle by time and takes the first decoded frame at or after it; a video too
-    short for that (or whose seek lands past the end) gives its last frame. Display rotation
-    metadata is applied. Raises ValueError when the file has no decodable video frame."""
+    Seeks near that time and takes the first decoded frame at or after it; a video too short for
+    that (or whose seek lands past the end) gives its last frame. Display rotation metadata is
+    applied. Raises ValueError when the file has no decodable video frame."""
     try:
-        frame = _middle_frame(video_path)
+        frame = _frame_at(video_path, at)
     except av.error.FFmpegError as exc:
         raise ValueError(f"{video_path}: not a readable video ({exc.strerror or exc})") from None
     if frame is None:
@@ -65,14 +67,16 @@ def thumbnail_jpeg(video_path: str, width: int = 240, quality: int = 80) -> byte
     return buf.tobytes()
 
 
-def _middle_frame(path: str) -> np.ndarray | None:
-    with av.open(path) as container:
+def _frame_at(path: str | IO[bytes], at: float) -> np.ndarray | None:
+    with av.open(path, "r") as container:
         if not container.streams.video:
             return None
         stream = container.streams.video[0]
+        if at <= 0:
+            return next((_display_bgr(f) for f in container.decode(stream)), None)
         stream.thread_type = "AUTO"
         duration = _duration_seconds(container, stream)
-        middle = duration / 2 if duration else 0.0
+        middle = duration * min(at, 1.0) if duration else 0.0
         if middle > 0 and stream.time_base:
             start = stream.start_time or 0
             target = start + int(middle / stream.time_base)

@@ -1,5 +1,6 @@
-"""The stitch stage: one task per row joins its segments, muxes the audio, publishes the mp4
-atomically, then writes the done-marker, then removes the row's segment files.
+"""The stitch stage: one task per row joins its segments and its encoded audio track (copying
+packets: nothing is encoded here), publishes the mp4 atomically, then writes the done-marker,
+then removes the row's segment files.
 
 The order matters for resume: a marker exists only for a published output, and a rerun trusts a
 row only when its marker's fingerprint matches what it would render now.
@@ -12,13 +13,16 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from heygem_ray import metrics, storage
-from heygem_ray.config import EncoderConfig
-from heygem_ray.errors import reading, writing
+from heygem_ray.errors import writing
 from heygem_ray.media.mux import stitch
 from heygem_ray.report import thumbnail_jpeg
 from heygem_ray.storage import StorageOptions
+
+if TYPE_CHECKING:  # prepare imports this module for its markers
+    from heygem_ray.prepare import AudioTrack
 
 
 @dataclass(frozen=True)
@@ -27,13 +31,11 @@ class StitchJob:
     output: str
     segment_uris: list[str]
     work_uri: str
-    audio_uri: str
     fps_fraction: str
     frames: int
     marker_uri: str
     thumbnail_uri: str
     fingerprint: str
-    encoder: EncoderConfig
     #: the campaign's `storage.options`, set for the process before anything is read: a Ray task
     #: may run in a worker that has never seen them; None leaves the process's as they are
     storage_options: StorageOptions | None = None
@@ -64,39 +66,40 @@ class Stitched:
     thumbnail: bytes | None  # a small JPEG of a mid-video frame, for the campaign report
 
 
-def stitch_row(job: StitchJob) -> Stitched:
+def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
+    """Join the row's segments and `audio` (from `prepare.prepare_audio_track`) into the output."""
     if job.storage_options is not None:
         storage.configure(job.storage_options)
     clock = metrics.StageClock()
-    with reading("audio", job.audio_uri):
-        audio = storage.local_copy(job.audio_uri)
     with tempfile.TemporaryDirectory(prefix="heygem-stitch-") as tmp:
         path = os.path.join(tmp, "out.mp4")
-        enc = job.encoder
         with clock("stitch"):
             stats = stitch(
                 lambda i: storage.open_uri(job.segment_uris[i]),
                 len(job.segment_uris),
-                audio,
+                storage.local_copy(audio.uri),
                 path,
                 job.fps_fraction,
-                enc.audio_codec,
-                enc.audio_bitrate,
-                enc.audio_sample_rate,
-                audio_display=job.audio_uri,
             )
         if stats.frames != job.frames:
             raise RuntimeError(f"row {job.row_id}: stitched {stats.frames} frames, planned {job.frames}")
-        try:
-            thumbnail: bytes | None = thumbnail_jpeg(path, width=160, quality=75)
-        except ValueError:  # the report shows a placeholder; a good video must not fail over it
-            thumbnail = None
         with clock("upload"), writing(job.output):
             storage.publish_file(path, job.output)
+    thumbnail = _thumbnail(job)
     if thumbnail:
         storage.write_bytes(job.thumbnail_uri, thumbnail)
-    marker = Marker(job.row_id, job.fingerprint, job.output, stats.frames, round(stats.audio_seconds, 4), time.time())
+    marker = Marker(job.row_id, job.fingerprint, job.output, stats.frames, round(audio.seconds, 4), time.time())
     storage.write_bytes(job.marker_uri, json.dumps(asdict(marker)).encode())
     storage.remove(job.work_uri, recursive=True)
     metrics.stage_seconds(clock.seconds)
     return Stitched(marker, thumbnail)
+
+
+def _thumbnail(job: StitchJob) -> bytes | None:
+    """The first frame of the middle segment: near the middle of the video, and a keyframe, so it
+    costs one frame's decode rather than a seek's worth of them."""
+    try:
+        with storage.open_uri(job.segment_uris[len(job.segment_uris) // 2]) as segment:
+            return thumbnail_jpeg(segment, width=160, quality=75, at=0)
+    except (ValueError, OSError):  # the report shows a placeholder; a good video must not fail over it
+        return None

@@ -157,6 +157,25 @@ def test_output_matches_audio_and_avatar(rendered, media_dir, row_id):
     assert best_r >= 0.6 and abs(best_lag) <= 1, (best_r, best_lag)
 
 
+def _audio_packets(path):
+    with av.open(path) as c:
+        return [bytes(p) for p in c.demux(audio=0) if p.size]
+
+
+def test_each_narration_is_encoded_once_and_copied_into_its_outputs(rendered):
+    """speech3.wav narrates two good rows (and a faceless one): one AAC track in the cache, and each
+    output carries its narration's track packet for packet."""
+    cfg, _, results = rendered
+    audio_cache = os.path.join(cfg.cache_uri, "audio")
+    tracks = [
+        _audio_packets(os.path.join(audio_cache, f)) for f in sorted(os.listdir(audio_cache)) if f.endswith(".m4a")
+    ]
+    assert len(tracks) == 2  # speech4.wav and speech3.wav
+    outputs = {row_id: _audio_packets(results[row_id]["output"]) for row_id in GOOD}
+    assert outputs["long_avatar"] == outputs["still"]
+    assert all(packets in tracks for packets in outputs.values())
+
+
 def test_rerun_skips_finished_rows(rendered):
     cfg, _first, _ = rendered
     again = campaign.run(cfg)

@@ -18,8 +18,9 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu import prepare
+from benchmarks.gpu.node import Variant
 from benchmarks.gpu.packages import CARRIED, allowed_dists, normalize
-from benchmarks.gpu.run import STEPS
+from benchmarks.gpu.run import STEPS, step_command
 
 DRY_STEPS = [s.name for s in STEPS if s.dry_args is not None]
 
@@ -112,6 +113,7 @@ def test_node_run_renders_every_frame_in_worker_processes(dry_run: Path) -> None
     timeline = best["timeline_s"]
     assert 0 < timeline["first_worker_ready"] <= timeline["last_worker_ready"] <= timeline["segments_done"]
     assert timeline["segments_done"] <= timeline["published"] == best["wall_s"]
+    assert timeline["audio_prepared"] <= timeline["audio_track_encoded"] < timeline["published"]
     assert best["workers_imported_ray"] is False and best["output_mib"] > 0
 
 
@@ -121,12 +123,36 @@ def test_summary_is_markdown_with_every_section(dry_run: Path) -> None:
     for needle in (
         "| step | what | status | seconds (budget) | checks passed |",
         "| check | measured | tolerance | result |",
-        "| processes × threads | renderer | frames |",
+        "| processes × threads, changes | renderer | frames |",
+        "One core, 180p H.264 (10 frames of the node clip): decode ",
         "| image_ops | precision | boxes |",
         "| precision | torch.compile | batch |",
         "Machine: ",
     ):
         assert needle in text, needle
+
+
+def test_env_times_one_core_on_h264(dry_run: Path) -> None:
+    env = _result(dry_run, "env")["figures"]
+    assert env["decode_ms"] > 0 and env["codec_frames"] == 10
+    for preset in ("veryfast", "superfast", "ultrafast"):
+        assert env[f"x264_{preset}_ms"] > 0 and env[f"x264_{preset}_kib_per_frame"] > 0
+    # no NVDEC here: the attempt is recorded, not fatal
+    assert "nvdec_error" in env or env["nvdec_matches"] is True
+
+
+def test_node_variants_parse_and_name_their_changes() -> None:
+    variant = Variant.parse("15x1,preset=superfast,segment=2.5")
+    assert (variant.procs, variant.threads, variant.preset, variant.segment_seconds) == (15, 1, "superfast", 2.5)
+    assert Variant.parse(variant.name) == variant and Variant.parse("7x2") == Variant(7, 2)
+    with pytest.raises(ValueError, match="unknown"):
+        Variant.parse("7x2,crf=20")
+
+
+def test_step_args_reach_the_step_command(tmp_path: Path) -> None:
+    node = next(s for s in STEPS if s.name == "node")
+    command = step_command(node, tmp_path, 60, False, ["--variants", "15x1"])
+    assert command[-2:] == ["--variants", "15x1"] and command[2] == "benchmarks.gpu.node"
 
 
 def test_an_overrunning_step_is_killed_and_recorded(tmp_path: Path) -> None:

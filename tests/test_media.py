@@ -165,11 +165,14 @@ def test_segments_join_without_reencoding(tmp_path, media_dir):
         assert writer.close() == b - a
         with av.open(str(tmp_path / f"s{k}.mp4")) as seg:
             packets_in += sum(1 for p in seg.demux(video=0) if p.size)
+    track = str(tmp_path / "audio.m4a")
+    samples = mux.encode_audio(str(media_dir / "speech3.wav"), track, "aac", 96_000, 44_100)
+    assert samples == 3 * 44_100
     out = str(tmp_path / "out.mp4")
     stats = mux.stitch(
         lambda i: open(tmp_path / f"s{i}.mp4", "rb"),  # noqa: SIM115 - stitch closes each file it opens
         3,
-        str(media_dir / "speech3.wav"),
+        track,
         out,
         info.fps_fraction,
     )
@@ -178,6 +181,8 @@ def test_segments_join_without_reencoding(tmp_path, media_dir):
         decoded = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
         assert {s.type for s in c.streams} == {"video", "audio"}
         assert c.streams.audio[0].codec_context.name == "aac"
+        assert c.streams.audio[0].rate == 44_100
+    assert _audio_packets(out) == _audio_packets(track)  # the track is copied, not re-encoded
     assert len(decoded) == 50
     for i in (0, 19, 20, 39, 40, 49):  # segment boundaries in order, nothing dropped or doubled
         assert np.abs(decoded[i].astype(int) - frames[i].astype(int)).mean() < 4
@@ -187,6 +192,11 @@ def test_segments_join_without_reencoding(tmp_path, media_dir):
     )
     head = Path(out).read_bytes()[:64]
     assert head.index(b"moov") < 64  # faststart: the index precedes the media data
+
+
+def _audio_packets(path: str) -> list[tuple[int | None, bytes]]:
+    with av.open(path) as c:
+        return [(p.pts, bytes(p)) for p in c.demux(audio=0) if p.size]
 
 
 def test_encoder_probe_and_options():

@@ -106,6 +106,13 @@ def test_thumbnail_picks_the_middle_frame_exactly(tmp_path):
     levels = [float(f.mean()) for _, f in _decode_all(path)]  # what the decoder gives, about 4*i
     assert int(np.argmin([abs(level - x) for x in levels])) == 25, (level, levels)  # t = 1.0 s of 2.0 s
     assert abs(level - levels[25]) < 1.5
+    with open(
+        path, "rb"
+    ) as fh:  # an open file works too; at=0 takes the first frame, at=0.75 the first frame from 1.5 s: 38
+        first = float(_jpeg(thumbnail_jpeg(fh, width=32, at=0)).mean())
+    assert int(np.argmin([abs(first - x) for x in levels])) == 0, (first, levels)
+    later = float(_jpeg(thumbnail_jpeg(path, width=32, at=0.75)).mean())
+    assert int(np.argmin([abs(later - x) for x in levels])) == 38, (later, levels)
 
 
 def test_thumbnail_is_upright_for_rotated_clips(tmp_path, clips):

@@ -1,11 +1,14 @@
 """Step (a): the node's facts: GPU, driver, torch/CUDA, cores, memory, OpenCV, PyAV's hardware codecs,
-the versions of what the kit imports, and whether heygem_ray's stages import without Ray.
+the versions of what the kit imports, and whether heygem_ray's stages import without Ray; and what
+one core does with 1080p H.264 (decode, x264 per preset) and whether NVDEC decodes it, as the CPU
+side of a segment is what bounds a GPU node.
 
     python -m benchmarks.gpu.env --out DIR [--dry-run]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import os
@@ -122,6 +125,63 @@ def media_facts() -> dict[str, Any]:
     }
 
 
+#: x264 presets timed on one core, the default first
+PRESETS = ("veryfast", "superfast", "ultrafast")
+
+
+def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
+    """Milliseconds per frame on one thread: H.264 decode, x264 encode per preset (CRF 18) and the
+    size each gives; NVDEC (h264_cuvid) decode where it opens. The clip is node.py's avatar."""
+    import time
+
+    import av
+
+    from benchmarks.gpu.node import FPS, make_avatar
+
+    clip = work / "codec-clip.mp4"
+    make_avatar(clip, frames / FPS, height, os.cpu_count() or 1)
+    out: dict[str, Any] = {"codec_height": height, "codec_frames": frames}
+
+    def decode(codec: str | None) -> tuple[float, list[Any]]:
+        with av.open(str(clip)) as container:
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            if codec is not None:
+                ctx = av.CodecContext.create(codec, "r")
+                ctx.extradata = stream.codec_context.extradata
+            ctx.thread_count, ctx.thread_type = 1, "NONE"
+            start, planes = time.perf_counter(), []
+            for packet in container.demux(stream):
+                for frame in ctx.decode(packet if packet.size else None):
+                    planes.append(frame.to_ndarray(format="yuv420p"))
+            return (time.perf_counter() - start) * 1000 / max(1, len(planes)), planes
+
+    soft_ms, planes = decode(None)
+    out["decode_ms"] = round(soft_ms, 2)
+    try:
+        nvdec_ms, nvdec = decode("h264_cuvid")
+        out["nvdec_ms"] = round(nvdec_ms, 2)
+        out["nvdec_frames"] = len(nvdec)
+        out["nvdec_matches"] = len(nvdec) == len(planes) and all((a == b).all() for a, b in zip(nvdec, planes))
+    except (av.error.FFmpegError, ValueError, OSError) as exc:
+        out["nvdec_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    for preset in PRESETS:
+        sink = work / f"codec-{preset}.mp4"
+        with av.open(str(sink), "w") as container:
+            stream = container.add_stream("libx264", rate=FPS)
+            stream.width, stream.height, stream.pix_fmt = planes[0].shape[1], height, "yuv420p"
+            stream.codec_context.options = {"crf": "18", "preset": preset, "threads": "1"}
+            start = time.perf_counter()
+            for i, plane in enumerate(planes):
+                frame = av.VideoFrame.from_ndarray(plane, format="yuv420p")
+                frame.pts = i
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+            out[f"x264_{preset}_ms"] = round((time.perf_counter() - start) * 1000 / len(planes), 2)
+        out[f"x264_{preset}_kib_per_frame"] = round(sink.stat().st_size / 1024 / len(planes), 1)
+    return out
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for dist in (*VERSIONS, *(c.dist for c in CARRIED)):
@@ -151,11 +211,13 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def body(result: common.StepResult) -> None:
+def body(result: common.StepResult, args: argparse.Namespace) -> None:
     facts = {**cpu_facts(), **gpu_facts()}
     facts.update(media_facts())
     facts["versions"] = versions()
     facts.update(stage_imports())
+    with common.scratch(args, "env") as work:
+        facts.update(codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100))
     result.figures = facts
     for key, value in facts.items():
         print(f"  {key}: {value}", flush=True)
@@ -181,13 +243,30 @@ def markdown(f: dict[str, Any]) -> str:
         f"PyAV {f['pyav']} (libavcodec {f['ffmpeg']}; {hw}; h264_nvenc opens: "
         f"{'yes' if f['h264_nvenc_opens'] else 'no'}, encoder.codec=auto → {f['encoder_auto']}), "
         f"hydra-core {v.get('hydra-core')}. Ray installed: "
-        f"{'yes' if f['ray_installed'] else 'no'}."
+        f"{'yes' if f['ray_installed'] else 'no'}.\n\n" + codec_markdown(f)
+    )
+
+
+def codec_markdown(f: dict[str, Any]) -> str:
+    """One line: what one core does with the node's H.264 (and NVDEC, where it decodes)."""
+    x264 = ", ".join(
+        f"{p} {f[f'x264_{p}_ms']} ms ({f[f'x264_{p}_kib_per_frame']} KiB/frame)" for p in PRESETS if f"x264_{p}_ms" in f
+    )
+    nvdec = (
+        f"NVDEC {f['nvdec_ms']} ms/frame ({f['nvdec_frames']} frames, identical to software: "
+        f"{'yes' if f['nvdec_matches'] else 'no'})"
+        if "nvdec_ms" in f
+        else f"NVDEC: {f.get('nvdec_error', 'not tried')}"
+    )
+    return (
+        f"One core, {f['codec_height']}p H.264 ({f['codec_frames']} frames of the node clip): decode "
+        f"{f['decode_ms']} ms/frame; x264 CRF 18: {x264}; {nvdec}."
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.step_args(argv, "env", __doc__)
-    return common.run_step("env", args, body)
+    return common.run_step("env", args, lambda result: body(result, args))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ in plain processes: N worker processes (multiprocessing spawn), each holding one
 `heygem_ray.segment.RenderWorker` (model loaded once, `cluster.actor.num_cpus` = its threads, the
 GPU shared), pull the row's segments from one queue as they free up; this process prepares the
 audio (`prepare_audio`) and loads the cached face track (`prepare_avatar`) while they load, then
-joins the segments with `heygem_ray.stitch.stitch_row` (AAC, moov first, marker, thumbnail). Wall
+encodes the audio track (`prepare_audio_track`) while they render, then joins the segments and the
+track with `heygem_ray.stitch.stitch_row` (packet copy, moov first, marker, thumbnail). Wall
 time runs from before the workers are spawned to the published mp4: process start, imports and
 model load included. Input generation and the face track (detector=box, a fixed box as a cached
 track would give) are done before the clock starts and reported apart.
@@ -103,7 +104,40 @@ def make_inputs(work: Path, seconds: float, height: int, threads: int) -> Inputs
 
 
 # --------------------------------------------------------------------------------------- config
-def node_config(inputs: Inputs, root: Path, threads: int, precision: str, segment_seconds: float, device: str) -> Any:
+@dataclass(frozen=True)
+class Variant:
+    """One timed run's shape: processes × threads, and what it changes from the defaults."""
+
+    procs: int
+    threads: int
+    preset: str | None = None  # x264 preset; None: encoder.preset's default
+    segment_seconds: float | None = None  # None: the step's --segment-seconds
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """'15x1', or with changes: '15x1,preset=superfast,segment=2.5'."""
+        shape, *changes = spec.lower().split(",")
+        procs, threads = (int(x) for x in shape.split("x"))
+        options = dict(change.split("=", 1) for change in changes)
+        unknown = set(options) - {"preset", "segment"}
+        if unknown:
+            raise ValueError(f"variant {spec!r}: unknown {sorted(unknown)} (preset=, segment=)")
+        segment = options.get("segment")
+        return cls(procs, threads, options.get("preset"), float(segment) if segment else None)
+
+    @property
+    def name(self) -> str:
+        name = f"{self.procs}x{self.threads}"
+        if self.preset:
+            name += f",preset={self.preset}"
+        if self.segment_seconds:
+            name += f",segment={self.segment_seconds:g}"
+        return name
+
+
+def node_config(
+    inputs: Inputs, root: Path, variant: Variant, precision: str, segment_seconds: float, device: str
+) -> Any:
     """The campaign config of this run, from the product's dataclasses, every speed option named."""
     from heygem_ray.config import (
         ActorConfig,
@@ -123,9 +157,10 @@ def node_config(inputs: Inputs, root: Path, threads: int, precision: str, segmen
         cache=str(root / "cache"),
         renderer=renderer,
         detector=DetectorConfig(name="box", box=list(inputs.box)),
-        cluster=ClusterConfig(actor=ActorConfig(num_cpus=float(threads), threads=threads)),
-        encoder=EncoderConfig(codec=auto_codec()),  # what `auto` decides here: libx264 without NVENC
-        render=RenderConfig(segment_seconds=segment_seconds, progress=False),
+        cluster=ClusterConfig(actor=ActorConfig(num_cpus=float(variant.threads), threads=variant.threads)),
+        # codec: what `auto` decides here (libx264 without NVENC)
+        encoder=EncoderConfig(codec=auto_codec(), **({"preset": variant.preset} if variant.preset else {})),
+        render=RenderConfig(segment_seconds=variant.segment_seconds or segment_seconds, progress=False),
     )
 
 
@@ -180,17 +215,15 @@ class WorkerPool:
         for p in self.procs:
             p.start()
 
-    def run(self, jobs: list[Any], timeout: float) -> None:
-        """Queue every job, wait for all of them (and every worker's ready message)."""
-        for job in jobs:
-            self.jobs.put(job)
+    def wait(self, count: int, timeout: float) -> None:
+        """Wait until `count` queued jobs are done (and every worker has said it is ready)."""
         deadline = time.monotonic() + timeout
-        while len(self.done) < len(jobs) or len(self.ready) < len(self.procs):
+        while len(self.done) < count or len(self.ready) < len(self.procs):
             try:
                 kind, pid, payload = self.results.get(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(self.done)} of {len(jobs)} segments done in {timeout:.0f} s") from None
+                    raise TimeoutError(f"{len(self.done)} of {count} segments done in {timeout:.0f} s") from None
                 # workers leave only when close() tells them: one that is gone crashed (its segment with it)
                 dead = {p.pid: p.exitcode for p in self.procs if p.exitcode is not None}
                 if dead:
@@ -255,33 +288,31 @@ def stitch_job(cfg: Any, jobs: list[Any], inputs: Inputs, work_uri: str) -> Any:
         output=storage.join(cfg.output, "node.mp4"),
         segment_uris=[j.out_uri for j in jobs],
         work_uri=work_uri,
-        audio_uri=inputs.audio,
         fps_fraction=jobs[0].info.fps_fraction,
         frames=jobs[-1].start + jobs[-1].frames,
         marker_uri=cfg.layout.marker("node"),
         thumbnail_uri=cfg.layout.thumbnail("node"),
         fingerprint="gpu-kit",
-        encoder=cfg.encoder,
     )
 
 
 def run_variant(
     inputs: Inputs,
     root: Path,
-    procs: int,
-    threads: int,
+    variant: Variant,
     precision: str,
     segment_seconds: float,
     device: str,
     timeout: float,
 ) -> dict[str, Any]:
     """One timed run: spawn → prepare → render every segment → stitch → published mp4."""
-    from heygem_ray.prepare import prepare_audio, prepare_avatar
+    from heygem_ray.prepare import prepare_audio, prepare_audio_track, prepare_avatar
     from heygem_ray.stitch import stitch_row
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    cfg = node_config(inputs, root, threads, precision, segment_seconds, device)
+    cfg = node_config(inputs, root, variant, precision, segment_seconds, device)
+    procs, threads = variant.procs, variant.threads
     t = time.perf_counter()
     prepare_avatar(inputs.avatar, None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)  # the cached track
     track_s = time.perf_counter() - t
@@ -298,9 +329,13 @@ def run_variant(
         marks["track_loaded"] = time.perf_counter() - start
         work_uri = str(root / "_work")
         jobs = segment_jobs(cfg, track, audio, work_uri)
-        pool.run(jobs, timeout)
+        for job in jobs:  # queued before the audio is encoded: the campaign starts both at once
+            pool.jobs.put(job)
+        audio_track = prepare_audio_track(audio, cfg.cache_uri, cfg.encoder)
+        marks["audio_track_encoded"] = time.perf_counter() - start
+        pool.wait(len(jobs), timeout)
         marks["segments_done"] = time.perf_counter() - start
-        stitched = stitch_row(stitch_job(cfg, jobs, inputs, work_uri))
+        stitched = stitch_row(stitch_job(cfg, jobs, inputs, work_uri), audio_track)
         marks["published"] = wall = time.perf_counter() - start
     finally:
         pool.close()
@@ -379,14 +414,14 @@ def summarize(
 
 
 # --------------------------------------------------------------------------------------- step
-def variants(spec: Sequence[str] | None, cores: int, dry: bool) -> list[tuple[int, int]]:
-    """(processes, threads each): given as 'NxT', or from the core count: the `cluster=gpu` actor
-    shape (2 threads, a core left for this process: 7 × 2 on 16 cores), then one thread each."""
+def variants(spec: Sequence[str] | None, cores: int, dry: bool) -> list[Variant]:
+    """The runs: given (see Variant.parse), or from the core count: the `cluster=gpu` actor shape
+    (2 threads, a core left for this process: 7 × 2 on 16 cores), then one thread each."""
     if spec:
-        return [tuple(int(x) for x in s.lower().split("x")) for s in spec]  # type: ignore[misc]
+        return [Variant.parse(s) for s in spec]
     if dry:
-        return [(2, 1)]
-    shapes = [(max(1, (cores - 1) // 2), 2), (max(1, cores - 1), 1)]
+        return [Variant(2, 1)]
+    shapes = [Variant(max(1, (cores - 1) // 2), 2), Variant(max(1, cores - 1), 1)]
     return list(dict.fromkeys(shapes))
 
 
@@ -410,26 +445,29 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
             f"{inputs.box}, made in {inputs.generate_s} s (not timed)",
             flush=True,
         )
-        for procs, threads in variants(args.variants, cores, dry):
+        for k, variant in enumerate(variants(args.variants, cores, dry)):
             left = args.budget - (time.monotonic() - started)
+            shape = {"variant": variant.name, "procs": variant.procs, "threads": variant.threads}
             if runs and left < 1.5 * runs[-1].get("wall_s", 60.0) + 20:  # another run like the last must fit
-                runs.append({"procs": procs, "threads": threads, "skipped": f"{left:.0f} s of the step budget left"})
+                runs.append({**shape, "skipped": f"{left:.0f} s of the step budget left"})
                 continue
             try:
-                run = run_variant(
-                    inputs,
-                    Path(work) / f"run-{procs}x{threads}",
-                    procs,
-                    threads,
-                    precision,
-                    segment_seconds,
-                    device,
-                    timeout=max(30.0, left - 15),
-                )
+                run = {
+                    **shape,
+                    **run_variant(
+                        inputs,
+                        Path(work) / f"run-{k}",
+                        variant,
+                        precision,
+                        segment_seconds,
+                        device,
+                        timeout=max(30.0, left - 15),
+                    ),
+                }
             except Exception as exc:  # noqa: BLE001 - a variant that fails is recorded; the next may work
-                run = {"procs": procs, "threads": threads, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
+                run = {**shape, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
             runs.append(run)
-            print(f"  {procs} x {threads}: {run}", flush=True)
+            print(f"  {variant.name}: {run}", flush=True)
         done = [r for r in runs if "wall_s" in r]
         best = min(done, key=lambda r: r["wall_s"]) if done else None
         if best is not None and best["thumbnail"]:  # a look at what was rendered
@@ -462,23 +500,20 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
     rows = []
     for r in f["runs"]:
         if "wall_s" not in r:
-            rows.append(
-                [f"{r['procs']} × {r['threads']}", r.get("skipped") or f"failed: {r.get('error', '')[:200]}"]
-                + ["—"] * 9
-            )
+            rows.append([r["variant"], r.get("skipped") or f"failed: {r.get('error', '')[:200]}"] + ["—"] * 9)
             continue
         tl, st = r["timeline_s"], r["segment_stage_s"]
         rows.append(
             [
-                f"{r['procs']} × {r['threads']}",
-                f"{r['precision']}, batch {r['batch_size']}, {r['codec']}",
+                r["variant"],
+                f"{r['precision']}, batch {r['batch_size']}, {r['codec']} {r['preset']}, {r['segment_seconds']:g} s segments",
                 r["frames"],
                 r["segments"],
                 f"**{r['wall_s']:.1f}**",
                 f"{r['frames_per_s']:.0f}",
                 f"{r['realtime']:.1f}×",
                 f"{tl['first_worker_ready']} / {tl['last_worker_ready']}",
-                f"{tl['audio_prepared']} / {tl['segments_done']} / {r['stitch_s']}",
+                f"{tl['audio_prepared']} / {tl['audio_track_encoded']} / {tl['segments_done']} / {r['stitch_s']}",
                 " · ".join(f"{k} {v:.0f}" for k, v in st.items()),
                 f"{r['cpu_cores_busy']} / {r['gpu_peak_mib_per_worker']}",
             ]
@@ -495,14 +530,15 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
         f"audio, recipe Wav2Lip weights, fixed face box {list(i['box'])} (face track cached before the clock). "
         f"Inputs made in {i['generate_s']} s (not counted). No Ray: N spawned processes × one "
         "`RenderWorker` each (`num_cpus` = threads; the GPU shared), segments from one queue, "
-        "`prepare_audio` + cached `prepare_avatar` in the parent while they load, then `stitch_row`. Wall s: "
+        "`prepare_audio` + cached `prepare_avatar` in the parent while they load, `prepare_audio_track` while "
+        "they render, then `stitch_row`. Wall s: "
         "spawn → published mp4 (process start, imports, model load, audio decode, render, stitch). Segment "
         "stage seconds are summed over segments and overlap (helper threads). " + verdict + "."
     )
     return (
         common.table(
             [
-                "processes × threads",
+                "processes × threads, changes",
                 "renderer",
                 "frames",
                 "segments",
@@ -510,7 +546,7 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
                 "frames/s",
                 "× realtime",
                 "workers ready s (first / last)",
-                "audio ready / segments done / stitch s",
+                "audio ready / audio track / segments done / stitch s",
                 "segment stage s (summed)",
                 "cores busy / GPU MiB per worker",
             ],

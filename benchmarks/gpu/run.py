@@ -152,12 +152,14 @@ def unpack_wheel(wheel: Path, target: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- steps
-def step_command(step: Step, out: Path, budget: float, dry: bool) -> list[str]:
+def step_command(step: Step, out: Path, budget: float, dry: bool, more: Sequence[str] = ()) -> list[str]:
     common = ["--out", str(out), "--budget", f"{budget:.0f}", *(["--dry-run"] if dry else [])]
-    return [sys.executable, "-m", step.module, *common, *(step.dry_args if dry else step.args)]
+    return [sys.executable, "-m", step.module, *common, *((step.dry_args or ()) if dry else step.args), *more]
 
 
-def run_step(step: Step, out: Path, budget: float, env: dict[str, str], dry: bool) -> dict[str, Any]:
+def run_step(
+    step: Step, out: Path, budget: float, env: dict[str, str], dry: bool, more: Sequence[str] = ()
+) -> dict[str, Any]:
     """Run one step in its own process group; kill the group when it overruns `budget`."""
     result_file, log_file = out / f"{step.name}.json", out / f"{step.name}.log"
     result_file.unlink(missing_ok=True)
@@ -165,7 +167,7 @@ def run_step(step: Step, out: Path, budget: float, env: dict[str, str], dry: boo
     start = time.monotonic()
     with log_file.open("w") as log:
         proc = subprocess.Popen(
-            step_command(step, out, budget, dry),
+            step_command(step, out, budget, dry, more),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -334,6 +336,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=[s.name for s in STEPS], default=None, help="steps to run")
     p.add_argument("--budget", type=float, default=TOTAL_BUDGET, help="seconds for everything (default 540)")
     p.add_argument("--step-budget", action="append", default=[], metavar="STEP=S", help="one step's budget")
+    p.add_argument(
+        "--step-args",
+        action="append",
+        default=[],
+        metavar="STEP=ARGS",
+        help="more arguments for one step, e.g. node='--variants 15x1 15x1,preset=superfast'",
+    )
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     return p.parse_args(argv)
 
@@ -347,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps_dir = scratch / "steps"  # each step's JSON and log; OUT gets them gathered (the tool returns 8 files)
     steps_dir.mkdir()
     overrides = {k: float(v) for k, v in (item.split("=", 1) for item in args.step_budget)}
+    more = {k: shlex.split(v) for k, v in (item.split("=", 1) for item in args.step_args)}
     command = shlex.join(["python", "-m", "benchmarks.gpu.run", *(sys.argv[1:] if argv is None else argv)])
     install = None
     records: list[dict[str, Any]] = []
@@ -370,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 records.append(_skipped(step, f"{max(left, 0):.0f} s of the run's budget left"))
             else:
                 budget = min(overrides.get(step.name, step.dry_budget if args.dry_run else step.budget), left)
-                records.append(run_step(step, steps_dir, budget, env, args.dry_run))
+                records.append(run_step(step, steps_dir, budget, env, args.dry_run, more.get(step.name, [])))
             # after every step: if the device tool's own limit cuts the run short, what ran is in OUT
             write_outputs(out, steps_dir, records, install, args.dry_run, command, began)
         text = write_outputs(out, steps_dir, records, install, args.dry_run, command, began)

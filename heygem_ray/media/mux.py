@@ -1,6 +1,7 @@
-"""Joins a row's H.264 segments without re-encoding, encodes its audio to AAC and writes one mp4
-with the moov atom at the front. Packets are interleaved as they stream, so memory is flat in the
-video's length."""
+"""Encodes a row's audio to an audio-only mp4 once, then joins the row's H.264 segments and that
+track into one mp4 with the moov atom at the front, copying packets: nothing is re-encoded at the
+join, so the last step of a row is I/O. Packets are interleaved as they stream, so memory is flat
+in the video's length."""
 
 from __future__ import annotations
 
@@ -19,42 +20,54 @@ from heygem_ray.media.audio import _finite
 class StitchStats:
     frames: int
     video_seconds: float
-    audio_seconds: float
+
+
+def encode_audio(
+    audio_path: str,
+    out_path: str,
+    codec: str = "aac",
+    bitrate: int = 128_000,
+    sample_rate: int = 48_000,
+    audio_display: str | None = None,
+) -> int:
+    """Write the first audio stream of `audio_path` to `out_path` (an audio-only mp4) with the
+    output's codec settings; return the samples encoded, at `sample_rate`."""
+    with av.open(audio_path) as audio_in, av.open(out_path, "w", format="mp4") as out:
+        if not audio_in.streams.audio:
+            raise InputError("audio", audio_display or audio_path, "has no audio stream")
+        src = audio_in.streams.audio[0]
+        layout = "stereo" if src.channels >= 2 else "mono"
+        dst = out.add_stream(codec, rate=sample_rate, layout=layout)
+        if not isinstance(dst, av.AudioStream):
+            raise ValueError(f"{codec!r} is not an audio encoder")  # noqa: TRY004 - a bad name, not a bad type
+        dst.bit_rate = bitrate
+        encoder = _AudioEncoder(audio_in, src, dst, sample_rate, layout)
+        for packet in encoder.packets():
+            out.mux(packet)
+    return encoder.samples
 
 
 def stitch(
     open_segment: Callable[[int], IO[bytes]],
     segment_count: int,
-    audio_path: str,
+    audio_track_path: str,
     out_path: str,
     fps_fraction: str,
-    audio_codec: str = "aac",
-    audio_bitrate: int = 128_000,
-    audio_sample_rate: int = 48_000,
-    audio_display: str | None = None,
 ) -> StitchStats:
-    """Write `out_path` from segments 0..segment_count-1 (opened in order by `open_segment`) and the audio."""
+    """Write `out_path` from segments 0..segment_count-1 (opened in order by `open_segment`) and the
+    audio of `audio_track_path` (made by `encode_audio`), both copied packet by packet."""
     frame_seconds = 1 / Fraction(fps_fraction)
     with (
         av.open(out_path, "w", format="mp4", options={"movflags": "+faststart"}) as out,
-        av.open(audio_path) as audio_in,
+        av.open(audio_track_path) as audio_in,
     ):
-        if not audio_in.streams.audio:
-            raise InputError("audio", audio_display or audio_path, "has no audio stream")
         audio_src = audio_in.streams.audio[0]
-        layout = "stereo" if audio_src.channels >= 2 else "mono"
-
         video_packets = _segment_packets(open_segment, segment_count, frame_seconds)
         first_packet, template = next(video_packets)
         assert template is not None  # the first item carries the first segment's stream
         video_out = out.add_stream_from_template(template)
-        audio_out = out.add_stream(audio_codec, rate=audio_sample_rate, layout=layout)
-        if not isinstance(audio_out, av.AudioStream):
-            raise ValueError(f"{audio_codec!r} is not an audio encoder")  # noqa: TRY004 - a bad name, not a bad type
-        audio_out.bit_rate = audio_bitrate
-
-        encoder = _AudioEncoder(audio_in, audio_src, audio_out, audio_sample_rate, layout)
-        audio_packets = encoder.packets()
+        audio_out = out.add_stream_from_template(audio_src)
+        audio_packets = (p for p in audio_in.demux(audio_src) if p.size)
         frames = 0
         video_next: av.Packet | None = first_packet
         audio_next = next(audio_packets, None)
@@ -68,7 +81,7 @@ def stitch(
                 audio_next.stream = audio_out
                 out.mux(audio_next)
                 audio_next = next(audio_packets, None)
-    return StitchStats(frames, float(frames * frame_seconds), encoder.samples / audio_sample_rate)
+    return StitchStats(frames, float(frames * frame_seconds))
 
 
 def _time(packet: av.Packet) -> Fraction:
