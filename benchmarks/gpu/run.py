@@ -85,7 +85,7 @@ STEPS: tuple[Step, ...] = (
     Step("node", "benchmarks.gpu.node", "(c) one node, 3-min 1080p Wav2Lip to a finished mp4, no Ray", 210),
     Step("bench_wav2lip_e2e", "benchmarks.gpu.bench", "(d) Wav2LipRenderer.render on 1080p frames", 50, *_E2E),
     Step("bench_wav2lip_net", "benchmarks.gpu.bench", "(d) Wav2Lip generator alone, eager and compiled", 90, *_NET),
-    Step("bench_s3fd", "benchmarks.gpu.bench", "(e) S3FD detector speed", 30, *_S3FD),
+    Step("bench_s3fd", "benchmarks.gpu.bench", "(e) S3FD detector speed", 60, *_S3FD),
 )
 
 
