@@ -38,11 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
 
     from heygem_ray.config import EncoderConfig
-    from heygem_ray.media.audio import iter_pcm16k
+    from heygem_ray.media.audio import AudioWindow, iter_pcm16k
     from heygem_ray.media.mux import encode_audio, stitch
     from heygem_ray.media.video import SegmentWriter, iter_frames, probe
     from heygem_ray.plan import avatar_frame_indices, output_frame_count
-    from heygem_ray.render.base import AudioWindow
     from heygem_ray.render.wav2lip import Wav2LipRenderer
 
     steps: dict[str, float] = {}

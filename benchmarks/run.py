@@ -69,6 +69,7 @@ import ray
 
 from heygem_ray import demo, storage
 from heygem_ray.campaign import Campaign
+from heygem_ray.executors.ray_cluster import RayExecutor
 from heygem_ray.media.yuv import bgr_to_i420
 from heygem_ray.prepare import prepare_audio, prepare_avatar
 
@@ -502,16 +503,53 @@ def _timed_prepare_avatar(*args: Any, **kwargs: Any) -> Any:
     return track
 
 
-class TimedCampaign(Campaign):
-    """The product's Campaign, recording how long each prepare_avatar task took (detect or cache hit)
-    and when the first renderer actor answered (actor start and model load behind it)."""
+class TimedAvatarExecutor(RayExecutor):
+    """The Ray executor, timing each prepare_avatar task (detect or cache hit)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
         self.avatar_seconds: list[float] = []
-        self.started = time.perf_counter()
-        self.actor_start_seconds: float | None = None  # from run() until the first actor answered
-        self.workers: dict[int, Any] = {}  # actor index -> WorkerInfo (pid, pinned cores)
+
+    def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
+        return super().submit(_timed_prepare_avatar if fn is prepare_avatar else fn, *args, num_gpus=num_gpus)
+
+    def get(self, handle: Any) -> Any:
+        result = super().get(handle)
+        seconds = getattr(result, "bench_seconds", None)
+        if seconds is not None:
+            self.avatar_seconds.append(seconds)
+        return result
+
+
+class TimedCampaign(Campaign):
+    """The product's Campaign with the figures the benchmarks print: how long each prepare_avatar
+    task took (detect or cache hit) and when the first renderer actor answered (actor start and
+    model load behind it)."""
+
+    executor: TimedAvatarExecutor
+
+    def __init__(self, cfg: Any, rows: list[Any]):
+        super().__init__(cfg, rows, executor=TimedAvatarExecutor(cfg))
+        self.started = time.time()
+
+    def run(self) -> Any:
+        self.started = time.time()
+        return super().run()
+
+    @property
+    def avatar_seconds(self) -> list[float]:
+        return self.executor.avatar_seconds
+
+    @property
+    def actor_start_seconds(self) -> float | None:
+        """From run() until the first actor answered."""
+        ready = self.actors.first_ready_at
+        return None if ready is None else ready - self.started
+
+    @property
+    def workers(self) -> dict[int, Any]:
+        """Actor index -> WorkerInfo (pid, pinned cores) of every actor that answered."""
+        return {a.index: a.info for a in self.actors.actors if a.info is not None}
 
     def wait_for_actors_to_exit(self, timeout: float = 30.0) -> None:
         """ray.kill returns at once; the next campaign's actors must not meet these (pinned cores)."""
@@ -523,27 +561,6 @@ class TimedCampaign(Campaign):
                 except ProcessLookupError:
                     break
                 time.sleep(0.1)
-
-    def run(self) -> Any:
-        self.started = time.perf_counter()
-        return super().run()
-
-    def _on_actor_ready(self, actor: int, ref: Any) -> None:
-        super()._on_actor_ready(actor, ref)
-        with contextlib.suppress(Exception):  # an actor that failed to start has no WorkerInfo
-            self.workers[actor] = ray.get(ref)
-        if self.actor_start_seconds is None and any(self._actor_healthy):
-            self.actor_start_seconds = time.perf_counter() - self.started
-
-    def _task(self, fn: Any, num_gpus: float = 0.0) -> Any:
-        return super()._task(_timed_prepare_avatar if fn is prepare_avatar else fn, num_gpus)
-
-    def _on_avatar(self, key: tuple, ref: Any) -> None:
-        with contextlib.suppress(Exception):
-            seconds = getattr(ray.get(ref), "bench_seconds", None)
-            if seconds is not None:
-                self.avatar_seconds.append(seconds)
-        super()._on_avatar(key, ref)
 
 
 def run_campaign(cfg: Any, timed: bool = False, sampler: Any = None) -> tuple[Any, float, Any, Any]:
@@ -777,9 +794,9 @@ def bench_defaults(ctx: Context) -> None:
 
 # --------------------------------------------------------------------------------------- 1. stages
 def bench_stages(ctx: Context, height: int) -> None:
+    from heygem_ray.media.audio import AudioWindow
     from heygem_ray.media.mux import encode_audio, stitch
     from heygem_ray.media.video import iter_frames, probe
-    from heygem_ray.render.base import AudioWindow
     from heygem_ray.render.wav2lip import Wav2LipRenderer
     from heygem_ray.segment import RenderWorker
 
@@ -892,10 +909,10 @@ def bench_stages(ctx: Context, height: int) -> None:
     seg_files = [job.out_uri for job in jobs]
     need = math.ceil(pcm.seconds * info.fps - 1e-6)
     count = max(1, math.ceil(need / max(1, frames)) * len(seg_files))
-    track = os.path.join(work, "audio.m4a")
+    audio_track = os.path.join(work, "audio.m4a")
     start = time.perf_counter()
     encoded = encode_audio(
-        audio, track, cfg.encoder.audio_codec, cfg.encoder.audio_bitrate, cfg.encoder.audio_sample_rate
+        audio, audio_track, cfg.encoder.audio_codec, cfg.encoder.audio_bitrate, cfg.encoder.audio_sample_rate
     )
     row(
         "audio track",
@@ -908,7 +925,7 @@ def bench_stages(ctx: Context, height: int) -> None:
     stats = stitch(
         lambda i: open(seg_files[i % len(seg_files)], "rb"),  # noqa: SIM115 - stitch closes each file it opens
         count,
-        track,
+        audio_track,
         stitched,
         info.fps_fraction,
     )
@@ -933,7 +950,7 @@ def bench_stages(ctx: Context, height: int) -> None:
     ray_session(ctx.args.session_cpus or 2)
     manifest = ctx.inputs.manifest(f"stages-{height}", [audio], avatar)
     cfg_run = config(manifest, os.path.join(work, "campaign"))
-    from heygem_ray.campaign import actor_count
+    from heygem_ray.executors.ray_cluster import actor_count
 
     actors = actor_count(cfg_run)
     summary, wall, sampler, _ = run_campaign(cfg_run)
@@ -984,10 +1001,9 @@ def face_box(avatar: str, cache: str) -> list[int]:
 def bench_wav2lip(ctx: Context) -> None:
     import torch
 
-    from heygem_ray.media.audio import iter_pcm16k
+    from heygem_ray.media.audio import AudioWindow, iter_pcm16k
     from heygem_ray.media.video import SegmentWriter, iter_frames, probe
     from heygem_ray.plan import output_frame_count
-    from heygem_ray.render.base import AudioWindow
     from heygem_ray.render.wav2lip import Wav2LipRenderer
     from heygem_ray.segment import RenderWorker
 
@@ -1426,7 +1442,7 @@ def bench_node(ctx: Context) -> None:
     start = time.perf_counter()
     track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)  # the cached face track
     tracked = time.perf_counter() - start
-    from heygem_ray.campaign import actor_count
+    from heygem_ray.executors.ray_cluster import actor_count
 
     actors = actor_count(cfg)
     summary, wall, sampler, job = run_campaign(cfg, timed=True)

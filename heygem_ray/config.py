@@ -21,6 +21,7 @@ class ClassicRendererConfig:
     """Weights-free renderer: reshapes the lower face from the audio's speech-band loudness."""
 
     name: str = "classic"
+    #: frames per render call
     batch_size: int = 16
     #: jaw drop at full loudness, as a fraction of the face box height
     jaw_drop: float = 0.06
@@ -36,6 +37,8 @@ BLENDS = ("feather", "hard")
 IMAGE_OPS = ("auto", "cpu", "device")
 #: face detectors (heygem_ray.detect.build_detector builds them; `box` needs no model)
 DETECTORS = ("haar", "box", "s3fd")
+#: what runs a campaign's stages (heygem_ray.executors)
+EXECUTORS = ("ray", "inline")
 #: video encoders segments are written with (they must join without re-encoding: H.264 only)
 VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
 #: x264's presets, fastest first
@@ -117,6 +120,7 @@ class DetectorConfig:
     max_side: int = 720
     #: detect on every Nth frame and interpolate between (1 = every frame)
     stride: int = 1
+    #: frames per detector call
     batch_size: int = 16
     #: model file for learned detectors (s3fd)
     checkpoint: str | None = None
@@ -149,6 +153,9 @@ class ActorConfig:
 class ClusterConfig:
     """Where and how wide the campaign runs."""
 
+    #: what runs the stages: "ray" (a local Ray started for the run, or the cluster at `address`)
+    #: or "inline" (this process, no Ray: one renderer on every core, for debugging and single videos)
+    executor: str = "ray"
     #: null = start a local Ray; "auto" or ray://host:10001 or an IP:port joins an existing cluster
     address: str | None = None
     #: logical CPUs for a local Ray; null = this machine's cores plus `reserve_cpus`, so the actors
@@ -164,7 +171,12 @@ class ClusterConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     #: CPUs per prepare/stitch task
     task_cpus: float = 1.0
-    include_dashboard: bool = True
+    #: serve Ray's dashboard (http://127.0.0.1:8265 on a local Ray) while the run lasts; a local Ray
+    #: lives only as long as the run, and the dashboard costs it ~0.9 s of start-up
+    include_dashboard: bool = False
+
+    def __post_init__(self) -> None:
+        check_choices("cluster", self, {"executor": EXECUTORS})
 
 
 @dataclass
@@ -198,7 +210,9 @@ class EncoderConfig:
     crf: int = 18
     #: x264 preset (NVENC uses its own p4 with tune hq)
     preset: str = "veryfast"
+    #: yuv420p plays everywhere; frame sizes are made even for it
     pix_fmt: str = "yuv420p"
+    #: the narration's codec, bit rate and rate in the output (encoded once per narration)
     audio_codec: str = "aac"
     audio_bitrate: int = 128_000
     audio_sample_rate: int = 48_000
@@ -225,6 +239,7 @@ class RenderConfig:
     max_attempts: int = 3
     #: frames per second for still-image avatars
     still_fps: float = 25.0
+    #: a progress bar on stderr
     progress: bool = True
 
     def __post_init__(self) -> None:

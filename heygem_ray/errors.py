@@ -5,7 +5,10 @@ within a bound."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+
+from heygem_ray import storage
 
 
 class HeygemError(Exception):
@@ -16,10 +19,8 @@ class InputError(HeygemError):
     """A row's input is missing, unreadable or unusable. Not retried."""
 
     def __init__(self, what: str, uri: str | None, problem: str):
-        from heygem_ray.storage import display
-
         self.what, self.uri, self.problem = what, uri, problem
-        where = f" {display(uri)}" if uri else ""
+        where = f" {storage.display(uri)}" if uri else ""
         super().__init__(f"{what}{where}: {problem}")
 
     def __reduce__(self):  # keep the three fields across Ray's pickling
@@ -67,10 +68,6 @@ def writing(uri: str) -> Iterator[None]:
 
 def check_writable(uri: str) -> None:
     """Fail early, before rendering, when a local output's folder cannot be created or written."""
-    import os
-
-    from heygem_ray import storage
-
     if not storage.is_local(uri):
         return  # object stores answer only to a real write; publishing reports it
     path = storage.local_path(uri)

@@ -3,6 +3,8 @@
 {output}/{row}.mp4          the videos (a row's `output` column may put one elsewhere)
 {output}/_results.parquet   one row per manifest row (heygem_ray.results)
 {output}/_report.html       the page operators open (heygem_ray.report)
+{output}/_report/page-NNNN.html  its further pages, for a campaign of more than 500 rows
+{output}/_progress.json     the campaign's progress for other tools to poll (heygem_ray.progress)
 {output}/_config.yaml       the resolved config of the last run, credentials masked
 {output}/_markers/{row}.json    a finished row's fingerprint: a rerun skips the row
 {output}/_thumbs/{row}.jpg      a finished row's thumbnail, for the report
@@ -30,6 +32,14 @@ class CampaignLayout:
     @property
     def report(self) -> str:
         return join(self.output, "_report.html")
+
+    @property
+    def report_pages(self) -> str:
+        return join(self.output, "_report")
+
+    @property
+    def progress(self) -> str:
+        return join(self.output, "_progress.json")
 
     @property
     def config(self) -> str:

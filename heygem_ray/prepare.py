@@ -33,12 +33,11 @@ from heygem_ray.detect import build_detector
 from heygem_ray.detect.track import TrackBuilder, fixed_track
 from heygem_ray.errors import InputError, check_writable, reading
 from heygem_ray.manifest import Row
-from heygem_ray.media.audio import LevelMeter, iter_pcm16k
+from heygem_ray.markers import Marker, read_marker
+from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
 from heygem_ray.media.video import VideoInfo, iter_frames, probe
 from heygem_ray.plan import stable_hash
-from heygem_ray.render.base import SAMPLE_RATE
-from heygem_ray.stitch import Marker, read_marker
 from heygem_ray.storage import StorageOptions
 
 

@@ -8,6 +8,11 @@ rows render in well under a second.
 
 A report written mid-campaign (`total_rows` larger than the rows so far) says "N of M rows done"
 and refreshes itself every 30 seconds.
+
+A campaign of more than `PAGE_ROWS` rows gets pages (`PagedReport`): `_report.html` keeps the
+summary, the failed rows' links and the first rows, and `_report/page-K.html` the rest, each page
+rewritten only while its rows change. So a rewrite costs one page or two, not the whole campaign,
+and the driver holds thumbnails only for pages still changing.
 """
 
 from __future__ import annotations
@@ -23,11 +28,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from typing import IO
-
-import av
-import cv2
-import numpy as np
+from dataclasses import dataclass, field
 
 from heygem_ray import storage
 from heygem_ray.results import RowResult
@@ -39,85 +40,8 @@ _UNSAFE_SCHEMES = {"javascript", "vbscript", "data", "blob"}
 _STATUS_CLASSES = {"ok": "ok", "failed": "failed", "skipped": "skipped"}
 #: failed rows linked from the summary (the rest are counted)
 _FAILED_LINKS = 50
-
-
-# --------------------------------------------------------------------------- thumbnails
-
-
-def thumbnail_jpeg(video_path: str | IO[bytes], width: int = 240, quality: int = 80, at: float = 0.5) -> bytes:
-    """A small JPEG (`width` pixels wide, aspect kept) of a local video's (or an open file's) frame at fraction `at` of
-    its duration (the middle by default; 0 takes the first frame, which decodes only that one).
-
-    Seeks near that time and takes the first decoded frame at or after it; a video too short for
-    that (or whose seek lands past the end) gives its last frame. Display rotation metadata is
-    applied. Raises ValueError when the file has no decodable video frame."""
-    try:
-        frame = _frame_at(video_path, at)
-    except av.error.FFmpegError as exc:
-        raise ValueError(f"{video_path}: not a readable video ({exc.strerror or exc})") from None
-    if frame is None:
-        raise ValueError(f"{video_path}: no decodable video frames")
-    h, w = frame.shape[:2]
-    height = max(1, int(round(h * width / w)))
-    interpolation = cv2.INTER_AREA if width < w else cv2.INTER_LINEAR
-    small = cv2.resize(frame, (width, height), interpolation=interpolation)
-    ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, int(quality), cv2.IMWRITE_JPEG_OPTIMIZE, 1])
-    if not ok:
-        raise ValueError(f"{video_path}: JPEG encoding failed")
-    return buf.tobytes()
-
-
-def _frame_at(path: str | IO[bytes], at: float) -> np.ndarray | None:
-    with av.open(path, "r") as container:
-        if not container.streams.video:
-            return None
-        stream = container.streams.video[0]
-        if at <= 0:
-            return next((_display_bgr(f) for f in container.decode(stream)), None)
-        stream.thread_type = "AUTO"
-        duration = _duration_seconds(container, stream)
-        middle = duration * min(at, 1.0) if duration else 0.0
-        if middle > 0 and stream.time_base:
-            start = stream.start_time or 0
-            target = start + int(middle / stream.time_base)
-            try:
-                container.seek(target, stream=stream, backward=True, any_frame=False)
-            except av.error.FFmpegError:
-                container.seek(0)  # unseekable: decode from the start
-            frame = _first_at_or_after(container, stream, start * stream.time_base + middle)
-            if frame is not None:
-                return _display_bgr(frame)
-            container.seek(0)  # the seek overshot a very short stream: take any frame from the start
-        last = None
-        for last in container.decode(stream):
-            pass
-        return _display_bgr(last) if last is not None else None
-
-
-def _duration_seconds(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
-    if stream.duration and stream.time_base:
-        return float(stream.duration * stream.time_base)
-    if container.duration:
-        return container.duration / av.time_base
-    return 0.0
-
-
-def _first_at_or_after(container, stream, seconds: float) -> av.VideoFrame | None:
-    """The first frame at or after `seconds`; the last frame decoded if the stream ends first."""
-    last = None
-    for frame in container.decode(stream):
-        last = frame
-        if frame.time is None or frame.time >= seconds - 1e-6:
-            return frame
-    return last
-
-
-def _display_bgr(frame: av.VideoFrame) -> np.ndarray:
-    image: np.ndarray = frame.to_ndarray(format="bgr24")
-    clockwise = int(round(-(getattr(frame, "rotation", 0) or 0))) % 360  # FFmpeg states it counter-clockwise
-    if clockwise in (90, 180, 270):
-        image = np.ascontiguousarray(np.rot90(image, k=-(clockwise // 90)))
-    return image
+#: rows per page of a large campaign's report
+PAGE_ROWS = 500
 
 
 # --------------------------------------------------------------------------- links
@@ -163,6 +87,32 @@ def _quote_relative(rel: str) -> str:
 # --------------------------------------------------------------------------- rendering
 
 
+@dataclass
+class Totals:
+    """What the summary shows, kept as rows finish (a report of 100,000 rows never recounts them)."""
+
+    rows: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_STATUS_CLASSES, 0))
+    ok_audio_seconds: float = 0.0
+    #: the first failed rows: (id, link to its card)
+    failed_links: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, r: RowResult, href: str) -> None:
+        self.rows += 1
+        self.counts[r.status] = self.counts.get(r.status, 0) + 1
+        if r.status == "ok":
+            self.ok_audio_seconds += r.audio_seconds or 0.0
+        if r.status == "failed" and len(self.failed_links) < _FAILED_LINKS:
+            self.failed_links.append((r.id, href))
+
+    @classmethod
+    def of(cls, rows: Sequence[RowResult]) -> Totals:
+        totals = cls()
+        for r in rows:
+            totals.add(r, f"#{_anchor(r.id)}")
+        return totals
+
+
 def render_report(
     rows: Sequence[RowResult],
     thumbnails: Mapping[str, bytes],
@@ -171,31 +121,34 @@ def render_report(
     report_uri: str | None = None,
     total_rows: int | None = None,
     generated_at: float | None = None,
+    totals: Totals | None = None,
+    pages: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The report page for `rows` (shown in the given order, which should be manifest order).
 
     `thumbnails` maps row id to JPEG bytes (rows without one get a placeholder). `report_uri` is
     where the page will live, for relative video links. `total_rows` is the manifest's row count:
-    when more than len(rows) the campaign is reported as in progress ("N of M rows done") and the
-    page refreshes itself; None means the campaign is finished."""
+    when more than the rows done the campaign is reported as in progress ("N of M rows done") and
+    the page refreshes itself; None means the campaign is finished. `totals`: the summary of every
+    row done when `rows` are only the first page's (default: `rows`' own); `pages`: (label, href)
+    of the other pages."""
     esc = html.escape
-    total = max(int(total_rows), len(rows)) if total_rows is not None else len(rows)
-    finished = len(rows) >= total
-    counts = {status: 0 for status in _STATUS_CLASSES}
-    for r in rows:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    ok_rows = [r for r in rows if r.status == "ok"]
-    audio_hours = sum(r.audio_seconds or 0.0 for r in ok_rows) / 3600
+    totals = totals or Totals.of(rows)
+    done = totals.rows
+    total = max(int(total_rows), done) if total_rows is not None else done
+    finished = done >= total
+    counts = totals.counts
+    audio_hours = totals.ok_audio_seconds / 3600
     wall_hours = wall_seconds / 3600 if wall_seconds and wall_seconds > 0 else 0.0
-    per_hour = len(ok_rows) / wall_hours if wall_hours else 0.0
+    per_hour = counts.get("ok", 0) / wall_hours if wall_hours else 0.0
     realtime = audio_hours / wall_hours if wall_hours else 0.0
     stamp = time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time())
     )
 
-    progress = f"Finished: {len(rows)} rows" if finished else f"In progress: {len(rows)} of {total} rows done"
+    progress = f"Finished: {done} rows" if finished else f"In progress: {done} of {total} rows done"
     stats = [
-        ("Rows", f"{len(rows)}" if finished else f"{len(rows)} of {total}"),
+        ("Rows", f"{done}" if finished else f"{done} of {total}"),
         ("OK", str(counts["ok"])),
         ("Failed", str(counts["failed"])),
         ("Skipped", str(counts["skipped"])),
@@ -207,15 +160,7 @@ def render_report(
     others = sorted(s for s in counts if s not in _STATUS_CLASSES and counts[s])
     stats[4:4] = [(s.capitalize(), str(counts[s])) for s in others]
 
-    out: list[str] = [
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n',
-    ]
-    if not finished:
-        out.append(f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">\n')
-    out += [
-        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n",
+    out = _head(title, refresh=not finished) + [
         f"<header>\n<h1>{esc(title)}</h1>\n",
         f'<p class="progress {"done" if finished else "running"}" data-finished="{str(finished).lower()}">',
         f"{esc(progress)}",
@@ -225,18 +170,59 @@ def render_report(
     for label, value in stats:
         out.append(f"<div><dt>{esc(label)}</dt><dd>{esc(value)}</dd></div>\n")
     out.append("</dl>\n")
-    failed = [r.id for r in rows if r.status == "failed"]
+    failed = counts.get("failed", 0)
     if failed:
-        links = ", ".join(f'<a href="#{esc(_anchor(rid))}">{esc(rid)}</a>' for rid in failed[:_FAILED_LINKS])
-        more = f" and {len(failed) - _FAILED_LINKS} more" if len(failed) > _FAILED_LINKS else ""
+        links = ", ".join(f'<a href="{esc(href)}">{esc(rid)}</a>' for rid, href in totals.failed_links)
+        more = f" and {failed - len(totals.failed_links)} more" if failed > len(totals.failed_links) else ""
         out.append(f'<p class="failed-list">Failed: {links}{more}</p>\n')
-    out.append(f'<p class="stamp">Generated {esc(stamp)}</p>\n</header>\n<main>\n')
-    for r in rows:
-        out.append(_card(r, thumbnails.get(r.id), report_uri))
+    out.append(_nav(pages))
+    out.append(f'<p class="stamp">Generated {esc(stamp)}</p>\n</header>\n')
+    out += _cards(rows, thumbnails, report_uri)
+    return "".join(out)
+
+
+def render_page(
+    rows: Sequence[RowResult],
+    thumbnails: Mapping[str, bytes],
+    title: str,
+    report_uri: str,
+    pages: Sequence[tuple[str, str]],
+    complete: bool,
+) -> str:
+    """One more page of a large campaign's report: its rows' cards under the links to every page
+    (the first, with the summary, is the report itself); refreshes itself until `complete`."""
+    esc = html.escape
+    out = _head(title, refresh=not complete)
+    out += [f"<header>\n<h1>{esc(title)}</h1>\n", _nav(pages), "</header>\n"]
+    out += _cards(rows, thumbnails, report_uri)
+    return "".join(out)
+
+
+def _head(title: str, refresh: bool) -> list[str]:
+    out = [
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n',
+    ]
+    if refresh:
+        out.append(f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">\n')
+    out.append(f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n")
+    return out
+
+
+def _nav(pages: Sequence[tuple[str, str]]) -> str:
+    if not pages:
+        return ""
+    links = " ".join(f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in pages)
+    return f'<nav class="pages">Pages: {links}</nav>\n'
+
+
+def _cards(rows: Sequence[RowResult], thumbnails: Mapping[str, bytes], report_uri: str | None) -> list[str]:
+    out = ["<main>\n", *(_card(r, thumbnails.get(r.id), report_uri) for r in rows)]
     if not rows:
         out.append('<p class="empty">No rows yet.</p>\n')
     out.append(f"</main>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n")
-    return "".join(out)
+    return out
 
 
 def _card(r: RowResult, thumb: bytes | None, report_uri: str | None) -> str:
@@ -313,6 +299,90 @@ def write_report(uri: str, html_text: str) -> None:
     storage.write_bytes(uri, html_text.encode("utf-8"))
 
 
+class PagedReport:
+    """A campaign's report, written as its rows finish: `uri` holds the summary and the first
+    `page_rows` rows; each further page (`pages_dir`/page-NNNN.html) holds the next, is rewritten
+    only while rows on it finish, and lets go of its thumbnails once all of them have."""
+
+    def __init__(
+        self, uri: str, pages_dir: str, title: str, row_ids: Sequence[str], page_rows: int = PAGE_ROWS
+    ) -> None:
+        self.uri, self.pages_dir, self.title, self.page_rows = uri, pages_dir, title, page_rows
+        self.total = len(row_ids)
+        self._index = {rid: i for i, rid in enumerate(row_ids)}
+        self.pages = max(1, math.ceil(self.total / page_rows))
+        self.totals = Totals()
+        self._done: dict[int, dict[str, RowResult]] = {}  # page -> its rows done, while the page changes
+        self._thumbs: dict[str, bytes] = {}
+        self._changed: set[int] = set()
+        self._complete: set[int] = set()
+
+    def page_uri(self, page: int) -> str:
+        return self.uri if page == 0 else storage.join(self.pages_dir, f"page-{page + 1:04d}.html")
+
+    def _href(self, page: int, from_page: int) -> str:
+        """A link to `page` as written in `from_page` (the pages sit in a folder beside the report)."""
+        folder = self.pages_dir.rstrip("/").rsplit("/", 1)[-1]
+        if page == 0:
+            return "../" + self.uri.rsplit("/", 1)[-1] if from_page else "#"
+        name = f"page-{page + 1:04d}.html"
+        return name if from_page else f"{folder}/{name}"
+
+    def _nav(self, from_page: int) -> list[tuple[str, str]]:
+        if self.pages == 1:
+            return []
+        last = self.total
+        return [
+            (f"{k * self.page_rows + 1}\u2013{min(last, (k + 1) * self.page_rows)}", self._href(k, from_page))
+            for k in range(self.pages)
+        ]
+
+    @property
+    def held_thumbnails(self) -> int:
+        return len(self._thumbs)
+
+    def add(self, result: RowResult, thumbnail: bytes | None) -> None:
+        page = self._index[result.id] // self.page_rows
+        self._done.setdefault(page, {})[result.id] = result
+        if thumbnail:
+            self._thumbs[result.id] = thumbnail
+        self._changed.add(page)
+        anchor = f"#{_anchor(result.id)}"
+        self.totals.add(result, anchor if page == 0 else self._href(page, 0) + anchor)
+
+    def _rows(self, page: int) -> list[RowResult]:
+        return sorted(self._done.get(page, {}).values(), key=lambda r: self._index[r.id])
+
+    def write(self, wall_seconds: float, final: bool) -> None:
+        """Rewrite the report and every page whose rows changed since the last call."""
+        for page in sorted(self._changed - {0}):
+            rows = self._rows(page)
+            complete = len(rows) == min(self.page_rows, self.total - page * self.page_rows)
+            first = page * self.page_rows
+            title = f"{self.title}: rows {first + 1}\u2013{first + min(self.page_rows, self.total - first)}"
+            write_report(
+                self.page_uri(page),
+                render_page(rows, self._thumbs, title, self.page_uri(page), self._nav(page), complete),
+            )
+            if complete:  # written for good: its rows' thumbnails are in the page now
+                for r in rows:
+                    self._thumbs.pop(r.id, None)
+                self._done.pop(page, None)
+                self._complete.add(page)
+        self._changed.clear()
+        html_text = render_report(
+            self._rows(0),
+            self._thumbs,
+            wall_seconds,
+            self.title,
+            report_uri=self.uri,
+            total_rows=None if final else self.total,
+            totals=self.totals,
+            pages=self._nav(0),
+        )
+        write_report(self.uri, html_text)
+
+
 _SCRIPT = (
     "(function(){"
     "function mark(img){var card=img.closest('.card');if(!card)return;"
@@ -371,4 +441,6 @@ overflow-wrap:anywhere;font-size:12px;max-height:12em;overflow:auto}
 .video{color:#0969da}
 .path{color:var(--muted);font-size:12px;overflow-wrap:anywhere;margin:0}
 .empty{color:var(--muted)}
+.pages{margin:10px 0 0;overflow-wrap:anywhere}
+.pages a{margin-right:6px;color:#0969da}
 """

@@ -44,7 +44,7 @@ class RowResult:
 class Summary:
     rows: list[RowResult]
     wall_seconds: float
-    #: seconds of each start-up step up to the first rendered frames (campaign.Startup.breakdown)
+    #: seconds of each start-up step up to the first rendered frames (startup.Startup.breakdown)
     startup: dict[str, float] = field(default_factory=dict)
 
     @classmethod

@@ -22,13 +22,13 @@ import numpy as np
 
 from heygem_ray import metrics, storage
 from heygem_ray.config import Config
+from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
 from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo, auto_codec, encoder_works
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import frame_center_samples
 from heygem_ray.prepare import read_pcm
 from heygem_ray.render import build_renderer
-from heygem_ray.render.base import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
 
 
 @dataclass(frozen=True)

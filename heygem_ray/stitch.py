@@ -8,21 +8,18 @@ row only when its marker's fingerprint matches what it would render now.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from heygem_ray import metrics, storage
 from heygem_ray.errors import writing
+from heygem_ray.markers import Marker, write_marker
 from heygem_ray.media.mux import stitch
-from heygem_ray.report import thumbnail_jpeg
+from heygem_ray.media.thumbnail import thumbnail_jpeg
+from heygem_ray.prepare import AudioTrack
 from heygem_ray.storage import StorageOptions
-
-if TYPE_CHECKING:  # prepare imports this module for its markers
-    from heygem_ray.prepare import AudioTrack
 
 
 @dataclass(frozen=True)
@@ -39,25 +36,6 @@ class StitchJob:
     #: the campaign's `storage.options`, set for the process before anything is read: a Ray task
     #: may run in a worker that has never seen them; None leaves the process's as they are
     storage_options: StorageOptions | None = None
-
-
-@dataclass(frozen=True)
-class Marker:
-    """What a finished row leaves beside the campaign: enough to decide 'already done' on a rerun."""
-
-    id: str
-    fingerprint: str
-    output: str
-    frames: int
-    audio_seconds: float
-    finished_at: float
-
-
-def read_marker(uri: str) -> Marker | None:
-    try:
-        return Marker(**json.loads(storage.read_bytes(uri)))
-    except (FileNotFoundError, ValueError, TypeError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -89,7 +67,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
     if thumbnail:
         storage.write_bytes(job.thumbnail_uri, thumbnail)
     marker = Marker(job.row_id, job.fingerprint, job.output, stats.frames, round(audio.seconds, 4), time.time())
-    storage.write_bytes(job.marker_uri, json.dumps(asdict(marker)).encode())
+    write_marker(job.marker_uri, marker)
     storage.remove(job.work_uri, recursive=True)
     metrics.stage_seconds(clock.seconds)
     return Stitched(marker, thumbnail)

@@ -17,6 +17,7 @@ from browser import chromium, dump_dom, parse_cards
 
 from helpers import METRICS_PORT, compose_config
 from heygem_ray import campaign
+from heygem_ray.executors import ray_cluster
 from heygem_ray.manifest import read_manifest
 from heygem_ray.media import video
 from heygem_ray.plan import avatar_frame_indices
@@ -176,6 +177,48 @@ def test_each_narration_is_encoded_once_and_copied_into_its_outputs(rendered):
     assert all(packets in tracks for packets in outputs.values())
 
 
+INLINE_CAMPAIGN = """
+import json, sys
+from heygem_ray import campaign
+from heygem_ray.cli import compose
+from heygem_ray.config import to_plain
+
+summary = campaign.run(to_plain(compose(sys.argv[1:])))
+print(json.dumps({"rows": {r.id: [r.status, r.error] for r in summary.rows}, "ray": "ray" in sys.modules}))
+"""
+
+
+def _video_packets(path):
+    with av.open(path) as c:
+        return [bytes(p) for p in c.demux(video=0) if p.size]
+
+
+def test_inline_executor_renders_the_same_campaign_without_ray(rendered, tmp_path):
+    """cluster=inline: the same rows in one process that never imports Ray, with the same results and,
+    at the Ray actors' one thread, the same bytes."""
+    import json
+    import subprocess
+    import sys
+
+    cfg, _, results = rendered
+    out = tmp_path / "inline"
+    args = [f"manifest={cfg.manifest}", f"output={out}", "render.segment_seconds=1.0", "render.progress=false"]
+    proc = subprocess.run(
+        [sys.executable, "-c", INLINE_CAMPAIGN, *args, "cluster=inline", "cluster.actor.threads=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["ray"] is False
+    assert report["rows"] == {row_id: [r["status"], r["error"]] for row_id, r in results.items()}
+    for row_id in GOOD:
+        inline_output = str(out / os.path.basename(results[row_id]["output"]))
+        assert _video_packets(inline_output) == _video_packets(results[row_id]["output"]), row_id
+        assert _audio_packets(inline_output) == _audio_packets(results[row_id]["output"]), row_id
+
+
 def test_rerun_skips_finished_rows(rendered):
     cfg, _first, _ = rendered
     again = campaign.run(cfg)
@@ -276,7 +319,7 @@ def _run_watching_loads(job: campaign.Campaign) -> tuple:
 
     def watch() -> None:
         while not done.is_set():
-            loads.append(max(job._actor_load, default=0))
+            loads.append(max((a.load for a in job.actors.actors), default=0))
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -336,7 +379,7 @@ def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_
     job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
     summary, loads = _run_watching_loads(job)
     assert summary.count("ok") == 2
-    assert sum(len(s.spans) for s in job._states.values()) > 10  # far more segments than the actor may hold
+    assert sum(r.segments for r in summary.rows) > 10  # far more segments than the actor may hold
     assert max(loads) == cfg.render.segments_per_actor == 2
 
 
@@ -351,7 +394,7 @@ def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_row
     assert cfg.encoder.codec == "auto"
     job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
     assert job.run().count("ok") == 1
-    assert job.codec == "libx264"  # decided by the actor: no GPU with a video encoder here
+    assert job.actors.codec == "libx264"  # decided by the actor: no GPU with a video encoder here
     with av.open(os.path.join(cfg.output, "a.mp4")) as c:
         assert c.streams.video[0].codec_context.name == "h264"
     # NVENC named where no node has it: the actors refuse at start, and the row says why
@@ -381,4 +424,4 @@ HEAD = {"CPU": 0.0}
     ],
 )
 def test_fit_actors_counts_per_node(nodes, num_cpus, num_gpus, reserve, expected):
-    assert campaign.fit_actors(nodes, num_cpus, num_gpus, reserve) == expected
+    assert ray_cluster.fit_actors(nodes, num_cpus, num_gpus, reserve) == expected

@@ -3,7 +3,7 @@
 import numpy as np
 
 from heygem_ray.config import ClassicRendererConfig
-from heygem_ray.render.base import AudioWindow
+from heygem_ray.media.audio import AudioWindow
 from heygem_ray.render.classic import ClassicRenderer, openness
 
 

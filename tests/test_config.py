@@ -68,6 +68,7 @@ def test_missing_mandatory_values_and_typos_are_errors():
         ("detector.device=gpu", "detector.device=gpu is not one of auto, cpu, cuda, cuda:N"),
         ("encoder.codec=libx265", "encoder.codec=libx265 is not one of auto, libx264, h264_nvenc"),
         ("encoder.preset=veryfats", "encoder.preset=veryfats is not one of ultrafast, superfast, veryfast"),
+        ("cluster.executor=rai", "cluster.executor=rai is not one of ray, inline"),
     ],
 )
 def test_choices_are_checked_when_composed(override, message):
@@ -77,14 +78,20 @@ def test_choices_are_checked_when_composed(override, message):
 
 
 def test_valid_choices_compose():
-    for good in ("detector.device=cuda:1", "renderer.device=cuda", "encoder.preset=slow", "encoder.codec=h264_nvenc"):
+    for good in (
+        "detector.device=cuda:1",
+        "renderer.device=cuda",
+        "encoder.preset=slow",
+        "encoder.codec=h264_nvenc",
+        "cluster=inline",
+    ):
         compose_config("manifest=m", "output=o", "renderer=wav2lip", "renderer.checkpoint=m.pth", good)
 
 
 def test_a_local_ray_gives_the_actors_every_core():
     """On a Ray of its own, tasks share the actors' cores: cores + reserve logical CPUs, so
     `cluster.actors=0` fits one actor per core (2 on a 2-core machine, not 1 beside an idle core)."""
-    from heygem_ray.campaign import fit_actors, local_cpus
+    from heygem_ray.executors.ray_cluster import fit_actors, local_cpus
 
     cfg = compose_config("manifest=m", "output=o")
     cores = len(os.sched_getaffinity(0))
@@ -98,7 +105,7 @@ def test_a_local_ray_stops_its_monitor_before_shutting_down(tmp_path):
     give it a second to exit on SIGTERM, every run): Ray keeps working without it."""
     script = (
         "import os, ray\n"
-        "from heygem_ray.campaign import shutdown, stop_local_monitor\n"
+        "from heygem_ray.executors.ray_cluster import shutdown, stop_local_monitor\n"
         "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
         "node = ray._private.worker._global_node\n"
         "monitor = node.all_processes['monitor'][0].process\n"

@@ -43,10 +43,10 @@ def run_killing_the_actor_once(cfg) -> tuple[Campaign, object]:
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
     runner.start()
     deadline = time.time() + 120
-    while not (job.actor_pids and job.actor_pids[0] and sum(job._actor_load) >= 3):
+    while not (job.actors.pids and job.actors.pids[0] and job.actors.inflight >= 3):
         assert time.time() < deadline and runner.is_alive(), "no work ever reached the actor"
         time.sleep(0.02)
-    os.kill(job.actor_pids[0], signal.SIGKILL)
+    os.kill(job.actors.pids[0], signal.SIGKILL)
     runner.join(timeout=300)
     assert not runner.is_alive()
     return job, outcome["summary"]

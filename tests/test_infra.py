@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from helpers import compose_config
-from heygem_ray.campaign import fit_actors
+from heygem_ray.executors.ray_cluster import fit_actors
 
 try:
     import tomllib

@@ -75,7 +75,7 @@ def test_campaign_survives_losing_a_worker_node(cluster, media_dir, tmp_path):
     runner.start()
     deadline = time.time() + 120
     # both actors in service and busy, so the lost node takes in-flight segments with it
-    while not (job._actor_healthy and all(job._actor_healthy) and min(job._actor_load) >= 1):
+    while not (job.actors.actors and all(a.healthy and a.load >= 1 for a in job.actors.actors)):
         assert time.time() < deadline and runner.is_alive(), "campaign never got both actors busy"
         time.sleep(0.02)
     victim = workers[0]

@@ -16,7 +16,8 @@ import pytest
 from browser import chromium, dump_dom, parse_cards
 
 from heygem_ray import demo
-from heygem_ray.report import render_report, thumbnail_jpeg, video_href, write_report
+from heygem_ray.media.thumbnail import thumbnail_jpeg
+from heygem_ray.report import PagedReport, render_report, video_href, write_report
 from heygem_ray.results import RowResult
 
 XSS = "<script>alert('x')</script>"
@@ -271,3 +272,42 @@ def test_corrupt_thumbnail_shows_broken_in_chromium(clips, tmp_path):
     cards = {c["id"]: c for c in parse_cards(dump_dom(browser, uri, tmp_path)).cards}
     assert cards["row-good"]["data-thumb"] == "loaded"
     assert cards["row-bad"]["data-thumb"] == "broken"
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def test_a_large_campaign_gets_pages_rewritten_only_while_they_change(clips, tmp_path):
+    """8 rows, 3 per page: the report (summary + rows 1-3) and two pages; a page whose rows are all done
+    is written once and its thumbnails are let go; the summary counts every row, and a failed row on
+    a later page is linked there."""
+    browser = chromium()
+    out = tmp_path / "out"
+    ids = [f"r{i}" for i in range(8)]
+    thumb = thumbnail_jpeg(clips["two"], width=48)
+    report = PagedReport(str(out / "_report.html"), str(out / "_report"), "Paged", ids, page_rows=3)
+    for rid in ids[3:6]:  # page 2 completes first
+        report.add(_row(rid, "failed" if rid == "r4" else "ok", error="boom" if rid == "r4" else None), thumb)
+    report.add(_row("r0"), thumb)
+    report.write(60.0, final=False)
+    page2 = out / "_report" / "page-0002.html"
+    written = page2.stat().st_mtime_ns
+    assert report.held_thumbnails == 1  # r0's: page 2 is complete and written for good
+    assert not (out / "_report" / "page-0003.html").exists()  # nothing done there yet
+    for rid in (*ids[1:3], *ids[6:]):
+        report.add(_row(rid), thumb)
+    report.write(120.0, final=True)
+    assert page2.stat().st_mtime_ns == written
+    assert report.held_thumbnails == 3  # the first page's stay: the report itself shows them
+
+    main = (out / "_report.html").read_text()
+    summary = dict(re.findall(r"<div><dt>([^<]+)</dt><dd>([^<]+)</dd></div>", main.split("<main>")[0]))
+    assert (summary["Rows"], summary["OK"], summary["Failed"]) == ("8", "7", "1")
+    assert 'href="_report/page-0002.html#row-r4"' in main
+    assert [c["id"] for c in parse_cards(main).cards] == ["row-r0", "row-r1", "row-r2"]
+    assert 'href="_report/page-0003.html">7\u20138</a>' in main
+    last = (out / "_report" / "page-0003.html").read_text()
+    assert 'href="../_report.html">1\u20133</a>' in last and 'http-equiv="refresh"' not in last
+    cards = parse_cards(dump_dom(browser, str(page2), tmp_path)).cards
+    assert [c["id"] for c in cards] == ["row-r3", "row-r4", "row-r5"]
+    assert [c["data-thumb"] for c in cards] == ["loaded"] * 3

@@ -142,14 +142,15 @@ import ray
 from heygem_ray import campaign
 from heygem_ray.cli import compose
 from heygem_ray.config import to_plain
+from heygem_ray.executors import ray_cluster
 
-def fresh_worker_task(self, fn, num_gpus=0.0):
+def fresh_worker_task(self, fn, num_gpus):
     # the campaign's task options, plus max_calls=1: every task runs in a worker process of its own,
     # as on a cluster where prepare, detect and stitch land on other nodes than the driver's
     return ray.remote(max_calls=1)(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus,
                                                 max_retries=0)
 
-campaign.Campaign._task = fresh_worker_task
+ray_cluster.RayExecutor._remote = fresh_worker_task
 ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
 summary = campaign.run(to_plain(compose(sys.argv[1:])))
 print(json.dumps({r.id: [r.status, r.error] for r in summary.rows}))

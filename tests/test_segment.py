@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from helpers import compose_config
+from heygem_ray.media.audio import AudioWindow
 from heygem_ray.media.yuv import bgr_to_i420, i420_planes
-from heygem_ray.render.base import AudioWindow
 from heygem_ray.segment import RenderWorker, pipeline_chunks
 
 # boxes as the face track gives them (inside the 256x300 picture): odd edges widen the region to even

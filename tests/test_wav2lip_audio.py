@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from heygem_ray.errors import InputError
+from heygem_ray.media.audio import AudioWindow
 from heygem_ray.models import wav2lip_audio as wa
 from heygem_ray.plan import output_frame_count
-from heygem_ray.render.base import AudioWindow
 
 REF = np.load(Path(__file__).parent / "data" / "wav2lip_mel_reference.npz")
 SR = 16_000

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from heygem_ray import demo
-from heygem_ray.render.base import AudioWindow
+from heygem_ray.media.audio import AudioWindow
 from heygem_ray.render.wav2lip import Wav2LipRenderer
 
 # a face box (already padded) on the demo portrait at width 256, and a second one beside it

@@ -13,8 +13,8 @@ import torch
 
 from heygem_ray import demo
 from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster
+from heygem_ray.media.audio import AudioWindow
 from heygem_ray.render import wav2lip as wav2lip_module
-from heygem_ray.render.base import AudioWindow
 from heygem_ray.render.wav2lip import (
     CPU_BATCH,
     MASK_ZERO_ABOVE,

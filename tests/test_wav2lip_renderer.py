@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from heygem_ray.render.base import AudioWindow
+from heygem_ray.media.audio import AudioWindow
 from heygem_ray.render.wav2lip import (
     MASK_ZERO_ABOVE,
     Wav2LipRenderer,

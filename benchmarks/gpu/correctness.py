@@ -64,7 +64,7 @@ def frames_and_boxes(width: int, height: int, seed: int = 11) -> tuple[list[np.n
 
 
 def features(renderer: Any, count: int) -> np.ndarray:
-    from heygem_ray.render.base import AudioWindow
+    from heygem_ray.media.audio import AudioWindow
 
     t = np.arange(24_000) / 16_000
     wav = (0.5 * np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)

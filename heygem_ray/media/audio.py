@@ -5,6 +5,7 @@ memory does not grow with the audio's length."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import cast
 
 import av
@@ -12,7 +13,30 @@ import numpy as np
 import numpy.typing as npt
 
 from heygem_ray.errors import InputError
-from heygem_ray.render.base import SAMPLE_RATE
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class AudioWindow:
+    """A slice of a row's decoded audio.
+
+    samples: float32 mono at SAMPLE_RATE, the row's samples [start, start + len(samples)).
+    total:   number of samples in the whole row's audio (so a renderer knows where the true
+             start and end are, e.g. for reflect padding).
+    level:   the row's speech level (95th percentile of per-frame speech-band RMS), for
+             renderers that normalise loudness per row.
+    """
+
+    samples: np.ndarray
+    start: int
+    total: int
+    level: float
+    sample_rate: int = SAMPLE_RATE
+
+
+#: seconds of audio context the actor reads on each side of a segment's frames
+AUDIO_CONTEXT_SECONDS = 0.5
 
 #: speech band used for loudness (fundamental and first formants)
 SPEECH_BAND_HZ = (250.0, 4000.0)
@@ -30,7 +54,7 @@ def iter_pcm16k(path: str, display_uri: str | None = None) -> Iterator[np.ndarra
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
-                for out in resampler.resample(_finite(frame)):
+                for out in resampler.resample(finite_samples(frame)):
                     yield out.to_ndarray().reshape(-1)
             for out in resampler.resample(None):
                 yield out.to_ndarray().reshape(-1)
@@ -38,7 +62,7 @@ def iter_pcm16k(path: str, display_uri: str | None = None) -> Iterator[np.ndarra
         raise InputError("audio", uri, f"is not readable audio ({exc.strerror or exc})") from None
 
 
-def _finite(frame: av.AudioFrame) -> av.AudioFrame:
+def finite_samples(frame: av.AudioFrame) -> av.AudioFrame:
     """Float audio may carry NaN/inf (broken TTS output); they would poison resampling and AAC."""
     if frame.format.name not in ("flt", "fltp", "dbl", "dblp"):
         return frame

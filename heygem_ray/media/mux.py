@@ -13,7 +13,7 @@ from typing import IO
 import av
 
 from heygem_ray.errors import InputError
-from heygem_ray.media.audio import _finite
+from heygem_ray.media.audio import finite_samples
 
 
 @dataclass(frozen=True)
@@ -141,5 +141,5 @@ class _AudioEncoder:
 
     def _frames(self) -> Iterator[av.AudioFrame]:
         for frame in self._container.decode(self._src):
-            yield from self._resampler.resample(_finite(frame))
+            yield from self._resampler.resample(finite_samples(frame))
         yield from self._resampler.resample(None)

@@ -20,7 +20,7 @@ from importlib import resources
 import numpy as np
 
 from heygem_ray.errors import InputError
-from heygem_ray.render.base import SAMPLE_RATE, AudioWindow
+from heygem_ray.media.audio import SAMPLE_RATE, AudioWindow
 
 N_FFT = 800  # = window length: 50 ms
 HOP = 200  # 12.5 ms: 80 mel columns per second

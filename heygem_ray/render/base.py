@@ -1,37 +1,18 @@
 """The renderer interface: avatar frames + per-frame audio features + face boxes in, frames out.
 
 A renderer is built once per actor (model loaded there) and then called segment after segment.
-The actor gives it the segment's audio as an `AudioWindow` (16 kHz mono float32 with context on
-both sides) and asks for one feature row per output frame; then it hands over frames in batches.
+The actor gives it the segment's audio as an `AudioWindow` (`heygem_ray.media.audio`: 16 kHz
+mono float32 with context on both sides) and asks for one feature row per output frame; then it hands over frames in batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
-
-
-@dataclass(frozen=True)
-class AudioWindow:
-    """A slice of a row's decoded audio.
-
-    samples: float32 mono at SAMPLE_RATE, the row's samples [start, start + len(samples)).
-    total:   number of samples in the whole row's audio (so a renderer knows where the true
-             start and end are, e.g. for reflect padding).
-    level:   the row's speech level (95th percentile of per-frame speech-band RMS), for
-             renderers that normalise loudness per row.
-    """
-
-    samples: np.ndarray
-    start: int
-    total: int
-    level: float
-    sample_rate: int = SAMPLE_RATE
+from heygem_ray.media.audio import AudioWindow
 
 
 class Renderer(Protocol):
@@ -67,7 +48,3 @@ class Renderer(Protocol):
         Pixels outside the face box must be returned unchanged.
         """
         ...
-
-
-#: seconds of audio context the actor reads on each side of a segment's frames
-AUDIO_CONTEXT_SECONDS = 0.5

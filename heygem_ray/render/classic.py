@@ -14,9 +14,8 @@ import cv2
 import numpy as np
 
 from heygem_ray.config import ClassicRendererConfig
-from heygem_ray.media.audio import speech_loudness
+from heygem_ray.media.audio import AudioWindow, speech_loudness
 from heygem_ray.plan import frame_center_samples
-from heygem_ray.render.base import AudioWindow
 
 #: loudness this far below the row's speech level closes the mouth
 _RANGE_DB = 30.0

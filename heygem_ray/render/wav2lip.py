@@ -63,11 +63,11 @@ import torch.nn.functional as F
 
 from heygem_ray.config import BLENDS, IMAGE_OPS, PRECISIONS
 from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster, torch_device
+from heygem_ray.media.audio import AudioWindow
 from heygem_ray.models.checkpoints import load_model
 from heygem_ray.models.wav2lip import Wav2Lip
 from heygem_ray.models.wav2lip_audio import mel_chunks
 from heygem_ray.models.wav2lip_cpu import fuse_for_cpu, quantize_for_cpu
-from heygem_ray.render.base import AudioWindow
 
 log = logging.getLogger("heygem_ray.render.wav2lip")
 

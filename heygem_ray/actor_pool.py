@@ -1,0 +1,143 @@
+"""The campaign's books on its renderer actors: one record per actor (segments it holds, whether it
+answered, when to ask again, what it said), which actor gets the next segment, and the encoder the
+campaign's segments use."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from heygem_ray.config import Config
+from heygem_ray.executors import Executor
+from heygem_ray.segment import WorkerInfo
+
+log = logging.getLogger("heygem_ray")
+
+#: seconds without any ready renderer actor before the driver says why it may be waiting
+ACTOR_WAIT_WARNING = 60.0
+
+
+@dataclass
+class Actor:
+    index: int
+    load: int = 0  # segments sent to it and not answered yet
+    healthy: bool = False  # answered `ready` since it (re)started
+    probe_at: float | None = 0.0  # when to ask `ready` next; None while a question is out or it is healthy
+    info: WorkerInfo | None = None  # its answer: pid, cores, encoder, start times
+    failed: str | None = None  # why it will never render
+
+    @property
+    def pid(self) -> int | None:
+        return self.info.pid if self.info and self.healthy else None
+
+
+class ActorPool:
+    def __init__(self, cfg: Config, executor: Executor):
+        self.cfg, self.executor = cfg, executor
+        self.actors: list[Actor] = []
+        # `encoder.codec=auto` is decided by the first actor that answers (NVENC if its GPU has an
+        # encoder), so rows prepare meanwhile and nothing waits on a node that may never start.
+        # Every segment then uses that one codec, so a row's segments join without re-encoding.
+        self.codec: str | None = None if cfg.encoder.codec == "auto" else cfg.encoder.codec
+        #: set once no actor can ever render: every row waiting for one fails with it
+        self.error: str | None = None
+        #: when the first actor answered (time.time()), for start-up figures
+        self.first_ready_at: float | None = None
+        self._started = time.time()
+        self._warned = False
+
+    def start(self) -> None:
+        """Start the actors. Each gets work once it answers (model loaded): waiting for all of them
+        up front would hang a campaign whose cluster cannot fit every actor yet (GPU nodes still
+        being added)."""
+        count = self.executor.actor_count()
+        self.executor.start_actors(count)
+        self.actors = [Actor(i) for i in range(count)]
+        self._started = time.time()
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    @property
+    def inflight(self) -> int:
+        return sum(a.load for a in self.actors)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [a.pid for a in self.actors]
+
+    def pick(self, queued: int) -> int | None:
+        """The actor for the next of `queued` segments, or None to keep it queued: the least loaded
+        healthy actor below `render.segments_per_actor`, and a busy one only while the queue holds
+        more than the actors still starting can take (a small campaign's last segments wait for an
+        actor about to answer rather than queue behind the first one)."""
+        healthy = [a for a in self.actors if a.healthy]
+        if not healthy:
+            return None
+        actor = min(healthy, key=lambda a: a.load)
+        starting = sum(1 for a in self.actors if not a.healthy and a.failed is None)
+        if actor.load >= self.cfg.render.segments_per_actor or (actor.load and queued <= starting):
+            return None
+        return actor.index
+
+    def due_probes(self) -> list[int]:
+        """Actors to ask `ready` now (each is asked again only after its answer)."""
+        now = time.time()
+        if not any(a.healthy for a in self.actors) and now - self._started > ACTOR_WAIT_WARNING and not self._warned:
+            shape = self.cfg.cluster.actor
+            log.warning(
+                "no renderer actor has started after %.0f s: each needs %g CPU and %g GPU on one node; "
+                "the cluster has %s",
+                now - self._started,
+                shape.num_cpus,
+                shape.num_gpus,
+                self.executor.resources(),
+            )
+            self._warned = True
+        due = [a for a in self.actors if a.probe_at is not None and a.probe_at <= now]
+        for a in due:
+            a.probe_at = None
+        return [a.index for a in due]
+
+    def lost(self, actor: int) -> None:
+        """An actor died (Ray restarts it): no more work for it until it answers again."""
+        a = self.actors[actor]
+        if a.healthy:
+            a.healthy, a.probe_at = False, time.time()
+
+    def answered(self, actor: int, get: Callable[[], WorkerInfo]) -> None:
+        """Take an actor's answer to `ready` (`get` returns it or raises what the call raised)."""
+        a = self.actors[actor]
+        try:
+            info = get()
+        except Exception as exc:
+            reason = self.executor.init_failure(exc)
+            if reason is not None:  # its constructor raised: no restart will help
+                return self._unusable(a, reason)
+            if not self.executor.actor_lost(exc):
+                raise
+            a.probe_at = time.time() + 1.0  # still restarting (maybe waiting for a node)
+            return None
+        if self.codec is None:
+            self.codec = info.codec
+            log.info("encoder.codec=auto resolved to %s by renderer actor %d", info.codec, actor)
+        elif info.codec != self.codec:
+            return self._unusable(
+                a,
+                f"its node encodes with {info.codec} but this campaign's segments "
+                f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)",
+            )
+        a.healthy, a.info = True, info
+        self.first_ready_at = self.first_ready_at or time.time()
+        pinned = f", cores {info.cores}" if info.cores is not None else ""
+        log.info("renderer actor %d ready (pid %s%s)", actor, info.pid, pinned)
+        return None
+
+    def _unusable(self, a: Actor, reason: str) -> None:
+        """An actor that will never render (constructor failed, wrong encoder)."""
+        a.failed = reason
+        log.warning("renderer actor %d gets no segments: %s", a.index, reason)
+        if all(x.failed is not None for x in self.actors):
+            self.error = f"renderer could not start: {reason}"

@@ -1,0 +1,73 @@
+"""Executors: what runs the campaign's stages. The campaign (`heygem_ray.campaign`) decides what to
+run and when; an executor runs it and says when it is done.
+
+* `ray` (`ray_cluster.RayExecutor`): tasks and a pool of renderer actors on a Ray cluster (a local
+  one started for the run, or one it joins).
+* `inline` (`inline.InlineExecutor`): the same stages in this process, on threads, with no Ray at
+  all: for debugging, single videos on a laptop and tests of the campaign's scheduling.
+
+Both hand out opaque handles: `submit` runs a stage function, `call` a method of a renderer, and
+`wait` returns the handles that finished. A handle given as an argument is resolved first, so a
+stage can depend on another's result without the campaign waiting for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from heygem_ray.config import Config
+    from heygem_ray.startup import Startup
+
+
+class ActorInitError(RuntimeError):
+    """A renderer could not be constructed (bad checkpoint, no encoder): no restart will help."""
+
+
+class Executor(Protocol):
+    def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Any:
+        """Run a stage function; `num_gpus`: its GPU share where the cluster has GPUs."""
+
+    def start_actors(self, count: int) -> None:
+        """Start `count` renderer actors (`heygem_ray.segment.RenderWorker`), numbered from 0."""
+
+    def call(self, actor: int, method: str, *args: Any) -> Any:
+        """Call a method of a renderer actor; calls to one actor run one at a time, in order."""
+
+    def wait(self, handles: Sequence[Any], timeout: float) -> list[Any]:
+        """The handles that are done, waiting up to `timeout` seconds for at least one."""
+
+    def get(self, handle: Any) -> Any:
+        """The result of a finished handle, or its exception raised."""
+
+    def close(self) -> None:
+        """Stop the actors now (their CPUs and GPUs are freed)."""
+
+    def actor_count(self) -> int:
+        """`cluster.actors`, or when 0, as many as this executor can host."""
+
+    def resources(self) -> dict[str, float]:
+        """CPUs and GPUs this executor has, for operators' messages and GPU shares."""
+
+    def cause(self, exc: BaseException) -> BaseException:
+        """The stage's own exception inside what `get` raised."""
+
+    def actor_lost(self, exc: BaseException) -> bool:
+        """Whether `exc` says the actor died (the executor may restart it)."""
+
+    def init_failure(self, exc: BaseException) -> str | None:
+        """The constructor's error line when `exc` says the actor can never start, else None."""
+
+
+def open_executor(cfg: Config, startup: Startup) -> AbstractContextManager[Executor]:
+    """The executor `cluster.executor` names, ready to use; it is shut down on exit. Marks when
+    the executor was asked for and ready in `startup`."""
+    if cfg.cluster.executor == "inline":
+        from heygem_ray.executors.inline import open_inline
+
+        return open_inline(cfg, startup)
+    from heygem_ray.executors.ray_cluster import open_ray
+
+    return open_ray(cfg, startup)

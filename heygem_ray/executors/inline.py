@@ -1,0 +1,115 @@
+"""The inline executor (`cluster=inline`): the campaign's stages in this process, no Ray at all.
+
+Stage functions run on a small thread pool (they spend their time in PyAV, OpenCV and storage,
+which release the GIL); each renderer is one `RenderWorker` on a thread of its own, so its calls
+run one at a time, in order, as an actor's do. One renderer by default (`cluster.actors`), using
+every core of this process (`cluster.actor.threads`, 0 = all): torch's thread count is per
+process, so renderers here share it rather than split the cores as separate actors would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import TYPE_CHECKING, Any
+
+from heygem_ray.config import Config
+from heygem_ray.executors import ActorInitError
+
+if TYPE_CHECKING:
+    from heygem_ray.segment import RenderWorker
+    from heygem_ray.startup import Startup
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class InlineExecutor:
+    def __init__(self, cfg: Config):
+        actor = cfg.cluster.actor
+        # one process, one torch thread count: the renderers get every core unless told otherwise
+        self.cfg = dataclasses.replace(
+            cfg,
+            cluster=dataclasses.replace(
+                cfg.cluster, actor=dataclasses.replace(actor, threads=actor.threads or _cores(), pin_cpus=False)
+            ),
+        )
+        self._tasks = ThreadPoolExecutor(max(2, _cores()), thread_name_prefix="heygem-task")
+        self._actors: list[ThreadPoolExecutor] = []
+        self._workers: list[Future[RenderWorker]] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Future[Any]:
+        return self._tasks.submit(_resolved, fn, args)
+
+    def start_actors(self, count: int) -> None:
+        from heygem_ray.segment import RenderWorker
+
+        for i in range(count):
+            thread = ThreadPoolExecutor(1, thread_name_prefix=f"heygem-renderer-{i}")
+            self._actors.append(thread)
+            self._workers.append(thread.submit(RenderWorker, self.cfg))
+
+    def call(self, actor: int, method: str, *args: Any) -> Future[Any]:
+        worker = self._workers[actor]
+        return self._actors[actor].submit(lambda: getattr(_constructed(worker), method)(*_values(args)))
+
+    def wait(self, handles: Sequence[Future[Any]], timeout: float) -> list[Future[Any]]:
+        done, _ = wait_futures(handles, timeout=timeout, return_when=FIRST_COMPLETED)
+        return list(done)
+
+    def get(self, handle: Future[Any]) -> Any:
+        return handle.result()
+
+    def close(self) -> None:
+        for pool in (self._tasks, *self._actors):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def actor_count(self) -> int:
+        return self.cfg.cluster.actors or 1
+
+    def resources(self) -> dict[str, float]:
+        return {"CPU": float(_cores())}
+
+    def cause(self, exc: BaseException) -> BaseException:
+        return exc
+
+    def actor_lost(self, exc: BaseException) -> bool:
+        return False  # a renderer here dies only with the process
+
+    def init_failure(self, exc: BaseException) -> str | None:
+        if isinstance(exc, ActorInitError) and exc.__cause__ is not None:
+            return f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+        return None
+
+
+def _values(args: tuple[Any, ...]) -> list[Any]:
+    """Arguments with every handle replaced by its result (as Ray passes an ObjectRef's value)."""
+    return [a.result() if isinstance(a, Future) else a for a in args]
+
+
+def _resolved(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    return fn(*_values(args))
+
+
+def _constructed(worker: Future[RenderWorker]) -> RenderWorker:
+    try:
+        return worker.result()
+    except Exception as exc:
+        raise ActorInitError(f"renderer could not be constructed: {exc}") from exc
+
+
+@contextlib.contextmanager
+def open_inline(cfg: Config, startup: Startup) -> Iterator[InlineExecutor]:
+    startup.ray_called = time.time()
+    executor = InlineExecutor(cfg)
+    startup.ray_ready = time.time()
+    try:
+        yield executor
+    finally:
+        executor.close()

@@ -1,0 +1,210 @@
+"""The Ray executor: stage functions as Ray tasks, renderers as a pool of Ray actors (restarted
+when they die, their model loaded once), on a local Ray started for the run or a cluster it joins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from heygem_ray.config import Config
+from heygem_ray.errors import ClusterConfigError
+from heygem_ray.segment import RenderWorker
+
+if TYPE_CHECKING:
+    from heygem_ray.startup import Startup
+
+log = logging.getLogger("heygem_ray")
+
+#: task exceptions worth another try (flaky storage, network); bad input is never retried
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
+class RayExecutor:
+    """Tasks and renderer actors on the Ray this process is connected to."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._actors: list[Any] = []
+        self._tasks: dict[tuple[Callable[..., Any], float], Any] = {}
+
+    def _remote(self, fn: Callable[..., Any], num_gpus: float) -> Any:
+        return ray.remote(fn).options(
+            num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, max_retries=3, retry_exceptions=list(TRANSIENT)
+        )
+
+    def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Any:
+        key = (fn, num_gpus)
+        if key not in self._tasks:
+            self._tasks[key] = self._remote(fn, num_gpus)
+        return self._tasks[key].remote(*args)
+
+    def start_actors(self, count: int) -> None:
+        shape = self.cfg.cluster.actor
+        actor_cls = ray.remote(RenderWorker).options(
+            num_cpus=shape.num_cpus,
+            num_gpus=shape.num_gpus,
+            max_restarts=-1,  # a crashed actor comes back with its model; the campaign re-sends the segment
+            max_task_retries=0,
+        )
+        self._actors = [actor_cls.remote(self.cfg) for _ in range(count)]
+
+    def call(self, actor: int, method: str, *args: Any) -> Any:
+        return getattr(self._actors[actor], method).remote(*args)
+
+    def wait(self, handles: Sequence[Any], timeout: float) -> list[Any]:
+        ready, _ = ray.wait(list(handles), num_returns=1, timeout=timeout)
+        return ready
+
+    def get(self, handle: Any) -> Any:
+        return ray.get(handle)
+
+    def close(self) -> None:
+        for actor in self._actors:  # free their CPUs/GPUs now, not at garbage collection
+            ray.kill(actor)
+
+    def actor_count(self) -> int:
+        return actor_count(self.cfg)
+
+    def resources(self) -> dict[str, float]:
+        return ray.cluster_resources()
+
+    def cause(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+            return exc.cause
+        return exc
+
+    def actor_lost(self, exc: BaseException) -> bool:
+        return isinstance(self.cause(exc), RayActorError)
+
+    def init_failure(self, exc: BaseException) -> str | None:
+        if isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False):
+            return _init_error(exc)
+        return None
+
+
+def _init_error(exc: BaseException) -> str:
+    """The exception line ("CheckpointError: ...") from an actor constructor's traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception): ", line):
+            return line.split(": ", 1)[0].rsplit(".", 1)[-1] + ": " + line.split(": ", 1)[1]
+    return lines[-1] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def open_ray(cfg: Config, startup: Startup) -> Iterator[RayExecutor]:
+    """Join or start Ray for the run (a Ray started here is shut down after it)."""
+    own_ray = not cfg.cluster.address and not os.environ.get("RAY_ADDRESS")  # else ray.init joins a cluster
+    startup.ray_called = time.time()
+    started_ray = connect(cfg)
+    startup.ray_ready = time.time()
+    executor = RayExecutor(cfg)
+    try:
+        if started_ray and own_ray:  # no node will join it, so what does not fit now never will
+            check_local_fit(cfg)
+        yield executor
+    finally:
+        executor.close()
+        if started_ray:
+            shutdown(local=own_ray)
+
+
+def connect(cfg: Config) -> bool:
+    """Join or start Ray; True when this call started it (so the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": cfg.cluster.include_dashboard, "log_to_driver": True}
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):  # ray.init joins that cluster, which sizes itself
+        ray.init(**kwargs)
+    else:
+        ray.init(num_cpus=local_cpus(cfg), num_gpus=cfg.cluster.num_gpus, **kwargs)
+    return True
+
+
+def shutdown(local: bool) -> None:
+    """ray.shutdown(); for a Ray this process started on this machine (`local`), its autoscaler
+    monitor is stopped first (`stop_local_monitor`)."""
+    if local:
+        stop_local_monitor()
+    ray.shutdown()
+
+
+def stop_local_monitor() -> None:
+    """Kill the autoscaler monitor of the Ray this process started. ray.shutdown() stops Ray's
+    processes one by one, giving each a second to exit on SIGTERM, and the monitor always takes
+    that whole second (1.0 of the 1.35 s a shutdown took); a local Ray has nothing for it to scale."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        if node is not None and node.is_head():
+            node.kill_monitor(check_alive=False)
+    except Exception as exc:  # noqa: BLE001 - Ray internals: the plain shutdown still runs
+        log.debug("could not stop the local Ray's monitor early: %r", exc)
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs of a local Ray: `cluster.num_cpus`, or this machine's cores plus the CPUs kept
+    for prepare/stitch tasks. Those tasks are short and light next to rendering, so they share the
+    actors' cores: on a 2-core machine two actors render instead of one actor beside an idle core."""
+    if cfg.cluster.num_cpus is not None:
+        return cfg.cluster.num_cpus
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores + math.ceil(cfg.cluster.reserve_cpus)
+
+
+def actor_count(cfg: Config) -> int:
+    """`cluster.actors`, or when 0, as many actors as the live nodes can host (`fit_actors`)."""
+    if cfg.cluster.actors > 0:
+        return cfg.cluster.actors
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return fit_actors(nodes, cfg.cluster.actor.num_cpus, cfg.cluster.actor.num_gpus, cfg.cluster.reserve_cpus)
+
+
+def fit_actors(nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, reserve_cpus: float) -> int:
+    """Actors of `num_cpus` CPUs and `num_gpus` GPUs that fit on nodes with these resources, leaving
+    `reserve_cpus` of the cluster's CPUs for prepare/stitch tasks. Counted per node, since an actor
+    cannot span nodes: CPU-only nodes host no GPU actors, and a GPU node hosts as many as both its GPU
+    shares and its CPUs allow (on a 16-core, 1-GPU node: 7 actors of 2 CPUs and 1/8 GPU, not 8). At
+    least 1, so a cluster that cannot host any yet gets the driver's "no actor could start" warning."""
+    per_node = []
+    for res in nodes:
+        fits = math.floor(res.get("CPU", 0.0) / max(num_cpus, 1e-3) + 1e-9)
+        if num_gpus > 0:
+            fits = min(fits, math.floor(res.get("GPU", 0.0) / num_gpus + 1e-9))
+        per_node.append(fits)
+    total = sum(per_node)
+    spare_cpus = sum(res.get("CPU", 0.0) for res in nodes) - reserve_cpus
+    total = min(total, math.floor(spare_cpus / max(num_cpus, 1e-3) + 1e-9))
+    return max(1, total)
+
+
+def check_local_fit(cfg: Config) -> None:
+    """On a local Ray, refuse actors that could never all start, or that would leave no CPU for a
+    prepare/stitch task: either would hang the campaign instead of failing it."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    actor, count = cfg.cluster.actor, actor_count(cfg)
+    need_cpus = count * actor.num_cpus + cfg.cluster.task_cpus
+    if need_cpus > cpus + 1e-9:
+        raise ClusterConfigError(
+            f"{count} renderer actor(s) of {actor.num_cpus:g} CPU(s) plus a prepare/stitch task of "
+            f"{cfg.cluster.task_cpus:g} need {need_cpus:g} CPUs, but this local Ray has {cpus:g}: lower "
+            "cluster.actors or cluster.actor.num_cpus, or raise cluster.num_cpus (cluster.actors=0 leaves "
+            "cluster.reserve_cpus free: keep it at least cluster.task_cpus)"
+        )
+    if count * actor.num_gpus > gpus + 1e-9:
+        raise ClusterConfigError(
+            f"{count} renderer actor(s) of {actor.num_gpus:g} GPU need {count * actor.num_gpus:g} GPUs, but this "
+            f"local Ray has {gpus:g}: lower cluster.actors or cluster.actor.num_gpus"
+        )

@@ -1,0 +1,33 @@
+"""Done-markers: what a finished row leaves beside the campaign (`{output}/_markers/{row}.json`),
+enough for a rerun to decide "already done". The stitch writes one after publishing the video;
+`prepare_row` reads it and skips the row when its fingerprint matches what it would render now."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from heygem_ray import storage
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What a finished row leaves beside the campaign: enough to decide 'already done' on a rerun."""
+
+    id: str
+    fingerprint: str
+    output: str
+    frames: int
+    audio_seconds: float
+    finished_at: float
+
+
+def read_marker(uri: str) -> Marker | None:
+    try:
+        return Marker(**json.loads(storage.read_bytes(uri)))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def write_marker(uri: str, marker: Marker) -> None:
+    storage.write_bytes(uri, json.dumps(asdict(marker)).encode())

@@ -1,0 +1,74 @@
+"""`{output}/_progress.json`: a campaign's progress as JSON, for tools that poll it (the studio,
+dashboards, scripts), rewritten atomically while the campaign runs and once at its end.
+
+    {"state": "running" | "finished" | "interrupted",
+     "started_at": 1764460800.0, "updated_at": ..., "finished_at": null,
+     "rows": {"total": 6, "queued": 1, "preparing": 1, "rendering": 2, "ok": 1, "failed": 1, "skipped": 0},
+     "frames": {"done": 900, "planned": 1500},   # planned: of the rows cut into segments so far
+     "eta_seconds": 12.5,                          # from the rows finished so far; null until one has
+     "row_status": {"row-id": "rendering", ...}}   # every row: queued, preparing, rendering, or its result
+
+Written at most every `interval` seconds, and never more often than five times its own cost, so a
+campaign of 100,000 rows spends a bounded share of the driver's time on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from heygem_ray import storage
+
+log = logging.getLogger("heygem_ray")
+
+#: seconds between rewrites while the campaign runs
+INTERVAL = 2.0
+
+
+@dataclass
+class ProgressFeed:
+    uri: str
+    started_at: float
+    interval: float = INTERVAL
+    _written: float = 0.0
+    _every: float = INTERVAL
+
+    def due(self) -> bool:
+        return time.time() - self._written >= max(self.interval, self._every)
+
+    def write(
+        self,
+        state: str,
+        row_status: Mapping[str, str],
+        counts: Mapping[str, int],
+        frames_done: int,
+        frames_planned: int,
+    ) -> None:
+        began = time.time()
+        finished = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
+        total = len(row_status)
+        elapsed = began - self.started_at
+        eta = None if state != "running" or not finished else elapsed / finished * (total - finished)
+        doc = {
+            "state": state,
+            "started_at": round(self.started_at, 3),
+            "updated_at": round(began, 3),
+            "finished_at": None if state == "running" else round(began, 3),
+            "rows": {"total": total, **{s: counts.get(s, 0) for s in STATUSES}},
+            "frames": {"done": frames_done, "planned": frames_planned},
+            "eta_seconds": None if eta is None else round(eta, 1),
+            "row_status": dict(row_status),
+        }
+        try:
+            storage.write_bytes(self.uri, json.dumps(doc, separators=(",", ":")).encode())
+        except OSError as exc:  # a feed that cannot be written must not stop the campaign
+            log.warning("could not write %s: %s", storage.display(self.uri), exc)
+        self._written = time.time()
+        self._every = 5 * (self._written - began)
+
+
+#: a row's states in order, then its results
+STATUSES = ("queued", "preparing", "rendering", "ok", "failed", "skipped")

@@ -1,0 +1,99 @@
+"""A row on its way through the campaign: what the driver knows about it, and the jobs it hands the
+stages (one `SegmentJob` per span, then one `StitchJob`), built from that knowledge alone."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from heygem_ray import storage
+from heygem_ray.layout import CampaignLayout
+from heygem_ray.manifest import Row
+from heygem_ray.markers import Marker
+from heygem_ray.plan import SegmentSpan, avatar_frame_indices
+from heygem_ray.prepare import AvatarTrack, RowPrep
+from heygem_ray.results import RowResult
+from heygem_ray.segment import SegmentJob
+from heygem_ray.stitch import StitchJob
+from heygem_ray.storage import StorageOptions
+
+
+@dataclass
+class RowState:
+    row: Row
+    started: float
+    prep: RowPrep | None = None
+    track: AvatarTrack | None = None
+    spans: list[SegmentSpan] = field(default_factory=list)
+    done: set[int] = field(default_factory=set)
+    attempts: dict[int, int] = field(default_factory=dict)
+    audio_track: Any = None  # the executor's handle of the row's encoded audio, made while it renders
+
+    def work_uri(self, layout: CampaignLayout, codec: str) -> str:
+        """Where the row's segment files wait for its stitch; keyed by the row's fingerprint, the codec
+        and the segment count, so an unfinished row's segments are reused by a rerun only if nothing
+        about the row changed, `auto` chose the same encoder (segments of two encoders cannot be
+        joined) and the row was cut the same way (another segment length or actor count cuts it
+        into other spans)."""
+        assert self.prep is not None
+        return layout.work(f"{self.row.id}-{self.prep.fingerprint[:16]}-{codec}-n{len(self.spans)}")
+
+    def segment_job(self, index: int, layout: CampaignLayout, codec: str) -> SegmentJob:
+        assert self.track is not None and self.prep is not None and self.prep.audio is not None
+        span, track, audio = self.spans[index], self.track, self.prep.audio
+        avatar_frames = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
+        lo, hi = int(avatar_frames.min()), int(avatar_frames.max())
+        return SegmentJob(
+            row_id=self.row.id,
+            index=index,
+            out_uri=segment_uri(self.work_uri(layout, codec), index),
+            avatar_uri=self.row.avatar,
+            info=track.info,
+            start=span.start,
+            avatar_frames=avatar_frames,
+            pts=track.pts[lo : hi + 1],
+            pts_offset=lo,
+            boxes=track.boxes[avatar_frames],
+            pcm_uri=audio.pcm_uri,
+            audio_samples=audio.samples,
+            audio_level=audio.level,
+            codec=codec,
+        )
+
+    def stitch_job(self, layout: CampaignLayout, codec: str, storage_options: StorageOptions) -> StitchJob:
+        assert self.prep is not None and self.track is not None
+        work = self.work_uri(layout, codec)
+        return StitchJob(
+            row_id=self.row.id,
+            output=self.row.output,
+            segment_uris=[segment_uri(work, s.index) for s in self.spans],
+            work_uri=work,
+            fps_fraction=self.track.info.fps_fraction,
+            frames=self.spans[-1].stop,
+            marker_uri=layout.marker(self.row.id),
+            thumbnail_uri=layout.thumbnail(self.row.id),
+            fingerprint=self.prep.fingerprint,
+            storage_options=storage_options,
+        )
+
+    def result(self, status: str, error: str | None, marker: Marker | None) -> RowResult:
+        audio = self.prep.audio if self.prep else None
+        return RowResult(
+            id=self.row.id,
+            status=status,
+            output=self.row.output,
+            error=error,
+            audio_seconds=marker.audio_seconds if marker else (audio.seconds if audio else None),
+            frames=marker.frames if marker else None,
+            segments=len(self.spans) or None,
+            render_seconds=round(time.time() - self.started, 3) if status == "ok" else None,
+            attempts=max(self.attempts.values(), default=0),
+            finished_at=time.time(),
+        )
+
+
+def segment_uri(work_uri: str, index: int) -> str:
+    return storage.join(work_uri, f"seg-{index:05d}.mp4")

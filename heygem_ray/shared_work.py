@@ -1,0 +1,74 @@
+"""Stage work that rows share, started once and waited on by every row that needs it: the face track
+of an avatar (one `prepare_avatar` task per avatar and box) and the encoded audio of a narration
+(one `prepare_audio_track` task per audio content)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from heygem_ray.config import Config
+from heygem_ray.executors import Executor
+from heygem_ray.manifest import Row
+from heygem_ray.prepare import AudioInfo, AvatarTrack, prepare_audio_track, prepare_avatar
+
+#: narrations whose encode task is remembered, so rows sharing one wait on the same task; an older
+#: one is found in the cache by the task that a later row starts
+AUDIO_TRACK_REFS = 1024
+
+AvatarKey = tuple[str, tuple[int, int, int, int] | None]
+
+
+class SharedWork:
+    def __init__(self, cfg: Config, executor: Executor):
+        self.cfg, self.executor = cfg, executor
+        self._tracks: dict[AvatarKey, AvatarTrack | BaseException] = {}
+        self._waiters: dict[AvatarKey, list[str]] = {}
+        self._audio_tracks: dict[str, Any] = {}  # by audio fingerprint, oldest first
+        # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
+        # where the cluster has GPUs, so detection is scheduled and accounted like rendering
+        detector = cfg.detector
+        use_gpu = detector.name == "s3fd" and detector.device != "cpu" and detector.num_gpus > 0
+        enough = use_gpu and executor.resources().get("GPU", 0.0) >= detector.num_gpus
+        self._detect_gpus = detector.num_gpus if enough else 0.0
+
+    def avatar(self, row: Row) -> tuple[AvatarTrack | BaseException | None, Any]:
+        """The row's avatar track (or why there is none) when known; else None, and the row waits for
+        `avatar_done`. Also the handle of a `prepare_avatar` task started now, when this row is the
+        first to need it."""
+        key: AvatarKey = (row.avatar, row.box)
+        if key in self._tracks:
+            return self._tracks[key], None
+        first = key not in self._waiters
+        self._waiters.setdefault(key, []).append(row.id)
+        if not first:
+            return None, None
+        cfg = self.cfg
+        handle = self.executor.submit(
+            prepare_avatar,
+            row.avatar,
+            row.box,
+            cfg.detector,
+            cfg.cache_uri,
+            cfg.render.still_fps,
+            cfg.limits.max_avatar_pixels,
+            cfg.storage.options,
+            num_gpus=self._detect_gpus,
+        )
+        return None, (key, handle)
+
+    def avatar_done(self, key: AvatarKey, track: AvatarTrack | BaseException) -> list[str]:
+        """Keep the track; the rows that waited for it."""
+        self._tracks[key] = track
+        return self._waiters.pop(key, [])
+
+    def audio_track(self, audio: AudioInfo) -> Any:
+        """The handle of the task encoding this narration for the output: one per distinct audio
+        content, started when the first row needing it is prepared, so it runs while the row renders."""
+        handle = self._audio_tracks.pop(audio.fingerprint, None)
+        if handle is None:
+            cfg = self.cfg
+            handle = self.executor.submit(prepare_audio_track, audio, cfg.cache_uri, cfg.encoder, cfg.storage.options)
+        self._audio_tracks[audio.fingerprint] = handle  # now the most recent
+        while len(self._audio_tracks) > AUDIO_TRACK_REFS:
+            del self._audio_tracks[next(iter(self._audio_tracks))]
+        return handle

@@ -1,0 +1,72 @@
+"""The campaign's driver without Ray or rendering: `benchmarks.driver.SimulatedExecutor` answers every
+stage at once, so these tests see the scheduling and the bookkeeping alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.driver import SimulatedExecutor
+from helpers import compose_config
+from heygem_ray.campaign import Campaign
+from heygem_ray.manifest import Row
+from heygem_ray.results import read_results
+
+ROWS = 40
+
+
+class WatchedExecutor(SimulatedExecutor):
+    """Reads the progress feed each time the driver waits for an event."""
+
+    def __init__(self, feed: Path):
+        super().__init__(actors=3)
+        self.feed, self.seen = feed, []
+
+    def wait(self, handles: Any, timeout: float) -> Any:
+        if self.feed.exists():
+            self.seen.append(json.loads(self.feed.read_text()))
+        return super().wait(handles, timeout)
+
+
+def _campaign(tmp_path: Path) -> tuple[Campaign, WatchedExecutor]:
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i:03d}", f"/in/a{i % 4}.wav", f"/in/v{i % 3}.mp4", str(out / f"r{i:03d}.mp4")) for i in range(ROWS)]
+    executor = WatchedExecutor(out / "_progress.json")
+    job = Campaign(cfg, rows, executor=executor)
+    job.observers.progress.interval = 0.0  # every loop, so the test sees each step
+    return job, executor
+
+
+def test_progress_feed_follows_every_row_to_its_result(tmp_path):
+    job, executor = _campaign(tmp_path)
+    summary = job.run()
+    assert summary.count("ok") == ROWS
+    running = [doc for doc in executor.seen if doc["state"] == "running"]
+    assert running, "the feed was never written while the campaign ran"
+    states = {status for doc in running for status in doc["row_status"].values()}
+    assert {"queued", "preparing", "rendering", "ok"} <= states
+    oks = [doc["rows"]["ok"] for doc in running]
+    assert oks == sorted(oks) and oks[0] < ROWS
+    for doc in running:
+        assert sum(doc["rows"][s] for s in ("queued", "preparing", "rendering", "ok", "failed", "skipped")) == ROWS
+        assert doc["frames"]["done"] <= doc["frames"]["planned"]
+        assert doc["finished_at"] is None
+    assert any(doc["eta_seconds"] is not None for doc in running)
+
+    final = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert final["state"] == "finished" and final["finished_at"] >= final["started_at"]
+    assert final["rows"]["ok"] == ROWS and final["eta_seconds"] is None
+    assert set(final["row_status"].values()) == {"ok"}
+    assert final["frames"]["done"] == final["frames"]["planned"] == ROWS * 250
+    assert len(read_results(str(tmp_path / "out" / "_results.parquet"))) == ROWS
+
+
+def test_admission_keeps_few_rows_preparing_and_lets_go_of_finished_ones(tmp_path):
+    job, executor = _campaign(tmp_path)
+    job.run()
+    limit = job.cfg.render.max_prepared_rows
+    assert max(doc["rows"]["preparing"] for doc in executor.seen) <= limit
+    assert job.observers.counts["ok"] == ROWS and job.observers.counts["preparing"] == 0
+    assert not job._states

@@ -1,0 +1,65 @@
+"""The package's layers: a module imports only from its own layer or the ones below, at the top of
+the file or inside a function (no import hidden in a function to dodge a cycle)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "heygem_ray"
+
+#: bottom first; a module's layer is its longest matching prefix
+LAYERS: list[tuple[str, ...]] = [
+    ("storage", "errors", "plan", "devices", "pinning", "metrics", "layout", "config", "results", "markers"),
+    ("manifest", "media"),
+    ("models", "detect"),
+    ("render",),
+    ("prepare", "segment", "stitch", "startup"),
+    ("report", "progress", "executors", "rows"),
+    ("shared_work",),
+    ("actor_pool", "observers"),
+    ("campaign",),
+    ("demo", "cli"),
+]
+
+
+def _layer(module: str) -> int:
+    """module: dotted name inside the package, e.g. 'media.audio'."""
+    for level, names in enumerate(LAYERS):
+        if module.split(".")[0] in names:
+            return level
+    raise AssertionError(f"heygem_ray.{module} is in no layer: add it to LAYERS")
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("heygem_ray"):
+            base = node.module.removeprefix("heygem_ray").lstrip(".")
+            targets = [f"{base}.{a.name}".lstrip(".") if not base else base for a in node.names]
+            found += [(node.lineno, t) for t in targets]
+        elif isinstance(node, ast.Import):
+            found += [
+                (node.lineno, a.name.removeprefix("heygem_ray."))
+                for a in node.names
+                if a.name.startswith("heygem_ray.")
+            ]
+    return found
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        if module in ("__init__", ""):
+            continue
+        for line, target in _imports(path):
+            if target and _layer(target) > _layer(module):
+                upward.append(f"heygem_ray/{path.relative_to(PACKAGE)}:{line} imports heygem_ray.{target}")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from heygem_ray.campaign import Campaign\n")
+    assert _imports(bad) == [(2, "campaign")] and _layer("campaign") > _layer("media.audio")
