@@ -1,6 +1,6 @@
 """`heygem-ray`: the command line.
 
-heygem-ray render manifest=URI output=URI [hydra overrides...]   render a campaign
+heygem-ray render manifest=URI output=URI [overrides...] [--cfg job]   render a campaign (or print its config)
 heygem-ray demo [--dir DIR] [--rows N] [hydra overrides...]        make and render a demo campaign
 heygem-ray manifest --audio A... --avatar V... --out URI          build a cross-product manifest
 """
@@ -8,6 +8,7 @@ heygem-ray manifest --audio A... --avatar V... --out URI          build a cross-
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -15,7 +16,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from heygem_ray import storage
@@ -72,16 +72,37 @@ def config_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
-def render_main(cfg: DictConfig) -> None:
-    """Hydra entry: compose, resolve to plain dataclasses (nothing Hydra-specific reaches Ray
-    workers), render, exit non-zero when any row failed."""
+def render_main(argv: Sequence[str] | None = None) -> int:
+    """`heygem-ray render` and `jobs/render_campaign.py`: Hydra overrides (`key=value`,
+    `group=option`, `+key=value`) composed over conf/, resolved to plain dataclasses (nothing
+    Hydra-specific reaches Ray workers), then rendered; `--cfg job` prints the config instead.
+    Returns the exit status: 0 ok, 1 some row failed, 2 a configuration or manifest error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(
+            "usage: heygem-ray render manifest=URI output=URI [key=value | group=option | +key=value ...] [--cfg job]\n"
+            "Options and their defaults: heygem_ray/config.py; print the composed config with --cfg job."
+        )
+        return 0
+    show = args[-2:] == ["--cfg", "job"]
+    overrides = args[:-2] if show else args
+    flags = [a for a in overrides if a.startswith("-")]
+    if flags:
+        print(f"heygem-ray: error: unknown option {flags[0]} (only --cfg job, at the end)", file=sys.stderr)
+        return 2
     try:
+        cfg = compose(overrides)
+        if show:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
         plain = to_plain(cfg)
     except Exception as exc:  # noqa: BLE001 - config mistakes are user errors, show them plainly
         print(f"heygem-ray: error: invalid configuration: {exc}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(render(plain, cfg))
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+    )
+    return render(plain, cfg)
 
 
 def compose(overrides: Sequence[str]) -> DictConfig:
@@ -156,8 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
     if command == "render":
-        sys.argv = [f"{os.path.basename(sys.argv[0])} render", *rest]
-        render_main()
+        sys.exit(render_main(rest))
     elif command == "demo":
         sys.exit(demo_main(rest))
     elif command == "manifest":

@@ -7,7 +7,9 @@ Hydra overrides pass straight through. Inside a job Ray sets RAY_ADDRESS, so `cl
 may stay "auto" (cluster=gpu) and the driver joins the cluster it was submitted to.
 """
 
+import sys
+
 from heygem_ray.cli import render_main
 
 if __name__ == "__main__":
-    render_main()
+    sys.exit(render_main())
