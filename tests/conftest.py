@@ -101,3 +101,14 @@ def recipe_checkpoints(tmp_path_factory):
     )
     torch.save(recipe_state_dict(read_keys(data / "s3fd_state_dict.tsv"), seed=0), root / "s3fd.pth")
     return {"wav2lip": str(root / "wav2lip_gan.pth"), "s3fd": str(root / "s3fd.pth")}
+
+
+#: fixtures that bring up a local Ray or the S3 endpoint: tests using them (directly or through
+#: another fixture) are integration tests
+INTEGRATION_FIXTURES = {"ray_local", "s3_endpoint", "cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 HEADERS = [
@@ -37,6 +39,7 @@ def _table_rows(text: str, header: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.integration
 def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     results = ROOT / "benchmarks" / "RESULTS.md"
     before = results.read_bytes() if results.exists() else None

@@ -100,6 +100,7 @@ def test_a_local_ray_gives_the_actors_every_core():
     assert local_cpus(compose_config("manifest=m", "output=o", "cluster.num_cpus=5")) == 5
 
 
+@pytest.mark.integration
 def test_a_local_ray_stops_its_monitor_before_shutting_down(tmp_path):
     """The autoscaler monitor of a Ray the CLI started is killed ahead of ray.shutdown() (which would
     give it a second to exit on SIGTERM, every run): Ray keeps working without it."""

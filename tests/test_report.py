@@ -241,6 +241,7 @@ def test_write_report_publishes_atomically(tmp_path):
 # --------------------------------------------------------------------------- browser
 
 
+@pytest.mark.integration
 def test_report_in_chromium(clips, tmp_path):
     browser = chromium()
     out = tmp_path / "campaign"
@@ -263,6 +264,7 @@ def test_report_in_chromium(clips, tmp_path):
     assert cards["failed:row-" + XSS]["data-thumb"] == "none"  # the id came through as text, not markup
 
 
+@pytest.mark.integration
 def test_corrupt_thumbnail_shows_broken_in_chromium(clips, tmp_path):
     browser = chromium()
     rows = [_row("good"), _row("bad")]
@@ -277,6 +279,7 @@ def test_corrupt_thumbnail_shows_broken_in_chromium(clips, tmp_path):
 # --------------------------------------------------------------------------- pages
 
 
+@pytest.mark.integration
 def test_a_large_campaign_gets_pages_rewritten_only_while_they_change(clips, tmp_path):
     """8 rows, 3 per page: the report (summary + rows 1-3) and two pages; a page whose rows are all done
     is written once and its thumbnails are let go; the summary counts every row, and a failed row on
