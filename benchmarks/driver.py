@@ -80,9 +80,6 @@ class SimulatedExecutor:
     def actor_lost(self, exc: BaseException) -> bool:
         return False
 
-    def init_failure(self, exc: BaseException) -> str | None:
-        return None
-
 
 def _prepare_row(row: Any, cfg: Any) -> Any:
     from heygem_ray.prepare import AudioInfo, RowPrep

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from heygem_ray.config import Config
+from heygem_ray.errors import RendererStartError
 from heygem_ray.executors import Executor
 from heygem_ray.segment import WorkerInfo
 
@@ -113,9 +114,9 @@ class ActorPool:
         try:
             info = get()
         except Exception as exc:
-            reason = self.executor.init_failure(exc)
-            if reason is not None:  # its constructor raised: no restart will help
-                return self._unusable(a, reason)
+            cause = self.executor.cause(exc)
+            if isinstance(cause, RendererStartError):  # no restart will help
+                return self._unusable(a, str(cause))
             if not self.executor.actor_lost(exc):
                 raise
             a.probe_at = time.time() + 1.0  # still restarting (maybe waiting for a node)

@@ -35,6 +35,11 @@ class ClusterConfigError(HeygemError):
     """The configured actors cannot run on the cluster as it is (raised before any rendering)."""
 
 
+class RendererStartError(HeygemError):
+    """A renderer actor could not start (bad checkpoint, no encoder on its node): no restart will
+    help. Its `ready()` raises it, so the driver gets the cause as a typed exception."""
+
+
 class CheckpointError(HeygemError):
     """A model file is missing, of the wrong kind, corrupt, or unsafe to load."""
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from heygem_ray import metrics, storage
 from heygem_ray.config import Config
+from heygem_ray.errors import RendererStartError
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
 from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo, auto_codec, encoder_works
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
@@ -84,9 +85,19 @@ class RenderWorker:
     """The body of a renderer actor."""
 
     def __init__(self, cfg: Config):
+        """Never raises: a renderer that cannot start says why from `ready()` (a typed
+        `RendererStartError` the driver reads, instead of a dead actor's traceback text)."""
         self.init_started = time.time()
-        storage.configure(cfg.storage.options)
         self.cfg = cfg
+        self.cores: list[int] | None = None
+        self.start_error: str | None = None
+        try:
+            self._start(cfg)
+        except Exception as exc:  # noqa: BLE001 - reported by ready(), to the driver
+            self.start_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+    def _start(self, cfg: Config) -> None:
+        storage.configure(cfg.storage.options)
         cpus = max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
         # before any thread pool starts, so torch's and the helpers' threads inherit the cores
         self.cores = pin_to_free_cores(cpus) if cfg.cluster.actor.pin_cpus else None
@@ -109,11 +120,15 @@ class RenderWorker:
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
+        if self.start_error is not None:
+            raise RendererStartError(self.start_error)
         return WorkerInfo(
             os.getpid(), self.cores, self.codec, init_started=self.init_started, model_loaded=self.model_loaded
         )
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
+        if self.start_error is not None:
+            raise RendererStartError(self.start_error)
         started = time.time()
         if storage.exists(job.out_uri):
             return SegmentResult(

@@ -22,10 +22,6 @@ if TYPE_CHECKING:
     from heygem_ray.startup import Startup
 
 
-class ActorInitError(RuntimeError):
-    """A renderer could not be constructed (bad checkpoint, no encoder): no restart will help."""
-
-
 class Executor(Protocol):
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Any:
         """Run a stage function; `num_gpus`: its GPU share where the cluster has GPUs."""
@@ -56,9 +52,6 @@ class Executor(Protocol):
 
     def actor_lost(self, exc: BaseException) -> bool:
         """Whether `exc` says the actor died (the executor may restart it)."""
-
-    def init_failure(self, exc: BaseException) -> str | None:
-        """The constructor's error line when `exc` says the actor can never start, else None."""
 
 
 def open_executor(cfg: Config, startup: Startup) -> AbstractContextManager[Executor]:

@@ -19,7 +19,6 @@ from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING, Any
 
 from heygem_ray.config import Config
-from heygem_ray.executors import ActorInitError
 
 if TYPE_CHECKING:
     from heygem_ray.segment import RenderWorker
@@ -57,7 +56,7 @@ class InlineExecutor:
 
     def call(self, actor: int, method: str, *args: Any) -> Future[Any]:
         worker = self._workers[actor]
-        return self._actors[actor].submit(lambda: getattr(_constructed(worker), method)(*_values(args)))
+        return self._actors[actor].submit(lambda: getattr(worker.result(), method)(*_values(args)))
 
     def wait(self, handles: Sequence[Future[Any]], timeout: float) -> list[Future[Any]]:
         done, _ = wait_futures(handles, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -82,11 +81,6 @@ class InlineExecutor:
     def actor_lost(self, exc: BaseException) -> bool:
         return False  # a renderer here dies only with the process
 
-    def init_failure(self, exc: BaseException) -> str | None:
-        if isinstance(exc, ActorInitError) and exc.__cause__ is not None:
-            return f"{type(exc.__cause__).__name__}: {exc.__cause__}"
-        return None
-
 
 def _values(args: tuple[Any, ...]) -> list[Any]:
     """Arguments with every handle replaced by its result (as Ray passes an ObjectRef's value)."""
@@ -95,13 +89,6 @@ def _values(args: tuple[Any, ...]) -> list[Any]:
 
 def _resolved(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     return fn(*_values(args))
-
-
-def _constructed(worker: Future[RenderWorker]) -> RenderWorker:
-    try:
-        return worker.result()
-    except Exception as exc:
-        raise ActorInitError(f"renderer could not be constructed: {exc}") from exc
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -85,20 +84,6 @@ class RayExecutor:
 
     def actor_lost(self, exc: BaseException) -> bool:
         return isinstance(self.cause(exc), RayActorError)
-
-    def init_failure(self, exc: BaseException) -> str | None:
-        if isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False):
-            return _init_error(exc)
-        return None
-
-
-def _init_error(exc: BaseException) -> str:
-    """The exception line ("CheckpointError: ...") from an actor constructor's traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception): ", line):
-            return line.split(": ", 1)[0].rsplit(".", 1)[-1] + ": " + line.split(": ", 1)[1]
-    return lines[-1] if lines else type(exc).__name__
 
 
 @contextlib.contextmanager
