@@ -32,12 +32,17 @@ T = TypeVar("T")
 
 _OPTIONS: dict[str, dict[str, Any]] = {}
 # Other processes write the same prefixes (markers, segments); a cached listing would hide them.
-_DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
+# One layer of retries, `retrying` below: the S3 client makes one try per call (botocore's own
+# retries and s3fs's would multiply ours), and Ray re-runs a task only when its worker dies.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "s3": {"use_listings_cache": False, "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 1}}}
+}
 _CHUNK = 4 << 20
 
 
 #: tries of one storage operation before a transient error is given up on, and the first backoff;
-#: the delays double (with jitter) up to _BACKOFF_MAX: about 30 s of outage is ridden out
+#: the delays double (with jitter) up to _BACKOFF_MAX: about 30 s of outage is ridden out. The only
+#: retry layer: nothing below (the S3 client) or above (Ray tasks) retries an error again
 RETRIES = 6
 _BACKOFF = 0.5
 _BACKOFF_MAX = 10.0
@@ -124,6 +129,8 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     proto = protocol(uri)
     options = {**_DEFAULTS.get(proto, {}), **_OPTIONS.get(proto, {})}
     fs, path = fsspec.core.url_to_fs(uri, **options)
+    if proto == "s3":
+        fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 tries): ours is the one layer
     return fs, path
 
 

@@ -24,9 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("heygem_ray")
 
-#: task exceptions worth another try (flaky storage, network); bad input is never retried
-TRANSIENT = (OSError, TimeoutError, ConnectionError)
-
 
 class RayExecutor:
     """Tasks and renderer actors on the Ray this process is connected to."""
@@ -37,8 +34,9 @@ class RayExecutor:
         self._tasks: dict[tuple[Callable[..., Any], float], Any] = {}
 
     def _remote(self, fn: Callable[..., Any], num_gpus: float) -> Any:
+        # re-run when the worker process dies; an exception is final here (storage retried it already)
         return ray.remote(fn).options(
-            num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, max_retries=3, retry_exceptions=list(TRANSIENT)
+            num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, max_retries=3, retry_exceptions=False
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Any:
