@@ -588,35 +588,16 @@ def run_campaign(cfg: Any, timed: bool = False, sampler: Any = None) -> tuple[An
 
 
 def segment_jobs(cfg: Any, track: Any, audio: Any, work: str, frames: int | None = None) -> list[Any]:
-    """The SegmentJobs the campaign would send to actors for this avatar and audio (as Campaign._segment_job);
-    `cfg` as `in_process` gives it (a decided codec)."""
-    from heygem_ray.plan import avatar_frame_indices, output_frame_count, plan_segments
-    from heygem_ray.segment import SegmentJob
+    """The SegmentJobs the campaign would send to actors for this avatar and audio (`RowState`), their
+    files under `work` (fresh per call: a segment file already there is reused, not rendered); `cfg`
+    with a decided codec, as `in_process` gives it."""
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.manifest import Row
+    from heygem_ray.rows import RowState
 
-    total = frames or output_frame_count(audio.seconds, track.info.fps)
-    jobs = []
-    for span in plan_segments(total, track.info.fps, cfg.render.segment_seconds):
-        shown = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
-        lo, hi = int(shown.min()), int(shown.max())
-        jobs.append(
-            SegmentJob(
-                row_id="bench",
-                index=span.index,
-                out_uri=os.path.join(work, f"seg-{span.index:05d}.mp4"),
-                avatar_uri=track.uri,
-                info=track.info,
-                start=span.start,
-                avatar_frames=shown,
-                pts=track.pts[lo : hi + 1],
-                pts_offset=lo,
-                boxes=track.boxes[shown],
-                pcm_uri=audio.pcm_uri,
-                audio_samples=audio.samples,
-                audio_level=audio.level,
-                codec=cfg.encoder.codec,
-            )
-        )
-    return jobs
+    state = RowState.prepared(Row("bench", audio.uri, track.uri, ""), audio, "bench")
+    state.plan(track, cfg.render.segment_seconds, frames=frames)
+    return [state.segment_job(i, CampaignLayout(work), cfg.encoder.codec) for i in range(len(state.spans))]
 
 
 def render_segments(worker: Any, jobs: list[Any]) -> tuple[float, dict[str, float], int]:

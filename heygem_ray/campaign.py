@@ -30,7 +30,6 @@ from heygem_ray.executors import Executor, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
-from heygem_ray.plan import output_frame_count, plan_segments
 from heygem_ray.prepare import AvatarTrack, prepare_row
 from heygem_ray.results import RowResult, Summary, write_results
 from heygem_ray.rows import RowState
@@ -182,13 +181,9 @@ class Campaign:
             return self._fail(state.row.id, reason(self.executor, track))
         if self.actors.error:
             return self._fail(state.row.id, self.actors.error)
-        assert state.prep is not None and state.prep.audio is not None
-        state.track = track
-        total = output_frame_count(state.prep.audio.seconds, track.info.fps)
         # a campaign of fewer rows than actors spreads each row over several, so none idles
         spread = math.ceil(len(self.actors) / max(1, len(self.rows)))
-        state.spans = plan_segments(total, track.info.fps, self.cfg.render.segment_seconds, spread)
-        self.observers.frames_planned += total
+        self.observers.frames_planned += state.plan(track, self.cfg.render.segment_seconds, spread)
         self.observers.status(state.row.id, "rendering")
         self._segment_queue.extend((state.row.id, span.index) for span in state.spans)
 

@@ -13,8 +13,8 @@ from heygem_ray import storage
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker
-from heygem_ray.plan import SegmentSpan, avatar_frame_indices
-from heygem_ray.prepare import AvatarTrack, RowPrep
+from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
+from heygem_ray.prepare import AudioInfo, AvatarTrack, RowPrep
 from heygem_ray.results import RowResult
 from heygem_ray.segment import SegmentJob
 from heygem_ray.stitch import StitchJob
@@ -31,6 +31,20 @@ class RowState:
     done: set[int] = field(default_factory=set)
     attempts: dict[int, int] = field(default_factory=dict)
     audio_track: Any = None  # the executor's handle of the row's encoded audio, made while it renders
+
+    @classmethod
+    def prepared(cls, row: Row, audio: AudioInfo, fingerprint: str) -> RowState:
+        """A row whose preparation is already known (the benchmarks build rows without a campaign)."""
+        return cls(row, time.time(), prep=RowPrep(fingerprint, False, audio, None))
+
+    def plan(self, track: AvatarTrack, segment_seconds: float, spread: int = 1, frames: int | None = None) -> int:
+        """Cut the row into segments over this avatar track, at least `spread` of them; returns its
+        frame count (`frames`, or as many as its audio needs)."""
+        assert self.prep is not None and self.prep.audio is not None
+        self.track = track
+        total = frames or output_frame_count(self.prep.audio.seconds, track.info.fps)
+        self.spans = plan_segments(total, track.info.fps, segment_seconds, spread)
+        return total
 
     def work_uri(self, layout: CampaignLayout, codec: str) -> str:
         """Where the row's segment files wait for its stitch; keyed by the row's fingerprint, the codec
@@ -63,7 +77,7 @@ class RowState:
             codec=codec,
         )
 
-    def stitch_job(self, layout: CampaignLayout, codec: str, storage_options: StorageOptions) -> StitchJob:
+    def stitch_job(self, layout: CampaignLayout, codec: str, storage_options: StorageOptions | None) -> StitchJob:
         assert self.prep is not None and self.track is not None
         work = self.work_uri(layout, codec)
         return StitchJob(

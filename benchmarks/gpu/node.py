@@ -247,55 +247,6 @@ class WorkerPool:
 
 
 # --------------------------------------------------------------------------------------- one run
-def segment_jobs(cfg: Any, track: Any, audio: Any, work_uri: str) -> list[Any]:
-    """The row's SegmentJobs, planned as Campaign._segment_job plans them."""
-    from heygem_ray import storage
-    from heygem_ray.plan import avatar_frame_indices, output_frame_count, plan_segments
-    from heygem_ray.segment import SegmentJob
-
-    total = output_frame_count(audio.seconds, track.info.fps)
-    jobs = []
-    for span in plan_segments(total, track.info.fps, cfg.render.segment_seconds):
-        shown = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
-        lo, hi = int(shown.min()), int(shown.max())
-        jobs.append(
-            SegmentJob(
-                row_id="node",
-                index=span.index,
-                out_uri=storage.join(work_uri, f"seg-{span.index:05d}.mp4"),
-                avatar_uri=track.uri,
-                info=track.info,
-                start=span.start,
-                avatar_frames=shown,
-                pts=track.pts[lo : hi + 1],
-                pts_offset=lo,
-                boxes=track.boxes[shown],
-                pcm_uri=audio.pcm_uri,
-                audio_samples=audio.samples,
-                audio_level=audio.level,
-                codec=cfg.encoder.codec,
-            )
-        )
-    return jobs
-
-
-def stitch_job(cfg: Any, jobs: list[Any], inputs: Inputs, work_uri: str) -> Any:
-    from heygem_ray import storage
-    from heygem_ray.stitch import StitchJob
-
-    return StitchJob(
-        row_id="node",
-        output=storage.join(cfg.output, "node.mp4"),
-        segment_uris=[j.out_uri for j in jobs],
-        work_uri=work_uri,
-        fps_fraction=jobs[0].info.fps_fraction,
-        frames=jobs[-1].start + jobs[-1].frames,
-        marker_uri=cfg.layout.marker("node"),
-        thumbnail_uri=cfg.layout.thumbnail("node"),
-        fingerprint="gpu-kit",
-    )
-
-
 def run_variant(
     inputs: Inputs,
     root: Path,
@@ -306,7 +257,10 @@ def run_variant(
     timeout: float,
 ) -> dict[str, Any]:
     """One timed run: spawn → prepare → render every segment → stitch → published mp4."""
+    from heygem_ray import storage
+    from heygem_ray.manifest import Row
     from heygem_ray.prepare import prepare_audio, prepare_audio_track, prepare_avatar
+    from heygem_ray.rows import RowState
     from heygem_ray.stitch import stitch_row
 
     shutil.rmtree(root, ignore_errors=True)
@@ -327,15 +281,18 @@ def run_variant(
         marks["audio_prepared"] = time.perf_counter() - start
         track = prepare_avatar(inputs.avatar, None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
         marks["track_loaded"] = time.perf_counter() - start
-        work_uri = str(root / "_work")
-        jobs = segment_jobs(cfg, track, audio, work_uri)
+        row = RowState.prepared(
+            Row("node", inputs.audio, inputs.avatar, storage.join(cfg.output, "node.mp4")), audio, "gpu-kit"
+        )
+        row.plan(track, cfg.render.segment_seconds)
+        jobs = [row.segment_job(i, cfg.layout, cfg.encoder.codec) for i in range(len(row.spans))]
         for job in jobs:  # queued before the audio is encoded: the campaign starts both at once
             pool.jobs.put(job)
         audio_track = prepare_audio_track(audio, cfg.cache_uri, cfg.encoder)
         marks["audio_track_encoded"] = time.perf_counter() - start
         pool.wait(len(jobs), timeout)
         marks["segments_done"] = time.perf_counter() - start
-        stitched = stitch_row(stitch_job(cfg, jobs, inputs, work_uri), audio_track)
+        stitched = stitch_row(row.stitch_job(cfg.layout, cfg.encoder.codec, None), audio_track)
         marks["published"] = wall = time.perf_counter() - start
     finally:
         pool.close()
