@@ -2,9 +2,9 @@
 
 Everything the page shows is inside the file: inline CSS, thumbnails as `data:` URIs and a short
 inline script, with a Content-Security-Policy that forbids any other request, so the report can be
-mailed, archived or opened from a bucket and looks the same. Ids, outputs and error texts are user
-data and are HTML-escaped everywhere. The page is built with plain string joins, so thousands of
-rows render in well under a second.
+mailed, archived or opened from a bucket and looks the same. The layout is a Jinja template
+(`heygem_ray/templates/report.html`) with autoescaping: ids, outputs and error texts are user data
+and are HTML-escaped everywhere.
 
 A report written mid-campaign (`total_rows` larger than the rows so far) says "N of M rows done"
 and refreshes itself every 30 seconds.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import math
 import os
 import pathlib
@@ -29,6 +28,9 @@ import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
 
 from heygem_ray import storage
 from heygem_ray.results import RowResult
@@ -42,6 +44,13 @@ _STATUS_CLASSES = {"ok": "ok", "failed": "failed", "skipped": "skipped"}
 _FAILED_LINKS = 50
 #: rows per page of a large campaign's report
 PAGE_ROWS = 500
+#: the page layout (heygem_ray/templates/report.html); autoescaping HTML-escapes every value in it
+_TEMPLATE = jinja2.Environment(
+    loader=jinja2.PackageLoader("heygem_ray", "templates"),
+    autoescape=True,
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
+).get_template("report.html")
 
 
 # --------------------------------------------------------------------------- links
@@ -132,7 +141,6 @@ def render_report(
     the page refreshes itself; None means the campaign is finished. `totals`: the summary of every
     row done when `rows` are only the first page's (default: `rows`' own); `pages`: (label, href)
     of the other pages."""
-    esc = html.escape
     totals = totals or Totals.of(rows)
     done = totals.rows
     total = max(int(total_rows), done) if total_rows is not None else done
@@ -142,11 +150,6 @@ def render_report(
     wall_hours = wall_seconds / 3600 if wall_seconds and wall_seconds > 0 else 0.0
     per_hour = counts.get("ok", 0) / wall_hours if wall_hours else 0.0
     realtime = audio_hours / wall_hours if wall_hours else 0.0
-    stamp = time.strftime(
-        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time())
-    )
-
-    progress = f"Finished: {done} rows" if finished else f"In progress: {done} of {total} rows done"
     stats = [
         ("Rows", f"{done}" if finished else f"{done} of {total}"),
         ("OK", str(counts["ok"])),
@@ -159,26 +162,17 @@ def render_report(
     ]
     others = sorted(s for s in counts if s not in _STATUS_CLASSES and counts[s])
     stats[4:4] = [(s.capitalize(), str(counts[s])) for s in others]
-
-    out = _head(title, refresh=not finished) + [
-        f"<header>\n<h1>{esc(title)}</h1>\n",
-        f'<p class="progress {"done" if finished else "running"}" data-finished="{str(finished).lower()}">',
-        f"{esc(progress)}",
-        "" if finished else f" &middot; this page refreshes every {REFRESH_SECONDS} s",
-        '</p>\n<dl class="summary">\n',
-    ]
-    for label, value in stats:
-        out.append(f"<div><dt>{esc(label)}</dt><dd>{esc(value)}</dd></div>\n")
-    out.append("</dl>\n")
-    failed = counts.get("failed", 0)
-    if failed:
-        links = ", ".join(f'<a href="{esc(href)}">{esc(rid)}</a>' for rid, href in totals.failed_links)
-        more = f" and {failed - len(totals.failed_links)} more" if failed > len(totals.failed_links) else ""
-        out.append(f'<p class="failed-list">Failed: {links}{more}</p>\n')
-    out.append(_nav(pages))
-    out.append(f'<p class="stamp">Generated {esc(stamp)}</p>\n</header>\n')
-    out += _cards(rows, thumbnails, report_uri)
-    return "".join(out)
+    summary = {
+        "finished": finished,
+        "progress": f"Finished: {done} rows" if finished else f"In progress: {done} of {total} rows done",
+        "stats": stats,
+        "failed": counts.get("failed", 0),
+        "failed_links": totals.failed_links,
+    }
+    stamp = time.strftime(
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time())
+    )
+    return _page(title, not finished, rows, thumbnails, report_uri, pages, summary=summary, stamp=stamp)
 
 
 def render_page(
@@ -191,82 +185,54 @@ def render_page(
 ) -> str:
     """One more page of a large campaign's report: its rows' cards under the links to every page
     (the first, with the summary, is the report itself); refreshes itself until `complete`."""
-    esc = html.escape
-    out = _head(title, refresh=not complete)
-    out += [f"<header>\n<h1>{esc(title)}</h1>\n", _nav(pages), "</header>\n"]
-    out += _cards(rows, thumbnails, report_uri)
-    return "".join(out)
+    return _page(title, not complete, rows, thumbnails, report_uri, pages)
 
 
-def _head(title: str, refresh: bool) -> list[str]:
-    out = [
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n',
-    ]
-    if refresh:
-        out.append(f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">\n')
-    out.append(f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n")
-    return out
+def _page(
+    title: str,
+    refresh: bool,
+    rows: Sequence[RowResult],
+    thumbnails: Mapping[str, bytes],
+    report_uri: str | None,
+    pages: Sequence[tuple[str, str]],
+    summary: dict[str, Any] | None = None,
+    stamp: str | None = None,
+) -> str:
+    return _TEMPLATE.render(
+        title=title,
+        refresh=refresh,
+        refresh_seconds=REFRESH_SECONDS,
+        csp=_CSP,
+        script=_SCRIPT,
+        summary=summary,
+        pages=pages,
+        stamp=stamp,
+        cards=[_card(r, thumbnails.get(r.id), report_uri) for r in rows],
+    )
 
 
-def _nav(pages: Sequence[tuple[str, str]]) -> str:
-    if not pages:
-        return ""
-    links = " ".join(f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in pages)
-    return f'<nav class="pages">Pages: {links}</nav>\n'
-
-
-def _cards(rows: Sequence[RowResult], thumbnails: Mapping[str, bytes], report_uri: str | None) -> list[str]:
-    out = ["<main>\n", *(_card(r, thumbnails.get(r.id), report_uri) for r in rows)]
-    if not rows:
-        out.append('<p class="empty">No rows yet.</p>\n')
-    out.append(f"</main>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n")
-    return out
-
-
-def _card(r: RowResult, thumb: bytes | None, report_uri: str | None) -> str:
-    esc = html.escape
-    status_class = _STATUS_CLASSES.get(r.status, "other")
-    rid = esc(r.id)
-    if thumb:
-        data = base64.b64encode(thumb).decode("ascii")
-        media = f'<img src="data:image/jpeg;base64,{data}" alt="Middle frame of {rid}" decoding="async">'
-        state = "pending"
-    else:
-        reason = "no video" if r.status == "failed" else "no thumbnail"
-        media = f'<div class="placeholder" role="img" aria-label="{esc(reason)} for {rid}">{esc(reason)}</div>'
-        state = "none"
-    details = [
-        ("Audio", _seconds(r.audio_seconds)),
-        ("Frames", _int(r.frames)),
-        ("Segments", _int(r.segments)),
-        ("Render", _seconds(r.render_seconds)),
-        ("Attempts", _int(r.attempts)),
-    ]
-    parts = [
-        (
-            f'<article class="card {status_class}" id="{esc(_anchor(r.id))}" data-status="{esc(r.status)}" '
-            f'data-thumb="{state}">\n{media}\n<div class="body">\n'
-        ),
-        f'<h2><span class="rid">{rid}</span> <span class="badge {status_class}">{esc(r.status)}</span></h2>\n',
-        '<dl class="facts">',
-    ]
-    for label, value in details:
-        parts.append(f"<div><dt>{label}</dt><dd>{esc(value)}</dd></div>")
-    parts.append("</dl>\n")
-    if r.error:
-        parts.append(f'<pre class="error">{esc(r.error)}</pre>\n')
+def _card(r: RowResult, thumb: bytes | None, report_uri: str | None) -> dict[str, Any]:
+    """What the template shows of one row (it escapes every value)."""
     href = video_href(r.output, report_uri) if r.status != "failed" else None
-    if href:
-        parts.append(
-            f'<a class="video" href="{esc(href)}">Open video '
-            f'<span class="path">{esc(storage.basename(storage.display(r.output)))}</span></a>\n'
-        )
-    elif r.output:
-        parts.append(f'<p class="path">{esc(storage.display(r.output))}</p>\n')
-    parts.append("</div>\n</article>\n")
-    return "".join(parts)
+    return {
+        "id": r.id,
+        "anchor": _anchor(r.id),
+        "status": r.status,
+        "status_class": _STATUS_CLASSES.get(r.status, "other"),
+        "thumbnail": base64.b64encode(thumb).decode("ascii") if thumb else None,
+        "placeholder": "no video" if r.status == "failed" else "no thumbnail",
+        "facts": [
+            ("Audio", _seconds(r.audio_seconds)),
+            ("Frames", _int(r.frames)),
+            ("Segments", _int(r.segments)),
+            ("Render", _seconds(r.render_seconds)),
+            ("Attempts", _int(r.attempts)),
+        ],
+        "error": r.error,
+        "video_href": href,
+        "video_name": storage.basename(storage.display(r.output)) if href else None,
+        "output": storage.display(r.output) if r.output else None,
+    }
 
 
 def _anchor(row_id: str) -> str:
@@ -401,46 +367,3 @@ _CSP = (
     f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
     f"script-src 'sha256-{_SCRIPT_HASH}'; base-uri 'none'; form-action 'none'"
 )
-
-_CSS = """
-:root{--ok:#1a7f37;--failed:#cf222e;--skipped:#6e7781;--other:#9a6700;--fg:#1f2328;--muted:#59636e;
---bg:#f6f8fa;--card:#fff;--line:#d1d9e0}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
-header{padding:20px 24px;background:var(--card);border-bottom:1px solid var(--line)}
-h1{margin:0 0 6px;font-size:22px}
-.progress{margin:0 0 12px;font-weight:600}
-.progress.running{color:var(--other)}
-.progress.done{color:var(--ok)}
-.summary{display:flex;flex-wrap:wrap;gap:10px;margin:0}
-.summary div{background:var(--bg);border:1px solid var(--line);border-radius:6px;padding:6px 12px;min-width:110px}
-dt{color:var(--muted);font-size:12px}
-dd{margin:0;font-weight:600}
-.summary dd{font-size:18px}
-.failed-list{margin:10px 0 0;color:var(--failed);overflow-wrap:anywhere}
-.failed-list a{color:var(--failed)}
-.stamp{margin:10px 0 0;color:var(--muted);font-size:12px}
-main{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:14px;padding:20px 24px}
-.card{background:var(--card);border:1px solid var(--line);border-left:5px solid var(--other);border-radius:6px;overflow:hidden}
-.card.ok{border-left-color:var(--ok)}
-.card.failed{border-left-color:var(--failed)}
-.card.skipped{border-left-color:var(--skipped)}
-.card img,.placeholder{display:block;width:100%;height:220px;object-fit:contain;background:#eaeef2}
-.placeholder{display:flex;align-items:center;justify-content:center;color:var(--muted);font-style:italic}
-.card[data-thumb=broken] img{min-height:80px;outline:2px dashed var(--failed)}
-.body{padding:10px 12px}
-h2{margin:0 0 8px;font-size:15px;display:flex;gap:8px;align-items:baseline;justify-content:space-between}
-.rid{overflow-wrap:anywhere}
-.badge{font-size:12px;font-weight:600;color:#fff;background:var(--other);border-radius:10px;padding:1px 8px}
-.badge.ok{background:var(--ok)}
-.badge.failed{background:var(--failed)}
-.badge.skipped{background:var(--skipped)}
-.facts{display:grid;grid-template-columns:repeat(3,1fr);gap:4px 10px;margin:0 0 8px}
-.error{margin:0 0 8px;padding:6px 8px;background:#ffebe9;color:#82071e;border-radius:4px;white-space:pre-wrap;
-overflow-wrap:anywhere;font-size:12px;max-height:12em;overflow:auto}
-.video{color:#0969da}
-.path{color:var(--muted);font-size:12px;overflow-wrap:anywhere;margin:0}
-.empty{color:var(--muted)}
-.pages{margin:10px 0 0;overflow-wrap:anywhere}
-.pages a{margin-right:6px;color:#0969da}
-"""

@@ -3,6 +3,7 @@ page as a real browser sees it (headless Chromium: thumbnails load, corrupt ones
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import time
@@ -191,8 +192,9 @@ def test_user_data_is_escaped():
     page = render_report(rows, {}, 10.0, title=f"Campaign {XSS}")
     assert XSS not in page
     assert "<b>more</b>" not in page
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
     assert page.count("<script") == 1  # only the page's own script
+    assert XSS in html.unescape(page)  # shown as text
     cards = parse_cards(page).cards
     assert cards[0]["data-status"] == "failed" and not cards[0]["img"]
 
