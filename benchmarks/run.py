@@ -65,6 +65,7 @@ from typing import Any
 import av
 import cv2
 import numpy as np
+import psutil
 import ray
 
 from heygem_ray import demo, storage
@@ -150,43 +151,40 @@ def load_average() -> str:
     return "?"
 
 
-# --------------------------------------------------------------------------------------- /proc
+# --------------------------------------------------------------------------------------- processes
 def _status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, ... of a process in kB (empty when it is gone)."""
+    """VmRSS and VmHWM of a process in kB (empty when it is gone). VmHWM, the kernel's peak-RSS
+    high-water mark, is read from /proc: psutil gives the current RSS only (on Linux)."""
     out: dict[str, int] = {}
     with contextlib.suppress(OSError, ValueError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Vm"):
+            if line.startswith(("VmRSS", "VmHWM")):
                 key, value = line.split(":", 1)
                 out[key] = int(value.split()[0])
     return out
 
 
 def _title(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace").strip()
+    """A process's title: a Ray worker names its actor class or task there ("ray::RenderWorker...")."""
+    with contextlib.suppress(psutil.Error):
+        cmdline = psutil.Process(pid).cmdline()
+        return cmdline[0].strip() if cmdline else ""
     return ""
 
 
 def _children(ppid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
-                kids.append(int(entry))
-    return kids
+    with contextlib.suppress(psutil.Error):
+        return [child.pid for child in psutil.Process(ppid).children()]
+    return []
 
 
 def _raylets() -> list[int]:
     """The raylet of the Ray this process started (Ray workers are its children)."""
     found = []
-    for pid in _children(os.getpid()):
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
-                found.append(pid)
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.name() == "raylet":
+                found.append(child.pid)
     if not found and ray.is_initialized():  # joined a Ray started elsewhere: ask a worker for its parent
         found.append(ray.get(ray.remote(_parent_pid).options(num_cpus=0).remote()))
     return found
@@ -229,7 +227,7 @@ class Poller:
 
 class RssSampler(Poller):
     """Polls the resident memory of this Ray's worker processes (by role: actor class or task name,
-    from the process title) and of the driver, every `interval` seconds, from /proc.
+    from the process title) and of the driver, every `interval` seconds.
 
     Besides the sampled VmRSS it keeps each process's VmHWM, the kernel's own peak-RSS high-water
     mark: it only grows, so the last sample before a process exits holds that process's true peak
@@ -292,14 +290,13 @@ CPU_PARTS = ("actors", "driver, Ray and tasks", "rest of the machine")
 
 
 class CpuSampler(Poller):
-    """Where the machine's CPU time went during a run, from /proc once a second: this benchmark's
+    """Where the machine's CPU time went during a run, sampled once a second: this benchmark's
     renderer actors, the rest of its own process tree (driver, Ray's daemons, prepare and stitch
     tasks), and everything else (kernel threads, host agents): what actors added to a busy machine
     can only be judged against the cores the rest left them."""
 
     def __init__(self, interval: float = 1.0):
         super().__init__(interval)
-        self._hz = os.sysconf("SC_CLK_TCK")
         self._first: dict[int, float] = {}  # pid -> CPU seconds when first seen (0 if born during the run)
         self._last: dict[int, float] = {}
         self._actor: set[int] = set()
@@ -308,23 +305,22 @@ class CpuSampler(Poller):
         self.seconds: dict[str, float] = {}  # CPU seconds by CPU_PARTS
         self.wall = 0.0
 
-    def _busy(self) -> float:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return (sum(fields) - fields[3] - fields[4]) / self._hz  # all but idle and iowait
+    @staticmethod
+    def _busy() -> float:
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
     def sample(self) -> None:
         first, self._started = not self._started, True
         parents: dict[int, int] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+        for proc in psutil.process_iter(["ppid", "cpu_times"]):
+            times = proc.info["cpu_times"]
+            if times is None:  # gone, or not ours to read
                 continue
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                pid = int(entry)
-                parents[pid] = int(fields[1])
-                cpu = (int(fields[11]) + int(fields[12])) / self._hz
-                self._first.setdefault(pid, cpu if first else 0.0)
-                self._last[pid] = cpu
+            pid, cpu = proc.pid, times.user + times.system
+            parents[pid] = proc.info["ppid"] or 0
+            self._first.setdefault(pid, cpu if first else 0.0)
+            self._last[pid] = cpu
         root = os.getpid()
         for pid in parents:
             ancestor, hops = pid, 0
