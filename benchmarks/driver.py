@@ -30,23 +30,31 @@ THUMBNAIL = b"\xff\xd8\xff" + bytes(3000)
 
 
 class Done:
-    """A simulated stage's handle: already finished, holding its result."""
+    """A simulated stage's handle: already finished, holding its result or the exception it raised."""
 
-    __slots__ = ("result",)
+    __slots__ = ("error", "result")
 
-    def __init__(self, result: Any):
-        self.result = result
+    def __init__(self, result: Any = None, error: BaseException | None = None):
+        self.result, self.error = result, error
 
 
 class SimulatedExecutor:
-    """Every stage answers at once with a made-up result of the right type; `wait` gives one handle
-    at a time, as Ray's `wait(num_returns=1)` does."""
+    """Every stage answers at once with a made-up result of the right type (`stages`: stage name ->
+    function, `STAGES` by default); `wait` gives one handle at a time, as Ray's
+    `wait(num_returns=1)` does. A handle given as an argument passes on its result, or its error."""
 
-    def __init__(self, actors: int = 8):
+    def __init__(self, actors: int = 8, stages: dict[str, Callable[..., Any]] | None = None):
         self.actors = actors
+        self.stages = stages or STAGES
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Done:
-        return Done(STAGES[fn.__name__](*(a.result if isinstance(a, Done) else a for a in args)))
+        failed = next((a.error for a in args if isinstance(a, Done) and a.error is not None), None)
+        if failed is not None:
+            return Done(error=failed)
+        try:
+            return Done(self.stages[fn.__name__](*(a.result if isinstance(a, Done) else a for a in args)))
+        except Exception as exc:  # noqa: BLE001 - the stage's error is its handle's outcome
+            return Done(error=exc)
 
     def start_actors(self, count: int) -> None:
         pass
@@ -63,6 +71,8 @@ class SimulatedExecutor:
         return list(handles[:1])
 
     def get(self, handle: Done) -> Any:
+        if handle.error is not None:
+            raise handle.error
         return handle.result
 
     def close(self) -> None:

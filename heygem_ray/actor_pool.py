@@ -116,7 +116,7 @@ class ActorPool:
         except Exception as exc:
             cause = self.executor.cause(exc)
             if isinstance(cause, RendererStartError):  # no restart will help
-                return self._unusable(a, str(cause))
+                return self.unusable(actor, str(cause))
             if not self.executor.actor_lost(exc):
                 raise
             a.probe_at = time.time() + 1.0  # still restarting (maybe waiting for a node)
@@ -125,8 +125,8 @@ class ActorPool:
             self.codec = info.codec
             log.info("encoder.codec=auto resolved to %s by renderer actor %d", info.codec, actor)
         elif info.codec != self.codec:
-            return self._unusable(
-                a,
+            return self.unusable(
+                actor,
                 f"its node encodes with {info.codec} but this campaign's segments "
                 f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)",
             )
@@ -136,9 +136,13 @@ class ActorPool:
         log.info("renderer actor %d ready (pid %s%s)", actor, info.pid, pinned)
         return None
 
-    def _unusable(self, a: Actor, reason: str) -> None:
-        """An actor that will never render (constructor failed, wrong encoder)."""
-        a.failed = reason
-        log.warning("renderer actor %d gets no segments: %s", a.index, reason)
+    def unusable(self, actor: int, reason: str) -> None:
+        """An actor that will never render (its renderer cannot start, or its node's encoder is not
+        the campaign's): no more segments or probes for it."""
+        a = self.actors[actor]
+        if a.failed is not None:
+            return
+        a.failed, a.healthy, a.probe_at = reason, False, None
+        log.warning("renderer actor %d gets no segments: %s", actor, reason)
         if all(x.failed is not None for x in self.actors):
             self.error = f"renderer could not start: {reason}"

@@ -25,7 +25,7 @@ from typing import Any
 from heygem_ray import storage
 from heygem_ray.actor_pool import ActorPool
 from heygem_ray.config import Config
-from heygem_ray.errors import InputError
+from heygem_ray.errors import InputError, RendererStartError
 from heygem_ray.executors import Executor, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
@@ -72,16 +72,17 @@ class Campaign:
     # ------------------------------------------------------------------ loop
     def run(self) -> Summary:
         started = time.time()
-        self.observers.open()
-        self.shared = SharedWork(self.cfg, self.executor)
         handlers: dict[str, Callable[[Any, Any], None]] = {
             "prepared": self._on_prepared,
             "avatar": self._on_avatar,
+            "audio_track": self._on_audio_track,
             "segment": self._on_segment,
             "actor_ready": lambda actor, ref: self.actors.answered(actor, lambda: self.executor.get(ref)),
             "stitched": self._on_stitched,
         }
         try:
+            self.observers.open()
+            self.shared = SharedWork(self.cfg, self.executor)
             self.actors.start()
             # until every row has its result: a probe of an actor that never starts (no node can host
             # it) or a finished row's segments still queued must not keep a finished campaign waiting
@@ -92,8 +93,7 @@ class Campaign:
                 self._dispatch_segments()
                 if not self._inflight:
                     time.sleep(0.2)  # only restarting actors to wait for
-                    continue
-                for ref in self.executor.wait(list(self._inflight), timeout=1.0):
+                for ref in self.executor.wait(list(self._inflight), timeout=1.0) if self._inflight else ():
                     event, key = self._inflight.pop(ref)
                     handlers[event](key, ref)
                 if self.actors.error:  # no actor can ever render: nothing queued will be
@@ -102,14 +102,22 @@ class Campaign:
                     self._segment_queue.clear()
                 self.observers.tick(self.actors.inflight, len(self._segment_queue))
         finally:
-            self.executor.close()  # free the actors' CPUs/GPUs now
+            # every row has a result and the table is written before anything that may fail on a
+            # cluster that is going away (killing actors, the report, the feed)
             interrupted = len(self.results) < len(self.rows)
             for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
                 if row.id not in self.results:
                     self._fail(row.id, "campaign interrupted before this row finished")
-            self.observers.close(interrupted)
             write_results(self.cfg.layout.results, [self.results[r.id] for r in self.rows])
-            storage.remove_empty_dir(self.cfg.layout.work_root)
+            for step, action in (
+                ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
+                ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
+                ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
+            ):
+                try:
+                    action()
+                except Exception as exc:  # noqa: BLE001 - the results are written; say what failed and go on
+                    log.warning("could not %s: %s: %s", step, type(exc).__name__, exc)
         return Summary.of([self.results[r.id] for r in self.rows], time.time() - started, self.startup.breakdown())
 
     def _admit_rows(self) -> None:
@@ -157,8 +165,7 @@ class Campaign:
             return self._fail(row_id, reason(self.executor, exc))
         if state.prep.skipped:
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
-        assert state.prep.audio is not None and self.shared is not None
-        state.audio_track = self.shared.audio_track(state.prep.audio)
+        assert self.shared is not None
         track, started = self.shared.avatar(state.row)
         if started is not None:
             key, handle = started
@@ -181,23 +188,41 @@ class Campaign:
             return self._fail(state.row.id, reason(self.executor, track))
         if self.actors.error:
             return self._fail(state.row.id, self.actors.error)
+        assert state.prep is not None and state.prep.audio is not None and self.shared is not None
+        state.audio_track, new = self.shared.audio_track(state.prep.audio)
+        if new:  # watched, so a failed encode is forgotten and the next row with that narration tries again
+            self._inflight[state.audio_track] = ("audio_track", state.prep.audio.fingerprint)
         # a campaign of fewer rows than actors spreads each row over several, so none idles
         spread = math.ceil(len(self.actors) / max(1, len(self.rows)))
         self.observers.frames_planned += state.plan(track, self.cfg.render.segment_seconds, spread)
         self.observers.status(state.row.id, "rendering")
         self._segment_queue.extend((state.row.id, span.index) for span in state.spans)
 
+    def _on_audio_track(self, fingerprint: str, ref: Any) -> None:
+        try:
+            self.executor.get(ref)
+        except Exception as exc:  # noqa: BLE001 - the rows waiting on it fail at their stitch, with this cause
+            assert self.shared is not None
+            self.shared.forget_audio_track(fingerprint, ref)
+            log.warning("audio track %s: %s", fingerprint[:16], reason(self.executor, exc))
+
     def _on_segment(self, key: tuple[str, int, int], ref: Any) -> None:
         row_id, index, actor = key
         self.actors.actors[actor].load -= 1
         state = self._states.get(row_id)
-        if state is None:  # the row has its result already (it failed meanwhile)
-            return
         try:
             result: SegmentResult = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001
             if self.executor.actor_lost(exc):
                 self.actors.lost(actor)
+            if isinstance(self.executor.cause(exc), RendererStartError):  # restarted without its model
+                self.actors.unusable(actor, str(self.executor.cause(exc)))
+                if state is not None:  # not the segment's fault: again elsewhere, as if never sent
+                    state.attempts[index] -= 1
+                    self._segment_queue.appendleft((row_id, index))
+                return
+            if state is None:  # the row has its result already (it failed meanwhile)
+                return
             bad_input = isinstance(self.executor.cause(exc), InputError)
             if bad_input or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
                 return self._fail(
@@ -206,6 +231,8 @@ class Campaign:
                 )
             log.warning("row %s segment %d: %s; retrying", row_id, index, reason(self.executor, exc))
             self._segment_queue.appendleft((row_id, index))
+            return
+        if state is None:
             return
         state.done.add(index)
         self.observers.segment_done(result.frames, result.reused)

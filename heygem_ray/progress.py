@@ -5,7 +5,7 @@ dashboards, scripts), rewritten atomically while the campaign runs and once at i
      "started_at": 1764460800.0, "updated_at": ..., "finished_at": null,
      "rows": {"total": 6, "queued": 1, "preparing": 1, "rendering": 2, "ok": 1, "failed": 1, "skipped": 0},
      "frames": {"done": 900, "planned": 1500},   # planned: of the rows cut into segments so far
-     "eta_seconds": 12.5,                          # from the rows finished so far; null until one has
+     "eta_seconds": 12.5,                          # from the rows rendered so far; null until one has
      "row_status": {"row-id": "rendering", ...}}   # every row: queued, preparing, rendering, or its result
 
 Written at most every `interval` seconds, and never more often than five times its own cost, so a
@@ -50,8 +50,10 @@ class ProgressFeed:
         began = time.time()
         finished = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
         total = len(row_status)
+        # from the rows that took work: skipped rows (a rerun's) finish at once and would say "done soon"
+        worked = counts.get("ok", 0) + counts.get("failed", 0)
         elapsed = began - self.started_at
-        eta = None if state != "running" or not finished else elapsed / finished * (total - finished)
+        eta = None if state != "running" or not worked else elapsed / worked * (total - finished)
         doc = {
             "state": state,
             "started_at": round(self.started_at, 3),

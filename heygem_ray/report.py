@@ -281,7 +281,6 @@ class PagedReport:
         self._done: dict[int, dict[str, RowResult]] = {}  # page -> its rows done, while the page changes
         self._thumbs: dict[str, bytes] = {}
         self._changed: set[int] = set()
-        self._complete: set[int] = set()
 
     def page_uri(self, page: int) -> str:
         return self.uri if page == 0 else storage.join(self.pages_dir, f"page-{page + 1:04d}.html")
@@ -330,12 +329,12 @@ class PagedReport:
                 self.page_uri(page),
                 render_page(rows, self._thumbs, title, self.page_uri(page), self._nav(page), complete),
             )
+            self._changed.discard(page)  # written: a later page that fails to write leaves this one be
             if complete:  # written for good: its rows' thumbnails are in the page now
                 for r in rows:
                     self._thumbs.pop(r.id, None)
                 self._done.pop(page, None)
-                self._complete.add(page)
-        self._changed.clear()
+        self._changed.discard(0)
         html_text = render_report(
             self._rows(0),
             self._thumbs,

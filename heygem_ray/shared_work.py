@@ -61,14 +61,21 @@ class SharedWork:
         self._tracks[key] = track
         return self._waiters.pop(key, [])
 
-    def audio_track(self, audio: AudioInfo) -> Any:
-        """The handle of the task encoding this narration for the output: one per distinct audio
-        content, started when the first row needing it is prepared, so it runs while the row renders."""
+    def audio_track(self, audio: AudioInfo) -> tuple[Any, bool]:
+        """The handle of the task encoding this narration for the output, one per distinct audio
+        content, started when the first row needing it starts rendering (so it runs meanwhile); and
+        whether it was started now."""
         handle = self._audio_tracks.pop(audio.fingerprint, None)
-        if handle is None:
+        new = handle is None
+        if new:
             cfg = self.cfg
             handle = self.executor.submit(prepare_audio_track, audio, cfg.cache_uri, cfg.encoder, cfg.storage.options)
         self._audio_tracks[audio.fingerprint] = handle  # now the most recent
         while len(self._audio_tracks) > AUDIO_TRACK_REFS:
             del self._audio_tracks[next(iter(self._audio_tracks))]
-        return handle
+        return handle, new
+
+    def forget_audio_track(self, fingerprint: str, handle: Any) -> None:
+        """A failed encode: the next row with this narration starts another."""
+        if self._audio_tracks.get(fingerprint) is handle:
+            del self._audio_tracks[fingerprint]

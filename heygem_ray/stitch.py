@@ -8,6 +8,7 @@ row only when its marker's fingerprint matches what it would render now.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +21,8 @@ from heygem_ray.media.mux import stitch
 from heygem_ray.media.thumbnail import thumbnail_jpeg
 from heygem_ray.prepare import AudioTrack
 from heygem_ray.storage import StorageOptions
+
+log = logging.getLogger("heygem_ray")
 
 
 @dataclass(frozen=True)
@@ -79,5 +82,6 @@ def _thumbnail(job: StitchJob) -> bytes | None:
     try:
         with storage.open_uri(job.segment_uris[len(job.segment_uris) // 2]) as segment:
             return thumbnail_jpeg(segment, width=160, quality=75, at=0)
-    except (ValueError, OSError):  # the report shows a placeholder; a good video must not fail over it
+    except Exception as exc:  # noqa: BLE001 - the video is published: a report placeholder, not a failed row
+        log.warning("row %s: no thumbnail (%s: %s)", job.row_id, type(exc).__name__, exc)
         return None

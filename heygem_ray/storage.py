@@ -111,9 +111,10 @@ StorageOptions = Mapping[str, Mapping[str, Any]]
 
 def configure(options: StorageOptions | None) -> None:
     """Set per-protocol fsspec options for this process, e.g. {"s3": {"endpoint_url": ...}}."""
-    _OPTIONS.clear()
-    for protocol, opts in (options or {}).items():
-        _OPTIONS[protocol] = dict(opts or {})
+    global _OPTIONS
+    # one assignment: a thread reading the options (the inline executor runs stages on threads)
+    # sees the old set or the new one, never a half-filled one
+    _OPTIONS = {protocol: dict(opts or {}) for protocol, opts in (options or {}).items()}
 
 
 def protocol(uri: str) -> str:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.driver import SimulatedExecutor
+from benchmarks.driver import STAGES, SimulatedExecutor
 from helpers import compose_config
 from heygem_ray.campaign import Campaign
 from heygem_ray.manifest import Row
@@ -70,3 +70,38 @@ def test_admission_keeps_few_rows_preparing_and_lets_go_of_finished_ones(tmp_pat
     assert max(doc["rows"]["preparing"] for doc in executor.seen) <= limit
     assert job.observers.counts["ok"] == ROWS and job.observers.counts["preparing"] == 0
     assert not job._states
+
+
+def test_a_failed_audio_encode_fails_only_the_rows_that_waited_on_it(tmp_path):
+    """The first encode of narration a0 fails: rows that shared that task fail with its cause, and a
+    later row with the same narration starts a new encode (it is not stuck with the failed one)."""
+    calls = {"a0": 0}
+
+    def flaky_track(audio, *args):
+        if audio.uri.endswith("/a0.wav"):
+            calls["a0"] += 1
+            if calls["a0"] == 1:
+                raise OSError("disk full while encoding")
+        return STAGES["prepare_audio_track"](audio, *args)
+
+    job, executor = _campaign(tmp_path)
+    executor.stages = {**STAGES, "prepare_audio_track": flaky_track}
+    summary = job.run()
+    failed = {r.id: r.error for r in summary.rows if r.status == "failed"}
+    assert failed and all(int(row_id[1:]) % 4 == 0 for row_id in failed)  # a0's rows only
+    assert all("disk full while encoding" in error for error in failed.values())
+    assert calls["a0"] == 2 and summary.count("ok") == ROWS - len(failed)
+    assert any(r.status == "ok" and int(r.id[1:]) % 4 == 0 for r in summary.rows)
+
+
+def test_the_results_table_is_written_when_stopping_the_renderers_fails(tmp_path, caplog):
+    class BrokenClose(WatchedExecutor):
+        def close(self) -> None:
+            raise ConnectionError("the cluster went away")
+
+    job, _ = _campaign(tmp_path)
+    job.executor = job.actors.executor = BrokenClose(tmp_path / "out" / "_progress.json")
+    summary = job.run()
+    assert summary.count("ok") == ROWS
+    assert len(read_results(str(tmp_path / "out" / "_results.parquet"))) == ROWS
+    assert "could not stop the renderers: ConnectionError: the cluster went away" in caplog.text

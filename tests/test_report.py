@@ -17,6 +17,7 @@ import pytest
 from browser import chromium, dump_dom, parse_cards
 
 from heygem_ray import demo
+from heygem_ray import report as report_module
 from heygem_ray.media.thumbnail import thumbnail_jpeg
 from heygem_ray.report import PagedReport, render_report, video_href, write_report
 from heygem_ray.results import RowResult
@@ -316,3 +317,25 @@ def test_a_large_campaign_gets_pages_rewritten_only_while_they_change(clips, tmp
     cards = parse_cards(dump_dom(browser, str(page2), tmp_path)).cards
     assert [c["id"] for c in cards] == ["row-r3", "row-r4", "row-r5"]
     assert [c["data-thumb"] for c in cards] == ["loaded"] * 3
+
+
+def test_a_page_that_fails_to_write_leaves_the_pages_written_before_it(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    ids = [f"r{i}" for i in range(6)]
+    report = PagedReport(str(out / "_report.html"), str(out / "_report"), "Paged", ids, page_rows=2)
+    for rid in ids:
+        report.add(_row(rid), None)
+    written, failures = report_module.write_report, [OSError("throttled")]
+
+    def third_page_fails_once(uri: str, text: str) -> None:
+        if uri.endswith("page-0003.html") and failures:
+            raise failures.pop()
+        written(uri, text)
+
+    monkeypatch.setattr(report_module, "write_report", third_page_fails_once)
+    with pytest.raises(OSError):
+        report.write(10.0, final=True)
+    report.write(10.0, final=True)  # the next rewrite: page 3 this time, page 2 left as it was
+    for page, rows in (("page-0002.html", ["row-r2", "row-r3"]), ("page-0003.html", ["row-r4", "row-r5"])):
+        text = (out / "_report" / page).read_text()
+        assert [c["id"] for c in parse_cards(text).cards] == rows and 'http-equiv="refresh"' not in text

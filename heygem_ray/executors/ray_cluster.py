@@ -66,7 +66,8 @@ class RayExecutor:
         return ray.get(handle)
 
     def close(self) -> None:
-        for actor in self._actors:  # free their CPUs/GPUs now, not at garbage collection
+        actors, self._actors = self._actors, []
+        for actor in actors:  # free their CPUs/GPUs now, not at garbage collection
             ray.kill(actor)
 
     def actor_count(self) -> int:
@@ -97,9 +98,11 @@ def open_ray(cfg: Config, startup: Startup) -> Iterator[RayExecutor]:
             check_local_fit(cfg)
         yield executor
     finally:
-        executor.close()
-        if started_ray:
-            shutdown(local=own_ray)
+        try:
+            executor.close()
+        finally:
+            if started_ray:
+                shutdown(local=own_ray)
 
 
 def connect(cfg: Config) -> bool:
