@@ -693,7 +693,7 @@ def bench_defaults(ctx: Context) -> None:
                 steps[k] = steps.get(k, 0.0) + v
         return wall, steps
 
-    def ours(rows: list[str], tag: str) -> tuple[float, dict[str, float]]:
+    def ours(rows: list[str], tag: str, *extra: str) -> tuple[float, dict[str, float]]:
         manifest = ctx.inputs.manifest(f"defaults-{tag}", rows, avatar)
         wall, out = timed_command(
             [
@@ -706,6 +706,7 @@ def bench_defaults(ctx: Context) -> None:
                 "detector=box",
                 box_arg,
                 "render.progress=false",
+                *extra,
             ],
             cwd=work,
         )
@@ -719,6 +720,10 @@ def bench_defaults(ctx: Context) -> None:
         if args.defaults_official:
             results[name]["official"] = baseline(rows, 128, f"official-{tag}")
         results[name]["ours"] = ours(rows, tag)
+        if args.defaults_inline:  # no Ray: one renderer per core in the driver's process
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            actors = min(cores, len(rows))
+            results[name]["inline"] = ours(rows, f"{tag}-inline", "cluster=inline", f"cluster.actors={actors}")
     frames = round(args.defaults_audio_seconds * FPS)
     table_rows, ratios = [], {}
     for name, paths in results.items():
@@ -728,6 +733,7 @@ def bench_defaults(ctx: Context) -> None:
                 "naive": "naive loop, one process per video (batch 1, fp32)",
                 "official": "official flow, one process per video (batch 128, fp32)",
                 "ours": "heygem-ray render, defaults",
+                "inline": "heygem-ray render, cluster=inline (no Ray; a renderer per core, up to one per row)",
             }[path]
             table_rows.append(
                 [
@@ -761,7 +767,13 @@ def bench_defaults(ctx: Context) -> None:
         "manifest=… output=… renderer=wav2lip renderer.checkpoint=… detector=box detector.box=[…]`, nothing "
         "else set) against `python -m benchmarks.naive_row` run once per video, model loaded each time, as the "
         "official script is. Same recipe weights, same still, same box, same x264 settings and audio mux. "
-        f"Targets: ≥ 1.5× for one row, ≥ 3× for the campaign. Measured: **{ratios['one row']:.2f}×** and "
+        + (
+            "The `cluster=inline` rows add `cluster=inline cluster.actors=N` (no Ray; not the default, which stays "
+            "a local Ray). "
+            if args.defaults_inline
+            else ""
+        )
+        + f"Targets: ≥ 1.5× for one row, ≥ 3× for the campaign. Measured: **{ratios['one row']:.2f}×** and "
         f"**{ratios[f'{len(audios)} rows']:.2f}×**.\n\n" + steps_table
     )
     ctx.report.emit(
@@ -1614,6 +1626,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time the official batch-128 flow per video in `defaults`",
+    )
+    p.add_argument(
+        "--defaults-inline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time `cluster=inline` (no Ray) in `defaults`",
     )
     p.add_argument("--avatar-height", type=int, nargs="+", default=[720], help="stage avatar heights, e.g. 720 1080")
     p.add_argument("--avatar-seconds", type=float, default=10.0, help="stage avatar clip length")
