@@ -60,11 +60,13 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
 
     number = re.compile(r"^-?[\d,]+(\.\d+)?×?%?$")
     defaults = _table_rows(out, HEADERS[0])
-    assert [(row[0], row[1].split(",")[0]) for row in defaults] == [
-        ("one row", "naive loop"),
-        ("one row", "heygem-ray render"),
-        ("2 rows", "naive loop"),
-        ("2 rows", "heygem-ray render"),
+    assert [(row[0], row[1].split(" (")[0]) for row in defaults] == [
+        ("one row", "naive loop, one process per video"),
+        ("one row", "heygem-ray render, defaults"),
+        ("one row", "heygem-ray render, cluster=inline"),
+        ("2 rows", "naive loop, one process per video"),
+        ("2 rows", "heygem-ray render, defaults"),
+        ("2 rows", "heygem-ray render, cluster=inline"),
     ]
     assert all(number.match(row[2]) and float(row[2]) > 0 and number.match(row[4]) for row in defaults)
     startup = dict(_table_rows(out, "| start-up step (one row, from the CLI's own line) | s |"))
