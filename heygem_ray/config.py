@@ -286,14 +286,21 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="renderer", name="classic_schema", node=ClassicRendererConfig)
-    cs.store(group="renderer", name="wav2lip_schema", node=Wav2LipRendererConfig)
+    for name, (renderer_config, _) in RENDERERS.items():  # `renderer=<name>`: no YAML file needed
+        cs.store(group="renderer", name=name, node=renderer_config)
     cs.store(group="detector", name="detector_schema", node=DetectorConfig)
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     cs.store(group="storage", name="storage_schema", node=StorageConfig)
 
 
-RENDERER_CONFIGS = {"classic": ClassicRendererConfig, "wav2lip": Wav2LipRendererConfig}
+#: The renderers, the one registry: name -> its config dataclass and the renderer class that builds
+#: itself from that config (`from_config`), named as "module:Class" so only the chosen one is
+#: imported (and this module stays below the renderers). A new renderer is a config dataclass, a
+#: renderer class and an entry here; `renderer=<name>` then composes and renders.
+RENDERERS: dict[str, tuple[type, str]] = {
+    "classic": (ClassicRendererConfig, "heygem_ray.render.classic:ClassicRenderer"),
+    "wav2lip": (Wav2LipRendererConfig, "heygem_ray.render.wav2lip:Wav2LipRenderer"),
+}
 
 
 def to_plain(cfg: DictConfig) -> Config:
@@ -303,10 +310,10 @@ def to_plain(cfg: DictConfig) -> Config:
     container.pop("hydra", None)
     renderer = container.pop("renderer")
     name = renderer.get("name", "classic")
-    if name not in RENDERER_CONFIGS:
-        raise ValueError(f"unknown renderer {name!r}; choose one of {sorted(RENDERER_CONFIGS)}")
+    if name not in RENDERERS:
+        raise ValueError(f"unknown renderer {name!r}; choose one of {sorted(RENDERERS)}")
     merged = OmegaConf.merge(OmegaConf.structured(Config), {**container, "renderer": {}})
     plain = OmegaConf.to_object(merged)
     assert isinstance(plain, Config)
-    plain.renderer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RENDERER_CONFIGS[name]), renderer))
+    plain.renderer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RENDERERS[name][0]), renderer))
     return plain

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -253,3 +254,36 @@ def test_a_joined_cluster_is_not_judged_by_what_it_has_now(ray_local, tmp_path):
     )
     assert out.returncode == 1, out.stderr[-2000:]
     assert "1 failed" in out.stdout and "missing.wav" in out.stdout, out.stdout[-2000:]
+
+
+@dataclass
+class ToyRendererConfig:
+    name: str = "toy"
+    shade: int = 7
+
+
+class ToyRenderer:
+    batch_size = 4
+
+    def __init__(self, shade: int):
+        self.shade = shade
+
+    @classmethod
+    def from_config(cls, cfg: ToyRendererConfig, threads: int = 0) -> "ToyRenderer":
+        return cls(cfg.shade)
+
+
+def test_a_renderer_is_one_registry_entry(monkeypatch):
+    """A config dataclass, a class with from_config and one entry in config.RENDERERS: `renderer=toy`
+    then composes, checks its fields and builds (no YAML file, no other code to touch)."""
+    from heygem_ray import config
+    from heygem_ray.render import build_renderer
+
+    monkeypatch.setitem(config.RENDERERS, "toy", (ToyRendererConfig, f"{__name__}:ToyRenderer"))
+    config.register_configs()
+    cfg = compose_config("manifest=m", "output=o", "renderer=toy", "renderer.shade=9")
+    assert isinstance(cfg.renderer, ToyRendererConfig) and cfg.renderer.shade == 9
+    renderer = build_renderer(cfg.renderer)
+    assert isinstance(renderer, ToyRenderer) and renderer.shade == 9
+    with pytest.raises(Exception, match="shade"):
+        compose_config("manifest=m", "output=o", "renderer=toy", "renderer.shade=dark")

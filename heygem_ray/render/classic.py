@@ -31,6 +31,10 @@ def openness(loudness: np.ndarray, level: float) -> np.ndarray:
 
 
 class ClassicRenderer:
+    @classmethod
+    def from_config(cls, cfg: ClassicRendererConfig, threads: int = 0) -> ClassicRenderer:
+        return cls(cfg)
+
     def __init__(self, cfg: ClassicRendererConfig):
         self.cfg = cfg
         self.batch_size = cfg.batch_size

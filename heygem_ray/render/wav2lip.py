@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from heygem_ray.config import BLENDS, IMAGE_OPS, PRECISIONS
+from heygem_ray.config import BLENDS, IMAGE_OPS, PRECISIONS, Wav2LipRendererConfig
 from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster, torch_device
 from heygem_ray.media.audio import AudioWindow
 from heygem_ray.models.checkpoints import load_model
@@ -129,6 +129,21 @@ class Wav2LipRenderer:
     Boxes passed to render() must already carry the official pads (0, 10, 0, 0): the face track
     applies them, so this class never pads.
     """
+
+    @classmethod
+    def from_config(cls, cfg: Wav2LipRendererConfig, threads: int = 0) -> Wav2LipRenderer:
+        # compile=auto compiles where it was measured to pay: nowhere yet (Wav2LipRendererConfig)
+        return cls(
+            cfg.checkpoint,
+            batch_size=cfg.batch_size,
+            precision=cfg.precision,
+            blend=cfg.blend,
+            device=cfg.device,
+            image_ops=cfg.image_ops,
+            compile=cfg.compile == "true",
+            face_cache_mb=cfg.face_cache_mb,
+            threads=threads,
+        )
 
     def __init__(
         self,
