@@ -134,25 +134,19 @@ def test_scheduling_values_that_would_stall_a_campaign_are_refused(override):
         compose_config("manifest=m", "output=o", override)
 
 
-def test_cli_prints_the_resolved_config():
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "heygem_ray.cli",
-            "render",
-            "manifest=m.parquet",
-            "output=/o",
-            "render.segment_seconds=5",
-            "--cfg",
-            "job",
-        ],
+def _render_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`heygem-ray render ARGS` in a process of its own (its local Ray, if it starts one, too)."""
+    return subprocess.run(
+        [sys.executable, "-m", "heygem_ray.cli", "render", *args],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", **env},
+        timeout=300,
     )
+
+
+def test_cli_prints_the_resolved_config():
+    out = _render_cli("manifest=m.parquet", "output=/o", "render.segment_seconds=5", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert (
         "segment_seconds: 5.0" in out.stdout and "name: classic" in out.stdout and "manifest: m.parquet" in out.stdout
@@ -160,21 +154,7 @@ def test_cli_prints_the_resolved_config():
 
 
 def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "heygem_ray.cli",
-            "render",
-            f"manifest={tmp_path}/none.parquet",
-            f"output={tmp_path}/out",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    out = _render_cli(f"manifest={tmp_path}/none.parquet", f"output={tmp_path}/out")
     assert out.returncode == 2 and "does not exist" in out.stderr
 
 
@@ -198,23 +178,13 @@ def test_actors_that_could_never_run_locally_are_refused_not_waited_for(tmp_path
     pq.write_table(
         pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}), manifest
     )
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "heygem_ray.cli",
-            "render",
-            f"manifest={manifest}",
-            f"output={tmp_path}/out",
-            "render.progress=false",
-            "cluster.include_dashboard=false",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    out = _render_cli(
+        f"manifest={manifest}",
+        f"output={tmp_path}/out",
+        "render.progress=false",
+        "cluster.include_dashboard=false",
+        *overrides,
+        RAY_ADDRESS="",
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr
@@ -234,23 +204,12 @@ def test_a_joined_cluster_is_not_judged_by_what_it_has_now(ray_local, tmp_path):
         pa.table({"id": ["gone"], "audio": [str(tmp_path / "missing.wav")], "avatar": [str(tmp_path / "missing.png")]}),
         manifest,
     )
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "heygem_ray.cli",
-            "render",
-            f"manifest={manifest}",
-            f"output={tmp_path}/out",
-            "render.progress=false",
-            "cluster=gpu",
-            f"cluster.address={ray_local.get_runtime_context().gcs_address}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    out = _render_cli(
+        f"manifest={manifest}",
+        f"output={tmp_path}/out",
+        "render.progress=false",
+        "cluster=gpu",
+        f"cluster.address={ray_local.get_runtime_context().gcs_address}",
     )
     assert out.returncode == 1, out.stderr[-2000:]
     assert "1 failed" in out.stdout and "missing.wav" in out.stdout, out.stdout[-2000:]
