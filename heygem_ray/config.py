@@ -6,7 +6,9 @@ Hydra composes the YAML on the driver; `to_plain()` turns the result into these 
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +37,20 @@ class ClassicRendererConfig:
 PRECISIONS = ("auto", "fp32", "int8", "fp16", "bf16")
 BLENDS = ("feather", "hard")
 IMAGE_OPS = ("auto", "cpu", "device")
-#: face detectors (heygem_ray.detect.build_detector builds them; `box` needs no model)
-DETECTORS = ("haar", "box", "s3fd")
-#: what runs a campaign's stages (heygem_ray.executors)
-EXECUTORS = ("ray", "inline")
+#: Face detectors, the one registry: name -> the detector class, as "module:Class", that builds
+#: itself from a DetectorConfig (`from_config`, called by heygem_ray.detect.build_detector); `box`
+#: has none (the given box is the track). A new detector is a class and an entry here.
+DETECTORS: dict[str, str | None] = {
+    "haar": "heygem_ray.detect.haar:HaarDetector",
+    "box": None,
+    "s3fd": "heygem_ray.detect.s3fd:S3FDDetector",
+}
+#: What runs a campaign's stages, the one registry: name -> a function (config, startup) -> a
+#: context manager of the ready executor (heygem_ray.executors.open_executor calls it).
+EXECUTORS: dict[str, str] = {
+    "ray": "heygem_ray.executors.ray_cluster:open_ray",
+    "inline": "heygem_ray.executors.inline:open_inline",
+}
 #: video encoders segments are written with (they must join without re-encoding: H.264 only)
 VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
 #: x264's presets, fastest first
@@ -47,7 +59,14 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def check_choices(section: str, config: object, choices: dict[str, tuple[str, ...]]) -> None:
+def registered(path: str) -> Any:
+    """What a registry entry ("module:attribute") names, its module imported only now: only the
+    chosen renderer, detector or executor is imported, and this module stays below them all."""
+    module, attribute = path.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def check_choices(section: str, config: object, choices: dict[str, Collection[str]]) -> None:
     """Raise ValueError naming the key, the value and the choices for the first field of `config`
     whose value is not among its choices: checked when the config is composed on the driver, so a
     typo exits 2 at once instead of failing every row on the workers."""

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from helpers import compose_config
@@ -246,3 +247,52 @@ def test_a_renderer_is_one_registry_entry(monkeypatch):
     assert isinstance(renderer, ToyRenderer) and renderer.shade == 9
     with pytest.raises(Exception, match="shade"):
         compose_config("manifest=m", "output=o", "renderer=toy", "renderer.shade=dark")
+
+
+class ToyDetector:
+    def __init__(self, max_side: int):
+        self.max_side = max_side
+
+    @classmethod
+    def from_config(cls, cfg) -> "ToyDetector":
+        return cls(cfg.max_side)
+
+    def detect(self, frames):
+        return [np.zeros((0, 5), np.float32) for _ in frames]
+
+
+def test_a_detector_is_one_registry_entry(monkeypatch):
+    """A class with from_config and one entry in config.DETECTORS: `detector.name=toy` then passes
+    the choice check and builds; before the entry it is a typo that names the choices."""
+    from heygem_ray import config
+    from heygem_ray.detect import build_detector
+
+    with pytest.raises(Exception, match=r"detector.name=toy is not one of haar, box, s3fd"):
+        compose_config("manifest=m", "output=o", "detector.name=toy")
+    monkeypatch.setitem(config.DETECTORS, "toy", f"{__name__}:ToyDetector")
+    cfg = compose_config("manifest=m", "output=o", "detector.name=toy", "detector.max_side=99")
+    detector = build_detector(cfg.detector)
+    assert isinstance(detector, ToyDetector) and detector.max_side == 99
+
+
+def test_executors_come_from_their_registry(monkeypatch):
+    """`cluster.executor` names an entry of config.EXECUTORS; a new one is a function and an entry."""
+    from contextlib import contextmanager
+
+    from heygem_ray import config
+    from heygem_ray.executors import open_executor
+    from heygem_ray.startup import Startup
+
+    opened = []
+
+    @contextmanager
+    def open_toy(cfg, startup):
+        opened.append(cfg.cluster.executor)
+        yield "toy executor"
+
+    monkeypatch.setitem(config.EXECUTORS, "toy", f"{__name__}:OPEN_TOY")
+    monkeypatch.setattr(sys.modules[__name__], "OPEN_TOY", open_toy, raising=False)
+    cfg = compose_config("manifest=m", "output=o", "cluster.executor=toy")
+    with open_executor(cfg, Startup()) as executor:
+        assert executor == "toy executor"
+    assert opened == ["toy"]

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from heygem_ray.config import DETECTORS, DetectorConfig
+from heygem_ray.config import DETECTORS, DetectorConfig, registered
 from heygem_ray.detect.base import FaceDetector
 
 
 def build_detector(cfg: DetectorConfig) -> FaceDetector:
-    if cfg.name == "haar":
-        from heygem_ray.detect.haar import HaarDetector
-
-        return HaarDetector(max_side=cfg.max_side, batch_size=cfg.batch_size)
-    if cfg.name == "s3fd":
-        from heygem_ray.detect.s3fd import load_s3fd_detector
-
-        if not cfg.checkpoint:
-            raise ValueError("detector=s3fd needs detector.checkpoint=<URI of s3fd-619a316812.pth>")
-        return load_s3fd_detector(cfg.checkpoint, device=cfg.device, max_side=cfg.max_side, batch_size=cfg.batch_size)
-    raise ValueError(f"unknown detector {cfg.name!r}; choose one of {', '.join(DETECTORS)}")
+    """The detector `cfg.name` names (`config.DETECTORS`), built from `cfg`."""
+    path = DETECTORS.get(cfg.name)
+    if path is None:
+        with_model = ", ".join(name for name, entry in DETECTORS.items() if entry)
+        raise ValueError(f"detector {cfg.name!r} has no model to build; detectors with one: {with_model}")
+    detector: FaceDetector = registered(path).from_config(cfg)
+    return detector

@@ -8,8 +8,14 @@ import os
 import cv2
 import numpy as np
 
+from heygem_ray.config import DetectorConfig
+
 
 class HaarDetector:
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig) -> HaarDetector:
+        return cls(max_side=cfg.max_side, batch_size=cfg.batch_size)
+
     def __init__(self, max_side: int = 720, batch_size: int = 16, min_face_fraction: float = 0.08):
         # cv2.data is a plain module of the wheel that OpenCV's type stubs leave out
         path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from heygem_ray.config import DetectorConfig
 from heygem_ray.devices import torch_device
 from heygem_ray.models.s3fd import S3FD, s3fd_expected_keys
 
@@ -156,6 +157,12 @@ class S3FDDetector:
     runs out of memory in the official batches; None detects at full resolution like the official
     code.
     """
+
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig) -> S3FDDetector:
+        if not cfg.checkpoint:
+            raise ValueError("detector=s3fd needs detector.checkpoint=<URI of s3fd-619a316812.pth>")
+        return load_s3fd_detector(cfg.checkpoint, device=cfg.device, max_side=cfg.max_side, batch_size=cfg.batch_size)
 
     def __init__(
         self,

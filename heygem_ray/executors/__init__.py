@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from heygem_ray.config import Config
-    from heygem_ray.startup import Startup
+from heygem_ray.config import EXECUTORS, Config, registered
+from heygem_ray.startup import Startup
 
 
 class Executor(Protocol):
@@ -57,10 +56,5 @@ class Executor(Protocol):
 def open_executor(cfg: Config, startup: Startup) -> AbstractContextManager[Executor]:
     """The executor `cluster.executor` names, ready to use; it is shut down on exit. Marks when
     the executor was asked for and ready in `startup`."""
-    if cfg.cluster.executor == "inline":
-        from heygem_ray.executors.inline import open_inline
-
-        return open_inline(cfg, startup)
-    from heygem_ray.executors.ray_cluster import open_ray
-
-    return open_ray(cfg, startup)
+    opened: AbstractContextManager[Executor] = registered(EXECUTORS[cfg.cluster.executor])(cfg, startup)
+    return opened

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from heygem_ray.config import RENDERERS
+from heygem_ray.config import RENDERERS, registered
 from heygem_ray.render.base import Renderer
 
 
@@ -14,6 +13,5 @@ def build_renderer(cfg: Any, threads: int = 0) -> Renderer:
     actor may use (0 = torch's setting)."""
     if cfg.name not in RENDERERS:
         raise ValueError(f"unknown renderer {cfg.name!r}; choose one of {', '.join(RENDERERS)}")
-    module, cls = RENDERERS[cfg.name][1].split(":")
-    renderer: Renderer = getattr(importlib.import_module(module), cls).from_config(cfg, threads)
+    renderer: Renderer = registered(RENDERERS[cfg.name][1]).from_config(cfg, threads)
     return renderer
