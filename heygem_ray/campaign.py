@@ -31,7 +31,7 @@ from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.prepare import AvatarTrack, prepare_row
-from heygem_ray.results import RowResult, Summary, write_results
+from heygem_ray.results import ResultsTable, Summary
 from heygem_ray.rows import RowState
 from heygem_ray.segment import SegmentResult
 from heygem_ray.shared_work import AvatarKey, SharedWork
@@ -54,7 +54,7 @@ class Campaign:
         self.startup = startup or Startup()
         self.actors = ActorPool(cfg, executor)
         self.observers = CampaignObservers(cfg, rows)
-        self.results: dict[str, RowResult] = {}
+        self.results = ResultsTable(cfg.layout.results, cfg.layout.results_parts)
         self.segments_by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
         self.segments_by_actor: dict[int, int] = {}  # which actor rendered them
         self._outputs = {row.id: row.output for row in rows}
@@ -108,7 +108,7 @@ class Campaign:
             for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
                 if row.id not in self.results:
                     self._fail(row.id, "campaign interrupted before this row finished")
-            write_results(self.cfg.layout.results, [self.results[r.id] for r in self.rows])
+            results = self.results.finish([r.id for r in self.rows])
             for step, action in (
                 ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
                 ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
@@ -118,7 +118,7 @@ class Campaign:
                     action()
                 except Exception as exc:  # noqa: BLE001 - the results are written; say what failed and go on
                     log.warning("could not %s: %s: %s", step, type(exc).__name__, exc)
-        return Summary.of([self.results[r.id] for r in self.rows], time.time() - started, self.startup.breakdown())
+        return Summary.of(results, time.time() - started, self.startup.breakdown())
 
     def _admit_rows(self) -> None:
         """Prepare rows lazily: while fewer are preparing than `render.max_prepared_rows` and the driver's
@@ -267,7 +267,8 @@ class Campaign:
         if row_id in self.results:
             return
         state = self._states.pop(row_id, None) or RowState(Row(row_id, "", "", self._outputs[row_id]), time.time())
-        self.results[row_id] = result = state.result(status, error, marker)
+        result = state.result(status, error, marker)
+        self.results.add(result)
         self.observers.finished(result, thumbnail)
 
 

@@ -8,12 +8,15 @@ heygem-ray manifest --audio A... --avatar V... --out URI          build a cross-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,15 +49,43 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
         if resolved is not None:
             storage.configure(cfg.storage.options)
             storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
-        summary = campaign.run(cfg, launched)
+        with _sigterm_interrupts():
+            summary = campaign.run(cfg, launched)
     except HeygemError as exc:
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"heygem-ray: interrupted; rows that did not finish are reported failed in "
+            f"{storage.display(cfg.layout.results)}: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(f"heygem-ray: {summary.line()}")
     if summary.startup:
         print(f"heygem-ray: start-up: {summary.startup_line()}")
     print(f"heygem-ray: results: {storage.display(cfg.layout.results)}")
     return 1 if summary.failed else 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (what `ray job stop`, Kubernetes and `kill` send) raises KeyboardInterrupt while a
+    campaign runs, as Ctrl-C does: its default action ends the process on the spot, before the
+    campaign writes its results table, report and progress feed."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def config_yaml(cfg: DictConfig) -> str:

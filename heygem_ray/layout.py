@@ -1,7 +1,8 @@
 """Every path a campaign keeps beside its videos under the output root, in one place.
 
 {output}/{row}.mp4          the videos (a row's `output` column may put one elsewhere)
-{output}/_results.parquet   one row per manifest row (heygem_ray.results)
+{output}/_results.parquet   one row per manifest row (heygem_ray.results), written at the end
+{output}/_results/part-*.parquet  results written as rows finish, removed once the table is
 {output}/_report.html       the page operators open (heygem_ray.report)
 {output}/_report/page-NNNN.html  its further pages, for a campaign of more than 500 rows
 {output}/_progress.json     the campaign's progress for other tools to poll (heygem_ray.progress)
@@ -28,6 +29,10 @@ class CampaignLayout:
     @property
     def results(self) -> str:
         return join(self.output, "_results.parquet")
+
+    @property
+    def results_parts(self) -> str:
+        return join(self.output, "_results")
 
     @property
     def report(self) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 from dataclasses import dataclass, field, fields
 
 import pyarrow as pa
@@ -78,15 +80,79 @@ class Summary:
         )
 
 
-def write_results(uri: str, rows: list[RowResult]) -> None:
+def _parquet(rows: list[RowResult]) -> bytes:
     columns = {f.name: [getattr(r, f.name) for r in rows] for f in fields(RowResult)}
     columns["finished_at"] = [int(t) for t in columns["finished_at"]]
     table = pa.Table.from_pydict(columns, schema=SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    storage.write_bytes(uri, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_results(uri: str, rows: list[RowResult]) -> None:
+    storage.write_bytes(uri, _parquet(rows))
 
 
 def read_results(uri: str) -> list[dict]:
     with storage.open_uri(uri) as fh:
         return pq.read_table(fh).to_pylist()
+
+
+class ResultsTable:
+    """A campaign's results, on the store as rows finish: at most every `flush_seconds` (or every
+    `flush_rows` results) the results not yet written go to a new part, `{parts}/part-*.parquet`;
+    `finish` writes the whole table, one row per manifest row in manifest order, to `uri` and
+    removes the parts. A driver that is killed leaves its parts: every result up to the last
+    flush is on the store (`read_parts`), and a rerun, which resumes the finished rows from their
+    markers, writes the whole table again."""
+
+    def __init__(self, uri: str, parts: str, flush_seconds: float = 10.0, flush_rows: int = 1000):
+        self.uri, self.parts = uri, parts
+        self.flush_seconds, self.flush_rows = flush_seconds, flush_rows
+        self._results: dict[str, RowResult] = {}
+        self._unwritten: list[RowResult] = []
+        self._flushed_at = time.time()
+        # parts of this run sort after those an interrupted earlier run left
+        self._run = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        self._written_parts = 0
+
+    def __contains__(self, row_id: str) -> bool:
+        return row_id in self._results
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __getitem__(self, row_id: str) -> RowResult:
+        return self._results[row_id]
+
+    def add(self, result: RowResult) -> None:
+        self._results[result.id] = result
+        self._unwritten.append(result)
+        if len(self._unwritten) >= self.flush_rows or time.time() - self._flushed_at >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the results not yet on the store as one more part."""
+        if self._unwritten:
+            self._written_parts += 1
+            name = f"part-{self._run}-{self._written_parts:05d}.parquet"
+            storage.write_bytes(storage.join(self.parts, name), _parquet(self._unwritten))
+            self._unwritten = []
+        self._flushed_at = time.time()
+
+    def finish(self, order: list[str]) -> list[RowResult]:
+        """Write the whole table (every id of `order` must have its result) and remove the parts."""
+        rows = [self._results[row_id] for row_id in order]
+        write_results(self.uri, rows)
+        self._unwritten = []
+        storage.remove(self.parts, recursive=True)
+        return rows
+
+
+def read_parts(parts: str) -> list[dict]:
+    """The results an interrupted driver wrote before it stopped, oldest first (a row reported by
+    two runs appears twice: the later one counts)."""
+    rows: list[dict] = []
+    for uri in storage.glob(storage.join(parts, "part-*.parquet")):
+        rows += read_results(uri)
+    return rows

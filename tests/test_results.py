@@ -1,0 +1,102 @@
+"""The results table is on the store as rows finish, and a driver stopped with SIGTERM (`ray job
+stop`, Kubernetes) still writes it whole before it exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from heygem_ray.results import ResultsTable, RowResult, read_parts, read_results
+
+
+def _result(row_id: str, status: str = "ok") -> RowResult:
+    return RowResult(row_id, status, f"/out/{row_id}.mp4", None, 1.0, 25, 1, 0.5, 1, time.time())
+
+
+def test_results_reach_the_store_in_parts_as_rows_finish_and_the_table_replaces_them(tmp_path):
+    table = ResultsTable(str(tmp_path / "_results.parquet"), str(tmp_path / "_results"), flush_rows=2)
+    table.add(_result("a"))
+    assert read_parts(str(tmp_path / "_results")) == []  # one result: not yet due
+    table.add(_result("b", "failed"))
+    table.add(_result("c"))
+    parts = read_parts(str(tmp_path / "_results"))
+    assert [(r["id"], r["status"]) for r in parts] == [("a", "ok"), ("b", "failed")]  # what a kill -9 leaves
+    table.flush()
+    assert [r["id"] for r in read_parts(str(tmp_path / "_results"))] == ["a", "b", "c"]
+    assert "b" in table and len(table) == 3
+
+    rows = table.finish(["c", "a", "b"])  # manifest order
+    assert [r.id for r in rows] == ["c", "a", "b"]
+    assert [r["id"] for r in read_results(str(tmp_path / "_results.parquet"))] == ["c", "a", "b"]
+    assert not os.path.exists(tmp_path / "_results")
+
+
+def test_results_are_flushed_by_time_too(tmp_path):
+    table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=0.0)
+    table.add(_result("a"))
+    assert [r["id"] for r in read_parts(str(tmp_path / "parts"))] == ["a"]
+
+
+@pytest.mark.integration
+def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir):
+    """`ray job stop` sends SIGTERM: the driver stops rendering, reports the rows that did not finish
+    as failed ("interrupted") in a whole results table, writes the final feed, and exits 130; a
+    rerun resumes the finished rows."""
+    rows = 12
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"r{i:02d}" for i in range(rows)],
+                "audio": [str(media_dir / "speech4.wav")] * rows,
+                "avatar": [str(media_dir / "still.png")] * rows,
+            }
+        ),
+        manifest,
+    )
+    out = tmp_path / "out"
+    args = [f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline", "cluster.actors=1"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "heygem_ray.cli", "render", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert driver.stdout is not None
+        for line in driver.stdout:  # until the driver has a row's result
+            if line.startswith("[ok]"):
+                break
+        driver.send_signal(signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "run the same command again to resume" in stderr
+
+    results = read_results(str(out / "_results.parquet"))
+    assert [r["id"] for r in results] == [f"r{i:02d}" for i in range(rows)]
+    done = [r["id"] for r in results if r["status"] == "ok"]
+    stopped = [r for r in results if r["status"] == "failed"]
+    assert done and stopped, results
+    assert all("interrupted" in r["error"] for r in stopped)
+    assert not (out / "_results").exists()
+    assert json.loads((out / "_progress.json").read_text())["state"] == "interrupted"
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "heygem_ray.cli", "render", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    again = {r["id"]: r for r in read_results(str(out / "_results.parquet"))}
+    assert all(again[row_id]["status"] in ("ok", "skipped") for row_id in again)
+    assert all(again[row_id]["status"] == "skipped" for row_id in done), again
