@@ -2,7 +2,7 @@
 
 {output}/{row}.mp4          the videos (a row's `output` column may put one elsewhere)
 {output}/_results.parquet   one row per manifest row (heygem_ray.results), written at the end
-{output}/_results/part-*.parquet  results written as rows finish, removed once the table is
+{output}/_results/part-*.parquet  results written as rows finish, removed once the table is written
 {output}/_report.html       the page operators open (heygem_ray.report)
 {output}/_report/page-NNNN.html  its further pages, for a campaign of more than 500 rows
 {output}/_progress.json     the campaign's progress for other tools to poll (heygem_ray.progress)
