@@ -25,8 +25,7 @@ from typing import Any
 from heygem_ray import storage
 from heygem_ray.actor_pool import ActorPool
 from heygem_ray.config import Config
-from heygem_ray.errors import InputError, RendererStartError
-from heygem_ray.executors import Executor, open_executor
+from heygem_ray.executors import Executor, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
@@ -34,6 +33,7 @@ from heygem_ray.prepare import AvatarTrack, prepare_row
 from heygem_ray.results import ResultsTable, Summary
 from heygem_ray.rows import RowState
 from heygem_ray.segment import SegmentResult
+from heygem_ray.segment_queue import SegmentCall, SegmentQueue
 from heygem_ray.shared_work import AvatarKey, SharedWork
 from heygem_ray.startup import Startup
 from heygem_ray.stitch import Stitched, stitch_row
@@ -55,14 +55,12 @@ class Campaign:
         self.actors = ActorPool(cfg, executor)
         self.observers = CampaignObservers(cfg, rows)
         self.results = ResultsTable(cfg.layout.results, cfg.layout.results_parts)
-        self.segments_by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
-        self.segments_by_actor: dict[int, int] = {}  # which actor rendered them
         self._outputs = {row.id: row.output for row in rows}
         self._pending = deque(rows)
         self._states: dict[str, RowState] = {}  # rows admitted and not finished
         self._inflight: dict[Any, tuple[str, Any]] = {}  # executor handle -> (event, key)
-        self._segment_queue: deque[tuple[str, int]] = deque()
-        self.shared: SharedWork | None = None  # made in run(): it asks the executor for its GPUs
+        self.segments = SegmentQueue(cfg, self.actors, executor)
+        self.shared = SharedWork(cfg, executor)
 
     @property
     def rows_in_progress(self) -> int:
@@ -75,14 +73,13 @@ class Campaign:
         handlers: dict[str, Callable[[Any, Any], None]] = {
             "prepared": self._on_prepared,
             "avatar": self._on_avatar,
-            "audio_track": self._on_audio_track,
+            "audio_track": self.shared.audio_track_done,
             "segment": self._on_segment,
             "actor_ready": lambda actor, ref: self.actors.answered(actor, lambda: self.executor.get(ref)),
             "stitched": self._on_stitched,
         }
         try:
             self.observers.open()
-            self.shared = SharedWork(self.cfg, self.executor)
             self.actors.start()
             # until every row has its result: a probe of an actor that never starts (no node can host
             # it) or a finished row's segments still queued must not keep a finished campaign waiting
@@ -97,10 +94,10 @@ class Campaign:
                     event, key = self._inflight.pop(ref)
                     handlers[event](key, ref)
                 if self.actors.error:  # no actor can ever render: nothing queued will be
-                    for row_id in {row_id for row_id, _ in self._segment_queue}:
+                    for row_id in self.segments.rows():
                         self._fail(row_id, self.actors.error)
-                    self._segment_queue.clear()
-                self.observers.tick(self.actors.inflight, len(self._segment_queue))
+                    self.segments.clear()
+                self.observers.tick(self.actors.inflight, len(self.segments))
         finally:
             # every row has a result and the table is written before anything that may fail on a
             # cluster that is going away (killing actors, the report, the feed)
@@ -109,15 +106,11 @@ class Campaign:
                 if row.id not in self.results:
                     self._fail(row.id, "campaign interrupted before this row finished")
             results = self.results.finish([r.id for r in self.rows])
-            for step, action in (
+            _wind_down(
                 ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
                 ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
                 ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
-            ):
-                try:
-                    action()
-                except Exception as exc:  # noqa: BLE001 - the results are written; say what failed and go on
-                    log.warning("could not %s: %s: %s", step, type(exc).__name__, exc)
+            )
         return Summary.of(results, time.time() - started, self.startup.breakdown())
 
     def _admit_rows(self) -> None:
@@ -126,35 +119,16 @@ class Campaign:
         while (
             self._pending
             and self.observers.counts["preparing"] < self.cfg.render.max_prepared_rows
-            and len(self._segment_queue) < self._inflight_cap()
+            and len(self.segments) < self.segments.cap()
         ):
             row = self._pending.popleft()
             self._states[row.id] = RowState(row, time.time())
             self.observers.status(row.id, "preparing")
             self._inflight[self.executor.submit(prepare_row, row, self.cfg)] = ("prepared", row.id)
 
-    def _inflight_cap(self) -> int:
-        render = self.cfg.render
-        return render.max_inflight_segments or render.segments_per_actor * max(1, len(self.actors))
-
     def _dispatch_segments(self) -> None:
-        """Hand queued segments to the actors `ActorPool.pick` chooses, up to `_inflight_cap` in all:
-        the rest wait here for whichever actor frees up first, so actors that start late (a GPU
-        node still joining) or run faster get their share."""
-        cap = self._inflight_cap()
-        while self._segment_queue and self.actors.inflight < cap:
-            actor = self.actors.pick(len(self._segment_queue))
-            if actor is None:
-                break
-            row_id, index = self._segment_queue.popleft()
-            state = self._states.get(row_id)
-            if state is None:  # the row has its result already
-                continue
-            assert self.actors.codec is not None  # decided by the first actor that answered
-            job = state.segment_job(index, self.cfg.layout, self.actors.codec)
-            self._inflight[self.executor.call(actor, "render_segment", job)] = ("segment", (row_id, index, actor))
-            self.actors.actors[actor].load += 1
-            state.attempts[index] = state.attempts.get(index, 0) + 1
+        for handle, call in self.segments.dispatch(self._states):
+            self._inflight[handle] = ("segment", call)
 
     # -------------------------------------------------------------- handlers
     def _on_prepared(self, row_id: str, ref: Any) -> None:
@@ -162,10 +136,9 @@ class Campaign:
         try:
             state.prep = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this row's result
-            return self._fail(row_id, reason(self.executor, exc))
+            return self._fail(row_id, failure_reason(self.executor, exc))
         if state.prep.skipped:
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
-        assert self.shared is not None
         track, started = self.shared.avatar(state.row)
         if started is not None:
             key, handle = started
@@ -174,21 +147,17 @@ class Campaign:
             self._on_track(state, track)
 
     def _on_avatar(self, key: AvatarKey, ref: Any) -> None:
-        try:
-            track: AvatarTrack | BaseException = self.executor.get(ref)
-        except Exception as exc:  # noqa: BLE001
-            track = exc
-        assert self.shared is not None
-        for row_id in self.shared.avatar_done(key, track):
+        track, waiting = self.shared.avatar_done(key, ref)
+        for row_id in waiting:
             if row_id in self._states:
                 self._on_track(self._states[row_id], track)
 
     def _on_track(self, state: RowState, track: AvatarTrack | BaseException) -> None:
         if isinstance(track, BaseException):
-            return self._fail(state.row.id, reason(self.executor, track))
+            return self._fail(state.row.id, failure_reason(self.executor, track))
         if self.actors.error:
             return self._fail(state.row.id, self.actors.error)
-        assert state.prep is not None and state.prep.audio is not None and self.shared is not None
+        assert state.prep is not None and state.prep.audio is not None
         state.audio_track, new = self.shared.audio_track(state.prep.audio)
         if new:  # watched, so a failed encode is forgotten and the next row with that narration tries again
             self._inflight[state.audio_track] = ("audio_track", state.prep.audio.fingerprint)
@@ -196,42 +165,17 @@ class Campaign:
         spread = math.ceil(len(self.actors) / max(1, len(self.rows)))
         self.observers.frames_planned += state.plan(track, self.cfg.render.segment_seconds, spread)
         self.observers.status(state.row.id, "rendering")
-        self._segment_queue.extend((state.row.id, span.index) for span in state.spans)
+        self.segments.add(state.row.id, [span.index for span in state.spans])
 
-    def _on_audio_track(self, fingerprint: str, ref: Any) -> None:
-        try:
-            self.executor.get(ref)
-        except Exception as exc:  # noqa: BLE001 - the rows waiting on it fail at their stitch, with this cause
-            assert self.shared is not None
-            self.shared.forget_audio_track(fingerprint, ref)
-            log.warning("audio track %s: %s", fingerprint[:16], reason(self.executor, exc))
-
-    def _on_segment(self, key: tuple[str, int, int], ref: Any) -> None:
-        row_id, index, actor = key
-        self.actors.actors[actor].load -= 1
+    def _on_segment(self, call: SegmentCall, ref: Any) -> None:
+        row_id, index, actor = call
         state = self._states.get(row_id)
         try:
             result: SegmentResult = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001
-            if self.executor.actor_lost(exc):
-                self.actors.lost(actor)
-            if isinstance(self.executor.cause(exc), RendererStartError):  # restarted without its model
-                self.actors.unusable(actor, str(self.executor.cause(exc)))
-                if state is not None:  # not the segment's fault: again elsewhere, as if never sent
-                    state.attempts[index] -= 1
-                    self._segment_queue.appendleft((row_id, index))
-                return
-            if state is None:  # the row has its result already (it failed meanwhile)
-                return
-            bad_input = isinstance(self.executor.cause(exc), InputError)
-            if bad_input or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
-                return self._fail(
-                    row_id,
-                    reason(self.executor, exc, f"segment {index} failed after {state.attempts[index]} attempt(s)"),
-                )
-            log.warning("row %s segment %d: %s; retrying", row_id, index, reason(self.executor, exc))
-            self._segment_queue.appendleft((row_id, index))
-            return
+            failure = self.segments.failed(call, state, exc)
+            return self._fail(row_id, failure) if failure else None
+        self.segments.rendered(call, result)
         if state is None:
             return
         state.done.add(index)
@@ -239,10 +183,6 @@ class Campaign:
         info = self.actors.actors[actor].info
         if self.startup.segment is None and not result.reused and info is not None:
             self.startup.actor, self.startup.segment = info, result
-        if result.node:
-            self.segments_by_node[result.node] = self.segments_by_node.get(result.node, 0) + 1
-        if not result.reused:
-            self.segments_by_actor[actor] = self.segments_by_actor.get(actor, 0) + 1
         if len(state.done) == len(state.spans):
             assert self.actors.codec is not None
             job = state.stitch_job(self.cfg.layout, self.actors.codec, self.cfg.storage.options)
@@ -252,7 +192,7 @@ class Campaign:
         try:
             stitched: Stitched = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001
-            return self._fail(row_id, reason(self.executor, exc))
+            return self._fail(row_id, failure_reason(self.executor, exc))
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 
     # ------------------------------------------------------------ results
@@ -272,17 +212,13 @@ class Campaign:
         self.observers.finished(result, thumbnail)
 
 
-def reason(executor: Executor, exc: BaseException, prefix: str | None = None) -> str:
-    """One line for a row's result: a bad input's own message, else the error (after `prefix`)."""
-    cause = executor.cause(exc)
-    if isinstance(cause, InputError):
-        return str(cause).splitlines()[0]
-    if executor.actor_lost(exc):
-        text = f"renderer actor died ({type(cause).__name__})"
-    else:
-        text = f"{type(cause).__name__}: {cause}".strip()
-    text = text.splitlines()[0] if text else type(cause).__name__
-    return f"{prefix}: {text}" if prefix else text
+def _wind_down(*steps: tuple[str, Callable[[], object]]) -> None:
+    """Each step, once the results are written: one that fails is logged and the next still runs."""
+    for step, action in steps:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - the results are written; say what failed and go on
+            log.warning("could not %s: %s: %s", step, type(exc).__name__, exc)
 
 
 def run(cfg: Config, launched: float | None = None) -> Summary:

@@ -4,16 +4,19 @@ of an avatar (one `prepare_avatar` task per avatar and box) and the encoded audi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from heygem_ray.config import Config
-from heygem_ray.executors import Executor
+from heygem_ray.executors import Executor, failure_reason
 from heygem_ray.manifest import Row
 from heygem_ray.prepare import AudioInfo, AvatarTrack, prepare_audio_track, prepare_avatar
 
 #: narrations whose encode task is remembered, so rows sharing one wait on the same task; an older
 #: one is found in the cache by the task that a later row starts
 AUDIO_TRACK_REFS = 1024
+
+log = logging.getLogger("heygem_ray")
 
 AvatarKey = tuple[str, tuple[int, int, int, int] | None]
 
@@ -56,10 +59,15 @@ class SharedWork:
         )
         return None, (key, handle)
 
-    def avatar_done(self, key: AvatarKey, track: AvatarTrack | BaseException) -> list[str]:
-        """Keep the track; the rows that waited for it."""
+    def avatar_done(self, key: AvatarKey, handle: Any) -> tuple[AvatarTrack | BaseException, list[str]]:
+        """The finished `prepare_avatar` task's track (or its exception), kept; and the rows that
+        waited for it."""
+        try:
+            track: AvatarTrack | BaseException = self.executor.get(handle)
+        except Exception as exc:  # noqa: BLE001 - each waiting row fails with it
+            track = exc
         self._tracks[key] = track
-        return self._waiters.pop(key, [])
+        return track, self._waiters.pop(key, [])
 
     def audio_track(self, audio: AudioInfo) -> tuple[Any, bool]:
         """The handle of the task encoding this narration for the output, one per distinct audio
@@ -75,7 +83,12 @@ class SharedWork:
             del self._audio_tracks[next(iter(self._audio_tracks))]
         return handle, new
 
-    def forget_audio_track(self, fingerprint: str, handle: Any) -> None:
-        """A failed encode: the next row with this narration starts another."""
-        if self._audio_tracks.get(fingerprint) is handle:
-            del self._audio_tracks[fingerprint]
+    def audio_track_done(self, fingerprint: str, handle: Any) -> None:
+        """A finished encode task; a failed one is forgotten, so the next row with this narration
+        starts another (the rows waiting on it fail at their stitch, with its cause)."""
+        try:
+            self.executor.get(handle)
+        except Exception as exc:  # noqa: BLE001
+            if self._audio_tracks.get(fingerprint) is handle:
+                del self._audio_tracks[fingerprint]
+            log.warning("audio track %s: %s", fingerprint[:16], failure_reason(self.executor, exc))

@@ -352,7 +352,7 @@ def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path)
     (row,) = summary.rows
     assert row.status == "ok" and row.segments == 2  # a 3 s row, 10 s segments: 2 so both actors can work
     assert max(loads) == 1  # never both segments at one actor
-    assert sum(job.segments_by_actor.values()) == 2
+    assert sum(job.segments.by_actor.values()) == 2
 
 
 def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_path):

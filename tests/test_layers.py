@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("prepare", "segment", "stitch", "startup"),
     ("report", "progress", "executors", "rows"),
     ("shared_work",),
-    ("actor_pool", "observers"),
+    ("actor_pool", "observers", "segment_queue"),
     ("campaign",),
     ("demo", "cli"),
 ]

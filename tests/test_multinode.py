@@ -61,7 +61,7 @@ def test_actors_on_both_gpu_workers(cluster, media_dir, tmp_path):
     job = Campaign(cfg, rows)
     summary = job.run()
     assert summary.count("ok") == 4
-    assert set(job.segments_by_node) == {w.node_id for w in workers}
+    assert set(job.segments.by_node) == {w.node_id for w in workers}
 
 
 def test_campaign_survives_losing_a_worker_node(cluster, media_dir, tmp_path):

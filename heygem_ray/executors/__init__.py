@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from heygem_ray.config import EXECUTORS, Config, registered
+from heygem_ray.errors import InputError
 from heygem_ray.startup import Startup
 
 
@@ -58,3 +59,16 @@ def open_executor(cfg: Config, startup: Startup) -> AbstractContextManager[Execu
     the executor was asked for and ready in `startup`."""
     opened: AbstractContextManager[Executor] = registered(EXECUTORS[cfg.cluster.executor])(cfg, startup)
     return opened
+
+
+def failure_reason(executor: Executor, exc: BaseException, prefix: str | None = None) -> str:
+    """One line for a row's result: a bad input's own message, else the error (after `prefix`)."""
+    cause = executor.cause(exc)
+    if isinstance(cause, InputError):
+        return str(cause).splitlines()[0]
+    if executor.actor_lost(exc):
+        text = f"renderer actor died ({type(cause).__name__})"
+    else:
+        text = f"{type(cause).__name__}: {cause}".strip()
+    text = text.splitlines()[0] if text else type(cause).__name__
+    return f"{prefix}: {text}" if prefix else text
