@@ -1,5 +1,6 @@
 """The lint and type gate, inside the README's test command: ruff (lint and format) over the whole
-repository and mypy over the package and the job entry points, as configured in pyproject.toml."""
+repository and mypy over the package, the job entry points and the infra checker, as configured in
+pyproject.toml."""
 
 from __future__ import annotations
 
