@@ -43,13 +43,9 @@ log = logging.getLogger("heygem_ray")
 
 class Campaign:
     """One campaign's rows through prepare, render and stitch on an executor, each row ending with
-    exactly one result. Without an executor it uses the Ray this process is connected to."""
+    exactly one result."""
 
-    def __init__(self, cfg: Config, rows: list[Row], startup: Startup | None = None, executor: Executor | None = None):
-        if executor is None:
-            from heygem_ray.executors.ray_cluster import RayExecutor
-
-            executor = RayExecutor(cfg)
+    def __init__(self, cfg: Config, rows: list[Row], executor: Executor, startup: Startup | None = None):
         self.cfg, self.rows, self.executor = cfg, rows, executor
         self.startup = startup or Startup()
         self.actors = ActorPool(cfg, executor)
@@ -61,11 +57,6 @@ class Campaign:
         self._inflight: dict[Any, tuple[str, Any]] = {}  # executor handle -> (event, key)
         self.segments = SegmentQueue(cfg, self.actors, executor)
         self.shared = SharedWork(cfg, executor)
-
-    @property
-    def rows_in_progress(self) -> int:
-        """Rows admitted and not finished: the driver holds state for these alone."""
-        return len(self._states)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> Summary:
@@ -180,9 +171,7 @@ class Campaign:
             return
         state.done.add(index)
         self.observers.segment_done(result.frames, result.reused)
-        info = self.actors.actors[actor].info
-        if self.startup.segment is None and not result.reused and info is not None:
-            self.startup.actor, self.startup.segment = info, result
+        self.startup.rendered(self.actors.actors[actor].info, result)
         if len(state.done) == len(state.spans):
             assert self.actors.codec is not None
             job = state.stitch_job(self.cfg.layout, self.actors.codec, self.cfg.storage.options)
@@ -232,4 +221,4 @@ def run(cfg: Config, launched: float | None = None) -> Summary:
     if launched is not None:
         startup.driver_started = launched
     with open_executor(cfg, startup) as executor:
-        return Campaign(cfg, rows, startup, executor).run()
+        return Campaign(cfg, rows, executor, startup).run()

@@ -21,6 +21,11 @@ class Startup:
     actor: WorkerInfo | None = None
     segment: SegmentResult | None = None
 
+    def rendered(self, actor: WorkerInfo | None, segment: SegmentResult) -> None:
+        """A segment was rendered by `actor`: the first one that was not reused ends the start-up."""
+        if self.segment is None and not segment.reused and actor is not None:
+            self.actor, self.segment = actor, segment
+
     def breakdown(self) -> dict[str, float]:
         """Seconds per step, in order; empty until a segment was rendered."""
         if self.actor is None or self.segment is None or not self.ray_ready:

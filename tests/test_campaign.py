@@ -347,7 +347,7 @@ def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path)
         "cluster.actors=2",
         "cluster.actor.num_cpus=0.5",
     )
-    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output), ray_cluster.RayExecutor(cfg))
     summary, loads = _run_watching_loads(job)
     (row,) = summary.rows
     assert row.status == "ok" and row.segments == 2  # a 3 s row, 10 s segments: 2 so both actors can work
@@ -376,7 +376,7 @@ def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_
         "render.segment_seconds=0.4",
         "cluster.actors=1",
     )
-    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output), ray_cluster.RayExecutor(cfg))
     summary, loads = _run_watching_loads(job)
     assert summary.count("ok") == 2
     assert sum(r.segments for r in summary.rows) > 10  # far more segments than the actor may hold
@@ -392,7 +392,7 @@ def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_row
     base = [f"manifest={manifest}", "render.progress=false"]
     cfg = compose_config(*base, f"output={tmp_path / 'auto'}")
     assert cfg.encoder.codec == "auto"
-    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    job = campaign.Campaign(cfg, read_manifest(cfg.manifest, cfg.output), ray_cluster.RayExecutor(cfg))
     assert job.run().count("ok") == 1
     assert job.actors.codec == "libx264"  # decided by the actor: no GPU with a video encoder here
     with av.open(os.path.join(cfg.output, "a.mp4")) as c:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from helpers import compose_config
 from heygem_ray.campaign import Campaign
+from heygem_ray.executors.ray_cluster import RayExecutor
 from heygem_ray.manifest import read_manifest
 from heygem_ray.results import read_results
 
@@ -38,7 +39,7 @@ def manifest(tmp_path, media_dir, rows: int) -> str:
 def run_killing_the_actor_once(cfg) -> tuple[Campaign, object]:
     """Run a campaign and SIGKILL its renderer actor's process while segments are queued on it
     (the config lets it hold 3)."""
-    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output))
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), RayExecutor(cfg))
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
     runner.start()

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import compose_config
 from heygem_ray.campaign import Campaign
+from heygem_ray.executors.ray_cluster import RayExecutor
 from heygem_ray.manifest import read_manifest
 from heygem_ray.results import read_results
 
@@ -58,7 +59,7 @@ def campaign_config(tmp_path, media_dir, rows: int):
 def test_actors_on_both_gpu_workers(cluster, media_dir, tmp_path):
     _c, workers = cluster
     cfg, rows = campaign_config(tmp_path, media_dir, rows=4)
-    job = Campaign(cfg, rows)
+    job = Campaign(cfg, rows, RayExecutor(cfg))
     summary = job.run()
     assert summary.count("ok") == 4
     assert set(job.segments.by_node) == {w.node_id for w in workers}
@@ -69,7 +70,7 @@ def test_campaign_survives_losing_a_worker_node(cluster, media_dir, tmp_path):
     # enough rows that both actors stay busy for seconds: with fewer, a fast machine could finish the
     # campaign between two looks at the actors' loads
     cfg, rows = campaign_config(tmp_path, media_dir, rows=10)
-    job = Campaign(cfg, rows)
+    job = Campaign(cfg, rows, RayExecutor(cfg))
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
     runner.start()
