@@ -3,6 +3,8 @@
 heygem-ray render manifest=URI output=URI [overrides...] [--cfg job]   render a campaign (or print its config)
 heygem-ray demo [--dir DIR] [--rows N] [hydra overrides...]        make and render a demo campaign
 heygem-ray manifest --audio A... --avatar V... --out URI          build a cross-product manifest
+heygem-ray studio [studio.key=value ...]                          the web front end (http://127.0.0.1:7860)
+heygem-ray studio adduser NAME [--auth users.toml]                add a studio user
 """
 
 from __future__ import annotations
@@ -136,8 +138,9 @@ def render_main(argv: Sequence[str] | None = None) -> int:
     return render(plain, cfg)
 
 
-def compose(overrides: Sequence[str]) -> DictConfig:
-    """The same config `render` would see, through Hydra's compose API (for the demo and tests)."""
+def compose(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
+    """The same config `render` (or, with config_name="studio", `studio`) would see, through
+    Hydra's compose API."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -149,7 +152,7 @@ def compose(overrides: Sequence[str]) -> DictConfig:
     else:
         context = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
     with context:
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 def demo_main(argv: Sequence[str]) -> int:
@@ -201,6 +204,25 @@ def manifest_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def studio_main(argv: Sequence[str]) -> int:
+    """`heygem-ray studio [overrides]` and `heygem-ray studio adduser NAME`."""
+    from heygem_ray.config import StudioAppConfig
+    from heygem_ray.studio import server
+
+    args = list(argv)
+    adduser = bool(args) and args[0] == "adduser"
+    overrides = [a for a in args if "=" in a and not a.startswith("-")] if adduser else args
+    try:
+        composed = OmegaConf.to_object(compose(overrides, config_name="studio"))
+    except Exception as exc:  # noqa: BLE001 - config mistakes are user errors, show them plainly
+        print(f"heygem-ray: error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    assert isinstance(composed, StudioAppConfig)
+    if adduser:
+        return server.adduser_main([a for a in args[1:] if a not in overrides], composed.studio.auth)
+    return server.serve(composed.studio)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -213,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(demo_main(rest))
     elif command == "manifest":
         sys.exit(manifest_main(rest))
+    elif command == "studio":
+        sys.exit(studio_main(rest))
     else:
         print(f"heygem-ray: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
         sys.exit(2)

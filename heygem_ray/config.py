@@ -302,9 +302,50 @@ class Config:
         return self.layout.cache
 
 
+@dataclass
+class StudioConfig:
+    """`heygem-ray studio`: the web front end (heygem_ray/studio). Campaigns run as Ray jobs, so
+    they outlive the page and the studio itself."""
+
+    #: where the studio listens; without `auth` it refuses anything but 127.0.0.1
+    host: str = "127.0.0.1"
+    port: int = 7860
+    #: every user's uploads and campaigns: a local folder or any fsspec URI (s3://bucket/studio)
+    store: str = "~/.heygem_ray/studio"
+    #: the Ray cluster's job server (http://HEAD:8265); null = a local Ray head on this machine,
+    #: started if none is running, which keeps running when the studio stops (`ray stop` ends it)
+    ray_address: str | None = None
+    #: the dashboard / job server port of that local head
+    dashboard_port: int = 8265
+    #: the users file (TOML of names and salted password hashes: `heygem-ray studio adduser NAME`);
+    #: null = one local user, and the studio listens on 127.0.0.1 only
+    auth: str | None = None
+    #: what signs login cookies (created, readable by its owner only, when missing): sessions
+    #: survive a restart of the studio
+    session_key: str = "~/.heygem_ray/studio-session.key"
+    #: renderers users may pick: name -> the campaign's overrides, e.g.
+    #: {wav2lip: [renderer=wav2lip, renderer.checkpoint=s3://models/wav2lip_gan.pth]}; the
+    #: weights-free classic renderer is always offered
+    models: dict[str, list[str]] = field(default_factory=dict)
+    #: largest file a user may upload, MiB (checked by the web server and again by the studio)
+    max_upload_mb: float = 2048
+    #: one line per upload, submit, finish, failure, cancel and download, with user and campaign
+    log_file: str = "~/.heygem_ray/studio.log"
+    #: overrides added to every campaign the studio submits (e.g. [cluster=gpu])
+    render_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StudioAppConfig:
+    """The `studio` command's config: conf/studio.yaml composes it (`studio.port=8080` ...)."""
+
+    studio: StudioConfig = field(default_factory=StudioConfig)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(name="studio_schema", node=StudioAppConfig)
     for name, (renderer_config, _) in RENDERERS.items():  # `renderer=<name>`: no YAML file needed
         cs.store(group="renderer", name=name, node=renderer_config)
     cs.store(group="detector", name="detector_schema", node=DetectorConfig)

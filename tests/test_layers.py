@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("shared_work",),
     ("actor_pool", "observers", "segment_queue"),
     ("campaign",),
+    ("studio",),
     ("demo", "cli"),
 ]
 
@@ -63,3 +64,14 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from heygem_ray.campaign import Campaign\n")
     assert _imports(bad) == [(2, "campaign")] and _layer("campaign") > _layer("media.audio")
+
+
+def test_every_package_is_installed():
+    """pyproject lists the packages a wheel carries: one left out installs a heygem_ray that cannot
+    import itself (an editable install would not notice)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.relative_to(root).parent.parts) for p in (root / "heygem_ray").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

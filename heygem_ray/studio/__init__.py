@@ -1,0 +1,1 @@
+"""The studio: a web front end for the people who make the videos (`heygem-ray studio`)."""

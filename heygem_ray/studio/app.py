@@ -1,0 +1,343 @@
+"""The studio's web server: a login page, the Gradio pages (new campaign, campaigns), and the routes
+that hand a user their own files (thumbnails, videos, all videos as a zip) from the store. Every
+route and every page event finds the user from the signed session cookie, and asks the `Studio`
+for that user's campaigns only; nothing is served from Gradio's cache or from the store by path."""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import gradio as gr
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+
+from heygem_ray import storage
+from heygem_ray.studio.cluster import ClusterUnavailable
+from heygem_ray.studio.service import QUALITIES, CampaignView, Studio
+from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
+from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, MANIFEST_TYPES, UploadError, check_upload
+from heygem_ray.studio.users import authenticate
+
+#: the one user of a studio without a users file (it listens on 127.0.0.1 only)
+LOCAL_USER = "local"
+UI_PATH = "/app"
+_CHUNK = 2**20
+
+
+def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> FastAPI:
+    app = FastAPI(title="heygem_ray studio")
+    log = studio.log
+
+    def current_user(request: Request) -> str | None:
+        if users_file is None:
+            return LOCAL_USER
+        return sessions.user(request.cookies.get(COOKIE))
+
+    @app.middleware("http")
+    async def login_first(request: Request, call_next):
+        """The pages send a visitor without a session to the login page (Gradio's own answer
+        would be a bare 401)."""
+        path = request.url.path
+        if path.rstrip("/") == UI_PATH and request.method == "GET" and current_user(request) is None:
+            return RedirectResponse("/login", status_code=303)
+        return await call_next(request)
+
+    @app.get("/")
+    def home() -> RedirectResponse:
+        return RedirectResponse(UI_PATH + "/", status_code=303)
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        try:
+            studio.cluster.client  # noqa: B018 - connects, or says why not
+            cluster = "ok"
+        except ClusterUnavailable as exc:
+            cluster = str(exc)
+        return JSONResponse({"status": "ok", "cluster": cluster}, status_code=200)
+
+    @app.get("/login")
+    def login_page(error: str = "") -> Response:
+        if users_file is None:
+            return RedirectResponse(UI_PATH + "/", status_code=303)
+        return HTMLResponse(_login_html(error))
+
+    @app.post("/login")
+    def login(name: str = Form(...), password: str = Form(...)) -> Response:
+        if users_file is None:
+            return RedirectResponse(UI_PATH + "/", status_code=303)
+        if not authenticate(users_file, name, password):
+            log.info("login refused user=%s", name[:64])
+            return HTMLResponse(_login_html("Wrong name or password."), status_code=401)
+        log.info("login user=%s", name)
+        response = RedirectResponse(UI_PATH + "/", status_code=303)
+        response.set_cookie(COOKIE, sessions.issue(name), max_age=LIFETIME, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/logout")
+    def logout() -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    @app.get("/files/{campaign_id}/all.zip")
+    def download_all(campaign_id: str, request: Request) -> Response:
+        user = current_user(request)
+        chunks = studio.zip(user, campaign_id) if user else None
+        if chunks is None:
+            return Response(status_code=404)
+        headers = {"Content-Disposition": f'attachment; filename="{campaign_id}.zip"'}
+        return StreamingResponse(chunks, media_type="application/zip", headers=headers)
+
+    @app.get("/files/{campaign_id}/video/{name}")
+    def video(campaign_id: str, name: str, request: Request) -> Response:
+        user = current_user(request)
+        uri = studio.video(user, campaign_id, name) if user else None
+        if uri is None:
+            return Response(status_code=404)
+        return StreamingResponse(_read(uri), media_type="video/mp4")
+
+    @app.get("/files/{campaign_id}/thumb/{row_id}.jpg")
+    def thumbnail(campaign_id: str, row_id: str, request: Request) -> Response:
+        user = current_user(request)
+        data = studio.thumbnail(user, campaign_id, row_id) if user else None
+        if data is None:
+            return Response(status_code=404)
+        return Response(data, media_type="image/jpeg")
+
+    blocks = build_pages(studio, sign_out=users_file is not None)
+    max_bytes = int(studio.cfg.max_upload_mb * 2**20)
+    return gr.mount_gradio_app(
+        app, blocks, path=UI_PATH, auth_dependency=current_user, max_file_size=max_bytes, footer_links=[]
+    )
+
+
+def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
+    models = list(studio.models)
+    audio_types, avatar_types = list(AUDIO_TYPES), list(AVATAR_TYPES)
+    max_bytes = int(studio.cfg.max_upload_mb * 2**20)
+
+    with gr.Blocks(title="heygem_ray studio", delete_cache=(3600, 3600)) as pages:
+        who = gr.Markdown()
+        with gr.Tab("New campaign"):
+            name = gr.Textbox(label="Campaign name", max_length=120)
+            with gr.Row():
+                audios = gr.File(label="Narrations (audio)", file_count="multiple", file_types=audio_types)
+                avatars = gr.File(label="Presenters (videos or photos)", file_count="multiple", file_types=avatar_types)
+            manifest = gr.File(label="…or a manifest (Parquet or CSV: audio, avatar)", file_types=list(MANIFEST_TYPES))
+            checked = gr.Markdown(elem_id="upload-check")
+            with gr.Row():
+                model = gr.Dropdown(models, value=models[0], label="Model")
+                quality = gr.Radio(list(QUALITIES), value="standard", label="Quality")
+            submit = gr.Button("Render", variant="primary", elem_id="submit")
+            submitted = gr.Markdown(elem_id="submitted")
+        with gr.Tab("Campaigns"):
+            listing = gr.Dataframe(
+                headers=["campaign", "name", "status", "rows", "ETA", "created"],
+                interactive=False,
+                label="Your campaigns",
+            )
+            # any value may come back (the choices are per user, filled in later); the studio checks it is theirs
+            chosen = gr.Dropdown([], label="Open campaign", elem_id="chosen", allow_custom_value=True)
+            status = gr.HTML(elem_id="campaign-status")
+            with gr.Row():
+                cancel = gr.Button("Cancel", elem_id="cancel")
+                rerun = gr.Button("Re-run failed rows", elem_id="rerun")
+            acted = gr.Markdown()
+            rows = gr.Dataframe(headers=["row", "status", "seconds", "error"], interactive=False, label="Rows")
+            gallery = gr.HTML(elem_id="gallery")
+            log_tail = gr.Textbox(label="Job log (last lines)", lines=8, max_lines=20, interactive=False)
+        timer = gr.Timer(3.0)
+
+        def whoami(request: gr.Request) -> str:
+            user = request.username or LOCAL_USER
+            out = f"**heygem_ray studio** — signed in as `{user}`" + (" · [sign out](/logout)" if sign_out else "")
+            try:
+                studio.cluster.client  # noqa: B018
+            except ClusterUnavailable as exc:
+                out += f"\n\n⚠️ {exc}. Campaigns can be prepared but not submitted until it answers."
+            return out
+
+        def check(audio_files: list[str] | None, avatar_files: list[str] | None) -> str:
+            """At upload time: each file's type, size and that it decodes; and the row count."""
+            problems = []
+            for files, kind in ((audio_files or [], "audio"), (avatar_files or [], "avatar")):
+                for path in files:
+                    try:
+                        check_upload(path, kind, max_bytes)
+                    except UploadError as exc:
+                        problems.append(f"- ❌ {exc}")
+            n_audio, n_avatar = len(audio_files or []), len(avatar_files or [])
+            count = f"**{n_avatar} presenter(s) × {n_audio} narration(s) = {n_avatar * n_audio} video(s)**"
+            return "\n".join([count, *problems])
+
+        def create(
+            title: str,
+            audio_files: list[str] | None,
+            avatar_files: list[str] | None,
+            manifest_file: str | None,
+            model_name: str,
+            quality_name: str,
+            request: gr.Request,
+        ) -> tuple[str, gr.Dropdown]:
+            user = request.username or LOCAL_USER
+            try:
+                record = studio.create(
+                    user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
+                )
+            except UploadError as exc:
+                return f"❌ {exc}", gr.Dropdown()
+            except ClusterUnavailable as exc:
+                return f"❌ saved, but not submitted: {exc}", gr.Dropdown()
+            finally:  # the uploads now live in the store: none stays in the web server's cache
+                for path in [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]:
+                    _remove_quietly(path)
+            choices = _choices(studio, user)
+            return (
+                (
+                    f"✅ Campaign **{html.escape(record.name)}** submitted: {record.rows} video(s). "
+                    "Follow it on the Campaigns tab."
+                ),
+                gr.Dropdown(choices=choices, value=record.id),
+            )
+
+        def refresh(campaign_id: str | None, request: gr.Request) -> tuple:
+            user = request.username or LOCAL_USER
+            views = studio.campaigns(user)
+            table = [
+                [
+                    v.record.id,
+                    v.record.name,
+                    v.status,
+                    f"{v.rows_done}/{v.rows_total}",
+                    "" if v.eta_seconds is None else f"{v.eta_seconds:.0f} s",
+                    _when(v.record.created),
+                ]
+                for v in views
+            ]
+            choices = [(f"{v.record.name} ({v.record.id})", v.record.id) for v in views]
+            view = studio.campaign(user, campaign_id) if campaign_id else None
+            if view is None or not campaign_id:
+                return table, gr.Dropdown(choices=choices), "", [], "", ""
+            return (
+                table,
+                gr.Dropdown(choices=choices, value=campaign_id),
+                _status_html(view),
+                [
+                    [r["id"], r["status"], "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["error"]]
+                    for r in view.rows
+                ],
+                _gallery_html(studio, view),
+                studio.job_log(user, campaign_id),
+            )
+
+        def do_cancel(campaign_id: str | None, request: gr.Request) -> str:
+            if not campaign_id:
+                return ""
+            try:
+                stopped = studio.cancel(request.username or LOCAL_USER, campaign_id)
+            except ClusterUnavailable as exc:
+                return f"❌ {exc}"
+            return "Stopping: rows that did not finish will be reported." if stopped else "Nothing to cancel."
+
+        def do_rerun(campaign_id: str | None, request: gr.Request) -> str:
+            if not campaign_id:
+                return ""
+            try:
+                job = studio.rerun(request.username or LOCAL_USER, campaign_id)
+            except ClusterUnavailable as exc:
+                return f"❌ {exc}"
+            return "Re-running: finished rows are kept." if job else "It is still running."
+
+        pages.load(whoami, None, who)
+        audios.change(check, [audios, avatars], checked)
+        avatars.change(check, [audios, avatars], checked)
+        submit.click(
+            create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=4
+        )
+        outputs = [listing, chosen, status, rows, gallery, log_tail]
+        pages.load(refresh, [chosen], outputs)
+        chosen.change(refresh, [chosen], outputs, show_progress="hidden")
+        timer.tick(refresh, [chosen], outputs, show_progress="hidden", concurrency_limit=None)
+        cancel.click(do_cancel, [chosen], acted)
+        rerun.click(do_rerun, [chosen], acted)
+    return pages
+
+
+def _choices(studio: Studio, user: str) -> list[tuple[str, str]]:
+    return [(f"{r.name} ({r.id})", r.id) for r in studio.store.campaigns(user)]
+
+
+def _status_html(view: CampaignView) -> str:
+    total = max(1, view.rows_total)
+    percent = round(100 * view.rows_done / total)
+    eta = "" if view.eta_seconds is None else f" · about {view.eta_seconds:.0f} s left"
+    frames = f" · {view.frames_done} frames" if view.frames_done else ""
+    zip_link = (
+        f'<a id="download-all" href="/files/{quote(view.record.id)}/all.zip">Download all videos (zip)</a>'
+        if view.rows_done
+        else ""
+    )
+    note = f"<p>⚠️ {html.escape(view.note)}</p>" if view.note else ""
+    return (
+        f'<div class="campaign" data-status="{view.status}" data-percent="{percent}">'
+        f"<p><b>{html.escape(view.record.name)}</b>: {view.status}, {view.rows_done}/{view.rows_total} rows"
+        f" ({view.rows_failed} failed){frames}{eta}</p>"
+        f'<progress max="100" value="{percent}" style="width:100%"></progress>'
+        f"<p>{zip_link}</p>{note}</div>"
+    )
+
+
+def _gallery_html(studio: Studio, view: CampaignView) -> str:
+    """A thumbnail and a player per finished video, all served by the routes that check the user."""
+    cards = []
+    finished = {storage.basename(uri) for uri in studio.store.videos(view.record)}
+    for row in view.rows:
+        file = f"{row['id']}.mp4"
+        if row["status"] not in ("ok", "skipped") or file not in finished:
+            continue
+        base = f"/files/{quote(view.record.id)}"
+        cards.append(
+            f'<figure class="thumb" style="display:inline-block;margin:4px">'
+            f'<video controls preload="none" width="240" poster="{base}/thumb/{quote(row["id"])}.jpg" '
+            f'src="{base}/video/{quote(file)}"></video>'
+            f"<figcaption>{html.escape(row['id'])} · "
+            f'<a href="{base}/video/{quote(file)}" download>download</a></figcaption></figure>'
+        )
+    return "".join(cards)
+
+
+def _login_html(error: str) -> str:
+    message = f'<p style="color:#b00">{html.escape(error)}</p>' if error else ""
+    return (
+        "<!doctype html><html><head><title>heygem_ray studio: sign in</title></head><body>"
+        '<main style="max-width:22rem;margin:4rem auto;font-family:sans-serif">'
+        f"<h1>heygem_ray studio</h1>{message}"
+        '<form method="post" action="/login">'
+        '<p><label>Name<br><input name="name" autocomplete="username" required></label></p>'
+        '<p><label>Password<br><input name="password" type="password" autocomplete="current-password" required>'
+        "</label></p>"
+        '<p><button type="submit">Sign in</button></p></form></main></body></html>'
+    )
+
+
+def _read(uri: str) -> Iterator[bytes]:
+    with storage.open_uri(uri) as fh:
+        while chunk := fh.read(_CHUNK):
+            yield chunk
+
+
+def _when(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError as exc:
+        logging.getLogger("heygem_ray.studio").debug("could not remove upload %s: %s", path, exc)

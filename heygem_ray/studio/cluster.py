@@ -1,0 +1,139 @@
+"""The studio's side of the Ray cluster: campaigns go in as Ray jobs (the Ray Jobs SDK, entrypoint
+`jobs/render_campaign.py`) and are asked about, stopped and re-run by their submission ids. With
+no address the studio uses a local Ray head it starts itself, or one already running, which
+outlives the studio: campaigns go on while it restarts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("heygem_ray.studio")
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRYPOINT = ROOT / "jobs" / "render_campaign.py"
+RUNTIME_ENV = ROOT / "infra" / "runtime_env.yaml"
+#: Ray job states that will not change again
+FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class ClusterUnavailable(RuntimeError):
+    """The cluster does not answer: the studio says so on its pages instead of failing."""
+
+
+def local_head(dashboard_port: int) -> tuple[str, bool]:
+    """The address of the local Ray head's job server, starting a head (with the dashboard, on
+    127.0.0.1 only) when none answers; and whether it was started now. The head is a set of
+    background processes of its own: `ray stop` ends it."""
+    address = f"http://127.0.0.1:{dashboard_port}"
+    if _answers(address):
+        return address, False
+    ray = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray) if ray.exists() else "ray",
+        "start",
+        "--head",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    deadline = time.time() + 60
+    while not _answers(address):
+        if time.time() > deadline:
+            raise ClusterUnavailable(f"a local Ray head was started but its job server at {address} does not answer")
+        time.sleep(0.5)
+    return address, True
+
+
+def _answers(address: str) -> bool:
+    try:
+        _client(address).list_jobs()
+    except Exception:  # noqa: BLE001 - any failure means: not there (yet)
+        return False
+    return True
+
+
+def _client(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+class Cluster:
+    """Campaign jobs on one Ray cluster. `local`: the head runs on this machine, so the job's
+    driver runs this studio's Python and reads this checkout; a remote head gets the checkout
+    uploaded as the job's working directory (with infra/runtime_env.yaml)."""
+
+    def __init__(self, address: str, local: bool):
+        self.address, self.local = address, local
+        self._jobs: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._jobs is None:
+            try:
+                self._jobs = _client(self.address)
+            except Exception as exc:  # noqa: BLE001 - connection refused, bad address, auth
+                raise ClusterUnavailable(f"the Ray cluster at {self.address} does not answer: {exc}") from None
+        return self._jobs
+
+    def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
+        if self.local:
+            entrypoint = [sys.executable, str(ENTRYPOINT)]
+            runtime_env: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+        else:
+            entrypoint = ["python", "jobs/render_campaign.py"]
+            runtime_env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
+            runtime_env["working_dir"] = str(ROOT)
+        command = " ".join(_quote(part) for part in [*entrypoint, *overrides])
+        return self._call(
+            "submit_job",
+            entrypoint=command,
+            submission_id=submission_id,
+            runtime_env=runtime_env,
+            metadata=metadata,
+        )
+
+    def status(self, submission_id: str) -> str:
+        return str(self._call("get_job_status", submission_id)).split(".")[-1]
+
+    def logs(self, submission_id: str, last_lines: int = 60) -> str:
+        text: str = self._call("get_job_logs", submission_id)
+        return "\n".join(text.splitlines()[-last_lines:])
+
+    def stop(self, submission_id: str) -> bool:
+        return bool(self._call("stop_job", submission_id))
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except ClusterUnavailable:
+            raise
+        except OSError as exc:  # requests' connection errors are OSErrors
+            raise ClusterUnavailable(f"the Ray cluster at {self.address} does not answer: {exc}") from None
+
+
+def _quote(part: str) -> str:
+    import shlex
+
+    return shlex.quote(part)
+
+
+def stop_hint(started: bool) -> str:
+    if started:
+        return "started a local Ray head for the studio's campaigns; it keeps running after the studio stops: `ray stop` ends it"
+    return "using the local Ray head already running (`ray stop` ends it)"
+
+
+def environment_note() -> str:
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    return f"RAY_AUTH_MODE={mode or '(Ray default: token)'}"

@@ -1,0 +1,96 @@
+"""`heygem-ray studio`: start the web front end on a cluster (the given one, or a local Ray head that
+outlives the studio), and `heygem-ray studio adduser NAME`."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from heygem_ray.config import StudioConfig
+from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, local_head
+from heygem_ray.studio.service import Studio
+from heygem_ray.studio.sessions import Sessions, load_key
+from heygem_ray.studio.users import add_user
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def studio_log(path: str) -> logging.Logger:
+    """One line per upload, submit, finish, failure, cancel, download: for `tail -f`."""
+    log = logging.getLogger("heygem_ray.studio")
+    log.setLevel(logging.INFO)
+    file = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
+    if not any(getattr(h, "baseFilename", None) == os.path.abspath(file) for h in log.handlers):
+        handler = logging.FileHandler(file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+        log.addHandler(handler)
+    return log
+
+
+def connect(cfg: StudioConfig) -> tuple[Cluster, str]:
+    """The cluster campaigns go to, and a line for the operator about it."""
+    if cfg.ray_address:
+        host = cfg.ray_address.split("://")[-1].split(":")[0]
+        return Cluster(
+            cfg.ray_address, local=host in LOOPBACK
+        ), f"campaigns run on the Ray cluster at {cfg.ray_address}"
+    address, started = local_head(cfg.dashboard_port)
+    how = "started a local Ray head" if started else "using the local Ray head already running"
+    about = f"{how} ({address}, dashboard included); it keeps running when the studio stops, so campaigns go on: "
+    return Cluster(address, local=True), about + "`ray stop` ends it"
+
+
+def serve(cfg: StudioConfig) -> int:
+    import uvicorn
+
+    from heygem_ray.studio.app import build_app
+
+    if cfg.auth is None and cfg.host not in LOOPBACK:
+        print(
+            f"heygem-ray: error: studio.host={cfg.host} needs studio.auth (a users file): without one the studio "
+            "has a single user and listens on 127.0.0.1 only",
+            file=sys.stderr,
+        )
+        return 2
+    log = studio_log(cfg.log_file)
+    try:
+        cluster, about = connect(cfg)
+    except (ClusterUnavailable, OSError) as exc:
+        print(f"heygem-ray: error: no Ray cluster for the studio: {exc}", file=sys.stderr)
+        return 2
+    studio = Studio(cfg, cluster, log)
+    app = build_app(studio, cfg.auth, Sessions(load_key(cfg.session_key)))
+    print(f"heygem-ray studio: {about}")
+    if cfg.auth is None:
+        print("heygem-ray studio: no studio.auth: one local user, listening on 127.0.0.1 only")
+    print(f"heygem-ray studio: store {cfg.store}; log {cfg.log_file}")
+    print(f"heygem-ray studio: open http://{cfg.host}:{cfg.port}/")
+    log.info("start store=%s cluster=%s", cfg.store, cluster.address)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    return 0
+
+
+def adduser_main(argv: Sequence[str], default_file: str | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="heygem-ray studio adduser", description="Add a studio user (or set a password)."
+    )
+    parser.add_argument("name")
+    parser.add_argument("--auth", default=default_file, help="the users file (default: studio.auth, else users.toml)")
+    parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    args = parser.parse_args(list(argv))
+    password = (
+        sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass(f"password for {args.name}: ")
+    )
+    path = args.auth or "users.toml"
+    try:
+        add_user(path, args.name, password)
+    except ValueError as exc:
+        print(f"heygem-ray: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"heygem-ray: user {args.name} saved in {path}")
+    return 0

@@ -1,0 +1,213 @@
+"""What the studio does, apart from its pages: make a campaign from uploads, submit it as a Ray job,
+report on it from its progress feed, results and job, cancel it, re-run its failed rows, hand out
+its videos. Every call names the user, and reaches that user's campaigns only."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from heygem_ray import storage
+from heygem_ray.config import StudioConfig
+from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+from heygem_ray.studio.store import CampaignRecord, StudioStore, UploadError
+
+#: the weights-free renderer: every studio offers it
+BUILTIN_MODELS: dict[str, list[str]] = {"classic (no weights)": ["renderer=classic"]}
+#: quality -> encoder settings (the default encoder is "standard")
+QUALITIES: dict[str, list[str]] = {
+    "standard": [],
+    "draft (small, fast)": ["encoder.crf=28", "encoder.preset=superfast"],
+    "best (large)": ["encoder.crf=14", "encoder.preset=medium"],
+}
+
+
+@dataclass
+class CampaignView:
+    record: CampaignRecord
+    #: queued | running | finished | cancelled | failed | unknown (cluster unreachable)
+    status: str
+    rows_total: int
+    rows_done: int = 0
+    rows_failed: int = 0
+    frames_done: int = 0
+    frames_planned: int = 0
+    eta_seconds: float | None = None
+    rows: list[dict] = field(default_factory=list)  # id, status, seconds, error: from the results or the feed
+    note: str = ""
+
+
+class Studio:
+    def __init__(self, cfg: StudioConfig, cluster: Cluster, log: logging.Logger):
+        self.cfg, self.cluster, self.log = cfg, cluster, log
+        self.store = StudioStore(cfg.store)
+        self.models = {**BUILTIN_MODELS, **{name: list(o) for name, o in cfg.models.items()}}
+
+    # ------------------------------------------------------------ creating
+    def create(
+        self,
+        user: str,
+        name: str,
+        audios: list[str],
+        avatars: list[str],
+        manifest: str | None = None,
+        model: str = "",
+        quality: str = "standard",
+    ) -> CampaignRecord:
+        """A campaign from uploaded files (local paths the web server received): every avatar with
+        every narration, or the rows of an uploaded manifest; stored, then submitted. Raises
+        UploadError (nothing submitted) when an upload or a choice is refused."""
+        model = model or next(iter(self.models))
+        if model not in self.models:
+            raise UploadError(f"unknown model {model!r}")
+        if quality not in QUALITIES:
+            raise UploadError(f"unknown quality {quality!r}")
+        campaign_id = self.store.new_id()
+        limit = int(self.cfg.max_upload_mb * 2**20)
+        audio_uris = [self.store.save_upload(user, campaign_id, p, "audio", limit) for p in audios]
+        avatar_uris = [self.store.save_upload(user, campaign_id, p, "avatar", limit) for p in avatars]
+        for path, uri in zip([*audios, *avatars], [*audio_uris, *avatar_uris], strict=True):
+            self.log.info("upload user=%s campaign=%s file=%s", user, campaign_id, storage.basename(uri))
+        if manifest:
+            manifest_uri, rows = self.store.uploaded_manifest(user, campaign_id, manifest)
+        elif audio_uris and avatar_uris:
+            manifest_uri, rows = self.store.pairs_manifest(user, campaign_id, audio_uris, avatar_uris)
+        else:
+            raise UploadError("give at least one narration and one avatar (or a manifest)")
+        record = CampaignRecord(
+            id=campaign_id,
+            user=user,
+            name=(name or "").strip()[:120] or campaign_id,
+            created=time.time(),
+            rows=rows,
+            model=model,
+            quality=quality,
+            manifest=manifest_uri,
+            output=self.store.output(user, campaign_id),
+        )
+        self.store.save(record)
+        self.submit(record)
+        return record
+
+    def submit(self, record: CampaignRecord) -> str:
+        """Start (or resume) the campaign as a new Ray job: finished rows are skipped by the driver."""
+        submission_id = f"heygem-{record.user}-{record.id}-{len(record.jobs) + 1}"
+        overrides = [
+            f"manifest={record.manifest}",
+            f"output={record.output}",
+            # the user's own cache: their avatars and narrations are tracked and decoded once
+            f"cache={storage.join(self.store.root, record.user, '_cache')}",
+            "render.progress=false",
+            *self.models.get(record.model, []),
+            *QUALITIES.get(record.quality, []),
+            *self.cfg.render_overrides,
+        ]
+        self.cluster.submit(submission_id, overrides, {"heygem_user": record.user, "heygem_campaign": record.id})
+        record.jobs.append(submission_id)
+        self.store.save(record)
+        self.log.info("submit user=%s campaign=%s rows=%d job=%s", record.user, record.id, record.rows, submission_id)
+        return submission_id
+
+    # ------------------------------------------------------------ reading
+    def campaigns(self, user: str) -> list[CampaignView]:
+        return [self._view(record, rows=False) for record in self.store.campaigns(user)]
+
+    def campaign(self, user: str, campaign_id: str) -> CampaignView | None:
+        record = self.store.load(user, campaign_id)
+        return None if record is None else self._view(record, rows=True)
+
+    def job_log(self, user: str, campaign_id: str) -> str:
+        record = self.store.load(user, campaign_id)
+        if record is None or not record.jobs:
+            return ""
+        try:
+            return self.cluster.logs(record.jobs[-1])
+        except ClusterUnavailable as exc:
+            return str(exc)
+
+    def _view(self, record: CampaignRecord, rows: bool) -> CampaignView:
+        feed = self.store.progress(record) or {}
+        counts = feed.get("rows", {})
+        view = CampaignView(record, "queued", counts.get("total", record.rows))
+        view.rows_done = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
+        view.rows_failed = counts.get("failed", 0)
+        view.frames_done = feed.get("frames", {}).get("done", 0)
+        view.frames_planned = feed.get("frames", {}).get("planned", 0)
+        view.eta_seconds = feed.get("eta_seconds")
+        try:
+            job = self.cluster.status(record.jobs[-1]) if record.jobs else "PENDING"
+        except ClusterUnavailable as exc:
+            job, view.note = "UNKNOWN", str(exc)
+        except RuntimeError:  # a job the cluster no longer knows (a new cluster): the feed says it all
+            job = "UNKNOWN"
+        view.status = _status(job, feed.get("state"))
+        if rows:
+            results = self.store.results(record) if feed.get("state") != "running" else []
+            if results:
+                view.rows = [
+                    {"id": r["id"], "status": r["status"], "seconds": r["render_seconds"], "error": r["error"] or ""}
+                    for r in results
+                ]
+            else:
+                view.rows = [
+                    {"id": row_id, "status": s, "seconds": None, "error": ""}
+                    for row_id, s in feed.get("row_status", {}).items()
+                ]
+        return view
+
+    # ------------------------------------------------------------ acting
+    def cancel(self, user: str, campaign_id: str) -> bool:
+        record = self.store.load(user, campaign_id)
+        if record is None or not record.jobs:
+            return False
+        stopped = self.cluster.stop(record.jobs[-1])
+        self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
+        return stopped
+
+    def rerun(self, user: str, campaign_id: str) -> str | None:
+        """Submit the campaign again: its finished rows are skipped, the failed and unfinished ones
+        render. None when it is still running (or not the user's)."""
+        view = self.campaign(user, campaign_id)
+        if view is None or view.status in ("queued", "running"):
+            return None
+        return self.submit(view.record)
+
+    def videos(self, user: str, campaign_id: str) -> list[str]:
+        record = self.store.load(user, campaign_id)
+        return [] if record is None else self.store.videos(record)
+
+    def video(self, user: str, campaign_id: str, name: str) -> str | None:
+        """The URI of one of the campaign's videos by file name, if it is one."""
+        return next((uri for uri in self.videos(user, campaign_id) if storage.basename(uri) == name), None)
+
+    def thumbnail(self, user: str, campaign_id: str, row_id: str) -> bytes | None:
+        record = self.store.load(user, campaign_id)
+        if record is None or not any(r["id"] == row_id for r in self.store.results(record)):
+            return None
+        try:
+            return storage.read_bytes(storage.join(record.output, "_thumbs", f"{row_id}.jpg"))
+        except FileNotFoundError:
+            return None
+
+    def zip(self, user: str, campaign_id: str) -> Iterator[bytes] | None:
+        record = self.store.load(user, campaign_id)
+        if record is None:
+            return None
+        self.log.info("download user=%s campaign=%s", user, campaign_id)
+        return self.store.zip_stream(record)
+
+
+def _status(job: str, feed_state: str | None) -> str:
+    if job == "STOPPED" or feed_state == "interrupted":
+        return "cancelled"
+    if feed_state == "finished":
+        return "finished"
+    if job in ("PENDING",) and feed_state is None:
+        return "queued"
+    if job in ("PENDING", "RUNNING"):
+        return "running"
+    if job == "FAILED":
+        return "failed"
+    return "unknown" if job == "UNKNOWN" else "running"

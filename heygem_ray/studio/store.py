@@ -1,0 +1,227 @@
+"""The studio's store: every user's campaigns under one root (a local folder or any fsspec URI),
+one folder per user and campaign. A user reaches only their own folder: names and campaign ids are
+checked before any path is built, and nothing a user sends is used as a path.
+
+    {store}/{user}/{campaign}/campaign.json     what the studio knows (name, rows, model, jobs)
+    {store}/{user}/{campaign}/inputs/           the uploads and the manifest
+    {store}/{user}/{campaign}/output/           the campaign's output root (videos, _results, ...)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from heygem_ray import storage
+from heygem_ray.errors import InputError
+from heygem_ray.manifest import build_manifest
+from heygem_ray.media.audio import iter_pcm16k
+from heygem_ray.media.video import probe
+from heygem_ray.studio.users import check_name
+
+AUDIO_TYPES = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
+AVATAR_TYPES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".png", ".jpg", ".jpeg")
+MANIFEST_TYPES = (".parquet", ".csv")
+CAMPAIGN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+_ZIP_CHUNK = 4 * 2**20
+
+
+class UploadError(ValueError):
+    """An upload the studio refuses, with a message for the person who sent it."""
+
+
+@dataclass
+class CampaignRecord:
+    id: str
+    user: str
+    name: str
+    created: float
+    rows: int
+    model: str
+    quality: str
+    manifest: str
+    output: str
+    #: Ray job submission ids, oldest first (a re-run of failed rows adds one)
+    jobs: list[str] = field(default_factory=list)
+
+
+class StudioStore:
+    def __init__(self, root: str):
+        self.root = storage.normalize(os.path.expanduser(root))
+
+    # ---------------------------------------------------------------- paths
+    def campaign_root(self, user: str, campaign_id: str) -> str:
+        if not CAMPAIGN_ID.fullmatch(campaign_id):
+            raise KeyError(campaign_id)
+        return storage.join(self.root, check_name(user), campaign_id)
+
+    def inputs(self, user: str, campaign_id: str) -> str:
+        return storage.join(self.campaign_root(user, campaign_id), "inputs")
+
+    def output(self, user: str, campaign_id: str) -> str:
+        return storage.join(self.campaign_root(user, campaign_id), "output")
+
+    @staticmethod
+    def new_id() -> str:
+        return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+    # -------------------------------------------------------------- uploads
+    def save_upload(self, user: str, campaign_id: str, local: str, kind: str, max_bytes: int) -> str:
+        """Check an uploaded file (`check_upload`) and copy it into the campaign's inputs; returns
+        its URI there."""
+        name = check_upload(local, kind, max_bytes)
+        uri = storage.join(self.inputs(user, campaign_id), kind, name)
+        storage.publish_file(local, uri)
+        return uri
+
+    def pairs_manifest(self, user: str, campaign_id: str, audios: list[str], avatars: list[str]) -> tuple[str, int]:
+        """Every avatar with every narration (N x M rows); the manifest's URI and row count."""
+        uri = storage.join(self.inputs(user, campaign_id), "manifest.parquet")
+        return uri, build_manifest(audios, avatars, uri)
+
+    def uploaded_manifest(self, user: str, campaign_id: str, local: str) -> tuple[str, int]:
+        """A manifest the user wrote (Parquet or CSV with `audio` and `avatar` columns), its files
+        named relative to the campaign's uploads (or as URIs inside the user's own folder): stored
+        as Parquet with every path resolved. Raises UploadError for anything outside that folder."""
+        name = Path(local).name
+        if not name.lower().endswith(MANIFEST_TYPES):
+            raise UploadError(f"{name}: a manifest is a .parquet or .csv file")
+        try:
+            table = pacsv.read_csv(local) if name.lower().endswith(".csv") else pq.read_table(local)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UploadError(f"{name}: cannot read it as a table ({str(exc).splitlines()[0]})") from None
+        missing = {"audio", "avatar"} - set(table.column_names)
+        if missing:
+            raise UploadError(f"{name}: needs the columns audio and avatar (missing: {', '.join(sorted(missing))})")
+        inputs = self.inputs(user, campaign_id)
+        own = storage.join(self.root, user) + "/"
+        columns = {}
+        for column, kind in (("audio", "audio"), ("avatar", "avatar")):
+            resolved = []
+            for value in table.column(column).to_pylist():
+                value = str(value or "")
+                uri = value if "://" in value or value.startswith("/") else storage.join(inputs, kind, value)
+                if not storage.normalize(uri).startswith(own) or ".." in value.split("/"):
+                    raise UploadError(f"{name}: {value!r} is not among your uploads")
+                resolved.append(uri)
+            columns[column] = resolved
+        keep = [c for c in ("id", "box") if c in table.column_names]
+        out = pa.table({**{c: table.column(c) for c in keep}, **columns})
+        buf = io.BytesIO()
+        pq.write_table(out, buf)
+        uri = storage.join(inputs, "manifest.parquet")
+        storage.write_bytes(uri, buf.getvalue())
+        return uri, out.num_rows
+
+    # -------------------------------------------------------------- records
+    def save(self, record: CampaignRecord) -> None:
+        uri = storage.join(self.campaign_root(record.user, record.id), "campaign.json")
+        storage.write_bytes(uri, json.dumps(asdict(record), indent=1).encode())
+
+    def load(self, user: str, campaign_id: str) -> CampaignRecord | None:
+        try:
+            uri = storage.join(self.campaign_root(user, campaign_id), "campaign.json")
+            data = json.loads(storage.read_bytes(uri))
+        except (KeyError, FileNotFoundError, ValueError):
+            return None
+        record = CampaignRecord(**data)
+        return record if record.user == user else None
+
+    def campaigns(self, user: str) -> list[CampaignRecord]:
+        """The user's campaigns, newest first."""
+        found = storage.glob(storage.join(self.root, check_name(user), "*", "campaign.json"))
+        records = [self.load(user, storage.basename(storage.dirname(uri))) for uri in found]
+        return sorted((r for r in records if r is not None), key=lambda r: r.created, reverse=True)
+
+    # -------------------------------------------------------------- outputs
+    def progress(self, record: CampaignRecord) -> dict | None:
+        try:
+            feed: dict = json.loads(storage.read_bytes(storage.join(record.output, "_progress.json")))
+        except (FileNotFoundError, ValueError):
+            return None
+        return feed
+
+    def results(self, record: CampaignRecord) -> list[dict]:
+        try:
+            with storage.open_uri(storage.join(record.output, "_results.parquet")) as fh:
+                return pq.read_table(fh).to_pylist()
+        except FileNotFoundError:
+            return []
+
+    def videos(self, record: CampaignRecord) -> list[str]:
+        """URIs of the campaign's finished videos (rows ok or skipped), in manifest order."""
+        own = record.output.rstrip("/") + "/"
+        return [
+            r["output"]
+            for r in self.results(record)
+            if r["status"] in ("ok", "skipped") and storage.normalize(r["output"]).startswith(own)
+        ]
+
+    def zip_stream(self, record: CampaignRecord) -> Iterator[bytes]:
+        """The campaign's videos as one zip, produced piece by piece while it is sent (stored, not
+        compressed: H.264 does not shrink), never whole in memory."""
+        sink = _Sink()
+        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
+            for uri in self.videos(record):
+                with storage.open_uri(uri) as src, archive.open(storage.basename(uri), "w", force_zip64=True) as dst:
+                    while chunk := src.read(_ZIP_CHUNK):
+                        dst.write(chunk)
+                        yield sink.take()
+        yield sink.take()
+
+
+def check_upload(local: str, kind: str, max_bytes: int) -> str:
+    """An uploaded file's name as it will be stored, once its type, size and that it decodes as
+    `kind` (audio | avatar) are checked; else UploadError saying what is wrong."""
+    name = _safe_name(Path(local).name)
+    allowed = AUDIO_TYPES if kind == "audio" else AVATAR_TYPES
+    if not name.lower().endswith(allowed):
+        raise UploadError(f"{name}: not an accepted {kind} file (accepted: {', '.join(allowed)})")
+    size = os.path.getsize(local)
+    if size > max_bytes:
+        raise UploadError(f"{name}: {size / 2**20:.0f} MiB is over the upload limit of {max_bytes / 2**20:.0f} MiB")
+    try:
+        if kind == "audio":
+            next(iter_pcm16k(local, display_uri=name), None)
+        else:
+            probe(local, 25.0, display_uri=name)
+    except (InputError, OSError, ValueError) as exc:
+        raise UploadError(f"{name}: not a readable {kind} file ({str(exc).splitlines()[0]})") from None
+    return name
+
+
+class _Sink(io.RawIOBase):
+    """A write-only stream that hands out what was written since the last `take` (zipfile writes
+    to unseekable streams with data descriptors)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._buf += data
+        return len(data)
+
+    def take(self) -> bytes:
+        out, self._buf = bytes(self._buf), bytearray()
+        return out
+
+
+def _safe_name(name: str) -> str:
+    """An upload's file name as it is stored: its last part only, odd characters replaced."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(name)).strip("-.")
+    return name or "upload"

@@ -1,0 +1,76 @@
+"""The studio's users: a TOML file of names and salted password hashes (scrypt, from the standard
+library), written by `heygem-ray studio adduser NAME` and read by the studio at each login.
+
+    [users.alice]
+    password = "scrypt$16384$8$1$<salt hex>$<hash hex>"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from pathlib import Path
+
+import tomllib
+
+#: what a user name may be: it names the user's folder in the store, so nothing that could climb out
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_N, _R, _P = 2**14, 8, 1  # scrypt's cost: ~50 ms and 16 MiB a check
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"user name {name!r}: lower-case letters, digits, '_', '.', '-' (up to 63)")
+    return name
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=32)
+    return f"scrypt${_N}${_R}${_P}${salt.hex()}${digest.hex()}"
+
+
+def password_matches(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        got = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got.hex(), digest)
+
+
+def read_users(path: str | Path) -> dict[str, str]:
+    """name -> stored hash; an absent file has no users."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    return {check_name(name): entry["password"] for name, entry in data.get("users", {}).items()}
+
+
+def add_user(path: str | Path, name: str, password: str) -> None:
+    """Add a user or change one's password (the file is rewritten whole, readable by its owner only)."""
+    if not password:
+        raise ValueError("an empty password is not allowed")
+    users = read_users(path)
+    users[check_name(name)] = hash_password(password)
+    text = "".join(f'[users."{n}"]\npassword = "{h}"\n\n' for n, h in sorted(users.items()))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def authenticate(path: str | Path, name: str, password: str) -> bool:
+    stored = read_users(path).get(name)
+    if stored is None:
+        hash_password(password)  # as slow as a real check: the time says nothing about which names exist
+        return False
+    return password_matches(password, stored)
