@@ -151,7 +151,7 @@ def fresh_worker_task(self, fn, num_gpus):
                                                 max_retries=0)
 
 ray_cluster.RayExecutor._remote = fresh_worker_task
-ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
 summary = campaign.run(to_plain(compose(sys.argv[1:])))
 print(json.dumps({r.id: [r.status, r.error] for r in summary.rows}))
 """

@@ -419,7 +419,7 @@ def ray_session(cpus: int, fresh: bool = False) -> None:
     if ray.is_initialized() and (fresh or SESSION["cpus"] != cpus):
         ray.shutdown()
     if not ray.is_initialized():
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         SESSION["cpus"] = cpus
 
 

@@ -115,7 +115,9 @@ def connect(cfg: Config) -> bool:
     elif os.environ.get("RAY_ADDRESS"):  # ray.init joins that cluster, which sizes itself
         ray.init(**kwargs)
     else:
-        ray.init(num_cpus=local_cpus(cfg), num_gpus=cfg.cluster.num_gpus, **kwargs)
+        # "local": a Ray of its own even when another runs on this machine (`ray start`, the studio's
+        # head), which ray.init would otherwise join
+        ray.init(address="local", num_cpus=local_cpus(cfg), num_gpus=cfg.cluster.num_gpus, **kwargs)
     return True
 
 

@@ -1,0 +1,297 @@
+"""The studio: users and sessions, the store's checks, and the running app on a real Ray head (its job
+server), driven over HTTP as a browser and Gradio's client would: log in, upload, submit, follow
+the progress to the end, download the zip; and another user reaching none of it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import _free_port
+from heygem_ray.studio.sessions import Sessions
+from heygem_ray.studio.store import StudioStore, UploadError, check_upload
+from heygem_ray.studio.users import add_user, authenticate, check_name, read_users
+
+MIB = 2**20
+
+
+# ------------------------------------------------------------------------------ users and sessions
+def test_users_file_keeps_salted_hashes_and_checks_passwords(tmp_path):
+    users = tmp_path / "users.toml"
+    add_user(users, "alice", "s3cret pass")
+    add_user(users, "bob", "s3cret pass")
+    text = users.read_text()
+    assert "s3cret" not in text
+    hashes = read_users(users)
+    assert hashes["alice"] != hashes["bob"]  # salted: the same password, different hashes
+    assert oct(users.stat().st_mode & 0o777) == "0o600"
+    assert authenticate(users, "alice", "s3cret pass")
+    assert not authenticate(users, "alice", "s3cret pas")
+    assert not authenticate(users, "carol", "s3cret pass")
+    add_user(users, "alice", "new one")  # a new password replaces the old
+    assert authenticate(users, "alice", "new one") and not authenticate(users, "alice", "s3cret pass")
+
+
+@pytest.mark.parametrize("name", ["../alice", "Alice", "a/b", "", ".hidden", "x" * 80])
+def test_user_names_that_could_name_another_folder_are_refused(name):
+    with pytest.raises(ValueError):
+        check_name(name)
+
+
+def test_sessions_are_signed_and_expire():
+    sessions = Sessions(b"k" * 32)
+    cookie = sessions.issue("alice", now=1000.0)
+    assert sessions.user(cookie, now=1001.0) == "alice"
+    assert sessions.user(cookie.replace("alice", "bob"), now=1001.0) is None  # not signed for bob
+    assert Sessions(b"x" * 32).user(cookie, now=1001.0) is None  # another key
+    assert sessions.user(cookie, now=1000.0 + 13 * 3600) is None  # expired
+    assert sessions.user(None) is None and sessions.user("alice") is None
+
+
+# ------------------------------------------------------------------------------------- the store
+def test_uploads_are_checked_by_what_they_are(tmp_path, media_dir):
+    assert check_upload(str(media_dir / "speech3.wav"), "audio", MIB) == "speech3.wav"
+    assert check_upload(str(media_dir / "still.png"), "avatar", MIB) == "still.png"
+    fake = tmp_path / "song.wav"
+    fake.write_text("not audio at all")
+    with pytest.raises(UploadError, match="song.wav: not a readable audio file"):
+        check_upload(str(fake), "audio", MIB)
+    with pytest.raises(UploadError, match="not an accepted avatar file"):
+        check_upload(str(media_dir / "speech3.wav"), "avatar", MIB)
+    with pytest.raises(UploadError, match="over the upload limit"):
+        check_upload(str(media_dir / "clip6.mp4"), "avatar", 1000)
+
+
+def test_campaign_ids_and_users_never_reach_outside_their_folder(tmp_path):
+    store = StudioStore(str(tmp_path / "store"))
+    campaign = store.new_id()
+    assert store.output("alice", campaign) == str(tmp_path / "store" / "alice" / campaign / "output")
+    for bad in ("../bob/20261130-000000-abcdef", "20261130-000000-abcdef/..", "x"):
+        with pytest.raises(KeyError):
+            store.campaign_root("alice", bad)
+    with pytest.raises(ValueError):
+        store.campaign_root("../bob", campaign)
+    assert store.load("bob", campaign) is None
+
+
+def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
+    store = StudioStore(str(tmp_path / "store"))
+    campaign = store.new_id()
+    good = tmp_path / "good.csv"
+    good.write_text("audio,avatar\nnarration.wav,face.png\n")
+    uri, rows = store.uploaded_manifest("alice", campaign, str(good))
+    table = pq.read_table(uri).to_pylist()
+    assert rows == 1 and table[0]["audio"] == os.path.join(store.inputs("alice", campaign), "audio", "narration.wav")
+    for value in (str(tmp_path / "store" / "bob" / "x.wav"), "/etc/passwd", "../../bob/x.wav", "s3://elsewhere/x.wav"):
+        bad = tmp_path / "bad.parquet"
+        pq.write_table(pa.table({"audio": [value], "avatar": ["face.png"]}), bad)
+        with pytest.raises(UploadError, match="is not among your uploads"):
+            store.uploaded_manifest("alice", campaign, str(bad))
+
+
+# ------------------------------------------------------------------------------ the running studio
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real Ray head with its job server (as `ray start --head` makes one), on ports of its own so
+    it runs beside the tests' in-process Ray; stopped with the module."""
+    ray = Path(sys.executable).with_name("ray")
+    dashboard = _free_port()
+    temp = tmp_path_factory.mktemp("rayhead")
+    ports = {
+        "--port": _free_port(),
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+    }
+    head = subprocess.Popen(
+        [
+            str(ray),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+            *(f"{flag}={port}" for flag, port in ports.items()),
+        ],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for(lambda: _answers(address) or head.poll() is not None, 90, "the Ray head's job server")
+        assert head.poll() is None, head.stderr.read()[-2000:] if head.stderr else ""
+        yield address
+    finally:
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+def _answers(address: str) -> bool:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(address).list_jobs()
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _wait_for(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+class Studio:
+    """`heygem-ray studio` as an operator starts it, in a process of its own."""
+
+    def __init__(self, tmp_path: Path, ray_address: str, users: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / "studio.log"
+        self.args = [
+            sys.executable,
+            "-m",
+            "heygem_ray.cli",
+            "studio",
+            f"studio.port={self.port}",
+            f"studio.store={tmp_path / 'store'}",
+            f"studio.ray_address={ray_address}",
+            f"studio.auth={users}",
+            f"studio.session_key={tmp_path / 'session.key'}",
+            f"studio.log_file={self.log}",
+        ]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Studio:
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "GRADIO_ANALYTICS_ENABLED": "False"}
+        self.process = subprocess.Popen(self.args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _wait_for(lambda: self._up() or self.process.poll() is not None, 90, "the studio")
+        assert self.process.poll() is None, self.process.stdout.read() if self.process.stdout else ""
+        return self
+
+    def _up(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+
+    def session(self, name: str, password: str):
+        """An HTTP client logged in as `name`, and a Gradio client that sends its cookie."""
+        import httpx
+        from gradio_client import Client
+
+        http = httpx.Client(base_url=self.url, follow_redirects=False, timeout=60)
+        answer = http.post("/login", data={"name": name, "password": password})
+        assert answer.status_code == 303, answer.text
+        cookie = "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+        client = Client(self.url + "/app/", headers={"Cookie": cookie}, verbose=False, download_files=False)
+        return http, client
+
+
+@pytest.mark.integration
+def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media_dir, ray_head):
+    """Two users; alice uploads two presenters and one narration, submits, follows the campaign to
+    the end across a restart of the studio, and downloads both videos as one zip; bob sees none of
+    it through the pages, the API or alice's file URLs; a wrong password is refused."""
+    import httpx
+    from gradio_client import handle_file
+
+    users = tmp_path / "users.toml"
+    add_user(users, "alice", "alice-pw")
+    add_user(users, "bob", "bob-pw")
+    studio = Studio(tmp_path, ray_head, users).start()
+    try:
+        anonymous = httpx.Client(base_url=studio.url, follow_redirects=False)
+        assert anonymous.get("/app/").status_code in (303, 307)  # to the login page
+        assert anonymous.post("/login", data={"name": "alice", "password": "nope"}).status_code == 401
+        alice_http, alice = studio.session("alice", "alice-pw")
+
+        checked = alice.predict([handle_file(str(media_dir / "speech3.wav"))], [], api_name="/check")
+        assert "0 video(s)" in checked
+        text, chosen = alice.predict(
+            "hr onboarding",
+            [handle_file(str(media_dir / "speech3.wav"))],
+            [handle_file(str(media_dir / "still.png")), handle_file(str(media_dir / "clip2.mp4"))],
+            None,
+            "classic (no weights)",
+            "draft (small, fast)",
+            api_name="/create",
+        )
+        assert "submitted: 2 video(s)" in text, text
+        campaign = chosen["value"]
+    finally:
+        studio.stop()  # a restart mid-campaign: the job goes on, the new studio finds it
+
+    studio.start()
+    try:
+        alice_http, alice = studio.session("alice", "alice-pw")
+
+        def finished():
+            listing, _, status, rows, gallery, _log = alice.predict(campaign, api_name="/refresh")
+            return (status, rows, gallery, listing) if 'data-status="finished"' in status else None
+
+        status, rows, gallery, listing = _wait_for(finished, 240, "the campaign to finish")
+        assert 'data-percent="100"' in status and "2/2 rows (0 failed)" in status
+        assert [r[1] for r in rows["data"]] == ["ok", "ok"]
+        assert gallery.count("<video") == 2 and f"/files/{campaign}/thumb/" in gallery
+        assert [row[0] for row in listing["data"]] == [campaign]
+
+        archive = alice_http.get(f"/files/{campaign}/all.zip")
+        assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
+        names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
+        assert sorted(names) == ["speech3__clip2.mp4", "speech3__still.mp4"]
+        assert alice_http.get(f"/files/{campaign}/video/speech3__still.mp4").content[4:8] == b"ftyp"
+
+        bob_http, bob = studio.session("bob", "bob-pw")
+        listing, _, status, rows, gallery, log = bob.predict(campaign, api_name="/refresh")
+        assert listing["data"] == [] and status == "" and rows["data"] in ([], [["", "", "", ""]]) and log == ""
+        for path in (
+            f"/files/{campaign}/all.zip",
+            f"/files/{campaign}/video/speech3__still.mp4",
+            f"/files/{campaign}/thumb/speech3__still.jpg",
+        ):
+            assert bob_http.get(path).status_code == 404, path
+            assert anonymous.get(path).status_code == 404, path
+        assert "Nothing to cancel" in bob.predict(campaign, api_name="/do_cancel")
+
+        lines = studio.log.read_text()
+        assert f"submit user=alice campaign={campaign} rows=2" in lines and "login refused user=alice" in lines
+        record = json.loads((tmp_path / "store" / "alice" / campaign / "campaign.json").read_text())
+        assert record["jobs"] and record["quality"] == "draft (small, fast)"
+    finally:
+        studio.stop()
+    shutil.rmtree(tmp_path / "store", ignore_errors=True)
