@@ -64,6 +64,7 @@ def serve(cfg: StudioConfig) -> int:
         print(f"heygem-ray: error: no Ray cluster for the studio: {exc}", file=sys.stderr)
         return 2
     studio = Studio(cfg, cluster, log)
+    studio.watch()
     app = build_app(studio, cfg.auth, Sessions(load_key(cfg.session_key)))
     print(f"heygem-ray studio: {about}")
     if cfg.auth is None:

@@ -4,7 +4,9 @@ its videos. Every call names the user, and reaches that user's campaigns only.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +24,10 @@ QUALITIES: dict[str, list[str]] = {
     "draft (small, fast)": ["encoder.crf=28", "encoder.preset=superfast"],
     "best (large)": ["encoder.crf=14", "encoder.preset=medium"],
 }
+
+
+#: a campaign's states that will not change until it is submitted again
+ENDED = ("finished", "failed", "cancelled")
 
 
 @dataclass
@@ -44,6 +50,37 @@ class Studio:
         self.cfg, self.cluster, self.log = cfg, cluster, log
         self.store = StudioStore(cfg.store)
         self.models = {**BUILTIN_MODELS, **{name: list(o) for name, o in cfg.models.items()}}
+        self._ended: set[str] = set()  # jobs whose end is in the log already (since this studio started)
+        self._watched: dict[str, CampaignRecord] = {}  # campaigns whose job may still end, by id
+        self._lock = threading.Lock()
+
+    def watch(self, interval: float = 10.0) -> threading.Thread:
+        """Log each campaign's end (finish, failure, cancel) as it happens, whether or not anyone
+        has its page open: the campaigns found unfinished in the store when it starts, and every
+        one submitted from then on. Runs on a thread of its own."""
+
+        def loop() -> None:
+            for record in self.store.all_campaigns():
+                with contextlib.suppress(Exception):  # a record it cannot read stays unwatched
+                    # one that ended before this studio started is known, not logged again
+                    if record.jobs and self._view(record, rows=False, log_end=False).status not in ENDED:
+                        with self._lock:
+                            self._watched.setdefault(record.id, record)
+            while True:
+                with self._lock:
+                    records = list(self._watched.values())
+                for record in records:
+                    try:
+                        if self._view(record, rows=False).status in ENDED:
+                            with self._lock:
+                                self._watched.pop(record.id, None)
+                    except Exception as exc:  # noqa: BLE001 - a watcher must outlive a bad record
+                        self.log.info("watch campaign=%s: %s", record.id, exc)
+                time.sleep(interval)
+
+        thread = threading.Thread(target=loop, name="campaign-watcher", daemon=True)
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------ creating
     def create(
@@ -107,6 +144,8 @@ class Studio:
         self.cluster.submit(submission_id, overrides, {"heygem_user": record.user, "heygem_campaign": record.id})
         record.jobs.append(submission_id)
         self.store.save(record)
+        with self._lock:
+            self._watched[record.id] = record
         self.log.info("submit user=%s campaign=%s rows=%d job=%s", record.user, record.id, record.rows, submission_id)
         return submission_id
 
@@ -127,7 +166,7 @@ class Studio:
         except ClusterUnavailable as exc:
             return str(exc)
 
-    def _view(self, record: CampaignRecord, rows: bool) -> CampaignView:
+    def _view(self, record: CampaignRecord, rows: bool, log_end: bool = True) -> CampaignView:
         feed = self.store.progress(record) or {}
         counts = feed.get("rows", {})
         view = CampaignView(record, "queued", counts.get("total", record.rows))
@@ -143,6 +182,20 @@ class Studio:
         except RuntimeError:  # a job the cluster no longer knows (a new cluster): the feed says it all
             job = "UNKNOWN"
         view.status = _status(job, feed.get("state"))
+        ended = view.status in ENDED and bool(record.jobs) and record.jobs[-1] not in self._ended
+        if ended:
+            self._ended.add(record.jobs[-1])
+        if ended and log_end:
+            event = {"finished": "finish", "failed": "failure", "cancelled": "cancel"}[view.status]
+            self.log.info(
+                "%s user=%s campaign=%s rows=%d failed=%d job=%s",
+                event,
+                record.user,
+                record.id,
+                view.rows_done,
+                view.rows_failed,
+                record.jobs[-1],
+            )
         if rows:
             results = self.store.results(record) if feed.get("state") != "running" else []
             if results:

@@ -9,6 +9,7 @@ checked before any path is built, and nothing a user sends is used as a path.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -144,6 +145,15 @@ class StudioStore:
         found = storage.glob(storage.join(self.root, check_name(user), "*", "campaign.json"))
         records = [self.load(user, storage.basename(storage.dirname(uri))) for uri in found]
         return sorted((r for r in records if r is not None), key=lambda r: r.created, reverse=True)
+
+    def all_campaigns(self) -> Iterator[CampaignRecord]:
+        """Every user's campaigns (for the studio's own watcher, never for a page)."""
+        for uri in storage.glob(storage.join(self.root, "*", "*", "campaign.json")):
+            user = storage.basename(storage.dirname(storage.dirname(uri)))
+            with contextlib.suppress(ValueError):  # a folder that is no user's
+                record = self.load(user, storage.basename(storage.dirname(uri)))
+                if record is not None:
+                    yield record
 
     # -------------------------------------------------------------- outputs
     def progress(self, record: CampaignRecord) -> dict | None:
