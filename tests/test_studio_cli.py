@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
+import pytest
+
+from helpers import _free_port
 from heygem_ray.studio.users import authenticate
 
 
@@ -45,3 +49,58 @@ def test_without_users_the_studio_refuses_to_listen_beyond_loopback(tmp_path):
 def test_a_studio_typo_exits_2_naming_it():
     out = _studio("studio.prot=8080")
     assert out.returncode == 2 and "studio.prot" in out.stderr
+
+
+@pytest.mark.integration
+def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, media_dir):
+    """The cluster does not answer: the studio still serves, /health and the page say why, and a
+    campaign made meanwhile is kept, 'not submitted', to be submitted once the cluster is back."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    port = _free_port()
+    studio = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "heygem_ray.cli",
+            "studio",
+            f"studio.port={port}",
+            f"studio.store={tmp_path}/store",
+            f"studio.log_file={tmp_path}/log",
+            f"studio.session_key={tmp_path}/key",
+            f"studio.ray_address=http://127.0.0.1:{_free_port()}",
+        ],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "GRADIO_ANALYTICS_ENABLED": "False"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                health = httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert studio.poll() is None and time.time() < deadline, studio.stdout.read() if studio.stdout else ""
+                time.sleep(0.5)
+        assert health.status_code == 200 and "does not answer" in health.json()["cluster"]
+        client = Client(url + "/app/", verbose=False, download_files=False)
+        assert "does not answer" in client.predict(api_name="/whoami")
+        text, _ = client.predict(
+            "offline",
+            [handle_file(str(media_dir / "speech3.wav"))],
+            [handle_file(str(media_dir / "still.png"))],
+            None,
+            "classic (no weights)",
+            "standard",
+            api_name="/create",
+        )
+        assert "saved, but not submitted" in text
+        listing = client.predict(None, api_name="/refresh")[0]
+        assert [(row[1], row[2]) for row in listing["data"]] == [("offline", "not submitted")]
+    finally:
+        studio.terminate()
+        studio.wait(30)

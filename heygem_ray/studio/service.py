@@ -33,7 +33,8 @@ ENDED = ("finished", "failed", "cancelled")
 @dataclass
 class CampaignView:
     record: CampaignRecord
-    #: queued | running | finished | cancelled | failed | unknown (cluster unreachable)
+    #: not submitted | queued | running | finished | cancelled | failed | unknown (the cluster does
+    #: not answer, or no longer knows the job)
     status: str
     rows_total: int
     rows_done: int = 0
@@ -176,7 +177,7 @@ class Studio:
         view.frames_planned = feed.get("frames", {}).get("planned", 0)
         view.eta_seconds = feed.get("eta_seconds")
         try:
-            job = self.cluster.status(record.jobs[-1]) if record.jobs else "PENDING"
+            job = self.cluster.status(record.jobs[-1]) if record.jobs else "NOT_SUBMITTED"
         except ClusterUnavailable as exc:
             job, view.note = "UNKNOWN", str(exc)
         except RuntimeError:  # a job the cluster no longer knows (a new cluster): the feed says it all
@@ -220,8 +221,9 @@ class Studio:
         return stopped
 
     def rerun(self, user: str, campaign_id: str) -> str | None:
-        """Submit the campaign again: its finished rows are skipped, the failed and unfinished ones
-        render. None when it is still running (or not the user's)."""
+        """Submit the campaign again (or for the first time, if the cluster did not answer then): its
+        finished rows are skipped, the failed and unfinished ones render. None when it is still
+        running (or not the user's)."""
         view = self.campaign(user, campaign_id)
         if view is None or view.status in ("queued", "running"):
             return None
@@ -253,14 +255,18 @@ class Studio:
 
 
 def _status(job: str, feed_state: str | None) -> str:
+    """A campaign's state from its latest job's and its progress feed's (the feed may be the
+    previous run's until the new driver writes one)."""
+    if job == "NOT_SUBMITTED":
+        return "not submitted"
+    if job == "PENDING":
+        return "queued"
+    if job == "RUNNING":
+        return "running"
     if job == "STOPPED" or feed_state == "interrupted":
         return "cancelled"
-    if feed_state == "finished":
+    if feed_state == "finished":  # the job SUCCEEDED, or FAILED because some rows did (exit 1)
         return "finished"
-    if job in ("PENDING",) and feed_state is None:
-        return "queued"
-    if job in ("PENDING", "RUNNING"):
-        return "running"
     if job == "FAILED":
         return "failed"
-    return "unknown" if job == "UNKNOWN" else "running"
+    return "finished" if job == "SUCCEEDED" else "unknown"
