@@ -1,12 +1,29 @@
-"""Headless Chromium for tests that check pages as a browser shows them."""
+"""Headless Chromium for tests that check pages as a browser shows them: a dumped DOM of a static
+page, or a live page driven through Playwright."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from html.parser import HTMLParser
 
 import pytest
+
+#: Debian's package (.ci/run installs it): Playwright drives it, and never downloads browsers of its own
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class Cards(HTMLParser):
@@ -61,3 +78,32 @@ def dump_dom(browser: str, page_path: str, tmp_path) -> str:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "<article" in proc.stdout, proc.stderr[-2000:]
     return proc.stdout
+
+
+def playwright_missing() -> str | None:
+    """Why a test cannot drive Chromium through Playwright here (for skipif), or None."""
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} not installed (.ci/run installs Debian's chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright not installed (pip install -e '.[test]')"
+    return None
+
+
+@contextmanager
+def playwright_page(downloads: os.PathLike) -> Iterator:
+    """A page in a fresh context of headless Chromium (a fresh profile: no cookies, no cache),
+    driven by Playwright's sync API; the browser and Playwright's driver end with the block."""
+    missing = playwright_missing()
+    if missing:
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, downloads_path=downloads
+        )
+        try:
+            context = browser.new_context(accept_downloads=True)
+            yield context.new_page()
+        finally:
+            browser.close()

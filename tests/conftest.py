@@ -48,7 +48,9 @@ def ray_local(s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT
+        )
     return ray
 
 

@@ -109,7 +109,7 @@ def test_a_local_ray_stops_its_monitor_before_shutting_down(tmp_path):
     script = (
         "import os, ray\n"
         "from heygem_ray.executors.ray_cluster import shutdown, stop_local_monitor\n"
-        "ray.init(address=\"local\", num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        'ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)\n'
         "node = ray._private.worker._global_node\n"
         "monitor = node.all_processes['monitor'][0].process\n"
         "assert monitor.poll() is None\n"

@@ -1,6 +1,8 @@
 """The studio: users and sessions, the store's checks, and the running app on a real Ray head (its job
 server), driven over HTTP as a browser and Gradio's client would: log in, upload, submit, follow
-the progress to the end, download the zip; and another user reaching none of it."""
+the progress to the end, download the zip; and another user reaching none of it. Then the same
+campaign once more in a real browser (headless Chromium through Playwright), clicking its way
+through the pages."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from browser import playwright_missing, playwright_page
 
 from helpers import _free_port
 from heygem_ray.studio.sessions import Sessions
@@ -24,6 +27,8 @@ from heygem_ray.studio.store import StudioStore, UploadError, check_upload
 from heygem_ray.studio.users import add_user, authenticate, check_name, read_users
 
 MIB = 2**20
+#: why the browser test cannot run here (no Chromium, no Playwright), or None
+NO_BROWSER = playwright_missing()
 
 
 # ------------------------------------------------------------------------------ users and sessions
@@ -294,4 +299,75 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
         assert record["jobs"] and record["quality"] == "draft (small, fast)"
     finally:
         studio.stop()
+    shutil.rmtree(tmp_path / "store", ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(NO_BROWSER is not None, reason=str(NO_BROWSER))
+def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
+    """Alice in headless Chromium: signs in through the login form, drops two presenters and one
+    narration on the file inputs, picks draft quality, renders, and watches the Campaigns tab (which
+    refreshes itself) until the campaign is finished, its two videos in the gallery with posters
+    that load; then downloads the zip through its link."""
+    users = tmp_path / "users.toml"
+    add_user(users, "alice", "alice-pw")
+    with playwright_page(tmp_path / "downloads") as page:
+        from playwright.sync_api import expect
+
+        studio = Studio(tmp_path, ray_head, users).start()
+        try:
+            page.goto(studio.url + "/app/")
+            expect(page).to_have_url(studio.url + "/login")  # no session yet
+            page.locator("input[name=name]").fill("alice")
+            page.locator("input[name=password]").fill("alice-pw")
+            page.get_by_role("button", name="Sign in").click()
+            expect(page).to_have_url(studio.url + "/app/")
+            expect(page.get_by_text("signed in as")).to_contain_text("alice", timeout=30_000)
+
+            def file_input(label: str):
+                block = page.locator("div.block").filter(has=page.get_by_test_id("block-label").filter(has_text=label))
+                return block.locator("input[type=file]")
+
+            page.get_by_label("Campaign name").fill("browser run")
+            file_input("Narrations (audio)").set_input_files(media_dir / "speech3.wav")
+            file_input("Presenters (videos or photos)").set_input_files(
+                [media_dir / "still.png", media_dir / "clip2.mp4"]
+            )
+            checked = page.locator("#upload-check")
+            expect(checked).to_contain_text("2 presenter(s) × 1 narration(s) = 2 video(s)", timeout=60_000)
+            expect(checked).not_to_contain_text("❌")
+            page.get_by_role("radio", name="draft (small, fast)").check()
+            page.locator("#submit").click()
+            expect(page.locator("#submitted")).to_contain_text("submitted: 2 video(s)", timeout=60_000)
+            (record,) = (tmp_path / "store" / "alice").glob("*/campaign.json")
+            campaign = record.parent.name
+            assert json.loads(record.read_text())["quality"] == "draft (small, fast)"
+
+            page.get_by_role("tab", name="Campaigns").click()
+            expect(page.locator("#chosen input")).to_have_value(f"browser run ({campaign})")
+            status = page.locator("#campaign-status [data-status]")
+            expect(status).to_have_attribute("data-status", "finished", timeout=240_000)  # the timer's refreshes
+            expect(status).to_have_attribute("data-percent", "100")
+            expect(status).to_contain_text("2/2 rows (0 failed)")
+
+            videos = page.locator("#gallery video")
+            expect(videos).to_have_count(2)
+            posters = [videos.nth(i).get_attribute("poster") or "" for i in range(2)]
+            assert all(f"/files/{campaign}/thumb/" in poster for poster in posters), posters
+            for poster in posters:  # each thumbnail is a JPEG the browser decodes, sent with alice's cookie
+                width = page.evaluate(
+                    """src => new Promise(done => { const img = new Image();
+                        img.onload = () => done(img.naturalWidth); img.onerror = () => done(0); img.src = src; })""",
+                    poster,
+                )
+                assert width > 0, poster
+
+            with page.expect_download(timeout=60_000) as download:
+                page.locator("#download-all").click()
+            assert download.value.suggested_filename == f"{campaign}.zip"
+            with zipfile.ZipFile(download.value.path()) as archive:
+                names = archive.namelist()
+            assert sorted(names) == ["speech3__clip2.mp4", "speech3__still.mp4"]
+        finally:
+            studio.stop()
     shutil.rmtree(tmp_path / "store", ignore_errors=True)
