@@ -107,9 +107,10 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
 
 # ------------------------------------------------------------------------------ the running studio
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head(tmp_path_factory, s3_endpoint):
     """A real Ray head with its job server (as `ray start --head` makes one), on ports of its own so
-    it runs beside the tests' in-process Ray; stopped with the module."""
+    it runs beside the tests' in-process Ray; stopped with the module. It has the S3 endpoint's
+    credentials in its environment, as a node with an instance profile would."""
     ray = Path(sys.executable).with_name("ray")
     dashboard = _free_port()
     temp = tmp_path_factory.mktemp("rayhead")
@@ -176,7 +177,7 @@ def _wait_for(predicate, seconds: float, what: str):
 class Studio:
     """`heygem-ray studio` as an operator starts it, in a process of its own."""
 
-    def __init__(self, tmp_path: Path, ray_address: str, users: Path):
+    def __init__(self, tmp_path: Path, ray_address: str, users: Path, store: str | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / "studio.log"
@@ -186,7 +187,7 @@ class Studio:
             "heygem_ray.cli",
             "studio",
             f"studio.port={self.port}",
-            f"studio.store={tmp_path / 'store'}",
+            f"studio.store={store or tmp_path / 'store'}",
             f"studio.ray_address={ray_address}",
             f"studio.auth={users}",
             f"studio.session_key={tmp_path / 'session.key'}",
@@ -371,3 +372,70 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
         finally:
             studio.stop()
     shutil.rmtree(tmp_path / "store", ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_head, s3_endpoint):
+    """The store on S3 (moto's server, through s3fs): a campaign of several rows is cancelled while
+    it renders (the rows that did not finish are reported, the job is stopped), then re-run: the
+    finished rows are kept, the rest render, and every video is on S3."""
+    import boto3
+    from gradio_client import handle_file
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="heygem-studio")
+    users = tmp_path / "users.toml"
+    add_user(users, "alice", "alice-pw")
+    studio = Studio(tmp_path, ray_head, users, store="s3://heygem-studio/studio").start()
+    try:
+        _, alice = studio.session("alice", "alice-pw")
+        from heygem_ray import demo
+
+        narrations = []  # long enough that the campaign is still rendering when it is cancelled
+        for i in range(3):
+            path = tmp_path / f"narration{i}.wav"
+            demo.write_wav(str(path), demo.speech_like(20.0, seed=20 + i))
+            narrations.append(handle_file(str(path)))
+        text, chosen = alice.predict(
+            "to cancel",
+            narrations,
+            [handle_file(str(media_dir / "clip6.mp4")), handle_file(str(media_dir / "still.png"))],
+            None,
+            "classic (no weights)",
+            "draft (small, fast)",
+            api_name="/create",
+        )
+        assert "submitted: 6 video(s)" in text, text
+        campaign = chosen["value"]
+
+        def some_done():
+            status = alice.predict(campaign, api_name="/refresh")[2]
+            return status if 'data-status="running"' in status and "0/6 rows" not in status else None
+
+        _wait_for(some_done, 240, "the first rows")
+        assert "Stopping" in alice.predict(campaign, api_name="/do_cancel")
+
+        def cancelled():
+            view = alice.predict(campaign, api_name="/refresh")
+            return view if 'data-status="cancelled"' in view[2] else None
+
+        _, _, status, rows, _, _ = _wait_for(cancelled, 120, "the cancel")
+        statuses = [r[1] for r in rows["data"]]
+        assert "ok" in statuses and "failed" in statuses, statuses
+        assert "It is still running" not in alice.predict(campaign, api_name="/do_rerun")
+
+        def finished():
+            view = alice.predict(campaign, api_name="/refresh")
+            return view if 'data-status="finished"' in view[2] else None
+
+        _, _, status, rows, _, _ = _wait_for(finished, 300, "the re-run")
+        assert "6/6 rows (0 failed)" in status, status
+        kept = [r[0] for r in rows["data"] if r[1] == "skipped"]
+        assert kept and len(kept) == statuses.count("ok"), rows
+        s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+        listed = s3.list_objects_v2(Bucket="heygem-studio", Prefix=f"studio/alice/{campaign}/output/")
+        videos = [o["Key"] for o in listed.get("Contents", []) if o["Key"].endswith(".mp4")]
+        assert len(videos) == 6, videos
+        log = studio.log.read_text()
+        assert f"cancel user=alice campaign={campaign}" in log and f"finish user=alice campaign={campaign}" in log
+    finally:
+        studio.stop()
