@@ -120,7 +120,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
     audio_types, avatar_types = list(AUDIO_TYPES), list(AVATAR_TYPES)
     max_bytes = int(studio.cfg.max_upload_mb * 2**20)
 
-    with gr.Blocks(title="heygem_ray studio", delete_cache=(3600, 3600)) as pages:
+    # uploads leave the cache when a campaign is made; what is left (uploads never submitted) goes
+    # after 15 minutes
+    with gr.Blocks(title="heygem_ray studio", delete_cache=(900, 900)) as pages:
         who = gr.Markdown()
         with gr.Tab("New campaign"):
             name = gr.Textbox(label="Campaign name", max_length=120)
