@@ -306,10 +306,14 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
 @pytest.mark.integration
 @pytest.mark.skipif(NO_BROWSER is not None, reason=str(NO_BROWSER))
 def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
-    """Alice in headless Chromium: signs in through the login form, drops two presenters and one
-    narration on the file inputs, picks draft quality, renders, and watches the Campaigns tab (which
-    refreshes itself) until the campaign is finished, its two videos in the gallery with posters
-    that load; then downloads the zip through its link."""
+    """Alice in headless Chromium: signs in through the login form, drops two presenters and three
+    narrations on the file inputs (a 2 x 3 batch), picks draft quality, renders, and watches the
+    Campaigns tab (which refreshes itself) until the campaign is finished, its six videos in the
+    gallery with posters that load; then downloads the zip of all six through its link."""
+    narrations = []
+    for name in ("welcome", "benefits", "security"):
+        narrations.append(tmp_path / f"{name}.wav")
+        shutil.copy(media_dir / "speech3.wav", narrations[-1])
     users = tmp_path / "users.toml"
     add_user(users, "alice", "alice-pw")
     with playwright_page(tmp_path / "downloads") as page:
@@ -330,16 +334,16 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
                 return block.locator("input[type=file]")
 
             page.get_by_label("Campaign name").fill("browser run")
-            file_input("Narrations (audio)").set_input_files(media_dir / "speech3.wav")
+            file_input("Narrations (audio)").set_input_files(narrations)
             file_input("Presenters (videos or photos)").set_input_files(
                 [media_dir / "still.png", media_dir / "clip2.mp4"]
             )
             checked = page.locator("#upload-check")
-            expect(checked).to_contain_text("2 presenter(s) × 1 narration(s) = 2 video(s)", timeout=60_000)
+            expect(checked).to_contain_text("2 presenter(s) × 3 narration(s) = 6 video(s)", timeout=60_000)
             expect(checked).not_to_contain_text("❌")
             page.get_by_role("radio", name="draft (small, fast)").check()
             page.locator("#submit").click()
-            expect(page.locator("#submitted")).to_contain_text("submitted: 2 video(s)", timeout=60_000)
+            expect(page.locator("#submitted")).to_contain_text("submitted: 6 video(s)", timeout=60_000)
             (record,) = (tmp_path / "store" / "alice").glob("*/campaign.json")
             campaign = record.parent.name
             assert json.loads(record.read_text())["quality"] == "draft (small, fast)"
@@ -349,11 +353,11 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
             status = page.locator("#campaign-status [data-status]")
             expect(status).to_have_attribute("data-status", "finished", timeout=240_000)  # the timer's refreshes
             expect(status).to_have_attribute("data-percent", "100")
-            expect(status).to_contain_text("2/2 rows (0 failed)")
+            expect(status).to_contain_text("6/6 rows (0 failed)")
 
             videos = page.locator("#gallery video")
-            expect(videos).to_have_count(2)
-            posters = [videos.nth(i).get_attribute("poster") or "" for i in range(2)]
+            expect(videos).to_have_count(6)
+            posters = [videos.nth(i).get_attribute("poster") or "" for i in range(6)]
             assert all(f"/files/{campaign}/thumb/" in poster for poster in posters), posters
             for poster in posters:  # each thumbnail is a JPEG the browser decodes, sent with alice's cookie
                 width = page.evaluate(
@@ -368,7 +372,9 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
             assert download.value.suggested_filename == f"{campaign}.zip"
             with zipfile.ZipFile(download.value.path()) as archive:
                 names = archive.namelist()
-            assert sorted(names) == ["speech3__clip2.mp4", "speech3__still.mp4"]
+            assert sorted(names) == sorted(
+                f"{n}__{a}.mp4" for n in ("welcome", "benefits", "security") for a in ("clip2", "still")
+            )
         finally:
             studio.stop()
     shutil.rmtree(tmp_path / "store", ignore_errors=True)
