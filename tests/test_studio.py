@@ -445,3 +445,13 @@ def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_
         assert f"cancel user=alice campaign={campaign}" in log and f"finish user=alice campaign={campaign}" in log
     finally:
         studio.stop()
+
+
+@pytest.mark.integration
+def test_a_running_local_head_is_found_not_started_again(ray_head):
+    """With no studio.ray_address the studio uses the local head already running (here, the one on
+    the fixture's port), so a restarted studio finds the campaigns' cluster again."""
+    from heygem_ray.studio.cluster import local_head
+
+    port = int(ray_head.rsplit(":", 1)[1])
+    assert local_head(port) == (ray_head, False)
