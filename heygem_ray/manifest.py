@@ -17,7 +17,7 @@ from heygem_ray.errors import ManifestError
 from heygem_ray.plan import stable_hash
 
 REQUIRED = ("audio", "avatar")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def rows_from_table(
             problems.append(f"{where}: empty {'audio' if not audio else 'avatar'}")
             continue
         row_id = record.get("id") or default_id(audio, avatar)
-        if not _SAFE_ID.match(row_id):
+        if not _SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
             problems.append(f"{where}: id {row_id!r} must be 1-200 letters, digits, '.', '_' or '-'")
             continue
         output = record.get("output") or f"{row_id}.mp4"

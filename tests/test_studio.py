@@ -54,14 +54,50 @@ def test_user_names_that_could_name_another_folder_are_refused(name):
         check_name(name)
 
 
-def test_sessions_are_signed_and_expire():
+def test_sessions_are_signed_expire_and_end_with_the_password():
     sessions = Sessions(b"k" * 32)
-    cookie = sessions.issue("alice", now=1000.0)
-    assert sessions.user(cookie, now=1001.0) == "alice"
-    assert sessions.user(cookie.replace("alice", "bob"), now=1001.0) is None  # not signed for bob
-    assert Sessions(b"x" * 32).user(cookie, now=1001.0) is None  # another key
-    assert sessions.user(cookie, now=1000.0 + 13 * 3600) is None  # expired
-    assert sessions.user(None) is None and sessions.user("alice") is None
+    hashes = {"alice": "hash-1", "bob": "hash-b"}
+    cookie = sessions.issue("alice", "hash-1", now=1000.0)
+    assert sessions.user(cookie, hashes, now=1001.0) == "alice"
+    assert sessions.user(cookie.replace("alice", "bob"), hashes, now=1001.0) is None  # not signed for bob
+    assert Sessions(b"x" * 32).user(cookie, hashes, now=1001.0) is None  # another key
+    assert sessions.user(cookie, hashes, now=1000.0 + 13 * 3600) is None  # expired
+    assert sessions.user(cookie, {"alice": "hash-2"}, now=1001.0) is None  # a new password
+    assert sessions.user(cookie, {}, now=1001.0) is None  # removed from the users file
+    assert sessions.user(None, hashes) is None and sessions.user("alice", hashes) is None
+    assert sessions.user("alice|99999999999|\u00e9\u00e9", hashes) is None  # not ASCII: refused, not a crash
+
+
+def test_a_session_key_that_could_be_forged_stops_the_studio(tmp_path):
+    from heygem_ray.studio.sessions import SessionKeyError, load_key
+
+    key = load_key(str(tmp_path / "new.key"))
+    assert len(key) == 32 and load_key(str(tmp_path / "new.key")) == key  # made once, then kept
+    assert oct((tmp_path / "new.key").stat().st_mode & 0o777) == "0o600"
+    empty = tmp_path / "empty.key"
+    empty.touch(mode=0o600)
+    with pytest.raises(SessionKeyError, match="32-byte key"):
+        load_key(str(empty))
+    assert empty.read_text() == ""  # never overwritten
+    shared = tmp_path / "shared.key"
+    shared.write_text("ab" * 32)
+    shared.chmod(0o644)
+    with pytest.raises(SessionKeyError, match="readable by other users"):
+        load_key(str(shared))
+
+
+def test_password_guessing_slows_down(tmp_path):
+    from heygem_ray.studio.users import LoginGuard, UsersFile
+
+    users_path = tmp_path / "users.toml"
+    add_user(users_path, "alice", "right")
+    users, guard = UsersFile(users_path), LoginGuard(free=3)
+    for _ in range(3):
+        assert guard.wait_seconds("name:alice") == 0
+        assert not guard.check(users, "alice", "wrong", "name:alice")
+    assert guard.wait_seconds("name:alice") > 0 and guard.wait_seconds("name:bob") == 0
+    add_user(users_path, "bob", "pw")  # a running studio sees users added since it started
+    assert guard.check(users, "bob", "pw", "name:bob")
 
 
 # ------------------------------------------------------------------------------------- the store
@@ -98,6 +134,11 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     uri, rows = store.uploaded_manifest("alice", campaign, str(good))
     table = pq.read_table(uri).to_pylist()
     assert rows == 1 and table[0]["audio"] == os.path.join(store.inputs("alice", campaign), "audio", "narration.wav")
+    numbered = tmp_path / "numbered.csv"
+    numbered.write_text("id,audio,avatar\n1,My narration.wav,face.png\n")
+    uri, _ = store.uploaded_manifest("alice", campaign, str(numbered))
+    (row,) = pq.read_table(uri).to_pylist()
+    assert row["id"] == "1" and row["audio"].endswith("/audio/My-narration.wav")  # as the upload was stored
     for value in (str(tmp_path / "store" / "bob" / "x.wav"), "/etc/passwd", "../../bob/x.wav", "s3://elsewhere/x.wav"):
         bad = tmp_path / "bad.parquet"
         pq.write_table(pa.table({"audio": [value], "avatar": ["face.png"]}), bad)
@@ -280,7 +321,14 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
         assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
         names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
         assert sorted(names) == ["speech3__clip2.mp4", "speech3__still.mp4"]
-        assert alice_http.get(f"/files/{campaign}/video/speech3__still.mp4").content[4:8] == b"ftyp"
+        whole = alice_http.get(f"/files/{campaign}/video/speech3__still.mp4")
+        assert whole.content[4:8] == b"ftyp" and whole.headers["accept-ranges"] == "bytes"
+        part = alice_http.get(f"/files/{campaign}/video/speech3__still.mp4", headers={"Range": "bytes=4-7"})
+        assert part.status_code == 206 and part.content == b"ftyp"
+        assert part.headers["content-range"] == f"bytes 4-7/{len(whole.content)}"
+        # another site's page, with alice's cookie, may neither read nor act
+        foreign = alice_http.get(f"/files/{campaign}/all.zip", headers={"Origin": "https://evil.example"})
+        assert foreign.status_code == 403
 
         bob_http, bob = studio.session("bob", "bob-pw")
         listing, _, status, rows, gallery, log = bob.predict(campaign, api_name="/refresh")
@@ -295,7 +343,7 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
         assert "Nothing to cancel" in bob.predict(campaign, api_name="/do_cancel")
 
         lines = studio.log.read_text()
-        assert f"submit user=alice campaign={campaign} rows=2" in lines and "login refused user=alice" in lines
+        assert f"submit user=alice campaign={campaign} rows=2" in lines and "login refused user='alice'" in lines
         record = json.loads((tmp_path / "store" / "alice" / campaign / "campaign.json").read_text())
         assert record["jobs"] and record["quality"] == "draft (small, fast)"
     finally:

@@ -9,10 +9,11 @@ import html
 import logging
 import os
 from collections.abc import Iterator
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import gradio as gr
 from fastapi import FastAPI, Form, Request
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from heygem_ray import storage
@@ -20,7 +21,7 @@ from heygem_ray.studio.cluster import ClusterUnavailable
 from heygem_ray.studio.service import QUALITIES, CampaignView, Studio
 from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
 from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, MANIFEST_TYPES, UploadError, check_upload
-from heygem_ray.studio.users import authenticate
+from heygem_ray.studio.users import LoginGuard, UsersFile
 
 #: the one user of a studio without a users file (it listens on 127.0.0.1 only)
 LOCAL_USER = "local"
@@ -31,20 +32,28 @@ _CHUNK = 2**20
 def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> FastAPI:
     app = FastAPI(title="heygem_ray studio")
     log = studio.log
+    users = UsersFile(users_file) if users_file else None
+    guard = LoginGuard()
 
     def current_user(request: Request) -> str | None:
-        if users_file is None:
+        if users is None:
             return LOCAL_USER
-        return sessions.user(request.cookies.get(COOKIE))
+        return sessions.user(request.cookies.get(COOKIE), users.hashes())
 
     @app.middleware("http")
-    async def login_first(request: Request, call_next):
-        """The pages send a visitor without a session to the login page (Gradio's own answer
-        would be a bare 401)."""
-        path = request.url.path
-        if path.rstrip("/") == UI_PATH and request.method == "GET" and current_user(request) is None:
+    async def same_origin_and_login_first(request: Request, call_next):
+        """Requests another site's page makes (its Origin is not this server) are refused: no
+        other origin may act or read as the signed-in user. The pages send a visitor without a
+        session to the login page (Gradio's own answer would be a bare 401)."""
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc != request.headers.get("host", ""):
+            return Response("cross-origin request refused", status_code=403)
+        if request.url.path.rstrip("/") == UI_PATH and request.method == "GET" and current_user(request) is None:
             return RedirectResponse("/login", status_code=303)
         return await call_next(request)
+
+    if users is None:  # one local user: only loopback names reach it (no DNS rebinding to 127.0.0.1)
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"])
 
     @app.get("/")
     def home() -> RedirectResponse:
@@ -55,26 +64,35 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         try:
             studio.cluster.client  # noqa: B018 - connects, or says why not
             cluster = "ok"
-        except ClusterUnavailable as exc:
-            cluster = str(exc)
+        except ClusterUnavailable:
+            cluster = "unreachable"
         return JSONResponse({"status": "ok", "cluster": cluster}, status_code=200)
 
     @app.get("/login")
-    def login_page(error: str = "") -> Response:
-        if users_file is None:
+    def login_page() -> Response:
+        if users is None:
             return RedirectResponse(UI_PATH + "/", status_code=303)
-        return HTMLResponse(_login_html(error))
+        return HTMLResponse(_login_html(""))
 
     @app.post("/login")
-    def login(name: str = Form(...), password: str = Form(...)) -> Response:
-        if users_file is None:
+    def login(
+        request: Request, name: str = Form(..., max_length=64), password: str = Form(..., max_length=1024)
+    ) -> Response:
+        if users is None:
             return RedirectResponse(UI_PATH + "/", status_code=303)
-        if not authenticate(users_file, name, password):
-            log.info("login refused user=%s", name[:64])
+        keys = (f"name:{name}", f"client:{request.client.host if request.client else ''}")
+        wait = guard.wait_seconds(*keys)
+        if wait > 0:
+            log.info("login refused user=%r (too many tries)", name)
+            return HTMLResponse(_login_html(f"Too many tries: wait {wait:.0f} s."), status_code=429)
+        if not guard.check(users, name, password, *keys):
+            log.info("login refused user=%r", name)
             return HTMLResponse(_login_html("Wrong name or password."), status_code=401)
         log.info("login user=%s", name)
         response = RedirectResponse(UI_PATH + "/", status_code=303)
-        response.set_cookie(COOKIE, sessions.issue(name), max_age=LIFETIME, httponly=True, samesite="strict")
+        secure = request.url.scheme == "https"
+        cookie = sessions.issue(name, users.hashes()[name])
+        response.set_cookie(COOKIE, cookie, max_age=LIFETIME, httponly=True, samesite="strict", secure=secure)
         return response
 
     @app.get("/logout")
@@ -94,11 +112,20 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
 
     @app.get("/files/{campaign_id}/video/{name}")
     def video(campaign_id: str, name: str, request: Request) -> Response:
+        """One video, with byte ranges (players seek with them; Safari plays nothing without)."""
         user = current_user(request)
         uri = studio.video(user, campaign_id, name) if user else None
         if uri is None:
             return Response(status_code=404)
-        return StreamingResponse(_read(uri), media_type="video/mp4")
+        size = storage.size(uri)
+        first, last = _byte_range(request.headers.get("range"), size)
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(last - first + 1)}
+        if request.headers.get("range") is None:
+            return StreamingResponse(_read(uri, 0, size), media_type="video/mp4", headers=headers)
+        if first > last:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        return StreamingResponse(_read(uri, first, last + 1), status_code=206, media_type="video/mp4", headers=headers)
 
     @app.get("/files/{campaign_id}/thumb/{row_id}.jpg")
     def thumbnail(campaign_id: str, row_id: str, request: Request) -> Response:
@@ -111,7 +138,13 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     blocks = build_pages(studio, sign_out=users_file is not None)
     max_bytes = int(studio.cfg.max_upload_mb * 2**20)
     return gr.mount_gradio_app(
-        app, blocks, path=UI_PATH, auth_dependency=current_user, max_file_size=max_bytes, footer_links=[]
+        app,
+        blocks,
+        path=UI_PATH,
+        auth_dependency=current_user,
+        max_file_size=max_bytes,
+        footer_links=[],
+        run_history=False,  # else Gradio keeps every event's outputs (campaign lists, logs) in the browser
     )
 
 
@@ -154,8 +187,16 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             log_tail = gr.Textbox(label="Job log (last lines)", lines=8, max_lines=20, interactive=False)
         timer = gr.Timer(3.0)
 
+        def user_of(request: gr.Request) -> str:
+            """The signed-in user; never a default one where there are users."""
+            if request.username:
+                return request.username
+            if sign_out:
+                raise gr.Error("Please sign in again.")
+            return LOCAL_USER
+
         def whoami(request: gr.Request) -> str:
-            user = request.username or LOCAL_USER
+            user = user_of(request)
             out = f"**heygem_ray studio** — signed in as `{user}`" + (" · [sign out](/logout)" if sign_out else "")
             try:
                 studio.cluster.client  # noqa: B018
@@ -185,7 +226,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             quality_name: str,
             request: gr.Request,
         ) -> tuple[str, gr.Dropdown]:
-            user = request.username or LOCAL_USER
+            user = user_of(request)
+            uploads = [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
             try:
                 record = studio.create(
                     user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
@@ -194,9 +236,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 return f"❌ {exc}", gr.Dropdown()
             except ClusterUnavailable as exc:
                 return f"❌ saved, but not submitted: {exc}", gr.Dropdown()
-            finally:  # the uploads now live in the store: none stays in the web server's cache
-                for path in [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]:
-                    _remove_quietly(path)
+            for path in uploads:  # in the store now: they leave the web server's cache
+                _remove_quietly(path)
             choices = _choices(studio, user)
             return (
                 (
@@ -207,7 +248,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             )
 
         def refresh(campaign_id: str | None, request: gr.Request) -> tuple:
-            user = request.username or LOCAL_USER
+            user = user_of(request)
             views = studio.campaigns(user)
             table = [
                 [
@@ -240,7 +281,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             if not campaign_id:
                 return ""
             try:
-                stopped = studio.cancel(request.username or LOCAL_USER, campaign_id)
+                stopped = studio.cancel(user_of(request), campaign_id)
             except ClusterUnavailable as exc:
                 return f"❌ {exc}"
             return "Stopping: rows that did not finish will be reported." if stopped else "Nothing to cancel."
@@ -249,7 +290,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             if not campaign_id:
                 return ""
             try:
-                job = studio.rerun(request.username or LOCAL_USER, campaign_id)
+                job = studio.rerun(user_of(request), campaign_id)
             except ClusterUnavailable as exc:
                 return f"❌ {exc}"
             return "Re-running: finished rows are kept." if job else "It is still running."
@@ -326,10 +367,29 @@ def _login_html(error: str) -> str:
     )
 
 
-def _read(uri: str) -> Iterator[bytes]:
+def _read(uri: str, start: int, stop: int) -> Iterator[bytes]:
     with storage.open_uri(uri) as fh:
-        while chunk := fh.read(_CHUNK):
+        fh.seek(start)
+        left = stop - start
+        while left > 0 and (chunk := fh.read(min(_CHUNK, left))):
+            left -= len(chunk)
             yield chunk
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int]:
+    """(first, last) byte of a `Range: bytes=a-b` header (one range; `a-`, `-n` too) within a file
+    of `size` bytes; the whole file without one; first > last when it is not satisfiable."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return 0, size - 1
+    start, _, end = header[len("bytes=") :].strip().partition("-")
+    try:
+        if not start:  # the last n bytes
+            return max(0, size - int(end)), size - 1
+        first = int(start)
+        last = min(size - 1, int(end)) if end else size - 1
+    except ValueError:
+        return 0, size - 1
+    return first, last
 
 
 def _when(timestamp: float) -> str:

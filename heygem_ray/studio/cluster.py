@@ -6,7 +6,6 @@ outlives the studio: campaigns go on while it restarts."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -76,6 +75,7 @@ class Cluster:
     def __init__(self, address: str, local: bool):
         self.address, self.local = address, local
         self._jobs: Any = None
+        self._ended: dict[str, tuple[str, float | None]] = {}
 
     @property
     def client(self) -> Any:
@@ -94,6 +94,8 @@ class Cluster:
             entrypoint = ["python", "jobs/render_campaign.py"]
             runtime_env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
             runtime_env["working_dir"] = str(ROOT)
+            # a users file or session key kept in the checkout must not travel with the job
+            runtime_env["excludes"] = [*runtime_env.get("excludes", []), "users.toml", "*.key"]
         command = " ".join(_quote(part) for part in [*entrypoint, *overrides])
         return self._call(
             "submit_job",
@@ -103,8 +105,18 @@ class Cluster:
             metadata=metadata,
         )
 
-    def status(self, submission_id: str) -> str:
-        return str(self._call("get_job_status", submission_id)).split(".")[-1]
+    def job(self, submission_id: str) -> tuple[str, float | None]:
+        """A job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and when its driver started
+        (time.time(); None before). Raises RuntimeError for a job the cluster does not know. A
+        job that ended is remembered: its state will not change."""
+        if submission_id in self._ended:
+            return self._ended[submission_id]
+        info = self._call("get_job_info", submission_id)
+        state = str(info.status).split(".")[-1]
+        started = info.start_time / 1000 if info.start_time else None
+        if state in FINAL:
+            self._ended[submission_id] = (state, started)
+        return state, started
 
     def logs(self, submission_id: str, last_lines: int = 60) -> str:
         text: str = self._call("get_job_logs", submission_id)
@@ -126,14 +138,3 @@ def _quote(part: str) -> str:
     import shlex
 
     return shlex.quote(part)
-
-
-def stop_hint(started: bool) -> str:
-    if started:
-        return "started a local Ray head for the studio's campaigns; it keeps running after the studio stops: `ray stop` ends it"
-    return "using the local Ray head already running (`ray stop` ends it)"
-
-
-def environment_note() -> str:
-    mode = os.environ.get("RAY_AUTH_MODE", "")
-    return f"RAY_AUTH_MODE={mode or '(Ray default: token)'}"

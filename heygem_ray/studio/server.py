@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from heygem_ray.config import StudioConfig
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, local_head
 from heygem_ray.studio.service import Studio
-from heygem_ray.studio.sessions import Sessions, load_key
+from heygem_ray.studio.sessions import SessionKeyError, Sessions, load_key
 from heygem_ray.studio.users import add_user
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -45,7 +45,23 @@ def connect(cfg: StudioConfig) -> tuple[Cluster, str]:
     return Cluster(address, local=True), about + "`ray stop` ends it"
 
 
+def private_upload_cache() -> None:
+    """Gradio's upload cache in a folder only this account can read (its default, /tmp/gradio, is
+    open to every account on the host), and OpenCV's image decoder capped, so an uploaded image
+    that decodes to gigabytes is refused instead of taking the web server down."""
+    cache = os.path.expanduser("~/.heygem_ray/uploads")
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    os.chmod(cache, 0o700)
+    os.environ.setdefault("GRADIO_TEMP_DIR", cache)
+    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+
+
+#: the largest image an upload may decode to (8K x 8K); above it OpenCV refuses the file
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 def serve(cfg: StudioConfig) -> int:
+    private_upload_cache()  # before Gradio and OpenCV read their settings
     import uvicorn
 
     from heygem_ray.studio.app import build_app
@@ -63,9 +79,14 @@ def serve(cfg: StudioConfig) -> int:
     except (ClusterUnavailable, OSError) as exc:
         print(f"heygem-ray: error: no Ray cluster for the studio: {exc}", file=sys.stderr)
         return 2
+    try:
+        sessions = Sessions(load_key(cfg.session_key))
+    except (SessionKeyError, OSError) as exc:
+        print(f"heygem-ray: error: studio.session_key: {exc}", file=sys.stderr)
+        return 2
     studio = Studio(cfg, cluster, log)
     studio.watch()
-    app = build_app(studio, cfg.auth, Sessions(load_key(cfg.session_key)))
+    app = build_app(studio, cfg.auth, sessions)
     print(f"heygem-ray studio: {about}")
     if cfg.auth is None:
         print("heygem-ray studio: no studio.auth: one local user, listening on 127.0.0.1 only")

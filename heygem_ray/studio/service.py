@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -61,7 +62,12 @@ class Studio:
         one submitted from then on. Runs on a thread of its own."""
 
         def loop() -> None:
-            for record in self.store.all_campaigns():
+            try:
+                found = list(self.store.all_campaigns())
+            except Exception as exc:  # noqa: BLE001 - the store is down: watch what is submitted from now on
+                self.log.info("watch: cannot list the store: %s", exc)
+                found = []
+            for record in found:
                 with contextlib.suppress(Exception):  # a record it cannot read stays unwatched
                     # one that ended before this studio started is known, not logged again
                     if record.jobs and self._view(record, rows=False, log_end=False).status not in ENDED:
@@ -74,7 +80,8 @@ class Studio:
                     try:
                         if self._view(record, rows=False).status in ENDED:
                             with self._lock:
-                                self._watched.pop(record.id, None)
+                                if self._watched.get(record.id) is record:  # not re-run meanwhile
+                                    del self._watched[record.id]
                     except Exception as exc:  # noqa: BLE001 - a watcher must outlive a bad record
                         self.log.info("watch campaign=%s: %s", record.id, exc)
                 time.sleep(interval)
@@ -131,7 +138,8 @@ class Studio:
 
     def submit(self, record: CampaignRecord) -> str:
         """Start (or resume) the campaign as a new Ray job: finished rows are skipped by the driver."""
-        submission_id = f"heygem-{record.user}-{record.id}-{len(record.jobs) + 1}"
+        # unique even when a submit whose record could not be saved left its id taken
+        submission_id = f"heygem-{record.user}-{record.id}-{len(record.jobs) + 1}-{secrets.token_hex(2)}"
         overrides = [
             f"manifest={record.manifest}",
             f"output={record.output}",
@@ -166,28 +174,35 @@ class Studio:
             return self.cluster.logs(record.jobs[-1])
         except ClusterUnavailable as exc:
             return str(exc)
+        except RuntimeError:  # a job the cluster no longer knows (it was restarted)
+            return "(the cluster no longer has this job's log)"
 
     def _view(self, record: CampaignRecord, rows: bool, log_end: bool = True) -> CampaignView:
+        started: float | None = None
+        note = ""
+        try:
+            job, started = self.cluster.job(record.jobs[-1]) if record.jobs else ("NOT_SUBMITTED", None)
+        except ClusterUnavailable as exc:
+            job, note = "UNKNOWN", str(exc)
+        except RuntimeError:  # a job the cluster no longer knows (a new cluster): the feed says it all
+            job = "UNKNOWN"
         feed = self.store.progress(record) or {}
+        if started is not None and feed.get("started_at", 0) < started - 1:
+            feed = {}  # the previous run's: this job's driver has not written one yet
         counts = feed.get("rows", {})
-        view = CampaignView(record, "queued", counts.get("total", record.rows))
+        view = CampaignView(record, "queued", counts.get("total", record.rows), note=note)
         view.rows_done = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
         view.rows_failed = counts.get("failed", 0)
         view.frames_done = feed.get("frames", {}).get("done", 0)
         view.frames_planned = feed.get("frames", {}).get("planned", 0)
         view.eta_seconds = feed.get("eta_seconds")
-        try:
-            job = self.cluster.status(record.jobs[-1]) if record.jobs else "NOT_SUBMITTED"
-        except ClusterUnavailable as exc:
-            job, view.note = "UNKNOWN", str(exc)
-        except RuntimeError:  # a job the cluster no longer knows (a new cluster): the feed says it all
-            job = "UNKNOWN"
         view.status = _status(job, feed.get("state"))
-        ended = view.status in ENDED and bool(record.jobs) and record.jobs[-1] not in self._ended
-        if ended:
-            self._ended.add(record.jobs[-1])
+        with self._lock:
+            ended = view.status in ENDED and bool(record.jobs) and record.jobs[-1] not in self._ended
+            if ended:
+                self._ended.add(record.jobs[-1])
         if ended and log_end:
-            event = {"finished": "finish", "failed": "failure", "cancelled": "cancel"}[view.status]
+            event = {"finished": "finish", "failed": "failure", "cancelled": "stopped"}[view.status]
             self.log.info(
                 "%s user=%s campaign=%s rows=%d failed=%d job=%s",
                 event,
@@ -198,7 +213,8 @@ class Studio:
                 record.jobs[-1],
             )
         if rows:
-            results = self.store.results(record) if feed.get("state") != "running" else []
+            # the results table is this run's once its feed says the run ended
+            results = self.store.results(record) if feed.get("state") in ("finished", "interrupted") else []
             if results:
                 view.rows = [
                     {"id": r["id"], "status": r["status"], "seconds": r["render_seconds"], "error": r["error"] or ""}
@@ -216,7 +232,10 @@ class Studio:
         record = self.store.load(user, campaign_id)
         if record is None or not record.jobs:
             return False
-        stopped = self.cluster.stop(record.jobs[-1])
+        try:
+            stopped = self.cluster.stop(record.jobs[-1])
+        except RuntimeError:  # a job the cluster no longer knows: nothing runs to stop
+            return False
         self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
         return stopped
 

@@ -35,6 +35,9 @@ from heygem_ray.studio.users import check_name
 AUDIO_TYPES = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
 AVATAR_TYPES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".png", ".jpg", ".jpeg")
 MANIFEST_TYPES = (".parquet", ".csv")
+#: an uploaded manifest's limits (it is read whole, on the web server)
+MANIFEST_MAX_BYTES = 10 * 2**20
+MANIFEST_MAX_ROWS = 100_000
 CAMPAIGN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 _ZIP_CHUNK = 4 * 2**20
 
@@ -83,7 +86,11 @@ class StudioStore:
         """Check an uploaded file (`check_upload`) and copy it into the campaign's inputs; returns
         its URI there."""
         name = check_upload(local, kind, max_bytes)
-        uri = storage.join(self.inputs(user, campaign_id), kind, name)
+        folder = storage.join(self.inputs(user, campaign_id), kind)
+        uri, stem, suffix, n = storage.join(folder, name), *os.path.splitext(name), 1
+        while storage.exists(uri):  # two uploads of one name: both kept, each its own rows
+            n += 1
+            uri = storage.join(folder, f"{stem}-{n}{suffix}")
         storage.publish_file(local, uri)
         return uri
 
@@ -99,6 +106,8 @@ class StudioStore:
         name = Path(local).name
         if not name.lower().endswith(MANIFEST_TYPES):
             raise UploadError(f"{name}: a manifest is a .parquet or .csv file")
+        if os.path.getsize(local) > MANIFEST_MAX_BYTES:
+            raise UploadError(f"{name}: a manifest may be {MANIFEST_MAX_BYTES // 2**20} MiB at most")
         try:
             table = pacsv.read_csv(local) if name.lower().endswith(".csv") else pq.read_table(local)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -106,20 +115,29 @@ class StudioStore:
         missing = {"audio", "avatar"} - set(table.column_names)
         if missing:
             raise UploadError(f"{name}: needs the columns audio and avatar (missing: {', '.join(sorted(missing))})")
+        if not 0 < table.num_rows <= MANIFEST_MAX_ROWS:
+            raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {table.num_rows:,}")
         inputs = self.inputs(user, campaign_id)
         own = storage.join(self.root, user) + "/"
-        columns = {}
-        for column, kind in (("audio", "audio"), ("avatar", "avatar")):
+        columns: dict[str, list[str]] = {}
+        for column in ("audio", "avatar"):
             resolved = []
             for value in table.column(column).to_pylist():
-                value = str(value or "")
-                uri = value if "://" in value or value.startswith("/") else storage.join(inputs, kind, value)
+                value = str(value or "").strip()
+                if not value:
+                    raise UploadError(f"{name}: a row has no {column}")
+                if "://" in value or value.startswith("/"):
+                    uri = value
+                else:  # a file of this campaign's uploads, named as it was uploaded
+                    uri = storage.join(inputs, column, _safe_name(value))
                 if not storage.normalize(uri).startswith(own) or ".." in value.split("/"):
                     raise UploadError(f"{name}: {value!r} is not among your uploads")
                 resolved.append(uri)
             columns[column] = resolved
-        keep = [c for c in ("id", "box") if c in table.column_names]
-        out = pa.table({**{c: table.column(c) for c in keep}, **columns})
+        if "id" in table.column_names:  # ids as text (a CSV reads 1, 2, 3 as numbers)
+            columns["id"] = [str(v) for v in table.column("id").to_pylist()]
+        keep = {"box": table.column("box")} if "box" in table.column_names else {}
+        out = pa.table({**columns, **keep})
         buf = io.BytesIO()
         pq.write_table(out, buf)
         uri = storage.join(inputs, "manifest.parquet")
@@ -199,7 +217,10 @@ def check_upload(local: str, kind: str, max_bytes: int) -> str:
     allowed = AUDIO_TYPES if kind == "audio" else AVATAR_TYPES
     if not name.lower().endswith(allowed):
         raise UploadError(f"{name}: not an accepted {kind} file (accepted: {', '.join(allowed)})")
-    size = os.path.getsize(local)
+    try:
+        size = os.path.getsize(local)
+    except OSError:
+        raise UploadError(f"{name}: the upload is gone from the web server (it expired): upload it again") from None
     if size > max_bytes:
         raise UploadError(f"{name}: {size / 2**20:.0f} MiB is over the upload limit of {max_bytes / 2**20:.0f} MiB")
     try:

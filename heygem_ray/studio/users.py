@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import tomllib
@@ -74,3 +76,67 @@ def authenticate(path: str | Path, name: str, password: str) -> bool:
         hash_password(password)  # as slow as a real check: the time says nothing about which names exist
         return False
     return password_matches(password, stored)
+
+
+class UsersFile:
+    """The users file, read again whenever it changes on disk (so `adduser` and removals apply to a
+    running studio, and sessions of removed users end)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(os.path.expanduser(str(path)))
+        self._seen: tuple[float, int] | None = None
+        self._hashes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def hashes(self) -> dict[str, str]:
+        try:
+            st = self.path.stat()
+            seen = (st.st_mtime, st.st_size)
+        except FileNotFoundError:
+            seen = None
+        with self._lock:
+            if seen != self._seen:
+                self._hashes, self._seen = read_users(self.path), seen
+            return self._hashes
+
+
+class LoginGuard:
+    """Slows down password guessing: at most `parallel` password checks at once (each costs ~50 ms
+    and 16 MiB of scrypt), and after `free` failures for a name or a client address, each further
+    try waits out a delay that doubles, up to `longest` seconds."""
+
+    def __init__(self, parallel: int = 4, free: int = 5, longest: float = 300.0):
+        self._checks = threading.BoundedSemaphore(parallel)
+        self._failures: dict[str, tuple[int, float]] = {}  # key -> (failures, last failure time)
+        self.free, self.longest = free, longest
+        self._lock = threading.Lock()
+
+    def wait_seconds(self, *keys: str) -> float:
+        """How long these keys must still wait before another try (0 = may try now)."""
+        now = time.time()
+        with self._lock:
+            waits = [
+                min(self.longest, 2.0 ** (count - self.free)) - (now - last)
+                for count, last in (self._failures.get(k, (0, 0.0)) for k in keys)
+                if count >= self.free
+            ]
+        return max([0.0, *waits])
+
+    def check(self, users: UsersFile, name: str, password: str, *keys: str) -> bool:
+        with self._checks:
+            stored = users.hashes().get(name)
+            if stored is None:
+                hash_password(password)  # as slow as a real check: the time says nothing about which names exist
+                ok = False
+            else:
+                ok = password_matches(password, stored)
+        with self._lock:
+            for key in keys:
+                if ok:
+                    self._failures.pop(key, None)
+                else:
+                    count, _ = self._failures.get(key, (0, 0.0))
+                    self._failures[key] = (count + 1, time.time())
+                    if len(self._failures) > 10_000:  # forget the oldest: memory stays bounded
+                        del self._failures[next(iter(self._failures))]
+        return ok
