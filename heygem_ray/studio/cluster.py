@@ -76,6 +76,7 @@ class Cluster:
         self.address, self.local = address, local
         self._jobs: Any = None
         self._ended: dict[str, tuple[str, float | None]] = {}
+        self._logs: dict[str, str] = {}  # log tails of ended jobs
 
     @property
     def client(self) -> Any:
@@ -119,8 +120,14 @@ class Cluster:
         return state, started
 
     def logs(self, submission_id: str, last_lines: int = 60) -> str:
+        """The last lines of a job's log (kept once the job has ended: it will not change)."""
+        if submission_id in self._logs:
+            return self._logs[submission_id]
         text: str = self._call("get_job_logs", submission_id)
-        return "\n".join(text.splitlines()[-last_lines:])
+        tail = "\n".join(text.splitlines()[-last_lines:])
+        if submission_id in self._ended:
+            self._logs[submission_id] = tail
+        return tail
 
     def stop(self, submission_id: str) -> bool:
         return bool(self._call("stop_job", submission_id))
