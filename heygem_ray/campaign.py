@@ -174,7 +174,7 @@ class Campaign:
         self.startup.rendered(self.actors.actors[actor].info, result)
         if len(state.done) == len(state.spans):
             assert self.actors.codec is not None
-            job = state.stitch_job(self.cfg.layout, self.actors.codec, self.cfg.storage.options)
+            job = state.stitch_job(self.cfg.layout, self.actors.codec, self.cfg.qa, self.cfg.storage.options)
             self._inflight[self.executor.submit(stitch_row, job, state.audio_track)] = ("stitched", row_id)
 
     def _on_stitched(self, row_id: str, ref: Any) -> None:
@@ -196,7 +196,7 @@ class Campaign:
         if row_id in self.results:
             return
         state = self._states.pop(row_id, None) or RowState(Row(row_id, "", "", self._outputs[row_id]), time.time())
-        result = state.result(status, error, marker)
+        result = state.result(status, error, marker, self.cfg.qa.min_sync)
         self.results.add(result)
         self.observers.finished(result, thumbnail)
 

@@ -275,6 +275,19 @@ class RenderConfig:
 
 
 @dataclass
+class QAConfig:
+    """Lip-sync scoring of every output (heygem_ray/qa.py): `sync_score`, `sync_offset_frames`,
+    `sync_method` and `qa_flag` in the results and the report."""
+
+    #: rows scoring below this are flagged (a score is a correlation, -1..1)
+    min_sync: float = 0.3
+    #: a row scoring below this fails and nothing is published (null = never: flags only)
+    fail_below: float | None = None
+    #: largest offset between mouth and speech searched for, frames
+    max_lag: int = 3
+
+
+@dataclass
 class Config:
     #: Parquet manifest URI (columns audio, avatar; optional id, output, box)
     manifest: str = MISSING
@@ -291,6 +304,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
 
     @property
     def layout(self) -> CampaignLayout:

@@ -20,6 +20,10 @@ class Marker:
     frames: int
     audio_seconds: float
     finished_at: float
+    #: the output's lip-sync score (heygem_ray.qa); None for outputs made before scoring
+    sync_score: float | None = None
+    sync_offset_frames: int | None = None
+    sync_method: str | None = None
 
 
 def read_marker(uri: str) -> Marker | None:

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from heygem_ray import metrics, storage
+from heygem_ray import metrics, qa, storage
 from heygem_ray.config import Config
 from heygem_ray.manifest import Row
 from heygem_ray.progress import ProgressFeed
@@ -32,6 +32,8 @@ class CampaignObservers:
         self.row_status: dict[str, str] = dict.fromkeys((r.id for r in rows), "queued")
         self.counts: Counter[str] = Counter(queued=len(self.row_status))
         self.frames_done = self.frames_planned = self.frames_rendered = 0
+        self.sync_scores: list[float] = []  # of the rows done, for the feed's median
+        self.flagged = 0
         self.started = time.time()
         self.report = PagedReport(
             cfg.layout.report,
@@ -58,6 +60,9 @@ class CampaignObservers:
 
     def finished(self, result: RowResult, thumbnail: bytes | None) -> None:
         self.status(result.id, result.status)
+        if result.sync_score is not None:
+            self.sync_scores.append(result.sync_score)
+        self.flagged += bool(result.qa_flag)
         self.report.add(result, thumbnail)
         metrics.row_finished(result.status)
         seconds = f"{result.render_seconds:.1f}s" if result.render_seconds is not None else "-"
@@ -87,7 +92,13 @@ class CampaignObservers:
         self._write_report(final=True)
 
     def _write_progress(self, state: str) -> None:
-        self.progress.write(state, self.row_status, self.counts, self.frames_done, self.frames_planned)
+        median = qa.campaign_median(self.sync_scores)
+        scores = {
+            "scored": len(self.sync_scores),
+            "flagged": self.flagged,
+            "median_sync": None if median is None else round(median, 4),
+        }
+        self.progress.write(state, self.row_status, self.counts, self.frames_done, self.frames_planned, scores)
 
     def _write_report(self, final: bool) -> None:
         began = time.time()

@@ -6,7 +6,8 @@ dashboards, scripts), rewritten atomically while the campaign runs and once at i
      "rows": {"total": 6, "queued": 1, "preparing": 1, "rendering": 2, "ok": 1, "failed": 1, "skipped": 0},
      "frames": {"done": 900, "planned": 1500},   # planned: of the rows cut into segments so far
      "eta_seconds": 12.5,                          # from the rows rendered so far; null until one has
-     "row_status": {"row-id": "rendering", ...}}   # every row: queued, preparing, rendering, or its result
+     "row_status": {"row-id": "rendering", ...},   # every row: queued, preparing, rendering, or its result
+     "qa": {"scored": 4, "flagged": 1, "median_sync": 0.71}}  # lip sync of the rows done (heygem_ray.qa)
 
 Written at most every `interval` seconds, and never more often than five times its own cost, so a
 campaign of 100,000 rows spends a bounded share of the driver's time on it.
@@ -46,6 +47,7 @@ class ProgressFeed:
         counts: Mapping[str, int],
         frames_done: int,
         frames_planned: int,
+        qa: Mapping[str, object] | None = None,
     ) -> None:
         began = time.time()
         finished = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
@@ -63,6 +65,7 @@ class ProgressFeed:
             "frames": {"done": frames_done, "planned": frames_planned},
             "eta_seconds": None if eta is None else round(eta, 1),
             "row_status": dict(row_status),
+            "qa": dict(qa or {}),
         }
         try:
             storage.write_bytes(self.uri, json.dumps(doc, separators=(",", ":")).encode())

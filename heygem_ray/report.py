@@ -103,6 +103,8 @@ class Totals:
     rows: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_STATUS_CLASSES, 0))
     ok_audio_seconds: float = 0.0
+    #: rows whose lip sync is flagged (heygem_ray.qa)
+    flagged: int = 0
     #: the first failed rows: (id, link to its card)
     failed_links: list[tuple[str, str]] = field(default_factory=list)
 
@@ -111,6 +113,7 @@ class Totals:
         self.counts[r.status] = self.counts.get(r.status, 0) + 1
         if r.status == "ok":
             self.ok_audio_seconds += r.audio_seconds or 0.0
+        self.flagged += bool(r.qa_flag)
         if r.status == "failed" and len(self.failed_links) < _FAILED_LINKS:
             self.failed_links.append((r.id, href))
 
@@ -168,6 +171,7 @@ def render_report(
         "stats": stats,
         "failed": counts.get("failed", 0),
         "failed_links": totals.failed_links,
+        "flagged": totals.flagged,
     }
     stamp = time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time())
@@ -227,12 +231,23 @@ def _card(r: RowResult, thumb: bytes | None, report_uri: str | None) -> dict[str
             ("Segments", _int(r.segments)),
             ("Render", _seconds(r.render_seconds)),
             ("Attempts", _int(r.attempts)),
+            ("Lip sync", _sync(r)),
         ],
+        "sync": "" if r.sync_score is None else f"{r.sync_score:.4f}",
+        "qa_flag": r.qa_flag,
         "error": r.error,
         "video_href": href,
         "video_name": storage.basename(storage.display(r.output)) if href else None,
         "output": storage.display(r.output) if r.output else None,
     }
+
+
+def _sync(r: RowResult) -> str:
+    """The lip-sync score as a card shows it: the score, and the offset when it is not 0."""
+    if r.sync_score is None:
+        return "\u2013"
+    offset = f" ({r.sync_offset_frames:+d} fr)" if r.sync_offset_frames else ""
+    return f"{r.sync_score:.2f}{offset}"
 
 
 def _anchor(row_id: str) -> str:
@@ -358,6 +373,18 @@ _SCRIPT = (
     "img.addEventListener('load',function(e){mark(e.target);});"
     "img.addEventListener('error',function(e){mark(e.target);});}}}"
     "if(document.readyState==='complete'){check();}else{window.addEventListener('load',check);}"
+    # sort the cards by lip-sync score (lowest first, unscored last) or back to manifest order
+    "function sort(by){var main=document.querySelector('main');if(!main)return;"
+    "var cards=Array.prototype.slice.call(main.querySelectorAll('.card'));"
+    "cards.sort(function(a,b){if(by==='sync'){"
+    "var x=a.getAttribute('data-sync'),y=b.getAttribute('data-sync');"
+    "if(x!==y){if(x==='')return 1;if(y==='')return -1;return parseFloat(x)-parseFloat(y);}}"
+    "return parseInt(a.getAttribute('data-order'))-parseInt(b.getAttribute('data-order'));});"
+    "for(var i=0;i<cards.length;i++){main.appendChild(cards[i]);}"
+    "document.documentElement.setAttribute('data-sorted',by);}"
+    "var buttons=document.querySelectorAll('button[data-sort]');"
+    "for(var j=0;j<buttons.length;j++){buttons[j].addEventListener('click',function(e){"
+    "sort(e.target.getAttribute('data-sort'));});}"
     "})();"
 )
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()

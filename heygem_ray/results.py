@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from heygem_ray import storage
+from heygem_ray import qa, storage
 
 SCHEMA = pa.schema(
     [
@@ -24,6 +24,10 @@ SCHEMA = pa.schema(
         ("render_seconds", pa.float64()),  # wall seconds from admission to published output
         ("attempts", pa.int64()),  # most tries any one segment of the row needed
         ("finished_at", pa.timestamp("s", tz="UTC")),
+        ("sync_score", pa.float64()),  # lip sync: correlation of mouth change and speech (heygem_ray.qa)
+        ("sync_offset_frames", pa.int64()),  # the best offset between them, frames
+        ("sync_method", pa.string()),  # how it was scored: motion-energy
+        ("qa_flag", pa.string()),  # why a look is needed ("" = it is not)
     ]
 )
 
@@ -40,6 +44,10 @@ class RowResult:
     render_seconds: float | None
     attempts: int
     finished_at: float
+    sync_score: float | None = None
+    sync_offset_frames: int | None = None
+    sync_method: str | None = None
+    qa_flag: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,11 +150,25 @@ class ResultsTable:
 
     def finish(self, order: list[str]) -> list[RowResult]:
         """Write the whole table (every id of `order` must have its result) and remove the parts."""
-        rows = [self._results[row_id] for row_id in order]
+        rows = flag_outliers([self._results[row_id] for row_id in order])
         write_results(self.uri, rows)
         self._unwritten = []
         storage.remove(self.parts, recursive=True)
         return rows
+
+
+def flag_outliers(rows: list[RowResult]) -> list[RowResult]:
+    """Rows whose lip-sync score is far below the campaign's median, flagged with the reason."""
+    median = qa.campaign_median([r.sync_score for r in rows if r.sync_score is not None])
+    if median is None:
+        return rows
+    reason = f"lip-sync score far below the campaign's median ({median:.2f})"
+    return [
+        replace(r, qa_flag="; ".join(filter(None, [r.qa_flag, reason])))
+        if r.sync_score is not None and r.sync_score < median - qa.BELOW_MEDIAN
+        else r
+        for r in rows
+    ]
 
 
 def read_parts(parts: str) -> list[dict]:

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from heygem_ray import qa as qa_flags
 from heygem_ray import storage
+from heygem_ray.config import QAConfig
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker
@@ -77,8 +79,10 @@ class RowState:
             codec=codec,
         )
 
-    def stitch_job(self, layout: CampaignLayout, codec: str, storage_options: StorageOptions | None) -> StitchJob:
-        assert self.prep is not None and self.track is not None
+    def stitch_job(
+        self, layout: CampaignLayout, codec: str, qa: QAConfig, storage_options: StorageOptions | None
+    ) -> StitchJob:
+        assert self.prep is not None and self.prep.audio is not None and self.track is not None
         work = self.work_uri(layout, codec)
         return StitchJob(
             row_id=self.row.id,
@@ -90,11 +94,20 @@ class RowState:
             marker_uri=layout.marker(self.row.id),
             thumbnail_uri=layout.thumbnail(self.row.id),
             fingerprint=self.prep.fingerprint,
+            spans=[(s.start, s.stop) for s in self.spans],
+            pcm_uri=self.prep.audio.pcm_uri,
+            audio_samples=self.prep.audio.samples,
+            fps=self.track.info.fps,
+            qa=qa,
             storage_options=storage_options,
         )
 
-    def result(self, status: str, error: str | None, marker: Marker | None) -> RowResult:
+    def result(self, status: str, error: str | None, marker: Marker | None, min_sync: float) -> RowResult:
+        """The row's result; a published one carries its lip-sync score, flagged below `min_sync`."""
         audio = self.prep.audio if self.prep else None
+        published = marker is not None and status in ("ok", "skipped")
+        score = marker.sync_score if marker else None
+        offset = marker.sync_offset_frames if marker else None
         return RowResult(
             id=self.row.id,
             status=status,
@@ -106,6 +119,10 @@ class RowState:
             render_seconds=round(time.time() - self.started, 3) if status == "ok" else None,
             attempts=max(self.attempts.values(), default=0),
             finished_at=time.time(),
+            sync_score=score,
+            sync_offset_frames=offset,
+            sync_method=marker.sync_method if marker else None,
+            qa_flag="; ".join(qa_flags.flags(score, offset, min_sync)) if published else "",
         )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from heygem_ray import metrics, storage
+from heygem_ray import metrics, qa, storage
 from heygem_ray.config import Config
 from heygem_ray.errors import RendererStartError
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
@@ -155,6 +155,7 @@ class RenderWorker:
                 threads=self.threads,
             )
             pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
+            motion = np.full(job.frames, np.nan, np.float32)  # the mouth's change per frame (heygem_ray.qa)
             with FrameReader(
                 local_avatar,
                 info,
@@ -163,11 +164,12 @@ class RenderWorker:
                 threads=self.threads,
                 pixel_format=pixel_format,
             ) as reader:
-                written, first_batch_at = self._render_frames(job, features, reader, writer, clock)
+                written, first_batch_at = self._render_frames(job, features, reader, writer, clock, motion)
             if written != job.frames:
                 raise RuntimeError(f"segment {job.index} of {job.row_id}: encoded {written} of {job.frames} frames")
             size = os.path.getsize(path)
             with clock("upload"):
+                qa.write_motion(qa.motion_uri(job.out_uri), motion)  # first: a segment that exists has one
                 storage.publish_file(path, job.out_uri)
         metrics.frames_rendered(job.frames)
         metrics.stage_seconds(clock.seconds)
@@ -191,6 +193,7 @@ class RenderWorker:
         reader: FrameReader,
         writer: SegmentWriter,
         clock: metrics.StageClock,
+        motion: np.ndarray,
     ) -> tuple[int, float]:
         """Decode, render and encode in chunks, overlapped: while chunk k renders (on the GPU, or
         the main thread), chunk k+1 decodes and chunk k-1 encodes on two helper threads (PyAV and
@@ -199,9 +202,19 @@ class RenderWorker:
         when the first chunk was rendered).
 
         With a yuv420p encoder (the default) frames stay I420 from decoder to encoder and only the
-        face regions are converted to BGR for the renderer (`_render_regions`)."""
+        face regions are converted to BGR for the renderer (`_render_regions`). Each frame's mouth
+        change (`qa.mouth_change`) goes into `motion`."""
         i420 = writer.takes_i420
-        render = self._render_regions if i420 else self.renderer.render
+
+        def render(frames: list[np.ndarray], boxes: np.ndarray, feats: np.ndarray, srcs: list, lo: int) -> list:
+            hi = lo + len(frames)
+            if i420:
+                return self._render_regions(frames, boxes, feats, srcs, motion[lo:hi])
+            patches = qa.mouth_patches(frames, boxes)
+            rendered = self.renderer.render(frames, boxes, feats, srcs)
+            motion[lo:hi] = qa.mouth_change(patches, rendered, boxes)
+            return rendered
+
         write = writer.write_i420 if i420 else writer.write
         spans = pipeline_chunks(job.frames, self.renderer.batch_size)
 
@@ -240,7 +253,7 @@ class RenderWorker:
                 if k + 1 < len(spans):
                     next_batch = decoder.submit(decode, *spans[k + 1])
                 with clock("render"):
-                    rendered = render(frames, job.boxes[lo:hi], features[lo:hi], sources[lo:hi])
+                    rendered = render(frames, job.boxes[lo:hi], features[lo:hi], sources[lo:hi], lo)
                 first_batch_at = first_batch_at or time.time()
                 if encoding is not None:
                     encoding.result()  # keeps order and at most one batch waiting to encode
@@ -256,11 +269,12 @@ class RenderWorker:
         boxes: np.ndarray,
         features: np.ndarray,
         sources: list[tuple[str, int]] | None = None,
+        motion: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """Render I420 frames: each face region goes to the renderer as a BGR crop with its box
         moved into the crop, and comes back into the planes. Renderers change nothing outside the
         box, so the rest of the frame needs no conversion; a frame whose box is outside the picture
-        is passed through."""
+        is passed through. `motion`: where each frame's mouth change goes (NaN without a face)."""
         width, height = i420_size(frames[0])
         found = {i: even_region(box, width, height) for i, box in enumerate(boxes)}
         regions = {i: region for i, region in found.items() if region is not None}
@@ -272,7 +286,10 @@ class RenderWorker:
         moved = np.clip(boxes[keep], 0, [width, height, width, height]) - origins  # clipped as the regions were
         # a crop's pixels depend on its region too: rows sharing an avatar may bring other boxes
         kept_sources = None if sources is None else [(*sources[i], *regions[i]) for i in keep]
+        patches = qa.mouth_patches(crops, moved) if motion is not None else []
         rendered = self.renderer.render(crops, moved, features[keep], kept_sources)
+        if motion is not None:
+            motion[keep] = qa.mouth_change(patches, rendered, moved)
         for i, crop in zip(keep, rendered):
             paste_bgr(frames[i], regions[i], crop)
         return frames

@@ -14,12 +14,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from heygem_ray import metrics, storage
+import numpy as np
+
+from heygem_ray import metrics, qa, storage
+from heygem_ray.config import QAConfig
 from heygem_ray.errors import writing
 from heygem_ray.markers import Marker, write_marker
+from heygem_ray.media.audio import LOUDNESS_WINDOW, SAMPLE_RATE, speech_loudness
 from heygem_ray.media.mux import stitch
 from heygem_ray.media.thumbnail import thumbnail_jpeg
-from heygem_ray.prepare import AudioTrack
+from heygem_ray.plan import frame_center_samples
+from heygem_ray.prepare import AudioTrack, read_pcm
 from heygem_ray.storage import StorageOptions
 
 log = logging.getLogger("heygem_ray")
@@ -36,6 +41,13 @@ class StitchJob:
     marker_uri: str
     thumbnail_uri: str
     fingerprint: str
+    #: each segment's output frames [start, stop), in join order
+    spans: list[tuple[int, int]]
+    #: the row's decoded audio (heygem_ray.prepare.read_pcm), for the lip-sync score
+    pcm_uri: str
+    audio_samples: int
+    fps: float
+    qa: QAConfig
     #: the campaign's `storage.options`, set for the process before anything is read: a Ray task
     #: may run in a worker that has never seen them; None leaves the process's as they are
     storage_options: StorageOptions | None = None
@@ -64,16 +76,52 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
             )
         if stats.frames != job.frames:
             raise RuntimeError(f"row {job.row_id}: stitched {stats.frames} frames, planned {job.frames}")
+        with clock("qa"):
+            sync = sync_score(job)
+        if job.qa.fail_below is not None and (sync.score is None or sync.score < job.qa.fail_below):
+            raise QAError(
+                f"lip-sync score {sync.score} is below qa.fail_below={job.qa.fail_below:g}"
+                f" (method {sync.method}, best offset {sync.offset_frames} frame(s)): not published"
+            )
         with clock("upload"), writing(job.output):
             storage.publish_file(path, job.output)
     thumbnail = _thumbnail(job)
     if thumbnail:
         storage.write_bytes(job.thumbnail_uri, thumbnail)
-    marker = Marker(job.row_id, job.fingerprint, job.output, stats.frames, round(audio.seconds, 4), time.time())
+    marker = Marker(
+        job.row_id,
+        job.fingerprint,
+        job.output,
+        stats.frames,
+        round(audio.seconds, 4),
+        time.time(),
+        sync.score,
+        sync.offset_frames,
+        sync.method,
+    )
     write_marker(job.marker_uri, marker)
     storage.remove(job.work_uri, recursive=True)
     metrics.stage_seconds(clock.seconds)
     return Stitched(marker, thumbnail)
+
+
+class QAError(RuntimeError):
+    """The output's lip sync is below `qa.fail_below`: the row fails, nothing is published."""
+
+
+def sync_score(job: StitchJob) -> qa.SyncScore:
+    """The joined output's motion-energy score: each segment's mouth change (measured by the actor
+    that rendered it) in join order, against the row's speech loudness at every output frame, read
+    segment by segment so memory stays flat in the row's length."""
+    motion, loudness = [], []
+    for uri, (start, stop) in zip(job.segment_uris, job.spans, strict=True):
+        motion.append(qa.read_motion(qa.motion_uri(uri), stop - start))
+        centers = frame_center_samples(np.arange(start, stop), job.fps, SAMPLE_RATE)
+        lo = max(0, int(centers[0]) - LOUDNESS_WINDOW)
+        hi = min(job.audio_samples, int(centers[-1]) + LOUDNESS_WINDOW)
+        samples = read_pcm(job.pcm_uri, lo, max(lo, hi))
+        loudness.append(qa.loudness_db(speech_loudness(samples, centers - lo)))
+    return qa.score(np.concatenate(motion), np.concatenate(loudness), job.qa.max_lag)
 
 
 def _thumbnail(job: StitchJob) -> bytes | None:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "heygem_ray"
 
 #: bottom first; a module's layer is its longest matching prefix
 LAYERS: list[tuple[str, ...]] = [
-    ("storage", "errors", "plan", "devices", "pinning", "metrics", "layout", "config", "results", "markers"),
+    ("storage", "errors", "plan", "devices", "pinning", "metrics", "layout", "config", "results", "markers", "qa"),
     ("manifest", "media"),
     ("models", "detect"),
     ("render",),

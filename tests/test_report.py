@@ -14,7 +14,7 @@ import av
 import cv2
 import numpy as np
 import pytest
-from browser import chromium, dump_dom, parse_cards
+from browser import chromium, dump_dom, parse_cards, playwright_page
 
 from heygem_ray import demo
 from heygem_ray import report as report_module
@@ -62,6 +62,10 @@ def _row(
         render_seconds=kw.get("render_seconds", 12.5 if ok else None),
         attempts=kw.get("attempts", 1),
         finished_at=time.time(),
+        sync_score=kw.get("sync_score"),
+        sync_offset_frames=kw.get("sync_offset_frames"),
+        sync_method="motion-energy" if "sync_score" in kw else None,
+        qa_flag=kw.get("qa_flag", ""),
     )
 
 
@@ -339,3 +343,45 @@ def test_a_page_that_fails_to_write_leaves_the_pages_written_before_it(tmp_path,
     for page, rows in (("page-0002.html", ["row-r2", "row-r3"]), ("page-0003.html", ["row-r4", "row-r5"])):
         text = (out / "_report" / page).read_text()
         assert [c["id"] for c in parse_cards(text).cards] == rows and 'http-equiv="refresh"' not in text
+
+
+@pytest.mark.integration
+def test_lip_sync_scores_and_flags_in_chromium(tmp_path):
+    """Each card shows its lip-sync score (and an offset that is not 0); flagged rows stand out with
+    their reason; the cards sort by score, lowest first, and back to manifest order."""
+    out = tmp_path / "campaign"
+    rows = [
+        _row("good", output=str(out / "good.mp4"), sync_score=0.91, sync_offset_frames=0),
+        _row(
+            "late",
+            output=str(out / "late.mp4"),
+            sync_score=0.55,
+            sync_offset_frames=3,
+            qa_flag="mouth and speech offset by +3 frame(s)",
+        ),
+        _row(
+            "bad",
+            output=str(out / "bad.mp4"),
+            sync_score=0.12,
+            sync_offset_frames=0,
+            qa_flag="lip-sync score 0.12 below qa.min_sync=0.3",
+        ),
+        _row("unscored", output=str(out / "unscored.mp4")),
+    ]
+    uri = out / "_report.html"
+    write_report(str(uri), render_report(rows, {}, 60.0, "QA check", report_uri=str(uri)))
+    with playwright_page(tmp_path / "downloads") as page:
+        page.goto(uri.as_uri())
+        assert page.locator(".flagged-count").inner_text() == "2 flagged for a look"
+        late = page.locator("#row-late")
+        assert "0.55 (+3 fr)" in late.inner_text() and "offset by +3 frame(s)" in late.locator(".qa-flag").inner_text()
+        assert page.locator(".card.flagged").count() == 2 and "0.91" in page.locator("#row-good").inner_text()
+
+        def order() -> list[str]:
+            return [c.get_attribute("id") for c in page.locator("main .card").all()]
+
+        assert order() == ["row-good", "row-late", "row-bad", "row-unscored"]
+        page.get_by_role("button", name="lip-sync score, lowest first").click()
+        assert order() == ["row-bad", "row-late", "row-good", "row-unscored"]
+        page.get_by_role("button", name="manifest order").click()
+        assert order() == ["row-good", "row-late", "row-bad", "row-unscored"]

@@ -1,0 +1,138 @@
+"""Lip-sync quality of an output, without weights: does the mouth move with the speech?
+
+Per output frame, the renderer's change to the mouth region (mean absolute difference between the
+rendered and the source pixels over the lower middle of the face box, measured on the actor while
+the frames are in memory) is set against the speech loudness of the audio at that frame (in dB,
+computed at the stitch from the row's audio, in the order the segments were joined). The score is
+their Pearson correlation at the best lag within ±`max_lag` frames; the lag is the offset. A mouth
+that follows the speech scores high at lag 0; an output whose video is shifted against its audio
+finds its best lag away from 0; a segment joined in the wrong place or twice lowers the score,
+since its motion then meets other speech.
+
+    sync_method = "motion-energy"
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from heygem_ray import storage
+
+METHOD = "motion-energy"
+#: the mouth region within a face box, as fractions of its height and width
+MOUTH_ROWS = (0.68, 1.0)
+MOUTH_COLS = (0.25, 0.75)
+#: loudness below this (dB of full scale) counts as silence
+SILENCE_DB = -60.0
+#: fewest frames with a face for a score
+MIN_FRAMES = 12
+
+
+@dataclass(frozen=True)
+class SyncScore:
+    #: Pearson correlation of mouth change and speech loudness at the best lag (None: not scored)
+    score: float | None
+    #: the best lag in frames (positive: the mouth moves after the speech)
+    offset_frames: int | None
+    method: str = METHOD
+    #: frames scored (frames with a face and a finite measure)
+    frames: int = 0
+
+
+def _mouth(box: np.ndarray) -> tuple[slice, slice] | None:
+    x1, y1, x2, y2 = (int(v) for v in box[:4])
+    h, w = y2 - y1, x2 - x1
+    if h < 4 or w < 4:
+        return None
+    rows = slice(y1 + int(MOUTH_ROWS[0] * h), y1 + int(MOUTH_ROWS[1] * h))
+    cols = slice(x1 + int(MOUTH_COLS[0] * w), x1 + int(MOUTH_COLS[1] * w))
+    return rows, cols
+
+
+def mouth_patches(images: list[np.ndarray], boxes: np.ndarray) -> list[np.ndarray | None]:
+    """A copy of each image's mouth region (None where its box is empty), before a renderer draws."""
+    patches: list[np.ndarray | None] = []
+    for image, box in zip(images, boxes, strict=True):
+        region = _mouth(box)
+        patches.append(None if region is None else np.array(image[region], dtype=np.int16))
+    return patches
+
+
+def mouth_change(patches: list[np.ndarray | None], images: list[np.ndarray], boxes: np.ndarray) -> np.ndarray:
+    """Mean absolute change of each mouth region since `mouth_patches` (NaN where there was none)."""
+    out = np.full(len(images), np.nan, np.float32)
+    for i, (patch, image, box) in enumerate(zip(patches, images, boxes, strict=True)):
+        region = _mouth(box)
+        if patch is not None and region is not None and image[region].shape == patch.shape:
+            out[i] = float(np.abs(image[region].astype(np.int16) - patch).mean())
+    return out
+
+
+def loudness_db(loudness: np.ndarray) -> np.ndarray:
+    return np.maximum(20 * np.log10(np.maximum(loudness, 1e-12)), SILENCE_DB).astype(np.float32)
+
+
+def score(motion: np.ndarray, loudness: np.ndarray, max_lag: int = 3) -> SyncScore:
+    """The motion-energy score of a row: `motion` (mouth change per output frame, NaN where not
+    measured) against `loudness` (speech loudness per output frame, dB)."""
+    motion, loudness = np.asarray(motion, np.float64), np.asarray(loudness, np.float64)
+    best: tuple[float, int] | None = None
+    scored = int(np.isfinite(motion).sum())
+    for lag in range(-max_lag, max_lag + 1):
+        m = motion[max(0, lag) : len(motion) + min(0, lag)]
+        a = loudness[max(0, -lag) : len(loudness) - max(0, lag)]
+        ok = np.isfinite(m) & np.isfinite(a)
+        if ok.sum() < MIN_FRAMES or np.std(m[ok]) == 0 or np.std(a[ok]) == 0:
+            continue
+        r = float(np.corrcoef(m[ok], a[ok])[0, 1])
+        # ties go to the smaller lag: a still mouth and steady speech must not look shifted
+        if best is None or r > best[0] + 1e-9 or (abs(r - best[0]) <= 1e-9 and abs(lag) < abs(best[1])):
+            best = (r, lag)
+    if best is None:
+        return SyncScore(None, None, frames=scored)
+    return SyncScore(round(best[0], 4), best[1], frames=scored)
+
+
+def motion_uri(segment_uri: str) -> str:
+    """Where a segment's mouth-change measure is kept beside it (written before the segment, so a
+    segment that exists has one)."""
+    return segment_uri.rsplit(".", 1)[0] + ".motion.npy"
+
+
+def write_motion(uri: str, motion: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(motion, np.float32), allow_pickle=False)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def read_motion(uri: str, frames: int) -> np.ndarray:
+    """A segment's measure; NaN for every frame when there is none (a segment made before scoring)."""
+    try:
+        motion = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    except (FileNotFoundError, ValueError):
+        return np.full(frames, np.nan, np.float32)
+    return motion if len(motion) == frames else np.full(frames, np.nan, np.float32)
+
+
+def flags(result_score: float | None, offset: int | None, min_sync: float) -> list[str]:
+    """Why a row's lip sync needs a look (empty: it does not)."""
+    reasons = []
+    if result_score is None:
+        reasons.append("not scored (no face, or no speech)")
+    elif result_score < min_sync:
+        reasons.append(f"lip-sync score {result_score:.2f} below qa.min_sync={min_sync:g}")
+    if offset:
+        reasons.append(f"mouth and speech offset by {offset:+d} frame(s)")
+    return reasons
+
+
+#: how far under the campaign's median score a row is "far below" it
+BELOW_MEDIAN = 0.25
+
+
+def campaign_median(scores: list[float]) -> float | None:
+    """The median score of a campaign's rows (None under five rows: too few to compare with)."""
+    return float(np.median(scores)) if len(scores) >= 5 else None

@@ -1,0 +1,120 @@
+"""The weights-free lip-sync score (heygem_ray.qa): measured on real rendered segments, it is high
+and at offset 0 for an aligned output, finds an output shifted by 3 frames, and drops when a
+segment is joined in the wrong place."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from helpers import compose_config
+from heygem_ray import demo, qa
+from heygem_ray.layout import CampaignLayout
+from heygem_ray.manifest import Row
+from heygem_ray.prepare import prepare_audio, prepare_avatar
+from heygem_ray.rows import RowState
+from heygem_ray.segment import RenderWorker
+from heygem_ray.stitch import sync_score
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory, media_dir):
+    """One 8 s row (speech over the still), cut into four 2 s segments and rendered on a renderer
+    in this process (classic, as the default campaign renders): its stitch job, not yet stitched."""
+    root = tmp_path_factory.mktemp("qa")
+    audio_path = str(root / "speech8.wav")
+    demo.write_wav(audio_path, demo.speech_like(8.0, seed=11))
+    cfg = compose_config(
+        "manifest=m",
+        f"output={root}/out",
+        "render.segment_seconds=2",
+        "cluster.actor.threads=1",
+        "encoder.codec=libx264",
+    )
+    audio = prepare_audio(audio_path, cfg.cache_uri)
+    track = prepare_avatar(str(media_dir / "still.png"), None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
+    state = RowState.prepared(Row("r", audio_path, track.uri, f"{root}/out/r.mp4"), audio, "fp")
+    state.plan(track, cfg.render.segment_seconds)
+    assert len(state.spans) == 4 and len({s.stop - s.start for s in state.spans}) == 1
+    layout = CampaignLayout(cfg.output)
+    worker = RenderWorker(cfg)
+    for i in range(len(state.spans)):
+        worker.render_segment(state.segment_job(i, layout, "libx264"))
+    return state.stitch_job(layout, "libx264", cfg.qa, None), audio
+
+
+@pytest.fixture
+def rendered_row(rendered):
+    return rendered[0]
+
+
+def test_an_aligned_output_scores_high_at_offset_0(rendered_row):
+    sync = sync_score(rendered_row)
+    assert sync.method == "motion-energy" and sync.frames == rendered_row.frames
+    assert sync.score is not None and sync.score >= 0.6, sync
+    assert sync.offset_frames == 0, sync
+
+
+def test_an_output_shifted_by_3_frames_is_found(rendered_row):
+    """The same video against audio that runs 3 frames ahead of it (each frame meets the speech of
+    3 frames later): the mouth moves 3 frames after the speech, the best offset says +3, and at
+    offset 0 the mouth no longer follows the speech as well."""
+    aligned = sync_score(rendered_row)
+    late = replace(rendered_row, spans=[(a + 3, b + 3) for a, b in rendered_row.spans])
+    shifted = sync_score(late)
+    assert shifted.offset_frames == 3, shifted
+    assert qa.flags(shifted.score, shifted.offset_frames, 0.3) == ["mouth and speech offset by +3 frame(s)"]
+    at_zero = qa.score(_motion(rendered_row), _loudness(late), max_lag=0)
+    assert at_zero.score is not None and aligned.score is not None and at_zero.score < aligned.score - 0.2
+
+
+def test_a_segment_joined_twice_lowers_the_score(rendered_row):
+    """Segment 0 joined where segment 1 belongs (a doubled segment): its mouth meets other speech."""
+    uris = list(rendered_row.segment_uris)
+    doubled = replace(rendered_row, segment_uris=[uris[0], uris[0], *uris[2:]])
+    swapped = replace(rendered_row, segment_uris=[uris[1], uris[0], *uris[2:]])
+    aligned = sync_score(rendered_row).score
+    assert aligned is not None
+    for broken in (doubled, swapped):
+        score = sync_score(broken).score
+        assert score is not None and score < aligned - 0.15, (score, aligned)
+
+
+def test_no_face_or_no_speech_is_not_scored():
+    assert qa.score(np.full(50, np.nan), np.linspace(-40, -10, 50)).score is None
+    assert qa.score(np.linspace(0, 5, 50), np.full(50, -60.0)).score is None
+    assert qa.flags(None, None, 0.3) == ["not scored (no face, or no speech)"]
+
+
+def _motion(job) -> np.ndarray:
+    return np.concatenate(
+        [qa.read_motion(qa.motion_uri(u), b - a) for u, (a, b) in zip(job.segment_uris, job.spans, strict=True)]
+    )
+
+
+def _loudness(job) -> np.ndarray:
+    from heygem_ray.media.audio import SAMPLE_RATE, speech_loudness
+    from heygem_ray.plan import frame_center_samples
+    from heygem_ray.prepare import read_pcm
+
+    a, b = job.spans[0][0], job.spans[-1][1]
+    centers = frame_center_samples(np.arange(a, b), job.fps, SAMPLE_RATE)
+    return qa.loudness_db(speech_loudness(read_pcm(job.pcm_uri, 0, job.audio_samples), centers))
+
+
+def test_below_fail_below_the_row_fails_and_nothing_is_published(rendered, tmp_path):
+    """qa.fail_below turns a low score into a failure before the output is published."""
+    import os
+
+    from heygem_ray.config import EncoderConfig, QAConfig
+    from heygem_ray.prepare import prepare_audio_track
+    from heygem_ray.stitch import QAError, stitch_row
+
+    rendered_row, audio = rendered
+    track = prepare_audio_track(audio, str(tmp_path / "cache"), EncoderConfig())
+    strict = replace(rendered_row, output=str(tmp_path / "strict.mp4"), qa=QAConfig(fail_below=0.999))
+    with pytest.raises(QAError, match=r"below qa.fail_below=0.999 .* not published"):
+        stitch_row(strict, track)
+    assert not os.path.exists(tmp_path / "strict.mp4") and not os.path.exists(rendered_row.marker_uri)
