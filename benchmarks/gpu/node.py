@@ -292,7 +292,7 @@ def run_variant(
         marks["audio_track_encoded"] = time.perf_counter() - start
         pool.wait(len(jobs), timeout)
         marks["segments_done"] = time.perf_counter() - start
-        stitched = stitch_row(row.stitch_job(cfg.layout, cfg.encoder.codec, None), audio_track)
+        stitched = stitch_row(row.stitch_job(cfg.layout, cfg.encoder.codec, cfg.qa, None), audio_track)
         marks["published"] = wall = time.perf_counter() - start
     finally:
         pool.close()
