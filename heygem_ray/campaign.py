@@ -196,7 +196,7 @@ class Campaign:
         if row_id in self.results:
             return
         state = self._states.pop(row_id, None) or RowState(Row(row_id, "", "", self._outputs[row_id]), time.time())
-        result = state.result(status, error, marker, self.cfg.qa.min_sync)
+        result = state.result(status, error, marker, self.cfg.qa)
         self.results.add(result)
         self.observers.finished(result, thumbnail)
 

@@ -279,8 +279,13 @@ class QAConfig:
     """Lip-sync scoring of every output (heygem_ray/qa.py): `sync_score`, `sync_offset_frames`,
     `sync_method` and `qa_flag` in the results and the report."""
 
-    #: rows scoring below this are flagged (a score is a correlation, -1..1)
+    #: the official lip-sync expert (Wav2Lip's `lipsync_expert.pth`, any fsspec URI); null = the
+    #: weights-free motion-energy score
+    syncnet: str | None = None
+    #: rows scoring below this are flagged: a correlation (-1..1) for motion-energy
     min_sync: float = 0.3
+    #: ... and the expert's confidence (LSE-C) with `syncnet`
+    min_confidence: float = 3.0
     #: a row scoring below this fails and nothing is published (null = never: flags only)
     fail_below: float | None = None
     #: largest offset between mouth and speech searched for, frames

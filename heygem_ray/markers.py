@@ -24,6 +24,7 @@ class Marker:
     sync_score: float | None = None
     sync_offset_frames: int | None = None
     sync_method: str | None = None
+    sync_distance: float | None = None
 
 
 def read_marker(uri: str) -> Marker | None:

@@ -10,6 +10,17 @@ finds its best lag away from 0; a segment joined in the wrong place or twice low
 since its motion then meets other speech.
 
     sync_method = "motion-energy"
+
+With the official lip-sync expert (`qa.syncnet`: Wav2Lip's `lipsync_expert.pth`), the actor embeds
+every window of five consecutive rendered frames (the lower half of each 96x96 face crop), and the
+stitch embeds the audio's mel window at each frame; for every offset within ±`SYNCNET_OFFSETS`
+frames the mean Euclidean distance between a face window and the audio window that many frames
+away is taken over the whole row. `sync_distance` is the smallest of these means (LSE-D, lower is
+better), `sync_score` the median of them minus the smallest (LSE-C, the confidence: higher is
+better), `sync_offset_frames` the offset of the smallest (as above: positive when the mouth moves
+after the speech).
+
+    sync_method = "syncnet"
 """
 
 from __future__ import annotations
@@ -17,11 +28,15 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from heygem_ray import storage
 
 METHOD = "motion-energy"
+SYNCNET = "syncnet"
+#: offsets the lip-sync expert is asked about, frames (as the usual LSE-D / LSE-C figures)
+SYNCNET_OFFSETS = 15
 #: the mouth region within a face box, as fractions of its height and width
 MOUTH_ROWS = (0.68, 1.0)
 MOUTH_COLS = (0.25, 0.75)
@@ -38,8 +53,10 @@ class SyncScore:
     #: the best lag in frames (positive: the mouth moves after the speech)
     offset_frames: int | None
     method: str = METHOD
-    #: frames scored (frames with a face and a finite measure)
+    #: frames scored (frames with a face and a finite measure; windows, for the expert)
     frames: int = 0
+    #: the expert's mean embedding distance at the best offset (LSE-D); None for motion-energy
+    distance: float | None = None
 
 
 def _mouth(box: np.ndarray) -> tuple[slice, slice] | None:
@@ -69,6 +86,53 @@ def mouth_change(patches: list[np.ndarray | None], images: list[np.ndarray], box
         if patch is not None and region is not None and image[region].shape == patch.shape:
             out[i] = float(np.abs(image[region].astype(np.int16) - patch).mean())
     return out
+
+
+def face_halves(images: list[np.ndarray], boxes: np.ndarray) -> list[np.ndarray | None]:
+    """The lower half of each face crop at 96x96 (48x96 BGR uint8), as the lip-sync expert sees
+    it; None where the box is empty."""
+    halves: list[np.ndarray | None] = []
+    for image, box in zip(images, boxes, strict=True):
+        x1, y1, x2, y2 = (int(v) for v in box[:4])
+        crop = image[max(0, y1) : y2, max(0, x1) : x2]
+        if crop.shape[0] < 4 or crop.shape[1] < 4:
+            halves.append(None)
+            continue
+        halves.append(cv2.resize(crop, (96, 96), interpolation=cv2.INTER_AREA)[48:])
+    return halves
+
+
+class OffsetDistances:
+    """The lip-sync expert's figures for a row, gathered segment by segment (memory flat in the
+    row's length): the mean distance between face-window and audio embeddings at each offset."""
+
+    def __init__(self, max_offset: int = SYNCNET_OFFSETS):
+        self.max_offset = max_offset
+        self._sums = np.zeros(2 * max_offset + 1)
+        self._counts = np.zeros(2 * max_offset + 1, np.int64)
+        self.windows = 0
+
+    def add(self, faces: np.ndarray, starts: np.ndarray, audio: np.ndarray, audio_first: int) -> None:
+        """faces[i]: the window starting at frame starts[i]; audio[k]: the mel window of frame
+        audio_first + k."""
+        self.windows += len(faces)
+        for k, o in enumerate(range(-self.max_offset, self.max_offset + 1)):
+            idx = starts + o - audio_first
+            ok = (idx >= 0) & (idx < len(audio))
+            if ok.any():
+                self._sums[k] += float(np.linalg.norm(faces[ok] - audio[idx[ok]], axis=1).sum())
+                self._counts[k] += int(ok.sum())
+
+    def result(self) -> SyncScore:
+        seen = self._counts > 0
+        if self.windows == 0 or not seen.all():
+            return SyncScore(None, None, SYNCNET, self.windows)
+        means = self._sums / self._counts
+        best = int(np.argmin(means))
+        # the face at t matches the audio at t + o best: the mouth moves o frames *before* its speech
+        offset = -(best - self.max_offset)
+        confidence = float(np.median(means) - means[best])
+        return SyncScore(round(confidence, 4), offset, SYNCNET, self.windows, round(float(means[best]), 4))
 
 
 def loudness_db(loudness: np.ndarray) -> np.ndarray:
@@ -117,13 +181,35 @@ def read_motion(uri: str, frames: int) -> np.ndarray:
     return motion if len(motion) == frames else np.full(frames, np.nan, np.float32)
 
 
-def flags(result_score: float | None, offset: int | None, min_sync: float) -> list[str]:
-    """Why a row's lip sync needs a look (empty: it does not)."""
+def syncnet_uri(segment_uri: str) -> str:
+    """Where a segment's face-window embeddings from the lip-sync expert are kept beside it."""
+    return segment_uri.rsplit(".", 1)[0] + ".syncnet.npz"
+
+
+def write_face_embeddings(uri: str, embeddings: np.ndarray, starts: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=np.asarray(embeddings, np.float16), starts=np.asarray(starts, np.int64))
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def read_face_embeddings(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings float32, window starts within the segment); none for a segment without them."""
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as data:
+            return data["embeddings"].astype(np.float32), data["starts"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return np.zeros((0, 512), np.float32), np.zeros(0, np.int64)
+
+
+def flags(result_score: float | None, offset: int | None, min_sync: float, method: str = METHOD) -> list[str]:
+    """Why a row's lip sync needs a look (empty: it does not). `min_sync` is on the method's scale:
+    a correlation for motion-energy, the expert's confidence (LSE-C) for syncnet."""
     reasons = []
     if result_score is None:
         reasons.append("not scored (no face, or no speech)")
     elif result_score < min_sync:
-        reasons.append(f"lip-sync score {result_score:.2f} below qa.min_sync={min_sync:g}")
+        key = "qa.min_confidence" if method == SYNCNET else "qa.min_sync"
+        reasons.append(f"lip-sync score {result_score:.2f} below {key}={min_sync:g} ({method})")
     if offset:
         reasons.append(f"mouth and speech offset by {offset:+d} frame(s)")
     return reasons

@@ -26,7 +26,8 @@ SCHEMA = pa.schema(
         ("finished_at", pa.timestamp("s", tz="UTC")),
         ("sync_score", pa.float64()),  # lip sync: correlation of mouth change and speech (heygem_ray.qa)
         ("sync_offset_frames", pa.int64()),  # the best offset between them, frames
-        ("sync_method", pa.string()),  # how it was scored: motion-energy
+        ("sync_method", pa.string()),  # how it was scored: motion-energy | syncnet
+        ("sync_distance", pa.float64()),  # syncnet: mean embedding distance at the best offset (LSE-D)
         ("qa_flag", pa.string()),  # why a look is needed ("" = it is not)
     ]
 )
@@ -47,6 +48,7 @@ class RowResult:
     sync_score: float | None = None
     sync_offset_frames: int | None = None
     sync_method: str | None = None
+    sync_distance: float | None = None
     qa_flag: str = ""
 
 

@@ -102,12 +102,14 @@ class RowState:
             storage_options=storage_options,
         )
 
-    def result(self, status: str, error: str | None, marker: Marker | None, min_sync: float) -> RowResult:
-        """The row's result; a published one carries its lip-sync score, flagged below `min_sync`."""
+    def result(self, status: str, error: str | None, marker: Marker | None, qa: QAConfig) -> RowResult:
+        """The row's result; a published one carries its lip-sync score, flagged as `qa` says."""
         audio = self.prep.audio if self.prep else None
         published = marker is not None and status in ("ok", "skipped")
         score = marker.sync_score if marker else None
         offset = marker.sync_offset_frames if marker else None
+        method = marker.sync_method if marker else None
+        floor = qa.min_confidence if method == qa_flags.SYNCNET else qa.min_sync
         return RowResult(
             id=self.row.id,
             status=status,
@@ -121,8 +123,9 @@ class RowState:
             finished_at=time.time(),
             sync_score=score,
             sync_offset_frames=offset,
-            sync_method=marker.sync_method if marker else None,
-            qa_flag="; ".join(qa_flags.flags(score, offset, min_sync)) if published else "",
+            sync_method=method,
+            sync_distance=marker.sync_distance if marker else None,
+            qa_flag="; ".join(qa_flags.flags(score, offset, floor, method or qa_flags.METHOD)) if published else "",
         )
 
 

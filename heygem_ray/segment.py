@@ -17,6 +17,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -110,6 +111,14 @@ class RenderWorker:
         torch.set_num_threads(self.threads)
         cv2.setNumThreads(self.threads)
         self.renderer = build_renderer(cfg.renderer, threads=self.threads)
+        self.expert: tuple[Any, Any] | None = None  # the lip-sync expert and its device (heygem_ray.qa)
+        if cfg.qa.syncnet:
+            from heygem_ray.devices import torch_device
+            from heygem_ray.models.checkpoints import load_model
+            from heygem_ray.models.syncnet import SyncNet
+
+            device = torch_device("auto")
+            self.expert = (load_model(SyncNet(), cfg.qa.syncnet, "SyncNet lip-sync expert").to(device), device)
         self.model_loaded = time.time()
         self.codec = auto_codec() if cfg.encoder.codec == "auto" else cfg.encoder.codec
         if not encoder_works(self.codec):
@@ -156,6 +165,7 @@ class RenderWorker:
             )
             pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
             motion = np.full(job.frames, np.nan, np.float32)  # the mouth's change per frame (heygem_ray.qa)
+            halves: list[np.ndarray | None] | None = [None] * job.frames if self.expert else None
             with FrameReader(
                 local_avatar,
                 info,
@@ -164,12 +174,19 @@ class RenderWorker:
                 threads=self.threads,
                 pixel_format=pixel_format,
             ) as reader:
-                written, first_batch_at = self._render_frames(job, features, reader, writer, clock, motion)
+                written, first_batch_at = self._render_frames(job, features, reader, writer, clock, motion, halves)
             if written != job.frames:
                 raise RuntimeError(f"segment {job.index} of {job.row_id}: encoded {written} of {job.frames} frames")
             size = os.path.getsize(path)
             with clock("upload"):
                 qa.write_motion(qa.motion_uri(job.out_uri), motion)  # first: a segment that exists has one
+                if self.expert is not None and halves is not None:
+                    from heygem_ray.models.syncnet import embed, face_windows
+
+                    with clock("qa"):
+                        windows, starts = face_windows(halves)
+                        faces = embed(self.expert[0].embed_faces, windows, self.expert[1])
+                    qa.write_face_embeddings(qa.syncnet_uri(job.out_uri), faces, starts)
                 storage.publish_file(path, job.out_uri)
         metrics.frames_rendered(job.frames)
         metrics.stage_seconds(clock.seconds)
@@ -194,6 +211,7 @@ class RenderWorker:
         writer: SegmentWriter,
         clock: metrics.StageClock,
         motion: np.ndarray,
+        halves: list[np.ndarray | None] | None = None,
     ) -> tuple[int, float]:
         """Decode, render and encode in chunks, overlapped: while chunk k renders (on the GPU, or
         the main thread), chunk k+1 decodes and chunk k-1 encodes on two helper threads (PyAV and
@@ -209,10 +227,12 @@ class RenderWorker:
         def render(frames: list[np.ndarray], boxes: np.ndarray, feats: np.ndarray, srcs: list, lo: int) -> list:
             hi = lo + len(frames)
             if i420:
-                return self._render_regions(frames, boxes, feats, srcs, motion[lo:hi])
+                return self._render_regions(frames, boxes, feats, srcs, motion[lo:hi], halves, lo)
             patches = qa.mouth_patches(frames, boxes)
             rendered = self.renderer.render(frames, boxes, feats, srcs)
             motion[lo:hi] = qa.mouth_change(patches, rendered, boxes)
+            if halves is not None:
+                halves[lo:hi] = qa.face_halves(rendered, boxes)
             return rendered
 
         write = writer.write_i420 if i420 else writer.write
@@ -270,11 +290,15 @@ class RenderWorker:
         features: np.ndarray,
         sources: list[tuple[str, int]] | None = None,
         motion: np.ndarray | None = None,
+        halves: list[np.ndarray | None] | None = None,
+        first: int = 0,
     ) -> list[np.ndarray]:
         """Render I420 frames: each face region goes to the renderer as a BGR crop with its box
         moved into the crop, and comes back into the planes. Renderers change nothing outside the
         box, so the rest of the frame needs no conversion; a frame whose box is outside the picture
-        is passed through. `motion`: where each frame's mouth change goes (NaN without a face)."""
+        is passed through. `motion`: where each frame's mouth change goes (NaN without a face);
+        `halves`: where the lower half of each rendered face goes, from index `first` (for the
+        lip-sync expert)."""
         width, height = i420_size(frames[0])
         found = {i: even_region(box, width, height) for i, box in enumerate(boxes)}
         regions = {i: region for i, region in found.items() if region is not None}
@@ -290,6 +314,9 @@ class RenderWorker:
         rendered = self.renderer.render(crops, moved, features[keep], kept_sources)
         if motion is not None:
             motion[keep] = qa.mouth_change(patches, rendered, moved)
+        if halves is not None:
+            for i, half in zip(keep, qa.face_halves(rendered, moved), strict=True):
+                halves[first + i] = half
         for i, crop in zip(keep, rendered):
             paste_bgr(frames[i], regions[i], crop)
         return frames

@@ -8,11 +8,13 @@ row only when its marker's fingerprint matches what it would render now.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from heygem_ray import metrics, qa, storage
 from heygem_ray.config import QAConfig
 from heygem_ray.errors import writing
 from heygem_ray.markers import Marker, write_marker
-from heygem_ray.media.audio import LOUDNESS_WINDOW, SAMPLE_RATE, speech_loudness
+from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, LOUDNESS_WINDOW, SAMPLE_RATE, AudioWindow, speech_loudness
 from heygem_ray.media.mux import stitch
 from heygem_ray.media.thumbnail import thumbnail_jpeg
 from heygem_ray.plan import frame_center_samples
@@ -98,6 +100,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
         sync.score,
         sync.offset_frames,
         sync.method,
+        sync.distance,
     )
     write_marker(job.marker_uri, marker)
     storage.remove(job.work_uri, recursive=True)
@@ -110,6 +113,50 @@ class QAError(RuntimeError):
 
 
 def sync_score(job: StitchJob) -> qa.SyncScore:
+    """The joined output's lip-sync score: the expert's with `qa.syncnet`, else motion-energy."""
+    return syncnet_score(job) if job.qa.syncnet else motion_energy_score(job)
+
+
+def syncnet_score(job: StitchJob) -> qa.SyncScore:
+    """The lip-sync expert's figures (`qa.OffsetDistances`): each segment's face-window embeddings
+    (made by the actor) in join order, against the expert's audio embedding of every output frame
+    within ±qa.SYNCNET_OFFSETS of them, segment by segment."""
+    from heygem_ray.models import syncnet
+    from heygem_ray.models.wav2lip_audio import mel_chunks
+
+    model, device = _expert(job.qa.syncnet or "")
+    distances = qa.OffsetDistances()
+    reach = qa.SYNCNET_OFFSETS
+    for uri, (start, stop) in zip(job.segment_uris, job.spans, strict=True):
+        faces, starts = qa.read_face_embeddings(qa.syncnet_uri(uri))
+        if not len(faces):
+            continue
+        first, last = max(0, start - reach), min(job.frames, stop + reach)
+        frames = np.arange(first, last)
+        centers = frame_center_samples(frames[[0, -1]], job.fps, SAMPLE_RATE)
+        context = int(AUDIO_CONTEXT_SECONDS * SAMPLE_RATE)
+        lo, hi = max(0, int(centers[0]) - context), min(job.audio_samples, int(centers[1]) + context)
+        window = AudioWindow(read_pcm(job.pcm_uri, lo, max(lo, hi)), lo, job.audio_samples, 0.0)
+        mels = mel_chunks(window, frames, job.fps)[:, None]
+        audio = syncnet.embed(model.embed_audio, np.ascontiguousarray(mels, np.float32), device)
+        distances.add(faces, starts + start, audio, first)
+    return distances.result()
+
+
+@functools.lru_cache(maxsize=2)
+def _expert(uri: str) -> tuple[Any, Any]:
+    """The lip-sync expert and its device, loaded once per process (a stitch task's worker keeps it
+    for the next). Imported here, not above: torch stays out of the driver, which imports this
+    module for its types."""
+    from heygem_ray.devices import torch_device
+    from heygem_ray.models.checkpoints import load_model
+    from heygem_ray.models.syncnet import SyncNet
+
+    device = torch_device("auto")
+    return load_model(SyncNet(), uri, "SyncNet lip-sync expert").to(device), device
+
+
+def motion_energy_score(job: StitchJob) -> qa.SyncScore:
     """The joined output's motion-energy score: each segment's mouth change (measured by the actor
     that rendered it) in join order, against the row's speech loudness at every output frame, read
     segment by segment so memory stays flat in the row's length."""

@@ -1,0 +1,90 @@
+"""The official lip-sync expert (`lipsync_expert.pth`, Wav2Lip's SyncNet_color), laid out so its
+checkpoint loads with strict=True (keys: WAV2LIP_SPEC.md §7, `syncnet_state_dict.tsv`).
+
+Face input: (B, 15, 48, 96), five consecutive frames' lower halves of the 96x96 face crops, BGR in
+[0, 1], stacked on the channel axis. Audio input: (B, 1, 80, 16), the 16-column mel window that
+starts at the first of those frames. Both come out as L2-normalised 512-d embeddings; in sync,
+they are close (the official training scores them by cosine similarity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from heygem_ray.models.wav2lip import ConvUnit, _res
+
+#: frames per face window, and the lower half of a 96x96 crop it sees
+WINDOW_FRAMES = 5
+FACE_ROWS = (48, 96)
+
+
+class SyncNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.face_encoder = nn.Sequential(
+            ConvUnit(15, 32, 7, 1, 3),
+            ConvUnit(32, 64, 5, (1, 2), 1),
+            *_res(64, 2),
+            ConvUnit(64, 128, 3, 2, 1),
+            *_res(128, 3),
+            ConvUnit(128, 256, 3, 2, 1),
+            *_res(256, 2),
+            ConvUnit(256, 512, 3, 2, 1),
+            *_res(512, 2),
+            ConvUnit(512, 512, 3, 2, 1),
+            ConvUnit(512, 512, 3, 1, 0),
+            ConvUnit(512, 512, 1, 1, 0),
+        )
+        self.audio_encoder = nn.Sequential(
+            ConvUnit(1, 32, 3, 1, 1),
+            *_res(32, 2),
+            ConvUnit(32, 64, 3, (3, 1), 1),
+            *_res(64, 2),
+            ConvUnit(64, 128, 3, 3, 1),
+            *_res(128, 2),
+            ConvUnit(128, 256, 3, (3, 2), 1),
+            *_res(256, 2),
+            ConvUnit(256, 512, 3, 1, 0),
+            ConvUnit(512, 512, 1, 1, 0),
+        )
+
+    def forward(self, audio: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(audio embedding, face embedding), each (B, 512) and of unit length."""
+        return self.embed_audio(audio), self.embed_faces(faces)
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.audio_encoder(audio).flatten(1), p=2, dim=1)
+
+    def embed_faces(self, faces: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.face_encoder(faces).flatten(1), p=2, dim=1)
+
+
+def face_windows(halves: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The expert's face inputs for every window of WINDOW_FRAMES consecutive frames that all have
+    a face: (windows, 15, 48, 96) float32 BGR in [0, 1], and the first frame of each."""
+    starts = [
+        t for t in range(len(halves) - WINDOW_FRAMES + 1) if all(h is not None for h in halves[t : t + WINDOW_FRAMES])
+    ]
+    if not starts:
+        return np.zeros((0, 3 * WINDOW_FRAMES, 48, 96), np.float32), np.zeros(0, np.int64)
+    stacked = np.stack(
+        [np.concatenate([halves[t + k] for k in range(WINDOW_FRAMES)], axis=2) for t in starts]
+    )
+    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2), np.float32) / 255.0, np.asarray(starts, np.int64)
+
+
+@torch.inference_mode()
+def embed(
+    fn: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, device: torch.device, batch: int = 64
+) -> np.ndarray:
+    """`fn` (an embedding half of the expert) over `inputs` in batches: (n, 512) float32."""
+    out = [
+        fn(torch.from_numpy(inputs[i : i + batch]).to(device)).float().cpu().numpy()
+        for i in range(0, len(inputs), batch)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, 512), np.float32)
