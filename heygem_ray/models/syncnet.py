@@ -72,9 +72,7 @@ def face_windows(halves: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarra
     ]
     if not starts:
         return np.zeros((0, 3 * WINDOW_FRAMES, 48, 96), np.float32), np.zeros(0, np.int64)
-    stacked = np.stack(
-        [np.concatenate([halves[t + k] for k in range(WINDOW_FRAMES)], axis=2) for t in starts]
-    )
+    stacked = np.stack([np.concatenate([halves[t + k] for k in range(WINDOW_FRAMES)], axis=2) for t in starts])
     return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2), np.float32) / 255.0, np.asarray(starts, np.int64)
 
 
