@@ -1,9 +1,23 @@
-"""OpenCV's bundled frontal-face Haar cascade: no weights to fetch, fast on CPU, good enough for
-presenter footage. Runs on a grey copy downscaled to `max_side`."""
+"""OpenCV's bundled Haar cascades: no weights to fetch, fast on CPU, good enough for presenter
+footage, and careful not to see faces where there are none.
+
+A candidate from the frontal-face cascade counts only when a second cascade (`alt2`) finds the
+same face and the eye cascade finds two eyes side by side in its upper half (enlarged, for a small
+face): blurred noise, textures, rooms and cartoon backgrounds that fool one cascade do not fool
+all three (see `benchmarks/bench_detect.py` for the rates on a labelled set). A frame with no
+face at its own aspect and orientation is looked at again through other *views*: squeezed across
+or along (a face stretched by a wrong display aspect), closer (a face small in a large frame)
+and turned by 12 and 24 degrees (a head tilted a little). The first view that finds a face is kept for the rest of the avatar, and after
+`probe_frames` frames in which no view finds one, only the plain view is tried: a face-less clip
+costs a few frames' worth of the search, not all of them. Runs on a grey copy whose longer side is
+at most `max_side` (after squeezing).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -11,39 +25,154 @@ import numpy as np
 from heygem_ray.config import DetectorConfig
 
 
+@dataclass(frozen=True)
+class View:
+    """How a frame is looked at: scaled across (sx) and along (sy), then turned by `angle` degrees,
+    at up to `closer` times the detector's `max_side` (for a face small in a large frame)."""
+
+    name: str
+    sx: float = 1.0
+    sy: float = 1.0
+    angle: float = 0.0
+    closer: float = 1.0
+    #: equalise the grey levels first (the cascades' training); not where a large flat border
+    #: around a small face would decide the mapping
+    equalize: bool = True
+
+
+VIEWS = (
+    View("plain"),
+    View("closer", closer=3.0, equalize=False),
+    View("squeezed across 0.75", sx=0.75),
+    View("squeezed across 0.55", sx=0.55),
+    View("squeezed across 0.45", sx=0.45),
+    View("squeezed along 0.75", sy=0.75),
+    View("squeezed along 0.55", sy=0.55),
+    View("turned +12", angle=12.0),
+    View("turned -12", angle=-12.0),
+    View("turned +24", angle=24.0),
+    View("turned -24", angle=-24.0),
+)
+#: the width (pixels) a face's upper half is enlarged to, at least, before looking for its eyes
+EYE_CHECK_WIDTH = 200
+
+
 class HaarDetector:
     @classmethod
     def from_config(cls, cfg: DetectorConfig) -> HaarDetector:
         return cls(max_side=cfg.max_side, batch_size=cfg.batch_size)
 
-    def __init__(self, max_side: int = 720, batch_size: int = 16, min_face_fraction: float = 0.08):
-        # cv2.data is a plain module of the wheel that OpenCV's type stubs leave out
-        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")  # type: ignore[attr-defined]
-        self._cascade = cv2.CascadeClassifier(path)
-        if self._cascade.empty():
-            raise RuntimeError(f"OpenCV's Haar cascade is missing ({path}); opencv-python-headless>=4.10,<5 ships it")
+    def __init__(
+        self, max_side: int = 720, batch_size: int = 16, min_face_fraction: float = 0.04, probe_frames: int = 8
+    ):
+        self._find, self._confirm, self._eyes = (
+            _cascade(name)
+            for name in ("haarcascade_frontalface_default", "haarcascade_frontalface_alt2", "haarcascade_eye")
+        )
         self.max_side = max_side
         self.batch_size = batch_size
         self.min_face_fraction = min_face_fraction
+        self.probe_frames = probe_frames
+        self._views: tuple[View, ...] = VIEWS  # narrowed to one once a view finds a face
+        self._fruitless = 0
+
+    @property
+    def view(self) -> View | None:
+        """The view kept for this avatar (None while every view is still tried)."""
+        return self._views[0] if len(self._views) == 1 else None
 
     def detect(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         return [self._detect_one(frame) for frame in frames]
 
     def _detect_one(self, frame: np.ndarray) -> np.ndarray:
-        h, w = frame.shape[:2]
-        scale = min(1.0, self.max_side / max(h, w))
-        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-        if scale < 1.0:
-            grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-        grey = cv2.equalizeHist(grey)
-        min_side = max(24, int(self.min_face_fraction * min(grey.shape)))
-        boxes, _, weights = self._cascade.detectMultiScale3(
-            grey, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side), outputRejectLevels=True
+        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
+        for view in self._views:
+            found = self._look(grey, view)
+            if len(found):
+                self._views = (view,)
+                return found
+        self._fruitless += 1
+        if self._fruitless >= self.probe_frames and len(self._views) > 1:
+            self._views = (VIEWS[0],)
+        return np.zeros((0, 5), np.float32)
+
+    def _look(self, grey: np.ndarray, view: View) -> np.ndarray:
+        """Verified faces through `view`, as (k, 5) boxes in the frame's coordinates."""
+        h, w = grey.shape
+        width, height = w * view.sx, h * view.sy
+        scale = min(1.0, view.closer * self.max_side / max(width, height))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+        if view.equalize:
+            image = cv2.equalizeHist(image)
+        inverse = None
+        if view.angle:
+            turn = cv2.getRotationMatrix2D((size[0] / 2, size[1] / 2), view.angle, 1.0)
+            image = cv2.warpAffine(image, turn, size, borderMode=cv2.BORDER_REPLICATE)
+            inverse = cv2.invertAffineTransform(turn)
+        boxes = []
+        for x1, y1, x2, y2, score in self._verified(image):
+            if inverse is not None:  # the turned box's corners, back in the squeezed frame
+                corners = np.array([[x1, y1, 1], [x2, y1, 1], [x1, y2, 1], [x2, y2, 1]], np.float64) @ inverse.T
+                (x1, y1), (x2, y2) = corners.min(axis=0), corners.max(axis=0)
+            boxes.append(
+                [x1 / (view.sx * scale), y1 / (view.sy * scale), x2 / (view.sx * scale), y2 / (view.sy * scale), score]
+            )
+        return np.asarray(boxes, np.float32).reshape(-1, 5)
+
+    def _verified(self, image: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+        ih, iw = image.shape
+        side = max(20, int(self.min_face_fraction * min(ih, iw)))
+        boxes, _, weights = self._find.detectMultiScale3(
+            image, scaleFactor=1.1, minNeighbors=5, minSize=(side, side), outputRejectLevels=True
         )
-        if len(boxes) == 0:
-            return np.zeros((0, 5), np.float32)
-        boxes = np.asarray(boxes, np.float32) / scale
-        out = np.concatenate(
-            [boxes[:, :2], boxes[:, :2] + boxes[:, 2:], np.asarray(weights, np.float32).reshape(-1, 1)], axis=1
-        )
-        return out.astype(np.float32)
+        faces = []
+        for (x, y, w, h), weight in zip(boxes, np.asarray(weights).reshape(-1), strict=True):
+            m = w // 2
+            ax, ay = max(0, x - m), max(0, y - m)
+            around = image[ay : min(ih, y + h + m), ax : min(iw, x + w + m)]
+            second = self._confirm.detectMultiScale(
+                around,
+                scaleFactor=1.1,
+                minNeighbors=3,
+                minSize=(int(w * 0.6), int(h * 0.6)),
+                maxSize=(int(w * 1.6), int(h * 1.6)),
+            )
+            if not any(
+                _iou((x, y, x + w, y + h), (ax + a, ay + b, ax + a + c, ay + b + d)) > 0.3 for a, b, c, d in second
+            ):
+                continue
+            # two eyes in the upper half, looked for at a size the eye cascade sees well
+            zoom = max(1.0, EYE_CHECK_WIDTH / w)
+            upper = image[y : y + h // 2, x : x + w]
+            if zoom > 1.0:
+                upper = cv2.resize(upper, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_CUBIC)
+            eye, widest = max(4, int(w * zoom) // 10), int(w * zoom) // 2
+            eyes = self._eyes.detectMultiScale(upper, 1.1, 3, minSize=(eye, eye), maxSize=(widest, widest))
+            if not _two_eyes(eyes, int(w * zoom)):
+                continue
+            faces.append((float(x), float(y), float(x + w), float(y + h), float(weight)))
+        return faces
+
+
+def _cascade(name: str) -> cv2.CascadeClassifier:
+    # cv2.data is a plain module of the wheel that OpenCV's type stubs leave out
+    path = os.path.join(cv2.data.haarcascades, f"{name}.xml")  # type: ignore[attr-defined]
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise RuntimeError(f"OpenCV's Haar cascade is missing ({path}); opencv-python-headless>=4.10,<5 ships it")
+    return cascade
+
+
+def _two_eyes(eyes: Sequence[Sequence[int]] | np.ndarray, face_width: int) -> bool:
+    """Two eyes side by side: two detections whose centres lie at least a fifth of the face's
+    width apart across (blurred noise shows an "eye" now and then, seldom a pair)."""
+    centres = sorted(x + w / 2 for x, _, w, _ in np.asarray(eyes).reshape(-1, 4))
+    return len(centres) >= 2 and centres[-1] - centres[0] >= face_width / 5
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -1,0 +1,53 @@
+"""The default face detector (`detector=haar`) on the labelled set of benchmarks/bench_detect.py:
+every face found (720p and 4K, stretched, dark, small in the frame, turned a little), and no face
+in blurred noise, textures, an empty room or a cartoon background."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_detect import labelled_set
+from heygem_ray.detect.haar import VIEWS, HaarDetector
+
+CASES = labelled_set()
+
+
+@pytest.mark.parametrize(("name", "frame", "has_face"), CASES, ids=[c[0] for c in CASES])
+def test_labelled_set(name, frame, has_face):
+    found = HaarDetector().detect([frame])[0]
+    if not has_face:
+        assert len(found) == 0, found
+        return
+    assert len(found) >= 1, name
+    h, w = frame.shape[:2]
+    x1, y1, x2, y2 = found[0][:4]
+    assert 0 <= x1 < x2 <= w * 1.05 and 0 <= y1 < y2 <= h * 1.05, found
+    assert (x2 - x1) >= 0.04 * w and (y2 - y1) >= 0.04 * h, found
+
+
+def test_a_view_that_found_the_face_is_kept_for_the_avatar():
+    stretched = next(frame for name, frame, _ in CASES if name == "stretched 2x across")
+    detector = HaarDetector()
+    assert len(detector.detect([stretched])[0]) == 1
+    assert detector.view is not None and detector.view.sx < 1  # found squeezed back across
+    assert len(detector.detect([stretched])[0]) == 1  # the next frame looks through that view alone
+
+
+def test_a_faceless_clip_stops_searching_after_a_few_frames():
+    noise = next(frame for name, frame, has_face in CASES if not has_face)
+    detector = HaarDetector(probe_frames=2)
+    for _ in range(3):
+        assert len(detector.detect([noise])[0]) == 0
+    assert detector.view == VIEWS[0]  # only the plain view from now on
+
+
+def test_boxes_come_back_in_frame_coordinates_through_every_kind_of_view():
+    """A face found through a squeezed or turned view is boxed where it is in the frame."""
+    plain = next(frame for name, frame, _ in CASES if name == "720p")
+    (reference,) = HaarDetector().detect([plain])[0][:1]
+    center = np.array([(reference[0] + reference[2]) / 2, (reference[1] + reference[3]) / 2])
+    turned = next(frame for name, frame, _ in CASES if name == "turned 10 degrees")
+    box = HaarDetector().detect([turned])[0][0]
+    moved = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+    assert np.linalg.norm(moved - center) < 0.15 * (reference[2] - reference[0]), (box, reference)
