@@ -25,6 +25,7 @@ class Marker:
     sync_offset_frames: int | None = None
     sync_method: str | None = None
     sync_distance: float | None = None
+    frames_without_face: int | None = None
 
 
 def read_marker(uri: str) -> Marker | None:

@@ -57,6 +57,8 @@ class SyncScore:
     frames: int = 0
     #: the expert's mean embedding distance at the best offset (LSE-D); None for motion-energy
     distance: float | None = None
+    #: output frames with no face in them (the face lost: passed through as they were)
+    frames_without_face: int = 0
 
 
 def _mouth(box: np.ndarray) -> tuple[slice, slice] | None:
@@ -172,13 +174,14 @@ def write_motion(uri: str, motion: np.ndarray) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def read_motion(uri: str, frames: int) -> np.ndarray:
-    """A segment's measure; NaN for every frame when there is none (a segment made before scoring)."""
+def read_motion(uri: str, frames: int) -> np.ndarray | None:
+    """A segment's measure (NaN where a frame had no face); None when there is none (a segment
+    made before scoring)."""
     try:
         motion = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
     except (FileNotFoundError, ValueError):
-        return np.full(frames, np.nan, np.float32)
-    return motion if len(motion) == frames else np.full(frames, np.nan, np.float32)
+        return None
+    return motion if len(motion) == frames else None
 
 
 def syncnet_uri(segment_uri: str) -> str:
@@ -201,7 +204,9 @@ def read_face_embeddings(uri: str) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, 512), np.float32), np.zeros(0, np.int64)
 
 
-def flags(result_score: float | None, offset: int | None, min_sync: float, method: str = METHOD) -> list[str]:
+def flags(
+    result_score: float | None, offset: int | None, min_sync: float, method: str = METHOD, without_face: int = 0
+) -> list[str]:
     """Why a row's lip sync needs a look (empty: it does not). `min_sync` is on the method's scale:
     a correlation for motion-energy, the expert's confidence (LSE-C) for syncnet."""
     reasons = []
@@ -212,6 +217,8 @@ def flags(result_score: float | None, offset: int | None, min_sync: float, metho
         reasons.append(f"lip-sync score {result_score:.2f} below {key}={min_sync:g} ({method})")
     if offset:
         reasons.append(f"mouth and speech offset by {offset:+d} frame(s)")
+    if without_face:
+        reasons.append(f"{without_face} frame(s) without a face, passed through")
     return reasons
 
 

@@ -232,6 +232,7 @@ def _card(r: RowResult, thumb: bytes | None, report_uri: str | None) -> dict[str
             ("Render", _seconds(r.render_seconds)),
             ("Attempts", _int(r.attempts)),
             ("Lip sync", _sync(r)),
+            *([("No face", f"{r.frames_without_face} fr")] if r.frames_without_face else []),
         ],
         "sync": "" if r.sync_score is None else f"{r.sync_score:.4f}",
         "qa_flag": r.qa_flag,

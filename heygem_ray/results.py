@@ -28,6 +28,7 @@ SCHEMA = pa.schema(
         ("sync_offset_frames", pa.int64()),  # the best offset between them, frames
         ("sync_method", pa.string()),  # how it was scored: motion-energy | syncnet
         ("sync_distance", pa.float64()),  # syncnet: mean embedding distance at the best offset (LSE-D)
+        ("frames_without_face", pa.int64()),  # frames passed through: the face was lost
         ("qa_flag", pa.string()),  # why a look is needed ("" = it is not)
     ]
 )
@@ -49,6 +50,7 @@ class RowResult:
     sync_offset_frames: int | None = None
     sync_method: str | None = None
     sync_distance: float | None = None
+    frames_without_face: int | None = None
     qa_flag: str = ""
 
 

@@ -109,6 +109,7 @@ class RowState:
         score = marker.sync_score if marker else None
         offset = marker.sync_offset_frames if marker else None
         method = marker.sync_method if marker else None
+        without_face = marker.frames_without_face if marker else None
         floor = qa.min_confidence if method == qa_flags.SYNCNET else qa.min_sync
         return RowResult(
             id=self.row.id,
@@ -125,7 +126,10 @@ class RowState:
             sync_offset_frames=offset,
             sync_method=method,
             sync_distance=marker.sync_distance if marker else None,
-            qa_flag="; ".join(qa_flags.flags(score, offset, floor, method or qa_flags.METHOD)) if published else "",
+            frames_without_face=without_face,
+            qa_flag="; ".join(qa_flags.flags(score, offset, floor, method or qa_flags.METHOD, without_face or 0))
+            if published
+            else "",
         )
 
 

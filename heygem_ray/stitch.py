@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -101,6 +101,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
         sync.offset_frames,
         sync.method,
         sync.distance,
+        sync.frames_without_face,
     )
     write_marker(job.marker_uri, marker)
     storage.remove(job.work_uri, recursive=True)
@@ -113,8 +114,12 @@ class QAError(RuntimeError):
 
 
 def sync_score(job: StitchJob) -> qa.SyncScore:
-    """The joined output's lip-sync score: the expert's with `qa.syncnet`, else motion-energy."""
-    return syncnet_score(job) if job.qa.syncnet else motion_energy_score(job)
+    """The joined output's lip-sync score (the expert's with `qa.syncnet`, else motion-energy) and
+    how many of its frames had no face."""
+    sync = syncnet_score(job) if job.qa.syncnet else motion_energy_score(job)
+    measured = (qa.read_motion(qa.motion_uri(u), b - a) for u, (a, b) in zip(job.segment_uris, job.spans, strict=True))
+    without_face = sum(int(np.isnan(m).sum()) for m in measured if m is not None)
+    return replace(sync, frames_without_face=without_face)
 
 
 def syncnet_score(job: StitchJob) -> qa.SyncScore:
@@ -162,7 +167,8 @@ def motion_energy_score(job: StitchJob) -> qa.SyncScore:
     segment by segment so memory stays flat in the row's length."""
     motion, loudness = [], []
     for uri, (start, stop) in zip(job.segment_uris, job.spans, strict=True):
-        motion.append(qa.read_motion(qa.motion_uri(uri), stop - start))
+        measured = qa.read_motion(qa.motion_uri(uri), stop - start)
+        motion.append(np.full(stop - start, np.nan, np.float32) if measured is None else measured)
         centers = frame_center_samples(np.arange(start, stop), job.fps, SAMPLE_RATE)
         lo = max(0, int(centers[0]) - LOUDNESS_WINDOW)
         hi = min(job.audio_samples, int(centers[-1]) + LOUDNESS_WINDOW)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_detect import labelled_set
-from heygem_ray.detect.haar import VIEWS, HaarDetector
+from heygem_ray.detect.haar import REPROBE, VIEWS, HaarDetector
 
 CASES = labelled_set()
 
@@ -34,12 +34,26 @@ def test_a_view_that_found_the_face_is_kept_for_the_avatar():
     assert len(detector.detect([stretched])[0]) == 1  # the next frame looks through that view alone
 
 
-def test_a_faceless_clip_stops_searching_after_a_few_frames():
+def test_a_faceless_stretch_stops_searching_every_view_but_finds_a_face_that_comes_back():
+    """After probe_frames frames without a face only one view is looked through, but for a full
+    search every REPROBE frames; the face is found again when it returns."""
     noise = next(frame for name, frame, has_face in CASES if not has_face)
+    face = next(frame for name, frame, _ in CASES if name == "720p")
     detector = HaarDetector(probe_frames=2)
-    for _ in range(3):
+    looks: list[int] = []
+    look = detector._look
+
+    def counted(grey, view):
+        looks[-1] += 1
+        return look(grey, view)
+
+    detector._look = counted  # type: ignore[method-assign]
+    for _ in range(REPROBE + 1):
+        looks.append(0)
         assert len(detector.detect([noise])[0]) == 0
-    assert detector.view == VIEWS[0]  # only the plain view from now on
+    assert looks[:2] == [len(VIEWS)] * 2 and looks[2:REPROBE] == [1] * (REPROBE - 2) and looks[REPROBE] == len(VIEWS)
+    looks.append(0)
+    assert len(detector.detect([face])[0]) == 1
 
 
 def test_boxes_come_back_in_frame_coordinates_through_every_kind_of_view():

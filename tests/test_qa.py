@@ -239,3 +239,64 @@ def test_a_campaign_stores_the_experts_figures(tmp_path, media_dir, syncnet_chec
     # recipe weights are no lip-sync expert: a confidence this low is flagged on the expert's scale
     if row["sync_score"] < 3.0:
         assert "below qa.min_confidence=3 (syncnet)" in row["qa_flag"], row
+
+
+@pytest.mark.integration
+def test_a_face_lost_mid_clip_passes_through_and_is_counted(tmp_path, media_dir):
+    """The presenter leaves the frame for a second: those frames come out as they went in, the
+    row is ok, and its QA says how many frames had no face."""
+    import os
+    import subprocess
+    import sys
+
+    import av
+    import cv2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heygem_ray.results import read_results
+
+    portrait = demo.Stage.of_height(480).frame()
+    h, w = portrait.shape[:2]
+    empty = np.full_like(portrait, 90)  # the same room, nobody in it
+    cv2.rectangle(empty, (0, h * 2 // 3), (w, h), (60, 70, 80), -1)
+    frames = [portrait] * 25 + [empty] * 25 + [portrait] * 25
+    clip = str(tmp_path / "leaves.mp4")
+    with av.open(clip, "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": "12"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")))
+        container.mux(stream.encode())
+    audio = str(tmp_path / "speech.wav")
+    demo.write_wav(audio, demo.speech_like(3.0, seed=4))
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["leaves"], "audio": [audio], "avatar": [clip]}), manifest)
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "heygem_ray.cli",
+            "render",
+            f"manifest={manifest}",
+            f"output={out}",
+            "render.progress=false",
+            "cluster=inline",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = read_results(str(out / "_results.parquet"))
+    assert row["status"] == "ok" and row["frames_without_face"] == 25, row
+    assert "25 frame(s) without a face, passed through" in row["qa_flag"]
+    with av.open(row["output"]) as container:
+        rendered = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    with av.open(clip) as container:
+        source = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    for i in range(27, 48):  # the frames with nobody in them are the input's, up to the encoder's loss
+        mse = np.mean((rendered[i].astype(float) - source[i].astype(float)) ** 2)
+        assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 38, i

@@ -52,3 +52,21 @@ def test_haar_finds_the_demo_face_and_not_a_blank_frame():
     assert len(blank) == 0 and len(face) >= 1
     x1, y1, x2, y2 = face[np.argmax(face[:, 2] - face[:, 0])][:4]
     assert 60 < (x1 + x2) / 2 < 200 and 40 < (y1 + y2) / 2 < 180  # on the face in the portrait's upper half
+
+
+def test_a_face_lost_for_long_passes_through_and_short_misses_are_filled():
+    """The person turns away for 20 frames: those frames get no box (they pass through as they
+    are); a 3-frame miss is filled from its neighbours; frames never examined (a stride) are not
+    misses."""
+    tb = TrackBuilder()
+    face = cand((10, 10, 50, 50))
+    for c in (
+        [face] * 5 + [np.zeros((0, 5), np.float32)] * 20 + [face] * 5 + [np.zeros((0, 5), np.float32)] * 3 + [face]
+    ):
+        tb.add(c)
+    boxes = tb.finish(200, 200, (0, 0, 0, 0), smooth=True)
+    assert (boxes[5:25] == 0).all() and (boxes[:5] != 0).all() and (boxes[25:] != 0).all()
+    strided = TrackBuilder()
+    for i in range(40):
+        strided.add(face if i % 20 == 0 else None)  # detect every 20th frame: nothing was missed
+    assert (strided.finish(200, 200, (0, 0, 0, 0), smooth=False) != 0).all()

@@ -1,12 +1,19 @@
-"""From per-frame face candidates to one box per frame: the same person followed, frames without a
-face filled from their neighbours, pads added, and (optionally) the official temporal smoothing.
-Shared by every detector."""
+"""From per-frame face candidates to one box per frame: the same person followed, short stretches
+without a face filled from their neighbours, long ones (the person turned away or left) left
+empty so those frames pass through unrendered, pads added, and (optionally) the official temporal
+smoothing. Shared by every detector."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
 from heygem_ray.detect.smoothing import smooth_boxes_official
+
+#: the longest stretch of frames without a face that is filled from its neighbours (a detector's
+#: miss); a longer one passes through unrendered (half a second at 25 fps)
+MAX_GAP = 12
 
 
 class TrackBuilder:
@@ -16,10 +23,12 @@ class TrackBuilder:
 
     def __init__(self) -> None:
         self._boxes: list[np.ndarray | None] = []
+        self._missed: list[bool] = []  # examined, and no face found
         self._last: np.ndarray | None = None
 
     def add(self, candidates: np.ndarray | None) -> None:
         """candidates: (k, 5) x1, y1, x2, y2, score, or None for a frame that was not examined."""
+        self._missed.append(candidates is not None and len(candidates) == 0)
         if candidates is None or len(candidates) == 0:
             self._boxes.append(None)
             return
@@ -42,16 +51,42 @@ class TrackBuilder:
     def found(self) -> int:
         return sum(b is not None for b in self._boxes)
 
-    def finish(self, width: int, height: int, pads: list[int] | tuple[int, ...], smooth: bool) -> np.ndarray:
-        """(n, 4) int32 boxes. Gaps are linearly interpolated between the nearest found frames (held
-        constant before the first and after the last). Raises ValueError when no frame has a face."""
+    def finish(
+        self, width: int, height: int, pads: list[int] | tuple[int, ...], smooth: bool, max_gap: int = MAX_GAP
+    ) -> np.ndarray:
+        """(n, 4) int32 boxes. A stretch of frames without a face is filled by linear interpolation
+        between the nearest found frames (held constant before the first and after the last) when
+        it is at most `max_gap` frames long, or when fewer than two of its frames were examined
+        (a detector stride); a longer one is the face lost: its boxes are empty (0, 0, 0, 0), so
+        those frames pass through as they are. Raises ValueError when no frame has a face."""
         n = len(self._boxes)
         found = np.array([i for i, b in enumerate(self._boxes) if b is not None])
         if found.size == 0:
             raise ValueError(f"no face found in any of {n} frames")
         known = np.stack([self._boxes[i] for i in found])
         everywhere = np.stack([np.interp(np.arange(n), found, known[:, c]) for c in range(4)], axis=1)
-        return finish_boxes(everywhere, width, height, pads, smooth)
+        covered = np.ones(n, bool)
+        for lo, hi in _gaps(found, n):
+            if hi - lo > max_gap and sum(self._missed[lo:hi]) >= 2:
+                covered[lo:hi] = False
+        out = np.zeros((n, 4), np.int32)
+        for lo, hi in _runs(covered):  # each stretch with a face padded and smoothed on its own
+            out[lo:hi] = finish_boxes(everywhere[lo:hi], width, height, pads, smooth)
+        return out
+
+
+def _gaps(found: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """[lo, hi) of every stretch of frames between (and before, after) the frames with a face."""
+    edges = [-1, *found.tolist(), n]
+    return [(a + 1, b) for a, b in itertools.pairwise(edges) if b - a > 1]
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) of every run of True in `mask`."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    starts = np.flatnonzero(np.diff(padded) == 1)
+    stops = np.flatnonzero(np.diff(padded) == -1)
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
 
 
 def finish_boxes(
