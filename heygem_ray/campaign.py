@@ -95,7 +95,7 @@ class Campaign:
             interrupted = len(self.results) < len(self.rows)
             for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
                 if row.id not in self.results:
-                    self._fail(row.id, "campaign interrupted before this row finished")
+                    self._interrupted(row.id)
             results = self.results.finish([r.id for r in self.rows])
             _wind_down(
                 ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
@@ -185,6 +185,15 @@ class Campaign:
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 
     # ------------------------------------------------------------ results
+    def _interrupted(self, row_id: str) -> None:
+        """A row the stop caught: ok when its video was published before the stop (its marker says
+        so, though the driver had not heard yet), else failed."""
+        state = self._states.get(row_id)
+        marker = state.published(self.cfg.layout) if state is not None else None
+        if marker is not None:
+            return self._conclude(row_id, "ok", None, marker, None)
+        self._fail(row_id, "campaign interrupted before this row finished")
+
     def _fail(self, row_id: str, reason: str) -> None:
         self._conclude(row_id, "failed", reason, None, None)
 

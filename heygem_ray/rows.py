@@ -14,7 +14,7 @@ from heygem_ray import storage
 from heygem_ray.config import QAConfig
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import Row
-from heygem_ray.markers import Marker
+from heygem_ray.markers import Marker, read_marker
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
 from heygem_ray.prepare import AudioInfo, AvatarTrack, RowPrep
 from heygem_ray.results import RowResult
@@ -101,6 +101,13 @@ class RowState:
             qa=qa,
             storage_options=storage_options,
         )
+
+    def published(self, layout: CampaignLayout) -> Marker | None:
+        """The row's done-marker, if its output was published for what it renders now."""
+        if self.prep is None:
+            return None
+        marker = read_marker(layout.marker(self.row.id))
+        return marker if marker is not None and marker.fingerprint == self.prep.fingerprint else None
 
     def result(self, status: str, error: str | None, marker: Marker | None, qa: QAConfig) -> RowResult:
         """The row's result; a published one carries its lip-sync score, flagged as `qa` says."""

@@ -40,3 +40,19 @@ def compose_config(*overrides: str):
     from heygem_ray.config import to_plain
 
     return to_plain(compose(list(overrides)))
+
+
+def render_cli(*args: str, timeout: float = 300, **env: str):
+    """`heygem-ray render ARGS` in a process of its own, as a user runs it (output captured; its
+    local Ray, if it starts one, too); `env`: variables to set for it."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "heygem_ray.cli", "render", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", **env},
+        timeout=timeout,
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from helpers import compose_config
+from helpers import compose_config, render_cli
 from heygem_ray.config import ClassicRendererConfig, Config, Wav2LipRendererConfig
 
 
@@ -135,19 +135,8 @@ def test_scheduling_values_that_would_stall_a_campaign_are_refused(override):
         compose_config("manifest=m", "output=o", override)
 
 
-def _render_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """`heygem-ray render ARGS` in a process of its own (its local Ray, if it starts one, too)."""
-    return subprocess.run(
-        [sys.executable, "-m", "heygem_ray.cli", "render", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled", **env},
-        timeout=300,
-    )
-
-
 def test_cli_prints_the_resolved_config():
-    out = _render_cli("manifest=m.parquet", "output=/o", "render.segment_seconds=5", "--cfg", "job")
+    out = render_cli("manifest=m.parquet", "output=/o", "render.segment_seconds=5", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert (
         "segment_seconds: 5.0" in out.stdout and "name: classic" in out.stdout and "manifest: m.parquet" in out.stdout
@@ -155,7 +144,7 @@ def test_cli_prints_the_resolved_config():
 
 
 def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
-    out = _render_cli(f"manifest={tmp_path}/none.parquet", f"output={tmp_path}/out")
+    out = render_cli(f"manifest={tmp_path}/none.parquet", f"output={tmp_path}/out")
     assert out.returncode == 2 and "does not exist" in out.stderr
 
 
@@ -179,7 +168,7 @@ def test_actors_that_could_never_run_locally_are_refused_not_waited_for(tmp_path
     pq.write_table(
         pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}), manifest
     )
-    out = _render_cli(
+    out = render_cli(
         f"manifest={manifest}",
         f"output={tmp_path}/out",
         "render.progress=false",
@@ -205,7 +194,7 @@ def test_a_joined_cluster_is_not_judged_by_what_it_has_now(ray_local, tmp_path):
         pa.table({"id": ["gone"], "audio": [str(tmp_path / "missing.wav")], "avatar": [str(tmp_path / "missing.png")]}),
         manifest,
     )
-    out = _render_cli(
+    out = render_cli(
         f"manifest={manifest}",
         f"output={tmp_path}/out",
         "render.progress=false",

@@ -65,3 +65,26 @@ def test_boxes_come_back_in_frame_coordinates_through_every_kind_of_view():
     box = HaarDetector().detect([turned])[0][0]
     moved = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
     assert np.linalg.norm(moved - center) < 0.15 * (reference[2] - reference[0]), (box, reference)
+
+
+def test_a_blurred_noise_avatar_fails_with_no_face_found(tmp_path):
+    """The issue's example, end to end through the avatar stage: a clip of blurred random noise is
+    refused ("no face found"), so its row fails and nothing is rendered onto it."""
+    import av
+    import cv2
+
+    from heygem_ray.config import DetectorConfig
+    from heygem_ray.errors import InputError
+    from heygem_ray.prepare import prepare_avatar
+
+    rng = np.random.default_rng(1)
+    clip = str(tmp_path / "noise.mp4")
+    with av.open(clip, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 480, 270, "yuv420p"
+        for _ in range(12):
+            noise = cv2.GaussianBlur((rng.random((270, 480, 3)) * 255).astype(np.uint8), (31, 31), 0)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(noise, format="bgr24")))
+        container.mux(stream.encode())
+    with pytest.raises(InputError, match="no face found in any of 12 frames"):
+        prepare_avatar(clip, None, DetectorConfig(), str(tmp_path / "cache"), 25.0)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import compose_config
+from helpers import compose_config, render_cli
 from heygem_ray import demo, qa
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import Row
@@ -202,9 +202,6 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
 
 @pytest.mark.integration
 def test_a_campaign_stores_the_experts_figures(tmp_path, media_dir, syncnet_checkpoint):
-    import os
-    import subprocess
-    import sys
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -216,22 +213,12 @@ def test_a_campaign_stores_the_experts_figures(tmp_path, media_dir, syncnet_chec
         pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}), manifest
     )
     out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "heygem_ray.cli",
-            "render",
-            f"manifest={manifest}",
-            f"output={out}",
-            "render.progress=false",
-            "cluster=inline",
-            f"qa.syncnet={syncnet_checkpoint}",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        timeout=300,
+    run = render_cli(
+        f"manifest={manifest}",
+        f"output={out}",
+        "render.progress=false",
+        "cluster=inline",
+        f"qa.syncnet={syncnet_checkpoint}",
     )
     assert run.returncode == 0, run.stderr[-2000:]
     (row,) = read_results(str(out / "_results.parquet"))
@@ -245,9 +232,6 @@ def test_a_campaign_stores_the_experts_figures(tmp_path, media_dir, syncnet_chec
 def test_a_face_lost_mid_clip_passes_through_and_is_counted(tmp_path, media_dir):
     """The presenter leaves the frame for a second: those frames come out as they went in, the
     row is ok, and its QA says how many frames had no face."""
-    import os
-    import subprocess
-    import sys
 
     import av
     import cv2
@@ -273,21 +257,11 @@ def test_a_face_lost_mid_clip_passes_through_and_is_counted(tmp_path, media_dir)
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"id": ["leaves"], "audio": [audio], "avatar": [clip]}), manifest)
     out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "heygem_ray.cli",
-            "render",
-            f"manifest={manifest}",
-            f"output={out}",
-            "render.progress=false",
-            "cluster=inline",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        timeout=300,
+    run = render_cli(
+        f"manifest={manifest}",
+        f"output={out}",
+        "render.progress=false",
+        "cluster=inline",
     )
     assert run.returncode == 0, run.stderr[-2000:]
     (row,) = read_results(str(out / "_results.parquet"))

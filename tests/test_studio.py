@@ -484,7 +484,8 @@ def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_
         _, _, status, rows, _, _ = _wait_for(finished, 300, "the re-run")
         assert "6/6 rows (0 failed)" in status, status
         kept = [r[0] for r in rows["data"] if r[1] == "skipped"]
-        assert kept and len(kept) == statuses.count("ok"), rows
+        # kept: what the cancelled run finished (a row published as the stop came may be among them)
+        assert kept and len(kept) >= statuses.count("ok"), rows
         s3 = boto3.client("s3", endpoint_url=s3_endpoint)
         listed = s3.list_objects_v2(Bucket="heygem-studio", Prefix=f"studio/alice/{campaign}/output/")
         videos = [o["Key"] for o in listed.get("Contents", []) if o["Key"].endswith(".mp4")]
