@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from heygem_ray.models.wav2lip import ConvUnit, _res
+from heygem_ray.models.wav2lip import ConvUnit, _res, audio_encoder
 
 #: frames per face window, and the lower half of a 96x96 crop it sees
 WINDOW_FRAMES = 5
@@ -40,18 +40,7 @@ class SyncNet(nn.Module):
             ConvUnit(512, 512, 3, 1, 0),
             ConvUnit(512, 512, 1, 1, 0),
         )
-        self.audio_encoder = nn.Sequential(
-            ConvUnit(1, 32, 3, 1, 1),
-            *_res(32, 2),
-            ConvUnit(32, 64, 3, (3, 1), 1),
-            *_res(64, 2),
-            ConvUnit(64, 128, 3, 3, 1),
-            *_res(128, 2),
-            ConvUnit(128, 256, 3, (3, 2), 1),
-            *_res(256, 2),
-            ConvUnit(256, 512, 3, 1, 0),
-            ConvUnit(512, 512, 1, 1, 0),
-        )
+        self.audio_encoder = audio_encoder(res_256=2)
 
     def forward(self, audio: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(audio embedding, face embedding), each (B, 512) and of unit length."""

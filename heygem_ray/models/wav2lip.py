@@ -54,6 +54,23 @@ def _res(ch: int, n: int) -> list[ConvUnit]:
     return [ConvUnit(ch, ch, 3, 1, 1, residual=True) for _ in range(n)]
 
 
+def audio_encoder(res_256: int) -> nn.Sequential:
+    """The mel window (B, 1, 80, 16) to a (B, 512, 1, 1) embedding; the generator's has one residual
+    unit at 256 channels, the lip-sync expert's two (so their checkpoint keys differ)."""
+    return nn.Sequential(
+        ConvUnit(1, 32, 3, 1, 1),
+        *_res(32, 2),
+        ConvUnit(32, 64, 3, (3, 1), 1),
+        *_res(64, 2),
+        ConvUnit(64, 128, 3, 3, 1),
+        *_res(128, 2),
+        ConvUnit(128, 256, 3, (3, 2), 1),
+        *_res(256, res_256),
+        ConvUnit(256, 512, 3, 1, 0),
+        ConvUnit(512, 512, 1, 1, 0),
+    )
+
+
 def _up(cin: int, cout: int, n_res: int) -> nn.Sequential:
     """A decoder stage: stride-2 transposed conv doubling H and W, then `n_res` residual units."""
     return nn.Sequential(ConvUnit(cin, cout, 3, 2, 1, transpose=True, output_padding=1), *_res(cout, n_res))
@@ -75,18 +92,7 @@ class Wav2Lip(nn.Module):
                 nn.Sequential(ConvUnit(512, 512, 3, 1, 0), ConvUnit(512, 512, 1, 1, 0)),  # 1
             ]
         )
-        self.audio_encoder = nn.Sequential(
-            ConvUnit(1, 32, 3, 1, 1),
-            *_res(32, 2),
-            ConvUnit(32, 64, 3, (3, 1), 1),
-            *_res(64, 2),
-            ConvUnit(64, 128, 3, 3, 1),
-            *_res(128, 2),
-            ConvUnit(128, 256, 3, (3, 2), 1),
-            *_res(256, 1),
-            ConvUnit(256, 512, 3, 1, 0),
-            ConvUnit(512, 512, 1, 1, 0),
-        )
+        self.audio_encoder = audio_encoder(res_256=1)
         self.face_decoder_blocks = nn.ModuleList(
             [
                 nn.Sequential(ConvUnit(512, 512, 1, 1, 0)),  # 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import quote, urlsplit
 
 import gradio as gr
@@ -277,23 +277,21 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 studio.job_log(user, campaign_id),
             )
 
-        def do_cancel(campaign_id: str | None, request: gr.Request) -> str:
-            if not campaign_id:
-                return ""
-            try:
-                stopped = studio.cancel(user_of(request), campaign_id)
-            except ClusterUnavailable as exc:
-                return f"❌ {exc}"
-            return "Stopping: rows that did not finish will be reported." if stopped else "Nothing to cancel."
+        def acting(action: Callable[[str, str], object], done: str, nothing: str) -> Callable[..., str]:
+            """An event that does `action` (cancel, re-run) on the open campaign of the signed-in user."""
 
-        def do_rerun(campaign_id: str | None, request: gr.Request) -> str:
-            if not campaign_id:
-                return ""
-            try:
-                job = studio.rerun(user_of(request), campaign_id)
-            except ClusterUnavailable as exc:
-                return f"❌ {exc}"
-            return "Re-running: finished rows are kept." if job else "It is still running."
+            def act(campaign_id: str | None, request: gr.Request) -> str:
+                if not campaign_id:
+                    return ""
+                try:
+                    return done if action(user_of(request), campaign_id) else nothing
+                except ClusterUnavailable as exc:
+                    return f"❌ {exc}"
+
+            return act
+
+        do_cancel = acting(studio.cancel, "Stopping: rows that did not finish will be reported.", "Nothing to cancel.")
+        do_rerun = acting(studio.rerun, "Re-running: finished rows are kept.", "It is still running.")
 
         pages.load(whoami, None, who)
         audios.change(check, [audios, avatars], checked)
@@ -305,8 +303,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         pages.load(refresh, [chosen], outputs)
         chosen.change(refresh, [chosen], outputs, show_progress="hidden")
         timer.tick(refresh, [chosen], outputs, show_progress="hidden", concurrency_limit=None)
-        cancel.click(do_cancel, [chosen], acted)
-        rerun.click(do_rerun, [chosen], acted)
+        cancel.click(do_cancel, [chosen], acted, api_name="do_cancel")
+        rerun.click(do_rerun, [chosen], acted, api_name="do_rerun")
     return pages
 
 
