@@ -21,25 +21,34 @@ from heygem_ray.stitch import sync_score
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory, media_dir):
-    """One 8 s row (speech over the still), cut into four 2 s segments and rendered on a renderer
-    in this process (classic, as the default campaign renders): its stitch job, not yet stitched."""
+    """One 8 s row cut into four equal segments (`render_row`)."""
     root = tmp_path_factory.mktemp("qa")
-    audio_path = str(root / "speech8.wav")
-    demo.write_wav(audio_path, demo.speech_like(8.0, seed=11))
+    job, audio = render_row(root, media_dir, seconds=8.0, seed=11)
+    assert len(job.spans) == 4 and len({b - a for a, b in job.spans}) == 1
+    return job, audio
+
+
+def render_row(root, media_dir, seconds: float, seed: int, *overrides: str):
+    """A row of `seconds` of speech over the still, cut into 2 s segments and rendered on a
+    renderer in this process (classic, as the default campaign renders): (its stitch job, not yet
+    stitched, and its audio)."""
+    audio_path = str(root / "speech.wav")
+    demo.write_wav(audio_path, demo.speech_like(seconds, seed=seed))
     cfg = compose_config(
         "manifest=m",
         f"output={root}/out",
         "render.segment_seconds=2",
         "cluster.actor.threads=1",
         "encoder.codec=libx264",
+        *overrides,
     )
     audio = prepare_audio(audio_path, cfg.cache_uri)
     track = prepare_avatar(str(media_dir / "still.png"), None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
     state = RowState.prepared(Row("r", audio_path, track.uri, f"{root}/out/r.mp4"), audio, "fp")
     state.plan(track, cfg.render.segment_seconds)
-    assert len(state.spans) == 4 and len({s.stop - s.start for s in state.spans}) == 1
     layout = CampaignLayout(cfg.output)
     worker = RenderWorker(cfg)
+    assert worker.start_error is None, worker.start_error
     for i in range(len(state.spans)):
         worker.render_segment(state.segment_job(i, layout, "libx264"))
     return state.stitch_job(layout, "libx264", cfg.qa, None), audio
@@ -169,26 +178,7 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
     segment) and the stitch gives LSE-C as the score, LSE-D as the distance and the best offset."""
     from heygem_ray.config import QAConfig
 
-    audio_path = str(tmp_path / "speech.wav")
-    demo.write_wav(audio_path, demo.speech_like(4.0, seed=5))
-    cfg = compose_config(
-        "manifest=m",
-        f"output={tmp_path}/out",
-        "render.segment_seconds=2",
-        "cluster.actor.threads=1",
-        "encoder.codec=libx264",
-        f"qa.syncnet={syncnet_checkpoint}",
-    )
-    audio = prepare_audio(audio_path, cfg.cache_uri)
-    track = prepare_avatar(str(media_dir / "still.png"), None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
-    state = RowState.prepared(Row("r", audio_path, track.uri, f"{tmp_path}/out/r.mp4"), audio, "fp")
-    state.plan(track, cfg.render.segment_seconds)
-    layout = CampaignLayout(cfg.output)
-    worker = RenderWorker(cfg)
-    assert worker.start_error is None, worker.start_error
-    for i in range(len(state.spans)):
-        worker.render_segment(state.segment_job(i, layout, "libx264"))
-    job = state.stitch_job(layout, "libx264", cfg.qa, None)
+    job, _ = render_row(tmp_path, media_dir, 4.0, 5, f"qa.syncnet={syncnet_checkpoint}")
     faces, starts = qa.read_face_embeddings(qa.syncnet_uri(job.segment_uris[0]))
     first = job.spans[0]
     assert faces.shape == (first[1] - first[0] - 4, 512) and starts[0] == 0
