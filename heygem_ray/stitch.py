@@ -116,9 +116,11 @@ class QAError(RuntimeError):
 def sync_score(job: StitchJob) -> qa.SyncScore:
     """The joined output's lip-sync score (the expert's with `qa.syncnet`, else motion-energy) and
     how many of its frames had no face."""
-    sync = syncnet_score(job) if job.qa.syncnet else motion_energy_score(job)
-    measured = (qa.read_motion(qa.motion_uri(u), b - a) for u, (a, b) in zip(job.segment_uris, job.spans, strict=True))
-    without_face = sum(int(np.isnan(m).sum()) for m in measured if m is not None)
+    # each segment's mouth change, measured by the actor that rendered it, in join order (NaN
+    # where a frame had no face; None for a segment made before scoring)
+    motion = [qa.read_motion(qa.motion_uri(u), b - a) for u, (a, b) in zip(job.segment_uris, job.spans, strict=True)]
+    sync = syncnet_score(job) if job.qa.syncnet else motion_energy_score(job, motion)
+    without_face = sum(int(np.isnan(m).sum()) for m in motion if m is not None)
     return replace(sync, frames_without_face=without_face)
 
 
@@ -161,20 +163,20 @@ def _expert(uri: str) -> tuple[Any, Any]:
     return load_model(SyncNet(), uri, "SyncNet lip-sync expert").to(device), device
 
 
-def motion_energy_score(job: StitchJob) -> qa.SyncScore:
-    """The joined output's motion-energy score: each segment's mouth change (measured by the actor
-    that rendered it) in join order, against the row's speech loudness at every output frame, read
-    segment by segment so memory stays flat in the row's length."""
-    motion, loudness = [], []
-    for uri, (start, stop) in zip(job.segment_uris, job.spans, strict=True):
-        measured = qa.read_motion(qa.motion_uri(uri), stop - start)
-        motion.append(np.full(stop - start, np.nan, np.float32) if measured is None else measured)
+def motion_energy_score(job: StitchJob, motion: list[np.ndarray | None]) -> qa.SyncScore:
+    """The joined output's motion-energy score: the segments' mouth change against the row's speech
+    loudness at every output frame, the audio read segment by segment."""
+    loudness = []
+    for start, stop in job.spans:
         centers = frame_center_samples(np.arange(start, stop), job.fps, SAMPLE_RATE)
         lo = max(0, int(centers[0]) - LOUDNESS_WINDOW)
         hi = min(job.audio_samples, int(centers[-1]) + LOUDNESS_WINDOW)
         samples = read_pcm(job.pcm_uri, lo, max(lo, hi))
         loudness.append(qa.loudness_db(speech_loudness(samples, centers - lo)))
-    return qa.score(np.concatenate(motion), np.concatenate(loudness), job.qa.max_lag)
+    measured = [
+        np.full(b - a, np.nan, np.float32) if m is None else m for m, (a, b) in zip(motion, job.spans, strict=True)
+    ]
+    return qa.score(np.concatenate(measured), np.concatenate(loudness), job.qa.max_lag)
 
 
 def _thumbnail(job: StitchJob) -> bytes | None:
