@@ -209,13 +209,12 @@ def test_a_campaign_stores_the_experts_figures(tmp_path, media_dir, syncnet_chec
         "render.progress=false",
         "cluster=inline",
         f"qa.syncnet={syncnet_checkpoint}",
+        "qa.min_confidence=100",  # above any confidence: the row must be flagged on the expert's scale
     )
     assert run.returncode == 0, run.stderr[-2000:]
     (row,) = read_results(str(out / "_results.parquet"))
     assert row["sync_method"] == "syncnet" and row["sync_score"] is not None and row["sync_distance"] is not None
-    # recipe weights are no lip-sync expert: a confidence this low is flagged on the expert's scale
-    if row["sync_score"] < 3.0:
-        assert "below qa.min_confidence=3 (syncnet)" in row["qa_flag"], row
+    assert "below qa.min_confidence=100 (syncnet)" in row["qa_flag"], row
 
 
 @pytest.mark.integration
