@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             enc.preset,
             enc.pix_fmt,
             threads=os.cpu_count() or 1,
+            x264_params=enc.x264_params,
         )
         for lo in range(0, n, args.batch):
             hi = min(n, lo + args.batch)

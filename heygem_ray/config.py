@@ -55,6 +55,8 @@ EXECUTORS: dict[str, str] = {
 VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
 #: x264's presets, fastest first
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+#: x264's own option syntax; which keys it knows, x264 says when an encoder opens (SegmentWriter)
+X264_PARAMS_PATTERN = re.compile(r"[a-z0-9-]+=[^:=]+(:[a-z0-9-]+=[^:=]+)*")
 #: where a model runs: auto (CUDA only when Ray gave the process a GPU), cpu, cuda or cuda:N
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -227,8 +229,14 @@ class EncoderConfig:
     codec: str = "auto"
     #: quality: x264 CRF, or NVENC constant quality (lower = better, bigger)
     crf: int = 18
-    #: x264 preset (NVENC uses its own p4 with tune hq)
-    preset: str = "veryfast"
+    #: x264 preset (NVENC uses its own p4 with tune hq). superfast's search with veryfast's rate
+    #: control (x264_params) costs about half of veryfast's CPU at the same quality; x264 is what
+    #: bounds a GPU node (benchmarks/RESULTS.md, "Encoder default")
+    preset: str = "superfast"
+    #: x264 options over the preset, "key=value:key=value" ("" = the preset as x264 defines it).
+    #: superfast turns mb-tree off; back on with veryfast's 10-frame lookahead it keeps files the size
+    #: of veryfast's (without it they are 2-15x larger)
+    x264_params: str = "mbtree=1:rc-lookahead=10"
     #: yuv420p plays everywhere; frame sizes are made even for it
     pix_fmt: str = "yuv420p"
     #: the narration's codec, bit rate and rate in the output (encoded once per narration)
@@ -238,6 +246,8 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         check_choices("encoder", self, {"codec": VIDEO_CODECS, "preset": X264_PRESETS})
+        if self.x264_params and not X264_PARAMS_PATTERN.fullmatch(self.x264_params):
+            raise ValueError(f"encoder.x264_params={self.x264_params} is not key=value[:key=value ...]")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from heygem_ray import metrics, qa, storage
 from heygem_ray.config import Config
 from heygem_ray.errors import RendererStartError
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
-from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo, auto_codec, encoder_works
+from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo, auto_codec, encoder_works, x264_complaints
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import frame_center_samples
@@ -126,6 +126,9 @@ class RenderWorker:
                 f"encoder.codec={self.codec} cannot encode on this node (h264_nvenc needs a GPU "
                 "with a video encoder: L4, A10G, not H100; encoder.codec=auto picks for each node)"
             )
+        complaints = x264_complaints(cfg.encoder.x264_params) if self.codec == "libx264" else []
+        if complaints:
+            raise RuntimeError(f"encoder.x264_params={cfg.encoder.x264_params}: x264 says {'; '.join(complaints)}")
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
@@ -162,6 +165,7 @@ class RenderWorker:
                 enc.preset,
                 enc.pix_fmt,
                 threads=self.threads,
+                x264_params=enc.x264_params,
             )
             pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
             motion = np.full(job.frames, np.nan, np.float32)  # the mouth's change per frame (heygem_ray.qa)

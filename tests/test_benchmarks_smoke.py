@@ -110,3 +110,16 @@ def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     assert len(targets) >= 3 and all(row[2] for row in targets)
     after = results.read_bytes() if results.exists() else None
     assert after == before  # --no-append leaves RESULTS.md alone
+
+
+def test_encoder_benchmark_compares_the_default_with_x264_presets(capsys):
+    from benchmarks import bench_encoder
+
+    assert bench_encoder.main(["--heights", "120", "--frames", "6"]) == 0
+    rows = _table_rows(capsys.readouterr().out, "| frames | setting |")
+    assert [(r[0], r[1]) for r in rows] == [
+        (f"120p {kind}", name) for kind in ("clean", "camera noise") for name in bench_encoder.SETTINGS
+    ]
+    kib = {(r[0], r[1]): float(r[3]) for r in rows}
+    # superfast alone has no mb-tree: on grainy frames its files are far larger than the default's
+    assert kib[("120p camera noise", "superfast")] > 1.5 * kib[("120p camera noise", "default")]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import compose_config, render_cli
-from heygem_ray.config import ClassicRendererConfig, Config, Wav2LipRendererConfig
+from heygem_ray.config import ClassicRendererConfig, Config, EncoderConfig, Wav2LipRendererConfig
 
 
 def test_defaults_are_the_embedded_local_classic_setup():
@@ -70,6 +70,7 @@ def test_missing_mandatory_values_and_typos_are_errors():
         ("detector.device=gpu", "detector.device=gpu is not one of auto, cpu, cuda, cuda:N"),
         ("encoder.codec=libx265", "encoder.codec=libx265 is not one of auto, libx264, h264_nvenc"),
         ("encoder.preset=veryfats", "encoder.preset=veryfats is not one of ultrafast, superfast, veryfast"),
+        ("encoder.x264_params=mbtree", "encoder.x264_params=mbtree is not key=value"),
         ("cluster.executor=rai", "cluster.executor=rai is not one of ray, inline"),
     ],
 )
@@ -84,6 +85,8 @@ def test_valid_choices_compose():
         "detector.device=cuda:1",
         "renderer.device=cuda",
         "encoder.preset=slow",
+        "encoder.x264_params='partitions=i8x8,i4x4:me=dia'",  # quoted: Hydra reads a comma as a list
+        "encoder.x264_params=",
         "encoder.codec=h264_nvenc",
         "cluster=inline",
     ):
@@ -285,3 +288,11 @@ def test_executors_come_from_their_registry(monkeypatch):
     with open_executor(cfg, Startup()) as executor:
         assert executor == "toy executor"
     assert opened == ["toy"]
+
+
+def test_the_studio_qualities_are_valid_overrides():
+    from heygem_ray.studio.service import QUALITIES
+
+    encoders = {name: compose_config("manifest=m", "output=o", *extra).encoder for name, extra in QUALITIES.items()}
+    assert encoders["standard"] == EncoderConfig()
+    assert encoders["best (large)"].preset == "medium" and encoders["best (large)"].x264_params == ""

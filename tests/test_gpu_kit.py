@@ -133,7 +133,7 @@ def test_summary_is_markdown_with_every_section(dry_run: Path) -> None:
 def test_env_times_one_core_on_h264(dry_run: Path) -> None:
     env = _result(dry_run, "env")["figures"]
     assert env["decode_ms"] > 0 and env["codec_frames"] == 10
-    for preset in ("veryfast", "superfast", "ultrafast"):
+    for preset in ("default", "veryfast", "superfast", "ultrafast"):
         assert env[f"x264_{preset}_ms"] > 0 and env[f"x264_{preset}_kib_per_frame"] > 0
     # no NVDEC here: the attempt is recorded, not fatal
     assert "nvdec_error" in env or env["nvdec_matches"] is True

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from heygem_ray import demo
+from heygem_ray.config import EncoderConfig
 from heygem_ray.errors import InputError
 from heygem_ray.media import mux, video
 from heygem_ray.media.audio import iter_pcm16k
@@ -203,4 +204,38 @@ def test_encoder_probe_and_options():
     assert video.encoder_works("libx264")
     assert not video.encoder_works("no_such_encoder")
     assert video.encoder_options("libx264", 20, "fast") == {"crf": "20", "preset": "fast"}
-    assert video.encoder_options("h264_nvenc", 20, "fast")["cq"] == "20"
+    assert video.encoder_options("libx264", 20, "fast", "ref=2")["x264-params"] == "ref=2"
+    assert video.encoder_options("h264_nvenc", 20, "fast", "ref=2") == {
+        "rc": "vbr",
+        "cq": "20",
+        "preset": "p4",
+        "tune": "hq",
+    }
+
+
+def _x264_settings(path: str) -> str:
+    """The options line x264 writes into the stream it encodes (an SEI message)."""
+    data = Path(path).read_bytes()
+    start = data.index(b"options: ")
+    return data[start : data.index(b"\0", start)].decode()
+
+
+@pytest.mark.parametrize("params", ["", "mbtree=1:rc-lookahead=10"])
+def test_x264_params_reach_the_encoder(tmp_path, params):
+    """The default's rate control is really x264's: superfast alone has mb-tree off and no lookahead."""
+    path = str(tmp_path / "seg.mp4")
+    writer = video.SegmentWriter(path, 64, 48, "25", "libx264", 18, "superfast", "yuv420p", x264_params=params)
+    for k in range(3):
+        writer.write(np.full((48, 64, 3), 40 * k, np.uint8))
+    writer.close()
+    settings = _x264_settings(path)
+    assert ("mbtree=1" in settings and "rc_lookahead=10" in settings) == bool(params)
+    assert "subme=1" in settings  # still superfast's search
+
+
+def test_x264_complains_of_options_it_cannot_use():
+    assert video.x264_complaints(EncoderConfig().x264_params) == []
+    assert video.x264_complaints("") == []
+    (complaint,) = video.x264_complaints("mbtree=1:no-such-option=3")
+    assert "no-such-option" in complaint
+    assert video.x264_complaints("me=diamond")  # a known option with a value x264 does not take

@@ -125,24 +125,26 @@ def media_facts() -> dict[str, Any]:
     }
 
 
-#: x264 presets timed on one core, the default first
-PRESETS = ("veryfast", "superfast", "ultrafast")
+#: x264 settings timed on one core: the product's default, then x264's presets
+X264_SETTINGS = ("default", "veryfast", "superfast", "ultrafast")
 
 
 def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
-    """Milliseconds per frame on one thread: H.264 decode, x264 encode per preset (CRF 18) and the
-    size each gives; NVDEC (h264_cuvid) decode where it opens. The clip is node.py's avatar."""
+    """Per frame on one thread: H.264 decode, x264 encode per setting (CRF 18) and the size each
+    gives; NVDEC (h264_cuvid) decode where it opens. Decoders get wall and CPU milliseconds: NVDEC
+    is worth having for the CPU it leaves to x264. The clip is node.py's avatar."""
     import time
 
     import av
 
+    from benchmarks.bench_encoder import x264_options
     from benchmarks.gpu.node import FPS, make_avatar
 
     clip = work / "codec-clip.mp4"
     make_avatar(clip, frames / FPS, height, os.cpu_count() or 1)
     out: dict[str, Any] = {"codec_height": height, "codec_frames": frames}
 
-    def decode(codec: str | None) -> tuple[float, list[Any]]:
+    def decode(codec: str | None) -> tuple[float, float, list[Any]]:
         with av.open(str(clip)) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
@@ -150,35 +152,36 @@ def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
                 ctx = av.CodecContext.create(codec, "r")
                 ctx.extradata = stream.codec_context.extradata
             ctx.thread_count, ctx.thread_type = 1, "NONE"
-            start, planes = time.perf_counter(), []
+            start, cpu, planes = time.perf_counter(), time.process_time(), []
             for packet in container.demux(stream):
                 for frame in ctx.decode(packet if packet.size else None):
                     planes.append(frame.to_ndarray(format="yuv420p"))
-            return (time.perf_counter() - start) * 1000 / max(1, len(planes)), planes
+            count = max(1, len(planes))
+            return (time.perf_counter() - start) * 1000 / count, (time.process_time() - cpu) * 1000 / count, planes
 
-    soft_ms, planes = decode(None)
-    out["decode_ms"] = round(soft_ms, 2)
+    soft_ms, soft_cpu_ms, planes = decode(None)
+    out["decode_ms"], out["decode_cpu_ms"] = round(soft_ms, 2), round(soft_cpu_ms, 2)
     try:
-        nvdec_ms, nvdec = decode("h264_cuvid")
-        out["nvdec_ms"] = round(nvdec_ms, 2)
+        nvdec_ms, nvdec_cpu_ms, nvdec = decode("h264_cuvid")
+        out["nvdec_ms"], out["nvdec_cpu_ms"] = round(nvdec_ms, 2), round(nvdec_cpu_ms, 2)
         out["nvdec_frames"] = len(nvdec)
         out["nvdec_matches"] = len(nvdec) == len(planes) and all((a == b).all() for a, b in zip(nvdec, planes))
     except (av.error.FFmpegError, ValueError, OSError) as exc:
         out["nvdec_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    for preset in PRESETS:
-        sink = work / f"codec-{preset}.mp4"
+    for name in X264_SETTINGS:
+        sink = work / f"codec-{name}.mp4"
         with av.open(str(sink), "w") as container:
             stream = container.add_stream("libx264", rate=FPS)
             stream.width, stream.height, stream.pix_fmt = planes[0].shape[1], height, "yuv420p"
-            stream.codec_context.options = {"crf": "18", "preset": preset, "threads": "1"}
+            stream.codec_context.options = {"crf": "18", "threads": "1"} | x264_options(name)
             start = time.perf_counter()
             for i, plane in enumerate(planes):
                 frame = av.VideoFrame.from_ndarray(plane, format="yuv420p")
                 frame.pts = i
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))
-            out[f"x264_{preset}_ms"] = round((time.perf_counter() - start) * 1000 / len(planes), 2)
-        out[f"x264_{preset}_kib_per_frame"] = round(sink.stat().st_size / 1024 / len(planes), 1)
+            out[f"x264_{name}_ms"] = round((time.perf_counter() - start) * 1000 / len(planes), 2)
+        out[f"x264_{name}_kib_per_frame"] = round(sink.stat().st_size / 1024 / len(planes), 1)
     return out
 
 
@@ -250,17 +253,19 @@ def markdown(f: dict[str, Any]) -> str:
 def codec_markdown(f: dict[str, Any]) -> str:
     """One line: what one core does with the node's H.264 (and NVDEC, where it decodes)."""
     x264 = ", ".join(
-        f"{p} {f[f'x264_{p}_ms']} ms ({f[f'x264_{p}_kib_per_frame']} KiB/frame)" for p in PRESETS if f"x264_{p}_ms" in f
+        f"{p} {f[f'x264_{p}_ms']} ms ({f[f'x264_{p}_kib_per_frame']} KiB/frame)"
+        for p in X264_SETTINGS
+        if f"x264_{p}_ms" in f
     )
     nvdec = (
-        f"NVDEC {f['nvdec_ms']} ms/frame ({f['nvdec_frames']} frames, identical to software: "
-        f"{'yes' if f['nvdec_matches'] else 'no'})"
+        f"NVDEC {f['nvdec_ms']} ms/frame, {f.get('nvdec_cpu_ms', '?')} ms of CPU ({f['nvdec_frames']} frames, "
+        f"identical to software: {'yes' if f['nvdec_matches'] else 'no'})"
         if "nvdec_ms" in f
         else f"NVDEC: {f.get('nvdec_error', 'not tried')}"
     )
     return (
         f"One core, {f['codec_height']}p H.264 ({f['codec_frames']} frames of the node clip): decode "
-        f"{f['decode_ms']} ms/frame; x264 CRF 18: {x264}; {nvdec}."
+        f"{f['decode_ms']} ms/frame ({f.get('decode_cpu_ms', '?')} ms of CPU); x264 CRF 18: {x264}; {nvdec}."
     )
 
 

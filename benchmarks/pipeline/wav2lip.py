@@ -97,6 +97,7 @@ def bench_wav2lip(ctx: Context) -> None:
             cfg.encoder.preset,
             cfg.encoder.pix_fmt,
             threads=threads,
+            x264_params=cfg.encoder.x264_params,
         )
         frames = iter_frames(avatar, info)
         for i in range(n):

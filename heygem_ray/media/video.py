@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import av
+import av.logging
 import cv2
 import numpy as np
 
@@ -248,12 +249,12 @@ def iter_frames(path: str, info: VideoInfo, display_uri: str | None = None) -> I
         raise InputError("avatar", display_uri or path, f"decoding failed ({exc.strerror or exc})") from None
 
 
-def encoder_works(codec: str) -> bool:
+def encoder_works(codec: str, options: dict[str, str] | None = None) -> bool:
     """Whether this machine can open `codec` for a small H.264 encode (NVENC needs a GPU with a
     video encoder: L4 and A10G have one, H100 does not)."""
     try:
         with av.open(os.devnull, "w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=25)
+            stream = container.add_stream(codec, rate=25, options=options)
             if not isinstance(stream, av.VideoStream):  # an audio or subtitle encoder
                 return False
             stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
@@ -265,6 +266,21 @@ def encoder_works(codec: str) -> bool:
         return False
 
 
+def x264_complaints(params: str) -> list[str]:
+    """What x264 says of the options in `params` it cannot use. It skips them and encodes on, with
+    a log line as the only sign, so a typo in encoder.x264_params would silently change nothing."""
+    if not params:
+        return []
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.WARNING)  # where libx264 says it
+    try:
+        with av.logging.Capture() as logs:
+            encoder_works("libx264", {"x264-params": params})
+    finally:
+        av.logging.set_level(level)
+    return [message.strip() for _, _, message in logs if "parsing option" in message]
+
+
 def auto_codec() -> str:
     """What `encoder.codec=auto` means for this process: NVENC when it may use a GPU (inside Ray:
     one Ray gave it) and that GPU has a video encoder (L4, A10G; not H100), else libx264. A CPU
@@ -274,10 +290,10 @@ def auto_codec() -> str:
     return "h264_nvenc" if cuda_usable() and encoder_works("h264_nvenc") else "libx264"
 
 
-def encoder_options(codec: str, crf: int, preset: str) -> dict[str, str]:
-    """Quality settings per encoder: x264's CRF and preset, NVENC's constant-quality VBR."""
+def encoder_options(codec: str, crf: int, preset: str, x264_params: str = "") -> dict[str, str]:
+    """Quality settings per encoder: x264's CRF, preset and options, NVENC's constant-quality VBR."""
     if codec == "libx264":
-        return {"crf": str(crf), "preset": preset}
+        return {"crf": str(crf), "preset": preset} | ({"x264-params": x264_params} if x264_params else {})
     if codec == "h264_nvenc":
         return {"rc": "vbr", "cq": str(crf), "preset": "p4", "tune": "hq"}
     return {}
@@ -298,10 +314,12 @@ class SegmentWriter:
         preset: str,
         pix_fmt: str,
         threads: int = 0,
+        x264_params: str = "",
     ):
         rate = Fraction(fps_fraction)
         self._container = av.open(path, "w", format="mp4")
-        stream = self._container.add_stream(codec, rate=rate, options=encoder_options(codec, crf, preset))
+        options = encoder_options(codec, crf, preset, x264_params)
+        stream = self._container.add_stream(codec, rate=rate, options=options)
         if not isinstance(stream, av.VideoStream):
             self._container.close()
             raise ValueError(f"encoder {codec!r} is not a video encoder")  # noqa: TRY004 - a bad name, not a bad type

@@ -23,7 +23,7 @@ BUILTIN_MODELS: dict[str, list[str]] = {"classic (no weights)": ["renderer=class
 QUALITIES: dict[str, list[str]] = {
     "standard": [],
     "draft (small, fast)": ["encoder.crf=28", "encoder.preset=superfast"],
-    "best (large)": ["encoder.crf=14", "encoder.preset=medium"],
+    "best (large)": ["encoder.crf=14", "encoder.preset=medium", "encoder.x264_params="],  # medium as x264 has it
 }
 
 
