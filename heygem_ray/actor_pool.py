@@ -133,7 +133,7 @@ class ActorPool:
         a.healthy, a.info = True, info
         self.first_ready_at = self.first_ready_at or time.time()
         pinned = f", cores {info.cores}" if info.cores is not None else ""
-        log.info("renderer actor %d ready (pid %s%s)", actor, info.pid, pinned)
+        log.info("renderer actor %d ready (pid %s%s, decoding: %s)", actor, info.pid, pinned, info.decoder)
         return None
 
     def unusable(self, actor: int, reason: str) -> None:

@@ -251,6 +251,19 @@ class EncoderConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """How renderer actors decode avatar videos."""
+
+    #: auto: NVDEC in an actor Ray gave a GPU (software where the GPU's decoder cannot take the
+    #: avatar's codec), software elsewhere; cpu: software always; cuda | cuda:N: NVDEC, and an actor
+    #: without a usable one does not start. NVDEC leaves the CPU cores to x264, which bounds a GPU node
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device("decoder", self.device)
+
+
+@dataclass
 class RenderConfig:
     """Campaign scheduling."""
 
@@ -317,6 +330,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     qa: QAConfig = field(default_factory=QAConfig)

@@ -10,6 +10,7 @@ by an earlier attempt or run is reused, not rendered again.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import sys
@@ -25,12 +26,22 @@ from heygem_ray import metrics, qa, storage
 from heygem_ray.config import Config
 from heygem_ray.errors import RendererStartError
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
-from heygem_ray.media.video import FrameReader, SegmentWriter, VideoInfo, auto_codec, encoder_works, x264_complaints
+from heygem_ray.media.video import (
+    FrameReader,
+    SegmentWriter,
+    VideoInfo,
+    auto_codec,
+    encoder_works,
+    nvdec_problem,
+    x264_complaints,
+)
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import frame_center_samples
 from heygem_ray.prepare import read_pcm
 from heygem_ray.render import build_renderer
+
+log = logging.getLogger("heygem_ray")
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,8 @@ class WorkerInfo:
     #: loaded (for the campaign's start-up breakdown)
     init_started: float = 0.0
     model_loaded: float = 0.0
+    #: how it decodes avatar videos: "nvdec:N" (CUDA device N) or "software"
+    decoder: str = "software"
 
 
 @dataclass
@@ -80,6 +93,24 @@ class SegmentResult:
     #: time.time() when the call began and when its first batch of frames was rendered
     started_at: float = 0.0
     first_batch_at: float = 0.0
+
+
+def nvdec_device(setting: str) -> int | None:
+    """The CUDA device whose NVDEC decodes avatar videos for `decoder.device=setting` in this
+    process, or None for software. `auto` takes it only where this process may use CUDA (inside Ray:
+    a GPU Ray gave it) and NVDEC decodes there; a named CUDA device must decode, or this raises."""
+    from heygem_ray.devices import cuda_usable, torch_device  # torch: not on the driver
+
+    if setting == "cpu" or (setting == "auto" and not cuda_usable()):
+        return None
+    index = torch_device("cuda" if setting == "auto" else setting).index or 0
+    problem = nvdec_problem(index)
+    if problem is None:
+        return index
+    if setting == "auto":
+        log.warning("decoder.device=auto: NVDEC unusable on cuda:%d (%s), decoding in software", index, problem)
+        return None
+    raise RuntimeError(f"decoder.device={setting}: NVDEC cannot decode here ({problem})")
 
 
 class RenderWorker:
@@ -118,7 +149,7 @@ class RenderWorker:
             from heygem_ray.models.syncnet import SyncNet
 
             device = torch_device("auto")
-            self.expert = (load_model(SyncNet(), cfg.qa.syncnet, "SyncNet lip-sync expert").to(device), device)
+            self.expert = (load_model(SyncNet, cfg.qa.syncnet, "SyncNet lip-sync expert").to(device), device)
         self.model_loaded = time.time()
         self.codec = auto_codec() if cfg.encoder.codec == "auto" else cfg.encoder.codec
         if not encoder_works(self.codec):
@@ -129,13 +160,19 @@ class RenderWorker:
         complaints = x264_complaints(cfg.encoder.x264_params) if self.codec == "libx264" else []
         if complaints:
             raise RuntimeError(f"encoder.x264_params={cfg.encoder.x264_params}: x264 says {'; '.join(complaints)}")
+        self.nvdec = nvdec_device(cfg.decoder.device)
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
         if self.start_error is not None:
             raise RendererStartError(self.start_error)
         return WorkerInfo(
-            os.getpid(), self.cores, self.codec, init_started=self.init_started, model_loaded=self.model_loaded
+            os.getpid(),
+            self.cores,
+            self.codec,
+            init_started=self.init_started,
+            model_loaded=self.model_loaded,
+            decoder="software" if self.nvdec is None else f"nvdec:{self.nvdec}",
         )
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:
@@ -177,6 +214,7 @@ class RenderWorker:
                 job.pts_offset,
                 threads=self.threads,
                 pixel_format=pixel_format,
+                nvdec=self.nvdec,
             ) as reader:
                 written, first_batch_at = self._render_frames(job, features, reader, writer, clock, motion, halves)
             if written != job.frames:

@@ -160,7 +160,7 @@ def _expert(uri: str) -> tuple[Any, Any]:
     from heygem_ray.models.syncnet import SyncNet
 
     device = torch_device("auto")
-    return load_model(SyncNet(), uri, "SyncNet lip-sync expert").to(device), device
+    return load_model(SyncNet, uri, "SyncNet lip-sync expert").to(device), device
 
 
 def motion_energy_score(job: StitchJob, motion: list[np.ndarray | None]) -> qa.SyncScore:

@@ -46,7 +46,7 @@ def _assert_same(loaded: dict[str, torch.Tensor], weights: dict[str, torch.Tenso
 
 
 def test_training_checkpoint_loads_strictly_and_runs(training_checkpoint, weights):
-    model = load_model(Wav2Lip(), str(training_checkpoint), NAME)
+    model = load_model(Wav2Lip, str(training_checkpoint), NAME)
     assert not model.training
     _assert_same(model.state_dict(), weights)
     with torch.inference_mode():

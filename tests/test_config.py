@@ -71,6 +71,7 @@ def test_missing_mandatory_values_and_typos_are_errors():
         ("encoder.codec=libx265", "encoder.codec=libx265 is not one of auto, libx264, h264_nvenc"),
         ("encoder.preset=veryfats", "encoder.preset=veryfats is not one of ultrafast, superfast, veryfast"),
         ("encoder.x264_params=mbtree", "encoder.x264_params=mbtree is not key=value"),
+        ("decoder.device=nvdec", "decoder.device=nvdec is not one of auto, cpu, cuda, cuda:N"),
         ("cluster.executor=rai", "cluster.executor=rai is not one of ray, inline"),
     ],
 )

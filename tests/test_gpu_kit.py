@@ -90,6 +90,7 @@ def test_correctness_checks_ran_and_passed(dry_run: Path) -> None:
         "Wav2Lip generator fp32 5-d",
         "image_ops=device vs cpu, fp32, feather",
         "S3FD raw outputs fp32",
+        "decoder.device=auto takes NVDEC where CUDA is usable",  # not here: no CUDA
         "2 processes sharing the CPU",
     ):
         match = [n for n in names if n.startswith(prefix)]
@@ -140,7 +141,8 @@ def test_env_times_one_core_on_h264(dry_run: Path) -> None:
 
 
 def test_node_variants_parse_and_name_their_changes() -> None:
-    variant = Variant.parse("15x1,preset=superfast,segment=2.5")
+    variant = Variant.parse("15x1,preset=superfast,segment=2.5,decode=cpu")
+    assert variant.decode == "cpu"
     assert (variant.procs, variant.threads, variant.preset, variant.segment_seconds) == (15, 1, "superfast", 2.5)
     assert Variant.parse(variant.name) == variant and Variant.parse("7x2") == Variant(7, 2)
     with pytest.raises(ValueError, match="unknown"):

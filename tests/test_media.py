@@ -118,6 +118,42 @@ def test_reader_gives_the_decoders_own_planes_as_i420(media_dir, tmp_path):
         video.FrameReader(still, sinfo, None, pixel_format="rgb24")
 
 
+def test_reader_takes_nv12_planes_as_nvdec_gives_them(tmp_path):
+    """NVDEC's frames come back as NV12 (chroma interleaved): the reader splits them into the same
+    I420 planes, with no colour conversion. Shown here with an NV12 raw video, which software
+    decodes to NV12 frames too."""
+    rng = np.random.default_rng(5)
+    planes = [rng.integers(16, 236, (72, 64), dtype=np.uint8) for _ in range(4)]
+    path = str(tmp_path / "nv12.nut")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("rawvideo", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "nv12"
+        for i, i420 in enumerate(planes):
+            y, u, v = i420[:48], i420[48:60].reshape(24, 32), i420[60:].reshape(24, 32)
+            nv12 = np.concatenate([y, np.stack([u, v], axis=2).reshape(24, 64)])
+            frame = av.VideoFrame.from_ndarray(nv12, format="nv12")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    info = video.probe(path, 25)
+    pts = np.array([p for p, _ in video.iter_frames(path, info)])
+    with video.FrameReader(path, info, pts, pixel_format="yuv420p") as reader:
+        got = reader.read(np.array([0, 3]))
+    for i in (0, 3):
+        np.testing.assert_array_equal(got[i], planes[i])
+
+
+def test_nvdec_is_taken_only_where_it_decodes():
+    """No GPU here: auto decodes in software, a named CUDA device refuses to start with the reason."""
+    from heygem_ray.segment import nvdec_device
+
+    assert nvdec_device("cpu") is None
+    assert nvdec_device("auto") is None
+    assert video.nvdec_problem(0)  # says why, does not raise
+    with pytest.raises(RuntimeError, match=r"decoder\.device=cuda: NVDEC cannot decode here \("):
+        nvdec_device("cuda")
+
+
 def test_rotation_metadata_is_applied(tmp_path):
     upright, turned = str(tmp_path / "up.mp4"), str(tmp_path / "rot.mp4")
     demo.write_avatar_clip(upright, 0.2, seed=3)

@@ -151,7 +151,7 @@ def test_the_expert_loads_strictly_and_embeds_to_unit_length(syncnet_checkpoint,
     from heygem_ray.models.checkpoints import CheckpointError, load_model
     from heygem_ray.models.syncnet import SyncNet, embed, face_windows
 
-    model = load_model(SyncNet(), syncnet_checkpoint, "SyncNet")
+    model = load_model(SyncNet, syncnet_checkpoint, "SyncNet")
     halves = [np.full((48, 96, 3), 10 * i, np.uint8) for i in range(7)] + [None] + [np.zeros((48, 96, 3), np.uint8)] * 5
     windows, starts = face_windows(halves)
     assert windows.shape == (3 + 1, 15, 48, 96) and list(starts) == [0, 1, 2, 8]  # none across the faceless frame
@@ -170,7 +170,7 @@ def test_the_expert_loads_strictly_and_embeds_to_unit_length(syncnet_checkpoint,
     broken["state_dict"].pop("audio_encoder.13.conv_block.0.weight")
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError, match="audio_encoder.13"):
-        load_model(SyncNet(), str(tmp_path / "broken.pth"), "SyncNet")
+        load_model(SyncNet, str(tmp_path / "broken.pth"), "SyncNet")
 
 
 def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoint):

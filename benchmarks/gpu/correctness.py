@@ -12,6 +12,8 @@
    frame, tiny, empty): outside the boxes identical; inside mean <= 0.5 levels, max <= 8, > 98 %
    within one level (tests/test_wav2lip_renderer.py's bounds). bf16 device vs fp32 cpu reported.
 3. S3FD raw head outputs vs tests/data/s3fd_reference.npz at fp32, TF32 off: |diff| <= 1e-4 + 1e-4·|ref|.
+   NVDEC: `decoder.device=auto` takes it exactly where CUDA is usable; a renderer's reads of a 1080p
+   clip through it (seeks included) give the same I420 planes as software, CPU ms a frame for both.
 4. Several processes sharing the GPU (4 by default, each with its own model, rendering at the same
    moment, bf16 + device image ops as the node benchmark runs) give exactly the frames one
    process gives.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import queue
 import sys
 import time
@@ -211,6 +214,45 @@ def check_s3fd(result: common.StepResult, device: Any) -> None:
     )
 
 
+def check_nvdec(result: common.StepResult, device: Any, work: Path, height: int) -> None:
+    """`decoder.device=auto` takes NVDEC exactly where CUDA is usable, and a renderer's reads through
+    it (seeks included) give the same I420 planes as software decoding, at less CPU a frame."""
+    from benchmarks.gpu.node import FPS, make_avatar
+    from heygem_ray.media import video
+    from heygem_ray.segment import nvdec_device
+
+    chosen = nvdec_device("auto")
+    result.check(
+        "decoder.device=auto takes NVDEC where CUDA is usable", (chosen is not None) == (device.type == "cuda")
+    )
+    if chosen is None:
+        return
+    clip = work / "nvdec.mp4"
+    make_avatar(clip, 60 / FPS, height, os.cpu_count() or 1)  # keyframes at 0 and 50
+    info = video.probe(str(clip), FPS)
+    pts = np.array([p for p, _ in video.iter_frames(str(clip), info)])
+    reads = [np.arange(40, 60), np.arange(10, 21), np.arange(0, 6)]  # forward, back, back to the start
+    frames, cpu_ms = {}, {}
+    for name, nvdec in (("software", None), ("nvdec", chosen)):
+        start, got = time.process_time(), []
+        with video.FrameReader(str(clip), info, pts, threads=1, pixel_format="yuv420p", nvdec=nvdec) as reader:
+            for indices in reads:
+                got.append(reader.read(indices))
+        cpu_ms[name] = round((time.process_time() - start) * 1000 / sum(len(r) for r in reads), 2)
+        frames[name] = got
+    same = all(
+        a.keys() == b.keys() and all(np.array_equal(a[i], b[i]) for i in a)
+        for a, b in zip(frames["software"], frames["nvdec"])
+    )
+    result.check(
+        f"NVDEC reads = software reads ({height}p, seeks included)",
+        same,
+        "identical I420 planes",
+        cpu_ms_per_frame_software=cpu_ms["software"],
+        cpu_ms_per_frame_nvdec=cpu_ms["nvdec"],
+    )
+
+
 # --------------------------------------------------------------------------------------- 4. sharing
 Prepared = tuple[Any, list[np.ndarray], np.ndarray, np.ndarray]
 
@@ -351,6 +393,7 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
             ("feather",) if dry else ("feather", "hard"),
         )
         timed("s3fd", check_s3fd)
+        timed("nvdec", check_nvdec, Path(work), 180 if dry else 1080)
         timed(
             "sharing",
             check_sharing,

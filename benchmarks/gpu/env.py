@@ -131,7 +131,7 @@ X264_SETTINGS = ("default", "veryfast", "superfast", "ultrafast")
 
 def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
     """Per frame on one thread: H.264 decode, x264 encode per setting (CRF 18) and the size each
-    gives; NVDEC (h264_cuvid) decode where it opens. Decoders get wall and CPU milliseconds: NVDEC
+    gives; NVDEC (the renderer's `decoder.device` path) where it opens. Decoders get wall and CPU milliseconds: NVDEC
     is worth having for the CPU it leaves to x264. The clip is node.py's avatar."""
     import time
 
@@ -139,34 +139,33 @@ def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
 
     from benchmarks.bench_encoder import x264_options
     from benchmarks.gpu.node import FPS, make_avatar
+    from heygem_ray.media.video import nvdec_accel
 
     clip = work / "codec-clip.mp4"
     make_avatar(clip, frames / FPS, height, os.cpu_count() or 1)
     out: dict[str, Any] = {"codec_height": height, "codec_frames": frames}
 
-    def decode(codec: str | None) -> tuple[float, float, list[Any]]:
-        with av.open(str(clip)) as container:
+    def decode(nvdec: int | None) -> tuple[float, float, list[Any]]:
+        accel = None if nvdec is None else nvdec_accel(nvdec)  # the product's NVDEC path (FrameReader)
+        with av.open(str(clip), "r", hwaccel=accel) as container:
             stream = container.streams.video[0]
-            ctx = stream.codec_context
-            if codec is not None:
-                ctx = av.CodecContext.create(codec, "r")
-                ctx.extradata = stream.codec_context.extradata
-            ctx.thread_count, ctx.thread_type = 1, "NONE"
+            if nvdec is not None and not stream.codec_context.is_hwaccel:
+                raise ValueError("the H.264 decoder opened without CUDA")
+            stream.codec_context.thread_count, stream.codec_context.thread_type = 1, "NONE"
             start, cpu, planes = time.perf_counter(), time.process_time(), []
-            for packet in container.demux(stream):
-                for frame in ctx.decode(packet if packet.size else None):
-                    planes.append(frame.to_ndarray(format="yuv420p"))
+            for frame in container.decode(stream):
+                planes.append(frame.to_ndarray(format="yuv420p"))
             count = max(1, len(planes))
             return (time.perf_counter() - start) * 1000 / count, (time.process_time() - cpu) * 1000 / count, planes
 
     soft_ms, soft_cpu_ms, planes = decode(None)
     out["decode_ms"], out["decode_cpu_ms"] = round(soft_ms, 2), round(soft_cpu_ms, 2)
     try:
-        nvdec_ms, nvdec_cpu_ms, nvdec = decode("h264_cuvid")
+        nvdec_ms, nvdec_cpu_ms, nvdec = decode(0)
         out["nvdec_ms"], out["nvdec_cpu_ms"] = round(nvdec_ms, 2), round(nvdec_cpu_ms, 2)
         out["nvdec_frames"] = len(nvdec)
         out["nvdec_matches"] = len(nvdec) == len(planes) and all((a == b).all() for a, b in zip(nvdec, planes))
-    except (av.error.FFmpegError, ValueError, OSError) as exc:
+    except (av.error.FFmpegError, ValueError, OSError, NotImplementedError) as exc:
         out["nvdec_error"] = f"{type(exc).__name__}: {exc}"[:300]
     for name in X264_SETTINGS:
         sink = work / f"codec-{name}.mp4"

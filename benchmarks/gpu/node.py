@@ -110,20 +110,21 @@ class Variant:
 
     procs: int
     threads: int
-    preset: str | None = None  # x264 preset; None: encoder.preset's default
+    preset: str | None = None  # x264 preset (x264_params then ""); None: the encoder's defaults
     segment_seconds: float | None = None  # None: the step's --segment-seconds
+    decode: str | None = None  # decoder.device; None: its default (auto: NVDEC where CUDA is)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
-        """'15x1', or with changes: '15x1,preset=superfast,segment=2.5'."""
+        """'15x1', or with changes: '15x1,preset=veryfast,segment=2.5,decode=cpu'."""
         shape, *changes = spec.lower().split(",")
         procs, threads = (int(x) for x in shape.split("x"))
         options = dict(change.split("=", 1) for change in changes)
-        unknown = set(options) - {"preset", "segment"}
+        unknown = set(options) - {"preset", "segment", "decode"}
         if unknown:
-            raise ValueError(f"variant {spec!r}: unknown {sorted(unknown)} (preset=, segment=)")
+            raise ValueError(f"variant {spec!r}: unknown {sorted(unknown)} (preset=, segment=, decode=)")
         segment = options.get("segment")
-        return cls(procs, threads, options.get("preset"), float(segment) if segment else None)
+        return cls(procs, threads, options.get("preset"), float(segment) if segment else None, options.get("decode"))
 
     @property
     def name(self) -> str:
@@ -132,6 +133,8 @@ class Variant:
             name += f",preset={self.preset}"
         if self.segment_seconds:
             name += f",segment={self.segment_seconds:g}"
+        if self.decode:
+            name += f",decode={self.decode}"
         return name
 
 
@@ -143,6 +146,7 @@ def node_config(
         ActorConfig,
         ClusterConfig,
         Config,
+        DecoderConfig,
         DetectorConfig,
         EncoderConfig,
         RenderConfig,
@@ -158,8 +162,11 @@ def node_config(
         renderer=renderer,
         detector=DetectorConfig(name="box", box=list(inputs.box)),
         cluster=ClusterConfig(actor=ActorConfig(num_cpus=float(variant.threads), threads=variant.threads)),
-        # codec: what `auto` decides here (libx264 without NVENC)
-        encoder=EncoderConfig(codec=auto_codec(), **({"preset": variant.preset} if variant.preset else {})),
+        # codec: what `auto` decides here (libx264 without NVENC); a named preset as x264 defines it
+        encoder=EncoderConfig(
+            codec=auto_codec(), **({"preset": variant.preset, "x264_params": ""} if variant.preset else {})
+        ),
+        decoder=DecoderConfig(**({"device": variant.decode} if variant.decode else {})),
         render=RenderConfig(segment_seconds=variant.segment_seconds or segment_seconds, progress=False),
     )
 
@@ -342,6 +349,8 @@ def summarize(
         "batch_size": first_ready.get("batch_size"),
         "codec": cfg.encoder.codec,
         "preset": cfg.encoder.preset,
+        "x264_params": cfg.encoder.x264_params,
+        "decoder": first_ready["info"].decoder if first_ready else None,
         "crf": cfg.encoder.crf,
         "segment_seconds": cfg.render.segment_seconds,
         "segments": len(jobs),
@@ -463,7 +472,9 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
         rows.append(
             [
                 r["variant"],
-                f"{r['precision']}, batch {r['batch_size']}, {r['codec']} {r['preset']}, {r['segment_seconds']:g} s segments",
+                f"{r['precision']}, batch {r['batch_size']}, {r['codec']} {r['preset']}"
+                + (f" ({r['x264_params']})" if r.get("x264_params") else "")
+                + f", decoding {r.get('decoder')}, {r['segment_seconds']:g} s segments",
                 r["frames"],
                 r["segments"],
                 f"**{r['wall_s']:.1f}**",

@@ -228,4 +228,4 @@ def load_s3fd_detector(
     fsspec URI, fetched once per node and loaded strictly with weights_only=True."""
     from heygem_ray.models.checkpoints import load_model
 
-    return S3FDDetector(load_model(S3FD(), checkpoint, "S3FD"), device=device, max_side=max_side, batch_size=batch_size)
+    return S3FDDetector(load_model(S3FD, checkpoint, "S3FD"), device=device, max_side=max_side, batch_size=batch_size)

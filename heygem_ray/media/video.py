@@ -7,6 +7,7 @@ video's length: the reader seeks to the keyframe before a request and decodes fo
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import av
 import av.logging
 import cv2
 import numpy as np
+from av.codec.hwaccel import HWAccel
 
 from heygem_ray.errors import InputError
 from heygem_ray.media.yuv import assemble_i420, bgr_to_i420
@@ -129,10 +131,12 @@ class FrameReader:
         first_index: int = 0,
         threads: int = 0,
         pixel_format: str = "bgr24",
+        nvdec: int | None = None,
     ):
         """`pts[i]` is the timestamp of frame `first_index + i`; only those frames can be read.
         With `pixel_format="yuv420p"` frames come as I420 arrays: a yuv420p source's planes as
-        decoded (no colour conversion), anything else converted once."""
+        decoded (no colour conversion), anything else converted once. `nvdec`: decode on that CUDA
+        device's video decoder (`nvdec_accel`), in software where it cannot take the codec."""
         if pixel_format not in PIXEL_FORMATS:
             raise ValueError(f"pixel_format must be one of {PIXEL_FORMATS}, got {pixel_format!r}")
         self.info = info
@@ -146,11 +150,14 @@ class FrameReader:
             self._pts = pts
             self._first = first_index
             self._index_of = {int(p): first_index + i for i, p in enumerate(pts)}
-            self._container = av.open(path)
+            self._container = av.open(path, hwaccel=None if nvdec is None else nvdec_accel(nvdec))
             self._stream = self._container.streams.video[0]
-            self._stream.thread_type = "AUTO"
-            if threads:
-                self._stream.codec_context.thread_count = threads
+            if self._stream.codec_context.is_hwaccel:
+                self._stream.codec_context.thread_count = 1  # the GPU decodes; one thread parses
+            else:
+                self._stream.thread_type = "AUTO"
+                if threads:
+                    self._stream.codec_context.thread_count = threads
             self._decoder: Iterator[av.VideoFrame] | None = None
             self._next = 0  # index of the frame the running decoder yields next
 
@@ -196,12 +203,17 @@ class FrameReader:
 
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         info = self.info
-        if self._i420 and _plain_i420(frame):
+        if self._i420 and _plain_420(frame):
+            nv12 = frame.format.name == "nv12"  # NVDEC's output: one chroma plane of U, V pairs
             # memoryview: below Python 3.12 numpy's stubs name the buffer types they take, and a plane is none
-            y, u, v = (
-                np.frombuffer(memoryview(p), np.uint8).reshape(p.height, p.line_size)[:, : p.width]
-                for p in frame.planes
-            )
+            planes = [np.frombuffer(memoryview(p), np.uint8).reshape(p.height, p.line_size) for p in frame.planes]
+            widths = [p.width * (2 if nv12 and k == 1 else 1) for k, p in enumerate(frame.planes)]  # in bytes
+            planes = [plane[:, :width] for plane, width in zip(planes, widths)]
+            if nv12:
+                y, uv = planes
+                u, v = uv[:, 0::2], uv[:, 1::2]
+            else:
+                y, u, v = planes
             if info.rotation:
                 y, u, v = (np.rot90(p, k=-(info.rotation // 90)) for p in (y, u, v))
             return assemble_i420(y, u, v, info.width, info.height)
@@ -221,15 +233,50 @@ class FrameReader:
         return self._decoder
 
 
-def _plain_i420(frame: av.VideoFrame) -> bool:
-    """Planes the encoder can take as they are: 8-bit 4:2:0, video range, even size (odd sizes are
-    cropped, which would split chroma samples once rotated)."""
+def _plain_420(frame: av.VideoFrame) -> bool:
+    """Planes the encoder can take as they are (NV12's chroma once split): 8-bit 4:2:0, video range,
+    even size (odd sizes are cropped, which would split chroma samples once rotated)."""
     return (
-        frame.format.name == "yuv420p"
+        frame.format.name in ("yuv420p", "nv12")
         and frame.color_range != av.video.reformatter.ColorRange.JPEG
         and frame.width % 2 == 0
         and frame.height % 2 == 0
     )
+
+
+def nvdec_accel(device: int) -> HWAccel:
+    """Decoding on CUDA device `device`'s NVDEC, frames brought back to host memory (NV12). FFmpeg
+    shares the device's primary context with torch instead of making a context per reader, and
+    decodes in software what that decoder cannot take (codec, profile, size)."""
+    return HWAccel("cuda", device=str(device), allow_software_fallback=True, options={"primary_ctx": "1"})
+
+
+def nvdec_problem(device: int) -> str | None:
+    """Why NVDEC cannot decode H.264 on CUDA device `device` here (None: it decodes, bit for bit as
+    software does). Opens a device context and decodes a few frames made now."""
+    buffer = io.BytesIO()
+    try:
+        with av.open(buffer, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=25, options={"preset": "ultrafast", "crf": "20"})
+            stream.width, stream.height, stream.pix_fmt = 256, 144, "yuv420p"
+            ramp = np.add.outer(np.arange(144), np.arange(256)).astype(np.uint8)
+            for i in range(3):
+                frame = av.VideoFrame.from_ndarray(np.dstack([ramp + 40 * i] * 3), format="bgr24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        decoded = {}
+        for accel in (None, nvdec_accel(device)):
+            buffer.seek(0)
+            with av.open(buffer, "r", hwaccel=accel) as container:
+                ctx = container.streams.video[0].codec_context
+                if accel is not None and not ctx.is_hwaccel:
+                    return "FFmpeg's H.264 decoder has no CUDA configuration"
+                decoded[accel is None] = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+    except (av.error.FFmpegError, OSError, ValueError, NotImplementedError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if len(decoded[False]) != 3 or any((a != b).any() for a, b in zip(decoded[False], decoded[True])):
+        return "NVDEC's frames differ from software decoding"
+    return None
 
 
 def iter_frames(path: str, info: VideoInfo, display_uri: str | None = None) -> Iterator[tuple[int, np.ndarray]]:

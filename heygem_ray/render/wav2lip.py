@@ -217,7 +217,7 @@ class Wav2LipRenderer:
             self.compile_now()
 
     def _load_generator(self) -> Wav2Lip:
-        model = load_model(Wav2Lip(), self._checkpoint, "Wav2Lip generator")
+        model = load_model(Wav2Lip, self._checkpoint, "Wav2Lip generator")
         # Module.to takes memory_format (channels-last convolutions); its type stubs leave it out
         return model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
