@@ -383,13 +383,19 @@ def summarize(
 def variants(spec: Sequence[str] | None, cores: int, dry: bool) -> list[Variant]:
     """The runs: given (see Variant.parse), or from the core count: one one-thread renderer per
     core but one (the fastest shape on the H200 node: 7 × 2 took 28.0 s where 15 × 1 took 26.8),
-    with the defaults, then the same without NVDEC and with x264's veryfast (each saving alone)."""
+    with the defaults, then the same without NVDEC and with x264's veryfast (each saving alone),
+    then three-thread renderers (a third of the CUDA contexts and model loads to start)."""
     if spec:
         return [Variant.parse(s) for s in spec]
     if dry:
         return [Variant(2, 1)]
     procs = max(1, cores - 1)
-    return [Variant(procs, 1), Variant(procs, 1, decode="cpu"), Variant(procs, 1, preset="veryfast")]
+    return [
+        Variant(procs, 1),
+        Variant(procs, 1, decode="cpu"),
+        Variant(procs, 1, preset="veryfast"),
+        Variant(max(1, procs // 3), 3),
+    ]
 
 
 def body(result: common.StepResult, args: argparse.Namespace) -> None:
