@@ -106,3 +106,20 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
     finally:
         studio.terminate()
         studio.wait(30)
+
+
+def test_a_job_server_that_never_answers_does_not_hang_the_studio(monkeypatch):
+    """A head that accepts connections but never answers (overloaded, half up): each call gives up
+    after the studio's timeout and says the cluster does not answer."""
+    import socket
+
+    from heygem_ray.studio import cluster
+
+    monkeypatch.setattr(cluster, "TIMEOUT", (1.0, 1.0))
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(cluster.ClusterUnavailable, match="does not answer"):
+            cluster.Cluster(address, local=False).job("campaign-1")
+        assert time.monotonic() - start < 10
+        assert not cluster._answers(address)

@@ -21,6 +21,9 @@ ENTRYPOINT = ROOT / "jobs" / "render_campaign.py"
 RUNTIME_ENV = ROOT / "infra" / "runtime_env.yaml"
 #: Ray job states that will not change again
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+#: seconds to connect to the job server, and to wait for each of its answers: a head that accepts
+#: connections but never answers must not hang the studio's pages (requests waits forever by default)
+TIMEOUT = (5.0, 30.0)
 
 
 class ClusterUnavailable(RuntimeError):
@@ -64,7 +67,14 @@ def _answers(address: str) -> bool:
 def _client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    class TimedClient(JobSubmissionClient):
+        """Ray's client, with TIMEOUT on every request (it has no option of its own for one)."""
+
+        def _do_request(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", TIMEOUT)
+            return super()._do_request(*args, **kwargs)
+
+    return TimedClient(address)
 
 
 class Cluster:
