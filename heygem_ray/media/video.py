@@ -264,16 +264,21 @@ def nvdec_problem(device: int) -> str | None:
                 frame = av.VideoFrame.from_ndarray(np.dstack([ramp + 40 * i] * 3), format="bgr24")
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))
-        decoded = {}
+        decoded, formats = {}, set()
         for accel in (None, nvdec_accel(device)):
             buffer.seek(0)
             with av.open(buffer, "r", hwaccel=accel) as container:
                 ctx = container.streams.video[0].codec_context
                 if accel is not None and not ctx.is_hwaccel:
                     return "FFmpeg's H.264 decoder has no CUDA configuration"
-                decoded[accel is None] = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+                frames = list(container.decode(video=0))
+                decoded[accel is None] = [f.to_ndarray(format="yuv420p") for f in frames]
+                if accel is not None:
+                    formats = {f.format.name for f in frames}
     except (av.error.FFmpegError, OSError, ValueError, NotImplementedError) as exc:
         return f"{type(exc).__name__}: {exc}"
+    if formats != {"nv12"}:  # software's yuv420p: FFmpeg fell back, the GPU decoded nothing
+        return f"the GPU's decoder did not take the stream (frames came as {sorted(formats)})"
     if len(decoded[False]) != 3 or any((a != b).any() for a, b in zip(decoded[False], decoded[True])):
         return "NVDEC's frames differ from software decoding"
     return None
