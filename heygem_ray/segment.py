@@ -98,7 +98,12 @@ class SegmentResult:
 def nvdec_device(setting: str) -> int | None:
     """The CUDA device whose NVDEC decodes avatar videos for `decoder.device=setting` in this
     process, or None for software. `auto` takes it only where this process may use CUDA (inside Ray:
-    a GPU Ray gave it) and NVDEC decodes there; a named CUDA device must decode, or this raises."""
+    a GPU Ray gave it) and NVDEC decodes there; a named CUDA device must decode, or this raises.
+
+    Call it before torch uses CUDA in this process. FFmpeg shares the device's primary context with
+    torch only if that context runs with blocking synchronisation, a flag that can be set only
+    while the context is not yet active: FFmpeg's first device here sets it, and torch then makes
+    the context with it (which also lets a waiting process yield its core instead of spinning)."""
     from heygem_ray.devices import cuda_usable, torch_device  # torch: not on the driver
 
     if setting == "cpu" or (setting == "auto" and not cuda_usable()):
@@ -141,6 +146,7 @@ class RenderWorker:
 
         torch.set_num_threads(self.threads)
         cv2.setNumThreads(self.threads)
+        self.nvdec = nvdec_device(cfg.decoder.device)  # before torch makes the GPU's context: see there
         self.renderer = build_renderer(cfg.renderer, threads=self.threads)
         self.expert: tuple[Any, Any] | None = None  # the lip-sync expert and its device (heygem_ray.qa)
         if cfg.qa.syncnet:
@@ -160,7 +166,6 @@ class RenderWorker:
         complaints = x264_complaints(cfg.encoder.x264_params) if self.codec == "libx264" else []
         if complaints:
             raise RuntimeError(f"encoder.x264_params={cfg.encoder.x264_params}: x264 says {'; '.join(complaints)}")
-        self.nvdec = nvdec_device(cfg.decoder.device)
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""

@@ -197,6 +197,16 @@ def cuda_device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def hold_gpu_context(device: int) -> None:
+    """Make CUDA device `device`'s primary context through torch (which keeps it while the process
+    lives), as a renderer does once its model is on the GPU: NVDEC readers then only share it, and
+    their timings leave out a context's creation. Call it after NVDEC's probe (`nvdec_problem`),
+    which sets the flags FFmpeg needs on that context."""
+    import torch
+
+    torch.zeros(1, device=f"cuda:{device}")
+
+
 def no_tf32() -> None:
     """fp32 means fp32: Ampere+ GPUs would otherwise run convolutions in TF32 (10-bit mantissa)."""
     import torch

@@ -139,7 +139,7 @@ def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
 
     from benchmarks.bench_encoder import x264_options
     from benchmarks.gpu.node import FPS, make_avatar
-    from heygem_ray.media.video import nvdec_accel
+    from heygem_ray.media.video import nvdec_accel, nvdec_problem
 
     clip = work / "codec-clip.mp4"
     make_avatar(clip, frames / FPS, height, os.cpu_count() or 1)
@@ -154,13 +154,19 @@ def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
             stream.codec_context.thread_count, stream.codec_context.thread_type = 1, "NONE"
             start, cpu, planes = time.perf_counter(), time.process_time(), []
             for frame in container.decode(stream):
+                if nvdec is not None and frame.format.name != "nv12":
+                    raise ValueError(f"FFmpeg fell back to software decoding ({frame.format.name} frames)")
                 planes.append(frame.to_ndarray(format="yuv420p"))
             count = max(1, len(planes))
             return (time.perf_counter() - start) * 1000 / count, (time.process_time() - cpu) * 1000 / count, planes
 
     soft_ms, soft_cpu_ms, planes = decode(None)
     out["decode_ms"], out["decode_cpu_ms"] = round(soft_ms, 2), round(soft_cpu_ms, 2)
+    problem = nvdec_problem(0)  # where NVDEC works, its probe also sets the flags torch's context takes
     try:
+        if problem:
+            raise ValueError(problem)
+        common.hold_gpu_context(0)
         nvdec_ms, nvdec_cpu_ms, nvdec = decode(0)
         out["nvdec_ms"], out["nvdec_cpu_ms"] = round(nvdec_ms, 2), round(nvdec_cpu_ms, 2)
         out["nvdec_frames"] = len(nvdec)
@@ -214,12 +220,15 @@ def _installed(dist: str) -> bool:
 
 
 def body(result: common.StepResult, args: argparse.Namespace) -> None:
+    # the codecs first: NVDEC shares the GPU's primary context only if it is the first to make it
+    # (heygem_ray.segment.nvdec_device), and the GPU facts below make it through torch
+    with common.scratch(args, "env") as work:
+        codecs = codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100)
     facts = {**cpu_facts(), **gpu_facts()}
     facts.update(media_facts())
     facts["versions"] = versions()
     facts.update(stage_imports())
-    with common.scratch(args, "env") as work:
-        facts.update(codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100))
+    facts.update(codecs)
     result.figures = facts
     for key, value in facts.items():
         print(f"  {key}: {value}", flush=True)

@@ -153,7 +153,9 @@ class FrameReader:
             self._container = av.open(path, hwaccel=None if nvdec is None else nvdec_accel(nvdec))
             self._stream = self._container.streams.video[0]
             if self._stream.codec_context.is_hwaccel:
-                self._stream.codec_context.thread_count = 1  # the GPU decodes; one thread parses
+                # the GPU decodes, one thread parses; a stream NVDEC turns down once decoding (10-bit
+                # H.264, 4:4:4) falls back to software on that one thread too: slower, still correct
+                self._stream.codec_context.thread_count = 1
             else:
                 self._stream.thread_type = "AUTO"
                 if threads:
