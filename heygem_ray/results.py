@@ -107,7 +107,7 @@ def write_results(uri: str, rows: list[RowResult]) -> None:
 
 def read_results(uri: str) -> list[dict]:
     with storage.open_uri(uri) as fh:
-        return pq.read_table(fh).to_pylist()
+        return pq.ParquetFile(fh).read().to_pylist()
 
 
 class ResultsTable:

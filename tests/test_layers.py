@@ -75,3 +75,26 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.relative_to(root).parent.parts) for p in (root / "heygem_ray").rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+def test_the_driver_imports_neither_torch_nor_pandas(tmp_path):
+    """Whatever the driver imports, every run waits for: torch (~1.5 s) is the actors' business and
+    pandas (~0.4 s, which pyarrow's read_table pulls in) nobody's."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"audio": ["a.wav"], "avatar": ["b.png"]}), manifest)
+    code = (
+        "import sys\n"
+        "from heygem_ray import campaign, cli\n"
+        "from heygem_ray.executors import ray_cluster\n"
+        "from heygem_ray.manifest import read_manifest\n"
+        f"rows = read_manifest({str(manifest)!r}, {str(tmp_path)!r})\n"
+        "print(len(rows), sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "[]"], out

@@ -184,7 +184,7 @@ class StudioStore:
     def results(self, record: CampaignRecord) -> list[dict]:
         try:
             with storage.open_uri(storage.join(record.output, "_results.parquet")) as fh:
-                return pq.read_table(fh).to_pylist()
+                return pq.ParquetFile(fh).read().to_pylist()
         except FileNotFoundError:
             return []
 
