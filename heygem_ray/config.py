@@ -372,6 +372,9 @@ class StudioConfig:
     models: dict[str, list[str]] = field(default_factory=dict)
     #: largest file a user may upload, MiB (checked by the web server and again by the studio)
     max_upload_mb: float = 2048
+    #: what one user's campaigns may take in the store (uploads, videos, their cache), GiB: a new
+    #: campaign whose uploads would pass it is refused until the user deletes old ones; 0 = no limit
+    user_quota_gb: float = 100
     #: one line per upload, submit, finish, failure, cancel and download, with user and campaign
     log_file: str = "~/.heygem_ray/studio.log"
     #: overrides added to every campaign the studio submits (e.g. [cluster=gpu])

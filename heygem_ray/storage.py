@@ -206,6 +206,16 @@ def remove(uri: str, recursive: bool = False) -> None:
             fs.rm(path, recursive=recursive)
 
 
+@retrying
+def usage(uri: str) -> int:
+    """Bytes stored under a folder (0 when there is none)."""
+    fs, path = url_to_fs(uri)
+    try:
+        return int(fs.du(path, total=True)) if fs.exists(path) else 0
+    except FileNotFoundError:
+        return 0
+
+
 def remove_empty_dir(uri: str) -> None:
     """Remove a folder that has nothing left in it (object stores have no empty folders to remove)."""
     fs, path = url_to_fs(uri)

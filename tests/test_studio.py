@@ -126,6 +126,34 @@ def test_campaign_ids_and_users_never_reach_outside_their_folder(tmp_path):
     assert store.load("bob", campaign) is None
 
 
+def test_a_user_over_quota_is_refused_until_a_campaign_is_deleted(tmp_path, media_dir):
+    """With the cluster down the campaign is kept, not submitted; a second one that would pass the
+    user's quota is refused and nothing of it is stored; deleting the first makes room. Another
+    user can delete nothing of theirs."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.service import Studio as StudioService
+
+    audio, avatar = str(media_dir / "speech3.wav"), str(media_dir / "still.png")
+    one = os.path.getsize(audio) + os.path.getsize(avatar)
+    cfg = StudioConfig(store=str(tmp_path / "store"), user_quota_gb=1.5 * one / 2**30)
+    studio = StudioService(cfg, Cluster(f"http://127.0.0.1:{_free_port()}", local=False), logging.getLogger("t"))
+    with pytest.raises(ClusterUnavailable):
+        studio.create("alice", "first", [audio], [avatar])
+    (first,) = studio.store.campaigns("alice")
+    assert studio.store.usage("alice") >= one
+    with pytest.raises(UploadError, match="of your .* GiB .* delete campaigns"):
+        studio.create("alice", "second", [audio], [avatar])
+    assert [r.id for r in studio.store.campaigns("alice")] == [first.id]
+    assert not studio.delete("bob", first.id)
+    assert studio.delete("alice", first.id) and studio.store.campaigns("alice") == []
+    assert studio.store.usage("alice") == 0
+    with pytest.raises(ClusterUnavailable):
+        studio.create("alice", "third", [audio], [avatar])  # room again: stored, then not submitted
+
+
 def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     store = StudioStore(str(tmp_path / "store"))
     campaign = store.new_id()
@@ -341,11 +369,19 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
             assert bob_http.get(path).status_code == 404, path
             assert anonymous.get(path).status_code == 404, path
         assert "Nothing to cancel" in bob.predict(campaign, api_name="/do_cancel")
+        assert "Not deleted" in bob.predict(campaign, api_name="/do_delete")
 
         lines = studio.log.read_text()
         assert f"submit user=alice campaign={campaign} rows=2" in lines and "login refused user='alice'" in lines
         record = json.loads((tmp_path / "store" / "alice" / campaign / "campaign.json").read_text())
         assert record["jobs"] and record["quality"] == "draft (small, fast)"
+
+        # alice deletes it: uploads, videos and record gone, and the pages say so
+        assert "Deleted" in alice.predict(campaign, api_name="/do_delete")
+        assert not (tmp_path / "store" / "alice" / campaign).exists()
+        assert alice.predict(campaign, api_name="/refresh")[0]["data"] in ([], [["", "", "", "", "", ""]])
+        assert alice_http.get(f"/files/{campaign}/all.zip").status_code == 404
+        assert f"delete user=alice campaign={campaign}" in studio.log.read_text()
     finally:
         studio.stop()
     shutil.rmtree(tmp_path / "store", ignore_errors=True)
@@ -357,7 +393,8 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
     """Alice in headless Chromium: signs in through the login form, drops two presenters and three
     narrations on the file inputs (a 2 x 3 batch), picks draft quality, renders, and watches the
     Campaigns tab (which refreshes itself) until the campaign is finished, its six videos in the
-    gallery with posters that load; then downloads the zip of all six through its link."""
+    gallery with posters that load; then downloads the zip of all six through its link, and deletes
+    the campaign (after saying no once to the browser's question)."""
     narrations = []
     for name in ("welcome", "benefits", "security"):
         narrations.append(tmp_path / f"{name}.wav")
@@ -423,6 +460,16 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
             assert sorted(names) == sorted(
                 f"{n}__{a}.mp4" for n in ("welcome", "benefits", "security") for a in ("clip2", "still")
             )
+
+            # Delete asks first: "no" keeps it, "yes" deletes it
+            page.once("dialog", lambda dialog: dialog.dismiss())
+            page.locator("#delete").click()
+            page.wait_for_timeout(1000)
+            assert record.exists()
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.locator("#delete").click()
+            expect(page.get_by_text("Deleted, with its uploads and videos.")).to_be_visible(timeout=30_000)
+            assert not record.parent.exists()
         finally:
             studio.stop()
     shutil.rmtree(tmp_path / "store", ignore_errors=True)
@@ -432,7 +479,8 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
 def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_head, s3_endpoint):
     """The store on S3 (moto's server, through s3fs): a campaign of several rows is cancelled while
     it renders (the rows that did not finish are reported, the job is stopped), then re-run: the
-    finished rows are kept, the rest render, and every video is on S3."""
+    finished rows are kept, the rest render, and every video is on S3; deleted (not while it runs),
+    nothing of it is left there."""
     import boto3
     from gradio_client import handle_file
 
@@ -476,6 +524,7 @@ def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_
         statuses = [r[1] for r in rows["data"]]
         assert "ok" in statuses and "failed" in statuses, statuses
         assert "It is still running" not in alice.predict(campaign, api_name="/do_rerun")
+        assert "Not deleted" in alice.predict(campaign, api_name="/do_delete")  # its job would go on writing
 
         def finished():
             view = alice.predict(campaign, api_name="/refresh")
@@ -492,6 +541,8 @@ def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_
         assert len(videos) == 6, videos
         log = studio.log.read_text()
         assert f"cancel user=alice campaign={campaign}" in log and f"finish user=alice campaign={campaign}" in log
+        assert "Deleted" in alice.predict(campaign, api_name="/do_delete")
+        assert "Contents" not in s3.list_objects_v2(Bucket="heygem-studio", Prefix=f"studio/alice/{campaign}/")
     finally:
         studio.stop()
 

@@ -181,6 +181,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             with gr.Row():
                 cancel = gr.Button("Cancel", elem_id="cancel")
                 rerun = gr.Button("Re-run failed rows", elem_id="rerun")
+                delete = gr.Button("Delete", variant="stop", elem_id="delete")
             acted = gr.Markdown()
             rows = gr.Dataframe(headers=["row", "status", "seconds", "error"], interactive=False, label="Rows")
             gallery = gr.HTML(elem_id="gallery")
@@ -292,6 +293,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
 
         do_cancel = acting(studio.cancel, "Stopping: rows that did not finish will be reported.", "Nothing to cancel.")
         do_rerun = acting(studio.rerun, "Re-running: finished rows are kept.", "It is still running.")
+        do_delete = acting(
+            studio.delete, "Deleted, with its uploads and videos.", "Not deleted: cancel it first while it runs."
+        )
 
         pages.load(whoami, None, who)
         audios.change(check, [audios, avatars], checked)
@@ -305,6 +309,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         timer.tick(refresh, [chosen], outputs, show_progress="hidden", concurrency_limit=None)
         cancel.click(do_cancel, [chosen], acted, api_name="do_cancel")
         rerun.click(do_rerun, [chosen], acted, api_name="do_rerun")
+        # the browser asks first; a "no" sends no campaign, and nothing happens
+        confirm = "(c) => (c && confirm('Delete this campaign, its uploads and its videos?')) ? c : null"
+        delete.click(do_delete, [chosen], acted, api_name="do_delete", js=confirm)
     return pages
 
 

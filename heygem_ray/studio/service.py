@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -109,6 +110,7 @@ class Studio:
             raise UploadError(f"unknown model {model!r}")
         if quality not in QUALITIES:
             raise UploadError(f"unknown quality {quality!r}")
+        self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
         campaign_id = self.store.new_id()
         limit = int(self.cfg.max_upload_mb * 2**20)
         audio_uris = [self.store.save_upload(user, campaign_id, p, "audio", limit) for p in audios]
@@ -135,6 +137,18 @@ class Studio:
         self.store.save(record)
         self.submit(record)
         return record
+
+    def _check_quota(self, user: str, uploads: list[str]) -> None:
+        if not self.cfg.user_quota_gb:
+            return
+        quota = self.cfg.user_quota_gb * 2**30
+        used = self.store.usage(user)
+        incoming = sum(os.path.getsize(p) for p in uploads if os.path.exists(p))
+        if used + incoming > quota:
+            raise UploadError(
+                f"your campaigns take {used / 2**30:.2f} GiB of your {self.cfg.user_quota_gb:g} GiB and these uploads "
+                f"{incoming / 2**30:.2f} GiB more: delete campaigns you no longer need (Campaigns tab)"
+            )
 
     def submit(self, record: CampaignRecord) -> str:
         """Start (or resume) the campaign as a new Ray job: finished rows are skipped by the driver."""
@@ -238,6 +252,18 @@ class Studio:
             return False
         self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
         return stopped
+
+    def delete(self, user: str, campaign_id: str) -> bool:
+        """Delete one of the user's campaigns with its uploads and videos; False when there is none
+        or it is still queued or running (cancel it first: its job would go on writing)."""
+        view = self.campaign(user, campaign_id)
+        if view is None or view.status in ("queued", "running", "unknown"):
+            return False
+        self.store.delete(view.record)
+        with self._lock:
+            self._watched.pop(campaign_id, None)
+        self.log.info("delete user=%s campaign=%s", user, campaign_id)
+        return True
 
     def rerun(self, user: str, campaign_id: str) -> str | None:
         """Submit the campaign again (or for the first time, if the cluster did not answer then): its

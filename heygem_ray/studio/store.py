@@ -77,6 +77,14 @@ class StudioStore:
     def output(self, user: str, campaign_id: str) -> str:
         return storage.join(self.campaign_root(user, campaign_id), "output")
 
+    def usage(self, user: str) -> int:
+        """Bytes the user's folder holds: uploads, outputs and their cache."""
+        return storage.usage(storage.join(self.root, check_name(user)))
+
+    def delete(self, record: CampaignRecord) -> None:
+        """The campaign's folder, uploads and videos, gone."""
+        storage.remove(self.campaign_root(record.user, record.id), recursive=True)
+
     @staticmethod
     def new_id() -> str:
         return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
