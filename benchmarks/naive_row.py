@@ -70,16 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="heygem-naive-") as tmp:
         video = os.path.join(tmp, "video.mp4")
         writer = SegmentWriter(
-            video,
-            info.width,
-            info.height,
-            info.fps_fraction,
-            "libx264",
-            enc.crf,
-            enc.preset,
-            enc.pix_fmt,
-            threads=os.cpu_count() or 1,
-            x264_params=enc.x264_params,
+            video, info.width, info.height, info.fps_fraction, "libx264", enc, threads=os.cpu_count() or 1
         )
         for lo in range(0, n, args.batch):
             hi = min(n, lo + args.batch)

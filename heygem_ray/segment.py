@@ -197,18 +197,7 @@ class RenderWorker:
         enc = self.cfg.encoder
         with tempfile.TemporaryDirectory(prefix="heygem-seg-") as tmp:
             path = os.path.join(tmp, "segment.mp4")
-            writer = SegmentWriter(
-                path,
-                info.width,
-                info.height,
-                info.fps_fraction,
-                job.codec,
-                enc.crf,
-                enc.preset,
-                enc.pix_fmt,
-                threads=self.threads,
-                x264_params=enc.x264_params,
-            )
+            writer = SegmentWriter(path, info.width, info.height, info.fps_fraction, job.codec, enc, self.threads)
             pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
             motion = np.full(job.frames, np.nan, np.float32)  # the mouth's change per frame (heygem_ray.qa)
             halves: list[np.ndarray | None] | None = [None] * job.frames if self.expert else None

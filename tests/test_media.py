@@ -188,14 +188,7 @@ def test_segments_join_without_reencoding(tmp_path, media_dir):
     packets_in = 0
     for k, (a, b) in enumerate(bounds):
         writer = video.SegmentWriter(
-            str(tmp_path / f"s{k}.mp4"),
-            info.width,
-            info.height,
-            info.fps_fraction,
-            "libx264",
-            18,
-            "veryfast",
-            "yuv420p",
+            str(tmp_path / f"s{k}.mp4"), info.width, info.height, info.fps_fraction, "libx264", EncoderConfig()
         )
         for frame in frames[a:b]:
             writer.write(frame)
@@ -239,9 +232,10 @@ def _audio_packets(path: str) -> list[tuple[int | None, bytes]]:
 def test_encoder_probe_and_options():
     assert video.encoder_works("libx264")
     assert not video.encoder_works("no_such_encoder")
-    assert video.encoder_options("libx264", 20, "fast") == {"crf": "20", "preset": "fast"}
-    assert video.encoder_options("libx264", 20, "fast", "ref=2")["x264-params"] == "ref=2"
-    assert video.encoder_options("h264_nvenc", 20, "fast", "ref=2") == {
+    fast = EncoderConfig(crf=20, preset="fast", x264_params="")
+    assert video.encoder_options("libx264", fast) == {"crf": "20", "preset": "fast"}
+    assert video.encoder_options("libx264", EncoderConfig(x264_params="ref=2"))["x264-params"] == "ref=2"
+    assert video.encoder_options("h264_nvenc", EncoderConfig(crf=20, x264_params="ref=2")) == {
         "rc": "vbr",
         "cq": "20",
         "preset": "p4",
@@ -260,7 +254,8 @@ def _x264_settings(path: str) -> str:
 def test_x264_params_reach_the_encoder(tmp_path, params):
     """The default's rate control is really x264's: superfast alone has mb-tree off and no lookahead."""
     path = str(tmp_path / "seg.mp4")
-    writer = video.SegmentWriter(path, 64, 48, "25", "libx264", 18, "superfast", "yuv420p", x264_params=params)
+    enc = EncoderConfig(preset="superfast", x264_params=params)
+    writer = video.SegmentWriter(path, 64, 48, "25", "libx264", enc)
     for k in range(3):
         writer.write(np.full((48, 64, 3), 40 * k, np.uint8))
     writer.close()

@@ -93,11 +93,8 @@ def bench_wav2lip(ctx: Context) -> None:
             info.height,
             info.fps_fraction,
             cfg.encoder.codec,
-            cfg.encoder.crf,
-            cfg.encoder.preset,
-            cfg.encoder.pix_fmt,
+            cfg.encoder,
             threads=threads,
-            x264_params=cfg.encoder.x264_params,
         )
         frames = iter_frames(avatar, info)
         for i in range(n):

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 from av.codec.hwaccel import HWAccel
 
+from heygem_ray.config import EncoderConfig
 from heygem_ray.errors import InputError
 from heygem_ray.media.yuv import assemble_i420, bgr_to_i420
 
@@ -344,12 +345,14 @@ def auto_codec() -> str:
     return "h264_nvenc" if cuda_usable() and encoder_works("h264_nvenc") else "libx264"
 
 
-def encoder_options(codec: str, crf: int, preset: str, x264_params: str = "") -> dict[str, str]:
+def encoder_options(codec: str, enc: EncoderConfig) -> dict[str, str]:
     """Quality settings per encoder: x264's CRF, preset and options, NVENC's constant-quality VBR."""
     if codec == "libx264":
-        return {"crf": str(crf), "preset": preset} | ({"x264-params": x264_params} if x264_params else {})
+        return {"crf": str(enc.crf), "preset": enc.preset} | (
+            {"x264-params": enc.x264_params} if enc.x264_params else {}
+        )
     if codec == "h264_nvenc":
-        return {"rc": "vbr", "cq": str(crf), "preset": "p4", "tune": "hq"}
+        return {"rc": "vbr", "cq": str(enc.crf), "preset": "p4", "tune": "hq"}
     return {}
 
 
@@ -364,25 +367,23 @@ class SegmentWriter:
         height: int,
         fps_fraction: str,
         codec: str,
-        crf: int,
-        preset: str,
-        pix_fmt: str,
+        enc: EncoderConfig,
         threads: int = 0,
-        x264_params: str = "",
     ):
+        """`codec`: the campaign's (`encoder.codec` once `auto` is decided); the rest of `enc`
+        as configured."""
         rate = Fraction(fps_fraction)
         self._container = av.open(path, "w", format="mp4")
-        options = encoder_options(codec, crf, preset, x264_params)
-        stream = self._container.add_stream(codec, rate=rate, options=options)
+        stream = self._container.add_stream(codec, rate=rate, options=encoder_options(codec, enc))
         if not isinstance(stream, av.VideoStream):
             self._container.close()
             raise ValueError(f"encoder {codec!r} is not a video encoder")  # noqa: TRY004 - a bad name, not a bad type
         self._stream = stream
-        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, pix_fmt
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, enc.pix_fmt
         self._stream.time_base = 1 / rate
         if threads:
             self._stream.codec_context.thread_count = threads
-        self._i420 = pix_fmt == "yuv420p"
+        self._i420 = enc.pix_fmt == "yuv420p"
         self._count = 0
 
     @property
