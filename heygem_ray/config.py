@@ -56,7 +56,7 @@ VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
 #: x264's presets, fastest first
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 #: x264's own option syntax; which keys it knows, x264 says when an encoder opens (SegmentWriter)
-X264_PARAMS_PATTERN = re.compile(r"[a-z0-9-]+=[^:=]+(:[a-z0-9-]+=[^:=]+)*")
+X264_PARAMS_PATTERN = re.compile(r"[a-z0-9_-]+=[^:=]+(:[a-z0-9_-]+=[^:=]+)*")
 #: where a model runs: auto (CUDA only when Ray gave the process a GPU), cpu, cuda or cuda:N
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -372,10 +372,12 @@ class StudioConfig:
     models: dict[str, list[str]] = field(default_factory=dict)
     #: largest file a user may upload, MiB (checked by the web server and again by the studio)
     max_upload_mb: float = 2048
-    #: what one user's campaigns may take in the store (uploads, videos, their cache), GiB: a new
-    #: campaign whose uploads would pass it is refused until the user deletes old ones; 0 = no limit
+    #: what one user's campaigns may take in the store (uploads and videos; not the cache of decoded
+    #: narrations and face tracks, which operators may clear), GiB: checked when a campaign is made,
+    #: against what is stored then and its uploads (its videos count once rendered): a campaign that
+    #: would pass it is refused until the user deletes old ones; 0 = no limit
     user_quota_gb: float = 100
-    #: one line per upload, submit, finish, failure, cancel and download, with user and campaign
+    #: one line per upload, submit, finish, failure, cancel, delete and download, with user and campaign
     log_file: str = "~/.heygem_ray/studio.log"
     #: overrides added to every campaign the studio submits (e.g. [cluster=gpu])
     render_overrides: list[str] = field(default_factory=list)

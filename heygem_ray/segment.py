@@ -31,6 +31,7 @@ from heygem_ray.media.video import (
     SegmentWriter,
     VideoInfo,
     auto_codec,
+    encoder_options,
     encoder_works,
     nvdec_problem,
     x264_complaints,
@@ -111,6 +112,12 @@ def nvdec_device(setting: str) -> int | None:
     index = torch_device("cuda" if setting == "auto" else setting).index or 0
     problem = nvdec_problem(index)
     if problem is None:
+        import torch
+
+        # the context, with the flags FFmpeg set, kept for the process's life (torch never lets it
+        # go): otherwise each reader would make and end it again, with a CPU renderer or the
+        # classic one on a GPU actor
+        torch.zeros(1, device=f"cuda:{index}")
         return index
     if setting == "auto":
         log.warning("decoder.device=auto: NVDEC unusable on cuda:%d (%s), decoding in software", index, problem)
@@ -166,6 +173,9 @@ class RenderWorker:
         complaints = x264_complaints(cfg.encoder.x264_params) if self.codec == "libx264" else []
         if complaints:
             raise RuntimeError(f"encoder.x264_params={cfg.encoder.x264_params}: x264 says {'; '.join(complaints)}")
+        options = encoder_options(self.codec, cfg.encoder)
+        if not encoder_works(self.codec, options):  # e.g. an x264 level or profile it cannot keep
+            raise RuntimeError(f"{self.codec} does not open with the encoder settings {options}")
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""

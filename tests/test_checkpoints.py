@@ -54,6 +54,18 @@ def test_training_checkpoint_loads_strictly_and_runs(training_checkpoint, weight
     np.testing.assert_allclose(out.numpy(), REF["output"][:1], rtol=0, atol=1e-4)
 
 
+def test_a_half_precision_checkpoint_gives_the_fp32_model(tmp_path, weights):
+    """The model takes the checkpoint's tensors as they are, but in its own dtypes: a file saved
+    in fp16 still loads into a model that runs on fp32 inputs."""
+    path = tmp_path / "half.pth"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, path)
+    model = load_model(Wav2Lip, str(path), NAME)
+    assert {t.dtype for t in model.state_dict().values()} == {torch.float32, torch.int64}
+    with torch.inference_mode():
+        out = model(torch.from_numpy(REF["mel"][:1]), torch.from_numpy(REF["faces"][:1]))
+    np.testing.assert_allclose(out.numpy(), REF["output"][:1], rtol=0, atol=2e-2)
+
+
 def test_legacy_serialization_and_missing_batch_counters(tmp_path, weights, expected):
     """2020-era torch.save files are not zip archives; some state_dicts lack num_batches_tracked."""
     state = {f"module.{k}": v for k, v in weights.items() if not k.endswith("num_batches_tracked")}

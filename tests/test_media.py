@@ -267,6 +267,7 @@ def test_x264_params_reach_the_encoder(tmp_path, params):
 def test_x264_complains_of_options_it_cannot_use():
     assert video.x264_complaints(EncoderConfig().x264_params) == []
     assert video.x264_complaints("") == []
-    (complaint,) = video.x264_complaints("mbtree=1:no-such-option=3")
-    assert "no-such-option" in complaint
+    for _ in range(2):  # the same complaint again (a second actor in one process): FFmpeg would skip it
+        (complaint,) = video.x264_complaints("mbtree=1:no-such-option=3")
+        assert "no-such-option" in complaint
     assert video.x264_complaints("me=diamond")  # a known option with a value x264 does not take

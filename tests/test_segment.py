@@ -89,3 +89,11 @@ def test_pipeline_chunks_overlap_even_with_gpu_sized_batches(frames, batch, step
     assert chunks[0] == (0, step) and chunks[-1][1] == frames
     assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))  # consecutive, every frame once
     assert max(hi - lo for lo, hi in chunks) <= batch and len(chunks) >= min(4, frames)
+
+
+def test_encoder_settings_x264_cannot_open_stop_the_actor_at_start():
+    """x264 parses `level=99` but will not open with it: every segment would fail, so the actor
+    refuses to start and says why."""
+    assert worker().start_error is None
+    refused = worker("encoder.codec=libx264", "encoder.x264_params='level=99'")
+    assert refused.start_error is not None and "does not open with the encoder settings" in refused.start_error

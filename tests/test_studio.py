@@ -144,6 +144,9 @@ def test_a_user_over_quota_is_refused_until_a_campaign_is_deleted(tmp_path, medi
         studio.create("alice", "first", [audio], [avatar])
     (first,) = studio.store.campaigns("alice")
     assert studio.store.usage("alice") >= one
+    cache = tmp_path / "store" / "alice" / "_cache"  # derived, outside the quota
+    cache.mkdir()
+    (cache / "narration.f32").write_bytes(b"\0" * 10 * one)
     with pytest.raises(UploadError, match="of your .* GiB .* delete campaigns"):
         studio.create("alice", "second", [audio], [avatar])
     assert [r.id for r in studio.store.campaigns("alice")] == [first.id]

@@ -326,13 +326,15 @@ def x264_complaints(params: str) -> list[str]:
     a log line as the only sign, so a typo in encoder.x264_params would silently change nothing."""
     if not params:
         return []
-    level = av.logging.get_level()
+    level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
     av.logging.set_level(av.logging.WARNING)  # where libx264 says it
+    av.logging.set_skip_repeated(False)  # a complaint the same as the last one logged must count too
     try:
         with av.logging.Capture() as logs:
             encoder_works("libx264", {"x264-params": params})
     finally:
         av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip)
     return [message.strip() for _, _, message in logs if "parsing option" in message]
 
 

@@ -53,7 +53,11 @@ def load_model(build: Callable[[], ModelT], uri: str, model_name: str) -> ModelT
     checkpoint then overwrites cost ~0.25 s of every Wav2Lip actor's start on one core."""
     with torch.device("meta"):
         model = build()
-    model.load_state_dict(load_state_dict(uri, model_name, layout_of(model)), strict=True, assign=True)
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    state = load_state_dict(uri, model_name, layout_of(model))
+    # assigned tensors keep their dtype: a half-precision checkpoint must still give an fp32 model
+    state = {name: t.to(dtypes[name]) if t.is_floating_point() else t for name, t in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 

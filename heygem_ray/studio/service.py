@@ -55,6 +55,7 @@ class Studio:
         self.models = {**BUILTIN_MODELS, **{name: list(o) for name, o in cfg.models.items()}}
         self._ended: set[str] = set()  # jobs whose end is in the log already (since this studio started)
         self._watched: dict[str, CampaignRecord] = {}  # campaigns whose job may still end, by id
+        self._campaign_locks: dict[str, threading.Lock] = {}  # see _acting_on
         self._lock = threading.Lock()
 
     def watch(self, interval: float = 10.0) -> threading.Thread:
@@ -255,13 +256,17 @@ class Studio:
 
     def delete(self, user: str, campaign_id: str) -> bool:
         """Delete one of the user's campaigns with its uploads and videos; False when there is none
-        or it is still queued or running (cancel it first: its job would go on writing)."""
-        view = self.campaign(user, campaign_id)
-        if view is None or view.status in ("queued", "running", "unknown"):
-            return False
-        self.store.delete(view.record)
-        with self._lock:
-            self._watched.pop(campaign_id, None)
+        or it is still queued or running (cancel it first: its job would go on writing). Raises
+        ClusterUnavailable when the cluster cannot say whether its job still runs."""
+        with self._acting_on(campaign_id):
+            view = self.campaign(user, campaign_id)
+            if view is None or view.status in ("queued", "running"):
+                return False
+            if view.note:  # the cluster did not answer (a job it no longer knows cannot be writing)
+                raise ClusterUnavailable(view.note)
+            self.store.delete(view.record)
+            with self._lock:
+                self._watched.pop(campaign_id, None)
         self.log.info("delete user=%s campaign=%s", user, campaign_id)
         return True
 
@@ -269,10 +274,20 @@ class Studio:
         """Submit the campaign again (or for the first time, if the cluster did not answer then): its
         finished rows are skipped, the failed and unfinished ones render. None when it is still
         running (or not the user's)."""
-        view = self.campaign(user, campaign_id)
-        if view is None or view.status in ("queued", "running"):
-            return None
-        return self.submit(view.record)
+        with self._acting_on(campaign_id):
+            view = self.campaign(user, campaign_id)
+            if view is None or view.status in ("queued", "running"):
+                return None
+            return self.submit(view.record)
+
+    @contextlib.contextmanager
+    def _acting_on(self, campaign_id: str) -> Iterator[None]:
+        """One re-run or delete of a campaign at a time (pages act concurrently): a re-run between
+        a delete's check and its removal would start a job writing into a deleted campaign."""
+        with self._lock:
+            lock = self._campaign_locks.setdefault(campaign_id, threading.Lock())
+        with lock:
+            yield
 
     def videos(self, user: str, campaign_id: str) -> list[str]:
         record = self.store.load(user, campaign_id)

@@ -78,12 +78,18 @@ class StudioStore:
         return storage.join(self.campaign_root(user, campaign_id), "output")
 
     def usage(self, user: str) -> int:
-        """Bytes the user's folder holds: uploads, outputs and their cache."""
-        return storage.usage(storage.join(self.root, check_name(user)))
+        """Bytes the user's campaigns hold (uploads, videos), not counting the user's cache (decoded
+        narrations, face tracks: derived, and shared by campaigns that outlive each other)."""
+        folder = storage.join(self.root, check_name(user))
+        return storage.usage(folder) - storage.usage(storage.join(folder, "_cache"))
 
     def delete(self, record: CampaignRecord) -> None:
-        """The campaign's folder, uploads and videos, gone."""
-        storage.remove(self.campaign_root(record.user, record.id), recursive=True)
+        """The campaign's uploads and videos, then its record, gone: a deletion that fails halfway
+        leaves the campaign listed, to be deleted again, never files no page shows."""
+        root = self.campaign_root(record.user, record.id)
+        storage.remove(storage.join(root, "output"), recursive=True)
+        storage.remove(storage.join(root, "inputs"), recursive=True)
+        storage.remove(root, recursive=True)
 
     @staticmethod
     def new_id() -> str:
