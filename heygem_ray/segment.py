@@ -31,10 +31,9 @@ from heygem_ray.media.video import (
     SegmentWriter,
     VideoInfo,
     auto_codec,
-    encoder_options,
+    encoder_problem,
     encoder_works,
     nvdec_problem,
-    x264_complaints,
 )
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
@@ -170,12 +169,9 @@ class RenderWorker:
                 f"encoder.codec={self.codec} cannot encode on this node (h264_nvenc needs a GPU "
                 "with a video encoder: L4, A10G, not H100; encoder.codec=auto picks for each node)"
             )
-        complaints = x264_complaints(cfg.encoder.x264_params) if self.codec == "libx264" else []
-        if complaints:
-            raise RuntimeError(f"encoder.x264_params={cfg.encoder.x264_params}: x264 says {'; '.join(complaints)}")
-        options = encoder_options(self.codec, cfg.encoder)
-        if not encoder_works(self.codec, options):  # e.g. an x264 level or profile it cannot keep
-            raise RuntimeError(f"{self.codec} does not open with the encoder settings {options}")
+        problem = encoder_problem(self.codec, cfg.encoder)
+        if problem:
+            raise RuntimeError(problem)
 
     def ready(self) -> WorkerInfo:
         """Answers once the model is loaded: its encoder, and what helps operators find the actor."""

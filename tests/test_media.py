@@ -264,10 +264,13 @@ def test_x264_params_reach_the_encoder(tmp_path, params):
     assert "subme=1" in settings  # still superfast's search
 
 
-def test_x264_complains_of_options_it_cannot_use():
-    assert video.x264_complaints(EncoderConfig().x264_params) == []
-    assert video.x264_complaints("") == []
+def test_encoder_settings_are_checked_by_the_encoder_itself():
+    """x264 skips options it cannot parse and says so only in its log: the check reads that log,
+    and also opens the encoder, which some parsed settings stop."""
+    assert video.encoder_problem("libx264", EncoderConfig()) is None
+    assert video.encoder_problem("libx264", EncoderConfig(x264_params="")) is None
     for _ in range(2):  # the same complaint again (a second actor in one process): FFmpeg would skip it
-        (complaint,) = video.x264_complaints("mbtree=1:no-such-option=3")
-        assert "no-such-option" in complaint
-    assert video.x264_complaints("me=diamond")  # a known option with a value x264 does not take
+        problem = video.encoder_problem("libx264", EncoderConfig(x264_params="mbtree=1:no-such-option=3"))
+        assert problem and "x264 says" in problem and "no-such-option" in problem
+    assert video.encoder_problem("libx264", EncoderConfig(x264_params="me=diamond"))  # a value x264 does not take
+    assert "does not open" in (video.encoder_problem("libx264", EncoderConfig(x264_params="level=99")) or "")

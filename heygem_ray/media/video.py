@@ -321,21 +321,24 @@ def encoder_works(codec: str, options: dict[str, str] | None = None) -> bool:
         return False
 
 
-def x264_complaints(params: str) -> list[str]:
-    """What x264 says of the options in `params` it cannot use. It skips them and encodes on, with
-    a log line as the only sign, so a typo in encoder.x264_params would silently change nothing."""
-    if not params:
-        return []
+def encoder_problem(codec: str, enc: EncoderConfig) -> str | None:
+    """Why `codec` will not encode with `enc`'s settings here (None: it does). Some settings stop
+    the encoder opening (an x264 level it cannot keep); x264 skips options it cannot parse with a
+    log line as the only sign, so a typo in encoder.x264_params would silently change nothing."""
+    options = encoder_options(codec, enc)
     level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
     av.logging.set_level(av.logging.WARNING)  # where libx264 says it
     av.logging.set_skip_repeated(False)  # a complaint the same as the last one logged must count too
     try:
         with av.logging.Capture() as logs:
-            encoder_works("libx264", {"x264-params": params})
+            opens = encoder_works(codec, options)
     finally:
         av.logging.set_level(level)
         av.logging.set_skip_repeated(skip)
-    return [message.strip() for _, _, message in logs if "parsing option" in message]
+    complaints = [message.strip() for _, _, message in logs if "parsing option" in message]
+    if complaints:
+        return f"encoder.x264_params={enc.x264_params}: x264 says {'; '.join(complaints)}"
+    return None if opens else f"{codec} does not open with the encoder settings {options}"
 
 
 def auto_codec() -> str:
