@@ -55,7 +55,8 @@ EXECUTORS: dict[str, str] = {
 VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
 #: x264's presets, fastest first
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
-#: x264's own option syntax; which keys it knows, x264 says when an encoder opens (SegmentWriter)
+#: x264's own option syntax; which keys it knows, x264 says when an actor opens its encoder
+#: (media.video.encoder_problem)
 X264_PARAMS_PATTERN = re.compile(r"[a-z0-9_-]+=[^:=]+(:[a-z0-9_-]+=[^:=]+)*")
 #: where a model runs: auto (CUDA only when Ray gave the process a GPU), cpu, cuda or cuda:N
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
