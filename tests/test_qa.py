@@ -192,27 +192,13 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
 
 @pytest.mark.integration
 def test_a_campaign_stores_the_experts_figures(tmp_path, media_dir, syncnet_checkpoint):
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from heygem_ray.results import read_results
-
-    manifest = tmp_path / "m.parquet"
-    pq.write_table(
-        pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}), manifest
-    )
-    out = tmp_path / "out"
-    run = render_cli(
-        f"manifest={manifest}",
-        f"output={out}",
-        "render.progress=false",
-        "cluster=inline",
+    row = _render_one_row(
+        tmp_path,
+        str(media_dir / "speech3.wav"),
+        str(media_dir / "still.png"),
         f"qa.syncnet={syncnet_checkpoint}",
         "qa.min_confidence=100",  # above any confidence: the row must be flagged on the expert's scale
     )
-    assert run.returncode == 0, run.stderr[-2000:]
-    (row,) = read_results(str(out / "_results.parquet"))
     assert row["sync_method"] == "syncnet" and row["sync_score"] is not None and row["sync_distance"] is not None
     assert "below qa.min_confidence=100 (syncnet)" in row["qa_flag"], row
 
@@ -224,10 +210,6 @@ def test_a_face_lost_mid_clip_passes_through_and_is_counted(tmp_path, media_dir)
 
     import av
     import cv2
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from heygem_ray.results import read_results
 
     portrait = demo.Stage.of_height(480).frame()
     h, w = portrait.shape[:2]
@@ -243,17 +225,7 @@ def test_a_face_lost_mid_clip_passes_through_and_is_counted(tmp_path, media_dir)
         container.mux(stream.encode())
     audio = str(tmp_path / "speech.wav")
     demo.write_wav(audio, demo.speech_like(3.0, seed=4))
-    manifest = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"id": ["leaves"], "audio": [audio], "avatar": [clip]}), manifest)
-    out = tmp_path / "out"
-    run = render_cli(
-        f"manifest={manifest}",
-        f"output={out}",
-        "render.progress=false",
-        "cluster=inline",
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    (row,) = read_results(str(out / "_results.parquet"))
+    row = _render_one_row(tmp_path, audio, clip)
     assert row["status"] == "ok" and row["frames_without_face"] == 25, row
     assert "25 frame(s) without a face, passed through" in row["qa_flag"]
     with av.open(row["output"]) as container:
@@ -263,3 +235,19 @@ def test_a_face_lost_mid_clip_passes_through_and_is_counted(tmp_path, media_dir)
     for i in range(27, 48):  # the frames with nobody in them are the input's, up to the encoder's loss
         mse = np.mean((rendered[i].astype(float) - source[i].astype(float)) ** 2)
         assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 38, i
+
+
+def _render_one_row(tmp_path, audio: str, avatar: str, *overrides: str) -> dict:
+    """`heygem-ray render` of a one-row manifest, in one process (cluster=inline); its result row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heygem_ray.results import read_results
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"audio": [audio], "avatar": [avatar]}), manifest)
+    out = tmp_path / "out"
+    run = render_cli(f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline", *overrides)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = read_results(str(out / "_results.parquet"))
+    return row
