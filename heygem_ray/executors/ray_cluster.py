@@ -117,8 +117,23 @@ def connect(cfg: Config) -> bool:
     else:
         # "local": a Ray of its own even when another runs on this machine (`ray start`, the studio's
         # head), which ray.init would otherwise join
-        ray.init(address="local", num_cpus=local_cpus(cfg), num_gpus=cfg.cluster.num_gpus, **kwargs)
+        ray.init(
+            address="local",
+            num_cpus=local_cpus(cfg),
+            num_gpus=cfg.cluster.num_gpus,
+            _system_config=local_system_config(cfg),
+            **kwargs,
+        )
     return True
+
+
+def local_system_config(cfg: Config) -> dict[str, Any]:
+    """Ray settings for a local Ray started for one run. Its start and the actors' start keep every
+    core busy, and two of Ray's defaults spend CPU there for nothing: a worker process started when
+    the driver connects, which the actors and tasks do not use (they start their own), and metrics
+    collection, which nothing shows without the dashboard. Together ~1 s of a one-row run on 2 cores
+    (benchmarks/RESULTS.md, "Speed by default")."""
+    return {"prestart_worker_first_driver": False, "enable_metrics_collection": cfg.cluster.include_dashboard}
 
 
 def shutdown(local: bool) -> None:
