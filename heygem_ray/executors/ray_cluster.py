@@ -8,6 +8,8 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -109,6 +111,24 @@ def connect(cfg: Config) -> bool:
     """Join or start Ray; True when this call started it (so the caller shuts it down)."""
     if ray.is_initialized():
         return False
+    with _sigterm_handler_kept():
+        _init(cfg)
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """ray.init makes SIGTERM exit the process at once (sys.exit) in the main thread. A handler
+    of this process's own (the CLI's: stop, report every row, exit 130) is put back after it."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(cfg: Config) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": cfg.cluster.include_dashboard, "log_to_driver": True}
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, **kwargs)
@@ -124,7 +144,6 @@ def connect(cfg: Config) -> bool:
             _system_config=local_system_config(cfg),
             **kwargs,
         )
-    return True
 
 
 def local_system_config(cfg: Config) -> dict[str, Any]:
