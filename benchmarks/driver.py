@@ -78,6 +78,9 @@ class SimulatedExecutor:
     def close(self) -> None:
         pass
 
+    def restarts(self, actor: int) -> int:
+        return 0
+
     def actor_count(self) -> int:
         return self.actors
 

@@ -19,6 +19,13 @@ log = logging.getLogger("heygem_ray")
 #: seconds without any ready renderer actor before the driver says why it may be waiting
 ACTOR_WAIT_WARNING = 60.0
 
+#: restarts an actor may go through without answering `ready` before it gets no more work: Ray
+#: restarts a renderer that dies while starting (out of memory loading the model, a native crash)
+#: for ever, and the calls waiting for it wait as long, so the campaign would never end
+START_DEATHS = 3
+#: seconds between checks of the starting actors' restart counts
+RESTART_CHECK_SECONDS = 2.0
+
 
 @dataclass
 class Actor:
@@ -28,6 +35,7 @@ class Actor:
     probe_at: float | None = 0.0  # when to ask `ready` next; None while a question is out or it is healthy
     info: WorkerInfo | None = None  # its answer: pid, cores, encoder, start times
     failed: str | None = None  # why it will never render
+    restarts_at_ready: int = 0  # its restart count when it last answered `ready`
 
     @property
     def pid(self) -> int | None:
@@ -48,6 +56,7 @@ class ActorPool:
         self.first_ready_at: float | None = None
         self._started = time.time()
         self._warned = False
+        self._restarts_checked_at = 0.0
 
     def start(self) -> None:
         """Start the actors. Each gets work once it answers (model loaded): waiting for all of them
@@ -97,10 +106,25 @@ class ActorPool:
                 self.executor.resources(),
             )
             self._warned = True
+        if now - self._restarts_checked_at >= RESTART_CHECK_SECONDS:
+            self._restarts_checked_at = now
+            self._give_up_on_crashing_starts()
         due = [a for a in self.actors if a.probe_at is not None and a.probe_at <= now]
         for a in due:
             a.probe_at = None
         return [a.index for a in due]
+
+    def _give_up_on_crashing_starts(self) -> None:
+        for a in self.actors:
+            if a.healthy or a.failed is not None:
+                continue
+            deaths = self.executor.restarts(a.index) - a.restarts_at_ready
+            if deaths >= START_DEATHS:
+                self.unusable(
+                    a.index,
+                    f"its process died {deaths} times while starting; its log on the node says why "
+                    "(out of memory loading the model?)",
+                )
 
     def lost(self, actor: int) -> None:
         """An actor died (Ray restarts it): no more work for it until it answers again."""
@@ -131,6 +155,7 @@ class ActorPool:
                 f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)",
             )
         a.healthy, a.info = True, info
+        a.restarts_at_ready = self.executor.restarts(actor)
         self.first_ready_at = self.first_ready_at or time.time()
         pinned = f", cores {info.cores}" if info.cores is not None else ""
         log.info("renderer actor %d ready (pid %s%s, decoding: %s)", actor, info.pid, pinned, info.decoder)

@@ -3,6 +3,7 @@ again. Nothing is lost, nothing renders twice, every output appears once and who
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -126,3 +127,39 @@ def test_driver_killed_then_rerun_renders_only_unfinished_rows(ray_local, media_
     assert not [f for f in os.listdir(out) if f.startswith(".") or ".part" in f]
     for row_id in results:
         assert json.loads((out / "_markers" / f"{row_id}.json").read_text())["id"] == row_id
+
+
+def test_an_actor_that_dies_while_starting_gets_no_more_work(ray_local, media_dir, tmp_path):
+    """A renderer whose process dies every time it starts (out of memory loading the model, a native
+    crash) is restarted by Ray each time: after `START_DEATHS` deaths it is given up, and its rows
+    fail with why, instead of the campaign waiting for it for ever."""
+    cfg = compose_config(
+        f"manifest={manifest(tmp_path, media_dir, 2)}",
+        f"output={tmp_path / 'out'}",
+        "render.progress=false",
+        "cluster.actors=1",
+    )
+    stop, killed = threading.Event(), set()
+
+    def kill_renderers() -> None:  # as the kernel's OOM killer would, each time the actor starts again
+        while not stop.is_set():
+            found = subprocess.run(["pgrep", "-f", "ray::RenderWorker"], capture_output=True, text=True).stdout
+            for pid in map(int, found.split()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_renderers, daemon=True)
+    killer.start()
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), RayExecutor(cfg))
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
+    runner.start()
+    runner.join(timeout=180)
+    stop.set()
+    assert not runner.is_alive(), f"the campaign still waits for an actor killed {len(killed)} times"
+    rows = outcome["summary"].rows
+    assert [r.status for r in rows] == ["failed", "failed"]
+    assert all("died 3 times while starting" in r.error for r in rows), [r.error for r in rows]
+    assert len(killed) >= 3

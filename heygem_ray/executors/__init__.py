@@ -41,6 +41,9 @@ class Executor(Protocol):
     def close(self) -> None:
         """Stop the actors now (their CPUs and GPUs are freed)."""
 
+    def restarts(self, actor: int) -> int:
+        """How many times the executor restarted this actor after its process died."""
+
     def actor_count(self) -> int:
         """`cluster.actors`, or when 0, as many as this executor can host."""
 

@@ -72,6 +72,15 @@ class RayExecutor:
         for actor in actors:  # free their CPUs/GPUs now, not at garbage collection
             ray.kill(actor)
 
+    def restarts(self, actor: int) -> int:
+        # the GCS's own count: a death while starting fails no call (calls wait for the restart)
+        try:
+            info = ray._private.state.actors(actor_id=self._actors[actor]._actor_id.hex())
+        except Exception as exc:  # noqa: BLE001 - Ray internals: without the count, no actor is given up
+            log.debug("could not read renderer actor %d's restart count: %r", actor, exc)
+            return 0
+        return int(info.get("NumRestarts", 0)) if isinstance(info, dict) else 0
+
     def actor_count(self) -> int:
         return actor_count(self.cfg)
 
