@@ -89,6 +89,7 @@ class Campaign:
                         self._fail(row_id, self.actors.error)
                     self.segments.clear()
                 self.observers.tick(self.actors.inflight, len(self.segments))
+                self.results.tick()
         finally:
             # every row has a result and the table is written before anything that may fail on a
             # cluster that is going away (killing actors, the report, the feed)
@@ -96,12 +97,14 @@ class Campaign:
             for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
                 if row.id not in self.results:
                     self._interrupted(row.id)
-            results = self.results.finish([r.id for r in self.rows])
-            _wind_down(
-                ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
-                ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
-                ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
-            )
+            try:
+                results = self.results.finish([r.id for r in self.rows])
+            finally:  # a table the store refuses still leaves the renderers stopped and the feed final
+                _wind_down(
+                    ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
+                    ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
+                    ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
+                )
         return Summary.of(results, time.time() - started, self.startup.breakdown())
 
     def _admit_rows(self) -> None:
@@ -189,7 +192,10 @@ class Campaign:
         """A row the stop caught: ok when its video was published before the stop (its marker says
         so, though the driver had not heard yet), else failed."""
         state = self._states.get(row_id)
-        marker = state.published(self.cfg.layout) if state is not None else None
+        try:
+            marker = state.published(self.cfg.layout) if state is not None else None
+        except OSError:  # the store failing too: reported failed, and a rerun finds the marker
+            marker = None
         if marker is not None:
             return self._conclude(row_id, "ok", None, marker, None)
         self._fail(row_id, "campaign interrupted before this row finished")
@@ -211,7 +217,8 @@ class Campaign:
 
 
 def _wind_down(*steps: tuple[str, Callable[[], object]]) -> None:
-    """Each step, once the results are written: one that fails is logged and the next still runs."""
+    """Each step, after the results table (written or refused): one that fails is logged and the next
+    still runs."""
     for step, action in steps:
         try:
             action()

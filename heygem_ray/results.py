@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -11,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from heygem_ray import qa, storage
+
+log = logging.getLogger("heygem_ray")
 
 SCHEMA = pa.schema(
     [
@@ -140,17 +143,36 @@ class ResultsTable:
     def add(self, result: RowResult) -> None:
         self._results[result.id] = result
         self._unwritten.append(result)
-        if len(self._unwritten) >= self.flush_rows or time.time() - self._flushed_at >= self.flush_seconds:
+        if len(self._unwritten) >= self.flush_rows:
+            self.flush()
+        self.tick()
+
+    def tick(self) -> None:
+        """Flush when results have waited `flush_seconds`: called as results arrive and by the
+        campaign's loop, so a result is on the store in time even when no other follows it."""
+        if self._unwritten and time.time() - self._flushed_at >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
-        """Write the results not yet on the store as one more part."""
-        if self._unwritten:
-            self._written_parts += 1
-            name = f"part-{self._run}-{self._written_parts:05d}.parquet"
-            storage.write_bytes(storage.join(self.parts, name), _parquet(self._unwritten))
-            self._unwritten = []
+        """Write the results not yet on the store as one more part. A part that cannot be written
+        (the store still failing after its retries) leaves its results for the next part and the
+        final table: the parts only protect against a killed driver, and must not stop a campaign."""
         self._flushed_at = time.time()
+        if not self._unwritten:
+            return
+        self._written_parts += 1
+        name = f"part-{self._run}-{self._written_parts:05d}.parquet"
+        try:
+            storage.write_bytes(storage.join(self.parts, name), _parquet(self._unwritten))
+        except OSError as exc:
+            log.warning(
+                "results part %s not written (%s): its %d result(s) go with the next part",
+                name,
+                storage.display(f"{type(exc).__name__}: {exc}"),
+                len(self._unwritten),
+            )
+            return
+        self._unwritten = []
 
     def finish(self, order: list[str]) -> list[RowResult]:
         """Write the whole table (every id of `order` must have its result) and remove the parts."""
