@@ -275,7 +275,8 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
     try:
         with av.open(local) as container:
             stream = container.streams.video[0]
-            pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
+            # packets an edit list cuts (a trimmed clip) are demuxed but never shown: flagged discard
+            pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0 and not p.is_discard]
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"demuxing failed ({exc.strerror or exc})") from None
     if not pts:

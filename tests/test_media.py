@@ -87,6 +87,61 @@ def test_reader_seeks_to_exact_frames(media_dir):
             reader.read(np.array([99]))
 
 
+def _numbered_clip(path: str, frames: int, options: dict[str, str]) -> None:
+    """A small H.264 clip whose frames all differ (brightness by number, a noise corner)."""
+    rng = np.random.default_rng(0)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25, options=options)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            image = np.full((48, 64, 3), i * 3 % 256, np.uint8)
+            image[:8, :8] = rng.integers(0, 255, (8, 8, 3))
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def test_reader_seeks_into_open_gops(tmp_path):
+    """In an open GOP (x265's default) the frames shown just before a keyframe decode from the GOP
+    before it; a seek that lands on that keyframe loses them, so the reader goes further back."""
+    path = str(tmp_path / "open-gop.mp4")
+    _numbered_clip(path, 72, {"x264-params": "open-gop=1:keyint=24:min-keyint=24:scenecut=0:bframes=3"})
+    info = video.probe(path, 25)
+    every = list(video.iter_frames(path, info))
+    pts = np.array([p for p, _ in every])
+    assert len(every) == 72
+    for i in range(72):  # each from a fresh reader: a seek to that frame
+        with video.FrameReader(path, info, pts) as reader:
+            assert np.array_equal(reader.read(np.array([i]))[i], every[i][1]), i
+
+
+def test_a_trimmed_clip_is_tracked_by_the_frames_it_shows(tmp_path):
+    """A stream-copy trim (ffmpeg -ss ... -c copy, a phone's trim) keeps the packets before the cut
+    behind an edit list: demuxed, never shown. A fixed box's track counts the frames shown."""
+    from heygem_ray.config import DetectorConfig
+    from heygem_ray.prepare import prepare_avatar
+
+    source, trimmed = str(tmp_path / "source.mp4"), str(tmp_path / "trimmed.mp4")
+    _numbered_clip(source, 30, {"x264-params": "keyint=10:scenecut=0:bframes=2"})
+    with av.open(source) as src, av.open(trimmed, "w") as dst:  # the first 3 frames before the edit
+        src_stream = src.streams.video[0]
+        dst_stream = dst.add_stream_from_template(src_stream)
+        step = int(1 / (src_stream.average_rate * src_stream.time_base))
+        for packet in src.demux(src_stream):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts - 3 * step, packet.dts - 3 * step, dst_stream
+                dst.mux(packet)
+    info = video.probe(trimmed, 25)
+    shown = _frames(trimmed, info)
+    assert len(shown) == 27
+    track = prepare_avatar(trimmed, (8, 8, 40, 40), DetectorConfig(name="box"), str(tmp_path / "cache"), 25.0)
+    assert len(track.pts) == len(track.boxes) == 27
+    with video.FrameReader(trimmed, info, track.pts) as reader:
+        got = reader.read(np.arange(27))
+    assert all(np.array_equal(got[i], shown[i]) for i in range(27))
+
+
 def test_reader_gives_the_decoders_own_planes_as_i420(media_dir, tmp_path):
     from heygem_ray.media.yuv import bgr_to_i420
 

@@ -8,6 +8,7 @@ video's length: the reader seeks to the keyframe before a request and decodes fo
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -227,11 +228,30 @@ class FrameReader:
         return bgr_to_i420(image) if self._i420 else image
 
     def _seek(self, index: int) -> Iterator[av.VideoFrame]:
-        """Restart decoding at the keyframe before frame `index`; returns the new decoder."""
+        """Restart decoding at a keyframe at or before frame `index`; returns the new decoder.
+
+        In an open GOP (x265's default, x264's open-gop) the frames shown just before a keyframe
+        are decoded after it, from the GOP before. The demuxer's seek can land on that keyframe, and
+        the decoder then drops those leading frames: so the first frame decoded is checked, and the
+        seek goes further back until it lands at or before `index`."""
         if self._container is None:
             raise ValueError("FrameReader is closed")
-        self._container.seek(int(self._pts[index - self._first]), stream=self._stream, backward=True, any_frame=False)
-        self._decoder = self._container.decode(self._stream)
+        back = 0
+        while True:
+            target = max(index - back, self._first)
+            self._container.seek(int(self._pts[target - self._first]), stream=self._stream, backward=True)
+            decoder = self._container.decode(self._stream)
+            first = next(decoder, None)
+            landed = self._index_of.get(int(first.pts)) if first is not None and first.pts is not None else None
+            if landed is None or landed <= index:
+                break
+            if target == self._first:  # no keyframe of this reader's frames comes first: from the start
+                self._container.seek(0)
+                decoder = self._container.decode(self._stream)
+                first = next(decoder, None)
+                break
+            back = max(2 * back, landed - index)
+        self._decoder = decoder if first is None else itertools.chain([first], decoder)
         self._next = self._first  # a lower bound until the first frame's pts tells
         return self._decoder
 
