@@ -268,6 +268,11 @@ def _detect_track(local: str, info: VideoInfo, cfg: DetectorConfig, uri: str) ->
     return np.sort(np.asarray(pts, np.int64)), boxes
 
 
+#: frames decoded to check that an avatar's timestamps follow display order when its track needs
+#: no decoding otherwise (a fixed box): B-frames show any disorder within the first few
+ORDER_CHECK_FRAMES = 32
+
+
 def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
     """Every frame's pts from a demux pass (no decoding), for avatars that need no detection."""
     if info.still:
@@ -281,6 +286,8 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
         raise InputError("avatar", uri, f"demuxing failed ({exc.strerror or exc})") from None
     if not pts:
         raise InputError("avatar", uri, "has no video frames")
+    for _ in iter_frames(local, info, uri, limit=ORDER_CHECK_FRAMES):  # raises if they are out of order
+        pass
     return np.sort(np.asarray(pts, np.int64))
 
 

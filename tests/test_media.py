@@ -142,6 +142,24 @@ def test_a_trimmed_clip_is_tracked_by_the_frames_it_shows(tmp_path):
     assert all(np.array_equal(got[i], shown[i]) for i in range(27))
 
 
+@pytest.mark.parametrize("detector", ["box", "haar"])
+def test_an_avi_whose_timestamps_are_not_in_display_order_is_refused(tmp_path, detector):
+    """AVI keeps no presentation times: with B-frames the decoder's frames come in display order with
+    their timestamps out of it. Frames are found by timestamp, so such a clip would play out of
+    order with each frame's box from another: the row fails with what to do instead."""
+    from heygem_ray.config import DetectorConfig
+    from heygem_ray.prepare import prepare_avatar
+
+    path = str(tmp_path / "bframes.avi")
+    _numbered_clip(path, 20, {"x264-params": "bframes=2:keyint=10"})
+    cfg = DetectorConfig(name=detector, box=[8, 8, 40, 40] if detector == "box" else None)
+    with pytest.raises(InputError, match="not in display order .* remux it to MP4"):
+        prepare_avatar(path, None, cfg, str(tmp_path / "cache"), 25.0)
+    mp4 = str(tmp_path / "bframes.mp4")  # the same frames in MP4, which keeps them: fine
+    _numbered_clip(mp4, 20, {"x264-params": "bframes=2:keyint=10"})
+    assert len(prepare_avatar(mp4, (8, 8, 40, 40), DetectorConfig(name="box"), str(tmp_path / "cache"), 25.0).pts) == 20
+
+
 def test_reader_gives_the_decoders_own_planes_as_i420(media_dir, tmp_path):
     from heygem_ray.media.yuv import bgr_to_i420
 

@@ -307,21 +307,36 @@ def nvdec_problem(device: int) -> str | None:
     return None
 
 
-def iter_frames(path: str, info: VideoInfo, display_uri: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Every frame in presentation order as (pts, BGR frame); a still image yields one frame."""
+#: why an avatar whose frames' timestamps do not follow the order they are shown in is refused:
+#: frames are found by timestamp, so it would play out of order, each with another frame's face box
+OUT_OF_ORDER = (
+    "its frame timestamps are not in display order (an AVI with B-frames?): re-encode it, or remux it "
+    "to MP4 with `ffmpeg -fflags +genpts -i in.avi -c copy out.mp4`"
+)
+
+
+def iter_frames(
+    path: str, info: VideoInfo, display_uri: str | None = None, limit: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Every frame in presentation order as (pts, BGR frame), or the first `limit`; a still image
+    yields one frame. Frames whose timestamps go back raise InputError (`OUT_OF_ORDER`)."""
     if info.still:
         yield 0, read_image(path)
         return
+    uri = display_uri or path
+    last: int | None = None
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                yield int(frame.pts), orient(frame.to_ndarray(format="bgr24"), info.rotation, info.width, info.height)
+            timed = ((f.pts, f) for f in container.decode(stream) if f.pts is not None)
+            for pts, frame in itertools.islice(timed, limit):
+                if last is not None and pts <= last:
+                    raise InputError("avatar", uri, OUT_OF_ORDER)
+                last = pts
+                yield pts, orient(frame.to_ndarray(format="bgr24"), info.rotation, info.width, info.height)
     except av.error.FFmpegError as exc:
-        raise InputError("avatar", display_uri or path, f"decoding failed ({exc.strerror or exc})") from None
+        raise InputError("avatar", uri, f"decoding failed ({exc.strerror or exc})") from None
 
 
 def encoder_works(codec: str, options: dict[str, str] | None = None) -> bool:
