@@ -37,7 +37,20 @@ def _config_path() -> str:
 
 
 CONFIG_PATH = _config_path()
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+#: option names whose values are masked in the written config (fsspec backends' credentials: S3
+#: keys, Azure connection strings and SAS, HTTP headers, SFTP passphrases, ...)
+_SECRET_WORDS = (
+    "key",
+    "secret",
+    "token",
+    "password",
+    "passphrase",
+    "credential",
+    "connection",
+    "auth",
+    "sas",
+    "cookie",
+)
 
 register_configs()
 
@@ -91,7 +104,8 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def config_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML with credential-looking storage options masked."""
+    """The resolved config as YAML with credentials masked: options with credential-looking names,
+    and the user:password@ and signature/token query parts of every URI (`storage.display`)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     data.pop("hydra", None)
@@ -99,10 +113,11 @@ def config_yaml(cfg: DictConfig) -> str:
     def mask(node: object) -> object:
         if isinstance(node, dict):
             return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else mask(v) for k, v in node.items()}
-        return node
+        if isinstance(node, list):
+            return [mask(v) for v in node]
+        return storage.display(node) if isinstance(node, str) else node
 
-    data["storage"] = mask(data.get("storage", {}))
-    return OmegaConf.to_yaml(OmegaConf.create(data))
+    return OmegaConf.to_yaml(OmegaConf.create(mask(data)))
 
 
 def render_main(argv: Sequence[str] | None = None) -> int:

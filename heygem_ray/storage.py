@@ -171,7 +171,10 @@ def display(uri: str) -> str:
     """The URI with any user:password@ or key=secret query part removed, for logs and errors."""
     uri = re.sub(r"(://)[^/@]*@", r"\1", uri)
     return re.sub(
-        r"([?&][^=&]*(?:key|token|secret|signature|credential)[^=&]*=)[^&]*", r"\1***", uri, flags=re.IGNORECASE
+        r"([?&](?:sig|[^=&]*(?:key|token|secret|signature|credential|password)[^=&]*)=)[^&]*",  # sig: Azure SAS
+        r"\1***",
+        uri,
+        flags=re.IGNORECASE,
     )
 
 

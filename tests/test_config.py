@@ -321,3 +321,31 @@ def test_the_studio_qualities_are_valid_overrides():
     encoders = {name: compose_config("manifest=m", "output=o", *extra).encoder for name, extra in QUALITIES.items()}
     assert encoders["standard"] == EncoderConfig()
     assert encoders["best (large)"].preset == "medium" and encoders["best (large)"].x264_params == ""
+
+
+def test_the_written_config_masks_every_credential():
+    """`_config.yaml` goes next to the videos: fsspec backends' credentials (S3 keys, an Azure
+    connection string, HTTP headers, an SFTP passphrase) and signed or user:password URIs anywhere in
+    the config are masked, and nothing else is."""
+    from heygem_ray.cli import compose, config_yaml
+
+    written = config_yaml(
+        compose(
+            [
+                "manifest=s3://user:SECRET1@bucket/m.parquet",
+                "output=o",
+                "renderer=wav2lip",
+                "renderer.checkpoint='https://acct.blob.core.windows.net/c/w.pth?sv=2022-11-02&sig=SECRET2'",
+                "+storage.options.abfs.connection_string='AccountName=a;AccountKey=SECRET3'",
+                "+storage.options.http.headers.Authorization='Bearer SECRET4'",
+                "+storage.options.sftp.passphrase=SECRET5",
+                "+storage.options.s3.key=SECRET6",
+                "+storage.options.s3.endpoint_url=http://127.0.0.1:9000",
+            ]
+        )
+    )
+    assert "SECRET" not in written
+    assert "manifest: s3://bucket/m.parquet" in written
+    assert "w.pth?sv=2022-11-02&sig=***" in written
+    assert "endpoint_url: http://127.0.0.1:9000" in written
+    assert "***" not in config_yaml(compose(["manifest=m", "output=o"]))
