@@ -41,11 +41,15 @@ class Done:
 class SimulatedExecutor:
     """Every stage answers at once with a made-up result of the right type (`stages`: stage name ->
     function, `STAGES` by default); `wait` gives one handle at a time, as Ray's
-    `wait(num_returns=1)` does. A handle given as an argument passes on its result, or its error."""
+    `wait(num_returns=1)` does. A handle given as an argument passes on its result, or its error.
+    With `start_error`, every renderer answers `ready` with that RendererStartError."""
 
-    def __init__(self, actors: int = 8, stages: dict[str, Callable[..., Any]] | None = None):
+    def __init__(
+        self, actors: int = 8, stages: dict[str, Callable[..., Any]] | None = None, start_error: str | None = None
+    ):
         self.actors = actors
         self.stages = stages or STAGES
+        self.start_error = start_error
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Done:
         failed = next((a.error for a in args if isinstance(a, Done) and a.error is not None), None)
@@ -63,6 +67,10 @@ class SimulatedExecutor:
         from heygem_ray.segment import SegmentResult, WorkerInfo
 
         if method == "ready":
+            if self.start_error is not None:
+                from heygem_ray.errors import RendererStartError
+
+                return Done(error=RendererStartError(self.start_error))
             return Done(WorkerInfo(1000 + actor, None, "libx264", time.time(), time.time()))
         job = args[0]
         return Done(SegmentResult(job.row_id, job.index, job.frames, 1 << 20, reused=False))

@@ -133,6 +133,8 @@ class Campaign:
             return self._fail(row_id, failure_reason(self.executor, exc))
         if state.prep.skipped:
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
+        if self.actors.error:  # no renderer will ever take it: no face tracking for nothing
+            return self._fail(row_id, self.actors.error)
         track, started = self.shared.avatar(state.row)
         if started is not None:
             key, handle = started

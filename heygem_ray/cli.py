@@ -117,7 +117,9 @@ def config_yaml(cfg: DictConfig) -> str:
             return [mask(v) for v in node]
         return storage.display(node) if isinstance(node, str) else node
 
-    return OmegaConf.to_yaml(OmegaConf.create(mask(data)))
+    masked = mask(data)
+    assert isinstance(masked, dict)
+    return OmegaConf.to_yaml(OmegaConf.create(masked))
 
 
 def render_main(argv: Sequence[str] | None = None) -> int:

@@ -5,9 +5,11 @@ of an avatar (one `prepare_avatar` task per avatar and box) and the encoded audi
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from heygem_ray.config import Config
+from heygem_ray.errors import InputError
 from heygem_ray.executors import Executor, failure_reason
 from heygem_ray.manifest import Row
 from heygem_ray.prepare import AudioInfo, AvatarTrack, prepare_audio_track, prepare_avatar
@@ -15,6 +17,10 @@ from heygem_ray.prepare import AudioInfo, AvatarTrack, prepare_audio_track, prep
 #: narrations whose encode task is remembered, so rows sharing one wait on the same task; an older
 #: one is found in the cache by the task that a later row starts
 AUDIO_TRACK_REFS = 1024
+#: avatar tracks the driver keeps, most recently used; an older one is loaded from the cache again
+#: by the task the next row needing it starts (a track is 24 bytes a frame: driver memory stays
+#: flat however many distinct avatars a campaign has)
+AVATAR_TRACKS = 256
 
 log = logging.getLogger("heygem_ray")
 
@@ -24,7 +30,7 @@ AvatarKey = tuple[str, tuple[int, int, int, int] | None]
 class SharedWork:
     def __init__(self, cfg: Config, executor: Executor):
         self.cfg, self.executor = cfg, executor
-        self._tracks: dict[AvatarKey, AvatarTrack | BaseException] = {}
+        self._tracks: OrderedDict[AvatarKey, AvatarTrack | BaseException] = OrderedDict()
         self._waiters: dict[AvatarKey, list[str]] = {}
         self._audio_tracks: dict[str, Any] = {}  # by audio fingerprint, oldest first
         # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
@@ -40,6 +46,7 @@ class SharedWork:
         first to need it."""
         key: AvatarKey = (row.avatar, row.box)
         if key in self._tracks:
+            self._tracks.move_to_end(key)
             return self._tracks[key], None
         first = key not in self._waiters
         self._waiters.setdefault(key, []).append(row.id)
@@ -60,13 +67,18 @@ class SharedWork:
         return None, (key, handle)
 
     def avatar_done(self, key: AvatarKey, handle: Any) -> tuple[AvatarTrack | BaseException, list[str]]:
-        """The finished `prepare_avatar` task's track (or its exception), kept; and the rows that
-        waited for it."""
+        """The finished `prepare_avatar` task's track (or its exception); and the rows that waited
+        for it. A track, or the avatar's own fault (InputError), is kept for the next rows; any other
+        failure (storage down past its retries, a lost worker) only fails the rows that waited, and
+        the next row needing the avatar tries again."""
         try:
             track: AvatarTrack | BaseException = self.executor.get(handle)
         except Exception as exc:  # noqa: BLE001 - each waiting row fails with it
             track = exc
-        self._tracks[key] = track
+        if not isinstance(track, BaseException) or isinstance(self.executor.cause(track), InputError):
+            self._tracks[key] = track
+            while len(self._tracks) > AVATAR_TRACKS:
+                self._tracks.popitem(last=False)
         return track, self._waiters.pop(key, [])
 
     def audio_track(self, audio: AudioInfo) -> tuple[Any, bool]:

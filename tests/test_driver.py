@@ -105,3 +105,61 @@ def test_the_results_table_is_written_when_stopping_the_renderers_fails(tmp_path
     assert summary.count("ok") == ROWS
     assert len(read_results(str(tmp_path / "out" / "_results.parquet"))) == ROWS
     assert "could not stop the renderers: ConnectionError: the cluster went away" in caplog.text
+
+
+def _counted(calls: list[str], fail: dict[str, BaseException] | None = None) -> dict[str, Any]:
+    """STAGES, with prepare_avatar recording each avatar it tracks and raising `fail[avatar]` once."""
+    fail = dict(fail or {})
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        calls.append(avatar)
+        if avatar in fail:
+            raise fail.pop(avatar)
+        return STAGES["prepare_avatar"](avatar, *args)
+
+    return {**STAGES, "prepare_avatar": prepare_avatar}
+
+
+def _one_at_a_time(tmp_path: Path, avatars: list[str], stages: dict[str, Any], **executor: Any) -> Any:
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
+    )
+    rows = [Row(f"r{i}", "/in/a.wav", avatar, str(out / f"r{i}.mp4")) for i, avatar in enumerate(avatars)]
+    return Campaign(cfg, rows, executor=SimulatedExecutor(actors=2, stages=stages, **executor)).run()
+
+
+def test_an_avatar_the_store_failed_is_tracked_again_for_the_next_row(tmp_path):
+    """A tracking task that failed for the infrastructure (storage down past its retries) fails the
+    rows that waited for it; the next row with that avatar tries again. An avatar's own fault
+    (InputError) is remembered: its next rows fail without tracking it again."""
+    from heygem_ray.errors import InputError
+
+    calls: list[str] = []
+    fail = {"/in/v.mp4": OSError("storage down"), "/in/bad.mp4": InputError("avatar", "/in/bad.mp4", "no face")}
+    summary = _one_at_a_time(tmp_path, ["/in/v.mp4"] * 3 + ["/in/bad.mp4"] * 2, _counted(calls, fail))
+    assert [r.status for r in summary.rows] == ["failed", "ok", "ok", "failed", "failed"]
+    assert "storage down" in summary.rows[0].error and "no face" in summary.rows[4].error
+    assert calls == ["/in/v.mp4", "/in/v.mp4", "/in/bad.mp4"]
+
+
+def test_the_driver_keeps_a_bounded_number_of_avatar_tracks(tmp_path, monkeypatch):
+    """Memory stays flat in the number of distinct avatars: past `AVATAR_TRACKS` the least recently
+    used track is dropped, and a later row with that avatar has it loaded again (from the cache)."""
+    from heygem_ray import shared_work
+
+    monkeypatch.setattr(shared_work, "AVATAR_TRACKS", 2)
+    calls: list[str] = []
+    summary = _one_at_a_time(
+        tmp_path, ["/in/a.mp4", "/in/b.mp4", "/in/a.mp4", "/in/c.mp4", "/in/b.mp4"], _counted(calls)
+    )
+    assert summary.count("ok") == 5
+    assert calls == ["/in/a.mp4", "/in/b.mp4", "/in/c.mp4", "/in/b.mp4"]  # a stayed (used again), b was dropped
+
+
+def test_no_avatar_is_tracked_once_no_renderer_can_start(tmp_path):
+    calls: list[str] = []
+    summary = _one_at_a_time(tmp_path, ["/in/a.mp4", "/in/b.mp4"], _counted(calls), start_error="CheckpointError: bad")
+    assert [r.status for r in summary.rows] == ["failed", "failed"]
+    assert all("renderer could not start: CheckpointError: bad" in r.error for r in summary.rows)
+    assert calls == []
