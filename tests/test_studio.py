@@ -157,6 +157,25 @@ def test_a_user_over_quota_is_refused_until_a_campaign_is_deleted(tmp_path, medi
         studio.create("alice", "third", [audio], [avatar])  # room again: stored, then not submitted
 
 
+def test_a_refused_campaign_leaves_none_of_its_uploads(tmp_path, media_dir):
+    """A narration stored before the avatar beside it is refused is removed with the refusal: no
+    page lists it, yet the quota would count it."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster
+    from heygem_ray.studio.service import Studio as StudioService
+
+    broken = tmp_path / "face.mp4"
+    broken.write_bytes(b"\0" * 4096)  # not a video: refused after the narration was stored
+    cfg = StudioConfig(store=str(tmp_path / "store"))
+    studio = StudioService(cfg, Cluster(f"http://127.0.0.1:{_free_port()}", local=False), logging.getLogger("t"))
+    with pytest.raises(UploadError, match="face.mp4"):
+        studio.create("alice", "refused", [str(media_dir / "speech3.wav")], [str(broken)])
+    assert studio.store.usage("alice") == 0
+    assert not (tmp_path / "store" / "alice").exists() or not any((tmp_path / "store" / "alice").iterdir())
+
+
 def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     store = StudioStore(str(tmp_path / "store"))
     campaign = store.new_id()

@@ -113,10 +113,30 @@ class Studio:
             raise UploadError(f"unknown quality {quality!r}")
         self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
         campaign_id = self.store.new_id()
+        try:
+            record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
+        except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
+            with contextlib.suppress(Exception):
+                self.store.discard(user, campaign_id)
+            raise
+        self.submit(record)
+        return record
+
+    def _store_campaign(
+        self,
+        user: str,
+        campaign_id: str,
+        name: str,
+        audios: list[str],
+        avatars: list[str],
+        manifest: str | None,
+        model: str,
+        quality: str,
+    ) -> CampaignRecord:
         limit = int(self.cfg.max_upload_mb * 2**20)
         audio_uris = [self.store.save_upload(user, campaign_id, p, "audio", limit) for p in audios]
         avatar_uris = [self.store.save_upload(user, campaign_id, p, "avatar", limit) for p in avatars]
-        for path, uri in zip([*audios, *avatars], [*audio_uris, *avatar_uris], strict=True):
+        for uri in [*audio_uris, *avatar_uris]:
             self.log.info("upload user=%s campaign=%s file=%s", user, campaign_id, storage.basename(uri))
         if manifest:
             manifest_uri, rows = self.store.uploaded_manifest(user, campaign_id, manifest)
@@ -136,7 +156,6 @@ class Studio:
             output=self.store.output(user, campaign_id),
         )
         self.store.save(record)
-        self.submit(record)
         return record
 
     def _check_quota(self, user: str, uploads: list[str]) -> None:

@@ -91,6 +91,10 @@ class StudioStore:
         storage.remove(storage.join(root, "inputs"), recursive=True)
         storage.remove(root, recursive=True)
 
+    def discard(self, user: str, campaign_id: str) -> None:
+        """Whatever a campaign that was never created (no record) left: its uploads."""
+        storage.remove(self.campaign_root(user, campaign_id), recursive=True)
+
     @staticmethod
     def new_id() -> str:
         return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
