@@ -203,19 +203,20 @@ class RenderWorker:
         enc = self.cfg.encoder
         with tempfile.TemporaryDirectory(prefix="heygem-seg-") as tmp:
             path = os.path.join(tmp, "segment.mp4")
-            writer = SegmentWriter(path, info.width, info.height, info.fps_fraction, job.codec, enc, self.threads)
-            pixel_format = "yuv420p" if writer.takes_i420 else "bgr24"
             motion = np.full(job.frames, np.nan, np.float32)  # the mouth's change per frame (heygem_ray.qa)
             halves: list[np.ndarray | None] | None = [None] * job.frames if self.expert else None
-            with FrameReader(
-                local_avatar,
-                info,
-                None if info.still else job.pts,
-                job.pts_offset,
-                threads=self.threads,
-                pixel_format=pixel_format,
-                nvdec=self.nvdec,
-            ) as reader:
+            with (
+                SegmentWriter(path, info.width, info.height, info.fps_fraction, job.codec, enc, self.threads) as writer,
+                FrameReader(
+                    local_avatar,
+                    info,
+                    None if info.still else job.pts,
+                    job.pts_offset,
+                    threads=self.threads,
+                    pixel_format="yuv420p" if writer.takes_i420 else "bgr24",
+                    nvdec=self.nvdec,
+                ) as reader,
+            ):
                 written, first_batch_at = self._render_frames(job, features, reader, writer, clock, motion, halves)
             if written != job.frames:
                 raise RuntimeError(f"segment {job.index} of {job.row_id}: encoded {written} of {job.frames} frames")

@@ -9,6 +9,7 @@ row only when its marker's fingerprint matches what it would render now.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import tempfile
@@ -70,7 +71,9 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
         path = os.path.join(tmp, "out.mp4")
         with clock("stitch"):
             stats = stitch(
-                lambda i: storage.open_uri(job.segment_uris[i]),
+                # each segment read whole (seconds of video), so the store's retries cover it: a
+                # stream cut midway through the join could not be taken up again
+                lambda i: io.BytesIO(storage.read_bytes(job.segment_uris[i])),
                 len(job.segment_uris),
                 storage.local_copy(audio.uri),
                 path,
@@ -89,7 +92,10 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
             storage.publish_file(path, job.output)
     thumbnail = _thumbnail(job)
     if thumbnail:
-        storage.write_bytes(job.thumbnail_uri, thumbnail)
+        try:
+            storage.write_bytes(job.thumbnail_uri, thumbnail)
+        except OSError as exc:  # the video is published: a missing thumbnail must not fail the row
+            log.warning("row %s: thumbnail not written (%s: %s)", job.row_id, type(exc).__name__, exc)
     marker = Marker(
         job.row_id,
         job.fingerprint,

@@ -413,6 +413,23 @@ def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_row
     assert row.status == "failed" and "encoder.x264_params=mb-tree=1: x264 says" in row.error
 
 
+def test_a_thumbnail_the_store_refuses_leaves_the_row_published(media_dir, tmp_path):
+    """The thumbnail is for the report: once the video is published, failing to store it is a
+    warning, not a failed row that a rerun would render again."""
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
+        manifest,
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_thumbs").write_text("a file where the thumbnails' folder should be")
+    cfg = compose_config(f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline")
+    (row,) = campaign.run(cfg).rows
+    assert row.status == "ok", row.error
+    assert (out / "a.mp4").exists() and (out / "_markers" / "a.json").exists()
+
+
 H100_NODE = {"CPU": 16.0, "GPU": 1.0}
 GPU_POD = {"CPU": 8.0, "GPU": 1.0}
 CPU_NODE = {"CPU": 32.0}

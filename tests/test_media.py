@@ -1,5 +1,6 @@
 """Real files through PyAV: audio in many formats, seeking reads, segment join without re-encode."""
 
+import os
 import wave
 from pathlib import Path
 
@@ -347,3 +348,27 @@ def test_encoder_settings_are_checked_by_the_encoder_itself():
         assert problem and "x264 says" in problem and "no-such-option" in problem
     assert video.encoder_problem("libx264", EncoderConfig(x264_params="me=diamond"))  # a value x264 does not take
     assert "does not open" in (video.encoder_problem("libx264", EncoderConfig(x264_params="level=99")) or "")
+
+
+def _held_open(path: Path) -> bool:
+    fds = Path("/proc/self/fd")
+    return any(os.path.realpath(fd) == str(path.resolve()) for fd in fds.iterdir() if fd.is_symlink())
+
+
+def test_a_writer_a_failure_left_lets_its_file_and_encoder_go(tmp_path):
+    """A segment whose rendering fails must not keep its encoder, threads and file in a long-lived
+    actor until the garbage collector comes."""
+    path = tmp_path / "segment.mp4"
+    with (
+        pytest.raises(RuntimeError, match="render failed"),
+        video.SegmentWriter(str(path), 64, 48, "25", "libx264", EncoderConfig()) as writer,
+    ):
+        for k in range(60):  # past x264's lookahead: packets reach the file
+            writer.write(np.full((48, 64, 3), k, np.uint8))
+        assert _held_open(path)
+        raise RuntimeError("render failed")
+    assert not _held_open(path)
+    with video.SegmentWriter(str(path), 64, 48, "25", "libx264", EncoderConfig()) as writer:
+        writer.write(np.zeros((48, 64, 3), np.uint8))
+        assert writer.close() == 1
+    assert not _held_open(path) and video.probe(str(path), 25).width == 64

@@ -7,6 +7,7 @@ video's length: the reader seeks to the keyframe before a request and decodes fo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -425,6 +426,7 @@ class SegmentWriter:
             self._stream.codec_context.thread_count = threads
         self._i420 = enc.pix_fmt == "yuv420p"
         self._count = 0
+        self._closed = False
 
     @property
     def takes_i420(self) -> bool:
@@ -450,6 +452,20 @@ class SegmentWriter:
         self._container.mux(self._stream.encode(frame))
 
     def close(self) -> int:
-        self._container.mux(self._stream.encode(None))
-        self._container.close()
+        """Finish the file (the encoder's last frames, the index); returns the frames written."""
+        if not self._closed:
+            self._closed = True
+            self._container.mux(self._stream.encode(None))
+            self._container.close()
         return self._count
+
+    def __enter__(self) -> SegmentWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Not closed by then (a failure): the file, the encoder and its threads are let go now,
+        not when a long-lived actor's garbage collector gets to them."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(av.error.FFmpegError, OSError):
+                self._container.close()
