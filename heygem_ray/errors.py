@@ -57,6 +57,21 @@ def reading(what: str, uri: str) -> Iterator[None]:
         raise InputError(what, uri, "cannot be read (permission denied)") from None
 
 
+class CacheError(HeygemError):
+    """The campaign's cache refused a read or write: not the row's input, and every row needing
+    that cache meets it too."""
+
+
+@contextlib.contextmanager
+def caching(uri: str) -> Iterator[None]:
+    """Cache reads and writes inside `reading`: a refusal there names the cache, not the input."""
+    try:
+        yield
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError, FileNotFoundError) as exc:
+        detail = getattr(exc, "strerror", None) or type(exc).__name__
+        raise CacheError(f"cache {storage.display(uri)}: cannot be used ({detail})") from None
+
+
 @contextlib.contextmanager
 def writing(uri: str) -> Iterator[None]:
     """Turn refusals to write a row's output into InputErrors naming it (not retried: writing again

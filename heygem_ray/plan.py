@@ -64,6 +64,16 @@ def frame_center_samples(frames: np.ndarray, fps: float, sample_rate: int) -> np
     return np.round((np.asarray(frames, dtype=np.float64) + 0.5) * sample_rate / fps).astype(np.int64)
 
 
+def audio_span(first: int, last: int, fps: float, sample_rate: int, context: int, total: int) -> tuple[int, int]:
+    """Samples [lo, hi) of a row's audio (`total` samples) that frames first..last need: from the
+    first frame's start to the last frame's end, with `context` samples more on each side. From
+    the frames' centres instead, a frame a second or longer (a slideshow, `render.still_fps=1`)
+    would start more than the context after its own start."""
+    lo = max(0, math.floor(first * sample_rate / fps) - context)
+    hi = min(total, math.ceil((last + 1) * sample_rate / fps) + context)
+    return lo, max(lo, hi)
+
+
 def stable_hash(*parts: Any, length: int = 16) -> str:
     """A short hex digest of JSON-able parts (dataclasses allowed), stable across processes and runs."""
 

@@ -31,7 +31,7 @@ from heygem_ray import metrics, storage
 from heygem_ray.config import Config, DetectorConfig, EncoderConfig
 from heygem_ray.detect import build_detector
 from heygem_ray.detect.track import TrackBuilder, fixed_track
-from heygem_ray.errors import InputError, check_writable, reading
+from heygem_ray.errors import InputError, caching, check_writable, reading
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
@@ -50,10 +50,11 @@ def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
     if not info.get("size"):
         raise InputError(what, uri, "is empty (0 bytes)")
     memo = storage.join(cache, "fingerprints", f"{storage.version_key(uri, info)[:32]}.txt")
-    with contextlib.suppress(FileNotFoundError):
+    with caching(memo), contextlib.suppress(FileNotFoundError):
         return storage.read_bytes(memo).decode().strip()
     fp = storage.fingerprint(uri)
-    storage.write_bytes(memo, fp.encode())
+    with caching(memo):
+        storage.write_bytes(memo, fp.encode())
     return fp
 
 
@@ -76,9 +77,9 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> Au
     with reading("audio", uri):
         fp = content_fingerprint(uri, cache, "audio")
         base = storage.join(cache, "audio", fp)
-        with contextlib.suppress(FileNotFoundError):
+        with caching(base + ".json"), contextlib.suppress(FileNotFoundError):
             meta = json.loads(storage.read_bytes(base + ".json"))
-            return _within_limit(AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32"), max_seconds)
+            return _within_limits(AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32"), max_seconds)
         local = storage.local_copy(uri)
         meter = LevelMeter()
         samples = 0
@@ -93,15 +94,26 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> Au
                 tmp.close()
                 if samples == 0:
                     raise InputError("audio", uri, "has no audio samples")
-                storage.publish_file(tmp.name, base + ".f32")
+                with caching(base + ".f32"):
+                    storage.publish_file(tmp.name, base + ".f32")
             finally:
                 os.unlink(tmp.name)
         level = meter.level()
-        storage.write_bytes(base + ".json", json.dumps({"samples": samples, "level": level}).encode())
-        return AudioInfo(uri, fp, samples, level, base + ".f32")
+        with caching(base + ".json"):
+            storage.write_bytes(base + ".json", json.dumps({"samples": samples, "level": level}).encode())
+        return _within_limits(AudioInfo(uri, fp, samples, level, base + ".f32"), max_seconds)
 
 
-def _within_limit(audio: AudioInfo, max_seconds: float) -> AudioInfo:
+#: the shortest narration a row may have: a frame or two of video (shorter ones leave the output's
+#: audio encoder nothing to encode)
+MIN_AUDIO_SECONDS = 0.1
+
+
+def _within_limits(audio: AudioInfo, max_seconds: float) -> AudioInfo:
+    if audio.seconds < MIN_AUDIO_SECONDS:
+        raise InputError(
+            "audio", audio.uri, f"is {audio.seconds:.3f} s long: too short (at least {MIN_AUDIO_SECONDS:g} s)"
+        )
     if audio.seconds > max_seconds:
         raise InputError(
             "audio", audio.uri, f"is {audio.seconds:.0f} s long, over limits.max_audio_seconds={max_seconds:g} s"
@@ -144,8 +156,10 @@ def prepare_audio_track(
             encoder.audio_sample_rate,
             audio_display=audio.uri,
         )
-        storage.publish_file(local, base + ".m4a")
-    storage.write_bytes(base + ".json", json.dumps({"samples": samples}).encode())  # last: the track is whole
+        with caching(base + ".m4a"):
+            storage.publish_file(local, base + ".m4a")
+    with caching(base + ".json"):
+        storage.write_bytes(base + ".json", json.dumps({"samples": samples}).encode())  # last: the track is whole
     return AudioTrack(base + ".m4a", samples, encoder.audio_sample_rate)
 
 
@@ -201,7 +215,7 @@ def prepare_avatar(
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
         track_uri = storage.join(cache, "avatars", fp, detector_key(cfg, box, still_fps) + ".npz")
-        with contextlib.suppress(FileNotFoundError):
+        with caching(track_uri), contextlib.suppress(FileNotFoundError):
             track = _load_track(uri, fp, storage.read_bytes(track_uri))
             _check_pixels(uri, track.info, max_pixels)
             return track
@@ -223,7 +237,8 @@ def prepare_avatar(
                 pts, boxes = _detect_track(local, info, cfg, uri)
             metrics.stage_seconds(clock.seconds)
         track = AvatarTrack(uri, fp, info, pts, boxes)
-        storage.write_bytes(track_uri, _dump_track(track))
+        with caching(track_uri):
+            storage.write_bytes(track_uri, _dump_track(track))
         return track
 
 

@@ -37,7 +37,7 @@ from heygem_ray.media.video import (
 )
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
-from heygem_ray.plan import frame_center_samples
+from heygem_ray.plan import audio_span
 from heygem_ray.prepare import read_pcm
 from heygem_ray.render import build_renderer
 
@@ -366,11 +366,8 @@ class RenderWorker:
 
     def _audio_window(self, job: SegmentJob, frames: np.ndarray) -> AudioWindow:
         context = int(AUDIO_CONTEXT_SECONDS * SAMPLE_RATE)
-        centers = frame_center_samples(frames[[0, -1]], job.info.fps, SAMPLE_RATE)
-        start = max(0, int(centers[0]) - context)
-        stop = min(job.audio_samples, int(centers[1]) + context)
-        samples = read_pcm(job.pcm_uri, start, max(start, stop))
-        return AudioWindow(samples, start, job.audio_samples, job.audio_level)
+        start, stop = audio_span(int(frames[0]), int(frames[-1]), job.info.fps, SAMPLE_RATE, context, job.audio_samples)
+        return AudioWindow(read_pcm(job.pcm_uri, start, stop), start, job.audio_samples, job.audio_level)
 
 
 def pipeline_chunks(frames: int, batch_size: int) -> list[tuple[int, int]]:

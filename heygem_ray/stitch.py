@@ -26,7 +26,7 @@ from heygem_ray.markers import Marker, write_marker
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, LOUDNESS_WINDOW, SAMPLE_RATE, AudioWindow, speech_loudness
 from heygem_ray.media.mux import stitch
 from heygem_ray.media.thumbnail import thumbnail_jpeg
-from heygem_ray.plan import frame_center_samples
+from heygem_ray.plan import audio_span, frame_center_samples
 from heygem_ray.prepare import AudioTrack, read_pcm
 from heygem_ray.storage import StorageOptions
 
@@ -146,10 +146,9 @@ def syncnet_score(job: StitchJob) -> qa.SyncScore:
             continue
         first, last = max(0, start - reach), min(job.frames, stop + reach)
         frames = np.arange(first, last)
-        centers = frame_center_samples(frames[[0, -1]], job.fps, SAMPLE_RATE)
         context = int(AUDIO_CONTEXT_SECONDS * SAMPLE_RATE)
-        lo, hi = max(0, int(centers[0]) - context), min(job.audio_samples, int(centers[1]) + context)
-        window = AudioWindow(read_pcm(job.pcm_uri, lo, max(lo, hi)), lo, job.audio_samples, 0.0)
+        lo, hi = audio_span(first, last - 1, job.fps, SAMPLE_RATE, context, job.audio_samples)
+        window = AudioWindow(read_pcm(job.pcm_uri, lo, hi), lo, job.audio_samples, 0.0)
         mels = mel_chunks(window, frames, job.fps)[:, None]
         audio = syncnet.embed(model.embed_audio, np.ascontiguousarray(mels, np.float32), device)
         distances.add(faces, starts + start, audio, first)

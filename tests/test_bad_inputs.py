@@ -180,6 +180,28 @@ def test_rotated_and_odd_avatars_come_out_upright_and_even(campaign_results):
     assert (frame.width, frame.height) == (158, 186)
 
 
+def test_a_narration_of_a_few_samples_is_refused_as_too_short(tmp_path):
+    path = tmp_path / "blip.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\x01\x00" * 10)
+    with pytest.raises(InputError, match=r"blip.wav: is 0.001 s long: too short \(at least 0.1 s\)"):
+        prepare_audio(str(path), str(tmp_path / "c"))
+    with pytest.raises(InputError, match="too short"):  # the same once its PCM is cached
+        prepare_audio(str(path), str(tmp_path / "c"))
+
+
+def test_a_cache_that_refuses_writes_is_named_not_the_input(inputs, tmp_path):
+    """A cache the job cannot use is named as such, not as "audio ...: cannot be read"."""
+    from heygem_ray.errors import CacheError
+
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "fingerprints").write_text("a file where the cache's folder should be")
+    with pytest.raises(CacheError, match=r"cache .*/c/fingerprints/.*: cannot be used"):
+        prepare_audio(str(inputs / "speech.wav"), str(cache))
+
+
 def test_limits_reject_rows_instead_of_running_out_of_memory(inputs, tmp_path):
     cfg = compose_config("manifest=m", f"output={tmp_path}")
     with pytest.raises(

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from heygem_ray.errors import InputError
-from heygem_ray.media.audio import AudioWindow
+from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, AudioWindow
 from heygem_ray.models import wav2lip_audio as wa
-from heygem_ray.plan import output_frame_count
+from heygem_ray.plan import audio_span, output_frame_count
 
 REF = np.load(Path(__file__).parent / "data" / "wav2lip_mel_reference.npz")
 SR = 16_000
@@ -31,10 +31,9 @@ def _whole_row_chunks(wav: np.ndarray, frames: np.ndarray, fps: float) -> np.nda
     return np.stack([mel[:, s : s + wa.MEL_STEP] for s in starts[frames]]).astype(np.float32)
 
 
-def _window(wav: np.ndarray, frames: np.ndarray, fps: float, context_s: float = 0.5) -> AudioWindow:
-    """The slice an actor would hand over: the frames' span plus `context_s` each side, clipped."""
-    lo = max(0, int((frames.min() / fps - context_s) * SR))
-    hi = min(len(wav), int(((frames.max() + 1) / fps + context_s) * SR))
+def _window(wav: np.ndarray, frames: np.ndarray, fps: float) -> AudioWindow:
+    """The slice an actor hands over (`plan.audio_span`)."""
+    lo, hi = audio_span(int(frames.min()), int(frames.max()), fps, SR, int(AUDIO_CONTEXT_SECONDS * SR), len(wav))
     return AudioWindow(samples=wav[lo:hi].copy(), start=lo, total=len(wav), level=0.1)
 
 
@@ -106,6 +105,16 @@ def test_segment_chunks_equal_whole_row_slicing(fps):
         want = _whole_row_chunks(wav, frames, fps)
         assert got.shape == (len(frames), 80, 16) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("fps", [1.0, 0.5])
+def test_frames_a_second_or_longer_get_their_context_too(fps):
+    """A slideshow's frame (`render.still_fps=1`) starts half a second or more before its centre."""
+    wav = np.random.default_rng(5).normal(0, 0.1, 24 * SR).astype(np.float32)
+    frames = np.arange(5, 9)
+    np.testing.assert_allclose(
+        wa.mel_chunks(_window(wav, frames, fps), frames, fps), _whole_row_chunks(wav, frames, fps), rtol=0, atol=1e-6
+    )
 
 
 def test_segment_at_start_uses_reflect_padding():
