@@ -156,6 +156,11 @@ class DetectorConfig:
         check_choices("detector", self, {"name": DETECTORS})
         check_device("detector", self.device)
 
+    @property
+    def gpu_share(self) -> float:
+        """The GPU share a detection task asks for where the cluster has GPUs (0: CPU only)."""
+        return self.num_gpus if self.name == "s3fd" and self.device != "cpu" and self.num_gpus > 0 else 0.0
+
 
 @dataclass
 class ActorConfig:

@@ -35,10 +35,8 @@ class SharedWork:
         self._audio_tracks: dict[str, Any] = {}  # by audio fingerprint, oldest first
         # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
         # where the cluster has GPUs, so detection is scheduled and accounted like rendering
-        detector = cfg.detector
-        use_gpu = detector.name == "s3fd" and detector.device != "cpu" and detector.num_gpus > 0
-        enough = use_gpu and executor.resources().get("GPU", 0.0) >= detector.num_gpus
-        self._detect_gpus = detector.num_gpus if enough else 0.0
+        share = cfg.detector.gpu_share
+        self._detect_gpus = share if share and executor.resources().get("GPU", 0.0) >= share else 0.0
 
     def avatar(self, row: Row) -> tuple[AvatarTrack | BaseException | None, Any]:
         """The row's avatar track (or why there is none) when known; else None, and the row waits for

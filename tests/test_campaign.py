@@ -451,3 +451,15 @@ HEAD = {"CPU": 0.0}
 )
 def test_fit_actors_counts_per_node(nodes, num_cpus, num_gpus, reserve, expected):
     assert ray_cluster.fit_actors(nodes, num_cpus, num_gpus, reserve) == expected
+
+
+def test_gpu_actors_leave_a_share_for_gpu_face_detection():
+    """On a 32-core, 1-GPU node 8 actors of 2 CPUs and 1/8 GPU would hold the whole GPU, and S3FD's
+    tasks, which wait for a GPU share, would never run: the rows would stay "preparing" for ever."""
+    node = [{"CPU": 32.0, "GPU": 1.0}]
+    assert ray_cluster.fit_actors(node, 2.0, 0.125, 1.0) == 8
+    assert ray_cluster.fit_actors(node, 2.0, 0.125, 1.0, reserve_gpus=0.125) == 7
+    s3fd = compose_config("manifest=m", "output=o", "detector=s3fd")
+    assert s3fd.detector.gpu_share == 0.125
+    assert compose_config("manifest=m", "output=o", "detector=s3fd", "detector.device=cpu").detector.gpu_share == 0
+    assert compose_config("manifest=m", "output=o").detector.gpu_share == 0  # the CPU cascade

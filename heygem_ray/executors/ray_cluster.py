@@ -199,15 +199,21 @@ def actor_count(cfg: Config) -> int:
     if cfg.cluster.actors > 0:
         return cfg.cluster.actors
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    return fit_actors(nodes, cfg.cluster.actor.num_cpus, cfg.cluster.actor.num_gpus, cfg.cluster.reserve_cpus)
+    actor = cfg.cluster.actor
+    # a GPU detection task waits for a GPU share: actors holding every share would starve it for ever
+    reserve_gpus = cfg.detector.gpu_share if actor.num_gpus > 0 else 0.0
+    return fit_actors(nodes, actor.num_cpus, actor.num_gpus, cfg.cluster.reserve_cpus, reserve_gpus)
 
 
-def fit_actors(nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, reserve_cpus: float) -> int:
+def fit_actors(
+    nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, reserve_cpus: float, reserve_gpus: float = 0.0
+) -> int:
     """Actors of `num_cpus` CPUs and `num_gpus` GPUs that fit on nodes with these resources, leaving
-    `reserve_cpus` of the cluster's CPUs for prepare/stitch tasks. Counted per node, since an actor
-    cannot span nodes: CPU-only nodes host no GPU actors, and a GPU node hosts as many as both its GPU
-    shares and its CPUs allow (on a 16-core, 1-GPU node: 7 actors of 2 CPUs and 1/8 GPU, not 8). At
-    least 1, so a cluster that cannot host any yet gets the driver's "no actor could start" warning."""
+    `reserve_cpus` of the cluster's CPUs for prepare/stitch tasks and `reserve_gpus` of its GPUs for
+    GPU detection tasks. Counted per node, since an actor cannot span nodes: CPU-only nodes host no
+    GPU actors, and a GPU node hosts as many as both its GPU shares and its CPUs allow (on a 16-core,
+    1-GPU node: 7 actors of 2 CPUs and 1/8 GPU, not 8). At least 1, so a cluster that cannot host any
+    yet gets the driver's "no actor could start" warning."""
     per_node = []
     for res in nodes:
         fits = math.floor(res.get("CPU", 0.0) / max(num_cpus, 1e-3) + 1e-9)
@@ -217,6 +223,9 @@ def fit_actors(nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, 
     total = sum(per_node)
     spare_cpus = sum(res.get("CPU", 0.0) for res in nodes) - reserve_cpus
     total = min(total, math.floor(spare_cpus / max(num_cpus, 1e-3) + 1e-9))
+    if num_gpus > 0 and reserve_gpus > 0:
+        spare_gpus = sum(res.get("GPU", 0.0) for res in nodes) - reserve_gpus
+        total = min(total, math.floor(spare_gpus / num_gpus + 1e-9))
     return max(1, total)
 
 
