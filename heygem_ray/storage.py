@@ -286,6 +286,16 @@ def node_cache_dir() -> str:
     return os.environ.get("HEYGEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "heygem_ray")
 
 
+def node_cache_bytes() -> int:
+    """How large the node cache may grow (`HEYGEM_CACHE_GB`, default 20 GiB) before the copies used
+    longest ago are removed."""
+    return int(float(os.environ.get("HEYGEM_CACHE_GB") or 20) * 2**30)
+
+
+#: a copy used this recently is never removed: a caller may be about to open the path it was given
+CACHE_GRACE_SECONDS = 600.0
+
+
 def version_key(uri: str, info: Mapping[str, Any]) -> str:
     """A key that changes when the object at `uri` changes: URI, size and ETag (object stores) or
     modification time (file systems), as fsspec's info() reports them."""
@@ -306,7 +316,8 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     root = cache_dir or node_cache_dir()
     os.makedirs(root, exist_ok=True)
     dest = os.path.join(root, key + suffix)
-    if os.path.exists(dest):
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(dest)  # a use: the copies used longest ago go first
         return dest
     with _file_lock(dest + ".lock"):
         if not os.path.exists(dest):
@@ -317,7 +328,31 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+    trim_node_cache(root, node_cache_bytes())
     return dest
+
+
+def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:
+    """Remove the node cache's copies used longest ago until they take at most `limit` bytes; a
+    copy used within `grace` seconds (default `CACHE_GRACE_SECONDS`) stays (a reader with its path
+    open keeps the file anyway)."""
+    grace = CACHE_GRACE_SECONDS if grace is None else grace
+    copies = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.is_file() and not entry.name.endswith(".lock") and ".part-" not in entry.name:
+                stat = entry.stat()
+                copies.append((stat.st_mtime, stat.st_size, entry.path))
+    total = sum(size for _, size, _ in copies)
+    now = time.time()
+    for used, size, path in sorted(copies):
+        if total <= limit or now - used < grace:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            total -= size
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + ".lock")
 
 
 @contextlib.contextmanager

@@ -39,6 +39,29 @@ def test_publish_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert os.listdir(dest.parent) == ["out.mp4"]
 
 
+def test_the_node_cache_keeps_to_its_size_dropping_the_copies_used_longest_ago(tmp_path, monkeypatch):
+    """Every remote avatar, narration and checkpoint a node fetched used to stay on its disk for
+    good: a long-lived cluster filled it. Past `HEYGEM_CACHE_GB` the copies used longest ago go,
+    but never one used in the last minutes (a caller may be about to open it)."""
+    monkeypatch.setenv("HEYGEM_CACHE_GB", str(2.5 * 1000 / 2**30))  # room for two 1000-byte copies
+    monkeypatch.setattr(storage, "CACHE_GRACE_SECONDS", 0.0)
+    for name in "abc":
+        storage.write_bytes(f"memory://nc/{name}.wav", name.encode() * 1000)
+    paths = {}
+    for age, name in enumerate("abc"):
+        paths[name] = storage.local_copy(f"memory://nc/{name}.wav", cache_dir=str(tmp_path))
+        os.utime(paths[name], (1000.0 + age, 1000.0 + age))  # a used first, c last
+        if name == "b":
+            storage.local_copy("memory://nc/a.wav", cache_dir=str(tmp_path))  # a used again: now the newest
+    assert os.path.exists(paths["a"]) and os.path.exists(paths["c"]) and not os.path.exists(paths["b"])
+    assert sum(f.stat().st_size for f in tmp_path.iterdir() if f.suffix == ".wav") <= 2500
+    os.utime(paths["c"])  # used now
+    storage.trim_node_cache(str(tmp_path), 0, grace=3600)  # both used within the grace: kept
+    assert os.path.exists(paths["a"]) and os.path.exists(paths["c"])
+    storage.trim_node_cache(str(tmp_path), 0, grace=0)
+    assert not [f for f in tmp_path.iterdir() if f.suffix == ".wav"]
+
+
 def test_local_copy_caches_remote_files(tmp_path):
     storage.write_bytes("memory://lc/model.pth", b"weights")
     first = storage.local_copy("memory://lc/model.pth", cache_dir=str(tmp_path))
