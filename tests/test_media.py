@@ -161,6 +161,34 @@ def test_an_avi_whose_timestamps_are_not_in_display_order_is_refused(tmp_path, d
     assert len(prepare_avatar(mp4, (8, 8, 40, 40), DetectorConfig(name="box"), str(tmp_path / "cache"), 25.0).pts) == 20
 
 
+@pytest.mark.parametrize("spare_bytes, most_seeks", [(video.SPARE_BYTES, 2), (0, 6)])
+def test_a_looped_clips_backward_half_is_read_without_a_seek_per_chunk(tmp_path, monkeypatch, spare_bytes, most_seeks):
+    """Ping-pong plays a short clip backward in renderer-sized chunks, each ending just before the
+    last one began: the frames decoded on the way to one chunk serve the next ones, and every frame
+    is right and the caller's own (the renderer pastes into it)."""
+    monkeypatch.setattr(video, "SPARE_BYTES", spare_bytes)
+    path = str(tmp_path / "one-gop.mp4")
+    _numbered_clip(path, 48, {"x264-params": "keyint=250:scenecut=0"})  # one GOP, as x264 makes short clips
+    info = video.probe(path, 25)
+    every = list(video.iter_frames(path, info))
+    pts = np.array([p for p, _ in every])
+    order = list(range(47, -1, -1))  # the backward half
+    seen: list[int] = []
+    with video.FrameReader(path, info, pts) as reader:
+        seek = reader._seek
+        monkeypatch.setattr(reader, "_seek", lambda i: seen.append(i) or seek(i))
+        handed: list[np.ndarray] = []  # kept alive, so no two can share an id
+        for k in range(0, 48, 8):
+            got = reader.read(np.array(order[k : k + 8]))
+            for i, frame in got.items():
+                assert np.array_equal(frame, every[i][1]), i
+                assert all(frame is not other and not np.shares_memory(frame, other) for other in handed)
+                handed.append(frame)
+    assert len(seen) <= most_seeks, seen
+    if spare_bytes == 0:
+        assert len(seen) == 6  # one per chunk: what a looped clip cost before
+
+
 def test_reader_gives_the_decoders_own_planes_as_i420(media_dir, tmp_path):
     from heygem_ray.media.yuv import bgr_to_i420
 
