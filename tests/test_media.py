@@ -189,6 +189,22 @@ def test_a_looped_clips_backward_half_is_read_without_a_seek_per_chunk(tmp_path,
         assert len(seen) == 6  # one per chunk: what a looped clip cost before
 
 
+def test_an_mjpeg_video_in_a_container_without_a_frame_count_is_a_video(tmp_path):
+    """MKV does not say how many frames a stream holds: an image codec there may be a video."""
+    path = str(tmp_path / "camera.mkv")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="bgr24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    info = video.probe(path, 25)
+    assert not info.still and (info.width, info.height) == (64, 48)
+    assert len(_frames(path, info)) == 10
+
+
 def test_reader_gives_the_decoders_own_planes_as_i420(media_dir, tmp_path):
     from heygem_ray.media.yuv import bgr_to_i420
 

@@ -93,7 +93,7 @@ def probe(path: str, still_fps: float, display_uri: str | None = None) -> VideoI
                 kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
                 raise InputError("avatar", uri, f"has no video stream (found {kinds})")
             stream = container.streams.video[0]
-            if stream.codec_context.name in IMAGE_CODECS and (stream.frames or 1) <= 1:
+            if stream.codec_context.name in IMAGE_CODECS and _one_frame(container, stream):
                 return _still_info(read_image(path), still_fps)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not rate or rate <= 0:
@@ -275,6 +275,17 @@ class FrameReader:
         self._decoder = decoder if first is None else itertools.chain([first], decoder)
         self._next = self._first  # a lower bound until the first frame's pts tells
         return self._decoder
+
+
+def _one_frame(container: av.container.InputContainer, stream: av.VideoStream) -> bool:
+    """Whether an image-codec stream holds one frame (a still), not a video in an image codec
+    (MJPEG, PNG frames). Containers that do not say how many frames they hold (MKV) are asked by
+    decoding up to two; the container is back at its start after."""
+    if stream.frames:
+        return stream.frames <= 1
+    frames = sum(1 for _ in itertools.islice(container.decode(stream), 2))
+    container.seek(0)
+    return frames <= 1
 
 
 def _plain_420(frame: av.VideoFrame) -> bool:
