@@ -176,6 +176,30 @@ def test_a_refused_campaign_leaves_none_of_its_uploads(tmp_path, media_dir):
     assert not (tmp_path / "store" / "alice").exists() or not any((tmp_path / "store" / "alice").iterdir())
 
 
+def test_a_rerun_renders_with_the_settings_the_campaign_was_made_with(tmp_path, media_dir):
+    """An operator who later points a model at other weights (or removes it) must not re-render
+    every finished video of an old campaign when its user re-runs the failed rows."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.service import Studio as StudioService
+
+    cfg = StudioConfig(
+        store=str(tmp_path / "store"), models={"lipsync": ["renderer=wav2lip", "renderer.checkpoint=/w/v1.pth"]}
+    )
+    studio = StudioService(cfg, Cluster(f"http://127.0.0.1:{_free_port()}", local=False), logging.getLogger("t"))
+    with pytest.raises(ClusterUnavailable):
+        studio.create("alice", "c", [str(media_dir / "speech3.wav")], [str(media_dir / "still.png")], model="lipsync")
+    (record,) = studio.store.campaigns("alice")
+    first = studio.job_overrides(record)
+    assert "renderer.checkpoint=/w/v1.pth" in first
+    studio.models["lipsync"] = ["renderer=wav2lip", "renderer.checkpoint=/w/v2.pth"]  # the operator's edit
+    assert studio.job_overrides(studio.store.load("alice", record.id)) == first
+    del studio.models["lipsync"]
+    assert studio.job_overrides(studio.store.load("alice", record.id)) == first
+
+
 def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     store = StudioStore(str(tmp_path / "store"))
     campaign = store.new_id()

@@ -154,6 +154,7 @@ class Studio:
             quality=quality,
             manifest=manifest_uri,
             output=self.store.output(user, campaign_id),
+            settings=self._settings(model, quality),
         )
         self.store.save(record)
         return record
@@ -170,20 +171,26 @@ class Studio:
                 f"{incoming / 2**30:.2f} GiB more: delete campaigns you no longer need (Campaigns tab)"
             )
 
-    def submit(self, record: CampaignRecord) -> str:
-        """Start (or resume) the campaign as a new Ray job: finished rows are skipped by the driver."""
-        # unique even when a submit whose record could not be saved left its id taken
-        submission_id = f"heygem-{record.user}-{record.id}-{len(record.jobs) + 1}-{secrets.token_hex(2)}"
-        overrides = [
+    def _settings(self, model: str, quality: str) -> list[str]:
+        return [*self.models.get(model, []), *QUALITIES.get(quality, []), *self.cfg.render_overrides]
+
+    def job_overrides(self, record: CampaignRecord) -> list[str]:
+        """The `heygem-ray render` overrides of the campaign's job: its files, and the settings it
+        was made with (re-runs included)."""
+        return [
             f"manifest={record.manifest}",
             f"output={record.output}",
             # the user's own cache: their avatars and narrations are tracked and decoded once
             f"cache={storage.join(self.store.root, record.user, '_cache')}",
             "render.progress=false",
-            *self.models.get(record.model, []),
-            *QUALITIES.get(record.quality, []),
-            *self.cfg.render_overrides,
+            *(record.settings if record.settings is not None else self._settings(record.model, record.quality)),
         ]
+
+    def submit(self, record: CampaignRecord) -> str:
+        """Start (or resume) the campaign as a new Ray job: finished rows are skipped by the driver."""
+        # unique even when a submit whose record could not be saved left its id taken
+        submission_id = f"heygem-{record.user}-{record.id}-{len(record.jobs) + 1}-{secrets.token_hex(2)}"
+        overrides = self.job_overrides(record)
         self.cluster.submit(submission_id, overrides, {"heygem_user": record.user, "heygem_campaign": record.id})
         record.jobs.append(submission_id)
         self.store.save(record)
