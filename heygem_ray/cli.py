@@ -59,13 +59,15 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
     """Render a campaign from a plain config; returns the process exit status. `launched`: where
     the start-up breakdown begins (None = when this process started)."""
     from heygem_ray import campaign
+    from heygem_ray.output_lock import output_lock
 
     try:
-        if resolved is not None:
-            storage.configure(cfg.storage.options)
-            storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
-        with _sigterm_interrupts():
-            summary = campaign.run(cfg, launched)
+        storage.configure(cfg.storage.options)
+        with output_lock(cfg.layout):
+            if resolved is not None:
+                storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
+            with _sigterm_interrupts():
+                summary = campaign.run(cfg, launched)
     except HeygemError as exc:
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@
 {output}/_thumbs/{row}.jpg      a finished row's thumbnail, for the report
 {output}/_work/{key}/       segments of rows in progress, removed once stitched
 {output}/_cache/            decoded audio and face tracks, unless `cache` puts them elsewhere
+{output}/_lock.json         held by the run writing the output root (heygem_ray.output_lock)
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class CampaignLayout:
     @property
     def results(self) -> str:
         return join(self.output, "_results.parquet")
+
+    @property
+    def lock(self) -> str:
+        return join(self.output, "_lock.json")
 
     @property
     def results_parts(self) -> str:

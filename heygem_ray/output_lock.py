@@ -1,0 +1,87 @@
+"""One run at a time per output root. Two drivers on one output (a job submitted twice, a rerun
+while the first still runs) would remove each other's results parts, stitch away segments the
+other reused and overwrite each other's table and report. A run holds `{output}/_lock.json` while
+it renders, refreshing it every HEARTBEAT_SECONDS; another run refuses to start while the holder
+is alive, and takes over a lock its holder left (a killed driver): one not refreshed for
+STALE_SECONDS, or one of a process of this host that is gone. Best effort on object stores: two
+runs started within the same instant can both get in."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+from heygem_ray import storage
+from heygem_ray.errors import HeygemError
+from heygem_ray.layout import CampaignLayout
+
+HEARTBEAT_SECONDS = 15.0
+STALE_SECONDS = 60.0
+
+
+class OutputBusyError(HeygemError):
+    """Another run holds the output root."""
+
+
+@contextlib.contextmanager
+def output_lock(layout: CampaignLayout) -> Iterator[None]:
+    """Hold the output root's lock for the block, or raise OutputBusyError."""
+    uri = layout.lock
+    holder = _read(uri)
+    if holder is not None and _alive(holder):
+        seen = time.time() - float(holder.get("heartbeat", 0))
+        raise OutputBusyError(
+            f"output {storage.display(layout.output)} is being written by another run (host "
+            f"{holder.get('host')}, pid {holder.get('pid')}, seen {seen:.0f} s ago): wait for it to finish or stop "
+            f"it; a run that ended without letting go is taken over {STALE_SECONDS:.0f} s after it was last seen"
+        )
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8), "started": time.time()}
+    _write(uri, mine)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(uri, mine, stop), name="heygem-output-lock", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            if (_read(uri) or {}).get("token") == mine["token"]:
+                storage.remove(uri)
+
+
+def _heartbeat(uri: str, mine: dict, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_SECONDS):
+        with contextlib.suppress(OSError):  # a store hiccup: the next beat, well within STALE_SECONDS
+            _write(uri, mine)
+
+
+def _write(uri: str, mine: dict) -> None:
+    storage.write_bytes(uri, json.dumps({**mine, "heartbeat": time.time()}).encode())
+
+
+def _read(uri: str) -> dict | None:
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _alive(holder: dict) -> bool:
+    if time.time() - float(holder.get("heartbeat", 0)) > STALE_SECONDS:
+        return False
+    if holder.get("host") == socket.gethostname():  # this host can tell for sure
+        try:
+            os.kill(int(holder.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            return True
+    return True

@@ -1,0 +1,63 @@
+"""One run at a time per output root: a second driver refuses to start while the first is alive,
+and a lock left by a run that ended without letting go is taken over."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import render_cli
+from heygem_ray import output_lock as lock_module
+from heygem_ray.layout import CampaignLayout
+from heygem_ray.output_lock import OutputBusyError, output_lock
+
+
+def _held_by(layout: CampaignLayout, host: str, pid: int, seen_ago: float) -> None:
+    with open(layout.lock, "w") as fh:
+        json.dump({"host": host, "pid": pid, "token": "theirs", "heartbeat": time.time() - seen_ago}, fh)
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    layout = CampaignLayout(str(tmp_path))
+    with output_lock(layout):
+        first = json.loads((tmp_path / "_lock.json").read_text())
+        with (
+            pytest.raises(OutputBusyError, match=rf"another run \(host {socket.gethostname()}, pid \d+"),
+            output_lock(layout),
+        ):
+            pass
+        time.sleep(0.2)
+        assert json.loads((tmp_path / "_lock.json").read_text())["heartbeat"] > first["heartbeat"]  # refreshed
+    assert not (tmp_path / "_lock.json").exists()
+    with output_lock(layout):  # let go: the next run gets in
+        pass
+
+
+def test_a_lock_its_run_left_behind_is_taken_over(tmp_path):
+    layout = CampaignLayout(str(tmp_path))
+    _held_by(layout, "another-host", 1234, seen_ago=lock_module.STALE_SECONDS + 5)  # not refreshed: stale
+    with output_lock(layout):
+        assert json.loads((tmp_path / "_lock.json").read_text())["host"] == socket.gethostname()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _held_by(layout, socket.gethostname(), int(gone.stdout), seen_ago=1)  # fresh, but its process is gone
+    with output_lock(layout):
+        pass
+    _held_by(layout, "another-host", 1234, seen_ago=1)  # fresh, on a host this one cannot check
+    with pytest.raises(OutputBusyError, match="another-host"), output_lock(layout):
+        pass
+
+
+def test_the_cli_refuses_an_output_another_run_is_writing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _held_by(CampaignLayout(str(out)), "render-head-2", 4321, seen_ago=3)
+    result = render_cli(f"manifest={tmp_path / 'm.parquet'}", f"output={out}", "cluster=inline", timeout=120)
+    assert result.returncode == 2
+    assert "is being written by another run (host render-head-2, pid 4321" in result.stderr
+    assert not (out / "_config.yaml").exists()  # the other run's config is left alone
