@@ -316,8 +316,9 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     root = cache_dir or node_cache_dir()
     os.makedirs(root, exist_ok=True)
     dest = os.path.join(root, key + suffix)
-    with contextlib.suppress(FileNotFoundError):
-        os.utime(dest)  # a use: the copies used longest ago go first
+    if os.path.exists(dest):
+        with contextlib.suppress(OSError):  # a read-only or another user's cache: used as it is
+            os.utime(dest)  # a use: the copies used longest ago go first, never within the grace
         return dest
     with _file_lock(dest + ".lock"):
         if not os.path.exists(dest):
@@ -328,7 +329,10 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-    trim_node_cache(root, node_cache_bytes())
+    try:
+        trim_node_cache(root, node_cache_bytes())
+    except OSError as exc:  # the copy is there: a cache that cannot be trimmed fails no row
+        log.warning("node cache %s not trimmed: %s: %s", root, type(exc).__name__, exc)
     return dest
 
 
@@ -340,17 +344,22 @@ def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:
     copies = []
     with os.scandir(root) as entries:
         for entry in entries:
-            if entry.is_file() and not entry.name.endswith(".lock") and ".part-" not in entry.name:
+            if entry.name.endswith(".lock") or ".part-" in entry.name:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # another process trimmed it meanwhile
                 stat = entry.stat()
                 copies.append((stat.st_mtime, stat.st_size, entry.path))
     total = sum(size for _, size, _ in copies)
-    now = time.time()
-    for used, size, path in sorted(copies):
-        if total <= limit or now - used < grace:
+    for _, size, path in sorted(copies):
+        if total <= limit:
             break
-        with contextlib.suppress(FileNotFoundError):
+        try:
+            if time.time() - os.stat(path).st_mtime < grace:  # used since the scan, or too recently
+                continue
             os.unlink(path)
-            total -= size
+        except FileNotFoundError:
+            pass
+        total -= size
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + ".lock")
 

@@ -17,9 +17,12 @@ from heygem_ray.layout import CampaignLayout
 from heygem_ray.output_lock import OutputBusyError, output_lock
 
 
-def _held_by(layout: CampaignLayout, host: str, pid: int, seen_ago: float) -> None:
+def _held_by(layout: CampaignLayout, host: str, pid: int, seen_ago: float, pidns: str | None = None) -> None:
+    pidns = lock_module._pid_namespace() if pidns is None else pidns
     with open(layout.lock, "w") as fh:
-        json.dump({"host": host, "pid": pid, "token": "theirs", "heartbeat": time.time() - seen_ago}, fh)
+        json.dump(
+            {"host": host, "pidns": pidns, "pid": pid, "token": "theirs", "heartbeat": time.time() - seen_ago}, fh
+        )
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path, monkeypatch):
@@ -51,6 +54,23 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path):
     _held_by(layout, "another-host", 1234, seen_ago=1)  # fresh, on a host this one cannot check
     with pytest.raises(OutputBusyError, match="another-host"), output_lock(layout):
         pass
+    # this host's name, another container's process namespace: its pid says nothing here
+    _held_by(layout, socket.gethostname(), int(gone.stdout), seen_ago=1, pidns="pid:[1]")
+    with pytest.raises(OutputBusyError), output_lock(layout):
+        pass
+
+
+def test_a_run_whose_lock_was_taken_over_stops_refreshing_it(tmp_path, monkeypatch, caplog):
+    """A run whose store did not answer for a minute finds another run holding its lock: it says so
+    and leaves that run's lock alone (neither refreshed over, nor removed at its end)."""
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    layout = CampaignLayout(str(tmp_path))
+    with output_lock(layout):
+        _held_by(layout, "render-head-2", 4321, seen_ago=0)  # the other run took over
+        time.sleep(0.3)
+        assert json.loads((tmp_path / "_lock.json").read_text())["host"] == "render-head-2"
+    assert json.loads((tmp_path / "_lock.json").read_text())["host"] == "render-head-2"
+    assert "took over output" in caplog.text
 
 
 def test_the_cli_refuses_an_output_another_run_is_writing(tmp_path):
