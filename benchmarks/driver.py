@@ -86,6 +86,9 @@ class SimulatedExecutor:
     def close(self) -> None:
         pass
 
+    def stop(self, actor: int) -> None:
+        pass
+
     def restarts(self, actor: int) -> int:
         return 0
 

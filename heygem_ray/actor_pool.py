@@ -108,18 +108,22 @@ class ActorPool:
             self._warned = True
         if now - self._restarts_checked_at >= RESTART_CHECK_SECONDS:
             self._restarts_checked_at = now
-            self._give_up_on_crashing_starts()
+            self._watch_restarts()
         due = [a for a in self.actors if a.probe_at is not None and a.probe_at <= now]
         for a in due:
             a.probe_at = None
         return [a.index for a in due]
 
-    def _give_up_on_crashing_starts(self) -> None:
+    def _watch_restarts(self) -> None:
+        """Actors restarted since they last answered: a healthy one died while idle (no call of
+        it failed to say so) and is asked again; one that keeps dying before it answers is given up."""
         for a in self.actors:
-            if a.healthy or a.failed is not None:
+            if a.failed is not None:
                 continue
             deaths = self.executor.restarts(a.index) - a.restarts_at_ready
-            if deaths >= START_DEATHS:
+            if a.healthy and deaths > 0:
+                self.lost(a.index)
+            elif deaths >= START_DEATHS:
                 self.unusable(
                     a.index,
                     f"its process died {deaths} times while starting; its log on the node says why "
@@ -135,6 +139,8 @@ class ActorPool:
     def answered(self, actor: int, get: Callable[[], WorkerInfo]) -> None:
         """Take an actor's answer to `ready` (`get` returns it or raises what the call raised)."""
         a = self.actors[actor]
+        if a.failed is not None:  # given up on: a late answer changes nothing
+            return None
         try:
             info = get()
         except Exception as exc:
@@ -169,5 +175,9 @@ class ActorPool:
             return
         a.failed, a.healthy, a.probe_at = reason, False, None
         log.warning("renderer actor %d gets no segments: %s", actor, reason)
+        try:  # its CPUs and GPU share go back to the cluster; a crash-looping one stops
+            self.executor.stop(actor)
+        except Exception as exc:  # noqa: BLE001 - it gets no work either way
+            log.debug("could not stop renderer actor %d: %r", actor, exc)
         if all(x.failed is not None for x in self.actors):
             self.error = f"renderer could not start: {reason}"

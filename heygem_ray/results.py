@@ -130,6 +130,7 @@ class ResultsTable:
         # parts of this run sort after those an interrupted earlier run left
         self._run = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
         self._written_parts = 0
+        self._refused = False  # the last part was refused by the store
 
     def __contains__(self, row_id: str) -> bool:
         return row_id in self._results
@@ -143,7 +144,7 @@ class ResultsTable:
     def add(self, result: RowResult) -> None:
         self._results[result.id] = result
         self._unwritten.append(result)
-        if len(self._unwritten) >= self.flush_rows:
+        if len(self._unwritten) >= self.flush_rows and not self._refused:
             self.flush()
         self.tick()
 
@@ -157,8 +158,8 @@ class ResultsTable:
         """Write the results not yet on the store as one more part. A part that cannot be written
         (the store still failing after its retries) leaves its results for the next part and the
         final table: the parts only protect against a killed driver, and must not stop a campaign."""
-        self._flushed_at = time.time()
         if not self._unwritten:
+            self._flushed_at = time.time()
             return
         self._written_parts += 1
         name = f"part-{self._run}-{self._written_parts:05d}.parquet"
@@ -171,8 +172,10 @@ class ResultsTable:
                 storage.display(f"{type(exc).__name__}: {exc}"),
                 len(self._unwritten),
             )
-            return
-        self._unwritten = []
+            self._refused = True  # till it is written: tried again every flush_seconds, not every result
+        else:
+            self._unwritten, self._refused = [], False
+        self._flushed_at = time.time()
 
     def finish(self, order: list[str]) -> list[RowResult]:
         """Write the whole table (every id of `order` must have its result) and remove the parts."""

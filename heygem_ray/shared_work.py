@@ -9,7 +9,7 @@ from collections import OrderedDict
 from typing import Any
 
 from heygem_ray.config import Config
-from heygem_ray.errors import InputError
+from heygem_ray.errors import CacheError, InputError
 from heygem_ray.executors import Executor, failure_reason
 from heygem_ray.manifest import Row
 from heygem_ray.prepare import AudioInfo, AvatarTrack, prepare_audio_track, prepare_avatar
@@ -68,12 +68,13 @@ class SharedWork:
         """The finished `prepare_avatar` task's track (or its exception); and the rows that waited
         for it. A track, or the avatar's own fault (InputError), is kept for the next rows; any other
         failure (storage down past its retries, a lost worker) only fails the rows that waited, and
-        the next row needing the avatar tries again."""
+        the next row needing the avatar tries again. A cache that refuses the track (CacheError)
+        refuses every row's: kept too."""
         try:
             track: AvatarTrack | BaseException = self.executor.get(handle)
         except Exception as exc:  # noqa: BLE001 - each waiting row fails with it
             track = exc
-        if not isinstance(track, BaseException) or isinstance(self.executor.cause(track), InputError):
+        if not isinstance(track, BaseException) or isinstance(self.executor.cause(track), (InputError, CacheError)):
             self._tracks[key] = track
             while len(self._tracks) > AVATAR_TRACKS:
                 self._tracks.popitem(last=False)

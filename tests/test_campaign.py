@@ -458,7 +458,11 @@ def test_gpu_actors_leave_a_share_for_gpu_face_detection():
     tasks, which wait for a GPU share, would never run: the rows would stay "preparing" for ever."""
     node = [{"CPU": 32.0, "GPU": 1.0}]
     assert ray_cluster.fit_actors(node, 2.0, 0.125, 1.0) == 8
-    assert ray_cluster.fit_actors(node, 2.0, 0.125, 1.0, reserve_gpus=0.125) == 7
+    assert ray_cluster.fit_actors(node, 2.0, 0.125, 1.0, detect=(1.0, 0.125)) == 7
+    # 8-CPU pods fill their CPUs first: the free CPU for the detection task must be on a GPU node
+    pods = [{"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    assert ray_cluster.fit_actors(pods, 2.0, 0.125, 1.0) == 8
+    assert ray_cluster.fit_actors(pods, 2.0, 0.125, 1.0, detect=(1.0, 0.125)) == 7
     s3fd = compose_config("manifest=m", "output=o", "detector=s3fd")
     assert s3fd.detector.gpu_share == 0.125
     assert compose_config("manifest=m", "output=o", "detector=s3fd", "detector.device=cpu").detector.gpu_share == 0

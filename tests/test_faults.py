@@ -142,10 +142,13 @@ def test_an_actor_that_dies_while_starting_gets_no_more_work(ray_local, media_di
         "cluster.actors=1",
     )
     stop, killed = threading.Event(), set()
+    raylet = ray_local._private.worker._global_node.all_processes["raylet"][0].process.pid
 
     def kill_renderers() -> None:  # as the kernel's OOM killer would, each time the actor starts again
-        while not stop.is_set():
-            found = subprocess.run(["pgrep", "-f", "ray::RenderWorker"], capture_output=True, text=True).stdout
+        while not stop.is_set():  # this test's Ray's renderers only: the raylet's children
+            found = subprocess.run(
+                ["pgrep", "-P", str(raylet), "-f", "ray::RenderWorker"], capture_output=True, text=True
+            ).stdout
             for pid in map(int, found.split()):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

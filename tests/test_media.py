@@ -115,6 +115,8 @@ def test_reader_seeks_into_open_gops(tmp_path):
     for i in range(72):  # each from a fresh reader: a seek to that frame
         with video.FrameReader(path, info, pts) as reader:
             assert np.array_equal(reader.read(np.array([i]))[i], every[i][1]), i
+        with video.FrameReader(path, info, pts[i:], first_index=i) as reader:  # a segment starting there
+            assert np.array_equal(reader.read(np.array([i]))[i], every[i][1]), i
 
 
 def test_a_trimmed_clip_is_tracked_by_the_frames_it_shows(tmp_path):

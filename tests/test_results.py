@@ -42,11 +42,14 @@ def test_results_reach_the_store_in_parts_as_rows_finish_and_the_table_replaces_
 def test_a_part_the_store_refuses_waits_for_the_next_and_the_campaign_goes_on(tmp_path, caplog):
     parts = tmp_path / "_results"
     parts.write_text("a file where the parts' folder should be")  # every part write fails
-    table = ResultsTable(str(tmp_path / "_results.parquet"), str(parts), flush_rows=1)
+    table = ResultsTable(str(tmp_path / "_results.parquet"), str(parts), flush_rows=1, flush_seconds=0.5)
     table.add(_result("a"))  # no exception: the campaign goes on
     assert "results part" in caplog.text and "go with the next part" in caplog.text
     parts.unlink()
-    table.add(_result("b"))
+    table.add(_result("b"))  # after a refusal, not at once with every result: every flush_seconds
+    assert read_parts(str(parts)) == []
+    time.sleep(0.6)
+    table.tick()
     assert [r["id"] for r in read_parts(str(parts))] == ["a", "b"]  # the refused one went with the next
     assert [r.id for r in table.finish(["a", "b"])] == ["a", "b"]
     assert [r["id"] for r in read_results(str(tmp_path / "_results.parquet"))] == ["a", "b"]
@@ -59,15 +62,13 @@ def test_results_are_flushed_by_time_too(tmp_path):
 
 
 def test_a_result_no_other_follows_is_flushed_by_the_campaigns_ticks(tmp_path):
-    table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=0.2)
-    time.sleep(0.25)
-    table.add(_result("a"))  # due: flushed
-    table.add(_result("b"))  # within 0.2 s of that flush: waits
+    table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=2.0)
+    table.add(_result("a"))  # not due yet
     table.tick()
-    assert [r["id"] for r in read_parts(str(tmp_path / "parts"))] == ["a"]
-    time.sleep(0.25)
+    assert read_parts(str(tmp_path / "parts")) == []
+    time.sleep(2.1)
     table.tick()  # the campaign's loop, with no new result
-    assert [r["id"] for r in read_parts(str(tmp_path / "parts"))] == ["a", "b"]
+    assert [r["id"] for r in read_parts(str(tmp_path / "parts"))] == ["a"]
 
 
 @pytest.mark.integration

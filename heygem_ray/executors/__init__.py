@@ -41,6 +41,9 @@ class Executor(Protocol):
     def close(self) -> None:
         """Stop the actors now (their CPUs and GPUs are freed)."""
 
+    def stop(self, actor: int) -> None:
+        """Stop one actor for good (its resources are freed; it is not restarted)."""
+
     def restarts(self, actor: int) -> int:
         """How many times the executor restarted this actor after its process died."""
 

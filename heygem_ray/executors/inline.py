@@ -69,6 +69,9 @@ class InlineExecutor:
         for pool in (self._tasks, *self._actors):
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def stop(self, actor: int) -> None:
+        pass  # a thread: it holds nothing another renderer could use
+
     def restarts(self, actor: int) -> int:
         return 0  # a renderer here dies only with the process
 

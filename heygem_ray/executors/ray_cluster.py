@@ -72,6 +72,9 @@ class RayExecutor:
         for actor in actors:  # free their CPUs/GPUs now, not at garbage collection
             ray.kill(actor)
 
+    def stop(self, actor: int) -> None:
+        ray.kill(self._actors[actor])  # no_restart: Ray's default for ray.kill
+
     def restarts(self, actor: int) -> int:
         # the GCS's own count: a death while starting fails no call (calls wait for the restart)
         try:
@@ -201,31 +204,42 @@ def actor_count(cfg: Config) -> int:
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     actor = cfg.cluster.actor
     # a GPU detection task waits for a GPU share: actors holding every share would starve it for ever
-    reserve_gpus = cfg.detector.gpu_share if actor.num_gpus > 0 else 0.0
-    return fit_actors(nodes, actor.num_cpus, actor.num_gpus, cfg.cluster.reserve_cpus, reserve_gpus)
+    detect = (cfg.cluster.task_cpus, cfg.detector.gpu_share) if actor.num_gpus > 0 and cfg.detector.gpu_share else None
+    return fit_actors(nodes, actor.num_cpus, actor.num_gpus, cfg.cluster.reserve_cpus, detect)
 
 
 def fit_actors(
-    nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, reserve_cpus: float, reserve_gpus: float = 0.0
+    nodes: list[dict[str, float]],
+    num_cpus: float,
+    num_gpus: float,
+    reserve_cpus: float,
+    detect: tuple[float, float] | None = None,
 ) -> int:
     """Actors of `num_cpus` CPUs and `num_gpus` GPUs that fit on nodes with these resources, leaving
-    `reserve_cpus` of the cluster's CPUs for prepare/stitch tasks and `reserve_gpus` of its GPUs for
-    GPU detection tasks. Counted per node, since an actor cannot span nodes: CPU-only nodes host no
-    GPU actors, and a GPU node hosts as many as both its GPU shares and its CPUs allow (on a 16-core,
-    1-GPU node: 7 actors of 2 CPUs and 1/8 GPU, not 8). At least 1, so a cluster that cannot host any
-    yet gets the driver's "no actor could start" warning."""
+    `reserve_cpus` of the cluster's CPUs for prepare/stitch tasks, and with `detect` (CPUs, GPU
+    share) room for one GPU detection task on the GPU node with the most GPUs. Counted per node,
+    since an actor cannot span nodes: CPU-only nodes host no GPU actors, and a GPU node hosts as
+    many as both its GPU shares and its CPUs allow (on a 16-core, 1-GPU node: 7 actors of 2 CPUs and
+    1/8 GPU, not 8). At least 1, so a cluster that cannot host any yet gets the driver's "no actor
+    could start" warning."""
     per_node = []
     for res in nodes:
         fits = math.floor(res.get("CPU", 0.0) / max(num_cpus, 1e-3) + 1e-9)
         if num_gpus > 0:
             fits = min(fits, math.floor(res.get("GPU", 0.0) / num_gpus + 1e-9))
         per_node.append(fits)
+    if detect is not None and nodes and num_gpus > 0:
+        task_cpus, share = detect
+        node = max(range(len(nodes)), key=lambda i: nodes[i].get("GPU", 0.0))
+        res = nodes[node]
+        while per_node[node] > 0 and (
+            res.get("GPU", 0.0) - per_node[node] * num_gpus < share - 1e-9
+            or res.get("CPU", 0.0) - per_node[node] * num_cpus < task_cpus - 1e-9
+        ):
+            per_node[node] -= 1
     total = sum(per_node)
     spare_cpus = sum(res.get("CPU", 0.0) for res in nodes) - reserve_cpus
     total = min(total, math.floor(spare_cpus / max(num_cpus, 1e-3) + 1e-9))
-    if num_gpus > 0 and reserve_gpus > 0:
-        spare_gpus = sum(res.get("GPU", 0.0) for res in nodes) - reserve_gpus
-        total = min(total, math.floor(spare_gpus / num_gpus + 1e-9))
     return max(1, total)
 
 

@@ -29,6 +29,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 IMAGE_CODECS = {"mjpeg", "png", "bmp", "webp", "tiff", "jpeg2000"}
 #: how far ahead of the decoder a request may be before seeking beats decoding forward
 _SEEK_DISTANCE = 48
+#: seeks, each twice as far back, to land before a frame in an open GOP, before decoding from the start
+_SEEK_TRIES = 8
 
 #: frames a reader keeps, decoded on its way to a backward read's first frame, for the reads just
 #: before it (a looped clip's backward half): without them each chunk of a backward pass seeks and
@@ -255,24 +257,26 @@ class FrameReader:
         are decoded after it, from the GOP before. The demuxer's seek can land on that keyframe, and
         the decoder then drops those leading frames: so the first frame decoded is checked, and the
         seek goes further back until it lands at or before `index`."""
-        if self._container is None:
+        container = self._container
+        if container is None:
             raise ValueError("FrameReader is closed")
-        back = 0
-        while True:
-            target = max(index - back, self._first)
-            self._container.seek(int(self._pts[target - self._first]), stream=self._stream, backward=True)
-            decoder = self._container.decode(self._stream)
+        want = int(self._pts[index - self._first])
+        target, back = want, 0
+        for _ in range(_SEEK_TRIES):
+            try:
+                container.seek(target, stream=self._stream, backward=True)
+            except av.error.FFmpegError:  # before the stream's first keyframe
+                break
+            decoder = container.decode(self._stream)
             first = next(decoder, None)
-            landed = self._index_of.get(int(first.pts)) if first is not None and first.pts is not None else None
-            if landed is None or landed <= index:
-                break
-            if target == self._first:  # no keyframe of this reader's frames comes first: from the start
-                self._container.seek(0)
-                decoder = self._container.decode(self._stream)
-                first = next(decoder, None)
-                break
-            back = max(2 * back, landed - index)
-        self._decoder = decoder if first is None else itertools.chain([first], decoder)
+            if first is None or first.pts is None or first.pts <= want:
+                self._decoder = decoder if first is None else itertools.chain([first], decoder)
+                self._next = self._first  # a lower bound until the first frame's pts tells
+                return self._decoder
+            back = max(2 * back, first.pts - want)  # stream time: the landing was this far past it
+            target = want - back
+        container.seek(0)  # no keyframe found before it: decode from the start
+        self._decoder = container.decode(self._stream)
         self._next = self._first  # a lower bound until the first frame's pts tells
         return self._decoder
 
@@ -486,8 +490,10 @@ class SegmentWriter:
         """Finish the file (the encoder's last frames, the index); returns the frames written."""
         if not self._closed:
             self._closed = True
-            self._container.mux(self._stream.encode(None))
-            self._container.close()
+            try:
+                self._container.mux(self._stream.encode(None))
+            finally:
+                self._container.close()
         return self._count
 
     def __enter__(self) -> SegmentWriter:

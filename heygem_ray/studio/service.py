@@ -172,11 +172,12 @@ class Studio:
             )
 
     def _settings(self, model: str, quality: str) -> list[str]:
-        return [*self.models.get(model, []), *QUALITIES.get(quality, []), *self.cfg.render_overrides]
+        return [*self.models.get(model, []), *QUALITIES.get(quality, [])]
 
     def job_overrides(self, record: CampaignRecord) -> list[str]:
-        """The `heygem-ray render` overrides of the campaign's job: its files, and the settings it
-        was made with (re-runs included)."""
+        """The `heygem-ray render` overrides of the campaign's job: its files, the model and quality
+        settings it was made with (re-runs included), and the operator's `render_overrides` as they
+        are now (where and how it runs: they do not change its videos)."""
         return [
             f"manifest={record.manifest}",
             f"output={record.output}",
@@ -184,6 +185,7 @@ class Studio:
             f"cache={storage.join(self.store.root, record.user, '_cache')}",
             "render.progress=false",
             *(record.settings if record.settings is not None else self._settings(record.model, record.quality)),
+            *self.cfg.render_overrides,
         ]
 
     def submit(self, record: CampaignRecord) -> str:

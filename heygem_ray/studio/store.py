@@ -59,9 +59,9 @@ class CampaignRecord:
     output: str
     #: Ray job submission ids, oldest first (a re-run of failed rows adds one)
     jobs: list[str] = field(default_factory=list)
-    #: the render overrides of its model, quality and the operator's `render_overrides` when it was
-    #: made: a re-run renders with them, so an operator's later edit of `studio.models` neither
-    #: changes its renderer nor re-renders its finished rows (None: a record from before they were kept)
+    #: the render overrides of its model and quality when it was made: a re-run renders with them,
+    #: so an operator's later edit of `studio.models` neither changes its renderer nor re-renders
+    #: its finished rows (None: a record from before they were kept)
     settings: list[str] | None = None
 
 
