@@ -206,7 +206,9 @@ class RenderWorker:
             motion = np.full(job.frames, np.nan, np.float32)  # the mouth's change per frame (heygem_ray.qa)
             halves: list[np.ndarray | None] | None = [None] * job.frames if self.expert else None
             with (
-                SegmentWriter(path, info.width, info.height, info.fps_fraction, job.codec, enc, self.threads) as writer,
+                SegmentWriter(
+                    path, info.width, info.height, info.fps_fraction, job.codec, enc, self.threads, info.sar
+                ) as writer,
                 FrameReader(
                     local_avatar,
                     info,

@@ -430,6 +430,37 @@ def test_a_thumbnail_the_store_refuses_leaves_the_row_published(media_dir, tmp_p
     assert (out / "a.mp4").exists() and (out / "_markers" / "a.json").exists()
 
 
+def test_an_anamorphic_avatar_keeps_its_pixel_aspect_ratio(media_dir, tmp_path):
+    """A 4:3-pixel avatar (HDV, DV) played with square pixels would come out squeezed."""
+    from fractions import Fraction
+
+    avatar = str(tmp_path / "hdv.mp4")
+    with av.open(avatar, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for i in range(25):
+            frame = av.VideoFrame.from_ndarray(np.full((72, 96, 3), 5 * i, np.uint8), format="bgr24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [avatar]}), manifest)
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={out}",
+        "render.progress=false",
+        "cluster=inline",
+        "detector=box",
+        "detector.box=[20,10,76,62]",
+    )
+    (row,) = campaign.run(cfg).rows
+    assert row.status == "ok", row.error
+    with av.open(str(out / "a.mp4")) as c:
+        assert c.streams.video[0].sample_aspect_ratio == Fraction(4, 3)
+
+
 H100_NODE = {"CPU": 16.0, "GPU": 1.0}
 GPU_POD = {"CPU": 8.0, "GPU": 1.0}
 CPU_NODE = {"CPU": 32.0}

@@ -49,6 +49,8 @@ class VideoInfo:
     height: int
     rotation: int  # clockwise degrees applied to decoded frames
     frame_count: int  # from the container header; the decode pass gives the true count
+    #: pixel aspect ratio (after rotation), "1/1" but for anamorphic video: the output keeps it
+    sar: str = "1/1"
 
 
 def _even(x: int) -> int:
@@ -105,6 +107,9 @@ def probe(path: str, still_fps: float, display_uri: str | None = None) -> VideoI
                 raise InputError("avatar", uri, "has no decodable video frames")
             clockwise = _clockwise_from_display_matrix(first.rotation)
             w, h = (first.height, first.width) if clockwise in (90, 270) else (first.width, first.height)
+            sar = stream.sample_aspect_ratio or Fraction(1)
+            if clockwise in (90, 270):
+                sar = 1 / sar
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"is not a readable video ({exc.strerror or exc})") from None
     if _even(w) < 2 or _even(h) < 2:
@@ -117,6 +122,7 @@ def probe(path: str, still_fps: float, display_uri: str | None = None) -> VideoI
         height=_even(h),
         rotation=clockwise,
         frame_count=int(stream.frames or 0),
+        sar=f"{sar.numerator}/{sar.denominator}",
     )
 
 
@@ -445,9 +451,10 @@ class SegmentWriter:
         codec: str,
         enc: EncoderConfig,
         threads: int = 0,
+        sar: str = "1/1",
     ):
         """`codec`: the campaign's (`encoder.codec` once `auto` is decided); the rest of `enc`
-        as configured."""
+        as configured; `sar`: the avatar's pixel aspect ratio, written into the stream."""
         rate = Fraction(fps_fraction)
         self._container = av.open(path, "w", format="mp4")
         stream = self._container.add_stream(codec, rate=rate, options=encoder_options(codec, enc))
@@ -457,6 +464,8 @@ class SegmentWriter:
         self._stream = stream
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, enc.pix_fmt
         self._stream.time_base = 1 / rate
+        if Fraction(sar) != 1:
+            self._stream.codec_context.sample_aspect_ratio = Fraction(sar)
         if threads:
             self._stream.codec_context.thread_count = threads
         self._i420 = enc.pix_fmt == "yuv420p"
