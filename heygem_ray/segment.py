@@ -124,6 +124,13 @@ def nvdec_device(setting: str) -> int | None:
     raise RuntimeError(f"decoder.device={setting}: NVDEC cannot decode here ({problem})")
 
 
+#: model loads an actor makes when the last failed for a reason a later try may not meet (the
+#: store down past its own retries, the GPU's memory held by another process), and the seconds
+#: before the first retry (doubling): one blip must not retire every actor of a campaign
+MODEL_LOAD_TRIES = 3
+MODEL_LOAD_BACKOFF_SECONDS = 10.0
+
+
 class RenderWorker:
     """The body of a renderer actor."""
 
@@ -134,12 +141,24 @@ class RenderWorker:
         self.cfg = cfg
         self.cores: list[int] | None = None
         self.start_error: str | None = None
+        self._may_retry = False  # the start failed for a reason a later try may not meet
         try:
-            self._start(cfg)
+            self._setup(cfg)
         except Exception as exc:  # noqa: BLE001 - reported by ready(), to the driver
             self.start_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return
+        try:
+            self._load(cfg)
+        except Exception as exc:  # noqa: BLE001 - reported by ready(), to the driver
+            self._failed(exc)
 
-    def _start(self, cfg: Config) -> None:
+    def _failed(self, exc: Exception) -> None:
+        """A failed `_load`: why, and whether `ready` tries again."""
+        self.start_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        self._may_retry = storage.is_transient(exc) or type(exc).__name__ == "OutOfMemoryError"
+
+    def _setup(self, cfg: Config) -> None:
+        """What the process needs once: storage options, cores, thread counts, the video decoder."""
         storage.configure(cfg.storage.options)
         cpus = max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
         # before any thread pool starts, so torch's and the helpers' threads inherit the cores
@@ -153,6 +172,9 @@ class RenderWorker:
         torch.set_num_threads(self.threads)
         cv2.setNumThreads(self.threads)
         self.nvdec = nvdec_device(cfg.decoder.device)  # before torch makes the GPU's context: see there
+
+    def _load(self, cfg: Config) -> None:
+        """The models and the encoder check: tried again by `ready` after a transient failure."""
         self.renderer = build_renderer(cfg.renderer, threads=self.threads)
         self.expert: tuple[Any, Any] | None = None  # the lip-sync expert and its device (heygem_ray.qa)
         if cfg.qa.syncnet:
@@ -174,7 +196,19 @@ class RenderWorker:
             raise RuntimeError(problem)
 
     def ready(self) -> WorkerInfo:
-        """Answers once the model is loaded: its encoder, and what helps operators find the actor."""
+        """Answers once the model is loaded: its encoder, and what helps operators find the actor.
+        A load that failed for a transient reason is tried again first (MODEL_LOAD_TRIES)."""
+        for attempt in range(1, MODEL_LOAD_TRIES):
+            if self.start_error is None or not self._may_retry:
+                break
+            delay = MODEL_LOAD_BACKOFF_SECONDS * 2 ** (attempt - 1)
+            log.warning("renderer could not start (%s): trying again in %.0f s", self.start_error, delay)
+            time.sleep(delay)
+            self.start_error = None
+            try:
+                self._load(self.cfg)
+            except Exception as exc:  # noqa: BLE001 - reported below, to the driver
+                self._failed(exc)
         if self.start_error is not None:
             raise RendererStartError(self.start_error)
         return WorkerInfo(

@@ -117,3 +117,39 @@ def test_an_outage_longer_than_the_retries_is_reported(flaky_s3, monkeypatch):
 )
 def test_transient_classification(exc, transient):
     assert storage.is_transient(exc) is transient
+
+
+def test_a_renderer_whose_weights_the_store_could_not_give_loads_them_again(
+    flaky_s3, recipe_checkpoints, monkeypatch, tmp_path
+):
+    """An outage longer than the store's own retries while an actor loads its model must not retire
+    the actor for the campaign (every actor starts at once: one blip would fail every row). A
+    missing checkpoint is not tried again."""
+    from helpers import compose_config
+    from heygem_ray import segment
+    from heygem_ray.errors import RendererStartError
+
+    with open(recipe_checkpoints["wav2lip"], "rb") as fh:
+        storage.write_bytes("s3://flaky/models/wav2lip_gan.pth", fh.read())
+    monkeypatch.setattr(storage, "RETRIES", 1)  # the store's own retries spent at once
+    monkeypatch.setattr(segment, "MODEL_LOAD_BACKOFF_SECONDS", 1.0)
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "node-cache"))  # fetched, not a node's copy
+
+    def worker(checkpoint: str) -> segment.RenderWorker:
+        overrides = [
+            "renderer=wav2lip",
+            f"renderer.checkpoint={checkpoint}",
+            "cluster.actor.threads=1",
+            f"+storage.options.s3.endpoint_url={flaky_s3.url}",  # the actor sets the campaign's options
+        ]
+        return segment.RenderWorker(compose_config("manifest=m", "output=o", *overrides))
+
+    flaky_s3.down_until = time.time() + 2.0
+    down = worker("s3://flaky/models/wav2lip_gan.pth")
+    assert down.start_error is not None  # the store was down
+    assert down.ready().codec == "libx264"  # tried again after 1 s (still down), then 2 s
+    assert down.start_error is None and flaky_s3.dropped >= 2
+    started = time.time()
+    with pytest.raises(RendererStartError, match="not found"):
+        worker("s3://flaky/models/absent.pth").ready()
+    assert time.time() - started < 1.0
