@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 
 from heygem_ray import storage
-from heygem_ray.errors import HeygemError
+from heygem_ray.errors import HeygemError, writing
 from heygem_ray.layout import CampaignLayout
 
 HEARTBEAT_SECONDS = 15.0
@@ -40,7 +40,8 @@ class OutputBusyError(HeygemError):
 def output_lock(layout: CampaignLayout) -> Iterator[None]:
     """Hold the output root's lock for the block, or raise OutputBusyError."""
     uri = layout.lock
-    holder = _read(uri)
+    with writing(layout.output):  # an output root that cannot be written: exit 2, saying so
+        holder = _read(uri)
     if holder is not None and _alive(holder):
         seen = time.time() - float(holder.get("heartbeat", 0))
         raise OutputBusyError(
@@ -50,7 +51,8 @@ def output_lock(layout: CampaignLayout) -> Iterator[None]:
         )
     token = secrets.token_hex(8)
     mine = {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(), "token": token}
-    _write(uri, mine)
+    with writing(layout.output):
+        _write(uri, mine)
     _HELD.add(token)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(uri, mine, stop), name="heygem-output-lock", daemon=True)

@@ -81,3 +81,12 @@ def test_the_cli_refuses_an_output_another_run_is_writing(tmp_path):
     assert result.returncode == 2
     assert "is being written by another run (host render-head-2, pid 4321" in result.stderr
     assert not (out / "_config.yaml").exists()  # the other run's config is left alone
+
+
+def test_an_output_root_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file where the output folder should be")
+    result = render_cli(f"manifest={tmp_path / 'm.parquet'}", f"output={out}", "cluster=inline", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "heygem-ray: error: output" in result.stderr and "cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
