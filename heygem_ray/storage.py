@@ -241,25 +241,41 @@ def glob(pattern: str) -> list[str]:
 def publish_file(local_file: str, uri: str) -> None:
     """Put a finished local file at `uri` so readers never see a partial file.
 
-    Local destination: copy next to it under a hidden temporary name, then rename (atomic on
-    POSIX). Object stores: a single PUT or a completed multipart upload is atomic to readers.
+    Local destination: copy next to it under a hidden temporary name, flush it to the disk, then
+    rename (atomic on POSIX) and flush the folder: after a crash or power loss the path holds the
+    old file or the whole new one, never an empty or partial one (a rename can reach the disk
+    before the data it names). Object stores: a single PUT or a completed multipart upload is
+    atomic to readers.
     """
     if is_local(uri):
         dest = local_path(uri)
-        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.part-{uuid.uuid4().hex[:8]}")
+        folder = os.path.dirname(dest) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(dest)}.part-{uuid.uuid4().hex[:8]}")
         try:
             shutil.copyfile(local_file, tmp)
+            _sync(tmp)
             os.replace(tmp, dest)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        with contextlib.suppress(OSError):  # some file systems cannot sync a folder; the file itself is
+            _sync(folder)
         return
     fs, path = url_to_fs(uri)
     parent = path.rsplit("/", 1)[0]
     with contextlib.suppress(Exception):  # object stores have no real directories
         fs.makedirs(parent, exist_ok=True)
     fs.put_file(local_file, path)
+
+
+def _sync(path: str) -> None:
+    """Flush a file's or a folder's data and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -325,6 +341,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
             tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
             try:
                 fs.get_file(path, tmp)
+                _sync(tmp)  # a copy a crash left empty would fail every row that uses it
                 os.replace(tmp, dest)
             finally:
                 with contextlib.suppress(FileNotFoundError):

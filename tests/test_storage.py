@@ -39,6 +39,21 @@ def test_publish_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert os.listdir(dest.parent) == ["out.mp4"]
 
 
+def test_a_local_publish_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
+    """Renamed before its data was flushed, a file can come back empty after a power loss (delayed
+    allocation): the data is synced before the rename, the folder's entry after it."""
+    events = []
+    sync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))), sync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), replace(a, b)))
+    src, dest = tmp_path / "src.bin", tmp_path / "out" / "video.mp4"
+    src.write_bytes(b"x" * 100)
+    storage.publish_file(str(src), str(dest))
+    assert [kind for kind, _ in events] == ["sync", "rename", "sync"]
+    assert os.path.basename(events[0][1]).startswith(".video.mp4.part-")
+    assert events[1][1] == str(dest) and events[2][1] == str(dest.parent)
+
+
 def test_the_node_cache_keeps_to_its_size_dropping_the_copies_used_longest_ago(tmp_path, monkeypatch):
     """Every remote avatar, narration and checkpoint a node fetched used to stay on its disk for
     good: a long-lived cluster filled it. Past `HEYGEM_CACHE_GB` the copies used longest ago go,

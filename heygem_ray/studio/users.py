@@ -67,6 +67,8 @@ def add_user(path: str | Path, name: str, password: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())  # on the disk before its name: a crash must not leave an empty user file
     os.replace(tmp, path)
 
 
