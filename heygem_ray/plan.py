@@ -46,15 +46,23 @@ class SegmentSpan:
         return self.stop - self.start
 
 
+#: the shortest segment a row is cut into (a row shorter than that is one segment). x264 delays
+#: its timestamps by its B-frame depth only from the third frame on: segments of 1-2 frames and
+#: longer ones cannot be joined without re-encoding
+MIN_SEGMENT_FRAMES = 8
+
+
 def plan_segments(total_frames: int, fps: float, segment_seconds: float, min_segments: int = 1) -> list[SegmentSpan]:
     """Consecutive spans covering every frame once: as few as keep each at most `segment_seconds`
-    (at least one frame), and at least `min_segments` (while frames last), of near-equal length
-    (differing by one frame at most). Equal spans finish together on parallel actors: a 12 s row
-    in 10 s segments is 6 s + 6 s, not 10 s + 2 s that leaves one actor waiting on the other."""
+    (but at least MIN_SEGMENT_FRAMES), and at least `min_segments` (while frames last), of
+    near-equal length (differing by one frame at most). Equal spans finish together on parallel
+    actors: a 12 s row in 10 s segments is 6 s + 6 s, not 10 s + 2 s that leaves one actor
+    waiting on the other."""
     if total_frames <= 0:
         raise ValueError("a row needs at least one frame")
-    length = max(1, round(segment_seconds * fps))
-    count = min(total_frames, max(min_segments, math.ceil(total_frames / length)))
+    length = max(MIN_SEGMENT_FRAMES, round(segment_seconds * fps))
+    most = max(1, total_frames // MIN_SEGMENT_FRAMES)
+    count = min(most, max(min_segments, math.ceil(total_frames / length)))
     bounds = [i * total_frames // count for i in range(count + 1)]
     return [SegmentSpan(i, start, stop) for i, (start, stop) in enumerate(itertools.pairwise(bounds))]
 

@@ -3,7 +3,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from heygem_ray.plan import avatar_frame_indices, frame_center_samples, output_frame_count, plan_segments, stable_hash
+from heygem_ray.plan import (
+    MIN_SEGMENT_FRAMES,
+    avatar_frame_indices,
+    frame_center_samples,
+    output_frame_count,
+    plan_segments,
+    stable_hash,
+)
 
 
 def test_output_covers_whole_audio_within_one_frame():
@@ -34,12 +41,16 @@ def test_segments_split_consecutively_into_equal_spans():
     spans = plan_segments(63, 25, 1.0)
     assert [(s.start, s.stop) for s in spans] == [(0, 21), (21, 42), (42, 63)]
     assert [s.index for s in spans] == [0, 1, 2]
-    assert plan_segments(5, 25, 0.001)[1].frames == 1  # never zero-length
+    # never under MIN_SEGMENT_FRAMES (x264's timestamps lead by its B-frame depth only from the
+    # third frame: a 2-frame segment and a 3-frame one could not be joined), a short row one segment
+    assert [s.frames for s in plan_segments(5, 25, 0.001)] == [5]
+    assert [s.frames for s in plan_segments(40, 25, 0.001)] == [8] * 5
     # a 12 s row in 10 s segments: two of 6 s, not 10 s and a 2 s tail
     assert [s.frames for s in plan_segments(300, 25, 10.0)] == [150, 150]
-    # spread over at least `min_segments` (4 actors, one row), never below one frame each
+    # spread over at least `min_segments` (4 actors, one row), never below MIN_SEGMENT_FRAMES each
     assert [s.frames for s in plan_segments(300, 25, 10.0, min_segments=4)] == [75, 75, 75, 75]
-    assert len(plan_segments(3, 25, 10.0, min_segments=8)) == 3
+    assert [s.frames for s in plan_segments(5, 25, 10.0, min_segments=2)] == [5]
+    assert [s.frames for s in plan_segments(20, 25, 10.0, min_segments=8)] == [10, 10]
 
 
 @given(
@@ -52,7 +63,9 @@ def test_segments_split_consecutively_into_equal_spans():
 def test_every_output_frame_planned_exactly_once(total, fps, seconds, avatar, still):
     spans = plan_segments(total, fps, seconds, min_segments=1 + total % 5)
     sizes = [s.frames for s in spans]
-    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= max(1, round(seconds * fps))
+    length = max(MIN_SEGMENT_FRAMES, round(seconds * fps))
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= max(length, 2 * MIN_SEGMENT_FRAMES - 1)
+    assert len(spans) == 1 or min(sizes) >= MIN_SEGMENT_FRAMES
     covered = np.concatenate([np.arange(s.start, s.stop) for s in spans])
     assert np.array_equal(covered, np.arange(total))
     mapped = avatar_frame_indices(covered, avatar, still)
