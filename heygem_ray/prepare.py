@@ -141,7 +141,8 @@ def prepare_audio_track(
     settings (cached beside its PCM)."""
     if storage_options is not None:
         storage.configure(storage_options)
-    settings = f"{encoder.audio_codec}-{encoder.audio_bitrate}-{encoder.audio_sample_rate}"
+    # v2: priming dated before 0 (heygem_ray.media.mux); a v1 track starts the narration late
+    settings = f"{encoder.audio_codec}-{encoder.audio_bitrate}-{encoder.audio_sample_rate}-v2"
     base = storage.join(cache, "audio", f"{audio.fingerprint}.{settings}")
     with contextlib.suppress(FileNotFoundError):
         meta = json.loads(storage.read_bytes(base + ".json"))
@@ -319,7 +320,8 @@ def _load_track(uri: str, fp: str, data: bytes) -> AvatarTrack:
 
 
 #: bump when a code change alters rendered output, so reruns re-render instead of skipping
-RENDER_VERSION = "1"
+#: (2: the narration no longer starts 1024 AAC priming samples late)
+RENDER_VERSION = "2"
 
 
 def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str, cfg: Config) -> str:

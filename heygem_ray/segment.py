@@ -266,7 +266,7 @@ class RenderWorker:
                         windows, starts = face_windows(halves)
                         faces = embed(self.expert[0].embed_faces, windows, self.expert[1])
                     qa.write_face_embeddings(qa.syncnet_uri(job.out_uri), faces, starts)
-                storage.publish_file(path, job.out_uri)
+                storage.publish_file(path, job.out_uri, move=True)
         metrics.frames_rendered(job.frames)
         metrics.stage_seconds(clock.seconds)
         _release_free_memory()

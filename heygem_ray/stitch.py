@@ -89,7 +89,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
                 f" (method {sync.method}, best offset {sync.offset_frames} frame(s)): not published"
             )
         with clock("upload"), writing(job.output):
-            storage.publish_file(path, job.output)
+            storage.publish_file(path, job.output, move=True)
     thumbnail = _thumbnail(job)
     if thumbnail:
         try:

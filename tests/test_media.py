@@ -344,6 +344,47 @@ def test_segments_join_without_reencoding(tmp_path, media_dir):
     assert head.index(b"moov") < 64  # faststart: the index precedes the media data
 
 
+def test_segments_whose_encoder_delays_differ_are_refused_with_why(tmp_path, media_dir):
+    """x264 delays a segment of 1-2 frames by nothing and a longer one by its B-frame depth: joined
+    as they are, the second would start before the first ends (the planner never cuts them)."""
+    rng = np.random.default_rng(0)
+    for k, n in enumerate([2, 3]):
+        with video.SegmentWriter(str(tmp_path / f"s{k}.mp4"), 64, 64, "25", "libx264", EncoderConfig()) as writer:
+            for _ in range(n):
+                writer.write(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+            writer.close()
+    track = str(tmp_path / "a.m4a")
+    mux.encode_audio(str(media_dir / "speech3.wav"), track)
+    with pytest.raises(RuntimeError, match="segment 1 starts before segment 0 ends"):
+        mux.stitch(lambda i: open(tmp_path / f"s{i}.mp4", "rb"), 2, track, str(tmp_path / "o.mp4"), "25")  # noqa: SIM115
+
+
+def test_the_narration_starts_when_the_video_does(tmp_path, media_dir):
+    """AAC puts 1024 samples of priming before the sound; the output's edit list must hide them, or
+    every video's narration starts 21 ms late (at 48 kHz)."""
+    rate = 16_000
+    click = np.zeros(2 * rate, np.int16)
+    click[rate // 2] = 30_000  # at 0.5 s
+    with wave.open(str(tmp_path / "click.wav"), "wb") as fh:
+        fh.setnchannels(1), fh.setsampwidth(2), fh.setframerate(rate)
+        fh.writeframes(click.tobytes())
+    track = str(tmp_path / "click.m4a")
+    mux.encode_audio(str(tmp_path / "click.wav"), track, "aac", 128_000, 48_000)
+    src = str(media_dir / "clip2.mp4")
+    info = video.probe(src, 25)
+    with video.SegmentWriter(
+        str(tmp_path / "s.mp4"), info.width, info.height, "25", "libx264", EncoderConfig()
+    ) as writer:
+        for frame in _frames(src, info)[:50]:
+            writer.write(frame)
+        writer.close()
+    out = str(tmp_path / "out.mp4")
+    mux.stitch(lambda i: open(tmp_path / "s.mp4", "rb"), 1, track, out, "25")  # noqa: SIM115 - closed by stitch
+    with av.open(out) as c:
+        sound = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    assert abs(np.argmax(np.abs(sound)) / 48_000 - 0.5) < 0.001
+
+
 def _audio_packets(path: str) -> list[tuple[int | None, bytes]]:
     with av.open(path) as c:
         return [(p.pts, bytes(p)) for p in c.demux(audio=0) if p.size]

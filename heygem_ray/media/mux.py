@@ -5,6 +5,8 @@ in the video's length."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -67,20 +69,14 @@ def stitch(
         assert template is not None  # the first item carries the first segment's stream
         video_out = out.add_stream_from_template(template)
         audio_out = out.add_stream_from_template(audio_src)
-        audio_packets = (p for p in audio_in.demux(audio_src) if p.size)
+        video = ((_time(p), p, video_out) for p in itertools.chain([first_packet], (p for p, _ in video_packets)))
+        audio = ((_time(p), p, audio_out) for p in audio_in.demux(audio_src) if p.size)
         frames = 0
-        video_next: av.Packet | None = first_packet
-        audio_next = next(audio_packets, None)
-        while video_next is not None or audio_next is not None:
-            if video_next is not None and (audio_next is None or _time(video_next) <= _time(audio_next)):
-                video_next.stream = video_out
-                out.mux(video_next)
-                frames += 1
-                video_next = next(video_packets, (None, None))[0]
-            elif audio_next is not None:  # always, as the loop runs while either is left
-                audio_next.stream = audio_out
-                out.mux(audio_next)
-                audio_next = next(audio_packets, None)
+        # interleaved by time (a video packet first on a tie): both streams are read as they are written
+        for _, packet, stream in heapq.merge(video, audio, key=lambda item: item[0]):
+            packet.stream = stream
+            out.mux(packet)
+            frames += stream is video_out
     return StitchStats(frames, float(frames * frame_seconds))
 
 
@@ -94,10 +90,14 @@ def _segment_packets(
 ) -> Iterator[tuple[av.Packet, av.video.stream.VideoStream | None]]:
     """Every video packet of every segment, timestamps shifted by the frames before it.
     The first item also carries the first segment's stream, the template for the output stream."""
-    offset = Fraction(0)
+    offset = last_dts = Fraction(0)
     extradata = None
     for index in range(count):
-        with open_segment(index) as fh, av.open(fh, "r") as seg:
+        # Opening an mp4 decodes its first frame to learn the stream's parameters (~30 ms at 1080p,
+        # a second over a 3-minute row); the first segment's, the output's template, are needed,
+        # the others' packets only (their settings are checked equal by the extradata).
+        skip = [] if index == 0 else [{"skip_frame": "all"}]
+        with open_segment(index) as fh, av.open(fh, "r", stream_options=skip) as seg:
             stream = seg.streams.video[0]
             if stream.time_base is None:
                 raise RuntimeError(f"segment {index} has no video time base; cannot join")
@@ -112,6 +112,13 @@ def _segment_packets(
                     continue
                 packet.pts = None if packet.pts is None else packet.pts + shift
                 packet.dts = None if packet.dts is None else packet.dts + shift
+                if seen == 0 and index and packet.dts is not None and packet.dts * stream.time_base <= last_dts:
+                    raise RuntimeError(
+                        f"segment {index} starts before segment {index - 1} ends (its encoder delayed it "
+                        "differently: a segment of 1-2 frames?); cannot join"
+                    )
+                if packet.dts is not None:
+                    last_dts = packet.dts * stream.time_base
                 seen += 1
                 yield packet, (stream if index == 0 and seen == 1 else None)
             offset += seen * frame_seconds
@@ -134,8 +141,12 @@ class _AudioEncoder:
 
     def packets(self) -> Iterator[av.Packet]:
         for frame in self._frames():
+            # Numbered from 0, whatever the source's timestamps (its gaps are not reproduced): a
+            # first frame with a timestamp is what makes the encoder date its priming samples
+            # before 0, so the mp4's edit list hides them. Frames without one would start the
+            # narration 1024 samples (21 ms at 48 kHz) late in every output.
+            frame.pts, frame.time_base = self.samples, Fraction(1, self._dst.rate)
             self.samples += frame.samples
-            frame.pts = None  # the encoder numbers samples itself; source gaps are not reproduced
             yield from self._dst.encode(frame)
         yield from self._dst.encode(None)
 
