@@ -20,6 +20,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from heygem_ray import storage
@@ -30,7 +31,7 @@ from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.prepare import AvatarTrack, prepare_row
-from heygem_ray.results import ResultsTable, Summary
+from heygem_ray.results import ResultsTable, RowResult, Summary, published_earlier
 from heygem_ray.rows import RowState
 from heygem_ray.segment import SegmentResult
 from heygem_ray.segment_queue import SegmentCall, SegmentQueue
@@ -94,9 +95,8 @@ class Campaign:
             # every row has a result and the table is written before anything that may fail on a
             # cluster that is going away (killing actors, the report, the feed)
             interrupted = len(self.results) < len(self.rows)
-            for row in self.rows:  # interrupted: whatever did not finish is reported, not lost
-                if row.id not in self.results:
-                    self._interrupted(row.id)
+            if interrupted:  # whatever did not finish is reported, not lost
+                self._interrupted([row.id for row in self.rows if row.id not in self.results])
             try:
                 results = self.results.finish([r.id for r in self.rows])
             finally:  # a table the store refuses still leaves the renderers stopped and the feed final
@@ -190,17 +190,31 @@ class Campaign:
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 
     # ------------------------------------------------------------ results
-    def _interrupted(self, row_id: str) -> None:
-        """A row the stop caught: ok when its video was published before the stop (its marker says
-        so, though the driver had not heard yet), else failed."""
-        state = self._states.get(row_id)
-        try:
-            marker = state.published(self.cfg.layout) if state is not None else None
-        except OSError:  # the store failing too: reported failed, and a rerun finds the marker
-            marker = None
-        if marker is not None:
-            return self._conclude(row_id, "ok", None, marker, None)
-        self._fail(row_id, "campaign interrupted before this row finished")
+    def _interrupted(self, row_ids: list[str]) -> None:
+        """The rows the stop caught. One being rendered: ok when its video was published before the
+        stop (its marker says so, though the driver had not heard yet), else failed. One never
+        started keeps the result an earlier run gave it, if that published its video (a stopped
+        re-run of a finished campaign must not report its videos lost), else failed."""
+        earlier: dict[str, RowResult] = {}
+        if any(row_id not in self._states for row_id in row_ids):
+            try:
+                earlier = published_earlier(self.cfg.layout.results, self.cfg.layout.results_parts)
+            except Exception as exc:  # noqa: BLE001 - a table unreadable now: reported failed, as before
+                log.warning("earlier results not read: %s: %s", type(exc).__name__, exc)
+        for row_id in row_ids:
+            state = self._states.get(row_id)
+            try:
+                marker = state.published(self.cfg.layout) if state is not None else None
+            except OSError:  # the store failing too: reported failed, and a rerun finds the marker
+                marker = None
+            kept = earlier.get(row_id)
+            if marker is not None:
+                self._conclude(row_id, "ok", None, marker, None)
+            elif state is None and kept is not None and kept.output == self._outputs[row_id]:
+                self.results.add(replace(kept, status="skipped"))
+                self.observers.finished(self.results[row_id], None)
+            else:
+                self._fail(row_id, "campaign interrupted before this row finished")
 
     def _fail(self, row_id: str, reason: str) -> None:
         self._conclude(row_id, "failed", reason, None, None)

@@ -200,6 +200,26 @@ def flag_outliers(rows: list[RowResult]) -> list[RowResult]:
     ]
 
 
+def published_earlier(uri: str, parts: str) -> dict[str, RowResult]:
+    """The rows an earlier run on this output root published (ok or skipped), by id: its table,
+    then the parts of a run that was killed (later results count). Nothing when there is none."""
+    rows: list[dict] = []
+    for read, where in ((read_results, uri), (read_parts, parts)):
+        try:
+            rows += read(where)
+        except FileNotFoundError:
+            pass
+    earlier: dict[str, RowResult] = {}
+    for row in rows:
+        row["finished_at"] = row["finished_at"].timestamp() if row["finished_at"] else 0.0
+        result = RowResult(**row)
+        if result.status in ("ok", "skipped"):
+            earlier[result.id] = result
+        else:
+            earlier.pop(result.id, None)
+    return earlier
+
+
 def read_parts(parts: str) -> list[dict]:
     """The results an interrupted driver wrote before it stopped, oldest first (a row reported by
     two runs appears twice: the later one counts)."""

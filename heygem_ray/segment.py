@@ -224,7 +224,8 @@ class RenderWorker:
         if self.start_error is not None:
             raise RendererStartError(self.start_error)
         started = time.time()
-        if storage.exists(job.out_uri):
+        # a segment made before qa.syncnet was set lacks the expert's embeddings: made again
+        if storage.exists(job.out_uri) and (self.expert is None or storage.exists(qa.syncnet_uri(job.out_uri))):
             return SegmentResult(
                 job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True, started_at=started
             )

@@ -89,6 +89,9 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
                 f" (method {sync.method}, best offset {sync.offset_frames} frame(s)): not published"
             )
         with clock("upload"), writing(job.output):
+            # the marker of the video this one replaces goes first: a run stopped between the two
+            # would leave this video under the old one's fingerprint, skipped as that one later
+            storage.remove(job.marker_uri)
             storage.publish_file(path, job.output, move=True)
     thumbnail = _thumbnail(job)
     if thumbnail:

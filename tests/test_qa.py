@@ -129,6 +129,30 @@ def test_below_fail_below_the_row_fails_and_nothing_is_published(rendered, tmp_p
     assert not os.path.exists(tmp_path / "strict.mp4") and not os.path.exists(rendered_row.marker_uri)
 
 
+def test_the_marker_of_the_video_being_replaced_goes_before_the_new_video_is_published(rendered, tmp_path, monkeypatch):
+    """Published, then stopped before its own marker: the new video must not stay under the marker
+    of the one it replaced (a later run with those settings would skip the row with this video)."""
+    import os
+
+    from heygem_ray import storage
+    from heygem_ray.config import EncoderConfig
+    from heygem_ray.prepare import prepare_audio_track
+    from heygem_ray.stitch import stitch_row
+
+    rendered_row, audio = rendered
+    track = prepare_audio_track(audio, str(tmp_path / "cache"), EncoderConfig())
+    row = replace(rendered_row, output=str(tmp_path / "new.mp4"), marker_uri=str(tmp_path / "old-marker.json"))
+    storage.write_bytes(row.marker_uri, b'{"fingerprint": "of the earlier video"}')
+
+    def stopped(local: str, uri: str, move: bool = False) -> None:
+        raise OSError("the run stopped here")
+
+    monkeypatch.setattr(storage, "publish_file", stopped)
+    with pytest.raises(OSError, match="stopped here"):
+        stitch_row(row, track)
+    assert not os.path.exists(row.marker_uri)
+
+
 # ------------------------------------------------------------------------- the lip-sync expert
 @pytest.fixture(scope="module")
 def syncnet_checkpoint(tmp_path_factory):
@@ -175,9 +199,11 @@ def test_the_expert_loads_strictly_and_embeds_to_unit_length(syncnet_checkpoint,
 
 def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoint):
     """With qa.syncnet the actor embeds every five-frame window it renders (a sidecar beside each
-    segment) and the stitch gives LSE-C as the score, LSE-D as the distance and the best offset."""
+    segment) and the stitch gives LSE-C as the score, LSE-D as the distance and the best offset.
+    Segments an earlier run made without the expert are made again, not reused without them."""
     from heygem_ray.config import QAConfig
 
+    render_row(tmp_path, media_dir, 4.0, 5)
     job, _ = render_row(tmp_path, media_dir, 4.0, 5, f"qa.syncnet={syncnet_checkpoint}")
     faces, starts = qa.read_face_embeddings(qa.syncnet_uri(job.segment_uris[0]))
     first = job.spans[0]

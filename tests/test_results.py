@@ -130,3 +130,45 @@ def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir,
     again = {r["id"]: r for r in read_results(str(out / "_results.parquet"))}
     assert all(again[row_id]["status"] in ("ok", "skipped") for row_id in again)
     assert all(again[row_id]["status"] == "skipped" for row_id in done), again
+
+
+def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never_started(tmp_path):
+    """A re-run of a finished campaign (the studio's "Re-run failed rows") stopped early must not
+    report the videos of the rows it had not reached as failed: they keep their earlier result
+    (ok as skipped), from the last table or a killed run's parts; any other such row fails."""
+    from dataclasses import replace
+
+    from heygem_ray.campaign import Campaign
+    from heygem_ray.executors.inline import InlineExecutor
+    from heygem_ray.manifest import read_manifest
+    from heygem_ray.results import write_results
+    from tests.helpers import compose_config
+
+    manifest = str(tmp_path / "m.parquet")
+    ids = ["a", "b", "c", "d", "e"]
+    pq.write_table(pa.table({"id": ids, "audio": ["x.wav"] * 5, "avatar": ["y.png"] * 5}), manifest)
+    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline")
+    rows = read_manifest(cfg.manifest, cfg.output)
+    output = {row.id: row.output for row in rows}
+    a = replace(_result("a"), output=output["a"], sync_score=0.4)
+    write_results(
+        cfg.layout.results,
+        [
+            a,
+            replace(_result("b", "failed"), output=output["b"]),
+            _result("c"),
+            replace(_result("e"), output=output["e"]),
+        ],
+    )
+    killed = ResultsTable(cfg.layout.results, cfg.layout.results_parts)  # a later run, killed: its parts
+    killed.add(replace(_result("d", "skipped"), output=output["d"]))
+    killed.add(replace(_result("e", "failed"), output=output["e"]))
+    killed.flush()
+
+    campaign = Campaign(cfg, rows, InlineExecutor(cfg))
+    campaign._interrupted(ids)
+    got = {r.id: r for r in campaign.results.finish(ids)}
+    assert (got["a"].status, got["a"].sync_score, got["a"].finished_at) == ("skipped", 0.4, int(a.finished_at))
+    assert got["d"].status == "skipped"
+    for row_id in "bce":  # failed before; published to another path; failed in the latest run
+        assert got[row_id].status == "failed" and "interrupted" in (got[row_id].error or ""), got[row_id]

@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import IO
+from typing import IO, Any
 
 import av
 
@@ -96,7 +96,7 @@ def _segment_packets(
         # Opening an mp4 decodes its first frame to learn the stream's parameters (~30 ms at 1080p,
         # a second over a 3-minute row); the first segment's, the output's template, are needed,
         # the others' packets only (their settings are checked equal by the extradata).
-        skip = [] if index == 0 else [{"skip_frame": "all"}]
+        skip: Any = [] if index == 0 else [{"skip_frame": "all"}]  # a dict per stream (PyAV's stub: str)
         with open_segment(index) as fh, av.open(fh, "r", stream_options=skip) as seg:
             stream = seg.streams.video[0]
             if stream.time_base is None:
