@@ -20,6 +20,21 @@ from dataclasses import dataclass
 
 from heygem_ray.storage import join
 
+#: the names the campaign's own files take directly under the output root: no video may
+RESERVED = (
+    "_results.parquet",
+    "_results",
+    "_report.html",
+    "_report",
+    "_progress.json",
+    "_config.yaml",
+    "_markers",
+    "_thumbs",
+    "_work",
+    "_cache",
+    "_lock.json",
+)
+
 
 @dataclass(frozen=True)
 class CampaignLayout:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from heygem_ray import storage
 from heygem_ray.errors import ManifestError
+from heygem_ray.layout import RESERVED
 from heygem_ray.plan import stable_hash
 
 REQUIRED = ("audio", "avatar")
@@ -55,27 +56,32 @@ def rows_from_table(
             f"it has {', '.join(table.column_names) or 'no columns'}"
         )
     problems: list[str] = []
-    for column in ("audio", "avatar", "id", "output"):
-        if column in table.column_names and not (
-            pa.types.is_string(table[column].type) or pa.types.is_large_string(table[column].type)
-        ):
-            problems.append(f"column {column!r} must hold strings, not {table[column].type}")
+    table = _text_columns(table, ("audio", "avatar", "id", "output"), problems)
     if problems:
         raise ManifestError(f"{name}: " + "; ".join(problems))
 
     data = table.to_pylist()
     rows: list[Row] = []
+    derived: dict[str, list[int]] = {}  # ids made from audio + avatar: the rows each was made for
     for n, record in enumerate(data):
         where = f"row {n}"
-        audio, avatar = record.get("audio"), record.get("avatar")
+        known = len(problems)
+        audio, avatar = (_uri(record.get(c), c, where, problems) for c in ("audio", "avatar"))
         if not audio or not avatar:
-            problems.append(f"{where}: empty {'audio' if not audio else 'avatar'}")
+            if len(problems) == known:  # else the cell's own problem is said
+                problems.append(f"{where}: empty {'audio' if not audio else 'avatar'}")
             continue
-        row_id = record.get("id") or default_id(audio, avatar)
+        row_id = record.get("id")
+        if not row_id:
+            row_id = default_id(audio, avatar)
+            derived.setdefault(row_id, []).append(n)
         if not _SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
-            problems.append(f"{where}: id {row_id!r} must be 1-200 letters, digits, '.', '_' or '-'")
+            problems.append(
+                f"{where}: id {row_id!r} must be 1-200 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
             continue
-        output = record.get("output") or f"{row_id}.mp4"
+        output = _uri(record.get("output"), "output", where, problems) or f"{row_id}.mp4"
         if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
             output = storage.join(output_root, output)  # relative outputs live under the campaign root
         if not allow_outside_output and not _is_under(output, output_root):
@@ -84,6 +90,11 @@ def rows_from_table(
                 f"{storage.display(output_root)} (set storage.allow_outside_output=true to allow)"
             )
             continue
+        if _is_under(output, output_root):
+            first = storage.normalize(output)[len(storage.normalize(output_root).rstrip("/")) + 1 :].split("/")[0]
+            if first in RESERVED:
+                problems.append(f"{where}: output {storage.display(output)} is where the campaign keeps {first}")
+                continue
         try:
             box = _parse_box(record.get("box"))
         except ValueError as exc:
@@ -91,14 +102,53 @@ def rows_from_table(
             continue
         rows.append(Row(row_id, audio, avatar, output, box))
 
-    _check_unique([r.id for r in rows], "id", problems)
+    for row_id, numbers in derived.items():
+        if len(numbers) > 1:  # named for what the user wrote, not for an id they never saw
+            problems.append(f"rows {', '.join(map(str, numbers[:5]))}: the same audio and avatar (give them ids)")
+    _check_unique([r.id for r in rows if r.id not in derived or len(derived[r.id]) == 1], "id", problems)
     _check_unique([storage.normalize(r.output) for r in rows], "output", problems)
+    inputs = {storage.normalize(uri) for r in rows for uri in (r.audio, r.avatar)}
+    for row in rows:
+        if storage.normalize(row.output) in inputs:
+            problems.append(f"row {row.id}: output {storage.display(row.output)} is one of the campaign's inputs")
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ManifestError(f"{name} is invalid:\n  " + "\n  ".join(shown))
     if not rows:
         raise ManifestError(f"{name} has no rows")
     return rows
+
+
+def _text_columns(table: pa.Table, columns: tuple[str, ...], problems: list[str]) -> pa.Table:
+    """The table with its text columns as strings: pandas' categoricals (dictionaries), string
+    views and all-null optional columns are strings too; anything else is a problem."""
+    for column in columns:
+        if column not in table.column_names:
+            continue
+        kind = table[column].type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if pa.types.is_null(kind) or _is_text(kind):
+            index = table.column_names.index(column)
+            table = table.set_column(index, column, table[column].cast(pa.string()))
+        else:
+            problems.append(f"column {column!r} must hold strings, not {table[column].type}")
+    return table
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or bool(view and view(kind))
+
+
+def _uri(value: str | None, column: str, where: str, problems: list[str]) -> str | None:
+    """A URI cell without surrounding blanks (a pasted "a.wav\n"); None if empty or if it holds a
+    control character (recorded as a problem)."""
+    value = (value or "").strip()
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        problems.append(f"{where}: {column} {value!r} holds a control character")
+        return None
+    return value or None
 
 
 def _is_under(uri: str, root: str) -> bool:
@@ -116,7 +166,7 @@ def _parse_box(value: object) -> tuple[int, int, int, int] | None:
         parts = value
     try:
         box = [int(float(v)) for v in parts]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: inf
         raise ValueError(f"box {value!r} must be four numbers x1, y1, x2, y2") from None
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
         raise ValueError(f"box {value!r} must be x1, y1, x2, y2 with x2 > x1 >= 0 and y2 > y1 >= 0")
@@ -157,7 +207,7 @@ def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int
     pairs = [(a, v) for a in audios for v in avatars][:limit]
     ids = [_pair_id(a, v) for a, v in pairs]
     if len(set(ids)) < len(ids):
-        ids = [f"{i}-{default_id(a, v)[:6]}" for i, (a, v) in zip(ids, pairs)]
+        ids = [f"{i[:193]}-{default_id(a, v)[:6]}" for i, (a, v) in zip(ids, pairs)]  # 200 at most
     table = pa.table({"id": ids, "audio": [a for a, _ in pairs], "avatar": [v for _, v in pairs]})
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -169,6 +219,6 @@ def _pair_id(audio: str, avatar: str) -> str:
     def stem(uri: str) -> str:
         name = storage.basename(uri)
         name = name.rsplit(".", 1)[0] if "." in name else name
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "x"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "x"  # ids start with a letter or digit
 
     return f"{stem(audio)}__{stem(avatar)}"[:200]

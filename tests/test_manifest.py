@@ -49,12 +49,36 @@ def test_outputs_outside_the_root_are_refused_by_default(output):
         ({"audio": [1, 2], "avatar": ["v", "w"]}, "column 'audio' must hold strings"),
         ({"audio": ["a"], "avatar": ["v"], "id": ["../etc"]}, "must be 1-200 letters"),
         ({"audio": ["a"], "avatar": ["v"], "box": [[1, 2, 3]]}, "must be x1, y1, x2, y2"),
+        ({"audio": ["a"], "avatar": ["v"], "box": ["0,0,inf,10"]}, "must be four numbers"),
+        ({"audio": ["a\tb.wav"], "avatar": ["v"]}, "row 0: audio 'a\\tb.wav' holds a control character"),
+        ({"audio": ["a", "a"], "avatar": ["v", "v"]}, "rows 0, 1: the same audio and avatar (give them ids)"),
+        ({"audio": ["a"], "avatar": ["v"], "output": ["_results.parquet"]}, "is where the campaign keeps _results"),
+        ({"audio": ["a"], "avatar": ["v"], "output": ["_markers/x.json"]}, "is where the campaign keeps _markers"),
+        ({"audio": ["/out/v.mp4"], "avatar": ["/out/v.mp4"], "output": ["v.mp4"]}, "is one of the campaign's inputs"),
     ],
 )
 def test_invalid_manifests_are_rejected_with_the_reason(cols, message):
     with pytest.raises(ManifestError, match=None) as err:
         rows_from_table(pa.table(cols), "/out")
     assert message in str(err.value)
+
+
+def test_cells_are_read_as_people_write_them():
+    """Blanks around a pasted URI, pandas' categoricals, an optional column left all null, a
+    leading underscore in an output's name: all fine."""
+    rows = rows_from_table(
+        pa.table(
+            {
+                "audio": pa.array([" a.wav\n", "b.wav"]).dictionary_encode(),
+                "avatar": ["v.mp4", "v.mp4"],
+                "id": pa.array([None, None], pa.null()),
+                "output": ["_intro.mp4", None],
+            }
+        ),
+        "/out",
+    )
+    assert [r.audio for r in rows] == ["a.wav", "b.wav"]
+    assert rows[0].output == "/out/_intro.mp4" and rows[1].id == default_id("b.wav", "v.mp4")
 
 
 def test_box_column_accepts_lists_and_strings():
@@ -83,6 +107,15 @@ def test_build_manifest_cross_product_from_globs(tmp_path):
     assert len(read_manifest(out, str(tmp_path))) == 6
     with pytest.raises(ManifestError, match="matches no files"):
         build_manifest([str(tmp_path / "*.mp3")], [str(tmp_path / "p1.mp4")], out)
+    # the ids it makes are ids read_manifest takes: no leading "_", never over 200 characters
+    long = "n" * 190
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "_intro.wav").write_bytes(b"x")
+        (tmp_path / folder / f"{long}.png").write_bytes(b"x")
+    assert build_manifest([str(tmp_path / "*" / "_intro.wav")], [str(tmp_path / "*" / "*.png")], out) == 4
+    ids = [r.id for r in read_manifest(out, str(tmp_path))]
+    assert all(i.startswith("intro__nnn") and len(i) <= 200 for i in ids) and len(set(ids)) == 4
 
 
 def test_manifest_through_fsspec_memory():
@@ -130,7 +163,8 @@ def test_any_manifest_either_reads_or_says_why(entries, drop):
         rows = rows_from_table(pa.table(cols), "/out")
     except ManifestError as exc:
         assert str(exc).strip()  # a message a person can act on
-        assert any(word in str(exc) for word in ("lacks", "empty", "duplicate", "must", "outside", "no rows"))
+        words = ("lacks", "empty", "duplicate", "must", "outside", "no rows", "control", "same audio", "inputs")
+        assert any(word in str(exc) for word in words)
     else:
         assert drop is None and len(rows) == len(entries)
         assert all(r.audio and r.avatar for r in rows)
