@@ -49,7 +49,7 @@ def reading(what: str, uri: str) -> Iterator[None]:
     """Turn storage errors about a row's own input into InputErrors naming that input."""
     try:
         yield
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a parent is a file
         raise InputError(what, uri, "does not exist") from None
     except IsADirectoryError:
         raise InputError(what, uri, "is a directory, not a file") from None

@@ -47,7 +47,7 @@ def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
     info = fs.info(path)
     if info.get("type") == "directory":
         raise IsADirectoryError(path)
-    if not info.get("size"):
+    if info.get("size") == 0:  # None: unknown (an HTTP server that sends no length), not empty
         raise InputError(what, uri, "is empty (0 bytes)")
     memo = storage.join(cache, "fingerprints", f"{storage.version_key(uri, info)[:32]}.txt")
     with caching(memo), contextlib.suppress(FileNotFoundError):

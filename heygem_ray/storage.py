@@ -347,13 +347,12 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     key = version_key(uri, info)[:24]
     suffix = os.path.splitext(basename(uri.split("?", 1)[0]))[1][:16]  # never a query string (tokens) on disk
     root = cache_dir or node_cache_dir()
-    os.makedirs(root, exist_ok=True)
     dest = os.path.join(root, key + suffix)
     if os.path.exists(dest):
         with contextlib.suppress(OSError):  # a read-only or another user's cache: used as it is
             os.utime(dest)  # a use: the copies used longest ago go first, never within the grace
         return dest
-    with _file_lock(dest + ".lock"):
+    with _cache_lock(root, dest):
         if not os.path.exists(dest):
             tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
             try:
@@ -398,9 +397,20 @@ def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:
             os.unlink(path + ".lock")
 
 
+class NodeCacheError(OSError):
+    """The node's download cache (HEYGEM_CACHE_DIR) cannot be made or written: every row on the
+    node meets it, and it is not any input's fault."""
+
+
 @contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    with open(path, "w") as fh:
+def _cache_lock(root: str, dest: str) -> Iterator[None]:
+    """Hold the lock on one copy in the node cache `root`, made first if need be."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        fh = open(dest + ".lock", "w")  # noqa: SIM115 - closed below, after the lock is let go
+    except OSError as exc:  # the node's cache, not the input: said so (callers blame inputs for OSErrors)
+        raise NodeCacheError(f"node cache {root} cannot be used ({exc.strerror or exc}); set HEYGEM_CACHE_DIR") from exc
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

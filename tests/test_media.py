@@ -1,6 +1,7 @@
 """Real files through PyAV: audio in many formats, seeking reads, segment join without re-encode."""
 
 import os
+import struct
 import wave
 from pathlib import Path
 
@@ -58,6 +59,43 @@ def test_8bit_pcm_and_nan_float_wav(tmp_path):
     demo.write_audio(path, samples, codec="pcm_f32le")
     pcm = decode_all(path)
     assert np.isfinite(pcm).all() and len(pcm) == 16000
+
+
+def test_audio_that_changes_format_midway_or_has_nine_channels(tmp_path):
+    """TTS chunks joined into one file (48 kHz mono, then 16 kHz stereo), and a 9-channel float
+    WAV (more channels than FFmpeg mixes by itself): both decode whole, and encode for the output."""
+    joined = tmp_path / "joined.aac"
+    parts = []
+    for rate, channels in ((48_000, 1), (16_000, 2)):
+        demo.write_audio(str(tmp_path / "part.aac"), _tone(1.0, rate), rate, "aac", channels)
+        parts.append((tmp_path / "part.aac").read_bytes())
+    joined.write_bytes(b"".join(parts))
+    nine = tmp_path / "nine.wav"
+    data = np.repeat(_tone(1.0, 16_000)[:, None], 9, axis=1).astype("<f4").tobytes()
+    nine.write_bytes(_wav_header(9, 16_000, len(data)) + data)
+    for path in (joined, nine):
+        pcm = decode_all(str(path))
+        assert abs(len(pcm) / 16_000 - (2.0 if path == joined else 1.0)) < 0.15, (path, len(pcm))
+        assert 0.3 < np.abs(pcm[4000:12000]).max() < 0.9, path  # the tone, not silence or a mix gone wrong
+        assert mux.encode_audio(str(path), str(tmp_path / "out.m4a")) > 0
+
+
+def _tone(seconds: float, rate: int) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def _wav_header(channels: int, rate: int, size: int) -> bytes:
+    """An IEEE-float WAV header without a channel mask (the channels in no known order)."""
+    fmt = struct.pack("<HHIIHH", 3, channels, rate, rate * channels * 4, channels * 4, 32)
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + size)
+        + b"WAVEfmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", size)
+    )
 
 
 def test_audio_errors_name_the_input(tmp_path):

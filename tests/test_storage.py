@@ -119,3 +119,60 @@ def test_join_and_normalize():
     assert storage.join("s3://b/camp/", "x", "/y.mp4") == "s3://b/camp/x/y.mp4"
     assert storage.normalize("s3://b//camp/x") == "s3://b/camp/x"
     assert storage.normalize("rel/x.mp4") == os.path.abspath("rel/x.mp4")
+
+
+def test_a_node_cache_that_cannot_be_used_is_blamed_not_the_input(tmp_path, monkeypatch):
+    """Every remote row on a node whose download cache cannot be made failed with "audio ...: does
+    not exist" (or "permission denied"), as if its own file were at fault."""
+    from heygem_ray.prepare import prepare_audio
+
+    storage.write_bytes("memory://nodecache/n.wav", b"RIFF....")
+    (tmp_path / "file").write_text("a file where the cache's folder would go")
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(storage.NodeCacheError, match="node cache .*/file/cache cannot be used .* HEYGEM_CACHE_DIR"):
+        prepare_audio("memory://nodecache/n.wav", str(tmp_path / "campaign-cache"))
+
+
+def test_an_input_under_a_file_does_not_exist(tmp_path):
+    from heygem_ray.errors import reading
+
+    (tmp_path / "a.wav").write_bytes(b"x")
+    with (
+        pytest.raises(InputError, match="a.wav/b.wav: does not exist"),
+        reading("audio", str(tmp_path / "a.wav" / "b.wav")),
+    ):
+        (tmp_path / "a.wav" / "b.wav").read_bytes()
+
+
+def test_an_http_input_whose_server_sends_no_length_is_not_empty(tmp_path, media_dir):
+    """A server that streams without Content-Length (a TTS endpoint) gives fsspec no size: the row
+    was failed as "is empty (0 bytes)"."""
+    import http.server
+    import threading
+
+    from heygem_ray.prepare import prepare_audio
+
+    body = (media_dir / "speech3.wav").read_bytes()
+
+    class NoLength(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.do_HEAD()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoLength)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/speech.wav"
+        audio = prepare_audio(url, str(tmp_path / "cache"))
+    finally:
+        server.shutdown()
+    assert abs(audio.seconds - 3.0) < 0.01

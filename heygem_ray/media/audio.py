@@ -52,14 +52,58 @@ def iter_pcm16k(path: str, display_uri: str | None = None) -> Iterator[np.ndarra
             if not container.streams.audio:
                 raise InputError("audio", uri, "has no audio stream")
             stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            resampler = Resampler("flt", "mono", SAMPLE_RATE)
             for frame in container.decode(stream):
-                for out in resampler.resample(finite_samples(frame)):
+                for out in resampler.resample(frame):
                     yield out.to_ndarray().reshape(-1)
             for out in resampler.resample(None):
                 yield out.to_ndarray().reshape(-1)
     except av.error.FFmpegError as exc:
         raise InputError("audio", uri, f"is not readable audio ({exc.strerror or exc})") from None
+
+
+class Resampler:
+    """Decoded frames to one format, layout and rate, whatever the stream does: non-finite
+    samples silenced (`finite_samples`), a stream whose rate or layout changes midway (TTS chunks
+    joined into one file) followed, and channels FFmpeg cannot mix (over 8, in no known order)
+    averaged first."""
+
+    def __init__(self, format: str, layout: str, rate: int):
+        self._target = (format, layout, rate)
+        self._source: tuple[str, str, int] | None = None
+        self._resampler: av.AudioResampler | None = None
+
+    def resample(self, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
+        """The frames ready so far; None: the rest."""
+        if frame is None:
+            return self._resampler.resample(None) if self._resampler else []
+        frame = _mixable(finite_samples(frame))
+        source = (frame.format.name, frame.layout.name, frame.sample_rate)
+        out: list[av.AudioFrame] = []
+        if source != self._source:
+            if self._resampler is not None:
+                out += self._resampler.resample(None)  # the samples it holds, in the old setup
+            format, layout, rate = self._target
+            self._resampler, self._source = av.AudioResampler(format=format, layout=layout, rate=rate), source
+        assert self._resampler is not None
+        return out + self._resampler.resample(frame)
+
+
+#: the most channels FFmpeg mixes down by itself (it knows no order for more)
+MIXABLE_CHANNELS = 8
+
+
+def _mixable(frame: av.AudioFrame) -> av.AudioFrame:
+    """`frame`, or its channels averaged into one where FFmpeg could not mix them."""
+    channels = frame.layout.nb_channels
+    if channels <= MIXABLE_CHANNELS:
+        return frame
+    data = frame.to_ndarray()  # planar: (channels, samples); packed: (1, samples * channels)
+    per_channel = data.reshape(channels, -1) if frame.format.is_planar else data.reshape(-1, channels).T
+    mono = per_channel.mean(axis=0, dtype=np.float64).astype(data.dtype)[None, :]
+    mixed = av.AudioFrame.from_ndarray(mono, format=frame.format.name, layout="mono")
+    mixed.sample_rate, mixed.pts, mixed.time_base = frame.sample_rate, frame.pts, frame.time_base
+    return mixed
 
 
 def finite_samples(frame: av.AudioFrame) -> av.AudioFrame:

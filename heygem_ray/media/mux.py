@@ -15,7 +15,7 @@ from typing import IO, Any
 import av
 
 from heygem_ray.errors import InputError
-from heygem_ray.media.audio import finite_samples
+from heygem_ray.media.audio import Resampler
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class _AudioEncoder:
         layout: str,
     ):
         self._container, self._src, self._dst = container, src, dst
-        self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        self._resampler = Resampler("fltp", layout, rate)
         self.samples = 0
 
     def packets(self) -> Iterator[av.Packet]:
@@ -152,5 +152,5 @@ class _AudioEncoder:
 
     def _frames(self) -> Iterator[av.AudioFrame]:
         for frame in self._container.decode(self._src):
-            yield from self._resampler.resample(finite_samples(frame))
+            yield from self._resampler.resample(frame)
         yield from self._resampler.resample(None)
