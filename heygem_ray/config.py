@@ -155,6 +155,8 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         check_choices("detector", self, {"name": DETECTORS})
         check_device("detector", self.device)
+        if self.name == "s3fd" and not self.checkpoint:  # before any cluster starts, not on every row
+            raise ValueError("detector=s3fd needs detector.checkpoint=<URI of s3fd-619a316812.pth>")
 
     @property
     def gpu_share(self) -> float:
@@ -191,7 +193,7 @@ class ClusterConfig:
     num_cpus: int | None = None
     #: GPUs for a local Ray (null = what the machine has); ignored when joining a cluster
     num_gpus: int | None = None
-    #: renderer actors (0 = as many as the cluster's resources fit, less `reserve_cpus`)
+    #: renderer actors (0 = as many as each node's resources fit, less `reserve_cpus` on every node)
     actors: int = 0
     #: CPUs left free for the prepare and stitch tasks when sizing the actor pool automatically
     reserve_cpus: float = 1.0

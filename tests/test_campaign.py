@@ -472,10 +472,11 @@ HEAD = {"CPU": 0.0}
     [
         ([H100_NODE], 2.0, 0.125, 1.0, 7),  # 8 GPU shares, but 16 - 1 reserved CPUs hold 7
         ([H100_NODE], 4.0, 1.0, 1.0, 1),  # one whole-GPU actor per GPU
-        ([HEAD, GPU_POD, GPU_POD], 2.0, 0.125, 1.0, 7),  # CPUs bound each pod (4), the reserve one more
-        ([CPU_NODE, GPU_POD], 2.0, 0.125, 1.0, 4),  # GPU actors cannot use the CPU-only node
+        ([HEAD, GPU_POD, GPU_POD], 2.0, 0.125, 1.0, 6),  # 3 a pod: each keeps its reserve (2 CPUs free)
+        ([CPU_NODE, GPU_POD], 2.0, 0.125, 1.0, 3),  # GPU actors cannot use the CPU-only node
         ([{"CPU": 64.0, "GPU": 2.0}], 2.0, 0.25, 1.0, 8),  # GPU shares bound it
-        ([HEAD, CPU_NODE], 1.0, 0.0, 1.0, 31),  # CPU actors: the cluster's CPUs less the reserve
+        ([HEAD, CPU_NODE], 1.0, 0.0, 1.0, 31),  # CPU actors: the node's CPUs less the reserve
+        ([CPU_NODE, CPU_NODE], 1.0, 0.0, 1.0, 62),  # the reserve is kept on every node
         ([{"CPU": 2.0}], 1.0, 0.0, 1.0, 1),  # this CI machine: one actor, one core for tasks
         ([HEAD, CPU_NODE], 2.0, 0.125, 1.0, 1),  # no GPU node up yet: one, which waits for a node
     ],
@@ -490,11 +491,15 @@ def test_gpu_actors_leave_a_share_for_gpu_face_detection():
     node = [{"CPU": 32.0, "GPU": 1.0}]
     assert ray_cluster.fit_actors(node, 2.0, 0.125, 1.0) == 8
     assert ray_cluster.fit_actors(node, 2.0, 0.125, 1.0, detect=(1.0, 0.125)) == 7
-    # 8-CPU pods fill their CPUs first: the free CPU for the detection task must be on a GPU node
+    # with no reserve, 8-CPU pods fill their CPUs: the free CPU for the detection task must be on a
+    # GPU node
     pods = [{"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
-    assert ray_cluster.fit_actors(pods, 2.0, 0.125, 1.0) == 8
-    assert ray_cluster.fit_actors(pods, 2.0, 0.125, 1.0, detect=(1.0, 0.125)) == 7
-    s3fd = compose_config("manifest=m", "output=o", "detector=s3fd")
+    assert ray_cluster.fit_actors(pods, 2.0, 0.125, 0.0) == 8
+    assert ray_cluster.fit_actors(pods, 2.0, 0.125, 0.0, detect=(1.0, 0.125)) == 7
+    s3fd = compose_config("manifest=m", "output=o", "detector=s3fd", "detector.checkpoint=/m/s3fd.pth")
     assert s3fd.detector.gpu_share == 0.125
-    assert compose_config("manifest=m", "output=o", "detector=s3fd", "detector.device=cpu").detector.gpu_share == 0
+    on_cpu = compose_config(
+        "manifest=m", "output=o", "detector=s3fd", "detector.checkpoint=/m/s3fd.pth", "detector.device=cpu"
+    )
+    assert on_cpu.detector.gpu_share == 0
     assert compose_config("manifest=m", "output=o").detector.gpu_share == 0  # the CPU cascade

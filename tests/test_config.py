@@ -58,6 +58,8 @@ def test_missing_mandatory_values_and_typos_are_errors():
         compose_config("manifest=m", "output=o", "render.segment_secondz=3")
     with pytest.raises(Exception, match="checkpoint"):
         compose_config("manifest=m", "output=o", "renderer=wav2lip")
+    with pytest.raises(Exception, match="detector=s3fd needs detector.checkpoint"):  # not on every row, later
+        compose_config("manifest=m", "output=o", "detector=s3fd")
 
 
 @pytest.mark.parametrize(

@@ -216,15 +216,15 @@ def fit_actors(
     detect: tuple[float, float] | None = None,
 ) -> int:
     """Actors of `num_cpus` CPUs and `num_gpus` GPUs that fit on nodes with these resources, leaving
-    `reserve_cpus` of the cluster's CPUs for prepare/stitch tasks, and with `detect` (CPUs, GPU
-    share) room for one GPU detection task on the GPU node with the most GPUs. Counted per node,
-    since an actor cannot span nodes: CPU-only nodes host no GPU actors, and a GPU node hosts as
-    many as both its GPU shares and its CPUs allow (on a 16-core, 1-GPU node: 7 actors of 2 CPUs and
-    1/8 GPU, not 8). At least 1, so a cluster that cannot host any yet gets the driver's "no actor
-    could start" warning."""
+    `reserve_cpus` of each node's CPUs for prepare/stitch tasks (so the room for them grows with
+    the cluster), and with `detect` (CPUs, GPU share) room for one GPU detection task on the GPU
+    node with the most GPUs. Counted per node, since an actor cannot span nodes: CPU-only nodes
+    host no GPU actors, and a GPU node hosts as many as both its GPU shares and its CPUs allow (on
+    a 16-core, 1-GPU node: 7 actors of 2 CPUs and 1/8 GPU, not 8; an 8-CPU pod: 3). At least 1, so
+    a cluster that cannot host any yet gets the driver's "no actor could start" warning."""
     per_node = []
     for res in nodes:
-        fits = math.floor(res.get("CPU", 0.0) / max(num_cpus, 1e-3) + 1e-9)
+        fits = math.floor(max(0.0, res.get("CPU", 0.0) - reserve_cpus) / max(num_cpus, 1e-3) + 1e-9)
         if num_gpus > 0:
             fits = min(fits, math.floor(res.get("GPU", 0.0) / num_gpus + 1e-9))
         per_node.append(fits)
@@ -237,10 +237,7 @@ def fit_actors(
             or res.get("CPU", 0.0) - per_node[node] * num_cpus < task_cpus - 1e-9
         ):
             per_node[node] -= 1
-    total = sum(per_node)
-    spare_cpus = sum(res.get("CPU", 0.0) for res in nodes) - reserve_cpus
-    total = min(total, math.floor(spare_cpus / max(num_cpus, 1e-3) + 1e-9))
-    return max(1, total)
+    return max(1, sum(per_node))
 
 
 def check_local_fit(cfg: Config) -> None:
