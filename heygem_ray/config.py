@@ -375,7 +375,7 @@ class StudioConfig:
     #: survive a restart of the studio
     session_key: str = "~/.heygem_ray/studio-session.key"
     #: renderers users may pick: name -> the campaign's overrides, e.g.
-    #: {wav2lip: [renderer=wav2lip, renderer.checkpoint=s3://models/wav2lip_gan.pth]}; the
+    #: {wav2lip: ['renderer=wav2lip', 'renderer.checkpoint=s3://models/wav2lip_gan.pth']}; the
     #: weights-free classic renderer is always offered
     models: dict[str, list[str]] = field(default_factory=dict)
     #: largest file a user may upload, MiB (checked by the web server and again by the studio)
@@ -387,7 +387,7 @@ class StudioConfig:
     user_quota_gb: float = 100
     #: one line per upload, submit, finish, failure, cancel, delete and download, with user and campaign
     log_file: str = "~/.heygem_ray/studio.log"
-    #: overrides added to every campaign the studio submits (e.g. [cluster=gpu])
+    #: overrides added to every campaign the studio submits (e.g. ['cluster=gpu'])
     render_overrides: list[str] = field(default_factory=list)
 
 
