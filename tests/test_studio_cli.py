@@ -123,3 +123,26 @@ def test_a_job_server_that_never_answers_does_not_hang_the_studio(monkeypatch):
             cluster.Cluster(address, local=False).job("campaign-1")
         assert time.monotonic() - start < 10
         assert not cluster._answers(address)
+
+
+def test_campaign_jobs_run_from_an_installed_studio_too(tmp_path, monkeypatch):
+    """The job's entrypoint was found beside the package (a checkout's jobs/): a studio installed
+    as a package (the image) could not submit. A local head runs the studio's own Python and
+    package; a remote one gets the checkout, with the excludes that keep users files and keys
+    home, or runs its own package when there is none."""
+    import sys
+    from pathlib import Path
+
+    from heygem_ray.studio import cluster
+
+    entrypoint, env = cluster.job_spec(True, None)
+    assert entrypoint == [sys.executable, "-m", "heygem_ray.cli", "render"] and "working_dir" not in env
+    entrypoint, env = cluster.job_spec(False, None)
+    assert entrypoint[1:] == ["-m", "heygem_ray.cli", "render"] and "working_dir" not in env
+    repository = cluster.checkout()
+    assert repository == Path(__file__).resolve().parents[1]  # the tests run from a checkout
+    entrypoint, env = cluster.job_spec(False, repository)
+    assert entrypoint == ["python", "jobs/render_campaign.py"] and env["working_dir"] == str(repository)
+    assert {"users.toml", "*.key"} <= set(env["excludes"])
+    monkeypatch.setattr(cluster, "CHECKOUT", tmp_path)  # site-packages: no jobs/, no infra/
+    assert cluster.checkout() is None

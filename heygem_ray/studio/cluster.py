@@ -1,5 +1,5 @@
 """The studio's side of the Ray cluster: campaigns go in as Ray jobs (the Ray Jobs SDK, entrypoint
-`jobs/render_campaign.py`) and are asked about, stopped and re-run by their submission ids. With
+`heygem-ray render`) and are asked about, stopped and re-run by their submission ids. With
 no address the studio uses a local Ray head it starts itself, or one already running, which
 outlives the studio: campaigns go on while it restarts."""
 
@@ -16,9 +16,8 @@ import yaml
 
 log = logging.getLogger("heygem_ray.studio")
 
-ROOT = Path(__file__).resolve().parents[2]
-ENTRYPOINT = ROOT / "jobs" / "render_campaign.py"
-RUNTIME_ENV = ROOT / "infra" / "runtime_env.yaml"
+#: where the studio's checkout would be (an editable install); an installed package has none
+CHECKOUT = Path(__file__).resolve().parents[2]
 #: Ray job states that will not change again
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 #: seconds to connect to the job server, and to wait for each of its answers: a head that accepts
@@ -98,15 +97,7 @@ class Cluster:
         return self._jobs
 
     def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
-        if self.local:
-            entrypoint = [sys.executable, str(ENTRYPOINT)]
-            runtime_env: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
-        else:
-            entrypoint = ["python", "jobs/render_campaign.py"]
-            runtime_env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
-            runtime_env["working_dir"] = str(ROOT)
-            # a users file or session key kept in the checkout must not travel with the job
-            runtime_env["excludes"] = [*runtime_env.get("excludes", []), "users.toml", "*.key"]
+        entrypoint, runtime_env = job_spec(self.local, checkout())
         command = " ".join(_quote(part) for part in [*entrypoint, *overrides])
         return self._call(
             "submit_job",
@@ -149,6 +140,27 @@ class Cluster:
             raise
         except OSError as exc:  # requests' connection errors are OSErrors
             raise ClusterUnavailable(f"the Ray cluster at {self.address} does not answer: {exc}") from None
+
+
+def checkout() -> Path | None:
+    """The repository the studio runs from, or None for an installed package (the image)."""
+    found = (CHECKOUT / "jobs" / "render_campaign.py").is_file() and (CHECKOUT / "infra" / "runtime_env.yaml").is_file()
+    return CHECKOUT if found else None
+
+
+def job_spec(local: bool, repository: Path | None) -> tuple[list[str], dict[str, Any]]:
+    """A campaign job's entrypoint and runtime env. A local head runs the driver with the studio's
+    own Python and package; a remote one gets `repository` uploaded as the job's working directory
+    (infra/runtime_env.yaml, whose excludes keep users files and keys out), so jobs run the code and
+    configs the studio shows; without one (an installed studio) the cluster's own package runs."""
+    plain: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    if local:
+        return [sys.executable, "-m", "heygem_ray.cli", "render"], plain
+    if repository is None:
+        return ["python", "-m", "heygem_ray.cli", "render"], plain
+    runtime_env = yaml.safe_load((repository / "infra" / "runtime_env.yaml").read_text()) or {}
+    runtime_env["working_dir"] = str(repository)
+    return ["python", "jobs/render_campaign.py"], runtime_env
 
 
 def _quote(part: str) -> str:
