@@ -54,6 +54,10 @@ def output_lock(layout: CampaignLayout) -> Iterator[None]:
     with writing(layout.output):
         _write(uri, mine)
     _HELD.add(token)
+    # what an earlier run killed mid-publish left: no other run writes here now
+    removed = storage.remove_parts(layout.output)
+    if removed:
+        log.info("removed %d half-published file(s) an earlier, killed run left", removed)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(uri, mine, stop), name="heygem-output-lock", daemon=True)
     beat.start()

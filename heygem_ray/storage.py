@@ -253,7 +253,7 @@ def publish_file(local_file: str, uri: str, move: bool = False) -> None:
         dest = local_path(uri)
         folder = os.path.dirname(dest) or "."
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(dest)}.part-{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(folder, f".{os.path.basename(dest)}{_PART}{uuid.uuid4().hex[:8]}")
         moved = move and _renamed(local_file, tmp)
         try:
             if not moved:
@@ -273,6 +273,27 @@ def publish_file(local_file: str, uri: str, move: bool = False) -> None:
     with contextlib.suppress(Exception):  # object stores have no real directories
         fs.makedirs(parent, exist_ok=True)
     fs.put_file(local_file, path)
+
+
+#: what names a file being published (".NAME.part-XXXXXXXX" beside NAME) until it is renamed
+_PART = ".part-"
+
+
+def remove_parts(root: str) -> int:
+    """Remove the files that publishes under the local folder `root` left half-made when their
+    process was killed (SIGKILL, a lost node); returns how many. Only for a folder no one else
+    publishes into now (the output root, once its lock is held): a publish still running there
+    would fail and be tried again. Object stores have none (a PUT is whole or absent)."""
+    if not is_local(root):
+        return 0
+    removed = 0
+    for folder, _, names in os.walk(local_path(root)):
+        for name in names:
+            if name.startswith(".") and _PART in name:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
 
 
 def _renamed(src: str, dst: str) -> bool:

@@ -60,6 +60,26 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path):
         pass
 
 
+def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the_output(tmp_path):
+    """A run killed between writing a file's temporary copy and renaming it left `.NAME.part-*`
+    files beside the videos and the report for good; files of other names stay."""
+    from heygem_ray import storage
+
+    (tmp_path / "_markers").mkdir()
+    (tmp_path / "sub").mkdir()
+    left = [
+        tmp_path / "._report.html.part-c19d1e20",
+        tmp_path / "_markers" / ".r.json.part-1",
+        tmp_path / "sub" / ".v.mp4.part-2",
+    ]
+    kept = [tmp_path / ".hidden", tmp_path / "v.part-3.mp4", tmp_path / "v.mp4"]
+    for path in left + kept:
+        path.write_bytes(b"x")
+    with output_lock(CampaignLayout(str(tmp_path))):
+        assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
+    assert storage.remove_parts(str(tmp_path)) == 0 and storage.remove_parts("memory://x/out") == 0
+
+
 def test_a_run_whose_lock_was_taken_over_stops_refreshing_it(tmp_path, monkeypatch, caplog):
     """A run whose store did not answer for a minute finds another run holding its lock: it says so
     and leaves that run's lock alone (neither refreshed over, nor removed at its end)."""
