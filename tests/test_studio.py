@@ -343,6 +343,28 @@ class Studio:
         return http, client
 
 
+def _file(path) -> dict:
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}, "orig_name": os.path.basename(path)}
+
+
+def _raw_event(studio, http, api_name: str, data: list) -> dict:
+    """One page event sent as a browser would, with `data` as given (gradio_client uploads any
+    local path it is handed first); its last message."""
+    import uuid
+
+    config = http.get("/app/config").json()
+    fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+    session = uuid.uuid4().hex
+    joined = http.post("/app/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session})
+    assert joined.status_code == 200, joined.text
+    with http.stream("GET", "/app/gradio_api/queue/data", params={"session_hash": session}) as events:
+        for line in events.iter_lines():
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                return message
+    raise AssertionError(f"{api_name}: no answer")
+
+
 @pytest.mark.integration
 def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media_dir, ray_head):
     """Two users; alice uploads two presenters and one narration, submits, follows the campaign to
@@ -416,6 +438,19 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
             assert anonymous.get(path).status_code == 404, path
         assert "Nothing to cancel" in bob.predict(campaign, api_name="/do_cancel")
         assert "Not deleted" in bob.predict(campaign, api_name="/do_delete")
+        # nor by naming the server paths of alice's files as his "uploads" (Gradio took any path in a
+        # mounted app: bob could render alice's narration, probe her files, and have them removed)
+        hers = tmp_path / "store" / "alice" / campaign / "inputs" / "audio" / "speech3.wav"
+        face = str(media_dir / "still.png")
+        made = _raw_event(
+            studio,
+            bob_http,
+            "create",
+            ["x", [_file(hers)], [_file(face)], None, "classic (no weights)", "draft (small, fast)"],
+        )
+        assert made["msg"] == "process_completed" and not made["success"], made
+        assert _raw_event(studio, bob_http, "check", [[_file(hers)], None])["success"] is False
+        assert hers.exists() and not (tmp_path / "store" / "bob").exists()
 
         lines = studio.log.read_text()
         assert f"submit user=alice campaign={campaign} rows=2" in lines and "login refused user='alice'" in lines

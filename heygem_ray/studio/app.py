@@ -15,6 +15,7 @@ import gradio as gr
 from fastapi import FastAPI, Form, Request
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from gradio.utils import get_upload_folder as gradio_upload_folder
 
 from heygem_ray import storage
 from heygem_ray.studio.cluster import ClusterUnavailable
@@ -136,6 +137,11 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         return Response(data, media_type="image/jpeg")
 
     blocks = build_pages(studio, sign_out=users_file is not None)
+    # Gradio checks that a file a client names was uploaded only in an app that has "launched";
+    # mount_gradio_app, unlike launch(), never says so, and Gradio would then take any server path
+    # a client sends as an upload (copying it into its cache): a user could render, probe or have
+    # the studio delete any file it can read, other users' videos included
+    blocks.has_launched = True
     max_bytes = int(studio.cfg.max_upload_mb * 2**20)
     return gr.mount_gradio_app(
         app,
@@ -209,7 +215,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             """At upload time: each file's type, size and that it decodes; and the row count."""
             problems = []
             for files, kind in ((audio_files or [], "audio"), (avatar_files or [], "avatar")):
-                for path in files:
+                for path in _uploaded(files):
                     try:
                         check_upload(path, kind, max_bytes)
                     except UploadError as exc:
@@ -228,7 +234,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             request: gr.Request,
         ) -> tuple[str, gr.Dropdown]:
             user = user_of(request)
-            uploads = [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
+            uploads = _uploaded(
+                [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
+            )
             try:
                 record = studio.create(
                     user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
@@ -401,6 +409,16 @@ def _when(timestamp: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def _uploaded(paths: list[str]) -> list[str]:
+    """`paths`, each checked to be in Gradio's upload folder (which holds what users uploaded, under
+    names no one can guess): a second guard behind Gradio's own, before the studio reads or removes them."""
+    folder = os.path.realpath(gradio_upload_folder())
+    for path in paths:
+        if os.path.commonpath([folder, os.path.realpath(path)]) != folder:
+            raise gr.Error(f"{os.path.basename(path)} is not one of your uploads")
+    return paths
 
 
 def _remove_quietly(path: str) -> None:
