@@ -91,11 +91,17 @@ def test_password_guessing_slows_down(tmp_path):
 
     users_path = tmp_path / "users.toml"
     add_user(users_path, "alice", "right")
-    users, guard = UsersFile(users_path), LoginGuard(free=3)
+    users, guard = UsersFile(users_path), LoginGuard(free=3, name_free=6)
+    mallory, alice = guard.keys("alice", "10.0.0.66"), guard.keys("alice", "10.0.0.1")
     for _ in range(3):
-        assert guard.wait_seconds("name:alice") == 0
-        assert not guard.check(users, "alice", "wrong", "name:alice")
-    assert guard.wait_seconds("name:alice") > 0 and guard.wait_seconds("name:bob") == 0
+        assert guard.wait_seconds(*mallory) == 0
+        assert not guard.check(users, "alice", "wrong", *mallory)
+    assert guard.wait_seconds(*mallory) > 0 and guard.wait_seconds(*guard.keys("bob", "10.0.0.66")) > 0
+    # the guesser is slowed, not alice on her own machine...
+    assert guard.wait_seconds(*alice) == 0 and guard.wait_seconds(*guard.keys("bob", "10.0.0.2")) == 0
+    for address in ("10.0.0.67", "10.0.0.68", "10.0.0.69"):  # ...until her name fails from many addresses
+        assert not guard.check(users, "alice", "wrong", *guard.keys("alice", address))
+    assert guard.wait_seconds(*alice) > 0
     add_user(users_path, "bob", "pw")  # a running studio sees users added since it started
     assert guard.check(users, "bob", "pw", "name:bob")
 
@@ -218,6 +224,20 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
         pq.write_table(pa.table({"audio": [value], "avatar": ["face.png"]}), bad)
         with pytest.raises(UploadError, match="is not among your uploads"):
             store.uploaded_manifest("alice", campaign, str(bad))
+    # what the campaign would refuse is refused now, not in a job that fails later
+    twice = tmp_path / "twice.csv"
+    twice.write_text("id,audio,avatar\nsame,a.wav,face.png\nsame,b.wav,face.png\n")
+    with pytest.raises(UploadError, match="duplicate ids: same"):
+        store.uploaded_manifest("alice", campaign, str(twice))
+    # a few KiB of Parquet that decodes to hundreds of MiB is refused from its footer, unread
+    bomb = tmp_path / "bomb.parquet"
+    many = pa.array(["narration-with-a-long-name.wav" * 40] * 90_000).dictionary_encode()
+    pq.write_table(pa.table({"audio": many, "avatar": many}), bomb)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(UploadError, match="MiB or more once read"):
+        store.uploaded_manifest("alice", campaign, str(bomb))
+    with pytest.raises(UploadError, match="1,000 presenter\\(s\\) x 101 narration\\(s\\) is 101,000 videos"):
+        store.pairs_manifest("alice", campaign, ["a.wav"] * 101, ["v.png"] * 1000)
 
 
 # ------------------------------------------------------------------------------ the running studio

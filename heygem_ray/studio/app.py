@@ -81,7 +81,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     ) -> Response:
         if users is None:
             return RedirectResponse(UI_PATH + "/", status_code=303)
-        keys = (f"name:{name}", f"client:{request.client.host if request.client else ''}")
+        keys = guard.keys(name, request.client.host if request.client else "")
         wait = guard.wait_seconds(*keys)
         if wait > 0:
             log.info("login refused user=%r (too many tries)", name)

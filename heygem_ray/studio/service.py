@@ -286,7 +286,7 @@ class Studio:
         """Delete one of the user's campaigns with its uploads and videos; False when there is none
         or it is still queued or running (cancel it first: its job would go on writing). Raises
         ClusterUnavailable when the cluster cannot say whether its job still runs."""
-        with self._acting_on(campaign_id):
+        with self._acting_on(user, campaign_id):
             view = self.campaign(user, campaign_id)
             if view is None or view.status in ("queued", "running"):
                 return False
@@ -302,16 +302,20 @@ class Studio:
         """Submit the campaign again (or for the first time, if the cluster did not answer then): its
         finished rows are skipped, the failed and unfinished ones render. None when it is still
         running (or not the user's)."""
-        with self._acting_on(campaign_id):
+        with self._acting_on(user, campaign_id):
             view = self.campaign(user, campaign_id)
             if view is None or view.status in ("queued", "running"):
                 return None
             return self.submit(view.record)
 
     @contextlib.contextmanager
-    def _acting_on(self, campaign_id: str) -> Iterator[None]:
+    def _acting_on(self, user: str, campaign_id: str) -> Iterator[None]:
         """One re-run or delete of a campaign at a time (pages act concurrently): a re-run between
-        a delete's check and its removal would start a job writing into a deleted campaign."""
+        a delete's check and its removal would start a job writing into a deleted campaign. Locks
+        are kept for the user's own campaigns only, not for any name a client sends."""
+        if self.store.load(user, campaign_id) is None:
+            yield
+            return
         with self._lock:
             lock = self._campaign_locks.setdefault(campaign_id, threading.Lock())
         with lock:

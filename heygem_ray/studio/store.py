@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from heygem_ray import storage
-from heygem_ray.errors import InputError
-from heygem_ray.manifest import build_manifest
+from heygem_ray.errors import InputError, ManifestError
+from heygem_ray.manifest import build_manifest, rows_from_table
 from heygem_ray.media.audio import iter_pcm16k
 from heygem_ray.media.video import probe
 from heygem_ray.studio.users import check_name
@@ -118,6 +119,11 @@ class StudioStore:
 
     def pairs_manifest(self, user: str, campaign_id: str, audios: list[str], avatars: list[str]) -> tuple[str, int]:
         """Every avatar with every narration (N x M rows); the manifest's URI and row count."""
+        if len(audios) * len(avatars) > MANIFEST_MAX_ROWS:
+            raise UploadError(
+                f"{len(avatars):,} presenter(s) x {len(audios):,} narration(s) is {len(audios) * len(avatars):,} videos: "
+                f"a campaign has {MANIFEST_MAX_ROWS:,} at most"
+            )
         uri = storage.join(self.inputs(user, campaign_id), "manifest.parquet")
         return uri, build_manifest(audios, avatars, uri)
 
@@ -131,7 +137,7 @@ class StudioStore:
         if os.path.getsize(local) > MANIFEST_MAX_BYTES:
             raise UploadError(f"{name}: a manifest may be {MANIFEST_MAX_BYTES // 2**20} MiB at most")
         try:
-            table = pacsv.read_csv(local) if name.lower().endswith(".csv") else pq.read_table(local)
+            table = pacsv.read_csv(local) if name.lower().endswith(".csv") else _small_parquet(local, name)
         except (pa.ArrowInvalid, OSError) as exc:
             raise UploadError(f"{name}: cannot read it as a table ({str(exc).splitlines()[0]})") from None
         missing = {"audio", "avatar"} - set(table.column_names)
@@ -141,9 +147,9 @@ class StudioStore:
             raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {table.num_rows:,}")
         inputs = self.inputs(user, campaign_id)
         own = storage.join(self.root, user) + "/"
-        columns: dict[str, list[str]] = {}
+        columns: dict[str, list[str | None]] = {}
         for column in ("audio", "avatar"):
-            resolved = []
+            resolved: list[str | None] = []
             for value in table.column(column).to_pylist():
                 value = str(value or "").strip()
                 if not value:
@@ -157,9 +163,13 @@ class StudioStore:
                 resolved.append(uri)
             columns[column] = resolved
         if "id" in table.column_names:  # ids as text (a CSV reads 1, 2, 3 as numbers)
-            columns["id"] = [str(v) for v in table.column("id").to_pylist()]
+            columns["id"] = [None if v is None else str(v) for v in table.column("id").to_pylist()]
         keep = {"box": table.column("box")} if "box" in table.column_names else {}
         out = pa.table({**columns, **keep})
+        try:  # the campaign's own checks, now, rather than in a job that fails
+            rows_from_table(out, self.output(user, campaign_id), name)
+        except ManifestError as exc:
+            raise UploadError(str(exc)) from None
         buf = io.BytesIO()
         pq.write_table(out, buf)
         uri = storage.join(inputs, "manifest.parquet")
@@ -230,6 +240,54 @@ class StudioStore:
                         dst.write(chunk)
                         yield sink.take()
         yield sink.take()
+
+
+#: what an uploaded Parquet manifest's columns may take once decoded: a few KiB of Parquet can
+#: hold millions of repeats of a long string (dictionary and run-length encodings)
+MANIFEST_MAX_DECODED_BYTES = 64 * 2**20
+
+
+def _small_parquet(local: str, name: str) -> pa.Table:
+    """The manifest's columns, decoded only as far as its footer and its dictionaries show they fit
+    MANIFEST_MAX_ROWS and MANIFEST_MAX_DECODED_BYTES: the web server must not decode a bomb."""
+    file = pq.ParquetFile(local)
+    meta = file.metadata
+    if meta.num_rows > MANIFEST_MAX_ROWS:
+        raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {meta.num_rows:,}")
+    wanted = [c for c in ("audio", "avatar", "id", "box") if c in file.schema_arrow.names]
+    stored = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if chunk.path_in_schema.split(".")[0] in wanted:
+                stored += chunk.total_uncompressed_size
+                if chunk.num_values > 4 * group.num_rows:  # a box is four numbers; the rest one value a row
+                    raise UploadError(f"{name}: {chunk.path_in_schema} holds more values than it has rows")
+    texts = [c for c in wanted if _is_text(file.schema_arrow.field(c).type)]
+    table = (
+        pq.read_table(local, columns=wanted, read_dictionary=texts) if stored <= MANIFEST_MAX_DECODED_BYTES else None
+    )
+    decoded = stored if table is None else sum(_text_bytes(table.column(c)) for c in texts)
+    if table is None or decoded > MANIFEST_MAX_DECODED_BYTES:
+        raise UploadError(
+            f"{name}: its columns take {decoded / 2**20:,.0f} MiB or more once read; a manifest takes at most "
+            f"{MANIFEST_MAX_DECODED_BYTES // 2**20} MiB"
+        )
+    return table
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind)
+
+
+def _text_bytes(column: pa.ChunkedArray) -> int:
+    """The bytes a dictionary-read text column takes once each row has its own value."""
+    total = 0
+    for chunk in column.chunks:
+        lengths = pc.binary_length(chunk.dictionary)
+        total += pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0
+    return total
 
 
 def check_upload(local: str, kind: str, max_bytes: int) -> str:

@@ -104,24 +104,32 @@ class UsersFile:
 
 class LoginGuard:
     """Slows down password guessing: at most `parallel` password checks at once (each costs ~50 ms
-    and 16 MiB of scrypt), and after `free` failures for a name or a client address, each further
-    try waits out a delay that doubles, up to `longest` seconds."""
+    and 16 MiB of scrypt), and after `free` failures from a client address (for any name, or for
+    one name), each further try waits out a delay that doubles, up to `longest` seconds. A name
+    tried from many addresses slows down only after `name_free` failures: with `free` alone,
+    anyone could keep a user from signing in by failing five times as them now and then."""
 
-    def __init__(self, parallel: int = 4, free: int = 5, longest: float = 300.0):
+    def __init__(self, parallel: int = 4, free: int = 5, longest: float = 300.0, name_free: int = 50):
         self._checks = threading.BoundedSemaphore(parallel)
         self._failures: dict[str, tuple[int, float]] = {}  # key -> (failures, last failure time)
-        self.free, self.longest = free, longest
+        self.free, self.longest, self.name_free = free, longest, name_free
         self._lock = threading.Lock()
+
+    @staticmethod
+    def keys(name: str, client: str) -> tuple[str, ...]:
+        """What a try from `client` as `name` counts against."""
+        return f"client:{client}", f"name:{name}@{client}", f"name:{name}"
 
     def wait_seconds(self, *keys: str) -> float:
         """How long these keys must still wait before another try (0 = may try now)."""
         now = time.time()
         with self._lock:
-            waits = [
-                min(self.longest, 2.0 ** (count - self.free)) - (now - last)
-                for count, last in (self._failures.get(k, (0, 0.0)) for k in keys)
-                if count >= self.free
-            ]
+            waits = []
+            for key in keys:
+                count, last = self._failures.get(key, (0, 0.0))
+                free = self.name_free if key.startswith("name:") and "@" not in key else self.free
+                if count >= free:
+                    waits.append(min(self.longest, 2.0 ** (count - free)) - (now - last))
         return max([0.0, *waits])
 
     def check(self, users: UsersFile, name: str, password: str, *keys: str) -> bool:
