@@ -163,6 +163,25 @@ def test_a_user_over_quota_is_refused_until_a_campaign_is_deleted(tmp_path, medi
         studio.create("alice", "third", [audio], [avatar])  # room again: stored, then not submitted
 
 
+def test_one_users_slow_page_does_not_hold_the_others(tmp_path):
+    """Gradio queues the events of one function together under the lowest limit among them (1 by
+    default): the campaign list's refresh, on every page load, change and 3 s tick of every user,
+    ran one at a time, so one refresh waiting on a slow cluster held every page."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import build_pages
+    from heygem_ray.studio.service import Studio as StudioService
+
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    limits: dict = {}
+    for fn in build_pages(service, sign_out=True).fns.values():
+        limits.setdefault(fn.name, set()).add((fn.concurrency_id, fn.concurrency_limit))
+    for name in ("refresh", "check", "whoami", "act"):
+        (group,) = limits[name]  # one group, one limit, for all its events
+        assert group[1] is None or group[1] > 1, (name, group)
+
+
 def test_a_refused_campaign_leaves_none_of_its_uploads(tmp_path, media_dir):
     """A narration stored before the avatar beside it is refused is removed with the refusal: no
     page lists it, yet the quota would count it."""

@@ -305,21 +305,26 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             studio.delete, "Deleted, with its uploads and videos.", "Not deleted: cancel it first while it runs."
         )
 
-        pages.load(whoami, None, who)
-        audios.change(check, [audios, avatars], checked)
-        avatars.change(check, [audios, avatars], checked)
+        # Gradio queues the events of one function together, under the lowest limit among them (1
+        # by default): each group gets its own id and limit, or one user's slow refresh (a cluster
+        # that answers late) would hold every other user's pages
+        pages.load(whoami, None, who, concurrency_id="whoami", concurrency_limit=8)
+        audios.change(check, [audios, avatars], checked, concurrency_id="check", concurrency_limit=4)
+        avatars.change(check, [audios, avatars], checked, concurrency_id="check", concurrency_limit=4)
         submit.click(
             create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=4
         )
         outputs = [listing, chosen, status, rows, gallery, log_tail]
-        pages.load(refresh, [chosen], outputs)
-        chosen.change(refresh, [chosen], outputs, show_progress="hidden")
-        timer.tick(refresh, [chosen], outputs, show_progress="hidden", concurrency_limit=None)
-        cancel.click(do_cancel, [chosen], acted, api_name="do_cancel")
-        rerun.click(do_rerun, [chosen], acted, api_name="do_rerun")
+        poll: dict = {"concurrency_id": "refresh", "concurrency_limit": 16}
+        pages.load(refresh, [chosen], outputs, **poll)
+        chosen.change(refresh, [chosen], outputs, show_progress="hidden", **poll)
+        timer.tick(refresh, [chosen], outputs, show_progress="hidden", **poll)
+        act: dict = {"concurrency_id": "act", "concurrency_limit": 8}
+        cancel.click(do_cancel, [chosen], acted, api_name="do_cancel", **act)
+        rerun.click(do_rerun, [chosen], acted, api_name="do_rerun", **act)
         # the browser asks first; a "no" sends no campaign, and nothing happens
         confirm = "(c) => (c && confirm('Delete this campaign, its uploads and its videos?')) ? c : null"
-        delete.click(do_delete, [chosen], acted, api_name="do_delete", js=confirm)
+        delete.click(do_delete, [chosen], acted, api_name="do_delete", js=confirm, **act)
     return pages
 
 

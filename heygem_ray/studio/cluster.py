@@ -18,6 +18,10 @@ log = logging.getLogger("heygem_ray.studio")
 
 #: where the studio's checkout would be (an editable install); an installed package has none
 CHECKOUT = Path(__file__).resolve().parents[2]
+#: seconds a running job's log tail is shown before the job server is asked again
+LOG_SECONDS = 10.0
+#: log tails kept (one per job the pages have shown)
+LOGS_KEPT = 256
 #: Ray job states that will not change again
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 #: seconds to connect to the job server, and to wait for each of its answers: a head that accepts
@@ -85,7 +89,7 @@ class Cluster:
         self.address, self.local = address, local
         self._jobs: Any = None
         self._ended: dict[str, tuple[str, float | None]] = {}
-        self._logs: dict[str, str] = {}  # log tails of ended jobs
+        self._logs: dict[str, tuple[str, float]] = {}  # log tails, and when they were read (time.monotonic)
 
     @property
     def client(self) -> Any:
@@ -121,13 +125,17 @@ class Cluster:
         return state, started
 
     def logs(self, submission_id: str, last_lines: int = 60) -> str:
-        """The last lines of a job's log (kept once the job has ended: it will not change)."""
-        if submission_id in self._logs:
-            return self._logs[submission_id]
+        """The last lines of a job's log: kept once the job has ended (it will not change), and for
+        LOG_SECONDS while it runs (the job server sends the whole log, every page polls it)."""
+        kept = self._logs.get(submission_id)
+        if kept is not None and (submission_id in self._ended or time.monotonic() - kept[1] < LOG_SECONDS):
+            return kept[0]
         text: str = self._call("get_job_logs", submission_id)
         tail = "\n".join(text.splitlines()[-last_lines:])
-        if submission_id in self._ended:
-            self._logs[submission_id] = tail
+        self._logs.pop(submission_id, None)
+        self._logs[submission_id] = (tail, time.monotonic())  # newest last: the oldest go past LOGS_KEPT
+        while len(self._logs) > LOGS_KEPT:
+            del self._logs[next(iter(self._logs))]
         return tail
 
     def stop(self, submission_id: str) -> bool:
