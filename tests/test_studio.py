@@ -182,6 +182,29 @@ def test_one_users_slow_page_does_not_hold_the_others(tmp_path):
         assert group[1] is None or group[1] > 1, (name, group)
 
 
+def test_a_campaigns_results_are_read_again_only_when_they_change(tmp_path):
+    """Every poster and video of a campaign's page asks for its results: the table is read once,
+    and again only when the campaign writes a new one."""
+    from dataclasses import replace
+
+    from heygem_ray.results import RowResult, write_results
+    from heygem_ray.studio.store import CampaignRecord
+
+    store = StudioStore(str(tmp_path / "store"))
+    campaign = store.new_id()
+    record = CampaignRecord(
+        campaign, "alice", "n", time.time(), 1, "classic", "draft", "m", store.output("alice", campaign)
+    )
+    assert store.results(record) == []
+    table = os.path.join(record.output, "_results.parquet")
+    row = RowResult("a", "ok", "/o/a.mp4", None, 1.0, 25, 1, 1.0, 1, time.time())
+    write_results(table, [row])
+    first = store.results(record)
+    assert [r["id"] for r in first] == ["a"] and store.results(record) is first  # not read again
+    write_results(table, [row, replace(row, id="b", output="/o/b.mp4")])
+    assert [r["id"] for r in store.results(record)] == ["a", "b"]
+
+
 def test_a_refused_campaign_leaves_none_of_its_uploads(tmp_path, media_dir):
     """A narration stored before the avatar beside it is refused is removed with the refusal: no
     page lists it, yet the quota would count it."""

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -66,9 +67,16 @@ class CampaignRecord:
     settings: list[str] | None = None
 
 
+#: results tables the store keeps read (the campaigns being looked at; up to ~100 MB each at
+#: MANIFEST_MAX_ROWS)
+RESULTS_KEPT = 8
+
+
 class StudioStore:
     def __init__(self, root: str):
         self.root = storage.normalize(os.path.expanduser(root))
+        self._results: dict[str, tuple[str, list[dict]]] = {}  # table URI -> (its version, its rows)
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- paths
     def campaign_root(self, user: str, campaign_id: str) -> str:
@@ -214,11 +222,26 @@ class StudioStore:
         return feed
 
     def results(self, record: CampaignRecord) -> list[dict]:
+        """The campaign's results table, read again only when it changed: every poster and video of
+        a page asks for it (a 100,000-row table read per request made a page's cost grow as N²)."""
+        uri = storage.join(record.output, "_results.parquet")
+        fs, path = storage.url_to_fs(uri)
         try:
-            with storage.open_uri(storage.join(record.output, "_results.parquet")) as fh:
-                return pq.ParquetFile(fh).read().to_pylist()
+            version = storage.version_key(uri, fs.info(path))
+            with self._lock:
+                kept = self._results.get(uri)
+            if kept is not None and kept[0] == version:
+                return kept[1]
+            with storage.open_uri(uri) as fh:
+                rows = pq.ParquetFile(fh).read().to_pylist()
         except FileNotFoundError:
             return []
+        with self._lock:
+            self._results.pop(uri, None)
+            self._results[uri] = (version, rows)  # newest last: the oldest go past RESULTS_KEPT
+            while len(self._results) > RESULTS_KEPT:
+                del self._results[next(iter(self._results))]
+        return rows
 
     def videos(self, record: CampaignRecord) -> list[str]:
         """URIs of the campaign's finished videos (rows ok or skipped), in manifest order."""
