@@ -205,6 +205,27 @@ def test_a_campaigns_results_are_read_again_only_when_they_change(tmp_path):
     assert [r["id"] for r in store.results(record)] == ["a", "b"]
 
 
+def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):
+    """The quota was met only when a campaign was made: uploads alone (kept 15 minutes by the web
+    server) could fill the disk. Each upload now counts, with the last 15 minutes' others."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import UPLOAD_PATH, build_app
+    from heygem_ray.studio.service import Studio as StudioService
+
+    cfg = StudioConfig(store=str(tmp_path / "store"), user_quota_gb=1000 / 2**30)  # 1000 bytes
+    service = StudioService(cfg, cluster=None, log=logging.getLogger("t"))
+    assert service.admit_upload("local", 600) is None
+    assert "past your" in (service.admit_upload("local", 600) or "")  # 600 + 600 > 1000
+    assert service.admit_upload("other", 600) is None  # each user's own
+    client = TestClient(build_app(service, None, Sessions(b"k" * 32)), base_url="http://127.0.0.1")
+    refused = client.post(UPLOAD_PATH, content=b"x" * 500)
+    assert refused.status_code == 413 and "past your" in refused.text
+
+
 def test_a_refused_campaign_leaves_none_of_its_uploads(tmp_path, media_dir):
     """A narration stored before the avatar beside it is refused is removed with the refusal: no
     page lists it, yet the quota would count it."""

@@ -16,10 +16,11 @@ from fastapi import FastAPI, Form, Request
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from gradio.utils import get_upload_folder as gradio_upload_folder
+from starlette.concurrency import run_in_threadpool
 
 from heygem_ray import storage
 from heygem_ray.studio.cluster import ClusterUnavailable
-from heygem_ray.studio.service import QUALITIES, CampaignView, Studio
+from heygem_ray.studio.service import QUALITIES, UPLOAD_WINDOW_SECONDS, CampaignView, Studio
 from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
 from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, MANIFEST_TYPES, UploadError, check_upload
 from heygem_ray.studio.users import LoginGuard, UsersFile
@@ -27,6 +28,7 @@ from heygem_ray.studio.users import LoginGuard, UsersFile
 #: the one user of a studio without a users file (it listens on 127.0.0.1 only)
 LOCAL_USER = "local"
 UI_PATH = "/app"
+UPLOAD_PATH = UI_PATH + "/gradio_api/upload"
 _CHUNK = 2**20
 
 
@@ -51,7 +53,23 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             return Response("cross-origin request refused", status_code=403)
         if request.url.path.rstrip("/") == UI_PATH and request.method == "GET" and current_user(request) is None:
             return RedirectResponse("/login", status_code=303)
+        if request.method == "POST" and request.url.path == UPLOAD_PATH:
+            refused = await run_in_threadpool(_upload_refused, request)
+            if refused is not None:
+                return refused
         return await call_next(request)
+
+    def _upload_refused(request: Request) -> Response | None:
+        """An upload the user's quota has no room for, refused before its bytes are taken."""
+        user = current_user(request)
+        if user is None:
+            return None  # Gradio refuses it
+        try:
+            size = int(request.headers.get("content-length", ""))
+        except ValueError:
+            return Response("an upload must say its length", status_code=411)
+        why = studio.admit_upload(user, size)
+        return None if why is None else Response(why, status_code=413)
 
     if users is None:  # one local user: only loopback names reach it (no DNS rebinding to 127.0.0.1)
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"])
@@ -161,7 +179,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
 
     # uploads leave the cache when a campaign is made; what is left (uploads never submitted) goes
     # after 15 minutes
-    with gr.Blocks(title="heygem_ray studio", delete_cache=(900, 900)) as pages:
+    window = UPLOAD_WINDOW_SECONDS
+    with gr.Blocks(title="heygem_ray studio", delete_cache=(window, window)) as pages:
         who = gr.Markdown()
         with gr.Tab("New campaign"):
             name = gr.Textbox(label="Campaign name", max_length=120)

@@ -48,6 +48,10 @@ class CampaignView:
     note: str = ""
 
 
+#: how long the web server keeps an upload no campaign took (Gradio's cache: see app.build_pages)
+UPLOAD_WINDOW_SECONDS = 900
+
+
 class Studio:
     def __init__(self, cfg: StudioConfig, cluster: Cluster, log: logging.Logger):
         self.cfg, self.cluster, self.log = cfg, cluster, log
@@ -56,6 +60,7 @@ class Studio:
         self._ended: set[str] = set()  # jobs whose end is in the log already (since this studio started)
         self._watched: dict[str, CampaignRecord] = {}  # campaigns whose job may still end, by id
         self._campaign_locks: dict[str, threading.Lock] = {}  # see _acting_on
+        self._uploads: dict[str, list[tuple[float, int]]] = {}  # user -> (when, bytes) of recent uploads
         self._lock = threading.Lock()
 
     def watch(self, interval: float = 10.0) -> threading.Thread:
@@ -158,6 +163,27 @@ class Studio:
         )
         self.store.save(record)
         return record
+
+    def admit_upload(self, user: str, size: int) -> str | None:
+        """Whether the user may upload `size` more bytes now (None), or why not: what the user's
+        campaigns hold, plus what they uploaded in the last UPLOAD_WINDOW_SECONDS (kept by the web
+        server until a campaign takes it, or it expires), must stay within the quota. Without this
+        the quota was met only when a campaign was made: uploads alone could fill the disk."""
+        if not self.cfg.user_quota_gb:
+            return None
+        quota, now = self.cfg.user_quota_gb * 2**30, time.time()
+        used = self.store.usage(user)
+        with self._lock:
+            recent = [(t, n) for t, n in self._uploads.get(user, []) if now - t < UPLOAD_WINDOW_SECONDS]
+            pending = sum(n for _, n in recent)
+            if used + pending + size > quota:
+                self._uploads[user] = recent
+                return (
+                    f"this upload ({size / 2**30:.2f} GiB) would take your campaigns and recent uploads past your "
+                    f"{self.cfg.user_quota_gb:g} GiB: delete campaigns you no longer need (Campaigns tab)"
+                )
+            self._uploads[user] = [*recent, (now, size)]
+        return None
 
     def _check_quota(self, user: str, uploads: list[str]) -> None:
         if not self.cfg.user_quota_gb:
