@@ -21,6 +21,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -194,9 +195,36 @@ class AvatarTrack:
 NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 
 
+#: bump when a code change alters face tracks, so cached tracks are made again (2: the tracker
+#: keeps to its presenter while another face is found)
+TRACK_VERSION = "2"
+
+
 def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float) -> str:
+    """What decides an avatar's face track: the detector's settings, its weights' version (a file
+    replaced at the same URI makes new tracks), the row's box, the frame rate of stills."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING}
-    return stable_hash(relevant, box, still_fps)
+    return stable_hash(TRACK_VERSION, relevant, checkpoint_version(cfg.checkpoint), box, still_fps)
+
+
+#: seconds a checkpoint's version is trusted before the store is asked again (once per row otherwise)
+CHECKPOINT_VERSION_SECONDS = 60.0
+_checkpoint_versions: dict[str, tuple[float, str]] = {}
+
+
+def checkpoint_version(uri: str | None) -> str | None:
+    """A key that changes when the model file at `uri` is replaced (size and ETag or mtime)."""
+    if not uri:
+        return None
+    kept = _checkpoint_versions.get(uri)
+    if kept is not None and time.monotonic() - kept[0] < CHECKPOINT_VERSION_SECONDS:
+        return kept[1]
+    fs, path = storage.url_to_fs(uri)
+    with contextlib.suppress(FileNotFoundError):  # a missing file fails where it is loaded, saying so
+        version = storage.version_key(uri, fs.info(path))
+        _checkpoint_versions[uri] = (time.monotonic(), version)
+        return version
+    return None
 
 
 def prepare_avatar(
@@ -338,7 +366,8 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
         row_box,
         storage.normalize(output),
         relevant(cfg.renderer),
-        relevant(cfg.detector),
+        checkpoint_version(getattr(cfg.renderer, "checkpoint", None)),
+        detector_key(cfg.detector, None, cfg.render.still_fps),
         asdict(cfg.encoder),
         cfg.render.still_fps,
         length=32,

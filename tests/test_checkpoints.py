@@ -205,3 +205,34 @@ def test_code_carrying_pickle_is_refused_and_never_run(tmp_path, expected, write
     assert not marker.exists()
     if writer == "torch.save":
         assert "GLOBAL io.open was not an allowed global" in str(info.value)
+
+
+def test_a_model_file_replaced_at_the_same_uri_renders_rows_and_tracks_again(monkeypatch):
+    """The fingerprints held the checkpoints' URIs only: new weights put where the old ones were
+    left every finished row skipped and every face track reused, made with the old ones."""
+    from helpers import compose_config
+    from heygem_ray import prepare, storage
+
+    monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
+    storage.write_bytes("memory://models/wav2lip.pth", b"old weights")
+    storage.write_bytes("memory://models/s3fd.pth", b"old")
+    cfg = compose_config(
+        "manifest=m",
+        "output=o",
+        "renderer=wav2lip",
+        "renderer.checkpoint=memory://models/wav2lip.pth",
+        "detector=s3fd",
+        "detector.checkpoint=memory://models/s3fd.pth",
+    )
+
+    def keys() -> tuple[str, str]:
+        row = prepare.row_fingerprint("audio-fp", "avatar-fp", None, "o/r.mp4", cfg)
+        return row, prepare.detector_key(cfg.detector, None, cfg.render.still_fps)
+
+    before = keys()
+    assert keys() == before  # stable while nothing changes
+    storage.write_bytes("memory://models/s3fd.pth", b"new weights")
+    after_detector = keys()
+    assert after_detector[0] != before[0] and after_detector[1] != before[1]
+    storage.write_bytes("memory://models/wav2lip.pth", b"new weights, longer")
+    assert keys()[0] != after_detector[0] and keys()[1] == after_detector[1]  # the renderer's: rows only

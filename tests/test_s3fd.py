@@ -225,3 +225,30 @@ def test_batches_and_mixed_sizes_match_single_frames(state_dict):
         confident = alone[alone[:, 4] > 0.6]
         assert len(confident) > 0
         np.testing.assert_allclose(got[: len(confident)], confident, atol=1e-3)
+
+
+def test_out_of_gpu_memory_the_batch_is_halved_not_the_row_failed(state_dict, monkeypatch):
+    """A 720p batch of 16 takes ~11 GB and detection tasks share a GPU: out of memory, the batch
+    is halved (for the calls after it too), as the official code does; one frame that does not fit
+    fails as it is."""
+    det = S3FDDetector(state_dict, device="cpu", max_side=None, batch_size=8)
+    frames = [_frame(96, 128, seed) for seed in range(8)]
+    expected = [det.detect([frame])[0] for frame in frames]
+    forward = det.model.forward
+    seen: list[int] = []
+
+    def small_gpu(x):
+        seen.append(len(x))
+        if len(x) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(x)
+
+    monkeypatch.setattr(det.model, "forward", small_gpu)
+    got = det.detect(frames)
+    assert len(got) == 8 and det.batch_size == 2 and max(seen[-4:]) == 2
+    for mine, alone in zip(got, expected, strict=True):
+        confident = alone[alone[:, 4] > 0.6]
+        np.testing.assert_allclose(mine[: len(confident)], confident, atol=1e-3)
+    monkeypatch.setattr(det.model, "forward", lambda x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        det.detect(frames[:1])

@@ -5,16 +5,35 @@ from heygem_ray.detect.haar import HaarDetector
 from heygem_ray.detect.track import TrackBuilder, finish_boxes, fixed_track
 
 
-def cand(*boxes):
-    return np.array([[*b, 1.0] for b in boxes], np.float32)
+def cand(*boxes, scores=None):
+    scores = scores or [1.0] * len(boxes)
+    return np.array([[*b, s] for b, s in zip(boxes, scores, strict=True)], np.float32)
 
 
-def test_largest_face_first_then_the_same_person():
+def test_the_best_face_first_then_the_same_person():
     tb = TrackBuilder()
-    tb.add(cand((0, 0, 10, 10), (50, 50, 90, 90)))  # the larger one is chosen
+    tb.add(cand((0, 0, 10, 10), (50, 50, 90, 90)))  # equal scores: the larger one is chosen
     tb.add(cand((52, 51, 92, 91), (0, 0, 60, 60)))  # the big newcomer does not steal the track
     boxes = tb.finish(200, 200, (0, 0, 0, 0), smooth=False)
     assert boxes.tolist() == [[50, 50, 90, 90], [52, 51, 92, 91]]
+    best = TrackBuilder()
+    best.add(cand((300, 50, 600, 410), (10, 10, 50, 50), scores=[0.6, 0.99]))  # the official choice: the score
+    assert best.finish(700, 500, (0, 0, 0, 0), smooth=False).tolist() == [[10, 10, 50, 50]]
+
+
+def test_a_presenter_missed_for_a_frame_keeps_the_track_from_another_face():
+    """Presenter A and a second person B in every frame; the detector misses A in frame 3. The
+    track stayed on B for the rest of the clip (and was cached, for every row of that avatar)."""
+    a, b = (100, 100, 200, 220), (900, 100, 1000, 220)
+    tb = TrackBuilder()
+    for i in range(8):
+        tb.add(cand(b, scores=[0.9]) if i == 3 else cand(a, b, scores=[0.99, 0.9]))
+    assert tb.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist() == [100] * 8  # frame 3 filled from A
+    gone = TrackBuilder(max_gap=3)  # A leaves for good: after more than max_gap frames, B
+    for i in range(12):
+        gone.add(cand(a, b, scores=[0.99, 0.9]) if i < 2 else cand(b, scores=[0.9]))
+    x1 = gone.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
+    assert x1[:2] == [100, 100] and x1[2:6] == [0] * 4 and x1[6:] == [900] * 6  # the stretch between: unrendered
 
 
 def test_frames_without_a_face_take_boxes_from_their_neighbours():

@@ -16,6 +16,7 @@ top box, clipping negatives to 0 and `int()` truncation are the tracker's job (Â
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import cv2
@@ -25,6 +26,8 @@ import torch
 from heygem_ray.config import DetectorConfig
 from heygem_ray.devices import torch_device
 from heygem_ray.models.s3fd import S3FD, s3fd_expected_keys
+
+log = logging.getLogger("heygem_ray")
 
 __all__ = [
     "CANDIDATE_THRESHOLD",
@@ -215,10 +218,28 @@ class S3FDDetector:
             back = np.array([width / size[0], height / size[1]] * 2 + [1.0], dtype=np.float32)
         else:
             back = None
-        with torch.inference_mode():
-            outputs = self.model(preprocess(np.stack(frames), self.device))
-            dets = detections_from_outputs(outputs, self.score_threshold, self.nms_threshold)
+        dets = self._forward(frames)
         return dets if back is None else [d * back for d in dets]
+
+    def _forward(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """Detections for frames of one size. Out of GPU memory (a 720p batch of 16 takes ~11 GB,
+        and tasks share the GPU), the batch is halved, for this call and the next, as the official
+        code does; one frame that does not fit fails as it is."""
+        try:
+            with torch.inference_mode():
+                outputs = self.model(preprocess(np.stack(frames), self.device))
+                return detections_from_outputs(outputs, self.score_threshold, self.nms_threshold)
+        except torch.cuda.OutOfMemoryError:
+            if len(frames) == 1:
+                raise
+        if self.device.type == "cuda":  # the failed batch's blocks, back to the GPU (its tensors are gone)
+            torch.cuda.empty_cache()
+        self.batch_size = max(1, min(self.batch_size, len(frames) // 2))
+        log.warning("S3FD out of GPU memory at %d frames a batch: %d from now", len(frames), self.batch_size)
+        dets: list[np.ndarray] = []
+        while len(dets) < len(frames):  # the batch size read each time: a smaller one may fail too
+            dets += self._forward(frames[len(dets) : len(dets) + self.batch_size])
+        return dets
 
 
 def load_s3fd_detector(

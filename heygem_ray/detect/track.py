@@ -18,29 +18,39 @@ MAX_GAP = 12
 
 class TrackBuilder:
     """Fed frame by frame (memory: one optional box per frame). The first face chosen is the
-    largest; after that, the candidate nearest the last chosen box, so a second person walking
-    into the shot does not steal the track."""
+    highest-scoring (the official choice; the larger on a tie); after that, the candidate nearest
+    the last chosen box, if it is within that box's size of it: a second person in the shot takes
+    the track neither by walking in nor while the presenter is missed for a frame (that frame is a
+    miss). Only after more than `max_gap` frames in a row with faces but none near is the track
+    started again from the highest-scoring face (the presenter moved away for good)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_gap: int = MAX_GAP) -> None:
         self._boxes: list[np.ndarray | None] = []
         self._missed: list[bool] = []  # examined, and no face found
         self._last: np.ndarray | None = None
+        self._elsewhere = 0  # frames in a row whose faces were all far from the last chosen box
+        self.max_gap = max_gap
 
     def add(self, candidates: np.ndarray | None) -> None:
         """candidates: (k, 5) x1, y1, x2, y2, score, or None for a frame that was not examined."""
-        self._missed.append(candidates is not None and len(candidates) == 0)
         if candidates is None or len(candidates) == 0:
+            self._missed.append(candidates is not None)
             self._boxes.append(None)
             return
-        boxes = np.asarray(candidates, np.float64)[:, :4]
-        if self._last is None:
+        found = np.array(candidates, np.float64)  # a copy: a view would keep every candidate alive
+        boxes = found[:, :4]
+        chosen = None if self._last is None else _nearest(boxes, self._last)
+        if chosen is None and self._last is not None and self._elsewhere <= self.max_gap:  # a gap the fill skips
+            self._elsewhere += 1
+            self._missed.append(True)
+            self._boxes.append(None)
+            return
+        if chosen is None:
             areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            chosen = boxes[int(np.argmax(areas))]
-        else:
-            centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-            last_center = (self._last[:2] + self._last[2:]) / 2
-            chosen = boxes[int(np.argmin(np.linalg.norm(centers - last_center, axis=1)))]
+            chosen = boxes[np.lexsort((areas, found[:, 4]))[-1]]
+        self._elsewhere = 0
         self._last = chosen
+        self._missed.append(False)
         self._boxes.append(chosen)
 
     @property
@@ -51,12 +61,10 @@ class TrackBuilder:
     def found(self) -> int:
         return sum(b is not None for b in self._boxes)
 
-    def finish(
-        self, width: int, height: int, pads: list[int] | tuple[int, ...], smooth: bool, max_gap: int = MAX_GAP
-    ) -> np.ndarray:
+    def finish(self, width: int, height: int, pads: list[int] | tuple[int, ...], smooth: bool) -> np.ndarray:
         """(n, 4) int32 boxes. A stretch of frames without a face is filled by linear interpolation
         between the nearest found frames (held constant before the first and after the last) when
-        it is at most `max_gap` frames long, or when fewer than two of its frames were examined
+        it is at most the builder's `max_gap` frames long, or when fewer than two of its frames were examined
         (a detector stride); a longer one is the face lost: its boxes are empty (0, 0, 0, 0), so
         those frames pass through as they are. Raises ValueError when no frame has a face."""
         n = len(self._boxes)
@@ -67,12 +75,20 @@ class TrackBuilder:
         everywhere = np.stack([np.interp(np.arange(n), found, known[:, c]) for c in range(4)], axis=1)
         covered = np.ones(n, bool)
         for lo, hi in _gaps(found, n):
-            if hi - lo > max_gap and sum(self._missed[lo:hi]) >= 2:
+            if hi - lo > self.max_gap and sum(self._missed[lo:hi]) >= 2:
                 covered[lo:hi] = False
         out = np.zeros((n, 4), np.int32)
         for lo, hi in _runs(covered):  # each stretch with a face padded and smoothed on its own
             out[lo:hi] = finish_boxes(everywhere[lo:hi], width, height, pads, smooth)
         return out
+
+
+def _nearest(boxes: np.ndarray, last: np.ndarray) -> np.ndarray | None:
+    """The box whose centre is nearest `last`'s, if within `last`'s larger side of it."""
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    distances = np.linalg.norm(centers - (last[:2] + last[2:]) / 2, axis=1)
+    k = int(np.argmin(distances))
+    return boxes[k] if distances[k] <= max(last[2] - last[0], last[3] - last[1]) else None
 
 
 def _gaps(found: np.ndarray, n: int) -> list[tuple[int, int]]:
