@@ -106,7 +106,10 @@ def nms(dets: np.ndarray, iou_threshold: float) -> np.ndarray:
 
     Areas and intersections use the official "+1 pixel" convention ((x2 − x1 + 1)·(y2 − y1 + 1)),
     and a box is suppressed when its IoU with a kept box is strictly above `iou_threshold`. Equal
-    scores keep their input order (a stable sort), so results are reproducible.
+    scores keep their input order (a stable sort), so results are reproducible. The official code
+    sorts with numpy's unstable default over more candidates (it filters at 0.5 after NMS), so on
+    exactly equal scores (a saturated softmax: 1.0 in float32) its first box may be another of the
+    tied ones, a few pixels away.
     """
     if len(dets) == 0:
         return np.zeros(0, dtype=np.int64)
