@@ -32,7 +32,7 @@ from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.prepare import AvatarTrack, prepare_row
 from heygem_ray.results import ResultsTable, RowResult, Summary, published_earlier
-from heygem_ray.rows import RowState
+from heygem_ray.rows import RowState, published_flag
 from heygem_ray.segment import SegmentResult
 from heygem_ray.segment_queue import SegmentCall, SegmentQueue
 from heygem_ray.shared_work import AvatarKey, SharedWork
@@ -193,10 +193,11 @@ class Campaign:
     def _interrupted(self, row_ids: list[str]) -> None:
         """The rows the stop caught. One being rendered: ok when its video was published before the
         stop (its marker says so, though the driver had not heard yet), else failed. One never
-        started keeps the result an earlier run gave it, if that published its video (a stopped
-        re-run of a finished campaign must not report its videos lost), else failed."""
+        started keeps the result an earlier run gave it, if that published its video to the same
+        output (a stopped re-run of a finished campaign must not report its videos lost), unless
+        this run was to render everything again (`force`); else failed."""
         earlier: dict[str, RowResult] = {}
-        if any(row_id not in self._states for row_id in row_ids):
+        if not self.cfg.force and any(row_id not in self._states for row_id in row_ids):
             try:
                 earlier = published_earlier(self.cfg.layout.results, self.cfg.layout.results_parts)
             except Exception as exc:  # noqa: BLE001 - a table unreadable now: reported failed, as before
@@ -211,7 +212,9 @@ class Campaign:
             if marker is not None:
                 self._conclude(row_id, "ok", None, marker, None)
             elif state is None and kept is not None and kept.output == self._outputs[row_id]:
-                self.results.add(replace(kept, status="skipped"))
+                figures = (kept.sync_score, kept.sync_offset_frames, kept.sync_method, kept.frames_without_face)
+                # its flag as this run's settings say (the earlier table's already holds the median's)
+                self.results.add(replace(kept, status="skipped", qa_flag=published_flag(*figures, self.cfg.qa)))
                 self.observers.finished(self.results[row_id], None)
             else:
                 self._fail(row_id, "campaign interrupted before this row finished")

@@ -54,14 +54,15 @@ def output_lock(layout: CampaignLayout) -> Iterator[None]:
     with writing(layout.output):
         _write(uri, mine)
     _HELD.add(token)
-    # what an earlier run killed mid-publish left: no other run writes here now
-    removed = storage.remove_parts(layout.output)
-    if removed:
-        log.info("removed %d half-published file(s) an earlier, killed run left", removed)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(uri, mine, stop), name="heygem-output-lock", daemon=True)
     beat.start()
     try:
+        # what an earlier run killed mid-publish left: no other run writes here now (after the
+        # heartbeat started: the walk of a large output root on a slow disk takes a while)
+        removed = storage.remove_parts(layout.output)
+        if removed:
+            log.info("removed %d half-published file(s) an earlier, killed run left", removed)
         yield
     finally:
         stop.set()

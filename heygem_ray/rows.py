@@ -117,7 +117,6 @@ class RowState:
         offset = marker.sync_offset_frames if marker else None
         method = marker.sync_method if marker else None
         without_face = marker.frames_without_face if marker else None
-        floor = qa.min_confidence if method == qa_flags.SYNCNET else qa.min_sync
         return RowResult(
             id=self.row.id,
             status=status,
@@ -134,11 +133,18 @@ class RowState:
             sync_method=method,
             sync_distance=marker.sync_distance if marker else None,
             frames_without_face=without_face,
-            qa_flag="; ".join(qa_flags.flags(score, offset, floor, method or qa_flags.METHOD, without_face or 0))
-            if published
-            else "",
+            qa_flag=published_flag(score, offset, method, without_face, qa) if published else "",
         )
 
 
 def segment_uri(work_uri: str, index: int) -> str:
     return storage.join(work_uri, f"seg-{index:05d}.mp4")
+
+
+def published_flag(
+    score: float | None, offset: int | None, method: str | None, without_face: int | None, qa: QAConfig
+) -> str:
+    """A published row's QA flag from its lip-sync figures, as `qa` says (the campaign's
+    comparison with its median is added when its table is written)."""
+    floor = qa.min_confidence if method == qa_flags.SYNCNET else qa.min_sync
+    return "; ".join(qa_flags.flags(score, offset, floor, method or qa_flags.METHOD, without_face or 0))

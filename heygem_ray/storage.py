@@ -282,17 +282,22 @@ _PART = ".part-"
 def remove_parts(root: str) -> int:
     """Remove the files that publishes under the local folder `root` left half-made when their
     process was killed (SIGKILL, a lost node); returns how many. Only for a folder no one else
-    publishes into now (the output root, once its lock is held): a publish still running there
-    would fail and be tried again. Object stores have none (a PUT is whole or absent)."""
+    publishes into now (the output root, once its lock is held): a publish of a run that is still
+    going there would fail. One that cannot be removed is logged and left. Object stores have none
+    (a PUT is whole or absent)."""
     if not is_local(root):
         return 0
     removed = 0
     for folder, _, names in os.walk(local_path(root)):
         for name in names:
             if name.startswith(".") and _PART in name:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(os.path.join(folder, name))
                     removed += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("%s not removed: %s", os.path.join(folder, name), exc)
     return removed
 
 

@@ -150,7 +150,8 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline")
     rows = read_manifest(cfg.manifest, cfg.output)
     output = {row.id: row.output for row in rows}
-    a = replace(_result("a"), output=output["a"], sync_score=0.4)
+    flagged = "lip-sync score far below the campaign's median (0.90)"  # the earlier table's
+    a = replace(_result("a"), output=output["a"], sync_score=0.4, sync_method="motion-energy", qa_flag=flagged)
     write_results(
         cfg.layout.results,
         [
@@ -169,6 +170,10 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     campaign._interrupted(ids)
     got = {r.id: r for r in campaign.results.finish(ids)}
     assert (got["a"].status, got["a"].sync_score, got["a"].finished_at) == ("skipped", 0.4, int(a.finished_at))
+    assert "median" not in got["a"].qa_flag  # flagged as this run says (the earlier table's reason would repeat)
     assert got["d"].status == "skipped"
     for row_id in "bce":  # failed before; published to another path; failed in the latest run
         assert got[row_id].status == "failed" and "interrupted" in (got[row_id].error or ""), got[row_id]
+    forced = Campaign(replace(cfg, force=True), rows, InlineExecutor(cfg))  # to render everything again
+    forced._interrupted(ids)
+    assert {r.status for r in forced.results.finish(ids)} == {"failed"}

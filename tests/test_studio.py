@@ -102,6 +102,10 @@ def test_password_guessing_slows_down(tmp_path):
     for address in ("10.0.0.67", "10.0.0.68", "10.0.0.69"):  # ...until her name fails from many addresses
         assert not guard.check(users, "alice", "wrong", *guard.keys("alice", address))
     assert guard.wait_seconds(*alice) > 0
+    tricked = LoginGuard(free=3)  # a name made to look like another key counts as that name only
+    for _ in range(3):
+        tricked.check(users, "alice@10.0.0.1", "wrong", *tricked.keys("alice@10.0.0.1", "10.0.0.66"))
+    assert tricked.wait_seconds(*tricked.keys("alice", "10.0.0.1")) == 0
     add_user(users_path, "bob", "pw")  # a running studio sees users added since it started
     assert guard.check(users, "bob", "pw", "name:bob")
 
@@ -224,6 +228,31 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):
     client = TestClient(build_app(service, None, Sessions(b"k" * 32)), base_url="http://127.0.0.1")
     refused = client.post(UPLOAD_PATH, content=b"x" * 500)
     assert refused.status_code == 413 and "past your" in refused.text
+    # a file named by URL in a page event: Gradio would fetch it, any size, past the quota
+    linked = {"data": [[{"path": "https://example.com/big.wav", "meta": {"_type": "gradio.FileData"}}]], "fn_index": 0}
+    answer = client.post("/app/gradio_api/queue/join", json=linked)
+    assert answer.status_code == 400 and "uploaded, not linked" in answer.text
+    assert client.post("/app/gradio_api/queue/join", content=b"{}" + b" " * 2**20).status_code == 413
+
+
+def test_uploads_a_campaign_took_count_once(tmp_path, media_dir):
+    """Once a campaign has taken its uploads into the store (whose usage counts them), they are
+    not counted again as recent uploads."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.service import Studio as StudioService
+
+    files = [str(media_dir / "speech3.wav"), str(media_dir / "still.png")]
+    size = sum(os.path.getsize(f) for f in files)
+    cfg = StudioConfig(store=str(tmp_path / "store"), user_quota_gb=2.5 * size / 2**30)
+    service = StudioService(cfg, Cluster(f"http://127.0.0.1:{_free_port()}", local=False), logging.getLogger("t"))
+    assert service.admit_upload("alice", size) is None
+    with pytest.raises(ClusterUnavailable):  # stored, not submitted (no cluster here)
+        service.create("alice", "c", files[:1], files[1:])
+    assert service.store.usage("alice") >= size
+    assert service.admit_upload("alice", size) is None  # the store's size once, not twice
 
 
 def test_a_refused_campaign_leaves_none_of_its_uploads(tmp_path, media_dir):
@@ -298,6 +327,10 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     pq.write_table(pa.table({"audio": many, "avatar": many}), bomb)
     assert bomb.stat().st_size < 100_000
     with pytest.raises(UploadError, match="MiB or more once read"):
+        store.uploaded_manifest("alice", campaign, str(bomb))
+    big = pa.array([b"x" * 2**18] * 400, pa.binary())  # bytes: a kind whose decoded size is not counted
+    pq.write_table(pa.table({"audio": ["a.wav"] * 400, "avatar": ["v.png"] * 400, "id": big}), bomb)
+    with pytest.raises(UploadError, match="column id must hold text, not binary"):
         store.uploaded_manifest("alice", campaign, str(bomb))
     with pytest.raises(UploadError, match="1,000 presenter\\(s\\) x 101 narration\\(s\\) is 101,000 videos"):
         store.pairs_manifest("alice", campaign, ["a.wav"] * 101, ["v.png"] * 1000)

@@ -146,3 +146,30 @@ def test_campaign_jobs_run_from_an_installed_studio_too(tmp_path, monkeypatch):
     assert {"users.toml", "*.key"} <= set(env["excludes"])
     monkeypatch.setattr(cluster, "CHECKOUT", tmp_path)  # site-packages: no jobs/, no infra/
     assert cluster.checkout() is None
+
+
+def test_a_finished_jobs_log_shows_its_last_lines(monkeypatch):
+    """A running job's log tail is read at most every LOG_SECONDS; once the job has ended, the
+    tail read after its end is kept for good (a tail read while it ran was kept for good, and
+    the failure's traceback never showed)."""
+    from types import SimpleNamespace
+
+    from heygem_ray.studio import cluster
+
+    job = {"status": "RUNNING", "log": "rendering row 1"}
+
+    def answer(method: str, *args: object, **kwargs: object) -> object:
+        if method == "get_job_info":
+            return SimpleNamespace(status=job["status"], start_time=1000)
+        return job["log"]
+
+    head = cluster.Cluster("http://127.0.0.1:9", local=True)
+    monkeypatch.setattr(head, "_call", answer)
+    assert head.job("j")[0] == "RUNNING" and head.logs("j") == "rendering row 1"
+    job.update(status="FAILED", log="rendering row 1\nTraceback: it broke")
+    assert head.logs("j") == "rendering row 1"  # within LOG_SECONDS: the tail read just now
+    monkeypatch.setattr(cluster, "LOG_SECONDS", 0.0)
+    assert head.job("j")[0] == "FAILED"
+    assert head.logs("j").endswith("it broke")
+    job["log"] = "changed after the end"  # cannot happen: kept
+    assert head.logs("j").endswith("it broke")

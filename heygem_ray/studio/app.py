@@ -6,6 +6,7 @@ for that user's campaigns only; nothing is served from Gradio's cache or from th
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -28,7 +29,10 @@ from heygem_ray.studio.users import LoginGuard, UsersFile
 #: the one user of a studio without a users file (it listens on 127.0.0.1 only)
 LOCAL_USER = "local"
 UI_PATH = "/app"
-UPLOAD_PATH = UI_PATH + "/gradio_api/upload"
+API_PATH = UI_PATH + "/gradio_api/"
+UPLOAD_PATH = API_PATH + "upload"
+#: the largest page event the studio takes (its text fields and file references: files are uploaded)
+EVENT_MAX_BYTES = 2**20
 _CHUNK = 2**20
 
 
@@ -57,6 +61,12 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             refused = await run_in_threadpool(_upload_refused, request)
             if refused is not None:
                 return refused
+        elif request.method == "POST" and request.url.path.startswith(API_PATH):
+            if (_length(request) or 0) > EVENT_MAX_BYTES:  # files come by upload
+                return Response("too large", status_code=413)
+            refused = _linked_files_refused(await request.body())
+            if refused is not None:
+                return refused
         return await call_next(request)
 
     def _upload_refused(request: Request) -> Response | None:
@@ -64,9 +74,8 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         user = current_user(request)
         if user is None:
             return None  # Gradio refuses it
-        try:
-            size = int(request.headers.get("content-length", ""))
-        except ValueError:
+        size = _length(request)
+        if size is None:
             return Response("an upload must say its length", status_code=411)
         why = studio.admit_upload(user, size)
         return None if why is None else Response(why, status_code=413)
@@ -433,6 +442,33 @@ def _when(timestamp: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def _length(request: Request) -> int | None:
+    """The request's Content-Length, or None when it has none (or not a number)."""
+    try:
+        return int(request.headers.get("content-length", ""))
+    except ValueError:
+        return None
+
+
+def _linked_files_refused(body: bytes) -> Response | None:
+    """A page event naming a file by URL: Gradio would fetch it into its cache, with no size
+    limit and past the upload quota, before the studio sees it. Files come by upload only."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        return None  # not a page event's JSON: Gradio answers it
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("path"), str) and item["path"].lower().startswith(("http://", "https://")):
+                return Response("files must be uploaded, not linked", status_code=400)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def _uploaded(paths: list[str]) -> list[str]:

@@ -89,7 +89,8 @@ class Cluster:
         self.address, self.local = address, local
         self._jobs: Any = None
         self._ended: dict[str, tuple[str, float | None]] = {}
-        self._logs: dict[str, tuple[str, float]] = {}  # log tails, and when they were read (time.monotonic)
+        # log tails: when they were read (time.monotonic), and whether the job had ended by then
+        self._logs: dict[str, tuple[str, float, bool]] = {}
 
     @property
     def client(self) -> Any:
@@ -128,12 +129,13 @@ class Cluster:
         """The last lines of a job's log: kept once the job has ended (it will not change), and for
         LOG_SECONDS while it runs (the job server sends the whole log, every page polls it)."""
         kept = self._logs.get(submission_id)
-        if kept is not None and (submission_id in self._ended or time.monotonic() - kept[1] < LOG_SECONDS):
+        if kept is not None and (kept[2] or time.monotonic() - kept[1] < LOG_SECONDS):
             return kept[0]
+        ended = submission_id in self._ended  # before the read: a tail read then is the last one
         text: str = self._call("get_job_logs", submission_id)
         tail = "\n".join(text.splitlines()[-last_lines:])
         self._logs.pop(submission_id, None)
-        self._logs[submission_id] = (tail, time.monotonic())  # newest last: the oldest go past LOGS_KEPT
+        self._logs[submission_id] = (tail, time.monotonic(), ended)  # newest last: the oldest go past LOGS_KEPT
         while len(self._logs) > LOGS_KEPT:
             del self._logs[next(iter(self._logs))]
         return tail

@@ -124,6 +124,8 @@ class Studio:
             with contextlib.suppress(Exception):
                 self.store.discard(user, campaign_id)
             raise
+        with self._lock:  # the uploads are in the store now, where its usage counts them
+            self._uploads.pop(user, None)
         self.submit(record)
         return record
 

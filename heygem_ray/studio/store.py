@@ -278,6 +278,15 @@ def _small_parquet(local: str, name: str) -> pa.Table:
     if meta.num_rows > MANIFEST_MAX_ROWS:
         raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {meta.num_rows:,}")
     wanted = [c for c in ("audio", "avatar", "id", "box") if c in file.schema_arrow.names]
+    for column in wanted:  # only kinds whose decoded size is counted below (or bounded: box numbers)
+        kind = file.schema_arrow.field(column).type
+        numbers = pa.types.is_list(kind) and (
+            pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
+        )
+        if not (_is_text(kind) or (column == "box" and numbers)):
+            raise UploadError(
+                f"{name}: column {column} must hold text{' or four numbers' if column == 'box' else ''}, not {kind}"
+            )
     stored = 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
@@ -301,7 +310,9 @@ def _small_parquet(local: str, name: str) -> pa.Table:
 
 
 def _is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind)
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _text_bytes(column: pa.ChunkedArray) -> int:

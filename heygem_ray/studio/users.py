@@ -111,28 +111,29 @@ class LoginGuard:
 
     def __init__(self, parallel: int = 4, free: int = 5, longest: float = 300.0, name_free: int = 50):
         self._checks = threading.BoundedSemaphore(parallel)
-        self._failures: dict[str, tuple[int, float]] = {}  # key -> (failures, last failure time)
+        self._failures: dict[tuple[str, ...], tuple[int, float]] = {}  # key -> (failures, last failure time)
         self.free, self.longest, self.name_free = free, longest, name_free
         self._lock = threading.Lock()
 
     @staticmethod
-    def keys(name: str, client: str) -> tuple[str, ...]:
-        """What a try from `client` as `name` counts against."""
-        return f"client:{client}", f"name:{name}@{client}", f"name:{name}"
+    def keys(name: str, client: str) -> tuple[tuple[str, ...], ...]:
+        """What a try from `client` as `name` counts against (tuples: no name can pass for another
+        key, as "alice@10.0.0.5" could in a joined string)."""
+        return ("client", client), ("name at client", name, client), ("name", name)
 
-    def wait_seconds(self, *keys: str) -> float:
+    def wait_seconds(self, *keys: tuple[str, ...]) -> float:
         """How long these keys must still wait before another try (0 = may try now)."""
         now = time.time()
         with self._lock:
             waits = []
             for key in keys:
                 count, last = self._failures.get(key, (0, 0.0))
-                free = self.name_free if key.startswith("name:") and "@" not in key else self.free
+                free = self.name_free if key[0] == "name" else self.free
                 if count >= free:
                     waits.append(min(self.longest, 2.0 ** (count - free)) - (now - last))
         return max([0.0, *waits])
 
-    def check(self, users: UsersFile, name: str, password: str, *keys: str) -> bool:
+    def check(self, users: UsersFile, name: str, password: str, *keys: tuple[str, ...]) -> bool:
         with self._checks:
             stored = users.hashes().get(name)
             if stored is None:
