@@ -9,6 +9,7 @@ laptop run, a test, the GPU check kit) it follows what torch sees.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import sys
 
@@ -37,6 +38,28 @@ def cuda_usable() -> bool:
     if gpus is not None and not gpus:
         return False
     return torch.cuda.is_available()
+
+
+#: CU_CTX_SCHED_BLOCKING_SYNC: a thread waiting for the GPU sleeps instead of spinning on a core
+_BLOCKING_SYNC = 0x4
+
+
+def prefer_blocking_sync(index: int) -> bool:
+    """Make CUDA device `index`'s primary context (the one torch and FFmpeg share) wait for the GPU
+    by blocking, not spinning: with one context per process, CUDA's default spins a core in every
+    wait, and a GPU node's renderers are bound by its CPUs (x264, decode). Call it before the
+    context exists. Returns whether the driver took it (False without a CUDA driver)."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    set_flags = getattr(driver, "cuDevicePrimaryCtxSetFlags_v2", None) or getattr(
+        driver, "cuDevicePrimaryCtxSetFlags", None
+    )
+    device = ctypes.c_int()
+    if set_flags is None or driver.cuInit(0) != 0 or driver.cuDeviceGet(ctypes.byref(device), index) != 0:
+        return False
+    return bool(set_flags(device, _BLOCKING_SYNC) == 0)
 
 
 def torch_device(requested: str = "auto") -> torch.device:

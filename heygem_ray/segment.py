@@ -117,7 +117,12 @@ def nvdec_device(setting: str) -> int | None:
         # go): otherwise each reader would make and end it again, with a CPU renderer or the
         # classic one on a GPU actor
         torch.zeros(1, device=f"cuda:{index}")
-        return index
+        # and NVDEC once more, now in the context as the readers will find it (torch's): FFmpeg
+        # refuses a context made with other flags, and every segment's reader would fail
+        problem = nvdec_problem(index)
+        if problem is None:
+            return index
+        problem = f"in torch's context: {problem}"
     if setting == "auto":
         log.warning("decoder.device=auto: NVDEC unusable on cuda:%d (%s), decoding in software", index, problem)
         return None
@@ -171,6 +176,10 @@ class RenderWorker:
 
         torch.set_num_threads(self.threads)
         cv2.setNumThreads(self.threads)
+        from heygem_ray.devices import cuda_usable, prefer_blocking_sync, torch_device
+
+        if cuda_usable():  # before the GPU's context exists: waits sleep, whatever decodes
+            prefer_blocking_sync(torch_device("cuda").index or 0)
         self.nvdec = nvdec_device(cfg.decoder.device)  # before torch makes the GPU's context: see there
 
     def _load(self, cfg: Config) -> None:

@@ -164,6 +164,27 @@ def test_an_overrunning_step_is_killed_and_recorded(tmp_path: Path) -> None:
     assert "(a) environment facts — TIMEOUT" in (tmp_path / "summary.md").read_text()
 
 
+def test_a_step_stopped_at_its_budget_keeps_the_figures_it_wrote(tmp_path: Path) -> None:
+    """The node step writes its runs as they finish: one stopped at its budget (a hung variant)
+    is recorded with every run it had, not with the last 3,000 characters of its log."""
+    from benchmarks.gpu.run import Step, run_step
+
+    (tmp_path / "slowstep.py").write_text(
+        "import argparse, time\n"
+        "from pathlib import Path\n"
+        "from benchmarks.gpu import common\n"
+        "parser = argparse.ArgumentParser(); parser.add_argument('--out', type=Path)\n"
+        "args, _ = parser.parse_known_args()\n"
+        "common.write_partial(args.out, 'slow', {'runs': [{'variant': '15x1', 'wall_s': 21.0}]})\n"
+        "time.sleep(60)\n"
+    )
+    env = {**_env(), "PYTHONPATH": f"{ROOT}:{tmp_path}"}
+    (tmp_path / "out").mkdir()
+    record = run_step(Step("slow", "slowstep", "a step that hangs", 3), tmp_path / "out", 3, env, False)
+    assert record["status"] == "timeout" and record["figures"]["runs"][0]["wall_s"] == 21.0
+    assert '"variant": "15x1"' in record["markdown"]
+
+
 # --------------------------------------------------------------------------------------- wheels
 def _guarded(code: str, allowed: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter with the node-import guard (over `allowed` distributions)."""

@@ -27,3 +27,19 @@ def test_auto_device_follows_rays_gpu_assignment(ray_local, recipe_checkpoints):
             torch.cuda.is_available = real
 
     assert ray.get(auto_devices.remote(recipe_checkpoints["wav2lip"])) == ("cpu", "cpu")
+
+
+def test_blocking_sync_is_left_alone_without_a_cuda_driver():
+    """Renderers ask the driver for a context that sleeps while it waits for the GPU (not a spin
+    per wait on a node bound by its CPUs); without a driver that is a no-op, never an error. The
+    GPU kit's node step reports the mode a GPU's renderers got (`cuda_sync`)."""
+    import ctypes
+
+    from heygem_ray.devices import prefer_blocking_sync
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        assert prefer_blocking_sync(0) is False
+    else:
+        assert isinstance(prefer_blocking_sync(0), bool)

@@ -169,6 +169,12 @@ def wav2lip_checkpoint(path: Path) -> str:
     return str(path)
 
 
+def write_partial(out: Path, name: str, figures: dict[str, Any]) -> None:
+    """A step's figures so far (`<out>/<name>.partial.json`): what the orchestrator reports when it
+    has to stop the step at its budget, instead of the last lines of its log."""
+    write_json(out / f"{name}.partial.json", figures)
+
+
 def scratch(args: argparse.Namespace, name: str) -> contextlib.AbstractContextManager[Path]:
     """The step's scratch folder: --work/<name> (kept), else a temporary folder (removed)."""
     if args.work is not None:
@@ -205,6 +211,22 @@ def hold_gpu_context(device: int) -> None:
     import torch
 
     torch.zeros(1, device=f"cuda:{device}")
+
+
+def context_sync() -> str | None:
+    """How the current CUDA context waits for the GPU ("blocking", "spin", "yield", "auto"), or
+    None without one: renderers should block (`devices.prefer_blocking_sync`), spinning costs a
+    core a wait on a node whose CPUs bound it."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    flags = ctypes.c_uint()
+    if driver.cuCtxGetFlags(ctypes.byref(flags)) != 0:
+        return None
+    return {0: "auto", 1: "spin", 2: "yield", 4: "blocking"}.get(flags.value & 0x7, str(flags.value & 0x7))
 
 
 def no_tf32() -> None:

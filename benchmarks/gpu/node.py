@@ -190,6 +190,7 @@ def _worker_main(cfg: Any, jobs: Any, results: Any) -> None:
                     "batch_size": worker.renderer.batch_size,
                     "precision": getattr(worker.renderer, "precision", cfg.renderer.precision),
                     "ray_imported": ray_imported,
+                    "cuda_sync": common.context_sync(),
                 },
             )
         )
@@ -243,11 +244,17 @@ class WorkerPool:
             else:
                 self.done.append((pid, payload))
 
-    def close(self) -> None:
-        for _ in self.procs:
-            self.jobs.put(None)
+    def close(self, finished: bool = True) -> None:
+        """Let the workers go: told to stop once every job is done; stopped at once after a failure
+        (jobs still queued would each be rendered first, past the step's budget)."""
+        if finished:
+            for _ in self.procs:
+                self.jobs.put(None)
+        else:
+            for p in self.procs:
+                p.terminate()
         for p in self.procs:
-            p.join(timeout=20)
+            p.join(timeout=20 if finished else 5)
             if p.is_alive():
                 p.kill()
                 p.join()
@@ -302,7 +309,7 @@ def run_variant(
         stitched = stitch_row(row.stitch_job(cfg.layout, cfg.encoder.codec, cfg.qa, None), audio_track)
         marks["published"] = wall = time.perf_counter() - start
     finally:
-        pool.close()
+        pool.close(finished="segments_done" in marks)
     cpu = _cpu_seconds() - cpu0
     return summarize(cfg, inputs, pool, jobs, stitched, marks, wall, wall0, cpu, track_s, procs, threads, root)
 
@@ -351,6 +358,7 @@ def summarize(
         "preset": cfg.encoder.preset,
         "x264_params": cfg.encoder.x264_params,
         "decoder": first_ready["info"].decoder if first_ready else None,
+        "cuda_sync": sorted({str(p.get("cuda_sync")) for p in pool.ready.values()}),
         "crf": cfg.encoder.crf,
         "segment_seconds": cfg.render.segment_seconds,
         "segments": len(jobs),
@@ -441,6 +449,8 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
                 run = {**shape, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
             runs.append(run)
             print(f"  {variant.name}: {run}", flush=True)
+            # every run's figures so far, should the step be stopped at its budget (run.py reads it then)
+            common.write_partial(args.out, "node", {"runs": runs})
         done = [r for r in runs if "wall_s" in r]
         best = min(done, key=lambda r: r["wall_s"]) if done else None
         if best is not None and best["thumbnail"]:  # a look at what was rendered

@@ -80,8 +80,8 @@ _NET = _bench(
 _S3FD = _bench("bench_s3fd", "benchmarks.bench_s3fd", ("--frames", "4"), None)
 
 STEPS: tuple[Step, ...] = (
-    Step("env", "benchmarks.gpu.env", "(a) environment facts", 45),
-    Step("correctness", "benchmarks.gpu.correctness", "(b) CUDA numbers vs the CPU references", 90),
+    Step("env", "benchmarks.gpu.env", "(a) environment facts", 30),
+    Step("correctness", "benchmarks.gpu.correctness", "(b) CUDA numbers vs the CPU references", 75),
     Step("node", "benchmarks.gpu.node", "(c) one node, 3-min 1080p Wav2Lip to a finished mp4, no Ray", 210),
     Step("bench_wav2lip_e2e", "benchmarks.gpu.bench", "(d) Wav2LipRenderer.render on 1080p frames", 50, *_E2E),
     Step("bench_wav2lip_net", "benchmarks.gpu.bench", "(d) Wav2Lip generator alone, eager and compiled", 90, *_NET),
@@ -163,6 +163,7 @@ def run_step(
     """Run one step in its own process group; kill the group when it overruns `budget`."""
     result_file, log_file = out / f"{step.name}.json", out / f"{step.name}.log"
     result_file.unlink(missing_ok=True)
+    (out / f"{step.name}.partial.json").unlink(missing_ok=True)
     print(f"\n=== {step.name}: {step.what} (budget {budget:.0f} s) ===", flush=True)
     start = time.monotonic()
     with log_file.open("w") as log:
@@ -187,13 +188,19 @@ def run_step(
         _signal_group(proc.pid, signal.SIGKILL)  # stragglers (worker processes) must not load the next step
         pump.join(timeout=5)
     seconds = round(time.monotonic() - start, 1)
+    partial = _read_json(out / f"{step.name}.partial.json") or {}
     record = _read_json(result_file) or {
         "step": step.name,
         "status": "timeout" if timed_out else "error",
         "checks": [],
-        "figures": {},
+        "figures": partial,
         "error": f"killed after its {budget:.0f} s budget" if timed_out else f"exited with {rc} without a result",
-        "markdown": "Output before it ended:\n\n```\n" + _tail(log_file, 3000) + "\n```",
+        "markdown": (
+            "Figures it had written:\n\n```\n" + json.dumps(partial, indent=1)[:20_000] + "\n```\n\n" if partial else ""
+        )
+        + "Output before it ended:\n\n```\n"
+        + _tail(log_file, 3000)
+        + "\n```",
     }
     if timed_out:
         record["status"] = "timeout"
