@@ -491,7 +491,8 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
                 r["variant"],
                 f"{r['precision']}, batch {r['batch_size']}, {r['codec']} {r['preset']}"
                 + (f" ({r['x264_params']})" if r.get("x264_params") else "")
-                + f", decoding {r.get('decoder')}, {r['segment_seconds']:g} s segments",
+                + f", decoding {r.get('decoder')}, {r['segment_seconds']:g} s segments"
+                + (f", CUDA waits {'/'.join(r['cuda_sync'])}" if r.get("cuda_sync") not in (None, ["None"]) else ""),
                 r["frames"],
                 r["segments"],
                 f"**{r['wall_s']:.1f}**",
