@@ -178,8 +178,9 @@ class RenderWorker:
         cv2.setNumThreads(self.threads)
         from heygem_ray.devices import cuda_usable, prefer_blocking_sync, torch_device
 
-        if cuda_usable():  # before the GPU's context exists: waits sleep, whatever decodes
-            prefer_blocking_sync(torch_device("cuda").index or 0)
+        renderer_device = torch_device(getattr(cfg.renderer, "device", "auto"))
+        if renderer_device.type == "cuda" and cuda_usable():  # before its context exists: waits sleep
+            prefer_blocking_sync(renderer_device.index or 0)
         self.nvdec = nvdec_device(cfg.decoder.device)  # before torch makes the GPU's context: see there
 
     def _load(self, cfg: Config) -> None:

@@ -185,6 +185,24 @@ def test_a_step_stopped_at_its_budget_keeps_the_figures_it_wrote(tmp_path: Path)
     assert '"variant": "15x1"' in record["markdown"]
 
 
+def test_a_failed_node_run_lets_its_workers_go_with_jobs_still_queued(tmp_path: Path) -> None:
+    """After a failure the workers are stopped at once; the jobs still queued (more than a pipe
+    holds) kept the queue's feeder thread, and the step, from exiting until its budget ran out."""
+    code = (
+        "from benchmarks.gpu.node import WorkerPool\n"
+        "pool = WorkerPool(None, 1)\n"  # a worker that fails at once: nothing reads the jobs
+        "pool.start()\n"
+        "for _ in range(40):\n"
+        "    pool.jobs.put('x' * 5000)\n"
+        "pool.close(finished=False)\n"
+        "print('closed')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "closed" in proc.stdout, proc.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------------------- wheels
 def _guarded(code: str, allowed: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter with the node-import guard (over `allowed` distributions)."""

@@ -233,6 +233,8 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):
     answer = client.post("/app/gradio_api/queue/join", json=linked)
     assert answer.status_code == 400 and "uploaded, not linked" in answer.text
     assert client.post("/app/gradio_api/queue/join", content=b"{}" + b" " * 2**20).status_code == 413
+    chunked = client.post("/app/gradio_api/queue/join", content=iter([b"{}", b" " * 2**20]))  # no length
+    assert chunked.status_code == 411
 
 
 def test_uploads_a_campaign_took_count_once(tmp_path, media_dir):
@@ -246,13 +248,16 @@ def test_uploads_a_campaign_took_count_once(tmp_path, media_dir):
 
     files = [str(media_dir / "speech3.wav"), str(media_dir / "still.png")]
     size = sum(os.path.getsize(f) for f in files)
-    cfg = StudioConfig(store=str(tmp_path / "store"), user_quota_gb=2.5 * size / 2**30)
+    cfg = StudioConfig(store=str(tmp_path / "store"), user_quota_gb=3 * size / 2**30)
     service = StudioService(cfg, Cluster(f"http://127.0.0.1:{_free_port()}", local=False), logging.getLogger("t"))
-    assert service.admit_upload("alice", size) is None
+    assert service.admit_upload("alice", size) is None  # what the campaign will take
+    assert service.admit_upload("alice", int(1.2 * size)) is None  # uploaded, and no campaign takes it
     with pytest.raises(ClusterUnavailable):  # stored, not submitted (no cluster here)
         service.create("alice", "c", files[:1], files[1:])
     assert service.store.usage("alice") >= size
-    assert service.admit_upload("alice", size) is None  # the store's size once, not twice
+    # the store's size once, not twice (1 + 1.2 + 0.7 of 3), and the unused uploads still count
+    assert service.admit_upload("alice", int(0.7 * size)) is None
+    assert service.admit_upload("alice", int(0.2 * size)) is not None
 
 
 def test_a_refused_campaign_leaves_none_of_its_uploads(tmp_path, media_dir):
@@ -316,6 +321,13 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
         pq.write_table(pa.table({"audio": [value], "avatar": ["face.png"]}), bad)
         with pytest.raises(UploadError, match="is not among your uploads"):
             store.uploaded_manifest("alice", campaign, str(bad))
+    # numbered ids and columns left empty (pandas writes them as null) are fine in Parquet too
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(
+        pa.table({"id": [1], "audio": ["a.wav"], "avatar": ["face.png"], "box": pa.array([None], pa.null())}), plain
+    )
+    uri, _ = store.uploaded_manifest("alice", campaign, str(plain))
+    assert pq.read_table(uri).to_pylist()[0]["id"] == "1"
     # what the campaign would refuse is refused now, not in a job that fails later
     twice = tmp_path / "twice.csv"
     twice.write_text("id,audio,avatar\nsame,a.wav,face.png\nsame,b.wav,face.png\n")

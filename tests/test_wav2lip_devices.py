@@ -3,6 +3,12 @@ detector in a worker that Ray gave no GPU stays on the CPU even where torch sees
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
 
 def test_auto_device_follows_rays_gpu_assignment(ray_local, recipe_checkpoints):
     ray = ray_local
@@ -41,5 +47,20 @@ def test_blocking_sync_is_left_alone_without_a_cuda_driver():
         ctypes.CDLL("libcuda.so.1")
     except OSError:
         assert prefer_blocking_sync(0) is False
-    else:
-        assert isinstance(prefer_blocking_sync(0), bool)
+        return
+    if not torch.cuda.is_available():
+        assert prefer_blocking_sync(0) is False  # a driver, no GPU: cuInit refuses
+        return
+    # a GPU: in a fresh process (this one may hold a context already), the context torch makes
+    # after the call waits by blocking
+    code = (
+        "import torch\n"
+        "from heygem_ray.devices import prefer_blocking_sync\n"
+        "from benchmarks.gpu.common import context_sync\n"
+        "took = prefer_blocking_sync(0)\n"
+        "torch.zeros(1, device='cuda:0')\n"
+        "print(took, context_sync())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "blocking"], out.stderr[-2000:]

@@ -251,6 +251,8 @@ class WorkerPool:
             for _ in self.procs:
                 self.jobs.put(None)
         else:
+            # the jobs left in the queue would keep its feeder thread, and this process, from exiting
+            self.jobs.cancel_join_thread()
             for p in self.procs:
                 p.terminate()
         for p in self.procs:

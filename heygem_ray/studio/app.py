@@ -62,7 +62,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             if refused is not None:
                 return refused
         elif request.method == "POST" and request.url.path.startswith(API_PATH):
-            if (_length(request) or 0) > EVENT_MAX_BYTES:  # files come by upload
+            length = _length(request)
+            if length is None:  # a chunked body would be read whole before anyone is asked for a login
+                return Response("a request must say its length", status_code=411)
+            if length > EVENT_MAX_BYTES:  # files come by upload
                 return Response("too large", status_code=413)
             refused = _linked_files_refused(await request.body())
             if refused is not None:
@@ -457,7 +460,7 @@ def _linked_files_refused(body: bytes) -> Response | None:
     limit and past the upload quota, before the studio sees it. Files come by upload only."""
     try:
         data = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
         return None  # not a page event's JSON: Gradio answers it
     stack = [data]
     while stack:

@@ -124,8 +124,7 @@ class Studio:
             with contextlib.suppress(Exception):
                 self.store.discard(user, campaign_id)
             raise
-        with self._lock:  # the uploads are in the store now, where its usage counts them
-            self._uploads.pop(user, None)
+        self._taken(user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])]))
         self.submit(record)
         return record
 
@@ -186,6 +185,18 @@ class Studio:
                 )
             self._uploads[user] = [*recent, (now, size)]
         return None
+
+    def _taken(self, user: str, size: int) -> None:
+        """`size` bytes of the user's recent uploads are in the store now, where its usage counts
+        them: they leave the recent uploads (oldest first), and the others stay counted."""
+        with self._lock:
+            recent = []
+            for when, n in self._uploads.get(user, []):
+                kept = max(0, n - size)
+                size -= n - kept
+                if kept:
+                    recent.append((when, kept))
+            self._uploads[user] = recent
 
     def _check_quota(self, user: str, uploads: list[str]) -> None:
         if not self.cfg.user_quota_gb:

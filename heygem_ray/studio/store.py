@@ -278,12 +278,13 @@ def _small_parquet(local: str, name: str) -> pa.Table:
     if meta.num_rows > MANIFEST_MAX_ROWS:
         raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {meta.num_rows:,}")
     wanted = [c for c in ("audio", "avatar", "id", "box") if c in file.schema_arrow.names]
-    for column in wanted:  # only kinds whose decoded size is counted below (or bounded: box numbers)
+    for column in wanted:  # only kinds whose decoded size is counted below, or fixed a row
         kind = file.schema_arrow.field(column).type
         numbers = pa.types.is_list(kind) and (
             pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
         )
-        if not (_is_text(kind) or (column == "box" and numbers)):
+        fixed = pa.types.is_null(kind) or (column == "id" and pa.types.is_integer(kind))
+        if not (_is_text(kind) or fixed or (column == "box" and numbers)):
             raise UploadError(
                 f"{name}: column {column} must hold text{' or four numbers' if column == 'box' else ''}, not {kind}"
             )
