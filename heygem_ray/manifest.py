@@ -125,10 +125,7 @@ def _text_columns(table: pa.Table, columns: tuple[str, ...], problems: list[str]
     for column in columns:
         if column not in table.column_names:
             continue
-        kind = table[column].type
-        if pa.types.is_dictionary(kind):
-            kind = kind.value_type
-        if pa.types.is_null(kind) or _is_text(kind):
+        if pa.types.is_null(table[column].type) or is_text(table[column].type):
             index = table.column_names.index(column)
             table = table.set_column(index, column, table[column].cast(pa.string()))
         else:
@@ -136,7 +133,11 @@ def _text_columns(table: pa.Table, columns: tuple[str, ...], problems: list[str]
     return table
 
 
-def _is_text(kind: pa.DataType) -> bool:
+def is_text(kind: pa.DataType) -> bool:
+    """Whether a column of this Arrow type holds text: strings of any width, string views, and
+    pandas' categoricals of them (dictionaries)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
     view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or bool(view and view(kind))
 

@@ -380,7 +380,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
         return dest
     with _cache_lock(root, dest):
         if not os.path.exists(dest):
-            tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
+            tmp = f"{dest}{_PART}{uuid.uuid4().hex[:8]}"
             try:
                 fs.get_file(path, tmp)
                 _sync(tmp)  # a copy a crash left empty would fail every row that uses it
@@ -403,7 +403,7 @@ def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:
     copies = []
     with os.scandir(root) as entries:
         for entry in entries:
-            if entry.name.endswith(".lock") or ".part-" in entry.name:
+            if entry.name.endswith(".lock") or _PART in entry.name:
                 continue
             with contextlib.suppress(FileNotFoundError):  # another process trimmed it meanwhile
                 stat = entry.stat()

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from heygem_ray import storage
 from heygem_ray.errors import InputError, ManifestError
-from heygem_ray.manifest import build_manifest, rows_from_table
+from heygem_ray.manifest import build_manifest, is_text, rows_from_table
 from heygem_ray.media.audio import iter_pcm16k
 from heygem_ray.media.video import probe
 from heygem_ray.studio.users import check_name
@@ -284,7 +284,7 @@ def _small_parquet(local: str, name: str) -> pa.Table:
             pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
         )
         fixed = pa.types.is_null(kind) or (column == "id" and pa.types.is_integer(kind))
-        if not (_is_text(kind) or fixed or (column == "box" and numbers)):
+        if not (is_text(kind) or fixed or (column == "box" and numbers)):
             raise UploadError(
                 f"{name}: column {column} must hold text{' or four numbers' if column == 'box' else ''}, not {kind}"
             )
@@ -297,7 +297,7 @@ def _small_parquet(local: str, name: str) -> pa.Table:
                 stored += chunk.total_uncompressed_size
                 if chunk.num_values > 4 * group.num_rows:  # a box is four numbers; the rest one value a row
                     raise UploadError(f"{name}: {chunk.path_in_schema} holds more values than it has rows")
-    texts = [c for c in wanted if _is_text(file.schema_arrow.field(c).type)]
+    texts = [c for c in wanted if is_text(file.schema_arrow.field(c).type)]
     table = (
         pq.read_table(local, columns=wanted, read_dictionary=texts) if stored <= MANIFEST_MAX_DECODED_BYTES else None
     )
@@ -308,12 +308,6 @@ def _small_parquet(local: str, name: str) -> pa.Table:
             f"{MANIFEST_MAX_DECODED_BYTES // 2**20} MiB"
         )
     return table
-
-
-def _is_text(kind: pa.DataType) -> bool:
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _text_bytes(column: pa.ChunkedArray) -> int:
