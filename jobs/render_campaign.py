@@ -7,9 +7,7 @@ Hydra overrides pass straight through. Inside a job Ray sets RAY_ADDRESS, so `cl
 may stay "auto" (cluster=gpu) and the driver joins the cluster it was submitted to.
 """
 
-import sys
-
-from heygem_ray.cli import render_main
+from heygem_ray.cli import exit_now, render_main
 
 if __name__ == "__main__":
-    sys.exit(render_main())
+    exit_now(render_main())

@@ -176,6 +176,28 @@ def test_cli_prints_the_resolved_config():
     )
 
 
+def test_the_command_ends_with_its_status_after_flushing_and_the_exit_handlers():
+    """`exit_now` (the end of every `heygem-ray` command) skips the interpreter's teardown but not
+    what must still happen: buffered output is written and atexit handlers (logging's flush,
+    Ray's) run, and the status is the command's."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys\n"
+        "from heygem_ray.cli import exit_now\n"
+        "atexit.register(lambda: sys.stderr.write('handler ran'))\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "exit_now(3)\n"
+        "print('never')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3
+    assert out.stdout == "buffered, no newline" and out.stderr == "handler ran"
+    usage = subprocess.run([sys.executable, "-m", "heygem_ray.cli"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "heygem-ray render" in usage.stdout
+
+
 def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
     out = render_cli(f"manifest={tmp_path}/none.parquet", f"output={tmp_path}/out")
     assert out.returncode == 2 and "does not exist" in out.stderr

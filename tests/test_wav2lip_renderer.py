@@ -18,6 +18,7 @@ from heygem_ray.render.wav2lip import (
     MASK_ZERO_ABOVE,
     Wav2LipRenderer,
     _feather_mask,
+    _feather_weights,
     _feather_mask_torch,
     _resize,
 )
@@ -116,6 +117,25 @@ def test_feather_differs_from_hard_only_inside_the_box(hard, feather, frames, fe
         # no seam: along the box's left and bottom edges the result stays close to the original
         edge = np.abs(s[y1 : y2 - 1, x1].astype(int) - frame[y1 : y2 - 1, x1]).max()
         assert edge <= 3, edge
+
+
+def test_feather_blend_is_the_weighted_sum_rounded():
+    """The CPU paste (cv2.blendLinear with the cached weights) is original * (1 - mask) + generated
+    * mask rounded to the nearest level: off by one level at most, on a few pixels, and exact where
+    the mask is 0 (the eyes) or 1."""
+    rng = np.random.default_rng(5)
+    height, width = 301, 256
+    original = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    generated = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    keep, mask = _feather_weights(height, width)
+    assert not keep.flags.writeable and not mask.flags.writeable
+    got = cv2.blendLinear(original, generated, keep, mask).astype(int)
+    want = np.rint(original * (1.0 - mask[..., None]) + generated * mask[..., None]).astype(int)
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
+    np.testing.assert_array_equal(got[mask == 0], original[mask == 0])
+    np.testing.assert_array_equal(got[mask == 1], generated[mask == 1])
+    assert (mask == 0).any() and (mask == 1).any()
 
 
 def test_empty_box_and_read_only_frames(hard, frames, features):
@@ -251,7 +271,7 @@ def test_device_path_read_only_frames_and_no_boxes(checkpoint, frames, features)
 
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (7, 5), (96, 96), (117, 90), (301, 256)])
 def test_device_feather_mask_is_the_numpy_mask(checkpoint, height, width):
-    want = _feather_mask(height, width)
+    want = _feather_mask(height, width)[:, :, None]
     got = _feather_mask_torch(height, width, torch.device("cpu"))
     assert got.shape == want.shape and got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
