@@ -163,8 +163,22 @@ def local_system_config(cfg: Config) -> dict[str, Any]:
     core busy, and two of Ray's defaults spend CPU there for nothing: a worker process started when
     the driver connects, which the actors and tasks do not use (they start their own), and metrics
     collection, which nothing shows without the dashboard. Together ~1 s of a one-row run on 2 cores
-    (benchmarks/RESULTS.md, "Speed by default")."""
-    return {"prestart_worker_first_driver": False, "enable_metrics_collection": cfg.cluster.include_dashboard}
+    (benchmarks/RESULTS.md, "Speed by default").
+
+    And one waits for nothing: the raylet connects to its object store, which a thread of its own
+    is still opening as often as not on a busy machine, and retries a refused connection after a
+    whole second (Ray start 3.3 s instead of 2.3). Retries every 0.1 s, as many times more, keep
+    the same ten seconds of patience."""
+    return {
+        "prestart_worker_first_driver": False,
+        "enable_metrics_collection": cfg.cluster.include_dashboard,
+        "raylet_client_connect_timeout_milliseconds": LOCAL_CONNECT_RETRY_MS,
+        "raylet_client_num_connect_attempts": 10 * 1000 // LOCAL_CONNECT_RETRY_MS,
+    }
+
+
+#: how long a local Ray's raylet (and its workers) wait before trying a refused socket again
+LOCAL_CONNECT_RETRY_MS = 100
 
 
 def shutdown(local: bool) -> None:
