@@ -159,6 +159,8 @@ def test_int8_generator_stays_near_the_official_reference(model):
     assert not any(isinstance(m, Int8ConvUnit) for m in int8.face_encoder_blocks.modules())  # the cached half
     assert sum(isinstance(m, Int8ConvUnit) for m in int8.face_decoder_blocks.modules()) == 17  # all but 1x1->3x3
     assert sum(isinstance(m, Int8ConvUnit) for m in int8.audio_encoder.modules()) == 12  # all but the signed mel's
+    # what is not swapped (the final 1x1 conv) is the model's own tensor, not a copy made to be dropped
+    assert int8.output_block[1].weight.data_ptr() == net.output_block[1].weight.data_ptr()
     faces = torch.from_numpy(REF["faces"]).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         out = int8(torch.from_numpy(REF["mel"]), faces)
