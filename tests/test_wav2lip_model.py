@@ -121,23 +121,46 @@ def test_decoding_only_the_lower_rows_gives_those_rows_exactly(model, fused):
     assert not torch.equal(lower[:, :, 28:37], full[:, :, 28:37])  # the margin rows are not the full ones
 
 
-def test_a_stride_2_transposed_conv_is_a_2x2_conv_over_four_pixel_phases():
-    """subpixel_weight + pixel_phases_to_image give ConvTranspose2d(3, stride 2, padding 1, output
-    padding 1) exactly (float rounding), on odd and even sizes, as the int8 decoder runs it."""
+def test_a_stride_2_transposed_conv_is_four_convs_one_per_pixel_phase():
+    """phase_weights give ConvTranspose2d(3, stride 2, padding 1, output padding 1) exactly (float
+    rounding), on odd and even sizes, as the int8 decoder runs it: each phase a 1x1, 1x2, 2x1 or
+    2x2 conv over the input padded below and right, interleaved into the image."""
     import torch.nn.functional as F
 
-    from heygem_ray.models.wav2lip_cpu import pixel_phases_to_image, subpixel_weight
+    from heygem_ray.models.wav2lip_cpu import phase_weights
 
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(24, 8, 3, 3, generator=generator)
     x = torch.randn(2, 24, 7, 6, generator=generator)
     want = F.conv_transpose2d(x, weight, stride=2, padding=1, output_padding=1)
-    phases = F.conv2d(F.pad(x, (0, 1, 0, 1)), subpixel_weight(weight)).contiguous(memory_format=torch.channels_last)
-    got = pixel_phases_to_image(phases)
-    assert got.shape == want.shape == (2, 8, 14, 12)
-    assert got.is_contiguous(memory_format=torch.channels_last)
+    phases = phase_weights(weight)
+    assert {ab: tuple(w.shape) for ab, w in phases.items()} == {
+        (0, 0): (8, 24, 1, 1),
+        (0, 1): (8, 24, 1, 2),
+        (1, 0): (8, 24, 2, 1),
+        (1, 1): (8, 24, 2, 2),
+    }
+    got = torch.empty_like(want)
+    for (a, b), w in phases.items():
+        got[:, :, a::2, b::2] = F.conv2d(F.pad(x, (0, 1, 0, 1)), w)[:, :, :7, :6]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    torch.testing.assert_close(got, F.pixel_shuffle(phases, 2))
+
+
+def test_an_int8_transposed_unit_is_its_float_form_within_quantization(model):
+    """An int8 stride-2 transposed unit (phase convolutions interleaved in place) gives the fp32
+    unit's image, channels-last, within the int8 error, on the generator's own weights."""
+    from heygem_ray.models.wav2lip_cpu import Int8ConvUnit
+
+    unit = model.face_decoder_blocks[6][0]  # 160 -> 64 channels, 48x48 -> 96x96
+    x = torch.rand(2, 160, 9, 7, generator=torch.Generator().manual_seed(2))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = unit(x)
+        got = Int8ConvUnit(unit)(x)
+    assert got.shape == want.shape == (2, 64, 18, 14)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    err = (got - want).abs()
+    assert float(err.max()) < 0.05 * float(want.abs().max()) and float(err.mean()) < 0.01 * float(want.abs().mean())
 
 
 def test_int8_generator_stays_near_the_official_reference(model):
