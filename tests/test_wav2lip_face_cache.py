@@ -232,3 +232,19 @@ def test_sources_must_match_the_frames(recipe_checkpoints, clip, mels):
         renderer.render([clip[0].copy(), clip[1].copy()], np.tile(BOX, (2, 1)), mels[:2], sources=["a"])
     with pytest.raises(ValueError, match="face_cache_mb"):
         Wav2LipRenderer(recipe_checkpoints["wav2lip"], device="cpu", face_cache_mb=-1)
+
+
+@pytest.mark.parametrize("shape", [(16, 96, 96), (512, 1, 1), (3, 5, 7)])
+def test_cached_skips_are_stacked_straight_into_channels_last(shape):
+    """The skips the cache serves are stacked in the decoder's layout (torch's exact channels-last
+    strides), so the decoder takes them without another, transposing, copy; values as stacked."""
+    from heygem_ray.render.wav2lip import _channels_last, _stack_channels_last
+
+    generator = torch.Generator().manual_seed(3)
+    batch = torch.rand(4, *shape, generator=generator).contiguous(memory_format=torch.channels_last)
+    rows = [batch[i].clone() for i in (2, 0, 2, 3)]  # as the cache keeps them: one face may repeat
+    got = _stack_channels_last(rows)
+    c, h, w = shape
+    assert got.stride() == (h * w * c, 1, w * c, c)
+    assert _channels_last(got) is got
+    assert torch.equal(got, torch.stack(rows))

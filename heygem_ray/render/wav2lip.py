@@ -490,7 +490,7 @@ class Wav2LipRenderer:
             fresh = {key: tuple(s[j].clone() for s in encoded) for j, key in enumerate(first_row)}
             found.update(fresh)
             self._cache_put(fresh)
-        return [torch.stack([found[key][level] for key in keys]) for level in range(len(found[keys[0]]))]
+        return [_stack_channels_last([found[key][level] for key in keys]) for level in range(len(found[keys[0]]))]
 
     def _cache_put(self, entries: dict[Hashable, tuple[torch.Tensor, ...]]) -> None:
         with self._cache_lock:
@@ -611,6 +611,13 @@ def _pad(batch: torch.Tensor, rows: int) -> torch.Tensor:
     if batch.shape[0] >= rows:
         return batch
     return torch.cat((batch, batch.new_zeros((rows - batch.shape[0], *batch.shape[1:]))))
+
+
+def _stack_channels_last(rows: list[torch.Tensor]) -> torch.Tensor:
+    """(C, H, W) channels-last rows (a face cache's skips) stacked into one channels-last batch, in
+    one plain copy. torch.stack's result is contiguous NCHW, which the decoder then copied again
+    into channels-last with a transposing copy: ~0.5 ms a frame on one core."""
+    return torch.stack([row.permute(1, 2, 0) for row in rows]).permute(0, 3, 1, 2)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
