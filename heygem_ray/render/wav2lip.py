@@ -87,10 +87,11 @@ _DEVICE_MASKS = 64  # feather masks kept on the device, by box size
 # (2-core Xeon with AVX512-VNNI/BF16, no AMX; torch 2.13):
 #   batch                4     8    16    32    64   128
 #   fp32 generator    15.4  15.5  14.4  14.4     -  10.6
-#   int8 decoder      48.5  52.5  45.5  44.7  34.1     -
-# 8 is the best in both. End to end on one core (the segment path: decode, int8 generator, paste,
-# x264 on the same core) a 720p row takes 27.7 ms per frame at batch 8 against 29.9 at 16; smaller
-# batches would cut the pipeline's chunks below what keeps its helper threads fed.
+#   int8 decoder        65    60    58     -     -     -
+# End to end on one core (the segment path: decode, int8 generator, paste, x264 on the same core)
+# 8 is the best: a 12 s 720p row's whole command takes 9.7 s at 8, 9.9 at 6, 10.1 at 4 (the
+# pipeline's chunks are the batch: smaller ones cost its helper threads more than the decoder
+# gains), and 29.9 ms a frame at 16 against 27.7 at 8 before the decoder's phase split.
 CPU_BATCH = 8
 CUDA_BATCH = 128
 _AMP_DTYPES = {"fp32": None, "int8": None, "fp16": torch.float16, "bf16": torch.bfloat16}
