@@ -18,8 +18,8 @@ from heygem_ray.render.wav2lip import (
     MASK_ZERO_ABOVE,
     Wav2LipRenderer,
     _feather_mask,
-    _feather_weights,
     _feather_mask_torch,
+    _feather_weights,
     _resize,
 )
 from recipe_weights import read_keys, recipe_state_dict
