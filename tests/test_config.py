@@ -200,6 +200,25 @@ def test_the_command_ends_with_its_status_after_flushing_and_the_exit_handlers()
     assert usage.returncode == 2 and "heygem-ray render" in usage.stdout
 
 
+def test_the_command_end_waits_for_a_thread_still_writing(tmp_path):
+    """A thread still working when a command ends (an interrupted inline run's segment) finishes:
+    the ordinary exit waits for it, where skipping the teardown would cut it off."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "written"
+    script = (
+        "import threading, time\n"
+        "from heygem_ray.cli import exit_now\n"
+        f"def work():\n    time.sleep(1.0)\n    open({str(done)!r}, 'w').write('done')\n"
+        "threading.Thread(target=work).start()\n"
+        "exit_now(130)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 130, out.stderr
+    assert done.read_text() == "done"
+
+
 def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
     out = render_cli(f"manifest={tmp_path}/none.parquet", f"output={tmp_path}/out")
     assert out.returncode == 2 and "does not exist" in out.stderr

@@ -146,18 +146,20 @@ def test_a_stride_2_transposed_conv_is_four_convs_one_per_pixel_phase():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-def test_an_int8_transposed_unit_is_its_float_form_within_quantization(model):
+@pytest.mark.parametrize(("height", "width"), [(9, 7), (1, 1), (1, 4), (6, 6)])
+def test_an_int8_transposed_unit_is_its_float_form_within_quantization(model, height, width):
     """An int8 stride-2 transposed unit (phase convolutions interleaved in place) gives the fp32
-    unit's image, channels-last, within the int8 error, on the generator's own weights."""
+    unit's image, channels-last, within the int8 error, on the generator's own weights, at odd,
+    even and one-pixel sizes."""
     from heygem_ray.models.wav2lip_cpu import Int8ConvUnit
 
     unit = model.face_decoder_blocks[6][0]  # 160 -> 64 channels, 48x48 -> 96x96
-    x = torch.rand(2, 160, 9, 7, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(2, 160, height, width, generator=torch.Generator().manual_seed(2))
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         want = unit(x)
         got = Int8ConvUnit(unit)(x)
-    assert got.shape == want.shape == (2, 64, 18, 14)
+    assert got.shape == want.shape == (2, 64, 2 * height, 2 * width)
     assert got.is_contiguous(memory_format=torch.channels_last)
     err = (got - want).abs()
     assert float(err.max()) < 0.05 * float(want.abs().max()) and float(err.mean()) < 0.01 * float(want.abs().mean())

@@ -173,7 +173,7 @@ def local_system_config(cfg: Config) -> dict[str, Any]:
         "prestart_worker_first_driver": False,
         "enable_metrics_collection": cfg.cluster.include_dashboard,
         "raylet_client_connect_timeout_milliseconds": LOCAL_CONNECT_RETRY_MS,
-        "raylet_client_num_connect_attempts": 10 * 1000 // LOCAL_CONNECT_RETRY_MS,
+        "raylet_client_num_connect_attempts": max(1, 10 * 1000 // LOCAL_CONNECT_RETRY_MS),
     }
 
 

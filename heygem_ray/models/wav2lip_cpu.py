@@ -271,7 +271,8 @@ def _structure_copy(model: ModelT) -> ModelT:
     """A copy of `model`'s modules, in eval mode, sharing its parameters and buffers: the conv
     units are then swapped for new ones with weights of their own, so copying every weight first
     (36 M of them, ~0.15 s of each renderer's start) would be thrown away; what stays shared is
-    only read (inference never writes weights)."""
+    only read (inference never writes weights). The Parameter objects themselves are shared: a
+    later `.to()` or `.half()` of the source model would change the copy too."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return copy.deepcopy(model, memo=shared).eval()
 

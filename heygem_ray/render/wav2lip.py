@@ -681,8 +681,8 @@ def _ramp(x: np.ndarray, zero_at: float, one_at: float) -> np.ndarray:
 
 
 def _feather_mask_torch(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """`_feather_mask` computed with torch ops on `device` (float32 rather than numpy's float64:
-    equal to about 1e-7)."""
+    """`_feather_mask` computed with torch ops on `device`, as (height, width, 1) to broadcast over
+    a region's channels (float32 rather than numpy's float64: equal to about 1e-7)."""
     v = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
     u = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
     rows = _ramp_torch(v, MASK_ZERO_ABOVE, MASK_FULL_FROM) * _ramp_torch(1.0 - v, 0.0, EDGE_RAMP)
