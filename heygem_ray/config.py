@@ -94,9 +94,10 @@ class Wav2LipRendererConfig:
     #: frames per generator call; 0 = auto (128 on CUDA; 8 on CPU, where larger batches spill the
     #: caches and run no faster)
     batch_size: int = 0
-    #: auto | fp32 | int8 | fp16 | bf16. auto = bf16 on CUDA and on CPUs with AMX, int8 on other CPUs
-    #: with VNNI (decoder 2x fused fp32; ~40 dB from fp32), fp32 elsewhere (bf16 measured 0.7x fp32 with
-    #: AVX512-BF16 but no AMX, ~13x slower without AVX-512). int8 runs on the CPU only
+    #: auto | fp32 | int8 | fp16 | bf16. auto = bf16 on CUDA and on CPUs with AMX, int8 on other x86
+    #: CPUs with AVX2 (decoder 2.7x fused fp32 with VNNI, 1.4-1.9x without; ~40 dB from fp32, ~3 dB
+    #: less without VNNI), fp32 elsewhere (bf16 measured 0.7x fp32 with AVX512-BF16 but no AMX, ~13x
+    #: slower without AVX-512). int8 runs on the CPU only
     precision: str = "auto"
     #: feather (soft lower-face mask, no seam) | hard (the official rectangle)
     blend: str = "feather"

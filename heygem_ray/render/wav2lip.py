@@ -36,15 +36,16 @@ way (the batch's rows, or batch_size when compiled), the missing crops padded wi
 convolutions pick the same algorithms, and the decoder gets the skips in the same layout.
 
 Precision "auto" (the default) runs bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs
-where bf16 is faster than fp32 (AMX), int8 on other CPUs with VNNI, fp32 elsewhere; fp32 on CUDA
+where bf16 is faster than fp32 (AMX), int8 on other x86 CPUs with AVX2, fp32 elsewhere; fp32 on CUDA
 turns TF32 off, so fp32 means the official numerics. fp32 on the CPU runs the generator with its
 conv units fused (BatchNorm folded into the weights, ReLU and residual add as oneDNN post-ops: ~1.25x
 on one core), which moves outputs by float rounding only (~1e-7; a truncated uint8 level differs at
 ~2 pixels in a million); `fuse=False` runs the plain modules. int8 runs the audio encoder and the
-decoder on 8-bit integers (`models.wav2lip_cpu`: the decoder ~2x the fused fp32 rate) and stays
-~43 dB from fp32 in the mouth region (the official test vectors: max 0.061 of 1.0; bf16 on a GPU is
-off by up to ~0.18); each renderer checks it against fp32 on a probe at start and runs fp32 if it
-strays. The generator output is cleaned of NaN/inf and clamped to [0, 1] before it becomes uint8.
+decoder on 8-bit integers (`models.wav2lip_cpu`: the decoder 1.4-2.7x the fused fp32 rate, the
+most with VNNI) and stays ~43 dB from fp32 in the mouth region (the official test vectors: max
+0.061 of 1.0; bf16 on a GPU is off by up to ~0.18), ~3 dB less on CPUs without VNNI, whose
+narrower integer ranges keep oneDNN's 16-bit pair sums from saturating; each renderer checks it
+against fp32 on a probe at start and runs fp32 if it strays. The generator output is cleaned of NaN/inf and clamped to [0, 1] before it becomes uint8.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from heygem_ray.media.audio import AudioWindow
 from heygem_ray.models.checkpoints import load_model
 from heygem_ray.models.wav2lip import Wav2Lip
 from heygem_ray.models.wav2lip_audio import mel_chunks
-from heygem_ray.models.wav2lip_cpu import fuse_for_cpu, quantize_for_cpu
+from heygem_ray.models.wav2lip_cpu import NARROW_RANGE, fuse_for_cpu, int8_range, quantize_for_cpu
 
 log = logging.getLogger("heygem_ray.render.wav2lip")
 
@@ -106,7 +107,7 @@ class Wav2LipRenderer:
                 CPU_BATCH (8) on the CPU, CUDA_BATCH (the official 128) on CUDA.
     precision:  "auto" (default), "fp32", "int8", "fp16" or "bf16", resolved once into
                 `self.precision`. auto: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs where
-                bf16 is faster (AMX), int8 on other CPUs with VNNI, else fp32. fp16/bf16 run under
+                bf16 is faster (AMX), int8 on other x86 CPUs (AVX2), else fp32. fp16/bf16 run under
                 autocast; on CPU fp16 becomes fp32 (no fast CPU fp16 convolutions). int8 is CPU
                 only (elsewhere it is what auto picks) and becomes fp32 if it fails its probe.
                 fp32 on CUDA turns TF32 off for the process (official numerics).
@@ -557,6 +558,14 @@ def _int8_or_fp32(model: Wav2Lip) -> tuple[Wav2Lip, str]:
             INT8_MIN_PROBE_PSNR_DB,
         )
         return _fused_or_plain(model)[0], "fp32"
+    if int8_range() == NARROW_RANGE:
+        log.info(
+            "int8 without VNNI: byte products are summed in pairs into saturating 16-bit integers, "
+            "so activations go to 0..%d and weights to +-%d (%.1f dB from fp32 on the probe)",
+            NARROW_RANGE.activations,
+            NARROW_RANGE.weights,
+            psnr,
+        )
     return int8, "int8"
 
 
@@ -575,7 +584,7 @@ def _probe_input() -> tuple[torch.Tensor, torch.Tensor]:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision the generator runs at on `device`: "auto" is bf16 on CUDA GPUs with bf16
     (compute capability 8.0+), fp16 on older ones, bf16 on CPUs where it is faster (AMX:
-    `devices.cpu_bf16_is_faster`), int8 on other CPUs with VNNI (`devices.cpu_int8_is_faster`) and
+    `devices.cpu_bf16_is_faster`), int8 on other x86 CPUs (`devices.cpu_int8_is_faster`) and
     fp32 on the rest; fp16 on a CPU is fp32 (no fast CPU fp16 convolutions); int8 off the CPU is
     what auto picks there; anything else as asked."""
     if precision == "auto" or (precision == "int8" and device.type != "cpu"):
