@@ -92,9 +92,10 @@ def cpu_bf16_is_faster(flags: frozenset[str] | None = None) -> bool:
 
 def cpu_int8_is_faster(flags: frozenset[str] | None = None) -> bool:
     """Whether the int8 generator (`models.wav2lip_cpu`) beats fused fp32 on this CPU (or one with
-    `flags`): on any x86 CPU with AVX2, where oneDNN has int8 kernels. Decoder frames/s, one thread,
-    batch 8, on a Xeon with oneDNN limited to each ISA (`ONEDNN_MAX_CPU_ISA`): with VNNI 49.4
-    against fp32's 18.6 (2.7x); AVX-512 without VNNI (Skylake-SP) 25.4 against 18.6 (1.4x); AVX2
-    (Haswell to Zen 3) 20.2 against 10.9 (1.9x). Without VNNI the int8 ranges are narrowed so no
-    sum saturates (`wav2lip_cpu.int8_range`)."""
+    `flags`): on any x86 CPU with AVX2, where it was measured faster (below AVX2, unmeasured).
+    Decoder frames/s, one thread, batch 8, on one Xeon with oneDNN limited to each ISA
+    (`ONEDNN_MAX_CPU_ISA`; not on Haswell or Zen hardware itself): with VNNI 49.4 against fp32's
+    18.6 (2.7x); AVX-512 without VNNI (Skylake-SP) 25.4 against 18.6 (1.4x); AVX2 (Haswell to
+    Zen 3) 20.2 against 10.9 (1.9x). Without VNNI the int8 ranges are narrowed so no sum saturates
+    (`wav2lip_cpu.int8_range`)."""
     return "avx2" in (cpu_flags() if flags is None else flags)

@@ -200,16 +200,6 @@ def test_int8_generator_stays_near_the_official_reference(model, levels, min_db,
     assert np.abs(err).max() < max_error
 
 
-def test_int8_ranges_are_exact_on_this_cpu():
-    """Whatever this CPU's int8 kernels are, the ranges int8_range() picks sum the worst case (every
-    input and weight at its largest) exactly, and the narrowed ones do on every CPU."""
-    from heygem_ray.models.wav2lip_cpu import int8_range, sums_exactly
-
-    assert int8_range() in (FULL_RANGE, NARROW_RANGE)
-    assert sums_exactly(int8_range()) and sums_exactly(NARROW_RANGE)
-    assert 2 * NARROW_RANGE.activations * NARROW_RANGE.weights <= 2**15 - 1  # a pair fits a saturating int16
-
-
 _WITHOUT_VNNI = """
 import json
 from heygem_ray.models.wav2lip_cpu import FULL_RANGE, NARROW_RANGE, int8_range, sums_exactly
@@ -224,9 +214,9 @@ def test_without_vnni_the_int8_ranges_narrow_so_no_sum_saturates():
     vpmaddubsw, which adds each pair of products into a saturating int16: at the full ranges the
     worst case clips (this is why they narrow), at the narrowed ones it is exact, and int8_range()
     sees that from the kernels themselves."""
+    assert 2 * NARROW_RANGE.activations * NARROW_RANGE.weights <= 2**15 - 1  # a pair fits a saturating int16
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_VNNI], env=env, capture_output=True, text=True, timeout=120, check=True
-    )
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_VNNI], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"range": [NARROW_RANGE.activations, NARROW_RANGE.weights], "full": False, "narrow": True}

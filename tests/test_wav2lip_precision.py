@@ -143,6 +143,8 @@ def test_reduced_precision_stays_close_to_fp32_in_the_mouth(
     numbers); int8 on any x86 CPU (oneDNN's int8 kernels, fast with VNNI), at this CPU's ranges
     and at the narrowed ones a CPU without VNNI gets (exact on every CPU)."""
     if precision == "int8-narrow":
+        if wav2lip_cpu.int8_range() == NARROW_RANGE:
+            pytest.skip("this CPU's int8 already runs at the narrowed ranges: the int8 case is this one")
         monkeypatch.setattr(wav2lip_cpu, "int8_range", lambda: NARROW_RANGE)
         precision, bound = "int8", INT8_NARROW_MIN_PSNR_DB
     elif precision == "int8":

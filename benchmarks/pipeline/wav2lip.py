@@ -114,7 +114,7 @@ def bench_wav2lip(ctx: Context) -> None:
         return time.perf_counter() - start, stage, n
 
     # ours, in this process: the actor's batched, overlapped segment path (RenderWorker.render_segment),
-    # at the official fp32 and at int8 (the CPU default where the CPU has VNNI)
+    # at the official fp32 and at int8 (the CPU default on x86 CPUs with AVX2 but no AMX)
     pcm = prepare_audio(audio, cache)
     track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
     workers = {}

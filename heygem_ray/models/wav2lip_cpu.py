@@ -15,8 +15,9 @@ quantized per output channel (symmetric int8); each activation per tensor and pe
 every quantized unit's input is a ReLU output, or a concatenation of them, so it is >= 0), from
 the batch's own maximum: no calibration data, nothing to go stale when the checkpoint changes.
 Where the CPU has no VNNI, oneDNN multiplies bytes with vpmaddubsw, which adds each pair of
-products into a saturating 16-bit integer: the full ranges would clip, so both ranges are narrowed
-until no pair can (`int8_range`, found by running the worst case once per process).
+products into a saturating 16-bit integer: the full ranges would clip, so there both ranges are
+narrowed so that no pair can; whether to narrow is found by running the worst case once per
+process (`int8_range`).
 Each stride-2 transposed convolution becomes four ordinary convolutions, one per output pixel
 phase (1x1, 1x2, 2x1 and 2x2: only the kernel taps that reach that phase), whose outputs are
 interleaved into the image, so they run int8 too. Kept fp32: the
@@ -175,15 +176,22 @@ def int8_range() -> Int8Range:
     return FULL_RANGE if sums_exactly(FULL_RANGE) else NARROW_RANGE
 
 
+#: (input channels, kernel size) of the convolutions `sums_exactly` runs: a decoder unit's 3x3 and
+#: a transposed unit's largest phase
+_PROBE_SHAPES = ((64, 3), (512, 2))
+
+
 def sums_exactly(levels: Int8Range) -> bool:
-    """Whether an int8 convolution shaped like the decoder's (3x3, 64 channels) gives the exact sum
+    """Whether int8 convolutions shaped like the generator's (`_PROBE_SHAPES`) give the exact sum
     for the worst case at `levels`: every input and weight at its largest."""
-    channels = 64
-    conv = _packed_int8(torch.ones(channels, channels, 3, 3), [1, 1], [1, 1], [1, 1], levels)
-    q = torch.full((1, channels, 6, 6), levels.activations, dtype=torch.uint8)
-    out = _qconv_relu(q.contiguous(memory_format=torch.channels_last), 1.0, conv, torch.zeros(channels))
-    exact = levels.activations * channels * 9  # an inner pixel: every tap inside the image
-    return abs(float(out[0, 0, 2, 2]) - exact) < 1e-4 * exact
+    for channels, size in _PROBE_SHAPES:
+        conv = _packed_int8(torch.ones(16, channels, size, size), [1, 1], [0, 0], [1, 1], levels)
+        q = torch.full((1, channels, 4, 4), levels.activations, dtype=torch.uint8)
+        out = _qconv_relu(q.contiguous(memory_format=torch.channels_last), 1.0, conv, torch.zeros(16))
+        exact = levels.activations * channels * size * size
+        if abs(float(out[0, 0, 0, 0]) - exact) >= 1e-4 * exact:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -228,7 +236,7 @@ class Int8ConvUnit(nn.Module):
     def __init__(self, unit: ConvUnit, levels: Int8Range | None = None):
         super().__init__()
         conv, weight, bias = _folded(unit)
-        self.levels = levels or int8_range()
+        self.levels = levels if levels is not None else int8_range()
         self.residual = unit.residual
         self.register_buffer("bias", bias.float().contiguous())
         self.transposed = isinstance(conv, nn.ConvTranspose2d)
@@ -338,7 +346,7 @@ def quantize_for_cpu(model: Wav2Lip, levels: Int8Range | None = None) -> Wav2Lip
     """A copy of `model` with its audio encoder and decoder on int8 (Int8ConvUnit, quantized to
     `levels`, by default `int8_range()`) and the other conv units fused fp32 (see the module
     docstring for which stay fp32 and why)."""
-    levels = levels or int8_range()
+    levels = levels if levels is not None else int8_range()
     quantized = _structure_copy(model)
     first_audio = quantized.audio_encoder[0]
     one_to_three = cast(nn.Sequential, quantized.face_decoder_blocks[1])[0]  # the 1x1 -> 3x3 transposed unit

@@ -43,9 +43,10 @@ on one core), which moves outputs by float rounding only (~1e-7; a truncated uin
 ~2 pixels in a million); `fuse=False` runs the plain modules. int8 runs the audio encoder and the
 decoder on 8-bit integers (`models.wav2lip_cpu`: the decoder 1.4-2.7x the fused fp32 rate, the
 most with VNNI) and stays ~43 dB from fp32 in the mouth region (the official test vectors: max
-0.061 of 1.0; bf16 on a GPU is off by up to ~0.18), ~3 dB less on CPUs without VNNI, whose
+0.066 of 1.0; bf16 on a GPU is off by up to ~0.18), ~3 dB less on CPUs without VNNI, whose
 narrower integer ranges keep oneDNN's 16-bit pair sums from saturating; each renderer checks it
-against fp32 on a probe at start and runs fp32 if it strays. The generator output is cleaned of NaN/inf and clamped to [0, 1] before it becomes uint8.
+against fp32 on a probe at start and runs fp32 if it strays. The generator output is cleaned of
+NaN/inf and clamped to [0, 1] before it becomes uint8.
 """
 
 from __future__ import annotations
@@ -560,7 +561,7 @@ def _int8_or_fp32(model: Wav2Lip) -> tuple[Wav2Lip, str]:
         return _fused_or_plain(model)[0], "fp32"
     if int8_range() == NARROW_RANGE:
         log.info(
-            "int8 without VNNI: byte products are summed in pairs into saturating 16-bit integers, "
+            "this CPU's int8 kernels sum byte products in pairs into saturating 16-bit integers (no VNNI), "
             "so activations go to 0..%d and weights to +-%d (%.1f dB from fp32 on the probe)",
             NARROW_RANGE.activations,
             NARROW_RANGE.weights,
@@ -570,7 +571,8 @@ def _int8_or_fp32(model: Wav2Lip) -> tuple[Wav2Lip, str]:
 
 
 #: the least PSNR (dB, outputs in [0, 1]) the int8 generator must keep against fp32 on the probe;
-#: the recipe weights give ~40 dB (the official test vectors, too), a wrong int8 op gives < 20
+#: the recipe weights give ~40 dB (the official test vectors, too; ~38 dB at the narrowed ranges of
+#: CPUs without VNNI), a wrong int8 op gives < 20
 INT8_MIN_PROBE_PSNR_DB = 30.0
 
 
