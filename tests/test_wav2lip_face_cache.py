@@ -1,5 +1,5 @@
 """Face-encoder reuse in Wav2LipRenderer: with `sources`, the output is bitwise the output without
-reuse (still image, looped clip, mixed boxes; both image paths, fp32 and bf16 autocast, compiled),
+reuse (still image, looped clip, mixed boxes; both image paths, fp32, int8 and bf16 autocast, compiled),
 the encoder really runs less (counted with a forward hook on the real model), and a different box
 or source id is never served from the cache."""
 
@@ -65,7 +65,8 @@ def _assert_same(got: list[np.ndarray], want: list[np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("image_ops", "precision"), [("cpu", "fp32"), ("device", "fp32"), ("cpu", "bf16"), ("device", "bf16")]
+    ("image_ops", "precision"),
+    [("cpu", "fp32"), ("device", "fp32"), ("cpu", "bf16"), ("device", "bf16"), ("cpu", "int8")],
 )
 def test_still_image_encodes_its_face_once(recipe_checkpoints, portrait, mels, image_ops, precision):
     reuse, plain = _pair(recipe_checkpoints["wav2lip"], batch_size=16, precision=precision, image_ops=image_ops)
@@ -76,16 +77,17 @@ def test_still_image_encodes_its_face_once(recipe_checkpoints, portrait, mels, i
     want = plain.render([portrait.copy() for _ in range(40)], boxes, mels, sources=[("still.png", 0)] * 40)
     _assert_same(got, want)
     assert not np.array_equal(got[0], got[1])  # the audio still drives each frame
-    assert (baseline.calls, baseline.crops) == (3, 40)  # batches of 16 + 16 + 8, no reuse
+    # batches of 16 + 16 + 8, no reuse; int8 encodes each face alone (its scales are per call)
+    assert (baseline.calls, baseline.crops) == ((40, 40) if precision == "int8" else (3, 40))
     assert (count.calls, count.crops) == (1, 1)  # one pass (padded to the batch's 16 rows), one crop
     # a later call finds it too
     reuse.render([portrait.copy() for _ in range(3)], boxes[:3], mels[:3], sources=[("still.png", 0)] * 3)
     assert (count.calls, count.crops) == (1, 1)
 
 
-@pytest.mark.parametrize("image_ops", ["cpu", "device"])
-def test_looped_clip_encodes_each_frame_once(recipe_checkpoints, clip, mels, image_ops):
-    reuse, plain = _pair(recipe_checkpoints["wav2lip"], batch_size=8, precision="fp32", image_ops=image_ops)
+@pytest.mark.parametrize(("image_ops", "precision"), [("cpu", "fp32"), ("device", "fp32"), ("cpu", "int8")])
+def test_looped_clip_encodes_each_frame_once(recipe_checkpoints, clip, mels, image_ops, precision):
+    reuse, plain = _pair(recipe_checkpoints["wav2lip"], batch_size=8, precision=precision, image_ops=image_ops)
     count = EncoderCount(reuse)
     index = [i % len(clip) for i in range(20)]  # the loop turns round three times
     sources = [("clip.mp4", i) for i in index]
@@ -93,8 +95,8 @@ def test_looped_clip_encodes_each_frame_once(recipe_checkpoints, clip, mels, ima
     got = reuse.render([clip[i].copy() for i in index], boxes, mels[:20], sources=sources)
     want = plain.render([clip[i].copy() for i in index], boxes, mels[:20])
     _assert_same(got, want)
-    # batch 1 (frames 0-7) encodes the 6 clip frames; batches 2 and 3 are all hits
-    assert (count.calls, count.crops) == (1, len(clip))
+    # batch 1 (frames 0-7) encodes the 6 clip frames (at int8 one at a time); batches 2 and 3 are all hits
+    assert (count.calls, count.crops) == ((len(clip) if precision == "int8" else 1), len(clip))
 
 
 @pytest.mark.parametrize("image_ops", ["cpu", "device"])

@@ -40,10 +40,10 @@ where bf16 is faster than fp32 (AMX), int8 on other x86 CPUs with AVX2, fp32 els
 turns TF32 off, so fp32 means the official numerics. fp32 on the CPU runs the generator with its
 conv units fused (BatchNorm folded into the weights, ReLU and residual add as oneDNN post-ops: ~1.25x
 on one core), which moves outputs by float rounding only (~1e-7; a truncated uint8 level differs at
-~2 pixels in a million); `fuse=False` runs the plain modules. int8 runs the audio encoder and the
-decoder on 8-bit integers (`models.wav2lip_cpu`: the decoder 1.4-2.7x the fused fp32 rate, the
-most with VNNI) and stays ~43 dB from fp32 in the mouth region (the official test vectors: max
-0.066 of 1.0; bf16 on a GPU is off by up to ~0.18), ~3 dB less on CPUs without VNNI, whose
+~2 pixels in a million); `fuse=False` runs the plain modules. int8 runs the face and audio
+encoders and the decoder on 8-bit integers (`models.wav2lip_cpu`: the decoder 1.4-2.7x the fused
+fp32 rate, the most with VNNI) and stays ~43 dB from fp32 in the mouth region (the official test
+vectors: max 0.078 of 1.0; bf16 on a GPU is off by up to ~0.18), ~3 dB less on CPUs without VNNI, whose
 narrower integer ranges keep oneDNN's 16-bit pair sums from saturating; each renderer checks it
 against fp32 on a probe at start and runs fp32 if it strays. The generator output is cleaned of
 NaN/inf and clamped to [0, 1] before it becomes uint8.
@@ -468,10 +468,21 @@ class Wav2LipRenderer:
 
     def _encode_faces(self, face: torch.Tensor, rows: int) -> list[torch.Tensor]:
         """Face-encoder skips of (m,3,96,96) faces, run on `rows` >= m rows (zero padding), so the
-        encoder sees the same batch shape whether or not some faces came from the cache."""
+        encoder sees the same batch shape whether or not some faces came from the cache. At int8
+        each face is encoded alone instead: an int8 unit scales its input by the whole call's
+        maximum, so a face encoded beside others would get other skips than alone, and the cache's
+        reuse would no longer be exact (one at a time: 2.9 ms a face on one core, against fp32's 5.7
+        in batches of 8)."""
         masked = face.clone()
         masked[:, :, FACE_SIZE // 2 :] = 0  # the official input: [lower-half-masked, unmasked]
-        faces = _pad(torch.cat((masked, face), dim=1), rows).contiguous(memory_format=torch.channels_last)
+        faces = torch.cat((masked, face), dim=1)
+        if self.precision == "int8":
+            alone = [
+                self.model.encode_face(faces[i : i + 1].contiguous(memory_format=torch.channels_last))
+                for i in range(len(faces))
+            ]
+            return [torch.cat(level) for level in zip(*alone, strict=True)]
+        faces = _pad(faces, rows).contiguous(memory_format=torch.channels_last)
         return (self._encode or self.model.encode_face)(faces)
 
     def _cached_skips(self, face: torch.Tensor, keys: list[Hashable], rows: int) -> list[torch.Tensor]:
@@ -537,7 +548,7 @@ FUSED_TOLERANCE = 1e-4
 
 
 def _int8_or_fp32(model: Wav2Lip) -> tuple[Wav2Lip, str]:
-    """The generator with its audio encoder and decoder on int8 (`models.wav2lip_cpu`), when this
+    """The generator with its encoders and decoder on int8 (`models.wav2lip_cpu`), when this
     torch build has oneDNN's int8 ops and the int8 generator stays within INT8_MIN_PROBE_PSNR_DB of
     the plain fp32 one on a probe, over the rows a feather paste shows; else the fp32 generator
     (`_fused_or_plain`), with a warning. Returns (model, precision)."""
