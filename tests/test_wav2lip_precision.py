@@ -32,11 +32,11 @@ BOX = np.array([76, 56, 190, 172])  # the face on the demo portrait at width 256
 # of 4 portrait frames. Measured with the recipe weights: 51.3-52.0 dB per frame, max |diff| 6 levels,
 # for the cpu and device image paths on three head-motion clips; the bound leaves ~6 dB (4x the MSE).
 BF16_MIN_PSNR_DB = 45.0
-# int8 (audio encoder and decoder) against fp32, same region and frames: measured 42.8-43.3 dB per
-# frame, max |diff| 20 levels, on three head-motion clips and both image paths; the bound leaves ~3 dB
+# int8 (face and audio encoders, decoder) against fp32, same region and frames: measured 42.7-43.2 dB
+# per frame, max |diff| 23 levels, on three head-motion clips and both image paths; the bound leaves ~3 dB
 INT8_MIN_PSNR_DB = 40.0
-# int8 at the narrowed ranges of CPUs without VNNI (wav2lip_cpu.NARROW_RANGE): measured 39.7-40.3 dB,
-# max |diff| 25 levels, same clips and paths; the same ~3 dB margin
+# int8 at the narrowed ranges of CPUs without VNNI (wav2lip_cpu.NARROW_RANGE): measured 39.5-40.1 dB,
+# max |diff| 26 levels, same clips and paths; the same ~3 dB margin
 INT8_NARROW_MIN_PSNR_DB = 37.0
 
 

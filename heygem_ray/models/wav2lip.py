@@ -123,8 +123,10 @@ class Wav2Lip(nn.Module):
 
     def encode_face(self, faces: torch.Tensor) -> list[torch.Tensor]:
         """faces (B,6,96,96) -> the face encoder's skip features, finest first: (B,16,96,96),
-        (B,32,48,48), ..., (B,512,1,1). They depend on the face alone, so a renderer may keep them
-        for a face crop it sees again (a still image, a looped clip) and skip this half."""
+        (B,32,48,48), ..., (B,512,1,1). They depend on the face alone (the CPU's int8 form only when
+        each face is encoded alone: it scales by the whole batch's maximum), so a renderer may keep
+        them for a face crop it sees again (a still image, a looped clip) and skip this half. The
+        faces are images in [0, 1]."""
         skips = []
         x = faces
         for block in self.face_encoder_blocks:

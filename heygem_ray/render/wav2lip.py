@@ -33,7 +33,8 @@ render() is told where each frame's pixels come from (`sources`), the encoder's 
 kept per (source, clipped box) in an LRU bounded by bytes, and only crops not in it are encoded.
 The output is bitwise the same as without reuse: the encoder runs on the same number of rows either
 way (the batch's rows, or batch_size when compiled), the missing crops padded with zeros, so the
-convolutions pick the same algorithms, and the decoder gets the skips in the same layout.
+convolutions pick the same algorithms, and the decoder gets the skips in the same layout. At int8
+each face is encoded alone either way, since an int8 unit scales by its whole call's maximum.
 
 Precision "auto" (the default) runs bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs
 where bf16 is faster than fp32 (AMX), int8 on other x86 CPUs with AVX2, fp32 elsewhere; fp32 on CUDA
