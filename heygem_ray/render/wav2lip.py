@@ -22,6 +22,12 @@ Two image paths do the crop, resize and paste around the generator:
   can differ by a level, the generator sees slightly different inputs, and the pasted face differs
   from the cpu path by about a level on average (tests/test_wav2lip_renderer.py states the bound).
 
+On CUDA the renderer queues its work on a stream of its own. FFmpeg's NVDEC (the segment's decode
+thread, same process, same context) copies each decoded frame to the host on the legacy default
+stream and waits for it, and work on that stream also waits for all work on blocking streams:
+with the renderer on the default stream too, every frame the decode thread brings back would
+wait behind the batch being rendered, and decode and render, meant to overlap, would take turns.
+
 Rows the paste never shows: the feather mask is zero over the upper face, so with blend="feather"
 the decoder computes the generated face from row FEATHER_FIRST_ROW down only (`Wav2Lip.decode`'s
 rows_from: ~20 % of the decoder's work saved); those rows are what a full decode gives, and the
@@ -57,7 +63,7 @@ import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -217,6 +223,8 @@ class Wav2LipRenderer:
         self._staging: dict[str, torch.Tensor] = {}
         self._masks: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # the staging buffers are shared between calls
+        # a non-blocking stream: it does not wait for the default stream's work (see the module docstring)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if compile:
             self.compile_now()
 
@@ -285,15 +293,28 @@ class Wav2LipRenderer:
             sources = None
         out = [frame if frame.flags.writeable else frame.copy() for frame in frames]
         batch = self._render_batch_device if self.image_ops == "device" else self._render_batch
-        for lo in range(0, len(out), self.batch_size):
-            hi = lo + self.batch_size
-            batch(
-                out[lo:hi],
-                boxes[lo:hi],
-                np.asarray(features[lo:hi], dtype=np.float32),
-                None if sources is None else sources[lo:hi],
-            )
+        with self._own_stream():
+            for lo in range(0, len(out), self.batch_size):
+                hi = lo + self.batch_size
+                batch(
+                    out[lo:hi],
+                    boxes[lo:hi],
+                    np.asarray(features[lo:hi], dtype=np.float32),
+                    None if sources is None else sources[lo:hi],
+                )
         return out
+
+    @contextlib.contextmanager
+    def _own_stream(self) -> Iterator[None]:
+        """On CUDA, this renderer's stream as the current one (per thread) for the block. It first
+        waits for the default stream's queued work: the weights went to the GPU there, and a copy
+        from pageable memory may still be in flight when `.to()` returns."""
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.default_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield
 
     # -- cpu image path: OpenCV, the official numerics -------------------------------------------
 
