@@ -102,27 +102,28 @@ def nvdec_device(setting: str) -> int | None:
 
     Call it before torch uses CUDA in this process. FFmpeg shares the device's primary context with
     torch only if that context runs with blocking synchronisation, a flag that can be set only
-    while the context is not yet active: FFmpeg's first device here sets it, and torch then makes
-    the context with it (which also lets a waiting process yield its core instead of spinning)."""
-    from heygem_ray.devices import cuda_usable, torch_device  # torch: not on the driver
+    while the context is not yet active: so the flag is set first (which also lets a waiting
+    process yield its core instead of spinning), then torch makes the context, once, and FFmpeg is
+    asked to decode in it as every segment's reader will."""
+    from heygem_ray.devices import cuda_usable, prefer_blocking_sync, torch_device  # torch: not on the driver
 
     if setting == "cpu" or (setting == "auto" and not cuda_usable()):
         return None
     index = torch_device("cuda" if setting == "auto" else setting).index or 0
-    problem = nvdec_problem(index)
-    if problem is None:
-        import torch
+    import torch
 
-        # the context, with the flags FFmpeg set, kept for the process's life (torch never lets it
-        # go): otherwise each reader would make and end it again, with a CPU renderer or the
-        # classic one on a GPU actor
+    prefer_blocking_sync(index)
+    # the context, kept for the process's life (torch never lets it go). Made before FFmpeg's
+    # probe, not by it: the probe's context would end with the probe (its reference was the
+    # only one), and torch would then make a second, a start-up cost paid twice per GPU actor.
+    try:
         torch.zeros(1, device=f"cuda:{index}")
-        # and NVDEC once more, now in the context as the readers will find it (torch's): FFmpeg
-        # refuses a context made with other flags, and every segment's reader would fail
+    except (RuntimeError, AssertionError) as exc:  # no GPU or driver, a torch without CUDA
+        problem: str | None = f"no CUDA context: {exc}".splitlines()[0]
+    else:
         problem = nvdec_problem(index)
-        if problem is None:
-            return index
-        problem = f"in torch's context: {problem}"
+    if problem is None:
+        return index
     if setting == "auto":
         log.warning("decoder.device=auto: NVDEC unusable on cuda:%d (%s), decoding in software", index, problem)
         return None

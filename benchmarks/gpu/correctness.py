@@ -227,7 +227,7 @@ def check_nvdec(result: common.StepResult, device: Any, work: Path, height: int)
     )
     if chosen is None:
         return
-    common.hold_gpu_context(chosen)
+    # nvdec_device made torch's context on that GPU: the readers below share it
     clip = work / "nvdec.mp4"
     make_avatar(clip, 60 / FPS, height, os.cpu_count() or 1)  # keyframes at 0 and 50
     info = video.probe(str(clip), FPS)
@@ -384,7 +384,8 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
 
     with common.scratch(args, "correctness") as work:
         checkpoint = common.wav2lip_checkpoint(Path(work) / "wav2lip_recipe.pth")
-        # first: NVDEC shares the GPU's primary context only if it makes it (segment.nvdec_device)
+        # first: NVDEC shares the GPU's primary context only if that context was made with blocking
+        # synchronisation, a flag settable only before it exists (segment.nvdec_device)
         timed("nvdec", check_nvdec, Path(work), 180 if dry else 1080)
         # the dry run keeps every code path but skips what is slow on a CPU (emulated half precision)
         timed("generator", check_generator, ("fp32",) if dry else ("fp32", "fp16", "bf16"))

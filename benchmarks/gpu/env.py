@@ -29,8 +29,6 @@ VERSIONS = (
     "av",
     "opencv-python-headless",
     "opencv-python",
-    "hydra-core",
-    "omegaconf",
     "pyarrow",
     "fsspec",
     "scipy",
@@ -210,8 +208,9 @@ def _installed(dist: str) -> bool:
 
 
 def body(result: common.StepResult, args: argparse.Namespace) -> None:
-    # the codecs first: NVDEC shares the GPU's primary context only if it is the first to make it
-    # (heygem_ray.segment.nvdec_device), and the GPU facts below make it through torch
+    # the codecs first: NVDEC shares the GPU's primary context only if that context was made with
+    # blocking synchronisation (heygem_ray.segment.nvdec_device), and the GPU facts below make it
+    # through torch without it
     with common.scratch(args, "env") as work:
         codecs = codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100)
     facts = {**cpu_facts(), **gpu_facts()}
@@ -242,8 +241,8 @@ def markdown(f: dict[str, Any]) -> str:
         f"Python {f['python']}, torch {f['torch']} (CUDA {f['torch_cuda']}, cuDNN {f.get('cudnn')}), "
         f"numpy {v.get('numpy')}, OpenCV {f['opencv']} (Haar cascade {'yes' if f['opencv_haar'] else 'no'}), "
         f"PyAV {f['pyav']} (libavcodec {f['ffmpeg']}; {hw}; h264_nvenc opens: "
-        f"{'yes' if f['h264_nvenc_opens'] else 'no'}, encoder.codec=auto → {f['encoder_auto']}), "
-        f"hydra-core {v.get('hydra-core')}. Ray installed: "
+        f"{'yes' if f['h264_nvenc_opens'] else 'no'}, encoder.codec=auto → {f['encoder_auto']}). "
+        "Ray installed: "
         f"{'yes' if f['ray_installed'] else 'no'}.\n\n" + codec_markdown(f)
     )
 

@@ -26,15 +26,10 @@ class Carried:
 
     dist: str
     why: str
-    #: pip can only build it from an sdist (no wheel on PyPI); the built wheel is pure Python
-    sdist: bool = False
 
 
 CARRIED: tuple[Carried, ...] = (
     Carried("av", "PyAV: decode, encode and mux (heygem_ray.media, prepare, stitch, demo)"),
-    Carried("hydra-core", "heygem_ray.config imports hydra at module level"),
-    Carried("omegaconf", "heygem_ray.config imports omegaconf at module level"),
-    Carried("antlr4-python3-runtime", "hydra's and omegaconf's grammar runtime", sdist=True),
 )
 
 #: What the node's /opt/torch/.venv (Python 3.12) holds: the package list the device tool's

@@ -5,9 +5,8 @@ tool's carry limit together with the repository.
 
 Wheels are for the node's interpreter (CPython 3.12, manylinux x86_64), pinned to the versions
 installed in this environment (what this checkout's tests ran), downloaded with
-`pip download --no-deps --only-binary=:all:`; antlr4-python3-runtime exists on PyPI only as an sdist
-and is built into a pure-Python wheel with `pip wheel --no-deps`. The device tool copies the working
-tree plus carried paths, 64 MiB in all; this script fails when wheels + repository reach 60 MiB.
+`pip download --no-deps --only-binary=:all:`. The device tool copies the working tree plus carried
+paths, 64 MiB in all; this script fails when wheels + repository reach 60 MiB.
 """
 
 from __future__ import annotations
@@ -15,10 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,36 +132,12 @@ def download_command(requirements: Sequence[str], dest: Path) -> list[str]:
     return cmd + list(requirements)
 
 
-def build_command(item: Carried, dest: Path) -> list[str]:
-    """Build the wheel from PyPI's sdist (never a wheel some local mirror may hold)."""
-    return [
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "--no-deps",
-        "--no-binary",
-        item.dist,
-        "--wheel-dir",
-        str(dest),
-        requirement(item),
-    ]
-
-
 def fetch(dest: Path) -> None:
     """Fill `dest` with exactly the carried wheels (older files there are removed first)."""
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("*.whl"):
         old.unlink()
-    binaries = [requirement(c) for c in CARRIED if not c.sdist]
-    subprocess.run(download_command(binaries, dest), check=True)
-    for item in (c for c in CARRIED if c.sdist):
-        with tempfile.TemporaryDirectory(prefix="heygem-wheel-") as tmp:
-            subprocess.run(build_command(item, Path(tmp)), check=True)
-            for built in Path(tmp).glob("*.whl"):
-                if not built.name.endswith("-py3-none-any.whl"):
-                    raise RuntimeError(f"{built.name}: expected a pure-Python wheel")
-                shutil.move(str(built), dest / built.name)
+    subprocess.run(download_command([requirement(c) for c in CARRIED], dest), check=True)
     check_complete(dest)
 
 
