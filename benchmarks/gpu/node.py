@@ -196,15 +196,23 @@ def _worker_main(cfg: Any, jobs: Any, results: Any) -> None:
         )
         while (job := jobs.get()) is not None:
             segment = worker.render_segment(job)
-            results.put(("done", pid, {"at": time.time(), "result": segment, "gpu_mib": _gpu_peak_mib()}))
+            results.put(("done", pid, {"at": time.time(), "result": segment, **_gpu_memory_mib()}))
     except BaseException:  # noqa: BLE001 - the parent reports it and stops the run
         results.put(("error", pid, traceback.format_exc()[-4000:]))
 
 
-def _gpu_peak_mib() -> float | None:
+def _gpu_memory_mib() -> dict[str, float | None]:
+    """This process's peak of torch's allocations, and the memory in use on its GPU (every process's:
+    contexts, NVDEC's buffers and torch's cache included), in MiB; None without CUDA."""
     import torch
 
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {"gpu_mib": None, "device_used_mib": None}
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "device_used_mib": round((total - free) / 2**20, 1),
+    }
 
 
 class WorkerPool:
@@ -381,6 +389,11 @@ def summarize(
         "segment_stage_s": {k: round(v, 2) for k, v in sorted(stages.items())},
         "segments_per_worker": sorted(sum(1 for pid, _ in pool.done if pid == w) for w in pool.ready),
         "gpu_peak_mib_per_worker": max((p["gpu_mib"] for _, p in pool.done if p["gpu_mib"] is not None), default=None),
+        # the whole GPU's use over the workers: what a worker really holds, its context included
+        "gpu_device_mib_per_worker": max(
+            (round(p["device_used_mib"] / procs, 1) for _, p in pool.done if p["device_used_mib"] is not None),
+            default=None,
+        ),
         "cpu_cores_busy": round(cpu / wall, 2),
         "track_before_s": round(track_s, 2),
         "output_mib": round(os.path.getsize(output) / 2**20, 2) if os.path.exists(output) else None,
@@ -503,7 +516,7 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
                 f"{tl['first_worker_ready']} / {tl['last_worker_ready']}",
                 f"{tl['audio_prepared']} / {tl['audio_track_encoded']} / {tl['segments_done']} / {r['stitch_s']}",
                 " · ".join(f"{k} {v:.0f}" for k, v in st.items()),
-                f"{r['cpu_cores_busy']} / {r['gpu_peak_mib_per_worker']}",
+                f"{r['cpu_cores_busy']} / {r['gpu_peak_mib_per_worker']} ({r.get('gpu_device_mib_per_worker')})",
             ]
         )
     best = f["best"]
@@ -536,7 +549,7 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
                 "workers ready s (first / last)",
                 "audio ready / audio track / segments done / stitch s",
                 "segment stage s (summed)",
-                "cores busy / GPU MiB per worker",
+                "cores busy / GPU MiB per worker: torch's peak (device in use ÷ workers)",
             ],
             rows,
         )
