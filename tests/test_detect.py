@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_detect import labelled_set
+from heygem_ray import demo
 from heygem_ray.detect.haar import REPROBE, VIEWS, HaarDetector
 
 CASES = labelled_set()
@@ -54,6 +55,61 @@ def test_a_faceless_stretch_stops_searching_every_view_but_finds_a_face_that_com
     assert looks[:2] == [len(VIEWS)] * 2 and looks[2:REPROBE] == [1] * (REPROBE - 2) and looks[REPROBE] == len(VIEWS)
     looks.append(0)
     assert len(detector.detect([face])[0]) == 1
+
+
+def _counting_looks(detector: HaarDetector) -> list[tuple[int, int] | None]:
+    """Record the `sizes` of every look the detector takes from now on."""
+    calls: list[tuple[int, int] | None] = []
+    look = detector._look
+
+    def counted(grey, view, sizes=None):
+        calls.append(sizes)
+        return look(grey, view, sizes)
+
+    detector._look = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_after_a_face_the_next_frame_is_searched_at_its_size_first():
+    face = next(frame for name, frame, _ in CASES if name == "720p")
+    detector = HaarDetector()
+    (first,) = detector.detect([face])[0][:1]
+    calls = _counting_looks(detector)
+    (tracked,) = detector.detect([face])[0][:1]
+    assert len(calls) == 1 and calls[0] is not None  # one look, at the last face's size: no full search
+    side = first[2] - first[0]
+    assert calls[0][0] < side * detector.max_side / face.shape[1] < calls[0][1]  # the size, in the view's pixels
+    np.testing.assert_allclose(tracked[:4], first[:4], atol=0.03 * side)
+
+
+def test_a_face_of_another_size_is_found_by_the_full_search():
+    """A cut to another shot size: nothing at the last face's size, so every view is tried."""
+    face = next(frame for name, frame, _ in CASES if name == "720p")
+    small = next(frame for name, frame, _ in CASES if name == "small in a 4K frame")
+    detector = HaarDetector()
+    assert len(detector.detect([face])[0]) == 1
+    calls = _counting_looks(detector)
+    assert len(detector.detect([small])[0]) == 1
+    assert calls[0] is not None and None in calls[1:]
+
+
+def test_a_tracked_clip_finds_the_face_a_full_search_finds_on_every_frame():
+    """Over a swaying presenter the tracked search finds the face on every frame a full search
+    does, boxed about the same: its centre within a tenth of the face, its area within 40 % (a
+    face found through another view, squeezed across, is boxed wider and shorter)."""
+    stage = demo.Stage.of_height(720)
+    tracked, fresh = HaarDetector(), HaarDetector()
+    for i in range(0, 50, 7):
+        frame = stage.frame(i / 25)
+        got = tracked.detect([frame])[0]
+        fresh._sides = None  # forget the last face's size: every frame searched in full
+        want = fresh.detect([frame])[0]
+        assert len(got) == len(want) == 1, (i, got, want)
+        (gx1, gy1, gx2, gy2), (wx1, wy1, wx2, wy2) = got[0][:4], want[0][:4]
+        side = wx2 - wx1
+        assert abs((gx1 + gx2) - (wx1 + wx2)) / 2 < 0.1 * side and abs((gy1 + gy2) - (wy1 + wy2)) / 2 < 0.1 * side
+        area = (gx2 - gx1) * (gy2 - gy1) / ((wx2 - wx1) * (wy2 - wy1))
+        assert 1 / 1.4 < area < 1.4, (i, got, want)
 
 
 def test_boxes_come_back_in_frame_coordinates_through_every_kind_of_view():

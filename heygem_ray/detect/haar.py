@@ -12,6 +12,13 @@ and turned by 12 and 24 degrees (a head tilted a little). The view that found th
 search every `REPROBE` frames: a face-less clip costs a fifth of the search, and a face that comes
 back is found again. Runs on a grey copy whose longer side is
 at most `max_side` (after squeezing).
+
+A presenter's face changes size slowly, so after a frame with a face the next is searched first
+through the same view for faces of about the sizes found (`TRACK_SIZES`): the cascade then skips
+the scales of small faces, most of its windows (a 720p frame: 20 instead of 67 ms on one core).
+Every candidate is verified as before; a frame where that finds nothing gets the full search, so a
+cut to another shot size or another face is found as before. (The boxes move by a few pixels: the
+cascade's neighbouring detections are grouped from fewer scales.)
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ VIEWS = (
 REPROBE = 5
 #: the width (pixels) a face's upper half is enlarged to, at least, before looking for its eyes
 EYE_CHECK_WIDTH = 200
+#: the face sizes a tracked search looks for, as fractions of the smallest and largest face the
+#: last frame showed (in the view's pixels)
+TRACK_SIZES = (0.7, 1.45)
 
 
 class HaarDetector:
@@ -78,6 +88,8 @@ class HaarDetector:
         self.probe_frames = probe_frames
         self._view: View | None = None  # the view that found the last face
         self._misses = 0  # frames in a row in which no view found one
+        # (smallest, largest) face side the last frame showed, in the view's pixels; None after a miss
+        self._sides: tuple[int, int] | None = None
 
     @property
     def view(self) -> View | None:
@@ -89,12 +101,19 @@ class HaarDetector:
 
     def _detect_one(self, frame: np.ndarray) -> np.ndarray:
         grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
-        for view in self._views_now():
-            found = self._look(grey, view)
+        if self._view is not None and self._sides is not None:
+            lo, hi = self._sides
+            found, sides = self._look(grey, self._view, (int(lo * TRACK_SIZES[0]), int(hi * TRACK_SIZES[1]) + 1))
             if len(found):
-                self._view, self._misses = view, 0
+                self._sides = sides
+                return found
+        for view in self._views_now():
+            found, sides = self._look(grey, view)
+            if len(found):
+                self._view, self._misses, self._sides = view, 0, sides
                 return found
         self._misses += 1
+        self._sides = None
         return np.zeros((0, 5), np.float32)
 
     def _views_now(self) -> tuple[View, ...]:
@@ -106,8 +125,12 @@ class HaarDetector:
             return (last,)
         return (last, *(v for v in VIEWS if v != last))
 
-    def _look(self, grey: np.ndarray, view: View) -> np.ndarray:
-        """Verified faces through `view`, as (k, 5) boxes in the frame's coordinates."""
+    def _look(
+        self, grey: np.ndarray, view: View, sizes: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """Verified faces through `view`, as (k, 5) boxes in the frame's coordinates, and the
+        (smallest, largest) side among them in the view's pixels (None without a face). `sizes`:
+        the (min, max) face side to look for there (None: every size the search allows)."""
         h, w = grey.shape
         width, height = w * view.sx, h * view.sy
         scale = min(1.0, view.closer * self.max_side / max(width, height))
@@ -120,21 +143,27 @@ class HaarDetector:
             turn = cv2.getRotationMatrix2D((size[0] / 2, size[1] / 2), view.angle, 1.0)
             image = cv2.warpAffine(image, turn, size, borderMode=cv2.BORDER_REPLICATE)
             inverse = cv2.invertAffineTransform(turn)
-        boxes = []
-        for x1, y1, x2, y2, score in self._verified(image):
+        boxes, sides = [], []
+        for x1, y1, x2, y2, score in self._verified(image, sizes):
+            sides.append(round(x2 - x1))
             if inverse is not None:  # the turned box's corners, back in the squeezed frame
                 corners = np.array([[x1, y1, 1], [x2, y1, 1], [x1, y2, 1], [x2, y2, 1]], np.float64) @ inverse.T
                 (x1, y1), (x2, y2) = corners.min(axis=0), corners.max(axis=0)
             boxes.append(
                 [x1 / (view.sx * scale), y1 / (view.sy * scale), x2 / (view.sx * scale), y2 / (view.sy * scale), score]
             )
-        return np.asarray(boxes, np.float32).reshape(-1, 5)
+        return np.asarray(boxes, np.float32).reshape(-1, 5), (min(sides), max(sides)) if sides else None
 
-    def _verified(self, image: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+    def _verified(
+        self, image: np.ndarray, sizes: tuple[int, int] | None = None
+    ) -> list[tuple[float, float, float, float, float]]:
         ih, iw = image.shape
         side = max(20, int(self.min_face_fraction * min(ih, iw)))
+        largest = (0, 0)  # no limit
+        if sizes is not None:
+            side, largest = max(side, sizes[0]), (sizes[1], sizes[1])
         boxes, _, weights = self._find.detectMultiScale3(
-            image, scaleFactor=1.1, minNeighbors=5, minSize=(side, side), outputRejectLevels=True
+            image, scaleFactor=1.1, minNeighbors=5, minSize=(side, side), maxSize=largest, outputRejectLevels=True
         )
         faces = []
         for (x, y, w, h), weight in zip(boxes, np.asarray(weights).reshape(-1), strict=True):
