@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.bench_detect import labelled_set
 from heygem_ray import demo
-from heygem_ray.detect.haar import REPROBE, VIEWS, HaarDetector
+from heygem_ray.detect.haar import REPROBE, REVERIFY, VIEWS, HaarDetector
 
 CASES = labelled_set()
 
@@ -57,14 +57,14 @@ def test_a_faceless_stretch_stops_searching_every_view_but_finds_a_face_that_com
     assert len(detector.detect([face])[0]) == 1
 
 
-def _counting_looks(detector: HaarDetector) -> list[tuple[int, int] | None]:
-    """Record the `sizes` of every look the detector takes from now on."""
-    calls: list[tuple[int, int] | None] = []
+def _counting_looks(detector: HaarDetector) -> list[tuple]:
+    """Record the (near, trusted) faces of every look the detector takes from now on."""
+    calls: list[tuple] = []
     look = detector._look
 
-    def counted(grey, view, sizes=None):
-        calls.append(sizes)
-        return look(grey, view, sizes)
+    def counted(grey, view, near=(), trusted=()):
+        calls.append((near, trusted))
+        return look(grey, view, near, trusted)
 
     detector._look = counted  # type: ignore[method-assign]
     return calls
@@ -76,10 +76,33 @@ def test_after_a_face_the_next_frame_is_searched_at_its_size_first():
     (first,) = detector.detect([face])[0][:1]
     calls = _counting_looks(detector)
     (tracked,) = detector.detect([face])[0][:1]
-    assert len(calls) == 1 and calls[0] is not None  # one look, at the last face's size: no full search
+    assert len(calls) == 1  # one look, at the last face's size: no full search
+    (near,), _ = calls[0]
     side = first[2] - first[0]
-    assert calls[0][0] < side * detector.max_side / face.shape[1] < calls[0][1]  # the size, in the view's pixels
+    assert near[2] - near[0] == pytest.approx(side * detector.max_side / face.shape[1], rel=0.01)  # the view's pixels
     np.testing.assert_allclose(tracked[:4], first[:4], atol=0.03 * side)
+
+
+def test_a_tracked_face_is_verified_again_every_few_frames():
+    """Between full verifications (second cascade, two eyes) a candidate where the last frame's
+    face was is taken as that face; every REVERIFY frames it is verified again."""
+    face = next(frame for name, frame, _ in CASES if name == "720p")
+    detector = HaarDetector()
+    assert len(detector.detect([face])[0]) == 1
+    confirm, checks = detector._confirm, []
+
+    class Counting:
+        def detectMultiScale(self, *args, **kwargs):
+            checks.append(1)
+            return confirm.detectMultiScale(*args, **kwargs)
+
+    detector._confirm = Counting()  # type: ignore[assignment]
+    per_frame = []
+    for _ in range(2 * REVERIFY):
+        before = len(checks)
+        assert len(detector.detect([face])[0]) == 1
+        per_frame.append(len(checks) - before)
+    assert per_frame == ([0] * (REVERIFY - 1) + [1]) * 2
 
 
 def test_a_face_of_another_size_is_found_by_the_full_search():
@@ -90,7 +113,7 @@ def test_a_face_of_another_size_is_found_by_the_full_search():
     assert len(detector.detect([face])[0]) == 1
     calls = _counting_looks(detector)
     assert len(detector.detect([small])[0]) == 1
-    assert calls[0] is not None and None in calls[1:]
+    assert calls[0][0] and any(not near for near, _ in calls[1:])  # tracked, then full
 
 
 def test_a_tracked_clip_finds_the_face_a_full_search_finds_on_every_frame():
@@ -102,7 +125,7 @@ def test_a_tracked_clip_finds_the_face_a_full_search_finds_on_every_frame():
     for i in range(0, 50, 7):
         frame = stage.frame(i / 25)
         got = tracked.detect([frame])[0]
-        fresh._sides = None  # forget the last face's size: every frame searched in full
+        fresh._faces = []  # forget the last frame's face: every frame searched in full
         want = fresh.detect([frame])[0]
         assert len(got) == len(want) == 1, (i, got, want)
         (gx1, gy1, gx2, gy2), (wx1, wy1, wx2, wy2) = got[0][:4], want[0][:4]
