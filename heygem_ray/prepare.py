@@ -196,8 +196,8 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 
 
 #: bump when a code change alters face tracks, so cached tracks are made again (2: the tracker
-#: keeps to its presenter while another face is found)
-TRACK_VERSION = "2"
+#: keeps to its presenter while another face is found; 3: the Haar detector follows its face)
+TRACK_VERSION = "3"
 
 
 def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float) -> str:

@@ -33,6 +33,7 @@ from heygem_ray.media.video import (
     auto_codec,
     encoder_problem,
     encoder_works,
+    ffmpeg_has_cuda,
     nvdec_problem,
 )
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
@@ -101,27 +102,29 @@ def nvdec_device(setting: str) -> int | None:
     a GPU Ray gave it) and NVDEC decodes there; a named CUDA device must decode, or this raises.
 
     Call it before torch uses CUDA in this process. FFmpeg shares the device's primary context with
-    torch only if that context runs with blocking synchronisation, a flag that can be set only
-    while the context is not yet active: so the flag is set first (which also lets a waiting
-    process yield its core instead of spinning), then torch makes the context, once, and FFmpeg is
-    asked to decode in it as every segment's reader will."""
+    torch only if that context is not yet active or already waits for the GPU by blocking: so that
+    flag is set first (which also lets a waiting process yield its core instead of spinning), then
+    torch makes the context, once, and FFmpeg is asked to decode in it as every segment's reader
+    will. Where FFmpeg has no CUDA support at all, no context is made."""
     from heygem_ray.devices import cuda_usable, prefer_blocking_sync, torch_device  # torch: not on the driver
 
     if setting == "cpu" or (setting == "auto" and not cuda_usable()):
         return None
     index = torch_device("cuda" if setting == "auto" else setting).index or 0
-    import torch
+    problem: str | None = "this FFmpeg has no CUDA support"
+    if ffmpeg_has_cuda():
+        import torch
 
-    prefer_blocking_sync(index)
-    # the context, kept for the process's life (torch never lets it go). Made before FFmpeg's
-    # probe, not by it: the probe's context would end with the probe (its reference was the
-    # only one), and torch would then make a second, a start-up cost paid twice per GPU actor.
-    try:
-        torch.zeros(1, device=f"cuda:{index}")
-    except (RuntimeError, AssertionError) as exc:  # no GPU or driver, a torch without CUDA
-        problem: str | None = f"no CUDA context: {exc}".splitlines()[0]
-    else:
-        problem = nvdec_problem(index)
+        prefer_blocking_sync(index)
+        # the context, kept for the process's life (torch never lets it go). Made before FFmpeg's
+        # probe, not by it: the probe's context would end with the probe (its reference was the
+        # only one), and torch would then make a second, a start-up cost paid twice per GPU actor.
+        try:
+            torch.zeros(1, device=f"cuda:{index}")
+        except (RuntimeError, AssertionError) as exc:  # no GPU or driver, a torch without CUDA
+            problem = f"no CUDA context: {exc}".splitlines()[0]
+        else:
+            problem = nvdec_problem(index)
     if problem is None:
         return index
     if setting == "auto":
@@ -182,7 +185,7 @@ class RenderWorker:
         renderer_device = torch_device(getattr(cfg.renderer, "device", "auto"))
         if renderer_device.type == "cuda" and cuda_usable():  # before its context exists: waits sleep
             prefer_blocking_sync(renderer_device.index or 0)
-        self.nvdec = nvdec_device(cfg.decoder.device)  # before torch makes the GPU's context: see there
+        self.nvdec = nvdec_device(cfg.decoder.device)  # before anything else makes the GPU's context: see there
 
     def _load(self, cfg: Config) -> None:
         """The models and the encoder check: tried again by `ready` after a transient failure."""

@@ -105,6 +105,29 @@ def test_a_tracked_face_is_verified_again_every_few_frames():
     assert per_frame == ([0] * (REVERIFY - 1) + [1]) * 2
 
 
+def test_a_candidate_only_the_main_cascade_sees_where_the_face_was_lasts_until_the_next_check():
+    """The presenter gone, and the main cascade firing where the face was (a poster behind): taken
+    as the face until the next full check, then refused, and every later frame searched in full."""
+    face = next(frame for name, frame, _ in CASES if name == "720p")
+    detector = HaarDetector()
+    assert len(detector.detect([face])[0]) == 1
+    ((x1, y1, x2, y2),) = detector._faces
+    box = np.array([[x1, y1, x2 - x1, y2 - y1]], np.int32)
+
+    class OnlyThere:  # the main cascade: that box in every image, at every size asked
+        def detectMultiScale3(self, *args, **kwargs):
+            return box, np.zeros(1, np.int32), np.ones(1)
+
+    class Nothing:  # the second cascade: no face anywhere
+        def detectMultiScale(self, *args, **kwargs):
+            return ()
+
+    detector._find, detector._confirm = OnlyThere(), Nothing()  # type: ignore[assignment]
+    empty = np.full_like(face, 128)
+    found = [len(detector.detect([empty])[0]) for _ in range(2 * REVERIFY)]
+    assert found == [1] * (REVERIFY - 1) + [0] * (REVERIFY + 1)
+
+
 def test_a_face_of_another_size_is_found_by_the_full_search():
     """A cut to another shot size: nothing at the last face's size, so every view is tried."""
     face = next(frame for name, frame, _ in CASES if name == "720p")
@@ -177,8 +200,8 @@ def test_the_default_stride_keeps_the_track_of_every_frame(tmp_path):
     from dataclasses import replace
 
     import av
-    from helpers import compose_config
 
+    from helpers import compose_config
     from heygem_ray.media.yuv import bgr_to_i420
     from heygem_ray.prepare import prepare_avatar
 

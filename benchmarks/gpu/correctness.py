@@ -384,8 +384,8 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
 
     with common.scratch(args, "correctness") as work:
         checkpoint = common.wav2lip_checkpoint(Path(work) / "wav2lip_recipe.pth")
-        # first: NVDEC shares the GPU's primary context only if that context was made with blocking
-        # synchronisation, a flag settable only before it exists (segment.nvdec_device)
+        # first: FFmpeg takes the GPU's primary context for NVDEC only while it is not yet active or
+        # when it waits by blocking (segment.nvdec_device), which torch's context would not
         timed("nvdec", check_nvdec, Path(work), 180 if dry else 1080)
         # the dry run keeps every code path but skips what is slow on a CPU (emulated half precision)
         timed("generator", check_generator, ("fp32",) if dry else ("fp32", "fp16", "bf16"))

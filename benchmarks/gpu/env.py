@@ -208,9 +208,9 @@ def _installed(dist: str) -> bool:
 
 
 def body(result: common.StepResult, args: argparse.Namespace) -> None:
-    # the codecs first: NVDEC shares the GPU's primary context only if that context was made with
-    # blocking synchronisation (heygem_ray.segment.nvdec_device), and the GPU facts below make it
-    # through torch without it
+    # the codecs first: FFmpeg takes the GPU's primary context for NVDEC only while it is not yet
+    # active or when it waits by blocking (heygem_ray.segment.nvdec_device), and the GPU facts
+    # below would have torch make it without that flag
     with common.scratch(args, "env") as work:
         codecs = codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100)
     facts = {**cpu_facts(), **gpu_facts()}

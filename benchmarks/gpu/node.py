@@ -389,7 +389,8 @@ def summarize(
         "segment_stage_s": {k: round(v, 2) for k, v in sorted(stages.items())},
         "segments_per_worker": sorted(sum(1 for pid, _ in pool.done if pid == w) for w in pool.ready),
         "gpu_peak_mib_per_worker": max((p["gpu_mib"] for _, p in pool.done if p["gpu_mib"] is not None), default=None),
-        # the whole GPU's use over the workers: what a worker really holds, its context included
+        # the whole GPU's use over the workers: an upper bound on what a worker holds, its context
+        # and NVDEC's buffers included (the driver's reserve and any other process count too)
         "gpu_device_mib_per_worker": max(
             (round(p["device_used_mib"] / procs, 1) for _, p in pool.done if p["device_used_mib"] is not None),
             default=None,
@@ -493,6 +494,10 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
     result.markdown = markdown(result.figures, cuda)
 
 
+def _mib(value: float | None) -> str:
+    return "—" if value is None else f"{value:g}"
+
+
 def markdown(f: dict[str, Any], cuda: bool) -> str:
     i = f["inputs"]
     rows = []
@@ -516,7 +521,10 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
                 f"{tl['first_worker_ready']} / {tl['last_worker_ready']}",
                 f"{tl['audio_prepared']} / {tl['audio_track_encoded']} / {tl['segments_done']} / {r['stitch_s']}",
                 " · ".join(f"{k} {v:.0f}" for k, v in st.items()),
-                f"{r['cpu_cores_busy']} / {r['gpu_peak_mib_per_worker']} ({r.get('gpu_device_mib_per_worker')})",
+                (
+                    f"{r['cpu_cores_busy']} / {_mib(r['gpu_peak_mib_per_worker'])} "
+                    f"(≤ {_mib(r.get('gpu_device_mib_per_worker'))})"
+                ),
             ]
         )
     best = f["best"]
@@ -549,7 +557,7 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
                 "workers ready s (first / last)",
                 "audio ready / audio track / segments done / stitch s",
                 "segment stage s (summed)",
-                "cores busy / GPU MiB per worker: torch's peak (device in use ÷ workers)",
+                "cores busy / GPU MiB per worker: torch's peak (≤ the GPU's use ÷ workers)",
             ],
             rows,
         )

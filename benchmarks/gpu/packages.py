@@ -4,9 +4,9 @@ guard that makes this machine behave like the node (for the CPU dry run).
 Standard library only: the kit's orchestrator imports this before any wheel is installed.
 
 The carried set is the smallest that the kit's code paths import on the node (measured by importing
-them with everything else blocked, see `NodeImports`): PyAV for all media, Hydra/OmegaConf because
-`heygem_ray.config` imports them at module level (the Wav2Lip mel filterbank ships with the package,
-so librosa is not needed at run time). Ray is not carried (its wheel alone is ~78 MB, over the 64 MiB the
+them with everything else blocked, see `NodeImports`): PyAV, for all media. Hydra and OmegaConf are
+not needed (`heygem_ray.config` imports them only to compose a config), nor librosa (the Wav2Lip mel
+filterbank ships with the package). Ray is not carried (its wheel alone is ~78 MB, over the 64 MiB the
 device tool carries); the kit runs `RenderWorker` in plain processes instead (see node.py).
 """
 

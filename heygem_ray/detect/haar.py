@@ -17,11 +17,15 @@ A presenter's face changes size slowly, so after a frame with a face the next is
 through the same view for faces of about the sizes found (`TRACK_SIZES`): the cascade then skips
 the scales of small faces, most of its windows (a 720p frame: 16 instead of 67 ms on one core).
 A candidate there that overlaps a face of the last frame is that face again and is taken without
-the second cascade and the eye check (18 ms more), which run on every `REVERIFY`th frame only and
-on every other candidate; a frame where the tracked search finds nothing gets the full search, so
-a cut to another shot size or another face is found as before. (The boxes move by a few pixels:
-the cascade's neighbouring detections are grouped from fewer scales; and a blink no longer fails
-the eye check of a face already tracked.)
+the second cascade and the eye check (18 ms more), which run on every `REVERIFY`th examined frame
+only and on every other candidate; a frame where the tracked search finds nothing gets the full
+search, so a cut to another shot size is found as before (a second face of another size that
+comes in while the first stays is not looked for; the tracker would keep to the first anyway).
+The cost: a candidate only the main cascade sees where the face was (the presenter gone, a poster
+behind) is taken for up to `REVERIFY` - 1 examined frames; and a face the full check would have
+refused in the view that found the last one is kept in that view until the next check, where the
+full search might have found it through another view, boxed in that view's shape (on the demo
+stage up to ~30 px apart; the cascade's grouping from fewer scales moves boxes by a few pixels).
 """
 
 from __future__ import annotations

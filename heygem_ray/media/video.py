@@ -316,6 +316,11 @@ def nvdec_accel(device: int) -> HWAccel:
     return HWAccel("cuda", device=str(device), allow_software_fallback=True, options={"primary_ctx": "1"})
 
 
+def ffmpeg_has_cuda() -> bool:
+    """Whether this FFmpeg (PyAV's) was built with CUDA devices, which NVDEC needs."""
+    return "cuda" in av.codec.hwaccel.hwdevices_available()
+
+
 def nvdec_problem(device: int) -> str | None:
     """Why NVDEC cannot decode H.264 on CUDA device `device` here (None: it decodes, bit for bit as
     software does). Opens a device context and decodes a few frames made now."""

@@ -411,7 +411,8 @@ class Wav2LipRenderer:
                 frames[i][y1:y2, x1:x2] = done[offsets[k] : offsets[k + 1]].reshape(shapes[k] + (3,))
 
     def _synchronize(self) -> None:
-        """Wait for the device's queued work (the async copies from and to pinned buffers)."""
+        """Wait for the current stream's queued work (the renderer's, inside `render`: the async
+        copies from and to pinned buffers)."""
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
