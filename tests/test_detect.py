@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.bench_detect import labelled_set
 from heygem_ray import demo
-from heygem_ray.detect.haar import REPROBE, REVERIFY, VIEWS, HaarDetector
+from heygem_ray.detect.haar import REPROBE, REPROBE_MAX, REVERIFY, VIEWS, HaarDetector, every_view_due
 
 CASES = labelled_set()
 
@@ -36,8 +36,8 @@ def test_a_view_that_found_the_face_is_kept_for_the_avatar():
 
 
 def test_a_faceless_stretch_stops_searching_every_view_but_finds_a_face_that_comes_back():
-    """After probe_frames frames without a face only one view is looked through, but for a full
-    search every REPROBE frames; the face is found again when it returns."""
+    """After probe_frames frames without a face only one view is looked through, but for a search
+    through every view REPROBE frames later; the face is found again when it returns."""
     noise = next(frame for name, frame, has_face in CASES if not has_face)
     face = next(frame for name, frame, _ in CASES if name == "720p")
     detector = HaarDetector(probe_frames=2)
@@ -49,10 +49,10 @@ def test_a_faceless_stretch_stops_searching_every_view_but_finds_a_face_that_com
         return look(grey, view)
 
     detector._look = counted  # type: ignore[method-assign]
-    for _ in range(REPROBE + 1):
+    for _ in range(REPROBE + 2):
         looks.append(0)
         assert len(detector.detect([noise])[0]) == 0
-    assert looks[:2] == [len(VIEWS)] * 2 and looks[2:REPROBE] == [1] * (REPROBE - 2) and looks[REPROBE] == len(VIEWS)
+    assert looks == [len(VIEWS)] * 2 + [1] * (REPROBE - 1) + [len(VIEWS)]
     looks.append(0)
     assert len(detector.detect([face])[0]) == 1
 
@@ -156,6 +156,16 @@ def test_a_tracked_clip_finds_the_face_a_full_search_finds_on_every_frame():
         assert abs((gx1 + gx2) - (wx1 + wx2)) / 2 < 0.1 * side and abs((gy1 + gy2) - (wy1 + wy2)) / 2 < 0.1 * side
         area = (gx2 - gx1) * (gy2 - gy1) / ((wx2 - wx1) * (wy2 - wy1))
         assert 1 / 1.4 < area < 1.4, (i, got, want)
+
+
+def test_a_long_faceless_stretch_looks_through_every_view_ever_more_seldom():
+    """The waits between searches through every view double, to REPROBE_MAX: a 3-minute face-less
+    clip at the default stride (2,250 examined frames) pays for ~60 of them, not ~450."""
+    due = [m for m in range(2250) if every_view_due(m, 8)]
+    assert due[:8] == list(range(8))
+    waits = np.diff(due[7:]).tolist()
+    assert waits[:4] == [REPROBE, 2 * REPROBE, 4 * REPROBE, 8 * REPROBE] and set(waits[4:]) == {REPROBE_MAX}
+    assert len(due) < 70
 
 
 def test_boxes_come_back_in_frame_coordinates_through_every_kind_of_view():

@@ -8,9 +8,11 @@ all three (see `benchmarks/bench_detect.py` for the rates on a labelled set). A 
 face at its own aspect and orientation is looked at again through other *views*: squeezed across
 or along (a face stretched by a wrong display aspect), closer (a face small in a large frame)
 and turned by 12 and 24 degrees (a head tilted a little). The view that found the last face is tried first on the next frame; after
-`probe_frames` frames in a row in which no view finds one, only that view is tried, with a full
-search every `REPROBE` frames: a face-less clip costs a fifth of the search, and a face that comes
-back is found again. Runs on a grey copy whose longer side is
+`probe_frames` frames in a row in which no view finds one, only that view is tried, with a search
+through every view after `REPROBE` more frames, then after twice as many, and so on up to every
+`REPROBE_MAX`: a long face-less clip costs little more than one view's search a frame (a clip of
+blurred noise takes ~2 s a frame through every view), and a face that comes back is found again,
+at once where the last view sees it. Runs on a grey copy whose longer side is
 at most `max_side` (after squeezing).
 
 A presenter's face changes size slowly, so after a frame with a face the next is searched first
@@ -68,8 +70,10 @@ VIEWS = (
     View("turned +24", angle=24.0),
     View("turned -24", angle=-24.0),
 )
-#: after a face-less stretch, every this many frames all views are tried again
+#: after a face-less stretch, all views are tried again after this many frames, then after twice
+#: as many, and so on, up to every REPROBE_MAX frames (examined frames, counted from the stretch's start)
 REPROBE = 5
+REPROBE_MAX = 40
 #: the width (pixels) a face's upper half is enlarged to, at least, before looking for its eyes
 EYE_CHECK_WIDTH = 200
 #: the face sizes a tracked search looks for, as fractions of the smallest and largest face the
@@ -133,10 +137,10 @@ class HaarDetector:
 
     def _views_now(self) -> tuple[View, ...]:
         """The last view that found a face first, then the others; after `probe_frames` frames in
-        a row without a face, that view alone but for every `REPROBE`th frame (a face-less
-        stretch costs little, and a face that comes back is found again)."""
+        a row without a face, that view alone but on the frames `every_view_due` names (a
+        face-less stretch costs little, and a face that comes back is found again)."""
         last = self._view or VIEWS[0]
-        if self._misses >= self.probe_frames and self._misses % REPROBE:
+        if not every_view_due(self._misses, self.probe_frames):
             return (last,)
         return (last, *(v for v in VIEWS if v != last))
 
@@ -218,6 +222,19 @@ class HaarDetector:
                 continue
             faces.append((float(x), float(y), float(x + w), float(y + h), float(weight)))
         return faces
+
+
+def every_view_due(misses: int, probe_frames: int) -> bool:
+    """Whether the frame after `misses` examined frames in a row without a face is looked at through
+    every view: each of the first `probe_frames`, then the REPROBE-th after them, then the one
+    twice as far on, and so on, the wait doubling up to REPROBE_MAX frames."""
+    if misses < probe_frames:
+        return True
+    due, wait = probe_frames - 1 + REPROBE, REPROBE
+    while due < misses:
+        wait = min(2 * wait, REPROBE_MAX)
+        due += wait
+    return due == misses
 
 
 def _cascade(name: str) -> cv2.CascadeClassifier:
