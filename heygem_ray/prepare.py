@@ -37,7 +37,7 @@ from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
-from heygem_ray.media.video import VideoInfo, iter_frames, probe
+from heygem_ray.media.video import VideoInfo, iter_frames, iter_sampled_frames, probe
 from heygem_ray.plan import stable_hash
 from heygem_ray.storage import StorageOptions
 
@@ -294,11 +294,10 @@ def _detect_track(local: str, info: VideoInfo, cfg: DetectorConfig, uri: str) ->
             builder.add(next(results) if frame is not None else None)
         pending.clear()
 
-    for index, (timestamp, frame) in enumerate(iter_frames(local, info, display_uri=uri)):
+    for timestamp, frame in iter_sampled_frames(local, info, max(1, cfg.stride), display_uri=uri):
         pts.append(timestamp)
-        examine = index % max(1, cfg.stride) == 0
-        pending.append(frame if examine else None)
-        queued += examine
+        pending.append(frame)
+        queued += frame is not None
         if queued >= detector.batch_size:
             flush()
             queued = 0

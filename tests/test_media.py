@@ -111,6 +111,20 @@ def _frames(path, info):
     return [f for _, f in video.iter_frames(path, info)]
 
 
+def test_sampled_frames_are_every_nth_of_all_frames_with_every_timestamp(media_dir):
+    """What a detector stride reads: every frame's timestamp, and only each third frame converted."""
+    path = str(media_dir / "clip6.mp4")
+    info = video.probe(path, 25)
+    every = list(video.iter_frames(path, info))
+    sampled = list(video.iter_sampled_frames(path, info, 3))
+    assert [p for p, _ in sampled] == [p for p, _ in every]
+    for i, ((_, got), (_, want)) in enumerate(zip(sampled, every, strict=True)):
+        if i % 3:
+            assert got is None, i
+        else:
+            assert got is not None and np.array_equal(got, want), i
+
+
 def test_reader_seeks_to_exact_frames(media_dir):
     path = str(media_dir / "clip6.mp4")
     info = video.probe(path, 25)

@@ -367,6 +367,17 @@ def iter_frames(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Every frame in presentation order as (pts, BGR frame), or the first `limit`; a still image
     yields one frame. Frames whose timestamps go back raise InputError (`OUT_OF_ORDER`)."""
+    for pts, frame in iter_sampled_frames(path, info, 1, display_uri, limit):
+        assert frame is not None  # every frame is kept
+        yield pts, frame
+
+
+def iter_sampled_frames(
+    path: str, info: VideoInfo, every: int, display_uri: str | None = None, limit: int | None = None
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """As `iter_frames`, but only every `every`-th frame (the first, then each `every` on) comes as
+    a BGR array, the others as None: every frame is decoded (each needs its predecessors) but only
+    those are converted (~3 ms a 720p frame, ~7 at 1080p)."""
     if info.still:
         yield 0, read_image(path)
         return
@@ -377,10 +388,13 @@ def iter_frames(
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             timed = ((f.pts, f) for f in container.decode(stream) if f.pts is not None)
-            for pts, frame in itertools.islice(timed, limit):
+            for index, (pts, frame) in enumerate(itertools.islice(timed, limit)):
                 if last is not None and pts <= last:
                     raise InputError("avatar", uri, OUT_OF_ORDER)
                 last = pts
+                if index % every:
+                    yield pts, None
+                    continue
                 yield pts, orient(frame.to_ndarray(format="bgr24"), info.rotation, info.width, info.height)
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"decoding failed ({exc.strerror or exc})") from None
