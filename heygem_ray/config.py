@@ -147,7 +147,8 @@ class DetectorConfig:
     smooth: bool = True
     #: detect on a copy downscaled so its longer side is at most this many pixels
     max_side: int = 720
-    #: detect on every Nth frame and interpolate between (1 = every frame)
+    #: detect on every Nth frame and interpolate between (1 = every frame; conf/detector/haar.yaml
+    #: sets 2 for the default detector)
     stride: int = 1
     #: frames per detector call
     batch_size: int = 16

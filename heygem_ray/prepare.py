@@ -37,7 +37,7 @@ from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
-from heygem_ray.media.video import VideoInfo, iter_frames, iter_sampled_frames, probe
+from heygem_ray.media.video import VideoInfo, iter_sampled_frames, probe
 from heygem_ray.plan import stable_hash
 from heygem_ray.storage import StorageOptions
 
@@ -196,8 +196,9 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 
 
 #: bump when a code change alters face tracks, so cached tracks are made again (2: the tracker
-#: keeps to its presenter while another face is found; 3: the Haar detector follows its face)
-TRACK_VERSION = "3"
+#: keeps to its presenter while another face is found; 3: the Haar detector follows its face; 4:
+#: its face-less back-off, and a detector stride counted in the tracker's hand-off)
+TRACK_VERSION = "4"
 
 
 def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float) -> str:
@@ -329,7 +330,8 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
         raise InputError("avatar", uri, f"demuxing failed ({exc.strerror or exc})") from None
     if not pts:
         raise InputError("avatar", uri, "has no video frames")
-    for _ in iter_frames(local, info, uri, limit=ORDER_CHECK_FRAMES):  # raises if they are out of order
+    # raises if they are out of order; decoded, but only the first converted
+    for _ in iter_sampled_frames(local, info, ORDER_CHECK_FRAMES, uri, limit=ORDER_CHECK_FRAMES):
         pass
     return np.sort(np.asarray(pts, np.int64))
 

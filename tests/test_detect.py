@@ -36,8 +36,9 @@ def test_a_view_that_found_the_face_is_kept_for_the_avatar():
 
 
 def test_a_faceless_stretch_stops_searching_every_view_but_finds_a_face_that_comes_back():
-    """After probe_frames frames without a face only one view is looked through, but for a search
-    through every view REPROBE frames later; the face is found again when it returns."""
+    """After probe_frames frames without a face two views are looked through (the last, and one
+    other in turn), but for a search through every view REPROBE frames later; the face is found
+    again when it returns."""
     noise = next(frame for name, frame, has_face in CASES if not has_face)
     face = next(frame for name, frame, _ in CASES if name == "720p")
     detector = HaarDetector(probe_frames=2)
@@ -52,7 +53,7 @@ def test_a_faceless_stretch_stops_searching_every_view_but_finds_a_face_that_com
     for _ in range(REPROBE + 2):
         looks.append(0)
         assert len(detector.detect([noise])[0]) == 0
-    assert looks == [len(VIEWS)] * 2 + [1] * (REPROBE - 1) + [len(VIEWS)]
+    assert looks == [len(VIEWS)] * 2 + [2] * (REPROBE - 1) + [len(VIEWS)]
     looks.append(0)
     assert len(detector.detect([face])[0]) == 1
 
@@ -158,6 +159,23 @@ def test_a_tracked_clip_finds_the_face_a_full_search_finds_on_every_frame():
         assert 1 / 1.4 < area < 1.4, (i, got, want)
 
 
+def test_after_a_long_faceless_stretch_a_face_only_another_view_sees_is_found_soon():
+    """Between the ever rarer searches through every view, one other view is tried each frame in
+    turn: a face stretched by a wrong display aspect, seen only squeezed back, is found within as
+    many frames as there are other views, not at the next search through all of them."""
+    stretched = next(frame for name, frame, _ in CASES if name == "stretched 2x across")
+    blank = np.full_like(stretched, 90)
+    detector = HaarDetector(probe_frames=2)
+    for _ in range(20):  # past the first searches through every view (0, 1, 6, 16; the next at 36)
+        assert len(detector.detect([blank])[0]) == 0
+    for frames in range(1, len(VIEWS)):
+        if len(detector.detect([stretched])[0]):
+            break
+    else:
+        raise AssertionError("the face was not found within len(VIEWS) - 1 frames")
+    assert detector.view is not None and detector.view.sx < 1, (frames, detector.view)
+
+
 def test_a_long_faceless_stretch_looks_through_every_view_ever_more_seldom():
     """The waits between searches through every view double, to REPROBE_MAX: a 3-minute face-less
     clip at the default stride (2,250 examined frames) pays for ~60 of them, not ~450."""
@@ -185,7 +203,7 @@ def test_a_blurred_noise_avatar_fails_with_no_face_found(tmp_path):
     import av
     import cv2
 
-    from heygem_ray.config import DetectorConfig
+    from helpers import compose_config
     from heygem_ray.errors import InputError
     from heygem_ray.prepare import prepare_avatar
 
@@ -199,7 +217,8 @@ def test_a_blurred_noise_avatar_fails_with_no_face_found(tmp_path):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(noise, format="bgr24")))
         container.mux(stream.encode())
     with pytest.raises(InputError, match="no face found in any of 12 frames"):
-        prepare_avatar(clip, None, DetectorConfig(), str(tmp_path / "cache"), 25.0)
+        # the composed default detector, as a campaign runs it (every 2nd frame examined)
+        prepare_avatar(clip, None, compose_config("manifest=m", "output=o").detector, str(tmp_path / "cache"), 25.0)
 
 
 def test_the_default_stride_keeps_the_track_of_every_frame(tmp_path):

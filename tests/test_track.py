@@ -34,6 +34,11 @@ def test_a_presenter_missed_for_a_frame_keeps_the_track_from_another_face():
         gone.add(cand(a, b, scores=[0.99, 0.9]) if i < 2 else cand(b, scores=[0.9]))
     x1 = gone.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
     assert x1[:2] == [100, 100] and x1[2:6] == [0] * 4 and x1[6:] == [900] * 6  # the stretch between: unrendered
+    strided = TrackBuilder(max_gap=3)  # the same clip with every 2nd frame examined: B after as many frames
+    for i in range(12):
+        strided.add(None if i % 2 else cand(a, b, scores=[0.99, 0.9]) if i < 2 else cand(b, scores=[0.9]))
+    x1 = strided.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
+    assert x1[0] == 100 and x1[1:6] == [0] * 5 and x1[6:] == [900] * 6, x1  # frame 1, unexamined, is in the gap
 
 
 def test_frames_without_a_face_take_boxes_from_their_neighbours():
@@ -89,3 +94,23 @@ def test_a_face_lost_for_long_passes_through_and_short_misses_are_filled():
     for i in range(40):
         strided.add(face if i % 20 == 0 else None)  # detect every 20th frame: nothing was missed
     assert (strided.finish(200, 200, (0, 0, 0, 0), smooth=False) != 0).all()
+
+
+def test_a_face_found_once_among_misses_is_a_false_positive():
+    """One frame with a face, none other within max_gap frames, misses examined on both sides:
+    dropped (a clip of blurred noise that passed one view's checks once is refused); a face found
+    twice close together, or at the clip's start, is kept."""
+    face = cand((50, 50, 90, 90))
+    lone = TrackBuilder(max_gap=3)
+    for i in range(12):
+        lone.add(face if i == 6 else np.zeros((0, 5), np.float32))
+    with pytest.raises(ValueError, match="no face found in any of 12 frames"):
+        lone.finish(200, 200, (0, 0, 0, 0), smooth=False)
+    twice = TrackBuilder(max_gap=3)
+    for i in range(12):
+        twice.add(face if i in (6, 8) else np.zeros((0, 5), np.float32))
+    assert (twice.finish(200, 200, (0, 0, 0, 0), smooth=False)[6:9] != 0).all()
+    first = TrackBuilder(max_gap=3)
+    for i in range(12):
+        first.add(face if i == 0 else np.zeros((0, 5), np.float32))
+    assert (first.finish(200, 200, (0, 0, 0, 0), smooth=False)[0] != 0).all()

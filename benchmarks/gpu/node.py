@@ -557,7 +557,7 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
                 "workers ready s (first / last)",
                 "audio ready / audio track / segments done / stitch s",
                 "segment stage s (summed)",
-                "cores busy / GPU MiB per worker: torch's peak (≤ the GPU's use ÷ workers)",
+                "cores busy / GPU MiB per worker: torch's peak (the GPU's use ÷ workers, a bound on the mean)",
             ],
             rows,
         )

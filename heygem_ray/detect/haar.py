@@ -8,11 +8,12 @@ all three (see `benchmarks/bench_detect.py` for the rates on a labelled set). A 
 face at its own aspect and orientation is looked at again through other *views*: squeezed across
 or along (a face stretched by a wrong display aspect), closer (a face small in a large frame)
 and turned by 12 and 24 degrees (a head tilted a little). The view that found the last face is tried first on the next frame; after
-`probe_frames` frames in a row in which no view finds one, only that view is tried, with a search
-through every view after `REPROBE` more frames, then after twice as many, and so on up to every
-`REPROBE_MAX`: a long face-less clip costs little more than one view's search a frame (a clip of
-blurred noise takes ~2 s a frame through every view), and a face that comes back is found again,
-at once where the last view sees it. Runs on a grey copy whose longer side is
+`probe_frames` examined frames in a row in which no view finds one, that view and one other (each
+in turn) are tried, with a search through every view `REPROBE` examined frames later, then twice
+as many on, and so on up to every `REPROBE_MAX`: a long face-less clip costs about two views'
+search a frame (blurred noise, the labelled set's costliest, takes ~2 s a frame through every
+view), and a face that comes back is found again within `len(VIEWS) - 1` examined frames, at once
+where the last view sees it. Runs on a grey copy whose longer side is
 at most `max_side` (after squeezing).
 
 A presenter's face changes size slowly, so after a frame with a face the next is searched first
@@ -70,8 +71,8 @@ VIEWS = (
     View("turned +24", angle=24.0),
     View("turned -24", angle=-24.0),
 )
-#: after a face-less stretch, all views are tried again after this many frames, then after twice
-#: as many, and so on, up to every REPROBE_MAX frames (examined frames, counted from the stretch's start)
+#: in a face-less stretch, all views are tried again this many examined frames after its first
+#: `probe_frames`, then twice as many on, and so on, up to every REPROBE_MAX examined frames
 REPROBE = 5
 REPROBE_MAX = 40
 #: the width (pixels) a face's upper half is enlarged to, at least, before looking for its eyes
@@ -79,7 +80,8 @@ EYE_CHECK_WIDTH = 200
 #: the face sizes a tracked search looks for, as fractions of the smallest and largest face the
 #: last frame showed (in the view's pixels)
 TRACK_SIZES = (0.7, 1.45)
-#: a tracked face is verified again (second cascade, two eyes) on every this many frames
+#: a tracked face is verified again (second cascade, two eyes) on every this many examined frames
+#: since the full search that found it
 REVERIFY = 5
 #: the overlap (intersection over union) with a face of the last frame that makes a candidate that face
 SAME_FACE_IOU = 0.5
@@ -137,12 +139,14 @@ class HaarDetector:
 
     def _views_now(self) -> tuple[View, ...]:
         """The last view that found a face first, then the others; after `probe_frames` frames in
-        a row without a face, that view alone but on the frames `every_view_due` names (a
-        face-less stretch costs little, and a face that comes back is found again)."""
+        a row without a face, that view and one other, in turn, but on the frames `every_view_due`
+        names (a face-less stretch costs little, and a face that comes back is found again within
+        as many frames as there are other views)."""
         last = self._view or VIEWS[0]
+        others = [v for v in VIEWS if v != last]
         if not every_view_due(self._misses, self.probe_frames):
-            return (last,)
-        return (last, *(v for v in VIEWS if v != last))
+            return (last, others[self._misses % len(others)])
+        return (last, *others)
 
     def _look(
         self, grey: np.ndarray, view: View, near: Sequence[Box] = (), trusted: Sequence[Box] = ()

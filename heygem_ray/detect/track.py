@@ -28,12 +28,16 @@ class TrackBuilder:
         self._boxes: list[np.ndarray | None] = []
         self._missed: list[bool] = []  # examined, and no face found
         self._last: np.ndarray | None = None
-        self._elsewhere = 0  # frames in a row whose faces were all far from the last chosen box
+        # frames in a row whose faces were all far from the last chosen box (frames a detector
+        # stride skips inside such a stretch count too: max_gap is in frames, whatever the stride)
+        self._elsewhere = 0
         self.max_gap = max_gap
 
     def add(self, candidates: np.ndarray | None) -> None:
         """candidates: (k, 5) x1, y1, x2, y2, score, or None for a frame that was not examined."""
         if candidates is None or len(candidates) == 0:
+            if candidates is None and self._elsewhere:
+                self._elsewhere += 1
             self._missed.append(candidates is not None)
             self._boxes.append(None)
             return
@@ -66,7 +70,11 @@ class TrackBuilder:
         between the nearest found frames (held constant before the first and after the last) when
         it is at most the builder's `max_gap` frames long, or when fewer than two of its frames were examined
         (a detector stride); a longer one is the face lost: its boxes are empty (0, 0, 0, 0), so
-        those frames pass through as they are. Raises ValueError when no frame has a face."""
+        those frames pass through as they are. A face found on one frame with no other within
+        `max_gap` frames either side, and a miss examined on each side, is taken for a detector's
+        false positive (blurred noise can pass every check of one view on one frame) and dropped.
+        Raises ValueError when no frame has a face."""
+        self._drop_lone_faces()
         n = len(self._boxes)
         found = np.array([i for i, b in enumerate(self._boxes) if b is not None])
         if found.size == 0:
@@ -81,6 +89,21 @@ class TrackBuilder:
         for lo, hi in _runs(covered):  # each stretch with a face padded and smoothed on its own
             out[lo:hi] = finish_boxes(everywhere[lo:hi], width, height, pads, smooth)
         return out
+
+    def _drop_lone_faces(self) -> None:
+        """Forget each face found on a frame with no other face within `max_gap` frames and a miss
+        examined on each side of it."""
+        found = [i for i, b in enumerate(self._boxes) if b is not None]
+        lone = [
+            i
+            for k, i in enumerate(found)
+            if (k == 0 or i - found[k - 1] > self.max_gap)
+            and (k == len(found) - 1 or found[k + 1] - i > self.max_gap)
+            and any(self._missed[:i])
+            and any(self._missed[i + 1 :])
+        ]
+        for i in lone:
+            self._boxes[i], self._missed[i] = None, True
 
 
 def _nearest(boxes: np.ndarray, last: np.ndarray) -> np.ndarray | None:
