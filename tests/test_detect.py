@@ -178,7 +178,7 @@ def test_after_a_long_faceless_stretch_a_face_only_another_view_sees_is_found_so
 
 def test_a_long_faceless_stretch_looks_through_every_view_ever_more_seldom():
     """The waits between searches through every view double, to REPROBE_MAX: a 3-minute face-less
-    clip at the default stride (2,250 examined frames) pays for ~60 of them, not ~450."""
+    clip at the default stride (2,250 examined frames) pays for 66 of them, not ~450."""
     due = [m for m in range(2250) if every_view_due(m, 8)]
     assert due[:8] == list(range(8))
     waits = np.diff(due[7:]).tolist()
