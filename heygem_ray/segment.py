@@ -103,9 +103,9 @@ def nvdec_device(setting: str) -> int | None:
 
     Call it before torch uses CUDA in this process. FFmpeg shares the device's primary context with
     torch only if that context is not yet active or already has exactly the blocking-sync flag
-    (CU_CTX_SCHED_BLOCKING_SYNC: a wait for the GPU sleeps): so that flag is set first (which also lets a waiting process yield its core instead of spinning), then
-    torch makes the context, once, and FFmpeg is asked to decode in it as every segment's reader
-    will. Where FFmpeg has no CUDA support at all, no context is made."""
+    (CU_CTX_SCHED_BLOCKING_SYNC: a wait for the GPU sleeps instead of spinning a core): so that
+    flag is set first, then torch makes the context, once, and FFmpeg is asked to decode in it as
+    every segment's reader will. Where FFmpeg has no CUDA support at all, no context is made."""
     from heygem_ray.devices import cuda_usable, prefer_blocking_sync, torch_device  # torch: not on the driver
 
     if setting == "cpu" or (setting == "auto" and not cuda_usable()):
