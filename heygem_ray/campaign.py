@@ -26,6 +26,7 @@ from typing import Any
 from heygem_ray import storage
 from heygem_ray.actor_pool import ActorPool
 from heygem_ray.config import Config
+from heygem_ray.errors import InputError
 from heygem_ray.executors import Executor, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
@@ -135,7 +136,8 @@ class Campaign:
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
         if self.actors.error:  # no renderer will ever take it: no face tracking for nothing
             return self._fail(row_id, self.actors.error)
-        track, started = self.shared.avatar(state.row)
+        assert state.prep.audio is not None  # not skipped: decoded
+        track, started = self.shared.avatar(state.row, state.prep.audio.seconds)
         if started is not None:
             key, handle = started
             self._inflight[handle] = ("avatar", key)
@@ -143,7 +145,9 @@ class Campaign:
             self._on_track(state, track)
 
     def _on_avatar(self, key: AvatarKey, ref: Any) -> None:
-        track, waiting = self.shared.avatar_done(key, ref)
+        track, waiting, started = self.shared.avatar_done(key, ref)
+        if started is not None:
+            self._inflight[started[1]] = ("avatar", key)
         for row_id in waiting:
             if row_id in self._states:
                 self._on_track(self._states[row_id], track)
@@ -154,6 +158,10 @@ class Campaign:
         if self.actors.error:
             return self._fail(state.row.id, self.actors.error)
         assert state.prep is not None and state.prep.audio is not None
+        seconds = state.prep.audio.seconds
+        if not track.shows_a_face(seconds):
+            faceless = f"no face found in the {track.shown(seconds)} frame(s) this narration shows"
+            return self._fail(state.row.id, str(InputError("avatar", state.row.avatar, faceless)))
         state.audio_track, new = self.shared.audio_track(state.prep.audio)
         if new:  # watched, so a failed encode is forgotten and the next row with that narration tries again
             self._inflight[state.audio_track] = ("audio_track", state.prep.audio.fingerprint)

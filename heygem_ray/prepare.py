@@ -7,11 +7,14 @@
   content and audio settings to the output's codec (an audio-only mp4 the stitch copies packets
   from), while the row renders, so neither a row's last step nor the next row with the same
   narration encodes it again.
-* Avatar: probed and face-tracked once per distinct content and detector config; the track (one box
-  and one timestamp per frame) is cached and reused by every row and every rerun.
+* Avatar: probed once per distinct content, and face-tracked in chunks, each detected once per
+  distinct content and detector config, as far as the narrations need: a narration shorter than its
+  avatar waits only for the frames it shows. Every piece is cached and reused by every row and
+  every rerun.
 
 Cache layout under `cache`:  fingerprints/<key>.txt, audio/<fp>.f32 + .json,
-audio/<fp>.<codec>-<bitrate>-<rate>.m4a + .json, avatars/<fp>/<key>.npz
+audio/<fp>.<codec>-<bitrate>-<rate>.m4a + .json, avatars/<fp>/<key>/frames.npz, chunk-<i>.npz,
+track-<frames>.npz
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ import numpy as np
 from heygem_ray import metrics, storage
 from heygem_ray.config import Config, DetectorConfig, EncoderConfig
 from heygem_ray.detect import build_detector
-from heygem_ray.detect.track import TrackBuilder, fixed_track
+from heygem_ray.detect.base import FaceDetector
+from heygem_ray.detect.track import CHUNK_FRAMES, TrackBuilder, fixed_track, frames_to_track, settled_frames
 from heygem_ray.errors import InputError, caching, check_writable, reading
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
-from heygem_ray.media.video import VideoInfo, iter_sampled_frames, probe
-from heygem_ray.plan import stable_hash
+from heygem_ray.media.video import FrameReader, VideoInfo, iter_sampled_frames, probe
+from heygem_ray.plan import output_frame_count, stable_hash
 from heygem_ray.storage import StorageOptions
 
 
@@ -177,17 +181,33 @@ def read_pcm(pcm_uri: str, start: int, stop: int) -> np.ndarray:
 @dataclass(frozen=True)
 class AvatarTrack:
     """Everything the renderer needs to know about an avatar: its facts, the timestamp of every frame
-    (for exact seeking, VFR included) and the face box of every frame."""
+    (for exact seeking, VFR included) and the face box of its first frames: every frame's, or as
+    many as a narration shorter than the avatar shows (`prepare_avatar`'s `seconds`)."""
 
     uri: str
     fingerprint: str
     info: VideoInfo
     pts: np.ndarray  # int64 (n,), presentation order; [0] for a still image
-    boxes: np.ndarray  # int32 (n, 4) x1, y1, x2, y2
+    boxes: np.ndarray  # int32 (m, 4) x1, y1, x2, y2 of frames 0 .. m - 1, m <= n; (0, 0, 0, 0): no face
+    #: the first frames whose boxes are final (the whole clip's track gives the same): None, all n
+    settled: int | None = None
 
     @property
     def frames(self) -> int:
-        return len(self.boxes)
+        return len(self.pts)
+
+    def shown(self, seconds: float) -> int:
+        """How many of the avatar's first frames a narration of `seconds` shows (a shorter clip is
+        played forward and back: all of it)."""
+        return min(self.frames, output_frame_count(seconds, self.info.fps))
+
+    def serves(self, seconds: float) -> bool:
+        """Whether the frames a narration of `seconds` shows have their final boxes here."""
+        return self.shown(seconds) <= (self.frames if self.settled is None else self.settled)
+
+    def shows_a_face(self, seconds: float) -> bool:
+        """Whether any frame a narration of `seconds` shows has a face box."""
+        return bool(self.boxes[: self.shown(seconds)].any())
 
 
 #: config keys that change how fast a stage runs, never the bytes it makes (kept out of cache keys
@@ -197,8 +217,9 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 
 #: bump when a code change alters face tracks, so cached tracks are made again (2: the tracker
 #: keeps to its presenter while another face is found; 3: the Haar detector follows its face; 4:
-#: its face-less back-off, and a detector stride counted in the tracker's hand-off)
-TRACK_VERSION = "4"
+#: its face-less back-off, and a detector stride counted in the tracker's hand-off; 5: tracked in
+#: chunks, as far as a narration shows)
+TRACK_VERSION = "5"
 
 
 def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float) -> str:
@@ -236,40 +257,49 @@ def prepare_avatar(
     still_fps: float,
     max_pixels: int | None = None,
     storage_options: StorageOptions | None = None,
+    seconds: float | None = None,
 ) -> AvatarTrack:
-    """Probe and face-track an avatar, or load the cached track. `storage_options` (the campaign's
-    `storage.options`) are set for this process first: a Ray task may run in a worker that has
-    never seen them (another node, a fresh process); None leaves the process's as they are."""
+    """Probe and face-track an avatar, or load the cached track: of every frame, or (`seconds`) of
+    the first frames a narration that long shows, with a margin after them, in whole chunks
+    (`detect.track.frames_to_track`). `storage_options` (the campaign's `storage.options`) are set
+    for this process first: a Ray task may run in a worker that has never seen them (another node,
+    a fresh process); None leaves the process's as they are.
+
+    Cache, under avatars/<avatar fingerprint>/<detector key>/: frames.npz (facts and timestamps),
+    chunk-<i>.npz (the detector's candidates on chunk i's frames) and track-<m>.npz (the boxes of
+    the first m frames): a longer narration later detects only the chunks still missing."""
     if storage_options is not None:
         storage.configure(storage_options)
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
-        track_uri = storage.join(cache, "avatars", fp, detector_key(cfg, box, still_fps) + ".npz")
-        with caching(track_uri), contextlib.suppress(FileNotFoundError):
-            track = _load_track(uri, fp, storage.read_bytes(track_uri))
-            _check_pixels(uri, track.info, max_pixels)
-            return track
-        local = storage.local_copy(uri)
-        info = probe(local, still_fps, display_uri=uri)
+        folder = storage.join(cache, "avatars", fp, detector_key(cfg, box, still_fps))
+        info, pts = _avatar_frames(uri, folder, still_fps)
         _check_pixels(uri, info, max_pixels)
         fixed = box or (list(cfg.box) if cfg.name == "box" and cfg.box else None)
         if cfg.name == "box" and fixed is None:
             raise InputError("avatar", uri, "detector=box needs detector.box=[x1,y1,x2,y2] or a `box` manifest column")
+        total, stride = len(pts), max(1, cfg.stride)
+        tracked = total
+        if fixed is None and seconds is not None:
+            tracked = frames_to_track(total, min(total, output_frame_count(seconds, info.fps)), stride)
+        track_uri = storage.join(folder, f"track-{tracked}.npz")
+        settled = settled_frames(tracked, total, stride) if tracked < total else None
+        with caching(track_uri), contextlib.suppress(FileNotFoundError):
+            return AvatarTrack(uri, fp, info, pts, _load_boxes(storage.read_bytes(track_uri)), settled)
         if fixed is not None:
-            pts = _frame_timestamps(local, info, uri)
             try:
-                boxes = fixed_track(fixed, len(pts), info.width, info.height)
+                boxes = fixed_track(fixed, total, info.width, info.height)
             except ValueError as exc:
                 raise InputError("avatar", uri, str(exc)) from None
         else:
             clock = metrics.StageClock()
             with clock("detect"):
-                pts, boxes = _detect_track(local, info, cfg, uri)
+                candidates = _candidates(uri, info, pts, cfg, folder, tracked)
             metrics.stage_seconds(clock.seconds)
-        track = AvatarTrack(uri, fp, info, pts, boxes)
+            boxes = _track(candidates, info, cfg, uri, total)
         with caching(track_uri):
-            storage.write_bytes(track_uri, _dump_track(track))
-        return track
+            storage.write_bytes(track_uri, _dump_array(boxes))
+        return AvatarTrack(uri, fp, info, pts, boxes, settled)
 
 
 def _check_pixels(uri: str, info: VideoInfo, max_pixels: int | None) -> None:
@@ -282,34 +312,94 @@ def _check_pixels(uri: str, info: VideoInfo, max_pixels: int | None) -> None:
         )
 
 
-def _detect_track(local: str, info: VideoInfo, cfg: DetectorConfig, uri: str) -> tuple[np.ndarray, np.ndarray]:
-    detector = build_detector(cfg)
-    builder = TrackBuilder()
-    pts: list[int] = []
-    pending: list[np.ndarray | None] = []  # frames in order; None where the stride skips detection
-    queued = 0
+def _avatar_frames(uri: str, folder: str, still_fps: float) -> tuple[VideoInfo, np.ndarray]:
+    """The avatar's facts and every frame's timestamp, from the cache or a probe and a demux pass."""
+    frames_uri = storage.join(folder, "frames.npz")
+    with (
+        caching(frames_uri),
+        contextlib.suppress(FileNotFoundError),
+        np.load(io.BytesIO(storage.read_bytes(frames_uri))) as npz,
+    ):
+        return VideoInfo(**json.loads(str(npz["info"]))), npz["pts"].astype(np.int64)
+    local = storage.local_copy(uri)
+    info = probe(local, still_fps, display_uri=uri)
+    pts = _frame_timestamps(local, info, uri)
+    buf = io.BytesIO()
+    np.savez(buf, pts=pts, info=np.array(json.dumps(asdict(info))))
+    with caching(frames_uri):
+        storage.write_bytes(frames_uri, buf.getvalue())
+    return info, pts
+
+
+def _candidates(
+    uri: str, info: VideoInfo, pts: np.ndarray, cfg: DetectorConfig, folder: str, frames: int
+) -> list[np.ndarray | None]:
+    """The detector's candidates on each of the first `frames` frames (None: a frame the stride
+    skips), chunk by chunk: each loaded from the cache, or detected from a reset detector and cached."""
+    out: list[np.ndarray | None] = []
+    detector: FaceDetector | None = None
+    reader: FrameReader | None = None
+    try:
+        for start in range(0, frames, CHUNK_FRAMES):
+            stop = min(start + CHUNK_FRAMES, len(pts))
+            chunk_uri = storage.join(folder, f"chunk-{start // CHUNK_FRAMES}.npz")
+            with caching(chunk_uri), contextlib.suppress(FileNotFoundError):
+                out += _load_candidates(storage.read_bytes(chunk_uri))
+                continue
+            if reader is None:
+                detector = build_detector(cfg)
+                reader = FrameReader(storage.local_copy(uri), info, pts)
+            assert detector is not None
+            found = _detect_chunk(reader, detector, start, stop, max(1, cfg.stride), uri)
+            with caching(chunk_uri):
+                storage.write_bytes(chunk_uri, _dump_candidates(found))
+            out += found
+    finally:
+        if reader is not None:
+            reader.close()
+    return out[:frames]
+
+
+def _detect_chunk(
+    reader: FrameReader, detector: FaceDetector, start: int, stop: int, stride: int, uri: str
+) -> list[np.ndarray | None]:
+    """Candidates on frames `start` .. `stop` - 1: every `stride`-th from `start` examined."""
+    detector.reset()
+    found: list[np.ndarray | None] = [None] * (stop - start)
+    batch: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
-        results = iter(detector.detect([f for f in pending if f is not None]))
-        for frame in pending:
-            builder.add(next(results) if frame is not None else None)
-        pending.clear()
+        for (index, _), faces in zip(batch, detector.detect([frame for _, frame in batch]), strict=True):
+            found[index - start] = np.asarray(faces, np.float32).reshape(-1, 5)
+        batch.clear()
 
-    for timestamp, frame in iter_sampled_frames(local, info, max(1, cfg.stride), display_uri=uri):
-        pts.append(timestamp)
-        pending.append(frame)
-        queued += frame is not None
-        if queued >= detector.batch_size:
-            flush()
-            queued = 0
-    flush()
-    if not pts:
-        raise InputError("avatar", uri, "has no decodable video frames")
     try:
-        boxes = builder.finish(info.width, info.height, cfg.pads, cfg.smooth)
+        for index, frame in reader.frames_between(start, stop, stride):
+            if frame is not None:
+                batch.append((index, frame))
+                if len(batch) >= detector.batch_size:
+                    flush()
+        flush()
+    except av.error.FFmpegError as exc:
+        raise InputError("avatar", uri, f"decoding failed ({exc.strerror or exc})") from None
+    return found
+
+
+def _track(
+    candidates: list[np.ndarray | None], info: VideoInfo, cfg: DetectorConfig, uri: str, total: int
+) -> np.ndarray:
+    """One box per frame from the candidates. A track of fewer than all frames in which no face
+    was found is all empty boxes: the rows showing only those frames fail for it
+    (`AvatarTrack.shows_a_face`), while a longer narration's track may find the face later."""
+    builder = TrackBuilder()
+    for found in candidates:
+        builder.add(found)
+    try:
+        return builder.finish(info.width, info.height, cfg.pads, cfg.smooth)
     except ValueError as exc:
+        if len(candidates) < total and builder.found == 0:
+            return np.zeros((len(candidates), 4), np.int32)
         raise InputError("avatar", uri, str(exc)) from None
-    return np.sort(np.asarray(pts, np.int64)), boxes
 
 
 #: frames decoded to check that an avatar's timestamps follow display order when its track needs
@@ -336,16 +426,31 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
     return np.sort(np.asarray(pts, np.int64))
 
 
-def _dump_track(track: AvatarTrack) -> bytes:
+def _dump_array(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, pts=track.pts, boxes=track.boxes, info=np.array(json.dumps(asdict(track.info))))
+    np.save(buf, array)
     return buf.getvalue()
 
 
-def _load_track(uri: str, fp: str, data: bytes) -> AvatarTrack:
+def _load_boxes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data)).astype(np.int32)
+
+
+def _dump_candidates(found: list[np.ndarray | None]) -> bytes:
+    """A chunk's candidates: which frames were examined, how many faces each, and the faces."""
+    examined = np.array([f is not None for f in found])
+    counts = np.array([0 if f is None else len(f) for f in found], np.int32)
+    faces = np.concatenate([f for f in found if f is not None] or [np.zeros((0, 5), np.float32)])
+    buf = io.BytesIO()
+    np.savez(buf, examined=examined, counts=counts, faces=faces.astype(np.float32).reshape(-1, 5))
+    return buf.getvalue()
+
+
+def _load_candidates(data: bytes) -> list[np.ndarray | None]:
     with np.load(io.BytesIO(data)) as npz:
-        info = VideoInfo(**json.loads(str(npz["info"])))
-        return AvatarTrack(uri, fp, info, npz["pts"].astype(np.int64), npz["boxes"].astype(np.int32))
+        examined, counts, faces = npz["examined"], npz["counts"], npz["faces"]
+    ends = np.cumsum(counts)
+    return [faces[end - n : end] if seen else None for seen, n, end in zip(examined, counts, ends, strict=True)]
 
 
 #: bump when a code change alters rendered output, so reruns re-render instead of skipping

@@ -1,11 +1,13 @@
 """Stage work that rows share, started once and waited on by every row that needs it: the face track
-of an avatar (one `prepare_avatar` task per avatar and box) and the encoded audio of a narration
-(one `prepare_audio_track` task per audio content)."""
+of an avatar (`prepare_avatar` tasks per avatar and box, one at a time, each reaching as far as the
+longest narration waiting needs) and the encoded audio of a narration (one `prepare_audio_track`
+task per audio content)."""
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from heygem_ray.config import Config
@@ -27,58 +29,101 @@ log = logging.getLogger("heygem_ray")
 AvatarKey = tuple[str, tuple[int, int, int, int] | None]
 
 
+@dataclass
+class _Tracking:
+    """A `prepare_avatar` task running, the narration seconds it was asked to reach, and the rows
+    (id, narration seconds) waiting for it."""
+
+    handle: Any
+    seconds: float
+    rows: list[tuple[str, float]]
+
+
 class SharedWork:
     def __init__(self, cfg: Config, executor: Executor):
         self.cfg, self.executor = cfg, executor
+        # the longest track known of each avatar, or the avatar's own fault
         self._tracks: OrderedDict[AvatarKey, AvatarTrack | BaseException] = OrderedDict()
-        self._waiters: dict[AvatarKey, list[str]] = {}
+        self._tracking: dict[AvatarKey, _Tracking] = {}
         self._audio_tracks: dict[str, Any] = {}  # by audio fingerprint, oldest first
         # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
         # where the cluster has GPUs, so detection is scheduled and accounted like rendering
         share = cfg.detector.gpu_share
         self._detect_gpus = share if share and executor.resources().get("GPU", 0.0) >= share else 0.0
 
-    def avatar(self, row: Row) -> tuple[AvatarTrack | BaseException | None, Any]:
-        """The row's avatar track (or why there is none) when known; else None, and the row waits for
-        `avatar_done`. Also the handle of a `prepare_avatar` task started now, when this row is the
-        first to need it."""
+    def avatar(self, row: Row, seconds: float) -> tuple[AvatarTrack | BaseException | None, Any]:
+        """The track of the row's avatar as far as its narration of `seconds` shows (or why there is
+        none) when known; else None, and the row waits for `avatar_done`. Also the handle of a
+        `prepare_avatar` task started now, when no task for the avatar is running. One task at a
+        time per avatar: rows that come meanwhile wait for it, and those it does not reach (longer
+        narrations) share the next, which detects only the frames still missing."""
         key: AvatarKey = (row.avatar, row.box)
-        if key in self._tracks:
+        known = self._tracks.get(key)
+        if known is not None:
             self._tracks.move_to_end(key)
-            return self._tracks[key], None
-        first = key not in self._waiters
-        self._waiters.setdefault(key, []).append(row.id)
-        if not first:
+            if isinstance(known, BaseException) or known.serves(seconds):
+                return known, None
+        tracking = self._tracking.get(key)
+        if tracking is not None:
+            tracking.rows.append((row.id, seconds))
             return None, None
+        handle = self._track(key, seconds)
+        self._tracking[key] = _Tracking(handle, seconds, [(row.id, seconds)])
+        return None, (key, handle)
+
+    def _track(self, key: AvatarKey, seconds: float) -> Any:
         cfg = self.cfg
-        handle = self.executor.submit(
+        return self.executor.submit(
             prepare_avatar,
-            row.avatar,
-            row.box,
+            key[0],
+            key[1],
             cfg.detector,
             cfg.cache_uri,
             cfg.render.still_fps,
             cfg.limits.max_avatar_pixels,
             cfg.storage.options,
+            seconds,
             num_gpus=self._detect_gpus,
         )
-        return None, (key, handle)
 
-    def avatar_done(self, key: AvatarKey, handle: Any) -> tuple[AvatarTrack | BaseException, list[str]]:
-        """The finished `prepare_avatar` task's track (or its exception); and the rows that waited
-        for it. A track, or the avatar's own fault (InputError), is kept for the next rows; any other
+    def avatar_done(
+        self, key: AvatarKey, handle: Any
+    ) -> tuple[AvatarTrack | BaseException, list[str], tuple[AvatarKey, Any] | None]:
+        """The finished `prepare_avatar` task's track (or its exception); the rows that waited for
+        it and it serves; and the next task for this avatar, started now for the rows it does not
+        serve. A track, or the avatar's own fault (InputError), is kept for the next rows; any other
         failure (storage down past its retries, a lost worker) only fails the rows that waited, and
         the next row needing the avatar tries again. A cache that refuses the track (CacheError)
         refuses every row's: kept too."""
+        tracking = self._tracking.pop(key)
         try:
             track: AvatarTrack | BaseException = self.executor.get(handle)
         except Exception as exc:  # noqa: BLE001 - each waiting row fails with it
             track = exc
-        if not isinstance(track, BaseException) or isinstance(self.executor.cause(track), (InputError, CacheError)):
-            self._tracks[key] = track
-            while len(self._tracks) > AVATAR_TRACKS:
-                self._tracks.popitem(last=False)
-        return track, self._waiters.pop(key, [])
+        if isinstance(track, BaseException):
+            if isinstance(self.executor.cause(track), (InputError, CacheError)):
+                self._keep(key, track)
+            return track, [row_id for row_id, _ in tracking.rows], None
+        self._keep(key, track)
+        reached = [seconds <= tracking.seconds or track.serves(seconds) for _, seconds in tracking.rows]
+        served = [row_id for (row_id, _), ok in zip(tracking.rows, reached, strict=True) if ok]
+        rest = [row for row, ok in zip(tracking.rows, reached, strict=True) if not ok]
+        if not rest:
+            return track, served, None
+        longest = max(seconds for _, seconds in rest)
+        handle = self._track(key, longest)
+        self._tracking[key] = _Tracking(handle, longest, rest)
+        return track, served, (key, handle)
+
+    def _keep(self, key: AvatarKey, track: AvatarTrack | BaseException) -> None:
+        """Remember the avatar's track (a longer one than known) or fault, most recently used last."""
+        known = self._tracks.get(key)
+        if isinstance(known, AvatarTrack) and isinstance(track, AvatarTrack) and len(known.boxes) > len(track.boxes):
+            track = known
+        self._tracks[key] = track
+        self._tracks.move_to_end(key)
+        while len(self._tracks) > AVATAR_TRACKS:
+            self._tracks.popitem(last=False)
 
     def audio_track(self, audio: AudioInfo) -> tuple[Any, bool]:
         """The handle of the task encoding this narration for the output, one per distinct audio

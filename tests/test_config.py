@@ -343,6 +343,9 @@ class ToyDetector:
     def detect(self, frames):
         return [np.zeros((0, 5), np.float32) for _ in frames]
 
+    def reset(self) -> None:
+        pass
+
 
 def test_a_detector_is_one_registry_entry(monkeypatch):
     """A class with from_config and one entry in config.DETECTORS: `detector.name=toy` then passes

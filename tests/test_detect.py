@@ -250,3 +250,39 @@ def test_the_default_stride_keeps_the_track_of_every_frame(tmp_path):
     face = np.mean(every[:, 2] - every[:, 0])
     assert (strided != every).any()  # the stride is in force
     assert np.abs(strided - every).max() <= 0.03 * face, np.abs(strided - every).max()
+
+
+def test_a_short_narration_tracks_only_the_chunks_it_shows_and_a_longer_one_the_rest(tmp_path, monkeypatch):
+    """`prepare_avatar(seconds=...)` detects the chunks that the frames a narration shows (and the
+    margin) fall in; a longer narration later detects only the chunks still missing; the frames
+    the short narration shows get the boxes the whole clip's track gives; and the chunked track
+    of every frame is the one a fresh cache makes."""
+    from helpers import compose_config
+    from heygem_ray import prepare
+    from heygem_ray.detect import track
+
+    monkeypatch.setattr(track, "CHUNK_FRAMES", 16)
+    monkeypatch.setattr(prepare, "CHUNK_FRAMES", 16)
+    clip = str(tmp_path / "presenter.mp4")
+    frames = demo.write_avatar_clip(clip, 6.0, seed=3)  # 150 frames: 10 chunks
+    cfg = compose_config("manifest=m", "output=o").detector  # haar, every 2nd frame: margin 47
+    cache = str(tmp_path / "cache")
+
+    def chunks() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("chunk-*.npz")}
+
+    short = prepare.prepare_avatar(clip, None, cfg, cache, 25.0, seconds=1.0)  # shows 25 frames
+    assert len(short.boxes) == 80 and short.settled == 80 - track.track_margin(2)  # 25 + 47 -> 5 chunks
+    assert short.serves(1.0) and not short.serves(2.0) and short.frames == frames
+    first = chunks()
+    assert sorted(first) == [f"chunk-{i}.npz" for i in range(5)]
+    whole = prepare.prepare_avatar(clip, None, cfg, cache, 25.0)
+    assert len(whole.boxes) == frames and whole.settled is None and whole.serves(600.0)
+    after = chunks()
+    assert len(after) == 10 and all(after[name] == first[name] for name in first)  # not detected again
+    np.testing.assert_array_equal(short.boxes[: short.settled], whole.boxes[: short.settled])
+    fresh = prepare.prepare_avatar(clip, None, cfg, str(tmp_path / "fresh"), 25.0)
+    np.testing.assert_array_equal(fresh.boxes, whole.boxes)
+    assert (whole.boxes[:, 2] > whole.boxes[:, 0]).all()  # the presenter in every frame
+    again = prepare.prepare_avatar(clip, None, cfg, cache, 25.0, seconds=1.0)  # the cached track
+    np.testing.assert_array_equal(again.boxes, short.boxes)

@@ -163,3 +163,61 @@ def test_no_avatar_is_tracked_once_no_renderer_can_start(tmp_path):
     assert [r.status for r in summary.rows] == ["failed", "failed"]
     assert all("renderer could not start: CheckpointError: bad" in r.error for r in summary.rows)
     assert calls == []
+
+
+def _narrations_and_tracks(asked: list[float | None], face_from: int = 0) -> dict[str, Any]:
+    """STAGES, with a row's narration as long as its audio's name says (/in/a<seconds>.wav) and a
+    1,000-frame avatar tracked as far as each `prepare_avatar` call asks (recorded in `asked`), a
+    face from frame `face_from` on."""
+    import numpy as np
+
+    from heygem_ray.detect.track import frames_to_track, settled_frames
+    from heygem_ray.media.video import VideoInfo
+    from heygem_ray.plan import output_frame_count
+    from heygem_ray.prepare import AudioInfo, AvatarTrack, RowPrep
+
+    total, info = 1000, VideoInfo(False, 25.0, "25/1", 1280, 720, 0, 1000)
+
+    def prepare_row(row: Any, cfg: Any) -> Any:
+        seconds = float(Path(row.audio).stem[1:])
+        return RowPrep(f"fp-{row.id}", False, AudioInfo(row.audio, row.audio, int(16_000 * seconds), 0.1, "x"), None)
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        seconds = args[-1]
+        asked.append(seconds)
+        tracked = frames_to_track(total, min(total, output_frame_count(seconds, 25.0)), 2)
+        boxes = np.tile(np.array([[500, 100, 800, 500]], np.int32), (tracked, 1))
+        boxes[:face_from] = 0
+        settled = settled_frames(tracked, total, 2) if tracked < total else None
+        return AvatarTrack(avatar, "v", info, np.arange(total), boxes, settled)
+
+    return {**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar}
+
+
+def _narrations(tmp_path: Path, seconds: list[int], stages: dict[str, Any]) -> Any:
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i}", f"/in/a{s}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i, s in enumerate(seconds)]
+    return Campaign(cfg, rows, executor=SimulatedExecutor(actors=2, stages=stages)).run()
+
+
+def test_an_avatar_is_tracked_as_far_as_its_longest_waiting_narration_one_task_at_a_time(tmp_path):
+    """The first row's narration (4 s: 100 frames) starts the avatar's track; rows that come while
+    it runs wait. It serves those it reaches (4 s and 2 s); one more task, asked for the longest
+    of the others (30 s), serves the rest (8 s and 30 s): two tasks for five rows, none repeated."""
+    asked: list[float | None] = []
+    summary = _narrations(tmp_path, [4, 4, 8, 30, 2], _narrations_and_tracks(asked))
+    assert summary.count("ok") == 5
+    assert asked == [4.0, 30.0]
+    asked.clear()
+    assert _narrations(tmp_path / "b", [30, 8, 60], _narrations_and_tracks(asked)).count("ok") == 3
+    assert asked == [30.0, 60.0]  # 8 s: within the 30 s track
+
+
+def test_a_row_whose_frames_show_no_face_fails_and_a_longer_one_renders(tmp_path):
+    """The presenter walks in at frame 300: a 4 s narration (100 frames) has no face to lip-sync and
+    fails for it, while a 30 s one over the same clip renders."""
+    asked: list[float | None] = []
+    summary = _narrations(tmp_path, [4, 30], _narrations_and_tracks(asked, face_from=300))
+    assert [r.status for r in summary.rows] == ["failed", "ok"]
+    assert summary.rows[0].error == "avatar /in/v.mp4: no face found in the 100 frame(s) this narration shows"

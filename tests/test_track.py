@@ -1,8 +1,18 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from heygem_ray.detect.haar import HaarDetector
-from heygem_ray.detect.track import TrackBuilder, finish_boxes, fixed_track
+from heygem_ray.detect.track import (
+    CHUNK_FRAMES,
+    TrackBuilder,
+    finish_boxes,
+    fixed_track,
+    frames_to_track,
+    settled_frames,
+    track_margin,
+)
 
 
 def cand(*boxes, scores=None):
@@ -114,3 +124,71 @@ def test_a_face_found_once_among_misses_is_a_false_positive():
     for i in range(12):
         first.add(face if i == 0 else np.zeros((0, 5), np.float32))
     assert (first.finish(200, 200, (0, 0, 0, 0), smooth=False)[0] != 0).all()
+
+
+def _boxes(candidates: list, width: int = 1280, height: int = 720) -> np.ndarray:
+    builder = TrackBuilder()
+    for found in candidates:
+        builder.add(found)
+    return builder.finish(width, height, (0, 10, 0, 0), smooth=True)
+
+
+@st.composite
+def _candidates(draw: st.DrawFn) -> tuple[int, list]:
+    """A clip's candidates as a detector with a stride gives them: a presenter drifting, missed in
+    runs short and long, now and then a second face or a face found once among misses."""
+    stride = draw(st.integers(1, 8))
+    n = draw(st.integers(2 * CHUNK_FRAMES // 8, 3 * CHUNK_FRAMES // 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x, out, missing = 400.0, [], 0
+    for i in range(n):
+        x += rng.normal(0, 3)
+        if missing == 0 and rng.random() < 0.04:
+            missing = int(rng.choice([1, 3, 8, 13, 20, 40]))
+        if i % stride:
+            out.append(None)
+        elif missing:
+            out.append(cand((900, 90, 1000, 200)) if rng.random() < 0.1 else cand())
+        else:
+            faces = [(x, 100, x + 200, 330)] + ([(50, 80, 200, 250)] if rng.random() < 0.1 else [])
+            out.append(cand(*faces))
+        missing = max(0, missing - 1)
+    return stride, out
+
+
+@settings(max_examples=150, deadline=None)
+@given(_candidates(), st.floats(0.0, 1.0))
+def test_a_track_of_the_first_frames_gives_their_final_boxes_up_to_its_margin(clip, cut):
+    """`prepare_avatar` tracks only the frames a narration shows, plus `track_margin`: over those
+    frames less the margin, the boxes are the ones the whole clip's track gives (so a row renders
+    the same whichever track served it)."""
+    stride, candidates = clip
+    n = len(candidates)
+    tracked = max(1, int(cut * n))
+    try:
+        prefix = _boxes(candidates[:tracked])
+    except ValueError:  # no face in those frames (a campaign's rows showing them fail)
+        return
+    whole = _boxes(candidates)
+    settled = settled_frames(tracked, n, stride)
+    assert settled == n or settled == max(0, tracked - track_margin(stride))
+    np.testing.assert_array_equal(prefix[:settled], whole[:settled])
+
+
+def test_the_last_frames_of_a_shorter_track_differ_from_the_whole_clips():
+    """Why the margin: near its end a track of the first frames smooths over a shorter window,
+    and fills a miss there from one side only."""
+    candidates = [cand((400 + 4 * i, 100, 600 + 4 * i, 330)) for i in range(60)]
+    prefix, whole = _boxes(candidates[:40]), _boxes(candidates)
+    assert (prefix[:35] == whole[:35]).all() and (prefix[35:] != whole[35:40]).any()
+
+
+def test_frames_to_track_takes_whole_chunks_up_to_the_frames_shown_and_the_margin():
+    margin = track_margin(2)
+    assert frames_to_track(10_000, 100, 2) == CHUNK_FRAMES
+    assert frames_to_track(10_000, CHUNK_FRAMES - margin + 1, 2) == 2 * CHUNK_FRAMES
+    assert frames_to_track(260, 200, 2) == 260  # the margin reaches past the chunk: the whole clip
+    assert frames_to_track(10_000, 10_000, 2) == 10_000
+    for shown in (1, 100, 193, 194, 500, 4499):
+        tracked = frames_to_track(4500, shown, 2)
+        assert settled_frames(tracked, 4500, 2) >= shown

@@ -67,13 +67,13 @@ def test_face_tracks_are_cached_by_content(media_dir, tmp_path):
 
     cfg = compose_config("manifest=m", f"output={tmp_path}")
     first = prepare_avatar(str(media_dir / "clip2.mp4"), None, cfg.detector, cfg.cache_uri, 25.0)
-    tracks = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "_cache" / "avatars") for f in fs]
-    assert len(tracks) == 1
-    with np.load(tracks[0]) as npz:
-        planted = {k: npz[k] for k in npz.files}
-    planted["boxes"] = np.tile(np.array([1, 2, 33, 44], np.int32), (first.frames, 1))
-    with open(tracks[0], "wb") as fh:
-        np.savez(fh, **planted)
+    cached = sorted(f for _, _, fs in os.walk(tmp_path / "_cache" / "avatars") for f in fs)
+    assert cached == ["chunk-0.npz", "frames.npz", f"track-{first.frames}.npz"]  # 50 frames: one chunk
+    (track,) = [
+        os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "_cache" / "avatars") for f in fs if f == cached[2]
+    ]
+    with open(track, "wb") as fh:
+        np.save(fh, np.tile(np.array([1, 2, 33, 44], np.int32), (first.frames, 1)))
     copy = tmp_path / "renamed.mp4"
     shutil.copy(media_dir / "clip2.mp4", copy)
     again = prepare_avatar(str(copy), None, cfg.detector, cfg.cache_uri, 25.0)

@@ -14,5 +14,11 @@ class FaceDetector(Protocol):
     batch_size: int
 
     def detect(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        """For each BGR uint8 frame, a float array (k, 5) of x1, y1, x2, y2, score (k may be 0)."""
+        """For each BGR uint8 frame, a float array (k, 5) of x1, y1, x2, y2, score (k may be 0).
+        Frames come in order; a detector may follow its face from one call to the next."""
+        ...
+
+    def reset(self) -> None:
+        """Forget what earlier frames showed: an avatar is detected in chunks, each from a reset, so
+        a chunk's candidates are the same whichever chunks were detected before it."""
         ...

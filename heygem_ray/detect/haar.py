@@ -106,6 +106,9 @@ class HaarDetector:
         self.batch_size = batch_size
         self.min_face_fraction = min_face_fraction
         self.probe_frames = probe_frames
+        self.reset()
+
+    def reset(self) -> None:
         self._view: View | None = None  # the view that found the last face
         self._misses = 0  # frames in a row in which no view found one
         self._faces: list[Box] = []  # the faces the last frame showed, in its view's pixels

@@ -194,6 +194,9 @@ class S3FDDetector:
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
 
+    def reset(self) -> None:
+        """Nothing to forget: each frame is detected on its own."""
+
     def detect(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         """For each BGR uint8 frame, (k, 5) float32 x1, y1, x2, y2, score in the frame's own pixel
         coordinates, highest score first (k may be 0).

@@ -9,11 +9,36 @@ import itertools
 
 import numpy as np
 
-from heygem_ray.detect.smoothing import smooth_boxes_official
+from heygem_ray.detect.smoothing import WINDOW, smooth_boxes_official
 
 #: the longest stretch of frames without a face that is filled from its neighbours (a detector's
 #: miss); a longer one passes through unrendered (half a second at 25 fps)
 MAX_GAP = 12
+#: an avatar is detected in chunks of this many frames (10 s at 24 fps), each cached on its own and
+#: each from a reset detector: a narration shorter than its avatar has only the chunks it shows
+#: detected, and a longer one later detects only the chunks still missing (240: a multiple of
+#: strides 1-6 and 8, so a stride samples the same frames as over the whole clip)
+CHUNK_FRAMES = 240
+
+
+def track_margin(stride: int) -> int:
+    """Frames past the last one shown that a track must reach for the boxes shown to be those the
+    whole clip's track gives: `TrackBuilder` decides a frame from the frames after it up to a gap
+    (`MAX_GAP`, widened by a stride's skipped frames) and the smoothing window; three gaps are a
+    wide bound (tests/test_track.py checks it over random candidates)."""
+    return 3 * (MAX_GAP + stride) + WINDOW
+
+
+def frames_to_track(total: int, shown: int, stride: int) -> int:
+    """How many leading frames of a `total`-frame avatar to track so its first `shown` frames get
+    their final boxes: whole chunks up to `shown` plus the margin, or every frame."""
+    want = shown + track_margin(stride)
+    return total if want >= total else min(total, -(-want // CHUNK_FRAMES) * CHUNK_FRAMES)
+
+
+def settled_frames(tracked: int, total: int, stride: int) -> int:
+    """Of a track of the first `tracked` frames, how many leading frames have their final boxes."""
+    return total if tracked >= total else max(0, tracked - track_margin(stride))
 
 
 class TrackBuilder:

@@ -234,6 +234,26 @@ class FrameReader:
             raise EOFError(f"frames {sorted(missing)[:5]} not found in the stream")
         return out
 
+    def frames_between(self, start: int, stop: int, every: int = 1) -> Iterator[tuple[int, np.ndarray | None]]:
+        """Frames `start` .. `stop` - 1 in order as (index, frame), streamed: one held at a time.
+        Frame `start` and every `every`-th after it come as arrays, the others as None (decoded,
+        each needs its predecessors, but not converted); a frame the stream lacks is left out."""
+        if self._still is not None:
+            if start == 0 < stop:
+                yield 0, self._still
+            return
+        decoder = self._seek(start)
+        try:
+            for frame in decoder:
+                index = self._index_of.get(int(frame.pts)) if frame.pts is not None else None
+                if index is None or index < start:
+                    continue
+                if index >= stop:
+                    break
+                yield index, None if (index - start) % every else self._convert(frame)
+        finally:
+            self._decoder = None  # the next read seeks again
+
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         info = self.info
         if self._i420 and _plain_420(frame):
