@@ -2,7 +2,8 @@
 (`heygem_ray.executors`: Ray, or inline in this process) runs the stages.
 
     row ─► prepare_row (task: fingerprints, done-marker check, audio decode)
-        ─► prepare_avatar (task, once per avatar: probe + face track, cached)
+        ─► prepare_avatar (task per avatar, one at a time: probe + face track as far as its
+           narrations show, in chunks, cached)
         ─► segments (calls on a fixed pool of warm renderer actors)
            ∥ prepare_audio_track (task, once per narration: the output's AAC, cached)
         ─► stitch_row (task: join segments + audio track by packet copy, publish, marker)
