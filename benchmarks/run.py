@@ -212,7 +212,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--node-minutes", type=float, default=3.0, help="avatar and audio length of the one-node run")
     p.add_argument("--node-height", type=int, default=1080, help="avatar height of the one-node run")
     p.add_argument("--node-segment-seconds", type=float, default=5.0)
-    p.add_argument("--node-detect-stride", type=int, default=10, help="detector.stride of the (untimed) face track")
+    p.add_argument("--node-detect-stride", type=int, default=8, help="detector.stride of the (untimed) face track")
     p.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch/x264 threads in the Wav2Lip comparison"
     )

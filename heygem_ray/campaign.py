@@ -146,7 +146,8 @@ class Campaign:
             self._on_track(state, track)
 
     def _on_avatar(self, key: AvatarKey, ref: Any) -> None:
-        track, waiting, started = self.shared.avatar_done(key, ref)
+        # no more tracking for rows no renderer will take
+        track, waiting, started = self.shared.avatar_done(key, ref, more=not self.actors.error)
         if started is not None:
             self._inflight[started[1]] = ("avatar", key)
         for row_id in waiting:

@@ -43,9 +43,13 @@ class ClassicRendererConfig:
 PRECISIONS = ("auto", "fp32", "int8", "fp16", "bf16")
 BLENDS = ("feather", "hard")
 IMAGE_OPS = ("auto", "cpu", "device")
+#: detector strides: the divisors of detect.track.CHUNK_FRAMES up to 8 (a chunk samples the frames
+#: the whole clip would; larger strides make the tracker look further ahead than its margin)
+STRIDES = (1, 2, 3, 4, 5, 6, 8)
 #: Face detectors, the one registry: name -> the detector class, as "module:Class", that builds
-#: itself from a DetectorConfig (`from_config`, called by heygem_ray.detect.build_detector); `box`
-#: has none (the given box is the track). A new detector is a class and an entry here.
+#: itself from a DetectorConfig (`from_config`, called by heygem_ray.detect.build_detector) and
+#: follows `detect.base.FaceDetector` (`detect`, `reset`); `box` has none (the given box is the
+#: track). A new detector is a class and an entry here.
 DETECTORS: dict[str, str | None] = {
     "haar": "heygem_ray.detect.haar:HaarDetector",
     "box": None,
@@ -148,7 +152,7 @@ class DetectorConfig:
     #: detect on a copy downscaled so its longer side is at most this many pixels
     max_side: int = 720
     #: detect on every Nth frame and interpolate between (1 = every frame; conf/detector/haar.yaml
-    #: sets 2 for the default detector)
+    #: sets 2 for the default detector): one of STRIDES
     stride: int = 1
     #: frames per detector call
     batch_size: int = 16
@@ -162,6 +166,8 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         check_choices("detector", self, {"name": DETECTORS})
+        if self.stride not in STRIDES:
+            raise ValueError(f"detector.stride={self.stride} is not one of {', '.join(map(str, STRIDES))}")
         check_device("detector", self.device)
         if self.name == "s3fd" and not self.checkpoint:  # before any cluster starts, not on every row
             raise ValueError("detector=s3fd needs detector.checkpoint=<URI of s3fd-619a316812.pth>")

@@ -7,14 +7,14 @@
   content and audio settings to the output's codec (an audio-only mp4 the stitch copies packets
   from), while the row renders, so neither a row's last step nor the next row with the same
   narration encodes it again.
-* Avatar: probed once per distinct content, and face-tracked in chunks, each detected once per
-  distinct content and detector config, as far as the narrations need: a narration shorter than its
-  avatar waits only for the frames it shows. Every piece is cached and reused by every row and
-  every rerun.
+* Avatar: probed once per distinct content (and frame rate of stills), and face-tracked in chunks,
+  each detected once per distinct content and detector config, as far as the narrations need: a
+  narration shorter than its avatar waits only for the frames it shows. Every piece is cached and
+  reused by every row and every rerun.
 
 Cache layout under `cache`:  fingerprints/<key>.txt, audio/<fp>.f32 + .json,
-audio/<fp>.<codec>-<bitrate>-<rate>.m4a + .json, avatars/<fp>/<key>/frames.npz, chunk-<i>.npz,
-track-<frames>.npz
+audio/<fp>.<codec>-<bitrate>-<rate>.m4a + .json, avatars/<fp>/frames-<key>.npz,
+avatars/<fp>/<key>/chunk-<i>.npz + track-<frames>.npz
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import time
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import av
 import numpy as np
@@ -41,9 +44,12 @@ from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
-from heygem_ray.media.video import FrameReader, VideoInfo, iter_sampled_frames, probe
+from heygem_ray.media.video import OUT_OF_ORDER, FrameReader, VideoInfo, iter_sampled_frames, probe
 from heygem_ray.plan import output_frame_count, stable_hash
 from heygem_ray.storage import StorageOptions
+
+log = logging.getLogger("heygem_ray")
+_T = TypeVar("_T")
 
 
 def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
@@ -226,7 +232,7 @@ def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, sti
     """What decides an avatar's face track: the detector's settings, its weights' version (a file
     replaced at the same URI makes new tracks), the row's box, the frame rate of stills."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING}
-    return stable_hash(TRACK_VERSION, relevant, checkpoint_version(cfg.checkpoint), box, still_fps)
+    return stable_hash(TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps)
 
 
 #: seconds a checkpoint's version is trusted before the store is asked again (once per row otherwise)
@@ -265,27 +271,29 @@ def prepare_avatar(
     for this process first: a Ray task may run in a worker that has never seen them (another node,
     a fresh process); None leaves the process's as they are.
 
-    Cache, under avatars/<avatar fingerprint>/<detector key>/: frames.npz (facts and timestamps),
-    chunk-<i>.npz (the detector's candidates on chunk i's frames) and track-<m>.npz (the boxes of
-    the first m frames): a longer narration later detects only the chunks still missing."""
+    Cache, under avatars/<avatar fingerprint>/: frames-<key>.npz (facts and timestamps, per frame
+    rate of stills), and under <detector key>/ in it: chunk-<i>.npz (the detector's candidates on
+    chunk i's frames) and track-<m>.npz (the boxes of the first m frames): a longer narration later
+    detects only the chunks still missing. A damaged entry is made again."""
     if storage_options is not None:
         storage.configure(storage_options)
+    fixed = box or (list(cfg.box) if cfg.name == "box" and cfg.box else None)
+    if cfg.name == "box" and fixed is None:
+        raise InputError("avatar", uri, "detector=box needs detector.box=[x1,y1,x2,y2] or a `box` manifest column")
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
-        folder = storage.join(cache, "avatars", fp, detector_key(cfg, box, still_fps))
-        info, pts = _avatar_frames(uri, folder, still_fps)
-        _check_pixels(uri, info, max_pixels)
-        fixed = box or (list(cfg.box) if cfg.name == "box" and cfg.box else None)
-        if cfg.name == "box" and fixed is None:
-            raise InputError("avatar", uri, "detector=box needs detector.box=[x1,y1,x2,y2] or a `box` manifest column")
+        avatar = storage.join(cache, "avatars", fp)
+        info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels)
+        folder = storage.join(avatar, detector_key(cfg, box, still_fps))
         total, stride = len(pts), max(1, cfg.stride)
         tracked = total
         if fixed is None and seconds is not None:
             tracked = frames_to_track(total, min(total, output_frame_count(seconds, info.fps)), stride)
         track_uri = storage.join(folder, f"track-{tracked}.npz")
         settled = settled_frames(tracked, total, stride) if tracked < total else None
-        with caching(track_uri), contextlib.suppress(FileNotFoundError):
-            return AvatarTrack(uri, fp, info, pts, _load_boxes(storage.read_bytes(track_uri)), settled)
+        boxes = _cached(track_uri, _load_boxes)
+        if boxes is not None and len(boxes) == tracked:
+            return AvatarTrack(uri, fp, info, pts, boxes, settled)
         if fixed is not None:
             try:
                 boxes = fixed_track(fixed, total, info.width, info.height)
@@ -312,17 +320,32 @@ def _check_pixels(uri: str, info: VideoInfo, max_pixels: int | None) -> None:
         )
 
 
-def _avatar_frames(uri: str, folder: str, still_fps: float) -> tuple[VideoInfo, np.ndarray]:
-    """The avatar's facts and every frame's timestamp, from the cache or a probe and a demux pass."""
-    frames_uri = storage.join(folder, "frames.npz")
-    with (
-        caching(frames_uri),
-        contextlib.suppress(FileNotFoundError),
-        np.load(io.BytesIO(storage.read_bytes(frames_uri))) as npz,
-    ):
-        return VideoInfo(**json.loads(str(npz["info"]))), npz["pts"].astype(np.int64)
+def _cached(uri: str, load: Callable[[bytes], _T]) -> _T | None:
+    """A cache entry, or None when there is none or it cannot be read (damaged: made again). A
+    cache that refuses access raises CacheError (`caching`)."""
+    with caching(uri):
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            return None
+    try:
+        return load(data)
+    except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        log.warning("cache entry %s cannot be read (%s: %s): made again", storage.display(uri), type(exc).__name__, exc)
+        return None
+
+
+def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | None) -> tuple[VideoInfo, np.ndarray]:
+    """The avatar's facts and every frame's timestamp, from the cache or a probe and a demux pass
+    (checked against `max_pixels` before anything is decoded)."""
+    frames_uri = storage.join(avatar, f"frames-{stable_hash(TRACK_VERSION, still_fps)}.npz")
+    cached = _cached(frames_uri, _load_frames)
+    if cached is not None:
+        _check_pixels(uri, cached[0], max_pixels)
+        return cached
     local = storage.local_copy(uri)
     info = probe(local, still_fps, display_uri=uri)
+    _check_pixels(uri, info, max_pixels)
     pts = _frame_timestamps(local, info, uri)
     buf = io.BytesIO()
     np.savez(buf, pts=pts, info=np.array(json.dumps(asdict(info))))
@@ -331,50 +354,73 @@ def _avatar_frames(uri: str, folder: str, still_fps: float) -> tuple[VideoInfo, 
     return info, pts
 
 
+def _load_frames(data: bytes) -> tuple[VideoInfo, np.ndarray]:
+    with np.load(io.BytesIO(data)) as npz:
+        return VideoInfo(**json.loads(str(npz["info"]))), npz["pts"].astype(np.int64)
+
+
 def _candidates(
     uri: str, info: VideoInfo, pts: np.ndarray, cfg: DetectorConfig, folder: str, frames: int
 ) -> list[np.ndarray | None]:
     """The detector's candidates on each of the first `frames` frames (None: a frame the stride
-    skips), chunk by chunk: each loaded from the cache, or detected from a reset detector and cached."""
-    out: list[np.ndarray | None] = []
-    detector: FaceDetector | None = None
-    reader: FrameReader | None = None
-    try:
-        for start in range(0, frames, CHUNK_FRAMES):
-            stop = min(start + CHUNK_FRAMES, len(pts))
-            chunk_uri = storage.join(folder, f"chunk-{start // CHUNK_FRAMES}.npz")
-            with caching(chunk_uri), contextlib.suppress(FileNotFoundError):
-                out += _load_candidates(storage.read_bytes(chunk_uri))
-                continue
-            if reader is None:
-                detector = build_detector(cfg)
-                reader = FrameReader(storage.local_copy(uri), info, pts)
-            assert detector is not None
-            found = _detect_chunk(reader, detector, start, stop, max(1, cfg.stride), uri)
-            with caching(chunk_uri):
-                storage.write_bytes(chunk_uri, _dump_candidates(found))
-            out += found
-    finally:
-        if reader is not None:
-            reader.close()
-    return out[:frames]
+    skips, or one the stream lacks), chunk by chunk: each loaded from the cache, or detected (a
+    run of missing chunks in one decoding pass) and cached."""
+    count = -(-frames // CHUNK_FRAMES)
+    chunks: list[list[np.ndarray | None] | None] = [
+        _cached(storage.join(folder, f"chunk-{i}.npz"), _load_candidates) for i in range(count)
+    ]
+    missing = [i for i, chunk in enumerate(chunks) if chunk is None]
+    if missing:
+        detector = build_detector(cfg)
+        with FrameReader(storage.local_copy(uri), info, pts) as reader:
+            for first, last in _runs_of(missing):
+                for i, found in _detect_chunks(reader, detector, first, last, len(pts), max(1, cfg.stride), uri):
+                    with caching(storage.join(folder, f"chunk-{i}.npz")):
+                        storage.write_bytes(storage.join(folder, f"chunk-{i}.npz"), _dump_candidates(found))
+                    chunks[i] = found
+    return [found for chunk in chunks if chunk is not None for found in chunk][:frames]
 
 
-def _detect_chunk(
-    reader: FrameReader, detector: FaceDetector, start: int, stop: int, stride: int, uri: str
-) -> list[np.ndarray | None]:
-    """Candidates on frames `start` .. `stop` - 1: every `stride`-th from `start` examined."""
-    detector.reset()
-    found: list[np.ndarray | None] = [None] * (stop - start)
+def _runs_of(indices: list[int]) -> list[tuple[int, int]]:
+    """[first, last] of each run of consecutive numbers in ascending `indices`."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _detect_chunks(
+    reader: FrameReader, detector: FaceDetector, first: int, last: int, total: int, stride: int, uri: str
+) -> Iterator[tuple[int, list[np.ndarray | None]]]:
+    """Candidates on chunks `first` .. `last` (decoded in one pass), each detected from a reset
+    detector, every `stride`-th frame examined (a divisor of CHUNK_FRAMES: the same frames as
+    over the whole clip), as (chunk, candidates) when each is done."""
+    start, stop = first * CHUNK_FRAMES, min((last + 1) * CHUNK_FRAMES, total)
+    chunk = first
+    found: list[np.ndarray | None] = [None] * (min(stop, (chunk + 1) * CHUNK_FRAMES) - chunk * CHUNK_FRAMES)
     batch: list[tuple[int, np.ndarray]] = []
+    detector.reset()
 
     def flush() -> None:
         for (index, _), faces in zip(batch, detector.detect([frame for _, frame in batch]), strict=True):
-            found[index - start] = np.asarray(faces, np.float32).reshape(-1, 5)
+            found[index - chunk * CHUNK_FRAMES] = np.asarray(faces, np.float32).reshape(-1, 5)
         batch.clear()
 
+    previous = start - 1
     try:
         for index, frame in reader.frames_between(start, stop, stride):
+            if index <= previous:  # timestamps that go back mid-stream (concatenated transport streams)
+                raise InputError("avatar", uri, OUT_OF_ORDER)
+            previous = index
+            while index >= (chunk + 1) * CHUNK_FRAMES:  # the next chunk begins: this one is done
+                flush()
+                yield chunk, found
+                chunk += 1
+                found = [None] * (min(stop, (chunk + 1) * CHUNK_FRAMES) - chunk * CHUNK_FRAMES)
+                detector.reset()
             if frame is not None:
                 batch.append((index, frame))
                 if len(batch) >= detector.batch_size:
@@ -382,7 +428,10 @@ def _detect_chunk(
         flush()
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"decoding failed ({exc.strerror or exc})") from None
-    return found
+    while chunk <= last:  # the last chunk, and any the stream ended before
+        yield chunk, found
+        chunk += 1
+        found = [None] * (min(stop, (chunk + 1) * CHUNK_FRAMES) - chunk * CHUNK_FRAMES)
 
 
 def _track(
@@ -402,13 +451,14 @@ def _track(
         raise InputError("avatar", uri, str(exc)) from None
 
 
-#: frames decoded to check that an avatar's timestamps follow display order when its track needs
-#: no decoding otherwise (a fixed box): B-frames show any disorder within the first few
+#: frames decoded to check that an avatar's timestamps follow display order: B-frames show any
+#: disorder within the first few
 ORDER_CHECK_FRAMES = 32
 
 
 def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
-    """Every frame's pts from a demux pass (no decoding), for avatars that need no detection."""
+    """Every frame's pts from a demux pass, less those before the first frame the decoder gives (a
+    clip cut inside a group of pictures starts with packets that decode to nothing)."""
     if info.still:
         return np.zeros(1, np.int64)
     try:
@@ -421,9 +471,11 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
     if not pts:
         raise InputError("avatar", uri, "has no video frames")
     # raises if they are out of order; decoded, but only the first converted
-    for _ in iter_sampled_frames(local, info, ORDER_CHECK_FRAMES, uri, limit=ORDER_CHECK_FRAMES):
-        pass
-    return np.sort(np.asarray(pts, np.int64))
+    decoded = [t for t, _ in iter_sampled_frames(local, info, ORDER_CHECK_FRAMES, uri, limit=ORDER_CHECK_FRAMES)]
+    if not decoded:
+        raise InputError("avatar", uri, "has no decodable video frames")
+    timestamps = np.sort(np.asarray(pts, np.int64))
+    return timestamps[timestamps >= decoded[0]]
 
 
 def _dump_array(array: np.ndarray) -> bytes:

@@ -39,11 +39,28 @@ class _Tracking:
     rows: list[tuple[str, float]]
 
 
+@dataclass
+class _Known:
+    """What the driver knows of an avatar: its longest track, and the avatar's own fault (InputError,
+    or a cache that refuses it) for narrations of `fault_from` seconds or more: a track that failed
+    past a shorter one still serves the rows that one reaches."""
+
+    track: AvatarTrack | None = None
+    fault: BaseException | None = None
+    fault_from: float = 0.0
+
+    def answer(self, seconds: float) -> AvatarTrack | BaseException | None:
+        if self.fault is not None and seconds >= self.fault_from:
+            return self.fault
+        if self.track is not None and self.track.serves(seconds):
+            return self.track
+        return None
+
+
 class SharedWork:
     def __init__(self, cfg: Config, executor: Executor):
         self.cfg, self.executor = cfg, executor
-        # the longest track known of each avatar, or the avatar's own fault
-        self._tracks: OrderedDict[AvatarKey, AvatarTrack | BaseException] = OrderedDict()
+        self._known: OrderedDict[AvatarKey, _Known] = OrderedDict()  # most recently used last
         self._tracking: dict[AvatarKey, _Tracking] = {}
         self._audio_tracks: dict[str, Any] = {}  # by audio fingerprint, oldest first
         # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
@@ -58,11 +75,12 @@ class SharedWork:
         time per avatar: rows that come meanwhile wait for it, and those it does not reach (longer
         narrations) share the next, which detects only the frames still missing."""
         key: AvatarKey = (row.avatar, row.box)
-        known = self._tracks.get(key)
+        known = self._known.get(key)
         if known is not None:
-            self._tracks.move_to_end(key)
-            if isinstance(known, BaseException) or known.serves(seconds):
-                return known, None
+            self._known.move_to_end(key)
+            answer = known.answer(seconds)
+            if answer is not None:
+                return answer, None
         tracking = self._tracking.get(key)
         if tracking is not None:
             tracking.rows.append((row.id, seconds))
@@ -87,25 +105,32 @@ class SharedWork:
         )
 
     def avatar_done(
-        self, key: AvatarKey, handle: Any
+        self, key: AvatarKey, handle: Any, more: bool = True
     ) -> tuple[AvatarTrack | BaseException, list[str], tuple[AvatarKey, Any] | None]:
         """The finished `prepare_avatar` task's track (or its exception); the rows that waited for
-        it and it serves; and the next task for this avatar, started now for the rows it does not
-        serve. A track, or the avatar's own fault (InputError), is kept for the next rows; any other
-        failure (storage down past its retries, a lost worker) only fails the rows that waited, and
-        the next row needing the avatar tries again. A cache that refuses the track (CacheError)
-        refuses every row's: kept too."""
+        it and it answers; and the next task for this avatar, started now for the rows its track
+        does not reach (none when not `more`: then every waiting row is answered with the track).
+        A track, or the avatar's own fault (InputError), is kept for the next rows; any other failure
+        (storage down past its retries, a lost worker) only fails the rows that waited, and the next
+        row needing the avatar tries again. A cache that refuses the track (CacheError) refuses
+        every row's: kept too."""
         tracking = self._tracking.pop(key)
         try:
             track: AvatarTrack | BaseException = self.executor.get(handle)
         except Exception as exc:  # noqa: BLE001 - each waiting row fails with it
             track = exc
+        known = self._known.setdefault(key, _Known())
+        self._known.move_to_end(key)
+        while len(self._known) > AVATAR_TRACKS:
+            self._known.popitem(last=False)
         if isinstance(track, BaseException):
             if isinstance(self.executor.cause(track), (InputError, CacheError)):
-                self._keep(key, track)
+                # past a known track only: the rows it reaches need no more frames than it has
+                known.fault, known.fault_from = track, tracking.seconds if known.track is not None else 0.0
             return track, [row_id for row_id, _ in tracking.rows], None
-        self._keep(key, track)
-        reached = [seconds <= tracking.seconds or track.serves(seconds) for _, seconds in tracking.rows]
+        if known.track is None or len(track.boxes) > len(known.track.boxes):
+            known.track = track
+        reached = [not more or seconds <= tracking.seconds or track.serves(seconds) for _, seconds in tracking.rows]
         served = [row_id for (row_id, _), ok in zip(tracking.rows, reached, strict=True) if ok]
         rest = [row for row, ok in zip(tracking.rows, reached, strict=True) if not ok]
         if not rest:
@@ -114,16 +139,6 @@ class SharedWork:
         handle = self._track(key, longest)
         self._tracking[key] = _Tracking(handle, longest, rest)
         return track, served, (key, handle)
-
-    def _keep(self, key: AvatarKey, track: AvatarTrack | BaseException) -> None:
-        """Remember the avatar's track (a longer one than known) or fault, most recently used last."""
-        known = self._tracks.get(key)
-        if isinstance(known, AvatarTrack) and isinstance(track, AvatarTrack) and len(known.boxes) > len(track.boxes):
-            track = known
-        self._tracks[key] = track
-        self._tracks.move_to_end(key)
-        while len(self._tracks) > AVATAR_TRACKS:
-            self._tracks.popitem(last=False)
 
     def audio_track(self, audio: AudioInfo) -> tuple[Any, bool]:
         """The handle of the task encoding this narration for the output, one per distinct audio

@@ -89,6 +89,7 @@ def test_workers_unpickle_their_config_without_hydra():
         ("renderer.batch_size=-1", "renderer.batch_size"),
         ("detector.name=hair", "detector.name=hair is not one of haar, box, s3fd"),
         ("detector.device=gpu", "detector.device=gpu is not one of auto, cpu, cuda, cuda:N"),
+        ("detector.stride=7", "detector.stride=7 is not one of 1, 2, 3, 4, 5, 6, 8"),
         ("encoder.codec=libx265", "encoder.codec=libx265 is not one of auto, libx264, h264_nvenc"),
         ("encoder.preset=veryfats", "encoder.preset=veryfats is not one of ultrafast, superfast, veryfast"),
         ("encoder.x264_params=mbtree", "encoder.x264_params=mbtree is not key=value"),

@@ -286,3 +286,8 @@ def test_a_short_narration_tracks_only_the_chunks_it_shows_and_a_longer_one_the_
     assert (whole.boxes[:, 2] > whole.boxes[:, 0]).all()  # the presenter in every frame
     again = prepare.prepare_avatar(clip, None, cfg, cache, 25.0, seconds=1.0)  # the cached track
     np.testing.assert_array_equal(again.boxes, short.boxes)
+    for damaged in ("track-80.npz", "chunk-2.npz"):  # a damaged entry is made again
+        next((tmp_path / "cache").rglob(damaged)).write_bytes(b"not an npz")
+    remade = prepare.prepare_avatar(clip, None, cfg, cache, 25.0, seconds=1.0)
+    np.testing.assert_array_equal(remade.boxes, short.boxes)
+    assert chunks()["chunk-1.npz"] == after["chunk-1.npz"] and chunks()["chunk-2.npz"] != after["chunk-2.npz"]

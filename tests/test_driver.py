@@ -221,3 +221,31 @@ def test_a_row_whose_frames_show_no_face_fails_and_a_longer_one_renders(tmp_path
     summary = _narrations(tmp_path, [4, 30], _narrations_and_tracks(asked, face_from=300))
     assert [r.status for r in summary.rows] == ["failed", "ok"]
     assert summary.rows[0].error == "avatar /in/v.mp4: no face found in the 100 frame(s) this narration shows"
+
+
+def test_a_fault_past_a_known_track_fails_only_the_rows_it_does_not_reach(tmp_path):
+    """The avatar's 4 s track is made; the 30 s task then fails on the avatar itself (a frame it
+    cannot decode): that row fails, a 2 s row is still served by the track, and a 60 s row fails
+    with the fault, neither tracking again."""
+    from heygem_ray.errors import InputError
+
+    asked: list[float | None] = []
+    stages = _narrations_and_tracks(asked)
+    tracked = stages["prepare_avatar"]
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        if args[-1] == 30.0:
+            asked.append(30.0)
+            raise InputError("avatar", avatar, "decoding failed (Invalid data found when processing input)")
+        return tracked(avatar, *args)
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
+    )
+    rows = [Row(f"r{i}", f"/in/a{s}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i, s in enumerate([4, 30, 2, 60])]
+    stages = {**stages, "prepare_avatar": prepare_avatar}
+    summary = Campaign(cfg, rows, executor=SimulatedExecutor(actors=2, stages=stages)).run()
+    assert [r.status for r in summary.rows] == ["ok", "failed", "ok", "failed"]
+    assert "decoding failed" in summary.rows[1].error and "decoding failed" in summary.rows[3].error
+    assert asked == [4.0, 30.0]

@@ -197,6 +197,37 @@ def test_a_trimmed_clip_is_tracked_by_the_frames_it_shows(tmp_path):
     assert all(np.array_equal(got[i], shown[i]) for i in range(27))
 
 
+def test_a_clip_cut_inside_a_group_of_pictures_is_tracked_by_the_frames_it_decodes(tmp_path):
+    """A clip cut between keyframes without re-encoding starts with packets that decode to nothing
+    (their reference frames were cut away): the track counts from the first frame the decoder gives,
+    so every frame it indexes can be read (frames demuxed but never decoded failed every segment
+    that showed them)."""
+    from heygem_ray.config import DetectorConfig
+    from heygem_ray.prepare import prepare_avatar
+
+    source, cut = str(tmp_path / "source.mp4"), str(tmp_path / "cut.mkv")
+    _numbered_clip(source, 40, {"x264-params": "keyint=20:scenecut=0:bframes=0"})
+    with av.open(source) as src, av.open(cut, "w") as dst:
+        src_stream = src.streams.video[0]
+        dst_stream = dst.add_stream_from_template(src_stream)
+        for k, packet in enumerate(src.demux(src_stream)):
+            if packet.dts is not None and k >= 5:  # from the 6th packet of the first GOP
+                packet.stream = dst_stream
+                dst.mux(packet)
+    info = video.probe(cut, 25)
+    decoded = _frames(cut, info)
+    assert len(decoded) == 20  # the first GOP's 15 remaining packets decode to nothing
+    track = prepare_avatar(cut, (8, 8, 40, 40), DetectorConfig(name="box"), str(tmp_path / "cache"), 25.0)
+    assert len(track.pts) == len(track.boxes) == 20
+    with video.FrameReader(cut, info, track.pts) as reader:
+        got = reader.read(np.arange(20))
+        streamed = list(reader.frames_between(0, 20, 3))  # as a detector reads them
+    assert all(np.array_equal(got[i], decoded[i]) for i in range(20))
+    assert [i for i, _ in streamed] == list(range(20))
+    assert all((frame is None) == (i % 3 != 0) for i, frame in streamed)
+    assert all(np.array_equal(frame, decoded[i]) for i, frame in streamed if frame is not None)
+
+
 @pytest.mark.parametrize("detector", ["box", "haar"])
 def test_an_avi_whose_timestamps_are_not_in_display_order_is_refused(tmp_path, detector):
     """AVI keeps no presentation times: with B-frames the decoder's frames come in display order with

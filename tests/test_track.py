@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from heygem_ray.config import STRIDES
 from heygem_ray.detect.haar import HaarDetector
 from heygem_ray.detect.track import (
     CHUNK_FRAMES,
@@ -137,7 +138,7 @@ def _boxes(candidates: list, width: int = 1280, height: int = 720) -> np.ndarray
 def _candidates(draw: st.DrawFn) -> tuple[int, list]:
     """A clip's candidates as a detector with a stride gives them: a presenter drifting, missed in
     runs short and long, now and then a second face or a face found once among misses."""
-    stride = draw(st.integers(1, 8))
+    stride = draw(st.sampled_from(STRIDES))
     n = draw(st.integers(2 * CHUNK_FRAMES // 8, 3 * CHUNK_FRAMES // 4))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x, out, missing = 400.0, [], 0
@@ -192,3 +193,9 @@ def test_frames_to_track_takes_whole_chunks_up_to_the_frames_shown_and_the_margi
     for shown in (1, 100, 193, 194, 500, 4499):
         tracked = frames_to_track(4500, shown, 2)
         assert settled_frames(tracked, 4500, 2) >= shown
+
+
+def test_every_detector_stride_samples_each_chunk_as_the_whole_clip_and_within_a_gap():
+    from heygem_ray.detect.track import MAX_GAP
+
+    assert all(CHUNK_FRAMES % stride == 0 and stride <= MAX_GAP for stride in STRIDES)

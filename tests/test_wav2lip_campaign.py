@@ -1,8 +1,6 @@
 """The Wav2Lip path end to end on local Ray with recipe weights on CPU: renderer=wav2lip and
 detector=s3fd slot in by config alone."""
 
-import os
-
 import av
 import cv2
 import numpy as np
@@ -67,11 +65,12 @@ def test_face_tracks_are_cached_by_content(media_dir, tmp_path):
 
     cfg = compose_config("manifest=m", f"output={tmp_path}")
     first = prepare_avatar(str(media_dir / "clip2.mp4"), None, cfg.detector, cfg.cache_uri, 25.0)
-    cached = sorted(f for _, _, fs in os.walk(tmp_path / "_cache" / "avatars") for f in fs)
-    assert cached == ["chunk-0.npz", "frames.npz", f"track-{first.frames}.npz"]  # 50 frames: one chunk
-    (track,) = [
-        os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "_cache" / "avatars") for f in fs if f == cached[2]
-    ]
+    cached = sorted(
+        p.relative_to(tmp_path / "_cache" / "avatars") for p in (tmp_path / "_cache" / "avatars").rglob("*.*")
+    )
+    assert [p.name.split("-")[0] for p in cached] == ["chunk", "track", "frames"]  # 50 frames: one chunk
+    track = tmp_path / "_cache" / "avatars" / cached[1]
+    assert track.name == f"track-{first.frames}.npz"
     with open(track, "wb") as fh:
         np.save(fh, np.tile(np.array([1, 2, 33, 44], np.int32), (first.frames, 1)))
     copy = tmp_path / "renamed.mp4"

@@ -28,8 +28,8 @@ from heygem_ray.prepare import prepare_audio, prepare_avatar
 
 
 def face_box(avatar: str, cache: str) -> list[int]:
-    """One fixed box for the avatar: the median of a haar track (every 10th frame)."""
-    cfg = config("m", "o", "detector.stride=10")
+    """One fixed box for the avatar: the median of a haar track (every 8th frame)."""
+    cfg = config("m", "o", "detector.stride=8")
     track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)
     return [int(v) for v in np.median(track.boxes, axis=0)]
 

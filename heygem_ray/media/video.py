@@ -48,7 +48,7 @@ class VideoInfo:
     width: int
     height: int
     rotation: int  # clockwise degrees applied to decoded frames
-    frame_count: int  # from the container header; the decode pass gives the true count
+    frame_count: int  # from the container header; the timestamps prepare_avatar records give the true count
     #: pixel aspect ratio (after rotation), "1/1" but for anamorphic video: the output keeps it
     sar: str = "1/1"
 
@@ -136,8 +136,8 @@ PIXEL_FORMATS = ("bgr24", "yuv420p")
 
 
 class FrameReader:
-    """Random access to an avatar's frames by index, using the per-frame timestamps recorded by
-    the full decode pass (`iter_frames`), so variable frame rates and B-frames index correctly."""
+    """Random access to an avatar's frames by index, using the per-frame timestamps prepare_avatar
+    records (a demux pass), so variable frame rates and B-frames index correctly."""
 
     def __init__(
         self,
