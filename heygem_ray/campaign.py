@@ -86,7 +86,8 @@ class Campaign:
                     time.sleep(0.2)  # only restarting actors to wait for
                 for ref in self.executor.wait(list(self._inflight), timeout=1.0) if self._inflight else ():
                     event, key = self._inflight.pop(ref)
-                    handlers[event](key, ref)
+                    row_id = key if event in ("prepared", "stitched") else key[0] if event == "segment" else None
+                    self._for_row(row_id, handlers[event], key, ref)
                 if self.actors.error:  # no actor can ever render: nothing queued will be
                     for row_id in self.segments.rows():
                         self._fail(row_id, self.actors.error)
@@ -125,6 +126,20 @@ class Campaign:
     def _dispatch_segments(self) -> None:
         for handle, call in self.segments.dispatch(self._states):
             self._inflight[handle] = ("segment", call)
+        for row_id, reason in self.segments.broken.items():
+            self._fail(row_id, reason)
+        self.segments.broken.clear()
+
+    def _for_row(self, row_id: str | None, step: Callable[..., None], *args: Any) -> None:
+        """Run a step about one row (None: about several, or none); a defect it hits fails that row,
+        not the campaign."""
+        if row_id is None:
+            return step(*args)
+        try:
+            step(*args)
+        except Exception as exc:  # the rest of the campaign goes on
+            log.exception("row %s: internal error", row_id)
+            self._fail(row_id, f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
 
     # -------------------------------------------------------------- handlers
     def _on_prepared(self, row_id: str, ref: Any) -> None:
@@ -152,7 +167,7 @@ class Campaign:
             self._inflight[started[1]] = ("avatar", key)
         for row_id in waiting:
             if row_id in self._states:
-                self._on_track(self._states[row_id], track)
+                self._for_row(row_id, self._on_track, self._states[row_id], track)
 
     def _on_track(self, state: RowState, track: AvatarTrack | BaseException) -> None:
         if isinstance(track, BaseException):
@@ -196,6 +211,13 @@ class Campaign:
         try:
             stitched: Stitched = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001
+            state = self._states.get(row_id)
+            try:  # a stitch that failed after publishing (its clean-up, a lost worker): the video is out
+                marker = state.published(self.cfg.layout) if state is not None else None
+            except OSError:
+                marker = None
+            if marker is not None and state is not None and marker.finished_at >= state.started:
+                return self._conclude(row_id, "ok", None, marker, None)
             return self._fail(row_id, failure_reason(self.executor, exc))
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 

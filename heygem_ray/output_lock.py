@@ -60,7 +60,7 @@ def output_lock(layout: CampaignLayout) -> Iterator[None]:
     try:
         # what an earlier run killed mid-publish left: no other run writes here now (after the
         # heartbeat started: the walk of a large output root on a slow disk takes a while)
-        removed = storage.remove_parts(layout.output)
+        removed = storage.remove_parts(layout.output, skip=layout.cache)  # a cache other runs may share
         if removed:
             log.info("removed %d half-published file(s) an earlier, killed run left", removed)
         yield

@@ -103,11 +103,14 @@ class RowState:
         )
 
     def published(self, layout: CampaignLayout) -> Marker | None:
-        """The row's done-marker, if its output was published for what it renders now."""
+        """The row's done-marker, if its output was published for what it renders now (and is there:
+        a marker whose video was deleted is what made the row render again)."""
         if self.prep is None:
             return None
         marker = read_marker(layout.marker(self.row.id))
-        return marker if marker is not None and marker.fingerprint == self.prep.fingerprint else None
+        if marker is None or marker.fingerprint != self.prep.fingerprint:
+            return None
+        return marker if storage.exists(self.row.output) else None
 
     def result(self, status: str, error: str | None, marker: Marker | None, qa: QAConfig) -> RowResult:
         """The row's result; a published one carries its lip-sync score, flagged as `qa` says."""

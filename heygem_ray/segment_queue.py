@@ -27,6 +27,7 @@ class SegmentQueue:
         self._queue: deque[tuple[str, int]] = deque()
         self.by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
         self.by_actor: dict[int, int] = {}  # which actor rendered them
+        self.broken: dict[str, str] = {}  # rows whose segment could not be made: why (the campaign fails them)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -59,7 +60,12 @@ class SegmentQueue:
             if state is None:  # the row has its result already
                 continue
             assert self.actors.codec is not None  # decided by the first actor that answered
-            job = state.segment_job(index, self.cfg.layout, self.actors.codec)
+            try:
+                job = state.segment_job(index, self.cfg.layout, self.actors.codec)
+            except Exception as exc:  # a defect fails its row (`broken`), not the campaign
+                log.exception("row %s segment %d: internal error", row_id, index)
+                self.broken[row_id] = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+                continue
             self.actors.actors[actor].load += 1
             state.attempts[index] = state.attempts.get(index, 0) + 1
             yield self.executor.call(actor, "render_segment", job), (row_id, index, actor)

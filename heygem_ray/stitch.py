@@ -22,7 +22,7 @@ import numpy as np
 from heygem_ray import metrics, qa, storage
 from heygem_ray.config import QAConfig
 from heygem_ray.errors import writing
-from heygem_ray.markers import Marker, write_marker
+from heygem_ray.markers import Marker, read_marker, write_marker
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, LOUDNESS_WINDOW, SAMPLE_RATE, AudioWindow, speech_loudness
 from heygem_ray.media.mux import stitch
 from heygem_ray.media.thumbnail import thumbnail_jpeg
@@ -66,6 +66,9 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
     """Join the row's segments and `audio` (from `prepare.prepare_audio_track`) into the output."""
     if job.storage_options is not None:
         storage.configure(job.storage_options)
+    done = _published_already(job)
+    if done is not None:
+        return done
     clock = metrics.StageClock()
     with tempfile.TemporaryDirectory(prefix="heygem-stitch-") as tmp:
         path = os.path.join(tmp, "out.mp4")
@@ -113,8 +116,27 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
         sync.frames_without_face,
     )
     write_marker(job.marker_uri, marker)
-    storage.remove(job.work_uri, recursive=True)
+    try:
+        storage.remove(job.work_uri, recursive=True)
+    except OSError as exc:  # published: leftover segments must not fail the row
+        log.warning("row %s: segments not removed (%s: %s)", job.row_id, type(exc).__name__, exc)
     metrics.stage_seconds(clock.seconds)
+    return Stitched(marker, thumbnail)
+
+
+def _published_already(job: StitchJob) -> Stitched | None:
+    """What an earlier try of this very stitch published, when that try ended after its marker (a
+    worker lost then, and the task run again): its segments are gone, so it could not be joined
+    again. None where the segments are there (a first try, or `force` rendering a row again)."""
+    marker = read_marker(job.marker_uri)
+    if marker is None or marker.fingerprint != job.fingerprint or storage.exists(job.segment_uris[0]):
+        return None
+    if not storage.exists(job.output):
+        return None
+    try:
+        thumbnail: bytes | None = storage.read_bytes(job.thumbnail_uri)
+    except OSError:
+        thumbnail = None
     return Stitched(marker, thumbnail)
 
 

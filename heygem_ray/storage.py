@@ -76,8 +76,15 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+class StorageUnavailable(ConnectionError):
+    """The store stayed unreachable through every try (`retrying`): raised from the client's own
+    error (botocore's and aiohttp's connection errors are not OSErrors), so a caller that lets an
+    unreachable store fail one step, not the campaign, catches it as an OSError."""
+
+
 def retrying(fn: Callable[..., T]) -> Callable[..., T]:
-    """Retry a storage operation on transient errors with exponential backoff and jitter."""
+    """Retry a storage operation on transient errors with exponential backoff and jitter; one still
+    failing after the last try is raised as an OSError (`StorageUnavailable`, but for OSErrors)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -85,8 +92,12 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                if attempt == RETRIES or not is_transient(exc):
+                if not is_transient(exc):
                     raise
+                if attempt == RETRIES:
+                    if isinstance(exc, OSError):
+                        raise
+                    raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
                 delay = min(_BACKOFF_MAX, _BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 target = display(str(args[-1] if fn.__name__ == "publish_file" else args[0])) if args else ""
                 log.warning(
@@ -277,20 +288,25 @@ def publish_file(local_file: str, uri: str, move: bool = False) -> None:
 
 #: what names a file being published (".NAME.part-XXXXXXXX" beside NAME) until it is renamed
 _PART = ".part-"
+_PART_NAME = re.compile(r"\..+\.part-[0-9a-f]{8}")
 
 
-def remove_parts(root: str) -> int:
+def remove_parts(root: str, skip: str | None = None) -> int:
     """Remove the files that publishes under the local folder `root` left half-made when their
     process was killed (SIGKILL, a lost node); returns how many. Only for a folder no one else
     publishes into now (the output root, once its lock is held): a publish of a run that is still
-    going there would fail. One that cannot be removed is logged and left. Object stores have none
-    (a PUT is whole or absent)."""
+    going there would fail. `skip`: a folder under it that others may write to meanwhile (a cache
+    campaigns share). One that cannot be removed is logged and left. Object stores have none (a
+    PUT is whole or absent)."""
     if not is_local(root):
         return 0
     removed = 0
-    for folder, _, names in os.walk(local_path(root)):
+    skipped = os.path.realpath(local_path(skip)) if skip is not None and is_local(skip) else None
+    for folder, subfolders, names in os.walk(local_path(root)):
+        if skipped is not None:
+            subfolders[:] = [d for d in subfolders if os.path.realpath(os.path.join(folder, d)) != skipped]
         for name in names:
-            if name.startswith(".") and _PART in name:
+            if _PART_NAME.fullmatch(name):
                 try:
                     os.unlink(os.path.join(folder, name))
                     removed += 1

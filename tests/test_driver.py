@@ -249,3 +249,41 @@ def test_a_fault_past_a_known_track_fails_only_the_rows_it_does_not_reach(tmp_pa
     assert [r.status for r in summary.rows] == ["ok", "failed", "ok", "failed"]
     assert "decoding failed" in summary.rows[1].error and "decoding failed" in summary.rows[3].error
     assert asked == [4.0, 30.0]
+
+
+def test_a_marker_whose_video_is_gone_is_not_taken_for_a_published_row(tmp_path):
+    """A row renders again when its video was deleted though its marker stayed; a stop before its
+    stitch must then report it failed, not ok on the strength of that marker."""
+    import time
+
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.markers import Marker, write_marker
+    from heygem_ray.prepare import AudioInfo
+    from heygem_ray.rows import RowState
+
+    layout = CampaignLayout(str(tmp_path))
+    row = Row("r", "/in/a.wav", "/in/v.mp4", str(tmp_path / "r.mp4"))
+    state = RowState.prepared(row, AudioInfo("/in/a.wav", "a", 16_000, 0.1, "x"), "fp")
+    write_marker(layout.marker("r"), Marker("r", "fp", row.output, 25, 1.0, time.time()))
+    assert state.published(layout) is None
+    (tmp_path / "r.mp4").write_bytes(b"the video")
+    published = state.published(layout)
+    assert published is not None and published.fingerprint == "fp"
+
+
+def test_a_defect_met_for_one_row_fails_that_row_and_the_campaign_goes_on(tmp_path):
+    """A track with fewer boxes than it claims (a defect, here made on purpose) makes building the
+    row's segment jobs raise: that row fails with the error, and the rows after it render."""
+    from heygem_ray.prepare import AvatarTrack
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        track = STAGES["prepare_avatar"](avatar, *args)
+        if avatar.endswith("short.mp4"):
+            return AvatarTrack(track.uri, track.fingerprint, track.info, track.pts, track.boxes[:10], None)
+        return track
+
+    summary = _one_at_a_time(
+        tmp_path, ["/in/a.mp4", "/in/short.mp4", "/in/a.mp4"], {**STAGES, "prepare_avatar": prepare_avatar}
+    )
+    assert [r.status for r in summary.rows] == ["ok", "failed", "ok"]
+    assert summary.rows[1].error.startswith("internal error: IndexError")

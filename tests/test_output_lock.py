@@ -67,17 +67,25 @@ def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the
 
     (tmp_path / "_markers").mkdir()
     (tmp_path / "sub").mkdir()
+    (tmp_path / "_cache" / "audio").mkdir(parents=True)
     left = [
         tmp_path / "._report.html.part-c19d1e20",
-        tmp_path / "_markers" / ".r.json.part-1",
-        tmp_path / "sub" / ".v.mp4.part-2",
+        tmp_path / "_markers" / ".r.json.part-0a1b2c3d",
+        tmp_path / "sub" / ".v.mp4.part-ffffffff",
     ]
-    kept = [tmp_path / ".hidden", tmp_path / "v.part-3.mp4", tmp_path / "v.mp4"]
+    kept = [
+        tmp_path / ".hidden",
+        tmp_path / "v.part-3.mp4",
+        tmp_path / "v.mp4",
+        tmp_path / ".intro.part-1.mp4",  # a user's file, not one of ours
+        tmp_path / "_cache" / "audio" / ".a.f32.part-0a1b2c3d",  # another run sharing the cache may be writing it
+    ]
     for path in left + kept:
         path.write_bytes(b"x")
     with output_lock(CampaignLayout(str(tmp_path))):
         assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
-    assert storage.remove_parts(str(tmp_path)) == 0 and storage.remove_parts("memory://x/out") == 0
+    assert storage.remove_parts(str(tmp_path), skip=str(tmp_path / "_cache")) == 0
+    assert storage.remove_parts("memory://x/out") == 0
 
 
 def test_a_run_whose_lock_was_taken_over_stops_refreshing_it(tmp_path, monkeypatch, caplog):

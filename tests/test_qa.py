@@ -277,3 +277,25 @@ def _render_one_row(tmp_path, audio: str, avatar: str, *overrides: str) -> dict:
     assert run.returncode == 0, run.stderr[-2000:]
     (row,) = read_results(str(out / "_results.parquet"))
     return row
+
+
+def test_a_stitch_run_again_after_it_published_returns_what_it_published(tmp_path, media_dir):
+    """Ray runs a stitch task again when its worker is lost; one lost after the marker was written
+    finds its segments removed: it answers with what was published instead of failing the row.
+    Without the video there is nothing to answer with: it fails."""
+    import os
+
+    from heygem_ray import storage
+    from heygem_ray.config import EncoderConfig
+    from heygem_ray.prepare import prepare_audio_track
+    from heygem_ray.stitch import stitch_row
+
+    job, audio = render_row(tmp_path, media_dir, seconds=2.0, seed=5)
+    track = prepare_audio_track(audio, str(tmp_path / "cache"), EncoderConfig())
+    first = stitch_row(job, track)
+    assert not storage.exists(job.segment_uris[0])
+    again = stitch_row(job, track)
+    assert again.marker == first.marker and again.thumbnail == first.thumbnail
+    os.remove(job.output)
+    with pytest.raises(FileNotFoundError):
+        stitch_row(job, track)

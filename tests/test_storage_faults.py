@@ -97,10 +97,32 @@ def test_an_outage_longer_than_the_retries_is_reported(flaky_s3, monkeypatch):
     (the HTTP client may open a second connection for it; with botocore's defaults it was 10)."""
     monkeypatch.setattr(storage, "RETRIES", 3)
     flaky_s3.down_until = time.time() + 60
-    with pytest.raises(Exception) as err:
+    with pytest.raises(OSError) as err:  # what steps that must not stop the campaign catch
         storage.exists("s3://flaky/anything")
     assert storage.is_transient(err.value)
     assert 3 <= flaky_s3.dropped <= 2 * 3
+
+
+def test_a_client_error_that_is_no_oserror_is_raised_as_one_after_the_last_try(monkeypatch):
+    """botocore's and aiohttp's connection errors are not OSErrors: past the retries they become a
+    StorageUnavailable (an OSError, still transient) with the client's error as its cause, so the
+    progress feed, the results table and the output lock's heartbeat let one failed write pass."""
+    from botocore.exceptions import EndpointConnectionError
+
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    monkeypatch.setattr(storage, "_BACKOFF", 0.01)
+    calls = []
+
+    @storage.retrying
+    def unreachable(uri: str) -> None:
+        calls.append(uri)
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    with pytest.raises(storage.StorageUnavailable) as err:
+        unreachable("s3://bucket/key")
+    assert isinstance(err.value, OSError) and storage.is_transient(err.value)
+    assert isinstance(err.value.__cause__, EndpointConnectionError) and len(calls) == 2
+    assert "EndpointConnectionError" in str(err.value)
 
 
 @pytest.mark.parametrize(
