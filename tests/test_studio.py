@@ -344,6 +344,19 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     pq.write_table(pa.table({"audio": ["a.wav"] * 400, "avatar": ["v.png"] * 400, "id": big}), bomb)
     with pytest.raises(UploadError, match="column id must hold text, not binary"):
         store.uploaded_manifest("alice", campaign, str(bomb))
+    # a column given twice is refused with why, not a crash (CSV and Parquet)
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_text("audio,audio,avatar\na.wav,b.wav,face.png\n")
+    with pytest.raises(UploadError, match="the column\\(s\\) audio appear more than once"):
+        store.uploaded_manifest("alice", campaign, str(doubled))
+    pq.write_table(
+        pa.Table.from_arrays(
+            [pa.array(["a.wav"]), pa.array(["b.wav"]), pa.array(["v.png"])], ["audio", "audio", "avatar"]
+        ),
+        bomb,
+    )
+    with pytest.raises(UploadError, match="the column\\(s\\) audio appear more than once"):
+        store.uploaded_manifest("alice", campaign, str(bomb))
     with pytest.raises(UploadError, match="1,000 presenter\\(s\\) x 101 narration\\(s\\) is 101,000 videos"):
         store.pairs_manifest("alice", campaign, ["a.wav"] * 101, ["v.png"] * 1000)
 
@@ -764,3 +777,38 @@ def test_a_running_local_head_is_found_not_started_again(ray_head):
 
     port = int(ray_head.rsplit(":", 1)[1])
     assert local_head(port) == (ray_head, False)
+
+
+def test_a_file_two_users_uploaded_leaves_the_upload_folder_when_both_are_done():
+    """Gradio names an upload by its content, so two users who upload the same presenter video share
+    one file there: the first user's campaign must not delete it from under the second."""
+    from heygem_ray.studio.app import UploadClaims
+
+    claims = UploadClaims(window=900.0)
+    claims.claim("alice", ["/up/abc/talk.mp4"])
+    claims.claim("bob", ["/up/abc/talk.mp4", "/up/def/voice.wav"])
+    assert not claims.release("alice", "/up/abc/talk.mp4")  # bob still needs it
+    assert claims.release("bob", "/up/abc/talk.mp4") and claims.release("bob", "/up/def/voice.wav")
+    expired = UploadClaims(window=0.0)  # a claim older than the window: Gradio has deleted the file
+    expired.claim("bob", ["/up/abc/talk.mp4"])
+    assert expired.release("alice", "/up/abc/talk.mp4")
+
+
+def test_cancel_with_the_cluster_down_says_so_instead_of_nothing_to_cancel(tmp_path, media_dir):
+    """A campaign's job may well be running while the studio cannot reach its cluster: Cancel must
+    not answer "Nothing to cancel"."""
+    import logging
+    from dataclasses import replace
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.service import Studio as StudioService
+
+    cfg = StudioConfig(store=str(tmp_path / "store"))
+    studio = StudioService(cfg, Cluster(f"http://127.0.0.1:{_free_port()}", local=False), logging.getLogger("t"))
+    with pytest.raises(ClusterUnavailable):
+        studio.create("alice", "talk", [str(media_dir / "speech3.wav")], [str(media_dir / "still.png")])
+    (record,) = studio.store.campaigns("alice")
+    studio.store.save(replace(record, jobs=["heygem-job-1"]))  # submitted before the cluster went away
+    with pytest.raises(ClusterUnavailable):
+        studio.cancel("alice", record.id)

@@ -9,6 +9,8 @@ import html
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from urllib.parse import quote, urlsplit
 
@@ -192,6 +194,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
     # uploads leave the cache when a campaign is made; what is left (uploads never submitted) goes
     # after 15 minutes
     window = UPLOAD_WINDOW_SECONDS
+    claims = UploadClaims(window)
     with gr.Blocks(title="heygem_ray studio", delete_cache=(window, window)) as pages:
         who = gr.Markdown()
         with gr.Tab("New campaign"):
@@ -242,9 +245,10 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 out += f"\n\n⚠️ {exc}. Campaigns can be prepared but not submitted until it answers."
             return out
 
-        def check(audio_files: list[str] | None, avatar_files: list[str] | None) -> str:
+        def check(audio_files: list[str] | None, avatar_files: list[str] | None, request: gr.Request) -> str:
             """At upload time: each file's type, size and that it decodes; and the row count."""
             problems = []
+            claims.claim(user_of(request), _uploaded([*(audio_files or []), *(avatar_files or [])]))
             for files, kind in ((audio_files or [], "audio"), (avatar_files or [], "avatar")):
                 for path in _uploaded(files):
                     try:
@@ -268,6 +272,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             uploads = _uploaded(
                 [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
             )
+            claims.claim(user, uploads)
             try:
                 record = studio.create(
                     user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
@@ -276,8 +281,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 return f"❌ {exc}", gr.Dropdown()
             except ClusterUnavailable as exc:
                 return f"❌ saved, but not submitted: {exc}", gr.Dropdown()
-            for path in uploads:  # in the store now: they leave the web server's cache
-                _remove_quietly(path)
+            for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
+                if claims.release(user, path):
+                    _remove_quietly(path)
             choices = _choices(studio, user)
             return (
                 (
@@ -482,6 +488,35 @@ def _uploaded(paths: list[str]) -> list[str]:
         if os.path.commonpath([folder, os.path.realpath(path)]) != folder:
             raise gr.Error(f"{os.path.basename(path)} is not one of your uploads")
     return paths
+
+
+class UploadClaims:
+    """Who uploaded each file of Gradio's upload folder lately. Gradio names an upload by its
+    content: two users who upload the same file (a company's presenter video) share one path, and
+    the campaign one of them makes must not delete it from under the other."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self._lock = threading.Lock()
+        self._holders: dict[str, dict[str, float]] = {}  # real path -> user -> when last claimed
+
+    def claim(self, user: str, paths: list[str]) -> None:
+        now = time.time()
+        with self._lock:
+            for path in paths:
+                self._holders.setdefault(os.path.realpath(path), {})[user] = now
+            for path in [p for p, users in self._holders.items() if max(users.values()) < now - self.window]:
+                del self._holders[path]  # expired: Gradio has deleted the file
+
+    def release(self, user: str, path: str) -> bool:
+        """`user` is done with `path`: whether no one else claimed it within the window (then it may go)."""
+        now, key = time.time(), os.path.realpath(path)
+        with self._lock:
+            users = self._holders.pop(key, {})
+            others = {u: t for u, t in users.items() if u != user and t >= now - self.window}
+            if others:
+                self._holders[key] = others
+            return not others
 
 
 def _remove_quietly(path: str) -> None:

@@ -45,6 +45,9 @@ def local_head(dashboard_port: int) -> tuple[str, bool]:
         str(ray) if ray.exists() else "ray",
         "start",
         "--head",
+        # every port of this head on loopback: its jobs run as the studio's account, with every
+        # user's files in reach, so no one on the network may submit any
+        "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",

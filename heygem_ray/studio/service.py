@@ -316,6 +316,8 @@ class Studio:
             return False
         try:
             stopped = self.cluster.stop(record.jobs[-1])
+        except ClusterUnavailable:  # the job may well be running: say so, not "nothing to cancel"
+            raise
         except RuntimeError:  # a job the cluster no longer knows: nothing runs to stop
             return False
         self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])

@@ -146,8 +146,11 @@ class StudioStore:
             raise UploadError(f"{name}: a manifest may be {MANIFEST_MAX_BYTES // 2**20} MiB at most")
         try:
             table = pacsv.read_csv(local) if name.lower().endswith(".csv") else _small_parquet(local, name)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowException, OSError) as exc:
             raise UploadError(f"{name}: cannot read it as a table ({str(exc).splitlines()[0]})") from None
+        repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+        if repeated:
+            raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
         missing = {"audio", "avatar"} - set(table.column_names)
         if missing:
             raise UploadError(f"{name}: needs the columns audio and avatar (missing: {', '.join(sorted(missing))})")
@@ -274,6 +277,10 @@ def _small_parquet(local: str, name: str) -> pa.Table:
     """The manifest's columns, decoded only as far as its footer and its dictionaries show they fit
     MANIFEST_MAX_ROWS and MANIFEST_MAX_DECODED_BYTES: the web server must not decode a bomb."""
     file = pq.ParquetFile(local)
+    names = file.schema_arrow.names
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:  # before a column is looked up by its name
+        raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
     meta = file.metadata
     if meta.num_rows > MANIFEST_MAX_ROWS:
         raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {meta.num_rows:,}")
