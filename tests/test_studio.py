@@ -387,6 +387,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
             "--block",
             "--num-cpus=2",
             "--include-dashboard=true",
+            "--node-ip-address=127.0.0.1",  # as the studio's own head (studio.cluster.local_head)
             "--dashboard-host=127.0.0.1",
             "--disable-usage-stats",
             f"--temp-dir={temp}",
@@ -773,10 +774,13 @@ def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_
 def test_a_running_local_head_is_found_not_started_again(ray_head):
     """With no studio.ray_address the studio uses the local head already running (here, the one on
     the fixture's port), so a restarted studio finds the campaigns' cluster again."""
-    from heygem_ray.studio.cluster import local_head
+    from heygem_ray.studio.cluster import Cluster, local_head
 
     port = int(ray_head.rsplit(":", 1)[1])
     assert local_head(port) == (ray_head, False)
+    assert Cluster(ray_head, local=True).problem() is None
+    gone = Cluster(f"http://127.0.0.1:{_free_port()}", local=True)
+    assert "does not answer" in (gone.problem() or "")
 
 
 def test_a_file_two_users_uploaded_leaves_the_upload_folder_when_both_are_done():

@@ -86,7 +86,7 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
             except httpx.HTTPError:
                 assert studio.poll() is None and time.time() < deadline, studio.stdout.read() if studio.stdout else ""
                 time.sleep(0.5)
-        assert health.status_code == 200 and health.json()["cluster"] == "unreachable"
+        assert health.status_code == 200 and "does not answer" in health.json()["cluster"]
         # one local user: only loopback names reach it (a rebound DNS name does not)
         assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 400
         client = Client(url + "/app/", verbose=False, download_files=False)

@@ -94,12 +94,8 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
 
     @app.get("/health")
     def health() -> JSONResponse:
-        try:
-            studio.cluster.client  # noqa: B018 - connects, or says why not
-            cluster = "ok"
-        except ClusterUnavailable:
-            cluster = "unreachable"
-        return JSONResponse({"status": "ok", "cluster": cluster}, status_code=200)
+        problem = studio.cluster.problem()
+        return JSONResponse({"status": "ok", "cluster": problem or "ok"}, status_code=200)
 
     @app.get("/login")
     def login_page() -> Response:
@@ -239,10 +235,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         def whoami(request: gr.Request) -> str:
             user = user_of(request)
             out = f"**heygem_ray studio** — signed in as `{user}`" + (" · [sign out](/logout)" if sign_out else "")
-            try:
-                studio.cluster.client  # noqa: B018
-            except ClusterUnavailable as exc:
-                out += f"\n\n⚠️ {exc}. Campaigns can be prepared but not submitted until it answers."
+            problem = studio.cluster.problem()
+            if problem:
+                out += f"\n\n⚠️ {problem}. Campaigns can be prepared but not submitted until it answers."
             return out
 
         def check(audio_files: list[str] | None, avatar_files: list[str] | None, request: gr.Request) -> str:

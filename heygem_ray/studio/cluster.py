@@ -104,6 +104,17 @@ class Cluster:
                 raise ClusterUnavailable(f"the Ray cluster at {self.address} does not answer: {exc}") from None
         return self._jobs
 
+    def problem(self) -> str | None:
+        """Why the cluster cannot take campaigns now (None: it answers). Asks it each time: a head
+        that went away after the first connection is seen as gone."""
+        try:
+            self._call("get_version")
+        except ClusterUnavailable as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - an answer that is not the job server's
+            return f"the Ray cluster at {self.address} answers oddly: {type(exc).__name__}: {exc}"
+        return None
+
     def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
         entrypoint, runtime_env = job_spec(self.local, checkout())
         command = " ".join(_quote(part) for part in [*entrypoint, *overrides])
