@@ -94,20 +94,26 @@ def test_password_guessing_slows_down(tmp_path):
     users, guard = UsersFile(users_path), LoginGuard(free=3, name_free=6)
     mallory, alice = guard.keys("alice", "10.0.0.66"), guard.keys("alice", "10.0.0.1")
     for _ in range(3):
-        assert guard.wait_seconds(*mallory) == 0
+        assert guard.begin(*mallory) == 0
         assert not guard.check(users, "alice", "wrong", *mallory)
-    assert guard.wait_seconds(*mallory) > 0 and guard.wait_seconds(*guard.keys("bob", "10.0.0.66")) > 0
+    assert guard.begin(*mallory) > 0 and guard.wait_seconds(*guard.keys("bob", "10.0.0.66")) > 0
     # the guesser is slowed, not alice on her own machine...
     assert guard.wait_seconds(*alice) == 0 and guard.wait_seconds(*guard.keys("bob", "10.0.0.2")) == 0
     for address in ("10.0.0.67", "10.0.0.68", "10.0.0.69"):  # ...until her name fails from many addresses
-        assert not guard.check(users, "alice", "wrong", *guard.keys("alice", address))
+        keys = guard.keys("alice", address)
+        assert guard.begin(*keys) == 0 and not guard.check(users, "alice", "wrong", *keys)
     assert guard.wait_seconds(*alice) > 0
     tricked = LoginGuard(free=3)  # a name made to look like another key counts as that name only
     for _ in range(3):
-        tricked.check(users, "alice@10.0.0.1", "wrong", *tricked.keys("alice@10.0.0.1", "10.0.0.66"))
+        tricked.begin(*tricked.keys("alice@10.0.0.1", "10.0.0.66"))
     assert tricked.wait_seconds(*tricked.keys("alice", "10.0.0.1")) == 0
     add_user(users_path, "bob", "pw")  # a running studio sees users added since it started
-    assert guard.check(users, "bob", "pw", "name:bob")
+    bob = guard.keys("bob", "10.0.0.2")
+    assert guard.begin(*bob) == 0 and guard.check(users, "bob", "pw", *bob)
+    assert guard.wait_seconds(*bob) == 0  # a right password clears the try
+    # tries sent all at once are counted as they start, before any check has answered
+    burst = LoginGuard(free=3)
+    assert [burst.begin(*burst.keys("alice", "10.0.0.9")) == 0 for _ in range(5)] == [True] * 3 + [False] * 2
 
 
 # ------------------------------------------------------------------------------------- the store
@@ -816,3 +822,25 @@ def test_cancel_with_the_cluster_down_says_so_instead_of_nothing_to_cancel(tmp_p
     studio.store.save(replace(record, jobs=["heygem-job-1"]))  # submitted before the cluster went away
     with pytest.raises(ClusterUnavailable):
         studio.cancel("alice", record.id)
+
+
+def test_a_users_file_broken_while_the_studio_runs_keeps_the_users_it_had(tmp_path, caplog):
+    """An edit that breaks the users file (a typo in the TOML) must not refuse every request, sign-ins
+    included: the studio keeps the users it read last and logs why; at start it refuses."""
+    import time
+
+    from heygem_ray.studio.users import UsersFile
+
+    path = tmp_path / "users.toml"
+    add_user(path, "alice", "right")
+    users = UsersFile(path)
+    assert set(users.hashes()) == {"alice"}
+    time.sleep(0.01)
+    path.write_text('[users."bob"]\npassword = \n')  # broken
+    assert set(users.hashes()) == {"alice"} and "cannot be read" in caplog.text
+    add_user(tmp_path / "fixed.toml", "bob", "pw")
+    (tmp_path / "fixed.toml").replace(path)
+    assert set(users.hashes()) == {"bob"}
+    path.write_text("not toml at all [")
+    with pytest.raises(ValueError):
+        UsersFile(path).hashes()

@@ -110,7 +110,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         if users is None:
             return RedirectResponse(UI_PATH + "/", status_code=303)
         keys = guard.keys(name, request.client.host if request.client else "")
-        wait = guard.wait_seconds(*keys)
+        wait = guard.begin(*keys)
         if wait > 0:
             log.info("login refused user=%r (too many tries)", name)
             return HTMLResponse(_login_html(f"Too many tries: wait {wait:.0f} s."), status_code=429)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import threading
@@ -88,6 +89,7 @@ class UsersFile:
         self.path = Path(os.path.expanduser(str(path)))
         self._seen: tuple[float, int] | None = None
         self._hashes: dict[str, str] = {}
+        self._read_once = False
         self._lock = threading.Lock()
 
     def hashes(self) -> dict[str, str]:
@@ -98,7 +100,19 @@ class UsersFile:
             seen = None
         with self._lock:
             if seen != self._seen:
-                self._hashes, self._seen = read_users(self.path), seen
+                try:
+                    self._hashes = read_users(self.path)
+                except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+                    if not self._read_once:  # at start: the studio does not start
+                        raise
+                    # an edit that broke it must not refuse every request, sign-ins included
+                    logging.getLogger("heygem_ray.studio").error(
+                        "users file %s cannot be read (%s: %s): keeping the users it had; fix it",
+                        self.path,
+                        type(exc).__name__,
+                        exc,
+                    )
+                self._seen, self._read_once = seen, True
             return self._hashes
 
 
@@ -123,17 +137,36 @@ class LoginGuard:
 
     def wait_seconds(self, *keys: tuple[str, ...]) -> float:
         """How long these keys must still wait before another try (0 = may try now)."""
-        now = time.time()
         with self._lock:
-            waits = []
-            for key in keys:
-                count, last = self._failures.get(key, (0, 0.0))
-                free = self.name_free if key[0] == "name" else self.free
-                if count >= free:
-                    waits.append(min(self.longest, 2.0 ** (count - free)) - (now - last))
+            return self._wait(time.time(), keys)
+
+    def _wait(self, now: float, keys: tuple[tuple[str, ...], ...]) -> float:
+        waits = []
+        for key in keys:
+            count, last = self._failures.get(key, (0, 0.0))
+            free = self.name_free if key[0] == "name" else self.free
+            if count >= free:
+                waits.append(min(self.longest, 2.0 ** (count - free)) - (now - last))
         return max([0.0, *waits])
 
+    def begin(self, *keys: tuple[str, ...]) -> float:
+        """Start a try: how long it must wait first (it is not started then), else 0, and the try
+        counts as a failure until `check` says it succeeded. Counted before the check, so tries
+        sent all at once (each waits for a check slot) cannot all get past the limit."""
+        now = time.time()
+        with self._lock:
+            wait = self._wait(now, keys)
+            if wait > 0:
+                return wait
+            for key in keys:
+                count, _ = self._failures.pop(key, (0, 0.0))
+                self._failures[key] = (count + 1, now)  # most recent last
+            while len(self._failures) > 10_000:  # forget the oldest: memory stays bounded
+                del self._failures[next(iter(self._failures))]
+        return 0.0
+
     def check(self, users: UsersFile, name: str, password: str, *keys: tuple[str, ...]) -> bool:
+        """The password check of a try `begin` started; a right one clears the keys' failures."""
         with self._checks:
             stored = users.hashes().get(name)
             if stored is None:
@@ -141,13 +174,8 @@ class LoginGuard:
                 ok = False
             else:
                 ok = password_matches(password, stored)
-        with self._lock:
-            for key in keys:
-                if ok:
+        if ok:
+            with self._lock:
+                for key in keys:
                     self._failures.pop(key, None)
-                else:
-                    count, _ = self._failures.get(key, (0, 0.0))
-                    self._failures[key] = (count + 1, time.time())
-                    if len(self._failures) > 10_000:  # forget the oldest: memory stays bounded
-                        del self._failures[next(iter(self._failures))]
         return ok
