@@ -14,7 +14,7 @@
 
 Cache layout under `cache`:  fingerprints/<key>.txt, audio/<fp>.f32 + .json,
 audio/<fp>.<codec>-<bitrate>-<rate>.m4a + .json, avatars/<fp>/frames-<key>.npz,
-avatars/<fp>/<key>/chunk-<i>.npz + track-<frames>.npz
+avatars/<fp>/candidates-<key>/chunk-<i>.npz, avatars/<fp>/<key>/track-<frames>.npz
 """
 
 from __future__ import annotations
@@ -235,6 +235,17 @@ def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, sti
     return stable_hash(TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps)
 
 
+#: detector settings that shape the track from the candidates, not the candidates themselves
+TRACK_ONLY = ("pads", "smooth", "box")
+
+
+def candidates_key(cfg: DetectorConfig, still_fps: float) -> str:
+    """What decides the detector's candidates on an avatar's frames: `detector_key` less the
+    settings of the track alone (other pads or no smoothing reuse the detected chunks)."""
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING + TRACK_ONLY}
+    return stable_hash(TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), still_fps)
+
+
 #: seconds a checkpoint's version is trusted before the store is asked again (once per row otherwise)
 CHECKPOINT_VERSION_SECONDS = 60.0
 _checkpoint_versions: dict[str, tuple[float, str]] = {}
@@ -272,9 +283,10 @@ def prepare_avatar(
     a fresh process); None leaves the process's as they are.
 
     Cache, under avatars/<avatar fingerprint>/: frames-<key>.npz (facts and timestamps, per frame
-    rate of stills), and under <detector key>/ in it: chunk-<i>.npz (the detector's candidates on
-    chunk i's frames) and track-<m>.npz (the boxes of the first m frames): a longer narration later
-    detects only the chunks still missing. A damaged entry is made again."""
+    rate of stills), candidates-<candidates_key>/chunk-<i>.npz (the detector's candidates on chunk
+    i's frames) and <detector_key>/track-<m>.npz (the boxes of the first m frames): a longer
+    narration later detects only the chunks still missing, other pads none. A damaged entry is
+    made again."""
     if storage_options is not None:
         storage.configure(storage_options)
     fixed = box or (list(cfg.box) if cfg.name == "box" and cfg.box else None)
@@ -302,7 +314,8 @@ def prepare_avatar(
         else:
             clock = metrics.StageClock()
             with clock("detect"):
-                candidates = _candidates(uri, info, pts, cfg, folder, tracked)
+                chunks = storage.join(avatar, "candidates-" + candidates_key(cfg, still_fps))
+                candidates = _candidates(uri, info, pts, cfg, chunks, tracked)
             metrics.stage_seconds(clock.seconds)
             boxes = _track(candidates, info, cfg, uri, total)
         with caching(track_uri):

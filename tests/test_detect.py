@@ -256,7 +256,9 @@ def test_a_short_narration_tracks_only_the_chunks_it_shows_and_a_longer_one_the_
     """`prepare_avatar(seconds=...)` detects the chunks that the frames a narration shows (and the
     margin) fall in; a longer narration later detects only the chunks still missing; the frames
     the short narration shows get the boxes the whole clip's track gives; and the chunked track
-    of every frame is the one a fresh cache makes."""
+    of every frame is the one a fresh cache makes; other pads reuse the detected chunks."""
+    from dataclasses import replace
+
     from helpers import compose_config
     from heygem_ray import prepare
     from heygem_ray.detect import track
@@ -291,3 +293,7 @@ def test_a_short_narration_tracks_only_the_chunks_it_shows_and_a_longer_one_the_
     remade = prepare.prepare_avatar(clip, None, cfg, cache, 25.0, seconds=1.0)
     np.testing.assert_array_equal(remade.boxes, short.boxes)
     assert chunks()["chunk-1.npz"] == after["chunk-1.npz"] and chunks()["chunk-2.npz"] != after["chunk-2.npz"]
+    before = chunks()
+    padded = prepare.prepare_avatar(clip, None, replace(cfg, pads=[0, 30, 0, 0]), cache, 25.0)  # detects nothing
+    assert chunks() == before
+    assert (padded.boxes[:, 3] >= whole.boxes[:, 3]).all() and (padded.boxes[:, 3] > whole.boxes[:, 3]).any()
