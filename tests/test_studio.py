@@ -844,3 +844,62 @@ def test_a_users_file_broken_while_the_studio_runs_keeps_the_users_it_had(tmp_pa
     path.write_text("not toml at all [")
     with pytest.raises(ValueError):
         UsersFile(path).hashes()
+
+
+def test_uploads_wait_in_a_private_folder_emptied_of_what_an_earlier_studio_left(tmp_path, monkeypatch, caplog):
+    import stat
+    import time
+
+    from heygem_ray.studio.server import private_upload_cache
+
+    shared = tmp_path / "tmp-gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(shared))  # e.g. a shared /tmp an operator set for Gradio
+    cache = tmp_path / "uploads"
+    (cache / "abc").mkdir(parents=True)
+    old, fresh = cache / "abc" / "talk.mp4", cache / "def.wav"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert private_upload_cache(str(cache), expire=900) == str(cache)
+    assert os.environ["GRADIO_TEMP_DIR"] == str(cache) and "is not used" in caplog.text
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert not old.exists() and not (cache / "abc").exists() and fresh.exists()
+
+
+def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign(tmp_path, media_dir, monkeypatch):
+    """Saving copies every upload into the store (gigabytes, to S3): a second click meanwhile is
+    refused with why, not a duplicate campaign; another user is not held up."""
+    import logging
+    import threading
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.service import Studio as StudioService
+
+    studio = StudioService(
+        StudioConfig(store=str(tmp_path / "store")),
+        Cluster(f"http://127.0.0.1:{_free_port()}", local=False),
+        logging.getLogger("t"),
+    )
+    saving, go_on = threading.Event(), threading.Event()
+    store_campaign = studio._store_campaign
+
+    def slow(user, *args):
+        if user == "alice":
+            saving.set()
+            go_on.wait(10)
+        return store_campaign(user, *args)
+
+    monkeypatch.setattr(studio, "_store_campaign", slow)
+    files = ([str(media_dir / "speech3.wav")], [str(media_dir / "still.png")])
+    first = threading.Thread(target=lambda: pytest.raises(ClusterUnavailable, studio.create, "alice", "one", *files))
+    first.start()
+    assert saving.wait(10)
+    with pytest.raises(UploadError, match="still being saved"):
+        studio.create("alice", "one again", *files)
+    with pytest.raises(ClusterUnavailable):  # stored, then not submitted: bob's goes on
+        studio.create("bob", "his", *files)
+    go_on.set()
+    first.join(10)
+    assert [r.name for r in studio.store.campaigns("alice")] == ["one"]

@@ -4,15 +4,17 @@ outlives the studio), and `heygem-ray studio adduser NAME`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from heygem_ray.config import StudioConfig
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, local_head
-from heygem_ray.studio.service import Studio
+from heygem_ray.studio.service import UPLOAD_WINDOW_SECONDS, Studio
 from heygem_ray.studio.sessions import SessionKeyError, Sessions, load_key
 from heygem_ray.studio.users import add_user
 
@@ -45,15 +47,33 @@ def connect(cfg: StudioConfig) -> tuple[Cluster, str]:
     return Cluster(address, local=True), about + "`ray stop` ends it"
 
 
-def private_upload_cache() -> None:
+def private_upload_cache(cache: str = "~/.heygem_ray/uploads", expire: float = UPLOAD_WINDOW_SECONDS) -> str:
     """Gradio's upload cache in a folder only this account can read (its default, /tmp/gradio, is
-    open to every account on the host), and OpenCV's image decoder capped, so an uploaded image
-    that decodes to gigabytes is refused instead of taking the web server down."""
-    cache = os.path.expanduser("~/.heygem_ray/uploads")
+    open to every account on the host; a GRADIO_TEMP_DIR set for Gradio is not used, for the same
+    reason), emptied of the uploads an earlier studio left older than `expire` seconds (Gradio
+    empties only what it uploaded itself); and OpenCV's image decoder capped, so an uploaded image
+    that decodes to gigabytes is refused instead of taking the web server down. Returns the folder."""
+    cache = os.path.expanduser(cache)
     os.makedirs(cache, mode=0o700, exist_ok=True)
     os.chmod(cache, 0o700)
-    os.environ.setdefault("GRADIO_TEMP_DIR", cache)
+    given = os.environ.get("GRADIO_TEMP_DIR")
+    if given and os.path.realpath(given) != os.path.realpath(cache):
+        logging.getLogger("heygem_ray.studio").warning(
+            "GRADIO_TEMP_DIR=%s is not used: uploads wait in %s, which only this account can read", given, cache
+        )
+    os.environ["GRADIO_TEMP_DIR"] = cache
     os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+    now = time.time()
+    for folder, _, names in os.walk(cache, topdown=False):
+        for name in names:
+            path = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                if now - os.path.getmtime(path) > expire:
+                    os.remove(path)
+        if folder != cache:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only when empty
+    return cache
 
 
 #: the largest image an upload may decode to (8K x 8K); above it OpenCV refuses the file

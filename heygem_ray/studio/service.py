@@ -62,6 +62,7 @@ class Studio:
         self._campaign_locks: dict[str, threading.Lock] = {}  # see _acting_on
         self._uploads: dict[str, list[tuple[float, int]]] = {}  # user -> (when, bytes) of recent uploads
         self._lock = threading.Lock()
+        self._creating: set[str] = set()  # users whose campaign is being saved and submitted now
 
     def watch(self, interval: float = 10.0) -> threading.Thread:
         """Log each campaign's end (finish, failure, cancel) as it happens, whether or not anyone
@@ -116,17 +117,27 @@ class Studio:
             raise UploadError(f"unknown model {model!r}")
         if quality not in QUALITIES:
             raise UploadError(f"unknown quality {quality!r}")
-        self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
-        campaign_id = self.store.new_id()
+        with self._lock:  # one at a time per user: a double click made two campaigns of one upload
+            if user in self._creating:
+                raise UploadError(
+                    "your last campaign is still being saved: wait for it, then look at the Campaigns tab"
+                )
+            self._creating.add(user)
         try:
-            record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
-        except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
-            with contextlib.suppress(Exception):
-                self.store.discard(user, campaign_id)
-            raise
-        self._taken(user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])]))
-        self.submit(record)
-        return record
+            self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
+            campaign_id = self.store.new_id()
+            try:
+                record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
+            except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
+                with contextlib.suppress(Exception):
+                    self.store.discard(user, campaign_id)
+                raise
+            self._taken(user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])]))
+            self.submit(record)
+            return record
+        finally:
+            with self._lock:
+                self._creating.discard(user)
 
     def _store_campaign(
         self,
