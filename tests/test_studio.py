@@ -903,3 +903,23 @@ def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign
     go_on.set()
     first.join(10)
     assert [r.name for r in studio.store.campaigns("alice")] == ["one"]
+
+
+@pytest.mark.parametrize(
+    "address, local",
+    [
+        ("http://127.0.0.1:8265", True),
+        ("http://[::1]:8265", True),
+        ("localhost:8265", True),
+        ("http://head.example:8265", False),
+        ("http://10.0.0.5:8265", False),
+    ],
+)
+def test_a_ray_address_on_this_machine_runs_jobs_from_this_checkout(address, local):
+    """A head on this machine runs the studio's own Python; any other gets the checkout uploaded (an
+    IPv6 loopback address was taken for a remote host)."""
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.server import connect
+
+    cluster, about = connect(StudioConfig(store="/tmp/unused", ray_address=address))
+    assert cluster.local is local and address in about

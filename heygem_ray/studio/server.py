@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from heygem_ray.config import StudioConfig
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, local_head
@@ -37,7 +38,8 @@ def studio_log(path: str) -> logging.Logger:
 def connect(cfg: StudioConfig) -> tuple[Cluster, str]:
     """The cluster campaigns go to, and a line for the operator about it."""
     if cfg.ray_address:
-        host = cfg.ray_address.split("://")[-1].split(":")[0]
+        address = cfg.ray_address if "://" in cfg.ray_address else f"http://{cfg.ray_address}"
+        host = urlsplit(address).hostname or ""
         return Cluster(
             cfg.ray_address, local=host in LOOPBACK
         ), f"campaigns run on the Ray cluster at {cfg.ray_address}"
