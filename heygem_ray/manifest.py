@@ -18,7 +18,8 @@ from heygem_ray.layout import RESERVED
 from heygem_ray.plan import stable_hash
 
 REQUIRED = ("audio", "avatar")
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+#: what a row id may be: a plain file name (ids name outputs, markers and thumbnails)
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def rows_from_table(
         if not row_id:
             row_id = default_id(audio, avatar)
             derived.setdefault(row_id, []).append(n)
-        if not _SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
+        if not SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
             problems.append(
                 f"{where}: id {row_id!r} must be 1-200 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"

@@ -923,3 +923,16 @@ def test_a_ray_address_on_this_machine_runs_jobs_from_this_checkout(address, loc
 
     cluster, about = connect(StudioConfig(store="/tmp/unused", ray_address=address))
     assert cluster.local is local and address in about
+
+
+def test_a_large_campaigns_page_lists_its_failed_rows_first_and_a_bounded_number():
+    """A 100,000-row campaign's page is refreshed every 3 s: it lists ROWS_SHOWN rows, the failed
+    ones first, and says how many it leaves out."""
+    from heygem_ray.studio.app import ROWS_SHOWN, rows_shown
+
+    rows = [{"id": f"r{i}", "status": "ok", "seconds": 1.0, "error": ""} for i in range(100_000)]
+    rows[70_000] = {"id": "r70000", "status": "failed", "seconds": None, "error": "audio …: does not exist"}
+    shown = rows_shown(rows)
+    assert len(shown) == ROWS_SHOWN + 1 and shown[0]["id"] == "r70000" and shown[1]["id"] == "r0"
+    assert shown[-1]["error"] == f"{100_000 - ROWS_SHOWN:,} more rows not listed"
+    assert rows_shown(rows[:3]) == rows[:3]

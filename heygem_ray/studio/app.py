@@ -312,7 +312,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 _status_html(view),
                 [
                     [r["id"], r["status"], "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["error"]]
-                    for r in view.rows
+                    for r in rows_shown(view.rows)
                 ],
                 _gallery_html(studio, view),
                 studio.job_log(user, campaign_id),
@@ -384,14 +384,40 @@ def _status_html(view: CampaignView) -> str:
     )
 
 
+#: rows the Campaigns tab lists (failed first) and videos its gallery shows: every page refresh
+#: (each 3 s) sends them, and a campaign may have 100,000 rows (the zip download has every video)
+ROWS_SHOWN = 500
+VIDEOS_SHOWN = 48
+
+
+def rows_shown(rows: list[dict]) -> list[dict]:
+    """The rows the page lists: the failed ones first (what a user acts on), then the others in
+    manifest order, ROWS_SHOWN at most, with a last line saying how many are left out."""
+    failed = [r for r in rows if r["status"] == "failed"]
+    ordered = failed + [r for r in rows if r["status"] != "failed"]
+    if len(ordered) <= ROWS_SHOWN:
+        return ordered
+    more = {
+        "id": "…",
+        "status": "",
+        "seconds": None,
+        "error": f"{len(ordered) - ROWS_SHOWN:,} more rows not listed",
+    }
+    return [*ordered[:ROWS_SHOWN], more]
+
+
 def _gallery_html(studio: Studio, view: CampaignView) -> str:
-    """A thumbnail and a player per finished video, all served by the routes that check the user."""
-    cards = []
+    """A thumbnail and a player per finished video (the first VIDEOS_SHOWN), all served by the
+    routes that check the user."""
+    cards: list[str] = []
     finished = {storage.basename(uri) for uri in studio.store.videos(view.record)}
     for row in view.rows:
         file = f"{row['id']}.mp4"
         if row["status"] not in ("ok", "skipped") or file not in finished:
             continue
+        if len(cards) == VIDEOS_SHOWN:
+            cards.append(f"<p>{len(finished) - VIDEOS_SHOWN:,} more videos: download them all as a zip.</p>")
+            break
         base = f"/files/{quote(view.record.id)}"
         cards.append(
             f'<figure class="thumb" style="display:inline-block;margin:4px">'

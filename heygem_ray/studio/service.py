@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from heygem_ray import storage
 from heygem_ray.config import StudioConfig
+from heygem_ray.manifest import SAFE_ID
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
 from heygem_ray.studio.store import CampaignRecord, StudioStore, UploadError
 
@@ -382,8 +383,10 @@ class Studio:
         return next((uri for uri in self.videos(user, campaign_id) if storage.basename(uri) == name), None)
 
     def thumbnail(self, user: str, campaign_id: str, row_id: str) -> bytes | None:
+        """A row's thumbnail from the user's own campaign (a row id is a plain file name: checked
+        as the manifest checks it, not looked up among every result on each poster a page asks for)."""
         record = self.store.load(user, campaign_id)
-        if record is None or not any(r["id"] == row_id for r in self.store.results(record)):
+        if record is None or not SAFE_ID.fullmatch(row_id):
             return None
         try:
             return storage.read_bytes(storage.join(record.output, "_thumbs", f"{row_id}.jpg"))
