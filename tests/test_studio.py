@@ -936,3 +936,42 @@ def test_a_large_campaigns_page_lists_its_failed_rows_first_and_a_bounded_number
     assert len(shown) == ROWS_SHOWN + 1 and shown[0]["id"] == "r70000" and shown[1]["id"] == "r0"
     assert shown[-1]["error"] == f"{100_000 - ROWS_SHOWN:,} more rows not listed"
     assert rows_shown(rows[:3]) == rows[:3]
+
+
+@pytest.mark.integration
+def test_a_campaign_that_ended_while_no_studio_ran_is_logged_once(tmp_path, ray_head):
+    """The studio's log has one line per campaign end: one that ended while the studio was down is
+    logged by the next studio to start (saying so), and by no studio after it."""
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.store import CampaignRecord
+
+    store = StudioStore(str(tmp_path / "store"))
+    campaign = store.new_id()
+    job = JobSubmissionClient(ray_head).submit_job(entrypoint="true", submission_id=f"heygem-{campaign}")
+    record = CampaignRecord(
+        campaign, "alice", "n", time.time(), 1, "classic", "draft", "m", store.output("alice", campaign), jobs=[job]
+    )
+    store.save(record)
+    _wait_for(lambda: Cluster(ray_head, local=True).job(job)[0] == "SUCCEEDED", 60, "the job")
+
+    def lines_after_a_studio_starts(name: str) -> list[str]:
+        log = logging.getLogger(f"studio-{name}")
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda rec: seen.append(rec.getMessage())  # type: ignore[method-assign]
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        StudioService(StudioConfig(store=str(tmp_path / "store")), Cluster(ray_head, local=True), log).watch(0.2)
+        time.sleep(2.0)
+        return [line for line in seen if f"campaign={campaign}" in line]
+
+    assert lines_after_a_studio_starts("first") == [
+        f"finish user=alice campaign={campaign} rows=0 failed=0 job={job} (ended while the studio was down)"
+    ]
+    assert lines_after_a_studio_starts("second") == []

@@ -78,10 +78,14 @@ class Studio:
                 found = []
             for record in found:
                 with contextlib.suppress(Exception):  # a record it cannot read stays unwatched
-                    # one that ended before this studio started is known, not logged again
-                    if record.jobs and self._view(record, rows=False, log_end=False).status not in ENDED:
+                    if not record.jobs:
+                        continue
+                    view = self._view(record, rows=False, log_end=False)
+                    if view.status not in ENDED:
                         with self._lock:
                             self._watched.setdefault(record.id, record)
+                    elif not self.store.end_logged(record):  # it ended while no studio watched
+                        self._log_end(record, view, late=True)
             while True:
                 with self._lock:
                     records = list(self._watched.values())
@@ -271,6 +275,25 @@ class Studio:
         except RuntimeError:  # a job the cluster no longer knows (it was restarted)
             return "(the cluster no longer has this job's log)"
 
+    def _log_end(self, record: CampaignRecord, view: CampaignView, late: bool = False) -> None:
+        """One log line for the end of the campaign's latest job, noted in the store so a studio
+        started later neither repeats it nor, when it ended while none ran, leaves it out."""
+        event = {"finished": "finish", "failed": "failure", "cancelled": "stopped"}[view.status]
+        self.log.info(
+            "%s user=%s campaign=%s rows=%d failed=%d job=%s%s",
+            event,
+            record.user,
+            record.id,
+            view.rows_done,
+            view.rows_failed,
+            record.jobs[-1],
+            " (ended while the studio was down)" if late else "",
+        )
+        try:
+            self.store.note_end_logged(record)
+        except OSError as exc:  # the line is written; a studio started later may write it again
+            self.log.info("campaign=%s: end not noted in the store: %s", record.id, exc)
+
     def _view(self, record: CampaignRecord, rows: bool, log_end: bool = True) -> CampaignView:
         started: float | None = None
         note = ""
@@ -296,16 +319,7 @@ class Studio:
             if ended:
                 self._ended.add(record.jobs[-1])
         if ended and log_end:
-            event = {"finished": "finish", "failed": "failure", "cancelled": "stopped"}[view.status]
-            self.log.info(
-                "%s user=%s campaign=%s rows=%d failed=%d job=%s",
-                event,
-                record.user,
-                record.id,
-                view.rows_done,
-                view.rows_failed,
-                record.jobs[-1],
-            )
+            self._log_end(record, view)
         if rows:
             # the results table is this run's once its feed says the run ended
             results = self.store.results(record) if feed.get("state") in ("finished", "interrupted") else []

@@ -217,6 +217,16 @@ class StudioStore:
                     yield record
 
     # -------------------------------------------------------------- outputs
+    def end_logged(self, record: CampaignRecord) -> bool:
+        """Whether the end of the campaign's latest job is in the studio's log already."""
+        return bool(record.jobs) and storage.exists(self._end_note(record))
+
+    def note_end_logged(self, record: CampaignRecord) -> None:
+        storage.write_bytes(self._end_note(record), b"")
+
+    def _end_note(self, record: CampaignRecord) -> str:
+        return storage.join(self.campaign_root(record.user, record.id), f".logged-end-{record.jobs[-1]}")
+
     def progress(self, record: CampaignRecord) -> dict | None:
         try:
             feed: dict = json.loads(storage.read_bytes(storage.join(record.output, "_progress.json")))
