@@ -225,9 +225,21 @@ def manifest_main(argv: Sequence[str]) -> int:
     return 0
 
 
+#: the largest image a studio upload may decode to (8K x 8K)
+STUDIO_MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def limit_studio_images() -> None:
+    """Cap OpenCV's image decoder, before OpenCV loads (it reads the limit once, then): an uploaded
+    image that would decode to gigabytes is refused instead of taking the web server down."""
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(STUDIO_MAX_IMAGE_PIXELS))
+
+
 def studio_main(argv: Sequence[str]) -> int:
     """`heygem-ray studio [overrides]` and `heygem-ray studio adduser NAME`."""
     from heygem_ray.config import StudioAppConfig
+
+    limit_studio_images()
     from heygem_ray.studio import server
 
     args = list(argv)

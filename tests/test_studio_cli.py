@@ -173,3 +173,33 @@ def test_a_finished_jobs_log_shows_its_last_lines(monkeypatch):
     assert head.logs("j").endswith("it broke")
     job["log"] = "changed after the end"  # cannot happen: kept
     assert head.logs("j").endswith("it broke")
+
+
+def test_the_studio_refuses_an_image_that_would_decode_past_8k_by_8k(tmp_path):
+    """OpenCV reads its decoder's limit once, as it loads: `heygem-ray studio` sets it before, so an
+    upload that decodes to gigabytes is refused instead of taking the web server down (its own
+    variable, OPENCV_IO_MAX_IMAGE_PIXELS: another name had been set, too late, and nothing held)."""
+    import cv2
+    import numpy as np
+
+    big, fine = tmp_path / "big.png", tmp_path / "fine.png"
+    cv2.imwrite(str(big), np.zeros((8200, 8200, 3), np.uint8))  # a few hundred KiB, 200 MB decoded
+    cv2.imwrite(str(fine), np.zeros((64, 64, 3), np.uint8))
+    probe = (
+        "import sys\n"
+        "from heygem_ray import cli\n"
+        "cli.limit_studio_images()  # as `heygem-ray studio` does first\n"
+        "from heygem_ray.studio.store import UploadError, check_upload\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        print(check_upload(path, 'avatar', 2**30))\n"
+        "    except UploadError as exc:\n"
+        "        print('refused:', exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(big), str(fine)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("refused: big.png") and lines[1] == "fine.png", lines

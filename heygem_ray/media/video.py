@@ -76,9 +76,12 @@ def is_image_path(path: str) -> bool:
 def read_image(path: str, what: str = "avatar") -> np.ndarray:
     """A still avatar as BGR uint8 (EXIF orientation applied), cropped to even size."""
     data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error:  # e.g. past OPENCV_IO_MAX_IMAGE_PIXELS (the studio sets it)
+        image = None
     if image is None:
-        raise InputError(what, path, "not a readable image")
+        raise InputError(what, path, "not a readable image (or larger than this machine decodes)")
     h, w = _even(image.shape[0]), _even(image.shape[1])
     if h < 2 or w < 2:
         raise InputError(what, path, f"image is too small ({image.shape[1]}x{image.shape[0]})")

@@ -53,8 +53,7 @@ def private_upload_cache(cache: str = "~/.heygem_ray/uploads", expire: float = U
     """Gradio's upload cache in a folder only this account can read (its default, /tmp/gradio, is
     open to every account on the host; a GRADIO_TEMP_DIR set for Gradio is not used, for the same
     reason), emptied of the uploads an earlier studio left older than `expire` seconds (Gradio
-    empties only what it uploaded itself); and OpenCV's image decoder capped, so an uploaded image
-    that decodes to gigabytes is refused instead of taking the web server down. Returns the folder."""
+    empties only what it uploaded itself). Returns the folder."""
     cache = os.path.expanduser(cache)
     os.makedirs(cache, mode=0o700, exist_ok=True)
     os.chmod(cache, 0o700)
@@ -64,7 +63,6 @@ def private_upload_cache(cache: str = "~/.heygem_ray/uploads", expire: float = U
             "GRADIO_TEMP_DIR=%s is not used: uploads wait in %s, which only this account can read", given, cache
         )
     os.environ["GRADIO_TEMP_DIR"] = cache
-    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
     now = time.time()
     for folder, _, names in os.walk(cache, topdown=False):
         for name in names:
@@ -76,10 +74,6 @@ def private_upload_cache(cache: str = "~/.heygem_ray/uploads", expire: float = U
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only when empty
     return cache
-
-
-#: the largest image an upload may decode to (8K x 8K); above it OpenCV refuses the file
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def serve(cfg: StudioConfig) -> int:
