@@ -214,7 +214,7 @@ class Campaign:
             state = self._states.get(row_id)
             try:  # a stitch that failed after publishing (its clean-up, a lost worker): the video is out
                 marker = state.published(self.cfg.layout) if state is not None else None
-            except OSError:
+            except Exception:  # noqa: BLE001 - the stitch's own failure is the row's reason
                 marker = None
             if marker is not None and state is not None and marker.finished_at >= state.started:
                 return self._conclude(row_id, "ok", None, marker, None)

@@ -57,7 +57,7 @@ class SegmentQueue:
                 break
             row_id, index = self._queue.popleft()
             state = states.get(row_id)
-            if state is None:  # the row has its result already
+            if state is None or row_id in self.broken:  # the row has its result already, or will
                 continue
             assert self.actors.codec is not None  # decided by the first actor that answered
             try:

@@ -826,7 +826,8 @@ def test_cancel_with_the_cluster_down_says_so_instead_of_nothing_to_cancel(tmp_p
 
 def test_a_users_file_broken_while_the_studio_runs_keeps_the_users_it_had(tmp_path, caplog):
     """An edit that breaks the users file (a typo in the TOML) must not refuse every request, sign-ins
-    included: the studio keeps the users it read last and logs why; at start it refuses."""
+    included: the studio keeps the users it read last and logs why. Read for the first time, it
+    raises (the studio checks it at start: tests/test_studio_cli.py)."""
     import time
 
     from heygem_ray.studio.users import UsersFile
@@ -853,7 +854,9 @@ def test_uploads_wait_in_a_private_folder_emptied_of_what_an_earlier_studio_left
     from heygem_ray.studio.server import private_upload_cache
 
     shared = tmp_path / "tmp-gradio"
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(shared))  # e.g. a shared /tmp an operator set for Gradio
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)  # e.g. a shared /tmp an operator set for Gradio
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(shared))
     cache = tmp_path / "uploads"
     (cache / "abc").mkdir(parents=True)
     old, fresh = cache / "abc" / "talk.mp4", cache / "def.wav"
@@ -865,6 +868,12 @@ def test_uploads_wait_in_a_private_folder_emptied_of_what_an_earlier_studio_left
     assert os.environ["GRADIO_TEMP_DIR"] == str(cache) and "is not used" in caplog.text
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     assert not old.exists() and not (cache / "abc").exists() and fresh.exists()
+    own = tmp_path / "big-disk"  # a private folder of this account: the operator's choice stands
+    own.mkdir(mode=0o700)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(own))
+    assert private_upload_cache(str(cache), expire=900) == str(own) == os.environ["GRADIO_TEMP_DIR"]
+    own.chmod(0o755)  # others may list it: not used
+    assert private_upload_cache(str(cache), expire=900) == str(cache)
 
 
 def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign(tmp_path, media_dir, monkeypatch):
@@ -941,7 +950,8 @@ def test_a_large_campaigns_page_lists_its_failed_rows_first_and_a_bounded_number
 @pytest.mark.integration
 def test_a_campaign_that_ended_while_no_studio_ran_is_logged_once(tmp_path, ray_head):
     """The studio's log has one line per campaign end: one that ended while the studio was down is
-    logged by the next studio to start (saying so), and by no studio after it."""
+    logged by the next studio to start (saying so), and by no studio after it. A store from before
+    ends were noted has its old ends noted, not logged again as missed."""
     import logging
 
     from ray.job_submission import JobSubmissionClient
@@ -952,13 +962,14 @@ def test_a_campaign_that_ended_while_no_studio_ran_is_logged_once(tmp_path, ray_
     from heygem_ray.studio.store import CampaignRecord
 
     store = StudioStore(str(tmp_path / "store"))
-    campaign = store.new_id()
-    job = JobSubmissionClient(ray_head).submit_job(entrypoint="true", submission_id=f"heygem-{campaign}")
-    record = CampaignRecord(
-        campaign, "alice", "n", time.time(), 1, "classic", "draft", "m", store.output("alice", campaign), jobs=[job]
-    )
-    store.save(record)
-    _wait_for(lambda: Cluster(ray_head, local=True).job(job)[0] == "SUCCEEDED", 60, "the job")
+
+    def ended_campaign() -> tuple[str, str]:
+        campaign = store.new_id()
+        job = JobSubmissionClient(ray_head).submit_job(entrypoint="true", submission_id=f"heygem-{campaign}")
+        output = store.output("alice", campaign)
+        store.save(CampaignRecord(campaign, "alice", "n", time.time(), 1, "classic", "draft", "m", output, jobs=[job]))
+        _wait_for(lambda: Cluster(ray_head, local=True).job(job)[0] == "SUCCEEDED", 60, "the job")
+        return campaign, job
 
     def lines_after_a_studio_starts(name: str) -> list[str]:
         log = logging.getLogger(f"studio-{name}")
@@ -969,8 +980,11 @@ def test_a_campaign_that_ended_while_no_studio_ran_is_logged_once(tmp_path, ray_
         log.setLevel(logging.INFO)
         StudioService(StudioConfig(store=str(tmp_path / "store")), Cluster(ray_head, local=True), log).watch(0.2)
         time.sleep(2.0)
-        return [line for line in seen if f"campaign={campaign}" in line]
+        return [line for line in seen if line.startswith(("finish", "failure", "stopped"))]
 
+    ended_campaign()  # in a store from before ends were noted (its end was logged live then)
+    assert lines_after_a_studio_starts("upgraded") == []
+    campaign, job = ended_campaign()  # while no studio runs
     assert lines_after_a_studio_starts("first") == [
         f"finish user=alice campaign={campaign} rows=0 failed=0 job={job} (ended while the studio was down)"
     ]

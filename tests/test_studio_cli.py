@@ -46,6 +46,14 @@ def test_without_users_the_studio_refuses_to_listen_beyond_loopback(tmp_path):
     assert "studio.host=0.0.0.0 needs studio.auth" in out.stderr
 
 
+def test_a_users_file_that_cannot_be_read_stops_the_studio_at_start(tmp_path):
+    """Else it would start and answer every request, sign-ins included, with an error."""
+    users = tmp_path / "users.toml"
+    users.write_text('[users."alice"]\npassword = \n')
+    out = _studio(f"studio.auth={users}", f"studio.store={tmp_path}/store", f"studio.log_file={tmp_path}/log")
+    assert out.returncode == 2 and f"studio.auth={users}: cannot be read" in out.stderr, out.stderr
+
+
 def test_a_studio_typo_exits_2_naming_it():
     out = _studio("studio.prot=8080")
     assert out.returncode == 2 and "studio.prot" in out.stderr
@@ -86,7 +94,7 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
             except httpx.HTTPError:
                 assert studio.poll() is None and time.time() < deadline, studio.stdout.read() if studio.stdout else ""
                 time.sleep(0.5)
-        assert health.status_code == 200 and "does not answer" in health.json()["cluster"]
+        assert health.status_code == 200 and health.json()["cluster"] == "unreachable"
         # one local user: only loopback names reach it (a rebound DNS name does not)
         assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 400
         client = Client(url + "/app/", verbose=False, download_files=False)

@@ -94,8 +94,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
 
     @app.get("/health")
     def health() -> JSONResponse:
-        problem = studio.cluster.problem()
-        return JSONResponse({"status": "ok", "cluster": problem or "ok"}, status_code=200)
+        """Answered to anyone (probes have no login): the cluster's address and error are for the
+        signed-in page and the log only."""
+        return JSONResponse({"status": "ok", "cluster": "unreachable" if studio.cluster.problem() else "ok"})
 
     @app.get("/login")
     def login_page() -> Response:
@@ -240,6 +241,11 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 out += f"\n\n⚠️ {problem}. Campaigns can be prepared but not submitted until it answers."
             return out
 
+        def claim_manifest(manifest_file: str | None, request: gr.Request) -> None:
+            """At upload time: the manifest is this user's too (another may upload the same file)."""
+            if manifest_file:
+                claims.claim(user_of(request), _uploaded([manifest_file]))
+
         def check(audio_files: list[str] | None, avatar_files: list[str] | None, request: gr.Request) -> str:
             """At upload time: each file's type, size and that it decodes; and the row count."""
             problems = []
@@ -343,6 +349,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         pages.load(whoami, None, who, concurrency_id="whoami", concurrency_limit=8)
         audios.change(check, [audios, avatars], checked, concurrency_id="check", concurrency_limit=4)
         avatars.change(check, [audios, avatars], checked, concurrency_id="check", concurrency_limit=4)
+        manifest.change(claim_manifest, [manifest], None, concurrency_id="check", concurrency_limit=4)
         submit.click(
             create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=4
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,10 @@ def _client(address: str) -> Any:
     return TimedClient(address)
 
 
+#: how long `Cluster.problem`'s answer is kept
+PROBLEM_SECONDS = 5.0
+
+
 class Cluster:
     """Campaign jobs on one Ray cluster. `local`: the head runs on this machine, so the job's
     driver runs this studio's Python and reads this checkout; a remote head gets the checkout
@@ -94,6 +99,8 @@ class Cluster:
         self._ended: dict[str, tuple[str, float | None]] = {}
         # log tails: when they were read (time.monotonic), and whether the job had ended by then
         self._logs: dict[str, tuple[str, float, bool]] = {}
+        self._checked: tuple[float, str | None] | None = None  # the last `problem` answer, and when
+        self._checked_lock = threading.Lock()
 
     @property
     def client(self) -> Any:
@@ -105,15 +112,22 @@ class Cluster:
         return self._jobs
 
     def problem(self) -> str | None:
-        """Why the cluster cannot take campaigns now (None: it answers). Asks it each time: a head
-        that went away after the first connection is seen as gone."""
-        try:
-            self._call("get_version")
-        except ClusterUnavailable as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - an answer that is not the job server's
-            return f"the Ray cluster at {self.address} answers oddly: {type(exc).__name__}: {exc}"
-        return None
+        """Why the cluster cannot take campaigns now (None: it answers). Asked again after
+        PROBLEM_SECONDS: a head that went away after the first connection is seen as gone, and a
+        burst of page loads or health checks costs one request to the cluster."""
+        with self._checked_lock:
+            checked = self._checked
+            if checked is not None and time.monotonic() - checked[0] < PROBLEM_SECONDS:
+                return checked[1]
+            try:
+                self._call("get_version")
+                problem = None
+            except ClusterUnavailable as exc:
+                problem = str(exc)
+            except Exception as exc:  # noqa: BLE001 - an answer that is not the job server's
+                problem = f"the Ray cluster at {self.address} answers oddly: {type(exc).__name__}: {exc}"
+            self._checked = (time.monotonic(), problem)
+            return problem
 
     def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
         entrypoint, runtime_env = job_spec(self.local, checkout())

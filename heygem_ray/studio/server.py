@@ -17,7 +17,7 @@ from heygem_ray.config import StudioConfig
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, local_head
 from heygem_ray.studio.service import UPLOAD_WINDOW_SECONDS, Studio
 from heygem_ray.studio.sessions import SessionKeyError, Sessions, load_key
-from heygem_ray.studio.users import add_user
+from heygem_ray.studio.users import UsersFile, add_user
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -50,18 +50,24 @@ def connect(cfg: StudioConfig) -> tuple[Cluster, str]:
 
 
 def private_upload_cache(cache: str = "~/.heygem_ray/uploads", expire: float = UPLOAD_WINDOW_SECONDS) -> str:
-    """Gradio's upload cache in a folder only this account can read (its default, /tmp/gradio, is
-    open to every account on the host; a GRADIO_TEMP_DIR set for Gradio is not used, for the same
-    reason), emptied of the uploads an earlier studio left older than `expire` seconds (Gradio
-    empties only what it uploaded itself). Returns the folder."""
+    """Gradio's upload cache in a folder only this account can open (its default, /tmp/gradio, is
+    open to every account on the host): a GRADIO_TEMP_DIR set for Gradio when it is such a folder
+    (on a larger disk, say), else `cache`; emptied of the uploads an earlier studio left older
+    than `expire` seconds (Gradio empties only what it uploaded itself). Returns the folder."""
     cache = os.path.expanduser(cache)
     os.makedirs(cache, mode=0o700, exist_ok=True)
     os.chmod(cache, 0o700)
     given = os.environ.get("GRADIO_TEMP_DIR")
     if given and os.path.realpath(given) != os.path.realpath(cache):
-        logging.getLogger("heygem_ray.studio").warning(
-            "GRADIO_TEMP_DIR=%s is not used: uploads wait in %s, which only this account can read", given, cache
-        )
+        st = os.stat(given) if os.path.isdir(given) else None
+        if st is not None and st.st_uid == os.getuid() and not st.st_mode & 0o077:  # private: the operator's own
+            cache = given
+        else:
+            logging.getLogger("heygem_ray.studio").warning(
+                "GRADIO_TEMP_DIR=%s is not used (not a folder only this account can open): uploads wait in %s",
+                given,
+                cache,
+            )
     os.environ["GRADIO_TEMP_DIR"] = cache
     now = time.time()
     for folder, _, names in os.walk(cache, topdown=False):
@@ -89,10 +95,16 @@ def serve(cfg: StudioConfig) -> int:
             file=sys.stderr,
         )
         return 2
+    if cfg.auth is not None:  # a users file that cannot be read would refuse every request
+        try:
+            UsersFile(cfg.auth).hashes()
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            print(f"heygem-ray: error: studio.auth={cfg.auth}: cannot be read ({exc})", file=sys.stderr)
+            return 2
     log = studio_log(cfg.log_file)
     try:
         cluster, about = connect(cfg)
-    except (ClusterUnavailable, OSError) as exc:
+    except (ClusterUnavailable, OSError, ValueError) as exc:  # ValueError: an address that is none
         print(f"heygem-ray: error: no Ray cluster for the studio: {exc}", file=sys.stderr)
         return 2
     try:

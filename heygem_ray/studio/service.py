@@ -76,16 +76,24 @@ class Studio:
             except Exception as exc:  # noqa: BLE001 - the store is down: watch what is submitted from now on
                 self.log.info("watch: cannot list the store: %s", exc)
                 found = []
+            # a store no studio noted ends in before (one from before the notes): its ends were logged
+            # live then, so they are noted now, not logged again
+            upgraded = not self.store.ends_noted()
             for record in found:
                 with contextlib.suppress(Exception):  # a record it cannot read stays unwatched
                     if not record.jobs:
                         continue
                     view = self._view(record, rows=False, log_end=False)
-                    if view.status not in ENDED:
+                    if view.status not in ENDED or view.note:  # running, or the cluster did not say
                         with self._lock:
                             self._watched.setdefault(record.id, record)
                     elif not self.store.end_logged(record):  # it ended while no studio watched
-                        self._log_end(record, view, late=True)
+                        if upgraded:
+                            self.store.note_end_logged(record)
+                        else:
+                            self._log_end(record, view, late=True)
+            with contextlib.suppress(Exception):
+                self.store.note_ends_noted()
             while True:
                 with self._lock:
                     records = list(self._watched.values())
@@ -314,8 +322,8 @@ class Studio:
         view.frames_planned = feed.get("frames", {}).get("planned", 0)
         view.eta_seconds = feed.get("eta_seconds")
         view.status = _status(job, feed.get("state"))
-        with self._lock:
-            ended = view.status in ENDED and bool(record.jobs) and record.jobs[-1] not in self._ended
+        with self._lock:  # an end the cluster did not confirm (it does not answer) is not one yet
+            ended = view.status in ENDED and not view.note and bool(record.jobs) and record.jobs[-1] not in self._ended
             if ended:
                 self._ended.add(record.jobs[-1])
         if ended and log_end:

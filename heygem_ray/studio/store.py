@@ -224,6 +224,13 @@ class StudioStore:
     def note_end_logged(self, record: CampaignRecord) -> None:
         storage.write_bytes(self._end_note(record), b"")
 
+    def ends_noted(self) -> bool:
+        """Whether a studio has noted campaign ends in this store before (see `note_end_logged`)."""
+        return storage.exists(storage.join(self.root, ".ends-noted"))
+
+    def note_ends_noted(self) -> None:
+        storage.write_bytes(storage.join(self.root, ".ends-noted"), b"")
+
     def _end_note(self, record: CampaignRecord) -> str:
         return storage.join(self.campaign_root(record.user, record.id), f".logged-end-{record.jobs[-1]}")
 

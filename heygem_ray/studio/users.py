@@ -103,7 +103,7 @@ class UsersFile:
                 try:
                     self._hashes = read_users(self.path)
                 except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
-                    if not self._read_once:  # at start: the studio does not start
+                    if not self._read_once:  # never read yet: nothing to keep (the studio checks it at start)
                         raise
                     # an edit that broke it must not refuse every request, sign-ins included
                     logging.getLogger("heygem_ray.studio").error(
