@@ -345,17 +345,20 @@ class Studio:
 
     # ------------------------------------------------------------ acting
     def cancel(self, user: str, campaign_id: str) -> bool:
-        record = self.store.load(user, campaign_id)
-        if record is None or not record.jobs:
-            return False
-        try:
-            stopped = self.cluster.stop(record.jobs[-1])
-        except ClusterUnavailable:  # the job may well be running: say so, not "nothing to cancel"
-            raise
-        except RuntimeError:  # a job the cluster no longer knows: nothing runs to stop
-            return False
-        self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
-        return stopped
+        """Stop the campaign's latest job; False when none runs (or it is not the user's). Not while
+        a re-run from another page submits: that one's job is the one to stop."""
+        with self._acting_on(user, campaign_id):
+            record = self.store.load(user, campaign_id)
+            if record is None or not record.jobs:
+                return False
+            try:
+                stopped = self.cluster.stop(record.jobs[-1])
+            except ClusterUnavailable:  # the job may well be running: say so, not "nothing to cancel"
+                raise
+            except RuntimeError:  # a job the cluster no longer knows: nothing runs to stop
+                return False
+            self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
+            return stopped
 
     def delete(self, user: str, campaign_id: str) -> bool:
         """Delete one of the user's campaigns with its uploads and videos; False when there is none
@@ -385,8 +388,9 @@ class Studio:
 
     @contextlib.contextmanager
     def _acting_on(self, user: str, campaign_id: str) -> Iterator[None]:
-        """One re-run or delete of a campaign at a time (pages act concurrently): a re-run between
-        a delete's check and its removal would start a job writing into a deleted campaign. Locks
+        """One re-run, cancel or delete of a campaign at a time (pages act concurrently): a re-run
+        between a delete's check and its removal would start a job writing into a deleted campaign,
+        and a cancel during a re-run's submit would stop the old job, not the new one. Locks
         are kept for the user's own campaigns only, not for any name a client sends."""
         if self.store.load(user, campaign_id) is None:
             yield
