@@ -55,7 +55,8 @@ class Campaign:
         self.observers = CampaignObservers(cfg, rows)
         self.results = ResultsTable(cfg.layout.results, cfg.layout.results_parts)
         self._outputs = {row.id: row.output for row in rows}
-        self._pending = deque(rows)
+        self._refused = [row for row in rows if row.refused]  # the manifest says why they cannot run
+        self._pending = deque(row for row in rows if not row.refused)
         self._states: dict[str, RowState] = {}  # rows admitted and not finished
         self._inflight: dict[Any, tuple[str, Any]] = {}  # executor handle -> (event, key)
         self.segments = SegmentQueue(cfg, self.actors, executor)
@@ -74,6 +75,8 @@ class Campaign:
         }
         try:
             self.observers.open()
+            for row in self._refused:  # their results say why; the others go on
+                self._fail(row.id, row.refused or "")
             self.actors.start()
             # until every row has its result: a probe of an actor that never starts (no node can host
             # it) or a finished row's segments still queued must not keep a finished campaign waiting
@@ -183,7 +186,7 @@ class Campaign:
         if new:  # watched, so a failed encode is forgotten and the next row with that narration tries again
             self._inflight[state.audio_track] = ("audio_track", state.prep.audio.fingerprint)
         # a campaign of fewer rows than actors spreads each row over several, so none idles
-        spread = math.ceil(len(self.actors) / max(1, len(self.rows)))
+        spread = math.ceil(len(self.actors) / max(1, len(self.rows) - len(self._refused)))
         self.observers.frames_planned += state.plan(track, self.cfg.render.segment_seconds, spread)
         self.observers.status(state.row.id, "rendering")
         self.segments.add(state.row.id, [span.index for span in state.spans])
@@ -282,8 +285,16 @@ def run(cfg: Config, launched: float | None = None) -> Summary:
     `launched`: when the run was asked for (time.time()), where the start-up breakdown begins;
     None = when this process started."""
     storage.configure(cfg.storage.options)
-    # a bad manifest stops here, before any rendering
+    # a manifest no row of which can run stops here, before any rendering
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
+    refused = [row.refused for row in rows if row.refused]
+    if refused:
+        log.warning(
+            "%d of %d manifest rows cannot run; their results say why, the others go on. %s",
+            len(refused),
+            len(rows),
+            "; ".join(refused[:5]) + (" ..." if len(refused) > 5 else ""),
+        )
     startup = Startup()
     if launched is not None:
         startup.driver_started = launched

@@ -1,5 +1,6 @@
-"""The campaign manifest: a Parquet table of audio/avatar pairs, read and validated as a whole before
-any rendering starts, and `build_manifest` for the common cross-product campaigns."""
+"""The campaign manifest: a Parquet table of audio/avatar pairs, read and checked before any rendering
+starts (a row that cannot run is refused with why, the others go on), and `build_manifest` for the
+common cross-product campaigns."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class Row:
     avatar: str
     output: str
     box: tuple[int, int, int, int] | None = None
+    #: why this row cannot run (its result says so, and the other rows run), or None
+    refused: str | None = None
 
 
 def default_id(audio: str, avatar: str) -> str:
@@ -50,6 +53,10 @@ def read_manifest(uri: str, output_root: str, allow_outside_output: bool = False
 def rows_from_table(
     table: pa.Table, output_root: str, name: str = "manifest", allow_outside_output: bool = False
 ) -> list[Row]:
+    """One Row per manifest row, in order. A row that cannot run is kept, refused with why
+    (`Row.refused`), so that its result says so and the rest of the campaign goes on; a problem of the
+    whole table (a column missing or of the wrong type, no rows, no row that can run) raises
+    ManifestError."""
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise ManifestError(
@@ -60,64 +67,118 @@ def rows_from_table(
     table = _text_columns(table, ("audio", "avatar", "id", "output"), problems)
     if problems:
         raise ManifestError(f"{name}: " + "; ".join(problems))
-
-    data = table.to_pylist()
-    rows: list[Row] = []
-    derived: dict[str, list[int]] = {}  # ids made from audio + avatar: the rows each was made for
-    for n, record in enumerate(data):
-        where = f"row {n}"
-        known = len(problems)
-        audio, avatar = (_uri(record.get(c), c, where, problems) for c in ("audio", "avatar"))
-        if not audio or not avatar:
-            if len(problems) == known:  # else the cell's own problem is said
-                problems.append(f"{where}: empty {'audio' if not audio else 'avatar'}")
-            continue
-        row_id = record.get("id")
-        if not row_id:
-            row_id = default_id(audio, avatar)
-            derived.setdefault(row_id, []).append(n)
-        if not SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
-            problems.append(
-                f"{where}: id {row_id!r} must be 1-200 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
-            continue
-        output = _uri(record.get("output"), "output", where, problems) or f"{row_id}.mp4"
-        if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
-            output = storage.join(output_root, output)  # relative outputs live under the campaign root
-        if not allow_outside_output and not _is_under(output, output_root):
-            problems.append(
-                f"{where}: output {storage.display(output)} is outside the output root "
-                f"{storage.display(output_root)} (set storage.allow_outside_output=true to allow)"
-            )
-            continue
-        if _is_under(output, output_root):
-            first = storage.normalize(output)[len(storage.normalize(output_root).rstrip("/")) + 1 :].split("/")[0]
-            if first in RESERVED:
-                problems.append(f"{where}: output {storage.display(output)} is where the campaign keeps {first}")
-                continue
-        try:
-            box = _parse_box(record.get("box"))
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}")
-            continue
-        rows.append(Row(row_id, audio, avatar, output, box))
-
-    for row_id, numbers in derived.items():
-        if len(numbers) > 1:  # named for what the user wrote, not for an id they never saw
-            problems.append(f"rows {', '.join(map(str, numbers[:5]))}: the same audio and avatar (give them ids)")
-    _check_unique([r.id for r in rows if r.id not in derived or len(derived[r.id]) == 1], "id", problems)
-    _check_unique([storage.normalize(r.output) for r in rows], "output", problems)
-    inputs = {storage.normalize(uri) for r in rows for uri in (r.audio, r.avatar)}
-    for row in rows:
-        if storage.normalize(row.output) in inputs:
-            problems.append(f"row {row.id}: output {storage.display(row.output)} is one of the campaign's inputs")
-    if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ManifestError(f"{name} is invalid:\n  " + "\n  ".join(shown))
-    if not rows:
+    cells = [_read_row(n, record, output_root, allow_outside_output) for n, record in enumerate(table.to_pylist())]
+    if not cells:
         raise ManifestError(f"{name} has no rows")
+    _refuse_repeats(cells)
+    rows = [cell.row() for cell in cells]
+    if all(row.refused for row in rows):
+        refused = [row.refused or "" for row in rows]
+        shown = refused[:20] + ([f"... and {len(refused) - 20} more"] if len(refused) > 20 else [])
+        raise ManifestError(f"{name} has no row that can run:\n  " + "\n  ".join(shown))
     return rows
+
+
+def refusals(rows: list[Row], name: str = "manifest") -> None:
+    """Raise ManifestError saying why, if any row is refused: for a manifest checked before it is
+    launched, where a person can still mend it."""
+    refused = [row.refused for row in rows if row.refused]
+    if refused:
+        shown = refused[:20] + ([f"... and {len(refused) - 20} more"] if len(refused) > 20 else [])
+        raise ManifestError(f"{name} is invalid:\n  " + "\n  ".join(shown))
+
+
+@dataclass
+class _Cells:
+    """One manifest row as read, before the checks across rows."""
+
+    n: int
+    id: str | None  # None: none usable
+    derived: bool  # the id was made from audio + avatar
+    audio: str = ""
+    avatar: str = ""
+    output: str = ""
+    box: tuple[int, int, int, int] | None = None
+    problem: str | None = None
+
+    def refuse(self, problem: str) -> None:
+        self.problem = self.problem or f"manifest row {self.n}: {problem}"
+
+    def row(self) -> Row:
+        # a refused row without an id of its own is named "#<row number>", which no valid id can be
+        row_id = self.id if self.id is not None else f"#{self.n}"
+        return Row(row_id, self.audio, self.avatar, self.output, self.box, self.problem)
+
+
+def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_output: bool) -> _Cells:
+    cell = _Cells(n, None, False)
+    problems: list[str] = []
+    audio, avatar = (_uri(record.get(c), c, problems) for c in ("audio", "avatar"))
+    cell.audio, cell.avatar = audio or "", avatar or ""
+    if problems or not audio or not avatar:
+        cell.refuse(problems[0] if problems else f"empty {'audio' if not audio else 'avatar'}")
+    row_id = record.get("id") or None
+    if row_id is None and audio and avatar:
+        row_id, cell.derived = default_id(audio, avatar), True
+    if row_id is not None and not SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
+        cell.refuse(f"id {row_id!r} must be 1-200 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return cell
+    cell.id = row_id
+    if row_id is None:
+        return cell
+    output = _uri(record.get("output"), "output", problems) or f"{row_id}.mp4"
+    if problems:
+        cell.refuse(problems[-1])
+        return cell
+    if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
+        output = storage.join(output_root, output)  # relative outputs live under the campaign root
+    cell.output = output
+    if not allow_outside_output and not _is_under(output, output_root):
+        cell.refuse(
+            f"output {storage.display(output)} is outside the output root {storage.display(output_root)} "
+            "(set storage.allow_outside_output=true to allow)"
+        )
+    elif _is_under(output, output_root):
+        first = storage.normalize(output)[len(storage.normalize(output_root).rstrip("/")) + 1 :].split("/")[0]
+        if first in RESERVED:
+            cell.refuse(f"output {storage.display(output)} is where the campaign keeps {first}")
+    try:
+        cell.box = _parse_box(record.get("box"))
+    except ValueError as exc:
+        cell.refuse(str(exc))
+    return cell
+
+
+def _refuse_repeats(cells: list[_Cells]) -> None:
+    """Refuse every row of an id or an output that several rows share (which of them was meant is
+    not ours to guess), and a row whose output is one of the campaign's inputs. Rows of a shared id
+    lose it, so that each result names one row."""
+    by_id: dict[str, list[_Cells]] = {}
+    by_output: dict[str, list[_Cells]] = {}
+    for cell in cells:
+        if cell.id is not None:
+            by_id.setdefault(cell.id, []).append(cell)
+        if cell.output:
+            by_output.setdefault(storage.normalize(cell.output), []).append(cell)
+    for row_id, sharing in by_id.items():
+        if len(sharing) > 1:
+            for cell in sharing:
+                others = ", ".join(str(other.n) for other in sharing if other is not cell)
+                # named for what the user wrote, not for an id they never saw
+                if all(other.derived for other in sharing):
+                    cell.refuse(f"the same audio and avatar as row(s) {others} (give them ids)")
+                else:
+                    cell.refuse(f"id {row_id!r} is also row(s) {others}'s")
+                cell.id = None
+    for output, sharing in by_output.items():
+        if len(sharing) > 1:
+            for cell in sharing:
+                others = ", ".join(str(other.n) for other in sharing if other is not cell)
+                cell.refuse(f"output {storage.display(output)} is also row(s) {others}'s")
+    inputs = {storage.normalize(uri) for cell in cells for uri in (cell.audio, cell.avatar) if uri}
+    for cell in cells:
+        if cell.output and storage.normalize(cell.output) in inputs:
+            cell.refuse(f"output {storage.display(cell.output)} is one of the campaign's inputs")
 
 
 def _text_columns(table: pa.Table, columns: tuple[str, ...], problems: list[str]) -> pa.Table:
@@ -143,12 +204,12 @@ def is_text(kind: pa.DataType) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or bool(view and view(kind))
 
 
-def _uri(value: str | None, column: str, where: str, problems: list[str]) -> str | None:
+def _uri(value: str | None, column: str, problems: list[str]) -> str | None:
     """A URI cell without surrounding blanks (a pasted "a.wav\n"); None if empty or if it holds a
     control character (recorded as a problem)."""
     value = (value or "").strip()
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        problems.append(f"{where}: {column} {value!r} holds a control character")
+        problems.append(f"{column} {value!r} holds a control character")
         return None
     return value or None
 
@@ -173,18 +234,6 @@ def _parse_box(value: object) -> tuple[int, int, int, int] | None:
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
         raise ValueError(f"box {value!r} must be x1, y1, x2, y2 with x2 > x1 >= 0 and y2 > y1 >= 0")
     return box[0], box[1], box[2], box[3]
-
-
-def _check_unique(values: list[str], what: str, problems: list[str]) -> None:
-    seen: dict[str, int] = {}
-    for value in values:
-        seen[value] = seen.get(value, 0) + 1
-    dupes = [v for v, count in seen.items() if count > 1]
-    if dupes:
-        problems.append(
-            f"duplicate {what}s: {', '.join(map(storage.display, dupes[:5]))}"
-            + (f" and {len(dupes) - 5} more" if len(dupes) > 5 else "")
-        )
 
 
 def expand(patterns: list[str]) -> list[str]:

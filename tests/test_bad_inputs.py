@@ -102,6 +102,9 @@ CASES = {
     "text_as_audio": ("not_audio.wav", "clip.mp4", ["audio", "not_audio.wav", "not readable audio"]),
     "no_face": ("speech.wav", "noface.mp4", ["avatar", "noface.mp4", "no face found in any of 10 frames"]),
     "unwritable_output": ("speech.wav", "clip.mp4", ["output", "blocker/x.mp4", "a parent of it is a file"]),
+    # cells the manifest refuses: the row fails with why, the campaign goes on
+    "bad_box": ("speech.wav", "clip.mp4", ["manifest row 8: box '1,2,3' must be x1, y1, x2, y2"]),
+    "reserved_output": ("speech.wav", "clip.mp4", ["manifest row 9: output", "is where the campaign keeps _markers"]),
     "face_leaves_frame": ("speech.wav", "face_leaves.mp4", None),
     "silent_audio": ("silent.wav", "clip.mp4", None),
     "tiny_audio": ("tiny.wav", "clip.mp4", None),
@@ -127,6 +130,8 @@ def campaign_results(ray_local, inputs, tmp_path_factory):
     (out / "blocker").write_text("a file where a folder should be")
     ids = list(CASES)
     outputs = [str(out / "blocker" / "x.mp4") if i == "unwritable_output" else None for i in ids]
+    outputs[ids.index("reserved_output")] = "_markers/x.mp4"
+    assert ids.index("bad_box") == 8  # as its expected error says
     manifest = str(out / "m.parquet")
     pq.write_table(
         pa.table(
@@ -135,12 +140,14 @@ def campaign_results(ray_local, inputs, tmp_path_factory):
                 "audio": [str(inputs / CASES[i][0]) for i in ids],
                 "avatar": [str(inputs / CASES[i][1]) for i in ids],
                 "output": outputs,
+                "box": ["1,2,3" if i == "bad_box" else None for i in ids],
             }
         ),
         manifest,
     )
     cfg = compose_config(f"manifest={manifest}", f"output={out}", "render.segment_seconds=0.5", "render.progress=false")
     summary = campaign.run(cfg)
+    assert [r.id for r in summary.rows] == ids  # one result per manifest row, in its order
     return out, {r.id: r for r in summary.rows}
 
 

@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from heygem_ray.errors import ManifestError
-from heygem_ray.manifest import build_manifest, default_id, read_manifest, rows_from_table
+from heygem_ray.manifest import build_manifest, default_id, read_manifest, refusals, rows_from_table
 
 
 def table(**cols):
@@ -35,32 +35,76 @@ def test_explicit_and_relative_outputs():
     "output", ["s3://bucket/x.mp4", "s3://camp-other/x.mp4", "../escape.mp4", "/etc/x.mp4", "s3://camp/a/../../x.mp4"]
 )
 def test_outputs_outside_the_root_are_refused_by_default(output):
-    with pytest.raises(ManifestError, match="outside the output root"):
-        rows_from_table(table(audio=["a"], avatar=["v"], output=[output]), "s3://camp" if "s3" in output else "/camp")
+    root = "s3://camp" if "s3" in output else "/camp"
+    rows = rows_from_table(table(audio=["a", "b"], avatar=["v", "v"], id=["bad", "good"], output=[output, None]), root)
+    assert "outside the output root" in rows[0].refused and rows[1].refused is None
+    with pytest.raises(ManifestError, match="no row that can run"):
+        rows_from_table(table(audio=["a"], avatar=["v"], output=[output]), root)
 
 
 @pytest.mark.parametrize(
     "cols, message",
     [
         ({"audio": ["a"]}, "lacks required column(s) avatar"),
-        ({"audio": ["a", "b"], "avatar": ["v", "v"], "id": ["x", "x"]}, "duplicate ids: x"),
-        ({"audio": ["a", "b"], "avatar": ["v", "w"], "output": ["o.mp4", "o.mp4"]}, "duplicate outputs"),
-        ({"audio": ["a", None], "avatar": ["v", "w"]}, "row 1: empty audio"),
         ({"audio": [1, 2], "avatar": ["v", "w"]}, "column 'audio' must hold strings"),
-        ({"audio": ["a"], "avatar": ["v"], "id": ["../etc"]}, "must be 1-200 letters"),
-        ({"audio": ["a"], "avatar": ["v"], "box": [[1, 2, 3]]}, "must be x1, y1, x2, y2"),
-        ({"audio": ["a"], "avatar": ["v"], "box": ["0,0,inf,10"]}, "must be four numbers"),
-        ({"audio": ["a\tb.wav"], "avatar": ["v"]}, "row 0: audio 'a\\tb.wav' holds a control character"),
-        ({"audio": ["a", "a"], "avatar": ["v", "v"]}, "rows 0, 1: the same audio and avatar (give them ids)"),
-        ({"audio": ["a"], "avatar": ["v"], "output": ["_results.parquet"]}, "is where the campaign keeps _results"),
-        ({"audio": ["a"], "avatar": ["v"], "output": ["_markers/x.json"]}, "is where the campaign keeps _markers"),
-        ({"audio": ["/out/v.mp4"], "avatar": ["/out/v.mp4"], "output": ["v.mp4"]}, "is one of the campaign's inputs"),
+        ({"audio": pa.array([], pa.string()), "avatar": pa.array([], pa.string())}, "has no rows"),
+        ({"audio": ["a", None], "avatar": [None, "w"]}, "has no row that can run"),
     ],
 )
-def test_invalid_manifests_are_rejected_with_the_reason(cols, message):
-    with pytest.raises(ManifestError, match=None) as err:
+def test_manifests_no_row_of_which_can_run_are_rejected_with_the_reason(cols, message):
+    with pytest.raises(ManifestError) as err:
         rows_from_table(pa.table(cols), "/out")
     assert message in str(err.value)
+
+
+GOOD = {"audio": "good.wav", "avatar": "good.mp4", "id": "good", "output": None, "box": None}
+
+
+@pytest.mark.parametrize(
+    "bad, refused_id, message",
+    [
+        ({"audio": None}, "#1", "manifest row 1: empty audio"),
+        ({"avatar": " "}, "#1", "manifest row 1: empty avatar"),
+        ({"audio": None, "id": "mine"}, "mine", "manifest row 1: empty audio"),
+        ({"id": "../etc"}, "#1", "must be 1-200 letters"),
+        ({"id": "x", "box": [1, 2, 3]}, "x", "must be x1, y1, x2, y2"),
+        ({"id": "x", "box": "0,0,inf,10"}, "x", "must be four numbers"),
+        ({"audio": "a\tb.wav"}, "#1", "manifest row 1: audio 'a\\tb.wav' holds a control character"),
+        ({"id": "x", "output": "o\n.mp4"}, "x", "output 'o\\n.mp4' holds a control character"),
+        ({"id": "x", "output": "_results.parquet"}, "x", "is where the campaign keeps _results"),
+        ({"id": "x", "output": "_markers/x.json"}, "x", "is where the campaign keeps _markers"),
+        ({"id": "x", "audio": "/out/v.mp4", "avatar": "/out/v.mp4", "output": "v.mp4"}, "x", "campaign's inputs"),
+    ],
+)
+def test_a_row_that_cannot_run_is_refused_with_the_reason_and_the_others_go_on(bad, refused_id, message):
+    cells = [GOOD, {**GOOD, "id": None, "audio": "b.wav", **bad}, {**GOOD, "id": "last", "audio": "c.wav"}]
+    rows = rows_from_table(pa.Table.from_pylist(cells), "/out")
+    assert [r.id for r in rows] == ["good", refused_id, "last"]
+    assert message in rows[1].refused
+    assert rows[0].refused is None and rows[2].refused is None
+    with pytest.raises(ManifestError, match="is invalid") as err:  # the studio's check before a launch
+        refusals(rows, "m.parquet")
+    assert message in str(err.value)
+    refusals([rows[0], rows[2]])
+
+
+def test_rows_sharing_an_id_or_an_output_are_all_refused():
+    rows = rows_from_table(
+        pa.table(
+            {
+                "audio": ["a", "b", "c", "d", "e", "f", "f"],
+                "avatar": ["v"] * 7,
+                "id": ["x", "x", "y", "z", "ok", None, None],
+                "output": [None, None, "o.mp4", "o.mp4", None, None, None],
+            }
+        ),
+        "/out",
+    )
+    assert [r.id for r in rows] == ["#0", "#1", "y", "z", "ok", "#5", "#6"]
+    assert "id 'x' is also row(s) 1's" in rows[0].refused and "row(s) 0's" in rows[1].refused
+    assert "output /out/o.mp4 is also row(s) 3's" in rows[2].refused
+    assert "the same audio and avatar as row(s) 6 (give them ids)" in rows[5].refused
+    assert [r.refused is None for r in rows] == [False, False, False, False, True, False, False]
 
 
 def test_cells_are_read_as_people_write_them():
@@ -159,12 +203,15 @@ def test_any_manifest_either_reads_or_says_why(entries, drop):
     cols = {"audio": [a for a, _, _ in entries], "avatar": [v for _, v, _ in entries], "id": [i for _, _, i in entries]}
     if drop:
         del cols[drop]
+    words = ("lacks", "empty", "also row", "must", "outside", "no row", "control", "same audio", "inputs")
     try:
         rows = rows_from_table(pa.table(cols), "/out")
     except ManifestError as exc:
         assert str(exc).strip()  # a message a person can act on
-        words = ("lacks", "empty", "duplicate", "must", "outside", "no rows", "control", "same audio", "inputs")
         assert any(word in str(exc) for word in words)
     else:
         assert drop is None and len(rows) == len(entries)
-        assert all(r.audio and r.avatar for r in rows)
+        assert any(not r.refused for r in rows)
+        assert all(r.audio and r.avatar for r in rows if not r.refused)
+        assert all(any(word in r.refused for word in words) for r in rows if r.refused)
+        assert len({r.id for r in rows}) == len(rows)  # each result names one row

@@ -336,8 +336,8 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     assert pq.read_table(uri).to_pylist()[0]["id"] == "1"
     # what the campaign would refuse is refused now, not in a job that fails later
     twice = tmp_path / "twice.csv"
-    twice.write_text("id,audio,avatar\nsame,a.wav,face.png\nsame,b.wav,face.png\n")
-    with pytest.raises(UploadError, match="duplicate ids: same"):
+    twice.write_text("id,audio,avatar\nsame,a.wav,face.png\nsame,b.wav,face.png\nother,c.wav,face.png\n")
+    with pytest.raises(UploadError, match=r"is invalid:\n  manifest row 0: id 'same' is also row\(s\) 1's"):
         store.uploaded_manifest("alice", campaign, str(twice))
     # a few KiB of Parquet that decodes to hundreds of MiB is refused from its footer, unread
     bomb = tmp_path / "bomb.parquet"

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from heygem_ray import storage
 from heygem_ray.errors import InputError, ManifestError
-from heygem_ray.manifest import build_manifest, is_text, rows_from_table
+from heygem_ray.manifest import build_manifest, is_text, refusals, rows_from_table
 from heygem_ray.media.audio import iter_pcm16k
 from heygem_ray.media.video import probe
 from heygem_ray.studio.users import check_name
@@ -178,7 +178,7 @@ class StudioStore:
         keep = {"box": table.column("box")} if "box" in table.column_names else {}
         out = pa.table({**columns, **keep})
         try:  # the campaign's own checks, now, rather than in a job that fails
-            rows_from_table(out, self.output(user, campaign_id), name)
+            refusals(rows_from_table(out, self.output(user, campaign_id), name), name)  # mended now, not after the run
         except ManifestError as exc:
             raise UploadError(str(exc)) from None
         buf = io.BytesIO()
