@@ -48,8 +48,17 @@ class Campaign:
     """One campaign's rows through prepare, render and stitch on an executor, each row ending with
     exactly one result."""
 
-    def __init__(self, cfg: Config, rows: list[Row], executor: Executor, startup: Startup | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        rows: list[Row],
+        executor: Executor,
+        startup: Startup | None = None,
+        guard: Callable[[], None] | None = None,
+    ):
         self.cfg, self.rows, self.executor = cfg, rows, executor
+        #: called on every turn of the loop: what it raises stops the campaign (the output lock lost)
+        self.guard = guard
         self.startup = startup or Startup()
         self.actors = ActorPool(cfg, executor)
         self.observers = CampaignObservers(cfg, rows)
@@ -81,6 +90,8 @@ class Campaign:
             # until every row has its result: a probe of an actor that never starts (no node can host
             # it) or a finished row's segments still queued must not keep a finished campaign waiting
             while len(self.results) < len(self.rows):
+                if self.guard is not None:
+                    self.guard()
                 for actor in self.actors.due_probes():
                     self._inflight[self.executor.call(actor, "ready")] = ("actor_ready", actor)
                 self._admit_rows()
@@ -280,10 +291,11 @@ def _wind_down(*steps: tuple[str, Callable[[], object]]) -> None:
             log.warning("could not %s: %s: %s", step, type(exc).__name__, exc)
 
 
-def run(cfg: Config, launched: float | None = None) -> Summary:
+def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | None = None) -> Summary:
     """Read the manifest, render every row, write the results table, return the summary.
     `launched`: when the run was asked for (time.time()), where the start-up breakdown begins;
-    None = when this process started."""
+    None = when this process started. `guard`: called on every turn of the campaign's loop, what it
+    raises stops the campaign."""
     storage.configure(cfg.storage.options)
     # a manifest no row of which can run stops here, before any rendering
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
@@ -299,4 +311,4 @@ def run(cfg: Config, launched: float | None = None) -> Summary:
     if launched is not None:
         startup.driver_started = launched
     with open_executor(cfg, startup) as executor:
-        return Campaign(cfg, rows, executor, startup).run()
+        return Campaign(cfg, rows, executor, startup, guard).run()

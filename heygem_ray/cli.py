@@ -61,15 +61,18 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
     """Render a campaign from a plain config; returns the process exit status. `launched`: where
     the start-up breakdown begins (None = when this process started)."""
     from heygem_ray import campaign
-    from heygem_ray.output_lock import output_lock
+    from heygem_ray.output_lock import OutputLostError, output_lock
 
     try:
         storage.configure(cfg.storage.options)
-        with output_lock(cfg.layout):
+        with output_lock(cfg.layout) as held:
             if resolved is not None:
                 storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
             with _sigterm_interrupts():
-                summary = campaign.run(cfg, launched)
+                summary = campaign.run(cfg, launched, held.check)
+    except OutputLostError as exc:  # its rows that did not finish are reported failed, as on a stop
+        print(f"heygem-ray: error: {exc}", file=sys.stderr)
+        return 1
     except HeygemError as exc:
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
         return 2

@@ -287,3 +287,52 @@ def test_a_defect_met_for_one_row_fails_that_row_and_the_campaign_goes_on(tmp_pa
     )
     assert [r.status for r in summary.rows] == ["ok", "failed", "ok"]
     assert summary.rows[1].error.startswith("internal error: IndexError")
+
+
+def test_a_guard_that_raises_stops_the_campaign_with_every_row_reported(tmp_path):
+    """The output lock lost to another run: the campaign stops on its next turn, and still writes a
+    whole results table (rows that did not finish: failed, interrupted)."""
+    from heygem_ray.output_lock import OutputLostError
+
+    job, _ = _campaign(tmp_path)
+    turns = []
+
+    def guard() -> None:
+        turns.append(1)
+        if len(job.results) >= 5:
+            raise OutputLostError("taken over")
+
+    job.guard = guard
+    try:
+        job.run()
+    except OutputLostError:
+        pass
+    else:
+        raise AssertionError("the campaign did not stop")
+    results = read_results(str(tmp_path / "out" / "_results.parquet"))
+    assert [r["id"] for r in results] == [f"r{i:03d}" for i in range(ROWS)]
+    stopped = [r for r in results if r["status"] == "failed"]
+    assert stopped and all("interrupted" in r["error"] for r in stopped)
+    assert 5 <= sum(r["status"] == "ok" for r in results) < ROWS
+
+
+def test_refused_rows_fail_at_once_and_are_never_prepared(tmp_path):
+    job, executor = _campaign(tmp_path)
+    refused = {3: "manifest row 3: box '1' must be four numbers", 7: "manifest row 7: empty audio"}
+    rows = [Row(f"#{i}", "", "", "", None, refused[i]) if i in refused else row for i, row in enumerate(job.rows)]
+    prepared = []
+    submit = executor.submit
+
+    def watched(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn.__name__ == "prepare_row":
+            prepared.append(args[0].id)
+        return submit(fn, *args, **kwargs)
+
+    executor.submit = watched  # type: ignore[method-assign]
+    summary = Campaign(job.cfg, rows, executor=executor).run()
+    results = {r.id: r for r in summary.rows}
+    assert [r.id for r in summary.rows] == [row.id for row in rows]
+    assert summary.count("ok") == ROWS - 2
+    assert results["#3"].status == "failed" and results["#3"].error == refused[3]
+    assert results["#7"].error == refused[7]
+    assert len(prepared) == ROWS - 2 and not {"#3", "#7"} & set(prepared)

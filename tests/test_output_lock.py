@@ -4,9 +4,11 @@ and a lock left by a run that ended without letting go is taken over."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from helpers import render_cli
 from heygem_ray import output_lock as lock_module
 from heygem_ray.layout import CampaignLayout
-from heygem_ray.output_lock import OutputBusyError, output_lock
+from heygem_ray.output_lock import OutputBusyError, OutputLostError, output_lock
 
 
 def _held_by(layout: CampaignLayout, host: str, pid: int, seen_ago: float, pidns: str | None = None) -> None:
@@ -88,17 +90,76 @@ def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the
     assert storage.remove_parts("memory://x/out") == 0
 
 
-def test_a_run_whose_lock_was_taken_over_stops_refreshing_it(tmp_path, monkeypatch, caplog):
-    """A run whose store did not answer for a minute finds another run holding its lock: it says so
-    and leaves that run's lock alone (neither refreshed over, nor removed at its end)."""
+def test_a_run_whose_lock_was_taken_over_stops_refreshing_it_and_stops(tmp_path, monkeypatch, caplog):
+    """A run whose store did not answer for a minute finds another run holding its lock: it says so,
+    leaves that run's lock alone (neither refreshed over, nor removed at its end) and stops."""
     monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
     layout = CampaignLayout(str(tmp_path))
-    with output_lock(layout):
+    with output_lock(layout) as held:
+        held.check()  # still held: goes on
+        (tmp_path / "_lock.json").unlink()  # removed by hand: made again
+        time.sleep(0.3)
+        assert json.loads((tmp_path / "_lock.json").read_text())["pid"] == os.getpid() and not held.lost.is_set()
         _held_by(layout, "render-head-2", 4321, seen_ago=0)  # the other run took over
         time.sleep(0.3)
         assert json.loads((tmp_path / "_lock.json").read_text())["host"] == "render-head-2"
+        with pytest.raises(OutputLostError, match="another run took output .* over while this one rendered"):
+            held.check()
     assert json.loads((tmp_path / "_lock.json").read_text())["host"] == "render-head-2"
-    assert "took over output" in caplog.text
+    assert "took over output" in caplog.text and "this run stops" in caplog.text
+
+
+def _race(layout: CampaignLayout, runs: int = 8) -> int:
+    """`runs` runs start on one output at the same instant: how many got in."""
+    start, got_in = threading.Barrier(runs), []
+
+    def run() -> None:
+        start.wait()
+        try:
+            with output_lock(layout):
+                got_in.append(1)
+                time.sleep(0.5)  # held while the others try
+        except OutputBusyError:
+            pass
+
+    threads = [threading.Thread(target=run) for _ in range(runs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(got_in)
+
+
+def test_of_runs_starting_at_the_same_instant_one_gets_in(tmp_path):
+    layout = CampaignLayout(str(tmp_path / "out"))
+    for _ in range(3):
+        assert _race(layout) == 1  # a free lock
+        _held_by(layout, "another-host", 1234, seen_ago=lock_module.STALE_SECONDS + 5)
+        assert _race(layout) == 1  # a stale one, taken over
+
+
+def test_on_s3_the_store_lets_one_run_in_and_a_lost_lock_stops_its_run(s3_endpoint, monkeypatch):
+    """Conditional PUTs (If-None-Match, If-Match on the ETag read) against a real S3 endpoint."""
+    import boto3
+
+    from heygem_ray import storage
+
+    boto3.client("s3").create_bucket(Bucket="heygem-lock")
+    layout = CampaignLayout("s3://heygem-lock/campaign")
+    assert _race(layout, runs=6) == 1
+    storage.write_bytes(layout.lock, json.dumps({"host": "h", "token": "old", "heartbeat": 0}).encode())
+    assert _race(layout, runs=6) == 1  # stale: taken over by one
+    assert not storage.exists(layout.lock)  # let go at the end
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    with output_lock(layout) as held:
+        mine = json.loads(storage.read_bytes(layout.lock))
+        storage.write_bytes(layout.lock, json.dumps({**mine, "token": "theirs", "host": "render-head-2"}).encode())
+        deadline = time.time() + 10
+        while not held.lost.is_set() and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(OutputLostError):
+            held.check()
+    assert json.loads(storage.read_bytes(layout.lock))["host"] == "render-head-2"  # theirs, left alone
 
 
 def test_the_cli_refuses_an_output_another_run_is_writing(tmp_path):
