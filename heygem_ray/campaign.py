@@ -34,7 +34,7 @@ from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.prepare import AvatarTrack, prepare_row
 from heygem_ray.results import ResultsTable, RowResult, Summary, published_earlier
-from heygem_ray.rows import RowState, published_flag
+from heygem_ray.rows import RowState, published_flag, remove_old_work
 from heygem_ray.segment import SegmentResult
 from heygem_ray.segment_queue import SegmentCall, SegmentQueue
 from heygem_ray.shared_work import AvatarKey, SharedWork
@@ -117,9 +117,12 @@ class Campaign:
             try:
                 results = self.results.finish([r.id for r in self.rows])
             finally:  # a table the store refuses still leaves the renderers stopped and the feed final
+                done = ("ok", "skipped")
+                finished = [r.id for r in self.rows if r.id in self.results and self.results[r.id].status in done]
                 _wind_down(
                     ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
                     ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
+                    ("remove finished rows' old segments", lambda: remove_old_work(self.cfg.layout, finished)),
                     ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
                 )
         return Summary.of(results, time.time() - started, self.startup.breakdown())

@@ -9,7 +9,8 @@
 {output}/_config.yaml       the resolved config of the last run, credentials masked
 {output}/_markers/{row}.json    a finished row's fingerprint: a rerun skips the row
 {output}/_thumbs/{row}.jpg      a finished row's thumbnail, for the report
-{output}/_work/{key}/       segments of rows in progress, removed once stitched
+{output}/_work/{key}/       segments of rows in progress, removed once stitched (and a finished
+                            row's folders of earlier cuts or inputs, at the campaign's end)
 {output}/_cache/            decoded audio and face tracks, unless `cache` puts them elsewhere
 {output}/_lock.json         held by the run writing the output root (heygem_ray.output_lock)
 """

@@ -3,7 +3,9 @@ stages (one `SegmentJob` per span, then one `StitchJob`), built from that knowle
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +140,24 @@ class RowState:
             frames_without_face=without_face,
             qa_flag=published_flag(score, offset, method, without_face, qa) if published else "",
         )
+
+
+#: a `_work` folder's name, as `RowState.work_uri` makes it: the row's id, then three parts of fixed form
+_WORK_KEY = re.compile(r"(?P<row>.+)-[0-9a-f]{16}-[A-Za-z0-9_]+-n[0-9]+")
+
+
+def remove_old_work(layout: CampaignLayout, finished: Iterable[str]) -> int:
+    """Remove every `_work` folder of the finished rows: those of an earlier cut, codec or input of a
+    row (a rerun after a change, a stop, or a failure) that its stitch, which removes only its own,
+    leaves. Rows that failed keep theirs, for a rerun to reuse. Returns how many went."""
+    finished = set(finished)
+    removed = 0
+    for uri in storage.glob(storage.join(layout.work_root, "*")):
+        match = _WORK_KEY.fullmatch(storage.basename(uri.rstrip("/")))
+        if match and match["row"] in finished:
+            storage.remove(uri, recursive=True)
+            removed += 1
+    return removed
 
 
 def segment_uri(work_uri: str, index: int) -> str:

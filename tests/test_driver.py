@@ -336,3 +336,46 @@ def test_refused_rows_fail_at_once_and_are_never_prepared(tmp_path):
     assert results["#3"].status == "failed" and results["#3"].error == refused[3]
     assert results["#7"].error == refused[7]
     assert len(prepared) == ROWS - 2 and not {"#3", "#7"} & set(prepared)
+
+
+def test_finished_rows_old_work_folders_go_at_the_end_and_failed_rows_keep_theirs(tmp_path, request):
+    """A row re-rendered after a change (another cut, codec or input) leaves the folder of its earlier
+    segments: the campaign's end removes it once the row is finished. Ids that begin like another
+    row's id are not mistaken for it."""
+    from heygem_ray import storage
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.rows import remove_old_work
+
+    for root in (str(tmp_path / "out"), "s3://heygem-work/out"):
+        if root.startswith("s3://"):
+            request.getfixturevalue("s3_endpoint")
+            import boto3
+
+            boto3.client("s3").create_bucket(Bucket="heygem-work")
+        layout = CampaignLayout(root)
+        fp = "0123456789abcdef"
+        names = {
+            f"a-{fp}-libx264-n3": False,  # finished row "a": earlier cut
+            f"a-{fp[::-1]}-h264_nvenc-n4": False,  # ... earlier input and codec
+            f"a-b-{fp}-libx264-n2": True,  # row "a-b": failed
+            f"a-{fp}-{fp}-libx264-n2": True,  # row "a-0123456789abcdef": failed
+            f"failed-{fp}-libx264-n1": True,
+            "notes": True,  # not ours
+        }
+        for name in names:
+            storage.write_bytes(storage.join(layout.work_root, name, "seg-00000.mp4"), b"x")
+        assert remove_old_work(layout, ["a", "never-started"]) == 2
+        for name, kept in names.items():
+            assert storage.exists(storage.join(layout.work_root, name, "seg-00000.mp4")) == kept, (root, name)
+
+
+def test_the_campaigns_end_removes_its_finished_rows_old_work(tmp_path):
+    from heygem_ray import storage
+
+    job, _ = _campaign(tmp_path)
+    old = storage.join(job.cfg.layout.work_root, "r001-0123456789abcdef-libx264-n9", "seg-00000.mp4")
+    kept = storage.join(job.cfg.layout.work_root, "gone-row-0123456789abcdef-libx264-n9", "seg-00000.mp4")
+    storage.write_bytes(old, b"x")
+    storage.write_bytes(kept, b"x")
+    assert job.run().count("ok") == ROWS
+    assert not storage.exists(old) and storage.exists(kept)
