@@ -22,7 +22,7 @@ import pytest
 from browser import playwright_missing, playwright_page
 
 from helpers import _free_port
-from heygem_ray.studio.sessions import Sessions
+from heygem_ray.studio.sessions import SessionKeyError, Sessions
 from heygem_ray.studio.store import StudioStore, UploadError, check_upload
 from heygem_ray.studio.users import add_user, authenticate, check_name, read_users
 
@@ -65,11 +65,32 @@ def test_sessions_are_signed_expire_and_end_with_the_password():
     assert sessions.user(cookie, {"alice": "hash-2"}, now=1001.0) is None  # a new password
     assert sessions.user(cookie, {}, now=1001.0) is None  # removed from the users file
     assert sessions.user(None, hashes) is None and sessions.user("alice", hashes) is None
-    assert sessions.user("alice|99999999999|\u00e9\u00e9", hashes) is None  # not ASCII: refused, not a crash
+    assert sessions.user("alice|99999999999|x|\u00e9\u00e9", hashes) is None  # not ASCII: refused, not a crash
+    assert sessions.issue("alice", "hash-1", now=1000.0) != cookie  # each login its own session
+
+
+def test_a_signed_out_session_is_refused_even_from_a_copy_of_its_cookie_and_after_a_restart(tmp_path):
+    ended = str(tmp_path / "key.ended")
+    sessions = Sessions(b"k" * 32, ended_file=ended)
+    hashes = {"alice": "hash-1"}
+    kept, copied = sessions.issue("alice", "hash-1"), sessions.issue("alice", "hash-1")
+    assert sessions.end(copied, hashes) == "alice"
+    assert sessions.user(copied, hashes) is None and sessions.user(kept, hashes) == "alice"  # that session only
+    assert sessions.end(copied, hashes) is None and sessions.end("forged|1|2|3", hashes) is None
+    assert oct(os.stat(ended).st_mode & 0o777) == "0o600"
+    restarted = Sessions(b"k" * 32, ended_file=ended)
+    assert restarted.user(copied, hashes) is None and restarted.user(kept, hashes) == "alice"
+    # ended sessions are kept only until they would have expired
+    later = time.time() + 13 * 3600
+    restarted.end(restarted.issue("alice", "hash-1", now=later), hashes, now=later)
+    assert len(json.loads(Path(ended).read_text())) == 1  # `copied`'s would have expired by then
+    (tmp_path / "key.ended").write_text("not json")
+    with pytest.raises(SessionKeyError, match="cannot be read"):
+        Sessions(b"k" * 32, ended_file=ended)
 
 
 def test_a_session_key_that_could_be_forged_stops_the_studio(tmp_path):
-    from heygem_ray.studio.sessions import SessionKeyError, load_key
+    from heygem_ray.studio.sessions import load_key
 
     key = load_key(str(tmp_path / "new.key"))
     assert len(key) == 32 and load_key(str(tmp_path / "new.key")) == key  # made once, then kept
@@ -989,3 +1010,28 @@ def test_a_campaign_that_ended_while_no_studio_ran_is_logged_once(tmp_path, ray_
         f"finish user=alice campaign={campaign} rows=0 failed=0 job={job} (ended while the studio was down)"
     ]
     assert lines_after_a_studio_starts("second") == []
+
+
+def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
+    """Someone who copied the cookie before its user signed out (a shared machine, a proxy log) is
+    signed out too."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import build_app
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.sessions import COOKIE
+
+    users = tmp_path / "users.json"
+    add_user(str(users), "alice", "alice-password")
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    app = build_app(service, str(users), Sessions(b"k" * 32, ended_file=str(tmp_path / "ended")))
+    alice = TestClient(app, base_url="http://127.0.0.1", follow_redirects=False)
+    assert alice.post("/login", data={"name": "alice", "password": "alice-password"}).status_code == 303
+    copy = TestClient(app, base_url="http://127.0.0.1", follow_redirects=False)
+    copy.cookies.set(COOKIE, alice.cookies[COOKIE])
+    assert copy.get("/app/").status_code == 200  # signed in, as alice
+    assert alice.get("/logout").headers["location"] == "/login"
+    assert copy.get("/app/").headers["location"] == "/login"  # the copy is signed out too

@@ -126,7 +126,11 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         return response
 
     @app.get("/logout")
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        if users is not None:  # ended on the server too: a copy of the cookie is refused from now on
+            user = sessions.end(request.cookies.get(COOKIE), users.hashes())
+            if user is not None:
+                log.info("logout user=%s", user)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response

@@ -108,7 +108,7 @@ def serve(cfg: StudioConfig) -> int:
         print(f"heygem-ray: error: no Ray cluster for the studio: {exc}", file=sys.stderr)
         return 2
     try:
-        sessions = Sessions(load_key(cfg.session_key))
+        sessions = Sessions(load_key(cfg.session_key), ended_file=f"{cfg.session_key}.ended")
     except (SessionKeyError, OSError) as exc:
         print(f"heygem-ray: error: studio.session_key: {exc}", file=sys.stderr)
         return 2
