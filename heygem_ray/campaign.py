@@ -32,6 +32,7 @@ from heygem_ray.executors import Executor, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
+from heygem_ray.output_lock import OutputLostError
 from heygem_ray.prepare import AvatarTrack, prepare_row
 from heygem_ray.results import ResultsTable, RowResult, Summary, published_earlier
 from heygem_ray.rows import RowState, published_flag, remove_old_work
@@ -82,6 +83,7 @@ class Campaign:
             "actor_ready": lambda actor, ref: self.actors.answered(actor, lambda: self.executor.get(ref)),
             "stitched": self._on_stitched,
         }
+        lost = False
         try:
             self.observers.open()
             for row in self._refused:  # their results say why; the others go on
@@ -108,24 +110,35 @@ class Campaign:
                     self.segments.clear()
                 self.observers.tick(self.actors.inflight, len(self.segments))
                 self.results.tick()
+        except OutputLostError:
+            lost = True
+            raise
         finally:
-            # every row has a result and the table is written before anything that may fail on a
-            # cluster that is going away (killing actors, the report, the feed)
-            interrupted = len(self.results) < len(self.rows)
-            if interrupted:  # whatever did not finish is reported, not lost
-                self._interrupted([row.id for row in self.rows if row.id not in self.results])
-            try:
-                results = self.results.finish([r.id for r in self.rows])
-            finally:  # a table the store refuses still leaves the renderers stopped and the feed final
-                done = ("ok", "skipped")
-                finished = [r.id for r in self.rows if r.id in self.results and self.results[r.id].status in done]
-                _wind_down(
-                    ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
-                    ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
-                    ("remove finished rows' old segments", lambda: remove_old_work(self.cfg.layout, finished)),
-                    ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
-                )
+            if lost:  # another run writes this output root now: its table, feed, report and segments are
+                _wind_down(("stop the renderers", self.executor.close))  # its own; a rerun finds what we published
+            else:
+                results = self._wind_up()
         return Summary.of(results, time.time() - started, self.startup.breakdown())
+
+    def _wind_up(self) -> list[RowResult]:
+        """Every row its result, the whole table written, then the rest (renderers stopped, report,
+        feed, old segments removed), each step going on when one before fails."""
+        # every row has a result and the table is written before anything that may fail on a
+        # cluster that is going away (killing actors, the report, the feed)
+        interrupted = len(self.results) < len(self.rows)
+        if interrupted:  # whatever did not finish is reported, not lost
+            self._interrupted([row.id for row in self.rows if row.id not in self.results])
+        try:
+            return self.results.finish([r.id for r in self.rows])
+        finally:  # a table the store refuses still leaves the renderers stopped and the feed final
+            done = ("ok", "skipped")
+            finished = [r.id for r in self.rows if r.id in self.results and self.results[r.id].status in done]
+            _wind_down(
+                ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
+                ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
+                ("remove finished rows' old segments", lambda: remove_old_work(self.cfg.layout, finished)),
+                ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
+            )
 
     def _admit_rows(self) -> None:
         """Prepare rows lazily: while fewer are preparing than `render.max_prepared_rows` and the driver's

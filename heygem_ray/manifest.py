@@ -121,7 +121,9 @@ def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_ou
     if row_id is None and audio and avatar:
         row_id, cell.derived = default_id(audio, avatar), True
     if row_id is not None and not SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
-        cell.refuse(f"id {row_id!r} must be 1-200 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        cell.refuse(
+            f"id {_shown(row_id)} must be 1-200 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
         return cell
     cell.id = row_id
     if row_id is None:
@@ -163,22 +165,35 @@ def _refuse_repeats(cells: list[_Cells]) -> None:
     for row_id, sharing in by_id.items():
         if len(sharing) > 1:
             for cell in sharing:
-                others = ", ".join(str(other.n) for other in sharing if other is not cell)
+                others = _others(cell, sharing)
                 # named for what the user wrote, not for an id they never saw
                 if all(other.derived for other in sharing):
                     cell.refuse(f"the same audio and avatar as row(s) {others} (give them ids)")
                 else:
-                    cell.refuse(f"id {row_id!r} is also row(s) {others}'s")
+                    cell.refuse(f"id {row_id!r} is also that of row(s) {others}")
                 cell.id = None
     for output, sharing in by_output.items():
         if len(sharing) > 1:
             for cell in sharing:
-                others = ", ".join(str(other.n) for other in sharing if other is not cell)
-                cell.refuse(f"output {storage.display(output)} is also row(s) {others}'s")
+                others = _others(cell, sharing)
+                cell.refuse(f"output {storage.display(output)} is also that of row(s) {others}")
     inputs = {storage.normalize(uri) for cell in cells for uri in (cell.audio, cell.avatar) if uri}
     for cell in cells:
         if cell.output and storage.normalize(cell.output) in inputs:
             cell.refuse(f"output {storage.display(cell.output)} is one of the campaign's inputs")
+
+
+def _others(cell: _Cells, sharing: list[_Cells]) -> str:
+    """The other rows' numbers, the first five (a thousand rows of one id must not make a thousand
+    messages of a thousand numbers each)."""
+    others = [str(other.n) for other in sharing if other is not cell]
+    return ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+
+
+def _shown(value: object) -> str:
+    """A cell as a message shows it: quoted, and cut short (a cell may hold a whole file)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:76] + "...'"
 
 
 def _text_columns(table: pa.Table, columns: tuple[str, ...], problems: list[str]) -> pa.Table:
@@ -209,7 +224,7 @@ def _uri(value: str | None, column: str, problems: list[str]) -> str | None:
     control character (recorded as a problem)."""
     value = (value or "").strip()
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        problems.append(f"{column} {value!r} holds a control character")
+        problems.append(f"{column} {_shown(value)} holds a control character")
         return None
     return value or None
 
@@ -230,9 +245,9 @@ def _parse_box(value: object) -> tuple[int, int, int, int] | None:
     try:
         box = [int(float(v)) for v in parts]
     except (TypeError, ValueError, OverflowError):  # OverflowError: inf
-        raise ValueError(f"box {value!r} must be four numbers x1, y1, x2, y2") from None
+        raise ValueError(f"box {_shown(value)} must be four numbers x1, y1, x2, y2") from None
     if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
-        raise ValueError(f"box {value!r} must be x1, y1, x2, y2 with x2 > x1 >= 0 and y2 > y1 >= 0")
+        raise ValueError(f"box {_shown(value)} must be x1, y1, x2, y2 with x2 > x1 >= 0 and y2 > y1 >= 0")
     return box[0], box[1], box[2], box[3]
 
 

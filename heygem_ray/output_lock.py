@@ -15,7 +15,6 @@ store unreachable for a minute) stops refreshing it and sets `lost`: the campaig
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -33,6 +32,8 @@ from heygem_ray.layout import CampaignLayout
 
 HEARTBEAT_SECONDS = 15.0
 STALE_SECONDS = 60.0
+#: longest wait for another process's read and write of a local lock (they take milliseconds)
+FLOCK_WAIT_SECONDS = 30.0
 
 log = logging.getLogger("heygem_ray")
 
@@ -78,6 +79,9 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
                 raise _busy(layout, holder)
             if not _put(uri, mine, version):
                 raise _busy(layout, _read(uri)[0] or {})
+    except TimeoutError as exc:
+        _HELD.discard(token)
+        raise OutputBusyError(f"output {storage.display(layout.output)} is busy: {exc}") from None
     except BaseException:
         _HELD.discard(token)
         raise
@@ -119,7 +123,8 @@ def _heartbeat(layout: CampaignLayout, mine: dict, stop: threading.Event, held: 
                 if (holder or mine).get("token") == mine["token"] and _put(uri, mine, version):
                     continue
                 holder = _read(uri)[0] or {}
-        except OSError:  # a store hiccup: the next beat, well within STALE_SECONDS
+        except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat, well within STALE_SECONDS
+            log.warning("output lock not refreshed: %s: %s", type(exc).__name__, exc)
             continue
         log.error(
             "another run (host %s, pid %s) took over output %s's lock after this run's store did not answer: "
@@ -134,9 +139,10 @@ def _heartbeat(layout: CampaignLayout, mine: dict, stop: threading.Event, held: 
 
 @contextlib.contextmanager
 def _serialized(output: str) -> Iterator[None]:
-    """On a local or mounted disk, an flock of the output folder around a read and write of the lock:
-    no other run's read and write of it come between. Elsewhere (and where the disk has no flock)
-    nothing: the store's conditional writes, or best effort."""
+    """On a local disk, an flock of the output folder around a read and write of the lock: no other
+    run's read and write of it come between. Elsewhere nothing: the store's conditional writes, or
+    best effort (NFS, where a folder opened for reading cannot be locked, too). A folder locked for
+    longer than FLOCK_WAIT_SECONDS (a process stopped inside, a hung mount) raises TimeoutError."""
     if not storage.is_local(output):
         yield
         return
@@ -144,35 +150,96 @@ def _serialized(output: str) -> Iterator[None]:
     os.makedirs(folder, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with contextlib.suppress(OSError):  # e.g. NFS, where a folder cannot be locked: best effort
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + FLOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{folder} stayed locked by another process for {FLOCK_WAIT_SECONDS:.0f} s")
+                time.sleep(0.01)
+            except OSError:  # a file system without flock on folders: best effort
+                break
         yield
     finally:
         os.close(fd)  # lets the flock go
 
 
+class _Refused(Exception):
+    """The store refused a conditional write: the lock is not what was read."""
+
+
 def _put(uri: str, mine: dict, version: str | None) -> bool:
     """Write the lock, on S3 only if it is still what was read: absent (`version` None) or of that ETag.
-    False when another run wrote it first."""
+    False when another run wrote it first; True only once this write is on the store."""
     data = json.dumps({**mine, "heartbeat": time.time()}).encode()
     if storage.protocol(uri) not in ("s3", "s3a"):
         storage.write_bytes(uri, data)
         return True
+    for _ in range(2):
+        try:
+            _conditional_put(uri, data, version)
+            return True
+        except _Refused:
+            holder, version = _read(uri)
+            if (holder or {}).get("token") != mine["token"]:
+                return False
+            # ours: an earlier try of this very write landed though its answer was lost, or the ETag
+            # read was already old: written again over our own
+    return False
+
+
+@storage.retrying
+def _conditional_put(uri: str, data: bytes, version: str | None) -> None:
+    """One PUT of the lock with If-None-Match (`version` None) or If-Match; raises _Refused when the
+    store refuses it for its condition. A store that knows no conditional PUT gets a plain one."""
     fs, path = storage.url_to_fs(uri)
+    bucket = path.split("/", 1)[0]
+    if bucket in _UNCONDITIONAL:
+        fs.pipe_file(path, data)
+        return
     try:
         if version is None:
             fs.pipe_file(path, data, mode="create")
         else:
             fs.pipe_file(path, data, IfMatch=version)
     except FileExistsError:  # If-None-Match: another run created it first
-        pass
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # s3fs's PreconditionFailed (If-Match) is EINVAL
-            raise
-    else:
-        return True
-    # a try that reached the store though its answer was lost looks the same: the token says
-    return (_read(uri)[0] or {}).get("token") == mine["token"]
+        raise _Refused from None
+    except Exception as exc:
+        code = _s3_error_code(exc)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            raise _Refused from None
+        if (
+            code in ("NotImplemented", "501", "InvalidArgument", "InvalidRequest")
+            or "ParamValidation" in type(exc).__name__
+        ):
+            log.warning(
+                "the store of %s takes no conditional PUT (%s): two runs starting at the same instant on this "
+                "output could both get in",
+                storage.display(uri),
+                code or type(exc).__name__,
+            )
+            _UNCONDITIONAL.add(bucket)
+            fs.pipe_file(path, data)
+            return
+        raise
+
+
+#: buckets whose store answered that it knows no conditional PUT: plain ones from then on
+_UNCONDITIONAL: set[str] = set()
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception s3fs raised (it keeps botocore's error as the cause)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error", {})
+            return str(error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+        seen = seen.__cause__
+    return None
 
 
 def _read(uri: str) -> tuple[dict | None, str | None]:
@@ -181,12 +248,17 @@ def _read(uri: str) -> tuple[dict | None, str | None]:
     version = None
     try:
         if storage.protocol(uri) in ("s3", "s3a"):
-            fs, path = storage.url_to_fs(uri)
-            version = fs.info(path).get("ETag")
+            version = _etag(uri)
         data = json.loads(storage.read_bytes(uri))
     except (FileNotFoundError, ValueError):
         return None, version
     return (data if isinstance(data, dict) else None), version
+
+
+@storage.retrying
+def _etag(uri: str) -> str | None:
+    fs, path = storage.url_to_fs(uri)
+    return fs.info(path, refresh=True).get("ETag")  # not s3fs's listing cache: the store's answer now
 
 
 def _alive(holder: dict) -> bool:

@@ -152,8 +152,8 @@ def remove_old_work(layout: CampaignLayout, finished: Iterable[str]) -> int:
     leaves. Rows that failed keep theirs, for a rerun to reuse. Returns how many went."""
     finished = set(finished)
     removed = 0
-    for uri in storage.glob(storage.join(layout.work_root, "*")):
-        match = _WORK_KEY.fullmatch(storage.basename(uri.rstrip("/")))
+    for uri in storage.listdir(layout.work_root):
+        match = _WORK_KEY.fullmatch(storage.basename(uri))
         if match and match["row"] in finished:
             storage.remove(uri, recursive=True)
             removed += 1

@@ -239,6 +239,19 @@ def remove_empty_dir(uri: str) -> None:
 
 
 @retrying
+def listdir(uri: str) -> list[str]:
+    """The URIs directly under a folder (none when there is no folder); unlike `glob`, a name with
+    glob characters ("run[1]") is taken as it is."""
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)  # what the store holds now, not s3fs's listing of a while ago
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return [join(uri, str(name).rstrip("/").rsplit("/", 1)[-1]) for name in names]
+
+
+@retrying
 def glob(pattern: str) -> list[str]:
     """Expand a glob, returning URIs in the same form (scheme kept) in sorted order."""
     fs, path = url_to_fs(pattern)

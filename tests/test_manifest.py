@@ -101,10 +101,18 @@ def test_rows_sharing_an_id_or_an_output_are_all_refused():
         "/out",
     )
     assert [r.id for r in rows] == ["#0", "#1", "y", "z", "ok", "#5", "#6"]
-    assert "id 'x' is also row(s) 1's" in rows[0].refused and "row(s) 0's" in rows[1].refused
-    assert "output /out/o.mp4 is also row(s) 3's" in rows[2].refused
+    assert "id 'x' is also that of row(s) 1" in rows[0].refused and "row(s) 0" in rows[1].refused
+    assert "output /out/o.mp4 is also that of row(s) 3" in rows[2].refused
     assert "the same audio and avatar as row(s) 6 (give them ids)" in rows[5].refused
     assert [r.refused is None for r in rows] == [False, False, False, False, True, False, False]
+    # a thousand rows of one id: each says so briefly
+    many = rows_from_table(
+        table(audio=[f"a{i}" for i in range(1001)], avatar=["v"] * 1001, id=["x"] * 1000 + ["y"]), "/o"
+    )
+    assert "id 'x' is also that of row(s) 1, 2, 3, 4, 5 and 994 more" in many[0].refused
+    assert max(len(r.refused or "") for r in many) < 200
+    long_box = rows_from_table(table(audio=["a", "b"], avatar=["v", "v"], box=["9" * 5000, None]), "/o")[0]
+    assert len(long_box.refused) < 200 and "...'" in long_box.refused
 
 
 def test_cells_are_read_as_people_write_them():
@@ -203,7 +211,7 @@ def test_any_manifest_either_reads_or_says_why(entries, drop):
     cols = {"audio": [a for a, _, _ in entries], "avatar": [v for _, v, _ in entries], "id": [i for _, _, i in entries]}
     if drop:
         del cols[drop]
-    words = ("lacks", "empty", "also row", "must", "outside", "no row", "control", "same audio", "inputs")
+    words = ("lacks", "empty", "also that of", "must", "outside", "no row", "control", "same audio", "inputs")
     try:
         rows = rows_from_table(pa.table(cols), "/out")
     except ManifestError as exc:

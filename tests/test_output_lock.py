@@ -179,3 +179,52 @@ def test_an_output_root_that_cannot_be_written_is_an_error_not_a_traceback(tmp_p
     assert result.returncode == 2, result.stderr[-2000:]
     assert "heygem-ray: error: output" in result.stderr and "cannot be written" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(params=[(501, "NotImplemented"), (400, "InvalidArgument")], ids=["501", "400"])
+def s3_without_conditional_puts(request, s3_endpoint):
+    """Another door to the same S3 endpoint that answers a conditional PUT as a store without them
+    does: 501 NotImplemented, or 400 for a header it does not take."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    status, code = request.param
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def store(environ, start_response):
+        conditional = "HTTP_IF_MATCH" in environ or "HTTP_IF_NONE_MATCH" in environ
+        if environ["REQUEST_METHOD"] == "PUT" and conditional:
+            body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>not here</Message></Error>".encode()
+            start_response(f"{status} No", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            return [body]
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, store, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_a_store_without_conditional_puts_still_runs_best_effort(s3_without_conditional_puts, monkeypatch, caplog):
+    import boto3
+
+    from heygem_ray import storage
+
+    monkeypatch.setattr(lock_module, "_UNCONDITIONAL", set())
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    boto3.client("s3").create_bucket(Bucket="heygem-plain")
+    storage.configure({"s3": {"endpoint_url": s3_without_conditional_puts}})
+    try:
+        layout = CampaignLayout("s3://heygem-plain/campaign")
+        with output_lock(layout) as held:
+            first = json.loads(storage.read_bytes(layout.lock))
+            time.sleep(0.4)
+            assert json.loads(storage.read_bytes(layout.lock))["heartbeat"] > first["heartbeat"]  # refreshed
+            held.check()
+            with pytest.raises(OutputBusyError), output_lock(layout):  # a second run is still refused
+                pass
+        assert not storage.exists(layout.lock)
+        assert "takes no conditional PUT" in caplog.text
+    finally:
+        storage.configure(None)

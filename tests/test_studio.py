@@ -83,7 +83,15 @@ def test_a_signed_out_session_is_refused_even_from_a_copy_of_its_cookie_and_afte
     # ended sessions are kept only until they would have expired
     later = time.time() + 13 * 3600
     restarted.end(restarted.issue("alice", "hash-1", now=later), hashes, now=later)
-    assert len(json.loads(Path(ended).read_text())) == 1  # `copied`'s would have expired by then
+    assert len(json.loads(Path(ended).read_text())["sessions"]) == 1  # `copied`'s would have expired by then
+    # one user signing in and out without end keeps the file small: past 50, all of theirs end at once
+    other = restarted.issue("alice", "hash-1")
+    for _ in range(60):
+        restarted.end(restarted.issue("alice", "hash-1"), hashes)
+    assert len(json.loads(Path(ended).read_text())["sessions"]) <= 51
+    assert restarted.user(other, hashes) is None and Sessions(b"k" * 32, ended_file=ended).user(other, hashes) is None
+    time.sleep(1.1)
+    assert restarted.user(restarted.issue("alice", "hash-1"), hashes) == "alice"  # a new login is fine
     (tmp_path / "key.ended").write_text("not json")
     with pytest.raises(SessionKeyError, match="cannot be read"):
         Sessions(b"k" * 32, ended_file=ended)
@@ -358,7 +366,7 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     # what the campaign would refuse is refused now, not in a job that fails later
     twice = tmp_path / "twice.csv"
     twice.write_text("id,audio,avatar\nsame,a.wav,face.png\nsame,b.wav,face.png\nother,c.wav,face.png\n")
-    with pytest.raises(UploadError, match=r"is invalid:\n  manifest row 0: id 'same' is also row\(s\) 1's"):
+    with pytest.raises(UploadError, match=r"is invalid:\n  manifest row 0: id 'same' is also that of row\(s\) 1"):
         store.uploaded_manifest("alice", campaign, str(twice))
     # a few KiB of Parquet that decodes to hundreds of MiB is refused from its footer, unread
     bomb = tmp_path / "bomb.parquet"

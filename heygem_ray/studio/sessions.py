@@ -7,12 +7,14 @@ Nothing else identifies a user: not a campaign id, a path or a URL."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,8 @@ COOKIE = "heygem_studio_session"
 #: how long a login lasts, seconds
 LIFETIME = 12 * 3600
 KEY_BYTES = 32
+#: ended sessions kept one by one per user; past that, all of theirs until then end at once
+ENDED_PER_USER = 50
 
 
 class SessionKeyError(RuntimeError):
@@ -61,7 +65,9 @@ class Sessions:
         self._key = key
         self._ended_file = Path(os.path.expanduser(ended_file)) if ended_file else None
         self._lock = threading.Lock()
-        self._ended: dict[str, int] = self._load_ended()  # session id -> when it would have expired
+        #: session id -> (its user, when it would have expired); user -> sessions issued before this
+        #: time are ended (what ENDED_PER_USER ended sessions of one user are folded into)
+        self._ended, self._ended_before = self._load_ended()
 
     def issue(self, user: str, stored_hash: str, now: float | None = None) -> str:
         expires = int((now or time.time()) + LIFETIME)
@@ -82,9 +88,15 @@ class Sessions:
             return None
         user, session_id, expires = session
         with self._lock:
-            now_s = now or time.time()
-            self._ended = {sid: until for sid, until in self._ended.items() if until >= now_s}
-            self._ended[session_id] = expires
+            now_s = int(now or time.time())
+            self._ended = {sid: (u, until) for sid, (u, until) in self._ended.items() if until >= now_s}
+            self._ended_before = {u: t for u, t in self._ended_before.items() if t + LIFETIME >= now_s}
+            self._ended[session_id] = (user, expires)
+            mine = [sid for sid, (u, _) in self._ended.items() if u == user]
+            if len(mine) > ENDED_PER_USER:  # the file stays small however often one user signs in and out
+                for sid in mine:
+                    del self._ended[sid]
+                self._ended_before[user] = now_s + 1  # this one too, and every other of theirs until now
             self._save_ended()
         return user
 
@@ -102,27 +114,45 @@ class Sessions:
             return None
         if not expires.isdigit() or int(expires) < (now or time.time()) or session_id in self._ended:
             return None
+        if int(expires) - LIFETIME < self._ended_before.get(user, 0):
+            return None
         return user, session_id, int(expires)
 
     def _sign(self, body: str, stored_hash: str) -> str:
         return hmac.new(self._key, f"{body}|{stored_hash}".encode("utf-8", "replace"), hashlib.sha256).hexdigest()
 
-    def _load_ended(self) -> dict[str, int]:
+    def _load_ended(self) -> tuple[dict[str, tuple[str, int]], dict[str, int]]:
         if self._ended_file is None:
-            return {}
+            return {}, {}
         try:
-            ended = {str(sid): int(until) for sid, until in json.loads(self._ended_file.read_text()).items()}
+            data = json.loads(self._ended_file.read_text())
+            ended = {str(sid): (str(user), int(until)) for sid, (user, until) in data["sessions"].items()}
+            before = {str(user): int(t) for user, t in data["users"].items()}
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, TypeError, AttributeError) as exc:  # a signed-out session must stay out
-            raise SessionKeyError(f"{self._ended_file} cannot be read ({exc}): remove it with the key file") from None
-        return {sid: until for sid, until in ended.items() if until >= time.time()}
+            return {}, {}
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:  # signed-out sessions stay out
+            raise SessionKeyError(
+                f"{self._ended_file} cannot be read ({exc!r}): remove it and the key file (every user signs in again)"
+            ) from None
+        now = time.time()
+        return (
+            {sid: entry for sid, entry in ended.items() if entry[1] >= now},
+            {user: t for user, t in before.items() if t + LIFETIME >= now},
+        )
 
     def _save_ended(self) -> None:
+        """Written whole, flushed to the disk, then renamed over the old file: a crash leaves the old
+        list or the new one."""
         if self._ended_file is None:
             return
-        temporary = self._ended_file.with_name(f".{self._ended_file.name}.{os.getpid()}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self._ended, fh)
-        os.replace(temporary, self._ended_file)
+        fd, temporary = tempfile.mkstemp(prefix=f".{self._ended_file.name}.", dir=self._ended_file.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"sessions": self._ended, "users": self._ended_before}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temporary, self._ended_file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
