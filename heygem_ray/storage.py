@@ -262,10 +262,11 @@ def glob(pattern: str) -> list[str]:
 
 
 @retrying
-def publish_file(local_file: str, uri: str, move: bool = False) -> None:
+def publish_file(local_file: str, uri: str, move: bool = False, link: bool = False) -> None:
     """Put a finished local file at `uri` so readers never see a partial file; `move`: the caller
     is done with `local_file`, which a local destination on the same file system takes as it is
-    (no copy: a 3-minute 1080p output is ~0.5 GB).
+    (no copy: a 3-minute 1080p output is ~0.5 GB); `link`: the caller keeps `local_file` but no
+    one will change it, so a local destination on the same file system shares it (a hard link).
 
     Local destination: copy next to it under a hidden temporary name, flush it to the disk, then
     rename (atomic on POSIX) and flush the folder: after a crash or power loss the path holds the
@@ -280,7 +281,7 @@ def publish_file(local_file: str, uri: str, move: bool = False) -> None:
         tmp = os.path.join(folder, f".{os.path.basename(dest)}{_PART}{uuid.uuid4().hex[:8]}")
         moved = move and _renamed(local_file, tmp)
         try:
-            if not moved:
+            if not moved and not (link and _linked(local_file, tmp)):
                 shutil.copyfile(local_file, tmp)
             _sync(tmp)
             os.replace(tmp, dest)
@@ -336,6 +337,18 @@ def _renamed(src: str, dst: str) -> bool:
         os.rename(src, dst)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
+            return False
+        raise
+    return True
+
+
+def _linked(src: str, dst: str) -> bool:
+    """Hard-link `src` as `dst`; False, doing nothing, where the file system cannot (another one,
+    no hard links, a link count at its limit)."""
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             return False
         raise
     return True

@@ -79,6 +79,28 @@ def test_a_moved_publish_takes_the_file_itself_and_gives_it_back_when_it_fails(t
     assert sorted(os.listdir(dest.parent)) == ["video.mp4"]
 
 
+def test_a_linked_publish_shares_the_file_and_leaves_the_callers(tmp_path, monkeypatch):
+    """An upload the studio keeps in its cache goes into the store as a hard link, not a copy; where
+    the file systems differ it is copied."""
+    src, dest = tmp_path / "uploads" / "a.wav", tmp_path / "store" / "a.wav"
+    src.parent.mkdir()
+    src.write_bytes(b"a" * 1000)
+    storage.publish_file(str(src), str(dest), link=True)
+    assert src.exists() and dest.stat().st_ino == src.stat().st_ino and dest.read_bytes() == b"a" * 1000
+    assert os.listdir(dest.parent) == ["a.wav"]
+    src.unlink()  # the cache emptied: the store's file stays
+    assert dest.read_bytes() == b"a" * 1000
+
+    src.write_bytes(b"b" * 10)
+
+    def other_file_system(a: str, b: str) -> None:
+        raise OSError(errno.EXDEV, "cross-device link", b)
+
+    monkeypatch.setattr(os, "link", other_file_system)
+    storage.publish_file(str(src), str(dest), link=True)
+    assert dest.read_bytes() == b"b" * 10 and dest.stat().st_ino != src.stat().st_ino
+
+
 def test_the_node_cache_keeps_to_its_size_dropping_the_copies_used_longest_ago(tmp_path, monkeypatch):
     """Every remote avatar, narration and checkpoint a node fetched used to stay on its disk for
     good: a long-lived cluster filled it. Past `HEYGEM_CACHE_GB` the copies used longest ago go,

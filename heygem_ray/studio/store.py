@@ -114,15 +114,16 @@ class StudioStore:
 
     # -------------------------------------------------------------- uploads
     def save_upload(self, user: str, campaign_id: str, local: str, kind: str, max_bytes: int) -> str:
-        """Check an uploaded file (`check_upload`) and copy it into the campaign's inputs; returns
-        its URI there."""
+        """Check an uploaded file (`check_upload`) and put it into the campaign's inputs (a hard link
+        where the store is on the upload cache's file system: the web server never changes an
+        upload); returns its URI there."""
         name = check_upload(local, kind, max_bytes)
         folder = storage.join(self.inputs(user, campaign_id), kind)
         uri, stem, suffix, n = storage.join(folder, name), *os.path.splitext(name), 1
         while storage.exists(uri):  # two uploads of one name: both kept, each its own rows
             n += 1
             uri = storage.join(folder, f"{stem}-{n}{suffix}")
-        storage.publish_file(local, uri)
+        storage.publish_file(local, uri, link=True)  # a local store beside the upload cache: no copy
         return uri
 
     def pairs_manifest(self, user: str, campaign_id: str, audios: list[str], avatars: list[str]) -> tuple[str, int]:
