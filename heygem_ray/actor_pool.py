@@ -143,12 +143,13 @@ class ActorPool:
             return None
         try:
             info = get()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it is this actor's, not the campaign's
             cause = self.executor.cause(exc)
             if isinstance(cause, RendererStartError):  # no restart will help
                 return self.unusable(actor, str(cause))
-            if not self.executor.actor_lost(exc):
-                raise
+            if not self.executor.actor_lost(exc):  # no answer the campaign knows: this actor only, not the campaign
+                log.warning("renderer actor %d: %s: %s", actor, type(cause).__name__, cause)
+                return self.unusable(actor, f"{type(cause).__name__}: {cause}".splitlines()[0])
             a.probe_at = time.time() + 1.0  # still restarting (maybe waiting for a node)
             return None
         if self.codec is None:

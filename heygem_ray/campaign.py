@@ -127,6 +127,7 @@ class Campaign:
         # cluster that is going away (killing actors, the report, the feed)
         interrupted = len(self.results) < len(self.rows)
         if interrupted:  # whatever did not finish is reported, not lost
+            self.results.flush()  # first: `ray job stop` kills a driver a few seconds after its SIGTERM
             self._interrupted([row.id for row in self.rows if row.id not in self.results])
         try:
             return self.results.finish([r.id for r in self.rows])
@@ -254,7 +255,8 @@ class Campaign:
     # ------------------------------------------------------------ results
     def _interrupted(self, row_ids: list[str]) -> None:
         """The rows the stop caught. One being rendered: ok when its video was published before the
-        stop (its marker says so, though the driver had not heard yet), else failed. One never
+        stop (its marker, written since the row started, says so, though the driver had not heard
+        yet: with `force` an earlier run's marker matches too), else failed. One never
         started keeps the result an earlier run gave it, if that published its video to the same
         output (a stopped re-run of a finished campaign must not report its videos lost), unless
         this run was to render everything again (`force`); else failed."""
@@ -271,7 +273,7 @@ class Campaign:
             except OSError:  # the store failing too: reported failed, and a rerun finds the marker
                 marker = None
             kept = earlier.get(row_id)
-            if marker is not None:
+            if marker is not None and state is not None and marker.finished_at >= state.started:
                 self._conclude(row_id, "ok", None, marker, None)
             elif state is None and kept is not None and kept.output == self._outputs[row_id]:
                 figures = (kept.sync_score, kept.sync_offset_frames, kept.sync_method, kept.frames_without_face)

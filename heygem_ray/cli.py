@@ -83,6 +83,13 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
             file=sys.stderr,
         )
         return 130
+    except OSError as exc:  # the store still failing after its retries (the results table, the lock)
+        print(
+            f"heygem-ray: error: storage: {storage.display(f'{type(exc).__name__}: {exc}')}; run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return 1
     print(f"heygem-ray: {summary.line()}")
     if summary.startup:
         print(f"heygem-ray: start-up: {summary.startup_line()}")

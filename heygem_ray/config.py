@@ -299,7 +299,8 @@ class RenderConfig:
     segments_per_actor: int = 2
     #: rows being prepared (audio decode) ahead of rendering
     max_prepared_rows: int = 8
-    #: tries per segment when an actor or node dies (bad input is never retried)
+    #: tries per segment when an actor or node dies or its renderer fails (bad input is never retried,
+    #: nor a storage error, which the storage layer retried already)
     max_attempts: int = 3
     #: frames per second for still-image avatars
     still_fps: float = 25.0

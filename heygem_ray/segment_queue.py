@@ -81,22 +81,26 @@ class SegmentQueue:
     def failed(self, call: SegmentCall, state: RowState | None, exc: BaseException) -> str | None:
         """A segment call raised: the row's failure reason, or None when the segment goes again (or
         its row has a result already). A renderer that lost its model is not the segment's fault:
-        the segment goes to another actor as if never sent; a bad input fails the row at once;
-        anything else is tried `render.max_attempts` times."""
+        the segment goes to another actor as if never sent, and the actor is asked `ready` again;
+        a bad input or a storage error (retried by `storage` already) fails the row at once;
+        anything else (an actor or node lost, a renderer's own failure) is tried
+        `render.max_attempts` times."""
         row_id, index, actor = call
         self.actors.actors[actor].load -= 1
         cause = self.executor.cause(exc)
         if self.executor.actor_lost(exc):
             self.actors.lost(actor)
-        if isinstance(cause, RendererStartError):  # restarted without its model
-            self.actors.unusable(actor, str(cause))
+        if isinstance(cause, RendererStartError):  # restarted without its model: asked `ready` again,
+            self.actors.lost(actor)  # which tries a load that failed for a passing reason once more
             if state is not None:
                 state.attempts[index] -= 1
                 self._queue.appendleft((row_id, index))
             return None
         if state is None:  # the row failed meanwhile
             return None
-        if isinstance(cause, InputError) or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
+        # bad input fails the same way again, and a storage error has had its retries already
+        final = isinstance(cause, (InputError, OSError))
+        if final or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
             return failure_reason(
                 self.executor, exc, f"segment {index} failed after {state.attempts[index]} attempt(s)"
             )

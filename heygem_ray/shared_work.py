@@ -65,8 +65,12 @@ class SharedWork:
         self._audio_tracks: dict[str, Any] = {}  # by audio fingerprint, oldest first
         # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
         # where the cluster has GPUs, so detection is scheduled and accounted like rendering
+        # where the actors leave one: else a detection task waits for ever (it detects on the CPU)
         share = cfg.detector.gpu_share
-        self._detect_gpus = share if share and executor.resources().get("GPU", 0.0) >= share else 0.0
+        free = (
+            executor.resources().get("GPU", 0.0) - executor.actor_count() * cfg.cluster.actor.num_gpus if share else 0
+        )
+        self._detect_gpus = share if share and free >= share - 1e-9 else 0.0
 
     def avatar(self, row: Row, seconds: float) -> tuple[AvatarTrack | BaseException | None, Any]:
         """The track of the row's avatar as far as its narration of `seconds` shows (or why there is

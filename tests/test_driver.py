@@ -383,3 +383,75 @@ def test_the_campaigns_end_removes_its_finished_rows_old_work(tmp_path):
     storage.write_bytes(kept, b"x")
     assert job.run().count("ok") == ROWS
     assert not storage.exists(old) and storage.exists(kept)
+
+
+class _Failing(SimulatedExecutor):
+    """Segments of some rows raise what `errors` names, once or always; `ready` of actor 1 raises
+    an error the driver knows nothing of."""
+
+    def __init__(self, errors: dict[str, tuple[BaseException, bool]]):
+        super().__init__(actors=3)
+        self.errors, self.calls = errors, []
+
+    def call(self, actor: int, method: str, *args: Any) -> Any:
+        from benchmarks.driver import Done
+
+        if method == "ready" and actor == 1:
+            return Done(error=ValueError("a failure nobody foresaw"))
+        if method == "render_segment":
+            job = args[0]
+            self.calls.append((job.row_id, job.index, actor))
+            error, always = self.errors.get(job.row_id, (None, False))
+            if error is not None:
+                if not always:
+                    del self.errors[job.row_id]
+                return Done(error=error)
+        return super().call(actor, method, *args)
+
+
+def test_segment_failures_are_retried_only_where_a_retry_can_help(tmp_path):
+    """A storage error (retried by the storage layer already) and bad input fail the row at once;
+    a renderer's own failure goes again, to `render.max_attempts`; a renderer that lost its model
+    is asked `ready` again rather than given up; an actor's answer the driver does not know retires
+    that actor, not the campaign."""
+    from heygem_ray.errors import InputError, RendererStartError
+
+    job, _ = _campaign(tmp_path)
+    executor = _Failing(
+        {
+            "r000": (OSError("store down past its retries"), True),
+            "r001": (InputError("avatar", "/in/v1.mp4", "not a readable video"), True),
+            "r002": (RuntimeError("cuda hiccup"), False),
+            "r003": (RuntimeError("always broken"), True),
+            "r004": (RendererStartError("weights not loaded (storage down)"), False),
+        }
+    )
+    summary = Campaign(job.cfg, job.rows, executor=executor).run()
+    results = {r.id: r for r in summary.rows}
+    tries = {row_id: sum(1 for r, _, _ in executor.calls if r == row_id) for row_id in ("r000", "r001", "r003")}
+    assert results["r000"].status == "failed" and "store down" in results["r000"].error and tries["r000"] == 1
+    assert results["r001"].status == "failed" and "not a readable video" in results["r001"].error
+    assert tries["r001"] == 1
+    assert results["r002"].status == "ok"
+    assert results["r003"].status == "failed" and tries["r003"] == job.cfg.render.max_attempts
+    assert results["r004"].status == "ok"
+    first = next(n for n, (r, _, _) in enumerate(executor.calls) if r == "r004")
+    lost_model = executor.calls[first][2]
+    assert lost_model in {actor for _, _, actor in executor.calls[first + 1 :]}  # asked again, working again
+    assert summary.count("ok") == ROWS - 3
+    assert not {actor for _, _, actor in executor.calls} & {1}  # retired at its odd answer
+
+
+def test_gpu_face_detection_asks_for_a_gpu_share_only_where_the_actors_leave_one(tmp_path):
+    """Actors holding every GPU share would leave a detection task waiting for ever: it then
+    detects on the CPU."""
+    from heygem_ray.shared_work import SharedWork
+
+    class OnOneGpu(SimulatedExecutor):
+        def resources(self) -> dict[str, float]:
+            return {"CPU": 16.0, "GPU": 1.0}
+
+    overrides = ("cluster=gpu", "detector=s3fd", "detector.checkpoint=/m/s3fd.pth", "cluster.actor.num_gpus=0.125")
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={tmp_path}", *overrides)
+    assert SharedWork(cfg, OnOneGpu(actors=7))._detect_gpus == 0.125
+    assert SharedWork(cfg, OnOneGpu(actors=8))._detect_gpus == 0.0

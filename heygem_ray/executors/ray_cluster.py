@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from heygem_ray.config import Config
 from heygem_ray.errors import ClusterConfigError
@@ -96,7 +96,8 @@ class RayExecutor:
         return exc
 
     def actor_lost(self, exc: BaseException) -> bool:
-        return isinstance(self.cause(exc), RayActorError)
+        # Ray's memory monitor killing the actor's worker, or its node going, is no RayActorError
+        return isinstance(self.cause(exc), (RayActorError, OutOfMemoryError, NodeDiedError, WorkerCrashedError))
 
 
 @contextlib.contextmanager
