@@ -357,7 +357,7 @@ def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | No
         _check_pixels(uri, cached[0], max_pixels)
         return cached
     local = storage.local_copy(uri)
-    info = probe(local, still_fps, display_uri=uri)
+    info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels)
     _check_pixels(uri, info, max_pixels)
     pts = _frame_timestamps(local, info, uri)
     buf = io.BytesIO()

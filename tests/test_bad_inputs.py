@@ -209,12 +209,39 @@ def test_a_cache_that_refuses_writes_is_named_not_the_input(inputs, tmp_path):
         prepare_audio(str(inputs / "speech.wav"), str(cache))
 
 
+def _peak_rss_mib_of(code: str) -> float:
+    """Run `code` in a fresh Python; its peak RSS in MiB (it must exit 0). From /proc: getrusage's
+    figure survives exec, so a child would report this test's own peak."""
+    import subprocess
+    import sys
+
+    script = code + (
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.split()[-1])
+
+
 def test_limits_reject_rows_instead_of_running_out_of_memory(inputs, tmp_path):
     cfg = compose_config("manifest=m", f"output={tmp_path}")
     with pytest.raises(
         InputError, match=r"uhd.mp4: frames are 3840x2160 = 8294400 pixels, over limits.max_avatar_pixels=2073600"
     ):
         prepare_avatar(str(inputs / "uhd.mp4"), None, cfg.detector, str(tmp_path / "c"), 25.0, max_pixels=1920 * 1080)
+    # a 16K PNG, as a still or named as a video: refused from its headers, never decoded (1 GiB of frame)
+    huge = np.zeros((16000, 16000), np.uint8)
+    cv2.imwrite(str(tmp_path / "huge.png"), huge)
+    shutil.copy(tmp_path / "huge.png", tmp_path / "huge.mp4")
+    for name in ("huge.png", "huge.mp4"):
+        peak = _peak_rss_mib_of(
+            "from heygem_ray.media.video import probe\n"
+            "from heygem_ray.errors import InputError\n"
+            f"try: probe({str(tmp_path / name)!r}, 25.0, max_pixels=4096 * 2304)\n"
+            "except InputError as e: assert 'over limits.max_avatar_pixels=9437184' in str(e), e\n"
+            "else: raise SystemExit('not refused')\n"
+        )
+        assert peak < 300, (name, peak)  # the frame alone would be 732 MiB as BGR
     with pytest.raises(InputError, match=r"speech.wav: is longer than limits.max_audio_seconds=0.5 s"):
         prepare_audio(str(inputs / "speech.wav"), str(tmp_path / "c"), max_seconds=0.5)
     prepare_audio(str(inputs / "speech.wav"), str(tmp_path / "c2"))  # cached now, the limit still holds

@@ -54,11 +54,13 @@ def test_8bit_pcm_and_nan_float_wav(tmp_path):
 
     samples = np.sin(np.arange(16000) / 7).astype(np.float32) * 0.3
     samples[100:200] = np.nan
-    samples[300] = np.inf
+    samples[300:400] = np.inf
+    samples[500:600] = -np.inf
     path = str(tmp_path / "nan.wav")
     demo.write_audio(path, samples, codec="pcm_f32le")
     pcm = decode_all(path)
     assert np.isfinite(pcm).all() and len(pcm) == 16000
+    assert np.abs(pcm[310:390]).max() < 0.05 and np.abs(pcm[510:590]).max() < 0.05  # silence, not full scale
 
 
 def test_audio_that_changes_format_midway_or_has_nine_channels(tmp_path):
@@ -140,11 +142,11 @@ def test_reader_seeks_to_exact_frames(media_dir):
             reader.read(np.array([99]))
 
 
-def _numbered_clip(path: str, frames: int, options: dict[str, str]) -> None:
-    """A small H.264 clip whose frames all differ (brightness by number, a noise corner)."""
+def _numbered_clip(path: str, frames: int, options: dict[str, str], codec: str = "libx264") -> None:
+    """A small clip whose frames all differ (brightness by number, a noise corner)."""
     rng = np.random.default_rng(0)
     with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=25, options=options)
+        stream = container.add_stream(codec, rate=25, options=options)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for i in range(frames):
             image = np.full((48, 64, 3), i * 3 % 256, np.uint8)
@@ -169,6 +171,25 @@ def test_reader_seeks_into_open_gops(tmp_path):
             assert np.array_equal(reader.read(np.array([i]))[i], every[i][1]), i
         with video.FrameReader(path, info, pts[i:], first_index=i) as reader:  # a segment starting there
             assert np.array_equal(reader.read(np.array([i]))[i], every[i][1]), i
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg2video"])
+def test_reader_seeks_in_mpeg_ts_which_has_no_index(tmp_path, codec):
+    """A .ts/.mts clip (camcorders, broadcast): a seek lands on no keyframe, and the decoder skips to
+    the next one, which the last GOP lacks. Every frame, the last GOP's too, is read exactly, and a
+    detection chunk over them gets its frames."""
+    path = str(tmp_path / "clip.ts")
+    options = {"x264-params": "keyint=50:min-keyint=50:scenecut=0"} if codec == "libx264" else {"g": "50"}
+    _numbered_clip(path, 150, options, codec)
+    info = video.probe(path, 25)
+    every = list(video.iter_frames(path, info))
+    pts = np.array([p for p, _ in every])
+    assert len(every) == 150
+    for i in (0, 49, 50, 99, 103, 120, 141, 149):
+        with video.FrameReader(path, info, pts) as reader:
+            assert np.array_equal(reader.read(np.array([i, min(i + 1, 149)]))[i], every[i][1]), i
+    with video.FrameReader(path, info, pts) as reader:
+        assert [n for n, _ in reader.frames_between(110, 150)] == list(range(110, 150))
 
 
 def test_a_trimmed_clip_is_tracked_by_the_frames_it_shows(tmp_path):

@@ -107,7 +107,8 @@ def _mixable(frame: av.AudioFrame) -> av.AudioFrame:
 
 
 def finite_samples(frame: av.AudioFrame) -> av.AudioFrame:
-    """Float audio may carry NaN/inf (broken TTS output); they would poison resampling and AAC."""
+    """Float audio may carry NaN/inf (broken TTS output); they would poison resampling and AAC, and are
+    silence here (an inf as full scale would open the mouth and click in the output)."""
     if frame.format.name not in ("flt", "fltp", "dbl", "dblp"):
         return frame
     data = frame.to_ndarray()
@@ -115,7 +116,7 @@ def finite_samples(frame: av.AudioFrame) -> av.AudioFrame:
         return frame
     # float formats decode to float32 (flt) or float64 (dbl) arrays, and nan_to_num keeps the dtype
     cleaned = cast(
-        "npt.NDArray[np.float32] | npt.NDArray[np.float64]", np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
+        "npt.NDArray[np.float32] | npt.NDArray[np.float64]", np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     )
     fixed = av.AudioFrame.from_ndarray(cleaned, format=frame.format.name, layout=frame.layout.name)
     fixed.sample_rate, fixed.pts, fixed.time_base = frame.sample_rate, frame.pts, frame.time_base

@@ -88,9 +88,12 @@ def read_image(path: str, what: str = "avatar") -> np.ndarray:
     return np.ascontiguousarray(image[:h, :w])
 
 
-def probe(path: str, still_fps: float, display_uri: str | None = None) -> VideoInfo:
-    """Container facts for a video or still image at a local path."""
+def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixels: int | None = None) -> VideoInfo:
+    """Container facts for a video or still image at a local path; with `max_pixels`, one whose
+    frames are larger is refused before any of them is decoded."""
     uri = display_uri or path
+    if max_pixels:
+        _check_frame_size(path, uri, max_pixels)
     if is_image_path(path):
         image = read_image(path)
         return _still_info(image, still_fps)
@@ -127,6 +130,25 @@ def probe(path: str, still_fps: float, display_uri: str | None = None) -> VideoI
         frame_count=int(stream.frames or 0),
         sar=f"{sar.numerator}/{sar.denominator}",
     )
+
+
+def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
+    """Refuse an avatar whose frames are over `max_pixels`, from its headers: FFmpeg's own limit on
+    its decoders keeps the probe of a stream without a size in its headers (a PNG, whatever it is
+    named) from decoding a frame of gigabytes. What cannot be opened is left to `probe` to name."""
+    limit = {"max_pixels": str(max_pixels)}
+    try:
+        with av.open(path, stream_options=[limit] * 16) as container:
+            if not container.streams.video:
+                return
+            context = container.streams.video[0].codec_context
+            width, height = context.width, context.height
+    except av.error.FFmpegError:
+        return
+    if width * height > max_pixels or not width or not height:
+        size = f"{width}x{height} = {width * height} pixels, over" if width and height else "over"
+        undecodable = "" if width and height else " (or cannot be decoded)"
+        raise InputError("avatar", uri, f"frames are {size} limits.max_avatar_pixels={max_pixels}{undecodable}")
 
 
 def _still_info(image: np.ndarray, still_fps: float) -> VideoInfo:
@@ -279,6 +301,11 @@ class FrameReader:
         image = orient(image, info.rotation, info.width, info.height)
         return bgr_to_i420(image) if self._i420 else image
 
+    def _one_second(self) -> int:
+        """One second in the stream's time base."""
+        base = self._stream.time_base
+        return max(1, int(1 / base)) if base else 1
+
     def _seek(self, index: int) -> Iterator[av.VideoFrame]:
         """Restart decoding at a keyframe at or before frame `index`; returns the new decoder.
 
@@ -298,11 +325,14 @@ class FrameReader:
                 break
             decoder = container.decode(self._stream)
             first = next(decoder, None)
-            if first is None or first.pts is None or first.pts <= want:
-                self._decoder = decoder if first is None else itertools.chain([first], decoder)
+            if first is not None and (first.pts is None or first.pts <= want):
+                self._decoder = itertools.chain([first], decoder)
                 self._next = self._first  # a lower bound until the first frame's pts tells
                 return self._decoder
-            back = max(2 * back, first.pts - want)  # stream time: the landing was this far past it
+            # landed past it (stream time: this far), or on no keyframe at all (MPEG-TS has no index:
+            # the decoder skips to the next keyframe, and in the last GOP there is none)
+            past = first.pts - want if first is not None else self._one_second()
+            back = max(2 * back, past)
             target = want - back
         container.seek(0)  # no keyframe found before it: decode from the start
         self._decoder = container.decode(self._stream)

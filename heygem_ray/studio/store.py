@@ -28,6 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from heygem_ray import storage
+from heygem_ray.config import LimitsConfig
 from heygem_ray.errors import InputError, ManifestError
 from heygem_ray.manifest import build_manifest, is_text, refusals, rows_from_table
 from heygem_ray.media.audio import iter_pcm16k
@@ -361,7 +362,8 @@ def check_upload(local: str, kind: str, max_bytes: int) -> str:
         if kind == "audio":
             next(iter_pcm16k(local, display_uri=name), None)
         else:
-            probe(local, 25.0, display_uri=name)
+            # the campaign's own limit, before a frame is decoded: a 16K PNG named .mp4 is gigabytes
+            probe(local, 25.0, display_uri=name, max_pixels=LimitsConfig().max_avatar_pixels)
     except (InputError, OSError, ValueError) as exc:
         raise UploadError(f"{name}: not a readable {kind} file ({str(exc).splitlines()[0]})") from None
     return name
