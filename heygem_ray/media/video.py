@@ -138,7 +138,8 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
     named) from decoding a frame of gigabytes. What cannot be opened is left to `probe` to name."""
     limit = {"max_pixels": str(max_pixels)}
     try:
-        with av.open(path, stream_options=[limit] * 16) as container:
+        # PyAV's stubs say a list of str; it takes (and documents) a dict of options per stream
+        with av.open(path, stream_options=[limit] * 16) as container:  # type: ignore[list-item]
             if not container.streams.video:
                 return
             context = container.streams.video[0].codec_context
@@ -331,7 +332,7 @@ class FrameReader:
                 return self._decoder
             # landed past it (stream time: this far), or on no keyframe at all (MPEG-TS has no index:
             # the decoder skips to the next keyframe, and in the last GOP there is none)
-            past = first.pts - want if first is not None else self._one_second()
+            past = first.pts - want if first is not None and first.pts is not None else self._one_second()
             back = max(2 * back, past)
             target = want - back
         container.seek(0)  # no keyframe found before it: decode from the start
