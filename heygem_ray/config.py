@@ -400,6 +400,9 @@ class StudioConfig:
     #: against what is stored then and its uploads (its videos count once rendered): a campaign that
     #: would pass it is refused until the user deletes old ones; 0 = no limit
     user_quota_gb: float = 100
+    #: campaigns one user may have queued or running at once (each is a Ray job, its driver a
+    #: process on the head node); 0 = no limit
+    max_active_campaigns: int = 4
     #: one line per upload, submit, finish, failure, cancel, delete and download, with user and campaign
     log_file: str = "~/.heygem_ray/studio.log"
     #: overrides added to every campaign the studio submits (e.g. ['cluster=gpu'])

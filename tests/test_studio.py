@@ -263,6 +263,9 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):
     client = TestClient(build_app(service, None, Sessions(b"k" * 32)), base_url="http://127.0.0.1")
     refused = client.post(UPLOAD_PATH, content=b"x" * 500)
     assert refused.status_code == 413 and "past your" in refused.text
+    # Gradio's file route fetches a URL named there: no proxy to the web for users
+    for url in ("https://example.com/x.png", "HTTPS://example.com/x.png", "https%3A%2F%2Fexample.com%2Fx.png"):
+        assert client.get(f"/app/gradio_api/file={url}").status_code == 403, url
     # a file named by URL in a page event: Gradio would fetch it, any size, past the quota
     linked = {"data": [[{"path": "https://example.com/big.wav", "meta": {"_type": "gradio.FileData"}}]], "fn_index": 0}
     answer = client.post("/app/gradio_api/queue/join", json=linked)
@@ -336,6 +339,47 @@ def test_a_rerun_renders_with_the_settings_the_campaign_was_made_with(tmp_path, 
     assert studio.job_overrides(studio.store.load("alice", record.id)) == first
     del studio.models["lipsync"]
     assert studio.job_overrides(studio.store.load("alice", record.id)) == first
+
+
+def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):
+    """170,000 columns in a megabyte of CSV took 1.5 GB and hours of the web server's time (a
+    quadratic check of repeated names); refused from the header now, in a moment."""
+    store = StudioStore(str(tmp_path / "store"))
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(170_000)) + "\n" + ",".join("x" * 170_000) + "\n")
+    started = time.time()
+    with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
+        store.uploaded_manifest("alice", store.new_id(), str(wide))
+    wide_parquet = tmp_path / "wide.parquet"
+    pq.write_table(pa.table({f"c{i}": ["x"] for i in range(5000)}), wide_parquet)
+    with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
+        store.uploaded_manifest("alice", store.new_id(), str(wide_parquet))
+    assert time.time() - started < 10
+    chained = tmp_path / "chained.csv"
+    campaign = store.new_id()
+    own = store.inputs("alice", campaign)
+    chained.write_text(f"audio,avatar\n{own}/a.wav::http://example.com/a.wav,face.png\n")
+    with pytest.raises(UploadError, match="is not among your uploads"):
+        store.uploaded_manifest("alice", campaign, str(chained))
+
+
+def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.store import CampaignRecord
+
+    service = StudioService(
+        StudioConfig(store=str(tmp_path / "store"), max_active_campaigns=2), cluster=None, log=logging.getLogger("t")
+    )
+    for n in range(2):
+        record = CampaignRecord(f"c{n}", "alice", "n", time.time(), 1, "classic", "draft", "m", "o")
+        service._watched[record.id] = record  # as `submit` leaves a campaign whose job may still end
+    with pytest.raises(UploadError, match="you have 2 campaign\\(s\\) queued or running"):
+        service.create("alice", "third", [], [])
+    with pytest.raises(UploadError, match="give at least one narration"):  # bob is not held up
+        service.create("bob", "first", [], [])
 
 
 def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):

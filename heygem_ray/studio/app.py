@@ -32,6 +32,10 @@ from heygem_ray.studio.users import LoginGuard, UsersFile
 LOCAL_USER = "local"
 UI_PATH = "/app"
 API_PATH = UI_PATH + "/gradio_api/"
+#: page events waiting for a slot, all users together
+EVENT_QUEUE_SIZE = 256
+#: Gradio's route for files: `file=<path in its cache>`, or a URL it fetches
+FILE_PATH = API_PATH + "file="
 UPLOAD_PATH = API_PATH + "upload"
 #: the largest page event the studio takes (its text fields and file references: files are uploaded)
 EVENT_MAX_BYTES = 2**20
@@ -59,6 +63,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             return Response("cross-origin request refused", status_code=403)
         if request.url.path.rstrip("/") == UI_PATH and request.method == "GET" and current_user(request) is None:
             return RedirectResponse("/login", status_code=303)
+        if request.url.path.startswith(FILE_PATH) and "://" in request.url.path[len(FILE_PATH) :]:
+            # Gradio would fetch any public URL named there and pass it on: no proxy for anyone
+            return Response("files are served from this server only", status_code=403)
         if request.method == "POST" and request.url.path == UPLOAD_PATH:
             refused = await run_in_threadpool(_upload_refused, request)
             if refused is not None:
@@ -175,6 +182,8 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     # a client sends as an upload (copying it into its cache): a user could render, probe or have
     # the studio delete any file it can read, other users' videos included
     blocks.has_launched = True
+    # events waiting beyond this are refused ("queue full") instead of piling up without end
+    blocks.queue(max_size=EVENT_QUEUE_SIZE)
     max_bytes = int(studio.cfg.max_upload_mb * 2**20)
     return gr.mount_gradio_app(
         app,
@@ -336,7 +345,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                     return ""
                 try:
                     return done if action(user_of(request), campaign_id) else nothing
-                except ClusterUnavailable as exc:
+                except (ClusterUnavailable, UploadError) as exc:  # UploadError: a re-run past the user's limit
                     return f"❌ {exc}"
 
             return act

@@ -137,6 +137,7 @@ class Studio:
                 )
             self._creating.add(user)
         try:
+            self._check_active(user)
             self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
             campaign_id = self.store.new_id()
             try:
@@ -221,6 +222,17 @@ class Studio:
                 if kept:
                     recent.append((when, kept))
             self._uploads[user] = recent
+
+    def _check_active(self, user: str, other_than: str | None = None) -> None:
+        """Refuse one more campaign while the user has `max_active_campaigns` queued or running."""
+        limit = self.cfg.max_active_campaigns
+        with self._lock:
+            active = sum(1 for r in self._watched.values() if r.user == user and r.id != other_than)
+        if limit and active >= limit:
+            raise UploadError(
+                f"you have {active} campaign(s) queued or running, the most at once: wait for one to end, "
+                "or cancel one (Campaigns tab)"
+            )
 
     def _check_quota(self, user: str, uploads: list[str]) -> None:
         if not self.cfg.user_quota_gb:
@@ -384,6 +396,7 @@ class Studio:
             view = self.campaign(user, campaign_id)
             if view is None or view.status in ("queued", "running"):
                 return None
+            self._check_active(user, campaign_id)
             return self.submit(view.record)
 
     @contextlib.contextmanager

@@ -10,6 +10,7 @@ checked before any path is built, and nothing a user sends is used as a path.
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import secrets
 import threading
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,10 +149,10 @@ class StudioStore:
         if os.path.getsize(local) > MANIFEST_MAX_BYTES:
             raise UploadError(f"{name}: a manifest may be {MANIFEST_MAX_BYTES // 2**20} MiB at most")
         try:
-            table = pacsv.read_csv(local) if name.lower().endswith(".csv") else _small_parquet(local, name)
+            table = _small_csv(local, name) if name.lower().endswith(".csv") else _small_parquet(local, name)
         except (pa.ArrowException, OSError) as exc:
             raise UploadError(f"{name}: cannot read it as a table ({str(exc).splitlines()[0]})") from None
-        repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+        repeated = _repeated(table.column_names)
         if repeated:
             raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
         missing = {"audio", "avatar"} - set(table.column_names)
@@ -171,7 +173,8 @@ class StudioStore:
                     uri = value
                 else:  # a file of this campaign's uploads, named as it was uploaded
                     uri = storage.join(inputs, column, _safe_name(value))
-                if not storage.normalize(uri).startswith(own) or ".." in value.split("/"):
+                # "::" chains fsspec file systems: a URI inside the user's folder could name another
+                if not storage.normalize(uri).startswith(own) or ".." in value.split("/") or "::" in value:
                     raise UploadError(f"{name}: {value!r} is not among your uploads")
                 resolved.append(uri)
             columns[column] = resolved
@@ -292,12 +295,33 @@ class StudioStore:
 MANIFEST_MAX_DECODED_BYTES = 64 * 2**20
 
 
+#: columns an uploaded manifest may have: it needs five; a file of 170,000 (a megabyte of commas)
+#: would take the web server's memory and minutes of its time
+MANIFEST_MAX_COLUMNS = 64
+
+
+def _repeated(names: list[str]) -> list[str]:
+    return sorted(name for name, count in Counter(names).items() if count > 1)
+
+
+def _small_csv(local: str, name: str) -> pa.Table:
+    """A CSV manifest, once its header shows at most MANIFEST_MAX_COLUMNS columns."""
+    with open(local, newline="", encoding="utf-8", errors="replace") as fh:
+        header = fh.readline(1 << 16)  # the header line, 64 KiB at most
+    columns = len(next(csv.reader([header]), []))
+    if columns > MANIFEST_MAX_COLUMNS or (len(header) >= 1 << 16 and not header.endswith(("\n", "\r"))):
+        raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more")
+    return pacsv.read_csv(local)
+
+
 def _small_parquet(local: str, name: str) -> pa.Table:
     """The manifest's columns, decoded only as far as its footer and its dictionaries show they fit
     MANIFEST_MAX_ROWS and MANIFEST_MAX_DECODED_BYTES: the web server must not decode a bomb."""
     file = pq.ParquetFile(local)
+    if file.metadata.num_columns > MANIFEST_MAX_COLUMNS:  # from the footer, before its schema is walked
+        raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more")
     names = file.schema_arrow.names
-    repeated = sorted({c for c in names if names.count(c) > 1})
+    repeated = _repeated(names)
     if repeated:  # before a column is looked up by its name
         raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
     meta = file.metadata
