@@ -9,6 +9,7 @@ by an earlier attempt or run is reused, not rendered again.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -16,15 +17,17 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import av
 import numpy as np
 
 from heygem_ray import metrics, qa, storage
 from heygem_ray.config import Config
-from heygem_ray.errors import RendererStartError
+from heygem_ray.errors import InputError, RendererStartError
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
 from heygem_ray.media.video import (
     FrameReader,
@@ -255,6 +258,7 @@ class RenderWorker:
             motion = np.full(job.frames, np.nan, np.float32)  # the mouth's change per frame (heygem_ray.qa)
             halves: list[np.ndarray | None] | None = [None] * job.frames if self.expert else None
             with (
+                _avatar_decoding(job.avatar_uri),
                 SegmentWriter(
                     path, info.width, info.height, info.fps_fraction, job.codec, enc, self.threads, info.sar
                 ) as writer,
@@ -419,6 +423,16 @@ class RenderWorker:
         context = int(AUDIO_CONTEXT_SECONDS * SAMPLE_RATE)
         start, stop = audio_span(int(frames[0]), int(frames[-1]), job.info.fps, SAMPLE_RATE, context, job.audio_samples)
         return AudioWindow(read_pcm(job.pcm_uri, start, stop), start, job.audio_samples, job.audio_level)
+
+
+@contextlib.contextmanager
+def _avatar_decoding(uri: str) -> Iterator[None]:
+    """An avatar that stops decoding partway (cut short, damaged past its probe) is the row's input:
+    failed at once, naming it, not tried again on every actor as a renderer's fault."""
+    try:
+        yield
+    except (EOFError, av.error.InvalidDataError) as exc:
+        raise InputError("avatar", uri, f"cannot be decoded this far ({exc}): is it cut short or damaged?") from None
 
 
 def pipeline_chunks(frames: int, batch_size: int) -> list[tuple[int, int]]:

@@ -97,3 +97,18 @@ def test_encoder_settings_x264_cannot_open_stop_the_actor_at_start():
     assert worker().start_error is None
     refused = worker("encoder.codec=libx264", "encoder.x264_params='level=99'")
     assert refused.start_error is not None and "does not open with the encoder settings" in refused.start_error
+
+
+def test_an_avatar_that_stops_decoding_is_the_rows_input_not_a_renderer_fault():
+    """Failed at once naming the avatar (an InputError is never retried), not re-sent to every actor."""
+    import av
+
+    from heygem_ray.errors import InputError
+    from heygem_ray.segment import _avatar_decoding
+
+    damaged = r"avatar s3://b/v.ts: cannot be decoded this far .*cut short or damaged"
+    for error in (EOFError("video ended before frame 203"), av.error.InvalidDataError(1094995529, "bad data")):
+        with pytest.raises(InputError, match=damaged), _avatar_decoding("s3://b/v.ts"):
+            raise error
+    with pytest.raises(RuntimeError), _avatar_decoding("s3://b/v.ts"):  # the encoder's, say: not the input's
+        raise RuntimeError("encoded 3 of 4 frames")

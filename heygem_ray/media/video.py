@@ -82,10 +82,24 @@ def read_image(path: str, what: str = "avatar") -> np.ndarray:
         image = None
     if image is None:
         raise InputError(what, path, "not a readable image (or larger than this machine decodes)")
+    image = _on_white(image, data)
     h, w = _even(image.shape[0]), _even(image.shape[1])
     if h < 2 or w < 2:
         raise InputError(what, path, f"image is too small ({image.shape[1]}x{image.shape[0]})")
     return np.ascontiguousarray(image[:h, :w])
+
+
+def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """A PNG or WebP still with transparency, over white: a cut-out portrait's background would
+    otherwise be whatever colour lies under the transparent pixels (often black)."""
+    head = data[:16].tobytes()
+    if not (head.startswith(b"\x89PNG") or head[8:12] == b"WEBP"):
+        return image
+    full = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if full is None or full.ndim != 3 or full.shape[2] != 4 or full.shape[:2] != image.shape[:2]:
+        return image
+    alpha = full[..., 3:].astype(np.float32) / (65535.0 if full.dtype == np.uint16 else 255.0)
+    return (image.astype(np.float32) * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
 
 
 def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixels: int | None = None) -> VideoInfo:
