@@ -25,6 +25,8 @@ ACTOR_WAIT_WARNING = 60.0
 START_DEATHS = 3
 #: seconds between checks of the starting actors' restart counts
 RESTART_CHECK_SECONDS = 2.0
+#: seconds a lost actor may keep segments before they go to the others
+LOST_ACTOR_SECONDS = 60.0
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Actor:
     info: WorkerInfo | None = None  # its answer: pid, cores, encoder, start times
     failed: str | None = None  # why it will never render
     restarts_at_ready: int = 0  # its restart count when it last answered `ready`
+    lost_at: float | None = None  # when it was last seen lost, until it answers again
 
     @property
     def pid(self) -> int | None:
@@ -134,7 +137,7 @@ class ActorPool:
         """An actor died (Ray restarts it): no more work for it until it answers again."""
         a = self.actors[actor]
         if a.healthy:
-            a.healthy, a.probe_at = False, time.time()
+            a.healthy, a.probe_at, a.lost_at = False, time.time(), time.time()
 
     def answered(self, actor: int, get: Callable[[], WorkerInfo]) -> None:
         """Take an actor's answer to `ready` (`get` returns it or raises what the call raised)."""
@@ -161,12 +164,22 @@ class ActorPool:
                 f"its node encodes with {info.codec} but this campaign's segments "
                 f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)",
             )
-        a.healthy, a.info = True, info
+        a.healthy, a.info, a.lost_at = True, info, None
         a.restarts_at_ready = self.executor.restarts(actor)
         self.first_ready_at = self.first_ready_at or time.time()
         pinned = f", cores {info.cores}" if info.cores is not None else ""
         log.info("renderer actor %d ready (pid %s%s, decoding: %s)", actor, info.pid, pinned, info.decoder)
         return None
+
+    def stalled(self, after: float) -> list[int]:
+        """Lost actors still holding segments `after` seconds on: their restart waits for room no
+        node may ever have, and Ray keeps the calls queued on them as long."""
+        now = time.time()
+        return [
+            a.index
+            for a in self.actors
+            if a.load > 0 and not a.healthy and a.lost_at is not None and now - a.lost_at > after
+        ]
 
     def unusable(self, actor: int, reason: str) -> None:
         """An actor that will never render (its renderer cannot start, or its node's encoder is not

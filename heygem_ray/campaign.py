@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from heygem_ray import storage
-from heygem_ray.actor_pool import ActorPool
+from heygem_ray.actor_pool import LOST_ACTOR_SECONDS, ActorPool
 from heygem_ray.config import Config
 from heygem_ray.errors import InputError
 from heygem_ray.executors import Executor, failure_reason, open_executor
@@ -96,6 +96,8 @@ class Campaign:
                     self.guard()
                 for actor in self.actors.due_probes():
                     self._inflight[self.executor.call(actor, "ready")] = ("actor_ready", actor)
+                for actor in self.actors.stalled(LOST_ACTOR_SECONDS):
+                    self._take_back(actor)
                 self._admit_rows()
                 self._dispatch_segments()
                 if not self._inflight:
@@ -160,6 +162,16 @@ class Campaign:
         for row_id, reason in self.segments.broken.items():
             self._fail(row_id, reason)
         self.segments.broken.clear()
+
+    def _take_back(self, actor: int) -> None:
+        """The segments a lost actor holds, for the others: their calls are forgotten (an answer
+        that comes one day changes nothing)."""
+        for handle, (event, key) in list(self._inflight.items()):
+            if event == "segment" and key[2] == actor:
+                del self._inflight[handle]
+                failure = self.segments.take_back(key, self._states.get(key[0]))
+                if failure is not None:
+                    self._fail(key[0], failure)
 
     def _for_row(self, row_id: str | None, step: Callable[..., None], *args: Any) -> None:
         """Run a step about one row (None: about several, or none); a defect it hits fails that row,

@@ -78,6 +78,20 @@ class SegmentQueue:
         if not result.reused:
             self.by_actor[actor] = self.by_actor.get(actor, 0) + 1
 
+    def take_back(self, call: SegmentCall, state: RowState | None) -> str | None:
+        """A segment left with an actor that was lost and has not come back: queued for the others (its
+        call, should the actor ever run it, writes the same file). The row's failure reason when
+        the segment has had its `render.max_attempts` tries."""
+        row_id, index, actor = call
+        self.actors.actors[actor].load -= 1
+        if state is None:
+            return None
+        if state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
+            return f"segment {index} failed after {state.attempts[index]} attempt(s): its renderer was lost"
+        log.warning("row %s segment %d: its renderer actor %d is lost; sent to another", row_id, index, actor)
+        self._queue.appendleft((row_id, index))
+        return None
+
     def failed(self, call: SegmentCall, state: RowState | None, exc: BaseException) -> str | None:
         """A segment call raised: the row's failure reason, or None when the segment goes again (or
         its row has a result already). A renderer that lost its model is not the segment's fault:

@@ -4,6 +4,7 @@ stage at once, so these tests see the scheduling and the bookkeeping alone."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -455,3 +456,52 @@ def test_gpu_face_detection_asks_for_a_gpu_share_only_where_the_actors_leave_one
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={tmp_path}", *overrides)
     assert SharedWork(cfg, OnOneGpu(actors=7))._detect_gpus == 0.125
     assert SharedWork(cfg, OnOneGpu(actors=8))._detect_gpus == 0.0
+
+
+def test_segments_held_by_an_actor_that_never_comes_back_go_to_the_others(tmp_path, monkeypatch):
+    """An actor lost with its node, whose restart finds no room: Ray keeps the calls queued on it
+    for ever. After LOST_ACTOR_SECONDS its segments go to the other actors and the campaign ends."""
+    import threading
+
+    from benchmarks.driver import Done
+    from heygem_ray import actor_pool, campaign
+
+    monkeypatch.setattr(campaign, "LOST_ACTOR_SECONDS", 0.3)
+    monkeypatch.setattr(actor_pool, "RESTART_CHECK_SECONDS", 0.0)
+
+    class NodeGone(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=3)
+            self.gone, self.calls = False, 0
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            if actor == 0 and method == "render_segment":
+                self.calls += 1
+                self.gone = self.gone or self.calls >= 3
+            if actor == 0 and self.gone:
+                handle = Done()
+                handle.error = None
+                pending.add(id(handle))
+                return handle
+            return super().call(actor, method, *args)
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            ready = [h for h in handles if id(h) not in pending][:1]
+            if not ready:
+                time.sleep(0.05)
+            return ready
+
+        def restarts(self, actor: int) -> int:
+            return 1 if actor == 0 and self.gone else 0
+
+    pending: set[int] = set()
+    job, _ = _campaign(tmp_path)
+    executor = NodeGone()
+    done: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: done.append(Campaign(job.cfg, job.rows, executor=executor).run()), daemon=True
+    )
+    runner.start()
+    runner.join(timeout=30)
+    assert done, "the campaign waited for ever on the lost actor"
+    assert executor.gone and done[0].count("ok") == ROWS
