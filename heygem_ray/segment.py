@@ -260,7 +260,7 @@ class RenderWorker:
             with (
                 _avatar_decoding(job.avatar_uri),
                 SegmentWriter(
-                    path, info.width, info.height, info.fps_fraction, job.codec, enc, self.threads, info.sar
+                    path, info.width, info.height, info.fps_fraction, job.codec, enc, self.threads, info.sar, info.color
                 ) as writer,
                 FrameReader(
                     local_avatar,

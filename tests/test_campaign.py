@@ -124,6 +124,13 @@ def test_output_matches_audio_and_avatar(rendered, media_dir, row_id):
     track = prepare_avatar(avatar_path, None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)  # cached
     audio_seconds, loudness = wav_seconds_and_loudness_db(audio_path, fps, len(frames))
 
+    # colour tags: what the frames are, through the stitch's packet copy (a still's: BT.601)
+    with av.open(results[row_id]["output"]) as container:
+        context = container.streams.video[0].codec_context
+        tags = (context.colorspace, context.color_primaries, context.color_trc)
+    assert track.info.color is not None
+    assert tags == tuple(int(t) for t in (track.info.color or video.BT601).split(","))
+
     # duration: the video covers the whole audio, at most one frame longer; the audio is all there
     assert fps == track.info.fps
     assert 0 <= len(frames) / fps - audio_seconds < 1 / fps

@@ -416,6 +416,60 @@ def test_a_transparent_still_is_shown_over_white(tmp_path):
     assert np.abs(video.read_image(str(tmp_path / "photo.jpg")).astype(int) - (0, 0, 200)).max() <= 3
 
 
+def _tagged_clip(path: str, pix_fmt: str, colorspace: int, full_range: bool) -> None:
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        context = stream.codec_context
+        context.colorspace = context.color_primaries = context.color_trc = colorspace
+        context.color_range = 2 if full_range else 1
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="bgr24")
+            frame = frame.reformat(format=pix_fmt)
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize(
+    "pix_fmt, colorspace, full_range, expected",
+    [
+        ("yuv420p", 1, False, (1, 1, 1)),  # BT.709 planes encoded as they are: their tags go with them
+        ("yuv420p", 2, False, (2, 2, 2)),  # untagged stays untagged
+        ("yuvj420p", 1, True, (6, 6, 6)),  # full range: through BGR, so BT.601, video range
+        ("yuv444p", 1, False, (6, 6, 6)),
+    ],
+)
+def test_the_output_is_tagged_with_the_colours_its_frames_have(tmp_path, pix_fmt, colorspace, full_range, expected):
+    """Players take an untagged HD video for BT.709; frames made from BGR here are BT.601, and the
+    planes of an 8-bit 4:2:0 source keep the source's matrix: each output says which."""
+    from heygem_ray.config import EncoderConfig
+
+    source = str(tmp_path / "source.mp4")
+    _tagged_clip(source, pix_fmt, colorspace, full_range)
+    info = video.probe(source, 25)
+    out = str(tmp_path / "out.mp4")
+    with (
+        video.SegmentWriter(out, 64, 48, "25", "libx264", EncoderConfig(), color=info.color) as writer,
+        video.FrameReader(
+            source, info, np.array([p for p, _ in video.iter_frames(source, info)]), pixel_format="yuv420p"
+        ) as reader,
+    ):
+        frames = reader.read(np.arange(5))
+        for i in range(5):
+            writer.write_i420(frames[i])
+        writer.close()
+    with av.open(out) as container:
+        context = container.streams.video[0].codec_context
+        assert (context.colorspace, context.color_primaries, context.color_trc) == expected
+        assert context.color_range in (0, 1)  # video range (0: unspecified, what x264 leaves for it)
+    still = str(tmp_path / "still.png")
+    import cv2
+
+    cv2.imwrite(still, np.full((48, 64, 3), 90, np.uint8))
+    assert video.probe(still, 25).color == ""
+
+
 def test_not_a_video(tmp_path):
     path = str(tmp_path / "audio_only.m4a")
     demo.write_audio(path, np.zeros(16000, np.float32))

@@ -51,6 +51,10 @@ class VideoInfo:
     frame_count: int  # from the container header; the timestamps prepare_avatar records give the true count
     #: pixel aspect ratio (after rotation), "1/1" but for anamorphic video: the output keeps it
     sar: str = "1/1"
+    #: the colour tags its frames pass on to the output (`SegmentWriter`): "colorspace,primaries,trc"
+    #: (FFmpeg's numbers) of a video whose 8-bit 4:2:0 planes are encoded as they are; "" when
+    #: frames go through BGR (then BT.601); None: not known (a probe before this was recorded)
+    color: str | None = None
 
 
 def _even(x: int) -> int:
@@ -126,6 +130,12 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
             if first is None:
                 raise InputError("avatar", uri, "has no decodable video frames")
             clockwise = _clockwise_from_display_matrix(first.rotation)
+            context = stream.codec_context
+            color = (
+                f"{int(first.colorspace or 2)},{int(context.color_primaries or 2)},{int(context.color_trc or 2)}"
+                if _plain_420(first)
+                else ""
+            )
             w, h = (first.height, first.width) if clockwise in (90, 270) else (first.width, first.height)
             sar = stream.sample_aspect_ratio or Fraction(1)
             if clockwise in (90, 270):
@@ -143,6 +153,7 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
         rotation=clockwise,
         frame_count=int(stream.frames or 0),
         sar=f"{sar.numerator}/{sar.denominator}",
+        color=color,
     )
 
 
@@ -168,7 +179,8 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
 
 def _still_info(image: np.ndarray, still_fps: float) -> VideoInfo:
     rate = Fraction(still_fps).limit_denominator(1001)
-    return VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", image.shape[1], image.shape[0], 0, 1)
+    width, height = image.shape[1], image.shape[0]
+    return VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="")
 
 
 #: what FrameReader.read returns: BGR (h, w, 3), or planar I420 (h * 3 // 2, w) for the encoder
@@ -525,6 +537,11 @@ def encoder_options(codec: str, enc: EncoderConfig) -> dict[str, str]:
     return {}
 
 
+#: the colour tags of frames this module makes from BGR (OpenCV's and swscale's default matrix):
+#: SMPTE 170M (BT.601) colorspace, primaries and transfer
+BT601 = "6,6,6"
+
+
 class SegmentWriter:
     """Encodes exactly the frames it is given into an mp4 file: first frame IDR, closed GOPs, and the
     same encoder settings for every segment of a row, so segments join without re-encoding."""
@@ -539,9 +556,11 @@ class SegmentWriter:
         enc: EncoderConfig,
         threads: int = 0,
         sar: str = "1/1",
+        color: str | None = None,
     ):
         """`codec`: the campaign's (`encoder.codec` once `auto` is decided); the rest of `enc`
-        as configured; `sar`: the avatar's pixel aspect ratio, written into the stream."""
+        as configured; `sar`: the avatar's pixel aspect ratio, written into the stream; `color`:
+        the avatar's `VideoInfo.color`, the colour tags written (None: none)."""
         rate = Fraction(fps_fraction)
         self._container = av.open(path, "w", format="mp4")
         stream = self._container.add_stream(codec, rate=rate, options=encoder_options(codec, enc))
@@ -556,6 +575,11 @@ class SegmentWriter:
         if threads:
             self._stream.codec_context.thread_count = threads
         self._i420 = enc.pix_fmt == "yuv420p"
+        if color is not None:  # players take untagged HD for BT.709: frames made from BGR here are BT.601
+            tags = color if color and self._i420 else BT601
+            context = self._stream.codec_context
+            context.colorspace, context.color_primaries, context.color_trc = (int(t) for t in tags.split(","))
+            context.color_range = 1  # video range (MPEG): what both ways make
         self._count = 0
         self._closed = False
 
