@@ -83,10 +83,10 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
             file=sys.stderr,
         )
         return 130
-    except OSError as exc:  # the store still failing after its retries (the results table, the lock)
+    except OSError as exc:  # the store or the cluster still failing after their retries
         print(
-            f"heygem-ray: error: storage: {storage.display(f'{type(exc).__name__}: {exc}')}; run the same "
-            "command again to resume",
+            f"heygem-ray: error: {storage.display(f'{type(exc).__name__}: {exc}')}; run the same command again "
+            "to resume",
             file=sys.stderr,
         )
         return 1

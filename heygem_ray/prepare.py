@@ -343,7 +343,7 @@ def _cached(uri: str, load: Callable[[bytes], _T]) -> _T | None:
             return None
     try:
         return load(data)
-    except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile) as exc:
+    except (ValueError, KeyError, TypeError, EOFError, OSError, zipfile.BadZipFile) as exc:
         log.warning("cache entry %s cannot be read (%s: %s): made again", storage.display(uri), type(exc).__name__, exc)
         return None
 
@@ -355,11 +355,13 @@ def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | No
     cached = _cached(frames_uri, _load_frames)
     if cached is not None:
         _check_pixels(uri, cached[0], max_pixels)
-        return cached
+        if cached[0].color is not None:
+            return cached
     local = storage.local_copy(uri)
     info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels)
     _check_pixels(uri, info, max_pixels)
-    pts = _frame_timestamps(local, info, uri)
+    # recorded before its colour tags were: probed again, its timestamps kept (no demux pass)
+    pts = cached[1] if cached is not None else _frame_timestamps(local, info, uri)
     buf = io.BytesIO()
     np.savez(buf, pts=pts, info=np.array(json.dumps(asdict(info))))
     with caching(frames_uri):

@@ -22,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import av
 import numpy as np
 
 from heygem_ray import metrics, qa, storage
@@ -30,6 +29,7 @@ from heygem_ray.config import Config
 from heygem_ray.errors import InputError, RendererStartError
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
 from heygem_ray.media.video import (
+    AvatarDecodeError,
     FrameReader,
     SegmentWriter,
     VideoInfo,
@@ -431,7 +431,7 @@ def _avatar_decoding(uri: str) -> Iterator[None]:
     failed at once, naming it, not tried again on every actor as a renderer's fault."""
     try:
         yield
-    except (EOFError, av.error.InvalidDataError) as exc:
+    except AvatarDecodeError as exc:  # the reader's own: an encoder's failure is not the avatar's
         raise InputError("avatar", uri, f"cannot be decoded this far ({exc}): is it cut short or damaged?") from None
 
 

@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from heygem_ray import storage
 from heygem_ray.actor_pool import ActorPool
 from heygem_ray.config import Config
 from heygem_ray.errors import InputError, RendererStartError
@@ -96,7 +97,7 @@ class SegmentQueue:
         """A segment call raised: the row's failure reason, or None when the segment goes again (or
         its row has a result already). A renderer that lost its model is not the segment's fault:
         the segment goes to another actor as if never sent, and the actor is asked `ready` again;
-        a bad input or a storage error (retried by `storage` already) fails the row at once;
+        a bad input or a storage error that `storage` retried already fails the row at once;
         anything else (an actor or node lost, a renderer's own failure) is tried
         `render.max_attempts` times."""
         row_id, index, actor = call
@@ -112,8 +113,9 @@ class SegmentQueue:
             return None
         if state is None:  # the row failed meanwhile
             return None
-        # bad input fails the same way again, and a storage error has had its retries already
-        final = isinstance(cause, (InputError, OSError))
+        # bad input fails the same way again, and a storage error has had its retries already (other
+        # OSErrors, a node's full disk or its cache, may not meet another actor)
+        final = isinstance(cause, InputError) or storage.retried(cause)
         if final or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
             return failure_reason(
                 self.executor, exc, f"segment {index} failed after {state.attempts[index]} attempt(s)"

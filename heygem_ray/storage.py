@@ -76,6 +76,12 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+def retried(exc: BaseException) -> bool:
+    """Whether `exc` is a storage error raised after every try (`retrying`): trying the step again
+    soon, on top, would only multiply the retries. (An attribute, kept when Ray pickles it.)"""
+    return isinstance(exc, StorageUnavailable) or bool(getattr(exc, "storage_retried", False))
+
+
 class StorageUnavailable(ConnectionError):
     """The store stayed unreachable through every try (`retrying`): raised from the client's own
     error (botocore's and aiohttp's connection errors are not OSErrors), so a caller that lets an
@@ -96,6 +102,7 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
                     raise
                 if attempt == RETRIES:
                     if isinstance(exc, OSError):
+                        exc.storage_retried = True  # type: ignore[attr-defined]  # see `retried`
                         raise
                     raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
                 delay = min(_BACKOFF_MAX, _BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
@@ -343,15 +350,26 @@ def _renamed(src: str, dst: str) -> bool:
 
 
 def _linked(src: str, dst: str) -> bool:
-    """Hard-link `src` as `dst`; False, doing nothing, where the file system cannot (another one,
-    no hard links, a link count at its limit)."""
+    """Hard-link `src` as `dst`, with the mode a new file gets (a private upload's 0600 would keep
+    the store's other readers out); False, doing nothing, where the file system cannot (another
+    one, no hard links, a link count at its limit)."""
     try:
         os.link(src, dst)
     except OSError as exc:
         if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             return False
         raise
+    os.chmod(dst, 0o666 & ~_UMASK)
     return True
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting: at import, before any thread may create a file
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def _sync(path: str) -> None:

@@ -411,16 +411,21 @@ class _Failing(SimulatedExecutor):
 
 
 def test_segment_failures_are_retried_only_where_a_retry_can_help(tmp_path):
-    """A storage error (retried by the storage layer already) and bad input fail the row at once;
+    """A storage error the storage layer retried already and bad input fail the row at once (another
+    OSError, a node's, goes again);
     a renderer's own failure goes again, to `render.max_attempts`; a renderer that lost its model
     is asked `ready` again rather than given up; an actor's answer the driver does not know retires
     that actor, not the campaign."""
     from heygem_ray.errors import InputError, RendererStartError
+    from heygem_ray.storage import NodeCacheError
 
     job, _ = _campaign(tmp_path)
+    store_down = OSError("store down past its retries")
+    store_down.storage_retried = True  # as storage.retrying leaves it
     executor = _Failing(
         {
-            "r000": (OSError("store down past its retries"), True),
+            "r000": (store_down, True),
+            "r005": (NodeCacheError("node cache /c cannot be used"), False),  # that node's: another may do
             "r001": (InputError("avatar", "/in/v1.mp4", "not a readable video"), True),
             "r002": (RuntimeError("cuda hiccup"), False),
             "r003": (RuntimeError("always broken"), True),
@@ -435,7 +440,7 @@ def test_segment_failures_are_retried_only_where_a_retry_can_help(tmp_path):
     assert tries["r001"] == 1
     assert results["r002"].status == "ok"
     assert results["r003"].status == "failed" and tries["r003"] == job.cfg.render.max_attempts
-    assert results["r004"].status == "ok"
+    assert results["r004"].status == "ok" and results["r005"].status == "ok"
     first = next(n for n, (r, _, _) in enumerate(executor.calls) if r == "r004")
     lost_model = executor.calls[first][2]
     assert lost_model in {actor for _, _, actor in executor.calls[first + 1 :]}  # asked again, working again

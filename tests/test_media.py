@@ -636,3 +636,33 @@ def test_a_writer_a_failure_left_lets_its_file_and_encoder_go(tmp_path):
         writer.write(np.zeros((48, 64, 3), np.uint8))
         assert writer.close() == 1
     assert not _held_open(path) and video.probe(str(path), 25).width == 64
+
+
+def test_an_avatar_recorded_before_its_colours_were_is_probed_again_not_demuxed(tmp_path, monkeypatch):
+    """A cache entry of an avatar's facts from before they held colour tags: the avatar is probed
+    again (the tags reach its outputs) and its timestamps are kept (no demux pass)."""
+    import glob
+    import io
+    import json
+
+    from heygem_ray import prepare
+    from heygem_ray.config import DetectorConfig
+
+    source = str(tmp_path / "bt709.mp4")
+    _tagged_clip(source, "yuv420p", 1, False)
+    cache = str(tmp_path / "cache")
+    box = DetectorConfig(name="box", box=[0, 0, 32, 32])
+    assert prepare.prepare_avatar(source, None, box, cache, 25.0).info.color == "1,1,1"
+    [entry] = glob.glob(f"{cache}/avatars/*/frames-*.npz")
+    with np.load(entry) as npz:
+        pts, info = npz["pts"], json.loads(str(npz["info"]))
+    del info["color"]  # as an older probe recorded it
+    buf = io.BytesIO()
+    np.savez(buf, pts=pts, info=np.array(json.dumps(info)))
+    with open(entry, "wb") as fh:
+        fh.write(buf.getvalue())
+    monkeypatch.setattr(prepare, "_frame_timestamps", lambda *a: pytest.fail("demuxed again"))
+    again = prepare.prepare_avatar(source, None, box, cache, 25.0)
+    assert again.info.color == "1,1,1" and np.array_equal(again.pts, pts)
+    with np.load(entry) as npz:
+        assert json.loads(str(npz["info"]))["color"] == "1,1,1"  # recorded now

@@ -104,11 +104,12 @@ def test_an_avatar_that_stops_decoding_is_the_rows_input_not_a_renderer_fault():
     import av
 
     from heygem_ray.errors import InputError
+    from heygem_ray.media.video import AvatarDecodeError
     from heygem_ray.segment import _avatar_decoding
 
     damaged = r"avatar s3://b/v.ts: cannot be decoded this far .*cut short or damaged"
-    for error in (EOFError("video ended before frame 203"), av.error.InvalidDataError(1094995529, "bad data")):
-        with pytest.raises(InputError, match=damaged), _avatar_decoding("s3://b/v.ts"):
-            raise error
-    with pytest.raises(RuntimeError), _avatar_decoding("s3://b/v.ts"):  # the encoder's, say: not the input's
-        raise RuntimeError("encoded 3 of 4 frames")
+    with pytest.raises(InputError, match=damaged), _avatar_decoding("s3://b/v.ts"):
+        raise AvatarDecodeError("video ended before frame 203")
+    for encoders in (EOFError("end of file"), av.error.InvalidDataError(1094995529, "bad data")):
+        with pytest.raises(type(encoders)), _avatar_decoding("s3://b/v.ts"):  # not the avatar's
+            raise encoders

@@ -85,8 +85,12 @@ def test_a_linked_publish_shares_the_file_and_leaves_the_callers(tmp_path, monke
     src, dest = tmp_path / "uploads" / "a.wav", tmp_path / "store" / "a.wav"
     src.parent.mkdir()
     src.write_bytes(b"a" * 1000)
+    os.chmod(src, 0o600)  # as Gradio keeps an upload
     storage.publish_file(str(src), str(dest), link=True)
     assert src.exists() and dest.stat().st_ino == src.stat().st_ino and dest.read_bytes() == b"a" * 1000
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~mask  # a new file's mode: the store's readers read it
     assert os.listdir(dest.parent) == ["a.wav"]
     src.unlink()  # the cache emptied: the store's file stays
     assert dest.read_bytes() == b"a" * 1000
@@ -198,3 +202,24 @@ def test_an_http_input_whose_server_sends_no_length_is_not_empty(tmp_path, media
     finally:
         server.shutdown()
     assert abs(audio.seconds - 3.0) < 0.01
+
+
+def test_a_storage_error_after_every_try_says_so(monkeypatch):
+    """What the storage layer retried already is not tried again on top (segments fail at once)."""
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    monkeypatch.setattr(storage, "_BACKOFF", 0.0)
+
+    @storage.retrying
+    def flaky() -> None:
+        raise TimeoutError("store did not answer")
+
+    @storage.retrying
+    def missing() -> None:
+        raise FileNotFoundError("s3://b/x")
+
+    with pytest.raises(TimeoutError) as retried:
+        flaky()
+    with pytest.raises(FileNotFoundError) as once:
+        missing()
+    assert storage.retried(retried.value) and not storage.retried(once.value)
+    assert not storage.retried(OSError("a node's disk is full"))

@@ -350,6 +350,11 @@ def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):
     started = time.time()
     with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
         store.uploaded_manifest("alice", store.new_id(), str(wide))
+    header = ",".join(f"c{i}" for i in range(200))
+    for trick, fields in (("\n" + header, 200), ("\r\n" + header, 200), ('"a\nb",' + header, 201)):
+        wide.write_text(trick + "\n" + ",".join("x" * fields) + "\n")  # as Arrow reads a header, not a line
+        with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
+            store.uploaded_manifest("alice", store.new_id(), str(wide))
     wide_parquet = tmp_path / "wide.parquet"
     pq.write_table(pa.table({f"c{i}": ["x"] for i in range(5000)}), wide_parquet)
     with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
@@ -364,18 +369,35 @@ def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):
 
 
 def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
+    """Each campaign is a Ray job whose driver runs on the head node. A campaign whose job the
+    cluster forgot (a restarted head) is not running, and does not count."""
     import logging
 
     from heygem_ray.config import StudioConfig
     from heygem_ray.studio.service import Studio as StudioService
     from heygem_ray.studio.store import CampaignRecord
 
+    class JobServer:  # what Ray's job server answers of each job
+        def job(self, submission_id: str) -> tuple[str, float]:
+            if submission_id == "forgotten":
+                raise RuntimeError("no such job")
+            return "RUNNING", time.time()
+
     service = StudioService(
-        StudioConfig(store=str(tmp_path / "store"), max_active_campaigns=2), cluster=None, log=logging.getLogger("t")
+        StudioConfig(store=str(tmp_path / "store"), max_active_campaigns=2),
+        cluster=JobServer(),
+        log=logging.getLogger("t"),
     )
-    for n in range(2):
-        record = CampaignRecord(f"c{n}", "alice", "n", time.time(), 1, "classic", "draft", "m", "o")
+
+    def watched(campaign_id: str, job: str) -> None:
+        record = CampaignRecord(campaign_id, "alice", "n", time.time(), 1, "classic", "draft", "m", "o", jobs=[job])
         service._watched[record.id] = record  # as `submit` leaves a campaign whose job may still end
+
+    watched("c0", "running-0")
+    watched("c1", "forgotten")
+    with pytest.raises(UploadError, match="give at least one narration"):  # under the limit: on to its checks
+        service.create("alice", "third", [], [])
+    watched("c2", "running-2")
     with pytest.raises(UploadError, match="you have 2 campaign\\(s\\) queued or running"):
         service.create("alice", "third", [], [])
     with pytest.raises(UploadError, match="give at least one narration"):  # bob is not held up

@@ -73,7 +73,10 @@ def failure_reason(executor: Executor, exc: BaseException, prefix: str | None = 
     if isinstance(cause, InputError):
         return str(cause).splitlines()[0]
     if executor.actor_lost(exc):
-        text = f"renderer actor died ({type(cause).__name__})"
+        # an actor's death (RayActorError and its kinds), or a worker's, a task's too: killed for
+        # memory, crashed, its node gone
+        died = "renderer actor died" if "Actor" in type(cause).__name__ else "its worker was lost"
+        text = f"{died} ({type(cause).__name__})"
     else:
         text = f"{type(cause).__name__}: {cause}".strip()
     text = text.splitlines()[0] if text else type(cause).__name__

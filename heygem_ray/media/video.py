@@ -11,6 +11,7 @@ import contextlib
 import io
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -95,15 +96,26 @@ def read_image(path: str, what: str = "avatar") -> np.ndarray:
 
 def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
     """A PNG or WebP still with transparency, over white: a cut-out portrait's background would
-    otherwise be whatever colour lies under the transparent pixels (often black)."""
+    otherwise be whatever colour lies under the transparent pixels (often black). `image` is the
+    file as read, turned as its EXIF orientation says; the alpha read beside it is turned alike."""
     head = data[:16].tobytes()
     if not (head.startswith(b"\x89PNG") or head[8:12] == b"WEBP"):
         return image
-    full = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if full is None or full.ndim != 3 or full.shape[2] != 4 or full.shape[:2] != image.shape[:2]:
+    full = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # alpha included, EXIF orientation not applied
+    if full is None or full.ndim != 3 or full.shape[2] != 4:
         return image
-    alpha = full[..., 3:].astype(np.float32) / (65535.0 if full.dtype == np.uint16 else 255.0)
-    return (image.astype(np.float32) * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+    plain = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if plain is None:
+        return image
+    alpha = next((turn(full[..., 3]) for turn in _TURNS if np.array_equal(turn(plain), image)), None)
+    if alpha is None:
+        return image
+    weight = alpha[..., None].astype(np.float32) / (65535.0 if full.dtype == np.uint16 else 255.0)
+    return (image.astype(np.float32) * weight + 255.0 * (1.0 - weight) + 0.5).astype(np.uint8)
+
+
+#: the eight ways an EXIF orientation turns an image
+_TURNS = [lambda a, k=k, flip=flip: np.rot90(a[:, ::-1] if flip else a, k) for flip in (False, True) for k in range(4)]
 
 
 def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixels: int | None = None) -> VideoInfo:
@@ -160,27 +172,58 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
 def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
     """Refuse an avatar whose frames are over `max_pixels`, from its headers: FFmpeg's own limit on
     its decoders keeps the probe of a stream without a size in its headers (a PNG, whatever it is
-    named) from decoding a frame of gigabytes. What cannot be opened is left to `probe` to name."""
+    named) from decoding a frame of gigabytes; what FFmpeg then cannot size, an image's own header
+    may. What is sized by neither, or cannot be opened, is left to `probe`."""
     limit = {"max_pixels": str(max_pixels)}
     try:
-        # PyAV's stubs say a list of str; it takes (and documents) a dict of options per stream
-        with av.open(path, stream_options=[limit] * 16) as container:  # type: ignore[list-item]
+        try:
+            # PyAV's stubs say a list of str; it takes (and documents) a dict of options per stream
+            container = av.open(path, stream_options=[limit] * 16)  # type: ignore[list-item]
+        except ValueError:  # formats that list no stream before probing (MPEG-PS, FLV) take none
+            container = av.open(path)
+        with container:
             if not container.streams.video:
                 return
             context = container.streams.video[0].codec_context
             width, height = context.width, context.height
     except av.error.FFmpegError:
         return
-    if width * height > max_pixels or not width or not height:
-        size = f"{width}x{height} = {width * height} pixels, over" if width and height else "over"
-        undecodable = "" if width and height else " (or cannot be decoded)"
-        raise InputError("avatar", uri, f"frames are {size} limits.max_avatar_pixels={max_pixels}{undecodable}")
+    if not width or not height:
+        width, height = _image_header_size(path) or (0, 0)
+    if width * height > max_pixels:
+        raise InputError(
+            "avatar",
+            uri,
+            f"frames are {width}x{height} = {width * height} pixels, over limits.max_avatar_pixels={max_pixels}",
+        )
+
+
+def _image_header_size(path: str) -> tuple[int, int] | None:
+    """An image file's size from its header, not decoded (Pillow reads no pixels to open one)."""
+    from PIL import Image, UnidentifiedImageError
+
+    with _PILLOW_BOUND:  # its own bound, a module global, would hide the size of a large one
+        bound, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except (UnidentifiedImageError, OSError, ValueError):
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = bound
+
+
+_PILLOW_BOUND = threading.Lock()
 
 
 def _still_info(image: np.ndarray, still_fps: float) -> VideoInfo:
     rate = Fraction(still_fps).limit_denominator(1001)
     width, height = image.shape[1], image.shape[0]
     return VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="")
+
+
+class AvatarDecodeError(EOFError):
+    """The avatar stopped giving the frames its timestamps promise: cut short or damaged."""
 
 
 #: what FrameReader.read returns: BGR (h, w, 3), or planar I420 (h * 3 // 2, w) for the encoder
@@ -272,7 +315,7 @@ class FrameReader:
         while self._next <= hi:
             frame = next(decoder, None)
             if frame is None:
-                raise EOFError(f"video ended before frame {hi}")
+                raise AvatarDecodeError(f"video ended before frame {hi}")
             index = self._index_of.get(int(frame.pts)) if frame.pts is not None else self._next
             if index is None:
                 continue
@@ -283,7 +326,7 @@ class FrameReader:
                 self._spare[index] = self._convert(frame)
         missing = want - out.keys()
         if missing:
-            raise EOFError(f"frames {sorted(missing)[:5]} not found in the stream")
+            raise AvatarDecodeError(f"frames {sorted(missing)[:5]} not found in the stream")
         return out
 
     def frames_between(self, start: int, stop: int, every: int = 1) -> Iterator[tuple[int, np.ndarray | None]]:

@@ -227,8 +227,12 @@ class Studio:
         """Refuse one more campaign while the user has `max_active_campaigns` queued or running."""
         limit = self.cfg.max_active_campaigns
         with self._lock:
-            active = sum(1 for r in self._watched.values() if r.user == user and r.id != other_than)
-        if limit and active >= limit:
+            watched = [r for r in self._watched.values() if r.user == user and r.id != other_than]
+        if not limit or len(watched) < limit:
+            return
+        # the cluster asked only now: a campaign whose job it forgot (a restarted head) is not running
+        active = sum(1 for r in watched if self._view(r, rows=False).status in ("queued", "running"))
+        if active >= limit:
             raise UploadError(
                 f"you have {active} campaign(s) queued or running, the most at once: wait for one to end, "
                 "or cancel one (Campaigns tab)"

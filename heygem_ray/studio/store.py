@@ -10,7 +10,6 @@ checked before any path is built, and nothing a user sends is used as a path.
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -305,13 +304,19 @@ def _repeated(names: list[str]) -> list[str]:
 
 
 def _small_csv(local: str, name: str) -> pa.Table:
-    """A CSV manifest, once its header shows at most MANIFEST_MAX_COLUMNS columns."""
-    with open(local, newline="", encoding="utf-8", errors="replace") as fh:
-        header = fh.readline(1 << 16)  # the header line, 64 KiB at most
-    columns = len(next(csv.reader([header]), []))
-    if columns > MANIFEST_MAX_COLUMNS or (len(header) >= 1 << 16 and not header.endswith(("\n", "\r"))):
-        raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more")
-    return pacsv.read_csv(local)
+    """A CSV manifest, once its header shows at most MANIFEST_MAX_COLUMNS columns: read by Arrow's
+    streaming reader, whose first block (64 KiB) must hold the header, as Arrow itself parses it
+    (blank lines, quoted line breaks, a byte-order mark)."""
+    try:
+        reader = pacsv.open_csv(local, read_options=pacsv.ReadOptions(block_size=1 << 16))
+    except pa.ArrowInvalid as exc:
+        if "straddling" in str(exc) or "block" in str(exc):  # a header longer than the block
+            raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more") from None
+        raise
+    with reader:
+        if len(reader.schema) > MANIFEST_MAX_COLUMNS:
+            raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more")
+        return reader.read_all()
 
 
 def _small_parquet(local: str, name: str) -> pa.Table:
