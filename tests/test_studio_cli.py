@@ -211,3 +211,27 @@ def test_the_studio_refuses_an_image_that_would_decode_past_8k_by_8k(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("refused: big.png") and lines[1] == "fine.png", lines
+
+
+@pytest.mark.parametrize("mode", [None, "token", "disabled"])
+def test_the_local_head_and_the_studios_client_agree_on_tokens(tmp_path, mode):
+    """A token made by an earlier `ray.init` (the demo's) turned the studio's own head to tokens
+    while its client sent none: `heygem-ray studio` could not reach its head. Now both use a token
+    (made if missing, readable by its owner only) unless the operator chose otherwise."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(tmp_path)
+    if mode:
+        env["RAY_AUTH_MODE"] = mode
+    code = (
+        "import os; from heygem_ray.studio.cluster import local_auth, Path; import sys\n"
+        "local_auth(str(Path(sys.executable).with_name('ray')))\n"
+        "print(os.environ.get('RAY_AUTH_MODE'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    token = tmp_path / ".ray" / "auth_token"
+    if mode == "disabled":
+        assert out.stdout.split()[-1] == "disabled" and not token.exists()
+    else:
+        assert out.stdout.split()[-1] == "token"
+        assert token.is_file() and token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().strip()) >= 32

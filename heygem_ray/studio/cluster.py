@@ -6,6 +6,7 @@ outlives the studio: campaigns go on while it restarts."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -38,12 +39,14 @@ def local_head(dashboard_port: int) -> tuple[str, bool]:
     """The address of the local Ray head's job server, starting a head (with the dashboard, on
     127.0.0.1 only) when none answers; and whether it was started now. The head is a set of
     background processes of its own: `ray stop` ends it."""
+    ray = Path(sys.executable).with_name("ray")
+    ray_command = str(ray) if ray.exists() else "ray"
+    local_auth(ray_command)
     address = f"http://127.0.0.1:{dashboard_port}"
     if _answers(address):
         return address, False
-    ray = Path(sys.executable).with_name("ray")
     command = [
-        str(ray) if ray.exists() else "ray",
+        ray_command,
         "start",
         "--head",
         # every port of this head on loopback: its jobs run as the studio's account, with every
@@ -61,6 +64,23 @@ def local_head(dashboard_port: int) -> tuple[str, bool]:
             raise ClusterUnavailable(f"a local Ray head was started but its job server at {address} does not answer")
         time.sleep(0.5)
     return address, True
+
+
+def local_auth(ray_command: str = "ray") -> None:
+    """Token authentication for the local head and this process's client, unless the operator set
+    RAY_AUTH_MODE otherwise. Left to Ray, they disagree once a token exists (and `ray.init`, the
+    demo's, makes one): `ray start` then turns tokens on, while a client without RAY_AUTH_MODE
+    sends none, and the studio could never reach its own head. Its jobs run as the studio's
+    account with every user's files in reach: a token keeps other accounts on the host out. Before
+    Ray is imported here (it reads the mode once)."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        return
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run([ray_command, "get-auth-token", "--generate"], check=True, capture_output=True, env=env, timeout=120)
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if token.is_file() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)  # Ray writes it readable by every account
+    os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _answers(address: str) -> bool:
