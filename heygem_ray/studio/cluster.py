@@ -49,8 +49,8 @@ def local_head(dashboard_port: int) -> tuple[str, bool]:
         ray_command,
         "start",
         "--head",
-        # every port of this head on loopback: its jobs run as the studio's account, with every
-        # user's files in reach, so no one on the network may submit any
+        # the dashboard and its Jobs API on loopback (Ray's own ports listen on every interface:
+        # `local_auth`'s token keeps them to the studio's account)
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
