@@ -199,8 +199,12 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
 
 
 def _image_header_size(path: str) -> tuple[int, int] | None:
-    """An image file's size from its header, not decoded (Pillow reads no pixels to open one)."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file's size from its header, not decoded (Pillow reads no pixels to open one); None
+    where Pillow is not installed (a bare GPU node's check kit) or does not know the file."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        return None
 
     with _PILLOW_BOUND:  # its own bound, a module global, would hide the size of a large one
         bound, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
