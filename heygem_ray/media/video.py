@@ -96,8 +96,8 @@ def read_image(path: str, what: str = "avatar") -> np.ndarray:
 
 def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
     """A PNG or WebP still with transparency, over white: a cut-out portrait's background would
-    otherwise be whatever colour lies under the transparent pixels (often black). `image` is the
-    file as read, turned as its EXIF orientation says; the alpha read beside it is turned alike."""
+    otherwise be whatever colour lies under the transparent pixels (often black). The alpha is read
+    without the EXIF orientation `image` had applied: one the orientation turned is left as read."""
     head = data[:16].tobytes()
     if not (head.startswith(b"\x89PNG") or head[8:12] == b"WEBP"):
         return image
@@ -105,17 +105,10 @@ def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
     if full is None or full.ndim != 3 or full.shape[2] != 4:
         return image
     plain = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if plain is None:
+    if plain is None or not np.array_equal(plain, image):
         return image
-    alpha = next((turn(full[..., 3]) for turn in _TURNS if np.array_equal(turn(plain), image)), None)
-    if alpha is None:
-        return image
-    weight = alpha[..., None].astype(np.float32) / (65535.0 if full.dtype == np.uint16 else 255.0)
+    weight = full[..., 3:].astype(np.float32) / (65535.0 if full.dtype == np.uint16 else 255.0)
     return (image.astype(np.float32) * weight + 255.0 * (1.0 - weight) + 0.5).astype(np.uint8)
-
-
-#: the eight ways an EXIF orientation turns an image
-_TURNS = [lambda a, k=k, flip=flip: np.rot90(a[:, ::-1] if flip else a, k) for flip in (False, True) for k in range(4)]
 
 
 def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixels: int | None = None) -> VideoInfo:
