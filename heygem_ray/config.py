@@ -304,6 +304,10 @@ class RenderConfig:
     max_attempts: int = 3
     #: frames per second for still-image avatars
     still_fps: float = 25.0
+    #: the highest output frame rate: a clip above it shows every 2nd, 3rd... frame, the fewest that
+    #: bring it to or under this (a 120/240 fps slow-motion clip renders at 60, not 2-4x the frames
+    #: of a 60 fps one); 0 keeps every frame
+    max_fps: float = 60.0
     #: a progress bar on stderr
     progress: bool = True
 
@@ -318,6 +322,8 @@ class RenderConfig:
             )
         if not self.segment_seconds > 0 or not self.still_fps > 0:
             raise ValueError("render.segment_seconds and render.still_fps must be positive")
+        if not self.max_fps >= 0:
+            raise ValueError(f"render.max_fps must be 0 (no cap) or positive, got {self.max_fps}")
 
 
 @dataclass

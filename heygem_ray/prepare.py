@@ -28,7 +28,8 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from typing import Any, TypeVar
 
 import av
@@ -45,7 +46,7 @@ from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
 from heygem_ray.media.video import OUT_OF_ORDER, FrameReader, VideoInfo, iter_sampled_frames, probe
-from heygem_ray.plan import output_frame_count, stable_hash
+from heygem_ray.plan import frame_step, output_frame_count, stable_hash
 from heygem_ray.storage import StorageOptions
 
 log = logging.getLogger("heygem_ray")
@@ -228,22 +229,32 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 TRACK_VERSION = "5"
 
 
-def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float) -> str:
+def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float, step: int = 1) -> str:
     """What decides an avatar's face track: the detector's settings, its weights' version (a file
-    replaced at the same URI makes new tracks), the row's box, the frame rate of stills."""
+    replaced at the same URI makes new tracks), the row's box, the frame rate of stills, which of
+    a clip's frames are shown (`step`: every frame, or every 2nd... of a clip over `render.max_fps`)."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING}
-    return stable_hash(TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps)
+    return stable_hash(
+        TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps, *_step_part(step)
+    )
 
 
 #: detector settings that shape the track from the candidates, not the candidates themselves
 TRACK_ONLY = ("pads", "smooth", "box")
 
 
-def candidates_key(cfg: DetectorConfig, still_fps: float) -> str:
+def candidates_key(cfg: DetectorConfig, still_fps: float, step: int = 1) -> str:
     """What decides the detector's candidates on an avatar's frames: `detector_key` less the
     settings of the track alone (other pads or no smoothing reuse the detected chunks)."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING + TRACK_ONLY}
-    return stable_hash(TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), still_fps)
+    return stable_hash(
+        TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), still_fps, *_step_part(step)
+    )
+
+
+def _step_part(step: int) -> tuple[int, ...]:
+    # every frame shown: no part, so the keys of tracks made before `render.max_fps` stay the same
+    return () if step == 1 else (step,)
 
 
 #: seconds a checkpoint's version is trusted before the store is asked again (once per row otherwise)
@@ -275,12 +286,14 @@ def prepare_avatar(
     max_pixels: int | None = None,
     storage_options: StorageOptions | None = None,
     seconds: float | None = None,
+    max_fps: float = 0.0,
 ) -> AvatarTrack:
     """Probe and face-track an avatar, or load the cached track: of every frame, or (`seconds`) of
     the first frames a narration that long shows, with a margin after them, in whole chunks
     (`detect.track.frames_to_track`). `storage_options` (the campaign's `storage.options`) are set
     for this process first: a Ray task may run in a worker that has never seen them (another node,
-    a fresh process); None leaves the process's as they are.
+    a fresh process); None leaves the process's as they are. A clip over `max_fps` (0: no cap)
+    shows every `frame_step`-th frame: the track, its timestamps and its rate are of those alone.
 
     Cache, under avatars/<avatar fingerprint>/: frames-<key>.npz (facts and timestamps, per frame
     rate of stills), candidates-<candidates_key>/chunk-<i>.npz (the detector's candidates on chunk
@@ -296,7 +309,9 @@ def prepare_avatar(
         fp = content_fingerprint(uri, cache, "avatar")
         avatar = storage.join(cache, "avatars", fp)
         info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels)
-        folder = storage.join(avatar, detector_key(cfg, box, still_fps))
+        step = 1 if info.still else frame_step(info.fps, max_fps)
+        info, pts = _every(info, pts, step)
+        folder = storage.join(avatar, detector_key(cfg, box, still_fps, step))
         total, stride = len(pts), max(1, cfg.stride)
         tracked = total
         if fixed is None and seconds is not None:
@@ -314,7 +329,7 @@ def prepare_avatar(
         else:
             clock = metrics.StageClock()
             with clock("detect"):
-                chunks = storage.join(avatar, "candidates-" + candidates_key(cfg, still_fps))
+                chunks = storage.join(avatar, "candidates-" + candidates_key(cfg, still_fps, step))
                 candidates = _candidates(uri, info, pts, cfg, chunks, tracked)
             metrics.stage_seconds(clock.seconds)
             boxes = _track(candidates, info, cfg, uri, total)
@@ -367,6 +382,21 @@ def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | No
     with caching(frames_uri):
         storage.write_bytes(frames_uri, buf.getvalue())
     return info, pts
+
+
+def _every(info: VideoInfo, pts: np.ndarray, step: int) -> tuple[VideoInfo, np.ndarray]:
+    """A clip as every `step`-th of its frames show it: their timestamps, the rate divided."""
+    if step == 1:
+        return info, pts
+    rate = Fraction(info.fps_fraction) / step
+    kept = pts[::step]
+    fewer = replace(
+        info,
+        fps=float(rate),
+        fps_fraction=f"{rate.numerator}/{rate.denominator}",
+        frame_count=-(-info.frame_count // step),
+    )
+    return fewer, kept
 
 
 def _load_frames(data: bytes) -> tuple[VideoInfo, np.ndarray]:
@@ -543,6 +573,7 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
         detector_key(cfg.detector, None, cfg.render.still_fps),
         asdict(cfg.encoder),
         cfg.render.still_fps,
+        cfg.render.max_fps,
         length=32,
     )
 

@@ -105,6 +105,7 @@ class SharedWork:
             cfg.limits.max_avatar_pixels,
             cfg.storage.options,
             seconds,
+            cfg.render.max_fps,
             num_gpus=self._detect_gpus,
         )
 

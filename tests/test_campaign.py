@@ -468,6 +468,41 @@ def test_an_anamorphic_avatar_keeps_its_pixel_aspect_ratio(media_dir, tmp_path):
         assert c.streams.video[0].sample_aspect_ratio == Fraction(4, 3)
 
 
+def test_a_slow_motion_clip_renders_at_the_frame_rate_cap(media_dir, tmp_path):
+    """A 120 fps clip (a phone's slow motion) renders at `render.max_fps` (60): every second frame,
+    played forward and back as any clip, half the frames to render; `render.max_fps=0` keeps all."""
+    avatar = str(tmp_path / "slowmo.mp4")
+    with av.open(avatar, "w") as container:
+        stream = container.add_stream("libx264", rate=120)
+        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+        stream.options = {"crf": "10"}
+        for i in range(60):  # half a second, each frame's grey level its number
+            frame = av.VideoFrame.from_ndarray(np.full((72, 96, 3), 40 + 2 * i, np.uint8), format="bgr24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [avatar]}), manifest)
+    base = ["render.progress=false", "cluster=inline", "detector=box", "detector.box=[40,30,70,60]"]
+
+    def rendered_grey(output, *overrides):
+        cfg = compose_config(f"manifest={manifest}", f"output={output}", *base, *overrides)
+        (row,) = campaign.run(cfg).rows
+        assert row.status == "ok", row.error
+        with av.open(str(output / "a.mp4")) as c:
+            rate = c.streams.video[0].average_rate
+            grey = [float(f.to_ndarray(format="gray")[:16, :16].mean()) for f in c.decode(video=0)]
+        return rate, np.array(grey)
+
+    rate, grey = rendered_grey(tmp_path / "capped")
+    assert rate == 60 and len(grey) == 180  # 3 s of narration
+    shown = 2 * avatar_frame_indices(np.arange(180), 30, still=False)  # source frames 0, 2 .. 58, back
+    np.testing.assert_allclose(grey, 40 + 2 * shown, atol=1.5)
+    rate, grey = rendered_grey(tmp_path / "every", "render.max_fps=0")
+    assert rate == 120 and len(grey) == 360
+    np.testing.assert_allclose(grey, 40 + 2 * avatar_frame_indices(np.arange(360), 60, still=False), atol=1.5)
+
+
 H100_NODE = {"CPU": 16.0, "GPU": 1.0}
 GPU_POD = {"CPU": 8.0, "GPU": 1.0}
 CPU_NODE = {"CPU": 32.0}

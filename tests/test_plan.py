@@ -7,6 +7,7 @@ from heygem_ray.plan import (
     MIN_SEGMENT_FRAMES,
     avatar_frame_indices,
     frame_center_samples,
+    frame_step,
     output_frame_count,
     plan_segments,
     stable_hash,
@@ -81,3 +82,25 @@ def test_stable_hash_is_order_and_process_stable():
     assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
     assert stable_hash("x", 1) != stable_hash("x", 2)
     assert stable_hash("x") == "cd65ea2c2ad99e94"  # a fixed value: must not change between releases
+
+
+@pytest.mark.parametrize(
+    "fps, max_fps, step",
+    [
+        (240, 60, 4),
+        (120, 60, 2),
+        (119.88, 60, 2),
+        (100, 60, 2),
+        (90, 60, 2),
+        (60, 60, 1),
+        (59.94, 60, 1),
+        (25, 60, 1),
+        (240, 0, 1),
+        (60, 30, 2),
+        (50, 30, 2),
+        (30.0000001, 30, 1),
+    ],
+)
+def test_frame_step_keeps_the_rate_at_or_under_the_cap(fps, max_fps, step):
+    assert frame_step(fps, max_fps) == step
+    assert max_fps == 0 or fps / step <= max_fps + 1e-6
