@@ -551,8 +551,8 @@ def _load_candidates(data: bytes) -> list[np.ndarray | None]:
 
 
 #: bump when a code change alters rendered output, so reruns re-render instead of skipping
-#: (2: the narration no longer starts 1024 AAC priming samples late)
-RENDER_VERSION = "2"
+#: (2: the narration no longer starts 1024 AAC priming samples late; 3: HDR avatars made SDR)
+RENDER_VERSION = "3"
 
 
 def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str, cfg: Config) -> str:

@@ -8,6 +8,8 @@ import av
 import cv2
 import numpy as np
 
+from heygem_ray.media.hdr import frame_bgr
+
 
 def thumbnail_jpeg(video_path: str | IO[bytes], width: int = 240, quality: int = 80, at: float = 0.5) -> bytes:
     """A small JPEG (`width` pixels wide, aspect kept) of a local video's (or an open file's) frame at fraction `at` of
@@ -78,7 +80,7 @@ def _first_at_or_after(container, stream, seconds: float) -> av.VideoFrame | Non
 
 
 def _display_bgr(frame: av.VideoFrame) -> np.ndarray:
-    image: np.ndarray = frame.to_ndarray(format="bgr24")
+    image = frame_bgr(frame)
     clockwise = int(round(-(getattr(frame, "rotation", 0) or 0))) % 360  # FFmpeg states it counter-clockwise
     if clockwise in (90, 180, 270):
         image = np.ascontiguousarray(np.rot90(image, k=-(clockwise // 90)))

@@ -24,6 +24,7 @@ from av.codec.hwaccel import HWAccel
 
 from heygem_ray.config import EncoderConfig
 from heygem_ray.errors import InputError
+from heygem_ray.media import hdr
 from heygem_ray.media.yuv import assemble_i420, bgr_to_i420
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -54,7 +55,8 @@ class VideoInfo:
     sar: str = "1/1"
     #: the colour tags its frames pass on to the output (`SegmentWriter`): "colorspace,primaries,trc"
     #: (FFmpeg's numbers) of a video whose 8-bit 4:2:0 planes are encoded as they are; "" when
-    #: frames go through BGR (then BT.601); None: not known (a probe before this was recorded)
+    #: frames go through BGR (then BT.601); `hdr.SDR_TAGS` for HDR ones, made SDR (`hdr.sdr_bgr`);
+    #: None: not known (a probe before this was recorded)
     color: str | None = None
 
 
@@ -136,11 +138,12 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
                 raise InputError("avatar", uri, "has no decodable video frames")
             clockwise = _clockwise_from_display_matrix(first.rotation)
             context = stream.codec_context
-            color = (
-                f"{int(first.colorspace or 2)},{int(context.color_primaries or 2)},{int(context.color_trc or 2)}"
-                if _plain_420(first)
-                else ""
-            )
+            if _plain_420(first):
+                color = (
+                    f"{int(first.colorspace or 2)},{int(context.color_primaries or 2)},{int(context.color_trc or 2)}"
+                )
+            else:
+                color = hdr.SDR_TAGS if hdr.is_hdr(first) else ""
             w, h = (first.height, first.width) if clockwise in (90, 270) else (first.width, first.height)
             sar = stream.sample_aspect_ratio or Fraction(1)
             if clockwise in (90, 270):
@@ -362,7 +365,7 @@ class FrameReader:
             if info.rotation:
                 y, u, v = (np.rot90(p, k=-(info.rotation // 90)) for p in (y, u, v))
             return assemble_i420(y, u, v, info.width, info.height)
-        image = frame.to_ndarray(format="bgr24")
+        image = hdr.frame_bgr(frame)
         if frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
             image = image.copy()
         image = orient(image, info.rotation, info.width, info.height)
@@ -420,9 +423,10 @@ def _one_frame(container: av.container.InputContainer, stream: av.VideoStream) -
 
 def _plain_420(frame: av.VideoFrame) -> bool:
     """Planes the encoder can take as they are (NV12's chroma once split): 8-bit 4:2:0, video range,
-    even size (odd sizes are cropped, which would split chroma samples once rotated)."""
+    SDR, even size (odd sizes are cropped, which would split chroma samples once rotated)."""
     return (
         frame.format.name in ("yuv420p", "nv12")
+        and not hdr.is_hdr(frame)
         and frame.color_range != av.video.reformatter.ColorRange.JPEG
         and frame.width % 2 == 0
         and frame.height % 2 == 0
@@ -515,7 +519,7 @@ def iter_sampled_frames(
                 if index % every:
                     yield pts, None
                     continue
-                yield pts, orient(frame.to_ndarray(format="bgr24"), info.rotation, info.width, info.height)
+                yield pts, orient(hdr.frame_bgr(frame), info.rotation, info.width, info.height)
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"decoding failed ({exc.strerror or exc})") from None
 
