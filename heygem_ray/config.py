@@ -306,7 +306,7 @@ class RenderConfig:
     still_fps: float = 25.0
     #: the highest output frame rate: a clip above it shows every 2nd, 3rd... frame, the fewest that
     #: bring it to or under this (a 120/240 fps slow-motion clip renders at 60, not 2-4x the frames
-    #: of a 60 fps one); 0 keeps every frame
+    #: of a 60 fps one; a rate up to 2 % over it counts as at it); 0 keeps every frame
     max_fps: float = 60.0
     #: a progress bar on stderr
     progress: bool = True

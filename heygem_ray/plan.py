@@ -21,13 +21,18 @@ def output_frame_count(audio_seconds: float, fps: float) -> int:
     return max(1, math.ceil(audio_seconds * fps - 1e-6))
 
 
+#: how far over `render.max_fps` a clip's average rate may be and still count as at it: a phone's
+#: variable-rate 60 fps clip averages 59.9 or 60.1, and must not drop to 30
+FPS_CAP_SLACK = 1.02
+
+
 def frame_step(fps: float, max_fps: float) -> int:
     """Every how many of a clip's frames the output shows one: the fewest that keep its rate at or
-    under `max_fps` (0: no cap). Whole steps keep motion even: a 240 fps slow-motion clip shows every
-    fourth frame at 60 fps, a 59.94 fps one every frame."""
+    under `max_fps` (0: no cap; FPS_CAP_SLACK over it counts as at it). Whole steps keep motion
+    even: a 240 fps slow-motion clip shows every fourth frame at 60 fps, a 59.94 fps one every frame."""
     if max_fps <= 0:
         return 1
-    return max(1, math.ceil(fps / max_fps - 1e-6))  # a rate a float's error over the cap is at it
+    return max(1, math.ceil(fps / (max_fps * FPS_CAP_SLACK)))
 
 
 def avatar_frame_indices(output_frames: np.ndarray, avatar_frames: int, still: bool) -> np.ndarray:
