@@ -283,10 +283,10 @@ def prepare_avatar(
     cfg: DetectorConfig,
     cache: str,
     still_fps: float,
+    max_fps: float = 0.0,
     max_pixels: int | None = None,
     storage_options: StorageOptions | None = None,
     seconds: float | None = None,
-    max_fps: float = 0.0,
 ) -> AvatarTrack:
     """Probe and face-track an avatar, or load the cached track: of every frame, or (`seconds`) of
     the first frames a narration that long shows, with a margin after them, in whole chunks

@@ -102,10 +102,10 @@ class SharedWork:
             cfg.detector,
             cfg.cache_uri,
             cfg.render.still_fps,
+            cfg.render.max_fps,
             cfg.limits.max_avatar_pixels,
             cfg.storage.options,
             seconds,
-            cfg.render.max_fps,
             num_gpus=self._detect_gpus,
         )
 
