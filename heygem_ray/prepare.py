@@ -229,13 +229,15 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 TRACK_VERSION = "5"
 
 
-def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float, step: int = 1) -> str:
+def detector_key(
+    cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float, frames: tuple[Any, ...] = ()
+) -> str:
     """What decides an avatar's face track: the detector's settings, its weights' version (a file
-    replaced at the same URI makes new tracks), the row's box, the frame rate of stills, which of
-    a clip's frames are shown (`step`: every frame, or every 2nd... of a clip over `render.max_fps`)."""
+    replaced at the same URI makes new tracks), the row's box, the frame rate of stills, and the
+    frames the detector sees (`shown_frames`)."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING}
     return stable_hash(
-        TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps, *_step_part(step)
+        TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps, *frames
     )
 
 
@@ -243,18 +245,18 @@ def detector_key(cfg: DetectorConfig, box: tuple[int, int, int, int] | None, sti
 TRACK_ONLY = ("pads", "smooth", "box")
 
 
-def candidates_key(cfg: DetectorConfig, still_fps: float, step: int = 1) -> str:
+def candidates_key(cfg: DetectorConfig, still_fps: float, frames: tuple[Any, ...] = ()) -> str:
     """What decides the detector's candidates on an avatar's frames: `detector_key` less the
     settings of the track alone (other pads or no smoothing reuse the detected chunks)."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING + TRACK_ONLY}
-    return stable_hash(
-        TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), still_fps, *_step_part(step)
-    )
+    return stable_hash(TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), still_fps, *frames)
 
 
-def _step_part(step: int) -> tuple[int, ...]:
-    # every frame shown: no part, so the keys of tracks made before `render.max_fps` stay the same
-    return () if step == 1 else (step,)
+def shown_frames(step: int, info: VideoInfo) -> tuple[Any, ...]:
+    """The parts of the track keys that say which frames the detector sees, and how: every
+    `step`-th of a clip over `render.max_fps`, HDR ones made SDR. Empty for every frame of an SDR
+    clip, so the keys of tracks made before either existed stay the same."""
+    return (() if step == 1 else (step,)) + (("hdr", info.hdr) if info.hdr else ())
 
 
 #: seconds a checkpoint's version is trusted before the store is asked again (once per row otherwise)
@@ -311,7 +313,8 @@ def prepare_avatar(
         info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels)
         step = 1 if info.still else frame_step(info.fps, max_fps)
         info, pts = _every(info, pts, step)
-        folder = storage.join(avatar, detector_key(cfg, box, still_fps, step))
+        frames = shown_frames(step, info)
+        folder = storage.join(avatar, detector_key(cfg, box, still_fps, frames))
         total, stride = len(pts), max(1, cfg.stride)
         tracked = total
         if fixed is None and seconds is not None:
@@ -329,7 +332,7 @@ def prepare_avatar(
         else:
             clock = metrics.StageClock()
             with clock("detect"):
-                chunks = storage.join(avatar, "candidates-" + candidates_key(cfg, still_fps, step))
+                chunks = storage.join(avatar, "candidates-" + candidates_key(cfg, still_fps, frames))
                 candidates = _candidates(uri, info, pts, cfg, chunks, tracked)
             metrics.stage_seconds(clock.seconds)
             boxes = _track(candidates, info, cfg, uri, total)
@@ -370,12 +373,12 @@ def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | No
     cached = _cached(frames_uri, _load_frames)
     if cached is not None:
         _check_pixels(uri, cached[0], max_pixels)
-        if cached[0].color is not None:
+        if cached[0].color is not None and cached[0].hdr is not None:
             return cached
     local = storage.local_copy(uri)
     info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels)
     _check_pixels(uri, info, max_pixels)
-    # recorded before its colour tags were: probed again, its timestamps kept (no demux pass)
+    # recorded before its colour tags or HDR transfer were: probed again, its timestamps kept (no demux pass)
     pts = cached[1] if cached is not None else _frame_timestamps(local, info, uri)
     buf = io.BytesIO()
     np.savez(buf, pts=pts, info=np.array(json.dumps(asdict(info))))

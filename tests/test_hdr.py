@@ -10,9 +10,16 @@ import pytest
 from heygem_ray.config import EncoderConfig
 from heygem_ray.media import hdr, video
 
-# BT.709 linear light (reference white = 1) of three bands: a grey, a skin tone, a saturated green
-BANDS = np.array([[0.4, 0.4, 0.4], [0.45, 0.25, 0.17], [0.05, 0.5, 0.05]])
+# BT.709 linear light (reference white = 1) of four bands: a grey, a skin tone, a saturated green
+# and a highlight 1.2 times as bright as reference white
+BANDS = np.array([[0.4, 0.4, 0.4], [0.45, 0.25, 0.17], [0.05, 0.5, 0.05], [1.2, 1.2, 1.2]])
 BAND_WIDTH = 32
+# BT.709 to BT.2020 primaries in linear light (BT.2087), written out: not the module's own inverse
+BT709_TO_BT2020 = np.array([[0.6274, 0.3293, 0.0433], [0.0691, 0.9195, 0.0114], [0.0164, 0.0880, 0.8956]])
+# what each band shows in SDR: as it is below the knee (0.75), the highlight rolled off to
+# 0.75 + 0.25 * t / (1 + t), t = (1.2 - 0.75) / 0.25 (code 245, where a clip would give 255)
+EXPECTED_LIGHT = np.minimum(BANDS, 0.75 + 0.25 * 1.8 / 2.8)
+EXPECTED_BGR = np.round(255 * np.power(EXPECTED_LIGHT, 1 / 2.4))[:, ::-1]
 
 
 def _pq_code(nits: np.ndarray) -> np.ndarray:
@@ -28,11 +35,18 @@ def _hlg_code(nits: np.ndarray) -> np.ndarray:
     return np.where(scene <= 1 / 12, np.sqrt(3 * scene), a * np.log(np.maximum(12 * scene - b, 1e-9)) + c)
 
 
-def _hdr_clip(path: str, transfer: int, codec: str = "libx265", pix_fmt: str = "yuv420p10le") -> None:
+def _hdr_clip(
+    path: str,
+    transfer: int,
+    codec: str = "libx265",
+    pix_fmt: str = "yuv420p10le",
+    matrix: int = 9,
+    container_tags_only: bool = False,
+) -> None:
     """Five frames of BANDS, as a camera would store them: BT.2020 primaries, `transfer`'s code
-    values, BT.2020's non-constant-luminance matrix, video range."""
-    bt2020 = np.linalg.solve(hdr._BT2020_TO_BT709.astype(np.float64), BANDS.T).T
-    nits = bt2020 * hdr.REFERENCE_WHITE
+    values, BT.2020's non-constant-luminance matrix (tagged `matrix`: 2 leaves it unset), video
+    range. `container_tags_only`: the bitstream says nothing of its colours, the container does."""
+    nits = BANDS @ BT709_TO_BT2020.T * hdr.REFERENCE_WHITE
     rgb = _pq_code(nits) if transfer == hdr.PQ else _hlg_code(nits)
     r, g, b = rgb.T
     y = 0.2627 * r + 0.6780 * g + 0.0593 * b
@@ -50,7 +64,10 @@ def _hdr_clip(path: str, transfer: int, codec: str = "libx265", pix_fmt: str = "
         else:
             stream.options = {"qp": "0"}
         context = stream.codec_context
-        context.color_primaries, context.color_trc, context.colorspace = 9, transfer, 9
+        tags = (9, transfer, matrix)
+        if not container_tags_only:
+            context.color_primaries, context.color_trc, context.colorspace = tags
+        packets = []
         for i in range(5):
             frame = av.VideoFrame(width, height, pix_fmt)
             for k, plane in enumerate(frame.planes):
@@ -59,17 +76,18 @@ def _hdr_clip(path: str, transfer: int, codec: str = "libx265", pix_fmt: str = "
                 buf = np.frombuffer(memoryview(plane), dtype).reshape(plane.height, -1)
                 buf[:, : row.size] = row
             frame.pts = i
-            frame.colorspace = 9
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+            packets += stream.encode(frame)
+        packets += stream.encode(None)
+        if container_tags_only:  # the encoder has started untagged: these reach the container alone
+            context.color_primaries, context.color_trc, context.colorspace = tags
+        container.mux(packets)
 
 
 def _band_means(bgr: np.ndarray) -> np.ndarray:
     """Each band's mean BGR, away from its edges (4:2:0 chroma blends the columns at a border)."""
-    return np.array([bgr[8:-8, i * BAND_WIDTH + 8 : (i + 1) * BAND_WIDTH - 8].reshape(-1, 3).mean(0) for i in range(3)])
-
-
-EXPECTED_BGR = np.round(255 * np.power(BANDS, 1 / 2.4))[:, ::-1]
+    return np.array(
+        [bgr[8:-8, i * BAND_WIDTH + 8 : (i + 1) * BAND_WIDTH - 8].reshape(-1, 3).mean(0) for i in range(len(BANDS))]
+    )
 
 
 def test_transfer_functions_meet_at_reference_white():
@@ -87,14 +105,23 @@ def test_transfer_functions_meet_at_reference_white():
     assert slope == pytest.approx(1, abs=1e-3)  # no kink at the knee
 
 
-@pytest.mark.parametrize("transfer", [hdr.PQ, hdr.HLG])
-def test_an_hdr_clip_reads_as_the_sdr_colours_it_shows(tmp_path, transfer):
-    """A grey, a skin tone and a saturated green, stored as an HDR camera stores them, come out of
-    the reader as BT.709 SDR; swscale alone (what was done before) is far off."""
-    source = str(tmp_path / "hdr.mp4")
-    _hdr_clip(source, transfer)
+@pytest.mark.parametrize(
+    "transfer, name, matrix, container_tags_only",
+    [
+        (hdr.PQ, "hdr.mp4", 9, False),
+        (hdr.HLG, "hdr.mp4", 9, False),
+        (hdr.PQ, "untagged_matrix.mp4", 2, False),  # taken for BT.2020's, not swscale's BT.601 default
+        (hdr.HLG, "container_tags.mkv", 9, True),  # frames decode untagged: the stream's tags count
+    ],
+)
+def test_an_hdr_clip_reads_as_the_sdr_colours_it_shows(tmp_path, transfer, name, matrix, container_tags_only):
+    """A grey, a skin tone, a saturated green and a highlight, stored as an HDR camera stores them,
+    come out of the reader as BT.709 SDR (the highlight rolled off, not clipped); swscale alone
+    (what was done before) is far off."""
+    source = str(tmp_path / name)
+    _hdr_clip(source, transfer, matrix=matrix, container_tags_only=container_tags_only)
     info = video.probe(source, 25)
-    assert info.color == hdr.SDR_TAGS
+    assert info.color == hdr.SDR_TAGS and info.hdr == transfer
     pts = np.array([p for p, _ in video.iter_frames(source, info)])
     with video.FrameReader(source, info, pts) as reader:
         got = _band_means(reader.read(np.array([2]))[2])
@@ -127,3 +154,35 @@ def test_an_8bit_hlg_clip_is_not_passed_through_and_is_tagged_sdr(tmp_path):
         assert (context.colorspace, context.color_primaries, context.color_trc) == (6, 1, 1)
         got = _band_means(next(container.decode(video=0)).to_ndarray(format="bgr24"))
     np.testing.assert_allclose(got, EXPECTED_BGR, atol=6)  # 8-bit HLG in, 8-bit out
+
+
+def test_an_hdr_avatar_probed_before_hdr_was_made_sdr_is_probed_again(tmp_path):
+    """Its cached facts said nothing of HDR (colour "": BT.601 tags): probed again, its outputs
+    get SDR tags, and its face track is made again from the SDR frames, under another key."""
+    import glob
+    import io
+    import json
+
+    from heygem_ray import prepare
+    from heygem_ray.config import DetectorConfig
+
+    source = str(tmp_path / "hlg.mp4")
+    _hdr_clip(source, hdr.HLG)
+    cache = str(tmp_path / "cache")
+    box = DetectorConfig(name="box", box=[0, 0, 32, 32])
+    first = prepare.prepare_avatar(source, None, box, cache, 25.0)
+    assert first.info.hdr == hdr.HLG
+    [entry] = glob.glob(f"{cache}/avatars/*/frames-*.npz")
+    with np.load(entry) as npz:
+        pts, info = npz["pts"], json.loads(str(npz["info"]))
+    info["color"] = ""  # as the probe before this recorded a 10-bit clip
+    del info["hdr"]
+    buf = io.BytesIO()
+    np.savez(buf, pts=pts, info=np.array(json.dumps(info)))
+    with open(entry, "wb") as fh:
+        fh.write(buf.getvalue())
+    again = prepare.prepare_avatar(source, None, box, cache, 25.0)
+    assert again.info.color == hdr.SDR_TAGS and again.info.hdr == hdr.HLG
+    tracks = {p.split("/")[-2] for p in glob.glob(f"{cache}/avatars/*/*/track-*.npz")}
+    sdr_key = prepare.detector_key(box, None, 25.0)
+    assert sdr_key not in tracks and prepare.detector_key(box, None, 25.0, ("hdr", hdr.HLG)) in tracks

@@ -7,12 +7,14 @@ primaries read as BT.709). FFmpeg's own tone mapping needs zimg, which PyAV's FF
 
 The conversion is display-referred, as ITU-R BT.2408 describes: each channel's code value to
 display light (the PQ EOTF; for HLG the inverse OETF and the OOTF of a 1000 cd/m² display, system
-gamma 1.2, taken per channel), scaled so that HDR reference white (203 cd/m²) is 1.0, with brighter
-light rolled off into the SDR range above `KNEE`; then BT.2020 to BT.709 primaries in linear light,
-and BT.1886's gamma 2.4 to 8-bit. Both non-linear steps are tables (65,536 entries): a 1080p
-frame takes ~50 ms on one core (swscale's 8-bit BGR alone ~5 ms), for HDR clips only. Taking the OOTF
-and the roll-off per channel (not on luminance) shifts the saturation of bright saturated colours
-slightly; skin tones, below reference white, pass unchanged.
+gamma 1.2, taken per channel), scaled so that HDR reference white (203 cd/m²) is 1.0; light above
+`KNEE` (0.75 of reference white) rolls off into the SDR range, so reference white lands at 0.875
+(code 241 of 255) and brighter highlights near 255 without clipping; then BT.2020 to BT.709
+primaries in linear light (none for a source with BT.709 primaries), and BT.1886's gamma 2.4 to
+8-bit. Both non-linear steps are tables (65,536 entries): a 1080p frame takes ~50 ms on one core
+(swscale's 8-bit BGR alone ~5 ms), for HDR clips only. Taking the OOTF and the roll-off per
+channel (not on luminance) shifts the saturation of bright saturated colours slightly; skin tones,
+at most 0.75 of reference white, pass unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ REFERENCE_WHITE = 203.0
 #: relative light, reference white = 1, above which light rolls off towards SDR white
 KNEE = 0.75
 
-# BT.2020 to BT.709 primaries in linear light (BT.2087), rows reordered to give B, G, R
+#: FFmpeg's numbers for an unset tag, BT.709 primaries and BT.2020's matrix
+_UNSPECIFIED, _BT709, _BT2020 = 2, 1, 9
+
+# BT.2020 to BT.709 primaries in linear light (BT.2087); as 3x4 for cv2.transform: rows reordered to
+# give B, G, R, scaled to the table's range, plus half a step that makes the uint16 cast round
 _BT2020_TO_BT709 = np.array(
     [
         [1.6605, -0.5876, -0.0728],
@@ -46,28 +52,42 @@ _BT2020_TO_BT709 = np.array(
     ],
     np.float32,
 )
-_TO_BGR709 = _BT2020_TO_BT709[::-1].copy()
 
 _LEVELS = 65536  # of the 16-bit R'G'B' swscale gives
 
 
-def is_hdr(frame: av.VideoFrame) -> bool:
-    return int(frame.color_trc or 0) in HDR_TRANSFERS
+def _to_bgr709(primaries: int) -> np.ndarray:
+    gamut = np.eye(3, dtype=np.float32) if primaries == _BT709 else _BT2020_TO_BT709
+    return np.hstack([gamut[::-1] * (_LEVELS - 1), np.full((3, 1), 0.5, np.float32)])
 
 
-def frame_bgr(frame: av.VideoFrame) -> np.ndarray:
+def transfer_of(frame: av.VideoFrame, stream_transfer: int = 0) -> int:
+    """The HDR transfer (PQ, HLG) a frame's code values are in, 0 for SDR: the frame's own tag, or
+    where it has none the stream's (a container may say what the bitstream does not)."""
+    transfer = int(frame.color_trc or 0)
+    if transfer in (0, _UNSPECIFIED):
+        transfer = stream_transfer
+    return transfer if transfer in HDR_TRANSFERS else 0
+
+
+def frame_bgr(frame: av.VideoFrame, stream_transfer: int = 0) -> np.ndarray:
     """A decoded frame as SDR BGR, 8-bit: swscale's conversion, or for HDR `sdr_bgr`'s."""
-    if is_hdr(frame):
-        return sdr_bgr(frame)
+    transfer = transfer_of(frame, stream_transfer)
+    if transfer:
+        return sdr_bgr(frame, transfer)
     image: np.ndarray = frame.to_ndarray(format="bgr24")
     return image
 
 
-def sdr_bgr(frame: av.VideoFrame) -> np.ndarray:
-    """An HDR frame (`is_hdr`) as SDR BGR, 8-bit, BT.709 primaries."""
-    rgb = frame.to_ndarray(format="rgb48le")  # R'G'B', BT.2020 primaries (the frame's matrix applied)
-    light = _relative_light(int(frame.color_trc))[rgb]  # float32, SDR white = 1
-    bgr = cv2.transform(light, _TO_BGR709 * (_LEVELS - 1))
+def sdr_bgr(frame: av.VideoFrame, transfer: int) -> np.ndarray:
+    """A frame whose code values are in `transfer` (PQ, HLG) as SDR BGR, 8-bit, BT.709 primaries.
+    Untagged matrix and primaries are taken for BT.2020's (what HDR video uses)."""
+    matrix = int(frame.colorspace or _UNSPECIFIED)
+    rgb = frame.reformat(
+        format="rgb48le", src_colorspace=_BT2020 if matrix == _UNSPECIFIED else matrix
+    ).to_ndarray()  # R'G'B'
+    light = _relative_light(transfer)[rgb]  # float32, HDR reference white = 1
+    bgr = cv2.transform(light, _to_bgr709(int(frame.color_primaries or _UNSPECIFIED)))
     np.clip(bgr, 0, _LEVELS - 1, out=bgr)
     # a table again: numpy's and OpenCV's powers slow down ~10x on values well under 1
     return _sdr_code()[bgr.astype(np.uint16)]

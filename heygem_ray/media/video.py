@@ -58,6 +58,9 @@ class VideoInfo:
     #: frames go through BGR (then BT.601); `hdr.SDR_TAGS` for HDR ones, made SDR (`hdr.sdr_bgr`);
     #: None: not known (a probe before this was recorded)
     color: str | None = None
+    #: the HDR transfer its frames are made SDR from (`hdr.PQ`, `hdr.HLG`), 0 for SDR; None: not
+    #: known (a probe before HDR video was made SDR)
+    hdr: int | None = None
 
 
 def _even(x: int) -> int:
@@ -133,17 +136,20 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not rate or rate <= 0:
                 raise InputError("avatar", uri, "has no usable frame rate")
+            # the container's word, before decoding replaces it with the bitstream's (maybe none)
+            stream_transfer = int(stream.codec_context.color_trc or 0)
             first = next(container.decode(stream), None)
             if first is None:
                 raise InputError("avatar", uri, "has no decodable video frames")
             clockwise = _clockwise_from_display_matrix(first.rotation)
             context = stream.codec_context
-            if _plain_420(first):
+            transfer = hdr.transfer_of(first, stream_transfer)
+            if _plain_420(first, transfer):
                 color = (
                     f"{int(first.colorspace or 2)},{int(context.color_primaries or 2)},{int(context.color_trc or 2)}"
                 )
             else:
-                color = hdr.SDR_TAGS if hdr.is_hdr(first) else ""
+                color = hdr.SDR_TAGS if transfer else ""
             w, h = (first.height, first.width) if clockwise in (90, 270) else (first.width, first.height)
             sar = stream.sample_aspect_ratio or Fraction(1)
             if clockwise in (90, 270):
@@ -162,6 +168,7 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
         frame_count=int(stream.frames or 0),
         sar=f"{sar.numerator}/{sar.denominator}",
         color=color,
+        hdr=transfer,
     )
 
 
@@ -219,7 +226,7 @@ _PILLOW_BOUND = threading.Lock()
 def _still_info(image: np.ndarray, still_fps: float) -> VideoInfo:
     rate = Fraction(still_fps).limit_denominator(1001)
     width, height = image.shape[1], image.shape[0]
-    return VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="")
+    return VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="", hdr=0)
 
 
 class AvatarDecodeError(EOFError):
@@ -351,7 +358,7 @@ class FrameReader:
 
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         info = self.info
-        if self._i420 and _plain_420(frame):
+        if self._i420 and _plain_420(frame, self.info.hdr or 0):
             nv12 = frame.format.name == "nv12"  # NVDEC's output: one chroma plane of U, V pairs
             # memoryview: below Python 3.12 numpy's stubs name the buffer types they take, and a plane is none
             planes = [np.frombuffer(memoryview(p), np.uint8).reshape(p.height, p.line_size) for p in frame.planes]
@@ -365,7 +372,7 @@ class FrameReader:
             if info.rotation:
                 y, u, v = (np.rot90(p, k=-(info.rotation // 90)) for p in (y, u, v))
             return assemble_i420(y, u, v, info.width, info.height)
-        image = hdr.frame_bgr(frame)
+        image = hdr.frame_bgr(frame, info.hdr or 0)
         if frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
             image = image.copy()
         image = orient(image, info.rotation, info.width, info.height)
@@ -421,12 +428,13 @@ def _one_frame(container: av.container.InputContainer, stream: av.VideoStream) -
     return frames <= 1
 
 
-def _plain_420(frame: av.VideoFrame) -> bool:
+def _plain_420(frame: av.VideoFrame, stream_transfer: int = 0) -> bool:
     """Planes the encoder can take as they are (NV12's chroma once split): 8-bit 4:2:0, video range,
-    SDR, even size (odd sizes are cropped, which would split chroma samples once rotated)."""
+    SDR (`hdr.transfer_of`), even size (odd sizes are cropped, which would split chroma samples
+    once rotated)."""
     return (
         frame.format.name in ("yuv420p", "nv12")
-        and not hdr.is_hdr(frame)
+        and not hdr.transfer_of(frame, stream_transfer)
         and frame.color_range != av.video.reformatter.ColorRange.JPEG
         and frame.width % 2 == 0
         and frame.height % 2 == 0
@@ -519,7 +527,7 @@ def iter_sampled_frames(
                 if index % every:
                     yield pts, None
                     continue
-                yield pts, orient(hdr.frame_bgr(frame), info.rotation, info.width, info.height)
+                yield pts, orient(hdr.frame_bgr(frame, info.hdr or 0), info.rotation, info.width, info.height)
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"decoding failed ({exc.strerror or exc})") from None
 
@@ -620,7 +628,8 @@ class SegmentWriter:
             self._stream.codec_context.thread_count = threads
         self._i420 = enc.pix_fmt == "yuv420p"
         if color is not None:  # players take untagged HD for BT.709: frames made from BGR here are BT.601
-            tags = color if color and self._i420 else BT601
+            # frames made from BGR here have BT.601's matrix, whichever encoder's pixel format
+            tags = color if color and (self._i420 or color == hdr.SDR_TAGS) else BT601
             context = self._stream.codec_context
             context.colorspace, context.color_primaries, context.color_trc = (int(t) for t in tags.split(","))
             context.color_range = 1  # video range (MPEG): what both ways make
