@@ -149,6 +149,13 @@ def test_password_guessing_slows_down(tmp_path):
 def test_uploads_are_checked_by_what_they_are(tmp_path, media_dir):
     assert check_upload(str(media_dir / "speech3.wav"), "audio", MIB) == "speech3.wav"
     assert check_upload(str(media_dir / "still.png"), "avatar", MIB) == "still.png"
+    from PIL import Image
+
+    from heygem_ray.media import heif
+
+    heif.register_opener()
+    Image.new("RGB", (64, 48), (200, 150, 120)).save(tmp_path / "IMG_0001.HEIC")
+    assert check_upload(str(tmp_path / "IMG_0001.HEIC"), "avatar", MIB) == "IMG_0001.HEIC"  # an iPhone's photo
     fake = tmp_path / "song.wav"
     fake.write_text("not audio at all")
     with pytest.raises(UploadError, match="song.wav: not a readable audio file"):

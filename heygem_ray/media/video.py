@@ -24,10 +24,10 @@ from av.codec.hwaccel import HWAccel
 
 from heygem_ray.config import EncoderConfig
 from heygem_ray.errors import InputError
-from heygem_ray.media import hdr
+from heygem_ray.media import hdr, heif
 from heygem_ray.media.yuv import assemble_i420, bgr_to_i420
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 IMAGE_CODECS = {"mjpeg", "png", "bmp", "webp", "tiff", "jpeg2000"}
 #: how far ahead of the decoder a request may be before seeking beats decoding forward
 _SEEK_DISTANCE = 48
@@ -86,17 +86,35 @@ def is_image_path(path: str) -> bool:
 def read_image(path: str, what: str = "avatar") -> np.ndarray:
     """A still avatar as BGR uint8 (EXIF orientation applied), cropped to even size."""
     data = np.fromfile(path, dtype=np.uint8)
+    image = _read_heif(path, what) if heif.is_still(data[:12].tobytes()) else _read_with_opencv(path, what, data)
+    h, w = _even(image.shape[0]), _even(image.shape[1])
+    if h < 2 or w < 2:
+        raise InputError(what, path, f"image is too small ({image.shape[1]}x{image.shape[0]})")
+    return np.ascontiguousarray(image[:h, :w])
+
+
+def _read_with_opencv(path: str, what: str, data: np.ndarray) -> np.ndarray:
     try:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     except cv2.error:  # e.g. past OPENCV_IO_MAX_IMAGE_PIXELS (the studio sets it)
         image = None
     if image is None:
         raise InputError(what, path, "not a readable image (or larger than this machine decodes)")
-    image = _on_white(image, data)
-    h, w = _even(image.shape[0]), _even(image.shape[1])
-    if h < 2 or w < 2:
-        raise InputError(what, path, f"image is too small ({image.shape[1]}x{image.shape[0]})")
-    return np.ascontiguousarray(image[:h, :w])
+    return _on_white(image, data)
+
+
+def _read_heif(path: str, what: str) -> np.ndarray:
+    rgba = heif.read_rgba(path)
+    if rgba is None:
+        needs = "" if heif.register_opener() else "; reading HEIC photos needs pillow-heif installed"
+        raise InputError(what, path, f"not a readable HEIF/AVIF image (or larger than this machine decodes){needs}")
+    bgr = np.ascontiguousarray(rgba[..., 2::-1])
+    return _over_white(bgr, rgba[..., 3:]) if rgba.shape[2] == 4 else bgr
+
+
+def _over_white(bgr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    weight = alpha.astype(np.float32) / (65535.0 if alpha.dtype == np.uint16 else 255.0)
+    return (bgr.astype(np.float32) * weight + 255.0 * (1.0 - weight) + 0.5).astype(np.uint8)
 
 
 def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
@@ -112,8 +130,7 @@ def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
     plain = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if plain is None or not np.array_equal(plain, image):
         return image
-    weight = full[..., 3:].astype(np.float32) / (65535.0 if full.dtype == np.uint16 else 255.0)
-    return (image.astype(np.float32) * weight + 255.0 * (1.0 - weight) + 0.5).astype(np.uint8)
+    return _over_white(image, full[..., 3:])
 
 
 def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixels: int | None = None) -> VideoInfo:
@@ -122,7 +139,7 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
     uri = display_uri or path
     if max_pixels:
         _check_frame_size(path, uri, max_pixels)
-    if is_image_path(path):
+    if is_image_path(path) or heif.file_is_still(path):
         image = read_image(path)
         return _still_info(image, still_fps)
     try:
@@ -176,7 +193,11 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
     """Refuse an avatar whose frames are over `max_pixels`, from its headers: FFmpeg's own limit on
     its decoders keeps the probe of a stream without a size in its headers (a PNG, whatever it is
     named) from decoding a frame of gigabytes; what FFmpeg then cannot size, an image's own header
-    may. What is sized by neither, or cannot be opened, is left to `probe`."""
+    may. What is sized by neither, or cannot be opened, is left to `probe`. A HEIF/AVIF photo is
+    sized by its header alone (FFmpeg sizes one tile of a tiled one)."""
+    if heif.file_is_still(path):
+        _refuse_over(uri, _image_header_size(path) or (0, 0), max_pixels)
+        return
     limit = {"max_pixels": str(max_pixels)}
     try:
         try:
@@ -193,6 +214,11 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
         return
     if not width or not height:
         width, height = _image_header_size(path) or (0, 0)
+    _refuse_over(uri, (width, height), max_pixels)
+
+
+def _refuse_over(uri: str, size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
     if width * height > max_pixels:
         raise InputError(
             "avatar",
@@ -209,6 +235,7 @@ def _image_header_size(path: str) -> tuple[int, int] | None:
     except ImportError:
         return None
 
+    heif.register_opener()
     with _PILLOW_BOUND:  # its own bound, a module global, would hide the size of a large one
         bound, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:

@@ -37,7 +37,7 @@ from heygem_ray.media.video import probe
 from heygem_ray.studio.users import check_name
 
 AUDIO_TYPES = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
-AVATAR_TYPES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".png", ".jpg", ".jpeg")
+AVATAR_TYPES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".avif")
 MANIFEST_TYPES = (".parquet", ".csv")
 #: an uploaded manifest's limits (it is read whole, on the web server)
 MANIFEST_MAX_BYTES = 10 * 2**20

@@ -1,0 +1,84 @@
+"""Phones' photos as avatars: HEIC (an iPhone's default) and AVIF stills, written here with
+pillow-heif and Pillow, read as stills at `render.still_fps`, not as one-frame videos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from helpers import compose_config
+from heygem_ray import campaign, demo
+from heygem_ray.errors import InputError
+from heygem_ray.media import heif, video
+
+
+def _save(path: str, bgr: np.ndarray, **options) -> None:
+    heif.register_opener()
+    Image.fromarray(np.ascontiguousarray(bgr[..., ::-1])).save(path, quality=95, **options)
+
+
+@pytest.mark.parametrize("name", ["portrait.heic", "portrait.avif", "heic_named.mp4"])
+def test_a_heif_or_avif_photo_is_a_still_with_its_pixels(tmp_path, name):
+    """FFmpeg would take it for a one-frame video at 1 fps (of a tiled HEIC, one tile); it is a
+    still at the still rate, whatever its name, with the photo's pixels."""
+    portrait = demo.portrait(256)
+    path = str(tmp_path / name)
+    if name.endswith(".mp4"):
+        _save(str(tmp_path / "x.heic"), portrait)
+        shutil.move(str(tmp_path / "x.heic"), path)
+    else:
+        _save(path, portrait)
+    info = video.probe(path, 25)
+    assert info.still and info.fps == 25 and (info.width, info.height) == (portrait.shape[1], portrait.shape[0])
+    image = video.read_image(path)
+    assert image.shape == portrait.shape and np.abs(image.astype(int) - portrait).mean() < 3
+
+
+def test_a_turned_photo_is_upright_and_a_transparent_one_over_white(tmp_path):
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :40] = 255  # white left half: turned a quarter clockwise, the top half is white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: show it rotated 90 degrees clockwise
+    for suffix in (".heic", ".avif"):
+        path = str(tmp_path / f"turned{suffix}")
+        _save(path, wide, exif=exif.tobytes())
+        image = video.read_image(path)
+        assert image.shape[:2] == (80, 40), suffix
+        assert image[:30].mean() > 240 and image[50:].mean() < 15, suffix
+    rgba = np.zeros((32, 32, 4), np.uint8)  # transparent but for a red square
+    rgba[8:24, 8:24] = (255, 0, 0, 255)
+    path = str(tmp_path / "cutout.avif")
+    Image.fromarray(rgba).save(path, quality=100)
+    image = video.read_image(path)
+    assert image[:4, :4].min() > 240  # over white, not black
+    assert image[12:20, 12:20, 2].mean() > 200 and image[12:20, 12:20, :2].mean() < 60
+
+
+def test_a_photo_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    path = str(tmp_path / "big.heic")
+    _save(path, np.full((64, 96, 3), 128, np.uint8))
+    with pytest.raises(InputError, match=r"96x64 = 6144 pixels, over limits.max_avatar_pixels=6000"):
+        video.probe(path, 25, max_pixels=6000)
+    assert video.probe(path, 25, max_pixels=6144).still
+
+
+def test_a_campaign_over_a_heic_photo_renders_at_the_still_rate(media_dir, tmp_path):
+    avatar = str(tmp_path / "presenter.heic")
+    _save(avatar, demo.portrait(256))
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [avatar]}), manifest)
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline")
+    (row,) = campaign.run(cfg).rows
+    assert row.status == "ok", row.error
+    import av
+
+    with av.open(os.path.join(out, "a.mp4")) as c:
+        stream = c.streams.video[0]
+        assert stream.average_rate == 25 and stream.frames == 75  # 3 s of narration
