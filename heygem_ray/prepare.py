@@ -225,8 +225,8 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 #: bump when a code change alters face tracks, so cached tracks are made again (2: the tracker
 #: keeps to its presenter while another face is found; 3: the Haar detector follows its face; 4:
 #: its face-less back-off, and a detector stride counted in the tracker's hand-off; 5: tracked in
-#: chunks, as far as a narration shows)
-TRACK_VERSION = "5"
+#: chunks, as far as a narration shows; 6: HDR frames made SDR, HEIF photos read whole)
+TRACK_VERSION = "6"
 
 
 def detector_key(
@@ -253,10 +253,10 @@ def candidates_key(cfg: DetectorConfig, still_fps: float, frames: tuple[Any, ...
 
 
 def shown_frames(step: int, info: VideoInfo) -> tuple[Any, ...]:
-    """The parts of the track keys that say which frames the detector sees, and how: every
-    `step`-th of a clip over `render.max_fps`, HDR ones made SDR. Empty for every frame of an SDR
-    clip, so the keys of tracks made before either existed stay the same."""
-    return (() if step == 1 else (step,)) + (("hdr", info.hdr) if info.hdr else ())
+    """The parts of the track keys that say which frames the detector sees: every `step`-th of a
+    clip over `render.max_fps`, a still at the size it was shrunk to (another pixel limit, another
+    size). Empty for every frame at its own size, so those keys are as they were before either."""
+    return (() if step == 1 else (step,)) + (() if info.scale == 1 else (info.width, info.height))
 
 
 #: seconds a checkpoint's version is trusted before the store is asked again (once per row otherwise)
@@ -326,7 +326,7 @@ def prepare_avatar(
             return AvatarTrack(uri, fp, info, pts, boxes, settled)
         if fixed is not None:
             try:
-                boxes = fixed_track(fixed, total, info.width, info.height)
+                boxes = fixed_track(_scaled_box(fixed, info.scale), total, info.width, info.height)
             except ValueError as exc:
                 raise InputError("avatar", uri, str(exc)) from None
         else:
@@ -371,13 +371,15 @@ def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | No
     (checked against `max_pixels` before anything is decoded)."""
     frames_uri = storage.join(avatar, f"frames-{stable_hash(TRACK_VERSION, still_fps)}.npz")
     cached = _cached(frames_uri, _load_frames)
-    if cached is not None:
+    if cached is not None and not cached[0].still:
         _check_pixels(uri, cached[0], max_pixels)
         if cached[0].color is not None and cached[0].hdr is not None:
             return cached
     local = storage.local_copy(uri)
     info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels)
     _check_pixels(uri, info, max_pixels)
+    if info.still:  # one image read, and its size follows the pixel limit: not cached
+        return info, np.zeros(1, np.int64)
     # recorded before its colour tags or HDR transfer were: probed again, its timestamps kept (no demux pass)
     pts = cached[1] if cached is not None else _frame_timestamps(local, info, uri)
     buf = io.BytesIO()
@@ -385,6 +387,11 @@ def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | No
     with caching(frames_uri):
         storage.write_bytes(frames_uri, buf.getvalue())
     return info, pts
+
+
+def _scaled_box(box: Any, scale: float) -> Any:
+    """A face box given in a photo's own pixels, on the photo shrunk by `scale` (`VideoInfo.scale`)."""
+    return box if scale == 1 else [int(round(v * scale)) for v in box]
 
 
 def _every(info: VideoInfo, pts: np.ndarray, step: int) -> tuple[VideoInfo, np.ndarray]:

@@ -60,12 +60,51 @@ def test_a_turned_photo_is_upright_and_a_transparent_one_over_white(tmp_path):
     assert image[12:20, 12:20, 2].mean() > 200 and image[12:20, 12:20, :2].mean() < 60
 
 
-def test_a_photo_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
-    path = str(tmp_path / "big.heic")
+@pytest.mark.parametrize("suffix", [".heic", ".jpg"])
+def test_a_photo_over_the_pixel_limit_is_shrunk_to_fit_and_its_box_with_it(tmp_path, suffix):
+    """A 12 MP phone photo is over the default limit (4096x2304): its frames would be the video's,
+    so it is shrunk to fit rather than refused; a face box given in its own pixels follows."""
+    from heygem_ray import prepare
+    from heygem_ray.config import DetectorConfig
+
+    path = str(tmp_path / f"big{suffix}")
+    photo = np.full((300, 400, 3), 90, np.uint8)
+    photo[100:200, 150:250] = 200  # a bright square, the "face"
+    _save(path, photo) if suffix == ".heic" else Image.fromarray(photo).save(path, quality=95)
+    info = video.probe(path, 25, max_pixels=30_000)  # 120,000 pixels: halved each way
+    assert info.still and (info.width, info.height) == (200, 150) and info.scale == pytest.approx(0.5)
+    shrunk = video.read_still(path, info)
+    assert shrunk.shape == (150, 200, 3) and shrunk[60:90, 85:115].min() > 180
+    assert video.probe(path, 25, max_pixels=120_000).scale == 1
+    box = DetectorConfig(name="box")
+    track = prepare.prepare_avatar(path, (150, 100, 250, 200), box, str(tmp_path / "cache"), 25.0, max_pixels=30_000)
+    assert track.info.width == 200 and track.boxes[0].tolist() == [75, 50, 125, 100]
+
+
+def test_a_photo_over_the_decoding_bound_is_refused_from_its_header(tmp_path, monkeypatch):
+    path = str(tmp_path / "huge.heic")
     _save(path, np.full((64, 96, 3), 128, np.uint8))
-    with pytest.raises(InputError, match=r"96x64 = 6144 pixels, over limits.max_avatar_pixels=6000"):
-        video.probe(path, 25, max_pixels=6000)
-    assert video.probe(path, 25, max_pixels=6144).still
+    monkeypatch.setattr(video, "STILL_MAX_PIXELS", 6000)
+    with pytest.raises(InputError, match=r"image is 96x64 = 6144 pixels, over the 6000 a still may have"):
+        video.probe(path, 25, max_pixels=5000)
+
+
+def test_a_premultiplied_transparent_heic_goes_over_white_and_a_damaged_avif_is_bad_input(tmp_path):
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[8:24, 8:24] = (255, 0, 0, 255)
+    path = str(tmp_path / "cutout.heic")
+    heif.register_opener()
+    Image.fromarray(rgba).convert("RGBa").save(path, quality=100)  # Pillow opens it as mode RGBa
+    image = video.read_image(path)
+    assert image[:4, :4].min() > 240 and image[12:20, 12:20, 2].mean() > 200
+    whole = str(tmp_path / "whole.avif")
+    Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(whole)
+    cut = str(tmp_path / "cut.avif")
+    with open(whole, "rb") as src, open(cut, "wb") as dst:
+        data = src.read()
+        dst.write(data[: int(len(data) * 0.9)])
+    with pytest.raises(InputError, match="not a readable HEIF/AVIF image"):
+        video.read_image(cut)
 
 
 def test_a_campaign_over_a_heic_photo_renders_at_the_still_rate(media_dir, tmp_path):

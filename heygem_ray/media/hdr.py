@@ -54,6 +54,9 @@ _BT2020_TO_BT709 = np.array(
 )
 
 _LEVELS = 65536  # of the 16-bit R'G'B' swscale gives
+#: matrices whose FFmpeg number swscale takes as the same one: others (BT.2020 constant luminance,
+#: ICtCp, unset) are taken for BT.2020's non-constant-luminance matrix
+_SWSCALE_MATRICES = {1, 4, 5, 6, 7, 9}
 
 
 def _to_bgr709(primaries: int) -> np.ndarray:
@@ -84,7 +87,7 @@ def sdr_bgr(frame: av.VideoFrame, transfer: int) -> np.ndarray:
     Untagged matrix and primaries are taken for BT.2020's (what HDR video uses)."""
     matrix = int(frame.colorspace or _UNSPECIFIED)
     rgb = frame.reformat(
-        format="rgb48le", src_colorspace=_BT2020 if matrix == _UNSPECIFIED else matrix
+        format="rgb48le", src_colorspace=matrix if matrix in _SWSCALE_MATRICES else _BT2020
     ).to_ndarray()  # R'G'B'
     light = _relative_light(transfer)[rgb]  # float32, HDR reference white = 1
     bgr = cv2.transform(light, _to_bgr709(int(frame.color_primaries or _UNSPECIFIED)))

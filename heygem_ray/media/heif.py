@@ -10,8 +10,13 @@ without it such a photo is refused, saying what is missing.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
+
+#: held while Pillow's own pixel bound (a module global) is lifted to size a large image, and by
+#: every Pillow read here, so that none runs unbounded meanwhile
+PILLOW_BOUND = threading.Lock()
 
 #: major brands of still images in an ISO-BMFF file (image sequences, `msf1`, `avis`, are videos)
 STILL_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"mif1", b"avif"}
@@ -50,10 +55,11 @@ def read_rgba(path: str) -> np.ndarray | None:
         return None
     register_opener()
     try:
-        with Image.open(path) as opened:
+        with PILLOW_BOUND, Image.open(path) as opened:
             # pillow-heif applies HEIF's own rotation and resets the EXIF tag; AVIF keeps the tag
             image = ImageOps.exif_transpose(opened)
-            transparent = "A" in image.getbands() or "transparency" in image.info
-            return np.asarray(image.convert("RGBA" if transparent else "RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            # premultiplied alpha (mode RGBa) included: RGBA un-premultiplies
+            return np.asarray(image.convert("RGBA" if image.has_transparency_data else "RGB"))
+    # SyntaxError: what Pillow raises for a damaged file (a cut AVIF)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None

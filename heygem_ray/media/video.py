@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import math
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -27,8 +27,12 @@ from heygem_ray.errors import InputError
 from heygem_ray.media import hdr, heif
 from heygem_ray.media.yuv import assemble_i420, bgr_to_i420
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+# HEIF/HEIC and AVIF are told by their brand (`heif.is_still`): an image sequence has those names too
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 IMAGE_CODECS = {"mjpeg", "png", "bmp", "webp", "tiff", "jpeg2000"}
+#: the largest still image decoded (a 48 MP phone photo fits): one over `limits.max_avatar_pixels`
+#: is shrunk to fit it, as a photo's frames become the video's, rather than refused
+STILL_MAX_PIXELS = 64_000_000
 #: how far ahead of the decoder a request may be before seeking beats decoding forward
 _SEEK_DISTANCE = 48
 #: seeks, each twice as far back, to land before a frame in an open GOP, before decoding from the start
@@ -61,6 +65,9 @@ class VideoInfo:
     #: the HDR transfer its frames are made SDR from (`hdr.PQ`, `hdr.HLG`), 0 for SDR; None: not
     #: known (a probe before HDR video was made SDR)
     hdr: int | None = None
+    #: a still shrunk to fit the pixel limit (`probe`'s max_pixels): its size times this is
+    #: width x height; a face box given in the photo's own pixels is scaled alike
+    scale: float = 1.0
 
 
 def _even(x: int) -> int:
@@ -140,8 +147,7 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
     if max_pixels:
         _check_frame_size(path, uri, max_pixels)
     if is_image_path(path) or heif.file_is_still(path):
-        image = read_image(path)
-        return _still_info(image, still_fps)
+        return _still_info(read_image(path), still_fps, max_pixels)
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -149,7 +155,7 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
                 raise InputError("avatar", uri, f"has no video stream (found {kinds})")
             stream = container.streams.video[0]
             if stream.codec_context.name in IMAGE_CODECS and _one_frame(container, stream):
-                return _still_info(read_image(path), still_fps)
+                return _still_info(read_image(path), still_fps, max_pixels)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not rate or rate <= 0:
                 raise InputError("avatar", uri, "has no usable frame rate")
@@ -194,11 +200,12 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
     its decoders keeps the probe of a stream without a size in its headers (a PNG, whatever it is
     named) from decoding a frame of gigabytes; what FFmpeg then cannot size, an image's own header
     may. What is sized by neither, or cannot be opened, is left to `probe`. A HEIF/AVIF photo is
-    sized by its header alone (FFmpeg sizes one tile of a tiled one)."""
+    sized by its header alone (FFmpeg sizes one tile of a tiled one). A still image is held to
+    STILL_MAX_PIXELS instead (`probe` shrinks it to `max_pixels`)."""
     if heif.file_is_still(path):
-        _refuse_over(uri, _image_header_size(path) or (0, 0), max_pixels)
+        _refuse_over(uri, _image_header_size(path) or (0, 0), max_pixels, still=True)
         return
-    limit = {"max_pixels": str(max_pixels)}
+    limit = {"max_pixels": str(max(max_pixels, STILL_MAX_PIXELS))}
     try:
         try:
             # PyAV's stubs say a list of str; it takes (and documents) a dict of options per stream
@@ -210,20 +217,25 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
                 return
             context = container.streams.video[0].codec_context
             width, height = context.width, context.height
+            still = is_image_path(path) or context.name in IMAGE_CODECS
     except av.error.FFmpegError:
         return
     if not width or not height:
         width, height = _image_header_size(path) or (0, 0)
-    _refuse_over(uri, (width, height), max_pixels)
+    _refuse_over(uri, (width, height), max_pixels, still)
 
 
-def _refuse_over(uri: str, size: tuple[int, int], max_pixels: int) -> None:
+def _refuse_over(uri: str, size: tuple[int, int], max_pixels: int, still: bool = False) -> None:
+    """InputError for frames over `max_pixels`, or (`still`) an image over STILL_MAX_PIXELS."""
     width, height = size
-    if width * height > max_pixels:
+    pixels = width * height
+    if still and pixels > STILL_MAX_PIXELS:
         raise InputError(
-            "avatar",
-            uri,
-            f"frames are {width}x{height} = {width * height} pixels, over limits.max_avatar_pixels={max_pixels}",
+            "avatar", uri, f"image is {width}x{height} = {pixels} pixels, over the {STILL_MAX_PIXELS} a still may have"
+        )
+    if not still and pixels > max_pixels:
+        raise InputError(
+            "avatar", uri, f"frames are {width}x{height} = {pixels} pixels, over limits.max_avatar_pixels={max_pixels}"
         )
 
 
@@ -236,7 +248,7 @@ def _image_header_size(path: str) -> tuple[int, int] | None:
         return None
 
     heif.register_opener()
-    with _PILLOW_BOUND:  # its own bound, a module global, would hide the size of a large one
+    with heif.PILLOW_BOUND:  # its own bound, a module global, would hide the size of a large one
         bound, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             with Image.open(path) as image:
@@ -247,13 +259,25 @@ def _image_header_size(path: str) -> tuple[int, int] | None:
             Image.MAX_IMAGE_PIXELS = bound
 
 
-_PILLOW_BOUND = threading.Lock()
-
-
-def _still_info(image: np.ndarray, still_fps: float) -> VideoInfo:
+def _still_info(image: np.ndarray, still_fps: float, max_pixels: int | None = None) -> VideoInfo:
+    """A still's facts: shrunk, when over `max_pixels`, to the largest even size within it."""
     rate = Fraction(still_fps).limit_denominator(1001)
     width, height = image.shape[1], image.shape[0]
-    return VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="", hdr=0)
+    scale = 1.0
+    if max_pixels and width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        width, height = _even(int(width * scale)), _even(int(height * scale))
+    return VideoInfo(
+        True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="", hdr=0, scale=scale
+    )
+
+
+def read_still(path: str, info: VideoInfo) -> np.ndarray:
+    """A still avatar's frame at its probed size (`VideoInfo.scale`)."""
+    image = read_image(path)
+    if (image.shape[1], image.shape[0]) != (info.width, info.height):
+        image = cv2.resize(image, (info.width, info.height), interpolation=cv2.INTER_AREA)
+    return image
 
 
 class AvatarDecodeError(EOFError):
@@ -286,7 +310,7 @@ class FrameReader:
             raise ValueError(f"pixel_format must be one of {PIXEL_FORMATS}, got {pixel_format!r}")
         self.info = info
         self._i420 = pixel_format == "yuv420p"
-        self._still = read_image(path) if info.still else None
+        self._still = read_still(path, info) if info.still else None
         if self._still is not None and self._i420:
             self._still = bgr_to_i420(self._still)
         self._container: av.container.InputContainer | None = None
@@ -538,7 +562,7 @@ def iter_sampled_frames(
     a BGR array, the others as None: every frame is decoded (each needs its predecessors) but only
     those are converted (~3 ms a 720p frame, ~7 at 1080p)."""
     if info.still:
-        yield 0, read_image(path)
+        yield 0, read_still(path, info)
         return
     uri = display_uri or path
     last: int | None = None
