@@ -286,6 +286,7 @@ def prepare_avatar(
     cache: str,
     still_fps: float,
     max_fps: float = 0.0,
+    still_max_side: int = 0,
     max_pixels: int | None = None,
     storage_options: StorageOptions | None = None,
     seconds: float | None = None,
@@ -310,7 +311,7 @@ def prepare_avatar(
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
         avatar = storage.join(cache, "avatars", fp)
-        info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels)
+        info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels, still_max_side)
         step = 1 if info.still else frame_step(info.fps, max_fps)
         info, pts = _every(info, pts, step)
         frames = shown_frames(step, info)
@@ -366,7 +367,9 @@ def _cached(uri: str, load: Callable[[bytes], _T]) -> _T | None:
         return None
 
 
-def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | None) -> tuple[VideoInfo, np.ndarray]:
+def _avatar_frames(
+    uri: str, avatar: str, still_fps: float, max_pixels: int | None, still_max_side: int = 0
+) -> tuple[VideoInfo, np.ndarray]:
     """The avatar's facts and every frame's timestamp, from the cache or a probe and a demux pass
     (checked against `max_pixels` before anything is decoded)."""
     frames_uri = storage.join(avatar, f"frames-{stable_hash(TRACK_VERSION, still_fps)}.npz")
@@ -376,7 +379,7 @@ def _avatar_frames(uri: str, avatar: str, still_fps: float, max_pixels: int | No
         if cached[0].color is not None and cached[0].hdr is not None:
             return cached
     local = storage.local_copy(uri)
-    info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels)
+    info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels, still_max_side=still_max_side)
     _check_pixels(uri, info, max_pixels)
     if info.still:  # one image read, and its size follows the pixel limit: not cached
         return info, np.zeros(1, np.int64)
@@ -584,6 +587,7 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
         asdict(cfg.encoder),
         cfg.render.still_fps,
         cfg.render.max_fps,
+        cfg.render.still_max_side,
         length=32,
     )
 

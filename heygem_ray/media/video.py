@@ -140,14 +140,21 @@ def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
     return _over_white(image, full[..., 3:])
 
 
-def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixels: int | None = None) -> VideoInfo:
-    """Container facts for a video or still image at a local path; with `max_pixels`, one whose
-    frames are larger is refused before any of them is decoded."""
+def probe(
+    path: str,
+    still_fps: float,
+    display_uri: str | None = None,
+    max_pixels: int | None = None,
+    still_max_side: int = 0,
+) -> VideoInfo:
+    """Container facts for a video or still image at a local path; with `max_pixels`, a video whose
+    frames are larger is refused before any of them is decoded, a still image shrunk to fit it
+    (and to `still_max_side` on its longest side, 0: no such bound)."""
     uri = display_uri or path
     if max_pixels:
         _check_frame_size(path, uri, max_pixels)
     if is_image_path(path) or heif.file_is_still(path):
-        return _still_info(read_image(path), still_fps, max_pixels)
+        return _still_info(read_image(path), still_fps, max_pixels, still_max_side)
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -155,7 +162,7 @@ def probe(path: str, still_fps: float, display_uri: str | None = None, max_pixel
                 raise InputError("avatar", uri, f"has no video stream (found {kinds})")
             stream = container.streams.video[0]
             if stream.codec_context.name in IMAGE_CODECS and _one_frame(container, stream):
-                return _still_info(read_image(path), still_fps, max_pixels)
+                return _still_info(read_image(path), still_fps, max_pixels, still_max_side)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not rate or rate <= 0:
                 raise InputError("avatar", uri, "has no usable frame rate")
@@ -259,13 +266,17 @@ def _image_header_size(path: str) -> tuple[int, int] | None:
             Image.MAX_IMAGE_PIXELS = bound
 
 
-def _still_info(image: np.ndarray, still_fps: float, max_pixels: int | None = None) -> VideoInfo:
-    """A still's facts: shrunk, when over `max_pixels`, to the largest even size within it."""
+def _still_info(image: np.ndarray, still_fps: float, max_pixels: int | None = None, max_side: int = 0) -> VideoInfo:
+    """A still's facts: shrunk, when over `max_pixels` or `max_side` (its longest side), to the
+    largest even size within both."""
     rate = Fraction(still_fps).limit_denominator(1001)
     width, height = image.shape[1], image.shape[0]
-    scale = 1.0
-    if max_pixels and width * height > max_pixels:
-        scale = math.sqrt(max_pixels / (width * height))
+    scale = min(
+        math.sqrt(max_pixels / (width * height)) if max_pixels else 1.0,
+        max_side / max(width, height) if max_side else 1.0,
+        1.0,
+    )
+    if scale < 1:
         width, height = _even(int(width * scale)), _even(int(height * scale))
     return VideoInfo(
         True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="", hdr=0, scale=scale
