@@ -149,3 +149,81 @@ def test_a_campaign_over_a_heic_photo_renders_at_the_still_rate_and_still_max_si
         stream = c.streams.video[0]
         assert stream.average_rate == 25 and stream.frames == 75  # 3 s of narration
         assert (stream.width, stream.height) == (256, 300)
+
+
+def _rgb_to_xyz(primaries: list[tuple[float, float]], white: tuple[float, float]) -> np.ndarray:
+    """The RGB-to-XYZ matrix of a space with these xy primaries and white point."""
+    xyz = np.array([[x / y, 1.0, (1 - x - y) / y] for x, y in primaries]).T
+    w = np.array([white[0] / white[1], 1.0, (1 - white[0] - white[1]) / white[1]])
+    return xyz * np.linalg.solve(xyz, w)
+
+
+SRGB_TO_XYZ = _rgb_to_xyz([(0.64, 0.33), (0.30, 0.60), (0.15, 0.06)], (0.3127, 0.3290))
+P3_TO_XYZ = _rgb_to_xyz([(0.680, 0.320), (0.265, 0.690), (0.150, 0.060)], (0.3127, 0.3290))
+
+
+def _display_p3_profile() -> bytes:
+    """Display P3 (an iPhone photo's profile): sRGB's curve and white with P3's primaries, written
+    as Pillow's own sRGB profile with its colorant tags replaced (adapted to D50 as that one is)."""
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    tags = {}
+    for i in range(int.from_bytes(data[128:132], "big")):
+        entry = data[132 + 12 * i : 144 + 12 * i]
+        tags[bytes(entry[:4])] = int.from_bytes(entry[4:8], "big")
+    srgb_d50 = np.array([[_s15(data, tags[t] + 8 + 4 * k) for k in range(3)] for t in (b"rXYZ", b"gXYZ", b"bXYZ")]).T
+    p3_d50 = srgb_d50 @ np.linalg.inv(SRGB_TO_XYZ) @ P3_TO_XYZ  # the same adaptation to D50
+    for column, tag in enumerate((b"rXYZ", b"gXYZ", b"bXYZ")):
+        for k in range(3):
+            at = tags[tag] + 8 + 4 * k
+            data[at : at + 4] = int(round(p3_d50[k, column] * 65536)).to_bytes(4, "big", signed=True)
+    data[84:100] = bytes(16)  # no profile ID: it would no longer match
+    return bytes(data)
+
+
+def _s15(data: bytearray, at: int) -> float:
+    return int.from_bytes(data[at : at + 4], "big", signed=True) / 65536
+
+
+def _srgb_decode(v: np.ndarray) -> np.ndarray:
+    v = v / 255.0
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+def _srgb_encode(v: np.ndarray) -> np.ndarray:
+    v = np.clip(v, 0, 1)
+    return 255.0 * np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".heic"])
+def test_a_display_p3_photo_is_made_srgb_and_an_srgb_one_left_as_it_is(tmp_path, suffix):
+    """An iPhone's photos are Display P3: their numbers taken for sRGB look dull (skin greyer). The
+    still the renderer reads is converted (Little CMS) to what P3-to-sRGB's matrix says; a photo
+    tagged sRGB, or not tagged, keeps its pixels."""
+    from PIL import ImageCms
+
+    rgb = np.zeros((64, 96, 3), np.uint8)
+    rgb[:, :32] = (200, 120, 100)  # a skin tone
+    rgb[:, 32:64] = (60, 160, 90)
+    rgb[:, 64:] = (128, 128, 128)  # grey stays grey: the same white
+    p3 = str(tmp_path / f"p3{suffix}")
+    srgb = str(tmp_path / f"srgb{suffix}")
+    plain = str(tmp_path / f"plain{suffix}")
+    options = {"quality": 100} if suffix != ".png" else {}
+    heif.register_opener()
+    Image.fromarray(rgb).save(p3, icc_profile=_display_p3_profile(), **options)
+    Image.fromarray(rgb).save(
+        srgb, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(), **options
+    )
+    Image.fromarray(rgb).save(plain, **options)
+
+    as_read = {name: video.read_image(path)[..., ::-1].astype(float) for name, path in [("p3", p3), ("plain", plain)]}
+    expected = _srgb_encode(_srgb_decode(as_read["p3"]) @ (np.linalg.inv(SRGB_TO_XYZ) @ P3_TO_XYZ).T)
+    for name, path in [("p3", p3), ("srgb", srgb), ("plain", plain)]:
+        info = video.probe(path, 25)
+        got = video.read_still(path, info)[..., ::-1].astype(float)
+        want = expected if name == "p3" else as_read["plain"]
+        assert np.abs(got - want).max() <= 2.5, (name, got[0, ::32], want[0, ::32])
+    skin = video.read_still(p3, video.probe(p3, 25))[0, 0, ::-1].astype(int)
+    assert skin[0] > as_read["p3"][0, 0, 0] + 10 and skin[2] < as_read["p3"][0, 0, 2]  # redder, not greyer

@@ -24,7 +24,7 @@ from av.codec.hwaccel import HWAccel
 
 from heygem_ray.config import EncoderConfig
 from heygem_ray.errors import InputError
-from heygem_ray.media import hdr, heif
+from heygem_ray.media import hdr, heif, icc
 from heygem_ray.media.yuv import assemble_i420, bgr_to_i420
 
 # HEIF/HEIC and AVIF are told by their brand (`heif.is_still`): an image sequence has those names too
@@ -284,11 +284,12 @@ def _still_info(image: np.ndarray, still_fps: float, max_pixels: int | None = No
 
 
 def read_still(path: str, info: VideoInfo) -> np.ndarray:
-    """A still avatar's frame at its probed size (`VideoInfo.scale`)."""
+    """A still avatar's frame at its probed size (`VideoInfo.scale`), in sRGB (`icc`: made so after
+    shrinking, a fraction of the pixels to convert)."""
     image = read_image(path)
     if (image.shape[1], image.shape[0]) != (info.width, info.height):
         image = cv2.resize(image, (info.width, info.height), interpolation=cv2.INTER_AREA)
-    return image
+    return icc.to_srgb(image, icc.profile_of(path))
 
 
 class AvatarDecodeError(EOFError):
