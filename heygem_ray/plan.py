@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, is_dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,25 @@ def frame_step(fps: float, max_fps: float) -> int:
     if max_fps <= 0:
         return 1
     return max(1, math.ceil(fps / (max_fps * FPS_CAP_SLACK)))
+
+
+#: frame rates players, editors and platforms take as they are (NTSC's 1000/1001 ones too)
+STANDARD_RATES = tuple(
+    Fraction(r)
+    for r in ("10", "12", "15", "20", "24000/1001", "24", "25", "30000/1001", "30", "48", "50", "60000/1001", "60")
+) + tuple(Fraction(r) for r in ("90", "100", "120000/1001", "120", "240"))
+#: how far a clip's average rate may be from a standard one and be written at it
+STANDARD_RATE_SLACK = 0.02
+
+
+def standard_rate(rate: Fraction) -> Fraction:
+    """The rate a clip averaging `rate` frames a second is written at: the nearest standard rate
+    within STANDARD_RATE_SLACK of it, else its own. A phone records at a variable rate: its 30 fps
+    clip averages 29.87 (stored as 1800000/60261), which an editor or a platform shows as an odd
+    rate; showing each frame 0.4 % shorter or longer is nothing a viewer sees (the narration sets
+    the video's length, not the avatar)."""
+    nearest = min(STANDARD_RATES, key=lambda r: abs(rate / r - 1))
+    return nearest if abs(rate / nearest - 1) <= STANDARD_RATE_SLACK else rate
 
 
 def avatar_frame_indices(output_frames: np.ndarray, avatar_frames: int, still: bool) -> np.ndarray:

@@ -46,7 +46,7 @@ from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
 from heygem_ray.media.video import OUT_OF_ORDER, FrameReader, VideoInfo, iter_sampled_frames, probe
-from heygem_ray.plan import frame_step, output_frame_count, stable_hash
+from heygem_ray.plan import frame_step, output_frame_count, stable_hash, standard_rate
 from heygem_ray.storage import StorageOptions
 
 log = logging.getLogger("heygem_ray")
@@ -312,6 +312,7 @@ def prepare_avatar(
         fp = content_fingerprint(uri, cache, "avatar")
         avatar = storage.join(cache, "avatars", fp)
         info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels, still_max_side)
+        info = _at_standard_rate(info)
         step = 1 if info.still else frame_step(info.fps, max_fps)
         info, pts = _every(info, pts, step)
         frames = shown_frames(step, info)
@@ -397,19 +398,23 @@ def _scaled_box(box: Any, scale: float) -> Any:
     return box if scale == 1 else [int(round(v * scale)) for v in box]
 
 
+def _at_standard_rate(info: VideoInfo) -> VideoInfo:
+    """A clip whose average rate is near a standard one at that rate (`plan.standard_rate`)."""
+    rate = Fraction(info.fps_fraction)
+    standard = rate if info.still else standard_rate(rate)
+    return info if standard == rate else _at_rate(info, standard)
+
+
 def _every(info: VideoInfo, pts: np.ndarray, step: int) -> tuple[VideoInfo, np.ndarray]:
     """A clip as every `step`-th of its frames show it: their timestamps, the rate divided."""
     if step == 1:
         return info, pts
-    rate = Fraction(info.fps_fraction) / step
-    kept = pts[::step]
-    fewer = replace(
-        info,
-        fps=float(rate),
-        fps_fraction=f"{rate.numerator}/{rate.denominator}",
-        frame_count=-(-info.frame_count // step),
-    )
-    return fewer, kept
+    fewer = _at_rate(info, Fraction(info.fps_fraction) / step)
+    return replace(fewer, frame_count=-(-info.frame_count // step)), pts[::step]
+
+
+def _at_rate(info: VideoInfo, rate: Fraction) -> VideoInfo:
+    return replace(info, fps=float(rate), fps_fraction=f"{rate.numerator}/{rate.denominator}")
 
 
 def _load_frames(data: bytes) -> tuple[VideoInfo, np.ndarray]:

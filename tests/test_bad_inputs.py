@@ -185,6 +185,8 @@ def test_rotated_and_odd_avatars_come_out_upright_and_even(campaign_results):
     with av.open(results["odd_size"].output) as c:
         frame = next(c.decode(video=0))
     assert (frame.width, frame.height) == (158, 186)
+    with av.open(results["vfr_avatar"].output) as c:  # 33 and 50 ms frames in turn: 24.1 fps on average
+        assert c.streams.video[0].average_rate == 24
 
 
 def test_a_narration_of_a_few_samples_is_refused_as_too_short(tmp_path):

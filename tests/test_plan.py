@@ -107,3 +107,26 @@ def test_stable_hash_is_order_and_process_stable():
 def test_frame_step_keeps_the_rate_at_or_under_the_cap(fps, max_fps, step):
     assert frame_step(fps, max_fps) == step
     assert max_fps == 0 or fps / step <= max_fps * 1.02
+
+
+@pytest.mark.parametrize(
+    ("rate", "written"),
+    [
+        ("1800000/60261", "30000/1001"),  # a phone's variable-rate 30 fps clip, averaging 29.87
+        ("30", "30"),
+        ("30000/1001", "30000/1001"),
+        ("2997/100", "30000/1001"),
+        ("24.1", "24"),
+        ("60.4", "60"),
+        ("25", "25"),
+        ("12.5", "12.5"),  # between standard rates: its own
+        ("23.4", "23.4"),
+        ("1000", "1000"),
+    ],
+)
+def test_a_rate_near_a_standard_one_is_written_at_it(rate, written):
+    from fractions import Fraction
+
+    from heygem_ray.plan import standard_rate
+
+    assert standard_rate(Fraction(rate)) == Fraction(written)
