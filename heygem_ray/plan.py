@@ -49,7 +49,7 @@ def standard_rate(rate: Fraction) -> Fraction:
     """The rate a clip averaging `rate` frames a second is written at: the nearest standard rate
     within STANDARD_RATE_SLACK of it, else its own. A phone records at a variable rate: its 30 fps
     clip averages 29.87 (stored as 1800000/60261), which an editor or a platform shows as an odd
-    rate; showing each frame 0.4 % shorter or longer is nothing a viewer sees (the narration sets
+    rate; showing each frame 0.3 % shorter (at 30000/1001) is nothing a viewer sees (the narration sets
     the video's length, not the avatar)."""
     nearest = min(STANDARD_RATES, key=lambda r: abs(rate / r - 1))
     return nearest if abs(rate / nearest - 1) <= STANDARD_RATE_SLACK else rate

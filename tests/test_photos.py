@@ -15,7 +15,7 @@ from PIL import Image
 from helpers import compose_config
 from heygem_ray import campaign, demo
 from heygem_ray.errors import InputError
-from heygem_ray.media import heif, video
+from heygem_ray.media import heif, icc, video
 
 
 def _save(path: str, bgr: np.ndarray, **options) -> None:
@@ -94,8 +94,19 @@ def test_a_photo_longer_than_still_max_side_is_shrunk_to_it_and_the_campaign_ren
     assert video.probe(path, 25, still_max_side=400).scale == 1
     tall = str(tmp_path / "tall.heic")
     _save(tall, np.full((256, 192, 3), 90, np.uint8))
-    turned = video.probe(tall, 25, still_max_side=128)
-    assert (turned.width, turned.height) == (96, 128)
+    portrait = video.probe(tall, 25, still_max_side=128)
+    assert (portrait.width, portrait.height) == (96, 128)
+    odd = str(tmp_path / "odd.png")  # 1920/2148*2148 is 1919.99.. in floating point
+    Image.fromarray(np.full((1208, 2148, 3), 90, np.uint8)).save(odd)
+    assert (video.probe(odd, 25, still_max_side=1920).width, video.probe(odd, 25, still_max_side=1920).height) == (
+        1920,
+        1078,
+    )
+    strip = str(tmp_path / "strip.png")  # 2000x8: 960x2 at 960, 0 high at 480
+    Image.fromarray(np.full((8, 2000, 3), 90, np.uint8)).save(strip)
+    assert video.probe(strip, 25, still_max_side=960).height == 2
+    with pytest.raises(InputError, match=r"image is 2000x8: shrunk to fit the limits it would be 480x0"):
+        video.probe(strip, 25, still_max_side=480)
 
 
 def test_render_still_max_side_is_validated():
@@ -162,9 +173,10 @@ SRGB_TO_XYZ = _rgb_to_xyz([(0.64, 0.33), (0.30, 0.60), (0.15, 0.06)], (0.3127, 0
 P3_TO_XYZ = _rgb_to_xyz([(0.680, 0.320), (0.265, 0.690), (0.150, 0.060)], (0.3127, 0.3290))
 
 
-def _display_p3_profile() -> bytes:
-    """Display P3 (an iPhone photo's profile): sRGB's curve and white with P3's primaries, written
-    as Pillow's own sRGB profile with its colorant tags replaced (adapted to D50 as that one is)."""
+def _srgb_profile_altered(primaries_to_xyz: np.ndarray | None = None, linear: bool = False) -> bytes:
+    """Pillow's own sRGB profile with its colorant tags for other primaries (adapted to D50 as that
+    one's are) and, `linear`, a straight line for its tone curve: Display P3 is sRGB's curve and
+    white with P3's primaries."""
     from PIL import ImageCms
 
     data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
@@ -172,12 +184,20 @@ def _display_p3_profile() -> bytes:
     for i in range(int.from_bytes(data[128:132], "big")):
         entry = data[132 + 12 * i : 144 + 12 * i]
         tags[bytes(entry[:4])] = int.from_bytes(entry[4:8], "big")
-    srgb_d50 = np.array([[_s15(data, tags[t] + 8 + 4 * k) for k in range(3)] for t in (b"rXYZ", b"gXYZ", b"bXYZ")]).T
-    p3_d50 = srgb_d50 @ np.linalg.inv(SRGB_TO_XYZ) @ P3_TO_XYZ  # the same adaptation to D50
-    for column, tag in enumerate((b"rXYZ", b"gXYZ", b"bXYZ")):
-        for k in range(3):
-            at = tags[tag] + 8 + 4 * k
-            data[at : at + 4] = int(round(p3_d50[k, column] * 65536)).to_bytes(4, "big", signed=True)
+    if primaries_to_xyz is not None:
+        srgb_d50 = np.array(
+            [[_s15(data, tags[t] + 8 + 4 * k) for k in range(3)] for t in (b"rXYZ", b"gXYZ", b"bXYZ")]
+        ).T
+        new_d50 = srgb_d50 @ np.linalg.inv(SRGB_TO_XYZ) @ primaries_to_xyz  # the same adaptation to D50
+        for column, tag in enumerate((b"rXYZ", b"gXYZ", b"bXYZ")):
+            for k in range(3):
+                at = tags[tag] + 8 + 4 * k
+                data[at : at + 4] = int(round(new_d50[k, column] * 65536)).to_bytes(4, "big", signed=True)
+    if linear:
+        for tag in (b"rTRC", b"gTRC", b"bTRC"):  # parametric curve of type 0, y = x ** 1.0
+            at = tags[tag]
+            assert data[at : at + 4] == b"para"
+            data[at + 8 : at + 16] = bytes(4) + (65536).to_bytes(4, "big")
     data[84:100] = bytes(16)  # no profile ID: it would no longer match
     return bytes(data)
 
@@ -212,7 +232,7 @@ def test_a_display_p3_photo_is_made_srgb_and_an_srgb_one_left_as_it_is(tmp_path,
     plain = str(tmp_path / f"plain{suffix}")
     options = {"quality": 100} if suffix != ".png" else {}
     heif.register_opener()
-    Image.fromarray(rgb).save(p3, icc_profile=_display_p3_profile(), **options)
+    Image.fromarray(rgb).save(p3, icc_profile=_srgb_profile_altered(P3_TO_XYZ), **options)
     Image.fromarray(rgb).save(
         srgb, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(), **options
     )
@@ -227,3 +247,12 @@ def test_a_display_p3_photo_is_made_srgb_and_an_srgb_one_left_as_it_is(tmp_path,
         assert np.abs(got - want).max() <= 2.5, (name, got[0, ::32], want[0, ::32])
     skin = video.read_still(p3, video.probe(p3, 25))[0, 0, ::-1].astype(int)
     assert skin[0] > as_read["p3"][0, 0, 0] + 10 and skin[2] < as_read["p3"][0, 0, 2]  # redder, not greyer
+    assert icc._transform(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()) is None  # no pass
+
+
+def test_a_photo_with_srgb_primaries_but_a_linear_curve_is_converted(tmp_path):
+    """Its primaries alone would call it sRGB: mid-grey 128 in linear light is 188 in sRGB."""
+    path = str(tmp_path / "linear.png")
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(path, icc_profile=_srgb_profile_altered(linear=True))
+    still = video.read_still(path, video.probe(path, 25))
+    assert np.abs(still.astype(int) - round(float(_srgb_encode(np.array(128 / 255))))).max() <= 1

@@ -2,8 +2,9 @@
 
 An iPhone's photos are Display P3, a camera's often Adobe RGB: OpenCV and Pillow hand back their
 numbers as they are, and taken for sRGB (what the output video is tagged, BT.709 primaries) they
-look dull: skin greyer, reds browner. A still's pixels are converted once read; a profile with
-sRGB's own colorants is left alone (most photos: converting them would cost a pass for nothing).
+look dull: skin greyer, reds browner. A still's pixels are converted once read; a profile that
+moves no colour by more than a code (an sRGB one, most photos) is left alone: converting would
+cost a pass for nothing.
 Without Pillow (a bare GPU node's check kit) colours are left as read.
 """
 
@@ -16,11 +17,9 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from heygem_ray.media import heif
 
-#: how far (in XYZ) a profile's colorants may be from sRGB's and count as sRGB: rounding in
-#: s15Fixed16 and in the adaptation different makers used is ~1e-4
-SRGB_TOLERANCE = 2e-3
+log = logging.getLogger(__name__)
 
 
 def profile_of(path: str) -> bytes | None:
@@ -29,11 +28,9 @@ def profile_of(path: str) -> bytes | None:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         return None
-    from heygem_ray.media import heif
-
     heif.register_opener()
     try:
-        with Image.open(path) as image:
+        with heif.PILLOW_BOUND, Image.open(path) as image:
             profile = image.info.get("icc_profile")
     # not Pillow's to read (an unknown format, damaged: SyntaxError): the decoder that read it says so
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
@@ -55,36 +52,30 @@ def to_srgb(bgr: np.ndarray, profile: bytes | None) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _transform(profile: bytes) -> Any:
+    """Little CMS's transform from `profile` to sRGB; None where it moves no colour by more than
+    a code (an sRGB profile of any maker: comparing its primaries alone would miss a linear or
+    gamma-1.8 curve) or cannot be made."""
     try:
-        from PIL import ImageCms
+        from PIL import Image, ImageCms
     except ImportError:
         return None
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        if source.profile.xcolor_space != "RGB " or _is_srgb(source.profile):
+        if source.profile.xcolor_space != "RGB ":
             return None
         srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-        return ImageCms.buildTransform(source, srgb, "RGB", "RGB", flags=ImageCms.Flags.HIGHRESPRECALC)
+        transform = ImageCms.buildTransform(source, srgb, "RGB", "RGB", flags=ImageCms.Flags.HIGHRESPRECALC)
+        grid = _colour_grid()
+        moved = np.asarray(ImageCms.applyTransform(Image.fromarray(grid), transform)).astype(np.int16) - grid
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         log.warning("an image's ICC profile cannot be used (%s): its colours are taken as sRGB", exc)
         return None
-
-
-def _is_srgb(profile: Any) -> bool:
-    colorants, srgb = _colorants(profile), _srgb_colorants()
-    if colorants is None or srgb is None:  # not a matrix-shaper profile: Little CMS decides
-        return False
-    return bool(np.allclose(colorants, srgb, atol=SRGB_TOLERANCE))
-
-
-def _colorants(profile: Any) -> list[tuple[float, float, float]] | None:
-    """A matrix-shaper profile's red, green and blue colorants (XYZ, adapted to D50)."""
-    colorants = [profile.red_colorant, profile.green_colorant, profile.blue_colorant]
-    return None if any(c is None for c in colorants) else [c[0] for c in colorants]
+    return transform if np.abs(moved).max() > 1 else None
 
 
 @functools.cache
-def _srgb_colorants() -> list[tuple[float, float, float]] | None:
-    from PIL import ImageCms
-
-    return _colorants(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).profile)
+def _colour_grid() -> np.ndarray:
+    """17 levels of each channel, every combination (4913 colours), as one RGB image."""
+    levels = np.linspace(0, 255, 17).round().astype(np.uint8)
+    r, g, b = np.meshgrid(levels, levels, levels, indexing="ij")
+    return np.stack([r, g, b], axis=-1).reshape(17, 289, 3)

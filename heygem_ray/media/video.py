@@ -65,8 +65,8 @@ class VideoInfo:
     #: the HDR transfer its frames are made SDR from (`hdr.PQ`, `hdr.HLG`), 0 for SDR; None: not
     #: known (a probe before HDR video was made SDR)
     hdr: int | None = None
-    #: a still shrunk to fit the pixel limit (`probe`'s max_pixels): its size times this is
-    #: width x height; a face box given in the photo's own pixels is scaled alike
+    #: a still shrunk to fit the pixel limit or `render.still_max_side` (`probe`): its size times
+    #: this is width x height; a face box given in the photo's own pixels is scaled alike
     scale: float = 1.0
 
 
@@ -154,7 +154,7 @@ def probe(
     if max_pixels:
         _check_frame_size(path, uri, max_pixels)
     if is_image_path(path) or heif.file_is_still(path):
-        return _still_info(read_image(path), still_fps, max_pixels, still_max_side)
+        return _still_info(read_image(path), uri, still_fps, max_pixels, still_max_side)
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -162,7 +162,7 @@ def probe(
                 raise InputError("avatar", uri, f"has no video stream (found {kinds})")
             stream = container.streams.video[0]
             if stream.codec_context.name in IMAGE_CODECS and _one_frame(container, stream):
-                return _still_info(read_image(path), still_fps, max_pixels, still_max_side)
+                return _still_info(read_image(path), uri, still_fps, max_pixels, still_max_side)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not rate or rate <= 0:
                 raise InputError("avatar", uri, "has no usable frame rate")
@@ -266,7 +266,9 @@ def _image_header_size(path: str) -> tuple[int, int] | None:
             Image.MAX_IMAGE_PIXELS = bound
 
 
-def _still_info(image: np.ndarray, still_fps: float, max_pixels: int | None = None, max_side: int = 0) -> VideoInfo:
+def _still_info(
+    image: np.ndarray, uri: str, still_fps: float, max_pixels: int | None = None, max_side: int = 0
+) -> VideoInfo:
     """A still's facts: shrunk, when over `max_pixels` or `max_side` (its longest side), to the
     largest even size within both."""
     rate = Fraction(still_fps).limit_denominator(1001)
@@ -277,7 +279,15 @@ def _still_info(image: np.ndarray, still_fps: float, max_pixels: int | None = No
         1.0,
     )
     if scale < 1:
-        width, height = _even(int(width * scale)), _even(int(height * scale))
+        # 1920/W*W may come out 1919.99..: the epsilon keeps a side the bound names at it
+        shrunk = _even(int(width * scale + 1e-6)), _even(int(height * scale + 1e-6))
+        if min(shrunk) < 2:
+            raise InputError(
+                "avatar",
+                uri,
+                f"image is {width}x{height}: shrunk to fit the limits it would be {shrunk[0]}x{shrunk[1]}",
+            )
+        width, height = shrunk
     return VideoInfo(
         True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="", hdr=0, scale=scale
     )
