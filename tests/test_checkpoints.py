@@ -74,6 +74,46 @@ def test_legacy_serialization_and_missing_batch_counters(tmp_path, weights, expe
     _assert_same(load_state_dict(str(path), NAME, expected), weights)
 
 
+def test_an_official_checkpoint_is_read_once_per_node_then_its_weights_alone(tmp_path, monkeypatch, weights, expected):
+    """2020's pickle format with Adam's state beside the weights (436 MB for 145 MB of weights) is
+    read once; later loads on the node read a copy of the weights alone, keyed by the file's path,
+    size and time. A damaged copy is made again; a zip of weights alone needs none."""
+    import os
+
+    from heygem_ray.models import checkpoints
+
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "node"))
+    state = {f"module.{k}": v for k, v in weights.items()}
+    adam = {"state": {0: {"exp_avg": torch.zeros(64, 6, 7, 7)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    path = tmp_path / "wav2lip_gan.pth"
+    torch.save({"state_dict": state, "optimizer": adam, "global_step": 1}, path, _use_new_zipfile_serialization=False)
+    _assert_same(load_state_dict(str(path), NAME, expected), weights)
+    (slim,) = (tmp_path / "node").glob(checkpoints.SLIM_PREFIX + "*")
+    assert slim.stat().st_size < path.stat().st_size
+
+    # other bytes, same size and time: the node takes it for the same file and reads its copy
+    before = path.stat()
+    other = {f"module.{k}": torch.zeros_like(v) if v.is_floating_point() else v for k, v in weights.items()}
+    torch.save({"state_dict": other, "optimizer": adam, "global_step": 1}, path, _use_new_zipfile_serialization=False)
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    _assert_same(load_state_dict(str(path), NAME, expected), weights)
+
+    slim.write_bytes(b"damaged")  # made again from the checkpoint, which now holds zeros
+    loaded = load_state_dict(str(path), NAME, expected)
+    assert all(not v.is_floating_point() or not v.any() for v in loaded.values())
+    assert torch.load(slim, weights_only=True).keys() == loaded.keys()
+
+    os.utime(path)  # replaced (a new time): a copy of its own
+    load_state_dict(str(path), NAME, expected)
+    assert len(list((tmp_path / "node").glob(checkpoints.SLIM_PREFIX + "*"))) == 2
+
+    bare = tmp_path / "bare.pth"
+    torch.save(weights, bare)
+    load_state_dict(str(bare), NAME, expected)
+    assert len(list((tmp_path / "node").glob(checkpoints.SLIM_PREFIX + "*"))) == 2
+
+
 def test_bare_state_dict(tmp_path, weights, expected):
     path = tmp_path / "bare.pth"
     torch.save(weights, path)
