@@ -528,9 +528,17 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
         with av.open(local) as container:
             stream = container.streams.video[0]
             # packets an edit list cuts (a trimmed clip) are demuxed but never shown: flagged discard
-            pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0 and not p.is_discard]
+            packets = [p for p in container.demux(stream) if p.size > 0 and not p.is_discard]
+            pts = [p.pts for p in packets if p.pts is not None]
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"demuxing failed ({exc.strerror or exc})") from None
+    if packets and not pts:
+        raise InputError(
+            "avatar",
+            uri,
+            "its frames carry no timestamps (a bare H.264/HEVC stream, not in a container): put it in "
+            "an MP4 at its frame rate, e.g. `ffmpeg -r 25 -i in.h264 -c copy out.mp4`",
+        )
     if not pts:
         raise InputError("avatar", uri, "has no video frames")
     # raises if they are out of order; decoded, but only the first converted

@@ -89,6 +89,7 @@ def inputs(tmp_path_factory):
         fh.setnchannels(1), fh.setsampwidth(1), fh.setframerate(8000)
         fh.writeframes(np.clip(128 + speech[::2] * 127, 0, 255).astype(np.uint8).tobytes())
     write_faceless_clip(p("noface.mp4"), frames=10)
+    write_clip(p("bare.h264"), moving[:10])  # an elementary stream: no container, no timestamps
     return d
 
 
@@ -120,6 +121,7 @@ CASES = {
     "ogg": ("speech.ogg", "clip.mp4", None),
     "stereo48k": ("stereo48k.wav", "clip.mp4", None),
     "pcm_u8": ("u8.wav", "clip.mp4", None),
+    "bare_h264": ("speech.wav", "bare.h264", ["avatar", "bare.h264", "carry no timestamps", "ffmpeg -r 25"]),
 }
 
 
