@@ -5,7 +5,7 @@ metrics view when Prometheus/Grafana are attached.
     heygem_frames_rendered      counter    frames rendered by actors
     heygem_segments_in_flight   gauge      segments queued at or running on actors (driver)
     heygem_rows                 counter    finished rows, tag status=ok|failed|skipped (driver)
-    heygem_stage_seconds        histogram  seconds per stage, tag stage=decode|detect|render|encode|stitch|upload|audio
+    heygem_stage_seconds        histogram  seconds per stage, tag stage=decode|detect|render|encode|audio|qa|stitch|upload
 """
 
 from __future__ import annotations

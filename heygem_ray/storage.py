@@ -41,7 +41,8 @@ _CHUNK = 4 << 20
 
 
 #: tries of one storage operation before a transient error is given up on, and the first backoff;
-#: the delays double (with jitter) up to _BACKOFF_MAX: about 30 s of outage is ridden out. The only
+#: the delays double (with jitter, 0.5-1x) up to _BACKOFF_MAX: 6-15 s of waiting between the tries,
+#: plus each try's own time (the client's timeouts), is the outage ridden out. The only
 #: retry layer: nothing below (the S3 client) or above (Ray tasks) retries an error again
 RETRIES = 6
 _BACKOFF = 0.5
