@@ -528,8 +528,12 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
         with av.open(local) as container:
             stream = container.streams.video[0]
             # packets an edit list cuts (a trimmed clip) are demuxed but never shown: flagged discard
-            packets = [p for p in container.demux(stream) if p.size > 0 and not p.is_discard]
-            pts = [p.pts for p in packets if p.pts is not None]
+            packets, pts = 0, []
+            for packet in container.demux(stream):
+                if packet.size > 0 and not packet.is_discard:
+                    packets += 1
+                    if packet.pts is not None:
+                        pts.append(packet.pts)
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"demuxing failed ({exc.strerror or exc})") from None
     if packets and not pts:

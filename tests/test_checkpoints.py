@@ -76,42 +76,51 @@ def test_legacy_serialization_and_missing_batch_counters(tmp_path, weights, expe
 
 def test_an_official_checkpoint_is_read_once_per_node_then_its_weights_alone(tmp_path, monkeypatch, weights, expected):
     """2020's pickle format with Adam's state beside the weights (436 MB for 145 MB of weights) is
-    read once; later loads on the node read a copy of the weights alone, keyed by the file's path,
-    size and time. A damaged copy is made again; a zip of weights alone needs none."""
+    read once; later loads on the node read a copy of the weights alone. A damaged copy is made
+    again, a rewritten checkpoint gets its own, weights alone (any format) need none, and a remote
+    checkpoint's copy is found again although its local file's times change with each use."""
     import os
 
     from heygem_ray.models import checkpoints
 
-    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "node"))
+    node = tmp_path / "node"
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(node))
+
+    def copies() -> list[Path]:
+        return sorted(node.glob(checkpoints.SLIM_PREFIX + "*.pt"))
+
     state = {f"module.{k}": v for k, v in weights.items()}
     adam = {"state": {0: {"exp_avg": torch.zeros(64, 6, 7, 7)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    official = {"state_dict": state, "optimizer": adam, "global_step": 1}
     path = tmp_path / "wav2lip_gan.pth"
-    torch.save({"state_dict": state, "optimizer": adam, "global_step": 1}, path, _use_new_zipfile_serialization=False)
+    torch.save(official, path, _use_new_zipfile_serialization=False)
     _assert_same(load_state_dict(str(path), NAME, expected), weights)
-    (slim,) = (tmp_path / "node").glob(checkpoints.SLIM_PREFIX + "*")
+    (slim,) = copies()
     assert slim.stat().st_size < path.stat().st_size
 
-    # other bytes, same size and time: the node takes it for the same file and reads its copy
-    before = path.stat()
-    other = {f"module.{k}": torch.zeros_like(v) if v.is_floating_point() else v for k, v in weights.items()}
-    torch.save({"state_dict": other, "optimizer": adam, "global_step": 1}, path, _use_new_zipfile_serialization=False)
-    assert path.stat().st_size == before.st_size
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # the copy is what the next load reads: one holding zeros gives zeros
+    torch.save({k: torch.zeros_like(v) for k, v in weights.items()}, slim)
+    assert all(not v.any() for v in load_state_dict(str(path), NAME, expected).values())
+    slim.write_bytes(b"damaged")  # made again from the checkpoint
     _assert_same(load_state_dict(str(path), NAME, expected), weights)
+    _assert_same(torch.load(slim, weights_only=True), weights)
 
-    slim.write_bytes(b"damaged")  # made again from the checkpoint, which now holds zeros
-    loaded = load_state_dict(str(path), NAME, expected)
-    assert all(not v.is_floating_point() or not v.any() for v in loaded.values())
-    assert torch.load(slim, weights_only=True).keys() == loaded.keys()
-
-    os.utime(path)  # replaced (a new time): a copy of its own
+    before = path.stat()  # rewritten with its size and time kept (`cp -p`, `rsync -t`): a copy of its own
+    torch.save(official, path, _use_new_zipfile_serialization=False)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     load_state_dict(str(path), NAME, expected)
-    assert len(list((tmp_path / "node").glob(checkpoints.SLIM_PREFIX + "*"))) == 2
+    assert len(copies()) == 2
 
-    bare = tmp_path / "bare.pth"
-    torch.save(weights, bare)
-    load_state_dict(str(bare), NAME, expected)
-    assert len(list((tmp_path / "node").glob(checkpoints.SLIM_PREFIX + "*"))) == 2
+    for name, keep in (("bare.pth", True), ("bare-legacy.pth", False)):
+        torch.save(weights, tmp_path / name, _use_new_zipfile_serialization=keep)
+        load_state_dict(str(tmp_path / name), NAME, expected)
+    assert len(copies()) == 2
+
+    with fsspec.open("memory://ckpt/wav2lip_gan.pth", "wb") as fh:
+        torch.save(official, fh)
+    for _ in range(3):  # each use of the node's download touches it
+        _assert_same(load_state_dict("memory://ckpt/wav2lip_gan.pth", NAME, expected), weights)
+    assert len(copies()) == 3
 
 
 def test_bare_state_dict(tmp_path, weights, expected):

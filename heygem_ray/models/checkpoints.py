@@ -76,7 +76,7 @@ def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, to
     """
     where = f"{model_name} checkpoint {storage.display(uri)}"
     path = _fetch(uri, where)
-    slim = _slim_path(path)
+    slim = _slim_path(path, remote=not storage.is_local(uri))
     state = _read_slim(slim) if slim else None
     if state is None:
         loaded = _read(path, where, expected)
@@ -94,27 +94,31 @@ def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, to
 SLIM_PREFIX = "weights-"
 
 
-def _slim_path(path: str) -> str | None:
+def _slim_path(path: str, remote: bool) -> str | None:
     """Where this node keeps the weights of the checkpoint at `path` alone, in torch's current
     format: an official training checkpoint (2020's pickle format, Adam's state beside the weights:
     436 MB for 145 MB of weights) took every actor ~0.4-0.7 s and its whole size in memory to
-    read, on every node start; the slim copy is read as fast as the weights alone can be. Keyed by
-    the file's path, size and modification time: a replaced checkpoint gets a copy of its own.
+    read, on every node start; the slim copy is read as fast as the weights alone can be.
+
+    Named by a hash of the file's path and size and, for a local checkpoint, its inode and change
+    time (an atomic replace or a rewrite changes them; `cp -p` or `rsync -t` keep its mtime), so a
+    replaced checkpoint gets a copy of its own. A remote one's local copy (`storage.local_copy`) is
+    named by the object's version already, and its times change with each use.
     None where the file cannot be looked at."""
     try:
         status = os.stat(path)
     except OSError:
         return None
-    key = hashlib.sha256(f"{os.path.realpath(path)}|{status.st_size}|{status.st_mtime_ns}".encode()).hexdigest()
+    version = "" if remote else f"|{status.st_ino}|{status.st_mtime_ns}|{status.st_ctime_ns}"
+    key = hashlib.sha256(f"{os.path.realpath(path)}|{status.st_size}{version}".encode()).hexdigest()
     return os.path.join(storage.node_cache_dir(), f"{SLIM_PREFIX}{key[:24]}.pt")
 
 
 def _worth_slimming(path: str, loaded: Any) -> bool:
-    """A file slower to read than its weights alone: the pickle format, a TorchScript archive (its
-    code compiled on every load), or a training checkpoint with its optimizer's state."""
-    if not zipfile.is_zipfile(path) or _is_torchscript(path):
-        return True
-    return isinstance(loaded, Mapping) and loaded.get("optimizer") is not None
+    """A file slower to read than its weights alone: a TorchScript archive (its code compiled on
+    every load) or a training checkpoint with its optimizer's state (in either format). Weights
+    alone, in the pickle format too, read as fast as a copy would."""
+    return _is_torchscript(path) or (isinstance(loaded, Mapping) and loaded.get("optimizer") is not None)
 
 
 def _read_slim(slim: str) -> dict[str, torch.Tensor] | None:
@@ -140,7 +144,7 @@ def _write_slim(slim: str, state: Mapping[str, torch.Tensor]) -> None:
         os.makedirs(os.path.dirname(slim), exist_ok=True)
         torch.save(dict(state), tmp)
         os.replace(tmp, slim)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full or unwritable disk as RuntimeError
         log.warning("slim checkpoint copy %s not written (%s): the next start reads the checkpoint again", slim, exc)
     finally:
         with contextlib.suppress(OSError):
