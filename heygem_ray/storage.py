@@ -459,12 +459,18 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
 def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:
     """Remove the node cache's copies used longest ago until they take at most `limit` bytes; a
     copy used within `grace` seconds (default `CACHE_GRACE_SECONDS`) stays (a reader with its path
-    open keeps the file anyway)."""
+    open keeps the file anyway). A partial file not written to for ABANDONED_PART_SECONDS (its
+    writer killed mid-download) goes too."""
     grace = CACHE_GRACE_SECONDS if grace is None else grace
     copies = []
     with os.scandir(root) as entries:
         for entry in entries:
-            if entry.name.endswith(".lock") or _PART in entry.name:
+            if entry.name.endswith(".lock"):
+                continue
+            if _PART in entry.name:
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - entry.stat().st_mtime > ABANDONED_PART_SECONDS:
+                        os.unlink(entry.path)
                 continue
             with contextlib.suppress(FileNotFoundError):  # another process trimmed it meanwhile
                 stat = entry.stat()
@@ -482,6 +488,10 @@ def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:
         total -= size
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + ".lock")
+
+
+#: a partial file in the node cache this long untouched was left by a writer that died
+ABANDONED_PART_SECONDS = 6 * 3600.0
 
 
 class NodeCacheError(OSError):

@@ -126,6 +126,12 @@ def test_the_node_cache_keeps_to_its_size_dropping_the_copies_used_longest_ago(t
     assert os.path.exists(paths["a"]) and os.path.exists(paths["c"])
     storage.trim_node_cache(str(tmp_path), 0, grace=0)
     assert not [f for f in tmp_path.iterdir() if f.suffix == ".wav"]
+    # partial files: one being written stays, one a killed writer left hours ago goes
+    writing, left = tmp_path / "x.wav.part-1234abcd", tmp_path / "weights-y.pt.part-5678abcd"
+    writing.write_bytes(b"x"), left.write_bytes(b"y")
+    os.utime(left, (1000.0, 1000.0))
+    storage.trim_node_cache(str(tmp_path), 10**9)
+    assert writing.exists() and not left.exists()
 
 
 def test_local_copy_caches_remote_files(tmp_path):

@@ -144,6 +144,7 @@ def _write_slim(slim: str, state: Mapping[str, torch.Tensor]) -> None:
         os.makedirs(os.path.dirname(slim), exist_ok=True)
         torch.save(dict(state), tmp)
         os.replace(tmp, slim)
+        storage.trim_node_cache(os.path.dirname(slim), storage.node_cache_bytes())  # 145 MB more
     except (OSError, RuntimeError) as exc:  # torch.save reports a full or unwritable disk as RuntimeError
         log.warning("slim checkpoint copy %s not written (%s): the next start reads the checkpoint again", slim, exc)
     finally:
