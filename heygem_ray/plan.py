@@ -37,10 +37,9 @@ def frame_step(fps: float, max_fps: float) -> int:
 
 
 #: frame rates players, editors and platforms take as they are (NTSC's 1000/1001 ones too)
-STANDARD_RATES = tuple(
-    Fraction(r)
-    for r in ("10", "12", "15", "20", "24000/1001", "24", "25", "30000/1001", "30", "48", "50", "60000/1001", "60")
-) + tuple(Fraction(r) for r in ("90", "100", "120000/1001", "120", "240"))
+STANDARD_RATES = tuple(Fraction(r) for r in (10, 12, 15, 20, 24, 25, 30, 48, 50, 60, 90, 100, 120, 240)) + tuple(
+    Fraction(r * 1000, 1001) for r in (24, 30, 60, 120)
+)
 #: how far a clip's average rate may be from a standard one and be written at it
 STANDARD_RATE_SLACK = 0.02
 
