@@ -439,7 +439,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
         with contextlib.suppress(OSError):  # a read-only or another user's cache: used as it is
             os.utime(dest)  # a use: the copies used longest ago go first, never within the grace
         return dest
-    with _cache_lock(root, dest):
+    with cache_lock(root, dest):
         if not os.path.exists(dest):
             tmp = f"{dest}{_PART}{uuid.uuid4().hex[:8]}"
             try:
@@ -500,8 +500,9 @@ class NodeCacheError(OSError):
 
 
 @contextlib.contextmanager
-def _cache_lock(root: str, dest: str) -> Iterator[None]:
-    """Hold the lock on one copy in the node cache `root`, made first if need be."""
+def cache_lock(root: str, dest: str) -> Iterator[None]:
+    """Hold the lock on one copy in the node cache `root` (its processes, this node's), made first
+    if need be."""
     try:
         os.makedirs(root, exist_ok=True)
         fh = open(dest + ".lock", "w")  # noqa: SIM115 - closed below, after the lock is let go

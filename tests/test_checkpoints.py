@@ -123,6 +123,27 @@ def test_an_official_checkpoint_is_read_once_per_node_then_its_weights_alone(tmp
     assert len(copies()) == 3
 
 
+def test_actors_starting_together_read_an_official_checkpoint_once(tmp_path, monkeypatch, weights, expected):
+    """On a fresh node every actor starts at once: one reads the 436 MB file, the others wait for
+    its slim copy (the real reader runs; it is only counted)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from heygem_ray.models import checkpoints
+
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "node"))
+    path = tmp_path / "wav2lip_gan.pth"
+    adam = {"state": {0: {"exp_avg": torch.zeros(64, 6, 7, 7)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    torch.save({"state_dict": weights, "optimizer": adam}, path, _use_new_zipfile_serialization=False)
+    reads = []
+    real_read = checkpoints._read
+    monkeypatch.setattr(checkpoints, "_read", lambda *args: reads.append(args) or real_read(*args))
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: load_state_dict(str(path), NAME, expected), range(4)))
+    assert len(reads) == 1
+    for state in loaded:
+        _assert_same(state, weights)
+
+
 def test_bare_state_dict(tmp_path, weights, expected):
     path = tmp_path / "bare.pth"
     torch.save(weights, path)

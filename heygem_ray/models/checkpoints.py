@@ -79,14 +79,21 @@ def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, to
     slim = _slim_path(path, remote=not storage.is_local(uri))
     state = _read_slim(slim) if slim else None
     if state is None:
-        loaded = _read(path, where, expected)
-        state = _unwrap(loaded, where)
-        state = {key.replace("module.", ""): tensor for key, tensor in state.items()}
-        _check_layout(state, expected, model_name, where)
-        if slim and _worth_slimming(path, loaded):
-            _write_slim(slim, state)
-    else:
-        _check_layout(state, expected, model_name, where)
+        with contextlib.ExitStack() as held:
+            if slim and (not zipfile.is_zipfile(path) or _is_torchscript(path)):
+                # actors starting together on a fresh node: one reads the slow file, the others
+                # then its slim copy (an official checkpoint is 436 MB of memory to each reader)
+                with contextlib.suppress(storage.NodeCacheError):  # unlocked, then
+                    held.enter_context(storage.cache_lock(os.path.dirname(slim), slim))
+                state = _read_slim(slim)
+            if state is None:
+                loaded = _read(path, where, expected)
+                state = _unwrap(loaded, where)
+                state = {key.replace("module.", ""): tensor for key, tensor in state.items()}
+                if slim and _worth_slimming(path, loaded):
+                    _check_layout(state, expected, model_name, where)  # no copy of the wrong model's
+                    _write_slim(slim, state)
+    _check_layout(state, expected, model_name, where)
     return {key: state[key] if key in state else torch.zeros((), dtype=torch.long) for key in expected}
 
 
