@@ -308,10 +308,11 @@ class RenderConfig:
     #: bring it to or under this (a 120/240 fps slow-motion clip renders at 60, not 2-4x the frames
     #: of a 60 fps one; a rate up to 2 % over it counts as at it); 0 keeps every frame
     max_fps: float = 60.0
-    #: the longest side of a photo avatar's video: a larger photo (a phone's 4032x3024) is shrunk to
-    #: it, as the video of a 12 MP photo would take ~6x the rendering of a 1080p one and few players
-    #: take it; 0 keeps the photo's size (up to limits.max_avatar_pixels, shrunk to that)
-    still_max_side: int = 1920
+    #: the longest side of the output video: a larger avatar (a 4K clip, a phone's 4032x3024 photo)
+    #: is shrunk to it, keeping its shape, as 4K takes ~4x the decoding, rendering and encoding of
+    #: 1080p for a mouth the model draws at 96x96 and few viewers watch larger; 0 keeps the avatar's
+    #: size (a photo up to limits.max_avatar_pixels, shrunk to that)
+    max_side: int = 1920
     #: a progress bar on stderr
     progress: bool = True
 
@@ -326,10 +327,8 @@ class RenderConfig:
             )
         if not self.segment_seconds > 0 or not self.still_fps > 0:
             raise ValueError("render.segment_seconds and render.still_fps must be positive")
-        if self.still_max_side < 0 or 0 < self.still_max_side < 16:
-            raise ValueError(
-                f"render.still_max_side must be 0 (the photo's size) or 16 or more, got {self.still_max_side}"
-            )
+        if self.max_side < 0 or 0 < self.max_side < 16:
+            raise ValueError(f"render.max_side must be 0 (the avatar's size) or 16 or more, got {self.max_side}")
         if not self.max_fps >= 0:
             raise ValueError(f"render.max_fps must be 0 (no cap) or positive, got {self.max_fps}")
 

@@ -45,7 +45,7 @@ from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
-from heygem_ray.media.video import OUT_OF_ORDER, FrameReader, VideoInfo, iter_sampled_frames, probe
+from heygem_ray.media.video import OUT_OF_ORDER, FrameReader, VideoInfo, fitted, iter_sampled_frames, probe
 from heygem_ray.plan import frame_step, output_frame_count, stable_hash, standard_rate
 from heygem_ray.storage import StorageOptions
 
@@ -254,8 +254,8 @@ def candidates_key(cfg: DetectorConfig, still_fps: float, frames: tuple[Any, ...
 
 def shown_frames(step: int, info: VideoInfo) -> tuple[Any, ...]:
     """The parts of the track keys that say which frames the detector sees: every `step`-th of a
-    clip over `render.max_fps`, a still at the size it was shrunk to (another pixel limit, another
-    size). Empty for every frame at its own size, so those keys are as they were before either."""
+    clip over `render.max_fps`, an avatar at the size it was shrunk to (another pixel limit or
+    `render.max_side`, another size). Empty for every frame at its own size, so those keys are as they were before either."""
     return (() if step == 1 else (step,)) + (() if info.scale == 1 else (info.width, info.height))
 
 
@@ -286,7 +286,7 @@ def prepare_avatar(
     cache: str,
     still_fps: float,
     max_fps: float = 0.0,
-    still_max_side: int = 0,
+    max_side: int = 0,
     max_pixels: int | None = None,
     storage_options: StorageOptions | None = None,
     seconds: float | None = None,
@@ -311,10 +311,11 @@ def prepare_avatar(
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
         avatar = storage.join(cache, "avatars", fp)
-        info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels, still_max_side)
+        info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels, max_side)
         info = _at_standard_rate(info)
         step = 1 if info.still else frame_step(info.fps, max_fps)
         info, pts = _every(info, pts, step)
+        info = fitted(info, uri, max_side)  # a clip's probe is of its own size (a still's is fitted)
         frames = shown_frames(step, info)
         folder = storage.join(avatar, detector_key(cfg, box, still_fps, frames))
         total, stride = len(pts), max(1, cfg.stride)
@@ -369,7 +370,7 @@ def _cached(uri: str, load: Callable[[bytes], _T]) -> _T | None:
 
 
 def _avatar_frames(
-    uri: str, avatar: str, still_fps: float, max_pixels: int | None, still_max_side: int = 0
+    uri: str, avatar: str, still_fps: float, max_pixels: int | None, max_side: int = 0
 ) -> tuple[VideoInfo, np.ndarray]:
     """The avatar's facts and every frame's timestamp, from the cache or a probe and a demux pass
     (checked against `max_pixels` before anything is decoded)."""
@@ -380,7 +381,7 @@ def _avatar_frames(
         if cached[0].color is not None and cached[0].hdr is not None:
             return cached
     local = storage.local_copy(uri)
-    info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels, still_max_side=still_max_side)
+    info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels, max_side=max_side)
     _check_pixels(uri, info, max_pixels)
     if info.still:  # one image read, and its size follows the pixel limit: not cached
         return info, np.zeros(1, np.int64)
@@ -394,7 +395,7 @@ def _avatar_frames(
 
 
 def _scaled_box(box: Any, scale: float) -> Any:
-    """A face box given in a photo's own pixels, on the photo shrunk by `scale` (`VideoInfo.scale`)."""
+    """A face box given in an avatar's own pixels, on the avatar shrunk by `scale` (`VideoInfo.scale`)."""
     return box if scale == 1 else [int(round(v * scale)) for v in box]
 
 
@@ -604,7 +605,7 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
         asdict(cfg.encoder),
         cfg.render.still_fps,
         cfg.render.max_fps,
-        cfg.render.still_max_side,
+        cfg.render.max_side,
         length=32,
     )
 

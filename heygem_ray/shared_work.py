@@ -103,7 +103,7 @@ class SharedWork:
             cfg.cache_uri,
             cfg.render.still_fps,
             cfg.render.max_fps,
-            cfg.render.still_max_side,
+            cfg.render.max_side,
             cfg.limits.max_avatar_pixels,
             cfg.storage.options,
             seconds,

@@ -503,6 +503,50 @@ def test_a_slow_motion_clip_renders_at_the_frame_rate_cap(media_dir, tmp_path):
     np.testing.assert_allclose(grey, 40 + 2 * avatar_frame_indices(np.arange(360), 60, still=False), atol=1.5)
 
 
+def test_a_clip_over_max_side_renders_whole_at_its_fitted_size_with_its_box_scaled(media_dir, tmp_path):
+    """A 4K phone clip renders at `render.max_side` on its longest side (1920 by default): the whole
+    picture shrunk, not cropped, a face box given in the clip's own pixels shrunk with it;
+    `render.max_side=0` keeps the clip's size."""
+    from heygem_ray.config import DetectorConfig
+
+    avatar = str(tmp_path / "big.mp4")
+    picture = np.full((144, 192, 3), 40, np.uint8)
+    picture[:, 96:] = 200  # dark left half, bright right half
+    with av.open(avatar, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 192, 144, "yuv420p"
+        for i in range(25):
+            frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    box = (64, 36, 128, 108)
+    track = prepare_avatar(avatar, box, DetectorConfig(name="box"), str(tmp_path / "cache"), 25.0, max_side=96)
+    assert (track.info.width, track.info.height) == (96, 72) and track.boxes[0].tolist() == [32, 18, 64, 54]
+    manifest = str(tmp_path / "m.parquet")
+    table = {
+        "id": ["a"],
+        "audio": [str(media_dir / "speech3.wav")],
+        "avatar": [avatar],
+        "box": [",".join(map(str, box))],
+    }
+    pq.write_table(pa.table(table), manifest)
+
+    def rendered(output, *overrides):
+        cfg = compose_config(
+            f"manifest={manifest}", f"output={output}", "render.progress=false", "cluster=inline", *overrides
+        )
+        (row,) = campaign.run(cfg).rows
+        assert row.status == "ok", row.error
+        with av.open(str(output / "a.mp4")) as c:
+            return next(c.decode(video=0)).to_ndarray(format="bgr24")
+
+    small = rendered(tmp_path / "small", "render.max_side=96")
+    assert small.shape == (72, 96, 3)
+    assert abs(small[2:10, 4:12].mean() - 40) < 4 and abs(small[2:10, 84:92].mean() - 200) < 4  # both halves
+    assert rendered(tmp_path / "whole", "render.max_side=0").shape == (144, 192, 3)
+
+
 H100_NODE = {"CPU": 16.0, "GPU": 1.0}
 GPU_POD = {"CPU": 8.0, "GPU": 1.0}
 CPU_NODE = {"CPU": 32.0}

@@ -388,9 +388,10 @@ def test_executors_come_from_their_registry(monkeypatch):
 def test_the_studio_qualities_are_valid_overrides():
     from heygem_ray.studio.service import QUALITIES
 
-    encoders = {name: compose_config("manifest=m", "output=o", *extra).encoder for name, extra in QUALITIES.items()}
-    assert encoders["standard"] == EncoderConfig()
-    assert encoders["best (large)"].preset == "medium" and encoders["best (large)"].x264_params == ""
+    configs = {name: compose_config("manifest=m", "output=o", *extra) for name, extra in QUALITIES.items()}
+    assert configs["standard"].encoder == EncoderConfig()
+    assert configs["best (large)"].encoder.preset == "medium" and configs["best (large)"].encoder.x264_params == ""
+    assert configs["draft (small, fast)"].render.max_side == 1280 < configs["standard"].render.max_side
 
 
 def test_the_written_config_masks_every_credential():

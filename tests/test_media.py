@@ -666,3 +666,40 @@ def test_an_avatar_recorded_before_its_colours_were_is_probed_again_not_demuxed(
     assert again.info.color == "1,1,1" and np.array_equal(again.pts, pts)
     with np.load(entry) as npz:
         assert json.loads(str(npz["info"]))["color"] == "1,1,1"  # recorded now
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_a_clip_over_max_side_is_read_at_its_fitted_size(tmp_path, rotation):
+    """A 4K phone clip renders at render.max_side on its longest side: every reader (the renderer's
+    I420 and BGR frames, the detector's sampled ones) gives its frames at that size, upright, the
+    picture an area filter makes of the whole frame; a clip within the bound is read as it is."""
+    import cv2
+
+    from heygem_ray.media.yuv import bgr_to_i420
+
+    path = str(tmp_path / "clip.mp4")
+    demo.write_avatar_clip(path, 0.2, seed=3, rotation=rotation)  # 256x300 shown
+    native = video.probe(path, 25)
+    assert video.fitted(native, path, 300) is native and video.fitted(native, path, 0) is native
+    info = video.fitted(native, path, 150)
+    assert (info.width, info.height) == (128, 150) and info.scale == pytest.approx(0.5)
+    pts = np.array([p for p, _ in video.iter_frames(path, native)])
+    with video.FrameReader(path, native, pts) as reader:
+        full = reader.read(np.array([2]))[2]
+    expected = cv2.resize(full, (128, 150), interpolation=cv2.INTER_AREA)
+    with video.FrameReader(path, info, pts) as reader:
+        bgr = reader.read(np.array([2]))[2]
+    with video.FrameReader(path, info, pts, pixel_format="yuv420p") as reader:
+        i420 = reader.read(np.array([2]))[2]
+    sampled = [f for _, f in video.iter_sampled_frames(path, info, 2)]
+    assert bgr.shape == sampled[2].shape == (150, 128, 3) and i420.shape == (225, 128)
+    assert np.abs(bgr.astype(int) - expected).mean() < 1.5
+    assert np.abs(bgr_to_i420(expected).astype(int) - i420).mean() < 1.5  # swscale's area filter: the same picture
+    np.testing.assert_array_equal(sampled[2], bgr)
+
+
+def test_a_clip_that_would_shrink_to_nothing_is_bad_input(tmp_path):
+    info = video.VideoInfo(False, 25.0, "25/1", 2000, 8, 0, 10)
+    assert video.fitted(info, "strip.mp4", 960).height == 2
+    with pytest.raises(InputError, match=r"frames are 2000x8: shrunk to fit the limits it would be 480x0"):
+        video.fitted(info, "strip.mp4", 480)

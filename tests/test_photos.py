@@ -81,40 +81,40 @@ def test_a_photo_over_the_pixel_limit_is_shrunk_to_fit_and_its_box_with_it(tmp_p
     assert track.info.width == 200 and track.boxes[0].tolist() == [75, 50, 125, 100]
 
 
-def test_a_photo_longer_than_still_max_side_is_shrunk_to_it_and_the_campaign_renders_that_size(tmp_path):
+def test_a_photo_longer_than_max_side_is_shrunk_to_it_and_the_campaign_renders_that_size(tmp_path):
     """A phone's 4032x3024 photo would make a video ~6x the pixels of 1080p: its longest side is
-    brought to render.still_max_side, keeping its shape; a smaller photo keeps its size."""
+    brought to render.max_side, keeping its shape; a smaller photo keeps its size."""
     photo = np.full((300, 400, 3), 90, np.uint8)
     path = str(tmp_path / "wide.jpg")
     Image.fromarray(photo).save(path, quality=95)
-    info = video.probe(path, 25, still_max_side=200)
+    info = video.probe(path, 25, max_side=200)
     assert (info.width, info.height) == (200, 150) and info.scale == pytest.approx(0.5)
-    both = video.probe(path, 25, max_pixels=10_000, still_max_side=200)  # the tighter bound wins
+    both = video.probe(path, 25, max_pixels=10_000, max_side=200)  # the tighter bound wins
     assert both.width * both.height <= 10_000 and both.width / both.height == pytest.approx(4 / 3, abs=0.05)
-    assert video.probe(path, 25, still_max_side=400).scale == 1
+    assert video.probe(path, 25, max_side=400).scale == 1
     tall = str(tmp_path / "tall.heic")
     _save(tall, np.full((256, 192, 3), 90, np.uint8))
-    portrait = video.probe(tall, 25, still_max_side=128)
+    portrait = video.probe(tall, 25, max_side=128)
     assert (portrait.width, portrait.height) == (96, 128)
     odd = str(tmp_path / "odd.png")  # 1920/2148*2148 is 1919.99.. in floating point
     Image.fromarray(np.full((1208, 2148, 3), 90, np.uint8)).save(odd)
-    assert (video.probe(odd, 25, still_max_side=1920).width, video.probe(odd, 25, still_max_side=1920).height) == (
+    assert (video.probe(odd, 25, max_side=1920).width, video.probe(odd, 25, max_side=1920).height) == (
         1920,
         1078,
     )
     strip = str(tmp_path / "strip.png")  # 2000x8: 960x2 at 960, 0 high at 480
     Image.fromarray(np.full((8, 2000, 3), 90, np.uint8)).save(strip)
-    assert video.probe(strip, 25, still_max_side=960).height == 2
+    assert video.probe(strip, 25, max_side=960).height == 2
     with pytest.raises(InputError, match=r"image is 2000x8: shrunk to fit the limits it would be 480x0"):
-        video.probe(strip, 25, still_max_side=480)
+        video.probe(strip, 25, max_side=480)
 
 
-def test_render_still_max_side_is_validated():
+def test_render_max_side_is_validated():
     from heygem_ray.config import RenderConfig
 
-    with pytest.raises(ValueError, match="still_max_side"):
-        RenderConfig(still_max_side=8)
-    assert RenderConfig(still_max_side=0).still_max_side == 0
+    with pytest.raises(ValueError, match="max_side"):
+        RenderConfig(max_side=8)
+    assert RenderConfig(max_side=0).max_side == 0
 
 
 def test_a_photo_over_the_decoding_bound_is_refused_from_its_header(tmp_path, monkeypatch):
@@ -143,14 +143,14 @@ def test_a_premultiplied_transparent_heic_goes_over_white_and_a_damaged_avif_is_
         video.read_image(cut)
 
 
-def test_a_campaign_over_a_heic_photo_renders_at_the_still_rate_and_still_max_side(media_dir, tmp_path):
+def test_a_campaign_over_a_heic_photo_renders_at_the_still_rate_and_max_side(media_dir, tmp_path):
     avatar = str(tmp_path / "presenter.heic")
     _save(avatar, demo.portrait(512))  # 512x600: its longest side brought to 300
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [avatar]}), manifest)
     out = tmp_path / "out"
     cfg = compose_config(
-        f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline", "render.still_max_side=300"
+        f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline", "render.max_side=300"
     )
     (row,) = campaign.run(cfg).rows
     assert row.status == "ok", row.error
