@@ -17,7 +17,7 @@ from heygem_ray.config import QAConfig
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
-from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments
+from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments, stable_hash
 from heygem_ray.prepare import AudioInfo, AvatarTrack, RowPrep
 from heygem_ray.results import RowResult
 from heygem_ray.segment import SegmentJob
@@ -51,13 +51,17 @@ class RowState:
         return total
 
     def work_uri(self, layout: CampaignLayout, codec: str) -> str:
-        """Where the row's segment files wait for its stitch; keyed by the row's fingerprint, the codec
-        and the segment count, so an unfinished row's segments are reused by a rerun only if nothing
-        about the row changed, `auto` chose the same encoder (segments of two encoders cannot be
-        joined) and the row was cut the same way (another segment length or actor count cuts it
-        into other spans)."""
-        assert self.prep is not None
-        return layout.work(f"{self.row.id}-{self.prep.fingerprint[:16]}-{codec}-n{len(self.spans)}")
+        """Where the row's segment files wait for its stitch; keyed by the row's fingerprint, the codec,
+        the stream's shape and the segment count, so an unfinished row's segments are reused by a
+        rerun only if nothing about the row changed, `auto` chose the same encoder and the frames
+        have the same size, rate, pixel aspect and colour tags (segments of two encoders or shapes
+        cannot be joined, and not all that shapes them is in the fingerprint: the pixel limit a
+        photo is shrunk to, a release that renders clips over `render.max_side` smaller), and the
+        row was cut the same way (another segment length or actor count cuts it into other spans)."""
+        assert self.prep is not None and self.track is not None
+        info = self.track.info
+        shape = stable_hash(info.width, info.height, info.fps_fraction, info.sar, info.color, length=8)
+        return layout.work(f"{self.row.id}-{self.prep.fingerprint[:16]}-{codec}-{shape}-n{len(self.spans)}")
 
     def segment_job(self, index: int, layout: CampaignLayout, codec: str) -> SegmentJob:
         assert self.track is not None and self.prep is not None and self.prep.audio is not None
@@ -142,8 +146,9 @@ class RowState:
         )
 
 
-#: a `_work` folder's name, as `RowState.work_uri` makes it: the row's id, then three parts of fixed form
-_WORK_KEY = re.compile(r"(?P<row>.+)-[0-9a-f]{16}-[A-Za-z0-9_]+-n[0-9]+")
+#: a `_work` folder's name, as `RowState.work_uri` makes it: the row's id, then parts of fixed form
+#: (one made before the stream's shape was in it has no shape part)
+_WORK_KEY = re.compile(r"(?P<row>.+)-[0-9a-f]{16}-[A-Za-z0-9_]+(?:-[0-9a-f]{8})?-n[0-9]+")
 
 
 def remove_old_work(layout: CampaignLayout, finished: Iterable[str]) -> int:

@@ -360,6 +360,7 @@ def test_finished_rows_old_work_folders_go_at_the_end_and_failed_rows_keep_their
         names = {
             f"a-{fp}-libx264-n3": False,  # finished row "a": earlier cut
             f"a-{fp[::-1]}-h264_nvenc-n4": False,  # ... earlier input and codec
+            f"a-{fp}-libx264-0a1b2c3d-n4": False,  # ... earlier stream shape
             f"a-b-{fp}-libx264-n2": True,  # row "a-b": failed
             f"a-{fp}-{fp}-libx264-n2": True,  # row "a-0123456789abcdef": failed
             f"failed-{fp}-libx264-n1": True,
@@ -367,7 +368,7 @@ def test_finished_rows_old_work_folders_go_at_the_end_and_failed_rows_keep_their
         }
         for name in names:
             storage.write_bytes(storage.join(layout.work_root, name, "seg-00000.mp4"), b"x")
-        assert remove_old_work(layout, ["a", "never-started"]) == 2
+        assert remove_old_work(layout, ["a", "never-started"]) == 3
         for name, kept in names.items():
             assert storage.exists(storage.join(layout.work_root, name, "seg-00000.mp4")) == kept, (root, name)
     assert (tmp_path / "out1" / "_work" / "a-0123456789abcdef-libx264-n3").exists()
@@ -510,3 +511,31 @@ def test_segments_held_by_an_actor_that_never_comes_back_go_to_the_others(tmp_pa
     runner.join(timeout=30)
     assert done, "the campaign waited for ever on the lost actor"
     assert executor.gone and done[0].count("ok") == ROWS
+
+
+def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):
+    """Segments an unfinished row left wait under a key of the row's fingerprint, codec, cut and the
+    stream's shape: not all that shapes the frames is in the fingerprint (the pixel limit a photo is
+    shrunk to; a release that renders 4K clips at `render.max_side`), and segments of two sizes or
+    rates cannot be joined: a rerun at another shape renders anew instead of failing every time."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.media.video import VideoInfo
+    from heygem_ray.prepare import AudioInfo, AvatarTrack
+    from heygem_ray.rows import RowState
+
+    layout = CampaignLayout(str(tmp_path))
+    row = Row("r", "/in/a.wav", "/in/v.mp4", str(tmp_path / "r.mp4"))
+    info = VideoInfo(False, 25.0, "25/1", 3840, 2160, 0, 250)
+
+    def work(shown: VideoInfo) -> str:
+        state = RowState.prepared(row, AudioInfo("/in/a.wav", "a", 16_000 * 10, 0.1, "x"), "fp")
+        state.plan(AvatarTrack("/in/v.mp4", "v", shown, np.arange(250), np.zeros((250, 4), np.int32)), 5.0)
+        return state.work_uri(layout, "libx264")
+
+    assert work(info) == work(replace(info))
+    others = [replace(info, width=1920, height=1080, scale=0.5), replace(info, fps=30.0, fps_fraction="30/1")]
+    assert len({work(info), *map(work, others)}) == 3

@@ -291,8 +291,9 @@ def run_variant(
     root.mkdir(parents=True)
     cfg = node_config(inputs, root, variant, precision, segment_seconds, device)
     procs, threads = variant.procs, variant.threads
+    shown = (cfg.render.still_fps, cfg.render.max_fps, cfg.render.max_side)  # the frames a campaign renders
     t = time.perf_counter()
-    prepare_avatar(inputs.avatar, None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)  # the cached track
+    prepare_avatar(inputs.avatar, None, cfg.detector, cfg.cache_uri, *shown)  # the cached track
     track_s = time.perf_counter() - t
     marks: dict[str, float] = {}
     cpu0 = _cpu_seconds()
@@ -303,7 +304,7 @@ def run_variant(
         marks["spawned"] = time.perf_counter() - start
         audio = prepare_audio(inputs.audio, cfg.cache_uri)
         marks["audio_prepared"] = time.perf_counter() - start
-        track = prepare_avatar(inputs.avatar, None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
+        track = prepare_avatar(inputs.avatar, None, cfg.detector, cfg.cache_uri, *shown)
         marks["track_loaded"] = time.perf_counter() - start
         row = RowState.prepared(
             Row("node", inputs.audio, inputs.avatar, storage.join(cfg.output, "node.mp4")), audio, "gpu-kit"

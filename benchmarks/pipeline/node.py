@@ -58,7 +58,9 @@ def bench_node(ctx: Context) -> None:
     manifest = ctx.inputs.manifest("node", [audio], avatar)
     cfg = config(manifest, os.path.join(work, "out"), *overrides)
     start = time.perf_counter()
-    track = prepare_avatar(avatar, None, cfg.detector, cache, cfg.render.still_fps)  # the cached face track
+    track = prepare_avatar(
+        avatar, None, cfg.detector, cache, cfg.render.still_fps, cfg.render.max_fps, cfg.render.max_side
+    )  # the cached face track
     tracked = time.perf_counter() - start
     from heygem_ray.executors.ray_cluster import actor_count
 

@@ -46,7 +46,8 @@ SPARE_BYTES = 128 * 2**20
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the pipeline needs to know about an avatar (sizes are after rotation and even-cropping)."""
+    """What the pipeline needs to know about an avatar (sizes are after rotation, even-cropping and
+    `fitted`: the size its frames are read and rendered at)."""
 
     still: bool
     fps: float
