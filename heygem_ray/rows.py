@@ -17,6 +17,7 @@ from heygem_ray.config import QAConfig
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
+from heygem_ray.media import video
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments, stable_hash
 from heygem_ray.prepare import AudioInfo, AvatarTrack, RowPrep
 from heygem_ray.results import RowResult
@@ -60,7 +61,7 @@ class RowState:
         row was cut the same way (another segment length or actor count cuts it into other spans)."""
         assert self.prep is not None and self.track is not None
         info = self.track.info
-        shape = stable_hash(info.width, info.height, info.fps_fraction, info.sar, info.color, length=8)
+        shape = stable_hash(info.width, info.height, info.fps_fraction, info.sar, info.color, video.FROM_BGR, length=8)
         return layout.work(f"{self.row.id}-{self.prep.fingerprint[:16]}-{codec}-{shape}-n{len(self.spans)}")
 
     def segment_job(self, index: int, layout: CampaignLayout, codec: str) -> SegmentJob:

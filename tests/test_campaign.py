@@ -124,12 +124,12 @@ def test_output_matches_audio_and_avatar(rendered, media_dir, row_id):
     track = prepare_avatar(avatar_path, None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)  # cached
     audio_seconds, loudness = wav_seconds_and_loudness_db(audio_path, fps, len(frames))
 
-    # colour tags: what the frames are, through the stitch's packet copy (a still's: BT.601)
+    # colour tags: what the frames are, through the stitch's packet copy (a still's: BT.601's matrix, BT.709's colours)
     with av.open(results[row_id]["output"]) as container:
         context = container.streams.video[0].codec_context
         tags = (context.colorspace, context.color_primaries, context.color_trc)
     assert track.info.color is not None
-    assert tags == tuple(int(t) for t in (track.info.color or video.BT601).split(","))
+    assert tags == tuple(int(t) for t in video.output_tags(track.info.color or "", True).split(","))
 
     # duration: the video covers the whole audio, at most one frame longer; the audio is all there
     assert fps == track.info.fps

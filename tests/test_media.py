@@ -436,13 +436,13 @@ def _tagged_clip(path: str, pix_fmt: str, colorspace: int, full_range: bool) -> 
     [
         ("yuv420p", 1, False, (1, 1, 1)),  # BT.709 planes encoded as they are: their tags go with them
         ("yuv420p", 2, False, (2, 2, 2)),  # untagged stays untagged
-        ("yuvj420p", 1, True, (6, 6, 6)),  # full range: through BGR, so BT.601, video range
-        ("yuv444p", 1, False, (6, 6, 6)),
+        ("yuvj420p", 1, True, (6, 1, 1)),  # full range: through BGR, so BT.601's matrix, video range
+        ("yuv444p", 1, False, (6, 1, 1)),  # on BT.709's primaries and transfer (BT.601's would shift colours)
     ],
 )
 def test_the_output_is_tagged_with_the_colours_its_frames_have(tmp_path, pix_fmt, colorspace, full_range, expected):
-    """Players take an untagged HD video for BT.709; frames made from BGR here are BT.601, and the
-    planes of an 8-bit 4:2:0 source keep the source's matrix: each output says which."""
+    """Players take an untagged HD video for BT.709; frames made from BGR here have BT.601's matrix,
+    and the planes of an 8-bit 4:2:0 source keep the source's: each output says which."""
     from heygem_ray.config import EncoderConfig
 
     source = str(tmp_path / "source.mp4")
@@ -468,6 +468,8 @@ def test_the_output_is_tagged_with_the_colours_its_frames_have(tmp_path, pix_fmt
 
     cv2.imwrite(still, np.full((48, 64, 3), 90, np.uint8))
     assert video.probe(still, 25).color == ""
+    # planes of known colours made through BGR (another encoder pixel format) keep their gamut and curve
+    assert video.output_tags("1,9,14", i420=False) == "6,9,14" and video.output_tags("1,9,14", i420=True) == "1,9,14"
 
 
 def test_not_a_video(tmp_path):

@@ -60,7 +60,7 @@ class VideoInfo:
     sar: str = "1/1"
     #: the colour tags its frames pass on to the output (`SegmentWriter`): "colorspace,primaries,trc"
     #: (FFmpeg's numbers) of a video whose 8-bit 4:2:0 planes are encoded as they are; "" when
-    #: frames go through BGR (then BT.601); `hdr.SDR_TAGS` for HDR ones, made SDR (`hdr.sdr_bgr`);
+    #: frames go through BGR (then `FROM_BGR`); `hdr.SDR_TAGS` for HDR ones, made SDR (`hdr.sdr_bgr`);
     #: None: not known (a probe before this was recorded)
     color: str | None = None
     #: the HDR transfer its frames are made SDR from (`hdr.PQ`, `hdr.HLG`), 0 for SDR; None: not
@@ -685,9 +685,23 @@ def encoder_options(codec: str, enc: EncoderConfig) -> dict[str, str]:
     return {}
 
 
-#: the colour tags of frames this module makes from BGR (OpenCV's and swscale's default matrix):
-#: SMPTE 170M (BT.601) colorspace, primaries and transfer
-BT601 = "6,6,6"
+#: the colour tags of frames this module makes from BGR of unknown colours: BT.601's matrix (OpenCV's
+#: and swscale's from BGR) on BT.709's primaries and transfer, the colours of HD video and of an
+#: sRGB photo (photos' ICC profiles are made sRGB); BT.601's primaries would shift them in players
+#: that manage colour (Safari, QuickTime)
+FROM_BGR = hdr.SDR_TAGS
+
+
+def output_tags(color: str, i420: bool) -> str:
+    """The colour tags of an avatar's frames as encoded (`VideoInfo.color` "colorspace,primaries,
+    trc"): as decoded where its planes reach the encoder (`i420`), else made from BGR with BT.601's
+    matrix, its primaries and transfer kept where known."""
+    if not color:
+        return FROM_BGR
+    if i420:
+        return color
+    _, primaries, trc = color.split(",")
+    return f"6,{primaries},{trc}"
 
 
 class SegmentWriter:
@@ -724,8 +738,7 @@ class SegmentWriter:
             self._stream.codec_context.thread_count = threads
         self._i420 = enc.pix_fmt == "yuv420p"
         if color is not None:  # players take untagged HD for BT.709: frames made from BGR here are BT.601
-            # frames made from BGR here have BT.601's matrix, whichever encoder's pixel format
-            tags = color if color and (self._i420 or color == hdr.SDR_TAGS) else BT601
+            tags = output_tags(color, self._i420)
             context = self._stream.codec_context
             context.colorspace, context.color_primaries, context.color_trc = (int(t) for t in tags.split(","))
             context.color_range = 1  # video range (MPEG): what both ways make
