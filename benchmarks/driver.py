@@ -92,6 +92,9 @@ class SimulatedExecutor:
     def restarts(self, actor: int) -> int:
         return 0
 
+    def dead(self, actor: int) -> bool:
+        return False
+
     def actor_count(self) -> int:
         return self.actors
 

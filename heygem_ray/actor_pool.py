@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from heygem_ray.config import Config
@@ -27,6 +27,10 @@ START_DEATHS = 3
 RESTART_CHECK_SECONDS = 2.0
 #: seconds a lost actor may keep segments before they go to the others
 LOST_ACTOR_SECONDS = 60.0
+#: segments that failed on an actor and then rendered on others, with none rendered by it in
+#: between, before it gets no more work: a process that is up but fails every call (a broken CUDA
+#: context, a full disk on its node) would otherwise take every retry, as it frees up first
+MISSES = 3
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Actor:
     failed: str | None = None  # why it will never render
     restarts_at_ready: int = 0  # its restart count when it last answered `ready`
     lost_at: float | None = None  # when it was last seen lost, until it answers again
+    misses: int = 0  # segments that failed on it and rendered elsewhere since it last rendered one
+    last_error: str = ""  # why its last failed segment failed
 
     @property
     def pid(self) -> int | None:
@@ -81,15 +87,16 @@ class ActorPool:
     def pids(self) -> list[int | None]:
         return [a.pid for a in self.actors]
 
-    def pick(self, queued: int) -> int | None:
+    def pick(self, queued: int, avoid: Collection[int] = ()) -> int | None:
         """The actor for the next of `queued` segments, or None to keep it queued: the least loaded
-        healthy actor below `render.segments_per_actor`, and a busy one only while the queue holds
-        more than the actors still starting can take (a small campaign's last segments wait for an
-        actor about to answer rather than queue behind the first one)."""
+        healthy actor below `render.segments_per_actor`, not one in `avoid` (where the segment
+        failed) while there are others, and a busy one only while the queue holds more than the
+        actors still starting can take (a small campaign's last segments wait for an actor about to
+        answer rather than queue behind the first one)."""
         healthy = [a for a in self.actors if a.healthy]
         if not healthy:
             return None
-        actor = min(healthy, key=lambda a: a.load)
+        actor = min([a for a in healthy if a.index not in avoid] or healthy, key=lambda a: a.load)
         starting = sum(1 for a in self.actors if not a.healthy and a.failed is None)
         if actor.load >= self.cfg.render.segments_per_actor or (actor.load and queued <= starting):
             return None
@@ -133,6 +140,16 @@ class ActorPool:
                     "(out of memory loading the model?)",
                 )
 
+    def rendered(self, actor: int, failed_on: Collection[int]) -> None:
+        """`actor` rendered a segment that failed on the actors `failed_on` first: each of those
+        misses one more (`MISSES` of them retire it); `actor` misses none now."""
+        self.actors[actor].misses = 0
+        for other in set(failed_on) - {actor}:
+            a = self.actors[other]
+            a.misses += 1
+            if a.misses >= MISSES:
+                self.unusable(other, f"{a.misses} segments that failed on it rendered on other actors ({a.last_error})")
+
     def lost(self, actor: int) -> None:
         """An actor died (Ray restarts it): no more work for it until it answers again."""
         a = self.actors[actor]
@@ -150,7 +167,9 @@ class ActorPool:
             cause = self.executor.cause(exc)
             if isinstance(cause, RendererStartError):  # no restart will help
                 return self.unusable(actor, str(cause))
-            if not self.executor.actor_lost(exc):  # no answer the campaign knows: this actor only, not the campaign
+            if not self.executor.actor_lost(exc) or self.executor.dead(actor):
+                # no answer the campaign knows, or a process that will not come back (its class could
+                # not be made on its node, or it was killed): this actor only, not the campaign
                 log.warning("renderer actor %d: %s: %s", actor, type(cause).__name__, cause)
                 return self.unusable(actor, f"{type(cause).__name__}: {cause}".splitlines()[0])
             a.probe_at = time.time() + 1.0  # still restarting (maybe waiting for a node)
@@ -194,4 +213,5 @@ class ActorPool:
         except Exception as exc:  # noqa: BLE001 - it gets no work either way
             log.debug("could not stop renderer actor %d: %r", actor, exc)
         if all(x.failed is not None for x in self.actors):
-            self.error = f"renderer could not start: {reason}"
+            started = self.first_ready_at is not None
+            self.error = f"{'no renderer actor is left' if started else 'renderer could not start'}: {reason}"

@@ -29,6 +29,7 @@ class SegmentQueue:
         self.by_node: dict[str, int] = {}  # where segments were rendered (for operators and tests)
         self.by_actor: dict[int, int] = {}  # which actor rendered them
         self.broken: dict[str, str] = {}  # rows whose segment could not be made: why (the campaign fails them)
+        self._failed_on: dict[tuple[str, int], set[int]] = {}  # queued retries: the actors they failed on
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -46,6 +47,7 @@ class SegmentQueue:
 
     def clear(self) -> None:
         self._queue.clear()
+        self._failed_on.clear()
 
     def dispatch(self, states: Mapping[str, RowState]) -> Iterator[tuple[Any, SegmentCall]]:
         """Hand queued segments to the actors `ActorPool.pick` chooses, up to `cap` in all: the rest
@@ -53,12 +55,13 @@ class SegmentQueue:
         joining) or run faster get their share. Yields each call's handle and what it is about."""
         cap = self.cap()
         while self._queue and self.actors.inflight < cap:
-            actor = self.actors.pick(len(self._queue))
+            actor = self.actors.pick(len(self._queue), avoid=self._failed_on.get(self._queue[0], ()))
             if actor is None:
                 break
             row_id, index = self._queue.popleft()
             state = states.get(row_id)
             if state is None or row_id in self.broken:  # the row has its result already, or will
+                self._failed_on.pop((row_id, index), None)
                 continue
             assert self.actors.codec is not None  # decided by the first actor that answered
             try:
@@ -72,8 +75,9 @@ class SegmentQueue:
             yield self.executor.call(actor, "render_segment", job), (row_id, index, actor)
 
     def rendered(self, call: SegmentCall, result: SegmentResult) -> None:
-        actor = call[2]
+        row_id, index, actor = call
         self.actors.actors[actor].load -= 1
+        self.actors.rendered(actor, self._failed_on.pop((row_id, index), ()))
         if result.node:
             self.by_node[result.node] = self.by_node.get(result.node, 0) + 1
         if not result.reused:
@@ -112,14 +116,20 @@ class SegmentQueue:
                 self._queue.appendleft((row_id, index))
             return None
         if state is None:  # the row failed meanwhile
+            self._failed_on.pop((row_id, index), None)
             return None
         # bad input fails the same way again, and a storage error has had its retries already (other
         # OSErrors, a node's full disk or its cache, may not meet another actor)
         final = isinstance(cause, InputError) or storage.retried(cause)
         if final or state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
+            self._failed_on.pop((row_id, index), None)
             return failure_reason(
                 self.executor, exc, f"segment {index} failed after {state.attempts[index]} attempt(s)"
             )
-        log.warning("row %s segment %d: %s; retrying", row_id, index, failure_reason(self.executor, exc))
+        reason = failure_reason(self.executor, exc)
+        log.warning("row %s segment %d: %s; retrying on another actor", row_id, index, reason)
+        self.actors.actors[actor].last_error = reason
+        if not self.executor.actor_lost(exc):  # a lost actor is no longer asked; a living one may be broken
+            self._failed_on.setdefault((row_id, index), set()).add(actor)
         self._queue.appendleft((row_id, index))
         return None

@@ -539,3 +539,70 @@ def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):
     assert work(info) == work(replace(info))
     others = [replace(info, width=1920, height=1080, scale=0.5), replace(info, fps=30.0, fps_fraction="30/1")]
     assert len({work(info), *map(work, others)}) == 3
+
+
+def test_an_actor_that_fails_every_segment_is_retired_and_its_segments_render_elsewhere(tmp_path):
+    """A renderer process that stays up but fails every call (a broken CUDA context, a full disk on
+    its node) frees up first, so it took every retry of its own failures and failed the campaign: a
+    retry now goes to another actor, and an actor whose failed segments others render is retired
+    after `MISSES` of them, saying why."""
+    from benchmarks.driver import Done
+    from heygem_ray.actor_pool import MISSES
+
+    class OneBroken(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=4)
+            self.calls: list[tuple[str, int, int]] = []
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            if method == "render_segment":
+                self.calls.append((args[0].row_id, args[0].index, actor))
+                if actor == 0:
+                    return Done(error=RuntimeError("CUDA error: an illegal memory access was encountered"))
+            return super().call(actor, method, *args)
+
+    job, _ = _campaign(tmp_path)
+    executor = OneBroken()
+    campaign = Campaign(job.cfg, job.rows, executor=executor)
+    summary = campaign.run()
+    assert summary.count("ok") == ROWS
+    on_broken = [(row, index) for row, index, actor in executor.calls if actor == 0]
+    assert len(on_broken) == len(set(on_broken))  # no segment went back to the actor it failed on
+    assert MISSES <= len(on_broken) <= MISSES + campaign.segments.cap()  # retired, not given one in four
+    assert "illegal memory access" in (campaign.actors.actors[0].failed or "")
+    assert all(a.failed is None for a in campaign.actors.actors[1:])
+
+
+def test_actors_gone_for_good_are_given_up_not_asked_for_ever(tmp_path):
+    """A renderer whose process could not be made on its node (its class failed to load), or that
+    someone killed, is not restarted: asking it `ready` every second for ever left the rows waiting
+    for ever when every actor was so. They fail, saying why."""
+    import threading
+
+    from benchmarks.driver import Done
+
+    class Gone(RuntimeError):
+        pass
+
+    class AllGone(SimulatedExecutor):
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            if method == "ready":
+                return Done(error=Gone("No module named 'heygem_ray' on its node"))
+            return super().call(actor, method, *args)
+
+        def actor_lost(self, exc: BaseException) -> bool:
+            return isinstance(exc, Gone)
+
+        def dead(self, actor: int) -> bool:
+            return True
+
+    job, _ = _campaign(tmp_path)
+    done: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: done.append(Campaign(job.cfg, job.rows, executor=AllGone(actors=2)).run()), daemon=True
+    )
+    runner.start()
+    runner.join(timeout=30)
+    assert done, "the campaign waited for ever on actors that will never come back"
+    assert done[0].count("failed") == ROWS
+    assert all("No module named 'heygem_ray'" in r.error for r in done[0].rows)

@@ -169,3 +169,31 @@ def test_an_actor_that_dies_while_starting_gets_no_more_work(ray_local, media_di
     deaths = [re.search(r"its process died (\d+) times while starting", r.error or "") for r in rows]
     assert all(d and int(d.group(1)) >= START_DEATHS for d in deaths), [r.error for r in rows]
     assert len(killed) >= 3
+
+
+def test_an_actor_killed_for_good_is_given_up_and_its_rows_fail_saying_why(ray_local, media_dir, tmp_path):
+    """A renderer someone stops with `ray kill` is not restarted (Ray's GCS records it DEAD): it is
+    given up at once, and with no other renderer its rows fail saying so, instead of the campaign
+    asking it `ready` every second for ever."""
+    cfg = compose_config(
+        f"manifest={manifest(tmp_path, media_dir, 2)}",
+        f"output={tmp_path / 'out'}",
+        "render.segment_seconds=0.25",
+        "render.progress=false",
+        "cluster.actors=1",
+    )
+    executor = RayExecutor(cfg)
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), executor)
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
+    runner.start()
+    deadline = time.time() + 120
+    while not (job.actors.pids and job.actors.pids[0] and job.actors.inflight):
+        assert time.time() < deadline and runner.is_alive(), "no work ever reached the actor"
+        time.sleep(0.02)
+    ray_local.kill(executor._actors[0])  # no_restart, as `ray kill` does
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the campaign still waits for an actor that will never come back"
+    assert job.actors.actors[0].failed and job.actors.error
+    assert {r.status for r in outcome["summary"].rows} <= {"ok", "failed"}
+    assert any("no renderer actor is left: ActorDiedError" in (r.error or "") for r in outcome["summary"].rows)

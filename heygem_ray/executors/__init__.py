@@ -47,6 +47,10 @@ class Executor(Protocol):
     def restarts(self, actor: int) -> int:
         """How many times the executor restarted this actor after its process died."""
 
+    def dead(self, actor: int) -> bool:
+        """Whether the actor is gone for good: the executor will not restart it (it was killed, or
+        its process could not be made)."""
+
     def actor_count(self) -> int:
         """`cluster.actors`, or when 0, as many as this executor can host."""
 

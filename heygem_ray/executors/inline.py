@@ -75,6 +75,9 @@ class InlineExecutor:
     def restarts(self, actor: int) -> int:
         return 0  # a renderer here dies only with the process
 
+    def dead(self, actor: int) -> bool:
+        return False
+
     def actor_count(self) -> int:
         return self.cfg.cluster.actors or 1
 

@@ -77,12 +77,21 @@ class RayExecutor:
 
     def restarts(self, actor: int) -> int:
         # the GCS's own count: a death while starting fails no call (calls wait for the restart)
+        return int(self._gcs_record(actor).get("NumRestarts", 0))
+
+    def dead(self, actor: int) -> bool:
+        # DEAD is final: the actor restarts for ever otherwise (max_restarts=-1)
+        return self._gcs_record(actor).get("State") == "DEAD"
+
+    def _gcs_record(self, actor: int) -> dict[str, Any]:
+        """What the GCS says of the actor; empty when it cannot be read (Ray internals: without it,
+        no actor is given up)."""
         try:
             info = ray._private.state.actors(actor_id=self._actors[actor]._actor_id.hex())
-        except Exception as exc:  # noqa: BLE001 - Ray internals: without the count, no actor is given up
-            log.debug("could not read renderer actor %d's restart count: %r", actor, exc)
-            return 0
-        return int(info.get("NumRestarts", 0)) if isinstance(info, dict) else 0
+        except Exception as exc:  # noqa: BLE001
+            log.debug("could not read renderer actor %d's record: %r", actor, exc)
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def actor_count(self) -> int:
         return actor_count(self.cfg)
