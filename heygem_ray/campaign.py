@@ -269,11 +269,12 @@ class Campaign:
         """The rows the stop caught. One being rendered: ok when its video was published before the
         stop (its marker, written since the row started, says so, though the driver had not heard
         yet: with `force` an earlier run's marker matches too), else failed. One never
-        started keeps the result an earlier run gave it, if that published its video to the same
+        started, or still being fingerprinted, keeps the result an earlier run gave it, if that published its video to the same
         output (a stopped re-run of a finished campaign must not report its videos lost), unless
         this run was to render everything again (`force`); else failed."""
+        unstarted = {row_id for row_id in row_ids if row_id not in self._states or self._states[row_id].prep is None}
         earlier: dict[str, RowResult] = {}
-        if not self.cfg.force and any(row_id not in self._states for row_id in row_ids):
+        if not self.cfg.force and unstarted:
             try:
                 earlier = published_earlier(self.cfg.layout.results, self.cfg.layout.results_parts)
             except Exception as exc:  # noqa: BLE001 - a table unreadable now: reported failed, as before
@@ -287,7 +288,7 @@ class Campaign:
             kept = earlier.get(row_id)
             if marker is not None and state is not None and marker.finished_at >= state.started:
                 self._conclude(row_id, "ok", None, marker, None)
-            elif state is None and kept is not None and kept.output == self._outputs[row_id]:
+            elif row_id in unstarted and kept is not None and kept.output == self._outputs[row_id]:
                 figures = (kept.sync_score, kept.sync_offset_frames, kept.sync_method, kept.frames_without_face)
                 # its flag as this run's settings say (the earlier table's already holds the median's)
                 self.results.add(replace(kept, status="skipped", qa_flag=published_flag(*figures, self.cfg.qa)))

@@ -134,7 +134,7 @@ def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir,
 
 def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never_started(tmp_path):
     """A re-run of a finished campaign (the studio's "Re-run failed rows") stopped early must not
-    report the videos of the rows it had not reached as failed: they keep their earlier result
+    report the videos of the rows it had not reached (or was still fingerprinting) as failed: they keep their earlier result
     (ok as skipped), from the last table or a killed run's parts; any other such row fails."""
     from dataclasses import replace
 
@@ -142,6 +142,7 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     from heygem_ray.executors.inline import InlineExecutor
     from heygem_ray.manifest import read_manifest
     from heygem_ray.results import write_results
+    from heygem_ray.rows import RowState
     from tests.helpers import compose_config
 
     manifest = str(tmp_path / "m.parquet")
@@ -167,6 +168,7 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     killed.flush()
 
     campaign = Campaign(cfg, rows, InlineExecutor(cfg))
+    campaign._states["a"] = RowState(rows[0], time.time())  # admitted, its fingerprint not known yet
     campaign._interrupted(ids)
     got = {r.id: r for r in campaign.results.finish(ids)}
     assert (got["a"].status, got["a"].sync_score, got["a"].finished_at) == ("skipped", 0.4, int(a.finished_at))
