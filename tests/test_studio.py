@@ -249,6 +249,49 @@ def test_a_campaigns_results_are_read_again_only_when_they_change(tmp_path):
     assert [r["id"] for r in first] == ["a"] and store.results(record) is first  # not read again
     write_results(table, [row, replace(row, id="b", output="/o/b.mp4")])
     assert [r["id"] for r in store.results(record)] == ["a", "b"]
+    # the campaigns list, each refresh, reads each feed's counts only when the feed changed
+    feed = os.path.join(record.output, "_progress.json")
+    with open(feed, "w") as fh:
+        json.dump({"state": "finished", "rows": {"total": 2, "ok": 2}, "row_status": {"a": "ok", "b": "ok"}}, fh)
+    counts = store.progress(record, rows=False)
+    assert counts == {"state": "finished", "rows": {"total": 2, "ok": 2}}  # no row_status
+    assert store.progress(record, rows=False) is counts
+    assert store.progress(record)["row_status"] == {"a": "ok", "b": "ok"}  # the open campaign's: whole
+    with open(feed + ".new", "w") as fh:  # rewritten as the driver does: a new file renamed over it
+        json.dump({"state": "running", "rows": {"total": 3, "ok": 2}, "row_status": {}}, fh)
+    os.replace(feed + ".new", feed)
+    assert store.progress(record, rows=False)["rows"]["total"] == 3
+
+
+def test_one_users_upload_events_do_bounded_work(tmp_path, media_dir, monkeypatch):
+    """A page event names up to ~8,000 files (1 MiB): the same upload given many times is one
+    upload, a campaign takes at most MAX_UPLOADS of each kind, and the page's check decodes each
+    upload once however often the page asks (it sends every file picked so far each time)."""
+    import shutil
+
+    from heygem_ray.studio import app, service
+    from heygem_ray.studio.store import UploadError
+
+    audio = str(media_dir / "speech3.wav")
+    copy = str(tmp_path / "speech3-copy.wav")
+    shutil.copy(audio, copy)
+    assert service.distinct_uploads([audio, audio, copy, audio], "narrations") == [audio, copy]
+    monkeypatch.setattr(service, "MAX_UPLOADS", 1)
+    with pytest.raises(UploadError, match="2 narrations: a campaign takes 1 at most"):
+        service.distinct_uploads([audio, copy], "narrations")
+    decoded = []
+    real_check = app.check_upload
+    monkeypatch.setattr(app, "check_upload", lambda path, *a: decoded.append(path) or real_check(path, *a))
+    checks = app.UploadChecks()
+    assert [checks.problem(audio, "audio", 2**30) for _ in range(3)] == ["", "", ""]
+    assert "not an accepted avatar file" in checks.problem(audio, "avatar", 2**30)
+    assert decoded == [audio, audio]  # once as audio, once as avatar
+    store = StudioStore(str(tmp_path / "store"))
+    again = [copy, str(tmp_path / "x" / "speech3-copy.wav")]  # two uploads of one name
+    os.makedirs(tmp_path / "x")
+    shutil.copy(audio, again[1])
+    uris = store.save_uploads("alice", store.new_id(), again, "audio", 2**30)
+    assert [os.path.basename(u) for u in uris] == ["speech3-copy.wav", "speech3-copy-2.wav"]
 
 
 def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):
@@ -272,7 +315,8 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):
     assert refused.status_code == 413 and "past your" in refused.text
     # Gradio's file route fetches a URL named there: no proxy to the web for users
     for url in ("https://example.com/x.png", "HTTPS://example.com/x.png", "https%3A%2F%2Fexample.com%2Fx.png"):
-        assert client.get(f"/app/gradio_api/file={url}").status_code == 403, url
+        for route in ("file=", "file/"):  # Gradio serves files on both
+            assert client.get(f"/app/gradio_api/{route}{url}").status_code == 403, (route, url)
     # a file named by URL in a page event: Gradio would fetch it, any size, past the quota
     linked = {"data": [[{"path": "https://example.com/big.wav", "meta": {"_type": "gradio.FileData"}}]], "fn_index": 0}
     answer = client.post("/app/gradio_api/queue/join", json=linked)
@@ -976,6 +1020,19 @@ def test_uploads_wait_in_a_private_folder_emptied_of_what_an_earlier_studio_left
     assert private_upload_cache(str(cache), expire=900) == str(own) == os.environ["GRADIO_TEMP_DIR"]
     own.chmod(0o755)  # others may list it: not used
     assert private_upload_cache(str(cache), expire=900) == str(cache)
+    # Gradio serves the folder to every signed-in user and the sweep removes what is old there:
+    # one holding the store, the session key or the users file is not used, nor swept
+    own.chmod(0o700)
+    key = own / "studio" / "session.key"
+    key.parent.mkdir()
+    key.write_text("k")
+    os.utime(key, (an_hour_ago, an_hour_ago))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(own))
+    assert private_upload_cache(str(cache), expire=900, keep_out=[str(key)]) == str(cache)
+    assert key.exists() and "it holds" in caplog.text
+    with pytest.raises(ValueError, match="every signed-in user could read it"):
+        private_upload_cache(str(own), expire=900, keep_out=[str(own / "studio")])
+    assert key.exists()
 
 
 def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign(tmp_path, media_dir, monkeypatch):
@@ -1116,3 +1173,29 @@ def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
     assert copy.get("/app/").status_code == 200  # signed in, as alice
     assert alice.get("/logout").headers["location"] == "/login"
     assert copy.get("/app/").headers["location"] == "/login"  # the copy is signed out too
+
+
+def test_uploads_count_the_users_store_at_most_every_few_seconds(tmp_path, monkeypatch):
+    """Each upload's quota check walked every file of the user's store, in the web server's shared
+    threads: many small uploads at once stalled every user's pages. The count is trusted for
+    USAGE_SECONDS, and made anew when a campaign takes uploads in or one is deleted."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio import service as studio_service
+
+    studio = studio_service.Studio(
+        StudioConfig(store=str(tmp_path / "store"), user_quota_gb=1.0), None, logging.getLogger("t")
+    )
+    walks = []
+    real_usage = studio.store.usage
+    monkeypatch.setattr(studio.store, "usage", lambda user: walks.append(user) or real_usage(user))
+    for _ in range(20):
+        assert studio.admit_upload("alice", 1000) is None
+    assert walks == ["alice"]
+    studio._taken("alice", 1000)  # a campaign took some in: counted anew
+    studio.admit_upload("alice", 1000)
+    assert walks == ["alice", "alice"]
+    monkeypatch.setattr(studio_service, "USAGE_SECONDS", 0.0)
+    studio.admit_upload("alice", 1000)
+    assert len(walks) == 3

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from heygem_ray import storage
 from heygem_ray.studio.cluster import ClusterUnavailable
-from heygem_ray.studio.service import QUALITIES, UPLOAD_WINDOW_SECONDS, CampaignView, Studio
+from heygem_ray.studio.service import QUALITIES, UPLOAD_WINDOW_SECONDS, CampaignView, Studio, distinct_uploads
 from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
 from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, MANIFEST_TYPES, UploadError, check_upload
 from heygem_ray.studio.users import LoginGuard, UsersFile
@@ -34,8 +34,8 @@ UI_PATH = "/app"
 API_PATH = UI_PATH + "/gradio_api/"
 #: page events waiting for a slot, all users together
 EVENT_QUEUE_SIZE = 256
-#: Gradio's route for files: `file=<path in its cache>`, or a URL it fetches
-FILE_PATH = API_PATH + "file="
+#: Gradio's routes for files: `file=<path in its cache>` or `file/<path>`, or a URL it fetches
+FILE_ROUTES = (API_PATH + "file=", API_PATH + "file/")
 UPLOAD_PATH = API_PATH + "upload"
 #: the largest page event the studio takes (its text fields and file references: files are uploaded)
 EVENT_MAX_BYTES = 2**20
@@ -63,7 +63,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             return Response("cross-origin request refused", status_code=403)
         if request.url.path.rstrip("/") == UI_PATH and request.method == "GET" and current_user(request) is None:
             return RedirectResponse("/login", status_code=303)
-        if request.url.path.startswith(FILE_PATH) and "://" in request.url.path[len(FILE_PATH) :]:
+        if _names_a_url(request.url.path):
             # Gradio would fetch any public URL named there and pass it on: no proxy for anyone
             return Response("files are served from this server only", status_code=403)
         if request.method == "POST" and request.url.path == UPLOAD_PATH:
@@ -205,6 +205,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
     # after 15 minutes
     window = UPLOAD_WINDOW_SECONDS
     claims = UploadClaims(window)
+    upload_checks = UploadChecks()
     with gr.Blocks(title="heygem_ray studio", delete_cache=(window, window)) as pages:
         who = gr.Markdown()
         with gr.Tab("New campaign"):
@@ -260,16 +261,25 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 claims.claim(user_of(request), _uploaded([manifest_file]))
 
         def check(audio_files: list[str] | None, avatar_files: list[str] | None, request: gr.Request) -> str:
-            """At upload time: each file's type, size and that it decodes; and the row count."""
+            """At upload time: each file's type, size and that it decodes (each file once: the
+            event comes with every file picked so far); and the row count."""
             problems = []
             claims.claim(user_of(request), _uploaded([*(audio_files or []), *(avatar_files or [])]))
-            for files, kind in ((audio_files or [], "audio"), (avatar_files or [], "avatar")):
-                for path in _uploaded(files):
-                    try:
-                        check_upload(path, kind, max_bytes)
-                    except UploadError as exc:
-                        problems.append(f"- ❌ {exc}")
-            n_audio, n_avatar = len(audio_files or []), len(avatar_files or [])
+            counted = []
+            for files, kind, what in (
+                (audio_files or [], "audio", "narrations"),
+                (avatar_files or [], "avatar", "presenters"),
+            ):
+                try:
+                    files = distinct_uploads(_uploaded(files), what)
+                except UploadError as exc:
+                    return f"❌ {exc}"
+                counted.append(len(files))
+                for path in files:
+                    problem = upload_checks.problem(path, kind, max_bytes)
+                    if problem:
+                        problems.append(f"- ❌ {problem}")
+            n_audio, n_avatar = counted
             count = f"**{n_avatar} presenter(s) × {n_audio} narration(s) = {n_avatar * n_audio} video(s)**"
             return "\n".join([count, *problems])
 
@@ -502,6 +512,15 @@ def _length(request: Request) -> int | None:
         return None
 
 
+def _names_a_url(path: str) -> bool:
+    """Whether a request for one of Gradio's file routes names a URL rather than a file."""
+    for route in FILE_ROUTES:
+        if path.startswith(route):
+            named = path[len(route) :]
+            return "://" in named or named.lower().startswith(("http:", "https:"))
+    return False
+
+
 def _linked_files_refused(body: bytes) -> Response | None:
     """A page event naming a file by URL: Gradio would fetch it into its cache, with no size
     limit and past the upload quota, before the studio sees it. Files come by upload only."""
@@ -558,6 +577,40 @@ class UploadClaims:
             if others:
                 self._holders[key] = others
             return not others
+
+
+class UploadChecks:
+    """What `check_upload` said of each upload lately, by path, size and time: Gradio names an
+    upload by its content, so a file is decoded once however many times the page asks."""
+
+    KEPT = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._said: dict[tuple[str, str, int, float], str] = {}
+
+    def problem(self, path: str, kind: str, max_bytes: int) -> str:
+        """Why the upload at `path` is refused as `kind` ("" when it is not)."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stat = None
+        key = (os.path.realpath(path), kind, stat.st_size if stat else -1, stat.st_mtime if stat else 0.0)
+        with self._lock:
+            said = self._said.get(key)
+        if said is not None:
+            return said
+        try:
+            check_upload(path, kind, max_bytes)
+            said = ""
+        except UploadError as exc:
+            said = str(exc)
+        if stat is not None:  # a file that is gone may come back: asked again
+            with self._lock:
+                self._said[key] = said
+                while len(self._said) > self.KEPT:
+                    del self._said[next(iter(self._said))]
+        return said
 
 
 def _remove_quietly(path: str) -> None:

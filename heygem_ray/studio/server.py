@@ -10,9 +10,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
+from heygem_ray import storage
 from heygem_ray.config import StudioConfig
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, local_head
 from heygem_ray.studio.service import UPLOAD_WINDOW_SECONDS, Studio
@@ -49,24 +50,32 @@ def connect(cfg: StudioConfig) -> tuple[Cluster, str]:
     return Cluster(address, local=True), about + "`ray stop` ends it"
 
 
-def private_upload_cache(cache: str = "~/.heygem_ray/uploads", expire: float = UPLOAD_WINDOW_SECONDS) -> str:
+def private_upload_cache(
+    cache: str = "~/.heygem_ray/uploads", expire: float = UPLOAD_WINDOW_SECONDS, keep_out: Iterable[str] = ()
+) -> str:
     """Gradio's upload cache in a folder only this account can open (its default, /tmp/gradio, is
     open to every account on the host): a GRADIO_TEMP_DIR set for Gradio when it is such a folder
     (on a larger disk, say), else `cache`; emptied of the uploads an earlier studio left older
-    than `expire` seconds (Gradio empties only what it uploaded itself). Returns the folder."""
+    than `expire` seconds (Gradio empties only what it uploaded itself). Returns the folder.
+    None of the local paths `keep_out` (the store, the session key, the users file) may be in it:
+    Gradio serves that folder to every signed-in user, and what is old there is removed. Raises
+    ValueError when `cache` itself holds one of them."""
     cache = os.path.expanduser(cache)
+    inside = [p for p in keep_out if _within(os.path.expanduser(p), cache)]
+    if inside:
+        raise ValueError(f"the upload cache {cache} holds {inside[0]}: every signed-in user could read it")
     os.makedirs(cache, mode=0o700, exist_ok=True)
     os.chmod(cache, 0o700)
     given = os.environ.get("GRADIO_TEMP_DIR")
     if given and os.path.realpath(given) != os.path.realpath(cache):
         st = os.stat(given) if os.path.isdir(given) else None
-        if st is not None and st.st_uid == os.getuid() and not st.st_mode & 0o077:  # private: the operator's own
-            cache = given
+        holds = [p for p in keep_out if _within(os.path.expanduser(p), given)]
+        if st is not None and st.st_uid == os.getuid() and not st.st_mode & 0o077 and not holds:
+            cache = given  # private, the operator's own, and holding nothing of the studio's
         else:
+            why = f"it holds {holds[0]}" if holds else "not a folder only this account can open"
             logging.getLogger("heygem_ray.studio").warning(
-                "GRADIO_TEMP_DIR=%s is not used (not a folder only this account can open): uploads wait in %s",
-                given,
-                cache,
+                "GRADIO_TEMP_DIR=%s is not used (%s): uploads wait in %s", given, why, cache
             )
     os.environ["GRADIO_TEMP_DIR"] = cache
     now = time.time()
@@ -82,8 +91,18 @@ def private_upload_cache(cache: str = "~/.heygem_ray/uploads", expire: float = U
     return cache
 
 
+def _within(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def serve(cfg: StudioConfig) -> int:
-    private_upload_cache()  # before Gradio and OpenCV read their settings
+    studio_files = [storage.local_path(p) for p in (cfg.store, cfg.session_key, cfg.auth) if p and storage.is_local(p)]
+    try:
+        private_upload_cache(keep_out=studio_files)  # before Gradio and OpenCV read their settings
+    except ValueError as exc:
+        print(f"heygem-ray: error: {exc}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from heygem_ray.studio.app import build_app

@@ -17,7 +17,7 @@ from heygem_ray import storage
 from heygem_ray.config import StudioConfig
 from heygem_ray.manifest import SAFE_ID
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
-from heygem_ray.studio.store import CampaignRecord, StudioStore, UploadError
+from heygem_ray.studio.store import MAX_UPLOADS, CampaignRecord, StudioStore, UploadError
 
 #: the weights-free renderer: every studio offers it
 BUILTIN_MODELS: dict[str, list[str]] = {"classic (no weights)": ["renderer=classic"]}
@@ -51,6 +51,19 @@ class CampaignView:
 
 #: how long the web server keeps an upload no campaign took (Gradio's cache: see app.build_pages)
 UPLOAD_WINDOW_SECONDS = 900
+#: seconds an upload's quota check trusts the last count of the user's store (a walk of every file of
+#: theirs: many small uploads at once walked it each, in the web server's shared threads); uploads
+#: since are counted exactly, and a campaign's creation counts the store anew
+USAGE_SECONDS = 10.0
+
+
+def distinct_uploads(paths: list[str], what: str) -> list[str]:
+    """`paths` without repeats (one file given twice is one upload: Gradio names an upload by its
+    content), in order; UploadError past MAX_UPLOADS."""
+    distinct = list(dict.fromkeys(os.path.realpath(p) for p in paths))
+    if len(distinct) > MAX_UPLOADS:
+        raise UploadError(f"{len(distinct):,} {what}: a campaign takes {MAX_UPLOADS:,} at most")
+    return distinct
 
 
 class Studio:
@@ -62,6 +75,7 @@ class Studio:
         self._watched: dict[str, CampaignRecord] = {}  # campaigns whose job may still end, by id
         self._campaign_locks: dict[str, threading.Lock] = {}  # see _acting_on
         self._uploads: dict[str, list[tuple[float, int]]] = {}  # user -> (when, bytes) of recent uploads
+        self._usage: dict[str, tuple[float, int]] = {}  # user -> (when, bytes) of the last count of their store
         self._lock = threading.Lock()
         self._creating: set[str] = set()  # users whose campaign is being saved and submitted now
 
@@ -130,6 +144,7 @@ class Studio:
             raise UploadError(f"unknown model {model!r}")
         if quality not in QUALITIES:
             raise UploadError(f"unknown quality {quality!r}")
+        audios, avatars = distinct_uploads(audios, "narrations"), distinct_uploads(avatars, "presenters")
         with self._lock:  # one at a time per user: a double click made two campaigns of one upload
             if user in self._creating:
                 raise UploadError(
@@ -165,8 +180,8 @@ class Studio:
         quality: str,
     ) -> CampaignRecord:
         limit = int(self.cfg.max_upload_mb * 2**20)
-        audio_uris = [self.store.save_upload(user, campaign_id, p, "audio", limit) for p in audios]
-        avatar_uris = [self.store.save_upload(user, campaign_id, p, "avatar", limit) for p in avatars]
+        audio_uris = self.store.save_uploads(user, campaign_id, audios, "audio", limit)
+        avatar_uris = self.store.save_uploads(user, campaign_id, avatars, "avatar", limit)
         for uri in [*audio_uris, *avatar_uris]:
             self.log.info("upload user=%s campaign=%s file=%s", user, campaign_id, storage.basename(uri))
         if manifest:
@@ -198,8 +213,13 @@ class Studio:
         if not self.cfg.user_quota_gb:
             return None
         quota, now = self.cfg.user_quota_gb * 2**30, time.time()
-        used = self.store.usage(user)
         with self._lock:
+            counted = self._usage.get(user)
+        if counted is None or now - counted[0] > USAGE_SECONDS:
+            counted = (now, self.store.usage(user))
+        with self._lock:
+            self._usage[user] = counted
+            used = counted[1]
             recent = [(t, n) for t, n in self._uploads.get(user, []) if now - t < UPLOAD_WINDOW_SECONDS]
             pending = sum(n for _, n in recent)
             if used + pending + size > quota:
@@ -215,6 +235,7 @@ class Studio:
         """`size` bytes of the user's recent uploads are in the store now, where its usage counts
         them: they leave the recent uploads (oldest first), and the others stay counted."""
         with self._lock:
+            self._usage.pop(user, None)  # the store's count before they went in: counted anew
             recent = []
             for when, n in self._uploads.get(user, []):
                 kept = max(0, n - size)
@@ -243,6 +264,8 @@ class Studio:
             return
         quota = self.cfg.user_quota_gb * 2**30
         used = self.store.usage(user)
+        with self._lock:
+            self._usage[user] = (time.time(), used)
         incoming = sum(os.path.getsize(p) for p in uploads if os.path.exists(p))
         if used + incoming > quota:
             raise UploadError(
@@ -327,7 +350,7 @@ class Studio:
             job, note = "UNKNOWN", str(exc)
         except RuntimeError:  # a job the cluster no longer knows (a new cluster): the feed says it all
             job = "UNKNOWN"
-        feed = self.store.progress(record) or {}
+        feed = self.store.progress(record, rows) or {}
         if started is not None and feed.get("started_at", 0) < started - 1:
             feed = {}  # the previous run's: this job's driver has not written one yet
         counts = feed.get("rows", {})
@@ -389,6 +412,7 @@ class Studio:
             self.store.delete(view.record)
             with self._lock:
                 self._watched.pop(campaign_id, None)
+                self._usage.pop(user, None)  # room made: the next upload counts it
         self.log.info("delete user=%s campaign=%s", user, campaign_id)
         return True
 

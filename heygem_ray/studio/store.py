@@ -42,6 +42,9 @@ MANIFEST_TYPES = (".parquet", ".csv")
 #: an uploaded manifest's limits (it is read whole, on the web server)
 MANIFEST_MAX_BYTES = 10 * 2**20
 MANIFEST_MAX_ROWS = 100_000
+#: narrations, or presenters, one campaign takes: each is checked (decoded) as it comes, in the
+#: request, so one user's event must not hold a slot every user's events share for long
+MAX_UPLOADS = 1000
 CAMPAIGN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 _ZIP_CHUNK = 4 * 2**20
 
@@ -72,12 +75,15 @@ class CampaignRecord:
 #: results tables the store keeps read (the campaigns being looked at; up to ~100 MB each at
 #: MANIFEST_MAX_ROWS)
 RESULTS_KEPT = 8
+#: campaigns whose progress counts are kept (a few hundred bytes each)
+PROGRESS_KEPT = 4096
 
 
 class StudioStore:
     def __init__(self, root: str):
         self.root = storage.normalize(os.path.expanduser(root))
         self._results: dict[str, tuple[str, list[dict]]] = {}  # table URI -> (its version, its rows)
+        self._progress: dict[str, tuple[str, dict]] = {}  # feed URI -> (its version, its counts)
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- paths
@@ -115,18 +121,26 @@ class StudioStore:
         return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
     # -------------------------------------------------------------- uploads
-    def save_upload(self, user: str, campaign_id: str, local: str, kind: str, max_bytes: int) -> str:
-        """Check an uploaded file (`check_upload`) and put it into the campaign's inputs (a hard link
+    def save_uploads(self, user: str, campaign_id: str, uploads: list[str], kind: str, max_bytes: int) -> list[str]:
+        """Check uploaded files (`check_upload`) and put them into the campaign's inputs (a hard link
         where the store is on the upload cache's file system: the web server never changes an
-        upload); returns its URI there."""
-        name = check_upload(local, kind, max_bytes)
+        upload); returns their URIs there. Two uploads of one name are both kept, the second as
+        `name-2`, each its own rows."""
         folder = storage.join(self.inputs(user, campaign_id), kind)
-        uri, stem, suffix, n = storage.join(folder, name), *os.path.splitext(name), 1
-        while storage.exists(uri):  # two uploads of one name: both kept, each its own rows
-            n += 1
-            uri = storage.join(folder, f"{stem}-{n}{suffix}")
-        storage.publish_file(local, uri, link=True)  # a local store beside the upload cache: no copy
-        return uri
+        taken: set[str] = set()
+        uris = []
+        for local in uploads:
+            name = check_upload(local, kind, max_bytes)
+            stem, suffix = os.path.splitext(name)
+            stored, n = name, 1
+            while stored in taken:  # the campaign's folder is new: what this loop put there is all it holds
+                n += 1
+                stored = f"{stem}-{n}{suffix}"
+            taken.add(stored)
+            uri = storage.join(folder, stored)
+            storage.publish_file(local, uri, link=True)  # a local store beside the upload cache: no copy
+            uris.append(uri)
+        return uris
 
     def pairs_manifest(self, user: str, campaign_id: str, audios: list[str], avatars: list[str]) -> tuple[str, int]:
         """Every avatar with every narration (N x M rows); the manifest's URI and row count."""
@@ -238,12 +252,28 @@ class StudioStore:
     def _end_note(self, record: CampaignRecord) -> str:
         return storage.join(self.campaign_root(record.user, record.id), f".logged-end-{record.jobs[-1]}")
 
-    def progress(self, record: CampaignRecord) -> dict | None:
+    def progress(self, record: CampaignRecord, rows: bool = True) -> dict | None:
+        """The campaign's progress feed; without `rows`, its counts alone (no `row_status`), read
+        again only when the feed changed: every page refresh lists every campaign of the user, and
+        a 100,000-row campaign's feed is megabytes."""
+        uri = storage.join(record.output, "_progress.json")
+        fs, path = storage.url_to_fs(uri)
         try:
-            feed: dict = json.loads(storage.read_bytes(storage.join(record.output, "_progress.json")))
+            version = storage.version_key(uri, fs.info(path))
+            with self._lock:
+                kept = self._progress.get(uri)
+            if not rows and kept is not None and kept[0] == version:
+                return kept[1]
+            feed: dict = json.loads(storage.read_bytes(uri))
         except (FileNotFoundError, ValueError):
             return None
-        return feed
+        counts = {k: v for k, v in feed.items() if k != "row_status"}
+        with self._lock:
+            self._progress.pop(uri, None)
+            self._progress[uri] = (version, counts)  # newest last: the oldest go past PROGRESS_KEPT
+            while len(self._progress) > PROGRESS_KEPT:
+                del self._progress[next(iter(self._progress))]
+        return feed if rows else counts
 
     def results(self, record: CampaignRecord) -> list[dict]:
         """The campaign's results table, read again only when it changed: every poster and video of
