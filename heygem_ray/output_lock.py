@@ -115,24 +115,38 @@ def _busy(layout: CampaignLayout, holder: dict) -> OutputBusyError:
 
 def _heartbeat(layout: CampaignLayout, mine: dict, stop: threading.Event, held: HeldLock) -> None:
     uri = layout.lock
+    beaten = time.monotonic()  # when this run's lock was last written
     while not stop.wait(HEARTBEAT_SECONDS):
         try:
             with _serialized(layout.output):
                 holder, version = _read(uri)
-                # a lock someone removed is made again; one another run holds is theirs
-                if (holder or mine).get("token") == mine["token"] and _put(uri, mine, version):
+                # one another run holds is theirs; a lock someone removed is made again, unless this
+                # run was silent long enough for another to take it over, finish and let it go
+                silent = time.monotonic() - beaten
+                gone_after_silence = holder is None and silent > STALE_SECONDS / 2
+                ours = not gone_after_silence and (holder or mine).get("token") == mine["token"]
+                if ours and _put(uri, mine, version):
+                    beaten = time.monotonic()
                     continue
                 holder = _read(uri)[0] or {}
         except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat, well within STALE_SECONDS
             log.warning("output lock not refreshed: %s: %s", type(exc).__name__, exc)
             continue
-        log.error(
-            "another run (host %s, pid %s) took over output %s's lock after this run's store did not answer: "
-            "this run stops",
-            holder.get("host"),
-            holder.get("pid"),
-            storage.display(layout.output),
-        )
+        if gone_after_silence:
+            log.error(
+                "output %s's lock was gone after this run wrote none for %.0f s: another run may have taken the "
+                "output over and finished meanwhile: this run stops",
+                storage.display(layout.output),
+                silent,
+            )
+        else:
+            log.error(
+                "another run (host %s, pid %s) took over output %s's lock after this run's store did not "
+                "answer: this run stops",
+                holder.get("host"),
+                holder.get("pid"),
+                storage.display(layout.output),
+            )
         held.lost.set()
         return
 

@@ -433,6 +433,12 @@ def _candidates(
     chunks: list[list[np.ndarray | None] | None] = [
         _cached(storage.join(folder, f"chunk-{i}.npz"), _load_candidates) for i in range(count)
     ]
+    for i, chunk in enumerate(chunks):
+        # the frames a chunk holds, as the clip's timestamps count them now (a rebuilt frame list
+        # that counts otherwise would shift or shorten every box after it): else detected again
+        if chunk is not None and len(chunk) != min(CHUNK_FRAMES, len(pts) - i * CHUNK_FRAMES):
+            log.warning("cached face candidates of chunk %d of %s do not fit its frames: detected again", i, uri)
+            chunks[i] = None
     missing = [i for i, chunk in enumerate(chunks) if chunk is None]
     if missing:
         detector = build_detector(cfg)

@@ -224,6 +224,8 @@ def read_parts(parts: str) -> list[dict]:
     """The results an interrupted driver wrote before it stopped, oldest first (a row reported by
     two runs appears twice: the later one counts)."""
     rows: list[dict] = []
-    for uri in storage.glob(storage.join(parts, "part-*.parquet")):
-        rows += read_results(uri)
+    for uri in sorted(storage.listdir(parts)):  # not a glob: the output root's name may hold "[1]"
+        name = storage.basename(uri)
+        if name.startswith("part-") and name.endswith(".parquet"):
+            rows += read_results(uri)
     return rows

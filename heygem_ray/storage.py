@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import glob as globlib
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, TypeVar
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger("heygem_ray.storage")
 T = TypeVar("T")
@@ -62,19 +64,59 @@ _TRANSIENT_ERRNOS = {
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
+#: words in the names of the HTTP clients' errors for a connection or a response cut short
+_CUT_SHORT = (
+    "Connection",
+    "Timeout",
+    "Endpoint",
+    "Disconnected",
+    "Payload",
+    "Streaming",  # aiobotocore's ResponseStreamingError: a GET's body cut off
+    "HTTPClientError",
+    "IncompleteRead",
+    "ResponseParser",
+    "Protocol",  # urllib3's ProtocolError
+)
+#: HTTP answers a later try may not get: too many requests, and the server's own errors but for
+#: 501 (not implemented) and 505 (HTTP version)
+_TRANSIENT_STATUS = {429, 500, 502, 503, 504, 507, 508, 509, 598, 599}
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Errors a later try may not meet: throttling (S3 SlowDown/503 arrive as EBUSY), server errors,
-    dropped or refused connections, timeouts. A missing or forbidden file is never transient."""
+    """Errors a later try may not meet: throttling (S3 SlowDown/503 arrive as EBUSY; 429 and 5xx
+    answers s3fs does not name arrive as EIO from the client's error), server errors, dropped or
+    refused connections, responses cut short, timeouts. A missing or forbidden file is never
+    transient."""
     if isinstance(exc, _PERMANENT):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
+    if _http_status(exc) in _TRANSIENT_STATUS:
+        return True
     kind = type(exc)
-    return kind.__module__.split(".")[0] in ("botocore", "aiohttp", "urllib3") and any(
-        word in kind.__name__ for word in ("Connection", "Timeout", "Endpoint", "Disconnected", "Payload")
+    return kind.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "http") and any(
+        word in kind.__name__ for word in _CUT_SHORT
     )
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status an error or its cause carries (aiohttp's `status`, botocore's response)."""
+    seen: BaseException | None = exc
+    for _ in range(3):
+        if seen is None:
+            return None
+        status = getattr(seen, "status", None)
+        if isinstance(status, int):
+            return status
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int):
+                return code
+        seen = seen.__cause__
+    return None
 
 
 def retried(exc: BaseException) -> bool:
@@ -105,7 +147,7 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
                     if isinstance(exc, OSError):
                         exc.storage_retried = True  # type: ignore[attr-defined]  # see `retried`
                         raise
-                    raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                    raise StorageUnavailable(display(f"{type(exc).__name__}: {exc}")) from exc
                 delay = min(_BACKOFF_MAX, _BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 target = display(str(args[-1] if fn.__name__ == "publish_file" else args[0])) if args else ""
                 log.warning(
@@ -113,7 +155,7 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
                     fn.__name__,
                     target,
                     type(exc).__name__,
-                    exc,
+                    display(str(exc)),
                     attempt + 1,
                     RETRIES,
                     delay,
@@ -147,11 +189,24 @@ def is_local(uri: str) -> bool:
 
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     proto = protocol(uri)
-    options = {**_DEFAULTS.get(proto, {}), **_OPTIONS.get(proto, {})}
+    family = "s3" if proto in ("s3", "s3a") else proto  # s3a:// is s3fs too
+    options = _merged(_DEFAULTS.get(family, {}), _OPTIONS.get(proto) or _OPTIONS.get(family) or {})
     fs, path = fsspec.core.url_to_fs(uri, **options)
-    if proto == "s3":
+    if family == "s3":
         fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 tries): ours is the one layer
     return fs, path
+
+
+def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """`given` over `defaults`, nested dicts merged (a user's `config_kwargs` for MinIO's path-style
+    addressing keeps the client's one try: else each of our tries would make several)."""
+    out = dict(defaults)
+    for key, value in given.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def local_path(uri: str) -> str:
@@ -222,10 +277,12 @@ def read_bytes(uri: str) -> bytes:
 
 @retrying
 def remove(uri: str, recursive: bool = False) -> None:
+    """Remove a file, or a folder and all under it; a name with glob characters ("run[1]") is taken
+    as it is (fsspec's object stores expand them: they removed a sibling "run1")."""
     fs, path = url_to_fs(uri)
     with contextlib.suppress(FileNotFoundError):
         if fs.exists(path):
-            fs.rm(path, recursive=recursive)
+            fs.rm(path if isinstance(fs, LocalFileSystem) else globlib.escape(path), recursive=recursive)
 
 
 @retrying
@@ -435,25 +492,47 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     suffix = os.path.splitext(basename(uri.split("?", 1)[0]))[1][:16]  # never a query string (tokens) on disk
     root = cache_dir or node_cache_dir()
     dest = os.path.join(root, key + suffix)
-    if os.path.exists(dest):
-        with contextlib.suppress(OSError):  # a read-only or another user's cache: used as it is
-            os.utime(dest)  # a use: the copies used longest ago go first, never within the grace
+    if _used(dest):
         return dest
     with cache_lock(root, dest):
         if not os.path.exists(dest):
-            tmp = f"{dest}{_PART}{uuid.uuid4().hex[:8]}"
             try:
-                fs.get_file(path, tmp)
-                _sync(tmp)  # a copy a crash left empty would fail every row that uses it
-                os.replace(tmp, dest)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+                _download(fs, path, dest)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # a full disk: the copies used longest ago make room (else every download on the
+                # node would fail until someone cleared it), and the download goes again once
+                trim_node_cache(root, max(0, node_cache_bytes() - int(info.get("size") or 0)))
+                _download(fs, path, dest)
     try:
         trim_node_cache(root, node_cache_bytes())
     except OSError as exc:  # the copy is there: a cache that cannot be trimmed fails no row
         log.warning("node cache %s not trimmed: %s: %s", root, type(exc).__name__, exc)
     return dest
+
+
+def _used(dest: str) -> bool:
+    """Whether the node cache holds `dest`, marked used now (the copies used longest ago go first,
+    never within the grace). False when another process trimmed it meanwhile."""
+    try:
+        os.utime(dest)
+    except FileNotFoundError:
+        return False
+    except OSError:  # a read-only or another user's cache: used as it is
+        return os.path.exists(dest)
+    return True
+
+
+def _download(fs: fsspec.AbstractFileSystem, path: str, dest: str) -> None:
+    tmp = f"{dest}{_PART}{uuid.uuid4().hex[:8]}"
+    try:
+        fs.get_file(path, tmp)
+        _sync(tmp)  # a copy a crash left empty would fail every row that uses it
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:

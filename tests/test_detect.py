@@ -297,3 +297,10 @@ def test_a_short_narration_tracks_only_the_chunks_it_shows_and_a_longer_one_the_
     padded = prepare.prepare_avatar(clip, None, replace(cfg, pads=[0, 30, 0, 0]), cache, 25.0)  # detects nothing
     assert chunks() == before
     assert (padded.boxes[:, 3] >= whole.boxes[:, 3]).all() and (padded.boxes[:, 3] > whole.boxes[:, 3]).any()
+    # a chunk that does not fit its frames (the clip's frame list made again, counting otherwise) is
+    # detected again rather than shift every box after it
+    last = next((tmp_path / "cache").rglob("chunk-9.npz"))  # 6 frames
+    (last.parent / "chunk-3.npz").write_bytes(last.read_bytes())  # where 16 belong
+    deeper = prepare.prepare_avatar(clip, None, replace(cfg, pads=[0, 20, 0, 0]), cache, 25.0)
+    assert len(deeper.boxes) == frames and chunks()["chunk-3.npz"] != before["chunk-3.npz"]
+    assert (deeper.boxes[:, 3] >= whole.boxes[:, 3]).all()

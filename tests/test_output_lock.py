@@ -3,6 +3,7 @@ and a lock left by a run that ended without letting go is taken over."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -107,6 +108,32 @@ def test_a_run_whose_lock_was_taken_over_stops_refreshing_it_and_stops(tmp_path,
             held.check()
     assert json.loads((tmp_path / "_lock.json").read_text())["host"] == "render-head-2"
     assert "took over output" in caplog.text and "this run stops" in caplog.text
+
+
+def test_a_run_silent_long_enough_to_be_taken_over_stops_when_it_finds_its_lock_gone(tmp_path, monkeypatch, caplog):
+    """A run whose store did not answer for long enough that another run could take the output over,
+    finish and let go, finds no lock: it stops rather than make it again and write over what the
+    other published (a lock removed by hand while the run beats is made again, as above)."""
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(lock_module, "STALE_SECONDS", 0.4)
+    real_put, silent_until = lock_module._put, [0.0]
+
+    def put(*args):
+        if time.time() < silent_until[0]:
+            raise OSError(errno.ECONNRESET, "store away")
+        return real_put(*args)
+
+    monkeypatch.setattr(lock_module, "_put", put)
+    layout = CampaignLayout(str(tmp_path))
+    with output_lock(layout) as held:
+        silent_until[0] = time.time() + 0.5  # the store does not answer this run for longer than STALE / 2
+        time.sleep(0.1)
+        (tmp_path / "_lock.json").unlink()  # meanwhile another run took the output over, finished, let go
+        time.sleep(0.8)
+        with pytest.raises(OutputLostError):
+            held.check()
+        assert not (tmp_path / "_lock.json").exists()  # not made again
+    assert "was gone after this run wrote none for" in caplog.text
 
 
 def _race(layout: CampaignLayout, runs: int = 8) -> int:

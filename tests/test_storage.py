@@ -229,3 +229,74 @@ def test_a_storage_error_after_every_try_says_so(monkeypatch):
         missing()
     assert storage.retried(retried.value) and not storage.retried(once.value)
     assert not storage.retried(OSError("a node's disk is full"))
+
+
+def test_user_client_options_keep_one_try_per_call_and_s3a_is_s3(tmp_path):
+    """A user's `config_kwargs` (MinIO's path-style addressing) replaced the client's one try per
+    call, and s3a:// URIs got none of the S3 defaults: each of our tries made several."""
+    storage.configure({"s3": {"config_kwargs": {"s3": {"addressing_style": "path"}}, "anon": True}})
+    try:
+        for uri in ("s3://bucket/key", "s3a://bucket/key"):
+            fs, _ = storage.url_to_fs(uri)
+            assert fs.retries == 1 and fs.config_kwargs["retries"]["total_max_attempts"] == 1, uri
+            assert fs.config_kwargs["s3"] == {"addressing_style": "path"} and fs.anon, uri
+    finally:
+        storage.configure(None)
+
+
+def test_names_with_glob_characters_are_taken_as_they_are():
+    """An output root named "promo[1]" beside "promo1": removing its files, or reading its results
+    parts, must not reach the other (object stores expand glob characters in fsspec's rm)."""
+    from heygem_ray.results import RowResult, read_parts, write_results
+
+    for name in ("promo[1]", "promo1"):
+        write_results(
+            f"memory://globs/{name}/_results/part-0001.parquet",
+            [RowResult(name, "ok", "o", None, 1.0, 25, 1, 1.0, 1, 0.0)],
+        )
+        storage.write_bytes(f"memory://globs/{name}/_lock.json", b"{}")
+    assert [r["id"] for r in read_parts("memory://globs/promo[1]/_results")] == ["promo[1]"]
+    storage.remove("memory://globs/promo[1]/_lock.json")
+    storage.remove("memory://globs/promo[1]/_results", recursive=True)
+    assert not storage.exists("memory://globs/promo[1]/_lock.json")
+    assert not storage.exists("memory://globs/promo[1]/_results/part-0001.parquet")
+    assert storage.exists("memory://globs/promo1/_lock.json")
+    assert [r["id"] for r in read_parts("memory://globs/promo1/_results")] == ["promo1"]
+
+
+def test_a_signed_urls_secrets_stay_out_of_row_errors():
+    """A 403 on an expired presigned input names the whole URL: the row's error (results table,
+    report, logs) keeps the URL but not its signature."""
+    from benchmarks.driver import SimulatedExecutor
+    from heygem_ray.executors import failure_reason
+
+    url = "https://bucket.s3.amazonaws.com/in/a.wav?X-Amz-Credential=AKIAX%2F1&X-Amz-Signature=deadbeef"
+    reason = failure_reason(SimulatedExecutor(), OSError(f"403, message='Forbidden', url='{url}'"))
+    assert "bucket.s3.amazonaws.com/in/a.wav" in reason and "deadbeef" not in reason and "AKIAX" not in reason
+
+
+def test_a_full_node_disk_makes_room_from_the_cache_and_a_trimmed_copy_is_fetched_again(tmp_path, monkeypatch):
+    """A download that meets a full disk trimmed nothing (trimming came after a download that
+    worked), so every remote input on that node failed until someone cleared it: the copies used
+    longest ago now make room and the download goes again. A copy another process trimmed between
+    being found and being marked used is fetched again, not handed out gone."""
+    monkeypatch.setattr(storage, "CACHE_GRACE_SECONDS", 0.0)
+    storage.write_bytes("memory://full/old.wav", b"o" * 1000)
+    storage.write_bytes("memory://full/new.wav", b"n" * 1000)
+    old = storage.local_copy("memory://full/old.wav", cache_dir=str(tmp_path))
+    os.utime(old, (1000.0, 1000.0))
+    real_download, fills = storage._download, []
+
+    def disk_full_once(fs, path, dest):
+        if not fills:
+            fills.append(dest)
+            raise OSError(errno.ENOSPC, "No space left on device", dest)
+        real_download(fs, path, dest)
+
+    monkeypatch.setattr(storage, "_download", disk_full_once)
+    monkeypatch.setenv("HEYGEM_CACHE_GB", str(1500 / 2**30))  # room for one copy once the other goes
+    new = storage.local_copy("memory://full/new.wav", cache_dir=str(tmp_path))
+    assert Path(new).read_bytes() == b"n" * 1000 and fills and not os.path.exists(old)
+    os.unlink(new)  # trimmed by another process after the cache was found to hold it
+    assert not storage._used(new)
+    assert Path(storage.local_copy("memory://full/new.wav", cache_dir=str(tmp_path))).read_bytes() == b"n" * 1000

@@ -3,6 +3,7 @@ a TCP proxy on loopback in front of the S3 endpoint drops every connection durin
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -15,12 +16,15 @@ from heygem_ray import storage
 
 
 class FlakyProxy:
-    """Forwards TCP to `target`; until `down_until` it accepts and immediately resets connections."""
+    """Forwards TCP to `target`; until `down_until` it accepts and immediately resets connections,
+    or (`answer`) answers each request with that HTTP status, as a load balancer in front of a
+    store does when the store is away."""
 
     def __init__(self, target: str):
         parsed = urllib.parse.urlparse(target)
         self.target = (parsed.hostname, parsed.port)
         self.down_until = 0.0
+        self.answer: int | None = None
         self.dropped = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -37,8 +41,18 @@ class FlakyProxy:
             except OSError:
                 return  # closed
             if time.time() < self.down_until:
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                client.close()  # RST: "connection reset by peer"
+                if self.answer is not None:
+                    client.settimeout(2.0)
+                    with contextlib.suppress(OSError):
+                        client.recv(65536)  # the request's head
+                        reason = b"Bad Gateway" if self.answer == 502 else b"Error"
+                        body = b"<html>upstream away</html>"
+                        head = b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                        client.sendall(head % (self.answer, reason, len(body)) + body)
+                    client.close()
+                else:
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    client.close()  # RST: "connection reset by peer"
                 self.dropped += 1
                 continue
             upstream = socket.create_connection(self.target)
@@ -125,6 +139,32 @@ def test_a_client_error_that_is_no_oserror_is_raised_as_one_after_the_last_try(m
     assert "EndpointConnectionError" in str(err.value)
 
 
+def _s3_answer(status: int, code: str) -> BaseException:
+    """What s3fs raises for an S3 answer: its own translation of botocore's ClientError."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    return translate_boto_error(
+        ClientError(
+            {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+        )
+    )
+
+
+def _http_answer(status: int) -> BaseException:
+    import aiohttp
+
+    return aiohttp.ClientResponseError(None, (), status=status)  # type: ignore[arg-type]
+
+
+def _cut_short() -> list[BaseException]:
+    import http.client
+
+    from botocore.exceptions import HTTPClientError, ResponseStreamingError
+
+    return [ResponseStreamingError(error="reset"), HTTPClientError(error="reset"), http.client.IncompleteRead(b"")]
+
+
 @pytest.mark.parametrize(
     "exc, transient",
     [
@@ -135,10 +175,29 @@ def test_a_client_error_that_is_no_oserror_is_raised_as_one_after_the_last_try(m
         (PermissionError(), False),
         (OSError(22, "Invalid"), False),
         (ValueError(), False),
+        # answers s3fs has no name for come as EIO: their status decides
+        (_s3_answer(502, "BadGateway"), True),
+        (_s3_answer(504, "GatewayTimeout"), True),
+        (_s3_answer(429, "TooManyRequests"), True),
+        (_s3_answer(501, "NotImplemented"), False),
+        (_s3_answer(403, "AccessDenied"), False),
+        (_s3_answer(404, "NoSuchKey"), False),
+        (_http_answer(503), True),  # an https input's server
+        (_http_answer(404), False),
+        *((exc, True) for exc in _cut_short()),  # a response cut off midway (s3fs's own retries are off)
     ],
 )
 def test_transient_classification(exc, transient):
     assert storage.is_transient(exc) is transient
+
+
+def test_a_load_balancer_answering_502_is_ridden_out(flaky_s3):
+    """A proxy in front of the store (MinIO, Ceph behind nginx) answers 502 while the store restarts:
+    s3fs names no such answer, and it was taken for a permanent error."""
+    storage.write_bytes("s3://flaky/lb.bin", b"payload")
+    flaky_s3.answer, flaky_s3.down_until = 502, time.time() + 1.5
+    assert storage.read_bytes("s3://flaky/lb.bin") == b"payload"
+    assert flaky_s3.dropped > 0
 
 
 def test_a_renderer_whose_weights_the_store_could_not_give_loads_them_again(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
+from heygem_ray import storage
 from heygem_ray.config import EXECUTORS, Config, registered
 from heygem_ray.errors import InputError
 from heygem_ray.startup import Startup
@@ -75,7 +76,7 @@ def failure_reason(executor: Executor, exc: BaseException, prefix: str | None = 
     """One line for a row's result: a bad input's own message, else the error (after `prefix`)."""
     cause = executor.cause(exc)
     if isinstance(cause, InputError):
-        return str(cause).splitlines()[0]
+        return storage.display(str(cause).splitlines()[0])
     if executor.actor_lost(exc):
         # an actor's death (RayActorError and its kinds), or a worker's, a task's too: killed for
         # memory, crashed, its node gone
@@ -83,5 +84,5 @@ def failure_reason(executor: Executor, exc: BaseException, prefix: str | None = 
         text = f"{died} ({type(cause).__name__})"
     else:
         text = f"{type(cause).__name__}: {cause}".strip()
-    text = text.splitlines()[0] if text else type(cause).__name__
+    text = storage.display(text.splitlines()[0]) if text else type(cause).__name__  # a signed URL's secrets
     return f"{prefix}: {text}" if prefix else text
