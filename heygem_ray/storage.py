@@ -359,10 +359,15 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
             _sync(folder)
         return
     fs, path = url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    with contextlib.suppress(Exception):  # object stores have no real directories
-        fs.makedirs(parent, exist_ok=True)
+    if protocol(uri) not in OBJECT_STORES:  # an SFTP or WebDAV server needs the folder
+        with contextlib.suppress(Exception):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.put_file(local_file, path)
+
+
+#: stores of objects, not folders: nothing to make before a PUT, and their fsspec makedirs makes a
+#: bucket (a mistyped bucket in a row's output would be created, not refused)
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"}
 
 
 #: what names a file being published (".NAME.part-XXXXXXXX" beside NAME) until it is renamed

@@ -198,3 +198,18 @@ def test_storage_options_alone_reach_every_stage_on_fresh_workers(s3_endpoint, b
     assert "out/options/still.mp4" in objects
     assert any(k.startswith("out/options/_cache/audio/") for k in objects)  # prepare_row
     assert any(k.startswith("out/options/_cache/avatars/") for k in objects)  # prepare_avatar
+
+
+def test_a_publish_into_a_missing_bucket_fails_and_makes_no_bucket(s3_endpoint, tmp_path):
+    """A row's output in a mistyped bucket is refused by the store: s3fs's makedirs before the PUT
+    made the bucket instead, and the video went where nobody looks."""
+    storage.configure({"s3": {"endpoint_url": s3_endpoint}})
+    try:
+        video = tmp_path / "a.mp4"
+        video.write_bytes(b"video")
+        with pytest.raises(FileNotFoundError):
+            storage.publish_file(str(video), "s3://heygem-mistyped/out/a.mp4")
+        names = {b["Name"] for b in boto3.client("s3", endpoint_url=s3_endpoint).list_buckets()["Buckets"]}
+        assert "heygem-mistyped" not in names
+    finally:
+        storage.configure(None)
