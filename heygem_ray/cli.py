@@ -156,10 +156,11 @@ def render_main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         cfg = compose(overrides)
-        if show:
-            print(OmegaConf.to_yaml(cfg), end="")
+        plain = to_plain(cfg)  # checked as a run checks it, `--cfg job` too
+        check_job_paths(plain)
+        if show:  # resolved, and masked as `_config.yaml` is (a job's log keeps what it prints)
+            print(config_yaml(cfg), end="")
             return 0
-        plain = to_plain(cfg)
     except Exception as exc:  # noqa: BLE001 - config mistakes are user errors, show them plainly
         print(f"heygem-ray: error: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -167,6 +168,20 @@ def render_main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
     )
     return render(plain, cfg)
+
+
+def check_job_paths(cfg: Config) -> None:
+    """ValueError for a relative local `manifest`, `output` or `cache` in a Ray job: the job runs in
+    Ray's copy of its working directory, removed with the job (outputs written there are lost)."""
+    from heygem_ray.manifest import in_ray_job, relative
+
+    given = {"manifest": cfg.manifest, "output": cfg.output, "cache": cfg.cache}
+    loose = [f"{key}={value}" for key, value in given.items() if value and relative(value)]
+    if loose and in_ray_job():
+        raise ValueError(
+            f"{loose[0]} is a relative path: a Ray job runs in Ray's copy of its working directory, removed "
+            "with the job; give an absolute path or a URI"
+        )
 
 
 def compose(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
@@ -197,16 +212,20 @@ def demo_main(argv: Sequence[str]) -> int:
     parser.add_argument("--rows", type=int, default=6, help="manifest rows (default 6: 2 narrations x 3 avatars)")
     args, overrides = parser.parse_known_args(argv)
     root = os.path.abspath(args.dir)
+    manifest = os.path.join(root, "manifest.parquet")
+    output = os.path.join(root, "output")
+    try:  # before any input is made
+        cfg = compose([f"manifest={manifest}", f"output={output}", *overrides])
+        plain = to_plain(cfg)
+    except Exception as exc:  # noqa: BLE001 - config mistakes are user errors, show them plainly
+        print(f"heygem-ray: error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     narrations = max(2, math.ceil(args.rows / 3))
     seconds = tuple(6.0 + 3.0 * (i % 3) for i in range(narrations))
     print(f"heygem-ray demo: making {narrations} narrations and 3 avatars in {root}/inputs")
     assets = make_demo_assets(os.path.join(root, "inputs"), audio_seconds=seconds)
-    manifest = os.path.join(root, "manifest.parquet")
     build_manifest(assets.audios, assets.avatars, manifest, limit=args.rows)
-    output = os.path.join(root, "output")
     launched = time.time()  # the render starts here: making the inputs is not the campaign's start-up
-    cfg = compose([f"manifest={manifest}", f"output={output}", *overrides])
-    plain = to_plain(cfg)
     status = render(plain, cfg, launched)
     print(f"heygem-ray demo: videos in {output}/")
     layout = plain.layout

@@ -64,6 +64,10 @@ EXECUTORS: dict[str, str] = {
 #: video encoders segments are written with (they must join without re-encoding: H.264 only)
 VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
 #: x264's presets, fastest first
+#: the encoders' pixel formats a player takes (yuv420p everywhere; 4:2:2 and 4:4:4 in few)
+PIX_FMTS = ("yuv420p", "yuv422p", "yuv444p")
+#: the narration's codec in the MP4: AAC, what every player takes
+AUDIO_CODECS = ("aac",)
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 #: x264's own option syntax; which keys it knows, x264 says when an actor opens its encoder
 #: (media.video.encoder_problem)
@@ -169,6 +173,14 @@ class DetectorConfig:
         if self.stride not in STRIDES:
             raise ValueError(f"detector.stride={self.stride} is not one of {', '.join(map(str, STRIDES))}")
         check_device("detector", self.device)
+        if self.box is not None and not (
+            len(self.box) == 4 and 0 <= self.box[0] < self.box[2] and 0 <= self.box[1] < self.box[3]
+        ):
+            raise ValueError(
+                f"detector.box={list(self.box)} is not [x1, y1, x2, y2] with 0 <= x1 < x2 and 0 <= y1 < y2"
+            )
+        if len(self.pads) != 4:
+            raise ValueError(f"detector.pads={list(self.pads)} is not [top, bottom, left, right]")
         if self.name == "s3fd" and not self.checkpoint:  # before any cluster starts, not on every row
             raise ValueError("detector=s3fd needs detector.checkpoint=<URI of s3fd-619a316812.pth>")
 
@@ -190,6 +202,13 @@ class ActorConfig:
     #: give each actor whole cores of its own (Linux): num_cpus rounded up, claimed per node; an
     #: actor that finds too few free cores runs unpinned
     pin_cpus: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.num_cpus >= 0 and self.num_gpus >= 0 and self.threads >= 0):
+            raise ValueError(
+                f"cluster.actor's num_cpus, num_gpus and threads must be 0 or more, got {self.num_cpus}, "
+                f"{self.num_gpus} and {self.threads}"
+            )
 
 
 @dataclass
@@ -267,7 +286,13 @@ class EncoderConfig:
     audio_sample_rate: int = 48_000
 
     def __post_init__(self) -> None:
-        check_choices("encoder", self, {"codec": VIDEO_CODECS, "preset": X264_PRESETS})
+        check_choices(
+            "encoder",
+            self,
+            {"codec": VIDEO_CODECS, "preset": X264_PRESETS, "pix_fmt": PIX_FMTS, "audio_codec": AUDIO_CODECS},
+        )
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"encoder.crf={self.crf} is not within 0 (lossless) .. 51 (worst)")
         if self.x264_params and not X264_PARAMS_PATTERN.fullmatch(self.x264_params):
             raise ValueError(f"encoder.x264_params={self.x264_params} is not key=value[:key=value ...]")
 

@@ -5,6 +5,7 @@ common cross-product campaigns."""
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ def rows_from_table(
     (`Row.refused`), so that its result says so and the rest of the campaign goes on; a problem of the
     whole table (a column missing or of the wrong type, no rows, no row that can run) raises
     ManifestError."""
+    repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if repeated:
+        raise ManifestError(f"{name} has the column(s) {', '.join(repeated)} more than once")
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise ManifestError(
@@ -77,6 +81,28 @@ def rows_from_table(
         shown = refused[:20] + ([f"... and {len(refused) - 20} more"] if len(refused) > 20 else [])
         raise ManifestError(f"{name} has no row that can run:\n  " + "\n  ".join(shown))
     return rows
+
+
+def relative(uri: str) -> bool:
+    """Whether `uri` is a local path relative to the current folder."""
+    return bool(uri) and storage.is_local(uri) and not uri.startswith(("/", "~", "file://", "local://"))
+
+
+def in_ray_job() -> bool:
+    """Whether this process is a `ray job submit` entrypoint (which runs in Ray's copy of the job's
+    working directory, as its workers do)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _check_job_path(uri: str, column: str, problems: list[str]) -> None:
+    """A relative local input is refused in a Ray job: the job and its workers run in Ray's copy of
+    its working directory, which holds no media (a relative path then names nothing, or the wrong
+    file). Elsewhere it is relative to the folder the campaign was started in, as Ray's workers are."""
+    if relative(uri) and in_ray_job():
+        problems.append(
+            f"{column} {_shown(uri)} is a relative path: a Ray job runs in Ray's copy of its working directory, "
+            "without media; give absolute paths or URIs (heygem-ray manifest writes them)"
+        )
 
 
 def refusals(rows: list[Row], name: str = "manifest") -> None:
@@ -115,6 +141,8 @@ def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_ou
     problems: list[str] = []
     audio, avatar = (_uri(record.get(c), c, problems) for c in ("audio", "avatar"))
     cell.audio, cell.avatar = audio or "", avatar or ""
+    for uri, column in ((cell.audio, "audio"), (cell.avatar, "avatar")):
+        _check_job_path(uri, column, problems)
     if problems or not audio or not avatar:
         cell.refuse(problems[0] if problems else f"empty {'audio' if not audio else 'avatar'}")
     row_id = record.get("id") or None
@@ -262,7 +290,9 @@ def expand(patterns: list[str]) -> list[str]:
             out.extend(matches)
         else:
             out.append(pattern)
-    return list(dict.fromkeys(out))
+    # local paths absolute, as globs give them: the manifest means the same files from any folder
+    # (a job's workers run in Ray's copy of its working directory), and one file is one file
+    return list(dict.fromkeys(storage.local_path(u) if storage.is_local(u) else u for u in out))
 
 
 def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int | None = None) -> int:

@@ -83,12 +83,17 @@ class AudioInfo:
         return self.samples / SAMPLE_RATE
 
 
+#: how a narration is decoded into the PCM cache, in its name: "-mean" since channels are averaged
+#: (a cached decode of FFmpeg's 3 dB louder downmix is not used)
+PCM_VERSION = "-mean"
+
+
 def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> AudioInfo:
     """Decode a row's audio into the PCM cache (once per distinct content); stop as soon as it
     runs past `max_seconds` rather than decode hours of an unwanted file."""
     with reading("audio", uri):
         fp = content_fingerprint(uri, cache, "audio")
-        base = storage.join(cache, "audio", fp)
+        base = storage.join(cache, "audio", f"{fp}{PCM_VERSION}")
         with caching(base + ".json"), contextlib.suppress(FileNotFoundError):
             meta = json.loads(storage.read_bytes(base + ".json"))
             return _within_limits(AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32"), max_seconds)

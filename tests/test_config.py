@@ -1,6 +1,7 @@
 """Every config group option composes and resolves to plain dataclasses; the CLI prints it."""
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -95,11 +96,19 @@ def test_workers_unpickle_their_config_without_hydra():
         ("encoder.x264_params=mbtree", "encoder.x264_params=mbtree is not key=value"),
         ("decoder.device=nvdec", "decoder.device=nvdec is not one of auto, cpu, cuda, cuda:N"),
         ("cluster.executor=rai", "cluster.executor=rai is not one of ray, inline"),
+        # each failed every row on the workers (or, a short box, with "not enough values to unpack")
+        ("detector.box=[1,2,3]", "detector.box=[1, 2, 3] is not [x1, y1, x2, y2]"),
+        ("detector.box=[50,10,20,90]", "detector.box=[50, 10, 20, 90] is not [x1, y1, x2, y2]"),
+        ("detector.pads=[0,10]", "detector.pads=[0, 10] is not [top, bottom, left, right]"),
+        ("encoder.pix_fmt=rgb24", "encoder.pix_fmt=rgb24 is not one of yuv420p, yuv422p, yuv444p"),
+        ("encoder.audio_codec=mp3", "encoder.audio_codec=mp3 is not one of aac"),
+        ("encoder.crf=99", "encoder.crf=99 is not within 0"),
+        ("cluster.actor.num_gpus=-1", "cluster.actor's num_cpus, num_gpus and threads must be 0 or more"),
     ],
 )
 def test_choices_are_checked_when_composed(override, message):
     """A typo fails on the driver at once, not as "renderer could not start" on every row."""
-    with pytest.raises(Exception, match=message.replace(".", r"\.")):
+    with pytest.raises(Exception, match=re.escape(message)):
         compose_config("manifest=m", "output=o", "renderer=wav2lip", "renderer.checkpoint=m.pth", override)
 
 
@@ -190,11 +199,43 @@ def test_scheduling_values_that_would_stall_a_campaign_are_refused(override):
 
 
 def test_cli_prints_the_resolved_config():
-    out = render_cli("manifest=m.parquet", "output=/o", "render.segment_seconds=5", "--cfg", "job")
+    """`--cfg job`, the operator's check before a run: checked as a run is (exit 2 for a bad value),
+    and printed as `_config.yaml` is, credentials masked (a job's log keeps what it prints)."""
+    out = render_cli(
+        "manifest=m.parquet",
+        "output=/o",
+        "render.segment_seconds=5",
+        "+storage.options.s3.secret=SeCrEt",
+        "--cfg",
+        "job",
+    )
     assert out.returncode == 0, out.stderr
     assert (
         "segment_seconds: 5.0" in out.stdout and "name: classic" in out.stdout and "manifest: m.parquet" in out.stdout
     )
+    assert "SeCrEt" not in out.stdout and "secret: '***'" in out.stdout
+    bad = render_cli("manifest=m.parquet", "output=/o", "encoder.preset=bogus", "--cfg", "job")
+    assert bad.returncode == 2 and "encoder.preset=bogus is not one of" in bad.stderr
+
+
+def test_relative_paths_are_refused_in_a_ray_job_at_once(monkeypatch):
+    """A `ray job submit` entrypoint runs in Ray's copy of the working directory, removed with the
+    job: a relative `output=` wrote the videos there, to be lost. Outside a job it is fine."""
+    from heygem_ray.cli import check_job_paths
+
+    cfg = compose_config("manifest=/data/m.parquet", "output=out")
+    check_job_paths(cfg)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(ValueError, match="output=out is a relative path: a Ray job runs in Ray's copy"):
+        check_job_paths(cfg)
+    check_job_paths(compose_config("manifest=/data/m.parquet", "output=s3://b/out"))
+
+
+def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path):
+    from heygem_ray.cli import demo_main
+
+    assert demo_main(["--dir", str(tmp_path / "demo"), "encoder.preset=bogus"]) == 2
+    assert not (tmp_path / "demo").exists()
 
 
 def test_the_command_ends_with_its_status_after_flushing_and_the_exit_handlers():

@@ -223,3 +223,35 @@ def test_any_manifest_either_reads_or_says_why(entries, drop):
         assert all(r.audio and r.avatar for r in rows if not r.refused)
         assert all(any(word in r.refused for word in words) for r in rows if r.refused)
         assert len({r.id for r in rows}) == len(rows)  # each result names one row
+
+
+def test_a_column_given_twice_is_a_manifest_error():
+    """pyarrow writes a table with two `id` columns (pandas does not): it is the manifest's fault,
+    said as such (exit 2), not a traceback."""
+    twice = pa.Table.from_arrays(
+        [pa.array(["a.wav"]), pa.array(["v.mp4"]), pa.array(["x"])], names=["audio", "avatar", "audio"]
+    )
+    with pytest.raises(ManifestError, match="has the column.s. audio more than once"):
+        rows_from_table(twice, "/o")
+
+
+def test_relative_inputs_are_refused_in_a_ray_job_and_the_manifest_command_writes_absolute_paths(tmp_path, monkeypatch):
+    """A `ray job submit` entrypoint and its workers run in Ray's copy of the working directory,
+    which holds no media: a relative input there names nothing (or another file), so its row is
+    refused saying why. `heygem-ray manifest` writes local paths absolute, as its globs give them,
+    so a file named both ways is one file, one row."""
+    rows = rows_from_table(table(audio=["narr/a.wav", "/abs/b.wav"], avatar=["v.mp4", "/abs/v.mp4"]), "/o")
+    assert all(r.refused is None for r in rows)  # outside a job: relative to where the campaign starts
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    rows = rows_from_table(table(audio=["narr/a.wav", "/abs/b.wav"], avatar=["v.mp4", "/abs/v.mp4"]), "/o")
+    assert "audio 'narr/a.wav' is a relative path: a Ray job runs in Ray's copy" in rows[0].refused
+    assert rows[1].refused is None
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "narr").mkdir()
+    (tmp_path / "narr" / "a.wav").write_bytes(b"x")
+    (tmp_path / "p1.mp4").write_bytes(b"x")
+    out = str(tmp_path / "m.parquet")
+    assert build_manifest(["narr/a.wav"], ["p1.mp4", str(tmp_path / "p*.mp4")], out) == 1
+    (row,) = pq.read_table(out).to_pylist()
+    assert (row["audio"], row["avatar"]) == (str(tmp_path / "narr" / "a.wav"), str(tmp_path / "p1.mp4"))

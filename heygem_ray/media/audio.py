@@ -65,8 +65,8 @@ def iter_pcm16k(path: str, display_uri: str | None = None) -> Iterator[np.ndarra
 class Resampler:
     """Decoded frames to one format, layout and rate, whatever the stream does: non-finite
     samples silenced (`finite_samples`), a stream whose rate or layout changes midway (TTS chunks
-    joined into one file) followed, and channels FFmpeg cannot mix (over 8, in no known order)
-    averaged first."""
+    joined into one file) followed, and channels averaged into mono by us (`_mixable`) where the
+    target is mono or FFmpeg cannot mix them (over 8, in no known order)."""
 
     def __init__(self, format: str, layout: str, rate: int):
         self._target = (format, layout, rate)
@@ -77,7 +77,7 @@ class Resampler:
         """The frames ready so far; None: the rest."""
         if frame is None:
             return self._resampler.resample(None) if self._resampler else []
-        frame = _mixable(finite_samples(frame))
+        frame = _mixable(finite_samples(frame), to_mono=self._target[1] == "mono")
         source = (frame.format.name, frame.layout.name, frame.sample_rate)
         out: list[av.AudioFrame] = []
         if source != self._source:
@@ -93,10 +93,13 @@ class Resampler:
 MIXABLE_CHANNELS = 8
 
 
-def _mixable(frame: av.AudioFrame) -> av.AudioFrame:
-    """`frame`, or its channels averaged into one where FFmpeg could not mix them."""
+def _mixable(frame: av.AudioFrame, to_mono: bool = False) -> av.AudioFrame:
+    """`frame`, or its channels averaged into one: for a mono target (the official Wav2Lip hears a
+    narration as librosa's mono, the mean of its channels; FFmpeg's downmix adds them at -3 dB each,
+    3 dB louder for a narration in two identical channels, every mel value off by ~0.24), or where
+    FFmpeg could not mix them."""
     channels = frame.layout.nb_channels
-    if channels <= MIXABLE_CHANNELS:
+    if channels == 1 or (channels <= MIXABLE_CHANNELS and not to_mono):
         return frame
     data = frame.to_ndarray()  # planar: (channels, samples); packed: (1, samples * channels)
     per_channel = data.reshape(channels, -1) if frame.format.is_planar else data.reshape(-1, channels).T
