@@ -306,3 +306,16 @@ def test_a_model_file_replaced_at_the_same_uri_renders_rows_and_tracks_again(mon
     assert after_detector[0] != before[0] and after_detector[1] != before[1]
     storage.write_bytes("memory://models/wav2lip.pth", b"new weights, longer")
     assert keys()[0] != after_detector[0] and keys()[1] == after_detector[1]  # the renderer's: rows only
+
+
+def test_weights_holding_nan_are_refused(tmp_path, weights, expected):
+    """A diverged or damaged checkpoint loaded, and the renderer's NaN guard drew every mouth black
+    with no row failing."""
+    broken = dict(weights)
+    first = next(k for k, v in broken.items() if v.is_floating_point())
+    broken[first] = broken[first].clone()
+    broken[first].view(-1)[0] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save({"state_dict": broken}, path)
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) hold NaN or infinite values"):
+        load_state_dict(str(path), "Wav2Lip", expected)

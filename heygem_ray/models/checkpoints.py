@@ -264,6 +264,15 @@ def _check_layout(state: Mapping[str, torch.Tensor], expected: Layout, model_nam
         if key in state and tuple(state[key].shape) != tuple(expected[key])
     ]
     if not (missing or unexpected or wrong):
+        # a diverged or damaged file: it would load, render every mouth black (the renderer's guard
+        # makes NaN 0) and fail no row
+        # (a tensor's sum is NaN or infinite where any value is: 10 ms for Wav2Lip's 36 M, isfinite 95)
+        broken = [k for k in expected if k in state and state[k].is_floating_point() and not state[k].sum().isfinite()]
+        if broken:
+            raise CheckpointError(
+                f"{where}: {len(broken)} tensor(s) hold NaN or infinite values (e.g. {', '.join(broken[:_EXAMPLES])}): "
+                "a damaged or diverged checkpoint"
+            )
         return
     problems = [
         f"{label} {len(items)} (e.g. {', '.join(items[:_EXAMPLES])})"
