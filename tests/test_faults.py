@@ -39,32 +39,40 @@ def manifest(tmp_path, media_dir, rows: int) -> str:
     return path
 
 
-def run_killing_the_actor_once(cfg) -> tuple[Campaign, object]:
-    """Run a campaign and SIGKILL its renderer actor's process while segments are queued on it
-    (the config lets it hold 3)."""
+def one_actor(tmp_path, media_dir, rows: int, *extra: str):
+    """The config of a campaign of `rows` rows on one renderer actor, in quarter-second segments."""
+    return compose_config(
+        f"manifest={manifest(tmp_path, media_dir, rows)}",
+        f"output={tmp_path / 'out'}",
+        "render.segment_seconds=0.25",
+        "render.progress=false",
+        "cluster.actors=1",
+        *extra,
+    )
+
+
+def run_killing_the_actor_once(cfg, kill=None, held: int = 3, timeout: float = 300) -> tuple[Campaign, object]:
+    """Run a campaign and kill its renderer actor while `held` segments are queued on it (the config
+    lets it hold them): its process with SIGKILL (Ray restarts it), or as `kill(job)` does."""
     job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), RayExecutor(cfg))
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
     runner.start()
     deadline = time.time() + 120
-    while not (job.actors.pids and job.actors.pids[0] and job.actors.inflight >= 3):
+    while not (job.actors.pids and job.actors.pids[0] and job.actors.inflight >= held):
         assert time.time() < deadline and runner.is_alive(), "no work ever reached the actor"
         time.sleep(0.02)
-    os.kill(job.actors.pids[0], signal.SIGKILL)
-    runner.join(timeout=300)
-    assert not runner.is_alive()
+    if kill is None:
+        os.kill(job.actors.pids[0], signal.SIGKILL)
+    else:
+        kill(job)
+    runner.join(timeout=timeout)
+    assert not runner.is_alive(), "the campaign still waits for its renderer"
     return job, outcome["summary"]
 
 
 def test_actor_killed_mid_segment_the_rows_still_complete(ray_local, media_dir, tmp_path):
-    cfg = compose_config(
-        f"manifest={manifest(tmp_path, media_dir, 2)}",
-        f"output={tmp_path / 'out'}",
-        "render.segment_seconds=0.25",
-        "render.progress=false",
-        "cluster.actors=1",
-        "render.segments_per_actor=3",
-    )
+    cfg = one_actor(tmp_path, media_dir, 2, "render.segments_per_actor=3")
     _, summary = run_killing_the_actor_once(cfg)
     assert [r.status for r in summary.rows] == ["ok", "ok"], [r.error for r in summary.rows]
     assert max(r.attempts for r in summary.rows) == 2  # the lost segments were sent again, once
@@ -72,15 +80,7 @@ def test_actor_killed_mid_segment_the_rows_still_complete(ray_local, media_dir, 
 
 
 def test_actor_lost_beyond_the_retry_bound_fails_the_row_with_the_cause(ray_local, media_dir, tmp_path):
-    cfg = compose_config(
-        f"manifest={manifest(tmp_path, media_dir, 1)}",
-        f"output={tmp_path / 'out'}",
-        "render.segment_seconds=0.25",
-        "render.progress=false",
-        "cluster.actors=1",
-        "render.max_attempts=1",
-        "render.segments_per_actor=3",
-    )
+    cfg = one_actor(tmp_path, media_dir, 1, "render.max_attempts=1", "render.segments_per_actor=3")
     _, summary = run_killing_the_actor_once(cfg)
     row = summary.rows[0]
     assert row.status == "failed"
@@ -175,25 +175,9 @@ def test_an_actor_killed_for_good_is_given_up_and_its_rows_fail_saying_why(ray_l
     """A renderer someone stops with `ray kill` is not restarted (Ray's GCS records it DEAD): it is
     given up at once, and with no other renderer its rows fail saying so, instead of the campaign
     asking it `ready` every second for ever."""
-    cfg = compose_config(
-        f"manifest={manifest(tmp_path, media_dir, 2)}",
-        f"output={tmp_path / 'out'}",
-        "render.segment_seconds=0.25",
-        "render.progress=false",
-        "cluster.actors=1",
-    )
-    executor = RayExecutor(cfg)
-    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), executor)
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
-    runner.start()
-    deadline = time.time() + 120
-    while not (job.actors.pids and job.actors.pids[0] and job.actors.inflight):
-        assert time.time() < deadline and runner.is_alive(), "no work ever reached the actor"
-        time.sleep(0.02)
-    ray_local.kill(executor._actors[0])  # no_restart, as `ray kill` does
-    runner.join(timeout=60)
-    assert not runner.is_alive(), "the campaign still waits for an actor that will never come back"
+    cfg = one_actor(tmp_path, media_dir, 2)
+    # no_restart, as `ray kill` does
+    job, summary = run_killing_the_actor_once(cfg, lambda job: ray_local.kill(job.executor._actors[0]), 1, 60)
     assert job.actors.actors[0].failed and job.actors.error
-    assert {r.status for r in outcome["summary"].rows} <= {"ok", "failed"}
-    assert any("no renderer actor is left: ActorDiedError" in (r.error or "") for r in outcome["summary"].rows)
+    assert {r.status for r in summary.rows} <= {"ok", "failed"}
+    assert any("no renderer actor is left: ActorDiedError" in (r.error or "") for r in summary.rows)
