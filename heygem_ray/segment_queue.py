@@ -69,6 +69,7 @@ class SegmentQueue:
             except Exception as exc:  # a defect fails its row (`broken`), not the campaign
                 log.exception("row %s segment %d: internal error", row_id, index)
                 self.broken[row_id] = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+                self._failed_on.pop((row_id, index), None)
                 continue
             self.actors.actors[actor].load += 1
             state.attempts[index] = state.attempts.get(index, 0) + 1
