@@ -3,7 +3,9 @@ while the first still runs) would remove each other's results parts, stitch away
 other reused and overwrite each other's table and report. A run holds `{output}/_lock.json` while
 it renders, refreshing it every HEARTBEAT_SECONDS; another run refuses to start while the holder
 is alive, and takes over a lock its holder left (a killed driver): one not refreshed for
-STALE_SECONDS, or one of a process that is gone from this host's process namespace.
+STALE_SECONDS, or one of a process that is gone from this host's process namespace. The clocks of
+two hosts may differ by minutes, so a lock another host wrote is judged stale only after watching
+it go unrefreshed for WATCH_HEARTBEATS heartbeats; a lock that looks fresh is trusted at once.
 
 Taking and refreshing the lock change it only if it is still what was read, so two runs starting
 at the same moment cannot both get in: on S3 the store checks (a conditional PUT: If-None-Match
@@ -34,6 +36,9 @@ HEARTBEAT_SECONDS = 15.0
 STALE_SECONDS = 60.0
 #: longest wait for another process's read and write of a local lock (they take milliseconds)
 FLOCK_WAIT_SECONDS = 30.0
+#: heartbeats a run watches another host's lock that this host's clock calls stale before taking
+#: it over: a live holder on a clock behind this one's refreshes it meanwhile
+WATCH_HEARTBEATS = 1.5
 
 log = logging.getLogger("heygem_ray")
 
@@ -73,12 +78,8 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
     mine = {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(), "token": token}
     _HELD.add(token)  # before it is written: from then on, this process's lock is alive
     try:
-        with writing(layout.output), _serialized(layout.output):  # an output root that cannot be written: exit 2
-            holder, version = _read(uri)
-            if holder is not None and _alive(holder):
-                raise _busy(layout, holder)
-            if not _put(uri, mine, version):
-                raise _busy(layout, _read(uri)[0] or {})
+        with writing(layout.output):  # an output root that cannot be written: exit 2
+            _take(layout, mine)
     except TimeoutError as exc:
         _HELD.discard(token)
         raise OutputBusyError(f"output {storage.display(layout.output)} is busy: {exc}") from None
@@ -104,11 +105,50 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
                 storage.remove(uri)
 
 
+def _take(layout: CampaignLayout, mine: dict) -> None:
+    """Write this run's lock over none, or over one whose run is gone; raise OutputBusyError else."""
+    uri, watched = layout.lock, None
+    while True:
+        with _serialized(layout.output):
+            holder, version = _read(uri)
+            verdict = _verdict(holder, watched)
+            if verdict == "busy":
+                raise _busy(layout, holder or {})
+            if verdict == "take":
+                if not _put(uri, mine, version):
+                    raise _busy(layout, _read(uri)[0] or {})
+                return
+        watched = holder or {}  # watched outside the flock: other runs' beats go on meanwhile
+        seconds = HEARTBEAT_SECONDS * WATCH_HEARTBEATS
+        log.info(
+            "output %s's lock (host %s, pid %s) looks stale by this host's clock: watching it for %.0f s before "
+            "taking it over, as hosts' clocks may differ",
+            storage.display(layout.output),
+            watched.get("host"),
+            watched.get("pid"),
+            seconds,
+        )
+        time.sleep(seconds)
+
+
+def _verdict(holder: dict | None, watched: dict | None) -> str:
+    """take (no lock, or one unchanged while watched: its run is gone), busy, or watch (only watching
+    it can tell)."""
+    if holder is None or holder == watched:
+        return "take"
+    if watched is not None and holder.get("token") == watched.get("token"):
+        return "busy"  # refreshed while watched: alive, on a clock that differs from this host's
+    alive = _alive(holder)
+    return "watch" if alive is None else "busy" if alive else "take"
+
+
 def _busy(layout: CampaignLayout, holder: dict) -> OutputBusyError:
     seen = time.time() - float(holder.get("heartbeat", time.time()))
+    # a live holder whose heartbeat this clock puts far off: the two hosts' clocks differ
+    when = f"seen {seen:.0f} s ago" if abs(seen) <= STALE_SECONDS else "refreshing it on a clock unlike this host's"
     return OutputBusyError(
         f"output {storage.display(layout.output)} is being written by another run (host "
-        f"{holder.get('host')}, pid {holder.get('pid')}, seen {seen:.0f} s ago): wait for it to finish or stop "
+        f"{holder.get('host')}, pid {holder.get('pid')}, {when}): wait for it to finish or stop "
         f"it; a run that ended without letting go is taken over {STALE_SECONDS:.0f} s after it was last seen"
     )
 
@@ -275,12 +315,18 @@ def _etag(uri: str) -> str | None:
     return fs.info(path, refresh=True).get("ETag")  # not s3fs's listing cache: the store's answer now
 
 
-def _alive(holder: dict) -> bool:
-    if time.time() - float(holder.get("heartbeat", 0)) > STALE_SECONDS:
+def _alive(holder: dict) -> bool | None:
+    """Whether the lock's run is alive; None where only watching the lock can tell: another host's
+    whose heartbeat this host's clock puts over STALE_SECONDS away (a dead run, or a live one on a
+    clock that differs)."""
+    age = time.time() - float(holder.get("heartbeat", 0))
+    if holder.get("host") != socket.gethostname():
+        return True if abs(age) <= STALE_SECONDS else None
+    if age > STALE_SECONDS:  # this host's clock, the holder's too
         return False
     # only in the holder's own process namespace does its pid say whether it runs (containers on
-    # one host may share its name, and a restarted container's new driver may get the old pid)
-    if holder.get("host") == socket.gethostname() and holder.get("pidns") == _pid_namespace():
+    # one host share its name, and a restarted container's new driver may get the old pid)
+    if holder.get("pidns") == _pid_namespace():
         pid = int(holder.get("pid", 0))
         if pid == os.getpid():  # this process's own, or an earlier life's with the same pid
             return holder.get("token") in _HELD

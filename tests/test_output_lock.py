@@ -45,7 +45,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path, monk
         pass
 
 
-def test_a_lock_its_run_left_behind_is_taken_over(tmp_path):
+def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.1)  # another host's is watched for 1.5 beats
     layout = CampaignLayout(str(tmp_path))
     _held_by(layout, "another-host", 1234, seen_ago=lock_module.STALE_SECONDS + 5)  # not refreshed: stale
     with output_lock(layout):
@@ -89,6 +90,43 @@ def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the
         assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
     assert storage.remove_parts(str(tmp_path), skip=str(tmp_path / "_cache")) == 0
     assert storage.remove_parts("memory://x/out") == 0
+
+
+@pytest.mark.parametrize("clock", ["behind", "ahead"])
+def test_another_hosts_lock_is_judged_by_whether_it_is_refreshed_not_by_its_clock(tmp_path, monkeypatch, clock):
+    """Two hosts' clocks may differ by minutes. A live run on a host whose clock is far behind this
+    one's writes heartbeats that look stale here: watched, it is seen refreshing its lock and is
+    left alone (it was taken over, and two runs wrote one output). A dead run's lock from a host whose
+    clock is far ahead looks fresh for as long as the difference: watched, it is seen unrefreshed and
+    is taken over (it blocked the output for that long)."""
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.2)
+    layout = CampaignLayout(str(tmp_path))
+    skew = 3600.0 if clock == "behind" else -3600.0
+    _held_by(layout, "render-head-2", 4321, seen_ago=skew)
+    stop = threading.Event()
+
+    def beat() -> None:  # the other host's live run, on its own clock
+        while not stop.wait(0.05):
+            _held_by(layout, "render-head-2", 4321, seen_ago=skew)
+
+    if clock == "behind":
+        beating = threading.Thread(target=beat)
+        beating.start()
+        try:
+            with (
+                pytest.raises(OutputBusyError, match="render-head-2.*on a clock unlike this host's"),
+                output_lock(layout),
+            ):
+                pass
+        finally:
+            stop.set()
+            beating.join()
+        assert json.loads((tmp_path / "_lock.json").read_text())["host"] == "render-head-2"  # theirs, left alone
+    else:
+        started = time.monotonic()
+        with output_lock(layout):
+            assert json.loads((tmp_path / "_lock.json").read_text())["host"] == socket.gethostname()
+        assert time.monotonic() - started >= 0.2 * lock_module.WATCH_HEARTBEATS  # watched first
 
 
 def test_a_run_whose_lock_was_taken_over_stops_refreshing_it_and_stops(tmp_path, monkeypatch, caplog):
@@ -157,7 +195,8 @@ def _race(layout: CampaignLayout, runs: int = 8) -> int:
     return len(got_in)
 
 
-def test_of_runs_starting_at_the_same_instant_one_gets_in(tmp_path):
+def test_of_runs_starting_at_the_same_instant_one_gets_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.1)
     layout = CampaignLayout(str(tmp_path / "out"))
     for _ in range(3):
         assert _race(layout) == 1  # a free lock
@@ -172,12 +211,12 @@ def test_on_s3_the_store_lets_one_run_in_and_a_lost_lock_stops_its_run(s3_endpoi
     from heygem_ray import storage
 
     boto3.client("s3").create_bucket(Bucket="heygem-lock")
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
     layout = CampaignLayout("s3://heygem-lock/campaign")
     assert _race(layout, runs=6) == 1
     storage.write_bytes(layout.lock, json.dumps({"host": "h", "token": "old", "heartbeat": 0}).encode())
     assert _race(layout, runs=6) == 1  # stale: taken over by one
     assert not storage.exists(layout.lock)  # let go at the end
-    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
     with output_lock(layout) as held:
         mine = json.loads(storage.read_bytes(layout.lock))
         storage.write_bytes(layout.lock, json.dumps({**mine, "token": "theirs", "host": "render-head-2"}).encode())
