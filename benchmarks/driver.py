@@ -83,6 +83,9 @@ class SimulatedExecutor:
             raise handle.error
         return handle.result
 
+    def cancel(self, handle: Done) -> bool:
+        return True  # done already
+
     def close(self) -> None:
         pass
 

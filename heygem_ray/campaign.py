@@ -44,6 +44,10 @@ from heygem_ray.stitch import Stitched, stitch_row
 
 log = logging.getLogger("heygem_ray")
 
+#: at a stop, how long the stitches under way may go on (most take a second or two) before they are
+#: stopped; `ray job stop` kills the driver 3 s after its SIGTERM by default
+STITCH_GRACE_SECONDS = 1.5
+
 
 class Campaign:
     """One campaign's rows through prepare, render and stitch on an executor, each row ending with
@@ -130,6 +134,7 @@ class Campaign:
         interrupted = len(self.results) < len(self.rows)
         if interrupted:  # whatever did not finish is reported, not lost
             self.results.flush()  # first: `ray job stop` kills a driver a few seconds after its SIGTERM
+            self._settle_stitches()
             self._interrupted([row.id for row in self.rows if row.id not in self.results])
         try:
             return self.results.finish([r.id for r in self.rows])
@@ -265,6 +270,24 @@ class Campaign:
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 
     # ------------------------------------------------------------ results
+    def _settle_stitches(self) -> None:
+        """At a stop, the stitches under way get STITCH_GRACE_SECONDS to finish, then the rest are
+        stopped: a row reported interrupted must not have its video published after the report (a
+        stitch on a thread, which cannot be stopped, is waited for)."""
+        stitching = {handle: key for handle, (event, key) in self._inflight.items() if event == "stitched"}
+        for handle in stitching:
+            del self._inflight[handle]
+        deadline, stopped = time.monotonic() + STITCH_GRACE_SECONDS, False
+        while stitching:
+            left = deadline - time.monotonic()
+            if left <= 0 and not stopped:
+                stopped = True  # what it had published before its stop, `_interrupted` finds by its marker
+                stitching = {handle: key for handle, key in stitching.items() if not self.executor.cancel(handle)}
+                continue
+            for handle in self.executor.wait(list(stitching), timeout=max(left, 1.0) if stopped else left):
+                row_id = stitching.pop(handle)
+                self._for_row(row_id, self._on_stitched, row_id, handle)
+
     def _interrupted(self, row_ids: list[str]) -> None:
         """The rows the stop caught. One being rendered: ok when its video was published before the
         stop (its marker, written since the row started, says so, though the driver had not heard

@@ -4,13 +4,16 @@ stage at once, so these tests see the scheduling and the bookkeeping alone."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.driver import STAGES, SimulatedExecutor
+from benchmarks.driver import STAGES, Done, SimulatedExecutor
 from helpers import compose_config
 from heygem_ray.campaign import Campaign
 from heygem_ray.manifest import Row
@@ -606,3 +609,81 @@ def test_actors_gone_for_good_are_given_up_not_asked_for_ever(tmp_path):
     assert done, "the campaign waited for ever on actors that will never come back"
     assert done[0].count("failed") == ROWS
     assert all("No module named 'heygem_ray'" in r.error for r in done[0].rows)
+
+
+class _StitchesTakeTime(SimulatedExecutor):
+    """Stitches run on threads and take `seconds[row_id]` (other rows' at once); `cancel` stops a
+    stitch not yet published, as Ray's kills its worker, unless `unstoppable` (a thread that runs)."""
+
+    def __init__(self, seconds: dict[str, float], unstoppable: bool = False):
+        super().__init__(actors=2)
+        self.seconds, self.unstoppable = seconds, unstoppable
+        self.pool = ThreadPoolExecutor(4)
+        self.cancelled: list[str] = []
+        self.published: list[str] = []
+
+    def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
+        if fn.__name__ != "stitch_row":
+            return super().submit(fn, *args, num_gpus=num_gpus)
+        job, cancelled = args[0], threading.Event()
+
+        def stitch() -> Any:
+            if cancelled.wait(self.seconds.get(job.row_id, 0.0)):
+                raise RuntimeError("killed")
+            self.published.append(job.row_id)
+            return STAGES["stitch_row"](job, None)
+
+        future = self.pool.submit(stitch)
+        future.row_id, future.stop = job.row_id, cancelled  # type: ignore[attr-defined]
+        return future
+
+    def wait(self, handles: Any, timeout: float) -> Any:
+        done = [h for h in handles if isinstance(h, Done) or h.done()]
+        if done or not handles:
+            return done[:1]
+        finished, _ = futures_wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
+        return list(finished)[:1]
+
+    def get(self, handle: Any) -> Any:
+        return super().get(handle) if isinstance(handle, Done) else handle.result()
+
+    def cancel(self, handle: Any) -> bool:
+        if isinstance(handle, Done) or self.unstoppable:
+            return isinstance(handle, Done)
+        self.cancelled.append(handle.row_id)
+        handle.stop.set()
+        return True
+
+
+@pytest.mark.parametrize("unstoppable", [False, True], ids=["stopped", "waited-for"])
+def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tmp_path, monkeypatch, unstoppable):
+    """A stop (SIGTERM: KeyboardInterrupt in the driver) while rows are being stitched: a stitch that
+    finishes within the grace is its row's `ok`; a longer one is stopped (Ray kills its worker) and
+    its row reported interrupted, or, on a thread that cannot be stopped, waited for. No row is
+    reported interrupted while its video is published after the report."""
+    from heygem_ray import campaign as campaign_module
+
+    monkeypatch.setattr(campaign_module, "STITCH_GRACE_SECONDS", 0.5)
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i:03d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(4)]
+    executor = _StitchesTakeTime({"r000": 0.2, "r001": 2.0}, unstoppable)
+    job = Campaign(cfg, rows, executor=executor)
+
+    def guard() -> None:
+        stitching = {key for event, key in job._inflight.values() if event == "stitched"}
+        if {"r000", "r001"} <= stitching:
+            raise KeyboardInterrupt("signal 15")
+
+    job.guard = guard
+    with pytest.raises(KeyboardInterrupt):
+        job.run()
+    results = {r["id"]: r for r in read_results(str(tmp_path / "out" / "_results.parquet"))}
+    assert results["r000"]["status"] == "ok"  # finished within the grace
+    if unstoppable:
+        assert results["r001"]["status"] == "ok" and executor.cancelled == []
+    else:
+        assert results["r001"]["status"] == "failed" and "interrupted" in results["r001"]["error"]
+        assert executor.cancelled == ["r001"]
+        time.sleep(2.2)
+    assert all(results[row_id]["status"] == "ok" for row_id in executor.published)

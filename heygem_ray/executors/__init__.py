@@ -39,6 +39,10 @@ class Executor(Protocol):
     def get(self, handle: Any) -> Any:
         """The result of a finished handle, or its exception raised."""
 
+    def cancel(self, handle: Any) -> bool:
+        """Stop a submitted stage; True when it will not run on (not started, or its worker killed),
+        False when it may (a stage already running on a thread)."""
+
     def close(self) -> None:
         """Stop the actors now (their CPUs and GPUs are freed)."""
 

@@ -65,6 +65,9 @@ class InlineExecutor:
     def get(self, handle: Future[Any]) -> Any:
         return handle.result()
 
+    def cancel(self, handle: Future[Any]) -> bool:
+        return handle.cancel() or handle.done()
+
     def close(self) -> None:
         for pool in (self._tasks, *self._actors):
             pool.shutdown(wait=False, cancel_futures=True)

@@ -67,6 +67,10 @@ class RayExecutor:
     def get(self, handle: Any) -> Any:
         return ray.get(handle)
 
+    def cancel(self, handle: Any) -> bool:
+        ray.cancel(handle, force=True)  # a task killed with its worker is not retried
+        return True
+
     def close(self) -> None:
         actors, self._actors = self._actors, []
         for actor in actors:  # free their CPUs/GPUs now, not at garbage collection
