@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -251,10 +252,20 @@ def _uri(value: str | None, column: str, problems: list[str]) -> str | None:
     """A URI cell without surrounding blanks (a pasted "a.wav\n"); None if empty or if it holds a
     control character (recorded as a problem)."""
     value = (value or "").strip()
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if any(_is_control(ch) for ch in value):
         problems.append(f"{column} {_shown(value)} holds a control character")
         return None
     return value or None
+
+
+#: bidirectional embeddings, overrides and isolates: a name that shows other than it is
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _is_control(ch: str) -> bool:
+    """C0 and C1 controls and DEL, line and paragraph separators, bidi controls: nothing a file name
+    holds on purpose, and each breaks or disguises the logs and messages that show it."""
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS
 
 
 def _is_under(uri: str, root: str) -> bool:
