@@ -34,7 +34,7 @@ from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.output_lock import OutputLostError
 from heygem_ray.prepare import AvatarTrack, prepare_row
-from heygem_ray.results import ResultsTable, RowResult, Summary, published_earlier
+from heygem_ray.results import ResultsTable, RowResult, Summary
 from heygem_ray.rows import RowState, published_flag, remove_old_work
 from heygem_ray.segment import SegmentResult
 from heygem_ray.segment_queue import SegmentCall, SegmentQueue
@@ -43,6 +43,9 @@ from heygem_ray.startup import Startup
 from heygem_ray.stitch import Stitched, stitch_row
 
 log = logging.getLogger("heygem_ray")
+
+#: the error of a row a stop caught before it finished
+INTERRUPTED = "campaign interrupted before this row finished"
 
 #: at a stop, how long the stitches under way may go on (most take a second or two) before they are
 #: stopped; `ray job stop` kills the driver 3 s after its SIGTERM by default
@@ -74,6 +77,7 @@ class Campaign:
         self._states: dict[str, RowState] = {}  # rows admitted and not finished
         self._inflight: dict[Any, tuple[str, Any]] = {}  # executor handle -> (event, key)
         self.segments = SegmentQueue(cfg, self.actors, executor)
+        self._kept: set[str] = set()  # rows a stop left with an earlier run's result
         self.shared = SharedWork(cfg, executor)
 
     # ------------------------------------------------------------------ loop
@@ -132,15 +136,20 @@ class Campaign:
         # every row has a result and the table is written before anything that may fail on a
         # cluster that is going away (killing actors, the report, the feed)
         interrupted = len(self.results) < len(self.rows)
-        if interrupted:  # whatever did not finish is reported, not lost
-            self.results.flush()  # first: `ray job stop` kills a driver a few seconds after its SIGTERM
-            self._settle_stitches()
-            self._interrupted([row.id for row in self.rows if row.id not in self.results])
         try:
+            if interrupted:  # whatever did not finish is reported, not lost
+                self.results.flush()  # first: `ray job stop` kills a driver 3 s after its SIGTERM
+                self._settle_stitches()
+                self._interrupted([row.id for row in self.rows if row.id not in self.results])
             return self.results.finish([r.id for r in self.rows])
         finally:  # a table the store refuses still leaves the renderers stopped and the feed final
             done = ("ok", "skipped")
-            finished = [r.id for r in self.rows if r.id in self.results and self.results[r.id].status in done]
+            # not the rows that kept an earlier run's result: their segments of this run may be of new inputs
+            finished = [
+                r.id
+                for r in self.rows
+                if r.id in self.results and self.results[r.id].status in done and r.id not in self._kept
+            ]
             _wind_down(
                 ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
                 ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
@@ -299,14 +308,17 @@ class Campaign:
         earlier: dict[str, RowResult] = {}
         if not self.cfg.force and unstarted:
             try:
-                earlier = published_earlier(self.cfg.layout.results, self.cfg.layout.results_parts)
+                earlier = self.results.published_earlier()
             except Exception as exc:  # noqa: BLE001 - a table unreadable now: reported failed, as before
                 log.warning("earlier results not read: %s: %s", type(exc).__name__, exc)
+        # one line for them all, no part written: a campaign of 100,000 rows stopped early reports
+        # them in a second, and the table that follows holds them
+        stopped: list[str] = []
         for row_id in row_ids:
             state = self._states.get(row_id)
             try:
                 marker = state.published(self.cfg.layout) if state is not None else None
-            except OSError:  # the store failing too: reported failed, and a rerun finds the marker
+            except Exception:  # noqa: BLE001 - the store failing too: reported failed, and a rerun finds the marker
                 marker = None
             kept = earlier.get(row_id)
             if marker is not None and state is not None and marker.finished_at >= state.started:
@@ -314,25 +326,37 @@ class Campaign:
             elif row_id in unstarted and kept is not None and kept.output == self._outputs[row_id]:
                 figures = (kept.sync_score, kept.sync_offset_frames, kept.sync_method, kept.frames_without_face)
                 # its flag as this run's settings say (the earlier table's already holds the median's)
-                self.results.add(replace(kept, status="skipped", qa_flag=published_flag(*figures, self.cfg.qa)))
-                self.observers.finished(self.results[row_id], None)
+                self._states.pop(row_id, None)
+                self._kept.add(row_id)
+                result = replace(kept, status="skipped", qa_flag=published_flag(*figures, self.cfg.qa))
+                self.results.add(result, flush=False)
+                self.observers.finished(result, None, quiet=True)
             else:
-                self._fail(row_id, "campaign interrupted before this row finished")
+                stopped.append(row_id)
+                self._conclude(row_id, "failed", INTERRUPTED, None, None, quiet=True)
+        self.observers.stopped(stopped, len(self._kept))
 
     def _fail(self, row_id: str, reason: str) -> None:
         self._conclude(row_id, "failed", reason, None, None)
 
     def _conclude(
-        self, row_id: str, status: str, error: str | None, marker: Marker | None, thumbnail: bytes | None
+        self,
+        row_id: str,
+        status: str,
+        error: str | None,
+        marker: Marker | None,
+        thumbnail: bytes | None,
+        quiet: bool = False,
     ) -> None:
         """Record a row's one result (a row that has one keeps it) and let go of its state: what a
-        finished row leaves in the driver is its result."""
+        finished row leaves in the driver is its result. `quiet`: no line, part or report of its own
+        (the stop's rows)."""
         if row_id in self.results:
             return
         state = self._states.pop(row_id, None) or RowState(Row(row_id, "", "", self._outputs[row_id]), time.time())
         result = state.result(status, error, marker, self.cfg.qa)
-        self.results.add(result)
-        self.observers.finished(result, thumbnail)
+        self.results.add(result, flush=not quiet)
+        self.observers.finished(result, thumbnail, quiet=quiet)
 
 
 def _wind_down(*steps: tuple[str, Callable[[], object]]) -> None:

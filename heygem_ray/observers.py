@@ -58,18 +58,30 @@ class CampaignObservers:
         self.frames_done += frames
         self.frames_rendered += 0 if reused else frames
 
-    def finished(self, result: RowResult, thumbnail: bytes | None) -> None:
+    def finished(self, result: RowResult, thumbnail: bytes | None, quiet: bool = False) -> None:
+        """A row's result; `quiet`: no line of its own and no report written for it (`stopped`
+        says those of a stop at once)."""
         self.status(result.id, result.status)
         if result.sync_score is not None:
             self.sync_scores.append(result.sync_score)
         self.flagged += bool(result.qa_flag)
         self.report.add(result, thumbnail)
         metrics.row_finished(result.status)
+        if quiet:
+            return
         seconds = f"{result.render_seconds:.1f}s" if result.render_seconds is not None else "-"
         detail = storage.display(result.output) if result.status != "failed" else result.error
         _write_line(f"[{result.status}] {result.id} {seconds} {detail}")
         if time.time() - self._report_written >= self._report_every:
             self._write_report(final=False)
+
+    def stopped(self, failed: list[str], kept: int) -> None:
+        """The rows a stop caught: one line for them all."""
+        if failed:
+            shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+            _write_line(f"[failed] {len(failed)} row(s) the stop caught before they finished: {shown}")
+        if kept:
+            _write_line(f"[skipped] {kept} row(s) the stop caught keep an earlier run's published video")
 
     def tick(self, segments_in_flight: int, segments_queued: int) -> None:
         """After each driver event."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field, fields, replace
 
@@ -128,7 +129,8 @@ class ResultsTable:
         self._unwritten: list[RowResult] = []
         self._flushed_at = time.time()
         # parts of this run sort after those an interrupted earlier run left
-        self._run = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        # (and apart from those of another table of this process, in the same second)
+        self._own = "part-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}-{secrets.token_hex(3)}-"
         self._written_parts = 0
         self._refused = False  # the last part was refused by the store
 
@@ -141,9 +143,13 @@ class ResultsTable:
     def __getitem__(self, row_id: str) -> RowResult:
         return self._results[row_id]
 
-    def add(self, result: RowResult) -> None:
+    def add(self, result: RowResult, flush: bool = True) -> None:
+        """Keep a row's result; `flush` False: not written to a part of its own accord (the final
+        table follows at once)."""
         self._results[result.id] = result
         self._unwritten.append(result)
+        if not flush:
+            return
         if len(self._unwritten) >= self.flush_rows and not self._refused:
             self.flush()
         self.tick()
@@ -162,7 +168,7 @@ class ResultsTable:
             self._flushed_at = time.time()
             return
         self._written_parts += 1
-        name = f"part-{self._run}-{self._written_parts:05d}.parquet"
+        name = f"{self._own}{self._written_parts:05d}.parquet"
         try:
             storage.write_bytes(storage.join(self.parts, name), _parquet(self._unwritten))
         except OSError as exc:
@@ -185,6 +191,12 @@ class ResultsTable:
         storage.remove(self.parts, recursive=True)
         return rows
 
+    def published_earlier(self) -> dict[str, RowResult]:
+        """The rows earlier runs on this output root published (ok or skipped), by id: their table,
+        then the parts a killed run left (later results count), not this run's own parts (of
+        results it holds, and on a long campaign thousands). Nothing when there is none."""
+        return published_earlier(self.uri, self.parts, skip=self._own)
+
 
 def flag_outliers(rows: list[RowResult]) -> list[RowResult]:
     """Rows whose lip-sync score is far below the campaign's median, flagged with the reason."""
@@ -200,15 +212,19 @@ def flag_outliers(rows: list[RowResult]) -> list[RowResult]:
     ]
 
 
-def published_earlier(uri: str, parts: str) -> dict[str, RowResult]:
-    """The rows an earlier run on this output root published (ok or skipped), by id: its table,
-    then the parts of a run that was killed (later results count). Nothing when there is none."""
+def published_earlier(uri: str, parts: str, skip: str | None = None) -> dict[str, RowResult]:
+    """The rows earlier runs on this output root published (ok or skipped), by id: their table,
+    then the parts of a run that was killed (later results count), less the parts whose names
+    start with `skip`. Nothing when there is none."""
     rows: list[dict] = []
-    for read, where in ((read_results, uri), (read_parts, parts)):
-        try:
-            rows += read(where)
-        except FileNotFoundError:
-            pass
+    try:
+        rows += read_results(uri)
+    except FileNotFoundError:
+        pass
+    try:
+        rows += read_parts(parts, skip)
+    except FileNotFoundError:
+        pass
     earlier: dict[str, RowResult] = {}
     for row in rows:
         row["finished_at"] = row["finished_at"].timestamp() if row["finished_at"] else 0.0
@@ -220,12 +236,12 @@ def published_earlier(uri: str, parts: str) -> dict[str, RowResult]:
     return earlier
 
 
-def read_parts(parts: str) -> list[dict]:
+def read_parts(parts: str, skip: str | None = None) -> list[dict]:
     """The results an interrupted driver wrote before it stopped, oldest first (a row reported by
-    two runs appears twice: the later one counts)."""
+    two runs appears twice: the later one counts), less the parts whose names start with `skip`."""
     rows: list[dict] = []
     for uri in sorted(storage.listdir(parts)):  # not a glob: the output root's name may hold "[1]"
         name = storage.basename(uri)
-        if name.startswith("part-") and name.endswith(".parquet"):
+        if name.startswith("part-") and name.endswith(".parquet") and not (skip and name.startswith(skip)):
             rows += read_results(uri)
     return rows

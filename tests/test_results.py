@@ -179,3 +179,71 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     forced = Campaign(replace(cfg, force=True), rows, InlineExecutor(cfg))  # to render everything again
     forced._interrupted(ids)
     assert {r.status for r in forced.results.finish(ids)} == {"failed"}
+
+
+def test_earlier_results_are_read_without_this_runs_own_parts(tmp_path):
+    """At a stop, the rows an earlier run published are read from its table and a killed run's
+    parts, not from the parts of this run (thousands, on a long campaign, of results it holds)."""
+    from dataclasses import replace
+
+    from heygem_ray.results import write_results
+
+    uri, parts = str(tmp_path / "_results.parquet"), str(tmp_path / "_results")
+    write_results(uri, [_result("a")])
+    killed = ResultsTable(uri, parts)
+    killed.add(_result("b"))
+    killed.flush()
+    time.sleep(1.1)  # this run's parts sort after the killed run's
+    table = ResultsTable(uri, parts)
+    table.add(replace(_result("a"), status="failed"))
+    table.add(_result("c"))
+    table.flush()
+    assert [r["id"] for r in read_parts(parts)] == ["b", "a", "c"]
+    assert sorted(table.published_earlier()) == ["a", "b"]  # a: ok earlier; c: this run's own
+
+
+def test_a_stop_reports_its_rows_in_one_line_and_writes_no_part_for_each_thousand(tmp_path, capsys):
+    """A campaign of many rows stopped early: the rows it had not finished get their results in the
+    table at once, with one line for them all, and no part of their own (the table follows at
+    once; `ray job stop` kills the driver 3 s after its SIGTERM). A row the stop left with an
+    earlier run's result keeps its segments of this run in `_work` (its inputs may have changed)."""
+    from dataclasses import replace
+
+    from benchmarks.driver import SimulatedExecutor
+    from heygem_ray.campaign import Campaign
+    from heygem_ray.manifest import Row
+    from heygem_ray.results import write_results
+    from tests.helpers import compose_config
+
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i:04d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:04d}.mp4")) for i in range(300)]
+    write_results(cfg.layout.results, [replace(_result("r0299"), output=rows[-1].output)])
+    kept_work = out / "_work" / f"r0299-{'0' * 16}-libx264-n1"
+    kept_work.mkdir(parents=True)
+    job = Campaign(cfg, rows, executor=SimulatedExecutor(actors=2))
+    job.results.flush_rows = 10
+    flushes = []
+    flush = job.results.flush
+
+    def counted() -> None:
+        flushes.append(len(job.results))
+        flush()
+
+    job.results.flush = counted  # type: ignore[method-assign]
+
+    def guard() -> None:
+        if len(job.results) >= 20:
+            raise KeyboardInterrupt("signal 15")
+
+    job.guard = guard
+    with pytest.raises(KeyboardInterrupt):
+        job.run()
+    results = {r["id"]: r for r in read_results(cfg.layout.results)}
+    assert len(results) == 300 and results["r0299"]["status"] == "skipped"
+    stopped = [r for r in results.values() if r["status"] == "failed"]
+    assert len(stopped) > 250 and all("interrupted" in r["error"] for r in stopped)
+    assert len([n for n in flushes if n > 20]) <= 1  # the stop's own flush, before its rows
+    lines = [line for line in capsys.readouterr().out.splitlines() if "row(s) the stop caught" in line]
+    assert len(lines) == 2 and f"[failed] {len(stopped)} row(s)" in lines[0], lines
+    assert kept_work.is_dir()
