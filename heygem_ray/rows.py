@@ -64,7 +64,8 @@ class RowState:
         shape = stable_hash(info.width, info.height, info.fps_fraction, info.sar, info.color, video.FROM_BGR, length=8)
         return layout.work(f"{self.row.id}-{self.prep.fingerprint[:16]}-{codec}-{shape}-n{len(self.spans)}")
 
-    def segment_job(self, index: int, layout: CampaignLayout, codec: str) -> SegmentJob:
+    def segment_job(self, index: int, layout: CampaignLayout, codec: str, reuse: bool = True) -> SegmentJob:
+        """Segment `index`'s job; `reuse`: whether a segment an earlier run left may stand for it."""
         assert self.track is not None and self.prep is not None and self.prep.audio is not None
         span, track, audio = self.spans[index], self.track, self.prep.audio
         avatar_frames = avatar_frame_indices(np.arange(span.start, span.stop), track.frames, track.info.still)
@@ -84,6 +85,7 @@ class RowState:
             audio_samples=audio.samples,
             audio_level=audio.level,
             codec=codec,
+            reuse=reuse,
         )
 
     def stitch_job(

@@ -64,6 +64,7 @@ class SegmentJob:
     audio_samples: int
     audio_level: float
     codec: str  # the campaign's video encoder (never "auto": the driver decided)
+    reuse: bool = True  # a segment an earlier run left at out_uri is kept (not under `force`)
 
     @property
     def frames(self) -> int:
@@ -242,7 +243,11 @@ class RenderWorker:
             raise RendererStartError(self.start_error)
         started = time.time()
         # a segment made before qa.syncnet was set lacks the expert's embeddings: made again
-        if storage.exists(job.out_uri) and (self.expert is None or storage.exists(qa.syncnet_uri(job.out_uri))):
+        if (
+            job.reuse
+            and storage.exists(job.out_uri)
+            and (self.expert is None or storage.exists(qa.syncnet_uri(job.out_uri)))
+        ):
             return SegmentResult(
                 job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True, started_at=started
             )

@@ -65,7 +65,8 @@ class SegmentQueue:
                 continue
             assert self.actors.codec is not None  # decided by the first actor that answered
             try:
-                job = state.segment_job(index, self.cfg.layout, self.actors.codec)
+                # `force`: everything rendered again, segments an earlier run left too
+                job = state.segment_job(index, self.cfg.layout, self.actors.codec, reuse=not self.cfg.force)
             except Exception as exc:  # a defect fails its row (`broken`), not the campaign
                 log.exception("row %s segment %d: internal error", row_id, index)
                 self.broken[row_id] = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]

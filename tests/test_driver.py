@@ -687,3 +687,20 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
         assert executor.cancelled == ["r001"]
         time.sleep(2.2)
     assert all(results[row_id]["status"] == "ok" for row_id in executor.published)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_force_asks_the_renderers_not_to_reuse_earlier_segments(tmp_path, force):
+    jobs = []
+
+    class Recording(SimulatedExecutor):
+        def call(self, actor: int, method: str, *args: Any) -> Done:
+            if method == "render_segment":
+                jobs.append(args[0])
+            return super().call(actor, method, *args)
+
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", f"force={str(force).lower()}")
+    rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(3)]
+    assert Campaign(cfg, rows, executor=Recording(actors=2)).run().count("ok") == 3
+    assert jobs and {job.reuse for job in jobs} == {not force}

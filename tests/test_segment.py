@@ -113,3 +113,23 @@ def test_an_avatar_that_stops_decoding_is_the_rows_input_not_a_renderer_fault():
     for encoders in (EOFError("end of file"), av.error.InvalidDataError(1094995529, "bad data")):
         with pytest.raises(type(encoders)), _avatar_decoding("s3://b/v.ts"):  # not the avatar's
             raise encoders
+
+
+def test_a_segment_an_earlier_run_left_is_reused_unless_forced(tmp_path, media_dir):
+    """A rerun keeps the segments an earlier, stopped run rendered; `force=true` renders them again
+    (a row whose segments cannot be joined is mended that way, as the ops guide says)."""
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.manifest import Row
+    from heygem_ray.prepare import prepare_audio, prepare_avatar
+    from heygem_ray.rows import RowState
+
+    cfg = compose_config("manifest=m", f"output={tmp_path}/out", "cluster.actor.threads=1", "encoder.codec=libx264")
+    audio = prepare_audio(str(media_dir / "speech3.wav"), cfg.cache_uri)
+    track = prepare_avatar(str(media_dir / "still.png"), None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
+    state = RowState.prepared(Row("r", audio.uri, track.uri, f"{tmp_path}/out/r.mp4"), audio, "fp")
+    state.plan(track, 1.0)
+    layout, renderer = CampaignLayout(cfg.output), RenderWorker(cfg)
+    first = renderer.render_segment(state.segment_job(0, layout, "libx264"))
+    again = renderer.render_segment(state.segment_job(0, layout, "libx264"))
+    forced = renderer.render_segment(state.segment_job(0, layout, "libx264", reuse=False))
+    assert (first.reused, again.reused, forced.reused) == (False, True, False)
