@@ -288,3 +288,21 @@ def test_a_wheel_unpacks_as_pip_would_lay_it_out(tmp_path: Path) -> None:
     unpack_wheel(wheel, site)
     assert sorted(p.name for p in site.iterdir()) == ["demo_extra.py", "demo_pkg", "demo_pkg-1.0.dist-info"]
     assert (site / "demo_pkg" / "__init__.py").read_text() == "VALUE = 1\n"
+
+
+def test_a_run_without_the_carried_wheels_stops_before_any_step(tmp_path: Path) -> None:
+    """On the node, PyAV comes only as a carried wheel: a run whose wheels folder lacks it says how
+    to make it and runs nothing, rather than spend the lent GPU's minutes on steps that all fail."""
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu.run", "--wheels", str(empty), "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "the carried wheels lack av" in out.stderr and "benchmarks.gpu.prepare" in out.stderr
+    assert not list((tmp_path / "out").iterdir())  # no step ran

@@ -376,6 +376,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + install["log"],
                 flush=True,
             )
+            if install["missing"]:  # the node has none of them: every step would fail on its imports
+                print(
+                    f"error: the carried wheels lack {', '.join(install['missing'])}: run "
+                    "`python -m benchmarks.gpu.prepare` on a machine with network and carry "
+                    f"{args.wheels} (see benchmarks/gpu/README.md); no step was run",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 2
         env = step_env(scratch / "site" if install else None, scratch, args.dry_run)
         for step in STEPS:
             if args.only and step.name not in args.only:
