@@ -81,6 +81,8 @@ def bench_network(device: torch.device, runs: list[tuple[str, bool]], batches: l
     print("| precision | torch.compile | batch | frames/s | ms/batch |")
     print("|---|---|---|---|---|")
     for precision, compiled in runs:
+        # fp32 as the renderer runs it: cuDNN would take TF32 (a 10-bit mantissa) on Ampere and later
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
         net = torch.compile(model) if compiled else model
         for batch in batches:
             # compile traces per shape; warm up enough for autotuning and cudnn algorithm choice
@@ -117,7 +119,7 @@ def _render_frames_per_second(renderer, batch: int, boxes: str, seconds: float) 
 def bench_end_to_end(device: torch.device, batches: list[int], boxes: list[str], seconds: float) -> None:
     from heygem_ray.render.wav2lip import Wav2LipRenderer
 
-    precisions = ("fp32", "fp16") if device.type == "cuda" else ("fp32",)
+    precisions = ("fp32", "fp16", "bf16") if device.type == "cuda" else ("fp32",)  # bf16: CUDA's `auto`
     print(f"\nWav2LipRenderer.render(), {FRAME_W}x{FRAME_H} frames, one face box each, feather blend\n")
     print("| image_ops | precision | boxes | batch | frames/s | ms/frame |")
     print("|---|---|---|---|---|---|")
