@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -390,6 +391,16 @@ def test_a_rerun_renders_with_the_settings_the_campaign_was_made_with(tmp_path, 
     assert studio.job_overrides(studio.store.load("alice", record.id)) == first
     del studio.models["lipsync"]
     assert studio.job_overrides(studio.store.load("alice", record.id)) == first
+
+    # a campaign made before campaigns kept their settings: its quality as presets were then, and
+    # never the default renderer in place of a model no longer offered
+    old = replace(studio.store.load("alice", record.id), settings=None, quality="draft (small, fast)")
+    with pytest.raises(UploadError, match="model 'lipsync', which this studio no longer offers"):
+        studio.job_overrides(old)
+    studio.models["lipsync"] = ["renderer=wav2lip", "renderer.checkpoint=/w/v1.pth"]
+    overrides = studio.job_overrides(old)
+    assert "renderer.checkpoint=/w/v1.pth" in overrides and "encoder.preset=superfast" in overrides
+    assert not any(o.startswith("render.max_side") for o in overrides)
 
 
 def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):

@@ -29,6 +29,15 @@ QUALITIES: dict[str, list[str]] = {
 }
 
 
+#: the quality presets of campaigns made before campaigns kept their settings (a record whose
+#: `settings` is None): their re-runs render as those were made, not with today's presets (the
+#: draft's max_side), which would render every finished video again
+LEGACY_QUALITIES: dict[str, list[str]] = {
+    "standard": [],
+    "draft (small, fast)": ["encoder.crf=28", "encoder.preset=superfast"],
+    "best (large)": QUALITIES["best (large)"],
+}
+
 #: a campaign's states that will not change until it is submitted again
 ENDED = ("finished", "failed", "cancelled")
 
@@ -286,9 +295,19 @@ class Studio:
             # the user's own cache: their avatars and narrations are tracked and decoded once
             f"cache={storage.join(self.store.root, record.user, '_cache')}",
             "render.progress=false",
-            *(record.settings if record.settings is not None else self._settings(record.model, record.quality)),
+            *(record.settings if record.settings is not None else self._legacy_settings(record)),
             *self.cfg.render_overrides,
         ]
+
+    def _legacy_settings(self, record: CampaignRecord) -> list[str]:
+        """The settings of a campaign made before campaigns kept theirs: its model as offered now,
+        never another renderer in place of one no longer offered."""
+        if record.model not in self.models:
+            raise UploadError(
+                f"campaign {record.name!r} was made with model {record.model!r}, which this studio no longer offers: "
+                "make a new campaign with the same files"
+            )
+        return [*self.models[record.model], *LEGACY_QUALITIES.get(record.quality, [])]
 
     def submit(self, record: CampaignRecord) -> str:
         """Start (or resume) the campaign as a new Ray job: finished rows are skipped by the driver."""
