@@ -1210,3 +1210,36 @@ def test_uploads_count_the_users_store_at_most_every_few_seconds(tmp_path, monke
     monkeypatch.setattr(studio_service, "USAGE_SECONDS", 0.0)
     studio.admit_upload("alice", 1000)
     assert len(walks) == 3
+
+
+def test_a_campaign_record_this_version_cannot_read_is_passed_over_not_fatal(tmp_path, caplog):
+    """One campaign.json cut short, edited by hand or lacking a field must not break its user's page
+    nor the watcher of every user's campaigns: it is left out, with a warning. A newer version's
+    record (a field this one does not know) still loads."""
+    from heygem_ray.studio.store import CampaignRecord
+
+    store = StudioStore(str(tmp_path / "store"))
+
+    def saved(user: str, name: str, created: float) -> CampaignRecord:
+        record = CampaignRecord(store.new_id(), user, name, created, 1, "lipsync", "standard", "m", "o")
+        store.save(record)
+        return record
+
+    good, newer, cut, missing = (saved("alice", n, t) for n, t in (("good", 1.0), ("newer", 2.0), ("cut", 3), ("x", 4)))
+    other = saved("bob", "theirs", 5.0)
+
+    def path(record: CampaignRecord) -> Path:
+        return tmp_path / "store" / record.user / record.id / "campaign.json"
+
+    data = json.loads(path(newer).read_text())
+    path(newer).write_text(json.dumps({**data, "schema": 2, "labels": ["q4"]}))
+    path(cut).write_text(path(cut).read_text()[:40])
+    data = json.loads(path(missing).read_text())
+    del data["rows"]
+    path(missing).write_text(json.dumps(data))
+    assert [r.name for r in store.campaigns("alice")] == ["newer", "good"]
+    assert sorted(r.name for r in store.all_campaigns()) == ["good", "newer", "theirs"]
+    assert store.load("bob", other.id) is not None and store.load("alice", good.id) is not None
+    assert caplog.text.count("unreadable") >= 2
+    path(good).write_text("[1, 2]")  # JSON, but no record
+    assert [r.name for r in store.campaigns("alice")] == ["newer"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -20,7 +21,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -71,6 +72,10 @@ class CampaignRecord:
     #: its finished rows (None: a record from before they were kept)
     settings: list[str] | None = None
 
+
+log = logging.getLogger("heygem_ray.studio")
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(CampaignRecord))
 
 #: results tables the store keeps read (the campaigns being looked at; up to ~100 MB each at
 #: MANIFEST_MAX_ROWS)
@@ -211,12 +216,23 @@ class StudioStore:
         storage.write_bytes(uri, json.dumps(asdict(record), indent=1).encode())
 
     def load(self, user: str, campaign_id: str) -> CampaignRecord | None:
+        """The user's campaign, None when there is none (or it is not theirs). A record this version
+        cannot read (cut short, edited by hand, lacking a field) is None too, with a warning: one bad
+        record must not break its user's page or the watcher of every campaign. Fields it does
+        not know (a newer version's) are left out."""
         try:
             uri = storage.join(self.campaign_root(user, campaign_id), "campaign.json")
             data = json.loads(storage.read_bytes(uri))
-        except (KeyError, FileNotFoundError, ValueError):
+        except (KeyError, FileNotFoundError):
             return None
-        record = CampaignRecord(**data)
+        except ValueError as exc:
+            log.warning("campaign record %s/%s unreadable: %s", user, campaign_id, exc)
+            return None
+        try:
+            record = CampaignRecord(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
+        except (TypeError, AttributeError) as exc:  # a field missing, or not a JSON object at all
+            log.warning("campaign record %s/%s unreadable: %s", user, campaign_id, exc)
+            return None
         return record if record.user == user else None
 
     def campaigns(self, user: str) -> list[CampaignRecord]:
