@@ -146,6 +146,32 @@ def test_password_guessing_slows_down(tmp_path):
     assert [burst.begin(*burst.keys("alice", "10.0.0.9")) == 0 for _ in range(5)] == [True] * 3 + [False] * 2
 
 
+def test_signing_in_as_oneself_does_not_reset_an_addresss_guesses(tmp_path, monkeypatch):
+    """A user guessing at other names from one address cannot clear that address's count by signing
+    in as themselves between guesses; an IPv6 host counts by its /64; an address's failures are
+    forgotten an hour after its last."""
+    from heygem_ray.studio.users import LoginGuard, UsersFile
+
+    users_path = tmp_path / "users.toml"
+    add_user(users_path, "mallory", "mine")
+    users, guard = UsersFile(users_path), LoginGuard(free=3, name_free=50)
+    for victim in ("alice", "bob", "carol"):
+        guess = guard.keys(victim, "10.0.0.66")
+        assert guard.begin(*guess) == 0 and not guard.check(users, victim, "guess", *guess)
+        own = guard.keys("mallory", "10.0.0.66")
+        if victim != "carol":  # a sign-in of one's own, which counts as no failure
+            assert guard.begin(*own) == 0 and guard.check(users, "mallory", "mine", *own)
+    assert guard.wait_seconds(*guard.keys("dave", "10.0.0.66")) > 0  # three guesses from that address
+    for host in ("2001:db8::1", "2001:db8::2", "2001:db8::3"):  # one /64, three addresses
+        keys = guard.keys("erin", host)
+        assert guard.begin(*keys) == 0 and not guard.check(users, "erin", "guess", *keys)
+    assert guard.wait_seconds(*guard.keys("frank", "2001:db8::99")) > 0
+    assert guard.wait_seconds(*guard.keys("frank", "2001:db8:0:1::1")) == 0  # another /64
+    later = time.time() + LoginGuard.FORGET_SECONDS + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert guard.wait_seconds(*guard.keys("dave", "10.0.0.66")) == 0
+
+
 # ------------------------------------------------------------------------------------- the store
 def test_uploads_are_checked_by_what_they_are(tmp_path, media_dir):
     assert check_upload(str(media_dir / "speech3.wav"), "audio", MIB) == "speech3.wav"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -121,7 +122,19 @@ class LoginGuard:
     and 16 MiB of scrypt), and after `free` failures from a client address (for any name, or for
     one name), each further try waits out a delay that doubles, up to `longest` seconds. A name
     tried from many addresses slows down only after `name_free` failures: with `free` alone,
-    anyone could keep a user from signing in by failing five times as them now and then."""
+    anyone could keep a user from signing in by failing five times as them now and then.
+
+    A right password clears the failures of its name, not its address's: else anyone with an
+    account could guess four times at other names, sign in as themselves, and go on unslowed. An
+    address's failures are forgotten an hour after its last (an office behind one address is not
+    slowed for ever by its typos). IPv6 clients count by their /64, which one host commonly has."""
+
+    #: failures a key holds are forgotten this long after its last one
+    FORGET_SECONDS = 3600.0
+    #: keys kept at most: at the guard's pace (`parallel` checks of ~50 ms, three keys a try) a flood
+    #: of new addresses takes longer than `longest` to push out the oldest, so no key is dropped
+    #: while its delay still holds
+    MAX_KEYS = 100_000
 
     def __init__(self, parallel: int = 4, free: int = 5, longest: float = 300.0, name_free: int = 50):
         self._checks = threading.BoundedSemaphore(parallel)
@@ -133,6 +146,7 @@ class LoginGuard:
     def keys(name: str, client: str) -> tuple[tuple[str, ...], ...]:
         """What a try from `client` as `name` counts against (tuples: no name can pass for another
         key, as "alice@10.0.0.5" could in a joined string)."""
+        client = _client_group(client)
         return ("client", client), ("name at client", name, client), ("name", name)
 
     def wait_seconds(self, *keys: tuple[str, ...]) -> float:
@@ -145,7 +159,7 @@ class LoginGuard:
         for key in keys:
             count, last = self._failures.get(key, (0, 0.0))
             free = self.name_free if key[0] == "name" else self.free
-            if count >= free:
+            if count >= free and now - last < self.FORGET_SECONDS:
                 waits.append(min(self.longest, 2.0 ** (count - free)) - (now - last))
         return max([0.0, *waits])
 
@@ -159,9 +173,10 @@ class LoginGuard:
             if wait > 0:
                 return wait
             for key in keys:
-                count, _ = self._failures.pop(key, (0, 0.0))
+                count, last = self._failures.pop(key, (0, 0.0))
+                count = 0 if now - last >= self.FORGET_SECONDS else count
                 self._failures[key] = (count + 1, now)  # most recent last
-            while len(self._failures) > 10_000:  # forget the oldest: memory stays bounded
+            while len(self._failures) > self.MAX_KEYS:  # forget the oldest: memory stays bounded
                 del self._failures[next(iter(self._failures))]
         return 0.0
 
@@ -177,5 +192,20 @@ class LoginGuard:
         if ok:
             with self._lock:
                 for key in keys:
-                    self._failures.pop(key, None)
+                    count, last = self._failures.pop(key, (0, 0.0))
+                    if key[0] == "client" and count > 1:  # this try is no failure; the address's others stand
+                        self._failures[key] = (count - 1, last)
         return ok
+
+
+def _client_group(client: str) -> str:
+    """What an address counts as: an IPv6 address its /64, any other as it is."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # ::ffff:10.0.0.1, as a dual-stack server may see 10.0.0.1
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
