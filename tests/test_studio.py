@@ -229,6 +229,11 @@ def test_a_user_over_quota_is_refused_until_a_campaign_is_deleted(tmp_path, medi
     with pytest.raises(UploadError, match="of your .* GiB .* delete campaigns"):
         studio.create("alice", "second", [audio], [avatar])
     assert [r.id for r in studio.store.campaigns("alice")] == [first.id]
+    videos = Path(first.output)
+    videos.mkdir(parents=True, exist_ok=True)
+    (videos / "r0.mp4").write_bytes(b"\0" * one)  # its videos take her past the quota: no re-run adds more
+    with pytest.raises(UploadError, match="past your .* GiB: delete campaigns .* before re-running"):
+        studio.rerun("alice", first.id)
     assert not studio.delete("bob", first.id)
     assert studio.delete("alice", first.id) and studio.store.campaigns("alice") == []
     assert studio.store.usage("alice") == 0
@@ -1269,3 +1274,58 @@ def test_a_campaign_record_this_version_cannot_read_is_passed_over_not_fatal(tmp
     assert caplog.text.count("unreadable") >= 2
     path(good).write_text("[1, 2]")  # JSON, but no record
     assert [r.name for r in store.campaigns("alice")] == ["newer"]
+
+
+def test_a_campaign_being_saved_and_submitted_is_not_rerun_or_deleted_meanwhile(tmp_path, media_dir):
+    """Between a new campaign's record being saved (the page lists it, not yet submitted) and its
+    submit, a re-run would start a second job on its output and a delete would remove it under the
+    submit: both wait for the submit to end."""
+    import logging
+    import threading
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.service import Studio as StudioService
+
+    cfg = StudioConfig(store=str(tmp_path / "store"))
+    studio = StudioService(cfg, Cluster(f"http://127.0.0.1:{_free_port()}", local=False), logging.getLogger("t"))
+    saved, go_on, acted = threading.Event(), threading.Event(), []
+    save = studio.store.save
+
+    def slow_save(record):
+        save(record)
+        if not record.jobs and not saved.is_set():  # the new record, listed from now on
+            saved.set()
+            go_on.wait(10)
+
+    studio.store.save = slow_save
+
+    def act(action):
+        saved.wait(10)
+        (record,) = studio.store.campaigns("alice")
+        try:
+            action("alice", record.id)
+        except ClusterUnavailable:
+            pass
+        acted.append(action.__name__)
+
+    creating = threading.Thread(
+        target=lambda: pytest.raises(
+            ClusterUnavailable,
+            studio.create,
+            "alice",
+            "c",
+            [str(media_dir / "speech3.wav")],
+            [str(media_dir / "still.png")],
+        )
+    )
+    others = [threading.Thread(target=act, args=(action,)) for action in (studio.rerun, studio.delete)]
+    creating.start()
+    for thread in others:
+        thread.start()
+    time.sleep(0.5)
+    assert acted == []  # both wait while the campaign is being submitted
+    go_on.set()
+    for thread in (creating, *others):
+        thread.join(10)
+    assert sorted(acted) == ["delete", "rerun"]

@@ -164,14 +164,19 @@ class Studio:
             self._check_active(user)
             self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
             campaign_id = self.store.new_id()
-            try:
-                record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
-            except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
-                with contextlib.suppress(Exception):
-                    self.store.discard(user, campaign_id)
-                raise
-            self._taken(user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])]))
-            self.submit(record)
+            with self._lock:
+                held = self._campaign_locks.setdefault(campaign_id, threading.Lock())
+            # held from its record's save to its submit: a re-run or delete of the campaign listed
+            # meanwhile (not yet submitted) waits, rather than submit a second job or delete it under us
+            with held:
+                try:
+                    record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
+                except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
+                    with contextlib.suppress(Exception):
+                        self.store.discard(user, campaign_id)
+                    raise
+                self._taken(user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])]))
+                self.submit(record)
             return record
         finally:
             with self._lock:
@@ -276,6 +281,11 @@ class Studio:
         with self._lock:
             self._usage[user] = (time.time(), used)
         incoming = sum(os.path.getsize(p) for p in uploads if os.path.exists(p))
+        if not uploads and used > quota:  # a re-run: its videos would add to a store already past it
+            raise UploadError(
+                f"your campaigns take {used / 2**30:.2f} GiB, past your {self.cfg.user_quota_gb:g} GiB: delete "
+                "campaigns you no longer need (Campaigns tab) before re-running one"
+            )
         if used + incoming > quota:
             raise UploadError(
                 f"your campaigns take {used / 2**30:.2f} GiB of your {self.cfg.user_quota_gb:g} GiB and these uploads "
@@ -444,6 +454,7 @@ class Studio:
             if view is None or view.status in ("queued", "running"):
                 return None
             self._check_active(user, campaign_id)
+            self._check_quota(user, [])
             return self.submit(view.record)
 
     @contextlib.contextmanager
