@@ -78,6 +78,7 @@ class Campaign:
         self._inflight: dict[Any, tuple[str, Any]] = {}  # executor handle -> (event, key)
         self.segments = SegmentQueue(cfg, self.actors, executor)
         self._kept: set[str] = set()  # rows a stop left with an earlier run's result
+        self._stitching = 0  # stitches submitted and not yet answered
         self.shared = SharedWork(cfg, executor)
 
     # ------------------------------------------------------------------ loop
@@ -158,12 +159,14 @@ class Campaign:
             )
 
     def _admit_rows(self) -> None:
-        """Prepare rows lazily: while fewer are preparing than `render.max_prepared_rows` and the driver's
-        queue holds less than one more round of segments than the actors may hold."""
+        """Prepare rows lazily: while fewer are preparing than `render.max_prepared_rows`, the driver's
+        queue holds less than one more round of segments than the actors may hold, and fewer rows
+        wait for their stitch than twice the actors (at least 8)."""
         while (
             self._pending
             and self.observers.counts["preparing"] < self.cfg.render.max_prepared_rows
             and len(self.segments) < self.segments.cap()
+            and self._stitching < max(8, 2 * len(self.actors))  # stitches slower than renders: no pile of rows
         ):
             row = self._pending.popleft()
             self._states[row.id] = RowState(row, time.time())
@@ -263,8 +266,10 @@ class Campaign:
             assert self.actors.codec is not None
             job = state.stitch_job(self.cfg.layout, self.actors.codec, self.cfg.qa, self.cfg.storage.options)
             self._inflight[self.executor.submit(stitch_row, job, state.audio_track)] = ("stitched", row_id)
+            self._stitching += 1
 
     def _on_stitched(self, row_id: str, ref: Any) -> None:
+        self._stitching -= 1
         try:
             stitched: Stitched = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001

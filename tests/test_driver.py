@@ -704,3 +704,30 @@ def test_force_asks_the_renderers_not_to_reuse_earlier_segments(tmp_path, force)
     rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(3)]
     assert Campaign(cfg, rows, executor=Recording(actors=2)).run().count("ok") == 3
     assert jobs and {job.reuse for job in jobs} == {not force}
+
+
+def test_rows_waiting_for_slow_stitches_hold_admission(tmp_path):
+    """Stitches slower than renders (a slow store, CPUs the actors hold): the driver admits no more
+    rows while twice the actors' worth (at least 8) wait for their stitch, so neither its state nor
+    the rendered-but-unpublished work piles up over a long campaign (here all 120 rows did)."""
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i:03d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(120)]
+    executor = _StitchesTakeTime({row.id: 0.1 for row in rows})
+    pending = []
+    submit = executor.submit
+
+    def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        handle = submit(fn, *args, **kwargs)
+        if fn.__name__ == "stitch_row":
+            pending.append(handle)
+            pending[:] = [h for h in pending if not h.done()]
+            executor.most = max(getattr(executor, "most", 0), len(pending))
+        return handle
+
+    executor.submit = counted  # type: ignore[method-assign]
+    job = Campaign(cfg, rows, executor=executor)
+    assert job.run().count("ok") == 120
+    # the stitch cap, plus rows already admitted: preparing, and rendering (a segment each at most)
+    bound = 8 + cfg.render.max_prepared_rows + 2 * job.segments.cap()
+    assert 8 <= executor.most <= bound, (executor.most, bound)

@@ -175,7 +175,9 @@ class Studio:
                     with contextlib.suppress(Exception):
                         self.store.discard(user, campaign_id)
                     raise
-                self._taken(user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])]))
+                self._taken(
+                    user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])])
+                )
                 self.submit(record)
             return record
         finally:
