@@ -109,6 +109,12 @@ class SegmentQueue:
         row_id, index, actor = call
         self.actors.actors[actor].load -= 1
         cause = self.executor.cause(exc)
+        if self.executor.actor_lost(exc) and self.actors.actors[actor].failed is not None:
+            # the driver stopped that actor itself (retired, given up): no try of this segment's
+            if state is not None:
+                state.attempts[index] -= 1
+                self._queue.appendleft((row_id, index))
+            return None
         if self.executor.actor_lost(exc):
             self.actors.lost(actor)
         if isinstance(cause, RendererStartError):  # restarted without its model: asked `ready` again,

@@ -731,3 +731,34 @@ def test_rows_waiting_for_slow_stitches_hold_admission(tmp_path):
     # the stitch cap, plus rows already admitted: preparing, and rendering (a segment each at most)
     bound = 8 + cfg.render.max_prepared_rows + 2 * job.segments.cap()
     assert 8 <= executor.most <= bound, (executor.most, bound)
+
+
+def test_a_segment_on_an_actor_the_driver_retired_is_no_try_of_its_own(tmp_path):
+    """The driver stops an actor it retires while that actor still holds segments: their calls fail
+    as a lost actor's, which is no fault of theirs, so they go to the others without using a try
+    (on a segment's last try, the row failed with "renderer actor died")."""
+    from heygem_ray.actor_pool import ActorPool
+    from heygem_ray.rows import RowState
+    from heygem_ray.segment_queue import SegmentQueue
+
+    class Killed(Exception):
+        pass
+
+    class SaysLost(SimulatedExecutor):
+        def actor_lost(self, exc: BaseException) -> bool:
+            return isinstance(exc, Killed)
+
+    cfg = compose_config(f"manifest={tmp_path}/m", f"output={tmp_path}/out", "render.max_attempts=1")
+    executor = SaysLost(actors=2)
+    pool = ActorPool(cfg, executor)
+    pool.start()
+    queue = SegmentQueue(cfg, pool, executor)
+    state = RowState(Row("r", "/a.wav", "/v.mp4", f"{tmp_path}/out/r.mp4"), time.time())
+    state.attempts[0] = 1  # its one try, on actor 0
+    pool.actors[0].load = 1
+    pool.unusable(0, "3 segments that failed on it rendered on other actors")
+    assert queue.failed(("r", 0, 0), state, Killed()) is None
+    assert state.attempts[0] == 0 and len(queue) == 1
+    pool.actors[1].load = 1  # an actor the driver did not stop: the lost call counts
+    state.attempts[1] = 1
+    assert "segment 1 failed after 1 attempt" in (queue.failed(("r", 1, 1), state, Killed()) or "")
