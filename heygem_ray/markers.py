@@ -26,6 +26,17 @@ class Marker:
     sync_method: str | None = None
     sync_distance: float | None = None
     frames_without_face: int | None = None
+    #: the published file's size: a rerun skips the row only while the file there has it (another
+    #: row, a later manifest's, or a hand may have put another file there); None for older markers
+    bytes: int | None = None
+
+    def still_published(self) -> bool:
+        """Whether the output path holds the video this marker is of (of its size; exists, for
+        markers from before sizes were kept)."""
+        try:
+            return storage.size(self.output) == self.bytes if self.bytes is not None else storage.exists(self.output)
+        except FileNotFoundError:
+            return False
 
 
 def read_marker(uri: str) -> Marker | None:

@@ -640,7 +640,7 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
             fingerprints[what] = content_fingerprint(uri, cache, what)
     fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg)
     marker = read_marker(cfg.layout.marker(row.id))
-    if not cfg.force and marker and marker.fingerprint == fp and storage.exists(row.output):
+    if not cfg.force and marker and marker.fingerprint == fp and marker.still_published():
         try:
             thumbnail = storage.read_bytes(cfg.layout.thumbnail(row.id))
         except FileNotFoundError:

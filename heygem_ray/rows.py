@@ -119,7 +119,7 @@ class RowState:
         marker = read_marker(layout.marker(self.row.id))
         if marker is None or marker.fingerprint != self.prep.fingerprint:
             return None
-        return marker if storage.exists(self.row.output) else None
+        return marker if marker.still_published() else None
 
     def result(self, status: str, error: str | None, marker: Marker | None, qa: QAConfig) -> RowResult:
         """The row's result; a published one carries its lip-sync score, flagged as `qa` says."""

@@ -95,6 +95,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
             # the marker of the video this one replaces goes first: a run stopped between the two
             # would leave this video under the old one's fingerprint, skipped as that one later
             storage.remove(job.marker_uri)
+            size = os.path.getsize(path)
             storage.publish_file(path, job.output, move=True)
     thumbnail = _thumbnail(job)
     if thumbnail:
@@ -114,6 +115,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
         sync.method,
         sync.distance,
         sync.frames_without_face,
+        size,
     )
     write_marker(job.marker_uri, marker)
     try:
@@ -131,7 +133,7 @@ def _published_already(job: StitchJob) -> Stitched | None:
     marker = read_marker(job.marker_uri)
     if marker is None or marker.fingerprint != job.fingerprint or storage.exists(job.segment_uris[0]):
         return None
-    if not storage.exists(job.output):
+    if not marker.still_published():
         return None
     try:
         thumbnail: bytes | None = storage.read_bytes(job.thumbnail_uri)

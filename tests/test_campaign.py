@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 import wave
+from pathlib import Path
 
 import av
 import cv2
@@ -232,7 +233,12 @@ def test_inline_executor_renders_the_same_campaign_without_ray(rendered, tmp_pat
 
 
 def test_rerun_skips_finished_rows(rendered):
-    cfg, _first, _ = rendered
+    import json
+
+    cfg, _first, results = rendered
+    for row_id in GOOD:  # the marker knows the size of what it published: the rerun checks it
+        marker = json.loads(Path(cfg.layout.marker(row_id)).read_text())
+        assert marker["bytes"] == os.path.getsize(results[row_id]["output"]), row_id
     again = campaign.run(cfg)
     status = {r.id: r.status for r in again.rows}
     assert again.startup == {} and again.startup_line() == ""  # nothing rendered, nothing to break down

@@ -247,3 +247,29 @@ def test_a_stop_reports_its_rows_in_one_line_and_writes_no_part_for_each_thousan
     lines = [line for line in capsys.readouterr().out.splitlines() if "row(s) the stop caught" in line]
     assert len(lines) == 2 and f"[failed] {len(stopped)} row(s)" in lines[0], lines
     assert kept_work.is_dir()
+
+
+def test_a_row_is_skipped_only_while_its_output_path_holds_the_video_its_marker_is_of(tmp_path, media_dir):
+    """A marker whose fingerprint matches skips its row only while the file at the output path is of
+    the size it published (another manifest's row, or a hand, may have put another video there
+    since); a marker from before sizes were kept asks only that the file exists."""
+    from dataclasses import replace
+
+    from heygem_ray.manifest import Row
+    from heygem_ray.markers import Marker, write_marker
+    from heygem_ray.prepare import prepare_row
+    from tests.helpers import compose_config
+
+    out = tmp_path / "out"
+    cfg = compose_config("manifest=m", f"output={out}", f"cache={tmp_path / 'cache'}")
+    row = Row("r", str(media_dir / "speech3.wav"), str(media_dir / "still.png"), str(out / "r.mp4"))
+    fingerprint = prepare_row(row, cfg).fingerprint
+    out.mkdir(exist_ok=True)
+    (out / "r.mp4").write_bytes(b"v" * 1000)
+    marker = Marker("r", fingerprint, row.output, 75, 3.0, time.time(), bytes=1000)
+    write_marker(cfg.layout.marker("r"), marker)
+    assert prepare_row(row, cfg).skipped
+    (out / "r.mp4").write_bytes(b"w" * 1200)  # another video there now
+    assert not prepare_row(row, cfg).skipped
+    write_marker(cfg.layout.marker("r"), replace(marker, bytes=None))  # an older marker
+    assert prepare_row(row, cfg).skipped
