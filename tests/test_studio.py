@@ -301,7 +301,8 @@ def test_one_users_upload_events_do_bounded_work(tmp_path, media_dir, monkeypatc
     upload once however often the page asks (it sends every file picked so far each time)."""
     import shutil
 
-    from heygem_ray.studio import app, service
+    from heygem_ray.studio import service
+    from heygem_ray.studio import store as store_module
     from heygem_ray.studio.store import UploadError
 
     audio = str(media_dir / "speech3.wav")
@@ -312,18 +313,20 @@ def test_one_users_upload_events_do_bounded_work(tmp_path, media_dir, monkeypatc
     with pytest.raises(UploadError, match="2 narrations: a campaign takes 1 at most"):
         service.distinct_uploads([audio, copy], "narrations")
     decoded = []
-    real_check = app.check_upload
-    monkeypatch.setattr(app, "check_upload", lambda path, *a: decoded.append(path) or real_check(path, *a))
-    checks = app.UploadChecks()
+    real_check = store_module.check_upload
+    monkeypatch.setattr(store_module, "check_upload", lambda path, *a: decoded.append(path) or real_check(path, *a))
+    store = StudioStore(str(tmp_path / "store"))
+    checks = store.checks
     assert [checks.problem(audio, "audio", 2**30) for _ in range(3)] == ["", "", ""]
     assert "not an accepted avatar file" in checks.problem(audio, "avatar", 2**30)
     assert decoded == [audio, audio]  # once as audio, once as avatar
-    store = StudioStore(str(tmp_path / "store"))
     again = [copy, str(tmp_path / "x" / "speech3-copy.wav")]  # two uploads of one name
     os.makedirs(tmp_path / "x")
     shutil.copy(audio, again[1])
+    checks.problem(copy, "audio", 2**30)  # the page checked this one: saving it decodes it no more
     uris = store.save_uploads("alice", store.new_id(), again, "audio", 2**30)
     assert [os.path.basename(u) for u in uris] == ["speech3-copy.wav", "speech3-copy-2.wav"]
+    assert decoded == [audio, audio, copy, again[1]]
 
 
 def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):

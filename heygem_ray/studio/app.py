@@ -25,7 +25,7 @@ from heygem_ray import storage
 from heygem_ray.studio.cluster import ClusterUnavailable
 from heygem_ray.studio.service import QUALITIES, UPLOAD_WINDOW_SECONDS, CampaignView, Studio, distinct_uploads
 from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
-from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, MANIFEST_TYPES, UploadError, check_upload
+from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, MANIFEST_TYPES, UploadError
 from heygem_ray.studio.users import LoginGuard, UsersFile
 
 #: the one user of a studio without a users file (it listens on 127.0.0.1 only)
@@ -205,7 +205,6 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
     # after 15 minutes
     window = UPLOAD_WINDOW_SECONDS
     claims = UploadClaims(window)
-    upload_checks = UploadChecks()
     with gr.Blocks(title="heygem_ray studio", delete_cache=(window, window)) as pages:
         who = gr.Markdown()
         with gr.Tab("New campaign"):
@@ -276,7 +275,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                     return f"❌ {exc}"
                 counted.append(len(files))
                 for path in files:
-                    problem = upload_checks.problem(path, kind, max_bytes)
+                    problem = studio.store.checks.problem(path, kind, max_bytes)
                     if problem:
                         problems.append(f"- ❌ {problem}")
             n_audio, n_avatar = counted
@@ -577,40 +576,6 @@ class UploadClaims:
             if others:
                 self._holders[key] = others
             return not others
-
-
-class UploadChecks:
-    """What `check_upload` said of each upload lately, by path, size and time: Gradio names an
-    upload by its content, so a file is decoded once however many times the page asks."""
-
-    KEPT = 4096
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._said: dict[tuple[str, str, int, float], str] = {}
-
-    def problem(self, path: str, kind: str, max_bytes: int) -> str:
-        """Why the upload at `path` is refused as `kind` ("" when it is not)."""
-        try:
-            stat = os.stat(path)
-        except OSError:
-            stat = None
-        key = (os.path.realpath(path), kind, stat.st_size if stat else -1, stat.st_mtime if stat else 0.0)
-        with self._lock:
-            said = self._said.get(key)
-        if said is not None:
-            return said
-        try:
-            check_upload(path, kind, max_bytes)
-            said = ""
-        except UploadError as exc:
-            said = str(exc)
-        if stat is not None:  # a file that is gone may come back: asked again
-            with self._lock:
-                self._said[key] = said
-                while len(self._said) > self.KEPT:
-                    del self._said[next(iter(self._said))]
-        return said
 
 
 def _remove_quietly(path: str) -> None:

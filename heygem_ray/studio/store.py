@@ -90,6 +90,7 @@ class StudioStore:
         self._results: dict[str, tuple[str, list[dict]]] = {}  # table URI -> (its version, its rows)
         self._progress: dict[str, tuple[str, dict]] = {}  # feed URI -> (its version, its counts)
         self._lock = threading.Lock()
+        self.checks = UploadChecks()  # the page's checks of uploads, which saving them reuses
 
     # ---------------------------------------------------------------- paths
     def campaign_root(self, user: str, campaign_id: str) -> str:
@@ -135,7 +136,7 @@ class StudioStore:
         taken: set[str] = set()
         uris = []
         for local in uploads:
-            name = check_upload(local, kind, max_bytes)
+            name = self.checks.name(local, kind, max_bytes)
             stem, suffix = os.path.splitext(name)
             stored, n = name, 1
             while stored in taken:  # the campaign's folder is new: what this loop put there is all it holds
@@ -442,6 +443,49 @@ def check_upload(local: str, kind: str, max_bytes: int) -> str:
     except (InputError, OSError, ValueError) as exc:
         raise UploadError(f"{name}: not a readable {kind} file ({str(exc).splitlines()[0]})") from None
     return name
+
+
+class UploadChecks:
+    """What `check_upload` said of each upload lately, by path, size and time: Gradio names an
+    upload by its content, so a file is decoded once however many times the page asks, and not
+    again when its campaign is made (a thousand presenters took minutes of a request)."""
+
+    KEPT = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._said: dict[tuple[str, str, int, float], tuple[str, str]] = {}  # -> (name, problem)
+
+    def name(self, path: str, kind: str, max_bytes: int) -> str:
+        """`check_upload`'s answer for the upload at `path`: its stored name, or UploadError."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stat = None
+        key = (os.path.realpath(path), kind, stat.st_size if stat else -1, stat.st_mtime if stat else 0.0)
+        with self._lock:
+            said = self._said.get(key)
+        if said is None:
+            try:
+                said = (check_upload(path, kind, max_bytes), "")
+            except UploadError as exc:
+                said = ("", str(exc))
+            if stat is not None:  # a file that is gone may come back: asked again
+                with self._lock:
+                    self._said[key] = said
+                    while len(self._said) > self.KEPT:
+                        del self._said[next(iter(self._said))]
+        if said[1]:
+            raise UploadError(said[1])
+        return said[0]
+
+    def problem(self, path: str, kind: str, max_bytes: int) -> str:
+        """Why the upload at `path` is refused as `kind` ("" when it is not)."""
+        try:
+            self.name(path, kind, max_bytes)
+        except UploadError as exc:
+            return str(exc)
+        return ""
 
 
 class _Sink(io.RawIOBase):
