@@ -329,15 +329,17 @@ def test_one_users_upload_events_do_bounded_work(tmp_path, media_dir, monkeypatc
     assert decoded == [audio, audio, copy, again[1]]
 
 
-def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):
+def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, monkeypatch):
     """The quota was met only when a campaign was made: uploads alone (kept 15 minutes by the web
-    server) could fill the disk. Each upload now counts, with the last 15 minutes' others."""
+    server, and until its next sweep of them) could fill the disk. Each upload now counts, with the
+    others the web server may still keep."""
     import logging
 
     from starlette.testclient import TestClient
 
     from heygem_ray.config import StudioConfig
     from heygem_ray.studio.app import UPLOAD_PATH, build_app
+    from heygem_ray.studio.service import CACHE_SWEEP_SECONDS, UPLOAD_WINDOW_SECONDS
     from heygem_ray.studio.service import Studio as StudioService
 
     cfg = StudioConfig(store=str(tmp_path / "store"), user_quota_gb=1000 / 2**30)  # 1000 bytes
@@ -345,6 +347,12 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path):
     assert service.admit_upload("local", 600) is None
     assert "past your" in (service.admit_upload("local", 600) or "")  # 600 + 600 > 1000
     assert service.admit_upload("other", 600) is None  # each user's own
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS / 2)
+    assert "past your" in (service.admit_upload("local", 600) or "")  # past its window, not yet swept
+    monkeypatch.setattr(time, "time", lambda: now + UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS + 1)
+    assert service.admit_upload("local", 600) is None
+    monkeypatch.undo()
     client = TestClient(build_app(service, None, Sessions(b"k" * 32)), base_url="http://127.0.0.1")
     refused = client.post(UPLOAD_PATH, content=b"x" * 500)
     assert refused.status_code == 413 and "past your" in refused.text

@@ -23,7 +23,14 @@ from starlette.concurrency import run_in_threadpool
 
 from heygem_ray import storage
 from heygem_ray.studio.cluster import ClusterUnavailable
-from heygem_ray.studio.service import QUALITIES, UPLOAD_WINDOW_SECONDS, CampaignView, Studio, distinct_uploads
+from heygem_ray.studio.service import (
+    CACHE_SWEEP_SECONDS,
+    QUALITIES,
+    UPLOAD_WINDOW_SECONDS,
+    CampaignView,
+    Studio,
+    distinct_uploads,
+)
 from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
 from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, MANIFEST_TYPES, UploadError
 from heygem_ray.studio.users import LoginGuard, UsersFile
@@ -205,7 +212,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
     # after 15 minutes
     window = UPLOAD_WINDOW_SECONDS
     claims = UploadClaims(window)
-    with gr.Blocks(title="heygem_ray studio", delete_cache=(window, window)) as pages:
+    # swept every minute: swept every `window`, an upload lived up to twice that, two quotas' worth
+    with gr.Blocks(title="heygem_ray studio", delete_cache=(CACHE_SWEEP_SECONDS, window)) as pages:
         who = gr.Markdown()
         with gr.Tab("New campaign"):
             name = gr.Textbox(label="Campaign name", max_length=120)

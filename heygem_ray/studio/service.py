@@ -60,6 +60,9 @@ class CampaignView:
 
 #: how long the web server keeps an upload no campaign took (Gradio's cache: see app.build_pages)
 UPLOAD_WINDOW_SECONDS = 900
+#: how often Gradio sweeps its cache of uploads past UPLOAD_WINDOW_SECONDS: an upload lives up to
+#: their sum, and counts against its user's quota as long
+CACHE_SWEEP_SECONDS = 60
 #: seconds an upload's quota check trusts the last count of the user's store (a walk of every file of
 #: theirs: many small uploads at once walked it each, in the web server's shared threads); uploads
 #: since are counted exactly, and a campaign's creation counts the store anew
@@ -236,7 +239,8 @@ class Studio:
         with self._lock:
             self._usage[user] = counted
             used = counted[1]
-            recent = [(t, n) for t, n in self._uploads.get(user, []) if now - t < UPLOAD_WINDOW_SECONDS]
+            kept = UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS
+            recent = [(t, n) for t, n in self._uploads.get(user, []) if now - t < kept]
             pending = sum(n for _, n in recent)
             if used + pending + size > quota:
                 self._uploads[user] = recent
