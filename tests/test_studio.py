@@ -857,6 +857,8 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
             page.get_by_role("radio", name="draft (small, fast)").check()
             page.locator("#submit").click()
             expect(page.locator("#submitted")).to_contain_text("submitted: 6 video(s)", timeout=60_000)
+            # the file boxes are emptied: their uploads left the web server for the campaign
+            expect(checked).to_contain_text("0 presenter(s) × 0 narration(s)", timeout=30_000)
             (record,) = (tmp_path / "store" / "alice").glob("*/campaign.json")
             campaign = record.parent.name
             assert json.loads(record.read_text())["quality"] == "draft (small, fast)"
