@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 import gradio as gr
@@ -299,12 +298,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             model_name: str,
             quality_name: str,
             request: gr.Request,
-        ) -> tuple[Any, ...]:
-            """The message, the campaign list, and the file boxes: emptied once the campaign holds
-            their files (left as they were, they named uploads no longer on the web server)."""
+        ) -> tuple[str, gr.Dropdown]:
             user = user_of(request)
-            unchanged = (gr.update(), gr.update(), gr.update())
-            emptied = (None, None, None)
             uploads = _uploaded(
                 [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
             )
@@ -314,9 +309,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                     user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
                 )
             except UploadError as exc:
-                return f"❌ {exc}", gr.Dropdown(), *unchanged
-            except ClusterUnavailable as exc:  # saved: re-run it from the Campaigns tab
-                return f"❌ saved, but not submitted: {exc}", gr.Dropdown(), *emptied
+                return f"❌ {exc}", gr.Dropdown()
+            except ClusterUnavailable as exc:
+                return f"❌ saved, but not submitted: {exc}", gr.Dropdown()
             for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
                 if claims.release(user, path):
                     _remove_quietly(path)
@@ -327,8 +322,13 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                     "Follow it on the Campaigns tab."
                 ),
                 gr.Dropdown(choices=choices, value=record.id),
-                *emptied,
             )
+
+        def emptied_when_saved(message: str) -> tuple:
+            """After create: the file boxes emptied once a campaign holds their uploads (left as
+            they were, they named files gone from the web server: a second Render said "expired")."""
+            saved = message.startswith(("✅", "❌ saved, but not submitted"))
+            return (None, None, None) if saved else (gr.update(), gr.update(), gr.update())
 
         def refresh(campaign_id: str | None, request: gr.Request) -> tuple:
             user = user_of(request)
@@ -387,11 +387,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         avatars.change(check, [audios, avatars], checked, concurrency_id="check", concurrency_limit=4)
         manifest.change(claim_manifest, [manifest], None, concurrency_id="check", concurrency_limit=4)
         submit.click(
-            create,
-            [name, audios, avatars, manifest, model, quality],
-            [submitted, chosen, audios, avatars, manifest],
-            concurrency_limit=4,
-        )
+            create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=4
+        ).then(emptied_when_saved, [submitted], [audios, avatars, manifest], api_visibility="private")
         outputs = [listing, chosen, status, rows, gallery, log_tail]
         poll: dict = {"concurrency_id": "refresh", "concurrency_limit": 16}
         pages.load(refresh, [chosen], outputs, **poll)
