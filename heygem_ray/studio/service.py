@@ -279,7 +279,9 @@ class Studio:
                 "or cancel one (Campaigns tab)"
             )
 
-    def _check_quota(self, user: str, uploads: list[str]) -> None:
+    def _check_quota(self, user: str, uploads: list[str], rerun: bool = False) -> None:
+        """Refuse `uploads` that would take the user past their quota, or a re-run (`rerun`) while
+        their campaigns are past it already (its videos would add more)."""
         if not self.cfg.user_quota_gb:
             return
         quota = self.cfg.user_quota_gb * 2**30
@@ -287,7 +289,7 @@ class Studio:
         with self._lock:
             self._usage[user] = (time.time(), used)
         incoming = sum(os.path.getsize(p) for p in uploads if os.path.exists(p))
-        if not uploads and used > quota:  # a re-run: its videos would add to a store already past it
+        if rerun and used > quota:
             raise UploadError(
                 f"your campaigns take {used / 2**30:.2f} GiB, past your {self.cfg.user_quota_gb:g} GiB: delete "
                 "campaigns you no longer need (Campaigns tab) before re-running one"
@@ -460,7 +462,7 @@ class Studio:
             if view is None or view.status in ("queued", "running"):
                 return None
             self._check_active(user, campaign_id)
-            self._check_quota(user, [])
+            self._check_quota(user, [], rerun=True)
             return self.submit(view.record)
 
     @contextlib.contextmanager
