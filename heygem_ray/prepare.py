@@ -54,14 +54,18 @@ _T = TypeVar("_T")
 
 
 def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
-    """BLAKE2b of the file's bytes, memoised under the cache by URI, size and version (mtime/ETag)."""
+    """BLAKE2b of the file's bytes, memoised under the cache by URI, size and version (mtime/ETag);
+    hashed anew at every call where the store names no version."""
     fs, path = storage.url_to_fs(uri)
     info = fs.info(path)
     if info.get("type") == "directory":
         raise IsADirectoryError(path)
     if info.get("size") == 0:  # None: unknown (an HTTP server that sends no length), not empty
         raise InputError(what, uri, "is empty (0 bytes)")
-    memo = storage.join(cache, "fingerprints", f"{storage.version_key(uri, info)[:32]}.txt")
+    version = storage.version_key(uri, info)
+    if version is None:  # bytes that may change under the same URI and size: hashed at every use
+        return storage.fingerprint(uri)
+    memo = storage.join(cache, "fingerprints", f"{version[:32]}.txt")
     with caching(memo), contextlib.suppress(FileNotFoundError):
         return storage.read_bytes(memo).decode().strip()
     fp = storage.fingerprint(uri)
@@ -270,7 +274,8 @@ _checkpoint_versions: dict[str, tuple[float, str]] = {}
 
 
 def checkpoint_version(uri: str | None) -> str | None:
-    """A key that changes when the model file at `uri` is replaced (size and ETag or mtime)."""
+    """A key that changes when the model file at `uri` is replaced (size and ETag or mtime, or its
+    content where its store names no version)."""
     if not uri:
         return None
     kept = _checkpoint_versions.get(uri)
@@ -278,7 +283,9 @@ def checkpoint_version(uri: str | None) -> str | None:
         return kept[1]
     fs, path = storage.url_to_fs(uri)
     with contextlib.suppress(FileNotFoundError):  # a missing file fails where it is loaded, saying so
-        version = storage.version_key(uri, fs.info(path))
+        # a server that names no version: the weights' content (a fine-tuned checkpoint has the
+        # size of the one it replaces)
+        version = storage.version_key(uri, fs.info(path)) or storage.fingerprint(uri)
         _checkpoint_versions[uri] = (time.monotonic(), version)
         return version
     return None

@@ -326,6 +326,20 @@ def glob(pattern: str) -> list[str]:
     return [f"{protocol(pattern)}://{m}" for m in matches]
 
 
+def versions(pattern: str) -> dict[str, str | None]:
+    """The URIs a glob matches (as `glob` gives them) and each one's `version_key`, from the one
+    listing: an object store's LIST reports every object's ETag, so a caller that keeps what it
+    read by version reads again only what changed."""
+    fs, path = url_to_fs(pattern)
+    found = fs.glob(path, detail=True)
+    prefix = "" if is_local(pattern) else f"{protocol(pattern)}://"
+    return {
+        f"{prefix}{name}": version_key(f"{prefix}{name}", info)
+        for name, info in sorted(found.items())
+        if info.get("type") != "directory"
+    }
+
+
 @retrying
 def publish_file(local_file: str, uri: str, move: bool = False, link: bool = False) -> None:
     """Put a finished local file at `uri` so readers never see a partial file; `move`: the caller
@@ -478,43 +492,105 @@ def node_cache_bytes() -> int:
 CACHE_GRACE_SECONDS = 600.0
 
 
-def version_key(uri: str, info: Mapping[str, Any]) -> str:
-    """A key that changes when the object at `uri` changes: URI, size and ETag (object stores) or
-    modification time (file systems), as fsspec's info() reports them."""
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+#: what fsspec's info() reports that changes when an object is replaced, in the order keys were
+#: always made from (ETag: S3, GCS, Azure, HTTP; modification times: local files' mtime, S3's
+#: LastModified, HTTP's Last-Modified, Azure's last_modified; digests and generations: HTTP's
+#: Content-MD5 and Digest, GCS's md5Hash and generation; memory://'s created)
+VERSION_FIELDS = (
+    "ETag", "etag", "mtime", "LastModified", "Last-Modified", "last_modified",
+    "Content-MD5", "Digest", "md5Hash", "generation", "updated", "created",
+)  # fmt: skip
+
+
+def version_key(uri: str, info: Mapping[str, Any]) -> str | None:
+    """A key that changes when the object at `uri` changes: URI, size and version (the first of
+    VERSION_FIELDS its store reports). None where the store reports no version (an HTTP endpoint
+    that sends neither ETag nor Last-Modified, as a text-to-speech service's may): its bytes can
+    change under the same URI and size, so nothing may be kept by that key."""
+    version = next((info[k] for k in VERSION_FIELDS if info.get(k)), None)
+    if version is None:
+        return None
     return hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()
 
 
 @retrying
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """A local path holding `uri`'s bytes: local files as they are, remote ones downloaded once per
-    node into the node cache (keyed by URI, size and version/ETag), safe against concurrent callers."""
+    node into the node cache (keyed by URI, size and version/ETag; at every call where the store
+    names no version), safe against concurrent callers."""
     if is_local(uri):
         return local_path(uri)
     fs, path = url_to_fs(uri)
     info = fs.info(path)
-    key = version_key(uri, info)[:24]
     suffix = os.path.splitext(basename(uri.split("?", 1)[0]))[1][:16]  # never a query string (tokens) on disk
     root = cache_dir or node_cache_dir()
-    dest = os.path.join(root, key + suffix)
-    if _used(dest):
-        return dest
-    with cache_lock(root, dest):
-        if not os.path.exists(dest):
-            try:
-                _download(fs, path, dest)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                # a full disk: the copies used longest ago make room (else every download on the
-                # node would fail until someone cleared it), and the download goes again once
-                trim_node_cache(root, max(0, node_cache_bytes() - int(info.get("size") or 0)))
-                _download(fs, path, dest)
+    key = version_key(uri, info)
+    if key is None:
+        dest = _unversioned_copy(fs, path, uri, root, suffix, int(info.get("size") or 0))
+    else:
+        dest = os.path.join(root, key[:24] + suffix)
+        if _used(dest):
+            return dest
+        _download_once(fs, path, dest, root, int(info.get("size") or 0))
     try:
         trim_node_cache(root, node_cache_bytes())
     except OSError as exc:  # the copy is there: a cache that cannot be trimmed fails no row
         log.warning("node cache %s not trimmed: %s: %s", root, type(exc).__name__, exc)
     return dest
+
+
+def _download_once(fs: fsspec.AbstractFileSystem, path: str, dest: str, root: str, size: int) -> None:
+    """Download to `dest` unless a concurrent caller did meanwhile."""
+    with cache_lock(root, dest):
+        if not os.path.exists(dest):
+            tmp = f"{dest}{_PART}{uuid.uuid4().hex[:8]}"
+            try:
+                _get_with_room(fs, path, tmp, root, size)
+                _sync(tmp)  # a copy a crash left empty would fail every row that uses it
+                os.replace(tmp, dest)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+
+_unversioned_seen: set[str] = set()  # URIs whose lack of a version this process logged
+
+
+def _unversioned_copy(fs: fsspec.AbstractFileSystem, path: str, uri: str, root: str, suffix: str, size: int) -> str:
+    """A copy of an object whose store names no version: read again at every use (a copy kept by
+    URI and size would serve a replaced narration of the same length), and kept under its content's
+    fingerprint, so uses that find the same bytes share one copy."""
+    if uri not in _unversioned_seen:
+        _unversioned_seen.add(uri)
+        log.info("%s: its server names no version (ETag, Last-Modified): read again at every use", display(uri))
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f"unversioned{_PART}{uuid.uuid4().hex[:8]}")
+    try:
+        _get_with_room(fs, path, tmp, root, size)
+        digest = hashlib.blake2b(digest_size=16)  # as `fingerprint` makes it
+        with open(tmp, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+        dest = os.path.join(root, f"content-{digest.hexdigest()}{suffix}")
+        if not _used(dest):
+            _sync(tmp)
+            os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return dest
+
+
+def _get_with_room(fs: fsspec.AbstractFileSystem, path: str, tmp: str, root: str, size: int) -> None:
+    """Download to `tmp`; on a full disk the node cache's copies used longest ago make room (else
+    every download on the node would fail until someone cleared it) and it goes again once."""
+    try:
+        fs.get_file(path, tmp)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        trim_node_cache(root, max(0, node_cache_bytes() - size))
+        fs.get_file(path, tmp)
 
 
 def _used(dest: str) -> bool:
@@ -527,17 +603,6 @@ def _used(dest: str) -> bool:
     except OSError:  # a read-only or another user's cache: used as it is
         return os.path.exists(dest)
     return True
-
-
-def _download(fs: fsspec.AbstractFileSystem, path: str, dest: str) -> None:
-    tmp = f"{dest}{_PART}{uuid.uuid4().hex[:8]}"
-    try:
-        fs.get_file(path, tmp)
-        _sync(tmp)  # a copy a crash left empty would fail every row that uses it
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:

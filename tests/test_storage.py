@@ -1,5 +1,9 @@
+import contextlib
 import errno
+import http.server
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -210,6 +214,57 @@ def test_an_http_input_whose_server_sends_no_length_is_not_empty(tmp_path, media
     assert abs(audio.seconds - 3.0) < 0.01
 
 
+@contextlib.contextmanager
+def served(files: dict[str, bytes], headers: dict[str, str]) -> Iterator[str]:
+    """An HTTP server on loopback serving `files` (changed in place by the caller) with `headers`
+    beside Content-Length: a TTS endpoint sends neither ETag nor Last-Modified."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.do_HEAD()
+            self.wfile.write(files.get(self.path) or b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_http_input_replaced_by_one_of_its_size_is_read_anew(tmp_path):
+    """A narration regenerated at the same URL with the same length (a WAV of the same duration has
+    the same size) kept its old fingerprint and copy: keyed by URI and size alone (HTTP's validator
+    is Last-Modified, which was not looked at), a rerun skipped the row and kept the stale video.
+    Now Last-Modified keys them, and a server that sends no validator is read anew at each use."""
+    cache, nodes = str(tmp_path / "cache"), str(tmp_path / "node")
+    for headers in ({"Last-Modified": "Tue, 01 Dec 2026 10:00:00 GMT"}, {}):
+        files = {"/narration.wav": b"first take " * 100}
+        with served(files, headers) as root:
+            uri = f"{root}/narration.wav"
+            before = content_fingerprint(uri, cache, "audio"), storage.local_copy(uri, cache_dir=nodes)
+            assert Path(before[1]).read_bytes() == files["/narration.wav"]
+            assert (content_fingerprint(uri, cache, "audio"), storage.local_copy(uri, cache_dir=nodes)) == before
+            files["/narration.wav"] = b"second try " * 100  # same size
+            if headers:
+                headers["Last-Modified"] = "Tue, 01 Dec 2026 11:00:00 GMT"
+            fingerprint, copy = content_fingerprint(uri, cache, "audio"), storage.local_copy(uri, cache_dir=nodes)
+            assert fingerprint != before[0] and fingerprint == storage.fingerprint(uri), headers
+            assert Path(copy).read_bytes() == files["/narration.wav"], headers
+
+
 def test_a_storage_error_after_every_try_says_so(monkeypatch):
     """What the storage layer retried already is not tried again on top (segments fail at once)."""
     monkeypatch.setattr(storage, "RETRIES", 2)
@@ -285,15 +340,16 @@ def test_a_full_node_disk_makes_room_from_the_cache_and_a_trimmed_copy_is_fetche
     storage.write_bytes("memory://full/new.wav", b"n" * 1000)
     old = storage.local_copy("memory://full/old.wav", cache_dir=str(tmp_path))
     os.utime(old, (1000.0, 1000.0))
-    real_download, fills = storage._download, []
+    memory = type(storage.url_to_fs("memory://full/new.wav")[0])
+    real_get, fills = memory.get_file, []
 
-    def disk_full_once(fs, path, dest):
+    def disk_full_once(self, rpath, lpath, **kwargs):
         if not fills:
-            fills.append(dest)
-            raise OSError(errno.ENOSPC, "No space left on device", dest)
-        real_download(fs, path, dest)
+            fills.append(lpath)
+            raise OSError(errno.ENOSPC, "No space left on device", lpath)
+        return real_get(self, rpath, lpath, **kwargs)
 
-    monkeypatch.setattr(storage, "_download", disk_full_once)
+    monkeypatch.setattr(memory, "get_file", disk_full_once)
     monkeypatch.setenv("HEYGEM_CACHE_GB", str(1500 / 2**30))  # room for one copy once the other goes
     new = storage.local_copy("memory://full/new.wav", cache_dir=str(tmp_path))
     assert Path(new).read_bytes() == b"n" * 1000 and fills and not os.path.exists(old)
