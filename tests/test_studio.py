@@ -474,38 +474,69 @@ def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):
 
 def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
     """Each campaign is a Ray job whose driver runs on the head node. A campaign whose job the
-    cluster forgot (a restarted head) is not running, and does not count."""
+    cluster forgot (a restarted head) is not running, and does not count. They are counted from
+    the store: a studio just started (its watcher not yet through the store) let a user past the
+    limit. Re-runs from two pages at once each passed the check before either was submitted."""
     import logging
+    import threading
 
     from heygem_ray.config import StudioConfig
     from heygem_ray.studio.service import Studio as StudioService
     from heygem_ray.studio.store import CampaignRecord
 
-    class JobServer:  # what Ray's job server answers of each job
+    class JobServer:  # what Ray's job server answers of each job, and takes
+        def __init__(self) -> None:
+            self.submitted: list[str] = []
+
         def job(self, submission_id: str) -> tuple[str, float]:
             if submission_id == "forgotten":
                 raise RuntimeError("no such job")
+            if submission_id.startswith("ended"):
+                return "SUCCEEDED", 1.0
             return "RUNNING", time.time()
 
+        def submit(self, submission_id: str, overrides: list[str], metadata: dict) -> None:
+            time.sleep(0.3)  # a job server that takes its time: the other page's re-run checks meanwhile
+            self.submitted.append(submission_id)
+
+    cluster = JobServer()
     service = StudioService(
-        StudioConfig(store=str(tmp_path / "store"), max_active_campaigns=2),
-        cluster=JobServer(),
-        log=logging.getLogger("t"),
+        StudioConfig(store=str(tmp_path / "store"), max_active_campaigns=2), cluster=cluster, log=logging.getLogger("t")
     )
 
-    def watched(campaign_id: str, job: str) -> None:
-        record = CampaignRecord(campaign_id, "alice", "n", time.time(), 1, "classic", "draft", "m", "o", jobs=[job])
-        service._watched[record.id] = record  # as `submit` leaves a campaign whose job may still end
+    def saved(job: str, user: str = "alice") -> str:
+        record = CampaignRecord(
+            service.store.new_id(), user, "n", time.time(), 1, "classic (no weights)", "standard", "m", "o", jobs=[job]
+        )
+        service.store.save(record)
+        return record.id
 
-    watched("c0", "running-0")
-    watched("c1", "forgotten")
+    saved("running-0")
+    saved("forgotten")
     with pytest.raises(UploadError, match="give at least one narration"):  # under the limit: on to its checks
         service.create("alice", "third", [], [])
-    watched("c2", "running-2")
+    saved("running-2")
     with pytest.raises(UploadError, match="you have 2 campaign\\(s\\) queued or running"):
         service.create("alice", "third", [], [])
     with pytest.raises(UploadError, match="give at least one narration"):  # bob is not held up
         service.create("bob", "first", [], [])
+
+    ended = [saved(job, "carol") for job in ("ended-a", "ended-b")]
+    saved("running-c", "carol")  # one running: room for one more
+    outcomes: list[object] = []
+
+    def rerun(campaign_id: str) -> None:
+        try:
+            outcomes.append(service.rerun("carol", campaign_id))
+        except UploadError as exc:
+            outcomes.append(exc)
+
+    pages = [threading.Thread(target=rerun, args=(campaign_id,)) for campaign_id in ended]
+    for page in pages:
+        page.start()
+    for page in pages:
+        page.join()
+    assert len(cluster.submitted) == 1 and sum(isinstance(o, UploadError) for o in outcomes) == 1, outcomes
 
 
 def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
@@ -1342,3 +1373,40 @@ def test_a_campaign_being_saved_and_submitted_is_not_rerun_or_deleted_meanwhile(
     for thread in (creating, *others):
         thread.join(10)
     assert sorted(acted) == ["delete", "rerun"]
+
+
+def test_a_page_lists_the_newest_campaigns_and_reads_a_record_again_only_when_it_changed(tmp_path, monkeypatch):
+    """Every open page lists its user's campaigns every 3 s: each record was read (a GET each on an
+    object store) and each campaign's progress feed too, however many campaigns the user had. A
+    record is now read again only when the listing shows it changed, and the progress of the
+    LISTED newest alone; the page's chooser still offers every campaign."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio import service as studio_service
+    from heygem_ray.studio.store import CampaignRecord
+
+    studio = studio_service.Studio(StudioConfig(store=str(tmp_path / "store")), None, logging.getLogger("t"))
+    store = studio.store
+    made = []
+    for created in (1.0, 2.0, 3.0):
+        made.append(CampaignRecord(store.new_id(), "alice", f"c{created:g}", created, 1, "m", "standard", "x", "o"))
+        store.save(made[-1])
+    loads, feeds = [], []
+    real_load, real_progress = store.load, store.progress
+    monkeypatch.setattr(store, "load", lambda user, cid: loads.append(cid) or real_load(user, cid))
+    monkeypatch.setattr(
+        store, "progress", lambda record, rows=True: feeds.append(record.id) or real_progress(record, rows)
+    )
+    monkeypatch.setattr(studio_service, "LISTED", 2)
+
+    views, records = studio.campaigns("alice")
+    assert [v.record.name for v in views] == ["c3", "c2"] and [r.name for r in records] == ["c3", "c2", "c1"]
+    assert sorted(loads) == sorted(r.id for r in made) and sorted(feeds) == sorted([made[2].id, made[1].id])
+    records[0].jobs.append("changed by a caller")  # a caller's copy: the kept record stays as read
+    loads.clear()
+    views, records = studio.campaigns("alice")
+    assert loads == [] and records[0].jobs == []
+    store.save(replace(made[0], name="renamed first"))
+    views, records = studio.campaigns("alice")
+    assert loads == [made[0].id] and [r.name for r in records] == ["c3", "c2", "renamed first"]

@@ -332,7 +332,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
 
         def refresh(campaign_id: str | None, request: gr.Request) -> tuple:
             user = user_of(request)
-            views = studio.campaigns(user)
+            views, records = studio.campaigns(user)
             table = [
                 [
                     v.record.id,
@@ -344,12 +344,16 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 ]
                 for v in views
             ]
-            choices = [(f"{v.record.name} ({v.record.id})", v.record.id) for v in views]
+            choices = [(f"{r.name} ({r.id})", r.id) for r in records]
+            label = "Your campaigns"
+            if len(records) > len(views):
+                label += f" (the {len(views)} newest of {len(records)}: open an older one from the list below)"
+            listed = gr.Dataframe(value=table, label=label)
             view = studio.campaign(user, campaign_id) if campaign_id else None
             if view is None or not campaign_id:
-                return table, gr.Dropdown(choices=choices), "", [], "", ""
+                return listed, gr.Dropdown(choices=choices), "", [], "", ""
             return (
-                table,
+                listed,
                 gr.Dropdown(choices=choices, value=campaign_id),
                 _status_html(view),
                 [

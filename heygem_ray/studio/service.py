@@ -38,6 +38,10 @@ LEGACY_QUALITIES: dict[str, list[str]] = {
     "best (large)": QUALITIES["best (large)"],
 }
 
+#: the campaigns a page lists with their progress, newest first: older ones are opened from its
+#: chooser (a page read every campaign's progress feed every 3 s)
+LISTED = 50
+
 #: a campaign's states that will not change until it is submitted again
 ENDED = ("finished", "failed", "cancelled")
 
@@ -90,6 +94,7 @@ class Studio:
         self._usage: dict[str, tuple[float, int]] = {}  # user -> (when, bytes) of the last count of their store
         self._lock = threading.Lock()
         self._creating: set[str] = set()  # users whose campaign is being saved and submitted now
+        self._admitting: dict[str, threading.Lock] = {}  # see _admission
 
     def watch(self, interval: float = 10.0) -> threading.Thread:
         """Log each campaign's end (finish, failure, cancel) as it happens, whether or not anyone
@@ -164,28 +169,39 @@ class Studio:
                 )
             self._creating.add(user)
         try:
-            self._check_active(user)
-            self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
-            campaign_id = self.store.new_id()
-            with self._lock:
-                held = self._campaign_locks.setdefault(campaign_id, threading.Lock())
-            # held from its record's save to its submit: a re-run or delete of the campaign listed
-            # meanwhile (not yet submitted) waits, rather than submit a second job or delete it under us
-            with held:
-                try:
-                    record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
-                except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
-                    with contextlib.suppress(Exception):
-                        self.store.discard(user, campaign_id)
-                    raise
-                self._taken(
-                    user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])])
-                )
-                self.submit(record)
-            return record
+            with self._admission(user):
+                return self._create(user, name, audios, avatars, manifest, model, quality)
         finally:
             with self._lock:
                 self._creating.discard(user)
+
+    def _create(
+        self,
+        user: str,
+        name: str,
+        audios: list[str],
+        avatars: list[str],
+        manifest: str | None,
+        model: str,
+        quality: str,
+    ) -> CampaignRecord:
+        self._check_active(user)
+        self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
+        campaign_id = self.store.new_id()
+        with self._lock:
+            held = self._campaign_locks.setdefault(campaign_id, threading.Lock())
+        # held from its record's save to its submit: a re-run or delete of the campaign listed
+        # meanwhile (not yet submitted) waits, rather than submit a second job or delete it under us
+        with held:
+            try:
+                record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
+            except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
+                with contextlib.suppress(Exception):
+                    self.store.discard(user, campaign_id)
+                raise
+            self._taken(user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])]))
+            self.submit(record)
+        return record
 
     def _store_campaign(
         self,
@@ -264,15 +280,32 @@ class Studio:
                     recent.append((when, kept))
             self._uploads[user] = recent
 
-    def _check_active(self, user: str, other_than: str | None = None) -> None:
-        """Refuse one more campaign while the user has `max_active_campaigns` queued or running."""
-        limit = self.cfg.max_active_campaigns
+    @contextlib.contextmanager
+    def _admission(self, user: str) -> Iterator[None]:
+        """One new job of the user's at a time, from the check of their limits to its submit:
+        re-runs from two pages at once each passed the check before either was submitted."""
         with self._lock:
-            watched = [r for r in self._watched.values() if r.user == user and r.id != other_than]
-        if not limit or len(watched) < limit:
+            lock = self._admitting.setdefault(user, threading.Lock())
+        with lock:
+            yield
+
+    def _check_active(self, user: str, other_than: str | None = None) -> None:
+        """Refuse one more campaign while the user has `max_active_campaigns` queued or running:
+        counted from their campaigns in the store, whose jobs the cluster is asked about (it
+        remembers those that ended), not from the watcher's, which a studio just started has not
+        filled yet."""
+        limit = self.cfg.max_active_campaigns
+        if not limit:
             return
-        # the cluster asked only now: a campaign whose job it forgot (a restarted head) is not running
-        active = sum(1 for r in watched if self._view(r, rows=False).status in ("queued", "running"))
+        active = 0
+        for record in self.store.campaigns(user):
+            if not record.jobs or record.id == other_than:
+                continue
+            try:
+                job, _ = self.cluster.job(record.jobs[-1])
+            except RuntimeError:  # a job the cluster forgot (a restarted head), or a cluster that
+                continue  # does not answer (ClusterUnavailable: the submit will say so)
+            active += job in ("PENDING", "RUNNING")
         if active >= limit:
             raise UploadError(
                 f"you have {active} campaign(s) queued or running, the most at once: wait for one to end, "
@@ -341,8 +374,11 @@ class Studio:
         return submission_id
 
     # ------------------------------------------------------------ reading
-    def campaigns(self, user: str) -> list[CampaignView]:
-        return [self._view(record, rows=False) for record in self.store.campaigns(user)]
+    def campaigns(self, user: str) -> tuple[list[CampaignView], list[CampaignRecord]]:
+        """The user's campaigns, newest first: the views of the LISTED newest (each reads its
+        progress, every few seconds while a page is open), and every record (a page offers them all)."""
+        records = self.store.campaigns(user)
+        return [self._view(record, rows=False) for record in records[:LISTED]], records
 
     def campaign(self, user: str, campaign_id: str) -> CampaignView | None:
         record = self.store.load(user, campaign_id)
@@ -461,9 +497,10 @@ class Studio:
             view = self.campaign(user, campaign_id)
             if view is None or view.status in ("queued", "running"):
                 return None
-            self._check_active(user, campaign_id)
-            self._check_quota(user, [], rerun=True)
-            return self.submit(view.record)
+            with self._admission(user):
+                self._check_active(user, campaign_id)
+                self._check_quota(user, [], rerun=True)
+                return self.submit(view.record)
 
     @contextlib.contextmanager
     def _acting_on(self, user: str, campaign_id: str) -> Iterator[None]:

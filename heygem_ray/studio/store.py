@@ -10,6 +10,7 @@ checked before any path is built, and nothing a user sends is used as a path.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -82,13 +83,16 @@ _RECORD_FIELDS = frozenset(f.name for f in fields(CampaignRecord))
 RESULTS_KEPT = 8
 #: campaigns whose progress counts are kept (a few hundred bytes each)
 PROGRESS_KEPT = 4096
+#: campaign records kept read, by version (a page lists its user's every 3 s)
+RECORDS_KEPT = 16384
 
 
 class StudioStore:
     def __init__(self, root: str):
         self.root = storage.normalize(os.path.expanduser(root))
-        self._results: dict[str, tuple[str, list[dict]]] = {}  # table URI -> (its version, its rows)
-        self._progress: dict[str, tuple[str, dict]] = {}  # feed URI -> (its version, its counts)
+        self._results: dict[str, tuple[str | None, list[dict]]] = {}  # table URI -> (its version, its rows)
+        self._progress: dict[str, tuple[str | None, dict]] = {}  # feed URI -> (its version, its counts)
+        self._records: dict[str, tuple[str, CampaignRecord | None]] = {}  # record URI -> (its version, it)
         self._lock = threading.Lock()
         self.checks = UploadChecks()  # the page's checks of uploads, which saving them reuses
 
@@ -237,10 +241,30 @@ class StudioStore:
         return record if record.user == user else None
 
     def campaigns(self, user: str) -> list[CampaignRecord]:
-        """The user's campaigns, newest first."""
-        found = storage.glob(storage.join(self.root, check_name(user), "*", "campaign.json"))
-        records = [self.load(user, storage.basename(storage.dirname(uri))) for uri in found]
-        return sorted((r for r in records if r is not None), key=lambda r: r.created, reverse=True)
+        """The user's campaigns, newest first. Read from one listing of the user's folder, each
+        record read again only when its version changed (every open page lists them every few
+        seconds: a user with hundreds of campaigns on an object store cost as many GETs each time)."""
+        found = storage.versions(storage.join(self.root, check_name(user), "*", "campaign.json"))
+        records = []
+        for uri, version in found.items():
+            with self._lock:
+                kept = self._records.get(uri)
+            if kept is not None and version is not None and kept[0] == version:
+                record = copy.deepcopy(kept[1])  # the caller's to change, as a record read anew is
+            else:
+                record = self.load(user, storage.basename(storage.dirname(uri)))
+                if version is not None:
+                    with self._lock:
+                        self._records.pop(uri, None)
+                        self._records[uri] = (
+                            version,
+                            copy.deepcopy(record),
+                        )  # newest last: the oldest go past RECORDS_KEPT
+                        while len(self._records) > RECORDS_KEPT:
+                            del self._records[next(iter(self._records))]
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda r: r.created, reverse=True)
 
     def all_campaigns(self) -> Iterator[CampaignRecord]:
         """Every user's campaigns (for the studio's own watcher, never for a page)."""
@@ -279,7 +303,7 @@ class StudioStore:
             version = storage.version_key(uri, fs.info(path))
             with self._lock:
                 kept = self._progress.get(uri)
-            if not rows and kept is not None and kept[0] == version:
+            if not rows and kept is not None and version is not None and kept[0] == version:
                 return kept[1]
             feed: dict = json.loads(storage.read_bytes(uri))
         except (FileNotFoundError, ValueError):
@@ -301,7 +325,7 @@ class StudioStore:
             version = storage.version_key(uri, fs.info(path))
             with self._lock:
                 kept = self._results.get(uri)
-            if kept is not None and kept[0] == version:
+            if kept is not None and version is not None and kept[0] == version:
                 return kept[1]
             with storage.open_uri(uri) as fh:
                 rows = pq.ParquetFile(fh).read().to_pylist()
