@@ -624,8 +624,17 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
         cfg.render.still_fps,
         cfg.render.max_fps,
         cfg.render.max_side,
+        *still_pixel_cap(cfg),
         length=32,
     )
+
+
+def still_pixel_cap(cfg: Config) -> tuple[int, ...]:
+    """`limits.max_avatar_pixels` where it shapes a row's output: a photo over it is shrunk to it,
+    which `render.max_side` makes moot unless it is 0 or its square is larger. Empty otherwise,
+    so the fingerprints of rows rendered before the cap was counted stay as they were."""
+    cap, side = cfg.limits.max_avatar_pixels, cfg.render.max_side
+    return (cap,) if not side or cap < side * side else ()
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,8 @@ class RowState:
         the stream's shape and the segment count, so an unfinished row's segments are reused by a
         rerun only if nothing about the row changed, `auto` chose the same encoder and the frames
         have the same size, rate, pixel aspect and colour tags (segments of two encoders or shapes
-        cannot be joined, and not all that shapes them is in the fingerprint: the pixel limit a
-        photo is shrunk to, a release that renders clips over `render.max_side` smaller), and the
+        cannot be joined, and not all that shapes them is in the fingerprint: a release that
+        renders clips over `render.max_side` smaller), and the
         row was cut the same way (another segment length or actor count cuts it into other spans)."""
         assert self.prep is not None and self.track is not None
         info = self.track.info
