@@ -184,9 +184,11 @@ def read_motion(uri: str, frames: int) -> np.ndarray | None:
     return motion if len(motion) == frames else None
 
 
-def syncnet_uri(segment_uri: str) -> str:
-    """Where a segment's face-window embeddings from the lip-sync expert are kept beside it."""
-    return segment_uri.rsplit(".", 1)[0] + ".syncnet.npz"
+def syncnet_uri(segment_uri: str, expert_version: str | None) -> str:
+    """Where a segment's face-window embeddings from the lip-sync expert are kept beside it, named
+    by the expert's version (`prepare.checkpoint_version`): a rerun with other weights at the same
+    URI neither reuses them nor scores its audio embeddings against them."""
+    return segment_uri.rsplit(".", 1)[0] + f".syncnet-{(expert_version or '')[:16]}.npz"
 
 
 def write_face_embeddings(uri: str, embeddings: np.ndarray, starts: np.ndarray) -> None:

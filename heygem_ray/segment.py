@@ -42,7 +42,7 @@ from heygem_ray.media.video import (
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import audio_span
-from heygem_ray.prepare import read_pcm
+from heygem_ray.prepare import checkpoint_version, read_pcm
 from heygem_ray.render import build_renderer
 
 log = logging.getLogger("heygem_ray")
@@ -195,12 +195,14 @@ class RenderWorker:
         """The models and the encoder check: tried again by `ready` after a transient failure."""
         self.renderer = build_renderer(cfg.renderer, threads=self.threads)
         self.expert: tuple[Any, Any] | None = None  # the lip-sync expert and its device (heygem_ray.qa)
+        self.expert_version: str | None = None  # of the weights loaded: names its embeddings' sidecars
         if cfg.qa.syncnet:
             from heygem_ray.devices import torch_device
             from heygem_ray.models.checkpoints import load_model
             from heygem_ray.models.syncnet import SyncNet
 
             device = torch_device("auto")
+            self.expert_version = checkpoint_version(cfg.qa.syncnet)
             self.expert = (load_model(SyncNet, cfg.qa.syncnet, "SyncNet lip-sync expert").to(device), device)
         self.model_loaded = time.time()
         self.codec = auto_codec() if cfg.encoder.codec == "auto" else cfg.encoder.codec
@@ -242,11 +244,12 @@ class RenderWorker:
         if self.start_error is not None:
             raise RendererStartError(self.start_error)
         started = time.time()
-        # a segment made before qa.syncnet was set lacks the expert's embeddings: made again
+        # a segment made before qa.syncnet was set, or with other weights, lacks this expert's
+        # embeddings: made again
         if (
             job.reuse
             and storage.exists(job.out_uri)
-            and (self.expert is None or storage.exists(qa.syncnet_uri(job.out_uri)))
+            and (self.expert is None or storage.exists(qa.syncnet_uri(job.out_uri, self.expert_version)))
         ):
             return SegmentResult(
                 job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True, started_at=started
@@ -289,7 +292,7 @@ class RenderWorker:
                     with clock("qa"):
                         windows, starts = face_windows(halves)
                         faces = embed(self.expert[0].embed_faces, windows, self.expert[1])
-                    qa.write_face_embeddings(qa.syncnet_uri(job.out_uri), faces, starts)
+                    qa.write_face_embeddings(qa.syncnet_uri(job.out_uri, self.expert_version), faces, starts)
                 storage.publish_file(path, job.out_uri, move=True)
         metrics.frames_rendered(job.frames)
         metrics.stage_seconds(clock.seconds)

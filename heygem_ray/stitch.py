@@ -27,7 +27,7 @@ from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, LOUDNESS_WINDOW, SAMPL
 from heygem_ray.media.mux import stitch
 from heygem_ray.media.thumbnail import thumbnail_jpeg
 from heygem_ray.plan import audio_span, frame_center_samples
-from heygem_ray.prepare import AudioTrack, read_pcm
+from heygem_ray.prepare import AudioTrack, checkpoint_version, read_pcm
 from heygem_ray.storage import StorageOptions
 
 log = logging.getLogger("heygem_ray")
@@ -165,10 +165,12 @@ def syncnet_score(job: StitchJob) -> qa.SyncScore:
     from heygem_ray.models.wav2lip_audio import mel_chunks
 
     model, device = _expert(job.qa.syncnet or "")
+    # the sidecars the actors made with these weights (with others, they are not scored)
+    version = checkpoint_version(job.qa.syncnet)
     distances = qa.OffsetDistances()
     reach = qa.SYNCNET_OFFSETS
     for uri, (start, stop) in zip(job.segment_uris, job.spans, strict=True):
-        faces, starts = qa.read_face_embeddings(qa.syncnet_uri(uri))
+        faces, starts = qa.read_face_embeddings(qa.syncnet_uri(uri, version))
         if not len(faces):
             continue
         first, last = max(0, start - reach), min(job.frames, stop + reach)

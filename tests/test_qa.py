@@ -202,10 +202,11 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
     segment) and the stitch gives LSE-C as the score, LSE-D as the distance and the best offset.
     Segments an earlier run made without the expert are made again, not reused without them."""
     from heygem_ray.config import QAConfig
+    from heygem_ray.prepare import checkpoint_version
 
     render_row(tmp_path, media_dir, 4.0, 5)
     job, _ = render_row(tmp_path, media_dir, 4.0, 5, f"qa.syncnet={syncnet_checkpoint}")
-    faces, starts = qa.read_face_embeddings(qa.syncnet_uri(job.segment_uris[0]))
+    faces, starts = qa.read_face_embeddings(qa.syncnet_uri(job.segment_uris[0], checkpoint_version(syncnet_checkpoint)))
     first = job.spans[0]
     assert faces.shape == (first[1] - first[0] - 4, 512) and starts[0] == 0
     sync = sync_score(job)
@@ -214,6 +215,35 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
     assert sync.frames == sum(b - a - 4 for a, b in job.spans)
     # without the expert the same row scores by motion-energy
     assert sync_score(replace(job, qa=QAConfig())).method == "motion-energy"
+
+
+def test_an_expert_replaced_at_its_uri_makes_embeddings_of_its_own(
+    tmp_path, media_dir, syncnet_checkpoint, monkeypatch
+):
+    """The sidecars of face embeddings were named alike whatever weights made them: a rerun after
+    the expert's file was replaced reused the old expert's embeddings (and its segments) and scored
+    them against the new expert's audio embeddings."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from heygem_ray import prepare
+    from recipe_weights import read_keys, recipe_state_dict
+
+    monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
+    expert = str(tmp_path / "expert.pth")
+    shutil.copy(syncnet_checkpoint, expert)
+
+    def embeddings() -> np.ndarray:
+        job, _ = render_row(tmp_path, media_dir, 4.0, 5, f"qa.syncnet={expert}")
+        return qa.read_face_embeddings(qa.syncnet_uri(job.segment_uris[0], prepare.checkpoint_version(expert)))[0]
+
+    before = embeddings()
+    keys = read_keys(Path(__file__).parent / "data" / "syncnet_state_dict.tsv")
+    torch.save({"state_dict": recipe_state_dict(keys, seed=4), "global_step": 1}, expert)
+    after = embeddings()
+    assert len(before) and after.shape == before.shape and not np.allclose(after, before)
 
 
 @pytest.mark.integration
