@@ -45,7 +45,15 @@ from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
-from heygem_ray.media.video import OUT_OF_ORDER, FrameReader, VideoInfo, fitted, iter_sampled_frames, probe
+from heygem_ray.media.video import (
+    OUT_OF_ORDER,
+    FrameReader,
+    VideoInfo,
+    fitted,
+    is_image_data,
+    iter_sampled_frames,
+    probe,
+)
 from heygem_ray.plan import frame_step, output_frame_count, stable_hash, standard_rate
 from heygem_ray.storage import StorageOptions
 
@@ -63,14 +71,32 @@ def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
     if info.get("size") == 0:  # None: unknown (an HTTP server that sends no length), not empty
         raise InputError(what, uri, "is empty (0 bytes)")
     version = storage.version_key(uri, info)
-    if version is None:  # bytes that may change under the same URI and size: hashed at every use
-        return storage.fingerprint(uri)
+    if version is None:  # bytes that may change under the same URI and size: hashed anew
+        return _unversioned_fingerprint(uri)
     memo = storage.join(cache, "fingerprints", f"{version[:32]}.txt")
     with caching(memo), contextlib.suppress(FileNotFoundError):
         return storage.read_bytes(memo).decode().strip()
     fp = storage.fingerprint(uri)
     with caching(memo):
         storage.write_bytes(memo, fp.encode())
+    return fp
+
+
+#: seconds a process trusts its fingerprint of an input whose store names no version (a row's
+#: preparation asks for it three times); bytes read later are checked against it (`local_copy`)
+UNVERSIONED_SECONDS = 60.0
+_unversioned: dict[str, tuple[float, str]] = {}
+
+
+def _unversioned_fingerprint(uri: str) -> str:
+    kept = _unversioned.get(uri)
+    if kept is not None and time.monotonic() - kept[0] < UNVERSIONED_SECONDS:
+        return kept[1]
+    fp = storage.fingerprint(uri)
+    _unversioned.pop(uri, None)
+    _unversioned[uri] = (time.monotonic(), fp)  # newest last: the oldest go past 1024
+    while len(_unversioned) > 1024:
+        del _unversioned[next(iter(_unversioned))]
     return fp
 
 
@@ -101,7 +127,7 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> Au
         with caching(base + ".json"), contextlib.suppress(FileNotFoundError):
             meta = json.loads(storage.read_bytes(base + ".json"))
             return _within_limits(AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32"), max_seconds)
-        local = storage.local_copy(uri)
+        local = storage.local_copy(uri, content=fp)
         meter = LevelMeter()
         samples = 0
         with tempfile.NamedTemporaryFile(prefix="heygem-pcm-", suffix=".f32", delete=False) as tmp:
@@ -171,7 +197,7 @@ def prepare_audio_track(
     with reading("audio", audio.uri), tempfile.TemporaryDirectory(prefix="heygem-track-") as tmp:
         local = os.path.join(tmp, "track.m4a")
         samples = encode_audio(
-            storage.local_copy(audio.uri),
+            storage.local_copy(audio.uri, content=audio.fingerprint),
             local,
             encoder.audio_codec,
             encoder.audio_bitrate,
@@ -323,7 +349,7 @@ def prepare_avatar(
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
         avatar = storage.join(cache, "avatars", fp)
-        info, pts = _avatar_frames(uri, avatar, still_fps, max_pixels, max_side)
+        info, pts = _avatar_frames(uri, fp, avatar, still_fps, max_pixels, max_side)
         info = _at_standard_rate(info)
         step = 1 if info.still else frame_step(info.fps, max_fps)
         info, pts = _every(info, pts, step)
@@ -348,7 +374,7 @@ def prepare_avatar(
             clock = metrics.StageClock()
             with clock("detect"):
                 chunks = storage.join(avatar, "candidates-" + candidates_key(cfg, still_fps, frames))
-                candidates = _candidates(uri, info, pts, cfg, chunks, tracked)
+                candidates = _candidates(uri, fp, info, pts, cfg, chunks, tracked)
             metrics.stage_seconds(clock.seconds)
             boxes = _track(candidates, info, cfg, uri, total)
         with caching(track_uri):
@@ -382,7 +408,7 @@ def _cached(uri: str, load: Callable[[bytes], _T]) -> _T | None:
 
 
 def _avatar_frames(
-    uri: str, avatar: str, still_fps: float, max_pixels: int | None, max_side: int = 0
+    uri: str, fp: str, avatar: str, still_fps: float, max_pixels: int | None, max_side: int = 0
 ) -> tuple[VideoInfo, np.ndarray]:
     """The avatar's facts and every frame's timestamp, from the cache or a probe and a demux pass
     (checked against `max_pixels` before anything is decoded)."""
@@ -392,7 +418,7 @@ def _avatar_frames(
         _check_pixels(uri, cached[0], max_pixels)
         if cached[0].color is not None and cached[0].hdr is not None:
             return cached
-    local = storage.local_copy(uri)
+    local = storage.local_copy(uri, content=fp)
     info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels, max_side=max_side)
     _check_pixels(uri, info, max_pixels)
     if info.still:  # one image read, and its size follows the pixel limit: not cached
@@ -436,7 +462,7 @@ def _load_frames(data: bytes) -> tuple[VideoInfo, np.ndarray]:
 
 
 def _candidates(
-    uri: str, info: VideoInfo, pts: np.ndarray, cfg: DetectorConfig, folder: str, frames: int
+    uri: str, fp: str, info: VideoInfo, pts: np.ndarray, cfg: DetectorConfig, folder: str, frames: int
 ) -> list[np.ndarray | None]:
     """The detector's candidates on each of the first `frames` frames (None: a frame the stride
     skips, or one the stream lacks), chunk by chunk: each loaded from the cache, or detected (a
@@ -454,7 +480,7 @@ def _candidates(
     missing = [i for i, chunk in enumerate(chunks) if chunk is None]
     if missing:
         detector = build_detector(cfg)
-        with FrameReader(storage.local_copy(uri), info, pts) as reader:
+        with FrameReader(storage.local_copy(uri, content=fp), info, pts) as reader:
             for first, last in _runs_of(missing):
                 for i, found in _detect_chunks(reader, detector, first, last, len(pts), max(1, cfg.stride), uri):
                     with caching(storage.join(folder, f"chunk-{i}.npz")):
@@ -604,9 +630,12 @@ def _load_candidates(data: bytes) -> list[np.ndarray | None]:
 RENDER_VERSION = "3"
 
 
-def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str, cfg: Config) -> str:
+def row_fingerprint(
+    audio_fp: str, avatar_fp: str, row_box: object, output: str, cfg: Config, pixel_cap: tuple[int, ...] = ()
+) -> str:
     """Everything that decides a row's output bytes: input contents and output-affecting config
-    (not scheduling knobs such as segment length, batch sizes or devices)."""
+    (not scheduling knobs such as segment length, batch sizes or devices); `pixel_cap`: the row's
+    `photo_pixel_cap`."""
 
     def relevant(section: Any) -> dict:
         return {k: v for k, v in asdict(section).items() if k not in NOT_OUTPUT_AFFECTING}
@@ -624,17 +653,22 @@ def row_fingerprint(audio_fp: str, avatar_fp: str, row_box: object, output: str,
         cfg.render.still_fps,
         cfg.render.max_fps,
         cfg.render.max_side,
-        *still_pixel_cap(cfg),
+        *pixel_cap,
         length=32,
     )
 
 
-def still_pixel_cap(cfg: Config) -> tuple[int, ...]:
-    """`limits.max_avatar_pixels` where it shapes a row's output: a photo over it is shrunk to it,
-    which `render.max_side` makes moot unless it is 0 or its square is larger. Empty otherwise,
-    so the fingerprints of rows rendered before the cap was counted stay as they were."""
+def photo_pixel_cap(avatar: str, cfg: Config) -> tuple[int, ...]:
+    """`(limits.max_avatar_pixels,)` where it shapes the row's output: its avatar is a photo (a clip
+    over the cap is refused, not shrunk), and `render.max_side` does not bound a photo tighter (it
+    is 0, or its square is larger: never with the defaults, where the avatar is not read here).
+    Empty otherwise, so the fingerprints of rows rendered before the cap counted stay as they were."""
     cap, side = cfg.limits.max_avatar_pixels, cfg.render.max_side
-    return (cap,) if not side or cap < side * side else ()
+    if side and cap >= side * side:
+        return ()
+    with storage.open_uri(avatar) as fh:
+        head = fh.read(32)
+    return (cap,) if is_image_data(head) else ()
 
 
 @dataclass(frozen=True)
@@ -654,7 +688,9 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
     for what, uri in (("audio", row.audio), ("avatar", row.avatar)):
         with reading(what, uri):
             fingerprints[what] = content_fingerprint(uri, cache, what)
-    fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg)
+    with reading("avatar", row.avatar):
+        pixel_cap = photo_pixel_cap(row.avatar, cfg)
+    fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg, pixel_cap)
     marker = read_marker(cfg.layout.marker(row.id))
     if not cfg.force and marker and marker.fingerprint == fp and marker.still_published():
         try:

@@ -184,11 +184,11 @@ def read_motion(uri: str, frames: int) -> np.ndarray | None:
     return motion if len(motion) == frames else None
 
 
-def syncnet_uri(segment_uri: str, expert_version: str | None) -> str:
+def syncnet_uri(segment_uri: str, expert_key: str) -> str:
     """Where a segment's face-window embeddings from the lip-sync expert are kept beside it, named
-    by the expert's version (`prepare.checkpoint_version`): a rerun with other weights at the same
-    URI neither reuses them nor scores its audio embeddings against them."""
-    return segment_uri.rsplit(".", 1)[0] + f".syncnet-{(expert_version or '')[:16]}.npz"
+    by the expert's content (`models.syncnet.load_expert`): other weights at the same URI (a rerun
+    after it was replaced) neither reuse them nor score their audio embeddings against them."""
+    return segment_uri.rsplit(".", 1)[0] + f".syncnet-{expert_key[:16]}.npz"
 
 
 def write_face_embeddings(uri: str, embeddings: np.ndarray, starts: np.ndarray) -> None:

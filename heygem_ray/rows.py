@@ -86,6 +86,7 @@ class RowState:
             audio_level=audio.level,
             codec=codec,
             reuse=reuse,
+            avatar_fingerprint=track.fingerprint,
         )
 
     def stitch_job(

@@ -26,7 +26,7 @@ import numpy as np
 
 from heygem_ray import metrics, qa, storage
 from heygem_ray.config import Config
-from heygem_ray.errors import InputError, RendererStartError
+from heygem_ray.errors import InputError, RendererStartError, reading
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
 from heygem_ray.media.video import (
     AvatarDecodeError,
@@ -42,7 +42,7 @@ from heygem_ray.media.video import (
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import audio_span
-from heygem_ray.prepare import checkpoint_version, read_pcm
+from heygem_ray.prepare import read_pcm
 from heygem_ray.render import build_renderer
 
 log = logging.getLogger("heygem_ray")
@@ -65,6 +65,8 @@ class SegmentJob:
     audio_level: float
     codec: str  # the campaign's video encoder (never "auto": the driver decided)
     reuse: bool = True  # a segment an earlier run left at out_uri is kept (not under `force`)
+    #: the avatar's content fingerprint: the bytes its track was made of (`storage.local_copy`)
+    avatar_fingerprint: str = ""
 
     @property
     def frames(self) -> int:
@@ -195,15 +197,12 @@ class RenderWorker:
         """The models and the encoder check: tried again by `ready` after a transient failure."""
         self.renderer = build_renderer(cfg.renderer, threads=self.threads)
         self.expert: tuple[Any, Any] | None = None  # the lip-sync expert and its device (heygem_ray.qa)
-        self.expert_version: str | None = None  # of the weights loaded: names its embeddings' sidecars
+        self.expert_key = ""  # of the weights loaded: names the sidecars of its embeddings
         if cfg.qa.syncnet:
-            from heygem_ray.devices import torch_device
-            from heygem_ray.models.checkpoints import load_model
-            from heygem_ray.models.syncnet import SyncNet
+            from heygem_ray.models.syncnet import load_expert
 
-            device = torch_device("auto")
-            self.expert_version = checkpoint_version(cfg.qa.syncnet)
-            self.expert = (load_model(SyncNet, cfg.qa.syncnet, "SyncNet lip-sync expert").to(device), device)
+            model, device, self.expert_key = load_expert(cfg.qa.syncnet)
+            self.expert = (model, device)
         self.model_loaded = time.time()
         self.codec = auto_codec() if cfg.encoder.codec == "auto" else cfg.encoder.codec
         if not encoder_works(self.codec):
@@ -249,7 +248,7 @@ class RenderWorker:
         if (
             job.reuse
             and storage.exists(job.out_uri)
-            and (self.expert is None or storage.exists(qa.syncnet_uri(job.out_uri, self.expert_version)))
+            and (self.expert is None or storage.exists(qa.syncnet_uri(job.out_uri, self.expert_key)))
         ):
             return SegmentResult(
                 job.row_id, job.index, job.frames, storage.size(job.out_uri), reused=True, started_at=started
@@ -259,7 +258,8 @@ class RenderWorker:
         frame_numbers = np.arange(job.start, job.start + job.frames)
         with clock("audio"):
             features = self.renderer.features(self._audio_window(job, frame_numbers), frame_numbers, info.fps)
-        local_avatar = storage.local_copy(job.avatar_uri)
+        with reading("avatar", job.avatar_uri):  # gone, or changed since it was tracked: the row's fault
+            local_avatar = storage.local_copy(job.avatar_uri, content=job.avatar_fingerprint or None)
         enc = self.cfg.encoder
         with tempfile.TemporaryDirectory(prefix="heygem-seg-") as tmp:
             path = os.path.join(tmp, "segment.mp4")
@@ -292,7 +292,7 @@ class RenderWorker:
                     with clock("qa"):
                         windows, starts = face_windows(halves)
                         faces = embed(self.expert[0].embed_faces, windows, self.expert[1])
-                    qa.write_face_embeddings(qa.syncnet_uri(job.out_uri, self.expert_version), faces, starts)
+                    qa.write_face_embeddings(qa.syncnet_uri(job.out_uri, self.expert_key), faces, starts)
                 storage.publish_file(path, job.out_uri, move=True)
         metrics.frames_rendered(job.frames)
         metrics.stage_seconds(clock.seconds)

@@ -164,13 +164,12 @@ def syncnet_score(job: StitchJob) -> qa.SyncScore:
     from heygem_ray.models import syncnet
     from heygem_ray.models.wav2lip_audio import mel_chunks
 
-    model, device = _expert(job.qa.syncnet or "")
-    # the sidecars the actors made with these weights (with others, they are not scored)
-    version = checkpoint_version(job.qa.syncnet)
+    # loaded again where the file was replaced: the sidecars scored are those its weights made
+    model, device, key = _expert(job.qa.syncnet or "", checkpoint_version(job.qa.syncnet))
     distances = qa.OffsetDistances()
     reach = qa.SYNCNET_OFFSETS
     for uri, (start, stop) in zip(job.segment_uris, job.spans, strict=True):
-        faces, starts = qa.read_face_embeddings(qa.syncnet_uri(uri, version))
+        faces, starts = qa.read_face_embeddings(qa.syncnet_uri(uri, key))
         if not len(faces):
             continue
         first, last = max(0, start - reach), min(job.frames, stop + reach)
@@ -185,16 +184,13 @@ def syncnet_score(job: StitchJob) -> qa.SyncScore:
 
 
 @functools.lru_cache(maxsize=2)
-def _expert(uri: str) -> tuple[Any, Any]:
-    """The lip-sync expert and its device, loaded once per process (a stitch task's worker keeps it
-    for the next). Imported here, not above: torch stays out of the driver, which imports this
-    module for its types."""
-    from heygem_ray.devices import torch_device
-    from heygem_ray.models.checkpoints import load_model
-    from heygem_ray.models.syncnet import SyncNet
+def _expert(uri: str, version: str | None) -> tuple[Any, Any, str]:
+    """The lip-sync expert, its device and its key (`models.syncnet.load_expert`), loaded once per
+    process and version (a stitch task's worker keeps it for the next). Imported here, not above:
+    torch stays out of the driver, which imports this module for its types."""
+    from heygem_ray.models.syncnet import load_expert
 
-    device = torch_device("auto")
-    return load_model(SyncNet, uri, "SyncNet lip-sync expert").to(device), device
+    return load_expert(uri)
 
 
 def motion_energy_score(job: StitchJob, motion: list[np.ndarray | None]) -> qa.SyncScore:

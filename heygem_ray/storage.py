@@ -326,10 +326,11 @@ def glob(pattern: str) -> list[str]:
     return [f"{protocol(pattern)}://{m}" for m in matches]
 
 
+@retrying
 def versions(pattern: str) -> dict[str, str | None]:
-    """The URIs a glob matches (as `glob` gives them) and each one's `version_key`, from the one
-    listing: an object store's LIST reports every object's ETag, so a caller that keeps what it
-    read by version reads again only what changed."""
+    """The URIs a glob matches (as `glob` gives them) and each one's `version_key`, from the
+    listings the glob makes (on an object store, a LIST per folder it walks, which reports each
+    object's ETag): a caller that keeps what it read by version reads again only what changed."""
     fs, path = url_to_fs(pattern)
     found = fs.glob(path, detail=True)
     prefix = "" if is_local(pattern) else f"{protocol(pattern)}://"
@@ -507,17 +508,26 @@ def version_key(uri: str, info: Mapping[str, Any]) -> str | None:
     VERSION_FIELDS its store reports). None where the store reports no version (an HTTP endpoint
     that sends neither ETag nor Last-Modified, as a text-to-speech service's may): its bytes can
     change under the same URI and size, so nothing may be kept by that key."""
-    version = next((info[k] for k in VERSION_FIELDS if info.get(k)), None)
+    version = next((info[k] for k in VERSION_FIELDS if info.get(k) not in (None, "")), None)
     if version is None:
         return None
     return hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()
 
 
+class ContentChanged(ValueError):
+    """An input whose store names no version holds other bytes than when the campaign took its
+    fingerprint: rendering on would mix the two."""
+
+
 @retrying
-def local_copy(uri: str, cache_dir: str | None = None) -> str:
+def local_copy(uri: str, cache_dir: str | None = None, content: str | None = None) -> str:
     """A local path holding `uri`'s bytes: local files as they are, remote ones downloaded once per
-    node into the node cache (keyed by URI, size and version/ETag; at every call where the store
-    names no version), safe against concurrent callers."""
+    node into the node cache (keyed by URI, size and version/ETag), safe against concurrent callers.
+
+    Where the store names no version, the copy is kept under its content's fingerprint: `content`,
+    the fingerprint the caller took of `uri` (`prepare.content_fingerprint`), finds a copy of those
+    bytes, and a download that finds others raises ContentChanged; without `content` it is
+    downloaded at every call."""
     if is_local(uri):
         return local_path(uri)
     fs, path = url_to_fs(uri)
@@ -526,7 +536,12 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     root = cache_dir or node_cache_dir()
     key = version_key(uri, info)
     if key is None:
+        dest = os.path.join(root, f"content-{content}{suffix}")
+        if content and _used(dest):
+            return dest
         dest = _unversioned_copy(fs, path, uri, root, suffix, int(info.get("size") or 0))
+        if content and dest != os.path.join(root, f"content-{content}{suffix}"):
+            raise ContentChanged(f"{display(uri)} changed while the campaign read it")
     else:
         dest = os.path.join(root, key[:24] + suffix)
         if _used(dest):
@@ -563,8 +578,12 @@ def _unversioned_copy(fs: fsspec.AbstractFileSystem, path: str, uri: str, root: 
     if uri not in _unversioned_seen:
         _unversioned_seen.add(uri)
         log.info("%s: its server names no version (ETag, Last-Modified): read again at every use", display(uri))
-    os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f"unversioned{_PART}{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        open(tmp, "wb").close()
+    except OSError as exc:
+        raise _unusable_cache(root, exc) from exc
     try:
         _get_with_room(fs, path, tmp, root, size)
         digest = hashlib.blake2b(digest_size=16)  # as `fingerprint` makes it
@@ -648,6 +667,11 @@ class NodeCacheError(OSError):
     node meets it, and it is not any input's fault."""
 
 
+def _unusable_cache(root: str, exc: OSError) -> NodeCacheError:
+    """The node's cache, not the input, said to be at fault (callers blame inputs for OSErrors)."""
+    return NodeCacheError(f"node cache {root} cannot be used ({exc.strerror or exc}); set HEYGEM_CACHE_DIR")
+
+
 @contextlib.contextmanager
 def cache_lock(root: str, dest: str) -> Iterator[None]:
     """Hold the lock on one copy in the node cache `root` (its processes, this node's), made first
@@ -655,8 +679,8 @@ def cache_lock(root: str, dest: str) -> Iterator[None]:
     try:
         os.makedirs(root, exist_ok=True)
         fh = open(dest + ".lock", "w")  # noqa: SIM115 - closed below, after the lock is let go
-    except OSError as exc:  # the node's cache, not the input: said so (callers blame inputs for OSErrors)
-        raise NodeCacheError(f"node cache {root} cannot be used ({exc.strerror or exc}); set HEYGEM_CACHE_DIR") from exc
+    except OSError as exc:
+        raise _unusable_cache(root, exc) from exc
     with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -258,16 +258,20 @@ def test_a_photo_with_srgb_primaries_but_a_linear_curve_is_converted(tmp_path):
     assert np.abs(still.astype(int) - round(float(_srgb_encode(np.array(128 / 255))))).max() <= 1
 
 
-def test_a_photos_pixel_cap_is_in_a_rows_fingerprint_where_it_shapes_the_video():
+def test_a_photos_pixel_cap_is_in_a_rows_fingerprint_where_it_shapes_the_video(media_dir):
     """A photo over `limits.max_avatar_pixels` is shrunk to it: a rerun with another cap rendered a
     video of another size, yet kept the old one (the cap was not in the row's fingerprint). Where
-    `render.max_side` bounds a photo tighter (the defaults), the cap changes nothing, nor the key."""
+    `render.max_side` bounds a photo tighter (the defaults), or for a clip (refused over the cap,
+    never shrunk), the cap changes nothing, nor the key."""
     from helpers import compose_config
-    from heygem_ray.prepare import row_fingerprint
+    from heygem_ray.prepare import photo_pixel_cap, row_fingerprint
 
-    def key(*overrides: str) -> str:
-        return row_fingerprint("audio", "avatar", None, "o/r.mp4", compose_config("manifest=m", "output=o", *overrides))
+    def key(avatar: str, *overrides: str) -> str:
+        cfg = compose_config("manifest=m", "output=o", *overrides)
+        return row_fingerprint("audio", "avatar", None, "o/r.mp4", cfg, photo_pixel_cap(str(media_dir / avatar), cfg))
 
-    assert key() == key("limits.max_avatar_pixels=4000000")  # 1920² = 3.7 MP: max_side binds first
-    assert key("limits.max_avatar_pixels=2000000") != key()
-    assert key("render.max_side=0") != key("render.max_side=0", "limits.max_avatar_pixels=4000000")
+    photo, clip = "still.png", "clip2.mp4"
+    assert key(photo) == key(photo, "limits.max_avatar_pixels=4000000")  # 1920² = 3.7 MP: max_side binds first
+    assert key(photo, "limits.max_avatar_pixels=2000000") != key(photo)
+    assert key(photo, "render.max_side=0") != key(photo, "render.max_side=0", "limits.max_avatar_pixels=4000000")
+    assert key(clip, "render.max_side=0") == key(clip, "render.max_side=0", "limits.max_avatar_pixels=4000000")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import compose_config, render_cli
-from heygem_ray import demo, qa
+from heygem_ray import demo, qa, storage
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import Row
 from heygem_ray.prepare import prepare_audio, prepare_avatar
@@ -202,11 +202,12 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
     segment) and the stitch gives LSE-C as the score, LSE-D as the distance and the best offset.
     Segments an earlier run made without the expert are made again, not reused without them."""
     from heygem_ray.config import QAConfig
-    from heygem_ray.prepare import checkpoint_version
 
     render_row(tmp_path, media_dir, 4.0, 5)
     job, _ = render_row(tmp_path, media_dir, 4.0, 5, f"qa.syncnet={syncnet_checkpoint}")
-    faces, starts = qa.read_face_embeddings(qa.syncnet_uri(job.segment_uris[0], checkpoint_version(syncnet_checkpoint)))
+    faces, starts = qa.read_face_embeddings(
+        qa.syncnet_uri(job.segment_uris[0], storage.fingerprint(syncnet_checkpoint))
+    )
     first = job.spans[0]
     assert faces.shape == (first[1] - first[0] - 4, 512) and starts[0] == 0
     sync = sync_score(job)
@@ -228,16 +229,14 @@ def test_an_expert_replaced_at_its_uri_makes_embeddings_of_its_own(
 
     import torch
 
-    from heygem_ray import prepare
     from recipe_weights import read_keys, recipe_state_dict
 
-    monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
     expert = str(tmp_path / "expert.pth")
     shutil.copy(syncnet_checkpoint, expert)
 
     def embeddings() -> np.ndarray:
         job, _ = render_row(tmp_path, media_dir, 4.0, 5, f"qa.syncnet={expert}")
-        return qa.read_face_embeddings(qa.syncnet_uri(job.segment_uris[0], prepare.checkpoint_version(expert)))[0]
+        return qa.read_face_embeddings(qa.syncnet_uri(job.segment_uris[0], storage.fingerprint(expert)))[0]
 
     before = embeddings()
     keys = read_keys(Path(__file__).parent / "data" / "syncnet_state_dict.tsv")

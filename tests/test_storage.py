@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from heygem_ray import storage
-from heygem_ray.errors import InputError
+from heygem_ray.errors import InputError, reading
 from heygem_ray.prepare import content_fingerprint
 
 
@@ -244,11 +244,15 @@ def served(files: dict[str, bytes], headers: dict[str, str]) -> Iterator[str]:
         server.server_close()
 
 
-def test_an_http_input_replaced_by_one_of_its_size_is_read_anew(tmp_path):
+def test_an_http_input_replaced_by_one_of_its_size_is_read_anew(tmp_path, monkeypatch):
     """A narration regenerated at the same URL with the same length (a WAV of the same duration has
     the same size) kept its old fingerprint and copy: keyed by URI and size alone (HTTP's validator
     is Last-Modified, which was not looked at), a rerun skipped the row and kept the stale video.
-    Now Last-Modified keys them, and a server that sends no validator is read anew at each use."""
+    Now Last-Modified keys them, and a server that sends no validator is read anew: a copy of the
+    bytes a campaign fingerprinted is used as it is, other bytes are refused, not mixed in."""
+    from heygem_ray import prepare
+
+    monkeypatch.setattr(prepare, "UNVERSIONED_SECONDS", 0.0)
     cache, nodes = str(tmp_path / "cache"), str(tmp_path / "node")
     for headers in ({"Last-Modified": "Tue, 01 Dec 2026 10:00:00 GMT"}, {}):
         files = {"/narration.wav": b"first take " * 100}
@@ -263,6 +267,10 @@ def test_an_http_input_replaced_by_one_of_its_size_is_read_anew(tmp_path):
             fingerprint, copy = content_fingerprint(uri, cache, "audio"), storage.local_copy(uri, cache_dir=nodes)
             assert fingerprint != before[0] and fingerprint == storage.fingerprint(uri), headers
             assert Path(copy).read_bytes() == files["/narration.wav"], headers
+            if not headers:
+                assert storage.local_copy(uri, cache_dir=nodes, content=before[0]) == before[1]  # on this node
+                with pytest.raises(InputError, match="changed while the campaign read it"), reading("audio", uri):
+                    storage.local_copy(uri, cache_dir=str(tmp_path / "another-node"), content=before[0])
 
 
 def test_a_storage_error_after_every_try_says_so(monkeypatch):

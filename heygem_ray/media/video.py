@@ -92,6 +92,16 @@ def is_image_path(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
 
 
+#: how the still image formats a probe takes as photos start (IMAGE_CODECS), HEIF/AVIF aside
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")
+
+
+def is_image_data(head: bytes) -> bool:
+    """Whether a file starting with `head` (its first 16 bytes or more) is a still image: a photo."""
+    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    return head.startswith(_IMAGE_MAGIC) or webp or heif.is_still(head)
+
+
 def read_image(path: str, what: str = "avatar") -> np.ndarray:
     """A still avatar as BGR uint8 (EXIF orientation applied), cropped to even size."""
     data = np.fromfile(path, dtype=np.uint8)

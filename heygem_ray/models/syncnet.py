@@ -75,3 +75,16 @@ def embed(
         for i in range(0, len(inputs), batch)
     ]
     return np.concatenate(out) if out else np.zeros((0, 512), np.float32)
+
+
+def load_expert(uri: str) -> tuple[SyncNet, torch.device, str]:
+    """The lip-sync expert at `uri` on this process's device, and the fingerprint of its file's
+    content, which names the embeddings it makes (`qa.syncnet_uri`): alike on every node whatever
+    the file's times there, other for other weights at the same URI."""
+    from heygem_ray import storage
+    from heygem_ray.devices import torch_device
+    from heygem_ray.models.checkpoints import load_model
+
+    key = storage.fingerprint(storage.local_copy(uri))
+    device = torch_device("auto")
+    return load_model(SyncNet, uri, "SyncNet lip-sync expert").to(device), device, key

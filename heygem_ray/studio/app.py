@@ -345,16 +345,15 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 for v in views
             ]
             choices = [(f"{r.name} ({r.id})", r.id) for r in records]
-            label = "Your campaigns"
-            if len(records) > len(views):
-                label += f" (the {len(views)} newest of {len(records)}: open an older one from the list below)"
-            listed = gr.Dataframe(value=table, label=label)
+            # the table lists the newest; the chooser offers every campaign
+            shown = f"The list above shows the {len(views)} newest of your {len(records)} campaigns."
+            info = shown if len(records) > len(views) else None
             view = studio.campaign(user, campaign_id) if campaign_id else None
             if view is None or not campaign_id:
-                return listed, gr.Dropdown(choices=choices), "", [], "", ""
+                return table, gr.Dropdown(choices=choices, info=info), "", [], "", ""
             return (
-                listed,
-                gr.Dropdown(choices=choices, value=campaign_id),
+                table,
+                gr.Dropdown(choices=choices, value=campaign_id, info=info),
                 _status_html(view),
                 [
                     [r["id"], r["status"], "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["error"]]

@@ -168,40 +168,38 @@ class Studio:
                     "your last campaign is still being saved: wait for it, then look at the Campaigns tab"
                 )
             self._creating.add(user)
+        uploads = [*audios, *avatars, *([manifest] if manifest else [])]
         try:
-            with self._admission(user):
-                return self._create(user, name, audios, avatars, manifest, model, quality)
+            self._check_active(user)  # refused before its uploads are copied; checked again at its submit
+            self._check_quota(user, uploads)
+            campaign_id = self.store.new_id()
+            with self._lock:
+                held = self._campaign_locks.setdefault(campaign_id, threading.Lock())
+            # held from its record's save to its submit: a re-run or delete of the campaign listed
+            # meanwhile (not yet submitted) waits, rather than submit a second job or delete it under us
+            with held:
+                try:
+                    record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
+                except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
+                    self._discard(user, campaign_id)
+                    raise
+                with self._admission(user):
+                    try:
+                        self._check_active(user, campaign_id)  # a re-run from another page may have started
+                    except UploadError:
+                        self._discard(user, campaign_id)
+                        raise
+                    self._taken(user, sum(os.path.getsize(p) for p in uploads))
+                    self.submit(record)
+            return record
         finally:
             with self._lock:
                 self._creating.discard(user)
 
-    def _create(
-        self,
-        user: str,
-        name: str,
-        audios: list[str],
-        avatars: list[str],
-        manifest: str | None,
-        model: str,
-        quality: str,
-    ) -> CampaignRecord:
-        self._check_active(user)
-        self._check_quota(user, [*audios, *avatars, *([manifest] if manifest else [])])
-        campaign_id = self.store.new_id()
-        with self._lock:
-            held = self._campaign_locks.setdefault(campaign_id, threading.Lock())
-        # held from its record's save to its submit: a re-run or delete of the campaign listed
-        # meanwhile (not yet submitted) waits, rather than submit a second job or delete it under us
-        with held:
-            try:
-                record = self._store_campaign(user, campaign_id, name, audios, avatars, manifest, model, quality)
-            except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
-                with contextlib.suppress(Exception):
-                    self.store.discard(user, campaign_id)
-                raise
-            self._taken(user, sum(os.path.getsize(p) for p in [*audios, *avatars, *([manifest] if manifest else [])]))
-            self.submit(record)
-        return record
+    def _discard(self, user: str, campaign_id: str) -> None:
+        """Remove a campaign that was refused while it was made (nothing was submitted)."""
+        with contextlib.suppress(Exception):
+            self.store.discard(user, campaign_id)
 
     def _store_campaign(
         self,
@@ -298,13 +296,17 @@ class Studio:
         if not limit:
             return
         active = 0
-        for record in self.store.campaigns(user):
+        for record in self.store.campaigns(user):  # newest first: the likeliest to run, and enough
+            if active >= limit:
+                break
             if not record.jobs or record.id == other_than:
                 continue
             try:
                 job, _ = self.cluster.job(record.jobs[-1])
-            except RuntimeError:  # a job the cluster forgot (a restarted head), or a cluster that
-                continue  # does not answer (ClusterUnavailable: the submit will say so)
+            except ClusterUnavailable:  # asked no more (each ask would wait): the submit will say so
+                return
+            except RuntimeError:  # a job the cluster forgot (a restarted head): not running
+                continue
             active += job in ("PENDING", "RUNNING")
         if active >= limit:
             raise UploadError(
