@@ -156,8 +156,9 @@ def test_a_stride_2_transposed_conv_is_four_convs_one_per_pixel_phase():
 def test_an_int8_transposed_unit_is_its_float_form_within_quantization(model, height, width):
     """An int8 stride-2 transposed unit (phase convolutions interleaved in place) gives the fp32
     unit's image, channels-last, within the int8 error, on the generator's own weights, at odd,
-    even and one-pixel sizes."""
-    from heygem_ray.models.wav2lip_cpu import Int8ConvUnit
+    even and one-pixel sizes: at this CPU's ranges, whose steps are coarser where they are
+    narrowed (no VNNI: 180 activation levels, not 255)."""
+    from heygem_ray.models.wav2lip_cpu import FULL_RANGE, Int8ConvUnit, int8_range
 
     unit = model.face_decoder_blocks[6][0]  # 160 -> 64 channels, 48x48 -> 96x96
     x = torch.rand(2, 160, height, width, generator=torch.Generator().manual_seed(2))
@@ -168,7 +169,9 @@ def test_an_int8_transposed_unit_is_its_float_form_within_quantization(model, he
     assert got.shape == want.shape == (2, 64, 2 * height, 2 * width)
     assert got.is_contiguous(memory_format=torch.channels_last)
     err = (got - want).abs()
-    assert float(err.max()) < 0.05 * float(want.abs().max()) and float(err.mean()) < 0.01 * float(want.abs().mean())
+    coarser = FULL_RANGE.activations / int8_range().activations
+    assert float(err.max()) < 0.05 * float(want.abs().max())
+    assert float(err.mean()) < 0.01 * coarser * float(want.abs().mean())
 
 
 @pytest.mark.parametrize(("levels", "min_db", "max_error"), [(FULL_RANGE, 38.0, 0.12), (NARROW_RANGE, 36.0, 0.16)])
