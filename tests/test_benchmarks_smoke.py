@@ -40,6 +40,7 @@ def _table_rows(text: str, header: str) -> list[list[str]]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 1.5-3.5 minutes on 2 cores: run it with `-m slow` when the runner changes
 def test_quick_benchmark_run_prints_every_table_with_numbers(tmp_path):
     results = ROOT / "benchmarks" / "RESULTS.md"
     before = results.read_bytes() if results.exists() else None

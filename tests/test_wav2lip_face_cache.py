@@ -79,7 +79,7 @@ def test_still_image_encodes_its_face_once(recipe_checkpoints, portrait, mels, i
     want = plain.render([portrait.copy() for _ in range(frames)], boxes, mels, sources=[("still.png", 0)] * frames)
     _assert_same(got, want)
     assert not np.array_equal(got[0], got[1])  # the audio still drives each frame
-    # batches of 8 + 8 + 4 (2 + 2 + 1), no reuse; int8 encodes each face alone (its scales are per call)
+    # batches of 8 + 8 + 4 (bf16: 2 + 2 + 1), no reuse; int8 encodes each face alone (its scales are per call)
     assert (baseline.calls, baseline.crops) == ((frames, frames) if precision == "int8" else (3, frames))
     # one pass (padded to the batch's 16 rows; alone at int8), one crop. Every face here is the same
     # image: only the looped clip's test can tell an int8 face encoded beside others
