@@ -572,12 +572,14 @@ _unversioned_seen: set[str] = set()  # URIs whose lack of a version this process
 
 
 def _unversioned_copy(fs: fsspec.AbstractFileSystem, path: str, uri: str, root: str, suffix: str, size: int) -> str:
-    """A copy of an object whose store names no version: read again at every use (a copy kept by
-    URI and size would serve a replaced narration of the same length), and kept under its content's
-    fingerprint, so uses that find the same bytes share one copy."""
+    """A fresh copy of an object whose store names no version (a copy kept by URI and size would
+    serve a replaced narration of the same length), kept under its content's fingerprint, so uses
+    that find the same bytes share one copy."""
     if uri not in _unversioned_seen:
         _unversioned_seen.add(uri)
-        log.info("%s: its server names no version (ETag, Last-Modified): read again at every use", display(uri))
+        log.info(
+            "%s: its server names no version (no ETag or Last-Modified): copies are checked by content", display(uri)
+        )
     tmp = os.path.join(root, f"unversioned{_PART}{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(root, exist_ok=True)
