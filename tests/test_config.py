@@ -138,15 +138,24 @@ def test_a_local_ray_gives_the_actors_every_core():
 
 
 @pytest.mark.integration
-def test_a_local_ray_stops_its_monitor_before_shutting_down(tmp_path):
-    """The autoscaler monitor of a Ray the CLI started is killed ahead of ray.shutdown() (which would
-    give it a second to exit on SIGTERM, every run): Ray keeps working without it."""
+def test_a_local_ray_skips_what_a_one_run_ray_does_not_use(tmp_path):
+    """The Ray the CLI starts for a run prestarts no idle worker, and collects metrics only when its
+    dashboard is on (nothing else shows them): both cost CPU while the actors start. Its raylet
+    retries a refused socket (its own object store, still opening) after 0.1 s, not a second. Its
+    autoscaler monitor is killed ahead of ray.shutdown() (which would give it a second to exit on
+    SIGTERM, every run), and Ray keeps working without it. One Ray start checks both: seconds each."""
+    from heygem_ray.executors.ray_cluster import local_system_config
+
     script = (
-        "import os, ray\n"
-        "from heygem_ray.executors.ray_cluster import shutdown, stop_local_monitor\n"
-        'ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)\n'
-        "node = ray._private.worker._global_node\n"
-        "monitor = node.all_processes['monitor'][0].process\n"
+        "import ray\n"
+        "from helpers import compose_config\n"
+        "from heygem_ray.executors.ray_cluster import connect, shutdown, stop_local_monitor\n"
+        "from ray._private.state import state\n"
+        "assert connect(compose_config('manifest=m', 'output=o'))\n"
+        "c = state.get_system_config()\n"
+        "print(c['prestart_worker_first_driver'], c['enable_metrics_collection'],\n"
+        "      c['raylet_client_connect_timeout_milliseconds'], c['raylet_client_num_connect_attempts'])\n"
+        "monitor = ray._private.worker._global_node.all_processes['monitor'][0].process\n"
         "assert monitor.poll() is None\n"
         "stop_local_monitor()\n"
         "assert monitor.poll() is not None\n"
@@ -155,37 +164,14 @@ def test_a_local_ray_stops_its_monitor_before_shutting_down(tmp_path):
         "assert not ray.is_initialized()\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
-
-
-@pytest.mark.integration
-def test_a_local_ray_skips_what_a_one_run_ray_does_not_use(tmp_path):
-    """The Ray the CLI starts for a run prestarts no idle worker, and collects metrics only when its
-    dashboard is on (nothing else shows them): both cost CPU while the actors start. Its raylet
-    retries a refused socket (its own object store, still opening) after 0.1 s, not a second."""
-    from heygem_ray.executors.ray_cluster import local_system_config
-
-    script = (
-        "import ray\n"
-        "from helpers import compose_config\n"
-        "from heygem_ray.executors.ray_cluster import connect, shutdown\n"
-        "from ray._private.state import state\n"
-        "assert connect(compose_config('manifest=m', 'output=o'))\n"
-        "c = state.get_system_config()\n"
-        "print(c['prestart_worker_first_driver'], c['enable_metrics_collection'],\n"
-        "      c['raylet_client_connect_timeout_milliseconds'], c['raylet_client_num_connect_attempts'])\n"
-        "shutdown(local=True)\n"
-    )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "PYTHONPATH": str(Path(__file__).parent)}
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[0] == "False False 100 100", out.stdout  # the Ray it started has them
+    lines = out.stdout.split("\n")
+    assert lines[0] == "False False 100 100", out.stdout  # the Ray it started has them
+    assert lines[1] == "ok", out.stdout
     dashboard = compose_config("manifest=m", "output=o", "cluster.include_dashboard=true")
     assert local_system_config(dashboard)["enable_metrics_collection"] is True
 

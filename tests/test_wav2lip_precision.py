@@ -149,16 +149,19 @@ def test_reduced_precision_stays_close_to_fp32_in_the_mouth(
         bound = INT8_MIN_PSNR_DB if wav2lip_cpu.int8_range() == FULL_RANGE else INT8_NARROW_MIN_PSNR_DB
     else:
         bound = BF16_MIN_PSNR_DB
+    frames = portrait_frames
+    if precision == "bf16" and not cpu_bf16_is_faster():
+        frames = frames[:2]  # emulated bf16 (~2 s a frame here) gives the same numbers, slowly
     kw = {"batch_size": 4, "device": "cpu", "image_ops": image_ops}
     fp32 = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="fp32", **kw)
     reduced = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision=precision, **kw)
     assert reduced.precision == precision
-    boxes = np.tile(BOX, (len(portrait_frames), 1))
-    want = fp32.render([f.copy() for f in portrait_frames], boxes, mels)
-    got = reduced.render([f.copy() for f in portrait_frames], boxes, mels)
+    boxes = np.tile(BOX, (len(frames), 1))
+    want = fp32.render([f.copy() for f in frames], boxes, mels[: len(frames)])
+    got = reduced.render([f.copy() for f in frames], boxes, mels[: len(frames)])
     x1, y1, x2, y2 = BOX
     mouth = np.s_[(y1 + y2) // 2 : y2, x1:x2]
-    for frame, w, g in zip(portrait_frames, want, got):
+    for frame, w, g in zip(frames, want, got):
         assert np.abs(w[mouth].astype(int) - frame[mouth]).mean() > 20  # the region is generated
         assert not np.array_equal(g, w)  # the reduced precision really ran
         assert _psnr(g[mouth], w[mouth]) >= bound, _psnr(g[mouth], w[mouth])

@@ -404,6 +404,7 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
             procs,
             common.GPU_PRECISION if device.type == "cuda" else "fp32",
             (256, 192) if dry else (1920, 1080),
+            1 if dry else 3,
         )
     result.figures = {"device": str(device), "seconds": seconds}
     result.markdown = markdown(result, device)

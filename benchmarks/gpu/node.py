@@ -432,9 +432,9 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     precision = args.precision or (common.GPU_PRECISION if cuda else "fp32")
-    seconds = args.seconds or (2.0 if dry else 180.0)
+    seconds = args.seconds or (1.2 if dry else 180.0)
     height = args.height or (180 if dry else 1080)
-    segment_seconds = args.segment_seconds or (1.0 if dry else 5.0)
+    segment_seconds = args.segment_seconds or (0.6 if dry else 5.0)
     runs: list[dict[str, Any]] = []
     with common.scratch(args, "node") as work:
         inputs = make_inputs(Path(work), seconds, height, cores)
@@ -571,9 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--variants", nargs="+", default=None, help="runs as PROCSxTHREADS, e.g. 7x2 15x1")
         parser.add_argument("--precision", default=None, help="renderer.precision (bf16 on CUDA, fp32 on CPU)")
-        parser.add_argument("--seconds", type=float, default=None, help="avatar and audio length (180; 2 dry)")
+        parser.add_argument("--seconds", type=float, default=None, help="avatar and audio length (180; 1.2 dry)")
         parser.add_argument("--height", type=int, default=None, help="avatar height (1080; 180 dry)")
-        parser.add_argument("--segment-seconds", type=float, default=None, help="render.segment_seconds (5; 1 dry)")
+        parser.add_argument("--segment-seconds", type=float, default=None, help="render.segment_seconds (5; 0.6 dry)")
 
     args = common.step_args(argv, "node", __doc__, options)
     return common.run_step("node", args, lambda result: body(result, args))

@@ -117,13 +117,16 @@ class RayExecutor:
 def open_ray(cfg: Config, startup: Startup) -> Iterator[RayExecutor]:
     """Join or start Ray for the run (a Ray started here is shut down after it)."""
     own_ray = not cfg.cluster.address and not os.environ.get("RAY_ADDRESS")  # else ray.init joins a cluster
+    planned = local_resources(cfg) if own_ray and not ray.is_initialized() else None
+    if planned is not None:  # refused before Ray starts (seconds on a small machine), not after
+        check_local_fit(cfg, planned)
     startup.ray_called = time.time()
     started_ray = connect(cfg)
     startup.ray_ready = time.time()
     executor = RayExecutor(cfg)
     try:
-        if started_ray and own_ray:  # no node will join it, so what does not fit now never will
-            check_local_fit(cfg)
+        if started_ray and own_ray and planned is None:  # no node will join it: what does not fit never will
+            check_local_fit(cfg, ray.cluster_resources())
         yield executor
     finally:
         try:
@@ -225,11 +228,23 @@ def local_cpus(cfg: Config) -> int:
     return cores + math.ceil(cfg.cluster.reserve_cpus)
 
 
-def actor_count(cfg: Config) -> int:
-    """`cluster.actors`, or when 0, as many actors as the live nodes can host (`fit_actors`)."""
+def local_resources(cfg: Config) -> dict[str, float] | None:
+    """The CPUs and GPUs a local Ray started for this run will have, as far as its actors' fit
+    goes; None when that turns on GPUs Ray must count itself (`cluster.num_gpus` unset, and the
+    actors want GPU shares)."""
+    gpus = cfg.cluster.num_gpus
+    if gpus is None and cfg.cluster.actor.num_gpus > 0:
+        return None
+    return {"CPU": float(local_cpus(cfg)), "GPU": float(gpus or 0)}
+
+
+def actor_count(cfg: Config, nodes: list[dict[str, float]] | None = None) -> int:
+    """`cluster.actors`, or when 0, as many actors as the nodes can host (`fit_actors`): `nodes`'
+    resources, by default those of the live nodes."""
     if cfg.cluster.actors > 0:
         return cfg.cluster.actors
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if nodes is None:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     actor = cfg.cluster.actor
     # a GPU detection task waits for a GPU share: actors holding every share would starve it for ever
     detect = (cfg.cluster.task_cpus, cfg.detector.gpu_share) if actor.num_gpus > 0 and cfg.detector.gpu_share else None
@@ -268,12 +283,12 @@ def fit_actors(
     return max(1, sum(per_node))
 
 
-def check_local_fit(cfg: Config) -> None:
-    """On a local Ray, refuse actors that could never all start, or that would leave no CPU for a
-    prepare/stitch task: either would hang the campaign instead of failing it."""
-    resources = ray.cluster_resources()
+def check_local_fit(cfg: Config, resources: dict[str, float]) -> None:
+    """On a local Ray of these `resources` (a single node), refuse actors that could never all
+    start, or that would leave no CPU for a prepare/stitch task: either would hang the campaign
+    instead of failing it."""
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    actor, count = cfg.cluster.actor, actor_count(cfg)
+    actor, count = cfg.cluster.actor, actor_count(cfg, [resources])
     need_cpus = count * actor.num_cpus + cfg.cluster.task_cpus
     if need_cpus > cpus + 1e-9:
         raise ClusterConfigError(
