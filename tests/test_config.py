@@ -282,7 +282,8 @@ def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
 )
 def test_actors_that_could_never_run_locally_are_refused_not_waited_for(tmp_path, media_dir, overrides, message):
     """On a Ray of its own no node will join: an actor holding every CPU would starve the prepare and
-    stitch tasks, and an actor wanting a GPU the machine lacks would never start. Both would hang."""
+    stitch tasks, and an actor wanting a GPU the machine lacks would never start. Both would hang.
+    What the Ray would have is known from the config here, so the refusal comes before it starts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -300,6 +301,7 @@ def test_actors_that_could_never_run_locally_are_refused_not_waited_for(tmp_path
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr
+    assert "Started a local Ray" not in out.stderr  # ray.init logs it (a GPU count left to Ray needs one)
     assert not os.path.exists(tmp_path / "out" / "_results.parquet")  # refused before anything ran
 
 
