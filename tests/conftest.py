@@ -64,6 +64,30 @@ def _ray_shutdown_at_exit():
 
 
 @pytest.fixture(scope="session")
+def _default_thread_counts() -> tuple[int, int]:
+    import cv2
+    import torch
+
+    return torch.get_num_threads(), cv2.getNumThreads()
+
+
+@pytest.fixture(autouse=True)
+def _thread_counts_restored(_default_thread_counts):
+    """A RenderWorker built in this process (the inline executor, the worker tests) sets torch's and
+    OpenCV's thread counts for the whole process, as an actor does for its own: put back after each
+    test, or every later test in this process would render on the one thread a test asked for."""
+    yield
+    import cv2
+    import torch
+
+    torch_threads, cv2_threads = _default_thread_counts
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    if cv2.getNumThreads() != cv2_threads:
+        cv2.setNumThreads(cv2_threads)
+
+
+@pytest.fixture(scope="session")
 def media_dir(tmp_path_factory):
     """Small real media made once per session: clips, a still, speech-like audio in several formats."""
     from heygem_ray import demo
