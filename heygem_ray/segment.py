@@ -26,6 +26,7 @@ import numpy as np
 
 from heygem_ray import metrics, qa, storage
 from heygem_ray.config import Config
+from heygem_ray.devices import cuda_usable, prefer_blocking_sync, set_torch_threads, torch_device
 from heygem_ray.errors import InputError, RendererStartError, reading
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
 from heygem_ray.media.video import (
@@ -112,8 +113,6 @@ def nvdec_device(setting: str) -> int | None:
     (CU_CTX_SCHED_BLOCKING_SYNC: a wait for the GPU sleeps instead of spinning a core): so that
     flag is set first, then torch makes the context, once, and FFmpeg is asked to decode in it as
     every segment's reader will. Where FFmpeg has no CUDA support at all, no context is made."""
-    from heygem_ray.devices import cuda_usable, prefer_blocking_sync, torch_device  # torch: not on the driver
-
     if setting == "cpu" or (setting == "auto" and not cuda_usable()):
         return None
     index = torch_device("cuda" if setting == "auto" else setting).index or 0
@@ -182,20 +181,20 @@ class RenderWorker:
         # otherwise start one thread per core of the node, and actors sharing a node would fight.
         self.threads = cfg.cluster.actor.threads or cpus
         import cv2
-        import torch
 
-        torch.set_num_threads(self.threads)
         cv2.setNumThreads(self.threads)
-        from heygem_ray.devices import cuda_usable, prefer_blocking_sync, torch_device
+        set_torch_threads(self.threads)
 
-        renderer_device = torch_device(getattr(cfg.renderer, "device", "auto"))
-        if renderer_device.type == "cuda" and cuda_usable():  # before its context exists: waits sleep
-            prefer_blocking_sync(renderer_device.index or 0)
+        device = getattr(cfg.renderer, "device", None)  # a renderer without one (classic) needs no torch
+        renderer_device = torch_device(device) if device is not None else None
+        if renderer_device is not None and renderer_device.type == "cuda" and cuda_usable():
+            prefer_blocking_sync(renderer_device.index or 0)  # before its context exists: waits sleep
         self.nvdec = nvdec_device(cfg.decoder.device)  # before anything else makes the GPU's context: see there
 
     def _load(self, cfg: Config) -> None:
         """The models and the encoder check: tried again by `ready` after a transient failure."""
         self.renderer = build_renderer(cfg.renderer, threads=self.threads)
+        set_torch_threads(self.threads)  # torch is loaded now if the renderer uses it
         self.expert: tuple[Any, Any] | None = None  # the lip-sync expert and its device (heygem_ray.qa)
         self.expert_key = ""  # of the weights loaded: names the sidecars of its embeddings
         if cfg.qa.syncnet:

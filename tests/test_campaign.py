@@ -595,3 +595,30 @@ def test_gpu_actors_leave_a_share_for_gpu_face_detection():
     )
     assert on_cpu.detector.gpu_share == 0
     assert compose_config("manifest=m", "output=o").detector.gpu_share == 0  # the CPU cascade
+
+
+def test_a_weights_free_actor_never_loads_torch_and_a_torch_one_gets_its_threads(ray_local, tmp_path):
+    """The classic renderer's actors start without torch (~3 s of each actor's start on a small
+    CPU): Ray gave them no GPU, which says all the device questions need. An actor whose renderer
+    does load torch later still runs it on `cluster.actor.threads` threads."""
+    import sys
+
+    from heygem_ray.segment import RenderWorker
+
+    def state(worker: RenderWorker, load_torch: bool) -> tuple[bool, int]:
+        loaded = "torch" in sys.modules
+        if load_torch:
+            import torch
+
+            return loaded, torch.get_num_threads()
+        return loaded, 0
+
+    # Ray starts a 1-CPU actor with OMP_NUM_THREADS=1: two threads are the setting at work
+    cfg = compose_config("manifest=m", f"output={tmp_path}", "cluster.actor.threads=2")
+    actor = ray_local.remote(num_cpus=1)(RenderWorker).remote(cfg)
+    try:
+        ray_local.get(actor.ready.remote())
+        assert ray_local.get(actor.__ray_call__.remote(state, False)) == (False, 0)
+        assert ray_local.get(actor.__ray_call__.remote(state, True)) == (False, 2)
+    finally:
+        ray_local.kill(actor)
