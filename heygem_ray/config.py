@@ -9,6 +9,8 @@ config, and importing them took ~0.17 s of each worker's start.
 from __future__ import annotations
 
 import importlib
+import math
+import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -239,6 +241,16 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check_choices("cluster", self, {"executor": EXECUTORS})
+
+    def local_cpus(self) -> int:
+        """Logical CPUs of a Ray started on this machine (the run's own, or the studio's head):
+        `num_cpus`, or the cores this process may use plus the CPUs kept for prepare/stitch tasks.
+        Those tasks are short and light next to rendering, so they share the actors' cores: on a
+        2-core machine two actors render instead of one actor beside an idle core."""
+        if self.num_cpus is not None:
+            return self.num_cpus
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return cores + math.ceil(self.reserve_cpus)
 
 
 @dataclass

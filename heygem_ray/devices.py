@@ -75,8 +75,9 @@ def set_torch_threads(threads: int) -> None:
     """torch's thread count for this process: set now where torch is loaded, else through
     OMP_NUM_THREADS, which torch reads when it is first imported (so a process that never needs
     it, a weights-free renderer's, is spared loading it)."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
+    if "torch" in sys.modules:
+        import torch  # waits for an import another thread may still be running
+
         torch.set_num_threads(threads)
     else:
         os.environ["OMP_NUM_THREADS"] = str(threads)

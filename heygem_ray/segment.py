@@ -185,7 +185,8 @@ class RenderWorker:
         cv2.setNumThreads(self.threads)
         set_torch_threads(self.threads)
 
-        device = getattr(cfg.renderer, "device", None)  # a renderer without one (classic) needs no torch
+        # a renderer without a device (classic) needs no torch, unless the lip-sync expert runs here
+        device = getattr(cfg.renderer, "device", None) or ("auto" if cfg.qa.syncnet else None)
         renderer_device = torch_device(device) if device is not None else None
         if renderer_device is not None and renderer_device.type == "cuda" and cuda_usable():
             prefer_blocking_sync(renderer_device.index or 0)  # before its context exists: waits sleep

@@ -64,11 +64,11 @@ def _ray_shutdown_at_exit():
 
 
 @pytest.fixture(scope="session")
-def _default_thread_counts() -> tuple[int, int]:
+def _default_thread_counts() -> tuple[int, int, str | None]:
     import cv2
     import torch
 
-    return torch.get_num_threads(), cv2.getNumThreads()
+    return torch.get_num_threads(), cv2.getNumThreads(), os.environ.get("OMP_NUM_THREADS")
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,11 @@ def _thread_counts_restored(_default_thread_counts):
     import cv2
     import torch
 
-    torch_threads, cv2_threads = _default_thread_counts
+    torch_threads, cv2_threads, omp = _default_thread_counts
+    if omp is None:  # (set for a later torch import where torch was not loaded; here it is)
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     if cv2.getNumThreads() != cv2_threads:

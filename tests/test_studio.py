@@ -23,6 +23,7 @@ import pytest
 from browser import playwright_missing, playwright_page
 
 from helpers import _free_port
+from heygem_ray.config import ClusterConfig
 from heygem_ray.studio.sessions import SessionKeyError, Sessions
 from heygem_ray.studio.store import StudioStore, UploadError, check_upload
 from heygem_ray.studio.users import add_user, authenticate, check_name, read_users
@@ -621,7 +622,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
             "start",
             "--head",
             "--block",
-            "--num-cpus=2",
+            f"--num-cpus={ClusterConfig().local_cpus()}",  # as the studio's own head (studio.cluster.local_head)
             "--include-dashboard=true",
             "--node-ip-address=127.0.0.1",  # as the studio's own head (studio.cluster.local_head)
             "--dashboard-host=127.0.0.1",
@@ -1006,6 +1007,15 @@ def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_
         assert "Contents" not in s3.list_objects_v2(Bucket="heygem-studio", Prefix=f"studio/alice/{campaign}/")
     finally:
         studio.stop()
+
+
+def test_the_studios_own_head_gives_the_actors_every_core():
+    """The head the studio starts on its machine has the logical CPUs the CLI's own local Ray has:
+    a campaign there gets an actor per core (cluster.actors=0), not one beside an idle core."""
+    from heygem_ray.studio.cluster import head_command
+
+    cores = len(os.sched_getaffinity(0))
+    assert f"--num-cpus={cores + 1}" in head_command("ray", 8265)
 
 
 @pytest.mark.integration

@@ -168,7 +168,7 @@ def _init(cfg: Config) -> None:
         # head), which ray.init would otherwise join
         ray.init(
             address="local",
-            num_cpus=local_cpus(cfg),
+            num_cpus=cfg.cluster.local_cpus(),
             num_gpus=cfg.cluster.num_gpus,
             _system_config=local_system_config(cfg),
             **kwargs,
@@ -218,16 +218,6 @@ def stop_local_monitor() -> None:
         log.debug("could not stop the local Ray's monitor early: %r", exc)
 
 
-def local_cpus(cfg: Config) -> int:
-    """Logical CPUs of a local Ray: `cluster.num_cpus`, or this machine's cores plus the CPUs kept
-    for prepare/stitch tasks. Those tasks are short and light next to rendering, so they share the
-    actors' cores: on a 2-core machine two actors render instead of one actor beside an idle core."""
-    if cfg.cluster.num_cpus is not None:
-        return cfg.cluster.num_cpus
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores + math.ceil(cfg.cluster.reserve_cpus)
-
-
 def local_resources(cfg: Config) -> dict[str, float] | None:
     """The CPUs and GPUs a local Ray started for this run will have, as far as its actors' fit
     goes; None when that turns on GPUs Ray must count itself (`cluster.num_gpus` unset, and the
@@ -235,7 +225,7 @@ def local_resources(cfg: Config) -> dict[str, float] | None:
     gpus = cfg.cluster.num_gpus
     if gpus is None and cfg.cluster.actor.num_gpus > 0:
         return None
-    return {"CPU": float(local_cpus(cfg)), "GPU": float(gpus or 0)}
+    return {"CPU": float(cfg.cluster.local_cpus()), "GPU": float(gpus or 0)}
 
 
 def actor_count(cfg: Config, nodes: list[dict[str, float]] | None = None) -> int:

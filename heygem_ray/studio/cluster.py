@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from heygem_ray.config import ClusterConfig
+
 log = logging.getLogger("heygem_ray.studio")
 
 #: where the studio's checkout would be (an editable install); an installed package has none
@@ -45,7 +47,19 @@ def local_head(dashboard_port: int) -> tuple[str, bool]:
     address = f"http://127.0.0.1:{dashboard_port}"
     if _answers(address):
         return address, False
-    command = [
+    command = head_command(ray_command, dashboard_port)
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    deadline = time.time() + 60
+    while not _answers(address):
+        if time.time() > deadline:
+            raise ClusterUnavailable(f"a local Ray head was started but its job server at {address} does not answer")
+        time.sleep(0.5)
+    return address, True
+
+
+def head_command(ray_command: str, dashboard_port: int) -> list[str]:
+    """`ray start` for the studio's local head."""
+    return [
         ray_command,
         "start",
         "--head",
@@ -56,14 +70,10 @@ def local_head(dashboard_port: int) -> tuple[str, bool]:
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
         "--disable-usage-stats",
+        # as the CLI's own local Ray: prepare/stitch tasks share the actors' cores (on 2 cores a
+        # campaign gets 2 renderer actors, not 1 beside an idle core)
+        f"--num-cpus={ClusterConfig().local_cpus()}",
     ]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-    deadline = time.time() + 60
-    while not _answers(address):
-        if time.time() > deadline:
-            raise ClusterUnavailable(f"a local Ray head was started but its job server at {address} does not answer")
-        time.sleep(0.5)
-    return address, True
 
 
 def local_auth(ray_command: str = "ray") -> None:
