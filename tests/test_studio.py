@@ -938,6 +938,7 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~1 minute on 2 AVX2 cores: two jobs of six 20 s rows; run with -m slow
 def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_head, s3_endpoint):
     """The store on S3 (moto's server, through s3fs): a campaign of several rows is cancelled while
     it renders (the rows that did not finish are reported, the job is stopped), then re-run: the
