@@ -23,7 +23,6 @@ import pytest
 from browser import playwright_missing, playwright_page
 
 from helpers import _free_port
-from heygem_ray.config import ClusterConfig
 from heygem_ray.studio.sessions import SessionKeyError, Sessions
 from heygem_ray.studio.store import StudioStore, UploadError, check_upload
 from heygem_ray.studio.users import add_user, authenticate, check_name, read_users
@@ -601,15 +600,17 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
 # ------------------------------------------------------------------------------ the running studio
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory, s3_endpoint):
-    """A real Ray head with its job server (as `ray start --head` makes one), on ports of its own so
-    it runs beside the tests' in-process Ray; stopped with the module. It has the S3 endpoint's
-    credentials in its environment, as a node with an instance profile would."""
+    """A real Ray head with its job server, started as the studio starts its own
+    (`studio.cluster.head_command`), on ports of its own so it runs beside the tests' in-process
+    Ray; stopped with the module. It has the S3 endpoint's credentials in its environment, as a
+    node with an instance profile would."""
+    from heygem_ray.studio.cluster import head_command
+
     ray = Path(sys.executable).with_name("ray")
     dashboard = _free_port()
     temp = tmp_path_factory.mktemp("rayhead")
     ports = {
         "--port": _free_port(),
-        "--dashboard-port": dashboard,
         "--ray-client-server-port": _free_port(),
         "--dashboard-agent-listen-port": _free_port(),
         "--dashboard-agent-grpc-port": _free_port(),
@@ -618,15 +619,8 @@ def ray_head(tmp_path_factory, s3_endpoint):
     }
     head = subprocess.Popen(
         [
-            str(ray),
-            "start",
-            "--head",
+            *head_command(str(ray), dashboard),
             "--block",
-            f"--num-cpus={ClusterConfig().local_cpus()}",  # as the studio's own head (studio.cluster.local_head)
-            "--include-dashboard=true",
-            "--node-ip-address=127.0.0.1",  # as the studio's own head (studio.cluster.local_head)
-            "--dashboard-host=127.0.0.1",
-            "--disable-usage-stats",
             f"--temp-dir={temp}",
             *(f"{flag}={port}" for flag, port in ports.items()),
         ],
