@@ -33,7 +33,7 @@ from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.output_lock import OutputLostError
-from heygem_ray.prepare import AvatarTrack, prepare_row
+from heygem_ray.prepare import AvatarTrack, model_versions, prepare_row
 from heygem_ray.results import ResultsTable, RowResult, Summary
 from heygem_ray.rows import RowState, published_flag, remove_old_work
 from heygem_ray.segment import SegmentResult
@@ -382,6 +382,8 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
     storage.configure(cfg.storage.options)
     # a manifest no row of which can run stops here, before any rendering
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
+    cfg = replace(cfg, model_versions=model_versions(cfg))
+    storage.configure(cfg.storage.options, cfg.model_versions)
     refused = [row.refused for row in rows if row.refused]
     if refused:
         log.warning(
@@ -393,5 +395,8 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
     startup = Startup()
     if launched is not None:
         startup.driver_started = launched
-    with open_executor(cfg, startup) as executor:
-        return Campaign(cfg, rows, executor, startup, guard).run()
+    try:
+        with open_executor(cfg, startup) as executor:
+            return Campaign(cfg, rows, executor, startup, guard).run()
+    finally:
+        storage.configure(cfg.storage.options, {})  # this process's next campaign pins its own

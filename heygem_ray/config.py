@@ -407,6 +407,9 @@ class Config:
     render: RenderConfig = field(default_factory=RenderConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     qa: QAConfig = field(default_factory=QAConfig)
+    #: set by the campaign as it starts (a value given here is replaced): model file URI -> its
+    #: version then (`prepare.model_versions`), which every task and actor of the run uses
+    model_versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def layout(self) -> CampaignLayout:

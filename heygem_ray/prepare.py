@@ -300,21 +300,31 @@ _checkpoint_versions: dict[str, tuple[float, str]] = {}
 
 
 def checkpoint_version(uri: str | None) -> str | None:
-    """A key that changes when the model file at `uri` is replaced (size and ETag or mtime, or its
-    content where its store names no version)."""
+    """A key that changes when the model file at `uri` is replaced (`storage.current_version`):
+    the version the running campaign pinned as it started (`model_versions`), else asked of the
+    store (trusted for CHECKPOINT_VERSION_SECONDS)."""
     if not uri:
         return None
+    pinned = storage.pinned_version(uri)
+    if pinned is not None:
+        return pinned
     kept = _checkpoint_versions.get(uri)
     if kept is not None and time.monotonic() - kept[0] < CHECKPOINT_VERSION_SECONDS:
         return kept[1]
-    fs, path = storage.url_to_fs(uri)
-    with contextlib.suppress(FileNotFoundError):  # a missing file fails where it is loaded, saying so
-        # a server that names no version: the weights' content (a fine-tuned checkpoint has the
-        # size of the one it replaces)
-        version = storage.version_key(uri, fs.info(path)) or storage.fingerprint(uri)
+    version = storage.current_version(uri)  # None: a missing file fails where it is loaded, saying so
+    if version is not None:
         _checkpoint_versions[uri] = (time.monotonic(), version)
-        return version
-    return None
+    return version
+
+
+def model_versions(cfg: Config) -> dict[str, str]:
+    """The version of each model file the campaign reads (the renderer's and the detector's
+    weights), taken as it starts: its rows' fingerprints and face tracks name these versions, and
+    its actors and detectors load these and no other (`models.checkpoints`), so a file replaced
+    during a run mixes no weights into it and mislabels no row. Missing files are left out: their
+    loads fail saying so."""
+    uris = (getattr(cfg.renderer, "checkpoint", None), cfg.detector.checkpoint)
+    return {uri: version for uri in dict.fromkeys(uris) if uri and (version := storage.current_version(uri))}
 
 
 def prepare_avatar(
@@ -328,12 +338,14 @@ def prepare_avatar(
     max_pixels: int | None = None,
     storage_options: StorageOptions | None = None,
     seconds: float | None = None,
+    model_versions: dict[str, str] | None = None,
 ) -> AvatarTrack:
     """Probe and face-track an avatar, or load the cached track: of every frame, or (`seconds`) of
     the first frames a narration that long shows, with a margin after them, in whole chunks
     (`detect.track.frames_to_track`). `storage_options` (the campaign's `storage.options`) are set
-    for this process first: a Ray task may run in a worker that has never seen them (another node,
-    a fresh process); None leaves the process's as they are. A clip over `max_fps` (0: no cap)
+    for this process first, with the campaign's pinned `model_versions`: a Ray task may run in a
+    worker that has never seen them (another node, a fresh process); None leaves the process's as
+    they are. A clip over `max_fps` (0: no cap)
     shows every `frame_step`-th frame: the track, its timestamps and its rate are of those alone.
 
     Cache, under avatars/<avatar fingerprint>/: frames-<key>.npz (facts and timestamps, per frame
@@ -342,7 +354,7 @@ def prepare_avatar(
     narration later detects only the chunks still missing, other pads none. A damaged entry is
     made again."""
     if storage_options is not None:
-        storage.configure(storage_options)
+        storage.configure(storage_options, model_versions)
     fixed = box or (list(cfg.box) if cfg.name == "box" and cfg.box else None)
     if cfg.name == "box" and fixed is None:
         raise InputError("avatar", uri, "detector=box needs detector.box=[x1,y1,x2,y2] or a `box` manifest column")
@@ -682,7 +694,7 @@ class RowPrep:
 
 def prepare_row(row: Row, cfg: Config) -> RowPrep:
     """Fingerprint the row; report it skipped when its marker matches, else decode its audio."""
-    storage.configure(cfg.storage.options)
+    storage.configure(cfg.storage.options, cfg.model_versions)
     cache = cfg.cache_uri
     fingerprints = {}
     for what, uri in (("audio", row.audio), ("avatar", row.avatar)):

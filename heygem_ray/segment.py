@@ -173,7 +173,7 @@ class RenderWorker:
 
     def _setup(self, cfg: Config) -> None:
         """What the process needs once: storage options, cores, thread counts, the video decoder."""
-        storage.configure(cfg.storage.options)
+        storage.configure(cfg.storage.options, cfg.model_versions)
         cpus = max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
         # before any thread pool starts, so torch's and the helpers' threads inherit the cores
         self.cores = pin_to_free_cores(cpus) if cfg.cluster.actor.pin_cpus else None

@@ -107,6 +107,7 @@ class SharedWork:
             cfg.limits.max_avatar_pixels,
             cfg.storage.options,
             seconds,
+            cfg.model_versions,
             num_gpus=self._detect_gpus,
         )
 

@@ -33,6 +33,8 @@ log = logging.getLogger("heygem_ray.storage")
 T = TypeVar("T")
 
 _OPTIONS: dict[str, dict[str, Any]] = {}
+#: model file URI -> the version the running campaign took of it as it started (`configure`)
+_PINNED: dict[str, str] = {}
 # Other processes write the same prefixes (markers, segments); a cached listing would hide them.
 # One layer of retries, `retrying` below: the S3 client makes one try per call (botocore's own
 # retries and s3fs's would multiply ours), and Ray re-runs a task only when its worker dies.
@@ -170,12 +172,36 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
 StorageOptions = Mapping[str, Mapping[str, Any]]
 
 
-def configure(options: StorageOptions | None) -> None:
-    """Set per-protocol fsspec options for this process, e.g. {"s3": {"endpoint_url": ...}}."""
-    global _OPTIONS
-    # one assignment: a thread reading the options (the inline executor runs stages on threads)
+def configure(options: StorageOptions | None, model_versions: Mapping[str, str] | None = None) -> None:
+    """Set per-protocol fsspec options for this process, e.g. {"s3": {"endpoint_url": ...}}, and
+    the versions of the model files its campaign pinned as it started (`Config.model_versions`:
+    `pinned_version`; None leaves those as they are: a stage that loads no model need not carry
+    them, and a process serves one campaign's stages)."""
+    global _OPTIONS, _PINNED
+    # one assignment each: a thread reading them (the inline executor runs stages on threads)
     # sees the old set or the new one, never a half-filled one
     _OPTIONS = {protocol: dict(opts or {}) for protocol, opts in (options or {}).items()}
+    if model_versions is not None:
+        _PINNED = dict(model_versions)
+
+
+def pinned_version(uri: str) -> str | None:
+    """The version (`current_version`) the running campaign took of the model file at `uri` as it
+    started, or None where it pinned none."""
+    return _PINNED.get(uri)
+
+
+def current_version(uri: str) -> str | None:
+    """A key that changes when the object at `uri` is replaced: `version_key`, or its content's
+    fingerprint where its store names no version; None where there is no such object."""
+    fs, path = url_to_fs(uri)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    # a server that names no version: the content (a fine-tuned checkpoint has the size of the
+    # one it replaces)
+    return version_key(uri, info) or fingerprint(uri)
 
 
 def protocol(uri: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 from pathlib import Path
 
 import fsspec
@@ -306,6 +308,63 @@ def test_a_model_file_replaced_at_the_same_uri_renders_rows_and_tracks_again(mon
     assert after_detector[0] != before[0] and after_detector[1] != before[1]
     storage.write_bytes("memory://models/wav2lip.pth", b"new weights, longer")
     assert keys()[0] != after_detector[0] and keys()[1] == after_detector[1]  # the renderer's: rows only
+
+
+def test_a_campaign_names_the_model_versions_it_started_with_in_every_row(monkeypatch):
+    """Rows prepared after a checkpoint was replaced mid-run named the new weights while the actors
+    (started before) rendered with the old ones: a rerun then skipped rows made with the old
+    weights. A campaign pins each model file's version as it starts (`prepare.model_versions`),
+    every fingerprint and track key names that version, and a process's next campaign its own."""
+    from helpers import compose_config
+    from heygem_ray import prepare, storage
+
+    monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
+    storage.write_bytes("memory://pinned/wav2lip.pth", b"weights a")
+    storage.write_bytes("memory://pinned/s3fd.pth", b"detector a")
+    cfg = compose_config(
+        "manifest=m",
+        "output=o",
+        "renderer=wav2lip",
+        "renderer.checkpoint=memory://pinned/wav2lip.pth",
+        "detector=s3fd",
+        "detector.checkpoint=memory://pinned/s3fd.pth",
+    )
+
+    def keys() -> tuple[str, str]:
+        row = prepare.row_fingerprint("audio-fp", "avatar-fp", None, "o/r.mp4", cfg)
+        return row, prepare.detector_key(cfg.detector, None, cfg.render.still_fps)
+
+    started = keys()
+    versions = prepare.model_versions(cfg)
+    assert sorted(versions) == ["memory://pinned/s3fd.pth", "memory://pinned/wav2lip.pth"]
+    storage.configure(None, versions)
+    try:
+        storage.write_bytes("memory://pinned/wav2lip.pth", b"weights b")
+        storage.write_bytes("memory://pinned/s3fd.pth", b"detector b")
+        assert keys() == started
+    finally:
+        storage.configure(None, {})
+    assert keys()[0] != started[0] and keys()[1] != started[1]  # the next campaign: the new files
+
+
+def test_a_checkpoint_replaced_since_the_campaign_started_is_refused(tmp_path, weights, expected):
+    """An actor (re)started after the checkpoint was replaced loaded the new weights into a
+    campaign whose rows name the old ones, and a row's segments could mix both."""
+    from heygem_ray import storage
+
+    path = tmp_path / "wav2lip.pth"
+    torch.save({"state_dict": weights}, path)
+    uri = str(path)
+    storage.configure(None, {uri: storage.current_version(uri)})
+    try:
+        load_state_dict(uri, NAME, expected)  # the version pinned
+        torch.save({"state_dict": weights, "global_step": 1}, path)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # whatever the clock's resolution
+        with pytest.raises(CheckpointError, match="replaced since this campaign started"):
+            load_state_dict(uri, NAME, expected)
+    finally:
+        storage.configure(None, {})
+    load_state_dict(uri, NAME, expected)  # a campaign started now takes this one
 
 
 def test_weights_holding_nan_are_refused(tmp_path, weights, expected):

@@ -99,6 +99,34 @@ def test_encoder_settings_x264_cannot_open_stop_the_actor_at_start():
     assert refused.start_error is not None and "does not open with the encoder settings" in refused.start_error
 
 
+def test_an_actor_started_after_its_checkpoint_was_replaced_refuses_to_render(tmp_path, recipe_checkpoints):
+    """A renderer actor that Ray restarted mid-campaign loaded whatever file was at the checkpoint's
+    URI then: rows named the weights the campaign started with, and one row's segments could mix
+    two models. It loads the version the campaign pinned (`Config.model_versions`), or says why not."""
+    import dataclasses
+    import os
+    import shutil
+    import time
+
+    from heygem_ray import storage
+
+    path = tmp_path / "wav2lip.pth"
+    shutil.copy(recipe_checkpoints["wav2lip"], path)
+    uri = str(path)
+    cfg = compose_config(
+        "manifest=m", "output=o", "cluster.actor.threads=1", "renderer=wav2lip", f"renderer.checkpoint={uri}"
+    )
+    cfg = dataclasses.replace(cfg, model_versions={uri: storage.current_version(uri)})
+    try:
+        assert RenderWorker(cfg).start_error is None
+        shutil.copy(recipe_checkpoints["s3fd"], path)  # another file entirely: still "replaced", not "wrong model"
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        refused = RenderWorker(cfg)
+    finally:
+        storage.configure(None, {})
+    assert refused.start_error is not None and "replaced since this campaign started" in refused.start_error
+
+
 def test_an_avatar_that_stops_decoding_is_the_rows_input_not_a_renderer_fault():
     """Failed at once naming the avatar (an InputError is never retried), not re-sent to every actor."""
     import av

@@ -73,9 +73,13 @@ def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, to
     `module.` is removed wherever it occurs in a key (DataParallel checkpoints), as the official
     inference.py does. BatchNorm `num_batches_tracked` counters missing from the file are filled
     with 0 (the official loader tolerates their absence too; inference never reads them).
+
+    Where the running campaign pinned the file's version (`storage.pinned_version`), a file
+    replaced since is refused: the campaign's rows name the weights it started with.
     """
     where = f"{model_name} checkpoint {storage.display(uri)}"
-    path = _fetch(uri, where)
+    pinned = storage.pinned_version(uri)
+    path = _fetch(uri, where, pinned)
     slim = _slim_path(path, remote=not storage.is_local(uri))
     state = _read_slim(slim) if slim else None
     if state is None:
@@ -93,8 +97,26 @@ def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, to
                 if slim and _worth_slimming(path, loaded):
                     _check_layout(state, expected, model_name, where)  # no copy of the wrong model's
                     _write_slim(slim, state)
+    if pinned is not None and _replaced_since(uri, pinned):  # while it was read
+        raise CheckpointError(_replaced(where))
     _check_layout(state, expected, model_name, where)
     return {key: state[key] if key in state else torch.zeros((), dtype=torch.long) for key in expected}
+
+
+def _replaced_since(uri: str, pinned: str) -> bool:
+    fs, path = storage.url_to_fs(uri)
+    try:
+        key = storage.version_key(uri, fs.info(path))
+    except FileNotFoundError:
+        return True
+    return key is not None and key != pinned  # None: the copy's content was checked (`_fetch`)
+
+
+def _replaced(where: str) -> str:
+    return (
+        f"{where}: replaced since this campaign started, which renders with the weights it started "
+        "with and names them in its results: run the campaign again to render with the new file"
+    )
 
 
 #: files in the node cache holding a checkpoint's weights alone (`_slim_path`)
@@ -159,11 +181,16 @@ def _write_slim(slim: str, state: Mapping[str, torch.Tensor]) -> None:
             os.unlink(tmp)
 
 
-def _fetch(uri: str, where: str) -> str:
+def _fetch(uri: str, where: str, pinned: str | None = None) -> str:
     try:
-        path = storage.local_copy(uri)
+        # `content`: where the store names no version, the pinned version is the content's fingerprint
+        path = storage.local_copy(uri, content=pinned)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{where}: not found") from exc
+    except storage.ContentChanged as exc:
+        raise CheckpointError(_replaced(where)) from exc
+    if pinned is not None and _replaced_since(uri, pinned):
+        raise CheckpointError(_replaced(where))
     if os.path.isdir(path):
         raise CheckpointError(f"{where}: is a directory, not a file")
     if not os.path.isfile(path):
