@@ -96,22 +96,36 @@ class Summary:
         )
 
 
-def _parquet(rows: list[RowResult]) -> bytes:
+def _parquet(rows: list[RowResult], parts_upto: str | None = None) -> bytes:
     columns = {f.name: [getattr(r, f.name) for r in rows] for f in fields(RowResult)}
     columns["finished_at"] = [int(t) for t in columns["finished_at"]]
-    table = pa.Table.from_pydict(columns, schema=SCHEMA)
+    schema = SCHEMA if parts_upto is None else SCHEMA.with_metadata({_PARTS_UPTO: parts_upto})
+    table = pa.Table.from_pydict(columns, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
 
 
-def write_results(uri: str, rows: list[RowResult]) -> None:
-    storage.write_bytes(uri, _parquet(rows))
+#: the whole table's metadata key: the name prefix of the parts of the run that wrote it; its
+#: results supersede those parts and every earlier run's (the prefixes sort by start time)
+_PARTS_UPTO = b"heygem_ray.parts_upto"
+
+
+def write_results(uri: str, rows: list[RowResult], parts_upto: str | None = None) -> None:
+    """Write the whole table; `parts_upto`: the prefix of the writing run's parts (`ResultsTable`)."""
+    storage.write_bytes(uri, _parquet(rows, parts_upto))
 
 
 def read_results(uri: str) -> list[dict]:
+    return _read_table(uri)[0]
+
+
+def _read_table(uri: str) -> tuple[list[dict], str | None]:
+    """The rows of a results table, and the prefix of the parts it supersedes (None: none named)."""
     with storage.open_uri(uri) as fh:
-        return pq.ParquetFile(fh).read().to_pylist()
+        table = pq.ParquetFile(fh).read()
+    upto = (table.schema.metadata or {}).get(_PARTS_UPTO)
+    return table.to_pylist(), None if upto is None else upto.decode()
 
 
 class ResultsTable:
@@ -128,9 +142,11 @@ class ResultsTable:
         self._results: dict[str, RowResult] = {}
         self._unwritten: list[RowResult] = []
         self._flushed_at = time.time()
-        # parts of this run sort after those an interrupted earlier run left
-        # (and apart from those of another table of this process, in the same second)
-        self._own = "part-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}-{secrets.token_hex(3)}-"
+        # parts of this run sort after those an earlier run left, to the millisecond (and apart
+        # from those of another table of this process, in the same millisecond)
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
+        self._own = f"part-{stamp}-{os.getpid()}-{secrets.token_hex(3)}-"
         self._written_parts = 0
         self._refused = False  # the last part was refused by the store
 
@@ -186,9 +202,12 @@ class ResultsTable:
     def finish(self, order: list[str]) -> list[RowResult]:
         """Write the whole table (every id of `order` must have its result) and remove the parts."""
         rows = flag_outliers([self._results[row_id] for row_id in order])
-        write_results(self.uri, rows)
+        write_results(self.uri, rows, parts_upto=self._own)
         self._unwritten = []
-        storage.remove(self.parts, recursive=True)
+        try:
+            storage.remove(self.parts, recursive=True)
+        except OSError as exc:  # the table supersedes them (`published_earlier`): the next run tries again
+            log.warning("results parts %s not removed: %s: %s", storage.display(self.parts), type(exc).__name__, exc)
         return rows
 
     def published_earlier(self) -> dict[str, RowResult]:
@@ -214,15 +233,17 @@ def flag_outliers(rows: list[RowResult]) -> list[RowResult]:
 
 def published_earlier(uri: str, parts: str, skip: str | None = None) -> dict[str, RowResult]:
     """The rows earlier runs on this output root published (ok or skipped), by id: their table,
-    then the parts of a run that was killed (later results count), less the parts whose names
-    start with `skip`. Nothing when there is none."""
+    then the parts of a run that was killed after it (later results count), less the parts whose
+    names start with `skip`. Parts the table supersedes (its run's or an earlier run's, left where
+    their removal failed) are not read. Nothing when there is none."""
     rows: list[dict] = []
+    upto = None
     try:
-        rows += read_results(uri)
+        rows, upto = _read_table(uri)
     except FileNotFoundError:
         pass
     try:
-        rows += read_parts(parts, skip)
+        rows += read_parts(parts, skip, after=upto)
     except FileNotFoundError:
         pass
     earlier: dict[str, RowResult] = {}
@@ -236,12 +257,16 @@ def published_earlier(uri: str, parts: str, skip: str | None = None) -> dict[str
     return earlier
 
 
-def read_parts(parts: str, skip: str | None = None) -> list[dict]:
+def read_parts(parts: str, skip: str | None = None, after: str | None = None) -> list[dict]:
     """The results an interrupted driver wrote before it stopped, oldest first (a row reported by
-    two runs appears twice: the later one counts), less the parts whose names start with `skip`."""
+    two runs appears twice: the later one counts), less the parts whose names start with `skip`
+    and, with `after` (a run's part prefix), those of that run and earlier ones."""
     rows: list[dict] = []
     for uri in sorted(storage.listdir(parts)):  # not a glob: the output root's name may hold "[1]"
         name = storage.basename(uri)
-        if name.startswith("part-") and name.endswith(".parquet") and not (skip and name.startswith(skip)):
-            rows += read_results(uri)
+        if not (name.startswith("part-") and name.endswith(".parquet")):
+            continue
+        if (skip and name.startswith(skip)) or (after and (name.startswith(after) or name < after)):
+            continue
+        rows += read_results(uri)
     return rows

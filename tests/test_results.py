@@ -273,3 +273,33 @@ def test_a_row_is_skipped_only_while_its_output_path_holds_the_video_its_marker_
     assert not prepare_row(row, cfg).skipped
     write_marker(cfg.layout.marker("r"), replace(marker, bytes=None))  # an older marker
     assert prepare_row(row, cfg).skipped
+
+
+def test_parts_left_beside_a_whole_table_count_only_when_a_later_run_wrote_them(tmp_path, monkeypatch):
+    """A run whose parts could not be removed after its table was written left them, and the next
+    run read them as later than the table: a row that run had re-rendered and failed came back
+    as the ok result of the run before. The table names the parts it supersedes; parts of a run
+    killed after it still count."""
+    from heygem_ray import storage
+    from heygem_ray.results import published_earlier
+
+    uri, parts = str(tmp_path / "_results.parquet"), str(tmp_path / "_results")
+    killed = ResultsTable(uri, parts, flush_rows=1)  # a first run, killed after row "x" was ok
+    killed.add(_result("x"))
+    time.sleep(0.002)
+    rerun = ResultsTable(uri, parts, flush_rows=1)  # the next run: "x" forced again, and failed
+    rerun.add(_result("x", "failed"))
+    rerun.add(_result("y"))
+
+    def refused(*args, **kwargs):
+        raise PermissionError("the store refused the removal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "remove", refused)
+        assert [r.status for r in rerun.finish(["x", "y"])] == ["failed", "ok"]  # a warning, not a failed run
+    assert len(os.listdir(parts)) == 3  # the table is written, the parts stay
+    assert sorted(published_earlier(uri, parts)) == ["y"]  # not the first run's "x"
+    time.sleep(0.002)
+    later = ResultsTable(uri, parts, flush_rows=1)  # a run after the table, killed too
+    later.add(_result("x"))
+    assert sorted(published_earlier(uri, parts)) == ["x", "y"]
