@@ -80,6 +80,7 @@ class Campaign:
         self._kept: set[str] = set()  # rows a stop left with an earlier run's result
         self._stitching = 0  # stitches submitted and not yet answered
         self.shared = SharedWork(cfg, executor)
+        self._published_bytes = 0  # of the videos this run published (`limits.max_output_gb`)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> Summary:
@@ -174,6 +175,11 @@ class Campaign:
             self._inflight[self.executor.submit(prepare_row, row, self.cfg)] = ("prepared", row.id)
 
     def _dispatch_segments(self) -> None:
+        if self._output_limit_reached():  # the rows waiting for their first segment go no further
+            for row_id in self.segments.rows():
+                state = self._states.get(row_id)
+                if state is not None and not state.attempts:
+                    self._fail(row_id, self._output_limit_reason())
         for handle, call in self.segments.dispatch(self._states):
             self._inflight[handle] = ("segment", call)
         for row_id, reason in self.segments.broken.items():
@@ -212,6 +218,8 @@ class Campaign:
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
         if self.actors.error:  # no renderer will ever take it: no face tracking for nothing
             return self._fail(row_id, self.actors.error)
+        if self._output_limit_reached():
+            return self._fail(row_id, self._output_limit_reason())
         assert state.prep.audio is not None  # not skipped: decoded
         track, started = self.shared.avatar(state.row, state.prep.audio.seconds)
         if started is not None:
@@ -219,6 +227,19 @@ class Campaign:
             self._inflight[handle] = ("avatar", key)
         if track is not None:
             self._on_track(state, track)
+
+    def _output_limit_reached(self) -> bool:
+        """Whether the videos this run published reached `limits.max_output_gb`: rows not yet
+        rendering stop there (checked as a row is prepared and before its first segment goes out)."""
+        limit = self.cfg.limits.max_output_gb
+        return bool(limit) and self._published_bytes >= limit * 2**30
+
+    def _output_limit_reason(self) -> str:
+        return (
+            f"not rendered: the videos this run published reached its limit of {self.cfg.limits.max_output_gb:.2f} "
+            "GiB (limits.max_output_gb; in the studio, your storage quota left): make room, then run the "
+            "campaign again to render the rest"
+        )
 
     def _on_avatar(self, key: AvatarKey, ref: Any) -> None:
         # no more tracking for rows no renderer will take
@@ -264,7 +285,8 @@ class Campaign:
         self.startup.rendered(self.actors.actors[actor].info, result)
         if len(state.done) == len(state.spans):
             assert self.actors.codec is not None
-            job = state.stitch_job(self.cfg.layout, self.actors.codec, self.cfg.qa, self.cfg.storage.options)
+            cfg = self.cfg
+            job = state.stitch_job(cfg.layout, self.actors.codec, cfg.qa, cfg.storage.options, cfg.model_versions)
             self._inflight[self.executor.submit(stitch_row, job, state.audio_track)] = ("stitched", row_id)
             self._stitching += 1
 
@@ -359,6 +381,8 @@ class Campaign:
         if row_id in self.results:
             return
         state = self._states.pop(row_id, None) or RowState(Row(row_id, "", "", self._outputs[row_id]), time.time())
+        if status == "ok" and marker is not None:
+            self._published_bytes += marker.bytes or 0
         result = state.result(status, error, marker, self.cfg.qa)
         self.results.add(result, flush=not quiet)
         self.observers.finished(result, thumbnail, quiet=quiet)
@@ -384,6 +408,8 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
     cfg = replace(cfg, model_versions=model_versions(cfg))
     storage.configure(cfg.storage.options, cfg.model_versions)
+    for uri, version in cfg.model_versions.items():
+        log.info("model file %s: this run uses version %s", storage.display(uri), version[:16])
     refused = [row.refused for row in rows if row.refused]
     if refused:
         log.warning(

@@ -123,6 +123,7 @@ def config_yaml(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     data.pop("hydra", None)
+    data.pop("model_versions", None)  # the campaign's own, taken as it starts (logged then)
 
     def mask(node: object) -> object:
         if isinstance(node, dict):

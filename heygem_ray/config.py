@@ -272,6 +272,14 @@ class LimitsConfig:
     max_audio_seconds: float = 4 * 3600.0
     #: largest avatar frame (width x height, after rotation); the default admits 4K (3840x2160)
     max_avatar_pixels: int = 4096 * 2304
+    #: GiB of new videos this run may publish (0: no limit): once those it published reach it, rows
+    #: it has not begun to render fail saying so (rows under way finish, rows already done are
+    #: skipped as ever). The studio sets it to the user's storage quota left
+    max_output_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_output_gb < 0:
+            raise ValueError(f"limits.max_output_gb must be >= 0 (0: no limit), got {self.max_output_gb}")
 
 
 @dataclass

@@ -318,12 +318,12 @@ def checkpoint_version(uri: str | None) -> str | None:
 
 
 def model_versions(cfg: Config) -> dict[str, str]:
-    """The version of each model file the campaign reads (the renderer's and the detector's
-    weights), taken as it starts: its rows' fingerprints and face tracks name these versions, and
+    """The version of each model file the campaign reads (the renderer's, the detector's and the
+    lip-sync expert's weights), taken as it starts: its rows' fingerprints and face tracks name these versions, and
     its actors and detectors load these and no other (`models.checkpoints`), so a file replaced
     during a run mixes no weights into it and mislabels no row. Missing files are left out: their
     loads fail saying so."""
-    uris = (getattr(cfg.renderer, "checkpoint", None), cfg.detector.checkpoint)
+    uris = (getattr(cfg.renderer, "checkpoint", None), cfg.detector.checkpoint, cfg.qa.syncnet)
     return {uri: version for uri in dict.fromkeys(uris) if uri and (version := storage.current_version(uri))}
 
 

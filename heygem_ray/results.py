@@ -144,8 +144,8 @@ class ResultsTable:
         self._flushed_at = time.time()
         # parts of this run sort after those an earlier run left, to the millisecond (and apart
         # from those of another table of this process, in the same millisecond)
-        now = time.time()
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
+        seconds, ns = divmod(time.time_ns(), 10**9)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f"{ns // 10**6:03d}"
         self._own = f"part-{stamp}-{os.getpid()}-{secrets.token_hex(3)}-"
         self._written_parts = 0
         self._refused = False  # the last part was refused by the store

@@ -90,7 +90,12 @@ class RowState:
         )
 
     def stitch_job(
-        self, layout: CampaignLayout, codec: str, qa: QAConfig, storage_options: StorageOptions | None
+        self,
+        layout: CampaignLayout,
+        codec: str,
+        qa: QAConfig,
+        storage_options: StorageOptions | None,
+        model_versions: dict[str, str] | None = None,
     ) -> StitchJob:
         assert self.prep is not None and self.prep.audio is not None and self.track is not None
         work = self.work_uri(layout, codec)
@@ -110,6 +115,7 @@ class RowState:
             fps=self.track.info.fps,
             qa=qa,
             storage_options=storage_options,
+            model_versions=model_versions,
         )
 
     def published(self, layout: CampaignLayout) -> Marker | None:

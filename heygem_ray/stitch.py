@@ -54,6 +54,8 @@ class StitchJob:
     #: the campaign's `storage.options`, set for the process before anything is read: a Ray task
     #: may run in a worker that has never seen them; None leaves the process's as they are
     storage_options: StorageOptions | None = None
+    #: the campaign's pinned model versions (`Config.model_versions`), set with `storage_options`
+    model_versions: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Stitched:
 def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
     """Join the row's segments and `audio` (from `prepare.prepare_audio_track`) into the output."""
     if job.storage_options is not None:
-        storage.configure(job.storage_options)
+        storage.configure(job.storage_options, job.model_versions)
     done = _published_already(job)
     if done is not None:
         return done

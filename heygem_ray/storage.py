@@ -194,14 +194,21 @@ def pinned_version(uri: str) -> str | None:
 def current_version(uri: str) -> str | None:
     """A key that changes when the object at `uri` is replaced: `version_key`, or its content's
     fingerprint where its store names no version; None where there is no such object."""
-    fs, path = url_to_fs(uri)
     try:
-        info = fs.info(path)
+        key = stored_version_key(uri)
     except FileNotFoundError:
         return None
     # a server that names no version: the content (a fine-tuned checkpoint has the size of the
     # one it replaces)
-    return version_key(uri, info) or fingerprint(uri)
+    return key or fingerprint(uri)
+
+
+@retrying
+def stored_version_key(uri: str) -> str | None:
+    """`version_key` of the object at `uri` as its store describes it now (FileNotFoundError
+    where there is none)."""
+    fs, path = url_to_fs(uri)
+    return version_key(uri, fs.info(path))
 
 
 def protocol(uri: str) -> str:

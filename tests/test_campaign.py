@@ -443,6 +443,33 @@ def test_a_thumbnail_the_store_refuses_leaves_the_row_published(media_dir, tmp_p
     assert (out / "a.mp4").exists() and (out / "_markers" / "a.json").exists()
 
 
+def test_rows_not_yet_rendering_when_the_output_limit_is_reached_fail_and_a_rerun_renders_them(media_dir, tmp_path):
+    """The studio checked a user's quota only when a campaign was made, and its videos counted once
+    rendered: one campaign could go far past it. `limits.max_output_gb` (the quota left, from the
+    studio) stops a run's new videos at it: rows under way finish, the others fail saying so."""
+    ids = list("abcde")
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table(
+            {"id": ids, "audio": [str(media_dir / "speech3.wav")] * 5, "avatar": [str(media_dir / "still.png")] * 5}
+        ),
+        manifest,
+    )
+    out = tmp_path / "out"
+    # one segment out at a time: row N+2 is admitted once row N's segment has rendered
+    args = [f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline", "cluster.actors=1"]
+    args.append("render.segments_per_actor=1")
+    rows = {r.id: r for r in campaign.run(compose_config(*args, "limits.max_output_gb=0.000000001")).rows}
+    stopped = [r for r in rows.values() if r.status == "failed"]
+    # the first video, and those whose first segment went out before it was published (its row's
+    # next, and maybe one more while its stitch ran); the rest stopped
+    assert 2 <= len(stopped) <= 4, rows
+    assert all("reached its limit of 0.00 GiB (limits.max_output_gb" in (r.error or "") for r in stopped)
+    assert not any((out / f"{r.id}.mp4").exists() for r in stopped)
+    again = {r.id: r.status for r in campaign.run(compose_config(*args)).rows}
+    assert again == {row_id: "skipped" if rows[row_id].status == "ok" else "ok" for row_id in ids}
+
+
 def test_an_anamorphic_avatar_keeps_its_pixel_aspect_ratio(media_dir, tmp_path):
     """A 4:3-pixel avatar (HDV, DV) played with square pixels would come out squeezed."""
     from fractions import Fraction

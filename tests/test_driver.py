@@ -191,7 +191,9 @@ def _narrations_and_tracks(asked: list[float | None], face_from: int = 0) -> dic
         return RowPrep(f"fp-{row.id}", False, AudioInfo(row.audio, row.audio, int(16_000 * seconds), 0.1, "x"), None)
 
     def prepare_avatar(avatar: str, *args: Any) -> Any:
-        seconds = args[-1]
+        seconds = args[
+            8
+        ]  # prepare_avatar(uri, box, cfg, cache, still_fps, max_fps, max_side, max_pixels, options, seconds, ...)
         asked.append(seconds)
         tracked = frames_to_track(total, min(total, output_frame_count(seconds, 25.0)), 2)
         boxes = np.tile(np.array([[500, 100, 800, 500]], np.int32), (tracked, 1))
@@ -242,7 +244,7 @@ def test_a_fault_past_a_known_track_fails_only_the_rows_it_does_not_reach(tmp_pa
     tracked = stages["prepare_avatar"]
 
     def prepare_avatar(avatar: str, *args: Any) -> Any:
-        if args[-1] == 30.0:
+        if args[8] == 30.0:  # its narration seconds
             asked.append(30.0)
             raise InputError("avatar", avatar, "decoding failed (Invalid data found when processing input)")
         return tracked(avatar, *args)

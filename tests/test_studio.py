@@ -829,6 +829,11 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
         assert f"submit user=alice campaign={campaign} rows=2" in lines and "login refused user='alice'" in lines
         record = json.loads((tmp_path / "store" / "alice" / campaign / "campaign.json").read_text())
         assert record["jobs"] and record["quality"] == "draft (small, fast)"
+        # the job's videos stop at alice's quota (100 GiB) less what she stored before it
+        from ray.job_submission import JobSubmissionClient
+
+        entrypoint = JobSubmissionClient(ray_head).get_job_info(record["jobs"][-1]).entrypoint
+        assert "limits.max_output_gb=99.99" in entrypoint, entrypoint
 
         # alice deletes it: uploads, videos and record gone, and the pages say so
         assert "Deleted" in alice.predict(campaign, api_name="/do_delete")

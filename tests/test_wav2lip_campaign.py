@@ -112,3 +112,62 @@ def test_a_wrong_checkpoint_fails_rows_with_what_was_expected(ray_local, media_d
     for row in summary.rows:
         assert row.error.startswith("renderer could not start: CheckpointError:"), row.error
         assert "S3FD" in row.error and "s3fd.pth" in row.error
+
+
+def test_a_checkpoint_replaced_during_a_run_is_not_mixed_into_it(media_dir, recipe_checkpoints, tmp_path, monkeypatch):
+    """Rows prepared after the generator's file was replaced named the new weights while actors
+    started before rendered with the old ones (and an actor started after, with the new): a rerun
+    then skipped videos made with other weights than their results said. The run keeps to the
+    version it started with: a row renders with it and names it, or fails saying the file was
+    replaced; the next run renders with the new file."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    import torch
+
+    from heygem_ray import prepare, storage
+
+    checkpoint = tmp_path / "wav2lip.pth"
+    shutil.copy(recipe_checkpoints["wav2lip"], checkpoint)
+    started_with = storage.current_version(str(checkpoint))
+    from heygem_ray import demo
+
+    audio = str(tmp_path / "short.wav")
+    demo.write_wav(audio, demo.speech_like(0.6, seed=3))
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["r"], "audio": [audio], "avatar": [str(media_dir / "still.png")]}), manifest)
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "render.progress=false",
+        "cluster=inline",
+        "cluster.actors=1",
+        "renderer=wav2lip",
+        f"renderer.checkpoint={checkpoint}",
+        "detector=box",
+        "detector.box=[40,40,200,220]",
+    )
+    monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
+    real_prepare_row = campaign.prepare_row
+
+    def replaced_then_prepared(row, cfg):  # new weights land as the run gets going
+        state = torch.load(recipe_checkpoints["wav2lip"], weights_only=True)
+        torch.save({**state, "global_step": 1}, checkpoint)
+        return real_prepare_row(row, cfg)
+
+    monkeypatch.setattr(campaign, "prepare_row", replaced_then_prepared)
+    (row,) = campaign.run(cfg).rows
+    monkeypatch.setattr(campaign, "prepare_row", real_prepare_row)
+    assert storage.pinned_version(str(checkpoint)) is None  # the run's pins went with it
+    pinned = replace(cfg, model_versions={str(checkpoint): started_with})
+    if row.status == "ok":  # its actor loaded before the file was replaced
+        marker = json.loads((tmp_path / "out" / "_markers" / "r.json").read_text())
+        assert (
+            marker["fingerprint"]
+            == prepare.prepare_row(campaign.read_manifest(manifest, cfg.output)[0], pinned).fingerprint
+        )
+    else:
+        assert "replaced since this campaign started" in (row.error or ""), row.error
+    (again,) = campaign.run(cfg).rows
+    assert again.status == "ok", again.error  # rendered anew with the new file, not skipped

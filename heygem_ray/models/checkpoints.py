@@ -91,31 +91,42 @@ def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, to
                     held.enter_context(storage.cache_lock(os.path.dirname(slim), slim))
                 state = _read_slim(slim)
             if state is None:
-                loaded = _read(path, where, expected)
+                try:
+                    loaded = _read(path, where, expected)
+                except CheckpointError:  # a file rewritten in place as it was read reads as damaged
+                    if pinned is not None and _replaced_since(uri, pinned):
+                        raise CheckpointError(_replaced(where, uri)) from None
+                    raise
                 state = _unwrap(loaded, where)
                 state = {key.replace("module.", ""): tensor for key, tensor in state.items()}
                 if slim and _worth_slimming(path, loaded):
                     _check_layout(state, expected, model_name, where)  # no copy of the wrong model's
                     _write_slim(slim, state)
     if pinned is not None and _replaced_since(uri, pinned):  # while it was read
-        raise CheckpointError(_replaced(where))
+        raise CheckpointError(_replaced(where, uri))
     _check_layout(state, expected, model_name, where)
     return {key: state[key] if key in state else torch.zeros((), dtype=torch.long) for key in expected}
 
 
 def _replaced_since(uri: str, pinned: str) -> bool:
-    fs, path = storage.url_to_fs(uri)
     try:
-        key = storage.version_key(uri, fs.info(path))
+        key = storage.stored_version_key(uri)
     except FileNotFoundError:
         return True
-    return key is not None and key != pinned  # None: the copy's content was checked (`_fetch`)
+    return key is not None and key != pinned  # None: the copy's content is checked (`_fetch`)
 
 
-def _replaced(where: str) -> str:
+def _replaced(where: str, uri: str) -> str:
+    # a local path's version is its size and mtime: a copy of its own on each node differs
+    elsewhere = (
+        ""
+        if not storage.is_local(uri)
+        else " (or, on a cluster, this node's copy of it is not the one the driver saw, by size and "
+        "modification time: keep weights on shared storage, e.g. s3://)"
+    )
     return (
-        f"{where}: replaced since this campaign started, which renders with the weights it started "
-        "with and names them in its results: run the campaign again to render with the new file"
+        f"{where}: replaced since this campaign started{elsewhere}; the campaign renders with the weights "
+        "it started with and names them in its results: run it again to render with the new file"
     )
 
 
@@ -183,14 +194,14 @@ def _write_slim(slim: str, state: Mapping[str, torch.Tensor]) -> None:
 
 def _fetch(uri: str, where: str, pinned: str | None = None) -> str:
     try:
+        if pinned is not None and _replaced_since(uri, pinned):  # before a copy of the other file is made
+            raise CheckpointError(_replaced(where, uri))
         # `content`: where the store names no version, the pinned version is the content's fingerprint
         path = storage.local_copy(uri, content=pinned)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{where}: not found") from exc
     except storage.ContentChanged as exc:
-        raise CheckpointError(_replaced(where)) from exc
-    if pinned is not None and _replaced_since(uri, pinned):
-        raise CheckpointError(_replaced(where))
+        raise CheckpointError(_replaced(where, uri)) from exc
     if os.path.isdir(path):
         raise CheckpointError(f"{where}: is a directory, not a file")
     if not os.path.isfile(path):

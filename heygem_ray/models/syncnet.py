@@ -85,6 +85,7 @@ def load_expert(uri: str) -> tuple[SyncNet, torch.device, str]:
     from heygem_ray.devices import torch_device
     from heygem_ray.models.checkpoints import load_model
 
-    key = storage.fingerprint(storage.local_copy(uri))
+    # the copy of the pinned version (`storage.pinned_version`), whose content names the embeddings
+    key = storage.fingerprint(storage.local_copy(uri, content=storage.pinned_version(uri)))
     device = torch_device("auto")
     return load_model(SyncNet, uri, "SyncNet lip-sync expert").to(device), device, key

@@ -352,6 +352,17 @@ class Studio:
             *self.cfg.render_overrides,
         ]
 
+    def _output_limit(self, user: str) -> list[str]:
+        """`limits.max_output_gb`: the user's quota left now, so a job's videos stop at it (the
+        quota is checked when a campaign is made, and its videos count only once rendered); none
+        without a quota or where the operator's `render_overrides` set one. Campaigns running at
+        once each get what is left at their submit, and rows under way finish: the quota is a
+        bound, not an exact one."""
+        if not self.cfg.user_quota_gb or any(o.startswith("limits.max_output_gb=") for o in self.cfg.render_overrides):
+            return []
+        left = self.cfg.user_quota_gb * 2**30 - self.store.usage(user)
+        return [f"limits.max_output_gb={max(left, 1.0) / 2**30:.9f}"]  # 0 would mean no limit
+
     def _legacy_settings(self, record: CampaignRecord) -> list[str]:
         """The settings of a campaign made before campaigns kept theirs: its model as offered now,
         never another renderer in place of one no longer offered."""
@@ -366,7 +377,7 @@ class Studio:
         """Start (or resume) the campaign as a new Ray job: finished rows are skipped by the driver."""
         # unique even when a submit whose record could not be saved left its id taken
         submission_id = f"heygem-{record.user}-{record.id}-{len(record.jobs) + 1}-{secrets.token_hex(2)}"
-        overrides = self.job_overrides(record)
+        overrides = [*self.job_overrides(record), *self._output_limit(record.user)]
         self.cluster.submit(submission_id, overrides, {"heygem_user": record.user, "heygem_campaign": record.id})
         record.jobs.append(submission_id)
         self.store.save(record)
