@@ -1031,6 +1031,24 @@ def test_a_running_local_head_is_found_not_started_again(ray_head):
     assert "does not answer" in (gone.problem() or "")
 
 
+@pytest.mark.integration
+def test_a_job_the_cluster_does_not_know_is_asked_about_once(ray_head):
+    """A restarted head knows none of the old campaigns' jobs, and each admission (and listing)
+    asked it about every one of them again: hundreds of requests for a user with many campaigns.
+    Its answer is kept, as an ended job's is (submission ids are never used again)."""
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+
+    cluster = Cluster(ray_head, local=True)
+    with pytest.raises(RuntimeError, match="status code 404"):
+        cluster.job("heygem-alice-forgotten-1")
+    gone = Cluster(f"http://127.0.0.1:{_free_port()}", local=True)
+    cluster.address, cluster._jobs = gone.address, None  # the head goes away: what it said is kept
+    with pytest.raises(RuntimeError, match="does not know job heygem-alice-forgotten-1"):
+        cluster.job("heygem-alice-forgotten-1")
+    with pytest.raises(ClusterUnavailable):  # a job not asked about before is asked
+        cluster.job("heygem-alice-other-1")
+
+
 def test_a_file_two_users_uploaded_leaves_the_upload_folder_when_both_are_done():
     """Gradio names an upload by its content, so two users who upload the same presenter video share
     one file there: the first user's campaign must not delete it from under the second."""

@@ -150,6 +150,7 @@ def eager_backend(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
 
 
+@pytest.mark.slow  # two generators traced by dynamo: ~15 s on 2 cores (compile itself: test_wav2lip_renderer)
 def test_compiled_reuse_is_bitwise_the_compiled_output(recipe_checkpoints, eager_backend, clip, mels):
     reuse, plain = _pair(
         recipe_checkpoints["wav2lip"], batch_size=8, precision="fp32", image_ops="device", compile=True
@@ -163,6 +164,7 @@ def test_compiled_reuse_is_bitwise_the_compiled_output(recipe_checkpoints, eager
     _assert_same(got, want)
 
 
+@pytest.mark.slow  # ~8 s of dynamo tracing on 2 cores
 def test_compiled_halves_compile_once(recipe_checkpoints, monkeypatch, clip, mels):
     """Encoder and decoder each compile once across calls with and without sources, cache hits and
     misses and padded tail batches: the skips reach the decoder in one layout either way."""

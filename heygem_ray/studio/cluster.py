@@ -127,6 +127,7 @@ class Cluster:
         self.address, self.local = address, local
         self._jobs: Any = None
         self._ended: dict[str, tuple[str, float | None]] = {}
+        self._unknown: set[str] = set()  # jobs the cluster answered it does not know (`job`)
         # log tails: when they were read (time.monotonic), and whether the job had ended by then
         self._logs: dict[str, tuple[str, float, bool]] = {}
         self._checked: tuple[float, str | None] | None = None  # the last `problem` answer, and when
@@ -173,10 +174,19 @@ class Cluster:
     def job(self, submission_id: str) -> tuple[str, float | None]:
         """A job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and when its driver started
         (time.time(); None before). Raises RuntimeError for a job the cluster does not know. A
-        job that ended is remembered: its state will not change."""
+        job that ended is remembered: its state will not change; so is one the cluster does not
+        know (a restarted head forgot it, and submission ids are never used again): a user's
+        every old campaign was asked about again at each admission and listing."""
         if submission_id in self._ended:
             return self._ended[submission_id]
-        info = self._call("get_job_info", submission_id)
+        if submission_id in self._unknown:
+            raise RuntimeError(f"the Ray cluster at {self.address} does not know job {submission_id}")
+        try:
+            info = self._call("get_job_info", submission_id)
+        except RuntimeError as exc:
+            if "status code 404" in str(exc):  # the job server's "no such job" (others may pass)
+                self._unknown.add(submission_id)
+            raise
         state = str(info.status).split(".")[-1]
         started = info.start_time / 1000 if info.start_time else None
         if state in FINAL:
