@@ -235,10 +235,12 @@ class Campaign:
         return bool(limit) and self._published_bytes >= limit * 2**30
 
     def _output_limit_reason(self) -> str:
+        limit = self.cfg.limits.max_output_gb * 2**30
+        size = f"{limit / 2**30:.2f} GiB" if limit >= 2**30 else f"{limit / 2**20:.1f} MiB"
         return (
-            f"not rendered: the videos this run published reached its limit of {self.cfg.limits.max_output_gb:.2f} "
-            "GiB (limits.max_output_gb; in the studio, your storage quota left): make room, then run the "
-            "campaign again to render the rest"
+            f"not rendered: this run's new videos reached its limit of {size} (limits.max_output_gb, which the "
+            "studio sets to your storage quota left): free space (in the studio, delete campaigns you no longer "
+            "need), then run the campaign again to render the rest"
         )
 
     def _on_avatar(self, key: AvatarKey, ref: Any) -> None:

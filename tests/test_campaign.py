@@ -464,7 +464,7 @@ def test_rows_not_yet_rendering_when_the_output_limit_is_reached_fail_and_a_reru
     # the first video, and those whose first segment went out before it was published (its row's
     # next, and maybe one more while its stitch ran); the rest stopped
     assert 2 <= len(stopped) <= 4, rows
-    assert all("reached its limit of 0.00 GiB (limits.max_output_gb" in (r.error or "") for r in stopped)
+    assert all("reached its limit of 0.0 MiB (limits.max_output_gb" in (r.error or "") for r in stopped)
     assert not any((out / f"{r.id}.mp4").exists() for r in stopped)
     again = {r.id: r.status for r in campaign.run(compose_config(*args)).rows}
     assert again == {row_id: "skipped" if rows[row_id].status == "ok" else "ok" for row_id in ids}

@@ -184,7 +184,8 @@ class Cluster:
         try:
             info = self._call("get_job_info", submission_id)
         except RuntimeError as exc:
-            if "status code 404" in str(exc):  # the job server's "no such job" (others may pass)
+            # the job server's own "no such job" (a proxy's 404, which may pass, reads otherwise)
+            if "status code 404" in str(exc) and f"Job {submission_id} does not exist" in str(exc):
                 self._unknown.add(submission_id)
             raise
         state = str(info.status).split(".")[-1]

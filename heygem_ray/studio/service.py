@@ -324,12 +324,12 @@ class Studio:
         with self._lock:
             self._usage[user] = (time.time(), used)
         incoming = sum(os.path.getsize(p) for p in uploads if os.path.exists(p))
-        if rerun and used > quota:
+        if rerun and used >= quota:
             raise UploadError(
                 f"your campaigns take {used / 2**30:.2f} GiB, past your {self.cfg.user_quota_gb:g} GiB: delete "
                 "campaigns you no longer need (Campaigns tab) before re-running one"
             )
-        if used + incoming > quota:
+        if used + incoming >= quota:  # its videos need room too
             raise UploadError(
                 f"your campaigns take {used / 2**30:.2f} GiB of your {self.cfg.user_quota_gb:g} GiB and these uploads "
                 f"{incoming / 2**30:.2f} GiB more: delete campaigns you no longer need (Campaigns tab)"
@@ -355,10 +355,11 @@ class Studio:
     def _output_limit(self, user: str) -> list[str]:
         """`limits.max_output_gb`: the user's quota left now, so a job's videos stop at it (the
         quota is checked when a campaign is made, and its videos count only once rendered); none
-        without a quota or where the operator's `render_overrides` set one. Campaigns running at
-        once each get what is left at their submit, and rows under way finish: the quota is a
-        bound, not an exact one."""
-        if not self.cfg.user_quota_gb or any(o.startswith("limits.max_output_gb=") for o in self.cfg.render_overrides):
+        without a quota or where the operator's `render_overrides` set one (theirs holds). Campaigns
+        running at once each get what is left at their submit, and rows under way finish: a soft
+        limit, as the quota is."""
+        operators = (o.lstrip("+~").split("=", 1)[0] for o in self.cfg.render_overrides)
+        if not self.cfg.user_quota_gb or "limits.max_output_gb" in operators:
             return []
         left = self.cfg.user_quota_gb * 2**30 - self.store.usage(user)
         return [f"limits.max_output_gb={max(left, 1.0) / 2**30:.9f}"]  # 0 would mean no limit
