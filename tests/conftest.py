@@ -16,23 +16,6 @@ import pytest
 from helpers import METRICS_PORT, S3_SECRET, write_faceless_clip
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """mypy's run starts as the tests begin, beside them, when its lint test is among those selected."""
-    chosen = (item.nodeid.endswith("test_the_repository_passes[mypy]") for item in session.items)
-    if not session.config.option.collectonly and any(chosen):
-        import test_lint
-
-        test_lint.start(("mypy",))
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    import sys
-
-    lint = sys.modules.get("test_lint")
-    if lint is not None:
-        lint.stop_started()
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 endpoint on loopback (moto's server) for the whole session. Its credentials are in
