@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -279,28 +281,37 @@ def test_code_carrying_pickle_is_refused_and_never_run(tmp_path, expected, write
         assert "GLOBAL io.open was not an allowed global" in str(info.value)
 
 
-def test_a_model_file_replaced_at_the_same_uri_renders_rows_and_tracks_again(monkeypatch):
-    """The fingerprints held the checkpoints' URIs only: new weights put where the old ones were
-    left every finished row skipped and every face track reused, made with the old ones."""
+def _model_keys(monkeypatch: pytest.MonkeyPatch, models: str) -> tuple[Any, Callable[[], tuple[str, str]]]:
+    """A Wav2Lip + S3FD campaign config with its weights under `models`, and what a row's fingerprint
+    and a face track's key are now (the store asked at every call)."""
     from helpers import compose_config
-    from heygem_ray import prepare, storage
+    from heygem_ray import prepare
 
     monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
-    storage.write_bytes("memory://models/wav2lip.pth", b"old weights")
-    storage.write_bytes("memory://models/s3fd.pth", b"old")
     cfg = compose_config(
         "manifest=m",
         "output=o",
         "renderer=wav2lip",
-        "renderer.checkpoint=memory://models/wav2lip.pth",
+        f"renderer.checkpoint={models}/wav2lip.pth",
         "detector=s3fd",
-        "detector.checkpoint=memory://models/s3fd.pth",
+        f"detector.checkpoint={models}/s3fd.pth",
     )
 
     def keys() -> tuple[str, str]:
         row = prepare.row_fingerprint("audio-fp", "avatar-fp", None, "o/r.mp4", cfg)
         return row, prepare.detector_key(cfg.detector, None, cfg.render.still_fps)
 
+    return cfg, keys
+
+
+def test_a_model_file_replaced_at_the_same_uri_renders_rows_and_tracks_again(monkeypatch):
+    """The fingerprints held the checkpoints' URIs only: new weights put where the old ones were
+    left every finished row skipped and every face track reused, made with the old ones."""
+    from heygem_ray import storage
+
+    storage.write_bytes("memory://models/wav2lip.pth", b"old weights")
+    storage.write_bytes("memory://models/s3fd.pth", b"old")
+    _, keys = _model_keys(monkeypatch, "memory://models")
     before = keys()
     assert keys() == before  # stable while nothing changes
     storage.write_bytes("memory://models/s3fd.pth", b"new weights")
@@ -315,25 +326,11 @@ def test_a_campaign_names_the_model_versions_it_started_with_in_every_row(monkey
     (started before) rendered with the old ones: a rerun then skipped rows made with the old
     weights. A campaign pins each model file's version as it starts (`prepare.model_versions`),
     every fingerprint and track key names that version, and a process's next campaign its own."""
-    from helpers import compose_config
     from heygem_ray import prepare, storage
 
-    monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
     storage.write_bytes("memory://pinned/wav2lip.pth", b"weights a")
     storage.write_bytes("memory://pinned/s3fd.pth", b"detector a")
-    cfg = compose_config(
-        "manifest=m",
-        "output=o",
-        "renderer=wav2lip",
-        "renderer.checkpoint=memory://pinned/wav2lip.pth",
-        "detector=s3fd",
-        "detector.checkpoint=memory://pinned/s3fd.pth",
-    )
-
-    def keys() -> tuple[str, str]:
-        row = prepare.row_fingerprint("audio-fp", "avatar-fp", None, "o/r.mp4", cfg)
-        return row, prepare.detector_key(cfg.detector, None, cfg.render.still_fps)
-
+    cfg, keys = _model_keys(monkeypatch, "memory://pinned")
     started = keys()
     versions = prepare.model_versions(cfg)
     assert sorted(versions) == ["memory://pinned/s3fd.pth", "memory://pinned/wav2lip.pth"]
