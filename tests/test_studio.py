@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import replace
@@ -599,7 +600,7 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
 
 # ------------------------------------------------------------------------------ the running studio
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory, s3_endpoint):
+def ray_head(s3_endpoint):
     """A real Ray head with its job server, started as the studio starts its own
     (`studio.cluster.head_command`), on ports of its own so it runs beside the tests' in-process
     Ray; stopped with the module. It has the S3 endpoint's credentials in its environment, as a
@@ -608,7 +609,9 @@ def ray_head(tmp_path_factory, s3_endpoint):
 
     ray = Path(sys.executable).with_name("ray")
     dashboard = _free_port()
-    temp = tmp_path_factory.mktemp("rayhead")
+    # short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes (pytest's own temp
+    # folders grow deeper under xdist)
+    temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     ports = {
         "--port": _free_port(),
         "--ray-client-server-port": _free_port(),
@@ -640,6 +643,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
             head.wait(60)
         except subprocess.TimeoutExpired:
             head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _answers(address: str) -> bool:
