@@ -6,6 +6,7 @@ through the pages."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -482,6 +483,7 @@ def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
     import threading
 
     from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import JobUnknown
     from heygem_ray.studio.service import Studio as StudioService
     from heygem_ray.studio.store import CampaignRecord
 
@@ -491,7 +493,7 @@ def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
 
         def job(self, submission_id: str) -> tuple[str, float]:
             if submission_id == "forgotten":
-                raise RuntimeError("no such job")
+                raise JobUnknown("no such job")
             if submission_id.startswith("ended"):
                 return "SUCCEEDED", 1.0
             return "RUNNING", time.time()
@@ -1040,14 +1042,14 @@ def test_a_job_the_cluster_does_not_know_is_asked_about_once(ray_head):
     """A restarted head knows none of the old campaigns' jobs, and each admission (and listing)
     asked it about every one of them again: hundreds of requests for a user with many campaigns.
     Its answer is kept, as an ended job's is (submission ids are never used again)."""
-    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, JobUnknown
 
     cluster = Cluster(ray_head, local=True)
-    with pytest.raises(RuntimeError, match="status code 404"):
+    with pytest.raises(JobUnknown, match="does not know job heygem-alice-forgotten-1"):
         cluster.job("heygem-alice-forgotten-1")
     gone = Cluster(f"http://127.0.0.1:{_free_port()}", local=True)
     cluster.address, cluster._jobs = gone.address, None  # the head goes away: what it said is kept
-    with pytest.raises(RuntimeError, match="does not know job heygem-alice-forgotten-1"):
+    with pytest.raises(JobUnknown, match="does not know job heygem-alice-forgotten-1"):
         cluster.job("heygem-alice-forgotten-1")
     with pytest.raises(ClusterUnavailable):  # a job not asked about before is asked
         cluster.job("heygem-alice-other-1")
@@ -1086,6 +1088,158 @@ def test_cancel_with_the_cluster_down_says_so_instead_of_nothing_to_cancel(tmp_p
     studio.store.save(replace(record, jobs=["heygem-job-1"]))  # submitted before the cluster went away
     with pytest.raises(ClusterUnavailable):
         studio.cancel("alice", record.id)
+
+
+class JobServerAnswering:
+    """An HTTP server on loopback answering as a Ray job server behind a failing proxy would: the
+    version check passes, each job's state is `jobs[id]` (an HTTP status and a body; a job not in
+    it does not exist), a submit is answered `submit` after `submit_delay` seconds; everything is
+    recorded in `requests`."""
+
+    def __init__(self, jobs: dict[str, tuple[int, str]], submit: tuple[int, str] = (503, "Service Unavailable")):
+        import http.server
+        import threading
+
+        self.jobs, self.submit, self.submit_delay, self.requests = jobs, submit, 0.0, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def answer(self, status: int, body: str) -> None:
+                with contextlib.suppress(OSError):  # a client that gave up waiting has gone
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json" if body.startswith("{") else "text/plain")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body.encode())
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                server.requests.append(("GET", self.path))
+                if self.path == "/api/version":
+                    self.answer(200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}))
+                else:
+                    job = self.path.rsplit("/", 1)[-1]
+                    self.answer(*server.jobs.get(job, (404, f"Job {job} does not exist")))
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests.append(("POST", self.path))
+                time.sleep(server.submit_delay if self.path == "/api/jobs/" else 0)
+                self.answer(*(server.submit if self.path == "/api/jobs/" else (503, "Service Unavailable")))
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://user:s3cret-token@127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_a_job_server_error_is_not_taken_for_a_forgotten_job(tmp_path, media_dir):
+    """A head (or a proxy before it) answering 503 says nothing of the job: the campaign may still
+    be running. Taken for "the cluster forgot it", its campaign could be deleted under its running
+    job (which went on writing into a folder no page lists) and Cancel said "Nothing to cancel".
+    Only the job server's own "Job ... does not exist" means that; and the cluster's address,
+    credentials included, is shown without them."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, JobUnknown
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.store import CampaignRecord
+
+    server = JobServerAnswering(
+        {
+            "heygem-alice-busy-1": (503, "Service Unavailable"),
+            "heygem-alice-gone-1": (404, "Job heygem-alice-gone-1 does not exist"),
+        }
+    )
+    try:
+        cluster = Cluster(server.address, local=True)
+        studio = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster, logging.getLogger("t"))
+        busy, gone = (
+            CampaignRecord(studio.store.new_id(), "alice", name, time.time(), 1, "m", "standard", "m", "o", jobs=[job])
+            for name, job in (("busy", "heygem-alice-busy-1"), ("gone", "heygem-alice-gone-1"))
+        )
+        for record in (busy, gone):
+            studio.store.save(record)
+        view = studio.campaign("alice", busy.id)
+        assert view is not None and view.note and "answered with an error" in view.note
+        assert "s3cret-token" not in view.note and "127.0.0.1" in view.note
+        with pytest.raises(ClusterUnavailable):
+            studio.delete("alice", busy.id)
+        with pytest.raises(ClusterUnavailable):
+            studio.cancel("alice", busy.id)
+        assert studio.store.load("alice", busy.id) is not None
+        with pytest.raises(JobUnknown):
+            cluster.job("heygem-alice-gone-1")
+        assert studio.delete("alice", gone.id)  # a job the cluster does not know runs nowhere
+        assert "s3cret-token" not in (cluster.problem() or "") + cluster.shown
+    finally:
+        server.close()
+
+
+def test_a_submit_whose_answer_is_lost_keeps_its_job(tmp_path, media_dir, monkeypatch):
+    """A submit the job server took but answered too late (or through a failing proxy) may have
+    started the job: the campaign keeps its id, to show it, cancel it and refuse a delete while it
+    may run. Taken back only where the job surely did not go in: the cluster, asked after, does not
+    know it, or no connection was made."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio import cluster as cluster_module
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.service import SubmitUnconfirmed
+
+    monkeypatch.setattr(cluster_module, "TIMEOUT", (2.0, 0.3))
+    files = ([str(media_dir / "speech3.wav")], [str(media_dir / "still.png")])
+    server = JobServerAnswering({}, submit=(200, json.dumps({"submission_id": "x", "job_id": "x"})))
+    server.submit_delay = 1.0  # past the read timeout: the job may be in
+    try:
+        studio = StudioService(
+            StudioConfig(store=str(tmp_path / "store")), Cluster(server.address, local=True), logging.getLogger("t")
+        )
+        with pytest.raises(ClusterUnavailable) as refused:  # asked after, it does not know the job (404)
+            studio.create("alice", "not in", *files)
+        assert not isinstance(refused.value, SubmitUnconfirmed)
+        (record,) = studio.store.campaigns("alice")
+        assert record.jobs == [] and ("POST", "/api/jobs/") in server.requests
+        assert studio.campaign("alice", record.id).status == "not submitted"
+
+        server.jobs = _AllJobs((503, "Service Unavailable"))  # asked after: no answer either
+        with pytest.raises(SubmitUnconfirmed):
+            studio.create("alice", "maybe in", *files)
+        maybe = next(r for r in studio.store.campaigns("alice") if r.name == "maybe in")
+        assert len(maybe.jobs) == 1 and maybe.jobs[0].startswith("heygem-alice-")
+        with pytest.raises(ClusterUnavailable):  # it may be running: not deleted
+            studio.delete("alice", maybe.id)
+    finally:
+        server.close()
+
+    nobody = StudioService(  # no connection made: surely not in
+        StudioConfig(store=str(tmp_path / "store")),
+        Cluster(f"http://127.0.0.1:{_free_port()}", local=True),
+        logging.getLogger("t"),
+    )
+    with pytest.raises(ClusterUnavailable) as refused:
+        nobody.rerun("alice", maybe.id)
+    assert not isinstance(refused.value, SubmitUnconfirmed)
+    assert len(nobody.store.load("alice", maybe.id).jobs) == 1  # the run before, still unconfirmed
+
+
+class _AllJobs(dict):
+    """`JobServerAnswering.jobs` answering every job the same."""
+
+    def __init__(self, answer: tuple[int, str]):
+        super().__init__()
+        self.answer = answer
+
+    def get(self, key: str, default: object = None) -> tuple[int, str]:
+        return self.answer
 
 
 def test_a_users_file_broken_while_the_studio_runs_keeps_the_users_it_had(tmp_path, caplog):

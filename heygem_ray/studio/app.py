@@ -29,6 +29,7 @@ from heygem_ray.studio.service import (
     UPLOAD_WINDOW_SECONDS,
     CampaignView,
     Studio,
+    SubmitUnconfirmed,
     distinct_uploads,
 )
 from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
@@ -47,6 +48,8 @@ UPLOAD_PATH = API_PATH + "upload"
 #: the largest page event the studio takes (its text fields and file references: files are uploaded)
 EVENT_MAX_BYTES = 2**20
 _CHUNK = 2**20
+#: after a submit the cluster took but did not answer: what to do (the campaign keeps the job's id)
+UNCONFIRMED = "The Campaigns tab shows whether it runs once the cluster answers; re-run it there if it does not."
 
 
 def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> FastAPI:
@@ -310,6 +313,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 )
             except UploadError as exc:
                 return f"❌ {exc}", gr.Dropdown()
+            except SubmitUnconfirmed as exc:
+                return f"❌ saved, but the cluster did not confirm its submit: {exc}. {UNCONFIRMED}", gr.Dropdown()
             except ClusterUnavailable as exc:
                 return f"❌ saved, but not submitted: {exc}", gr.Dropdown()
             for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
@@ -327,7 +332,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         def emptied_when_saved(message: str) -> tuple:
             """After create: the file boxes emptied once a campaign holds their uploads (left as
             they were, they named files gone from the web server: a second Render said "expired")."""
-            saved = message.startswith(("✅", "❌ saved, but not submitted"))
+            saved = message.startswith(("✅", "❌ saved, but"))
             return (None, None, None) if saved else (gr.update(), gr.update(), gr.update())
 
         def refresh(campaign_id: str | None, request: gr.Request) -> tuple:
@@ -371,6 +376,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                     return ""
                 try:
                     return done if action(user_of(request), campaign_id) else nothing
+                except SubmitUnconfirmed as exc:
+                    return f"❌ the cluster did not confirm the submit: {exc}. {UNCONFIRMED}"
                 except (ClusterUnavailable, UploadError) as exc:  # UploadError: a re-run past the user's limit
                     return f"❌ {exc}"
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from heygem_ray.config import ClusterConfig
+from heygem_ray.storage import display
 
 log = logging.getLogger("heygem_ray.studio")
 
@@ -34,7 +35,18 @@ TIMEOUT = (5.0, 30.0)
 
 
 class ClusterUnavailable(RuntimeError):
-    """The cluster does not answer: the studio says so on its pages instead of failing."""
+    """The cluster does not answer, or answers with an error: the studio says so on its pages
+    instead of failing, and takes nothing it was not told for an answer (a job whose state the
+    cluster did not give may still run)."""
+
+
+class NotReached(ClusterUnavailable):
+    """No connection to the job server was made: the request (a submit) surely did not reach it."""
+
+
+class JobUnknown(RuntimeError):
+    """The job server's own answer that it has no such job: a restarted head forgot it, or the
+    submit never reached it. Nothing of that job runs."""
 
 
 def local_head(dashboard_port: int) -> tuple[str, bool]:
@@ -125,6 +137,7 @@ class Cluster:
 
     def __init__(self, address: str, local: bool):
         self.address, self.local = address, local
+        self.shown = display(address)  # the address in pages and logs: without credentials in it
         self._jobs: Any = None
         self._ended: dict[str, tuple[str, float | None]] = {}
         self._unknown: set[str] = set()  # jobs the cluster answered it does not know (`job`)
@@ -139,7 +152,7 @@ class Cluster:
             try:
                 self._jobs = _client(self.address)
             except Exception as exc:  # noqa: BLE001 - connection refused, bad address, auth
-                raise ClusterUnavailable(f"the Ray cluster at {self.address} does not answer: {exc}") from None
+                raise NotReached(f"the Ray cluster at {self.shown} does not answer: {exc}") from None
         return self._jobs
 
     def problem(self) -> str | None:
@@ -156,7 +169,7 @@ class Cluster:
             except ClusterUnavailable as exc:
                 problem = str(exc)
             except Exception as exc:  # noqa: BLE001 - an answer that is not the job server's
-                problem = f"the Ray cluster at {self.address} answers oddly: {type(exc).__name__}: {exc}"
+                problem = f"the Ray cluster at {self.shown} answers oddly: {type(exc).__name__}: {exc}"
             self._checked = (time.monotonic(), problem)
             return problem
 
@@ -173,20 +186,18 @@ class Cluster:
 
     def job(self, submission_id: str) -> tuple[str, float | None]:
         """A job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and when its driver started
-        (time.time(); None before). Raises RuntimeError for a job the cluster does not know. A
+        (time.time(); None before). Raises JobUnknown for a job the cluster does not know. A
         job that ended is remembered: its state will not change; so is one the cluster does not
         know (a restarted head forgot it, and submission ids are never used again): a user's
         every old campaign was asked about again at each admission and listing."""
         if submission_id in self._ended:
             return self._ended[submission_id]
         if submission_id in self._unknown:
-            raise RuntimeError(f"the Ray cluster at {self.address} does not know job {submission_id}")
+            raise JobUnknown(f"the Ray cluster at {self.shown} does not know job {submission_id}")
         try:
             info = self._call("get_job_info", submission_id)
-        except RuntimeError as exc:
-            # the job server's own "no such job" (a proxy's 404, which may pass, reads otherwise)
-            if "status code 404" in str(exc) and f"Job {submission_id} does not exist" in str(exc):
-                self._unknown.add(submission_id)
+        except JobUnknown:
+            self._unknown.add(submission_id)
             raise
         state = str(info.status).split(".")[-1]
         started = info.start_time / 1000 if info.start_time else None
@@ -213,12 +224,35 @@ class Cluster:
         return bool(self._call("stop_job", submission_id))
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """The job server's answer to `method`. Its "no such job" (a 404 naming the job in `args`)
+        raises JobUnknown; any other error answer (a 5xx from the head or a proxy before it, a
+        refused submit) and no answer at all raise ClusterUnavailable: the studio must not take a
+        running job for a forgotten one and delete its campaign under it."""
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except ClusterUnavailable:
             raise
         except OSError as exc:  # requests' connection errors are OSErrors
-            raise ClusterUnavailable(f"the Ray cluster at {self.address} does not answer: {exc}") from None
+            unreached = NotReached if _not_connected(exc) else ClusterUnavailable
+            raise unreached(f"the Ray cluster at {self.shown} does not answer: {exc}") from None
+        except RuntimeError as exc:  # the SDK's error for any answer but 200
+            job = args[0] if args else None
+            if job and "status code 404" in str(exc) and f"Job {job} does not exist" in str(exc):
+                raise JobUnknown(f"the Ray cluster at {self.shown} does not know job {job}") from None
+            raise ClusterUnavailable(f"the Ray cluster at {self.shown} answered with an error: {exc}") from None
+
+
+def _not_connected(exc: OSError) -> bool:
+    """Whether `exc` (from requests) failed before a connection was made: refused, no route, a
+    name that does not resolve, a connect timeout. Anything later (a read timeout, a connection
+    dropped mid-answer) may come after the server took the request."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(exc, requests.exceptions.ConnectionError) and isinstance(reason, NewConnectionError)
 
 
 def checkout() -> Path | None:

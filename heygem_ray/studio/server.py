@@ -43,7 +43,7 @@ def connect(cfg: StudioConfig) -> tuple[Cluster, str]:
         host = urlsplit(address).hostname or ""
         return Cluster(
             cfg.ray_address, local=host in LOOPBACK
-        ), f"campaigns run on the Ray cluster at {cfg.ray_address}"
+        ), f"campaigns run on the Ray cluster at {storage.display(cfg.ray_address)}"
     address, started = local_head(cfg.dashboard_port)
     how = "started a local Ray head" if started else "using the local Ray head already running"
     about = f"{how} ({address}, dashboard included); it keeps running when the studio stops, so campaigns go on: "
@@ -137,9 +137,9 @@ def serve(cfg: StudioConfig) -> int:
     print(f"heygem-ray studio: {about}")
     if cfg.auth is None:
         print("heygem-ray studio: no studio.auth: one local user, listening on 127.0.0.1 only")
-    print(f"heygem-ray studio: store {cfg.store}; log {cfg.log_file}")
+    print(f"heygem-ray studio: store {storage.display(cfg.store)}; log {cfg.log_file}")
     print(f"heygem-ray studio: open http://{cfg.host}:{cfg.port}/")
-    log.info("start store=%s cluster=%s", cfg.store, cluster.address)
+    log.info("start store=%s cluster=%s", storage.display(cfg.store), cluster.shown)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0
 

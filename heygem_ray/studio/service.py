@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from heygem_ray import storage
 from heygem_ray.config import StudioConfig
 from heygem_ray.manifest import SAFE_ID
-from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, JobUnknown, NotReached
 from heygem_ray.studio.store import MAX_UPLOADS, CampaignRecord, StudioStore, UploadError
 
 #: the weights-free renderer: every studio offers it
@@ -44,6 +44,11 @@ LISTED = 50
 
 #: a campaign's states that will not change until it is submitted again
 ENDED = ("finished", "failed", "cancelled")
+
+
+class SubmitUnconfirmed(ClusterUnavailable):
+    """A submit whose answer was lost, to a cluster that could not be asked after: its job may run.
+    The campaign keeps the job's id, so its pages show it once the cluster answers."""
 
 
 @dataclass
@@ -305,7 +310,7 @@ class Studio:
                 job, _ = self.cluster.job(record.jobs[-1])
             except ClusterUnavailable:  # asked no more (each ask would wait): the submit will say so
                 return
-            except RuntimeError:  # a job the cluster forgot (a restarted head): not running
+            except JobUnknown:  # a job the cluster forgot (a restarted head): not running
                 continue
             active += job in ("PENDING", "RUNNING")
         if active >= limit:
@@ -379,13 +384,39 @@ class Studio:
         # unique even when a submit whose record could not be saved left its id taken
         submission_id = f"heygem-{record.user}-{record.id}-{len(record.jobs) + 1}-{secrets.token_hex(2)}"
         overrides = [*self.job_overrides(record), *self._output_limit(record.user)]
-        self.cluster.submit(submission_id, overrides, {"heygem_user": record.user, "heygem_campaign": record.id})
+        # recorded before the submit: a job the cluster took while its answer was lost (a read
+        # timeout) is this campaign's, to show, cancel, and keep a delete from; taken back only
+        # where it surely did not go in
         record.jobs.append(submission_id)
         self.store.save(record)
+        try:
+            self.cluster.submit(submission_id, overrides, {"heygem_user": record.user, "heygem_campaign": record.id})
+        except ClusterUnavailable as exc:
+            went_in = self._went_in(submission_id, exc)
+            if went_in is False:
+                record.jobs.remove(submission_id)
+                self.store.save(record)
+                raise
+            if went_in is None:
+                raise SubmitUnconfirmed(str(exc)) from None
         with self._lock:
             self._watched[record.id] = record
         self.log.info("submit user=%s campaign=%s rows=%d job=%s", record.user, record.id, record.rows, submission_id)
         return submission_id
+
+    def _went_in(self, submission_id: str, failed: ClusterUnavailable) -> bool | None:
+        """Whether a submit that failed with `failed` started its job after all: False where no
+        connection was made or the cluster, asked after, does not know the job; True where it
+        does; None where that cannot be asked."""
+        if isinstance(failed, NotReached):
+            return False
+        try:
+            self.cluster.job(submission_id)
+        except JobUnknown:
+            return False
+        except ClusterUnavailable:
+            return None
+        return True
 
     # ------------------------------------------------------------ reading
     def campaigns(self, user: str) -> tuple[list[CampaignView], list[CampaignRecord]]:
@@ -406,7 +437,7 @@ class Studio:
             return self.cluster.logs(record.jobs[-1])
         except ClusterUnavailable as exc:
             return str(exc)
-        except RuntimeError:  # a job the cluster no longer knows (it was restarted)
+        except JobUnknown:  # a job the cluster no longer knows (it was restarted)
             return "(the cluster no longer has this job's log)"
 
     def _log_end(self, record: CampaignRecord, view: CampaignView, late: bool = False) -> None:
@@ -435,7 +466,7 @@ class Studio:
             job, started = self.cluster.job(record.jobs[-1]) if record.jobs else ("NOT_SUBMITTED", None)
         except ClusterUnavailable as exc:
             job, note = "UNKNOWN", str(exc)
-        except RuntimeError:  # a job the cluster no longer knows (a new cluster): the feed says it all
+        except JobUnknown:  # a job the cluster no longer knows (a new cluster): the feed says it all
             job = "UNKNOWN"
         feed = self.store.progress(record, rows) or {}
         if started is not None and feed.get("started_at", 0) < started - 1:
@@ -481,7 +512,7 @@ class Studio:
                 stopped = self.cluster.stop(record.jobs[-1])
             except ClusterUnavailable:  # the job may well be running: say so, not "nothing to cancel"
                 raise
-            except RuntimeError:  # a job the cluster no longer knows: nothing runs to stop
+            except JobUnknown:  # a job the cluster no longer knows: nothing runs to stop
                 return False
             self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
             return stopped
