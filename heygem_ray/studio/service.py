@@ -542,6 +542,8 @@ class Studio:
             view = self.campaign(user, campaign_id)
             if view is None or view.status in ("queued", "running"):
                 return None
+            if view.note:  # the cluster cannot say whether the campaign's job runs: not a second one
+                raise ClusterUnavailable(view.note)
             with self._admission(user):
                 self._check_active(user, campaign_id)
                 self._check_quota(user, [], rerun=True)
