@@ -1115,7 +1115,7 @@ class JobServerAnswering:
                     self.end_headers()
                     self.wfile.write(body.encode())
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 server.requests.append(("GET", self.path))
                 if self.path == "/api/version":
                     self.answer(200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}))
@@ -1123,7 +1123,7 @@ class JobServerAnswering:
                     job = self.path.rsplit("/", 1)[-1]
                     self.answer(*server.jobs.get(job, (404, f"Job {job} does not exist")))
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 server.requests.append(("POST", self.path))
                 time.sleep(server.submit_delay if self.path == "/api/jobs/" else 0)
