@@ -3,6 +3,7 @@ and whether a failed one goes again (the campaign's retry policy for segments)."
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -30,6 +31,11 @@ class SegmentQueue:
         self.by_actor: dict[int, int] = {}  # which actor rendered them
         self.broken: dict[str, str] = {}  # rows whose segment could not be made: why (the campaign fails them)
         self._failed_on: dict[tuple[str, int], set[int]] = {}  # queued retries: the actors they failed on
+        # each actor's calls out, by when they were sent: an actor runs them one at a time, oldest first
+        self._out: dict[int, dict[tuple[str, int], int]] = {}
+        self._sent = itertools.count()
+        # per actor, its last death: (the last call sent before it, the call that was running)
+        self._death: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -74,11 +80,33 @@ class SegmentQueue:
                 continue
             self.actors.actors[actor].load += 1
             state.attempts[index] = state.attempts.get(index, 0) + 1
+            self._out.setdefault(actor, {})[(row_id, index)] = next(self._sent)
             yield self.executor.call(actor, "render_segment", job), (row_id, index, actor)
+
+    def _back(self, call: SegmentCall) -> int | None:
+        """A call is back from its actor (done, failed or taken back): when it was sent."""
+        row_id, index, actor = call
+        self.actors.actors[actor].load -= 1
+        return self._out.get(actor, {}).pop((row_id, index), None)
+
+    def _was_running(self, actor: int, sent: int | None) -> bool:
+        """Whether the call sent at `sent`, failed because its actor died, is the one the actor was
+        running then: the oldest of its calls out at the death. The calls queued behind it failed
+        only with it, so they are not charged a try: one bad input crashing its renderer (a
+        decoder's segfault, an out-of-memory kill) would otherwise use up the tries of every
+        segment waiting on that actor."""
+        if sent is None:
+            return True
+        last, running = self._death.get(actor, (-1, -1))
+        if sent > last:  # the first call back from a new death: those still out died with it
+            out = [sent, *self._out.get(actor, {}).values()]
+            last, running = max(out), min(out)
+            self._death[actor] = (last, running)
+        return sent == running
 
     def rendered(self, call: SegmentCall, result: SegmentResult) -> None:
         row_id, index, actor = call
-        self.actors.actors[actor].load -= 1
+        self._back(call)
         self.actors.rendered(actor, self._failed_on.pop((row_id, index), ()))
         if result.node:
             self.by_node[result.node] = self.by_node.get(result.node, 0) + 1
@@ -90,7 +118,7 @@ class SegmentQueue:
         call, should the actor ever run it, writes the same file). The row's failure reason when
         the segment has had its `render.max_attempts` tries."""
         row_id, index, actor = call
-        self.actors.actors[actor].load -= 1
+        self._back(call)
         if state is None:
             return None
         if state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
@@ -107,15 +135,19 @@ class SegmentQueue:
         anything else (an actor or node lost, a renderer's own failure) is tried
         `render.max_attempts` times."""
         row_id, index, actor = call
-        self.actors.actors[actor].load -= 1
+        sent = self._back(call)
         cause = self.executor.cause(exc)
-        if self.executor.actor_lost(exc) and self.actors.actors[actor].failed is not None:
-            # the driver stopped that actor itself (retired, given up): no try of this segment's
+        lost = self.executor.actor_lost(exc)
+        if lost and (self.actors.actors[actor].failed is not None or not self._was_running(actor, sent)):
+            # the driver stopped that actor itself (retired, given up), or the segment only waited
+            # behind the one that took the actor down: no try of this segment's
+            if self.actors.actors[actor].failed is None:
+                self.actors.lost(actor)
             if state is not None:
                 state.attempts[index] -= 1
                 self._queue.appendleft((row_id, index))
             return None
-        if self.executor.actor_lost(exc):
+        if lost:
             self.actors.lost(actor)
         if isinstance(cause, RendererStartError):  # restarted without its model: asked `ready` again,
             self.actors.lost(actor)  # which tries a load that failed for a passing reason once more

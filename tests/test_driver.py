@@ -454,6 +454,74 @@ def test_segment_failures_are_retried_only_where_a_retry_can_help(tmp_path):
     assert not {actor for _, _, actor in executor.calls} & {1}  # retired at its odd answer
 
 
+class _PoisonedActor(SimulatedExecutor):
+    """One renderer actor that renders its calls in order, oldest first, as a Ray actor does; a
+    segment of a row in `poison` kills its process (a decoder's segfault, an out-of-memory kill),
+    and with it fails every call queued on it. Ray restarts it each time."""
+
+    class Died(Exception):
+        pass
+
+    class Call(Done):
+        def __init__(self, job: Any) -> None:
+            super().__init__()
+            self.job, self.done = job, False
+
+    def __init__(self, poison: set[str]) -> None:
+        super().__init__(actors=1)
+        self.poison, self.deaths = poison, 0
+        self.queued: list[_PoisonedActor.Call] = []  # on the actor, the one rendering first
+        self.rendered: list[str] = []
+
+    def call(self, actor: int, method: str, *args: Any) -> Any:
+        if method != "render_segment":
+            return super().call(actor, method, *args)
+        self.queued.append(self.Call(args[0]))
+        return self.queued[-1]
+
+    def wait(self, handles: Any, timeout: float) -> Any:
+        if not any(getattr(h, "done", True) for h in handles) and self.queued:
+            running = self.queued[0]
+            if running.job.row_id in self.poison:
+                self.deaths += 1
+                for call in self.queued:
+                    call.error, call.done = self.Died("renderer actor died"), True
+                self.queued.clear()
+            else:
+                running.result, running.done = super().call(0, "render_segment", running.job).result, True
+                self.rendered.append(running.job.row_id)
+                self.queued.pop(0)
+        return [h for h in handles if getattr(h, "done", True)][:1]
+
+    def actor_lost(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.Died)
+
+    def restarts(self, actor: int) -> int:
+        return self.deaths
+
+
+def test_a_segment_that_kills_its_renderer_uses_up_its_own_tries_not_those_queued_behind_it(tmp_path):
+    """A row whose input kills the renderer process takes down the calls queued behind it on that
+    actor too. Only the segment that was rendering is charged a try: the others go again as if
+    never sent. Charged each, rows that only waited behind the bad one failed with it (with no
+    retries, `render.max_attempts=1`, at its first crash); now it fails alone."""
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet",
+        f"output={out}",
+        "render.progress=false",
+        "render.segments_per_actor=4",
+        "render.max_attempts=1",
+    )
+    rows = [Row(f"r{i:03d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(6)]
+    executor = _PoisonedActor({"r001"})
+    summary = Campaign(cfg, rows, executor=executor).run()
+    results = {r.id: r for r in summary.rows}
+    assert results["r001"].status == "failed" and "failed after 1 attempt(s)" in results["r001"].error
+    assert executor.deaths == cfg.render.max_attempts
+    assert all(results[r].status == "ok" for r in results if r != "r001"), {r.id: r.error for r in summary.rows}
+
+
 def test_gpu_face_detection_asks_for_a_gpu_share_only_where_the_actors_leave_one(tmp_path):
     """Actors holding every GPU share would leave a detection task waiting for ever: it then
     detects on the CPU."""
