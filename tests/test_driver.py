@@ -115,6 +115,37 @@ def test_the_results_table_is_written_when_stopping_the_renderers_fails(tmp_path
     assert "could not stop the renderers: ConnectionError: the cluster went away" in caplog.text
 
 
+def test_the_results_table_is_written_when_the_cluster_goes_away_mid_stitch(tmp_path):
+    """The executor itself fails (a Ray client's connection lost) while rows stitch: the driver's
+    wind-up waits for the stitches under way through the same executor, which fails again. Every
+    row still gets its result in the table (the unfinished ones interrupted), not none at all."""
+
+    class GoneMidStitch(WatchedExecutor):
+        def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
+            handle = super().submit(fn, *args, num_gpus=num_gpus)
+            if fn.__name__ == "stitch_row":
+                stitches.add(id(handle))
+                held.append(handle)  # (kept alive: ids of live objects are not reused)
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            if len(held) >= 5 and any(id(h) in stitches for h in handles):
+                raise ConnectionError("the cluster went away")
+            return super().wait(handles, timeout)
+
+    stitches: set[int] = set()
+    held: list[Any] = []
+    from heygem_ray.campaign import INTERRUPTED
+
+    job, _ = _campaign(tmp_path)
+    job.executor = job.actors.executor = GoneMidStitch(tmp_path / "out" / "_progress.json")
+    with pytest.raises(ConnectionError):
+        job.run()
+    table = read_results(str(tmp_path / "out" / "_results.parquet"))
+    assert sorted(r["id"] for r in table) == sorted(row.id for row in job.rows)
+    assert all(r["status"] == "ok" or r["error"] == INTERRUPTED for r in table), table
+
+
 def _counted(calls: list[str], fail: dict[str, BaseException] | None = None) -> dict[str, Any]:
     """STAGES, with prepare_avatar recording each avatar it tracks and raising `fail[avatar]` once."""
     fail = dict(fail or {})
