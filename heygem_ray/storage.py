@@ -385,7 +385,10 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
     rename (atomic on POSIX) and flush the folder: after a crash or power loss the path holds the
     old file or the whole new one, never an empty or partial one (a rename can reach the disk
     before the data it names). Object stores: a single PUT or a completed multipart upload is
-    atomic to readers.
+    atomic to readers. Other stores (SFTP, WebDAV, FTP, SMB, HDFS, ...) write where they are told,
+    as the bytes arrive: the file goes under a hidden temporary name beside the destination, then
+    is renamed (replacing what was there; a server whose rename will not replace gets the old file
+    removed first: the path is then briefly absent, never partial).
     """
     if is_local(uri):
         dest = local_path(uri)
@@ -407,10 +410,26 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
             _sync(folder)
         return
     fs, path = url_to_fs(uri)
-    if protocol(uri) not in OBJECT_STORES:  # an SFTP or WebDAV server needs the folder
-        with contextlib.suppress(Exception):
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.put_file(local_file, path)
+    if protocol(uri) in OBJECT_STORES:
+        fs.put_file(local_file, path)
+        return
+    folder, _, name = path.rpartition("/")
+    with contextlib.suppress(Exception):  # an SFTP or WebDAV server needs the folder
+        fs.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}/.{name}{_PART}{uuid.uuid4().hex[:8]}"
+    try:
+        fs.put_file(local_file, tmp)
+        try:
+            fs.mv(tmp, path)
+        except Exception:  # a rename that will not replace (SFTP's plain rename)
+            if not fs.exists(path):
+                raise
+            fs.rm_file(path)
+            fs.mv(tmp, path)
+    finally:
+        with contextlib.suppress(Exception):  # gone once renamed; a failed upload's leftovers
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
 
 
 #: stores of objects, not folders: nothing to make before a PUT, and their fsspec makedirs makes a

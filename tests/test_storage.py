@@ -44,6 +44,38 @@ def test_publish_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert os.listdir(dest.parent) == ["out.mp4"]
 
 
+def test_a_publish_to_a_store_that_writes_as_bytes_arrive_shows_no_partial_file(tmp_path, monkeypatch):
+    """SFTP, WebDAV, FTP or HDFS write a file where they are told as its bytes arrive (fsspec's
+    memory store does the same, in this process): an upload cut off midway left a truncated video
+    at the output path. It goes under a hidden temporary name and is renamed when whole,
+    replacing the video there; a failed one leaves neither."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * 1024))
+    monkeypatch.setattr(MemoryFileSystem, "blocksize", 1024)  # three writes
+    storage.write_bytes("memory://pub/out/old.mp4", b"the earlier video")
+    storage.publish_file(str(src), "memory://pub/out/old.mp4")
+    assert storage.read_bytes("memory://pub/out/old.mp4") == src.read_bytes()
+    assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == ["/pub/out/old.mp4"]
+
+    writes = []
+    write = MemoryFile.write
+
+    def cut_off(self, data):
+        writes.append(len(data))
+        if len(writes) == 2:
+            raise PermissionError("connection closed by the server")
+        return write(self, data)
+
+    monkeypatch.setattr(MemoryFile, "write", cut_off)
+    with pytest.raises(PermissionError):
+        storage.publish_file(str(src), "memory://pub/out/new.mp4")
+    assert writes and not storage.exists("memory://pub/out/new.mp4")
+    assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == ["/pub/out/old.mp4"]
+
+
 def test_a_local_publish_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
     """Renamed before its data was flushed, a file can come back empty after a power loss (delayed
     allocation): the data is synced before the rename, the folder's entry after it."""
