@@ -211,6 +211,46 @@ def test_reader_seeks_in_mpeg_ts_which_has_no_index(tmp_path, codec):
         assert [n for n, _ in reader.frames_between(110, 150)] == list(range(110, 150))
 
 
+def _ts_part(path: str, width: int, height: int, first_pts: int, shade: int) -> None:
+    """Twelve frames of `shade` with a white top-left quarter, as MPEG-TS, from `first_pts`."""
+    with av.open(path, "w", format="mpegts") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(12):
+            image = np.full((height, width, 3), shade, np.uint8)
+            image[: height // 4, : width // 4] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            frame.pts = first_pts + i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+
+
+def test_a_clip_whose_resolution_changes_partway_is_read_at_its_first_size(tmp_path):
+    """A saved HLS stream or browser recording that adapted its quality, or two .ts files joined:
+    the frames after the change came out at their own size (a smaller one crashed the I420 path,
+    a larger one was cropped to its top-left corner; the face track and the encoder work at one
+    size). They are scaled to the size the clip was probed at, on every read path."""
+    first, second = str(tmp_path / "a.ts"), str(tmp_path / "b.ts")
+    _ts_part(first, 96, 72, 0, shade=60)
+    _ts_part(second, 64, 48, 14, shade=160)  # the timestamps go on
+    path = tmp_path / "joined.ts"
+    path.write_bytes(Path(first).read_bytes() + Path(second).read_bytes())
+    info = video.probe(str(path), 25)
+    assert (info.width, info.height) == (96, 72)
+    every = list(video.iter_frames(str(path), info))
+    assert len(every) == 24 and {image.shape for _, image in every} == {(72, 96, 3)}
+    later = every[20][1]
+    assert abs(int(later[60, 80].mean()) - 160) < 8 and later[5, 10].min() > 240  # scaled, not cropped
+    pts = np.array([p for p, _ in every])
+    with video.FrameReader(str(path), info, pts) as reader:
+        frames = reader.read(np.array([3, 20]))
+    assert frames[20].shape == (72, 96, 3) and np.abs(frames[20].astype(int) - later).max() <= 2
+    with video.FrameReader(str(path), info, pts, pixel_format="yuv420p") as reader:
+        i420 = reader.read(np.array([3, 20]))
+    assert {a.shape for a in i420.values()} == {(108, 96)}
+    assert abs(int(i420[20][60, 80]) - int(i420[3][60, 80])) > 60  # the second part's shade
+
+
 def test_a_trimmed_clip_is_tracked_by_the_frames_it_shows(tmp_path):
     """A stream-copy trim (ffmpeg -ss ... -c copy, a phone's trim) keeps the packets before the cut
     behind an edit list: demuxed, never shown. A fixed box's track counts the frames shown."""

@@ -450,7 +450,9 @@ class FrameReader:
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         info = self.info
         if self._i420 and _plain_420(frame, self.info.hdr or 0):
-            if info.scale != 1:  # a clip over render.max_side: swscale's area filter, 4K to 1080p in ~2 ms
+            # a clip over render.max_side, or a frame of another size: swscale's area filter (4K to
+            # 1080p in ~2 ms)
+            if info.scale != 1 or _resized(frame, info):
                 frame = frame.reformat(*_stored_size(info), format="yuv420p", interpolation="AREA")
             nv12 = frame.format.name == "nv12"  # NVDEC's output: one chroma plane of U, V pairs
             # memoryview: below Python 3.12 numpy's stubs name the buffer types they take, and a plane is none
@@ -512,11 +514,24 @@ def _stored_size(info: VideoInfo) -> tuple[int, int]:
     return (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
 
 
+def _resized(frame: av.VideoFrame, info: VideoInfo) -> bool:
+    """Whether a video frame is not of the size its stream was probed at (`info`, before a
+    `fitted` scale): a stream whose resolution changes partway (a saved HLS or WebRTC recording
+    that adapted its quality, two files joined). Its frames are scaled to the probed size: the
+    face track, the renderer and the encoder all work at that one size."""
+    width, height = _stored_size(info)
+    if info.scale != 1:
+        return False  # scaled to that size anyway
+    # the probed size is the first frame's, cut to even numbers
+    return not (width <= frame.width <= width + 1 and height <= frame.height <= height + 1)
+
+
 def _oriented_bgr(frame: av.VideoFrame, info: VideoInfo) -> np.ndarray:
     """A decoded frame as the avatar's BGR frame: made SDR, turned upright, at `info`'s size (a
-    clip `fitted` to a smaller one is shrunk), the caller's own array."""
+    clip `fitted` to a smaller one is shrunk, a frame of another size than the stream's first
+    scaled to it), the caller's own array."""
     image = hdr.frame_bgr(frame, info.hdr or 0)
-    if info.scale != 1 and not info.still:
+    if (info.scale != 1 and not info.still) or (not info.still and _resized(frame, info)):
         image = cv2.resize(image, _stored_size(info), interpolation=cv2.INTER_AREA)
     elif frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
         image = image.copy()
