@@ -475,12 +475,15 @@ def test_a_transparent_still_is_shown_over_white(tmp_path):
     assert np.abs(video.read_image(str(tmp_path / "photo.jpg")).astype(int) - (0, 0, 200)).max() <= 3
 
 
-def _tagged_clip(path: str, pix_fmt: str, colorspace: int, full_range: bool) -> None:
+def _tagged_clip(path: str, pix_fmt: str, tags: int | tuple[int, int, int], full_range: bool) -> None:
+    """Five frames in `pix_fmt` tagged (colorspace, primaries, transfer) = `tags` (one number: all three)."""
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
         context = stream.codec_context
-        context.colorspace = context.color_primaries = context.color_trc = colorspace
+        context.colorspace, context.color_primaries, context.color_trc = (
+            tags if isinstance(tags, tuple) else (tags,) * 3
+        )
         context.color_range = 2 if full_range else 1
         for i in range(5):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="bgr24")
@@ -497,6 +500,9 @@ def _tagged_clip(path: str, pix_fmt: str, colorspace: int, full_range: bool) -> 
         ("yuv420p", 2, False, (2, 2, 2)),  # untagged stays untagged
         ("yuvj420p", 1, True, (6, 1, 1)),  # full range: through BGR, so BT.601's matrix, video range
         ("yuv444p", 1, False, (6, 1, 1)),  # on BT.709's primaries and transfer (BT.601's would shift colours)
+        ("yuv444p", 2, False, (6, 1, 1)),  # untagged, through BGR: BT.709's, as players take HD
+        # a 10-bit BT.2020 SDR clip, through BGR: its gamut and curve kept (BT.709's played it desaturated)
+        ("yuv420p10le", (9, 9, 14), False, (6, 9, 14)),
     ],
 )
 def test_the_output_is_tagged_with_the_colours_its_frames_have(tmp_path, pix_fmt, colorspace, full_range, expected):
@@ -699,9 +705,19 @@ def test_a_writer_a_failure_left_lets_its_file_and_encoder_go(tmp_path):
     assert not _held_open(path) and video.probe(str(path), 25).width == 64
 
 
-def test_an_avatar_recorded_before_its_colours_were_is_probed_again_not_demuxed(tmp_path, monkeypatch):
-    """A cache entry of an avatar's facts from before they held colour tags: the avatar is probed
-    again (the tags reach its outputs) and its timestamps are kept (no demux pass)."""
+@pytest.mark.parametrize(
+    "pix_fmt, tags, older, expected",
+    [
+        ("yuv420p", 1, None, "1,1,1"),  # before colour tags were recorded
+        ("yuv420p10le", (9, 9, 14), "", "6,9,14"),  # before frames through BGR kept their gamut
+    ],
+)
+def test_an_avatar_recorded_before_its_colours_were_is_probed_again_not_demuxed(
+    tmp_path, monkeypatch, pix_fmt, tags, older, expected
+):
+    """A cache entry of an avatar's facts from before they held its colour tags as they are now:
+    the avatar is probed again (the tags reach its outputs) and its timestamps are kept (no demux
+    pass)."""
     import glob
     import io
     import json
@@ -709,24 +725,27 @@ def test_an_avatar_recorded_before_its_colours_were_is_probed_again_not_demuxed(
     from heygem_ray import prepare
     from heygem_ray.config import DetectorConfig
 
-    source = str(tmp_path / "bt709.mp4")
-    _tagged_clip(source, "yuv420p", 1, False)
+    source = str(tmp_path / "clip.mp4")
+    _tagged_clip(source, pix_fmt, tags, False)
     cache = str(tmp_path / "cache")
     box = DetectorConfig(name="box", box=[0, 0, 32, 32])
-    assert prepare.prepare_avatar(source, None, box, cache, 25.0).info.color == "1,1,1"
+    assert prepare.prepare_avatar(source, None, box, cache, 25.0).info.color == expected
     [entry] = glob.glob(f"{cache}/avatars/*/frames-*.npz")
     with np.load(entry) as npz:
         pts, info = npz["pts"], json.loads(str(npz["info"]))
-    del info["color"]  # as an older probe recorded it
+    if older is None:  # as an older probe recorded it
+        del info["color"]
+    else:
+        info["color"] = older
     buf = io.BytesIO()
     np.savez(buf, pts=pts, info=np.array(json.dumps(info)))
     with open(entry, "wb") as fh:
         fh.write(buf.getvalue())
     monkeypatch.setattr(prepare, "_frame_timestamps", lambda *a: pytest.fail("demuxed again"))
     again = prepare.prepare_avatar(source, None, box, cache, 25.0)
-    assert again.info.color == "1,1,1" and np.array_equal(again.pts, pts)
+    assert again.info.color == expected and np.array_equal(again.pts, pts)
     with np.load(entry) as npz:
-        assert json.loads(str(npz["info"]))["color"] == "1,1,1"  # recorded now
+        assert json.loads(str(npz["info"]))["color"] == expected  # recorded now
 
 
 @pytest.mark.parametrize("rotation", [0, 90])

@@ -59,9 +59,10 @@ class VideoInfo:
     #: pixel aspect ratio (after rotation), "1/1" but for anamorphic video: the output keeps it
     sar: str = "1/1"
     #: the colour tags its frames pass on to the output (`SegmentWriter`): "colorspace,primaries,trc"
-    #: (FFmpeg's numbers) of a video whose 8-bit 4:2:0 planes are encoded as they are; "" when
-    #: frames go through BGR (then `FROM_BGR`); `hdr.SDR_TAGS` for HDR ones, made SDR (`hdr.sdr_bgr`);
-    #: None: not known (a probe before this was recorded)
+    #: (FFmpeg's numbers) of a video whose 8-bit 4:2:0 planes are encoded as they are; of one whose
+    #: frames go through BGR, `FROM_BGR`'s matrix with its own primaries and transfer; "" for a still
+    #: (then `FROM_BGR`); `hdr.SDR_TAGS` for HDR ones, made SDR (`hdr.sdr_bgr`); None: not known (a
+    #: probe before this was recorded)
     color: str | None = None
     #: the HDR transfer its frames are made SDR from (`hdr.PQ`, `hdr.HLG`), 0 for SDR; None: not
     #: known (a probe before HDR video was made SDR)
@@ -192,7 +193,7 @@ def probe(
                     f"{int(first.colorspace or 2)},{int(context.color_primaries or 2)},{int(context.color_trc or 2)}"
                 )
             else:
-                color = hdr.SDR_TAGS if transfer else ""
+                color = hdr.SDR_TAGS if transfer else _through_bgr_tags(context)
             w, h = (first.height, first.width) if clockwise in (90, 270) else (first.width, first.height)
             sar = stream.sample_aspect_ratio or Fraction(1)
             if clockwise in (90, 270):
@@ -212,6 +213,22 @@ def probe(
         sar=f"{sar.numerator}/{sar.denominator}",
         color=color,
         hdr=transfer,
+    )
+
+
+def _through_bgr_tags(context: av.VideoCodecContext) -> str:
+    """The colour tags of an SDR video whose frames are made BGR to be rendered (10-bit, 4:2:2,
+    4:4:4, full range): BGR is encoded with `FROM_BGR`'s matrix, and keeps the source's primaries
+    and transfer (a BT.2020 or Display P3 clip tagged BT.709 would play desaturated); untagged
+    ones get `FROM_BGR`'s."""
+    matrix, primaries, trc = FROM_BGR.split(",")
+    own_primaries, own_trc = int(context.color_primaries or 0), int(context.color_trc or 0)
+    return ",".join(
+        (
+            matrix,
+            str(own_primaries) if own_primaries not in (0, 2) else primaries,
+            str(own_trc) if own_trc not in (0, 2) else trc,
+        )
     )
 
 
