@@ -537,6 +537,24 @@ def test_the_output_is_tagged_with_the_colours_its_frames_have(tmp_path, pix_fmt
     assert video.output_tags("1,9,14", i420=False) == "6,9,14" and video.output_tags("1,9,14", i420=True) == "1,9,14"
 
 
+def test_an_animated_png_is_a_video_and_an_animated_webp_is_refused(tmp_path):
+    """Read as stills, both showed their first frame only, frozen, without a word. An APNG is a
+    video FFmpeg decodes; an animated WebP, which it cannot decode, fails its row saying so."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (64, 48), (60 * i, 100, 50)) for i in range(3)]
+    for suffix in ("png", "webp"):
+        frames[0].save(tmp_path / f"anim.{suffix}", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(tmp_path / "still.webp")
+    info = video.probe(str(tmp_path / "anim.png"), 25)
+    assert not info.still and info.fps == 10
+    shown = [image[20, 30] for _, image in video.iter_frames(str(tmp_path / "anim.png"), info)]
+    assert len(shown) == 3 and len({int(bgr[2]) for bgr in shown}) == 3  # red: 0, 60, 120
+    with pytest.raises(InputError, match="animated WebP"):
+        video.probe(str(tmp_path / "anim.webp"), 25)
+    assert video.probe(str(tmp_path / "still.webp"), 25).still
+
+
 def test_not_a_video(tmp_path):
     path = str(tmp_path / "audio_only.m4a")
     demo.write_audio(path, np.zeros(16000, np.float32))

@@ -167,7 +167,7 @@ def probe(
     uri = display_uri or path
     if max_pixels:
         _check_frame_size(path, uri, max_pixels)
-    if is_image_path(path) or heif.file_is_still(path):
+    if (is_image_path(path) and not _animated(path, uri)) or heif.file_is_still(path):
         return _still_info(read_image(path), uri, still_fps, max_pixels, max_side)
     try:
         with av.open(path) as container:
@@ -274,6 +274,25 @@ def _refuse_over(uri: str, size: tuple[int, int], max_pixels: int, still: bool =
         raise InputError(
             "avatar", uri, f"frames are {width}x{height} = {pixels} pixels, over limits.max_avatar_pixels={max_pixels}"
         )
+
+
+def _animated(path: str, uri: str) -> bool:
+    """Whether an image file holds an animation, which FFmpeg reads as a video (an APNG; a GIF is
+    no image suffix's): read as a still, it showed its first frame only. An animated WebP, which
+    FFmpeg cannot decode, is refused rather than frozen. False where Pillow is not installed (a
+    bare GPU node's check kit) or does not know the file."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        return False
+    try:
+        with Image.open(path) as image:
+            animated, kind = bool(getattr(image, "is_animated", False)), image.format
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+    if animated and kind == "WEBP":
+        raise InputError("avatar", uri, "is an animated WebP, which cannot be read as a video: give it as MP4 or GIF")
+    return animated
 
 
 def _image_header_size(path: str) -> tuple[int, int] | None:
