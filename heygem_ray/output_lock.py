@@ -34,6 +34,9 @@ from heygem_ray.layout import CampaignLayout
 
 HEARTBEAT_SECONDS = 15.0
 STALE_SECONDS = 60.0
+#: age past which a half-published file in the campaign cache, which runs on other outputs may
+#: publish into meanwhile, was left by a killed process (a publish takes seconds)
+CACHE_PART_SECONDS = 6 * 3600.0
 #: longest wait for another process's read and write of a local lock (they take milliseconds)
 FLOCK_WAIT_SECONDS = 30.0
 #: heartbeats a run watches another host's lock that this host's clock calls stale before taking
@@ -93,6 +96,7 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
         # what an earlier run killed mid-publish left: no other run writes here now (after the
         # heartbeat started: the walk of a large output root on a slow disk takes a while)
         removed = storage.remove_parts(layout.output, skip=layout.cache)  # a cache other runs may share
+        removed += storage.remove_parts(layout.cache, older_than=CACHE_PART_SECONDS)
         if removed:
             log.info("removed %d half-published file(s) an earlier, killed run left", removed)
         yield held

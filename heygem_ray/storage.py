@@ -442,16 +442,18 @@ _PART = ".part-"
 _PART_NAME = re.compile(r"\..+\.part-[0-9a-f]{8}")
 
 
-def remove_parts(root: str, skip: str | None = None) -> int:
+def remove_parts(root: str, skip: str | None = None, older_than: float = 0.0) -> int:
     """Remove the files that publishes under the local folder `root` left half-made when their
     process was killed (SIGKILL, a lost node); returns how many. Only for a folder no one else
     publishes into now (the output root, once its lock is held): a publish of a run that is still
     going there would fail. `skip`: a folder under it that others may write to meanwhile (a cache
-    campaigns share). One that cannot be removed is logged and left. Object stores have none (a
-    PUT is whole or absent)."""
+    campaigns share). `older_than`: only files last written that many seconds ago (a folder
+    others publish into: no publish takes that long). One that cannot be removed is logged and
+    left. Object stores have none (a PUT is whole or absent)."""
     if not is_local(root):
         return 0
     removed = 0
+    before = time.time() - older_than
     skipped = os.path.realpath(local_path(skip)) if skip is not None and is_local(skip) else None
     for folder, subfolders, names in os.walk(local_path(root)):
         if skipped is not None:
@@ -459,6 +461,8 @@ def remove_parts(root: str, skip: str | None = None) -> int:
         for name in names:
             if _PART_NAME.fullmatch(name):
                 try:
+                    if older_than and os.stat(os.path.join(folder, name)).st_mtime > before:
+                        continue
                     os.unlink(os.path.join(folder, name))
                     removed += 1
                 except FileNotFoundError:

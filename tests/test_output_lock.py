@@ -66,7 +66,9 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, monkeypatch):
 
 def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the_output(tmp_path):
     """A run killed between writing a file's temporary copy and renaming it left `.NAME.part-*`
-    files beside the videos and the report for good; files of other names stay."""
+    files beside the videos and the report for good; files of other names stay. In the campaign
+    cache, which runs on other outputs may be publishing into, only those too old to be anyone's
+    publish go (a 4-hour narration's PCM left there was ~1 GB)."""
     from heygem_ray import storage
 
     (tmp_path / "_markers").mkdir()
@@ -76,6 +78,7 @@ def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the
         tmp_path / "._report.html.part-c19d1e20",
         tmp_path / "_markers" / ".r.json.part-0a1b2c3d",
         tmp_path / "sub" / ".v.mp4.part-ffffffff",
+        tmp_path / "_cache" / "audio" / ".old.f32.part-0a1b2c3d",  # a day old: its process is gone
     ]
     kept = [
         tmp_path / ".hidden",
@@ -86,6 +89,8 @@ def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the
     ]
     for path in left + kept:
         path.write_bytes(b"x")
+    day_ago = time.time() - 86400
+    os.utime(left[-1], (day_ago, day_ago))
     with output_lock(CampaignLayout(str(tmp_path))):
         assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
     assert storage.remove_parts(str(tmp_path), skip=str(tmp_path / "_cache")) == 0
