@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from heygem_ray import storage
+from heygem_ray import scratch, storage
 from heygem_ray.actor_pool import LOST_ACTOR_SECONDS, ActorPool
 from heygem_ray.config import Config
 from heygem_ray.errors import InputError
@@ -410,6 +410,7 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
     None = when this process started. `guard`: called on every turn of the campaign's loop, what it
     raises stops the campaign."""
     storage.configure(cfg.storage.options)
+    scratch.sweep()  # what killed processes on this node left
     # a manifest no row of which can run stops here, before any rendering
     rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
     cfg = replace(cfg, model_versions=model_versions(cfg))

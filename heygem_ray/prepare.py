@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from typing import Any, TypeVar
 import av
 import numpy as np
 
-from heygem_ray import metrics, storage
+from heygem_ray import metrics, scratch, storage
 from heygem_ray.config import Config, DetectorConfig, EncoderConfig
 from heygem_ray.detect import build_detector
 from heygem_ray.detect.base import FaceDetector
@@ -130,21 +129,21 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> Au
         local = storage.local_copy(uri, content=fp)
         meter = LevelMeter()
         samples = 0
-        with tempfile.NamedTemporaryFile(prefix="heygem-pcm-", suffix=".f32", delete=False) as tmp:
-            try:
+        pcm = scratch.file("pcm", ".f32")
+        try:
+            with open(pcm, "wb") as tmp:
                 for chunk in iter_pcm16k(local, display_uri=uri):
                     tmp.write(np.ascontiguousarray(chunk, dtype="<f4").tobytes())
                     meter.feed(chunk)
                     samples += len(chunk)
                     if samples > max_seconds * SAMPLE_RATE:
                         raise InputError("audio", uri, f"is longer than limits.max_audio_seconds={max_seconds:g} s")
-                tmp.close()
-                if samples == 0:
-                    raise InputError("audio", uri, "has no audio samples")
-                with caching(base + ".f32"):
-                    storage.publish_file(tmp.name, base + ".f32")
-            finally:
-                os.unlink(tmp.name)
+            if samples == 0:
+                raise InputError("audio", uri, "has no audio samples")
+            with caching(base + ".f32"):
+                storage.publish_file(pcm, base + ".f32")
+        finally:
+            os.unlink(pcm)
         level = meter.level()
         with caching(base + ".json"):
             storage.write_bytes(base + ".json", json.dumps({"samples": samples, "level": level}).encode())
@@ -194,7 +193,7 @@ def prepare_audio_track(
     with contextlib.suppress(FileNotFoundError):
         meta = json.loads(storage.read_bytes(base + ".json"))
         return AudioTrack(base + ".m4a", meta["samples"], encoder.audio_sample_rate)
-    with reading("audio", audio.uri), tempfile.TemporaryDirectory(prefix="heygem-track-") as tmp:
+    with reading("audio", audio.uri), scratch.folder("track") as tmp:
         local = os.path.join(tmp, "track.m4a")
         samples = encode_audio(
             storage.local_copy(audio.uri, content=audio.fingerprint),

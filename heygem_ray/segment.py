@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from heygem_ray import metrics, qa, storage
+from heygem_ray import metrics, qa, scratch, storage
 from heygem_ray.config import Config
 from heygem_ray.devices import cuda_usable, prefer_blocking_sync, set_torch_threads, torch_device
 from heygem_ray.errors import InputError, RendererStartError, reading
@@ -174,6 +173,7 @@ class RenderWorker:
     def _setup(self, cfg: Config) -> None:
         """What the process needs once: storage options, cores, thread counts, the video decoder."""
         storage.configure(cfg.storage.options, cfg.model_versions)
+        scratch.sweep()  # what killed processes on this node left (a restarted actor's own among them)
         cpus = max(1, int(np.ceil(cfg.cluster.actor.num_cpus)))
         # before any thread pool starts, so torch's and the helpers' threads inherit the cores
         self.cores = pin_to_free_cores(cpus) if cfg.cluster.actor.pin_cpus else None
@@ -261,7 +261,7 @@ class RenderWorker:
         with reading("avatar", job.avatar_uri):  # gone, or changed since it was tracked: the row's fault
             local_avatar = storage.local_copy(job.avatar_uri, content=job.avatar_fingerprint or None)
         enc = self.cfg.encoder
-        with tempfile.TemporaryDirectory(prefix="heygem-seg-") as tmp:
+        with scratch.folder("seg") as tmp:
             path = os.path.join(tmp, "segment.mp4")
             motion = np.full(job.frames, np.nan, np.float32)  # the mouth's change per frame (heygem_ray.qa)
             halves: list[np.ndarray | None] | None = [None] * job.frames if self.expert else None

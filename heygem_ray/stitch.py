@@ -12,14 +12,13 @@ import functools
 import io
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from heygem_ray import metrics, qa, storage
+from heygem_ray import metrics, qa, scratch, storage
 from heygem_ray.config import QAConfig
 from heygem_ray.errors import writing
 from heygem_ray.markers import Marker, read_marker, write_marker
@@ -72,7 +71,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
     if done is not None:
         return done
     clock = metrics.StageClock()
-    with tempfile.TemporaryDirectory(prefix="heygem-stitch-") as tmp:
+    with scratch.folder("stitch") as tmp:
         path = os.path.join(tmp, "out.mp4")
         with clock("stitch"):
             stats = stitch(

@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +27,8 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from heygem_ray import scratch
 
 log = logging.getLogger("heygem_ray.storage")
 T = TypeVar("T")
@@ -517,12 +518,13 @@ def _sync(path: str) -> None:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a small object atomically (temp file + publish_file)."""
-    with tempfile.NamedTemporaryFile(prefix="heygem-", delete=False) as tmp:
-        tmp.write(data)
+    path = scratch.file("write")
     try:
-        publish_file(tmp.name, uri)
+        with open(path, "wb") as tmp:
+            tmp.write(data)
+        publish_file(path, uri)
     finally:
-        os.unlink(tmp.name)
+        os.unlink(path)
 
 
 @retrying
