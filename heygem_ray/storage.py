@@ -421,16 +421,26 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
     try:
         fs.put_file(local_file, tmp)
         try:
-            fs.mv(tmp, path)
+            _rename(fs, tmp, path)
         except Exception:  # a rename that will not replace (SFTP's plain rename)
             if not fs.exists(path):
                 raise
             fs.rm_file(path)
-            fs.mv(tmp, path)
+            _rename(fs, tmp, path)
     finally:
         with contextlib.suppress(Exception):  # gone once renamed; a failed upload's leftovers
             if fs.exists(tmp):
                 fs.rm_file(tmp)
+
+
+def _rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """The store's own rename; where it has none, fsspec's, one file's copy and removal (fsspec's
+    `mv` takes glob characters in a name, "promo[1]", for a pattern)."""
+    if getattr(fs.mv, "__func__", None) is not fsspec.AbstractFileSystem.mv:
+        fs.mv(src, dst)
+    else:
+        fs.cp_file(src, dst)
+        fs.rm_file(src)
 
 
 #: stores of objects, not folders: nothing to make before a PUT, and their fsspec makedirs makes a
