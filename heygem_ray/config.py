@@ -70,6 +70,8 @@ VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
 PIX_FMTS = ("yuv420p", "yuv422p", "yuv444p")
 #: the narration's codec in the MP4: AAC, what every player takes
 AUDIO_CODECS = ("aac",)
+#: the sample rates FFmpeg's AAC encoder takes
+AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 #: x264's own option syntax; which keys it knows, x264 says when an actor opens its encoder
 #: (media.video.encoder_problem)
@@ -183,6 +185,11 @@ class DetectorConfig:
             )
         if len(self.pads) != 4:
             raise ValueError(f"detector.pads={list(self.pads)} is not [top, bottom, left, right]")
+        if self.max_side < 16 or self.batch_size < 1:  # 0 shrank every frame to a pixel: "no face found"
+            raise ValueError(
+                f"detector.max_side must be 16 or more and detector.batch_size 1 or more, "
+                f"got {self.max_side} and {self.batch_size}"
+            )
         if self.name == "s3fd" and not self.checkpoint:  # before any cluster starts, not on every row
             raise ValueError("detector=s3fd needs detector.checkpoint=<URI of s3fd-619a316812.pth>")
 
@@ -280,6 +287,11 @@ class LimitsConfig:
     def __post_init__(self) -> None:
         if self.max_output_gb < 0:
             raise ValueError(f"limits.max_output_gb must be >= 0 (0: no limit), got {self.max_output_gb}")
+        if self.max_audio_seconds <= 0 or self.max_avatar_pixels <= 0:  # 0 refused every row, one by one
+            raise ValueError(
+                "limits.max_audio_seconds and limits.max_avatar_pixels must be positive, "
+                f"got {self.max_audio_seconds} and {self.max_avatar_pixels}"
+            )
 
 
 @dataclass
@@ -315,6 +327,13 @@ class EncoderConfig:
             raise ValueError(f"encoder.crf={self.crf} is not within 0 (lossless) .. 51 (worst)")
         if self.x264_params and not X264_PARAMS_PATTERN.fullmatch(self.x264_params):
             raise ValueError(f"encoder.x264_params={self.x264_params} is not key=value[:key=value ...]")
+        if self.audio_sample_rate not in AAC_RATES:  # else every row failed in its audio task
+            raise ValueError(
+                f"encoder.audio_sample_rate={self.audio_sample_rate} is not one of AAC's "
+                f"{', '.join(map(str, AAC_RATES))}"
+            )
+        if not 8_000 <= self.audio_bitrate <= 512_000:
+            raise ValueError(f"encoder.audio_bitrate={self.audio_bitrate} is not within 8000 .. 512000 bits/s")
 
 
 @dataclass
@@ -395,6 +414,10 @@ class QAConfig:
     #: largest offset between mouth and speech searched for, frames
     max_lag: int = 3
 
+    def __post_init__(self) -> None:
+        if self.max_lag < 1:  # 0 or less searched no offset: every row scored None, silently
+            raise ValueError(f"qa.max_lag must be 1 or more, got {self.max_lag}")
+
 
 @dataclass
 class Config:
@@ -418,6 +441,13 @@ class Config:
     #: set by the campaign as it starts (a value given here is replaced): model file URI -> its
     #: version then (`prepare.model_versions`), which every task and actor of the run uses
     model_versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # `output=$OUT` with OUT unset: an empty root is the file system's, "/_lock.json" and all
+        for name in ("manifest", "output", "cache"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ValueError(f"{name} is empty (an unset variable?): give its URI")
 
     @property
     def layout(self) -> CampaignLayout:

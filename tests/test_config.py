@@ -105,6 +105,14 @@ def test_workers_unpickle_their_config_without_hydra():
         ("encoder.audio_codec=mp3", "encoder.audio_codec=mp3 is not one of aac"),
         ("encoder.crf=99", "encoder.crf=99 is not within 0"),
         ("cluster.actor.num_gpus=-1", "cluster.actor's num_cpus, num_gpus and threads must be 0 or more"),
+        # each composed, then failed every row in a Ray task, or wrote at the file system's root
+        ("output=", "output is empty"),
+        ("cache=' '", "cache is empty"),
+        ("detector.max_side=0", "detector.max_side must be 16 or more"),
+        ("limits.max_audio_seconds=0", "limits.max_audio_seconds and limits.max_avatar_pixels must be positive"),
+        ("encoder.audio_sample_rate=44000", "encoder.audio_sample_rate=44000 is not one of AAC's"),
+        ("encoder.audio_bitrate=-1", "encoder.audio_bitrate=-1 is not within 8000 .. 512000"),
+        ("qa.max_lag=-1", "qa.max_lag must be 1 or more"),
     ],
 )
 def test_choices_are_checked_when_composed(override, message):
