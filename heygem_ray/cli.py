@@ -156,6 +156,7 @@ def render_main(argv: Sequence[str] | None = None) -> int:
         print(f"heygem-ray: error: unknown option {flags[0]} (only --cfg job, at the end)", file=sys.stderr)
         return 2
     try:
+        check_job_secrets(overrides)
         cfg = compose(overrides)
         plain = to_plain(cfg)  # checked as a run checks it, `--cfg job` too
         check_job_paths(plain)
@@ -169,6 +170,23 @@ def render_main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
     )
     return render(plain, cfg)
+
+
+def check_job_secrets(overrides: Sequence[str]) -> None:
+    """ValueError for a credential given as a literal override in a Ray job: Ray writes the job's
+    entrypoint, these overrides included, into the job's log ("Running entrypoint for job ..."),
+    keeps it in its job table (`ray job list`, the dashboard) and the studio shows users the log's
+    end. `${oc.env:VAR}` names the variable only, resolved on the head node."""
+    from heygem_ray.manifest import in_ray_job
+
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        name = key.rsplit(".", 1)[-1].lower()
+        if value and not value.startswith("${") and any(w in name for w in _SECRET_WORDS) and in_ray_job():
+            raise ValueError(
+                f"{key} is given on the job's command line, which Ray writes into the job's log and job table: "
+                f"set it in the nodes' environment (AWS_SECRET_ACCESS_KEY, ...) or as '{key}=${{oc.env:VARIABLE}}'"
+            )
 
 
 def check_job_paths(cfg: Config) -> None:

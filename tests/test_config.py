@@ -226,6 +226,22 @@ def test_relative_paths_are_refused_in_a_ray_job_at_once(monkeypatch):
     check_job_paths(compose_config("manifest=/data/m.parquet", "output=s3://b/out"))
 
 
+def test_credentials_on_a_ray_jobs_command_line_are_refused(monkeypatch, capsys):
+    """Ray writes a job's entrypoint, its overrides included, into the job's log and keeps it in its
+    job table, and the studio shows users the log's end: an S3 secret given as an override reached
+    them all. In a job it is refused before anything runs, naming what to do instead; a variable
+    named with `${oc.env:...}` and any override outside a job are fine."""
+    from heygem_ray.cli import check_job_secrets, render_main
+
+    secret = "+storage.options.s3.secret=wJalrXUtnFEMI"
+    check_job_secrets([secret])
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert render_main(["manifest=/data/m.parquet", "output=/data/out", secret]) == 2
+    err = capsys.readouterr().err
+    assert "storage.options.s3.secret is given on the job's command line" in err and "wJalrXUtnFEMI" not in err
+    check_job_secrets(["+storage.options.s3.secret=${oc.env:S3_SECRET}", "encoder.preset=slow", "cache=/c/key_frames"])
+
+
 def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path):
     from heygem_ray.cli import demo_main
 
