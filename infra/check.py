@@ -315,7 +315,10 @@ def image_problems(b: Bundle) -> list[str]:
 
 
 def ray_version_problems(b: Bundle) -> list[str]:
-    """The base image is a pinned Ray release and KubeRay's rayVersion says the same version."""
+    """The base image is a pinned Ray release, KubeRay's rayVersion says the same version, and so
+    does the package's own requirement: a head, worker or client of another Ray version (a venv
+    head beside image workers, `ray job submit` from a laptop) is refused by Ray ("Version
+    mismatch")."""
     froms = b["dockerfile"]["from"]
     if len(froms) != 1:
         return [f"infra/Dockerfile: expected one FROM, found {froms}"]
@@ -326,6 +329,9 @@ def ray_version_problems(b: Bundle) -> list[str]:
     for where, spec in cluster_specs(b["raycluster"], b["rayjob"]):
         if str(spec.get("rayVersion")) != match.group(1):
             problems.append(f"{where}: rayVersion {spec.get('rayVersion')!r} but the image has Ray {match.group(1)}")
+    pinned = [d for d in b["pyproject"]["project"]["dependencies"] if re.match(r"ray\b", d)]
+    if pinned != [f"ray[default]=={match.group(1)}"]:
+        problems.append(f"pyproject.toml: {pinned} does not pin the image's Ray: ray[default]=={match.group(1)}")
     return problems
 
 

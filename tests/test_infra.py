@@ -69,6 +69,20 @@ def test_every_infra_yaml_is_read(bundle):
     } <= set(bundle["yaml_files"])
 
 
+def test_the_service_account_is_defined_once_on_its_own(bundle):
+    """In both Ray files, deleting a finished RayJob deleted the account the long-lived RayCluster's
+    pods ran as, and applying one file over the other dropped the IAM role annotated on it."""
+    import yaml
+
+    defined = {
+        name: [doc for doc in yaml.safe_load_all(text) if isinstance(doc, dict) and doc.get("kind") == "ServiceAccount"]
+        for name, text in bundle["yaml_files"].items()
+    }
+    assert {name for name, docs in defined.items() if docs} == {"infra/k8s/serviceaccount.yaml"}
+    [account] = defined["infra/k8s/serviceaccount.yaml"]
+    assert account["metadata"]["name"] == "heygem-ray"
+
+
 def test_gpu_actor_fits_rayjob_cluster(bundle, gpu_cfg):
     assert k8s_cluster_problems("rayjob", bundle["rayjob"]["spec"]["rayClusterSpec"], gpu_cfg) == []
 
@@ -168,6 +182,11 @@ MUTATIONS: dict[str, tuple[str, Callable[[dict], None], str]] = {
         "ray-version",
         _set("rayjob.spec.rayClusterSpec.rayVersion", "2.59.0"),
         "rayVersion '2.59.0'",
+    ),
+    "package's Ray unpinned": (
+        "ray-version",
+        _set("pyproject.project.dependencies", ["ray[default]>=2.50,<3", "torch>=2.2"]),
+        "does not pin the image's Ray",
     ),
     "base image unpinned": (
         "ray-version",
