@@ -291,10 +291,12 @@ def _parse_box(value: object) -> tuple[int, int, int, int] | None:
 
 
 def expand(patterns: list[str]) -> list[str]:
-    """URIs and globs to a sorted, de-duplicated URI list (a pattern matching nothing is an error)."""
+    """URIs and globs to a sorted, de-duplicated URI list (a pattern matching nothing is an error).
+    A file that exists under the name given is that file, glob characters or not ("clip [abc].mp4",
+    as yt-dlp names downloads): as a pattern it named another file, or none."""
     out: list[str] = []
     for pattern in patterns:
-        if any(ch in pattern for ch in "*?["):
+        if any(ch in pattern for ch in "*?[") and not storage.exists(pattern):
             matches = storage.glob(pattern)
             if not matches:
                 raise ManifestError(f"{storage.display(pattern)} matches no files")

@@ -33,6 +33,8 @@ class CampaignObservers:
         self.counts: Counter[str] = Counter(queued=len(self.row_status))
         self.frames_done = self.frames_planned = self.frames_rendered = 0
         self.sync_scores: list[float] = []  # of the rows done, for the feed's median
+        self._refused = {r.id for r in rows if r.refused}  # failed at once: no work to reckon time by
+        self.worked = 0  # rows finished ok or failed after work
         self.flagged = 0
         self.started = time.time()
         self.report = PagedReport(
@@ -62,6 +64,7 @@ class CampaignObservers:
         """A row's result; `quiet`: no line of its own and no report written for it (`stopped`
         says those of a stop at once)."""
         self.status(result.id, result.status)
+        self.worked += result.status in ("ok", "failed") and result.id not in self._refused
         if result.sync_score is not None:
             self.sync_scores.append(result.sync_score)
         self.flagged += bool(result.qa_flag)
@@ -110,7 +113,9 @@ class CampaignObservers:
             "flagged": self.flagged,
             "median_sync": None if median is None else round(median, 4),
         }
-        self.progress.write(state, self.row_status, self.counts, self.frames_done, self.frames_planned, scores)
+        self.progress.write(
+            state, self.row_status, self.counts, self.frames_done, self.frames_planned, scores, self.worked
+        )
 
     def _write_report(self, final: bool) -> None:
         began = time.time()

@@ -48,12 +48,17 @@ class ProgressFeed:
         frames_done: int,
         frames_planned: int,
         qa: Mapping[str, object] | None = None,
+        worked: int | None = None,
     ) -> None:
+        """`worked`: the rows finished that took work (None: every ok and failed one); the time
+        left is reckoned from them."""
         began = time.time()
         finished = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
         total = len(row_status)
-        # from the rows that took work: skipped rows (a rerun's) finish at once and would say "done soon"
-        worked = counts.get("ok", 0) + counts.get("failed", 0)
+        # from the rows that took work: skipped rows (a rerun's) and refused ones finish at once and
+        # would say "done soon"
+        if worked is None:
+            worked = counts.get("ok", 0) + counts.get("failed", 0)
         elapsed = began - self.started_at
         eta = None if state != "running" or not worked else elapsed / worked * (total - finished)
         doc = {

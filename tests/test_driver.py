@@ -71,6 +71,34 @@ def test_progress_feed_follows_every_row_to_its_result(tmp_path):
     assert len(read_results(str(tmp_path / "out" / "_results.parquet"))) == ROWS
 
 
+def test_the_time_left_is_reckoned_from_rows_that_took_work_not_refused_ones(tmp_path):
+    """Rows the manifest refuses fail the moment the campaign starts. Counted as work done, 90 of
+    them and one row rendered in a minute said a few seconds were left for the other nine."""
+    from heygem_ray.observers import CampaignObservers
+    from heygem_ray.results import RowResult
+
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [
+        Row(f"r{i:03d}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4"), refused="bad box" if i < 90 else None)
+        for i in range(100)
+    ]
+    observers = CampaignObservers(cfg, rows)
+    observers.open()
+    observers.progress.started_at -= 60  # a minute in
+
+    def result(row_id: str, status: str) -> RowResult:
+        return RowResult(row_id, status, "", None, None, None, None, None, 1, time.time())
+
+    for row in rows[:90]:
+        observers.finished(result(row.id, "failed"), None, quiet=True)
+    observers._write_progress("running")
+    assert json.loads((out / "_progress.json").read_text())["eta_seconds"] is None  # nothing to reckon by
+    observers.finished(result("r090", "ok"), None, quiet=True)
+    observers._write_progress("running")
+    assert json.loads((out / "_progress.json").read_text())["eta_seconds"] >= 9 * 59  # nine more minutes
+
+
 def test_admission_keeps_few_rows_preparing_and_lets_go_of_finished_ones(tmp_path):
     job, executor = _campaign(tmp_path)
     job.run()

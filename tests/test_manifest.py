@@ -173,6 +173,19 @@ def test_build_manifest_cross_product_from_globs(tmp_path):
     assert all(i.startswith("intro__nnn") and len(i) <= 200 for i in ids) and len(set(ids)) == 4
 
 
+def test_a_file_whose_name_holds_glob_characters_is_that_file(tmp_path):
+    """yt-dlp names a download "title [id].mp4": taken for a pattern, "[abc]" matched "clip a.mp4"
+    beside it, and the manifest silently named the wrong presenter (or none, and the command
+    failed saying the file it was given matches nothing)."""
+    for name in ("clip [abc].mp4", "clip a.mp4", "n1.wav"):
+        (tmp_path / name).write_bytes(b"x")
+    out = str(tmp_path / "m.parquet")
+    assert build_manifest([str(tmp_path / "n1.wav")], [str(tmp_path / "clip [abc].mp4")], out) == 1
+    assert pq.read_table(out).to_pylist()[0]["avatar"] == str(tmp_path / "clip [abc].mp4")
+    assert build_manifest([str(tmp_path / "n1.wav")], [str(tmp_path / "clip [ab].mp4")], out) == 1  # a pattern
+    assert pq.read_table(out).to_pylist()[0]["avatar"] == str(tmp_path / "clip a.mp4")
+
+
 def test_manifest_through_fsspec_memory():
     import fsspec
 
