@@ -292,6 +292,13 @@ def studio_main(argv: Sequence[str]) -> int:
 
     args = list(argv)
     adduser = bool(args) and args[0] == "adduser"
+    if not adduser and any(a in ("-h", "--help") for a in args):
+        print(
+            "usage: heygem-ray studio [studio.key=value ...]   the web studio (options: StudioConfig in\n"
+            '       heygem_ray/config.py, conf/studio.yaml; docs/ops.md, "The studio")\n'
+            "       heygem-ray studio adduser NAME [studio.auth=FILE]   add a user, or set a password"
+        )
+        return 0
     overrides = [a for a in args if "=" in a and not a.startswith("-")] if adduser else args
     try:
         composed = OmegaConf.to_object(compose(overrides, config_name="studio"))

@@ -227,11 +227,13 @@ def _shown(value: object) -> str:
 
 def _text_columns(table: pa.Table, columns: tuple[str, ...], problems: list[str]) -> pa.Table:
     """The table with its text columns as strings: pandas' categoricals (dictionaries), string
-    views and all-null optional columns are strings too; anything else is a problem."""
+    views and all-null optional columns are strings too, and whole-number ids (pandas' default
+    index, 0, 1, 2, ..., as the studio takes them) their decimal text; anything else is a problem."""
     for column in columns:
         if column not in table.column_names:
             continue
-        if pa.types.is_null(table[column].type) or is_text(table[column].type):
+        kind = table[column].type
+        if pa.types.is_null(kind) or is_text(kind) or (column == "id" and pa.types.is_integer(kind)):
             index = table.column_names.index(column)
             table = table.set_column(index, column, table[column].cast(pa.string()))
         else:

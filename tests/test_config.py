@@ -242,6 +242,18 @@ def test_credentials_on_a_ray_jobs_command_line_are_refused(monkeypatch, capsys)
     check_job_secrets(["+storage.options.s3.secret=${oc.env:S3_SECRET}", "encoder.preset=slow", "cache=/c/key_frames"])
 
 
+@pytest.mark.parametrize("command", ["render", "manifest", "demo", "studio"])
+def test_every_command_answers_help(command, capsys):
+    """`heygem-ray studio --help` fed "--help" to Hydra as an override: "invalid configuration"."""
+    from heygem_ray.cli import main
+
+    try:
+        status = main([command, "--help"])
+    except SystemExit as exc:  # argparse's commands exit after their help
+        status = exc.code
+    assert status == 0 and f"heygem-ray {command}" in capsys.readouterr().out
+
+
 def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path):
     from heygem_ray.cli import demo_main
 

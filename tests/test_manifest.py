@@ -57,6 +57,15 @@ def test_manifests_no_row_of_which_can_run_are_rejected_with_the_reason(cols, me
     assert message in str(err.value)
 
 
+def test_whole_number_ids_are_taken_as_their_text():
+    """pandas writes a DataFrame's default ids as int64: the CLI refused the whole manifest, which
+    the studio took (as text)."""
+    rows = rows_from_table(pa.table({"id": [0, 17], "audio": ["a.wav", "b.wav"], "avatar": ["v.mp4", "v.mp4"]}), "/out")
+    assert [(r.id, r.output, r.refused) for r in rows] == [("0", "/out/0.mp4", None), ("17", "/out/17.mp4", None)]
+    with pytest.raises(ManifestError, match="column 'id' must hold strings, not double"):
+        rows_from_table(pa.table({"id": [0.5], "audio": ["a.wav"], "avatar": ["v.mp4"]}), "/out")
+
+
 GOOD = {"audio": "good.wav", "avatar": "good.mp4", "id": "good", "output": None, "box": None}
 
 
