@@ -460,6 +460,8 @@ def aws_problems(config: dict, cfg: Config) -> list[str]:
             problems.append(f"{where}: GPU {res.get('GPU')} < actor num_gpus {need_gpus}")
         if res.get("CPU") is None or res["CPU"] < need_cpus:
             problems.append(f"{where}: CPU {res.get('CPU')} < actor num_cpus + task_cpus = {need_cpus}")
+        if not (node_type.get("node_config") or {}).get("ImageId"):
+            problems.append(f"{where}: no node_config.ImageId (the launcher's default AMI has a driver too old)")
         instance = (node_type.get("node_config") or {}).get("InstanceType")
         if instance in EC2_SHAPES:
             cpus, gpus = EC2_SHAPES[instance]

@@ -183,6 +183,11 @@ MUTATIONS: dict[str, tuple[str, Callable[[dict], None], str]] = {
         _set("rayjob.spec.rayClusterSpec.rayVersion", "2.59.0"),
         "rayVersion '2.59.0'",
     ),
+    "aws gpu worker without an AMI": (
+        "aws",
+        _del("aws.available_node_types.gpu_worker.node_config.ImageId"),
+        "no node_config.ImageId",
+    ),
     "package's Ray unpinned": (
         "ray-version",
         _set("pyproject.project.dependencies", ["ray[default]>=2.50,<3", "torch>=2.2"]),
