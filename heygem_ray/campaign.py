@@ -27,7 +27,7 @@ from typing import Any
 from heygem_ray import scratch, storage
 from heygem_ray.actor_pool import LOST_ACTOR_SECONDS, ActorPool
 from heygem_ray.config import Config
-from heygem_ray.errors import InputError
+from heygem_ray.errors import InputError, ManifestError
 from heygem_ray.executors import Executor, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
@@ -404,6 +404,21 @@ def _wind_down(*steps: tuple[str, Callable[[], object]]) -> None:
             log.warning("could not %s: %s: %s", step, type(exc).__name__, exc)
 
 
+#: why a row without a box cannot run under `detector=box` with no `detector.box`
+NO_BOX = "detector=box needs a box: detector.box=[x1,y1,x2,y2] or the row's `box` column"
+
+
+def _boxed(rows: list[Row], cfg: Config) -> list[Row]:
+    """`rows`, those without a box refused where the detector is a fixed box given nowhere else (each
+    failed in its avatar task, after the cluster started); ManifestError when that is all of them."""
+    if cfg.detector.name != "box" or cfg.detector.box is not None:
+        return rows
+    rows = [row if row.box is not None or row.refused else replace(row, refused=NO_BOX) for row in rows]
+    if all(row.refused for row in rows):
+        raise ManifestError(f"{storage.display(cfg.manifest)} has no row that can run: {NO_BOX}")
+    return rows
+
+
 def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | None = None) -> Summary:
     """Read the manifest, render every row, write the results table, return the summary.
     `launched`: when the run was asked for (time.time()), where the start-up breakdown begins;
@@ -412,7 +427,7 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
     storage.configure(cfg.storage.options)
     scratch.sweep()  # what killed processes on this node left
     # a manifest no row of which can run stops here, before any rendering
-    rows = read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output)
+    rows = _boxed(read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output), cfg)
     cfg = replace(cfg, model_versions=model_versions(cfg))
     storage.configure(cfg.storage.options, cfg.model_versions)
     for uri, version in cfg.model_versions.items():

@@ -254,6 +254,34 @@ def test_every_command_answers_help(command, capsys):
     assert status == 0 and f"heygem-ray {command}" in capsys.readouterr().out
 
 
+def test_a_fixed_box_detector_with_no_box_refuses_the_rows_without_one(tmp_path, capsys):
+    """`detector=box` with neither `detector.box` nor a row's box composed, started the cluster,
+    and failed every row in its avatar task. Rows without a box are refused as the manifest is
+    read; with none left the command stops at once (exit 2) saying what to give."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heygem_ray.campaign import NO_BOX, _boxed
+    from heygem_ray.cli import render_main
+
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "audio": ["/in/a.wav"] * 2, "avatar": ["/in/v.mp4"] * 2}), manifest)
+    args = [f"manifest={manifest}", f"output={tmp_path}/out", "cluster=inline", "detector=box"]
+    assert render_main(args) == 2
+    assert NO_BOX in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("_results*"))  # stopped before any row ran
+    from heygem_ray.manifest import read_manifest
+
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "audio": ["/in/a.wav"] * 2, "avatar": ["/in/v.mp4"] * 2, "box": ["0,0,8,8", None]}),
+        manifest,
+    )
+    cfg = compose_config(*args)
+    read = read_manifest(str(manifest), cfg.output)
+    assert [(r.id, r.refused) for r in _boxed(read, cfg)] == [("a", None), ("b", NO_BOX)]
+    assert not any(r.refused for r in _boxed(read, compose_config(*args, "detector.box=[0,0,8,8]")))
+
+
 def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path):
     from heygem_ray.cli import demo_main
 
