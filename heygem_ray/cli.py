@@ -230,6 +230,8 @@ def demo_main(argv: Sequence[str]) -> int:
     parser.add_argument("--dir", default="heygem-demo", help="folder for inputs and outputs (default: ./heygem-demo)")
     parser.add_argument("--rows", type=int, default=6, help="manifest rows (default 6: 2 narrations x 3 avatars)")
     args, overrides = parser.parse_known_args(argv)
+    if args.rows < 1:
+        parser.error(f"--rows must be 1 or more, got {args.rows}")
     root = os.path.abspath(args.dir)
     manifest = os.path.join(root, "manifest.parquet")
     output = os.path.join(root, "output")

@@ -287,6 +287,9 @@ def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path):
 
     assert demo_main(["--dir", str(tmp_path / "demo"), "encoder.preset=bogus"]) == 2
     assert not (tmp_path / "demo").exists()
+    with pytest.raises(SystemExit) as stopped:  # argparse's exit: its usage and the reason
+        demo_main(["--dir", str(tmp_path / "demo"), "--rows", "0"])
+    assert stopped.value.code == 2 and not (tmp_path / "demo").exists()
 
 
 def test_the_command_ends_with_its_status_after_flushing_and_the_exit_handlers():
