@@ -170,9 +170,15 @@ def test_a_track_of_the_first_frames_gives_their_final_boxes_up_to_its_margin(cl
         prefix = _boxes(candidates[:tracked])
     except ValueError:  # no face in those frames (a campaign's rows showing them fail)
         return
-    whole = _boxes(candidates)
     settled = settled_frames(tracked, n, stride)
     assert settled == n or settled == max(0, tracked - track_margin(stride))
+    try:
+        whole = _boxes(candidates)
+    except ValueError:
+        # the whole clip's one face was a lone false positive (a miss examined after it, past the
+        # prefix's end): the prefix kept it, but none of its settled frames shows a face
+        assert not prefix[:settled].any()
+        return
     np.testing.assert_array_equal(prefix[:settled], whole[:settled])
 
 
