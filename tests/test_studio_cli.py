@@ -67,6 +67,8 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
     from gradio_client import Client, handle_file
 
     port = _free_port()
+    uploads = tmp_path / "uploads"  # Gradio's upload cache: a private folder of this account
+    uploads.mkdir(mode=0o700)
     studio = subprocess.Popen(
         [
             sys.executable,
@@ -79,7 +81,12 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
             f"studio.session_key={tmp_path}/key",
             f"studio.ray_address=http://127.0.0.1:{_free_port()}",
         ],
-        env={**os.environ, "RAY_AUTH_MODE": "disabled", "GRADIO_ANALYTICS_ENABLED": "False"},
+        env={
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "GRADIO_TEMP_DIR": str(uploads),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -111,6 +118,8 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
         assert "saved, but not submitted" in text
         listing = client.predict(None, api_name="/refresh")[0]
         assert [(row[1], row[2]) for row in listing["data"]] == [("offline", "not submitted")]
+        # in the store now: its uploads left the web server's cache, as a submitted campaign's do
+        assert not [p.name for p in uploads.rglob("*") if p.suffix in (".wav", ".png")]
     finally:
         studio.terminate()
         studio.wait(30)

@@ -311,23 +311,22 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 record = studio.create(
                     user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
                 )
+                message = (
+                    f"✅ Campaign **{html.escape(record.name)}** submitted: {record.rows} video(s). "
+                    "Follow it on the Campaigns tab."
+                )
             except UploadError as exc:
                 return f"❌ {exc}", gr.Dropdown()
-            except SubmitUnconfirmed as exc:
-                return f"❌ saved, but the cluster did not confirm its submit: {exc}. {UNCONFIRMED}", gr.Dropdown()
+            except SubmitUnconfirmed as exc:  # saved: its uploads are in the store, as below
+                message = f"❌ saved, but the cluster did not confirm its submit: {exc}. {UNCONFIRMED}"
             except ClusterUnavailable as exc:
-                return f"❌ saved, but not submitted: {exc}", gr.Dropdown()
+                message = f"❌ saved, but not submitted: {exc}"
             for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
                 if claims.release(user, path):
                     _remove_quietly(path)
-            choices = _choices(studio, user)
-            return (
-                (
-                    f"✅ Campaign **{html.escape(record.name)}** submitted: {record.rows} video(s). "
-                    "Follow it on the Campaigns tab."
-                ),
-                gr.Dropdown(choices=choices, value=record.id),
-            )
+            if not message.startswith("✅"):
+                return message, gr.Dropdown(choices=_choices(studio, user))
+            return message, gr.Dropdown(choices=_choices(studio, user), value=record.id)
 
         def emptied_when_saved(message: str) -> tuple:
             """After create: the file boxes emptied once a campaign holds their uploads (left as
