@@ -64,7 +64,7 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
     """The cluster does not answer: the studio still serves, /health and the page say why, and a
     campaign made meanwhile is kept, 'not submitted', to be submitted once the cluster is back."""
     import httpx
-    from gradio_client import Client, handle_file
+    from gradio_client import Client
 
     port = _free_port()
     uploads = tmp_path / "uploads"  # Gradio's upload cache: a private folder of this account
@@ -106,23 +106,45 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
         assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 400
         client = Client(url + "/app/", verbose=False, download_files=False)
         assert "does not answer" in client.predict(api_name="/whoami")
-        text, _ = client.predict(
-            "offline",
-            [handle_file(str(media_dir / "speech3.wav"))],
-            [handle_file(str(media_dir / "still.png"))],
-            None,
-            "classic (no weights)",
-            "standard",
-            api_name="/create",
-        )
+        # two pages of the one user pick the same files, uploaded once as a browser does (Gradio
+        # keeps one copy of a file's content): the first page's campaign must not take them from
+        # under the second
+        http = httpx.Client(base_url=url)
+        with open(media_dir / "speech3.wav", "rb") as audio, open(media_dir / "still.png", "rb") as avatar:
+            sent = http.post("/app/gradio_api/upload", files=[("files", audio), ("files", avatar)])
+        speech, still = ({"path": p, "meta": {"_type": "gradio.FileData"}} for p in sent.json())
+        picked = [[speech], [still], None, "classic (no weights)", "standard"]  # files, manifest, model, quality
+        assert "1 video(s)" in _page_event(http, "second-page", "check", picked[:2])
+        text = _page_event(http, "first-page", "create", ["offline", *picked])
         assert "saved, but not submitted" in text
+        client = Client(url + "/app/", verbose=False, download_files=False)
         listing = client.predict(None, api_name="/refresh")[0]
         assert [(row[1], row[2]) for row in listing["data"]] == [("offline", "not submitted")]
+        text = _page_event(http, "second-page", "create", ["later", *picked])
+        assert "saved, but not submitted" in text, text
         # in the store now: its uploads left the web server's cache, as a submitted campaign's do
         assert not [p.name for p in uploads.rglob("*") if p.suffix in (".wav", ".png")]
     finally:
         studio.terminate()
         studio.wait(30)
+
+
+def _page_event(http, page: str, api_name: str, data: list) -> str:
+    """One event of the page `page` (its Gradio session), as a browser sends it: the first output
+    of its answer."""
+    import json
+
+    config = http.get("/app/config").json()
+    fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+    joined = http.post("/app/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": page})
+    assert joined.status_code == 200, joined.text
+    with http.stream("GET", "/app/gradio_api/queue/data", params={"session_hash": page}, timeout=60) as events:
+        for line in events.iter_lines():
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                assert message["success"], message
+                return message["output"]["data"][0]
+    raise AssertionError(f"{api_name}: no answer")
 
 
 def test_a_job_server_that_never_answers_does_not_hang_the_studio(monkeypatch):

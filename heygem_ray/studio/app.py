@@ -257,6 +257,12 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 raise gr.Error("Please sign in again.")
             return LOCAL_USER
 
+        def page_of(request: gr.Request) -> str:
+            """Who holds an upload (`UploadClaims`): one page (Gradio's session) of the signed-in
+            user. Gradio names an upload by its content: a user's two pages with the same presenter
+            share its file as two users do."""
+            return f"{user_of(request)}/{request.session_hash or ''}"
+
         def whoami(request: gr.Request) -> str:
             user = user_of(request)
             out = f"**heygem_ray studio** — signed in as `{user}`" + (" · [sign out](/logout)" if sign_out else "")
@@ -268,13 +274,13 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         def claim_manifest(manifest_file: str | None, request: gr.Request) -> None:
             """At upload time: the manifest is this user's too (another may upload the same file)."""
             if manifest_file:
-                claims.claim(user_of(request), _uploaded([manifest_file]))
+                claims.claim(page_of(request), _uploaded([manifest_file]))
 
         def check(audio_files: list[str] | None, avatar_files: list[str] | None, request: gr.Request) -> str:
             """At upload time: each file's type, size and that it decodes (each file once: the
             event comes with every file picked so far); and the row count."""
             problems = []
-            claims.claim(user_of(request), _uploaded([*(audio_files or []), *(avatar_files or [])]))
+            claims.claim(page_of(request), _uploaded([*(audio_files or []), *(avatar_files or [])]))
             counted = []
             for files, kind, what in (
                 (audio_files or [], "audio", "narrations"),
@@ -306,7 +312,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             uploads = _uploaded(
                 [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
             )
-            claims.claim(user, uploads)
+            claims.claim(page_of(request), uploads)
             try:
                 record = studio.create(
                     user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
@@ -322,7 +328,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             except ClusterUnavailable as exc:
                 message = f"❌ saved, but not submitted: {exc}"
             for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
-                if claims.release(user, path):
+                if claims.release(page_of(request), path):
                     _remove_quietly(path)
             if not message.startswith("✅"):
                 return message, gr.Dropdown(choices=_choices(studio, user))
@@ -573,29 +579,30 @@ def _uploaded(paths: list[str]) -> list[str]:
 
 
 class UploadClaims:
-    """Who uploaded each file of Gradio's upload folder lately. Gradio names an upload by its
-    content: two users who upload the same file (a company's presenter video) share one path, and
-    the campaign one of them makes must not delete it from under the other."""
+    """Who uploaded each file of Gradio's upload folder lately, by page (`page_of`). Gradio names an
+    upload by its content: two users, or one user's two pages, who upload the same file (a
+    company's presenter video) share one path, and the campaign one of them makes must not delete
+    it from under the other."""
 
     def __init__(self, window: float):
         self.window = window
         self._lock = threading.Lock()
-        self._holders: dict[str, dict[str, float]] = {}  # real path -> user -> when last claimed
+        self._holders: dict[str, dict[str, float]] = {}  # real path -> holder -> when last claimed
 
-    def claim(self, user: str, paths: list[str]) -> None:
+    def claim(self, holder: str, paths: list[str]) -> None:
         now = time.time()
         with self._lock:
             for path in paths:
-                self._holders.setdefault(os.path.realpath(path), {})[user] = now
+                self._holders.setdefault(os.path.realpath(path), {})[holder] = now
             for path in [p for p, users in self._holders.items() if max(users.values()) < now - self.window]:
                 del self._holders[path]  # expired: Gradio has deleted the file
 
-    def release(self, user: str, path: str) -> bool:
-        """`user` is done with `path`: whether no one else claimed it within the window (then it may go)."""
+    def release(self, holder: str, path: str) -> bool:
+        """`holder` is done with `path`: whether no one else claimed it within the window (then it may go)."""
         now, key = time.time(), os.path.realpath(path)
         with self._lock:
-            users = self._holders.pop(key, {})
-            others = {u: t for u, t in users.items() if u != user and t >= now - self.window}
+            holders = self._holders.pop(key, {})
+            others = {h: t for h, t in holders.items() if h != holder and t >= now - self.window}
             if others:
                 self._holders[key] = others
             return not others
