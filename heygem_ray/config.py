@@ -415,8 +415,8 @@ class QAConfig:
     max_lag: int = 3
 
     def __post_init__(self) -> None:
-        if self.max_lag < 1:  # 0 or less searched no offset: every row scored None, silently
-            raise ValueError(f"qa.max_lag must be 1 or more, got {self.max_lag}")
+        if self.max_lag < 0:  # searched no offset at all: every row scored None, silently
+            raise ValueError(f"qa.max_lag must be 0 or more, got {self.max_lag}")
 
 
 @dataclass

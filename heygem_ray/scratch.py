@@ -89,10 +89,12 @@ def _changed(path: str) -> float:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs; True where that cannot be told (another user's, a number no
+    process can have: a name only like a scratch name's is left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
+    except (PermissionError, ValueError, OverflowError):
         return True
     return True

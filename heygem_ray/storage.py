@@ -389,7 +389,8 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
     atomic to readers. Other stores (SFTP, WebDAV, FTP, SMB, HDFS, ...) write where they are told,
     as the bytes arrive: the file goes under a hidden temporary name beside the destination, then
     is renamed (replacing what was there; a server whose rename will not replace gets the old file
-    removed first: the path is then briefly absent, never partial).
+    removed first: the path is then briefly absent, never partial; a store that renames nothing at
+    all, an SFTP server without posix-rename, gets the file written in place, as before, warned).
     """
     if is_local(uri):
         dest = local_path(uri)
@@ -422,11 +423,14 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
         fs.put_file(local_file, tmp)
         try:
             _rename(fs, tmp, path)
-        except Exception:  # a rename that will not replace (SFTP's plain rename)
-            if not fs.exists(path):
-                raise
-            fs.rm_file(path)
-            _rename(fs, tmp, path)
+        except Exception:  # noqa: BLE001 - a rename that will not replace (a plain rename): the old file first
+            try:
+                if fs.exists(path):
+                    fs.rm_file(path)
+                _rename(fs, tmp, path)
+            except Exception as exc:  # noqa: BLE001 - a store that renames nothing: written in place
+                log.warning("%s: the store did not rename (%s); written in place", display(uri), exc)
+                fs.put_file(local_file, path)
     finally:
         with contextlib.suppress(Exception):  # gone once renamed; a failed upload's leftovers
             if fs.exists(tmp):

@@ -112,7 +112,7 @@ def test_workers_unpickle_their_config_without_hydra():
         ("limits.max_audio_seconds=0", "limits.max_audio_seconds and limits.max_avatar_pixels must be positive"),
         ("encoder.audio_sample_rate=44000", "encoder.audio_sample_rate=44000 is not one of AAC's"),
         ("encoder.audio_bitrate=-1", "encoder.audio_bitrate=-1 is not within 8000 .. 512000"),
-        ("qa.max_lag=-1", "qa.max_lag must be 1 or more"),
+        ("qa.max_lag=-1", "qa.max_lag must be 0 or more"),
     ],
 )
 def test_choices_are_checked_when_composed(override, message):

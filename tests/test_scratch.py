@@ -53,10 +53,14 @@ def test_a_killed_processs_scratch_goes_once_idle_and_nothing_else(tmp_path, mon
     other = tmp_path / "heygem-stitch-notapid-x"  # not a scratch name
     other.mkdir()
     _age(other, 7200)
+    no_process = tmp_path / "heygem-seg-99999999999999999999-x"  # no process has that number: left
+    no_process.write_bytes(b"")
+    _age(no_process, 7200)
     with scratch.folder("seg") as mine:  # this process's own, however old
         assert Path(mine).parent == tmp_path and f"-{os.getpid()}-" in mine
         _age(mine, 7200)
         assert scratch.sweep() == 2  # the killed process's idle folder and file
         assert not os.path.exists(folder) and not os.path.exists(file)
         assert os.path.exists(busy) and os.path.exists(busy_file) and other.exists() and os.path.exists(mine)
+        assert no_process.exists()
     assert not os.path.exists(mine)

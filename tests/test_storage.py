@@ -74,6 +74,14 @@ def test_a_publish_to_a_store_that_writes_as_bytes_arrive_shows_no_partial_file(
         storage.publish_file(str(src), "memory://pub/out/new.mp4")
     assert writes and not storage.exists("memory://pub/out/new.mp4")
     assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == ["/pub/out/old.mp4"]
+    monkeypatch.setattr(MemoryFile, "write", write)
+
+    def renames_nothing(*args):  # an SFTP server without posix-rename
+        raise OSError("rename: operation unsupported")
+
+    monkeypatch.setattr(storage, "_rename", renames_nothing)
+    storage.publish_file(str(src), "memory://pub/out/old.mp4")  # written in place, as before
+    assert storage.read_bytes("memory://pub/out/old.mp4") == src.read_bytes()
 
 
 def test_a_local_publish_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):

@@ -254,7 +254,7 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
                 return
             context = container.streams.video[0].codec_context
             width, height = context.width, context.height
-            still = is_image_path(path) or context.name in IMAGE_CODECS
+            still = (is_image_path(path) or context.name in IMAGE_CODECS) and context.name != "apng"
     except av.error.FFmpegError:
         return
     if not width or not height:
