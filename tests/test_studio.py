@@ -1184,31 +1184,42 @@ def test_a_job_server_error_is_not_taken_for_a_forgotten_job(tmp_path, media_dir
 
 def test_a_submit_whose_answer_is_lost_keeps_its_job(tmp_path, media_dir, monkeypatch):
     """A submit the job server took but answered too late (or through a failing proxy) may have
-    started the job: the campaign keeps its id, to show it, cancel it and refuse a delete while it
-    may run. Taken back only where the job surely did not go in: the cluster, asked after, does not
-    know it, or no connection was made."""
+    started the job, or be about to: the campaign keeps its id, to show it, cancel it and refuse a
+    delete or a second run while it may run, and the cluster's "no such job" for it is not kept as
+    final while it is new. Taken back only where the job surely did not go in: the job server
+    refused the submit (4xx), or no connection was made."""
     import logging
 
     from heygem_ray.config import StudioConfig
     from heygem_ray.studio import cluster as cluster_module
-    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, JobUnknown
     from heygem_ray.studio.service import Studio as StudioService
     from heygem_ray.studio.service import SubmitUnconfirmed
 
     monkeypatch.setattr(cluster_module, "TIMEOUT", (2.0, 0.3))
     files = ([str(media_dir / "speech3.wav")], [str(media_dir / "still.png")])
-    server = JobServerAnswering({}, submit=(200, json.dumps({"submission_id": "x", "job_id": "x"})))
-    server.submit_delay = 1.0  # past the read timeout: the job may be in
+    server = JobServerAnswering({}, submit=(400, "runtime_env is not valid"))
     try:
-        studio = StudioService(
-            StudioConfig(store=str(tmp_path / "store")), Cluster(server.address, local=True), logging.getLogger("t")
-        )
-        with pytest.raises(ClusterUnavailable) as refused:  # asked after, it does not know the job (404)
+        cluster = Cluster(server.address, local=True)
+        studio = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster, logging.getLogger("t"))
+        with pytest.raises(ClusterUnavailable) as refused:  # refused: surely not in
             studio.create("alice", "not in", *files)
-        assert not isinstance(refused.value, SubmitUnconfirmed)
+        assert not isinstance(refused.value, SubmitUnconfirmed) and "runtime_env is not valid" in str(refused.value)
         (record,) = studio.store.campaigns("alice")
         assert record.jobs == [] and ("POST", "/api/jobs/") in server.requests
         assert studio.campaign("alice", record.id).status == "not submitted"
+
+        server.submit = (200, json.dumps({"submission_id": "x", "job_id": "x"}))
+        server.submit_delay = 1.0  # past the read timeout, and asked after, the job server knows no such job yet
+        with pytest.raises(SubmitUnconfirmed):
+            studio.create("alice", "late", *files)
+        late = next(r for r in studio.store.campaigns("alice") if r.name == "late")
+        assert len(late.jobs) == 1 and late.jobs[0].startswith("heygem-alice-")
+        asked = len(server.requests)
+        for _ in range(2):  # asked again each time: it may come in yet
+            with pytest.raises(JobUnknown):
+                cluster.job(late.jobs[0])
+        assert len(server.requests) == asked + 2
 
         server.jobs = _AllJobs((503, "Service Unavailable"))  # asked after: no answer either
         with pytest.raises(SubmitUnconfirmed):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -42,6 +43,10 @@ class ClusterUnavailable(RuntimeError):
 
 class NotReached(ClusterUnavailable):
     """No connection to the job server was made: the request (a submit) surely did not reach it."""
+
+
+class Refused(ClusterUnavailable):
+    """The job server answered the request with a client error (4xx): it took nothing."""
 
 
 class JobUnknown(RuntimeError):
@@ -128,6 +133,9 @@ def _client(address: str) -> Any:
 
 #: how long `Cluster.problem`'s answer is kept
 PROBLEM_SECONDS = 5.0
+#: how long after its submit a job the cluster does not know is asked about again (its submit's
+#: answer lost, it may not be in yet), not taken for forgotten
+RECENT_SECONDS = 600.0
 
 
 class Cluster:
@@ -141,6 +149,7 @@ class Cluster:
         self._jobs: Any = None
         self._ended: dict[str, tuple[str, float | None]] = {}
         self._unknown: set[str] = set()  # jobs the cluster answered it does not know (`job`)
+        self._submitted: dict[str, float] = {}  # when this studio submitted each job (time.monotonic)
         # log tails: when they were read (time.monotonic), and whether the job had ended by then
         self._logs: dict[str, tuple[str, float, bool]] = {}
         self._checked: tuple[float, str | None] | None = None  # the last `problem` answer, and when
@@ -174,6 +183,7 @@ class Cluster:
             return problem
 
     def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
+        self._submitted[submission_id] = time.monotonic()
         entrypoint, runtime_env = job_spec(self.local, checkout())
         command = " ".join(_quote(part) for part in [*entrypoint, *overrides])
         return self._call(
@@ -197,7 +207,9 @@ class Cluster:
         try:
             info = self._call("get_job_info", submission_id)
         except JobUnknown:
-            self._unknown.add(submission_id)
+            # not for a job submitted lately: a submit whose answer was lost may not be in yet
+            if time.monotonic() - self._submitted.get(submission_id, -RECENT_SECONDS) >= RECENT_SECONDS:
+                self._unknown.add(submission_id)
             raise
         state = str(info.status).split(".")[-1]
         started = info.start_time / 1000 if info.start_time else None
@@ -239,7 +251,9 @@ class Cluster:
             job = args[0] if args else None
             if job and "status code 404" in str(exc) and f"Job {job} does not exist" in str(exc):
                 raise JobUnknown(f"the Ray cluster at {self.shown} does not know job {job}") from None
-            raise ClusterUnavailable(f"the Ray cluster at {self.shown} answered with an error: {exc}") from None
+            status = re.search(r"status code (\d{3})", str(exc))
+            error = Refused if status and 400 <= int(status.group(1)) < 500 else ClusterUnavailable
+            raise error(f"the Ray cluster at {self.shown} answered with an error: {exc}") from None
 
 
 def _not_connected(exc: OSError) -> bool:

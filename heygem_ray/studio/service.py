@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from heygem_ray import storage
 from heygem_ray.config import StudioConfig
 from heygem_ray.manifest import SAFE_ID
-from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, JobUnknown, NotReached
+from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, JobUnknown, NotReached, Refused
 from heygem_ray.studio.store import MAX_UPLOADS, CampaignRecord, StudioStore, UploadError
 
 #: the weights-free renderer: every studio offers it
@@ -406,15 +406,14 @@ class Studio:
 
     def _went_in(self, submission_id: str, failed: ClusterUnavailable) -> bool | None:
         """Whether a submit that failed with `failed` started its job after all: False where no
-        connection was made or the cluster, asked after, does not know the job; True where it
-        does; None where that cannot be asked."""
-        if isinstance(failed, NotReached):
+        connection was made or the job server refused it (4xx); True where the cluster, asked
+        after, knows the job; None where it does not, or cannot be asked: the answer may have been
+        lost with the job still to come in (a job server slow enough for a read timeout)."""
+        if isinstance(failed, (NotReached, Refused)):
             return False
         try:
             self.cluster.job(submission_id)
-        except JobUnknown:
-            return False
-        except ClusterUnavailable:
+        except (JobUnknown, ClusterUnavailable):
             return None
         return True
 
