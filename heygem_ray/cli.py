@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from heygem_ray import storage
@@ -172,21 +174,57 @@ def render_main(argv: Sequence[str] | None = None) -> int:
     return render(plain, cfg)
 
 
-def check_job_secrets(overrides: Sequence[str]) -> None:
-    """ValueError for a credential given as a literal override in a Ray job: Ray writes the job's
-    entrypoint, these overrides included, into the job's log ("Running entrypoint for job ..."),
-    keeps it in its job table (`ray job list`, the dashboard) and the studio shows users the log's
-    end. `${oc.env:VAR}` names the variable only, resolved on the head node."""
+def check_job_secrets(overrides: Sequence[str], in_job: bool | None = None) -> None:
+    """ValueError for a credential given as a literal override in a Ray job (`in_job`; None: this
+    process is one): Ray writes the job's entrypoint, these overrides included, into the job's log
+    ("Running entrypoint for job ..."), keeps it in its job table (`ray job list`, the dashboard)
+    and the studio shows users the log's end. `${oc.env:VAR}` names the variable only, resolved on
+    the head node. A dict given whole (`+storage.options.s3={key: ..., secret: ...}`) is looked into."""
     from heygem_ray.manifest import in_ray_job
 
+    if not (in_ray_job() if in_job is None else in_job):
+        return
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        name = key.rsplit(".", 1)[-1].lower()
-        if value and not value.startswith("${") and any(w in name for w in _SECRET_WORDS) and in_ray_job():
+        found = _literal_secret(key, _parsed(value))
+        if found:
             raise ValueError(
-                f"{key} is given on the job's command line, which Ray writes into the job's log and job table: "
-                f"set it in the nodes' environment (AWS_SECRET_ACCESS_KEY, ...) or as '{key}=${{oc.env:VARIABLE}}'"
+                f"{found} is given on the job's command line, which Ray writes into the job's log and job table: "
+                f"set it in the nodes' environment (AWS_SECRET_ACCESS_KEY, ...) or as '{found}=${{oc.env:VARIABLE}}'"
             )
+
+
+#: credential-looking option names that name no secret: files, switches, key ids
+_NOT_SECRET = re.compile(r".*(_file|_filename|_path|_dir|id)|look_for_keys|allow_agent|use_ssl|token_type")
+#: values a credential-looking option takes that are no secret: gcsfs's token modes, switches
+_NOT_SECRET_VALUES = {"anon", "google_default", "cloud", "browser", "cache", "true", "false", "none", "null", ""}
+
+
+def _parsed(value: str) -> object:
+    """An override's value: a dict or list given whole as one, else the text."""
+    if value[:1] not in ("{", "["):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _literal_secret(key: str, value: object) -> str | None:
+    """The dotted name of a credential `value` gives literally under `key`, if any."""
+    if isinstance(value, dict):
+        return next((found for k, v in value.items() if (found := _literal_secret(f"{key}.{k}", v))), None)
+    name = key.rsplit(".", 1)[-1].lower()
+    text = str(value)
+    if (
+        value is None
+        or text.startswith("${")
+        or text.lower() in _NOT_SECRET_VALUES
+        or _NOT_SECRET.fullmatch(name)
+        or not any(w in name for w in _SECRET_WORDS)
+    ):
+        return None
+    return key
 
 
 def check_job_paths(cfg: Config) -> None:
@@ -308,6 +346,11 @@ def studio_main(argv: Sequence[str]) -> int:
         print(f"heygem-ray: error: invalid configuration: {exc}", file=sys.stderr)
         return 2
     assert isinstance(composed, StudioAppConfig)
+    try:  # every campaign job would refuse to start: say so now
+        check_job_secrets(composed.studio.render_overrides, in_job=True)
+    except ValueError as exc:
+        print(f"heygem-ray: error: studio.render_overrides: {exc}", file=sys.stderr)
+        return 2
     if adduser:
         return server.adduser_main([a for a in args[1:] if a not in overrides], composed.studio.auth)
     return server.serve(composed.studio)

@@ -231,7 +231,7 @@ def test_credentials_on_a_ray_jobs_command_line_are_refused(monkeypatch, capsys)
     job table, and the studio shows users the log's end: an S3 secret given as an override reached
     them all. In a job it is refused before anything runs, naming what to do instead; a variable
     named with `${oc.env:...}` and any override outside a job are fine."""
-    from heygem_ray.cli import check_job_secrets, render_main
+    from heygem_ray.cli import check_job_secrets, main, render_main
 
     secret = "+storage.options.s3.secret=wJalrXUtnFEMI"
     check_job_secrets([secret])
@@ -239,7 +239,20 @@ def test_credentials_on_a_ray_jobs_command_line_are_refused(monkeypatch, capsys)
     assert render_main(["manifest=/data/m.parquet", "output=/data/out", secret]) == 2
     err = capsys.readouterr().err
     assert "storage.options.s3.secret is given on the job's command line" in err and "wJalrXUtnFEMI" not in err
-    check_job_secrets(["+storage.options.s3.secret=${oc.env:S3_SECRET}", "encoder.preset=slow", "cache=/c/key_frames"])
+    ordinary = [
+        "+storage.options.s3.secret=${oc.env:S3_SECRET}",
+        "encoder.preset=slow",
+        "cache=/c/key_frames",
+        "+storage.options.gcs.token=anon",  # gcsfs's public-bucket mode
+        "+storage.options.sftp.key_filename=/keys/id_ed25519",
+        "+storage.options.s3.s3_additional_kwargs.SSEKMSKeyId=alias/videos",
+    ]
+    check_job_secrets(ordinary)
+    with pytest.raises(ValueError, match="storage.options.s3.key is given"):  # a dict given whole
+        check_job_secrets(["+storage.options.s3={key: AKIA0, secret: wJalrXUtnFEMI}"])
+    # a studio whose operator put one in the jobs' overrides would start every job to fail
+    assert main(["studio", "studio.render_overrides=['+storage.options.s3.secret=wJalrXUtnFEMI']"]) == 2
+    assert "studio.render_overrides: storage.options.s3.secret is given" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["render", "manifest", "demo", "studio"])
