@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from heygem_ray import storage
 from heygem_ray.errors import HeygemError, writing
 from heygem_ray.layout import CampaignLayout
+from heygem_ray.scratch import pid_alive
 
 HEARTBEAT_SECONDS = 15.0
 STALE_SECONDS = 60.0
@@ -334,12 +335,7 @@ def _alive(holder: dict) -> bool | None:
         pid = int(holder.get("pid", 0))
         if pid == os.getpid():  # this process's own, or an earlier life's with the same pid
             return holder.get("token") in _HELD
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, ValueError, OverflowError):
-            return True
+        return pid_alive(pid)
     return True
 
 

@@ -58,7 +58,7 @@ def sweep(root: str | None = None, idle: float = IDLE_SECONDS) -> int:
         return 0
     for name in names:
         match = _NAME.fullmatch(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         path = os.path.join(root, name)
         try:
@@ -88,9 +88,9 @@ def _changed(path: str) -> float:
     return changed
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs; True where that cannot be told (another user's, a number no
-    process can have: a name only like a scratch name's is left alone)."""
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this process namespace runs; True where that cannot be told
+    (another user's, a number no process can have: what it names is left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
