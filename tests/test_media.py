@@ -447,6 +447,49 @@ def test_rotation_metadata_is_applied(tmp_path):
     assert diff < 4  # same picture up to codec noise, not a sideways one
 
 
+_U, _W = 1 << 16, 1 << 30  # a display matrix's 1.0 in its 16.16 and 2.30 entries
+
+
+@pytest.mark.parametrize(
+    "matrix, corner",
+    [
+        ([_U, 0, 0, 0, _U, 0, 0, 0, _W], (0, 0)),  # as stored
+        ([-_U, 0, 0, 0, _U, 0, 0, 0, _W], (0, 1)),  # mirrored left to right (a front camera)
+        ([_U, 0, 0, 0, -_U, 0, 0, 0, _W], (1, 0)),  # upside down, not turned
+        ([-_U, 0, 0, 0, -_U, 0, 0, 0, _W], (1, 1)),  # a half turn
+        ([0, _U, 0, -_U, 0, 0, 0, 0, _W], (0, 1)),  # a quarter turn clockwise
+        ([0, _U, 0, _U, 0, 0, 0, 0, _W], (0, 0)),  # transposed: turned and mirrored
+        ([0, -_U, 0, -_U, 0, 0, 0, 0, _W], (1, 1)),  # transposed the other way
+    ],
+)
+def test_a_display_matrix_that_mirrors_is_shown_as_ffmpeg_shows_it(tmp_path, matrix, corner):
+    """A matrix that mirrors was read for its angle alone: a mirrored clip came out upside down, an
+    upside-down one as stored. The frames (BGR and the renderer's I420) show what FFmpeg's own
+    autorotation shows: the stored clip's white top-left corner lands where it does there."""
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_matrix(matrix)
+        for i in range(3):
+            image = np.zeros((48, 64, 3), np.uint8)
+            image[:12, :16] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    info = video.probe(path, 25)
+    [(pts, first), *_] = list(video.iter_frames(path, info))
+    with video.FrameReader(path, info, np.array([pts]), pixel_format="yuv420p") as reader:
+        luma = reader.read(np.array([0]))[0][: info.height]
+    for white in (first[..., 0] > 128, luma > 128):
+        h, w = white.shape
+        assert (h, w) == (info.height, info.width)
+        quadrants = [[white[: h // 2, : w // 2].sum(), white[: h // 2, w // 2 :].sum()]]
+        quadrants.append([white[h // 2 :, : w // 2].sum(), white[h // 2 :, w // 2 :].sum()])
+        assert np.unravel_index(np.argmax(quadrants), (2, 2)) == corner
+
+
 def test_odd_sizes_are_cropped_even_and_images_with_dots(tmp_path):
     import cv2
 

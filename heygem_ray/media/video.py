@@ -67,6 +67,9 @@ class VideoInfo:
     #: the HDR transfer its frames are made SDR from (`hdr.PQ`, `hdr.HLG`), 0 for SDR; None: not
     #: known (a probe before HDR video was made SDR)
     hdr: int | None = None
+    #: mirrored left to right after the rotation: a display matrix that flips (a recorder that
+    #: mirrors a front camera's picture in the matrix rather than in the pixels)
+    mirror: bool = False
     #: an avatar shrunk (`fitted`: a still to the pixel limit, any avatar to `render.max_side`): its
     #: own size times this is width x height, which its frames are read at; a face box given in its
     #: own pixels is scaled alike
@@ -82,10 +85,30 @@ def _clockwise_from_display_matrix(ccw_degrees: float | None) -> int:
     return int(round(-(ccw_degrees or 0))) % 360
 
 
-def orient(frame: np.ndarray, clockwise: int, width: int, height: int) -> np.ndarray:
-    """Rotate a decoded frame for display and crop it to the even size."""
+def display_transform(frame: av.VideoFrame) -> tuple[int, bool]:
+    """How a frame is shown: (clockwise degrees, then mirrored left to right), from its display
+    matrix as FFmpeg's own autorotation reads it (fftools: a transpose where the matrix flips as it
+    turns, a horizontal or vertical flip where it flips alone); a vertical flip is a half turn
+    mirrored, a transpose a quarter turn mirrored."""
+    clockwise = _clockwise_from_display_matrix(frame.rotation)
+    data = frame.side_data.get("DISPLAYMATRIX")
+    if data is None:
+        return clockwise, False
+    m = np.frombuffer(memoryview(data), "<i4")  # type: ignore[arg-type]  # SideData is a buffer; its stub says object
+    if clockwise in (90, 270):  # FFmpeg: transpose cclock_flip / clock_flip where m[3] says so
+        return clockwise, bool(m[3] > 0) if clockwise == 90 else bool(m[3] < 0)
+    if clockwise == 180:
+        h, v = bool(m[0] < 0), bool(m[4] < 0)
+        return (180, False) if h and v else (0, True) if h else (180, True) if v else (0, False)
+    return (180, True) if clockwise == 0 and m[4] < 0 else (clockwise, False)
+
+
+def orient(frame: np.ndarray, clockwise: int, width: int, height: int, mirror: bool = False) -> np.ndarray:
+    """Turn a decoded frame for display (`clockwise`, then `mirror`ed) and crop it to the even size."""
     if clockwise:
         frame = np.rot90(frame, k=-(clockwise // 90))
+    if mirror:
+        frame = frame[:, ::-1]
     return np.ascontiguousarray(frame[:height, :width])
 
 
@@ -185,7 +208,7 @@ def probe(
             first = next(container.decode(stream), None)
             if first is None:
                 raise InputError("avatar", uri, "has no decodable video frames")
-            clockwise = _clockwise_from_display_matrix(first.rotation)
+            clockwise, mirror = display_transform(first)
             context = stream.codec_context
             transfer = hdr.transfer_of(first, stream_transfer)
             if _plain_420(first, transfer):
@@ -209,6 +232,7 @@ def probe(
         width=_even(w),
         height=_even(h),
         rotation=clockwise,
+        mirror=mirror,
         frame_count=int(stream.frames or 0),
         sar=f"{sar.numerator}/{sar.denominator}",
         color=color,
@@ -502,6 +526,8 @@ class FrameReader:
                 y, u, v = planes
             if info.rotation:
                 y, u, v = (np.rot90(p, k=-(info.rotation // 90)) for p in (y, u, v))
+            if info.mirror:
+                y, u, v = (p[:, ::-1] for p in (y, u, v))
             return assemble_i420(y, u, v, info.width, info.height)
         image = _oriented_bgr(frame, info)
         return bgr_to_i420(image) if self._i420 else image
@@ -571,7 +597,7 @@ def _oriented_bgr(frame: av.VideoFrame, info: VideoInfo) -> np.ndarray:
         image = cv2.resize(image, _stored_size(info), interpolation=cv2.INTER_AREA)
     elif frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
         image = image.copy()
-    return orient(image, info.rotation, info.width, info.height)
+    return orient(image, info.rotation, info.width, info.height, info.mirror)
 
 
 def _one_frame(container: av.container.InputContainer, stream: av.VideoStream) -> bool:
