@@ -183,7 +183,9 @@ class Cluster:
             return problem
 
     def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
-        self._submitted[submission_id] = time.monotonic()
+        now = time.monotonic()
+        self._submitted = {job: at for job, at in self._submitted.items() if now - at < RECENT_SECONDS}
+        self._submitted[submission_id] = now
         entrypoint, runtime_env = job_spec(self.local, checkout())
         command = " ".join(_quote(part) for part in [*entrypoint, *overrides])
         return self._call(
