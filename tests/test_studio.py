@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,11 +26,14 @@ import pytest
 from browser import playwright_missing, playwright_page
 
 from helpers import _free_port
+from heygem_ray.studio.server import STOP_GRACE_SECONDS
 from heygem_ray.studio.sessions import SessionKeyError, Sessions
 from heygem_ray.studio.store import StudioStore, UploadError, check_upload
 from heygem_ray.studio.users import add_user, authenticate, check_name, read_users
 
 MIB = 2**20
+#: how long a stopped studio may take to be gone: its requests' grace, then its own wind-up
+STOP_SECONDS = STOP_GRACE_SECONDS + 20
 #: why the browser test cannot run here (no Chromium, no Playwright), or None
 NO_BROWSER = playwright_missing()
 
@@ -675,6 +679,8 @@ class Studio:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / "studio.log"
+        # a file, not a pipe: a pipe nobody reads fills and the studio then blocks on its next write
+        self.output = tmp_path / "studio.out"
         self.args = [
             sys.executable,
             "-m",
@@ -690,10 +696,17 @@ class Studio:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Studio:
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "GRADIO_ANALYTICS_ENABLED": "False"}
-        self.process = subprocess.Popen(self.args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # PYTHONFAULTHANDLER: a studio that will not stop is aborted, and says where each thread was
+        env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "PYTHONFAULTHANDLER": "1",
+        }
+        with open(self.output, "ab") as output:
+            self.process = subprocess.Popen(self.args, env=env, stdout=output, stderr=subprocess.STDOUT)
         _wait_for(lambda: self._up() or self.process.poll() is not None, 90, "the studio")
-        assert self.process.poll() is None, self.process.stdout.read() if self.process.stdout else ""
+        assert self.process.poll() is None, self.output.read_text()
         return self
 
     def _up(self) -> bool:
@@ -705,9 +718,15 @@ class Studio:
             return False
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)
             self.process.wait(30)
+            raise AssertionError(f"the studio did not stop when asked:\n{self.output.read_text()[-20_000:]}") from None
 
     def session(self, name: str, password: str):
         """An HTTP client logged in as `name`, and a Gradio client that sends its cookie."""
@@ -1012,6 +1031,23 @@ def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_
         assert "Deleted" in alice.predict(campaign, api_name="/do_delete")
         assert "Contents" not in s3.list_objects_v2(Bucket="heygem-studio", Prefix=f"studio/alice/{campaign}/")
     finally:
+        studio.stop()
+
+
+@pytest.mark.integration
+def test_an_upload_still_arriving_does_not_hold_the_studios_stop(tmp_path, ray_head):
+    """An operator stops the studio (systemd, a pod's end) while a user's upload is still arriving
+    over a slow line: the server waited for the request to finish, however long, and the
+    supervisor killed it at its own deadline. It stops within its grace period."""
+    import socket
+
+    users = tmp_path / "users.toml"
+    add_user(users, "alice", "alice-pw")
+    studio = Studio(tmp_path, ray_head, users).start()
+    with socket.create_connection(("127.0.0.1", studio.port)) as upload:
+        head = "POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        upload.sendall(f"{head}Content-Length: 100000\r\n\r\nname=alice&password=".encode())
+        time.sleep(1)  # the server is reading the body
         studio.stop()
 
 

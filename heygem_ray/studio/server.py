@@ -21,6 +21,9 @@ from heygem_ray.studio.sessions import SessionKeyError, Sessions, load_key
 from heygem_ray.studio.users import UsersFile, add_user
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: seconds a stopping studio lets requests in flight finish: an upload still arriving over a slow
+#: line (or a zip download) would otherwise hold the stop until the supervisor kills it
+STOP_GRACE_SECONDS = 10
 
 
 def studio_log(path: str) -> logging.Logger:
@@ -140,7 +143,7 @@ def serve(cfg: StudioConfig) -> int:
     print(f"heygem-ray studio: store {storage.display(cfg.store)}; log {cfg.log_file}")
     print(f"heygem-ray studio: open http://{cfg.host}:{cfg.port}/")
     log.info("start store=%s cluster=%s", storage.display(cfg.store), cluster.shown)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=STOP_GRACE_SECONDS)
     return 0
 
 
