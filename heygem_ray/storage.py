@@ -46,7 +46,7 @@ _CHUNK = 4 << 20
 
 
 #: tries of one storage operation before a transient error is given up on, and the first backoff;
-#: the delays double (with jitter, 0.5-1x) up to _BACKOFF_MAX: 6-15 s of waiting between the tries,
+#: the delays double (with jitter, 0.5-1x) up to _BACKOFF_MAX: 7.75-15.5 s of waiting between the tries,
 #: plus each try's own time (the client's timeouts), is the outage ridden out. The only
 #: retry layer: nothing below (the S3 client) or above (Ray tasks) retries an error again
 RETRIES = 6

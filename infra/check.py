@@ -549,9 +549,12 @@ def rayjob_problems(b: Bundle) -> list[str]:
         limits = ((pod_containers(group.get("template")) or [{}])[0].get("resources") or {}).get("limits", {})
         pod = {"CPU": cpu_quantity(limits.get("cpu")) or 0.0, "GPU": float(limits.get("nvidia.com/gpu", 0))}
         actor = cfg.cluster.actor
-        # one task's CPUs stay free on every pod, as the sizing notes in docs/deploy.md ask
-        per_pod = fit_actors([pod], actor.num_cpus, actor.num_gpus, cfg.cluster.task_cpus)
-        reachable = per_pod * int(group.get("maxReplicas") or 0)
+        # Ray packs actors by their CPUs and GPU share; the prepare/stitch tasks need a task's CPUs
+        # somewhere: on every pod where actors leave them, else on one pod kept free of actors
+        per_pod = fit_actors([pod], actor.num_cpus, actor.num_gpus, 0)
+        pods = int(group.get("maxReplicas") or 0)
+        room_for_tasks = pod["CPU"] - per_pod * actor.num_cpus >= cfg.cluster.task_cpus
+        reachable = per_pod * (pods if room_for_tasks else max(pods - 1, 0))
         actors = cfg.cluster.actors
         if actors < 1:
             problems.append(
@@ -561,7 +564,8 @@ def rayjob_problems(b: Bundle) -> list[str]:
         elif actors > reachable:
             problems.append(
                 f"infra/k8s/rayjob.yaml: cluster.actors={actors} but {GPU_GROUP} reaches {reachable} "
-                f"({per_pod} per pod x maxReplicas; the driver would wait forever for the rest)"
+                f"({per_pod} per pod x {'maxReplicas' if room_for_tasks else 'maxReplicas - 1, one pod for tasks'}; "
+                "the driver would wait forever for the rest)"
             )
     return problems
 

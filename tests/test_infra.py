@@ -266,9 +266,14 @@ MUTATIONS: dict[str, tuple[str, Callable[[dict], None], str]] = {
         "does not select cluster=gpu",
     ),
     "rayjob override typo": ("rayjob", _edit_entrypoint("cluster.actors=", "cluster.actorz="), "do not compose"),
-    "rayjob more actors than pods hold": (
+    "rayjob more actors than pods hold": (  # 4 to an 8-CPU pod, one of 8 pods left for tasks
         "rayjob",
-        _edit_entrypoint("cluster.actors=24", "cluster.actors=25"),
+        _edit_entrypoint("cluster.actors=24", "cluster.actors=29"),
+        "reaches 28",
+    ),
+    "rayjob more actors than pods hold at 0.3 GPU": (  # 3 to a pod, each leaving CPUs for tasks
+        "rayjob",
+        _edit_entrypoint("cluster.actors=24", "cluster.actors=25 cluster.actor.num_gpus=0.3"),
         "reaches 24",
     ),
     "rayjob actors left at 0": ("rayjob", _edit_entrypoint("cluster.actors=24", "cluster.actors=0"), "single actor"),
