@@ -210,13 +210,9 @@ def prepare_audio_track(
     return AudioTrack(base + ".m4a", samples, encoder.audio_sample_rate)
 
 
-@storage.retrying
 def read_pcm(pcm_uri: str, start: int, stop: int) -> np.ndarray:
     """Samples [start, stop) of cached PCM (a ranged read: segments never load the whole row)."""
-    with storage.open_uri(pcm_uri) as fh:
-        fh.seek(start * 4)
-        data = fh.read((stop - start) * 4)
-    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+    return np.frombuffer(storage.read_range(pcm_uri, start * 4, stop * 4), dtype="<f4").astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -678,9 +674,7 @@ def photo_pixel_cap(avatar: str, cfg: Config) -> tuple[int, ...]:
     cap, side = cfg.limits.max_avatar_pixels, cfg.render.max_side
     if side and cap >= side * side:
         return ()
-    with storage.open_uri(avatar) as fh:
-        head = fh.read(32)
-    return (cap,) if is_image_data(head) else ()
+    return (cap,) if is_image_data(storage.read_range(avatar, 0, 32)) else ()
 
 
 @dataclass(frozen=True)

@@ -71,13 +71,21 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
     if done is not None:
         return done
     clock = metrics.StageClock()
+    middle: list[bytes] = []  # the thumbnail's segment, kept rather than fetched again
+
+    def segment(i: int) -> io.BytesIO:
+        # each segment read whole (seconds of video), so the store's retries cover it: a stream
+        # cut midway through the join could not be taken up again
+        data = storage.read_bytes(job.segment_uris[i])
+        if i == len(job.segment_uris) // 2:
+            middle[:] = [data]
+        return io.BytesIO(data)
+
     with scratch.folder("stitch") as tmp:
         path = os.path.join(tmp, "out.mp4")
         with clock("stitch"):
             stats = stitch(
-                # each segment read whole (seconds of video), so the store's retries cover it: a
-                # stream cut midway through the join could not be taken up again
-                lambda i: io.BytesIO(storage.read_bytes(job.segment_uris[i])),
+                segment,
                 len(job.segment_uris),
                 storage.local_copy(audio.uri),
                 path,
@@ -98,7 +106,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
             storage.remove(job.marker_uri)
             size = os.path.getsize(path)
             storage.publish_file(path, job.output, move=True)
-    thumbnail = _thumbnail(job)
+    thumbnail = _thumbnail(job, middle[0])
     if thumbnail:
         try:
             storage.write_bytes(job.thumbnail_uri, thumbnail)
@@ -210,12 +218,11 @@ def motion_energy_score(job: StitchJob, motion: list[np.ndarray | None]) -> qa.S
     return qa.score(np.concatenate(measured), np.concatenate(loudness), job.qa.max_lag)
 
 
-def _thumbnail(job: StitchJob) -> bytes | None:
-    """The first frame of the middle segment: near the middle of the video, and a keyframe, so it
-    costs one frame's decode rather than a seek's worth of them."""
+def _thumbnail(job: StitchJob, segment: bytes) -> bytes | None:
+    """The first frame of the middle segment (its bytes): near the middle of the video, and a
+    keyframe, so it costs one frame's decode rather than a seek's worth of them."""
     try:
-        with storage.open_uri(job.segment_uris[len(job.segment_uris) // 2]) as segment:
-            return thumbnail_jpeg(segment, width=160, quality=75, at=0)
+        return thumbnail_jpeg(io.BytesIO(segment), width=160, quality=75, at=0)
     except Exception as exc:  # noqa: BLE001 - the video is published: a report placeholder, not a failed row
         log.warning("row %s: no thumbnail (%s: %s)", job.row_id, type(exc).__name__, exc)
         return None

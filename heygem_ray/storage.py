@@ -310,6 +310,15 @@ def read_bytes(uri: str) -> bytes:
 
 
 @retrying
+def read_range(uri: str, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of a file (fewer where it ends sooner), in one ranged request: an opened
+    file of an object store reads ahead a block of up to 50 MiB, a row's whole narration for every
+    segment's second of it."""
+    fs, path = url_to_fs(uri)
+    return fs.cat_file(path, start=start, end=stop) if stop > start else b""
+
+
+@retrying
 def remove(uri: str, recursive: bool = False) -> None:
     """Remove a file, or a folder and all under it; a name with glob characters ("run[1]") is taken
     as it is (fsspec's object stores expand them: they removed a sibling "run1")."""

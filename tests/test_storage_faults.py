@@ -10,6 +10,7 @@ import time
 import urllib.parse
 
 import boto3
+import numpy as np
 import pytest
 
 from heygem_ray import storage
@@ -26,6 +27,7 @@ class FlakyProxy:
         self.down_until = 0.0
         self.answer: int | None = None
         self.dropped = 0
+        self.bytes_to_client = 0  # what the store sent back, through the proxy
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self._stop = False
@@ -57,13 +59,14 @@ class FlakyProxy:
                 continue
             upstream = socket.create_connection(self.target)
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b, b is client), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, to_client: bool) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
+                if to_client:
+                    self.bytes_to_client += len(data)
         except OSError:
             pass
         finally:
@@ -235,3 +238,18 @@ def test_a_renderer_whose_weights_the_store_could_not_give_loads_them_again(
     with pytest.raises(RendererStartError, match="not found"):
         worker("s3://flaky/models/absent.pth").ready()
     assert time.time() - started < 30.0
+
+
+def test_a_segments_audio_is_read_as_a_range_not_the_store_s_read_ahead(flaky_s3):
+    """Each segment reads its second or so of the row's decoded narration: an opened s3fs file
+    read ahead up to 50 MiB, the whole narration for each of its segments (hours of traffic for a
+    long one)."""
+    from heygem_ray.prepare import read_pcm
+
+    samples = np.arange(5_000_000, dtype="<f4")  # 20 MB: 5 minutes of 16 kHz audio
+    storage.write_bytes("s3://flaky/cache/audio/row.f32", samples.tobytes())
+    flaky_s3.bytes_to_client = 0
+    window = read_pcm("s3://flaky/cache/audio/row.f32", 1_000_000, 1_016_000)
+    assert np.array_equal(window, samples[1_000_000:1_016_000])
+    assert flaky_s3.bytes_to_client < 200_000, flaky_s3.bytes_to_client  # 64 KB asked for
+    assert len(read_pcm("s3://flaky/cache/audio/row.f32", 4_999_990, 5_000_100)) == 10  # the end
