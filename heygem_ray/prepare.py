@@ -125,7 +125,8 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> Au
         base = storage.join(cache, "audio", f"{fp}{PCM_VERSION}")
         with caching(base + ".json"), contextlib.suppress(FileNotFoundError):
             meta = json.loads(storage.read_bytes(base + ".json"))
-            return _within_limits(AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32"), max_seconds)
+            if _whole(base + ".f32", meta["samples"] * 4):
+                return _within_limits(AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32"), max_seconds)
         local = storage.local_copy(uri, content=fp)
         meter = LevelMeter()
         samples = 0
@@ -148,6 +149,18 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> Au
         with caching(base + ".json"):
             storage.write_bytes(base + ".json", json.dumps({"samples": samples, "level": level}).encode())
         return _within_limits(AudioInfo(uri, fp, samples, level, base + ".f32"), max_seconds)
+
+
+def _whole(uri: str, size: int | None = None) -> bool:
+    """Whether a cache entry's data file is there (at `size` bytes, where given). Its `.json`, written
+    last, says it was whole; a clean-up of the cache (an `rm -r` that listed before the `.json` came,
+    a bucket's lifecycle rule) can still take the one and leave the other, and every later row with
+    that narration would fail on it: such an entry is made again."""
+    try:
+        stored = storage.size(uri)
+    except FileNotFoundError:
+        return False
+    return stored > 0 if size is None else stored == size
 
 
 #: the shortest narration a row may have: a frame or two of video (shorter ones leave the output's
@@ -192,7 +205,8 @@ def prepare_audio_track(
     base = storage.join(cache, "audio", f"{audio.fingerprint}.{settings}")
     with contextlib.suppress(FileNotFoundError):
         meta = json.loads(storage.read_bytes(base + ".json"))
-        return AudioTrack(base + ".m4a", meta["samples"], encoder.audio_sample_rate)
+        if _whole(base + ".m4a"):
+            return AudioTrack(base + ".m4a", meta["samples"], encoder.audio_sample_rate)
     with reading("audio", audio.uri), scratch.folder("track") as tmp:
         local = os.path.join(tmp, "track.m4a")
         samples = encode_audio(

@@ -213,6 +213,29 @@ def test_a_cache_that_refuses_writes_is_named_not_the_input(inputs, tmp_path):
         prepare_audio(str(inputs / "speech.wav"), str(cache))
 
 
+def test_a_cached_narration_whose_data_went_is_decoded_again(inputs, tmp_path):
+    """A clean-up of the cache (an `rm -r` that listed before the `.json` came, a bucket's lifecycle
+    rule) can take an entry's data and leave its `.json`: every later row with that narration failed
+    on the missing (or cut) file, in every campaign on the cache. Such an entry is made again."""
+    from heygem_ray.config import EncoderConfig
+    from heygem_ray.prepare import prepare_audio_track, read_pcm
+
+    cache = str(tmp_path / "c")
+    audio = prepare_audio(str(inputs / "speech.wav"), cache)
+    whole = read_pcm(audio.pcm_uri, 0, audio.samples)
+    os.remove(audio.pcm_uri)
+    assert prepare_audio(str(inputs / "speech.wav"), cache) == audio
+    assert np.array_equal(read_pcm(audio.pcm_uri, 0, audio.samples), whole)
+    with open(audio.pcm_uri, "r+b") as cut:
+        cut.truncate(1000)
+    prepare_audio(str(inputs / "speech.wav"), cache)
+    assert os.path.getsize(audio.pcm_uri) == audio.samples * 4
+    track = prepare_audio_track(audio, cache, EncoderConfig())
+    size = os.path.getsize(track.uri)
+    os.remove(track.uri)
+    assert prepare_audio_track(audio, cache, EncoderConfig()) == track and os.path.getsize(track.uri) == size
+
+
 def _peak_rss_mib_of(code: str) -> float:
     """Run `code` in a fresh Python; its peak RSS in MiB (it must exit 0). From /proc: getrusage's
     figure survives exec, so a child would report this test's own peak."""
