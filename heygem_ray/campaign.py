@@ -163,13 +163,18 @@ class Campaign:
                 ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
             )
 
+    def prepare_limit(self) -> int:
+        """Rows that may be preparing at once: `render.max_prepared_rows`, or (0) twice the actors,
+        at least 8."""
+        return self.cfg.render.max_prepared_rows or max(8, 2 * len(self.actors))
+
     def _admit_rows(self) -> None:
-        """Prepare rows lazily: while fewer are preparing than `render.max_prepared_rows`, the driver's
-        queue holds less than one more round of segments than the actors may hold, and fewer rows
-        wait for their stitch than twice the actors (at least 8)."""
+        """Prepare rows lazily: while fewer are preparing than `prepare_limit`, the driver's queue
+        holds less than one more round of segments than the actors may hold, and fewer rows wait
+        for their stitch than twice the actors (at least 8)."""
         while (
             self._pending
-            and self.observers.counts["preparing"] < self.cfg.render.max_prepared_rows
+            and self.observers.counts["preparing"] < self.prepare_limit()
             and len(self.segments) < self.segments.cap()
             and self._stitching < max(8, 2 * len(self.actors))  # stitches slower than renders: no pile of rows
         ):

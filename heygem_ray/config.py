@@ -361,8 +361,10 @@ class RenderConfig:
     #: segments one actor holds at once (the one it renders and the next, ready to start); the rest
     #: wait on the driver for the first actor that frees up
     segments_per_actor: int = 2
-    #: rows being prepared (audio decode) ahead of rendering
-    max_prepared_rows: int = 8
+    #: rows being prepared ahead of rendering (their audio decoded, their avatar's face tracked);
+    #: 0 = twice the actors, at least 8: a campaign of many presenters spends most of a row's
+    #: preparing on tracking its avatar, and a fixed 8 fed no more than 8 trackings to a cluster
+    max_prepared_rows: int = 0
     #: tries per segment when an actor or node dies or its renderer fails (bad input is never retried,
     #: nor a storage error, which the storage layer retried already)
     max_attempts: int = 3
@@ -382,9 +384,11 @@ class RenderConfig:
 
     def __post_init__(self) -> None:
         # a zero here would leave segments waiting for a slot that never opens
-        for name in ("segments_per_actor", "max_prepared_rows", "max_attempts"):
+        for name in ("segments_per_actor", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"render.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_prepared_rows < 0:
+            raise ValueError(f"render.max_prepared_rows must be 0 (auto) or more, got {self.max_prepared_rows}")
         if self.max_inflight_segments < 0:
             raise ValueError(
                 f"render.max_inflight_segments must be 0 (no cap) or more, got {self.max_inflight_segments}"

@@ -4,6 +4,7 @@ stage at once, so these tests see the scheduling and the bookkeeping alone."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
@@ -102,10 +103,53 @@ def test_the_time_left_is_reckoned_from_rows_that_took_work_not_refused_ones(tmp
 def test_admission_keeps_few_rows_preparing_and_lets_go_of_finished_ones(tmp_path):
     job, executor = _campaign(tmp_path)
     job.run()
-    limit = job.cfg.render.max_prepared_rows
-    assert max(doc["rows"]["preparing"] for doc in executor.seen) <= limit
+    assert job.prepare_limit() == 8  # 3 actors: the least
+    assert max(doc["rows"]["preparing"] for doc in executor.seen) <= 8
     assert job.observers.counts["ok"] == ROWS and job.observers.counts["preparing"] == 0
     assert not job._states
+
+
+def test_a_campaign_of_many_presenters_tracks_as_many_at_once_as_its_actors_can_take(tmp_path):
+    """Each row a presenter of its own: a row is preparing until its avatar is tracked, the longest
+    step, and a fixed 8 rows preparing fed 8 trackings to a cluster of any size (560 actors idled
+    behind them). By default twice the actors may prepare at once; a set limit still holds."""
+
+    class SlowTracking(SimulatedExecutor):
+        """Face tracks finish only when nothing else is left to do, one at a time."""
+
+        def __init__(self, actors: int):
+            super().__init__(actors=actors)
+            self.tracking: list[Any] = []
+            self.most = 0
+            self.job: Campaign | None = None
+
+        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            handle = super().submit(fn, *args, **kwargs)
+            if fn.__name__ == "prepare_avatar":
+                self.tracking.append(handle)
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            assert self.job is not None
+            self.most = max(self.most, self.job.observers.counts["preparing"])
+            ready = [h for h in handles if h not in self.tracking]
+            if ready:
+                return ready[:1]
+            tracked = next((h for h in handles if h in self.tracking), None)
+            if tracked is None:
+                return []
+            self.tracking.remove(tracked)
+            return [tracked]
+
+    out = tmp_path / "out"
+    rows = [Row(f"r{i:03d}", "/in/a.wav", f"/in/v{i}.mp4", str(out / f"r{i:03d}.mp4")) for i in range(100)]
+    for actors, limit, most in ((20, (), 40), (20, ("render.max_prepared_rows=5",), 5)):
+        cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", *limit)
+        executor = SlowTracking(actors)
+        executor.job = Campaign(cfg, rows, executor=executor)
+        assert executor.job.run().count("ok") == 100
+        assert executor.most == most
+        shutil.rmtree(out)
 
 
 def test_a_failed_audio_encode_fails_only_the_rows_that_waited_on_it(tmp_path):
@@ -858,7 +902,7 @@ def test_rows_waiting_for_slow_stitches_hold_admission(tmp_path):
     job = Campaign(cfg, rows, executor=executor)
     assert job.run().count("ok") == 120
     # the stitch cap, plus rows already admitted: preparing, and rendering (a segment each at most)
-    bound = 8 + cfg.render.max_prepared_rows + 2 * job.segments.cap()
+    bound = 8 + job.prepare_limit() + 2 * job.segments.cap()
     assert 8 <= executor.most <= bound, (executor.most, bound)
 
 
