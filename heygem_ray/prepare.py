@@ -19,6 +19,7 @@ avatars/<fp>/candidates-<key>/chunk-<i>.npz, avatars/<fp>/<key>/track-<frames>.n
 
 from __future__ import annotations
 
+import array
 import contextlib
 import io
 import json
@@ -26,7 +27,7 @@ import logging
 import os
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from typing import Any, TypeVar
@@ -395,9 +396,8 @@ def prepare_avatar(
             clock = metrics.StageClock()
             with clock("detect"):
                 chunks = storage.join(avatar, "candidates-" + candidates_key(cfg, still_fps, frames))
-                candidates = _candidates(uri, fp, info, pts, cfg, chunks, tracked)
+                boxes = _track(_candidates(uri, fp, info, pts, cfg, chunks, tracked), info, cfg, uri, total)
             metrics.stage_seconds(clock.seconds)
-            boxes = _track(candidates, info, cfg, uri, total)
         with caching(track_uri):
             storage.write_bytes(track_uri, _dump_array(boxes))
         return AvatarTrack(uri, fp, info, pts, boxes, settled)
@@ -485,30 +485,47 @@ def _load_frames(data: bytes) -> tuple[VideoInfo, np.ndarray]:
 
 def _candidates(
     uri: str, fp: str, info: VideoInfo, pts: np.ndarray, cfg: DetectorConfig, folder: str, frames: int
-) -> list[np.ndarray | None]:
-    """The detector's candidates on each of the first `frames` frames (None: a frame the stride
-    skips, or one the stream lacks), chunk by chunk: each loaded from the cache, or detected (a
-    run of missing chunks in one decoding pass) and cached."""
+) -> Iterator[np.ndarray | None]:
+    """The detector's candidates on each of the first `frames` frames in order (None: a frame the
+    stride skips, or one the stream lacks), chunk by chunk: each loaded from the cache, or detected
+    (a run of missing chunks in one decoding pass) and cached. One chunk is held at a time (and the
+    one after a run of missing ones, loaded to find the run's end): per-frame objects for a whole
+    long clip came to hundreds of MB."""
     count = -(-frames // CHUNK_FRAMES)
-    chunks: list[list[np.ndarray | None] | None] = [
-        _cached(storage.join(folder, f"chunk-{i}.npz"), _load_candidates) for i in range(count)
-    ]
-    for i, chunk in enumerate(chunks):
+
+    def cached(i: int) -> list[np.ndarray | None] | None:
+        chunk = _cached(storage.join(folder, f"chunk-{i}.npz"), _load_candidates)
         # the frames a chunk holds, as the clip's timestamps count them now (a rebuilt frame list
         # that counts otherwise would shift or shorten every box after it): else detected again
         if chunk is not None and len(chunk) != min(CHUNK_FRAMES, len(pts) - i * CHUNK_FRAMES):
             log.warning("cached face candidates of chunk %d of %s do not fit its frames: detected again", i, uri)
-            chunks[i] = None
-    missing = [i for i, chunk in enumerate(chunks) if chunk is None]
-    if missing:
-        detector = build_detector(cfg)
-        with FrameReader(storage.local_copy(uri, content=fp), info, pts) as reader:
-            for first, last in _runs_of(missing):
-                for i, found in _detect_chunks(reader, detector, first, last, len(pts), max(1, cfg.stride), uri):
-                    with caching(storage.join(folder, f"chunk-{i}.npz")):
-                        storage.write_bytes(storage.join(folder, f"chunk-{i}.npz"), _dump_candidates(found))
-                    chunks[i] = found
-    return [found for chunk in chunks if chunk is not None for found in chunk][:frames]
+            return None
+        return chunk
+
+    left = frames
+    with contextlib.ExitStack() as stack:
+        reader: FrameReader | None = None
+        detector: FaceDetector | None = None
+        i, ahead = 0, None
+        while i < count and left > 0:
+            chunk, ahead = (ahead if ahead is not None else cached(i)), None
+            if chunk is not None:
+                yield from chunk[:left]
+                left -= min(left, len(chunk))
+                i += 1
+                continue
+            last = i
+            while last + 1 < count and (ahead := cached(last + 1)) is None:
+                last += 1
+            if reader is None or detector is None:
+                detector = build_detector(cfg)
+                reader = stack.enter_context(FrameReader(storage.local_copy(uri, content=fp), info, pts))
+            for j, found in _detect_chunks(reader, detector, i, last, len(pts), max(1, cfg.stride), uri):
+                with caching(storage.join(folder, f"chunk-{j}.npz")):
+                    storage.write_bytes(storage.join(folder, f"chunk-{j}.npz"), _dump_candidates(found))
+                yield from found[:left]
+                left -= min(left, len(found))
+            i = last + 1
 
 
 def _runs_of(indices: list[int]) -> list[tuple[int, int]]:
@@ -565,7 +582,7 @@ def _detect_chunks(
 
 
 def _track(
-    candidates: list[np.ndarray | None], info: VideoInfo, cfg: DetectorConfig, uri: str, total: int
+    candidates: Iterable[np.ndarray | None], info: VideoInfo, cfg: DetectorConfig, uri: str, total: int
 ) -> np.ndarray:
     """One box per frame from the candidates. A track of fewer than all frames in which no face
     was found is all empty boxes: the rows showing only those frames fail for it
@@ -576,8 +593,8 @@ def _track(
     try:
         return builder.finish(info.width, info.height, cfg.pads, cfg.smooth)
     except ValueError as exc:
-        if len(candidates) < total and builder.found == 0:
-            return np.zeros((len(candidates), 4), np.int32)
+        if builder.frames < total and builder.found == 0:
+            return np.zeros((builder.frames, 4), np.int32)
         raise InputError("avatar", uri, str(exc)) from None
 
 
@@ -595,7 +612,7 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
         with av.open(local) as container:
             stream = container.streams.video[0]
             # packets an edit list cuts (a trimmed clip) are demuxed but never shown: flagged discard
-            packets, pts = 0, []
+            packets, pts = 0, array.array("q")  # 8 bytes a frame, not a Python int's 36
             for packet in container.demux(stream):
                 if packet.size > 0 and not packet.is_discard:
                     packets += 1
@@ -616,7 +633,7 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
     decoded = [t for t, _ in iter_sampled_frames(local, info, ORDER_CHECK_FRAMES, uri, limit=ORDER_CHECK_FRAMES)]
     if not decoded:
         raise InputError("avatar", uri, "has no decodable video frames")
-    timestamps = np.sort(np.asarray(pts, np.int64))
+    timestamps = np.sort(np.frombuffer(pts, np.int64))
     return timestamps[timestamps >= decoded[0]]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from heygem_ray.config import Config
@@ -19,10 +19,11 @@ from heygem_ray.prepare import AudioInfo, AvatarTrack, prepare_audio_track, prep
 #: narrations whose encode task is remembered, so rows sharing one wait on the same task; an older
 #: one is found in the cache by the task that a later row starts
 AUDIO_TRACK_REFS = 1024
-#: avatar tracks the driver keeps, most recently used; an older one is loaded from the cache again
-#: by the task the next row needing it starts (a track is 24 bytes a frame: driver memory stays
-#: flat however many distinct avatars a campaign has)
+#: avatar tracks the driver keeps, most recently used, and the most bytes they may take together;
+#: an older one is loaded from the cache again by the task the next row needing it starts (a track
+#: is 24 bytes a frame, 6.5 MB for a 3-hour clip: by count alone, 256 of those took 1.7 GB)
 AVATAR_TRACKS = 256
+AVATAR_TRACK_BYTES = 256 * 2**20
 
 log = logging.getLogger("heygem_ray")
 
@@ -37,6 +38,10 @@ class _Tracking:
     handle: Any
     seconds: float
     rows: list[tuple[str, float]]
+
+
+def _track_bytes(known: _Known) -> int:
+    return 0 if known.track is None else known.track.pts.nbytes + known.track.boxes.nbytes
 
 
 @dataclass
@@ -111,6 +116,13 @@ class SharedWork:
             num_gpus=self._detect_gpus,
         )
 
+    def _forget_old_tracks(self) -> None:
+        """Forget the least recently used avatars past AVATAR_TRACKS of them or AVATAR_TRACK_BYTES of
+        their tracks (the newest is kept whatever its size)."""
+        total = sum(_track_bytes(known) for known in self._known.values())
+        while len(self._known) > 1 and (len(self._known) > AVATAR_TRACKS or total > AVATAR_TRACK_BYTES):
+            total -= _track_bytes(self._known.popitem(last=False)[1])
+
     def avatar_done(
         self, key: AvatarKey, handle: Any, more: bool = True
     ) -> tuple[AvatarTrack | BaseException, list[str], tuple[AvatarKey, Any] | None]:
@@ -128,15 +140,16 @@ class SharedWork:
             track = exc
         known = self._known.setdefault(key, _Known())
         self._known.move_to_end(key)
-        while len(self._known) > AVATAR_TRACKS:
-            self._known.popitem(last=False)
+        self._forget_old_tracks()
         if isinstance(track, BaseException):
             if isinstance(self.executor.cause(track), (InputError, CacheError)):
                 # past a known track only: the rows it reaches need no more frames than it has
                 known.fault, known.fault_from = track, tracking.seconds if known.track is not None else 0.0
             return track, [row_id for row_id, _ in tracking.rows], None
         if known.track is None or len(track.boxes) > len(known.track.boxes):
-            known.track = track
+            # copies: arrays Ray hands over are views of its object store, held there while kept
+            known.track = replace(track, pts=track.pts.copy(), boxes=track.boxes.copy())
+        self._forget_old_tracks()
         reached = [not more or seconds <= tracking.seconds or track.serves(seconds) for _, seconds in tracking.rows]
         served = [row_id for (row_id, _), ok in zip(tracking.rows, reached, strict=True) if ok]
         rest = [row for row, ok in zip(tracking.rows, reached, strict=True) if not ok]

@@ -254,12 +254,17 @@ def test_an_avatar_the_store_failed_is_tracked_again_for_the_next_row(tmp_path):
     assert calls == ["/in/v.mp4", "/in/v.mp4", "/in/bad.mp4"]
 
 
-def test_the_driver_keeps_a_bounded_number_of_avatar_tracks(tmp_path, monkeypatch):
-    """Memory stays flat in the number of distinct avatars: past `AVATAR_TRACKS` the least recently
+@pytest.mark.parametrize("bound", ["AVATAR_TRACKS", "AVATAR_TRACK_BYTES"])
+def test_the_driver_keeps_a_bounded_number_of_avatar_tracks(tmp_path, monkeypatch, bound):
+    """Memory stays flat in the number of distinct avatars and their length: past `AVATAR_TRACKS`
+    tracks, or `AVATAR_TRACK_BYTES` of them (256 three-hour clips took 1.7 GB), the least recently
     used track is dropped, and a later row with that avatar has it loaded again (from the cache)."""
+    from benchmarks.driver import _prepare_avatar
     from heygem_ray import shared_work
 
-    monkeypatch.setattr(shared_work, "AVATAR_TRACKS", 2)
+    track = _prepare_avatar("/in/a.mp4")
+    two = {"AVATAR_TRACKS": 2, "AVATAR_TRACK_BYTES": 2 * (track.pts.nbytes + track.boxes.nbytes) + 1}
+    monkeypatch.setattr(shared_work, bound, two[bound])
     calls: list[str] = []
     summary = _one_at_a_time(
         tmp_path, ["/in/a.mp4", "/in/b.mp4", "/in/a.mp4", "/in/c.mp4", "/in/b.mp4"], _counted(calls)

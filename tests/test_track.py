@@ -205,3 +205,21 @@ def test_every_detector_stride_samples_each_chunk_as_the_whole_clip_and_within_a
     from heygem_ray.detect.track import MAX_GAP
 
     assert all(CHUNK_FRAMES % stride == 0 and stride <= MAX_GAP for stride in STRIDES)
+
+
+def test_a_long_clips_track_is_built_in_a_few_bytes_a_frame():
+    """Three hours of a 25 fps clip are 270,000 frames: a Python object or two per frame took ~300
+    bytes each (80 MB), in every prepare task of such an avatar. Kept in arrays: a few tens."""
+    import tracemalloc
+
+    frames = 20_000
+    face = np.array([[100.0, 80.0, 200.0, 220.0, 0.99]], np.float32)
+    tracemalloc.start()
+    builder = TrackBuilder()
+    for i in range(frames):
+        builder.add(None if i % 2 else face + (i % 7))
+    kept, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert kept < 64 * frames, kept
+    boxes = builder.finish(1280, 720, (0, 10, 0, 0), smooth=False)
+    assert boxes.shape == (frames, 4) and (boxes[:, 2] > boxes[:, 0]).all()
