@@ -79,7 +79,13 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
     """Hold the output root's lock for the block, or raise OutputBusyError."""
     uri = layout.lock
     token = secrets.token_hex(8)
-    mine = {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(), "token": token}
+    mine = {
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pidns": _pid_namespace(),
+        "pid": os.getpid(),
+        "token": token,
+    }
     _HELD.add(token)  # before it is written: from then on, this process's lock is alive
     try:
         with writing(layout.output):  # an output root that cannot be written: exit 2
@@ -325,7 +331,9 @@ def _alive(holder: dict) -> bool | None:
     whose heartbeat this host's clock puts over STALE_SECONDS away (a dead run, or a live one on a
     clock that differs)."""
     age = time.time() - float(holder.get("heartbeat", 0))
-    if holder.get("host") != socket.gethostname():
+    # a host name alone does not tell machines apart (cloned VMs, a container's fixed `hostname:`,
+    # "localhost"), nor does the initial pid namespace: the boot id does
+    if holder.get("host") != socket.gethostname() or holder.get("boot") != _boot_id():
         return True if abs(age) <= STALE_SECONDS else None
     if age > STALE_SECONDS:  # this host's clock, the holder's too
         return False
@@ -337,6 +345,15 @@ def _alive(holder: dict) -> bool | None:
             return holder.get("token") in _HELD
         return pid_alive(pid)
     return True
+
+
+def _boot_id() -> str:
+    """This machine's boot id (Linux's, new at every boot; "" where there is none)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
 
 
 def _pid_namespace() -> str:

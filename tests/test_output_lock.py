@@ -20,11 +20,15 @@ from heygem_ray.layout import CampaignLayout
 from heygem_ray.output_lock import OutputBusyError, OutputLostError, output_lock
 
 
-def _held_by(layout: CampaignLayout, host: str, pid: int, seen_ago: float, pidns: str | None = None) -> None:
+def _held_by(
+    layout: CampaignLayout, host: str, pid: int, seen_ago: float, pidns: str | None = None, boot: str | None = None
+) -> None:
     pidns = lock_module._pid_namespace() if pidns is None else pidns
+    boot = lock_module._boot_id() if boot is None else boot
+    heartbeat = time.time() - seen_ago
     with open(layout.lock, "w") as fh:
         json.dump(
-            {"host": host, "pidns": pidns, "pid": pid, "token": "theirs", "heartbeat": time.time() - seen_ago}, fh
+            {"host": host, "boot": boot, "pidns": pidns, "pid": pid, "token": "theirs", "heartbeat": heartbeat}, fh
         )
 
 
@@ -60,6 +64,11 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, monkeypatch):
         pass
     # this host's name, another container's process namespace: its pid says nothing here
     _held_by(layout, socket.gethostname(), int(gone.stdout), seen_ago=1, pidns="pid:[1]")
+    with pytest.raises(OutputBusyError), output_lock(layout):
+        pass
+    # this host's name and pid namespace (the initial one of every Linux machine), another machine
+    # (cloned VMs, containers given one `hostname:`): a pid gone here may run there
+    _held_by(layout, socket.gethostname(), int(gone.stdout), seen_ago=1, boot="another-machine")
     with pytest.raises(OutputBusyError), output_lock(layout):
         pass
 
