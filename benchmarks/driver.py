@@ -95,6 +95,9 @@ class SimulatedExecutor:
     def restarts(self, actor: int) -> int:
         return 0
 
+    def all_restarts(self) -> list[int]:
+        return [0] * self.actors
+
     def dead(self, actor: int) -> bool:
         return False
 

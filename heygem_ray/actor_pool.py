@@ -127,10 +127,11 @@ class ActorPool:
     def _watch_restarts(self) -> None:
         """Actors restarted since they last answered: a healthy one died while idle (no call of
         it failed to say so) and is asked again; one that keeps dying before it answers is given up."""
+        restarts = self.executor.all_restarts()
         for a in self.actors:
             if a.failed is not None:
                 continue
-            deaths = self.executor.restarts(a.index) - a.restarts_at_ready
+            deaths = restarts[a.index] - a.restarts_at_ready
             if a.healthy and deaths > 0:
                 self.lost(a.index)
             elif deaths >= START_DEATHS:

@@ -607,6 +607,9 @@ class _PoisonedActor(SimulatedExecutor):
     def restarts(self, actor: int) -> int:
         return self.deaths
 
+    def all_restarts(self) -> list[int]:
+        return [self.deaths] * self.actors
+
 
 def test_a_segment_that_kills_its_renderer_uses_up_its_own_tries_not_those_queued_behind_it(tmp_path):
     """A row whose input kills the renderer process takes down the calls queued behind it on that
@@ -681,6 +684,9 @@ def test_segments_held_by_an_actor_that_never_comes_back_go_to_the_others(tmp_pa
 
         def restarts(self, actor: int) -> int:
             return 1 if actor == 0 and self.gone else 0
+
+        def all_restarts(self) -> list[int]:
+            return [self.restarts(i) for i in range(self.actors)]
 
     job, _ = _campaign(tmp_path)
     executor = NodeGone()

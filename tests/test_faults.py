@@ -181,3 +181,29 @@ def test_an_actor_killed_for_good_is_given_up_and_its_rows_fail_saying_why(ray_l
     assert job.actors.actors[0].failed and job.actors.error
     assert {r.status for r in summary.rows} <= {"ok", "failed"}
     assert any("no renderer actor is left: ActorDiedError" in (r.error or "") for r in summary.rows)
+
+
+def test_the_pool_reads_its_actors_restarts_in_one_request(ray_local, tmp_path, monkeypatch):
+    """The pool asks for every actor's restart count every couple of seconds: one GCS request each
+    took a large cluster's driver loop most of its time. One request reads them all, and a restart
+    still shows."""
+    from ray._private import state
+
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={tmp_path}/out", "cluster.actor.num_cpus=0.5")
+    executor = RayExecutor(cfg)
+    executor.start_actors(3)
+    try:
+        pids = [info.pid for info in ray_local.get([executor.call(i, "ready") for i in range(3)], timeout=120)]
+        asked: list[dict] = []
+        real = state.actors
+        monkeypatch.setattr(state, "actors", lambda *a, **k: asked.append(k) or real(*a, **k))
+        assert executor.all_restarts() == [0, 0, 0]
+        assert len(asked) == 1 and "job_id" in asked[0]
+        os.kill(pids[1], signal.SIGKILL)
+        deadline = time.time() + 60
+        while executor.all_restarts()[1] == 0:
+            assert time.time() < deadline, "the restart never showed"
+            time.sleep(0.2)
+        assert executor.all_restarts() == [0, 1, 0] == [executor.restarts(i) for i in range(3)]
+    finally:
+        executor.close()

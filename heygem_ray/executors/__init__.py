@@ -52,6 +52,9 @@ class Executor(Protocol):
     def restarts(self, actor: int) -> int:
         """How many times the executor restarted this actor after its process died."""
 
+    def all_restarts(self) -> list[int]:
+        """`restarts` of every actor, in order, asked at once."""
+
     def dead(self, actor: int) -> bool:
         """Whether the actor is gone for good: the executor will not restart it (it was killed, or
         its process could not be made)."""

@@ -78,6 +78,9 @@ class InlineExecutor:
     def restarts(self, actor: int) -> int:
         return 0  # a renderer here dies only with the process
 
+    def all_restarts(self) -> list[int]:
+        return [0] * len(self._workers)
+
     def dead(self, actor: int) -> bool:
         return False
 
