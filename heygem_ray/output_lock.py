@@ -102,7 +102,8 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
     try:
         # what an earlier run killed mid-publish left: no other run writes here now (after the
         # heartbeat started: the walk of a large output root on a slow disk takes a while)
-        removed = storage.remove_parts(layout.output, skip=layout.cache)  # a cache other runs may share
+        # a cache other runs may share, and the output roots of other campaigns below this one
+        removed = storage.remove_parts(layout.output, skip=layout.cache, lock_name=storage.basename(layout.lock))
         removed += storage.remove_parts(layout.cache, older_than=CACHE_PART_SECONDS)
         if removed:
             log.info("removed %d half-published file(s) an earlier, killed run left", removed)

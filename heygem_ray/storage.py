@@ -466,14 +466,16 @@ _PART = ".part-"
 _PART_NAME = re.compile(r"\..+\.part-[0-9a-f]{8}")
 
 
-def remove_parts(root: str, skip: str | None = None, older_than: float = 0.0) -> int:
+def remove_parts(root: str, skip: str | None = None, older_than: float = 0.0, lock_name: str | None = None) -> int:
     """Remove the files that publishes under the local folder `root` left half-made when their
     process was killed (SIGKILL, a lost node); returns how many. Only for a folder no one else
     publishes into now (the output root, once its lock is held): a publish of a run that is still
     going there would fail. `skip`: a folder under it that others may write to meanwhile (a cache
     campaigns share). `older_than`: only files last written that many seconds ago (a folder
-    others publish into: no publish takes that long). One that cannot be removed is logged and
-    left. Object stores have none (a PUT is whole or absent)."""
+    others publish into: no publish takes that long). `lock_name`: a folder below holding a file
+    of that name is another campaign's output root (given output=/out/c42 while this one has
+    /out), left to that campaign. One that cannot be removed is logged and left. Object stores have
+    none (a PUT is whole or absent)."""
     if not is_local(root):
         return 0
     removed = 0
@@ -482,6 +484,8 @@ def remove_parts(root: str, skip: str | None = None, older_than: float = 0.0) ->
     for folder, subfolders, names in os.walk(local_path(root)):
         if skipped is not None:
             subfolders[:] = [d for d in subfolders if os.path.realpath(os.path.join(folder, d)) != skipped]
+        if lock_name is not None:
+            subfolders[:] = [d for d in subfolders if not os.path.exists(os.path.join(folder, d, lock_name))]
         for name in names:
             if _PART_NAME.fullmatch(name):
                 try:

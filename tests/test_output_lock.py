@@ -77,7 +77,8 @@ def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the
     """A run killed between writing a file's temporary copy and renaming it left `.NAME.part-*`
     files beside the videos and the report for good; files of other names stay. In the campaign
     cache, which runs on other outputs may be publishing into, only those too old to be anyone's
-    publish go (a 4-hour narration's PCM left there was ~1 GB)."""
+    publish go (a 4-hour narration's PCM left there was ~1 GB); another campaign's output root
+    below this one (its lock there) is its own."""
     from heygem_ray import storage
 
     (tmp_path / "_markers").mkdir()
@@ -95,14 +96,18 @@ def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the
         tmp_path / "v.mp4",
         tmp_path / ".intro.part-1.mp4",  # a user's file, not one of ours
         tmp_path / "_cache" / "audio" / ".a.f32.part-0a1b2c3d",  # another run sharing the cache may be writing it
+        tmp_path / "c42" / ".v.mp4.part-0a1b2c3d",  # output=<this>/c42: another campaign's, running
+        tmp_path / "c42" / "_cache" / ".a.f32.part-0a1b2c3d",
     ]
+    (tmp_path / "c42" / "_cache").mkdir(parents=True)
+    (tmp_path / "c42" / "_lock.json").write_text("{}")
     for path in left + kept:
         path.write_bytes(b"x")
     day_ago = time.time() - 86400
     os.utime(left[-1], (day_ago, day_ago))
     with output_lock(CampaignLayout(str(tmp_path))):
         assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
-    assert storage.remove_parts(str(tmp_path), skip=str(tmp_path / "_cache")) == 0
+    assert storage.remove_parts(str(tmp_path), skip=str(tmp_path / "_cache"), lock_name="_lock.json") == 0
     assert storage.remove_parts("memory://x/out") == 0
 
 
