@@ -55,12 +55,8 @@ def reading(what: str, uri: str) -> Iterator[None]:
         raise InputError(what, uri, "is a directory, not a file") from None
     except PermissionError:
         raise InputError(what, uri, "cannot be read (permission denied)") from None
-    except storage.ContentChanged:
-        raise InputError(
-            what,
-            uri,
-            "changed while the campaign read it (its server names no version: no ETag or Last-Modified); run it again",
-        ) from None
+    except storage.ContentChanged as exc:
+        raise InputError(what, uri, str(exc)) from None
 
 
 class CacheError(HeygemError):

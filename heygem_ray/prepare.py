@@ -27,6 +27,7 @@ import logging
 import os
 import time
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
@@ -80,6 +81,38 @@ def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
     with caching(memo):
         storage.write_bytes(memo, fp.encode())
     return fp
+
+
+def input_copy(uri: str, cache: str, fp: str, what: str) -> str:
+    """A local copy of a row's input, checked to hold the bytes the campaign fingerprinted as `fp`
+    (and tracked, and decoded) when it prepared the row: an input replaced in the store meanwhile
+    (a shared presenter or narration another pipeline rewrites) would be rendered with the face
+    track, or muxed under the lips, of the bytes it replaced, and reported ok. Raises
+    ContentChanged (an InputError inside `reading`). The check is a version lookup (the store's
+    info, then the fingerprint memo, kept by this process) unless the bytes did change; an empty
+    `fp` (not known) is not checked."""
+    if fp and _memo_fingerprint(uri, cache, what, fp) != fp:
+        raise storage.ContentChanged(
+            "was replaced while the campaign ran (the row was prepared from the file it replaced); run it again"
+        )
+    return storage.local_copy(uri, content=fp or None)
+
+
+#: fingerprints this process found by version key (the same input's every segment asks again)
+_fingerprints_seen: OrderedDict[str, str] = OrderedDict()
+
+
+def _memo_fingerprint(uri: str, cache: str, what: str, fp: str) -> str:
+    fs, path = storage.url_to_fs(uri)
+    version = storage.version_key(uri, fs.info(path))
+    if version is None:  # no version: local_copy keeps copies by content, and checks what it fetches
+        return fp
+    seen = _fingerprints_seen.get(version)
+    if seen is None:
+        seen = _fingerprints_seen[version] = content_fingerprint(uri, cache, what)
+        while len(_fingerprints_seen) > 1024:
+            _fingerprints_seen.popitem(last=False)
+    return seen
 
 
 #: seconds a process trusts its fingerprint of an input whose store names no version (a row's
@@ -211,7 +244,7 @@ def prepare_audio_track(
     with reading("audio", audio.uri), scratch.folder("track") as tmp:
         local = os.path.join(tmp, "track.m4a")
         samples = encode_audio(
-            storage.local_copy(audio.uri, content=audio.fingerprint),
+            input_copy(audio.uri, cache, audio.fingerprint, "audio"),
             local,
             encoder.audio_codec,
             encoder.audio_bitrate,

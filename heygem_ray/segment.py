@@ -42,7 +42,7 @@ from heygem_ray.media.video import (
 from heygem_ray.media.yuv import even_region, i420_size, paste_bgr, region_to_bgr
 from heygem_ray.pinning import pin_to_free_cores
 from heygem_ray.plan import audio_span
-from heygem_ray.prepare import read_pcm
+from heygem_ray.prepare import input_copy, read_pcm
 from heygem_ray.render import build_renderer
 
 log = logging.getLogger("heygem_ray")
@@ -259,7 +259,7 @@ class RenderWorker:
         with clock("audio"):
             features = self.renderer.features(self._audio_window(job, frame_numbers), frame_numbers, info.fps)
         with reading("avatar", job.avatar_uri):  # gone, or changed since it was tracked: the row's fault
-            local_avatar = storage.local_copy(job.avatar_uri, content=job.avatar_fingerprint or None)
+            local_avatar = input_copy(job.avatar_uri, self.cfg.cache_uri, job.avatar_fingerprint, "avatar")
         enc = self.cfg.encoder
         with scratch.folder("seg") as tmp:
             path = os.path.join(tmp, "segment.mp4")

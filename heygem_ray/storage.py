@@ -626,7 +626,10 @@ def local_copy(uri: str, cache_dir: str | None = None, content: str | None = Non
             return dest
         dest = _unversioned_copy(fs, path, uri, root, suffix, int(info.get("size") or 0))
         if content and dest != os.path.join(root, f"content-{content}{suffix}"):
-            raise ContentChanged(f"{display(uri)} changed while the campaign read it")
+            raise ContentChanged(
+                "changed while the campaign read it (its server names no version: no ETag or Last-Modified); "
+                "run it again"
+            )
     else:
         dest = os.path.join(root, key[:24] + suffix)
         if _used(dest):

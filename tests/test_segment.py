@@ -4,6 +4,7 @@ frames, every pixel away from the face exactly as decoded, for the classic rende
 from __future__ import annotations
 
 import itertools
+import os
 
 import av
 import cv2
@@ -141,6 +142,41 @@ def test_an_avatar_that_stops_decoding_is_the_rows_input_not_a_renderer_fault():
     for encoders in (EOFError("end of file"), av.error.InvalidDataError(1094995529, "bad data")):
         with pytest.raises(type(encoders)), _avatar_decoding("s3://b/v.ts"):  # not the avatar's
             raise encoders
+
+
+def test_an_input_replaced_after_its_row_was_prepared_fails_the_row_not_mixed_in(tmp_path, media_dir):
+    """A presenter (or narration) another pipeline rewrites under the same name while a campaign
+    runs: the segments decoded the new clip under the face track of the old one (the mouth pasted
+    where no face is), and the stitch muxed the new narration under lips that speak the old, each
+    reported ok. Both are refused, naming the input."""
+    import shutil
+
+    from heygem_ray.config import EncoderConfig
+    from heygem_ray.errors import InputError
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.manifest import Row
+    from heygem_ray.prepare import prepare_audio, prepare_audio_track, prepare_avatar
+    from heygem_ray.rows import RowState
+
+    cfg = compose_config("manifest=m", f"output={tmp_path}/out", "cluster.actor.threads=1", "encoder.codec=libx264")
+    avatar, narration = tmp_path / "presenter.png", tmp_path / "narration.wav"
+    shutil.copy(media_dir / "still.png", avatar)
+    shutil.copy(media_dir / "speech3.wav", narration)
+    audio = prepare_audio(str(narration), cfg.cache_uri)
+    track = prepare_avatar(str(avatar), None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
+    state = RowState.prepared(Row("r", audio.uri, track.uri, f"{tmp_path}/out/r.mp4"), audio, "fp")
+    state.plan(track, 1.0)
+    layout, renderer = CampaignLayout(cfg.output), RenderWorker(cfg)
+    renderer.render_segment(state.segment_job(0, layout, "libx264"))  # the bytes it was prepared from
+    image = cv2.imread(str(avatar))
+    cv2.imwrite(str(avatar), cv2.flip(image, 1))  # replaced: another picture, same name
+    with pytest.raises(InputError, match=r"presenter.png: was replaced while the campaign ran"):
+        renderer.render_segment(state.segment_job(1, layout, "libx264"))
+    with open(narration, "r+b") as wav:
+        wav.seek(-2000, os.SEEK_END)
+        wav.write(b"\x11" * 2000)  # its last samples changed
+    with pytest.raises(InputError, match=r"narration.wav: was replaced while the campaign ran"):
+        prepare_audio_track(audio, cfg.cache_uri, EncoderConfig())
 
 
 def test_a_segment_an_earlier_run_left_is_reused_unless_forced(tmp_path, media_dir):
