@@ -91,22 +91,24 @@ def input_copy(uri: str, cache: str, fp: str, what: str) -> str:
     ContentChanged (an InputError inside `reading`). The check is a version lookup (the store's
     info, then the fingerprint memo, kept by this process) unless the bytes did change; an empty
     `fp` (not known) is not checked."""
-    if fp and _memo_fingerprint(uri, cache, what, fp) != fp:
+    if not fp:
+        return storage.local_copy(uri)
+    fs, path = storage.url_to_fs(uri)
+    info = fs.info(path)  # asked once, for the check and the copy (a request to an object store)
+    version = storage.version_key(uri, info)
+    if version is not None and _fingerprint_of(version, uri, cache, what) != fp:
         raise storage.ContentChanged(
             "was replaced while the campaign ran (the row was prepared from the file it replaced); run it again"
         )
-    return storage.local_copy(uri, content=fp or None)
+    # without a version, the copy is kept by content and what is fetched checked against `fp`
+    return storage.local_copy(uri, content=fp, info=info)
 
 
 #: fingerprints this process found by version key (the same input's every segment asks again)
 _fingerprints_seen: OrderedDict[str, str] = OrderedDict()
 
 
-def _memo_fingerprint(uri: str, cache: str, what: str, fp: str) -> str:
-    fs, path = storage.url_to_fs(uri)
-    version = storage.version_key(uri, fs.info(path))
-    if version is None:  # no version: local_copy keeps copies by content, and checks what it fetches
-        return fp
+def _fingerprint_of(version: str, uri: str, cache: str, what: str) -> str:
     seen = _fingerprints_seen.get(version)
     if seen is None:
         seen = _fingerprints_seen[version] = content_fingerprint(uri, cache, what)

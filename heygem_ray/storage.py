@@ -605,18 +605,20 @@ class ContentChanged(ValueError):
 
 
 @retrying
-def local_copy(uri: str, cache_dir: str | None = None, content: str | None = None) -> str:
+def local_copy(
+    uri: str, cache_dir: str | None = None, content: str | None = None, info: Mapping[str, Any] | None = None
+) -> str:
     """A local path holding `uri`'s bytes: local files as they are, remote ones downloaded once per
     node into the node cache (keyed by URI, size and version/ETag), safe against concurrent callers.
 
     Where the store names no version, the copy is kept under its content's fingerprint: `content`,
     the fingerprint the caller took of `uri` (`prepare.content_fingerprint`), finds a copy of those
     bytes, and a download that finds others raises ContentChanged; without `content` it is
-    downloaded at every call."""
+    downloaded at every call. `info`: the store's info of `uri`, where the caller just asked it."""
     if is_local(uri):
         return local_path(uri)
     fs, path = url_to_fs(uri)
-    info = fs.info(path)
+    info = fs.info(path) if info is None else info
     suffix = os.path.splitext(basename(uri.split("?", 1)[0]))[1][:16]  # never a query string (tokens) on disk
     root = cache_dir or node_cache_dir()
     key = version_key(uri, info)
