@@ -77,7 +77,9 @@ def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
     memo = storage.join(cache, "fingerprints", f"{version[:32]}.txt")
     with caching(memo), contextlib.suppress(FileNotFoundError):
         return storage.read_bytes(memo).decode().strip()
-    fp = storage.fingerprint(uri)
+    # hashed from the node's copy, which the row's next steps here then use: streamed, a new
+    # input was downloaded twice (to hash it, then to decode it)
+    fp = storage.fingerprint(storage.local_copy(uri, info=info))
     with caching(memo):
         storage.write_bytes(memo, fp.encode())
     return fp

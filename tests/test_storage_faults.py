@@ -253,3 +253,20 @@ def test_a_segments_audio_is_read_as_a_range_not_the_store_s_read_ahead(flaky_s3
     assert np.array_equal(window, samples[1_000_000:1_016_000])
     assert flaky_s3.bytes_to_client < 200_000, flaky_s3.bytes_to_client  # 64 KB asked for
     assert len(read_pcm("s3://flaky/cache/audio/row.f32", 4_999_990, 5_000_100)) == 10  # the end
+
+
+def test_a_new_narration_is_downloaded_once_to_be_hashed_and_decoded(flaky_s3, monkeypatch, tmp_path):
+    """A row's first sight of an input hashes it (its fingerprint) and then decodes it: streamed to
+    be hashed, it was downloaded twice. The node's copy serves both."""
+    from heygem_ray import demo
+    from heygem_ray.prepare import prepare_audio
+
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "node-cache"))
+    local = tmp_path / "narration.wav"
+    demo.write_wav(str(local), demo.speech_like(20.0, seed=3))
+    size = local.stat().st_size
+    storage.write_bytes("s3://flaky/in/narration.wav", local.read_bytes())
+    flaky_s3.bytes_to_client = 0
+    audio = prepare_audio("s3://flaky/in/narration.wav", str(tmp_path / "cache"))
+    assert audio.seconds == pytest.approx(20.0, abs=0.1)
+    assert size < flaky_s3.bytes_to_client < 1.5 * size, (flaky_s3.bytes_to_client, size)
