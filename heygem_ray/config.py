@@ -495,6 +495,10 @@ class StudioConfig:
     #: against what is stored then and its uploads (its videos count once rendered): a campaign that
     #: would pass it is refused until the user deletes old ones; 0 = no limit
     user_quota_gb: float = 100
+    #: what one user's cache (`{store}/{user}/_cache`: decoded narrations, face tracks, outside the
+    #: quota) may grow to, GiB: past it, the studio removes it (checked hourly) while none of the
+    #: user's campaigns is queued or running; it is made again as campaigns need it. 0 = no limit
+    user_cache_gb: float = 20
     #: campaigns one user may have queued or running at once (each is a Ray job, its driver a
     #: process on the head node); 0 = no limit
     max_active_campaigns: int = 4
@@ -502,6 +506,12 @@ class StudioConfig:
     log_file: str = "~/.heygem_ray/studio.log"
     #: overrides added to every campaign the studio submits (e.g. ['cluster=gpu'])
     render_overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # a negative limit reads as none passed: every user's cache would go at each trim
+        for name in ("user_quota_gb", "user_cache_gb", "max_active_campaigns"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"studio.{name} must be 0 (no limit) or more, got {getattr(self, name)}")
 
 
 @dataclass

@@ -1218,6 +1218,59 @@ def test_a_job_server_error_is_not_taken_for_a_forgotten_job(tmp_path, media_dir
         server.close()
 
 
+def test_a_users_cache_past_its_limit_goes_while_none_of_their_campaigns_runs(tmp_path, caplog):
+    """Each user's cache of decoded narrations and face tracks is outside their quota and grew with
+    every campaign they ever ran, never trimmed: the store's disk filled. Past `user_cache_gb` it
+    is removed, but not while a campaign of theirs is queued or running (it would lose entries
+    mid-write), nor while the cluster cannot say."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.store import CampaignRecord
+
+    def job(status: str) -> tuple[int, str]:
+        return 200, json.dumps({"type": "SUBMISSION", "status": status, "entrypoint": "python x"})
+
+    with pytest.raises(ValueError, match="studio.user_cache_gb must be 0"):
+        StudioConfig(user_cache_gb=-1)  # would read as "every cache is past it"
+    server = JobServerAnswering(
+        {"heygem-alice-1": job("RUNNING"), "heygem-bob-1": job("SUCCEEDED"), "heygem-dave-1": (503, "Unavailable")}
+    )
+    try:
+        cfg = StudioConfig(store=str(tmp_path / "store"), user_cache_gb=1000 / 2**30)
+        studio = StudioService(cfg, Cluster(server.address, local=True), logging.getLogger("t"))
+        for user, size in (("alice", 2000), ("bob", 2000), ("carol", 2000), ("dave", 2000), ("erin", 10)):
+            cache = tmp_path / "store" / user / "_cache" / "audio"
+            cache.mkdir(parents=True)
+            (cache / "narration.f32").write_bytes(b"\0" * size)
+            if user in ("alice", "bob", "dave"):
+                record = CampaignRecord(
+                    studio.store.new_id(),
+                    user,
+                    "c",
+                    time.time(),
+                    1,
+                    "m",
+                    "standard",
+                    "m",
+                    "o",
+                    jobs=[f"heygem-{user}-1"],
+                )
+                studio.store.save(record)
+        with caplog.at_level(logging.INFO, logger="t"):
+            assert studio.trim_caches() == ["bob", "carol"]
+        left = {p.name for p in (tmp_path / "store").iterdir() if (p / "_cache").exists()}
+        assert left == {"alice", "dave", "erin"}
+        assert "cache user=bob removed" in caplog.text and "cache user=dave: not trimmed" in caplog.text
+        server.jobs["heygem-alice-1"] = job("STOPPED")
+        assert studio.trim_caches() == ["alice"]
+        assert (tmp_path / "store" / "alice").exists()  # her campaigns stay
+    finally:
+        server.close()
+
+
 def test_a_submit_whose_answer_is_lost_keeps_its_job(tmp_path, media_dir, monkeypatch):
     """A submit the job server took but answered too late (or through a failing proxy) may have
     started the job, or be about to: the campaign keeps its id, to show it, cancel it and refuse a

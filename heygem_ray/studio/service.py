@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import threading
@@ -69,6 +70,8 @@ class CampaignView:
 
 #: how long the web server keeps an upload no campaign took (Gradio's cache: see app.build_pages)
 UPLOAD_WINDOW_SECONDS = 900
+#: how often the watcher looks for users' caches past `studio.user_cache_gb` (a walk of each cache)
+CACHE_TRIM_SECONDS = 3600.0
 #: how often Gradio sweeps its cache of uploads past UPLOAD_WINDOW_SECONDS: an upload lives up to
 #: their sum, and counts against its user's quota as long
 CACHE_SWEEP_SECONDS = 60
@@ -130,7 +133,12 @@ class Studio:
                             self._log_end(record, view, late=True)
             with contextlib.suppress(Exception):
                 self.store.note_ends_noted()
+            trimmed_at = -math.inf
             while True:
+                if time.monotonic() - trimmed_at >= CACHE_TRIM_SECONDS:
+                    trimmed_at = time.monotonic()
+                    with contextlib.suppress(Exception):  # logged inside; a watcher must outlive it
+                        self.trim_caches()
                 with self._lock:
                     records = list(self._watched.values())
                 for record in records:
@@ -146,6 +154,47 @@ class Studio:
         thread = threading.Thread(target=loop, name="campaign-watcher", daemon=True)
         thread.start()
         return thread
+
+    def trim_caches(self) -> list[str]:
+        """Remove each user's cache past `user_cache_gb` while none of their campaigns is queued or
+        running (held from their next submit meanwhile): outside the quota, it grew with every
+        narration and presenter they ever used. Returns the users whose cache went."""
+        limit = self.cfg.user_cache_gb * 2**30
+        trimmed: list[str] = []
+        if not limit:
+            return trimmed
+        for user in self.store.users_with_caches():
+            try:
+                with self._admission(user):
+                    size = storage.usage(self.store.cache(user))
+                    if size <= limit or self._runs_a_campaign(user):
+                        continue
+                    storage.remove(self.store.cache(user), recursive=True)
+            except (ValueError, OSError, ClusterUnavailable) as exc:  # ValueError: a folder no user's
+                self.log.info("cache user=%s: not trimmed: %s", user, exc)
+                continue
+            trimmed.append(user)
+            self.log.info(
+                "cache user=%s removed: %.1f GiB, over studio.user_cache_gb=%g",
+                user,
+                size / 2**30,
+                self.cfg.user_cache_gb,
+            )
+        return trimmed
+
+    def _runs_a_campaign(self, user: str) -> bool:
+        """Whether a campaign of the user's is queued or running (the cluster asked; raises
+        ClusterUnavailable where it cannot say)."""
+        for record in self.store.campaigns(user):
+            if not record.jobs:
+                continue
+            try:
+                job, _ = self.cluster.job(record.jobs[-1])
+            except JobUnknown:  # a job the cluster forgot (a restarted head): not running
+                continue
+            if job in ("PENDING", "RUNNING"):
+                return True
+        return False
 
     # ------------------------------------------------------------ creating
     def create(

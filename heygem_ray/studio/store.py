@@ -112,7 +112,16 @@ class StudioStore:
         """Bytes the user's campaigns hold (uploads, videos), not counting the user's cache (decoded
         narrations, face tracks: derived, and shared by campaigns that outlive each other)."""
         folder = storage.join(self.root, check_name(user))
-        return storage.usage(folder) - storage.usage(storage.join(folder, "_cache"))
+        return storage.usage(folder) - storage.usage(self.cache(user))
+
+    def cache(self, user: str) -> str:
+        """The user's cache of decoded narrations and face tracks, shared by their campaigns."""
+        return storage.join(self.root, check_name(user), "_cache")
+
+    def users_with_caches(self) -> list[str]:
+        """The users who have a cache in the store."""
+        found = storage.glob(storage.join(self.root, "*", "_cache"))
+        return sorted(storage.basename(storage.dirname(uri)) for uri in found)
 
     def delete(self, record: CampaignRecord) -> None:
         """The campaign's uploads and videos, then its record, gone: a deletion that fails halfway
