@@ -230,7 +230,7 @@ class Campaign:
         if self._output_limit_reached():
             return self._fail(row_id, self._output_limit_reason())
         assert state.prep.audio is not None  # not skipped: decoded
-        track, started = self.shared.avatar(state.row, state.prep.audio.seconds)
+        track, started = self.shared.avatar(state.row, state.prep.audio.seconds, state.prep.avatar_fingerprint)
         if started is not None:
             key, handle = started
             self._inflight[handle] = ("avatar", key)

@@ -56,7 +56,7 @@ def reading(what: str, uri: str) -> Iterator[None]:
     except PermissionError:
         raise InputError(what, uri, "cannot be read (permission denied)") from None
     except storage.ContentChanged as exc:
-        raise InputError(what, uri, str(exc)) from None
+        raise InputError(what, uri, exc.reason) from None
 
 
 class CacheError(HeygemError):

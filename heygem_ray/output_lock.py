@@ -334,7 +334,8 @@ def _alive(holder: dict) -> bool | None:
     age = time.time() - float(holder.get("heartbeat", 0))
     # a host name alone does not tell machines apart (cloned VMs, a container's fixed `hostname:`,
     # "localhost"), nor does the initial pid namespace: the boot id does
-    if holder.get("host") != socket.gethostname() or holder.get("boot") != _boot_id():
+    # (a lock written before boot ids were kept has none: judged by its host name, as then)
+    if holder.get("host") != socket.gethostname() or holder.get("boot", _boot_id()) != _boot_id():
         return True if abs(age) <= STALE_SECONDS else None
     if age > STALE_SECONDS:  # this host's clock, the holder's too
         return False

@@ -65,10 +65,9 @@ _T = TypeVar("_T")
 def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
     """BLAKE2b of the file's bytes, memoised under the cache by URI, size and version (mtime/ETag);
     hashed anew at every call where the store names no version."""
-    fs, path = storage.url_to_fs(uri)
-    info = fs.info(path)
+    info = storage.info(uri)
     if info.get("type") == "directory":
-        raise IsADirectoryError(path)
+        raise IsADirectoryError(uri)
     if info.get("size") == 0:  # None: unknown (an HTTP server that sends no length), not empty
         raise InputError(what, uri, "is empty (0 bytes)")
     version = storage.version_key(uri, info)
@@ -95,12 +94,11 @@ def input_copy(uri: str, cache: str, fp: str, what: str) -> str:
     `fp` (not known) is not checked."""
     if not fp:
         return storage.local_copy(uri)
-    fs, path = storage.url_to_fs(uri)
-    info = fs.info(path)  # asked once, for the check and the copy (a request to an object store)
+    info = storage.info(uri)  # asked once, for the check and the copy (a request to an object store)
     version = storage.version_key(uri, info)
     if version is not None and _fingerprint_of(version, uri, cache, what) != fp:
         raise storage.ContentChanged(
-            "was replaced while the campaign ran (the row was prepared from the file it replaced); run it again"
+            uri, "was replaced while the campaign ran (the row was prepared from the file it replaced); run it again"
         )
     # without a version, the copy is kept by content and what is fetched checked against `fp`
     return storage.local_copy(uri, content=fp, info=info)
@@ -752,6 +750,8 @@ class RowPrep:
     audio: AudioInfo | None
     marker: Marker | None
     thumbnail: bytes | None = None  # of the finished video, when skipped
+    #: the avatar's content fingerprint as the row found it (a track of other bytes is not its own)
+    avatar_fingerprint: str = ""
 
 
 def prepare_row(row: Row, cfg: Config) -> RowPrep:
@@ -773,4 +773,5 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
             thumbnail = None
         return RowPrep(fp, True, None, marker, thumbnail)
     check_writable(row.output)
-    return RowPrep(fp, False, prepare_audio(row.audio, cache, cfg.limits.max_audio_seconds), None)
+    audio = prepare_audio(row.audio, cache, cfg.limits.max_audio_seconds)
+    return RowPrep(fp, False, audio, None, avatar_fingerprint=fingerprints["avatar"])

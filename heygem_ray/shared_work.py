@@ -77,14 +77,19 @@ class SharedWork:
         )
         self._detect_gpus = share if share and free >= share - 1e-9 else 0.0
 
-    def avatar(self, row: Row, seconds: float) -> tuple[AvatarTrack | BaseException | None, Any]:
+    def avatar(self, row: Row, seconds: float, fingerprint: str = "") -> tuple[AvatarTrack | BaseException | None, Any]:
         """The track of the row's avatar as far as its narration of `seconds` shows (or why there is
         none) when known; else None, and the row waits for `avatar_done`. Also the handle of a
         `prepare_avatar` task started now, when no task for the avatar is running. One task at a
         time per avatar: rows that come meanwhile wait for it, and those it does not reach (longer
-        narrations) share the next, which detects only the frames still missing."""
+        narrations) share the next, which detects only the frames still missing. `fingerprint`:
+        the avatar's bytes as the row found them: a kept track of others (the file was replaced
+        meanwhile) is forgotten, so the row is tracked on its own bytes."""
         key: AvatarKey = (row.avatar, row.box)
         known = self._known.get(key)
+        if known is not None and known.track is not None and fingerprint and known.track.fingerprint != fingerprint:
+            del self._known[key]
+            known = None
         if known is not None:
             self._known.move_to_end(key)
             answer = known.answer(seconds)

@@ -293,6 +293,13 @@ def exists(uri: str) -> bool:
 
 
 @retrying
+def info(uri: str) -> dict[str, Any]:
+    """The store's facts about a file (fsspec's `info`: size, type, version fields)."""
+    fs, path = url_to_fs(uri)
+    return dict(fs.info(path))
+
+
+@retrying
 def size(uri: str) -> int:
     fs, path = url_to_fs(uri)
     return int(fs.size(path))
@@ -315,7 +322,13 @@ def read_range(uri: str, start: int, stop: int) -> bytes:
     file of an object store reads ahead a block of up to 50 MiB, a row's whole narration for every
     segment's second of it."""
     fs, path = url_to_fs(uri)
-    return fs.cat_file(path, start=start, end=stop) if stop > start else b""
+    if stop <= start:
+        return b""
+    if protocol(uri) in ("http", "https"):  # a server may ignore Range and send it all: streamed
+        with fs.open(path, "rb", block_size=0) as fh:
+            fh.read(start)
+            return bytes(fh.read(stop - start))
+    return fs.cat_file(path, start=start, end=stop)
 
 
 @retrying
@@ -600,8 +613,12 @@ def version_key(uri: str, info: Mapping[str, Any]) -> str | None:
 
 
 class ContentChanged(ValueError):
-    """An input whose store names no version holds other bytes than when the campaign took its
-    fingerprint: rendering on would mix the two."""
+    """An input holds other bytes than when the campaign took its fingerprint: rendering on would
+    mix the two. `reason` says so without the input's name (`errors.reading` adds it)."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{display(uri)}: {reason}")
+        self.reason = reason
 
 
 @retrying
@@ -629,8 +646,9 @@ def local_copy(
         dest = _unversioned_copy(fs, path, uri, root, suffix, int(info.get("size") or 0))
         if content and dest != os.path.join(root, f"content-{content}{suffix}"):
             raise ContentChanged(
+                uri,
                 "changed while the campaign read it (its server names no version: no ETag or Last-Modified); "
-                "run it again"
+                "run it again",
             )
     else:
         dest = os.path.join(root, key[:24] + suffix)

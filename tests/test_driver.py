@@ -240,6 +240,42 @@ def _one_at_a_time(tmp_path: Path, avatars: list[str], stages: dict[str, Any], *
     return Campaign(cfg, rows, executor=SimulatedExecutor(actors=2, stages=stages, **executor)).run()
 
 
+def test_a_presenter_replaced_mid_campaign_is_tracked_again_for_the_rows_that_found_the_new_one(tmp_path):
+    """A presenter rewritten under the same name between two rows: the driver answered the later
+    rows with the track it kept of the old file (whose segments then refuse the new bytes, every
+    later row of it failing). A row that found other bytes has them tracked."""
+    from dataclasses import replace
+
+    calls: list[str] = []
+    found = iter(["old", "new", "new"])  # the avatar's bytes as each row, in turn, finds them
+    tracked = iter(["old", "new"])
+
+    def prepare_row(row: Any, cfg: Any) -> Any:
+        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(found))
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        calls.append(avatar)
+        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint=next(tracked))
+
+    jobs: list[Any] = []
+
+    class Recording(SimulatedExecutor):
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            if method == "render_segment":
+                jobs.append(args[0])
+            return super().call(actor, method, *args)
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
+    )
+    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(3)]
+    stages = {**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar}
+    assert Campaign(cfg, rows, executor=Recording(actors=2, stages=stages)).run().count("ok") == 3
+    assert calls == ["/in/v.mp4", "/in/v.mp4"]
+    assert {(j.row_id, j.avatar_fingerprint) for j in jobs} == {("r0", "old"), ("r1", "new"), ("r2", "new")}
+
+
 def test_an_avatar_the_store_failed_is_tracked_again_for_the_next_row(tmp_path):
     """A tracking task that failed for the infrastructure (storage down past its retries) fails the
     rows that waited for it; the next row with that avatar tries again. An avatar's own fault

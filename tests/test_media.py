@@ -865,7 +865,7 @@ def test_a_rows_speech_level_is_the_same_however_it_is_fed_and_its_memory_stays_
     whole = level([len(speech)])
     assert level([341] * (len(speech) // 341 + 1)) == whole
     assert level(rng.integers(1, 5000, size=len(speech) // 100)) == whole
-    assert level([1]) > 0.0 or level([1]) == 0.0  # a single sample is measured, not refused
+    assert np.isfinite(level([1]))  # a single sample is measured, not refused
     assert LevelMeter().level() == 0.0  # no audio: no level
 
     minutes = 20

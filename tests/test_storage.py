@@ -404,3 +404,13 @@ def test_a_full_node_disk_makes_room_from_the_cache_and_a_trimmed_copy_is_fetche
     os.unlink(new)  # trimmed by another process after the cache was found to hold it
     assert not storage._used(new)
     assert Path(storage.local_copy("memory://full/new.wav", cache_dir=str(tmp_path))).read_bytes() == b"n" * 1000
+
+
+def test_a_range_of_an_http_file_whose_server_ignores_range_is_that_range():
+    """A server that ignores Range answers with the whole file: a photo's 32-byte header read that
+    way was the whole file (a video of hundreds of MB), and a range further in the wrong bytes."""
+    body = bytes(range(256)) * 4096
+    with served({"/avatar.mp4": body}, {"ETag": '"v1"'}) as root:
+        assert storage.read_range(f"{root}/avatar.mp4", 0, 32) == body[:32]
+        assert storage.read_range(f"{root}/avatar.mp4", 100, 132) == body[100:132]
+        assert storage.read_range(f"{root}/avatar.mp4", 5, 5) == b""

@@ -64,9 +64,9 @@ class FlakyProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket, to_client: bool) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
-                if to_client:
+                if to_client:  # counted first: the client may be done, and the test on, once it is sent
                     self.bytes_to_client += len(data)
+                dst.sendall(data)
         except OSError:
             pass
         finally:

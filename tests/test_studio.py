@@ -1241,11 +1241,12 @@ def test_a_users_cache_past_its_limit_goes_while_none_of_their_campaigns_runs(tm
     try:
         cfg = StudioConfig(store=str(tmp_path / "store"), user_cache_gb=1000 / 2**30)
         studio = StudioService(cfg, Cluster(server.address, local=True), logging.getLogger("t"))
-        for user, size in (("alice", 2000), ("bob", 2000), ("carol", 2000), ("dave", 2000), ("erin", 10)):
+        users = (("alice", 2000), ("bob", 2000), ("carol", 2000), ("dave", 2000), ("erin", 10), ("frank", 2000))
+        for user, size in users:
             cache = tmp_path / "store" / user / "_cache" / "audio"
             cache.mkdir(parents=True)
             (cache / "narration.f32").write_bytes(b"\0" * size)
-            if user in ("alice", "bob", "dave"):
+            if user in ("alice", "bob", "dave", "frank"):
                 record = CampaignRecord(
                     studio.store.new_id(),
                     user,
@@ -1259,10 +1260,11 @@ def test_a_users_cache_past_its_limit_goes_while_none_of_their_campaigns_runs(tm
                     jobs=[f"heygem-{user}-1"],
                 )
                 studio.store.save(record)
+        studio.cluster._submitted["heygem-frank-1"] = time.monotonic()  # its submit's answer lost: may yet start
         with caplog.at_level(logging.INFO, logger="t"):
             assert studio.trim_caches() == ["bob", "carol"]
         left = {p.name for p in (tmp_path / "store").iterdir() if (p / "_cache").exists()}
-        assert left == {"alice", "dave", "erin"}
+        assert left == {"alice", "dave", "erin", "frank"}
         assert "cache user=bob removed" in caplog.text and "cache user=dave: not trimmed" in caplog.text
         server.jobs["heygem-alice-1"] = job("STOPPED")
         assert studio.trim_caches() == ["alice"]

@@ -220,6 +220,6 @@ def test_a_long_clips_track_is_built_in_a_few_bytes_a_frame():
         builder.add(None if i % 2 else face + (i % 7))
     kept, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert kept < 64 * frames, kept
+    assert kept < 100 * frames, kept  # ~56 measured (the arrays grown by doubling); ~156 before
     boxes = builder.finish(1280, 720, (0, 10, 0, 0), smooth=False)
     assert boxes.shape == (frames, 4) and (boxes[:, 2] > boxes[:, 0]).all()

@@ -196,6 +196,11 @@ class Cluster:
             metadata=metadata,
         )
 
+    def submitted_lately(self, submission_id: str) -> bool:
+        """Whether this studio submitted the job within RECENT_SECONDS: a submit whose answer was
+        lost may yet start it, though the cluster does not know it now."""
+        return time.monotonic() - self._submitted.get(submission_id, -RECENT_SECONDS) < RECENT_SECONDS
+
     def job(self, submission_id: str) -> tuple[str, float | None]:
         """A job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and when its driver started
         (time.time(); None before). Raises JobUnknown for a job the cluster does not know. A
@@ -210,7 +215,7 @@ class Cluster:
             info = self._call("get_job_info", submission_id)
         except JobUnknown:
             # not for a job submitted lately: a submit whose answer was lost may not be in yet
-            if time.monotonic() - self._submitted.get(submission_id, -RECENT_SECONDS) >= RECENT_SECONDS:
+            if not self.submitted_lately(submission_id):
                 self._unknown.add(submission_id)
             raise
         state = str(info.status).split(".")[-1]

@@ -165,9 +165,11 @@ class Studio:
             return trimmed
         for user in self.store.users_with_caches():
             try:
+                size = storage.usage(self.store.cache(user))  # a walk of it: not while holding their submits
+                if size <= limit:
+                    continue
                 with self._admission(user):
-                    size = storage.usage(self.store.cache(user))
-                    if size <= limit or self._runs_a_campaign(user):
+                    if self._runs_a_campaign(user):
                         continue
                     storage.remove(self.store.cache(user), recursive=True)
             except (ValueError, OSError, ClusterUnavailable) as exc:  # ValueError: a folder no user's
@@ -190,7 +192,9 @@ class Studio:
                 continue
             try:
                 job, _ = self.cluster.job(record.jobs[-1])
-            except JobUnknown:  # a job the cluster forgot (a restarted head): not running
+            except JobUnknown:  # a job the cluster forgot (a restarted head): not running,
+                if self.cluster.submitted_lately(record.jobs[-1]):  # unless a lost submit may start it
+                    return True
                 continue
             if job in ("PENDING", "RUNNING"):
                 return True
