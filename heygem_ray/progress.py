@@ -9,8 +9,10 @@ dashboards, scripts), rewritten atomically while the campaign runs and once at i
      "row_status": {"row-id": "rendering", ...},   # every row: queued, preparing, rendering, or its result
      "qa": {"scored": 4, "flagged": 1, "median_sync": 0.71}}  # lip sync of the rows done (heygem_ray.qa)
 
-Written at most every `interval` seconds, and never more often than five times its own cost, so a
-campaign of 100,000 rows spends a bounded share of the driver's time on it.
+Written at most every `interval` seconds, never more often than five times its own cost, so a
+campaign of 100,000 rows spends a bounded share of the driver's time on it, and at most every
+SECONDS_PER_ROW per row: that campaign's feed (3-4 MB, every row's status) every 10 s, not each
+2-3 s (a day of it was over 100 GB sent from the head node).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ log = logging.getLogger("heygem_ray")
 
 #: seconds between rewrites while the campaign runs
 INTERVAL = 2.0
+#: and at least this many seconds per row between them (the feed grows with the rows)
+SECONDS_PER_ROW = 1e-4
 
 
 @dataclass
@@ -77,7 +81,7 @@ class ProgressFeed:
         except OSError as exc:  # a feed that cannot be written must not stop the campaign
             log.warning("could not write %s: %s", storage.display(self.uri), exc)
         self._written = time.time()
-        self._every = 5 * (self._written - began)
+        self._every = max(5 * (self._written - began), SECONDS_PER_ROW * total)
 
 
 #: a row's states in order, then its results
