@@ -97,10 +97,12 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         if user is None:
             return None  # Gradio refuses it
         size = _length(request)
+        # "Connection: close": else the server reads (and drops) the whole refused body before the
+        # browser, still sending it, sees the answer
         if size is None:
-            return Response("an upload must say its length", status_code=411)
+            return Response("an upload must say its length", status_code=411, headers={"Connection": "close"})
         why = studio.admit_upload(user, size)
-        return None if why is None else Response(why, status_code=413)
+        return None if why is None else Response(why, status_code=413, headers={"Connection": "close"})
 
     if users is None:  # one local user: only loopback names reach it (no DNS rebinding to 127.0.0.1)
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"])
@@ -203,6 +205,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         max_file_size=max_bytes,
         footer_links=[],
         run_history=False,  # else Gradio keeps every event's outputs (campaign lists, logs) in the browser
+        # an error no event expects shows as "Error", not its text: store paths, bucket names
+        # and other users' file names stay off the pages (it is logged on the server)
+        show_error=False,
     )
 
 
@@ -403,7 +408,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         manifest.change(claim_manifest, [manifest], None, concurrency_id="check", concurrency_limit=4)
         submit.click(
             create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=4
-        ).then(emptied_when_saved, [submitted], [audios, avatars, manifest], api_visibility="private")
+        ).success(emptied_when_saved, [submitted], [audios, avatars, manifest], api_visibility="private")
         outputs = [listing, chosen, status, rows, gallery, log_tail]
         poll: dict = {"concurrency_id": "refresh", "concurrency_limit": 16}
         pages.load(refresh, [chosen], outputs, **poll)
@@ -502,12 +507,11 @@ def _login_html(error: str) -> str:
 
 
 def _read(uri: str, start: int, stop: int) -> Iterator[bytes]:
-    with storage.open_uri(uri) as fh:
-        fh.seek(start)
-        left = stop - start
-        while left > 0 and (chunk := fh.read(min(_CHUNK, left))):
-            left -= len(chunk)
-            yield chunk
+    """Bytes [start, stop) of a stored file, a MiB at a time, each a ranged read: an opened file of
+    an object store reads ahead up to 50 MiB, for every seek of a video a browser makes."""
+    while start < stop and (chunk := storage.read_range(uri, start, min(stop, start + _CHUNK))):
+        start += len(chunk)
+        yield chunk
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int]:
