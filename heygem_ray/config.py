@@ -248,6 +248,13 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check_choices("cluster", self, {"executor": EXECUTORS})
+        # actors=-1 started none, and the campaign waited for ever for a renderer
+        for name in ("actors", "reserve_cpus", "num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"cluster.{name} must be 0 or more, got {value}")
+        if self.task_cpus <= 0:
+            raise ValueError(f"cluster.task_cpus must be more than 0, got {self.task_cpus}")
 
     def local_cpus(self) -> int:
         """Logical CPUs of a Ray started on this machine (the run's own, or the studio's head):

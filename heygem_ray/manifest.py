@@ -8,6 +8,7 @@ import io
 import os
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,9 @@ def rows_from_table(
     """One Row per manifest row, in order. A row that cannot run is kept, refused with why
     (`Row.refused`), so that its result says so and the rest of the campaign goes on; a problem of the
     whole table (a column missing or of the wrong type, no rows, no row that can run) raises
-    ManifestError."""
+    ManifestError. Column names are taken without a byte-order mark, spaces or case (a spreadsheet's
+    UTF-8 CSV starts "\ufeffaudio", which printed as the "audio" it said was missing)."""
+    table = table.rename_columns([_column_name(c) for c in table.column_names])
     repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
     if repeated:
         raise ManifestError(f"{name} has the column(s) {', '.join(repeated)} more than once")
@@ -82,6 +85,11 @@ def rows_from_table(
         shown = refused[:20] + ([f"... and {len(refused) - 20} more"] if len(refused) > 20 else [])
         raise ManifestError(f"{name} has no row that can run:\n  " + "\n  ".join(shown))
     return rows
+
+
+def _column_name(name: str) -> str:
+    plain = name.replace("\ufeff", "").strip()
+    return plain.lower() if plain.lower() in (*REQUIRED, "id", "output", "box") else plain
 
 
 def relative(uri: str) -> bool:
@@ -299,10 +307,15 @@ def expand(patterns: list[str]) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         if any(ch in pattern for ch in "*?[") and not storage.exists(pattern):
-            matches = storage.glob(pattern)
+            # files only, and none hidden: "aud/*" took .DS_Store, notes and sub-folders as narrations
+            matches = [uri for uri in storage.versions(pattern) if not storage.basename(uri).startswith(".")]
             if not matches:
                 raise ManifestError(f"{storage.display(pattern)} matches no files")
             out.extend(matches)
+        elif not storage.exists(pattern):
+            raise ManifestError(f"{storage.display(pattern)} does not exist")
+        elif storage.info(pattern).get("type") == "directory":
+            raise ManifestError(f"{storage.display(pattern)} is a folder: give its files, e.g. {pattern.rstrip('/')}/*")
         else:
             out.append(pattern)
     # local paths absolute, as globs give them: the manifest means the same files from any folder
@@ -317,8 +330,10 @@ def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int
     audios, avatars = expand(audio), expand(avatar)
     pairs = [(a, v) for a in audios for v in avatars][:limit]
     ids = [_pair_id(a, v) for a, v in pairs]
-    if len(set(ids)) < len(ids):
-        ids = [f"{i[:193]}-{default_id(a, v)[:6]}" for i, (a, v) in zip(ids, pairs)]  # 200 at most
+    # only the ids that repeat get a hash: one new file whose stem repeats another's left the
+    # rest of a rebuilt manifest's ids (and their videos' names) as they were
+    repeated = {i for i, count in Counter(ids).items() if count > 1}
+    ids = [f"{i[:193]}-{default_id(a, v)[:6]}" if i in repeated else i for i, (a, v) in zip(ids, pairs)]
     table = pa.table({"id": ids, "audio": [a for a, _ in pairs], "avatar": [v for _, v in pairs]})
     buf = io.BytesIO()
     pq.write_table(table, buf)

@@ -186,7 +186,15 @@ def test_a_local_ray_skips_what_a_one_run_ray_does_not_use(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override", ["render.segments_per_actor=0", "render.max_inflight_segments=-1", "render.segment_seconds=0"]
+    "override",
+    [
+        "render.segments_per_actor=0",
+        "render.max_inflight_segments=-1",
+        "render.segment_seconds=0",
+        "cluster.actors=-1",  # started no renderer: the campaign waited for ever
+        "cluster.task_cpus=0",
+        "cluster.reserve_cpus=-1",
+    ],
 )
 def test_scheduling_values_that_would_stall_a_campaign_are_refused(override):
     with pytest.raises(Exception, match=override.split("=")[0]):

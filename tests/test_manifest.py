@@ -280,3 +280,34 @@ def test_relative_inputs_are_refused_in_a_ray_job_and_the_manifest_command_write
     assert build_manifest(["narr/a.wav"], ["p1.mp4", str(tmp_path / "p*.mp4")], out) == 1
     (row,) = pq.read_table(out).to_pylist()
     assert (row["audio"], row["avatar"]) == (str(tmp_path / "narr" / "a.wav"), str(tmp_path / "p1.mp4"))
+
+
+def test_the_manifest_command_takes_media_files_only_and_renames_only_ids_that_repeat(tmp_path):
+    """`--audio 'aud/*'` took .DS_Store, notes and sub-folders as narrations (rows failing one by
+    one once the cluster was up); a folder or a missing file was written as it was; and one new
+    file whose stem repeated another's renamed every row of a rebuilt manifest (its videos too)."""
+    aud = tmp_path / "aud"
+    (aud / "sub").mkdir(parents=True)
+    for name in ("a.wav", "b.wav", ".DS_Store", "sub/c.wav"):
+        (aud / name).write_bytes(b"x")
+    (tmp_path / "p.mp4").write_bytes(b"x")
+    out = str(tmp_path / "m.parquet")
+    assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 2
+    assert [r["id"] for r in pq.read_table(out).to_pylist()] == ["a__p", "b__p"]
+    (aud / "a.mp3").write_bytes(b"x")  # the same stem as a.wav
+    assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 3
+    ids = [r["id"] for r in pq.read_table(out).to_pylist()]
+    assert ids[2] == "b__p" and ids[0].startswith("a__p-") and ids[1].startswith("a__p-") and ids[0] != ids[1]
+    with pytest.raises(ManifestError, match="is a folder: give its files"):
+        build_manifest([str(aud)], [str(tmp_path / "p.mp4")], out)
+    with pytest.raises(ManifestError, match="nosuch.wav does not exist"):
+        build_manifest([str(tmp_path / "nosuch.wav")], [str(tmp_path / "p.mp4")], out)
+
+
+def test_column_names_are_read_without_a_byte_order_mark_spaces_or_case():
+    """A spreadsheet's UTF-8 CSV keeps a byte-order mark in its first header: the manifest "lacked
+    the column audio" while listing audio among those it had."""
+    rows = rows_from_table(
+        pa.table({"\ufeffaudio": ["/data/a.wav"], " Avatar ": ["/data/v.mp4"], "ID": ["one"]}), "/out"
+    )
+    assert [(r.id, r.audio, r.avatar) for r in rows] == [("one", "/data/a.wav", "/data/v.mp4")]

@@ -555,10 +555,10 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     table = pq.read_table(uri).to_pylist()
     assert rows == 1 and table[0]["audio"] == os.path.join(store.inputs("alice", campaign), "audio", "narration.wav")
     numbered = tmp_path / "numbered.csv"
-    numbered.write_text("id,audio,avatar\n1,My narration.wav,face.png\n")
+    numbered.write_text("id,audio,avatar\n007,My narration.wav,face.png\n")  # 007, not 7
     uri, _ = store.uploaded_manifest("alice", campaign, str(numbered))
     (row,) = pq.read_table(uri).to_pylist()
-    assert row["id"] == "1" and row["audio"].endswith("/audio/My-narration.wav")  # as the upload was stored
+    assert row["id"] == "007" and row["audio"].endswith("/audio/My-narration.wav")  # as the upload was stored
     for value in (str(tmp_path / "store" / "bob" / "x.wav"), "/etc/passwd", "../../bob/x.wav", "s3://elsewhere/x.wav"):
         bad = tmp_path / "bad.parquet"
         pq.write_table(pa.table({"audio": [value], "avatar": ["face.png"]}), bad)

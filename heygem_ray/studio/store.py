@@ -388,7 +388,14 @@ def _small_csv(local: str, name: str) -> pa.Table:
     streaming reader, whose first block (64 KiB) must hold the header, as Arrow itself parses it
     (blank lines, quoted line breaks, a byte-order mark)."""
     try:
-        reader = pacsv.open_csv(local, read_options=pacsv.ReadOptions(block_size=1 << 16))
+        reader = pacsv.open_csv(
+            local,
+            read_options=pacsv.ReadOptions(block_size=1 << 16),
+            # as text: ids 007 and 010 were read as numbers, and became rows 7 and 10
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(("id", "audio", "avatar", "box"), pa.string())
+            ),
+        )
     except pa.ArrowInvalid as exc:
         if "straddling" in str(exc) or "block" in str(exc):  # a header longer than the block
             raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more") from None
