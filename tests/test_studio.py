@@ -1369,6 +1369,29 @@ def test_a_users_file_broken_while_the_studio_runs_keeps_the_users_it_had(tmp_pa
         UsersFile(path).hashes()
 
 
+def test_an_upload_cut_off_midway_leaves_the_cache_at_the_next_sweep_not_at_a_restart(tmp_path):
+    """A refreshed page or a dropped line ends an upload midway: Gradio keeps the partial file and
+    never lists it to sweep, so it stayed until the studio restarted, outside every quota. The
+    studio's own sweep takes what was last written past the upload window, and keeps what is
+    still arriving and the folder Gradio just made for an upload."""
+    import time
+
+    from heygem_ray.studio.server import sweep_uploads
+
+    cut, arriving, made = tmp_path / "tmpa1b2c3", tmp_path / "tmpd4e5f6", tmp_path / "0f9e8d"
+    cut.write_bytes(b"x" * 1000)
+    arriving.write_bytes(b"y" * 1000)
+    made.mkdir()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "talk.mp4").write_bytes(b"z")
+    a_while_ago = time.time() - 1000
+    for path in (cut, tmp_path / "old" / "talk.mp4"):
+        os.utime(path, (a_while_ago, a_while_ago))
+    assert sweep_uploads(str(tmp_path), expire=900) == 2
+    assert not cut.exists() and not (tmp_path / "old").exists()
+    assert arriving.exists() and made.is_dir()
+
+
 def test_uploads_wait_in_a_private_folder_emptied_of_what_an_earlier_studio_left(tmp_path, monkeypatch, caplog):
     import stat
     import time

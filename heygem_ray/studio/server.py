@@ -9,6 +9,7 @@ import getpass
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 from heygem_ray import storage
 from heygem_ray.config import StudioConfig
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, local_head
-from heygem_ray.studio.service import UPLOAD_WINDOW_SECONDS, Studio
+from heygem_ray.studio.service import CACHE_SWEEP_SECONDS, UPLOAD_WINDOW_SECONDS, Studio
 from heygem_ray.studio.sessions import SessionKeyError, Sessions, load_key
 from heygem_ray.studio.users import UsersFile, add_user
 
@@ -81,17 +82,40 @@ def private_upload_cache(
                 "GRADIO_TEMP_DIR=%s is not used (%s): uploads wait in %s", given, why, cache
             )
     os.environ["GRADIO_TEMP_DIR"] = cache
-    now = time.time()
+    sweep_uploads(cache, expire)
+    return cache
+
+
+def sweep_uploads(cache: str, expire: float) -> int:
+    """Remove the files in the upload cache last written over `expire` seconds ago, and the folders
+    that held only those (or were left empty as long): what an earlier studio left, and uploads cut
+    off mid-transfer (a refreshed page, a dropped line), which Gradio never lists to sweep and
+    which would stay until a restart, outside every quota. A file still arriving is being written,
+    so it is never that old; a folder Gradio just made for one is kept. Returns the files removed."""
+    now, removed = time.time(), 0
     for folder, _, names in os.walk(cache, topdown=False):
+        try:
+            old_folder = now - os.path.getmtime(folder) > expire
+        except OSError:
+            continue
+        emptied = False
         for name in names:
             path = os.path.join(folder, name)
             with contextlib.suppress(OSError):
                 if now - os.path.getmtime(path) > expire:
                     os.remove(path)
-        if folder != cache:
+                    removed, emptied = removed + 1, True
+        if folder != cache and (old_folder or emptied):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only when empty
-    return cache
+    return removed
+
+
+def _sweeping(cache: str) -> None:
+    while True:
+        time.sleep(CACHE_SWEEP_SECONDS)
+        with contextlib.suppress(Exception):  # a sweep that fails is tried again at the next
+            sweep_uploads(cache, UPLOAD_WINDOW_SECONDS)
 
 
 def _within(path: str, folder: str) -> bool:
@@ -102,7 +126,7 @@ def _within(path: str, folder: str) -> bool:
 def serve(cfg: StudioConfig) -> int:
     studio_files = [storage.local_path(p) for p in (cfg.store, cfg.session_key, cfg.auth) if p and storage.is_local(p)]
     try:
-        private_upload_cache(keep_out=studio_files)  # before Gradio and OpenCV read their settings
+        uploads = private_upload_cache(keep_out=studio_files)  # before Gradio and OpenCV read their settings
     except ValueError as exc:
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
         return 2
@@ -136,6 +160,7 @@ def serve(cfg: StudioConfig) -> int:
         return 2
     studio = Studio(cfg, cluster, log)
     studio.watch()
+    threading.Thread(target=_sweeping, args=(uploads,), name="upload-sweeper", daemon=True).start()
     app = build_app(studio, cfg.auth, sessions)
     print(f"heygem-ray studio: {about}")
     if cfg.auth is None:
