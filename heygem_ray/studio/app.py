@@ -473,7 +473,7 @@ def _gallery_html(studio: Studio, view: CampaignView) -> str:
     """A thumbnail and a player per finished video (the first VIDEOS_SHOWN), all served by the
     routes that check the user."""
     cards: list[str] = []
-    finished = {storage.basename(uri) for uri in studio.store.videos(view.record)}
+    finished = studio.store.finished_videos(view.record)
     for row in view.rows:
         file = f"{row['id']}.mp4"
         if row["status"] not in ("ok", "skipped") or file not in finished:

@@ -621,7 +621,8 @@ class Studio:
 
     def video(self, user: str, campaign_id: str, name: str) -> str | None:
         """The URI of one of the campaign's videos by file name, if it is one."""
-        return next((uri for uri in self.videos(user, campaign_id) if storage.basename(uri) == name), None)
+        record = self.store.load(user, campaign_id)
+        return None if record is None else self.store.finished_videos(record).get(name)
 
     def thumbnail(self, user: str, campaign_id: str, row_id: str) -> bytes | None:
         """A row's thumbnail from the user's own campaign (a row id is a plain file name: checked
