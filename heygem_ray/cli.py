@@ -92,6 +92,13 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
             file=sys.stderr,
         )
         return 1
+    except Exception as exc:  # a store client's own refusal (no credentials): set-up, not a traceback
+        if not storage.client_error(exc):
+            raise
+        print(
+            f"heygem-ray: error: the store refused: {storage.display(f'{type(exc).__name__}: {exc}')}", file=sys.stderr
+        )
+        return 2
     print(f"heygem-ray: {summary.line()}")
     if summary.startup:
         print(f"heygem-ray: start-up: {summary.startup_line()}")

@@ -122,6 +122,16 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
+#: the packages of store clients whose own errors are no OSError (botocore's NoCredentialsError)
+_CLIENT_PACKAGES = ("botocore", "aiobotocore", "s3fs", "google", "gcsfs", "azure", "adlfs", "fsspec")
+
+
+def client_error(exc: BaseException) -> bool:
+    """Whether `exc` is a store client's own error, not an OSError: missing credentials, a bad
+    endpoint, a configuration the client refuses."""
+    return not isinstance(exc, OSError) and type(exc).__module__.split(".")[0] in _CLIENT_PACKAGES
+
+
 def retried(exc: BaseException) -> bool:
     """Whether `exc` is a storage error raised after every try (`retrying`): trying the step again
     soon, on top, would only multiply the retries. (An attribute, kept when Ray pickles it.)"""

@@ -213,3 +213,24 @@ def test_a_publish_into_a_missing_bucket_fails_and_makes_no_bucket(s3_endpoint, 
         assert "heygem-mistyped" not in names
     finally:
         storage.configure(None)
+
+
+def test_a_store_that_refuses_for_want_of_credentials_is_a_message_not_a_traceback(s3_endpoint, tmp_path):
+    """No credentials for the store: botocore's NoCredentialsError is no OSError, and the command
+    ended in a traceback with exit status 1 (which says "a row failed")."""
+    from helpers import render_cli
+
+    done = render_cli(
+        "manifest=s3://bucket/m.parquet",
+        "output=s3://bucket/out",
+        f"+storage.options.s3.endpoint_url={s3_endpoint}",
+        AWS_ACCESS_KEY_ID="",
+        AWS_SECRET_ACCESS_KEY="",
+        AWS_SESSION_TOKEN="",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "the store refused: NoCredentialsError" in done.stderr and "Traceback" not in done.stderr
