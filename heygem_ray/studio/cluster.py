@@ -6,6 +6,7 @@ outlives the studio: campaigns go on while it restarts."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import subprocess
@@ -138,6 +139,11 @@ PROBLEM_SECONDS = 5.0
 RECENT_SECONDS = 600.0
 
 
+#: seconds the studio asks nothing of a cluster that did not answer: each ask waits up to TIMEOUT,
+#: and a page listing 50 campaigns asked after each job in turn, minutes a refresh
+QUIET_SECONDS = 10.0
+
+
 class Cluster:
     """Campaign jobs on one Ray cluster. `local`: the head runs on this machine, so the job's
     driver runs this studio's Python and reads this checkout; a remote head gets the checkout
@@ -154,6 +160,7 @@ class Cluster:
         self._logs: dict[str, tuple[str, float, bool]] = {}
         self._checked: tuple[float, str | None] | None = None  # the last `problem` answer, and when
         self._checked_lock = threading.Lock()
+        self._quiet: tuple[float, str] = (-math.inf, "")  # asked no more until then (monotonic), and why
 
     @property
     def client(self) -> Any:
@@ -247,13 +254,25 @@ class Cluster:
         raises JobUnknown; any other error answer (a 5xx from the head or a proxy before it, a
         refused submit) and no answer at all raise ClusterUnavailable: the studio must not take a
         running job for a forgotten one and delete its campaign under it."""
+        # what pages ask (states, logs) waits out a quiet spell; a user's submit or cancel is sent
+        asking = method.startswith("get_")
+        until, why = self._quiet
+        if asking and time.monotonic() < until:  # not sent: it surely did not reach the cluster
+            raise NotReached(why)
         try:
             return getattr(self.client, method)(*args, **kwargs)
+        except NotReached as exc:  # the client could not be made: no answer to its first request
+            if asking:
+                self._quiet = (time.monotonic() + QUIET_SECONDS, f"{exc} (asked again in a few seconds)")
+            raise
         except ClusterUnavailable:
             raise
         except OSError as exc:  # requests' connection errors are OSErrors
             unreached = NotReached if _not_connected(exc) else ClusterUnavailable
-            raise unreached(f"the Ray cluster at {self.shown} does not answer: {exc}") from None
+            why = f"the Ray cluster at {self.shown} does not answer: {exc}"
+            if asking:
+                self._quiet = (time.monotonic() + QUIET_SECONDS, f"{why} (asked again in a few seconds)")
+            raise unreached(why) from None
         except RuntimeError as exc:  # the SDK's error for any answer but 200
             job = args[0] if args else None
             if job and "status code 404" in str(exc) and f"Job {job} does not exist" in str(exc):
