@@ -458,6 +458,27 @@ def test_a_rerun_renders_with_the_settings_the_campaign_was_made_with(tmp_path, 
     assert not any(o.startswith("render.max_side") for o in overrides)
 
 
+def test_a_store_path_with_spaces_quotes_or_brackets_makes_jobs_that_compose(tmp_path, media_dir):
+    """A store at "/data/studio (prod)" (or holding a quote, brackets, a '#') put its paths in the
+    job's command line as they were: every campaign's job failed to parse its overrides."""
+    import logging
+
+    from helpers import compose_config
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+    from heygem_ray.studio.service import Studio as StudioService
+
+    store = tmp_path / "studio (prod) [eu] #1 it's"
+    cfg = StudioConfig(store=str(store))
+    studio = StudioService(cfg, Cluster(f"http://127.0.0.1:{_free_port()}", local=False), logging.getLogger("t"))
+    with pytest.raises(ClusterUnavailable):
+        studio.create("alice", "c", [str(media_dir / "speech3.wav")], [str(media_dir / "still.png")])
+    (record,) = studio.store.campaigns("alice")
+    composed = compose_config(*studio.job_overrides(record))
+    assert (composed.manifest, composed.output) == (record.manifest, record.output)
+    assert composed.cache == str(store / "alice" / "_cache")
+
+
 def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):
     """170,000 columns in a megabyte of CSV took 1.5 GB and hours of the web server's time (a
     quadratic check of repeated names); refused from the header now, in a moment."""

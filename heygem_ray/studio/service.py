@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -45,6 +46,14 @@ LISTED = 50
 
 #: a campaign's states that will not change until it is submitted again
 ENDED = ("finished", "failed", "cancelled")
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as a quoted Hydra override value: a store path with a space, parenthesis, quote or
+    bracket ("/data/studio (prod)") made every job's command line fail to parse. Hydra unescapes a
+    backslash only before a quote."""
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
 
 
 class SubmitUnconfirmed(ClusterUnavailable):
@@ -401,10 +410,10 @@ class Studio:
         settings it was made with (re-runs included), and the operator's `render_overrides` as they
         are now (where and how it runs: they do not change its videos)."""
         return [
-            f"manifest={record.manifest}",
-            f"output={record.output}",
+            f"manifest={hydra_quoted(record.manifest)}",
+            f"output={hydra_quoted(record.output)}",
             # the user's own cache: their avatars and narrations are tracked and decoded once
-            f"cache={storage.join(self.store.root, record.user, '_cache')}",
+            f"cache={hydra_quoted(storage.join(self.store.root, record.user, '_cache'))}",
             "render.progress=false",
             *(record.settings if record.settings is not None else self._legacy_settings(record)),
             *self.cfg.render_overrides,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import io
 import json
 import logging
@@ -90,6 +91,8 @@ RECORDS_KEPT = 16384
 class StudioStore:
     def __init__(self, root: str):
         self.root = storage.normalize(os.path.expanduser(root))
+        # the root in the store's listings, its glob characters taken as they are ("studio [eu]")
+        self._root_pattern = glob.escape(self.root)
         self._results: dict[str, tuple[str | None, list[dict]]] = {}  # table URI -> (its version, its rows)
         # output URI -> (the rows read, their finished videos, those by file name)
         self._finished: dict[str, tuple[list[dict], list[str], dict[str, str]]] = {}
@@ -122,7 +125,7 @@ class StudioStore:
 
     def users_with_caches(self) -> list[str]:
         """The users who have a cache in the store."""
-        found = storage.glob(storage.join(self.root, "*", "_cache"))
+        found = storage.glob(storage.join(self._root_pattern, "*", "_cache"))
         return sorted(storage.basename(storage.dirname(uri)) for uri in found)
 
     def delete(self, record: CampaignRecord) -> None:
@@ -255,7 +258,7 @@ class StudioStore:
         """The user's campaigns, newest first. Read from one listing of the user's folder, each
         record read again only when its version changed (every open page lists them every few
         seconds: a user with hundreds of campaigns on an object store cost as many GETs each time)."""
-        found = storage.versions(storage.join(self.root, check_name(user), "*", "campaign.json"))
+        found = storage.versions(storage.join(self._root_pattern, check_name(user), "*", "campaign.json"))
         records = []
         for uri, version in found.items():
             with self._lock:
@@ -279,7 +282,7 @@ class StudioStore:
 
     def all_campaigns(self) -> Iterator[CampaignRecord]:
         """Every user's campaigns (for the studio's own watcher, never for a page)."""
-        for uri in storage.glob(storage.join(self.root, "*", "*", "campaign.json")):
+        for uri in storage.glob(storage.join(self._root_pattern, "*", "*", "campaign.json")):
             user = storage.basename(storage.dirname(storage.dirname(uri)))
             with contextlib.suppress(ValueError):  # a folder that is no user's
                 record = self.load(user, storage.basename(storage.dirname(uri)))
