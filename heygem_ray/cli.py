@@ -173,12 +173,25 @@ def render_main(argv: Sequence[str] | None = None) -> int:
             print(config_yaml(cfg), end="")
             return 0
     except Exception as exc:  # noqa: BLE001 - config mistakes are user errors, show them plainly
-        print(f"heygem-ray: error: invalid configuration: {exc}", file=sys.stderr)
+        print(f"heygem-ray: error: invalid configuration: {exc}{_quoting_hint(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
     )
     return render(plain, cfg)
+
+
+def _quoting_hint(exc: Exception) -> str:
+    """What to do about an override Hydra could not parse: most often a path with a character its
+    grammar reserves, which the message alone does not say."""
+    from hydra.errors import OverrideParseException
+
+    if not isinstance(exc, OverrideParseException):
+        return ""
+    return (
+        "\n(a value with a space, parenthesis, bracket, quote, '#', ',' or a letter outside ASCII must be "
+        "quoted, the quotes kept from the shell: \"output='/data/run (1)'\")"
+    )
 
 
 def check_job_secrets(overrides: Sequence[str], in_job: bool | None = None) -> None:

@@ -546,3 +546,16 @@ def test_the_written_config_masks_every_credential():
     assert "w.pth?sv=2022-11-02&sig=***" in written
     assert "endpoint_url: http://127.0.0.1:9000" in written
     assert "***" not in config_yaml(compose(["manifest=m", "output=o"]))
+
+
+def test_a_path_the_override_grammar_cannot_parse_says_to_quote_it(capsys):
+    """`output=/data/run (1)` failed with the parser's "mismatched input '('", which does not say
+    that quoting the value is the way out."""
+    from heygem_ray.cli import render_main
+
+    assert render_main(["manifest=/data/m.parquet", "output=/data/run(1)", "--cfg", "job"]) == 2
+    assert "must be quoted" in capsys.readouterr().err
+    assert render_main(["manifest=/data/m.parquet", "output='/data/run (1)'", "--cfg", "job"]) == 0
+    assert "output: /data/run (1)" in capsys.readouterr().out
+    assert render_main(["manifest=/data/m.parquet", "output=/data/out", "render.segment_seconds=0"]) == 2
+    assert "must be quoted" not in capsys.readouterr().err  # a value refused for what it is, not its form
