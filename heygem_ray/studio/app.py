@@ -368,7 +368,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                 return table, gr.Dropdown(choices=choices, info=info), "", [], "", ""
             return (
                 table,
-                gr.Dropdown(choices=choices, value=campaign_id, info=info),
+                # no value: one set from what was chosen when this refresh began took the chooser
+                # back to it from a campaign picked meanwhile
+                gr.Dropdown(choices=choices, info=info),
                 _status_html(view),
                 [
                     [r["id"], r["status"], "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["error"]]
