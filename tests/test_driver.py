@@ -36,6 +36,19 @@ class WatchedExecutor(SimulatedExecutor):
         return super().wait(handles, timeout)
 
 
+class SegmentsSeen(SimulatedExecutor):
+    """Keeps every segment job sent to a renderer (`jobs`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.jobs: list[Any] = []
+
+    def call(self, actor: int, method: str, *args: Any) -> Done:
+        if method == "render_segment":
+            self.jobs.append(args[0])
+        return super().call(actor, method, *args)
+
+
 def _campaign(tmp_path: Path) -> tuple[Campaign, WatchedExecutor]:
     out = tmp_path / "out"
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
@@ -276,23 +289,16 @@ def test_a_presenter_replaced_mid_campaign_is_tracked_again_for_the_rows_that_fo
         calls.append(avatar)
         return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint=next(tracked))
 
-    jobs: list[Any] = []
-
-    class Recording(SimulatedExecutor):
-        def call(self, actor: int, method: str, *args: Any) -> Any:
-            if method == "render_segment":
-                jobs.append(args[0])
-            return super().call(actor, method, *args)
-
     out = tmp_path / "out"
     cfg = compose_config(
         f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
     )
     rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(3)]
-    stages = {**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar}
-    assert Campaign(cfg, rows, executor=Recording(actors=2, stages=stages)).run().count("ok") == 3
+    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
+    assert Campaign(cfg, rows, executor=executor).run().count("ok") == 3
     assert calls == ["/in/v.mp4", "/in/v.mp4"]
-    assert {(j.row_id, j.avatar_fingerprint) for j in jobs} == {("r0", "old"), ("r1", "new"), ("r2", "new")}
+    seen = {(j.row_id, j.avatar_fingerprint) for j in executor.jobs}
+    assert seen == {("r0", "old"), ("r1", "new"), ("r2", "new")}
 
 
 def test_an_avatar_the_store_failed_is_tracked_again_for_the_next_row(tmp_path):
@@ -930,19 +936,12 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
 
 @pytest.mark.parametrize("force", [False, True])
 def test_force_asks_the_renderers_not_to_reuse_earlier_segments(tmp_path, force):
-    jobs = []
-
-    class Recording(SimulatedExecutor):
-        def call(self, actor: int, method: str, *args: Any) -> Done:
-            if method == "render_segment":
-                jobs.append(args[0])
-            return super().call(actor, method, *args)
-
     out = tmp_path / "out"
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", f"force={str(force).lower()}")
     rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(3)]
-    assert Campaign(cfg, rows, executor=Recording(actors=2)).run().count("ok") == 3
-    assert jobs and {job.reuse for job in jobs} == {not force}
+    executor = SegmentsSeen(actors=2)
+    assert Campaign(cfg, rows, executor=executor).run().count("ok") == 3
+    assert executor.jobs and {job.reuse for job in executor.jobs} == {not force}
 
 
 def test_rows_waiting_for_slow_stitches_hold_admission(tmp_path):
