@@ -956,6 +956,11 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
 
             videos = page.locator("#gallery video")
             expect(videos).to_have_count(6)
+            # each player and link named by its row for screen readers, not six alike
+            labels = {videos.nth(i).get_attribute("aria-label") for i in range(6)}
+            assert len(labels) == 6 and all(label and label.startswith("video ") for label in labels), labels
+            first = min(label or "" for label in labels).removeprefix("video ")
+            expect(page.get_by_role("link", name=f"download {first}", exact=True)).to_have_count(1)
             posters = [videos.nth(i).get_attribute("poster") or "" for i in range(6)]
             assert all(f"/files/{campaign}/thumb/" in poster for poster in posters), posters
             for poster in posters:  # each thumbnail is a JPEG the browser decodes, sent with alice's cookie

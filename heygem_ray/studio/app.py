@@ -483,13 +483,15 @@ def _gallery_html(studio: Studio, view: CampaignView) -> str:
         if len(cards) == VIDEOS_SHOWN:
             cards.append(f"<p>{len(finished) - VIDEOS_SHOWN:,} more videos: download them all as a zip.</p>")
             break
-        base = f"/files/{quote(view.record.id)}"
+        base, name = f"/files/{quote(view.record.id)}", html.escape(row["id"], quote=True)
+        # named for screen readers: 48 players and links alike ("download") said nothing of which
         cards.append(
             f'<figure class="thumb" style="display:inline-block;margin:4px">'
             f'<video controls preload="none" width="240" poster="{base}/thumb/{quote(row["id"])}.jpg" '
-            f'src="{base}/video/{quote(file)}"></video>'
-            f"<figcaption>{html.escape(row['id'])} · "
-            f'<a href="{base}/video/{quote(file)}" download>download</a></figcaption></figure>'
+            f'src="{base}/video/{quote(file)}" aria-label="video {name}"></video>'
+            f"<figcaption>{name} · "
+            f'<a href="{base}/video/{quote(file)}" download aria-label="download {name}">download</a>'
+            "</figcaption></figure>"
         )
     return "".join(cards)
 
@@ -497,7 +499,9 @@ def _gallery_html(studio: Studio, view: CampaignView) -> str:
 def _login_html(error: str) -> str:
     message = f'<p style="color:#b00">{html.escape(error)}</p>' if error else ""
     return (
-        "<!doctype html><html><head><title>heygem_ray studio: sign in</title></head><body>"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<title>heygem_ray studio: sign in</title></head><body>"
         '<main style="max-width:22rem;margin:4rem auto;font-family:sans-serif">'
         f"<h1>heygem_ray studio</h1>{message}"
         '<form method="post" action="/login">'
