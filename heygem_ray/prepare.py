@@ -563,17 +563,6 @@ def _candidates(
             i = last + 1
 
 
-def _runs_of(indices: list[int]) -> list[tuple[int, int]]:
-    """[first, last] of each run of consecutive numbers in ascending `indices`."""
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
-
-
 def _detect_chunks(
     reader: FrameReader, detector: FaceDetector, first: int, last: int, total: int, stride: int, uri: str
 ) -> Iterator[tuple[int, list[np.ndarray | None]]]:
