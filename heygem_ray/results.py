@@ -117,10 +117,10 @@ def write_results(uri: str, rows: list[RowResult], parts_upto: str | None = None
 
 
 def read_results(uri: str) -> list[dict]:
-    return _read_table(uri)[0]
+    return read_table(uri)[0]
 
 
-def _read_table(uri: str) -> tuple[list[dict], str | None]:
+def read_table(uri: str) -> tuple[list[dict], str | None]:
     """The rows of a results table, and the prefix of the parts it supersedes (None: none named)."""
     with storage.open_uri(uri) as fh:
         table = pq.ParquetFile(fh).read()
@@ -239,7 +239,7 @@ def published_earlier(uri: str, parts: str, skip: str | None = None) -> dict[str
     rows: list[dict] = []
     upto = None
     try:
-        rows, upto = _read_table(uri)
+        rows, upto = read_table(uri)
     except FileNotFoundError:
         pass
     try:
@@ -264,9 +264,18 @@ def read_parts(parts: str, skip: str | None = None, after: str | None = None) ->
     rows: list[dict] = []
     for uri in sorted(storage.listdir(parts)):  # not a glob: the output root's name may hold "[1]"
         name = storage.basename(uri)
-        if not (name.startswith("part-") and name.endswith(".parquet")):
-            continue
-        if (skip and name.startswith(skip)) or (after and (name.startswith(after) or name < after)):
+        if not is_part(name) or (skip and name.startswith(skip)) or superseded(name, after):
             continue
         rows += read_results(uri)
     return rows
+
+
+def is_part(name: str) -> bool:
+    """Whether a file name in the parts folder is a results part."""
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def superseded(name: str, upto: str | None) -> bool:
+    """Whether a results table whose run's parts start with `upto` holds part `name`'s results
+    (it is that run's or an earlier one's)."""
+    return upto is not None and (name.startswith(upto) or name < upto)

@@ -26,6 +26,7 @@ import pytest
 from browser import playwright_missing, playwright_page
 
 from helpers import _free_port
+from heygem_ray.layout import CampaignLayout
 from heygem_ray.studio.server import STOP_GRACE_SECONDS
 from heygem_ray.studio.sessions import SessionKeyError, Sessions
 from heygem_ray.studio.store import StudioStore, UploadError, check_upload
@@ -306,6 +307,56 @@ def test_a_campaigns_results_are_read_again_only_when_they_change(tmp_path):
         json.dump({"state": "running", "rows": {"total": 3, "ok": 2}, "row_status": {}}, fh)
     os.replace(feed + ".new", feed)
     assert store.progress(record, rows=False)["rows"]["total"] == 3
+
+
+def test_a_running_campaigns_finished_videos_show_and_zip_before_it_ends(tmp_path, monkeypatch):
+    """A campaign of hours: the videos its driver has reported (its results parts) are in the
+    gallery and the zip while it runs, not only once its table is written at the end; a later
+    result of a row counts, and each part is read once however often pages ask."""
+    import heygem_ray.results as results_module
+    from heygem_ray.results import ResultsTable, RowResult
+    from heygem_ray.studio import store as store_module
+    from heygem_ray.studio.store import CampaignRecord
+
+    monkeypatch.setattr(store_module, "PARTS_LISTED_SECONDS", 0.0)
+    store = StudioStore(str(tmp_path / "store"))
+    campaign = store.new_id()
+    record = CampaignRecord(
+        campaign, "alice", "n", time.time(), 3, "classic", "draft", "m", store.output("alice", campaign)
+    )
+    layout = CampaignLayout(record.output)
+    os.makedirs(record.output)
+    uri = {i: f"{record.output}/r{i}.mp4" for i in range(3)}
+    for path in uri.values():
+        with open(path, "wb") as fh:
+            fh.write(b"video " + path.encode())
+
+    def result(i: int, status: str = "ok") -> RowResult:
+        return RowResult(f"r{i}", status, uri[i], None, 1.0, 25, 1, 1.0, 1, time.time())
+
+    earlier = ResultsTable(layout.results, layout.results_parts, flush_rows=1)
+    earlier.add(result(0))
+    earlier.add(result(1))
+    earlier.finish(["r0", "r1"])  # an earlier run's table: r0 and r1 done
+    running = ResultsTable(layout.results, layout.results_parts, flush_rows=1)
+    assert store.finished_videos(record) == {"r0.mp4": uri[0], "r1.mp4": uri[1]}
+    running.add(result(2))  # this run's first part: r2 done
+    running.add(result(1, "failed"))  # re-rendered (its input changed) and failed: not shown
+    assert store.videos(record) == [uri[0], uri[2]]
+    with zipfile.ZipFile(io.BytesIO(b"".join(store.zip_stream(record)))) as archive:
+        assert sorted(archive.namelist()) == ["r0.mp4", "r2.mp4"]
+        assert archive.read("r2.mp4") == b"video " + uri[2].encode()
+    reads = []
+    monkeypatch.setattr(store_module, "read_results", lambda u: reads.append(u) or results_module.read_results(u))
+    for _ in range(3):
+        assert store.videos(record) == [uri[0], uri[2]]
+    assert reads == []  # every part was read once, before
+    running.add(result(1))  # r1 again, ok this time
+    assert store.videos(record) == [uri[0], uri[2], uri[1]] and len(reads) == 1
+    running.add(result(0, "skipped"), flush=False)
+    running.finish(["r0", "r1", "r2"])  # the end: the table says it all, the parts are gone
+    assert store.videos(record) == [uri[0], uri[1], uri[2]]
+    assert not os.path.exists(layout.results_parts)
 
 
 def test_one_users_upload_events_do_bounded_work(tmp_path, media_dir, monkeypatch):

@@ -34,9 +34,11 @@ import pyarrow.parquet as pq
 from heygem_ray import storage
 from heygem_ray.config import LimitsConfig
 from heygem_ray.errors import InputError, ManifestError
+from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import build_manifest, is_text, refusals, rows_from_table
 from heygem_ray.media.audio import iter_pcm16k
 from heygem_ray.media.video import probe
+from heygem_ray.results import is_part, read_results, read_table, superseded
 from heygem_ray.studio.users import check_name
 
 AUDIO_TYPES = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
@@ -82,6 +84,8 @@ _RECORD_FIELDS = frozenset(f.name for f in fields(CampaignRecord))
 #: results tables the store keeps read (the campaigns being looked at; up to ~100 MB each at
 #: MANIFEST_MAX_ROWS)
 RESULTS_KEPT = 8
+#: how often a running campaign's results parts are listed again (a page refreshes every 3 s)
+PARTS_LISTED_SECONDS = 2.0
 #: campaigns whose progress counts are kept (a few hundred bytes each)
 PROGRESS_KEPT = 4096
 #: campaign records kept read, by version (a page lists its user's every 3 s)
@@ -93,9 +97,12 @@ class StudioStore:
         self.root = storage.normalize(os.path.expanduser(root))
         # the root in the store's listings, its glob characters taken as they are ("studio [eu]")
         self._root_pattern = glob.escape(self.root)
-        self._results: dict[str, tuple[str | None, list[dict]]] = {}  # table URI -> (its version, its rows)
-        # output URI -> (the rows read, their finished videos, those by file name)
-        self._finished: dict[str, tuple[list[dict], list[str], dict[str, str]]] = {}
+        # table URI -> (its version, its rows, the parts it supersedes)
+        self._results: dict[str, tuple[str | None, list[dict], str | None]] = {}
+        # parts folder -> (when listed, its parts' rows by part name)
+        self._part_rows: dict[str, tuple[float, dict[str, list[dict]]]] = {}
+        # output URI -> (the table's rows read, how many part rows, their finished videos, those by name)
+        self._finished: dict[str, tuple[list[dict], int, list[str], dict[str, str]]] = {}
         self._progress: dict[str, tuple[str | None, dict]] = {}  # feed URI -> (its version, its counts)
         self._records: dict[str, tuple[str, CampaignRecord | None]] = {}  # record URI -> (its version, it)
         self._lock = threading.Lock()
@@ -333,6 +340,10 @@ class StudioStore:
     def results(self, record: CampaignRecord) -> list[dict]:
         """The campaign's results table, read again only when it changed: every poster and video of
         a page asks for it (a 100,000-row table read per request made a page's cost grow as N²)."""
+        return self._table(record)[0]
+
+    def _table(self, record: CampaignRecord) -> tuple[list[dict], str | None]:
+        """The results table's rows and the prefix of the parts it supersedes (`results`)."""
         uri = storage.join(record.output, "_results.parquet")
         fs, path = storage.url_to_fs(uri)
         try:
@@ -340,46 +351,78 @@ class StudioStore:
             with self._lock:
                 kept = self._results.get(uri)
             if kept is not None and version is not None and kept[0] == version:
-                return kept[1]
-            with storage.open_uri(uri) as fh:
-                rows = pq.ParquetFile(fh).read().to_pylist()
+                return kept[1], kept[2]
+            rows, upto = read_table(uri)
         except FileNotFoundError:
-            return []
+            return [], None
         with self._lock:
             self._results.pop(uri, None)
-            self._results[uri] = (version, rows)  # newest last: the oldest go past RESULTS_KEPT
+            self._results[uri] = (version, rows, upto)  # newest last: the oldest go past RESULTS_KEPT
             while len(self._results) > RESULTS_KEPT:
                 del self._results[next(iter(self._results))]
-        return rows
+        return rows, upto
+
+    def _parts(self, record: CampaignRecord, upto: str | None) -> list[dict]:
+        """The results a running (or killed) driver has written since the table, oldest first: its
+        parts, listed at most every PARTS_LISTED_SECONDS and each read once (a part is never
+        rewritten), so a page shows a video as soon as its row is on the store, not at the end."""
+        folder = CampaignLayout(record.output).results_parts
+        with self._lock:
+            kept = self._part_rows.get(folder)
+        if kept is None or time.monotonic() - kept[0] >= PARTS_LISTED_SECONDS:
+            try:
+                names = sorted(n for n in map(storage.basename, storage.listdir(folder)) if is_part(n))
+            except FileNotFoundError:
+                names = []
+            read = {} if kept is None else kept[1]
+            parts = {}
+            for name in names:
+                if name in read:
+                    parts[name] = read[name]
+                    continue
+                try:
+                    parts[name] = read_results(storage.join(folder, name))
+                except FileNotFoundError:  # removed since the listing: the table now has its rows
+                    continue
+            kept = (time.monotonic(), parts)
+            with self._lock:
+                self._part_rows.pop(folder, None)
+                self._part_rows[folder] = kept
+                while len(self._part_rows) > RESULTS_KEPT:
+                    del self._part_rows[next(iter(self._part_rows))]
+        return [row for name, rows in kept[1].items() if not superseded(name, upto) for row in rows]
 
     def videos(self, record: CampaignRecord) -> list[str]:
-        """URIs of the campaign's finished videos (rows ok or skipped), in manifest order."""
+        """URIs of the campaign's finished videos (rows ok or skipped), in the order they finished
+        after the results table's manifest order."""
         return self._finished_of(record)[0]
 
     def finished_videos(self, record: CampaignRecord) -> dict[str, str]:
-        """The campaign's finished videos by file name (the first of a name), in manifest order."""
+        """The campaign's finished videos by file name (the first of a name)."""
         return self._finished_of(record)[1]
 
     def _finished_of(self, record: CampaignRecord) -> tuple[list[str], dict[str, str]]:
-        """Worked out again only when the campaign's results change: every page's refresh and every
-        seek in a video asked (0.7 s for 100,000 rows)."""
-        rows = self.results(record)
+        """From the results table and the parts written after it; worked out again only when those
+        change: every page's refresh and every seek in a video asked (0.7 s for 100,000 rows)."""
+        table, upto = self._table(record)
+        parts = self._parts(record, upto)
         with self._lock:
             kept = self._finished.get(record.output)
-        if kept is not None and kept[0] is rows:
-            return kept[1], kept[2]
+        if kept is not None and kept[0] is table and kept[1] == len(parts):
+            return kept[2], kept[3]
         own = record.output.rstrip("/") + "/"
-        videos = [
-            r["output"]
-            for r in rows
-            if r["status"] in ("ok", "skipped") and storage.normalize(r["output"]).startswith(own)
-        ]
+        finished: dict[str, str] = {}  # row id -> its video; a later result of a row counts
+        for r in [*table, *parts]:
+            finished.pop(r["id"], None)
+            if r["status"] in ("ok", "skipped") and storage.normalize(r["output"]).startswith(own):
+                finished[r["id"]] = r["output"]
+        videos = list(finished.values())
         by_name: dict[str, str] = {}
         for uri in videos:
             by_name.setdefault(storage.basename(uri), uri)
         with self._lock:
             self._finished.pop(record.output, None)
-            self._finished[record.output] = (rows, videos, by_name)
+            self._finished[record.output] = (table, len(parts), videos, by_name)
             while len(self._finished) > RESULTS_KEPT:
                 del self._finished[next(iter(self._finished))]
         return videos, by_name
