@@ -48,6 +48,15 @@ UPLOAD_PATH = API_PATH + "upload"
 #: the largest page event the studio takes (its text fields and file references: files are uploaded)
 EVENT_MAX_BYTES = 2**20
 _CHUNK = 2**20
+#: on every page: an event the server refuses for want of a session (signed out on another page,
+#: past its lifetime, the user removed) takes the page to the sign-in form; Gradio itself would show
+#: an error on each refresh, every 3 s, on a page that no longer works
+SESSION_ENDED_JS = (
+    "<script>(() => { const send = window.fetch.bind(window); let gone = false;"
+    " window.fetch = async (...args) => { const answer = await send(...args);"
+    f" if (answer.status === 401 && !gone && new URL(answer.url, location.href).pathname.startsWith({json.dumps(API_PATH)}))"
+    " { gone = true; location.replace('/login?ended=1'); } return answer; }; })();</script>"
+)
 #: after a submit the cluster took but did not answer: what to do (the campaign keeps the job's id)
 UNCONFIRMED = "The Campaigns tab shows whether it runs once the cluster answers; re-run it there if it does not."
 
@@ -118,10 +127,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         return JSONResponse({"status": "ok", "cluster": "unreachable" if studio.cluster.problem() else "ok"})
 
     @app.get("/login")
-    def login_page() -> Response:
+    def login_page(ended: bool = False) -> Response:
         if users is None:
             return RedirectResponse(UI_PATH + "/", status_code=303)
-        return HTMLResponse(_login_html(""))
+        return HTMLResponse(_login_html("Your session ended: please sign in again." if ended else ""))
 
     @app.post("/login")
     def login(
@@ -208,6 +217,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         # an error no event expects shows as "Error", not its text: store paths, bucket names
         # and other users' file names stay off the pages (it is logged on the server)
         show_error=False,
+        head=SESSION_ENDED_JS if users is not None else None,
     )
 
 
