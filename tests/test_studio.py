@@ -989,6 +989,7 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
             )
             checked = page.locator("#upload-check")
             expect(checked).to_contain_text("2 presenter(s) × 3 narration(s) = 6 video(s)", timeout=60_000)
+            expect(checked).to_contain_text("uploads wait 15 minutes for Render")  # how long they are kept
             expect(checked).not_to_contain_text("❌")
             page.get_by_role("radio", name="draft (small, fast)").check()
             page.locator("#submit").click()

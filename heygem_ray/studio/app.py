@@ -312,6 +312,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
                         problems.append(f"- ❌ {problem}")
             n_audio, n_avatar = counted
             count = f"**{n_avatar} presenter(s) × {n_audio} narration(s) = {n_avatar * n_audio} video(s)**"
+            if n_audio or n_avatar:  # the web server keeps them only so long (they count in the quota)
+                count += f" · uploads wait {window / 60:.0f} minutes for Render"
             return "\n".join([count, *problems])
 
         def create(
