@@ -172,6 +172,45 @@ def test_a_job_server_that_never_answers_does_not_hang_the_studio(monkeypatch):
         assert time.monotonic() - start < 5  # 20 timeouts would take 20 s
 
 
+def test_health_and_page_loads_answer_at_once_while_a_silent_head_is_asked(monkeypatch):
+    """`problem` (every page load and /health) asks the cluster now and then; while one call waits
+    on a head that takes connections but never answers, the others have the last answer at once,
+    not after the timeout (a liveness probe would restart the studio in a loop)."""
+    import socket
+    import threading
+
+    from heygem_ray.studio import cluster
+
+    monkeypatch.setattr(cluster, "TIMEOUT", (1.0, 3.0))
+    monkeypatch.setattr(cluster, "QUIET_SECONDS", 0.0)
+    monkeypatch.setattr(cluster, "PROBLEM_SECONDS", 0.0)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        head = cluster.Cluster(f"http://127.0.0.1:{silent.getsockname()[1]}", local=False)
+        first = head.problem()
+        assert first and "does not answer" in first
+        asking = threading.Thread(target=head.problem)
+        asking.start()
+        time.sleep(0.5)  # it waits on the head now
+        start = time.monotonic()
+        assert head.problem() == first
+        assert time.monotonic() - start < 0.5
+        asking.join()
+
+
+def test_a_ray_command_that_fails_says_why_in_rays_words():
+    """The studio's own head not starting (a port taken, a Ray without the command): Ray's message,
+    as ClusterUnavailable (`serve` prints it and exits 2), not a traceback without it."""
+    import sys
+
+    from heygem_ray.studio import cluster
+
+    failing = [sys.executable, "-c", "import sys; sys.stderr.write('ConnectionError: port 6379 is taken'); sys.exit(3)"]
+    with pytest.raises(cluster.ClusterUnavailable, match=r"could not start it \(exit status 3\): .*6379 is taken"):
+        cluster._ray(failing, "start it")
+    with pytest.raises(cluster.ClusterUnavailable, match="could not start it: .*no-such-ray"):
+        cluster._ray(["/no-such-ray", "start"], "start it")
+
+
 def test_campaign_jobs_run_from_an_installed_studio_too(tmp_path, monkeypatch):
     """The job's entrypoint was found beside the package (a checkout's jobs/): a studio installed
     as a package (the image) could not submit. A local head runs the studio's own Python and

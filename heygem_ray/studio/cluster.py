@@ -65,8 +65,7 @@ def local_head(dashboard_port: int) -> tuple[str, bool]:
     address = f"http://127.0.0.1:{dashboard_port}"
     if _answers(address):
         return address, False
-    command = head_command(ray_command, dashboard_port)
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    _ray(head_command(ray_command, dashboard_port), "start a local Ray head")
     deadline = time.time() + 60
     while not _answers(address):
         if time.time() > deadline:
@@ -103,12 +102,29 @@ def local_auth(ray_command: str = "ray") -> None:
     Ray is imported here (it reads the mode once)."""
     if os.environ.get("RAY_AUTH_MODE", "token") != "token":
         return
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    subprocess.run([ray_command, "get-auth-token", "--generate"], check=True, capture_output=True, env=env, timeout=120)
+    _ray(
+        [ray_command, "get-auth-token", "--generate"],
+        "make the local Ray's token",
+        {**os.environ, "RAY_AUTH_MODE": "token"},
+    )
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     if token.is_file() and token.stat().st_mode & 0o077:
         token.chmod(0o600)  # Ray writes it readable by every account
     os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _ray(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    """Run a `ray` command; ClusterUnavailable with Ray's own words when it fails (a port taken,
+    a Ray without the command), not a traceback without them."""
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, env=env, timeout=120)
+    except subprocess.CalledProcessError as exc:
+        said = (exc.stderr or exc.stdout or "").strip().splitlines()[-8:]
+        raise ClusterUnavailable(f"could not {what} (exit status {exc.returncode}): " + "\n".join(said)) from None
+    except subprocess.TimeoutExpired:
+        raise ClusterUnavailable(f"could not {what}: `{' '.join(command[:2])}` took over 120 s") from None
+    except OSError as exc:  # no `ray` on the PATH
+        raise ClusterUnavailable(f"could not {what}: {exc}") from None
 
 
 def _answers(address: str) -> bool:
@@ -160,6 +176,7 @@ class Cluster:
         self._logs: dict[str, tuple[str, float, bool]] = {}
         self._checked: tuple[float, str | None] | None = None  # the last `problem` answer, and when
         self._checked_lock = threading.Lock()
+        self._checking = False  # a `problem` call is asking the cluster
         self._quiet: tuple[float, str] = (-math.inf, "")  # asked no more until then (monotonic), and why
 
     @property
@@ -174,20 +191,26 @@ class Cluster:
     def problem(self) -> str | None:
         """Why the cluster cannot take campaigns now (None: it answers). Asked again after
         PROBLEM_SECONDS: a head that went away after the first connection is seen as gone, and a
-        burst of page loads or health checks costs one request to the cluster."""
+        burst of page loads or health checks costs one request to the cluster. While one caller
+        asks, the others have the last answer at once: a head that takes connections but does not
+        answer held every page load and health probe for the whole timeout."""
         with self._checked_lock:
             checked = self._checked
-            if checked is not None and time.monotonic() - checked[0] < PROBLEM_SECONDS:
+            if checked is not None and (self._checking or time.monotonic() - checked[0] < PROBLEM_SECONDS):
                 return checked[1]
-            try:
-                self._call("get_version")
-                problem = None
-            except ClusterUnavailable as exc:
-                problem = str(exc)
-            except Exception as exc:  # noqa: BLE001 - an answer that is not the job server's
-                problem = f"the Ray cluster at {self.shown} answers oddly: {type(exc).__name__}: {exc}"
-            self._checked = (time.monotonic(), problem)
-            return problem
+            self._checking = True
+        problem: str | None = "the cluster was not asked"
+        try:
+            self._call("get_version")
+            problem = None
+        except ClusterUnavailable as exc:
+            problem = str(exc)
+        except Exception as exc:  # noqa: BLE001 - an answer that is not the job server's
+            problem = f"the Ray cluster at {self.shown} answers oddly: {type(exc).__name__}: {exc}"
+        finally:
+            with self._checked_lock:
+                self._checked, self._checking = (time.monotonic(), problem), False
+        return problem
 
     def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
         now = time.monotonic()
