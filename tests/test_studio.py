@@ -899,6 +899,13 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
         part = alice_http.get(f"/files/{campaign}/video/speech3__still.mp4", headers={"Range": "bytes=4-7"})
         assert part.status_code == 206 and part.content == b"ftyp"
         assert part.headers["content-range"] == f"bytes 4-7/{len(whole.content)}"
+        # a user's files are for no shared cache (a CDN before the studio would serve them to anyone)
+        for answer in (whole, part, archive):
+            assert answer.headers["cache-control"] == "private, no-store"
+            assert answer.headers["x-content-type-options"] == "nosniff"
+        assert "frame-ancestors 'self'" in alice_http.get("/app/").headers["content-security-policy"]
+        # Gradio's monitoring (every user's event counts and timings) is off
+        assert alice_http.get("/app/monitoring/summary").status_code in (403, 404)
         # another site's page, with alice's cookie, may neither read nor act
         foreign = alice_http.get(f"/files/{campaign}/all.zip", headers={"Origin": "https://evil.example"})
         assert foreign.status_code == 403
@@ -1309,6 +1316,54 @@ def test_a_job_server_error_is_not_taken_for_a_forgotten_job(tmp_path, media_dir
             cluster.job("heygem-alice-gone-1")
         assert studio.delete("alice", gone.id)  # a job the cluster does not know runs nowhere
         assert "s3cret-token" not in (cluster.problem() or "") + cluster.shown
+    finally:
+        server.close()
+
+
+def test_a_job_that_ended_without_its_drivers_last_feed_shows_nothing_under_way(tmp_path):
+    """The driver killed (out of memory, its node lost, a stop's SIGKILL before its last write): the
+    job ended, its feed still says running. The page shows no time left and its unfinished rows
+    as not finished, not "rendering" for ever."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.cluster import Cluster
+    from heygem_ray.studio.service import NOT_FINISHED
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.store import CampaignRecord
+
+    started = time.time() - 60
+    details = {"type": "SUBMISSION", "submission_id": "heygem-alice-k-1", "status": "FAILED", "entrypoint": "x"}
+    details["start_time"] = int(started * 1000)
+    server = JobServerAnswering({"heygem-alice-k-1": (200, json.dumps(details))})
+    try:
+        studio = StudioService(
+            StudioConfig(store=str(tmp_path / "store")), Cluster(server.address, local=True), logging.getLogger("t")
+        )
+        campaign = studio.store.new_id()
+        output = studio.store.output("alice", campaign)
+        record = CampaignRecord(
+            campaign, "alice", "k", started, 3, "m", "standard", "m", output, jobs=["heygem-alice-k-1"]
+        )
+        studio.store.save(record)
+        os.makedirs(output, exist_ok=True)
+        feed = {
+            "state": "running",
+            "started_at": started + 1,
+            "rows": {"total": 3, "ok": 1, "rendering": 1, "queued": 1},
+            "eta_seconds": 42,
+            "row_status": {"a": "ok", "b": "rendering", "c": "queued"},
+        }
+        with open(os.path.join(output, "_progress.json"), "w") as fh:
+            json.dump(feed, fh)
+        view = studio.campaign("alice", campaign)
+        assert view is not None and view.status == "failed" and view.eta_seconds is None
+        assert [(r["id"], r["status"]) for r in view.rows] == [
+            ("a", "ok"),
+            ("b", "not finished"),
+            ("c", "not finished"),
+        ]
+        assert view.rows[1]["error"] == NOT_FINISHED
     finally:
         server.close()
 

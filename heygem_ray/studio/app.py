@@ -98,7 +98,12 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             refused = _linked_files_refused(await request.body())
             if refused is not None:
                 return refused
-        return await call_next(request)
+        response = await call_next(request)
+        if request.url.path.startswith("/files/"):  # a user's own: no shared cache (a CDN) may keep them
+            response.headers["Cache-Control"] = "private, no-store"
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'self'")
+        return response
 
     def _upload_refused(request: Request) -> Response | None:
         """An upload the user's quota has no room for, refused before its bytes are taken."""
@@ -218,6 +223,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         # and other users' file names stay off the pages (it is logged on the server)
         show_error=False,
         head=SESSION_ENDED_JS if users is not None else None,
+        enable_monitoring=False,  # Gradio's /monitoring pages: every user's event counts and timings
     )
 
 

@@ -540,6 +540,11 @@ class Studio:
         view.frames_planned = feed.get("frames", {}).get("planned", 0)
         view.eta_seconds = feed.get("eta_seconds")
         view.status = _status(job, feed.get("state"))
+        # the job ended but its driver never wrote its last feed (killed, its node lost): nothing
+        # is under way, whatever that feed still says
+        orphaned = view.status in ENDED and feed.get("state") == "running"
+        if orphaned:
+            view.eta_seconds = None
         with self._lock:  # an end the cluster did not confirm (it does not answer) is not one yet
             ended = view.status in ENDED and not view.note and bool(record.jobs) and record.jobs[-1] not in self._ended
             if ended:
@@ -557,6 +562,8 @@ class Studio:
             else:
                 view.rows = [
                     {"id": row_id, "status": s, "seconds": None, "error": ""}
+                    if not orphaned or s in ("ok", "failed", "skipped")
+                    else {"id": row_id, "status": "not finished", "seconds": None, "error": NOT_FINISHED}
                     for row_id, s in feed.get("row_status", {}).items()
                 ]
         return view
@@ -650,6 +657,10 @@ class Studio:
             return None
         self.log.info("download user=%s campaign=%s", user, campaign_id)
         return self.store.zip_stream(record)
+
+
+#: a row the ended job's driver left unfinished without reporting it
+NOT_FINISHED = "its job ended before this row finished: re-run the campaign"
 
 
 def _status(job: str, feed_state: str | None) -> str:
