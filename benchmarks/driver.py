@@ -92,6 +92,9 @@ class SimulatedExecutor:
     def stop(self, actor: int) -> None:
         pass
 
+    def restart(self, actor: int) -> bool:
+        return False
+
     def restarts(self, actor: int) -> int:
         return 0
 

@@ -108,6 +108,8 @@ class Campaign:
                     self._inflight[self.executor.call(actor, "ready")] = ("actor_ready", actor)
                 for actor in self.actors.stalled(LOST_ACTOR_SECONDS):
                     self._take_back(actor)
+                for actor in self.segments.hung(self.cfg.render.segment_deadline()):
+                    self._restart_hung(actor)
                 self._admit_rows()
                 self._dispatch_segments()
                 if not self._inflight:
@@ -195,15 +197,28 @@ class Campaign:
             self._fail(row_id, reason)
         self.segments.broken.clear()
 
-    def _take_back(self, actor: int) -> None:
-        """The segments a lost actor holds, for the others: their calls are forgotten (an answer
+    def _take_back(self, actor: int, why: str = "was lost") -> None:
+        """The segments an actor holds, for the others: their calls are forgotten (an answer
         that comes one day changes nothing)."""
+        calls = []
         for handle, (event, key) in list(self._inflight.items()):
             if event == "segment" and key[2] == actor:
                 del self._inflight[handle]
-                failure = self.segments.take_back(key, self._states.get(key[0]))
-                if failure is not None:
-                    self._fail(key[0], failure)
+                calls.append(key)
+        for row_id, failure in self.segments.take_back(actor, calls, self._states, why).items():
+            self._fail(row_id, failure)
+
+    def _restart_hung(self, actor: int) -> None:
+        """An actor that has worked on one segment past `render.segment_timeout`: restarted (its
+        model loaded again), its segments sent to the others."""
+        deadline = self.cfg.render.segment_deadline()
+        why = f"hung (no segment back in {deadline:g} s)"
+        log.warning("renderer actor %d %s: restarting it", actor, why)
+        if self.executor.restart(actor):
+            self.actors.lost(actor)  # asked `ready` again once restarted
+        else:
+            self.actors.unusable(actor, why)
+        self._take_back(actor, why)
 
     def _for_row(self, row_id: str | None, step: Callable[..., None], *args: Any) -> None:
         """Run a step about one row (None: about several, or none); a defect it hits fails that row,

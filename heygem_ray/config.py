@@ -375,6 +375,11 @@ class RenderConfig:
     #: tries per segment when an actor or node dies or its renderer fails (bad input is never retried,
     #: nor a storage error, which the storage layer retried already)
     max_attempts: int = 3
+    #: seconds an actor may work on one segment before it is taken for hung (a GPU or decoder that
+    #: never returns, a network read that never ends): it is restarted and its segments go to the
+    #: others, the one it was on charged a try; 0 = 60 x segment_seconds, at least 600 s (a CPU at
+    #: a sixtieth of real time still finishes); a negative value waits for ever
+    segment_timeout: float = 0.0
     #: frames per second for still-image avatars
     still_fps: float = 25.0
     #: the highest output frame rate: a clip above it shows every 2nd, 3rd... frame, the fewest that
@@ -406,6 +411,12 @@ class RenderConfig:
             raise ValueError(f"render.max_side must be 0 (the avatar's size) or 16 or more, got {self.max_side}")
         if not self.max_fps >= 0:
             raise ValueError(f"render.max_fps must be 0 (no cap) or positive, got {self.max_fps}")
+
+    def segment_deadline(self) -> float:
+        """`segment_timeout` in seconds (infinite when negative)."""
+        if self.segment_timeout < 0:
+            return float("inf")
+        return self.segment_timeout or max(600.0, 60.0 * self.segment_seconds)
 
 
 @dataclass

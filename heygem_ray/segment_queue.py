@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -36,6 +37,9 @@ class SegmentQueue:
         self._sent = itertools.count()
         # per actor, its last death: (the last call sent before it, the call that was running)
         self._death: dict[int, tuple[int, int]] = {}
+        # per actor with calls out: since when it works on its oldest (sent to it idle, or the
+        # one before came back)
+        self._busy_since: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -80,6 +84,8 @@ class SegmentQueue:
                 continue
             self.actors.actors[actor].load += 1
             state.attempts[index] = state.attempts.get(index, 0) + 1
+            if not self._out.get(actor):
+                self._busy_since[actor] = time.monotonic()
             self._out.setdefault(actor, {})[(row_id, index)] = next(self._sent)
             yield self.executor.call(actor, "render_segment", job), (row_id, index, actor)
 
@@ -87,7 +93,17 @@ class SegmentQueue:
         """A call is back from its actor (done, failed or taken back): when it was sent."""
         row_id, index, actor = call
         self.actors.actors[actor].load -= 1
-        return self._out.get(actor, {}).pop((row_id, index), None)
+        sent = self._out.get(actor, {}).pop((row_id, index), None)
+        if self._out.get(actor):  # the next call starts now
+            self._busy_since[actor] = time.monotonic()
+        else:
+            self._busy_since.pop(actor, None)
+        return sent
+
+    def hung(self, after: float) -> list[int]:
+        """Actors that have worked on one segment for more than `after` seconds."""
+        now = time.monotonic()
+        return [actor for actor, since in self._busy_since.items() if now - since > after]
 
     def _was_running(self, actor: int, sent: int | None) -> bool:
         """Whether the call sent at `sent`, failed because its actor died, is the one the actor was
@@ -113,19 +129,33 @@ class SegmentQueue:
         if not result.reused:
             self.by_actor[actor] = self.by_actor.get(actor, 0) + 1
 
-    def take_back(self, call: SegmentCall, state: RowState | None) -> str | None:
-        """A segment left with an actor that was lost and has not come back: queued for the others (its
-        call, should the actor ever run it, writes the same file). The row's failure reason when
-        the segment has had its `render.max_attempts` tries."""
-        row_id, index, actor = call
-        self._back(call)
-        if state is None:
-            return None
-        if state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
-            return f"segment {index} failed after {state.attempts[index]} attempt(s): its renderer was lost"
-        log.warning("row %s segment %d: its renderer actor %d is lost; sent to another", row_id, index, actor)
-        self._queue.appendleft((row_id, index))
-        return None
+    def take_back(
+        self, actor: int, calls: list[SegmentCall], states: Mapping[str, RowState], why: str = "was lost"
+    ) -> dict[str, str]:
+        """The segments `calls` left with `actor`, lost and not come back or hung, queued for the
+        others (a call, should the actor ever run it, writes the same file). Only the one it was
+        working on keeps its try: those waiting behind it never ran. Returns the failure reasons
+        of rows a segment of which has had its `render.max_attempts` tries."""
+        out = self._out.get(actor, {})
+        sent = [out[(row_id, index)] for row_id, index, _ in calls if (row_id, index) in out]
+        running = min(sent, default=None)
+        failures: dict[str, str] = {}
+        for call in calls:
+            row_id, index, _ = call
+            was_running = self._back(call) == running
+            state = states.get(row_id)
+            if state is None:
+                continue
+            if not was_running:
+                state.attempts[index] -= 1
+            elif state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
+                failures[row_id] = (
+                    f"segment {index} failed after {state.attempts[index]} attempt(s): its renderer {why}"
+                )
+                continue
+            log.warning("row %s segment %d: its renderer actor %d %s; sent to another", row_id, index, actor, why)
+            self._queue.appendleft((row_id, index))
+        return failures
 
     def failed(self, call: SegmentCall, state: RowState | None, exc: BaseException) -> str | None:
         """A segment call raised: the row's failure reason, or None when the segment goes again (or

@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -759,6 +760,58 @@ def test_segments_held_by_an_actor_that_never_comes_back_go_to_the_others(tmp_pa
     runner.join(timeout=30)
     assert done, "the campaign waited for ever on the lost actor"
     assert executor.gone and done[0].count("ok") == ROWS
+
+
+@pytest.mark.parametrize("restartable", [True, False])
+def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_path, restartable):
+    """An actor whose call never returns (a GPU or decoder hang, a read that never ends) while its
+    process stays up: past `render.segment_timeout` it is restarted (or, where the executor cannot,
+    given up) and its segments render on the others. Only the segment it hung on is charged a try:
+    with `render.max_attempts=1` it fails its row, the one queued behind it renders."""
+    import threading
+
+    from benchmarks.driver import Done
+
+    class Hangs(Done):
+        """The call the actor hangs on, and any sent to it before its restart."""
+
+    class HangsOnce(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.hung_rows: list[str] = []
+            self.restarted = False
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            hangs = actor == 0 and not self.restarted and method == "render_segment"
+            if hangs and (self.hung_rows or args[0].row_id == "r002"):
+                self.hung_rows.append(args[0].row_id)
+                return Hangs()
+            return super().call(actor, method, *args)
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            ready = [h for h in handles if not isinstance(h, Hangs)][:1]
+            if not ready:
+                time.sleep(0.05)
+            return ready
+
+        def restart(self, actor: int) -> bool:
+            self.restarted = restartable
+            return restartable
+
+    job, _ = _campaign(tmp_path)
+    cfg = replace(job.cfg, render=replace(job.cfg.render, segment_timeout=0.5, max_attempts=1))
+    executor = HangsOnce()
+    done: list[Any] = []
+    runner = threading.Thread(target=lambda: done.append(Campaign(cfg, job.rows, executor=executor).run()), daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    assert done, "the campaign waited for ever on the hung actor"
+    results = {r.id: r for r in done[0].rows}
+    assert len(executor.hung_rows) == 2, executor.hung_rows  # the one it hung on, one queued behind
+    hung, behind = executor.hung_rows
+    assert results[hung].status == "failed" and "its renderer hung (no segment back in 0.5 s)" in results[hung].error
+    assert results[behind].status == "ok"
+    assert done[0].count("ok") == ROWS - 1
 
 
 def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):

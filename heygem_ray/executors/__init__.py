@@ -49,6 +49,10 @@ class Executor(Protocol):
     def stop(self, actor: int) -> None:
         """Stop one actor for good (its resources are freed; it is not restarted)."""
 
+    def restart(self, actor: int) -> bool:
+        """Kill a hung actor's process so the executor starts it again (its calls out fail); False
+        when this executor cannot (the actor is then given up)."""
+
     def restarts(self, actor: int) -> int:
         """How many times the executor restarted this actor after its process died."""
 

@@ -75,6 +75,9 @@ class InlineExecutor:
     def stop(self, actor: int) -> None:
         pass  # a thread: it holds nothing another renderer could use
 
+    def restart(self, actor: int) -> bool:
+        return False  # a thread cannot be killed
+
     def restarts(self, actor: int) -> int:
         return 0  # a renderer here dies only with the process
 

@@ -79,6 +79,10 @@ class RayExecutor:
     def stop(self, actor: int) -> None:
         ray.kill(self._actors[actor])  # no_restart: Ray's default for ray.kill
 
+    def restart(self, actor: int) -> bool:
+        ray.kill(self._actors[actor], no_restart=False)  # max_restarts=-1: Ray starts it again
+        return True
+
     def restarts(self, actor: int) -> int:
         # the GCS's own count: a death while starting fails no call (calls wait for the restart)
         return int(self._gcs_record(actor).get("NumRestarts", 0))
