@@ -101,6 +101,28 @@ def test_audio_that_changes_format_midway_or_has_nine_channels(tmp_path):
         assert mux.encode_audio(str(path), str(tmp_path / "out.m4a")) > 0
 
 
+def test_mp3s_joined_with_cat_decode_whole_and_a_broken_file_is_refused(tmp_path):
+    """TTS chunks joined with `cat` (each MP3 with its ID3 tag, one now mid-file, which the decoder
+    refuses as a packet): the whole narration, for the lips and for the AAC track alike, as players
+    and ffmpeg read it; a file of damaged packets is still refused, as unreadable audio."""
+    joined = tmp_path / "joined.mp3"
+    parts = []
+    for rate, channels in ((24_000, 1), (44_100, 2)):
+        demo.write_audio(str(tmp_path / "part.mp3"), _tone(1.0, rate), rate, channels=channels)
+        parts.append((tmp_path / "part.mp3").read_bytes())
+    assert parts[1].startswith(b"ID3")
+    joined.write_bytes(b"".join(parts))
+    pcm = decode_all(str(joined))
+    assert abs(len(pcm) / 16_000 - 2.0) < 0.1, len(pcm)
+    assert 0.3 < np.abs(pcm[20_000:28_000]).max() < 0.9  # the second chunk, heard
+    samples = mux.encode_audio(str(joined), str(tmp_path / "out.m4a"))
+    assert abs(samples / 48_000 - len(pcm) / 16_000) < 0.03  # the same packets skipped: in step
+    broken = tmp_path / "broken.mp3"
+    broken.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    with pytest.raises(InputError, match="is not readable audio"):
+        decode_all(str(broken))
+
+
 def _tone(seconds: float, rate: int) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
 

@@ -53,13 +53,40 @@ def iter_pcm16k(path: str, display_uri: str | None = None) -> Iterator[np.ndarra
                 raise InputError("audio", uri, "has no audio stream")
             stream = container.streams.audio[0]
             resampler = Resampler("flt", "mono", SAMPLE_RATE)
-            for frame in container.decode(stream):
+            for frame in decoded(container, stream, uri):
                 for out in resampler.resample(frame):
                     yield out.to_ndarray().reshape(-1)
             for out in resampler.resample(None):
                 yield out.to_ndarray().reshape(-1)
     except av.error.FFmpegError as exc:
         raise InputError("audio", uri, f"is not readable audio ({exc.strerror or exc})") from None
+
+
+#: packets a narration's decoder may refuse and the narration still be read, when they are also
+#: under 1 % of its packets: an ID3 tag between MP3s joined with `cat` (a common way to join TTS
+#: chunks), a few damaged bytes; players and ffmpeg skip them. More is a broken file.
+BAD_PACKETS = 8
+
+
+def decoded(container: av.container.InputContainer, stream: av.AudioStream, uri: str) -> Iterator[av.AudioFrame]:
+    """The audio stream's frames, past the packets its decoder refuses (up to BAD_PACKETS, and 1 %
+    of them): the same frames wherever a narration is decoded (its mel features, its AAC track),
+    so what is heard and what the lips follow stay in step."""
+    bad = good = 0
+    any_frame = False
+    for packet in container.demux(stream):
+        try:
+            frames = stream.decode(packet)
+        except av.error.InvalidDataError:
+            bad += 1
+            if bad > BAD_PACKETS and bad * 100 > bad + good:
+                raise InputError("audio", uri, f"is not readable audio ({bad} of {bad + good} packets are damaged)")
+            continue
+        good += 1
+        any_frame = any_frame or bool(frames)
+        yield from frames
+    if bad and not any_frame:
+        raise InputError("audio", uri, f"is not readable audio (none of its {bad} packets decodes)")
 
 
 class Resampler:

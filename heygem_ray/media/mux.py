@@ -15,7 +15,7 @@ from typing import IO, Any
 import av
 
 from heygem_ray.errors import InputError
-from heygem_ray.media.audio import Resampler
+from heygem_ray.media.audio import Resampler, decoded
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def encode_audio(
         if not isinstance(dst, av.AudioStream):
             raise ValueError(f"{codec!r} is not an audio encoder")  # noqa: TRY004 - a bad name, not a bad type
         dst.bit_rate = bitrate
-        encoder = _AudioEncoder(audio_in, src, dst, sample_rate, layout)
+        encoder = _AudioEncoder(audio_in, src, dst, sample_rate, layout, audio_display or audio_path)
         for packet in encoder.packets():
             out.mux(packet)
     return encoder.samples
@@ -134,8 +134,9 @@ class _AudioEncoder:
         dst: av.audio.stream.AudioStream,
         rate: int,
         layout: str,
+        uri: str,
     ):
-        self._container, self._src, self._dst = container, src, dst
+        self._container, self._src, self._dst, self._uri = container, src, dst, uri
         self._resampler = Resampler("fltp", layout, rate)
         self.samples = 0
 
@@ -151,6 +152,6 @@ class _AudioEncoder:
         yield from self._dst.encode(None)
 
     def _frames(self) -> Iterator[av.AudioFrame]:
-        for frame in self._container.decode(self._src):
+        for frame in decoded(self._container, self._src, self._uri):
             yield from self._resampler.resample(frame)
         yield from self._resampler.resample(None)
