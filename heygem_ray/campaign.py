@@ -354,9 +354,10 @@ class Campaign:
         """The rows the stop caught. One being rendered: ok when its video was published before the
         stop (its marker, written since the row started, says so, though the driver had not heard
         yet: with `force` an earlier run's marker matches too), else failed. One never
-        started, or still being fingerprinted, keeps the result an earlier run gave it, if that published its video to the same
-        output (a stopped re-run of a finished campaign must not report its videos lost), unless
-        this run was to render everything again (`force`); else failed."""
+        started, or still being fingerprinted, keeps the result an earlier run gave it, if that
+        published its video to the same output and the video is still there (a stopped re-run of
+        a finished campaign must not report its videos lost, nor one a user deleted as kept),
+        unless this run was to render everything again (`force`); else failed."""
         unstarted = {row_id for row_id in row_ids if row_id not in self._states or self._states[row_id].prep is None}
         earlier: dict[str, RowResult] = {}
         if not self.cfg.force and unstarted:
@@ -364,6 +365,10 @@ class Campaign:
                 earlier = self.results.published_earlier()
             except Exception as exc:  # noqa: BLE001 - a table unreadable now: reported failed, as before
                 log.warning("earlier results not read: %s: %s", type(exc).__name__, exc)
+        earlier = {
+            row_id: r for row_id, r in earlier.items() if row_id in unstarted and r.output == self._outputs[row_id]
+        }
+        there = _still_there([r.output for r in earlier.values()])
         # one line for them all, no part written: a campaign of 100,000 rows stopped early reports
         # them in a second, and the table that follows holds them
         stopped: list[str] = []
@@ -376,7 +381,7 @@ class Campaign:
             kept = earlier.get(row_id)
             if marker is not None and state is not None and marker.finished_at >= state.started:
                 self._conclude(row_id, "ok", None, marker, None)
-            elif row_id in unstarted and kept is not None and kept.output == self._outputs[row_id]:
+            elif kept is not None and storage.normalize(kept.output) in there:
                 figures = (kept.sync_score, kept.sync_offset_frames, kept.sync_method, kept.frames_without_face)
                 # its flag as this run's settings say (the earlier table's already holds the median's)
                 self._states.pop(row_id, None)
@@ -412,6 +417,24 @@ class Campaign:
         result = state.result(status, error, marker, self.cfg.qa)
         self.results.add(result, flush=not quiet)
         self.observers.finished(result, thumbnail, quiet=quiet)
+
+
+def _still_there(outputs: list[str]) -> set[str]:
+    """Those of `outputs` (normalized) that exist now: one listing per folder, not a request per
+    video (a stop may catch 100,000 rows a rerun had not fingerprinted yet). None when a listing
+    fails (the store failing too: they are reported failed, and a rerun finds their markers)."""
+    folders: dict[str, list[str]] = {}
+    for uri in outputs:
+        folders.setdefault(storage.dirname(storage.normalize(uri)), []).append(storage.normalize(uri))
+    there: set[str] = set()
+    for folder, uris in folders.items():
+        try:
+            listed = {storage.normalize(uri) for uri in storage.listdir(folder)}
+        except Exception as exc:  # noqa: BLE001
+            log.warning("earlier videos in %s not listed: %s: %s", storage.display(folder), type(exc).__name__, exc)
+            continue
+        there.update(uri for uri in uris if uri in listed)
+    return there
 
 
 def _wind_down(*steps: tuple[str, Callable[[], object]]) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,7 +136,8 @@ def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir,
 def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never_started(tmp_path):
     """A re-run of a finished campaign (the studio's "Re-run failed rows") stopped early must not
     report the videos of the rows it had not reached (or was still fingerprinting) as failed: they keep their earlier result
-    (ok as skipped), from the last table or a killed run's parts; any other such row fails."""
+    (ok as skipped), from the last table or a killed run's parts, while their video is still
+    there; any other such row fails (one whose video a user deleted is not reported kept)."""
     from dataclasses import replace
 
     from heygem_ray.campaign import Campaign
@@ -166,6 +168,8 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     killed.add(replace(_result("d", "skipped"), output=output["d"]))
     killed.add(replace(_result("e", "failed"), output=output["e"]))
     killed.flush()
+    for row_id in "ad":  # their videos, published by those runs
+        Path(output[row_id]).write_bytes(b"video")
 
     campaign = Campaign(cfg, rows, InlineExecutor(cfg))
     campaign._states["a"] = RowState(rows[0], time.time())  # admitted, its fingerprint not known yet
@@ -174,6 +178,11 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     assert (got["a"].status, got["a"].sync_score, got["a"].finished_at) == ("skipped", 0.4, int(a.finished_at))
     assert "median" not in got["a"].qa_flag  # flagged as this run says (the earlier table's reason would repeat)
     assert got["d"].status == "skipped"
+    Path(output["d"]).unlink()  # deleted by a user since: a stop reports it failed, not kept
+    again = Campaign(cfg, rows, InlineExecutor(cfg))
+    again._interrupted(ids)
+    got = {r.id: r for r in again.results.finish(ids)}
+    assert got["a"].status == "skipped" and got["d"].status == "failed" and "interrupted" in (got["d"].error or "")
     for row_id in "bce":  # failed before; published to another path; failed in the latest run
         assert got[row_id].status == "failed" and "interrupted" in (got[row_id].error or ""), got[row_id]
     forced = Campaign(replace(cfg, force=True), rows, InlineExecutor(cfg))  # to render everything again
@@ -219,6 +228,8 @@ def test_a_stop_reports_its_rows_in_one_line_and_writes_no_part_for_each_thousan
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
     rows = [Row(f"r{i:04d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:04d}.mp4")) for i in range(300)]
     write_results(cfg.layout.results, [replace(_result("r0299"), output=rows[-1].output)])
+    out.mkdir(exist_ok=True)
+    Path(rows[-1].output).write_bytes(b"video")
     kept_work = out / "_work" / f"r0299-{'0' * 16}-libx264-n1"
     kept_work.mkdir(parents=True)
     job = Campaign(cfg, rows, executor=SimulatedExecutor(actors=2))
