@@ -24,6 +24,11 @@ AUDIO_TRACK_REFS = 1024
 #: is 24 bytes a frame, 6.5 MB for a 3-hour clip: by count alone, 256 of those took 1.7 GB)
 AVATAR_TRACKS = 256
 AVATAR_TRACK_BYTES = 256 * 2**20
+#: `prepare_avatar` tasks of one avatar that may lose their worker (each after Ray's own retries)
+#: before the avatar is taken as the cause (a clip that runs its tracker out of memory, a file
+#: that crashes its decoder): else every batch of rows waiting on it killed workers again, and
+#: Ray's memory monitor took renderers on the same node with them
+AVATAR_CRASHES = 2
 
 log = logging.getLogger("heygem_ray")
 
@@ -53,6 +58,7 @@ class _Known:
     track: AvatarTrack | None = None
     fault: BaseException | None = None
     fault_from: float = 0.0
+    crashes: int = 0  # its tasks that lost their worker
 
     def answer(self, seconds: float) -> AvatarTrack | BaseException | None:
         if self.fault is not None and seconds >= self.fault_from:
@@ -147,6 +153,11 @@ class SharedWork:
         self._known.move_to_end(key)
         self._forget_old_tracks()
         if isinstance(track, BaseException):
+            if self.executor.actor_lost(track):
+                known.crashes += 1
+                if known.crashes >= AVATAR_CRASHES:
+                    why = f"lost the worker tracking its face {known.crashes} times (out of memory? see the node's log)"
+                    track = InputError("avatar", key[0], why)
             if isinstance(self.executor.cause(track), (InputError, CacheError)):
                 # past a known track only: the rows it reaches need no more frames than it has
                 known.fault, known.fault_from = track, tracking.seconds if known.track is not None else 0.0

@@ -264,13 +264,15 @@ def _counted(calls: list[str], fail: dict[str, BaseException] | None = None) -> 
     return {**STAGES, "prepare_avatar": prepare_avatar}
 
 
-def _one_at_a_time(tmp_path: Path, avatars: list[str], stages: dict[str, Any], **executor: Any) -> Any:
+def _one_at_a_time(
+    tmp_path: Path, avatars: list[str], stages: dict[str, Any], kind: type = SimulatedExecutor, **executor: Any
+) -> Any:
     out = tmp_path / "out"
     cfg = compose_config(
         f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
     )
     rows = [Row(f"r{i}", "/in/a.wav", avatar, str(out / f"r{i}.mp4")) for i, avatar in enumerate(avatars)]
-    return Campaign(cfg, rows, executor=SimulatedExecutor(actors=2, stages=stages, **executor)).run()
+    return Campaign(cfg, rows, executor=kind(actors=2, stages=stages, **executor)).run()
 
 
 def test_a_presenter_replaced_mid_campaign_is_tracked_again_for_the_rows_that_found_the_new_one(tmp_path):
@@ -314,6 +316,37 @@ def test_an_avatar_the_store_failed_is_tracked_again_for_the_next_row(tmp_path):
     assert [r.status for r in summary.rows] == ["failed", "ok", "ok", "failed", "failed"]
     assert "storage down" in summary.rows[0].error and "no face" in summary.rows[4].error
     assert calls == ["/in/v.mp4", "/in/v.mp4", "/in/bad.mp4"]
+
+
+def test_an_avatar_that_keeps_crashing_its_tracking_worker_is_taken_as_the_cause(tmp_path):
+    """A clip that runs its tracking task out of memory (or crashes its decoder) loses its worker
+    each time, after Ray's own retries: a lost worker fails the rows that waited, and the next row
+    tries again, but only AVATAR_CRASHES times; then the avatar is the cause, and its later rows
+    fail at once, saying so, rather than each batch killing workers again."""
+    from heygem_ray.shared_work import AVATAR_CRASHES
+
+    class WorkerLost(Exception):
+        pass
+
+    class LosesWorkers(SimulatedExecutor):
+        def actor_lost(self, exc: BaseException) -> bool:
+            return isinstance(exc, WorkerLost)
+
+    calls: list[str] = []
+    stages = _counted(calls)
+    tracked = stages["prepare_avatar"]
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        if avatar == "/in/huge.mp4":
+            calls.append(avatar)
+            raise WorkerLost("worker died")
+        return tracked(avatar, *args)
+
+    stages["prepare_avatar"] = prepare_avatar
+    summary = _one_at_a_time(tmp_path, ["/in/huge.mp4"] * 5 + ["/in/v.mp4"], stages, LosesWorkers)
+    assert calls.count("/in/huge.mp4") == AVATAR_CRASHES
+    assert [r.status for r in summary.rows] == ["failed"] * 5 + ["ok"]
+    assert "lost the worker tracking its face 2 times" in summary.rows[-2].error, summary.rows[-2].error
 
 
 @pytest.mark.parametrize("bound", ["AVATAR_TRACKS", "AVATAR_TRACK_BYTES"])
