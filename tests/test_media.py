@@ -540,6 +540,68 @@ def test_a_transparent_still_is_shown_over_white(tmp_path):
     assert np.abs(video.read_image(str(tmp_path / "photo.jpg")).astype(int) - (0, 0, 200)).max() <= 3
 
 
+def _rgba_clip(path: str, codec: str, pix_fmt: str, frames: int) -> np.ndarray:
+    """A clip of `frames` frames, each red where opaque (left half) and transparent elsewhere."""
+    image = np.zeros((48, 64, 4), np.uint8)
+    image[:, :32] = (200, 0, 0, 255)  # RGBA
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgba").reformat(format=pix_fmt)
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return image
+
+
+@pytest.mark.parametrize(("codec", "pix_fmt"), [("qtrle", "argb"), ("png", "rgba"), ("prores_ks", "yuva444p10le")])
+def test_a_transparent_video_avatar_is_shown_over_white(tmp_path, codec, pix_fmt):
+    """A cut-out presenter exported with alpha (QuickTime Animation, PNG frames, ProRes 4444): its
+    transparent pixels come out white, as a transparent photo's do, not black."""
+    path = str(tmp_path / f"cut-out-{codec}.mov")
+    _rgba_clip(path, codec, pix_fmt, frames=3)
+    info = video.probe(path, 25)
+    assert not info.still
+    (_, frame), *_ = video.iter_frames(path, info, limit=1)
+    assert np.abs(frame[:, :30].astype(int) - (0, 0, 200)).max() <= 4  # opaque red, as it was
+    assert frame[:, 34:].min() >= 250  # transparent: white
+
+
+def test_a_video_of_one_frame_is_a_still_and_cover_art_is_no_avatar(tmp_path):
+    """One frame in a container (a photo saved as a QuickTime file, a GIF of one frame with a
+    delay of a second): a still at `render.still_fps`, read from the container (it is no image
+    file OpenCV reads), not a video at 1 frame a second. An MP3 with cover art given as an avatar
+    (audio and avatar swapped) says so."""
+    import cv2
+    from PIL import Image
+
+    png = str(tmp_path / "photo.mov")
+    _rgba_clip(png, "png", "rgb24", frames=1)
+    gif = str(tmp_path / "still.gif")
+    Image.new("RGB", (64, 48), (200, 0, 0)).save(gif, duration=1000)
+    for path in (png, gif):
+        info = video.probe(path, 25)
+        assert info.still and info.fps == 25 and (info.width, info.height) == (64, 48), path
+        image = video.read_still(path, info)
+        assert image.shape == (48, 64, 3) and np.abs(image[:, :30].astype(int) - (0, 0, 200)).max() <= 4, path
+    cover = str(tmp_path / "narration.mp3")
+    with av.open(cover, "w", format="mp3") as container:
+        speech = container.add_stream("libmp3lame", rate=44100, layout="mono")
+        art = container.add_stream("mjpeg")
+        art.width, art.height, art.pix_fmt = 64, 64, "yuvj420p"
+        art.disposition = av.stream.Disposition.attached_pic
+        packet = av.Packet(cv2.imencode(".jpg", np.full((64, 64, 3), 120, np.uint8))[1].tobytes())
+        packet.stream, packet.pts, packet.dts = art, 0, 0
+        container.mux(packet)
+        tone = av.AudioFrame.from_ndarray(_tone(0.5, 44100)[None], format="fltp", layout="mono")
+        tone.sample_rate, tone.pts = 44100, 0
+        container.mux(speech.encode(tone))
+        container.mux(speech.encode(None))
+    with pytest.raises(InputError, match="only cover art"):
+        video.probe(cover, 25)
+
+
 def _tagged_clip(path: str, pix_fmt: str, tags: int | tuple[int, int, int], full_range: bool) -> None:
     """Five frames in `pix_fmt` tagged (colorspace, primaries, transfer) = `tags` (one number: all three)."""
     with av.open(path, "w") as container:

@@ -74,12 +74,23 @@ def transfer_of(frame: av.VideoFrame, stream_transfer: int = 0) -> int:
 
 
 def frame_bgr(frame: av.VideoFrame, stream_transfer: int = 0) -> np.ndarray:
-    """A decoded frame as SDR BGR, 8-bit: swscale's conversion, or for HDR `sdr_bgr`'s."""
+    """A decoded frame as SDR BGR, 8-bit: swscale's conversion, or for HDR `sdr_bgr`'s. A frame
+    with transparency (a cut-out presenter in ProRes 4444, PNG or QuickTime Animation frames) over
+    white, as a still's: else it showed whatever colour lies under the transparent pixels (black)."""
     transfer = transfer_of(frame, stream_transfer)
     if transfer:
         return sdr_bgr(frame, transfer)
+    if any(component.is_alpha for component in frame.format.components):
+        bgra = frame.to_ndarray(format="bgra")
+        return over_white(bgra[..., :3], bgra[..., 3:])
     image: np.ndarray = frame.to_ndarray(format="bgr24")
     return image
+
+
+def over_white(bgr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """`bgr` composited over white by `alpha` (8- or 16-bit, one channel)."""
+    weight = alpha.astype(np.float32) / (65535.0 if alpha.dtype == np.uint16 else 255.0)
+    return (bgr.astype(np.float32) * weight + 255.0 * (1.0 - weight) + 0.5).astype(np.uint8)
 
 
 def sdr_bgr(frame: av.VideoFrame, transfer: int) -> np.ndarray:

@@ -126,24 +126,49 @@ def is_image_data(head: bytes) -> bool:
     return head.startswith(_IMAGE_MAGIC) or webp or heif.is_still(head)
 
 
-def read_image(path: str, what: str = "avatar") -> np.ndarray:
-    """A still avatar as BGR uint8 (EXIF orientation applied), cropped to even size."""
+def read_image(path: str, what: str = "avatar", display_uri: str | None = None) -> np.ndarray:
+    """A still avatar as BGR uint8 (EXIF orientation applied), cropped to even size: a photo, or
+    the one frame of a video file (`probe` takes those as stills)."""
+    uri = display_uri or path
     data = np.fromfile(path, dtype=np.uint8)
-    image = _read_heif(path, what) if heif.is_still(data[:12].tobytes()) else _read_with_opencv(path, what, data)
+    image: np.ndarray | None
+    if heif.is_still(data[:12].tobytes()):
+        image = _read_heif(path, what)
+    else:
+        image = _read_with_opencv(data)
+        image = _read_one_frame(path) if image is None else image
+    if image is None:
+        raise InputError(what, uri, "not a readable image (or larger than this machine decodes)")
     h, w = _even(image.shape[0]), _even(image.shape[1])
     if h < 2 or w < 2:
-        raise InputError(what, path, f"image is too small ({image.shape[1]}x{image.shape[0]})")
+        raise InputError(what, uri, f"image is too small ({image.shape[1]}x{image.shape[0]})")
     return np.ascontiguousarray(image[:h, :w])
 
 
-def _read_with_opencv(path: str, what: str, data: np.ndarray) -> np.ndarray:
+def _read_with_opencv(data: np.ndarray) -> np.ndarray | None:
     try:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     except cv2.error:  # e.g. past OPENCV_IO_MAX_IMAGE_PIXELS (the studio sets it)
         image = None
-    if image is None:
-        raise InputError(what, path, "not a readable image (or larger than this machine decodes)")
-    return _on_white(image, data)
+    return None if image is None else _on_white(image, data)
+
+
+def _read_one_frame(path: str) -> np.ndarray | None:
+    """The first frame of a file's video stream, upright, over white where transparent: the one
+    frame of a video `probe` took as a still (a PNG in a QuickTime file, a GIF of one frame)."""
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return None
+            frame = next(container.decode(container.streams.video[0]), None)
+            if frame is None:
+                return None
+            clockwise, mirror = display_transform(frame)
+            image = hdr.frame_bgr(frame)
+    except av.error.FFmpegError:
+        return None
+    w, h = (image.shape[0], image.shape[1]) if clockwise in (90, 270) else (image.shape[1], image.shape[0])
+    return orient(image, clockwise, _even(w), _even(h), mirror)
 
 
 def _read_heif(path: str, what: str) -> np.ndarray:
@@ -152,12 +177,7 @@ def _read_heif(path: str, what: str) -> np.ndarray:
         needs = "" if heif.register_opener() else "; reading HEIC photos needs pillow-heif installed"
         raise InputError(what, path, f"not a readable HEIF/AVIF image (or larger than this machine decodes){needs}")
     bgr = np.ascontiguousarray(rgba[..., 2::-1])
-    return _over_white(bgr, rgba[..., 3:]) if rgba.shape[2] == 4 else bgr
-
-
-def _over_white(bgr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    weight = alpha.astype(np.float32) / (65535.0 if alpha.dtype == np.uint16 else 255.0)
-    return (bgr.astype(np.float32) * weight + 255.0 * (1.0 - weight) + 0.5).astype(np.uint8)
+    return hdr.over_white(bgr, rgba[..., 3:]) if rgba.shape[2] == 4 else bgr
 
 
 def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
@@ -173,7 +193,7 @@ def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
     plain = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if plain is None or not np.array_equal(plain, image):
         return image
-    return _over_white(image, full[..., 3:])
+    return hdr.over_white(image, full[..., 3:])
 
 
 def probe(
@@ -191,23 +211,29 @@ def probe(
     if max_pixels:
         _check_frame_size(path, uri, max_pixels)
     if (is_image_path(path) and not _animated(path, uri)) or heif.file_is_still(path):
-        return _still_info(read_image(path), uri, still_fps, max_pixels, max_side)
+        return _still_info(read_image(path, display_uri=uri), uri, still_fps, max_pixels, max_side)
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
                 raise InputError("avatar", uri, f"has no video stream (found {kinds})")
             stream = container.streams.video[0]
-            if stream.codec_context.name in IMAGE_CODECS and _one_frame(container, stream):
-                return _still_info(read_image(path), uri, still_fps, max_pixels, max_side)
+            if stream.disposition & av.stream.Disposition.attached_pic:
+                raise InputError("avatar", uri, "has no video stream, only cover art (is it an audio file?)")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            if not rate or rate <= 0:
-                raise InputError("avatar", uri, "has no usable frame rate")
             # the container's word, before decoding replaces it with the bitstream's (maybe none)
             stream_transfer = int(stream.codec_context.color_trc or 0)
-            first = next(container.decode(stream), None)
-            if first is None:
+            # two frames where the container does not count them (MKV): is there more than one?
+            head = list(itertools.islice(container.decode(stream), 1 if stream.frames else 2))
+            if not head:
                 raise InputError("avatar", uri, "has no decodable video frames")
+            # one frame (a photo in a container, a GIF of one frame): a still, at `still_fps`, not a
+            # video at whatever rate its one frame's duration implies (1 fps, or 50)
+            if (stream.frames or len(head)) == 1:
+                return _still_info(read_image(path, display_uri=uri), uri, still_fps, max_pixels, max_side)
+            if not rate or rate <= 0:
+                raise InputError("avatar", uri, "has no usable frame rate")
+            first = head[0]
             clockwise, mirror = display_transform(first)
             context = stream.codec_context
             transfer = hdr.transfer_of(first, stream_transfer)
@@ -607,17 +633,6 @@ def _oriented_bgr(frame: av.VideoFrame, info: VideoInfo) -> np.ndarray:
     elif frame.format.name == "bgr24":  # a view of the decoder's own frame, which later frames build on
         image = image.copy()
     return orient(image, info.rotation, info.width, info.height, info.mirror)
-
-
-def _one_frame(container: av.container.InputContainer, stream: av.VideoStream) -> bool:
-    """Whether an image-codec stream holds one frame (a still), not a video in an image codec
-    (MJPEG, PNG frames). Containers that do not say how many frames they hold (MKV) are asked by
-    decoding up to two; the container is back at its start after."""
-    if stream.frames:
-        return stream.frames <= 1
-    frames = sum(1 for _ in itertools.islice(container.decode(stream), 2))
-    container.seek(0)
-    return frames <= 1
 
 
 def _plain_420(frame: av.VideoFrame, stream_transfer: int = 0) -> bool:
