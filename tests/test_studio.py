@@ -1750,12 +1750,14 @@ def test_uploads_count_the_users_store_at_most_every_few_seconds(tmp_path, monke
     assert len(walks) == 3
 
 
-def test_a_campaign_record_this_version_cannot_read_is_passed_over_not_fatal(tmp_path, caplog):
+def test_a_campaign_record_this_version_cannot_read_is_passed_over_not_fatal(tmp_path, caplog, monkeypatch):
     """One campaign.json cut short, edited by hand or lacking a field must not break its user's page
     nor the watcher of every user's campaigns: it is left out, with a warning. A newer version's
     record (a field this one does not know) still loads."""
+    from heygem_ray.studio import store as store_module
     from heygem_ray.studio.store import CampaignRecord
 
+    monkeypatch.setattr(store_module, "LISTED_SECONDS", 0.0)  # records edited by hand: listed each time
     store = StudioStore(str(tmp_path / "store"))
 
     def saved(user: str, name: str, created: float) -> CampaignRecord:
@@ -1873,3 +1875,20 @@ def test_a_page_lists_the_newest_campaigns_and_reads_a_record_again_only_when_it
     store.save(replace(made[0], name="renamed first"))
     views, records = studio.campaigns("alice")
     assert loads == [made[0].id] and [r.name for r in records] == ["c3", "c2", "renamed first"]
+    # and the listing itself (a LIST per campaign folder on an object store) is made at most every
+    # LISTED_SECONDS, and at once after this studio changed a record
+    from heygem_ray import storage
+    from heygem_ray.studio import store as store_module
+
+    listings = []
+    real_versions = storage.versions
+    monkeypatch.setattr(storage, "versions", lambda pattern: listings.append(pattern) or real_versions(pattern))
+    for _ in range(3):
+        studio.campaigns("alice")
+    assert listings == []
+    store.save(replace(made[1], name="renamed second"))
+    assert [r.name for r in studio.campaigns("alice")[1]] == ["c3", "renamed second", "renamed first"]
+    assert len(listings) == 1
+    monkeypatch.setattr(store_module, "LISTED_SECONDS", 0.0)
+    studio.campaigns("alice")
+    assert len(listings) == 2

@@ -88,6 +88,9 @@ RESULTS_KEPT = 8
 PARTS_LISTED_SECONDS = 2.0
 #: campaigns whose progress counts are kept (a few hundred bytes each)
 PROGRESS_KEPT = 4096
+#: how long a user's listing of campaigns is reused (a record another studio or a hand changed
+#: shows this much later; this studio's own changes show at once)
+LISTED_SECONDS = 15.0
 #: campaign records kept read, by version (a page lists its user's every 3 s)
 RECORDS_KEPT = 16384
 
@@ -105,6 +108,8 @@ class StudioStore:
         self._finished: dict[str, tuple[list[dict], int, list[str], dict[str, str]]] = {}
         self._progress: dict[str, tuple[str | None, dict]] = {}  # feed URI -> (its version, its counts)
         self._records: dict[str, tuple[str, CampaignRecord | None]] = {}  # record URI -> (its version, it)
+        self._listed: dict[str, tuple[float, dict[str, str | None]]] = {}  # user -> (when, their records' versions)
+        self._changed: Counter[str] = Counter()  # user -> changes this studio made to their records
         self._lock = threading.Lock()
         self.checks = UploadChecks()  # the page's checks of uploads, which saving them reuses
 
@@ -139,9 +144,13 @@ class StudioStore:
         """The campaign's uploads and videos, then its record, gone: a deletion that fails halfway
         leaves the campaign listed, to be deleted again, never files no page shows."""
         root = self.campaign_root(record.user, record.id)
-        storage.remove(storage.join(root, "output"), recursive=True)
-        storage.remove(storage.join(root, "inputs"), recursive=True)
-        storage.remove(root, recursive=True)
+        self._relist(record.user)
+        try:
+            storage.remove(storage.join(root, "output"), recursive=True)
+            storage.remove(storage.join(root, "inputs"), recursive=True)
+            storage.remove(root, recursive=True)
+        finally:
+            self._relist(record.user)
 
     def discard(self, user: str, campaign_id: str) -> None:
         """Whatever a campaign that was never created (no record) left: its uploads."""
@@ -239,7 +248,16 @@ class StudioStore:
     # -------------------------------------------------------------- records
     def save(self, record: CampaignRecord) -> None:
         uri = storage.join(self.campaign_root(record.user, record.id), "campaign.json")
-        storage.write_bytes(uri, json.dumps(asdict(record), indent=1).encode())
+        try:
+            storage.write_bytes(uri, json.dumps(asdict(record), indent=1).encode())
+        finally:
+            self._relist(record.user)
+
+    def _relist(self, user: str) -> None:
+        """The user's campaigns are listed anew at the next `campaigns`: this studio changed one."""
+        with self._lock:
+            self._listed.pop(user, None)
+            self._changed[user] += 1
 
     def load(self, user: str, campaign_id: str) -> CampaignRecord | None:
         """The user's campaign, None when there is none (or it is not theirs). A record this version
@@ -265,7 +283,7 @@ class StudioStore:
         """The user's campaigns, newest first. Read from one listing of the user's folder, each
         record read again only when its version changed (every open page lists them every few
         seconds: a user with hundreds of campaigns on an object store cost as many GETs each time)."""
-        found = storage.versions(storage.join(self._root_pattern, check_name(user), "*", "campaign.json"))
+        found = self._listing(user)
         records = []
         for uri, version in found.items():
             with self._lock:
@@ -286,6 +304,21 @@ class StudioStore:
             if record is not None:
                 records.append(record)
         return sorted(records, key=lambda r: r.created, reverse=True)
+
+    def _listing(self, user: str) -> dict[str, str | None]:
+        """The user's records and their versions, listed at most every LISTED_SECONDS (on an object
+        store a LIST per campaign folder, and every open page asks every 3 s), and at once after
+        this studio changed one of them."""
+        now = time.monotonic()
+        with self._lock:
+            listed, changes = self._listed.get(user), self._changed[user]
+        if listed is not None and now - listed[0] < LISTED_SECONDS:
+            return listed[1]
+        found = storage.versions(storage.join(self._root_pattern, check_name(user), "*", "campaign.json"))
+        with self._lock:
+            if self._changed[user] == changes:  # not one from before a change made meanwhile
+                self._listed[user] = (now, found)
+        return found
 
     def all_campaigns(self) -> Iterator[CampaignRecord]:
         """Every user's campaigns (for the studio's own watcher, never for a page)."""
