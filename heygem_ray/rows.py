@@ -185,4 +185,9 @@ def published_flag(
     """A published row's QA flag from its lip-sync figures, as `qa` says (the campaign's
     comparison with its median is added when its table is written)."""
     floor = qa.min_confidence if method == qa_flags.SYNCNET else qa.min_sync
-    return "; ".join(qa_flags.flags(score, offset, floor, method or qa_flags.METHOD, without_face or 0))
+    flags = qa_flags.flags(score, offset, floor, method or qa_flags.METHOD, without_face or 0)
+    if qa.fail_below is not None and score is not None and score < qa.fail_below:
+        # a row this run skips was published before `fail_below` was set (or raised): said, not
+        # failed, as its video is there (`force=true` renders it again, and then fails it)
+        flags.append(f"below qa.fail_below ({qa.fail_below:g}), published by an earlier run")
+    return "; ".join(flags)

@@ -129,6 +129,18 @@ def test_below_fail_below_the_row_fails_and_nothing_is_published(rendered, tmp_p
     assert not os.path.exists(tmp_path / "strict.mp4") and not os.path.exists(rendered_row.marker_uri)
 
 
+def test_a_row_published_before_fail_below_was_set_is_flagged_when_skipped():
+    """A rerun that sets `qa.fail_below` skips the rows an earlier run published: a video already
+    there is not failed (nor removed), but its flag says it scores below the new floor."""
+    from heygem_ray.config import QAConfig
+    from heygem_ray.rows import published_flag
+
+    strict = QAConfig(fail_below=0.2, min_sync=0.05)
+    assert "below qa.fail_below (0.2), published by an earlier run" in published_flag(0.1, 0, None, 0, strict)
+    assert published_flag(0.25, 0, None, 0, strict) == ""
+    assert published_flag(0.1, 0, None, 0, QAConfig(min_sync=0.05)) == ""  # no floor set
+
+
 def test_the_marker_of_the_video_being_replaced_goes_before_the_new_video_is_published(rendered, tmp_path, monkeypatch):
     """Published, then stopped before its own marker: the new video must not stay under the marker
     of the one it replaced (a later run with those settings would skip the row with this video)."""
