@@ -602,6 +602,46 @@ def test_a_video_of_one_frame_is_a_still_and_cover_art_is_no_avatar(tmp_path):
         video.probe(cover, 25)
 
 
+def _combing(image: np.ndarray) -> float:
+    """How far each odd row is from the mean of the rows around it (two fields of different
+    moments woven together: high on a moving edge; ~0 on a progressive frame)."""
+    rows = image.astype(np.float32)
+    return float(np.abs(rows[1:-1:2] - (rows[:-2:2] + rows[2::2]) / 2).mean())
+
+
+def test_an_interlaced_avatar_is_deinterlaced_wherever_its_frames_are_read_from(tmp_path):
+    """A broadcast camera's interlaced clip (its two fields a moment apart, a bar moving across):
+    its frames come out progressive, not combed on every movement, and the same whether read in one
+    pass or after a seek; a progressive clip's frames pass unchanged."""
+    height, width = 96, 128
+    interlaced = str(tmp_path / "1080i.mp4")
+    with av.open(interlaced, "w") as container:
+        options = {"x264-params": "interlaced=1:tff=1:keyint=5", "preset": "ultrafast"}
+        stream = container.add_stream("libx264", rate=25, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(15):
+            image = np.zeros((height, width, 3), np.uint8)
+            image[::2, 10 + 4 * i : 40 + 4 * i] = 255  # the first field
+            image[1::2, 12 + 4 * i : 42 + 4 * i] = 255  # the second, 1/50 s later: moved on
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")))
+        container.mux(stream.encode(None))
+    with av.open(interlaced) as container:
+        raw = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    assert min(_combing(f) for f in raw[1:]) > 5  # woven fields, as decoded
+    info = video.probe(interlaced, 25)
+    pts = np.arange(15) * 512  # 1/12800 s: the muxer's time base for 25 fps
+    whole = video.FrameReader(interlaced, info, pts).read(np.arange(15))
+    assert max(_combing(whole[i]) for i in range(15)) < 0.3 * min(_combing(f) for f in raw[1:])
+    sought = video.FrameReader(interlaced, info, pts).read(np.array([11, 12]))
+    assert all(np.array_equal(sought[i], whole[i]) for i in (11, 12))
+    progressive = str(tmp_path / "progressive.mp4")
+    _tagged_clip(progressive, "yuv420p", 1, full_range=False)
+    with av.open(progressive) as container:
+        plain = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    frames = video.FrameReader(progressive, video.probe(progressive, 25), np.arange(5) * 512).read(np.arange(5))
+    assert all(np.array_equal(frames[i], plain[i]) for i in range(5))
+
+
 def _tagged_clip(path: str, pix_fmt: str, tags: int | tuple[int, int, int], full_range: bool) -> None:
     """Five frames in `pix_fmt` tagged (colorspace, primaries, transfer) = `tags` (one number: all three)."""
     with av.open(path, "w") as container:
