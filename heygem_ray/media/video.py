@@ -460,6 +460,7 @@ class FrameReader:
                 if threads:
                     self._stream.codec_context.thread_count = threads
             self._decoder: Iterator[av.VideoFrame] | None = None
+            self._interlaced: bool | None = None  # known once a frame is decoded
             self._next = 0  # index of the frame the running decoder yields next
             self._last_lo = -1  # the first frame the last read wanted
             frame_bytes = info.width * info.height * 3 // (2 if self._i420 else 1) or 1
@@ -579,11 +580,13 @@ class FrameReader:
         In an open GOP (x265's default, x264's open-gop) the frames shown just before a keyframe
         are decoded after it, from the GOP before. The demuxer's seek can land on that keyframe, and
         the decoder then drops those leading frames: so the first frame decoded is checked, and the
-        seek goes further back until it lands at or before `index`."""
+        seek goes further back until it lands at or before `index`. In an interlaced stream, at or
+        before the frame before it: the deinterlacer makes each frame with its neighbours."""
         container = self._container
         if container is None:
             raise ValueError("FrameReader is closed")
-        want = int(self._pts[index - self._first])
+        before = 1 if self._interlaced and index > self._first else 0
+        want = int(self._pts[index - before - self._first])
         target, back = want, 0
         for _ in range(_SEEK_TRIES):
             try:
@@ -592,6 +595,10 @@ class FrameReader:
                 break
             decoder = container.decode(self._stream)
             first = next(decoder, None)
+            if first is not None and self._interlaced is None:
+                self._interlaced = bool(first.interlaced_frame)
+                if self._interlaced and index > self._first:  # now known: a frame earlier
+                    return self._seek(index)
             if first is not None and (first.pts is None or first.pts <= want):
                 self._decoder = self._progressive(itertools.chain([first], decoder))
                 self._next = self._first  # a lower bound until the first frame's pts tells
