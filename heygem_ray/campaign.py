@@ -46,6 +46,8 @@ log = logging.getLogger("heygem_ray")
 
 #: the error of a row a stop caught before it finished
 INTERRUPTED = "campaign interrupted before this row finished"
+#: seconds a stop spends checking that the videos of rows it keeps from an earlier run are there
+STILL_THERE_SECONDS = 1.0
 
 #: at a stop, how long the stitches under way may go on (most take a second or two) before they are
 #: stopped; `ray job stop` kills the driver 3 s after its SIGTERM by default
@@ -197,15 +199,15 @@ class Campaign:
             self._fail(row_id, reason)
         self.segments.broken.clear()
 
-    def _take_back(self, actor: int, why: str = "was lost") -> None:
-        """The segments an actor holds, for the others: their calls are forgotten (an answer
-        that comes one day changes nothing)."""
+    def _take_back(self, actor: int, hung: str | None = None) -> None:
+        """The segments an actor holds, lost or `hung` (why), for the others: their calls are
+        forgotten (an answer that comes one day changes nothing)."""
         calls = []
         for handle, (event, key) in list(self._inflight.items()):
             if event == "segment" and key[2] == actor:
                 del self._inflight[handle]
                 calls.append(key)
-        for row_id, failure in self.segments.take_back(actor, calls, self._states, why).items():
+        for row_id, failure in self.segments.take_back(actor, calls, self._states, hung).items():
             self._fail(row_id, failure)
 
     def _restart_hung(self, actor: int) -> None:
@@ -421,13 +423,19 @@ class Campaign:
 
 def _still_there(outputs: list[str]) -> set[str]:
     """Those of `outputs` (normalized) that exist now: one listing per folder, not a request per
-    video (a stop may catch 100,000 rows a rerun had not fingerprinted yet). None when a listing
-    fails (the store failing too: they are reported failed, and a rerun finds their markers)."""
+    video (a stop may catch 100,000 rows a rerun had not fingerprinted yet). None of a folder whose
+    listing fails (the store failing too: they are reported failed, and a rerun finds their
+    markers); all of the folders not listed within STILL_THERE_SECONDS, taken on the earlier
+    table's word (`ray job stop` kills the driver 3 s after its SIGTERM, before its table)."""
     folders: dict[str, list[str]] = {}
     for uri in outputs:
         folders.setdefault(storage.dirname(storage.normalize(uri)), []).append(storage.normalize(uri))
     there: set[str] = set()
+    deadline = time.monotonic() + STILL_THERE_SECONDS
     for folder, uris in folders.items():
+        if time.monotonic() > deadline:
+            there.update(uris)
+            continue
         try:
             listed = {storage.normalize(uri) for uri in storage.listdir(folder)}
         except Exception as exc:  # noqa: BLE001

@@ -472,8 +472,9 @@ def _avatar_frames(
     cached = _cached(frames_uri, _load_frames)
     if cached is not None and not cached[0].still:
         _check_pixels(uri, cached[0], max_pixels)
-        # "": a video through BGR probed before its primaries and transfer were kept
-        if cached[0].color not in (None, "") and cached[0].hdr is not None:
+        # "": a video through BGR probed before its primaries and transfer were kept; None: of a
+        # release that did not deinterlace or put transparency over white
+        if cached[0].color not in (None, "") and cached[0].hdr is not None and cached[0].decoding is not None:
             return cached
     local = storage.local_copy(uri, content=fp)
     info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels, max_side=max_side)

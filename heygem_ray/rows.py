@@ -61,7 +61,11 @@ class RowState:
         row was cut the same way (another segment length or actor count cuts it into other spans)."""
         assert self.prep is not None and self.track is not None
         info = self.track.info
-        shape = stable_hash(info.width, info.height, info.fps_fraction, info.sar, info.color, video.FROM_BGR, length=8)
+        # a stream decoded otherwise (deinterlaced, over white) only: the others keep their key
+        decoded = [info.decoding] if info.decoding else []
+        shape = stable_hash(
+            info.width, info.height, info.fps_fraction, info.sar, info.color, video.FROM_BGR, *decoded, length=8
+        )
         return layout.work(f"{self.row.id}-{self.prep.fingerprint[:16]}-{codec}-{shape}-n{len(self.spans)}")
 
     def segment_job(self, index: int, layout: CampaignLayout, codec: str, reuse: bool = True) -> SegmentJob:
@@ -186,7 +190,7 @@ def published_flag(
     comparison with its median is added when its table is written)."""
     floor = qa.min_confidence if method == qa_flags.SYNCNET else qa.min_sync
     flags = qa_flags.flags(score, offset, floor, method or qa_flags.METHOD, without_face or 0)
-    if qa.fail_below is not None and score is not None and score < qa.fail_below:
+    if qa.fail_below is not None and (score is None or score < qa.fail_below):  # as the stitch fails it
         # a row this run skips was published before `fail_below` was set (or raised): said, not
         # failed, as its video is there (`force=true` renders it again, and then fails it)
         flags.append(f"below qa.fail_below ({qa.fail_below:g}), published by an earlier run")

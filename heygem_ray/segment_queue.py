@@ -130,23 +130,26 @@ class SegmentQueue:
             self.by_actor[actor] = self.by_actor.get(actor, 0) + 1
 
     def take_back(
-        self, actor: int, calls: list[SegmentCall], states: Mapping[str, RowState], why: str = "was lost"
+        self, actor: int, calls: list[SegmentCall], states: Mapping[str, RowState], hung: str | None = None
     ) -> dict[str, str]:
-        """The segments `calls` left with `actor`, lost and not come back or hung, queued for the
-        others (a call, should the actor ever run it, writes the same file). Only the one it was
-        working on keeps its try: those waiting behind it never ran. Returns the failure reasons
-        of rows a segment of which has had its `render.max_attempts` tries."""
+        """The segments `calls` left with `actor`, queued for the others (a call, should the actor
+        ever run it, writes the same file). An actor lost and not come back: none of them is
+        charged a try (the call it was running when it died failed, and was charged, then; these
+        waited behind it). One `hung` (why): the call it is stuck on keeps its try, those behind it
+        never ran. Returns the failure reasons of rows a segment of which has had its
+        `render.max_attempts` tries."""
         out = self._out.get(actor, {})
         sent = [out[(row_id, index)] for row_id, index, _ in calls if (row_id, index) in out]
-        running = min(sent, default=None)
+        running = min(sent, default=None) if hung else None
+        why = hung or "was lost"
         failures: dict[str, str] = {}
         for call in calls:
             row_id, index, _ = call
-            was_running = self._back(call) == running
+            charged = self._back(call) == running
             state = states.get(row_id)
             if state is None:
                 continue
-            if not was_running:
+            if not charged:
                 state.attempts[index] -= 1
             elif state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
                 failures[row_id] = (

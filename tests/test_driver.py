@@ -873,6 +873,8 @@ def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):
     assert work(info) == work(replace(info))
     others = [replace(info, width=1920, height=1080, scale=0.5), replace(info, fps=30.0, fps_fraction="30/1")]
     assert len({work(info), *map(work, others)}) == 3
+    # decoded otherwise (deinterlaced, over white): keyed apart; decoded plainly: the key it had
+    assert work(replace(info, decoding="deinterlaced")) != work(info) == work(replace(info, decoding=""))
 
 
 def test_an_actor_that_fails_every_segment_is_retired_and_its_segments_render_elsewhere(tmp_path):

@@ -562,7 +562,7 @@ def test_a_transparent_video_avatar_is_shown_over_white(tmp_path, codec, pix_fmt
     path = str(tmp_path / f"cut-out-{codec}.mov")
     _rgba_clip(path, codec, pix_fmt, frames=3)
     info = video.probe(path, 25)
-    assert not info.still
+    assert not info.still and info.decoding == "over-white"
     (_, frame), *_ = video.iter_frames(path, info, limit=1)
     assert np.abs(frame[:, :30].astype(int) - (0, 0, 200)).max() <= 4  # opaque red, as it was
     assert frame[:, 34:].min() >= 250  # transparent: white
@@ -580,6 +580,17 @@ def test_a_video_of_one_frame_is_a_still_and_cover_art_is_no_avatar(tmp_path):
     _rgba_clip(png, "png", "rgb24", frames=1)
     gif = str(tmp_path / "still.gif")
     Image.new("RGB", (64, 48), (200, 0, 0)).save(gif, duration=1000)
+    fragmented = str(tmp_path / "all-intra.mp4")  # its header counts the first fragment's frame only
+    with av.open(fragmented, "w", options={"movflags": "frag_keyframe"}) as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="bgr24")
+            container.mux(stream.encode(frame.reformat(format="yuvj420p")))
+        container.mux(stream.encode(None))
+    with av.open(fragmented) as container:
+        assert container.streams.video[0].frames == 1
+    assert not video.probe(fragmented, 25).still
     for path in (png, gif):
         info = video.probe(path, 25)
         assert info.still and info.fps == 25 and (info.width, info.height) == (64, 48), path
@@ -629,6 +640,7 @@ def test_an_interlaced_avatar_is_deinterlaced_wherever_its_frames_are_read_from(
         raw = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
     assert min(_combing(f) for f in raw[1:]) > 5  # woven fields, as decoded
     info = video.probe(interlaced, 25)
+    assert info.decoding == "deinterlaced"  # its segments join none decoded otherwise
     pts = np.arange(15) * 512  # 1/12800 s: the muxer's time base for 25 fps
     whole = video.FrameReader(interlaced, info, pts).read(np.arange(15))
     assert max(_combing(whole[i]) for i in range(15)) < 0.3 * min(_combing(f) for f in raw[1:])
@@ -639,6 +651,7 @@ def test_an_interlaced_avatar_is_deinterlaced_wherever_its_frames_are_read_from(
     _tagged_clip(progressive, "yuv420p", 1, full_range=False)
     with av.open(progressive) as container:
         plain = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    assert video.probe(progressive, 25).decoding == ""
     frames = video.FrameReader(progressive, video.probe(progressive, 25), np.arange(5) * 512).read(np.arange(5))
     assert all(np.array_equal(frames[i], plain[i]) for i in range(5))
 

@@ -138,6 +138,7 @@ def test_a_row_published_before_fail_below_was_set_is_flagged_when_skipped():
     strict = QAConfig(fail_below=0.2, min_sync=0.05)
     assert "below qa.fail_below (0.2), published by an earlier run" in published_flag(0.1, 0, None, 0, strict)
     assert published_flag(0.25, 0, None, 0, strict) == ""
+    assert "below qa.fail_below" in published_flag(None, None, None, 0, strict)  # unscored: failed by a stitch too
     assert published_flag(0.1, 0, None, 0, QAConfig(min_sync=0.05)) == ""  # no floor set
 
 

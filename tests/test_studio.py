@@ -334,6 +334,11 @@ def test_a_running_campaigns_finished_videos_show_and_zip_before_it_ends(tmp_pat
     def result(i: int, status: str = "ok") -> RowResult:
         return RowResult(f"r{i}", status, uri[i], None, 1.0, 25, 1, 1.0, 1, time.time())
 
+    first = ResultsTable(layout.results, layout.results_parts, flush_rows=1)  # a first run: no table yet
+    first.add(result(0))
+    found = store.finished_videos(record)
+    assert found == {"r0.mp4": uri[0]} and store.finished_videos(record) is found  # worked out once
+    first.finish(["r0"])
     earlier = ResultsTable(layout.results, layout.results_parts, flush_rows=1)
     earlier.add(result(0))
     earlier.add(result(1))
@@ -1323,7 +1328,7 @@ def test_a_job_server_error_is_not_taken_for_a_forgotten_job(tmp_path, media_dir
 def test_a_job_that_ended_without_its_drivers_last_feed_shows_nothing_under_way(tmp_path):
     """The driver killed (out of memory, its node lost, a stop's SIGKILL before its last write): the
     job ended, its feed still says running. The page shows no time left and its unfinished rows
-    as not finished, not "rendering" for ever."""
+    as not finished, not "rendering" for ever (those its results parts have as done: done)."""
     import logging
 
     from heygem_ray.config import StudioConfig
@@ -1356,14 +1361,16 @@ def test_a_job_that_ended_without_its_drivers_last_feed_shows_nothing_under_way(
         }
         with open(os.path.join(output, "_progress.json"), "w") as fh:
             json.dump(feed, fh)
+        # b finished after the last feed: its result is in the run's parts
+        from heygem_ray.results import ResultsTable, RowResult
+
+        layout = CampaignLayout(output)
+        parts = ResultsTable(layout.results, layout.results_parts, flush_rows=1)
+        parts.add(RowResult("b", "ok", f"{output}/b.mp4", None, 1.0, 25, 1, 1.0, 1, time.time()))
         view = studio.campaign("alice", campaign)
         assert view is not None and view.status == "failed" and view.eta_seconds is None
-        assert [(r["id"], r["status"]) for r in view.rows] == [
-            ("a", "ok"),
-            ("b", "not finished"),
-            ("c", "not finished"),
-        ]
-        assert view.rows[1]["error"] == NOT_FINISHED
+        assert [(r["id"], r["status"]) for r in view.rows] == [("a", "ok"), ("b", "ok"), ("c", "not finished")]
+        assert view.rows[2]["error"] == NOT_FINISHED
     finally:
         server.close()
 

@@ -75,6 +75,17 @@ class VideoInfo:
     #: own size times this is width x height, which its frames are read at; a face box given in its
     #: own pixels is scaled alike
     scale: float = 1.0
+    #: what decoding does to its frames beyond converting them, `decoding_of` its first: "" none,
+    #: else "deinterlaced", "over-white" (its transparency), joined by "+"; None: not known (a probe
+    #: before these were done). Segments of other decoding are not joined with these.
+    decoding: str | None = None
+
+
+def decoding_of(frame: av.VideoFrame) -> str:
+    """`VideoInfo.decoding` for a stream whose first frame is `frame` (`FrameReader` deinterlaces
+    an interlaced stream, `hdr.frame_bgr` puts transparent pixels over white)."""
+    alpha = any(component.is_alpha for component in frame.format.components)
+    return "+".join(name for name, done in (("deinterlaced", frame.interlaced_frame), ("over-white", alpha)) if done)
 
 
 def _even(x: int) -> int:
@@ -224,13 +235,14 @@ def probe(
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             # the container's word, before decoding replaces it with the bitstream's (maybe none)
             stream_transfer = int(stream.codec_context.color_trc or 0)
-            # two frames where the container does not count them (MKV): is there more than one?
-            head = list(itertools.islice(container.decode(stream), 1 if stream.frames else 2))
+            # two frames decoded, not the container's count: a fragmented MP4's header counts the
+            # frames of its first fragment only (one, in an all-intra clip)
+            head = list(itertools.islice(container.decode(stream), 2))
             if not head:
                 raise InputError("avatar", uri, "has no decodable video frames")
             # one frame (a photo in a container, a GIF of one frame): a still, at `still_fps`, not a
             # video at whatever rate its one frame's duration implies (1 fps, or 50)
-            if (stream.frames or len(head)) == 1:
+            if len(head) == 1:
                 return _still_info(read_image(path, display_uri=uri), uri, still_fps, max_pixels, max_side)
             if not rate or rate <= 0:
                 raise InputError("avatar", uri, "has no usable frame rate")
@@ -264,6 +276,7 @@ def probe(
         sar=f"{sar.numerator}/{sar.denominator}",
         color=color,
         hdr=transfer,
+        decoding=decoding_of(first),
     )
 
 
@@ -372,7 +385,8 @@ def _still_info(
     """A still's facts, `fitted` to `max_pixels` and `max_side`."""
     rate = Fraction(still_fps).limit_denominator(1001)
     width, height = image.shape[1], image.shape[0]
-    info = VideoInfo(True, float(rate), f"{rate.numerator}/{rate.denominator}", width, height, 0, 1, color="", hdr=0)
+    rational = f"{rate.numerator}/{rate.denominator}"
+    info = VideoInfo(True, float(rate), rational, width, height, 0, 1, color="", hdr=0, decoding="")
     return fitted(info, uri, max_side, max_pixels)
 
 

@@ -560,9 +560,13 @@ class Studio:
                     for r in results
                 ]
             else:
+                # an orphaned job's rows that finished after its last feed are in its results parts
+                finished = self.store.finished_rows(record) if orphaned else frozenset()
                 view.rows = [
                     {"id": row_id, "status": s, "seconds": None, "error": ""}
                     if not orphaned or s in ("ok", "failed", "skipped")
+                    else {"id": row_id, "status": "ok", "seconds": None, "error": ""}
+                    if row_id in finished
                     else {"id": row_id, "status": "not finished", "seconds": None, "error": NOT_FINISHED}
                     for row_id, s in feed.get("row_status", {}).items()
                 ]

@@ -84,6 +84,9 @@ _RECORD_FIELDS = frozenset(f.name for f in fields(CampaignRecord))
 #: results tables the store keeps read (the campaigns being looked at; up to ~100 MB each at
 #: MANIFEST_MAX_ROWS)
 RESULTS_KEPT = 8
+#: the rows of a results table not written yet: one list, so what is worked out from a table
+#: (`_finished_of`) is kept for it too (a campaign's first run has none until its end)
+_NO_TABLE: list[dict] = []
 #: how often a running campaign's results parts are listed again (a page refreshes every 3 s)
 PARTS_LISTED_SECONDS = 2.0
 #: campaigns whose progress counts are kept (a few hundred bytes each)
@@ -104,8 +107,9 @@ class StudioStore:
         self._results: dict[str, tuple[str | None, list[dict], str | None]] = {}
         # parts folder -> (when listed, its parts' rows by part name)
         self._part_rows: dict[str, tuple[float, dict[str, list[dict]]]] = {}
-        # output URI -> (the table's rows read, how many part rows, their finished videos, those by name)
-        self._finished: dict[str, tuple[list[dict], int, list[str], dict[str, str]]] = {}
+        # output URI -> (the table's rows read, how many part rows, their finished videos, those by
+        # name, the finished rows' ids)
+        self._finished: dict[str, tuple[list[dict], int, list[str], dict[str, str], frozenset[str]]] = {}
         self._progress: dict[str, tuple[str | None, dict]] = {}  # feed URI -> (its version, its counts)
         self._records: dict[str, tuple[str, CampaignRecord | None]] = {}  # record URI -> (its version, it)
         self._listed: dict[str, tuple[float, dict[str, str | None]]] = {}  # user -> (when, their records' versions)
@@ -387,7 +391,7 @@ class StudioStore:
                 return kept[1], kept[2]
             rows, upto = read_table(uri)
         except FileNotFoundError:
-            return [], None
+            return _NO_TABLE, None
         with self._lock:
             self._results.pop(uri, None)
             self._results[uri] = (version, rows, upto)  # newest last: the oldest go past RESULTS_KEPT
@@ -434,7 +438,11 @@ class StudioStore:
         """The campaign's finished videos by file name (the first of a name)."""
         return self._finished_of(record)[1]
 
-    def _finished_of(self, record: CampaignRecord) -> tuple[list[str], dict[str, str]]:
+    def finished_rows(self, record: CampaignRecord) -> frozenset[str]:
+        """The ids of the campaign's rows whose video is finished (ok or skipped)."""
+        return self._finished_of(record)[2]
+
+    def _finished_of(self, record: CampaignRecord) -> tuple[list[str], dict[str, str], frozenset[str]]:
         """From the results table and the parts written after it; worked out again only when those
         change: every page's refresh and every seek in a video asked (0.7 s for 100,000 rows)."""
         table, upto = self._table(record)
@@ -442,23 +450,23 @@ class StudioStore:
         with self._lock:
             kept = self._finished.get(record.output)
         if kept is not None and kept[0] is table and kept[1] == len(parts):
-            return kept[2], kept[3]
+            return kept[2], kept[3], kept[4]
         own = record.output.rstrip("/") + "/"
         finished: dict[str, str] = {}  # row id -> its video; a later result of a row counts
         for r in [*table, *parts]:
             finished.pop(r["id"], None)
             if r["status"] in ("ok", "skipped") and storage.normalize(r["output"]).startswith(own):
                 finished[r["id"]] = r["output"]
-        videos = list(finished.values())
+        videos, ids = list(finished.values()), frozenset(finished)
         by_name: dict[str, str] = {}
         for uri in videos:
             by_name.setdefault(storage.basename(uri), uri)
         with self._lock:
             self._finished.pop(record.output, None)
-            self._finished[record.output] = (table, len(parts), videos, by_name)
+            self._finished[record.output] = (table, len(parts), videos, by_name, ids)
             while len(self._finished) > RESULTS_KEPT:
                 del self._finished[next(iter(self._finished))]
-        return videos, by_name
+        return videos, by_name, ids
 
     def zip_stream(self, record: CampaignRecord) -> Iterator[bytes]:
         """The campaign's videos as one zip, produced piece by piece while it is sent (stored, not
