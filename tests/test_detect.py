@@ -197,6 +197,29 @@ def test_boxes_come_back_in_frame_coordinates_through_every_kind_of_view():
     assert np.linalg.norm(moved - center) < 0.15 * (reference[2] - reference[0]), (box, reference)
 
 
+def test_a_tilted_head_is_boxed_at_its_own_size_not_the_box_around_its_turned_box():
+    """A head tilted 10-20 degrees, found through a turned view, is boxed at about the size of the
+    upright face (the box around the turned box's corners was up to 1.3x it, and a squeezed view
+    boxed it wide and short): the face fills the model's crop as it does upright, and the box does
+    not pulse as the view that finds it changes."""
+    import cv2
+
+    plain = next(frame for name, frame, _ in CASES if name == "720p")
+    (reference,) = HaarDetector().detect([plain])[0][:1]
+    side = reference[2] - reference[0]
+    centre = ((reference[0] + reference[2]) / 2, (reference[1] + reference[3]) / 2)
+    h, w = plain.shape[:2]
+    for angle in (10, 15, 20, -20):
+        tilted = cv2.warpAffine(
+            plain, cv2.getRotationMatrix2D(centre, angle, 1.0), (w, h), borderMode=cv2.BORDER_REPLICATE
+        )
+        detector = HaarDetector()
+        (box,) = detector.detect([tilted])[0][:1]
+        assert detector.view is not None and detector.view.angle, (angle, detector.view)
+        for extent in (box[2] - box[0], box[3] - box[1]):
+            assert abs(extent / side - 1) < 0.12, (angle, detector.view.name, box, side)
+
+
 def test_a_blurred_noise_avatar_fails_with_no_face_found(tmp_path):
     """The issue's example, end to end through the avatar stage: a clip of blurred random noise is
     refused ("no face found"), so its row fails and nothing is rendered onto it."""
