@@ -17,6 +17,7 @@ import glob as globlib
 import hashlib
 import logging
 import os
+import posixpath
 import random
 import re
 import shutil
@@ -567,8 +568,11 @@ def _sync(path: str) -> None:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a small object atomically (temp file + publish_file)."""
-    path = scratch.file("write")
+    """Write a small object atomically (temp file + publish_file). The temp file has the object's
+    extension: s3fs tells an object's Content-Type from it (a report stored as octet-stream was
+    downloaded, not shown, when opened from the bucket)."""
+    suffix = posixpath.splitext(basename(uri))[1]
+    path = scratch.file("write", suffix=suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else "")
     try:
         with open(path, "wb") as tmp:
             tmp.write(data)

@@ -78,6 +78,9 @@ def test_campaign_entirely_on_s3(ray_local, bucket, capfd):
     assert any(k.startswith("out/c1/_cache/avatars/") for k in objects)
     assert not [k for k in objects if "/_work/" in k or ".part" in k]
 
+    # each object typed by what it is: the report opens from the bucket, a video plays
+    for key, kind in (("out/c1/_report.html", "text/html"), ("out/c1/clip.mp4", "video/mp4")):
+        assert bucket.head_object(Bucket="heygem-e2e", Key=key)["ContentType"] == kind, key
     body = bucket.get_object(Bucket="heygem-e2e", Key="out/c1/clip.mp4")["Body"].read()
     with av.open(io.BytesIO(body)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 75  # 3 s of audio at 25 fps
