@@ -255,6 +255,12 @@ class ClusterConfig:
                 raise ValueError(f"cluster.{name} must be 0 or more, got {value}")
         if self.task_cpus <= 0:
             raise ValueError(f"cluster.task_cpus must be more than 0, got {self.task_cpus}")
+        # the pool fitted to the cluster by each actor's share: of nothing, thousands of processes
+        if self.actors == 0 and self.actor.num_cpus == 0 and self.actor.num_gpus == 0:
+            raise ValueError(
+                "cluster.actors=0 fits the pool to the cluster by each actor's CPUs and GPUs, and "
+                "cluster.actor asks for neither: give cluster.actor.num_cpus, or cluster.actors"
+            )
 
     def local_cpus(self) -> int:
         """Logical CPUs of a Ray started on this machine (the run's own, or the studio's head):

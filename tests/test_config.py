@@ -105,6 +105,8 @@ def test_workers_unpickle_their_config_without_hydra():
         ("encoder.audio_codec=mp3", "encoder.audio_codec=mp3 is not one of aac"),
         ("encoder.crf=99", "encoder.crf=99 is not within 0"),
         ("cluster.actor.num_gpus=-1", "cluster.actor's num_cpus, num_gpus and threads must be 0 or more"),
+        # cluster.actors=0 fitted 2,000 actors of no CPU to a 2-core machine
+        ("cluster.actor.num_cpus=0", "cluster.actor asks for neither: give cluster.actor.num_cpus"),
         # each composed, then failed every row in a Ray task, or wrote at the file system's root
         ("output=", "output is empty"),
         ("cache=' '", "cache is empty"),
