@@ -282,6 +282,14 @@ class StorageConfig:
     #: let manifest rows write outputs outside the campaign's output root
     allow_outside_output: bool = False
 
+    def __post_init__(self) -> None:
+        if self.options:
+            from heygem_ray.storage import option_problems
+
+            problems = option_problems(self.options)
+            if problems:
+                raise ValueError("; ".join(problems))
+
 
 @dataclass
 class LimitsConfig:

@@ -197,6 +197,39 @@ def configure(options: StorageOptions | None, model_versions: Mapping[str, str] 
         _PINNED = dict(model_versions)
 
 
+def option_problems(options: Mapping[str, Any]) -> list[str]:
+    """Why `storage.options` would fail a run (a typo'd protocol was ignored; a typo'd key failed
+    the first storage call with a TypeError, after the run had started): a protocol fsspec does
+    not know, or a key its filesystem takes neither by name nor through to its client session
+    (s3fs passes its other keywords to aiobotocore's session)."""
+    import inspect
+
+    problems = []
+    for protocol, opts in options.items():
+        if protocol not in fsspec.available_protocols():
+            problems.append(f"storage.options.{protocol}: {protocol!r} is not a protocol fsspec knows")
+            continue
+        try:
+            cls = fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as exc:
+            problems.append(f"storage.options.{protocol}: {exc}")
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        taken = {name for name, p in params.items() if p.kind is not p.VAR_KEYWORD}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            loose = False
+        elif protocol in ("s3", "s3a"):
+            import aiobotocore.session
+
+            taken |= set(inspect.signature(aiobotocore.session.AioSession.__init__).parameters)
+            loose = False
+        else:
+            loose = True  # passed on where we cannot tell
+        for key in [] if loose else sorted(set(opts or {}) - taken - {"self"}):
+            problems.append(f"storage.options.{protocol}.{key}: {cls.__name__} takes no such option")
+    return problems
+
+
 def pinned_version(uri: str) -> str | None:
     """The version (`current_version`) the running campaign took of the model file at `uri` as it
     started, or None where it pinned none."""

@@ -105,6 +105,9 @@ def test_workers_unpickle_their_config_without_hydra():
         ("encoder.audio_codec=mp3", "encoder.audio_codec=mp3 is not one of aac"),
         ("encoder.crf=99", "encoder.crf=99 is not within 0"),
         ("cluster.actor.num_gpus=-1", "cluster.actor's num_cpus, num_gpus and threads must be 0 or more"),
+        # a typo'd key failed the run's first storage call (a TypeError, exit 1); a typo'd protocol was ignored
+        ("+storage.options.s3.enpoint_url=http://x", "storage.options.s3.enpoint_url: S3FileSystem takes no such"),
+        ("+storage.options.s4.endpoint_url=http://x", "storage.options.s4: 's4' is not a protocol fsspec knows"),
         # cluster.actors=0 fitted 2,000 actors of no CPU to a 2-core machine
         ("cluster.actor.num_cpus=0", "cluster.actor asks for neither: give cluster.actor.num_cpus"),
         # each composed, then failed every row in a Ray task, or wrote at the file system's root
