@@ -5,6 +5,7 @@ within a bound."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 
@@ -86,6 +87,13 @@ def writing(uri: str) -> Iterator[None]:
         raise InputError("output", uri, "cannot be written (a parent of it is a file, not a folder)") from None
     except IsADirectoryError:
         raise InputError("output", uri, "cannot be written (it is a folder)") from None
+    except FileNotFoundError as exc:  # a folder that cannot be made there (/proc), a bucket that is none
+        detail = exc.strerror or "no such folder or bucket"
+        raise InputError("output", uri, f"cannot be written ({detail})") from None
+    except OSError as exc:
+        if exc.errno == errno.EROFS:  # a read-only mount (a container's): writing again fails again
+            raise InputError("output", uri, "cannot be written (read-only file system)") from None
+        raise
 
 
 def check_writable(uri: str) -> None:

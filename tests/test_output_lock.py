@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -263,13 +264,19 @@ def test_the_cli_refuses_an_output_another_run_is_writing(tmp_path):
     assert not (out / "_config.yaml").exists()  # the other run's config is left alone
 
 
-def test_an_output_root_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
+@pytest.mark.parametrize("where", ["a file", "a folder that cannot be made"])
+def test_an_output_root_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, where):
+    """Exit status 2 and why, not "run the same command again to resume" (exit 1): a file where
+    the folder should be, or a place no folder can be made (/proc here; a bucket that is none)."""
     out = tmp_path / "out"
-    out.write_text("a file where the output folder should be")
+    if where == "a file":
+        out.write_text("a file where the output folder should be")
+    else:
+        out = Path("/proc/heygem-output")
     result = render_cli(f"manifest={tmp_path / 'm.parquet'}", f"output={out}", "cluster=inline", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "heygem-ray: error: output" in result.stderr and "cannot be written" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "run the same command again" not in result.stderr
 
 
 @pytest.fixture(params=[(501, "NotImplemented"), (400, "InvalidArgument")], ids=["501", "400"])
