@@ -290,6 +290,11 @@ def demo_main(argv: Sequence[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.rows < 1:
         parser.error(f"--rows must be 1 or more, got {args.rows}")
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if any(o.split("=", 1)[0].lstrip("+~") in ("manifest", "output") for o in overrides):
+        parser.error("the demo makes its own manifest and output under --dir: give --dir instead")
     root = os.path.abspath(args.dir)
     manifest = os.path.join(root, "manifest.parquet")
     output = os.path.join(root, "output")
@@ -302,7 +307,11 @@ def demo_main(argv: Sequence[str]) -> int:
     narrations = max(2, math.ceil(args.rows / 3))
     seconds = tuple(6.0 + 3.0 * (i % 3) for i in range(narrations))
     print(f"heygem-ray demo: making {narrations} narrations and 3 avatars in {root}/inputs")
-    assets = make_demo_assets(os.path.join(root, "inputs"), audio_seconds=seconds)
+    try:
+        assets = make_demo_assets(os.path.join(root, "inputs"), audio_seconds=seconds)
+    except OSError as exc:  # a --dir that cannot be written; matplotlib's sample portrait missing
+        print(f"heygem-ray: error: the demo's inputs could not be made: {exc}", file=sys.stderr)
+        return 2
     build_manifest(assets.audios, assets.avatars, manifest, limit=args.rows)
     launched = time.time()  # the render starts here: making the inputs is not the campaign's start-up
     status = render(plain, cfg, launched)
@@ -328,6 +337,11 @@ def manifest_main(argv: Sequence[str]) -> int:
         count = build_manifest(args.audio, args.avatar, args.out)
     except HeygemError as exc:
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # --out a folder, a store refusing (no credentials): said, not a traceback
+        if not (isinstance(exc, OSError) or storage.client_error(exc)):
+            raise
+        print(f"heygem-ray: error: {storage.display(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 2
     print(f"heygem-ray: wrote {count} rows to {storage.display(args.out)}")
     return 0

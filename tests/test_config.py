@@ -313,9 +313,24 @@ def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path):
 
     assert demo_main(["--dir", str(tmp_path / "demo"), "encoder.preset=bogus"]) == 2
     assert not (tmp_path / "demo").exists()
-    with pytest.raises(SystemExit) as stopped:  # argparse's exit: its usage and the reason
-        demo_main(["--dir", str(tmp_path / "demo"), "--rows", "0"])
-    assert stopped.value.code == 2 and not (tmp_path / "demo").exists()
+    # a mistyped flag (Hydra took it for an override and said "LexerNoViableAltException"), an
+    # output of its own (the demo then named the wrong folder): argparse's usage and the reason
+    for wrong in (["--rows", "0"], ["--dri", "x"], [f"output={tmp_path / 'elsewhere'}"]):
+        with pytest.raises(SystemExit) as stopped:
+            demo_main(["--dir", str(tmp_path / "demo"), *wrong])
+        assert stopped.value.code == 2 and not (tmp_path / "demo").exists(), wrong
+
+
+def test_the_manifest_command_says_why_it_cannot_write_not_a_traceback(tmp_path, capsys):
+    from heygem_ray.cli import manifest_main
+
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "v.mp4").write_bytes(b"")
+    (tmp_path / "taken").mkdir()
+    code = manifest_main(
+        ["--audio", str(tmp_path / "a.wav"), "--avatar", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "taken")]
+    )
+    assert code == 2 and "heygem-ray: error: IsADirectoryError" in capsys.readouterr().err
 
 
 def test_the_command_ends_with_its_status_after_flushing_and_the_exit_handlers():
