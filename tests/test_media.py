@@ -555,11 +555,20 @@ def _rgba_clip(path: str, codec: str, pix_fmt: str, frames: int) -> np.ndarray:
     return image
 
 
-@pytest.mark.parametrize(("codec", "pix_fmt"), [("qtrle", "argb"), ("png", "rgba"), ("prores_ks", "yuva444p10le")])
-def test_a_transparent_video_avatar_is_shown_over_white(tmp_path, codec, pix_fmt):
-    """A cut-out presenter exported with alpha (QuickTime Animation, PNG frames, ProRes 4444): its
-    transparent pixels come out white, as a transparent photo's do, not black."""
-    path = str(tmp_path / f"cut-out-{codec}.mov")
+@pytest.mark.parametrize(
+    ("codec", "pix_fmt", "suffix"),
+    [
+        ("qtrle", "argb", "mov"),
+        ("png", "rgba", "mov"),
+        ("prores_ks", "yuva444p10le", "mov"),
+        ("libvpx-vp9", "yuva420p", "webm"),
+    ],
+)
+def test_a_transparent_video_avatar_is_shown_over_white(tmp_path, codec, pix_fmt, suffix):
+    """A cut-out presenter exported with alpha (QuickTime Animation, PNG frames, ProRes 4444, VP9
+    in WebM, whose alpha FFmpeg's own decoder drops): its transparent pixels come out white, as a
+    transparent photo's do, not black."""
+    path = str(tmp_path / f"cut-out-{codec}.{suffix}")
     _rgba_clip(path, codec, pix_fmt, frames=3)
     info = video.probe(path, 25)
     assert not info.still and info.decoding == "over-white"

@@ -81,6 +81,26 @@ class VideoInfo:
     decoding: str | None = None
 
 
+def decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+    """The stream's frames from where the container stands. A VP8/VP9 stream that carries
+    transparency (WebM's `alpha_mode`: a cut-out presenter exported for the web) is decoded by
+    libvpx: FFmpeg's own VP8/VP9 decoders drop the alpha plane, and the presenter showed on the
+    colour under it (black) where a PNG's shows on white."""
+    name = {"vp8": "libvpx", "vp9": "libvpx-vp9"}.get(stream.codec_context.name)
+    if name is None or stream.metadata.get("alpha_mode") != "1" or name not in av.codecs_available:
+        yield from container.decode(stream)
+        return
+    context = av.CodecContext.create(name, "r")
+    assert isinstance(context, av.VideoCodecContext)
+    context.thread_type = "AUTO"
+    if stream.codec_context.extradata:
+        context.extradata = stream.codec_context.extradata
+    for packet in container.demux(stream):  # its last, empty packet flushes the decoder
+        for frame in context.decode(packet):
+            assert isinstance(frame, av.VideoFrame)
+            yield frame
+
+
 def decoding_of(frame: av.VideoFrame) -> str:
     """`VideoInfo.decoding` for a stream whose first frame is `frame` (`FrameReader` deinterlaces
     an interlaced stream, `hdr.frame_bgr` puts transparent pixels over white)."""
@@ -172,7 +192,7 @@ def _read_one_frame(path: str) -> np.ndarray | None:
         with av.open(path) as container:
             if not container.streams.video:
                 return None
-            frame = next(container.decode(container.streams.video[0]), None)
+            frame = next(decoded(container, container.streams.video[0]), None)
             if frame is None:
                 return None
             clockwise, mirror = display_transform(frame)
@@ -237,7 +257,7 @@ def probe(
             stream_transfer = int(stream.codec_context.color_trc or 0)
             # two frames decoded, not the container's count: a fragmented MP4's header counts the
             # frames of its first fragment only (one, in an all-intra clip)
-            head = list(itertools.islice(container.decode(stream), 2))
+            head = list(itertools.islice(decoded(container, stream), 2))
             if not head:
                 raise InputError("avatar", uri, "has no decodable video frames")
             # one frame (a photo in a container, a GIF of one frame): a still, at `still_fps`, not a
@@ -607,7 +627,7 @@ class FrameReader:
                 container.seek(target, stream=self._stream, backward=True)
             except av.error.FFmpegError:  # before the stream's first keyframe
                 break
-            decoder = container.decode(self._stream)
+            decoder = decoded(container, self._stream)
             first = next(decoder, None)
             if first is not None and self._interlaced is None:
                 self._interlaced = bool(first.interlaced_frame)
@@ -623,7 +643,7 @@ class FrameReader:
             back = max(2 * back, past)
             target = want - back
         container.seek(0)  # no keyframe found before it: decode from the start
-        self._decoder = self._progressive(container.decode(self._stream))
+        self._decoder = self._progressive(decoded(container, self._stream))
         self._next = self._first  # a lower bound until the first frame's pts tells
         return self._decoder
 
@@ -812,7 +832,7 @@ def iter_sampled_frames(
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            timed = ((f.pts, f) for f in container.decode(stream) if f.pts is not None)
+            timed = ((f.pts, f) for f in decoded(container, stream) if f.pts is not None)
             for index, (pts, frame) in enumerate(itertools.islice(timed, limit)):
                 if last is not None and pts <= last:
                     raise InputError("avatar", uri, OUT_OF_ORDER)
