@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -240,6 +242,33 @@ def test_the_guard_fails_imports_the_node_lacks() -> None:
     assert proc.returncode != 0 and "No module named 'ray'" in proc.stderr
 
 
+def test_a_sharing_worker_that_fails_frees_the_others_at_once() -> None:
+    """One process of the GPU-sharing check failing (out of memory loading the model) left the
+    others waiting at the barrier for its timeout, longer than the step's budget."""
+    import queue
+
+    from benchmarks.gpu.correctness import _sharing_worker
+
+    barrier: threading.Barrier = threading.Barrier(2)
+    answers: queue.Queue = queue.Queue()
+    waiting = threading.Thread(target=lambda: answers.put(_wait(barrier)))
+    waiting.start()
+    start = time.monotonic()
+    _sharing_worker("/no/such/checkpoint.pth", "cpu", "fp32", (64, 48), 1, barrier, answers, wait=60)
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and time.monotonic() - start < 20
+    kinds = sorted(str(answers.get_nowait()[0]) for _ in range(2))
+    assert kinds == ["broken", "error"]
+
+
+def _wait(barrier: threading.Barrier) -> tuple[str]:
+    try:
+        barrier.wait(timeout=60)
+    except threading.BrokenBarrierError:
+        return ("broken",)
+    return ("passed",)
+
+
 def test_carried_list_names_each_distribution_once() -> None:
     names = [normalize(c.dist) for c in CARRIED]
     assert len(names) == len(set(names)) and "ray" not in names
@@ -269,6 +298,19 @@ def test_size_accounting_sums_wheels_and_what_git_would_copy(tmp_path: Path) -> 
     assert "| **total** (limit 60) |" in budget.table()
     assert not prepare.Budget({"big.whl": 61 * prepare.MIB}, 0, 0).fits
     assert not prepare.Budget({"w.whl": 59 * prepare.MIB}, prepare.MIB, 1).fits  # exactly 60 MiB: not under it
+
+
+def test_the_size_check_says_not_ready_while_a_wheel_is_missing(tmp_path: Path, capsys) -> None:
+    """`prepare --sizes-only` said "fits" with no wheel at all: the node's run then stops before
+    its first step, after a device start. And a "folder/" ignore pattern is seen before the folder
+    exists (it said "not git-ignored")."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".gitignore").write_text("/wheels/\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    assert prepare.is_ignored(repo / "wheels", repo) and not prepare.is_ignored(repo / "other", repo)
+    assert prepare.main(["--sizes-only", "--dest", str(tmp_path / "absent")]) == 1
+    assert "not ready: wheels in" in capsys.readouterr().out
 
 
 def test_a_wheel_unpacks_as_pip_would_lay_it_out(tmp_path: Path) -> None:

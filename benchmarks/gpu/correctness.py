@@ -280,19 +280,28 @@ def render_rounds(prepared: Prepared, rounds: int) -> tuple[list[list[np.ndarray
 
 
 def _sharing_worker(
-    checkpoint: str, device: str, precision: str, size: tuple[int, int], rounds: int, barrier: Any, results: Any
+    checkpoint: str,
+    device: str,
+    precision: str,
+    size: tuple[int, int],
+    rounds: int,
+    barrier: Any,
+    results: Any,
+    wait: float = 120.0,
 ) -> None:
-    """One of the processes sharing the GPU: load, wait for the others, render at the same moment."""
+    """One of the processes sharing the GPU: load, wait (up to `wait` s) for the others, render at
+    the same moment."""
     try:
         if device == "cpu":  # the dry run: processes sharing a small CPU would oversubscribe it
             import torch
 
             torch.set_num_threads(1)
         prepared = prepare_render(checkpoint, device, precision, size)
-        barrier.wait(timeout=120)
+        barrier.wait(timeout=wait)
         regions, seconds = render_rounds(prepared, rounds)
         results.put(("ok", regions, seconds))
     except BaseException as exc:  # noqa: BLE001 - the parent reports it
+        barrier.abort()  # the others stop waiting for this one now, not at their timeout
         results.put(("error", repr(exc), 0.0))
 
 
@@ -324,8 +333,12 @@ def check_sharing(
     precision: str,
     size: tuple[int, int],
     rounds: int = 3,
+    seconds: float = 300.0,
 ) -> None:
+    """`seconds`: what the step has left for this check (its workers' waits end within it)."""
     import torch
+
+    deadline = time.monotonic() + seconds
 
     threads = torch.get_num_threads()
     if device.type == "cpu":  # CPU numerics depend on the thread count: the reference uses the workers' one
@@ -336,13 +349,17 @@ def check_sharing(
         torch.set_num_threads(threads)
     ctx = multiprocessing.get_context("spawn")
     barrier, answers_q = ctx.Barrier(procs), ctx.Queue()
+    left = max(1.0, deadline - time.monotonic())
     workers = [
-        ctx.Process(target=_sharing_worker, args=(checkpoint, str(device), precision, size, rounds, barrier, answers_q))
+        ctx.Process(
+            target=_sharing_worker,
+            args=(checkpoint, str(device), precision, size, rounds, barrier, answers_q, 0.8 * left),
+        )
         for _ in range(procs)
     ]
     for w in workers:
         w.start()
-    answers = collect(answers_q, workers, timeout=300)
+    answers = collect(answers_q, workers, timeout=0.9 * left)
     errors = [a[1] for a in answers if a[0] != "ok"]
     worst, identical = 0, not errors
     for _, regions, _ in (a for a in answers if a[0] == "ok"):
@@ -372,15 +389,20 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
     dry = result.dry_run
     procs = args.procs or (2 if dry else 4)
     seconds: dict[str, float] = {}
+    started = time.monotonic()
 
     def timed(name: str, check: Callable[..., None], *check_args: Any) -> None:
-        """One group of checks; one that raises is a failed check, and the next group still runs."""
+        """One group of checks; one that raises is a failed check, and the next group still runs.
+        The checks so far are written after each (what is reported if the step is stopped at its
+        budget, instead of the last lines of its log)."""
         start = time.perf_counter()
         try:
             check(result, device, *check_args)
         except Exception as exc:  # noqa: BLE001 - recorded with its cause
             result.check(f"{name} raised", False, error=f"{type(exc).__name__}: {exc}"[:1000])
         seconds[name] = round(time.perf_counter() - start, 2)
+        checks = [c.__dict__ for c in result.checks]
+        common.write_partial(args.out, "correctness", {"device": str(device), "seconds": seconds, "checks": checks})
 
     with common.scratch(args, "correctness") as work:
         checkpoint = common.wav2lip_checkpoint(Path(work) / "wav2lip_recipe.pth")
@@ -405,6 +427,8 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
             common.GPU_PRECISION if device.type == "cuda" else "fp32",
             (256, 192) if dry else (1920, 1080),
             1 if dry else 3,
+            # what the step's budget leaves (5 s kept for writing its result)
+            min(300.0, args.budget - (time.monotonic() - started) - 5.0),
         )
     result.figures = {"device": str(device), "seconds": seconds}
     result.markdown = markdown(result, device)

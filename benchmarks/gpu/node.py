@@ -319,16 +319,27 @@ def run_variant(
         marks["segments_done"] = time.perf_counter() - start
         stitched = stitch_row(row.stitch_job(cfg.layout, cfg.encoder.codec, cfg.qa, None), audio_track)
         marks["published"] = wall = time.perf_counter() - start
+        # at "published", as the wall time: the workers' teardown and exit are not the row's
+        cpu = _cpu_seconds() - cpu0
     finally:
         pool.close(finished="segments_done" in marks)
-    cpu = _cpu_seconds() - cpu0
     return summarize(cfg, inputs, pool, jobs, stitched, marks, wall, wall0, cpu, track_s, procs, threads, root)
 
 
 def _cpu_seconds() -> float:
-    """CPU seconds of this process and of its children that have been waited for."""
+    """CPU seconds of this process, of its children that have been waited for, and of those still
+    running (psutil, on the node as here)."""
+    import psutil
+
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    running = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # gone meanwhile: counted by RUSAGE_CHILDREN once waited for
+            continue
+        running += times.user + times.system
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + running
 
 
 def summarize(

@@ -95,7 +95,10 @@ def budget(dest: Path, root: Path = ROOT) -> Budget:
 
 
 def is_ignored(path: Path, root: Path = ROOT) -> bool:
-    return subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=root).returncode == 0
+    """Whether git ignores the folder `path`, made or not (a "folder/" pattern matches a folder
+    that exists, or a name asked about with its trailing slash)."""
+    name = f"{path}/"
+    return subprocess.run(["git", "check-ignore", "-q", "--no-index", name], cwd=root).returncode == 0
 
 
 def requirement(item: Carried) -> str:
@@ -167,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     verdict = "fits" if result.fits else "DOES NOT FIT"
     print(f"\n{verdict}: {result.total / MIB:.2f} MiB of {result.limit / MIB:.0f} MiB")
+    try:  # without every wheel the node's run stops before its first step: a device start for nothing
+        check_complete(dest)
+    except RuntimeError as exc:
+        print(f"\nnot ready: {exc}: run `python -m benchmarks.gpu.prepare` (without --sizes-only)")
+        return 1
     return 0 if result.fits else 1
 
 

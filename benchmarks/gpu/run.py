@@ -273,10 +273,23 @@ def step_env(site: Path | None, scratch: Path, dry: bool) -> dict[str, str]:
     return env
 
 
+def _gpu_name() -> str | None:
+    """The first GPU's name as nvidia-smi says it (standard library only), or None."""
+    try:
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = proc.stdout.strip().splitlines() if proc.returncode == 0 else []
+    return names[0].strip() if names else None
+
+
 # --------------------------------------------------------------------------------------- summary
 def summary(records: list[dict[str, Any]], install: dict[str, Any] | None, dry: bool, command: str) -> str:
     env = next((r for r in records if r["step"] == "env"), {})
-    device = env.get("figures", {}).get("gpu") or "no GPU"
+    # a rerun of some steps without `env` (the README's --only node) still names the device
+    device = env.get("figures", {}).get("gpu") or _gpu_name() or "no GPU"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     note = " (DRY RUN on the CPU: tiny inputs, figures meaningless)" if dry else ""
     lines = [f"### {stamp} — GPU node check on {device}{note} — `{command}`", ""]
