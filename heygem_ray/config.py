@@ -391,8 +391,9 @@ class RenderConfig:
     max_attempts: int = 3
     #: seconds an actor may work on one segment before it is taken for hung (a GPU or decoder that
     #: never returns, a network read that never ends): it is restarted and its segments go to the
-    #: others, the one it was on charged a try; 0 = 60 x segment_seconds, at least 600 s (a CPU at
-    #: a sixtieth of real time still finishes); a negative value waits for ever
+    #: others, the one it was on charged a try; 0 = 60 x segment_seconds, at least 1800 s (a CPU at
+    #: a sixtieth of real time still finishes, and a node's first segment of an avatar downloads it
+    #: first: 10 GB at 10 MB/s); a negative value waits for ever
     segment_timeout: float = 0.0
     #: frames per second for still-image avatars
     still_fps: float = 25.0
@@ -430,7 +431,7 @@ class RenderConfig:
         """`segment_timeout` in seconds (infinite when negative)."""
         if self.segment_timeout < 0:
             return float("inf")
-        return self.segment_timeout or max(600.0, 60.0 * self.segment_seconds)
+        return self.segment_timeout or max(1800.0, 60.0 * self.segment_seconds)
 
 
 @dataclass
