@@ -579,3 +579,14 @@ def test_a_path_the_override_grammar_cannot_parse_says_to_quote_it(capsys):
     assert "output: /data/run (1)" in capsys.readouterr().out
     assert render_main(["manifest=/data/m.parquet", "output=/data/out", "render.segment_seconds=0"]) == 2
     assert "must be quoted" not in capsys.readouterr().err  # a value refused for what it is, not its form
+
+
+def test_a_segment_is_taken_for_hung_only_well_past_what_a_slow_node_needs():
+    """The default deadline covers a CPU at a sixtieth of real time and a large avatar's download
+    on a node's first segment; a negative one waits for ever."""
+    from heygem_ray.config import RenderConfig
+
+    assert RenderConfig().segment_deadline() == 1800.0
+    assert RenderConfig(segment_seconds=60.0).segment_deadline() == 3600.0
+    assert RenderConfig(segment_timeout=90.0).segment_deadline() == 90.0
+    assert RenderConfig(segment_timeout=-1.0).segment_deadline() == float("inf")
