@@ -577,6 +577,17 @@ def test_a_transparent_video_avatar_is_shown_over_white(tmp_path, codec, pix_fmt
     assert frame[:, 34:].min() >= 250  # transparent: white
 
 
+def test_a_stills_rate_given_in_decimals_is_the_ntsc_rate_it_names(tmp_path):
+    """`render.still_fps=29.97` is 30000/1001, as editors and platforms know it, not 2997/100;
+    other rates are as given."""
+    import cv2
+
+    path = str(tmp_path / "face.png")
+    cv2.imwrite(path, np.full((48, 64, 3), 90, np.uint8))
+    rates = {fps: video.probe(path, fps).fps_fraction for fps in (29.97, 23.976, 59.94, 25.0, 24.5)}
+    assert rates == {29.97: "30000/1001", 23.976: "24000/1001", 59.94: "60000/1001", 25.0: "25/1", 24.5: "49/2"}
+
+
 def test_a_video_of_one_frame_is_a_still_and_cover_art_is_no_avatar(tmp_path):
     """One frame in a container (a photo saved as a QuickTime file, a GIF of one frame with a
     delay of a second): a still at `render.still_fps`, read from the container (it is no image

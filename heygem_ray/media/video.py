@@ -402,8 +402,13 @@ def _image_header_size(path: str) -> tuple[int, int] | None:
 def _still_info(
     image: np.ndarray, uri: str, still_fps: float, max_pixels: int | None = None, max_side: int = 0
 ) -> VideoInfo:
-    """A still's facts, `fitted` to `max_pixels` and `max_side`."""
+    """A still's facts, `fitted` to `max_pixels` and `max_side`. A rate given in decimals for an
+    NTSC one (29.97, 23.976, 59.94) is that rate (30000/1001), not 2997/100: what editors and
+    platforms take for a standard rate."""
     rate = Fraction(still_fps).limit_denominator(1001)
+    ntsc = Fraction(round(rate * Fraction(1001, 1000)) * 1000, 1001)
+    if ntsc and abs(rate / ntsc - 1) < 1e-4:
+        rate = ntsc
     width, height = image.shape[1], image.shape[0]
     rational = f"{rate.numerator}/{rate.denominator}"
     info = VideoInfo(True, float(rate), rational, width, height, 0, 1, color="", hdr=0, decoding="")
