@@ -499,6 +499,27 @@ def test_an_anamorphic_avatar_keeps_its_pixel_aspect_ratio(media_dir, tmp_path):
     assert row.status == "ok", row.error
     with av.open(str(out / "a.mp4")) as c:
         assert c.streams.video[0].sample_aspect_ratio == Fraction(4, 3)
+    # and its track header gives the width it is shown at (QuickTime sizes the picture by it)
+    assert 128 in _track_header_widths((out / "a.mp4").read_bytes())  # 96 stored x 4/3
+
+
+def _track_header_widths(data: bytes) -> list[float]:
+    """The widths the track headers (moov/trak/tkhd) of an mp4 give, read box by box."""
+
+    def boxes(start: int, end: int):
+        while start + 8 <= end:
+            size, kind = int.from_bytes(data[start : start + 4], "big"), data[start + 4 : start + 8]
+            yield kind, start + 8, start + size
+            start += size
+
+    moov = next((s, e) for k, s, e in boxes(0, len(data)) if k == b"moov")
+    widths = []
+    for kind, start, end in boxes(*moov):
+        if kind == b"trak":
+            for inner, _, tkhd_end in boxes(start, end):
+                if inner == b"tkhd":
+                    widths.append(int.from_bytes(data[tkhd_end - 8 : tkhd_end - 4], "big") / 65536)
+    return widths
 
 
 def test_a_slow_motion_clip_renders_at_the_frame_rate_cap(media_dir, tmp_path):

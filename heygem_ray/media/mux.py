@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -68,6 +70,7 @@ def stitch(
         first_packet, template = next(video_packets)
         assert template is not None  # the first item carries the first segment's stream
         video_out = out.add_stream_from_template(template)
+        sar = template.codec_context.sample_aspect_ratio
         audio_out = out.add_stream_from_template(audio_src)
         video = ((_time(p), p, video_out) for p in itertools.chain([first_packet], (p for p, _ in video_packets)))
         audio = ((_time(p), p, audio_out) for p in audio_in.demux(audio_src) if p.size)
@@ -77,7 +80,59 @@ def stitch(
             packet.stream = stream
             out.mux(packet)
             frames += stream is video_out
+    if sar and sar != 1:
+        show_at_display_width(out_path, Fraction(sar))
     return StitchStats(frames, float(frames * frame_seconds))
+
+
+def show_at_display_width(path: str, sar: Fraction) -> None:
+    """Write the video track header's width as the picture is shown (its stored width times the
+    pixel aspect `sar`), in place. FFmpeg's mp4 writer takes it from the stream's aspect, which
+    PyAV cannot set, and wrote the stored width: players that size the picture by the track
+    header (QuickTime) showed an anamorphic clip squeezed, though its `pasp` box is right."""
+    with open(path, "r+b") as fh:
+        moov = _child_boxes(fh, 0, os.fstat(fh.fileno()).st_size).get(b"moov")
+        if moov is None:
+            return
+        for trak_start, trak_end in _child_boxes(fh, moov[0], moov[1], every=True).get(b"trak", []):
+            children = _child_boxes(fh, trak_start, trak_end)
+            mdia = children.get(b"mdia")
+            hdlr = _child_boxes(fh, mdia[0], mdia[1]).get(b"hdlr") if mdia else None
+            tkhd = children.get(b"tkhd")
+            if hdlr is None or tkhd is None:
+                continue
+            fh.seek(hdlr[0])  # version and flags, pre_defined, then the handler type
+            if fh.read(12)[8:] != b"vide":
+                continue
+            fh.seek(tkhd[1] - 8)  # width and height, 16.16 fixed point, end the box
+            width, _ = struct.unpack(">II", fh.read(8))
+            fh.seek(tkhd[1] - 8)
+            fh.write(struct.pack(">I", round(width * sar)))
+            return
+
+
+def _child_boxes(fh: IO[bytes], start: int, end: int, every: bool = False) -> dict:
+    """The boxes between `start` and `end` of an mp4 file, by type: (payload start, end), or with
+    `every` a list of those per type."""
+    found: dict = {}
+    at = start
+    while at + 8 <= end:
+        fh.seek(at)
+        size, kind = struct.unpack(">I4s", fh.read(8))
+        header = 8
+        if size == 1:
+            size, header = struct.unpack(">Q", fh.read(8))[0], 16
+        elif size == 0:
+            size = end - at
+        if size < header:
+            break
+        box = (at + header, at + size)
+        if every:
+            found.setdefault(kind, []).append(box)
+        else:
+            found.setdefault(kind, box)
+        at += size
+    return found
 
 
 def _time(packet: av.Packet) -> Fraction:
