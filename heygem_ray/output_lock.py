@@ -249,7 +249,9 @@ def _put(uri: str, mine: dict, version: str | None) -> bool:
             return True
         except _Refused:
             holder, version = _read(uri)
-            if (holder or {}).get("token") != mine["token"]:
+            if holder is None:  # removed meanwhile (its run ended): created anew, if none is first
+                continue
+            if holder.get("token") != mine["token"]:
                 return False
             # ours: an earlier try of this very write landed though its answer was lost, or the ETag
             # read was already old: written again over our own
@@ -272,6 +274,10 @@ def _conditional_put(uri: str, data: bytes, version: str | None) -> None:
             fs.pipe_file(path, data, IfMatch=version)
     except FileExistsError:  # If-None-Match: another run created it first
         raise _Refused from None
+    except FileNotFoundError:
+        if version is None:
+            raise  # no bucket: the output cannot be written
+        raise _Refused from None  # If-Match on a lock removed meanwhile (404): another run's move
     except Exception as exc:
         code = _s3_error_code(exc)
         if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):

@@ -197,11 +197,18 @@ def configure(options: StorageOptions | None, model_versions: Mapping[str, str] 
         _PINNED = dict(model_versions)
 
 
+#: keys every fsspec filesystem takes before its own (the instance cache), and those s3fs passes to
+#: its listings cache
+_EVERY_FS_KEYS = frozenset({"skip_instance_cache"})
+_LISTING_KEYS = frozenset({"use_listings_cache", "listings_expiry_time", "max_paths"})
+
+
 def option_problems(options: Mapping[str, Any]) -> list[str]:
     """Why `storage.options` would fail a run (a typo'd protocol was ignored; a typo'd key failed
     the first storage call with a TypeError, after the run had started): a protocol fsspec does
-    not know, or a key its filesystem takes neither by name nor through to its client session
-    (s3fs passes its other keywords to aiobotocore's session)."""
+    not know, or a key its filesystem takes neither by name (along its classes) nor through to its
+    client session (s3fs passes its other keywords to aiobotocore's session). A protocol whose
+    package is not installed is left unchecked (the campaign may use no such URI)."""
     import inspect
 
     problems = []
@@ -211,20 +218,21 @@ def option_problems(options: Mapping[str, Any]) -> list[str]:
             continue
         try:
             cls = fsspec.get_filesystem_class(protocol)
-        except (ImportError, ValueError) as exc:
-            problems.append(f"storage.options.{protocol}: {exc}")
+        except (ImportError, ValueError):
             continue
-        params = inspect.signature(cls.__init__).parameters
-        taken = {name for name, p in params.items() if p.kind is not p.VAR_KEYWORD}
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            loose = False
-        elif protocol in ("s3", "s3a"):
+        taken, loose = set(_EVERY_FS_KEYS), False
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            taken |= {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+            loose = loose or (klass is cls and any(p.kind is p.VAR_KEYWORD for p in params))
+        if protocol in ("s3", "s3a"):
             import aiobotocore.session
 
-            taken |= set(inspect.signature(aiobotocore.session.AioSession.__init__).parameters)
+            taken |= _LISTING_KEYS | set(inspect.signature(aiobotocore.session.AioSession.__init__).parameters)
             loose = False
-        else:
-            loose = True  # passed on where we cannot tell
         for key in [] if loose else sorted(set(opts or {}) - taken - {"self"}):
             problems.append(f"storage.options.{protocol}.{key}: {cls.__name__} takes no such option")
     return problems

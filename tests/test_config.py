@@ -135,6 +135,13 @@ def test_valid_choices_compose():
         "encoder.x264_params=",
         "encoder.codec=h264_nvenc",
         "cluster=inline",
+        # store options a filesystem takes along its classes, its listings cache or its session
+        "+storage.options.s3.use_listings_cache=false",
+        "+storage.options.s3.skip_instance_cache=true",
+        "+storage.options.s3.profile=prod",
+        "+storage.options.s3.anon=true",
+        "+storage.options.gs.token=anon",  # gcsfs not installed here: not checked
+        "+storage.options.file.auto_mkdir=true",
     ):
         compose_config("manifest=m", "output=o", "renderer=wav2lip", "renderer.checkpoint=m.pth", good)
 

@@ -254,6 +254,24 @@ def test_on_s3_the_store_lets_one_run_in_and_a_lost_lock_stops_its_run(s3_endpoi
     assert json.loads(storage.read_bytes(layout.lock))["host"] == "render-head-2"  # theirs, left alone
 
 
+def test_on_s3_a_stale_lock_removed_while_it_is_taken_over_is_made_anew(s3_endpoint):
+    """The lock read as stale, then removed (its run ended) before the If-Match PUT over it: the
+    store answers 404, which is no "output cannot be written" (a run again would get in): the lock
+    is created anew."""
+    import boto3
+
+    from heygem_ray import storage
+
+    boto3.client("s3").create_bucket(Bucket="heygem-lock-gone")
+    uri = CampaignLayout("s3://heygem-lock-gone/campaign").lock
+    storage.write_bytes(uri, json.dumps({"host": "h", "token": "old", "heartbeat": 0}).encode())
+    _, version = lock_module._read(uri)
+    storage.remove(uri)
+    mine = {"host": "here", "token": "mine"}
+    assert lock_module._put(uri, mine, version)
+    assert json.loads(storage.read_bytes(uri))["token"] == "mine"
+
+
 def test_the_cli_refuses_an_output_another_run_is_writing(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -318,10 +318,11 @@ def collect(answers: Any, workers: list[Any], timeout: float) -> list[tuple[str,
             if len(out) + len(silent) >= len(workers):
                 out += [("error", f"process {w.pid} exited with {w.exitcode}", 0.0) for w in silent]
     out += [("error", "no answer in time", 0.0)] * (len(workers) - len(out))
-    for w in workers:
-        w.join(timeout=10)
+    for w in workers:  # those that answered exit at once; the others are killed, within the budget
+        w.join(timeout=max(0.5, min(10.0, deadline - time.monotonic())))
         if w.is_alive():
             w.kill()
+            w.join(timeout=2)
     return out
 
 

@@ -93,6 +93,7 @@ def decoded(container: av.container.InputContainer, stream: av.VideoStream) -> I
     context = av.CodecContext.create(name, "r")
     assert isinstance(context, av.VideoCodecContext)
     context.thread_type = "AUTO"
+    context.thread_count = stream.codec_context.thread_count  # the reader's share of the cores
     if stream.codec_context.extradata:
         context.extradata = stream.codec_context.extradata
     for packet in container.demux(stream):  # its last, empty packet flushes the decoder
