@@ -171,6 +171,36 @@ def test_an_actor_that_dies_while_starting_gets_no_more_work(ray_local, media_di
     assert len(killed) >= 3
 
 
+def test_a_renderer_taken_for_hung_is_started_again_by_ray_and_every_row_completes(ray_local, media_dir, tmp_path):
+    """What the driver does to an actor past `render.segment_timeout`, on a real Ray: its process
+    is killed for Ray to start again (not given up), its segments go again, and every row is ok.
+    (Taken for hung once, from inside the driver's loop, while it holds segments: a real hang
+    would need a GPU that stops answering.)"""
+    cfg = one_actor(tmp_path, media_dir, 2, "render.segments_per_actor=3")
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), RayExecutor(cfg))
+    taken: list[int] = []
+    real_hung = job.segments.hung
+
+    def hung_once(after: float) -> list[int]:
+        if not taken and job.actors.pids[0] and job.actors.inflight >= 2:
+            taken.append(job.actors.pids[0])
+            return [0]
+        return real_hung(after)
+
+    job.segments.hung = hung_once  # type: ignore[method-assign]
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
+    runner.start()
+    runner.join(timeout=300)
+    assert not runner.is_alive(), "the campaign still waits for its renderer"
+    summary = outcome["summary"]
+    assert taken, "the actor never held two segments"
+    assert [r.status for r in summary.rows] == ["ok", "ok"], [r.error for r in summary.rows]
+    actor = job.actors.actors[0]
+    assert actor.failed is None and actor.info is not None  # started again, not given up
+    assert actor.info.pid != taken[0]  # a new process answered `ready`
+
+
 def test_an_actor_killed_for_good_is_given_up_and_its_rows_fail_saying_why(ray_local, media_dir, tmp_path):
     """A renderer someone stops with `ray kill` is not restarted (Ray's GCS records it DEAD): it is
     given up at once, and with no other renderer its rows fail saying so, instead of the campaign
