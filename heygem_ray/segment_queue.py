@@ -145,7 +145,8 @@ class SegmentQueue:
         failures: dict[str, str] = {}
         for call in calls:
             row_id, index, _ = call
-            charged = self._back(call) == running
+            sent_at = self._back(call)
+            charged = running is not None and sent_at == running
             state = states.get(row_id)
             if state is None:
                 continue
