@@ -161,9 +161,13 @@ def test_each_input_renders_or_fails_with_a_reason(campaign_results, row_id):
     if expected is None:
         assert result.status == "ok", result.error
         with av.open(result.output) as c:
+            fps = c.streams.video[0].average_rate
             frames = [f for f in c.decode(video=0)]
             assert frames and frames[0].width % 2 == 0 and frames[0].height % 2 == 0
             assert c.streams.audio
+        # every frame it reports is in the file, and they cover the narration, at most a frame over
+        assert len(frames) == result.frames
+        assert 0 <= len(frames) / fps - result.audio_seconds < 1 / fps, (len(frames), fps, result.audio_seconds)
     else:
         assert result.status == "failed"
         for part in expected:

@@ -32,7 +32,9 @@ def test_a_view_that_found_the_face_is_kept_for_the_avatar():
     detector = HaarDetector()
     assert len(detector.detect([stretched])[0]) == 1
     assert detector.view is not None and detector.view.sx < 1  # found squeezed back across
-    assert len(detector.detect([stretched])[0]) == 1  # the next frame looks through that view alone
+    calls = _counting_looks(detector)
+    assert len(detector.detect([stretched])[0]) == 1
+    assert len(calls) == 1  # the next frame looks through that view alone, no search of the others
 
 
 def test_a_faceless_stretch_stops_searching_every_view_but_finds_a_face_that_comes_back():

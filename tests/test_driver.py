@@ -249,6 +249,7 @@ def test_the_results_table_is_written_when_the_cluster_goes_away_mid_stitch(tmp_
     table = read_results(str(tmp_path / "out" / "_results.parquet"))
     assert sorted(r["id"] for r in table) == sorted(row.id for row in job.rows)
     assert all(r["status"] == "ok" or r["error"] == INTERRUPTED for r in table), table
+    assert any(r["error"] == INTERRUPTED for r in table), table  # the cluster went before every row ended
 
 
 def _counted(calls: list[str], fail: dict[str, BaseException] | None = None) -> dict[str, Any]:
@@ -838,7 +839,8 @@ def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_pat
     cfg = replace(job.cfg, render=replace(job.cfg.render, segment_timeout=0.5, max_attempts=1))
     executor = HangsOnce()
     done: list[Any] = []
-    runner = threading.Thread(target=lambda: done.append(Campaign(cfg, job.rows, executor=executor).run()), daemon=True)
+    campaign = Campaign(cfg, job.rows, executor=executor)
+    runner = threading.Thread(target=lambda: done.append(campaign.run()), daemon=True)
     runner.start()
     runner.join(timeout=30)
     assert done, "the campaign waited for ever on the hung actor"
@@ -848,6 +850,9 @@ def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_pat
     assert results[hung].status == "failed" and "its renderer hung (no segment back in 0.5 s)" in results[hung].error
     assert results[behind].status == "ok"
     assert done[0].count("ok") == ROWS - 1
+    # restarted, it is asked `ready` again and kept; one the executor cannot restart is given up
+    given_up = campaign.actors.actors[0].failed
+    assert (given_up is None) if restartable else ("hung (no segment back in 0.5 s)" in given_up)
 
 
 def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):

@@ -89,9 +89,6 @@ def test_campaign_survives_losing_a_worker_node(cluster, media_dir, tmp_path):
     assert [r.status for r in summary.rows] == ["ok"] * len(rows), [r.error for r in summary.rows]
     assert max(r.attempts for r in summary.rows) >= 2  # the lost segment was rendered again
     out = cfg.output
-    from heygem_ray.results import write_results
-
-    write_results(os.path.join(out, "_results.parquet"), summary.rows)
     results = read_results(os.path.join(out, "_results.parquet"))
     assert sorted(r["id"] for r in results) == sorted(r.id for r in rows)  # once each, no duplicates
     files = sorted(os.listdir(out))

@@ -231,6 +231,7 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
     assert sync_score(replace(job, qa=QAConfig())).method == "motion-energy"
 
 
+@pytest.mark.slow  # two campaigns with the expert (~25 s on 2 cores); qa is opt-in
 def test_an_expert_replaced_at_its_uri_makes_embeddings_of_its_own(
     tmp_path, media_dir, syncnet_checkpoint, monkeypatch
 ):

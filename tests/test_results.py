@@ -73,7 +73,11 @@ def test_a_result_no_other_follows_is_flushed_by_the_campaigns_ticks(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("executor", [["cluster=inline"], []], ids=["inline", "ray"])
+@pytest.mark.parametrize(
+    "executor",
+    [pytest.param(["cluster=inline"], marks=pytest.mark.slow), []],  # the default (a local Ray) runs by default
+    ids=["inline", "ray"],
+)
 def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir, executor):
     """`ray job stop` sends SIGTERM: the driver stops rendering, reports the rows that did not finish
     as failed ("interrupted") in a whole results table, writes the final feed, and exits 130; a

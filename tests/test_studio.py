@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +35,21 @@ from heygem_ray.studio.store import StudioStore, UploadError, check_upload
 from heygem_ray.studio.users import add_user, authenticate, check_name, read_users
 
 MIB = 2**20
+
+
+def _in_thread(call: Any, *args: Any) -> tuple[threading.Thread, list[BaseException | None]]:
+    """A thread (not started) that runs `call(*args)`; what it raised, or None, lands in the list
+    for the test's own thread to check (an assert failing in another thread fails no test)."""
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call(*args)
+            raised.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            raised.append(exc)
+
+    return threading.Thread(target=run, daemon=True), raised
 #: how long a stopped studio may take to be gone: its requests' grace, then its own wind-up
 STOP_SECONDS = STOP_GRACE_SECONDS + 20
 #: why the browser test cannot run here (no Chromium, no Playwright), or None
@@ -568,7 +585,6 @@ def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
     the store: a studio just started (its watcher not yet through the store) let a user past the
     limit. Re-runs from two pages at once each passed the check before either was submitted."""
     import logging
-    import threading
 
     from heygem_ray.config import StudioConfig
     from heygem_ray.studio.cluster import JobUnknown
@@ -1595,7 +1611,6 @@ def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign
     """Saving copies every upload into the store (gigabytes, to S3): a second click meanwhile is
     refused with why, not a duplicate campaign; another user is not held up."""
     import logging
-    import threading
 
     from heygem_ray.config import StudioConfig
     from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
@@ -1617,7 +1632,7 @@ def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign
 
     monkeypatch.setattr(studio, "_store_campaign", slow)
     files = ([str(media_dir / "speech3.wav")], [str(media_dir / "still.png")])
-    first = threading.Thread(target=lambda: pytest.raises(ClusterUnavailable, studio.create, "alice", "one", *files))
+    first, raised = _in_thread(studio.create, "alice", "one", *files)
     first.start()
     assert saving.wait(10)
     with pytest.raises(UploadError, match="still being saved"):
@@ -1626,6 +1641,7 @@ def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign
         studio.create("bob", "his", *files)
     go_on.set()
     first.join(10)
+    assert not first.is_alive() and isinstance(raised[0], ClusterUnavailable), raised
     assert [r.name for r in studio.store.campaigns("alice")] == ["one"]
 
 
@@ -1797,7 +1813,6 @@ def test_a_campaign_being_saved_and_submitted_is_not_rerun_or_deleted_meanwhile(
     submit, a re-run would start a second job on its output and a delete would remove it under the
     submit: both wait for the submit to end."""
     import logging
-    import threading
 
     from heygem_ray.config import StudioConfig
     from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
@@ -1825,15 +1840,8 @@ def test_a_campaign_being_saved_and_submitted_is_not_rerun_or_deleted_meanwhile(
             pass
         acted.append(action.__name__)
 
-    creating = threading.Thread(
-        target=lambda: pytest.raises(
-            ClusterUnavailable,
-            studio.create,
-            "alice",
-            "c",
-            [str(media_dir / "speech3.wav")],
-            [str(media_dir / "still.png")],
-        )
+    creating, raised = _in_thread(
+        studio.create, "alice", "c", [str(media_dir / "speech3.wav")], [str(media_dir / "still.png")]
     )
     others = [threading.Thread(target=act, args=(action,)) for action in (studio.rerun, studio.delete)]
     creating.start()
@@ -1844,6 +1852,8 @@ def test_a_campaign_being_saved_and_submitted_is_not_rerun_or_deleted_meanwhile(
     go_on.set()
     for thread in (creating, *others):
         thread.join(10)
+        assert not thread.is_alive()
+    assert isinstance(raised[0], ClusterUnavailable), raised
     assert sorted(acted) == ["delete", "rerun"]
 
 

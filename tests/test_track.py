@@ -168,7 +168,8 @@ def test_a_track_of_the_first_frames_gives_their_final_boxes_up_to_its_margin(cl
     tracked = max(1, int(cut * n))
     try:
         prefix = _boxes(candidates[:tracked])
-    except ValueError:  # no face in those frames (a campaign's rows showing them fail)
+    except ValueError as exc:  # no face in those frames (a campaign's rows showing them fail)
+        assert "no face found" in str(exc)
         return
     settled = settled_frames(tracked, n, stride)
     assert settled == n or settled == max(0, tracked - track_margin(stride))

@@ -67,7 +67,14 @@ def _assert_same(got: list[np.ndarray], want: list[np.ndarray]) -> None:
 
 @pytest.mark.parametrize(
     ("image_ops", "precision"),
-    [("cpu", "fp32"), ("device", "fp32"), ("cpu", "bf16"), ("device", "bf16"), ("cpu", "int8")],
+    [
+        # the defaults: int8 on a CPU, fp32 through the device path; plain fp32 on the CPU is slow-marked
+        pytest.param("cpu", "fp32", marks=pytest.mark.slow),
+        ("device", "fp32"),
+        ("cpu", "bf16"),
+        ("device", "bf16"),
+        ("cpu", "int8"),
+    ],
 )
 def test_still_image_encodes_its_face_once(recipe_checkpoints, portrait, mels, image_ops, precision):
     if precision == "bf16" and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
@@ -93,7 +100,13 @@ def test_still_image_encodes_its_face_once(recipe_checkpoints, portrait, mels, i
 
 
 @pytest.mark.parametrize(
-    ("image_ops", "precision"), [("cpu", "fp32"), ("device", "fp32"), ("cpu", "int8"), ("device", "int8")]
+    ("image_ops", "precision"),
+    [
+        pytest.param("cpu", "fp32", marks=pytest.mark.slow),
+        ("device", "fp32"),
+        ("cpu", "int8"),
+        pytest.param("device", "int8", marks=pytest.mark.slow),  # a pairing no default makes
+    ],
 )
 def test_looped_clip_encodes_each_frame_once(recipe_checkpoints, clip, mels, image_ops, precision):
     reuse, plain = _pair(recipe_checkpoints["wav2lip"], batch_size=8, precision=precision, image_ops=image_ops)

@@ -127,6 +127,23 @@ def test_fp32_renderer_on_cuda_turns_tf32_off(recipe_checkpoints, tf32_on):
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
+@pytest.fixture(scope="module")
+def fp32_frames(recipe_checkpoints, portrait_frames, mels):
+    """The fp32 renderer's frames for each image_ops, made once for every reduced precision."""
+    made: dict[str, list[np.ndarray]] = {}
+
+    def frames(image_ops: str) -> list[np.ndarray]:
+        if image_ops not in made:
+            fp32 = Wav2LipRenderer(
+                recipe_checkpoints["wav2lip"], precision="fp32", batch_size=4, device="cpu", image_ops=image_ops
+            )
+            boxes = np.tile(BOX, (len(portrait_frames), 1))
+            made[image_ops] = fp32.render([f.copy() for f in portrait_frames], boxes, mels[: len(portrait_frames)])
+        return made[image_ops]
+
+    return frames
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
@@ -135,7 +152,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("image_ops", ["cpu", "device"])
 @pytest.mark.parametrize("precision", ["bf16", "int8", "int8-narrow"])
 def test_reduced_precision_stays_close_to_fp32_in_the_mouth(
-    recipe_checkpoints, portrait_frames, mels, image_ops, precision, monkeypatch
+    recipe_checkpoints, portrait_frames, mels, fp32_frames, image_ops, precision, monkeypatch
 ):
     """bf16 autocast runs on any CPU (emulated where there is no bf16 hardware: slower, same
     numbers); int8 on any x86 CPU (oneDNN's int8 kernels, fast with VNNI), at this CPU's ranges
@@ -152,12 +169,12 @@ def test_reduced_precision_stays_close_to_fp32_in_the_mouth(
     frames = portrait_frames
     if precision == "bf16" and not cpu_bf16_is_faster():
         frames = frames[:2]  # emulated bf16 (~2 s a frame here) gives the same numbers, slowly
-    kw = {"batch_size": 4, "device": "cpu", "image_ops": image_ops}
-    fp32 = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision="fp32", **kw)
-    reduced = Wav2LipRenderer(recipe_checkpoints["wav2lip"], precision=precision, **kw)
+    reduced = Wav2LipRenderer(
+        recipe_checkpoints["wav2lip"], precision=precision, batch_size=4, device="cpu", image_ops=image_ops
+    )
     assert reduced.precision == precision
     boxes = np.tile(BOX, (len(frames), 1))
-    want = fp32.render([f.copy() for f in frames], boxes, mels[: len(frames)])
+    want = fp32_frames(image_ops)[: len(frames)]
     got = reduced.render([f.copy() for f in frames], boxes, mels[: len(frames)])
     x1, y1, x2, y2 = BOX
     mouth = np.s_[(y1 + y2) // 2 : y2, x1:x2]

@@ -306,6 +306,7 @@ def eager_backend(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
 
 
+@pytest.mark.slow  # ~30 s of dynamo tracing on 2 cores; compile is opt-in (renderer.compile)
 def test_compile_runs_and_matches_eager(checkpoint, eager_backend, mixed_frames, mixed_features):
     eager = Wav2LipRenderer(checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu", image_ops="device")
     compiled = Wav2LipRenderer(
@@ -357,6 +358,7 @@ def test_compile_with_inductor(checkpoint, frames, features, hard):
         assert np.abs(g.astype(int) - w).max() <= 2  # inductor may reorder float sums
 
 
+@pytest.mark.slow  # ~15 s of dynamo tracing on 2 cores
 def test_compile_now_compiles_a_built_renderer_once(checkpoint, eager_backend, mixed_frames, mixed_features):
     renderer = Wav2LipRenderer(
         checkpoint, batch_size=3, precision="fp32", blend="hard", device="cpu", image_ops="device"
@@ -389,7 +391,15 @@ def test_compile_now_falls_back_to_eager_once(checkpoint, monkeypatch, caplog, f
         np.testing.assert_array_equal(g, w)
 
 
-@pytest.mark.parametrize(("threads", "before", "after"), [(1, 8, 1), (3, 8, 3), (16, 8, 8), (0, 8, 8)])
+@pytest.mark.parametrize(
+    ("threads", "before", "after"),
+    [  # each traces the generator twice (~7 s on 2 cores): one capping case runs by default
+        pytest.param(1, 8, 1, marks=pytest.mark.slow),
+        (3, 8, 3),
+        pytest.param(16, 8, 8, marks=pytest.mark.slow),
+        pytest.param(0, 8, 8, marks=pytest.mark.slow),
+    ],
+)
 def test_threads_caps_the_inductor_compile_workers(checkpoint, eager_backend, threads, before, after):
     from torch._inductor import config
 
