@@ -46,7 +46,10 @@ def test_defaults_are_the_embedded_local_classic_setup():
         (["detector=box", "detector.box=[1,2,30,40]"], lambda c: c.detector.box == [1, 2, 30, 40]),
         (["detector=s3fd", "detector.checkpoint=/m/s3fd.pth"], lambda c: c.detector.name == "s3fd"),
         (["cluster=gpu"], lambda c: c.cluster.actor.num_gpus == 0.125 and c.cluster.actor.num_cpus == 2.0),
-        (["+storage.options.s3.endpoint_url=http://127.0.0.1:9"], lambda c: c.storage.options["s3"]["endpoint_url"] == "http://127.0.0.1:9"),
+        (
+            ["+storage.options.s3.endpoint_url=http://127.0.0.1:9"],
+            lambda c: c.storage.options["s3"]["endpoint_url"] == "http://127.0.0.1:9",
+        ),
     ],
 )
 def test_group_options_compose(overrides, check):

@@ -50,6 +50,8 @@ def _in_thread(call: Any, *args: Any) -> tuple[threading.Thread, list[BaseExcept
             raised.append(exc)
 
     return threading.Thread(target=run, daemon=True), raised
+
+
 #: how long a stopped studio may take to be gone: its requests' grace, then its own wind-up
 STOP_SECONDS = STOP_GRACE_SECONDS + 20
 #: why the browser test cannot run here (no Chromium, no Playwright), or None
