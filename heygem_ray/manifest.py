@@ -9,7 +9,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,18 +201,17 @@ def _refuse_repeats(cells: list[_Cells]) -> None:
             by_output.setdefault(storage.normalize(cell.output), []).append(cell)
     for row_id, sharing in by_id.items():
         if len(sharing) > 1:
-            for cell in sharing:
-                others = _others(cell, sharing)
+            derived = all(other.derived for other in sharing)
+            for cell, others in _others(sharing):
                 # named for what the user wrote, not for an id they never saw
-                if all(other.derived for other in sharing):
+                if derived:
                     cell.refuse(f"the same audio and avatar as row(s) {others} (give them ids)")
                 else:
                     cell.refuse(f"id {row_id!r} is also that of row(s) {others}")
                 cell.id = None
     for output, sharing in by_output.items():
         if len(sharing) > 1:
-            for cell in sharing:
-                others = _others(cell, sharing)
+            for cell, others in _others(sharing):
                 cell.refuse(f"output {storage.display(output)} is also that of row(s) {others}")
     inputs = {storage.normalize(uri) for cell in cells for uri in (cell.audio, cell.avatar) if uri}
     for cell in cells:
@@ -220,11 +219,14 @@ def _refuse_repeats(cells: list[_Cells]) -> None:
             cell.refuse(f"output {storage.display(cell.output)} is one of the campaign's inputs")
 
 
-def _others(cell: _Cells, sharing: list[_Cells]) -> str:
-    """The other rows' numbers, the first five (a thousand rows of one id must not make a thousand
-    messages of a thousand numbers each)."""
-    others = [str(other.n) for other in sharing if other is not cell]
-    return ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+def _others(sharing: list[_Cells]) -> Iterator[tuple[_Cells, str]]:
+    """Each row of `sharing` with the other rows' numbers, the first five (a thousand rows of one id
+    must not make a thousand messages of a thousand numbers each, nor a million numbers to cut)."""
+    first = [str(cell.n) for cell in sharing[:6]]
+    more = len(sharing) - 1 - 5
+    for k, cell in enumerate(sharing):
+        others = [n for j, n in enumerate(first) if j != k][:5]
+        yield cell, ", ".join(others) + (f" and {more} more" if more > 0 else "")
 
 
 def _shown(value: object) -> str:

@@ -127,6 +127,29 @@ def test_storage_options_carry_endpoint_and_credentials(s3_endpoint, bucket):
         storage.configure(None)
 
 
+def test_the_bytes_under_a_folder_come_from_its_listing_not_a_request_per_object(bucket):
+    """The studio counts a user's bytes on every upload and submit: fsspec's `du` asked each object's
+    size again (a HEAD each, hundreds of thousands for a user with large campaigns)."""
+    sizes = {f"usage/alice/c{i}/output/row{j}.mp4": 10 * i + j for i in range(3) for j in range(10)}
+    sizes |= {f"usage/alice/_cache/audio/a{j}.f32": 1000 for j in range(5)}  # left out: derived
+    for key, size in sizes.items():
+        bucket.put_object(Bucket="heygem-e2e", Key=key, Body=b"x" * size)
+    fs, _ = storage.url_to_fs("s3://heygem-e2e/usage")
+    calls: list[str] = []
+
+    def record(model, **_kw):
+        calls.append(model.name)
+
+    fs.s3.meta.events.register("before-call.s3", record)
+    try:
+        got = storage.usage("s3://heygem-e2e/usage/alice", leaving_out="s3://heygem-e2e/usage/alice/_cache")
+        assert storage.usage("s3://heygem-e2e/usage/bob") == 0
+    finally:
+        fs.s3.meta.events.unregister("before-call.s3", record)
+    assert got == sum(size for key, size in sizes.items() if "/_cache/" not in key)
+    assert calls.count("HeadObject") <= 2 and calls.count("ListObjectsV2") <= 4, calls  # not one per object
+
+
 def test_saved_config_masks_credentials():
     text = config_yaml(
         compose(

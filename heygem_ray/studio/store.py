@@ -132,8 +132,7 @@ class StudioStore:
     def usage(self, user: str) -> int:
         """Bytes the user's campaigns hold (uploads, videos), not counting the user's cache (decoded
         narrations, face tracks: derived, and shared by campaigns that outlive each other)."""
-        folder = storage.join(self.root, check_name(user))
-        return storage.usage(folder) - storage.usage(self.cache(user))
+        return storage.usage(storage.join(self.root, check_name(user)), leaving_out=self.cache(user))
 
     def cache(self, user: str) -> str:
         """The user's cache of decoded narrations and face tracks, shared by their campaigns."""
