@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -91,6 +92,9 @@ _NO_TABLE: list[dict] = []
 PARTS_LISTED_SECONDS = 2.0
 #: campaigns whose progress counts are kept (a few hundred bytes each)
 PROGRESS_KEPT = 4096
+#: whole feeds kept read, every row's status (the campaigns being looked at; a 100,000-row
+#: campaign's is megabytes, read again by each of its pages every 3 s while it had not changed)
+FEEDS_KEPT = 8
 #: how long a user's listing of campaigns is reused (a record another studio or a hand changed
 #: shows this much later; this studio's own changes show at once)
 LISTED_SECONDS = 15.0
@@ -111,6 +115,7 @@ class StudioStore:
         # name, the finished rows' ids)
         self._finished: dict[str, tuple[list[dict], int, list[str], dict[str, str], frozenset[str]]] = {}
         self._progress: dict[str, tuple[str | None, dict]] = {}  # feed URI -> (its version, its counts)
+        self._feeds: dict[str, tuple[str | None, dict]] = {}  # feed URI -> (its version, the whole feed)
         self._records: dict[str, tuple[str, CampaignRecord | None]] = {}  # record URI -> (its version, it)
         self._listed: dict[str, tuple[float, dict[str, str | None]]] = {}  # user -> (when, their records' versions)
         self._changed: Counter[str] = Counter()  # user -> changes this studio made to their records
@@ -297,13 +302,7 @@ class StudioStore:
                 record = self.load(user, storage.basename(storage.dirname(uri)))
                 if version is not None:
                     with self._lock:
-                        self._records.pop(uri, None)
-                        self._records[uri] = (
-                            version,
-                            copy.deepcopy(record),
-                        )  # newest last: the oldest go past RECORDS_KEPT
-                        while len(self._records) > RECORDS_KEPT:
-                            del self._records[next(iter(self._records))]
+                        _keep(self._records, uri, (version, copy.deepcopy(record)), RECORDS_KEPT)
             if record is not None:
                 records.append(record)
         return sorted(records, key=lambda r: r.created, reverse=True)
@@ -351,26 +350,25 @@ class StudioStore:
         return storage.join(self.campaign_root(record.user, record.id), f".logged-end-{record.jobs[-1]}")
 
     def progress(self, record: CampaignRecord, rows: bool = True) -> dict | None:
-        """The campaign's progress feed; without `rows`, its counts alone (no `row_status`), read
-        again only when the feed changed: every page refresh lists every campaign of the user, and
-        a 100,000-row campaign's feed is megabytes."""
+        """The campaign's progress feed (not to be changed: it is shared); without `rows`, its
+        counts alone (no `row_status`). Read again only when the feed changed: every page refresh
+        lists every campaign of the user, and a 100,000-row campaign's feed is megabytes."""
         uri = storage.join(record.output, "_progress.json")
         fs, path = storage.url_to_fs(uri)
         try:
             version = storage.version_key(uri, fs.info(path))
             with self._lock:
-                kept = self._progress.get(uri)
-            if not rows and kept is not None and version is not None and kept[0] == version:
+                kept = (self._feeds if rows else self._progress).get(uri)
+            if kept is not None and version is not None and kept[0] == version:
                 return kept[1]
             feed: dict = json.loads(storage.read_bytes(uri))
         except (FileNotFoundError, ValueError):
             return None
         counts = {k: v for k, v in feed.items() if k != "row_status"}
         with self._lock:
-            self._progress.pop(uri, None)
-            self._progress[uri] = (version, counts)  # newest last: the oldest go past PROGRESS_KEPT
-            while len(self._progress) > PROGRESS_KEPT:
-                del self._progress[next(iter(self._progress))]
+            _keep(self._progress, uri, (version, counts), PROGRESS_KEPT)
+            if rows:
+                _keep(self._feeds, uri, (version, feed), FEEDS_KEPT)
         return feed if rows else counts
 
     def results(self, record: CampaignRecord) -> list[dict]:
@@ -392,10 +390,7 @@ class StudioStore:
         except FileNotFoundError:
             return _NO_TABLE, None
         with self._lock:
-            self._results.pop(uri, None)
-            self._results[uri] = (version, rows, upto)  # newest last: the oldest go past RESULTS_KEPT
-            while len(self._results) > RESULTS_KEPT:
-                del self._results[next(iter(self._results))]
+            _keep(self._results, uri, (version, rows, upto), RESULTS_KEPT)
         return rows, upto
 
     def _parts(self, record: CampaignRecord, upto: str | None) -> list[dict]:
@@ -422,10 +417,7 @@ class StudioStore:
                     continue
             kept = (time.monotonic(), parts)
             with self._lock:
-                self._part_rows.pop(folder, None)
-                self._part_rows[folder] = kept
-                while len(self._part_rows) > RESULTS_KEPT:
-                    del self._part_rows[next(iter(self._part_rows))]
+                _keep(self._part_rows, folder, kept, RESULTS_KEPT)
         return [row for name, rows in kept[1].items() if not superseded(name, upto) for row in rows]
 
     def videos(self, record: CampaignRecord) -> list[str]:
@@ -461,10 +453,7 @@ class StudioStore:
         for uri in videos:
             by_name.setdefault(storage.basename(uri), uri)
         with self._lock:
-            self._finished.pop(record.output, None)
-            self._finished[record.output] = (table, len(parts), videos, by_name, ids)
-            while len(self._finished) > RESULTS_KEPT:
-                del self._finished[next(iter(self._finished))]
+            _keep(self._finished, record.output, (table, len(parts), videos, by_name, ids), RESULTS_KEPT)
         return videos, by_name, ids
 
     def zip_stream(self, record: CampaignRecord) -> Iterator[bytes]:
@@ -623,9 +612,7 @@ class UploadChecks:
                 said = ("", str(exc))
             if stat is not None:  # a file that is gone may come back: asked again
                 with self._lock:
-                    self._said[key] = said
-                    while len(self._said) > self.KEPT:
-                        del self._said[next(iter(self._said))]
+                    _keep(self._said, key, said, self.KEPT)
         if said[1]:
             raise UploadError(said[1])
         return said[0]
@@ -662,3 +649,11 @@ def _safe_name(name: str) -> str:
     """An upload's file name as it is stored: its last part only, odd characters replaced."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(name)).strip("-.")
     return name or "upload"
+
+
+def _keep(cache: dict[Any, Any], key: Any, value: Any, most: int) -> None:
+    """`value` under `key`, newest last: the oldest entries go past `most`."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > most:
+        del cache[next(iter(cache))]
