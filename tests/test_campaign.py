@@ -375,6 +375,25 @@ def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path)
     assert sum(job.segments.by_actor.values()) == 2
 
 
+def test_a_wait_hands_back_every_call_that_has_ended(ray_local):
+    """The driver handles each wait's calls in one turn: one call a turn, with thousands in flight,
+    rebuilt the list of them and scanned every actor per call."""
+    executor = ray_cluster.RayExecutor(compose_config("manifest=m", "output=o"))
+
+    def same(i: int) -> int:
+        return i
+
+    def sleeps() -> None:
+        time.sleep(30)
+
+    calls = [executor.submit(same, i) for i in range(4)]
+    ray_local.get(calls)  # all four have ended
+    assert sorted(executor.get(c) for c in executor.wait(calls, timeout=5)) == [0, 1, 2, 3]
+    asleep = executor.submit(sleeps)
+    assert executor.wait([asleep], timeout=0.1) == []
+    executor.cancel(asleep)
+
+
 def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_path):
     """Segments wait on the driver for a free actor instead of piling up on the first actor that
     answered, where an actor starting later (a GPU node still joining) would find nothing left."""

@@ -61,7 +61,11 @@ class RayExecutor:
         return getattr(self._actors[actor], method).remote(*args)
 
     def wait(self, handles: Sequence[Any], timeout: float) -> list[Any]:
-        ready, _ = ray.wait(list(handles), num_returns=1, timeout=timeout)
+        """Every call of `handles` ended by now, once one has (the driver handles them in one turn:
+        a turn a call, with thousands in flight, rebuilt its list and scanned the actors each time)."""
+        ready, rest = ray.wait(list(handles), num_returns=1, timeout=timeout)
+        if ready and rest:
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         return ready
 
     def get(self, handle: Any) -> Any:
