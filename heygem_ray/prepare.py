@@ -28,7 +28,7 @@ import os
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from typing import Any, TypeVar
@@ -62,10 +62,11 @@ log = logging.getLogger("heygem_ray")
 _T = TypeVar("_T")
 
 
-def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
-    """BLAKE2b of the file's bytes, memoised under the cache by URI, size and version (mtime/ETag);
-    hashed anew at every call where the store names no version."""
-    info = storage.info(uri)
+def content_fingerprint(uri: str, cache: str, what: str = "input", info: Mapping[str, Any] | None = None) -> str:
+    """BLAKE2b of the file's bytes, memoised by URI, size and version (mtime/ETag) in this process
+    and under the cache; hashed anew at every call where the store names no version. `info`: the
+    store's, where the caller has just asked for it."""
+    info = storage.info(uri) if info is None else info
     if info.get("type") == "directory":
         raise IsADirectoryError(uri)
     if info.get("size") == 0:  # None: unknown (an HTTP server that sends no length), not empty
@@ -73,6 +74,17 @@ def content_fingerprint(uri: str, cache: str, what: str = "input") -> str:
     version = storage.version_key(uri, info)
     if version is None:  # bytes that may change under the same URI and size: hashed anew
         return _unversioned_fingerprint(uri)
+    # one narration over 100,000 presenters: the memo's GET once per process, not once per row
+    fp = _fingerprints_seen.get(version)
+    if fp is None:
+        fp = _memoised_fingerprint(uri, info, cache, version)
+        _fingerprints_seen[version] = fp
+        while len(_fingerprints_seen) > FINGERPRINTS_KEPT:
+            _fingerprints_seen.popitem(last=False)
+    return fp
+
+
+def _memoised_fingerprint(uri: str, info: Mapping[str, Any], cache: str, version: str) -> str:
     memo = storage.join(cache, "fingerprints", f"{version[:32]}.txt")
     with caching(memo), contextlib.suppress(FileNotFoundError):
         return storage.read_bytes(memo).decode().strip()
@@ -95,8 +107,7 @@ def input_copy(uri: str, cache: str, fp: str, what: str) -> str:
     if not fp:
         return storage.local_copy(uri)
     info = storage.info(uri)  # asked once, for the check and the copy (a request to an object store)
-    version = storage.version_key(uri, info)
-    if version is not None and _fingerprint_of(version, uri, cache, what) != fp:
+    if storage.version_key(uri, info) is not None and content_fingerprint(uri, cache, what, info) != fp:
         raise storage.ContentChanged(
             uri, "was replaced while the campaign ran (the row was prepared from the file it replaced); run it again"
         )
@@ -104,17 +115,9 @@ def input_copy(uri: str, cache: str, fp: str, what: str) -> str:
     return storage.local_copy(uri, content=fp, info=info)
 
 
-#: fingerprints this process found by version key (the same input's every segment asks again)
+#: fingerprints this process found, by version key (the same input's every row and segment asks)
 _fingerprints_seen: OrderedDict[str, str] = OrderedDict()
-
-
-def _fingerprint_of(version: str, uri: str, cache: str, what: str) -> str:
-    seen = _fingerprints_seen.get(version)
-    if seen is None:
-        seen = _fingerprints_seen[version] = content_fingerprint(uri, cache, what)
-        while len(_fingerprints_seen) > 1024:
-            _fingerprints_seen.popitem(last=False)
-    return seen
+FINGERPRINTS_KEPT = 1024
 
 
 #: seconds a process trusts its fingerprint of an input whose store names no version (a row's
@@ -153,11 +156,12 @@ class AudioInfo:
 PCM_VERSION = "-mean"
 
 
-def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf")) -> AudioInfo:
+def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf"), fingerprint: str = "") -> AudioInfo:
     """Decode a row's audio into the PCM cache (once per distinct content); stop as soon as it
-    runs past `max_seconds` rather than decode hours of an unwanted file."""
+    runs past `max_seconds` rather than decode hours of an unwanted file. `fingerprint`: the
+    content's, where the caller has just taken it."""
     with reading("audio", uri):
-        fp = content_fingerprint(uri, cache, "audio")
+        fp = fingerprint or content_fingerprint(uri, cache, "audio")
         base = storage.join(cache, "audio", f"{fp}{PCM_VERSION}")
         with caching(base + ".json"), contextlib.suppress(FileNotFoundError):
             meta = json.loads(storage.read_bytes(base + ".json"))
@@ -763,5 +767,5 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
             thumbnail = None
         return RowPrep(fp, True, None, marker, thumbnail)
     check_writable(row.output)
-    audio = prepare_audio(row.audio, cache, cfg.limits.max_audio_seconds)
+    audio = prepare_audio(row.audio, cache, cfg.limits.max_audio_seconds, fingerprints["audio"])
     return RowPrep(fp, False, audio, None, avatar_fingerprint=fingerprints["avatar"])

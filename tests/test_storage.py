@@ -35,6 +35,34 @@ def test_fingerprint_memo_follows_changes(tmp_path):
         content_fingerprint(str(path), cache, "audio")
 
 
+def test_rows_of_one_narration_look_up_its_fingerprint_once_per_process(tmp_path, media_dir, monkeypatch):
+    """One narration over thousands of presenters: each row's preparation read the narration's
+    fingerprint memo (a GET on an object store) and asked for the file's version twice (once for
+    the row, once more to decode it); now the memo once per process, the version once per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers import compose_config
+    from heygem_ray import prepare
+    from heygem_ray.manifest import read_manifest
+
+    audio, avatar = str(media_dir / "speech3.wav"), str(media_dir / "still.png")
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "audio": [audio] * 3, "avatar": [avatar] * 3}), manifest)
+    cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}")
+    rows = read_manifest(cfg.manifest, cfg.output)
+    prepare.prepare_row(rows[0], cfg)  # the memo is written
+    monkeypatch.setattr(prepare, "_fingerprints_seen", type(prepare._fingerprints_seen)())  # a new process
+    memo_reads, infos = [], []
+    read_bytes, info = storage.read_bytes, storage.info
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, *a: memo_reads.append(uri) or read_bytes(uri, *a))
+    monkeypatch.setattr(storage, "info", lambda uri, *a: infos.append(uri) or info(uri, *a))
+    preps = [prepare.prepare_row(row, cfg) for row in rows]
+    assert len({p.audio.fingerprint for p in preps}) == 1 and all(p.audio.samples for p in preps)
+    assert len([uri for uri in memo_reads if "/fingerprints/" in uri]) == 2  # the narration's, the still's
+    assert infos.count(audio) == len(rows)
+
+
 def test_publish_is_atomic_and_leaves_no_temp_files(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"x" * 100)
