@@ -259,6 +259,15 @@ def test_a_finished_jobs_log_shows_its_last_lines(monkeypatch):
     assert head.logs("j").endswith("it broke")
     job["log"] = "changed after the end"  # cannot happen: kept
     assert head.logs("j").endswith("it broke")
+    # a running job's long log (a line a row, 100,000 rows) is read again less often, as it grows
+    monkeypatch.setattr(cluster, "LOG_SECONDS", 0.2)
+    job.update(status="RUNNING", log="x" * (3 * cluster.LOG_BYTES) + "\nrow 1")
+    assert head.job("k")[0] == "RUNNING" and head.logs("k").endswith("row 1")
+    job["log"] += "\nrow 2"
+    time.sleep(0.3)
+    assert head.logs("k").endswith("row 1")  # 3 MiB: read again after 0.6 s, not 0.2 s
+    time.sleep(0.4)
+    assert head.logs("k").endswith("row 2")
 
 
 def test_the_studio_refuses_an_image_that_would_decode_past_8k_by_8k(tmp_path):

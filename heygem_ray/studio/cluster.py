@@ -25,8 +25,10 @@ log = logging.getLogger("heygem_ray.studio")
 
 #: where the studio's checkout would be (an editable install); an installed package has none
 CHECKOUT = Path(__file__).resolve().parents[2]
-#: seconds a running job's log tail is shown before the job server is asked again
+#: seconds a running job's log tail is shown before the job server is asked again, for each
+#: LOG_BYTES of the log (the server sends all of it: a 100,000-row campaign's is ~15 MB)
 LOG_SECONDS = 10.0
+LOG_BYTES = 2**20
 #: log tails kept (one per job the pages have shown)
 LOGS_KEPT = 256
 #: Ray job states that will not change again
@@ -173,7 +175,7 @@ class Cluster:
         self._unknown: set[str] = set()  # jobs the cluster answered it does not know (`job`)
         self._submitted: dict[str, float] = {}  # when this studio submitted each job (time.monotonic)
         # log tails: when they were read (time.monotonic), and whether the job had ended by then
-        self._logs: dict[str, tuple[str, float, bool]] = {}
+        self._logs: dict[str, tuple[str, float, bool]] = {}  # job -> (its tail, read again after, ended)
         self._checked: tuple[float, str | None] | None = None  # the last `problem` answer, and when
         self._checked_lock = threading.Lock()
         self._checking = False  # a `problem` call is asking the cluster
@@ -255,16 +257,19 @@ class Cluster:
         return state, started
 
     def logs(self, submission_id: str, last_lines: int = 60) -> str:
-        """The last lines of a job's log: kept once the job has ended (it will not change), and for
-        LOG_SECONDS while it runs (the job server sends the whole log, every page polls it)."""
+        """The last lines of a job's log: kept once the job has ended (it will not change), and while
+        it runs for LOG_SECONDS per LOG_BYTES of it (the job server sends the whole log, and every
+        page polls it). A job seen ending since its tail was read is read again at once: its last
+        lines (a traceback) are what its user wants."""
         kept = self._logs.get(submission_id)
-        if kept is not None and (kept[2] or time.monotonic() - kept[1] < LOG_SECONDS):
-            return kept[0]
         ended = submission_id in self._ended  # before the read: a tail read then is the last one
+        if kept is not None and (kept[2] or (not ended and time.monotonic() < kept[1])):
+            return kept[0]
         text: str = self._call("get_job_logs", submission_id)
-        tail = "\n".join(text.splitlines()[-last_lines:])
+        tail = "\n".join(text[-LOG_BYTES:].splitlines()[-last_lines:])
+        again = time.monotonic() + LOG_SECONDS * max(1.0, len(text) / LOG_BYTES)
         self._logs.pop(submission_id, None)
-        self._logs[submission_id] = (tail, time.monotonic(), ended)  # newest last: the oldest go past LOGS_KEPT
+        self._logs[submission_id] = (tail, again, ended)  # newest last: the oldest go past LOGS_KEPT
         while len(self._logs) > LOGS_KEPT:
             del self._logs[next(iter(self._logs))]
         return tail
