@@ -1911,6 +1911,16 @@ def test_a_page_lists_the_newest_campaigns_and_reads_a_record_again_only_when_it
     store.save(replace(made[1], name="renamed second"))
     assert [r.name for r in studio.campaigns("alice")[1]] == ["c3", "renamed second", "renamed first"]
     assert len(listings) == 1
-    monkeypatch.setattr(store_module, "LISTED_SECONDS", 0.0)
+    monkeypatch.setattr(store_module, "LISTED_SECONDS", 0.2)
+    studio.campaigns("alice")
+    assert len(listings) == 1
+    time.sleep(0.25)
     studio.campaigns("alice")
     assert len(listings) == 2
+    monkeypatch.setattr(store_module, "LISTED_CAMPAIGNS", 1)  # 3 campaigns: listed every 0.6 s
+    time.sleep(0.25)
+    studio.campaigns("alice")
+    assert len(listings) == 2
+    time.sleep(0.4)
+    studio.campaigns("alice")
+    assert len(listings) == 3

@@ -96,8 +96,10 @@ PROGRESS_KEPT = 4096
 #: campaign's is megabytes, read again by each of its pages every 3 s while it had not changed)
 FEEDS_KEPT = 8
 #: how long a user's listing of campaigns is reused (a record another studio or a hand changed
-#: shows this much later; this studio's own changes show at once)
+#: shows this much later; this studio's own changes show at once), for each LISTED_CAMPAIGNS of
+#: theirs (on an object store the listing is a LIST per campaign folder)
 LISTED_SECONDS = 15.0
+LISTED_CAMPAIGNS = 100
 #: campaign records kept read, by version (a page lists its user's every 3 s)
 RECORDS_KEPT = 16384
 
@@ -308,13 +310,13 @@ class StudioStore:
         return sorted(records, key=lambda r: r.created, reverse=True)
 
     def _listing(self, user: str) -> dict[str, str | None]:
-        """The user's records and their versions, listed at most every LISTED_SECONDS (on an object
-        store a LIST per campaign folder, and every open page asks every 3 s), and at once after
-        this studio changed one of them."""
+        """The user's records and their versions, listed at most every LISTED_SECONDS per
+        LISTED_CAMPAIGNS campaigns of theirs (on an object store a LIST per campaign folder, and
+        every open page asks every 3 s), and at once after this studio changed one of them."""
         now = time.monotonic()
         with self._lock:
             listed, changes = self._listed.get(user), self._changed[user]
-        if listed is not None and now - listed[0] < LISTED_SECONDS:
+        if listed is not None and now - listed[0] < LISTED_SECONDS * max(1.0, len(listed[1]) / LISTED_CAMPAIGNS):
             return listed[1]
         found = storage.versions(storage.join(self._root_pattern, check_name(user), "*", "campaign.json"))
         with self._lock:
