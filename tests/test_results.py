@@ -62,6 +62,25 @@ def test_results_are_flushed_by_time_too(tmp_path):
     assert [r["id"] for r in read_parts(str(tmp_path / "parts"))] == ["a"]
 
 
+def test_parts_come_less_often_as_they_pile_up(tmp_path, monkeypatch):
+    """A day-long campaign wrote a part every 10 s (thousands, listed and read by every reader)."""
+    from heygem_ray import results
+
+    monkeypatch.setattr(results, "SECONDS_PER_PART", 0.1)
+    table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=0.0)
+    for i in range(5):
+        table.add(_result(f"r{i}"))
+    assert len(os.listdir(tmp_path / "parts")) == 1  # the first at once, then 0.1 s per part written
+    time.sleep(0.12)
+    table.tick()
+    assert len(os.listdir(tmp_path / "parts")) == 2
+    table.add(_result("r5"))
+    assert len(os.listdir(tmp_path / "parts")) == 2  # 0.2 s now
+    time.sleep(0.22)
+    table.tick()
+    assert sorted(r["id"] for r in read_parts(str(tmp_path / "parts"))) == [f"r{i}" for i in range(6)]
+
+
 def test_a_result_no_other_follows_is_flushed_by_the_campaigns_ticks(tmp_path):
     table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=2.0)
     table.add(_result("a"))  # not due yet
