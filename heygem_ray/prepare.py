@@ -75,10 +75,11 @@ def content_fingerprint(uri: str, cache: str, what: str = "input", info: Mapping
     if version is None:  # bytes that may change under the same URI and size: hashed anew
         return _unversioned_fingerprint(uri)
     # one narration over 100,000 presenters: the memo's GET once per process, not once per row
-    fp = _fingerprints_seen.get(version)
+    # (by cache too: a process that has another cache must find, or make, the memo in this one)
+    fp = _fingerprints_seen.get((cache, version))
     if fp is None:
         fp = _memoised_fingerprint(uri, info, cache, version)
-        _fingerprints_seen[version] = fp
+        _fingerprints_seen[(cache, version)] = fp
         while len(_fingerprints_seen) > FINGERPRINTS_KEPT:
             _fingerprints_seen.popitem(last=False)
     return fp
@@ -115,8 +116,9 @@ def input_copy(uri: str, cache: str, fp: str, what: str) -> str:
     return storage.local_copy(uri, content=fp, info=info)
 
 
-#: fingerprints this process found, by version key (the same input's every row and segment asks)
-_fingerprints_seen: OrderedDict[str, str] = OrderedDict()
+#: fingerprints this process found, by cache and version key (the same input's every row and
+#: segment asks)
+_fingerprints_seen: OrderedDict[tuple[str, str], str] = OrderedDict()
 FINGERPRINTS_KEPT = 1024
 
 
@@ -167,7 +169,9 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf"), finge
             meta = json.loads(storage.read_bytes(base + ".json"))
             if _whole(base + ".f32", meta["samples"] * 4):
                 return _within_limits(AudioInfo(uri, fp, meta["samples"], meta["level"], base + ".f32"), max_seconds)
-        local = storage.local_copy(uri, content=fp)
+        # the bytes of that fingerprint, or ContentChanged: a narration replaced since the row took
+        # its fingerprint would be decoded into the cache under the old bytes' name
+        local = input_copy(uri, cache, fp, "audio")
         meter = LevelMeter()
         samples = 0
         pcm = scratch.file("pcm", ".f32")

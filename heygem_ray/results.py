@@ -191,8 +191,7 @@ class ResultsTable:
         if not self._unwritten:
             self._flushed_at = time.time()
             return
-        self._written_parts += 1
-        name = f"{self._own}{self._written_parts:05d}.parquet"
+        name = f"{self._own}{self._written_parts + 1:05d}.parquet"
         try:
             storage.write_bytes(storage.join(self.parts, name), _parquet(self._unwritten))
         except OSError as exc:
@@ -202,9 +201,10 @@ class ResultsTable:
                 storage.display(f"{type(exc).__name__}: {exc}"),
                 len(self._unwritten),
             )
-            self._refused = True  # till it is written: tried again every flush_seconds, not every result
+            self._refused = True  # till it is written: tried again when the next part is due, not every result
         else:
             self._unwritten, self._refused = [], False
+            self._written_parts += 1
         self._flushed_at = time.time()
 
     def finish(self, order: list[str]) -> list[RowResult]:

@@ -63,6 +63,23 @@ def test_rows_of_one_narration_look_up_its_fingerprint_once_per_process(tmp_path
     assert infos.count(audio) == len(rows)
 
 
+def test_a_narration_replaced_after_its_row_took_its_fingerprint_is_not_decoded_under_it(tmp_path, media_dir):
+    """The decode goes into the cache shared by campaigns, named by the fingerprint: the new bytes
+    under the old name would give a later row of the old narration another narration's lips."""
+    import shutil
+
+    from heygem_ray import prepare
+
+    audio, cache = tmp_path / "n.wav", str(tmp_path / "cache")
+    shutil.copy(media_dir / "speech3.wav", audio)
+    taken = content_fingerprint(str(audio), cache, "audio")
+    shutil.copy(media_dir / "speech4.wav", audio)  # replaced before the row decodes it
+    with pytest.raises(InputError, match="was replaced while the campaign ran"):
+        prepare.prepare_audio(str(audio), cache, fingerprint=taken)
+    assert not os.path.exists(os.path.join(cache, "audio", f"{taken}{prepare.PCM_VERSION}.f32"))
+    assert prepare.prepare_audio(str(audio), cache).samples == 4 * prepare.SAMPLE_RATE  # its own row, anew
+
+
 def test_publish_is_atomic_and_leaves_no_temp_files(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"x" * 100)

@@ -1911,16 +1911,16 @@ def test_a_page_lists_the_newest_campaigns_and_reads_a_record_again_only_when_it
     store.save(replace(made[1], name="renamed second"))
     assert [r.name for r in studio.campaigns("alice")[1]] == ["c3", "renamed second", "renamed first"]
     assert len(listings) == 1
-    monkeypatch.setattr(store_module, "LISTED_SECONDS", 0.2)
+    monkeypatch.setattr(store_module, "LISTED_SECONDS", 0.5)
     studio.campaigns("alice")
     assert len(listings) == 1
-    time.sleep(0.25)
+    time.sleep(0.6)
     studio.campaigns("alice")
     assert len(listings) == 2
-    monkeypatch.setattr(store_module, "LISTED_CAMPAIGNS", 1)  # 3 campaigns: listed every 0.6 s
-    time.sleep(0.25)
+    monkeypatch.setattr(store_module, "LISTED_CAMPAIGNS", 1)  # 3 campaigns: listed every 1.5 s
+    time.sleep(0.6)
     studio.campaigns("alice")
     assert len(listings) == 2
-    time.sleep(0.4)
+    time.sleep(1.0)
     studio.campaigns("alice")
     assert len(listings) == 3

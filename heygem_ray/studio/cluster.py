@@ -174,8 +174,10 @@ class Cluster:
         self._ended: dict[str, tuple[str, float | None]] = {}
         self._unknown: set[str] = set()  # jobs the cluster answered it does not know (`job`)
         self._submitted: dict[str, float] = {}  # when this studio submitted each job (time.monotonic)
-        # log tails: when they were read (time.monotonic), and whether the job had ended by then
+        # log tails: when to read them again (time.monotonic), and whether the job had ended before
+        # they were read (page threads share them: `_logs_lock`)
         self._logs: dict[str, tuple[str, float, bool]] = {}  # job -> (its tail, read again after, ended)
+        self._logs_lock = threading.Lock()
         self._checked: tuple[float, str | None] | None = None  # the last `problem` answer, and when
         self._checked_lock = threading.Lock()
         self._checking = False  # a `problem` call is asking the cluster
@@ -261,17 +263,19 @@ class Cluster:
         it runs for LOG_SECONDS per LOG_BYTES of it (the job server sends the whole log, and every
         page polls it). A job seen ending since its tail was read is read again at once: its last
         lines (a traceback) are what its user wants."""
-        kept = self._logs.get(submission_id)
+        with self._logs_lock:
+            kept = self._logs.get(submission_id)
         ended = submission_id in self._ended  # before the read: a tail read then is the last one
         if kept is not None and (kept[2] or (not ended and time.monotonic() < kept[1])):
             return kept[0]
         text: str = self._call("get_job_logs", submission_id)
         tail = "\n".join(text[-LOG_BYTES:].splitlines()[-last_lines:])
         again = time.monotonic() + LOG_SECONDS * max(1.0, len(text) / LOG_BYTES)
-        self._logs.pop(submission_id, None)
-        self._logs[submission_id] = (tail, again, ended)  # newest last: the oldest go past LOGS_KEPT
-        while len(self._logs) > LOGS_KEPT:
-            del self._logs[next(iter(self._logs))]
+        with self._logs_lock:
+            self._logs.pop(submission_id, None)
+            self._logs[submission_id] = (tail, again, ended)  # newest last: the oldest go past LOGS_KEPT
+            while len(self._logs) > LOGS_KEPT:
+                del self._logs[next(iter(self._logs))]
         return tail
 
     def stop(self, submission_id: str) -> bool:
