@@ -48,6 +48,8 @@ log = logging.getLogger("heygem_ray")
 INTERRUPTED = "campaign interrupted before this row finished"
 #: seconds a stop spends checking that the videos of rows it keeps from an earlier run are there
 STILL_THERE_SECONDS = 1.0
+#: how many times more rows may be preparing while each of those prepared lately was skipped
+SKIPPING_RATE = 8
 
 #: at a stop, how long the stitches under way may go on (most take a second or two) before they are
 #: stopped; `ray job stop` kills the driver 3 s after its SIGTERM by default
@@ -81,6 +83,7 @@ class Campaign:
         self.segments = SegmentQueue(cfg, self.actors, executor)
         self._kept: set[str] = set()  # rows a stop left with an earlier run's result
         self._stitching = 0  # stitches submitted and not yet answered
+        self._skipped_since_work = 0  # rows prepared and skipped since the last that went on to render
         self.shared = SharedWork(cfg, executor)
         self._published_bytes = 0  # of the videos this run published (`limits.max_output_gb`)
 
@@ -169,8 +172,13 @@ class Campaign:
 
     def prepare_limit(self) -> int:
         """Rows that may be preparing at once: `render.max_prepared_rows`, or (0) twice the actors,
-        at least 8."""
-        return self.cfg.render.max_prepared_rows or max(8, 2 * len(self.actors))
+        at least 8; and while the rows prepared lately were all skipped (a rerun going over the rows
+        an earlier run finished: a few requests each, no work), up to SKIPPING_RATE times that (a
+        rerun of 50,000 finished rows spent half an hour on them, eight at a time)."""
+        if self.cfg.render.max_prepared_rows:
+            return self.cfg.render.max_prepared_rows
+        base = max(8, 2 * len(self.actors))
+        return base * min(SKIPPING_RATE, 1 + self._skipped_since_work // base)
 
     def _admit_rows(self) -> None:
         """Prepare rows lazily: while fewer are preparing than `prepare_limit`, the driver's queue
@@ -241,7 +249,9 @@ class Campaign:
         except Exception as exc:  # noqa: BLE001 - every failure becomes this row's result
             return self._fail(row_id, failure_reason(self.executor, exc))
         if state.prep.skipped:
+            self._skipped_since_work += 1
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
+        self._skipped_since_work = 0
         if self.actors.error:  # no renderer will ever take it: no face tracking for nothing
             return self._fail(row_id, self.actors.error)
         if self._output_limit_reached():

@@ -1096,3 +1096,49 @@ def test_a_segment_on_an_actor_the_driver_retired_is_no_try_of_its_own(tmp_path)
     pool.actors[1].load = 1  # an actor the driver did not stop: the lost call counts
     state.attempts[1] = 1
     assert "segment 1 failed after 1 attempt" in (queue.failed(("r", 1, 1), state, Killed()) or "")
+
+
+def test_a_rerun_checks_finished_rows_many_at_a_time_then_goes_back_to_its_pace(tmp_path):
+    """A rerun of a campaign stopped halfway: each finished row is a few requests to the store, and
+    eight at a time made a rerun of 50,000 of them take half an hour before the first new frame.
+    While rows keep being skipped, more are checked at once; rows that render go back to the pace
+    that keeps the actors fed without a pile of decoded narrations."""
+    from dataclasses import replace
+
+    from heygem_ray.campaign import SKIPPING_RATE
+
+    finished = 200
+
+    def prepare_row(row: Any, cfg: Any) -> Any:
+        prep = STAGES["prepare_row"](row, cfg)
+        return replace(prep, skipped=True, audio=None) if int(row.id[1:]) < finished else prep
+
+    class Counting(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2, stages={**STAGES, "prepare_row": prepare_row})
+            self.preparing: set[int] = set()
+            self.most: list[tuple[str, int]] = []  # (row, prepares in flight as it was sent)
+
+        def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
+            handle = super().submit(fn, *args, num_gpus=num_gpus)
+            if fn.__name__ == "prepare_row":
+                self.preparing.add(id(handle))
+                self.most.append((args[0].id, len(self.preparing)))
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            ready = super().wait(handles, timeout)
+            self.preparing.difference_update(id(h) for h in ready)
+            return ready
+
+    job, _ = _campaign(tmp_path)
+    out = tmp_path / "out"
+    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(finished + 120)]
+    executor = Counting()
+    summary = Campaign(job.cfg, rows, executor=executor).run()
+    assert summary.count("skipped") == finished and summary.count("ok") == 120
+    base = 8  # two actors: at least 8
+    skipping = [n for row_id, n in executor.most if int(row_id[1:]) < finished]
+    assert max(skipping) == base * SKIPPING_RATE
+    rendering = [n for row_id, n in executor.most if int(row_id[1:]) >= finished + base * SKIPPING_RATE]
+    assert rendering and max(rendering) <= base
