@@ -10,9 +10,9 @@ A report written mid-campaign (`total_rows` larger than the rows so far) says "N
 and refreshes itself every 30 seconds.
 
 A campaign of more than `PAGE_ROWS` rows gets pages (`PagedReport`): `_report.html` keeps the
-summary, the failed rows' links and the first rows, and `_report/page-K.html` the rest, each page
-rewritten only while its rows change. So a rewrite costs one page or two, not the whole campaign,
-and the driver holds thumbnails only for pages still changing.
+summary, the failed rows' links and the pages' links, and `_report/page-K.html` the rows, each page
+rewritten only while its rows change. So a rewrite costs the summary and a page or two, not the
+whole campaign, and the driver holds thumbnails only for pages still changing.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def render_report(
     generated_at: float | None = None,
     totals: Totals | None = None,
     pages: Sequence[tuple[str, str]] = (),
+    summary_only: bool = False,
 ) -> str:
     """The report page for `rows` (shown in the given order, which should be manifest order).
 
@@ -143,7 +144,7 @@ def render_report(
     when more than the rows done the campaign is reported as in progress ("N of M rows done") and
     the page refreshes itself; None means the campaign is finished. `totals`: the summary of every
     row done when `rows` are only the first page's (default: `rows`' own); `pages`: (label, href)
-    of the other pages."""
+    of the other pages; `summary_only`: no cards (a large campaign's, whose rows are all on pages)."""
     totals = totals or Totals.of(rows)
     done = totals.rows
     total = max(int(total_rows), done) if total_rows is not None else done
@@ -176,7 +177,9 @@ def render_report(
     stamp = time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time())
     )
-    return _page(title, not finished, rows, thumbnails, report_uri, pages, summary=summary, stamp=stamp)
+    return _page(
+        title, not finished, rows, thumbnails, report_uri, pages, summary=summary, stamp=stamp, summary_only=summary_only
+    )
 
 
 def render_page(
@@ -187,8 +190,8 @@ def render_page(
     pages: Sequence[tuple[str, str]],
     complete: bool,
 ) -> str:
-    """One more page of a large campaign's report: its rows' cards under the links to every page
-    (the first, with the summary, is the report itself); refreshes itself until `complete`."""
+    """One page of a large campaign's report: its rows' cards under the links to the summary and to
+    every page; refreshes itself until `complete`."""
     return _page(title, not complete, rows, thumbnails, report_uri, pages)
 
 
@@ -201,8 +204,10 @@ def _page(
     pages: Sequence[tuple[str, str]],
     summary: dict[str, Any] | None = None,
     stamp: str | None = None,
+    summary_only: bool = False,
 ) -> str:
     return _TEMPLATE.render(
+        summary_only=summary_only,
         title=title,
         refresh=refresh,
         refresh_seconds=REFRESH_SECONDS,
@@ -282,9 +287,11 @@ def write_report(uri: str, html_text: str) -> None:
 
 
 class PagedReport:
-    """A campaign's report, written as its rows finish: `uri` holds the summary and the first
-    `page_rows` rows; each further page (`pages_dir`/page-NNNN.html) holds the next, is rewritten
-    only while rows on it finish, and lets go of its thumbnails once all of them have."""
+    """A campaign's report, written as its rows finish: `uri` holds the summary and, for a campaign
+    of `page_rows` rows at most, every row; a larger campaign's rows are on pages of `page_rows`
+    (`pages_dir`/page-NNNN.html), each rewritten only while rows on it finish, letting go of its
+    thumbnails once all of them have, and `uri` holds the summary alone, kilobytes (rewritten with
+    the first page's cards, megabytes, every 10 s of a day-long campaign)."""
 
     def __init__(
         self, uri: str, pages_dir: str, title: str, row_ids: Sequence[str], page_rows: int = PAGE_ROWS
@@ -299,22 +306,22 @@ class PagedReport:
         self._changed: set[int] = set()
 
     def page_uri(self, page: int) -> str:
-        return self.uri if page == 0 else storage.join(self.pages_dir, f"page-{page + 1:04d}.html")
+        return self.uri if self.pages == 1 else storage.join(self.pages_dir, f"page-{page + 1:04d}.html")
 
-    def _href(self, page: int, from_page: int) -> str:
-        """A link to `page` as written in `from_page` (the pages sit in a folder beside the report)."""
-        folder = self.pages_dir.rstrip("/").rsplit("/", 1)[-1]
-        if page == 0:
-            return "../" + self.uri.rsplit("/", 1)[-1] if from_page else "#"
+    def _href(self, page: int, from_summary: bool) -> str:
+        """A link to `page` as written in the summary or in a page (they sit in a folder beside it)."""
+        if self.pages == 1:
+            return ""
         name = f"page-{page + 1:04d}.html"
-        return name if from_page else f"{folder}/{name}"
+        return f"{self.pages_dir.rstrip('/').rsplit('/', 1)[-1]}/{name}" if from_summary else name
 
-    def _nav(self, from_page: int) -> list[tuple[str, str]]:
+    def _nav(self, from_summary: bool) -> list[tuple[str, str]]:
         if self.pages == 1:
             return []
+        summary = [] if from_summary else [("summary", "../" + self.uri.rsplit("/", 1)[-1])]
         last = self.total
-        return [
-            (f"{k * self.page_rows + 1}\u2013{min(last, (k + 1) * self.page_rows)}", self._href(k, from_page))
+        return summary + [
+            (f"{k * self.page_rows + 1}\u2013{min(last, (k + 1) * self.page_rows)}", self._href(k, from_summary))
             for k in range(self.pages)
         ]
 
@@ -328,38 +335,39 @@ class PagedReport:
         if thumbnail:
             self._thumbs[result.id] = thumbnail
         self._changed.add(page)
-        anchor = f"#{_anchor(result.id)}"
-        self.totals.add(result, anchor if page == 0 else self._href(page, 0) + anchor)
+        self.totals.add(result, f"{self._href(page, from_summary=True)}#{_anchor(result.id)}")
 
     def _rows(self, page: int) -> list[RowResult]:
         return sorted(self._done.get(page, {}).values(), key=lambda r: self._index[r.id])
 
     def write(self, wall_seconds: float, final: bool) -> None:
         """Rewrite the report and every page whose rows changed since the last call."""
-        for page in sorted(self._changed - {0}):
+        paged = self.pages > 1
+        for page in sorted(self._changed) if paged else ():
             rows = self._rows(page)
             complete = len(rows) == min(self.page_rows, self.total - page * self.page_rows)
             first = page * self.page_rows
             title = f"{self.title}: rows {first + 1}\u2013{first + min(self.page_rows, self.total - first)}"
             write_report(
                 self.page_uri(page),
-                render_page(rows, self._thumbs, title, self.page_uri(page), self._nav(page), complete),
+                render_page(rows, self._thumbs, title, self.page_uri(page), self._nav(from_summary=False), complete),
             )
             self._changed.discard(page)  # written: a later page that fails to write leaves this one be
             if complete:  # written for good: its rows' thumbnails are in the page now
                 for r in rows:
                     self._thumbs.pop(r.id, None)
                 self._done.pop(page, None)
-        self._changed.discard(0)
+        self._changed.clear()
         html_text = render_report(
-            self._rows(0),
+            [] if paged else self._rows(0),
             self._thumbs,
             wall_seconds,
             self.title,
             report_uri=self.uri,
             total_rows=None if final else self.total,
             totals=self.totals,
-            pages=self._nav(0),
+            pages=self._nav(from_summary=True),
+            summary_only=paged,
         )
         write_report(self.uri, html_text)
 
