@@ -247,6 +247,8 @@ class Campaign:
         try:
             state.prep = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this row's result
+            if not isinstance(self.executor.cause(exc), InputError):  # a store failing, say: not a rerun's pace
+                self._skipped_since_work = 0
             return self._fail(row_id, failure_reason(self.executor, exc))
         if state.prep.skipped:
             self._skipped_since_work += 1
@@ -387,7 +389,9 @@ class Campaign:
         for row_id in row_ids:
             state = self._states.get(row_id)
             try:
-                marker = state.published(self.cfg.layout) if state is not None else None
+                # a row still waiting for its face track sent nothing to render, and cannot have
+                # published: no read of its marker (a stop may catch hundreds such)
+                marker = state.published(self.cfg.layout) if state is not None and state.track is not None else None
             except Exception:  # noqa: BLE001 - the store failing too: reported failed, and a rerun finds the marker
                 marker = None
             kept = earlier.get(row_id)

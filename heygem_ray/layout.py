@@ -4,7 +4,7 @@
 {output}/_results.parquet   one row per manifest row (heygem_ray.results), written at the end
 {output}/_results/part-*.parquet  results written as rows finish, removed once the table is written
 {output}/_report.html       the page operators open (heygem_ray.report)
-{output}/_report/page-NNNN.html  its further pages, for a campaign of more than 500 rows
+{output}/_report/page-NNNN.html  its rows, 500 a page, for a campaign of more than 500 rows
 {output}/_progress.json     the campaign's progress for other tools to poll (heygem_ray.progress)
 {output}/_config.yaml       the resolved config of the last run, credentials masked
 {output}/_markers/{row}.json    a finished row's fingerprint: a rerun skips the row

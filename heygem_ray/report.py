@@ -10,7 +10,7 @@ A report written mid-campaign (`total_rows` larger than the rows so far) says "N
 and refreshes itself every 30 seconds.
 
 A campaign of more than `PAGE_ROWS` rows gets pages (`PagedReport`): `_report.html` keeps the
-summary, the failed rows' links and the pages' links, and `_report/page-K.html` the rows, each page
+summary, the failed rows' links and the pages' links, and `_report/page-NNNN.html` the rows, each page
 rewritten only while its rows change. So a rewrite costs the summary and a page or two, not the
 whole campaign, and the driver holds thumbnails only for pages still changing.
 """
@@ -178,7 +178,15 @@ def render_report(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time())
     )
     return _page(
-        title, not finished, rows, thumbnails, report_uri, pages, summary=summary, stamp=stamp, summary_only=summary_only
+        title,
+        not finished,
+        rows,
+        thumbnails,
+        report_uri,
+        pages,
+        summary=summary,
+        stamp=stamp,
+        summary_only=summary_only,
     )
 
 
@@ -303,7 +311,9 @@ class PagedReport:
         self.totals = Totals()
         self._done: dict[int, dict[str, RowResult]] = {}  # page -> its rows done, while the page changes
         self._thumbs: dict[str, bytes] = {}
-        self._changed: set[int] = set()
+        # every page at the first write: the summary links them all, and a rerun into this output
+        # must not link the last run's pages, final and never refreshed, until a row there finishes
+        self._changed: set[int] = set(range(self.pages))
 
     def page_uri(self, page: int) -> str:
         return self.uri if self.pages == 1 else storage.join(self.pages_dir, f"page-{page + 1:04d}.html")
@@ -341,23 +351,33 @@ class PagedReport:
         return sorted(self._done.get(page, {}).values(), key=lambda r: self._index[r.id])
 
     def write(self, wall_seconds: float, final: bool) -> None:
-        """Rewrite the report and every page whose rows changed since the last call."""
+        """Rewrite the report and every page whose rows changed since the last call. A page that
+        cannot be written is tried again at the next call; the summary is written still (its
+        totals, at the last call, are the campaign's), then the page's error raised."""
         paged = self.pages > 1
-        for page in sorted(self._changed) if paged else ():
-            rows = self._rows(page)
-            complete = len(rows) == min(self.page_rows, self.total - page * self.page_rows)
-            first = page * self.page_rows
-            title = f"{self.title}: rows {first + 1}\u2013{first + min(self.page_rows, self.total - first)}"
-            write_report(
-                self.page_uri(page),
-                render_page(rows, self._thumbs, title, self.page_uri(page), self._nav(from_summary=False), complete),
-            )
-            self._changed.discard(page)  # written: a later page that fails to write leaves this one be
-            if complete:  # written for good: its rows' thumbnails are in the page now
-                for r in rows:
-                    self._thumbs.pop(r.id, None)
-                self._done.pop(page, None)
+        try:
+            for page in sorted(self._changed) if paged else ():
+                self._write_page(page)
+                self._changed.discard(page)  # written: a later page that fails to write leaves this one be
+        finally:
+            self._write_summary(wall_seconds, final, paged)
         self._changed.clear()
+
+    def _write_page(self, page: int) -> None:
+        rows = self._rows(page)
+        complete = len(rows) == min(self.page_rows, self.total - page * self.page_rows)
+        first = page * self.page_rows
+        title = f"{self.title}: rows {first + 1}\u2013{first + min(self.page_rows, self.total - first)}"
+        write_report(
+            self.page_uri(page),
+            render_page(rows, self._thumbs, title, self.page_uri(page), self._nav(from_summary=False), complete),
+        )
+        if complete:  # written for good: its rows' thumbnails are in the page now
+            for r in rows:
+                self._thumbs.pop(r.id, None)
+            self._done.pop(page, None)
+
+    def _write_summary(self, wall_seconds: float, final: bool, paged: bool) -> None:
         html_text = render_report(
             [] if paged else self._rows(0),
             self._thumbs,

@@ -1030,6 +1030,46 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
     assert all(results[row_id]["status"] == "ok" for row_id in executor.published)
 
 
+def test_a_stop_reads_no_marker_of_rows_still_waiting_for_their_face_track(tmp_path, monkeypatch):
+    """A row prepared but still waiting for its face track has sent nothing to render, and cannot
+    have published: a stop read its marker all the same, one request each (after a rerun's streak
+    of skipped rows, hundreds: past the 3 s `ray job stop` gives before its kill)."""
+    from heygem_ray import rows as rows_module
+
+    class TracksForEver(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.tracking: set[int] = set()
+
+        def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
+            handle = super().submit(fn, *args, num_gpus=num_gpus)
+            if fn.__name__ == "prepare_avatar":
+                self.tracking.add(id(handle))
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            return [h for h in handles if id(h) not in self.tracking][:1]
+
+    reads: list[str] = []
+    monkeypatch.setattr(rows_module, "read_marker", lambda uri: reads.append(uri))
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i}", f"/in/a{i}.wav", f"/in/v{i}.mp4", str(out / f"r{i}.mp4")) for i in range(4)]
+    job = Campaign(cfg, rows, executor=TracksForEver())
+
+    def guard() -> None:
+        events = [event for event, _ in job._inflight.values()]
+        if len(job._states) == len(rows) and events and set(events) == {"avatar"}:
+            raise KeyboardInterrupt("signal 15")
+
+    job.guard = guard
+    with pytest.raises(KeyboardInterrupt):
+        job.run()
+    results = read_results(str(out / "_results.parquet"))
+    assert [r["error"] for r in results] == ["campaign interrupted before this row finished"] * len(rows)
+    assert reads == []
+
+
 @pytest.mark.parametrize("force", [False, True])
 def test_force_asks_the_renderers_not_to_reuse_earlier_segments(tmp_path, force):
     out = tmp_path / "out"
@@ -1098,32 +1138,41 @@ def test_a_segment_on_an_actor_the_driver_retired_is_no_try_of_its_own(tmp_path)
     assert "segment 1 failed after 1 attempt" in (queue.failed(("r", 1, 1), state, Killed()) or "")
 
 
-def test_a_rerun_checks_finished_rows_many_at_a_time_then_goes_back_to_its_pace(tmp_path):
+@pytest.mark.parametrize("then", ["render", "store fails", "input missing"])
+def test_a_rerun_checks_finished_rows_many_at_a_time_then_goes_back_to_its_pace(tmp_path, then):
     """A rerun of a campaign stopped halfway: each finished row is a few requests to the store, and
     eight at a time made a rerun of 50,000 of them take half an hour before the first new frame.
-    While rows keep being skipped, more are checked at once; rows that render go back to the pace
-    that keeps the actors fed without a pile of decoded narrations."""
+    While rows keep being skipped, more are checked at once; rows that render, or a store that
+    fails, go back to the pace that keeps the actors fed without a pile of decoded narrations (rows
+    whose input is missing fail as cheaply as skipped ones: the pace stays)."""
     from dataclasses import replace
 
     from heygem_ray.campaign import SKIPPING_RATE
+    from heygem_ray.errors import InputError
 
     finished = 200
 
     def prepare_row(row: Any, cfg: Any) -> Any:
         prep = STAGES["prepare_row"](row, cfg)
-        return replace(prep, skipped=True, audio=None) if int(row.id[1:]) < finished else prep
+        if int(row.id[1:]) < finished:
+            return replace(prep, skipped=True, audio=None)
+        if then == "store fails":
+            raise OSError("the store answers 503")
+        if then == "input missing":
+            raise InputError("audio", row.audio, "does not exist")
+        return prep
 
     class Counting(SimulatedExecutor):
         def __init__(self) -> None:
             super().__init__(actors=2, stages={**STAGES, "prepare_row": prepare_row})
             self.preparing: set[int] = set()
-            self.most: list[tuple[str, int]] = []  # (row, prepares in flight as it was sent)
+            self.most: list[tuple[int, int]] = []  # (row, prepares in flight as it was sent)
 
         def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
             handle = super().submit(fn, *args, num_gpus=num_gpus)
             if fn.__name__ == "prepare_row":
                 self.preparing.add(id(handle))
-                self.most.append((args[0].id, len(self.preparing)))
+                self.most.append((int(args[0].id[1:]), len(self.preparing)))
             return handle
 
         def wait(self, handles: Any, timeout: float) -> Any:
@@ -1136,9 +1185,8 @@ def test_a_rerun_checks_finished_rows_many_at_a_time_then_goes_back_to_its_pace(
     rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(finished + 120)]
     executor = Counting()
     summary = Campaign(job.cfg, rows, executor=executor).run()
-    assert summary.count("skipped") == finished and summary.count("ok") == 120
+    assert summary.count("skipped") == finished and summary.count("ok" if then == "render" else "failed") == 120
     base = 8  # two actors: at least 8
-    skipping = [n for row_id, n in executor.most if int(row_id[1:]) < finished]
-    assert max(skipping) == base * SKIPPING_RATE
-    rendering = [n for row_id, n in executor.most if int(row_id[1:]) >= finished + base * SKIPPING_RATE]
-    assert rendering and max(rendering) <= base
+    assert max(n for row, n in executor.most if row < finished) == base * SKIPPING_RATE
+    after = [n for row, n in executor.most if row >= finished + base * SKIPPING_RATE]
+    assert after and max(after) == (base * SKIPPING_RATE if then == "input missing" else base)

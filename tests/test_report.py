@@ -304,7 +304,8 @@ def test_a_large_campaign_gets_pages_rewritten_only_while_they_change(clips, tmp
     page2 = out / "_report" / "page-0002.html"
     written = page2.stat().st_mtime_ns
     assert report.held_thumbnails == 1  # r0's: page 2 is complete and written for good
-    assert not (out / "_report" / "page-0003.html").exists()  # nothing done there yet
+    waiting = (out / "_report" / "page-0003.html").read_text()  # nothing done there yet: written all the same,
+    assert "No rows yet" in waiting and 'http-equiv="refresh"' in waiting  # not an earlier run's page left as final
     for rid in (*ids[1:3], *ids[6:]):
         report.add(_row(rid), thumb)
     report.write(120.0, final=True)
@@ -347,6 +348,37 @@ def test_a_page_that_fails_to_write_leaves_the_pages_written_before_it(tmp_path,
     for page, rows in (("page-0002.html", ["row-r2", "row-r3"]), ("page-0003.html", ["row-r4", "row-r5"])):
         text = (out / "_report" / page).read_text()
         assert [c["id"] for c in parse_cards(text).cards] == rows and 'http-equiv="refresh"' not in text
+
+
+def test_a_campaign_of_one_page_keeps_its_cards_in_the_report_and_makes_no_pages(tmp_path):
+    """At PAGE_ROWS rows the report is one page with every card; one row more and it is the summary
+    alone, every row on pages. A page that fails to write leaves the summary written all the same."""
+    out = tmp_path / "out"
+    one = PagedReport(str(out / "one.html"), str(out / "one"), "One", ["a", "b", "c"], page_rows=3)
+    for rid in "abc":
+        one.add(_row(rid, "failed" if rid == "b" else "ok"), None)
+    one.write(1.0, final=True)
+    text = (out / "one.html").read_text()
+    assert [c["id"] for c in parse_cards(text).cards] == ["row-a", "row-b", "row-c"] and 'href="#row-b"' in text
+    assert not (out / "one").exists()
+    two = PagedReport(str(out / "two.html"), str(out / "two"), "Two", ["a", "b", "c", "d"], page_rows=3)
+    for rid in "abcd":
+        two.add(_row(rid), None)
+    written = report_module.write_report
+
+    def pages_fail(uri: str, text: str) -> None:
+        if "/two/" in uri:
+            raise OSError("throttled")
+        written(uri, text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report_module, "write_report", pages_fail)
+        with pytest.raises(OSError):
+            two.write(1.0, final=True)
+    summary = (out / "two.html").read_text()
+    assert "Finished: 4 rows" in summary and parse_cards(summary).cards == []
+    two.write(1.0, final=True)  # the pages, the next time
+    assert sorted(os.listdir(out / "two")) == ["page-0001.html", "page-0002.html"]
 
 
 @pytest.mark.integration
