@@ -183,11 +183,22 @@ def test_health_and_page_loads_answer_at_once_while_a_silent_head_is_asked(monke
 
     monkeypatch.setattr(cluster, "TIMEOUT", (1.0, 3.0))
     monkeypatch.setattr(cluster, "QUIET_SECONDS", 0.0)
-    monkeypatch.setattr(cluster, "PROBLEM_SECONDS", 0.0)
     with socket.create_server(("127.0.0.1", 0)) as silent:
         head = cluster.Cluster(f"http://127.0.0.1:{silent.getsockname()[1]}", local=False)
-        first = head.problem()
+        # the first answer: pages opened at once wait for one request, not one each
+        calls: list[str] = []
+        call = head._call
+        monkeypatch.setattr(head, "_call", lambda method, *a, **k: calls.append(method) or call(method, *a, **k))
+        answers: list[str | None] = []
+        opened = [threading.Thread(target=lambda: answers.append(head.problem())) for _ in range(4)]
+        for page in opened:
+            page.start()
+        for page in opened:
+            page.join()
+        first = answers[0]
+        assert calls == ["get_version"] and answers == [first] * 4
         assert first and "does not answer" in first
+        monkeypatch.setattr(cluster, "PROBLEM_SECONDS", 0.0)  # from now on, each call may ask
         asking = threading.Thread(target=head.problem)
         asking.start()
         time.sleep(0.5)  # it waits on the head now

@@ -179,7 +179,7 @@ class Cluster:
         self._logs: dict[str, tuple[str, float, bool]] = {}  # job -> (its tail, read again after, ended)
         self._logs_lock = threading.Lock()
         self._checked: tuple[float, str | None] | None = None  # the last `problem` answer, and when
-        self._checked_lock = threading.Lock()
+        self._checked_lock = threading.Condition()
         self._checking = False  # a `problem` call is asking the cluster
         self._quiet: tuple[float, str] = (-math.inf, "")  # asked no more until then (monotonic), and why
 
@@ -197,8 +197,11 @@ class Cluster:
         PROBLEM_SECONDS: a head that went away after the first connection is seen as gone, and a
         burst of page loads or health checks costs one request to the cluster. While one caller
         asks, the others have the last answer at once: a head that takes connections but does not
-        answer held every page load and health probe for the whole timeout."""
+        answer held every page load and health probe for the whole timeout. Before any answer, the
+        callers wait for the first caller's: one request however many pages open at once."""
         with self._checked_lock:
+            while self._checked is None and self._checking:
+                self._checked_lock.wait()
             checked = self._checked
             if checked is not None and (self._checking or time.monotonic() - checked[0] < PROBLEM_SECONDS):
                 return checked[1]
@@ -214,6 +217,7 @@ class Cluster:
         finally:
             with self._checked_lock:
                 self._checked, self._checking = (time.monotonic(), problem), False
+                self._checked_lock.notify_all()
         return problem
 
     def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
