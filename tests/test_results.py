@@ -43,13 +43,13 @@ def test_results_reach_the_store_in_parts_as_rows_finish_and_the_table_replaces_
 def test_a_part_the_store_refuses_waits_for_the_next_and_the_campaign_goes_on(tmp_path, caplog):
     parts = tmp_path / "_results"
     parts.write_text("a file where the parts' folder should be")  # every part write fails
-    table = ResultsTable(str(tmp_path / "_results.parquet"), str(parts), flush_rows=1, flush_seconds=0.5)
+    table = ResultsTable(str(tmp_path / "_results.parquet"), str(parts), flush_rows=1, flush_seconds=30.0)
     table.add(_result("a"))  # no exception: the campaign goes on
     assert "results part" in caplog.text and "go with the next part" in caplog.text
     parts.unlink()
     table.add(_result("b"))  # after a refusal, not at once with every result: every flush_seconds
     assert read_parts(str(parts)) == []
-    time.sleep(0.6)
+    table._flushed_at -= 31.0  # as if that long had passed
     table.tick()
     assert [r["id"] for r in read_parts(str(parts))] == ["a", "b"]  # the refused one went with the next
     assert [r.id for r in table.finish(["a", "b"])] == ["a", "b"]
@@ -66,17 +66,19 @@ def test_parts_come_less_often_as_they_pile_up(tmp_path, monkeypatch):
     """A day-long campaign wrote a part every 10 s (thousands, listed and read by every reader)."""
     from heygem_ray import results
 
-    monkeypatch.setattr(results, "SECONDS_PER_PART", 0.1)
+    monkeypatch.setattr(results, "SECONDS_PER_PART", 10.0)
     table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=0.0)
     for i in range(5):
         table.add(_result(f"r{i}"))
-    assert len(os.listdir(tmp_path / "parts")) == 1  # the first at once, then 0.1 s per part written
-    time.sleep(0.12)
+    assert len(os.listdir(tmp_path / "parts")) == 1  # the first at once, then 10 s per part written
+    table._flushed_at -= 10.5  # as if that long had passed
     table.tick()
     assert len(os.listdir(tmp_path / "parts")) == 2
     table.add(_result("r5"))
-    assert len(os.listdir(tmp_path / "parts")) == 2  # 0.2 s now
-    time.sleep(0.22)
+    table._flushed_at -= 19.0
+    table.tick()
+    assert len(os.listdir(tmp_path / "parts")) == 2  # 20 s now
+    table._flushed_at -= 1.5
     table.tick()
     assert sorted(r["id"] for r in read_parts(str(tmp_path / "parts"))) == [f"r{i}" for i in range(6)]
 
