@@ -832,11 +832,12 @@ def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_pat
             return _first_that_ends(handles, Hangs)
 
         def restart(self, actor: int) -> bool:
-            self.restarted = restartable
+            self.restarted = self.restarted or (actor == 0 and restartable)
             return restartable
 
     job, _ = _campaign(tmp_path)
-    cfg = replace(job.cfg, render=replace(job.cfg.render, segment_timeout=0.5, max_attempts=1))
+    # 2 s: the healthy actor's calls, answered at once, wait for the driver's turn (longer on a loaded machine)
+    cfg = replace(job.cfg, render=replace(job.cfg.render, segment_timeout=2.0, max_attempts=1))
     executor = HangsOnce()
     done: list[Any] = []
     campaign = Campaign(cfg, job.rows, executor=executor)
@@ -847,12 +848,12 @@ def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_pat
     results = {r.id: r for r in done[0].rows}
     assert len(executor.hung_rows) == 2, executor.hung_rows  # the one it hung on, one queued behind
     hung, behind = executor.hung_rows
-    assert results[hung].status == "failed" and "its renderer hung (no segment back in 0.5 s)" in results[hung].error
+    assert results[hung].status == "failed" and "its renderer hung (no segment back in 2 s)" in results[hung].error
     assert results[behind].status == "ok"
     assert done[0].count("ok") == ROWS - 1
     # restarted, it is asked `ready` again and kept; one the executor cannot restart is given up
     given_up = campaign.actors.actors[0].failed
-    assert (given_up is None) if restartable else ("hung (no segment back in 0.5 s)" in given_up)
+    assert (given_up is None) if restartable else ("hung (no segment back in 2 s)" in given_up)
 
 
 def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):

@@ -182,7 +182,8 @@ def test_a_step_stopped_at_its_budget_keeps_the_figures_it_wrote(tmp_path: Path)
     )
     env = {**_env(), "PYTHONPATH": f"{ROOT}:{tmp_path}"}
     (tmp_path / "out").mkdir()
-    record = run_step(Step("slow", "slowstep", "a step that hangs", 3), tmp_path / "out", 3, env, False)
+    # a budget the child's start and partial write fit in on a loaded machine; the step sleeps 60 s
+    record = run_step(Step("slow", "slowstep", "a step that hangs", 15), tmp_path / "out", 15, env, False)
     assert record["status"] == "timeout" and record["figures"]["runs"][0]["wall_s"] == 21.0
     assert '"variant": "15x1"' in record["markdown"]
 

@@ -575,7 +575,7 @@ def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):
     pq.write_table(pa.table({f"c{i}": ["x"] for i in range(5000)}), wide_parquet)
     with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
         store.uploaded_manifest("alice", store.new_id(), str(wide_parquet))
-    assert time.time() - started < 10
+    assert time.time() - started < 30  # the quadratic check took hours
     chained = tmp_path / "chained.csv"
     campaign = store.new_id()
     own = store.inputs("alice", campaign)
