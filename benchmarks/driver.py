@@ -40,9 +40,10 @@ class Done:
 
 class SimulatedExecutor:
     """Every stage answers at once with a made-up result of the right type (`stages`: stage name ->
-    function, `STAGES` by default); `wait` gives one handle at a time, as Ray's
-    `wait(num_returns=1)` does. A handle given as an argument passes on its result, or its error.
-    With `start_error`, every renderer answers `ready` with that RendererStartError."""
+    function, `STAGES` by default); `wait` gives one handle at a time (Ray's hands back every call
+    that has ended: one at a time is the driver's slowest case, each event a turn of its loop). A
+    handle given as an argument passes on its result, or its error. With `start_error`, every
+    renderer answers `ready` with that RendererStartError."""
 
     def __init__(
         self, actors: int = 8, stages: dict[str, Callable[..., Any]] | None = None, start_error: str | None = None
