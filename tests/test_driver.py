@@ -954,12 +954,15 @@ def test_actors_gone_for_good_are_given_up_not_asked_for_ever(tmp_path):
 
 
 class _StitchesTakeTime(SimulatedExecutor):
-    """Stitches run on threads and take `seconds[row_id]` (other rows' at once); `cancel` stops a
-    stitch not yet published, as Ray's kills its worker, unless `unstoppable` (a thread that runs)."""
+    """Stitches run on threads and take `seconds[row_id]` (other rows' at once) from when `go` is
+    set (at once, unless a test clears it); `cancel` stops a stitch not yet published, as Ray's
+    kills its worker, unless `unstoppable` (a thread that runs)."""
 
     def __init__(self, seconds: dict[str, float], unstoppable: bool = False):
         super().__init__(actors=2)
         self.seconds, self.unstoppable = seconds, unstoppable
+        self.go = threading.Event()
+        self.go.set()
         self.pool = ThreadPoolExecutor(4)
         self.cancelled: list[str] = []
         self.published: list[str] = []
@@ -970,6 +973,8 @@ class _StitchesTakeTime(SimulatedExecutor):
         job, cancelled = args[0], threading.Event()
 
         def stitch() -> Any:
+            if job.row_id in self.seconds:
+                self.go.wait(60)
             if cancelled.wait(self.seconds.get(job.row_id, 0.0)):
                 raise RuntimeError("killed")
             self.published.append(job.row_id)
@@ -1005,16 +1010,19 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
     reported interrupted while its video is published after the report."""
     from heygem_ray import campaign as campaign_module
 
-    monkeypatch.setattr(campaign_module, "STITCH_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(campaign_module, "STITCH_GRACE_SECONDS", 1.5)
     out = tmp_path / "out"
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
     rows = [Row(f"r{i:03d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(4)]
-    executor = _StitchesTakeTime({"r000": 0.2, "r001": 2.0}, unstoppable)
+    # timed from the stop (`go`): a loaded machine's stall before it cannot end them early
+    executor = _StitchesTakeTime({"r000": 0.2, "r001": 3.0}, unstoppable)
+    executor.go.clear()
     job = Campaign(cfg, rows, executor=executor)
 
     def guard() -> None:
         stitching = {key for event, key in job._inflight.values() if event == "stitched"}
         if {"r000", "r001"} <= stitching:
+            executor.go.set()
             raise KeyboardInterrupt("signal 15")
 
     job.guard = guard
@@ -1027,7 +1035,7 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
     else:
         assert results["r001"]["status"] == "failed" and "interrupted" in results["r001"]["error"]
         assert executor.cancelled == ["r001"]
-        time.sleep(2.2)
+        time.sleep(3.2)
     assert all(results[row_id]["status"] == "ok" for row_id in executor.published)
 
 
