@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,17 @@ def _held_by(
     os.replace(layout.lock + ".new", layout.lock)
 
 
+def _until(condition: Any, seconds: float = 20.0) -> bool:
+    """Whether `condition()` came true within `seconds` (a heartbeat thread's work, on a machine
+    that may be loaded: waited for, not slept on)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path, monkeypatch):
     monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
     layout = CampaignLayout(str(tmp_path))
@@ -45,8 +57,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path, monk
             output_lock(layout),
         ):
             pass
-        time.sleep(0.2)
-        assert json.loads((tmp_path / "_lock.json").read_text())["heartbeat"] > first["heartbeat"]  # refreshed
+        lock = tmp_path / "_lock.json"
+        assert _until(lambda: json.loads(lock.read_text())["heartbeat"] > first["heartbeat"])  # refreshed
     assert not (tmp_path / "_lock.json").exists()
     with output_lock(layout):  # let go: the next run gets in
         pass
@@ -165,10 +177,10 @@ def test_a_run_whose_lock_was_taken_over_stops_refreshing_it_and_stops(tmp_path,
     with output_lock(layout) as held:
         held.check()  # still held: goes on
         (tmp_path / "_lock.json").unlink()  # removed by hand: made again
-        time.sleep(0.3)
+        assert _until(lambda: (tmp_path / "_lock.json").exists())
         assert json.loads((tmp_path / "_lock.json").read_text())["pid"] == os.getpid() and not held.lost.is_set()
         _held_by(layout, "render-head-2", 4321, seen_ago=0)  # the other run took over
-        time.sleep(0.3)
+        assert held.lost.wait(20)  # its heartbeat found it
         assert json.loads((tmp_path / "_lock.json").read_text())["host"] == "render-head-2"
         with pytest.raises(OutputLostError, match="another run took output .* over while this one rendered"):
             held.check()
@@ -182,20 +194,20 @@ def test_a_run_silent_long_enough_to_be_taken_over_stops_when_it_finds_its_lock_
     other published (a lock removed by hand while the run beats is made again, as above)."""
     monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
     monkeypatch.setattr(lock_module, "STALE_SECONDS", 0.4)
-    real_put, silent_until = lock_module._put, [0.0]
+    real_put, silent = lock_module._put, [False]
 
     def put(*args):
-        if time.time() < silent_until[0]:
+        if silent[0]:
             raise OSError(errno.ECONNRESET, "store away")
         return real_put(*args)
 
     monkeypatch.setattr(lock_module, "_put", put)
     layout = CampaignLayout(str(tmp_path))
     with output_lock(layout) as held:
-        silent_until[0] = time.time() + 0.5  # the store does not answer this run for longer than STALE / 2
-        time.sleep(0.1)
+        silent[0] = True  # the store does not answer this run (for longer than STALE / 2, as it turns out)
         (tmp_path / "_lock.json").unlink()  # meanwhile another run took the output over, finished, let go
-        time.sleep(0.8)
+        assert held.lost.wait(20)  # its heartbeat, answered again after that long, finds no lock
+        silent[0] = False
         with pytest.raises(OutputLostError):
             held.check()
         assert not (tmp_path / "_lock.json").exists()  # not made again
@@ -340,8 +352,8 @@ def test_a_store_without_conditional_puts_still_runs_best_effort(s3_without_cond
         layout = CampaignLayout("s3://heygem-plain/campaign")
         with output_lock(layout) as held:
             first = json.loads(storage.read_bytes(layout.lock))
-            time.sleep(0.4)
-            assert json.loads(storage.read_bytes(layout.lock))["heartbeat"] > first["heartbeat"]  # refreshed
+            refreshed = lambda: json.loads(storage.read_bytes(layout.lock))["heartbeat"] > first["heartbeat"]
+            assert _until(refreshed)
             held.check()
             with pytest.raises(OutputBusyError), output_lock(layout):  # a second run is still refused
                 pass
