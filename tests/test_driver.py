@@ -1072,8 +1072,18 @@ def test_a_stop_reads_no_marker_of_rows_still_waiting_for_their_face_track(tmp_p
             raise KeyboardInterrupt("signal 15")
 
     job.guard = guard
-    with pytest.raises(KeyboardInterrupt):
-        job.run()
+    stopped: list[BaseException] = []
+
+    def run() -> None:  # on a thread: were the guard never to stop it, its loop would spin for ever
+        try:
+            job.run()
+        except KeyboardInterrupt as exc:
+            stopped.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(60)
+    assert stopped, "the rows never all waited for their tracks"
     results = read_results(str(out / "_results.parquet"))
     assert [r["error"] for r in results] == ["campaign interrupted before this row finished"] * len(rows)
     assert reads == []

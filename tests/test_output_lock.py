@@ -179,7 +179,8 @@ def test_a_run_whose_lock_was_taken_over_stops_refreshing_it_and_stops(tmp_path,
         (tmp_path / "_lock.json").unlink()  # removed by hand: made again
         assert _until(lambda: (tmp_path / "_lock.json").exists())
         assert json.loads((tmp_path / "_lock.json").read_text())["pid"] == os.getpid() and not held.lost.is_set()
-        _held_by(layout, "render-head-2", 4321, seen_ago=0)  # the other run took over
+        with lock_module._serialized(layout.output):  # as a run taking over holds it
+            _held_by(layout, "render-head-2", 4321, seen_ago=0)  # the other run took over
         assert held.lost.wait(20)  # its heartbeat found it
         assert json.loads((tmp_path / "_lock.json").read_text())["host"] == "render-head-2"
         with pytest.raises(OutputLostError, match="another run took output .* over while this one rendered"):
@@ -194,10 +195,11 @@ def test_a_run_silent_long_enough_to_be_taken_over_stops_when_it_finds_its_lock_
     other published (a lock removed by hand while the run beats is made again, as above)."""
     monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
     monkeypatch.setattr(lock_module, "STALE_SECONDS", 0.4)
-    real_put, silent = lock_module._put, [False]
+    real_put, silent, refused = lock_module._put, [False], threading.Event()
 
     def put(*args):
         if silent[0]:
+            refused.set()
             raise OSError(errno.ECONNRESET, "store away")
         return real_put(*args)
 
@@ -205,6 +207,7 @@ def test_a_run_silent_long_enough_to_be_taken_over_stops_when_it_finds_its_lock_
     layout = CampaignLayout(str(tmp_path))
     with output_lock(layout) as held:
         silent[0] = True  # the store does not answer this run (for longer than STALE / 2, as it turns out)
+        assert refused.wait(20)  # no write of the heartbeat's from before is under way now
         (tmp_path / "_lock.json").unlink()  # meanwhile another run took the output over, finished, let go
         assert held.lost.wait(20)  # its heartbeat, answered again after that long, finds no lock
         silent[0] = False

@@ -75,10 +75,10 @@ def test_parts_come_less_often_as_they_pile_up(tmp_path, monkeypatch):
     table.tick()
     assert len(os.listdir(tmp_path / "parts")) == 2
     table.add(_result("r5"))
-    table._flushed_at -= 19.0
+    table._flushed_at -= 15.0
     table.tick()
     assert len(os.listdir(tmp_path / "parts")) == 2  # 20 s now
-    table._flushed_at -= 1.5
+    table._flushed_at -= 5.5
     table.tick()
     assert sorted(r["id"] for r in read_parts(str(tmp_path / "parts"))) == [f"r{i}" for i in range(6)]
 

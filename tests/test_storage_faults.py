@@ -49,9 +49,10 @@ class FlakyProxy:
                 if self.answer is not None:
                     client.settimeout(2.0)
                     with contextlib.suppress(OSError):
-                        client.recv(65536)  # the request's head
+                        request = client.recv(65536)  # the request's head
                         reason = b"Bad Gateway" if self.answer == 502 else b"Error"
-                        body = b"<html>upstream away</html>"
+                        # no body after a HEAD's answer (the client refuses one, for another reason than the status)
+                        body = b"" if request.startswith(b"HEAD") else b"<html>upstream away</html>"
                         head = b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                         client.sendall(head % (self.answer, reason, len(body)) + body)
                     client.close()

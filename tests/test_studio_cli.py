@@ -190,11 +190,12 @@ def test_health_and_page_loads_answer_at_once_while_a_silent_head_is_asked(monke
         call = head._call
         monkeypatch.setattr(head, "_call", lambda method, *a, **k: calls.append(method) or call(method, *a, **k))
         answers: list[str | None] = []
-        opened = [threading.Thread(target=lambda: answers.append(head.problem())) for _ in range(4)]
+        opened = [threading.Thread(target=lambda: answers.append(head.problem()), daemon=True) for _ in range(4)]
         for page in opened:
             page.start()
         for page in opened:
-            page.join()
+            page.join(30)
+            assert not page.is_alive()
         first = answers[0]
         assert calls == ["get_version"] and answers == [first] * 4
         assert first and "does not answer" in first
@@ -208,16 +209,18 @@ def test_health_and_page_loads_answer_at_once_while_a_silent_head_is_asked(monke
             raise cluster.ClusterUnavailable("the head did not answer")
 
         monkeypatch.setattr(head, "_call", held)
-        asking = threading.Thread(target=head.problem)
+        asking = threading.Thread(target=head.problem, daemon=True)
         asking.start()
         assert entered.wait(30)
         answers = []
-        other = threading.Thread(target=lambda: answers.append(head.problem()))
-        other.start()
-        other.join(30)  # had it waited on the held call, it would still be waiting
-        assert not other.is_alive() and answers == [first]
-        release.set()
-        asking.join(30)
+        other = threading.Thread(target=lambda: answers.append(head.problem()), daemon=True)
+        try:
+            other.start()
+            other.join(30)  # had it waited on the held call, it would still be waiting
+            assert not other.is_alive() and answers == [first]
+        finally:
+            release.set()
+            asking.join(30)
 
 
 def test_a_ray_command_that_fails_says_why_in_rays_words():
