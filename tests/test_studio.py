@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 from browser import playwright_missing, playwright_page
 
-from helpers import _free_port
+from helpers import HandClock, _free_port
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.studio.server import STOP_GRACE_SECONDS
 from heygem_ray.studio.sessions import SessionKeyError, Sessions
@@ -1916,25 +1916,17 @@ def test_a_page_lists_the_newest_campaigns_and_reads_a_record_again_only_when_it
     store.save(replace(made[1], name="renamed second"))
     assert [r.name for r in studio.campaigns("alice")[1]] == ["c3", "renamed second", "renamed first"]
     assert len(listings) == 1
-    now = [time.monotonic()]
-
-    class Clock:  # the store's clock, moved by hand: a loaded machine's stall cannot pass for it
-        def __getattr__(self, name: str) -> Any:
-            return getattr(time, name)
-
-        def monotonic(self) -> float:
-            return now[0]
-
-    monkeypatch.setattr(store_module, "time", Clock())
+    clock = HandClock()
+    monkeypatch.setattr(store_module, "time", clock)
     store.save(replace(made[1], name="listed now"))  # listed at the clock's time
     studio.campaigns("alice")
     assert len(listings) == 2
     for step, listed in ((14.0, 2), (1.5, 3)):  # LISTED_SECONDS, 15 s
-        now[0] += step
+        clock.now += step
         studio.campaigns("alice")
         assert len(listings) == listed
     monkeypatch.setattr(store_module, "LISTED_CAMPAIGNS", 1)  # 3 campaigns: listed every 45 s
     for step, listed in ((30.0, 3), (16.0, 4)):
-        now[0] += step
+        clock.now += step
         studio.campaigns("alice")
         assert len(listings) == listed

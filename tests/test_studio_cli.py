@@ -286,23 +286,17 @@ def test_a_finished_jobs_log_shows_its_last_lines(monkeypatch):
     job["log"] = "changed after the end"  # cannot happen: kept
     assert head.logs("j").endswith("it broke")
     # a running job's long log (a line a row, 100,000 rows) is read again less often, as it grows
-    now = [time.monotonic()]
+    from helpers import HandClock
 
-    class Clock:  # the cluster's clock, moved by hand: a loaded machine's stall cannot pass for it
-        def __getattr__(self, name: str) -> object:
-            return getattr(time, name)
-
-        def monotonic(self) -> float:
-            return now[0]
-
-    monkeypatch.setattr(cluster, "time", Clock())
+    clock = HandClock()
+    monkeypatch.setattr(cluster, "time", clock)
     monkeypatch.setattr(cluster, "LOG_SECONDS", 10.0)
     job.update(status="RUNNING", log="x" * (3 * cluster.LOG_BYTES) + "\nrow 1")
     assert head.job("k")[0] == "RUNNING" and head.logs("k").endswith("row 1")
     job["log"] += "\nrow 2"
-    now[0] += 20.0
+    clock.now += 20.0
     assert head.logs("k").endswith("row 1")  # 3 MiB: read again after 30 s, not 10 s
-    now[0] += 11.0
+    clock.now += 11.0
     assert head.logs("k").endswith("row 2")
 
 
