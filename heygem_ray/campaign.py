@@ -489,6 +489,7 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
     `launched`: when the run was asked for (time.time()), where the start-up breakdown begins;
     None = when this process started. `guard`: called on every turn of the campaign's loop, what it
     raises stops the campaign."""
+    cfg = cfg.anchored()
     storage.configure(cfg.storage.options)
     scratch.sweep()  # what killed processes on this node left
     # a manifest no row of which can run stops here, before any rendering

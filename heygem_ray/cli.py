@@ -65,6 +65,7 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
     from heygem_ray import campaign
     from heygem_ray.output_lock import OutputLostError, output_lock
 
+    cfg = cfg.anchored()  # the lock, the config file and the campaign name one output root
     try:
         storage.configure(cfg.storage.options)
         with output_lock(cfg.layout) as held:
@@ -250,10 +251,10 @@ def _literal_secret(key: str, value: object) -> str | None:
 def check_job_paths(cfg: Config) -> None:
     """ValueError for a relative local `manifest`, `output` or `cache` in a Ray job: the job runs in
     Ray's copy of its working directory, removed with the job (outputs written there are lost)."""
-    from heygem_ray.manifest import in_ray_job, relative
+    from heygem_ray.manifest import in_ray_job
 
     given = {"manifest": cfg.manifest, "output": cfg.output, "cache": cfg.cache}
-    loose = [f"{key}={value}" for key, value in given.items() if value and relative(value)]
+    loose = [f"{key}={value}" for key, value in given.items() if value and storage.is_relative(value)]
     if loose and in_ray_job():
         raise ValueError(
             f"{loose[0]} is a relative path: a Ray job runs in Ray's copy of its working directory, removed "

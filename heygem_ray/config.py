@@ -486,6 +486,36 @@ class Config:
             if value is not None and not str(value).strip():
                 raise ValueError(f"{name} is empty (an unset variable?): give its URI")
 
+    def anchored(self) -> Config:
+        """This config with its relative local paths (manifest, output, cache, model files) made
+        absolute against this process's folder, as the user meant them: the workers of a cluster
+        the campaign joins (`cluster.address`) run in the folder its head was started in. Not in a
+        Ray job, whose workers share its working directory (where such paths are refused or, for
+        model files shipped with the job, right)."""
+        from dataclasses import replace
+
+        from heygem_ray.manifest import in_ray_job
+        from heygem_ray.storage import anchored
+
+        if in_ray_job():
+            return self
+
+        def anchor(uri: str | None) -> str | None:
+            return anchored(uri) if uri else uri
+
+        renderer = self.renderer
+        if getattr(renderer, "checkpoint", None):
+            renderer = replace(renderer, checkpoint=anchor(renderer.checkpoint))
+        return replace(
+            self,
+            manifest=anchor(self.manifest),
+            output=anchor(self.output),
+            cache=anchor(self.cache),
+            renderer=renderer,
+            detector=replace(self.detector, checkpoint=anchor(self.detector.checkpoint)),
+            qa=replace(self.qa, syncnet=anchor(self.qa.syncnet)),
+        )
+
     @property
     def layout(self) -> CampaignLayout:
         """Where the campaign's results, report, markers, work and cache go."""

@@ -92,11 +92,6 @@ def _column_name(name: str) -> str:
     return plain.lower() if plain.lower() in (*REQUIRED, "id", "output", "box") else plain
 
 
-def relative(uri: str) -> bool:
-    """Whether `uri` is a local path relative to the current folder."""
-    return bool(uri) and storage.is_local(uri) and not uri.startswith(("/", "~", "file://", "local://"))
-
-
 def in_ray_job() -> bool:
     """Whether this process is a `ray job submit` entrypoint (which runs in Ray's copy of the job's
     working directory, as its workers do)."""
@@ -106,8 +101,9 @@ def in_ray_job() -> bool:
 def _check_job_path(uri: str, column: str, problems: list[str]) -> None:
     """A relative local input is refused in a Ray job: the job and its workers run in Ray's copy of
     its working directory, which holds no media (a relative path then names nothing, or the wrong
-    file). Elsewhere it is relative to the folder the campaign was started in, as Ray's workers are."""
-    if relative(uri) and in_ray_job():
+    file). Elsewhere it is relative to the folder the campaign was started in (`_read_row` makes it
+    absolute there: a joined cluster's workers run where its head was started)."""
+    if storage.is_relative(uri) and in_ray_job():
         problems.append(
             f"{column} {_shown(uri)} is a relative path: a Ray job runs in Ray's copy of its working directory, "
             "without media; give absolute paths or URIs (heygem-ray manifest writes them)"
@@ -152,6 +148,8 @@ def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_ou
     cell.audio, cell.avatar = audio or "", avatar or ""
     for uri, column in ((cell.audio, "audio"), (cell.avatar, "avatar")):
         _check_job_path(uri, column, problems)
+    if not problems:  # the derived id below keeps the paths as written: a rerun finds the same rows
+        cell.audio, cell.avatar = storage.anchored(cell.audio), storage.anchored(cell.avatar)
     if problems or not audio or not avatar:
         cell.refuse(problems[0] if problems else f"empty {'audio' if not audio else 'avatar'}")
     row_id = record.get("id") or None

@@ -302,6 +302,18 @@ def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(re.sub(r"^(file|local)://", "", uri)))
 
 
+def is_relative(uri: str) -> bool:
+    """Whether `uri` is a local path relative to the current folder."""
+    return bool(uri) and is_local(uri) and not uri.startswith(("/", "~", "file://", "local://"))
+
+
+def anchored(uri: str) -> str:
+    """A relative local path made absolute against this process's folder; anything else as given.
+    A campaign's workers may run elsewhere: those of a cluster it joins run in the folder the
+    cluster's head was started in."""
+    return os.path.abspath(uri) if is_relative(uri) else uri
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI parts with '/', keeping the scheme; absolute local paths stay absolute."""
     out = base.rstrip("/")

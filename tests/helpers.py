@@ -42,9 +42,9 @@ def compose_config(*overrides: str):
     return to_plain(compose(list(overrides)))
 
 
-def render_cli(*args: str, timeout: float = 300, **env: str):
+def render_cli(*args: str, timeout: float = 300, cwd: str | None = None, **env: str):
     """`heygem-ray render ARGS` in a process of its own, as a user runs it (output captured; its
-    local Ray, if it starts one, too); `env`: variables to set for it."""
+    local Ray, if it starts one, too), in folder `cwd` (None: this one); `env`: variables to set."""
     import os
     import subprocess
     import sys
@@ -55,6 +55,7 @@ def render_cli(*args: str, timeout: float = 300, **env: str):
         text=True,
         env={**os.environ, "RAY_AUTH_MODE": "disabled", **env},
         timeout=timeout,
+        cwd=cwd,
     )
 
 

@@ -433,6 +433,39 @@ def test_actors_that_could_never_run_locally_are_refused_not_waited_for(tmp_path
     assert not os.path.exists(tmp_path / "out" / "_results.parquet")  # refused before anything ran
 
 
+def test_relative_paths_are_the_callers_on_a_joined_cluster(ray_local, media_dir, tmp_path):
+    """A joined cluster's workers run in the folder its head was started in (here pytest's), not
+    the caller's: relative manifest, output and media paths still name the caller's files, the
+    video lands in the caller's folder, and the row keeps the id its paths as written give it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heygem_ray.manifest import default_id
+
+    here = tmp_path / "campaign"
+    (here / "media").mkdir(parents=True)
+    shutil.copy(media_dir / "speech3.wav", here / "media" / "speech.wav")
+    shutil.copy(media_dir / "clip2.mp4", here / "media" / "face.mp4")
+    pq.write_table(pa.table({"audio": ["media/speech.wav"], "avatar": ["media/face.mp4"]}), here / "m.parquet")
+
+    @ray_local.remote(num_cpus=0)
+    def folder() -> str:
+        return os.getcwd()
+
+    assert ray_local.get(folder.remote()) != str(here)  # else this test could not fail
+    out = render_cli(
+        "manifest=m.parquet",
+        "output=out",
+        "render.progress=false",
+        f"cluster.address={ray_local.get_runtime_context().gcs_address}",
+        cwd=str(here),
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    row_id = default_id("media/speech.wav", "media/face.mp4")
+    assert (here / "out" / f"{row_id}.mp4").is_file()
+    assert (here / "out" / "_markers" / f"{row_id}.json").is_file()
+
+
 def test_a_joined_cluster_is_not_judged_by_what_it_has_now(ray_local, tmp_path):
     """`cluster=gpu` joins a cluster whose GPU nodes may not be up yet: no refusal. Here no node can
     host its actor, and the only row fails in preparation: the campaign still ends, with that row

@@ -1,3 +1,5 @@
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -145,7 +147,8 @@ def test_cells_are_read_as_people_write_them():
         ),
         "/out",
     )
-    assert [r.audio for r in rows] == ["a.wav", "b.wav"]
+    # relative paths are made absolute against the folder the campaign runs in (workers may run elsewhere)
+    assert [r.audio for r in rows] == [os.path.abspath("a.wav"), os.path.abspath("b.wav")]
     assert rows[0].output == "/out/_intro.mp4" and rows[1].id == default_id("b.wav", "v.mp4")
 
 
