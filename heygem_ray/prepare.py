@@ -313,19 +313,29 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 #: bump when a code change alters face tracks, so cached tracks are made again (2: the tracker
 #: keeps to its presenter while another face is found; 3: the Haar detector follows its face; 4:
 #: its face-less back-off, and a detector stride counted in the tracker's hand-off; 5: tracked in
-#: chunks, as far as a narration shows; 6: HDR frames made SDR, HEIF photos read whole)
-TRACK_VERSION = "6"
+#: chunks, as far as a narration shows; 6: HDR frames made SDR, HEIF photos read whole; 7: a face
+#: found through a turned view boxed at its own size)
+TRACK_VERSION = "7"
+
+#: the track version finished rows' fingerprints hold: set to TRACK_VERSION only for a change that
+#: alters every avatar's track, so finished rows render again; one that alters some avatars' tracks
+#: (7) makes new tracks for new rows and leaves finished rows alone (docs/ops.md, "Upgrading")
+ROWS_TRACK_VERSION = "6"
 
 
 def detector_key(
-    cfg: DetectorConfig, box: tuple[int, int, int, int] | None, still_fps: float, frames: tuple[Any, ...] = ()
+    cfg: DetectorConfig,
+    box: tuple[int, int, int, int] | None,
+    still_fps: float,
+    frames: tuple[Any, ...] = (),
+    version: str | None = None,
 ) -> str:
     """What decides an avatar's face track: the detector's settings, its weights' version (a file
     replaced at the same URI makes new tracks), the row's box, the frame rate of stills, and the
-    frames the detector sees (`shown_frames`)."""
+    frames the detector sees (`shown_frames`); `version`: the tracker's (None: TRACK_VERSION)."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING}
     return stable_hash(
-        TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps, *frames
+        version or TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps, *frames
     )
 
 
@@ -720,7 +730,7 @@ def row_fingerprint(
         storage.normalize(output),
         relevant(cfg.renderer),
         checkpoint_version(getattr(cfg.renderer, "checkpoint", None)),
-        detector_key(cfg.detector, None, cfg.render.still_fps),
+        detector_key(cfg.detector, None, cfg.render.still_fps, version=ROWS_TRACK_VERSION),
         asdict(cfg.encoder),
         cfg.render.still_fps,
         cfg.render.max_fps,

@@ -19,7 +19,7 @@ from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media import video
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments, stable_hash
-from heygem_ray.prepare import AudioInfo, AvatarTrack, RowPrep
+from heygem_ray.prepare import TRACK_VERSION, AudioInfo, AvatarTrack, RowPrep
 from heygem_ray.results import RowResult
 from heygem_ray.segment import SegmentJob
 from heygem_ray.stitch import StitchJob
@@ -63,8 +63,18 @@ class RowState:
         info = self.track.info
         # a stream decoded otherwise (deinterlaced, over white) only: the others keep their key
         decoded = [info.decoding] if info.decoding else []
+        # the tracker's version too: a row's fingerprint may outlive a change to some avatars' tracks
+        # (ROWS_TRACK_VERSION), but all of one video's segments come from one track
         shape = stable_hash(
-            info.width, info.height, info.fps_fraction, info.sar, info.color, video.FROM_BGR, *decoded, length=8
+            info.width,
+            info.height,
+            info.fps_fraction,
+            info.sar,
+            info.color,
+            video.FROM_BGR,
+            *decoded,
+            TRACK_VERSION,
+            length=8,
         )
         return layout.work(f"{self.row.id}-{self.prep.fingerprint[:16]}-{codec}-{shape}-n{len(self.spans)}")
 

@@ -330,6 +330,46 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
     assert statuses("encoder.crf=23") == {"x": "ok", "y": "skipped"}
 
 
+def test_finished_rows_keep_their_fingerprint_across_releases():
+    """A release that changes this value renders every finished row of every campaign again on its
+    next run. If that is meant (a render version, an output-affecting option), record the new value
+    and say so in docs/ops.md, "Upgrading"."""
+    from heygem_ray.prepare import row_fingerprint
+
+    cfg = compose_config("manifest=m", "output=/o")
+    assert row_fingerprint("audio-fp", "avatar-fp", None, "/o/r.mp4", cfg) == "db09dd0b88ec2c3c1465e2c51767f6ef"
+
+
+def test_a_new_tracker_version_makes_new_tracks_and_leaves_finished_rows(media_dir, tmp_path, monkeypatch):
+    """A release that changes some avatars' face tracks (TRACK_VERSION alone): tracks cached before
+    it were reused with their old boxes; now a new row tracks its avatar again, and the finished
+    row is skipped, not rendered again (in-process, so the new version reaches every stage)."""
+    from heygem_ray import prepare
+
+    def write_manifest(rows: dict[str, str]) -> str:
+        path = str(tmp_path / "m.parquet")
+        still = str(media_dir / "still.png")
+        pq.write_table(pa.table({"id": list(rows), "audio": list(rows.values()), "avatar": [still] * len(rows)}), path)
+        return path
+
+    def run(manifest: str) -> dict[str, str]:
+        cfg = compose_config(
+            f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false", "cluster=inline"
+        )
+        return {r.id: r.status for r in campaign.run(cfg).rows}
+
+    def tracks() -> set[Path]:
+        return set((tmp_path / "out" / "_cache").rglob("track-*.npz"))
+
+    assert run(write_manifest({"x": str(media_dir / "speech3.wav")})) == {"x": "ok"}
+    before = tracks()
+    assert before
+    monkeypatch.setattr(prepare, "TRACK_VERSION", "next")
+    both = write_manifest({"x": str(media_dir / "speech3.wav"), "y": str(media_dir / "speech4.wav")})
+    assert run(both) == {"x": "skipped", "y": "ok"}
+    assert tracks() - before  # y's avatar was tracked again, not read from the old track
+
+
 def _run_watching_loads(job: campaign.Campaign) -> tuple:
     """Run the campaign while sampling the most segments any one actor holds (every 2 ms)."""
     import threading
