@@ -508,8 +508,8 @@ class Config:
             renderer = replace(renderer, checkpoint=anchor(renderer.checkpoint))
         return replace(
             self,
-            manifest=anchor(self.manifest),
-            output=anchor(self.output),
+            manifest=anchored(self.manifest),
+            output=anchored(self.output),
             cache=anchor(self.cache),
             renderer=renderer,
             detector=replace(self.detector, checkpoint=anchor(self.detector.checkpoint)),
