@@ -150,6 +150,28 @@ def test_the_bytes_under_a_folder_come_from_its_listing_not_a_request_per_object
     assert calls.count("HeadObject") <= 2 and calls.count("ListObjectsV2") <= 4, calls  # not one per object
 
 
+def test_videos_are_sized_from_their_folders_listing_not_a_request_per_object(bucket):
+    """The studio's zip of a campaign says its length before its first byte, from the videos'
+    sizes: one listing per folder, not a HEAD per video; a video no longer there has no size."""
+    sizes = {f"zipsizes/out/row{j}.mp4": 100 + j for j in range(20)} | {"zipsizes/elsewhere/x.mp4": 7}
+    for key, size in sizes.items():
+        bucket.put_object(Bucket="heygem-e2e", Key=key, Body=b"v" * size)
+    uris = [f"s3://heygem-e2e/{key}" for key in sizes] + ["s3://heygem-e2e/zipsizes/out/gone.mp4"]
+    fs, _ = storage.url_to_fs("s3://heygem-e2e/zipsizes")
+    calls: list[str] = []
+
+    def record(model, **_kw):
+        calls.append(model.name)
+
+    fs.s3.meta.events.register("before-call.s3", record)
+    try:
+        got = storage.sizes(uris)
+    finally:
+        fs.s3.meta.events.unregister("before-call.s3", record)
+    assert got == {f"s3://heygem-e2e/{key}": size for key, size in sizes.items()}
+    assert "HeadObject" not in calls and calls.count("ListObjectsV2") <= 2, calls
+
+
 def test_saved_config_masks_credentials():
     text = config_yaml(
         compose(

@@ -370,9 +370,18 @@ def test_a_running_campaigns_finished_videos_show_and_zip_before_it_ends(tmp_pat
     running.add(result(2))  # this run's first part: r2 done
     running.add(result(1, "failed"))  # re-rendered (its input changed) and failed: not shown
     assert store.videos(record) == [uri[0], uri[2]]
-    with zipfile.ZipFile(io.BytesIO(b"".join(store.zip_stream(record)))) as archive:
+    length, chunks = store.zip_stream(record)
+    zipped = b"".join(chunks)
+    assert length == len(zipped)  # known before the first byte: the download's Content-Length
+    with zipfile.ZipFile(io.BytesIO(zipped)) as archive:
         assert sorted(archive.namelist()) == ["r0.mp4", "r2.mp4"]
         assert archive.read("r2.mp4") == b"video " + uri[2].encode()
+    os.remove(uri[0])  # gone from the store since its row finished: left out, the rest sent
+    length, chunks = store.zip_stream(record)
+    zipped = b"".join(chunks)
+    assert length == len(zipped)
+    with zipfile.ZipFile(io.BytesIO(zipped)) as archive:
+        assert archive.namelist() == ["r2.mp4"] and archive.testzip() is None
     reads = []
     monkeypatch.setattr(store_module, "read_results", lambda u: reads.append(u) or results_module.read_results(u))
     for _ in range(3):
@@ -918,6 +927,7 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
 
         archive = alice_http.get(f"/files/{campaign}/all.zip")
         assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
+        assert archive.headers["content-length"] == str(len(archive.content))  # a browser shows progress
         names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
         assert sorted(names) == ["speech3__clip2.mp4", "speech3__still.mp4"]
         whole = alice_http.get(f"/files/{campaign}/video/speech3__still.mp4")

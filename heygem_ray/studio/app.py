@@ -171,10 +171,11 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     @app.get("/files/{campaign_id}/all.zip")
     def download_all(campaign_id: str, request: Request) -> Response:
         user = current_user(request)
-        chunks = studio.zip(user, campaign_id) if user else None
-        if chunks is None:
+        archive = studio.zip(user, campaign_id) if user else None
+        if archive is None:
             return Response(status_code=404)
-        headers = {"Content-Disposition": f'attachment; filename="{campaign_id}.zip"'}
+        length, chunks = archive
+        headers = {"Content-Disposition": f'attachment; filename="{campaign_id}.zip"', "Content-Length": str(length)}
         return StreamingResponse(chunks, media_type="application/zip", headers=headers)
 
     @app.get("/files/{campaign_id}/video/{name}")

@@ -655,7 +655,8 @@ class Studio:
         except FileNotFoundError:
             return None
 
-    def zip(self, user: str, campaign_id: str) -> Iterator[bytes] | None:
+    def zip(self, user: str, campaign_id: str) -> tuple[int, Iterator[bytes]] | None:
+        """The user's campaign's videos as a zip: its length and its bytes (`StudioStore.zip_stream`)."""
         record = self.store.load(user, campaign_id)
         if record is None:
             return None

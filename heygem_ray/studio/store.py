@@ -20,7 +20,6 @@ import re
 import secrets
 import threading
 import time
-import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from zipstream import ZipStream
 
 from heygem_ray import storage
 from heygem_ray.config import LimitsConfig
@@ -458,17 +458,25 @@ class StudioStore:
             _keep(self._finished, record.output, (table, len(parts), videos, by_name, ids), RESULTS_KEPT)
         return videos, by_name, ids
 
-    def zip_stream(self, record: CampaignRecord) -> Iterator[bytes]:
-        """The campaign's videos as one zip, produced piece by piece while it is sent (stored, not
-        compressed: H.264 does not shrink), never whole in memory."""
-        sink = _Sink()
-        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
-            for uri in self.videos(record):
-                with storage.open_uri(uri) as src, archive.open(storage.basename(uri), "w", force_zip64=True) as dst:
-                    while chunk := src.read(_ZIP_CHUNK):
-                        dst.write(chunk)
-                        yield sink.take()
-        yield sink.take()
+    def zip_stream(self, record: CampaignRecord) -> tuple[int, Iterator[bytes]]:
+        """The campaign's videos as one zip (stored, not compressed: H.264 does not shrink) and its
+        length in bytes, known before the first byte from the store's listing (a browser shows the
+        download's progress and time left), produced piece by piece while it is sent, never whole
+        in memory. A video gone from the store since its row finished is left out."""
+        videos = self.videos(record)
+        sizes = storage.sizes(videos)
+        archive = ZipStream(sized=True)
+        for uri in videos:
+            if uri in sizes:
+                archive.add(_chunks(uri), storage.basename(uri), size=sizes[uri])
+        return len(archive), iter(archive)
+
+
+def _chunks(uri: str) -> Iterator[bytes]:
+    """A file's bytes in pieces, opened only when the zip reaches it."""
+    with storage.open_uri(uri) as src:
+        while chunk := src.read(_ZIP_CHUNK):
+            yield chunk
 
 
 #: what an uploaded Parquet manifest's columns may take once decoded: a few KiB of Parquet can
@@ -626,25 +634,6 @@ class UploadChecks:
         except UploadError as exc:
             return str(exc)
         return ""
-
-
-class _Sink(io.RawIOBase):
-    """A write-only stream that hands out what was written since the last `take` (zipfile writes
-    to unseekable streams with data descriptors)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self._buf += data
-        return len(data)
-
-    def take(self) -> bytes:
-        out, self._buf = bytes(self._buf), bytearray()
-        return out
 
 
 def _safe_name(name: str) -> str:
