@@ -299,21 +299,21 @@ def test_a_campaigns_results_are_read_again_only_when_they_change(tmp_path):
     record = CampaignRecord(
         campaign, "alice", "n", time.time(), 1, "classic", "draft", "m", store.output("alice", campaign)
     )
-    assert store.results(record) == []
+    assert store.results(record.output) == []
     table = os.path.join(record.output, "_results.parquet")
     row = RowResult("a", "ok", "/o/a.mp4", None, 1.0, 25, 1, 1.0, 1, time.time())
     write_results(table, [row])
-    first = store.results(record)
-    assert [r["id"] for r in first] == ["a"] and store.results(record) is first  # not read again
+    first = store.results(record.output)
+    assert [r["id"] for r in first] == ["a"] and store.results(record.output) is first  # not read again
     write_results(table, [row, replace(row, id="b", output="/o/b.mp4")])
-    assert [r["id"] for r in store.results(record)] == ["a", "b"]
+    assert [r["id"] for r in store.results(record.output)] == ["a", "b"]
     # its finished videos, which each refresh and every seek in a video asks for: worked out once
     # per table (0.7 s for 100,000 rows)
     videos = [f"{record.output}/{name}.mp4" for name in ("v1", "v2")]
     write_results(table, [replace(row, id=f"v{i}", output=uri) for i, uri in enumerate(videos, 1)])
-    found = store.finished_videos(record)
-    assert found == {"v1.mp4": videos[0], "v2.mp4": videos[1]} and store.videos(record) == videos
-    assert store.finished_videos(record) is found
+    found = store.finished_videos(record.output)
+    assert found == {"v1.mp4": videos[0], "v2.mp4": videos[1]} and store.videos(record.output) == videos
+    assert store.finished_videos(record.output) is found
     # the campaigns list, each refresh, reads each feed's counts only when the feed changed
     feed = os.path.join(record.output, "_progress.json")
     with open(feed, "w") as fh:
@@ -358,18 +358,18 @@ def test_a_running_campaigns_finished_videos_show_and_zip_before_it_ends(tmp_pat
 
     first = ResultsTable(layout.results, layout.results_parts, flush_rows=1)  # a first run: no table yet
     first.add(result(0))
-    found = store.finished_videos(record)
-    assert found == {"r0.mp4": uri[0]} and store.finished_videos(record) is found  # worked out once
+    found = store.finished_videos(record.output)
+    assert found == {"r0.mp4": uri[0]} and store.finished_videos(record.output) is found  # worked out once
     first.finish(["r0"])
     earlier = ResultsTable(layout.results, layout.results_parts, flush_rows=1)
     earlier.add(result(0))
     earlier.add(result(1))
     earlier.finish(["r0", "r1"])  # an earlier run's table: r0 and r1 done
     running = ResultsTable(layout.results, layout.results_parts, flush_rows=1)
-    assert store.finished_videos(record) == {"r0.mp4": uri[0], "r1.mp4": uri[1]}
+    assert store.finished_videos(record.output) == {"r0.mp4": uri[0], "r1.mp4": uri[1]}
     running.add(result(2))  # this run's first part: r2 done
     running.add(result(1, "failed"))  # re-rendered (its input changed) and failed: not shown
-    assert store.videos(record) == [uri[0], uri[2]]
+    assert store.videos(record.output) == [uri[0], uri[2]]
     length, chunks = store.zip_stream(record)
     zipped = b"".join(chunks)
     assert length == len(zipped)  # known before the first byte: the download's Content-Length
@@ -385,13 +385,13 @@ def test_a_running_campaigns_finished_videos_show_and_zip_before_it_ends(tmp_pat
     reads = []
     monkeypatch.setattr(store_module, "read_results", lambda u: reads.append(u) or results_module.read_results(u))
     for _ in range(3):
-        assert store.videos(record) == [uri[0], uri[2]]
+        assert store.videos(record.output) == [uri[0], uri[2]]
     assert reads == []  # every part was read once, before
     running.add(result(1))  # r1 again, ok this time
-    assert store.videos(record) == [uri[0], uri[2], uri[1]] and len(reads) == 1
+    assert store.videos(record.output) == [uri[0], uri[2], uri[1]] and len(reads) == 1
     running.add(result(0, "skipped"), flush=False)
     running.finish(["r0", "r1", "r2"])  # the end: the table says it all, the parts are gone
-    assert store.videos(record) == [uri[0], uri[1], uri[2]]
+    assert store.videos(record.output) == [uri[0], uri[1], uri[2]]
     assert not os.path.exists(layout.results_parts)
 
 
@@ -1875,6 +1875,53 @@ def test_a_campaign_being_saved_and_submitted_is_not_rerun_or_deleted_meanwhile(
         assert not thread.is_alive()
     assert isinstance(raised[0], ClusterUnavailable), raised
     assert sorted(acted) == ["delete", "rerun"]
+
+
+def test_posters_and_video_seeks_read_no_campaign_record(tmp_path, monkeypatch):
+    """A gallery asks for every poster and a player for every seek: each read the campaign's record
+    first (a GET each on an object store) for an output folder its user and id already give. Now
+    none does; another user's name, or an id that is no campaign's, still finds nothing, and a
+    video deleted since its row finished is not found (it was a server error)."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.studio.app import build_app
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.results import ResultsTable, RowResult
+    from heygem_ray.studio import service as studio_service
+    from heygem_ray.studio.store import CampaignRecord
+
+    studio = studio_service.Studio(StudioConfig(store=str(tmp_path / "store")), None, logging.getLogger("t"))
+    store = studio.store
+    campaign = store.new_id()
+    output = store.output("local", campaign)
+    store.save(CampaignRecord(campaign, "local", "n", time.time(), 1, "classic", "draft", "m", output))
+    os.makedirs(f"{output}/_thumbs")
+    with open(f"{output}/_thumbs/r0.jpg", "wb") as fh:
+        fh.write(b"poster")
+    with open(f"{output}/r0.mp4", "wb") as fh:
+        fh.write(b"video")
+    layout = CampaignLayout(output)
+    table = ResultsTable(layout.results, layout.results_parts)
+    table.add(RowResult("r0", "ok", f"{output}/r0.mp4", None, 1.0, 25, 1, 1.0, 1, time.time()))
+    table.finish(["r0"])
+    loads = []
+    real_load = store.load
+    monkeypatch.setattr(store, "load", lambda user, cid: loads.append(cid) or real_load(user, cid))
+    for _ in range(3):
+        assert studio.thumbnail("local", campaign, "r0") == b"poster"
+        assert studio.video("local", campaign, "r0.mp4") == f"{output}/r0.mp4"
+    client = TestClient(build_app(studio, None, Sessions(b"k" * 32)), base_url="http://127.0.0.1")
+    assert client.get(f"/files/{campaign}/thumb/r0.jpg").content == b"poster"
+    assert client.get(f"/files/{campaign}/video/r0.mp4", headers={"Range": "bytes=1-2"}).content == b"id"
+    assert loads == []
+    os.remove(f"{output}/r0.mp4")
+    assert client.get(f"/files/{campaign}/video/r0.mp4").status_code == 404
+    assert studio.thumbnail("bob", campaign, "r0") is None and studio.video("bob", campaign, "r0.mp4") is None
+    for wrong in ("..", "x/../y", campaign + "/.."):
+        assert studio.thumbnail("local", wrong, "r0") is None and studio.video("local", wrong, "r0.mp4") is None
 
 
 def test_a_page_lists_the_newest_campaigns_and_reads_a_record_again_only_when_it_changed(tmp_path, monkeypatch):

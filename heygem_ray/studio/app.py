@@ -185,7 +185,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         uri = studio.video(user, campaign_id, name) if user else None
         if uri is None:
             return Response(status_code=404)
-        size = storage.size(uri)
+        try:
+            size = storage.size(uri)
+        except FileNotFoundError:  # deleted since its row finished (the campaign, or the video by hand)
+            return Response(status_code=404)
         first, last = _byte_range(request.headers.get("range"), size)
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(last - first + 1)}
         if request.headers.get("range") is None:
@@ -494,7 +497,7 @@ def _gallery_html(studio: Studio, view: CampaignView) -> str:
     """A thumbnail and a player per finished video (the first VIDEOS_SHOWN), all served by the
     routes that check the user."""
     cards: list[str] = []
-    finished = studio.store.finished_videos(view.record)
+    finished = studio.store.finished_videos(view.record.output)
     for row in view.rows:
         file = f"{row['id']}.mp4"
         if row["status"] not in ("ok", "skipped") or file not in finished:

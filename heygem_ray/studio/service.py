@@ -553,7 +553,7 @@ class Studio:
             self._log_end(record, view)
         if rows:
             # the results table is this run's once its feed says the run ended
-            results = self.store.results(record) if feed.get("state") in ("finished", "interrupted") else []
+            results = self.store.results(record.output) if feed.get("state") in ("finished", "interrupted") else []
             if results:
                 view.rows = [
                     {"id": r["id"], "status": r["status"], "seconds": r["render_seconds"], "error": r["error"] or ""}
@@ -561,7 +561,7 @@ class Studio:
                 ]
             else:
                 # an orphaned job's rows that finished after its last feed are in its results parts
-                finished = self.store.finished_rows(record) if orphaned else frozenset()
+                finished = self.store.finished_rows(record.output) if orphaned else frozenset()
                 view.rows = [
                     {"id": row_id, "status": s, "seconds": None, "error": ""}
                     if not orphaned or s in ("ok", "failed", "skipped")
@@ -637,21 +637,30 @@ class Studio:
 
     def videos(self, user: str, campaign_id: str) -> list[str]:
         record = self.store.load(user, campaign_id)
-        return [] if record is None else self.store.videos(record)
+        return [] if record is None else self.store.videos(record.output)
+
+    def _output(self, user: str, campaign_id: str) -> str | None:
+        """Where the user's campaign writes (None for no such id). Not read from its record: the
+        file routes ask for every poster and every seek of a video, and a campaign's output folder
+        is its user's and its id's, under the user's own folder, whatever its record says now."""
+        try:
+            return self.store.output(user, campaign_id)
+        except KeyError:
+            return None
 
     def video(self, user: str, campaign_id: str, name: str) -> str | None:
         """The URI of one of the campaign's videos by file name, if it is one."""
-        record = self.store.load(user, campaign_id)
-        return None if record is None else self.store.finished_videos(record).get(name)
+        output = self._output(user, campaign_id)
+        return None if output is None else self.store.finished_videos(output).get(name)
 
     def thumbnail(self, user: str, campaign_id: str, row_id: str) -> bytes | None:
         """A row's thumbnail from the user's own campaign (a row id is a plain file name: checked
         as the manifest checks it, not looked up among every result on each poster a page asks for)."""
-        record = self.store.load(user, campaign_id)
-        if record is None or not SAFE_ID.fullmatch(row_id):
+        output = self._output(user, campaign_id)
+        if output is None or not SAFE_ID.fullmatch(row_id):
             return None
         try:
-            return storage.read_bytes(storage.join(record.output, "_thumbs", f"{row_id}.jpg"))
+            return storage.read_bytes(storage.join(output, "_thumbs", f"{row_id}.jpg"))
         except FileNotFoundError:
             return None
 

@@ -373,14 +373,14 @@ class StudioStore:
                 _keep(self._feeds, uri, (version, feed), FEEDS_KEPT)
         return feed if rows else counts
 
-    def results(self, record: CampaignRecord) -> list[dict]:
-        """The campaign's results table, read again only when it changed: every poster and video of
+    def results(self, output: str) -> list[dict]:
+        """The results table of the campaign writing to `output`, read again only when it changed: every poster and video of
         a page asks for it (a 100,000-row table read per request made a page's cost grow as N²)."""
-        return self._table(record)[0]
+        return self._table(output)[0]
 
-    def _table(self, record: CampaignRecord) -> tuple[list[dict], str | None]:
+    def _table(self, output: str) -> tuple[list[dict], str | None]:
         """The results table's rows and the prefix of the parts it supersedes (`results`)."""
-        uri = storage.join(record.output, "_results.parquet")
+        uri = storage.join(output, "_results.parquet")
         fs, path = storage.url_to_fs(uri)
         try:
             version = storage.version_key(uri, fs.info(path))
@@ -395,11 +395,11 @@ class StudioStore:
             _keep(self._results, uri, (version, rows, upto), RESULTS_KEPT)
         return rows, upto
 
-    def _parts(self, record: CampaignRecord, upto: str | None) -> list[dict]:
+    def _parts(self, output: str, upto: str | None) -> list[dict]:
         """The results a running (or killed) driver has written since the table, oldest first: its
         parts, listed at most every PARTS_LISTED_SECONDS and each read once (a part is never
         rewritten), so a page shows a video as soon as its row is on the store, not at the end."""
-        folder = CampaignLayout(record.output).results_parts
+        folder = CampaignLayout(output).results_parts
         with self._lock:
             kept = self._part_rows.get(folder)
         if kept is None or time.monotonic() - kept[0] >= PARTS_LISTED_SECONDS:
@@ -422,29 +422,29 @@ class StudioStore:
                 _keep(self._part_rows, folder, kept, RESULTS_KEPT)
         return [row for name, rows in kept[1].items() if not superseded(name, upto) for row in rows]
 
-    def videos(self, record: CampaignRecord) -> list[str]:
-        """URIs of the campaign's finished videos (rows ok or skipped), in the order they finished
+    def videos(self, output: str) -> list[str]:
+        """URIs of the finished videos of the campaign writing to `output` (rows ok or skipped), in the order they finished
         after the results table's manifest order."""
-        return self._finished_of(record)[0]
+        return self._finished_of(output)[0]
 
-    def finished_videos(self, record: CampaignRecord) -> dict[str, str]:
+    def finished_videos(self, output: str) -> dict[str, str]:
         """The campaign's finished videos by file name (the first of a name)."""
-        return self._finished_of(record)[1]
+        return self._finished_of(output)[1]
 
-    def finished_rows(self, record: CampaignRecord) -> frozenset[str]:
+    def finished_rows(self, output: str) -> frozenset[str]:
         """The ids of the campaign's rows whose video is finished (ok or skipped)."""
-        return self._finished_of(record)[2]
+        return self._finished_of(output)[2]
 
-    def _finished_of(self, record: CampaignRecord) -> tuple[list[str], dict[str, str], frozenset[str]]:
+    def _finished_of(self, output: str) -> tuple[list[str], dict[str, str], frozenset[str]]:
         """From the results table and the parts written after it; worked out again only when those
         change: every page's refresh and every seek in a video asked (0.7 s for 100,000 rows)."""
-        table, upto = self._table(record)
-        parts = self._parts(record, upto)
+        table, upto = self._table(output)
+        parts = self._parts(output, upto)
         with self._lock:
-            kept = self._finished.get(record.output)
+            kept = self._finished.get(output)
         if kept is not None and kept[0] is table and kept[1] == len(parts):
             return kept[2], kept[3], kept[4]
-        own = record.output.rstrip("/") + "/"
+        own = output.rstrip("/") + "/"
         finished: dict[str, str] = {}  # row id -> its video; a later result of a row counts
         for r in [*table, *parts]:
             finished.pop(r["id"], None)
@@ -455,7 +455,7 @@ class StudioStore:
         for uri in videos:
             by_name.setdefault(storage.basename(uri), uri)
         with self._lock:
-            _keep(self._finished, record.output, (table, len(parts), videos, by_name, ids), RESULTS_KEPT)
+            _keep(self._finished, output, (table, len(parts), videos, by_name, ids), RESULTS_KEPT)
         return videos, by_name, ids
 
     def zip_stream(self, record: CampaignRecord) -> tuple[int, Iterator[bytes]]:
@@ -463,7 +463,7 @@ class StudioStore:
         length in bytes, known before the first byte from the store's listing (a browser shows the
         download's progress and time left), produced piece by piece while it is sent, never whole
         in memory. A video gone from the store since its row finished is left out."""
-        videos = self.videos(record)
+        videos = self.videos(record.output)
         sizes = storage.sizes(videos)
         archive = ZipStream(sized=True)
         for uri in videos:
