@@ -1718,19 +1718,27 @@ def test_a_campaign_that_ended_while_no_studio_ran_is_logged_once(tmp_path, ray_
         _wait_for(lambda: Cluster(ray_head, local=True).job(job)[0] == "SUCCEEDED", 60, "the job")
         return campaign, job
 
-    def lines_after_a_studio_starts(name: str) -> list[str]:
+    asked: list[str] = []  # the jobs a studio asked the cluster about
+
+    def lines_after_a_studio_starts(name: str, campaign: str | None = None) -> list[str]:
         log = logging.getLogger(f"studio-{name}")
         seen: list[str] = []
         handler = logging.Handler()
         handler.emit = lambda rec: seen.append(rec.getMessage())  # type: ignore[method-assign]
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        studio = StudioService(StudioConfig(store=str(tmp_path / "store")), Cluster(ray_head, local=True), log)
+        cluster = Cluster(ray_head, local=True)
+        real_job = cluster.job
+        cluster.job = lambda job: asked.append(job) or real_job(job)  # type: ignore[method-assign]
+        studio = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster, log)
         # the watcher's first pass over the store ends with this note: waited for, not guessed at
         passed, note = threading.Event(), studio.store.note_ends_noted
         studio.store.note_ends_noted = lambda: (note(), passed.set())  # type: ignore[method-assign]
+        asked.clear()
         studio.watch(0.2)
         assert passed.wait(60), "the watcher's first pass did not end"
+        if campaign is not None:  # its page opened: an end the log has is not logged again
+            assert studio.campaign("alice", campaign).status == "finished"
         return [line for line in seen if line.startswith(("finish", "failure", "stopped"))]
 
     ended_campaign()  # in a store from before ends were noted (its end was logged live then)
@@ -1739,7 +1747,10 @@ def test_a_campaign_that_ended_while_no_studio_ran_is_logged_once(tmp_path, ray_
     assert lines_after_a_studio_starts("first") == [
         f"finish user=alice campaign={campaign} rows=0 failed=0 job={job} (ended while the studio was down)"
     ]
-    assert lines_after_a_studio_starts("second") == []
+    assert lines_after_a_studio_starts("second", campaign) == []
+    # a studio starting finds every end logged: it asks the cluster about none of them (one call
+    # per campaign in the store was its start-up's cost), only about the one whose page opened
+    assert asked == [job]
 
 
 def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
@@ -1886,11 +1897,10 @@ def test_posters_and_video_seeks_read_no_campaign_record(tmp_path, monkeypatch):
 
     from starlette.testclient import TestClient
 
-    from heygem_ray.studio.app import build_app
-
     from heygem_ray.config import StudioConfig
     from heygem_ray.results import ResultsTable, RowResult
     from heygem_ray.studio import service as studio_service
+    from heygem_ray.studio.app import build_app
     from heygem_ray.studio.store import CampaignRecord
 
     studio = studio_service.Studio(StudioConfig(store=str(tmp_path / "store")), None, logging.getLogger("t"))

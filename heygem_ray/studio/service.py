@@ -131,6 +131,10 @@ class Studio:
                 with contextlib.suppress(Exception):  # a record it cannot read stays unwatched
                     if not record.jobs:
                         continue
+                    if self.store.end_logged(record):  # it ended: no call to the cluster (one per campaign)
+                        with self._lock:
+                            self._ended.add(record.jobs[-1])
+                        continue
                     view = self._view(record, rows=False, log_end=False)
                     if view.status not in ENDED or view.note:  # running, or the cluster did not say
                         with self._lock:
