@@ -380,7 +380,9 @@ class Campaign:
             except Exception as exc:  # noqa: BLE001 - a table unreadable now: reported failed, as before
                 log.warning("earlier results not read: %s: %s", type(exc).__name__, exc)
         earlier = {
-            row_id: r for row_id, r in earlier.items() if row_id in unstarted and r.output == self._outputs[row_id]
+            row_id: r
+            for row_id, r in earlier.items()
+            if row_id in unstarted and storage.normalize(r.output) == storage.normalize(self._outputs[row_id])
         }
         there = _still_there([r.output for r in earlier.values()])
         # one line for them all, no part written: a campaign of 100,000 rows stopped early reports

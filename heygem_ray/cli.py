@@ -201,7 +201,7 @@ def check_job_secrets(overrides: Sequence[str], in_job: bool | None = None) -> N
     ("Running entrypoint for job ..."), keeps it in its job table (`ray job list`, the dashboard)
     and the studio shows users the log's end. `${oc.env:VAR}` names the variable only, resolved on
     the head node. A dict given whole (`+storage.options.s3={key: ..., secret: ...}`) is looked into."""
-    from heygem_ray.manifest import in_ray_job
+    from heygem_ray.config import in_ray_job
 
     if not (in_ray_job() if in_job is None else in_job):
         return
@@ -251,7 +251,7 @@ def _literal_secret(key: str, value: object) -> str | None:
 def check_job_paths(cfg: Config) -> None:
     """ValueError for a relative local `manifest`, `output` or `cache` in a Ray job: the job runs in
     Ray's copy of its working directory, removed with the job (outputs written there are lost)."""
-    from heygem_ray.manifest import in_ray_job
+    from heygem_ray.config import in_ray_job
 
     given = {"manifest": cfg.manifest, "output": cfg.output, "cache": cfg.cache}
     loose = [f"{key}={value}" for key, value in given.items() if value and storage.is_relative(value)]

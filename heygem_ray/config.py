@@ -456,6 +456,12 @@ class QAConfig:
             raise ValueError(f"qa.max_lag must be 0 or more, got {self.max_lag}")
 
 
+def in_ray_job() -> bool:
+    """Whether this process is a `ray job submit` entrypoint (which runs in Ray's copy of the job's
+    working directory, as its workers do)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 @dataclass
 class Config:
     #: Parquet manifest URI (columns audio, avatar; optional id, output, box)
@@ -478,6 +484,9 @@ class Config:
     #: set by the campaign as it starts (a value given here is replaced): model file URI -> its
     #: version then (`prepare.model_versions`), which every task and actor of the run uses
     model_versions: dict[str, str] = field(default_factory=dict)
+    #: set by `anchored`: a model file's URI made absolute -> the URI as written, which rows'
+    #: fingerprints hold (a campaign rendered with a relative path renders no finished row again)
+    written_paths: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # `output=$OUT` with OUT unset: an empty root is the file system's, "/_lock.json" and all
@@ -494,14 +503,19 @@ class Config:
         model files shipped with the job, right)."""
         from dataclasses import replace
 
-        from heygem_ray.manifest import in_ray_job
         from heygem_ray.storage import anchored
 
         if in_ray_job():
             return self
+        written = dict(self.written_paths)
 
         def anchor(uri: str | None) -> str | None:
-            return anchored(uri) if uri else uri
+            if not uri:
+                return uri
+            absolute = anchored(uri)
+            if absolute != uri:
+                written[absolute] = uri
+            return absolute
 
         renderer = self.renderer
         if getattr(renderer, "checkpoint", None):
@@ -510,10 +524,11 @@ class Config:
             self,
             manifest=anchored(self.manifest),
             output=anchored(self.output),
-            cache=anchor(self.cache),
+            cache=anchored(self.cache) if self.cache else self.cache,
             renderer=renderer,
             detector=replace(self.detector, checkpoint=anchor(self.detector.checkpoint)),
             qa=replace(self.qa, syncnet=anchor(self.qa.syncnet)),
+            written_paths=written,
         )
 
     @property

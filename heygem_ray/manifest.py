@@ -5,7 +5,6 @@ common cross-product campaigns."""
 from __future__ import annotations
 
 import io
-import os
 import re
 import unicodedata
 from collections import Counter
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from heygem_ray import storage
+from heygem_ray.config import in_ray_job
 from heygem_ray.errors import ManifestError
 from heygem_ray.layout import RESERVED
 from heygem_ray.plan import stable_hash
@@ -90,12 +90,6 @@ def rows_from_table(
 def _column_name(name: str) -> str:
     plain = name.replace("\ufeff", "").strip()
     return plain.lower() if plain.lower() in (*REQUIRED, "id", "output", "box") else plain
-
-
-def in_ray_job() -> bool:
-    """Whether this process is a `ray job submit` entrypoint (which runs in Ray's copy of the job's
-    working directory, as its workers do)."""
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def _check_job_path(uri: str, column: str, problems: list[str]) -> None:

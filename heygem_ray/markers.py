@@ -30,11 +30,12 @@ class Marker:
     #: row, a later manifest's, or a hand may have put another file there); None for older markers
     bytes: int | None = None
 
-    def still_published(self) -> bool:
-        """Whether the output path holds the video this marker is of (of its size; exists, for
-        markers from before sizes were kept)."""
+    def still_published(self, output: str) -> bool:
+        """Whether `output`, the row's output now (the same as the marker's when the fingerprints
+        match, but the marker may hold it relative to a folder this process is not in), holds the
+        video this marker is of (of its size; exists, for markers from before sizes were kept)."""
         try:
-            return storage.size(self.output) == self.bytes if self.bytes is not None else storage.exists(self.output)
+            return storage.size(output) == self.bytes if self.bytes is not None else storage.exists(output)
         except FileNotFoundError:
             return False
 

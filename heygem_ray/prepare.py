@@ -329,11 +329,13 @@ def detector_key(
     still_fps: float,
     frames: tuple[Any, ...] = (),
     version: str | None = None,
+    written: Mapping[str, str] | None = None,
 ) -> str:
     """What decides an avatar's face track: the detector's settings, its weights' version (a file
     replaced at the same URI makes new tracks), the row's box, the frame rate of stills, and the
-    frames the detector sees (`shown_frames`); `version`: the tracker's (None: TRACK_VERSION)."""
-    relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING}
+    frames the detector sees (`shown_frames`); `version`: the tracker's (None: TRACK_VERSION);
+    `written`: `Config.written_paths`, the weights' URI as written."""
+    relevant = _settings(cfg, written or {})
     return stable_hash(
         version or TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), box, still_fps, *frames
     )
@@ -341,6 +343,14 @@ def detector_key(
 
 #: detector settings that shape the track from the candidates, not the candidates themselves
 TRACK_ONLY = ("pads", "smooth", "box")
+
+
+def _settings(section: Any, written: Mapping[str, str]) -> dict[str, Any]:
+    """A config section's output-affecting settings, a model file's URI as it was written."""
+    out = {k: v for k, v in asdict(section).items() if k not in NOT_OUTPUT_AFFECTING}
+    if out.get("checkpoint"):
+        out["checkpoint"] = written.get(out["checkpoint"], out["checkpoint"])
+    return out
 
 
 def candidates_key(cfg: DetectorConfig, still_fps: float, frames: tuple[Any, ...] = ()) -> str:
@@ -719,18 +729,15 @@ def row_fingerprint(
     (not scheduling knobs such as segment length, batch sizes or devices); `pixel_cap`: the row's
     `photo_pixel_cap`."""
 
-    def relevant(section: Any) -> dict:
-        return {k: v for k, v in asdict(section).items() if k not in NOT_OUTPUT_AFFECTING}
-
     return stable_hash(
         RENDER_VERSION,
         audio_fp,
         avatar_fp,
         row_box,
         storage.normalize(output),
-        relevant(cfg.renderer),
+        _settings(cfg.renderer, cfg.written_paths),
         checkpoint_version(getattr(cfg.renderer, "checkpoint", None)),
-        detector_key(cfg.detector, None, cfg.render.still_fps, version=ROWS_TRACK_VERSION),
+        detector_key(cfg.detector, None, cfg.render.still_fps, version=ROWS_TRACK_VERSION, written=cfg.written_paths),
         asdict(cfg.encoder),
         cfg.render.still_fps,
         cfg.render.max_fps,
@@ -774,7 +781,7 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
         pixel_cap = photo_pixel_cap(row.avatar, cfg)
     fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg, pixel_cap)
     marker = read_marker(cfg.layout.marker(row.id))
-    if not cfg.force and marker and marker.fingerprint == fp and marker.still_published():
+    if not cfg.force and marker and marker.fingerprint == fp and marker.still_published(row.output):
         try:
             thumbnail = storage.read_bytes(cfg.layout.thumbnail(row.id))
         except FileNotFoundError:

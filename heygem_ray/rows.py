@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from heygem_ray import prepare, storage
 from heygem_ray import qa as qa_flags
-from heygem_ray import storage
 from heygem_ray.config import QAConfig
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media import video
 from heygem_ray.plan import SegmentSpan, avatar_frame_indices, output_frame_count, plan_segments, stable_hash
-from heygem_ray.prepare import TRACK_VERSION, AudioInfo, AvatarTrack, RowPrep
+from heygem_ray.prepare import AudioInfo, AvatarTrack, RowPrep
 from heygem_ray.results import RowResult
 from heygem_ray.segment import SegmentJob
 from heygem_ray.stitch import StitchJob
@@ -73,7 +73,7 @@ class RowState:
             info.color,
             video.FROM_BGR,
             *decoded,
-            TRACK_VERSION,
+            prepare.TRACK_VERSION,
             length=8,
         )
         return layout.work(f"{self.row.id}-{self.prep.fingerprint[:16]}-{codec}-{shape}-n{len(self.spans)}")
@@ -140,7 +140,7 @@ class RowState:
         marker = read_marker(layout.marker(self.row.id))
         if marker is None or marker.fingerprint != self.prep.fingerprint:
             return None
-        return marker if marker.still_published() else None
+        return marker if marker.still_published(self.row.output) else None
 
     def result(self, status: str, error: str | None, marker: Marker | None, qa: QAConfig) -> RowResult:
         """The row's result; a published one carries its lip-sync score, flagged as `qa` says."""

@@ -142,7 +142,7 @@ def _published_already(job: StitchJob) -> Stitched | None:
     marker = read_marker(job.marker_uri)
     if marker is None or marker.fingerprint != job.fingerprint or storage.exists(job.segment_uris[0]):
         return None
-    if not marker.still_published():
+    if not marker.still_published(job.output):
         return None
     try:
         thumbnail: bytes | None = storage.read_bytes(job.thumbnail_uri)

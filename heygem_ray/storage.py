@@ -380,6 +380,15 @@ def read_bytes(uri: str) -> bytes:
     return fs.cat_file(path)
 
 
+def iter_range(uri: str, start: int, stop: int, chunk: int = 2**20) -> Iterator[bytes]:
+    """Bytes [start, stop) of a file (fewer where it ends sooner) in pieces of `chunk`, each a
+    ranged read: an opened file of an object store reads ahead up to 50 MiB per reader (every
+    seek of a video in a browser, every video in a zip being sent)."""
+    while start < stop and (piece := read_range(uri, start, min(stop, start + chunk))):
+        start += len(piece)
+        yield piece
+
+
 @retrying
 def read_range(uri: str, start: int, stop: int) -> bytes:
     """Bytes [start, stop) of a file (fewer where it ends sooner), in one ranged request: an opened

@@ -340,6 +340,36 @@ def test_finished_rows_keep_their_fingerprint_across_releases():
     assert row_fingerprint("audio-fp", "avatar-fp", None, "/o/r.mp4", cfg) == "db09dd0b88ec2c3c1465e2c51767f6ef"
 
 
+def test_model_files_named_by_relative_paths_keep_rows_fingerprints(tmp_path, monkeypatch):
+    """A campaign makes relative model paths absolute (a joined cluster's workers run elsewhere):
+    its rows' fingerprints still hold them as written, so a campaign rendered with
+    `renderer.checkpoint=models/...` before then renders no finished row again."""
+    from heygem_ray import prepare
+    from heygem_ray.prepare import row_fingerprint
+
+    monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
+    (tmp_path / "models").mkdir()
+    for name in ("w.pth", "s3fd.pth"):
+        (tmp_path / "models" / name).write_bytes(b"weights " + name.encode())
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(
+        "manifest=m",
+        "output=/o",
+        "renderer=wav2lip",
+        "renderer.checkpoint=models/w.pth",
+        "detector=s3fd",
+        "detector.checkpoint=models/s3fd.pth",
+    )
+    anchored = cfg.anchored()
+    assert anchored.renderer.checkpoint == str(tmp_path / "models" / "w.pth")
+    assert anchored.detector.checkpoint == str(tmp_path / "models" / "s3fd.pth")
+    before = row_fingerprint("audio-fp", "avatar-fp", None, "/o/r.mp4", cfg)
+    assert row_fingerprint("audio-fp", "avatar-fp", None, "/o/r.mp4", anchored) == before
+    assert anchored.anchored() == anchored  # a second time changes nothing
+    (tmp_path / "models" / "w.pth").write_bytes(b"other weights, longer")  # still told apart
+    assert row_fingerprint("audio-fp", "avatar-fp", None, "/o/r.mp4", anchored) != before
+
+
 def test_a_new_tracker_version_makes_new_tracks_and_leaves_finished_rows(media_dir, tmp_path, monkeypatch):
     """A release that changes some avatars' face tracks (TRACK_VERSION alone): tracks cached before
     it were reused with their old boxes; now a new row tracks its avatar again, and the finished

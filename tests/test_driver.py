@@ -856,7 +856,7 @@ def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_pat
     assert (given_up is None) if restartable else ("hung (no segment back in 2 s)" in given_up)
 
 
-def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):
+def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path, monkeypatch):
     """Segments an unfinished row left wait under a key of the row's fingerprint, codec, cut and the
     stream's shape: not all that shapes the frames is in the fingerprint (the pixel limit a photo is
     shrunk to; a release that renders 4K clips at `render.max_side`), and segments of two sizes or
@@ -865,6 +865,7 @@ def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):
 
     import numpy as np
 
+    from heygem_ray import prepare
     from heygem_ray.layout import CampaignLayout
     from heygem_ray.media.video import VideoInfo
     from heygem_ray.prepare import AudioInfo, AvatarTrack
@@ -884,6 +885,11 @@ def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path):
     assert len({work(info), *map(work, others)}) == 3
     # decoded otherwise (deinterlaced, over white): keyed apart; decoded plainly: the key it had
     assert work(replace(info, decoding="deinterlaced")) != work(info) == work(replace(info, decoding=""))
+    # a release whose face tracks differ (its row fingerprints may not: ROWS_TRACK_VERSION) cuts no
+    # segment around the new track's boxes beside segments of the old one's
+    before = work(info)
+    monkeypatch.setattr(prepare, "TRACK_VERSION", "next")
+    assert work(info) != before
 
 
 def test_an_actor_that_fails_every_segment_is_retired_and_its_segments_render_elsewhere(tmp_path):

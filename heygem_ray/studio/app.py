@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
 import gradio as gr
@@ -192,11 +192,13 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         first, last = _byte_range(request.headers.get("range"), size)
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(last - first + 1)}
         if request.headers.get("range") is None:
-            return StreamingResponse(_read(uri, 0, size), media_type="video/mp4", headers=headers)
+            return StreamingResponse(storage.iter_range(uri, 0, size, _CHUNK), media_type="video/mp4", headers=headers)
         if first > last:
             return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-        return StreamingResponse(_read(uri, first, last + 1), status_code=206, media_type="video/mp4", headers=headers)
+        return StreamingResponse(
+            storage.iter_range(uri, first, last + 1, _CHUNK), status_code=206, media_type="video/mp4", headers=headers
+        )
 
     @app.get("/files/{campaign_id}/thumb/{row_id}.jpg")
     def thumbnail(campaign_id: str, row_id: str, request: Request) -> Response:
@@ -532,14 +534,6 @@ def _login_html(error: str) -> str:
         "</label></p>"
         '<p><button type="submit">Sign in</button></p></form></main></body></html>'
     )
-
-
-def _read(uri: str, start: int, stop: int) -> Iterator[bytes]:
-    """Bytes [start, stop) of a stored file, a MiB at a time, each a ranged read: an opened file of
-    an object store reads ahead up to 50 MiB, for every seek of a video a browser makes."""
-    while start < stop and (chunk := storage.read_range(uri, start, min(stop, start + _CHUNK))):
-        start += len(chunk)
-        yield chunk
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int]:
