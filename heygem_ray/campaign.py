@@ -296,6 +296,10 @@ class Campaign:
         if self.actors.error:
             return self._fail(state.row.id, self.actors.error)
         assert state.prep is not None and state.prep.audio is not None
+        if state.prep.avatar_fingerprint and track.fingerprint != state.prep.avatar_fingerprint:
+            # the file changed between the row's fingerprint and its tracking: rendered, its marker
+            # would name the old bytes for a video of the new
+            return self._fail(state.row.id, str(InputError("avatar", state.row.avatar, storage.REPLACED)))
         seconds = state.prep.audio.seconds
         if not track.shows_a_face(seconds):
             faceless = f"no face found in the {track.shown(seconds)} frame(s) this narration shows"

@@ -109,9 +109,7 @@ def input_copy(uri: str, cache: str, fp: str, what: str) -> str:
         return storage.local_copy(uri)
     info = storage.info(uri)  # asked once, for the check and the copy (a request to an object store)
     if storage.version_key(uri, info) is not None and content_fingerprint(uri, cache, what, info) != fp:
-        raise storage.ContentChanged(
-            uri, "was replaced while the campaign ran (the row was prepared from the file it replaced); run it again"
-        )
+        raise storage.ContentChanged(uri, storage.REPLACED)
     # without a version, the copy is kept by content and what is fetched checked against `fp`
     return storage.local_copy(uri, content=fp, info=info)
 
@@ -434,7 +432,7 @@ def prepare_avatar(
     with reading("avatar", uri):
         fp = content_fingerprint(uri, cache, "avatar")
         avatar = storage.join(cache, "avatars", fp)
-        info, pts = _avatar_frames(uri, fp, avatar, still_fps, max_pixels, max_side)
+        info, pts = _avatar_frames(uri, fp, cache, still_fps, max_pixels, max_side)
         info = _at_standard_rate(info)
         step = 1 if info.still else frame_step(info.fps, max_fps)
         info, pts = _every(info, pts, step)
@@ -459,7 +457,7 @@ def prepare_avatar(
             clock = metrics.StageClock()
             with clock("detect"):
                 chunks = storage.join(avatar, "candidates-" + candidates_key(cfg, still_fps, frames))
-                boxes = _track(_candidates(uri, fp, info, pts, cfg, chunks, tracked), info, cfg, uri, total)
+                boxes = _track(_candidates(uri, fp, cache, info, pts, cfg, chunks, tracked), info, cfg, uri, total)
             metrics.stage_seconds(clock.seconds)
         with caching(track_uri):
             storage.write_bytes(track_uri, _dump_array(boxes))
@@ -492,11 +490,11 @@ def _cached(uri: str, load: Callable[[bytes], _T]) -> _T | None:
 
 
 def _avatar_frames(
-    uri: str, fp: str, avatar: str, still_fps: float, max_pixels: int | None, max_side: int = 0
+    uri: str, fp: str, cache: str, still_fps: float, max_pixels: int | None, max_side: int = 0
 ) -> tuple[VideoInfo, np.ndarray]:
     """The avatar's facts and every frame's timestamp, from the cache or a probe and a demux pass
     (checked against `max_pixels` before anything is decoded)."""
-    frames_uri = storage.join(avatar, f"frames-{stable_hash(TRACK_VERSION, still_fps)}.npz")
+    frames_uri = storage.join(cache, "avatars", fp, f"frames-{stable_hash(TRACK_VERSION, still_fps)}.npz")
     cached = _cached(frames_uri, _load_frames)
     if cached is not None and not cached[0].still:
         _check_pixels(uri, cached[0], max_pixels)
@@ -504,7 +502,7 @@ def _avatar_frames(
         # release that did not deinterlace or put transparency over white
         if cached[0].color not in (None, "") and cached[0].hdr is not None and cached[0].decoding is not None:
             return cached
-    local = storage.local_copy(uri, content=fp)
+    local = input_copy(uri, cache, fp, "avatar")  # the bytes fingerprinted, or ContentChanged
     info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels, max_side=max_side)
     _check_pixels(uri, info, max_pixels)
     if info.still:  # one image read, and its size follows the pixel limit: not cached
@@ -548,7 +546,7 @@ def _load_frames(data: bytes) -> tuple[VideoInfo, np.ndarray]:
 
 
 def _candidates(
-    uri: str, fp: str, info: VideoInfo, pts: np.ndarray, cfg: DetectorConfig, folder: str, frames: int
+    uri: str, fp: str, cache: str, info: VideoInfo, pts: np.ndarray, cfg: DetectorConfig, folder: str, frames: int
 ) -> Iterator[np.ndarray | None]:
     """The detector's candidates on each of the first `frames` frames in order (None: a frame the
     stride skips, or one the stream lacks), chunk by chunk: each loaded from the cache, or detected
@@ -583,7 +581,7 @@ def _candidates(
                 last += 1
             if reader is None or detector is None:
                 detector = build_detector(cfg)
-                reader = stack.enter_context(FrameReader(storage.local_copy(uri, content=fp), info, pts))
+                reader = stack.enter_context(FrameReader(input_copy(uri, cache, fp, "avatar"), info, pts))
             for j, found in _detect_chunks(reader, detector, i, last, len(pts), max(1, cfg.stride), uri):
                 with caching(storage.join(folder, f"chunk-{j}.npz")):
                     storage.write_bytes(storage.join(folder, f"chunk-{j}.npz"), _dump_candidates(found))

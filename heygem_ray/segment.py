@@ -345,8 +345,10 @@ class RenderWorker:
         spans = pipeline_chunks(job.frames, self.renderer.batch_size)
 
         # which avatar frame each output frame shows: equal ids mean equal pixels, so a renderer may
-        # reuse work done on a frame it has seen (a still, or a clip that loops)
-        sources = [(job.avatar_uri, int(i)) for i in job.avatar_frames]
+        # reuse work done on a frame it has seen (a still, or a clip that loops); by content, not
+        # name: a presenter replaced at its URI between two rows is another picture
+        avatar = job.avatar_fingerprint or job.avatar_uri
+        sources = [(avatar, int(i)) for i in job.avatar_frames]
 
         def decode(lo: int, hi: int) -> list[np.ndarray]:
             with clock("decode"):

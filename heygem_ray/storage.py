@@ -714,6 +714,10 @@ def version_key(uri: str, info: Mapping[str, Any]) -> str | None:
     return hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()
 
 
+#: why an input the campaign fingerprinted is refused when it holds other bytes now
+REPLACED = "was replaced while the campaign ran (the row was prepared from the file it replaced); run it again"
+
+
 class ContentChanged(ValueError):
     """An input holds other bytes than when the campaign took its fingerprint: rendering on would
     mix the two. `reason` says so without the input's name (`errors.reading` adds it)."""

@@ -305,6 +305,34 @@ def test_a_presenter_replaced_mid_campaign_is_tracked_again_for_the_rows_that_fo
     assert seen == {("r0", "old"), ("r1", "new"), ("r2", "new")}
 
 
+def test_a_presenter_replaced_before_its_track_was_made_fails_the_row_prepared_from_the_old_one(tmp_path):
+    """The presenter was rewritten after its row took its fingerprint and before its tracking task
+    read it: the row rendered the new file under the old bytes' fingerprint, and its marker then
+    kept the new video for the old bytes (restoring them skipped the row). It fails now, saying
+    why; the next row, prepared from the new bytes, renders them."""
+    from dataclasses import replace
+
+    found = iter(["old", "new"])
+    tracked = iter(["new"])
+
+    def prepare_row(row: Any, cfg: Any) -> Any:
+        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(found))
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint=next(tracked))
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
+    )
+    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(2)]
+    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
+    summary = Campaign(cfg, rows, executor=executor).run()
+    assert [r.status for r in summary.rows] == ["failed", "ok"]
+    assert "/in/v.mp4: was replaced while the campaign ran" in summary.rows[0].error
+    assert {j.row_id for j in executor.jobs} == {"r1"}
+
+
 def test_an_avatar_the_store_failed_is_tracked_again_for_the_next_row(tmp_path):
     """A tracking task that failed for the infrastructure (storage down past its retries) fails the
     rows that waited for it; the next row with that avatar tries again. An avatar's own fault

@@ -179,6 +179,68 @@ def test_an_input_replaced_after_its_row_was_prepared_fails_the_row_not_mixed_in
         prepare_audio_track(audio, cfg.cache_uri, EncoderConfig())
 
 
+def test_frames_of_a_presenter_replaced_between_rows_are_not_the_same_frames_to_the_renderer(tmp_path, media_dir):
+    """A renderer reuses work on frames of equal source ids (Wav2Lip's face encoder on a still):
+    the ids were the avatar's URI, so a row prepared after the presenter was replaced at the same
+    name, on an actor that rendered the old one, got the old face's encoding under the new frame.
+    The ids are now the avatar's content."""
+    import shutil
+
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.manifest import Row
+    from heygem_ray.prepare import prepare_audio, prepare_avatar
+    from heygem_ray.rows import RowState
+
+    cfg = compose_config("manifest=m", f"output={tmp_path}/out", "cluster.actor.threads=1", "encoder.codec=libx264")
+    avatar = tmp_path / "presenter.png"
+    shutil.copy(media_dir / "still.png", avatar)
+    audio = prepare_audio(str(media_dir / "speech3.wav"), cfg.cache_uri)
+    layout, worker = CampaignLayout(cfg.output), RenderWorker(cfg)
+    seen: list[set] = []
+    render = worker.renderer.render
+
+    def recording(frames, boxes, features, sources=None):
+        seen[-1].update(source[:2] for source in sources or [])
+        return render(frames, boxes, features, sources)
+
+    worker.renderer.render = recording
+    for row in ("before", "after"):
+        if row == "after":
+            cv2.imwrite(str(avatar), cv2.flip(cv2.imread(str(avatar)), 1))  # another picture, same name
+        track = prepare_avatar(str(avatar), None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
+        state = RowState.prepared(Row(row, audio.uri, track.uri, f"{tmp_path}/out/{row}.mp4"), audio, "fp")
+        state.plan(track, 1.0)
+        seen.append(set())
+        worker.render_segment(state.segment_job(0, layout, "libx264"))
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_a_presenter_replaced_while_it_is_tracked_caches_nothing_under_the_old_bytes(tmp_path, media_dir, monkeypatch):
+    """The presenter is rewritten after its tracking task took its fingerprint and before it read
+    the file: the new clip's frames and face boxes were cached under the old bytes' name, for every
+    later campaign with the old bytes to reuse. The task fails instead, naming the input."""
+    import shutil
+
+    from heygem_ray import prepare
+    from heygem_ray.errors import InputError
+
+    cfg = compose_config("manifest=m", f"output={tmp_path}/out")
+    avatar = tmp_path / "presenter.mp4"
+    shutil.copy(media_dir / "clip2.mp4", avatar)
+    old = prepare.content_fingerprint(str(avatar), cfg.cache_uri, "avatar")
+    shutil.copy(media_dir / "clip6.mp4", avatar)  # another clip, same name
+    real, calls = prepare.content_fingerprint, []
+
+    def taken_before_the_replacement(uri, cache, what="input", info=None):
+        calls.append(uri)
+        return old if len(calls) == 1 else real(uri, cache, what, info)
+
+    monkeypatch.setattr(prepare, "content_fingerprint", taken_before_the_replacement)
+    with pytest.raises(InputError, match=r"presenter.mp4: was replaced while the campaign ran"):
+        prepare.prepare_avatar(str(avatar), None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
+    assert not os.path.exists(os.path.join(cfg.cache_uri, "avatars", old))
+
+
 def test_a_segment_an_earlier_run_left_is_reused_unless_forced(tmp_path, media_dir):
     """A rerun keeps the segments an earlier, stopped run rendered; `force=true` renders them again
     (a row whose segments cannot be joined is mended that way, as the ops guide says)."""
