@@ -37,12 +37,14 @@ AvatarKey = tuple[str, tuple[int, int, int, int] | None]
 
 @dataclass
 class _Tracking:
-    """A `prepare_avatar` task running, the narration seconds it was asked to reach, and the rows
-    (id, narration seconds) waiting for it."""
+    """A `prepare_avatar` task running, the narration seconds it was asked to reach, the rows
+    (id, narration seconds) waiting for it, and the avatar's bytes as the row that started it
+    found them (its fingerprint; "" not known)."""
 
     handle: Any
     seconds: float
     rows: list[tuple[str, float]]
+    fingerprint: str = ""
 
 
 def _track_bytes(known: _Known) -> int:
@@ -58,7 +60,15 @@ class _Known:
     track: AvatarTrack | None = None
     fault: BaseException | None = None
     fault_from: float = 0.0
+    fault_of: str = ""  # the fingerprint of the bytes at fault ("" not known)
     crashes: int = 0  # its tasks that lost their worker
+
+    def of_other_bytes(self, fingerprint: str) -> bool:
+        """Whether the track or the fault kept is of other bytes than `fingerprint` (the avatar was
+        replaced: a presenter without a face mended in place gets tracked again)."""
+        if self.track is not None and self.track.fingerprint != fingerprint:
+            return True
+        return self.fault is not None and bool(self.fault_of) and self.fault_of != fingerprint
 
     def answer(self, seconds: float) -> AvatarTrack | BaseException | None:
         if self.fault is not None and seconds >= self.fault_from:
@@ -90,10 +100,10 @@ class SharedWork:
         time per avatar: rows that come meanwhile wait for it, and those it does not reach (longer
         narrations) share the next, which detects only the frames still missing. `fingerprint`:
         the avatar's bytes as the row found them: a kept track of others (the file was replaced
-        meanwhile) is forgotten, so the row is tracked on its own bytes."""
+        meanwhile), or a fault of others, is forgotten, so the row is tracked on its own bytes."""
         key: AvatarKey = (row.avatar, row.box)
         known = self._known.get(key)
-        if known is not None and known.track is not None and fingerprint and known.track.fingerprint != fingerprint:
+        if known is not None and fingerprint and known.of_other_bytes(fingerprint):
             del self._known[key]
             known = None
         if known is not None:
@@ -106,7 +116,7 @@ class SharedWork:
             tracking.rows.append((row.id, seconds))
             return None, None
         handle = self._track(key, seconds)
-        self._tracking[key] = _Tracking(handle, seconds, [(row.id, seconds)])
+        self._tracking[key] = _Tracking(handle, seconds, [(row.id, seconds)], fingerprint)
         return None, (key, handle)
 
     def _track(self, key: AvatarKey, seconds: float) -> Any:
@@ -161,6 +171,7 @@ class SharedWork:
             if isinstance(self.executor.cause(track), (InputError, CacheError)):
                 # past a known track only: the rows it reaches need no more frames than it has
                 known.fault, known.fault_from = track, tracking.seconds if known.track is not None else 0.0
+                known.fault_of = tracking.fingerprint
             return track, [row_id for row_id, _ in tracking.rows], None
         if known.track is None or len(track.boxes) > len(known.track.boxes):
             # copies: arrays Ray hands over are views of its object store, held there while kept
@@ -173,7 +184,7 @@ class SharedWork:
             return track, served, None
         longest = max(seconds for _, seconds in rest)
         handle = self._track(key, longest)
-        self._tracking[key] = _Tracking(handle, longest, rest)
+        self._tracking[key] = _Tracking(handle, longest, rest, tracking.fingerprint)
         return track, served, (key, handle)
 
     def audio_track(self, audio: AudioInfo) -> tuple[Any, bool]:

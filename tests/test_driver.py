@@ -333,6 +333,36 @@ def test_a_presenter_replaced_before_its_track_was_made_fails_the_row_prepared_f
     assert {j.row_id for j in executor.jobs} == {"r1"}
 
 
+def test_a_presenter_mended_in_place_is_tracked_again_for_the_rows_that_found_the_new_bytes(tmp_path):
+    """A presenter without a face fails its rows, and the fault is kept for its next rows (no
+    tracking again per row); mended in place mid-run, the rows prepared from the new bytes kept
+    failing with the old fault until the next run. They are tracked on the new bytes now."""
+    from dataclasses import replace
+
+    from heygem_ray.errors import InputError
+
+    found = iter(["faceless", "faceless", "mended"])
+    tracked = iter(["faceless", "mended"])
+
+    def prepare_row(row: Any, cfg: Any) -> Any:
+        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(found))
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        if next(tracked) == "faceless":
+            raise InputError("avatar", avatar, "no face found")
+        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint="mended")
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
+    )
+    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(3)]
+    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
+    summary = Campaign(cfg, rows, executor=executor).run()
+    assert [r.status for r in summary.rows] == ["failed", "failed", "ok"]
+    assert all("no face found" in r.error for r in summary.rows[:2])
+
+
 def test_an_avatar_the_store_failed_is_tracked_again_for_the_next_row(tmp_path):
     """A tracking task that failed for the infrastructure (storage down past its retries) fails the
     rows that waited for it; the next row with that avatar tries again. An avatar's own fault
