@@ -465,6 +465,14 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, 
     answer = client.post("/app/gradio_api/queue/join", json=linked)
     assert answer.status_code == 400 and "uploaded, not linked" in answer.text
     assert client.post("/app/gradio_api/queue/join", content=b"{}" + b" " * 2**20).status_code == 413
+    # the sign-in forms (ours and Gradio's) were parsed whole, a GB or a file part of any size,
+    # before their fields' limits were checked, for anyone who can reach the port
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    for path in ("/login", "/app/login"):
+        assert client.post(path, content=b"name=a&password=" + b"x" * 2**21, headers=form).status_code == 413
+        assert client.post(path, content=iter([b"name=a&password=", b"x" * 2**21]), headers=form).status_code == 411
+    # an event run at once past the queue (its size, every event group's concurrency limit)
+    assert client.post("/app/gradio_api/run/refresh", json={"data": [None]}).status_code == 404
     chunked = client.post("/app/gradio_api/queue/join", content=iter([b"{}", b" " * 2**20]))  # no length
     assert chunked.status_code == 411
 
@@ -956,8 +964,8 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
         ):
             assert bob_http.get(path).status_code == 404, path
             assert anonymous.get(path).status_code == 404, path
-        assert "Nothing to cancel" in bob.predict(campaign, api_name="/do_cancel")
-        assert "Not deleted" in bob.predict(campaign, api_name="/do_delete")
+        for action in ("/do_cancel", "/do_delete", "/do_rerun"):  # not his: none, as for him
+            assert bob.predict(campaign, api_name=action) == "There is no such campaign (deleted on another page?)."
         # nor by naming the server paths of alice's files as his "uploads" (Gradio took any path in a
         # mounted app: bob could render alice's narration, probe her files, and have them removed)
         hers = tmp_path / "store" / "alice" / campaign / "inputs" / "audio" / "speech3.wav"
@@ -1581,6 +1589,23 @@ def test_an_upload_cut_off_midway_leaves_the_cache_at_the_next_sweep_not_at_a_re
     assert arriving.exists() and made.is_dir()
 
 
+def test_a_local_store_it_makes_is_its_accounts_alone_and_an_open_one_is_warned_of(tmp_path, capsys):
+    """Every user's uploads and videos are in the store, its files readable by all under the usual
+    umask: one the studio makes is 0700; an existing one other accounts may enter is left (a
+    cluster's workers may run as another account), saying so."""
+    import stat
+
+    from heygem_ray.studio.server import _private_store
+
+    _private_store(str(tmp_path / "new"))
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700 and capsys.readouterr().err == ""
+    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").chmod(0o755)
+    _private_store(str(tmp_path / "open"))
+    assert stat.S_IMODE(os.stat(tmp_path / "open").st_mode) == 0o755
+    assert "may be entered by other accounts" in capsys.readouterr().err
+
+
 def test_uploads_wait_in_a_private_folder_emptied_of_what_an_earlier_studio_left(tmp_path, monkeypatch, caplog):
     import stat
     import time
@@ -1932,6 +1957,13 @@ def test_posters_and_video_seeks_read_no_campaign_record(tmp_path, monkeypatch):
     assert studio.thumbnail("bob", campaign, "r0") is None and studio.video("bob", campaign, "r0.mp4") is None
     for wrong in ("..", "x/../y", campaign + "/.."):
         assert studio.thumbnail("local", wrong, "r0") is None and studio.video("local", wrong, "r0.mp4") is None
+    # ids that are no campaign of the user's keep nothing, nor push out the results kept for the
+    # campaigns being looked at (a few slots, every user's)
+    kept = (dict(store._finished), dict(store._part_rows))
+    for _ in range(20):
+        nobody = store.new_id()  # well-formed, never saved
+        assert studio.video("local", nobody, "r0.mp4") is None and studio.thumbnail("local", nobody, "r0") is None
+    assert (store._finished, store._part_rows) == kept
 
 
 def test_a_page_lists_the_newest_campaigns_and_reads_a_record_again_only_when_it_changed(tmp_path, monkeypatch):

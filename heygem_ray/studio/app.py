@@ -47,6 +47,9 @@ FILE_ROUTES = (API_PATH + "file=", API_PATH + "file/")
 UPLOAD_PATH = API_PATH + "upload"
 #: the largest page event the studio takes (its text fields and file references: files are uploaded)
 EVENT_MAX_BYTES = 2**20
+#: the largest body of any other request (the sign-in form's fields): the form is parsed whole, up
+#: to a GB in 1000 fields or a file part of any size, before its fields' limits are checked
+FORM_MAX_BYTES = 8192
 _CHUNK = 2**20
 #: on every page: an event the server refuses for want of a session (signed out on another page,
 #: past its lifetime, the user removed) takes the page to the sign-in form; Gradio itself would show
@@ -89,15 +92,17 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             refused = await run_in_threadpool(_upload_refused, request)
             if refused is not None:
                 return refused
-        elif request.method == "POST" and request.url.path.startswith(API_PATH):
+        elif request.method in ("POST", "PUT", "PATCH"):
             length = _length(request)
             if length is None:  # a chunked body would be read whole before anyone is asked for a login
                 return Response("a request must say its length", status_code=411)
-            if length > EVENT_MAX_BYTES:  # files come by upload
+            # files come by upload; elsewhere a sign-in form, read before any login is checked
+            if length > (EVENT_MAX_BYTES if request.url.path.startswith(API_PATH) else FORM_MAX_BYTES):
                 return Response("too large", status_code=413)
-            refused = _linked_files_refused(await request.body())
-            if refused is not None:
-                return refused
+            if request.url.path.startswith(API_PATH):
+                refused = _linked_files_refused(await request.body())
+                if refused is not None:
+                    return refused
         response = await call_next(request)
         if request.url.path.startswith("/files/"):  # a user's own: no shared cache (a CDN) may keep them
             response.headers["Cache-Control"] = "private, no-store"
@@ -215,7 +220,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     # the studio delete any file it can read, other users' videos included
     blocks.has_launched = True
     # events waiting beyond this are refused ("queue full") instead of piling up without end
-    blocks.queue(max_size=EVENT_QUEUE_SIZE)
+    # api_open=False: Gradio's direct routes (`/run/<event>`) would run any event at once, past the
+    # queue's size and every event group's concurrency limit (the pages use the queue alone)
+    blocks.queue(max_size=EVENT_QUEUE_SIZE, api_open=False)
     max_bytes = int(studio.cfg.max_upload_mb * 2**20)
     return gr.mount_gradio_app(
         app,
@@ -410,6 +417,8 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             def act(campaign_id: str | None, request: gr.Request) -> str:
                 if not campaign_id:
                     return ""
+                if not studio.has_campaign(user_of(request), campaign_id):
+                    return "There is no such campaign (deleted on another page?)."
                 try:
                     return done if action(user_of(request), campaign_id) else nothing
                 except SubmitUnconfirmed as exc:

@@ -123,6 +123,21 @@ def _within(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
+def _private_store(root: str) -> None:
+    """A local store made now is the studio's account's alone (every user's uploads and videos are
+    in it, and files are created readable by all under the usual umask); one that other accounts
+    on this host may enter is left as it is (a cluster's workers may run as another account), with
+    a warning."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    if os.stat(root).st_mode & 0o077:
+        print(
+            f"heygem-ray studio: warning: the store {root} may be entered by other accounts on this host, "
+            "which can then read every user's uploads and videos: `chmod 700` it unless the cluster's "
+            "workers run as another account",
+            file=sys.stderr,
+        )
+
+
 def serve(cfg: StudioConfig) -> int:
     studio_files = [storage.local_path(p) for p in (cfg.store, cfg.session_key, cfg.auth) if p and storage.is_local(p)]
     try:
@@ -148,6 +163,8 @@ def serve(cfg: StudioConfig) -> int:
             print(f"heygem-ray: error: studio.auth={cfg.auth}: cannot be read ({exc})", file=sys.stderr)
             return 2
     log = studio_log(cfg.log_file)
+    if storage.is_local(cfg.store):
+        _private_store(storage.local_path(cfg.store))
     try:
         cluster, about = connect(cfg)
     except (ClusterUnavailable, OSError, ValueError) as exc:  # ValueError: an address that is none

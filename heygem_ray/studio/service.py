@@ -643,14 +643,14 @@ class Studio:
         record = self.store.load(user, campaign_id)
         return [] if record is None else self.store.videos(record.output)
 
+    def has_campaign(self, user: str, campaign_id: str) -> bool:
+        return self.store.has(user, campaign_id)
+
     def _output(self, user: str, campaign_id: str) -> str | None:
-        """Where the user's campaign writes (None for no such id). Not read from its record: the
-        file routes ask for every poster and every seek of a video, and a campaign's output folder
-        is its user's and its id's, under the user's own folder, whatever its record says now."""
-        try:
-            return self.store.output(user, campaign_id)
-        except KeyError:
-            return None
+        """Where the user's campaign writes (None when they have no such campaign). Not read from
+        its record: the file routes ask for every poster and every seek of a video, and a
+        campaign's output folder is its user's and its id's, whatever its record says now."""
+        return self.store.output(user, campaign_id) if self.store.has(user, campaign_id) else None
 
     def video(self, user: str, campaign_id: str, name: str) -> str | None:
         """The URI of one of the campaign's videos by file name, if it is one."""

@@ -52,7 +52,7 @@ MANIFEST_MAX_ROWS = 100_000
 #: request, so one user's event must not hold a slot every user's events share for long
 MAX_UPLOADS = 1000
 CAMPAIGN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
-_ZIP_CHUNK = 4 * 2**20
+_ZIP_CHUNK = 2**20
 
 
 class UploadError(ValueError):
@@ -308,6 +308,16 @@ class StudioStore:
             if record is not None:
                 records.append(record)
         return sorted(records, key=lambda r: r.created, reverse=True)
+
+    def has(self, user: str, campaign_id: str) -> bool:
+        """Whether the user has this campaign, from their listing (no read of its record: asked by
+        every poster and every seek of a video; an id that is no campaign of theirs must not make
+        the results kept for the campaigns being looked at go)."""
+        try:
+            self.campaign_root(user, campaign_id)
+        except (KeyError, ValueError):
+            return False
+        return any(storage.basename(storage.dirname(uri)) == campaign_id for uri in self._listing(user))
 
     def _listing(self, user: str) -> dict[str, str | None]:
         """The user's records and their versions, listed at most every LISTED_SECONDS per
