@@ -1007,8 +1007,9 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
     """Alice in headless Chromium: signs in through the login form, drops two presenters and three
     narrations on the file inputs (a 2 x 3 batch), picks draft quality, renders, and watches the
     Campaigns tab (which refreshes itself) until the campaign is finished, its six videos in the
-    gallery with posters that load; then downloads the zip of all six through its link, and deletes
-    the campaign (after saying no once to the browser's question). Signed out from elsewhere, the
+    gallery with posters that load; reloads the page, which opens the campaign again; then
+    downloads the zip of all six through its link, and deletes the campaign (after saying no once
+    to the browser's question). Signed out from elsewhere, the
     page goes to the sign-in form."""
     narrations = []
     for name in ("welcome", "benefits", "security"):
@@ -1074,6 +1075,13 @@ def test_studio_campaign_in_a_real_browser(tmp_path, media_dir, ray_head):
                     poster,
                 )
                 assert width > 0, poster
+
+            # the open campaign is in the page's address: a refresh (or the link) opens it again
+            expect(page).to_have_url(f"{studio.url}/app/?campaign={campaign}")
+            page.reload()
+            expect(page.locator("#chosen input")).to_have_value(f"browser run ({campaign})", timeout=30_000)
+            expect(status).to_have_attribute("data-status", "finished", timeout=30_000)
+            expect(videos).to_have_count(6)
 
             with page.expect_download(timeout=60_000) as download:
                 page.locator("#download-all").click()

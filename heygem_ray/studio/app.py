@@ -60,6 +60,12 @@ SESSION_ENDED_JS = (
     f" if (answer.status === 401 && !gone && new URL(answer.url, location.href).pathname.startsWith({json.dumps(API_PATH)}))"
     " { gone = true; location.replace('/login?ended=1'); } return answer; }; })();</script>"
 )
+#: the open campaign is kept in the page's address (`?campaign=<id>`): a refresh reopens it
+FROM_ADDRESS = "(c) => new URLSearchParams(location.search).get('campaign') || c || null"
+TO_ADDRESS = (
+    "(c) => { const u = new URL(location.href); if (c) u.searchParams.set('campaign', c);"
+    " else u.searchParams.delete('campaign'); history.replaceState(history.state, '', u); }"
+)
 #: after a submit the cluster took but did not answer: what to do (the campaign keeps the job's id)
 UNCONFIRMED = "The Campaigns tab shows whether it runs once the cluster answers; re-run it there if it does not."
 
@@ -252,35 +258,40 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
     # swept every minute: swept every `window`, an upload lived up to twice that, two quotas' worth
     with gr.Blocks(title="heygem_ray studio", delete_cache=(CACHE_SWEEP_SECONDS, window)) as pages:
         who = gr.Markdown()
-        with gr.Tab("New campaign"):
-            name = gr.Textbox(label="Campaign name", max_length=120)
-            with gr.Row():
-                audios = gr.File(label="Narrations (audio)", file_count="multiple", file_types=audio_types)
-                avatars = gr.File(label="Presenters (videos or photos)", file_count="multiple", file_types=avatar_types)
-            manifest = gr.File(label="…or a manifest (Parquet or CSV: audio, avatar)", file_types=list(MANIFEST_TYPES))
-            checked = gr.Markdown(elem_id="upload-check")
-            with gr.Row():
-                model = gr.Dropdown(models, value=models[0], label="Model")
-                quality = gr.Radio(list(QUALITIES), value="standard", label="Quality")
-            submit = gr.Button("Render", variant="primary", elem_id="submit")
-            submitted = gr.Markdown(elem_id="submitted")
-        with gr.Tab("Campaigns"):
-            listing = gr.Dataframe(
-                headers=["campaign", "name", "status", "rows", "ETA", "created"],
-                interactive=False,
-                label="Your campaigns",
-            )
-            # any value may come back (the choices are per user, filled in later); the studio checks it is theirs
-            chosen = gr.Dropdown([], label="Open campaign", elem_id="chosen", allow_custom_value=True)
-            status = gr.HTML(elem_id="campaign-status")
-            with gr.Row():
-                cancel = gr.Button("Cancel", elem_id="cancel")
-                rerun = gr.Button("Re-run failed rows", elem_id="rerun")
-                delete = gr.Button("Delete", variant="stop", elem_id="delete")
-            acted = gr.Markdown()
-            rows = gr.Dataframe(headers=["row", "status", "seconds", "error"], interactive=False, label="Rows")
-            gallery = gr.HTML(elem_id="gallery")
-            log_tail = gr.Textbox(label="Job log (last lines)", lines=8, max_lines=20, interactive=False)
+        with gr.Tabs() as tabs:
+            with gr.Tab("New campaign", id="new"):
+                name = gr.Textbox(label="Campaign name", max_length=120)
+                with gr.Row():
+                    audios = gr.File(label="Narrations (audio)", file_count="multiple", file_types=audio_types)
+                    avatars = gr.File(
+                        label="Presenters (videos or photos)", file_count="multiple", file_types=avatar_types
+                    )
+                manifest = gr.File(
+                    label="…or a manifest (Parquet or CSV: audio, avatar)", file_types=list(MANIFEST_TYPES)
+                )
+                checked = gr.Markdown(elem_id="upload-check")
+                with gr.Row():
+                    model = gr.Dropdown(models, value=models[0], label="Model")
+                    quality = gr.Radio(list(QUALITIES), value="standard", label="Quality")
+                submit = gr.Button("Render", variant="primary", elem_id="submit")
+                submitted = gr.Markdown(elem_id="submitted")
+            with gr.Tab("Campaigns", id="campaigns"):
+                listing = gr.Dataframe(
+                    headers=["campaign", "name", "status", "rows", "ETA", "created"],
+                    interactive=False,
+                    label="Your campaigns",
+                )
+                # any value may come back (the choices are per user, filled in later); the studio checks it is theirs
+                chosen = gr.Dropdown([], label="Open campaign", elem_id="chosen", allow_custom_value=True)
+                status = gr.HTML(elem_id="campaign-status")
+                with gr.Row():
+                    cancel = gr.Button("Cancel", elem_id="cancel")
+                    rerun = gr.Button("Re-run failed rows", elem_id="rerun")
+                    delete = gr.Button("Delete", variant="stop", elem_id="delete")
+                acted = gr.Markdown()
+                rows = gr.Dataframe(headers=["row", "status", "seconds", "error"], interactive=False, label="Rows")
+                gallery = gr.HTML(elem_id="gallery")
+                log_tail = gr.Textbox(label="Job log (last lines)", lines=8, max_lines=20, interactive=False)
         timer = gr.Timer(3.0)
 
         def user_of(request: gr.Request) -> str:
@@ -376,6 +387,21 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             saved = message.startswith(("✅", "❌ saved, but"))
             return (None, None, None) if saved else (gr.update(), gr.update(), gr.update())
 
+        def opened(campaign_id: str | None, request: gr.Request) -> tuple:
+            """The page as it loads: the campaign its address names (`?campaign=`, kept there as
+            one is opened: a refresh, or the link, opens it again), if it is the user's, on the
+            Campaigns tab."""
+            own = campaign_id if campaign_id and studio.has_campaign(user_of(request), campaign_id) else None
+            table, chooser, *rest = refresh(own, request)
+            if own is None:
+                return table, chooser, *rest, gr.Tabs()
+            return (
+                table,
+                gr.Dropdown(choices=_choices(studio, user_of(request)), value=own),
+                *rest,
+                gr.Tabs(selected="campaigns"),
+            )
+
         def refresh(campaign_id: str | None, request: gr.Request) -> tuple:
             user = user_of(request)
             views, records = studio.campaigns(user)
@@ -446,8 +472,9 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
         ).success(emptied_when_saved, [submitted], [audios, avatars, manifest], api_visibility="private")
         outputs = [listing, chosen, status, rows, gallery, log_tail]
         poll: dict = {"concurrency_id": "refresh", "concurrency_limit": 16}
-        pages.load(refresh, [chosen], outputs, **poll)
+        pages.load(opened, [chosen], [*outputs, tabs], js=FROM_ADDRESS, **poll)
         chosen.change(refresh, [chosen], outputs, show_progress="hidden", **poll)
+        chosen.change(None, [chosen], None, js=TO_ADDRESS)
         timer.tick(refresh, [chosen], outputs, show_progress="hidden", **poll)
         act: dict = {"concurrency_id": "act", "concurrency_limit": 8}
         cancel.click(do_cancel, [chosen], acted, api_name="do_cancel", **act)
