@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from heygem_ray import storage
@@ -41,8 +41,9 @@ CACHE_PART_SECONDS = 6 * 3600.0
 #: longest wait for another process's read and write of a local lock (they take milliseconds)
 FLOCK_WAIT_SECONDS = 30.0
 #: heartbeats a run watches another host's lock that this host's clock calls stale before taking
-#: it over: a live holder on a clock behind this one's refreshes it meanwhile
-WATCH_HEARTBEATS = 1.5
+#: it over: a live holder on a clock behind this one's refreshes it meanwhile, and one that could
+#: not for that long has stopped itself (`HeldLock.check`)
+WATCH_HEARTBEATS = STALE_SECONDS / HEARTBEAT_SECONDS
 
 log = logging.getLogger("heygem_ray")
 
@@ -60,17 +61,28 @@ class OutputLostError(HeygemError):
 
 @dataclass
 class HeldLock:
-    """The lock a run holds: `lost` is set when another run took it over."""
+    """The lock a run holds: `lost` is set when another run took it over; `refreshed_at` is when
+    its heartbeat last wrote it (time.monotonic)."""
 
     output: str
     lost: threading.Event = field(default_factory=threading.Event)
+    refreshed_at: float = field(default_factory=time.monotonic)
 
     def check(self) -> None:
-        """Raise OutputLostError once the lock is lost: the run stops writing where another run writes."""
+        """Raise OutputLostError once the lock is lost, or not refreshed for so long that another
+        run may take it over from now on (the store refusing this run's writes, a heartbeat stuck
+        on it, the process paused): the run stops writing where another run may write."""
         if self.lost.is_set():
             raise OutputLostError(
                 f"another run took output {storage.display(self.output)} over while this one rendered (this run's "
                 f"store did not answer for {STALE_SECONDS:.0f} s): this run stopped, the other writes there now"
+            )
+        silent = time.monotonic() - self.refreshed_at
+        if silent > STALE_SECONDS - HEARTBEAT_SECONDS:
+            raise OutputLostError(
+                f"this run could not refresh its lock on output {storage.display(self.output)} for {silent:.0f} s "
+                f"(another run may take it over after {STALE_SECONDS:.0f} s): this run stopped; run it again "
+                "once the store answers"
             )
 
 
@@ -177,8 +189,10 @@ def _heartbeat(layout: CampaignLayout, mine: dict, stop: threading.Event, held: 
                 silent = time.monotonic() - beaten
                 gone_after_silence = holder is None and silent > STALE_SECONDS / 2
                 ours = not gone_after_silence and (holder or mine).get("token") == mine["token"]
-                if ours and _put(uri, mine, version):
-                    beaten = time.monotonic()
+                if stop.is_set():  # the run ended meanwhile: its lock is being let go, not made again
+                    return
+                if ours and _put(uri, mine, version, recreate=lambda: not stop.is_set()):
+                    beaten = held.refreshed_at = time.monotonic()
                     continue
                 holder = _read(uri)[0] or {}
         except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat, well within STALE_SECONDS
@@ -236,9 +250,11 @@ class _Refused(Exception):
     """The store refused a conditional write: the lock is not what was read."""
 
 
-def _put(uri: str, mine: dict, version: str | None) -> bool:
+def _put(uri: str, mine: dict, version: str | None, recreate: Callable[[], bool] = lambda: True) -> bool:
     """Write the lock, on S3 only if it is still what was read: absent (`version` None) or of that ETag.
-    False when another run wrote it first; True only once this write is on the store."""
+    False when another run wrote it first; True once this write, or an earlier one of ours, is on
+    the store. `recreate`: whether a lock removed meanwhile is made anew (not by a run that is
+    letting its lock go)."""
     data = json.dumps({**mine, "heartbeat": time.time()}).encode()
     if storage.protocol(uri) not in ("s3", "s3a"):
         storage.write_bytes(uri, data)
@@ -250,12 +266,15 @@ def _put(uri: str, mine: dict, version: str | None) -> bool:
         except _Refused:
             holder, version = _read(uri)
             if holder is None:  # removed meanwhile (its run ended): created anew, if none is first
+                if not recreate():
+                    return False
                 continue
             if holder.get("token") != mine["token"]:
                 return False
             # ours: an earlier try of this very write landed though its answer was lost, or the ETag
             # read was already old: written again over our own
-    return False
+    holder = _read(uri)[0]  # twice refused: ours all the same where our writes landed unanswered
+    return holder is not None and holder.get("token") == mine["token"]
 
 
 @storage.retrying

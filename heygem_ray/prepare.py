@@ -63,15 +63,15 @@ _T = TypeVar("_T")
 
 
 def content_fingerprint(uri: str, cache: str, what: str = "input", info: Mapping[str, Any] | None = None) -> str:
-    """BLAKE2b of the file's bytes, memoised by URI, size and version (mtime/ETag) in this process
-    and under the cache; hashed anew at every call where the store names no version. `info`: the
+    """BLAKE2b of the file's bytes, memoised by URI, size and version (mtime/ETag; a local file's
+    inode and change time too: `storage.change_key`) in this process and under the cache; hashed anew at every call where the store names no version. `info`: the
     store's, where the caller has just asked for it."""
     info = storage.info(uri) if info is None else info
     if info.get("type") == "directory":
         raise IsADirectoryError(uri)
     if info.get("size") == 0:  # None: unknown (an HTTP server that sends no length), not empty
         raise InputError(what, uri, "is empty (0 bytes)")
-    version = storage.version_key(uri, info)
+    version = storage.change_key(uri, info)
     if version is None:  # bytes that may change under the same URI and size: hashed anew
         return _unversioned_fingerprint(uri)
     # one narration over 100,000 presenters: the memo's GET once per process, not once per row
@@ -92,6 +92,8 @@ def _memoised_fingerprint(uri: str, info: Mapping[str, Any], cache: str, version
     # hashed from the node's copy, which the row's next steps here then use: streamed, a new
     # input was downloaded twice (to hash it, then to decode it)
     fp = storage.fingerprint(storage.local_copy(uri, info=info))
+    if storage.change_key(uri, storage.fresh_info(uri)) != version:  # replaced while it was hashed
+        raise storage.ContentChanged(uri, storage.CHANGED_WHILE_READ)
     with caching(memo):
         storage.write_bytes(memo, fp.encode())
     return fp

@@ -364,6 +364,14 @@ def info(uri: str) -> dict[str, Any]:
 
 
 @retrying
+def fresh_info(uri: str) -> dict[str, Any]:
+    """`info` as the store answers now, not from a listing the file system kept."""
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache(path)
+    return dict(fs.info(path))
+
+
+@retrying
 def size(uri: str) -> int:
     fs, path = url_to_fs(uri)
     return int(fs.size(path))
@@ -714,6 +722,21 @@ def version_key(uri: str, info: Mapping[str, Any]) -> str | None:
     return hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()
 
 
+def change_key(uri: str, info: Mapping[str, Any]) -> str | None:
+    """`version_key`, and for a local file its inode and change time too: a file replaced by one of
+    the same size that keeps the old mtime (`cp -p`, `rsync -a`, an archive unpacked, `touch -r`)
+    has a new inode or change time, which no one sets by hand. For what is kept by an input's bytes
+    (its fingerprint), not for model versions pinned across nodes (each node's copy has its own
+    inode)."""
+    key = version_key(uri, info)
+    if key is None or not is_local(uri):
+        return key
+    return hashlib.sha256(f"{key}|{info.get('ino')}|{info.get('created')}".encode()).hexdigest()
+
+
+#: why a downloaded or hashed input is refused when the store holds another version after it
+CHANGED_WHILE_READ = "changed while it was being read (another version is there now); run it again"
+
 #: why an input the campaign fingerprinted is refused when it holds other bytes now
 REPLACED = "was replaced while the campaign ran (the row was prepared from the file it replaced); run it again"
 
@@ -760,7 +783,7 @@ def local_copy(
         dest = os.path.join(root, key[:24] + suffix)
         if _used(dest):
             return dest
-        _download_once(fs, path, dest, root, int(info.get("size") or 0))
+        _download_once(fs, path, dest, root, int(info.get("size") or 0), uri, key)
     try:
         trim_node_cache(root, node_cache_bytes())
     except OSError as exc:  # the copy is there: a cache that cannot be trimmed fails no row
@@ -768,13 +791,20 @@ def local_copy(
     return dest
 
 
-def _download_once(fs: fsspec.AbstractFileSystem, path: str, dest: str, root: str, size: int) -> None:
-    """Download to `dest` unless a concurrent caller did meanwhile."""
+def _download_once(
+    fs: fsspec.AbstractFileSystem, path: str, dest: str, root: str, size: int, uri: str, key: str
+) -> None:
+    """Download to `dest` unless a concurrent caller did meanwhile; the copy is kept under the
+    version `key` only if the store still has that version once it is read (a download asks for
+    no version, and a large one is many ranged reads: an object replaced meanwhile came down as the
+    new bytes, or parts of both, kept for every later use of the old version on this node)."""
     with cache_lock(root, dest):
         if not os.path.exists(dest):
             tmp = f"{dest}{_PART}{uuid.uuid4().hex[:8]}"
             try:
                 _get_with_room(fs, path, tmp, root, size)
+                if (size and os.path.getsize(tmp) != size) or version_key(uri, fresh_info(uri)) != key:
+                    raise ContentChanged(uri, CHANGED_WHILE_READ)
                 _sync(tmp)  # a copy a crash left empty would fail every row that uses it
                 os.replace(tmp, dest)
             finally:

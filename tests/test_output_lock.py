@@ -197,11 +197,11 @@ def test_a_run_silent_long_enough_to_be_taken_over_stops_when_it_finds_its_lock_
     monkeypatch.setattr(lock_module, "STALE_SECONDS", 0.4)
     real_put, silent, refused = lock_module._put, [False], threading.Event()
 
-    def put(*args):
+    def put(*args, **kwargs):
         if silent[0]:
             refused.set()
             raise OSError(errno.ECONNRESET, "store away")
-        return real_put(*args)
+        return real_put(*args, **kwargs)
 
     monkeypatch.setattr(lock_module, "_put", put)
     layout = CampaignLayout(str(tmp_path))
@@ -215,6 +215,52 @@ def test_a_run_silent_long_enough_to_be_taken_over_stops_when_it_finds_its_lock_
             held.check()
         assert not (tmp_path / "_lock.json").exists()  # not made again
     assert "was gone after this run wrote none for" in caplog.text
+
+
+def test_a_run_that_cannot_refresh_its_lock_stops_before_another_may_take_it_over(tmp_path, monkeypatch):
+    """Its store refusing every write (expired credentials), or its heartbeat stuck on a store that
+    does not answer, the run went on rendering for ever: after STALE_SECONDS (and a watch) another
+    run could take the output over while it still wrote there. It stops first, saying why."""
+    layout = CampaignLayout(str(tmp_path))
+    with output_lock(layout) as held:
+        held.check()  # refreshed just now
+        held.refreshed_at -= lock_module.STALE_SECONDS - lock_module.HEARTBEAT_SECONDS - 5
+        held.check()  # within a few beats: a store that answers again in time stops nothing
+        held.refreshed_at -= 10
+        with pytest.raises(OutputLostError, match="could not refresh its lock"):
+            held.check()
+    # and another host's lock that looks stale is watched for as long as its run may go unrefreshed
+    assert lock_module.HEARTBEAT_SECONDS * lock_module.WATCH_HEARTBEATS >= lock_module.STALE_SECONDS
+
+
+def test_a_lock_write_refused_twice_is_ours_where_our_writes_landed_and_not_made_again_when_let_go(monkeypatch):
+    """Two PUTs whose answers were lost though they landed read back as ours: the run kept its lock
+    but took itself for taken over and stopped. And a beat whose run is letting its lock go (the
+    lock removed under it) must not make it again for a run that has ended."""
+    mine = {"token": "ours", "host": "h"}
+    reads = iter([({"token": "ours"}, "e1"), ({"token": "ours"}, "e2"), ({"token": "ours"}, "e3")])
+
+    def refused(uri: str, data: bytes, version: str | None) -> None:
+        raise lock_module._Refused()
+
+    monkeypatch.setattr(lock_module, "_conditional_put", refused)
+    monkeypatch.setattr(lock_module, "_read", lambda uri: next(reads))
+    assert lock_module._put("s3://b/out/_lock.json", mine, "e0")
+    written = []
+
+    def put_once_refused(uri, data, version):
+        if not written:
+            written.append(version)
+            raise lock_module._Refused()
+        written.append(version)
+
+    monkeypatch.setattr(lock_module, "_conditional_put", put_once_refused)
+    monkeypatch.setattr(lock_module, "_read", lambda uri: (None, None))  # removed meanwhile
+    assert not lock_module._put("s3://b/out/_lock.json", mine, "e0", recreate=lambda: False)
+    assert written == ["e0"]  # no second write, that would have created it
+    written.clear()
+    assert lock_module._put("s3://b/out/_lock.json", mine, "e0")  # a live run's beat makes it again
+    assert written == ["e0", None]
 
 
 def _race(layout: CampaignLayout, runs: int = 8) -> int:

@@ -35,6 +35,43 @@ def test_fingerprint_memo_follows_changes(tmp_path):
         content_fingerprint(str(path), cache, "audio")
 
 
+def test_a_local_input_replaced_at_its_size_and_mtime_has_a_new_fingerprint(tmp_path):
+    """`cp -p`, `rsync -a` or an archive unpacked puts other bytes of the same size under the old
+    mtime: the memo, kept by URI, size and mtime, gave the old fingerprint, and finished rows of
+    the old bytes were skipped. The inode or change time tells the files apart."""
+    path = tmp_path / "in.wav"
+    path.write_bytes(b"one")
+    cache = str(tmp_path / "cache")
+    first = content_fingerprint(str(path), cache)
+    stamp = os.stat(path)
+    replacement = tmp_path / "new.wav"
+    replacement.write_bytes(b"two")  # the same size
+    os.utime(replacement, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    os.replace(replacement, path)
+    assert os.stat(path).st_mtime_ns == stamp.st_mtime_ns and os.path.getsize(path) == stamp.st_size
+    assert content_fingerprint(str(path), cache) != first
+
+
+def test_an_object_replaced_while_it_is_downloaded_is_not_kept_under_the_old_version(tmp_path, monkeypatch):
+    """A download asks for no version (a large one is many ranged reads): an object replaced between
+    the store's answer and the read came down as the new bytes, kept on the node, and hashed into
+    the fingerprint memo, under the old version's key, for every later use of the old bytes."""
+    from heygem_ray import prepare
+
+    uri = "memory://replaced-while-read/presenter.mp4"
+    storage.write_bytes(uri, b"A" * 4096)
+    taken = storage.info(uri)  # the version the campaign took
+    storage.write_bytes(uri, b"B" * 4096)  # replaced before the bytes are read: the same size
+    assert storage.version_key(uri, storage.fresh_info(uri)) != storage.version_key(uri, taken)
+    node = str(tmp_path / "node")
+    with pytest.raises(storage.ContentChanged, match="changed while it was being read"):
+        storage.local_copy(uri, node, info=taken)
+    assert [name for name in os.listdir(node) if name.endswith(".mp4")] == []  # nothing kept
+    with pytest.raises(storage.ContentChanged):
+        prepare._memoised_fingerprint(uri, taken, str(tmp_path / "cache"), storage.change_key(uri, taken) or "")
+    assert not os.path.exists(tmp_path / "cache" / "fingerprints")
+
+
 def test_rows_of_one_narration_look_up_its_fingerprint_once_per_process(tmp_path, media_dir, monkeypatch):
     """One narration over thousands of presenters: each row's preparation read the narration's
     fingerprint memo (a GET on an object store) and asked for the file's version twice (once for
