@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -122,3 +123,26 @@ def cpu_int8_is_faster(flags: frozenset[str] | None = None) -> bool:
     Zen 3) 20.2 against 10.9 (1.9x). Without VNNI the int8 ranges are narrowed so no sum saturates
     (`wav2lip_cpu.int8_range`)."""
     return "avx2" in (cpu_flags() if flags is None else flags)
+
+
+def gpu_slots(gpus: float, per_actor: float) -> int:
+    """Actors of `per_actor` GPU that `gpus` GPUs host. Ray places a fraction of a GPU on one GPU,
+    so each hosts floor(1 / per_actor) of them (3 of 0.3, not 3.33: 4 GPUs host 12, not 13), and
+    whole-GPU actors take whole GPUs."""
+    whole = math.floor(gpus + 1e-9)
+    if per_actor >= 1:
+        return math.floor(whole / per_actor + 1e-9)
+    return whole * math.floor(1 / per_actor + 1e-9)
+
+
+def gpu_room(gpus: float, actors: int, per_actor: float, share: float) -> bool:
+    """Whether a task of `share` of a GPU finds room beside `actors` actors of `per_actor` GPU on
+    `gpus` GPUs wherever Ray put them: it needs that much on one GPU, so what counts is the GPU with
+    the fewest actors (at most actors // GPUs of them), not the sum left over (0.2 of 2 GPUs can be
+    0.1 on each)."""
+    whole = math.floor(gpus + 1e-9)
+    if whole < 1:
+        return False
+    if per_actor >= 1:
+        return whole - actors * per_actor >= 1 - 1e-9  # a GPU no actor holds
+    return 1 - per_actor * (actors // whole) >= share - 1e-9

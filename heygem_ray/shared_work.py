@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from heygem_ray.config import Config
+from heygem_ray.devices import gpu_room
 from heygem_ray.errors import CacheError, InputError
 from heygem_ray.executors import Executor, failure_reason
 from heygem_ray.manifest import Row
@@ -88,10 +89,10 @@ class SharedWork:
         # where the cluster has GPUs, so detection is scheduled and accounted like rendering
         # where the actors leave one: else a detection task waits for ever (it detects on the CPU)
         share = cfg.detector.gpu_share
-        free = (
-            executor.resources().get("GPU", 0.0) - executor.actor_count() * cfg.cluster.actor.num_gpus if share else 0
+        room = share and gpu_room(
+            executor.resources().get("GPU", 0.0), executor.actor_count(), cfg.cluster.actor.num_gpus, share
         )
-        self._detect_gpus = share if share and free >= share - 1e-9 else 0.0
+        self._detect_gpus = share if room else 0.0
 
     def avatar(self, row: Row, seconds: float, fingerprint: str = "") -> tuple[AvatarTrack | BaseException | None, Any]:
         """The track of the row's avatar as far as its narration of `seconds` shows (or why there is

@@ -18,6 +18,8 @@ from browser import chromium, dump_dom, parse_cards
 
 from helpers import METRICS_PORT, compose_config
 from heygem_ray import campaign
+from heygem_ray.devices import gpu_room
+from heygem_ray.errors import ClusterConfigError
 from heygem_ray.executors import ray_cluster
 from heygem_ray.manifest import read_manifest
 from heygem_ray.media import video
@@ -710,6 +712,10 @@ HEAD = {"CPU": 0.0}
         ([CPU_NODE, CPU_NODE], 1.0, 0.0, 1.0, 62),  # the reserve is kept on every node
         ([{"CPU": 2.0}], 1.0, 0.0, 1.0, 1),  # this CI machine: one actor, one core for tasks
         ([HEAD, CPU_NODE], 2.0, 0.125, 1.0, 1),  # no GPU node up yet: one, which waits for a node
+        # Ray puts a fraction of a GPU on one GPU: 3 of 0.3 a GPU (13 counted from the sum: one
+        # never starts), 2 of 0.4
+        ([{"CPU": 64.0, "GPU": 4.0}], 2.0, 0.3, 1.0, 12),
+        ([{"CPU": 64.0, "GPU": 2.0}], 2.0, 0.4, 1.0, 4),
     ],
 )
 def test_fit_actors_counts_per_node(nodes, num_cpus, num_gpus, reserve, expected):
@@ -727,6 +733,19 @@ def test_gpu_actors_leave_a_share_for_gpu_face_detection():
     pods = [{"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
     assert ray_cluster.fit_actors(pods, 2.0, 0.125, 0.0) == 8
     assert ray_cluster.fit_actors(pods, 2.0, 0.125, 0.0, detect=(1.0, 0.125)) == 7
+    # a detection share needs room on one GPU: 6 actors of 0.3 on 2 GPUs leave 0.2 in all, 0.1 on
+    # each (as Ray 2.60 placed them), where a task of 1/8 waits for ever
+    workstation = [{"CPU": 32.0, "GPU": 2.0}]
+    assert ray_cluster.fit_actors(workstation, 2.0, 0.3, 1.0) == 6
+    assert ray_cluster.fit_actors(workstation, 2.0, 0.3, 1.0, detect=(1.0, 0.125)) == 5
+    assert not gpu_room(2.0, 6, 0.3, 0.125) and gpu_room(2.0, 5, 0.3, 0.125)
+    assert gpu_room(1.0, 7, 0.125, 0.125) and not gpu_room(1.0, 8, 0.125, 0.125)
+    assert gpu_room(2.0, 1, 1.0, 0.125) and not gpu_room(2.0, 2, 1.0, 0.125)  # whole-GPU actors
+    with pytest.raises(ClusterConfigError, match="host 6"):  # 7 of 0.28 sum to 1.96 GPUs, but a GPU hosts 3
+        ray_cluster.check_local_fit(
+            compose_config("manifest=m", "output=o", "cluster.actors=7", "cluster.actor.num_gpus=0.28"),
+            {"CPU": 32.0, "GPU": 2.0},
+        )
     s3fd = compose_config("manifest=m", "output=o", "detector=s3fd", "detector.checkpoint=/m/s3fd.pth")
     assert s3fd.detector.gpu_share == 0.125
     on_cpu = compose_config(

@@ -18,6 +18,7 @@ import ray
 from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from heygem_ray.config import Config
+from heygem_ray.devices import gpu_room, gpu_slots
 from heygem_ray.errors import ClusterConfigError
 from heygem_ray.segment import RenderWorker
 
@@ -282,14 +283,14 @@ def fit_actors(
     for res in nodes:
         fits = math.floor(max(0.0, res.get("CPU", 0.0) - reserve_cpus) / max(num_cpus, 1e-3) + 1e-9)
         if num_gpus > 0:
-            fits = min(fits, math.floor(res.get("GPU", 0.0) / num_gpus + 1e-9))
+            fits = min(fits, gpu_slots(res.get("GPU", 0.0), num_gpus))
         per_node.append(fits)
     if detect is not None and nodes and num_gpus > 0:
         task_cpus, share = detect
         node = max(range(len(nodes)), key=lambda i: nodes[i].get("GPU", 0.0))
         res = nodes[node]
         while per_node[node] > 0 and (
-            res.get("GPU", 0.0) - per_node[node] * num_gpus < share - 1e-9
+            not gpu_room(res.get("GPU", 0.0), per_node[node], num_gpus, share)
             or res.get("CPU", 0.0) - per_node[node] * num_cpus < task_cpus - 1e-9
         ):
             per_node[node] -= 1
@@ -310,8 +311,9 @@ def check_local_fit(cfg: Config, resources: dict[str, float]) -> None:
             "cluster.actors or cluster.actor.num_cpus, or raise cluster.num_cpus (cluster.actors=0 leaves "
             "cluster.reserve_cpus free: keep it at least cluster.task_cpus)"
         )
-    if count * actor.num_gpus > gpus + 1e-9:
+    if actor.num_gpus > 0 and count > gpu_slots(gpus, actor.num_gpus):
         raise ClusterConfigError(
-            f"{count} renderer actor(s) of {actor.num_gpus:g} GPU need {count * actor.num_gpus:g} GPUs, but this "
-            f"local Ray has {gpus:g}: lower cluster.actors or cluster.actor.num_gpus"
+            f"{count} renderer actor(s) of {actor.num_gpus:g} GPU do not fit this local Ray's {gpus:g} GPU(s), "
+            f"which host {gpu_slots(gpus, actor.num_gpus)} (Ray places a fraction of a GPU on one GPU): lower "
+            "cluster.actors, or take cluster.actor.num_gpus that divides a GPU (1/2, 1/4, 1/8)"
         )
