@@ -395,9 +395,10 @@ class Campaign:
         for row_id in row_ids:
             state = self._states.get(row_id)
             try:
-                # a row still waiting for its face track sent nothing to render, and cannot have
-                # published: no read of its marker (a stop may catch hundreds such)
-                marker = state.published(self.cfg.layout) if state is not None and state.track is not None else None
+                # only a row whose stitch was sent can have published: no read of the marker of
+                # one still waiting for its face track or its segments (a stop catches thousands)
+                stitched = state is not None and bool(state.spans) and len(state.done) == len(state.spans)
+                marker = state.published(self.cfg.layout) if stitched and state is not None else None
             except Exception:  # noqa: BLE001 - the store failing too: reported failed, and a rerun finds the marker
                 marker = None
             kept = earlier.get(row_id)

@@ -1103,36 +1103,46 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
     assert all(results[row_id]["status"] == "ok" for row_id in executor.published)
 
 
-def test_a_stop_reads_no_marker_of_rows_still_waiting_for_their_face_track(tmp_path, monkeypatch):
-    """A row prepared but still waiting for its face track has sent nothing to render, and cannot
-    have published: a stop read its marker all the same, one request each (after a rerun's streak
-    of skipped rows, hundreds: past the 3 s `ray job stop` gives before its kill)."""
+@pytest.mark.parametrize("waiting", ["tracking", "rendering"])
+def test_a_stop_reads_no_marker_of_rows_that_sent_nothing_to_stitch(tmp_path, monkeypatch, waiting):
+    """A row still waiting for its face track, or for its segments, has sent nothing to stitch and
+    cannot have published: a stop read its marker all the same, one request each (after a rerun's
+    streak of skipped rows, or ~4 rows rendering per actor on a large cluster: thousands, past the
+    3 s `ray job stop` gives before its kill)."""
     from heygem_ray import rows as rows_module
 
-    class TracksForEver(SimulatedExecutor):
+    class NeverBack(SimulatedExecutor):
         def __init__(self) -> None:
             super().__init__(actors=2)
-            self.tracking: set[int] = set()
+            self.held: set[int] = set()
 
         def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
             handle = super().submit(fn, *args, num_gpus=num_gpus)
-            if fn.__name__ == "prepare_avatar":
-                self.tracking.add(id(handle))
+            if waiting == "tracking" and fn.__name__ == "prepare_avatar":
+                self.held.add(id(handle))
+            return handle
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            handle = super().call(actor, method, *args)
+            if waiting == "rendering" and method != "ready":
+                self.held.add(id(handle))
             return handle
 
         def wait(self, handles: Any, timeout: float) -> Any:
-            return [h for h in handles if id(h) not in self.tracking][:1]
+            return [h for h in handles if id(h) not in self.held][:1]
 
     reads: list[str] = []
     monkeypatch.setattr(rows_module, "read_marker", lambda uri: reads.append(uri))
     out = tmp_path / "out"
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
     rows = [Row(f"r{i}", f"/in/a{i}.wav", f"/in/v{i}.mp4", str(out / f"r{i}.mp4")) for i in range(4)]
-    job = Campaign(cfg, rows, executor=TracksForEver())
+    job = Campaign(cfg, rows, executor=NeverBack())
+    held = {"tracking": "avatar", "rendering": "segment"}[waiting]
 
     def guard() -> None:
-        events = [event for event, _ in job._inflight.values()]
-        if len(job._states) == len(rows) and events and set(events) == {"avatar"}:
+        events = {event for event, _ in job._inflight.values()}
+        rendering = all(state.spans for state in job._states.values())
+        if len(job._states) == len(rows) and events == {held} and (waiting == "tracking" or rendering):
             raise KeyboardInterrupt("signal 15")
 
     job.guard = guard
@@ -1147,7 +1157,7 @@ def test_a_stop_reads_no_marker_of_rows_still_waiting_for_their_face_track(tmp_p
     runner = threading.Thread(target=run, daemon=True)
     runner.start()
     runner.join(60)
-    assert stopped, "the rows never all waited for their tracks"
+    assert stopped, f"the rows never all waited ({held})"
     results = read_results(str(out / "_results.parquet"))
     assert [r["error"] for r in results] == ["campaign interrupted before this row finished"] * len(rows)
     assert reads == []
