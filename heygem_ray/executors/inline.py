@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
@@ -40,7 +42,7 @@ class InlineExecutor:
             ),
         )
         self._tasks = ThreadPoolExecutor(max(2, _cores()), thread_name_prefix="heygem-task")
-        self._actors: list[ThreadPoolExecutor] = []
+        self._actors: list[_Renderer] = []
         self._workers: list[Future[RenderWorker]] = []
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Future[Any]:
@@ -50,7 +52,7 @@ class InlineExecutor:
         from heygem_ray.segment import RenderWorker
 
         for i in range(count):
-            thread = ThreadPoolExecutor(1, thread_name_prefix=f"heygem-renderer-{i}")
+            thread = _Renderer(f"heygem-renderer-{i}")
             self._actors.append(thread)
             self._workers.append(thread.submit(RenderWorker, self.cfg))
 
@@ -69,11 +71,19 @@ class InlineExecutor:
         return handle.cancel() or handle.done()
 
     def close(self) -> None:
-        for pool in (self._tasks, *self._actors):
-            pool.shutdown(wait=False, cancel_futures=True)
+        """Stop taking work; wait for the segments in progress to finish their files, except on a
+        renderer given up (`stop`: one hung for ever would hold the process's exit for ever)."""
+        self._tasks.shutdown(wait=False, cancel_futures=True)
+        for renderer in self._actors:
+            renderer.shutdown()
+        for renderer in self._actors:
+            if not renderer.given_up:
+                renderer.join()
 
     def stop(self, actor: int) -> None:
-        pass  # a thread: it holds nothing another renderer could use
+        # a thread cannot be killed, nor does it hold anything another renderer could use: its
+        # daemon thread is left to end with the process
+        self._actors[actor].given_up = True
 
     def restart(self, actor: int) -> bool:
         return False  # a thread cannot be killed
@@ -118,3 +128,47 @@ def open_inline(cfg: Config, startup: Startup) -> Iterator[InlineExecutor]:
         yield executor
     finally:
         executor.close()
+
+
+class _Renderer:
+    """One renderer's thread: its calls run one at a time, in order, as an actor's do. A daemon
+    thread (a pool's threads are joined at the interpreter's exit: one hung in a decoder or on the
+    GPU, given up by the campaign, kept the finished run's process alive for ever); `close` waits
+    for the others."""
+
+    def __init__(self, name: str) -> None:
+        self.given_up = False
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """No more calls: those still queued are cancelled, the one running finishes."""
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if call is not None:
+                call[0].cancel()
+        self._calls.put(None)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - the caller's to see, as a pool's future
+                future.set_exception(exc)
