@@ -84,12 +84,27 @@ def set_torch_threads(threads: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+def cuda_index() -> int:
+    """The CUDA index, as this process sees its devices, of the GPU Ray gave it. Ray's ids are the
+    node's: where Ray set CUDA_VISIBLE_DEVICES to them the process sees them from 0; where it left
+    the variable alone (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1) it sees every GPU, and a
+    plain "cuda" put every actor of the node on GPU 0. 0 outside Ray."""
+    gpus = assigned_gpus()
+    if not gpus:
+        return 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return int(gpus[0]) if gpus[0].isdigit() else 0
+    return visible.index(gpus[0]) if gpus[0] in visible else 0
+
+
 def torch_device(requested: str = "auto") -> torch.device:
-    """`auto` → CUDA when `cuda_usable()`, else CPU; any other value is taken as a torch device."""
+    """`auto` → the CUDA device Ray gave this process when `cuda_usable()`, else CPU; any other
+    value is taken as a torch device."""
     import torch
 
     if requested == "auto":
-        return torch.device("cuda" if cuda_usable() else "cpu")
+        return torch.device(f"cuda:{cuda_index()}" if cuda_usable() else "cpu")
     return torch.device(requested)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from heygem_ray import metrics, qa, scratch, storage
 from heygem_ray.config import Config
-from heygem_ray.devices import cuda_usable, prefer_blocking_sync, set_torch_threads, torch_device
+from heygem_ray.devices import cuda_index, cuda_usable, prefer_blocking_sync, set_torch_threads, torch_device
 from heygem_ray.errors import InputError, RendererStartError, reading
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, SAMPLE_RATE, AudioWindow
 from heygem_ray.media.video import (
@@ -114,7 +114,7 @@ def nvdec_device(setting: str) -> int | None:
     every segment's reader will. Where FFmpeg has no CUDA support at all, no context is made."""
     if setting == "cpu" or (setting == "auto" and not cuda_usable()):
         return None
-    index = torch_device("cuda" if setting == "auto" else setting).index or 0
+    index = cuda_index() if setting == "auto" else torch_device(setting).index or 0
     problem: str | None = "this FFmpeg has no CUDA support"
     if ffmpeg_has_cuda():
         import torch

@@ -64,3 +64,21 @@ def test_blocking_sync_is_left_alone_without_a_cuda_driver():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "blocking"], out.stderr[-2000:]
+
+
+def test_the_cuda_index_is_the_gpu_ray_assigned(monkeypatch):
+    """Ray gives a GPU actor a node's GPU id and, normally, CUDA_VISIBLE_DEVICES of just it (index
+    0 as the process sees it); where it leaves that variable alone
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1) every GPU is visible, and "cuda" put every
+    actor of the node on GPU 0."""
+    from heygem_ray import devices
+
+    monkeypatch.setattr(devices, "assigned_gpus", lambda: ["3"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert devices.cuda_index() == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert devices.cuda_index() == 1
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert devices.cuda_index() == 3
+    monkeypatch.setattr(devices, "assigned_gpus", lambda: None)  # outside Ray: the first it sees
+    assert devices.cuda_index() == 0
