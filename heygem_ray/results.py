@@ -210,7 +210,13 @@ class ResultsTable:
     def finish(self, order: list[str]) -> list[RowResult]:
         """Write the whole table (every id of `order` must have its result) and remove the parts."""
         rows = flag_outliers([self._results[row_id] for row_id in order])
-        write_results(self.uri, rows, parts_upto=self._own)
+        try:
+            write_results(self.uri, rows, parts_upto=self._own)
+        except BaseException:
+            # the table refused: the results not yet in a part go into one, if the store takes it
+            # (a failed row's reason is in no marker: else it would be nowhere)
+            self.flush()
+            raise
         self._unwritten = []
         try:
             storage.remove(self.parts, recursive=True)

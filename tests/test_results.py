@@ -56,6 +56,24 @@ def test_a_part_the_store_refuses_waits_for_the_next_and_the_campaign_goes_on(tm
     assert [r["id"] for r in read_results(str(tmp_path / "_results.parquet"))] == ["a", "b"]
 
 
+def test_results_not_in_a_part_go_into_one_when_the_table_is_refused(tmp_path, monkeypatch):
+    """The final table refused after its retries: the results not yet in a part (up to 10 s or
+    1,000 of them) were nowhere, a failed row's reason with them (no marker holds it)."""
+    from heygem_ray import results as results_module
+
+    table = ResultsTable(str(tmp_path / "_results.parquet"), str(tmp_path / "_results"), flush_rows=1000)
+    table.add(_result("a", "failed"))
+    table.add(_result("b"))
+
+    def refused(*args, **kwargs):
+        raise OSError("the store is away")
+
+    monkeypatch.setattr(results_module, "write_results", refused)
+    with pytest.raises(OSError, match="away"):
+        table.finish(["a", "b"])
+    assert [(r["id"], r["status"]) for r in read_parts(str(tmp_path / "_results"))] == [("a", "failed"), ("b", "ok")]
+
+
 def test_results_are_flushed_by_time_too(tmp_path):
     table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=0.0)
     table.add(_result("a"))
