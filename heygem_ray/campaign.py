@@ -134,10 +134,20 @@ class Campaign:
             raise
         finally:
             if lost:  # another run writes this output root now: its table, feed, report and segments are
-                _wind_down(("stop the renderers", self.executor.close))  # its own; a rerun finds what we published
+                _wind_down(  # its own; a rerun finds what we published
+                    ("stop the stitches under way", self._cancel_stitches),
+                    ("stop the renderers", self.executor.close),
+                )
             else:
                 results = self._wind_up()
         return Summary.of(results, time.time() - started, self.startup.breakdown())
+
+    def _cancel_stitches(self) -> None:
+        """Stop the stitches under way (their videos and markers would land in an output root
+        another run owns now)."""
+        for handle, (event, _) in list(self._inflight.items()):
+            if event == "stitched":
+                self.executor.cancel(handle)
 
     def _wind_up(self) -> list[RowResult]:
         """Every row its result, the whole table written, then the rest (renderers stopped, report,

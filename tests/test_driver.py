@@ -568,11 +568,18 @@ def test_a_campaign_whose_output_lock_is_lost_stops_and_writes_nothing_more_ther
 
     job, executor = _campaign(tmp_path)
     out = tmp_path / "out"
-    closed = []
+    closed, cancelled = [], []
     executor.close = lambda: closed.append(1)  # type: ignore[method-assign]
+    executor.cancel = lambda handle: cancelled.append(handle) or True  # type: ignore[method-assign]
+    wait = executor.wait
+
+    def stitches_under_way(handles: Any, timeout: float) -> Any:  # a stitch takes a while
+        return [h for h in wait(handles, timeout) if job._inflight.get(h, ("",))[0] != "stitched"]
+
+    executor.wait = stitches_under_way  # type: ignore[method-assign]
 
     def guard() -> None:
-        if len(job.results) >= 5:
+        if any(event == "stitched" for event, _ in job._inflight.values()):
             for name in ("_progress.json", "_report.html"):  # the other run's now
                 (out / name).write_text("theirs")
             raise OutputLostError("taken over")
@@ -581,6 +588,8 @@ def test_a_campaign_whose_output_lock_is_lost_stops_and_writes_nothing_more_ther
     with pytest.raises(OutputLostError):
         job.run()
     assert closed == [1]
+    # its stitches under way stopped too: they would publish into a root the other run owns now
+    assert cancelled and all(job._inflight.get(h, ("stitched",))[0] == "stitched" for h in cancelled)
     assert not (out / "_results.parquet").exists()
     assert (out / "_progress.json").read_text() == (out / "_report.html").read_text() == "theirs"
 
