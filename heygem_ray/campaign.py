@@ -54,6 +54,9 @@ SKIPPING_RATE = 8
 #: at a stop, how long the stitches under way may go on (most take a second or two) before they are
 #: stopped; `ray job stop` kills the driver 3 s after its SIGTERM by default
 STITCH_GRACE_SECONDS = 1.5
+#: then how long the stopped ones' results are waited for: a cancel (Ray's kill of the worker)
+#: takes effect a moment later, and a stitch may publish meanwhile
+CANCEL_SECONDS = 0.5
 
 
 class Campaign:
@@ -372,11 +375,26 @@ class Campaign:
             left = deadline - time.monotonic()
             if left <= 0 and not stopped:
                 stopped = True  # what it had published before its stop, `_interrupted` finds by its marker
-                stitching = {handle: key for handle, key in stitching.items() if not self.executor.cancel(handle)}
+                cancelled = {handle: key for handle, key in stitching.items() if self.executor.cancel(handle)}
+                stitching = {handle: key for handle, key in stitching.items() if handle not in cancelled}
+                # a cancel takes effect a moment later: a stitch that ended first (its marker written
+                # after `_interrupted` looked) counts by its result
+                until = time.monotonic() + CANCEL_SECONDS
+                while cancelled and (wait := until - time.monotonic()) > 0:
+                    for handle in self.executor.wait(list(cancelled), timeout=wait):
+                        row_id = cancelled.pop(handle)
+                        self._for_row(row_id, self._on_cancelled_stitch, row_id, handle)
                 continue
             for handle in self.executor.wait(list(stitching), timeout=max(left, 1.0) if stopped else left):
                 row_id = stitching.pop(handle)
                 self._for_row(row_id, self._on_stitched, row_id, handle)
+
+    def _on_cancelled_stitch(self, row_id: str, ref: Any) -> None:
+        try:
+            stitched: Stitched = self.executor.get(ref)
+        except Exception:  # noqa: BLE001 - stopped: `_interrupted` reports it (by its marker, if it published)
+            return
+        self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 
     def _interrupted(self, row_ids: list[str]) -> None:
         """The rows the stop caught. One being rendered: ok when its video was published before the

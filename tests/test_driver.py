@@ -1031,9 +1031,10 @@ class _StitchesTakeTime(SimulatedExecutor):
     set (at once, unless a test clears it); `cancel` stops a stitch not yet published, as Ray's
     kills its worker, unless `unstoppable` (a thread that runs)."""
 
-    def __init__(self, seconds: dict[str, float], unstoppable: bool = False):
+    def __init__(self, seconds: dict[str, float], unstoppable: bool = False, ends_first: bool = False):
         super().__init__(actors=2)
-        self.seconds, self.unstoppable = seconds, unstoppable
+        # ends_first: a cancel Ray took (True) arrives after the stitch published
+        self.seconds, self.unstoppable, self.ends_first = seconds, unstoppable, ends_first
         self.go = threading.Event()
         self.go.set()
         self.pool = ThreadPoolExecutor(4)
@@ -1048,7 +1049,7 @@ class _StitchesTakeTime(SimulatedExecutor):
         def stitch() -> Any:
             if job.row_id in self.seconds:
                 self.go.wait(60)
-            if cancelled.wait(self.seconds.get(job.row_id, 0.0)):
+            if cancelled.wait(self.seconds.get(job.row_id, 0.0)) and not self.ends_first:
                 raise RuntimeError("killed")
             self.published.append(job.row_id)
             return STAGES["stitch_row"](job, None)
@@ -1075,12 +1076,14 @@ class _StitchesTakeTime(SimulatedExecutor):
         return True
 
 
-@pytest.mark.parametrize("unstoppable", [False, True], ids=["stopped", "waited-for"])
-def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tmp_path, monkeypatch, unstoppable):
+@pytest.mark.parametrize("mode", ["stopped", "waited-for", "ended-first"])
+def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tmp_path, monkeypatch, mode):
     """A stop (SIGTERM: KeyboardInterrupt in the driver) while rows are being stitched: a stitch that
     finishes within the grace is its row's `ok`; a longer one is stopped (Ray kills its worker) and
-    its row reported interrupted, or, on a thread that cannot be stopped, waited for. No row is
-    reported interrupted while its video is published after the report."""
+    its row reported interrupted, or, on a thread that cannot be stopped, waited for; one whose
+    cancel came after it published (Ray's kill is not at once) is `ok`. No row is reported
+    interrupted while its video is published after the report."""
+    unstoppable = mode == "waited-for"
     from heygem_ray import campaign as campaign_module
 
     monkeypatch.setattr(campaign_module, "STITCH_GRACE_SECONDS", 1.5)
@@ -1088,7 +1091,7 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
     rows = [Row(f"r{i:03d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(4)]
     # timed from the stop (`go`): a loaded machine's stall before it cannot end them early
-    executor = _StitchesTakeTime({"r000": 0.2, "r001": 3.0}, unstoppable)
+    executor = _StitchesTakeTime({"r000": 0.2, "r001": 3.0}, unstoppable, ends_first=mode == "ended-first")
     executor.go.clear()
     job = Campaign(cfg, rows, executor=executor)
 
@@ -1105,6 +1108,8 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
     assert results["r000"]["status"] == "ok"  # finished within the grace
     if unstoppable:
         assert results["r001"]["status"] == "ok" and executor.cancelled == []
+    elif mode == "ended-first":
+        assert results["r001"]["status"] == "ok" and executor.cancelled == ["r001"]
     else:
         assert results["r001"]["status"] == "failed" and "interrupted" in results["r001"]["error"]
         assert executor.cancelled == ["r001"]
