@@ -1811,6 +1811,39 @@ def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
     assert copy.get("/app/").headers["location"] == "/login"  # the copy is signed out too
 
 
+def test_a_campaigns_link_opens_it_once_signed_in_and_carries_nothing_else(tmp_path):
+    """A campaign's address (`/app/?campaign=<id>`) opened from mail or chat reaches the studio
+    without its cookie (SameSite=Strict): the sign-in form, and then the page without the campaign.
+    Its id now goes through the sign-in; nothing that is not a campaign id does (no redirect to
+    another site, no markup in the form)."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import build_app
+    from heygem_ray.studio.service import Studio as StudioService
+
+    users = tmp_path / "users.json"
+    add_user(str(users), "alice", "alice-password")
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    client = TestClient(
+        build_app(service, str(users), Sessions(b"k" * 32)), base_url="http://127.0.0.1", follow_redirects=False
+    )
+    campaign = service.store.new_id()
+    assert client.get(f"/app/?campaign={campaign}").headers["location"] == f"/login?campaign={campaign}"
+    assert f'name="campaign" value="{campaign}"' in client.get(f"/login?campaign={campaign}").text
+    signed_in = client.post("/login", data={"name": "alice", "password": "alice-password", "campaign": campaign})
+    assert signed_in.headers["location"] == f"/app/?campaign={campaign}"
+    client.cookies.clear()
+    for wrong in ("https://evil.example/", "//evil.example", '"><script>alert(1)</script>', campaign + "x"):
+        assert client.get("/app/", params={"campaign": wrong}).headers["location"] == "/login"
+        assert 'name="campaign"' not in client.get("/login", params={"campaign": wrong}).text
+        answer = client.post("/login", data={"name": "alice", "password": "alice-password", "campaign": wrong})
+        assert answer.headers["location"] == "/app/"
+        client.cookies.clear()
+
+
 def test_uploads_count_the_users_store_at_most_every_few_seconds(tmp_path, monkeypatch):
     """Each upload's quota check walked every file of the user's store, in the web server's shared
     threads: many small uploads at once stalled every user's pages. The count is trusted for

@@ -33,7 +33,7 @@ from heygem_ray.studio.service import (
     distinct_uploads,
 )
 from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
-from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, MANIFEST_TYPES, UploadError
+from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, CAMPAIGN_ID, MANIFEST_TYPES, UploadError
 from heygem_ray.studio.users import LoginGuard, UsersFile
 
 #: the one user of a studio without a users file (it listens on 127.0.0.1 only)
@@ -90,7 +90,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         if origin and urlsplit(origin).netloc != request.headers.get("host", ""):
             return Response("cross-origin request refused", status_code=403)
         if request.url.path.rstrip("/") == UI_PATH and request.method == "GET" and current_user(request) is None:
-            return RedirectResponse("/login", status_code=303)
+            # a campaign's link (mail, chat: the cookie is not sent from another site) opens it
+            # once signed in; its id alone is carried, never a URL to go to
+            return RedirectResponse("/login" + _campaign_query(request.query_params.get("campaign")), status_code=303)
         if _names_a_url(request.url.path):
             # Gradio would fetch any public URL named there and pass it on: no proxy for anyone
             return Response("files are served from this server only", status_code=403)
@@ -143,27 +145,31 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         return JSONResponse({"status": "ok", "cluster": "unreachable" if studio.cluster.problem() else "ok"})
 
     @app.get("/login")
-    def login_page(ended: bool = False) -> Response:
+    def login_page(ended: bool = False, campaign: str = "") -> Response:
         if users is None:
-            return RedirectResponse(UI_PATH + "/", status_code=303)
-        return HTMLResponse(_login_html("Your session ended: please sign in again." if ended else ""))
+            return RedirectResponse(UI_PATH + "/" + _campaign_query(campaign), status_code=303)
+        return HTMLResponse(_login_html("Your session ended: please sign in again." if ended else "", campaign))
 
     @app.post("/login")
     def login(
-        request: Request, name: str = Form(..., max_length=64), password: str = Form(..., max_length=1024)
+        request: Request,
+        name: str = Form(..., max_length=64),
+        password: str = Form(..., max_length=1024),
+        campaign: str = Form("", max_length=64),
     ) -> Response:
+        opened = UI_PATH + "/" + _campaign_query(campaign)
         if users is None:
-            return RedirectResponse(UI_PATH + "/", status_code=303)
+            return RedirectResponse(opened, status_code=303)
         keys = guard.keys(name, request.client.host if request.client else "")
         wait = guard.begin(*keys)
         if wait > 0:
             log.info("login refused user=%r (too many tries)", name)
-            return HTMLResponse(_login_html(f"Too many tries: wait {wait:.0f} s."), status_code=429)
+            return HTMLResponse(_login_html(f"Too many tries: wait {wait:.0f} s.", campaign), status_code=429)
         if not guard.check(users, name, password, *keys):
             log.info("login refused user=%r", name)
-            return HTMLResponse(_login_html("Wrong name or password."), status_code=401)
+            return HTMLResponse(_login_html("Wrong name or password.", campaign), status_code=401)
         log.info("login user=%s", name)
-        response = RedirectResponse(UI_PATH + "/", status_code=303)
+        response = RedirectResponse(opened, status_code=303)
         secure = request.url.scheme == "https"
         cookie = sessions.issue(name, users.hashes()[name])
         response.set_cookie(COOKIE, cookie, max_age=LIFETIME, httponly=True, samesite="strict", secure=secure)
@@ -556,15 +562,23 @@ def _gallery_html(studio: Studio, view: CampaignView) -> str:
     return "".join(cards)
 
 
-def _login_html(error: str) -> str:
+def _campaign_query(campaign: str | None) -> str:
+    """`?campaign=<id>` for a well-formed campaign id (the page opens it, if it is the user's), else
+    nothing: no other value is carried through the sign-in."""
+    return f"?campaign={campaign}" if campaign and CAMPAIGN_ID.fullmatch(campaign) else ""
+
+
+def _login_html(error: str, campaign: str = "") -> str:
     message = f'<p style="color:#b00">{html.escape(error)}</p>' if error else ""
+    opened = _campaign_query(campaign)  # only a well-formed id: nothing else reaches the page
+    hidden = f'<input type="hidden" name="campaign" value="{opened.removeprefix("?campaign=")}">' if opened else ""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         "<title>heygem_ray studio: sign in</title></head><body>"
         '<main style="max-width:22rem;margin:4rem auto;font-family:sans-serif">'
         f"<h1>heygem_ray studio</h1>{message}"
-        '<form method="post" action="/login">'
+        f'<form method="post" action="/login">{hidden}'
         '<p><label>Name<br><input name="name" autocomplete="username" required></label></p>'
         '<p><label>Password<br><input name="password" type="password" autocomplete="current-password" required>'
         "</label></p>"
