@@ -191,9 +191,14 @@ def _heartbeat(layout: CampaignLayout, mine: dict, stop: threading.Event, held: 
                 ours = not gone_after_silence and (holder or mine).get("token") == mine["token"]
                 if stop.is_set():  # the run ended meanwhile: its lock is being let go, not made again
                     return
+                # fresh from when the write is stamped, not when it returns: a write that takes a
+                # while on a struggling store counts from the heartbeat others read in it
+                stamp = time.monotonic()
                 if ours and _put(uri, mine, version, recreate=lambda: not stop.is_set()):
-                    beaten = held.refreshed_at = time.monotonic()
+                    beaten = held.refreshed_at = stamp
                     continue
+                if stop.is_set():  # refused as the run let its lock go: no takeover
+                    return
                 holder = _read(uri)[0] or {}
         except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat, well within STALE_SECONDS
             log.warning("output lock not refreshed: %s: %s", type(exc).__name__, exc)
@@ -255,7 +260,10 @@ def _put(uri: str, mine: dict, version: str | None, recreate: Callable[[], bool]
     False when another run wrote it first; True once this write, or an earlier one of ours, is on
     the store. `recreate`: whether a lock removed meanwhile is made anew (not by a run that is
     letting its lock go)."""
-    data = json.dumps({**mine, "heartbeat": time.time()}).encode()
+    lock = {**mine, "heartbeat": time.time()}
+    data = json.dumps(lock).encode()
+    if not recreate():  # a run letting its lock go writes none (a plain write would make it again)
+        return False
     if storage.protocol(uri) not in ("s3", "s3a"):
         storage.write_bytes(uri, data)
         return True
@@ -273,8 +281,8 @@ def _put(uri: str, mine: dict, version: str | None, recreate: Callable[[], bool]
                 return False
             # ours: an earlier try of this very write landed though its answer was lost, or the ETag
             # read was already old: written again over our own
-    holder = _read(uri)[0]  # twice refused: ours all the same where our writes landed unanswered
-    return holder is not None and holder.get("token") == mine["token"]
+    holder = _read(uri)[0]  # twice refused: ours all the same where this write landed unanswered
+    return holder is not None and holder.get("token") == mine["token"] and holder.get("heartbeat") == lock["heartbeat"]
 
 
 @storage.retrying

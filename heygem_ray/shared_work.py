@@ -39,12 +39,12 @@ AvatarKey = tuple[str, tuple[int, int, int, int] | None]
 @dataclass
 class _Tracking:
     """A `prepare_avatar` task running, the narration seconds it was asked to reach, the rows
-    (id, narration seconds) waiting for it, and the avatar's bytes as the row that started it
-    found them (its fingerprint; "" not known)."""
+    (id, narration seconds, the avatar's fingerprint as the row found it: "" not known) waiting
+    for it, and the avatar's bytes as the row that started it found them."""
 
     handle: Any
     seconds: float
-    rows: list[tuple[str, float]]
+    rows: list[tuple[str, float, str]]
     fingerprint: str = ""
 
 
@@ -113,11 +113,11 @@ class SharedWork:
             if answer is not None:
                 return answer, None
         tracking = self._tracking.get(key)
-        if tracking is not None:
-            tracking.rows.append((row.id, seconds))
+        if tracking is not None:  # one of other bytes too: `avatar_done` tracks it again after
+            tracking.rows.append((row.id, seconds, fingerprint))
             return None, None
         handle = self._track(key, seconds)
-        self._tracking[key] = _Tracking(handle, seconds, [(row.id, seconds)], fingerprint)
+        self._tracking[key] = _Tracking(handle, seconds, [(row.id, seconds, fingerprint)], fingerprint)
         return None, (key, handle)
 
     def _track(self, key: AvatarKey, seconds: float) -> Any:
@@ -154,12 +154,20 @@ class SharedWork:
         A track, or the avatar's own fault (InputError), is kept for the next rows; any other failure
         (storage down past its retries, a lost worker) only fails the rows that waited, and the next
         row needing the avatar tries again. A cache that refuses the track (CacheError) refuses
-        every row's: kept too."""
+        every row's: kept too. Rows that found other bytes than the task tracked (the file was
+        replaced while it ran) are not answered: the next task tracks theirs."""
         tracking = self._tracking.pop(key)
         try:
             track: AvatarTrack | BaseException = self.executor.get(handle)
         except Exception as exc:  # noqa: BLE001 - each waiting row fails with it
             track = exc
+        tracked = track.fingerprint if isinstance(track, AvatarTrack) else tracking.fingerprint
+        # rows that found bytes newer than the task was started for and read: tracked again on
+        # theirs (a row of the bytes it was started for, which it found replaced, is answered: the
+        # campaign fails it, its bytes gone)
+        known_bytes = {tracked, tracking.fingerprint}
+        other = [r for r in tracking.rows if more and r[2] and tracked and r[2] not in known_bytes]
+        rows = [r for r in tracking.rows if r not in other]
         known = self._known.setdefault(key, _Known())
         self._known.move_to_end(key)
         self._forget_old_tracks()
@@ -172,21 +180,33 @@ class SharedWork:
             if isinstance(self.executor.cause(track), (InputError, CacheError)):
                 # past a known track only: the rows it reaches need no more frames than it has
                 known.fault, known.fault_from = track, tracking.seconds if known.track is not None else 0.0
-                known.fault_of = tracking.fingerprint
-            return track, [row_id for row_id, _ in tracking.rows], None
-        if known.track is None or len(track.boxes) > len(known.track.boxes):
+                known.fault_of = tracked
+            return track, [row_id for row_id, _, _ in rows], self._follow(key, other, tracked)
+        if (
+            known.track is None
+            or known.track.fingerprint != track.fingerprint
+            or len(track.boxes) > len(known.track.boxes)
+        ):
             # copies: arrays Ray hands over are views of its object store, held there while kept
             known.track = replace(track, pts=track.pts.copy(), boxes=track.boxes.copy())
+        if known.fault is not None and known.fault_of and known.fault_of != track.fingerprint:
+            known.fault, known.fault_of = None, ""  # the fault of bytes replaced since
         self._forget_old_tracks()
-        reached = [not more or seconds <= tracking.seconds or track.serves(seconds) for _, seconds in tracking.rows]
-        served = [row_id for (row_id, _), ok in zip(tracking.rows, reached, strict=True) if ok]
-        rest = [row for row, ok in zip(tracking.rows, reached, strict=True) if not ok]
-        if not rest:
-            return track, served, None
-        longest = max(seconds for _, seconds in rest)
+        reached = [not more or seconds <= tracking.seconds or track.serves(seconds) for _, seconds, _ in rows]
+        served = [row_id for (row_id, _, _), ok in zip(rows, reached, strict=True) if ok]
+        rest = [row for row, ok in zip(rows, reached, strict=True) if not ok]
+        return track, served, self._follow(key, rest + other, tracked)
+
+    def _follow(self, key: AvatarKey, rows: list[tuple[str, float, str]], tracked: str) -> tuple[AvatarKey, Any] | None:
+        """The next task for an avatar, for the rows its last one did not answer (None: none left);
+        of the bytes the newest of them found, where they found others than it tracked."""
+        if not rows:
+            return None
+        fingerprint = next((fp for _, _, fp in reversed(rows) if fp and fp != tracked), tracked)  # the newest
+        longest = max(seconds for _, seconds, _ in rows)
         handle = self._track(key, longest)
-        self._tracking[key] = _Tracking(handle, longest, rest, tracking.fingerprint)
-        return track, served, (key, handle)
+        self._tracking[key] = _Tracking(handle, longest, rows, fingerprint)
+        return key, handle
 
     def audio_track(self, audio: AudioInfo) -> tuple[Any, bool]:
         """The handle of the task encoding this narration for the output, one per distinct audio

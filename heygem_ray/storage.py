@@ -803,7 +803,8 @@ def _download_once(
             tmp = f"{dest}{_PART}{uuid.uuid4().hex[:8]}"
             try:
                 _get_with_room(fs, path, tmp, root, size)
-                if (size and os.path.getsize(tmp) != size) or version_key(uri, fresh_info(uri)) != key:
+                fs.invalidate_cache(path)  # asked of the store now; no retries of its own: the caller's are
+                if (size and os.path.getsize(tmp) != size) or version_key(uri, fs.info(path)) != key:
                     raise ContentChanged(uri, CHANGED_WHILE_READ)
                 _sync(tmp)  # a copy a crash left empty would fail every row that uses it
                 os.replace(tmp, dest)

@@ -363,6 +363,38 @@ def test_a_presenter_mended_in_place_is_tracked_again_for_the_rows_that_found_th
     assert all("no face found" in r.error for r in summary.rows[:2])
 
 
+@pytest.mark.parametrize("case", ["replaced", "mended"])
+def test_rows_that_found_new_bytes_while_the_old_were_tracked_are_tracked_on_theirs(tmp_path, case):
+    """Rows prepared from a presenter replaced (or mended in place) while its tracking task for the
+    old bytes ran joined that task: they got the old track and failed "was replaced" (the old
+    fault: "no face found"), though prepared from the new file. The next task tracks theirs."""
+    from dataclasses import replace
+
+    from heygem_ray.errors import InputError
+
+    old = "old" if case == "replaced" else "faceless"
+    found = iter([old, "new", "new", "new"])
+    tracked = iter([old, "new"])
+    calls: list[str] = []
+
+    def prepare_row(row: Any, cfg: Any) -> Any:
+        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(found))
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        calls.append(fingerprint := next(tracked))
+        if fingerprint == "faceless":
+            raise InputError("avatar", avatar, "no face found")
+        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint=fingerprint)
+
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(4)]
+    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
+    summary = Campaign(cfg, rows, executor=executor).run()
+    assert [r.status for r in summary.rows] == ["ok" if case == "replaced" else "failed", "ok", "ok", "ok"]
+    assert calls == [old, "new"]  # the rows joined the old task (no task each), then one of theirs
+
+
 def test_an_avatar_the_store_failed_is_tracked_again_for_the_next_row(tmp_path):
     """A tracking task that failed for the infrastructure (storage down past its retries) fails the
     rows that waited for it; the next row with that avatar tries again. An avatar's own fault

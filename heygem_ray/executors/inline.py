@@ -71,19 +71,14 @@ class InlineExecutor:
         return handle.cancel() or handle.done()
 
     def close(self) -> None:
-        """Stop taking work; wait for the segments in progress to finish their files, except on a
-        renderer given up (`stop`: one hung for ever would hold the process's exit for ever)."""
+        """Stop taking work: queued calls are cancelled, those running go on (a segment's file is
+        published whole, so one the process's end cuts short leaves nothing half-written)."""
         self._tasks.shutdown(wait=False, cancel_futures=True)
         for renderer in self._actors:
             renderer.shutdown()
-        for renderer in self._actors:
-            if not renderer.given_up:
-                renderer.join()
 
     def stop(self, actor: int) -> None:
-        # a thread cannot be killed, nor does it hold anything another renderer could use: its
-        # daemon thread is left to end with the process
-        self._actors[actor].given_up = True
+        pass  # a thread cannot be killed, nor holds anything another renderer could use: it ends with the process
 
     def restart(self, actor: int) -> bool:
         return False  # a thread cannot be killed
@@ -132,12 +127,10 @@ def open_inline(cfg: Config, startup: Startup) -> Iterator[InlineExecutor]:
 
 class _Renderer:
     """One renderer's thread: its calls run one at a time, in order, as an actor's do. A daemon
-    thread (a pool's threads are joined at the interpreter's exit: one hung in a decoder or on the
-    GPU, given up by the campaign, kept the finished run's process alive for ever); `close` waits
-    for the others."""
+    thread: a pool's threads are joined at the interpreter's exit, and one hung in a decoder or on
+    the GPU, given up by the campaign, kept the finished run's process alive for ever."""
 
     def __init__(self, name: str) -> None:
-        self.given_up = False
         self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
@@ -159,9 +152,6 @@ class _Renderer:
             if call is not None:
                 call[0].cancel()
         self._calls.put(None)
-
-    def join(self) -> None:
-        self._thread.join()
 
     def _run(self) -> None:
         while (call := self._calls.get()) is not None:
