@@ -396,11 +396,11 @@ def test_cli_reports_a_bad_manifest_before_rendering(tmp_path):
         (["cluster.num_cpus=2", "cluster.actor.num_cpus=2"], "need 3 CPUs, but this local Ray has 2"),
         (
             ["cluster.num_cpus=4", "cluster.num_gpus=0", "cluster.actor.num_gpus=0.5"],
-            "need 0.5 GPUs, but this local Ray has 0",
+            "of 0.5 GPU do not fit this local Ray's 0 GPU(s)",
         ),
         pytest.param(  # GPUs left for Ray to count: refused once it has
             ["cluster.num_cpus=4", "cluster.actor.num_gpus=0.5"],
-            "need 0.5 GPUs, but this local Ray has 0",
+            "of 0.5 GPU do not fit this local Ray's 0 GPU(s)",
             marks=pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="Ray would count this GPU"),
         ),
     ],
