@@ -67,8 +67,21 @@ def test_an_object_replaced_while_it_is_downloaded_is_not_kept_under_the_old_ver
     with pytest.raises(storage.ContentChanged, match="changed while it was being read"):
         storage.local_copy(uri, node, info=taken)
     assert [name for name in os.listdir(node) if name.endswith(".mp4")] == []  # nothing kept
-    with pytest.raises(storage.ContentChanged):
-        prepare._memoised_fingerprint(uri, taken, str(tmp_path / "cache"), storage.change_key(uri, taken) or "")
+    # a local file (hashed where it is: no download to check) replaced while it is hashed
+    path = tmp_path / "narration.wav"
+    path.write_bytes(b"A" * 4096)
+    taken, real = storage.info(str(path)), storage.fingerprint
+
+    def hashed_then_replaced(local: str) -> str:
+        fp = real(local)
+        (tmp_path / "new.wav").write_bytes(b"B" * 4096)
+        os.replace(tmp_path / "new.wav", path)
+        return fp
+
+    monkeypatch.setattr(storage, "fingerprint", hashed_then_replaced)
+    key = storage.change_key(str(path), taken) or ""
+    with pytest.raises(storage.ContentChanged, match="changed while it was being read"):
+        prepare._memoised_fingerprint(str(path), taken, str(tmp_path / "cache"), key)
     assert not os.path.exists(tmp_path / "cache" / "fingerprints")
 
 
