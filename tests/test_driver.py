@@ -276,31 +276,43 @@ def _one_at_a_time(
     return Campaign(cfg, rows, executor=kind(actors=2, stages=stages, **executor)).run()
 
 
+def _presenter_rewritten(
+    tmp_path: Path, found: list[str], tracked: list[str], one_at_a_time: bool = True
+) -> tuple[Any, list[str], SegmentsSeen]:
+    """A campaign of one presenter whose bytes change under its name: row i finds them as
+    `found[i]` (its fingerprint), and each tracking task, in turn, reads `tracked`'s next
+    ("faceless": no face found). `one_at_a_time`: a row prepared only once the one before is
+    answered (else rows join the tracking task under way). Its summary, the bytes each task
+    tracked, and the executor (its segment jobs)."""
+    from dataclasses import replace
+
+    from heygem_ray.errors import InputError
+
+    rows_found, tasks_read, calls = iter(found), iter(tracked), []
+
+    def prepare_row(row: Any, cfg: Any) -> Any:
+        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(rows_found))
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        calls.append(fingerprint := next(tasks_read))
+        if fingerprint == "faceless":
+            raise InputError("avatar", avatar, "no face found")
+        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint=fingerprint)
+
+    out = tmp_path / "out"
+    limit = ["render.max_prepared_rows=1"] if one_at_a_time else []
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", *limit)
+    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(len(found))]
+    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
+    return Campaign(cfg, rows, executor=executor).run(), calls, executor
+
+
 def test_a_presenter_replaced_mid_campaign_is_tracked_again_for_the_rows_that_found_the_new_one(tmp_path):
     """A presenter rewritten under the same name between two rows: the driver answered the later
     rows with the track it kept of the old file (whose segments then refuse the new bytes, every
     later row of it failing). A row that found other bytes has them tracked."""
-    from dataclasses import replace
-
-    calls: list[str] = []
-    found = iter(["old", "new", "new"])  # the avatar's bytes as each row, in turn, finds them
-    tracked = iter(["old", "new"])
-
-    def prepare_row(row: Any, cfg: Any) -> Any:
-        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(found))
-
-    def prepare_avatar(avatar: str, *args: Any) -> Any:
-        calls.append(avatar)
-        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint=next(tracked))
-
-    out = tmp_path / "out"
-    cfg = compose_config(
-        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
-    )
-    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(3)]
-    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
-    assert Campaign(cfg, rows, executor=executor).run().count("ok") == 3
-    assert calls == ["/in/v.mp4", "/in/v.mp4"]
+    summary, calls, executor = _presenter_rewritten(tmp_path, ["old", "new", "new"], ["old", "new"])
+    assert summary.count("ok") == 3 and calls == ["old", "new"]
     seen = {(j.row_id, j.avatar_fingerprint) for j in executor.jobs}
     assert seen == {("r0", "old"), ("r1", "new"), ("r2", "new")}
 
@@ -310,24 +322,7 @@ def test_a_presenter_replaced_before_its_track_was_made_fails_the_row_prepared_f
     read it: the row rendered the new file under the old bytes' fingerprint, and its marker then
     kept the new video for the old bytes (restoring them skipped the row). It fails now, saying
     why; the next row, prepared from the new bytes, renders them."""
-    from dataclasses import replace
-
-    found = iter(["old", "new"])
-    tracked = iter(["new"])
-
-    def prepare_row(row: Any, cfg: Any) -> Any:
-        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(found))
-
-    def prepare_avatar(avatar: str, *args: Any) -> Any:
-        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint=next(tracked))
-
-    out = tmp_path / "out"
-    cfg = compose_config(
-        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
-    )
-    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(2)]
-    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
-    summary = Campaign(cfg, rows, executor=executor).run()
+    summary, _, executor = _presenter_rewritten(tmp_path, ["old", "new"], ["new"])
     assert [r.status for r in summary.rows] == ["failed", "ok"]
     assert "/in/v.mp4: was replaced while the campaign ran" in summary.rows[0].error
     assert {j.row_id for j in executor.jobs} == {"r1"}
@@ -337,29 +332,8 @@ def test_a_presenter_mended_in_place_is_tracked_again_for_the_rows_that_found_th
     """A presenter without a face fails its rows, and the fault is kept for its next rows (no
     tracking again per row); mended in place mid-run, the rows prepared from the new bytes kept
     failing with the old fault until the next run. They are tracked on the new bytes now."""
-    from dataclasses import replace
-
-    from heygem_ray.errors import InputError
-
-    found = iter(["faceless", "faceless", "mended"])
-    tracked = iter(["faceless", "mended"])
-
-    def prepare_row(row: Any, cfg: Any) -> Any:
-        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(found))
-
-    def prepare_avatar(avatar: str, *args: Any) -> Any:
-        if next(tracked) == "faceless":
-            raise InputError("avatar", avatar, "no face found")
-        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint="mended")
-
-    out = tmp_path / "out"
-    cfg = compose_config(
-        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_prepared_rows=1"
-    )
-    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(3)]
-    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
-    summary = Campaign(cfg, rows, executor=executor).run()
-    assert [r.status for r in summary.rows] == ["failed", "failed", "ok"]
+    summary, calls, _ = _presenter_rewritten(tmp_path, ["faceless", "faceless", "mended"], ["faceless", "mended"])
+    assert [r.status for r in summary.rows] == ["failed", "failed", "ok"] and calls == ["faceless", "mended"]
     assert all("no face found" in r.error for r in summary.rows[:2])
 
 
@@ -368,29 +342,8 @@ def test_rows_that_found_new_bytes_while_the_old_were_tracked_are_tracked_on_the
     """Rows prepared from a presenter replaced (or mended in place) while its tracking task for the
     old bytes ran joined that task: they got the old track and failed "was replaced" (the old
     fault: "no face found"), though prepared from the new file. The next task tracks theirs."""
-    from dataclasses import replace
-
-    from heygem_ray.errors import InputError
-
     old = "old" if case == "replaced" else "faceless"
-    found = iter([old, "new", "new", "new"])
-    tracked = iter([old, "new"])
-    calls: list[str] = []
-
-    def prepare_row(row: Any, cfg: Any) -> Any:
-        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(found))
-
-    def prepare_avatar(avatar: str, *args: Any) -> Any:
-        calls.append(fingerprint := next(tracked))
-        if fingerprint == "faceless":
-            raise InputError("avatar", avatar, "no face found")
-        return replace(STAGES["prepare_avatar"](avatar, *args), fingerprint=fingerprint)
-
-    out = tmp_path / "out"
-    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
-    rows = [Row(f"r{i}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(4)]
-    executor = SegmentsSeen(actors=2, stages={**STAGES, "prepare_row": prepare_row, "prepare_avatar": prepare_avatar})
-    summary = Campaign(cfg, rows, executor=executor).run()
+    summary, calls, _ = _presenter_rewritten(tmp_path, [old, "new", "new", "new"], [old, "new"], one_at_a_time=False)
     assert [r.status for r in summary.rows] == ["ok" if case == "replaced" else "failed", "ok", "ok", "ok"]
     assert calls == [old, "new"]  # the rows joined the old task (no task each), then one of theirs
 

@@ -4,12 +4,14 @@ logs, results or the saved config."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import av
 import boto3
@@ -127,14 +129,10 @@ def test_storage_options_carry_endpoint_and_credentials(s3_endpoint, bucket):
         storage.configure(None)
 
 
-def test_the_bytes_under_a_folder_come_from_its_listing_not_a_request_per_object(bucket):
-    """The studio counts a user's bytes on every upload and submit: fsspec's `du` asked each object's
-    size again (a HEAD each, hundreds of thousands for a user with large campaigns)."""
-    sizes = {f"usage/alice/c{i}/output/row{j}.mp4": 10 * i + j for i in range(3) for j in range(10)}
-    sizes |= {f"usage/alice/_cache/audio/a{j}.f32": 1000 for j in range(5)}  # left out: derived
-    for key, size in sizes.items():
-        bucket.put_object(Bucket="heygem-e2e", Key=key, Body=b"x" * size)
-    fs, _ = storage.url_to_fs("s3://heygem-e2e/usage")
+@contextlib.contextmanager
+def _s3_calls(uri: str) -> Iterator[list[str]]:
+    """The S3 API calls (by name) the block makes through the file system of `uri`."""
+    fs, _ = storage.url_to_fs(uri)
     calls: list[str] = []
 
     def record(model, **_kw):
@@ -142,10 +140,21 @@ def test_the_bytes_under_a_folder_come_from_its_listing_not_a_request_per_object
 
     fs.s3.meta.events.register("before-call.s3", record)
     try:
-        got = storage.usage("s3://heygem-e2e/usage/alice", leaving_out="s3://heygem-e2e/usage/alice/_cache")
-        assert storage.usage("s3://heygem-e2e/usage/bob") == 0
+        yield calls
     finally:
         fs.s3.meta.events.unregister("before-call.s3", record)
+
+
+def test_the_bytes_under_a_folder_come_from_its_listing_not_a_request_per_object(bucket):
+    """The studio counts a user's bytes on every upload and submit: fsspec's `du` asked each object's
+    size again (a HEAD each, hundreds of thousands for a user with large campaigns)."""
+    sizes = {f"usage/alice/c{i}/output/row{j}.mp4": 10 * i + j for i in range(3) for j in range(10)}
+    sizes |= {f"usage/alice/_cache/audio/a{j}.f32": 1000 for j in range(5)}  # left out: derived
+    for key, size in sizes.items():
+        bucket.put_object(Bucket="heygem-e2e", Key=key, Body=b"x" * size)
+    with _s3_calls("s3://heygem-e2e/usage") as calls:
+        got = storage.usage("s3://heygem-e2e/usage/alice", leaving_out="s3://heygem-e2e/usage/alice/_cache")
+        assert storage.usage("s3://heygem-e2e/usage/bob") == 0
     assert got == sum(size for key, size in sizes.items() if "/_cache/" not in key)
     assert calls.count("HeadObject") <= 2 and calls.count("ListObjectsV2") <= 4, calls  # not one per object
 
@@ -157,17 +166,8 @@ def test_videos_are_sized_from_their_folders_listing_not_a_request_per_object(bu
     for key, size in sizes.items():
         bucket.put_object(Bucket="heygem-e2e", Key=key, Body=b"v" * size)
     uris = [f"s3://heygem-e2e/{key}" for key in sizes] + ["s3://heygem-e2e/zipsizes/out/gone.mp4"]
-    fs, _ = storage.url_to_fs("s3://heygem-e2e/zipsizes")
-    calls: list[str] = []
-
-    def record(model, **_kw):
-        calls.append(model.name)
-
-    fs.s3.meta.events.register("before-call.s3", record)
-    try:
+    with _s3_calls("s3://heygem-e2e/zipsizes") as calls:
         got = storage.sizes(uris)
-    finally:
-        fs.s3.meta.events.unregister("before-call.s3", record)
     assert got == {f"s3://heygem-e2e/{key}": size for key, size in sizes.items()}
     assert "HeadObject" not in calls and calls.count("ListObjectsV2") <= 2, calls
 
