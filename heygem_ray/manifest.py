@@ -50,17 +50,24 @@ def read_manifest(uri: str, output_root: str, allow_outside_output: bool = False
         raise ManifestError(f"manifest {storage.display(uri)} does not exist") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"manifest {storage.display(uri)} is not a readable Parquet file: {exc}") from None
-    return rows_from_table(table, output_root, storage.display(uri), allow_outside_output)
+    case_blind = storage.case_blind(output_root)
+    return rows_from_table(table, output_root, storage.display(uri), allow_outside_output, case_blind)
 
 
 def rows_from_table(
-    table: pa.Table, output_root: str, name: str = "manifest", allow_outside_output: bool = False
+    table: pa.Table,
+    output_root: str,
+    name: str = "manifest",
+    allow_outside_output: bool = False,
+    case_blind: bool = False,
 ) -> list[Row]:
     """One Row per manifest row, in order. A row that cannot run is kept, refused with why
     (`Row.refused`), so that its result says so and the rest of the campaign goes on; a problem of the
     whole table (a column missing or of the wrong type, no rows, no row that can run) raises
     ManifestError. Column names are taken without a byte-order mark, spaces or case (a spreadsheet's
-    UTF-8 CSV starts "\ufeffaudio", which printed as the "audio" it said was missing)."""
+    UTF-8 CSV starts "\ufeffaudio", which printed as the "audio" it said was missing).
+    `case_blind`: the output root's file system takes names differing in case for one (macOS,
+    Windows, SMB), where rows "Intro" and "intro" would share a video, a marker and a thumbnail."""
     table = table.rename_columns([_column_name(c) for c in table.column_names])
     repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
     if repeated:
@@ -78,7 +85,7 @@ def rows_from_table(
     cells = [_read_row(n, record, output_root, allow_outside_output) for n, record in enumerate(table.to_pylist())]
     if not cells:
         raise ManifestError(f"{name} has no rows")
-    _refuse_repeats(cells)
+    _refuse_repeats(cells, case_blind)
     rows = [cell.row() for cell in cells]
     if all(row.refused for row in rows):
         refused = [row.refused or "" for row in rows]
@@ -180,18 +187,20 @@ def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_ou
     return cell
 
 
-def _refuse_repeats(cells: list[_Cells]) -> None:
+def _refuse_repeats(cells: list[_Cells], case_blind: bool = False) -> None:
     """Refuse every row of an id or an output that several rows share (which of them was meant is
-    not ours to guess), and a row whose output is one of the campaign's inputs. Rows of a shared id
-    lose it, so that each result names one row."""
+    not ours to guess; `case_blind`: ids and outputs differing only in case are one), and a row
+    whose output is one of the campaign's inputs. Rows of a shared id lose it, so that each result
+    names one row."""
     by_id: dict[str, list[_Cells]] = {}
     by_output: dict[str, list[_Cells]] = {}
     for cell in cells:
         if cell.id is not None:
-            by_id.setdefault(cell.id, []).append(cell)
+            by_id.setdefault(cell.id.casefold() if case_blind else cell.id, []).append(cell)
         if cell.output:
-            by_output.setdefault(storage.normalize(cell.output), []).append(cell)
-    for row_id, sharing in by_id.items():
+            output = storage.normalize(cell.output)
+            by_output.setdefault(output.casefold() if case_blind else output, []).append(cell)
+    for sharing in by_id.values():
         if len(sharing) > 1:
             derived = all(other.derived for other in sharing)
             for cell, others in _others(sharing):
@@ -199,12 +208,13 @@ def _refuse_repeats(cells: list[_Cells]) -> None:
                 if derived:
                     cell.refuse(f"the same audio and avatar as row(s) {others} (give them ids)")
                 else:
-                    cell.refuse(f"id {row_id!r} is also that of row(s) {others}")
+                    blind = " (ids differing only in case share files on the output's file system)"
+                    cell.refuse(f"id {cell.id!r} is also that of row(s) {others}{blind if case_blind else ''}")
                 cell.id = None
-    for output, sharing in by_output.items():
+    for sharing in by_output.values():
         if len(sharing) > 1:
             for cell, others in _others(sharing):
-                cell.refuse(f"output {storage.display(output)} is also that of row(s) {others}")
+                cell.refuse(f"output {storage.display(cell.output)} is also that of row(s) {others}")
     inputs = {storage.normalize(uri) for cell in cells for uri in (cell.audio, cell.avatar) if uri}
     for cell in cells:
         if cell.output and storage.normalize(cell.output) in inputs:

@@ -314,6 +314,27 @@ def anchored(uri: str) -> str:
     return os.path.abspath(uri) if is_relative(uri) else uri
 
 
+def case_blind(uri: str) -> bool:
+    """Whether the file system of a local folder takes names that differ only in case for one
+    (macOS's APFS, Windows' NTFS, SMB shares): asked by making a file there. False for object
+    stores and where nothing can be written (the campaign says why later)."""
+    if not is_local(uri):
+        return False
+    folder = local_path(uri)
+    name = f".heygem-case-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "xb"):
+            pass
+    except OSError:
+        return False
+    try:
+        return os.path.exists(os.path.join(folder, name.swapcase()))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI parts with '/', keeping the scheme; absolute local paths stay absolute."""
     out = base.rstrip("/")

@@ -152,6 +152,31 @@ def test_cells_are_read_as_people_write_them():
     assert rows[0].output == "/out/_intro.mp4" and rows[1].id == default_id("b.wav", "v.mp4")
 
 
+def test_ids_and_outputs_differing_in_case_are_one_on_a_case_blind_file_system(tmp_path, monkeypatch):
+    """On macOS, Windows or an SMB share rows "Intro" and "intro" shared `Intro.mp4`, its marker and
+    its thumbnail: both reported ok, one video there, and every rerun rendered one of them again.
+    Refused there, as rows of one id are; elsewhere (Linux, S3) they are two rows."""
+    from heygem_ray import storage
+
+    table = pa.table({"id": ["Intro", "intro", "Outro"], "audio": ["/a.wav"] * 3, "avatar": ["/v.mp4"] * 3})
+    assert not [r.refused for r in rows_from_table(table, "/out") if r.refused]
+    blind = rows_from_table(table, "/out", case_blind=True)
+    assert [bool(r.refused) for r in blind] == [True, True, False]
+    assert "share files on the output's file system" in (blind[0].refused or "")
+    outputs = pa.table(
+        {"audio": ["/a.wav", "/b.wav", "/c.wav"], "avatar": ["/v.mp4"] * 3, "output": ["A.mp4", "a.mp4", "b.mp4"]}
+    )
+    refused = [r.refused or "" for r in rows_from_table(outputs, "/out", case_blind=True)]
+    assert "output /out/A.mp4 is also that of row(s) 1" in refused[0] and refused[2] == ""
+    # the output root's file system is asked (this one tells case apart), and leaves nothing there
+    assert storage.case_blind(str(tmp_path / "out")) is False and os.listdir(tmp_path / "out") == []
+    assert storage.case_blind("s3://bucket/out") is False
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(table, manifest)
+    monkeypatch.setattr(storage, "case_blind", lambda uri: True)  # as on an SMB share
+    assert [bool(r.refused) for r in read_manifest(manifest, str(tmp_path / "out"))] == [True, True, False]
+
+
 def test_box_column_accepts_lists_and_strings():
     rows = rows_from_table(table(audio=["a", "b"], avatar=["v", "v"], box=["10,20,110,140", None]), "/o")
     assert rows[0].box == (10, 20, 110, 140) and rows[1].box is None
