@@ -238,14 +238,22 @@ def test_a_lock_write_refused_twice_is_ours_where_our_writes_landed_and_not_made
     but took itself for taken over and stopped. And a beat whose run is letting its lock go (the
     lock removed under it) must not make it again for a run that has ended."""
     mine = {"token": "ours", "host": "h"}
-    reads = iter([({"token": "ours"}, "e1"), ({"token": "ours"}, "e2"), ({"token": "ours"}, "e3")])
+    on_store: dict = {}
+
+    def landed_unanswered(uri: str, data: bytes, version: str | None) -> None:
+        on_store.update(json.loads(data))
+        raise lock_module._Refused()
+
+    monkeypatch.setattr(lock_module, "_conditional_put", landed_unanswered)
+    monkeypatch.setattr(lock_module, "_read", lambda uri: (dict(on_store), "e1"))
+    assert lock_module._put("s3://b/out/_lock.json", mine, "e0")
 
     def refused(uri: str, data: bytes, version: str | None) -> None:
         raise lock_module._Refused()
 
+    # ours, but an earlier beat's (this write did not land): not refreshed by it
     monkeypatch.setattr(lock_module, "_conditional_put", refused)
-    monkeypatch.setattr(lock_module, "_read", lambda uri: next(reads))
-    assert lock_module._put("s3://b/out/_lock.json", mine, "e0")
+    assert not lock_module._put("s3://b/out/_lock.json", mine, "e0")
     written = []
 
     def put_once_refused(uri, data, version):
@@ -257,6 +265,9 @@ def test_a_lock_write_refused_twice_is_ours_where_our_writes_landed_and_not_made
     monkeypatch.setattr(lock_module, "_conditional_put", put_once_refused)
     monkeypatch.setattr(lock_module, "_read", lambda uri: (None, None))  # removed meanwhile
     assert not lock_module._put("s3://b/out/_lock.json", mine, "e0", recreate=lambda: False)
+    assert written == []  # a run letting its lock go writes none (a write would create it)
+    letting_go = iter([True, False])  # ... nor once it lets go during the write
+    assert not lock_module._put("s3://b/out/_lock.json", mine, "e0", recreate=lambda: next(letting_go))
     assert written == ["e0"]  # no second write, that would have created it
     written.clear()
     assert lock_module._put("s3://b/out/_lock.json", mine, "e0")  # a live run's beat makes it again
