@@ -54,6 +54,16 @@ SKIPPING_RATE = 8
 #: at a stop, how long the stitches under way may go on (most take a second or two) before they are
 #: stopped; `ray job stop` kills the driver 3 s after its SIGTERM by default
 STITCH_GRACE_SECONDS = 1.5
+#: a stage task out this long is said to be so (`Campaign._watch_stages`), looked for this often
+STAGE_WARN_SECONDS = 600.0
+STAGE_WATCH_SECONDS = 30.0
+#: the stage tasks watched, as the log names them (renderer calls have their own deadline)
+STAGES_WATCHED = {
+    "prepared": "preparing row {}",
+    "avatar": "tracking the face of avatar {}",
+    "audio_track": "encoding the narration of content {}",
+    "stitched": "stitching row {}",
+}
 #: then how long the stopped ones' results are waited for: a cancel (Ray's kill of the worker)
 #: takes effect a moment later, and a stitch may publish meanwhile
 CANCEL_SECONDS = 0.5
@@ -89,6 +99,9 @@ class Campaign:
         self._skipped_since_work = 0  # rows prepared and skipped since the last that went on to render
         self.shared = SharedWork(cfg, executor)
         self._published_bytes = 0  # of the videos this run published (`limits.max_output_gb`)
+        self._seen_since: dict[Any, float] = {}  # stage task handle -> when `_watch_stages` first saw it
+        self._warned: set[Any] = set()  # stage tasks said to be out long
+        self._watched_at = time.monotonic()
 
     # ------------------------------------------------------------------ loop
     def run(self) -> Summary:
@@ -132,6 +145,7 @@ class Campaign:
                     self.segments.clear()
                 self.observers.tick(self.actors.inflight, len(self.segments))
                 self.results.tick()
+                self._watch_stages()
         except OutputLostError:
             lost = True
             raise
@@ -144,6 +158,31 @@ class Campaign:
             else:
                 results = self._wind_up()
         return Summary.of(results, time.time() - started, self.startup.breakdown())
+
+    def _watch_stages(self) -> None:
+        """Say so, once, of a stage task (a row's preparation, an avatar's face track, a narration's
+        encode, a stitch) still out after STAGE_WARN_SECONDS: Ray may have no node to place it on
+        (every CPU held by actors, a GPU share no GPU has left), or it hangs (a decoder, a read that
+        never ends). Renderer calls have their own deadline (`render.segment_timeout`)."""
+        now = time.monotonic()
+        if now - self._watched_at < STAGE_WATCH_SECONDS:
+            return
+        self._watched_at = now
+        seen = {handle: self._seen_since.get(handle, now) for handle, (event, _) in self._inflight.items()}
+        for handle, since in seen.items():
+            event, key = self._inflight[handle]
+            if event in STAGES_WATCHED and since <= now - STAGE_WARN_SECONDS and handle not in self._warned:
+                self._warned.add(handle)
+                subject = storage.display(key[0]) if event == "avatar" else key[:12] if event == "audio_track" else key
+                log.warning(
+                    "%s has been under way for over %.0f s: no node may have room for it (CPUs all held by "
+                    "renderer actors, a GPU share no GPU has left: see the Ray dashboard's pending tasks), or "
+                    "it hangs (a decoder, a read that never ends)",
+                    STAGES_WATCHED[event].format(subject),
+                    STAGE_WARN_SECONDS,
+                )
+        self._seen_since = {h: t for h, t in seen.items() if self._inflight[h][0] in STAGES_WATCHED}
+        self._warned &= set(self._seen_since)
 
     def _cancel_stitches(self) -> None:
         """Stop the stitches under way (their videos and markers would land in an output root

@@ -1162,6 +1162,51 @@ def test_a_stop_reads_no_marker_of_rows_that_sent_nothing_to_stitch(tmp_path, mo
     assert reads == []
 
 
+def test_a_stage_task_out_for_long_is_said_to_be_so_once(tmp_path, monkeypatch, caplog):
+    """A face-tracking task Ray cannot place (no node with a CPU, or the GPU share it asks for,
+    free) or that hangs kept its rows "preparing" with nothing in the log: renderer calls alone had
+    a deadline. Past STAGE_WARN_SECONDS it is said, once, naming the avatar."""
+    from helpers import HandClock
+    from heygem_ray import campaign as campaign_module
+
+    clock = HandClock()  # a turn of the loop is a second: a loaded machine's stalls are no time
+    monkeypatch.setattr(campaign_module, "time", clock)
+    monkeypatch.setattr(campaign_module, "STAGE_WARN_SECONDS", 10.0)
+    monkeypatch.setattr(campaign_module, "STAGE_WATCH_SECONDS", 0.0)
+
+    class TracksForEver(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.held: set[int] = set()
+
+        def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
+            handle = super().submit(fn, *args, num_gpus=num_gpus)
+            if fn.__name__ == "prepare_avatar":
+                self.held.add(id(handle))
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            return [h for h in handles if id(h) not in self.held][:1]
+
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/presenter.mp4", str(out / f"r{i}.mp4")) for i in range(2)]
+    job = Campaign(cfg, rows, executor=TracksForEver())
+    turns = [0]
+
+    def guard() -> None:
+        turns[0] += 1
+        clock.now += 1.0
+        if turns[0] > 50:
+            raise KeyboardInterrupt("signal 15")
+
+    job.guard = guard
+    with caplog.at_level("WARNING", logger="heygem_ray"), pytest.raises(KeyboardInterrupt):
+        job.run()
+    said = [r.getMessage() for r in caplog.records if "has been under way for over" in r.getMessage()]
+    assert len(said) == 1 and "tracking the face of avatar /in/presenter.mp4" in said[0], said
+
+
 @pytest.mark.parametrize("force", [False, True])
 def test_force_asks_the_renderers_not_to_reuse_earlier_segments(tmp_path, force):
     out = tmp_path / "out"
