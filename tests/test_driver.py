@@ -1102,6 +1102,30 @@ def test_a_stop_lets_stitches_under_way_finish_or_stops_them_before_reporting(tm
     assert all(results[row_id]["status"] == "ok" for row_id in executor.published)
 
 
+class _NeverBack(SimulatedExecutor):
+    """Face-tracking tasks (`waiting="tracking"`) or renderer calls ("rendering") that never come
+    back (a task no node can place, a call that hangs)."""
+
+    def __init__(self, waiting: str) -> None:
+        super().__init__(actors=2)
+        self.waiting, self.held = waiting, set()
+
+    def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
+        handle = super().submit(fn, *args, num_gpus=num_gpus)
+        if self.waiting == "tracking" and fn.__name__ == "prepare_avatar":
+            self.held.add(id(handle))
+        return handle
+
+    def call(self, actor: int, method: str, *args: Any) -> Any:
+        handle = super().call(actor, method, *args)
+        if self.waiting == "rendering" and method != "ready":
+            self.held.add(id(handle))
+        return handle
+
+    def wait(self, handles: Any, timeout: float) -> Any:
+        return [h for h in handles if id(h) not in self.held][:1]
+
+
 @pytest.mark.parametrize("waiting", ["tracking", "rendering"])
 def test_a_stop_reads_no_marker_of_rows_that_sent_nothing_to_stitch(tmp_path, monkeypatch, waiting):
     """A row still waiting for its face track, or for its segments, has sent nothing to stitch and
@@ -1110,32 +1134,12 @@ def test_a_stop_reads_no_marker_of_rows_that_sent_nothing_to_stitch(tmp_path, mo
     3 s `ray job stop` gives before its kill)."""
     from heygem_ray import rows as rows_module
 
-    class NeverBack(SimulatedExecutor):
-        def __init__(self) -> None:
-            super().__init__(actors=2)
-            self.held: set[int] = set()
-
-        def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
-            handle = super().submit(fn, *args, num_gpus=num_gpus)
-            if waiting == "tracking" and fn.__name__ == "prepare_avatar":
-                self.held.add(id(handle))
-            return handle
-
-        def call(self, actor: int, method: str, *args: Any) -> Any:
-            handle = super().call(actor, method, *args)
-            if waiting == "rendering" and method != "ready":
-                self.held.add(id(handle))
-            return handle
-
-        def wait(self, handles: Any, timeout: float) -> Any:
-            return [h for h in handles if id(h) not in self.held][:1]
-
     reads: list[str] = []
     monkeypatch.setattr(rows_module, "read_marker", lambda uri: reads.append(uri))
     out = tmp_path / "out"
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
     rows = [Row(f"r{i}", f"/in/a{i}.wav", f"/in/v{i}.mp4", str(out / f"r{i}.mp4")) for i in range(4)]
-    job = Campaign(cfg, rows, executor=NeverBack())
+    job = Campaign(cfg, rows, executor=_NeverBack(waiting))
     held = {"tracking": "avatar", "rendering": "segment"}[waiting]
 
     def guard() -> None:
@@ -1174,24 +1178,10 @@ def test_a_stage_task_out_for_long_is_said_to_be_so_once(tmp_path, monkeypatch, 
     monkeypatch.setattr(campaign_module, "STAGE_WARN_SECONDS", 10.0)
     monkeypatch.setattr(campaign_module, "STAGE_WATCH_SECONDS", 0.0)
 
-    class TracksForEver(SimulatedExecutor):
-        def __init__(self) -> None:
-            super().__init__(actors=2)
-            self.held: set[int] = set()
-
-        def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
-            handle = super().submit(fn, *args, num_gpus=num_gpus)
-            if fn.__name__ == "prepare_avatar":
-                self.held.add(id(handle))
-            return handle
-
-        def wait(self, handles: Any, timeout: float) -> Any:
-            return [h for h in handles if id(h) not in self.held][:1]
-
     out = tmp_path / "out"
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
     rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/presenter.mp4", str(out / f"r{i}.mp4")) for i in range(2)]
-    job = Campaign(cfg, rows, executor=TracksForEver())
+    job = Campaign(cfg, rows, executor=_NeverBack("tracking"))
     turns = [0]
 
     def guard() -> None:
