@@ -379,7 +379,7 @@ class Campaign:
         state.done.add(index)
         self.observers.segment_done(result.frames, result.reused)
         self.startup.rendered(self.actors.actors[actor].info, result)
-        if len(state.done) == len(state.spans):
+        if state.rendered:
             assert self.actors.codec is not None
             cfg = self.cfg
             job = state.stitch_job(cfg.layout, self.actors.codec, cfg.qa, cfg.storage.options, cfg.model_versions)
@@ -464,8 +464,7 @@ class Campaign:
             try:
                 # only a row whose stitch was sent can have published: no read of the marker of
                 # one still waiting for its face track or its segments (a stop catches thousands)
-                stitched = state is not None and bool(state.spans) and len(state.done) == len(state.spans)
-                marker = state.published(self.cfg.layout) if stitched and state is not None else None
+                marker = state.published(self.cfg.layout) if state is not None and state.rendered else None
             except Exception:  # noqa: BLE001 - the store failing too: reported failed, and a rerun finds the marker
                 marker = None
             kept = earlier.get(row_id)

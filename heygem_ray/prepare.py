@@ -64,7 +64,8 @@ _T = TypeVar("_T")
 
 def content_fingerprint(uri: str, cache: str, what: str = "input", info: Mapping[str, Any] | None = None) -> str:
     """BLAKE2b of the file's bytes, memoised by URI, size and version (mtime/ETag; a local file's
-    inode and change time too: `storage.change_key`) in this process and under the cache; hashed anew at every call where the store names no version. `info`: the
+    inode and change time too: `storage.change_key`) in this process and under the cache; hashed
+    anew at every call where the store names no version. `info`: the
     store's, where the caller has just asked for it."""
     info = storage.info(uri) if info is None else info
     if info.get("type") == "directory":

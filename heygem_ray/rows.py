@@ -42,6 +42,11 @@ class RowState:
         """A row whose preparation is already known (the benchmarks build rows without a campaign)."""
         return cls(row, time.time(), prep=RowPrep(fingerprint, False, audio, None))
 
+    @property
+    def rendered(self) -> bool:
+        """Whether every segment of the row is rendered (its stitch is sent then)."""
+        return bool(self.spans) and len(self.done) == len(self.spans)
+
     def plan(self, track: AvatarTrack, segment_seconds: float, spread: int = 1, frames: int | None = None) -> int:
         """Cut the row into segments over this avatar track, at least `spread` of them; returns its
         frame count (`frames`, or as many as its audio needs)."""
