@@ -90,6 +90,8 @@ def writing(uri: str) -> Iterator[None]:
     except FileNotFoundError as exc:  # a folder that cannot be made there (/proc), a bucket that is none
         detail = exc.strerror or "no such folder or bucket"
         raise InputError("output", uri, f"cannot be written ({detail})") from None
+    except storage.NotPublished as exc:  # the same store refuses again: not retried
+        raise InputError("output", uri, f"cannot be published whole ({exc.detail})") from None
     except OSError as exc:
         if exc.errno == errno.EROFS:  # a read-only mount (a container's): writing again fails again
             raise InputError("output", uri, "cannot be written (read-only file system)") from None

@@ -540,7 +540,7 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
     as the bytes arrive: the file goes under a hidden temporary name beside the destination, then
     is renamed (replacing what was there; a server whose rename will not replace gets the old file
     removed first: the path is then briefly absent, never partial; a store that renames nothing at
-    all, an SFTP server without posix-rename, gets the file written in place, as before, warned).
+    all, an SFTP server without posix-rename, gets nothing: `NotPublished`, the row failed).
     """
     if is_local(uri):
         dest = local_path(uri)
@@ -573,18 +573,35 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
         fs.put_file(local_file, tmp)
         try:
             _rename(fs, tmp, path)
-        except Exception:  # noqa: BLE001 - a rename that will not replace (a plain rename): the old file first
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if not fs.exists(path):
+                raise NotPublished(display(f"the store renamed nothing into place: {exc}")) from exc
+            # a rename that will not replace (SFTP's plain rename): the old file first
+            fs.rm_file(path)
             try:
-                if fs.exists(path):
-                    fs.rm_file(path)
                 _rename(fs, tmp, path)
-            except Exception as exc:  # noqa: BLE001 - a store that renames nothing: written in place
-                log.warning("%s: the store did not rename (%s); written in place", display(uri), exc)
-                fs.put_file(local_file, path)
+            except Exception as again:
+                if is_transient(again):
+                    raise
+                raise NotPublished(display(f"the store renamed nothing into place: {again}")) from again
     finally:
         with contextlib.suppress(Exception):  # gone once renamed; a failed upload's leftovers
             if fs.exists(tmp):
                 fs.rm_file(tmp)
+
+
+class NotPublished(OSError):
+    """A store that renames nothing (an SFTP server without posix-rename): outputs are published
+    whole or not at all, never written in place where a reader or a crash could find half."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+    def __reduce__(self):  # Ray pickles it across processes; OSError's own would lose `detail`
+        return (NotPublished, (self.detail,))
 
 
 def _rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:

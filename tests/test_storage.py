@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from heygem_ray import storage
-from heygem_ray.errors import InputError, reading
+from heygem_ray.errors import InputError, reading, writing
 from heygem_ray.prepare import content_fingerprint
 
 
@@ -175,8 +175,12 @@ def test_a_publish_to_a_store_that_writes_as_bytes_arrive_shows_no_partial_file(
         raise OSError("rename: operation unsupported")
 
     monkeypatch.setattr(storage, "_rename", renames_nothing)
-    storage.publish_file(str(src), "memory://pub/out/old.mp4")  # written in place, as before
-    assert storage.read_bytes("memory://pub/out/old.mp4") == src.read_bytes()
+    refused = pytest.raises(InputError, match="cannot be published whole .*operation unsupported")
+    with refused, writing("memory://pub/out/fresh.mp4"):  # a row's output: failed, not retried
+        storage.publish_file(str(src), "memory://pub/out/fresh.mp4")
+    with pytest.raises(storage.NotPublished):  # never written in place, where a crash leaves half
+        storage.publish_file(str(src), "memory://pub/out/old.mp4")
+    assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == []
 
 
 def test_a_local_publish_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
