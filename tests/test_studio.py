@@ -1597,6 +1597,47 @@ def test_an_upload_cut_off_midway_leaves_the_cache_at_the_next_sweep_not_at_a_re
     assert arriving.exists() and made.is_dir()
 
 
+def test_uploads_gone_from_the_cache_leave_gradios_lists_of_them(tmp_path, media_dir, monkeypatch):
+    """Gradio lists every upload (to check the files a page names) and drops one from its list only
+    when it removed the file itself: each upload a campaign took, or the studio's sweep removed,
+    stayed listed until a restart, a web server's memory growing with every file ever uploaded.
+    The sweep leaves the lists holding what is still there."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import UPLOAD_PATH, build_app
+    from heygem_ray.studio.server import forget_removed, sweep_uploads
+    from heygem_ray.studio.service import Studio as StudioService
+
+    cache = tmp_path / "uploads"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    app = build_app(service, None, Sessions(b"k" * 32))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    sent = []
+    for name in ("speech3.wav", "still.png", "clip6.mp4"):
+        with open(media_dir / name, "rb") as upload:
+            answer = client.post(UPLOAD_PATH, files=[("files", upload)])
+        assert answer.status_code == 200, answer.text
+        sent += answer.json()
+    taken, old, fresh = sent
+    listed = app.state.gradio_pages.upload_file_set
+    assert set(sent) <= listed
+    os.remove(taken)  # a campaign took it into the store
+    a_while_ago = time.time() - 1000
+    os.utime(old, (a_while_ago, a_while_ago))
+    assert sweep_uploads(str(cache), 900) == 1
+    assert not os.path.exists(old) and os.path.exists(fresh)
+    # listed a moment before its file is moved in: a path goes once missing at two sweeps
+    missing = forget_removed(app.state.gradio_pages.temp_file_sets, set())
+    assert set(sent) == listed and missing == {taken, old}
+    assert forget_removed(app.state.gradio_pages.temp_file_sets, missing) == {taken, old}
+    assert listed == {fresh}
+
+
 def test_a_local_store_it_makes_is_its_accounts_alone_and_an_open_one_is_warned_of(tmp_path, capsys):
     """Every user's uploads and videos are in the store, its files readable by all under the usual
     umask: one the studio makes is 0700; an existing one other accounts may enter is left (a

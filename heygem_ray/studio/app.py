@@ -24,7 +24,6 @@ from starlette.concurrency import run_in_threadpool
 from heygem_ray import storage
 from heygem_ray.studio.cluster import ClusterUnavailable
 from heygem_ray.studio.service import (
-    CACHE_SWEEP_SECONDS,
     QUALITIES,
     UPLOAD_WINDOW_SECONDS,
     CampaignView,
@@ -226,6 +225,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         return Response(data, media_type="image/jpeg")
 
     blocks = build_pages(studio, sign_out=users_file is not None)
+    app.state.gradio_pages = blocks  # its lists of uploads, for the server's sweeps
     # Gradio checks that a file a client names was uploaded only in an app that has "launched";
     # mount_gradio_app, unlike launch(), never says so, and Gradio would then take any server path
     # a client sends as an upload (copying it into its cache): a user could render, probe or have
@@ -258,11 +258,10 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
     max_bytes = int(studio.cfg.max_upload_mb * 2**20)
 
     # uploads leave the cache when a campaign is made; what is left (uploads never submitted) goes
-    # after 15 minutes
-    window = UPLOAD_WINDOW_SECONDS
-    claims = UploadClaims(window)
-    # swept every minute: swept every `window`, an upload lived up to twice that, two quotas' worth
-    with gr.Blocks(title="heygem_ray studio", delete_cache=(CACHE_SWEEP_SECONDS, window)) as pages:
+    # after 15 minutes, swept by the server (`server.sweep_uploads`) every minute, not by Gradio's
+    # delete_cache: each sweep would leave listed what the other removed, and its lists would grow
+    claims = UploadClaims(UPLOAD_WINDOW_SECONDS)
+    with gr.Blocks(title="heygem_ray studio") as pages:
         who = gr.Markdown()
         with gr.Tabs() as tabs:
             with gr.Tab("New campaign", id="new"):
@@ -349,7 +348,7 @@ def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
             n_audio, n_avatar = counted
             count = f"**{n_avatar} presenter(s) × {n_audio} narration(s) = {n_avatar * n_audio} video(s)**"
             if n_audio or n_avatar:  # the web server keeps them only so long (they count in the quota)
-                count += f" · uploads wait {window / 60:.0f} minutes for Render"
+                count += f" · uploads wait {UPLOAD_WINDOW_SECONDS / 60:.0f} minutes for Render"
             return "\n".join([count, *problems])
 
         def create(

@@ -111,11 +111,26 @@ def sweep_uploads(cache: str, expire: float) -> int:
     return removed
 
 
-def _sweeping(cache: str) -> None:
+def forget_removed(listed: Iterable[set[str]], missing_before: set[str]) -> set[str]:
+    """Leave Gradio's lists of the files it holds (`Blocks.temp_file_sets`) without those removed
+    (taken by a campaign, swept): Gradio drops only what it removed itself, and its lists grew with
+    every upload until a restart. A path goes once missing at two sweeps, as Gradio lists an upload a
+    moment before moving its file in. Returns the paths missing now, for the next sweep."""
+    missing: set[str] = set()
+    for files in listed:
+        # a copy, never the set itself, is walked: the server adds uploads to it meanwhile
+        missing.update(path for path in list(files) if not os.path.exists(path))
+        files.difference_update(missing & missing_before)
+    return missing
+
+
+def _sweeping(cache: str, listed: list[set[str]]) -> None:
+    missing: set[str] = set()
     while True:
         time.sleep(CACHE_SWEEP_SECONDS)
         with contextlib.suppress(Exception):  # a sweep that fails is tried again at the next
             sweep_uploads(cache, UPLOAD_WINDOW_SECONDS)
+            missing = forget_removed(listed, missing)
 
 
 def _within(path: str, folder: str) -> bool:
@@ -177,8 +192,9 @@ def serve(cfg: StudioConfig) -> int:
         return 2
     studio = Studio(cfg, cluster, log)
     studio.watch()
-    threading.Thread(target=_sweeping, args=(uploads,), name="upload-sweeper", daemon=True).start()
     app = build_app(studio, cfg.auth, sessions)
+    listed = app.state.gradio_pages.temp_file_sets
+    threading.Thread(target=_sweeping, args=(uploads, listed), name="upload-sweeper", daemon=True).start()
     print(f"heygem-ray studio: {about}")
     if cfg.auth is None:
         print("heygem-ray studio: no studio.auth: one local user, listening on 127.0.0.1 only")

@@ -77,11 +77,11 @@ class CampaignView:
     note: str = ""
 
 
-#: how long the web server keeps an upload no campaign took (Gradio's cache: see app.build_pages)
+#: how long the web server keeps an upload no campaign took (Gradio's cache: see server.sweep_uploads)
 UPLOAD_WINDOW_SECONDS = 900
 #: how often the watcher looks for users' caches past `studio.user_cache_gb` (a walk of each cache)
 CACHE_TRIM_SECONDS = 3600.0
-#: how often Gradio sweeps its cache of uploads past UPLOAD_WINDOW_SECONDS: an upload lives up to
+#: how often the server sweeps Gradio's cache of uploads past UPLOAD_WINDOW_SECONDS: an upload lives up to
 #: their sum, and counts against its user's quota as long
 CACHE_SWEEP_SECONDS = 60
 #: seconds an upload's quota check trusts the last count of the user's store (a walk of every file of
