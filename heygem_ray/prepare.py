@@ -55,7 +55,7 @@ from heygem_ray.media.video import (
     iter_sampled_frames,
     probe,
 )
-from heygem_ray.plan import frame_step, output_frame_count, stable_hash, standard_rate
+from heygem_ray.plan import STANDARD_RATE_SLACK, frame_step, output_frame_count, stable_hash, standard_rate
 from heygem_ray.storage import StorageOptions
 
 log = logging.getLogger("heygem_ray")
@@ -497,26 +497,44 @@ def _avatar_frames(
 ) -> tuple[VideoInfo, np.ndarray]:
     """The avatar's facts and every frame's timestamp, from the cache or a probe and a demux pass
     (checked against `max_pixels` before anything is decoded)."""
-    frames_uri = storage.join(cache, "avatars", fp, f"frames-{stable_hash(TRACK_VERSION, still_fps)}.npz")
+    key = stable_hash(TRACK_VERSION, still_fps, FRAMES_VERSION)
+    frames_uri = storage.join(cache, "avatars", fp, f"frames-{key}.npz")
     cached = _cached(frames_uri, _load_frames)
     if cached is not None and not cached[0].still:
         _check_pixels(uri, cached[0], max_pixels)
-        # "": a video through BGR probed before its primaries and transfer were kept; None: of a
-        # release that did not deinterlace or put transparency over white
-        if cached[0].color not in (None, "") and cached[0].hdr is not None and cached[0].decoding is not None:
-            return cached
+        return cached
     local = input_copy(uri, cache, fp, "avatar")  # the bytes fingerprinted, or ContentChanged
     info = probe(local, still_fps, display_uri=uri, max_pixels=max_pixels, max_side=max_side)
     _check_pixels(uri, info, max_pixels)
     if info.still:  # one image read, and its size follows the pixel limit: not cached
         return info, np.zeros(1, np.int64)
-    # recorded before its colour tags or HDR transfer were: probed again, its timestamps kept (no demux pass)
-    pts = cached[1] if cached is not None else _frame_timestamps(local, info, uri)
+    pts, time_base = _frame_timestamps(local, info, uri)
+    info = _at_timed_rate(info, pts, time_base)
     buf = io.BytesIO()
     np.savez(buf, pts=pts, info=np.array(json.dumps(asdict(info))))
     with caching(frames_uri):
         storage.write_bytes(frames_uri, buf.getvalue())
     return info, pts
+
+
+#: the version of the facts and timestamps cached per avatar (frames-<key>.npz), with TRACK_VERSION:
+#: 2, a clip's rate from its timestamps where the container's was belied by them
+FRAMES_VERSION = 2
+
+
+def _at_timed_rate(info: VideoInfo, pts: np.ndarray, time_base: Fraction) -> VideoInfo:
+    """A clip whose container states a rate its timestamps belie, at the average rate they keep: a
+    WebM without a frame duration (a browser's recording, Chrome's MediaRecorder) stated its
+    timestamps' 1/1000 s tick, 1000 fps, and its presenter moved 38 times too fast; a variable-rate
+    one states its nominal rate. A rate within STANDARD_RATE_SLACK of the stated one is left as it is."""
+    span = int(pts[-1] - pts[0]) if len(pts) > 1 else 0
+    if span <= 0:
+        return info
+    timed = Fraction(len(pts) - 1) / (span * time_base)
+    if abs(Fraction(info.fps_fraction) / timed - 1) <= STANDARD_RATE_SLACK:
+        return info
+    timed = timed.limit_denominator(1001)
+    return replace(info, fps=float(timed), fps_fraction=f"{timed.numerator}/{timed.denominator}")
 
 
 def _scaled_box(box: Any, scale: float) -> Any:
@@ -657,14 +675,14 @@ def _track(
 ORDER_CHECK_FRAMES = 32
 
 
-def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
+def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> tuple[np.ndarray, Fraction]:
     """Every frame's pts from a demux pass, less those before the first frame the decoder gives (a
-    clip cut inside a group of pictures starts with packets that decode to nothing)."""
-    if info.still:
-        return np.zeros(1, np.int64)
+    clip cut inside a group of pictures starts with packets that decode to nothing), and their time
+    base."""
     try:
         with av.open(local) as container:
             stream = container.streams.video[0]
+            time_base = stream.time_base or Fraction(1, 1000)
             # packets an edit list cuts (a trimmed clip) are demuxed but never shown: flagged discard
             packets, pts = 0, array.array("q")  # 8 bytes a frame, not a Python int's 36
             for packet in container.demux(stream):
@@ -688,7 +706,7 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> np.ndarray:
     if not decoded:
         raise InputError("avatar", uri, "has no decodable video frames")
     timestamps = np.sort(np.frombuffer(pts, np.int64))
-    return timestamps[timestamps >= decoded[0]]
+    return timestamps[timestamps >= decoded[0]], time_base
 
 
 def _dump_array(array: np.ndarray) -> bytes:

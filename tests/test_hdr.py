@@ -154,32 +154,3 @@ def test_an_8bit_hlg_clip_is_not_passed_through_and_is_tagged_sdr(tmp_path):
         assert (context.colorspace, context.color_primaries, context.color_trc) == (6, 1, 1)
         got = _band_means(next(container.decode(video=0)).to_ndarray(format="bgr24"))
     np.testing.assert_allclose(got, EXPECTED_BGR, atol=6)  # 8-bit HLG in, 8-bit out
-
-
-def test_an_hdr_avatar_probed_before_hdr_was_made_sdr_is_probed_again(tmp_path):
-    """Its cached facts said nothing of HDR (colour "": BT.601 tags): probed again, so its outputs
-    get SDR tags. (Its face track, made from frames not made SDR, is under an older TRACK_VERSION.)"""
-    import glob
-    import io
-    import json
-
-    from heygem_ray import prepare
-    from heygem_ray.config import DetectorConfig
-
-    source = str(tmp_path / "hlg.mp4")
-    _hdr_clip(source, hdr.HLG)
-    cache = str(tmp_path / "cache")
-    box = DetectorConfig(name="box", box=[0, 0, 32, 32])
-    first = prepare.prepare_avatar(source, None, box, cache, 25.0)
-    assert first.info.hdr == hdr.HLG
-    [entry] = glob.glob(f"{cache}/avatars/*/frames-*.npz")
-    with np.load(entry) as npz:
-        pts, info = npz["pts"], json.loads(str(npz["info"]))
-    info["color"] = ""  # as the probe before this recorded a 10-bit clip
-    del info["hdr"]
-    buf = io.BytesIO()
-    np.savez(buf, pts=pts, info=np.array(json.dumps(info)))
-    with open(entry, "wb") as fh:
-        fh.write(buf.getvalue())
-    again = prepare.prepare_avatar(source, None, box, cache, 25.0)
-    assert again.info.color == hdr.SDR_TAGS and again.info.hdr == hdr.HLG

@@ -3,6 +3,7 @@
 import os
 import struct
 import wave
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -924,47 +925,36 @@ def test_a_writer_a_failure_left_lets_its_file_and_encoder_go(tmp_path):
     assert not _held_open(path) and video.probe(str(path), 25).width == 64
 
 
-@pytest.mark.parametrize(
-    "pix_fmt, tags, older, expected",
-    [
-        ("yuv420p", 1, None, "1,1,1"),  # before colour tags were recorded
-        ("yuv420p10le", (9, 9, 14), "", "6,9,14"),  # before frames through BGR kept their gamut
-    ],
-)
-def test_an_avatar_recorded_before_its_colours_were_is_probed_again_not_demuxed(
-    tmp_path, monkeypatch, pix_fmt, tags, older, expected
-):
-    """A cache entry of an avatar's facts from before they held its colour tags as they are now:
-    the avatar is probed again (the tags reach its outputs) and its timestamps are kept (no demux
-    pass)."""
-    import glob
-    import io
-    import json
-
+@pytest.mark.parametrize("stated", [None, 30])
+def test_a_webm_whose_container_belies_its_timestamps_plays_at_the_rate_they_keep(tmp_path, stated):
+    """A WebM without a frame duration (Chrome's MediaRecorder writes none) gave its timestamps'
+    millisecond tick as its rate: 1000 fps, the presenter 38 times too fast (every 17th frame at
+    `render.max_fps`); one stating 30 fps while its frames come every 40 ms on average moved 20 %
+    too fast. The rate is the average its timestamps keep, written at the standard one near it."""
     from heygem_ray import prepare
     from heygem_ray.config import DetectorConfig
 
-    source = str(tmp_path / "clip.mp4")
-    _tagged_clip(source, pix_fmt, tags, False)
-    cache = str(tmp_path / "cache")
+    source = tmp_path / "recorded.webm"
+    with av.open(str(source), "w", format="webm") as out:
+        stream = out.add_stream("libvpx", rate=stated or 30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        t = 0
+        for i in range(60):  # 25 fps on average, each frame's time varying as a browser's recording's
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="bgr24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            t += (33, 47, 25, 55, 40)[i % 5]
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    if stated is None:  # the DefaultDuration element, renamed to one no reader knows
+        data = source.read_bytes()
+        assert data.count(bytes.fromhex("23E383")) == 1
+        source.write_bytes(data.replace(bytes.fromhex("23E383"), bytes.fromhex("23E384")))
+    with av.open(str(source)) as container:
+        assert container.streams.video[0].average_rate == (stated or None)
     box = DetectorConfig(name="box", box=[0, 0, 32, 32])
-    assert prepare.prepare_avatar(source, None, box, cache, 25.0).info.color == expected
-    [entry] = glob.glob(f"{cache}/avatars/*/frames-*.npz")
-    with np.load(entry) as npz:
-        pts, info = npz["pts"], json.loads(str(npz["info"]))
-    if older is None:  # as an older probe recorded it
-        del info["color"]
-    else:
-        info["color"] = older
-    buf = io.BytesIO()
-    np.savez(buf, pts=pts, info=np.array(json.dumps(info)))
-    with open(entry, "wb") as fh:
-        fh.write(buf.getvalue())
-    monkeypatch.setattr(prepare, "_frame_timestamps", lambda *a: pytest.fail("demuxed again"))
-    again = prepare.prepare_avatar(source, None, box, cache, 25.0)
-    assert again.info.color == expected and np.array_equal(again.pts, pts)
-    with np.load(entry) as npz:
-        assert json.loads(str(npz["info"]))["color"] == expected  # recorded now
+    track = prepare.prepare_avatar(str(source), None, box, str(tmp_path / "cache"), 25.0)
+    assert track.info.fps_fraction == "25/1" and len(track.pts) == len(track.boxes) == 60
 
 
 @pytest.mark.parametrize("rotation", [0, 90])
