@@ -104,7 +104,7 @@ class CampaignObservers:
         if self._bar is not None:
             self._bar.close()
         self._write_progress("interrupted" if interrupted else "finished")
-        self._write_report(final=True)
+        self._write_report(final=True, stopped=interrupted)
 
     def _write_progress(self, state: str) -> None:
         median = qa.campaign_median(self.sync_scores)
@@ -117,10 +117,10 @@ class CampaignObservers:
             state, self.row_status, self.counts, self.frames_done, self.frames_planned, scores, self.worked
         )
 
-    def _write_report(self, final: bool) -> None:
+    def _write_report(self, final: bool, stopped: bool = False) -> None:
         began = time.time()
         try:
-            self.report.write(began - self.started, final)
+            self.report.write(began - self.started, final, stopped)
         except OSError as exc:  # a report that cannot be written must not stop the campaign
             log.warning("could not write %s: %s", storage.display(self.cfg.layout.report), exc)
         self._report_written = time.time()

@@ -803,7 +803,9 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
     if not cfg.force and marker and marker.fingerprint == fp and marker.still_published(row.output):
         try:
             thumbnail = storage.read_bytes(cfg.layout.thumbnail(row.id))
-        except FileNotFoundError:
+        except OSError as exc:  # a picture for the report: a finished row stays finished without it
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("row %s: thumbnail not read (%s: %s)", row.id, type(exc).__name__, exc)
             thumbnail = None
         return RowPrep(fp, True, None, marker, thumbnail)
     check_writable(row.output)

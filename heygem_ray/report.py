@@ -136,6 +136,7 @@ def render_report(
     totals: Totals | None = None,
     pages: Sequence[tuple[str, str]] = (),
     summary_only: bool = False,
+    stopped: bool = False,
 ) -> str:
     """The report page for `rows` (shown in the given order, which should be manifest order).
 
@@ -144,7 +145,8 @@ def render_report(
     when more than the rows done the campaign is reported as in progress ("N of M rows done") and
     the page refreshes itself; None means the campaign is finished. `totals`: the summary of every
     row done when `rows` are only the first page's (default: `rows`' own); `pages`: (label, href)
-    of the other pages; `summary_only`: no cards (a large campaign's, whose rows are all on pages)."""
+    of the other pages; `summary_only`: no cards (a large campaign's, whose rows are all on pages);
+    `stopped`: the campaign was stopped before its end (its rows the stop caught failed)."""
     totals = totals or Totals.of(rows)
     done = totals.rows
     total = max(int(total_rows), done) if total_rows is not None else done
@@ -166,9 +168,16 @@ def render_report(
     ]
     others = sorted(s for s in counts if s not in _STATUS_CLASSES and counts[s])
     stats[4:4] = [(s.capitalize(), str(counts[s])) for s in others]
+    if not finished:
+        progress, state = f"In progress: {done} of {total} rows done", "running"
+    elif stopped:
+        progress, state = f"Stopped before its end: {done} rows; run it again to finish the rows it caught", "stopped"
+    else:
+        progress, state = f"Finished: {done} rows", "done"
     summary = {
         "finished": finished,
-        "progress": f"Finished: {done} rows" if finished else f"In progress: {done} of {total} rows done",
+        "state": state,
+        "progress": progress,
         "stats": stats,
         "failed": counts.get("failed", 0),
         "failed_links": totals.failed_links,
@@ -350,17 +359,18 @@ class PagedReport:
     def _rows(self, page: int) -> list[RowResult]:
         return sorted(self._done.get(page, {}).values(), key=lambda r: self._index[r.id])
 
-    def write(self, wall_seconds: float, final: bool) -> None:
+    def write(self, wall_seconds: float, final: bool, stopped: bool = False) -> None:
         """Rewrite the report and every page whose rows changed since the last call. A page that
         cannot be written is tried again at the next call; the summary is written still (its
-        totals, at the last call, are the campaign's), then the page's error raised."""
+        totals, at the last call, are the campaign's), then the page's error raised. `stopped`:
+        the final one of a campaign stopped before its end."""
         paged = self.pages > 1
         try:
             for page in sorted(self._changed) if paged else ():
                 self._write_page(page)
                 self._changed.discard(page)  # written: a later page that fails to write leaves this one be
         finally:
-            self._write_summary(wall_seconds, final, paged)
+            self._write_summary(wall_seconds, final, paged, stopped)
         self._changed.clear()
 
     def _write_page(self, page: int) -> None:
@@ -377,7 +387,7 @@ class PagedReport:
                 self._thumbs.pop(r.id, None)
             self._done.pop(page, None)
 
-    def _write_summary(self, wall_seconds: float, final: bool, paged: bool) -> None:
+    def _write_summary(self, wall_seconds: float, final: bool, paged: bool, stopped: bool) -> None:
         html_text = render_report(
             [] if paged else self._rows(0),
             self._thumbs,
@@ -388,6 +398,7 @@ class PagedReport:
             totals=self.totals,
             pages=self._nav(from_summary=True),
             summary_only=paged,
+            stopped=stopped,
         )
         write_report(self.uri, html_text)
 

@@ -164,6 +164,7 @@ def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir,
     assert all("interrupted" in r["error"] for r in stopped)
     assert not (out / "_results").exists()
     assert json.loads((out / "_progress.json").read_text())["state"] == "interrupted"
+    assert "Stopped before its end: 12 rows" in (out / "_report.html").read_text()  # not "Finished"
     if not executor:  # resuming does not depend on the executor: checked once, inline
         return
 
@@ -174,6 +175,7 @@ def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir,
     again = {r["id"]: r for r in read_results(str(out / "_results.parquet"))}
     assert all(again[row_id]["status"] in ("ok", "skipped") for row_id in again)
     assert all(again[row_id]["status"] == "skipped" for row_id in done), again
+    assert "Finished: 12 rows" in (out / "_report.html").read_text()
 
 
 def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never_started(tmp_path):
@@ -327,6 +329,11 @@ def test_a_row_is_skipped_only_while_its_output_path_holds_the_video_its_marker_
     assert not prepare_row(row, cfg).skipped
     write_marker(cfg.layout.marker("r"), replace(marker, bytes=None))  # an older marker
     assert prepare_row(row, cfg).skipped
+    # its thumbnail cannot be read (here a folder at its name): the finished row stays skipped
+    thumbnail = cfg.layout.thumbnail("r")
+    os.makedirs(thumbnail)
+    prep = prepare_row(row, cfg)
+    assert prep.skipped and prep.thumbnail is None
 
 
 def test_parts_left_beside_a_whole_table_count_only_when_a_later_run_wrote_them(tmp_path, monkeypatch):
