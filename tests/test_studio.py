@@ -1850,6 +1850,12 @@ def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
     assert copy.get("/app/").status_code == 200  # signed in, as alice
     assert alice.get("/logout").headers["location"] == "/login"
     assert copy.get("/app/").headers["location"] == "/login"  # the copy is signed out too
+    # a page event of no session: refused before its body is read (a MiB of JSON walked on the
+    # event loop for anyone who can reach the port), here one naming a file by URL
+    linked = {"data": [[{"path": "https://example.com/big.wav", "meta": {"_type": "gradio.FileData"}}]], "fn_index": 0}
+    for stranger in (copy, TestClient(app, base_url="http://127.0.0.1")):
+        refused = stranger.post("/app/gradio_api/queue/join", json=linked)
+        assert refused.status_code == 401 and "uploaded, not linked" not in refused.text
 
 
 def test_a_campaigns_link_opens_it_once_signed_in_and_carries_nothing_else(tmp_path):

@@ -107,7 +107,11 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             if length > (EVENT_MAX_BYTES if request.url.path.startswith(API_PATH) else FORM_MAX_BYTES):
                 return Response("too large", status_code=413)
             if request.url.path.startswith(API_PATH):
-                refused = _linked_files_refused(await request.body())
+                # a stranger's MiB of JSON is not read, let alone walked; the walk runs off the
+                # event loop, which every request waits on
+                if await run_in_threadpool(current_user, request) is None:
+                    return Response("sign in first", status_code=401)
+                refused = await run_in_threadpool(_linked_files_refused, await request.body())
                 if refused is not None:
                     return refused
         response = await call_next(request)
