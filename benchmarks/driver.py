@@ -118,11 +118,11 @@ class SimulatedExecutor:
         return False
 
 
-def _prepare_row(row: Any, cfg: Any) -> Any:
+def _prepare_row(row: Any, cfg: Any, decode: bool = True) -> Any:
     from heygem_ray.prepare import AudioInfo, RowPrep
 
-    audio = AudioInfo(row.audio, f"a{row.audio}", 16_000 * 10, 0.1, f"{row.audio}.f32")
-    return RowPrep(f"fp-{row.id}", False, audio, None)
+    audio = AudioInfo(row.audio, f"a{row.audio}", 16_000 * 10, 0.1, f"{row.audio}.f32", decoded=True)
+    return RowPrep(f"fp-{row.id}", False, audio if decode else None, None)
 
 
 def _prepare_avatar(avatar: str, *_: Any) -> Any:

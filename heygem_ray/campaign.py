@@ -31,6 +31,7 @@ from heygem_ray.errors import InputError, ManifestError
 from heygem_ray.executors import Executor, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
+from heygem_ray.media.audio import SAMPLE_RATE
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.output_lock import OutputLostError
 from heygem_ray.prepare import AvatarTrack, model_versions, prepare_row
@@ -99,6 +100,7 @@ class Campaign:
         self._skipped_since_work = 0  # rows prepared and skipped since the last that went on to render
         self.shared = SharedWork(cfg, executor)
         self._published_bytes = 0  # of the videos this run published (`limits.max_output_gb`)
+        self._decoded_bytes = 0  # of the narrations this run decoded into the cache (`limits.max_cache_gb`)
         self._seen_since: dict[Any, float] = {}  # stage task handle -> when `_watch_stages` first saw it
         self._warned: set[Any] = set()  # stage tasks said to be out long
         self._watched_at = time.monotonic()
@@ -245,7 +247,10 @@ class Campaign:
             row = self._pending.popleft()
             self._states[row.id] = RowState(row, time.time())
             self.observers.status(row.id, "preparing")
-            self._inflight[self.executor.submit(prepare_row, row, self.cfg)] = ("prepared", row.id)
+            # a row that will not render is still asked whether it is done (skipped), but its
+            # narration is not decoded for nothing
+            decode = self._not_decoding() is None
+            self._inflight[self.executor.submit(prepare_row, row, self.cfg, decode)] = ("prepared", row.id)
 
     def _dispatch_segments(self) -> None:
         if self._output_limit_reached():  # the rows waiting for their first segment go no further
@@ -306,17 +311,41 @@ class Campaign:
             self._skipped_since_work += 1
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
         self._skipped_since_work = 0
+        if state.prep.audio is None:  # not decoded: it was admitted past a limit (`_not_decoding`)
+            return self._fail(row_id, self._not_decoding() or "not rendered")
+        if state.prep.audio.decoded:
+            self._decoded_bytes += 4 * state.prep.audio.samples
         if self.actors.error:  # no renderer will ever take it: no face tracking for nothing
             return self._fail(row_id, self.actors.error)
         if self._output_limit_reached():
             return self._fail(row_id, self._output_limit_reason())
-        assert state.prep.audio is not None  # not skipped: decoded
         track, started = self.shared.avatar(state.row, state.prep.audio.seconds, state.prep.avatar_fingerprint)
         if started is not None:
             key, handle = started
             self._inflight[handle] = ("avatar", key)
         if track is not None:
             self._on_track(state, track)
+
+    def _not_rendering(self) -> str | None:
+        """Why rows not rendering yet will not (None: they may): no renderer can start, or this
+        run's new videos reached `limits.max_output_gb`. Each holds for the rest of the run."""
+        if self.actors.error:
+            return self.actors.error
+        return self._output_limit_reason() if self._output_limit_reached() else None
+
+    def _not_decoding(self) -> str | None:
+        """Why rows not prepared yet will not render (None: they may), their narrations left
+        undecoded: `_not_rendering`, or the narrations this run decoded reached `limits.max_cache_gb`."""
+        if (why := self._not_rendering()) is not None:
+            return why
+        limit = self.cfg.limits.max_cache_gb * 2**30
+        if limit and self._decoded_bytes >= limit:
+            return (
+                f"not rendered: the narrations this run decoded reached its cache limit of {_size(limit)} "
+                f"(limits.max_cache_gb, about {limit / (4 * SAMPLE_RATE * 3600):.0f} hours of audio; the studio sets "
+                "it to studio.user_cache_gb): run the campaign again to render the rest"
+            )
+        return None
 
     def _output_limit_reached(self) -> bool:
         """Whether the videos this run published reached `limits.max_output_gb`: rows not yet
@@ -326,16 +355,15 @@ class Campaign:
 
     def _output_limit_reason(self) -> str:
         limit = self.cfg.limits.max_output_gb * 2**30
-        size = f"{limit / 2**30:.2f} GiB" if limit >= 2**30 else f"{limit / 2**20:.1f} MiB"
         return (
-            f"not rendered: this run's new videos reached its limit of {size} (limits.max_output_gb, which the "
+            f"not rendered: this run's new videos reached its limit of {_size(limit)} (limits.max_output_gb, which the "
             "studio sets to your storage quota left): free space (in the studio, delete campaigns you no longer "
             "need), then run the campaign again to render the rest"
         )
 
     def _on_avatar(self, key: AvatarKey, ref: Any) -> None:
         # no more tracking for rows no renderer will take
-        track, waiting, started = self.shared.avatar_done(key, ref, more=not self.actors.error)
+        track, waiting, started = self.shared.avatar_done(key, ref, more=self._not_rendering() is None)
         if started is not None:
             self._inflight[started[1]] = ("avatar", key)
         for row_id in waiting:
@@ -587,3 +615,8 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
             return Campaign(cfg, rows, executor, startup, guard).run()
     finally:
         storage.configure(cfg.storage.options, {})  # this process's next campaign pins its own
+
+
+def _size(limit: float) -> str:
+    """Bytes as a limit is said: GiB, or MiB under one."""
+    return f"{limit / 2**30:.2f} GiB" if limit >= 2**30 else f"{limit / 2**20:.1f} MiB"

@@ -304,10 +304,16 @@ class LimitsConfig:
     #: it has not begun to render fail saying so (rows under way finish, rows already done are
     #: skipped as ever). The studio sets it to the user's storage quota left
     max_output_gb: float = 0.0
+    #: GiB of narrations this run may decode into its cache (0: no limit; 16 kHz float samples, 0.23
+    #: GB an hour): once those it decoded reach it, rows it has not prepared yet fail saying so (a
+    #: narration compresses ~350x: a few MB of upload decoded to the whole disk). The studio sets it
+    #: to `studio.user_cache_gb`
+    max_cache_gb: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_output_gb < 0:
-            raise ValueError(f"limits.max_output_gb must be >= 0 (0: no limit), got {self.max_output_gb}")
+        for name in ("max_output_gb", "max_cache_gb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"limits.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
         if self.max_audio_seconds <= 0 or self.max_avatar_pixels <= 0:  # 0 refused every row, one by one
             raise ValueError(
                 "limits.max_audio_seconds and limits.max_avatar_pixels must be positive, "
@@ -575,7 +581,8 @@ class StudioConfig:
     user_quota_gb: float = 100
     #: what one user's cache (`{store}/{user}/_cache`: decoded narrations, face tracks, outside the
     #: quota) may grow to, GiB: past it, the studio removes it (checked hourly) while none of the
-    #: user's campaigns is queued or running; it is made again as campaigns need it. 0 = no limit
+    #: user's campaigns is queued or running; it is made again as campaigns need it. Each job may
+    #: decode this much into it (`limits.max_cache_gb`). 0 = no limit
     user_cache_gb: float = 20
     #: campaigns one user may have queued or running at once (each is a Ray job, its driver a
     #: process on the head node); 0 = no limit

@@ -148,6 +148,8 @@ class AudioInfo:
     samples: int
     level: float
     pcm_uri: str
+    #: decoded now (not found in the cache): its samples were added to the cache
+    decoded: bool = False
 
     @property
     def seconds(self) -> float:
@@ -193,7 +195,7 @@ def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf"), finge
         level = meter.level()
         with caching(base + ".json"):
             storage.write_bytes(base + ".json", json.dumps({"samples": samples, "level": level}).encode())
-        return _within_limits(AudioInfo(uri, fp, samples, level, base + ".f32"), max_seconds)
+        return _within_limits(AudioInfo(uri, fp, samples, level, base + ".f32", decoded=True), max_seconds)
 
 
 def _whole(uri: str, size: int | None = None) -> bool:
@@ -788,8 +790,9 @@ class RowPrep:
     avatar_fingerprint: str = ""
 
 
-def prepare_row(row: Row, cfg: Config) -> RowPrep:
-    """Fingerprint the row; report it skipped when its marker matches, else decode its audio."""
+def prepare_row(row: Row, cfg: Config, decode: bool = True) -> RowPrep:
+    """Fingerprint the row; report it skipped when its marker matches, else decode its audio
+    (`decode`: the run will render it; else it is reported not skipped, with no audio)."""
     storage.configure(cfg.storage.options, cfg.model_versions)
     cache = cfg.cache_uri
     fingerprints = {}
@@ -808,6 +811,8 @@ def prepare_row(row: Row, cfg: Config) -> RowPrep:
                 log.warning("row %s: thumbnail not read (%s: %s)", row.id, type(exc).__name__, exc)
             thumbnail = None
         return RowPrep(fp, True, None, marker, thumbnail)
+    if not decode:
+        return RowPrep(fp, False, None, None, avatar_fingerprint=fingerprints["avatar"])
     check_writable(row.output)
     audio = prepare_audio(row.audio, cache, cfg.limits.max_audio_seconds, fingerprints["audio"])
     return RowPrep(fp, False, audio, None, avatar_fingerprint=fingerprints["avatar"])

@@ -227,6 +227,7 @@ def test_a_cached_narration_whose_data_went_is_decoded_again(inputs, tmp_path):
     cache = str(tmp_path / "c")
     audio = prepare_audio(str(inputs / "speech.wav"), cache)
     whole = read_pcm(audio.pcm_uri, 0, audio.samples)
+    assert audio.decoded and not prepare_audio(str(inputs / "speech.wav"), cache).decoded  # found: no bytes added
     os.remove(audio.pcm_uri)
     assert prepare_audio(str(inputs / "speech.wav"), cache) == audio
     assert np.array_equal(read_pcm(audio.pcm_uri, 0, audio.samples), whole)

@@ -290,8 +290,8 @@ def _presenter_rewritten(
 
     rows_found, tasks_read, calls = iter(found), iter(tracked), []
 
-    def prepare_row(row: Any, cfg: Any) -> Any:
-        return replace(STAGES["prepare_row"](row, cfg), avatar_fingerprint=next(rows_found))
+    def prepare_row(row: Any, cfg: Any, decode: bool = True) -> Any:
+        return replace(STAGES["prepare_row"](row, cfg, decode), avatar_fingerprint=next(rows_found))
 
     def prepare_avatar(avatar: str, *args: Any) -> Any:
         calls.append(fingerprint := next(tasks_read))
@@ -420,6 +420,40 @@ def test_no_avatar_is_tracked_once_no_renderer_can_start(tmp_path):
     assert calls == []
 
 
+@pytest.mark.parametrize("stop", ["no renderer", "cache limit"])
+def test_rows_that_will_not_render_are_not_decoded(tmp_path, stop):
+    """Once no renderer can start, or the narrations this run decoded reach `limits.max_cache_gb`
+    (a few MB of upload decode to GBs: the studio's user cache filled the disk outside the quota),
+    the rows not prepared yet are asked only whether they are done, their narrations not decoded
+    to fail afterwards."""
+    decoded: list[bool] = []
+
+    def prepare_row(row: Any, cfg: Any, decode: bool = True) -> Any:
+        decoded.append(decode)
+        prep = STAGES["prepare_row"](row, cfg, decode)
+        return replace(prep, skipped=True, audio=None) if row.id == "r199" else prep  # a rerun's finished one
+
+    out = tmp_path / "out"
+    ten_seconds = 16_000 * 10 * 4  # bytes of each row's decoded narration (STAGES)
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet",
+        f"output={out}",
+        "render.progress=false",
+        "render.max_prepared_rows=4",
+        f"limits.max_cache_gb={5 * ten_seconds / 2**30:.12f}",
+    )
+    rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(200)]
+    error = "CheckpointError: bad" if stop == "no renderer" else None
+    executor = SimulatedExecutor(actors=2, stages={**STAGES, "prepare_row": prepare_row}, start_error=error)
+    summary = Campaign(cfg, rows, executor=executor).run()
+    assert len(decoded) == 200 and summary.count("skipped") == 1
+    assert sum(decoded) <= (4 if stop == "no renderer" else 5 + 4)  # those under way when it was known
+    failed = [r.error for r in summary.rows if r.status == "failed"]
+    why = "renderer could not start" if stop == "no renderer" else "reached its cache limit of 3.1 MiB"
+    assert len(failed) >= 190 and all(why in e for e in failed), failed[-1]
+    assert summary.count("ok") == (0 if stop == "no renderer" else sum(decoded))
+
+
 def _narrations_and_tracks(asked: list[float | None], face_from: int = 0) -> dict[str, Any]:
     """STAGES, with a row's narration as long as its audio's name says (/in/a<seconds>.wav) and a
     1,000-frame avatar tracked as far as each `prepare_avatar` call asks (recorded in `asked`), a
@@ -433,7 +467,7 @@ def _narrations_and_tracks(asked: list[float | None], face_from: int = 0) -> dic
 
     total, info = 1000, VideoInfo(False, 25.0, "25/1", 1280, 720, 0, 1000)
 
-    def prepare_row(row: Any, cfg: Any) -> Any:
+    def prepare_row(row: Any, cfg: Any, decode: bool = True) -> Any:
         seconds = float(Path(row.audio).stem[1:])
         return RowPrep(f"fp-{row.id}", False, AudioInfo(row.audio, row.audio, int(16_000 * seconds), 0.1, "x"), None)
 
@@ -1279,8 +1313,8 @@ def test_a_rerun_checks_finished_rows_many_at_a_time_then_goes_back_to_its_pace(
 
     finished = 200
 
-    def prepare_row(row: Any, cfg: Any) -> Any:
-        prep = STAGES["prepare_row"](row, cfg)
+    def prepare_row(row: Any, cfg: Any, decode: bool = True) -> Any:
+        prep = STAGES["prepare_row"](row, cfg, decode)
         if int(row.id[1:]) < finished:
             return replace(prep, skipped=True, audio=None)
         if then == "store fails":

@@ -989,6 +989,7 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
 
         entrypoint = JobSubmissionClient(ray_head).get_job_info(record["jobs"][-1]).entrypoint
         assert "limits.max_output_gb=99.99" in entrypoint, entrypoint
+        assert "limits.max_cache_gb=20" in entrypoint, entrypoint  # what it may decode into her cache
 
         # alice deletes it: uploads, videos and record gone, and the pages say so
         assert "Deleted" in alice.predict(campaign, api_name="/do_delete")

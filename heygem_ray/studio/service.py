@@ -429,11 +429,22 @@ class Studio:
         without a quota or where the operator's `render_overrides` set one (theirs holds). Campaigns
         running at once each get what is left at their submit, and rows under way finish: a soft
         limit, as the quota is."""
-        operators = (o.lstrip("+~").split("=", 1)[0] for o in self.cfg.render_overrides)
-        if not self.cfg.user_quota_gb or "limits.max_output_gb" in operators:
+        if not self.cfg.user_quota_gb or self._operator_sets("limits.max_output_gb"):
             return []
         left = self.cfg.user_quota_gb * 2**30 - self.store.usage(user)
         return [f"limits.max_output_gb={max(left, 1.0) / 2**30:.9f}"]  # 0 would mean no limit
+
+    def _cache_limit(self) -> list[str]:
+        """`limits.max_cache_gb`: `user_cache_gb`, what a job may decode into the user's cache
+        (outside the quota: a few MB of narrations uploaded decode to GBs, and the cache is trimmed
+        only while no campaign of theirs runs); none without it or where `render_overrides` set one."""
+        if not self.cfg.user_cache_gb or self._operator_sets("limits.max_cache_gb"):
+            return []
+        return [f"limits.max_cache_gb={self.cfg.user_cache_gb:g}"]
+
+    def _operator_sets(self, key: str) -> bool:
+        """Whether the operator's `render_overrides` set `key` (theirs holds)."""
+        return key in (o.lstrip("+~").split("=", 1)[0] for o in self.cfg.render_overrides)
 
     def _legacy_settings(self, record: CampaignRecord) -> list[str]:
         """The settings of a campaign made before campaigns kept theirs: its model as offered now,
@@ -449,7 +460,7 @@ class Studio:
         """Start (or resume) the campaign as a new Ray job: finished rows are skipped by the driver."""
         # unique even when a submit whose record could not be saved left its id taken
         submission_id = f"heygem-{record.user}-{record.id}-{len(record.jobs) + 1}-{secrets.token_hex(2)}"
-        overrides = [*self.job_overrides(record), *self._output_limit(record.user)]
+        overrides = [*self.job_overrides(record), *self._output_limit(record.user), *self._cache_limit()]
         # recorded before the submit: a job the cluster took while its answer was lost (a read
         # timeout) is this campaign's, to show, cancel, and keep a delete from; taken back only
         # where it surely did not go in
