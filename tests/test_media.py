@@ -118,6 +118,21 @@ def test_mp3s_joined_with_cat_decode_whole_and_a_broken_file_is_refused(tmp_path
     assert 0.3 < np.abs(pcm[20_000:28_000]).max() < 0.9  # the second chunk, heard
     samples = mux.encode_audio(str(joined), str(tmp_path / "out.m4a"))
     assert abs(samples / 48_000 - len(pcm) / 16_000) < 0.03  # the same packets skipped: in step
+    # one sentence a chunk (each with its tag: one packet the decoder refuses), twelve of them
+    demo.write_audio(str(tmp_path / "part.mp3"), _tone(1.5, 24_000), 24_000)
+    joined.write_bytes((tmp_path / "part.mp3").read_bytes() * 12)
+    assert 18.0 <= len(decode_all(str(joined))) / 16_000 < 18.0 + 12 * 0.06  # each chunk's encoder delay kept
+    # tags with a picture: many packets refused, the parser resyncing inside the next chunk's first
+    # frames (lost, as ffmpeg loses them): tags, not damage
+    art = np.random.default_rng(1).integers(0, 256, 30_000, dtype=np.uint8).tobytes()
+    picture = b"image/jpeg\x00\x03\x00" + art
+    frame = b"APIC" + struct.pack(">I", len(picture)) + b"\x00\x00" + picture
+    tag = b"ID3\x03\x00\x00" + bytes((len(frame) >> shift) & 127 for shift in (21, 14, 7, 0)) + frame
+    demo.write_audio(str(tmp_path / "part.mp3"), _tone(20.0, 24_000), 24_000)
+    chunk = (tmp_path / "part.mp3").read_bytes()
+    chunk = chunk[10 + sum((b & 127) << shift for b, shift in zip(chunk[6:10], (21, 14, 7, 0), strict=True)) :]
+    joined.write_bytes((tag + chunk) * 3)
+    assert abs(len(decode_all(str(joined))) / 16_000 - 60.0) < 1.0
     broken = tmp_path / "broken.mp3"
     broken.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
     with pytest.raises(InputError, match="is not readable audio"):

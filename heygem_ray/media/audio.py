@@ -63,26 +63,32 @@ def iter_pcm16k(path: str, display_uri: str | None = None) -> Iterator[np.ndarra
 
 
 #: packets a narration's decoder may refuse and the narration still be read, when they are also
-#: under 1 % of its packets: an ID3 tag between MP3s joined with `cat` (a common way to join TTS
-#: chunks), a few damaged bytes; players and ffmpeg skip them. More is a broken file.
+#: under 1 % of its packets: a few damaged bytes; players and ffmpeg skip them. More is a broken
+#: file. The ID3 tags between MP3s joined with `cat` (a common way to join TTS chunks, a tag each,
+#: some with a picture: many packets) are skipped as tags, not counted.
 BAD_PACKETS = 8
 
 
 def decoded(container: av.container.InputContainer, stream: av.AudioStream, uri: str) -> Iterator[av.AudioFrame]:
-    """The audio stream's frames, past the packets its decoder refuses (up to BAD_PACKETS, and 1 %
-    of them): the same frames wherever a narration is decoded (its mel features, its AAC track),
-    so what is heard and what the lips follow stay in step."""
+    """The audio stream's frames, past the packets its decoder refuses (ID3 tags, and up to
+    BAD_PACKETS others, and 1 % of them): the same frames wherever a narration is decoded (its mel
+    features, its AAC track), so what is heard and what the lips follow stay in step."""
     bad = good = 0
     any_frame = False
+    in_tag = False  # passing the refused packets of an ID3 tag (its picture, cut where the parser resyncs)
     for packet in container.demux(stream):
         try:
             frames = stream.decode(packet)
         except av.error.InvalidDataError:
+            in_tag = in_tag or bytes(memoryview(packet)[:3]) in (b"ID3", b"TAG")  # ID3v2, ID3v1
+            if in_tag:
+                continue
             bad += 1
             if bad > BAD_PACKETS and bad * 100 > bad + good:
                 raise InputError("audio", uri, f"is not readable audio ({bad} of {bad + good} packets are damaged)")
             continue
         good += 1
+        in_tag = False
         any_frame = any_frame or bool(frames)
         yield from frames
     if bad and not any_frame:
