@@ -172,6 +172,43 @@ def test_password_guessing_slows_down(tmp_path):
     assert [burst.begin(*burst.keys("alice", "10.0.0.9")) == 0 for _ in range(5)] == [True] * 3 + [False] * 2
 
 
+def test_failing_as_a_user_from_many_addresses_does_not_keep_them_out_of_their_own_browser(tmp_path):
+    """Fifty failures as alice, from ten addresses, slow every try as alice: anyone could keep her
+    out, failing once more whenever the wait ends. A browser she signed in from is known (a signed
+    cookie): its tries count only against its own address."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import build_app
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.sessions import DEVICE_COOKIE
+
+    users = tmp_path / "users.json"
+    add_user(str(users), "alice", "alice-password")
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    app = build_app(service, str(users), Sessions(b"k" * 32))
+
+    def browser(address: str) -> TestClient:
+        return TestClient(app, base_url="http://127.0.0.1", follow_redirects=False, client=(address, 50000))
+
+    def sign_in(client: TestClient, password: str) -> int:
+        return client.post("/login", data={"name": "alice", "password": password}).status_code
+
+    hers = browser("10.1.0.1")
+    assert sign_in(hers, "alice-password") == 303 and hers.cookies.get(DEVICE_COOKIE)
+    hers.get("/logout")
+    for bot in range(10):
+        mallory = browser(f"10.66.0.{bot}")
+        assert [sign_in(mallory, "guess") for _ in range(5)] == [401] * 5
+    assert sign_in(browser("10.1.0.2"), "alice-password") == 429  # a browser not known: the name's delay
+    assert sign_in(hers, "alice-password") == 303  # hers
+    forged = browser("10.66.1.1")
+    forged.cookies.set(DEVICE_COOKIE, "alice|9999999999|" + "0" * 64)
+    assert sign_in(forged, "alice-password") == 429
+
+
 def test_signing_in_as_oneself_does_not_reset_an_addresss_guesses(tmp_path, monkeypatch):
     """A user guessing at other names from one address cannot clear that address's count by signing
     in as themselves between guesses; an IPv6 host counts by its /64; an address's failures are

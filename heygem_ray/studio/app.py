@@ -31,7 +31,7 @@ from heygem_ray.studio.service import (
     SubmitUnconfirmed,
     distinct_uploads,
 )
-from heygem_ray.studio.sessions import COOKIE, LIFETIME, Sessions
+from heygem_ray.studio.sessions import COOKIE, DEVICE_COOKIE, DEVICE_LIFETIME, LIFETIME, Sessions
 from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, CAMPAIGN_ID, MANIFEST_TYPES, UploadError
 from heygem_ray.studio.users import LoginGuard, UsersFile
 
@@ -164,6 +164,8 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         if users is None:
             return RedirectResponse(opened, status_code=303)
         keys = guard.keys(name, request.client.host if request.client else "")
+        if sessions.known_device(request.cookies.get(DEVICE_COOKIE), name):
+            keys = tuple(key for key in keys if key[0] != "name")  # others' failures as them: not theirs
         wait = guard.begin(*keys)
         if wait > 0:
             log.info("login refused user=%r (too many tries)", name)
@@ -176,6 +178,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         secure = request.url.scheme == "https"
         cookie = sessions.issue(name, users.hashes()[name])
         response.set_cookie(COOKIE, cookie, max_age=LIFETIME, httponly=True, samesite="strict", secure=secure)
+        device = sessions.device(name)
+        response.set_cookie(
+            DEVICE_COOKIE, device, max_age=DEVICE_LIFETIME, httponly=True, samesite="strict", secure=secure
+        )
         return response
 
     @app.get("/logout")

@@ -22,6 +22,11 @@ from pathlib import Path
 COOKIE = "heygem_studio_session"
 #: how long a login lasts, seconds
 LIFETIME = 12 * 3600
+#: a browser a user signed in from: its tries as that user are not slowed by the failures others
+#: made as them (`LoginGuard`'s name-wide delay), so no one can keep a user out by failing as them
+DEVICE_COOKIE = "heygem_studio_device"
+#: how long a browser stays known after its last sign-in, seconds
+DEVICE_LIFETIME = 90 * 86400
 KEY_BYTES = 32
 #: ended sessions kept one by one per user; past that, all of theirs until then end at once
 ENDED_PER_USER = 50
@@ -99,6 +104,24 @@ class Sessions:
                 self._ended_before[user] = now_s + 1  # this one too, and every other of theirs until now
             self._save_ended()
         return user
+
+    def device(self, user: str, now: float | None = None) -> str:
+        """The cookie that makes this browser known as one `user` signed in from (`DEVICE_COOKIE`)."""
+        body = f"{user}|{int((now or time.time()) + DEVICE_LIFETIME)}"
+        return f"{body}|{self._sign('device|' + body, '')}"
+
+    def known_device(self, cookie: str | None, user: str, now: float | None = None) -> bool:
+        """Whether `cookie` is a genuine, unexpired `device` cookie of `user`'s."""
+        if not cookie or cookie.count("|") != 2:
+            return False
+        name, expires, signature = cookie.split("|")
+        expected = self._sign(f"device|{name}|{expires}", "")
+        return (
+            hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode())
+            and name == user
+            and expires.isdigit()
+            and int(expires) >= (now or time.time())
+        )
 
     def _session(
         self, cookie: str | None, stored_hash_of: dict[str, str], now: float | None

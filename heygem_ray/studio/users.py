@@ -122,7 +122,8 @@ class LoginGuard:
     and 16 MiB of scrypt), and after `free` failures from a client address (for any name, or for
     one name), each further try waits out a delay that doubles, up to `longest` seconds. A name
     tried from many addresses slows down only after `name_free` failures: with `free` alone,
-    anyone could keep a user from signing in by failing five times as them now and then.
+    anyone could keep a user from signing in by failing five times as them now and then (and a
+    browser the user signed in from, `Sessions.known_device`, is not slowed by the name's at all).
 
     A right password clears the failures of its name, not its address's: else anyone with an
     account could guess four times at other names, sign in as themselves, and go on unslowed. An
