@@ -446,15 +446,27 @@ def remove(uri: str, recursive: bool = False) -> None:
 @retrying
 def usage(uri: str, leaving_out: str | None = None) -> int:
     """Bytes stored under a folder (0 when there is none), less those under its subfolder
-    `leaving_out`. The sizes come from the listing itself: fsspec's `du` asks for each file's info
-    again, one HEAD per object on S3 (hundreds of thousands for a user's campaigns)."""
+    `leaving_out`, which is not listed (a user's cache: more files than their campaigns). The sizes
+    come from the listings themselves: fsspec's `du` asks for each file's info again, one HEAD per
+    object on S3 (hundreds of thousands for a user's campaigns)."""
     fs, path = url_to_fs(uri)
-    skip = None if leaving_out is None else url_to_fs(leaving_out)[1].rstrip("/") + "/"
+    skip = None if leaving_out is None else url_to_fs(leaving_out)[1].rstrip("/")
+    fs.invalidate_cache(path)
     try:
-        found = fs.find(path, detail=True)  # {} where there is no such folder
+        top = fs.ls(path, detail=True) if skip is not None else [{"name": path, "type": "directory"}]
     except FileNotFoundError:
         return 0
-    return sum(int(info.get("size") or 0) for name, info in found.items() if skip is None or not name.startswith(skip))
+    total = 0
+    for entry in top:
+        name = str(entry["name"]).rstrip("/")
+        if name == skip:
+            continue
+        if entry.get("type") != "directory":
+            total += int(entry.get("size") or 0)
+            continue
+        with contextlib.suppress(FileNotFoundError):  # {} where there is no such folder
+            total += sum(int(info.get("size") or 0) for info in fs.find(name, detail=True).values())
+    return total
 
 
 @retrying

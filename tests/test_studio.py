@@ -1953,6 +1953,20 @@ def test_uploads_count_the_users_store_at_most_every_few_seconds(tmp_path, monke
     monkeypatch.setattr(studio_service, "USAGE_SECONDS", 0.0)
     studio.admit_upload("alice", 1000)
     assert len(walks) == 3
+    # forty uploads at once once the count is old: one walk, the others answered from the last count
+    import threading
+
+    walking, go_on = threading.Event(), threading.Event()
+    monkeypatch.setattr(
+        studio.store, "usage", lambda user: walks.append(user) or walking.set() or go_on.wait(2) and real_usage(user)
+    )
+    first = threading.Thread(target=studio.admit_upload, args=("alice", 1000))
+    first.start()
+    assert walking.wait(10)
+    answers = [studio.admit_upload("alice", 1000) for _ in range(39)]  # while the walk goes on
+    go_on.set()
+    first.join(10)
+    assert len(walks) == 4 and answers == [None] * 39
 
 
 def test_a_campaign_record_this_version_cannot_read_is_passed_over_not_fatal(tmp_path, caplog, monkeypatch):

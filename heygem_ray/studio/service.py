@@ -109,6 +109,7 @@ class Studio:
         self._campaign_locks: dict[str, threading.Lock] = {}  # see _acting_on
         self._uploads: dict[str, list[tuple[float, int]]] = {}  # user -> (when, bytes) of recent uploads
         self._usage: dict[str, tuple[float, int]] = {}  # user -> (when, bytes) of the last count of their store
+        self._counting: dict[str, threading.Lock] = {}  # see _store_usage
         self._lock = threading.Lock()
         self._creating: set[str] = set()  # users whose campaign is being saved and submitted now
         self._admitting: dict[str, threading.Lock] = {}  # see _admission
@@ -317,13 +318,8 @@ class Studio:
         if not self.cfg.user_quota_gb:
             return None
         quota, now = self.cfg.user_quota_gb * 2**30, time.time()
+        used = self._store_usage(user, now)
         with self._lock:
-            counted = self._usage.get(user)
-        if counted is None or now - counted[0] > USAGE_SECONDS:
-            counted = (now, self.store.usage(user))
-        with self._lock:
-            self._usage[user] = counted
-            used = counted[1]
             kept = UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS
             recent = [(t, n) for t, n in self._uploads.get(user, []) if now - t < kept]
             pending = sum(n for _, n in recent)
@@ -335,6 +331,30 @@ class Studio:
                 )
             self._uploads[user] = [*recent, (now, size)]
         return None
+
+    def _store_usage(self, user: str, now: float) -> int:
+        """What the user's store holds, counted at most every USAGE_SECONDS, one count at a time:
+        uploads sent at once while the count is old each walked the whole store (seconds each, in
+        the web server's shared threads). While it is being counted again, the last count is used."""
+        with self._lock:
+            counted = self._usage.get(user)
+            counter = self._counting.setdefault(user, threading.Lock())
+        if counted is not None and now - counted[0] <= USAGE_SECONDS:
+            return counted[1]
+        if counted is None:
+            counter.acquire()  # the first count of theirs: every upload waits for it
+        elif not counter.acquire(blocking=False):  # counted again now, by another upload
+            return counted[1]
+        try:
+            with self._lock:
+                counted = self._usage.get(user)
+            if counted is None or now - counted[0] > USAGE_SECONDS:  # not counted meanwhile
+                counted = (time.time(), self.store.usage(user))
+                with self._lock:
+                    self._usage[user] = counted
+            return counted[1]
+        finally:
+            counter.release()
 
     def _taken(self, user: str, size: int) -> None:
         """`size` bytes of the user's recent uploads are in the store now, where its usage counts
