@@ -489,6 +489,11 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, 
     assert "past your" in (service.admit_upload("local", 600) or "")  # past its window, not yet swept
     monkeypatch.setattr(time, "time", lambda: now + UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS + 1)
     assert service.admit_upload("local", 600) is None
+    # a slow one, arrived whole a window after it began: counted from then, as its file is kept
+    monkeypatch.setattr(time, "time", lambda: now + 2 * UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS)
+    service.upload_arrived("local", 600)
+    monkeypatch.setattr(time, "time", lambda: now + 2 * UPLOAD_WINDOW_SECONDS + 2 * CACHE_SWEEP_SECONDS + 1)
+    assert "past your" in (service.admit_upload("local", 600) or "")
     monkeypatch.undo()
     client = TestClient(build_app(service, None, Sessions(b"k" * 32)), base_url="http://127.0.0.1")
     refused = client.post(UPLOAD_PATH, content=b"x" * 500)
@@ -1655,12 +1660,15 @@ def test_uploads_gone_from_the_cache_leave_gradios_lists_of_them(tmp_path, media
     service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
     app = build_app(service, None, Sessions(b"k" * 32))
     client = TestClient(app, base_url="http://127.0.0.1")
-    sent = []
+    sent, arrived = [], []
+    monkeypatch.setattr(service, "upload_arrived", lambda user, size: arrived.append((user, size)))
     for name in ("speech3.wav", "still.png", "clip6.mp4"):
         with open(media_dir / name, "rb") as upload:
             answer = client.post(UPLOAD_PATH, files=[("files", upload)])
         assert answer.status_code == 200, answer.text
         sent += answer.json()
+    # each counted against the quota from when it arrived whole
+    assert [user for user, size in arrived] == ["local"] * 3 and all(size > 1000 for _, size in arrived)
     taken, old, fresh = sent
     listed = app.state.gradio_pages.upload_file_set
     assert set(sent) <= listed

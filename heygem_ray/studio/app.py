@@ -115,6 +115,13 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
                 if refused is not None:
                     return refused
         response = await call_next(request)
+        if request.method == "POST" and request.url.path == UPLOAD_PATH and response.status_code == 200:
+            # its bytes are in (the route reads them all before it answers): counted from now, as
+            # long as the web server keeps it; counted from its start, a slow upload left the quota
+            # while its file stayed
+            user, size = current_user(request), _length(request)
+            if user is not None and size is not None:
+                studio.upload_arrived(user, size)
         if request.url.path.startswith("/files/"):  # a user's own: no shared cache (a CDN) may keep them
             response.headers["Cache-Control"] = "private, no-store"
         response.headers.setdefault("X-Content-Type-Options", "nosniff")

@@ -332,6 +332,17 @@ class Studio:
             self._uploads[user] = [*recent, (now, size)]
         return None
 
+    def upload_arrived(self, user: str, size: int) -> None:
+        """An upload `admit_upload` let in has arrived whole: it counts from now (its file is kept
+        UPLOAD_WINDOW_SECONDS from its last write), not from when it began to arrive."""
+        now = time.time()
+        with self._lock:
+            recent = self._uploads.get(user, [])
+            for i, (when, n) in enumerate(recent):
+                if n == size:  # the oldest of that size: uploads of one size count alike
+                    recent[i] = (max(when, now), n)
+                    break
+
     def _store_usage(self, user: str, now: float) -> int:
         """What the user's store holds, counted at most every USAGE_SECONDS, one count at a time:
         uploads sent at once while the count is old each walked the whole store (seconds each, in
