@@ -3,6 +3,7 @@
 import os
 import struct
 import wave
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -690,6 +691,48 @@ def test_an_interlaced_avatar_is_deinterlaced_wherever_its_frames_are_read_from(
     assert video.probe(progressive, 25).decoding == ""
     frames = video.FrameReader(progressive, video.probe(progressive, 25), np.arange(5) * 512).read(np.arange(5))
     assert all(np.array_equal(frames[i], plain[i]) for i in range(5))
+
+
+def test_an_interlaced_avatar_that_changes_size_midway_is_deinterlaced_frame_for_frame(tmp_path):
+    """Two interlaced recordings joined (96x72, then 64x48): each frame of the second came out only
+    once the first's last frame had, at the clip's end: every frame of the rest of the clip held in
+    memory (~3 MB a 1080 frame), and passed on combed. Each shape gets a deinterlacer of its own."""
+    joined = tmp_path / "joined.ts"
+    for width, height, start, count in ((96, 72, 0, 20), (64, 48, 22, 60)):
+        part = tmp_path / f"{width}.ts"
+        with av.open(str(part), "w", format="mpegts") as out:
+            options = {"preset": "ultrafast", "x264-params": "interlaced=1:tff=1:keyint=10"}
+            stream = out.add_stream("libx264", rate=25, options=options)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(count):
+                image = np.zeros((height, width, 3), np.uint8)
+                image[::2, 4 + i % 20 : 14 + i % 20] = 255  # the first field
+                image[1::2, 6 + i % 20 : 16 + i % 20] = 255  # the second, moved on
+                frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+                frame.pts = start + i
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+        with open(joined, "ab") as whole:
+            whole.write(part.read_bytes())
+    with av.open(str(joined)) as container:
+        stream = container.streams.video[0]
+        decoded = 0
+
+        def counted() -> Iterator[av.VideoFrame]:
+            nonlocal decoded
+            for frame in video.decoded(container, stream):
+                decoded += 1
+                yield frame
+
+        out = []
+        for frame in video.deinterlaced(counted(), stream.time_base):
+            out.append(frame.to_ndarray(format="bgr24"))
+            assert decoded <= len(out) + 2, (len(out), decoded)  # a frame or two ahead, never the clip
+    assert [f.shape[:2] for f in out] == [(72, 96)] * 20 + [(48, 64)] * 60
+    with av.open(str(joined)) as container:
+        raw = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    # the second part deinterlaced too, not passed on combed as decoded
+    assert max(_combing(f) for f in out[20:]) < 0.6 * min(_combing(f) for f in raw[20:])
 
 
 def _tagged_clip(path: str, pix_fmt: str, tags: int | tuple[int, int, int], full_range: bool) -> None:

@@ -672,8 +672,9 @@ def deinterlaced(frames: Iterator[av.VideoFrame], time_base: Fraction | None) ->
     """`frames` as progressive frames, in order, each with its own timestamp in `time_base`: the
     frames of a stream whose first frame is interlaced go through DEINTERLACER (a new filter each
     seek: each frame is then made from itself and its neighbours, one frame later than decoded);
-    other streams' pass as they are. A frame of another size or format than the first (a stream
-    that changes midway) passes as it is."""
+    other streams' pass as they are. Where the size or format changes midway (a 1080i recording
+    joined to a 720i one), the frames of each shape go through a filter of their own: frames of the
+    new shape held back for a filter of the first grew with the rest of the clip."""
     first = next(frames, None)
     if first is None:
         return
@@ -681,26 +682,30 @@ def deinterlaced(frames: Iterator[av.VideoFrame], time_base: Fraction | None) ->
         yield first
         yield from frames
         return
-    shape = (first.width, first.height, first.format.name)
+    graph, shape = None, None
+    for frame in itertools.chain([first], frames):
+        if (frame.width, frame.height, frame.format.name) != shape:
+            if graph is not None:  # the last frames of the shape before, then a filter for this one
+                graph.push(None)
+                yield from _pulled(graph, time_base)
+            graph, shape = _deinterlacer(frame, time_base), (frame.width, frame.height, frame.format.name)
+        graph.push(frame)
+        yield from _pulled(graph, time_base)
+    assert graph is not None
+    graph.push(None)
+    yield from _pulled(graph, time_base)
+
+
+def _deinterlacer(frame: av.VideoFrame, time_base: Fraction) -> av.filter.Graph:
+    """A DEINTERLACER filter for frames of `frame`'s size and format."""
     graph = av.filter.Graph()
-    source = graph.add_buffer(width=shape[0], height=shape[1], format=first.format, time_base=time_base)
+    source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format, time_base=time_base)
     name, args = DEINTERLACER
     deinterlacer, sink = graph.add(name, args), graph.add("buffersink")
     source.link_to(deinterlacer)
     deinterlacer.link_to(sink)
     graph.configure()
-    held: list[av.VideoFrame] = []  # frames of another shape, waiting for those before them
-    for frame in itertools.chain([first], frames):
-        if (frame.width, frame.height, frame.format.name) != shape:
-            held.append(frame)
-            continue
-        graph.push(frame)
-        yield from _pulled(graph, time_base)
-        yield from held
-        held.clear()
-    graph.push(None)
-    yield from _pulled(graph, time_base)
-    yield from held
+    return graph
 
 
 def _pulled(graph: av.filter.Graph, time_base: Fraction) -> Iterator[av.VideoFrame]:
