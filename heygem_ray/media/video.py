@@ -682,16 +682,14 @@ def deinterlaced(frames: Iterator[av.VideoFrame], time_base: Fraction | None) ->
         yield first
         yield from frames
         return
-    graph, shape = None, None
+    graph, shape = _deinterlacer(first, time_base), (first.width, first.height, first.format.name)
     for frame in itertools.chain([first], frames):
-        if (frame.width, frame.height, frame.format.name) != shape:
-            if graph is not None:  # the last frames of the shape before, then a filter for this one
-                graph.push(None)
-                yield from _pulled(graph, time_base)
+        if (frame.width, frame.height, frame.format.name) != shape:  # the last frames of the shape before
+            graph.push(None)
+            yield from _pulled(graph, time_base)
             graph, shape = _deinterlacer(frame, time_base), (frame.width, frame.height, frame.format.name)
         graph.push(frame)
         yield from _pulled(graph, time_base)
-    assert graph is not None
     graph.push(None)
     yield from _pulled(graph, time_base)
 
