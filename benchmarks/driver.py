@@ -145,7 +145,8 @@ def _stitch_row(job: Any, track: Any) -> Any:
     from heygem_ray.markers import Marker
     from heygem_ray.stitch import Stitched
 
-    return Stitched(Marker(job.row_id, job.fingerprint, job.output, job.frames, 10.0, time.time()), THUMBNAIL)
+    marker = Marker(job.row_id, job.fingerprint, job.output, job.frames, 10.0, time.time(), run=job.run)
+    return Stitched(marker, THUMBNAIL)
 
 
 STAGES: dict[str, Callable[..., Any]] = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -101,6 +102,7 @@ class Campaign:
         self.shared = SharedWork(cfg, executor)
         self._published_bytes = 0  # of the videos this run published (`limits.max_output_gb`)
         self._decoded_bytes = 0  # of the narrations this run decoded into the cache (`limits.max_cache_gb`)
+        self.run_token = secrets.token_hex(8)  # what this run's markers hold (`Marker.run`)
         self._seen_since: dict[Any, float] = {}  # stage task handle -> when `_watch_stages` first saw it
         self._warned: set[Any] = set()  # stage tasks said to be out long
         self._watched_at = time.monotonic()
@@ -410,7 +412,9 @@ class Campaign:
         if state.rendered:
             assert self.actors.codec is not None
             cfg = self.cfg
-            job = state.stitch_job(cfg.layout, self.actors.codec, cfg.qa, cfg.storage.options, cfg.model_versions)
+            job = state.stitch_job(
+                cfg.layout, self.actors.codec, cfg.qa, cfg.storage.options, cfg.model_versions, self.run_token
+            )
             self._inflight[self.executor.submit(stitch_row, job, state.audio_track)] = ("stitched", row_id)
             self._stitching += 1
 
@@ -421,10 +425,10 @@ class Campaign:
         except Exception as exc:  # noqa: BLE001
             state = self._states.get(row_id)
             try:  # a stitch that failed after publishing (its clean-up, a lost worker): the video is out
-                marker = state.published(self.cfg.layout) if state is not None else None
+                marker = state.published_by(self.cfg.layout, self.run_token) if state is not None else None
             except Exception:  # noqa: BLE001 - the stitch's own failure is the row's reason
                 marker = None
-            if marker is not None and state is not None and marker.finished_at >= state.started:
+            if marker is not None:
                 return self._conclude(row_id, "ok", None, marker, None)
             return self._fail(row_id, failure_reason(self.executor, exc))
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
@@ -492,11 +496,15 @@ class Campaign:
             try:
                 # only a row whose stitch was sent can have published: no read of the marker of
                 # one still waiting for its face track or its segments (a stop catches thousands)
-                marker = state.published(self.cfg.layout) if state is not None and state.rendered else None
+                marker = (
+                    state.published_by(self.cfg.layout, self.run_token)
+                    if state is not None and state.rendered
+                    else None
+                )
             except Exception:  # noqa: BLE001 - the store failing too: reported failed, and a rerun finds the marker
                 marker = None
             kept = earlier.get(row_id)
-            if marker is not None and state is not None and marker.finished_at >= state.started:
+            if marker is not None:
                 self._conclude(row_id, "ok", None, marker, None)
             elif kept is not None and storage.normalize(kept.output) in there:
                 figures = (kept.sync_score, kept.sync_offset_frames, kept.sync_method, kept.frames_without_face)

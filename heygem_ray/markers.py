@@ -29,6 +29,9 @@ class Marker:
     #: the published file's size: a rerun skips the row only while the file there has it (another
     #: row, a later manifest's, or a hand may have put another file there); None for older markers
     bytes: int | None = None
+    #: the run that published it (`StitchJob.run`), which knows its own by it rather than by a
+    #: time from another host's clock; None for older markers
+    run: str | None = None
 
     def still_published(self, output: str) -> bool:
         """Whether `output`, the row's output now (the same as the marker's when the fingerprints

@@ -115,6 +115,7 @@ class RowState:
         qa: QAConfig,
         storage_options: StorageOptions | None,
         model_versions: dict[str, str] | None = None,
+        run: str | None = None,
     ) -> StitchJob:
         assert self.prep is not None and self.prep.audio is not None and self.track is not None
         work = self.work_uri(layout, codec)
@@ -135,7 +136,19 @@ class RowState:
             qa=qa,
             storage_options=storage_options,
             model_versions=model_versions,
+            run=run,
         )
+
+    def published_by(self, layout: CampaignLayout, run: str) -> Marker | None:
+        """The row's done-marker (`published`) if the run `run` wrote it: a stitch that failed, or
+        was stopped, after publishing. Known by the run's token, not by comparing the time the
+        stitch's host wrote with this row's start on the driver's (hosts' clocks may differ by
+        minutes); a marker from before runs were recorded, by the times."""
+        marker = self.published(layout)
+        if marker is None:
+            return None
+        mine = marker.run == run if marker.run is not None else marker.finished_at >= self.started
+        return marker if mine else None
 
     def published(self, layout: CampaignLayout) -> Marker | None:
         """The row's done-marker, if its output was published for what it renders now (and is there:

@@ -55,6 +55,8 @@ class StitchJob:
     storage_options: StorageOptions | None = None
     #: the campaign's pinned model versions (`Config.model_versions`), set with `storage_options`
     model_versions: dict[str, str] | None = None
+    #: the run that sends it, recorded in the marker (`Marker.run`)
+    run: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
         sync.distance,
         sync.frames_without_face,
         size,
+        job.run,
     )
     write_marker(job.marker_uri, marker)
     try:

@@ -562,6 +562,31 @@ def test_a_marker_whose_video_is_gone_is_not_taken_for_a_published_row(tmp_path)
     assert published is not None and published.fingerprint == "fp"
 
 
+def test_a_run_knows_the_videos_it_published_by_its_token_not_by_another_hosts_clock(tmp_path):
+    """A stitch that failed, or was stopped, after publishing: its video counts as this run's when
+    its marker says this run wrote it. By the times alone, a stitch host's clock some minutes behind
+    the driver's read as "published before this row started": reported failed, its video out."""
+    import time
+
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.markers import Marker, write_marker
+    from heygem_ray.prepare import AudioInfo
+    from heygem_ray.rows import RowState
+
+    layout = CampaignLayout(str(tmp_path))
+    row = Row("r", "/in/a.wav", "/in/v.mp4", str(tmp_path / "r.mp4"))
+    state = RowState.prepared(row, AudioInfo("/in/a.wav", "a", 16_000, 0.1, "x"), "fp")
+    (tmp_path / "r.mp4").write_bytes(b"the video")
+    behind = state.started - 300  # the stitch host's clock, five minutes behind the driver's
+    write_marker(layout.marker("r"), Marker("r", "fp", row.output, 25, 1.0, behind, bytes=9, run="this-run"))
+    assert state.published_by(layout, "this-run") is not None
+    assert state.published_by(layout, "an-earlier-run") is None  # `force`: an earlier run's, still there
+    write_marker(layout.marker("r"), Marker("r", "fp", row.output, 25, 1.0, time.time() + 300, bytes=9, run="then"))
+    assert state.published_by(layout, "this-run") is None  # however late its clock says it was
+    write_marker(layout.marker("r"), Marker("r", "fp", row.output, 25, 1.0, behind, bytes=9))  # a marker of before
+    assert state.published_by(layout, "this-run") is None
+
+
 def test_a_defect_met_for_one_row_fails_that_row_and_the_campaign_goes_on(tmp_path):
     """A track with fewer boxes than it claims (a defect, here made on purpose) makes building the
     row's segment jobs raise: that row fails with the error, and the rows after it render."""
