@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -549,22 +550,32 @@ def _still_there(outputs: list[str]) -> set[str]:
     video (a stop may catch 100,000 rows a rerun had not fingerprinted yet). None of a folder whose
     listing fails (the store failing too: they are reported failed, and a rerun finds their
     markers); all of the folders not listed within STILL_THERE_SECONDS, taken on the earlier
-    table's word (`ray job stop` kills the driver 3 s after its SIGTERM, before its table)."""
+    table's word (`ray job stop` kills the driver 3 s after its SIGTERM, before its table): the
+    listings run on a thread of their own, left behind at the deadline (one folder of 100,000
+    videos on S3 is a hundred requests)."""
     folders: dict[str, list[str]] = {}
     for uri in outputs:
         folders.setdefault(storage.dirname(storage.normalize(uri)), []).append(storage.normalize(uri))
+    listings: dict[str, set[str] | None] = {}  # folder -> what it holds (None: not listed)
+
+    def list_them() -> None:
+        for folder in folders:
+            try:
+                listings[folder] = {storage.normalize(uri) for uri in storage.listdir(folder)}
+            except Exception as exc:  # noqa: BLE001
+                log.warning("earlier videos in %s not listed: %s: %s", storage.display(folder), type(exc).__name__, exc)
+                listings[folder] = None
+
+    lister = threading.Thread(target=list_them, name="still-there", daemon=True)  # no wait for it at exit
+    lister.start()
+    lister.join(STILL_THERE_SECONDS)
+    done = dict(listings)
     there: set[str] = set()
-    deadline = time.monotonic() + STILL_THERE_SECONDS
     for folder, uris in folders.items():
-        if time.monotonic() > deadline:
+        if folder not in done:
             there.update(uris)
-            continue
-        try:
-            listed = {storage.normalize(uri) for uri in storage.listdir(folder)}
-        except Exception as exc:  # noqa: BLE001
-            log.warning("earlier videos in %s not listed: %s: %s", storage.display(folder), type(exc).__name__, exc)
-            continue
-        there.update(uri for uri in uris if uri in listed)
+        elif (listed := done[folder]) is not None:
+            there.update(uri for uri in uris if uri in listed)
     return there
 
 

@@ -364,3 +364,26 @@ def test_parts_left_beside_a_whole_table_count_only_when_a_later_run_wrote_them(
     later = ResultsTable(uri, parts, flush_rows=1)  # a run after the table, killed too
     later.add(_result("x"))
     assert sorted(published_earlier(uri, parts)) == ["x", "y"]
+
+
+def test_a_stop_checks_earlier_videos_for_a_second_however_long_a_listing_takes(tmp_path, monkeypatch):
+    """`ray job stop` kills the driver 3 s after its SIGTERM: the check that rows kept from an
+    earlier run still have their videos listed folder after folder, one of 100,000 videos on S3
+    taking seconds by itself, past the kill and with no table written. Listings still under way at
+    STILL_THERE_SECONDS leave their folders on the earlier table's word."""
+    import threading
+
+    from heygem_ray import campaign, storage
+
+    for folder in ("fast", "slow"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.mp4").write_bytes(b"v")
+    listdir, release = storage.listdir, threading.Event()
+    monkeypatch.setattr(storage, "listdir", lambda uri: (release.wait(30) if "slow" in uri else None) or listdir(uri))
+    outputs = [str(tmp_path / folder / name) for folder in ("fast", "slow") for name in ("a.mp4", "gone.mp4")]
+    started = time.monotonic()
+    there = campaign._still_there(outputs)
+    release.set()
+    assert time.monotonic() - started < campaign.STILL_THERE_SECONDS + 1
+    normal = [storage.normalize(uri) for uri in outputs]
+    assert there == {normal[0], normal[2], normal[3]}  # fast/gone.mp4 is gone; slow/ is taken on word
