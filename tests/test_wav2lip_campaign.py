@@ -151,10 +151,10 @@ def test_a_checkpoint_replaced_during_a_run_is_not_mixed_into_it(media_dir, reci
     monkeypatch.setattr(prepare, "CHECKPOINT_VERSION_SECONDS", 0.0)
     real_prepare_row = campaign.prepare_row
 
-    def replaced_then_prepared(row, cfg):  # new weights land as the run gets going
+    def replaced_then_prepared(row, cfg, decode=True):  # new weights land as the run gets going
         state = torch.load(recipe_checkpoints["wav2lip"], weights_only=True)
         torch.save({**state, "global_step": 1}, checkpoint)
-        return real_prepare_row(row, cfg)
+        return real_prepare_row(row, cfg, decode)
 
     monkeypatch.setattr(campaign, "prepare_row", replaced_then_prepared)
     (row,) = campaign.run(cfg).rows
