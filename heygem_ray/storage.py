@@ -588,16 +588,14 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
         except Exception as exc:
             if is_transient(exc):
                 raise
-            if not fs.exists(path):
+            # a rename that will not replace (SFTP's plain rename), or none at all: the old file
+            # goes only once the new one has been renamed once, to a second hidden name
+            second = f"{tmp}-{uuid.uuid4().hex[:4]}"
+            if not fs.exists(path) or not _renamed_on(fs, tmp, second):
                 raise NotPublished(display(f"the store renamed nothing into place: {exc}")) from exc
-            # a rename that will not replace (SFTP's plain rename): the old file first
+            tmp = second
             fs.rm_file(path)
-            try:
-                _rename(fs, tmp, path)
-            except Exception as again:
-                if is_transient(again):
-                    raise
-                raise NotPublished(display(f"the store renamed nothing into place: {again}")) from again
+            _rename(fs, tmp, path)
     finally:
         with contextlib.suppress(Exception):  # gone once renamed; a failed upload's leftovers
             if fs.exists(tmp):
@@ -614,6 +612,17 @@ class NotPublished(OSError):
 
     def __reduce__(self):  # Ray pickles it across processes; OSError's own would lose `detail`
         return (NotPublished, (self.detail,))
+
+
+def _renamed_on(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> bool:
+    """Whether the store renamed `src` to `dst` (a name nothing holds); transient errors raised."""
+    try:
+        _rename(fs, src, dst)
+    except Exception as exc:  # a store that renames nothing
+        if is_transient(exc):
+            raise
+        return False
+    return True
 
 
 def _rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:

@@ -171,16 +171,32 @@ def test_a_publish_to_a_store_that_writes_as_bytes_arrive_shows_no_partial_file(
     assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == ["/pub/out/old.mp4"]
     monkeypatch.setattr(MemoryFile, "write", write)
 
+    rename = storage._rename
+
+    def will_not_replace(fs, a, b):  # SFTP's plain rename: refused where the name is taken
+        if fs.exists(b):
+            raise OSError("rename: file exists")
+        rename(fs, a, b)
+
+    monkeypatch.setattr(storage, "_rename", will_not_replace)
+    storage.write_bytes("memory://pub/out/old.mp4", b"the earlier video")
+    storage.publish_file(str(src), "memory://pub/out/old.mp4")
+    assert storage.read_bytes("memory://pub/out/old.mp4") == src.read_bytes()
+    assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == ["/pub/out/old.mp4"]
+
     def renames_nothing(*args):  # an SFTP server without posix-rename
         raise OSError("rename: operation unsupported")
 
+    storage.write_bytes("memory://pub/out/old.mp4", b"the earlier video")
     monkeypatch.setattr(storage, "_rename", renames_nothing)
     refused = pytest.raises(InputError, match="cannot be published whole .*operation unsupported")
     with refused, writing("memory://pub/out/fresh.mp4"):  # a row's output: failed, not retried
         storage.publish_file(str(src), "memory://pub/out/fresh.mp4")
     with pytest.raises(storage.NotPublished):  # never written in place, where a crash leaves half
         storage.publish_file(str(src), "memory://pub/out/old.mp4")
-    assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == []
+    # nor the video there before removed for a new one that cannot follow it
+    assert storage.read_bytes("memory://pub/out/old.mp4") == b"the earlier video"
+    assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == ["/pub/out/old.mp4"]
 
 
 def test_a_local_publish_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
