@@ -203,10 +203,17 @@ def test_failing_as_a_user_from_many_addresses_does_not_keep_them_out_of_their_o
         mallory = browser(f"10.66.0.{bot}")
         assert [sign_in(mallory, "guess") for _ in range(5)] == [401] * 5
     assert sign_in(browser("10.1.0.2"), "alice-password") == 429  # a browser not known: the name's delay
-    assert sign_in(hers, "alice-password") == 303  # hers
     forged = browser("10.66.1.1")
     forged.cookies.set(DEVICE_COOKIE, "alice|9999999999|" + "0" * 64)
     assert sign_in(forged, "alice-password") == 429
+    assert sign_in(hers, "alice-password") == 303  # hers
+    assert sign_in(browser("10.1.0.3"), "alice-password") == 303  # and her sign-in cleared the name's failures
+    # a new password forgets every browser (one whose cookie was copied with the password that leaked)
+    sessions = Sessions(b"k" * 32)
+    cookie = sessions.device("alice", "hash-1")
+    assert sessions.known_device(cookie, "alice", {"alice": "hash-1"})
+    assert not sessions.known_device(cookie, "alice", {"alice": "hash-2"})
+    assert not sessions.known_device(cookie, "bob", {"alice": "hash-1", "bob": "hash-1"})
 
 
 def test_signing_in_as_oneself_does_not_reset_an_addresss_guesses(tmp_path, monkeypatch):

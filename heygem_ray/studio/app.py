@@ -171,13 +171,14 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         if users is None:
             return RedirectResponse(opened, status_code=303)
         keys = guard.keys(name, request.client.host if request.client else "")
-        if sessions.known_device(request.cookies.get(DEVICE_COOKIE), name):
-            keys = tuple(key for key in keys if key[0] != "name")  # others' failures as them: not theirs
-        wait = guard.begin(*keys)
+        counted = keys
+        if sessions.known_device(request.cookies.get(DEVICE_COOKIE), name, users.hashes()):
+            counted = tuple(key for key in keys if key[0] != "name")  # others' failures as them: not theirs
+        wait = guard.begin(*counted)
         if wait > 0:
             log.info("login refused user=%r (too many tries)", name)
             return HTMLResponse(_login_html(f"Too many tries: wait {wait:.0f} s.", campaign), status_code=429)
-        if not guard.check(users, name, password, *keys):
+        if not guard.check(users, name, password, *keys):  # a right one clears the name's failures too
             log.info("login refused user=%r", name)
             return HTMLResponse(_login_html("Wrong name or password.", campaign), status_code=401)
         log.info("login user=%s", name)
@@ -185,7 +186,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         secure = request.url.scheme == "https"
         cookie = sessions.issue(name, users.hashes()[name])
         response.set_cookie(COOKIE, cookie, max_age=LIFETIME, httponly=True, samesite="strict", secure=secure)
-        device = sessions.device(name)
+        device = sessions.device(name, users.hashes()[name])
         response.set_cookie(
             DEVICE_COOKIE, device, max_age=DEVICE_LIFETIME, httponly=True, samesite="strict", secure=secure
         )

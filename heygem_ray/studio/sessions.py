@@ -105,17 +105,21 @@ class Sessions:
             self._save_ended()
         return user
 
-    def device(self, user: str, now: float | None = None) -> str:
-        """The cookie that makes this browser known as one `user` signed in from (`DEVICE_COOKIE`)."""
+    def device(self, user: str, stored_hash: str, now: float | None = None) -> str:
+        """The cookie that makes this browser known as one `user` signed in from (`DEVICE_COOKIE`),
+        signed with their password hash as sessions are: a new password forgets every browser (one
+        whose cookie was copied with the password that leaked)."""
         body = f"{user}|{int((now or time.time()) + DEVICE_LIFETIME)}"
-        return f"{body}|{self._sign('device|' + body, '')}"
+        return f"{body}|{self._sign('device|' + body, stored_hash)}"
 
-    def known_device(self, cookie: str | None, user: str, now: float | None = None) -> bool:
-        """Whether `cookie` is a genuine, unexpired `device` cookie of `user`'s."""
-        if not cookie or cookie.count("|") != 2:
+    def known_device(
+        self, cookie: str | None, user: str, stored_hash_of: dict[str, str], now: float | None = None
+    ) -> bool:
+        """Whether `cookie` is a genuine, unexpired `device` cookie of `user`'s, of their password now."""
+        if not cookie or cookie.count("|") != 2 or user not in stored_hash_of:
             return False
         name, expires, signature = cookie.split("|")
-        expected = self._sign(f"device|{name}|{expires}", "")
+        expected = self._sign(f"device|{name}|{expires}", stored_hash_of[user])
         return (
             hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode())
             and name == user
