@@ -5,7 +5,7 @@ enough for a rerun to decide "already done". The stitch writes one after publish
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from heygem_ray import storage
 
@@ -44,10 +44,16 @@ class Marker:
 
 
 def read_marker(uri: str) -> Marker | None:
+    """The marker at `uri`; None when there is none or it cannot be read. Fields it does not know
+    (a later version's) are left: a marker a newer run wrote still skips its row here."""
     try:
-        return Marker(**json.loads(storage.read_bytes(uri)))
-    except (FileNotFoundError, ValueError, TypeError):
+        data = json.loads(storage.read_bytes(uri))
+        return Marker(**{k: v for k, v in data.items() if k in _FIELDS})
+    except (FileNotFoundError, ValueError, TypeError, AttributeError):  # AttributeError: not an object
         return None
+
+
+_FIELDS = frozenset(f.name for f in fields(Marker))
 
 
 def write_marker(uri: str, marker: Marker) -> None:

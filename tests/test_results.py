@@ -387,3 +387,20 @@ def test_a_stop_checks_earlier_videos_for_a_second_however_long_a_listing_takes(
     assert time.monotonic() - started < campaign.STILL_THERE_SECONDS + 1
     normal = [storage.normalize(uri) for uri in outputs]
     assert there == {normal[0], normal[2], normal[3]}  # fast/gone.mp4 is gone; slow/ is taken on word
+
+
+def test_a_marker_a_later_version_wrote_still_skips_its_row(tmp_path):
+    """A field this version does not know (a later one's, as `run` and `bytes` once were) made the
+    whole marker unreadable: after a rollback every row the newer version finished rendered again."""
+    from heygem_ray.markers import Marker, read_marker, write_marker
+
+    uri = str(tmp_path / "r.json")
+    write_marker(uri, Marker("r", "fp", "/out/r.mp4", 25, 1.0, 1.0, bytes=9))
+    data = json.loads(Path(uri).read_text())
+    with open(uri, "w") as fh:
+        json.dump({**data, "something_new": [1, 2]}, fh)
+    assert read_marker(uri) == Marker("r", "fp", "/out/r.mp4", 25, 1.0, 1.0, bytes=9)
+    for damaged in ("[1, 2]", '{"id": "r"}', "not json"):
+        with open(uri, "w") as fh:
+            fh.write(damaged)
+        assert read_marker(uri) is None
