@@ -446,27 +446,27 @@ def remove(uri: str, recursive: bool = False) -> None:
 @retrying
 def usage(uri: str, leaving_out: str | None = None) -> int:
     """Bytes stored under a folder (0 when there is none), less those under its subfolder
-    `leaving_out`, which is not listed (a user's cache: more files than their campaigns). The sizes
-    come from the listings themselves: fsspec's `du` asks for each file's info again, one HEAD per
-    object on S3 (hundreds of thousands for a user's campaigns)."""
+    `leaving_out`. A local folder is walked around that subfolder (a user's cache: more files than
+    their campaigns, each a stat); elsewhere the sizes come from one listing of everything under
+    the folder: fsspec's `du` asks for each file's info again, one HEAD per object on S3 (hundreds
+    of thousands for a user's campaigns), and a listing per subfolder is a request per campaign."""
+    if is_local(uri):
+        skipped = os.path.realpath(local_path(leaving_out)) if leaving_out is not None else None
+        total = 0
+        for folder, subfolders, names in os.walk(local_path(uri)):
+            subfolders[:] = [d for d in subfolders if os.path.realpath(os.path.join(folder, d)) != skipped]
+            for name in names:
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    total += os.lstat(os.path.join(folder, name)).st_size
+        return total
     fs, path = url_to_fs(uri)
-    skip = None if leaving_out is None else url_to_fs(leaving_out)[1].rstrip("/")
+    skip = None if leaving_out is None else url_to_fs(leaving_out)[1].rstrip("/") + "/"
     fs.invalidate_cache(path)
     try:
-        top = fs.ls(path, detail=True) if skip is not None else [{"name": path, "type": "directory"}]
+        found = fs.find(path, detail=True)  # {} where there is no such folder
     except FileNotFoundError:
         return 0
-    total = 0
-    for entry in top:
-        name = str(entry["name"]).rstrip("/")
-        if name == skip:
-            continue
-        if entry.get("type") != "directory":
-            total += int(entry.get("size") or 0)
-            continue
-        with contextlib.suppress(FileNotFoundError):  # {} where there is no such folder
-            total += sum(int(info.get("size") or 0) for info in fs.find(name, detail=True).values())
-    return total
+    return sum(int(info.get("size") or 0) for name, info in found.items() if skip is None or not name.startswith(skip))
 
 
 @retrying

@@ -156,8 +156,7 @@ def test_the_bytes_under_a_folder_come_from_its_listing_not_a_request_per_object
         got = storage.usage("s3://heygem-e2e/usage/alice", leaving_out="s3://heygem-e2e/usage/alice/_cache")
         assert storage.usage("s3://heygem-e2e/usage/bob") == 0
     assert got == sum(size for key, size in sizes.items() if "/_cache/" not in key)
-    # a listing of the folder and one of each campaign's (the cache's not walked), not one per object
-    assert calls.count("HeadObject") <= 2 and calls.count("ListObjectsV2") <= 1 + 3 + 2, calls
+    assert calls.count("HeadObject") <= 2 and calls.count("ListObjectsV2") <= 4, calls  # not one per object
 
 
 def test_videos_are_sized_from_their_folders_listing_not_a_request_per_object(bucket):

@@ -529,3 +529,21 @@ def test_a_range_of_an_http_file_whose_server_ignores_range_is_that_range():
         assert storage.read_range(f"{root}/avatar.mp4", 0, 32) == body[:32]
         assert storage.read_range(f"{root}/avatar.mp4", 100, 132) == body[100:132]
         assert storage.read_range(f"{root}/avatar.mp4", 5, 5) == b""
+
+
+def test_a_local_folders_bytes_are_counted_around_the_subfolder_left_out(tmp_path, monkeypatch):
+    """A user's store counted at each upload: their cache (decoded narrations, face tracks: more
+    files than their campaigns) is left out without a stat of each of its files."""
+    for name, size in (("c1/output/a.mp4", 100), ("c1/inputs/a.wav", 20), ("c2/output/b.mp4", 3), ("top.json", 1)):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    for i in range(50):
+        (tmp_path / "_cache" / "audio").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "_cache" / "audio" / f"{i}.f32").write_bytes(b"x" * 1000)
+    statted = []
+    lstat = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda path, *a, **k: statted.append(str(path)) or lstat(path, *a, **k))
+    assert storage.usage(str(tmp_path), leaving_out=str(tmp_path / "_cache")) == 124
+    assert statted and not [path for path in statted if "/_cache/" in path]  # none of its files
+    assert storage.usage(str(tmp_path)) == 124 + 50_000
+    assert storage.usage(str(tmp_path / "none")) == 0
