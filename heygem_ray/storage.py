@@ -451,10 +451,10 @@ def usage(uri: str, leaving_out: str | None = None) -> int:
     the folder: fsspec's `du` asks for each file's info again, one HEAD per object on S3 (hundreds
     of thousands for a user's campaigns), and a listing per subfolder is a request per campaign."""
     if is_local(uri):
-        skipped = os.path.realpath(local_path(leaving_out)) if leaving_out is not None else None
+        skipped = os.path.normpath(local_path(leaving_out)) if leaving_out is not None else None
         total = 0
-        for folder, subfolders, names in os.walk(local_path(uri)):
-            subfolders[:] = [d for d in subfolders if os.path.realpath(os.path.join(folder, d)) != skipped]
+        for folder, subfolders, names in os.walk(os.path.normpath(local_path(uri))):
+            subfolders[:] = [d for d in subfolders if os.path.join(folder, d) != skipped]
             for name in names:
                 with contextlib.suppress(OSError):  # gone meanwhile
                     total += os.lstat(os.path.join(folder, name)).st_size
