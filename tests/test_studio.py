@@ -496,11 +496,17 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, 
     assert "past your" in (service.admit_upload("local", 600) or "")  # past its window, not yet swept
     monkeypatch.setattr(time, "time", lambda: now + UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS + 1)
     assert service.admit_upload("local", 600) is None
-    # a slow one, arrived whole a window after it began: counted from then, as its file is kept
+    # a slow one, arrived whole a window after it began: counted from then, as its file is kept;
+    # of two slow ones of one size, each arrival stamps one of them
+    monkeypatch.setattr(time, "time", lambda: now + UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS + 2)
+    assert service.admit_upload("local", 200) is None
+    assert service.admit_upload("local", 200) is None
     monkeypatch.setattr(time, "time", lambda: now + 2 * UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS)
     service.upload_arrived("local", 600)
+    service.upload_arrived("local", 200)
+    service.upload_arrived("local", 200)
     monkeypatch.setattr(time, "time", lambda: now + 2 * UPLOAD_WINDOW_SECONDS + 2 * CACHE_SWEEP_SECONDS + 1)
-    assert "past your" in (service.admit_upload("local", 600) or "")
+    assert "past your" in (service.admit_upload("local", 200) or "")  # 600 + 200 + 200 + 200 > 1000
     monkeypatch.undo()
     client = TestClient(build_app(service, None, Sessions(b"k" * 32)), base_url="http://127.0.0.1")
     refused = client.post(UPLOAD_PATH, content=b"x" * 500)
@@ -1982,6 +1988,19 @@ def test_uploads_count_the_users_store_at_most_every_few_seconds(tmp_path, monke
     go_on.set()
     first.join(10)
     assert len(walks) == 4 and answers == [None] * 39
+    # a campaign deleted while a count walks: that count is not kept, but made again at once
+    monkeypatch.setattr(studio_service, "USAGE_SECONDS", 60.0)
+    walking.clear()
+    go_on.clear()
+    first = threading.Thread(target=studio._store_usage, args=("alice", time.time() + 120))  # its count old
+    first.start()
+    assert walking.wait(10)
+    studio._store_changed("alice")
+    go_on.set()
+    first.join(10)
+    assert len(walks) == 6  # counted again once the store had changed under the first count
+    studio.admit_upload("alice", 1000)
+    assert len(walks) == 6  # and that count kept
 
 
 def test_a_campaign_record_this_version_cannot_read_is_passed_over_not_fatal(tmp_path, caplog, monkeypatch):

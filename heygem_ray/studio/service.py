@@ -107,8 +107,9 @@ class Studio:
         self._ended: set[str] = set()  # jobs whose end is in the log already (since this studio started)
         self._watched: dict[str, CampaignRecord] = {}  # campaigns whose job may still end, by id
         self._campaign_locks: dict[str, threading.Lock] = {}  # see _acting_on
-        self._uploads: dict[str, list[tuple[float, int]]] = {}  # user -> (when, bytes) of recent uploads
-        self._usage: dict[str, tuple[float, int]] = {}  # user -> (when, bytes) of the last count of their store
+        self._uploads: dict[str, list[tuple[float, int, bool]]] = {}  # user -> (when, bytes, arrived) of recent uploads
+        self._usage: dict[str, tuple[float, int]] = {}  # user -> (when begun, bytes) of the last count of their store
+        self._changed: dict[str, float] = {}  # user -> when their store last changed (a count begun before: stale)
         self._counting: dict[str, threading.Lock] = {}  # see _store_usage
         self._lock = threading.Lock()
         self._creating: set[str] = set()  # users whose campaign is being saved and submitted now
@@ -321,15 +322,15 @@ class Studio:
         used = self._store_usage(user, now)
         with self._lock:
             kept = UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS
-            recent = [(t, n) for t, n in self._uploads.get(user, []) if now - t < kept]
-            pending = sum(n for _, n in recent)
+            recent = [(t, n, whole) for t, n, whole in self._uploads.get(user, []) if now - t < kept]
+            pending = sum(n for _, n, _ in recent)
             if used + pending + size > quota:
                 self._uploads[user] = recent
                 return (
                     f"this upload ({size / 2**30:.2f} GiB) would take your campaigns and recent uploads past your "
                     f"{self.cfg.user_quota_gb:g} GiB: delete campaigns you no longer need (Campaigns tab)"
                 )
-            self._uploads[user] = [*recent, (now, size)]
+            self._uploads[user] = [*recent, (now, size, False)]
         return None
 
     def upload_arrived(self, user: str, size: int) -> None:
@@ -338,9 +339,9 @@ class Studio:
         now = time.time()
         with self._lock:
             recent = self._uploads.get(user, [])
-            for i, (when, n) in enumerate(recent):
-                if n == size:  # the oldest of that size: uploads of one size count alike
-                    recent[i] = (max(when, now), n)
+            for i, (when, n, whole) in enumerate(recent):
+                if n == size and not whole:  # the oldest of that size still arriving: they count alike
+                    recent[i] = (max(when, now), n, True)
                     break
 
     def _store_usage(self, user: str, now: float) -> int:
@@ -359,25 +360,41 @@ class Studio:
         try:
             with self._lock:
                 counted = self._usage.get(user)
-            if counted is None or now - counted[0] > USAGE_SECONDS:  # not counted meanwhile
-                counted = (time.time(), self.store.usage(user))
-                with self._lock:
-                    self._usage[user] = counted
-            return counted[1]
+            if counted is not None and now - counted[0] <= USAGE_SECONDS:  # counted meanwhile
+                return counted[1]
+            return self._count(user)
         finally:
             counter.release()
+
+    def _count(self, user: str) -> int:
+        """Count the user's store now, and keep the count unless the store changed meanwhile (a
+        campaign deleted, or uploads taken in, while it walked: counted again once)."""
+        for _ in range(2):
+            begun = time.time()
+            used = self.store.usage(user)
+            with self._lock:
+                if begun > self._changed.get(user, 0.0):
+                    self._usage[user] = (begun, used)
+                    break
+        return used
+
+    def _store_changed(self, user: str) -> None:
+        """The user's store changed: the next upload counts it anew (a count under way is not kept)."""
+        with self._lock:
+            self._usage.pop(user, None)
+            self._changed[user] = time.time()
 
     def _taken(self, user: str, size: int) -> None:
         """`size` bytes of the user's recent uploads are in the store now, where its usage counts
         them: they leave the recent uploads (oldest first), and the others stay counted."""
+        self._store_changed(user)  # the store's count before they went in: counted anew
         with self._lock:
-            self._usage.pop(user, None)  # the store's count before they went in: counted anew
             recent = []
-            for when, n in self._uploads.get(user, []):
+            for when, n, whole in self._uploads.get(user, []):
                 kept = max(0, n - size)
                 size -= n - kept
                 if kept:
-                    recent.append((when, kept))
+                    recent.append((when, kept, whole))
             self._uploads[user] = recent
 
     @contextlib.contextmanager
@@ -422,9 +439,7 @@ class Studio:
         if not self.cfg.user_quota_gb:
             return
         quota = self.cfg.user_quota_gb * 2**30
-        used = self.store.usage(user)
-        with self._lock:
-            self._usage[user] = (time.time(), used)
+        used = self._count(user)
         incoming = sum(os.path.getsize(p) for p in uploads if os.path.exists(p))
         if rerun and used >= quota:
             raise UploadError(
@@ -648,7 +663,7 @@ class Studio:
             self.store.delete(view.record)
             with self._lock:
                 self._watched.pop(campaign_id, None)
-                self._usage.pop(user, None)  # room made: the next upload counts it
+            self._store_changed(user)  # room made: the next upload counts it
         self.log.info("delete user=%s campaign=%s", user, campaign_id)
         return True
 
