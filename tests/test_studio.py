@@ -492,15 +492,15 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, 
     assert "past your" in (service.admit_upload("local", 600) or "")  # 600 + 600 > 1000
     assert service.admit_upload("other", 600) is None  # each user's own
     now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + CACHE_SWEEP_SECONDS)
+    assert service.admit_upload("local", 200) is None  # two slow ones of one size begin
+    assert service.admit_upload("local", 200) is None
     monkeypatch.setattr(time, "time", lambda: now + UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS / 2)
     assert "past your" in (service.admit_upload("local", 600) or "")  # past its window, not yet swept
     monkeypatch.setattr(time, "time", lambda: now + UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS + 1)
-    assert service.admit_upload("local", 600) is None
-    # a slow one, arrived whole a window after it began: counted from then, as its file is kept;
-    # of two slow ones of one size, each arrival stamps one of them
-    monkeypatch.setattr(time, "time", lambda: now + UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS + 2)
-    assert service.admit_upload("local", 200) is None
-    assert service.admit_upload("local", 200) is None
+    assert service.admit_upload("local", 600) is None  # 200 + 200 + 600
+    # slow ones, arrived whole long after they began: counted from then, as their files are kept;
+    # of the two of one size, each arrival stamps one
     monkeypatch.setattr(time, "time", lambda: now + 2 * UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS)
     service.upload_arrived("local", 600)
     service.upload_arrived("local", 200)
