@@ -524,16 +524,28 @@ def _avatar_frames(
 FRAMES_VERSION = 2
 
 
+#: a gap between two frames over this many times the median one is a pause (a recording's tab in
+#: the background), left out of a clip's timed rate: its frames came at their usual pace around it
+PAUSE_INTERVALS = 4
+#: the rates a clip's timestamps may give it; beyond, the container's is kept
+TIMED_RATES = (1.0, 250.0)
+
+
 def _at_timed_rate(info: VideoInfo, pts: np.ndarray, time_base: Fraction) -> VideoInfo:
-    """A clip whose container states a rate its timestamps belie, at the average rate they keep: a
-    WebM without a frame duration (a browser's recording, Chrome's MediaRecorder) stated its
-    timestamps' 1/1000 s tick, 1000 fps, and its presenter moved 38 times too fast; a variable-rate
-    one states its nominal rate. A rate within STANDARD_RATE_SLACK of the stated one is left as it is."""
-    span = int(pts[-1] - pts[0]) if len(pts) > 1 else 0
-    if span <= 0:
+    """A clip whose container states a rate its timestamps belie, at the average rate they keep
+    (pauses left out, `PAUSE_INTERVALS`): a WebM without a frame duration (a browser's recording,
+    Chrome's MediaRecorder) stated its timestamps' 1/1000 s tick, 1000 fps, and its presenter moved
+    38 times too fast; a variable-rate one states its nominal rate. A rate within
+    STANDARD_RATE_SLACK of the stated one, or outside TIMED_RATES, leaves the stated one."""
+    steps = np.diff(pts)
+    steps = steps[steps > 0]
+    if not len(steps):
         return info
-    timed = Fraction(len(pts) - 1) / (span * time_base)
-    if abs(Fraction(info.fps_fraction) / timed - 1) <= STANDARD_RATE_SLACK:
+    steps = steps[steps <= PAUSE_INTERVALS * np.median(steps)]
+    timed = Fraction(len(steps)) / (int(steps.sum()) * time_base)
+    if abs(Fraction(info.fps_fraction) / timed - 1) <= STANDARD_RATE_SLACK or not (
+        TIMED_RATES[0] <= timed <= TIMED_RATES[1]
+    ):
         return info
     timed = timed.limit_denominator(1001)
     return replace(info, fps=float(timed), fps_fraction=f"{timed.numerator}/{timed.denominator}")

@@ -983,12 +983,13 @@ def test_a_writer_a_failure_left_lets_its_file_and_encoder_go(tmp_path):
     assert not _held_open(path) and video.probe(str(path), 25).width == 64
 
 
-@pytest.mark.parametrize("stated", [None, 30])
-def test_a_webm_whose_container_belies_its_timestamps_plays_at_the_rate_they_keep(tmp_path, stated):
+@pytest.mark.parametrize("stated, paused", [(None, False), (30, False), (None, True)])
+def test_a_webm_whose_container_belies_its_timestamps_plays_at_the_rate_they_keep(tmp_path, stated, paused):
     """A WebM without a frame duration (Chrome's MediaRecorder writes none) gave its timestamps'
     millisecond tick as its rate: 1000 fps, the presenter 38 times too fast (every 17th frame at
     `render.max_fps`); one stating 30 fps while its frames come every 40 ms on average moved 20 %
-    too fast. The rate is the average its timestamps keep, written at the standard one near it."""
+    too fast. The rate is the average its timestamps keep, written at the standard one near it; a
+    pause in the recording (10 s without a frame) is left out, not taken for slow motion."""
     from heygem_ray import prepare
     from heygem_ray.config import DetectorConfig
 
@@ -1001,7 +1002,7 @@ def test_a_webm_whose_container_belies_its_timestamps_plays_at_the_rate_they_kee
         for i in range(60):  # 25 fps on average, each frame's time varying as a browser's recording's
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="bgr24")
             frame.pts, frame.time_base = t, Fraction(1, 1000)
-            t += (33, 47, 25, 55, 40)[i % 5]
+            t += (33, 47, 25, 55, 40)[i % 5] + (10_000 if paused and i == 30 else 0)
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     if stated is None:  # the DefaultDuration element, renamed to one no reader knows
