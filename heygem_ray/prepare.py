@@ -317,12 +317,17 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 #: keeps to its presenter while another face is found; 3: the Haar detector follows its face; 4:
 #: its face-less back-off, and a detector stride counted in the tracker's hand-off; 5: tracked in
 #: chunks, as far as a narration shows; 6: HDR frames made SDR, HEIF photos read whole; 7: a face
-#: found through a turned view boxed at its own size)
-TRACK_VERSION = "7"
+#: found through a turned view boxed at its own size; 8: a presenter back after an absence
+#: taken at once, wherever they are)
+TRACK_VERSION = "8"
+
+#: bump when a code change alters the detector's candidates (the cached chunks of detections);
+#: the tracker's changes (TRACK_VERSION) remake tracks from them without detecting again
+CANDIDATES_VERSION = "7"
 
 #: the track version finished rows' fingerprints hold: set to TRACK_VERSION only for a change that
 #: alters every avatar's track, so finished rows render again; one that alters some avatars' tracks
-#: (7) makes new tracks for new rows and leaves finished rows alone (docs/ops.md, "Upgrading")
+#: (7, 8) makes new tracks for new rows and leaves finished rows alone (docs/ops.md, "Upgrading")
 ROWS_TRACK_VERSION = "6"
 
 
@@ -360,7 +365,9 @@ def candidates_key(cfg: DetectorConfig, still_fps: float, frames: tuple[Any, ...
     """What decides the detector's candidates on an avatar's frames: `detector_key` less the
     settings of the track alone (other pads or no smoothing reuse the detected chunks)."""
     relevant = {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_AFFECTING + TRACK_ONLY}
-    return stable_hash(TRACK_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), still_fps, *frames)
+    return stable_hash(
+        CANDIDATES_VERSION, CHUNK_FRAMES, relevant, checkpoint_version(cfg.checkpoint), still_fps, *frames
+    )
 
 
 def shown_frames(step: int, info: VideoInfo) -> tuple[Any, ...]:

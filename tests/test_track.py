@@ -52,6 +52,18 @@ def test_a_presenter_missed_for_a_frame_keeps_the_track_from_another_face():
     assert x1[0] == 100 and x1[1:6] == [0] * 5 and x1[6:] == [900] * 6, x1  # frame 1, unexamined, is in the gap
 
 
+def test_a_presenter_back_elsewhere_after_a_cutaway_is_taken_at_once():
+    """30 frames of the presenter, 100 with no face (a cutaway), then the presenter at another place:
+    their first 13 frames back were taken for a second person and passed through un-lip-synced;
+    after longer than `max_gap` without them, nobody is left to confuse them with."""
+    none = np.zeros((0, 5), np.float32)
+    tb = TrackBuilder()
+    for i in range(150):
+        tb.add(cand((100, 100, 200, 200)) if i < 30 else none if i < 130 else cand((400, 100, 500, 200)))
+    x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
+    assert x1[:30] == [100] * 30 and x1[30:130] == [0] * 100 and x1[130:] == [400] * 20
+
+
 def test_frames_without_a_face_take_boxes_from_their_neighbours():
     tb = TrackBuilder()
     for c in (None, cand((10, 10, 50, 50)), None, None, cand((40, 10, 80, 50)), None):

@@ -47,8 +47,10 @@ class TrackBuilder:
     highest-scoring (the official choice; the larger on a tie); after that, the candidate nearest
     the last chosen box, if it is within that box's size of it: a second person in the shot takes
     the track neither by walking in nor while the presenter is missed for a frame (that frame is a
-    miss). Only after more than `max_gap` frames in a row with faces but none near is the track
-    started again from the highest-scoring face (the presenter moved away for good)."""
+    miss). Only after more than `max_gap` frames without the presenter (faces elsewhere, none, or
+    not examined) is the track started again from the highest-scoring face: the presenter moved
+    away for good, or came back elsewhere after a cutaway, taken at once (those frames are no gap
+    the fill would bridge)."""
 
     def __init__(self, max_gap: int = MAX_GAP) -> None:
         self._boxes = np.zeros((1024, 4))  # the chosen box of frame i, where _chosen[i]
@@ -56,9 +58,7 @@ class TrackBuilder:
         self._missed = np.zeros(1024, bool)  # examined, and no face found
         self._n = 0
         self._last: np.ndarray | None = None
-        # frames in a row whose faces were all far from the last chosen box (frames a detector
-        # stride skips inside such a stretch count too: max_gap is in frames, whatever the stride)
-        self._elsewhere = 0
+        self._last_at = -1  # the frame `_last` was chosen on (frames a stride skips count as frames)
         self.max_gap = max_gap
 
     def _append(self, box: np.ndarray | None, missed: bool) -> None:
@@ -76,22 +76,18 @@ class TrackBuilder:
     def add(self, candidates: np.ndarray | None) -> None:
         """candidates: (k, 5) x1, y1, x2, y2, score, or None for a frame that was not examined."""
         if candidates is None or len(candidates) == 0:
-            if candidates is None and self._elsewhere:
-                self._elsewhere += 1
             self._append(None, candidates is not None)
             return
         found = np.asarray(candidates, np.float64)
         boxes = found[:, :4]
         chosen = None if self._last is None else _nearest(boxes, self._last)
-        if chosen is None and self._last is not None and self._elsewhere <= self.max_gap:  # a gap the fill skips
-            self._elsewhere += 1
-            self._append(None, True)
+        if chosen is None and self._last is not None and self._n - self._last_at - 1 <= self.max_gap:
+            self._append(None, True)  # a gap the fill may bridge
             return
         if chosen is None:
             areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             chosen = boxes[np.lexsort((areas, found[:, 4]))[-1]]
-        self._elsewhere = 0
-        self._last = chosen.copy()  # a copy: a view would keep the frame's candidates alive
+        self._last, self._last_at = chosen.copy(), self._n  # a copy: a view would keep the frame's candidates alive
         self._append(chosen, False)
 
     @property
