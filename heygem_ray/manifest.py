@@ -4,6 +4,7 @@ common cross-product campaigns."""
 
 from __future__ import annotations
 
+import difflib
 import io
 import re
 import unicodedata
@@ -22,6 +23,8 @@ from heygem_ray.layout import RESERVED
 from heygem_ray.plan import stable_hash
 
 REQUIRED = ("audio", "avatar")
+#: the columns a manifest may have besides REQUIRED
+OPTIONAL = ("id", "output", "box")
 #: what a row id may be: a plain file name (ids name outputs, markers and thumbnails)
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -78,7 +81,7 @@ def rows_from_table(
             f"{name} lacks required column(s) {', '.join(missing)}; "
             f"it has {', '.join(table.column_names) or 'no columns'}"
         )
-    problems: list[str] = []
+    problems = _misspelled(table.column_names)
     table = _text_columns(table, ("audio", "avatar", "id", "output"), problems)
     if problems:
         raise ManifestError(f"{name}: " + "; ".join(problems))
@@ -96,7 +99,23 @@ def rows_from_table(
 
 def _column_name(name: str) -> str:
     plain = name.replace("\ufeff", "").strip()
-    return plain.lower() if plain.lower() in (*REQUIRED, "id", "output", "box") else plain
+    return plain.lower() if plain.lower() in (*REQUIRED, *OPTIONAL) else plain
+
+
+def _misspelled(columns: list[str]) -> list[str]:
+    """A problem for each column that is none of ours but nearly one we read ("outptu", "boxes"):
+    left aside, its rows' videos went to the default path and their faces to the detector. Other
+    columns (a campaign's own notes) are left aside."""
+    problems = []
+    for column in columns:
+        if column in (*REQUIRED, *OPTIONAL):
+            continue
+        near = difflib.get_close_matches(column.lower(), [c for c in OPTIONAL if c not in columns], n=1, cutoff=0.6)
+        if near:
+            problems.append(
+                f"column {column!r} is not one heygem_ray reads: did you mean {near[0]!r}? (rename or drop it)"
+            )
+    return problems
 
 
 def _check_job_path(uri: str, column: str, problems: list[str]) -> None:
@@ -153,7 +172,7 @@ def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_ou
         cell.audio, cell.avatar = storage.anchored(cell.audio), storage.anchored(cell.avatar)
     if problems or not audio or not avatar:
         cell.refuse(problems[0] if problems else f"empty {'audio' if not audio else 'avatar'}")
-    row_id = record.get("id") or None
+    row_id = (record.get("id") or "").strip() or None  # a spreadsheet's " b", or a blank cell
     if row_id is None and audio and avatar:
         row_id, cell.derived = default_id(audio, avatar), True
     if row_id is not None and not SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
@@ -245,7 +264,11 @@ def _text_columns(table: pa.Table, columns: tuple[str, ...], problems: list[str]
         if column not in table.column_names:
             continue
         kind = table[column].type
-        if pa.types.is_null(kind) or is_text(kind) or (column == "id" and pa.types.is_integer(kind)):
+        if table[column].null_count == len(table) and not pa.types.is_null(kind):
+            # a spreadsheet's column left blank: pandas reads it as numbers (NaN), all missing
+            index = table.column_names.index(column)
+            table = table.set_column(index, column, pa.nulls(len(table), pa.string()))
+        elif pa.types.is_null(kind) or is_text(kind) or (column == "id" and pa.types.is_integer(kind)):
             index = table.column_names.index(column)
             table = table.set_column(index, column, table[column].cast(pa.string()))
         else:
@@ -288,7 +311,7 @@ def _is_under(uri: str, root: str) -> bool:
 
 
 def _parse_box(value: object) -> tuple[int, int, int, int] | None:
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):  # a blank cell: no box
         return None
     parts: Iterable[Any] = ()
     if isinstance(value, str):

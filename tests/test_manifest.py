@@ -343,3 +343,39 @@ def test_column_names_are_read_without_a_byte_order_mark_spaces_or_case():
         pa.table({"\ufeffaudio": ["/data/a.wav"], " Avatar ": ["/data/v.mp4"], "ID": ["one"]}), "/out"
     )
     assert [(r.id, r.audio, r.avatar) for r in rows] == [("one", "/data/a.wav", "/data/v.mp4")]
+
+
+def test_a_spreadsheets_blank_cells_and_columns_mean_the_defaults():
+    """A CSV made into Parquet by pandas: a blank `output` column arrives as numbers (NaN), and the
+    whole campaign stopped ("must hold strings, not double"); a blank `box` cell refused its row;
+    an id typed with a space before it was refused."""
+    nan = float("nan")
+    table = pa.Table.from_pydict(
+        {
+            "id": [" one", "two ", None],
+            "audio": ["/d/a.wav", "/d/b.wav", "/d/c.wav"],
+            "avatar": ["/d/v.mp4"] * 3,
+            "output": pa.array([nan, nan, nan], pa.float64(), from_pandas=True),
+            "box": ["", " ", "1,2,30,40"],
+        }
+    )
+    rows = rows_from_table(table, "/out")
+    assert [(r.id, r.output, r.box, r.refused) for r in rows] == [
+        ("one", "/out/one.mp4", None, None),
+        ("two", "/out/two.mp4", None, None),
+        (default_id("/d/c.wav", "/d/v.mp4"), f"/out/{default_id('/d/c.wav', '/d/v.mp4')}.mp4", (1, 2, 30, 40), None),
+    ]
+    with pytest.raises(ManifestError, match="must hold strings, not double"):  # a numbers column is still refused
+        rows_from_table(table.set_column(3, "output", pa.array([1.0, nan, nan], from_pandas=True)), "/out")
+
+
+def test_a_misspelled_column_is_refused_not_left_aside():
+    """`outptu` and `boxes` were left aside: every video went to the default path, every face to the
+    detector, and the run said nothing. A column of the campaign's own (notes) stays aside."""
+    table = {"audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"], "outptu": ["x.mp4"], "boxes": ["1,2,30,40"]}
+    with pytest.raises(ManifestError) as refused:
+        rows_from_table(pa.table(table), "/out")
+    assert "'outptu' is not one heygem_ray reads: did you mean 'output'?" in str(refused.value)
+    assert "'boxes' is not one heygem_ray reads: did you mean 'box'?" in str(refused.value)
+    (row,) = rows_from_table(pa.table({"audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"], "notes": ["take 2"]}), "/out")
+    assert row.refused is None
