@@ -334,8 +334,11 @@ def expand(patterns: list[str]) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         if any(ch in pattern for ch in "*?[") and not storage.exists(pattern):
-            # files only, and none hidden: "aud/*" took .DS_Store, notes and sub-folders as narrations
-            matches = [uri for uri in storage.versions(pattern) if not storage.basename(uri).startswith(".")]
+            # files only, and none hidden nor in a hidden folder the pattern reaches: "aud/*" took
+            # .DS_Store, notes and sub-folders as narrations, "aud/**/*.wav" a .Trash's
+            fixed = pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)].rpartition("/")[0]
+            base = (storage.local_path(fixed or ".") if storage.is_local(pattern) else fixed).rstrip("/")
+            matches = [uri for uri in storage.versions(pattern) if not _hidden(uri, base)]
             if not matches:
                 raise ManifestError(f"{storage.display(pattern)} matches no files")
             out.extend(matches)
@@ -348,6 +351,12 @@ def expand(patterns: list[str]) -> list[str]:
     # local paths absolute, as globs give them: the manifest means the same files from any folder
     # (a job's workers run in Ray's copy of its working directory), and one file is one file
     return list(dict.fromkeys(storage.local_path(u) if storage.is_local(u) else u for u in out))
+
+
+def _hidden(uri: str, base: str) -> bool:
+    """Whether `uri`, matched below the folder `base`, is hidden or in a hidden folder below it."""
+    below = uri[len(base) :] if uri.startswith(base) else storage.basename(uri)
+    return any(part.startswith(".") for part in below.split("/"))
 
 
 def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int | None = None) -> int:

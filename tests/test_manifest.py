@@ -332,6 +332,14 @@ def test_the_manifest_command_takes_media_files_only_and_renames_only_ids_that_r
     assert ids[2] == "b__p" and ids[0].startswith("a__p-") and ids[1].startswith("a__p-") and ids[0] != ids[1]
     with pytest.raises(ManifestError, match="is a folder: give its files"):
         build_manifest([str(aud)], [str(tmp_path / "p.mp4")], out)
+    # nor in a hidden folder a pattern reaches (a .Trash), though one named in its fixed part is taken
+    (aud / ".Trash").mkdir()
+    (aud / ".Trash" / "old.wav").write_bytes(b"x")
+    (aud / "sub" / ".cache").mkdir()
+    (aud / "sub" / ".cache" / "d.wav").write_bytes(b"x")
+    for pattern in (aud / "*" / "*.wav", aud / "**" / "*.wav"):
+        assert build_manifest([str(pattern)], [str(tmp_path / "p.mp4")], out) == (1 if "**" not in str(pattern) else 3)
+    assert build_manifest([str(aud / ".Trash" / "*.wav")], [str(tmp_path / "p.mp4")], out) == 1
     with pytest.raises(ManifestError, match="nosuch.wav does not exist"):
         build_manifest([str(tmp_path / "nosuch.wav")], [str(tmp_path / "p.mp4")], out)
 
