@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -174,12 +174,47 @@ def render_main(argv: Sequence[str] | None = None) -> int:
             print(config_yaml(cfg), end="")
             return 0
     except Exception as exc:  # noqa: BLE001 - config mistakes are user errors, show them plainly
-        print(f"heygem-ray: error: invalid configuration: {exc}{_quoting_hint(exc)}", file=sys.stderr)
+        print(f"heygem-ray: error: invalid configuration: {_described(exc)}{_quoting_hint(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
     )
     return render(plain, cfg)
+
+
+def _described(exc: Exception) -> str:
+    """An error composing the config as a person can act on it: Hydra says "Could not override
+    'render.max_sid'. To append to your config use +render.max_sid=100", a hint that fails too
+    (the options are a fixed schema); the cause (no such option), a near name, or the renderer that
+    has that option is what helps."""
+    import dataclasses
+    import difflib
+
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError
+
+    from heygem_ray.config import RENDERERS
+
+    cause = exc.__cause__
+    if not isinstance(exc, ConfigCompositionException) or cause is None:
+        return str(exc)
+    key = str(getattr(cause, "full_key", "") or "")
+    said = f"{key}: {str(cause).splitlines()[0]}" if key else str(cause).splitlines()[0]
+    schema = getattr(cause, "object_type", None)
+    if not isinstance(cause, ConfigAttributeError) or not dataclasses.is_dataclass(schema):
+        return said
+    name = key.rpartition(".")[2]
+    owners = [r for r, (kind, _) in RENDERERS.items() if key.startswith("renderer.") and name in _fields(kind)]
+    if owners:
+        return f"{said} (an option of renderer={owners[0]}: give renderer={owners[0]} too)"
+    near = difflib.get_close_matches(name, _fields(schema), n=1)
+    return f"{said} (did you mean {key.rpartition('.')[0]}.{near[0]}?)" if near else said
+
+
+def _fields(kind: Any) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(kind)]
 
 
 def _quoting_hint(exc: Exception) -> str:

@@ -625,6 +625,22 @@ def test_a_path_the_override_grammar_cannot_parse_says_to_quote_it(capsys):
     assert "must be quoted" not in capsys.readouterr().err  # a value refused for what it is, not its form
 
 
+def test_a_mistyped_option_is_named_with_what_was_meant(capsys):
+    """Hydra said "Could not override 'render.max_sid'. To append to your config use
+    +render.max_sid=100", a way out that fails too (the options are a fixed schema); the README's
+    `renderer.precision=fp32` without `renderer=wav2lip` said the same."""
+    from heygem_ray.cli import render_main
+
+    base = ["manifest=/data/m.parquet", "output=/data/out"]
+    assert render_main([*base, "render.max_sid=100", "--cfg", "job"]) == 2
+    said = capsys.readouterr().err
+    assert "Key 'max_sid' not in 'RenderConfig' (did you mean render.max_side?)" in said and "+render" not in said
+    assert render_main([*base, "renderer.precision=fp32", "--cfg", "job"]) == 2
+    assert "(an option of renderer=wav2lip: give renderer=wav2lip too)" in capsys.readouterr().err
+    wav2lip = ["renderer=wav2lip", "renderer.checkpoint=/m/wav2lip.pth", "renderer.precision=fp32"]
+    assert render_main([*base, *wav2lip, "--cfg", "job"]) == 0
+
+
 def test_a_segment_is_taken_for_hung_only_well_past_what_a_slow_node_needs():
     """The default deadline covers a CPU at a sixtieth of real time and a large avatar's download
     on a node's first segment; a negative one waits for ever."""
