@@ -244,9 +244,11 @@ def check_job_secrets(overrides: Sequence[str], in_job: bool | None = None) -> N
         key, _, value = override.lstrip("+~").partition("=")
         found = _literal_secret(key, _parsed(value))
         if found:
+            adds = "+" if override.startswith("+") else ""  # a key the config lacks is added, as given
             raise ValueError(
                 f"{found} is given on the job's command line, which Ray writes into the job's log and job table: "
-                f"set it in the nodes' environment (AWS_SECRET_ACCESS_KEY, ...) or as '{found}=${{oc.env:VARIABLE}}'"
+                f"set it in the nodes' environment (AWS_SECRET_ACCESS_KEY, ...) or as "
+                f"'{adds}{found}=${{oc.env:VARIABLE}}'"
             )
 
 

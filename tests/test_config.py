@@ -263,6 +263,7 @@ def test_credentials_on_a_ray_jobs_command_line_are_refused(monkeypatch, capsys)
     assert render_main(["manifest=/data/m.parquet", "output=/data/out", secret]) == 2
     err = capsys.readouterr().err
     assert "storage.options.s3.secret is given on the job's command line" in err and "wJalrXUtnFEMI" not in err
+    assert "'+storage.options.s3.secret=${oc.env:VARIABLE}'" in err  # the way out, as it must be given
     ordinary = [
         "+storage.options.s3.secret=${oc.env:S3_SECRET}",
         "encoder.preset=slow",
