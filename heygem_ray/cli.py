@@ -66,6 +66,10 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
     from heygem_ray.output_lock import OutputLostError, output_lock
 
     cfg = cfg.anchored()  # the lock, the config file and the campaign name one output root
+    for what, uri in (("manifest", cfg.manifest), ("output", cfg.output), ("cache", cfg.cache_uri)):
+        if (problem := storage.scheme_problem(uri)) is not None:
+            print(f"heygem-ray: error: {what} {storage.display(uri)}: {problem}", file=sys.stderr)
+            return 2
     try:
         storage.configure(cfg.storage.options)
         with output_lock(cfg.layout) as held:
@@ -371,6 +375,10 @@ def manifest_main(argv: Sequence[str]) -> int:
     parser.add_argument("--avatar", nargs="+", required=True, help="avatar video/image URIs or globs")
     parser.add_argument("--out", required=True, help="manifest URI to write (.parquet)")
     args = parser.parse_args(argv)
+    for uri in (*args.audio, *args.avatar, args.out):
+        if (problem := storage.scheme_problem(uri)) is not None:
+            print(f"heygem-ray: error: {storage.display(uri)}: {problem}", file=sys.stderr)
+            return 2
     try:
         count = build_manifest(args.audio, args.avatar, args.out)
     except HeygemError as exc:

@@ -292,6 +292,9 @@ def _uri(value: str | None, column: str, problems: list[str]) -> str | None:
     if any(_is_control(ch) for ch in value):
         problems.append(f"{column} {_shown(value)} holds a control character")
         return None
+    if value and (problem := storage.scheme_problem(value)) is not None:
+        problems.append(f"{column} {_shown(value)}: {problem}")
+        return None
     return value or None
 
 

@@ -273,6 +273,23 @@ def is_local(uri: str) -> bool:
     return protocol(uri) in ("file", "local")
 
 
+def scheme_problem(uri: str) -> str | None:
+    """Why `uri`'s scheme cannot be read here (None: it can): one fsspec does not know, or one whose
+    package is not installed (gs:// without gcsfs: the image ships s3fs alone)."""
+    return _scheme_problem(protocol(uri))
+
+
+@functools.lru_cache(maxsize=64)
+def _scheme_problem(name: str) -> str | None:
+    try:
+        fsspec.get_filesystem_class(name)
+    except ValueError:
+        return f"{name}:// is no storage scheme fsspec knows"
+    except ImportError as exc:
+        return f"{name}:// needs a package not installed here ({str(exc).splitlines()[0]})"
+    return None
+
+
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     proto = protocol(uri)
     family = "s3" if proto in ("s3", "s3a") else proto  # s3a:// is s3fs too

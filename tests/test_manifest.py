@@ -387,3 +387,16 @@ def test_a_misspelled_column_is_refused_not_left_aside():
     assert "'boxes' is not one heygem_ray reads: did you mean 'box'?" in str(refused.value)
     (row,) = rows_from_table(pa.table({"audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"], "notes": ["take 2"]}), "/out")
     assert row.refused is None
+
+
+def test_a_scheme_nothing_here_reads_is_said_plainly(tmp_path, capsys):
+    """`gs://` without gcsfs, or a scheme fsspec does not know: a traceback ending in ImportError or
+    "Protocol not known", exit 1; now the row, or the command, says which scheme and why."""
+    from heygem_ray.cli import manifest_main, render_main
+
+    rows = rows_from_table(pa.table({"audio": ["foo://b/a.wav", "/d/b.wav"], "avatar": ["/d/v.mp4"] * 2}), "/out")
+    assert "foo:// is no storage scheme fsspec knows" in (rows[0].refused or "") and rows[1].refused is None
+    assert render_main(["manifest=/data/m.parquet", "output=foo://bucket/run", "cluster=inline"]) == 2
+    assert "output foo://bucket/run: foo:// is no storage scheme fsspec knows" in capsys.readouterr().err
+    assert manifest_main(["--audio", "foo://b/*.wav", "--avatar", "/v.png", "--out", str(tmp_path / "m.parquet")]) == 2
+    assert "foo:// is no storage scheme" in capsys.readouterr().err
