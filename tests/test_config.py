@@ -651,3 +651,14 @@ def test_a_segment_is_taken_for_hung_only_well_past_what_a_slow_node_needs():
     assert RenderConfig(segment_seconds=60.0).segment_deadline() == 3600.0
     assert RenderConfig(segment_timeout=90.0).segment_deadline() == 90.0
     assert RenderConfig(segment_timeout=-1.0).segment_deadline() == float("inf")
+
+
+def test_a_job_servers_address_in_ray_address_is_said_to_be_one(monkeypatch):
+    """deploy.md's tip exports RAY_ADDRESS=http://...:8265 for `ray job` commands; a render started
+    in that shell failed in Ray with "Invalid Ray address" and a traceback."""
+    from heygem_ray.errors import ClusterConfigError
+    from heygem_ray.executors.ray_cluster import _init
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ClusterConfigError, match="is a job server's address, for `ray job submit`"):
+        _init(compose_config("manifest=m", "output=o"))

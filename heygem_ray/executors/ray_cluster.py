@@ -183,9 +183,18 @@ def _sigterm_handler_kept() -> Iterator[None]:
 
 def _init(cfg: Config) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": cfg.cluster.include_dashboard, "log_to_driver": True}
+    given = os.environ.get("RAY_ADDRESS", "")
+    if not cfg.cluster.address and given.lower().startswith(("http://", "https://")):
+        # the job server's address, as `ray job submit` takes it (deploy.md's tip exports it): Ray
+        # failed with "Invalid Ray address" and a traceback
+        raise ClusterConfigError(
+            f"RAY_ADDRESS={given} is a job server's address, for `ray job submit`; a render started here cannot "
+            "join it: unset RAY_ADDRESS for a run on this machine, submit it as a job, or give "
+            "cluster.address=<head>:6379"
+        )
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, **kwargs)
-    elif os.environ.get("RAY_ADDRESS"):  # ray.init joins that cluster, which sizes itself
+    elif given:  # ray.init joins that cluster, which sizes itself
         ray.init(**kwargs)
     else:
         # "local": a Ray of its own even when another runs on this machine (`ray start`, the studio's
