@@ -28,8 +28,8 @@ from typing import Any
 
 from heygem_ray import scratch, storage
 from heygem_ray.actor_pool import LOST_ACTOR_SECONDS, ActorPool
-from heygem_ray.config import Config
-from heygem_ray.errors import InputError, ManifestError
+from heygem_ray.config import Config, in_ray_job
+from heygem_ray.errors import CheckpointError, InputError, ManifestError
 from heygem_ray.executors import Executor, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
@@ -615,6 +615,7 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
     # a manifest no row of which can run stops here, before any rendering
     rows = _boxed(read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output), cfg)
     cfg = replace(cfg, model_versions=model_versions(cfg))
+    _check_models(cfg)
     storage.configure(cfg.storage.options, cfg.model_versions)
     for uri, version in cfg.model_versions.items():
         log.info("model file %s: this run uses version %s", storage.display(uri), version[:16])
@@ -634,6 +635,25 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
             return Campaign(cfg, rows, executor, startup, guard).run()
     finally:
         storage.configure(cfg.storage.options, {})  # this process's next campaign pins its own
+
+
+def _check_models(cfg: Config) -> None:
+    """CheckpointError for a model file the campaign names that is not there (`model_versions` found
+    none): every row failed, one by one, "renderer could not start"."""
+    named = {
+        "renderer.checkpoint": getattr(cfg.renderer, "checkpoint", None),
+        "detector.checkpoint": cfg.detector.checkpoint,
+        "qa.syncnet": cfg.qa.syncnet,
+    }
+    for key, uri in named.items():
+        if uri and uri not in cfg.model_versions:
+            why = (
+                " (a relative path in a Ray job names a file in Ray's copy of its working directory, which "
+                "infra/runtime_env.yaml ships without model files: give an absolute path or a URI)"
+                if storage.is_relative(uri) and in_ray_job()
+                else ""
+            )
+            raise CheckpointError(f"{key} {storage.display(uri)} does not exist{why}")
 
 
 def _size(limit: float) -> str:

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from helpers import compose_config
 from heygem_ray import campaign
@@ -112,6 +113,23 @@ def test_a_wrong_checkpoint_fails_rows_with_what_was_expected(ray_local, media_d
     for row in summary.rows:
         assert row.error.startswith("renderer could not start: CheckpointError:"), row.error
         assert "S3FD" in row.error and "s3fd.pth" in row.error
+
+
+def test_a_model_file_that_is_not_there_stops_the_campaign_before_it_starts(media_dir, tmp_path, monkeypatch):
+    """Every row failed, one by one, "renderer could not start: ... not found" (in a Ray job, a
+    relative path names a file in Ray's copy of its working directory, which ships no weights)."""
+    from heygem_ray.errors import CheckpointError
+
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}), manifest
+    )
+    base = [f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "renderer=wav2lip"]
+    with pytest.raises(CheckpointError, match="renderer.checkpoint .*nowhere.pth does not exist$"):
+        campaign.run(compose_config(*base, f"renderer.checkpoint={tmp_path / 'nowhere.pth'}"))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(CheckpointError, match="ships without model files"):
+        campaign.run(compose_config(*base, "renderer.checkpoint=models/wav2lip.pth"))
 
 
 def test_a_checkpoint_replaced_during_a_run_is_not_mixed_into_it(media_dir, recipe_checkpoints, tmp_path, monkeypatch):
