@@ -313,9 +313,10 @@ class Campaign:
         if state.prep.skipped:
             self._skipped_since_work += 1
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
-        self._skipped_since_work = 0
-        if state.prep.audio is None:  # not decoded: it was admitted past a limit (`_not_decoding`)
+        if state.prep.audio is None:  # not decoded: admitted past a limit (`_not_decoding`), no work
+            self._skipped_since_work += 1  # as cheap as a skipped row: the rest go at a rerun's pace
             return self._fail(row_id, self._not_decoding() or "not rendered")
+        self._skipped_since_work = 0
         if state.prep.audio.decoded:
             self._decoded_bytes += 4 * state.prep.audio.samples
         if self.actors.error:  # no renderer will ever take it: no face tracking for nothing

@@ -452,6 +452,13 @@ def test_rows_that_will_not_render_are_not_decoded(tmp_path, stop):
     why = "renderer could not start" if stop == "no renderer" else "reached its cache limit of 3.1 MiB"
     assert len(failed) >= 190 and all(why in e for e in failed), failed[-1]
     assert summary.count("ok") == (0 if stop == "no renderer" else sum(decoded))
+    if stop == "no renderer":  # rows failed without work go at a rerun's pace, as skipped ones do
+        from heygem_ray.campaign import SKIPPING_RATE
+
+        paced = replace(cfg, render=replace(cfg.render, max_prepared_rows=0))
+        job = Campaign(paced, rows, executor=SimulatedExecutor(actors=2, stages=STAGES, start_error=error))
+        job.run()
+        assert job.prepare_limit() == 8 * SKIPPING_RATE
 
 
 def _narrations_and_tracks(asked: list[float | None], face_from: int = 0) -> dict[str, Any]:
