@@ -605,11 +605,17 @@ def _boxed(rows: list[Row], cfg: Config) -> list[Row]:
     return rows
 
 
-def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | None = None) -> Summary:
+def run(
+    cfg: Config,
+    launched: float | None = None,
+    guard: Callable[[], None] | None = None,
+    accepted: Callable[[], None] | None = None,
+) -> Summary:
     """Read the manifest, render every row, write the results table, return the summary.
     `launched`: when the run was asked for (time.time()), where the start-up breakdown begins;
     None = when this process started. `guard`: called on every turn of the campaign's loop, what it
-    raises stops the campaign."""
+    raises stops the campaign. `accepted`: called once the manifest and model files are found
+    fit, before anything renders (a run refused before that leaves the output root as it was)."""
     cfg = cfg.anchored()
     storage.configure(cfg.storage.options)
     scratch.sweep()  # what killed processes on this node left
@@ -617,6 +623,8 @@ def run(cfg: Config, launched: float | None = None, guard: Callable[[], None] | 
     rows = _boxed(read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output), cfg)
     cfg = replace(cfg, model_versions=model_versions(cfg))
     _check_models(cfg)
+    if accepted is not None:
+        accepted()
     storage.configure(cfg.storage.options, cfg.model_versions)
     for uri, version in cfg.model_versions.items():
         log.info("model file %s: this run uses version %s", storage.display(uri), version[:16])

@@ -73,10 +73,13 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
     try:
         storage.configure(cfg.storage.options)
         with output_lock(cfg.layout) as held:
-            if resolved is not None:
-                storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
+
+            def record() -> None:  # the config this run renders with, once it is to render
+                if resolved is not None:
+                    storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
+
             with _sigterm_interrupts():
-                summary = campaign.run(cfg, launched, held.check)
+                summary = campaign.run(cfg, launched, held.check, record)
     except OutputLostError as exc:  # its rows that did not finish are reported failed, as on a stop
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
         return 1

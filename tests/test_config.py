@@ -662,3 +662,26 @@ def test_a_job_servers_address_in_ray_address_is_said_to_be_one(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     with pytest.raises(ClusterConfigError, match="is a job server's address, for `ray job submit`"):
         _init(compose_config("manifest=m", "output=o"))
+
+
+def test_a_run_refused_before_it_renders_leaves_the_last_runs_config(tmp_path, media_dir, capsys):
+    """`_config.yaml` says what the videos there were made with: a rerun stopped by its manifest (a
+    column misspelled) overwrote it with settings nothing was rendered with."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heygem_ray.cli import render_main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_config.yaml").write_text("the last run's\n")
+    bad = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"audio": [str(media_dir / "speech3.wav")], "avatr": [str(media_dir / "still.png")]}), bad)
+    assert render_main([f"manifest={bad}", f"output={out}", "cluster=inline", "render.progress=false"]) == 2
+    assert (out / "_config.yaml").read_text() == "the last run's\n"
+    good = str(tmp_path / "good.parquet")
+    pq.write_table(
+        pa.table({"audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}), good
+    )
+    assert render_main([f"manifest={good}", f"output={out}", "cluster=inline", "render.progress=false"]) == 0
+    assert f"manifest: {good}" in (out / "_config.yaml").read_text()
