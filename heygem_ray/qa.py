@@ -12,9 +12,10 @@ since its motion then meets other speech.
     sync_method = "motion-energy"
 
 With the official lip-sync expert (`qa.syncnet`: Wav2Lip's `lipsync_expert.pth`), the actor embeds
-every window of five consecutive rendered frames (the lower half of each 96x96 face crop), and the
-stitch embeds the audio's mel window at each frame; for every offset within ±`SYNCNET_OFFSETS`
-frames the mean Euclidean distance between a face window and the audio window that many frames
+every window of five rendered frames (the lower half of each 96x96 face crop; consecutive at 25
+fps, spread to span the same 0.2 s at other rates), and the stitch embeds the audio's mel window
+at each frame; for every offset within ±`SYNCNET_OFFSETS` frames at 25 fps (±0.6 s: as many more
+frames at a higher rate) the mean Euclidean distance between a face window and the audio window that many frames
 away is taken over the whole row. `sync_distance` is the smallest of these means (LSE-D, lower is
 better), `sync_score` the median of them minus the smallest (LSE-C, the confidence: higher is
 better), `sync_offset_frames` the offset of the smallest (as above: positive when the mouth moves
@@ -35,8 +36,10 @@ from heygem_ray import storage
 
 METHOD = "motion-energy"
 SYNCNET = "syncnet"
-#: offsets the lip-sync expert is asked about, frames (as the usual LSE-D / LSE-C figures)
+#: offsets the lip-sync expert is asked about, frames at 25 fps (as the usual LSE-D / LSE-C figures)
 SYNCNET_OFFSETS = 15
+#: the face windows' layout (`models.syncnet.window_offsets`), in the names of their sidecars
+SYNCNET_WINDOWS_VERSION = 2
 #: the mouth region within a face box, as fractions of its height and width
 MOUTH_ROWS = (0.68, 1.0)
 MOUTH_COLS = (0.25, 0.75)
@@ -102,6 +105,12 @@ def face_halves(images: list[np.ndarray], boxes: np.ndarray) -> list[np.ndarray 
             continue
         halves.append(cv2.resize(crop, (96, 96), interpolation=cv2.INTER_AREA)[48:])
     return halves
+
+
+def syncnet_offsets(fps: float) -> int:
+    """The offsets the expert is asked about at `fps`, in frames: the same ±0.6 s at any rate, so
+    LSE-C (a median over them) means the same for a 60 fps row as for a 25 fps one."""
+    return max(1, round(SYNCNET_OFFSETS * fps / 25.0))
 
 
 class OffsetDistances:
@@ -186,9 +195,10 @@ def read_motion(uri: str, frames: int) -> np.ndarray | None:
 
 def syncnet_uri(segment_uri: str, expert_key: str) -> str:
     """Where a segment's face-window embeddings from the lip-sync expert are kept beside it, named
-    by the expert's content (`models.syncnet.load_expert`): other weights at the same URI (a rerun
-    after it was replaced) neither reuse them nor score their audio embeddings against them."""
-    return segment_uri.rsplit(".", 1)[0] + f".syncnet-{expert_key[:16]}.npz"
+        by the expert's content (`models.syncnet.load_expert`): other weights at the same URI (a rerun
+        after it was replaced) neither reuse them nor score their audio embeddings against them; nor do
+    windows laid out otherwise (`SYNCNET_WINDOWS_VERSION`)."""
+    return segment_uri.rsplit(".", 1)[0] + f".syncnet{SYNCNET_WINDOWS_VERSION}-{expert_key[:16]}.npz"
 
 
 def write_face_embeddings(uri: str, embeddings: np.ndarray, starts: np.ndarray) -> None:

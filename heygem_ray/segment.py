@@ -290,7 +290,7 @@ class RenderWorker:
                     from heygem_ray.models.syncnet import embed, face_windows
 
                     with clock("qa"):
-                        windows, starts = face_windows(halves)
+                        windows, starts = face_windows(halves, info.fps)
                         faces = embed(self.expert[0].embed_faces, windows, self.expert[1])
                     qa.write_face_embeddings(qa.syncnet_uri(job.out_uri, self.expert_key), faces, starts)
                 storage.publish_file(path, job.out_uri, move=True)

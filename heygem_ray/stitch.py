@@ -172,14 +172,14 @@ def sync_score(job: StitchJob) -> qa.SyncScore:
 def syncnet_score(job: StitchJob) -> qa.SyncScore:
     """The lip-sync expert's figures (`qa.OffsetDistances`): each segment's face-window embeddings
     (made by the actor) in join order, against the expert's audio embedding of every output frame
-    within ±qa.SYNCNET_OFFSETS of them, segment by segment."""
+    within ±`qa.syncnet_offsets` of them, segment by segment."""
     from heygem_ray.models import syncnet
     from heygem_ray.models.wav2lip_audio import mel_chunks
 
     # loaded again where the file was replaced: the sidecars scored are those its weights made
     model, device, key = _expert(job.qa.syncnet or "", checkpoint_version(job.qa.syncnet))
-    distances = qa.OffsetDistances()
-    reach = qa.SYNCNET_OFFSETS
+    reach = qa.syncnet_offsets(job.fps)
+    distances = qa.OffsetDistances(reach)
     for uri, (start, stop) in zip(job.segment_uris, job.spans, strict=True):
         faces, starts = qa.read_face_embeddings(qa.syncnet_uri(uri, key))
         if not len(faces):

@@ -231,6 +231,29 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
     assert sync_score(replace(job, qa=QAConfig())).method == "motion-energy"
 
 
+def test_the_experts_windows_span_a_fifth_of_a_second_at_any_frame_rate(tmp_path, media_dir, syncnet_checkpoint):
+    """The expert was trained on five consecutive frames of 25 fps video (0.2 s, as its mel window):
+    five consecutive frames of a 50 fps row spanned 0.1 s, which it scores as out of sync. Its
+    windows take the frames nearest the expert's times, and its offsets span ±0.6 s at any rate."""
+    from heygem_ray.models.syncnet import face_windows, window_offsets
+
+    assert window_offsets(25) == (0, 1, 2, 3, 4) and window_offsets(50) == (0, 2, 4, 6, 8)
+    assert window_offsets(30) == (0, 1, 2, 4, 5) and window_offsets(60) == (0, 2, 5, 7, 10)
+    halves = [np.full((48, 96, 3), i, np.uint8) for i in range(12)]
+    windows, starts = face_windows(halves, 50.0)
+    assert list(starts) == [0, 1, 2, 3] and list(np.rint(windows[1, ::3, 0, 0] * 255)) == [1, 3, 5, 7, 9]
+    assert qa.syncnet_offsets(25) == 15 and qa.syncnet_offsets(50) == 30 and qa.syncnet_offsets(24) == 14
+
+    job, _ = render_row(tmp_path, media_dir, 2.0, 5, "render.still_fps=50", f"qa.syncnet={syncnet_checkpoint}")
+    assert job.fps == 50 and len(job.spans) == 1
+    faces, starts = qa.read_face_embeddings(
+        qa.syncnet_uri(job.segment_uris[0], storage.fingerprint(syncnet_checkpoint))
+    )
+    assert len(faces) == job.frames - 8 and starts[-1] == job.frames - 9
+    sync = sync_score(job)
+    assert sync.frames == job.frames - 8 and sync.offset_frames is not None and abs(sync.offset_frames) <= 30
+
+
 @pytest.mark.slow  # two campaigns with the expert (~25 s on 2 cores); qa is opt-in
 def test_an_expert_replaced_at_its_uri_makes_embeddings_of_its_own(
     tmp_path, media_dir, syncnet_checkpoint, monkeypatch

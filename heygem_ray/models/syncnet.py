@@ -1,9 +1,10 @@
 """The official lip-sync expert (`lipsync_expert.pth`, Wav2Lip's SyncNet_color), laid out so its
 checkpoint loads with strict=True (keys: WAV2LIP_SPEC.md §7, `syncnet_state_dict.tsv`).
 
-Face input: (B, 15, 48, 96), five consecutive frames' lower halves of the 96x96 face crops, BGR in
-[0, 1], stacked on the channel axis. Audio input: (B, 1, 80, 16), the 16-column mel window that
-starts at the first of those frames. Both come out as L2-normalised 512-d embeddings; in sync,
+Face input: (B, 15, 48, 96), five frames' lower halves of the 96x96 face crops, BGR in [0, 1],
+stacked on the channel axis: five consecutive frames of 25 fps video (0.2 s), as the expert was
+trained on; at other rates the frames nearest those times (`window_offsets`). Audio input:
+(B, 1, 80, 16), the 16-column mel window (0.2 s) that starts at the first of those frames. Both come out as L2-normalised 512-d embeddings; in sync,
 they are close (the official training scores them by cosine similarity).
 """
 
@@ -20,6 +21,8 @@ from heygem_ray.models.wav2lip import ConvUnit, _res, audio_encoder
 
 #: frames per face window, and the lower half of a 96x96 crop it sees
 WINDOW_FRAMES = 5
+#: the frame rate the expert was trained at: its five frames span 0.2 s, as its mel window does
+EXPERT_FPS = 25.0
 FACE_ROWS = (48, 96)
 
 
@@ -53,15 +56,21 @@ class SyncNet(nn.Module):
         return F.normalize(self.face_encoder(faces).flatten(1), p=2, dim=1)
 
 
-def face_windows(halves: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
-    """The expert's face inputs for every window of WINDOW_FRAMES consecutive frames that all have
-    a face: (windows, 15, 48, 96) float32 BGR in [0, 1], and the first frame of each."""
-    starts = [
-        t for t in range(len(halves) - WINDOW_FRAMES + 1) if all(h is not None for h in halves[t : t + WINDOW_FRAMES])
-    ]
+def window_offsets(fps: float) -> tuple[int, ...]:
+    """The frames of a face window, counted from its first: the frames nearest the expert's five
+    at 25 fps. Consecutive at 25 fps; at 50 fps every other one, so the window spans the 0.2 s
+    of speech its audio window holds (five consecutive frames at 50 fps would span 0.1 s)."""
+    return tuple(int(k * fps / EXPERT_FPS + 0.5) for k in range(WINDOW_FRAMES))
+
+
+def face_windows(halves: list[np.ndarray | None], fps: float = EXPERT_FPS) -> tuple[np.ndarray, np.ndarray]:
+    """The expert's face inputs for every window (`window_offsets`) whose frames all have a face:
+    (windows, 15, 48, 96) float32 BGR in [0, 1], and the first frame of each."""
+    offsets = window_offsets(fps)
+    starts = [t for t in range(len(halves) - offsets[-1]) if all(halves[t + k] is not None for k in offsets)]
     if not starts:
         return np.zeros((0, 3 * WINDOW_FRAMES, 48, 96), np.float32), np.zeros(0, np.int64)
-    stacked = np.stack([np.concatenate([halves[t + k] for k in range(WINDOW_FRAMES)], axis=2) for t in starts])
+    stacked = np.stack([np.concatenate([halves[t + k] for k in offsets], axis=2) for t in starts])
     return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2), np.float32) / 255.0, np.asarray(starts, np.int64)
 
 
