@@ -64,6 +64,36 @@ def test_a_presenter_back_elsewhere_after_a_cutaway_is_taken_at_once():
     assert x1[:30] == [100] * 30 and x1[30:130] == [0] * 100 and x1[130:] == [400] * 20
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3, 8])
+def test_a_cut_to_another_shot_is_neither_smoothed_nor_bridged_across(stride):
+    """A clip cut from two takes. Near cut (the face 1.5x larger about the same centre): the
+    official 5-frame smoothing drew the mouth between the two boxes for the four frames before it.
+    Far cut (the face elsewhere): its first 13-17 frames were taken for a second person and passed
+    through un-lip-synced, and at stride 8 the box slid across the room between the two. Now each
+    shot keeps its own box; only frames a stride skipped between the shots pass through."""
+    shots = {"near": ((400, 200, 600, 400), (350, 150, 650, 450)), "far": ((100, 200, 300, 400), (800, 200, 1000, 400))}
+    for a, b in shots.values():
+        tb = TrackBuilder()
+        for i in range(64):
+            tb.add(None if i % stride else cand(a if i < 24 else b))
+        x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=True)[:, 0].tolist()
+        last_a = 24 - 1 - (23 % stride)  # the last frame of the first shot examined
+        first_b = -(-24 // stride) * stride
+        assert x1[: last_a + 1] == [a[0]] * (last_a + 1), x1
+        assert x1[last_a + 1 : first_b] == [0] * (first_b - last_a - 1), x1
+        assert x1[first_b:] == [b[0]] * (64 - first_b), x1
+
+
+def test_a_box_out_of_place_on_one_frame_is_no_cut():
+    """A detector's box off the face on one frame is smoothed into its neighbours, as before: no shot
+    of its own, no frames passed through around it."""
+    tb = TrackBuilder()
+    for i in range(20):
+        tb.add(cand((350, 150, 650, 450) if i == 10 else (400, 200, 600, 400)))
+    x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=True)[:, 0].tolist()
+    assert 0 not in x1 and x1[6:11] == [390] * 5 and x1[11:] == [400] * 9
+
+
 def test_frames_without_a_face_take_boxes_from_their_neighbours():
     tb = TrackBuilder()
     for c in (None, cand((10, 10, 50, 50)), None, None, cand((40, 10, 80, 50)), None):

@@ -14,6 +14,10 @@ from heygem_ray.detect.smoothing import WINDOW, smooth_boxes_official
 #: the longest stretch of frames without a face that is filled from its neighbours (a detector's
 #: miss); a longer one passes through unrendered (half a second at 25 fps)
 MAX_GAP = 12
+#: two boxes found one after the other that overlap less than this (intersection over union) are
+#: a cut to another shot, when the boxes either side of them hold still: a 5-frame smoothing window
+#: across a cut drew the mouth between the two places for four frames
+CUT_IOU = 0.5
 #: an avatar is detected in chunks of this many frames (10 s at 24 fps), each cached on its own and
 #: each from a reset detector: a narration shorter than its avatar has only the chunks it shows
 #: detected, and a longer one later detects only the chunks still missing (240: a multiple of
@@ -50,15 +54,20 @@ class TrackBuilder:
     miss). Only after more than `max_gap` frames without the presenter (faces elsewhere, none, or
     not examined) is the track started again from the highest-scoring face: the presenter moved
     away for good, or came back elsewhere after a cutaway, taken at once (those frames are no gap
-    the fill would bridge)."""
+    the fill would bridge, nor is one across a cut: see `finish`)."""
 
     def __init__(self, max_gap: int = MAX_GAP) -> None:
         self._boxes = np.zeros((1024, 4))  # the chosen box of frame i, where _chosen[i]
         self._chosen = np.zeros(1024, bool)
         self._missed = np.zeros(1024, bool)  # examined, and no face found
+        self._restart = np.zeros(1024, bool)  # the track started again here, after the presenter was lost
         self._n = 0
         self._last: np.ndarray | None = None
         self._last_at = -1  # the frame `_last` was chosen on (frames a stride skips count as frames)
+        # since the presenter was last found: the frames on which one other face followed itself,
+        # examined one after the other (a cut to another shot shows it from its first frame)
+        self._other: list[tuple[int, np.ndarray]] = []
+        self._beside = np.zeros((0, 4))  # the other faces on the frame the presenter was last found on
         self.max_gap = max_gap
 
     def _append(self, box: np.ndarray | None, missed: bool) -> None:
@@ -67,6 +76,7 @@ class TrackBuilder:
             self._boxes = np.concatenate([self._boxes, np.zeros((grow, 4))])
             self._chosen = np.concatenate([self._chosen, np.zeros(grow, bool)])
             self._missed = np.concatenate([self._missed, np.zeros(grow, bool)])
+            self._restart = np.concatenate([self._restart, np.zeros(grow, bool)])
         if box is not None:
             self._boxes[self._n] = box
             self._chosen[self._n] = True
@@ -76,19 +86,43 @@ class TrackBuilder:
     def add(self, candidates: np.ndarray | None) -> None:
         """candidates: (k, 5) x1, y1, x2, y2, score, or None for a frame that was not examined."""
         if candidates is None or len(candidates) == 0:
+            if candidates is not None:
+                self._other.clear()
             self._append(None, candidates is not None)
             return
         found = np.asarray(candidates, np.float64)
         boxes = found[:, :4]
         chosen = None if self._last is None else _nearest(boxes, self._last)
-        if chosen is None and self._last is not None and self._n - self._last_at - 1 <= self.max_gap:
+        if chosen is not None:
+            self._other.clear()
+        elif self._last is not None and self._n - self._last_at - 1 <= self.max_gap:
+            self._follow_other(found)
             self._append(None, True)  # a gap the fill may bridge
             return
-        if chosen is None:
-            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            chosen = boxes[np.lexsort((areas, found[:, 4]))[-1]]
+        else:  # the first face, or the presenter lost for longer than a gap: started again
+            follow = _nearest(boxes, self._other[-1][1]) if self._other else None
+            chosen = _best(found) if follow is None else follow
+            if self._last is not None:  # from the first frame the face followed itself on
+                start = self._n if follow is None else self._other[0][0]
+                for i, box in self._other if follow is not None else ():
+                    self._boxes[i], self._chosen[i], self._missed[i] = box, True, False
+                self._restart[start] = True
+                self._other.clear()
         self._last, self._last_at = chosen.copy(), self._n  # a copy: a view would keep the frame's candidates alive
+        self._beside = boxes[np.any(boxes != chosen, axis=1)].copy()
         self._append(chosen, False)
+
+    def _follow_other(self, found: np.ndarray) -> None:
+        """Extend (or begin) the run of frames on which one face other than the presenter followed
+        itself: a restart takes it back to that run's first frame. Not a face that was beside the
+        presenter when last found (a second person, not a cut: taken only after the gap)."""
+        follow = _nearest(found[:, :4], self._other[-1][1]) if self._other else None
+        if follow is not None:
+            self._other.append((self._n, follow.copy()))
+            return
+        best = _best(found)
+        beside = len(self._beside) and _nearest(self._beside, best) is not None
+        self._other = [] if beside else [(self._n, best.copy())]
 
     @property
     def frames(self) -> int:
@@ -106,6 +140,9 @@ class TrackBuilder:
         those frames pass through as they are. A face found on one frame with no other within
         `max_gap` frames either side, and a miss examined on each side, is taken for a detector's
         false positive (blurred noise can pass every check of one view on one frame) and dropped.
+        A cut to another shot (the track started again elsewhere, or a face found in another place
+        or size: `CUT_IOU`) is neither bridged nor smoothed across: the frames a stride skipped
+        between the two shots pass through, and each shot's boxes are smoothed on their own.
         Raises ValueError when no frame has a face."""
         self._drop_lone_faces()
         n = self._n
@@ -113,14 +150,17 @@ class TrackBuilder:
         if found.size == 0:
             raise ValueError(f"no face found in any of {n} frames")
         known = self._boxes[found]
+        cuts = self._restart[:n] & self._chosen[:n]
+        cuts[_cuts(found, known, self.max_gap)] = True
         everywhere = np.stack([np.interp(np.arange(n), found, known[:, c]) for c in range(4)], axis=1)
         covered = np.ones(n, bool)
         for lo, hi in _gaps(found, n):
-            if hi - lo > self.max_gap and int(self._missed[lo:hi].sum()) >= 2:
+            if (hi - lo > self.max_gap and int(self._missed[lo:hi].sum()) >= 2) or (hi < n and cuts[hi]):
                 covered[lo:hi] = False
         out = np.zeros((n, 4), np.int32)
-        for lo, hi in _runs(covered):  # each stretch with a face padded and smoothed on its own
-            out[lo:hi] = finish_boxes(everywhere[lo:hi], width, height, pads, smooth)
+        for lo, hi in _runs(covered):  # each stretch with a face, and each shot in it, finished on its own
+            for a, b in itertools.pairwise([lo, *(lo + np.flatnonzero(cuts[lo + 1 : hi]) + 1).tolist(), hi]):
+                out[a:b] = finish_boxes(everywhere[a:b], width, height, pads, smooth)
         return out
 
     def _drop_lone_faces(self) -> None:
@@ -140,12 +180,42 @@ class TrackBuilder:
         self._missed[lone] = True
 
 
+def _best(found: np.ndarray) -> np.ndarray:
+    """The highest-scoring candidate's box (the larger on a tie): the official choice."""
+    boxes = found[:, :4]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return boxes[np.lexsort((areas, found[:, 4]))[-1]]
+
+
 def _nearest(boxes: np.ndarray, last: np.ndarray) -> np.ndarray | None:
     """The box whose centre is nearest `last`'s, if within `last`'s larger side of it."""
     centers = (boxes[:, :2] + boxes[:, 2:]) / 2
     distances = np.linalg.norm(centers - (last[:2] + last[2:]) / 2, axis=1)
     k = int(np.argmin(distances))
     return boxes[k] if distances[k] <= max(last[2] - last[0], last[3] - last[1]) else None
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of boxes a[i] and b[i]."""
+    w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return w * h / np.maximum(area - w * h, 1e-9)
+
+
+def _cuts(found: np.ndarray, boxes: np.ndarray, max_gap: int) -> np.ndarray:
+    """The frames (of `found`, whose boxes are `boxes`) where a cut to another shot shows: a box
+    that overlaps the one before it less than CUT_IOU, while the box before that and the one after
+    overlap their neighbours at least that much, each within `max_gap` frames (a box out of place
+    on one frame is a detector's error, smoothed away, not a cut)."""
+    if len(found) < 4:
+        return np.zeros(0, np.int64)
+    overlap = _iou(boxes[:-1], boxes[1:])
+    steady = (overlap >= CUT_IOU) & (np.diff(found) <= max_gap + 1)
+    # a cut at found[k + 1]: found[k - 1] -> found[k] steady, found[k] -> found[k + 1] apart,
+    # found[k + 1] -> found[k + 2] steady
+    k = np.flatnonzero(steady[:-2] & (overlap[1:-1] < CUT_IOU) & steady[2:]) + 1
+    return found[k + 1]
 
 
 def _gaps(found: np.ndarray, n: int) -> list[tuple[int, int]]:
