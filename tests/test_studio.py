@@ -1915,6 +1915,12 @@ def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
     for stranger in (copy, TestClient(app, base_url="http://127.0.0.1")):
         refused = stranger.post("/app/gradio_api/queue/join", json=linked)
         assert refused.status_code == 401 and "uploaded, not linked" not in refused.text
+        # Gradio's GET routes asked for no sign-in: its heartbeat streamed to anyone, for ever
+        with stranger.stream("GET", "/app/gradio_api/heartbeat/abc") as heartbeat:
+            assert heartbeat.status_code == 401
+        assert stranger.get("/app/gradio_api/info").status_code == 401
+    assert alice.post("/login", data={"name": "alice", "password": "alice-password"}).status_code == 303
+    assert alice.get("/app/gradio_api/info").status_code == 200
 
 
 def test_a_campaigns_link_opens_it_once_signed_in_and_carries_nothing_else(tmp_path):

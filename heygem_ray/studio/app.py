@@ -92,6 +92,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             # a campaign's link (mail, chat: the cookie is not sent from another site) opens it
             # once signed in; its id alone is carried, never a URL to go to
             return RedirectResponse("/login" + _campaign_query(request.query_params.get("campaign")), status_code=303)
+        # Gradio's GET routes (its heartbeat's endless stream, its file routes) ask for no sign-in
+        reads_api = request.url.path.startswith(API_PATH) and request.method not in ("POST", "PUT", "PATCH")
+        if reads_api and await run_in_threadpool(current_user, request) is None:
+            return Response("sign in first", status_code=401)
         if _names_a_url(request.url.path):
             # Gradio would fetch any public URL named there and pass it on: no proxy for anyone
             return Response("files are served from this server only", status_code=403)
