@@ -318,12 +318,12 @@ def test_one_users_slow_page_does_not_hold_the_others(tmp_path):
     import logging
 
     from heygem_ray.config import StudioConfig
-    from heygem_ray.studio.app import build_pages
+    from heygem_ray.studio.app import UploadClaims, build_pages
     from heygem_ray.studio.service import Studio as StudioService
 
     service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
     limits: dict = {}
-    for fn in build_pages(service, sign_out=True).fns.values():
+    for fn in build_pages(service, UploadClaims(900), sign_out=True).fns.values():
         limits.setdefault(fn.name, set()).add((fn.concurrency_id, fn.concurrency_limit))
     for name in ("refresh", "check", "whoami", "act"):
         (group,) = limits[name]  # one group, one limit, for all its events
@@ -1674,7 +1674,7 @@ def test_uploads_gone_from_the_cache_leave_gradios_lists_of_them(tmp_path, media
     app = build_app(service, None, Sessions(b"k" * 32))
     client = TestClient(app, base_url="http://127.0.0.1")
     sent, arrived = [], []
-    monkeypatch.setattr(service, "upload_arrived", lambda user, size: arrived.append((user, size)))
+    monkeypatch.setattr(service, "upload_arrived", lambda user, size, paths: arrived.append((user, size)))
     for name in ("speech3.wav", "still.png", "clip6.mp4"):
         with open(media_dir / name, "rb") as upload:
             answer = client.post(UPLOAD_PATH, files=[("files", upload)])
@@ -1886,6 +1886,52 @@ def test_a_campaign_that_ended_while_no_studio_ran_is_logged_once(tmp_path, ray_
     assert asked == [job]
 
 
+def test_a_file_sent_again_counts_once_and_stays_its_senders_until_their_page_claims_it(tmp_path):
+    """Gradio names an upload by its content. The quota counted each request: the same presenter
+    sent again after a refresh counted twice and, near the quota, was refused for 16 minutes. And
+    who holds an upload was known only once a page event (queued with every user's) said so: a
+    campaign another user made meanwhile, from the same file, removed it from under them."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import UPLOAD_PATH, UploadClaims, build_app, uploader
+    from heygem_ray.studio.service import Studio as StudioService
+
+    users = tmp_path / "users.json"
+    add_user(str(users), "alice", "alice-password")
+    add_user(str(users), "bob", "bob-password")
+    presenter = os.urandom(3000)
+    cfg = StudioConfig(store=str(tmp_path / "store"), user_quota_gb=7000 / 2**30)  # 7000 bytes
+    service = StudioService(cfg, cluster=None, log=logging.getLogger("t"))
+    app = build_app(service, str(users), Sessions(b"k" * 32))
+    clients = {}
+    for name in ("alice", "bob"):
+        clients[name] = TestClient(app, base_url="http://127.0.0.1", follow_redirects=False)
+        assert clients[name].post("/login", data={"name": name, "password": f"{name}-password"}).status_code == 303
+    sent = [clients["bob"].post(UPLOAD_PATH, files={"files": ("p.mp4", presenter)}) for _ in range(2)]
+    assert [r.status_code for r in sent] == [200, 200] and sent[0].json() == sent[1].json()  # one file
+    # (each request ~200 bytes more than its file) 3000 once, + 1000 + 2000: counted twice, 9000+
+    for size, status in ((1000, 200), (2000, 200), (1000, 413)):
+        assert clients["bob"].post(UPLOAD_PATH, files={"files": ("o.mp4", os.urandom(size))}).status_code == status
+    (path,) = sent[0].json()
+    # bob's page has not claimed it yet; alice's campaign, made from the same file, leaves it
+    claims = app.state.upload_claims
+    claims.claim("alice/page", [path])
+    assert claims.release("alice/page", path) is False
+    # a user's own upload, claimed by the page since, is that page's to remove; sent again from
+    # another page of theirs after that, it is not
+    mine = UploadClaims(900)
+    mine.claim(uploader("alice"), ["/u/x"])
+    mine.claim("alice/page", ["/u/x"])
+    assert mine.release("alice/page", "/u/x") is True
+    mine.claim("alice/page", ["/u/y"])
+    time.sleep(0.01)
+    mine.claim(uploader("alice"), ["/u/y"])
+    assert mine.release("alice/page", "/u/y") is False
+
+
 def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
     """Someone who copied the cookie before its user signed out (a shared machine, a proxy log) is
     signed out too."""
@@ -1974,7 +2020,9 @@ def test_uploads_count_the_users_store_at_most_every_few_seconds(tmp_path, monke
     for _ in range(20):
         assert studio.admit_upload("alice", 1000) is None
     assert walks == ["alice"]
-    studio._taken("alice", 1000)  # a campaign took some in: counted anew
+    taken = tmp_path / "taken.wav"
+    taken.write_bytes(b"x" * 1000)
+    studio._taken("alice", [str(taken)])  # a campaign took some in: counted anew
     studio.admit_upload("alice", 1000)
     assert walks == ["alice", "alice"]
     monkeypatch.setattr(studio_service, "USAGE_SECONDS", 0.0)

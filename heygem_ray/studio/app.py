@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -74,6 +75,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     log = studio.log
     users = UsersFile(users_file) if users_file else None
     guard = LoginGuard()
+    # uploads leave the cache when a campaign is made; what is left (uploads never submitted) goes
+    # after 15 minutes, swept by the server (`server.sweep_uploads`) every minute, not by Gradio's
+    # delete_cache: each sweep would leave listed what the other removed, and its lists would grow
+    claims = app.state.upload_claims = UploadClaims(UPLOAD_WINDOW_SECONDS)
 
     def current_user(request: Request) -> str | None:
         if users is None:
@@ -122,10 +127,15 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         if request.method == "POST" and request.url.path == UPLOAD_PATH and response.status_code == 200:
             # its bytes are in (the route reads them all before it answers): counted from now, as
             # long as the web server keeps it; counted from its start, a slow upload left the quota
-            # while its file stayed
+            # while its file stayed. Its files are its user's from now, before any page event says
+            # so (another user's campaign made meanwhile must not remove them: `UploadClaims`)
+            body = b"".join([chunk async for chunk in response.body_iterator])
+            response = Response(body, status_code=200, headers=dict(response.headers))
             user, size = current_user(request), _length(request)
             if user is not None and size is not None:
-                studio.upload_arrived(user, size)
+                paths = _upload_answer(body)
+                claims.claim(uploader(user), paths)
+                studio.upload_arrived(user, size, paths)
         if request.url.path.startswith("/files/"):  # a user's own: no shared cache (a CDN) may keep them
             response.headers["Cache-Control"] = "private, no-store"
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -246,7 +256,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             return Response(status_code=404)
         return Response(data, media_type="image/jpeg")
 
-    blocks = build_pages(studio, sign_out=users_file is not None)
+    blocks = build_pages(studio, claims, sign_out=users_file is not None)
     app.state.gradio_pages = blocks  # its lists of uploads, for the server's sweeps
     # Gradio checks that a file a client names was uploaded only in an app that has "launched";
     # mount_gradio_app, unlike launch(), never says so, and Gradio would then take any server path
@@ -274,15 +284,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     )
 
 
-def build_pages(studio: Studio, sign_out: bool) -> gr.Blocks:
+def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Blocks:
     models = list(studio.models)
     audio_types, avatar_types = list(AUDIO_TYPES), list(AVATAR_TYPES)
     max_bytes = int(studio.cfg.max_upload_mb * 2**20)
-
-    # uploads leave the cache when a campaign is made; what is left (uploads never submitted) goes
-    # after 15 minutes, swept by the server (`server.sweep_uploads`) every minute, not by Gradio's
-    # delete_cache: each sweep would leave listed what the other removed, and its lists would grow
-    claims = UploadClaims(UPLOAD_WINDOW_SECONDS)
     with gr.Blocks(title="heygem_ray studio") as pages:
         who = gr.Markdown()
         with gr.Tabs() as tabs:
@@ -675,11 +680,28 @@ def _uploaded(paths: list[str]) -> list[str]:
     return paths
 
 
+def uploader(user: str) -> str:
+    """Who holds an upload from its arrival until a page's event claims it (`page_of`): the user,
+    some page of theirs (a page's events come later, queued with every user's)."""
+    return f"{user}/+upload"
+
+
+def _upload_answer(body: bytes) -> list[str]:
+    """The paths in Gradio's upload folder its upload route answered with (a JSON list)."""
+    try:
+        paths = json.loads(body)
+    except ValueError:
+        return []
+    folder = os.path.realpath(gradio_upload_folder())
+    listed = [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+    return [p for p in listed if os.path.commonpath([folder, os.path.realpath(p)]) == folder]
+
+
 class UploadClaims:
-    """Who uploaded each file of Gradio's upload folder lately, by page (`page_of`). Gradio names an
-    upload by its content: two users, or one user's two pages, who upload the same file (a
-    company's presenter video) share one path, and the campaign one of them makes must not delete
-    it from under the other."""
+    """Who uploaded each file of Gradio's upload folder lately, by page (`page_of`), and by user from
+    its arrival (`uploader`). Gradio names an upload by its content: two users, or one user's two
+    pages, who upload the same file (a company's presenter video) share one path, and the campaign
+    one of them makes must not delete it from under the other."""
 
     def __init__(self, window: float):
         self.window = window
@@ -697,9 +719,16 @@ class UploadClaims:
     def release(self, holder: str, path: str) -> bool:
         """`holder` is done with `path`: whether no one else claimed it within the window (then it may go)."""
         now, key = time.time(), os.path.realpath(path)
+        # the arrival of the holder's own user's upload, if a page of theirs (this one) claimed it since
+        mine = uploader(holder.rsplit("/", 1)[0])
         with self._lock:
             holders = self._holders.pop(key, {})
-            others = {h: t for h, t in holders.items() if h != holder and t >= now - self.window}
+            claimed = holders.get(holder, -math.inf)
+            others = {
+                h: t
+                for h, t in holders.items()
+                if h != holder and t >= now - self.window and not (h == mine and t <= claimed)
+            }
             if others:
                 self._holders[key] = others
             return not others

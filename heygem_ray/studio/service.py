@@ -90,6 +90,33 @@ CACHE_SWEEP_SECONDS = 60
 USAGE_SECONDS = 10.0
 
 
+@dataclass
+class RecentUpload:
+    """One upload request a user's quota counts (`Studio.admit_upload`): its bytes until it has
+    arrived, then its files, each counted once however often it was sent again (Gradio names an
+    upload by its content: the same file sent again after a refresh is the same file)."""
+
+    when: float
+    size: int
+    #: the real paths of its files in the web server's cache, once it has arrived (None: counted by size)
+    paths: tuple[str, ...] | None = None
+    arrived: bool = False
+
+
+def pending_bytes(uploads: list[RecentUpload]) -> int:
+    """What `uploads` (oldest first) hold: the size of each one still arriving, and each file once."""
+    seen: set[str] = set()
+    total = 0
+    for upload in uploads:
+        if not upload.paths:
+            total += upload.size
+            continue
+        new = [p for p in upload.paths if p not in seen]
+        total += upload.size * len(new) // len(upload.paths)
+        seen.update(upload.paths)
+    return total
+
+
 def distinct_uploads(paths: list[str], what: str) -> list[str]:
     """`paths` without repeats (one file given twice is one upload: Gradio names an upload by its
     content), in order; UploadError past MAX_UPLOADS."""
@@ -107,7 +134,7 @@ class Studio:
         self._ended: set[str] = set()  # jobs whose end is in the log already (since this studio started)
         self._watched: dict[str, CampaignRecord] = {}  # campaigns whose job may still end, by id
         self._campaign_locks: dict[str, threading.Lock] = {}  # see _acting_on
-        self._uploads: dict[str, list[tuple[float, int, bool]]] = {}  # user -> (when, bytes, arrived) of recent uploads
+        self._uploads: dict[str, list[RecentUpload]] = {}  # user -> recent uploads, oldest first
         self._usage: dict[str, tuple[float, int]] = {}  # user -> (when begun, bytes) of the last count of their store
         self._changed: dict[str, float] = {}  # user -> when their store last changed (a count begun before: stale)
         self._counting: dict[str, threading.Lock] = {}  # see _store_usage
@@ -262,7 +289,7 @@ class Studio:
                     except UploadError:
                         self._discard(user, campaign_id)
                         raise
-                    self._taken(user, sum(os.path.getsize(p) for p in uploads))
+                    self._taken(user, uploads)
                     self.submit(record)
             return record
         finally:
@@ -322,26 +349,28 @@ class Studio:
         used = self._store_usage(user, now)
         with self._lock:
             kept = UPLOAD_WINDOW_SECONDS + CACHE_SWEEP_SECONDS
-            recent = [(t, n, whole) for t, n, whole in self._uploads.get(user, []) if now - t < kept]
-            pending = sum(n for _, n, _ in recent)
-            if used + pending + size > quota:
+            recent = [u for u in self._uploads.get(user, []) if now - u.when < kept]
+            if used + pending_bytes(recent) + size > quota:
                 self._uploads[user] = recent
                 return (
                     f"this upload ({size / 2**30:.2f} GiB) would take your campaigns and recent uploads past your "
                     f"{self.cfg.user_quota_gb:g} GiB: delete campaigns you no longer need (Campaigns tab)"
                 )
-            self._uploads[user] = [*recent, (now, size, False)]
+            self._uploads[user] = [*recent, RecentUpload(now, size)]
         return None
 
-    def upload_arrived(self, user: str, size: int) -> None:
-        """An upload `admit_upload` let in has arrived whole: it counts from now (its file is kept
-        UPLOAD_WINDOW_SECONDS from its last write), not from when it began to arrive."""
+    def upload_arrived(self, user: str, size: int, paths: list[str] | None = None) -> None:
+        """An upload `admit_upload` let in has arrived whole, as `paths` in the web server's cache:
+        it counts from now (its file is kept UPLOAD_WINDOW_SECONDS from its last write), not from
+        when it began to arrive, and a file this user sent before counts once."""
         now = time.time()
+        real = tuple(os.path.realpath(p) for p in paths) if paths else None
         with self._lock:
             recent = self._uploads.get(user, [])
-            for i, (when, n, whole) in enumerate(recent):
-                if n == size and not whole:  # the oldest of that size still arriving: they count alike
-                    recent[i] = (max(when, now), n, True)
+            for i, upload in enumerate(recent):
+                if upload.size == size and not upload.arrived:  # the oldest of that size still arriving
+                    recent[i] = RecentUpload(max(upload.when, now), size, real, True)
+                    recent.sort(key=lambda u: u.when)  # counted once, by its latest copy's expiry
                     break
 
     def _store_usage(self, user: str, now: float) -> int:
@@ -384,18 +413,30 @@ class Studio:
             self._usage.pop(user, None)
             self._changed[user] = time.time()
 
-    def _taken(self, user: str, size: int) -> None:
-        """`size` bytes of the user's recent uploads are in the store now, where its usage counts
-        them: they leave the recent uploads (oldest first), and the others stay counted."""
+    def _taken(self, user: str, uploads: list[str]) -> None:
+        """The user's `uploads` are in the store now, where its usage counts them: they leave the
+        recent uploads, and the others stay counted. (Those not known by path, their bytes from the
+        uploads counted by size, oldest first.)"""
+        sizes = {os.path.realpath(p): os.path.getsize(p) for p in uploads}
         self._store_changed(user)  # the store's count before they went in: counted anew
         with self._lock:
-            recent = []
-            for when, n, whole in self._uploads.get(user, []):
-                kept = max(0, n - size)
-                size -= n - kept
-                if kept:
-                    recent.append((when, kept, whole))
-            self._uploads[user] = recent
+            recent = self._uploads.get(user, [])
+            known = {p for u in recent for p in u.paths or ()}
+            unknown = sum(n for p, n in sizes.items() if p not in known)
+            kept = []
+            for upload in recent:
+                if upload.paths:
+                    left = tuple(p for p in upload.paths if p not in sizes)
+                    upload.size, upload.paths = upload.size * len(left) // len(upload.paths), left
+                    if not left:
+                        continue
+                else:
+                    taken = min(unknown, upload.size)
+                    upload.size, unknown = upload.size - taken, unknown - taken
+                    if not upload.size:
+                        continue
+                kept.append(upload)
+            self._uploads[user] = kept
 
     @contextlib.contextmanager
     def _admission(self, user: str) -> Iterator[None]:
