@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from heygem_ray.executors import Expired, StageTimeout
+
 #: distinct avatars and narrations among the rows (a campaign reuses both)
 AVATARS = 100
 NARRATIONS = 1000
@@ -79,7 +81,9 @@ class SimulatedExecutor:
     def wait(self, handles: Sequence[Done], timeout: float) -> list[Done]:
         return list(handles[:1])
 
-    def get(self, handle: Done) -> Any:
+    def get(self, handle: Done | Expired) -> Any:
+        if isinstance(handle, Expired):
+            raise StageTimeout(handle.why)
         if handle.error is not None:
             raise handle.error
         return handle.result

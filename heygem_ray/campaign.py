@@ -30,7 +30,7 @@ from heygem_ray import scratch, storage
 from heygem_ray.actor_pool import LOST_ACTOR_SECONDS, ActorPool
 from heygem_ray.config import Config, in_ray_job
 from heygem_ray.errors import CheckpointError, InputError, ManifestError
-from heygem_ray.executors import Executor, failure_reason, open_executor
+from heygem_ray.executors import Executor, Expired, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
 from heygem_ray.media.audio import SAMPLE_RATE
@@ -105,13 +105,15 @@ class Campaign:
         self._decoded_bytes = 0  # of the narrations this run decoded into the cache (`limits.max_cache_gb`)
         self.run_token = secrets.token_hex(8)  # what this run's markers hold (`Marker.run`)
         self._seen_since: dict[Any, float] = {}  # stage task handle -> when `_watch_stages` first saw it
+        # stage task handle -> (when it is stopped, its time allowed): `_expire_stages`
+        self._deadlines: dict[Any, tuple[float, float]] = {}
         self._warned: set[Any] = set()  # stage tasks said to be out long
         self._watched_at = time.monotonic()
 
     # ------------------------------------------------------------------ loop
     def run(self) -> Summary:
         started = time.time()
-        handlers: dict[str, Callable[[Any, Any], None]] = {
+        self._handlers: dict[str, Callable[[Any, Any], None]] = {
             "prepared": self._on_prepared,
             "avatar": self._on_avatar,
             "audio_track": self.shared.audio_track_done,
@@ -141,9 +143,9 @@ class Campaign:
                 if not self._inflight:
                     time.sleep(0.2)  # only restarting actors to wait for
                 for ref in self.executor.wait(list(self._inflight), timeout=1.0) if self._inflight else ():
-                    event, key = self._inflight.pop(ref)
-                    row_id = key if event in ("prepared", "stitched") else key[0] if event == "segment" else None
-                    self._for_row(row_id, handlers[event], key, ref)
+                    self._deadlines.pop(ref, None)
+                    self._answered(ref, *self._inflight.pop(ref))
+                self._expire_stages()
                 if self.actors.error:  # no actor can ever render: nothing queued will be
                     for row_id in self.segments.rows():
                         self._fail(row_id, self.actors.error)
@@ -163,6 +165,34 @@ class Campaign:
             else:
                 results = self._wind_up()
         return Summary.of(results, time.time() - started, self.startup.breakdown())
+
+    def _answered(self, ref: Any, event: str, key: Any) -> None:
+        row_id = key if event in ("prepared", "stitched") else key[0] if event == "segment" else None
+        self._for_row(row_id, self._handlers[event], key, ref)
+
+    def _stage(self, handle: Any, event: str, key: Any, media_seconds: float = 0.0) -> None:
+        """A stage task out: watched (`_watch_stages`), and stopped at its deadline (`_expire_stages`)."""
+        self._inflight[handle] = (event, key)
+        allowed = self.cfg.render.stage_deadline(media_seconds)
+        self._deadlines[handle] = (time.monotonic() + allowed, allowed)
+
+    def _expire_stages(self) -> None:
+        """Stop each stage task out past its deadline (`render.stage_timeout`), and answer it as
+        failed (`Expired`): the rows it serves fail saying so, and the campaign goes on. A read or
+        decoder that never ended, or a task no node ever had room for, held the campaign for ever."""
+        now = time.monotonic()
+        for handle in [h for h, (at, _) in self._deadlines.items() if at <= now]:
+            allowed = self._deadlines.pop(handle)[1]
+            event, key = self._inflight.pop(handle)
+            self.executor.cancel(handle)  # a thread's stage runs on, its answer forgotten
+            subject = storage.display(key[0]) if event == "avatar" else key[:12] if event == "audio_track" else key
+            what = STAGES_WATCHED[event].format(subject)
+            why = (
+                f"{what} was stopped after {allowed:g} s (render.stage_timeout): "
+                "it hung (a read or decoder that never ends) or no node had room for it; run the campaign again"
+            )
+            log.warning("%s", why)
+            self._answered(Expired(handle, why), event, key)
 
     def _watch_stages(self) -> None:
         """Say so, once, of a stage task (a row's preparation, an avatar's face track, a narration's
@@ -253,7 +283,7 @@ class Campaign:
             # a row that will not render is still asked whether it is done (skipped), but its
             # narration is not decoded for nothing
             decode = self._not_decoding() is None
-            self._inflight[self.executor.submit(prepare_row, row, self.cfg, decode)] = ("prepared", row.id)
+            self._stage(self.executor.submit(prepare_row, row, self.cfg, decode), "prepared", row.id)
 
     def _dispatch_segments(self) -> None:
         if self._output_limit_reached():  # the rows waiting for their first segment go no further
@@ -326,7 +356,7 @@ class Campaign:
         track, started = self.shared.avatar(state.row, state.prep.audio.seconds, state.prep.avatar_fingerprint)
         if started is not None:
             key, handle = started
-            self._inflight[handle] = ("avatar", key)
+            self._stage(handle, "avatar", key, state.prep.audio.seconds)
         if track is not None:
             self._on_track(state, track)
 
@@ -369,7 +399,7 @@ class Campaign:
         # no more tracking for rows no renderer will take
         track, waiting, started = self.shared.avatar_done(key, ref, more=self._not_rendering() is None)
         if started is not None:
-            self._inflight[started[1]] = ("avatar", key)
+            self._stage(started[1], "avatar", key, self.shared.seconds_tracked(key))
         for row_id in waiting:
             if row_id in self._states:
                 self._for_row(row_id, self._on_track, self._states[row_id], track)
@@ -390,7 +420,7 @@ class Campaign:
             return self._fail(state.row.id, str(InputError("avatar", state.row.avatar, faceless)))
         state.audio_track, new = self.shared.audio_track(state.prep.audio)
         if new:  # watched, so a failed encode is forgotten and the next row with that narration tries again
-            self._inflight[state.audio_track] = ("audio_track", state.prep.audio.fingerprint)
+            self._stage(state.audio_track, "audio_track", state.prep.audio.fingerprint, seconds)
         # a campaign of fewer rows than actors spreads each row over several, so none idles
         spread = math.ceil(len(self.actors) / max(1, len(self.rows) - len(self._refused)))
         self.observers.frames_planned += state.plan(track, self.cfg.render.segment_seconds, spread)
@@ -417,7 +447,8 @@ class Campaign:
             job = state.stitch_job(
                 cfg.layout, self.actors.codec, cfg.qa, cfg.storage.options, cfg.model_versions, self.run_token
             )
-            self._inflight[self.executor.submit(stitch_row, job, state.audio_track)] = ("stitched", row_id)
+            seconds = state.prep.audio.seconds if state.prep and state.prep.audio else 0.0
+            self._stage(self.executor.submit(stitch_row, job, state.audio_track), "stitched", row_id, seconds)
             self._stitching += 1
 
     def _on_stitched(self, row_id: str, ref: Any) -> None:

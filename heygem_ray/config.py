@@ -401,6 +401,11 @@ class RenderConfig:
     #: a sixtieth of real time still finishes, and a node's first segment of an avatar downloads it
     #: first: 10 GB at 10 MB/s); a negative value waits for ever
     segment_timeout: float = 0.0
+    #: seconds a stage task (a row's preparation, an avatar's face tracking, a narration's encode, a
+    #: stitch) may be out, placed or waiting for room, before it is stopped and the rows it serves
+    #: fail (a rerun tries them again): a read or decoder that never ends held the campaign for ever;
+    #: 0 = 60 x the seconds of video it handles, at least 1800 s; a negative value waits for ever
+    stage_timeout: float = 0.0
     #: frames per second for still-image avatars
     still_fps: float = 25.0
     #: the highest output frame rate: a clip above it shows every 2nd, 3rd... frame, the fewest that
@@ -438,6 +443,13 @@ class RenderConfig:
         if self.segment_timeout < 0:
             return float("inf")
         return self.segment_timeout or max(1800.0, 60.0 * self.segment_seconds)
+
+    def stage_deadline(self, media_seconds: float = 0.0) -> float:
+        """`stage_timeout` in seconds for a stage task handling `media_seconds` of video (infinite
+        when negative)."""
+        if self.stage_timeout < 0:
+            return float("inf")
+        return self.stage_timeout or max(1800.0, 60.0 * media_seconds)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 from heygem_ray.config import Config
 from heygem_ray.devices import gpu_room
 from heygem_ray.errors import CacheError, InputError
-from heygem_ray.executors import Executor, failure_reason
+from heygem_ray.executors import Executor, Expired, failure_reason
 from heygem_ray.manifest import Row
 from heygem_ray.prepare import AudioInfo, AvatarTrack, prepare_audio_track, prepare_avatar
 
@@ -208,6 +208,11 @@ class SharedWork:
         self._tracking[key] = _Tracking(handle, longest, rows, fingerprint)
         return key, handle
 
+    def seconds_tracked(self, key: AvatarKey) -> float:
+        """How many seconds of the avatar its task under way tracks (0: none is)."""
+        tracking = self._tracking.get(key)
+        return tracking.seconds if tracking is not None else 0.0
+
     def audio_track(self, audio: AudioInfo) -> tuple[Any, bool]:
         """The handle of the task encoding this narration for the output, one per distinct audio
         content, started when the first row needing it starts rendering (so it runs meanwhile); and
@@ -228,6 +233,6 @@ class SharedWork:
         try:
             self.executor.get(handle)
         except Exception as exc:  # noqa: BLE001
-            if self._audio_tracks.get(fingerprint) is handle:
+            if self._audio_tracks.get(fingerprint) is (handle.handle if isinstance(handle, Expired) else handle):
                 del self._audio_tracks[fingerprint]
             log.warning("audio track %s: %s", fingerprint[:16], failure_reason(self.executor, exc))

@@ -185,6 +185,59 @@ def test_a_campaign_of_many_presenters_tracks_as_many_at_once_as_its_actors_can_
         shutil.rmtree(out)
 
 
+def test_a_stage_task_that_never_answers_fails_its_rows_and_the_campaign_goes_on(tmp_path):
+    """A row's preparation, an avatar's face tracking and a stitch that never answer (a read or
+    decoder that never ends, a task no node has room for) were only said to be out, once, after ten
+    minutes: the campaign waited for ever, and hung stitches or preparations stopped it admitting
+    rows at all. Each is stopped at `render.stage_timeout` and its rows fail saying so."""
+
+    class Hangs(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.hung: list[Any] = []
+            self.cancelled: list[Any] = []
+
+        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            handle = super().submit(fn, *args, **kwargs)
+            name = getattr(args[0], "id", None) if fn.__name__ == "prepare_row" else None
+            job = args[0] if fn.__name__ == "stitch_row" else None
+            if (
+                name == "r001"
+                or (fn.__name__ == "prepare_avatar" and args[0] == "/in/hangs.mp4")
+                or (job is not None and job.row_id in ("r003", "r004", "r005"))
+            ):
+                self.hung.append(handle)
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            ready = [h for h in handles if h not in self.hung]
+            if not ready:
+                time.sleep(min(timeout, 0.05))
+            return ready[:1]
+
+        def cancel(self, handle: Any) -> bool:
+            self.cancelled.append(handle)
+            return True
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.stage_timeout=0.3"
+    )
+    rows = [
+        Row(f"r{i:03d}", "/in/a.wav", "/in/hangs.mp4" if i == 2 else "/in/v.mp4", str(out / f"r{i:03d}.mp4"))
+        for i in range(12)
+    ]
+    executor = Hangs()
+    summary = Campaign(cfg, rows, executor=executor).run()
+    results = {r["id"]: r for r in read_results(str(out / "_results.parquet"))}
+    failed = {row_id for row_id, r in results.items() if r["status"] == "failed"}
+    assert failed == {"r001", "r002", "r003", "r004", "r005"} and summary.count("ok") == 7
+    assert "preparing row r001 was stopped after 0.3 s (render.stage_timeout)" in results["r001"]["error"]
+    assert "tracking the face of avatar /in/hangs.mp4 was stopped" in results["r002"]["error"]
+    assert "stitching row r003 was stopped" in results["r003"]["error"]
+    assert set(executor.cancelled) == set(executor.hung)
+
+
 def test_a_failed_audio_encode_fails_only_the_rows_that_waited_on_it(tmp_path):
     """The first encode of narration a0 fails: rows that shared that task fail with its cause, and a
     later row with the same narration starts a new encode (it is not stuck with the failed one)."""

@@ -237,3 +237,43 @@ def test_the_pool_reads_its_actors_restarts_in_one_request(ray_local, tmp_path, 
         assert executor.all_restarts() == [0, 1, 0] == [executor.restarts(i) for i in range(3)]
     finally:
         executor.close()
+
+
+def test_a_preparation_that_never_ends_is_stopped_and_only_its_row_fails(ray_local, media_dir, tmp_path):
+    """A narration on a store that never answers (here an S3 endpoint that takes connections and
+    says nothing): its row's preparation never ended, and the campaign waited for it for ever. On a
+    real Ray the task's worker is killed at `render.stage_timeout` and the row fails saying so; the
+    other row renders."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in iter(int, 1)], daemon=True).start()
+    path = str(tmp_path / "m.parquet")
+    audio = ["s3://silent/narration.wav", str(media_dir / "speech3.wav")]
+    pq.write_table(
+        pa.table({"id": ["stuck", "fine"], "audio": audio, "avatar": [str(media_dir / "clip2.mp4")] * 2}), path
+    )
+    cfg = compose_config(
+        f"manifest={path}",
+        f"output={tmp_path / 'out'}",
+        "render.progress=false",
+        "cluster.actors=1",
+        "render.stage_timeout=8",
+        "render.max_prepared_rows=1",  # the other row's waits for the CPU the stuck one holds, not 8 s
+        f"+storage.options.s3.endpoint_url=http://127.0.0.1:{silent.getsockname()[1]}",
+    )
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), RayExecutor(cfg))
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
+    runner.start()
+    runner.join(timeout=240)
+    silent.close()
+    assert not runner.is_alive(), "the campaign still waits for the preparation"
+    rows = {r.id: r for r in outcome["summary"].rows}
+    assert rows["fine"].status == "ok", rows["fine"].error
+    assert rows["stuck"].status == "failed"
+    assert "preparing row stuck was stopped after 8 s (render.stage_timeout)" in rows["stuck"].error, rows[
+        "stuck"
+    ].error
+    assert held, "the row's preparation never reached the store"

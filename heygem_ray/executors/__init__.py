@@ -15,12 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from heygem_ray import storage
 from heygem_ray.config import EXECUTORS, Config, registered
 from heygem_ray.errors import InputError
 from heygem_ray.startup import Startup
+
+
+class StageTimeout(Exception):
+    """A stage task the campaign stopped at its deadline (`render.stage_timeout`)."""
+
+
+@dataclass(frozen=True)
+class Expired:
+    """What stands for a stage task stopped at its deadline: an executor's `get` raises StageTimeout."""
+
+    handle: Any
+    why: str
 
 
 class Executor(Protocol):
@@ -37,7 +50,7 @@ class Executor(Protocol):
         """The handles that are done, waiting up to `timeout` seconds for at least one."""
 
     def get(self, handle: Any) -> Any:
-        """The result of a finished handle, or its exception raised."""
+        """The result of a finished handle, or its exception raised (StageTimeout for `Expired`)."""
 
     def cancel(self, handle: Any) -> bool:
         """Stop a submitted stage; True when it will not run on (not started, or its worker killed),

@@ -21,6 +21,7 @@ from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING, Any
 
 from heygem_ray.config import Config
+from heygem_ray.executors import Expired, StageTimeout
 
 if TYPE_CHECKING:
     from heygem_ray.segment import RenderWorker
@@ -64,7 +65,9 @@ class InlineExecutor:
         done, _ = wait_futures(handles, timeout=timeout, return_when=FIRST_COMPLETED)
         return list(done)
 
-    def get(self, handle: Future[Any]) -> Any:
+    def get(self, handle: Future[Any] | Expired) -> Any:
+        if isinstance(handle, Expired):
+            raise StageTimeout(handle.why)
         return handle.result()
 
     def cancel(self, handle: Future[Any]) -> bool:

@@ -20,6 +20,7 @@ from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, RayTa
 from heygem_ray.config import Config
 from heygem_ray.devices import gpu_room, gpu_slots
 from heygem_ray.errors import ClusterConfigError
+from heygem_ray.executors import Expired, StageTimeout
 from heygem_ray.segment import RenderWorker
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class RayExecutor:
         return ready
 
     def get(self, handle: Any) -> Any:
+        if isinstance(handle, Expired):
+            raise StageTimeout(handle.why)
         return ray.get(handle)
 
     def cancel(self, handle: Any) -> bool:
