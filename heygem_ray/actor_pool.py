@@ -43,6 +43,7 @@ class Actor:
     failed: str | None = None  # why it will never render
     restarts_at_ready: int = 0  # its restart count when it last answered `ready`
     lost_at: float | None = None  # when it was last seen lost, until it answers again
+    waiting_since: float | None = None  # when it was started or lost, until it answers `ready`
     misses: int = 0  # segments that failed on it and rendered elsewhere since it last rendered one
     last_error: str = ""  # why its last failed segment failed
 
@@ -73,8 +74,8 @@ class ActorPool:
         being added)."""
         count = self.executor.actor_count()
         self.executor.start_actors(count)
-        self.actors = [Actor(i) for i in range(count)]
         self._started = time.time()
+        self.actors = [Actor(i, waiting_since=self._started) for i in range(count)]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -119,6 +120,7 @@ class ActorPool:
         if now - self._restarts_checked_at >= RESTART_CHECK_SECONDS:
             self._restarts_checked_at = now
             self._watch_restarts()
+            self._give_up_waiting(now)
         due = [a for a in self.actors if a.probe_at is not None and a.probe_at <= now]
         for a in due:
             a.probe_at = None
@@ -141,6 +143,21 @@ class ActorPool:
                     "(out of memory loading the model?)",
                 )
 
+    def _give_up_waiting(self, now: float) -> None:
+        """Actors not ready `cluster.actor_start_timeout` seconds after they were started or lost:
+        no node had room for them, or their start never ended (given up: stopped, no more work)."""
+        limit = self.cfg.cluster.actor_start_timeout
+        for a in self.actors:
+            if limit and a.failed is None and not a.healthy and a.waiting_since and now - a.waiting_since > limit:
+                shape = self.cfg.cluster.actor
+                self.unusable(
+                    a.index,
+                    f"not ready {limit:g} s after it was {'lost' if a.lost_at else 'started'} "
+                    f"(cluster.actor_start_timeout): no node had room for {shape.num_cpus:g} CPU and "
+                    f"{shape.num_gpus:g} GPU (the cluster has {self.executor.resources()}), or loading its "
+                    "model never ended",
+                )
+
     def rendered(self, actor: int, failed_on: Collection[int]) -> None:
         """`actor` rendered a segment that failed on the actors `failed_on` first: each of those
         misses one more (`MISSES` of them retire it); `actor` misses none now."""
@@ -155,7 +172,8 @@ class ActorPool:
         """An actor died (Ray restarts it): no more work for it until it answers again."""
         a = self.actors[actor]
         if a.healthy:
-            a.healthy, a.probe_at, a.lost_at = False, time.time(), time.time()
+            a.healthy, a.probe_at = False, time.time()
+            a.lost_at = a.waiting_since = time.time()
 
     def answered(self, actor: int, get: Callable[[], WorkerInfo]) -> None:
         """Take an actor's answer to `ready` (`get` returns it or raises what the call raised)."""
@@ -184,7 +202,7 @@ class ActorPool:
                 f"its node encodes with {info.codec} but this campaign's segments "
                 f"use {self.codec} (a cluster of mixed GPUs: name encoder.codec)",
             )
-        a.healthy, a.info, a.lost_at = True, info, None
+        a.healthy, a.info, a.lost_at, a.waiting_since = True, info, None, None
         a.restarts_at_ready = self.executor.restarts(actor)
         self.first_ready_at = self.first_ready_at or time.time()
         pinned = f", cores {info.cores}" if info.cores is not None else ""

@@ -242,6 +242,11 @@ class ClusterConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     #: CPUs per prepare/stitch task
     task_cpus: float = 1.0
+    #: seconds a renderer actor may take to start, or to come back after its process died, before
+    #: it gets no more work: no node has room for it (a GPU node that never joins, more actors than
+    #: the cluster holds) or its model load never ends; once none is left, the rows waiting fail
+    #: saying so (a campaign waited for ever). 0 waits for ever
+    actor_start_timeout: float = 1800.0
     #: serve Ray's dashboard (http://127.0.0.1:8265 on a local Ray) while the run lasts; a local Ray
     #: lives only as long as the run, and the dashboard costs it ~0.9 s of start-up
     include_dashboard: bool = False
@@ -249,7 +254,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         check_choices("cluster", self, {"executor": EXECUTORS})
         # actors=-1 started none, and the campaign waited for ever for a renderer
-        for name in ("actors", "reserve_cpus", "num_cpus", "num_gpus"):
+        for name in ("actors", "reserve_cpus", "num_cpus", "num_gpus", "actor_start_timeout"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"cluster.{name} must be 0 or more, got {value}")

@@ -964,6 +964,57 @@ def test_segments_held_by_an_actor_that_never_comes_back_go_to_the_others(tmp_pa
     assert executor.gone and done[0].count("ok") == ROWS
 
 
+@pytest.mark.parametrize("never_ready", [{2}, {0, 1, 2}])
+def test_an_actor_that_never_becomes_ready_is_given_up_at_its_start_timeout(tmp_path, monkeypatch, never_ready):
+    """An actor no node has room for (a GPU node that never joins, more actors than the cluster
+    holds), or whose model load never ends, was waited for for ever: with none ready, every row
+    waited. Past `cluster.actor_start_timeout` it is given up; the others render, and with none
+    left the rows fail saying why."""
+    import threading
+
+    from benchmarks.driver import Done
+    from heygem_ray import actor_pool
+
+    monkeypatch.setattr(actor_pool, "RESTART_CHECK_SECONDS", 0.0)
+
+    class NeverDone(Done):
+        pass
+
+    class NoRoom(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=3)
+            self.stopped: list[int] = []
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            return NeverDone() if actor in never_ready else super().call(actor, method, *args)
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            time.sleep(0.01)  # a campaign that lasts past the timeout
+            return _first_that_ends(handles, NeverDone)
+
+        def stop(self, actor: int) -> None:
+            self.stopped.append(actor)
+
+    job, _ = _campaign(tmp_path)
+    cfg = replace(job.cfg, cluster=replace(job.cfg.cluster, actor_start_timeout=0.5))
+    executor = NoRoom()
+    done: list[Any] = []
+    campaign = Campaign(cfg, job.rows, executor=executor)
+    runner = threading.Thread(target=lambda: done.append(campaign.run()), daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    assert done, "the campaign waited for ever on actors that never started"
+    assert sorted(executor.stopped) == sorted(never_ready)
+    assert "not ready 0.5 s after it was started (cluster.actor_start_timeout)" in (
+        campaign.actors.actors[2].failed or ""
+    )
+    if len(never_ready) < 3:
+        assert done[0].count("ok") == ROWS
+    else:
+        assert done[0].count("failed") == ROWS
+        assert all("renderer could not start: not ready 0.5 s" in (r.error or "") for r in done[0].rows)
+
+
 def _first_that_ends(handles: Any, never: type) -> list:
     """As Ray's `wait(num_returns=1)` with calls of kind `never` that never end: the first other
     handle, after a short nap when there is none."""
