@@ -264,6 +264,47 @@ def test_an_inline_renderer_hung_for_ever_does_not_hold_the_process(tmp_path):
     assert out.returncode == 0 and "closed True" in out.stdout, out.stderr[-2000:]
 
 
+def test_an_inline_renderer_hung_on_a_segment_is_replaced_and_every_row_renders(tmp_path, media_dir, monkeypatch):
+    """`cluster=inline` has one renderer by default: one hung on a segment (a decoder, the GPU) was
+    given up, as a thread cannot be killed, and every row after it failed with `no renderer actor
+    is left`. A new renderer now takes its place; the segment it hung on renders there."""
+    import threading
+
+    from heygem_ray.campaign import Campaign
+    from heygem_ray.executors.inline import InlineExecutor
+    from heygem_ray.manifest import read_manifest
+    from heygem_ray.segment import RenderWorker
+
+    manifest = str(tmp_path / "m.parquet")
+    audio = [str(media_dir / "speech3.wav")] * 2
+    pq.write_table(pa.table({"id": ["a", "b"], "audio": audio, "avatar": [str(media_dir / "still.png")] * 2}), manifest)
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "cluster=inline",
+        "cluster.actors=1",
+        "cluster.actor.threads=1",
+        "render.progress=false",
+        "render.segment_timeout=3",
+    )
+    release, hung = threading.Event(), []
+    render = RenderWorker.render_segment
+
+    def hangs_once(self, job):
+        if not hung:
+            hung.append(job.row_id)
+            release.wait(120)  # a decoder that never returns (let go when the test ends)
+        return render(self, job)
+
+    monkeypatch.setattr(RenderWorker, "render_segment", hangs_once)
+    try:
+        summary = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), InlineExecutor(cfg)).run()
+    finally:
+        release.set()
+    assert hung and [r.status for r in summary.rows] == ["ok", "ok"], [r.error for r in summary.rows]
+    assert max(r.attempts for r in summary.rows) == 2  # the segment it hung on went again, once
+
+
 def test_rerun_skips_finished_rows(rendered):
     import json
 

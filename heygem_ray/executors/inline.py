@@ -84,7 +84,16 @@ class InlineExecutor:
         pass  # a thread cannot be killed, nor holds anything another renderer could use: it ends with the process
 
     def restart(self, actor: int) -> bool:
-        return False  # a thread cannot be killed
+        """A thread cannot be killed: the hung renderer is left to its call (its queued calls
+        cancelled) and a new one, with a renderer of its own, takes its place. Given up instead,
+        the only renderer of a default inline run failed every row after the one it hung on."""
+        from heygem_ray.segment import RenderWorker
+
+        self._actors[actor].shutdown()
+        thread = _Renderer(f"heygem-renderer-{actor}")
+        self._actors[actor] = thread
+        self._workers[actor] = thread.submit(RenderWorker, self.cfg)
+        return True
 
     def restarts(self, actor: int) -> int:
         return 0  # a renderer here dies only with the process
