@@ -175,7 +175,7 @@ def test_password_guessing_slows_down(tmp_path):
 def test_failing_as_a_user_from_many_addresses_does_not_keep_them_out_of_their_own_browser(tmp_path):
     """Fifty failures as alice, from ten addresses, slow every try as alice: anyone could keep her
     out, failing once more whenever the wait ends. A browser she signed in from is known (a signed
-    cookie): its tries count only against its own address."""
+    cookie): its tries count only against itself, not the name's failures nor its address's."""
     import logging
 
     from starlette.testclient import TestClient
@@ -208,6 +208,11 @@ def test_failing_as_a_user_from_many_addresses_does_not_keep_them_out_of_their_o
     assert sign_in(forged, "alice-password") == 429
     assert sign_in(hers, "alice-password") == 303  # hers
     assert sign_in(browser("10.1.0.3"), "alice-password") == 303  # and her sign-in cleared the name's failures
+    hers.get("/logout")
+    office = browser("10.1.0.1")  # a guesser behind her office's address: that address waits, she does not
+    assert [sign_in(office, "guess") for _ in range(6)] == [401] * 5 + [429]
+    assert sign_in(hers, "alice-password") == 303
+    assert [sign_in(hers, "typo") for _ in range(6)] == [401] * 5 + [429]  # her browser's own failures count
     # a new password forgets every browser (one whose cookie was copied with the password that leaked)
     sessions = Sessions(b"k" * 32)
     cookie = sessions.device("alice", "hash-1")

@@ -186,8 +186,12 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             return RedirectResponse(opened, status_code=303)
         keys = guard.keys(name, request.client.host if request.client else "")
         counted = keys
-        if sessions.known_device(request.cookies.get(DEVICE_COOKIE), name, users.hashes()):
-            counted = tuple(key for key in keys if key[0] != "name")  # others' failures as them: not theirs
+        device = request.cookies.get(DEVICE_COOKIE)
+        if sessions.known_device(device, name, users.hashes()):
+            # a browser the user signed in from counts its own failures only: not others' as them,
+            # nor its address's (an office behind one address, a guesser among them)
+            counted = (("device", device or ""),)
+            keys = (*keys, *counted)
         wait = guard.begin(*counted)
         if wait > 0:
             log.info("login refused user=%r (too many tries)", name)
