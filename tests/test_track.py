@@ -84,6 +84,17 @@ def test_a_cut_to_another_shot_is_neither_smoothed_nor_bridged_across(stride):
         assert x1[first_b:] == [b[0]] * (64 - first_b), x1
 
 
+def test_a_restart_on_the_frame_the_arrays_grow_at():
+    """The arrays grow by doubling from 1024 frames: a restart marked on frame 1024 before the frame
+    was added failed every row of that avatar."""
+    tb = TrackBuilder()
+    none = np.zeros((0, 5), np.float32)
+    for i in range(1100):
+        tb.add(cand((100, 100, 200, 200)) if i < 1005 else none if i < 1024 else cand((800, 100, 900, 200)))
+    x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
+    assert x1[:1005] == [100] * 1005 and x1[1005:1024] == [0] * 19 and x1[1024:] == [800] * 76
+
+
 def test_a_box_out_of_place_on_one_frame_is_no_cut():
     """A detector's box off the face on one frame is smoothed into its neighbours, as before: no shot
     of its own, no frames passed through around it."""

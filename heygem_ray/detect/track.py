@@ -46,8 +46,8 @@ def settled_frames(tracked: int, total: int, stride: int) -> int:
 
 
 class TrackBuilder:
-    """Fed frame by frame (memory: 34 bytes a frame, in arrays: a 3-hour clip's 270,000 frames take
-    9 MB). The first face chosen is the
+    """Fed frame by frame (memory: 35 bytes a frame, in arrays: a 3-hour clip's 270,000 frames take
+    9.5 MB). The first face chosen is the
     highest-scoring (the official choice; the larger on a tie); after that, the candidate nearest
     the last chosen box, if it is within that box's size of it: a second person in the shot takes
     the track neither by walking in nor while the presenter is missed for a frame (that frame is a
@@ -93,6 +93,7 @@ class TrackBuilder:
         found = np.asarray(candidates, np.float64)
         boxes = found[:, :4]
         chosen = None if self._last is None else _nearest(boxes, self._last)
+        start: int | None = None  # where the track starts again, if it does here
         if chosen is not None:
             self._other.clear()
         elif self._last is not None and self._n - self._last_at - 1 <= self.max_gap:
@@ -106,11 +107,12 @@ class TrackBuilder:
                 start = self._n if follow is None else self._other[0][0]
                 for i, box in self._other if follow is not None else ():
                     self._boxes[i], self._chosen[i], self._missed[i] = box, True, False
-                self._restart[start] = True
                 self._other.clear()
         self._last, self._last_at = chosen.copy(), self._n  # a copy: a view would keep the frame's candidates alive
         self._beside = boxes[np.any(boxes != chosen, axis=1)].copy()
         self._append(chosen, False)
+        if start is not None:  # marked once the arrays hold this frame
+            self._restart[start] = True
 
     def _follow_other(self, found: np.ndarray) -> None:
         """Extend (or begin) the run of frames on which one face other than the presenter followed

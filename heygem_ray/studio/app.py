@@ -8,7 +8,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -134,7 +133,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             user, size = current_user(request), _length(request)
             if user is not None and size is not None:
                 paths = _upload_answer(body)
-                claims.claim(uploader(user), paths)
+                claims.arrived(user, paths)
                 studio.upload_arrived(user, size, paths)
         if request.url.path.startswith("/files/"):  # a user's own: no shared cache (a CDN) may keep them
             response.headers["Cache-Control"] = "private, no-store"
@@ -190,8 +189,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         if sessions.known_device(device, name, users.hashes()):
             # a browser the user signed in from counts its own failures only: not others' as them,
             # nor its address's (an office behind one address, a guesser among them)
-            counted = (("device", device or ""),)
-            keys = (*keys, *counted)
+            counted = (("known browser", name),)  # its user's browsers together: a cookie names no one browser
+            # a right password clears the name's failures and its own, not a share of its address's
+            # (which it did not add to): else a guesser with an account alternates guesses and sign-ins
+            keys = (*(key for key in keys if key[0] != "client"), *counted)
         wait = guard.begin(*counted)
         if wait > 0:
             log.info("login refused user=%r (too many tries)", name)
@@ -684,12 +685,6 @@ def _uploaded(paths: list[str]) -> list[str]:
     return paths
 
 
-def uploader(user: str) -> str:
-    """Who holds an upload from its arrival until a page's event claims it (`page_of`): the user,
-    some page of theirs (a page's events come later, queued with every user's)."""
-    return f"{user}/+upload"
-
-
 def _upload_answer(body: bytes) -> list[str]:
     """The paths in Gradio's upload folder its upload route answered with (a JSON list)."""
     try:
@@ -702,40 +697,63 @@ def _upload_answer(body: bytes) -> list[str]:
 
 
 class UploadClaims:
-    """Who uploaded each file of Gradio's upload folder lately, by page (`page_of`), and by user from
-    its arrival (`uploader`). Gradio names an upload by its content: two users, or one user's two
-    pages, who upload the same file (a company's presenter video) share one path, and the campaign
-    one of them makes must not delete it from under the other."""
+    """Who holds each file of Gradio's upload folder lately: the pages (`page_of`) whose events
+    named it, and the uploads of it that arrived and no page has claimed yet (each arrival is its
+    user's; a page's first claim of a file takes one of its user's). Gradio names an upload by its
+    content: two users, or one user's two pages, who upload the same file (a company's presenter
+    video) share one path, and the campaign one of them makes must not delete it from under the
+    other, whose page event may still wait in the queue."""
 
     def __init__(self, window: float):
         self.window = window
         self._lock = threading.Lock()
-        self._holders: dict[str, dict[str, float]] = {}  # real path -> holder -> when last claimed
+        self._holders: dict[str, dict[str, float]] = {}  # real path -> page -> when last claimed
+        self._arrivals: dict[str, dict[str, list[float]]] = {}  # real path -> user -> unclaimed arrivals
 
-    def claim(self, holder: str, paths: list[str]) -> None:
+    def arrived(self, user: str, paths: list[str]) -> None:
+        """`user` uploaded `paths` (one arrival each, until a page of theirs claims it)."""
         now = time.time()
         with self._lock:
             for path in paths:
-                self._holders.setdefault(os.path.realpath(path), {})[holder] = now
-            for path in [p for p, users in self._holders.items() if max(users.values()) < now - self.window]:
-                del self._holders[path]  # expired: Gradio has deleted the file
+                self._arrivals.setdefault(os.path.realpath(path), {}).setdefault(user, []).append(now)
+            self._expire(now)
+
+    def claim(self, holder: str, paths: list[str]) -> None:
+        now = time.time()
+        user = holder.rsplit("/", 1)[0]
+        with self._lock:
+            for path in paths:
+                key = os.path.realpath(path)
+                pages = self._holders.setdefault(key, {})
+                waiting = self._arrivals.get(key, {}).get(user)
+                if holder not in pages and waiting:
+                    waiting.pop(0)  # this page's upload of it
+                pages[holder] = now
+            self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        """Forget what is older than the window: Gradio's copy is gone by then."""
+        for path in [p for p, pages in self._holders.items() if max(pages.values()) < now - self.window]:
+            del self._holders[path]
+        for path, users in list(self._arrivals.items()):
+            for user, times in list(users.items()):
+                users[user] = [t for t in times if t >= now - self.window]
+                if not users[user]:
+                    del users[user]
+            if not users:
+                del self._arrivals[path]
 
     def release(self, holder: str, path: str) -> bool:
-        """`holder` is done with `path`: whether no one else claimed it within the window (then it may go)."""
+        """`holder` is done with `path`: whether no other page claimed it within the window, and no
+        upload of it waits for a page to claim it (then it may go)."""
         now, key = time.time(), os.path.realpath(path)
-        # the arrival of the holder's own user's upload, if a page of theirs (this one) claimed it since
-        mine = uploader(holder.rsplit("/", 1)[0])
         with self._lock:
-            holders = self._holders.pop(key, {})
-            claimed = holders.get(holder, -math.inf)
-            others = {
-                h: t
-                for h, t in holders.items()
-                if h != holder and t >= now - self.window and not (h == mine and t <= claimed)
-            }
+            self._expire(now)
+            pages = self._holders.pop(key, {})
+            others = {h: t for h, t in pages.items() if h != holder and t >= now - self.window}
             if others:
                 self._holders[key] = others
-            return not others
+            return not others and not self._arrivals.get(key)
 
 
 def _remove_quietly(path: str) -> None:
