@@ -409,7 +409,8 @@ class RenderConfig:
     #: seconds a stage task (a row's preparation, an avatar's face tracking, a narration's encode, a
     #: stitch) may be out, placed or waiting for room, before it is stopped and the rows it serves
     #: fail (a rerun tries them again): a read or decoder that never ends held the campaign for ever;
-    #: 0 = 60 x the seconds of video it handles, at least 1800 s; a negative value waits for ever
+    #: 0 = 60 x the seconds of video it handles, at least 2 hours (counted from its submit: a task
+    #: may wait for room behind other rows' long face tracking); a negative value waits for ever
     stage_timeout: float = 0.0
     #: frames per second for still-image avatars
     still_fps: float = 25.0
@@ -454,7 +455,7 @@ class RenderConfig:
         when negative)."""
         if self.stage_timeout < 0:
             return float("inf")
-        return self.stage_timeout or max(1800.0, 60.0 * media_seconds)
+        return self.stage_timeout or max(7200.0, 60.0 * media_seconds)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from helpers import compose_config
 from heygem_ray.actor_pool import START_DEATHS
@@ -239,6 +240,7 @@ def test_the_pool_reads_its_actors_restarts_in_one_request(ray_local, tmp_path, 
         executor.close()
 
 
+@pytest.mark.slow  # waits out a stage deadline (~40 s on 2 cores); the driver's side runs by default (test_driver.py)
 def test_a_preparation_that_never_ends_is_stopped_and_only_its_row_fails(ray_local, media_dir, tmp_path):
     """A narration on a store that never answers (here an S3 endpoint that takes connections and
     says nothing): its row's preparation never ended, and the campaign waited for it for ever. On a
@@ -259,8 +261,8 @@ def test_a_preparation_that_never_ends_is_stopped_and_only_its_row_fails(ray_loc
         f"output={tmp_path / 'out'}",
         "render.progress=false",
         "cluster.actors=1",
-        "render.stage_timeout=8",
-        "render.max_prepared_rows=1",  # the other row's waits for the CPU the stuck one holds, not 8 s
+        "render.stage_timeout=25",
+        "render.max_prepared_rows=1",  # the other row's waits for the CPU the stuck one holds
         f"+storage.options.s3.endpoint_url=http://127.0.0.1:{silent.getsockname()[1]}",
     )
     job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), RayExecutor(cfg))
@@ -273,7 +275,7 @@ def test_a_preparation_that_never_ends_is_stopped_and_only_its_row_fails(ray_loc
     rows = {r.id: r for r in outcome["summary"].rows}
     assert rows["fine"].status == "ok", rows["fine"].error
     assert rows["stuck"].status == "failed"
-    assert "preparing row stuck was stopped after 8 s (render.stage_timeout)" in rows["stuck"].error, rows[
+    assert "preparing row stuck was stopped after 25 s (render.stage_timeout)" in rows["stuck"].error, rows[
         "stuck"
     ].error
     assert held, "the row's preparation never reached the store"

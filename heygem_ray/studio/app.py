@@ -129,7 +129,8 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             # while its file stayed. Its files are its user's from now, before any page event says
             # so (another user's campaign made meanwhile must not remove them: `UploadClaims`)
             body = b"".join([chunk async for chunk in response.body_iterator])
-            response = Response(body, status_code=200, headers=dict(response.headers))
+            answered, response = response, Response(body, status_code=200)
+            response.raw_headers = answered.raw_headers  # each as it was (a dict keeps one of repeated ones)
             user, size = current_user(request), _length(request)
             if user is not None and size is not None:
                 paths = _upload_answer(body)
