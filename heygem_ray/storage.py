@@ -575,7 +575,7 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
         dest = local_path(uri)
         folder = os.path.dirname(dest) or "."
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(dest)}{_PART}{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(folder, _part_name(os.path.basename(dest)))
         moved = move and _renamed(local_file, tmp)
         try:
             if not moved and not (link and _linked(local_file, tmp)):
@@ -597,22 +597,36 @@ def publish_file(local_file: str, uri: str, move: bool = False, link: bool = Fal
     folder, _, name = path.rpartition("/")
     with contextlib.suppress(Exception):  # an SFTP or WebDAV server needs the folder
         fs.makedirs(folder, exist_ok=True)
-    tmp = f"{folder}/.{name}{_PART}{uuid.uuid4().hex[:8]}"
+    tmp = f"{folder}/{_part_name(name)}"
     try:
         fs.put_file(local_file, tmp)
         try:
             _rename(fs, tmp, path)
+            refused: Exception | None = None if not fs.exists(tmp) else OSError("its rename left the file where it was")
         except Exception as exc:
             if is_transient(exc):
                 raise
-            # a rename that will not replace (SFTP's plain rename), or none at all: the old file
-            # goes only once the new one has been renamed once, to a second hidden name
-            second = f"{tmp}-{uuid.uuid4().hex[:4]}"
-            if not fs.exists(path) or not _renamed_on(fs, tmp, second):
-                raise NotPublished(display(f"the store renamed nothing into place: {exc}")) from exc
-            tmp = second
-            fs.rm_file(path)
-            _rename(fs, tmp, path)
+            refused = exc
+        if refused is not None:
+            # a rename that will not replace (SFTP's plain rename; WebHDFS's answers "false" and no
+            # error), or none at all: the old file is moved aside only once the new one has been
+            # renamed once, to a second hidden name, and comes back if the new one cannot follow
+            second = f"{folder}/{_part_name(name)}"
+            if not fs.exists(path) or not _renamed_on(fs, tmp, second) or fs.exists(tmp):
+                raise NotPublished(display(f"the store renamed nothing into place: {refused}")) from refused
+            tmp, old = second, f"{folder}/{_part_name(name)}"
+            _rename(fs, path, old)
+            try:
+                _rename(fs, tmp, path)
+                if fs.exists(tmp):
+                    raise NotPublished(display("the store renamed nothing into place"))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    if not fs.exists(path):
+                        _rename(fs, old, path)  # the old file back: never neither
+                raise
+            with contextlib.suppress(Exception):
+                fs.rm_file(old)
     finally:
         with contextlib.suppress(Exception):  # gone once renamed; a failed upload's leftovers
             if fs.exists(tmp):
@@ -659,6 +673,16 @@ OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"}
 
 #: what names a file being published (".NAME.part-XXXXXXXX" beside NAME) until it is renamed
 _PART = ".part-"
+#: the bytes of NAME a part's name keeps: a file name may be 255 bytes, and the part's adds 15
+_PART_KEEPS = 200
+
+
+def _part_name(name: str) -> str:
+    """A hidden name, new each time, for a file being published as `name` (`_PART_NAME`)."""
+    kept = name.encode()[:_PART_KEEPS].decode(errors="ignore")
+    return f".{kept}{_PART}{uuid.uuid4().hex[:8]}"
+
+
 _PART_NAME = re.compile(r"\..+\.part-[0-9a-f]{8}")
 
 
@@ -903,7 +927,7 @@ def _unversioned_copy(fs: fsspec.AbstractFileSystem, path: str, uri: str, root: 
         )
     tmp = os.path.join(root, f"unversioned{_PART}{uuid.uuid4().hex[:8]}")
     try:
-        os.makedirs(root, exist_ok=True)
+        _make_cache(root)
         open(tmp, "wb").close()
     except OSError as exc:
         raise _unusable_cache(root, exc) from exc
@@ -924,8 +948,9 @@ def _unversioned_copy(fs: fsspec.AbstractFileSystem, path: str, uri: str, root: 
 
 
 def _get_with_room(fs: fsspec.AbstractFileSystem, path: str, tmp: str, root: str, size: int) -> None:
-    """Download to `tmp`; on a full disk the node cache's copies used longest ago make room (else
-    every download on the node would fail until someone cleared it) and it goes again once."""
+    """Download to `tmp`, readable by this account only (the inputs of every user whose rows ran on
+    the node); on a full disk the node cache's copies used longest ago make room (else every
+    download on the node would fail until someone cleared it) and it goes again once."""
     try:
         fs.get_file(path, tmp)
     except OSError as exc:
@@ -933,6 +958,12 @@ def _get_with_room(fs: fsspec.AbstractFileSystem, path: str, tmp: str, root: str
             raise
         trim_node_cache(root, max(0, node_cache_bytes() - size))
         fs.get_file(path, tmp)
+    os.chmod(tmp, 0o600)
+
+
+def _make_cache(root: str) -> None:
+    """The node cache's folder, made readable by this account only where this makes it."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
 
 
 def _used(dest: str) -> bool:
@@ -1000,7 +1031,7 @@ def cache_lock(root: str, dest: str) -> Iterator[None]:
     """Hold the lock on one copy in the node cache `root` (its processes, this node's), made first
     if need be."""
     try:
-        os.makedirs(root, exist_ok=True)
+        _make_cache(root)
         fh = open(dest + ".lock", "w")  # noqa: SIM115 - closed below, after the lock is let go
     except OSError as exc:
         raise _unusable_cache(root, exc) from exc

@@ -198,6 +198,34 @@ def test_a_publish_to_a_store_that_writes_as_bytes_arrive_shows_no_partial_file(
     assert storage.read_bytes("memory://pub/out/old.mp4") == b"the earlier video"
     assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == ["/pub/out/old.mp4"]
 
+    def quietly_will_not_replace(fs, a, b):  # WebHDFS: "false" onto a taken name, and no error
+        if not fs.exists(b):
+            rename(fs, a, b)
+
+    monkeypatch.setattr(storage, "_rename", quietly_will_not_replace)
+    storage.publish_file(str(src), "memory://pub/out/old.mp4")  # the earlier video stayed, said published
+    assert storage.read_bytes("memory://pub/out/old.mp4") == src.read_bytes()
+    assert sorted(fsspec.filesystem("memory").ls("/pub/out", detail=False)) == ["/pub/out/old.mp4"]
+
+    storage.write_bytes("memory://pub/out/old.mp4", b"the earlier video")
+    renames = []
+
+    def fails_at_the_last(fs, a, b):  # the old video moved aside, then the new one refused
+        renames.append(b)
+        if len(renames) == 3:
+            raise PermissionError("quota exceeded")
+        will_not_replace(fs, a, b)
+
+    monkeypatch.setattr(storage, "_rename", fails_at_the_last)
+    with pytest.raises(PermissionError):
+        storage.publish_file(str(src), "memory://pub/out/old.mp4")
+    assert storage.read_bytes("memory://pub/out/old.mp4") == b"the earlier video"  # both were lost
+
+    monkeypatch.setattr(storage, "_rename", rename)
+    long = "x" * 246 + ".mp4"  # 250 bytes: a name the store takes; its hidden part's took 265
+    storage.publish_file(str(src), str(tmp_path / "pub" / long))
+    assert (tmp_path / "pub" / long).read_bytes() == src.read_bytes()
+
 
 def test_a_local_publish_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
     """Renamed before its data was flushed, a file can come back empty after a power loss (delayed
@@ -322,6 +350,22 @@ def test_a_node_cache_that_cannot_be_used_is_blamed_not_the_input(tmp_path, monk
     monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "file" / "cache"))
     with pytest.raises(storage.NodeCacheError, match="node cache .*/file/cache cannot be used .* HEYGEM_CACHE_DIR"):
         prepare_audio("memory://nodecache/n.wav", str(tmp_path / "campaign-cache"))
+
+
+def test_the_node_cache_is_readable_by_its_account_only(tmp_path):
+    """Copies of remote inputs (every user's narrations and presenters whose rows ran on the node)
+    were kept in a folder and files any account on the node could read (umask 022)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        storage.write_bytes("memory://nodecache/private.wav", b"RIFF private narration")
+        copy = storage.local_copy("memory://nodecache/private.wav", cache_dir=str(tmp_path / "cache"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(copy).st_mode) == 0o600
+    assert Path(copy).read_bytes() == b"RIFF private narration"
 
 
 def test_an_input_under_a_file_does_not_exist(tmp_path):
