@@ -543,6 +543,9 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, 
         assert client.post(path, content=iter([b"name=a&password=", b"x" * 2**21]), headers=form).status_code == 411
     # an event run at once past the queue (its size, every event group's concurrency limit)
     assert client.post("/app/gradio_api/run/refresh", json={"data": [None]}).status_code == 404
+    # a recording's processing: a file taken into the upload cache past the quota's check
+    for path in ("/app/gradio_api/process_recording", "/app/gradio_api/process_recording/"):
+        assert client.post(path, files={"data": ("r.wav", b"x" * 500)}).status_code == 404
     chunked = client.post("/app/gradio_api/queue/join", content=iter([b"{}", b" " * 2**20]))  # no length
     assert chunked.status_code == 411
 

@@ -44,6 +44,9 @@ EVENT_QUEUE_SIZE = 256
 #: Gradio's routes for files: `file=<path in its cache>` or `file/<path>`, or a URL it fetches
 FILE_ROUTES = (API_PATH + "file=", API_PATH + "file/")
 UPLOAD_PATH = API_PATH + "upload"
+#: Gradio's routes the studio has no use for: a microphone recording's processing takes a file of
+#: any size into the upload cache past the quota's check of uploads
+NOT_SERVED = (API_PATH + "process_recording",)
 #: the largest page event the studio takes (its text fields and file references: files are uploaded)
 EVENT_MAX_BYTES = 2**20
 #: the largest body of any other request (the sign-in form's fields): the form is parsed whole, up
@@ -100,6 +103,8 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         reads_api = request.url.path.startswith(API_PATH) and request.method not in ("POST", "PUT", "PATCH")
         if reads_api and await run_in_threadpool(current_user, request) is None:
             return Response("sign in first", status_code=401)
+        if request.url.path.rstrip("/") in NOT_SERVED:
+            return Response(status_code=404)
         if _names_a_url(request.url.path):
             # Gradio would fetch any public URL named there and pass it on: no proxy for anyone
             return Response("files are served from this server only", status_code=403)
