@@ -108,12 +108,6 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
             storage.remove(job.marker_uri)
             size = os.path.getsize(path)
             storage.publish_file(path, job.output, move=True)
-    thumbnail = _thumbnail(job, middle[0])
-    if thumbnail:
-        try:
-            storage.write_bytes(job.thumbnail_uri, thumbnail)
-        except OSError as exc:  # the video is published: a missing thumbnail must not fail the row
-            log.warning("row %s: thumbnail not written (%s: %s)", job.row_id, type(exc).__name__, exc)
     marker = Marker(
         job.row_id,
         job.fingerprint,
@@ -129,7 +123,15 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
         size,
         job.run,
     )
+    # the marker right after the video: a stop between the two (a thumbnail's time, before) stitched
+    # the row again on the next run
     write_marker(job.marker_uri, marker)
+    thumbnail = _thumbnail(job, middle[0])
+    if thumbnail:
+        try:
+            storage.write_bytes(job.thumbnail_uri, thumbnail)
+        except OSError as exc:  # the video is published: a missing thumbnail must not fail the row
+            log.warning("row %s: thumbnail not written (%s: %s)", job.row_id, type(exc).__name__, exc)
     try:
         storage.remove(job.work_uri, recursive=True)
     except OSError as exc:  # published: leftover segments must not fail the row

@@ -166,6 +166,28 @@ def test_the_marker_of_the_video_being_replaced_goes_before_the_new_video_is_pub
     assert not os.path.exists(row.marker_uri)
 
 
+def test_a_stitch_stopped_after_publishing_leaves_its_marker_for_the_rerun(rendered, tmp_path, monkeypatch):
+    """The thumbnail was made and written between the video and its marker: a stop there left a
+    published video without a marker, stitched again by the next run. The marker follows the video."""
+    import os
+
+    from heygem_ray import stitch, storage
+    from heygem_ray.config import EncoderConfig
+    from heygem_ray.prepare import prepare_audio_track
+
+    rendered_row, audio = rendered
+    track = prepare_audio_track(audio, str(tmp_path / "cache"), EncoderConfig())
+    row = replace(rendered_row, output=str(tmp_path / "new.mp4"), marker_uri=str(tmp_path / "marker.json"))
+
+    def stopped(*args: object) -> None:
+        raise KeyboardInterrupt  # the run stopped while the thumbnail was being made
+
+    monkeypatch.setattr(stitch, "_thumbnail", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        stitch.stitch_row(row, track)
+    assert os.path.exists(row.output) and storage.exists(row.marker_uri)
+
+
 # ------------------------------------------------------------------------- the lip-sync expert
 @pytest.fixture(scope="module")
 def syncnet_checkpoint(tmp_path_factory):
