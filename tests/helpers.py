@@ -74,3 +74,15 @@ class HandClock:
 
     def monotonic(self) -> float:
         return self.now
+
+
+def run_within(campaign, seconds: float):
+    """`campaign.run()` on a thread of its own, waited for up to `seconds`: its summary, or None
+    while it still runs (a campaign that waits for ever must fail its test, not hang the suite)."""
+    import threading
+
+    done: list = []
+    runner = threading.Thread(target=lambda: done.append(campaign.run()), daemon=True)
+    runner.start()
+    runner.join(timeout=seconds)
+    return done[0] if done else None

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks.driver import STAGES, Done, SimulatedExecutor
-from helpers import compose_config
+from helpers import compose_config, run_within
 from heygem_ray.campaign import Campaign
 from heygem_ray.manifest import Row
 from heygem_ray.results import read_results
@@ -918,7 +918,6 @@ def test_gpu_face_detection_asks_for_a_gpu_share_only_where_the_actors_leave_one
 def test_segments_held_by_an_actor_that_never_comes_back_go_to_the_others(tmp_path, monkeypatch):
     """An actor lost with its node, whose restart finds no room: Ray keeps the calls queued on it
     for ever. After LOST_ACTOR_SECONDS its segments go to the other actors and the campaign ends."""
-    import threading
 
     from benchmarks.driver import Done
     from heygem_ray import actor_pool, campaign
@@ -954,14 +953,9 @@ def test_segments_held_by_an_actor_that_never_comes_back_go_to_the_others(tmp_pa
 
     job, _ = _campaign(tmp_path)
     executor = NodeGone()
-    done: list[Any] = []
-    runner = threading.Thread(
-        target=lambda: done.append(Campaign(job.cfg, job.rows, executor=executor).run()), daemon=True
-    )
-    runner.start()
-    runner.join(timeout=30)
-    assert done, "the campaign waited for ever on the lost actor"
-    assert executor.gone and done[0].count("ok") == ROWS
+    summary = run_within(Campaign(job.cfg, job.rows, executor=executor), 30)
+    assert summary is not None, "the campaign waited for ever on the lost actor"
+    assert executor.gone and summary.count("ok") == ROWS
 
 
 @pytest.mark.parametrize("never_ready", [{2}, {0, 1, 2}])
@@ -970,7 +964,6 @@ def test_an_actor_that_never_becomes_ready_is_given_up_at_its_start_timeout(tmp_
     holds), or whose model load never ends, was waited for for ever: with none ready, every row
     waited. Past `cluster.actor_start_timeout` it is given up; the others render, and with none
     left the rows fail saying why."""
-    import threading
 
     from benchmarks.driver import Done
     from heygem_ray import actor_pool
@@ -998,21 +991,18 @@ def test_an_actor_that_never_becomes_ready_is_given_up_at_its_start_timeout(tmp_
     job, _ = _campaign(tmp_path)
     cfg = replace(job.cfg, cluster=replace(job.cfg.cluster, actor_start_timeout=0.5))
     executor = NoRoom()
-    done: list[Any] = []
     campaign = Campaign(cfg, job.rows, executor=executor)
-    runner = threading.Thread(target=lambda: done.append(campaign.run()), daemon=True)
-    runner.start()
-    runner.join(timeout=30)
-    assert done, "the campaign waited for ever on actors that never started"
+    summary = run_within(campaign, 30)
+    assert summary is not None, "the campaign waited for ever on actors that never started"
     assert sorted(executor.stopped) == sorted(never_ready)
     assert "not ready 0.5 s after it was started (cluster.actor_start_timeout)" in (
         campaign.actors.actors[2].failed or ""
     )
     if len(never_ready) < 3:
-        assert done[0].count("ok") == ROWS
+        assert summary.count("ok") == ROWS
     else:
-        assert done[0].count("failed") == ROWS
-        assert all("renderer could not start: not ready 0.5 s" in (r.error or "") for r in done[0].rows)
+        assert summary.count("failed") == ROWS
+        assert all("renderer could not start: not ready 0.5 s" in (r.error or "") for r in summary.rows)
 
 
 def _first_that_ends(handles: Any, never: type) -> list:
@@ -1030,7 +1020,6 @@ def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_pat
     process stays up: past `render.segment_timeout` it is restarted (or, where the executor cannot,
     given up) and its segments render on the others. Only the segment it hung on is charged a try:
     with `render.max_attempts=1` it fails its row, the one queued behind it renders."""
-    import threading
 
     from benchmarks.driver import Done
 
@@ -1061,18 +1050,15 @@ def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_pat
     # 2 s: the healthy actor's calls, answered at once, wait for the driver's turn (longer on a loaded machine)
     cfg = replace(job.cfg, render=replace(job.cfg.render, segment_timeout=2.0, max_attempts=1))
     executor = HangsOnce()
-    done: list[Any] = []
     campaign = Campaign(cfg, job.rows, executor=executor)
-    runner = threading.Thread(target=lambda: done.append(campaign.run()), daemon=True)
-    runner.start()
-    runner.join(timeout=30)
-    assert done, "the campaign waited for ever on the hung actor"
-    results = {r.id: r for r in done[0].rows}
+    summary = run_within(campaign, 30)
+    assert summary is not None, "the campaign waited for ever on the hung actor"
+    results = {r.id: r for r in summary.rows}
     assert len(executor.hung_rows) == 2, executor.hung_rows  # the one it hung on, one queued behind
     hung, behind = executor.hung_rows
     assert results[hung].status == "failed" and "its renderer hung (no segment back in 2 s)" in results[hung].error
     assert results[behind].status == "ok"
-    assert done[0].count("ok") == ROWS - 1
+    assert summary.count("ok") == ROWS - 1
     # restarted, it is asked `ready` again and kept; one the executor cannot restart is given up
     given_up = campaign.actors.actors[0].failed
     assert (given_up is None) if restartable else ("hung (no segment back in 2 s)" in given_up)
@@ -1150,7 +1136,6 @@ def test_actors_gone_for_good_are_given_up_not_asked_for_ever(tmp_path):
     """A renderer whose process could not be made on its node (its class failed to load), or that
     someone killed, is not restarted: asking it `ready` every second for ever left the rows waiting
     for ever when every actor was so. They fail, saying why."""
-    import threading
 
     from benchmarks.driver import Done
 
@@ -1170,15 +1155,10 @@ def test_actors_gone_for_good_are_given_up_not_asked_for_ever(tmp_path):
             return True
 
     job, _ = _campaign(tmp_path)
-    done: list[Any] = []
-    runner = threading.Thread(
-        target=lambda: done.append(Campaign(job.cfg, job.rows, executor=AllGone(actors=2)).run()), daemon=True
-    )
-    runner.start()
-    runner.join(timeout=30)
-    assert done, "the campaign waited for ever on actors that will never come back"
-    assert done[0].count("failed") == ROWS
-    assert all("No module named 'heygem_ray'" in r.error for r in done[0].rows)
+    summary = run_within(Campaign(job.cfg, job.rows, executor=AllGone(actors=2)), 30)
+    assert summary is not None, "the campaign waited for ever on actors that will never come back"
+    assert summary.count("failed") == ROWS
+    assert all("No module named 'heygem_ray'" in r.error for r in summary.rows)
 
 
 class _StitchesTakeTime(SimulatedExecutor):

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import compose_config
+from helpers import compose_config, run_within
 from heygem_ray.actor_pool import START_DEATHS
 from heygem_ray.campaign import Campaign
 from heygem_ray.executors.ray_cluster import RayExecutor
@@ -189,12 +189,8 @@ def test_a_renderer_taken_for_hung_is_started_again_by_ray_and_every_row_complet
         return real_hung(after)
 
     job.segments.hung = hung_once  # type: ignore[method-assign]
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
-    runner.start()
-    runner.join(timeout=300)
-    assert not runner.is_alive(), "the campaign still waits for its renderer"
-    summary = outcome["summary"]
+    summary = run_within(job, 300)
+    assert summary is not None, "the campaign still waits for its renderer"
     assert taken, "the actor never held two segments"
     assert [r.status for r in summary.rows] == ["ok", "ok"], [r.error for r in summary.rows]
     actor = job.actors.actors[0]
@@ -265,14 +261,10 @@ def test_a_preparation_that_never_ends_is_stopped_and_only_its_row_fails(ray_loc
         "render.max_prepared_rows=1",  # the other row's waits for the CPU the stuck one holds
         f"+storage.options.s3.endpoint_url=http://127.0.0.1:{silent.getsockname()[1]}",
     )
-    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), RayExecutor(cfg))
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
-    runner.start()
-    runner.join(timeout=240)
+    summary = run_within(Campaign(cfg, read_manifest(cfg.manifest, cfg.output), RayExecutor(cfg)), 240)
     silent.close()
-    assert not runner.is_alive(), "the campaign still waits for the preparation"
-    rows = {r.id: r for r in outcome["summary"].rows}
+    assert summary is not None, "the campaign still waits for the preparation"
+    rows = {r.id: r for r in summary.rows}
     assert rows["fine"].status == "ok", rows["fine"].error
     assert rows["stuck"].status == "failed"
     assert "preparing row stuck was stopped after 25 s (render.stage_timeout)" in rows["stuck"].error, rows[
