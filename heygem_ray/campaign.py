@@ -16,6 +16,7 @@ books on the actors are `actor_pool.ActorPool`; what it reports is `observers.Ca
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -667,14 +668,39 @@ def run(
             len(rows),
             "; ".join(refused[:5]) + (" ..." if len(refused) > 5 else ""),
         )
+    if cfg.force:
+        cfg = replace(cfg, forced_by=_forced_runs(cfg))
     startup = Startup()
     if launched is not None:
         startup.driver_started = launched
     try:
         with open_executor(cfg, startup) as executor:
-            return Campaign(cfg, rows, executor, startup, guard).run()
+            campaign = Campaign(cfg, rows, executor, startup, guard)
+            if cfg.force:  # before anything renders: a stop from here on is resumed by the next forced run
+                storage.write_bytes(
+                    cfg.layout.forced, json.dumps({"runs": [*cfg.forced_by, campaign.run_token]}).encode()
+                )
+            summary = campaign.run()
+            if cfg.force:  # whole: the next forced run renders everything again
+                storage.remove(cfg.layout.forced)
+            return summary
     finally:
         storage.configure(cfg.storage.options, {})  # this process's next campaign pins its own
+
+
+def _forced_runs(cfg: Config) -> list[str]:
+    """The runs of a forced rerun of this output root that was stopped before its end (none: this
+    forced run renders everything again)."""
+    try:
+        runs = json.loads(storage.read_bytes(cfg.layout.forced)).get("runs", [])
+    except FileNotFoundError:
+        return []
+    except (ValueError, AttributeError) as exc:
+        log.warning("%s not read (%s): every row renders again", storage.display(cfg.layout.forced), exc)
+        return []
+    if runs:
+        log.info("force=true goes on with the forced rerun stopped before its end: the rows it published stay done")
+    return [str(run) for run in runs]
 
 
 def _check_models(cfg: Config) -> None:

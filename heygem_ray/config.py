@@ -494,7 +494,8 @@ class Config:
     output: str = MISSING
     #: avatar probe and face-track cache (null = {output}/_cache)
     cache: str | None = None
-    #: re-render rows whose done-marker matches
+    #: re-render rows whose done-marker matches (a forced rerun stopped before its end is resumed by
+    #: the next: the rows it published stay done)
     force: bool = False
     renderer: Any = MISSING
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -508,6 +509,9 @@ class Config:
     #: set by the campaign as it starts (a value given here is replaced): model file URI -> its
     #: version then (`prepare.model_versions`), which every task and actor of the run uses
     model_versions: dict[str, str] = field(default_factory=dict)
+    #: set by the campaign as it starts (a value given here is replaced): with `force`, the runs of
+    #: the forced rerun this one goes on with (`{output}/_force.json`), whose markers count as done
+    forced_by: list[str] = field(default_factory=list)
     #: set by `anchored`: a model file's URI made absolute -> the URI as written, which rows'
     #: fingerprints hold (a campaign rendered with a relative path renders no finished row again)
     written_paths: dict[str, str] = field(default_factory=dict)

@@ -13,6 +13,7 @@
                             row's folders of earlier cuts or inputs, at the campaign's end)
 {output}/_cache/            decoded audio and face tracks, unless `cache` puts them elsewhere
 {output}/_lock.json         held by the run writing the output root (heygem_ray.output_lock)
+{output}/_force.json        the runs of a `force=true` rerun not yet whole (a forced rerun resumes it)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ RESERVED = (
     "_work",
     "_cache",
     "_lock.json",
+    "_force.json",
 )
 
 
@@ -66,6 +68,10 @@ class CampaignLayout:
     @property
     def progress(self) -> str:
         return join(self.output, "_progress.json")
+
+    @property
+    def forced(self) -> str:
+        return join(self.output, "_force.json")
 
     @property
     def config(self) -> str:

@@ -823,7 +823,9 @@ def prepare_row(row: Row, cfg: Config, decode: bool = True) -> RowPrep:
         pixel_cap = photo_pixel_cap(row.avatar, cfg)
     fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg, pixel_cap)
     marker = read_marker(cfg.layout.marker(row.id))
-    if not cfg.force and marker and marker.fingerprint == fp and marker.still_published(row.output):
+    # with `force`, rows the forced rerun this run goes on with published are done
+    redone = not cfg.force or (marker is not None and marker.run in cfg.forced_by)
+    if redone and marker and marker.fingerprint == fp and marker.still_published(row.output):
         try:
             thumbnail = storage.read_bytes(cfg.layout.thumbnail(row.id))
         except OSError as exc:  # a picture for the report: a finished row stays finished without it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -303,6 +304,35 @@ def test_an_inline_renderer_hung_on_a_segment_is_replaced_and_every_row_renders(
         release.set()
     assert hung and [r.status for r in summary.rows] == ["ok", "ok"], [r.error for r in summary.rows]
     assert max(r.attempts for r in summary.rows) == 2  # the segment it hung on went again, once
+
+
+def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_dir):
+    """`force=true` renders every row again: one stopped midway (a kill, a lost node) rendered all
+    of them again when run again, those it had published too. The next forced run goes on with it;
+    once a forced run is whole, the next renders everything again."""
+    from heygem_ray import campaign
+
+    manifest = str(tmp_path / "m.parquet")
+    audio = [str(media_dir / "speech3.wav")] * 2
+    pq.write_table(pa.table({"id": ["a", "b"], "audio": audio, "avatar": [str(media_dir / "still.png")] * 2}), manifest)
+    base = (f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "render.progress=false")
+    cfg = compose_config(*base, "cluster.actors=1", "cluster.actor.threads=1", "render.max_prepared_rows=1")
+    assert campaign.run(cfg).count("ok") == 2
+    forced = replace(cfg, force=True)
+
+    def stop_after_one() -> None:
+        published = [p for p in (tmp_path / "out" / "_markers").glob("*.json") if p.stat().st_mtime > started]
+        if len(published) >= 1:
+            raise KeyboardInterrupt
+
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        campaign.run(forced, guard=stop_after_one)
+    assert (tmp_path / "out" / "_force.json").exists()
+    statuses = {r.id: r.status for r in campaign.run(forced).rows}
+    assert sorted(statuses.values()) == ["ok", "skipped"], statuses  # the one it published stays done
+    assert not (tmp_path / "out" / "_force.json").exists()
+    assert campaign.run(forced).count("ok") == 2  # whole: forced again, every row renders again
 
 
 def test_rerun_skips_finished_rows(rendered):
