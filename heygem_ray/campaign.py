@@ -681,8 +681,7 @@ def run(
                     cfg.layout.forced, json.dumps({"runs": [*cfg.forced_by, campaign.run_token]}).encode()
                 )
             summary = campaign.run()
-            if cfg.force:  # whole: the next forced run renders everything again
-                storage.remove(cfg.layout.forced)
+            _forced_run_done(cfg, summary, guard)
             return summary
     finally:
         storage.configure(cfg.storage.options, {})  # this process's next campaign pins its own
@@ -701,6 +700,21 @@ def _forced_runs(cfg: Config) -> list[str]:
     if runs:
         log.info("force=true goes on with the forced rerun stopped before its end: the rows it published stay done")
     return [str(run) for run in runs]
+
+
+def _forced_run_done(cfg: Config, summary: Summary, guard: Callable[[], None] | None) -> None:
+    """After a run with every row done (none failed: a limit reached or a stage stopped fails rows
+    the next run renders), no forced rerun is left to go on with: the next `force=true` renders
+    everything again. A plain run's too (its user left the forced one unfinished). Not where another
+    run holds the output root now."""
+    if summary.failed:
+        return
+    try:
+        if guard is not None:
+            guard()
+    except OutputLostError:
+        return
+    storage.remove(cfg.layout.forced)
 
 
 def _check_models(cfg: Config) -> None:

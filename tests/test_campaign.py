@@ -309,7 +309,7 @@ def test_an_inline_renderer_hung_on_a_segment_is_replaced_and_every_row_renders(
 def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_dir):
     """`force=true` renders every row again: one stopped midway (a kill, a lost node) rendered all
     of them again when run again, those it had published too. The next forced run goes on with it;
-    once a forced run is whole, the next renders everything again."""
+    once a run is whole (forced or not), the next forced one renders everything again."""
     from heygem_ray import campaign
 
     manifest = str(tmp_path / "m.parquet")
@@ -329,6 +329,11 @@ def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_di
     with pytest.raises(KeyboardInterrupt):
         campaign.run(forced, guard=stop_after_one)
     assert (tmp_path / "out" / "_force.json").exists()
+    # a plain run, whole, leaves the forced one behind: the next force=true renders every row again
+    assert campaign.run(cfg).count("skipped") == 2 and not (tmp_path / "out" / "_force.json").exists()
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        campaign.run(forced, guard=stop_after_one)
     statuses = {r.id: r.status for r in campaign.run(forced).rows}
     assert sorted(statuses.values()) == ["ok", "skipped"], statuses  # the one it published stays done
     assert not (tmp_path / "out" / "_force.json").exists()
