@@ -105,9 +105,8 @@ class Campaign:
         self._published_bytes = 0  # of the videos this run published (`limits.max_output_gb`)
         self._decoded_bytes = 0  # of the narrations this run decoded into the cache (`limits.max_cache_gb`)
         self.run_token = secrets.token_hex(8)  # what this run's markers hold (`Marker.run`)
-        self._seen_since: dict[Any, float] = {}  # stage task handle -> when `_watch_stages` first saw it
-        # stage task handle -> (when it is stopped, its time allowed): `_expire_stages`
-        self._deadlines: dict[Any, tuple[float, float]] = {}
+        # stage task handle -> (when it was sent, its time allowed): `_watch_stages`, `_expire_stages`
+        self._stages: dict[Any, tuple[float, float]] = {}
         self._warned: set[Any] = set()  # stage tasks said to be out long
         self._watched_at = time.monotonic()
 
@@ -144,7 +143,7 @@ class Campaign:
                 if not self._inflight:
                     time.sleep(0.2)  # only restarting actors to wait for
                 for ref in self.executor.wait(list(self._inflight), timeout=1.0) if self._inflight else ():
-                    self._deadlines.pop(ref, None)
+                    self._stages.pop(ref, None)
                     self._answered(ref, *self._inflight.pop(ref))
                 self._expire_stages()
                 if self.actors.error:  # no actor can ever render: nothing queued will be
@@ -174,20 +173,18 @@ class Campaign:
     def _stage(self, handle: Any, event: str, key: Any, media_seconds: float = 0.0) -> None:
         """A stage task out: watched (`_watch_stages`), and stopped at its deadline (`_expire_stages`)."""
         self._inflight[handle] = (event, key)
-        allowed = self.cfg.render.stage_deadline(media_seconds)
-        self._deadlines[handle] = (time.monotonic() + allowed, allowed)
+        self._stages[handle] = (time.monotonic(), self.cfg.render.stage_deadline(media_seconds))
 
     def _expire_stages(self) -> None:
         """Stop each stage task out past its deadline (`render.stage_timeout`), and answer it as
         failed (`Expired`): the rows it serves fail saying so, and the campaign goes on. A read or
         decoder that never ended, or a task no node ever had room for, held the campaign for ever."""
         now = time.monotonic()
-        for handle in [h for h, (at, _) in self._deadlines.items() if at <= now]:
-            allowed = self._deadlines.pop(handle)[1]
+        for handle in [h for h, (sent, allowed) in self._stages.items() if now - sent >= allowed]:
+            allowed = self._stages.pop(handle)[1]
             event, key = self._inflight.pop(handle)
             self.executor.cancel(handle)  # a thread's stage runs on, its answer forgotten
-            subject = storage.display(key[0]) if event == "avatar" else key[:12] if event == "audio_track" else key
-            what = STAGES_WATCHED[event].format(subject)
+            what = _stage_named(event, key)
             why = (
                 f"{what} was stopped after {allowed:g} s (render.stage_timeout): "
                 "it hung (a read or decoder that never ends) or no node had room for it; run the campaign again"
@@ -204,21 +201,17 @@ class Campaign:
         if now - self._watched_at < STAGE_WATCH_SECONDS:
             return
         self._watched_at = now
-        seen = {handle: self._seen_since.get(handle, now) for handle, (event, _) in self._inflight.items()}
-        for handle, since in seen.items():
-            event, key = self._inflight[handle]
-            if event in STAGES_WATCHED and since <= now - STAGE_WARN_SECONDS and handle not in self._warned:
+        for handle, (sent, _) in self._stages.items():
+            if now - sent >= STAGE_WARN_SECONDS and handle not in self._warned:
                 self._warned.add(handle)
-                subject = storage.display(key[0]) if event == "avatar" else key[:12] if event == "audio_track" else key
                 log.warning(
                     "%s has been under way for over %.0f s: no node may have room for it (CPUs all held by "
                     "renderer actors, a GPU share no GPU has left: see the Ray dashboard's pending tasks), or "
                     "it hangs (a decoder, a read that never ends)",
-                    STAGES_WATCHED[event].format(subject),
+                    _stage_named(*self._inflight[handle]),
                     STAGE_WARN_SECONDS,
                 )
-        self._seen_since = {h: t for h, t in seen.items() if self._inflight[h][0] in STAGES_WATCHED}
-        self._warned &= set(self._seen_since)
+        self._warned &= set(self._stages)
 
     def _cancel_stitches(self) -> None:
         """Stop the stitches under way (their videos and markers would land in an output root
@@ -475,6 +468,7 @@ class Campaign:
         stitching = {handle: key for handle, (event, key) in self._inflight.items() if event == "stitched"}
         for handle in stitching:
             del self._inflight[handle]
+            self._stages.pop(handle, None)
         deadline, stopped = time.monotonic() + STITCH_GRACE_SECONDS, False
         while stitching:
             left = deadline - time.monotonic()
@@ -685,6 +679,12 @@ def run(
             return summary
     finally:
         storage.configure(cfg.storage.options, {})  # this process's next campaign pins its own
+
+
+def _stage_named(event: str, key: Any) -> str:
+    """A stage task as the log and a row's error name it (`STAGES_WATCHED`)."""
+    subject = storage.display(key[0]) if event == "avatar" else key[:12] if event == "audio_track" else key
+    return STAGES_WATCHED[event].format(subject)
 
 
 def _forced_runs(cfg: Config) -> list[str]:
