@@ -684,11 +684,15 @@ def _linked_files_refused(body: bytes) -> Response | None:
 def _uploaded(paths: list[str]) -> list[str]:
     """`paths`, each checked to be in Gradio's upload folder (which holds what users uploaded, under
     names no one can guess): a second guard behind Gradio's own, before the studio reads or removes them."""
-    folder = os.path.realpath(gradio_upload_folder())
     for path in paths:
-        if os.path.commonpath([folder, os.path.realpath(path)]) != folder:
+        if not _in_uploads(path):
             raise gr.Error(f"{os.path.basename(path)} is not one of your uploads")
     return paths
+
+
+def _in_uploads(path: str) -> bool:
+    folder = os.path.realpath(gradio_upload_folder())
+    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
 
 
 def _upload_answer(body: bytes) -> list[str]:
@@ -697,9 +701,8 @@ def _upload_answer(body: bytes) -> list[str]:
         paths = json.loads(body)
     except ValueError:
         return []
-    folder = os.path.realpath(gradio_upload_folder())
     listed = [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
-    return [p for p in listed if os.path.commonpath([folder, os.path.realpath(p)]) == folder]
+    return [p for p in listed if _in_uploads(p)]
 
 
 class UploadClaims:
