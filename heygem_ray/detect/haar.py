@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from heygem_ray.config import DetectorConfig
+from heygem_ray.detect.track import iou
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,4 @@ def _two_eyes(eyes: Sequence[Sequence[int]] | np.ndarray, face_width: int) -> bo
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return float(iou(np.array([a], np.float64), np.array([b], np.float64))[0])

@@ -197,8 +197,8 @@ def _nearest(boxes: np.ndarray, last: np.ndarray) -> np.ndarray | None:
     return boxes[k] if distances[k] <= max(last[2] - last[0], last[3] - last[1]) else None
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union of boxes a[i] and b[i]."""
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of boxes a[i] and b[i] (x1, y1, x2, y2 each)."""
     w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
     h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
     area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
@@ -212,7 +212,7 @@ def _cuts(found: np.ndarray, boxes: np.ndarray, max_gap: int) -> np.ndarray:
     on one frame is a detector's error, smoothed away, not a cut)."""
     if len(found) < 4:
         return np.zeros(0, np.int64)
-    overlap = _iou(boxes[:-1], boxes[1:])
+    overlap = iou(boxes[:-1], boxes[1:])
     steady = (overlap >= CUT_IOU) & (np.diff(found) <= max_gap + 1)
     # a cut at found[k + 1]: found[k - 1] -> found[k] steady, found[k] -> found[k + 1] apart,
     # found[k + 1] -> found[k + 2] steady
