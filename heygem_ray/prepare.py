@@ -48,6 +48,7 @@ from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
 from heygem_ray.media.video import (
     OUT_OF_ORDER,
+    AvatarDecodeError,
     FrameReader,
     VideoInfo,
     fitted,
@@ -667,8 +668,8 @@ def _detect_chunks(
                 if len(batch) >= detector.batch_size:
                     flush()
         flush()
-    except av.error.FFmpegError as exc:
-        raise InputError("avatar", uri, f"decoding failed ({exc.strerror or exc})") from None
+    except (av.error.FFmpegError, AvatarDecodeError) as exc:  # the reader's: FFmpeg's refusal, named
+        raise InputError("avatar", uri, f"decoding failed ({getattr(exc, 'strerror', None) or exc})") from None
     while chunk <= last:  # the last chunk, and any the stream ended before
         yield chunk, found
         chunk += 1

@@ -231,6 +231,38 @@ def test_reader_seeks_into_open_gops(tmp_path):
             assert np.array_equal(reader.read(np.array([i]))[i], every[i][1]), i
 
 
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_a_clip_cut_short_past_its_probe_is_named_the_avatars_damage(tmp_path, threads):
+    """A presenter clip cut short (a download stopped midway) whose index, at its start, promises
+    every frame: its first frames decode, so it passes the probe; the reader then raises
+    AvatarDecodeError, which fails the row naming the avatar, however FFmpeg shows the damage: an
+    unthreaded decoder ends early, a threaded one (a renderer's) raised InvalidDataError, which was
+    retried on every actor as a renderer's fault."""
+    path = str(tmp_path / "whole.mp4")
+    image = np.zeros((120, 160, 3), np.uint8)
+    image[..., 0], image[..., 1] = np.arange(160) * 255 // 160, (np.arange(120) * 255 // 120)[:, None]
+    with av.open(path, "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for i in range(50):
+            image[100:, :, 2] = np.repeat([(i >> k & 1) * 255 for k in range(8)], 20)  # the frame's number
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(path) as container:
+        pts = np.array(sorted(p.pts for p in container.demux(video=0) if p.size))
+    data = Path(path).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    info = video.probe(str(cut), 25)
+    with video.FrameReader(str(cut), info, pts, threads=threads) as reader:
+        assert len(reader.read(np.arange(0, 10))) == 10
+        with pytest.raises(video.AvatarDecodeError):
+            for first in range(10, 50, 10):
+                reader.read(np.arange(first, first + 10))
+
+
 @pytest.mark.parametrize("codec", ["libx264", "mpeg2video"])
 def test_reader_seeks_in_mpeg_ts_which_has_no_index(tmp_path, codec):
     """A .ts/.mts clip (camcorders, broadcast): a seek lands on no keyframe, and the decoder skips to
@@ -539,14 +571,14 @@ def test_odd_sizes_are_cropped_even_and_images_with_dots(tmp_path):
 
 
 def test_a_transparent_still_is_shown_over_white(tmp_path):
-    """A cut-out portrait (PNG or WebP with alpha): its transparent background comes out white,
+    """A cut-out portrait (PNG, WebP or TIFF with alpha): its transparent background comes out white,
     half-transparent pixels half way, opaque ones as they are; a JPEG is read as it is."""
     import cv2
 
     image = np.zeros((40, 60, 4), np.uint8)
     image[..., :3] = (0, 0, 200)  # red, under every pixel: opaque, half and fully transparent
     image[:, :20, 3], image[:, 20:40, 3], image[:, 40:, 3] = 255, 128, 0
-    for name in ("cut-out.png", "cut-out.webp"):
+    for name in ("cut-out.png", "cut-out.webp", "cut-out.tif"):
         path = str(tmp_path / name)
         cv2.imwrite(path, image, [cv2.IMWRITE_WEBP_QUALITY, 101] if name.endswith("webp") else [])
         got = video.read_image(path).astype(int)
@@ -813,6 +845,24 @@ def test_an_animated_png_is_a_video_and_an_animated_webp_is_refused(tmp_path):
     with pytest.raises(InputError, match="animated WebP"):
         video.probe(str(tmp_path / "anim.webp"), 25)
     assert video.probe(str(tmp_path / "still.webp"), 25).still
+
+
+def test_a_file_is_a_photo_or_a_clip_by_what_it_holds_not_its_name(tmp_path):
+    """A clip saved under a photo's name (".png", ".jpg": a mislabelled export) played as its first
+    frame, frozen, and reported ok; it plays. A photo saved as ".mp4" stays a photo."""
+    import cv2
+
+    _numbered_clip(str(tmp_path / "clip.mp4"), 6, {})
+    (tmp_path / "presenter.png").write_bytes((tmp_path / "clip.mp4").read_bytes())
+    info = video.probe(str(tmp_path / "presenter.png"), 25)
+    assert not info.still and info.fps == 25
+    shown = [image for _, image in video.iter_frames(str(tmp_path / "presenter.png"), info)]
+    played = [image for _, image in video.iter_frames(str(tmp_path / "clip.mp4"), info)]
+    assert len(shown) == 6 and all(np.array_equal(a, b) for a, b in zip(shown, played, strict=True))
+    assert not np.array_equal(shown[0], shown[-1])
+    cv2.imwrite(str(tmp_path / "photo.jpg"), np.full((48, 64, 3), 90, np.uint8))
+    (tmp_path / "photo.jpg").replace(tmp_path / "photo.mp4")
+    assert video.probe(str(tmp_path / "photo.mp4"), 25).still
 
 
 def test_not_a_video(tmp_path):

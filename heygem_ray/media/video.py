@@ -28,9 +28,6 @@ from heygem_ray.errors import InputError
 from heygem_ray.media import hdr, heif, icc
 from heygem_ray.media.yuv import assemble_i420, bgr_to_i420
 
-# HEIF/HEIC and AVIF are told by their brand (`heif.is_still`): an image sequence has those names too
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-IMAGE_CODECS = {"mjpeg", "png", "bmp", "webp", "tiff", "jpeg2000"}
 #: the largest still image decoded (a 48 MP phone photo fits): one over `limits.max_avatar_pixels`
 #: is shrunk to fit it, as a photo's frames become the video's, rather than refused
 STILL_MAX_PIXELS = 64_000_000
@@ -145,11 +142,8 @@ def orient(frame: np.ndarray, clockwise: int, width: int, height: int, mirror: b
     return np.ascontiguousarray(frame[:height, :width])
 
 
-def is_image_path(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
-
-
-#: how the still image formats a probe takes as photos start (IMAGE_CODECS), HEIF/AVIF aside
+#: how the still image files a probe takes as photos start, whatever their names: PNG, JPEG, BMP, TIFF,
+#: JPEG 2000 (file and codestream); WebP and HEIF/AVIF by their own tests
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")
 
 
@@ -157,6 +151,16 @@ def is_image_data(head: bytes) -> bool:
     """Whether a file starting with `head` (its first 16 bytes or more) is a still image: a photo."""
     webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
     return head.startswith(_IMAGE_MAGIC) or webp or heif.is_still(head)
+
+
+def file_is_image(path: str) -> bool:
+    """Whether the file at a local path holds a still image (`is_image_data`), whatever its name
+    says: a clip saved as .png plays, a photo saved as .mp4 is a photo."""
+    try:
+        with open(path, "rb") as fh:
+            return is_image_data(fh.read(32))
+    except OSError:
+        return False
 
 
 def read_image(path: str, what: str = "avatar", display_uri: str | None = None) -> np.ndarray:
@@ -213,15 +217,20 @@ def _read_heif(path: str, what: str) -> np.ndarray:
     return hdr.over_white(bgr, rgba[..., 3:]) if rgba.shape[2] == 4 else bgr
 
 
+#: how the images whose alpha `_on_white` takes start: PNG, TIFF (both byte orders)
+_TRANSPARENT_MAGIC = (b"\x89PNG", b"II*\x00", b"MM\x00*")
+
+
 def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """A PNG or WebP still with transparency, over white: a cut-out portrait's background would
-    otherwise be whatever colour lies under the transparent pixels (often black). The alpha is read
-    without the EXIF orientation `image` had applied: one the orientation turned is left as read."""
+    """A PNG, WebP or TIFF still with transparency, over white: a cut-out portrait's background
+    would otherwise be whatever colour lies under the transparent pixels (often black). The alpha
+    is read without the EXIF orientation `image` had applied: one the orientation turned is left as
+    read. (A 32-bit BMP's fourth byte is often padding, all zeros: not taken for transparency.)"""
     head = data[:16].tobytes()
-    if not (head.startswith(b"\x89PNG") or head[8:12] == b"WEBP"):
+    if not head.startswith(_TRANSPARENT_MAGIC) and head[8:12] != b"WEBP":
         return image
     full = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # alpha included, EXIF orientation not applied
-    if full is None or full.ndim != 3 or full.shape[2] != 4:
+    if full is None or full.ndim != 3 or full.shape[2] != 4 or full.dtype not in (np.uint8, np.uint16):
         return image
     plain = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if plain is None or not np.array_equal(plain, image):
@@ -243,7 +252,7 @@ def probe(
     uri = display_uri or path
     if max_pixels:
         _check_frame_size(path, uri, max_pixels)
-    if (is_image_path(path) and not _animated(path, uri)) or heif.file_is_still(path):
+    if heif.file_is_still(path) or (file_is_image(path) and not _animated(path, uri)):
         return _still_info(read_image(path, display_uri=uri), uri, still_fps, max_pixels, max_side)
     try:
         with av.open(path) as container:
@@ -339,7 +348,7 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
                 return
             context = container.streams.video[0].codec_context
             width, height = context.width, context.height
-            still = (is_image_path(path) or context.name in IMAGE_CODECS) and context.name != "apng"
+            still = file_is_image(path) and context.name != "apng"
     except av.error.FFmpegError:
         return
     if not width or not height:
@@ -449,6 +458,19 @@ def read_still(path: str, info: VideoInfo) -> np.ndarray:
 
 class AvatarDecodeError(EOFError):
     """The avatar stopped giving the frames its timestamps promise: cut short or damaged."""
+
+
+def _damaged(exc: av.error.FFmpegError) -> AvatarDecodeError:
+    return AvatarDecodeError(f"FFmpeg: {exc.strerror or exc}")
+
+
+def _damage_named(frames: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
+    """`frames`, FFmpeg's errors raised as `AvatarDecodeError` (how one shows depends on the decoder's
+    threads: an unthreaded decoder ends early, a threaded one raises InvalidDataError)."""
+    try:
+        yield from frames
+    except av.error.FFmpegError as exc:
+        raise _damaged(exc) from None
 
 
 #: what FrameReader.read returns: BGR (h, w, 3), or planar I420 (h * 3 // 2, w) for the encoder
@@ -633,7 +655,7 @@ class FrameReader:
                 container.seek(target, stream=self._stream, backward=True)
             except av.error.FFmpegError:  # before the stream's first keyframe
                 break
-            decoder = decoded(container, self._stream)
+            decoder = self._decoded()
             first = next(decoder, None)
             if first is not None and self._interlaced is None:
                 self._interlaced = bool(first.interlaced_frame)
@@ -648,10 +670,22 @@ class FrameReader:
             past = first.pts - want if first is not None and first.pts is not None else self._one_second()
             back = max(2 * back, past)
             target = want - back
-        container.seek(0)  # no keyframe found before it: decode from the start
-        self._decoder = self._progressive(decoded(container, self._stream))
+        try:  # no keyframe found before it: decode from the start
+            container.seek(0)
+        except av.error.FFmpegError as exc:
+            raise _damaged(exc) from None
+        self._decoder = self._progressive(self._decoded())
         self._next = self._first  # a lower bound until the first frame's pts tells
         return self._decoder
+
+    def _decoded(self) -> Iterator[av.VideoFrame]:
+        """The stream's frames from where the container stands; FFmpeg's refusal of the data (a
+        file cut short or damaged past what its probe decoded) raised as `AvatarDecodeError`, the
+        file's fault: not tried again elsewhere. NVDEC's errors are left as they are (the device's,
+        maybe)."""
+        assert self._container is not None
+        frames = decoded(self._container, self._stream)
+        return frames if self._stream.codec_context.is_hwaccel else _damage_named(frames)
 
     def _progressive(self, frames: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
         """`frames`, deinterlaced where the stream is interlaced (`deinterlaced`); software decoding
