@@ -37,9 +37,9 @@ from heygem_ray.markers import Marker
 from heygem_ray.media.audio import SAMPLE_RATE
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.output_lock import OutputLostError
-from heygem_ray.prepare import AvatarTrack, model_versions, prepare_row
+from heygem_ray.prepare import AvatarTrack, RowPrep, model_versions, prepare_row
 from heygem_ray.results import ResultsTable, RowResult, Summary
-from heygem_ray.rows import RowState, published_flag, remove_old_work
+from heygem_ray.rows import RowState, remove_old_work
 from heygem_ray.segment import SegmentResult
 from heygem_ray.segment_queue import SegmentCall, SegmentQueue
 from heygem_ray.shared_work import AvatarKey, SharedWork
@@ -50,8 +50,15 @@ log = logging.getLogger("heygem_ray")
 
 #: the error of a row a stop caught before it finished
 INTERRUPTED = "campaign interrupted before this row finished"
-#: seconds a stop spends checking that the videos of rows it keeps from an earlier run are there
-STILL_THERE_SECONDS = 1.0
+#: the error of one an earlier run published that the stop left no time to check
+UNCHECKED = (
+    "campaign interrupted before this run checked the video an earlier run published for this row"
+    " (a rerun checks it, and skips the row while it is current)"
+)
+#: seconds a stop spends checking the rows an earlier run published that this run had not reached,
+#: and on how many threads (`_checked`)
+STOP_CHECK_SECONDS = 1.0
+STOP_CHECKERS = 16
 #: how many times more rows may be preparing while each of those prepared lately was skipped
 SKIPPING_RATE = 8
 
@@ -98,7 +105,6 @@ class Campaign:
         self._states: dict[str, RowState] = {}  # rows admitted and not finished
         self._inflight: dict[Any, tuple[str, Any]] = {}  # executor handle -> (event, key)
         self.segments = SegmentQueue(cfg, self.actors, executor)
-        self._kept: set[str] = set()  # rows a stop left with an earlier run's result
         self._stitching = 0  # stitches submitted and not yet answered
         self._skipped_since_work = 0  # rows prepared and skipped since the last that went on to render
         self.shared = SharedWork(cfg, executor)
@@ -238,12 +244,7 @@ class Campaign:
             return self.results.finish([r.id for r in self.rows])
         finally:  # a table the store refuses still leaves the renderers stopped and the feed final
             done = ("ok", "skipped")
-            # not the rows that kept an earlier run's result: their segments of this run may be of new inputs
-            finished = [
-                r.id
-                for r in self.rows
-                if r.id in self.results and self.results[r.id].status in done and r.id not in self._kept
-            ]
+            finished = [r.id for r in self.rows if r.id in self.results and self.results[r.id].status in done]
             _wind_down(
                 ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
                 ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
@@ -498,27 +499,33 @@ class Campaign:
     def _interrupted(self, row_ids: list[str]) -> None:
         """The rows the stop caught. One being rendered: ok when its video was published before the
         stop (its marker, written since the row started, says so, though the driver had not heard
-        yet: with `force` an earlier run's marker matches too), else failed. One never
-        started, or still being fingerprinted, keeps the result an earlier run gave it, if that
-        published its video to the same output and the video is still there (a stopped re-run of
-        a finished campaign must not report its videos lost, nor one a user deleted as kept),
-        unless this run was to render everything again (`force`); else failed."""
+        yet: with `force` an earlier run's marker matches too), else failed. One never started, or
+        still being fingerprinted, that an earlier run published to the same output is checked as a
+        rerun checks it (`prepare_row`: its inputs, settings and video still those of its marker),
+        within STOP_CHECK_SECONDS: skipped when current (a stopped re-run of a finished campaign
+        must not report its videos lost), else failed, saying whether it was checked. Taken on the
+        earlier run's word, a row whose narration had changed was reported skipped with the old
+        video."""
         unstarted = {row_id for row_id in row_ids if row_id not in self._states or self._states[row_id].prep is None}
         earlier: dict[str, RowResult] = {}
-        if not self.cfg.force and unstarted:
+        if unstarted:
             try:
                 earlier = self.results.published_earlier()
             except Exception as exc:  # noqa: BLE001 - a table unreadable now: reported failed, as before
                 log.warning("earlier results not read: %s: %s", type(exc).__name__, exc)
-        earlier = {
-            row_id: r
-            for row_id, r in earlier.items()
-            if row_id in unstarted and storage.normalize(r.output) == storage.normalize(self._outputs[row_id])
-        }
-        there = _still_there([r.output for r in earlier.values()])
+        published = [
+            row
+            for row in self.rows
+            if row.id in unstarted
+            and row.id in earlier
+            and storage.normalize(earlier[row.id].output) == storage.normalize(row.output)
+        ]
+        checked = _checked(published, self.cfg, STOP_CHECK_SECONDS)
+        unchecked = {row.id for row in published} - checked.keys()
         # one line for them all, no part written: a campaign of 100,000 rows stopped early reports
         # them in a second, and the table that follows holds them
         stopped: list[str] = []
+        current = 0
         for row_id in row_ids:
             state = self._states.get(row_id)
             try:
@@ -531,21 +538,16 @@ class Campaign:
                 )
             except Exception:  # noqa: BLE001 - the store failing too: reported failed, and a rerun finds the marker
                 marker = None
-            kept = earlier.get(row_id)
+            prep = checked.get(row_id)
             if marker is not None:
                 self._conclude(row_id, "ok", None, marker, None)
-            elif kept is not None and storage.normalize(kept.output) in there:
-                figures = (kept.sync_score, kept.sync_offset_frames, kept.sync_method, kept.frames_without_face)
-                # its flag as this run's settings say (the earlier table's already holds the median's)
-                self._states.pop(row_id, None)
-                self._kept.add(row_id)
-                result = replace(kept, status="skipped", qa_flag=published_flag(*figures, self.cfg.qa))
-                self.results.add(result, flush=False)
-                self.observers.finished(result, None, quiet=True)
+            elif prep is not None and prep.skipped:
+                current += 1
+                self._conclude(row_id, "skipped", None, prep.marker, prep.thumbnail, quiet=True)
             else:
                 stopped.append(row_id)
-                self._conclude(row_id, "failed", INTERRUPTED, None, None, quiet=True)
-        self.observers.stopped(stopped, len(self._kept))
+                self._conclude(row_id, "failed", UNCHECKED if row_id in unchecked else INTERRUPTED, None, None, True)
+        self.observers.stopped(stopped, current, len(unchecked))
 
     def _fail(self, row_id: str, reason: str) -> None:
         self._conclude(row_id, "failed", reason, None, None)
@@ -572,38 +574,37 @@ class Campaign:
         self.observers.finished(result, thumbnail, quiet=quiet)
 
 
-def _still_there(outputs: list[str]) -> set[str]:
-    """Those of `outputs` (normalized) that exist now: one listing per folder, not a request per
-    video (a stop may catch 100,000 rows a rerun had not fingerprinted yet). None of a folder whose
-    listing fails (the store failing too: they are reported failed, and a rerun finds their
-    markers); all of the folders not listed within STILL_THERE_SECONDS, taken on the earlier
-    table's word (`ray job stop` kills the driver 3 s after its SIGTERM, before its table): the
-    listings run on a thread of their own, left behind at the deadline (one folder of 100,000
-    videos on S3 is a hundred requests)."""
-    folders: dict[str, list[str]] = {}
-    for uri in outputs:
-        folders.setdefault(storage.dirname(storage.normalize(uri)), []).append(storage.normalize(uri))
-    listings: dict[str, set[str] | None] = {}  # folder -> what it holds (None: not listed)
+def _checked(rows: list[Row], cfg: Config, seconds: float) -> dict[str, RowPrep | None]:
+    """`prepare_row` of each row, not decoding, by row id, for as many as answer within `seconds`
+    (`ray job stop` kills the driver 3 s after its SIGTERM), on STOP_CHECKERS threads left behind
+    at the deadline (a store that does not answer, a changed input being hashed anew). None: the
+    check failed (an input gone, the store refusing): the row is not taken for done."""
+    todo = deque(rows)
+    answers: dict[str, RowPrep | None] = {}
+    lock = threading.Lock()
 
-    def list_them() -> None:
-        for folder in folders:
+    def check() -> None:
+        while True:
             try:
-                listings[folder] = {storage.normalize(uri) for uri in storage.listdir(folder)}
-            except Exception as exc:  # noqa: BLE001
-                log.warning("earlier videos in %s not listed: %s: %s", storage.display(folder), type(exc).__name__, exc)
-                listings[folder] = None
+                row = todo.popleft()
+            except IndexError:
+                return
+            try:
+                prep: RowPrep | None = prepare_row(row, cfg, decode=False)
+            except Exception:  # noqa: BLE001 - not known to be done: reported failed, a rerun checks it again
+                prep = None
+            with lock:
+                answers[row.id] = prep
 
-    lister = threading.Thread(target=list_them, name="still-there", daemon=True)  # no wait for it at exit
-    lister.start()
-    lister.join(STILL_THERE_SECONDS)
-    done = dict(listings)
-    there: set[str] = set()
-    for folder, uris in folders.items():
-        if folder not in done:
-            there.update(uris)
-        elif (listed := done[folder]) is not None:
-            there.update(uri for uri in uris if uri in listed)
-    return there
+    deadline = time.monotonic() + seconds
+    # daemon threads: none is waited for at exit
+    checkers = [threading.Thread(target=check, name="stop-check", daemon=True) for _ in rows[:STOP_CHECKERS]]
+    for checker in checkers:
+        checker.start()
+    for checker in checkers:
+        checker.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        return dict(answers)
 
 
 def _wind_down(*steps: tuple[str, Callable[[], object]]) -> None:

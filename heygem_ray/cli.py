@@ -78,7 +78,7 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
                 if resolved is not None:
                     storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
 
-            with _sigterm_interrupts():
+            with _stops_interrupt():
                 summary = campaign.run(cfg, launched, held.check, record)
     except OutputLostError as exc:  # its rows that did not finish are reported failed, as on a stop
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
@@ -115,23 +115,36 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (what `ray job stop`, Kubernetes and `kill` send) raises KeyboardInterrupt while a
-    campaign runs, as Ctrl-C does: its default action ends the process on the spot, before the
-    campaign writes its results table, report and progress feed."""
+def _stops_interrupt() -> Iterator[None]:
+    """The first SIGTERM (what `ray job stop`, Kubernetes and `kill` send) or Ctrl-C raises
+    KeyboardInterrupt while a campaign runs: SIGTERM's default action ended the process on the
+    spot, before the campaign wrote its results table, report and progress feed. Those that follow
+    are let go while it does (a second Ctrl-C, pressed out of habit, stopped the table's writing
+    midway and left the earlier run's in its place); Ctrl-\\ (SIGQUIT) still ends it at once."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
+    stopping = False
 
     def interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-        raise KeyboardInterrupt(f"signal {signum}")
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt(f"signal {signum}")
+        if signum == signal.SIGINT:
+            print(
+                "heygem-ray: stopping: every row's result is being written (a few seconds); Ctrl-\\ ends it at "
+                "once, without them",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def config_yaml(cfg: DictConfig) -> str:

@@ -78,13 +78,18 @@ class CampaignObservers:
         if time.time() - self._report_written >= self._report_every:
             self._write_report(final=False)
 
-    def stopped(self, failed: list[str], kept: int) -> None:
-        """The rows a stop caught: one line for them all."""
+    def stopped(self, failed: list[str], current: int, unchecked: int) -> None:
+        """The rows a stop caught: one line for them all; `current`: those an earlier run published
+        found current, `unchecked`: those of the failed it left no time to check."""
         if failed:
             shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
             _write_line(f"[failed] {len(failed)} row(s) the stop caught before they finished: {shown}")
-        if kept:
-            _write_line(f"[skipped] {kept} row(s) the stop caught keep an earlier run's published video")
+        if unchecked:
+            _write_line(
+                f"[failed] {unchecked} of them an earlier run published, not checked before the stop: a rerun checks them"
+            )
+        if current:
+            _write_line(f"[skipped] {current} row(s) the stop caught have an earlier run's video, checked current")
 
     def tick(self, segments_in_flight: int, segments_queued: int) -> None:
         """After each driver event."""

@@ -46,6 +46,7 @@ from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
 from heygem_ray.media.mux import encode_audio
+from heygem_ray.media.thumbnail import THUMBNAIL_QUALITY, THUMBNAIL_WIDTH, thumbnail_jpeg
 from heygem_ray.media.video import (
     OUT_OF_ORDER,
     AvatarDecodeError,
@@ -811,6 +812,28 @@ class RowPrep:
     avatar_fingerprint: str = ""
 
 
+def _finished_thumbnail(row: Row, cfg: Config) -> bytes | None:
+    """The report's picture of a finished row; one its stitch did not write (the run killed between
+    the marker and it) made again from the video, a frame near its middle. A picture for the
+    report: a finished row stays finished without it."""
+    uri = cfg.layout.thumbnail(row.id)
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("row %s: thumbnail not read (%s: %s)", row.id, type(exc).__name__, exc)
+        return None
+    try:
+        with storage.open_uri(row.output) as fh:
+            thumbnail = thumbnail_jpeg(fh, width=THUMBNAIL_WIDTH, quality=THUMBNAIL_QUALITY)
+        storage.write_bytes(uri, thumbnail)
+    except Exception as exc:  # noqa: BLE001 - no picture: the row is still done
+        log.warning("row %s: thumbnail not made again (%s: %s)", row.id, type(exc).__name__, exc)
+        return None
+    return thumbnail
+
+
 def prepare_row(row: Row, cfg: Config, decode: bool = True) -> RowPrep:
     """Fingerprint the row; report it skipped when its marker matches, else decode its audio
     (`decode`: the run will render it; else it is reported not skipped, with no audio)."""
@@ -827,13 +850,7 @@ def prepare_row(row: Row, cfg: Config, decode: bool = True) -> RowPrep:
     # with `force`, rows the forced rerun this run goes on with published are done
     redone = not cfg.force or (marker is not None and marker.run in cfg.forced_by)
     if redone and marker and marker.fingerprint == fp and marker.still_published(row.output):
-        try:
-            thumbnail = storage.read_bytes(cfg.layout.thumbnail(row.id))
-        except OSError as exc:  # a picture for the report: a finished row stays finished without it
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("row %s: thumbnail not read (%s: %s)", row.id, type(exc).__name__, exc)
-            thumbnail = None
-        return RowPrep(fp, True, None, marker, thumbnail)
+        return RowPrep(fp, True, None, marker, _finished_thumbnail(row, cfg))
     if not decode:
         return RowPrep(fp, False, None, None, avatar_fingerprint=fingerprints["avatar"])
     check_writable(row.output)

@@ -24,7 +24,7 @@ from heygem_ray.errors import writing
 from heygem_ray.markers import Marker, read_marker, write_marker
 from heygem_ray.media.audio import AUDIO_CONTEXT_SECONDS, LOUDNESS_WINDOW, SAMPLE_RATE, AudioWindow, speech_loudness
 from heygem_ray.media.mux import stitch
-from heygem_ray.media.thumbnail import thumbnail_jpeg
+from heygem_ray.media.thumbnail import THUMBNAIL_QUALITY, THUMBNAIL_WIDTH, thumbnail_jpeg
 from heygem_ray.plan import audio_span, frame_center_samples
 from heygem_ray.prepare import AudioTrack, checkpoint_version, read_pcm
 from heygem_ray.storage import StorageOptions
@@ -227,7 +227,7 @@ def _thumbnail(job: StitchJob, segment: bytes) -> bytes | None:
     """The first frame of the middle segment (its bytes): near the middle of the video, and a
     keyframe, so it costs one frame's decode rather than a seek's worth of them."""
     try:
-        return thumbnail_jpeg(io.BytesIO(segment), width=160, quality=75, at=0)
+        return thumbnail_jpeg(io.BytesIO(segment), width=THUMBNAIL_WIDTH, quality=THUMBNAIL_QUALITY, at=0)
     except Exception as exc:  # noqa: BLE001 - the video is published: a report placeholder, not a failed row
         log.warning("row %s: no thumbnail (%s: %s)", job.row_id, type(exc).__name__, exc)
         return None

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from heygem_ray import campaign
 from heygem_ray.results import ResultsTable, RowResult, read_parts, read_results
 
 
@@ -178,32 +179,55 @@ def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir,
     assert "Finished: 12 rows" in (out / "_report.html").read_text()
 
 
-def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never_started(tmp_path):
+def test_a_second_ctrl_c_lets_the_stop_write_every_rows_result(capsys):
+    """The first Ctrl-C (or SIGTERM) stops the campaign; those that follow while it writes its
+    results are let go, with a word on how to end it at once. A second Ctrl-C, pressed out of
+    habit, raised in the middle of the table's writing: no table, or the earlier run's, was left."""
+    from heygem_ray.cli import _stops_interrupt
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    wound_up = False
+    with pytest.raises(KeyboardInterrupt), _stops_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the campaign's loop: the signal comes first
+        finally:  # the campaign's wind-up
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            wound_up = True
+    assert wound_up and "Ctrl-\\ ends it at once" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never_started(tmp_path, media_dir):
     """A re-run of a finished campaign (the studio's "Re-run failed rows") stopped early must not
-    report the videos of the rows it had not reached (or was still fingerprinting) as failed: they keep their earlier result
-    (ok as skipped), from the last table or a killed run's parts, while their video is still
-    there; any other such row fails (one whose video a user deleted is not reported kept)."""
+    report the videos of the rows it had not reached (or was still fingerprinting) as failed: those
+    an earlier run published (its table, or a killed run's parts) are skipped while their marker
+    still matches and their video is still there; any other such row fails (one whose video a
+    user deleted is not reported kept)."""
     from dataclasses import replace
 
     from heygem_ray.campaign import Campaign
     from heygem_ray.executors.inline import InlineExecutor
     from heygem_ray.manifest import read_manifest
+    from heygem_ray.markers import Marker, write_marker
+    from heygem_ray.prepare import prepare_row
     from heygem_ray.results import write_results
     from heygem_ray.rows import RowState
     from tests.helpers import compose_config
 
     manifest = str(tmp_path / "m.parquet")
     ids = ["a", "b", "c", "d", "e"]
-    pq.write_table(pa.table({"id": ids, "audio": ["x.wav"] * 5, "avatar": ["y.png"] * 5}), manifest)
+    audio, avatar = str(media_dir / "speech3.wav"), str(media_dir / "still.png")
+    pq.write_table(pa.table({"id": ids, "audio": [audio] * 5, "avatar": [avatar] * 5}), manifest)
     cfg = compose_config(f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline")
     rows = read_manifest(cfg.manifest, cfg.output)
     output = {row.id: row.output for row in rows}
-    flagged = "lip-sync score far below the campaign's median (0.90)"  # the earlier table's
-    a = replace(_result("a"), output=output["a"], sync_score=0.4, sync_method="motion-energy", qa_flag=flagged)
     write_results(
         cfg.layout.results,
         [
-            a,
+            replace(_result("a"), output=output["a"]),
             replace(_result("b", "failed"), output=output["b"]),
             _result("c"),
             replace(_result("e"), output=output["e"]),
@@ -213,15 +237,18 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     killed.add(replace(_result("d", "skipped"), output=output["d"]))
     killed.add(replace(_result("e", "failed"), output=output["e"]))
     killed.flush()
-    for row_id in "ad":  # their videos, published by those runs
-        Path(output[row_id]).write_bytes(b"video")
+    for row in rows:  # their videos, published by those runs, and their markers
+        if row.id in "ad":
+            Path(row.output).write_bytes(b"video")
+            fingerprint = prepare_row(row, cfg, decode=False).fingerprint
+            marker = Marker(row.id, fingerprint, row.output, 75, 3.0, 1.0, 0.4, 0, "motion-energy", bytes=5)
+            write_marker(cfg.layout.marker(row.id), marker)
 
     campaign = Campaign(cfg, rows, InlineExecutor(cfg))
     campaign._states["a"] = RowState(rows[0], time.time())  # admitted, its fingerprint not known yet
     campaign._interrupted(ids)
     got = {r.id: r for r in campaign.results.finish(ids)}
-    assert (got["a"].status, got["a"].sync_score, got["a"].finished_at) == ("skipped", 0.4, int(a.finished_at))
-    assert "median" not in got["a"].qa_flag  # flagged as this run says (the earlier table's reason would repeat)
+    assert (got["a"].status, got["a"].sync_score, got["a"].frames) == ("skipped", 0.4, 75)
     assert got["d"].status == "skipped"
     Path(output["d"]).unlink()  # deleted by a user since: a stop reports it failed, not kept
     again = Campaign(cfg, rows, InlineExecutor(cfg))
@@ -230,6 +257,16 @@ def test_a_stopped_rerun_keeps_what_earlier_runs_published_for_the_rows_it_never
     assert got["a"].status == "skipped" and got["d"].status == "failed" and "interrupted" in (got["d"].error or "")
     for row_id in "bce":  # failed before; published to another path; failed in the latest run
         assert got[row_id].status == "failed" and "interrupted" in (got[row_id].error or ""), got[row_id]
+    # going on with a forced run that was stopped: the rows it published are done
+    resumed = replace(cfg, force=True, forced_by=["earlier-forced"])
+    fingerprint = prepare_row(rows[0], resumed, decode=False).fingerprint
+    write_marker(
+        cfg.layout.marker("a"), Marker("a", fingerprint, output["a"], 75, 3.0, 1.0, bytes=5, run="earlier-forced")
+    )
+    forced = Campaign(resumed, rows, InlineExecutor(cfg))
+    forced._interrupted(ids)
+    got = {r.id: r for r in forced.results.finish(ids)}
+    assert got["a"].status == "skipped" and {got[row_id].status for row_id in "bcde"} == {"failed"}
     forced = Campaign(replace(cfg, force=True), rows, InlineExecutor(cfg))  # to render everything again
     forced._interrupted(ids)
     assert {r.status for r in forced.results.finish(ids)} == {"failed"}
@@ -256,25 +293,39 @@ def test_earlier_results_are_read_without_this_runs_own_parts(tmp_path):
     assert sorted(table.published_earlier()) == ["a", "b"]  # a: ok earlier; c: this run's own
 
 
-def test_a_stop_reports_its_rows_in_one_line_and_writes_no_part_for_each_thousand(tmp_path, capsys):
+def test_a_stop_reports_its_rows_in_one_line_and_writes_no_part_for_each_thousand(tmp_path, capsys, media_dir):
     """A campaign of many rows stopped early: the rows it had not finished get their results in the
     table at once, with one line for them all, and no part of their own (the table follows at
-    once; `ray job stop` kills the driver 3 s after its SIGTERM). A row the stop left with an
-    earlier run's result keeps its segments of this run in `_work` (its inputs may have changed)."""
+    once; `ray job stop` kills the driver 3 s after its SIGTERM). Rows an earlier run published
+    that this run had not reached are checked as a rerun checks them: one whose video is current is
+    skipped (its old segments go), one whose narration changed since is not (it was reported
+    skipped, on the earlier table's word, with the video of the old narration)."""
     from dataclasses import replace
 
     from benchmarks.driver import SimulatedExecutor
     from heygem_ray.campaign import Campaign
     from heygem_ray.manifest import Row
+    from heygem_ray.markers import Marker, write_marker
+    from heygem_ray.prepare import prepare_row
     from heygem_ray.results import write_results
     from tests.helpers import compose_config
 
     out = tmp_path / "out"
     cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
-    rows = [Row(f"r{i:04d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:04d}.mp4")) for i in range(300)]
-    write_results(cfg.layout.results, [replace(_result("r0299"), output=rows[-1].output)])
+    rows = [Row(f"r{i:04d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:04d}.mp4")) for i in range(298)]
+    narration = tmp_path / "narration.wav"
+    narration.write_bytes((media_dir / "speech3.wav").read_bytes())
+    for i in (298, 299):
+        rows.append(Row(f"r{i:04d}", str(narration), str(media_dir / "still.png"), str(out / f"r{i:04d}.mp4")))
     out.mkdir(exist_ok=True)
-    Path(rows[-1].output).write_bytes(b"video")
+    for row in rows[-2:]:  # published by an earlier run, with their markers
+        Path(row.output).write_bytes(b"video")
+        marker = Marker(row.id, prepare_row(row, cfg, decode=False).fingerprint, row.output, 75, 3.0, 1.0, bytes=5)
+        write_marker(cfg.layout.marker(row.id), marker)
+    write_results(cfg.layout.results, [replace(_result(row.id), output=row.output) for row in rows[-2:]])
+    changed = tmp_path / "changed.wav"  # r0298's narration, changed since (the manifest names another file)
+    changed.write_bytes((media_dir / "speech4.wav").read_bytes())
+    rows[-2] = replace(rows[-2], audio=str(changed))
     kept_work = out / "_work" / f"r0299-{'0' * 16}-libx264-n1"
     kept_work.mkdir(parents=True)
     job = Campaign(cfg, rows, executor=SimulatedExecutor(actors=2))
@@ -297,12 +348,15 @@ def test_a_stop_reports_its_rows_in_one_line_and_writes_no_part_for_each_thousan
         job.run()
     results = {r["id"]: r for r in read_results(cfg.layout.results)}
     assert len(results) == 300 and results["r0299"]["status"] == "skipped"
+    assert results["r0299"]["frames"] == 75  # its marker's
+    assert results["r0298"]["status"] == "failed" and results["r0298"]["error"] == campaign.INTERRUPTED
     stopped = [r for r in results.values() if r["status"] == "failed"]
     assert len(stopped) > 250 and all("interrupted" in r["error"] for r in stopped)
     assert len([n for n in flushes if n > 20]) <= 1  # the stop's own flush, before its rows
-    lines = [line for line in capsys.readouterr().out.splitlines() if "row(s) the stop caught" in line]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "the stop caught" in line]
     assert len(lines) == 2 and f"[failed] {len(stopped)} row(s)" in lines[0], lines
-    assert kept_work.is_dir()
+    assert "[skipped] 1 row(s)" in lines[1]
+    assert not kept_work.exists()  # a finished row's: checked current
 
 
 def test_a_row_is_skipped_only_while_its_output_path_holds_the_video_its_marker_is_of(tmp_path, media_dir):
@@ -336,6 +390,35 @@ def test_a_row_is_skipped_only_while_its_output_path_holds_the_video_its_marker_
     assert prep.skipped and prep.thumbnail is None
 
 
+def test_a_finished_rows_lost_thumbnail_is_made_again_from_its_video(tmp_path, media_dir):
+    """A run killed between a row's marker and its thumbnail left the row done without a picture:
+    every later run's report showed "no thumbnail" for it. A skipped row's missing thumbnail is
+    made again from the video (a frame near its middle) and kept; a video that cannot be read
+    leaves the row skipped, without one."""
+    import shutil
+
+    from heygem_ray.manifest import Row
+    from heygem_ray.markers import Marker, write_marker
+    from heygem_ray.prepare import prepare_row
+    from tests.helpers import compose_config
+
+    out = tmp_path / "out"
+    cfg = compose_config("manifest=m", f"output={out}", f"cache={tmp_path / 'cache'}")
+    row = Row("r", str(media_dir / "speech3.wav"), str(media_dir / "still.png"), str(out / "r.mp4"))
+    out.mkdir()
+    shutil.copy(media_dir / "clip2.mp4", row.output)
+    size = os.path.getsize(row.output)
+    marker = Marker("r", prepare_row(row, cfg).fingerprint, row.output, 50, 2.0, time.time(), bytes=size)
+    write_marker(cfg.layout.marker("r"), marker)
+    prep = prepare_row(row, cfg, decode=False)
+    assert prep.skipped and prep.thumbnail is not None and prep.thumbnail.startswith(b"\xff\xd8")
+    assert Path(cfg.layout.thumbnail("r")).read_bytes() == prep.thumbnail
+    Path(cfg.layout.thumbnail("r")).unlink()
+    Path(row.output).write_bytes(b"v" * size)  # not a video: no picture, the row still done
+    prep = prepare_row(row, cfg, decode=False)
+    assert prep.skipped and prep.thumbnail is None
+
+
 def test_parts_left_beside_a_whole_table_count_only_when_a_later_run_wrote_them(tmp_path, monkeypatch):
     """A run whose parts could not be removed after its table was written left them, and the next
     run read them as later than the table: a row that run had re-rendered and failed came back
@@ -366,27 +449,39 @@ def test_parts_left_beside_a_whole_table_count_only_when_a_later_run_wrote_them(
     assert sorted(published_earlier(uri, parts)) == ["x", "y"]
 
 
-def test_a_stop_checks_earlier_videos_for_a_second_however_long_a_listing_takes(tmp_path, monkeypatch):
-    """`ray job stop` kills the driver 3 s after its SIGTERM: the check that rows kept from an
-    earlier run still have their videos listed folder after folder, one of 100,000 videos on S3
-    taking seconds by itself, past the kill and with no table written. Listings still under way at
-    STILL_THERE_SECONDS leave their folders on the earlier table's word."""
+def test_a_stop_checks_earlier_videos_for_a_second_however_long_a_check_takes(monkeypatch):
+    """`ray job stop` kills the driver 3 s after its SIGTERM: the check of the rows an earlier run
+    published, row after row, one on a store that does not answer taking any time, went past the
+    kill with no table written. Checks still under way at STOP_CHECK_SECONDS are left behind (the
+    rows not taken for done), and a check that fails gives None."""
     import threading
 
-    from heygem_ray import campaign, storage
+    from heygem_ray.manifest import Row
+    from heygem_ray.prepare import RowPrep
 
-    for folder in ("fast", "slow"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "a.mp4").write_bytes(b"v")
-    listdir, release = storage.listdir, threading.Event()
-    monkeypatch.setattr(storage, "listdir", lambda uri: (release.wait(30) if "slow" in uri else None) or listdir(uri))
-    outputs = [str(tmp_path / folder / name) for folder in ("fast", "slow") for name in ("a.mp4", "gone.mp4")]
+    release = threading.Event()
+
+    def prepare_row(row, cfg, decode=True):
+        assert not decode
+        if row.id.startswith("slow"):
+            release.wait(30)
+        if row.id == "gone":
+            raise FileNotFoundError(row.audio)
+        return RowPrep(row.id, True, None, None)
+
+    monkeypatch.setattr(campaign, "prepare_row", prepare_row)
+    rows = [
+        Row(name, f"/in/{name}.wav", "/in/v.mp4", f"/out/{name}.mp4") for name in ("fast", "gone", "slow1", "slow2")
+    ]
+    rows += [Row(f"more{i}", f"/in/{i}.wav", "/in/v.mp4", f"/out/{i}.mp4") for i in range(40)]
     started = time.monotonic()
-    there = campaign._still_there(outputs)
-    release.set()
-    assert time.monotonic() - started < campaign.STILL_THERE_SECONDS + 1
-    normal = [storage.normalize(uri) for uri in outputs]
-    assert there == {normal[0], normal[2], normal[3]}  # fast/gone.mp4 is gone; slow/ is taken on word
+    try:
+        checked = campaign._checked(rows, cfg=None, seconds=campaign.STOP_CHECK_SECONDS)  # type: ignore[arg-type]
+    finally:
+        release.set()
+    assert time.monotonic() - started < campaign.STOP_CHECK_SECONDS + 1
+    assert checked["gone"] is None and checked["fast"].skipped and checked["more39"].skipped
+    assert "slow1" not in checked and "slow2" not in checked
 
 
 def test_a_marker_a_later_version_wrote_still_skips_its_row(tmp_path):

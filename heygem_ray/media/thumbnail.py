@@ -10,6 +10,9 @@ import numpy as np
 
 from heygem_ray.media.hdr import frame_bgr
 
+#: the report's pictures of finished rows: small, as its cards show them
+THUMBNAIL_WIDTH, THUMBNAIL_QUALITY = 160, 75
+
 
 def thumbnail_jpeg(video_path: str | IO[bytes], width: int = 240, quality: int = 80, at: float = 0.5) -> bytes:
     """A small JPEG (`width` pixels wide, aspect kept) of a local video's (or an open file's) frame at fraction `at` of
