@@ -72,6 +72,19 @@ def prefer_blocking_sync(index: int) -> bool:
     return bool(set_flags(device, _BLOCKING_SYNC) == 0)
 
 
+def exact_fp32(device: torch.device) -> None:
+    """On CUDA, this process's fp32 convolutions and matmuls in full fp32: Ampere and later run them
+    in TF32 by default (a 10-bit mantissa), and the official models' numbers (the Wav2Lip
+    generator's at fp32, S3FD's boxes, the SyncNet expert's scores) would no longer be theirs; one
+    setting for the process, which autocast's bf16/fp16 convolutions do not use."""
+    if device.type != "cuda":
+        return
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def set_torch_threads(threads: int) -> None:
     """torch's thread count for this process: set now where torch is loaded, else through
     OMP_NUM_THREADS, which torch reads when it is first imported (so a process that never needs

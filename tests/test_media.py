@@ -716,6 +716,10 @@ def test_an_interlaced_avatar_is_deinterlaced_wherever_its_frames_are_read_from(
     for start in (10, 11):  # a keyframe (every 5th frame), and a frame after one
         sought = video.FrameReader(interlaced, info, pts).read(np.array([start, start + 1]))
         assert all(np.array_equal(sought[i], whole[i]) for i in (start, start + 1)), start
+    # a GPU actor's reader decodes it in software too (NVDEC's frames skipped the deinterlacer):
+    # asked for NVDEC on this machine, which has none, opening the device would fail
+    on_gpu = video.FrameReader(interlaced, info, pts, nvdec=0).read(np.arange(15))
+    assert all(np.array_equal(on_gpu[i], whole[i]) for i in range(15))
     progressive = str(tmp_path / "progressive.mp4")
     _tagged_clip(progressive, "yuv420p", 1, full_range=False)
     with av.open(progressive) as container:
@@ -767,10 +771,12 @@ def test_an_interlaced_avatar_that_changes_size_midway_is_deinterlaced_frame_for
     assert max(_combing(f) for f in out[20:]) < 0.6 * min(_combing(f) for f in raw[20:])
 
 
-def _tagged_clip(path: str, pix_fmt: str, tags: int | tuple[int, int, int], full_range: bool) -> None:
+def _tagged_clip(
+    path: str, pix_fmt: str, tags: int | tuple[int, int, int], full_range: bool, codec: str = "libx264"
+) -> None:
     """Five frames in `pix_fmt` tagged (colorspace, primaries, transfer) = `tags` (one number: all three)."""
     with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=25)
+        stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
         context = stream.codec_context
         context.colorspace, context.color_primaries, context.color_trc = (
@@ -973,7 +979,49 @@ def test_encoder_probe_and_options():
         "cq": "20",
         "preset": "p4",
         "tune": "hq",
+        "gpu": "0",
     }
+
+
+def test_nvenc_encodes_on_the_gpu_ray_gave_the_actor(monkeypatch):
+    """NVENC took the first GPU, not the one its actor's renderer and NVDEC use (with
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES every actor of a node encoded on GPU 0)."""
+    from heygem_ray import devices
+
+    monkeypatch.setattr(devices, "assigned_gpus", lambda: ["3"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert video.encoder_options("h264_nvenc", EncoderConfig())["gpu"] == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert video.encoder_options("h264_nvenc", EncoderConfig())["gpu"] == "0"
+
+
+def test_nvdec_is_given_only_the_streams_it_decodes_itself(tmp_path):
+    """H.264 and HEVC in 8-bit 4:2:0 go to NVDEC; another stream (10-bit or 4:2:2 H.264, MPEG-2) was
+    decoded by FFmpeg in software after all, on the one thread a reader gives NVDEC: it is read in
+    software with the reader's threads (asked for NVDEC on this machine, which has none, opening
+    the device would fail)."""
+    for name, codec, pix_fmt, taken in (
+        ("plain.mp4", "libx264", "yuv420p", True),
+        ("422.mp4", "libx264", "yuv422p", False),
+        ("10bit.mp4", "libx264", "yuv420p10le", False),
+        ("mpeg2.mp4", "mpeg2video", "yuv420p", False),
+    ):
+        path = str(tmp_path / name)
+        _tagged_clip(path, pix_fmt, 1, full_range=False, codec=codec)
+        with av.open(path) as container:
+            assert video.nvdec_takes(container.streams.video[0].codec_context) is taken, name
+        if not taken:
+            info = video.probe(path, 25)
+            reader = video.FrameReader(path, info, _pts(path), nvdec=0)
+            assert not reader.on_nvdec
+            frames = reader.read(np.arange(5))
+            plain = video.FrameReader(path, info, _pts(path)).read(np.arange(5))
+            assert all(np.array_equal(frames[i], plain[i]) for i in range(5)), name
+
+
+def _pts(path: str) -> np.ndarray:
+    with av.open(path) as container:
+        return np.array(sorted(p.pts for p in container.demux(video=0) if p.pts is not None))
 
 
 def _x264_settings(path: str) -> str:

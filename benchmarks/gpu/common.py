@@ -206,9 +206,9 @@ def cuda_device() -> Any:
 def hold_gpu_context(device: int) -> None:
     """Make CUDA device `device`'s primary context through torch (which keeps it while the process
     lives), as a renderer does once its model is on the GPU: NVDEC readers then only share it, and
-    their timings leave out a context's creation. Call it after NVDEC's probe (`nvdec_problem`),
-    which sets the flags FFmpeg needs on that context (`heygem_ray.segment.nvdec_device` makes it
-    itself)."""
+    their timings leave out a context's creation. Set the context's flags first
+    (`heygem_ray.devices.prefer_blocking_sync`: FFmpeg shares only a context that waits by blocking),
+    as `heygem_ray.segment.nvdec_device` does."""
     import torch
 
     torch.zeros(1, device=f"cuda:{device}")

@@ -233,10 +233,11 @@ def check_nvdec(result: common.StepResult, device: Any, work: Path, height: int)
     info = video.probe(str(clip), FPS)
     pts = np.array([p for p, _ in video.iter_frames(str(clip), info)])
     reads = [np.arange(40, 60), np.arange(10, 21), np.arange(0, 6)]  # forward, back, back to the start
-    frames, cpu_ms = {}, {}
+    frames, cpu_ms, on_nvdec = {}, {}, {}
     for name, nvdec in (("software", None), ("nvdec", chosen)):
         start, got = time.process_time(), []
         with video.FrameReader(str(clip), info, pts, threads=1, pixel_format="yuv420p", nvdec=nvdec) as reader:
+            on_nvdec[name] = reader.on_nvdec
             for indices in reads:
                 got.append(reader.read(indices))
         cpu_ms[name] = round((time.process_time() - start) * 1000 / sum(len(r) for r in reads), 2)
@@ -247,7 +248,7 @@ def check_nvdec(result: common.StepResult, device: Any, work: Path, height: int)
     )
     result.check(
         f"NVDEC reads = software reads ({height}p, seeks included)",
-        same,
+        same and on_nvdec == {"software": False, "nvdec": True},
         "identical I420 planes",
         cpu_ms_per_frame_software=cpu_ms["software"],
         cpu_ms_per_frame_nvdec=cpu_ms["nvdec"],

@@ -137,6 +137,7 @@ def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
 
     from benchmarks.bench_encoder import encode, x264_options
     from benchmarks.gpu.node import FPS, make_avatar
+    from heygem_ray.devices import prefer_blocking_sync
     from heygem_ray.media.video import nvdec_accel, nvdec_problem
 
     clip = work / "codec-clip.mp4"
@@ -160,16 +161,19 @@ def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
 
     soft_ms, soft_cpu_ms, planes = decode(None)
     out["decode_ms"], out["decode_cpu_ms"] = round(soft_ms, 2), round(soft_cpu_ms, 2)
-    problem = nvdec_problem(0)  # where NVDEC works, its probe also sets the flags torch's context takes
+    # as a GPU actor does (heygem_ray.segment.nvdec_device): the context's flags first (FFmpeg shares
+    # it only where it waits by blocking), then torch's context, then NVDEC's probe in it
+    prefer_blocking_sync(0)
     try:
+        common.hold_gpu_context(0)
+        problem = nvdec_problem(0)
         if problem:
             raise ValueError(problem)
-        common.hold_gpu_context(0)
         nvdec_ms, nvdec_cpu_ms, nvdec = decode(0)
         out["nvdec_ms"], out["nvdec_cpu_ms"] = round(nvdec_ms, 2), round(nvdec_cpu_ms, 2)
         out["nvdec_frames"] = len(nvdec)
         out["nvdec_matches"] = len(nvdec) == len(planes) and all((a == b).all() for a, b in zip(nvdec, planes))
-    except (av.error.FFmpegError, ValueError, OSError, NotImplementedError) as exc:
+    except (av.error.FFmpegError, ValueError, OSError, NotImplementedError, RuntimeError, AssertionError) as exc:
         out["nvdec_error"] = f"{type(exc).__name__}: {exc}"[:300]
     for name in X264_SETTINGS:  # CPU time on one thread (x264 as a one-thread renderer runs it)
         sink = work / f"codec-{name}.mp4"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from heygem_ray.config import DetectorConfig
-from heygem_ray.devices import torch_device
+from heygem_ray.devices import exact_fp32, torch_device
 from heygem_ray.models.s3fd import S3FD, s3fd_expected_keys
 
 log = logging.getLogger("heygem_ray")
@@ -184,6 +184,7 @@ class S3FDDetector:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = _resolve_device(device)
+        exact_fp32(self.device)  # the official boxes
         if not isinstance(model, S3FD):
             net = S3FD()
             net.load_state_dict(dict(model), strict=True)

@@ -494,7 +494,8 @@ class FrameReader:
         """`pts[i]` is the timestamp of frame `first_index + i`; only those frames can be read.
         With `pixel_format="yuv420p"` frames come as I420 arrays: a yuv420p source's planes as
         decoded (no colour conversion), anything else converted once. `nvdec`: decode on that CUDA
-        device's video decoder (`nvdec_accel`), in software where it cannot take the codec."""
+        device's video decoder (`nvdec_accel`) where it takes the stream (`nvdec_takes`), else in
+        software."""
         if pixel_format not in PIXEL_FORMATS:
             raise ValueError(f"pixel_format must be one of {PIXEL_FORMATS}, got {pixel_format!r}")
         self.info = info
@@ -511,12 +512,17 @@ class FrameReader:
             # bytes a frame (31 MB for 3 hours); these take 16
             self._order = np.argsort(pts, kind="stable")
             self._sorted = np.asarray(pts, np.int64)[self._order]
-            self._container = av.open(path, hwaccel=None if nvdec is None else nvdec_accel(nvdec))
+            self._container = av.open(path)
             self._stream = self._container.streams.video[0]
-            if self._stream.codec_context.is_hwaccel:
-                # the GPU decodes, one thread parses; a stream NVDEC turns down once decoding (10-bit
-                # H.264, 4:4:4) falls back to software on that one thread too: slower, still correct
-                self._stream.codec_context.thread_count = 1
+            # NVDEC for what it decodes itself (`nvdec_takes`; FFmpeg decoded the rest in software
+            # after all, on the one thread NVDEC's parsing gets), and not a stream decoded with more
+            # than FFmpeg's decoder (deinterlaced, put over white), as the face track saw it
+            self._nvdec = nvdec is not None and not info.decoding and nvdec_takes(self._stream.codec_context)
+            if nvdec is not None and self._nvdec:
+                self._container.close()
+                self._container = av.open(path, hwaccel=nvdec_accel(nvdec))
+                self._stream = self._container.streams.video[0]
+                self._stream.codec_context.thread_count = 1  # the GPU decodes, one thread parses
             else:
                 self._stream.thread_type = "AUTO"
                 if threads:
@@ -528,6 +534,11 @@ class FrameReader:
             frame_bytes = info.width * info.height * 3 // (2 if self._i420 else 1) or 1
             self._spare_frames = SPARE_BYTES // frame_bytes
             self._spare: dict[int, np.ndarray] = {}  # frames decoded before a backward read's first
+
+    @property
+    def on_nvdec(self) -> bool:
+        """Whether NVDEC decodes this reader's stream (asked for, and `nvdec_takes` it)."""
+        return self._container is not None and self._nvdec
 
     def close(self) -> None:
         if self._container is not None:
@@ -685,13 +696,10 @@ class FrameReader:
         maybe)."""
         assert self._container is not None
         frames = decoded(self._container, self._stream)
-        return frames if self._stream.codec_context.is_hwaccel else _damage_named(frames)
+        return frames if self._nvdec else _damage_named(frames)
 
     def _progressive(self, frames: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
-        """`frames`, deinterlaced where the stream is interlaced (`deinterlaced`); software decoding
-        only (NVDEC's frames are left as they are)."""
-        if self._stream.codec_context.is_hwaccel:
-            return frames
+        """`frames`, deinterlaced where the stream is interlaced (`deinterlaced`)."""
         return deinterlaced(frames, self._stream.time_base)
 
 
@@ -802,6 +810,18 @@ def nvdec_accel(device: int) -> HWAccel:
     shares the device's primary context with torch instead of making a context per reader, and
     decodes in software what that decoder cannot take (codec, profile, size)."""
     return HWAccel("cuda", device=str(device), allow_software_fallback=True, options={"primary_ctx": "1"})
+
+
+#: what NVDEC is given (`nvdec_takes`): H.264 and HEVC in 8-bit 4:2:0, what cameras and phones
+#: record and every NVDEC decodes (`nvdec_problem` checks H.264 on the device); FFmpeg would decode
+#: anything else in software after all, on the one thread a reader gives NVDEC
+NVDEC_CODECS = frozenset({"h264", "hevc"})
+NVDEC_PIXEL_FORMATS = frozenset({"yuv420p", "yuvj420p"})
+
+
+def nvdec_takes(context: av.CodecContext) -> bool:
+    """Whether a stream whose decoder is `context` goes to NVDEC (`NVDEC_CODECS`)."""
+    return context.name in NVDEC_CODECS and getattr(context, "pix_fmt", None) in NVDEC_PIXEL_FORMATS
 
 
 def ffmpeg_has_cuda() -> bool:
@@ -941,7 +961,10 @@ def encoder_options(codec: str, enc: EncoderConfig) -> dict[str, str]:
             {"x264-params": enc.x264_params} if enc.x264_params else {}
         )
     if codec == "h264_nvenc":
-        return {"rc": "vbr", "cq": str(enc.crf), "preset": "p4", "tune": "hq"}
+        from heygem_ray.devices import cuda_index
+
+        # the GPU Ray gave this process, as its renderer and NVDEC use it (NVENC takes the first)
+        return {"rc": "vbr", "cq": str(enc.crf), "preset": "p4", "tune": "hq", "gpu": str(cuda_index())}
     return {}
 
 

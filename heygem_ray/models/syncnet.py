@@ -91,10 +91,11 @@ def load_expert(uri: str) -> tuple[SyncNet, torch.device, str]:
     content, which names the embeddings it makes (`qa.syncnet_uri`): alike on every node whatever
     the file's times there, other for other weights at the same URI."""
     from heygem_ray import storage
-    from heygem_ray.devices import torch_device
+    from heygem_ray.devices import exact_fp32, torch_device
     from heygem_ray.models.checkpoints import load_model
 
     # the copy of the pinned version (`storage.pinned_version`), whose content names the embeddings
     key = storage.fingerprint(storage.local_copy(uri, content=storage.pinned_version(uri)))
     device = torch_device("auto")
+    exact_fp32(device)  # the official expert's scores
     return load_model(SyncNet, uri, "SyncNet lip-sync expert").to(device), device, key

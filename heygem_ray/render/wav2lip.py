@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from heygem_ray.config import BLENDS, IMAGE_OPS, PRECISIONS, Wav2LipRendererConfig
-from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster, torch_device
+from heygem_ray.devices import cpu_bf16_is_faster, cpu_int8_is_faster, exact_fp32, torch_device
 from heygem_ray.media.audio import AudioWindow
 from heygem_ray.models.checkpoints import load_model
 from heygem_ray.models.wav2lip import Wav2Lip
@@ -194,10 +194,8 @@ class Wav2LipRenderer:
             precision,
             self.batch_size,
         )
-        tf32 = tf32_allowed(self.precision, self.device)
-        if tf32 is not None:
-            torch.backends.cudnn.allow_tf32 = tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+        if self.precision == "fp32":  # the official numerics (autocast's convolutions are bf16/fp16)
+            exact_fp32(self.device)
         self._amp_dtype = _AMP_DTYPES[self.precision]
         self._checkpoint = checkpoint
         self.model = plain = self._load_generator()
@@ -522,7 +520,8 @@ class Wav2LipRenderer:
             if key not in found:
                 first_row.setdefault(key, row)
         if first_row:
-            index = torch.tensor(list(first_row.values()), device=face.device)
+            # copied without waiting for the GPU: a tensor made on it waits for the work before
+            index = torch.tensor(list(first_row.values())).to(face.device, non_blocking=True)
             encoded = self._encode_faces(face[index], rows)
             fresh = {key: tuple(s[j].clone() for s in encoded) for j, key in enumerate(first_row)}
             found.update(fresh)
@@ -634,14 +633,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         return "fp32"
     return precision
-
-
-def tf32_allowed(precision: str, device: torch.device) -> bool | None:
-    """The TF32 setting (cuDNN convolutions and CUDA matmuls) a generator at `precision` on `device`
-    needs: False for fp32 on CUDA, since Ampere and later otherwise run fp32 convolutions in TF32
-    (10-bit mantissa) and fp32 would no longer be the official numerics; None (leave the process's
-    setting) otherwise - under autocast the convolutions run in bf16/fp16 anyway."""
-    return False if precision == "fp32" and device.type == "cuda" else None
 
 
 def _cap_compile_threads(threads: int) -> None:
