@@ -216,7 +216,12 @@ def test_the_pool_reads_its_actors_restarts_in_one_request(ray_local, tmp_path, 
     still shows."""
     from ray._private import state
 
-    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={tmp_path}/out", "cluster.actor.num_cpus=0.5")
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet",
+        f"output={tmp_path}/out",
+        "cluster.actor.num_cpus=0.5",
+        "cluster.task_cpus=0.5",
+    )
     executor = RayExecutor(cfg)
     executor.start_actors(3)
     try:

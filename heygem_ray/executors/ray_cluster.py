@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from heygem_ray.config import Config
 from heygem_ray.devices import gpu_room, gpu_slots
@@ -28,36 +30,76 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("heygem_ray")
 
+#: how often a campaign waiting for its room on the cluster says so
+RESERVE_WAIT_LOG_SECONDS = 60.0
+
 
 class RayExecutor:
-    """Tasks and renderer actors on the Ray this process is connected to."""
+    """Tasks and renderer actors on the Ray this process is connected to.
+
+    Before its actors, a campaign reserves (a placement group) room for its tasks (the CPUs its
+    renderers leave on each node) and for its first renderer (`reserved_bundles`): its tasks run
+    in that room, its other renderers where they fit. Each sized from the whole cluster, two campaigns at once (two users of the
+    studio, two `ray job submit`s) placed renderers on every CPU, and neither's tasks ever ran:
+    both hung. Now the second waits for its room, and one that has it always goes on."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._actors: list[Any] = []
-        self._tasks: dict[tuple[Callable[..., Any], float], Any] = {}
+        self._tasks: dict[tuple[Callable[..., Any], float, bool], Any] = {}
+        self._room: PlacementGroup | None = None
+        self._room_gpu = False  # whether it holds a GPU detection task's share
 
-    def _remote(self, fn: Callable[..., Any], num_gpus: float) -> Any:
+    def _remote(self, fn: Callable[..., Any], num_gpus: float, in_room: bool) -> Any:
         # re-run when the worker process dies; an exception is final here (storage retried it already)
-        return ray.remote(fn).options(
-            num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, max_retries=3, retry_exceptions=False
-        )
+        options: dict[str, Any] = {"max_retries": 3, "retry_exceptions": False}
+        if in_room:  # any of its bundles with room for it: a task's, not the renderer's
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._room)
+        return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, **options)
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Any:
-        key = (fn, num_gpus)
+        # in the room (a GPU task where it has a GPU share); a task sent wherever Ray finds a CPU
+        # waited for ever where renderers hold them all
+        in_room = self._room is not None and (self._room_gpu or not num_gpus)
+        key = (fn, num_gpus, in_room)
         if key not in self._tasks:
-            self._tasks[key] = self._remote(fn, num_gpus)
+            self._tasks[key] = self._remote(fn, num_gpus, in_room)
         return self._tasks[key].remote(*args)
 
     def start_actors(self, count: int) -> None:
         shape = self.cfg.cluster.actor
-        actor_cls = ray.remote(RenderWorker).options(
-            num_cpus=shape.num_cpus,
-            num_gpus=shape.num_gpus,
-            max_restarts=-1,  # a crashed actor comes back with its model; the campaign re-sends the segment
-            max_task_retries=0,
-        )
-        self._actors = [actor_cls.remote(self.cfg) for _ in range(count)]
+        options: dict[str, Any] = {
+            "num_cpus": shape.num_cpus,
+            "num_gpus": shape.num_gpus,
+            "max_restarts": -1,  # a crashed actor comes back with its model; the campaign re-sends the segment
+            "max_task_retries": 0,
+        }
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        bundles = reserved_bundles(self.cfg, nodes, count)
+        first: dict[str, Any] = {}
+        if bundles is not None:
+            self._room = self._reserve(bundles)
+            self._room_gpu = any("GPU" in bundle for bundle in (bundles[:-1] if renderer_bundle(self.cfg) else bundles))
+            if renderer_bundle(self.cfg):
+                first = {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._room, len(bundles) - 1)}
+        actor_cls = ray.remote(RenderWorker)
+        self._actors = [
+            actor_cls.options(**options, **(first if i == 0 else {})).remote(self.cfg) for i in range(count)
+        ]
+
+    def _reserve(self, bundles: list[dict[str, float]]) -> PlacementGroup:
+        """The placement group of `bundles`, once the cluster holds it: while other work holds the
+        room (another campaign's renderers), this campaign waits for it, saying so."""
+        room = placement_group(bundles, strategy="SPREAD")
+        started = time.monotonic()
+        while not room.wait(RESERVE_WAIT_LOG_SECONDS):
+            log.warning(
+                "waited %.0f s for room on the cluster for this campaign's tasks and first renderer (%s): "
+                "other work holds it (`ray status` shows what); it starts once that ends",
+                time.monotonic() - started,
+                _shown(bundles),
+            )
+        return room
 
     def call(self, actor: int, method: str, *args: Any) -> Any:
         return getattr(self._actors[actor], method).remote(*args)
@@ -83,6 +125,9 @@ class RayExecutor:
         actors, self._actors = self._actors, []
         for actor in actors:  # free their CPUs/GPUs now, not at garbage collection
             ray.kill(actor)
+        room, self._room = self._room, None
+        if room is not None:  # the next campaign waiting for it starts now, not at this job's end
+            remove_placement_group(room)
 
     def stop(self, actor: int) -> None:
         ray.kill(self._actors[actor])  # no_restart: Ray's default for ray.kill
@@ -291,6 +336,17 @@ def fit_actors(
     host no GPU actors, and a GPU node hosts as many as both its GPU shares and its CPUs allow (on
     a 16-core, 1-GPU node: 7 actors of 2 CPUs and 1/8 GPU, not 8; an 8-CPU pod: 3). At least 1, so
     a cluster that cannot host any yet gets the driver's "no actor could start" warning."""
+    return max(1, sum(actors_per_node(nodes, num_cpus, num_gpus, reserve_cpus, detect)))
+
+
+def actors_per_node(
+    nodes: list[dict[str, float]],
+    num_cpus: float,
+    num_gpus: float,
+    reserve_cpus: float,
+    detect: tuple[float, float] | None = None,
+) -> list[int]:
+    """`fit_actors`' count on each node."""
     per_node = []
     for res in nodes:
         fits = math.floor(max(0.0, res.get("CPU", 0.0) - reserve_cpus) / max(num_cpus, 1e-3) + 1e-9)
@@ -306,7 +362,60 @@ def fit_actors(
             or res.get("CPU", 0.0) - per_node[node] * num_cpus < task_cpus - 1e-9
         ):
             per_node[node] -= 1
-    return max(1, sum(per_node))
+    return per_node
+
+
+def reserved_bundles(cfg: Config, nodes: list[dict[str, float]], actors: int) -> list[dict[str, float]] | None:
+    """The room a campaign reserves before its `actors` (`RayExecutor`): on each node, the CPUs its
+    renderers there leave (`actors_per_node`: at least `cluster.reserve_cpus`; less what renderers
+    over those take, more what renderers under them leave), for its
+    prepare/stitch tasks, as they had when nothing else ran; a GPU detection task's where detection
+    takes a GPU share (as `SharedWork` asks for it); and its first renderer's, last. None where the
+    cluster (`nodes`, their whole resources) could not hold one of them (GPU nodes not added yet):
+    the actors then wait where they are asked for, as before, and are given up after
+    `cluster.actor_start_timeout`."""
+    cluster, actor = cfg.cluster, cfg.cluster.actor
+    share = cfg.detector.gpu_share
+    gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    detect = (cluster.task_cpus, share) if actor.num_gpus > 0 and share else None
+    fitted = actors_per_node(nodes, actor.num_cpus, actor.num_gpus, cluster.reserve_cpus, detect)
+    left = [node.get("CPU", 0.0) - fits * actor.num_cpus for node, fits in zip(nodes, fitted, strict=True)]
+    # `cluster.actors` over what fits take theirs from the tasks', under it leave theirs to them
+    extra = (actors - sum(fitted)) * actor.num_cpus
+    for i in sorted(range(len(left)), key=lambda i: -left[i]):
+        taken = min(extra, left[i]) if extra >= 0 else max(extra, left[i] - nodes[i].get("CPU", 0.0))
+        left[i], extra = left[i] - taken, extra - taken
+    bundles = []
+    if share and gpu_room(gpus, actors, actor.num_gpus, share):
+        bundles.append({"CPU": cluster.task_cpus, "GPU": share})
+        on = max(range(len(nodes)), key=lambda i: nodes[i].get("GPU", 0.0)) if nodes else None
+        if on is not None:
+            left[on] -= cluster.task_cpus
+    bundles += [{"CPU": cpus} for cpus in left if cpus >= cluster.task_cpus - 1e-9]
+    if not bundles:
+        bundles.append({"CPU": cluster.task_cpus})
+    renderer = renderer_bundle(cfg)
+    if renderer:
+        bundles.append(renderer)
+    fits = all(any(all(node.get(k, 0.0) >= v - 1e-9 for k, v in b.items()) for node in nodes) for b in bundles)
+    return bundles if fits else None
+
+
+def renderer_bundle(cfg: Config) -> dict[str, float]:
+    """What a renderer actor holds (empty: nothing Ray counts)."""
+    actor = cfg.cluster.actor
+    return {name: amount for name, amount in (("CPU", actor.num_cpus), ("GPU", actor.num_gpus)) if amount > 0}
+
+
+def _shown(bundles: list[dict[str, float]]) -> str:
+    """ "2 CPUs, 0.125 GPU" for a placement group of `bundles`."""
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            total[name] = total.get(name, 0.0) + amount
+    return ", ".join(
+        f"{amount:g} {name}{'s' if name == 'CPU' and amount != 1 else ''}" for name, amount in total.items()
+    )
 
 
 def check_local_fit(cfg: Config, resources: dict[str, float]) -> None:
