@@ -297,6 +297,7 @@ def test_a_user_over_quota_is_refused_until_a_campaign_is_deleted(tmp_path, medi
     import logging
 
     from heygem_ray.config import StudioConfig
+    from heygem_ray.studio import service as service_module
     from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
     from heygem_ray.studio.service import Studio as StudioService
 
@@ -313,6 +314,13 @@ def test_a_user_over_quota_is_refused_until_a_campaign_is_deleted(tmp_path, medi
     (cache / "narration.f32").write_bytes(b"\0" * 10 * one)
     with pytest.raises(UploadError, match="of your .* GiB .* delete campaigns"):
         studio.create("alice", "second", [audio], [avatar])
+    # sizes as a person reads them: a small upload was "0.00 GiB"
+    assert [service_module._size(n) for n in (300, 340 * 2**10, 12.5 * 2**20, 3.2 * 2**30)] == [
+        "1 KiB",
+        "340 KiB",
+        "12.5 MiB",
+        "3.20 GiB",
+    ]
     assert [r.id for r in studio.store.campaigns("alice")] == [first.id]
     videos = Path(first.output)
     videos.mkdir(parents=True, exist_ok=True)
@@ -343,6 +351,46 @@ def test_one_users_slow_page_does_not_hold_the_others(tmp_path):
     for name in ("refresh", "check", "whoami", "act"):
         (group,) = limits[name]  # one group, one limit, for all its events
         assert group[1] is None or group[1] > 1, (name, group)
+
+
+def test_the_upload_check_counts_the_plans_rows_where_a_plan_is_uploaded(tmp_path, media_dir):
+    """With a plan (a manifest) uploaded, the page said "2 presenter(s) × 2 narration(s) = 4
+    video(s)" for a campaign of the plan's 2 rows: the check ran only when the narrations or the
+    presenters changed, and never read the plan."""
+    import logging
+    import shutil
+    from types import SimpleNamespace
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import UploadClaims, build_pages, gradio_upload_folder
+    from heygem_ray.studio.service import Studio as StudioService
+
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    claims = UploadClaims(900)
+    pages = build_pages(service, claims, sign_out=False)
+    (check,) = {fn.fn for fn in pages.fns.values() if fn.name == "check"}
+    folder = Path(gradio_upload_folder()) / f"test-{os.getpid()}-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    try:
+        files = []
+        for name, source in (
+            ("a.wav", "speech3.wav"),
+            ("b.wav", "speech4.wav"),
+            ("p.png", "still.png"),
+            ("q.png", "still.png"),
+        ):
+            shutil.copy(media_dir / source, folder / name)
+            files.append(str(folder / name))
+        plan = folder / "plan.csv"
+        plan.write_text("audio,avatar\na.wav,p.png\nb.wav,q.png\n")
+        user = "local"
+        claims.arrived(user, [*files, str(plan)])
+        request = SimpleNamespace(username=None, session_hash="page")
+        assert "4 video(s)" in check(files[:2], files[2:], None, request)
+        counted = check(files[:2], files[2:], str(plan), request)
+        assert "**2 video(s)**" in counted and "plan.csv" in counted, counted
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_campaigns_results_are_read_again_only_when_they_change(tmp_path):
@@ -1050,7 +1098,7 @@ def test_studio_campaign_from_upload_to_zip_and_users_kept_apart(tmp_path, media
             ["x", [_file(hers)], [_file(face)], None, "classic (no weights)", "draft (small, fast)"],
         )
         assert made["msg"] == "process_completed" and not made["success"], made
-        assert _raw_event(studio, bob_http, "check", [[_file(hers)], None])["success"] is False
+        assert _raw_event(studio, bob_http, "check", [[_file(hers)], None, None])["success"] is False
         assert hers.exists() and not (tmp_path / "store" / "bob").exists()
 
         lines = studio.log.read_text()
@@ -1247,6 +1295,8 @@ def test_studio_on_s3_cancel_and_rerun_the_failed_rows(tmp_path, media_dir, ray_
 
         _, _, status, rows, _, _ = _wait_for(finished, 300, "the re-run")
         assert "6/6 rows (0 failed)" in status, status
+        # every row done: another re-run would start a job (and take an active slot) to skip them all
+        assert "nothing to re-run" in alice.predict(campaign, api_name="/do_rerun")
         kept = [r[0] for r in rows["data"] if r[1] == "skipped"]
         # kept: what the cancelled run finished (a row published as the stop came may be among them)
         assert kept and len(kept) >= statuses.count("ok"), rows
@@ -1298,7 +1348,29 @@ def test_a_running_local_head_is_found_not_started_again(ray_head):
     assert local_head(port) == (ray_head, False)
     assert Cluster(ray_head, local=True).problem() is None
     gone = Cluster(f"http://127.0.0.1:{_free_port()}", local=True)
-    assert "does not answer" in (gone.problem() or "")
+    # in a few words a page can show, not requests' repr of its pool, retries and socket
+    problem = gone.problem() or ""
+    assert "does not answer (connection refused)" in problem and "HTTPConnectionPool" not in problem, problem
+
+
+def test_a_jobs_log_is_shown_without_the_terminals_colour_codes():
+    """Ray colours its lines ("View the dashboard at \\x1b[1m\\x1b[32mhttp://…"): a page showed the
+    codes as "�[1m"."""
+    from heygem_ray.studio.cluster import _ANSI
+
+    assert _ANSI.sub("", "View the dashboard at \x1b[1m\x1b[32mhttp://h:8265 \x1b[39m\x1b[22m") == (
+        "View the dashboard at http://h:8265 "
+    )
+
+
+def test_a_rows_error_names_its_files_without_the_stores_folders():
+    """A row's error named the store's whole path ("avatar s3://bucket/store/alice/<id>/inputs/avatar/
+    noface.mp4: …"): the bucket and folders, kept off the pages, showed in the rows table."""
+    from heygem_ray.studio.service import _without_folders
+
+    for root in ("s3://acme-videos/store/alice/c1", "/srv/store/alice/c1"):
+        error = f"avatar {root}/inputs/avatar/noface.mp4: no face found in any of 25 frames"
+        assert _without_folders(error, root) == "avatar inputs/avatar/noface.mp4: no face found in any of 25 frames"
 
 
 @pytest.mark.integration
@@ -1951,6 +2023,40 @@ def test_a_file_sent_again_counts_once_and_stays_its_senders_until_their_page_cl
     assert mine.release("alice/page", "/u/y") is False
     mine.claim("alice/second", ["/u/y"])
     assert mine.release("alice/second", "/u/y") is True
+
+
+def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_path):
+    """Another signed-in user who got the link to a pending upload (a screenshot, a shared screen)
+    downloaded it, and a page event naming its path made a campaign of it, copying it into their
+    own store: an upload is its uploader's (`UploadClaims.own`), by Gradio's file route too."""
+    import logging
+
+    import gradio as gr
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import API_PATH, UPLOAD_PATH, build_app
+    from heygem_ray.studio.service import Studio as StudioService
+
+    users = tmp_path / "users.json"
+    add_user(str(users), "alice", "alice-password")
+    add_user(str(users), "bob", "bob-password")
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    app = build_app(service, str(users), Sessions(b"k" * 32))
+    clients = {}
+    for name in ("alice", "bob"):
+        clients[name] = TestClient(app, base_url="http://127.0.0.1", follow_redirects=False)
+        assert clients[name].post("/login", data={"name": name, "password": f"{name}-password"}).status_code == 303
+    narration = os.urandom(2000)
+    (path,) = clients["alice"].post(UPLOAD_PATH, files={"files": ("speech.wav", narration)}).json()
+    assert clients["alice"].get(f"{API_PATH}file={path}").content == narration
+    assert clients["bob"].get(f"{API_PATH}file={path}").status_code == 404
+    claims = app.state.upload_claims
+    assert claims.own("alice", [path]) == [path]
+    with pytest.raises(gr.Error, match="not one of your uploads"):
+        claims.own("bob", [path])
+    (same,) = clients["bob"].post(UPLOAD_PATH, files={"files": ("speech.wav", narration)}).json()
+    assert same == path and claims.own("bob", [path]) == [path]  # the same file, uploaded by bob too
 
 
 def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):

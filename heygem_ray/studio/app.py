@@ -32,7 +32,14 @@ from heygem_ray.studio.service import (
     distinct_uploads,
 )
 from heygem_ray.studio.sessions import COOKIE, DEVICE_COOKIE, DEVICE_LIFETIME, LIFETIME, Sessions
-from heygem_ray.studio.store import AUDIO_TYPES, AVATAR_TYPES, CAMPAIGN_ID, MANIFEST_TYPES, UploadError
+from heygem_ray.studio.store import (
+    AUDIO_TYPES,
+    AVATAR_TYPES,
+    CAMPAIGN_ID,
+    MANIFEST_TYPES,
+    UploadError,
+    read_uploaded_manifest,
+)
 from heygem_ray.studio.users import LoginGuard, UsersFile
 
 #: the one user of a studio without a users file (it listens on 127.0.0.1 only)
@@ -105,6 +112,11 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             return Response("sign in first", status_code=401)
         if request.url.path.rstrip("/") in NOT_SERVED:
             return Response(status_code=404)
+        named = _file_named(request.url.path)
+        if named is not None and _in_uploads(named):
+            user = await run_in_threadpool(current_user, request)
+            if not claims.uploaded_by(user or "", named):
+                return Response(status_code=404)  # another user's upload, its link leaked from their page
         if _names_a_url(request.url.path):
             # Gradio would fetch any public URL named there and pass it on: no proxy for anyone
             return Response("files are served from this server only", status_code=403)
@@ -359,23 +371,26 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 out += f"\n\n⚠️ {problem}. Campaigns can be prepared but not submitted until it answers."
             return out
 
-        def claim_manifest(manifest_file: str | None, request: gr.Request) -> None:
-            """At upload time: the manifest is this user's too (another may upload the same file)."""
-            if manifest_file:
-                claims.claim(page_of(request), _uploaded([manifest_file]))
-
-        def check(audio_files: list[str] | None, avatar_files: list[str] | None, request: gr.Request) -> str:
+        def check(
+            audio_files: list[str] | None,
+            avatar_files: list[str] | None,
+            manifest_file: str | None,
+            request: gr.Request,
+        ) -> str:
             """At upload time: each file's type, size and that it decodes (each file once: the
-            event comes with every file picked so far); and the row count."""
+            event comes with every file picked so far); and the row count: the plan's rows where
+            one is uploaded, else every presenter with every narration."""
             problems = []
-            claims.claim(page_of(request), _uploaded([*(audio_files or []), *(avatar_files or [])]))
+            user = user_of(request)
+            plan = [manifest_file] if manifest_file else []
+            claims.claim(page_of(request), claims.own(user, [*(audio_files or []), *(avatar_files or []), *plan]))
             counted = []
             for files, kind, what in (
                 (audio_files or [], "audio", "narrations"),
                 (avatar_files or [], "avatar", "presenters"),
             ):
                 try:
-                    files = distinct_uploads(_uploaded(files), what)
+                    files = distinct_uploads(claims.own(user, files), what)
                 except UploadError as exc:
                     return f"❌ {exc}"
                 counted.append(len(files))
@@ -385,6 +400,12 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                         problems.append(f"- ❌ {problem}")
             n_audio, n_avatar = counted
             count = f"**{n_avatar} presenter(s) × {n_audio} narration(s) = {n_avatar * n_audio} video(s)**"
+            if manifest_file:
+                try:
+                    rows = read_uploaded_manifest(manifest_file).num_rows
+                except UploadError as exc:
+                    return f"❌ {exc}"
+                count = f"**{rows} video(s)**, one a row of the plan {html.escape(os.path.basename(manifest_file))}"
             if n_audio or n_avatar:  # the web server keeps them only so long (they count in the quota)
                 count += f" · uploads wait {UPLOAD_WINDOW_SECONDS / 60:.0f} minutes for Render"
             return "\n".join([count, *problems])
@@ -399,8 +420,8 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
             request: gr.Request,
         ) -> tuple[str, gr.Dropdown]:
             user = user_of(request)
-            uploads = _uploaded(
-                [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
+            uploads = claims.own(
+                user, [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
             )
             claims.claim(page_of(request), uploads)
             try:
@@ -507,9 +528,8 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
         # by default): each group gets its own id and limit, or one user's slow refresh (a cluster
         # that answers late) would hold every other user's pages
         pages.load(whoami, None, who, concurrency_id="whoami", concurrency_limit=8)
-        audios.change(check, [audios, avatars], checked, concurrency_id="check", concurrency_limit=4)
-        avatars.change(check, [audios, avatars], checked, concurrency_id="check", concurrency_limit=4)
-        manifest.change(claim_manifest, [manifest], None, concurrency_id="check", concurrency_limit=4)
+        for box in (audios, avatars, manifest):
+            box.change(check, [audios, avatars, manifest], checked, concurrency_id="check", concurrency_limit=4)
         submit.click(
             create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=4
         ).success(emptied_when_saved, [submitted], [audios, avatars, manifest], api_visibility="private")
@@ -655,11 +675,16 @@ def _length(request: Request) -> int | None:
 
 def _names_a_url(path: str) -> bool:
     """Whether a request for one of Gradio's file routes names a URL rather than a file."""
+    named = _file_named(path)
+    return named is not None and ("://" in named or named.lower().startswith(("http:", "https:")))
+
+
+def _file_named(path: str) -> str | None:
+    """What a request path for one of Gradio's file routes names (None: no file route)."""
     for route in FILE_ROUTES:
         if path.startswith(route):
-            named = path[len(route) :]
-            return "://" in named or named.lower().startswith(("http:", "https:"))
-    return False
+            return path[len(route) :]
+    return None
 
 
 def _linked_files_refused(body: bytes) -> Response | None:
@@ -679,15 +704,6 @@ def _linked_files_refused(body: bytes) -> Response | None:
         elif isinstance(item, list):
             stack.extend(item)
     return None
-
-
-def _uploaded(paths: list[str]) -> list[str]:
-    """`paths`, each checked to be in Gradio's upload folder (which holds what users uploaded, under
-    names no one can guess): a second guard behind Gradio's own, before the studio reads or removes them."""
-    for path in paths:
-        if not _in_uploads(path):
-            raise gr.Error(f"{os.path.basename(path)} is not one of your uploads")
-    return paths
 
 
 def _in_uploads(path: str) -> bool:
@@ -718,14 +734,32 @@ class UploadClaims:
         self._lock = threading.Lock()
         self._holders: dict[str, dict[str, float]] = {}  # real path -> page -> when last claimed
         self._arrivals: dict[str, dict[str, list[float]]] = {}  # real path -> user -> unclaimed arrivals
+        self._uploaders: dict[str, dict[str, float]] = {}  # real path -> user -> when last uploaded
 
     def arrived(self, user: str, paths: list[str]) -> None:
         """`user` uploaded `paths` (one arrival each, until a page of theirs claims it)."""
         now = time.time()
         with self._lock:
             for path in paths:
-                self._arrivals.setdefault(os.path.realpath(path), {}).setdefault(user, []).append(now)
+                key = os.path.realpath(path)
+                self._arrivals.setdefault(key, {}).setdefault(user, []).append(now)
+                self._uploaders.setdefault(key, {})[user] = now
             self._expire(now)
+
+    def uploaded_by(self, user: str, path: str) -> bool:
+        """Whether `user` uploaded the file at `path` within the window."""
+        with self._lock:
+            when = self._uploaders.get(os.path.realpath(path), {}).get(user)
+        return when is not None and when >= time.time() - self.window
+
+    def own(self, user: str, paths: list[str]) -> list[str]:
+        """`paths`, each checked to be one `user` uploaded (in Gradio's upload folder, under names no
+        one can guess, and theirs: a link to another user's, leaked from a page, names that
+        user's), before the studio reads or removes them."""
+        for path in paths:
+            if not (_in_uploads(path) and self.uploaded_by(user, path)):
+                raise gr.Error(f"{os.path.basename(path)} is not one of your uploads")
+        return paths
 
     def claim(self, holder: str, paths: list[str]) -> None:
         now = time.time()
@@ -751,6 +785,9 @@ class UploadClaims:
                     del users[user]
             if not users:
                 del self._arrivals[path]
+        for path, uploaders in list(self._uploaders.items()):
+            if max(uploaders.values()) < now - self.window:
+                del self._uploaders[path]
 
     def release(self, holder: str, path: str) -> bool:
         """`holder` is done with `path`: whether no other page claimed it within the window, and no

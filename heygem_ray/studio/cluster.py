@@ -273,7 +273,7 @@ class Cluster:
         if kept is not None and (kept[2] or (not ended and time.monotonic() < kept[1])):
             return kept[0]
         text: str = self._call("get_job_logs", submission_id)
-        tail = "\n".join(text[-LOG_BYTES:].splitlines()[-last_lines:])
+        tail = _ANSI.sub("", "\n".join(text[-LOG_BYTES:].splitlines()[-last_lines:]))  # Ray colours its lines
         again = time.monotonic() + LOG_SECONDS * max(1.0, len(text) / LOG_BYTES)
         with self._logs_lock:
             self._logs.pop(submission_id, None)
@@ -305,7 +305,7 @@ class Cluster:
             raise
         except OSError as exc:  # requests' connection errors are OSErrors
             unreached = NotReached if _not_connected(exc) else ClusterUnavailable
-            why = f"the Ray cluster at {self.shown} does not answer: {exc}"
+            why = f"the Ray cluster at {self.shown} does not answer ({_reason(exc)})"
             if asking:
                 self._quiet = (time.monotonic() + QUIET_SECONDS, f"{why} (asked again in a few seconds)")
             raise unreached(why) from None
@@ -356,3 +356,25 @@ def _quote(part: str) -> str:
     import shlex
 
     return shlex.quote(part)
+
+
+#: a terminal's colour and style codes, which Ray writes into a job's log (shown as "�[1m" on a page)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _reason(exc: OSError) -> str:
+    """Why a request reached no job server, in a few words for a page: requests' own text is a
+    Python repr of a pool, its retries and a socket ("HTTPConnectionPool(host=...): Max retries
+    exceeded with url: ... (Caused by NewConnectionError(...))")."""
+    text = str(exc).lower()
+    for needle, reason in (
+        ("refused", "connection refused"),
+        ("timed out", "no answer in time"),
+        ("name or service not known", "its host name is not known"),
+        ("nodename nor servname", "its host name is not known"),
+        ("no route to host", "no route to its host"),
+        ("reset by peer", "the connection was reset"),
+    ):
+        if needle in text:
+            return reason
+    return type(exc).__name__

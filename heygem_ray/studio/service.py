@@ -353,7 +353,7 @@ class Studio:
             if used + pending_bytes(recent) + size > quota:
                 self._uploads[user] = recent
                 return (
-                    f"this upload ({size / 2**30:.2f} GiB) would take your campaigns and recent uploads past your "
+                    f"this upload ({_size(size)}) would take your campaigns and recent uploads past your "
                     f"{self.cfg.user_quota_gb:g} GiB: delete campaigns you no longer need (Campaigns tab)"
                 )
             self._uploads[user] = [*recent, RecentUpload(now, size)]
@@ -484,13 +484,13 @@ class Studio:
         incoming = sum(os.path.getsize(p) for p in uploads if os.path.exists(p))
         if rerun and used >= quota:
             raise UploadError(
-                f"your campaigns take {used / 2**30:.2f} GiB, past your {self.cfg.user_quota_gb:g} GiB: delete "
+                f"your campaigns take {_size(used)}, past your {self.cfg.user_quota_gb:g} GiB: delete "
                 "campaigns you no longer need (Campaigns tab) before re-running one"
             )
         if used + incoming >= quota:  # its videos need room too
             raise UploadError(
-                f"your campaigns take {used / 2**30:.2f} GiB of your {self.cfg.user_quota_gb:g} GiB and these uploads "
-                f"{incoming / 2**30:.2f} GiB more: delete campaigns you no longer need (Campaigns tab)"
+                f"your campaigns take {_size(used)} of your {self.cfg.user_quota_gb:g} GiB and these uploads "
+                f"{_size(incoming)} more: delete campaigns you no longer need (Campaigns tab)"
             )
 
     def _settings(self, model: str, quality: str) -> list[str]:
@@ -657,8 +657,15 @@ class Studio:
             # the results table is this run's once its feed says the run ended
             results = self.store.results(record.output) if feed.get("state") in ("finished", "interrupted") else []
             if results:
+                # the store's paths off the page (its folders, an S3 bucket's name): a file by its name
+                root = self.store.campaign_root(record.user, record.id)
                 view.rows = [
-                    {"id": r["id"], "status": r["status"], "seconds": r["render_seconds"], "error": r["error"] or ""}
+                    {
+                        "id": r["id"],
+                        "status": r["status"],
+                        "seconds": r["render_seconds"],
+                        "error": _without_folders(r["error"] or "", root),
+                    }
                     for r in results
                 ]
             else:
@@ -688,7 +695,8 @@ class Studio:
                 raise
             except JobUnknown:  # a job the cluster no longer knows: nothing runs to stop
                 return False
-            self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
+            if stopped:  # the log says what was done: a cancel of a finished campaign stops nothing
+                self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
             return stopped
 
     def delete(self, user: str, campaign_id: str) -> bool:
@@ -718,6 +726,9 @@ class Studio:
                 return None
             if view.note:  # the cluster cannot say whether the campaign's job runs: not a second one
                 raise ClusterUnavailable(view.note)
+            if view.status == "finished" and not view.rows_failed and view.rows_done >= view.rows_total:
+                # a job's start (seconds) and one of the user's active campaigns, to skip every row
+                raise UploadError("nothing to re-run: every video of this campaign is done")
             with self._admission(user):
                 self._check_active(user, campaign_id)
                 self._check_quota(user, [], rerun=True)
@@ -795,3 +806,20 @@ def _status(job: str, feed_state: str | None) -> str:
     if job == "FAILED":
         return "failed"
     return "finished" if job == "SUCCEEDED" else "unknown"
+
+
+def _size(size: float) -> str:
+    """`size` bytes as a person reads it: "340 KiB", "12.5 MiB", "3.20 GiB" (a small upload was "0.00 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}" if unit == "GiB" else f"{size / scale:.1f} {unit}"
+    return f"{max(1, round(size / 2**10))} KiB"
+
+
+def _without_folders(error: str, root: str) -> str:
+    """A row's error with the campaign's folder (`root`, in any of the forms a message names it)
+    left out of the paths it names: "avatar inputs/avatar/noface.mp4: no face found ...", not the
+    store's whole path."""
+    for shown in {root, storage.display(root), storage.normalize(root)}:
+        error = error.replace(shown.rstrip("/") + "/", "")
+    return error

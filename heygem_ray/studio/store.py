@@ -207,14 +207,7 @@ class StudioStore:
         named relative to the campaign's uploads (or as URIs inside the user's own folder): stored
         as Parquet with every path resolved. Raises UploadError for anything outside that folder."""
         name = Path(local).name
-        if not name.lower().endswith(MANIFEST_TYPES):
-            raise UploadError(f"{name}: a manifest is a .parquet or .csv file")
-        if os.path.getsize(local) > MANIFEST_MAX_BYTES:
-            raise UploadError(f"{name}: a manifest may be {MANIFEST_MAX_BYTES // 2**20} MiB at most")
-        try:
-            table = _small_csv(local, name) if name.lower().endswith(".csv") else _small_parquet(local, name)
-        except (pa.ArrowException, OSError) as exc:
-            raise UploadError(f"{name}: cannot read it as a table ({str(exc).splitlines()[0]})") from None
+        table = read_uploaded_manifest(local)
         repeated = _repeated(table.column_names)
         if repeated:
             raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
@@ -509,6 +502,20 @@ MANIFEST_MAX_COLUMNS = 64
 
 def _repeated(names: list[str]) -> list[str]:
     return sorted(name for name, count in Counter(names).items() if count > 1)
+
+
+def read_uploaded_manifest(local: str) -> pa.Table:
+    """A manifest a user uploaded (a .parquet or .csv file of bounded size), as a table; UploadError
+    saying why not."""
+    name = Path(local).name
+    if not name.lower().endswith(MANIFEST_TYPES):
+        raise UploadError(f"{name}: a manifest is a .parquet or .csv file")
+    if os.path.getsize(local) > MANIFEST_MAX_BYTES:
+        raise UploadError(f"{name}: a manifest may be {MANIFEST_MAX_BYTES // 2**20} MiB at most")
+    try:
+        return _small_csv(local, name) if name.lower().endswith(".csv") else _small_parquet(local, name)
+    except (pa.ArrowException, OSError) as exc:
+        raise UploadError(f"{name}: cannot read it as a table ({str(exc).splitlines()[0]})") from None
 
 
 def _small_csv(local: str, name: str) -> pa.Table:
