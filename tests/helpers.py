@@ -14,8 +14,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: the ports Ray's components take by default (its dashboard agent's 52365, ...): a free port the
+#: kernel happens to hand out as one of them makes ray.init refuse the two
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 8076, 10001, 52365, 44217, 44227})
+
+
+def _metrics_port() -> int:
+    while (port := _free_port()) in RAY_DEFAULT_PORTS:
+        pass
+    return port
+
+
 #: where the local Ray's node agent exports Prometheus metrics during the tests
-METRICS_PORT = _free_port()  # grep-able: must never show up in logs or results
+METRICS_PORT = _metrics_port()  # grep-able: must never show up in logs or results
 
 
 def write_faceless_clip(path: str, frames: int) -> None:

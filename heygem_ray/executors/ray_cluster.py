@@ -74,30 +74,32 @@ class RayExecutor:
             "max_restarts": -1,  # a crashed actor comes back with its model; the campaign re-sends the segment
             "max_task_retries": 0,
         }
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        bundles = reserved_bundles(self.cfg, nodes, count)
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        room = reserved_bundles(self.cfg, [n["Resources"] for n in alive], count, [n["NodeID"] for n in alive])
         first: dict[str, Any] = {}
-        if bundles is not None:
-            self._room = self._reserve(bundles)
-            self._room_gpu = any("GPU" in bundle for bundle in (bundles[:-1] if renderer_bundle(self.cfg) else bundles))
+        if room is not None:
+            self._room = self._reserve(room)
+            tasks = room[:-1] if renderer_bundle(self.cfg) else room
+            self._room_gpu = any("GPU" in bundle for bundle, _ in tasks)
             if renderer_bundle(self.cfg):
-                first = {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._room, len(bundles) - 1)}
+                first = {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._room, len(room) - 1)}
         actor_cls = ray.remote(RenderWorker)
         self._actors = [
             actor_cls.options(**options, **(first if i == 0 else {})).remote(self.cfg) for i in range(count)
         ]
 
-    def _reserve(self, bundles: list[dict[str, float]]) -> PlacementGroup:
-        """The placement group of `bundles`, once the cluster holds it: while other work holds the
-        room (another campaign's renderers), this campaign waits for it, saying so."""
-        room = placement_group(bundles, strategy="SPREAD")
+    def _reserve(self, bundles: list[tuple[dict[str, float], dict[str, str]]]) -> PlacementGroup:
+        """The placement group of `bundles` (each on the node its labels name), once the cluster
+        holds it: while other work holds the room (another campaign's renderers), this campaign
+        waits for it, saying so."""
+        room = placement_group([b for b, _ in bundles], bundle_label_selector=[on for _, on in bundles])
         started = time.monotonic()
         while not room.wait(RESERVE_WAIT_LOG_SECONDS):
             log.warning(
                 "waited %.0f s for room on the cluster for this campaign's tasks and first renderer (%s): "
                 "other work holds it (`ray status` shows what); it starts once that ends",
                 time.monotonic() - started,
-                _shown(bundles),
+                _shown([b for b, _ in bundles]),
             )
         return room
 
@@ -365,40 +367,56 @@ def actors_per_node(
     return per_node
 
 
-def reserved_bundles(cfg: Config, nodes: list[dict[str, float]], actors: int) -> list[dict[str, float]] | None:
-    """The room a campaign reserves before its `actors` (`RayExecutor`): on each node, the CPUs its
-    renderers there leave (`actors_per_node`: at least `cluster.reserve_cpus`; less what renderers
-    over those take, more what renderers under them leave), for its
-    prepare/stitch tasks, as they had when nothing else ran; a GPU detection task's where detection
-    takes a GPU share (as `SharedWork` asks for it); and its first renderer's, last. None where the
-    cluster (`nodes`, their whole resources) could not hold one of them (GPU nodes not added yet):
-    the actors then wait where they are asked for, as before, and are given up after
-    `cluster.actor_start_timeout`."""
+#: the label Ray gives every node, naming it: a bundle of a node's task room is pinned to it
+NODE_LABEL = "ray.io/node-id"
+
+
+def reserved_bundles(
+    cfg: Config, nodes: list[dict[str, float]], actors: int, ids: list[str] | None = None
+) -> list[tuple[dict[str, float], dict[str, str]]] | None:
+    """The room a campaign reserves before its `actors` (`RayExecutor`), as (bundle, the labels of
+    the node it must be on) pairs: on each node, the CPUs its renderers there leave
+    (`actors_per_node`: at least `cluster.reserve_cpus`; less what renderers over those take on the
+    nodes that can host one, more what renderers under them leave), for its prepare/stitch tasks,
+    as they had when nothing else ran, each on its node (`ids`: the nodes' ids); a GPU detection
+    task's where detection takes a GPU share (as `SharedWork` asks for it); and its first
+    renderer's, last, wherever it fits. None where the cluster (`nodes`, their whole resources)
+    could not hold them (GPU nodes not added yet): the actors then wait where they are asked for,
+    as before, and are given up after `cluster.actor_start_timeout`."""
     cluster, actor = cfg.cluster, cfg.cluster.actor
+    ids = ids or [""] * len(nodes)
     share = cfg.detector.gpu_share
     gpus = sum(node.get("GPU", 0.0) for node in nodes)
     detect = (cluster.task_cpus, share) if actor.num_gpus > 0 and share else None
     fitted = actors_per_node(nodes, actor.num_cpus, actor.num_gpus, cluster.reserve_cpus, detect)
     left = [node.get("CPU", 0.0) - fits * actor.num_cpus for node, fits in zip(nodes, fitted, strict=True)]
-    # `cluster.actors` over what fits take theirs from the tasks', under it leave theirs to them
+    renderer = renderer_bundle(cfg)
+    hosts = [i for i, node in enumerate(nodes) if all(node.get(k, 0.0) >= v - 1e-9 for k, v in renderer.items())]
+    # `cluster.actors` over what fits take theirs from the tasks' on nodes that can host one, under
+    # it leave theirs to them
     extra = (actors - sum(fitted)) * actor.num_cpus
-    for i in sorted(range(len(left)), key=lambda i: -left[i]):
+    for i in sorted(hosts if extra > 0 else range(len(left)), key=lambda i: -left[i]):
         taken = min(extra, left[i]) if extra >= 0 else max(extra, left[i] - nodes[i].get("CPU", 0.0))
         left[i], extra = left[i] - taken, extra - taken
-    bundles = []
-    if share and gpu_room(gpus, actors, actor.num_gpus, share):
-        bundles.append({"CPU": cluster.task_cpus, "GPU": share})
-        on = max(range(len(nodes)), key=lambda i: nodes[i].get("GPU", 0.0)) if nodes else None
-        if on is not None:
-            left[on] -= cluster.task_cpus
-    bundles += [{"CPU": cpus} for cpus in left if cpus >= cluster.task_cpus - 1e-9]
-    if not bundles:
-        bundles.append({"CPU": cluster.task_cpus})
-    renderer = renderer_bundle(cfg)
-    if renderer:
-        bundles.append(renderer)
-    fits = all(any(all(node.get(k, 0.0) >= v - 1e-9 for k, v in b.items()) for node in nodes) for b in bundles)
-    return bundles if fits else None
+    room: list[tuple[dict[str, float], dict[str, str]]] = []
+    if share and gpu_room(gpus, actors, actor.num_gpus, share) and nodes:
+        on = max(range(len(nodes)), key=lambda i: nodes[i].get("GPU", 0.0))
+        room.append(({"CPU": cluster.task_cpus, "GPU": share}, _on(ids[on])))
+        left[on] -= cluster.task_cpus
+    room += [({"CPU": cpus}, _on(ids[i])) for i, cpus in enumerate(left) if cpus >= cluster.task_cpus - 1e-9]
+    if not room:
+        room.append(({"CPU": cluster.task_cpus}, {}))
+    if renderer:  # on a node with room for it beside the tasks' pinned there
+        pinned = {i: sum(b.get("CPU", 0.0) for b, on in room if on == _on(ids[i])) for i in range(len(nodes))}
+        if not any(nodes[i].get("CPU", 0.0) - pinned[i] >= renderer.get("CPU", 0.0) - 1e-9 for i in hosts):
+            return None
+        room.append((renderer, {}))
+    fits = all(any(all(node.get(k, 0.0) >= v - 1e-9 for k, v in b.items()) for node in nodes) for b, _ in room)
+    return room if fits else None
+
+
+def _on(node_id: str) -> dict[str, str]:
+    return {NODE_LABEL: node_id} if node_id else {}
 
 
 def renderer_bundle(cfg: Config) -> dict[str, float]:
