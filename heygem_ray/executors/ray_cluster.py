@@ -319,9 +319,14 @@ def actor_count(cfg: Config, nodes: list[dict[str, float]] | None = None) -> int
     if nodes is None:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     actor = cfg.cluster.actor
-    # a GPU detection task waits for a GPU share: actors holding every share would starve it for ever
-    detect = (cfg.cluster.task_cpus, cfg.detector.gpu_share) if actor.num_gpus > 0 and cfg.detector.gpu_share else None
-    return fit_actors(nodes, actor.num_cpus, actor.num_gpus, cfg.cluster.reserve_cpus, detect)
+    return fit_actors(nodes, actor.num_cpus, actor.num_gpus, cfg.cluster.reserve_cpus, _detection(cfg))
+
+
+def _detection(cfg: Config) -> tuple[float, float] | None:
+    """(CPUs, GPU share) of a GPU detection task, which GPU actors must leave room for (holding
+    every share, they would starve it for ever); None where detection takes no GPU beside them."""
+    share = cfg.detector.gpu_share
+    return (cfg.cluster.task_cpus, share) if cfg.cluster.actor.num_gpus > 0 and share else None
 
 
 def fit_actors(
@@ -387,8 +392,7 @@ def reserved_bundles(
     ids = ids or [""] * len(nodes)
     share = cfg.detector.gpu_share
     gpus = sum(node.get("GPU", 0.0) for node in nodes)
-    detect = (cluster.task_cpus, share) if actor.num_gpus > 0 and share else None
-    fitted = actors_per_node(nodes, actor.num_cpus, actor.num_gpus, cluster.reserve_cpus, detect)
+    fitted = actors_per_node(nodes, actor.num_cpus, actor.num_gpus, cluster.reserve_cpus, _detection(cfg))
     left = [node.get("CPU", 0.0) - fits * actor.num_cpus for node, fits in zip(nodes, fitted, strict=True)]
     renderer = renderer_bundle(cfg)
     hosts = [i for i, node in enumerate(nodes) if all(node.get(k, 0.0) >= v - 1e-9 for k, v in renderer.items())]
