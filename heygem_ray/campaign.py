@@ -584,7 +584,7 @@ def _checked(rows: list[Row], cfg: Config, seconds: float) -> dict[str, RowPrep 
     lock = threading.Lock()
 
     def check() -> None:
-        while True:
+        while time.monotonic() < deadline:  # left behind at it: no more checks (the table is written)
             try:
                 row = todo.popleft()
             except IndexError:

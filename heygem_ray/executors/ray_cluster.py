@@ -32,6 +32,31 @@ log = logging.getLogger("heygem_ray")
 
 #: how often a campaign waiting for its room on the cluster says so
 RESERVE_WAIT_LOG_SECONDS = 60.0
+#: how long a campaign waits for its room where no other campaign's is there (then it goes without)
+ROOM_ALONE_SECONDS = 60.0
+#: what a campaign's room (placement group) is named: then its job's id
+ROOM_PREFIX = "heygem_ray-room-"
+
+
+def _job_id() -> str:
+    try:
+        return str(ray.get_runtime_context().get_job_id())
+    except Exception:  # noqa: BLE001 - a name for people, not a key
+        return str(os.getpid())
+
+
+def _other_rooms(own: PlacementGroup) -> bool:
+    """Whether another campaign's room is placed on the cluster now (this one waits behind it)."""
+    try:
+        table = ray.util.placement_group_table()
+    except Exception as exc:  # noqa: BLE001 - Ray internals: taken for yes, waiting on as before
+        log.debug("placement groups not listed: %r", exc)
+        return True
+    mine = own.id.hex()
+    return any(
+        pg_id != mine and str(info.get("name", "")).startswith(ROOM_PREFIX) and info.get("state") == "CREATED"
+        for pg_id, info in table.items()
+    )
 
 
 class RayExecutor:
@@ -48,7 +73,6 @@ class RayExecutor:
         self._actors: list[Any] = []
         self._tasks: dict[tuple[Callable[..., Any], float, bool], Any] = {}
         self._room: PlacementGroup | None = None
-        self._room_gpu = False  # whether it holds a GPU detection task's share
 
     def _remote(self, fn: Callable[..., Any], num_gpus: float, in_room: bool) -> Any:
         # re-run when the worker process dies; an exception is final here (storage retried it already)
@@ -58,9 +82,9 @@ class RayExecutor:
         return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, **options)
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Any:
-        # in the room (a GPU task where it has a GPU share); a task sent wherever Ray finds a CPU
-        # waited for ever where renderers hold them all
-        in_room = self._room is not None and (self._room_gpu or not num_gpus)
+        # a CPU task in the room (one sent wherever Ray finds a CPU waited for ever where renderers
+        # held them all); a GPU detection task where a GPU share is free (`fit_actors` leaves one)
+        in_room = self._room is not None and not num_gpus
         key = (fn, num_gpus, in_room)
         if key not in self._tasks:
             self._tasks[key] = self._remote(fn, num_gpus, in_room)
@@ -77,31 +101,44 @@ class RayExecutor:
         alive = [node for node in ray.nodes() if node.get("Alive")]
         room = reserved_bundles(self.cfg, [n["Resources"] for n in alive], count, [n["NodeID"] for n in alive])
         first: dict[str, Any] = {}
-        if room is not None:
-            self._room = self._reserve(room)
-            tasks = room[:-1] if renderer_bundle(self.cfg) else room
-            self._room_gpu = any("GPU" in bundle for bundle, _ in tasks)
-            if renderer_bundle(self.cfg):
-                first = {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._room, len(room) - 1)}
+        if room is not None and self._reserve(room) and renderer_bundle(self.cfg):
+            first = {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._room, len(room) - 1)}
         actor_cls = ray.remote(RenderWorker)
         self._actors = [
             actor_cls.options(**options, **(first if i == 0 else {})).remote(self.cfg) for i in range(count)
         ]
 
-    def _reserve(self, bundles: list[tuple[dict[str, float], dict[str, str]]]) -> PlacementGroup:
-        """The placement group of `bundles` (each on the node its labels name), once the cluster
-        holds it: while other work holds the room (another campaign's renderers), this campaign
-        waits for it, saying so."""
-        room = placement_group([b for b, _ in bundles], bundle_label_selector=[on for _, on in bundles])
-        started = time.monotonic()
-        while not room.wait(RESERVE_WAIT_LOG_SECONDS):
-            log.warning(
-                "waited %.0f s for room on the cluster for this campaign's tasks and first renderer (%s): "
-                "other work holds it (`ray status` shows what); it starts once that ends",
-                time.monotonic() - started,
-                _shown([b for b, _ in bundles]),
-            )
-        return room
+    def _reserve(self, bundles: list[tuple[dict[str, float], dict[str, str]]]) -> bool:
+        """Reserve `bundles` (each on the node its labels name) as this campaign's room, once the
+        cluster holds it: while another campaign's room is there, this one waits for it (saying so
+        every minute); where none is and the room is still not placed after ROOM_ALONE_SECONDS
+        (other work holds part of a node, a node went), none is kept and the campaign goes on
+        without one, as before rooms. Waits in short slices: a stop (Ctrl-C, `ray job stop`) is
+        not held up by Ray's wait. Whether the room is there."""
+        self._room = placement_group(
+            [b for b, _ in bundles], bundle_label_selector=[on for _, on in bundles], name=ROOM_PREFIX + _job_id()
+        )
+        started = said = time.monotonic()
+        while not self._room.wait(1):
+            waited = time.monotonic() - started
+            if waited > ROOM_ALONE_SECONDS and not _other_rooms(self._room):
+                log.warning(
+                    "no room reserved on the cluster for this campaign's tasks (%s): other work holds part of it; "
+                    "tasks and renderers go where they fit",
+                    _shown([b for b, _ in bundles]),
+                )
+                remove_placement_group(self._room)
+                self._room = None
+                return False
+            if time.monotonic() - said >= RESERVE_WAIT_LOG_SECONDS:
+                said = time.monotonic()
+                log.warning(
+                    "waited %.0f s for room on the cluster for this campaign's tasks and first renderer (%s): "
+                    "another campaign holds it (`ray status` shows what); this one starts once that ends",
+                    waited,
+                    _shown([b for b, _ in bundles]),
+                )
+        return True
 
     def call(self, actor: int, method: str, *args: Any) -> Any:
         return getattr(self._actors[actor], method).remote(*args)
@@ -382,32 +419,28 @@ def reserved_bundles(
     """The room a campaign reserves before its `actors` (`RayExecutor`), as (bundle, the labels of
     the node it must be on) pairs: on each node, the CPUs its renderers there leave
     (`actors_per_node`: at least `cluster.reserve_cpus`; less what renderers over those take on the
-    nodes that can host one, more what renderers under them leave), for its prepare/stitch tasks,
-    as they had when nothing else ran, each on its node (`ids`: the nodes' ids); a GPU detection
-    task's where detection takes a GPU share (as `SharedWork` asks for it); and its first
-    renderer's, last, wherever it fits. None where the cluster (`nodes`, their whole resources)
-    could not hold them (GPU nodes not added yet): the actors then wait where they are asked for,
-    as before, and are given up after `cluster.actor_start_timeout`."""
+    nodes that can host one), for its prepare/stitch tasks, as they had when nothing else ran, each
+    on its node (`ids`: the nodes' ids), less a GPU detection task's CPUs, left free beside its GPU
+    share; and its first renderer's, last, wherever it fits. None with `cluster.actors` set (sized
+    for nodes to come: an autoscaling cluster's), or where the cluster (`nodes`, their whole
+    resources) could not hold the room: tasks and renderers then go where they fit, as before."""
     cluster, actor = cfg.cluster, cfg.cluster.actor
+    if cluster.actors:  # sized for nodes still to come (an autoscaling cluster's): tasks go where they fit
+        return None
     ids = ids or [""] * len(nodes)
-    share = cfg.detector.gpu_share
-    gpus = sum(node.get("GPU", 0.0) for node in nodes)
     fitted = actors_per_node(nodes, actor.num_cpus, actor.num_gpus, cluster.reserve_cpus, _detection(cfg))
     left = [node.get("CPU", 0.0) - fits * actor.num_cpus for node, fits in zip(nodes, fitted, strict=True)]
     renderer = renderer_bundle(cfg)
     hosts = [i for i, node in enumerate(nodes) if all(node.get(k, 0.0) >= v - 1e-9 for k, v in renderer.items())]
-    # `cluster.actors` over what fits take theirs from the tasks' on nodes that can host one, under
-    # it leave theirs to them
+    # renderers over what fits (one, where none fits) take theirs from the tasks' where they can run
     extra = (actors - sum(fitted)) * actor.num_cpus
-    for i in sorted(hosts if extra > 0 else range(len(left)), key=lambda i: -left[i]):
-        taken = min(extra, left[i]) if extra >= 0 else max(extra, left[i] - nodes[i].get("CPU", 0.0))
+    for i in sorted(hosts, key=lambda i: -left[i]):
+        taken = min(max(extra, 0.0), left[i])
         left[i], extra = left[i] - taken, extra - taken
-    room: list[tuple[dict[str, float], dict[str, str]]] = []
-    if share and gpu_room(gpus, actors, actor.num_gpus, share) and nodes:
-        on = max(range(len(nodes)), key=lambda i: nodes[i].get("GPU", 0.0))
-        room.append(({"CPU": cluster.task_cpus, "GPU": share}, _on(ids[on])))
-        left[on] -= cluster.task_cpus
-    room += [({"CPU": cpus}, _on(ids[i])) for i, cpus in enumerate(left) if cpus >= cluster.task_cpus - 1e-9]
+    share = cfg.detector.gpu_share  # as `SharedWork` asks for it: its CPUs free beside the share
+    if share and nodes and gpu_room(sum(n.get("GPU", 0.0) for n in nodes), actors, actor.num_gpus, share):
+        left[max(range(len(nodes)), key=lambda i: nodes[i].get("GPU", 0.0))] -= cluster.task_cpus
+    room = [({"CPU": cpus}, _on(ids[i])) for i, cpus in enumerate(left) if cpus >= cluster.task_cpus - 1e-9]
     if not room:
         room.append(({"CPU": cluster.task_cpus}, {}))
     if renderer:  # on a node with room for it beside the tasks' pinned there
@@ -416,7 +449,8 @@ def reserved_bundles(
             return None
         room.append((renderer, {}))
     fits = all(any(all(node.get(k, 0.0) >= v - 1e-9 for k, v in b.items()) for node in nodes) for b, _ in room)
-    return room if fits else None
+    total = sum(b.get("CPU", 0.0) for b, _ in room) <= sum(node.get("CPU", 0.0) for node in nodes) + 1e-9
+    return room if fits and total else None
 
 
 def _on(node_id: str) -> dict[str, str]:

@@ -144,7 +144,19 @@ def orient(frame: np.ndarray, clockwise: int, width: int, height: int, mirror: b
 
 #: how the still image files a probe takes as photos start, whatever their names: PNG, JPEG, BMP, TIFF,
 #: JPEG 2000 (file and codestream); WebP and HEIF/AVIF by their own tests
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")
+_IMAGE_MAGIC = (
+    b"\x89PNG",
+    b"\xff\xd8\xff",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00",  # BigTIFF
+    b"MM\x00+",
+    b"\x00\x00\x00\x0cjP  ",
+    b"\xffO\xffQ",
+)
+#: the codecs of a one-frame stream FFmpeg reads from a still image (a photo in a container)
+IMAGE_CODECS = frozenset({"mjpeg", "png", "bmp", "webp", "tiff", "jpeg2000"})
 
 
 def is_image_data(head: bytes) -> bool:
@@ -217,20 +229,16 @@ def _read_heif(path: str, what: str) -> np.ndarray:
     return hdr.over_white(bgr, rgba[..., 3:]) if rgba.shape[2] == 4 else bgr
 
 
-#: how the images whose alpha `_on_white` takes start: PNG, TIFF (both byte orders)
-_TRANSPARENT_MAGIC = (b"\x89PNG", b"II*\x00", b"MM\x00*")
-
-
 def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """A PNG, WebP or TIFF still with transparency, over white: a cut-out portrait's background
-    would otherwise be whatever colour lies under the transparent pixels (often black). The alpha
-    is read without the EXIF orientation `image` had applied: one the orientation turned is left as
-    read. (A 32-bit BMP's fourth byte is often padding, all zeros: not taken for transparency.)"""
+    """A PNG or WebP still with transparency, over white: a cut-out portrait's background would
+    otherwise be whatever colour lies under the transparent pixels (often black). The alpha is read
+    without the EXIF orientation `image` had applied: one the orientation turned is left as read.
+    (Not a TIFF's: OpenCV gives some TIFFs' colours premultiplied by their alpha, others' not.)"""
     head = data[:16].tobytes()
-    if not head.startswith(_TRANSPARENT_MAGIC) and head[8:12] != b"WEBP":
+    if not (head.startswith(b"\x89PNG") or head[8:12] == b"WEBP"):
         return image
     full = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # alpha included, EXIF orientation not applied
-    if full is None or full.ndim != 3 or full.shape[2] != 4 or full.dtype not in (np.uint8, np.uint16):
+    if full is None or full.ndim != 3 or full.shape[2] != 4:
         return image
     plain = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if plain is None or not np.array_equal(plain, image):
@@ -348,7 +356,7 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
                 return
             context = container.streams.video[0].codec_context
             width, height = context.width, context.height
-            still = file_is_image(path) and context.name != "apng"
+            still = (file_is_image(path) or context.name in IMAGE_CODECS) and context.name != "apng"
     except av.error.FFmpegError:
         return
     if not width or not height:
@@ -517,7 +525,7 @@ class FrameReader:
             # NVDEC for what it decodes itself (`nvdec_takes`; FFmpeg decoded the rest in software
             # after all, on the one thread NVDEC's parsing gets), and not a stream decoded with more
             # than FFmpeg's decoder (deinterlaced, put over white), as the face track saw it
-            self._nvdec = nvdec is not None and not info.decoding and nvdec_takes(self._stream.codec_context)
+            self._nvdec = nvdec is not None and info.decoding == "" and nvdec_takes(self._stream.codec_context)
             if nvdec is not None and self._nvdec:
                 self._container.close()
                 self._container = av.open(path, hwaccel=nvdec_accel(nvdec))

@@ -112,7 +112,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             return Response("sign in first", status_code=401)
         if request.url.path.rstrip("/") in NOT_SERVED:
             return Response(status_code=404)
-        named = _file_named(request.url.path)
+        named = _file_named(request.scope.get("path", request.url.path))  # as sent: "#" in a name kept
         if named is not None and _in_uploads(named):
             user = await run_in_threadpool(current_user, request)
             if not claims.uploaded_by(user or "", named):
@@ -708,7 +708,10 @@ def _linked_files_refused(body: bytes) -> Response | None:
 
 def _in_uploads(path: str) -> bool:
     folder = os.path.realpath(gradio_upload_folder())
-    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
+    try:
+        return os.path.commonpath([folder, os.path.realpath(path)]) == folder
+    except ValueError:  # a NUL in it, or another drive: no file of the upload folder
+        return False
 
 
 def _upload_answer(body: bytes) -> list[str]:
