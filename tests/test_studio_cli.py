@@ -114,7 +114,7 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
             sent = http.post("/app/gradio_api/upload", files=[("files", audio), ("files", avatar)])
         speech, still = ({"path": p, "meta": {"_type": "gradio.FileData"}} for p in sent.json())
         picked = [[speech], [still], None, "classic (no weights)", "standard"]  # files, manifest, model, quality
-        assert "1 video(s)" in _page_event(http, "second-page", "check", picked[:2])
+        assert "1 video(s)" in _page_event(http, "second-page", "check", picked[:3])
         text = _page_event(http, "first-page", "create", ["offline", *picked])
         assert "saved, but not submitted" in text
         client = Client(url + "/app/", verbose=False, download_files=False)

@@ -189,7 +189,7 @@ class Cluster:
             try:
                 self._jobs = _client(self.address)
             except Exception as exc:  # noqa: BLE001 - connection refused, bad address, auth
-                raise NotReached(f"the Ray cluster at {self.shown} does not answer: {exc}") from None
+                raise NotReached(f"the Ray cluster at {self.shown} does not answer ({_reason(exc)})") from None
         return self._jobs
 
     def problem(self) -> str | None:
@@ -362,7 +362,7 @@ def _quote(part: str) -> str:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _reason(exc: OSError) -> str:
+def _reason(exc: BaseException) -> str:
     """Why a request reached no job server, in a few words for a page: requests' own text is a
     Python repr of a pool, its retries and a socket ("HTTPConnectionPool(host=...): Max retries
     exceeded with url: ... (Caused by NewConnectionError(...))")."""
@@ -374,6 +374,7 @@ def _reason(exc: OSError) -> str:
         ("nodename nor servname", "its host name is not known"),
         ("no route to host", "no route to its host"),
         ("reset by peer", "the connection was reset"),
+        ("failed to connect", "no connection"),
     ):
         if needle in text:
             return reason
