@@ -19,6 +19,39 @@ from heygem_ray.results import read_results
 pytestmark = pytest.mark.integration
 
 
+def test_a_room_other_work_holds_part_of_is_given_up_after_a_while(ray_local, monkeypatch, tmp_path):
+    """A campaign waits for its room while another campaign's holds the cluster; where other work
+    (not a campaign) holds part of a node, the room is never placed: after ROOM_ALONE_SECONDS it
+    goes on without one, as before rooms, instead of waiting for ever."""
+    from helpers import compose_config
+    from heygem_ray.executors import ray_cluster
+
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={tmp_path}/out")
+    executor = ray_cluster.RayExecutor(cfg)
+    try:
+        executor.start_actors(1)
+        assert executor._room is not None  # an idle cluster holds it at once
+    finally:
+        executor.close()
+
+    @ray_local.remote(num_cpus=1)
+    class Other:
+        def ping(self) -> int:
+            return 1
+
+    other = Other.remote()
+    ray_local.get(other.ping.remote(), timeout=60)
+    monkeypatch.setattr(ray_cluster, "ROOM_ALONE_SECONDS", 2.0)
+    executor = ray_cluster.RayExecutor(cfg)
+    try:
+        started = time.monotonic()
+        executor.start_actors(1)
+        assert executor._room is None and time.monotonic() - started < 30
+    finally:
+        executor.close()
+        ray_local.kill(other)
+
+
 def test_two_campaigns_on_one_cluster_at_once_both_finish(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
