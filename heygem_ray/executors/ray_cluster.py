@@ -62,11 +62,12 @@ def _other_rooms(own: PlacementGroup) -> bool:
 class RayExecutor:
     """Tasks and renderer actors on the Ray this process is connected to.
 
-    Before its actors, a campaign reserves (a placement group) room for its tasks (the CPUs its
-    renderers leave on each node) and for its first renderer (`reserved_bundles`): its tasks run
-    in that room, its other renderers where they fit. Each sized from the whole cluster, two campaigns at once (two users of the
-    studio, two `ray job submit`s) placed renderers on every CPU, and neither's tasks ever ran:
-    both hung. Now the second waits for its room, and one that has it always goes on."""
+    Before its actors, a campaign of an auto-sized pool reserves (a placement group) room for its
+    CPU tasks (the CPUs its renderers leave on each node) and for its first renderer
+    (`reserved_bundles`): its CPU tasks run in that room, its other renderers where they fit. Each
+    sized from the whole cluster, two campaigns at once (two users of the studio, two `ray job
+    submit`s) placed renderers on every CPU, and neither's tasks ever ran: both hung. Now the
+    second waits for its room, and one that has it always goes on."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -77,7 +78,7 @@ class RayExecutor:
     def _remote(self, fn: Callable[..., Any], num_gpus: float, in_room: bool) -> Any:
         # re-run when the worker process dies; an exception is final here (storage retried it already)
         options: dict[str, Any] = {"max_retries": 3, "retry_exceptions": False}
-        if in_room:  # any of its bundles with room for it: a task's, not the renderer's
+        if in_room:  # any of its bundles with room for it (the first renderer's too, while that is not held)
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._room)
         return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, **options)
 
