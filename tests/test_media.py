@@ -1019,6 +1019,22 @@ def test_nvdec_is_given_only_the_streams_it_decodes_itself(tmp_path):
             assert all(np.array_equal(frames[i], plain[i]) for i in range(5)), name
 
 
+@pytest.mark.parametrize("decoding", [None, "deinterlaced"])
+def test_nvdec_is_not_given_a_stream_decoded_with_more_than_ffmpegs_decoder(tmp_path, decoding):
+    """NVDEC gives the decoder's frames as they are: a stream the face track saw deinterlaced, or
+    one whose decoding is not known (a probe cached before it was recorded), is read in software as
+    it was tracked (asked for NVDEC on this machine, which has none, opening the device fails)."""
+    import dataclasses
+
+    path = str(tmp_path / "plain.mp4")
+    _tagged_clip(path, "yuv420p", 1, full_range=False, codec="libx264")
+    info = dataclasses.replace(video.probe(path, 25), decoding=decoding)
+    with video.FrameReader(path, info, _pts(path), nvdec=0) as reader:
+        assert not reader.on_nvdec
+        frames = reader.read(np.arange(3))
+    assert all(frame.shape == (info.height, info.width, 3) for frame in frames.values())
+
+
 def _pts(path: str) -> np.ndarray:
     with av.open(path) as container:
         return np.array(sorted(p.pts for p in container.demux(video=0) if p.pts is not None))

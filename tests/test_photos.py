@@ -125,6 +125,36 @@ def test_a_photo_over_the_decoding_bound_is_refused_from_its_header(tmp_path, mo
         video.probe(path, 25, max_pixels=5000)
 
 
+@pytest.mark.parametrize("codec, pix_fmt", [("png", "rgb24"), ("mjpeg", "yuvj420p")])
+def test_a_photo_in_a_video_container_is_held_to_the_still_limit_not_refused(tmp_path, codec, pix_fmt):
+    """A photo exported as a one-frame MOV (a PNG or JPEG frame, no image magic at the file's start)
+    is a still: over `limits.max_avatar_pixels` it is shrunk to them, as a photo file is, not
+    refused as a video of oversized frames."""
+    import av
+
+    path = str(tmp_path / "photo.mov")
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=1)
+        stream.width, stream.height, stream.pix_fmt = 2400, 1600, pix_fmt
+        frame = av.VideoFrame.from_ndarray(np.full((1600, 2400, 3), 120, np.uint8), format="rgb24")
+        container.mux(stream.encode(frame.reformat(format=pix_fmt)))
+        container.mux(stream.encode())
+    assert not video.file_is_image(path)
+    info = video.probe(path, 25, max_pixels=1920 * 1080)
+    assert info.still and info.width * info.height <= 1920 * 1080 and info.width > 1700
+
+
+@pytest.mark.parametrize("name", ["scan.tif", "scan_named.mp4"])
+def test_a_bigtiff_photo_is_a_still_whatever_its_name(tmp_path, name):
+    """A BigTIFF (what scanners and imaging tools write past 4 GiB, or when asked) is a photo:
+    FFmpeg cannot read one, OpenCV can."""
+    path = str(tmp_path / name)
+    Image.fromarray(np.full((64, 96, 3), 120, np.uint8)).save(path, format="TIFF", big_tiff=True)
+    info = video.probe(path, 25)
+    assert info.still and (info.width, info.height) == (96, 64)
+    assert int(video.read_image(path)[32, 48, 0]) == 120
+
+
 def test_a_premultiplied_transparent_heic_goes_over_white_and_a_damaged_avif_is_bad_input(tmp_path):
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[8:24, 8:24] = (255, 0, 0, 255)

@@ -2031,6 +2031,7 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
     downloaded it, and a page event naming its path made a campaign of it, copying it into their
     own store: an upload is its uploader's (`UploadClaims.own`), by Gradio's file route too."""
     import logging
+    from urllib.parse import quote
 
     import gradio as gr
     from starlette.testclient import TestClient
@@ -2058,6 +2059,13 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
         claims.own("bob", [path])
     (same,) = clients["bob"].post(UPLOAD_PATH, files={"files": ("speech.wav", narration)}).json()
     assert same == path and claims.own("bob", [path]) == [path]  # the same file, uploaded by bob too
+    # a "#" in the name reaches the route percent-encoded: its own uploader had a 404 for the
+    # part before the "#", a file of the upload folder that was not theirs
+    take = os.urandom(2000)
+    (hashed,) = clients["alice"].post(UPLOAD_PATH, files={"files": ("take#2.wav", take)}).json()
+    assert "#" in hashed
+    assert clients["alice"].get(f"{API_PATH}file={quote(hashed)}").content == take
+    assert clients["bob"].get(f"{API_PATH}file={quote(hashed)}").status_code == 404
 
 
 def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
