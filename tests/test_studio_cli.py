@@ -115,11 +115,12 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
         speech, still = ({"path": p, "meta": {"_type": "gradio.FileData"}} for p in sent.json())
         picked = [[speech], [still], None, "classic (no weights)", "standard"]  # files, manifest, model, quality
         assert "1 video(s)" in _page_event(http, "second-page", "check", picked[:3])
-        text = _page_event(http, "first-page", "create", ["offline", *picked])
-        assert "saved, but not submitted" in text
+        text, opened = _page_event(http, "first-page", "create", ["offline", *picked], outputs=2)
+        assert "saved, but not submitted" in text and "re-run it there" in text
         client = Client(url + "/app/", verbose=False, download_files=False)
         listing = client.predict(None, api_name="/refresh")[0]
         assert [(row[1], row[2]) for row in listing["data"]] == [("offline", "not submitted")]
+        assert opened["value"] == listing["data"][0][0]  # opened on the Campaigns tab, to re-run
         text = _page_event(http, "second-page", "create", ["later", *picked])
         assert "saved, but not submitted" in text, text
         # in the store now: its uploads left the web server's cache, as a submitted campaign's do
@@ -129,9 +130,9 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
         studio.wait(30)
 
 
-def _page_event(http, page: str, api_name: str, data: list) -> str:
+def _page_event(http, page: str, api_name: str, data: list, outputs: int = 1):
     """One event of the page `page` (its Gradio session), as a browser sends it: the first output
-    of its answer."""
+    of its answer (a tuple of the first `outputs` where more than one)."""
     import json
 
     config = http.get("/app/config").json()
@@ -143,7 +144,8 @@ def _page_event(http, page: str, api_name: str, data: list) -> str:
             message = json.loads(line[5:]) if line.startswith("data:") else {}
             if message.get("msg") == "process_completed":
                 assert message["success"], message
-                return message["output"]["data"][0]
+                answer = message["output"]["data"]
+                return answer[0] if outputs == 1 else tuple(answer[:outputs])
     raise AssertionError(f"{api_name}: no answer")
 
 

@@ -77,6 +77,7 @@ TO_ADDRESS = (
 )
 #: after a submit the cluster took but did not answer: what to do (the campaign keeps the job's id)
 UNCONFIRMED = "The Campaigns tab shows whether it runs once the cluster answers; re-run it there if it does not."
+NOT_SUBMITTED = "It is open on the Campaigns tab: re-run it there once the cluster answers."
 
 
 def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> FastAPI:
@@ -432,18 +433,21 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                     f"✅ Campaign **{html.escape(record.name)}** submitted: {record.rows} video(s). "
                     "Follow it on the Campaigns tab."
                 )
+                saved = record.id
             except UploadError as exc:
                 return f"❌ {exc}", gr.Dropdown()
             except SubmitUnconfirmed as exc:  # saved: its uploads are in the store, as below
                 message = f"❌ saved, but the cluster did not confirm its submit: {exc}. {UNCONFIRMED}"
+                saved = exc.saved
             except ClusterUnavailable as exc:
-                message = f"❌ saved, but not submitted: {exc}"
+                message = f"❌ saved, but not submitted: {exc}. {NOT_SUBMITTED}"
+                saved = exc.saved
             for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
                 if claims.release(page_of(request), path):
                     _remove_quietly(path)
-            if not message.startswith("✅"):
-                return message, gr.Dropdown(choices=_choices(studio, user))
-            return message, gr.Dropdown(choices=_choices(studio, user), value=record.id)
+            # the campaign opened on the Campaigns tab: a failed submit's too, to re-run from there
+            choices = _choices(studio, user)
+            return message, gr.Dropdown(choices=choices, value=saved) if saved else gr.Dropdown(choices=choices)
 
         def emptied_when_saved(message: str) -> tuple:
             """After create: the file boxes emptied once a campaign holds their uploads (left as

@@ -43,6 +43,9 @@ class ClusterUnavailable(RuntimeError):
     instead of failing, and takes nothing it was not told for an answer (a job whose state the
     cluster did not give may still run)."""
 
+    #: the campaign `Studio.create` saved before its submit met this: the page opens it, to re-run
+    saved: str | None = None
+
 
 class NotReached(ClusterUnavailable):
     """No connection to the job server was made: the request (a submit) surely did not reach it."""

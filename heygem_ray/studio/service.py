@@ -290,7 +290,11 @@ class Studio:
                         self._discard(user, campaign_id)
                         raise
                     self._taken(user, uploads)
-                    self.submit(record)
+                    try:
+                        self.submit(record)
+                    except ClusterUnavailable as exc:
+                        exc.saved = record.id
+                        raise
             return record
         finally:
             with self._lock:
