@@ -425,6 +425,7 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 user, [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
             )
             claims.claim(page_of(request), uploads)
+            saved: str | None  # the campaign in the store: the page opens it
             try:
                 record = studio.create(
                     user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
