@@ -319,19 +319,20 @@ def check_job_paths(cfg: Config) -> None:
         )
 
 
-def compose(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
+def compose(overrides: Sequence[str], config_name: str = "config", config_dir: str | None = None) -> DictConfig:
     """The same config `render` (or, with config_name="studio", `studio`) would see, through
-    Hydra's compose API."""
+    Hydra's compose API; `config_dir`: another checkout's `conf/` instead of this one's."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     context: initialize_config_module | initialize_config_dir
-    if CONFIG_PATH.startswith("pkg://"):
+    config_dir = config_dir or CONFIG_PATH
+    if config_dir.startswith("pkg://"):
         context = initialize_config_module(config_module="heygem_ray.conf", version_base="1.3")
     else:
-        context = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
+        context = initialize_config_dir(config_dir=config_dir, version_base="1.3")
     with context:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 

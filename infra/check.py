@@ -25,6 +25,7 @@ import math
 import re
 import shlex
 import sys
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,11 +34,6 @@ import yaml
 
 from heygem_ray.config import Config
 from heygem_ray.executors.ray_cluster import fit_actors
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: tomli (installed with pytest and mypy there)
-    import tomli as tomllib
 
 #: everything the checks read, parsed (see load_bundle)
 Bundle = dict[str, Any]
@@ -57,6 +53,11 @@ PYPROJECT = "pyproject.toml"
 GPU_OVERRIDES = ("manifest=m", "output=o", "cluster=gpu")
 ENTRY_SCRIPT = "jobs/render_campaign.py"
 GPU_GROUP = "gpu-workers"
+SERVICE_ACCOUNT = "heygem-ray"  # infra/k8s/serviceaccount.yaml: the account an S3 role is bound to
+#: env vars that name a folder of the pod's
+PATH_ENV = ("HEYGEM_CACHE_DIR", "TMPDIR")
+#: seconds a head pod lives past RAY_JOB_STOP_WAIT_TIME_S: the jobs' stop and Ray's own
+STOP_MARGIN_SECONDS = 15
 UPLOAD_LIMIT = 100 * 1024**2  # `ray job submit --working-dir` upload limit (dashboard client_max_size)
 
 # vCPU and GPU count of EC2 instance types a GPU worker type may use; declared resources must not
@@ -198,18 +199,19 @@ def load_bundle(root: Path = ROOT) -> Bundle:
 
 
 @functools.cache
-def composed(*overrides: str) -> Config:
-    """The campaign config as `heygem-ray render` composes it, resolved to plain dataclasses; memoised
-    (the checks only read it; a failing compose is not cached)."""
+def composed(root: Path, *overrides: str) -> Config:
+    """The campaign config as `heygem-ray render` composes it from the checkout `root`'s `conf/`,
+    resolved to plain dataclasses; memoised (the checks only read it; a failing compose is not
+    cached). The dataclasses are this checkout's."""
     from heygem_ray.cli import compose
     from heygem_ray.config import to_plain
 
-    return to_plain(compose(list(overrides)))
+    return to_plain(compose(list(overrides), config_dir=str((root / "conf").resolve())))
 
 
-def gpu_config() -> Config:
+def gpu_config(root: Path = ROOT) -> Config:
     """The composed `cluster=gpu` config, as the job's driver would see it."""
-    return composed(*GPU_OVERRIDES)
+    return composed(root, *GPU_OVERRIDES)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -428,6 +430,51 @@ def k8s_cluster_problems(where: str, spec: dict, cfg: Config) -> list[str]:
         f"{where} {GPU_GROUP}", group, actor.num_cpus + cfg.cluster.task_cpus, actor.num_gpus
     )
     problems += ray_pod_problems(f"{where} {GPU_GROUP}", group)
+    mode = (spec.get("authOptions") or {}).get("mode")
+    if mode != "token":
+        problems.append(f"{where}: authOptions.mode is {mode!r}, not 'token': the cluster takes any client")
+    for name, pod_group in (("head", head), (GPU_GROUP, group)):
+        problems += pod_wiring_problems(f"{where} {name}", pod_group)
+    return problems + head_stop_problems(f"{where} head", head)
+
+
+def pod_wiring_problems(where: str, group: dict) -> list[str]:
+    """The pods run as the ServiceAccount the S3 role is bound to, and every folder their env names
+    (the node cache, TMPDIR) is on a volume they mount (else it is the container's own layer, which
+    the pod's ephemeral-storage request does not size)."""
+    problems = []
+    spec = (group.get("template") or {}).get("spec") or {}
+    if spec.get("serviceAccountName") != SERVICE_ACCOUNT:
+        problems.append(f"{where}: serviceAccountName is {spec.get('serviceAccountName')!r}, not {SERVICE_ACCOUNT!r}")
+    for c in pod_containers(group.get("template")):
+        mounts = [str(m.get("mountPath", "")).rstrip("/") for m in c.get("volumeMounts") or []]
+        for env in c.get("env") or []:
+            value = str(env.get("value", ""))
+            if env.get("name") in PATH_ENV and not any(value == m or value.startswith(m + "/") for m in mounts):
+                problems.append(f"{where}: {env['name']}={value} is on no volume the container mounts")
+    return problems
+
+
+def head_stop_problems(where: str, head: dict) -> list[str]:
+    """A head pod that goes (a deleted RayJob, a drained node) stops its campaigns as `ray job stop`
+    does before `ray stop`, and lives long enough for them to write their results: `ray stop` alone
+    kills each job's supervisor, and the supervisor's watcher then SIGKILLs the driver."""
+    problems = []
+    spec = (head.get("template") or {}).get("spec") or {}
+    for c in pod_containers(head.get("template"))[:1]:
+        command = " ".join((((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or [])
+        if "stop_job" not in command or command.find("stop_job") > command.find("ray stop"):
+            problems.append(f"{where}: preStop does not stop the running jobs before `ray stop`")
+        waits = {e.get("name"): e.get("value") for e in c.get("env") or []}.get("RAY_JOB_STOP_WAIT_TIME_S")
+        if waits is None:
+            problems.append(f"{where}: RAY_JOB_STOP_WAIT_TIME_S not set (3 s: too short for a results table)")
+            continue
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        if not isinstance(grace, int) or grace < float(waits) + STOP_MARGIN_SECONDS:
+            problems.append(
+                f"{where}: terminationGracePeriodSeconds {grace} < RAY_JOB_STOP_WAIT_TIME_S {waits} + "
+                f"{STOP_MARGIN_SECONDS} s: the pod is killed before its campaigns wrote their results"
+            )
     return problems
 
 
@@ -479,9 +526,13 @@ def aws_problems(config: dict, cfg: Config) -> list[str]:
             problems.append(f"infra/aws/cluster.yaml: {key} does not export RAY_AUTH_MODE")
     run_options = " ".join((config.get("docker") or {}).get("run_options") or [])
     modes["docker.run_options"] = set(re.findall(r"\bRAY_AUTH_MODE=(\w+)", run_options))
+    if not modes["docker.run_options"]:
+        problems.append("infra/aws/cluster.yaml: docker.run_options does not set RAY_AUTH_MODE")
     seen = set().union(*modes.values())
     if len(seen) > 1:
         problems.append(f"infra/aws/cluster.yaml: RAY_AUTH_MODE differs between {modes}")
+    if "token" in seen and "~/.ray/auth_token" not in (config.get("file_mounts") or {}):
+        problems.append("infra/aws/cluster.yaml: RAY_AUTH_MODE=token but file_mounts does not sync ~/.ray/auth_token")
     if "ray start --head" not in " ".join(config.get("head_start_ray_commands") or []):
         problems.append("infra/aws/cluster.yaml: head_start_ray_commands has no `ray start --head`")
     if "ray start --address" not in " ".join(config.get("worker_start_ray_commands") or []):
@@ -539,7 +590,7 @@ def rayjob_problems(b: Bundle) -> list[str]:
     if problems and not overrides:
         return problems
     try:
-        cfg = composed(*[o for o in overrides if "=" in o])
+        cfg = composed(b["root"], *[o for o in overrides if "=" in o])
     except Exception as exc:  # noqa: BLE001 - any compose failure is the finding
         return problems + [f"infra/k8s/rayjob.yaml: entrypoint overrides do not compose: {type(exc).__name__}: {exc}"]
     problems += k8s_cluster_problems("infra/k8s/rayjob.yaml (entrypoint config)", cluster_spec, cfg)
@@ -836,9 +887,9 @@ CHECKS: dict[str, Callable[[Bundle], list[str]]] = {
     "runtime-env": runtime_env_problems,
     "upload-excludes": lambda b: upload_excludes_problems(b["runtime_env"].get("excludes") or [], b["root"]),
     "upload": upload_problems,
-    "raycluster": lambda b: k8s_cluster_problems(RAYCLUSTER, b["raycluster"].get("spec") or {}, gpu_config()),
+    "raycluster": lambda b: k8s_cluster_problems(RAYCLUSTER, b["raycluster"].get("spec") or {}, gpu_config(b["root"])),
     "rayjob": rayjob_problems,
-    "aws": lambda b: aws_problems(b["aws"], gpu_config()),
+    "aws": lambda b: aws_problems(b["aws"], gpu_config(b["root"])),
     "aws-schema": aws_schema_problems,
     "secrets": cluster_secret_problems,
 }

@@ -352,6 +352,41 @@ MUTATIONS: dict[str, tuple[str, Callable[[dict], None], str]] = {
         ),
         "RAY_AUTH_MODE differs",
     ),
+    "cluster without token auth": ("raycluster", _del("raycluster.spec.authOptions"), "authOptions.mode is None"),
+    "worker pods run as another account": (
+        "raycluster",
+        _set("raycluster.spec.workerGroupSpecs[0].template.spec.serviceAccountName", "default"),
+        "serviceAccountName is 'default'",
+    ),
+    "worker cache on no volume": (
+        "raycluster",
+        _set("raycluster.spec.workerGroupSpecs[0].template.spec.containers[0].volumeMounts[1].mountPath", "/data"),
+        "HEYGEM_CACHE_DIR=/scratch/heygem-cache is on no volume",
+    ),
+    "head stops Ray under its jobs": (
+        "raycluster",
+        _set(
+            "raycluster.spec.headGroupSpec.template.spec.containers[0].lifecycle.preStop.exec.command",
+            ["/bin/sh", "-c", "ray stop"],
+        ),
+        "preStop does not stop the running jobs",
+    ),
+    "head killed before its jobs stop": (
+        "raycluster",
+        _del("raycluster.spec.headGroupSpec.template.spec.terminationGracePeriodSeconds"),
+        "terminationGracePeriodSeconds 30 < RAY_JOB_STOP_WAIT_TIME_S 30",
+    ),
+    "head without the stop wait": (
+        "raycluster",
+        _set("raycluster.spec.headGroupSpec.template.spec.containers[0].env", []),
+        "RAY_JOB_STOP_WAIT_TIME_S not set",
+    ),
+    "aws token not synced": ("aws", _set("aws.file_mounts", {}), "does not sync ~/.ray/auth_token"),
+    "aws container without auth mode": (
+        "aws",
+        _set("aws.docker.run_options", ["--gpus all"]),
+        "docker.run_options does not set RAY_AUTH_MODE",
+    ),
     "aws worker min 1": ("aws", _set("aws.available_node_types.gpu_worker.min_workers", 1), "min_workers is 1"),
     "aws schema rejects an unknown field": (
         "aws-schema",
@@ -398,6 +433,20 @@ def test_checks_read_the_given_root(bundle, tmp_path):
     moved["root"] = tmp_path
     assert any("COPY source jobs does not exist" in p for p in dockerfile_problems(moved))
     assert runtime_env_problems(moved) == []
+
+
+def test_another_checkouts_files_are_checked_against_its_own_configs(bundle, tmp_path):
+    """`--root DIR` composed this checkout's `conf/`: another checkout whose renderers no longer fit
+    its pods passed."""
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    gpu = tmp_path / "conf" / "cluster" / "gpu.yaml"
+    gpu.write_text(gpu.read_text().replace("num_cpus: 2.0", "num_cpus: 16.0"))
+    moved = copy.deepcopy(bundle)
+    moved["root"] = tmp_path
+    assert CHECKS["raycluster"](bundle) == []
+    assert any("< actor num_cpus + task_cpus = 17.0" in p for p in CHECKS["raycluster"](moved))
 
 
 @pytest.mark.parametrize(

@@ -290,7 +290,7 @@ def summary(records: list[dict[str, Any]], install: dict[str, Any] | None, dry: 
     env = next((r for r in records if r["step"] == "env"), {})
     # a rerun of some steps without `env` (the README's --only node) still names the device
     device = env.get("figures", {}).get("gpu") or _gpu_name() or "no GPU"
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     note = " (DRY RUN on the CPU: tiny inputs, figures meaningless)" if dry else ""
     lines = [f"### {stamp} — GPU node check on {device}{note} — `{command}`", ""]
     if env.get("markdown"):

@@ -612,7 +612,7 @@ def startup_steps(stdout: str) -> dict[str, float]:
 def append_results(
     path: Path, command: str, machine: str, load: tuple[str, str], sections: list[str], targets: str
 ) -> None:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     block = (
         f"\n### {stamp} — `{command}`\n\nMachine: {machine}. Load average (1/5/15 min) at start {load[0]}, at end "
         f"{load[1]}: the machine was shared with other work, treat figures as ±20 %.\n\n"

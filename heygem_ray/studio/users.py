@@ -15,9 +15,8 @@ import os
 import re
 import threading
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 #: what a user name may be: it names the user's folder in the store, so nothing that could climb out
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
