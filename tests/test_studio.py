@@ -2068,6 +2068,58 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
     assert clients["bob"].get(f"{API_PATH}file={quote(hashed)}").status_code == 404
 
 
+def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
+    """Gradio serves a page's session to anyone signed in who names its hash: another user who
+    learnt it (a proxy's log of `/heartbeat/<hash>`) read the page's event results and, by a deep
+    link, its state. A page is its first user's; deep links and component servers are not served."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import API_PATH, build_app
+    from heygem_ray.studio.service import Studio as StudioService
+
+    users = tmp_path / "users.json"
+    add_user(str(users), "alice", "alice-password")
+    add_user(str(users), "bob", "bob-password")
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    app = build_app(service, str(users), Sessions(b"k" * 32))
+    clients = {}
+    for name in ("alice", "bob"):
+        clients[name] = TestClient(app, base_url="http://127.0.0.1", follow_redirects=False)
+        assert clients[name].post("/login", data={"name": name, "password": f"{name}-password"}).status_code == 303
+    alice, bob = clients["alice"], clients["bob"]
+    config = alice.get("/app/config").json()
+    whoami = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "whoami")
+    event = {"data": [], "fn_index": whoami, "session_hash": "alicepage"}
+    assert alice.post(API_PATH + "queue/join", json=event).status_code == 200
+    assert bob.post(API_PATH + "queue/join", json=event).status_code == 403
+    assert bob.get(API_PATH + "queue/data", params={"session_hash": "alicepage"}).status_code == 403
+    assert bob.get(API_PATH + "heartbeat/alicepage").status_code == 403
+    cancel = {"session_hash": "alicepage", "fn_index": whoami, "event_id": "x"}
+    assert bob.post(API_PATH + "cancel", json=cancel).status_code == 403
+    assert alice.post(API_PATH + "cancel", json=cancel).status_code == 200  # hers: Gradio answers it
+    assert bob.post(API_PATH + "queue/join", json={**event, "session_hash": "bobpage"}).status_code == 200
+    for route in ("deep_link?session_hash=bobpage", "component_server", "stream/bobpage/0/1/playlist.m3u8"):
+        assert bob.get(API_PATH + route).status_code == 404, route
+
+
+def test_pages_are_forgotten_when_long_idle_or_the_least_recently_used_past_the_cap(monkeypatch):
+    from heygem_ray.studio import sessions as sessions_module
+    from heygem_ray.studio.sessions import PageOwners
+
+    now = [1000.0]
+    monkeypatch.setattr(sessions_module.time, "monotonic", lambda: now[0])
+    pages = PageOwners(idle=60, most=3)
+    assert pages.allows("a", "alice") and not pages.allows("a", "bob")
+    now[0] += 61
+    assert pages.allows("a", "bob")  # alice's page long closed: its hash is no one's now
+    for page in ("b", "c", "a", "d"):  # "a" used again: "b" is the least recently used
+        assert pages.allows(page, "bob")
+    assert pages.allows("b", "alice") and not pages.allows("a", "alice")
+
+
 def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(tmp_path):
     """Someone who copied the cookie before its user signed out (a shared machine, a proxy log) is
     signed out too."""

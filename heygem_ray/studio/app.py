@@ -31,7 +31,7 @@ from heygem_ray.studio.service import (
     SubmitUnconfirmed,
     distinct_uploads,
 )
-from heygem_ray.studio.sessions import COOKIE, DEVICE_COOKIE, DEVICE_LIFETIME, LIFETIME, Sessions
+from heygem_ray.studio.sessions import COOKIE, DEVICE_COOKIE, DEVICE_LIFETIME, LIFETIME, PageOwners, Sessions
 from heygem_ray.studio.store import (
     AUDIO_TYPES,
     AVATAR_TYPES,
@@ -52,8 +52,13 @@ EVENT_QUEUE_SIZE = 256
 FILE_ROUTES = (API_PATH + "file=", API_PATH + "file/")
 UPLOAD_PATH = API_PATH + "upload"
 #: Gradio's routes the studio has no use for: a microphone recording's processing takes a file of
-#: any size into the upload cache past the quota's check of uploads
-NOT_SERVED = (API_PATH + "process_recording",)
+#: any size into the upload cache past the quota's check of uploads; a deep link copies a page's
+#: state (its session's) into a link for anyone; component servers and media streams (no component
+#: of the studio's has them) take a session hash the studio does not check
+NOT_SERVED = (API_PATH + "process_recording", API_PATH + "deep_link", API_PATH + "component_server")
+NOT_SERVED_UNDER = API_PATH + "stream/"
+#: Gradio's route that names a page (its session hash) in its path
+HEARTBEAT = API_PATH + "heartbeat/"
 #: the largest page event the studio takes (its text fields and file references: files are uploaded)
 EVENT_MAX_BYTES = 2**20
 #: the largest body of any other request (the sign-in form's fields): the form is parsed whole, up
@@ -89,6 +94,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     # after 15 minutes, swept by the server (`server.sweep_uploads`) every minute, not by Gradio's
     # delete_cache: each sweep would leave listed what the other removed, and its lists would grow
     claims = app.state.upload_claims = UploadClaims(UPLOAD_WINDOW_SECONDS)
+    pages = PageOwners()
 
     def current_user(request: Request) -> str | None:
         if users is None:
@@ -108,10 +114,14 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             # once signed in; its id alone is carried, never a URL to go to
             return RedirectResponse("/login" + _campaign_query(request.query_params.get("campaign")), status_code=303)
         # Gradio's GET routes (its heartbeat's endless stream, its file routes) ask for no sign-in
-        reads_api = request.url.path.startswith(API_PATH) and request.method not in ("POST", "PUT", "PATCH")
-        if reads_api and await run_in_threadpool(current_user, request) is None:
-            return Response("sign in first", status_code=401)
-        if request.url.path.rstrip("/") in NOT_SERVED:
+        if request.url.path.startswith(API_PATH) and request.method not in ("POST", "PUT", "PATCH"):
+            user = await run_in_threadpool(current_user, request)
+            if user is None:
+                return Response("sign in first", status_code=401)
+            page = request.query_params.get("session_hash") or _after(request.url.path, HEARTBEAT)
+            if page and not pages.allows(page, user):
+                return Response("not your page", status_code=403)
+        if request.url.path.rstrip("/") in NOT_SERVED or request.url.path.startswith(NOT_SERVED_UNDER):
             return Response(status_code=404)
         named = _file_named(request.scope.get("path", request.url.path))  # as sent: "#" in a name kept
         if named is not None and _in_uploads(named):
@@ -135,11 +145,16 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             if request.url.path.startswith(API_PATH):
                 # a stranger's MiB of JSON is not read, let alone walked; the walk runs off the
                 # event loop, which every request waits on
-                if await run_in_threadpool(current_user, request) is None:
+                user = await run_in_threadpool(current_user, request)
+                if user is None:
                     return Response("sign in first", status_code=401)
-                refused = await run_in_threadpool(_linked_files_refused, await request.body())
+                event = await run_in_threadpool(_json_or_none, await request.body())
+                refused = await run_in_threadpool(_linked_files_refused, event)
                 if refused is not None:
                     return refused
+                page = event.get("session_hash") if isinstance(event, dict) else None
+                if isinstance(page, str) and not pages.allows(page, user):
+                    return Response("not your page", status_code=403)
         response = await call_next(request)
         if request.method == "POST" and request.url.path == UPLOAD_PATH and response.status_code == 200:
             # its bytes are in (the route reads them all before it answers): counted from now, as
@@ -692,13 +707,24 @@ def _file_named(path: str) -> str | None:
     return None
 
 
-def _linked_files_refused(body: bytes) -> Response | None:
-    """A page event naming a file by URL: Gradio would fetch it into its cache, with no size
-    limit and past the upload quota, before the studio sees it. Files come by upload only."""
+def _json_or_none(body: bytes) -> object:
+    """A request body's JSON (a page event's); None where it is none (Gradio answers it)."""
     try:
-        data = json.loads(body) if body else None
+        return json.loads(body) if body else None
     except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
-        return None  # not a page event's JSON: Gradio answers it
+        return None
+
+
+def _after(path: str, prefix: str) -> str | None:
+    """The path's first segment after `prefix` (a heartbeat's page), None where it is not under it."""
+    if not path.startswith(prefix):
+        return None
+    return path[len(prefix) :].split("/", 1)[0] or None
+
+
+def _linked_files_refused(data: object) -> Response | None:
+    """A page event (its JSON) naming a file by URL: Gradio would fetch it into its cache, with no
+    size limit and past the upload quota, before the studio sees it. Files come by upload only."""
     stack = [data]
     while stack:
         item = stack.pop()

@@ -17,6 +17,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 COOKIE = "heygem_studio_session"
@@ -183,3 +184,35 @@ class Sessions:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+
+
+#: how long a page (a Gradio session) stays its user's after its last request: an open page asks
+#: every few seconds (its refresh timer), so only a page long closed is forgotten
+PAGE_IDLE_SECONDS = 24 * 3600.0
+#: pages remembered at most, the least recently used forgotten first
+MOST_PAGES = 100_000
+
+
+class PageOwners:
+    """Which user each page is: the first signed-in user to name its Gradio session hash (made by
+    the page's script). Gradio serves a session to anyone signed in who names it: another user who
+    learnt a page's hash (a proxy's log of `/heartbeat/<hash>` or `?session_hash=`) read that
+    page's event results, and through a deep link its state."""
+
+    def __init__(self, idle: float = PAGE_IDLE_SECONDS, most: int = MOST_PAGES):
+        self.idle, self.most = idle, most
+        self._lock = threading.Lock()
+        self._pages: OrderedDict[str, tuple[str, float]] = OrderedDict()  # hash -> (user, last seen)
+
+    def allows(self, page: str, user: str) -> bool:
+        """Whether `user` may use the page `page`: it is theirs, or no one's yet (then theirs)."""
+        now = time.monotonic()
+        with self._lock:
+            owner = self._pages.get(page)
+            if owner is not None and owner[0] != user and owner[1] > now - self.idle:
+                return False
+            self._pages[page] = (user, now)
+            self._pages.move_to_end(page)
+            while len(self._pages) > self.most or next(iter(self._pages.values()))[1] <= now - self.idle:
+                self._pages.popitem(last=False)
+            return True
