@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from heygem_ray.executors import Expired, StageTimeout
+from heygem_ray.executors import Expired, StageStopped
 
 #: distinct avatars and narrations among the rows (a campaign reuses both)
 AVATARS = 100
@@ -83,10 +83,13 @@ class SimulatedExecutor:
 
     def get(self, handle: Done | Expired) -> Any:
         if isinstance(handle, Expired):
-            raise StageTimeout(handle.why)
+            raise StageStopped(handle.why)
         if handle.error is not None:
             raise handle.error
         return handle.result
+
+    def stranded(self) -> list[Done]:
+        return []
 
     def cancel(self, handle: Done) -> bool:
         return True  # done already

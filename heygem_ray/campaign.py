@@ -182,21 +182,30 @@ class Campaign:
         self._stages[handle] = (time.monotonic(), self.cfg.render.stage_deadline(media_seconds))
 
     def _expire_stages(self) -> None:
-        """Stop each stage task out past its deadline (`render.stage_timeout`), and answer it as
-        failed (`Expired`): the rows it serves fail saying so, and the campaign goes on. A read or
-        decoder that never ended, or a task no node ever had room for, held the campaign for ever."""
+        """Stop each stage task out past its deadline (`render.stage_timeout`), or that the
+        executor says will never run (`Executor.stranded`), and answer it as failed (`Expired`):
+        the rows it serves fail saying so, and the campaign goes on. A read or decoder that never
+        ended, or a task no node ever had room for, held the campaign for ever."""
         now = time.monotonic()
         for handle in [h for h, (sent, allowed) in self._stages.items() if now - sent >= allowed]:
-            allowed = self._stages.pop(handle)[1]
-            event, key = self._inflight.pop(handle)
-            self.executor.cancel(handle)  # a thread's stage runs on, its answer forgotten
-            what = _stage_named(event, key)
-            why = (
-                f"{what} was stopped after {allowed:g} s (render.stage_timeout): "
-                "it hung (a read or decoder that never ends) or no node had room for it; run the campaign again"
+            allowed = self._stages[handle][1]
+            self._give_up(
+                handle,
+                f"was stopped after {allowed:g} s (render.stage_timeout): it hung (a read or decoder that never "
+                "ends) or no node had room for it; run the campaign again",
             )
-            log.warning("%s", why)
-            self._answered(Expired(handle, why), event, key)
+        for handle in self.executor.stranded():
+            if handle in self._stages:
+                self._give_up(handle, "waited on nodes of the cluster that went; run the campaign again")
+
+    def _give_up(self, handle: Any, why: str) -> None:
+        """Stop a stage task and answer it as failed: `why` follows its name."""
+        del self._stages[handle]
+        event, key = self._inflight.pop(handle)
+        self.executor.cancel(handle)  # a thread's stage runs on, its answer forgotten
+        why = f"{_stage_named(event, key)} {why}"
+        log.warning("%s", why)
+        self._answered(Expired(handle, why), event, key)
 
     def _watch_stages(self) -> None:
         """Say so, once, of a stage task (a row's preparation, an avatar's face track, a narration's

@@ -238,6 +238,55 @@ def test_a_stage_task_that_never_answers_fails_its_rows_and_the_campaign_goes_on
     assert set(executor.cancelled) == set(executor.hung)
 
 
+def test_stage_tasks_the_executor_says_will_never_run_fail_their_rows_at_once(tmp_path):
+    """Tasks that waited where the cluster no longer has room (a room whose nodes went) fail their
+    rows as soon as the executor says so (`Executor.stranded`), not at `render.stage_timeout`."""
+
+    class Strands(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.stuck: list[Any] = []
+            self.cancelled: list[Any] = []
+            self.asked = 0
+
+        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            handle = super().submit(fn, *args, **kwargs)
+            if (fn.__name__ == "prepare_row" and args[0].id == "r001") or (
+                fn.__name__ == "stitch_row" and args[0].row_id == "r003"
+            ):
+                self.stuck.append(handle)
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            ready = [h for h in handles if h not in self.stuck]
+            if not ready:
+                time.sleep(min(timeout, 0.05))
+            return ready[:1]
+
+        def stranded(self) -> list[Any]:
+            self.asked += 1
+            return list(self.stuck) if len(self.stuck) == 2 else []
+
+        def cancel(self, handle: Any) -> bool:
+            self.cancelled.append(handle)
+            return True
+
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i:03d}", "/in/a.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(8)]
+    executor = Strands()
+    started = time.monotonic()
+    summary = Campaign(cfg, rows, executor=executor).run()
+    assert time.monotonic() - started < 60  # stage_timeout is 2 hours
+    failed = {r.id: r.error for r in summary.rows if r.status == "failed"}
+    assert set(failed) == {"r001", "r003"} and summary.count("ok") == 6
+    assert failed["r001"] == (
+        "StageStopped: preparing row r001 waited on nodes of the cluster that went; run the campaign again"
+    )
+    assert "stitching row r003 waited on nodes of the cluster that went" in failed["r003"]
+    assert set(executor.cancelled) == set(executor.stuck)
+
+
 def test_a_failed_audio_encode_fails_only_the_rows_that_waited_on_it(tmp_path):
     """The first encode of narration a0 fails: rows that shared that task fail with its cause, and a
     later row with the same narration starts a new encode (it is not stuck with the failed one)."""

@@ -24,13 +24,14 @@ from heygem_ray.errors import InputError
 from heygem_ray.startup import Startup
 
 
-class StageTimeout(Exception):
-    """A stage task the campaign stopped at its deadline (`render.stage_timeout`)."""
+class StageStopped(Exception):
+    """A stage task the campaign stopped: at its deadline (`render.stage_timeout`), or where it
+    would never run (`Executor.stranded`)."""
 
 
 @dataclass(frozen=True)
 class Expired:
-    """What stands for a stage task stopped at its deadline: an executor's `get` raises StageTimeout."""
+    """What stands for a stage task the campaign stopped: an executor's `get` raises StageStopped."""
 
     handle: Any
     why: str
@@ -50,7 +51,11 @@ class Executor(Protocol):
         """The handles that are done, waiting up to `timeout` seconds for at least one."""
 
     def get(self, handle: Any) -> Any:
-        """The result of a finished handle, or its exception raised (StageTimeout for `Expired`)."""
+        """The result of a finished handle, or its exception raised (StageStopped for `Expired`)."""
+
+    def stranded(self) -> list[Any]:
+        """Stage tasks submitted earlier that will never run (where they had to run is gone): the
+        campaign answers them as failed. Asked on every turn of its loop."""
 
     def cancel(self, handle: Any) -> bool:
         """Stop a submitted stage; True when it will not run on (not started, or its worker killed),

@@ -21,7 +21,7 @@ from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING, Any
 
 from heygem_ray.config import Config
-from heygem_ray.executors import Expired, StageTimeout
+from heygem_ray.executors import Expired, StageStopped
 
 if TYPE_CHECKING:
     from heygem_ray.segment import RenderWorker
@@ -67,7 +67,7 @@ class InlineExecutor:
 
     def get(self, handle: Future[Any] | Expired) -> Any:
         if isinstance(handle, Expired):
-            raise StageTimeout(handle.why)
+            raise StageStopped(handle.why)
         return handle.result()
 
     def cancel(self, handle: Future[Any]) -> bool:
@@ -79,6 +79,9 @@ class InlineExecutor:
         self._tasks.shutdown(wait=False, cancel_futures=True)
         for renderer in self._actors:
             renderer.shutdown()
+
+    def stranded(self) -> list[Any]:
+        return []  # its threads are always there
 
     def stop(self, actor: int) -> None:
         pass  # a thread cannot be killed, nor holds anything another renderer could use: it ends with the process

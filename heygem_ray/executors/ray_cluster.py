@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from heygem_ray.config import Config
 from heygem_ray.devices import gpu_room, gpu_slots
 from heygem_ray.errors import ClusterConfigError
-from heygem_ray.executors import Expired, StageTimeout
+from heygem_ray.executors import Expired, StageStopped
 from heygem_ray.segment import RenderWorker
 
 if TYPE_CHECKING:
@@ -36,6 +36,10 @@ RESERVE_WAIT_LOG_SECONDS = 60.0
 ROOM_ALONE_SECONDS = 60.0
 #: what a campaign's room (placement group) is named: then its job's id
 ROOM_PREFIX = "heygem_ray-room-"
+#: how often a campaign looks whether its room still stands
+ROOM_CHECK_SECONDS = 5.0
+#: how long a room with none of its bundles placed (their nodes gone) stands before it is given up
+ROOM_LOST_SECONDS = 60.0
 
 
 def _job_id() -> str:
@@ -43,6 +47,16 @@ def _job_id() -> str:
         return str(ray.get_runtime_context().get_job_id())
     except Exception:  # noqa: BLE001 - a name for people, not a key
         return str(os.getpid())
+
+
+def _room_placed(room: PlacementGroup) -> bool:
+    """Whether any bundle of the room is on a node now (taken for yes where Ray cannot say)."""
+    try:
+        info = ray.util.placement_group_table(room)
+    except Exception as exc:  # noqa: BLE001 - Ray internals
+        log.debug("placement group not read: %r", exc)
+        return True
+    return info.get("state") == "CREATED" or any(info.get("bundles_to_node_id", {}).values())
 
 
 def _other_rooms(own: PlacementGroup) -> bool:
@@ -74,6 +88,9 @@ class RayExecutor:
         self._actors: list[Any] = []
         self._tasks: dict[tuple[Callable[..., Any], float, bool], Any] = {}
         self._room: PlacementGroup | None = None
+        self._in_room: set[Any] = set()  # stage tasks sent into the room, not yet seen done
+        self._room_checked = 0.0  # when the room was last looked at (time.monotonic)
+        self._room_empty_since: float | None = None  # since when none of its bundles is placed
 
     def _remote(self, fn: Callable[..., Any], num_gpus: float, in_room: bool) -> Any:
         # re-run when the worker process dies; an exception is final here (storage retried it already)
@@ -89,16 +106,54 @@ class RayExecutor:
         key = (fn, num_gpus, in_room)
         if key not in self._tasks:
             self._tasks[key] = self._remote(fn, num_gpus, in_room)
-        return self._tasks[key].remote(*args)
+        handle = self._tasks[key].remote(*args)
+        if in_room:
+            self._in_room.add(handle)
+        return handle
 
-    def start_actors(self, count: int) -> None:
+    def stranded(self) -> list[Any]:
+        """Stage tasks that will never run: sent into this campaign's room, every node of which
+        went (a spot GPU worker reclaimed, the only worker of a cluster whose head has no CPUs).
+        Ray places a room's bundles again only on the nodes they are pinned to (`reserved_bundles`),
+        so its tasks waited for ever, and a replacement node sat idle. Once no bundle of the room
+        has been placed for ROOM_LOST_SECONDS, the room is given up: its tasks still out are
+        returned (the campaign fails their rows, a rerun does them), new tasks go wherever they
+        fit, and the first renderer, held in the room, is started again outside it."""
+        now = time.monotonic()
+        if self._room is None or now - self._room_checked < ROOM_CHECK_SECONDS:
+            return []
+        self._room_checked = now
+        if _room_placed(self._room):
+            self._room_empty_since = None
+            return []
+        if self._room_empty_since is None:
+            self._room_empty_since = now
+        if now - self._room_empty_since < ROOM_LOST_SECONDS:
+            return []
+        log.warning(
+            "the room reserved on the cluster for this campaign's tasks is gone with its nodes: the tasks waiting "
+            "in it fail their rows (run the campaign again for them); tasks and renderers go where they fit now"
+        )
+        room, self._room = self._room, None
+        self._tasks = {key: task for key, task in self._tasks.items() if not key[2]}
+        if self._actors and renderer_bundle(self.cfg):  # the first renderer was held in the room
+            ray.kill(self._actors[0])
+            self._actors[0] = ray.remote(RenderWorker).options(**self._actor_options()).remote(self.cfg)
+        remove_placement_group(room)
+        stranded, self._in_room = list(self._in_room), set()
+        return stranded
+
+    def _actor_options(self) -> dict[str, Any]:
         shape = self.cfg.cluster.actor
-        options: dict[str, Any] = {
+        return {
             "num_cpus": shape.num_cpus,
             "num_gpus": shape.num_gpus,
             "max_restarts": -1,  # a crashed actor comes back with its model; the campaign re-sends the segment
             "max_task_retries": 0,
         }
+
+    def start_actors(self, count: int) -> None:
+        options = self._actor_options()
         alive = [node for node in ray.nodes() if node.get("Alive")]
         room = reserved_bundles(self.cfg, [n["Resources"] for n in alive], count, [n["NodeID"] for n in alive])
         first: dict[str, Any] = {}
@@ -150,14 +205,16 @@ class RayExecutor:
         ready, rest = ray.wait(list(handles), num_returns=1, timeout=timeout)
         if ready and rest:
             ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        self._in_room.difference_update(ready)
         return ready
 
     def get(self, handle: Any) -> Any:
         if isinstance(handle, Expired):
-            raise StageTimeout(handle.why)
+            raise StageStopped(handle.why)
         return ray.get(handle)
 
     def cancel(self, handle: Any) -> bool:
+        self._in_room.discard(handle)
         ray.cancel(handle, force=True)  # a task killed with its worker is not retried
         return True
 
