@@ -133,6 +133,20 @@ def test_summary_is_markdown_with_every_section(dry_run: Path) -> None:
         assert needle in text, needle
 
 
+def test_a_step_that_raised_has_its_error_in_the_summary() -> None:
+    """A step whose body raised has no write-up of its own: the summary, which goes into
+    RESULTS.md, left its traceback out (it was only in results.json)."""
+    from benchmarks.gpu.run import summary
+
+    records = [
+        {"step": "env", "status": "ok", "checks": [], "markdown": "", "figures": {"gpu": "NVIDIA H200"}},
+        {"step": "node", "status": "error", "checks": [], "markdown": "", "error": "RuntimeError: CUDA went away"},
+    ]
+    text = summary(records, None, dry=False, command="bash benchmarks/gpu/run.sh")
+    assert "GPU node check on NVIDIA H200" in text
+    assert "— ERROR" in text and "RuntimeError: CUDA went away" in text
+
+
 def test_env_times_one_core_on_h264(dry_run: Path) -> None:
     env = _result(dry_run, "env")["figures"]
     assert env["decode_ms"] > 0 and env["codec_frames"] == 10

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,20 +216,36 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
     # the codecs first: FFmpeg takes the GPU's primary context for NVDEC only while it is not yet
     # active or when it waits by blocking (heygem_ray.segment.nvdec_device), and the GPU facts
     # below would have torch make it without that flag
+    facts: dict[str, Any] = {}
+    # each group's facts written as they come: a step stopped at its budget (or one group raising)
+    # still reports the GPU, driver and versions
+    groups: tuple[Callable[[], dict[str, Any]], ...] = (
+        lambda: codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100),
+        cpu_facts,
+        gpu_facts,
+        media_facts,
+        lambda: {"versions": versions()},
+        stage_imports,
+    )
     with common.scratch(args, "env") as work:
-        codecs = codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100)
-    facts = {**cpu_facts(), **gpu_facts()}
-    facts.update(media_facts())
-    facts["versions"] = versions()
-    facts.update(stage_imports())
-    facts.update(codecs)
+        for group in groups:
+            try:
+                facts.update(group())
+            except Exception as exc:  # noqa: BLE001 - the other groups' facts still count
+                facts.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}"[:500])
+            common.write_partial(args.out, "env", facts)
     result.figures = facts
     for key, value in facts.items():
         print(f"  {key}: {value}", flush=True)
     if not result.dry_run:
-        result.check("CUDA is available", facts["cuda_available"])
-    result.check("heygem_ray stages import without Ray", not facts["ray_imported"])
-    result.markdown = markdown(facts)
+        result.check("CUDA is available", bool(facts.get("cuda_available")))
+    result.check("heygem_ray stages import without Ray", facts.get("ray_imported") is False)
+    try:
+        result.markdown = markdown(facts)
+    except KeyError:  # a group failed: its facts are not there to be written up
+        result.markdown = (
+            "Facts (a group failed):\n\n```\n" + json.dumps(facts, indent=1, default=str)[:20_000] + "\n```"
+        )
 
 
 def markdown(f: dict[str, Any]) -> str:

@@ -267,7 +267,7 @@ class WorkerPool:
             p.join(timeout=20 if finished else 5)
             if p.is_alive():
                 p.kill()
-                p.join()
+                p.join(timeout=10)  # one stuck in the GPU driver outlives SIGKILL: the figures still go out
 
 
 # --------------------------------------------------------------------------------------- one run

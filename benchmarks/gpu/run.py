@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -80,7 +81,7 @@ _NET = _bench(
 _S3FD = _bench("bench_s3fd", "benchmarks.bench_s3fd", ("--frames", "4"), None)
 
 STEPS: tuple[Step, ...] = (
-    Step("env", "benchmarks.gpu.env", "(a) environment facts", 30),
+    Step("env", "benchmarks.gpu.env", "(a) environment facts", 45),
     Step("correctness", "benchmarks.gpu.correctness", "(b) CUDA numbers vs the CPU references", 75),
     Step("node", "benchmarks.gpu.node", "(c) one node, 3-min 1080p Wav2Lip to a finished mp4, no Ray", 210),
     Step("bench_wav2lip_e2e", "benchmarks.gpu.bench", "(d) Wav2LipRenderer.render on 1080p frames", 50, *_E2E),
@@ -228,7 +229,11 @@ def _kill_group(proc: subprocess.Popen) -> int:
             return proc.wait(timeout=_KILL_GRACE)
         except subprocess.TimeoutExpired:
             continue
-    return proc.wait()
+    try:  # a process stuck in the GPU driver outlives SIGKILL: the next steps must still run
+        return proc.wait(timeout=_KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        print(f"step process {proc.pid} outlived SIGKILL (stuck in the driver?): left behind", flush=True)
+        return -9
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -273,6 +278,7 @@ def step_env(site: Path | None, scratch: Path, dry: bool) -> dict[str, str]:
     return env
 
 
+@functools.cache  # asked at every write of the outputs: a hung nvidia-smi costs its timeout once
 def _gpu_name() -> str | None:
     """The first GPU's name as nvidia-smi says it (standard library only), or None."""
     try:
@@ -315,14 +321,11 @@ def summary(records: list[dict[str, Any]], install: dict[str, Any] | None, dry: 
     ]
     lines += [_table(["step", "what", "status", "seconds (budget)", "checks passed"], rows), ""]
     for r in records:
-        if (r["step"] == "env" and r["status"] == "ok") or not r.get("markdown"):
+        if (r["step"] == "env" and r["status"] == "ok") or not (r.get("markdown") or r.get("error")):
             continue  # a good env step is the header above
-        lines += [
-            f"#### {_what(r['step'])}" + (f" — {r['status'].upper()}" if r["status"] != "ok" else ""),
-            "",
-            r["markdown"].strip(),
-            "",
-        ]
+        lines += [f"#### {_what(r['step'])}" + (f" — {r['status'].upper()}" if r["status"] != "ok" else ""), ""]
+        if r.get("markdown"):
+            lines += [r["markdown"].strip(), ""]
         if r.get("error") and r["status"] in ("error", "timeout"):
             lines += ["```", r["error"].strip()[-1500:], "```", ""]
     return "\n".join(lines).rstrip() + "\n"
