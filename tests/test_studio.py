@@ -2105,6 +2105,28 @@ def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
         assert bob.get(API_PATH + route).status_code == 404, route
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="the kernel's socket tables are Linux's")
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_owner_of_a_loopback_connections_other_end_is_known(host):
+    """A studio without users serves the account that started it only: it finds who made each
+    connection in the kernel's socket tables (another account's request is refused:
+    test_studio_cli)."""
+    import socket
+
+    from heygem_ray.studio.users import loopback_peer_uid
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as server:
+        server.bind((host, 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()[:2]) as _client:
+            accepted, peer = server.accept()
+            with accepted:
+                assert loopback_peer_uid(peer[:2], server.getsockname()[:2]) == os.getuid()
+                assert loopback_peer_uid((host, 1), server.getsockname()[:2]) is None  # no such connection
+    assert loopback_peer_uid(("testclient", 50000), ("testserver", 80)) is None
+
+
 def test_pages_are_forgotten_when_long_idle_or_the_least_recently_used_past_the_cap(monkeypatch):
     from heygem_ray.studio import sessions as sessions_module
     from heygem_ray.studio.sessions import PageOwners

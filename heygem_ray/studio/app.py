@@ -40,7 +40,7 @@ from heygem_ray.studio.store import (
     UploadError,
     read_uploaded_manifest,
 )
-from heygem_ray.studio.users import LoginGuard, UsersFile
+from heygem_ray.studio.users import LoginGuard, UsersFile, loopback_peer_uid
 
 #: the one user of a studio without a users file (it listens on 127.0.0.1 only)
 LOCAL_USER = "local"
@@ -105,7 +105,11 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     async def same_origin_and_login_first(request: Request, call_next):
         """Requests another site's page makes (its Origin is not this server) are refused: no
         other origin may act or read as the signed-in user. The pages send a visitor without a
-        session to the login page (Gradio's own answer would be a bare 401)."""
+        session to the login page (Gradio's own answer would be a bare 401). A studio without
+        users serves the account that started it alone: every account on the host reaches
+        127.0.0.1."""
+        if users is None and not await run_in_threadpool(_from_this_account, request):
+            return Response("this studio has no users: it serves the account that started it only", status_code=403)
         origin = request.headers.get("origin")
         if origin and urlsplit(origin).netloc != request.headers.get("host", ""):
             return Response("cross-origin request refused", status_code=403)
@@ -705,6 +709,14 @@ def _file_named(path: str) -> str | None:
         if path.startswith(route):
             return path[len(route) :]
     return None
+
+
+def _from_this_account(request: Request) -> bool:
+    """Whether a request comes from the account running the studio (or root), where the host can
+    tell (Linux: the kernel's socket tables); taken for yes where it cannot."""
+    client = (request.client.host, request.client.port) if request.client else None
+    uid = loopback_peer_uid(client, request.scope.get("server"))
+    return uid is None or uid in (os.getuid(), 0)
 
 
 def _json_or_none(body: bytes) -> object:

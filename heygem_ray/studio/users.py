@@ -209,3 +209,43 @@ def _client_group(client: str) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address)
+
+
+#: the kernel's tables of TCP sockets (Linux), with each socket's owner
+_TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+
+
+def loopback_peer_uid(client: tuple[str, int] | None, server: tuple[str, int] | None) -> int | None:
+    """The user id owning the other end of a TCP connection from `client` to `server` made on this
+    host (the kernel's socket tables); None where that cannot be told (not Linux, not found)."""
+    if client is None or server is None:
+        return None
+    try:
+        ends = (_address(client[0]), int(client[1])), (_address(server[0]), int(server[1]))
+    except ValueError:
+        return None
+    for table in _TCP_TABLES:
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 7 and (_end(fields[1]), _end(fields[2])) == ends:
+                return int(fields[7])
+    return None
+
+
+def _end(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """An "ADDR:PORT" of the kernel's table: the address in 32-bit words of host byte order."""
+    address, port = field.split(":")
+    raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
+    return _address(str(ipaddress.ip_address(raw))), int(port, 16)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address, an IPv4 one mapped into IPv6 taken as itself."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
