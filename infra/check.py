@@ -56,8 +56,9 @@ GPU_GROUP = "gpu-workers"
 SERVICE_ACCOUNT = "heygem-ray"  # infra/k8s/serviceaccount.yaml: the account an S3 role is bound to
 #: env vars that name a folder of the pod's
 PATH_ENV = ("HEYGEM_CACHE_DIR", "TMPDIR")
-#: seconds a head pod lives past RAY_JOB_STOP_WAIT_TIME_S: the jobs' stop and Ray's own
-STOP_MARGIN_SECONDS = 15
+#: seconds a head pod lives past RAY_JOB_STOP_WAIT_TIME_S: the preStop's 20 s more for the jobs
+#: to end, and Ray's own stop
+STOP_MARGIN_SECONDS = 40
 UPLOAD_LIMIT = 100 * 1024**2  # `ray job submit --working-dir` upload limit (dashboard client_max_size)
 
 # vCPU and GPU count of EC2 instance types a GPU worker type may use; declared resources must not

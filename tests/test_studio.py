@@ -2100,9 +2100,11 @@ def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
     cancel = {"session_hash": "alicepage", "fn_index": whoami, "event_id": "x"}
     assert bob.post(API_PATH + "cancel", json=cancel).status_code == 403
     assert alice.post(API_PATH + "cancel", json=cancel).status_code == 200  # hers: Gradio answers it
+    # Gradio's `call` route takes a page's hash for an event id it does not know
+    assert bob.get(API_PATH + "call/whoami/alicepage").status_code == 404
     assert bob.post(API_PATH + "queue/join", json={**event, "session_hash": "bobpage"}).status_code == 200
-    for route in ("deep_link?session_hash=bobpage", "component_server", "stream/bobpage/0/1/playlist.m3u8"):
-        assert bob.get(API_PATH + route).status_code == 404, route
+    assert bob.get(API_PATH + "deep_link", params={"session_hash": "bobpage"}).status_code == 404
+    assert bob.post(API_PATH + "queue/join", json={**event, "session_hash": "x" * 100_000}).status_code == 403
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="the kernel's socket tables are Linux's")
@@ -2113,7 +2115,7 @@ def test_the_owner_of_a_loopback_connections_other_end_is_known(host):
     test_studio_cli)."""
     import socket
 
-    from heygem_ray.studio.users import loopback_peer_uid
+    from heygem_ray.studio.users import NOBODY, loopback_peer_uid
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as server:
@@ -2123,7 +2125,7 @@ def test_the_owner_of_a_loopback_connections_other_end_is_known(host):
             accepted, peer = server.accept()
             with accepted:
                 assert loopback_peer_uid(peer[:2], server.getsockname()[:2]) == os.getuid()
-                assert loopback_peer_uid((host, 1), server.getsockname()[:2]) is None  # no such connection
+                assert loopback_peer_uid((host, 1), server.getsockname()[:2]) == NOBODY  # no such connection
     assert loopback_peer_uid(("testclient", 50000), ("testserver", 80)) is None
 
 

@@ -104,14 +104,15 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
                 time.sleep(0.5)
         assert health.status_code == 200 and health.json()["cluster"] == "unreachable"
         if os.geteuid() == 0 and shutil.which("runuser"):  # another account on the host: every one reaches 127.0.0.1
-            fetch = (
-                f"exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET /app/ HTTP/1.0\\r\\nHost: 127.0.0.1\\r\\n\\r\\n' >&3; "
-                "head -1 <&3"
-            )
-            other = subprocess.run(
-                ["runuser", "-u", "nobody", "--", "bash", "-c", fetch], capture_output=True, text=True, timeout=60
-            )
-            assert other.stdout.startswith("HTTP/1.1 403"), other.stdout + other.stderr
+            for header in ("", "X-Forwarded-For: 10.0.0.1\\r\\n"):  # a header naming another client
+                fetch = (
+                    f"exec 3<>/dev/tcp/127.0.0.1/{port}; "
+                    f"printf 'GET /app/ HTTP/1.0\\r\\nHost: 127.0.0.1\\r\\n{header}\\r\\n' >&3; head -1 <&3"
+                )
+                other = subprocess.run(
+                    ["runuser", "-u", "nobody", "--", "bash", "-c", fetch], capture_output=True, text=True, timeout=60
+                )
+                assert other.stdout.startswith("HTTP/1.1 403"), header + other.stdout + other.stderr
         # one local user: only loopback names reach it (a rebound DNS name does not)
         assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 400
         client = Client(url + "/app/", verbose=False, download_files=False)

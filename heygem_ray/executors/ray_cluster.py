@@ -91,6 +91,7 @@ class RayExecutor:
         self._in_room: set[Any] = set()  # stage tasks sent into the room, not yet seen done
         self._room_checked = 0.0  # when the room was last looked at (time.monotonic)
         self._room_empty_since: float | None = None  # since when none of its bundles is placed
+        self._stopped: set[int] = set()  # actors stopped for good (`stop`)
 
     def _remote(self, fn: Callable[..., Any], num_gpus: float, in_room: bool) -> Any:
         # re-run when the worker process dies; an exception is final here (storage retried it already)
@@ -136,7 +137,7 @@ class RayExecutor:
         )
         room, self._room = self._room, None
         self._tasks = {key: task for key, task in self._tasks.items() if not key[2]}
-        if self._actors and renderer_bundle(self.cfg):  # the first renderer was held in the room
+        if self._actors and renderer_bundle(self.cfg) and 0 not in self._stopped:  # held in the room
             ray.kill(self._actors[0])
             self._actors[0] = ray.remote(RenderWorker).options(**self._actor_options()).remote(self.cfg)
         remove_placement_group(room)
@@ -227,6 +228,7 @@ class RayExecutor:
             remove_placement_group(room)
 
     def stop(self, actor: int) -> None:
+        self._stopped.add(actor)
         ray.kill(self._actors[actor])  # no_restart: Ray's default for ray.kill
 
     def restart(self, actor: int) -> bool:

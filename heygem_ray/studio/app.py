@@ -9,6 +9,7 @@ import html
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -54,9 +55,14 @@ UPLOAD_PATH = API_PATH + "upload"
 #: Gradio's routes the studio has no use for: a microphone recording's processing takes a file of
 #: any size into the upload cache past the quota's check of uploads; a deep link copies a page's
 #: state (its session's) into a link for anyone; component servers and media streams (no component
-#: of the studio's has them) take a session hash the studio does not check
+#: of the studio's has them) take a session hash the studio does not check, and so do the `call`
+#: routes (an event id or, failing that, a session hash in their path: pages and gradio_client use
+#: the queue's routes)
 NOT_SERVED = (API_PATH + "process_recording", API_PATH + "deep_link", API_PATH + "component_server")
-NOT_SERVED_UNDER = API_PATH + "stream/"
+NOT_SERVED_UNDER = (API_PATH + "stream/", API_PATH + "call/")
+#: what a page's session hash may be (Gradio's script makes base-36 ones, gradio_client UUIDs):
+#: anything else is not remembered (a MiB-long one per request would be, for a day)
+PAGE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Gradio's route that names a page (its session hash) in its path
 HEARTBEAT = API_PATH + "heartbeat/"
 #: the largest page event the studio takes (its text fields and file references: files are uploaded)
@@ -123,7 +129,7 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             if user is None:
                 return Response("sign in first", status_code=401)
             page = request.query_params.get("session_hash") or _after(request.url.path, HEARTBEAT)
-            if page and not pages.allows(page, user):
+            if page and not (PAGE.fullmatch(page) and pages.allows(page, user)):
                 return Response("not your page", status_code=403)
         if request.url.path.rstrip("/") in NOT_SERVED or request.url.path.startswith(NOT_SERVED_UNDER):
             return Response(status_code=404)
@@ -157,7 +163,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
                 if refused is not None:
                     return refused
                 page = event.get("session_hash") if isinstance(event, dict) else None
-                if isinstance(page, str) and not pages.allows(page, user):
+                if page is not None and not (
+                    isinstance(page, str) and PAGE.fullmatch(page) and pages.allows(page, user)
+                ):
                     return Response("not your page", status_code=403)
         response = await call_next(request)
         if request.method == "POST" and request.url.path == UPLOAD_PATH and response.status_code == 200:
@@ -716,7 +724,7 @@ def _from_this_account(request: Request) -> bool:
     tell (Linux: the kernel's socket tables); taken for yes where it cannot."""
     client = (request.client.host, request.client.port) if request.client else None
     uid = loopback_peer_uid(client, request.scope.get("server"))
-    return uid is None or uid in (os.getuid(), 0)
+    return uid is None or uid in (os.getuid(), 0)  # NOBODY (no such connection) is refused
 
 
 def _json_or_none(body: bytes) -> object:

@@ -201,7 +201,16 @@ def serve(cfg: StudioConfig) -> int:
     print(f"heygem-ray studio: store {storage.display(cfg.store)}; log {cfg.log_file}")
     print(f"heygem-ray studio: open http://{cfg.host}:{cfg.port}/")
     log.info("start store=%s cluster=%s", storage.display(cfg.store), cluster.shown)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=STOP_GRACE_SECONDS)
+    uvicorn.run(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        timeout_graceful_shutdown=STOP_GRACE_SECONDS,
+        # without users the connection's own end says who asks (`app._from_this_account`): a
+        # loopback client's X-Forwarded-For would name a client no socket matches
+        proxy_headers=cfg.auth is not None,
+    )
     return 0
 
 

@@ -215,25 +215,37 @@ def _client_group(client: str) -> str:
 _TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 
 
+#: `loopback_peer_uid` of a connection the tables do not hold (made on another host, or named by
+#: a proxy's header): no account of this host's
+NOBODY = -1
+
+
 def loopback_peer_uid(client: tuple[str, int] | None, server: tuple[str, int] | None) -> int | None:
     """The user id owning the other end of a TCP connection from `client` to `server` made on this
-    host (the kernel's socket tables); None where that cannot be told (not Linux, not found)."""
+    host (the kernel's socket tables), NOBODY where they hold none such; None where that cannot be
+    told (not Linux, not addresses)."""
     if client is None or server is None:
         return None
     try:
         ends = (_address(client[0]), int(client[1])), (_address(server[0]), int(server[1]))
     except ValueError:
         return None
+    # only this connection's ports parsed: a busy host's tables have thousands of lines, read
+    # for every request
+    ports = f":{ends[0][1]:04X}", f":{ends[1][1]:04X}"
+    read = False
     for table in _TCP_TABLES:
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
+        read = True
         for line in lines:
             fields = line.split()
-            if len(fields) > 7 and (_end(fields[1]), _end(fields[2])) == ends:
+            matched = len(fields) > 7 and fields[1].endswith(ports[0]) and fields[2].endswith(ports[1])
+            if matched and (_end(fields[1]), _end(fields[2])) == ends:
                 return int(fields[7])
-    return None
+    return NOBODY if read else None
 
 
 def _end(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
