@@ -2026,18 +2026,14 @@ def test_a_file_sent_again_counts_once_and_stays_its_senders_until_their_page_cl
     assert mine.release("alice/second", "/u/y") is True
 
 
-def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_path):
-    """Another signed-in user who got the link to a pending upload (a screenshot, a shared screen)
-    downloaded it, and a page event naming its path made a campaign of it, copying it into their
-    own store: an upload is its uploader's (`UploadClaims.own`), by Gradio's file route too."""
+def _alice_and_bob_signed_in(tmp_path):
+    """A studio app of two users, and a client signed in as each (by name)."""
     import logging
-    from urllib.parse import quote
 
-    import gradio as gr
     from starlette.testclient import TestClient
 
     from heygem_ray.config import StudioConfig
-    from heygem_ray.studio.app import API_PATH, UPLOAD_PATH, build_app
+    from heygem_ray.studio.app import build_app
     from heygem_ray.studio.service import Studio as StudioService
 
     users = tmp_path / "users.json"
@@ -2049,6 +2045,20 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
     for name in ("alice", "bob"):
         clients[name] = TestClient(app, base_url="http://127.0.0.1", follow_redirects=False)
         assert clients[name].post("/login", data={"name": name, "password": f"{name}-password"}).status_code == 303
+    return app, clients
+
+
+def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_path):
+    """Another signed-in user who got the link to a pending upload (a screenshot, a shared screen)
+    downloaded it, and a page event naming its path made a campaign of it, copying it into their
+    own store: an upload is its uploader's (`UploadClaims.own`), by Gradio's file route too."""
+    from urllib.parse import quote
+
+    import gradio as gr
+
+    from heygem_ray.studio.app import API_PATH, UPLOAD_PATH
+
+    app, clients = _alice_and_bob_signed_in(tmp_path)
     narration = os.urandom(2000)
     (path,) = clients["alice"].post(UPLOAD_PATH, files={"files": ("speech.wav", narration)}).json()
     assert clients["alice"].get(f"{API_PATH}file={path}").content == narration
@@ -2072,23 +2082,9 @@ def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
     """Gradio serves a page's session to anyone signed in who names its hash: another user who
     learnt it (a proxy's log of `/heartbeat/<hash>`) read the page's event results and, by a deep
     link, its state. A page is its first user's; deep links and component servers are not served."""
-    import logging
+    from heygem_ray.studio.app import API_PATH
 
-    from starlette.testclient import TestClient
-
-    from heygem_ray.config import StudioConfig
-    from heygem_ray.studio.app import API_PATH, build_app
-    from heygem_ray.studio.service import Studio as StudioService
-
-    users = tmp_path / "users.json"
-    add_user(str(users), "alice", "alice-password")
-    add_user(str(users), "bob", "bob-password")
-    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
-    app = build_app(service, str(users), Sessions(b"k" * 32))
-    clients = {}
-    for name in ("alice", "bob"):
-        clients[name] = TestClient(app, base_url="http://127.0.0.1", follow_redirects=False)
-        assert clients[name].post("/login", data={"name": name, "password": f"{name}-password"}).status_code == 303
+    _app, clients = _alice_and_bob_signed_in(tmp_path)
     alice, bob = clients["alice"], clients["bob"]
     config = alice.get("/app/config").json()
     whoami = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "whoami")
