@@ -152,3 +152,61 @@ def test_a_room_whose_nodes_went_is_given_up_and_the_campaign_goes_on(tmp_path, 
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow  # half a minute of a three-node cluster
+@pytest.mark.multinode
+def test_a_first_renderer_whose_node_went_starts_again_outside_the_room(tmp_path, monkeypatch):
+    """Only the node holding the room's renderer bundle lost (its other node alive): Ray places a
+    room's lost bundles again only all together, and the lost node's pinned task bundle never, so
+    the first renderer, held in the room, restarted for `cluster.actor_start_timeout` (30 minutes)
+    beside the replacement node. Now it starts there, and the room's tasks go on where it stands."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from helpers import compose_config
+    from heygem_ray.executors import ray_cluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the session's in-process Ray; the next test module starts it again
+    monkeypatch.setattr(ray_cluster, "ROOM_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(ray_cluster, "ROOM_LOST_SECONDS", 3.0)
+    store = 100 * 1024 * 1024
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store})
+    # one renderer fits (2 CPUs less the one kept for tasks); its bundle goes beside that node's tasks'
+    renderer_node = cluster.add_node(num_cpus=2, object_store_memory=store)
+    task_node = cluster.add_node(num_cpus=1, object_store_memory=store)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={tmp_path}/out", f"cluster.address={cluster.address}"
+    )
+    executor = ray_cluster.RayExecutor(cfg)
+    try:
+        executor.start_actors(1)
+        assert executor._room is not None and executor._first_bundle is not None
+        ray.get(executor.call(0, "ready"), timeout=60)
+        held = ray.util.placement_group_table(executor._room)["bundles_to_node_id"][executor._first_bundle]
+        assert held == renderer_node.node_id
+        cluster.remove_node(renderer_node, allow_graceful=False)
+        cluster.add_node(num_cpus=2, object_store_memory=store)  # what an autoscaler would do
+        deadline, ready = time.monotonic() + 60, executor.call(0, "ready")
+        while True:
+            assert executor.stranded() == [], "the room's other node still stands: no task of it is stranded"
+            if ray.wait([ready], timeout=0.5)[0]:
+                try:
+                    ray.get(ready)
+                    break
+                except ray.exceptions.RayActorError:  # the actor it asked went (killed, moved)
+                    ready = executor.call(0, "ready")
+            assert time.monotonic() < deadline, "the first renderer never started again"
+        assert executor._room is not None  # kept for the tasks, on the node left
+
+        def node_id() -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        assert ray.get(executor.submit(node_id), timeout=30) == task_node.node_id
+    finally:
+        executor.close()
+        ray.shutdown()
+        cluster.shutdown()

@@ -49,14 +49,14 @@ def _job_id() -> str:
         return str(os.getpid())
 
 
-def _room_placed(room: PlacementGroup) -> bool:
-    """Whether any bundle of the room is on a node now (taken for yes where Ray cannot say)."""
+def _placed_bundles(room: PlacementGroup) -> dict[int, bool] | None:
+    """Whether each bundle of the room is on a node now (None where Ray cannot say)."""
     try:
         info = ray.util.placement_group_table(room)
     except Exception as exc:  # noqa: BLE001 - Ray internals
         log.debug("placement group not read: %r", exc)
-        return True
-    return info.get("state") == "CREATED" or any(info.get("bundles_to_node_id", {}).values())
+        return None
+    return {int(i): bool(node) for i, node in info.get("bundles_to_node_id", {}).items()}
 
 
 def _other_rooms(own: PlacementGroup) -> bool:
@@ -90,7 +90,9 @@ class RayExecutor:
         self._room: PlacementGroup | None = None
         self._in_room: set[Any] = set()  # stage tasks sent into the room, not yet seen done
         self._room_checked = 0.0  # when the room was last looked at (time.monotonic)
-        self._room_empty_since: float | None = None  # since when none of its bundles is placed
+        self._room_lost_since: float | None = None  # since when none of its bundles is placed
+        self._first_bundle: int | None = None  # the room's bundle the first renderer is held in
+        self._first_lost_since: float | None = None  # since when that bundle is not placed
         self._stopped: set[int] = set()  # actors stopped for good (`stop`)
 
     def _remote(self, fn: Callable[..., Any], num_gpus: float, in_room: bool) -> Any:
@@ -115,21 +117,30 @@ class RayExecutor:
     def stranded(self) -> list[Any]:
         """Stage tasks that will never run: sent into this campaign's room, every node of which
         went (a spot GPU worker reclaimed, the only worker of a cluster whose head has no CPUs).
-        Ray places a room's bundles again only on the nodes they are pinned to (`reserved_bundles`),
-        so its tasks waited for ever, and a replacement node sat idle. Once no bundle of the room
-        has been placed for ROOM_LOST_SECONDS, the room is given up: its tasks still out are
-        returned (the campaign fails their rows, a rerun does them), new tasks go wherever they
-        fit, and the first renderer, held in the room, is started again outside it."""
+        Ray places a room's lost bundles again only all together, and those pinned to a node
+        (`reserved_bundles`) only on it, so its tasks waited for ever, and a replacement node sat
+        idle. Once no bundle of the room has been placed for ROOM_LOST_SECONDS, the room is given
+        up: its tasks still out are returned (the campaign fails their rows, a rerun does them),
+        and new tasks go wherever they fit. The first renderer, held in the room, is started again
+        outside it once its own bundle has been unplaced that long (its node alone went: the tasks
+        go on in the room's bundles left; it waited, restarting, for `cluster.actor_start_timeout`)."""
         now = time.monotonic()
         if self._room is None or now - self._room_checked < ROOM_CHECK_SECONDS:
             return []
         self._room_checked = now
-        if _room_placed(self._room):
-            self._room_empty_since = None
-            return []
-        if self._room_empty_since is None:
-            self._room_empty_since = now
-        if now - self._room_empty_since < ROOM_LOST_SECONDS:
+        placed = _placed_bundles(self._room) or {}
+        lost = bool(placed) and not any(placed.values())
+        first_lost = self._first_bundle is not None and not placed.get(self._first_bundle, True)
+        self._room_lost_since = (now if self._room_lost_since is None else self._room_lost_since) if lost else None
+        self._first_lost_since = (
+            (now if self._first_lost_since is None else self._first_lost_since) if first_lost else None
+        )
+        if self._first_lost_since is not None and now - self._first_lost_since >= ROOM_LOST_SECONDS:
+            log.warning(
+                "this campaign's first renderer lost its place on the cluster with its node: it starts where it fits"
+            )
+            self._first_out_of_room()
+        if self._room_lost_since is None or now - self._room_lost_since < ROOM_LOST_SECONDS:
             return []
         log.warning(
             "the room reserved on the cluster for this campaign's tasks is gone with its nodes: the tasks waiting "
@@ -137,12 +148,16 @@ class RayExecutor:
         )
         room, self._room = self._room, None
         self._tasks = {key: task for key, task in self._tasks.items() if not key[2]}
-        if self._actors and renderer_bundle(self.cfg) and 0 not in self._stopped:  # held in the room
-            ray.kill(self._actors[0])
-            self._actors[0] = ray.remote(RenderWorker).options(**self._actor_options()).remote(self.cfg)
         remove_placement_group(room)
         stranded, self._in_room = list(self._in_room), set()
         return stranded
+
+    def _first_out_of_room(self) -> None:
+        """Start the first renderer again outside the room (its bundle there is lost)."""
+        self._first_bundle = self._first_lost_since = None
+        if self._actors and 0 not in self._stopped:
+            ray.kill(self._actors[0])
+            self._actors[0] = ray.remote(RenderWorker).options(**self._actor_options()).remote(self.cfg)
 
     def _actor_options(self) -> dict[str, Any]:
         shape = self.cfg.cluster.actor
@@ -159,7 +174,8 @@ class RayExecutor:
         room = reserved_bundles(self.cfg, [n["Resources"] for n in alive], count, [n["NodeID"] for n in alive])
         first: dict[str, Any] = {}
         if room is not None and self._reserve(room) and renderer_bundle(self.cfg):
-            first = {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._room, len(room) - 1)}
+            self._first_bundle = len(room) - 1
+            first = {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._room, self._first_bundle)}
         actor_cls = ray.remote(RenderWorker)
         self._actors = [
             actor_cls.options(**options, **(first if i == 0 else {})).remote(self.cfg) for i in range(count)
