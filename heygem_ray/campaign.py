@@ -467,7 +467,8 @@ class Campaign:
                 marker = None
             if marker is not None:
                 return self._conclude(row_id, "ok", None, marker, None)
-            return self._fail(row_id, failure_reason(self.executor, exc))
+            encode = self.shared.audio_track_failure(state.audio_track) if state is not None else None
+            return self._fail(row_id, encode or failure_reason(self.executor, exc))
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 
     # ------------------------------------------------------------ results

@@ -85,6 +85,7 @@ class SharedWork:
         self._known: OrderedDict[AvatarKey, _Known] = OrderedDict()  # most recently used last
         self._tracking: dict[AvatarKey, _Tracking] = {}
         self._audio_tracks: dict[str, Any] = {}  # by audio fingerprint, oldest first
+        self._audio_failed: OrderedDict[Any, str] = OrderedDict()  # encode handle -> why it failed
         # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
         # where the cluster has GPUs, so detection is scheduled and accounted like rendering
         # where the actors leave one: else a detection task waits for ever (it detects on the CPU)
@@ -229,10 +230,22 @@ class SharedWork:
 
     def audio_track_done(self, fingerprint: str, handle: Any) -> None:
         """A finished encode task; a failed one is forgotten, so the next row with this narration
-        starts another (the rows waiting on it fail at their stitch, with its cause)."""
+        starts another (the rows waiting on it fail at their stitch, with its cause:
+        `audio_track_failure`)."""
         try:
             self.executor.get(handle)
         except Exception as exc:  # noqa: BLE001
-            if self._audio_tracks.get(fingerprint) is (handle.handle if isinstance(handle, Expired) else handle):
+            raw = handle.handle if isinstance(handle, Expired) else handle
+            if self._audio_tracks.get(fingerprint) is raw:
                 del self._audio_tracks[fingerprint]
-            log.warning("audio track %s: %s", fingerprint[:16], failure_reason(self.executor, exc))
+            why = failure_reason(self.executor, exc)
+            log.warning("audio track %s: %s", fingerprint[:16], why)
+            self._audio_failed[raw] = why
+            while len(self._audio_failed) > AUDIO_TRACK_REFS:
+                self._audio_failed.popitem(last=False)
+
+    def audio_track_failure(self, handle: Any) -> str | None:
+        """Why the encode task `handle` failed (None: it did not, or long ago). A stitch waiting on
+        an encode the campaign stopped failed with the stop's side effect (TaskCancelledError),
+        not its reason."""
+        return self._audio_failed.get(handle)

@@ -290,6 +290,41 @@ def test_stage_tasks_the_executor_says_will_never_run_fail_their_rows_at_once(tm
     assert set(executor.cancelled) == set(executor.stuck)
 
 
+def test_rows_whose_narration_encode_was_stranded_fail_saying_why(tmp_path):
+    """A narration's encode that waited on nodes that went is stopped; the stitches waiting on it
+    failed with the stop's side effect (Ray's TaskCancelledError), not its reason."""
+    from concurrent.futures import CancelledError
+
+    class Strands(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.stuck: Any = None
+
+        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            handle = super().submit(fn, *args, **kwargs)
+            if fn.__name__ == "prepare_audio_track" and args[0].uri == "/in/b.wav" and self.stuck is None:
+                self.stuck = handle
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            return [h for h in handles if h is not self.stuck][:1]
+
+        def stranded(self) -> list[Any]:
+            return [self.stuck] if self.stuck is not None and self.stuck.error is None else []
+
+        def cancel(self, handle: Any) -> bool:
+            handle.error = CancelledError()  # as a task taking it as an argument then finds it
+            return True
+
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i:03d}", f"/in/{'ab'[i % 2]}.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(8)]
+    summary = Campaign(cfg, rows, executor=Strands()).run()
+    failed = {r.id: r.error or "" for r in summary.rows if r.status == "failed"}
+    assert failed and set(failed) <= {"r001", "r003", "r005", "r007"}, failed
+    assert all("narration" in e and "waited on nodes of the cluster that went" in e for e in failed.values()), failed
+
+
 def test_a_failed_audio_encode_fails_only_the_rows_that_waited_on_it(tmp_path):
     """The first encode of narration a0 fails: rows that shared that task fail with its cause, and a
     later row with the same narration starts a new encode (it is not stuck with the failed one)."""

@@ -146,8 +146,9 @@ def test_a_room_whose_nodes_went_is_given_up_and_the_campaign_goes_on(tmp_path, 
         assert not runner.is_alive(), "the campaign waited for ever on its lost room"
         summary = outcome["summary"]
         failed = [r.error or "" for r in summary.rows if r.status == "failed"]
-        # a row whose narration's encode waited in the room fails at its stitch, its input cancelled
-        assert all("nodes of the cluster that went" in e or "TaskCancelledError" in e for e in failed), failed
+        # a row whose narration's encode waited in the room fails at its stitch, saying so (not with
+        # the TaskCancelledError the encode's stop left its stitch)
+        assert all("nodes of the cluster that went" in e for e in failed), failed
         assert summary.count("ok") >= rows - 4, summary.line()  # those after the loss render on the new node
     finally:
         ray.shutdown()
