@@ -291,10 +291,16 @@ def _scheme_problem(name: str) -> str | None:
 
 
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system of `uri` (its scheme's, with the options given for it) and its path there.
+    Never a chain: fsspec reads "a::b" as file system a over b, so a local folder "promo::v2" or an
+    S3 key holding "::" was read, locked, listed and removed at the path before the "::" (another
+    folder's files deleted; a second run let into the same output root), though written where named."""
     proto = protocol(uri)
     family = "s3" if proto in ("s3", "s3a") else proto  # s3a:// is s3fs too
     options = _merged(_DEFAULTS.get(family, {}), _OPTIONS.get(proto) or _OPTIONS.get(family) or {})
-    fs, path = fsspec.core.url_to_fs(uri, **options)
+    cls = fsspec.get_filesystem_class(proto)
+    fs = cls(**{**cls._get_kwargs_from_urls(uri), **options})  # s3's ?versionId= asks for a version-aware one
+    path = cls._strip_protocol(uri)
     if family == "s3":
         fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 tries): ours is the one layer
     return fs, path

@@ -421,3 +421,14 @@ def test_a_store_without_conditional_puts_still_runs_best_effort(s3_without_cond
         assert "takes no conditional PUT" in caplog.text
     finally:
         storage.configure(None)
+
+
+def test_an_output_root_named_with_double_colons_is_locked_as_named(tmp_path):
+    """fsspec reads "a::b" as file system a over b: a root named "promo::v2" was locked at "promo",
+    so a second run got into it while the first wrote there."""
+    root = tmp_path / "promo::v2"
+    root.mkdir()
+    layout = CampaignLayout(str(root))
+    with output_lock(layout), pytest.raises(OutputBusyError), output_lock(layout):
+        pass
+    assert not (tmp_path / "promo").exists()

@@ -172,6 +172,16 @@ def test_videos_are_sized_from_their_folders_listing_not_a_request_per_object(bu
     assert "HeadObject" not in calls and calls.count("ListObjectsV2") <= 2, calls
 
 
+def test_a_key_with_double_colons_is_one_key(bucket):
+    """fsspec reads "a::b" as file system a over b: an S3 key holding "::" failed with a TypeError."""
+    uri = "s3://heygem-e2e/colons/promo::v2/row.mp4"
+    storage.write_bytes(uri, b"a video")
+    assert bucket.get_object(Bucket="heygem-e2e", Key="colons/promo::v2/row.mp4")["Body"].read() == b"a video"
+    assert storage.read_bytes(uri) == b"a video" and storage.exists(uri)
+    storage.remove("s3://heygem-e2e/colons/promo::v2", recursive=True)
+    assert not storage.exists(uri)
+
+
 def test_saved_config_masks_credentials():
     text = config_yaml(
         compose(

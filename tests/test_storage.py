@@ -526,6 +526,23 @@ def test_names_with_glob_characters_are_taken_as_they_are():
     assert [r["id"] for r in read_parts("memory://globs/promo1/_results")] == ["promo1"]
 
 
+def test_names_with_double_colons_are_paths_not_chains_of_file_systems(tmp_path):
+    """fsspec reads "a::b" as file system a over b: an input "take::2.wav" was read as its neighbour
+    "take", and removing an output root's "promo::v2/_results" removed the folder "promo"."""
+    (tmp_path / "take").write_bytes(b"the neighbour")
+    (tmp_path / "take::2.wav").write_bytes(b"mine")
+    assert storage.read_bytes(str(tmp_path / "take::2.wav")) == b"mine"
+    assert storage.size(str(tmp_path / "take::2.wav")) == 4
+    (tmp_path / "promo").mkdir()
+    (tmp_path / "promo" / "keep.mp4").write_bytes(b"a video")
+    parts = f"{tmp_path}/promo::v2/_results"
+    storage.write_bytes(f"{parts}/part-1.parquet", b"x")
+    assert storage.exists(f"{parts}/part-1.parquet")
+    storage.remove(parts, recursive=True)
+    assert not storage.exists(f"{parts}/part-1.parquet")
+    assert (tmp_path / "promo" / "keep.mp4").read_bytes() == b"a video"
+
+
 def test_a_signed_urls_secrets_stay_out_of_row_errors():
     """A 403 on an expired presigned input names the whole URL: the row's error (results table,
     report, logs) keeps the URL but not its signature."""
