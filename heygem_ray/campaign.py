@@ -101,6 +101,7 @@ class Campaign:
         self.results = ResultsTable(cfg.layout.results, cfg.layout.results_parts)
         self._outputs = {row.id: row.output for row in rows}
         self._refused = [row for row in rows if row.refused]  # the manifest says why they cannot run
+        self.input_faults: set[str] = set()  # rows failed for their own inputs (`_fail`)
         self._pending = deque(row for row in rows if not row.refused)
         self._states: dict[str, RowState] = {}  # rows admitted and not finished
         self._inflight: dict[Any, tuple[str, Any]] = {}  # executor handle -> (event, key)
@@ -131,7 +132,7 @@ class Campaign:
         try:
             self.observers.open()
             for row in self._refused:  # their results say why; the others go on
-                self._fail(row.id, row.refused or "")
+                self._fail(row.id, row.refused or "", input_fault=True)
             self.actors.start()
             # until every row has its result: a probe of an actor that never starts (no node can host
             # it) or a finished row's segments still queued must not keep a finished campaign waiting
@@ -341,9 +342,10 @@ class Campaign:
         try:
             state.prep = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this row's result
-            if not isinstance(self.executor.cause(exc), InputError):  # a store failing, say: not a rerun's pace
+            bad_input = isinstance(self.executor.cause(exc), InputError)
+            if not bad_input:  # a store failing, say: not a rerun's pace
                 self._skipped_since_work = 0
-            return self._fail(row_id, failure_reason(self.executor, exc))
+            return self._fail(row_id, failure_reason(self.executor, exc), input_fault=bad_input)
         if state.prep.skipped:
             self._skipped_since_work += 1
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
@@ -410,7 +412,8 @@ class Campaign:
 
     def _on_track(self, state: RowState, track: AvatarTrack | BaseException) -> None:
         if isinstance(track, BaseException):
-            return self._fail(state.row.id, failure_reason(self.executor, track))
+            bad_input = isinstance(self.executor.cause(track), InputError)
+            return self._fail(state.row.id, failure_reason(self.executor, track), input_fault=bad_input)
         if self.actors.error:
             return self._fail(state.row.id, self.actors.error)
         assert state.prep is not None and state.prep.audio is not None
@@ -421,7 +424,7 @@ class Campaign:
         seconds = state.prep.audio.seconds
         if not track.shows_a_face(seconds):
             faceless = f"no face found in the {track.shown(seconds)} frame(s) this narration shows"
-            return self._fail(state.row.id, str(InputError("avatar", state.row.avatar, faceless)))
+            return self._fail(state.row.id, str(InputError("avatar", state.row.avatar, faceless)), input_fault=True)
         state.audio_track, new = self.shared.audio_track(state.prep.audio)
         if new:  # watched, so a failed encode is forgotten and the next row with that narration tries again
             self._stage(state.audio_track, "audio_track", state.prep.audio.fingerprint, seconds)
@@ -438,7 +441,8 @@ class Campaign:
             result: SegmentResult = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001
             failure = self.segments.failed(call, state, exc)
-            return self._fail(row_id, failure) if failure else None
+            bad_input = isinstance(self.executor.cause(exc), InputError)
+            return self._fail(row_id, failure, input_fault=bad_input) if failure else None
         self.segments.rendered(call, result)
         if state is None:
             return
@@ -468,7 +472,8 @@ class Campaign:
             if marker is not None:
                 return self._conclude(row_id, "ok", None, marker, None)
             encode = self.shared.audio_track_failure(state.audio_track) if state is not None else None
-            return self._fail(row_id, encode or failure_reason(self.executor, exc))
+            bad_input = isinstance(self.executor.cause(exc), InputError)
+            return self._fail(row_id, encode or failure_reason(self.executor, exc), input_fault=bad_input)
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 
     # ------------------------------------------------------------ results
@@ -559,7 +564,11 @@ class Campaign:
                 self._conclude(row_id, "failed", UNCHECKED if row_id in unchecked else INTERRUPTED, None, None, True)
         self.observers.stopped(stopped, current, len(unchecked))
 
-    def _fail(self, row_id: str, reason: str) -> None:
+    def _fail(self, row_id: str, reason: str, input_fault: bool = False) -> None:
+        """`input_fault`: the row's own inputs are at fault (a refused manifest row, a file that
+        cannot be read, an avatar with no face): a rerun would fail it the same way."""
+        if input_fault and row_id not in self.results:
+            self.input_faults.add(row_id)
         self._conclude(row_id, "failed", reason, None, None)
 
     def _conclude(
@@ -686,7 +695,7 @@ def run(
                     cfg.layout.forced, json.dumps({"runs": [*cfg.forced_by, campaign.run_token]}).encode()
                 )
             summary = campaign.run()
-            _forced_run_done(cfg, summary, guard)
+            _forced_run_done(cfg, summary, campaign.input_faults, guard)
             return summary
     finally:
         storage.configure(cfg.storage.options, {})  # this process's next campaign pins its own
@@ -713,12 +722,13 @@ def _forced_runs(cfg: Config) -> list[str]:
     return [str(run) for run in runs]
 
 
-def _forced_run_done(cfg: Config, summary: Summary, guard: Callable[[], None] | None) -> None:
-    """After a run with every row done (none failed: a limit reached or a stage stopped fails rows
-    the next run renders), no forced rerun is left to go on with: the next `force=true` renders
-    everything again. A plain run's too (its user left the forced one unfinished). Not where another
-    run holds the output root now."""
-    if summary.failed:
+def _forced_run_done(cfg: Config, summary: Summary, input_faults: set[str], guard: Callable[[], None] | None) -> None:
+    """After a run with every row done (none failed but for its own inputs: a limit reached or a
+    stage stopped fails rows the next run renders, a bad file the same way again), no forced rerun
+    is left to go on with: the next `force=true` renders everything again. A plain run's too (its
+    user left the forced one unfinished). Not where another run holds the output root now. One bad
+    row kept the file for ever: every later `force=true` skipped what the old forced runs made."""
+    if any(r.status == "failed" and r.id not in input_faults for r in summary.rows):
         return
     try:
         if guard is not None:

@@ -340,6 +340,25 @@ def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_di
     assert campaign.run(forced).count("ok") == 2  # whole: forced again, every row renders again
 
 
+def test_a_forced_run_whose_only_failures_are_bad_inputs_is_whole(tmp_path, media_dir):
+    """A row that fails for its own inputs fails the same way at every rerun: counted as unfinished,
+    one such row kept `_force.json` for ever, and every later `force=true` skipped the rows the old
+    forced runs had published instead of rendering them again."""
+    from heygem_ray import campaign
+
+    manifest = str(tmp_path / "m.parquet")
+    audio = [str(media_dir / "speech3.wav")] * 2 + [str(tmp_path / "missing.wav"), str(media_dir / "speech3.wav")]
+    avatar = [str(media_dir / "still.png")] * 3 + [""]  # the last refused by the manifest: no avatar
+    pq.write_table(pa.table({"id": ["a", "b", "gone", "empty"], "audio": audio, "avatar": avatar}), manifest)
+    cfg = compose_config(
+        f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "render.progress=false", "force=true"
+    )
+    for _ in range(2):
+        statuses = {r.id: r.status for r in campaign.run(cfg).rows}
+        assert statuses == {"a": "ok", "b": "ok", "gone": "failed", "empty": "failed"}  # rendered again
+        assert not (tmp_path / "out" / "_force.json").exists()
+
+
 def test_rerun_skips_finished_rows(rendered):
     import json
 
