@@ -41,7 +41,10 @@ class Row:
 
 
 def default_id(audio: str, avatar: str) -> str:
-    return stable_hash(audio, avatar, length=12)
+    """A row's id where the manifest gives none: of its inputs' URIs as written, less their
+    signatures (a presigned URL signed anew for a rerun gave every row a new id, and the rerun
+    rendered every row again under new names)."""
+    return stable_hash(storage.unsigned(audio), storage.unsigned(avatar), length=12)
 
 
 def read_manifest(uri: str, output_root: str, allow_outside_output: bool = False) -> list[Row]:

@@ -394,6 +394,26 @@ def display(uri: str) -> str:
     )
 
 
+#: query parameters that sign a URL, new each time it is signed: S3 (v4 and v2), GCS, Alibaba OSS,
+#: CloudFront, Azure SAS
+_SIGNING = re.compile(
+    r"(x-amz-|x-goog-|x-oss-).*|signature|expires|awsaccesskeyid|googleaccessid|ossaccesskeyid|key-pair-id|policy"
+    r"|sig|se|st|sv|sp|spr|sr|ss|srt|si|sdd|skoid|sktid|skt|ske|sks|skv|saoid|suoid|scid",
+    re.IGNORECASE,
+)
+
+
+def unsigned(uri: str) -> str:
+    """`uri` less the query parameters that sign it (`uri` itself where it has none): the same
+    object's URL signed again, for a rerun after the first signatures expired, is the same input."""
+    base, mark, query = uri.partition("?")
+    params = query.split("&") if mark else []
+    kept = [p for p in params if not _SIGNING.fullmatch(p.split("=", 1)[0])]
+    if len(kept) == len(params):
+        return uri
+    return base + ("?" + "&".join(kept) if kept else "")
+
+
 @retrying
 def exists(uri: str) -> bool:
     fs, path = url_to_fs(uri)

@@ -19,6 +19,24 @@ def test_defaults_id_and_output_under_root():
     assert default_id("a.wav", "v.mp4") == rows_from_table(table(audio=["a.wav"], avatar=["v.mp4"]), "/x")[0].id
 
 
+def test_a_derived_id_outlives_its_inputs_signatures():
+    """Presigned URLs expire, so a rerun signs them again: every id-less row got a new id (a new
+    output name, no marker), and the rerun rendered every row again beside the old videos."""
+    s3 = (
+        "https://b.s3.amazonaws.com/a.wav?versionId=7&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date={}&X-Amz-Signature={}"
+    )
+    gcs = "https://storage.googleapis.com/b/v.mp4?X-Goog-Expires=900&X-Goog-Signature={}"
+    azure = "https://acct.blob.core.windows.net/c/v.mp4?sv=2022-11-02&se={}&sp=r&sig={}"
+    first = rows_from_table(table(audio=[s3.format(1, "aa")], avatar=[gcs.format("bb")]), "/out")[0]
+    again = rows_from_table(table(audio=[s3.format(2, "cc")], avatar=[gcs.format("dd")]), "/out")[0]
+    assert first.id == again.id and first.output == again.output
+    assert default_id(s3.format(1, "a"), azure.format(1, "a")) == default_id(s3.format(2, "b"), azure.format(2, "b"))
+    # what is not a signature still names another input; ids of URIs without one are as before
+    assert default_id(s3.format(1, "a"), "v") != default_id(s3.format(1, "a").replace("=7", "=8"), "v")
+    assert default_id("a.wav", "v.mp4") == "f6f36ba7de5d"
+    assert default_id("https://h/a.wav?versionId=2", "s3://b/v.mp4") == "54125bf3e086"
+
+
 def test_explicit_and_relative_outputs():
     rows = rows_from_table(
         table(
