@@ -5,7 +5,8 @@ enough for a rerun to decide "already done". The stitch writes one after publish
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass
 
 from heygem_ray import storage
 
@@ -48,12 +49,26 @@ def read_marker(uri: str) -> Marker | None:
     (a later version's) are left: a marker a newer run wrote still skips its row here."""
     try:
         data = json.loads(storage.read_bytes(uri))
-        return Marker(**{k: v for k, v in data.items() if k in _FIELDS})
-    except (FileNotFoundError, ValueError, TypeError, AttributeError):  # AttributeError: not an object
+        known = {k: v for k, v in data.items() if k in _TYPES}
+    except (FileNotFoundError, ValueError, AttributeError):  # AttributeError: not an object
+        return None
+    # a value of another type (a hand's "0.81" for a score) skipped its row, and then failed the
+    # whole results table, which is typed
+    if any(not isinstance(v, _TYPES[k]) or isinstance(v, bool) for k, v in known.items()):
+        return None
+    try:
+        return Marker(**known)
+    except TypeError:  # a field missing
         return None
 
 
-_FIELDS = frozenset(f.name for f in fields(Marker))
+def _accepted(hint: object) -> tuple[type, ...]:
+    """The JSON values a field of type `hint` takes (a whole number for a float)."""
+    types = set(typing.get_args(hint) or (hint,))
+    return tuple(types | {int}) if float in types else tuple(types)
+
+
+_TYPES = {name: _accepted(hint) for name, hint in typing.get_type_hints(Marker).items()}
 
 
 def write_marker(uri: str, marker: Marker) -> None:

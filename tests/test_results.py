@@ -499,3 +499,11 @@ def test_a_marker_a_later_version_wrote_still_skips_its_row(tmp_path):
         with open(uri, "w") as fh:
             fh.write(damaged)
         assert read_marker(uri) is None
+    # a value of another type (a hand's edit) skipped its row, then failed the typed results table
+    for field, value in (("sync_score", "0.81"), ("frames", 25.5), ("bytes", True), ("id", 7)):
+        with open(uri, "w") as fh:
+            json.dump({**data, field: value}, fh)
+        assert read_marker(uri) is None, field
+    with open(uri, "w") as fh:
+        json.dump({**data, "audio_seconds": 1, "sync_score": None}, fh)  # a whole number is a float
+    assert read_marker(uri) == Marker("r", "fp", "/out/r.mp4", 25, 1.0, 1.0, bytes=9)
