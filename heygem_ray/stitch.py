@@ -104,8 +104,10 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
             )
         with clock("upload"), writing(job.output):
             # the marker of the video this one replaces goes first: a run stopped between the two
-            # would leave this video under the old one's fingerprint, skipped as that one later
+            # would leave this video under the old one's fingerprint, skipped as that one later;
+            # and its picture, which the report showed for this video where none was made for it
             storage.remove(job.marker_uri)
+            storage.remove(job.thumbnail_uri)
             size = os.path.getsize(path)
             storage.publish_file(path, job.output, move=True)
     marker = Marker(

@@ -661,6 +661,28 @@ def test_a_thumbnail_the_store_refuses_leaves_the_row_published(media_dir, tmp_p
     assert (out / "a.mp4").exists() and (out / "_markers" / "a.json").exists()
 
 
+def test_a_row_rendered_again_never_keeps_the_old_videos_thumbnail(media_dir, tmp_path, monkeypatch):
+    """The old marker went before the new video, its thumbnail stayed: where none was made for the
+    new video (a frame that would not decode), the report showed the old one's picture for ever."""
+    from heygem_ray import stitch
+
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
+        manifest,
+    )
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline")
+    assert campaign.run(cfg).count("ok") == 1
+    (out / "_thumbs" / "a.jpg").write_bytes(b"the old video's picture")
+    with monkeypatch.context() as patched:
+        patched.setattr(stitch, "_thumbnail", lambda *_: None)
+        assert campaign.run(replace(cfg, force=True)).count("ok") == 1
+    assert not (out / "_thumbs" / "a.jpg").exists()
+    assert campaign.run(cfg).count("skipped") == 1  # and a later run makes it from the new video
+    assert (out / "_thumbs" / "a.jpg").read_bytes().startswith(b"\xff\xd8")
+
+
 def test_rows_not_yet_rendering_when_the_output_limit_is_reached_fail_and_a_rerun_renders_them(media_dir, tmp_path):
     """The studio checked a user's quota only when a campaign was made, and its videos counted once
     rendered: one campaign could go far past it. `limits.max_output_gb` (the quota left, from the
