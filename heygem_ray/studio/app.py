@@ -114,6 +114,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         session to the login page (Gradio's own answer would be a bare 401). A studio without
         users serves the account that started it alone: every account on the host reaches
         127.0.0.1."""
+        if "transfer-encoding" in request.headers:
+            # its body is read as chunks come, however many; a Content-Length beside it, which every
+            # size and quota check here reads, says nothing (uvicorn's h11 takes both)
+            return Response("a request must say its length", status_code=411, headers={"Connection": "close"})
         if users is None and not await run_in_threadpool(_from_this_account, request):
             return Response("this studio has no users: it serves the account that started it only", status_code=403)
         origin = request.headers.get("origin")
