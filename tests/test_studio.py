@@ -2066,7 +2066,8 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
     app, clients = _alice_and_bob_signed_in(tmp_path)
     narration = os.urandom(2000)
     (path,) = clients["alice"].post(UPLOAD_PATH, files={"files": ("speech.wav", narration)}).json()
-    assert clients["alice"].get(f"{API_PATH}file={path}").content == narration
+    mine = clients["alice"].get(f"{API_PATH}file={path}")
+    assert mine.content == narration and mine.headers["cache-control"] == "private, no-store"  # no CDN keeps it
     assert clients["bob"].get(f"{API_PATH}file={path}").status_code == 404
     claims = app.state.upload_claims
     assert claims.own("alice", [path]) == [path]
@@ -2105,6 +2106,11 @@ def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
     assert bob.get(API_PATH + "call/whoami/alicepage").status_code == 404
     assert bob.post(API_PATH + "queue/join", json={**event, "session_hash": "bobpage"}).status_code == 200
     assert bob.get(API_PATH + "deep_link", params={"session_hash": "bobpage"}).status_code == 404
+    # the heartbeat's page is its path's: a page of one's own beside it was the one checked
+    for path in ("heartbeat/alicepage?session_hash=bobpage", "dev/reload"):  # both endless streams when served
+        with bob.stream("GET", API_PATH + path) as answer:
+            assert answer.status_code in (403, 404), path
+    assert bob.get(API_PATH + "startup-events").status_code == 404  # a second queue loop, for anyone
     assert bob.post(API_PATH + "queue/join", json={**event, "session_hash": "x" * 100_000}).status_code == 403
 
 

@@ -57,8 +57,16 @@ UPLOAD_PATH = API_PATH + "upload"
 #: state (its session's) into a link for anyone; component servers and media streams (no component
 #: of the studio's has them) take a session hash the studio does not check, and so do the `call`
 #: routes (an event id or, failing that, a session hash in their path: pages and gradio_client use
-#: the queue's routes)
-NOT_SERVED = (API_PATH + "process_recording", API_PATH + "deep_link", API_PATH + "component_server")
+#: the queue's routes); its startup events, which a mounted app never marks run (a caller re-ran
+#: them: a second queue loop, its running jobs' record reset), and its development mode's reload
+#: stream (a poll every 50 ms for each connection)
+NOT_SERVED = (
+    API_PATH + "process_recording",
+    API_PATH + "deep_link",
+    API_PATH + "component_server",
+    API_PATH + "startup-events",
+    API_PATH + "dev/reload",
+)
 NOT_SERVED_UNDER = (API_PATH + "stream/", API_PATH + "call/")
 #: what a page's session hash may be (Gradio's script makes base-36 ones, gradio_client UUIDs):
 #: anything else is not remembered (a MiB-long one per request would be, for a day)
@@ -132,8 +140,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             user = await run_in_threadpool(current_user, request)
             if user is None:
                 return Response("sign in first", status_code=401)
-            page = request.query_params.get("session_hash") or _after(request.url.path, HEARTBEAT)
-            if page and not (PAGE.fullmatch(page) and pages.allows(page, user)):
+            # each page it names: Gradio's heartbeat takes its path's, a "session_hash" beside it was checked instead
+            named = (request.query_params.get("session_hash"), _after(request.url.path, HEARTBEAT))
+            if any(page and not (PAGE.fullmatch(page) and pages.allows(page, user)) for page in named):
                 return Response("not your page", status_code=403)
         if request.url.path.rstrip("/") in NOT_SERVED or request.url.path.startswith(NOT_SERVED_UNDER):
             return Response(status_code=404)
@@ -185,7 +194,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
                 paths = _upload_answer(body)
                 claims.arrived(user, paths)
                 studio.upload_arrived(user, size, paths)
-        if request.url.path.startswith("/files/"):  # a user's own: no shared cache (a CDN) may keep them
+        if request.url.path.startswith(("/files/", API_PATH)):
+            # a user's own (videos, pending uploads by Gradio's file routes, events): no shared cache
+            # (a CDN keeps .mp4 and .jpg whatever the cookies) may keep them for anyone with the link
             response.headers["Cache-Control"] = "private, no-store"
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'self'")
