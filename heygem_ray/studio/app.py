@@ -141,8 +141,8 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
             if user is None:
                 return Response("sign in first", status_code=401)
             # each page it names: Gradio's heartbeat takes its path's, a "session_hash" beside it was checked instead
-            named = (request.query_params.get("session_hash"), _after(request.url.path, HEARTBEAT))
-            if any(page and not (PAGE.fullmatch(page) and pages.allows(page, user)) for page in named):
+            hashes = (request.query_params.get("session_hash"), _after(request.url.path, HEARTBEAT))
+            if any(page and not (PAGE.fullmatch(page) and pages.allows(page, user)) for page in hashes):
                 return Response("not your page", status_code=403)
         if request.url.path.rstrip("/") in NOT_SERVED or request.url.path.startswith(NOT_SERVED_UNDER):
             return Response(status_code=404)
