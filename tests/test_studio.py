@@ -536,6 +536,31 @@ def test_one_users_upload_events_do_bounded_work(tmp_path, media_dir, monkeypatc
     assert decoded == [audio, audio, copy, again[1]]
 
 
+def test_uploads_keep_their_names_in_any_script_and_a_manifest_never_gets_another_file(tmp_path, media_dir):
+    """Names were kept to ASCII: "café.wav" and "cafè.wav" were both stored as "caf-.wav" (the second
+    as "caf--2.wav"), so a manifest naming "cafè.wav" got the other narration, and "张三.wav" became
+    "wav", refused as no audio file."""
+    import unicodedata
+
+    store = StudioStore(str(tmp_path / "store"))
+    campaign = store.new_id()
+    names = ["café.wav", "cafè.wav", "张三.wav", unicodedata.normalize("NFD", "jalapeño.wav")]
+    uploads = []
+    for i, name in enumerate(names):
+        os.makedirs(tmp_path / str(i))
+        uploads.append(str(tmp_path / str(i) / name))
+        shutil.copy(media_dir / "speech3.wav", uploads[-1])
+    uris = store.save_uploads("alice", campaign, uploads, "audio", 2**30, by_name=True)
+    assert [os.path.basename(u) for u in uris] == ["café.wav", "cafè.wav", "张三.wav", "jalapeño.wav"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("audio,avatar\ncafè.wav,face.png\njalapeño.wav,face.png\n")  # as typed: one code point each
+    uri, _ = store.uploaded_manifest("alice", campaign, str(manifest))
+    assert [r["audio"] for r in pq.read_table(uri).to_pylist()] == [uris[1], uris[3]]
+    # two uploads of one name: a manifest could not tell them apart
+    with pytest.raises(UploadError, match="two of your audio uploads have this name"):
+        store.save_uploads("alice", store.new_id(), [uploads[0], uploads[0]], "audio", 2**30, by_name=True)
+
+
 def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, monkeypatch):
     """The quota was met only when a campaign was made: uploads alone (kept 15 minutes by the web
     server, and until its next sweep of them) could fill the disk. Each upload now counts, with the

@@ -317,8 +317,9 @@ class Studio:
         quality: str,
     ) -> CampaignRecord:
         limit = int(self.cfg.max_upload_mb * 2**20)
-        audio_uris = self.store.save_uploads(user, campaign_id, audios, "audio", limit)
-        avatar_uris = self.store.save_uploads(user, campaign_id, avatars, "avatar", limit)
+        by_name = bool(manifest)  # the manifest names them
+        audio_uris = self.store.save_uploads(user, campaign_id, audios, "audio", limit, by_name)
+        avatar_uris = self.store.save_uploads(user, campaign_id, avatars, "avatar", limit, by_name)
         for uri in [*audio_uris, *avatar_uris]:
             self.log.info("upload user=%s campaign=%s file=%s", user, campaign_id, storage.basename(uri))
         if manifest:

@@ -20,6 +20,7 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -171,16 +172,24 @@ class StudioStore:
         return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
     # -------------------------------------------------------------- uploads
-    def save_uploads(self, user: str, campaign_id: str, uploads: list[str], kind: str, max_bytes: int) -> list[str]:
+    def save_uploads(
+        self, user: str, campaign_id: str, uploads: list[str], kind: str, max_bytes: int, by_name: bool = False
+    ) -> list[str]:
         """Check uploaded files (`check_upload`) and put them into the campaign's inputs (a hard link
         where the store is on the upload cache's file system: the web server never changes an
         upload); returns their URIs there. Two uploads of one name are both kept, the second as
-        `name-2`, each its own rows."""
+        `name-2`, each its own rows; `by_name` (a manifest names them): refused, as the manifest
+        could not tell them apart."""
         folder = storage.join(self.inputs(user, campaign_id), kind)
         taken: set[str] = set()
         uris = []
         for local in uploads:
             name = self.checks.name(local, kind, max_bytes)
+            if by_name and name in taken:
+                raise UploadError(
+                    f"{name}: two of your {kind} uploads have this name, and the manifest names files by their names: "
+                    "rename one"
+                )
             stem, suffix = os.path.splitext(name)
             stored, n = name, 1
             while stored in taken:  # the campaign's folder is new: what this loop put there is all it holds
@@ -662,8 +671,12 @@ class UploadChecks:
 
 
 def _safe_name(name: str) -> str:
-    """An upload's file name as it is stored: its last part only, odd characters replaced."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(name)).strip("-.")
+    """An upload's file name as it is stored: its last part only, in one Unicode form (a Mac's
+    "é" is two code points, a manifest's one), letters and digits of any script kept, other
+    characters replaced. Kept to ASCII, "café.wav" and "cafè.wav" were one name (a manifest naming
+    one got the other) and "张三.wav" none ("wav", refused)."""
+    name = unicodedata.normalize("NFC", os.path.basename(name))
+    name = re.sub(r"[^\w.-]+", "-", name).strip("-.")
     return name or "upload"
 
 
