@@ -171,6 +171,19 @@ def test_a_premultiplied_transparent_heic_goes_over_white_and_a_damaged_avif_is_
         dst.write(data[: int(len(data) * 0.9)])
     with pytest.raises(InputError, match="not a readable HEIF/AVIF image"):
         video.read_image(cut)
+    # named as the row names it, not as this node's cached copy
+    with pytest.raises(InputError, match=r"^avatar s3://bucket/anna\.avif: not a readable HEIF/AVIF image"):
+        video.probe(cut, 25.0, display_uri="s3://bucket/anna.avif")
+
+
+@pytest.mark.parametrize("name", ["anna.jxl", "anna.mp4"])
+def test_a_photo_ffmpeg_finds_but_cannot_decode_is_bad_input(tmp_path, name):
+    """A JPEG XL (this FFmpeg demuxes it, and has no decoder for it) failed with AttributeError: not
+    the avatar's fault, so every row of it probed it again, and its error said nothing."""
+    path = tmp_path / name
+    path.write_bytes(b"\xff\x0aO\x06" + bytes(64))
+    with pytest.raises(InputError, match=r"^avatar s3://b/a: its video \(jpegxl_pipe\) cannot be decoded here"):
+        video.probe(str(path), 25.0, display_uri="s3://b/a", max_pixels=10**8)
 
 
 def test_a_campaign_over_a_heic_photo_renders_at_the_still_rate_and_max_side(media_dir, tmp_path):

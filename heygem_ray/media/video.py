@@ -182,7 +182,7 @@ def read_image(path: str, what: str = "avatar", display_uri: str | None = None) 
     data = np.fromfile(path, dtype=np.uint8)
     image: np.ndarray | None
     if heif.is_still(data[:12].tobytes()):
-        image = _read_heif(path, what)
+        image = _read_heif(path, what, uri)
     else:
         image = _read_with_opencv(data)
         image = _read_one_frame(path) if image is None else image
@@ -220,11 +220,11 @@ def _read_one_frame(path: str) -> np.ndarray | None:
     return orient(image, clockwise, _even(w), _even(h), mirror)
 
 
-def _read_heif(path: str, what: str) -> np.ndarray:
+def _read_heif(path: str, what: str, uri: str) -> np.ndarray:
     rgba = heif.read_rgba(path)
     if rgba is None:
         needs = "" if heif.register_opener() else "; reading HEIC photos needs pillow-heif installed"
-        raise InputError(what, path, f"not a readable HEIF/AVIF image (or larger than this machine decodes){needs}")
+        raise InputError(what, uri, f"not a readable HEIF/AVIF image (or larger than this machine decodes){needs}")
     bgr = np.ascontiguousarray(rgba[..., 2::-1])
     return hdr.over_white(bgr, rgba[..., 3:]) if rgba.shape[2] == 4 else bgr
 
@@ -270,6 +270,8 @@ def probe(
             stream = container.streams.video[0]
             if stream.disposition & av.stream.Disposition.attached_pic:
                 raise InputError("avatar", uri, "has no video stream, only cover art (is it an audio file?)")
+            if stream.codec_context is None:  # found, but this FFmpeg has no decoder for it (a JPEG XL)
+                raise InputError("avatar", uri, f"its video ({container.format.name}) cannot be decoded here")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             # the container's word, before decoding replaces it with the bitstream's (maybe none)
             stream_transfer = int(stream.codec_context.color_trc or 0)
@@ -355,6 +357,8 @@ def _check_frame_size(path: str, uri: str, max_pixels: int) -> None:
             if not container.streams.video:
                 return
             context = container.streams.video[0].codec_context
+            if context is None:  # no decoder for it here: `probe` says so
+                return
             width, height = context.width, context.height
             still = (file_is_image(path) or context.name in IMAGE_CODECS) and context.name != "apng"
     except av.error.FFmpegError:
