@@ -154,3 +154,30 @@ def test_an_8bit_hlg_clip_is_not_passed_through_and_is_tagged_sdr(tmp_path):
         assert (context.colorspace, context.color_primaries, context.color_trc) == (6, 1, 1)
         got = _band_means(next(container.decode(video=0)).to_ndarray(format="bgr24"))
     np.testing.assert_allclose(got, EXPECTED_BGR, atol=6)  # 8-bit HLG in, 8-bit out
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv444p", "yuv422p10le", "yuva444p"])
+def test_an_untagged_hd_frame_reads_with_bt709s_matrix_as_players_show_it(pix_fmt):
+    """Untagged frames went through swscale's default, BT.601's matrix: an untagged HD clip that
+    is not 8-bit 4:2:0 (those pass through as they are) came out with shifted colours."""
+    import av
+
+    def bgr(width: int, height: int, colorspace: int) -> list[int]:
+        frame = av.VideoFrame(width, height, pix_fmt)
+        deep = pix_fmt.endswith("10le")  # 10-bit: the same levels, four times over
+        for plane, level in zip(frame.planes, (120, 90, 170, 255), strict=False):
+            values = np.full(
+                plane.buffer_size // (2 if deep else 1), level * (4 if deep else 1), np.uint16 if deep else np.uint8
+            )
+            plane.update(values.tobytes())
+        frame.colorspace = colorspace
+        return [int(v) for v in hdr.frame_bgr(frame)[0, 0]]
+
+    def near(got: list[int], want: list[float]) -> bool:  # swscale rounds each format its own way
+        return max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 2
+
+    bt709, bt601 = [40.8, 106.8, 196.4], [44.4, 101.8, 188.1]  # B, G, R of Y'CbCr (120, 90, 170), studio range
+    assert near(bgr(1280, 720, 2), bt709)  # untagged HD
+    assert near(bgr(640, 480, 2), bt601)  # untagged SD: BT.601, as players show it
+    assert near(bgr(1280, 720, 6), bt601)  # tagged: as tagged
+    assert near(bgr(1280, 720, 1), bt709)

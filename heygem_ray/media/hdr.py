@@ -80,10 +80,14 @@ def frame_bgr(frame: av.VideoFrame, stream_transfer: int = 0) -> np.ndarray:
     transfer = transfer_of(frame, stream_transfer)
     if transfer:
         return sdr_bgr(frame, transfer)
+    # an untagged HD frame is read with BT.709's matrix, as players show it (swscale's default is
+    # BT.601's: a 10-bit or 4:4:4 clip came out with shifted colours, its 8-bit 4:2:0 cut did not)
+    untagged_hd = int(frame.colorspace or _UNSPECIFIED) == _UNSPECIFIED and (frame.width >= 1280 or frame.height >= 720)
+    matrix = _BT709 if untagged_hd else None
     if any(component.is_alpha for component in frame.format.components):
-        bgra = frame.to_ndarray(format="bgra")
+        bgra = frame.reformat(format="bgra", src_colorspace=matrix).to_ndarray()
         return over_white(bgra[..., :3], bgra[..., 3:])
-    image: np.ndarray = frame.to_ndarray(format="bgr24")
+    image: np.ndarray = frame.reformat(format="bgr24", src_colorspace=matrix).to_ndarray()
     return image
 
 
