@@ -204,11 +204,13 @@ class RenderWorker:
             model, device, self.expert_key = load_expert(cfg.qa.syncnet)
             self.expert = (model, device)
         self.model_loaded = time.time()
-        self.codec = auto_codec() if cfg.encoder.codec == "auto" else cfg.encoder.codec
-        if not encoder_works(self.codec):
+        # the pixel format too: NVENC takes no 4:2:2, and opened with 4:2:0 only, it failed every segment
+        pix_fmt = cfg.encoder.pix_fmt
+        self.codec = auto_codec(pix_fmt) if cfg.encoder.codec == "auto" else cfg.encoder.codec
+        if not encoder_works(self.codec, pix_fmt=pix_fmt):
             raise RuntimeError(
-                f"encoder.codec={self.codec} cannot encode on this node (h264_nvenc needs a GPU "
-                "with a video encoder: L4, A10G, not H100; encoder.codec=auto picks for each node)"
+                f"encoder.codec={self.codec} cannot encode {pix_fmt} on this node (h264_nvenc needs a GPU "
+                "with a video encoder: L4, A10G, not H100, and takes no yuv422p; encoder.codec=auto picks for each node)"
             )
         problem = encoder_problem(self.codec, cfg.encoder)
         if problem:

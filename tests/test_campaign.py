@@ -637,7 +637,10 @@ def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_row
     cfg = compose_config(*base, f"output={tmp_path / 'nvenc'}", "encoder.codec=h264_nvenc")
     (row,) = campaign.run(cfg).rows
     assert row.status == "failed"
-    assert row.error.startswith("renderer could not start:") and "h264_nvenc cannot encode on this node" in row.error
+    assert (
+        row.error.startswith("renderer could not start:")
+        and "h264_nvenc cannot encode yuv420p on this node" in row.error
+    )
     # an x264 option x264 does not know: x264 alone would skip it and encode on
     cfg = compose_config(*base, f"output={tmp_path / 'x264'}", "cluster=inline", "encoder.x264_params='mb-tree=1'")
     (row,) = campaign.run(cfg).rows

@@ -971,6 +971,11 @@ def _audio_packets(path: str) -> list[tuple[int | None, bytes]]:
 def test_encoder_probe_and_options():
     assert video.encoder_works("libx264")
     assert not video.encoder_works("no_such_encoder")
+    # an encoder is tried with the pixel format it will get (NVENC takes no yuv422p: a renderer
+    # checked with 4:2:0 started, then failed every segment); mpeg4 here, which takes 4:2:0 alone
+    assert video.encoder_works("mpeg4") and not video.encoder_works("mpeg4", pix_fmt="yuv422p")
+    assert video.encoder_works("libx264", pix_fmt="yuv422p")
+    assert "does not open" in (video.encoder_problem("mpeg4", EncoderConfig(pix_fmt="yuv444p")) or "")
     fast = EncoderConfig(crf=20, preset="fast", x264_params="")
     assert video.encoder_options("libx264", fast) == {"crf": "20", "preset": "fast"}
     assert video.encoder_options("libx264", EncoderConfig(x264_params="ref=2"))["x264-params"] == "ref=2"

@@ -920,15 +920,15 @@ def iter_sampled_frames(
         raise InputError("avatar", uri, f"decoding failed ({exc.strerror or exc})") from None
 
 
-def encoder_works(codec: str, options: dict[str, str] | None = None) -> bool:
-    """Whether this machine can open `codec` for a small H.264 encode (NVENC needs a GPU with a
-    video encoder: L4 and A10G have one, H100 does not)."""
+def encoder_works(codec: str, options: dict[str, str] | None = None, pix_fmt: str = "yuv420p") -> bool:
+    """Whether this machine can open `codec` for a small H.264 encode of `pix_fmt` frames (NVENC
+    needs a GPU with a video encoder: L4 and A10G have one, H100 does not; and takes no 4:2:2)."""
     try:
         with av.open(os.devnull, "w", format="mp4") as container:
             stream = container.add_stream(codec, rate=25, options=options)
             if not isinstance(stream, av.VideoStream):  # an audio or subtitle encoder
                 return False
-            stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+            stream.width, stream.height, stream.pix_fmt = 256, 256, pix_fmt
             frame = av.VideoFrame.from_ndarray(np.zeros((256, 256, 3), np.uint8), format="bgr24")
             container.mux(stream.encode(frame))
             container.mux(stream.encode(None))
@@ -947,7 +947,7 @@ def encoder_problem(codec: str, enc: EncoderConfig) -> str | None:
     av.logging.set_skip_repeated(False)  # a complaint the same as the last one logged must count too
     try:
         with av.logging.Capture() as logs:
-            opens = encoder_works(codec, options)
+            opens = encoder_works(codec, options, enc.pix_fmt)
     finally:
         av.logging.set_level(level)
         av.logging.set_skip_repeated(skip)
@@ -957,13 +957,14 @@ def encoder_problem(codec: str, enc: EncoderConfig) -> str | None:
     return None if opens else f"{codec} does not open with the encoder settings {options}"
 
 
-def auto_codec() -> str:
+def auto_codec(pix_fmt: str = "yuv420p") -> str:
     """What `encoder.codec=auto` means for this process: NVENC when it may use a GPU (inside Ray:
-    one Ray gave it) and that GPU has a video encoder (L4, A10G; not H100), else libx264. A CPU
-    actor on a GPU node sees the GPU too, but must not take its encoder unaccounted."""
+    one Ray gave it) and that GPU has a video encoder (L4, A10G; not H100) that takes `pix_fmt`,
+    else libx264. A CPU actor on a GPU node sees the GPU too, but must not take its encoder
+    unaccounted."""
     from heygem_ray.devices import cuda_usable
 
-    return "h264_nvenc" if cuda_usable() and encoder_works("h264_nvenc") else "libx264"
+    return "h264_nvenc" if cuda_usable() and encoder_works("h264_nvenc", pix_fmt=pix_fmt) else "libx264"
 
 
 def encoder_options(codec: str, enc: EncoderConfig) -> dict[str, str]:
