@@ -697,6 +697,9 @@ def _track(
 #: frames decoded to check that an avatar's timestamps follow display order: B-frames show any
 #: disorder within the first few
 ORDER_CHECK_FRAMES = 32
+#: how many frames a packet's timestamp may fall behind the latest demuxed before it: B-frames'
+#: reordering (H.264 and HEVC reorder 16 at most); further back, the timestamps start over
+REORDER_FRAMES = 32
 
 
 def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> tuple[np.ndarray, Fraction]:
@@ -725,11 +728,22 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> tuple[np.ndarray
         )
     if not pts:
         raise InputError("avatar", uri, "has no video frames")
+    demuxed = np.frombuffer(pts, np.int64)
+    behind = int((np.maximum.accumulate(demuxed) - demuxed).max())
+    timestamps = np.sort(demuxed)
+    if behind > REORDER_FRAMES / info.fps / time_base or bool((np.diff(timestamps) <= 0).any()):
+        # recordings joined end to end (`cat a.ts b.ts`): frames mapped to others' places, or cut
+        # off unsaid, came out as "no face found" or "cannot be decoded this far"
+        raise InputError(
+            "avatar",
+            uri,
+            "its timestamps start over or repeat midway (recordings joined end to end?): join them with "
+            "FFmpeg's concat demuxer, or re-encode it, e.g. `ffmpeg -i in.ts -c:v libx264 out.mp4`",
+        )
     # raises if they are out of order; decoded, but only the first converted
     decoded = [t for t, _ in iter_sampled_frames(local, info, ORDER_CHECK_FRAMES, uri, limit=ORDER_CHECK_FRAMES)]
     if not decoded:
         raise InputError("avatar", uri, "has no decodable video frames")
-    timestamps = np.sort(np.frombuffer(pts, np.int64))
     return timestamps[timestamps >= decoded[0]], time_base
 
 

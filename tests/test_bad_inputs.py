@@ -280,3 +280,31 @@ def test_limits_reject_rows_instead_of_running_out_of_memory(inputs, tmp_path):
     with pytest.raises(InputError, match="over limits.max_audio_seconds=1 s"):
         prepare_audio(str(inputs / "speech.wav"), str(tmp_path / "c2"), max_seconds=1.0)
     shutil.rmtree(tmp_path / "c2")
+
+
+def _ts_clip(path: Path, first_pts: int, frames: int = 25) -> bytes:
+    """An MPEG-TS clip of `frames` frames at 25 fps whose timestamps start at `first_pts` (1/25 s)."""
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 25)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((96, 128, 3), 8 * i, np.uint8), format="bgr24")
+            frame.pts, frame.time_base = first_pts + i, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("second_at", [0, -100], ids=["repeating", "going-back"])
+def test_recordings_joined_end_to_end_are_refused_saying_so(tmp_path, second_at):
+    """Two recordings joined byte for byte (`cat a.ts b.ts`): their timestamps start over midway.
+    Frames that shared one were mapped to each other's places ("no face found in any of N frames",
+    "cannot be decoded this far"), and a second part timed before the first was cut off unsaid."""
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(_ts_clip(tmp_path / "a.ts", 200) + _ts_clip(tmp_path / "b.ts", 200 + second_at))
+    cfg = compose_config("manifest=m", f"output={tmp_path}", "detector=box", "detector.box=[10,10,60,60]")
+    with pytest.raises(InputError, match="its timestamps start over or repeat midway"):
+        prepare_avatar(str(joined), (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
+    alone = prepare_avatar(str(tmp_path / "a.ts"), (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
+    assert len(alone.boxes) == 25
