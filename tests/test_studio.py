@@ -2086,7 +2086,7 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
 
     import gradio as gr
 
-    from heygem_ray.studio.app import API_PATH, UPLOAD_PATH
+    from heygem_ray.studio.app import API_PATH, UPLOAD_PATH, UploadClaims
 
     app, clients = _alice_and_bob_signed_in(tmp_path)
     narration = os.urandom(2000)
@@ -2098,6 +2098,13 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
     assert claims.own("alice", [path]) == [path]
     with pytest.raises(gr.Error, match="not one of your uploads"):
         claims.own("bob", [path])
+    # past its window its own uploader was told it was not theirs, and went looking for why
+    old = UploadClaims(0.0)
+    old.arrived("alice", [path])
+    with pytest.raises(gr.Error, match="this one expired: upload it again"):
+        old.own("alice", [path])
+    with pytest.raises(gr.Error, match="not one of your uploads"):
+        old.own("bob", [path])
     (same,) = clients["bob"].post(UPLOAD_PATH, files={"files": ("speech.wav", narration)}).json()
     assert same == path and claims.own("bob", [path]) == [path]  # the same file, uploaded by bob too
     # a "#" in the name reaches the route percent-encoded: its own uploader had a 404 for the

@@ -803,7 +803,7 @@ class UploadClaims:
         self._lock = threading.Lock()
         self._holders: dict[str, dict[str, float]] = {}  # real path -> page -> when last claimed
         self._arrivals: dict[str, dict[str, list[float]]] = {}  # real path -> user -> unclaimed arrivals
-        self._uploaders: dict[str, dict[str, float]] = {}  # real path -> user -> when last uploaded
+        self._uploaders: dict[str, dict[str, float]] = {}  # real path -> user -> when last uploaded (a day)
 
     def arrived(self, user: str, paths: list[str]) -> None:
         """`user` uploaded `paths` (one arrival each, until a page of theirs claims it)."""
@@ -817,17 +817,26 @@ class UploadClaims:
 
     def uploaded_by(self, user: str, path: str) -> bool:
         """Whether `user` uploaded the file at `path` within the window."""
-        with self._lock:
-            when = self._uploaders.get(os.path.realpath(path), {}).get(user)
+        when = self._uploaded_at(user, path)
         return when is not None and when >= time.time() - self.window
+
+    def _uploaded_at(self, user: str, path: str) -> float | None:
+        with self._lock:
+            return self._uploaders.get(os.path.realpath(path), {}).get(user)
 
     def own(self, user: str, paths: list[str]) -> list[str]:
         """`paths`, each checked to be one `user` uploaded (in Gradio's upload folder, under names no
         one can guess, and theirs: a link to another user's, leaked from a page, names that
         user's), before the studio reads or removes them."""
         for path in paths:
-            if not (_in_uploads(path) and self.uploaded_by(user, path)):
+            when = self._uploaded_at(user, path) if _in_uploads(path) else None
+            if when is None:
                 raise gr.Error(f"{os.path.basename(path)} is not one of your uploads")
+            if when < time.time() - self.window:  # theirs: "not yours" sent its uploader looking for why
+                raise gr.Error(
+                    f"{os.path.basename(path)}: uploads are kept {self.window / 60:.0f} minutes until a campaign "
+                    "takes them, and this one expired: upload it again"
+                )
         return paths
 
     def claim(self, holder: str, paths: list[str]) -> None:
@@ -854,8 +863,8 @@ class UploadClaims:
                     del users[user]
             if not users:
                 del self._arrivals[path]
-        for path, uploaders in list(self._uploaders.items()):
-            if max(uploaders.values()) < now - self.window:
+        for path, uploaders in list(self._uploaders.items()):  # kept longer, to say an upload expired
+            if max(uploaders.values()) < now - UPLOADERS_KEPT_SECONDS:
                 del self._uploaders[path]
 
     def release(self, holder: str, path: str) -> bool:
@@ -869,6 +878,11 @@ class UploadClaims:
             if others:
                 self._holders[key] = others
             return not others and not self._arrivals.get(key)
+
+
+#: how long who uploaded a file is remembered, past its window: an event naming it then is told it
+#: expired, not that it is someone else's
+UPLOADERS_KEPT_SECONDS = 86400.0
 
 
 def _remove_quietly(path: str) -> None:
