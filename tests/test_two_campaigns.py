@@ -93,9 +93,34 @@ def test_two_campaigns_on_one_cluster_at_once_both_finish(tmp_path):
         assert [r["status"] for r in read_results(str(tmp_path / name / "_results.parquet"))] == ["ok"]
 
 
+#: each node's object store in the several-node clusters below
+STORE = 100 * 1024 * 1024
+
+
+@pytest.fixture
+def room_cluster(monkeypatch):
+    """A Ray cluster whose head has no CPUs (its workers added by the test, which then joins it),
+    with a lost room seen within seconds."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from heygem_ray.executors import ray_cluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the session's in-process Ray; the next test module starts it again
+    monkeypatch.setattr(ray_cluster, "ROOM_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(ray_cluster, "ROOM_LOST_SECONDS", 3.0)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": STORE})
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 @pytest.mark.slow  # a minute: the campaign side runs in the default set (test_driver)
 @pytest.mark.multinode
-def test_a_room_whose_nodes_went_is_given_up_and_the_campaign_goes_on(tmp_path, media_dir, monkeypatch):
+def test_a_room_whose_nodes_went_is_given_up_and_the_campaign_goes_on(tmp_path, media_dir, room_cluster):
     """The room is pinned node by node: its only worker lost (a spot GPU node reclaimed; the head has
     no CPUs) and a new one in its place, Ray never placed it again, and the campaign's tasks and
     first renderer waited for ever beside an idle node. Now the tasks that waited in it fail their
@@ -103,80 +128,64 @@ def test_a_room_whose_nodes_went_is_given_up_and_the_campaign_goes_on(tmp_path, 
     import threading
 
     import ray
-    from ray.cluster_utils import Cluster
 
     from helpers import compose_config
     from heygem_ray.campaign import Campaign
     from heygem_ray.executors import ray_cluster
     from heygem_ray.manifest import read_manifest
 
-    if ray.is_initialized():
-        ray.shutdown()  # the session's in-process Ray; the next test module starts it again
-    monkeypatch.setattr(ray_cluster, "ROOM_CHECK_SECONDS", 0.5)
-    monkeypatch.setattr(ray_cluster, "ROOM_LOST_SECONDS", 3.0)
-    store = 100 * 1024 * 1024
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store})
-    worker = cluster.add_node(num_cpus=2, object_store_memory=store)
+    cluster = room_cluster
+    worker = cluster.add_node(num_cpus=2, object_store_memory=STORE)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        rows = 10
-        manifest = str(tmp_path / "m.parquet")
-        audio = [str(media_dir / ("speech4.wav" if i % 2 else "speech3.wav")) for i in range(rows)]
-        avatar = [str(media_dir / ("clip2.mp4" if i % 2 else "still.png")) for i in range(rows)]
-        pq.write_table(pa.table({"id": [f"row{i}" for i in range(rows)], "audio": audio, "avatar": avatar}), manifest)
-        cfg = compose_config(
-            f"manifest={manifest}",
-            f"output={tmp_path / 'out'}",
-            "render.progress=false",
-            "render.segment_seconds=0.5",
-            f"cluster.address={cluster.address}",
-        )
-        job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), ray_cluster.RayExecutor(cfg))
-        outcome: dict = {}
-        runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
-        runner.start()
-        deadline = time.time() + 150
-        while len(job.results) < 2:
-            assert time.time() < deadline and runner.is_alive(), "the campaign never finished two rows"
-            time.sleep(0.1)
-        cluster.remove_node(worker, allow_graceful=False)
-        cluster.add_node(num_cpus=2, object_store_memory=store)  # what an autoscaler would do
-        runner.join(timeout=240)
-        assert not runner.is_alive(), "the campaign waited for ever on its lost room"
-        summary = outcome["summary"]
-        failed = [r.error or "" for r in summary.rows if r.status == "failed"]
-        # a row whose narration's encode waited in the room fails at its stitch, saying so (not with
-        # the TaskCancelledError the encode's stop left its stitch)
-        assert all("nodes of the cluster that went" in e for e in failed), failed
-        assert summary.count("ok") >= rows - 4, summary.line()  # those after the loss render on the new node
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    rows = 10
+    manifest = str(tmp_path / "m.parquet")
+    audio = [str(media_dir / ("speech4.wav" if i % 2 else "speech3.wav")) for i in range(rows)]
+    avatar = [str(media_dir / ("clip2.mp4" if i % 2 else "still.png")) for i in range(rows)]
+    pq.write_table(pa.table({"id": [f"row{i}" for i in range(rows)], "audio": audio, "avatar": avatar}), manifest)
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "render.progress=false",
+        "render.segment_seconds=0.5",
+        f"cluster.address={cluster.address}",
+    )
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), ray_cluster.RayExecutor(cfg))
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("summary", job.run()), daemon=True)
+    runner.start()
+    deadline = time.time() + 150
+    while len(job.results) < 2:
+        assert time.time() < deadline and runner.is_alive(), "the campaign never finished two rows"
+        time.sleep(0.1)
+    cluster.remove_node(worker, allow_graceful=False)
+    cluster.add_node(num_cpus=2, object_store_memory=STORE)  # what an autoscaler would do
+    runner.join(timeout=240)
+    assert not runner.is_alive(), "the campaign waited for ever on its lost room"
+    summary = outcome["summary"]
+    failed = [r.error or "" for r in summary.rows if r.status == "failed"]
+    # a row whose narration's encode waited in the room fails at its stitch, saying so (not with
+    # the TaskCancelledError the encode's stop left its stitch)
+    assert all("nodes of the cluster that went" in e for e in failed), failed
+    assert summary.count("ok") >= rows - 4, summary.line()  # those after the loss render on the new node
 
 
 @pytest.mark.slow  # half a minute of a three-node cluster
 @pytest.mark.multinode
-def test_a_first_renderer_whose_node_went_starts_again_outside_the_room(tmp_path, monkeypatch):
+def test_a_first_renderer_whose_node_went_starts_again_outside_the_room(tmp_path, room_cluster):
     """Only the node holding the room's renderer bundle lost (its other node alive): Ray places a
     room's lost bundles again only all together, and the lost node's pinned task bundle never, so
     the first renderer, held in the room, restarted for `cluster.actor_start_timeout` (30 minutes)
     beside the replacement node. Now it starts there, and the room's tasks go on where it stands."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from helpers import compose_config
     from heygem_ray.executors import ray_cluster
 
-    if ray.is_initialized():
-        ray.shutdown()  # the session's in-process Ray; the next test module starts it again
-    monkeypatch.setattr(ray_cluster, "ROOM_CHECK_SECONDS", 0.5)
-    monkeypatch.setattr(ray_cluster, "ROOM_LOST_SECONDS", 3.0)
-    store = 100 * 1024 * 1024
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store})
+    cluster = room_cluster
     # one renderer fits (2 CPUs less the one kept for tasks); its bundle goes beside that node's tasks'
-    renderer_node = cluster.add_node(num_cpus=2, object_store_memory=store)
-    task_node = cluster.add_node(num_cpus=1, object_store_memory=store)
+    renderer_node = cluster.add_node(num_cpus=2, object_store_memory=STORE)
+    task_node = cluster.add_node(num_cpus=1, object_store_memory=STORE)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     cfg = compose_config(
@@ -190,7 +199,7 @@ def test_a_first_renderer_whose_node_went_starts_again_outside_the_room(tmp_path
         held = ray.util.placement_group_table(executor._room)["bundles_to_node_id"][executor._first_bundle]
         assert held == renderer_node.node_id
         cluster.remove_node(renderer_node, allow_graceful=False)
-        cluster.add_node(num_cpus=2, object_store_memory=store)  # what an autoscaler would do
+        cluster.add_node(num_cpus=2, object_store_memory=STORE)  # what an autoscaler would do
         deadline, ready = time.monotonic() + 60, executor.call(0, "ready")
         while True:
             assert executor.stranded() == [], "the room's other node still stands: no task of it is stranded"
@@ -209,5 +218,3 @@ def test_a_first_renderer_whose_node_went_starts_again_outside_the_room(tmp_path
         assert ray.get(executor.submit(node_id), timeout=30) == task_node.node_id
     finally:
         executor.close()
-        ray.shutdown()
-        cluster.shutdown()
