@@ -65,13 +65,13 @@ EXECUTORS: dict[str, str] = {
 }
 #: video encoders segments are written with (they must join without re-encoding: H.264 only)
 VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
-#: x264's presets, fastest first
 #: the encoders' pixel formats a player takes (yuv420p everywhere; 4:2:2 and 4:4:4 in few)
 PIX_FMTS = ("yuv420p", "yuv422p", "yuv444p")
 #: the narration's codec in the MP4: AAC, what every player takes
 AUDIO_CODECS = ("aac",)
 #: the sample rates FFmpeg's AAC encoder takes
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+#: x264's presets, fastest first
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 #: x264's own option syntax; which keys it knows, x264 says when an actor opens its encoder
 #: (media.video.encoder_problem)
@@ -492,7 +492,8 @@ class Config:
     manifest: str = MISSING
     #: campaign output root URI; videos default to {output}/{id}.mp4
     output: str = MISSING
-    #: avatar probe and face-track cache (null = {output}/_cache)
+    #: what rows share and reruns reuse: content fingerprints, decoded narrations, encoded audio
+    #: tracks, avatar probes and face tracks (null = {output}/_cache)
     cache: str | None = None
     #: re-render rows whose done-marker matches (a forced rerun stopped before its end is resumed by
     #: the next: the rows it published stay done)

@@ -210,7 +210,8 @@ class RenderWorker:
         if not encoder_works(self.codec, pix_fmt=pix_fmt):
             raise RuntimeError(
                 f"encoder.codec={self.codec} cannot encode {pix_fmt} on this node (h264_nvenc needs a GPU "
-                "with a video encoder: L4, A10G, not H100, and takes no yuv422p; encoder.codec=auto picks for each node)"
+                "with a video encoder: L4, A10G, not H100, and takes no yuv422p): give encoder.codec=libx264, or "
+                "auto, which the campaign's first renderer decides for all"
             )
         problem = encoder_problem(self.codec, cfg.encoder)
         if problem:
