@@ -2146,6 +2146,24 @@ def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
     assert bob.post(API_PATH + "queue/join", json={**event, "session_hash": "x" * 100_000}).status_code == 403
 
 
+def test_one_user_cannot_fill_the_event_queue_for_everyone(tmp_path):
+    """The queue's size is every user's together: one user's script that joined events on and on
+    filled it, and every other user's pages were refused ("queue full")."""
+    from heygem_ray.studio.app import API_PATH, USER_EVENTS
+
+    _app, clients = _alice_and_bob_signed_in(tmp_path)
+    alice, bob = clients["alice"], clients["bob"]
+    config = alice.get("/app/config").json()
+    whoami = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "whoami")
+    # the app is not started here: its queue runs no event, so each joined one waits
+    for i in range(USER_EVENTS):
+        event = {"data": [], "fn_index": whoami, "session_hash": f"bobpage{i % 3}"}
+        assert bob.post(API_PATH + "queue/join", json=event).status_code == 200
+    event = {"data": [], "fn_index": whoami, "session_hash": "bobpage9"}
+    assert bob.post(API_PATH + "queue/join", json=event).status_code == 429  # a page of his more changes nothing
+    assert alice.post(API_PATH + "queue/join", json={**event, "session_hash": "alicepage"}).status_code == 200
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="the kernel's socket tables are Linux's")
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_the_owner_of_a_loopback_connections_other_end_is_known(host):

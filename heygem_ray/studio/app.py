@@ -49,6 +49,9 @@ UI_PATH = "/app"
 API_PATH = UI_PATH + "/gradio_api/"
 #: page events waiting for a slot, all users together
 EVENT_QUEUE_SIZE = 256
+#: page events of one user waiting or running, all their pages together: one user's script filled
+#: the whole queue, and every other user's pages were refused ("queue full")
+USER_EVENTS = 64  # a quarter of the queue: a page has a handful of events at most, a user a dozen pages
 #: Gradio's routes for files: `file=<path in its cache>` or `file/<path>`, or a URL it fetches
 FILE_ROUTES = (API_PATH + "file=", API_PATH + "file/")
 UPLOAD_PATH = API_PATH + "upload"
@@ -180,6 +183,8 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
                     isinstance(page, str) and PAGE.fullmatch(page) and pages.allows(page, user)
                 ):
                     return Response("not your page", status_code=403)
+                if request.url.path == API_PATH + "queue/join" and _events_of(user) >= USER_EVENTS:
+                    return Response("too many of your events wait: let them finish first", status_code=429)
         response = await call_next(request)
         if request.method == "POST" and request.url.path == UPLOAD_PATH and response.status_code == 200:
             # its bytes are in (the route reads them all before it answers): counted from now, as
@@ -201,6 +206,14 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'self'")
         return response
+
+    def _events_of(user: str) -> int:
+        """Page events of `user`'s pages waiting or running (Gradio's own record, by page)."""
+        try:
+            pending = dict(blocks._queue.pending_event_ids_session)
+        except AttributeError:  # Gradio's internals moved: no cap, as before it
+            return 0
+        return sum(len(ids) for page, ids in pending.items() if pages.owner(page) == user)
 
     def _upload_refused(request: Request) -> Response | None:
         """An upload the user's quota has no room for, refused before its bytes are taken."""

@@ -204,6 +204,12 @@ class PageOwners:
         self._lock = threading.Lock()
         self._pages: OrderedDict[str, tuple[str, float]] = OrderedDict()  # hash -> (user, last seen)
 
+    def owner(self, page: str) -> str | None:
+        """The user the page is, while it is remembered."""
+        with self._lock:
+            owner = self._pages.get(page)
+        return owner[0] if owner is not None else None
+
     def allows(self, page: str, user: str) -> bool:
         """Whether `user` may use the page `page`: it is theirs, or no one's yet (then theirs)."""
         now = time.monotonic()
