@@ -590,8 +590,11 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
         pages.load(whoami, None, who, concurrency_id="whoami", concurrency_limit=8)
         for box in (audios, avatars, manifest):
             box.change(check, [audios, avatars, manifest], checked, concurrency_id="check", concurrency_limit=4)
+        # a Render waiting for a slot is dropped by a refresh (Gradio clears a closed page's queued
+        # events), its uploads with it: slots for more than a few users at once (one each: `create`),
+        # as saving is mostly waiting on the store
         submit.click(
-            create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=4
+            create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=16
         ).success(emptied_when_saved, [submitted], [audios, avatars, manifest], api_visibility="private")
         outputs = [listing, chosen, status, rows, gallery, log_tail]
         poll: dict = {"concurrency_id": "refresh", "concurrency_limit": 16}
