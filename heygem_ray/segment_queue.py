@@ -22,6 +22,8 @@ log = logging.getLogger("heygem_ray")
 
 #: (row id, segment index, actor): what a segment call in flight is about
 SegmentCall = tuple[str, int, int]
+#: queued segments looked at for one an idle actor may take, past retries kept from it
+LOOK_AHEAD = 64
 
 
 class SegmentQueue:
@@ -65,10 +67,12 @@ class SegmentQueue:
         joining) or run faster get their share. Yields each call's handle and what it is about."""
         cap = self.cap()
         while self._queue and self.actors.inflight < cap:
-            actor = self.actors.pick(len(self._queue), avoid=self._failed_on.get(self._queue[0], ()))
-            if actor is None:
+            placed = self._next()
+            if placed is None:
                 break
-            row_id, index = self._queue.popleft()
+            position, actor = placed
+            row_id, index = self._queue[position]
+            del self._queue[position]
             state = states.get(row_id)
             if state is None or row_id in self.broken:  # the row has its result already, or will
                 self._failed_on.pop((row_id, index), None)
@@ -88,6 +92,20 @@ class SegmentQueue:
                 self._busy_since[actor] = time.monotonic()
             self._out.setdefault(actor, {})[(row_id, index)] = next(self._sent)
             yield self.executor.call(actor, "render_segment", job), (row_id, index, actor)
+
+    def _next(self) -> tuple[int, int] | None:
+        """Where in the queue the next segment to send is, and the actor it goes to: the first, or
+        where that is a retry kept from the actors with room (it failed there; the others are full),
+        the first of the next LOOK_AHEAD that one may go to. The first alone was looked at, and an
+        actor sat idle behind a retry waiting for a busy one."""
+        for position, segment in enumerate(itertools.islice(self._queue, LOOK_AHEAD)):
+            avoid = self._failed_on.get(segment, ())
+            actor = self.actors.pick(len(self._queue), avoid=avoid)
+            if actor is not None:
+                return position, actor
+            if not avoid:  # no actor takes even a segment free to go anywhere
+                return None
+        return None
 
     def _back(self, call: SegmentCall) -> int | None:
         """A call is back from its actor (done, failed or taken back): when it was sent."""
@@ -203,7 +221,8 @@ class SegmentQueue:
         reason = failure_reason(self.executor, exc)
         log.warning("row %s segment %d: %s; retrying on another actor", row_id, index, reason)
         self.actors.actors[actor].last_error = reason
-        if not self.executor.actor_lost(exc):  # a lost actor is no longer asked; a living one may be broken
-            self._failed_on.setdefault((row_id, index), set()).add(actor)
+        # a lost actor too: it comes back, and one that died on every segment it ran (a broken GPU,
+        # a node whose memory monitor kills it) took the retries too, and was never retired
+        self._failed_on.setdefault((row_id, index), set()).add(actor)
         self._queue.appendleft((row_id, index))
         return None

@@ -1554,3 +1554,115 @@ def test_a_rerun_checks_finished_rows_many_at_a_time_then_goes_back_to_its_pace(
     assert max(n for row, n in executor.most if row < finished) == base * SKIPPING_RATE
     after = [n for row, n in executor.most if row >= finished + base * SKIPPING_RATE]
     assert after and max(after) == (base * SKIPPING_RATE if then == "input missing" else base)
+
+
+class _Later(Done):
+    """A call's outcome, ready `delay` seconds from now."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, delay: float, result: Any = None, error: BaseException | None = None):
+        super().__init__(result, error)
+        self.at = time.monotonic() + delay
+
+
+class _Died(Exception):
+    """What a call to an actor that died answers (Ray's RayActorError)."""
+
+
+def test_an_actor_that_dies_on_every_segment_is_retired_and_its_rows_render_elsewhere(tmp_path):
+    """Two of three actors start well, then die on each segment they run (a broken GPU, a node
+    whose memory monitor kills them), and come back. A death did not count against the actor,
+    only against the segment: retried on the same actors, every row failed "after 3 attempts"."""
+
+    class CrashLoops(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=3)
+            self.deaths = [0, 0, 0]
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            answer = super().call(actor, method, *args)
+            if method != "render_segment":
+                return _Later(0.3 if self.deaths[actor] else 0.0, answer.result, answer.error)  # a restart
+            if actor:
+                self.deaths[actor] += 1
+                return _Later(0.05, error=_Died("the actor died"))
+            return _Later(0.2, answer.result)
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            end = time.monotonic() + timeout
+            while True:
+                done = [h for h in handles if getattr(h, "at", 0.0) <= time.monotonic()]
+                if done or time.monotonic() >= end:
+                    return done
+                time.sleep(0.005)
+
+        def actor_lost(self, exc: BaseException) -> bool:
+            return isinstance(exc, _Died)
+
+        def restarts(self, actor: int) -> int:
+            return self.deaths[actor]
+
+        def all_restarts(self) -> list[int]:
+            return list(self.deaths)
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.segment_seconds=2"
+    )
+    rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(6)]
+    executor = CrashLoops()
+    job = Campaign(cfg, rows, executor=executor)
+    summary = run_within(job, 60)
+    assert summary is not None, "the campaign never ended"
+    assert summary.count("ok") == 6, [r.error for r in summary.rows]
+    assert [a.failed is not None for a in job.actors.actors] == [False, True, True]  # retired
+
+
+def test_an_idle_actor_takes_the_next_segment_when_the_first_waits_for_another(tmp_path):
+    """A retry kept from the actor it failed on waits for the other, busy one; only the queue's
+    first segment was looked at, so the idle actor got nothing behind it (for as long as the busy
+    one took: up to `render.segment_timeout` where it hung)."""
+
+    class Pending:  # actor 1's call, never answered (hung)
+        error = None
+
+    class OneFailsOnceOneHangs(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.sent: dict[int, list[int]] = {0: [], 1: []}
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            if method == "render_segment":
+                self.sent[actor].append(args[0].index)
+                if actor == 1:
+                    return Pending()
+                if len(self.sent[0]) == 1:
+                    return Done(error=RuntimeError("CUDA error: a passing one"))
+            return super().call(actor, method, *args)
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            done = [h for h in handles if isinstance(h, Done)]
+            if not done:
+                time.sleep(0.02)
+            return done[:1]
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.segment_seconds=1"
+    )
+    executor = OneFailsOnceOneHangs()
+    job = Campaign(cfg, [Row("r0", "/in/a.wav", "/in/v.mp4", str(out / "r0.mp4"))], executor=executor)
+    turns = 0
+
+    def guard() -> None:
+        nonlocal turns
+        turns += 1
+        if turns > 60:
+            raise KeyboardInterrupt
+
+    job.guard = guard
+    with pytest.raises(KeyboardInterrupt):
+        job.run()
+    # the row's 10 segments: all but the retry and actor 1's own went to actor 0 meanwhile
+    assert len(executor.sent[0]) >= 8, executor.sent
