@@ -78,6 +78,9 @@ STAGES_WATCHED = {
 #: then how long the stopped ones' results are waited for: a cancel (Ray's kill of the worker)
 #: takes effect a moment later, and a stitch may publish meanwhile
 CANCEL_SECONDS = 0.5
+#: and how long one that cannot be stopped (an inline run's, on a thread) is waited for: one that
+#: hung (a store that never answers) held the stop, and the process, for ever
+STITCH_WAIT_SECONDS = 30.0
 
 
 class Campaign:
@@ -480,7 +483,7 @@ class Campaign:
     def _settle_stitches(self) -> None:
         """At a stop, the stitches under way get STITCH_GRACE_SECONDS to finish, then the rest are
         stopped: a row reported interrupted must not have its video published after the report (a
-        stitch on a thread, which cannot be stopped, is waited for)."""
+        stitch on a thread, which cannot be stopped, is waited for, up to STITCH_WAIT_SECONDS)."""
         stitching = {handle: key for handle, (event, key) in self._inflight.items() if event == "stitched"}
         for handle in stitching:
             del self._inflight[handle]
@@ -488,6 +491,9 @@ class Campaign:
         deadline, stopped = time.monotonic() + STITCH_GRACE_SECONDS, False
         while stitching:
             left = deadline - time.monotonic()
+            if stopped and left < -STITCH_WAIT_SECONDS:
+                log.warning("%d stitch(es) that cannot be stopped did not end: left to finish or not", len(stitching))
+                return
             if left <= 0 and not stopped:
                 stopped = True  # what it had published before its stop, `_interrupted` finds by its marker
                 cancelled = {handle: key for handle, key in stitching.items() if self.executor.cancel(handle)}

@@ -477,9 +477,9 @@ def exit_now(status: int) -> NoReturn:
     flush, Ray's), then the process ends without the interpreter's teardown, which frees every
     object of Ray, pyarrow, OpenCV and the rest one by one: ~0.3 s of a one-row render's ~11 s
     (benchmarks/RESULTS.md, "Speed by default"). Everything a command writes is closed (and
-    fsynced) before it returns. A thread still working (an interrupted inline run's stitch
-    finishing its file) gets the ordinary exit, which waits for it; an inline renderer's is a
-    daemon (a segment's file is published whole: one cut short leaves nothing). Only for a process's end:
+    fsynced) before it returns. A thread still working gets the ordinary exit, which waits for it;
+    an inline run's renderers and stage tasks run on daemon threads (a file is published whole: one
+    cut short leaves nothing, and the stop waited for its stitches). Only for a process's end:
     tests call `main`."""
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(status)

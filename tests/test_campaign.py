@@ -235,10 +235,11 @@ def test_inline_executor_renders_the_same_campaign_without_ray(rendered, tmp_pat
         assert _audio_packets(inline_output) == _audio_packets(results[row_id]["output"]), row_id
 
 
-def test_an_inline_renderer_hung_for_ever_does_not_hold_the_process(tmp_path):
-    """`cluster=inline`: a renderer call hung for ever (a decoder, the GPU) is given up by the
-    campaign, which then finishes; its thread, a pool's, was joined at the interpreter's exit, and
-    the finished run's process never ended. The calls queued behind it are cancelled."""
+def test_an_inline_renderer_or_stage_hung_for_ever_does_not_hold_the_process(tmp_path):
+    """`cluster=inline`: a renderer call or a stage task hung for ever (a decoder, the GPU, a read
+    that never ends) is given up by the campaign, which then finishes; its thread, a pool's, was
+    joined at the interpreter's exit, and the finished run's process (and its output root's lock)
+    never ended. The calls queued behind it are cancelled."""
     import subprocess
     import sys
     import textwrap
@@ -255,7 +256,9 @@ def test_an_inline_renderer_hung_for_ever_does_not_hold_the_process(tmp_path):
         hung = threading.Event()
         executor._actors[0].submit(lambda: (hung.set(), time.sleep(3600)))
         queued = executor._actors[0].submit(lambda: 1)
-        assert hung.wait(60)
+        stage = threading.Event()
+        executor.submit(lambda: (stage.set(), time.sleep(3600)))
+        assert hung.wait(60) and stage.wait(60)
         executor.close()
         print("closed", queued.cancelled(), flush=True)
         exit_now(0)

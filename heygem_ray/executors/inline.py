@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +42,8 @@ class InlineExecutor:
                 cfg.cluster, actor=dataclasses.replace(actor, threads=actor.threads or _cores(), pin_cpus=False)
             ),
         )
-        self._tasks = ThreadPoolExecutor(max(2, _cores()), thread_name_prefix="heygem-task")
-        self._actors: list[_Renderer] = []
+        self._tasks = _Threads("heygem-task", max(2, _cores()))
+        self._actors: list[_Threads] = []
         self._workers: list[Future[RenderWorker]] = []
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Future[Any]:
@@ -53,7 +53,7 @@ class InlineExecutor:
         from heygem_ray.segment import RenderWorker
 
         for i in range(count):
-            thread = _Renderer(f"heygem-renderer-{i}")
+            thread = _Threads(f"heygem-renderer-{i}")
             self._actors.append(thread)
             self._workers.append(thread.submit(RenderWorker, self.cfg))
 
@@ -76,7 +76,7 @@ class InlineExecutor:
     def close(self) -> None:
         """Stop taking work: queued calls are cancelled, those running go on (a segment's file is
         published whole, so one the process's end cuts short leaves nothing half-written)."""
-        self._tasks.shutdown(wait=False, cancel_futures=True)
+        self._tasks.shutdown()
         for renderer in self._actors:
             renderer.shutdown()
 
@@ -93,7 +93,7 @@ class InlineExecutor:
         from heygem_ray.segment import RenderWorker
 
         self._actors[actor].shutdown()
-        thread = _Renderer(f"heygem-renderer-{actor}")
+        thread = _Threads(f"heygem-renderer-{actor}")
         self._actors[actor] = thread
         self._workers[actor] = thread.submit(RenderWorker, self.cfg)
         return True
@@ -140,17 +140,20 @@ def open_inline(cfg: Config, startup: Startup) -> Iterator[InlineExecutor]:
         executor.close()
 
 
-class _Renderer:
-    """One renderer's thread: its calls run one at a time, in order, as an actor's do. A daemon
-    thread: a pool's threads are joined at the interpreter's exit, and one hung in a decoder or on
-    the GPU, given up by the campaign, kept the finished run's process alive for ever."""
+class _Threads:
+    """Threads taking calls in order: one, a renderer's (its calls run one at a time, as an actor's
+    do), or several, the stage tasks'. Daemon threads: a pool's threads are joined at the
+    interpreter's exit, and one hung in a decoder or on the GPU, or a stage the campaign gave up
+    (`render.stage_timeout`), kept the finished run's process, and its output root's lock, alive
+    for ever."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, count: int = 1) -> None:
         self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._count = count
+        for i in range(count):
+            threading.Thread(target=self._run, name=f"{name}-{i}" if count > 1 else name, daemon=True).start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         future: Future[Any] = Future()
@@ -166,7 +169,8 @@ class _Renderer:
                 break
             if call is not None:
                 call[0].cancel()
-        self._calls.put(None)
+        for _ in range(self._count):
+            self._calls.put(None)
 
     def _run(self) -> None:
         while (call := self._calls.get()) is not None:
