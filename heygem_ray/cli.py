@@ -70,6 +70,7 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
         if (problem := storage.scheme_problem(uri)) is not None:
             print(f"heygem-ray: error: {what} {storage.display(uri)}: {problem}", file=sys.stderr)
             return 2
+    running = False  # the campaign's loop has begun: a stop from then on reports every row
     try:
         storage.configure(cfg.storage.options)
         with output_lock(cfg.layout) as held:
@@ -78,8 +79,13 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
                 if resolved is not None:
                     storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
 
+            def guard() -> None:  # asked at every turn of the campaign's loop
+                nonlocal running
+                running = True
+                held.check()
+
             with _stops_interrupt():
-                summary = campaign.run(cfg, launched, held.check, record)
+                summary = campaign.run(cfg, launched, guard, record)
     except OutputLostError as exc:  # its rows that did not finish are reported failed, as on a stop
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
         return 1
@@ -87,6 +93,9 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
         print(f"heygem-ray: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if not running:  # reading the manifest, starting Ray, waiting for the output root: no table written
+            print("heygem-ray: interrupted before any row started: nothing was rendered", file=sys.stderr)
+            return 130
         print(
             f"heygem-ray: interrupted; rows that did not finish are reported failed in "
             f"{storage.display(cfg.layout.results)}: run the same command again to resume",

@@ -507,3 +507,22 @@ def test_a_marker_a_later_version_wrote_still_skips_its_row(tmp_path):
     with open(uri, "w") as fh:
         json.dump({**data, "audio_seconds": 1, "sync_score": None}, fh)  # a whole number is a float
     assert read_marker(uri) == Marker("r", "fp", "/out/r.mp4", 25, 1.0, 1.0, bytes=9)
+
+
+def test_a_stop_before_any_row_started_says_nothing_was_rendered(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the manifest was read (or Ray started, or the output root waited for) said
+    "rows that did not finish are reported failed in …/_results.parquet", where there was no table,
+    or another run's."""
+    from helpers import compose_config
+    from heygem_ray import campaign
+    from heygem_ray.cli import render
+
+    def stopped(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(campaign, "read_manifest", stopped)
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={tmp_path}/out", "cluster=inline")
+    assert render(cfg) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before any row started: nothing was rendered" in err and "reported failed" not in err
+    assert not (tmp_path / "out" / "_results.parquet").exists()
