@@ -2134,6 +2134,11 @@ def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
     cancel = {"session_hash": "alicepage", "fn_index": whoami, "event_id": "x"}
     assert bob.post(API_PATH + "cancel", json=cancel).status_code == 403
     assert alice.post(API_PATH + "cancel", json=cancel).status_code == 200  # hers: Gradio answers it
+    # an event of hers named from a page of his: Gradio removed it from the queue whatever its page
+    waiting = alice.post(API_PATH + "queue/join", json=event).json()["event_id"]  # the app is not started: it waits
+    theirs = {"session_hash": "bobpage", "fn_index": whoami, "event_id": waiting}
+    assert bob.post(API_PATH + "cancel", json=theirs).status_code == 403
+    assert alice.post(API_PATH + "cancel", json={**theirs, "session_hash": "alicepage"}).status_code == 200
     # Gradio's `call` route takes a page's hash for an event id it does not know
     assert bob.get(API_PATH + "call/whoami/alicepage").status_code == 404
     assert bob.post(API_PATH + "queue/join", json={**event, "session_hash": "bobpage"}).status_code == 200

@@ -185,6 +185,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
                     return Response("not your page", status_code=403)
                 if request.url.path == API_PATH + "queue/join" and _events_of(user) >= USER_EVENTS:
                     return Response("too many of your events wait: let them finish first", status_code=429)
+                if request.url.path == API_PATH + "cancel" and _elsewhere(event, page):
+                    # Gradio removes the event named from its queue whatever page it is of
+                    return Response("not your page's event", status_code=403)
         response = await call_next(request)
         if request.method == "POST" and request.url.path == UPLOAD_PATH and response.status_code == 200:
             # its bytes are in (the route reads them all before it answers): counted from now, as
@@ -214,6 +217,15 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         except AttributeError:  # Gradio's internals moved: no cap, as before it
             return 0
         return sum(len(ids) for page, ids in pending.items() if pages.owner(page) == user)
+
+    def _elsewhere(event: object, page: str | None) -> bool:
+        """Whether the event a cancel names waits or runs for another page than `page`."""
+        named = event.get("event_id") if isinstance(event, dict) else None
+        try:
+            pending = dict(blocks._queue.pending_event_ids_session)
+        except AttributeError:  # Gradio's internals moved: taken as Gradio takes it
+            return False
+        return any(named in ids for other, ids in pending.items() if other != page)
 
     def _upload_refused(request: Request) -> Response | None:
         """An upload the user's quota has no room for, refused before its bytes are taken."""
