@@ -345,10 +345,9 @@ class Campaign:
         try:
             state.prep = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this row's result
-            bad_input = isinstance(self.executor.cause(exc), InputError)
-            if not bad_input:  # a store failing, say: not a rerun's pace
+            if not isinstance(self.executor.cause(exc), InputError):  # a store failing, say: not a rerun's pace
                 self._skipped_since_work = 0
-            return self._fail(row_id, failure_reason(self.executor, exc), input_fault=bad_input)
+            return self._fail(row_id, failure_reason(self.executor, exc), input_fault=self._lasting(exc))
         if state.prep.skipped:
             self._skipped_since_work += 1
             return self._conclude(state.row.id, "skipped", None, state.prep.marker, state.prep.thumbnail)
@@ -415,8 +414,7 @@ class Campaign:
 
     def _on_track(self, state: RowState, track: AvatarTrack | BaseException) -> None:
         if isinstance(track, BaseException):
-            bad_input = isinstance(self.executor.cause(track), InputError)
-            return self._fail(state.row.id, failure_reason(self.executor, track), input_fault=bad_input)
+            return self._fail(state.row.id, failure_reason(self.executor, track), input_fault=self._lasting(track))
         if self.actors.error:
             return self._fail(state.row.id, self.actors.error)
         assert state.prep is not None and state.prep.audio is not None
@@ -444,8 +442,7 @@ class Campaign:
             result: SegmentResult = self.executor.get(ref)
         except Exception as exc:  # noqa: BLE001
             failure = self.segments.failed(call, state, exc)
-            bad_input = isinstance(self.executor.cause(exc), InputError)
-            return self._fail(row_id, failure, input_fault=bad_input) if failure else None
+            return self._fail(row_id, failure, input_fault=self._lasting(exc)) if failure else None
         self.segments.rendered(call, result)
         if state is None:
             return
@@ -475,8 +472,7 @@ class Campaign:
             if marker is not None:
                 return self._conclude(row_id, "ok", None, marker, None)
             encode = self.shared.audio_track_failure(state.audio_track) if state is not None else None
-            bad_input = isinstance(self.executor.cause(exc), InputError)
-            return self._fail(row_id, encode or failure_reason(self.executor, exc), input_fault=bad_input)
+            return self._fail(row_id, encode or failure_reason(self.executor, exc), input_fault=self._lasting(exc))
         self._conclude(row_id, "ok", None, stitched.marker, stitched.thumbnail)
 
     # ------------------------------------------------------------ results
@@ -570,9 +566,14 @@ class Campaign:
                 self._conclude(row_id, "failed", UNCHECKED if row_id in unchecked else INTERRUPTED, None, None, True)
         self.observers.stopped(stopped, current, len(unchecked))
 
+    def _lasting(self, exc: BaseException) -> bool:
+        """Whether `exc` is the row's own input's lasting fault (`InputError.lasting`)."""
+        cause = self.executor.cause(exc)
+        return isinstance(cause, InputError) and cause.lasting
+
     def _fail(self, row_id: str, reason: str, input_fault: bool = False) -> None:
         """`input_fault`: the row's own inputs are at fault (a refused manifest row, a file that
-        cannot be read, an avatar with no face): a rerun would fail it the same way."""
+        is not audio, an avatar with no face): a rerun would fail it the same way."""
         if input_fault and row_id not in self.results:
             self.input_faults.add(row_id)
         self._conclude(row_id, "failed", reason, None, None)

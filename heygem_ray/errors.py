@@ -17,15 +17,19 @@ class HeygemError(Exception):
 
 
 class InputError(HeygemError):
-    """A row's input is missing, unreadable or unusable. Not retried."""
+    """A row's input is missing, unreadable or unusable. Not retried. `lasting`: the file's own
+    content is at fault (no face, not audio), so a rerun fails the same way; not so where it could
+    not be reached (missing, permission denied: expired credentials too, replaced while read) or
+    its output could not be written."""
 
-    def __init__(self, what: str, uri: str | None, problem: str):
+    def __init__(self, what: str, uri: str | None, problem: str, lasting: bool = True):
         self.what, self.uri, self.problem = what, uri, problem
+        self.lasting = lasting and what != "output"
         where = f" {storage.display(uri)}" if uri else ""
         super().__init__(f"{what}{where}: {problem}")
 
-    def __reduce__(self):  # keep the three fields across Ray's pickling
-        return (InputError, (self.what, self.uri, self.problem))
+    def __reduce__(self):  # keep the fields across Ray's pickling
+        return (InputError, (self.what, self.uri, self.problem, self.lasting))
 
 
 class ManifestError(HeygemError):
@@ -51,13 +55,13 @@ def reading(what: str, uri: str) -> Iterator[None]:
     try:
         yield
     except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a parent is a file
-        raise InputError(what, uri, "does not exist") from None
+        raise InputError(what, uri, "does not exist", lasting=False) from None
     except IsADirectoryError:
-        raise InputError(what, uri, "is a directory, not a file") from None
+        raise InputError(what, uri, "is a directory, not a file", lasting=False) from None
     except PermissionError:
-        raise InputError(what, uri, "cannot be read (permission denied)") from None
+        raise InputError(what, uri, "cannot be read (permission denied)", lasting=False) from None
     except storage.ContentChanged as exc:
-        raise InputError(what, uri, exc.reason) from None
+        raise InputError(what, uri, exc.reason, lasting=False) from None
 
 
 class CacheError(HeygemError):

@@ -350,16 +350,23 @@ def test_a_forced_run_whose_only_failures_are_bad_inputs_is_whole(tmp_path, medi
     from heygem_ray import campaign
 
     manifest = str(tmp_path / "m.parquet")
-    audio = [str(media_dir / "speech3.wav")] * 2 + [str(tmp_path / "missing.wav"), str(media_dir / "speech3.wav")]
+    (tmp_path / "noise.wav").write_text("not audio at all")
+    audio = [str(media_dir / "speech3.wav")] * 2 + [str(tmp_path / "noise.wav"), str(media_dir / "speech3.wav")]
     avatar = [str(media_dir / "still.png")] * 3 + [""]  # the last refused by the manifest: no avatar
-    pq.write_table(pa.table({"id": ["a", "b", "gone", "empty"], "audio": audio, "avatar": avatar}), manifest)
+    pq.write_table(pa.table({"id": ["a", "b", "noise", "empty"], "audio": audio, "avatar": avatar}), manifest)
     cfg = compose_config(
         f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "render.progress=false", "force=true"
     )
     for _ in range(2):
         statuses = {r.id: r.status for r in campaign.run(cfg).rows}
-        assert statuses == {"a": "ok", "b": "ok", "gone": "failed", "empty": "failed"}  # rendered again
+        assert statuses == {"a": "ok", "b": "ok", "noise": "failed", "empty": "failed"}  # rendered again
         assert not (tmp_path / "out" / "_force.json").exists()
+    # a file it could not reach (gone, or credentials expired: permission denied) may be there next
+    # time: the forced run is unfinished, and the next goes on with it
+    (tmp_path / "noise.wav").unlink()
+    statuses = {r.id: r.status for r in campaign.run(cfg).rows}
+    assert statuses == {"a": "ok", "b": "ok", "noise": "failed", "empty": "failed"}
+    assert (tmp_path / "out" / "_force.json").exists()
 
 
 def test_rerun_skips_finished_rows(rendered):

@@ -2156,12 +2156,17 @@ def test_one_user_cannot_fill_the_event_queue_for_everyone(tmp_path):
     filled it, and every other user's pages were refused ("queue full")."""
     from heygem_ray.studio.app import API_PATH, USER_EVENTS
 
-    _app, clients = _alice_and_bob_signed_in(tmp_path)
+    app, clients = _alice_and_bob_signed_in(tmp_path)
     alice, bob = clients["alice"], clients["bob"]
     config = alice.get("/app/config").json()
     whoami = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "whoami")
+    # events whose page closed while they ran stay in Gradio's record by page for good: counted,
+    # they locked a user out with nothing waiting
+    first = {"data": [], "fn_index": whoami, "session_hash": "bobpage0"}
+    assert bob.post(API_PATH + "queue/join", json=first).status_code == 200
+    app.state.gradio_pages._queue.pending_event_ids_session["bobpage0"].update(f"gone{i}" for i in range(100))
     # the app is not started here: its queue runs no event, so each joined one waits
-    for i in range(USER_EVENTS):
+    for i in range(1, USER_EVENTS):
         event = {"data": [], "fn_index": whoami, "session_hash": f"bobpage{i % 3}"}
         assert bob.post(API_PATH + "queue/join", json=event).status_code == 200
     event = {"data": [], "fn_index": whoami, "session_hash": "bobpage9"}

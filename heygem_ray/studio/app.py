@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import gradio as gr
@@ -210,22 +211,23 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'self'")
         return response
 
-    def _events_of(user: str) -> int:
-        """Page events of `user`'s pages waiting or running (Gradio's own record, by page)."""
+    def _live_events() -> dict[str, Any]:
+        """Gradio's page events now, waiting or running, by id (it forgets each as it ends; its
+        record by page keeps those whose page closed while they ran, for good)."""
         try:
-            pending = dict(blocks._queue.pending_event_ids_session)
-        except AttributeError:  # Gradio's internals moved: no cap, as before it
-            return 0
-        return sum(len(ids) for page, ids in pending.items() if pages.owner(page) == user)
+            return dict(blocks._queue.event_ids_to_events)
+        except AttributeError:  # Gradio's internals moved: no check, as before it
+            return {}
+
+    def _events_of(user: str) -> int:
+        """Page events of `user`'s pages waiting or running."""
+        return sum(pages.owner(getattr(e, "session_hash", "")) == user for e in _live_events().values())
 
     def _elsewhere(event: object, page: str | None) -> bool:
         """Whether the event a cancel names waits or runs for another page than `page`."""
         named = event.get("event_id") if isinstance(event, dict) else None
-        try:
-            pending = dict(blocks._queue.pending_event_ids_session)
-        except AttributeError:  # Gradio's internals moved: taken as Gradio takes it
-            return False
-        return any(named in ids for other, ids in pending.items() if other != page)
+        held = _live_events().get(named) if isinstance(named, str) else None
+        return held is not None and getattr(held, "session_hash", None) != page
 
     def _upload_refused(request: Request) -> Response | None:
         """An upload the user's quota has no room for, refused before its bytes are taken."""
