@@ -296,6 +296,9 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     S3 key holding "::" was read, locked, listed and removed at the path before the "::" (another
     folder's files deleted; a second run let into the same output root), though written where named."""
     proto = protocol(uri)
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    if scheme and scheme.group(1) != proto:  # "S3://": file systems strip their scheme as they write it
+        uri = proto + uri[scheme.end(1) :]
     family = "s3" if proto in ("s3", "s3a") else proto  # s3a:// is s3fs too
     options = _merged(_DEFAULTS.get(family, {}), _OPTIONS.get(proto) or _OPTIONS.get(family) or {})
     cls = fsspec.get_filesystem_class(proto)
@@ -394,13 +397,50 @@ def display(uri: str) -> str:
     )
 
 
-#: query parameters that sign a URL, new each time it is signed: S3 (v4 and v2), GCS, Alibaba OSS,
-#: CloudFront, Azure SAS
-_SIGNING = re.compile(
-    r"(x-amz-|x-goog-|x-oss-).*|signature|expires|awsaccesskeyid|googleaccessid|ossaccesskeyid|key-pair-id|policy"
-    r"|sig|se|st|sv|sp|spr|sr|ss|srt|si|sdd|skoid|sktid|skt|ske|sks|skv|saoid|suoid|scid",
-    re.IGNORECASE,
-)
+#: a signed URL's parameters, by the one that says it is signed that way: those that change each
+#: time it is signed (names lowercased; a name ending in "-" stands for all names it begins). Only
+#: when that one is there: a bare "sp" or "x-oss-process" may be what the URL asks for
+_SIGNATURES = {
+    "x-amz-signature": ("x-amz-",),  # S3, SigV4
+    "awsaccesskeyid": ("awsaccesskeyid", "signature", "expires", "x-amz-security-token"),  # S3, SigV2
+    "x-goog-signature": ("x-goog-",),  # GCS, V4
+    "googleaccessid": ("googleaccessid", "signature", "expires"),  # GCS, V2
+    "key-pair-id": ("key-pair-id", "signature", "expires", "policy"),  # CloudFront
+    "ossaccesskeyid": ("ossaccesskeyid", "signature", "expires", "security-token"),  # Alibaba OSS, V1
+    "x-oss-signature": (
+        "x-oss-signature",
+        "x-oss-credential",
+        "x-oss-date",
+        "x-oss-expires",
+        "x-oss-signature-version",
+        "x-oss-security-token",
+        "x-oss-additional-headers",
+    ),  # OSS, V4
+    "sig": (
+        "sv",
+        "ss",
+        "srt",
+        "sp",
+        "se",
+        "st",
+        "spr",
+        "sig",
+        "si",
+        "sr",
+        "sdd",
+        "ses",
+        "skoid",
+        "sktid",
+        "skt",
+        "ske",
+        "sks",
+        "skv",
+        "saoid",
+        "suoid",
+        "scid",
+        "sduoid",
+    ),  # Azure SAS
+}
 
 
 def unsigned(uri: str) -> str:
@@ -408,9 +448,15 @@ def unsigned(uri: str) -> str:
     object's URL signed again, for a rerun after the first signatures expired, is the same input."""
     base, mark, query = uri.partition("?")
     params = query.split("&") if mark else []
-    kept = [p for p in params if not _SIGNING.fullmatch(p.split("=", 1)[0])]
-    if len(kept) == len(params):
+    names = [p.split("=", 1)[0].lower() for p in params]
+    signing = [n for key, found in _SIGNATURES.items() if key in names for n in found]
+    if not signing:
         return uri
+    kept = [
+        p
+        for p, n in zip(params, names, strict=True)
+        if not any(n == s or (s.endswith("-") and n.startswith(s)) for s in signing)
+    ]
     return base + ("?" + "&".join(kept) if kept else "")
 
 

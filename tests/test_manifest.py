@@ -33,6 +33,12 @@ def test_a_derived_id_outlives_its_inputs_signatures():
     assert default_id(s3.format(1, "a"), azure.format(1, "a")) == default_id(s3.format(2, "b"), azure.format(2, "b"))
     # what is not a signature still names another input; ids of URIs without one are as before
     assert default_id(s3.format(1, "a"), "v") != default_id(s3.format(1, "a").replace("=7", "=8"), "v")
+    # parameters that sign one provider's URLs ask for something in others': kept where nothing signs
+    processed = "https://b.oss-cn-hangzhou.aliyuncs.com/v.mp4?x-oss-process=video/snapshot,t_{}"
+    assert default_id("a.wav", processed.format(1)) != default_id("a.wav", processed.format(2))
+    assert default_id("https://h/a.wav?sp=1", "v") != default_id("https://h/a.wav?sp=2", "v")
+    signed_oss = processed.format(1) + "&OSSAccessKeyId=k&Expires={}&Signature={}"
+    assert default_id("a.wav", signed_oss.format(1, "x")) == default_id("a.wav", signed_oss.format(2, "y"))
     assert default_id("a.wav", "v.mp4") == "f6f36ba7de5d"
     assert default_id("https://h/a.wav?versionId=2", "s3://b/v.mp4") == "54125bf3e086"
 

@@ -541,6 +541,9 @@ def test_names_with_double_colons_are_paths_not_chains_of_file_systems(tmp_path)
     storage.remove(parts, recursive=True)
     assert not storage.exists(f"{parts}/part-1.parquet")
     assert (tmp_path / "promo" / "keep.mp4").read_bytes() == b"a video"
+    # a scheme in capitals is that scheme (its file system strips it only as it writes it)
+    storage.write_bytes("memory://caps/k", b"k")
+    assert storage.read_bytes("MEMORY://caps/k") == b"k"
 
 
 def test_a_signed_urls_secrets_stay_out_of_row_errors():
