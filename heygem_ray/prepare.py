@@ -729,9 +729,12 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> tuple[np.ndarray
     if not pts:
         raise InputError("avatar", uri, "has no video frames")
     demuxed = np.frombuffer(pts, np.int64)
-    behind = int((np.maximum.accumulate(demuxed) - demuxed).max())
-    timestamps = np.sort(demuxed)
-    if behind > REORDER_FRAMES / info.fps / time_base or bool((np.diff(timestamps) <= 0).any()):
+    order = np.argsort(demuxed, kind="stable")
+    timestamps = demuxed[order]
+    # how many packets one comes after those it is shown before (B-frames: a few; counted in
+    # packets, not time: a clip that pauses for seconds after a B-frame is no restart)
+    behind = int((np.arange(order.size) - np.argsort(order)).max())
+    if behind > REORDER_FRAMES or bool((np.diff(timestamps) <= 0).any()):
         # recordings joined end to end (`cat a.ts b.ts`): frames mapped to others' places, or cut
         # off unsaid, came out as "no face found" or "cannot be decoded this far"
         raise InputError(

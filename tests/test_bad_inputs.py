@@ -289,22 +289,41 @@ def _ts_clip(path: Path, first_pts: int, frames: int = 25) -> bytes:
         stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
         stream.codec_context.time_base = Fraction(1, 25)
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((96, 128, 3), 8 * i, np.uint8), format="bgr24")
+            frame = av.VideoFrame.from_ndarray(np.full((96, 128, 3), 4 * i, np.uint8), format="bgr24")
             frame.pts, frame.time_base = first_pts + i, Fraction(1, 25)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("second_at", [0, -100], ids=["repeating", "going-back"])
+@pytest.mark.parametrize("second_at", [0, -150], ids=["repeating", "going-back"])
 def test_recordings_joined_end_to_end_are_refused_saying_so(tmp_path, second_at):
     """Two recordings joined byte for byte (`cat a.ts b.ts`): their timestamps start over midway.
     Frames that shared one were mapped to each other's places ("no face found in any of N frames",
     "cannot be decoded this far"), and a second part timed before the first was cut off unsaid."""
     joined = tmp_path / "joined.ts"
-    joined.write_bytes(_ts_clip(tmp_path / "a.ts", 200) + _ts_clip(tmp_path / "b.ts", 200 + second_at))
+    joined.write_bytes(_ts_clip(tmp_path / "a.ts", 200, 50) + _ts_clip(tmp_path / "b.ts", 200 + second_at, 50))
     cfg = compose_config("manifest=m", f"output={tmp_path}", "detector=box", "detector.box=[10,10,60,60]")
     with pytest.raises(InputError, match="its timestamps start over or repeat midway"):
         prepare_avatar(str(joined), (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
     alone = prepare_avatar(str(tmp_path / "a.ts"), (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
-    assert len(alone.boxes) == 25
+    assert len(alone.boxes) == 50
+
+
+def test_a_clip_that_pauses_for_seconds_between_b_frames_is_no_restart(tmp_path):
+    """A screen or webcam recording that stalls: a B-frame demuxed after a frame seconds later. The
+    restart check measured that in time (seconds behind, against 32 frames' worth) and refused it."""
+    path = tmp_path / "stalls.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"preset": "ultrafast", "bf": "3"})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = [i * 33 + 5000 * (i // 10) for i in range(40)]  # bursts of 10 frames, 5 s apart
+        for i, at in enumerate(pts):
+            frame = av.VideoFrame.from_ndarray(np.full((96, 128, 3), 6 * i, np.uint8), format="bgr24")
+            frame.pts, frame.time_base = at, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    cfg = compose_config("manifest=m", f"output={tmp_path}", "detector=box", "detector.box=[10,10,60,60]")
+    track = prepare_avatar(str(path), (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
+    assert len(track.boxes) == 40
