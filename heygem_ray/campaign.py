@@ -133,6 +133,8 @@ class Campaign:
         }
         lost = False
         try:
+            if self.guard is not None:  # once before anything: from here a stop reports every row
+                self.guard()
             self.observers.open()
             for row in self._refused:  # their results say why; the others go on
                 self._fail(row.id, row.refused or "", input_fault=True)

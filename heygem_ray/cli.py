@@ -79,7 +79,7 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
                 if resolved is not None:
                     storage.write_bytes(cfg.layout.config, config_yaml(resolved).encode())
 
-            def guard() -> None:  # asked at every turn of the campaign's loop
+            def guard() -> None:  # asked as the campaign begins, then at every turn of its loop
                 nonlocal running
                 running = True
                 held.check()

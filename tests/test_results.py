@@ -516,6 +516,7 @@ def test_a_stop_before_any_row_started_says_nothing_was_rendered(tmp_path, monke
     from helpers import compose_config
     from heygem_ray import campaign
     from heygem_ray.cli import render
+    from heygem_ray.executors.inline import InlineExecutor
 
     def stopped(*_: object, **__: object) -> None:
         raise KeyboardInterrupt
@@ -526,3 +527,11 @@ def test_a_stop_before_any_row_started_says_nothing_was_rendered(tmp_path, monke
     err = capsys.readouterr().err
     assert "interrupted before any row started: nothing was rendered" in err and "reported failed" not in err
     assert not (tmp_path / "out" / "_results.parquet").exists()
+    # once the campaign has begun (its renderers starting, waiting for room on a cluster), a stop
+    # writes the table: said so
+    monkeypatch.undo()
+    pq.write_table(pa.table({"id": ["a"], "audio": ["/in/a.wav"], "avatar": ["/in/v.mp4"]}), tmp_path / "m.parquet")
+    monkeypatch.setattr(InlineExecutor, "start_actors", stopped)
+    assert render(cfg) == 130
+    assert "reported failed in" in capsys.readouterr().err
+    assert (tmp_path / "out" / "_results.parquet").exists()
