@@ -2056,6 +2056,12 @@ def test_a_file_sent_again_counts_once_and_stays_its_senders_until_their_page_cl
     assert mine.release("alice/second", "/u/y") is True
 
 
+def _event_index(client, api_name: str) -> int:
+    """The `fn_index` of the page event `api_name`, as the page's config names it."""
+    config = client.get("/app/config").json()
+    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+
+
 def _alice_and_bob_signed_in(tmp_path):
     """A studio app of two users, and a client signed in as each (by name)."""
     import logging
@@ -2124,8 +2130,7 @@ def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
 
     _app, clients = _alice_and_bob_signed_in(tmp_path)
     alice, bob = clients["alice"], clients["bob"]
-    config = alice.get("/app/config").json()
-    whoami = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "whoami")
+    whoami = _event_index(alice, "whoami")
     event = {"data": [], "fn_index": whoami, "session_hash": "alicepage"}
     assert alice.post(API_PATH + "queue/join", json=event).status_code == 200
     assert bob.post(API_PATH + "queue/join", json=event).status_code == 403
@@ -2158,8 +2163,7 @@ def test_one_user_cannot_fill_the_event_queue_for_everyone(tmp_path):
 
     app, clients = _alice_and_bob_signed_in(tmp_path)
     alice, bob = clients["alice"], clients["bob"]
-    config = alice.get("/app/config").json()
-    whoami = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "whoami")
+    whoami = _event_index(alice, "whoami")
     # events whose page closed while they ran stay in Gradio's record by page for good: counted,
     # they locked a user out with nothing waiting
     first = {"data": [], "fn_index": whoami, "session_hash": "bobpage0"}
