@@ -351,6 +351,16 @@ def test_one_users_slow_page_does_not_hold_the_others(tmp_path):
     for name in ("refresh", "check", "whoami", "act"):
         (group,) = limits[name]  # one group, one limit, for all its events
         assert group[1] is None or group[1] > 1, (name, group)
+    # the events' threads are their own and enough for every group at its limit: at Gradio's
+    # default (40) they shared the web server's pool, and held every request's thread
+    from heygem_ray.studio.app import EVENT_THREADS, build_app
+
+    groups = {group for groups in limits.values() for group in groups if isinstance(group[1], int)}
+    assert sum(limit for _, limit in groups) <= EVENT_THREADS
+    app = build_app(service, None, Sessions(b"k" * 32))
+    blocks = app.state.gradio_pages
+    blocks.run_startup_events()  # as the server's start runs them
+    assert blocks.limiter is not None and blocks.limiter.total_tokens == EVENT_THREADS
 
 
 def test_the_upload_check_counts_the_plans_rows_where_a_plan_is_uploaded(tmp_path, media_dir):

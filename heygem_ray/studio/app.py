@@ -50,6 +50,8 @@ UI_PATH = "/app"
 API_PATH = UI_PATH + "/gradio_api/"
 #: page events waiting for a slot, all users together
 EVENT_QUEUE_SIZE = 256
+#: threads running page events, all users together: at least their groups' limits (`build_pages`)
+EVENT_THREADS = 64
 #: page events of one user waiting or running, all their pages together: one user's script filled
 #: the whole queue, and every other user's pages were refused ("queue full")
 USER_EVENTS = 64  # a quarter of the queue: a page has a handful of events at most, a user a dozen pages
@@ -359,6 +361,9 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
     # events waiting beyond this are refused ("queue full") instead of piling up without end
     # api_open=False: Gradio's direct routes (`/run/<event>`) would run any event at once, past the
     # queue's size and every event group's concurrency limit (the pages use the queue alone)
+    # threads of the events' own (their groups' limits together, 52): at Gradio's default of 40 they
+    # shared the web server's pool, and events at their limits held every request's thread
+    blocks.max_threads = EVENT_THREADS
     blocks.queue(max_size=EVENT_QUEUE_SIZE, api_open=False)
     max_bytes = int(studio.cfg.max_upload_mb * 2**20)
     return gr.mount_gradio_app(
