@@ -359,7 +359,7 @@ def test_one_users_slow_page_does_not_hold_the_others(tmp_path):
     assert sum(limit for _, limit in groups) <= EVENT_THREADS
     app = build_app(service, None, Sessions(b"k" * 32))
     blocks = app.state.gradio_pages
-    blocks.run_startup_events()  # as the server's start runs them
+    blocks.create_limiter()  # as the server's start does
     assert blocks.limiter is not None and blocks.limiter.total_tokens == EVENT_THREADS
 
 
