@@ -53,6 +53,19 @@ def compose_config(*overrides: str):
     return to_plain(compose(list(overrides)))
 
 
+def write_mixed_manifest(folder, media_dir, rows: int) -> str:
+    """A manifest of `rows` rows, `row0`...: two narrations and two avatars (a still, a clip) in
+    turn; its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    audio = [str(media_dir / ("speech4.wav" if i % 2 else "speech3.wav")) for i in range(rows)]
+    avatar = [str(media_dir / ("clip2.mp4" if i % 2 else "still.png")) for i in range(rows)]
+    manifest = str(folder / "m.parquet")
+    pq.write_table(pa.table({"id": [f"row{i}" for i in range(rows)], "audio": audio, "avatar": avatar}), manifest)
+    return manifest
+
+
 def render_cli(*args: str, timeout: float = 300, cwd: str | None = None, **env: str):
     """`heygem-ray render ARGS` in a process of its own, as a user runs it (output captured; its
     local Ray, if it starts one, too), in folder `cwd` (None: this one); `env`: variables to set."""

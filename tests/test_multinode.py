@@ -8,11 +8,9 @@ import os
 import threading
 import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from helpers import compose_config
+from helpers import compose_config, write_mixed_manifest
 from heygem_ray.campaign import Campaign
 from heygem_ray.executors.ray_cluster import RayExecutor
 from heygem_ray.manifest import read_manifest
@@ -39,10 +37,7 @@ def cluster(s3_endpoint):
 
 
 def campaign_config(tmp_path, media_dir, rows: int):
-    audio = [str(media_dir / ("speech4.wav" if i % 2 else "speech3.wav")) for i in range(rows)]
-    avatar = [str(media_dir / ("clip2.mp4" if i % 2 else "still.png")) for i in range(rows)]
-    manifest = str(tmp_path / "m.parquet")
-    pq.write_table(pa.table({"id": [f"row{i}" for i in range(rows)], "audio": audio, "avatar": avatar}), manifest)
+    manifest = write_mixed_manifest(tmp_path, media_dir, rows)
     cfg = compose_config(
         f"manifest={manifest}",
         f"output={tmp_path / 'out'}",

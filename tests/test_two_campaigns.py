@@ -129,7 +129,7 @@ def test_a_room_whose_nodes_went_is_given_up_and_the_campaign_goes_on(tmp_path, 
 
     import ray
 
-    from helpers import compose_config
+    from helpers import compose_config, write_mixed_manifest
     from heygem_ray.campaign import Campaign
     from heygem_ray.executors import ray_cluster
     from heygem_ray.manifest import read_manifest
@@ -139,10 +139,7 @@ def test_a_room_whose_nodes_went_is_given_up_and_the_campaign_goes_on(tmp_path, 
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     rows = 10
-    manifest = str(tmp_path / "m.parquet")
-    audio = [str(media_dir / ("speech4.wav" if i % 2 else "speech3.wav")) for i in range(rows)]
-    avatar = [str(media_dir / ("clip2.mp4" if i % 2 else "still.png")) for i in range(rows)]
-    pq.write_table(pa.table({"id": [f"row{i}" for i in range(rows)], "audio": audio, "avatar": avatar}), manifest)
+    manifest = write_mixed_manifest(tmp_path, media_dir, rows)
     cfg = compose_config(
         f"manifest={manifest}",
         f"output={tmp_path / 'out'}",
