@@ -2550,3 +2550,74 @@ def test_a_page_lists_the_newest_campaigns_and_reads_a_record_again_only_when_it
         clock.now += step
         studio.campaigns("alice")
         assert len(listings) == listed
+
+
+def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_path, media_dir, monkeypatch):
+    """Saving copies every upload into the store (minutes, to S3), so Renders take turns. One that
+    waited for its turn in Gradio's queue was dropped when its page closed (a refresh: Gradio
+    clears a closed page's queued events), and the campaign its user saw submitted was never made.
+    The turns are the studio's own now: the campaign is made, and its uploads leave the cache."""
+    import functools
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio import service as studio_service
+    from heygem_ray.studio.app import API_PATH, UPLOAD_PATH, build_app
+    from heygem_ray.studio.cluster import Cluster
+
+    cache = tmp_path / "uploads"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    monkeypatch.setattr(studio_service, "SAVE_THREADS", 1)  # one save at a time: bob's holds alice's
+    users = tmp_path / "users.json"
+    for name in ("alice", "bob"):
+        add_user(str(users), name, f"{name}-password")
+    cluster = Cluster(f"http://127.0.0.1:{_free_port()}", local=False)  # down: saved, not submitted
+    service = studio_service.Studio(StudioConfig(store=str(tmp_path / "store")), cluster, logging.getLogger("t"))
+    saving, go_on = threading.Event(), threading.Event()
+    store_campaign = service._store_campaign
+
+    def held_for_bob(user, *args):
+        if user == "bob":
+            saving.set()
+            go_on.wait(30)
+        return store_campaign(user, *args)
+
+    monkeypatch.setattr(service, "_store_campaign", held_for_bob)
+    app = build_app(service, str(users), Sessions(b"k" * 32))
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as client:  # Gradio's queue runs
+        signed_in = {}
+        for name in ("alice", "bob"):
+            client.cookies.clear()
+            assert client.post("/login", data={"name": name, "password": f"{name}-password"}).status_code == 303
+            signed_in[name] = list(client.cookies.jar)
+        create = _event_index(client, "create")
+
+        def render(user: str, page: str) -> list[str]:
+            client.cookies.clear()
+            for cookie in signed_in[user]:
+                client.cookies.jar.set_cookie(cookie)
+            sent = []
+            for name in ("speech3.wav", "still.png"):
+                with open(media_dir / name, "rb") as upload:
+                    sent += client.post(UPLOAD_PATH, files=[("files", upload)]).json()
+            audio, avatar = ({"path": p, "meta": {"_type": "gradio.FileData"}} for p in sent)
+            data = [f"{user}'s", [audio], [avatar], None, "classic (no weights)", "standard"]
+            event = {"data": data, "fn_index": create, "session_hash": page}
+            assert client.post(API_PATH + "queue/join", json=event).status_code == 200
+            return sent
+
+        render("bob", "bobpage")
+        assert saving.wait(30)
+        hers = render("alice", "alicepage")
+        time.sleep(1.0)  # her Render waits its turn behind bob's
+        assert not service.store.campaigns("alice") and service.being_saved("alice")  # her page says so
+        queue = app.state.gradio_pages._queue
+        client.portal.call(functools.partial(queue.clean_events, session_hash="alicepage"))  # her page closes
+        go_on.set()
+        _wait_for(lambda: service.store.campaigns("alice"), 30, "alice's campaign")
+        assert [r.name for r in service.store.campaigns("alice")] == ["alice's"]
+        _wait_for(lambda: not any(os.path.exists(p) for p in hers), 10, "her uploads to leave the cache")
+        _wait_for(lambda: not service.being_saved("alice"), 10, "her save to end")

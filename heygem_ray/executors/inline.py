@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future
@@ -21,6 +19,7 @@ from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING, Any
 
 from heygem_ray.config import Config
+from heygem_ray.daemon_threads import DaemonThreads
 from heygem_ray.executors import Expired, StageStopped
 
 if TYPE_CHECKING:
@@ -42,8 +41,8 @@ class InlineExecutor:
                 cfg.cluster, actor=dataclasses.replace(actor, threads=actor.threads or _cores(), pin_cpus=False)
             ),
         )
-        self._tasks = _Threads("heygem-task", max(2, _cores()))
-        self._actors: list[_Threads] = []
+        self._tasks = DaemonThreads("heygem-task", max(2, _cores()))
+        self._actors: list[DaemonThreads] = []
         self._workers: list[Future[RenderWorker]] = []
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Future[Any]:
@@ -53,7 +52,7 @@ class InlineExecutor:
         from heygem_ray.segment import RenderWorker
 
         for i in range(count):
-            thread = _Threads(f"heygem-renderer-{i}")
+            thread = DaemonThreads(f"heygem-renderer-{i}")
             self._actors.append(thread)
             self._workers.append(thread.submit(RenderWorker, self.cfg))
 
@@ -93,7 +92,7 @@ class InlineExecutor:
         from heygem_ray.segment import RenderWorker
 
         self._actors[actor].shutdown()
-        thread = _Threads(f"heygem-renderer-{actor}")
+        thread = DaemonThreads(f"heygem-renderer-{actor}")
         self._actors[actor] = thread
         self._workers[actor] = thread.submit(RenderWorker, self.cfg)
         return True
@@ -138,46 +137,3 @@ def open_inline(cfg: Config, startup: Startup) -> Iterator[InlineExecutor]:
         yield executor
     finally:
         executor.close()
-
-
-class _Threads:
-    """Threads taking calls in order: one, a renderer's (its calls run one at a time, as an actor's
-    do), or several, the stage tasks'. Daemon threads: a pool's threads are joined at the
-    interpreter's exit, and one hung in a decoder or on the GPU, or a stage the campaign gave up
-    (`render.stage_timeout`), kept the finished run's process, and its output root's lock, alive
-    for ever."""
-
-    def __init__(self, name: str, count: int = 1) -> None:
-        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._count = count
-        for i in range(count):
-            threading.Thread(target=self._run, name=f"{name}-{i}" if count > 1 else name, daemon=True).start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._calls.put((future, fn, args))
-        return future
-
-    def shutdown(self) -> None:
-        """No more calls: those still queued are cancelled, the one running finishes."""
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                break
-            if call is not None:
-                call[0].cancel()
-        for _ in range(self._count):
-            self._calls.put(None)
-
-    def _run(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, fn, args = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - the caller's to see, as a pool's future
-                future.set_exception(exc)

@@ -5,6 +5,7 @@ for that user's campaigns only; nothing is served from Gradio's cache or from th
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
@@ -485,7 +486,7 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 count += f" · uploads wait {UPLOAD_WINDOW_SECONDS / 60:.0f} minutes for Render"
             return "\n".join([count, *problems])
 
-        def create(
+        async def create(
             title: str,
             audio_files: list[str] | None,
             avatar_files: list[str] | None,
@@ -494,34 +495,45 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
             quality_name: str,
             request: gr.Request,
         ) -> tuple[str, gr.Dropdown]:
-            user = user_of(request)
+            user, page = user_of(request), page_of(request)
             uploads = claims.own(
                 user, [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
             )
-            claims.claim(page_of(request), uploads)
-            saved: str | None  # the campaign in the store: the page opens it
+            claims.claim(page, uploads)
+
+            def save() -> tuple[str, str | None, list[tuple[str, str]] | None]:
+                saved: str | None  # the campaign in the store: the page opens it
+                try:
+                    record = studio.create(
+                        user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
+                    )
+                    message = (
+                        f"✅ Campaign **{html.escape(record.name)}** submitted: {record.rows} video(s). "
+                        "Follow it on the Campaigns tab."
+                    )
+                    saved = record.id
+                except UploadError as exc:
+                    return f"❌ {exc}", None, None
+                except SubmitUnconfirmed as exc:  # saved: its uploads are in the store, as below
+                    message = f"❌ saved, but the cluster did not confirm its submit: {exc}. {UNCONFIRMED}"
+                    saved = exc.saved
+                except ClusterUnavailable as exc:
+                    message = f"❌ saved, but not submitted: {exc}. {NOT_SUBMITTED}"
+                    saved = exc.saved
+                for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
+                    if claims.release(page, path):
+                        _remove_quietly(path)
+                return message, saved, _choices(studio, user)
+
             try:
-                record = studio.create(
-                    user, title, audio_files or [], avatar_files or [], manifest_file, model_name, quality_name
-                )
-                message = (
-                    f"✅ Campaign **{html.escape(record.name)}** submitted: {record.rows} video(s). "
-                    "Follow it on the Campaigns tab."
-                )
-                saved = record.id
+                saving = studio.save_later(user, save)
             except UploadError as exc:
                 return f"❌ {exc}", gr.Dropdown()
-            except SubmitUnconfirmed as exc:  # saved: its uploads are in the store, as below
-                message = f"❌ saved, but the cluster did not confirm its submit: {exc}. {UNCONFIRMED}"
-                saved = exc.saved
-            except ClusterUnavailable as exc:
-                message = f"❌ saved, but not submitted: {exc}. {NOT_SUBMITTED}"
-                saved = exc.saved
-            for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
-                if claims.release(page_of(request), path):
-                    _remove_quietly(path)
+            # shielded: a page closed meanwhile (a refresh) ends this event, not the save it asked for
+            message, saved, choices = await asyncio.shield(asyncio.wrap_future(saving))
+            if choices is None:
+                return message, gr.Dropdown()
             # the campaign opened on the Campaigns tab: a failed submit's too, to re-run from there
-            choices = _choices(studio, user)
             return message, gr.Dropdown(choices=choices, value=saved) if saved else gr.Dropdown(choices=choices)
 
         def emptied_when_saved(message: str) -> tuple:
@@ -563,6 +575,8 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
             # the table lists the newest; the chooser offers every campaign
             shown = f"The list above shows the {len(views)} newest of your {len(records)} campaigns."
             info = shown if len(records) > len(views) else None
+            if studio.being_saved(user):  # a Render under way, perhaps from a page since closed
+                info = " ".join(filter(None, ["A campaign of yours is being saved: it is listed once saved.", info]))
             view = studio.campaign(user, campaign_id) if campaign_id else None
             if view is None or not campaign_id:
                 return table, gr.Dropdown(choices=choices, info=info), "", [], "", ""
@@ -609,11 +623,11 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
         pages.load(whoami, None, who, concurrency_id="whoami", concurrency_limit=8)
         for box in (audios, avatars, manifest):
             box.change(check, [audios, avatars, manifest], checked, concurrency_id="check", concurrency_limit=4)
-        # a Render waiting for a slot is dropped by a refresh (Gradio clears a closed page's queued
-        # events), its uploads with it: slots for more than a few users at once (one each: `create`),
-        # as saving is mostly waiting on the store
+        # never queued here: a Render waiting for a slot was dropped by a refresh (Gradio clears a
+        # closed page's queued events), its uploads with it; the studio's own threads take turns
+        # (`Studio.save_later`)
         submit.click(
-            create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=16
+            create, [name, audios, avatars, manifest, model, quality], [submitted, chosen], concurrency_limit=None
         ).success(emptied_when_saved, [submitted], [audios, avatars, manifest], api_visibility="private")
         outputs = [listing, chosen, status, rows, gallery, log_tail]
         poll: dict = {"concurrency_id": "refresh", "concurrency_limit": 16}

@@ -12,11 +12,14 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from heygem_ray import storage
 from heygem_ray.config import StudioConfig
+from heygem_ray.daemon_threads import DaemonThreads
 from heygem_ray.manifest import SAFE_ID
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, JobUnknown, NotReached, Refused
 from heygem_ray.studio.store import MAX_UPLOADS, CampaignRecord, StudioStore, UploadError
@@ -56,6 +59,10 @@ def hydra_quoted(value: str) -> str:
     return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
 
 
+#: why a user's second campaign waits for their first to be saved
+SAVING = "your last campaign is still being saved: wait for it, then look at the Campaigns tab"
+
+
 class SubmitUnconfirmed(ClusterUnavailable):
     """A submit whose answer was lost, to a cluster that could not be asked after: its job may run.
     The campaign keeps the job's id, so its pages show it once the cluster answers."""
@@ -88,6 +95,11 @@ CACHE_SWEEP_SECONDS = 60
 #: theirs: many small uploads at once walked it each, in the web server's shared threads); uploads
 #: since are counted exactly, and a campaign's creation counts the store anew
 USAGE_SECONDS = 10.0
+#: campaigns saved at once (each copies its uploads into the store, mostly waiting on it): more wait
+#: their turn in the studio (`Studio.save_later`), where a closed page does not drop them
+SAVE_THREADS = 16
+
+Saved = TypeVar("Saved")
 
 
 @dataclass
@@ -140,6 +152,8 @@ class Studio:
         self._counting: dict[str, threading.Lock] = {}  # see _store_usage
         self._lock = threading.Lock()
         self._creating: set[str] = set()  # users whose campaign is being saved and submitted now
+        self._saving: set[str] = set()  # users with a save handed to `save_later`, waiting or under way
+        self._savers = DaemonThreads("campaign-saver", SAVE_THREADS)
         self._admitting: dict[str, threading.Lock] = {}  # see _admission
 
     def watch(self, interval: float = 10.0) -> threading.Thread:
@@ -243,6 +257,30 @@ class Studio:
         return False
 
     # ------------------------------------------------------------ creating
+    def save_later(self, user: str, save: Callable[[], Saved]) -> Future[Saved]:
+        """Run `save` (a page's Render: `create`, then the page's uploads let go) on the studio's
+        own threads, SAVE_THREADS at once, whether or not the page that asked is still open: a
+        Render waiting in Gradio's queue was dropped by a refresh, its campaign never made. One
+        at a time per user, from when it is asked for (UploadError: a double click)."""
+        with self._lock:
+            if user in self._saving:
+                raise UploadError(SAVING)
+            self._saving.add(user)
+        future = self._savers.submit(save)
+        future.add_done_callback(lambda done: self._saved(user, done))
+        return future
+
+    def _saved(self, user: str, done: Future) -> None:
+        with self._lock:
+            self._saving.discard(user)
+        if not done.cancelled() and done.exception() is not None:  # its page may be gone: logged here too
+            self.log.info("create user=%s: failed: %r", user, done.exception())
+
+    def being_saved(self, user: str) -> bool:
+        """Whether a campaign of the user's is being saved (listed once its uploads are in the store)."""
+        with self._lock:
+            return user in self._saving or user in self._creating
+
     def create(
         self,
         user: str,
@@ -264,9 +302,7 @@ class Studio:
         audios, avatars = distinct_uploads(audios, "narrations"), distinct_uploads(avatars, "presenters")
         with self._lock:  # one at a time per user: a double click made two campaigns of one upload
             if user in self._creating:
-                raise UploadError(
-                    "your last campaign is still being saved: wait for it, then look at the Campaigns tab"
-                )
+                raise UploadError(SAVING)
             self._creating.add(user)
         uploads = [*audios, *avatars, *([manifest] if manifest else [])]
         try:
