@@ -587,6 +587,16 @@ def test_a_transparent_still_is_shown_over_white(tmp_path):
         assert np.abs(got[:, 40:] - 255).max() <= 2, name
     cv2.imwrite(str(tmp_path / "photo.jpg"), image[..., :3])
     assert np.abs(video.read_image(str(tmp_path / "photo.jpg")).astype(int) - (0, 0, 200)).max() <= 3
+    # a GIF of one frame (a still, as `probe` takes it): its transparent colour, black here, was shown
+    from PIL import Image
+
+    cut_out = Image.new("P", (60, 40), 0)  # palette: 0 black, 1 red; black is the transparent one
+    cut_out.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    cut_out.paste(1, (0, 0, 20, 40))
+    cut_out.save(tmp_path / "cut-out.gif", transparency=0)
+    info = video.probe(str(tmp_path / "cut-out.gif"), 25.0)
+    got = video.read_image(str(tmp_path / "cut-out.gif")).astype(int)
+    assert info.still and np.abs(got[:, :20] - (0, 0, 200)).max() <= 2 and (got[:, 20:] == 255).all()
 
 
 def _rgba_clip(path: str, codec: str, pix_fmt: str, frames: int) -> np.ndarray:
