@@ -44,7 +44,7 @@ from heygem_ray.segment import SegmentResult
 from heygem_ray.segment_queue import SegmentCall, SegmentQueue
 from heygem_ray.shared_work import AvatarKey, SharedWork
 from heygem_ray.startup import Startup
-from heygem_ray.stitch import Stitched, stitch_row
+from heygem_ray.stitch import QAError, Stitched, stitch_row
 
 log = logging.getLogger("heygem_ray")
 
@@ -569,13 +569,15 @@ class Campaign:
         self.observers.stopped(stopped, current, len(unchecked))
 
     def _lasting(self, exc: BaseException) -> bool:
-        """Whether `exc` is the row's own input's lasting fault (`InputError.lasting`)."""
+        """Whether `exc` is a fault of the row that a rerun meets again: its own input's
+        (`InputError.lasting`), or its lip sync below `qa.fail_below` (rendered again, the same)."""
         cause = self.executor.cause(exc)
-        return isinstance(cause, InputError) and cause.lasting
+        return isinstance(cause, QAError) or (isinstance(cause, InputError) and cause.lasting)
 
     def _fail(self, row_id: str, reason: str, input_fault: bool = False) -> None:
         """`input_fault`: the row's own inputs are at fault (a refused manifest row, a file that
-        is not audio, an avatar with no face): a rerun would fail it the same way."""
+        is not audio, an avatar with no face, its lip sync below `qa.fail_below`): a rerun would
+        fail it the same way."""
         if input_fault and row_id not in self.results:
             self.input_faults.add(row_id)
         self._conclude(row_id, "failed", reason, None, None)

@@ -367,6 +367,19 @@ def test_a_forced_run_whose_only_failures_are_bad_inputs_is_whole(tmp_path, medi
     statuses = {r.id: r.status for r in campaign.run(cfg).rows}
     assert statuses == {"a": "ok", "b": "ok", "noise": "failed", "empty": "failed"}
     assert (tmp_path / "out" / "_force.json").exists()
+    # a row whose lip sync is below `qa.fail_below` fails again at every rerun: a lasting fault too
+    (tmp_path / "noise.wav").write_text("not audio at all")
+    strict = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'strict'}",
+        "cluster=inline",
+        "render.progress=false",
+        "force=true",
+        "qa.fail_below=1.01",
+    )
+    failed = campaign.run(strict).rows
+    assert {r.status for r in failed} == {"failed"} and "qa.fail_below" in next(r for r in failed if r.id == "a").error
+    assert not (tmp_path / "strict" / "_force.json").exists()
 
 
 def test_rerun_skips_finished_rows(rendered):
