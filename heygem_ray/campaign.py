@@ -256,7 +256,11 @@ class Campaign:
                     # a stitch it could not wait for counts by its marker, as one the stop caught
                     log.warning("stitches under way not waited for: %s: %s", type(exc).__name__, exc)
                 self._interrupted([row.id for row in self.rows if row.id not in self.results])
-            return self.results.finish([r.id for r in self.rows])
+            table = self.results.finish([r.id for r in self.rows])
+            for row in table:  # flags only the whole campaign gives, in the final report and feed
+                if row.qa_flag != self.results[row.id].qa_flag:
+                    self.observers.flagged_late(self.results[row.id], row)
+            return table
         finally:  # a table the store refuses still leaves the renderers stopped and the feed final
             done = ("ok", "skipped")
             finished = [r.id for r in self.rows if r.id in self.results and self.results[r.id].status in done]

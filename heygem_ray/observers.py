@@ -78,6 +78,13 @@ class CampaignObservers:
         if time.time() - self._report_written >= self._report_every:
             self._write_report(final=False)
 
+    def flagged_late(self, before: RowResult, after: RowResult) -> None:
+        """A row's flag as the results table has it once every row was done (far below the
+        campaign's median: `results.flag_outliers`), for the final report and feed."""
+        newly = not before.qa_flag
+        self.flagged += newly
+        self.report.flagged_late(after, newly)
+
     def stopped(self, failed: list[str], current: int, unchecked: int) -> None:
         """The rows a stop caught: one line for them all; `current`: those an earlier run published
         found current, `unchecked`: those of the failed it left no time to check."""

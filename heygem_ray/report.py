@@ -107,15 +107,24 @@ class Totals:
     flagged: int = 0
     #: the first failed rows: (id, link to its card)
     failed_links: list[tuple[str, str]] = field(default_factory=list)
+    #: the first flagged rows: (id, link to its card)
+    flagged_links: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, r: RowResult, href: str) -> None:
         self.rows += 1
         self.counts[r.status] = self.counts.get(r.status, 0) + 1
         if r.status == "ok":
             self.ok_audio_seconds += r.audio_seconds or 0.0
-        self.flagged += bool(r.qa_flag)
+        if r.qa_flag:
+            self.flag(r.id, href)
         if r.status == "failed" and len(self.failed_links) < _FAILED_LINKS:
             self.failed_links.append((r.id, href))
+
+    def flag(self, row_id: str, href: str) -> None:
+        """One more row flagged (as it finished, or at the end: `PagedReport.flagged_late`)."""
+        self.flagged += 1
+        if len(self.flagged_links) < _FAILED_LINKS:
+            self.flagged_links.append((row_id, href))
 
     @classmethod
     def of(cls, rows: Sequence[RowResult]) -> Totals:
@@ -182,6 +191,7 @@ def render_report(
         "failed": counts.get("failed", 0),
         "failed_links": totals.failed_links,
         "flagged": totals.flagged,
+        "flagged_links": totals.flagged_links,
     }
     stamp = time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(generated_at if generated_at is not None else time.time())
@@ -355,6 +365,18 @@ class PagedReport:
             self._thumbs[result.id] = thumbnail
         self._changed.add(page)
         self.totals.add(result, f"{self._href(page, from_summary=True)}#{_anchor(result.id)}")
+
+    def flagged_late(self, result: RowResult, newly: bool) -> None:
+        """`result` (added before) flagged once every row was done (`results.flag_outliers`: far
+        below the campaign's median); `newly`: it had no flag before. Its card shows it where its
+        page is still held (every row's, in a report of one page); the summary links it anyway."""
+        page = self._index[result.id] // self.page_rows
+        held = self._done.get(page, {})
+        if result.id in held:
+            held[result.id] = result
+            self._changed.add(page)
+        if newly:
+            self.totals.flag(result.id, f"{self._href(page, from_summary=True)}#{_anchor(result.id)}")
 
     def _rows(self, page: int) -> list[RowResult]:
         return sorted(self._done.get(page, {}).values(), key=lambda r: self._index[r.id])

@@ -5,6 +5,7 @@ segment is joined in the wrong place."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,37 @@ def test_a_stitch_run_again_after_it_published_returns_what_it_published(tmp_pat
     os.remove(job.output)
     with pytest.raises(FileNotFoundError):
         stitch_row(job, track)
+
+
+def test_a_row_far_below_the_campaigns_median_is_flagged_in_the_report_and_feed(tmp_path):
+    """The flag only the whole campaign gives (a score far below its median) was in the results
+    table alone: the report's card, its list of rows to look at and the feed's count left it out."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heygem_ray import campaign
+
+    demo.write_avatar_image(str(tmp_path / "still.png"))
+    demo.write_avatar_clip(str(tmp_path / "clip.mp4"), 3.0, seed=2)
+    ids = [f"speech{i}" for i in range(5)] + ["noise"]
+    for i in range(5):
+        demo.write_wav(str(tmp_path / f"speech{i}.wav"), demo.speech_like(3.0, seed=i))
+    noise = np.random.default_rng(0).standard_normal(48000).astype(np.float32) * 0.3
+    demo.write_wav(str(tmp_path / "noise.wav"), noise)  # a hiss over a clip: its mouth follows no speech
+    avatars = [str(tmp_path / "still.png")] * 5 + [str(tmp_path / "clip.mp4")]
+    table = pa.table({"id": ids, "audio": [str(tmp_path / f"{i}.wav") for i in ids], "avatar": avatars})
+    pq.write_table(table, tmp_path / "m.parquet")
+    cfg = compose_config(
+        f"manifest={tmp_path / 'm.parquet'}", f"output={tmp_path / 'out'}", "cluster=inline", "render.progress=false"
+    )
+    rows = {r.id: r for r in campaign.run(cfg).rows}
+    assert "far below the campaign's median" in rows["noise"].qa_flag, rows["noise"]
+    assert not any(rows[i].qa_flag for i in ids[:5])
+    report = Path(cfg.layout.report).read_text(encoding="utf-8")
+    card = report.split('<article class="card ok flagged" id="row-noise"', 1)[1].split("</article>", 1)[0]
+    assert "far below the campaign" in card
+    assert 'class="flagged-list">Flagged for a look: <a href="#row-noise">noise</a></p>' in report
+    assert "1 flagged for a look" in report
+    assert json.loads(Path(cfg.layout.progress).read_text(encoding="utf-8"))["qa"]["flagged"] == 1

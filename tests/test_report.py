@@ -7,6 +7,7 @@ import html
 import os
 import re
 import time
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -421,3 +422,22 @@ def test_lip_sync_scores_and_flags_in_chromium(tmp_path):
         assert order() == ["row-bad", "row-late", "row-good", "row-unscored"]
         page.get_by_role("button", name="manifest order").click()
         assert order() == ["row-good", "row-late", "row-bad", "row-unscored"]
+
+
+def test_rows_flagged_at_the_end_are_linked_from_the_summary_and_shown_where_their_page_is_held(tmp_path):
+    """A score far below the campaign's median is known only once every row is done: a page
+    written for good keeps its cards, the summary counts and links the row all the same."""
+    out = tmp_path / "out"
+    report = PagedReport(str(out / "_report.html"), str(out / "_report"), "Paged", ["a", "b", "c"], page_rows=2)
+    for rid in "ab":
+        report.add(_row(rid), None)
+    report.write(1.0, final=False)  # page 1 complete: written for good, its rows let go
+    report.add(_row("c"), None)
+    late = "lip-sync score far below the campaign's median (0.99)"
+    report.flagged_late(replace(_row("a"), qa_flag=late), newly=True)
+    report.flagged_late(replace(_row("c"), qa_flag=late), newly=True)
+    report.write(2.0, final=True)
+    summary = (out / "_report.html").read_text()
+    assert "2 flagged for a look" in summary
+    assert '<a href="_report/page-0001.html#row-a">a</a>, <a href="_report/page-0002.html#row-c">c</a>' in summary
+    assert "far below the campaign" in (out / "_report" / "page-0002.html").read_text()  # c's page is held
