@@ -368,19 +368,41 @@ def _hidden(uri: str, base: str) -> bool:
 def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int | None = None) -> int:
     """Write the cross product of audio x avatar URIs/globs (first `limit` pairs if given) as a Parquet
     manifest; return its row count. Ids name both inputs (`<audio stem>__<avatar stem>`), made unique
-    with a hash when stems repeat."""
+    with a hash when stems repeat. A pair the manifest at `out_uri` had keeps its id there: a
+    manifest rebuilt with more files renders only the new pairs."""
     audios, avatars = expand(audio), expand(avatar)
     pairs = [(a, v) for a in audios for v in avatars][:limit]
-    ids = [_pair_id(a, v) for a, v in pairs]
-    # only the ids that repeat get a hash: one new file whose stem repeats another's left the
-    # rest of a rebuilt manifest's ids (and their videos' names) as they were
+    kept = _earlier_ids(out_uri)
+    ids = [kept.get(pair) or _pair_id(*pair) for pair in pairs]
+    # a new pair whose id repeats another's gets a hash, and so does the first of them unless an
+    # earlier build named it so: one new file whose stem repeated another's renamed that row (its
+    # video rendered again under the new name, the old one left behind)
     repeated = {i for i, count in Counter(ids).items() if count > 1}
-    ids = [f"{i[:193]}-{default_id(a, v)[:6]}" if i in repeated else i for i, (a, v) in zip(ids, pairs)]
+    ids = [
+        f"{i[:193]}-{default_id(*pair)[:6]}" if i in repeated and kept.get(pair) != i else i
+        for i, pair in zip(ids, pairs, strict=True)
+    ]
     table = pa.table({"id": ids, "audio": [a for a, _ in pairs], "avatar": [v for _, v in pairs]})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(out_uri, buf.getvalue())
     return len(pairs)
+
+
+def _earlier_ids(uri: str) -> dict[tuple[str, str], str]:
+    """The ids a manifest at `uri` gave its (audio, avatar) pairs; none where there is no such
+    manifest (or one this cannot read as one)."""
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["id", "audio", "avatar"])
+    except (OSError, ValueError, pa.ArrowException):  # none there, or not a manifest `build_manifest` writes
+        return {}
+    columns = table.to_pydict()
+    counts = Counter(columns["id"])
+    return {
+        (a, v): i
+        for i, a, v in zip(columns["id"], columns["audio"], columns["avatar"], strict=True)
+        if isinstance(i, str) and i and counts[i] == 1  # a hand-made one's repeated ids are not kept
+    }
 
 
 def _pair_id(audio: str, avatar: str) -> str:

@@ -338,10 +338,11 @@ def test_relative_inputs_are_refused_in_a_ray_job_and_the_manifest_command_write
     assert (row["audio"], row["avatar"]) == (str(tmp_path / "narr" / "a.wav"), str(tmp_path / "p1.mp4"))
 
 
-def test_the_manifest_command_takes_media_files_only_and_renames_only_ids_that_repeat(tmp_path):
+def test_the_manifest_command_takes_media_files_only_and_renames_no_row_it_had(tmp_path):
     """`--audio 'aud/*'` took .DS_Store, notes and sub-folders as narrations (rows failing one by
     one once the cluster was up); a folder or a missing file was written as it was; and one new
-    file whose stem repeated another's renamed every row of a rebuilt manifest (its videos too)."""
+    file whose stem repeated another's renamed every row of a rebuilt manifest (its videos too),
+    then the row whose stem it repeated (rendered again, its old video left behind)."""
     aud = tmp_path / "aud"
     (aud / "sub").mkdir(parents=True)
     for name in ("a.wav", "b.wav", ".DS_Store", "sub/c.wav"):
@@ -351,6 +352,14 @@ def test_the_manifest_command_takes_media_files_only_and_renames_only_ids_that_r
     assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 2
     assert [r["id"] for r in pq.read_table(out).to_pylist()] == ["a__p", "b__p"]
     (aud / "a.mp3").write_bytes(b"x")  # the same stem as a.wav
+    assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 3
+    rows = pq.read_table(out).to_pylist()
+    ids = {os.path.basename(r["audio"]): r["id"] for r in rows}
+    # a.wav keeps the id the manifest gave it (its video is not rendered again under another)
+    assert ids["a.wav"] == "a__p" and ids["b.wav"] == "b__p" and ids["a.mp3"].startswith("a__p-")
+    (tmp_path / "m.parquet").write_text(
+        "id,audio,avatar\n"
+    )  # built anew over what is no Parquet manifest: both get a hash
     assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 3
     ids = [r["id"] for r in pq.read_table(out).to_pylist()]
     assert ids[2] == "b__p" and ids[0].startswith("a__p-") and ids[1].startswith("a__p-") and ids[0] != ids[1]
