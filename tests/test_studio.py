@@ -2556,7 +2556,8 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
     """Saving copies every upload into the store (minutes, to S3), so Renders take turns. One that
     waited for its turn in Gradio's queue was dropped when its page closed (a refresh: Gradio
     clears a closed page's queued events), and the campaign its user saw submitted was never made.
-    The turns are the studio's own now: the campaign is made, and its uploads leave the cache."""
+    The turns are the studio's own now: the campaign is made, and its uploads leave the cache (kept
+    there from the Render on: the sweep of old uploads took those sent a while before it)."""
     import functools
     import logging
 
@@ -2566,6 +2567,7 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
     from heygem_ray.studio import service as studio_service
     from heygem_ray.studio.app import API_PATH, UPLOAD_PATH, build_app
     from heygem_ray.studio.cluster import Cluster
+    from heygem_ray.studio.server import sweep_uploads
 
     cache = tmp_path / "uploads"
     cache.mkdir(mode=0o700)
@@ -2595,7 +2597,7 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
             signed_in[name] = list(client.cookies.jar)
         create = _event_index(client, "create")
 
-        def render(user: str, page: str) -> list[str]:
+        def render(user: str, page: str, age: float = 0.0) -> list[str]:
             client.cookies.clear()
             for cookie in signed_in[user]:
                 client.cookies.jar.set_cookie(cookie)
@@ -2603,6 +2605,8 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
             for name in ("speech3.wav", "still.png"):
                 with open(media_dir / name, "rb") as upload:
                     sent += client.post(UPLOAD_PATH, files=[("files", upload)]).json()
+            for path in sent:
+                os.utime(path, (time.time() - age, time.time() - age))
             audio, avatar = ({"path": p, "meta": {"_type": "gradio.FileData"}} for p in sent)
             data = [f"{user}'s", [audio], [avatar], None, "classic (no weights)", "standard"]
             event = {"data": data, "fn_index": create, "session_hash": page}
@@ -2611,9 +2615,10 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
 
         render("bob", "bobpage")
         assert saving.wait(30)
-        hers = render("alice", "alicepage")
+        hers = render("alice", "alicepage", age=800.0)  # uploaded a while before she pressed Render
         time.sleep(1.0)  # her Render waits its turn behind bob's
         assert not service.store.campaigns("alice") and service.being_saved("alice")  # her page says so
+        assert sweep_uploads(str(cache), 100.0) == 0  # the sweep counts from her Render
         queue = app.state.gradio_pages._queue
         client.portal.call(functools.partial(queue.clean_events, session_hash="alicepage"))  # her page closes
         go_on.set()
