@@ -2556,8 +2556,8 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
     """Saving copies every upload into the store (minutes, to S3), so Renders take turns. One that
     waited for its turn in Gradio's queue was dropped when its page closed (a refresh: Gradio
     clears a closed page's queued events), and the campaign its user saw submitted was never made.
-    The turns are the studio's own now: the campaign is made, and its uploads leave the cache (kept
-    there from the Render on: the sweep of old uploads took those sent a while before it)."""
+    The turns are the studio's own now: the campaign is made, and its uploads leave the cache (held
+    there meanwhile: the sweep of old uploads took those sent a while before the Render)."""
     import functools
     import logging
 
@@ -2618,7 +2618,7 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
         hers = render("alice", "alicepage", age=800.0)  # uploaded a while before she pressed Render
         time.sleep(1.0)  # her Render waits its turn behind bob's
         assert not service.store.campaigns("alice") and service.being_saved("alice")  # her page says so
-        assert sweep_uploads(str(cache), 100.0) == 0  # the sweep counts from her Render
+        assert sweep_uploads(str(cache), 100.0, service.held) == 0  # held while her Render waits
         queue = app.state.gradio_pages._queue
         client.portal.call(functools.partial(queue.clean_events, session_hash="alicepage"))  # her page closes
         go_on.set()
@@ -2626,3 +2626,4 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
         assert [r.name for r in service.store.campaigns("alice")] == ["alice's"]
         _wait_for(lambda: not any(os.path.exists(p) for p in hers), 10, "her uploads to leave the cache")
         _wait_for(lambda: not service.being_saved("alice"), 10, "her save to end")
+        assert not service.held()

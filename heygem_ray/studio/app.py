@@ -500,11 +500,6 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 user, [*(audio_files or []), *(avatar_files or []), *([manifest_file] if manifest_file else [])]
             )
             claims.claim(page, uploads)
-            for path in uploads:  # the upload folder's sweep counts from now: the save may wait its turn
-                try:
-                    os.utime(path)
-                except OSError:  # gone already: the save says so
-                    pass
 
             def save() -> tuple[str, str | None, list[tuple[str, str]] | None]:
                 saved: str | None  # the campaign in the store: the page opens it
@@ -531,7 +526,7 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 return message, saved, _choices(studio, user)
 
             try:
-                saving = studio.save_later(user, save)
+                saving = studio.save_later(user, uploads, save)
             except UploadError as exc:
                 return f"❌ {exc}", gr.Dropdown()
             # shielded: a page closed meanwhile (a refresh) ends this event, not the save it asked for

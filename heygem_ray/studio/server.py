@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from heygem_ray import storage
@@ -86,13 +86,14 @@ def private_upload_cache(
     return cache
 
 
-def sweep_uploads(cache: str, expire: float) -> int:
+def sweep_uploads(cache: str, expire: float, held: Callable[[], set[str]] = set) -> int:
     """Remove the files in the upload cache last written over `expire` seconds ago, and the folders
     that held only those (or were left empty as long): what an earlier studio left, and uploads cut
     off mid-transfer (a refreshed page, a dropped line), which Gradio never lists to sweep and
     which would stay until a restart, outside every quota. A file still arriving is being written,
-    so it is never that old; a folder Gradio just made for one is kept. Returns the files removed."""
-    now, removed = time.time(), 0
+    so it is never that old; a folder Gradio just made for one is kept; so is a file `held`
+    names (real paths: a Render waiting its turn, `Studio.held`). Returns the files removed."""
+    now, removed, keep = time.time(), 0, held()
     for folder, _, names in os.walk(cache, topdown=False):
         try:
             old_folder = now - os.path.getmtime(folder) > expire
@@ -102,7 +103,7 @@ def sweep_uploads(cache: str, expire: float) -> int:
         for name in names:
             path = os.path.join(folder, name)
             with contextlib.suppress(OSError):
-                if now - os.path.getmtime(path) > expire:
+                if now - os.path.getmtime(path) > expire and os.path.realpath(path) not in keep:
                     os.remove(path)
                     removed, emptied = removed + 1, True
         if folder != cache and (old_folder or emptied):
@@ -124,12 +125,12 @@ def forget_removed(listed: Iterable[set[str]], missing_before: set[str]) -> set[
     return missing
 
 
-def _sweeping(cache: str, listed: list[set[str]]) -> None:
+def _sweeping(cache: str, listed: list[set[str]], held: Callable[[], set[str]]) -> None:
     missing: set[str] = set()
     while True:
         time.sleep(CACHE_SWEEP_SECONDS)
         with contextlib.suppress(Exception):  # a sweep that fails is tried again at the next
-            sweep_uploads(cache, UPLOAD_WINDOW_SECONDS)
+            sweep_uploads(cache, UPLOAD_WINDOW_SECONDS, held)
             missing = forget_removed(listed, missing)
 
 
@@ -194,7 +195,7 @@ def serve(cfg: StudioConfig) -> int:
     studio.watch()
     app = build_app(studio, cfg.auth, sessions)
     listed = app.state.gradio_pages.temp_file_sets
-    threading.Thread(target=_sweeping, args=(uploads, listed), name="upload-sweeper", daemon=True).start()
+    threading.Thread(target=_sweeping, args=(uploads, listed, studio.held), name="upload-sweeper", daemon=True).start()
     print(f"heygem-ray studio: {about}")
     if cfg.auth is None:
         print("heygem-ray studio: no studio.auth: one local user, listening on 127.0.0.1 only")

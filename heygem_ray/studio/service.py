@@ -12,6 +12,7 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class Studio:
         self._creating: set[str] = set()  # users whose campaign is being saved and submitted now
         self._saving: set[str] = set()  # users with a save handed to `save_later`, waiting or under way
         self._savers = DaemonThreads("campaign-saver", SAVE_THREADS)
+        self._held: Counter[str] = Counter()  # real path -> Renders being saved that hold it (`held`)
         self._admitting: dict[str, threading.Lock] = {}  # see _admission
 
     def watch(self, interval: float = 10.0) -> threading.Thread:
@@ -257,22 +259,33 @@ class Studio:
         return False
 
     # ------------------------------------------------------------ creating
-    def save_later(self, user: str, save: Callable[[], Saved]) -> Future[Saved]:
-        """Run `save` (a page's Render: `create`, then the page's uploads let go) on the studio's
+    def save_later(self, user: str, uploads: list[str], save: Callable[[], Saved]) -> Future[Saved]:
+        """Run `save` (a page's Render: `create`, then the page's `uploads` let go) on the studio's
         own threads, SAVE_THREADS at once, whether or not the page that asked is still open: a
         Render waiting in Gradio's queue was dropped by a refresh, its campaign never made. One
-        at a time per user, from when it is asked for (UploadError: a double click)."""
+        at a time per user, from when it is asked for (UploadError: a double click); its uploads
+        are `held` from the sweep of old uploads until it ends."""
         with self._lock:
             if user in self._saving:
                 raise UploadError(SAVING)
             self._saving.add(user)
+            held = [os.path.realpath(p) for p in uploads]
+            self._held.update(held)
         future = self._savers.submit(save)
-        future.add_done_callback(lambda done: self._saved(user, done))
+        future.add_done_callback(lambda done: self._saved(user, held, done))
         return future
 
-    def _saved(self, user: str, done: Future) -> None:
+    def held(self) -> set[str]:
+        """The real paths of the uploads whose Render is being saved (`save_later`), or waits to be:
+        the server's sweep of old uploads leaves them."""
+        with self._lock:
+            return set(self._held)
+
+    def _saved(self, user: str, held: list[str], done: Future) -> None:
         with self._lock:
             self._saving.discard(user)
+            self._held.subtract(held)
+            self._held = +self._held  # counts at 0 dropped
         if not done.cancelled() and done.exception() is not None:  # its page may be gone: logged here too
             self.log.info("create user=%s: failed: %r", user, done.exception())
 
