@@ -107,8 +107,9 @@ class Totals:
     flagged: int = 0
     #: the first failed rows: (id, link to its card)
     failed_links: list[tuple[str, str]] = field(default_factory=list)
-    #: the first flagged rows: (id, link to its card)
+    #: the first flagged rows: (id, link to its card), those flagged on a page written before first
     flagged_links: list[tuple[str, str]] = field(default_factory=list)
+    unmarked: int = 0  # of those links, the first rows flagged on a page written before (no mark on their card)
 
     def add(self, r: RowResult, href: str) -> None:
         self.rows += 1
@@ -120,10 +121,15 @@ class Totals:
         if r.status == "failed" and len(self.failed_links) < _FAILED_LINKS:
             self.failed_links.append((r.id, href))
 
-    def flag(self, row_id: str, href: str) -> None:
-        """One more row flagged (as it finished, or at the end: `PagedReport.flagged_late`)."""
+    def flag(self, row_id: str, href: str, unmarked: bool = False) -> None:
+        """One more row flagged (as it finished, or at the end: `PagedReport.flagged_late`);
+        `unmarked`: its card, on a page written before, does not show it, so its link comes first."""
         self.flagged += 1
-        if len(self.flagged_links) < _FAILED_LINKS:
+        if unmarked:
+            self.flagged_links.insert(self.unmarked, (row_id, href))
+            self.unmarked += 1
+            del self.flagged_links[_FAILED_LINKS:]
+        elif len(self.flagged_links) < _FAILED_LINKS:
             self.flagged_links.append((row_id, href))
 
     @classmethod
@@ -369,14 +375,16 @@ class PagedReport:
     def flagged_late(self, result: RowResult, newly: bool) -> None:
         """`result` (added before) flagged once every row was done (`results.flag_outliers`: far
         below the campaign's median); `newly`: it had no flag before. Its card shows it where its
-        page is still held (every row's, in a report of one page); the summary links it anyway."""
+        page is still held (every row's, in a report of one page); the summary links it, before
+        the rows whose cards show their flags where its page was written before."""
         page = self._index[result.id] // self.page_rows
         held = self._done.get(page, {})
         if result.id in held:
             held[result.id] = result
             self._changed.add(page)
         if newly:
-            self.totals.flag(result.id, f"{self._href(page, from_summary=True)}#{_anchor(result.id)}")
+            href = f"{self._href(page, from_summary=True)}#{_anchor(result.id)}"
+            self.totals.flag(result.id, href, unmarked=result.id not in held)
 
     def _rows(self, page: int) -> list[RowResult]:
         return sorted(self._done.get(page, {}).values(), key=lambda r: self._index[r.id])

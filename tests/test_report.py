@@ -428,16 +428,20 @@ def test_rows_flagged_at_the_end_are_linked_from_the_summary_and_shown_where_the
     """A score far below the campaign's median is known only once every row is done: a page
     written for good keeps its cards, the summary counts and links the row all the same."""
     out = tmp_path / "out"
-    report = PagedReport(str(out / "_report.html"), str(out / "_report"), "Paged", ["a", "b", "c"], page_rows=2)
-    for rid in "ab":
-        report.add(_row(rid), None)
-    report.write(1.0, final=False)  # page 1 complete: written for good, its rows let go
-    report.add(_row("c"), None)
+    ids = [f"r{i:02d}" for i in range(60)]
+    report = PagedReport(str(out / "_report.html"), str(out / "_report"), "Paged", ids, page_rows=2)
+    for rid in ids[:-1]:  # all but the last page complete: written for good, their rows let go
+        report.add(_row(rid, qa_flag="mouth and speech offset by +3 frame(s)" if rid >= "r05" else ""), None)
+    report.write(1.0, final=False)
+    report.add(_row("r59"), None)
     late = "lip-sync score far below the campaign's median (0.99)"
-    report.flagged_late(replace(_row("a"), qa_flag=late), newly=True)
-    report.flagged_late(replace(_row("c"), qa_flag=late), newly=True)
+    report.flagged_late(replace(_row("r00"), qa_flag=late), newly=True)
+    report.flagged_late(replace(_row("r59"), qa_flag=late), newly=True)
     report.write(2.0, final=True)
     summary = (out / "_report.html").read_text()
-    assert "2 flagged for a look" in summary
-    assert '<a href="_report/page-0001.html#row-a">a</a>, <a href="_report/page-0002.html#row-c">c</a>' in summary
-    assert "far below the campaign" in (out / "_report" / "page-0002.html").read_text()  # c's page is held
+    assert "56 flagged for a look" in summary
+    # r00's card, on a page written before, shows no flag: its link comes first, though 50 are listed
+    links = re.findall(r'<a href="([^"]+)">(r\d\d)</a>', summary.split('class="flagged-list"')[1].split("</p>")[0])
+    assert links[0] == ("_report/page-0001.html#row-r00", "r00") and len(links) == 50
+    assert ("_report/page-0030.html#row-r59", "r59") not in links[:1] and "and 6 more" in summary
+    assert "far below the campaign" in (out / "_report" / "page-0030.html").read_text()  # r59's page is held
