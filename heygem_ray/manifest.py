@@ -391,17 +391,23 @@ def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int
 
 def _earlier_ids(uri: str) -> dict[tuple[str, str], str]:
     """The ids a manifest at `uri` gave its (audio, avatar) pairs; none where there is no such
-    manifest (or one this cannot read as one)."""
+    manifest (or one this cannot read as one). A store that cannot be read raises: rebuilt as
+    new, its rows whose stems repeat would be renamed."""
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["id", "audio", "avatar"])
-    except (OSError, ValueError, pa.ArrowException):  # none there, or not a manifest `build_manifest` writes
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return {}
+    try:
+        table = pq.read_table(io.BytesIO(data), columns=["id", "audio", "avatar"])
+    except (ValueError, pa.ArrowException):  # not a manifest `build_manifest` writes
         return {}
     columns = table.to_pydict()
     counts = Counter(columns["id"])
     return {
         (a, v): i
         for i, a, v in zip(columns["id"], columns["audio"], columns["avatar"], strict=True)
-        if isinstance(i, str) and i and counts[i] == 1  # a hand-made one's repeated ids are not kept
+        # a hand-edited one's ids only where a run would take them
+        if isinstance(i, str) and SAFE_ID.fullmatch(i) and counts[i] == 1
     }
 
 

@@ -357,9 +357,13 @@ def test_the_manifest_command_takes_media_files_only_and_renames_no_row_it_had(t
     ids = {os.path.basename(r["audio"]): r["id"] for r in rows}
     # a.wav keeps the id the manifest gave it (its video is not rendered again under another)
     assert ids["a.wav"] == "a__p" and ids["b.wav"] == "b__p" and ids["a.mp3"].startswith("a__p-")
-    (tmp_path / "m.parquet").write_text(
-        "id,audio,avatar\n"
-    )  # built anew over what is no Parquet manifest: both get a hash
+    edited = pq.read_table(out).to_pydict()  # an id edited by hand into one no run takes is not kept
+    edited["id"][0] = "intro en/v2"
+    pq.write_table(pa.table(edited), out)
+    assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 3
+    assert "intro en/v2" not in pq.read_table(out).column("id").to_pylist()
+    # built anew over what is no Parquet manifest: both get a hash
+    (tmp_path / "m.parquet").write_text("id,audio,avatar\n")
     assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 3
     ids = [r["id"] for r in pq.read_table(out).to_pylist()]
     assert ids[2] == "b__p" and ids[0].startswith("a__p-") and ids[1].startswith("a__p-") and ids[0] != ids[1]
