@@ -660,8 +660,9 @@ def test_a_job_servers_address_in_ray_address_is_said_to_be_one(monkeypatch):
     from heygem_ray.executors.ray_cluster import _init
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    with pytest.raises(ClusterConfigError, match="is a job server's address, for `ray job submit`"):
-        _init(compose_config("manifest=m", "output=o"))
+    for cluster in ("cluster=local", "cluster=gpu"):  # gpu: `address: auto`, which reads RAY_ADDRESS too
+        with pytest.raises(ClusterConfigError, match="is a job server's address, for `ray job submit`"):
+            _init(compose_config("manifest=m", "output=o", cluster))
 
 
 def test_a_run_refused_before_it_renders_leaves_the_last_runs_config(tmp_path, media_dir, capsys):

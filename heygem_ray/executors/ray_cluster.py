@@ -347,9 +347,9 @@ def _sigterm_handler_kept() -> Iterator[None]:
 def _init(cfg: Config) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": cfg.cluster.include_dashboard, "log_to_driver": True}
     given = os.environ.get("RAY_ADDRESS", "")
-    if not cfg.cluster.address and given.lower().startswith(("http://", "https://")):
+    if cfg.cluster.address in (None, "", "auto") and given.lower().startswith(("http://", "https://")):
         # the job server's address, as `ray job submit` takes it (deploy.md's tip exports it): Ray
-        # failed with "Invalid Ray address" and a traceback
+        # failed with "Invalid Ray address" and a traceback (`address: auto` reads it too)
         raise ClusterConfigError(
             f"RAY_ADDRESS={given} is a job server's address, for `ray job submit`; a render started here cannot "
             "join it: unset RAY_ADDRESS for a run on this machine, submit it as a job, or give "
