@@ -25,6 +25,8 @@ ACTOR_WAIT_WARNING = 60.0
 START_DEATHS = 3
 #: seconds between checks of the starting actors' restart counts
 RESTART_CHECK_SECONDS = 2.0
+#: seconds from the first actor ready until the pool counts as settled (`ActorPool.settled`)
+SETTLE_SECONDS = 60.0
 #: seconds a lost actor may keep segments before they go to the others
 LOST_ACTOR_SECONDS = 60.0
 #: segments that failed on an actor and then rendered on others, with none rendered by it in
@@ -208,6 +210,14 @@ class ActorPool:
         pinned = f", cores {info.cores}" if info.cores is not None else ""
         log.info("renderer actor %d ready (pid %s%s, decoding: %s)", actor, info.pid, pinned, info.decoder)
         return None
+
+    def settled(self) -> bool:
+        """Whether the pool is as large as it will be soon: every actor ready (or given up), none
+        able to start, or SETTLE_SECONDS since the first was ready (an autoscaler's nodes for them
+        come up together; the rest may wait for room for ever)."""
+        if self.error is not None or all(a.healthy or a.failed is not None for a in self.actors):
+            return True
+        return self.first_ready_at is not None and time.time() - self.first_ready_at >= SETTLE_SECONDS
 
     def stalled(self, after: float) -> list[int]:
         """Lost actors still holding segments `after` seconds on: their restart waits for room no

@@ -86,14 +86,41 @@ class SharedWork:
         self._tracking: dict[AvatarKey, _Tracking] = {}
         self._audio_tracks: dict[str, Any] = {}  # by audio fingerprint, oldest first
         self._audio_failed: OrderedDict[Any, str] = OrderedDict()  # encode handle -> why it failed
+        self._held: list[AvatarKey] = []  # avatars whose tracking waits for `_detect_gpus` (`start_held`)
         # S3FD runs on a GPU only when Ray gave its task one (heygem_ray.devices): ask for a share
         # where the cluster has GPUs, so detection is scheduled and accounted like rendering
-        # where the actors leave one: else a detection task waits for ever (it detects on the CPU)
-        share = cfg.detector.gpu_share
-        room = share and gpu_room(
-            executor.resources().get("GPU", 0.0), executor.actor_count(), cfg.cluster.actor.num_gpus, share
-        )
-        self._detect_gpus = share if room else 0.0
+        # where the actors leave one: else a detection task waits for ever (it detects on the CPU).
+        # A cluster whose GPU workers scale from none has none yet: decided once the actors that
+        # bring them are up (None until then), or every avatar was tracked on one CPU
+        self._detect_gpus: float | None = 0.0
+        if cfg.detector.gpu_share:
+            no_gpus_yet = not executor.resources().get("GPU", 0.0) and cfg.cluster.actor.num_gpus > 0
+            self._detect_gpus = None if no_gpus_yet else self._gpu_share()
+
+    def _gpu_share(self) -> float:
+        """The GPU share of a detection task, from the cluster's GPUs now."""
+        share = self.cfg.detector.gpu_share
+        gpus = self.executor.resources().get("GPU", 0.0)
+        room = gpu_room(gpus, self.executor.actor_count(), self.cfg.cluster.actor.num_gpus, share)
+        return share if room else 0.0
+
+    def start_held(self, actors_settled: bool) -> list[tuple[AvatarKey, Any, float]]:
+        """The tracking tasks held until the GPU share of detection is known, started once the
+        renderer actors are as many as they will be soon (`ActorPool.settled`): (avatar, handle,
+        seconds) of each."""
+        if self._detect_gpus is None:
+            if not actors_settled:
+                return []
+            self._detect_gpus = self._gpu_share()
+            log.info("face detection tasks ask for %g of a GPU each", self._detect_gpus)
+        started = []
+        for key in self._held:
+            tracking = self._tracking.get(key)
+            if tracking is not None and tracking.handle is None:
+                tracking.handle = self._track(key, tracking.seconds)
+                started.append((key, tracking.handle, tracking.seconds))
+        self._held.clear()
+        return started
 
     def avatar(self, row: Row, seconds: float, fingerprint: str = "") -> tuple[AvatarTrack | BaseException | None, Any]:
         """The track of the row's avatar as far as its narration of `seconds` shows (or why there is
@@ -119,9 +146,13 @@ class SharedWork:
             return None, None
         handle = self._track(key, seconds)
         self._tracking[key] = _Tracking(handle, seconds, [(row.id, seconds, fingerprint)], fingerprint)
-        return None, (key, handle)
+        return None, None if handle is None else (key, handle)
 
     def _track(self, key: AvatarKey, seconds: float) -> Any:
+        """A `prepare_avatar` task's handle; None where it is held (`start_held`)."""
+        if self._detect_gpus is None:
+            self._held.append(key)
+            return None
         cfg = self.cfg
         return self.executor.submit(
             prepare_avatar,
@@ -207,7 +238,7 @@ class SharedWork:
         longest = max(seconds for _, seconds, _ in rows)
         handle = self._track(key, longest)
         self._tracking[key] = _Tracking(handle, longest, rows, fingerprint)
-        return key, handle
+        return None if handle is None else (key, handle)
 
     def seconds_tracked(self, key: AvatarKey) -> float:
         """How many seconds of the avatar its task under way tracks (0: none is)."""

@@ -1002,6 +1002,38 @@ def test_gpu_face_detection_asks_for_a_gpu_share_only_where_the_actors_leave_one
     assert SharedWork(cfg, OnOneGpu(actors=8))._detect_gpus == 0.0
 
 
+def test_gpu_face_detection_waits_for_the_gpus_of_a_cluster_that_scales_from_none(tmp_path):
+    """GPU workers scaled to none when the campaign starts (deploy.md's KubeRay cluster): the share
+    was decided from the GPUs there then, none, and every avatar was tracked on one CPU (seconds a
+    frame with S3FD) after the actors' nodes brought GPUs. Tracking waits for the actors now."""
+
+    class ScalingFromNone(SimulatedExecutor):
+        def __init__(self, actors: int) -> None:
+            super().__init__(actors)
+            self.readied = 0
+            self.shares: list[tuple[float, float]] = []  # (GPUs in the cluster, share asked) of each tracking
+
+        def call(self, actor: int, method: str, *args: Any) -> Done:
+            self.readied += method == "ready"
+            return super().call(actor, method, *args)
+
+        def resources(self) -> dict[str, float]:  # the actors' nodes join as they start
+            return {"CPU": 16.0, "GPU": 2.0 if self.readied >= self.actors else 0.0}
+
+        def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Done:
+            if fn.__name__ == "prepare_avatar":
+                self.shares.append((self.resources()["GPU"], num_gpus))
+            return super().submit(fn, *args, num_gpus=num_gpus)
+
+    out = tmp_path / "out"
+    overrides = ("cluster=gpu", "detector=s3fd", "detector.checkpoint=/m/s3fd.pth", "render.progress=false")
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "cluster.actors=8", *overrides)
+    rows = [Row(f"r{i:03d}", f"/in/a{i}.wav", f"/in/v{i % 3}.mp4", str(out / f"r{i:03d}.mp4")) for i in range(12)]
+    executor = ScalingFromNone(actors=8)
+    assert Campaign(cfg, rows, executor=executor).run().count("ok") == 12
+    assert len(executor.shares) == 3 and set(executor.shares) == {(2.0, 0.125)}, executor.shares
+
+
 def test_segments_held_by_an_actor_that_never_comes_back_go_to_the_others(tmp_path, monkeypatch):
     """An actor lost with its node, whose restart finds no room: Ray keeps the calls queued on it
     for ever. After LOST_ACTOR_SECONDS its segments go to the other actors and the campaign ends."""
