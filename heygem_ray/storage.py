@@ -527,9 +527,20 @@ def remove(uri: str, recursive: bool = False) -> None:
     """Remove a file, or a folder and all under it; a name with glob characters ("run[1]") is taken
     as it is (fsspec's object stores expand them: they removed a sibling "run1")."""
     fs, path = url_to_fs(uri)
+    local = isinstance(fs, LocalFileSystem)
     with contextlib.suppress(FileNotFoundError):
         if fs.exists(path):
-            fs.rm(path if isinstance(fs, LocalFileSystem) else globlib.escape(path), recursive=recursive)
+            fs.rm(path if local else globlib.escape(path), recursive=recursive)
+            if local:
+                return
+            # an object store's batch delete answers 200 listing the keys it kept (throttled, an
+            # internal error, denied), which s3fs drops: a campaign deleted that way left videos
+            # no page shows, counted in its user's quota. What is still there is an error
+            fs.invalidate_cache(path)
+            if fs.exists(path):
+                raise OSError(
+                    errno.EREMOTEIO, f"{display(uri)}: the store kept it (or some of it) when asked to remove it"
+                )
 
 
 @retrying

@@ -291,3 +291,33 @@ def test_a_studio_video_seek_reads_the_range_asked_for(flaky_s3):
         == video[start : start + 300_000]
     )
     assert flaky_s3.bytes_to_client < 2**20, flaky_s3.bytes_to_client
+
+
+def test_a_removal_the_store_answered_but_did_not_do_is_tried_again_then_raised(s3_endpoint, monkeypatch):
+    """S3's batch delete answers 200 listing the keys it kept (InternalError, SlowDown, AccessDenied),
+    and s3fs drops that list: a studio campaign deleted so lost its record but left videos no page
+    shows, counted in its user's quota. What the store kept is tried again, then raised."""
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="keeps")
+    for name in ("a.mp4", "b.mp4"):
+        storage.write_bytes(f"s3://keeps/campaign/{name}", b"video")
+    fs, _ = storage.url_to_fs("s3://keeps/campaign")
+    kept = [1]  # how many more batch deletes keep b.mp4
+
+    def the_store_keeps_b(params: dict, **_: object) -> None:
+        if kept[0] > 0:
+            kept[0] -= 1
+            objects = params["Delete"]["Objects"]  # b.mp4's place taken by a key of nothing (none left: refused)
+            params["Delete"]["Objects"] = [{"Key": "nothing"} if o["Key"].endswith("b.mp4") else o for o in objects]
+
+    fs.s3.meta.events.register("before-parameter-build.s3.DeleteObjects", the_store_keeps_b)
+    try:
+        storage.remove("s3://keeps/campaign", recursive=True)  # kept once: removed at the next try
+        assert kept == [0] and not storage.exists("s3://keeps/campaign/b.mp4")
+        storage.write_bytes("s3://keeps/campaign/b.mp4", b"video")
+        kept[0] = 100
+        monkeypatch.setattr(storage, "RETRIES", 2)
+        with pytest.raises(OSError, match="the store kept it"):
+            storage.remove("s3://keeps/campaign/b.mp4")
+        assert storage.exists("s3://keeps/campaign/b.mp4")
+    finally:
+        fs.s3.meta.events.unregister("before-parameter-build.s3.DeleteObjects", the_store_keeps_b)
