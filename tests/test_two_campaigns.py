@@ -196,6 +196,10 @@ def test_a_first_renderer_whose_node_went_starts_again_outside_the_room(tmp_path
         held = ray.util.placement_group_table(executor._room)["bundles_to_node_id"][executor._first_bundle]
         assert held == renderer_node.node_id
         cluster.remove_node(renderer_node, allow_graceful=False)
+        deadline = time.monotonic() + 30
+        while executor.restarts(0) < 1:  # Ray restarts it, in the room, where it no longer fits
+            assert time.monotonic() < deadline, "the first renderer was not restarted"
+            time.sleep(0.2)
         cluster.add_node(num_cpus=2, object_store_memory=STORE)  # what an autoscaler would do
         deadline, ready = time.monotonic() + 60, executor.call(0, "ready")
         while True:
@@ -208,6 +212,9 @@ def test_a_first_renderer_whose_node_went_starts_again_outside_the_room(tmp_path
                     ready = executor.call(0, "ready")
             assert time.monotonic() < deadline, "the first renderer never started again"
         assert executor._room is not None  # kept for the tasks, on the node left
+        # counted on from the old actor's restarts: from 0, a crash-looping new one needed more
+        # deaths than START_DEATHS to be given up (the pool counts from its restarts when ready)
+        assert executor.restarts(0) >= 1 and executor.all_restarts()[0] >= 1
 
         def node_id() -> str:
             return ray.get_runtime_context().get_node_id()

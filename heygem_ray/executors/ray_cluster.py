@@ -93,6 +93,9 @@ class RayExecutor:
         self._room_lost_since: float | None = None  # since when none of its bundles is placed
         self._first_bundle: int | None = None  # the room's bundle the first renderer is held in
         self._first_lost_since: float | None = None  # since when that bundle is not placed
+        # restarts of the actors an index had before its current one (`_first_out_of_room`): the
+        # pool counts an actor's deaths from its restarts when it last answered
+        self._restarts_before: dict[int, int] = {}
         self._stopped: set[int] = set()  # actors stopped for good (`stop`)
 
     def _remote(self, fn: Callable[..., Any], num_gpus: float, in_room: bool) -> Any:
@@ -156,6 +159,7 @@ class RayExecutor:
         """Start the first renderer again outside the room (its bundle there is lost)."""
         self._first_bundle = self._first_lost_since = None
         if self._actors and 0 not in self._stopped:
+            self._restarts_before[0] = self.restarts(0)  # the new one's count from 0 went under the pool's baseline
             ray.kill(self._actors[0])
             self._actors[0] = ray.remote(RenderWorker).options(**self._actor_options()).remote(self.cfg)
 
@@ -253,7 +257,7 @@ class RayExecutor:
 
     def restarts(self, actor: int) -> int:
         # the GCS's own count: a death while starting fails no call (calls wait for the restart)
-        return int(self._gcs_record(actor).get("NumRestarts", 0))
+        return self._restarts_before.get(actor, 0) + int(self._gcs_record(actor).get("NumRestarts", 0))
 
     def all_restarts(self) -> list[int]:
         # the pool asks after every actor every couple of seconds: one GCS request for each took a
@@ -266,7 +270,9 @@ class RayExecutor:
             table = {}
         records = [table.get(a._actor_id.hex()) if isinstance(table, dict) else None for a in self._actors]
         return [
-            int(record.get("NumRestarts", 0)) if isinstance(record, dict) else self.restarts(i)
+            self._restarts_before.get(i, 0) + int(record.get("NumRestarts", 0))
+            if isinstance(record, dict)
+            else self.restarts(i)
             for i, record in enumerate(records)
         ]
 
