@@ -205,11 +205,14 @@ from heygem_ray.cli import compose
 from heygem_ray.config import to_plain
 from heygem_ray.executors import ray_cluster
 
-def fresh_worker_task(self, fn, num_gpus):
+def fresh_worker_task(self, fn, num_gpus, in_room):
     # the campaign's task options, plus max_calls=1: every task runs in a worker process of its own,
     # as on a cluster where prepare, detect and stitch land on other nodes than the driver's
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    room = {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._room)} if in_room else {}
     return ray.remote(max_calls=1)(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus,
-                                                max_retries=0)
+                                                max_retries=0, **room)
 
 ray_cluster.RayExecutor._remote = fresh_worker_task
 ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
