@@ -1887,6 +1887,22 @@ def test_uploads_wait_in_a_private_folder_emptied_of_what_an_earlier_studio_left
     assert key.exists()
 
 
+def _saves_held(studio: Any, monkeypatch: pytest.MonkeyPatch, user: str) -> tuple[threading.Event, threading.Event]:
+    """`user`'s campaign saves wait in the store copy (gigabytes to S3, as it were) until the
+    second event is set; the first is set as one begins."""
+    saving, go_on = threading.Event(), threading.Event()
+    store_campaign = studio._store_campaign
+
+    def held(who: str, *args: Any) -> Any:
+        if who == user:
+            saving.set()
+            go_on.wait(30)
+        return store_campaign(who, *args)
+
+    monkeypatch.setattr(studio, "_store_campaign", held)
+    return saving, go_on
+
+
 def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign(tmp_path, media_dir, monkeypatch):
     """Saving copies every upload into the store (gigabytes, to S3): a second click meanwhile is
     refused with why, not a duplicate campaign; another user is not held up."""
@@ -1901,16 +1917,7 @@ def test_a_second_click_while_a_campaign_is_being_saved_makes_no_second_campaign
         Cluster(f"http://127.0.0.1:{_free_port()}", local=False),
         logging.getLogger("t"),
     )
-    saving, go_on = threading.Event(), threading.Event()
-    store_campaign = studio._store_campaign
-
-    def slow(user, *args):
-        if user == "alice":
-            saving.set()
-            go_on.wait(10)
-        return store_campaign(user, *args)
-
-    monkeypatch.setattr(studio, "_store_campaign", slow)
+    saving, go_on = _saves_held(studio, monkeypatch, "alice")
     files = ([str(media_dir / "speech3.wav")], [str(media_dir / "still.png")])
     first, raised = _in_thread(studio.create, "alice", "one", *files)
     first.start()
@@ -2578,16 +2585,7 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
         add_user(str(users), name, f"{name}-password")
     cluster = Cluster(f"http://127.0.0.1:{_free_port()}", local=False)  # down: saved, not submitted
     service = studio_service.Studio(StudioConfig(store=str(tmp_path / "store")), cluster, logging.getLogger("t"))
-    saving, go_on = threading.Event(), threading.Event()
-    store_campaign = service._store_campaign
-
-    def held_for_bob(user, *args):
-        if user == "bob":
-            saving.set()
-            go_on.wait(30)
-        return store_campaign(user, *args)
-
-    monkeypatch.setattr(service, "_store_campaign", held_for_bob)
+    saving, go_on = _saves_held(service, monkeypatch, "bob")
     app = build_app(service, str(users), Sessions(b"k" * 32))
     with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as client:  # Gradio's queue runs
         signed_in = {}
