@@ -2564,13 +2564,15 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
     waited for its turn in Gradio's queue was dropped when its page closed (a refresh: Gradio
     clears a closed page's queued events), and the campaign its user saw submitted was never made.
     The turns are the studio's own now: the campaign is made, and its uploads leave the cache (held
-    there meanwhile: the sweep of old uploads took those sent a while before the Render)."""
+    there meanwhile: the sweep of old uploads took those sent a while before the Render, and so did
+    another user's save of the same files once her claim's window had passed)."""
     import functools
     import logging
 
     from starlette.testclient import TestClient
 
     from heygem_ray.config import StudioConfig
+    from heygem_ray.studio import app as app_module
     from heygem_ray.studio import service as studio_service
     from heygem_ray.studio.app import API_PATH, UPLOAD_PATH, build_app
     from heygem_ray.studio.cluster import Cluster
@@ -2580,6 +2582,7 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
     cache.mkdir(mode=0o700)
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     monkeypatch.setattr(studio_service, "SAVE_THREADS", 1)  # one save at a time: bob's holds alice's
+    monkeypatch.setattr(app_module, "UPLOAD_WINDOW_SECONDS", 3.0)  # her wait outlasts her claim's window
     users = tmp_path / "users.json"
     for name in ("alice", "bob"):
         add_user(str(users), name, f"{name}-password")
@@ -2614,7 +2617,7 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
         render("bob", "bobpage")
         assert saving.wait(30)
         hers = render("alice", "alicepage", age=800.0)  # uploaded a while before she pressed Render
-        time.sleep(1.0)  # her Render waits its turn behind bob's
+        time.sleep(3.5)  # her Render waits its turn behind bob's, past her claim's window
         assert not service.store.campaigns("alice") and service.being_saved("alice")  # her page says so
         assert sweep_uploads(str(cache), 100.0, service.held) == 0  # held while her Render waits
         queue = app.state.gradio_pages._queue

@@ -521,7 +521,7 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                     message = f"❌ saved, but not submitted: {exc}. {NOT_SUBMITTED}"
                     saved = exc.saved
                 for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
-                    if claims.release(page, path):
+                    if claims.release(page, path) and not studio.held_elsewhere(path, uploads.count(path)):
                         _remove_quietly(path)
                 return message, saved, _choices(studio, user)
 

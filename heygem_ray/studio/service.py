@@ -281,6 +281,12 @@ class Studio:
         with self._lock:
             return set(self._held)
 
+    def held_elsewhere(self, path: str, own: int = 1) -> bool:
+        """Whether a Render other than the one asking (holding `path` `own` times) holds it: Gradio
+        names an upload by its content, so two users' Renders may hold one file."""
+        with self._lock:
+            return self._held[os.path.realpath(path)] > own
+
     def _saved(self, user: str, held: list[str], done: Future) -> None:
         with self._lock:
             self._saving.discard(user)
