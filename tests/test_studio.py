@@ -1478,6 +1478,7 @@ class JobServerAnswering:
         import threading
 
         self.jobs, self.submit, self.submit_delay, self.requests = jobs, submit, 0.0, []
+        self.stop: tuple[int, str] = (503, "Service Unavailable")  # every other POST's answer: a stop's
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -1504,7 +1505,7 @@ class JobServerAnswering:
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 server.requests.append(("POST", self.path))
                 time.sleep(server.submit_delay if self.path == "/api/jobs/" else 0)
-                self.answer(*(server.submit if self.path == "/api/jobs/" else (503, "Service Unavailable")))
+                self.answer(*(server.submit if self.path == "/api/jobs/" else server.stop))
 
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.address = f"http://user:s3cret-token@127.0.0.1:{self.http.server_address[1]}"
@@ -1703,6 +1704,16 @@ def test_a_submit_whose_answer_is_lost_keeps_its_job(tmp_path, media_dir, monkey
             with pytest.raises(JobUnknown):
                 cluster.job(late.jobs[0])
         assert len(server.requests) == asked + 2
+        # shown as on its way in, not "unknown" with a re-run offered: not deleted, run twice or
+        # said to have nothing to cancel while it may start
+        view = studio.campaign("alice", late.id)
+        assert view.status == "queued" and "not confirmed it yet" in view.note
+        assert studio.delete("alice", late.id) is False and studio.rerun("alice", late.id) is None
+        server.stop = (404, f"Job {late.jobs[0]} does not exist")
+        with pytest.raises(ClusterUnavailable, match="not confirmed it yet"):
+            studio.cancel("alice", late.id)
+        server.stop = (503, "Service Unavailable")
+        assert len(studio.store.load("alice", late.id).jobs) == 1
 
         server.jobs = _AllJobs((503, "Service Unavailable"))  # asked after: no answer either
         with pytest.raises(SubmitUnconfirmed):

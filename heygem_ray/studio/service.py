@@ -60,6 +60,8 @@ def hydra_quoted(value: str) -> str:
     return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
 
 
+#: a job whose submit's answer was lost, not known to the cluster yet: it may yet start
+UNCONFIRMED_JOB = "submitted, but the cluster has not confirmed it yet: it may still start (try again in a few minutes)"
 #: why a user's second campaign waits for their first to be saved
 SAVING = "your last campaign is still being saved: wait for it, then look at the Campaigns tab"
 
@@ -689,8 +691,10 @@ class Studio:
             job, started = self.cluster.job(record.jobs[-1]) if record.jobs else ("NOT_SUBMITTED", None)
         except ClusterUnavailable as exc:
             job, note = "UNKNOWN", str(exc)
-        except JobUnknown:  # a job the cluster no longer knows (a new cluster): the feed says it all
-            job = "UNKNOWN"
+        except JobUnknown:  # a job the cluster no longer knows (a new cluster): the feed says it all,
+            job = "UNKNOWN"  # unless its submit's answer was lost lately: it may be on its way in
+            if self.cluster.submitted_lately(record.jobs[-1]):
+                job, note = "PENDING", UNCONFIRMED_JOB
         feed = self.store.progress(record, rows) or {}
         if started is not None and feed.get("started_at", 0) < started - 1:
             feed = {}  # the previous run's: this job's driver has not written one yet
@@ -753,7 +757,9 @@ class Studio:
                 stopped = self.cluster.stop(record.jobs[-1])
             except ClusterUnavailable:  # the job may well be running: say so, not "nothing to cancel"
                 raise
-            except JobUnknown:  # a job the cluster no longer knows: nothing runs to stop
+            except JobUnknown:  # a job the cluster no longer knows: nothing runs to stop,
+                if self.cluster.submitted_lately(record.jobs[-1]):  # unless it is on its way in
+                    raise ClusterUnavailable(UNCONFIRMED_JOB) from None
                 return False
             if stopped:  # the log says what was done: a cancel of a finished campaign stops nothing
                 self.log.info("cancel user=%s campaign=%s job=%s", user, campaign_id, record.jobs[-1])
