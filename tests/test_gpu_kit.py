@@ -107,6 +107,7 @@ def test_node_run_renders_every_frame_in_worker_processes(dry_run: Path) -> None
     node = _result(dry_run, "node")["figures"]
     best = node["best"]
     assert best is not None and (best["procs"], best["threads"]) == (2, 1)
+    assert node["default"] == best  # the one run is the defaults', which the target is judged on
     assert best["frames"] == 30 and best["segments"] == 2  # 1.2 s at 25 fps, 0.6 s segments
     assert best["wall_s"] > 0 and best["frames_per_s"] > 0 and best["audio_seconds"] == pytest.approx(1.2, abs=0.05)
     assert sum(best["segments_per_worker"]) == 2

@@ -263,11 +263,16 @@ class WorkerPool:
             self.jobs.cancel_join_thread()
             for p in self.procs:
                 p.terminate()
+        # one deadline for them all: waited for one at a time, 15 stuck workers took minutes
+        deadline = time.monotonic() + (20 if finished else 5)
         for p in self.procs:
-            p.join(timeout=20 if finished else 5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)  # one stuck in the GPU driver outlives SIGKILL: the figures still go out
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        stuck = [p for p in self.procs if p.is_alive()]
+        for p in stuck:
+            p.kill()
+        deadline = time.monotonic() + 10  # one stuck in the GPU driver outlives SIGKILL: the figures still go out
+        for p in stuck:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 # --------------------------------------------------------------------------------------- one run
@@ -416,6 +421,10 @@ def summarize(
 
 
 # --------------------------------------------------------------------------------------- step
+#: seconds one run may take on a GPU (the H200 took 22–27 s): a hang leaves the step time for the next runs
+RUN_TIMEOUT_S = 90.0
+
+
 def variants(spec: Sequence[str] | None, cores: int, dry: bool) -> list[Variant]:
     """The runs: given (see Variant.parse), or from the core count: one one-thread renderer per
     core but one (the fastest shape on the H200 node: 7 × 2 took 28.0 s where 15 × 1 took 26.8),
@@ -470,7 +479,8 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
                         precision,
                         segment_seconds,
                         device,
-                        timeout=max(30.0, left - 15),
+                        # on a GPU, one run that hangs (a new decoder path) leaves time for the next
+                        timeout=max(30.0, min(RUN_TIMEOUT_S, left - 15) if cuda else left - 15),
                     ),
                 }
             except Exception as exc:  # noqa: BLE001 - a variant that fails is recorded; the next may work
@@ -481,6 +491,8 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
             common.write_partial(args.out, "node", {"runs": runs})
         done = [r for r in runs if "wall_s" in r]
         best = min(done, key=lambda r: r["wall_s"]) if done else None
+        # the target is the defaults' (the first run), as a user runs them; the fastest is reported beside
+        default = runs[0] if runs and "wall_s" in runs[0] else None
         if best is not None and best["thumbnail"]:  # a look at what was rendered
             shutil.copy(best["thumbnail"], args.out / "node_thumbnail.jpg")
     result.figures = {
@@ -489,19 +501,21 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
         "inputs": inputs.__dict__,
         "runs": runs,
         "best": best,
+        "default": default,
     }
     result.check("a finished mp4 with every planned frame", bool(done))
     if best is not None:
         result.check("renderer processes never imported Ray", not any(r["workers_imported_ray"] for r in done))
+    if default is not None:
         # a target, not a check of the kit: reported either way, so a slow run is not a broken one
         result.check(
-            f"one node ≤ {best['target_s']:g} s to the finished mp4 (target)",
+            f"one node ≤ {default['target_s']:g} s to the finished mp4, defaults (target)",
             None,
-            f"≤ {best['target_s']:g} s",
-            met=best["met"] if cuda else "no GPU",
-            wall_s=best["wall_s"],
-            procs=best["procs"],
-            threads=best["threads"],
+            f"≤ {default['target_s']:g} s",
+            met=default["met"] if cuda else "no GPU",
+            wall_s=default["wall_s"],
+            variant=default["variant"],
+            fastest=f"{best['variant']} {best['wall_s']:.1f} s" if best is not None else None,
         )
     result.markdown = markdown(result.figures, cuda)
 
@@ -539,13 +553,15 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
                 ),
             ]
         )
-    best = f["best"]
+    best, default = f["best"], f.get("default")
     verdict = (
-        "—"
-        if best is None
-        else f"best {best['wall_s']:.1f} s vs target {best['target_s']:g} s: "
-        f"**{'met' if best['met'] else 'not met'}**" + ("" if cuda else " (no GPU: the target does not apply)")
+        "the defaults' run did not finish"
+        if default is None
+        else f"defaults ({default['variant']}) {default['wall_s']:.1f} s vs target {default['target_s']:g} s: "
+        f"**{'met' if default['met'] else 'not met'}**" + ("" if cuda else " (no GPU: the target does not apply)")
     )
+    if best is not None and best is not default:
+        verdict += f"; fastest {best['variant']} {best['wall_s']:.1f} s"
     notes = (
         f"Avatar {i['width']}×{i['height']}, {i['seconds']:g} s, GOP {GOP}, + {i['seconds']:g} s of speech-like "
         f"audio, recipe Wav2Lip weights, fixed face box {list(i['box'])} (face track cached before the clock). "
@@ -553,7 +569,10 @@ def markdown(f: dict[str, Any], cuda: bool) -> str:
         "`RenderWorker` each (`num_cpus` = threads; the GPU shared), segments from one queue, "
         "`prepare_audio` + cached `prepare_avatar` in the parent while they load, `prepare_audio_track` while "
         "they render, then `stitch_row`. Wall s: "
-        "spawn → published mp4 (process start, imports, model load, audio decode, render, stitch). Segment "
+        "spawn → published mp4 (process start, imports, model load, audio decode, render, stitch); not in it: "
+        "the parent's own start (Python, torch and heygem_ray imports, ~1.4 s on a CPU), and what a whole "
+        "`heygem-ray render` adds (config, manifest, Ray's start). The avatar is synthetic and smooth (no "
+        "grain): real footage costs x264 about a third more CPU a frame, and more to decode. Segment "
         "stage seconds are summed over segments and overlap (helper threads). " + verdict + "."
     )
     return (
