@@ -151,7 +151,7 @@ class Campaign:
                 for actor in self.segments.hung(self.cfg.render.segment_deadline()):
                     self._restart_hung(actor)
                 self._admit_rows()
-                for key, handle, seconds in self.shared.start_held(self.actors.settled()):
+                for key, handle, seconds in self.shared.start_held(self.actors.settled):
                     self._stage(handle, "avatar", key, seconds)
                 self._dispatch_segments()
                 if not self._inflight:

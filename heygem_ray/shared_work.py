@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -104,12 +105,12 @@ class SharedWork:
         room = gpu_room(gpus, self.executor.actor_count(), self.cfg.cluster.actor.num_gpus, share)
         return share if room else 0.0
 
-    def start_held(self, actors_settled: bool) -> list[tuple[AvatarKey, Any, float]]:
+    def start_held(self, actors_settled: Callable[[], bool]) -> list[tuple[AvatarKey, Any, float]]:
         """The tracking tasks held until the GPU share of detection is known, started once the
-        renderer actors are as many as they will be soon (`ActorPool.settled`): (avatar, handle,
-        seconds) of each."""
+        renderer actors are as many as they will be soon (`ActorPool.settled`, asked only while
+        undecided): (avatar, handle, seconds) of each."""
         if self._detect_gpus is None:
-            if not actors_settled:
+            if not actors_settled():
                 return []
             self._detect_gpus = self._gpu_share()
             log.info("face detection tasks ask for %g of a GPU each", self._detect_gpus)

@@ -230,9 +230,10 @@ def _read_heif(path: str, what: str, uri: str) -> np.ndarray:
 
 
 def _on_white(image: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """A PNG, WebP or one-frame GIF still with transparency, over white: a cut-out portrait's background would
-    otherwise be whatever colour lies under the transparent pixels (often black). The alpha is read
-    without the EXIF orientation `image` had applied: one the orientation turned is left as read.
+    """A PNG, WebP or one-frame GIF still with transparency, over white: a cut-out portrait's
+    background would otherwise be whatever colour lies under the transparent pixels (often black).
+    The alpha is read without the EXIF orientation `image` had applied: one the orientation turned
+    is left as read.
     (Not a TIFF's: OpenCV gives some TIFFs' colours premultiplied by their alpha, others' not.)"""
     head = data[:16].tobytes()
     if not (head.startswith((b"\x89PNG", b"GIF8")) or head[8:12] == b"WEBP"):
