@@ -2639,3 +2639,55 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
         _wait_for(lambda: not any(os.path.exists(p) for p in hers), 10, "her uploads to leave the cache")
         _wait_for(lambda: not service.being_saved("alice"), 10, "her save to end")
         assert not service.held()
+
+
+def test_a_render_the_store_fails_says_so_and_keeps_its_uploads_for_another_try(tmp_path, media_dir):
+    """A store that fails while a Render saves (a full disk, an object store that does not answer)
+    showed Gradio's bare "Error": the page now says the store failed, without its folders, and
+    keeps the uploads, so the same Render works once the store does."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.app import API_PATH, UPLOAD_PATH, build_app
+    from heygem_ray.studio.cluster import Cluster
+    from heygem_ray.studio.service import Studio as StudioService
+
+    users = tmp_path / "users.json"
+    add_user(str(users), "alice", "alice-password")
+    cluster = Cluster(f"http://127.0.0.1:{_free_port()}", local=False)  # down: saved, not submitted
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster, logging.getLogger("t"))
+    app = build_app(service, str(users), Sessions(b"k" * 32))
+    blocked = tmp_path / "store" / "alice"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_bytes(b"")  # her folder cannot be made: every write under it fails (NotADirectoryError)
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as alice:  # Gradio's queue runs
+        assert alice.post("/login", data={"name": "alice", "password": "alice-password"}).status_code == 303
+        sent = []
+        for name in ("speech3.wav", "still.png"):
+            with open(media_dir / name, "rb") as upload:
+                sent += alice.post(UPLOAD_PATH, files=[("files", upload)]).json()
+        audio, avatar = ({"path": p, "meta": {"_type": "gradio.FileData"}} for p in sent)
+        create = _event_index(alice, "create")
+
+        def render() -> str:
+            data = ["hers", [audio], [avatar], None, "classic (no weights)", "standard"]
+            event = {"data": data, "fn_index": create, "session_hash": "alicepage"}
+            assert alice.post(API_PATH + "queue/join", json=event).status_code == 200
+            with alice.stream("GET", API_PATH + "queue/data", params={"session_hash": "alicepage"}) as events:
+                for line in events.iter_lines():
+                    message = json.loads(line[5:]) if line.startswith("data:") else {}
+                    if message.get("msg") == "process_completed":
+                        assert message["success"], message  # answered, not Gradio's "Error"
+                        return message["output"]["data"][0]
+            raise AssertionError("no answer")
+
+        said = render()
+        assert said.startswith("❌ the studio's store failed (Not a directory): nothing was saved"), said
+        assert str(tmp_path) not in said
+        assert all(os.path.exists(p) for p in sent)  # still hers to Render again
+        blocked.unlink()
+        said = render()
+        assert said.startswith("❌ saved, but not submitted"), said  # the cluster is down here
+        assert [r.name for r in service.store.campaigns("alice")] == ["hers"]

@@ -30,6 +30,7 @@ from heygem_ray.studio.service import (
     QUALITIES,
     UPLOAD_WINDOW_SECONDS,
     CampaignView,
+    StoreFailed,
     Studio,
     SubmitUnconfirmed,
     distinct_uploads,
@@ -520,6 +521,11 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 except ClusterUnavailable as exc:
                     message = f"❌ saved, but not submitted: {exc}. {NOT_SUBMITTED}"
                     saved = exc.saved
+                except StoreFailed as exc:
+                    if exc.saved is None:  # its uploads stay on this page, to Render again
+                        return f"❌ {exc}: nothing was saved. Press Render again in a while.", None, None
+                    message = f"❌ saved, but not submitted: {exc}. It is open on the Campaigns tab: re-run it there."
+                    saved = exc.saved
                 for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
                     if claims.release(page, path) and not studio.held_elsewhere(path, uploads.count(path)):
                         _remove_quietly(path)
@@ -608,6 +614,8 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                     return f"❌ the cluster did not confirm the submit: {exc}. {UNCONFIRMED}"
                 except (ClusterUnavailable, UploadError) as exc:  # UploadError: a re-run past the user's limit
                     return f"❌ {exc}"
+                except OSError as exc:  # the store's: not Gradio's bare "Error"
+                    return f"❌ {StoreFailed(exc)}: try again in a while."
 
             return act
 

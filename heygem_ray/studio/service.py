@@ -66,6 +66,18 @@ UNCONFIRMED_JOB = "submitted, but the cluster has not confirmed it yet: it may s
 SAVING = "your last campaign is still being saved: wait for it, then look at the Campaigns tab"
 
 
+class StoreFailed(RuntimeError):
+    """The studio's store failed (an OSError: a file system or object store that did not answer)
+    while a campaign was made: nothing was submitted. `saved` is the campaign where its record
+    was kept (its page opens it, to re-run once the store answers), else None: nothing was kept."""
+
+    def __init__(self, cause: OSError, saved: str | None = None):
+        # the cause's reason, not its text: that names the store's folders, which are no user's business
+        reason = os.strerror(cause.errno) if cause.errno else type(cause).__name__
+        super().__init__(f"the studio's store failed ({reason})")
+        self.saved = saved
+
+
 class SubmitUnconfirmed(ClusterUnavailable):
     """A submit whose answer was lost, to a cluster that could not be asked after: its job may run.
     The campaign keeps the job's id, so its pages show it once the cluster answers."""
@@ -314,7 +326,8 @@ class Studio:
     ) -> CampaignRecord:
         """A campaign from uploaded files (local paths the web server received): every avatar with
         every narration, or the rows of an uploaded manifest; stored, then submitted. Raises
-        UploadError (nothing submitted) when an upload or a choice is refused."""
+        UploadError (nothing submitted) when an upload or a choice is refused, StoreFailed when the
+        store fails."""
         model = model or next(iter(self.models))
         if model not in self.models:
             raise UploadError(f"unknown model {model!r}")
@@ -326,6 +339,7 @@ class Studio:
                 raise UploadError(SAVING)
             self._creating.add(user)
         uploads = [*audios, *avatars, *([manifest] if manifest else [])]
+        saved: str | None = None
         try:
             self._check_active(user)  # refused before its uploads are copied; checked again at its submit
             self._check_quota(user, uploads)
@@ -340,6 +354,7 @@ class Studio:
                 except BaseException:  # a refused upload leaves no files that no page lists (and the quota counts)
                     self._discard(user, campaign_id)
                     raise
+                saved = record.id
                 with self._admission(user):
                     try:
                         self._check_active(user, campaign_id)  # a re-run from another page may have started
@@ -353,6 +368,9 @@ class Studio:
                         exc.saved = record.id
                         raise
             return record
+        except OSError as exc:  # its page says so (it was Gradio's bare "Error"); the log has the whole of it
+            self.log.warning("create user=%s: the store failed: %r", user, exc)
+            raise StoreFailed(exc, saved) from exc
         finally:
             with self._lock:
                 self._creating.discard(user)

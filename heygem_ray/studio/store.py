@@ -164,8 +164,12 @@ class StudioStore:
             self._relist(record.user)
 
     def discard(self, user: str, campaign_id: str) -> None:
-        """Whatever a campaign that was never created (no record) left: its uploads."""
-        storage.remove(self.campaign_root(user, campaign_id), recursive=True)
+        """Whatever a campaign that was never submitted left: its uploads, and its record where
+        one was saved (a listing kept from meanwhile named it)."""
+        try:
+            storage.remove(self.campaign_root(user, campaign_id), recursive=True)
+        finally:
+            self._relist(user)
 
     @staticmethod
     def new_id() -> str:
