@@ -726,6 +726,13 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> tuple[np.ndarray
             "its frames carry no timestamps (a bare H.264/HEVC stream, not in a container): put it in "
             "an MP4 at its frame rate, e.g. `ffmpeg -r 25 -i in.h264 -c copy out.mp4`",
         )
+    if len(pts) < packets:  # left out, the clip was taken for its timed frames alone (4 of 200)
+        raise InputError(
+            "avatar",
+            uri,
+            f"{packets - len(pts)} of its {packets} frames carry no timestamps (H.264 in an MPEG program "
+            "stream?): re-encode it, e.g. `ffmpeg -i in.mpg -c:v libx264 -crf 18 out.mp4`",
+        )
     if not pts:
         raise InputError("avatar", uri, "has no video frames")
     demuxed = np.frombuffer(pts, np.int64)

@@ -1214,3 +1214,40 @@ def test_a_rows_speech_level_is_the_same_however_it_is_fed_and_its_memory_stays_
     tracemalloc.stop()
     assert kept < 1.5 * 2**20, kept  # 60,000 values: under 1 MB, whatever the chunking
     assert meter.level() > 0
+
+
+@pytest.mark.parametrize("bframes", ["0", "2"])
+def test_an_mpeg_program_stream_reads_the_frames_asked_for_wherever_a_segment_starts(tmp_path, bframes):
+    """After a seek into an MPEG program stream (.mpg, .vob: a DVD rip, a capture card's file)
+    FFmpeg stamps the frames a fraction of a frame or more off the times a read from its start
+    gives them: a segment starting past the first GOPs failed ("not found in the stream") or showed
+    the frame before the one asked for, silently. Such a stream is read from its start."""
+    from heygem_ray.prepare import _frame_timestamps
+
+    path = str(tmp_path / "tape.mpg")
+    _numbered_clip(path, 200, {"bf": bframes, "g": "15"}, codec="mpeg2video")
+    info = video.probe(path, 25)
+    every = list(video.iter_frames(path, info))
+    pts, _ = _frame_timestamps(path, info, path)
+    assert len(every) == len(pts) == 200
+    for start in (0, 30, 70, 90, 140):
+        with video.FrameReader(path, info, pts[start:], first_index=start) as reader:
+            got = reader.read(np.arange(start, start + 20))
+            for i in range(start, start + 20):
+                assert np.array_equal(got[i], every[i][1]), (start, i)
+            assert [i for i, _ in reader.frames_between(start + 40, start + 45)] == list(range(start + 40, start + 45))
+
+
+def test_a_stream_whose_frames_mostly_carry_no_timestamps_is_refused_with_a_way_out(tmp_path):
+    """H.264 in an MPEG program stream: only the packet starting each PES block carries a
+    timestamp. The rest were left out unsaid, and a 200-frame clip was taken for one of 4 frames."""
+    from heygem_ray.errors import InputError
+    from heygem_ray.prepare import _frame_timestamps
+
+    path = str(tmp_path / "camcorder.mpg")
+    _numbered_clip(path, 200, {"bf": "3", "g": "30"})
+    with av.open(path) as container:
+        assert sum(p.pts is None for p in container.demux(video=0) if p.size) > 100  # as described
+    info = video.probe(path, 25)
+    with pytest.raises(InputError, match="of its 200 frames carry no timestamps.*libx264"):
+        _frame_timestamps(path, info, path)

@@ -35,6 +35,10 @@ STILL_MAX_PIXELS = 64_000_000
 _SEEK_DISTANCE = 48
 #: seeks, each twice as far back, to land before a frame in an open GOP, before decoding from the start
 _SEEK_TRIES = 8
+#: containers read from their start, never seeked into: after a seek into an MPEG program stream
+#: (.mpg, .vob) FFmpeg stamps frames up to a few frames off the times a read from the start gives
+#: them, so frames were not found, or the one before was taken for the one asked for
+_NO_SEEK_FORMATS = frozenset({"mpeg"})
 
 #: frames a reader keeps, decoded on its way to a backward read's first frame, for the reads just
 #: before it (a looped clip's backward half): without them each chunk of a backward pass seeks and
@@ -540,6 +544,7 @@ class FrameReader:
                 self._stream.thread_type = "AUTO"
                 if threads:
                     self._stream.codec_context.thread_count = threads
+            self._seeks = self._container.format.name not in _NO_SEEK_FORMATS
             self._decoder: Iterator[av.VideoFrame] | None = None
             self._interlaced: bool | None = None  # known once a frame is decoded
             self._next = 0  # index of the frame the running decoder yields next
@@ -582,7 +587,7 @@ class FrameReader:
         backward = lo < self._last_lo
         self._last_lo, lo = lo, min(want)
         decoder = self._decoder
-        if decoder is None or lo < self._next or lo - self._next > _SEEK_DISTANCE:
+        if decoder is None or lo < self._next or (self._seeks and lo - self._next > _SEEK_DISTANCE):
             decoder = self._seek(lo)
             if backward:  # the frames just before `lo` are likely the next read's: keep them
                 self._spare = {}
@@ -667,14 +672,15 @@ class FrameReader:
         are decoded after it, from the GOP before. The demuxer's seek can land on that keyframe, and
         the decoder then drops those leading frames: so the first frame decoded is checked, and the
         seek goes further back until it lands at or before `index`. In an interlaced stream, at or
-        before the frame before it: the deinterlacer makes each frame with its neighbours."""
+        before the frame before it: the deinterlacer makes each frame with its neighbours. A
+        container that is never seeked into (`_NO_SEEK_FORMATS`) decodes from the start."""
         container = self._container
         if container is None:
             raise ValueError("FrameReader is closed")
         before = 1 if self._interlaced and index > self._first else 0
         want = int(self._pts[index - before - self._first])
         target, back = want, 0
-        for _ in range(_SEEK_TRIES):
+        for _ in range(_SEEK_TRIES if self._seeks else 0):
             try:
                 container.seek(target, stream=self._stream, backward=True)
             except av.error.FFmpegError:  # before the stream's first keyframe
