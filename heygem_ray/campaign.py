@@ -38,7 +38,7 @@ from heygem_ray.media.audio import SAMPLE_RATE
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.output_lock import OutputLostError
 from heygem_ray.prepare import AvatarTrack, RowPrep, model_versions, prepare_row
-from heygem_ray.results import ResultsTable, RowResult, Summary
+from heygem_ray.results import UNCHECKED, ResultsTable, RowResult, Summary
 from heygem_ray.rows import RowState, remove_old_work
 from heygem_ray.segment import SegmentResult
 from heygem_ray.segment_queue import SegmentCall, SegmentQueue
@@ -50,11 +50,6 @@ log = logging.getLogger("heygem_ray")
 
 #: the error of a row a stop caught before it finished
 INTERRUPTED = "campaign interrupted before this row finished"
-#: the error of one an earlier run published that the stop left no time to check
-UNCHECKED = (
-    "campaign interrupted before this run checked the video an earlier run published for this row"
-    " (a rerun checks it, and skips the row while it is current)"
-)
 #: seconds a stop spends checking the rows an earlier run published that this run had not reached,
 #: and on how many threads (`_checked`)
 STOP_CHECK_SECONDS = 1.0

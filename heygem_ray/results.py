@@ -16,6 +16,13 @@ from heygem_ray import qa, storage
 
 log = logging.getLogger("heygem_ray")
 
+#: the error of a row an earlier run published that a stop left no time to check: it says
+#: nothing of the video, so the earlier run's result stands (`published_earlier`)
+UNCHECKED = (
+    "campaign interrupted before this run checked the video an earlier run published for this row"
+    " (a rerun checks it, and skips the row while it is current)"
+)
+
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -266,7 +273,7 @@ def published_earlier(uri: str, parts: str, skip: str | None = None) -> dict[str
         result = RowResult(**row)
         if result.status in ("ok", "skipped"):
             earlier[result.id] = result
-        else:
+        elif result.error != UNCHECKED:  # a stopped run that never checked the video left it as it was
             earlier.pop(result.id, None)
     return earlier
 

@@ -293,6 +293,23 @@ def test_earlier_results_are_read_without_this_runs_own_parts(tmp_path):
     assert sorted(table.published_earlier()) == ["a", "b"]  # a: ok earlier; c: this run's own
 
 
+def test_a_row_a_stopped_run_left_unchecked_is_still_an_earlier_runs_video_at_the_next_stop(tmp_path):
+    """A stop that had no time to check a video an earlier run published reports its row failed,
+    UNCHECKED: that says nothing of the video. Read as the row's latest result, it hid the earlier
+    ok one, and the stop of the run after reported the row "interrupted" (a video lost) unchecked."""
+    from dataclasses import replace
+
+    from heygem_ray.results import UNCHECKED, published_earlier, write_results
+
+    uri, parts = str(tmp_path / "_results.parquet"), str(tmp_path / "_results")
+    write_results(uri, [_result("a"), _result("b")])  # a finished campaign
+    stopped = ResultsTable(uri, parts)  # a re-run stopped at once
+    stopped.add(replace(_result("a"), status="failed", error=UNCHECKED))
+    stopped.add(replace(_result("b"), status="failed", error="campaign interrupted before this row finished"))
+    stopped.flush()
+    assert sorted(published_earlier(uri, parts)) == ["a"]  # b: its re-render was cut short
+
+
 def test_a_stop_reports_its_rows_in_one_line_and_writes_no_part_for_each_thousand(tmp_path, capsys, media_dir):
     """A campaign of many rows stopped early: the rows it had not finished get their results in the
     table at once, with one line for them all, and no part of their own (the table follows at
