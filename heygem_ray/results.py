@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import io
 import logging
 import os
@@ -157,10 +158,10 @@ class ResultsTable:
         self._unwritten: list[RowResult] = []
         self._flushed_at = time.time()
         # parts of this run sort after those an earlier run left, to the millisecond (and apart
-        # from those of another table of this process, in the same millisecond)
-        seconds, ns = divmod(time.time_ns(), 10**9)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f"{ns // 10**6:03d}"
-        self._own = f"part-{stamp}-{os.getpid()}-{secrets.token_hex(3)}-"
+        # from those of another table of this process, in the same millisecond), even where that
+        # run's host's clock was ahead of this one's: its table then hid this run's parts
+        ms = max(time.time_ns() // 10**6, _latest_part_ms(uri, parts) + 1)
+        self._own = f"part-{_part_stamp(ms)}-{os.getpid()}-{secrets.token_hex(3)}-"
         self._written_parts = 0
         self._refused = False  # the last part was refused by the store
 
@@ -289,6 +290,38 @@ def read_parts(parts: str, skip: str | None = None, after: str | None = None) ->
             continue
         rows += read_results(uri)
     return rows
+
+
+def _part_stamp(ms: int) -> str:
+    """A part name's time: UTC to the millisecond, sorting as it counts."""
+    seconds, milliseconds = divmod(ms, 1000)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f"{milliseconds:03d}"
+
+
+def _stamp_ms(name: str) -> int:
+    """The time of a part name (or a table's `parts_upto`), in ms since the epoch; 0 if it has none."""
+    stamp = name[len("part-") :][:18]
+    try:
+        return calendar.timegm(time.strptime(stamp[:15], "%Y%m%dT%H%M%S")) * 1000 + int(stamp[15:])
+    except ValueError:
+        return 0
+
+
+def _latest_part_ms(uri: str, parts: str) -> int:
+    """The time of the latest part the store holds or its table supersedes (0: none): a host's
+    clock behind an earlier run's would name parts that sort before them."""
+    latest = 0
+    try:
+        with storage.open_uri(uri) as fh:
+            upto = (pq.read_schema(fh).metadata or {}).get(_PARTS_UPTO)
+        latest = _stamp_ms(upto.decode()) if upto else 0
+    except (FileNotFoundError, pa.ArrowException):  # none, or unreadable: the run writes it anew
+        pass
+    try:
+        names = [storage.basename(u) for u in storage.listdir(parts)]
+    except FileNotFoundError:
+        names = []
+    return max([latest, *(_stamp_ms(n) for n in names if is_part(n))])
 
 
 def is_part(name: str) -> bool:

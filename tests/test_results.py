@@ -310,6 +310,26 @@ def test_a_row_a_stopped_run_left_unchecked_is_still_an_earlier_runs_video_at_th
     assert sorted(published_earlier(uri, parts)) == ["a"]  # b: its re-render was cut short
 
 
+def test_a_runs_parts_count_after_an_earlier_runs_table_written_by_a_host_whose_clock_ran_ahead(tmp_path):
+    """Parts are named by their run's start on its host's clock, and a table supersedes the parts
+    named before its run's. A run on a host whose clock was five minutes behind the last run's
+    named its parts before that run's table: a killed run's finished rows were hidden from the
+    next stop and from the studio. Its parts now sort after every part and table on the store."""
+    from heygem_ray.results import published_earlier, write_results
+
+    uri, parts = str(tmp_path / "_results.parquet"), str(tmp_path / "_results")
+    ahead = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() + 300)) + "123"
+    write_results(uri, [_result("a", "failed")], parts_upto=f"part-{ahead}-1-abcdef-")
+    killed = ResultsTable(uri, parts)  # this host's clock is five minutes behind
+    killed.add(_result("a"))
+    killed.flush()
+    assert sorted(published_earlier(uri, parts)) == ["a"]
+    later = ResultsTable(uri, parts)  # and after a part stamped ahead too
+    later.add(_result("a", "failed"))
+    later.flush()
+    assert published_earlier(uri, parts) == {}
+
+
 def test_a_stop_reports_its_rows_in_one_line_and_writes_no_part_for_each_thousand(tmp_path, capsys, media_dir):
     """A campaign of many rows stopped early: the rows it had not finished get their results in the
     table at once, with one line for them all, and no part of their own (the table follows at
