@@ -680,6 +680,38 @@ def test_a_refused_campaign_leaves_none_of_its_uploads(tmp_path, media_dir):
     assert not (tmp_path / "store" / "alice").exists() or not any((tmp_path / "store" / "alice").iterdir())
 
 
+def test_a_save_cut_short_leaves_the_users_quota_once_it_is_hours_old(tmp_path, media_dir, monkeypatch):
+    """A studio stopped while it copied a Render's uploads (or a store that failed, its removal
+    too) left a campaign folder without a record: on no page, so never deleted, yet counted in
+    its user's quota for good. The watcher removes such folders hours after they were begun; a
+    campaign saved whole, and a save too recent to be over, stay."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio import service as studio_service
+    from heygem_ray.studio.cluster import Cluster, ClusterUnavailable
+
+    studio = studio_service.Studio(
+        StudioConfig(store=str(tmp_path / "store")),
+        Cluster(f"http://127.0.0.1:{_free_port()}", local=False),
+        logging.getLogger("t"),
+    )
+    with pytest.raises(ClusterUnavailable):  # saved whole (not submitted: no cluster here)
+        studio.create("alice", "kept", [str(media_dir / "speech3.wav")], [str(media_dir / "still.png")])
+    hours_ago = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() - 7 * 3600))
+    cut_short = [f"{hours_ago}-00aa11", studio.store.new_id()]  # hours old, and one under way
+    for campaign_id in cut_short:  # its uploads copied, its record never written
+        studio.store.save_uploads("alice", campaign_id, [str(media_dir / "speech3.wav")], "audio", 2**30)
+    used = studio.store.usage("alice")
+    assert studio.remove_unrecorded() == [("alice", cut_short[0])]
+    assert studio.store.usage("alice") < used
+    assert (tmp_path / "store" / "alice" / cut_short[1]).exists()
+    assert [r.name for r in studio.store.campaigns("alice")] == ["kept"]
+    monkeypatch.setattr(studio_service, "UNRECORDED_SECONDS", 0.0)
+    assert studio.remove_unrecorded() == [("alice", cut_short[1])]
+    assert [r.name for r in studio.store.campaigns("alice")] == ["kept"]
+
+
 def test_a_rerun_renders_with_the_settings_the_campaign_was_made_with(tmp_path, media_dir):
     """An operator who later points a model at other weights (or removes it) must not re-render
     every finished video of an old campaign when its user re-runs the failed rows."""
@@ -2650,7 +2682,7 @@ def test_a_render_the_store_fails_says_so_and_keeps_its_uploads_for_another_try(
     from starlette.testclient import TestClient
 
     from heygem_ray.config import StudioConfig
-    from heygem_ray.studio.app import API_PATH, UPLOAD_PATH, build_app
+    from heygem_ray.studio.app import UPLOAD_PATH, build_app
     from heygem_ray.studio.cluster import Cluster
     from heygem_ray.studio.service import Studio as StudioService
 
@@ -2673,15 +2705,7 @@ def test_a_render_the_store_fails_says_so_and_keeps_its_uploads_for_another_try(
 
         def render() -> str:
             data = ["hers", [audio], [avatar], None, "classic (no weights)", "standard"]
-            event = {"data": data, "fn_index": create, "session_hash": "alicepage"}
-            assert alice.post(API_PATH + "queue/join", json=event).status_code == 200
-            with alice.stream("GET", API_PATH + "queue/data", params={"session_hash": "alicepage"}) as events:
-                for line in events.iter_lines():
-                    message = json.loads(line[5:]) if line.startswith("data:") else {}
-                    if message.get("msg") == "process_completed":
-                        assert message["success"], message  # answered, not Gradio's "Error"
-                        return message["output"]["data"][0]
-            raise AssertionError("no answer")
+            return _answered(alice, create, data)[0]
 
         said = render()
         assert said.startswith("❌ the studio's store failed (Not a directory): nothing was saved"), said
@@ -2691,3 +2715,40 @@ def test_a_render_the_store_fails_says_so_and_keeps_its_uploads_for_another_try(
         said = render()
         assert said.startswith("❌ saved, but not submitted"), said  # the cluster is down here
         assert [r.name for r in service.store.campaigns("alice")] == ["hers"]
+
+
+def _answered(client, fn_index: int, data: list, page: str = "alicepage") -> list:
+    """The outputs of one page event, sent as a browser sends it, in a started app (Gradio's queue
+    runs); it must be answered, not fail with Gradio's bare "Error"."""
+    from heygem_ray.studio.app import API_PATH
+
+    event = {"data": data, "fn_index": fn_index, "session_hash": page}
+    assert client.post(API_PATH + "queue/join", json=event).status_code == 200
+    with client.stream("GET", API_PATH + "queue/data", params={"session_hash": page}) as events:
+        for line in events.iter_lines():
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                assert message["success"], message
+                return message["output"]["data"]
+    raise AssertionError("no answer")
+
+
+def test_a_page_whose_store_fails_says_so_and_keeps_what_it_showed(tmp_path, monkeypatch):
+    """A store that stops answering (S3 down, NFS gone) showed Gradio's bare "Error" every few
+    seconds on every open page, and a page opened meanwhile came up empty, saying nothing."""
+    from starlette.testclient import TestClient
+
+    from heygem_ray import storage
+
+    app, clients = _alice_and_bob_signed_in(tmp_path)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(storage, "versions", unreachable)  # the listing of her campaigns
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as alice:
+        alice.cookies = clients["alice"].cookies
+        for api_name, data in (("refresh", [None]), ("opened", ["20260101-000000-abcdef"])):
+            answer = _answered(alice, _event_index(alice, api_name), data)
+            said = answer[2]
+            assert "the studio&#x27;s store failed (Connection refused)" in said, (api_name, answer)

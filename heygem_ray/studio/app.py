@@ -552,7 +552,10 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
             """The page as it loads: the campaign its address names (`?campaign=`, kept there as
             one is opened: a refresh, or the link, opens it again), if it is the user's, on the
             Campaigns tab."""
-            own = campaign_id if campaign_id and studio.has_campaign(user_of(request), campaign_id) else None
+            try:
+                own = campaign_id if campaign_id and studio.has_campaign(user_of(request), campaign_id) else None
+            except OSError:  # said by the refresh below
+                own = None
             table, chooser, *rest = refresh(own, request)
             if own is None:
                 return table, chooser, *rest, gr.Tabs()
@@ -564,7 +567,13 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
             )
 
         def refresh(campaign_id: str | None, request: gr.Request) -> tuple:
-            user = user_of(request)
+            try:
+                return shown_now(campaign_id, user_of(request))
+            except OSError as exc:  # every few seconds Gradio's bare "Error" otherwise; the page stays as it was
+                said = f"❌ {StoreFailed(exc)}: your campaigns show again once it answers."
+                return gr.update(), gr.update(), f"<p>{html.escape(said)}</p>", gr.update(), gr.update(), gr.update()
+
+        def shown_now(campaign_id: str | None, user: str) -> tuple:
             views, records = studio.campaigns(user)
             table = [
                 [

@@ -101,8 +101,12 @@ class CampaignView:
 
 #: how long the web server keeps an upload no campaign took (Gradio's cache: see server.sweep_uploads)
 UPLOAD_WINDOW_SECONDS = 900
-#: how often the watcher looks for users' caches past `studio.user_cache_gb` (a walk of each cache)
+#: how often the watcher looks for users' caches past `studio.user_cache_gb` (a walk of each cache) and
+#: for campaign folders a cut-short save left (`remove_unrecorded`)
 CACHE_TRIM_SECONDS = 3600.0
+#: seconds after its id's time that a campaign folder without a record (a save cut short) is
+#: removed: far longer than any save takes
+UNRECORDED_SECONDS = 6 * 3600.0
 #: how often the server sweeps Gradio's cache of uploads past UPLOAD_WINDOW_SECONDS: an upload lives up to
 #: their sum, and counts against its user's quota as long
 CACHE_SWEEP_SECONDS = 60
@@ -211,6 +215,8 @@ class Studio:
                     trimmed_at = time.monotonic()
                     with contextlib.suppress(Exception):  # logged inside; a watcher must outlive it
                         self.trim_caches()
+                    with contextlib.suppress(Exception):
+                        self.remove_unrecorded()
                 with self._lock:
                     records = list(self._watched.values())
                 for record in records:
@@ -255,6 +261,32 @@ class Studio:
                 self.cfg.user_cache_gb,
             )
         return trimmed
+
+    def remove_unrecorded(self) -> list[tuple[str, str]]:
+        """Remove the campaign folders a save cut short left without a record, UNRECORDED_SECONDS
+        after they were begun (`StudioStore.unrecorded`): a studio stopped while it copied uploads
+        left them in the user's quota for good, on no page to delete them from. Returns (user,
+        campaign id) of those removed."""
+        removed: list[tuple[str, str]] = []
+        try:
+            found = self.store.unrecorded(UNRECORDED_SECONDS)
+        except OSError as exc:
+            self.log.info("unrecorded campaigns: not listed: %s", exc)
+            return removed
+        for user, campaign_id in found:
+            with self._lock:
+                saving = self._campaign_locks.get(campaign_id)
+            if saving is not None and saving.locked():  # being saved by this studio still
+                continue
+            try:
+                self.store.discard(user, campaign_id)
+            except OSError as exc:
+                self.log.info("campaign user=%s campaign=%s: unrecorded, not removed: %s", user, campaign_id, exc)
+                continue
+            self._store_changed(user)
+            removed.append((user, campaign_id))
+            self.log.info("campaign user=%s campaign=%s: removed, its save cut short (no record)", user, campaign_id)
+        return removed
 
     def _runs_a_campaign(self, user: str) -> bool:
         """Whether a campaign of the user's is queued or running (the cluster asked; raises
@@ -376,9 +408,12 @@ class Studio:
                 self._creating.discard(user)
 
     def _discard(self, user: str, campaign_id: str) -> None:
-        """Remove a campaign that was refused while it was made (nothing was submitted)."""
-        with contextlib.suppress(Exception):
+        """Remove a campaign that was refused while it was made (nothing was submitted); what a
+        failing store keeps goes later (`remove_unrecorded`)."""
+        try:
             self.store.discard(user, campaign_id)
+        except Exception as exc:  # noqa: BLE001 - the refusal is what the page must say
+            self.log.warning("create user=%s campaign=%s: not removed: %r", user, campaign_id, exc)
 
     def _store_campaign(
         self,

@@ -9,6 +9,7 @@ checked before any path is built, and nothing a user sends is used as a path.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import copy
 import glob
@@ -170,6 +171,24 @@ class StudioStore:
             storage.remove(self.campaign_root(user, campaign_id), recursive=True)
         finally:
             self._relist(user)
+
+    def unrecorded(self, older_than: float) -> list[tuple[str, str]]:
+        """(user, campaign id) of the campaign folders that hold no record and were begun more than
+        `older_than` seconds ago: what a save cut short left (the studio stopped midway, the store
+        failing, its removal failing too). No page lists them, yet the user's quota counts them."""
+        recorded = {
+            storage.dirname(uri) for uri in storage.glob(storage.join(self._root_pattern, "*", "*", "campaign.json"))
+        }
+        found = []
+        for uri in storage.glob(storage.join(self._root_pattern, "*", "*")):
+            campaign_id, user = storage.basename(uri), storage.basename(storage.dirname(uri))
+            if not CAMPAIGN_ID.fullmatch(campaign_id) or uri in recorded:
+                continue
+            begun = calendar.timegm(time.strptime(campaign_id[:15], "%Y%m%d-%H%M%S"))
+            if time.time() - begun > older_than:
+                with contextlib.suppress(ValueError):  # a folder that is no user's
+                    found.append((check_name(user), campaign_id))
+        return found
 
     @staticmethod
     def new_id() -> str:
