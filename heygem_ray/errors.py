@@ -20,16 +20,18 @@ class InputError(HeygemError):
     """A row's input is missing, unreadable or unusable. Not retried. `lasting`: the file's own
     content is at fault (no face, not audio), so a rerun fails the same way; not so where it could
     not be reached (missing, permission denied: expired credentials too, replaced while read) or
-    its output could not be written."""
+    its output could not be written. `from_seconds`: an avatar's fault found past its start (a
+    damaged frame) concerns only narrations longer than that, whose face track reaches it."""
 
-    def __init__(self, what: str, uri: str | None, problem: str, lasting: bool = True):
+    def __init__(self, what: str, uri: str | None, problem: str, lasting: bool = True, from_seconds: float = 0.0):
         self.what, self.uri, self.problem = what, uri, problem
         self.lasting = lasting and what != "output"
+        self.from_seconds = from_seconds
         where = f" {storage.display(uri)}" if uri else ""
         super().__init__(f"{what}{where}: {problem}")
 
     def __reduce__(self):  # keep the fields across Ray's pickling
-        return (InputError, (self.what, self.uri, self.problem, self.lasting))
+        return (InputError, (self.what, self.uri, self.problem, self.lasting, self.from_seconds))
 
 
 class ManifestError(HeygemError):

@@ -40,7 +40,14 @@ from heygem_ray import metrics, scratch, storage
 from heygem_ray.config import Config, DetectorConfig, EncoderConfig
 from heygem_ray.detect import build_detector
 from heygem_ray.detect.base import FaceDetector
-from heygem_ray.detect.track import CHUNK_FRAMES, TrackBuilder, fixed_track, frames_to_track, settled_frames
+from heygem_ray.detect.track import (
+    CHUNK_FRAMES,
+    TrackBuilder,
+    fixed_track,
+    frames_to_track,
+    settled_frames,
+    shown_short_of,
+)
 from heygem_ray.errors import InputError, caching, check_writable, reading
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
@@ -670,7 +677,12 @@ def _detect_chunks(
                     flush()
         flush()
     except (av.error.FFmpegError, AvatarDecodeError) as exc:  # the reader's: FFmpeg's refusal, named
-        raise InputError("avatar", uri, f"decoding failed ({getattr(exc, 'strerror', None) or exc})") from None
+        # at the first frame not decoded: shorter narrations, whose tracks stop before it, render
+        from_seconds = shown_short_of(previous + 1, stride) / reader.info.fps
+        problem = f"decoding failed ({getattr(exc, 'strerror', None) or exc})"
+        if from_seconds:
+            problem += f" at {(previous + 1) / reader.info.fps:.1f} s: narrations of up to {from_seconds:.1f} s render"
+        raise InputError("avatar", uri, problem, from_seconds=from_seconds) from None
     while chunk <= last:  # the last chunk, and any the stream ended before
         yield chunk, found
         chunk += 1

@@ -210,10 +210,18 @@ class SharedWork:
                 if known.crashes >= AVATAR_CRASHES:
                     why = f"lost the worker tracking its face {known.crashes} times (out of memory? see the node's log)"
                     track = InputError("avatar", key[0], why)
-            if isinstance(self.executor.cause(track), (InputError, CacheError)):
-                # past a known track only: the rows it reaches need no more frames than it has
-                known.fault, known.fault_from = track, tracking.seconds if known.track is not None else 0.0
+            cause = self.executor.cause(track)
+            if isinstance(cause, (InputError, CacheError)):
+                # past the frame at fault (a damaged one: its narrations longer than a track that stops
+                # before it), else past a known track (the rows it reaches need no more frames than it
+                # has); never past this task's reach, so its longest row is answered
+                at = cause.from_seconds if isinstance(cause, InputError) else 0.0
+                since = at or (tracking.seconds if known.track is not None else 0.0)
+                known.fault, known.fault_from = track, min(since, tracking.seconds)
                 known.fault_of = tracked
+                short = [r for r in rows if at and r[1] < known.fault_from]  # tracked anew, short of the frame
+                rows = [r for r in rows if r not in short]
+                other += short
             return track, [row_id for row_id, _, _ in rows], self._follow(key, other, tracked)
         if (
             known.track is None

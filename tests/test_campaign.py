@@ -980,3 +980,35 @@ def test_a_weights_free_actor_never_loads_torch_and_a_torch_one_gets_its_threads
         assert ray_local.get(actor.__ray_call__.remote(state, True)) == (False, 2)
     finally:
         ray_local.kill(actor)
+
+
+def test_a_frame_damaged_late_in_an_avatar_fails_only_the_narrations_that_reach_it(tmp_path):
+    """A presenter clip with a frame that cannot be decoded at 12 s: a 13.5 s narration's track
+    reaches it and fails. Every other row of that presenter failed with it when that row came
+    first (and on every rerun), a 4 s narration too; a shorter narration's track stops before
+    the damage, so it renders, and the long row's error says how far the clip is good."""
+    from heygem_ray import demo
+
+    clip = tmp_path / "presenter.mp4"
+    demo.write_avatar_clip(str(clip), 14.0, seed=1)
+    data = bytearray(clip.read_bytes())
+    at = len(data) * 9 // 10
+    data[at : at + 4000] = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    clip.write_bytes(bytes(data))
+    for seconds in (13.5, 4.0):
+        demo.write_wav(str(tmp_path / f"n{seconds}.wav"), demo.speech_like(seconds, seed=3))
+    manifest = str(tmp_path / "m.parquet")
+    audio = [str(tmp_path / "n13.5.wav"), str(tmp_path / "n4.0.wav")]
+    pq.write_table(pa.table({"id": ["long", "short"], "audio": audio, "avatar": [str(clip)] * 2}), manifest)
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "cluster=inline",
+        "cluster.actor.threads=1",
+        "render.progress=false",
+        "render.max_prepared_rows=1",  # the long row's track first
+    )
+    statuses = {r.id: (r.status, r.error) for r in campaign.run(cfg).rows}
+    assert statuses["short"] == ("ok", None), statuses
+    assert statuses["long"][0] == "failed" and "decoding failed" in statuses["long"][1], statuses
+    assert " at 12.3 s: narrations of up to 7.7 s render" in statuses["long"][1], statuses

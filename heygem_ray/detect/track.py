@@ -40,6 +40,12 @@ def frames_to_track(total: int, shown: int, stride: int) -> int:
     return total if want >= total else min(total, -(-want // CHUNK_FRAMES) * CHUNK_FRAMES)
 
 
+def shown_short_of(frame: int, stride: int) -> int:
+    """The most frames a narration may show whose track (`frames_to_track`) stops short of `frame`
+    (0: none)."""
+    return max(0, frame // CHUNK_FRAMES * CHUNK_FRAMES - track_margin(stride))
+
+
 def settled_frames(tracked: int, total: int, stride: int) -> int:
     """Of a track of the first `tracked` frames, how many leading frames have their final boxes."""
     return total if tracked >= total else max(0, tracked - track_margin(stride))
