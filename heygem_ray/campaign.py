@@ -50,6 +50,8 @@ log = logging.getLogger("heygem_ray")
 
 #: the error of a row a stop caught before it finished
 INTERRUPTED = "campaign interrupted before this row finished"
+#: the error of a row the driver's own failure caught, that failure in it
+ENDED_BY_ERROR = "campaign ended by an error before this row finished ({}): run it again to resume"
 #: seconds a stop spends checking the rows an earlier run published that this run had not reached,
 #: and on how many threads (`_checked`)
 STOP_CHECK_SECONDS = 1.0
@@ -108,6 +110,7 @@ class Campaign:
         self._skipped_since_work = 0  # rows prepared and skipped since the last that went on to render
         self.shared = SharedWork(cfg, executor)
         self._published_bytes = 0  # of the videos this run published (`limits.max_output_gb`)
+        self._ended_by: str | None = None  # the error that ended the campaign's loop (None: it ran out, or a stop)
         self._decoded_bytes = 0  # of the narrations this run decoded into the cache (`limits.max_cache_gb`)
         self.run_token = secrets.token_hex(8)  # what this run's markers hold (`Marker.run`)
         # stage task handle -> (when it was sent, its time allowed): `_watch_stages`, `_expire_stages`
@@ -164,6 +167,9 @@ class Campaign:
                 self._watch_stages()
         except OutputLostError:
             lost = True
+            raise
+        except Exception as exc:  # not a stop: its rows, feed and report say what ended it
+            self._ended_by = storage.display(f"{type(exc).__name__}: {exc}")
             raise
         finally:
             if lost:  # another run writes this output root now: its table, feed, report and segments are
@@ -263,7 +269,7 @@ class Campaign:
             finished = [r.id for r in self.rows if r.id in self.results and self.results[r.id].status in done]
             _wind_down(
                 ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
-                ("write the final report and progress feed", lambda: self.observers.close(interrupted)),
+                ("write the final report and progress feed", lambda: self.observers.close(interrupted, self._ended_by)),
                 ("remove finished rows' old segments", lambda: remove_old_work(self.cfg.layout, finished)),
                 ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
             )
@@ -566,7 +572,8 @@ class Campaign:
                 self._conclude(row_id, "skipped", None, prep.marker, prep.thumbnail, quiet=True)
             else:
                 stopped.append(row_id)
-                self._conclude(row_id, "failed", UNCHECKED if row_id in unchecked else INTERRUPTED, None, None, True)
+                why = INTERRUPTED if self._ended_by is None else ENDED_BY_ERROR.format(self._ended_by)
+                self._conclude(row_id, "failed", UNCHECKED if row_id in unchecked else why, None, None, True)
         self.observers.stopped(stopped, current, len(unchecked))
 
     def _lasting(self, exc: BaseException) -> bool:

@@ -111,12 +111,13 @@ class CampaignObservers:
         if self.progress.due():
             self._write_progress("running")
 
-    def close(self, interrupted: bool) -> None:
-        """Once every row has its result: the final feed and report."""
+    def close(self, interrupted: bool, ended_by: str | None = None) -> None:
+        """Once every row has its result: the final feed and report. `ended_by`: the error that
+        ended an interrupted campaign (None: a stop)."""
         if self._bar is not None:
             self._bar.close()
-        self._write_progress("interrupted" if interrupted else "finished")
-        self._write_report(final=True, stopped=interrupted)
+        self._write_progress("finished" if not interrupted else "failed" if ended_by else "interrupted")
+        self._write_report(final=True, stopped=interrupted, ended_by=ended_by)
 
     def _write_progress(self, state: str) -> None:
         median = qa.campaign_median(self.sync_scores)
@@ -129,10 +130,10 @@ class CampaignObservers:
             state, self.row_status, self.counts, self.frames_done, self.frames_planned, scores, self.worked
         )
 
-    def _write_report(self, final: bool, stopped: bool = False) -> None:
+    def _write_report(self, final: bool, stopped: bool = False, ended_by: str | None = None) -> None:
         began = time.time()
         try:
-            self.report.write(began - self.started, final, stopped)
+            self.report.write(began - self.started, final, stopped, ended_by)
         except OSError as exc:  # a report that cannot be written must not stop the campaign
             log.warning("could not write %s: %s", storage.display(self.cfg.layout.report), exc)
         self._report_written = time.time()

@@ -1,7 +1,7 @@
 """`{output}/_progress.json`: a campaign's progress as JSON, for tools that poll it (the studio,
 dashboards, scripts), rewritten atomically while the campaign runs and once at its end.
 
-    {"state": "running" | "finished" | "interrupted",
+    {"state": "running" | "finished" | "interrupted" | "failed",   # failed: an error ended it
      "started_at": 1764460800.0, "updated_at": ..., "finished_at": null,
      "rows": {"total": 6, "queued": 1, "preparing": 1, "rendering": 2, "ok": 1, "failed": 1, "skipped": 0},
      "frames": {"done": 900, "planned": 1500},   # planned: of the rows cut into segments so far

@@ -152,6 +152,7 @@ def render_report(
     pages: Sequence[tuple[str, str]] = (),
     summary_only: bool = False,
     stopped: bool = False,
+    ended_by: str | None = None,
 ) -> str:
     """The report page for `rows` (shown in the given order, which should be manifest order).
 
@@ -161,7 +162,8 @@ def render_report(
     the page refreshes itself; None means the campaign is finished. `totals`: the summary of every
     row done when `rows` are only the first page's (default: `rows`' own); `pages`: (label, href)
     of the other pages; `summary_only`: no cards (a large campaign's, whose rows are all on pages);
-    `stopped`: the campaign was stopped before its end (its rows the stop caught failed)."""
+    `stopped`: the campaign was stopped before its end (its rows the stop caught failed), by the
+    error `ended_by` where one ended it."""
     totals = totals or Totals.of(rows)
     done = totals.rows
     total = max(int(total_rows), done) if total_rows is not None else done
@@ -185,6 +187,9 @@ def render_report(
     stats[4:4] = [(s.capitalize(), str(counts[s])) for s in others]
     if not finished:
         progress, state = f"In progress: {done} of {total} rows done", "running"
+    elif stopped and ended_by:
+        progress = f"Ended by an error before its end ({ended_by}): {done} rows; run it again to finish the rest"
+        state = "stopped"
     elif stopped:
         progress, state = f"Stopped before its end: {done} rows; run it again to finish the rows it caught", "stopped"
     else:
@@ -389,18 +394,18 @@ class PagedReport:
     def _rows(self, page: int) -> list[RowResult]:
         return sorted(self._done.get(page, {}).values(), key=lambda r: self._index[r.id])
 
-    def write(self, wall_seconds: float, final: bool, stopped: bool = False) -> None:
+    def write(self, wall_seconds: float, final: bool, stopped: bool = False, ended_by: str | None = None) -> None:
         """Rewrite the report and every page whose rows changed since the last call. A page that
         cannot be written is tried again at the next call; the summary is written still (its
         totals, at the last call, are the campaign's), then the page's error raised. `stopped`:
-        the final one of a campaign stopped before its end."""
+        the final one of a campaign stopped before its end (by the error `ended_by`, where one did)."""
         paged = self.pages > 1
         try:
             for page in sorted(self._changed) if paged else ():
                 self._write_page(page)
                 self._changed.discard(page)  # written: a later page that fails to write leaves this one be
         finally:
-            self._write_summary(wall_seconds, final, paged, stopped)
+            self._write_summary(wall_seconds, final, paged, stopped, ended_by)
         self._changed.clear()
 
     def _write_page(self, page: int) -> None:
@@ -417,7 +422,9 @@ class PagedReport:
                 self._thumbs.pop(r.id, None)
             self._done.pop(page, None)
 
-    def _write_summary(self, wall_seconds: float, final: bool, paged: bool, stopped: bool) -> None:
+    def _write_summary(
+        self, wall_seconds: float, final: bool, paged: bool, stopped: bool, ended_by: str | None = None
+    ) -> None:
         html_text = render_report(
             [] if paged else self._rows(0),
             self._thumbs,
@@ -429,6 +436,7 @@ class PagedReport:
             pages=self._nav(from_summary=True),
             summary_only=paged,
             stopped=stopped,
+            ended_by=ended_by,
         )
         write_report(self.uri, html_text)
 

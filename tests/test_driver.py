@@ -363,7 +363,7 @@ def test_the_results_table_is_written_when_stopping_the_renderers_fails(tmp_path
 def test_the_results_table_is_written_when_the_cluster_goes_away_mid_stitch(tmp_path):
     """The executor itself fails (a Ray client's connection lost) while rows stitch: the driver's
     wind-up waits for the stitches under way through the same executor, which fails again. Every
-    row still gets its result in the table (the unfinished ones interrupted), not none at all."""
+    row still gets its result in the table (the unfinished ones saying what ended the run), not none at all."""
 
     class GoneMidStitch(WatchedExecutor):
         def submit(self, fn: Any, *args: Any, num_gpus: float = 0.0) -> Any:
@@ -380,7 +380,7 @@ def test_the_results_table_is_written_when_the_cluster_goes_away_mid_stitch(tmp_
 
     stitches: set[int] = set()
     held: list[Any] = []
-    from heygem_ray.campaign import INTERRUPTED
+    from heygem_ray.campaign import ENDED_BY_ERROR
 
     job, _ = _campaign(tmp_path)
     job.executor = job.actors.executor = GoneMidStitch(tmp_path / "out" / "_progress.json")
@@ -388,8 +388,9 @@ def test_the_results_table_is_written_when_the_cluster_goes_away_mid_stitch(tmp_
         job.run()
     table = read_results(str(tmp_path / "out" / "_results.parquet"))
     assert sorted(r["id"] for r in table) == sorted(row.id for row in job.rows)
-    assert all(r["status"] == "ok" or r["error"] == INTERRUPTED for r in table), table
-    assert any(r["error"] == INTERRUPTED for r in table), table  # the cluster went before every row ended
+    ended = ENDED_BY_ERROR.format("ConnectionError: the cluster went away")
+    assert all(r["status"] == "ok" or r["error"] == ended for r in table), table
+    assert any(r["error"] == ended for r in table), table  # the cluster went before every row ended
 
 
 def _counted(calls: list[str], fail: dict[str, BaseException] | None = None) -> dict[str, Any]:
@@ -1698,3 +1699,35 @@ def test_an_idle_actor_takes_the_next_segment_when_the_first_waits_for_another(t
         job.run()
     # the row's 10 segments: all but the retry and actor 1's own went to actor 0 meanwhile
     assert len(executor.sent[0]) >= 8, executor.sent
+
+
+def test_a_campaign_an_error_ends_says_so_and_which_not_cancelled(tmp_path):
+    """An error that ends the driver (its connection to the cluster gone, a bug) was reported as a
+    stop: its feed "interrupted", so the studio showed the campaign "cancelled" to a user who
+    cancelled nothing; its report "Stopped"; its rows "interrupted", the cause on no page. The
+    feed says failed, and the report and each unfinished row name the error."""
+    from heygem_ray.studio.service import _status
+
+    class ClusterGone(SimulatedExecutor):
+        turns = 0
+
+        def wait(self, handles: Any, timeout: float) -> list[Any]:
+            self.turns += 1
+            if self.turns > 6:
+                raise ConnectionError("the GCS at 10.0.0.1:6379 does not answer")
+            return super().wait(handles, timeout)
+
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(20)]
+    with pytest.raises(ConnectionError):
+        Campaign(cfg, rows, executor=ClusterGone(actors=2)).run()
+    feed = json.loads((out / "_progress.json").read_text())
+    assert feed["state"] == "failed" and _status("FAILED", feed["state"]) == "failed"
+    failed = [r for r in read_results(str(out / "_results.parquet")) if r["status"] == "failed"]
+    assert failed and all(
+        r["error"] == "campaign ended by an error before this row finished (ConnectionError: the GCS at "
+        "10.0.0.1:6379 does not answer): run it again to resume"
+        for r in failed
+    ), failed
+    assert "Ended by an error before its end (ConnectionError" in (out / "_report.html").read_text()

@@ -772,7 +772,9 @@ class Studio:
             self._log_end(record, view)
         if rows:
             # the results table is this run's once its feed says the run ended
-            results = self.store.results(record.output) if feed.get("state") in ("finished", "interrupted") else []
+            results = (
+                self.store.results(record.output) if feed.get("state") in ("finished", "interrupted", "failed") else []
+            )
             if results:
                 # the store's paths off the page (its folders, an S3 bucket's name): a file by its name
                 root = self.store.campaign_root(record.user, record.id)
@@ -918,6 +920,8 @@ def _status(job: str, feed_state: str | None) -> str:
         return "queued"
     if job == "RUNNING":
         return "running"
+    if feed_state == "failed":  # an error ended the driver (its rows say which), not a cancel
+        return "failed"
     if job == "STOPPED" or feed_state == "interrupted":
         return "cancelled"
     if feed_state == "finished":  # the job SUCCEEDED, or FAILED because some rows did (exit 1)
