@@ -70,6 +70,18 @@ def test_a_half_precision_checkpoint_gives_the_fp32_model(tmp_path, weights):
     np.testing.assert_allclose(out.numpy(), REF["output"][:1], rtol=0, atol=2e-2)
 
 
+def test_a_half_precision_checkpoint_whose_sums_pass_fp16s_range_loads(tmp_path, weights, expected):
+    """Every value finite, but a tensor's sum past fp16's 65504 (a BatchNorm's running variances
+    averaging over 128 across 512 channels): refused as holding "NaN or infinite values"."""
+    half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    key = next(k for k, v in half.items() if k.endswith("running_var") and v.numel() >= 512)
+    half[key] = torch.full_like(half[key], 200.0)
+    assert torch.isfinite(half[key]).all() and not half[key].sum().isfinite()
+    path = tmp_path / "half.pth"
+    torch.save(half, path)
+    assert load_state_dict(str(path), NAME, expected)[key].sum() == 200.0 * half[key].numel()
+
+
 def test_legacy_serialization_and_missing_batch_counters(tmp_path, weights, expected):
     """2020-era torch.save files are not zip archives; some state_dicts lack num_batches_tracked."""
     state = {f"module.{k}": v for k, v in weights.items() if not k.endswith("num_batches_tracked")}

@@ -304,8 +304,13 @@ def _check_layout(state: Mapping[str, torch.Tensor], expected: Layout, model_nam
     if not (missing or unexpected or wrong):
         # a diverged or damaged file: it would load, render every mouth black (the renderer's guard
         # makes NaN 0) and fail no row
-        # (a tensor's sum is NaN or infinite where any value is: 10 ms for Wav2Lip's 36 M, isfinite 95)
-        broken = [k for k in expected if k in state and state[k].is_floating_point() and not state[k].sum().isfinite()]
+        # (a tensor's sum is NaN or infinite where any value is: 10 ms for Wav2Lip's 36 M, isfinite 95;
+        # summed in float64: an fp16 file's finite values overflowed fp16's sum, past 65504)
+        broken = [
+            k
+            for k in expected
+            if k in state and state[k].is_floating_point() and not state[k].sum(dtype=torch.float64).isfinite()
+        ]
         if broken:
             raise CheckpointError(
                 f"{where}: {len(broken)} tensor(s) hold NaN or infinite values (e.g. {', '.join(broken[:_EXAMPLES])}): "
