@@ -66,10 +66,9 @@ def render(cfg: Config, resolved: DictConfig | None = None, launched: float | No
     from heygem_ray.output_lock import OutputLostError, output_lock
 
     cfg = cfg.anchored()  # the lock, the config file and the campaign name one output root
-    for what, uri in (("manifest", cfg.manifest), ("output", cfg.output), ("cache", cfg.cache_uri)):
-        if (problem := storage.scheme_problem(uri)) is not None:
-            print(f"heygem-ray: error: {what} {storage.display(uri)}: {problem}", file=sys.stderr)
-            return 2
+    if (problem := scheme_problem(cfg)) is not None:
+        print(f"heygem-ray: error: {problem}", file=sys.stderr)
+        return 2
     running = False  # the campaign's loop has begun: a stop from then on reports every row
     try:
         storage.configure(cfg.storage.options)
@@ -199,6 +198,8 @@ def render_main(argv: Sequence[str] | None = None) -> int:
         cfg = compose(overrides)
         plain = to_plain(cfg)  # checked as a run checks it, `--cfg job` too
         check_job_paths(plain)
+        if show and (problem := scheme_problem(plain)) is not None:
+            raise ValueError(problem)
         if show:  # resolved, and masked as `_config.yaml` is (a job's log keeps what it prints)
             print(config_yaml(cfg), end="")
             return 0
@@ -225,10 +226,15 @@ def _described(exc: Exception) -> str:
     from heygem_ray.config import RENDERERS
 
     cause = exc.__cause__
+    said = str(exc)
+    if said.startswith("Ambiguous value"):  # a ',' in a value: Hydra's way out of a sweep is no option here
+        return "\n".join(line for line in said.splitlines() if "--multirun" not in line)
     if not isinstance(exc, ConfigCompositionException) or cause is None:
-        return str(exc)
+        return said
     key = str(getattr(cause, "full_key", "") or "")
     said = f"{key}: {str(cause).splitlines()[0]}" if key else str(cause).splitlines()[0]
+    if key.startswith("storage.options."):  # a free-form mapping: new keys go in with '+'
+        return f"{said} (storage.options takes new keys, each with a leading '+': +storage.options.s3.endpoint_url=...)"
     schema = getattr(cause, "object_type", None)
     if not isinstance(cause, ConfigAttributeError) or not dataclasses.is_dataclass(schema):
         return said
@@ -254,8 +260,8 @@ def _quoting_hint(exc: Exception) -> str:
     if not isinstance(exc, OverrideParseException):
         return ""
     return (
-        "\n(a value with a space, parenthesis, bracket, quote, '#', ',' or a letter outside ASCII must be "
-        "quoted, the quotes kept from the shell: \"output='/data/run (1)'\")"
+        "\n(a value with a space, '=', ',', parenthesis, bracket, brace, quote, '#', '&', ';', '!', '~', '<', '>' or "
+        "a letter outside ASCII must be quoted, the quotes kept from the shell: \"output='s3://b/date=2026-12-01/run (1)'\")"
     )
 
 
@@ -312,6 +318,24 @@ def _literal_secret(key: str, value: object) -> str | None:
     ):
         return None
     return key
+
+
+def scheme_problem(cfg: Config) -> str | None:
+    """Why a URI of the config names a store this machine cannot reach (a scheme unknown, or its
+    fsspec package not installed), or None: the manifest, output, cache and model files (a model
+    file's failed the run with a traceback, once started)."""
+    uris = {
+        "manifest": cfg.manifest,
+        "output": cfg.output,
+        "cache": cfg.cache_uri,
+        "renderer.checkpoint": getattr(cfg.renderer, "checkpoint", None),
+        "detector.checkpoint": cfg.detector.checkpoint,
+        "qa.syncnet": cfg.qa.syncnet,
+    }
+    for what, uri in uris.items():
+        if isinstance(uri, str) and uri and (problem := storage.scheme_problem(uri)) is not None:
+            return f"{what} {storage.display(uri)}: {problem}"
+    return None
 
 
 def check_job_paths(cfg: Config) -> None:

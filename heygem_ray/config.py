@@ -87,6 +87,10 @@ def registered(path: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
+#: what `ray.init(address=...)` takes: auto, host:port (the GCS), or a Ray Client's ray://host:port
+_RAY_ADDRESS = re.compile(r"auto|local|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5}")
+
+
 def check_choices(section: str, config: object, choices: dict[str, Collection[str]]) -> None:
     """Raise ValueError naming the key, the value and the choices for the first field of `config`
     whose value is not among its choices: checked when the config is composed on the driver, so a
@@ -260,6 +264,12 @@ class ClusterConfig:
                 raise ValueError(f"cluster.{name} must be 0 or more, got {value}")
         if self.task_cpus <= 0:
             raise ValueError(f"cluster.task_cpus must be more than 0, got {self.task_cpus}")
+        if self.address and not _RAY_ADDRESS.fullmatch(self.address):
+            # the job server's http://head:8265, as `ray job submit` takes it: Ray's traceback blamed RAY_ADDRESS
+            raise ValueError(
+                f"cluster.address={self.address} is not a Ray cluster's address: give auto, <head>:6379 (the "
+                "GCS; http://<head>:8265 is the job server's, for `ray job submit`) or ray://<head>:10001"
+            )
         # the pool fitted to the cluster by each actor's share: of nothing, thousands of processes
         if self.actors == 0 and self.actor.num_cpus == 0 and self.actor.num_gpus == 0:
             raise ValueError(

@@ -626,6 +626,34 @@ def test_a_path_the_override_grammar_cannot_parse_says_to_quote_it(capsys):
     assert "must be quoted" not in capsys.readouterr().err  # a value refused for what it is, not its form
 
 
+def test_config_mistakes_an_operator_makes_are_exit_2_with_a_way_out_not_a_traceback(capsys):
+    """Each of these went on to a traceback and exit 1 (which scripts read as "a row failed"), or
+    passed `--cfg job` to fail the run, or named no way out: the job server's address given as
+    cluster.address; a model file on a store whose fsspec package is not installed (checked for
+    the manifest and output only, and only by a run); an S3 partition path (`date=...`) or a ','
+    unquoted; an S3 endpoint set without the '+' a free-form mapping's keys need."""
+    from heygem_ray.cli import render_main
+
+    base = ["manifest=/data/m.parquet", "output=/data/out"]
+    cases = {
+        "cluster.address=http://head:8265": "is not a Ray cluster's address: give auto, <head>:6379",
+        "cluster.address=10.0.0.1": "is not a Ray cluster's address",
+        "renderer=wav2lip renderer.checkpoint=gs://m/wav2lip.pth": "renderer.checkpoint gs://m/wav2lip.pth: gs:// needs",
+        "qa.syncnet=gs://m/syncnet.pth": "qa.syncnet gs://m/syncnet.pth: gs:// needs",
+        "output=gs://b/out": "output gs://b/out: gs:// needs",
+        "output=s3://b/date=2026-12-01/out": "'=', ',', parenthesis",
+        "output=s3://b/a,b/out": "quote the value",
+        "storage.options.s3.endpoint_url=http://minio:9000": "with a leading '+': +storage.options.s3.endpoint_url=",
+    }
+    for overrides, said in cases.items():
+        assert render_main([*base, *overrides.split(), "--cfg", "job"]) == 2, overrides
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and "--multirun" not in err, (overrides, err)
+    for address in ("auto", "10.0.0.1:6379", "ray://head.example:10001", "head-0.ray.svc:6379"):
+        assert render_main([*base, f"cluster.address={address}", "--cfg", "job"]) == 0, address
+        capsys.readouterr()
+
+
 def test_a_mistyped_option_is_named_with_what_was_meant(capsys):
     """Hydra said "Could not override 'render.max_sid'. To append to your config use
     +render.max_sid=100", a way out that fails too (the options are a fixed schema); the README's
