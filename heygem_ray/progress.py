@@ -5,7 +5,7 @@ dashboards, scripts), rewritten atomically while the campaign runs and once at i
      "started_at": 1764460800.0, "updated_at": ..., "finished_at": null,
      "rows": {"total": 6, "queued": 1, "preparing": 1, "rendering": 2, "ok": 1, "failed": 1, "skipped": 0},
      "frames": {"done": 900, "planned": 1500},   # planned: of the rows cut into segments so far
-     "eta_seconds": 12.5,                          # from the rows rendered so far; null until one has
+     "eta_seconds": 12.5,                          # at `updated_at`, from the rows rendered since the first; null until one has
      "row_status": {"row-id": "rendering", ...},   # every row: queued, preparing, rendering, or its result
      "qa": {"scored": 4, "flagged": 1, "median_sync": 0.71}}  # lip sync of the rows done (heygem_ray.qa)
 
@@ -40,6 +40,9 @@ class ProgressFeed:
     interval: float = INTERVAL
     _written: float = 0.0
     _every: float = INTERVAL
+    #: when the first worked row was seen finished, and how many had then: the rate is reckoned
+    #: from there, past the start-up (Ray, the models: minutes, once) that the first row carries
+    _first_worked: tuple[float, int] | None = None
 
     def due(self) -> bool:
         return time.time() - self._written >= max(self.interval, self._every)
@@ -63,8 +66,14 @@ class ProgressFeed:
         # would say "done soon"
         if worked is None:
             worked = counts.get("ok", 0) + counts.get("failed", 0)
-        elapsed = began - self.started_at
-        eta = None if state != "running" or not worked else elapsed / worked * (total - finished)
+        if worked and self._first_worked is None:
+            self._first_worked = (began, worked)
+        eta = None
+        if state == "running" and worked and self._first_worked is not None:
+            since, then = self._first_worked
+            # from the rows finished since the first (not the start-up its time held), until there are some
+            eta = (began - since) / (worked - then) if worked > then else (began - self.started_at) / worked
+            eta *= total - finished
         doc = {
             "state": state,
             "started_at": round(self.started_at, 3),

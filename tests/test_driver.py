@@ -133,6 +133,32 @@ def test_the_time_left_is_reckoned_from_rows_that_took_work_not_refused_ones(tmp
     assert json.loads((out / "_progress.json").read_text())["eta_seconds"] >= 9 * 59  # nine more minutes
 
 
+def test_the_time_left_is_reckoned_past_the_start_up_and_shown_as_a_person_reads_it(tmp_path, monkeypatch):
+    """The first row's time holds the start-up (a cluster, the models: minutes, once): reckoned
+    from the start, a thousand-row campaign whose first row finished at minute 4 and whose rows
+    then took 2 s each said 66 hours were left; the studio showed it as "237600 s", frozen at the
+    feed's writing."""
+    from types import SimpleNamespace
+
+    from heygem_ray import progress
+    from heygem_ray.studio.app import _time_left
+
+    now = [1000.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(time=lambda: now[0]))
+    feed = progress.ProgressFeed(str(tmp_path / "feed.json"), now[0])
+    rows = {f"r{i}": "queued" for i in range(1000)}
+
+    def left(ok: int) -> float:
+        feed.write("running", rows, {"ok": ok}, 0, 0)
+        return json.loads((tmp_path / "feed.json").read_text())["eta_seconds"]
+
+    now[0] += 240  # the start-up, and the first row
+    assert left(1) == 240 * 999  # nothing better to reckon by yet
+    now[0] += 200  # a hundred rows more, 2 s each
+    assert left(101) == 2 * 899
+    assert [_time_left(s) for s in (45, 1798, 237_600)] == ["45 s", "30 min", "66 h 0 min"]
+
+
 def test_admission_keeps_few_rows_preparing_and_lets_go_of_finished_ones(tmp_path):
     job, executor = _campaign(tmp_path)
     job.run()

@@ -581,7 +581,7 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                     v.record.name,
                     v.status,
                     f"{v.rows_done}/{v.rows_total}",
-                    "" if v.eta_seconds is None else f"{v.eta_seconds:.0f} s",
+                    "" if v.eta_seconds is None else _time_left(v.eta_seconds),
                     _when(v.record.created),
                 ]
                 for v in views
@@ -668,7 +668,7 @@ def _choices(studio: Studio, user: str) -> list[tuple[str, str]]:
 def _status_html(view: CampaignView) -> str:
     total = max(1, view.rows_total)
     percent = round(100 * view.rows_done / total)
-    eta = "" if view.eta_seconds is None else f" · about {view.eta_seconds:.0f} s left"
+    eta = "" if view.eta_seconds is None else f" · about {_time_left(view.eta_seconds)} left"
     frames = f" · {view.frames_done} frames" if view.frames_done else ""
     zip_link = (
         f'<a id="download-all" href="/files/{quote(view.record.id)}/all.zip">Download all videos (zip)</a>'
@@ -770,6 +770,16 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int]:
     except ValueError:
         return 0, size - 1
     return first, last
+
+
+def _time_left(seconds: float) -> str:
+    """A campaign's time left as a person reads it: "45 s", "12 min", "3 h 20 min" (a large
+    campaign's was "345600 s")."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def _when(timestamp: float) -> str:

@@ -757,7 +757,9 @@ class Studio:
         view.rows_failed = counts.get("failed", 0)
         view.frames_done = feed.get("frames", {}).get("done", 0)
         view.frames_planned = feed.get("frames", {}).get("planned", 0)
-        view.eta_seconds = feed.get("eta_seconds")
+        eta, updated = feed.get("eta_seconds"), feed.get("updated_at")
+        # as of now, not of the feed's writing (every few seconds; a driver gone quiet: far longer)
+        view.eta_seconds = None if eta is None else max(0.0, eta - max(0.0, time.time() - (updated or time.time())))
         view.status = _status(job, feed.get("state"))
         # the job ended but its driver never wrote its last feed (killed, its node lost): nothing
         # is under way, whatever that feed still says
