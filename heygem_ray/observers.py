@@ -50,6 +50,8 @@ class CampaignObservers:
     def open(self) -> None:
         self.started = self.progress.started_at = time.time()
         self._bar = _progress_bar(len(self.row_status), self.cfg.render.progress)
+        # at once: a rerun's report was the last run's final page, "Finished", unrefreshed, until a row finished
+        self._write_report(final=False)
 
     def status(self, row_id: str, status: str) -> None:
         self.counts[self.row_status[row_id]] -= 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import math
 import os
 import pathlib
@@ -34,6 +35,8 @@ import jinja2
 
 from heygem_ray import storage
 from heygem_ray.results import RowResult
+
+log = logging.getLogger("heygem_ray")
 
 #: seconds between automatic reloads of an unfinished campaign's report
 REFRESH_SECONDS = 30
@@ -344,6 +347,7 @@ class PagedReport:
         # every page at the first write: the summary links them all, and a rerun into this output
         # must not link the last run's pages, final and never refreshed, until a row there finishes
         self._changed: set[int] = set(range(self.pages))
+        self._first = True  # the first write removes the pages an earlier run of more rows left
 
     def page_uri(self, page: int) -> str:
         return self.uri if self.pages == 1 else storage.join(self.pages_dir, f"page-{page + 1:04d}.html")
@@ -400,6 +404,9 @@ class PagedReport:
         totals, at the last call, are the campaign's), then the page's error raised. `stopped`:
         the final one of a campaign stopped before its end (by the error `ended_by`, where one did)."""
         paged = self.pages > 1
+        if self._first:
+            self._first = False
+            self._remove_pages_past(self.pages if paged else 0)
         try:
             for page in sorted(self._changed) if paged else ():
                 self._write_page(page)
@@ -407,6 +414,21 @@ class PagedReport:
         finally:
             self._write_summary(wall_seconds, final, paged, stopped, ended_by)
         self._changed.clear()
+
+    def _remove_pages_past(self, pages: int) -> None:
+        """Remove the pages past the first `pages` (an earlier run's, of more rows: final, never
+        refreshed, linked from nowhere now)."""
+        try:
+            names = [storage.basename(uri) for uri in storage.listdir(self.pages_dir)]
+        except FileNotFoundError:
+            return
+        for name in names:
+            number = name.removeprefix("page-").removesuffix(".html")
+            if name != number and number.isdigit() and int(number) > pages:
+                try:
+                    storage.remove(storage.join(self.pages_dir, name))
+                except OSError as exc:  # a stale page left is no reason to stop the report
+                    log.warning("could not remove %s: %s", name, exc)
 
     def _write_page(self, page: int) -> None:
         rows = self._rows(page)

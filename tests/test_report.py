@@ -445,3 +445,26 @@ def test_rows_flagged_at_the_end_are_linked_from_the_summary_and_shown_where_the
     assert links[0] == ("_report/page-0001.html#row-r00", "r00") and len(links) == 50
     assert ("_report/page-0030.html#row-r59", "r59") not in links[:1] and "and 6 more" in summary
     assert "far below the campaign" in (out / "_report" / "page-0030.html").read_text()  # r59's page is held
+
+
+def test_a_rerun_writes_its_report_at_once_and_leaves_none_of_an_earlier_runs_extra_pages(tmp_path):
+    """A rerun's report was the last run's final page ("Finished", not refreshing) until its first
+    row finished, minutes on a cluster starting; and the pages of an earlier run of more rows stayed
+    beside it for good, final and linked from nowhere."""
+    from helpers import compose_config
+    from heygem_ray.manifest import Row
+    from heygem_ray.observers import CampaignObservers
+
+    out = tmp_path / "out"
+    earlier = PagedReport(str(out / "_report.html"), str(out / "_report"), "Earlier", list("abcdefg"), page_rows=2)
+    for rid in "abcdefg":
+        earlier.add(_row(rid), None)
+    earlier.write(1.0, final=True)
+    assert max(p.name for p in (out / "_report").iterdir()) == "page-0004.html"
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false")
+    rows = [Row(rid, "/in/a.wav", "/in/v.mp4", str(out / f"{rid}.mp4")) for rid in "abc"]
+    observers = CampaignObservers(cfg, rows)
+    observers.report = PagedReport(cfg.layout.report, cfg.layout.report_pages, "Now", list("abc"), page_rows=2)
+    observers.open()
+    assert "In progress: 0 of 3 rows done" in (out / "_report.html").read_text()
+    assert sorted(p.name for p in (out / "_report").iterdir()) == ["page-0001.html", "page-0002.html"]
