@@ -424,8 +424,8 @@ class Campaign:
     def _on_track(self, state: RowState, track: AvatarTrack | BaseException) -> None:
         if isinstance(track, BaseException):
             return self._fail(state.row.id, failure_reason(self.executor, track), input_fault=self._lasting(track))
-        if self.actors.error:
-            return self._fail(state.row.id, self.actors.error)
+        if (why := self._not_rendering()) is not None:  # before the track's fit: past the output limit
+            return self._fail(state.row.id, why)  # a track that does not reach the row answers it too
         assert state.prep is not None and state.prep.audio is not None
         if state.prep.avatar_fingerprint and track.fingerprint != state.prep.avatar_fingerprint:
             # the file changed between the row's fingerprint and its tracking: rendered, its marker

@@ -1757,3 +1757,55 @@ def test_a_campaign_an_error_ends_says_so_and_which_not_cancelled(tmp_path):
         for r in failed
     ), failed
     assert "Ended by an error before its end (ConnectionError" in (out / "_report.html").read_text()
+
+
+def test_rows_a_track_answers_once_the_output_limit_is_reached_fail_for_the_limit(tmp_path):
+    """Past `limits.max_output_gb` no more tracking is done: the rows waiting on an avatar are
+    answered with the track just made, which need not reach them. A 60 s narration whose presenter
+    shows up after the 4 s row's frames failed "no face found" (a fault of its input, which it is
+    not) instead of saying the limit stopped it."""
+    from dataclasses import replace as replaced
+
+    asked: list[float | None] = []
+    faced, late = _narrations_and_tracks(asked), _narrations_and_tracks(asked, face_from=300)
+
+    def prepare_avatar(avatar: str, *args: Any) -> Any:
+        return (faced if avatar == "/in/other.mp4" else late)["prepare_avatar"](avatar, *args)
+
+    def stitch_row(job: Any, track: Any) -> Any:
+        done = faced["stitch_row"](job, track)
+        return replaced(done, marker=replaced(done.marker, bytes=1000))  # past the limit at once
+
+    class TracksLast(SimulatedExecutor):
+        """Face tracks finish only when nothing else is left to do."""
+
+        def __init__(self, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.tracking: list[Any] = []
+
+        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            handle = super().submit(fn, *args, **kwargs)
+            if fn.__name__ == "prepare_avatar":
+                self.tracking.append(handle)
+            return handle
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            ready = [h for h in handles if h not in self.tracking] or [h for h in self.tracking if h in handles][:1]
+            for handle in ready:
+                if handle in self.tracking:
+                    self.tracking.remove(handle)
+            return ready[:1]
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "limits.max_output_gb=1e-9"
+    )
+    rows = [
+        Row("c", "/in/a2.wav", "/in/other.mp4", str(out / "c.mp4")),
+        Row("short", "/in/a4.wav", "/in/v.mp4", str(out / "short.mp4")),
+        Row("long", "/in/a60.wav", "/in/v.mp4", str(out / "long.mp4")),
+    ]
+    stages = {**faced, "prepare_avatar": prepare_avatar, "stitch_row": stitch_row}
+    results = {r.id: r for r in Campaign(cfg, rows, executor=TracksLast(actors=2, stages=stages)).run().rows}
+    assert results["c"].status == "ok" and asked == [2.0, 4.0]  # no tracking past the limit
+    assert results["long"].status == "failed" and "reached its limit" in (results["long"].error or ""), results
