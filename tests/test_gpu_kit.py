@@ -166,6 +166,26 @@ def test_node_variants_parse_and_name_their_changes() -> None:
         Variant.parse("7x2,crf=20")
 
 
+def test_the_node_target_is_judged_on_the_products_gpu_defaults_and_a_hang_skips_nothing_after() -> None:
+    """The verdict's run was 15 one-thread renderers on 5 s segments, not what `cluster=gpu` runs
+    (7 two-CPU actors on 16 cores, 10 s segments); and after a run that hung (60 s, no figures) the
+    next ones were judged by it and skipped with ~70 s of the step left."""
+    from benchmarks.gpu.node import room_for_another, variants
+    from helpers import compose_config
+    from heygem_ray.executors.ray_cluster import fit_actors
+
+    cfg = compose_config("manifest=m", "output=o", "cluster=gpu")
+    actor = cfg.cluster.actor
+    first = variants(None, 16, dry=False)[0]
+    assert first.procs == fit_actors(
+        [{"CPU": 16.0, "GPU": 1.0}], actor.num_cpus, actor.num_gpus, cfg.cluster.reserve_cpus
+    )
+    assert (first.threads, first.segment_seconds, first.decode, first.preset) == (actor.num_cpus, None, None, None)
+    hung = [{"variant": "7x2", "error": "TimeoutError: segments not done in 60 s"}]
+    assert room_for_another(hung, 69.0)
+    assert not room_for_another([*hung, {"variant": "15x1", "wall_s": 40.0}], 69.0)
+
+
 def test_step_args_reach_the_step_command(tmp_path: Path) -> None:
     node = next(s for s in STEPS if s.name == "node")
     command = step_command(node, tmp_path, 60, False, ["--variants", "15x1"])

@@ -314,7 +314,7 @@ def run_variant(
         row = RowState.prepared(
             Row("node", inputs.audio, inputs.avatar, storage.join(cfg.output, "node.mp4")), audio, "gpu-kit"
         )
-        row.plan(track, cfg.render.segment_seconds)
+        row.plan(track, cfg.render.segment_seconds, spread=procs)  # as a campaign of one row cuts it
         jobs = [row.segment_job(i, cfg.layout, cfg.encoder.codec) for i in range(len(row.spans))]
         for job in jobs:  # queued before the audio is encoded: the campaign starts both at once
             pool.jobs.put(job)
@@ -421,30 +421,43 @@ def summarize(
 
 
 # --------------------------------------------------------------------------------------- step
-#: seconds one run may take on a GPU (the H200 took 22–27 s): a hang leaves the step time for the next runs
-RUN_TIMEOUT_S = 90.0
+#: seconds one run may take on a GPU (the H200 took 22–28 s): a hang leaves the step time for the next runs
+RUN_TIMEOUT_S = 60.0
+#: the product's `cluster=gpu` actors (conf/cluster/gpu.yaml): 2 CPUs each, a core kept for the
+#: prepare and stitch tasks (`executors.ray_cluster.fit_actors`: 7 on a 16-core node)
+GPU_ACTOR_CPUS, GPU_RESERVE_CPUS = 2, 1
 
 
 def variants(spec: Sequence[str] | None, cores: int, dry: bool) -> list[Variant]:
-    """The runs: given (see Variant.parse), or from the core count: one one-thread renderer per
-    core but one (the fastest shape on the H200 node: 7 × 2 took 28.0 s where 15 × 1 took 26.8),
-    with the defaults, then the same without NVDEC and with x264's veryfast (each saving alone),
-    then three-thread renderers (a third of the CUDA contexts and model loads to start)."""
+    """The runs: given (see Variant.parse), or from the core count: first the product's defaults
+    (`cluster=gpu`'s two-CPU actors, 10 s segments: what the target is judged on), then one
+    one-thread renderer per core but one with 5 s segments (the fastest shape on the H200 node:
+    7 × 2 took 28.0 s where 15 × 1 took 26.8), the same without NVDEC and with x264's veryfast
+    (each saving alone)."""
     if spec:
         return [Variant.parse(s) for s in spec]
     if dry:
         return [Variant(2, 1)]
     procs = max(1, cores - 1)
     return [
-        Variant(procs, 1),
-        Variant(procs, 1, decode="cpu"),
-        Variant(procs, 1, preset="veryfast"),
-        Variant(max(1, procs // 3), 3),
+        Variant(max(1, (cores - GPU_RESERVE_CPUS) // GPU_ACTOR_CPUS), GPU_ACTOR_CPUS),
+        Variant(procs, 1, segment_seconds=5.0),
+        Variant(procs, 1, segment_seconds=5.0, decode="cpu"),
+        Variant(procs, 1, segment_seconds=5.0, preset="veryfast"),
     ]
+
+
+def room_for_another(runs: Sequence[dict[str, Any]], left: float) -> bool:
+    """Whether `left` seconds of the step hold one more run: like the last that finished (a hung or
+    failed one took its timeout and measured nothing: by it, a hang skipped every run after)."""
+    last = next((r["wall_s"] for r in reversed(runs) if "wall_s" in r), 30.0)
+    return not runs or left >= 1.5 * last + 20
 
 
 def body(result: common.StepResult, args: argparse.Namespace) -> None:
     import torch
+
+    from heygem_ray.config import RenderConfig
 
     started = time.monotonic()
     dry = result.dry_run
@@ -454,7 +467,7 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
     precision = args.precision or (common.GPU_PRECISION if cuda else "fp32")
     seconds = args.seconds or (1.2 if dry else 180.0)
     height = args.height or (180 if dry else 1080)
-    segment_seconds = args.segment_seconds or (0.6 if dry else 5.0)
+    segment_seconds = args.segment_seconds or (0.6 if dry else RenderConfig().segment_seconds)
     runs: list[dict[str, Any]] = []
     with common.scratch(args, "node") as work:
         inputs = make_inputs(Path(work), seconds, height, cores)
@@ -466,7 +479,7 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
         for k, variant in enumerate(variants(args.variants, cores, dry)):
             left = args.budget - (time.monotonic() - started)
             shape = {"variant": variant.name, "procs": variant.procs, "threads": variant.threads}
-            if runs and left < 1.5 * runs[-1].get("wall_s", 60.0) + 20:  # another run like the last must fit
+            if not room_for_another(runs, left):
                 runs.append({**shape, "skipped": f"{left:.0f} s of the step budget left"})
                 continue
             try:
@@ -603,7 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--precision", default=None, help="renderer.precision (bf16 on CUDA, fp32 on CPU)")
         parser.add_argument("--seconds", type=float, default=None, help="avatar and audio length (180; 1.2 dry)")
         parser.add_argument("--height", type=int, default=None, help="avatar height (1080; 180 dry)")
-        parser.add_argument("--segment-seconds", type=float, default=None, help="render.segment_seconds (5; 0.6 dry)")
+        parser.add_argument(
+            "--segment-seconds", type=float, default=None, help="render.segment_seconds (the product's 10; 0.6 dry)"
+        )
 
     args = common.step_args(argv, "node", __doc__, options)
     return common.run_step("node", args, lambda result: body(result, args))
