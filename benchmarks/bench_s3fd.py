@@ -70,11 +70,27 @@ def main() -> None:
     args = parser.parse_args()
 
     state_dict = _recipe_state_dict()
-    rows = []
+    header = False
     for max_side in (None, 720):
         detector = S3FDDetector(state_dict, device=args.device, max_side=max_side)
         frames_per_batch = args.frames or (4 if detector.device.type == "cuda" else 2)
         detector.batch_size = frames_per_batch
+        if not header:  # each row printed as it is measured: a run stopped midway keeps those before
+            header = True
+            device = detector.device
+            name = (
+                torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else f"CPU, {torch.get_num_threads()} threads"
+            )
+            print(
+                f"S3FD, recipe weights, fp32, {name}, {frames_per_batch} frames per batch, {args.repeats} repeat(s)\n"
+            )
+            print(
+                "| frame | max_side | net input (h×w) | detect ms/frame | of which network ms/frame "
+                "| rest (resize, decode, NMS) ms/frame |"
+            )
+            print("|---|---|---|---:|---:|---:|", flush=True)
         timer = _NetTimer(detector.model, detector.device)
         for width, height in RESOLUTIONS:
             frame = _frame(width, height)
@@ -85,19 +101,13 @@ def main() -> None:
                 detector.detect([frame] * frames_per_batch)
             total = time.perf_counter() - t0
             n = args.repeats * frames_per_batch
-            rows.append((f"{width}×{height}", max_side, timer.input_hw, total / n, timer.seconds / n))
-
-    device = detector.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"S3FD, recipe weights, fp32, {name}, {frames_per_batch} frames per batch, {args.repeats} repeat(s)\n")
-    print(
-        "| frame | max_side | net input (h×w) | detect ms/frame | of which network ms/frame | rest (resize, decode, NMS) ms/frame |"
-    )
-    print("|---|---|---|---:|---:|---:|")
-    for frame, max_side, (h, w), total, net in rows:
-        print(
-            f"| {frame} | {max_side or 'none'} | {h}×{w} | {total * 1e3:.1f} | {net * 1e3:.1f} | {(total - net) * 1e3:.1f} |"
-        )
+            net = timer.seconds / n
+            (h, w), per_frame = timer.input_hw, total / n
+            print(
+                f"| {width}×{height} | {max_side or 'none'} | {h}×{w} | {per_frame * 1e3:.1f} | {net * 1e3:.1f} "
+                f"| {(per_frame - net) * 1e3:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -128,17 +128,17 @@ def media_facts() -> dict[str, Any]:
 X264_SETTINGS = ("default", "veryfast", "superfast", "ultrafast")
 
 
-def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
+def codec_speeds(work: Path, height: int, frames: int, report: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Per frame on one thread: H.264 decode, x264 encode per setting (CRF 18) and the size each
     gives; NVDEC (the renderer's `decoder.device` path) where it opens. Decoders get wall and CPU milliseconds: NVDEC
-    is worth having for the CPU it leaves to x264. The clip is node.py's avatar."""
+    is worth having for the CPU it leaves to x264. The clip is node.py's avatar. The software figures
+    go to `report` before NVDEC is tried: a path never run on a GPU before, which may hang or crash."""
     import time
 
     import av
 
     from benchmarks.bench_encoder import encode, x264_options
     from benchmarks.gpu.node import FPS, make_avatar
-    from heygem_ray.devices import prefer_blocking_sync
     from heygem_ray.media.video import nvdec_accel, nvdec_problem
 
     clip = work / "codec-clip.mp4"
@@ -162,9 +162,13 @@ def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
 
     soft_ms, soft_cpu_ms, planes = decode(None)
     out["decode_ms"], out["decode_cpu_ms"] = round(soft_ms, 2), round(soft_cpu_ms, 2)
-    # as a GPU actor does (heygem_ray.segment.nvdec_device): the context's flags first (FFmpeg shares
-    # it only where it waits by blocking), then torch's context, then NVDEC's probe in it
-    prefer_blocking_sync(0)
+    for name in X264_SETTINGS:  # CPU time on one thread (x264 as a one-thread renderer runs it)
+        sink = work / f"codec-{name}.mp4"
+        out[f"x264_{name}_ms"] = round(encode(planes, x264_options(name), str(sink)) * 1000 / len(planes), 2)
+        out[f"x264_{name}_kib_per_frame"] = round(sink.stat().st_size / 1024 / len(planes), 1)
+    report(out)
+    # as a GPU actor does (heygem_ray.segment.nvdec_device): the context waits by blocking (set as
+    # the step began: FFmpeg shares only such a context), torch's context, then NVDEC's probe in it
     try:
         common.hold_gpu_context(0)
         problem = nvdec_problem(0)
@@ -176,10 +180,6 @@ def codec_speeds(work: Path, height: int, frames: int) -> dict[str, Any]:
         out["nvdec_matches"] = len(nvdec) == len(planes) and all((a == b).all() for a, b in zip(nvdec, planes))
     except (av.error.FFmpegError, ValueError, OSError, NotImplementedError, RuntimeError, AssertionError) as exc:
         out["nvdec_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    for name in X264_SETTINGS:  # CPU time on one thread (x264 as a one-thread renderer runs it)
-        sink = work / f"codec-{name}.mp4"
-        out[f"x264_{name}_ms"] = round(encode(planes, x264_options(name), str(sink)) * 1000 / len(planes), 2)
-        out[f"x264_{name}_kib_per_frame"] = round(sink.stat().st_size / 1024 / len(planes), 1)
     return out
 
 
@@ -213,19 +213,26 @@ def _installed(dist: str) -> bool:
 
 
 def body(result: common.StepResult, args: argparse.Namespace) -> None:
-    # the codecs first: FFmpeg takes the GPU's primary context for NVDEC only while it is not yet
-    # active or when it waits by blocking (heygem_ray.segment.nvdec_device), and the GPU facts
-    # below would have torch make it without that flag
+    from heygem_ray.devices import prefer_blocking_sync
+
+    # before any CUDA context: FFmpeg takes the GPU's primary context for NVDEC only while it is not
+    # yet active or when it waits by blocking (heygem_ray.segment.nvdec_device); so the codecs,
+    # NVDEC last of all (never run on a GPU in this form), can come after the GPU facts
+    prefer_blocking_sync(0)
     facts: dict[str, Any] = {}
-    # each group's facts written as they come: a step stopped at its budget (or one group raising)
-    # still reports the GPU, driver and versions
+
+    def report(figures: dict[str, Any]) -> None:
+        common.write_partial(args.out, "env", {**facts, **figures})
+
+    # each group's facts written as they come: a step stopped at its budget (or one group raising,
+    # or NVDEC crashing the process) still reports the GPU, driver and versions
     groups: tuple[Callable[[], dict[str, Any]], ...] = (
-        lambda: codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100),
         cpu_facts,
         gpu_facts,
         media_facts,
         lambda: {"versions": versions()},
         stage_imports,
+        lambda: codec_speeds(work, 180 if result.dry_run else 1080, 10 if result.dry_run else 100, report),
     )
     with common.scratch(args, "env") as work:
         for group in groups:
