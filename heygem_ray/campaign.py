@@ -422,16 +422,19 @@ class Campaign:
                 self._for_row(row_id, self._on_track, self._states[row_id], track)
 
     def _on_track(self, state: RowState, track: AvatarTrack | BaseException) -> None:
+        assert state.prep is not None and state.prep.audio is not None
+        seconds = state.prep.audio.seconds
+        # past the output limit no more tracking is done: a track, or a damaged frame's fault, that
+        # does not reach the row answers it too; the limit is its reason
+        fault = self.executor.cause(track) if isinstance(track, BaseException) else None
+        if (why := self._not_rendering()) is not None and not _concerns(fault, seconds):
+            return self._fail(state.row.id, why)
         if isinstance(track, BaseException):
             return self._fail(state.row.id, failure_reason(self.executor, track), input_fault=self._lasting(track))
-        if (why := self._not_rendering()) is not None:  # before the track's fit: past the output limit
-            return self._fail(state.row.id, why)  # a track that does not reach the row answers it too
-        assert state.prep is not None and state.prep.audio is not None
         if state.prep.avatar_fingerprint and track.fingerprint != state.prep.avatar_fingerprint:
             # the file changed between the row's fingerprint and its tracking: rendered, its marker
             # would name the old bytes for a video of the new
             return self._fail(state.row.id, str(InputError("avatar", state.row.avatar, storage.REPLACED)))
-        seconds = state.prep.audio.seconds
         if not track.shows_a_face(seconds):
             faceless = f"no face found in the {track.shown(seconds)} frame(s) this narration shows"
             return self._fail(state.row.id, str(InputError("avatar", state.row.avatar, faceless)), input_fault=True)
@@ -779,3 +782,9 @@ def _check_models(cfg: Config) -> None:
 def _size(limit: float) -> str:
     """Bytes as a limit is said: GiB, or MiB under one."""
     return f"{limit / 2**30:.2f} GiB" if limit >= 2**30 else f"{limit / 2**20:.1f} MiB"
+
+
+def _concerns(fault: BaseException | None, seconds: float) -> bool:
+    """Whether the fault an avatar's tracking met (None: none) is a row's own: any, unless a damaged
+    frame its narration of `seconds` stops short of (`InputError.from_seconds`)."""
+    return fault is not None and not (isinstance(fault, InputError) and seconds < fault.from_seconds)

@@ -18,7 +18,7 @@ from heygem_ray import qa, storage
 log = logging.getLogger("heygem_ray")
 
 #: the error of a row an earlier run published that a stop left no time to check: it says
-#: nothing of the video, so the earlier run's result stands (`published_earlier`)
+#: nothing of the video, which the next stop checks still (`published_earlier`)
 UNCHECKED = (
     "campaign interrupted before this run checked the video an earlier run published for this row"
     " (a rerun checks it, and skips the row while it is current)"
@@ -233,7 +233,8 @@ class ResultsTable:
         return rows
 
     def published_earlier(self) -> dict[str, RowResult]:
-        """The rows earlier runs on this output root published (ok or skipped), by id: their table,
+        """The rows earlier runs on this output root published (ok or skipped, or a stop left
+        unchecked), by id: their table,
         then the parts a killed run left (later results count), not this run's own parts (of
         results it holds, and on a long campaign thousands). Nothing when there is none."""
         return published_earlier(self.uri, self.parts, skip=self._own)
@@ -254,8 +255,8 @@ def flag_outliers(rows: list[RowResult]) -> list[RowResult]:
 
 
 def published_earlier(uri: str, parts: str, skip: str | None = None) -> dict[str, RowResult]:
-    """The rows earlier runs on this output root published (ok or skipped), by id: their table,
-    then the parts of a run that was killed after it (later results count), less the parts whose
+    """The rows earlier runs on this output root published (ok or skipped, or a stop left unchecked:
+    `UNCHECKED`), by id: their table, then the parts of a run that was killed after it (later results count), less the parts whose
     names start with `skip`. Parts the table supersedes (its run's or an earlier run's, left where
     their removal failed) are not read. Nothing when there is none."""
     rows: list[dict] = []
@@ -274,7 +275,9 @@ def published_earlier(uri: str, parts: str, skip: str | None = None) -> dict[str
         result = RowResult(**row)
         if result.status in ("ok", "skipped"):
             earlier[result.id] = result
-        elif result.error != UNCHECKED:  # a stopped run that never checked the video left it as it was
+        elif result.error == UNCHECKED:  # a stop that never checked the video: it is there still, to check
+            earlier.setdefault(result.id, result)
+        else:
             earlier.pop(result.id, None)
     return earlier
 

@@ -219,7 +219,8 @@ class SharedWork:
                 since = at or (tracking.seconds if known.track is not None else 0.0)
                 known.fault, known.fault_from = track, min(since, tracking.seconds)
                 known.fault_of = tracked
-                short = [r for r in rows if at and r[1] < known.fault_from]  # tracked anew, short of the frame
+                # tracked anew, short of the frame (not once no renderer will take them: `more`)
+                short = [r for r in rows if more and at and r[1] < known.fault_from]
                 rows = [r for r in rows if r not in short]
                 other += short
             return track, [row_id for row_id, _, _ in rows], self._follow(key, other, tracked)

@@ -1759,53 +1759,78 @@ def test_a_campaign_an_error_ends_says_so_and_which_not_cancelled(tmp_path):
     assert "Ended by an error before its end (ConnectionError" in (out / "_report.html").read_text()
 
 
-def test_rows_a_track_answers_once_the_output_limit_is_reached_fail_for_the_limit(tmp_path):
-    """Past `limits.max_output_gb` no more tracking is done: the rows waiting on an avatar are
-    answered with the track just made, which need not reach them. A 60 s narration whose presenter
-    shows up after the 4 s row's frames failed "no face found" (a fault of its input, which it is
-    not) instead of saying the limit stopped it."""
+class _TracksLast(SimulatedExecutor):
+    """Face tracks finish only when nothing else is left to do."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.tracking: list[Any] = []
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        handle = super().submit(fn, *args, **kwargs)
+        if fn.__name__ == "prepare_avatar":
+            self.tracking.append(handle)
+        return handle
+
+    def wait(self, handles: Any, timeout: float) -> Any:
+        ready = [h for h in handles if h not in self.tracking] or [h for h in self.tracking if h in handles][:1]
+        for handle in ready:
+            if handle in self.tracking:
+                self.tracking.remove(handle)
+        return ready[:1]
+
+
+def _past_the_output_limit(tmp_path: Path, asked: list[float | None], tracks: Any, seconds: list[int]) -> dict:
+    """A campaign whose first row (its own avatar, tracked first) takes it past `limits.max_output_gb`
+    before the rows of /in/v.mp4 (narrations of `seconds`, tracked by `tracks`, last) are answered:
+    their results by id."""
     from dataclasses import replace as replaced
 
-    asked: list[float | None] = []
-    faced, late = _narrations_and_tracks(asked), _narrations_and_tracks(asked, face_from=300)
+    faced = _narrations_and_tracks(asked)
 
     def prepare_avatar(avatar: str, *args: Any) -> Any:
-        return (faced if avatar == "/in/other.mp4" else late)["prepare_avatar"](avatar, *args)
+        return (faced["prepare_avatar"] if avatar == "/in/other.mp4" else tracks)(avatar, *args)
 
     def stitch_row(job: Any, track: Any) -> Any:
         done = faced["stitch_row"](job, track)
         return replaced(done, marker=replaced(done.marker, bytes=1000))  # past the limit at once
 
-    class TracksLast(SimulatedExecutor):
-        """Face tracks finish only when nothing else is left to do."""
-
-        def __init__(self, **kwargs: Any):
-            super().__init__(**kwargs)
-            self.tracking: list[Any] = []
-
-        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-            handle = super().submit(fn, *args, **kwargs)
-            if fn.__name__ == "prepare_avatar":
-                self.tracking.append(handle)
-            return handle
-
-        def wait(self, handles: Any, timeout: float) -> Any:
-            ready = [h for h in handles if h not in self.tracking] or [h for h in self.tracking if h in handles][:1]
-            for handle in ready:
-                if handle in self.tracking:
-                    self.tracking.remove(handle)
-            return ready[:1]
-
     out = tmp_path / "out"
     cfg = compose_config(
         f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "limits.max_output_gb=1e-9"
     )
-    rows = [
-        Row("c", "/in/a2.wav", "/in/other.mp4", str(out / "c.mp4")),
-        Row("short", "/in/a4.wav", "/in/v.mp4", str(out / "short.mp4")),
-        Row("long", "/in/a60.wav", "/in/v.mp4", str(out / "long.mp4")),
-    ]
+    rows = [Row("c", "/in/a2.wav", "/in/other.mp4", str(out / "c.mp4"))]
+    rows += [Row(f"v{s}", f"/in/a{s}.wav", "/in/v.mp4", str(out / f"v{s}.mp4")) for s in seconds]
     stages = {**faced, "prepare_avatar": prepare_avatar, "stitch_row": stitch_row}
-    results = {r.id: r for r in Campaign(cfg, rows, executor=TracksLast(actors=2, stages=stages)).run().rows}
+    return {r.id: r for r in Campaign(cfg, rows, executor=_TracksLast(actors=2, stages=stages)).run().rows}
+
+
+def test_rows_a_track_answers_once_the_output_limit_is_reached_fail_for_the_limit(tmp_path):
+    """Past `limits.max_output_gb` no more tracking is done: the rows waiting on an avatar are
+    answered with the track just made, which need not reach them. A 60 s narration whose presenter
+    shows up after the 4 s row's frames failed "no face found" (a fault of its input, which it is
+    not) instead of saying the limit stopped it."""
+    asked: list[float | None] = []
+    results = _past_the_output_limit(
+        tmp_path, asked, _narrations_and_tracks(asked, face_from=300)["prepare_avatar"], [4, 60]
+    )
     assert results["c"].status == "ok" and asked == [2.0, 4.0]  # no tracking past the limit
-    assert results["long"].status == "failed" and "reached its limit" in (results["long"].error or ""), results
+    assert results["v60"].status == "failed" and "reached its limit" in (results["v60"].error or ""), results
+
+
+def test_a_damaged_frame_found_past_the_output_limit_tracks_no_more_and_fails_the_short_rows_for_the_limit(tmp_path):
+    """The rows short of a damaged frame are tracked again, but not once no renderer will take
+    them (past the output limit): that tracking was work for nothing, and they said "decoding
+    failed" of frames they never show."""
+    from heygem_ray.errors import InputError
+
+    asked: list[float | None] = []
+
+    def damaged(avatar: str, *args: Any) -> Any:
+        asked.append(args[8])
+        raise InputError("avatar", avatar, "decoding failed at 12.3 s", from_seconds=10.0)
+
+    results = _past_the_output_limit(tmp_path, asked, damaged, [60, 4])
+    assert asked == [2.0, 60.0]
+    assert "decoding failed" in (results["v60"].error or "")
+    assert results["v4"].status == "failed" and "reached its limit" in (results["v4"].error or ""), results

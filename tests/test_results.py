@@ -308,6 +308,8 @@ def test_a_row_a_stopped_run_left_unchecked_is_still_an_earlier_runs_video_at_th
     stopped.add(replace(_result("b"), status="failed", error="campaign interrupted before this row finished"))
     stopped.flush()
     assert sorted(published_earlier(uri, parts)) == ["a"]  # b: its re-render was cut short
+    stopped.finish(["a", "b"])  # the stop's whole table, in place of the finished campaign's
+    assert sorted(published_earlier(uri, parts)) == ["a"]
 
 
 def test_a_runs_parts_count_after_an_earlier_runs_table_written_by_a_host_whose_clock_ran_ahead(tmp_path):

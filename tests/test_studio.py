@@ -702,8 +702,12 @@ def test_a_save_cut_short_leaves_the_users_quota_once_it_is_hours_old(tmp_path, 
     cut_short = [f"{hours_ago}-00aa11", studio.store.new_id()]  # hours old, and one under way
     for campaign_id in cut_short:  # its uploads copied, its record never written
         studio.store.save_uploads("alice", campaign_id, [str(media_dir / "speech3.wav")], "audio", 2**30)
+    (tmp_path / "store" / "alice" / "00000000-000000-abcdef").mkdir()  # an id of no real time: passed over
+    half_deleted = tmp_path / "store" / "alice" / f"{hours_ago}-00bb22" / "output"  # videos: not a save's
+    half_deleted.mkdir(parents=True)
     used = studio.store.usage("alice")
     assert studio.remove_unrecorded() == [("alice", cut_short[0])]
+    assert half_deleted.exists()
     assert studio.store.usage("alice") < used
     assert (tmp_path / "store" / "alice" / cut_short[1]).exists()
     assert [r.name for r in studio.store.campaigns("alice")] == ["kept"]
@@ -2742,13 +2746,48 @@ def test_a_page_whose_store_fails_says_so_and_keeps_what_it_showed(tmp_path, mon
 
     app, clients = _alice_and_bob_signed_in(tmp_path)
 
-    def unreachable(*args, **kwargs):
-        raise ConnectionRefusedError(111, "Connection refused")
-
-    monkeypatch.setattr(storage, "versions", unreachable)  # the listing of her campaigns
+    monkeypatch.setattr(storage, "versions", _refused)  # the listing of her campaigns
     with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as alice:
         alice.cookies = clients["alice"].cookies
         for api_name, data in (("refresh", [None]), ("opened", ["20260101-000000-abcdef"])):
             answer = _answered(alice, _event_index(alice, api_name), data)
             said = answer[2]
             assert "the studio&#x27;s store failed (Connection refused)" in said, (api_name, answer)
+
+
+def test_a_render_whose_store_fails_after_its_record_says_it_was_saved(tmp_path, media_dir, monkeypatch):
+    """The store failing once the campaign's record was saved (its submit's save of the job's id):
+    the page is to say it was saved, not submitted; listing the user's campaigns for the page failed
+    too, and Gradio's bare "Error" was shown instead."""
+    from starlette.testclient import TestClient
+
+    from heygem_ray import storage
+    from heygem_ray.studio.app import UPLOAD_PATH
+
+    app, clients = _alice_and_bob_signed_in(tmp_path)
+    records = []
+    write = storage.write_bytes
+
+    def fails_after_the_first_record(uri: str, data: bytes) -> None:
+        if uri.endswith("campaign.json"):
+            records.append(uri)
+            if len(records) > 1:
+                monkeypatch.setattr(storage, "versions", _refused)  # the listing for the page too
+                raise ConnectionRefusedError(111, "Connection refused")
+        write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", fails_after_the_first_record)
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as alice:
+        alice.cookies = clients["alice"].cookies
+        sent = []
+        for name in ("speech3.wav", "still.png"):
+            with open(media_dir / name, "rb") as upload:
+                sent += alice.post(UPLOAD_PATH, files=[("files", upload)]).json()
+        audio, avatar = ({"path": p, "meta": {"_type": "gradio.FileData"}} for p in sent)
+        data = ["hers", [audio], [avatar], None, "classic (no weights)", "standard"]
+        said = _answered(alice, _event_index(alice, "create"), data)[0]
+    assert said.startswith("❌ saved, but not submitted: the studio's store failed (Connection refused)"), said
+
+
+def _refused(*args: Any, **kwargs: Any) -> Any:
+    raise ConnectionRefusedError(111, "Connection refused")

@@ -529,7 +529,11 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 for path in uploads:  # in the store now: they leave the web server's cache, unless another user's
                     if claims.release(page, path) and not studio.held_elsewhere(path, uploads.count(path)):
                         _remove_quietly(path)
-                return message, saved, _choices(studio, user)
+                try:
+                    choices = _choices(studio, user)
+                except OSError:  # the store failing still: its message is what the page must show
+                    choices = [(saved, saved)] if saved else []
+                return message, saved, choices
 
             try:
                 saving = studio.save_later(user, uploads, save)

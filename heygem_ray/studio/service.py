@@ -279,6 +279,8 @@ class Studio:
             if saving is not None and saving.locked():  # being saved by this studio still
                 continue
             try:
+                if self.store.recorded(user, campaign_id):
+                    continue
                 self.store.discard(user, campaign_id)
             except OSError as exc:
                 self.log.info("campaign user=%s campaign=%s: unrecorded, not removed: %s", user, campaign_id, exc)

@@ -184,11 +184,18 @@ class StudioStore:
             campaign_id, user = storage.basename(uri), storage.basename(storage.dirname(uri))
             if not CAMPAIGN_ID.fullmatch(campaign_id) or uri in recorded:
                 continue
-            begun = calendar.timegm(time.strptime(campaign_id[:15], "%Y%m%d-%H%M%S"))
-            if time.time() - begun > older_than:
-                with contextlib.suppress(ValueError):  # a folder that is no user's
+            with contextlib.suppress(ValueError):  # a folder that is no user's, an id of no real time
+                begun = calendar.timegm(time.strptime(campaign_id[:15], "%Y%m%d-%H%M%S"))
+                if time.time() - begun > older_than:
                     found.append((check_name(user), campaign_id))
         return found
+
+    def recorded(self, user: str, campaign_id: str) -> bool:
+        """Whether the campaign's folder holds its record, or videos (asked again just before an
+        unrecorded folder goes: a store whose rename cannot replace a file has no record for a
+        moment while one is rewritten)."""
+        root = self.campaign_root(user, campaign_id)
+        return storage.exists(storage.join(root, "campaign.json")) or storage.exists(storage.join(root, "output"))
 
     @staticmethod
     def new_id() -> str:
