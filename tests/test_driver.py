@@ -168,37 +168,47 @@ def test_admission_keeps_few_rows_preparing_and_lets_go_of_finished_ones(tmp_pat
     assert not job._states
 
 
+class _TracksLast(SimulatedExecutor):
+    """Face tracks finish only when nothing else is left to do, one at a time."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.tracking: list[Any] = []
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        handle = super().submit(fn, *args, **kwargs)
+        if fn.__name__ == "prepare_avatar":
+            self.tracking.append(handle)
+        return handle
+
+    def wait(self, handles: Any, timeout: float) -> Any:
+        ready = [h for h in handles if h not in self.tracking]
+        if ready:
+            return ready[:1]
+        tracked = next((h for h in handles if h in self.tracking), None)
+        if tracked is None:
+            return []
+        self.tracking.remove(tracked)
+        return [tracked]
+
+
 def test_a_campaign_of_many_presenters_tracks_as_many_at_once_as_its_actors_can_take(tmp_path):
     """Each row a presenter of its own: a row is preparing until its avatar is tracked, the longest
     step, and a fixed 8 rows preparing fed 8 trackings to a cluster of any size (560 actors idled
     behind them). By default twice the actors may prepare at once; a set limit still holds."""
 
-    class SlowTracking(SimulatedExecutor):
-        """Face tracks finish only when nothing else is left to do, one at a time."""
+    class SlowTracking(_TracksLast):
+        """Counting the rows preparing at once."""
 
         def __init__(self, actors: int):
             super().__init__(actors=actors)
-            self.tracking: list[Any] = []
             self.most = 0
             self.job: Campaign | None = None
-
-        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-            handle = super().submit(fn, *args, **kwargs)
-            if fn.__name__ == "prepare_avatar":
-                self.tracking.append(handle)
-            return handle
 
         def wait(self, handles: Any, timeout: float) -> Any:
             assert self.job is not None
             self.most = max(self.most, self.job.observers.counts["preparing"])
-            ready = [h for h in handles if h not in self.tracking]
-            if ready:
-                return ready[:1]
-            tracked = next((h for h in handles if h in self.tracking), None)
-            if tracked is None:
-                return []
-            self.tracking.remove(tracked)
-            return [tracked]
+            return super().wait(handles, timeout)
 
     out = tmp_path / "out"
     rows = [Row(f"r{i:03d}", "/in/a.wav", f"/in/v{i}.mp4", str(out / f"r{i:03d}.mp4")) for i in range(100)]
@@ -1757,27 +1767,6 @@ def test_a_campaign_an_error_ends_says_so_and_which_not_cancelled(tmp_path):
         for r in failed
     ), failed
     assert "Ended by an error before its end (ConnectionError" in (out / "_report.html").read_text()
-
-
-class _TracksLast(SimulatedExecutor):
-    """Face tracks finish only when nothing else is left to do."""
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.tracking: list[Any] = []
-
-    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        handle = super().submit(fn, *args, **kwargs)
-        if fn.__name__ == "prepare_avatar":
-            self.tracking.append(handle)
-        return handle
-
-    def wait(self, handles: Any, timeout: float) -> Any:
-        ready = [h for h in handles if h not in self.tracking] or [h for h in self.tracking if h in handles][:1]
-        for handle in ready:
-            if handle in self.tracking:
-                self.tracking.remove(handle)
-        return ready[:1]
 
 
 def _past_the_output_limit(tmp_path: Path, asked: list[float | None], tracks: Any, seconds: list[int]) -> dict:
