@@ -4,7 +4,6 @@ common cross-product campaigns."""
 
 from __future__ import annotations
 
-import difflib
 import io
 import re
 import unicodedata
@@ -74,7 +73,7 @@ def rows_from_table(
     UTF-8 CSV starts "\ufeffaudio", which printed as the "audio" it said was missing).
     `case_blind`: the output root's file system takes names differing in case for one (macOS,
     Windows, SMB), where rows "Intro" and "intro" would share a video, a marker and a thumbnail."""
-    table = table.rename_columns([_column_name(c) for c in table.column_names])
+    table = table.rename_columns([column_name(c) for c in table.column_names])
     repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
     if repeated:
         raise ManifestError(f"{name} has the column(s) {', '.join(repeated)} more than once")
@@ -84,7 +83,7 @@ def rows_from_table(
             f"{name} lacks required column(s) {', '.join(missing)}; "
             f"it has {', '.join(table.column_names) or 'no columns'}"
         )
-    problems = _misspelled(table.column_names)
+    problems = misspelled(table.column_names)
     table = _text_columns(table, ("audio", "avatar", "id", "output"), problems)
     if problems:
         raise ManifestError(f"{name}: " + "; ".join(problems))
@@ -100,25 +99,44 @@ def rows_from_table(
     return rows
 
 
-def _column_name(name: str) -> str:
+_RESERVED_FOLDED = {name.casefold() for name in RESERVED}
+
+
+def column_name(name: str) -> str:
+    """A manifest column's name as read: without a byte-order mark or blanks, ours in any case."""
     plain = name.replace("\ufeff", "").strip()
     return plain.lower() if plain.lower() in (*REQUIRED, *OPTIONAL) else plain
 
 
-def _misspelled(columns: list[str]) -> list[str]:
-    """A problem for each column that is none of ours but nearly one we read ("outptu", "boxes"):
-    left aside, its rows' videos went to the default path and their faces to the detector. Other
-    columns (a campaign's own notes) are left aside."""
+def misspelled(columns: list[str]) -> list[str]:
+    """A problem for each column that is none of ours but one slip from one we read ("outptu",
+    "ouptut", "boxes"): left aside, its rows' videos went to the default path and their faces to
+    the detector. Other columns (a campaign's own notes, its `uid` or `idx`) are left aside."""
     problems = []
     for column in columns:
         if column in (*REQUIRED, *OPTIONAL):
             continue
-        near = difflib.get_close_matches(column.lower(), [c for c in OPTIONAL if c not in columns], n=1, cutoff=0.6)
+        near = next((c for c in OPTIONAL if c not in columns and _one_slip(column.lower(), c)), None)
         if near:
             problems.append(
-                f"column {column!r} is not one heygem_ray reads: did you mean {near[0]!r}? (rename or drop it)"
+                f"column {column!r} is not one heygem_ray reads: did you mean {near!r}? (rename or drop it)"
             )
     return problems
+
+
+def _one_slip(typed: str, meant: str) -> bool:
+    """Whether `typed` is `meant` with one letter wrong, or two swapped, or (for a name of 3 letters
+    or more: "id" is one letter from "uid", a column of its own) one missing or extra, or as a plural."""
+    if typed in (meant + "s", meant + "es"):
+        return True
+    if len(typed) == len(meant):
+        wrong = [i for i, (a, b) in enumerate(zip(typed, meant, strict=True)) if a != b]
+        swapped = len(wrong) == 2 and wrong[1] == wrong[0] + 1 and typed[wrong[0]] == meant[wrong[1]]
+        return len(wrong) == 1 or (swapped and typed[wrong[1]] == meant[wrong[0]])
+    if len(meant) < 3 or abs(len(typed) - len(meant)) != 1:
+        return False
+    short, long = sorted((typed, meant), key=len)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
 def _check_job_path(uri: str, column: str, problems: list[str]) -> None:
@@ -200,7 +218,7 @@ def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_ou
         )
     elif _is_under(output, output_root):
         first = storage.normalize(output)[len(storage.normalize(output_root).rstrip("/")) + 1 :].split("/")[0]
-        if first in RESERVED:
+        if first.casefold() in _RESERVED_FOLDED:  # in any case: a case-blind disk (macOS, SMB) takes it for ours
             cell.refuse(f"output {storage.display(output)} is where the campaign keeps {first}")
     try:
         cell.box = _parse_box(record.get("box"))

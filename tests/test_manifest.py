@@ -424,6 +424,20 @@ def test_a_misspelled_column_is_refused_not_left_aside():
     assert "'boxes' is not one heygem_ray reads: did you mean 'box'?" in str(refused.value)
     (row,) = rows_from_table(pa.table({"audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"], "notes": ["take 2"]}), "/out")
     assert row.refused is None
+    # a campaign's own ids (a customer's `uid`, an `idx`) are one letter from `id`, but no slip of it:
+    # refusing them stopped the whole campaign
+    own = {"audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"], "uid": ["c-1"], "idx": [3], "inbox": ["x"]}
+    (row,) = rows_from_table(pa.table(own), "/out")
+    assert row.refused is None
+    with pytest.raises(ManifestError, match="'ouptut' is not one heygem_ray reads: did you mean 'output'"):
+        rows_from_table(pa.table({"audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"], "ouptut": ["x.mp4"]}), "/out")
+
+
+def test_an_output_named_as_the_campaigns_own_files_in_another_case_is_refused():
+    """On a case-blind disk (macOS, Windows, SMB) `_Results.parquet` is the campaign's results table."""
+    table = {"audio": ["/d/a.wav", "/d/b.wav"], "avatar": ["/d/v.mp4"] * 2, "output": ["_Results.parquet", "ok.mp4"]}
+    rows = rows_from_table(pa.table(table), "/out")
+    assert "is where the campaign keeps _Results.parquet" in (rows[0].refused or "") and rows[1].refused is None
 
 
 def test_a_scheme_nothing_here_reads_is_said_plainly(tmp_path, capsys):

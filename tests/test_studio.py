@@ -865,6 +865,31 @@ def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
     assert len(cluster.submitted) == 1 and sum(isinstance(o, UploadError) for o in outcomes) == 1, outcomes
 
 
+def test_an_uploaded_manifests_columns_are_read_as_the_cli_reads_them(tmp_path):
+    """A spreadsheet's headers (`Audio`, ` avatar`, `ID`, `Box`) were matched exactly: "missing:
+    avatar" for a column plainly there, or ids 007 taken for 7 and the face box dropped unsaid; an
+    `output` column, or a slip like `outptu`, was left aside without a word; a column of the
+    user's own (`uid`) must stay aside, in the CLI too, where it was taken for a slip of `id`."""
+    store = StudioStore(str(tmp_path / "store"))
+    campaign = store.new_id()
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text('\ufeffAudio, Avatar ,ID,Box,uid\r\nnarration.wav,face.png,007,"10,20,110,140",c-1\r\n')
+    for kind in ("csv", "parquet"):
+        if kind == "parquet":
+            sheet = tmp_path / "sheet.parquet"
+            columns = {"Audio": ["narration.wav"], " Avatar ": ["face.png"], "ID": ["007"], "Box": [[10, 20, 110, 140]]}
+            pq.write_table(pa.table({**columns, "uid": ["c-1"]}), sheet)
+        uri, rows = store.uploaded_manifest("alice", campaign, str(sheet))
+        (row,) = pq.read_table(uri).to_pylist()
+        assert rows == 1 and row["id"] == "007" and row["audio"].endswith("/audio/narration.wav"), (kind, row)
+        assert row["box"] in ("10,20,110,140", [10, 20, 110, 140]), (kind, row)
+    for header, said in (("output", "the studio names the videos itself"), ("outptu", "did you mean 'output'?")):
+        odd = tmp_path / f"{header}.csv"
+        odd.write_text(f"audio,avatar,{header}\nnarration.wav,face.png,x.mp4\n")
+        with pytest.raises(UploadError, match=said):
+            store.uploaded_manifest("alice", campaign, str(odd))
+
+
 def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     store = StudioStore(str(tmp_path / "store"))
     campaign = store.new_id()

@@ -38,7 +38,7 @@ from heygem_ray import storage
 from heygem_ray.config import LimitsConfig
 from heygem_ray.errors import InputError, ManifestError
 from heygem_ray.layout import CampaignLayout
-from heygem_ray.manifest import build_manifest, is_text, refusals, rows_from_table
+from heygem_ray.manifest import build_manifest, column_name, is_text, misspelled, refusals, rows_from_table
 from heygem_ray.media.audio import iter_pcm16k
 from heygem_ray.media.video import probe
 from heygem_ray.results import is_part, read_results, read_table, superseded
@@ -552,32 +552,61 @@ def read_uploaded_manifest(local: str) -> pa.Table:
     if os.path.getsize(local) > MANIFEST_MAX_BYTES:
         raise UploadError(f"{name}: a manifest may be {MANIFEST_MAX_BYTES // 2**20} MiB at most")
     try:
-        return _small_csv(local, name) if name.lower().endswith(".csv") else _small_parquet(local, name)
+        table = _small_csv(local, name) if name.lower().endswith(".csv") else _small_parquet(local, name)
     except (pa.ArrowException, OSError) as exc:
         raise UploadError(f"{name}: cannot read it as a table ({str(exc).splitlines()[0]})") from None
+    return table.rename_columns([column_name(c) for c in table.column_names])
+
+
+#: the columns of an uploaded manifest the studio reads (`output`: the studio names the videos)
+_READ_COLUMNS = ("audio", "avatar", "id", "box")
+
+
+def _ours(names: list[str], name: str) -> list[str]:
+    """The columns of `names` the studio reads, as the manifest names them (in any case, with blanks
+    or a byte-order mark: `manifest.column_name`); UploadError for an `output` column (left aside,
+    its paths went unsaid) or one a slip from a column we read."""
+    read = [column_name(n) for n in names]
+    if "output" in read:
+        raise UploadError(f"{name}: the studio names the videos itself: drop the output column")
+    problems = misspelled(read)
+    if problems:
+        raise UploadError(f"{name}: " + "; ".join(problems))
+    return [n for n, r in zip(names, read, strict=True) if r in _READ_COLUMNS]
 
 
 def _small_csv(local: str, name: str) -> pa.Table:
     """A CSV manifest, once its header shows at most MANIFEST_MAX_COLUMNS columns: read by Arrow's
     streaming reader, whose first block (64 KiB) must hold the header, as Arrow itself parses it
-    (blank lines, quoted line breaks, a byte-order mark)."""
+    (blank lines, quoted line breaks, a byte-order mark). Our columns are read as text: ids 007 and
+    010 were read as numbers, and became rows 7 and 10."""
+    with _csv_reader(local, name) as reader:
+        names = reader.schema.names
+    repeated = _repeated([column_name(n) for n in names])
+    if repeated:  # before a column is looked up by its name
+        raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
+    wanted = _ours(names, name)
+    with _csv_reader(local, name, dict.fromkeys(wanted, pa.string())) as reader:
+        return reader.read_all().select(wanted)
+
+
+def _csv_reader(local: str, name: str, text: dict[str, pa.DataType] | None = None) -> pacsv.CSVStreamingReader:
+    """Arrow's streaming reader of a CSV of MANIFEST_MAX_COLUMNS columns at most, `text` its columns
+    read as text."""
     try:
         reader = pacsv.open_csv(
             local,
             read_options=pacsv.ReadOptions(block_size=1 << 16),
-            # as text: ids 007 and 010 were read as numbers, and became rows 7 and 10
-            convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(("id", "audio", "avatar", "box"), pa.string())
-            ),
+            convert_options=pacsv.ConvertOptions(column_types=text or {}),
         )
     except pa.ArrowInvalid as exc:
         if "straddling" in str(exc) or "block" in str(exc):  # a header longer than the block
             raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more") from None
         raise
-    with reader:
-        if len(reader.schema) > MANIFEST_MAX_COLUMNS:
-            raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more")
-        return reader.read_all()
+    if len(reader.schema) > MANIFEST_MAX_COLUMNS:
+        reader.close()
+        raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more")
+    return reader
 
 
 def _small_parquet(local: str, name: str) -> pa.Table:
@@ -587,15 +616,16 @@ def _small_parquet(local: str, name: str) -> pa.Table:
     if file.metadata.num_columns > MANIFEST_MAX_COLUMNS:  # from the footer, before its schema is walked
         raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more")
     names = file.schema_arrow.names
-    repeated = _repeated(names)
+    repeated = _repeated([column_name(n) for n in names])
     if repeated:  # before a column is looked up by its name
         raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
     meta = file.metadata
     if meta.num_rows > MANIFEST_MAX_ROWS:
         raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {meta.num_rows:,}")
-    wanted = [c for c in ("audio", "avatar", "id", "box") if c in file.schema_arrow.names]
+    wanted = _ours(names, name)
     for column in wanted:  # only kinds whose decoded size is counted below, or fixed a row
         kind = file.schema_arrow.field(column).type
+        column = column_name(column)
         numbers = pa.types.is_list(kind) and (
             pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
         )
