@@ -87,7 +87,7 @@ def rows_from_table(
     table = _text_columns(table, ("audio", "avatar", "id", "output"), problems)
     if problems:
         raise ManifestError(f"{name}: " + "; ".join(problems))
-    root = storage.normalize(output_root).rstrip("/")
+    root = _Root(output_root, storage.normalize(output_root).rstrip("/"))
     cells = [_read_row(n, record, root, allow_outside_output) for n, record in enumerate(table.to_pylist())]
     if not cells:
         raise ManifestError(f"{name} has no rows")
@@ -126,15 +126,18 @@ def misspelled(columns: list[str]) -> list[str]:
 
 
 def _one_slip(typed: str, meant: str) -> bool:
-    """Whether `typed` is `meant` with one letter wrong, or two swapped, or (for a name of 3 letters
-    or more: "id" is one letter from "uid", a column of its own) one missing or extra, or as a plural."""
+    """Whether `typed` is `meant` as a plural, or with two letters swapped, or (for a name of 3
+    letters or more: "id" is one letter from "uid", "ad", "in", columns of their own) one letter
+    wrong, missing or extra."""
     if typed in (meant + "s", meant + "es"):
         return True
+    if len(meant) < 3:
+        return typed == meant[::-1]
     if len(typed) == len(meant):
         wrong = [i for i, (a, b) in enumerate(zip(typed, meant, strict=True)) if a != b]
         swapped = len(wrong) == 2 and wrong[1] == wrong[0] + 1 and typed[wrong[0]] == meant[wrong[1]]
         return len(wrong) == 1 or (swapped and typed[wrong[1]] == meant[wrong[0]])
-    if len(meant) < 3 or abs(len(typed) - len(meant)) != 1:
+    if abs(len(typed) - len(meant)) != 1:
         return False
     short, long = sorted((typed, meant), key=len)
     return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
@@ -184,8 +187,17 @@ class _Cells:
         return Row(row_id, self.audio, self.avatar, self.output, self.box, self.problem)
 
 
-def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_output: bool) -> _Cells:
-    """The row's cells read and checked alone; `output_root` normalized (`storage.normalize`)."""
+@dataclass(frozen=True)
+class _Root:
+    """The output root as given (relative outputs are joined onto it, as the campaign's own files
+    are) and normalized (`storage.normalize`, made once: compared with every row's output)."""
+
+    given: str
+    normal: str
+
+
+def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_output: bool) -> _Cells:
+    """The row's cells read and checked alone."""
     cell = _Cells(n, None, False)
     problems: list[str] = []
     audio, avatar = (_uri(record.get(c), c, problems) for c in ("audio", "avatar"))
@@ -212,16 +224,16 @@ def _read_row(n: int, record: dict[str, Any], output_root: str, allow_outside_ou
         cell.refuse(problems[-1])
         return cell
     if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
-        output = storage.join(output_root, output)  # relative outputs live under the campaign root
+        output = storage.join(output_root.given, output)  # relative outputs live under the campaign root
     cell.output, cell.normal_output = output, storage.normalize(output)
-    under = _is_under(cell.normal_output, output_root)
+    under = _is_under(cell.normal_output, output_root.normal)
     if not allow_outside_output and not under:
         cell.refuse(
-            f"output {storage.display(output)} is outside the output root {storage.display(output_root)} "
+            f"output {storage.display(output)} is outside the output root {storage.display(output_root.given)} "
             "(set storage.allow_outside_output=true to allow)"
         )
     elif under:
-        first = cell.normal_output[len(output_root) + 1 :].split("/")[0]
+        first = cell.normal_output[len(output_root.normal) + 1 :].split("/")[0]
         if first.casefold() in _RESERVED_FOLDED:  # in any case: a case-blind disk (macOS, SMB) takes it for ours
             cell.refuse(f"output {storage.display(output)} is where the campaign keeps {first}")
     try:

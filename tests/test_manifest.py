@@ -426,7 +426,7 @@ def test_a_misspelled_column_is_refused_not_left_aside():
     assert row.refused is None
     # a campaign's own ids (a customer's `uid`, an `idx`) are one letter from `id`, but no slip of it:
     # refusing them stopped the whole campaign
-    own = {"audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"], "uid": ["c-1"], "idx": [3], "inbox": ["x"]}
+    own = {"audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"], "uid": ["c-1"], "idx": [3], "inbox": ["x"], "ad": ["y"]}
     (row,) = rows_from_table(pa.table(own), "/out")
     assert row.refused is None
     with pytest.raises(ManifestError, match="'ouptut' is not one heygem_ray reads: did you mean 'output'"):
@@ -438,6 +438,15 @@ def test_an_output_named_as_the_campaigns_own_files_in_another_case_is_refused()
     table = {"audio": ["/d/a.wav", "/d/b.wav"], "avatar": ["/d/v.mp4"] * 2, "output": ["_Results.parquet", "ok.mp4"]}
     rows = rows_from_table(pa.table(table), "/out")
     assert "is where the campaign keeps _Results.parquet" in (rows[0].refused or "") and rows[1].refused is None
+
+
+def test_a_rows_video_goes_under_the_output_root_as_given_as_the_campaigns_own_files_do():
+    """The root is compared normalized, but a row's video is joined onto it as given: on S3
+    `bucket//x/` and `bucket/x/` are other keys, and the videos went beside, not into, the root."""
+    from heygem_ray import storage
+
+    (row,) = rows_from_table(pa.table({"id": ["r1"], "audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"]}), "s3://b//x/")
+    assert row.refused is None and row.output == storage.join("s3://b//x/", "r1.mp4")
 
 
 def test_a_scheme_nothing_here_reads_is_said_plainly(tmp_path, capsys):

@@ -883,6 +883,11 @@ def test_an_uploaded_manifests_columns_are_read_as_the_cli_reads_them(tmp_path):
         (row,) = pq.read_table(uri).to_pylist()
         assert rows == 1 and row["id"] == "007" and row["audio"].endswith("/audio/narration.wav"), (kind, row)
         assert row["box"] in ("10,20,110,140", [10, 20, 110, 140]), (kind, row)
+    # a column of the user's own is not read: numbers in its first rows, text later, failed the upload
+    many = tmp_path / "many.csv"
+    lines = [f"r{i},narration.wav,face.png,{i}" for i in range(4000)] + ["r4000,narration.wav,face.png,take two"]
+    many.write_text("id,audio,avatar,notes\n" + "\n".join(lines) + "\n")
+    assert store.uploaded_manifest("alice", campaign, str(many))[1] == 4001
     for header, said in (("output", "the studio names the videos itself"), ("outptu", "did you mean 'output'?")):
         odd = tmp_path / f"{header}.csv"
         odd.write_text(f"audio,avatar,{header}\nnarration.wav,face.png,x.mp4\n")

@@ -586,18 +586,21 @@ def _small_csv(local: str, name: str) -> pa.Table:
     if repeated:  # before a column is looked up by its name
         raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
     wanted = _ours(names, name)
-    with _csv_reader(local, name, dict.fromkeys(wanted, pa.string())) as reader:
-        return reader.read_all().select(wanted)
+    with _csv_reader(local, name, dict.fromkeys(wanted, pa.string()), wanted) as reader:
+        return reader.read_all()
 
 
-def _csv_reader(local: str, name: str, text: dict[str, pa.DataType] | None = None) -> pacsv.CSVStreamingReader:
+def _csv_reader(
+    local: str, name: str, text: dict[str, pa.DataType] | None = None, only: list[str] | None = None
+) -> pacsv.CSVStreamingReader:
     """Arrow's streaming reader of a CSV of MANIFEST_MAX_COLUMNS columns at most, `text` its columns
-    read as text."""
+    read as text, `only` those read (a column of the user's own, typed from its first rows as
+    numbers, failed the upload where later rows held text)."""
     try:
         reader = pacsv.open_csv(
             local,
             read_options=pacsv.ReadOptions(block_size=1 << 16),
-            convert_options=pacsv.ConvertOptions(column_types=text or {}),
+            convert_options=pacsv.ConvertOptions(column_types=text or {}, include_columns=only or []),
         )
     except pa.ArrowInvalid as exc:
         if "straddling" in str(exc) or "block" in str(exc):  # a header longer than the block
