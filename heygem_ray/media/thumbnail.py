@@ -19,8 +19,9 @@ def thumbnail_jpeg(video_path: str | IO[bytes], width: int = 240, quality: int =
     its duration (the middle by default; 0 takes the first frame, which decodes only that one).
 
     Seeks near that time and takes the first decoded frame at or after it; a video too short for
-    that (or whose seek lands past the end) gives its last frame. Display rotation metadata is
-    applied. Raises ValueError when the file has no decodable video frame."""
+    that (or whose seek lands past the end) gives its last frame. Display rotation metadata and
+    the pixel aspect ratio (an anamorphic HDV or DV video's 4:3 pixels) are applied. Raises
+    ValueError when the file has no decodable video frame."""
     try:
         frame = _frame_at(video_path, at)
     except av.error.FFmpegError as exc:
@@ -42,8 +43,9 @@ def _frame_at(path: str | IO[bytes], at: float) -> np.ndarray | None:
         if not container.streams.video:
             return None
         stream = container.streams.video[0]
+        sar = float(stream.sample_aspect_ratio or 1) or 1.0  # a picture of square pixels: what it shows
         if at <= 0:
-            return next((_display_bgr(f) for f in container.decode(stream)), None)
+            return next((_display_bgr(f, sar) for f in container.decode(stream)), None)
         stream.thread_type = "AUTO"
         duration = _duration_seconds(container, stream)
         middle = duration * min(at, 1.0) if duration else 0.0
@@ -56,12 +58,12 @@ def _frame_at(path: str | IO[bytes], at: float) -> np.ndarray | None:
                 container.seek(0)  # unseekable: decode from the start
             frame = _first_at_or_after(container, stream, start * stream.time_base + middle)
             if frame is not None:
-                return _display_bgr(frame)
+                return _display_bgr(frame, sar)
             container.seek(0)  # the seek overshot a very short stream: take any frame from the start
         last = None
         for last in container.decode(stream):
             pass
-        return _display_bgr(last) if last is not None else None
+        return _display_bgr(last, sar) if last is not None else None
 
 
 def _duration_seconds(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
@@ -82,8 +84,11 @@ def _first_at_or_after(container, stream, seconds: float) -> av.VideoFrame | Non
     return last
 
 
-def _display_bgr(frame: av.VideoFrame) -> np.ndarray:
+def _display_bgr(frame: av.VideoFrame, sar: float = 1.0) -> np.ndarray:
     image = frame_bgr(frame)
+    if abs(sar - 1.0) > 1e-3:  # its stored width stretched to the width it is shown at, before any turn
+        h, w = image.shape[:2]
+        image = cv2.resize(image, (max(1, round(w * sar)), h), interpolation=cv2.INTER_LINEAR)
     clockwise = int(round(-(getattr(frame, "rotation", 0) or 0))) % 360  # FFmpeg states it counter-clockwise
     if clockwise in (90, 180, 270):
         image = np.ascontiguousarray(np.rot90(image, k=-(clockwise // 90)))
