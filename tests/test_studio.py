@@ -888,6 +888,14 @@ def test_an_uploaded_manifests_columns_are_read_as_the_cli_reads_them(tmp_path):
     lines = [f"r{i},narration.wav,face.png,{i}" for i in range(4000)] + ["r4000,narration.wav,face.png,take two"]
     many.write_text("id,audio,avatar,notes\n" + "\n".join(lines) + "\n")
     assert store.uploaded_manifest("alice", campaign, str(many))[1] == 4001
+    # a spreadsheet's trailing commas name columns of no name, twice: nothing reads them
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("audio,avatar,,\nnarration.wav,face.png,,\n")
+    assert store.uploaded_manifest("alice", campaign, str(trailing))[1] == 1
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("audio,avatar")  # was "a manifest has 64 columns at most"
+    with pytest.raises(UploadError, match="has no rows under its header"):
+        store.uploaded_manifest("alice", campaign, str(header_only))
     for header, said in (("output", "the studio names the videos itself"), ("outptu", "did you mean 'output'?")):
         odd = tmp_path / f"{header}.csv"
         odd.write_text(f"audio,avatar,{header}\nnarration.wav,face.png,x.mp4\n")

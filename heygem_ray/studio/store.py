@@ -558,6 +558,8 @@ def read_uploaded_manifest(local: str) -> pa.Table:
     return table.rename_columns([column_name(c) for c in table.column_names])
 
 
+#: bytes of an uploaded CSV its header must end within
+_CSV_BLOCK = 1 << 16
 #: the columns of an uploaded manifest the studio reads (`output`: the studio names the videos)
 _READ_COLUMNS = ("audio", "avatar", "id", "box")
 
@@ -582,7 +584,8 @@ def _small_csv(local: str, name: str) -> pa.Table:
     010 were read as numbers, and became rows 7 and 10."""
     with _csv_reader(local, name) as reader:
         names = reader.schema.names
-    repeated = _repeated([column_name(n) for n in names])
+    # among ours: a spreadsheet's trailing commas make columns of no name, which nothing reads
+    repeated = _repeated([r for r in map(column_name, names) if r in _READ_COLUMNS])
     if repeated:  # before a column is looked up by its name
         raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
     wanted = _ours(names, name)
@@ -599,11 +602,13 @@ def _csv_reader(
     try:
         reader = pacsv.open_csv(
             local,
-            read_options=pacsv.ReadOptions(block_size=1 << 16),
+            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK),
             convert_options=pacsv.ConvertOptions(column_types=text or {}, include_columns=only or []),
         )
     except pa.ArrowInvalid as exc:
-        if "straddling" in str(exc) or "block" in str(exc):  # a header longer than the block
+        if "straddling" in str(exc) or "block" in str(exc):  # no header's end in the first block
+            if os.path.getsize(local) < _CSV_BLOCK:  # the whole file: a header alone, not ended
+                raise UploadError(f"{name}: has no rows under its header") from None
             raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more") from None
         raise
     if len(reader.schema) > MANIFEST_MAX_COLUMNS:
@@ -619,7 +624,7 @@ def _small_parquet(local: str, name: str) -> pa.Table:
     if file.metadata.num_columns > MANIFEST_MAX_COLUMNS:  # from the footer, before its schema is walked
         raise UploadError(f"{name}: a manifest has {MANIFEST_MAX_COLUMNS} columns at most, this one more")
     names = file.schema_arrow.names
-    repeated = _repeated([column_name(n) for n in names])
+    repeated = _repeated([r for r in map(column_name, names) if r in _READ_COLUMNS])
     if repeated:  # before a column is looked up by its name
         raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
     meta = file.metadata
