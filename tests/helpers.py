@@ -1,5 +1,6 @@
 """Helpers the tests share (fixtures live in conftest.py): the S3 test secret, a free port for the
-local Ray's metrics, the campaign config as the CLI composes it, and a real clip with no face."""
+local Ray's metrics, the campaign config as the CLI composes it, and real clips: one with no face,
+one of 4:3 pixels."""
 
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def write_faceless_clip(path: str, frames: int) -> None:
         stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(rng.integers(60, 200, (96, 128, 3), dtype=np.uint8), format="bgr24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def write_anamorphic_clip(path: str, frames: int) -> None:
+    """A real H.264 clip of 4:3 pixels (HDV, DV): 96x72 stored, shown 128x72; frames of rising grey."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((72, 96, 3), 5 * i % 256, np.uint8), format="bgr24")
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))

@@ -740,16 +740,10 @@ def test_an_anamorphic_avatar_keeps_its_pixel_aspect_ratio(media_dir, tmp_path):
     """A 4:3-pixel avatar (HDV, DV) played with square pixels would come out squeezed."""
     from fractions import Fraction
 
+    from helpers import write_anamorphic_clip
+
     avatar = str(tmp_path / "hdv.mp4")
-    with av.open(avatar, "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
-        for i in range(25):
-            frame = av.VideoFrame.from_ndarray(np.full((72, 96, 3), 5 * i, np.uint8), format="bgr24")
-            frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    write_anamorphic_clip(avatar, 25)
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [avatar]}), manifest)
     out = tmp_path / "out"

@@ -136,16 +136,10 @@ def test_thumbnail_is_upright_for_rotated_clips(tmp_path, clips):
 @pytest.mark.parametrize("at", [0.0, 0.5])
 def test_thumbnail_of_an_anamorphic_video_is_as_wide_as_it_is_shown(tmp_path, at):
     """HDV or DV stores 4:3 pixels: 96x72 stored is shown 128x72. Its card showed it squeezed."""
+    from helpers import write_anamorphic_clip
+
     path = str(tmp_path / "hdv.mp4")
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
-        for i in range(10):
-            frame = av.VideoFrame.from_ndarray(np.full((72, 96, 3), 20 * i, np.uint8), format="bgr24")
-            frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    write_anamorphic_clip(path, 10)
     assert _jpeg(thumbnail_jpeg(path, width=128, at=at)).shape[:2] == (72, 128)
 
 
