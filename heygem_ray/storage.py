@@ -9,6 +9,7 @@ campaign's `storage.options` before touching storage.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -245,9 +246,13 @@ def pinned_version(uri: str) -> str | None:
 
 
 def current_version(uri: str) -> str | None:
-    """A key that changes when the object at `uri` is replaced: `version_key`, or its content's
-    fingerprint where its store names no version; None where there is no such object."""
+    """A key that changes when the model file at `uri` is replaced: `version_key`, or its content's
+    fingerprint where its store names no version or the file is local (`local_fingerprint`: a
+    byte-identical copy, re-downloaded at pod start or made on each node, has times of its own but
+    is the same weights); None where there is no such object."""
     try:
+        if is_local(uri):
+            return local_fingerprint(local_path(uri))
         key = stored_version_key(uri)
     except FileNotFoundError:
         return None
@@ -871,6 +876,64 @@ def fingerprint(uri: str) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+#: local fingerprints this process took, by `_stat_key` (most recent last)
+_local_fingerprints: collections.OrderedDict[str, str] = collections.OrderedDict()
+LOCAL_FINGERPRINTS_KEPT = 256
+
+
+def local_fingerprint(path: str) -> str:
+    """`fingerprint` of a local file, memoised (in this process and in the node cache) by its real
+    path, size, inode, modification and change times: a 436 MB checkpoint is hashed once per node
+    and version, not at every campaign start and actor load. Any rewrite changes its change time,
+    which no one sets by hand, so a memo never names other bytes. Raises FileNotFoundError."""
+    for _ in range(3):
+        key = _stat_key(path)
+        fp = _local_fingerprints.get(key)
+        memo = os.path.join(node_cache_dir(), "fingerprints", f"local-{key[:32]}.txt")
+        if fp is None:
+            with contextlib.suppress(OSError, UnicodeDecodeError), open(memo, encoding="ascii") as fh:
+                fp = fh.read().strip()
+            fp = fp if fp and _FINGERPRINT.fullmatch(fp) else None  # a damaged memo: hashed again
+        if fp is None:
+            fp = fingerprint(path)
+            if _stat_key(path) != key:  # rewritten while it was hashed: hash what is there now
+                continue
+            _write_memo(memo, fp)
+        _local_fingerprints[key] = fp
+        _local_fingerprints.move_to_end(key)
+        while len(_local_fingerprints) > LOCAL_FINGERPRINTS_KEPT:
+            _local_fingerprints.popitem(last=False)
+        return fp
+    raise ContentChanged(path, CHANGED_WHILE_READ)
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+
+
+def _write_memo(memo: str, fp: str) -> None:
+    """Atomically (actors starting together hash the same file); a cache that cannot take it only
+    costs the next process a hash."""
+    tmp = f"{memo}.part-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        with open(tmp, "w", encoding="ascii") as fh:
+            fh.write(fp)
+        os.replace(tmp, memo)
+    except OSError as exc:
+        log.debug("fingerprint memo %s not written (%s)", memo, exc)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _stat_key(path: str) -> str:
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return hashlib.sha256(
+        f"{real}|{st.st_size}|{st.st_dev}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode()
+    ).hexdigest()
 
 
 def node_cache_dir() -> str:

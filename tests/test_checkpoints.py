@@ -376,6 +376,38 @@ def test_a_checkpoint_replaced_since_the_campaign_started_is_refused(tmp_path, w
     load_state_dict(uri, NAME, expected)  # a campaign started now takes this one
 
 
+def test_a_byte_identical_copy_of_local_weights_is_the_version_the_campaign_started_with(tmp_path, weights, expected):
+    """A local checkpoint's version was its size and modification time: the same weights downloaded
+    again (an init container at pod start, `cp` without -p) re-rendered every row of every campaign,
+    and a copy made on each node was refused by its actors as "replaced". Its content is its version;
+    other bytes of the same size with the old times restored are another."""
+    import shutil
+
+    from heygem_ray import storage
+
+    path = tmp_path / "wav2lip.pth"
+    torch.save({"state_dict": weights}, path)
+    uri = str(path)
+    started = storage.current_version(uri)
+    storage.configure(None, {uri: started})
+    try:
+        download = tmp_path / "wav2lip.pth.download"
+        shutil.copyfile(path, download)
+        os.utime(download, ns=(time.time_ns(), time.time_ns() + 10**9))  # whatever the clock's resolution
+        os.replace(download, path)
+        assert storage.current_version(uri) == started
+        load_state_dict(uri, NAME, expected)  # not refused
+
+        stamp = os.stat(path)
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF  # the same size, its times put back
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert storage.current_version(uri) not in (None, started)
+    finally:
+        storage.configure(None, {})
+
+
 def test_weights_holding_nan_are_refused(tmp_path, weights, expected):
     """A diverged or damaged checkpoint loaded, and the renderer's NaN guard drew every mouth black
     with no row failing."""

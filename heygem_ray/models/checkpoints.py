@@ -109,6 +109,8 @@ def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, to
 
 
 def _replaced_since(uri: str, pinned: str) -> bool:
+    if storage.is_local(uri):  # its content's fingerprint, memoised by its times (None: removed)
+        return storage.current_version(uri) != pinned
     try:
         key = storage.stored_version_key(uri)
     except FileNotFoundError:
@@ -117,12 +119,11 @@ def _replaced_since(uri: str, pinned: str) -> bool:
 
 
 def _replaced(where: str, uri: str) -> str:
-    # a local path's version is its size and mtime: a copy of its own on each node differs
     elsewhere = (
         ""
         if not storage.is_local(uri)
-        else " (or, on a cluster, this node's copy of it is not the one the driver saw, by size and "
-        "modification time: keep weights on shared storage, e.g. s3://)"
+        else " (or, on a cluster, this node's copy of it holds other bytes than the driver's: keep "
+        "weights on shared storage, e.g. s3://, or the same file on every node)"
     )
     return (
         f"{where}: replaced since this campaign started{elsewhere}; the campaign renders with the weights "

@@ -95,7 +95,7 @@ def load_expert(uri: str) -> tuple[SyncNet, torch.device, str]:
     from heygem_ray.models.checkpoints import load_model
 
     # the copy of the pinned version (`storage.pinned_version`), whose content names the embeddings
-    key = storage.fingerprint(storage.local_copy(uri, content=storage.pinned_version(uri)))
+    key = storage.local_fingerprint(storage.local_copy(uri, content=storage.pinned_version(uri)))
     device = torch_device("auto")
     exact_fp32(device)  # the official expert's scores
     return load_model(SyncNet, uri, "SyncNet lip-sync expert").to(device), device, key
