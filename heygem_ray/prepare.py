@@ -328,8 +328,9 @@ NOT_OUTPUT_AFFECTING = ("batch_size", "device", "num_gpus", "face_cache_mb")
 #: chunks, as far as a narration shows; 6: HDR frames made SDR, HEIF photos read whole; 7: a face
 #: found through a turned view boxed at its own size; 8: a presenter back after an absence
 #: taken at once, wherever they are; 9: a cut to another shot neither smoothed nor bridged across,
-#: the face after it taken from its first frame)
-TRACK_VERSION = "9"
+#: the face after it taken from its first frame; 10: a face beside the presenter never taken for
+#: them while they are missed)
+TRACK_VERSION = "10"
 
 #: bump when a code change alters the detector's candidates (the cached chunks of detections);
 #: the tracker's changes (TRACK_VERSION) remake tracks from them without detecting again
@@ -337,7 +338,7 @@ CANDIDATES_VERSION = "7"
 
 #: the track version finished rows' fingerprints hold: set to TRACK_VERSION only for a change that
 #: alters every avatar's track, so finished rows render again; one that alters some avatars' tracks
-#: (7, 8, 9) makes new tracks for new rows and leaves finished rows alone (docs/ops.md, "Upgrading")
+#: (7-10) makes new tracks for new rows and leaves finished rows alone (docs/ops.md, "Upgrading")
 ROWS_TRACK_VERSION = "6"
 
 

@@ -14,6 +14,9 @@ from heygem_ray.detect.smoothing import WINDOW, smooth_boxes_official
 #: the longest stretch of frames without a face that is filled from its neighbours (a detector's
 #: miss); a longer one passes through unrendered (half a second at 25 fps)
 MAX_GAP = 12
+#: the frames a presenter must have been found on before the faces beside them are never taken
+#: for them: a detector's stray box chosen first on one frame leaves the face beside it to a restart
+HELD_FRAMES = 3
 #: two boxes found one after the other that overlap less than this (intersection over union) are
 #: a cut to another shot, when the boxes either side of them hold still: a 5-frame smoothing window
 #: across a cut drew the mouth between the two places for four frames
@@ -60,7 +63,9 @@ class TrackBuilder:
     miss). Only after more than `max_gap` frames without the presenter (faces elsewhere, none, or
     not examined) is the track started again from the highest-scoring face: the presenter moved
     away for good, or came back elsewhere after a cutaway, taken at once (those frames are no gap
-    the fill would bridge, nor is one across a cut: see `finish`)."""
+    the fill would bridge, nor is one across a cut: see `finish`). Never from a face that stood
+    beside the presenter (followed as it moves): a co-host is not lip-synced while the presenter
+    is away, and the presenter is taken back when found again."""
 
     def __init__(self, max_gap: int = MAX_GAP) -> None:
         self._boxes = np.zeros((1024, 4))  # the chosen box of frame i, where _chosen[i]
@@ -74,6 +79,7 @@ class TrackBuilder:
         # examined one after the other (a cut to another shot shows it from its first frame)
         self._other: list[tuple[int, np.ndarray]] = []
         self._beside = np.zeros((0, 4))  # the other faces on the frame the presenter was last found on
+        self._held = 0  # the frames the presenter was found on since the track (re)started
         self.max_gap = max_gap
 
     def _append(self, box: np.ndarray | None, missed: bool) -> None:
@@ -102,35 +108,52 @@ class TrackBuilder:
         start: int | None = None  # where the track starts again, if it does here
         if chosen is not None:
             self._other.clear()
-        elif self._last is not None and self._n - self._last_at - 1 <= self.max_gap:
-            self._follow_other(found)
-            self._append(None, True)  # a gap the fill may bridge
-            return
-        else:  # the first face, or the presenter lost for longer than a gap: started again
-            follow = _nearest(boxes, self._other[-1][1]) if self._other else None
+        else:
+            if self._last is not None:
+                found = self._not_beside(found)  # the faces beside the presenter, followed, are never taken
+                if not len(found) or self._n - self._last_at - 1 <= self.max_gap:
+                    self._follow_other(found)
+                    self._append(None, True)  # a miss: within a gap, one the fill may bridge
+                    return
+            # the first face, or the presenter lost for longer than a gap: started again
+            follow = _nearest(found[:, :4], self._other[-1][1]) if self._other else None
             chosen = _best(found) if follow is None else follow
+            self._held = 0
             if self._last is not None:  # from the first frame the face followed itself on
                 start = self._n if follow is None else self._other[0][0]
                 for i, box in self._other if follow is not None else ():
                     self._boxes[i], self._chosen[i], self._missed[i] = box, True, False
+                    self._held += 1
                 self._other.clear()
+        self._held += 1
         self._last, self._last_at = chosen.copy(), self._n  # a copy: a view would keep the frame's candidates alive
         self._beside = boxes[np.any(boxes != chosen, axis=1)].copy()
         self._append(chosen, False)
         if start is not None:  # marked once the arrays hold this frame
             self._restart[start] = True
 
+    def _not_beside(self, found: np.ndarray) -> np.ndarray:
+        """The candidates that are none of the faces that were beside the presenter when last found
+        (a second person in the shot), and those faces moved on to where they are found now: while
+        the presenter is missed (Haar loses a turned head for seconds), a restart took the co-host
+        and kept to them for the rest of the clip."""
+        if not len(self._beside) or self._held < HELD_FRAMES:  # a detector's stray box is no presenter
+            return found
+        near = np.array([_nearest(self._beside, box) is not None for box in found[:, :4]])
+        if near.any():
+            self._beside = found[near, :4].copy()
+        return found[~near]
+
     def _follow_other(self, found: np.ndarray) -> None:
-        """Extend (or begin) the run of frames on which one face other than the presenter followed
-        itself: a restart takes it back to that run's first frame. Not a face that was beside the
-        presenter when last found (a second person, not a cut: taken only after the gap)."""
-        follow = _nearest(found[:, :4], self._other[-1][1]) if self._other else None
-        if follow is not None:
-            self._other.append((self._n, follow.copy()))
+        """Extend (or begin) the run of frames on which one face other than the presenter (and
+        those beside them) followed itself: a restart takes it back to that run's first frame."""
+        if not len(found):
+            self._other.clear()
             return
-        best = _best(found)
-        beside = len(self._beside) and _nearest(self._beside, best) is not None
-        self._other = [] if beside else [(self._n, best.copy())]
+        follow = _nearest(found[:, :4], self._other[-1][1]) if self._other else None
+        self._other = (
+            [*self._other, (self._n, follow.copy())] if follow is not None else [(self._n, _best(found).copy())]
+        )
 
     @property
     def frames(self) -> int:
