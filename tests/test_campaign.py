@@ -309,6 +309,51 @@ def test_an_inline_renderer_hung_on_a_segment_is_replaced_and_every_row_renders(
     assert max(r.attempts for r in summary.rows) == 2  # the segment it hung on went again, once
 
 
+def test_an_inline_stitch_given_up_at_its_deadline_publishes_nothing_afterwards(tmp_path, media_dir, monkeypatch):
+    """`cluster=inline`: a stitch past `render.stage_timeout` failed its row, but its thread cannot
+    be stopped, and when it came unstuck it published the video and its marker under a row the
+    results called failed (after the run had let go of the output root)."""
+    import threading
+
+    from heygem_ray import stitch
+    from heygem_ray.campaign import Campaign
+    from heygem_ray.executors.inline import InlineExecutor
+    from heygem_ray.manifest import read_manifest
+
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
+        manifest,
+    )
+    cfg = compose_config(
+        f"manifest={manifest}",
+        f"output={tmp_path / 'out'}",
+        "cluster=inline",
+        "cluster.actor.threads=1",
+        "render.progress=false",
+        "render.stage_timeout=10",
+    )
+    release, came_back, join = threading.Event(), threading.Event(), stitch.stitch
+
+    def stuck_then_done(*args, **kwargs):
+        release.wait(120)  # a read that hangs past the deadline, then answers
+        try:
+            return join(*args, **kwargs)
+        finally:
+            came_back.set()
+
+    monkeypatch.setattr(stitch, "stitch", stuck_then_done)
+    try:
+        (row,) = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), InlineExecutor(cfg)).run().rows
+    finally:
+        release.set()
+    assert row.status == "failed" and "stitching row a was stopped" in (row.error or ""), row.error
+    assert came_back.wait(120)
+    time.sleep(1.0)  # what it would have published by now
+    assert not (tmp_path / "out" / "a.mp4").exists()
+    assert not (tmp_path / "out" / "_markers" / "a.json").exists()
+
+
 def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_dir):
     """`force=true` renders every row again: one stopped midway (a kill, a lost node) rendered all
     of them again when run again, those it had published too. The next forced run goes on with it;

@@ -13,7 +13,9 @@ stage can depend on another's result without the campaign waiting for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +29,29 @@ from heygem_ray.startup import Startup
 class StageStopped(Exception):
     """A stage task the campaign stopped: at its deadline (`render.stage_timeout`), or where it
     would never run (`Executor.stranded`)."""
+
+
+#: the stop flag of the stage task this thread runs (`InlineExecutor`), where it has one
+_running = threading.local()
+
+
+def given_up() -> bool:
+    """True inside a stage task the campaign gave up (`render.stage_timeout`) that runs on: a Ray
+    task is killed, an inline executor's thread cannot be. A stage about to publish checks it, so
+    a row reported failed gets no output afterwards (nor the output root's next campaign a writer
+    it does not know of)."""
+    stop = getattr(_running, "stop", None)
+    return stop is not None and stop.is_set()
+
+
+@contextlib.contextmanager
+def stoppable(stop: threading.Event) -> Iterator[None]:
+    """Run the body as a stage task that `stop` gives up (`given_up`)."""
+    _running.stop = stop
+    try:
+        yield
+    finally:
+        _running.stop = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from heygem_ray.config import Config
 from heygem_ray.daemon_threads import DaemonThreads
-from heygem_ray.executors import Expired, StageStopped
+from heygem_ray.executors import Expired, StageStopped, stoppable
 
 if TYPE_CHECKING:
     from heygem_ray.segment import RenderWorker
@@ -44,9 +45,17 @@ class InlineExecutor:
         self._tasks = DaemonThreads("heygem-task", max(2, _cores()))
         self._actors: list[DaemonThreads] = []
         self._workers: list[Future[RenderWorker]] = []
+        self._stops: dict[Future[Any], threading.Event] = {}  # each stage task's, until it is done
 
     def submit(self, fn: Callable[..., Any], *args: Any, num_gpus: float = 0.0) -> Future[Any]:
-        return self._tasks.submit(_resolved, fn, args)
+        stop = threading.Event()
+        handle = self._tasks.submit(_resolved, fn, args, stop)
+        self._stops[handle] = stop
+        handle.add_done_callback(self._forget)
+        return handle
+
+    def _forget(self, handle: Future[Any]) -> None:
+        self._stops.pop(handle, None)
 
     def start_actors(self, count: int) -> None:
         from heygem_ray.segment import RenderWorker
@@ -70,6 +79,9 @@ class InlineExecutor:
         return handle.result()
 
     def cancel(self, handle: Future[Any]) -> bool:
+        stop = self._stops.get(handle)
+        if stop is not None:  # one running goes on, but publishes nothing (`executors.given_up`)
+            stop.set()
         return handle.cancel() or handle.done()
 
     def close(self) -> None:
@@ -124,8 +136,9 @@ def _values(args: tuple[Any, ...]) -> list[Any]:
     return [a.result() if isinstance(a, Future) else a for a in args]
 
 
-def _resolved(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    return fn(*_values(args))
+def _resolved(fn: Callable[..., Any], args: tuple[Any, ...], stop: threading.Event) -> Any:
+    with stoppable(stop):
+        return fn(*_values(args))
 
 
 @contextlib.contextmanager
