@@ -250,9 +250,12 @@ def current_version(uri: str) -> str | None:
     fingerprint where its store names no version or the file is local (`local_fingerprint`: a
     byte-identical copy, re-downloaded at pod start or made on each node, has times of its own but
     is the same weights); None where there is no such object."""
-    try:
-        if is_local(uri):
+    if is_local(uri):
+        try:
             return local_fingerprint(local_path(uri))
+        except OSError:  # none, a folder, unreadable: its load fails saying so
+            return None
+    try:
         key = stored_version_key(uri)
     except FileNotFoundError:
         return None
@@ -891,7 +894,7 @@ def local_fingerprint(path: str) -> str:
     for _ in range(3):
         key = _stat_key(path)
         fp = _local_fingerprints.get(key)
-        memo = os.path.join(node_cache_dir(), "fingerprints", f"local-{key[:32]}.txt")
+        memo = os.path.join(node_cache_dir(), f"fingerprint-{key[:32]}.txt")  # trimmed as a copy is
         if fp is None:
             with contextlib.suppress(OSError, UnicodeDecodeError), open(memo, encoding="ascii") as fh:
                 fp = fh.read().strip()
@@ -915,9 +918,9 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{32}")
 def _write_memo(memo: str, fp: str) -> None:
     """Atomically (actors starting together hash the same file); a cache that cannot take it only
     costs the next process a hash."""
-    tmp = f"{memo}.part-{uuid.uuid4().hex[:8]}"
+    tmp = f"{memo}{_PART}{uuid.uuid4().hex[:8]}"
     try:
-        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        _make_cache(os.path.dirname(memo))
         with open(tmp, "w", encoding="ascii") as fh:
             fh.write(fp)
         os.replace(tmp, memo)
@@ -1144,6 +1147,8 @@ def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:
                         os.unlink(entry.path)
                 continue
             with contextlib.suppress(FileNotFoundError):  # another process trimmed it meanwhile
+                if entry.is_dir(follow_symlinks=False):  # not ours to trim (nor can unlink remove it)
+                    continue
                 stat = entry.stat()
                 copies.append((stat.st_mtime, stat.st_size, entry.path))
     total = sum(size for _, size, _ in copies)
@@ -1156,6 +1161,9 @@ def trim_node_cache(root: str, limit: int, grace: float | None = None) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:  # one that cannot go stops no other from going
+            log.warning("node cache: %s not removed (%s)", path, exc)
+            continue
         total -= size
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + ".lock")

@@ -321,6 +321,26 @@ def test_the_node_cache_keeps_to_its_size_dropping_the_copies_used_longest_ago(t
     assert writing.exists() and not left.exists()
 
 
+def test_a_folder_in_the_node_cache_stops_no_trim_and_fingerprint_memos_are_trimmed(tmp_path, monkeypatch):
+    """A folder in the node cache (a memo folder, an operator's) was taken for a copy: unlinking it
+    raised, and every trim after stopped there, so the cache grew until the disk was full. Local
+    model files' fingerprint memos sit in it as small files, trimmed as copies are."""
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"w" * 1000)
+    fp = storage.local_fingerprint(str(weights))
+    (memo,) = (tmp_path / "cache").iterdir()
+    assert memo.read_text() == fp and oct(os.stat(tmp_path / "cache").st_mode & 0o777) == "0o700"
+    folder = tmp_path / "cache" / "kept"
+    folder.mkdir()
+    copy = tmp_path / "cache" / "old.mp4"
+    copy.write_bytes(b"v" * 1000)
+    for path in (folder, copy, memo):
+        os.utime(path, (1000.0, 1000.0))
+    storage.trim_node_cache(str(tmp_path / "cache"), 0, grace=0)
+    assert not copy.exists() and not memo.exists() and folder.is_dir()
+
+
 def test_local_copy_caches_remote_files(tmp_path):
     storage.write_bytes("memory://lc/model.pth", b"weights")
     first = storage.local_copy("memory://lc/model.pth", cache_dir=str(tmp_path))

@@ -110,7 +110,10 @@ def load_state_dict(uri: str, model_name: str, expected: Layout) -> dict[str, to
 
 def _replaced_since(uri: str, pinned: str) -> bool:
     if storage.is_local(uri):  # its content's fingerprint, memoised by its times (None: removed)
-        return storage.current_version(uri) != pinned
+        try:
+            return storage.current_version(uri) != pinned
+        except storage.ContentChanged:  # rewritten again and again while it was hashed
+            return True
     try:
         key = storage.stored_version_key(uri)
     except FileNotFoundError:

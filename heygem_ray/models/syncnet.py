@@ -95,7 +95,9 @@ def load_expert(uri: str) -> tuple[SyncNet, torch.device, str]:
     from heygem_ray.models.checkpoints import load_model
 
     # the copy of the pinned version (`storage.pinned_version`), whose content names the embeddings
-    key = storage.local_fingerprint(storage.local_copy(uri, content=storage.pinned_version(uri)))
+    path = storage.local_copy(uri, content=storage.pinned_version(uri))
+    # a local file's hash is memoised by its times; a node cache copy's times change with each use
+    key = storage.local_fingerprint(path) if storage.is_local(uri) else storage.fingerprint(path)
     device = torch_device("auto")
     exact_fp32(device)  # the official expert's scores
     return load_model(SyncNet, uri, "SyncNet lip-sync expert").to(device), device, key
