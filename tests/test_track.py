@@ -49,16 +49,37 @@ def test_a_second_person_never_takes_the_track_while_the_presenter_is_missed(str
     track restarted on B, lip-synced B instead, and kept to B for the rest of the clip. Now those
     frames pass through, and A is taken again when found, in place or elsewhere."""
     b_at = lambda i: (900 + i, 100, 1000 + i, 220)
-    for back in ((100, 100, 200, 220), (400, 120, 500, 240)):
+    a, stray = (100, 100, 200, 220), (600, 500, 640, 540)
+    for back, b_missed, stray_at in ((a, None, None), ((400, 120, 500, 240), None, None), (a, 8, None), (a, None, 20)):
         tb = TrackBuilder(max_gap=3)
         for i in range(40):
-            found = cand(back if i >= 30 else (100, 100, 200, 220), b_at(i), scores=[0.99, 0.9])
-            tb.add(None if i % stride else found if i < 10 or i >= 30 else cand(b_at(i), scores=[0.99]))
+            if i % stride:
+                tb.add(None)
+            elif i == b_missed:  # B missed on the last frame A was found on, as Haar does
+                tb.add(cand(a))
+            elif i < 10 or i >= 30:
+                tb.add(cand(back if i >= 30 else a, b_at(i), scores=[0.99, 0.9]))
+            else:  # A missed; a stray box elsewhere for a frame restarts the track on it, for a frame
+                tb.add(cand(b_at(i), *([stray] if i == stray_at else []), scores=[0.9, 0.99][: 1 + (i == stray_at)]))
         x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
         last_a, first_back = 10 - stride, 30
         assert x1[: last_a + 1] == [100] * (last_a + 1), x1
         assert x1[last_a + 1 : first_back] == [0] * (first_back - last_a - 1), x1  # passed through
         assert x1[first_back:] == [back[0]] * 10, x1
+
+
+def test_a_cut_from_a_two_shot_to_the_presenters_close_up_takes_the_close_up():
+    """A close-up where the co-host stood in the two-shot is no co-host (another size): it was
+    passed over for the rest of the clip. It is taken as a cut, from its first frame."""
+    tb = TrackBuilder(max_gap=3)
+    for i in range(40):
+        tb.add(
+            cand((100, 100, 200, 220), (900, 100, 1000, 220), scores=[0.99, 0.9])
+            if i < 10
+            else cand((440, 160, 840, 560))
+        )
+    x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
+    assert x1 == [100] * 10 + [440] * 30, x1
 
 
 def test_a_face_beside_a_stray_box_chosen_first_is_still_taken():

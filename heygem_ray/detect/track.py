@@ -6,6 +6,7 @@ smoothing. Shared by every detector."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 
@@ -63,9 +64,11 @@ class TrackBuilder:
     miss). Only after more than `max_gap` frames without the presenter (faces elsewhere, none, or
     not examined) is the track started again from the highest-scoring face: the presenter moved
     away for good, or came back elsewhere after a cutaway, taken at once (those frames are no gap
-    the fill would bridge, nor is one across a cut: see `finish`). Never from a face that stood
-    beside the presenter (followed as it moves): a co-host is not lip-synced while the presenter
-    is away, and the presenter is taken back when found again."""
+    the fill would bridge, nor is one across a cut: see `finish`). Never from a companion: a face
+    found beside the presenter, of about its size where it is now (followed as it moves, forgotten
+    when unseen for four gaps), so a co-host is not lip-synced while the presenter is missed, and
+    the presenter is taken again when found. Faces are told apart by place and size alone: after a
+    cut to the co-host's close-up, that close-up is taken."""
 
     def __init__(self, max_gap: int = MAX_GAP) -> None:
         self._boxes = np.zeros((1024, 4))  # the chosen box of frame i, where _chosen[i]
@@ -78,8 +81,10 @@ class TrackBuilder:
         # since the presenter was last found: the frames on which one other face followed itself,
         # examined one after the other (a cut to another shot shows it from its first frame)
         self._other: list[tuple[int, np.ndarray]] = []
-        self._beside = np.zeros((0, 4))  # the other faces on the frame the presenter was last found on
+        # the other faces found beside the presenter (box, the frame last seen on): never taken for them
+        self._companions: list[list[Any]] = []
         self._held = 0  # the frames the presenter was found on since the track (re)started
+        self._established = False  # some presenter of this track was found on HELD_FRAMES frames
         self.max_gap = max_gap
 
     def _append(self, box: np.ndarray | None, missed: bool) -> None:
@@ -110,7 +115,7 @@ class TrackBuilder:
             self._other.clear()
         else:
             if self._last is not None:
-                found = self._not_beside(found)  # the faces beside the presenter, followed, are never taken
+                found = self._not_companions(found)  # a co-host is never taken for the presenter
                 if not len(found) or self._n - self._last_at - 1 <= self.max_gap:
                     self._follow_other(found)
                     self._append(None, True)  # a miss: within a gap, one the fill may bridge
@@ -126,27 +131,49 @@ class TrackBuilder:
                     self._held += 1
                 self._other.clear()
         self._held += 1
+        self._established = self._established or self._held >= HELD_FRAMES
         self._last, self._last_at = chosen.copy(), self._n  # a copy: a view would keep the frame's candidates alive
-        self._beside = boxes[np.any(boxes != chosen, axis=1)].copy()
+        self._meet_companions(boxes, chosen)
         self._append(chosen, False)
         if start is not None:  # marked once the arrays hold this frame
             self._restart[start] = True
 
-    def _not_beside(self, found: np.ndarray) -> np.ndarray:
-        """The candidates that are none of the faces that were beside the presenter when last found
-        (a second person in the shot), and those faces moved on to where they are found now: while
-        the presenter is missed (Haar loses a turned head for seconds), a restart took the co-host
-        and kept to them for the rest of the clip."""
-        if not len(self._beside) or self._held < HELD_FRAMES:  # a detector's stray box is no presenter
+    def _meet_companions(self, boxes: np.ndarray, chosen: np.ndarray) -> None:
+        """On a frame the presenter was found on: the other faces there are companions (a co-host),
+        followed from frame to frame and forgotten when unseen for `4 * max_gap` frames."""
+        self._companions = [c for c in self._companions if not _same_face(chosen, c[0])]
+        for box in boxes[np.any(boxes != chosen, axis=1)]:
+            self._companion_at(box)
+        self._forget_companions()
+
+    def _companion_at(self, box: np.ndarray) -> bool:
+        """Whether `box` is a companion seen before (then followed to it); a new one otherwise,
+        where the presenter was found on this frame."""
+        for companion in self._companions:
+            if _same_face(box, companion[0]):
+                companion[0], companion[1] = box.copy(), self._n
+                return True
+        if self._last_at == self._n:
+            self._companions.append([box.copy(), self._n])
+        return False
+
+    def _forget_companions(self) -> None:
+        self._companions = [c for c in self._companions if self._n - c[1] <= 4 * self.max_gap]
+
+    def _not_companions(self, found: np.ndarray) -> np.ndarray:
+        """The candidates that are no companion of the presenter (followed to where they are now),
+        once some presenter of the track has been found on `HELD_FRAMES` frames: while the
+        presenter is missed (Haar loses a turned head for seconds), a restart took the co-host and
+        kept to them for the rest of the clip. A detector's stray box chosen first is no presenter,
+        and leaves the face beside it to a restart."""
+        self._forget_companions()
+        if not self._established:
             return found
-        near = np.array([_nearest(self._beside, box) is not None for box in found[:, :4]])
-        if near.any():
-            self._beside = found[near, :4].copy()
-        return found[~near]
+        return found[[not self._companion_at(box) for box in found[:, :4]]]
 
     def _follow_other(self, found: np.ndarray) -> None:
         """Extend (or begin) the run of frames on which one face other than the presenter (and
-        those beside them) followed itself: a restart takes it back to that run's first frame."""
+        their companions) followed itself: a restart takes it back to that run's first frame."""
         if not len(found):
             self._other.clear()
             return
@@ -216,6 +243,14 @@ def _best(found: np.ndarray) -> np.ndarray:
     boxes = found[:, :4]
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     return boxes[np.lexsort((areas, found[:, 4]))[-1]]
+
+
+def _same_face(box: np.ndarray, seen: np.ndarray) -> bool:
+    """Whether `box` is the face `seen` moved on: its centre within `seen`'s larger side of it, and
+    of about its size (a close-up of the presenter where a co-host stood in the two-shot is not)."""
+    side, seen_side = max(box[2] - box[0], box[3] - box[1]), max(seen[2] - seen[0], seen[3] - seen[1])
+    distance = np.linalg.norm((box[:2] + box[2:]) / 2 - (seen[:2] + seen[2:]) / 2)
+    return bool(distance <= seen_side and 2 / 3 <= side / max(seen_side, 1e-9) <= 3 / 2)
 
 
 def _nearest(boxes: np.ndarray, last: np.ndarray) -> np.ndarray | None:
