@@ -31,7 +31,7 @@ from helpers import HandClock, _free_port
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.studio.server import STOP_GRACE_SECONDS
 from heygem_ray.studio.sessions import SessionKeyError, Sessions
-from heygem_ray.studio.store import StudioStore, UploadError, check_upload
+from heygem_ray.studio.store import StudioStore, UploadError, check_upload, read_uploaded_manifest
 from heygem_ray.studio.users import add_user, authenticate, check_name, read_users
 
 MIB = 2**20
@@ -564,11 +564,47 @@ def test_uploads_keep_their_names_in_any_script_and_a_manifest_never_gets_anothe
     assert [os.path.basename(u) for u in uris] == ["café.wav", "cafè.wav", "张三.wav", "jalapeño.wav"]
     manifest = tmp_path / "m.csv"
     manifest.write_text("audio,avatar\ncafè.wav,face.png\njalapeño.wav,face.png\n")  # as typed: one code point each
-    uri, _ = store.uploaded_manifest("alice", campaign, str(manifest))
+    uri, _ = store.uploaded_manifest("alice", campaign, str(manifest), _uploads(store, campaign, uris))
     assert [r["audio"] for r in pq.read_table(uri).to_pylist()] == [uris[1], uris[3]]
     # two uploads of one name: a manifest could not tell them apart
     with pytest.raises(UploadError, match="two of your audio uploads have this name"):
         store.save_uploads("alice", store.new_id(), [uploads[0], uploads[0]], "audio", 2**30, by_name=True)
+
+
+def _uploads(store: StudioStore, campaign: str, audio: list[str] | None = None) -> dict[str, list[str]]:
+    """What `save_uploads` stored for a campaign whose manifests name narration.wav and face.png."""
+    folder = store.inputs("alice", campaign)
+    return {"audio": audio or [f"{folder}/audio/narration.wav"], "avatar": [f"{folder}/avatar/face.png"]}
+
+
+def test_a_manifest_finds_uploads_by_the_names_the_user_gave_them_and_names_none_missing(tmp_path, media_dir):
+    """The web server drops `!`, `?` and `$` from an upload's name before the studio sees it, so a
+    manifest naming "Take 2!.wav" (stored as "Take-2.wav") resolved to "Take-2-.wav", and a typo to
+    a file never uploaded: Render said ✅ and every such row failed in the job as "input missing".
+    A manifest saved by Excel on Windows (cp1252, "é" as one byte) showed the web server's bare
+    "Error"."""
+    store = StudioStore(str(tmp_path / "store"))
+    campaign = store.new_id()
+    os.makedirs(tmp_path / "up")
+    stored = []
+    for name in ("Take 2.wav", "Why.wav", "café.wav"):  # as the web server hands them over
+        shutil.copy(media_dir / "speech3.wav", tmp_path / "up" / name)
+        stored += store.save_uploads("alice", campaign, [str(tmp_path / "up" / name)], "audio", 2**30, by_name=True)
+    uploads = _uploads(store, campaign, stored)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("audio,avatar\nTake 2!.wav,face.png\nWhy?.wav,face.png\n")
+    uri, _ = store.uploaded_manifest("alice", campaign, str(manifest), uploads)
+    assert [r["audio"] for r in pq.read_table(uri).to_pylist()] == stored[:2]
+    manifest.write_text("audio,avatar\nTake 2.wav,face.png\nTake 3.wav,face.png\n")
+    with pytest.raises(UploadError, match="'Take 3.wav' is not among your narration uploads"):
+        store.uploaded_manifest("alice", campaign, str(manifest), uploads)
+    manifest.write_text("audio,avatar\nTake 2.wav,fcae.png\n")
+    with pytest.raises(UploadError, match="'fcae.png' is not among your presenter uploads"):
+        store.uploaded_manifest("alice", campaign, str(manifest), uploads)
+    manifest.write_bytes("audio,avatar,note\ncafé.wav,face.png,résumé\n".encode("cp1252"))
+    uri, _ = store.uploaded_manifest("alice", campaign, str(manifest), uploads)
+    assert [r["audio"] for r in pq.read_table(uri).to_pylist()] == [stored[2]]
+    assert read_uploaded_manifest(str(manifest)).num_rows == 1  # the page's check reads it too
 
 
 def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, monkeypatch):
@@ -779,23 +815,23 @@ def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):
     wide.write_text(",".join(f"c{i}" for i in range(170_000)) + "\n" + ",".join("x" * 170_000) + "\n")
     started = time.time()
     with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
-        store.uploaded_manifest("alice", store.new_id(), str(wide))
+        store.uploaded_manifest("alice", store.new_id(), str(wide), {})
     header = ",".join(f"c{i}" for i in range(200))
     for trick, fields in (("\n" + header, 200), ("\r\n" + header, 200), ('"a\nb",' + header, 201)):
         wide.write_text(trick + "\n" + ",".join("x" * fields) + "\n")  # as Arrow reads a header, not a line
         with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
-            store.uploaded_manifest("alice", store.new_id(), str(wide))
+            store.uploaded_manifest("alice", store.new_id(), str(wide), {})
     wide_parquet = tmp_path / "wide.parquet"
     pq.write_table(pa.table({f"c{i}": ["x"] for i in range(5000)}), wide_parquet)
     with pytest.raises(UploadError, match="a manifest has 64 columns at most"):
-        store.uploaded_manifest("alice", store.new_id(), str(wide_parquet))
+        store.uploaded_manifest("alice", store.new_id(), str(wide_parquet), {})
     assert time.time() - started < 30  # the quadratic check took hours
     chained = tmp_path / "chained.csv"
     campaign = store.new_id()
     own = store.inputs("alice", campaign)
     chained.write_text(f"audio,avatar\n{own}/a.wav::http://example.com/a.wav,face.png\n")
     with pytest.raises(UploadError, match="is not among your uploads"):
-        store.uploaded_manifest("alice", campaign, str(chained))
+        store.uploaded_manifest("alice", campaign, str(chained), {})
 
 
 def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
@@ -872,6 +908,7 @@ def test_an_uploaded_manifests_columns_are_read_as_the_cli_reads_them(tmp_path):
     user's own (`uid`) must stay aside, in the CLI too, where it was taken for a slip of `id`."""
     store = StudioStore(str(tmp_path / "store"))
     campaign = store.new_id()
+    uploads = _uploads(store, campaign)
     sheet = tmp_path / "sheet.csv"
     sheet.write_text('\ufeffAudio, Avatar ,ID,Box,uid\r\nnarration.wav,face.png,007,"10,20,110,140",c-1\r\n')
     for kind in ("csv", "parquet"):
@@ -879,7 +916,7 @@ def test_an_uploaded_manifests_columns_are_read_as_the_cli_reads_them(tmp_path):
             sheet = tmp_path / "sheet.parquet"
             columns = {"Audio": ["narration.wav"], " Avatar ": ["face.png"], "ID": ["007"], "Box": [[10, 20, 110, 140]]}
             pq.write_table(pa.table({**columns, "uid": ["c-1"]}), sheet)
-        uri, rows = store.uploaded_manifest("alice", campaign, str(sheet))
+        uri, rows = store.uploaded_manifest("alice", campaign, str(sheet), uploads)
         (row,) = pq.read_table(uri).to_pylist()
         assert rows == 1 and row["id"] == "007" and row["audio"].endswith("/audio/narration.wav"), (kind, row)
         assert row["box"] in ("10,20,110,140", [10, 20, 110, 140]), (kind, row)
@@ -887,68 +924,73 @@ def test_an_uploaded_manifests_columns_are_read_as_the_cli_reads_them(tmp_path):
     many = tmp_path / "many.csv"
     lines = [f"r{i},narration.wav,face.png,{i}" for i in range(4000)] + ["r4000,narration.wav,face.png,take two"]
     many.write_text("id,audio,avatar,notes\n" + "\n".join(lines) + "\n")
-    assert store.uploaded_manifest("alice", campaign, str(many))[1] == 4001
+    assert store.uploaded_manifest("alice", campaign, str(many), uploads)[1] == 4001
     # a spreadsheet's trailing commas name columns of no name, twice: nothing reads them
     trailing = tmp_path / "trailing.csv"
     trailing.write_text("audio,avatar,,\nnarration.wav,face.png,,\n")
-    assert store.uploaded_manifest("alice", campaign, str(trailing))[1] == 1
+    assert store.uploaded_manifest("alice", campaign, str(trailing), uploads)[1] == 1
     header_only = tmp_path / "header.csv"
     header_only.write_text("audio,avatar")  # was "a manifest has 64 columns at most"
     with pytest.raises(UploadError, match="has no rows under its header"):
-        store.uploaded_manifest("alice", campaign, str(header_only))
+        store.uploaded_manifest("alice", campaign, str(header_only), uploads)
     for header, said in (("output", "the studio names the videos itself"), ("outptu", "did you mean 'output'?")):
         odd = tmp_path / f"{header}.csv"
         odd.write_text(f"audio,avatar,{header}\nnarration.wav,face.png,x.mp4\n")
         with pytest.raises(UploadError, match=said):
-            store.uploaded_manifest("alice", campaign, str(odd))
+            store.uploaded_manifest("alice", campaign, str(odd), uploads)
 
 
 def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
     store = StudioStore(str(tmp_path / "store"))
     campaign = store.new_id()
+    folder = store.inputs("alice", campaign)
+    uploads = {
+        "audio": [f"{folder}/audio/{n}" for n in ("narration.wav", "My-narration.wav", "a.wav", "b.wav", "c.wav")],
+        "avatar": [f"{folder}/avatar/{n}" for n in ("face.png", "v.png")],
+    }
     good = tmp_path / "good.csv"
     good.write_text("audio,avatar\nnarration.wav,face.png\n")
-    uri, rows = store.uploaded_manifest("alice", campaign, str(good))
+    uri, rows = store.uploaded_manifest("alice", campaign, str(good), uploads)
     table = pq.read_table(uri).to_pylist()
     assert rows == 1 and table[0]["audio"] == os.path.join(store.inputs("alice", campaign), "audio", "narration.wav")
     numbered = tmp_path / "numbered.csv"
     numbered.write_text("id,audio,avatar\n007,My narration.wav,face.png\n")  # 007, not 7
-    uri, _ = store.uploaded_manifest("alice", campaign, str(numbered))
+    uri, _ = store.uploaded_manifest("alice", campaign, str(numbered), uploads)
     (row,) = pq.read_table(uri).to_pylist()
     assert row["id"] == "007" and row["audio"].endswith("/audio/My-narration.wav")  # as the upload was stored
     for value in (str(tmp_path / "store" / "bob" / "x.wav"), "/etc/passwd", "../../bob/x.wav", "s3://elsewhere/x.wav"):
         bad = tmp_path / "bad.parquet"
         pq.write_table(pa.table({"audio": [value], "avatar": ["face.png"]}), bad)
-        with pytest.raises(UploadError, match="is not among your uploads"):
-            store.uploaded_manifest("alice", campaign, str(bad))
+        with pytest.raises(UploadError, match="is not among your (narration )?uploads"):
+            store.uploaded_manifest("alice", campaign, str(bad), uploads)
     # numbered ids and columns left empty (pandas writes them as null) are fine in Parquet too
     plain = tmp_path / "plain.parquet"
     pq.write_table(
         pa.table({"id": [1], "audio": ["a.wav"], "avatar": ["face.png"], "box": pa.array([None], pa.null())}), plain
     )
-    uri, _ = store.uploaded_manifest("alice", campaign, str(plain))
+    uri, _ = store.uploaded_manifest("alice", campaign, str(plain), uploads)
     assert pq.read_table(uri).to_pylist()[0]["id"] == "1"
     # what the campaign would refuse is refused now, not in a job that fails later
     twice = tmp_path / "twice.csv"
     twice.write_text("id,audio,avatar\nsame,a.wav,face.png\nsame,b.wav,face.png\nother,c.wav,face.png\n")
     with pytest.raises(UploadError, match=r"is invalid:\n  manifest row 0: id 'same' is also that of row\(s\) 1"):
-        store.uploaded_manifest("alice", campaign, str(twice))
+        store.uploaded_manifest("alice", campaign, str(twice), uploads)
     # a few KiB of Parquet that decodes to hundreds of MiB is refused from its footer, unread
     bomb = tmp_path / "bomb.parquet"
     many = pa.array(["narration-with-a-long-name.wav" * 40] * 90_000).dictionary_encode()
     pq.write_table(pa.table({"audio": many, "avatar": many}), bomb)
     assert bomb.stat().st_size < 100_000
     with pytest.raises(UploadError, match="MiB or more once read"):
-        store.uploaded_manifest("alice", campaign, str(bomb))
+        store.uploaded_manifest("alice", campaign, str(bomb), uploads)
     big = pa.array([b"x" * 2**18] * 400, pa.binary())  # bytes: a kind whose decoded size is not counted
     pq.write_table(pa.table({"audio": ["a.wav"] * 400, "avatar": ["v.png"] * 400, "id": big}), bomb)
     with pytest.raises(UploadError, match="column id must hold text, not binary"):
-        store.uploaded_manifest("alice", campaign, str(bomb))
+        store.uploaded_manifest("alice", campaign, str(bomb), uploads)
     # a column given twice is refused with why, not a crash (CSV and Parquet)
     doubled = tmp_path / "doubled.csv"
     doubled.write_text("audio,audio,avatar\na.wav,b.wav,face.png\n")
     with pytest.raises(UploadError, match="the column\\(s\\) audio appear more than once"):
-        store.uploaded_manifest("alice", campaign, str(doubled))
+        store.uploaded_manifest("alice", campaign, str(doubled), uploads)
     pq.write_table(
         pa.Table.from_arrays(
             [pa.array(["a.wav"]), pa.array(["b.wav"]), pa.array(["v.png"])], ["audio", "audio", "avatar"]
@@ -956,7 +998,7 @@ def test_an_uploaded_manifest_may_name_only_the_users_own_files(tmp_path):
         bomb,
     )
     with pytest.raises(UploadError, match="the column\\(s\\) audio appear more than once"):
-        store.uploaded_manifest("alice", campaign, str(bomb))
+        store.uploaded_manifest("alice", campaign, str(bomb), uploads)
     with pytest.raises(UploadError, match="1,000 presenter\\(s\\) x 101 narration\\(s\\) is 101,000 videos"):
         store.pairs_manifest("alice", campaign, ["a.wav"] * 101, ["v.png"] * 1000)
 

@@ -435,7 +435,8 @@ class Studio:
         for uri in [*audio_uris, *avatar_uris]:
             self.log.info("upload user=%s campaign=%s file=%s", user, campaign_id, storage.basename(uri))
         if manifest:
-            manifest_uri, rows = self.store.uploaded_manifest(user, campaign_id, manifest)
+            uploads = {"audio": audio_uris, "avatar": avatar_uris}
+            manifest_uri, rows = self.store.uploaded_manifest(user, campaign_id, manifest, uploads)
         elif audio_uris and avatar_uris:
             manifest_uri, rows = self.store.pairs_manifest(user, campaign_id, audio_uris, avatar_uris)
         else:

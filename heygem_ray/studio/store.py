@@ -23,7 +23,7 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -241,10 +241,14 @@ class StudioStore:
         uri = storage.join(self.inputs(user, campaign_id), "manifest.parquet")
         return uri, build_manifest(audios, avatars, uri)
 
-    def uploaded_manifest(self, user: str, campaign_id: str, local: str) -> tuple[str, int]:
+    def uploaded_manifest(
+        self, user: str, campaign_id: str, local: str, uploads: Mapping[str, list[str]]
+    ) -> tuple[str, int]:
         """A manifest the user wrote (Parquet or CSV with `audio` and `avatar` columns), its files
-        named relative to the campaign's uploads (or as URIs inside the user's own folder): stored
-        as Parquet with every path resolved. Raises UploadError for anything outside that folder."""
+        named relative to the campaign's uploads (`uploads`: the URIs `save_uploads` stored, by
+        column), or as URIs inside the user's own folder: stored as Parquet with every path
+        resolved. Raises UploadError for anything outside that folder, or a name none of the
+        uploads has (a typo, or a file not uploaded: each of its rows failed in the job)."""
         name = Path(local).name
         table = read_uploaded_manifest(local)
         repeated = _repeated(table.column_names)
@@ -267,7 +271,10 @@ class StudioStore:
                 if "://" in value or value.startswith("/"):
                     uri = value
                 else:  # a file of this campaign's uploads, named as it was uploaded
-                    uri = storage.join(inputs, column, _safe_name(value))
+                    named = _upload_named(value, uploads.get(column, []))
+                    if named is None:
+                        raise UploadError(f"{name}: {value!r} is not among your {_KINDS[column]} uploads")
+                    uri = named
                 # "::" chains fsspec file systems: a URI inside the user's folder could name another
                 if not storage.normalize(uri).startswith(own) or ".." in value.split("/") or "::" in value:
                     raise UploadError(f"{name}: {value!r} is not among your uploads")
@@ -549,7 +556,11 @@ def read_uploaded_manifest(local: str) -> pa.Table:
     name = Path(local).name
     if not name.lower().endswith(MANIFEST_TYPES):
         raise UploadError(f"{name}: a manifest is a .parquet or .csv file")
-    if os.path.getsize(local) > MANIFEST_MAX_BYTES:
+    try:
+        size = os.path.getsize(local)
+    except FileNotFoundError:  # the web server let it go (uploads wait so long for Render)
+        raise UploadError(f"{name}: the upload expired: upload it again") from None
+    if size > MANIFEST_MAX_BYTES:
         raise UploadError(f"{name}: a manifest may be {MANIFEST_MAX_BYTES // 2**20} MiB at most")
     try:
         table = _small_csv(local, name) if name.lower().endswith(".csv") else _small_parquet(local, name)
@@ -582,19 +593,34 @@ def _small_csv(local: str, name: str) -> pa.Table:
     streaming reader, whose first block (64 KiB) must hold the header, as Arrow itself parses it
     (blank lines, quoted line breaks, a byte-order mark). Our columns are read as text: ids 007 and
     010 were read as numbers, and became rows 7 and 10."""
-    with _csv_reader(local, name) as reader:
+    encoding = _csv_encoding(local, name)
+    with _csv_reader(local, name, encoding) as reader:
         names = reader.schema.names
     # among ours: a spreadsheet's trailing commas make columns of no name, which nothing reads
     repeated = _repeated([r for r in map(column_name, names) if r in _READ_COLUMNS])
     if repeated:  # before a column is looked up by its name
         raise UploadError(f"{name}: the column(s) {', '.join(repeated)} appear more than once")
     wanted = _ours(names, name)
-    with _csv_reader(local, name, dict.fromkeys(wanted, pa.string()), wanted) as reader:
+    with _csv_reader(local, name, encoding, dict.fromkeys(wanted, pa.string()), wanted) as reader:
         return reader.read_all()
 
 
+def _csv_encoding(local: str, name: str) -> str:
+    """UTF-8, or else Windows' own (Excel's "CSV (Comma delimited)" on Windows writes cp1252: "é"
+    one byte, which Arrow refused with a bare error); UploadError for neither."""
+    with open(local, "rb") as fh:
+        data = fh.read(MANIFEST_MAX_BYTES + 1)
+    for encoding in ("utf8", "cp1252"):
+        try:
+            data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        return encoding
+    raise UploadError(f'{name}: is not UTF-8 text: save it as "CSV UTF-8"')
+
+
 def _csv_reader(
-    local: str, name: str, text: dict[str, pa.DataType] | None = None, only: list[str] | None = None
+    local: str, name: str, encoding: str, text: dict[str, pa.DataType] | None = None, only: list[str] | None = None
 ) -> pacsv.CSVStreamingReader:
     """Arrow's streaming reader of a CSV of MANIFEST_MAX_COLUMNS columns at most, `text` its columns
     read as text, `only` those read (a column of the user's own, typed from its first rows as
@@ -602,7 +628,7 @@ def _csv_reader(
     try:
         reader = pacsv.open_csv(
             local,
-            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK),
+            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, encoding=encoding),
             convert_options=pacsv.ConvertOptions(column_types=text or {}, include_columns=only or []),
         )
     except pa.ArrowInvalid as exc:
@@ -736,6 +762,26 @@ class UploadChecks:
         except UploadError as exc:
             return str(exc)
         return ""
+
+
+#: how the page names an upload of each manifest column
+_KINDS = {"audio": "narration", "avatar": "presenter"}
+
+
+def _upload_named(value: str, uris: list[str]) -> str | None:
+    """Which of a campaign's uploads (their stored URIs) a manifest's relative name means: the one
+    stored under that name, or else the one alone whose letters and digits it shares (the web
+    server drops characters such as `!`, `?` and `$` from an upload's name before we see it, so
+    "Take 2!.wav" is stored as "Take-2.wav"); None where no upload, or more than one, is it."""
+    stored = {storage.basename(uri): uri for uri in uris}
+    if _safe_name(value) in stored:
+        return stored[_safe_name(value)]
+    loose = [uri for name, uri in stored.items() if _loose(name) == _loose(value)]
+    return loose[0] if len(loose) == 1 else None
+
+
+def _loose(name: str) -> str:
+    return re.sub(r"[\W_]+", "", unicodedata.normalize("NFC", os.path.basename(name)))
 
 
 def _safe_name(name: str) -> str:
