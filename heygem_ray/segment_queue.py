@@ -171,10 +171,14 @@ class SegmentQueue:
             if not charged:
                 state.attempts[index] -= 1
             elif state.attempts.get(index, 0) >= self.cfg.render.max_attempts:
+                self._failed_on.pop((row_id, index), None)
                 failures[row_id] = (
                     f"segment {index} failed after {state.attempts[index]} attempt(s): its renderer {why}"
                 )
                 continue
+            else:  # kept off it, and a miss of it once it renders elsewhere (as a failure is)
+                self.actors.actors[actor].last_error = why
+                self._failed_on.setdefault((row_id, index), set()).add(actor)
             log.warning("row %s segment %d: its renderer actor %d %s; sent to another", row_id, index, actor, why)
             self._queue.appendleft((row_id, index))
         return failures

@@ -1220,6 +1220,46 @@ def test_a_renderer_hung_on_a_segment_is_restarted_and_the_campaign_ends(tmp_pat
     assert (given_up is None) if restartable else ("hung (no segment back in 2 s)" in given_up)
 
 
+def test_an_actor_that_hangs_on_every_segment_is_retired_and_no_row_fails_for_it(tmp_path):
+    """A renderer that hangs on every segment (a stuck mount on its node, a wedged decoder) was
+    restarted and given work again for the whole campaign, each hang charging a segment a try that
+    its retry could spend on the same actor: it was never counted as a miss. A segment it hung on
+    now stays off it, and three that render elsewhere retire it."""
+    from benchmarks.driver import Done
+
+    class Hangs(Done):
+        """A call that never ends."""
+
+    class HangsAlways(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.hangs = 0
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            if actor == 0 and method == "render_segment":
+                self.hangs += 1
+                return Hangs()
+            if method == "render_segment":  # the campaign lasts for several of the other's hangs
+                time.sleep(0.15)
+            return super().call(actor, method, *args)
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            return _first_that_ends(handles, Hangs)
+
+        def restart(self, actor: int) -> bool:
+            return True
+
+    job, _ = _campaign(tmp_path)
+    cfg = replace(job.cfg, render=replace(job.cfg.render, segment_timeout=1.0))
+    executor = HangsAlways()
+    campaign = Campaign(cfg, job.rows, executor=executor)
+    summary = run_within(campaign, 90)
+    assert summary is not None, "the campaign waited for ever on the hanging actor"
+    assert summary.count("ok") == ROWS, [r.error for r in summary.rows if r.error]
+    assert "hung (no segment back in 1 s)" in (campaign.actors.actors[0].failed or ""), campaign.actors.actors[0]
+    assert executor.hangs <= 5 * cfg.render.segments_per_actor, executor.hangs  # a few hangs, not the campaign
+
+
 def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path, monkeypatch):
     """Segments an unfinished row left wait under a key of the row's fingerprint, codec, cut and the
     stream's shape: not all that shapes the frames is in the fingerprint (the pixel limit a photo is
