@@ -2833,6 +2833,9 @@ def test_a_page_whose_store_fails_says_so_and_keeps_what_it_showed(tmp_path, mon
             answer = _answered(alice, _event_index(alice, api_name), data)
             said = answer[2]
             assert "the studio&#x27;s store failed (Connection refused)" in said, (api_name, answer)
+        for api_name in ("do_cancel", "do_rerun", "do_delete"):  # the open campaign's listing fails
+            (said,) = _answered(alice, _event_index(alice, api_name), ["20260101-000000-abcdef"])
+            assert said.startswith("❌ the studio's store failed (Connection refused)"), (api_name, said)
 
 
 def test_a_render_whose_store_fails_after_its_record_says_it_was_saved(tmp_path, media_dir, monkeypatch):

@@ -242,7 +242,10 @@ class RayExecutor:
     def close(self) -> None:
         actors, self._actors = self._actors, []
         for actor in actors:  # free their CPUs/GPUs now, not at garbage collection
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception as exc:  # noqa: BLE001 - one not killed (a GCS hiccup) stops no other's kill
+                log.warning("renderer actor not stopped (%s: %s): it goes with the driver", type(exc).__name__, exc)
         room, self._room = self._room, None
         if room is not None:  # the next campaign waiting for it starts now, not at this job's end
             remove_placement_group(room)

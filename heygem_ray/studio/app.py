@@ -561,11 +561,15 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
             except OSError:  # said by the refresh below
                 own = None
             table, chooser, *rest = refresh(own, request)
+            try:
+                choices = _choices(studio, user_of(request)) if own is not None else []
+            except OSError:  # said by the refresh above
+                own = None
             if own is None:
                 return table, chooser, *rest, gr.Tabs()
             return (
                 table,
-                gr.Dropdown(choices=_choices(studio, user_of(request)), value=own),
+                gr.Dropdown(choices=choices, value=own),
                 *rest,
                 gr.Tabs(selected="campaigns"),
             )
@@ -619,9 +623,9 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
             def act(campaign_id: str | None, request: gr.Request) -> str:
                 if not campaign_id:
                     return ""
-                if not studio.has_campaign(user_of(request), campaign_id):
-                    return "There is no such campaign (deleted on another page?)."
                 try:
+                    if not studio.has_campaign(user_of(request), campaign_id):
+                        return "There is no such campaign (deleted on another page?)."
                     return done if action(user_of(request), campaign_id) else nothing
                 except SubmitUnconfirmed as exc:
                     return f"❌ the cluster did not confirm the submit: {exc}. {UNCONFIRMED}"
