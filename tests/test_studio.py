@@ -1840,6 +1840,15 @@ def test_a_submit_whose_answer_is_lost_keeps_its_job(tmp_path, media_dir, monkey
             with pytest.raises(ClusterUnavailable):
                 act("alice", maybe.id)
         assert len(studio.store.load("alice", maybe.id).jobs) == 1
+
+        def too_large(**kwargs: Any) -> str:  # the SDK's own check, before any request: surely not in
+            raise ValueError("Package size (600.00MiB) exceeds the maximum size of 500.00MiB")
+
+        monkeypatch.setattr(cluster.client, "submit_job", too_large)
+        with pytest.raises(ClusterUnavailable) as unsent:  # was a bare ValueError: "Error", kept as a job
+            studio.create("alice", "too large", *files)
+        assert not isinstance(unsent.value, SubmitUnconfirmed) and "exceeds the maximum size" in str(unsent.value)
+        assert next(r for r in studio.store.campaigns("alice") if r.name == "too large").jobs == []
     finally:
         server.close()
 

@@ -317,8 +317,17 @@ class Cluster:
             if job and "status code 404" in str(exc) and f"Job {job} does not exist" in str(exc):
                 raise JobUnknown(f"the Ray cluster at {self.shown} does not know job {job}") from None
             status = re.search(r"status code (\d{3})", str(exc))
+            if status is None and method == "submit_job":  # the SDK's own, before the job's request
+                raise NotReached(f"the job could not be sent to the Ray cluster at {self.shown}: {exc}") from None
             error = Refused if status and 400 <= int(status.group(1)) < 500 else ClusterUnavailable
             raise error(f"the Ray cluster at {self.shown} answered with an error: {exc}") from None
+        except Exception as exc:
+            if method != "submit_job":
+                raise
+            # the SDK's checks before any request (a working directory past its size limit: ValueError)
+            raise NotReached(
+                f"the job could not be sent to the Ray cluster at {self.shown}: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def _not_connected(exc: OSError) -> bool:
