@@ -176,7 +176,9 @@ class Cluster:
         self._jobs: Any = None
         self._ended: dict[str, tuple[str, float | None]] = {}
         self._unknown: set[str] = set()  # jobs the cluster answered it does not know (`job`)
-        self._submitted: dict[str, float] = {}  # when this studio submitted each job (time.monotonic)
+        # when each job was submitted lately (time.time(): by this studio, or by one before its
+        # restart, as the campaign's record says: `note_submitted`)
+        self._submitted: dict[str, float] = {}
         # log tails: when to read them again (time.monotonic), and whether the job had ended before
         # they were read (page threads share them: `_logs_lock`)
         self._logs: dict[str, tuple[str, float, bool]] = {}  # job -> (its tail, read again after, ended)
@@ -224,9 +226,7 @@ class Cluster:
         return problem
 
     def submit(self, submission_id: str, overrides: list[str], metadata: dict[str, str]) -> str:
-        now = time.monotonic()
-        self._submitted = {job: at for job, at in self._submitted.items() if now - at < RECENT_SECONDS}
-        self._submitted[submission_id] = now
+        self.note_submitted(submission_id, time.time())
         entrypoint, runtime_env = job_spec(self.local, checkout())
         command = " ".join(_quote(part) for part in [*entrypoint, *overrides])
         return self._call(
@@ -237,10 +237,19 @@ class Cluster:
             metadata=metadata,
         )
 
+    def note_submitted(self, submission_id: str, at: float) -> None:
+        """That the job was submitted at `at` (time.time()), by this studio or, as its campaign's
+        record says, by the one before a restart: a submit whose answer was lost is not taken for
+        a forgotten job while it may still come in."""
+        now = time.time()
+        if now - at < RECENT_SECONDS and submission_id not in self._submitted:
+            self._submitted = {job: t for job, t in self._submitted.items() if now - t < RECENT_SECONDS}
+            self._submitted[submission_id] = at
+
     def submitted_lately(self, submission_id: str) -> bool:
-        """Whether this studio submitted the job within RECENT_SECONDS: a submit whose answer was
-        lost may yet start it, though the cluster does not know it now."""
-        return time.monotonic() - self._submitted.get(submission_id, -RECENT_SECONDS) < RECENT_SECONDS
+        """Whether the job was submitted within RECENT_SECONDS (`note_submitted`): a submit whose
+        answer was lost may yet start it, though the cluster does not know it now."""
+        return time.time() - self._submitted.get(submission_id, -math.inf) < RECENT_SECONDS
 
     def job(self, submission_id: str) -> tuple[str, float | None]:
         """A job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and when its driver started

@@ -297,9 +297,9 @@ class Studio:
             if not record.jobs:
                 continue
             try:
-                job, _ = self.cluster.job(record.jobs[-1])
+                job, _ = self._last_job(record)
             except JobUnknown:  # a job the cluster forgot (a restarted head): not running,
-                if self.cluster.submitted_lately(record.jobs[-1]):  # unless a lost submit may start it
+                if self._submitted_lately(record):  # unless a lost submit may start it
                     return True
                 continue
             if job in ("PENDING", "RUNNING"):
@@ -580,7 +580,7 @@ class Studio:
             if not record.jobs or record.id == other_than:
                 continue
             try:
-                job, _ = self.cluster.job(record.jobs[-1])
+                job, _ = self._last_job(record)
             except ClusterUnavailable:  # asked no more (each ask would wait): the submit will say so
                 return
             except JobUnknown:  # a job the cluster forgot (a restarted head): not running
@@ -669,7 +669,9 @@ class Studio:
         # recorded before the submit: a job the cluster took while its answer was lost (a read
         # timeout) is this campaign's, to show, cancel, and keep a delete from; taken back only
         # where it surely did not go in
+        before = record.submitted
         record.jobs.append(submission_id)
+        record.submitted = time.time()
         self.store.save(record)
         try:
             self.cluster.submit(submission_id, overrides, {"heygem_user": record.user, "heygem_campaign": record.id})
@@ -677,6 +679,7 @@ class Studio:
             went_in = self._went_in(submission_id, exc)
             if went_in is False:
                 record.jobs.remove(submission_id)
+                record.submitted = before
                 self.store.save(record)
                 raise
             if went_in is None:
@@ -685,6 +688,18 @@ class Studio:
             self._watched[record.id] = record
         self.log.info("submit user=%s campaign=%s rows=%d job=%s", record.user, record.id, record.rows, submission_id)
         return submission_id
+
+    def _last_job(self, record: CampaignRecord) -> tuple[str, float | None]:
+        """`Cluster.job` of the campaign's last job, its submit time told first (`_submitted_lately`)."""
+        self._submitted_lately(record)
+        return self.cluster.job(record.jobs[-1])
+
+    def _submitted_lately(self, record: CampaignRecord) -> bool:
+        """Whether the campaign's last job was submitted lately, by this studio or by one before
+        its restart (the record says when): a lost submit's job may yet come in."""
+        if record.submitted is not None:
+            self.cluster.note_submitted(record.jobs[-1], record.submitted)
+        return self.cluster.submitted_lately(record.jobs[-1])
 
     def _went_in(self, submission_id: str, failed: ClusterUnavailable) -> bool | None:
         """Whether a submit that failed with `failed` started its job after all: False where no
@@ -744,12 +759,12 @@ class Studio:
         started: float | None = None
         note = ""
         try:
-            job, started = self.cluster.job(record.jobs[-1]) if record.jobs else ("NOT_SUBMITTED", None)
+            job, started = self._last_job(record) if record.jobs else ("NOT_SUBMITTED", None)
         except ClusterUnavailable as exc:
             job, note = "UNKNOWN", str(exc)
         except JobUnknown:  # a job the cluster no longer knows (a new cluster): the feed says it all,
             job = "UNKNOWN"  # unless its submit's answer was lost lately: it may be on its way in
-            if self.cluster.submitted_lately(record.jobs[-1]):
+            if self._submitted_lately(record):
                 job, note = "PENDING", UNCONFIRMED_JOB
         feed = self.store.progress(record, rows) or {}
         if started is not None and feed.get("started_at", 0) < started - 1:
@@ -818,7 +833,7 @@ class Studio:
             except ClusterUnavailable:  # the job may well be running: say so, not "nothing to cancel"
                 raise
             except JobUnknown:  # a job the cluster no longer knows: nothing runs to stop,
-                if self.cluster.submitted_lately(record.jobs[-1]):  # unless it is on its way in
+                if self._submitted_lately(record):  # unless it is on its way in
                     raise ClusterUnavailable(UNCONFIRMED_JOB) from None
                 return False
             if stopped:  # the log says what was done: a cancel of a finished campaign stops nothing

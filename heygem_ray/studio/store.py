@@ -78,6 +78,9 @@ class CampaignRecord:
     #: so an operator's later edit of `studio.models` neither changes its renderer nor re-renders
     #: its finished rows (None: a record from before they were kept)
     settings: list[str] | None = None
+    #: when its last job was submitted (time.time()): a studio restarted since still waits for a
+    #: submit whose answer was lost (`Cluster.note_submitted`)
+    submitted: float | None = None
 
 
 log = logging.getLogger("heygem_ray.studio")
