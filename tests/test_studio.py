@@ -569,6 +569,15 @@ def test_uploads_keep_their_names_in_any_script_and_a_manifest_never_gets_anothe
     # two uploads of one name: a manifest could not tell them apart
     with pytest.raises(UploadError, match="two of your audio uploads have this name"):
         store.save_uploads("alice", store.new_id(), [uploads[0], uploads[0]], "audio", 2**30, by_name=True)
+    # nor a store that ignores case (macOS, SMB): Intro.wav and intro.wav, one file there, the first lost
+    os.makedirs(tmp_path / "cased")
+    cased = [str(tmp_path / "cased" / "Intro.wav"), str(tmp_path / "intro.wav")]
+    for path in cased:
+        shutil.copy(media_dir / "speech3.wav", path)
+    with pytest.raises(UploadError, match="two of your audio uploads have this name"):
+        store.save_uploads("alice", store.new_id(), cased, "audio", 2**30, by_name=True)
+    uris = store.save_uploads("alice", store.new_id(), cased, "audio", 2**30)
+    assert [os.path.basename(u) for u in uris] == ["Intro.wav", "intro-2.wav"]
 
 
 def _uploads(store: StudioStore, campaign: str, audio: list[str] | None = None) -> dict[str, list[str]]:
@@ -592,7 +601,7 @@ def test_a_manifest_finds_uploads_by_the_names_the_user_gave_them_and_names_none
         stored += store.save_uploads("alice", campaign, [str(tmp_path / "up" / name)], "audio", 2**30, by_name=True)
     uploads = _uploads(store, campaign, stored)
     manifest = tmp_path / "m.csv"
-    manifest.write_text("audio,avatar\nTake 2!.wav,face.png\nWhy?.wav,face.png\n")
+    manifest.write_text("audio,avatar\nTake 2!.wav,face.png\nWHY?.WAV,face.png\n")
     uri, _ = store.uploaded_manifest("alice", campaign, str(manifest), uploads)
     assert [r["audio"] for r in pq.read_table(uri).to_pylist()] == stored[:2]
     manifest.write_text("audio,avatar\nTake 2.wav,face.png\nTake 3.wav,face.png\n")

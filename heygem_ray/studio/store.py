@@ -12,6 +12,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import copy
+import functools
 import glob
 import io
 import json
@@ -218,17 +219,19 @@ class StudioStore:
         uris = []
         for local in uploads:
             name = self.checks.name(local, kind, max_bytes)
-            if by_name and name in taken:
+            # by their names in any case: on a store that ignores case (macOS, SMB) Intro.wav and
+            # intro.wav are one file, and the second replaced the first
+            if by_name and name.casefold() in taken:
                 raise UploadError(
-                    f"{name}: two of your {kind} uploads have this name, and the manifest names files by their names: "
-                    "rename one"
+                    f"{name}: two of your {kind} uploads have this name (in some case), and the manifest names "
+                    "files by their names: rename one"
                 )
             stem, suffix = os.path.splitext(name)
             stored, n = name, 1
-            while stored in taken:  # the campaign's folder is new: what this loop put there is all it holds
+            while stored.casefold() in taken:  # the campaign's folder is new: what this loop put there is all it holds
                 n += 1
                 stored = f"{stem}-{n}{suffix}"
-            taken.add(stored)
+            taken.add(stored.casefold())
             uri = storage.join(folder, stored)
             storage.publish_file(local, uri, link=True)  # a local store beside the upload cache: no copy
             uris.append(uri)
@@ -288,7 +291,9 @@ class StudioStore:
         keep = {"box": table.column("box")} if "box" in table.column_names else {}
         out = pa.table({**columns, **keep})
         try:  # the campaign's own checks, now, rather than in a job that fails
-            refusals(rows_from_table(out, self.output(user, campaign_id), name), name)  # mended now, not after the run
+            output = self.output(user, campaign_id)
+            # ids differing only in case are one video on a store that ignores case (the job refused them)
+            refusals(rows_from_table(out, output, name, case_blind=self._case_blind()), name)
         except ManifestError as exc:
             raise UploadError(str(exc)) from None
         buf = io.BytesIO()
@@ -298,6 +303,11 @@ class StudioStore:
         return uri, out.num_rows
 
     # -------------------------------------------------------------- records
+    @functools.cache  # noqa: B019 - one answer per store, which lives as long as the studio
+    def _case_blind(self) -> bool:
+        """Whether the store's file system takes names differing only in case for one."""
+        return storage.case_blind(self.root)
+
     def save(self, record: CampaignRecord) -> None:
         uri = storage.join(self.campaign_root(record.user, record.id), "campaign.json")
         try:
@@ -784,7 +794,7 @@ def _upload_named(value: str, uris: list[str]) -> str | None:
 
 
 def _loose(name: str) -> str:
-    return re.sub(r"[\W_]+", "", unicodedata.normalize("NFC", os.path.basename(name)))
+    return re.sub(r"[\W_]+", "", unicodedata.normalize("NFC", os.path.basename(name))).casefold()
 
 
 def _safe_name(name: str) -> str:
