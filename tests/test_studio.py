@@ -2776,6 +2776,26 @@ def test_a_render_whose_page_closes_while_it_waits_its_turn_is_still_saved(tmp_p
         assert not service.held()
 
 
+def test_a_stopping_studio_waits_for_the_renders_being_saved_and_names_those_it_cuts_short(tmp_path, caplog):
+    """A studio stopped (a deploy, SIGTERM) while Renders were being saved dropped them unsaid: their
+    pages had said "it is listed once saved", and no log line named whom to tell. It now waits for
+    them a while once it takes no more requests, then logs each user whose save it cuts short."""
+    import logging
+    import threading
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.studio.service import Studio as StudioService
+
+    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    go_on = threading.Event()
+    service.save_later("alice", [], lambda: go_on.wait(30))
+    with caplog.at_level(logging.INFO, logger="t"):
+        assert service.finish_saves(0.3) == ["alice"]
+    assert "stop user=alice: a campaign being saved is cut short" in caplog.text
+    threading.Timer(0.3, go_on.set).start()
+    assert service.finish_saves(30) == []  # waited for it
+
+
 def test_a_render_the_store_fails_says_so_and_keeps_its_uploads_for_another_try(tmp_path, media_dir):
     """A store that fails while a Render saves (a full disk, an object store that does not answer)
     showed Gradio's bare "Error": the page now says the store failed, without its folders, and

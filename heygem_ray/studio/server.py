@@ -25,6 +25,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: seconds a stopping studio lets requests in flight finish: an upload still arriving over a slow
 #: line (or a zip download) would otherwise hold the stop until the supervisor kills it
 STOP_GRACE_SECONDS = 10
+#: seconds a stopping studio then waits for the Renders being saved (their pages were told so): a
+#: supervisor's stop timeout must allow both (systemd's default is 90 s, Docker's 10: `-t 60`)
+STOP_SAVE_SECONDS = 40
 
 
 def studio_log(path: str) -> logging.Logger:
@@ -212,6 +215,7 @@ def serve(cfg: StudioConfig) -> int:
         # loopback client's X-Forwarded-For would name a client no socket matches
         proxy_headers=cfg.auth is not None,
     )
+    studio.finish_saves(STOP_SAVE_SECONDS)
     return 0
 
 

@@ -323,6 +323,24 @@ class Studio:
         future.add_done_callback(lambda done: self._saved(user, held, done))
         return future
 
+    def finish_saves(self, wait: float) -> list[str]:
+        """At the studio's stop, once it takes no more requests: wait up to `wait` seconds for the
+        Renders being saved (their pages said "being saved: it is listed once saved"), then log
+        each user whose save is still waiting or under way, whom the operator must tell to Render
+        again (a save cut short leaves no record: its folder goes 6 h on). Returns those users."""
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                left = sorted(self._saving)
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        for user in left:
+            self.log.warning(
+                "stop user=%s: a campaign being saved is cut short by the studio's stop: Render it again", user
+            )
+        return left
+
     def held(self) -> set[str]:
         """The real paths of the uploads whose Render is being saved (`save_later`), or waits to be:
         the server's sweep of old uploads leaves them."""
