@@ -194,9 +194,13 @@ class SegmentQueue:
         sent = self._back(call)
         cause = self.executor.cause(exc)
         lost = self.executor.actor_lost(exc)
+        if lost and self.actors.actors[actor].failed is None and self.executor.dead(actor):
+            # killed for good (an operator's `ray kill`; Ray restarts one that crashes): not this
+            # segment's doing
+            self.actors.unusable(actor, f"{type(cause).__name__}: its process was ended for good (killed)")
         if lost and (self.actors.actors[actor].failed is not None or not self._was_running(actor, sent)):
-            # the driver stopped that actor itself (retired, given up), or the segment only waited
-            # behind the one that took the actor down: no try of this segment's
+            # the driver stopped that actor itself (retired, given up), the segment only waited
+            # behind the one that took the actor down, or it was killed: no try of this segment's
             if self.actors.actors[actor].failed is None:
                 self.actors.lost(actor)
             if state is not None:

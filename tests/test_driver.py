@@ -1728,6 +1728,44 @@ def test_an_actor_that_dies_on_every_segment_is_retired_and_its_rows_render_else
     assert [a.failed is not None for a in job.actors.actors] == [False, True, True]  # retired
 
 
+def test_a_segment_sent_to_an_actor_killed_for_good_is_not_charged_a_try(tmp_path):
+    """An actor killed for good while idle (an operator's `ray kill`: DEAD, never restarted) failed
+    the next segment sent to it, which was charged a try as if it had brought the actor down: with
+    `render.max_attempts=1` its row failed. It goes to another actor uncharged."""
+
+    class KilledAfterOne(SimulatedExecutor):
+        def __init__(self) -> None:
+            super().__init__(actors=2)
+            self.rendered = 0
+
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            if actor == 1 and method == "render_segment":
+                self.rendered += 1
+                if self.rendered > 1:
+                    return _Later(0.0, error=_Died("the actor died"))
+            return super().call(actor, method, *args)
+
+        def wait(self, handles: Any, timeout: float) -> Any:
+            return [h for h in handles if getattr(h, "at", 0.0) <= time.monotonic()][:1]
+
+        def actor_lost(self, exc: BaseException) -> bool:
+            return isinstance(exc, _Died)
+
+        def dead(self, actor: int) -> bool:
+            return actor == 1 and self.rendered > 1
+
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.max_attempts=1"
+    )
+    rows = [Row(f"r{i}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i}.mp4")) for i in range(6)]
+    job = Campaign(cfg, rows, executor=KilledAfterOne())
+    summary = run_within(job, 60)
+    assert summary is not None, "the campaign never ended"
+    assert summary.count("ok") == 6, [r.error for r in summary.rows]
+    assert job.actors.actors[1].failed is not None  # no more work for it
+
+
 def test_an_idle_actor_takes_the_next_segment_when_the_first_waits_for_another(tmp_path):
     """A retry kept from the actor it failed on waits for the other, busy one; only the queue's
     first segment was looked at, so the idle actor got nothing behind it (for as long as the busy
