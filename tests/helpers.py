@@ -85,6 +85,16 @@ def write_mixed_manifest(folder, media_dir, rows: int) -> str:
     return manifest
 
 
+def write_one_row_manifest(folder, audio, avatar, row_id: str = "a") -> str:
+    """A manifest of one row in `folder` (m.parquet); its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = str(folder / "m.parquet")
+    pq.write_table(pa.table({"id": [row_id], "audio": [str(audio)], "avatar": [str(avatar)]}), manifest)
+    return manifest
+
+
 def render_cli(*args: str, timeout: float = 300, cwd: str | None = None, **env: str):
     """`heygem-ray render ARGS` in a process of its own, as a user runs it (output captured; its
     local Ray, if it starts one, too), in folder `cwd` (None: this one); `env`: variables to set."""

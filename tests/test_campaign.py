@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from browser import chromium, dump_dom, parse_cards
 
-from helpers import METRICS_PORT, compose_config
+from helpers import METRICS_PORT, compose_config, write_one_row_manifest
 from heygem_ray import campaign
 from heygem_ray.devices import gpu_room
 from heygem_ray.errors import ClusterConfigError
@@ -320,11 +320,7 @@ def test_an_inline_stitch_given_up_at_its_deadline_publishes_nothing_afterwards(
     from heygem_ray.executors.inline import InlineExecutor
     from heygem_ray.manifest import read_manifest
 
-    manifest = str(tmp_path / "m.parquet")
-    pq.write_table(
-        pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
-        manifest,
-    )
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png", "a")
     cfg = compose_config(
         f"manifest={manifest}",
         f"output={tmp_path / 'out'}",
@@ -620,11 +616,7 @@ def test_a_single_row_is_spread_over_every_actor(ray_local, media_dir, tmp_path)
     """One short row and two actors: the row is cut into two equal segments, and the actor that
     answers first is not handed the second while the other is still starting (it would render both
     one after the other while the second actor idled)."""
-    manifest = str(tmp_path / "m.parquet")
-    pq.write_table(
-        pa.table({"id": ["solo"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
-        manifest,
-    )
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png", "solo")
     cfg = compose_config(
         f"manifest={manifest}",
         f"output={tmp_path / 'out'}",
@@ -688,11 +680,7 @@ def test_an_actor_holds_at_most_its_share_of_segments(ray_local, media_dir, tmp_
 
 
 def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_rows(ray_local, media_dir, tmp_path):
-    manifest = str(tmp_path / "m.parquet")
-    pq.write_table(
-        pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
-        manifest,
-    )
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png", "a")
     base = [f"manifest={manifest}", "render.progress=false"]
     cfg = compose_config(*base, f"output={tmp_path / 'auto'}")
     assert cfg.encoder.codec == "auto"
@@ -718,11 +706,7 @@ def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_row
 def test_a_thumbnail_the_store_refuses_leaves_the_row_published(media_dir, tmp_path):
     """The thumbnail is for the report: once the video is published, failing to store it is a
     warning, not a failed row that a rerun would render again."""
-    manifest = str(tmp_path / "m.parquet")
-    pq.write_table(
-        pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
-        manifest,
-    )
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png", "a")
     out = tmp_path / "out"
     out.mkdir()
     (out / "_thumbs").write_text("a file where the thumbnails' folder should be")
@@ -737,11 +721,7 @@ def test_a_row_rendered_again_never_keeps_the_old_videos_thumbnail(media_dir, tm
     new video (a frame that would not decode), the report showed the old one's picture for ever."""
     from heygem_ray import stitch
 
-    manifest = str(tmp_path / "m.parquet")
-    pq.write_table(
-        pa.table({"id": ["a"], "audio": [str(media_dir / "speech3.wav")], "avatar": [str(media_dir / "still.png")]}),
-        manifest,
-    )
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png", "a")
     out = tmp_path / "out"
     cfg = compose_config(f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline")
     assert campaign.run(cfg).count("ok") == 1
