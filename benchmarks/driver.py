@@ -94,6 +94,9 @@ class SimulatedExecutor:
     def cancel(self, handle: Done) -> bool:
         return True  # done already
 
+    def abandon(self, handle: Done) -> None:
+        self.cancel(handle)
+
     def close(self) -> None:
         pass
 

@@ -211,7 +211,7 @@ class Campaign:
         """Stop a stage task and answer it as failed: `why` follows its name."""
         del self._stages[handle]
         event, key = self._inflight.pop(handle)
-        self.executor.cancel(handle)  # a thread's stage runs on, its answer forgotten
+        self.executor.abandon(handle)  # a thread's stage runs on, its answer forgotten, publishing nothing
         why = f"{_stage_named(event, key)} {why}"
         log.warning("%s", why)
         self._answered(Expired(handle, why), event, key)
@@ -242,7 +242,7 @@ class Campaign:
         another run owns now)."""
         for handle, (event, _) in list(self._inflight.items()):
             if event == "stitched":
-                self.executor.cancel(handle)
+                self.executor.abandon(handle)
 
     def _wind_up(self) -> list[RowResult]:
         """Every row its result, the whole table written, then the rest (renderers stopped, report,

@@ -350,6 +350,41 @@ def test_an_inline_stitch_given_up_at_its_deadline_publishes_nothing_afterwards(
     assert not (tmp_path / "out" / "_markers" / "a.json").exists()
 
 
+def test_an_inline_stitch_under_way_at_a_stop_is_waited_for_and_published(tmp_path, media_dir, monkeypatch):
+    """`cluster=inline`: at a stop (SIGTERM), a stitch on a thread, which cannot be stopped, is waited
+    for and its row is `ok`: a stop is no deadline, and the stitch must not refuse to publish."""
+    from heygem_ray import campaign as campaign_module
+    from heygem_ray import stitch
+    from heygem_ray.campaign import Campaign
+    from heygem_ray.executors.inline import InlineExecutor
+    from heygem_ray.manifest import read_manifest
+
+    monkeypatch.setattr(campaign_module, "STITCH_GRACE_SECONDS", 0.5)
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png")
+    cfg = compose_config(
+        f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "cluster.actor.threads=1"
+    )
+    join = stitch.stitch
+
+    def slow(*args, **kwargs):
+        time.sleep(2.0)  # past the grace
+        return join(*args, **kwargs)
+
+    monkeypatch.setattr(stitch, "stitch", slow)
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), InlineExecutor(cfg))
+
+    def guard() -> None:
+        if any(event == "stitched" for event, _ in job._inflight.values()):
+            raise KeyboardInterrupt("signal 15")
+
+    job.guard = guard
+    with pytest.raises(KeyboardInterrupt):
+        job.run()
+    (row,) = read_results(str(tmp_path / "out" / "_results.parquet"))
+    assert row["status"] == "ok", row["error"]
+    assert (tmp_path / "out" / "a.mp4").exists()
+
+
 def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_dir):
     """`force=true` renders every row again: one stopped midway (a kill, a lost node) rendered all
     of them again when run again, those it had published too. The next forced run goes on with it;

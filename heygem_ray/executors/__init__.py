@@ -36,8 +36,9 @@ _running = threading.local()
 
 
 def given_up() -> bool:
-    """True inside a stage task the campaign gave up (`render.stage_timeout`) that runs on: a Ray
-    task is killed, an inline executor's thread cannot be. A stage about to publish checks it, so
+    """True inside a stage task the campaign abandoned (`Executor.abandon`: past
+    `render.stage_timeout`, or its output root lost) that runs on: a Ray task is killed, an inline
+    executor's thread cannot be. A stage about to publish checks it, so
     a row reported failed gets no output afterwards (nor the output root's next campaign a writer
     it does not know of)."""
     stop = getattr(_running, "stop", None)
@@ -85,6 +86,10 @@ class Executor(Protocol):
     def cancel(self, handle: Any) -> bool:
         """Stop a submitted stage; True when it will not run on (not started, or its worker killed),
         False when it may (a stage already running on a thread)."""
+
+    def abandon(self, handle: Any) -> None:
+        """Stop a stage for good (its deadline passed, or another run owns the output root now): as
+        `cancel`, and one that runs on regardless (a thread) publishes nothing (`given_up`)."""
 
     def close(self) -> None:
         """Stop the actors now (their CPUs and GPUs are freed)."""

@@ -79,10 +79,13 @@ class InlineExecutor:
         return handle.result()
 
     def cancel(self, handle: Future[Any]) -> bool:
+        return handle.cancel() or handle.done()
+
+    def abandon(self, handle: Future[Any]) -> None:
         stop = self._stops.get(handle)
         if stop is not None:  # one running goes on, but publishes nothing (`executors.given_up`)
             stop.set()
-        return handle.cancel() or handle.done()
+        self.cancel(handle)
 
     def close(self) -> None:
         """Stop taking work: queued calls are cancelled, those running go on (a segment's file is

@@ -239,6 +239,9 @@ class RayExecutor:
         ray.cancel(handle, force=True)  # a task killed with its worker is not retried
         return True
 
+    def abandon(self, handle: Any) -> None:
+        self.cancel(handle)  # its worker killed: nothing runs on
+
     def close(self) -> None:
         actors, self._actors = self._actors, []
         for actor in actors:  # free their CPUs/GPUs now, not at garbage collection
