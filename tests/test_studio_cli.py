@@ -136,6 +136,11 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
         assert "saved, but not submitted" in text, text
         # in the store now: its uploads left the web server's cache, as a submitted campaign's do
         assert not [p.name for p in uploads.rglob("*") if p.suffix in (".wav", ".png")]
+        # a stop (SIGTERM) waits for the Renders being saved, then ends cleanly, saying so (uvicorn
+        # sent itself the signal again: the process died there, unsaid, its saves cut short)
+        studio.terminate()
+        assert studio.wait(60) == 0
+        assert "stop saves_cut_short=0" in (tmp_path / "log").read_text()
     finally:
         studio.terminate()
         studio.wait(30)

@@ -8,6 +8,7 @@ import contextlib
 import getpass
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -205,18 +206,34 @@ def serve(cfg: StudioConfig) -> int:
     print(f"heygem-ray studio: store {storage.display(cfg.store)}; log {cfg.log_file}")
     print(f"heygem-ray studio: open http://{cfg.host}:{cfg.port}/")
     log.info("start store=%s cluster=%s", storage.display(cfg.store), cluster.shown)
-    uvicorn.run(
-        app,
-        host=cfg.host,
-        port=cfg.port,
-        log_level="warning",
-        timeout_graceful_shutdown=STOP_GRACE_SECONDS,
-        # without users the connection's own end says who asks (`app._from_this_account`): a
-        # loopback client's X-Forwarded-For would name a client no socket matches
-        proxy_headers=cfg.auth is not None,
-    )
-    studio.finish_saves(STOP_SAVE_SECONDS)
+    # uvicorn stops serving at SIGTERM, then sends itself the signal again: by default that ended
+    # the process there, before the Renders being saved were waited for
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        uvicorn.run(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level="warning",
+            timeout_graceful_shutdown=STOP_GRACE_SECONDS,
+            # without users the connection's own end says who asks (`app._from_this_account`): a
+            # loopback client's X-Forwarded-For would name a client no socket matches
+            proxy_headers=cfg.auth is not None,
+        )
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C, once uvicorn has stopped serving
+        pass
+    finally:
+        try:
+            left = studio.finish_saves(STOP_SAVE_SECONDS)
+            log.info("stop saves_cut_short=%d", len(left))
+        except KeyboardInterrupt:  # a second signal: stop now
+            log.warning("stop: not waiting for the Renders being saved (a second signal)")
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def adduser_main(argv: Sequence[str], default_file: str | None) -> int:
