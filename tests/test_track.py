@@ -47,25 +47,32 @@ def test_a_second_person_never_takes_the_track_while_the_presenter_is_missed(str
     """A two-person shot where the detector loses presenter A for longer than a gap (Haar misses a
     turned head for a second or two) while co-host B, who drifts a little, is found throughout: the
     track restarted on B, lip-synced B instead, and kept to B for the rest of the clip. Now those
-    frames pass through, and A is taken again when found, in place or elsewhere."""
+    frames pass through, and A is taken again when found, in place or elsewhere. After an absence
+    as long as A was seen, B is taken."""
     b_at = lambda i: (900 + i, 100, 1000 + i, 220)
     a, stray = (100, 100, 200, 220), (600, 500, 640, 540)
-    for back, b_missed, stray_at in ((a, None, None), ((400, 120, 500, 240), None, None), (a, 8, None), (a, None, 20)):
+    cases = ((a, None, None, 56), ((400, 120, 500, 240), None, None, 56), (a, 28, None, 56), (a, None, 40, 56))
+    for back, b_missed, stray_at, first_back in (*cases, (None, None, None, 70)):
         tb = TrackBuilder(max_gap=3)
-        for i in range(40):
+        for i in range(70):
             if i % stride:
                 tb.add(None)
             elif i == b_missed:  # B missed on the last frame A was found on, as Haar does
                 tb.add(cand(a))
-            elif i < 10 or i >= 30:
-                tb.add(cand(back if i >= 30 else a, b_at(i), scores=[0.99, 0.9]))
+            elif i < 30 or (back and i >= first_back):
+                tb.add(cand(back if i >= first_back else a, b_at(i), scores=[0.99, 0.9]))
             else:  # A missed; a stray box elsewhere for a frame restarts the track on it, for a frame
                 tb.add(cand(b_at(i), *([stray] if i == stray_at else []), scores=[0.9, 0.99][: 1 + (i == stray_at)]))
         x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
-        last_a, first_back = 10 - stride, 30
+        last_a = 30 - stride
         assert x1[: last_a + 1] == [100] * (last_a + 1), x1
+        if back is None:  # A gone for longer than A was seen (frames 0 to last_a): B from then on
+            taken = last_a + (last_a + 1) + 1
+            assert x1[last_a + 1 : taken] == [0] * (taken - last_a - 1), x1
+            assert x1[taken:69] == [900 + i for i in range(taken, 69)], x1
+            continue
         assert x1[last_a + 1 : first_back] == [0] * (first_back - last_a - 1), x1  # passed through
-        assert x1[first_back:] == [back[0]] * 10, x1
+        assert x1[first_back:] == [back[0]] * (70 - first_back), x1
 
 
 def test_a_cut_from_a_two_shot_to_the_presenters_close_up_takes_the_close_up():
@@ -80,6 +87,18 @@ def test_a_cut_from_a_two_shot_to_the_presenters_close_up_takes_the_close_up():
         )
     x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
     assert x1 == [100] * 10 + [440] * 30, x1
+
+
+def test_a_stray_box_chosen_first_for_a_few_frames_keeps_the_presenter_out_for_a_while_only():
+    """A detector's box on a poster, scoring highest on the first three frames, was taken for the
+    presenter, and the presenter beside it was passed over as its companion for the whole clip."""
+    tb = TrackBuilder()
+    for i in range(200):
+        tb.add(
+            cand((10, 10, 40, 40), (500, 100, 600, 220), scores=[0.99, 0.9]) if i < 3 else cand((500, 100, 600, 220))
+        )
+    x1 = tb.finish(1280, 720, (0, 0, 0, 0), smooth=False)[:, 0].tolist()
+    assert x1[60:] == [500] * 140, x1
 
 
 def test_a_face_beside_a_stray_box_chosen_first_is_still_taken():

@@ -15,8 +15,9 @@ from heygem_ray.detect.smoothing import WINDOW, smooth_boxes_official
 #: the longest stretch of frames without a face that is filled from its neighbours (a detector's
 #: miss); a longer one passes through unrendered (half a second at 25 fps)
 MAX_GAP = 12
-#: the frames a presenter must have been found on before the faces beside them are never taken
-#: for them: a detector's stray box chosen first on one frame leaves the face beside it to a restart
+#: the frames a presenter must have been found on before the faces beside them are passed over
+#: for them: a detector's stray box chosen first on a frame or two leaves the face beside it to a
+#: restart
 HELD_FRAMES = 3
 #: two boxes found one after the other that overlap less than this (intersection over union) are
 #: a cut to another shot, when the boxes either side of them hold still: a 5-frame smoothing window
@@ -64,11 +65,12 @@ class TrackBuilder:
     miss). Only after more than `max_gap` frames without the presenter (faces elsewhere, none, or
     not examined) is the track started again from the highest-scoring face: the presenter moved
     away for good, or came back elsewhere after a cutaway, taken at once (those frames are no gap
-    the fill would bridge, nor is one across a cut: see `finish`). Never from a companion: a face
+    the fill would bridge, nor is one across a cut: see `finish`). Not from a companion: a face
     found beside the presenter, of about its size where it is now (followed as it moves, forgotten
     when unseen for four gaps), so a co-host is not lip-synced while the presenter is missed, and
-    the presenter is taken again when found. Faces are told apart by place and size alone: after a
-    cut to the co-host's close-up, that close-up is taken."""
+    the presenter is taken again when found; after an absence as long as the presenter was seen
+    (at least four gaps), the best face is taken again, a companion too. Faces are told apart by
+    place and size alone: after a cut to the co-host's close-up, that close-up is taken."""
 
     def __init__(self, max_gap: int = MAX_GAP) -> None:
         self._boxes = np.zeros((1024, 4))  # the chosen box of frame i, where _chosen[i]
@@ -84,7 +86,8 @@ class TrackBuilder:
         # the other faces found beside the presenter (box, the frame last seen on): never taken for them
         self._companions: list[list[Any]] = []
         self._held = 0  # the frames the presenter was found on since the track (re)started
-        self._established = False  # some presenter of this track was found on HELD_FRAMES frames
+        self._since = 0  # the frame the track (re)started on
+        self._seen = 0  # frames a presenter of this track was seen over (once found on HELD_FRAMES), at most
         self.max_gap = max_gap
 
     def _append(self, box: np.ndarray | None, missed: bool) -> None:
@@ -123,15 +126,16 @@ class TrackBuilder:
             # the first face, or the presenter lost for longer than a gap: started again
             follow = _nearest(found[:, :4], self._other[-1][1]) if self._other else None
             chosen = _best(found) if follow is None else follow
-            self._held = 0
+            self._held, self._since = 0, self._n
             if self._last is not None:  # from the first frame the face followed itself on
-                start = self._n if follow is None else self._other[0][0]
+                start = self._since = self._n if follow is None else self._other[0][0]
                 for i, box in self._other if follow is not None else ():
                     self._boxes[i], self._chosen[i], self._missed[i] = box, True, False
                     self._held += 1
                 self._other.clear()
         self._held += 1
-        self._established = self._established or self._held >= HELD_FRAMES
+        if self._held >= HELD_FRAMES:
+            self._seen = max(self._seen, self._n - self._since + 1)
         self._last, self._last_at = chosen.copy(), self._n  # a copy: a view would keep the frame's candidates alive
         self._meet_companions(boxes, chosen)
         self._append(chosen, False)
@@ -161,13 +165,14 @@ class TrackBuilder:
         self._companions = [c for c in self._companions if self._n - c[1] <= 4 * self.max_gap]
 
     def _not_companions(self, found: np.ndarray) -> np.ndarray:
-        """The candidates that are no companion of the presenter (followed to where they are now),
-        once some presenter of the track has been found on `HELD_FRAMES` frames: while the
-        presenter is missed (Haar loses a turned head for seconds), a restart took the co-host and
-        kept to them for the rest of the clip. A detector's stray box chosen first is no presenter,
-        and leaves the face beside it to a restart."""
+        """The candidates that are no companion of the presenter (followed to where they are now):
+        while the presenter is missed (Haar loses a turned head for seconds), a restart took the
+        co-host and kept to them for the rest of the clip. For as long as a presenter of the track
+        was seen (`_seen`), at least four gaps, and only once one was found on `HELD_FRAMES`
+        frames: a detector's stray box chosen first, on a poster beside the presenter, kept the
+        presenter out of the track for the whole clip."""
         self._forget_companions()
-        if not self._established:
+        if not self._seen or self._n - self._last_at > max(4 * self.max_gap, self._seen):
             return found
         return found[[not self._companion_at(box) for box in found[:, :4]]]
 
