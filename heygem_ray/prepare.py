@@ -48,7 +48,7 @@ from heygem_ray.detect.track import (
     settled_frames,
     shown_short_of,
 )
-from heygem_ray.errors import InputError, caching, check_writable, reading
+from heygem_ray.errors import CheckpointError, InputError, caching, check_writable, reading
 from heygem_ray.manifest import Row
 from heygem_ray.markers import Marker, read_marker
 from heygem_ray.media.audio import SAMPLE_RATE, LevelMeter, iter_pcm16k
@@ -418,7 +418,10 @@ def model_versions(cfg: Config) -> dict[str, str]:
     during a run mixes no weights into it and mislabels no row. Missing files are left out: their
     loads fail saying so."""
     uris = (getattr(cfg.renderer, "checkpoint", None), cfg.detector.checkpoint, cfg.qa.syncnet)
-    return {uri: version for uri in dict.fromkeys(uris) if uri and (version := storage.current_version(uri))}
+    try:
+        return {uri: version for uri in dict.fromkeys(uris) if uri and (version := storage.current_version(uri))}
+    except storage.ContentChanged as exc:  # a download still writing it in place, at a pod's start
+        raise CheckpointError(f"{exc} (is it still being written? run the campaign once it is whole)") from None
 
 
 def prepare_avatar(

@@ -253,8 +253,10 @@ def current_version(uri: str) -> str | None:
     if is_local(uri):
         try:
             return local_fingerprint(local_path(uri))
-        except OSError:  # none, a folder, unreadable: its load fails saying so
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError:  # a folder, unreadable: versioned as the store describes it; its load says why
+            pass
     try:
         key = stored_version_key(uri)
     except FileNotFoundError:

@@ -408,6 +408,29 @@ def test_a_byte_identical_copy_of_local_weights_is_the_version_the_campaign_star
         storage.configure(None, {})
 
 
+def test_a_local_checkpoint_that_cannot_be_hashed_says_why(tmp_path, monkeypatch):
+    """A local model file's version became its content's hash: a folder named as the checkpoint was
+    then unversioned, so the campaign said it "does not exist"; a file still being written at a
+    pod's start (changing at every read) stopped the CLI with a traceback."""
+    from helpers import compose_config
+    from heygem_ray import prepare, storage
+
+    folder = tmp_path / "wav2lip.pth"
+    folder.mkdir()
+    assert storage.current_version(str(folder)) is not None  # its load says "is a directory"
+    assert storage.current_version(str(tmp_path / "missing.pth")) is None
+    growing = tmp_path / "growing.pth"
+    growing.write_bytes(b"x" * 1000)
+
+    def changing(path: str) -> str:
+        raise storage.ContentChanged(path, storage.CHANGED_WHILE_READ)
+
+    monkeypatch.setattr(storage, "local_fingerprint", changing)
+    cfg = compose_config("manifest=m", f"output={tmp_path}/out", "renderer=wav2lip", f"renderer.checkpoint={growing}")
+    with pytest.raises(CheckpointError, match="is it still being written"):
+        prepare.model_versions(cfg)
+
+
 def test_weights_holding_nan_are_refused(tmp_path, weights, expected):
     """A diverged or damaged checkpoint loaded, and the renderer's NaN guard drew every mouth black
     with no row failing."""
