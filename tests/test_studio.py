@@ -607,6 +607,12 @@ def test_a_manifest_finds_uploads_by_the_names_the_user_gave_them_and_names_none
     manifest.write_text("audio,avatar\nTake 2.wav,face.png\nTake 3.wav,face.png\n")
     with pytest.raises(UploadError, match="'Take 3.wav' is not among your narration uploads"):
         store.uploaded_manifest("alice", campaign, str(manifest), uploads)
+    manifest.write_text("audio,avatar\nTake2.wav,face.png\n")  # Take-2.wav, or Take_2.wav?
+    twins = store.save_uploads("alice", campaign, [str(tmp_path / "up" / "Take 2.wav")], "audio", 2**30)
+    os.rename(twins[0], twins[0].replace("Take-2.wav", "Take_2.wav"))
+    twin = {**uploads, "audio": [*uploads["audio"], twins[0].replace("Take-2.wav", "Take_2.wav")]}
+    with pytest.raises(UploadError, match="'Take2.wav' could be any of your narration uploads Take-2.wav, Take_2.wav"):
+        store.uploaded_manifest("alice", campaign, str(manifest), twin)
     manifest.write_text("audio,avatar\nTake 2.wav,fcae.png\n")
     with pytest.raises(UploadError, match="'fcae.png' is not among your presenter uploads"):
         store.uploaded_manifest("alice", campaign, str(manifest), uploads)

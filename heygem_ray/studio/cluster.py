@@ -330,13 +330,12 @@ class Cluster:
                 raise NotReached(f"the job could not be sent to the Ray cluster at {self.shown}: {exc}") from None
             error = Refused if status and 400 <= int(status.group(1)) < 500 else ClusterUnavailable
             raise error(f"the Ray cluster at {self.shown} answered with an error: {exc}") from None
-        except Exception as exc:
+        except ValueError as exc:
             if method != "submit_job":
                 raise
-            # the SDK's checks before any request (a working directory past its size limit: ValueError)
-            raise NotReached(
-                f"the job could not be sent to the Ray cluster at {self.shown}: {type(exc).__name__}: {exc}"
-            ) from None
+            # the SDK's checks before any request (a working directory past its size limit); not
+            # what may come after the job server took it (its answer read: a TypeError, a KeyError)
+            raise NotReached(f"the job could not be sent to the Ray cluster at {self.shown}: {exc}") from None
 
 
 def _not_connected(exc: OSError) -> bool:

@@ -278,9 +278,14 @@ class StudioStore:
                     uri = value
                 else:  # a file of this campaign's uploads, named as it was uploaded
                     named = _upload_named(value, uploads.get(column, []))
-                    if named is None:
-                        raise UploadError(f"{name}: {value!r} is not among your {_KINDS[column]} uploads")
-                    uri = named
+                    if len(named) != 1:
+                        raise UploadError(
+                            f"{name}: {value!r} is not among your {_KINDS[column]} uploads"
+                            if not named
+                            else f"{name}: {value!r} could be any of your {_KINDS[column]} uploads "
+                            f"{', '.join(storage.basename(u) for u in named)}: name one as it is"
+                        )
+                    (uri,) = named
                 # "::" chains fsspec file systems: a URI inside the user's folder could name another
                 if not storage.normalize(uri).startswith(own) or ".." in value.split("/") or "::" in value:
                     raise UploadError(f"{name}: {value!r} is not among your uploads")
@@ -781,16 +786,15 @@ class UploadChecks:
 _KINDS = {"audio": "narration", "avatar": "presenter"}
 
 
-def _upload_named(value: str, uris: list[str]) -> str | None:
-    """Which of a campaign's uploads (their stored URIs) a manifest's relative name means: the one
-    stored under that name, or else the one alone whose letters and digits it shares (the web
-    server drops characters such as `!`, `?` and `$` from an upload's name before we see it, so
-    "Take 2!.wav" is stored as "Take-2.wav"); None where no upload, or more than one, is it."""
+def _upload_named(value: str, uris: list[str]) -> list[str]:
+    """Which of a campaign's uploads (their stored URIs) a manifest's relative name may mean: the
+    one stored under that name, or else those whose letters and digits it shares, in any case (the
+    web server drops characters such as `!`, `?` and `$` from an upload's name before we see it, so
+    "Take 2!.wav" is stored as "Take-2.wav"). One is the answer; none or several are not."""
     stored = {storage.basename(uri): uri for uri in uris}
     if _safe_name(value) in stored:
-        return stored[_safe_name(value)]
-    loose = [uri for name, uri in stored.items() if _loose(name) == _loose(value)]
-    return loose[0] if len(loose) == 1 else None
+        return [stored[_safe_name(value)]]
+    return [uri for name, uri in stored.items() if _loose(name) == _loose(value)]
 
 
 def _loose(name: str) -> str:
