@@ -16,9 +16,13 @@ books on the actors are `actor_pool.ActorPool`; what it reports is `observers.Ca
 
 from __future__ import annotations
 
+import functools
+import glob
+import hashlib
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -713,9 +717,8 @@ def run(
         with open_executor(cfg, startup) as executor:
             campaign = Campaign(cfg, rows, executor, startup, guard)
             if cfg.force:  # before anything renders: a stop from here on is resumed by the next forced run
-                storage.write_bytes(
-                    cfg.layout.forced, json.dumps({"runs": [*cfg.forced_by, campaign.run_token]}).encode()
-                )
+                forced = {"runs": [*cfg.forced_by, campaign.run_token], "code": code_version()}
+                storage.write_bytes(cfg.layout.forced, json.dumps(forced).encode())
             summary = campaign.run()
             _forced_run_done(cfg, summary, campaign.input_faults, guard)
             return summary
@@ -730,18 +733,41 @@ def _stage_named(event: str, key: Any) -> str:
 
 
 def _forced_runs(cfg: Config) -> list[str]:
-    """The runs of a forced rerun of this output root that was stopped before its end (none: this
-    forced run renders everything again)."""
+    """The runs of a forced rerun of this output root that left rows unfinished, made by this code
+    (none: this forced run renders everything again). Another release's are not gone on with: one
+    kept months ago by a row whose input could not be read made `force=true` after an upgrade
+    (what ops.md advises) skip every row the old code had published."""
+    where = storage.display(cfg.layout.forced)
     try:
-        runs = json.loads(storage.read_bytes(cfg.layout.forced)).get("runs", [])
+        kept = json.loads(storage.read_bytes(cfg.layout.forced))
+        runs, code = kept.get("runs", []), kept.get("code")
     except FileNotFoundError:
         return []
     except (ValueError, AttributeError) as exc:
-        log.warning("%s not read (%s): every row renders again", storage.display(cfg.layout.forced), exc)
+        log.warning("%s not read (%s): every row renders again", where, exc)
+        return []
+    if code != code_version():
+        log.info("force=true renders every row again: the forced rerun in %s was made by other code", where)
         return []
     if runs:
-        log.info("force=true goes on with the forced rerun stopped before its end: the rows it published stay done")
+        log.warning(
+            "force=true goes on with the forced rerun of this output root that left rows unfinished: the rows it "
+            "published stay done (remove %s to render every row again)",
+            where,
+        )
     return [str(run) for run in runs]
+
+
+@functools.cache
+def code_version() -> str:
+    """A hash of this package's Python sources: what a forced rerun was made by."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        digest.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as fh:
+            digest.update(fh.read())
+    return digest.hexdigest()[:16]
 
 
 def _forced_run_done(cfg: Config, summary: Summary, input_faults: set[str], guard: Callable[[], None] | None) -> None:

@@ -3,6 +3,7 @@ plus one with a missing audio file, each split into several segments."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import wave
@@ -417,6 +418,14 @@ def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_di
     assert sorted(statuses.values()) == ["ok", "skipped"], statuses  # the one it published stays done
     assert not (tmp_path / "out" / "_force.json").exists()
     assert campaign.run(forced).count("ok") == 2  # whole: forced again, every row renders again
+    # one left unfinished by another release (kept there by a row whose input could not be read):
+    # after an upgrade, force=true renders every row again
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        campaign.run(forced, guard=stop_after_one)
+    kept = json.loads((tmp_path / "out" / "_force.json").read_text())
+    (tmp_path / "out" / "_force.json").write_text(json.dumps({**kept, "code": "an older release"}))
+    assert campaign.run(forced).count("ok") == 2
 
 
 def test_a_forced_run_whose_only_failures_are_bad_inputs_is_whole(tmp_path, media_dir):
