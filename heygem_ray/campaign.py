@@ -16,13 +16,9 @@ books on the actors are `actor_pool.ActorPool`; what it reports is `observers.Ca
 
 from __future__ import annotations
 
-import functools
-import glob
-import hashlib
 import json
 import logging
 import math
-import os
 import secrets
 import threading
 import time
@@ -42,6 +38,7 @@ from heygem_ray.media.audio import SAMPLE_RATE
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.output_lock import OutputLostError
 from heygem_ray.prepare import AvatarTrack, RowPrep, model_versions, prepare_row
+from heygem_ray.release import code_version
 from heygem_ray.results import UNCHECKED, ResultsTable, RowResult, Summary
 from heygem_ray.rows import RowState, remove_old_work
 from heygem_ray.segment import SegmentResult
@@ -756,18 +753,6 @@ def _forced_runs(cfg: Config) -> list[str]:
             where,
         )
     return [str(run) for run in runs]
-
-
-@functools.cache
-def code_version() -> str:
-    """A hash of this package's Python sources: what a forced rerun was made by."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
-        digest.update(os.path.relpath(path, root).encode())
-        with open(path, "rb") as fh:
-            digest.update(fh.read())
-    return digest.hexdigest()[:16]
 
 
 def _forced_run_done(cfg: Config, summary: Summary, input_faults: set[str], guard: Callable[[], None] | None) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from heygem_ray import prepare, storage
+from heygem_ray import prepare, release, storage
 from heygem_ray import qa as qa_flags
 from heygem_ray.config import QAConfig
 from heygem_ray.layout import CampaignLayout
@@ -69,8 +69,11 @@ class RowState:
         # a stream decoded otherwise (deinterlaced, over white) only: the others keep their key
         decoded = [info.decoding] if info.decoding else []
         # the tracker's version too: a row's fingerprint may outlive a change to some avatars' tracks
-        # (ROWS_TRACK_VERSION), but all of one video's segments come from one track
+        # (ROWS_TRACK_VERSION), but all of one video's segments come from one track; and the code's:
+        # a release that changes some avatars' pixels leaves finished rows alone (no render version),
+        # but an unfinished row's segments of the old code must not be joined to the new code's
         shape = stable_hash(
+            release.code_version(),
             info.width,
             info.height,
             info.fps_fraction,

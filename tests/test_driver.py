@@ -1269,7 +1269,7 @@ def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path, monkeypa
 
     import numpy as np
 
-    from heygem_ray import prepare
+    from heygem_ray import prepare, release
     from heygem_ray.layout import CampaignLayout
     from heygem_ray.media.video import VideoInfo
     from heygem_ray.prepare import AudioInfo, AvatarTrack
@@ -1293,6 +1293,11 @@ def test_a_rerun_reuses_segments_only_of_the_shape_it_renders(tmp_path, monkeypa
     # segment around the new track's boxes beside segments of the old one's
     before = work(info)
     monkeypatch.setattr(prepare, "TRACK_VERSION", "next")
+    assert work(info) != before
+    # nor one whose pixels differ for some avatars only (no render version, finished rows left alone):
+    # an unfinished row's segments of the old code are not joined to the new code's
+    before = work(info)
+    monkeypatch.setattr(release, "code_version", lambda: "another release")
     assert work(info) != before
 
 
