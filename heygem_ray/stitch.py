@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from heygem_ray import executors, metrics, qa, scratch, storage
+from heygem_ray import metrics, qa, scratch, stopping, storage
 from heygem_ray.config import QAConfig
 from heygem_ray.errors import writing
 from heygem_ray.markers import Marker, read_marker, write_marker
@@ -102,8 +102,8 @@ def stitch_row(job: StitchJob, audio: AudioTrack) -> Stitched:
                 f"lip-sync score {sync.score} is below qa.fail_below={job.qa.fail_below:g}"
                 f" (method {sync.method}, best offset {sync.offset_frames} frame(s)): not published"
             )
-        if executors.given_up():  # a row reported failed publishes nothing afterwards
-            raise executors.StageStopped(f"row {job.row_id}: stitch given up before it published")
+        if stopping.given_up():  # a row reported failed publishes nothing afterwards
+            raise stopping.StageStopped(f"row {job.row_id}: stitch given up before it published")
         with clock("upload"), writing(job.output):
             # the marker of the video this one replaces goes first: a run stopped between the two
             # would leave this video under the old one's fingerprint, skipped as that one later;

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "heygem_ray"
 
 #: bottom first; a module's layer is its longest matching prefix
 LAYERS: list[tuple[str, ...]] = [
-    ("scratch", "daemon_threads"),
+    ("scratch", "daemon_threads", "release", "stopping"),
     ("storage", "errors", "plan", "devices", "pinning", "metrics", "layout", "config", "results", "markers", "qa"),
     ("output_lock",),
     ("manifest", "media"),

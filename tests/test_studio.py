@@ -876,6 +876,9 @@ def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):
             time.sleep(0.3)  # a job server that takes its time: the other page's re-run checks meanwhile
             self.submitted.append(submission_id)
 
+        def note_submitted(self, submission_id: str, at: float) -> None:
+            pass  # asked of running jobs only here
+
     cluster = JobServer()
     service = StudioService(
         StudioConfig(store=str(tmp_path / "store"), max_active_campaigns=2), cluster=cluster, log=logging.getLogger("t")

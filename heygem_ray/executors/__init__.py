@@ -13,9 +13,7 @@ stage can depend on another's result without the campaign waiting for it.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,35 +22,7 @@ from heygem_ray import storage
 from heygem_ray.config import EXECUTORS, Config, registered
 from heygem_ray.errors import InputError
 from heygem_ray.startup import Startup
-
-
-class StageStopped(Exception):
-    """A stage task the campaign stopped: at its deadline (`render.stage_timeout`), or where it
-    would never run (`Executor.stranded`)."""
-
-
-#: the stop flag of the stage task this thread runs (`InlineExecutor`), where it has one
-_running = threading.local()
-
-
-def given_up() -> bool:
-    """True inside a stage task the campaign abandoned (`Executor.abandon`: past
-    `render.stage_timeout`, or its output root lost) that runs on: a Ray task is killed, an inline
-    executor's thread cannot be. A stage about to publish checks it, so
-    a row reported failed gets no output afterwards (nor the output root's next campaign a writer
-    it does not know of)."""
-    stop = getattr(_running, "stop", None)
-    return stop is not None and stop.is_set()
-
-
-@contextlib.contextmanager
-def stoppable(stop: threading.Event) -> Iterator[None]:
-    """Run the body as a stage task that `stop` gives up (`given_up`)."""
-    _running.stop = stop
-    try:
-        yield
-    finally:
-        _running.stop = None
+from heygem_ray.stopping import StageStopped as StageStopped  # the campaign and executors raise it by this name
 
 
 @dataclass(frozen=True)
@@ -89,7 +59,7 @@ class Executor(Protocol):
 
     def abandon(self, handle: Any) -> None:
         """Stop a stage for good (its deadline passed, or another run owns the output root now): as
-        `cancel`, and one that runs on regardless (a thread) publishes nothing (`given_up`)."""
+        `cancel`, and one that runs on regardless (a thread) publishes nothing (`stopping.given_up`)."""
 
     def close(self) -> None:
         """Stop the actors now (their CPUs and GPUs are freed)."""

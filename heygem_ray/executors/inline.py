@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from heygem_ray.config import Config
 from heygem_ray.daemon_threads import DaemonThreads
-from heygem_ray.executors import Expired, StageStopped, stoppable
+from heygem_ray.executors import Expired, StageStopped
+from heygem_ray.stopping import stoppable
 
 if TYPE_CHECKING:
     from heygem_ray.segment import RenderWorker
@@ -83,7 +84,7 @@ class InlineExecutor:
 
     def abandon(self, handle: Future[Any]) -> None:
         stop = self._stops.get(handle)
-        if stop is not None:  # one running goes on, but publishes nothing (`executors.given_up`)
+        if stop is not None:  # one running goes on, but publishes nothing (`stopping.given_up`)
             stop.set()
         self.cancel(handle)
 

@@ -709,7 +709,8 @@ class Studio:
 
     def _last_job(self, record: CampaignRecord) -> tuple[str, float | None]:
         """`Cluster.job` of the campaign's last job, its submit time told first (`_submitted_lately`)."""
-        self._submitted_lately(record)
+        if record.submitted is not None:
+            self.cluster.note_submitted(record.jobs[-1], record.submitted)
         return self.cluster.job(record.jobs[-1])
 
     def _submitted_lately(self, record: CampaignRecord) -> bool:
