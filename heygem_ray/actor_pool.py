@@ -64,9 +64,9 @@ class ActorPool:
         self.codec: str | None = None if cfg.encoder.codec == "auto" else cfg.encoder.codec
         #: set once no actor can ever render: every row waiting for one fails with it
         self.error: str | None = None
-        #: when the first actor answered (time.time()), for start-up figures
+        #: when the first actor answered (time.monotonic()), for start-up figures
         self.first_ready_at: float | None = None
-        self._started = time.time()
+        self._started = time.monotonic()
         self._warned = False
         self._restarts_checked_at = 0.0
 
@@ -76,7 +76,7 @@ class ActorPool:
         being added)."""
         count = self.executor.actor_count()
         self.executor.start_actors(count)
-        self._started = time.time()
+        self._started = time.monotonic()
         self.actors = [Actor(i, waiting_since=self._started) for i in range(count)]
 
     def __len__(self) -> int:
@@ -107,7 +107,7 @@ class ActorPool:
 
     def due_probes(self) -> list[int]:
         """Actors to ask `ready` now (each is asked again only after its answer)."""
-        now = time.time()
+        now = time.monotonic()
         if not any(a.healthy for a in self.actors) and now - self._started > ACTOR_WAIT_WARNING and not self._warned:
             shape = self.cfg.cluster.actor
             log.warning(
@@ -174,8 +174,8 @@ class ActorPool:
         """An actor died (Ray restarts it): no more work for it until it answers again."""
         a = self.actors[actor]
         if a.healthy:
-            a.healthy, a.probe_at = False, time.time()
-            a.lost_at = a.waiting_since = time.time()
+            a.healthy, a.probe_at = False, time.monotonic()
+            a.lost_at = a.waiting_since = time.monotonic()
 
     def answered(self, actor: int, get: Callable[[], WorkerInfo]) -> None:
         """Take an actor's answer to `ready` (`get` returns it or raises what the call raised)."""
@@ -193,7 +193,7 @@ class ActorPool:
                 # not be made on its node, or it was killed): this actor only, not the campaign
                 log.warning("renderer actor %d: %s: %s", actor, type(cause).__name__, cause)
                 return self.unusable(actor, f"{type(cause).__name__}: {cause}".splitlines()[0])
-            a.probe_at = time.time() + 1.0  # still restarting (maybe waiting for a node)
+            a.probe_at = time.monotonic() + 1.0  # still restarting (maybe waiting for a node)
             return None
         if self.codec is None:
             self.codec = info.codec
@@ -206,7 +206,7 @@ class ActorPool:
             )
         a.healthy, a.info, a.lost_at, a.waiting_since = True, info, None, None
         a.restarts_at_ready = self.executor.restarts(actor)
-        self.first_ready_at = self.first_ready_at or time.time()
+        self.first_ready_at = self.first_ready_at or time.monotonic()
         pinned = f", cores {info.cores}" if info.cores is not None else ""
         log.info("renderer actor %d ready (pid %s%s, decoding: %s)", actor, info.pid, pinned, info.decoder)
         return None
@@ -217,12 +217,12 @@ class ActorPool:
         come up together; the rest may wait for room for ever)."""
         if self.error is not None or all(a.healthy or a.failed is not None for a in self.actors):
             return True
-        return self.first_ready_at is not None and time.time() - self.first_ready_at >= SETTLE_SECONDS
+        return self.first_ready_at is not None and time.monotonic() - self.first_ready_at >= SETTLE_SECONDS
 
     def stalled(self, after: float) -> list[int]:
         """Lost actors still holding segments `after` seconds on: their restart waits for room no
         node may ever have, and Ray keeps the calls queued on them as long."""
-        now = time.time()
+        now = time.monotonic()
         return [
             a.index
             for a in self.actors

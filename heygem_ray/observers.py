@@ -5,6 +5,7 @@ recounted, so a driver event costs the same in a campaign of ten rows or of 100,
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ class CampaignObservers:
             f"heygem_ray campaign {storage.display(cfg.output)}",
             [r.id for r in rows],
         )
-        self._report_written, self._report_every = 0.0, REPORT_INTERVAL
+        self._report_written, self._report_every = -math.inf, REPORT_INTERVAL
         self.progress = ProgressFeed(cfg.layout.progress, self.started)
         self._bar: Any = None
 
@@ -77,7 +78,7 @@ class CampaignObservers:
         seconds = f"{result.render_seconds:.1f}s" if result.render_seconds is not None else "-"
         detail = storage.display(result.output) if result.status != "failed" else result.error
         _write_line(f"[{result.status}] {result.id} {seconds} {detail}")
-        if time.time() - self._report_written >= self._report_every:
+        if time.monotonic() - self._report_written >= self._report_every:
             self._write_report(final=False)
 
     def flagged_late(self, before: RowResult, after: RowResult) -> None:
@@ -133,12 +134,12 @@ class CampaignObservers:
         )
 
     def _write_report(self, final: bool, stopped: bool = False, ended_by: str | None = None) -> None:
-        began = time.time()
+        began = time.monotonic()
         try:
-            self.report.write(began - self.started, final, stopped, ended_by)
+            self.report.write(time.time() - self.started, final, stopped, ended_by)
         except OSError as exc:  # a report that cannot be written must not stop the campaign
             log.warning("could not write %s: %s", storage.display(self.cfg.layout.report), exc)
-        self._report_written = time.time()
+        self._report_written = time.monotonic()  # intervals: a clock's step stops no report
         self._report_every = max(REPORT_INTERVAL, 5 * (self._report_written - began))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,14 +39,14 @@ class ProgressFeed:
     uri: str
     started_at: float
     interval: float = INTERVAL
-    _written: float = 0.0
+    _written: float = -math.inf  # time.monotonic()
     _every: float = INTERVAL
     #: when the first worked row was seen finished, and how many had then: the rate is reckoned
     #: from there, past the start-up (Ray, the models: minutes, once) that the first row carries
     _first_worked: tuple[float, int] | None = None
 
     def due(self) -> bool:
-        return time.time() - self._written >= max(self.interval, self._every)
+        return time.monotonic() - self._written >= max(self.interval, self._every)  # a clock's step stops no feed
 
     def write(
         self,
@@ -59,7 +60,7 @@ class ProgressFeed:
     ) -> None:
         """`worked`: the rows finished that took work (None: every ok and failed one); the time
         left is reckoned from them."""
-        began = time.time()
+        began, clock = time.time(), time.monotonic()
         finished = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
         total = len(row_status)
         # from the rows that took work: skipped rows (a rerun's) and refused ones finish at once and
@@ -89,8 +90,8 @@ class ProgressFeed:
             storage.write_bytes(self.uri, json.dumps(doc, separators=(",", ":")).encode())
         except OSError as exc:  # a feed that cannot be written must not stop the campaign
             log.warning("could not write %s: %s", storage.display(self.uri), exc)
-        self._written = time.time()
-        self._every = max(5 * (self._written - began), SECONDS_PER_ROW * total)
+        self._every = max(5 * (time.monotonic() - clock), SECONDS_PER_ROW * total)
+        self._written = time.monotonic()
 
 
 #: a row's states in order, then its results

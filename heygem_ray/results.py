@@ -156,7 +156,7 @@ class ResultsTable:
         self.flush_seconds, self.flush_rows = flush_seconds, flush_rows
         self._results: dict[str, RowResult] = {}
         self._unwritten: list[RowResult] = []
-        self._flushed_at = time.time()
+        self._flushed_at = time.monotonic()
         # parts of this run sort after those an earlier run left, to the millisecond (and apart
         # from those of another table of this process, in the same millisecond), even where that
         # run's host's clock was ahead of this one's: its table then hid this run's parts
@@ -189,7 +189,7 @@ class ResultsTable:
         """Flush when results have waited long enough: called as results arrive and by the
         campaign's loop, so a result is on the store in time even when no other follows it."""
         wait = max(self.flush_seconds, SECONDS_PER_PART * self._written_parts)
-        if self._unwritten and time.time() - self._flushed_at >= wait:
+        if self._unwritten and time.monotonic() - self._flushed_at >= wait:
             self.flush()
 
     def flush(self) -> None:
@@ -197,7 +197,7 @@ class ResultsTable:
         (the store still failing after its retries) leaves its results for the next part and the
         final table: the parts only protect against a killed driver, and must not stop a campaign."""
         if not self._unwritten:
-            self._flushed_at = time.time()
+            self._flushed_at = time.monotonic()
             return
         name = f"{self._own}{self._written_parts + 1:05d}.parquet"
         try:
@@ -213,7 +213,7 @@ class ResultsTable:
         else:
             self._unwritten, self._refused = [], False
             self._written_parts += 1
-        self._flushed_at = time.time()
+        self._flushed_at = time.monotonic()
 
     def finish(self, order: list[str]) -> list[RowResult]:
         """Write the whole table (every id of `order` must have its result) and remove the parts."""

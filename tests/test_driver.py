@@ -95,7 +95,9 @@ def test_a_large_campaigns_feed_is_written_less_often(tmp_path, monkeypatch):
     from heygem_ray import progress
 
     now = [1000.0]
-    monkeypatch.setattr(progress, "time", SimpleNamespace(time=lambda: now[0]))  # this module's clock only
+    monkeypatch.setattr(
+        progress, "time", SimpleNamespace(time=lambda: now[0], monotonic=lambda: now[0])
+    )  # its clocks only
     for rows, interval in ((100, 2.0), (100_000, 10.0)):
         feed = progress.ProgressFeed(str(tmp_path / f"feed-{rows}.json"), now[0])
         feed.write("running", dict.fromkeys((f"r{i}" for i in range(rows)), "queued"), {"queued": rows}, 0, 0)
@@ -144,7 +146,7 @@ def test_the_time_left_is_reckoned_past_the_start_up_and_shown_as_a_person_reads
     from heygem_ray.studio.app import _time_left
 
     now = [1000.0]
-    monkeypatch.setattr(progress, "time", SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(progress, "time", SimpleNamespace(time=lambda: now[0], monotonic=lambda: now[0]))
     feed = progress.ProgressFeed(str(tmp_path / "feed.json"), now[0])
     rows = {f"r{i}": "queued" for i in range(1000)}
 

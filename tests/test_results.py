@@ -102,6 +102,18 @@ def test_parts_come_less_often_as_they_pile_up(tmp_path, monkeypatch):
     assert sorted(r["id"] for r in read_parts(str(tmp_path / "parts"))) == [f"r{i}" for i in range(6)]
 
 
+def test_a_clock_stepped_back_stops_no_part(tmp_path, monkeypatch):
+    """Parts were timed by the wall clock: one stepped back an hour (NTP, a VM's resume) wrote none
+    for that hour, and a driver killed meanwhile lost the reasons of its failed rows."""
+    table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=0.5)
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+    table.add(_result("a", "failed"))
+    time.sleep(0.6)
+    table.tick()
+    assert [r["id"] for r in read_parts(str(tmp_path / "parts"))] == ["a"]
+
+
 def test_a_result_no_other_follows_is_flushed_by_the_campaigns_ticks(tmp_path):
     table = ResultsTable(str(tmp_path / "r.parquet"), str(tmp_path / "parts"), flush_seconds=2.0)
     table.add(_result("a"))  # not due yet
