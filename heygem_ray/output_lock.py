@@ -370,16 +370,16 @@ def _alive(holder: dict) -> bool | None:
     # (a lock written before boot ids were kept has none: judged by its host name, as then)
     if holder.get("host") != socket.gethostname() or holder.get("boot", _boot_id()) != _boot_id():
         return True if abs(age) <= STALE_SECONDS else None
-    if age > STALE_SECONDS:  # this host's clock, the holder's too
-        return False
     # only in the holder's own process namespace does its pid say whether it runs (containers on
     # one host share its name, and a restarted container's new driver may get the old pid)
-    if holder.get("pidns") == _pid_namespace():
-        pid = int(holder.get("pid", 0))
-        if pid == os.getpid():  # this process's own, or an earlier life's with the same pid
-            return holder.get("token") in _HELD
-        return pid_alive(pid)
-    return True
+    pid = int(holder.get("pid", 0)) if holder.get("pidns") == _pid_namespace() else None
+    if pid == os.getpid():  # this process's own, or an earlier life's with the same pid
+        return holder.get("token") in _HELD
+    if age > STALE_SECONDS:  # this host's clock, the holder's too
+        # unless its process runs on (this clock stepped forward, a VM resumed; or its pid is
+        # another's now): watched, a live run refreshes it
+        return None if pid is not None and pid_alive(pid) else False
+    return True if pid is None else pid_alive(pid)
 
 
 def _boot_id() -> str:

@@ -92,6 +92,12 @@ def test_a_lock_its_run_left_behind_is_taken_over(tmp_path, monkeypatch):
     (tmp_path / "_lock.json").write_text(json.dumps(holder))
     with output_lock(layout):
         pass
+    # this host's, its process running, its heartbeat far behind this clock (stepped forward, a VM
+    # resumed): watched, not taken from a live run; left unrefreshed, taken over
+    _held_by(layout, socket.gethostname(), os.getppid(), seen_ago=lock_module.STALE_SECONDS + 30)
+    assert lock_module._verdict(json.loads((tmp_path / "_lock.json").read_text()), None) == "watch"
+    with output_lock(layout):
+        pass
 
 
 def test_the_half_published_files_of_a_killed_run_go_when_the_next_run_takes_the_output(tmp_path):
