@@ -251,6 +251,7 @@ class Campaign:
         # every row has a result and the table is written before anything that may fail on a
         # cluster that is going away (killing actors, the report, the feed)
         interrupted = len(self.results) < len(self.rows)
+        table_error: str | None = None
         try:
             if interrupted:  # whatever did not finish is reported, not lost
                 self.results.flush()  # first: `ray job stop` kills a driver 3 s after its SIGTERM
@@ -260,7 +261,11 @@ class Campaign:
                     # a stitch it could not wait for counts by its marker, as one the stop caught
                     log.warning("stitches under way not waited for: %s: %s", type(exc).__name__, exc)
                 self._interrupted([row.id for row in self.rows if row.id not in self.results])
-            table = self.results.finish([r.id for r in self.rows])
+            try:
+                table = self.results.finish([r.id for r in self.rows])
+            except Exception as exc:  # the feed and report must not say "finished" (the CLI says why)
+                table_error = storage.display(f"results table not written: {type(exc).__name__}: {exc}")
+                raise
             for row in table:  # flags only the whole campaign gives, in the final report and feed
                 if row.qa_flag != self.results[row.id].qa_flag:
                     self.observers.flagged_late(self.results[row.id], row)
@@ -270,7 +275,10 @@ class Campaign:
             finished = [r.id for r in self.rows if r.id in self.results and self.results[r.id].status in done]
             _wind_down(
                 ("stop the renderers", self.executor.close),  # frees their CPUs/GPUs now
-                ("write the final report and progress feed", lambda: self.observers.close(interrupted, self._ended_by)),
+                (
+                    "write the final report and progress feed",
+                    lambda: self.observers.close(interrupted, self._ended_by or table_error),
+                ),
                 ("remove finished rows' old segments", lambda: remove_old_work(self.cfg.layout, finished)),
                 ("remove the empty work folder", lambda: storage.remove_empty_dir(self.cfg.layout.work_root)),
             )

@@ -116,10 +116,10 @@ class CampaignObservers:
 
     def close(self, interrupted: bool, ended_by: str | None = None) -> None:
         """Once every row has its result: the final feed and report. `ended_by`: the error that
-        ended an interrupted campaign (None: a stop)."""
+        ended the campaign, its rows done or not (None: a stop, or none)."""
         if self._bar is not None:
             self._bar.close()
-        self._write_progress("finished" if not interrupted else "failed" if ended_by else "interrupted")
+        self._write_progress("failed" if ended_by else "interrupted" if interrupted else "finished")
         self._write_report(final=True, stopped=interrupted, ended_by=ended_by)
 
     def _write_progress(self, state: str) -> None:

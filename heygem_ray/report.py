@@ -195,6 +195,8 @@ def render_report(
         state = "stopped"
     elif stopped:
         progress, state = f"Stopped before its end: {done} rows; run it again to finish the rows it caught", "stopped"
+    elif ended_by:  # every row done, the end not (the results table refused)
+        progress, state = f"{done} rows done, then an error ({ended_by}): run it again to finish", "stopped"
     else:
         progress, state = f"Finished: {done} rows", "done"
     summary = {

@@ -86,6 +86,25 @@ def test_progress_feed_follows_every_row_to_its_result(tmp_path):
     assert len(read_results(str(tmp_path / "out" / "_results.parquet"))) == ROWS
 
 
+def test_a_results_table_the_store_refuses_leaves_no_feed_or_report_saying_finished(tmp_path, monkeypatch):
+    """The final table refused (the CLI exits 1 saying so): the feed still said "finished" and the
+    report "Finished: N rows", beside the previous run's table, which looked current."""
+    from heygem_ray import results as results_module
+
+    job, _ = _campaign(tmp_path)
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(results_module, "write_results", refused)
+    with pytest.raises(PermissionError):
+        job.run()
+    feed = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert feed["state"] == "failed" and feed["rows"]["ok"] == ROWS
+    report = (tmp_path / "out" / "_report.html").read_text()
+    assert "results table not written: PermissionError" in report and "Finished:" not in report
+
+
 def test_a_large_campaigns_feed_is_written_less_often(tmp_path, monkeypatch):
     """Every row's status is in the feed: at 100,000 rows 3-4 MB, rewritten each 2-3 s (five times
     its cost) sent over 100 GB a day from the head node. At most every 1e-4 s per row: 10 s there;
