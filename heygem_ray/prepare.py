@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -806,18 +807,26 @@ RENDER_VERSION = "3"
 
 
 def row_fingerprint(
-    audio_fp: str, avatar_fp: str, row_box: object, output: str, cfg: Config, pixel_cap: tuple[int, ...] = ()
+    audio_fp: str,
+    avatar_fp: str,
+    row_box: object,
+    output: str,
+    cfg: Config,
+    pixel_cap: tuple[int, ...] = (),
+    in_root: bool = True,
 ) -> str:
     """Everything that decides a row's output bytes: input contents and output-affecting config
     (not scheduling knobs such as segment length, batch sizes or devices); `pixel_cap`: the row's
-    `photo_pixel_cap`."""
+    `photo_pixel_cap`. The output is named from the output root where it lies inside it (`in_root`
+    False: by its whole URI, as fingerprints were made before; `prepare_row` takes both): an output
+    root moved, or mounted at another path on another host, re-rendered every row."""
 
     return stable_hash(
         RENDER_VERSION,
         audio_fp,
         avatar_fp,
         row_box,
-        storage.normalize(output),
+        _output_named(output, cfg.output) if in_root else storage.normalize(output),
         _settings(cfg.renderer, cfg.written_paths),
         checkpoint_version(getattr(cfg.renderer, "checkpoint", None)),
         detector_key(cfg.detector, None, cfg.render.still_fps, version=ROWS_TRACK_VERSION, written=cfg.written_paths),
@@ -828,6 +837,12 @@ def row_fingerprint(
         *pixel_cap,
         length=32,
     )
+
+
+def _output_named(output: str, root: str) -> str:
+    """A row's output as its fingerprint names it: from the output root, where it lies inside it."""
+    output, inside = storage.normalize(output), storage.normalize(root).rstrip("/") + "/"
+    return f"{{output}}/{output[len(inside) :]}" if output.startswith(inside) else output
 
 
 def photo_pixel_cap(avatar: str, cfg: Config) -> tuple[int, ...]:
@@ -885,12 +900,14 @@ def prepare_row(row: Row, cfg: Config, decode: bool = True) -> RowPrep:
             fingerprints[what] = content_fingerprint(uri, cache, what)
     with reading("avatar", row.avatar):
         pixel_cap = photo_pixel_cap(row.avatar, cfg)
-    fp = row_fingerprint(fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg, pixel_cap)
+    made = functools.partial(row_fingerprint, fingerprints["audio"], fingerprints["avatar"], row.box, row.output, cfg)
+    fp = made(pixel_cap)
     marker = read_marker(cfg.layout.marker(row.id))
     # with `force`, rows the forced rerun this run goes on with published are done
     redone = not cfg.force or (marker is not None and marker.run in cfg.forced_by)
-    if redone and marker and marker.fingerprint == fp and marker.still_published(row.output):
-        return RowPrep(fp, True, None, marker, _finished_thumbnail(row, cfg))
+    # a marker made before outputs were named from the output root holds the whole URI's
+    if redone and marker and marker.fingerprint in (fp, made(pixel_cap, False)) and marker.still_published(row.output):
+        return RowPrep(marker.fingerprint, True, None, marker, _finished_thumbnail(row, cfg))
     if not decode:
         return RowPrep(fp, False, None, None, avatar_fingerprint=fingerprints["avatar"])
     check_writable(row.output)

@@ -572,7 +572,40 @@ def test_finished_rows_keep_their_fingerprint_across_releases():
     from heygem_ray.prepare import row_fingerprint
 
     cfg = compose_config("manifest=m", "output=/o")
-    assert row_fingerprint("audio-fp", "avatar-fp", None, "/o/r.mp4", cfg) == "db09dd0b88ec2c3c1465e2c51767f6ef"
+    assert row_fingerprint("audio-fp", "avatar-fp", None, "/o/r.mp4", cfg) == "e6015896f6462bfaa3cdbbeb44aef4ee"
+    # as made before outputs were named from the output root: the markers of then skip their rows still
+    old = row_fingerprint("audio-fp", "avatar-fp", None, "/o/r.mp4", cfg, in_root=False)
+    assert old == "db09dd0b88ec2c3c1465e2c51767f6ef"
+
+
+def test_an_output_root_moved_or_mounted_elsewhere_renders_no_finished_row_again(tmp_path, media_dir):
+    """A row's fingerprint held its output's whole URI: an output root copied elsewhere, mounted at
+    another path on another host, or named s3a:// instead of s3://, rendered every row again. Rows
+    whose markers were made before, by the whole URI, are still skipped where they are."""
+    import json
+    import shutil
+
+    from heygem_ray import campaign, prepare
+    from heygem_ray.prepare import row_fingerprint
+
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png")
+    base = (f"manifest={manifest}", "cluster=inline", "render.progress=false", "cluster.actor.threads=1")
+    assert campaign.run(compose_config(*base, f"output={tmp_path / 'out'}")).count("ok") == 1
+    shutil.copytree(tmp_path / "out", tmp_path / "moved")
+    assert campaign.run(compose_config(*base, f"output={tmp_path / 'moved'}")).count("skipped") == 1
+    # a marker of the whole URI (an earlier release's), where it was made: still skipped
+    cfg = compose_config(*base, f"output={tmp_path / 'out'}")
+    row = campaign.read_manifest(manifest, cfg.output)[0]
+    inputs = [
+        prepare.content_fingerprint(uri, cfg.cache_uri, what)
+        for uri, what in ((row.audio, "audio"), (row.avatar, "avatar"))
+    ]
+    old = row_fingerprint(*inputs, row.box, row.output, cfg, prepare.photo_pixel_cap(row.avatar, cfg), in_root=False)
+    marker = tmp_path / "out" / "_markers" / "a.json"
+    kept = json.loads(marker.read_text())
+    assert kept["fingerprint"] != old
+    marker.write_text(json.dumps({**kept, "fingerprint": old}))
+    assert campaign.run(cfg).count("skipped") == 1
 
 
 def test_model_files_named_by_relative_paths_keep_rows_fingerprints(tmp_path, monkeypatch):
