@@ -263,7 +263,7 @@ class Campaign:
                 self._interrupted([row.id for row in self.rows if row.id not in self.results])
             try:
                 table = self.results.finish([r.id for r in self.rows])
-            except Exception as exc:  # the feed and report must not say "finished" (the CLI says why)
+            except BaseException as exc:  # a stop too: the feed and report must not say "finished"
                 table_error = storage.display(f"results table not written: {type(exc).__name__}: {exc}")
                 raise
             for row in table:  # flags only the whole campaign gives, in the final report and feed
@@ -509,7 +509,10 @@ class Campaign:
         while stitching:
             left = deadline - time.monotonic()
             if stopped and left < -STITCH_WAIT_SECONDS:
-                log.warning("%d stitch(es) that cannot be stopped did not end: left to finish or not", len(stitching))
+                # their rows are reported interrupted: a thread that ends later publishes nothing
+                log.warning("%d stitch(es) that cannot be stopped did not end: abandoned", len(stitching))
+                for handle in stitching:
+                    self.executor.abandon(handle)
                 return
             if left <= 0 and not stopped:
                 stopped = True  # what it had published before its stop, `_interrupted` finds by its marker
@@ -538,7 +541,7 @@ class Campaign:
         """The rows the stop caught. One being rendered: ok when its video was published before the
         stop (its marker, written since the row started, says so, though the driver had not heard
         yet: with `force` an earlier run's marker matches too), else failed. One never started, or
-        still being fingerprinted, that an earlier run published to the same output is checked as a
+        still being fingerprinted, that an earlier run published is checked as a
         rerun checks it (`prepare_row`: its inputs, settings and video still those of its marker),
         within STOP_CHECK_SECONDS: skipped when current (a stopped re-run of a finished campaign
         must not report its videos lost), else failed, saying whether it was checked. Taken on the
@@ -551,13 +554,9 @@ class Campaign:
                 earlier = self.results.published_earlier()
             except Exception as exc:  # noqa: BLE001 - a table unreadable now: reported failed, as before
                 log.warning("earlier results not read: %s: %s", type(exc).__name__, exc)
-        published = [
-            row
-            for row in self.rows
-            if row.id in unstarted
-            and row.id in earlier
-            and storage.normalize(earlier[row.id].output) == storage.normalize(row.output)
-        ]
+        # whatever output the earlier result names (a moved root's hold the old root's URIs): the
+        # check is the row's marker against the row as it is now, its output where it is now
+        published = [row for row in self.rows if row.id in unstarted and row.id in earlier]
         checked = _checked(published, self.cfg, STOP_CHECK_SECONDS)
         unchecked = {row.id for row in published} - checked.keys()
         # one line for them all, no part written: a campaign of 100,000 rows stopped early reports

@@ -49,7 +49,8 @@ class CampaignObservers:
         self._bar: Any = None
 
     def open(self) -> None:
-        self.started = self.progress.started_at = time.time()
+        self.progress.start()
+        self.started = self.progress.started_at
         self._bar = _progress_bar(len(self.row_status), self.cfg.render.progress)
         # at once: a rerun's report was the last run's final page, "Finished", unrefreshed, until a row finished
         self._write_report(final=False)

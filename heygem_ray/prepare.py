@@ -826,7 +826,7 @@ def row_fingerprint(
         audio_fp,
         avatar_fp,
         row_box,
-        _output_named(output, cfg.output) if in_root else storage.normalize(output),
+        output_named(output, cfg.output) if in_root else storage.normalize(output),
         _settings(cfg.renderer, cfg.written_paths),
         checkpoint_version(getattr(cfg.renderer, "checkpoint", None)),
         detector_key(cfg.detector, None, cfg.render.still_fps, version=ROWS_TRACK_VERSION, written=cfg.written_paths),
@@ -839,7 +839,7 @@ def row_fingerprint(
     )
 
 
-def _output_named(output: str, root: str) -> str:
+def output_named(output: str, root: str) -> str:
     """A row's output as its fingerprint names it: from the output root, where it lies inside it."""
     output, inside = storage.normalize(output), storage.normalize(root).rstrip("/") + "/"
     return f"{{output}}/{output[len(inside) :]}" if output.startswith(inside) else output

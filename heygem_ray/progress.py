@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from heygem_ray import storage
 
@@ -40,10 +40,16 @@ class ProgressFeed:
     started_at: float
     interval: float = INTERVAL
     _written: float = -math.inf  # time.monotonic()
+    #: `started_at` on the monotonic clock: the time left is reckoned on it (a clock's step skews nothing)
+    _started: float = field(default_factory=lambda: time.monotonic())  # this module's clock, as tests set it
     _every: float = INTERVAL
     #: when the first worked row was seen finished, and how many had then: the rate is reckoned
     #: from there, past the start-up (Ray, the models: minutes, once) that the first row carries
     _first_worked: tuple[float, int] | None = None
+
+    def start(self) -> None:
+        """The campaign starts now."""
+        self.started_at, self._started = time.time(), time.monotonic()
 
     def due(self) -> bool:
         return time.monotonic() - self._written >= max(self.interval, self._every)  # a clock's step stops no feed
@@ -68,12 +74,12 @@ class ProgressFeed:
         if worked is None:
             worked = counts.get("ok", 0) + counts.get("failed", 0)
         if worked and self._first_worked is None:
-            self._first_worked = (began, worked)
+            self._first_worked = (clock, worked)
         eta = None
         if state == "running" and worked and self._first_worked is not None:
             since, then = self._first_worked
             # from the rows finished since the first (not the start-up its time held), until there are some
-            eta = (began - since) / (worked - then) if worked > then else (began - self.started_at) / worked
+            eta = (clock - since) / (worked - then) if worked > then else (clock - self._started) / worked
             eta *= total - finished
         doc = {
             "state": state,

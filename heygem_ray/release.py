@@ -15,7 +15,11 @@ def code_version() -> str:
     same checkout or image, another after any change to them."""
     root = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+    # not conf/: an installed wheel holds it as a subpackage (`heygem_ray.conf`), a checkout beside it
+    conf = os.path.join(root, "conf") + os.sep
+    for path in sorted(
+        p for p in glob.glob(os.path.join(root, "**", "*.py"), recursive=True) if not p.startswith(conf)
+    ):
         digest.update(os.path.relpath(path, root).encode())
         with open(path, "rb") as fh:
             digest.update(fh.read())

@@ -386,6 +386,50 @@ def test_an_inline_stitch_under_way_at_a_stop_is_waited_for_and_published(tmp_pa
     assert (tmp_path / "out" / "a.mp4").exists()
 
 
+def test_an_inline_stitch_that_outlasts_the_stops_wait_publishes_nothing_after(tmp_path, media_dir, monkeypatch):
+    """`cluster=inline`: a stitch still running when the stop stops waiting for it is reported
+    interrupted; it must not publish its video afterwards (after the report, and after the run let
+    go of the output root)."""
+    import threading
+
+    from heygem_ray import campaign as campaign_module
+    from heygem_ray import stitch
+    from heygem_ray.campaign import Campaign
+    from heygem_ray.executors.inline import InlineExecutor
+    from heygem_ray.manifest import read_manifest
+
+    monkeypatch.setattr(campaign_module, "STITCH_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(campaign_module, "STITCH_WAIT_SECONDS", 0.5)
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png")
+    cfg = compose_config(
+        f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "cluster.actor.threads=1"
+    )
+    join, came_back = stitch.stitch, threading.Event()
+
+    def slow(*args, **kwargs):
+        time.sleep(3.0)  # past the grace and the wait
+        try:
+            return join(*args, **kwargs)
+        finally:
+            came_back.set()
+
+    monkeypatch.setattr(stitch, "stitch", slow)
+    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), InlineExecutor(cfg))
+
+    def guard() -> None:
+        if any(event == "stitched" for event, _ in job._inflight.values()):
+            raise KeyboardInterrupt("signal 15")
+
+    job.guard = guard
+    with pytest.raises(KeyboardInterrupt):
+        job.run()
+    (row,) = read_results(str(tmp_path / "out" / "_results.parquet"))
+    assert row["status"] == "failed" and "interrupted" in row["error"]
+    assert came_back.wait(60)
+    time.sleep(1.0)  # what it would have published by now
+    assert not (tmp_path / "out" / "a.mp4").exists()
+
+
 def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_dir):
     """`force=true` renders every row again: one stopped midway (a kill, a lost node) rendered all
     of them again when run again, those it had published too. The next forced run goes on with it;
@@ -592,6 +636,15 @@ def test_an_output_root_moved_or_mounted_elsewhere_renders_no_finished_row_again
     base = (f"manifest={manifest}", "cluster=inline", "render.progress=false", "cluster.actor.threads=1")
     assert campaign.run(compose_config(*base, f"output={tmp_path / 'out'}")).count("ok") == 1
     shutil.copytree(tmp_path / "out", tmp_path / "moved")
+
+    def stopped() -> None:
+        raise KeyboardInterrupt("signal 15")
+
+    # stopped at once there: its earlier result, of the old root's URI, is checked by its marker
+    with pytest.raises(KeyboardInterrupt):
+        campaign.run(compose_config(*base, f"output={tmp_path / 'moved'}"), guard=stopped)
+    (result,) = read_results(str(tmp_path / "moved" / "_results.parquet"))
+    assert result["status"] == "skipped", result["error"]
     assert campaign.run(compose_config(*base, f"output={tmp_path / 'moved'}")).count("skipped") == 1
     # a marker of the whole URI (an earlier release's), where it was made: still skipped
     cfg = compose_config(*base, f"output={tmp_path / 'out'}")

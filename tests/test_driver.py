@@ -141,6 +141,7 @@ def test_the_time_left_is_reckoned_from_rows_that_took_work_not_refused_ones(tmp
     observers = CampaignObservers(cfg, rows)
     observers.open()
     observers.progress.started_at -= 60  # a minute in
+    observers.progress._started -= 60
 
     def result(row_id: str, status: str) -> RowResult:
         return RowResult(row_id, status, "", None, None, None, None, None, 1, time.time())

@@ -100,3 +100,26 @@ def test_the_driver_imports_neither_torch_nor_pandas(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "[]"], out
+
+
+def test_the_codes_version_is_the_same_installed_or_checked_out(tmp_path):
+    """A wheel holds `conf/` inside the package (`heygem_ray.conf`), a checkout beside it: the code's
+    version (a forced rerun's and unfinished segments' key) differed between the two, so a forced
+    rerun started from a checkout started over when resumed by the image's CLI."""
+    import shutil
+    import subprocess
+    import sys
+
+    versions = []
+    for shape in ("checkout", "wheel"):
+        package = tmp_path / shape / "heygem_ray"
+        shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "conf"))
+        if shape == "wheel":
+            (package / "conf").mkdir()
+            (package / "conf" / "__init__.py").write_text("")
+        code = "import heygem_ray.release as r; print(r.code_version())"
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / shape, check=True
+        )
+        versions.append(out.stdout.strip())
+    assert versions[0] == versions[1] and len(versions[0]) == 16

@@ -1868,6 +1868,15 @@ def test_a_submit_whose_answer_is_lost_keeps_its_job(tmp_path, media_dir, monkey
             studio.create("alice", "too large", *files)
         assert not isinstance(unsent.value, SubmitUnconfirmed) and "exceeds the maximum size" in str(unsent.value)
         assert next(r for r in studio.store.campaigns("alice") if r.name == "too large").jobs == []
+
+        def odd_answer(**kwargs: Any) -> str:  # its 200 answer read wrong: the job may be in
+            raise TypeError("JobSubmitResponse.__init__() got an unexpected keyword argument 'new_field'")
+
+        monkeypatch.setattr(cluster.client, "submit_job", odd_answer)
+        server.jobs = {}
+        with pytest.raises(SubmitUnconfirmed):  # was the bare TypeError: Gradio's "Error"
+            studio.create("alice", "odd", *files)
+        assert len(next(r for r in studio.store.campaigns("alice") if r.name == "odd").jobs) == 1
     finally:
         server.close()
 

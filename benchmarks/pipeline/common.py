@@ -485,10 +485,10 @@ class TimedCampaign(Campaign):
 
     def __init__(self, cfg: Any, rows: list[Any]):
         super().__init__(cfg, rows, executor=TimedAvatarExecutor(cfg))
-        self.started = time.time()
+        self.started = time.monotonic()  # as the pool's `first_ready_at`
 
     def run(self) -> Any:
-        self.started = time.time()
+        self.started = time.monotonic()  # as the pool's `first_ready_at`
         return super().run()
 
     @property

@@ -330,12 +330,15 @@ class Cluster:
                 raise NotReached(f"the job could not be sent to the Ray cluster at {self.shown}: {exc}") from None
             error = Refused if status and 400 <= int(status.group(1)) < 500 else ClusterUnavailable
             raise error(f"the Ray cluster at {self.shown} answered with an error: {exc}") from None
-        except ValueError as exc:
+        except Exception as exc:
             if method != "submit_job":
                 raise
-            # the SDK's checks before any request (a working directory past its size limit); not
-            # what may come after the job server took it (its answer read: a TypeError, a KeyError)
-            raise NotReached(f"the job could not be sent to the Ray cluster at {self.shown}: {exc}") from None
+            if isinstance(exc, ValueError):  # the SDK's checks before any request (a working directory too large)
+                raise NotReached(f"the job could not be sent to the Ray cluster at {self.shown}: {exc}") from None
+            # after the job server may have taken it (its answer read: a TypeError, a KeyError): asked after
+            raise ClusterUnavailable(
+                f"the Ray cluster at {self.shown} answered oddly: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def _not_connected(exc: OSError) -> bool:
