@@ -351,45 +351,14 @@ def test_an_inline_stitch_given_up_at_its_deadline_publishes_nothing_afterwards(
     assert not (tmp_path / "out" / "_markers" / "a.json").exists()
 
 
-def test_an_inline_stitch_under_way_at_a_stop_is_waited_for_and_published(tmp_path, media_dir, monkeypatch):
+@pytest.mark.parametrize("outlasts_the_wait", [False, True])
+def test_an_inline_stitch_under_way_at_a_stop_is_waited_for_or_publishes_nothing(
+    tmp_path, media_dir, monkeypatch, outlasts_the_wait
+):
     """`cluster=inline`: at a stop (SIGTERM), a stitch on a thread, which cannot be stopped, is waited
-    for and its row is `ok`: a stop is no deadline, and the stitch must not refuse to publish."""
-    from heygem_ray import campaign as campaign_module
-    from heygem_ray import stitch
-    from heygem_ray.campaign import Campaign
-    from heygem_ray.executors.inline import InlineExecutor
-    from heygem_ray.manifest import read_manifest
-
-    monkeypatch.setattr(campaign_module, "STITCH_GRACE_SECONDS", 0.5)
-    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png")
-    cfg = compose_config(
-        f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "cluster.actor.threads=1"
-    )
-    join = stitch.stitch
-
-    def slow(*args, **kwargs):
-        time.sleep(2.0)  # past the grace
-        return join(*args, **kwargs)
-
-    monkeypatch.setattr(stitch, "stitch", slow)
-    job = Campaign(cfg, read_manifest(cfg.manifest, cfg.output), InlineExecutor(cfg))
-
-    def guard() -> None:
-        if any(event == "stitched" for event, _ in job._inflight.values()):
-            raise KeyboardInterrupt("signal 15")
-
-    job.guard = guard
-    with pytest.raises(KeyboardInterrupt):
-        job.run()
-    (row,) = read_results(str(tmp_path / "out" / "_results.parquet"))
-    assert row["status"] == "ok", row["error"]
-    assert (tmp_path / "out" / "a.mp4").exists()
-
-
-def test_an_inline_stitch_that_outlasts_the_stops_wait_publishes_nothing_after(tmp_path, media_dir, monkeypatch):
-    """`cluster=inline`: a stitch still running when the stop stops waiting for it is reported
-    interrupted; it must not publish its video afterwards (after the report, and after the run let
-    go of the output root)."""
+    for and its row is `ok` (a stop is no deadline: it must not refuse to publish); one still running
+    when the stop stops waiting is reported interrupted, and must not publish its video afterwards
+    (after the report, and after the run let go of the output root)."""
     import threading
 
     from heygem_ray import campaign as campaign_module
@@ -399,7 +368,8 @@ def test_an_inline_stitch_that_outlasts_the_stops_wait_publishes_nothing_after(t
     from heygem_ray.manifest import read_manifest
 
     monkeypatch.setattr(campaign_module, "STITCH_GRACE_SECONDS", 0.2)
-    monkeypatch.setattr(campaign_module, "STITCH_WAIT_SECONDS", 0.5)
+    if outlasts_the_wait:
+        monkeypatch.setattr(campaign_module, "STITCH_WAIT_SECONDS", 0.5)
     manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png")
     cfg = compose_config(
         f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "cluster.actor.threads=1"
@@ -407,7 +377,7 @@ def test_an_inline_stitch_that_outlasts_the_stops_wait_publishes_nothing_after(t
     join, came_back = stitch.stitch, threading.Event()
 
     def slow(*args, **kwargs):
-        time.sleep(3.0)  # past the grace and the wait
+        time.sleep(3.0 if outlasts_the_wait else 2.0)  # past the grace (and the wait)
         try:
             return join(*args, **kwargs)
         finally:
@@ -424,10 +394,14 @@ def test_an_inline_stitch_that_outlasts_the_stops_wait_publishes_nothing_after(t
     with pytest.raises(KeyboardInterrupt):
         job.run()
     (row,) = read_results(str(tmp_path / "out" / "_results.parquet"))
-    assert row["status"] == "failed" and "interrupted" in row["error"]
     assert came_back.wait(60)
     time.sleep(1.0)  # what it would have published by now
-    assert not (tmp_path / "out" / "a.mp4").exists()
+    if outlasts_the_wait:
+        assert row["status"] == "failed" and "interrupted" in row["error"]
+        assert not (tmp_path / "out" / "a.mp4").exists()
+    else:
+        assert row["status"] == "ok", row["error"]
+        assert (tmp_path / "out" / "a.mp4").exists()
 
 
 def test_a_forced_rerun_stopped_midway_is_resumed_by_the_next(tmp_path, media_dir):
