@@ -2303,6 +2303,31 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
     assert clients["bob"].get(f"{API_PATH}file={quote(hashed)}").status_code == 404
 
 
+def test_the_upload_check_names_the_plans_files_no_upload_has(tmp_path, media_dir):
+    """A plan naming a file not uploaded (a typo, one left out) was said to be fine as files were
+    picked, and refused only at Render; names the web server stripped (`Take 2!.wav`) are found."""
+    from starlette.testclient import TestClient
+
+    from heygem_ray.studio.app import UPLOAD_PATH
+
+    app, clients = _alice_and_bob_signed_in(tmp_path)
+    plan = tmp_path / "plan.csv"
+    plan.write_text("audio,avatar\nTake 2!.wav,still.png\nTake 3.wav,still.png\n")
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as alice:
+        alice.cookies = clients["alice"].cookies
+        sent = {}
+        for name, source in (
+            ("Take 2.wav", media_dir / "speech3.wav"),
+            ("still.png", media_dir / "still.png"),
+            ("plan.csv", plan),
+        ):
+            (sent[name],) = alice.post(UPLOAD_PATH, files={"files": (name, source.read_bytes())}).json()
+        audio, avatar, manifest = ({"path": sent[n], "meta": {"_type": "gradio.FileData"}} for n in sent)
+        (said,) = _answered(alice, _event_index(alice, "check"), [[audio], [avatar], manifest])
+    assert "2 video(s)" in said and "row 2: &#x27;Take 3.wav&#x27; is not among your narration uploads" in said, said
+    assert "row 1" not in said, said
+
+
 def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):
     """Gradio serves a page's session to anyone signed in who names its hash: another user who
     learnt it (a proxy's log of `/heartbeat/<hash>`) read the page's event results and, by a deep

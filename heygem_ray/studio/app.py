@@ -43,6 +43,7 @@ from heygem_ray.studio.store import (
     MANIFEST_TYPES,
     UploadError,
     read_uploaded_manifest,
+    unmatched_names,
 )
 from heygem_ray.studio.users import LoginGuard, UsersFile, loopback_peer_uid
 
@@ -461,7 +462,8 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
             user = user_of(request)
             plan = [manifest_file] if manifest_file else []
             claims.claim(page_of(request), claims.own(user, [*(audio_files or []), *(avatar_files or []), *plan]))
-            counted = []
+            counted: list[int] = []
+            names: dict[str, list[str]] = {}  # the stored names of the files that passed
             for files, kind, what in (
                 (audio_files or [], "audio", "narrations"),
                 (avatar_files or [], "avatar", "presenters"),
@@ -471,18 +473,24 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 except UploadError as exc:
                     return f"❌ {exc}"
                 counted.append(len(files))
+                names[kind] = []
                 for path in files:
                     problem = studio.store.checks.problem(path, kind, max_bytes)
                     if problem:
                         problems.append(f"- ❌ {problem}")
+                    else:
+                        names[kind].append(studio.store.checks.name(path, kind, max_bytes))
             n_audio, n_avatar = counted
             count = f"**{n_avatar} presenter(s) × {n_audio} narration(s) = {n_avatar * n_audio} video(s)**"
             if manifest_file:
                 try:
-                    rows = read_uploaded_manifest(manifest_file).num_rows
+                    table = read_uploaded_manifest(manifest_file)
                 except UploadError as exc:
                     return f"❌ {exc}"
-                count = f"**{rows} video(s)**, one a row of the plan {html.escape(os.path.basename(manifest_file))}"
+                shown = html.escape(os.path.basename(manifest_file))
+                count = f"**{table.num_rows} video(s)**, one a row of the plan {shown}"
+                # what Render would refuse, said now (its files may still be to come)
+                problems += [f"- ❌ {shown}: {html.escape(why)}" for why in unmatched_names(table, names)]
             if n_audio or n_avatar:  # the web server keeps them only so long (they count in the quota)
                 count += f" · uploads wait {UPLOAD_WINDOW_SECONDS / 60:.0f} minutes for Render"
             return "\n".join([count, *problems])

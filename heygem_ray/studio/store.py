@@ -786,6 +786,33 @@ class UploadChecks:
 _KINDS = {"audio": "narration", "avatar": "presenter"}
 
 
+def unmatched_names(table: pa.Table, names: Mapping[str, list[str]], most: int = 5) -> list[str]:
+    """Why some of a manifest's rows (`read_uploaded_manifest`) name no upload of `names` (the
+    stored names of the uploads, by column: `UploadChecks.name`): what Render would refuse, told as
+    the files are picked. The first `most` of them."""
+    said: list[str] = []
+    for column in ("audio", "avatar"):
+        if column not in table.column_names:
+            continue
+        for i, value in enumerate(table.column(column).to_pylist()):
+            value = str(value or "").strip()
+            if value and "://" not in value and not value.startswith("/"):
+                found = _upload_named(value, names.get(column, []))
+                if len(found) != 1:
+                    kind = _KINDS[column]
+                    said.append(
+                        f"row {i + 1}: {value!r} "
+                        + (
+                            f"is not among your {kind} uploads"
+                            if not found
+                            else f"could be any of your {kind} uploads {', '.join(found)}"
+                        )
+                    )
+                    if len(said) >= most:
+                        return said
+    return said
+
+
 def _upload_named(value: str, uris: list[str]) -> list[str]:
     """Which of a campaign's uploads (their stored URIs) a manifest's relative name may mean: the
     one stored under that name, or else those whose letters and digits it shares, in any case (the
