@@ -846,7 +846,7 @@ def test_a_manifest_of_very_many_columns_is_refused_from_its_header(tmp_path):
     own = store.inputs("alice", campaign)
     chained.write_text(f"audio,avatar\n{own}/a.wav::http://example.com/a.wav,face.png\n")
     with pytest.raises(UploadError, match="is not among your uploads"):
-        store.uploaded_manifest("alice", campaign, str(chained), {})
+        store.uploaded_manifest("alice", campaign, str(chained), {"avatar": [f"{own}/avatar/face.png"]})
 
 
 def test_a_user_may_have_only_so_many_campaigns_queued_or_running(tmp_path):

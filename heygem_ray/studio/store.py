@@ -265,6 +265,9 @@ class StudioStore:
             raise UploadError(f"{name}: needs the columns audio and avatar (missing: {', '.join(sorted(missing))})")
         if not 0 < table.num_rows <= MANIFEST_MAX_ROWS:
             raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {table.num_rows:,}")
+        unmatched = unmatched_names(table, uploads)
+        if unmatched:
+            raise UploadError(f"{name}: " + "; ".join(unmatched))
         inputs = self.inputs(user, campaign_id)
         own = storage.join(self.root, user) + "/"
         columns: dict[str, list[str | None]] = {}
@@ -277,15 +280,7 @@ class StudioStore:
                 if "://" in value or value.startswith("/"):
                     uri = value
                 else:  # a file of this campaign's uploads, named as it was uploaded
-                    named = _upload_named(value, uploads.get(column, []))
-                    if len(named) != 1:
-                        raise UploadError(
-                            f"{name}: {value!r} is not among your {_KINDS[column]} uploads"
-                            if not named
-                            else f"{name}: {value!r} could be any of your {_KINDS[column]} uploads "
-                            f"{', '.join(storage.basename(u) for u in named)}: name one as it is"
-                        )
-                    (uri,) = named
+                    (uri,) = _upload_named(value, uploads.get(column, []))  # one: `unmatched_names`
                 # "::" chains fsspec file systems: a URI inside the user's folder could name another
                 if not storage.normalize(uri).startswith(own) or ".." in value.split("/") or "::" in value:
                     raise UploadError(f"{name}: {value!r} is not among your uploads")
@@ -787,8 +782,8 @@ _KINDS = {"audio": "narration", "avatar": "presenter"}
 
 
 def unmatched_names(table: pa.Table, names: Mapping[str, list[str]], most: int = 5) -> list[str]:
-    """Why some of a manifest's rows (`read_uploaded_manifest`) name no upload of `names` (the
-    stored names of the uploads, by column: `UploadChecks.name`): what Render would refuse, told as
+    """Why some of a manifest's rows (`read_uploaded_manifest`) name no one upload of `names` (the
+    uploads' stored names or URIs, by column): what Render refuses, and the upload check tells as
     the files are picked. The first `most` of them."""
     said: list[str] = []
     for column in ("audio", "avatar"):
@@ -801,12 +796,10 @@ def unmatched_names(table: pa.Table, names: Mapping[str, list[str]], most: int =
                 if len(found) != 1:
                     kind = _KINDS[column]
                     said.append(
-                        f"row {i + 1}: {value!r} "
-                        + (
-                            f"is not among your {kind} uploads"
-                            if not found
-                            else f"could be any of your {kind} uploads {', '.join(found)}"
-                        )
+                        f"row {i + 1}: {value!r} is not among your {kind} uploads"
+                        if not found
+                        else f"row {i + 1}: {value!r} could be any of your {kind} uploads "
+                        f"{', '.join(map(storage.basename, found))}: name one as it is"
                     )
                     if len(said) >= most:
                         return said
