@@ -43,7 +43,7 @@ from heygem_ray.studio.store import (
     MANIFEST_TYPES,
     UploadError,
     read_uploaded_manifest,
-    unmatched_names,
+    resolve_uploads,
 )
 from heygem_ray.studio.users import LoginGuard, UsersFile, loopback_peer_uid
 
@@ -475,11 +475,10 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 counted.append(len(files))
                 names[kind] = []
                 for path in files:
-                    problem = studio.store.checks.problem(path, kind, max_bytes)
-                    if problem:
-                        problems.append(f"- ❌ {problem}")
-                    else:
+                    try:  # one call: a file gone between two would raise past this page's check
                         names[kind].append(studio.store.checks.name(path, kind, max_bytes))
+                    except UploadError as exc:
+                        problems.append(f"- ❌ {exc}")
             n_audio, n_avatar = counted
             count = f"**{n_avatar} presenter(s) × {n_audio} narration(s) = {n_avatar * n_audio} video(s)**"
             if manifest_file:
@@ -490,7 +489,8 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 shown = html.escape(os.path.basename(manifest_file))
                 count = f"**{table.num_rows} video(s)**, one a row of the plan {shown}"
                 # what Render would refuse, said now (its files may still be to come)
-                problems += [f"- ❌ {shown}: {html.escape(why)}" for why in unmatched_names(table, names)]
+                said = resolve_uploads(table, names, studio.store.own(user))[1]
+                problems += [f"- ❌ {shown}: {html.escape(why)}" for why in said]
             if n_audio or n_avatar:  # the web server keeps them only so long (they count in the quota)
                 count += f" · uploads wait {UPLOAD_WINDOW_SECONDS / 60:.0f} minutes for Render"
             return "\n".join([count, *problems])

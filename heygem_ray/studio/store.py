@@ -265,27 +265,9 @@ class StudioStore:
             raise UploadError(f"{name}: needs the columns audio and avatar (missing: {', '.join(sorted(missing))})")
         if not 0 < table.num_rows <= MANIFEST_MAX_ROWS:
             raise UploadError(f"{name}: a manifest has 1 to {MANIFEST_MAX_ROWS:,} rows, this one {table.num_rows:,}")
-        unmatched = unmatched_names(table, uploads)
-        if unmatched:
-            raise UploadError(f"{name}: " + "; ".join(unmatched))
-        inputs = self.inputs(user, campaign_id)
-        own = storage.join(self.root, user) + "/"
-        columns: dict[str, list[str | None]] = {}
-        for column in ("audio", "avatar"):
-            resolved: list[str | None] = []
-            for value in table.column(column).to_pylist():
-                value = str(value or "").strip()
-                if not value:
-                    raise UploadError(f"{name}: a row has no {column}")
-                if "://" in value or value.startswith("/"):
-                    uri = value
-                else:  # a file of this campaign's uploads, named as it was uploaded
-                    (uri,) = _upload_named(value, uploads.get(column, []))  # one: `unmatched_names`
-                # "::" chains fsspec file systems: a URI inside the user's folder could name another
-                if not storage.normalize(uri).startswith(own) or ".." in value.split("/") or "::" in value:
-                    raise UploadError(f"{name}: {value!r} is not among your uploads")
-                resolved.append(uri)
-            columns[column] = resolved
+        columns, problems = resolve_uploads(table, uploads, self.own(user))
+        if problems:
+            raise UploadError(f"{name}: " + "; ".join(problems))
         if "id" in table.column_names:  # ids as text (a CSV reads 1, 2, 3 as numbers)
             columns["id"] = [None if v is None else str(v) for v in table.column("id").to_pylist()]
         keep = {"box": table.column("box")} if "box" in table.column_names else {}
@@ -298,11 +280,15 @@ class StudioStore:
             raise UploadError(str(exc)) from None
         buf = io.BytesIO()
         pq.write_table(out, buf)
-        uri = storage.join(inputs, "manifest.parquet")
+        uri = storage.join(self.inputs(user, campaign_id), "manifest.parquet")
         storage.write_bytes(uri, buf.getvalue())
         return uri, out.num_rows
 
     # -------------------------------------------------------------- records
+    def own(self, user: str) -> str:
+        """The user's folder, as every URI in it begins."""
+        return storage.join(self.root, user) + "/"
+
     @functools.cache  # noqa: B019 - one answer per store, which lives as long as the studio
     def _case_blind(self) -> bool:
         """Whether the store's file system takes names differing only in case for one."""
@@ -781,40 +767,69 @@ class UploadChecks:
 _KINDS = {"audio": "narration", "avatar": "presenter"}
 
 
-def unmatched_names(table: pa.Table, names: Mapping[str, list[str]], most: int = 5) -> list[str]:
-    """Why some of a manifest's rows (`read_uploaded_manifest`) name no one upload of `names` (the
-    uploads' stored names or URIs, by column): what Render refuses, and the upload check tells as
-    the files are picked. The first `most` of them."""
-    said: list[str] = []
+def resolve_uploads(
+    table: pa.Table, uploads: Mapping[str, list[str]], own: str, most: int = 5
+) -> tuple[dict[str, list[str | None]], list[str]]:
+    """A manifest's `audio` and `avatar` cells (`read_uploaded_manifest`) as URIs: a name relative
+    to the campaign's uploads (`uploads`: their stored URIs, or names, by column) as the upload it
+    means (`_UploadIndex`), a URI as it is, inside the user's folder `own`; and why not, for the
+    first `most` cells at fault (each value once, with how many rows name it): what Render refuses,
+    and the upload check tells as the files are picked."""
+    columns: dict[str, list[str | None]] = {}
+    faults: dict[tuple[str, str], list[int]] = {}  # (why, value) -> rows, in order
     for column in ("audio", "avatar"):
-        if column not in table.column_names:
-            continue
-        for i, value in enumerate(table.column(column).to_pylist()):
-            value = str(value or "").strip()
-            if value and "://" not in value and not value.startswith("/"):
-                found = _upload_named(value, names.get(column, []))
-                if len(found) != 1:
-                    kind = _KINDS[column]
-                    said.append(
-                        f"row {i + 1}: {value!r} is not among your {kind} uploads"
-                        if not found
-                        else f"row {i + 1}: {value!r} could be any of your {kind} uploads "
-                        f"{', '.join(map(storage.basename, found))}: name one as it is"
-                    )
-                    if len(said) >= most:
-                        return said
-    return said
+        index, kind = _UploadIndex(uploads.get(column, [])), _KINDS[column]
+        resolved: list[str | None] = []
+        for row, cell in enumerate(table.column(column).to_pylist() if column in table.column_names else []):
+            value, uri, why = str(cell or "").strip(), None, ""
+            if not value:
+                why = f"a row has no {column}"
+            # "::" chains fsspec file systems: a URI inside the user's folder could name another
+            elif ".." in value.split("/") or "::" in value:
+                why = f"{value[:80]!r} is not among your uploads"
+            elif "://" in value or value.startswith("/"):
+                uri = value if storage.normalize(value).startswith(own) else None
+                why = "" if uri else f"{value[:80]!r} is not among your uploads"
+            else:  # a file of this campaign's uploads, named as it was uploaded
+                found = index.named(value)
+                uri = found[0] if len(found) == 1 else None
+                if not found:
+                    why = f"{value[:80]!r} is not among your {kind} uploads"
+                elif uri is None:
+                    names = ", ".join(storage.basename(u) for u in found)
+                    why = f"{value[:80]!r} could be any of your {kind} uploads {names}: name one as it is"
+            if why:
+                faults.setdefault((why, value), []).append(row + 1)
+            resolved.append(uri)
+        columns[column] = resolved
+    problems = []
+    for (why, _), rows in list(faults.items())[:most]:
+        more = f" and {len(rows) - 1:,} more" if len(rows) > 1 else ""
+        problems.append(f"row {rows[0]}{more}: {why}")
+    return columns, problems
 
 
-def _upload_named(value: str, uris: list[str]) -> list[str]:
-    """Which of a campaign's uploads (their stored URIs) a manifest's relative name may mean: the
-    one stored under that name, or else those whose letters and digits it shares, in any case (the
-    web server drops characters such as `!`, `?` and `$` from an upload's name before we see it, so
-    "Take 2!.wav" is stored as "Take-2.wav"). One is the answer; none or several are not."""
-    stored = {storage.basename(uri): uri for uri in uris}
-    if _safe_name(value) in stored:
-        return [stored[_safe_name(value)]]
-    return [uri for name, uri in stored.items() if _loose(name) == _loose(value)]
+class _UploadIndex:
+    """Which of a campaign's uploads (their stored URIs, or names) a manifest's relative name may
+    mean: the one stored under that name, or else those whose letters and digits it shares, in
+    any case (the web server drops characters such as `!`, `?` and `$` from an upload's name
+    before we see it, so "Take 2!.wav" is stored as "Take-2.wav"). One is the answer; none or
+    several are not. Indexed once, each name answered once: a plan of 100,000 rows over 1,000
+    uploads took 45 s to match name by name (530 s by loose names), at every file picked; 0.14 s."""
+
+    def __init__(self, uris: list[str]):
+        self._stored = {storage.basename(uri): uri for uri in uris}
+        self._loose: dict[str, list[str]] = {}
+        for name, uri in self._stored.items():
+            self._loose.setdefault(_loose(name), []).append(uri)
+        self._answers: dict[str, list[str]] = {}
+
+    def named(self, value: str) -> list[str]:
+        answer = self._answers.get(value)
+        if answer is None:
+            exact = self._stored.get(_safe_name(value))
+            answer = self._answers[value] = [exact] if exact else self._loose.get(_loose(value), [])
+        return answer
 
 
 def _loose(name: str) -> str:
