@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from heygem_ray.config import Config
 from heygem_ray.errors import RendererStartError
 from heygem_ray.executors import Executor
+from heygem_ray.release import code_version
 from heygem_ray.segment import WorkerInfo
 
 log = logging.getLogger("heygem_ray")
@@ -62,6 +63,8 @@ class ActorPool:
         # encoder), so rows prepare meanwhile and nothing waits on a node that may never start.
         # Every segment then uses that one codec, so a row's segments join without re-encoding.
         self.codec: str | None = None if cfg.encoder.codec == "auto" else cfg.encoder.codec
+        #: the driver's code: segments are keyed by it (`rows`), so every actor must run the same
+        self.code = code_version()
         #: set once no actor can ever render: every row waiting for one fails with it
         self.error: str | None = None
         #: when the first actor answered (time.monotonic()), for start-up figures
@@ -195,6 +198,15 @@ class ActorPool:
                 return self.unusable(actor, f"{type(cause).__name__}: {cause}".splitlines()[0])
             a.probe_at = time.monotonic() + 1.0  # still restarting (maybe waiting for a node)
             return None
+        if info.code and info.code != self.code:
+            # a worker image or an installed package unlike the driver's (a node not yet upgraded):
+            # its segments would join one video with segments of another release, under a key that
+            # says they are the driver's
+            return self.unusable(
+                actor,
+                f"it runs heygem_ray code {info.code} but the driver runs {self.code} (its node's image or "
+                "installed package differs from the driver's: install the same release on every node)",
+            )
         if self.codec is None:
             self.codec = info.codec
             log.info("encoder.codec=auto resolved to %s by renderer actor %d", info.codec, actor)

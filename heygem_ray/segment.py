@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from heygem_ray import metrics, qa, scratch, storage
+from heygem_ray import metrics, qa, release, scratch, storage
 from heygem_ray.config import Config
 from heygem_ray.devices import cuda_index, cuda_usable, prefer_blocking_sync, set_torch_threads, torch_device
 from heygem_ray.errors import InputError, RendererStartError, reading
@@ -86,6 +86,8 @@ class WorkerInfo:
     model_loaded: float = 0.0
     #: how it decodes avatar videos: "nvdec:N" (CUDA device N) or "software"
     decoder: str = "software"
+    #: the heygem_ray code it runs (`release.code_version`), as its process found it at start
+    code: str = ""
 
 
 @dataclass
@@ -151,6 +153,7 @@ class RenderWorker:
         """Never raises: a renderer that cannot start says why from `ready()` (a typed
         `RendererStartError` the driver reads, instead of a dead actor's traceback text)."""
         self.init_started = time.time()
+        self.code = release.code_version()  # what this process imported, before the files can change
         self.cfg = cfg
         self.cores: list[int] | None = None
         self.start_error: str | None = None
@@ -240,6 +243,7 @@ class RenderWorker:
             init_started=self.init_started,
             model_loaded=self.model_loaded,
             decoder="software" if self.nvdec is None else f"nvdec:{self.nvdec}",
+            code=self.code,
         )
 
     def render_segment(self, job: SegmentJob) -> SegmentResult:

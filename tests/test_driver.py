@@ -1384,6 +1384,37 @@ def test_actors_gone_for_good_are_given_up_not_asked_for_ever(tmp_path):
     assert all("No module named 'heygem_ray'" in r.error for r in summary.rows)
 
 
+@pytest.mark.parametrize("unlike", ["one actor", "every actor"])
+def test_an_actor_running_other_code_than_the_driver_gets_no_segments(tmp_path, unlike):
+    """Segments are keyed by the driver's code (`release.code_version`): an actor on a node whose
+    image or installed package differs (a worker group not yet upgraded) rendered segments of
+    another release into the driver's videos, under the driver's key. It is refused, saying so; with
+    no actor like the driver, every row fails with the cause."""
+    from dataclasses import replace as changed
+
+    from benchmarks.driver import Done
+    from heygem_ray.release import code_version
+
+    class MixedImages(SimulatedExecutor):
+        def call(self, actor: int, method: str, *args: Any) -> Any:
+            answer = super().call(actor, method, *args)
+            if method == "ready":
+                code = "0123456789abcdef" if unlike == "every actor" or actor == 0 else code_version()
+                return Done(changed(answer.result, code=code))
+            return answer
+
+    job, _ = _campaign(tmp_path)
+    campaign = Campaign(job.cfg, job.rows, executor=MixedImages(actors=2))
+    summary = run_within(campaign, 30)
+    assert summary is not None
+    why = f"runs heygem_ray code 0123456789abcdef but the driver runs {code_version()}"
+    assert why in (campaign.actors.actors[0].failed or "")
+    if unlike == "one actor":
+        assert summary.count("ok") == ROWS and campaign.actors.actors[1].failed is None
+    else:
+        assert summary.count("failed") == ROWS and all(why in r.error for r in summary.rows)
+
+
 class _StitchesTakeTime(SimulatedExecutor):
     """Stitches run on threads and take `seconds[row_id]` (other rows' at once) from when `go` is
     set (at once, unless a test clears it); `cancel` stops a stitch not yet published, as Ray's

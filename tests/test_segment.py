@@ -100,6 +100,13 @@ def test_encoder_settings_x264_cannot_open_stop_the_actor_at_start():
     assert refused.start_error is not None and "does not open with the encoder settings" in refused.start_error
 
 
+def test_a_renderer_says_which_code_it_runs():
+    """The driver refuses actors whose code is not its own (`ActorPool.answered`): each says its own."""
+    from heygem_ray.release import code_version
+
+    assert worker().ready().code == code_version()
+
+
 def test_an_actor_started_after_its_checkpoint_was_replaced_refuses_to_render(tmp_path, recipe_checkpoints):
     """A renderer actor that Ray restarted mid-campaign loaded whatever file was at the checkpoint's
     URI then: rows named the weights the campaign started with, and one row's segments could mix
