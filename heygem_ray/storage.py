@@ -91,7 +91,10 @@ def is_transient(exc: BaseException) -> bool:
     """Errors a later try may not meet: throttling (S3 SlowDown/503 arrive as EBUSY; 429 and 5xx
     answers s3fs does not name arrive as EIO from the client's error), server errors, dropped or
     refused connections, responses cut short, timeouts. A missing or forbidden file is never
-    transient."""
+    transient: but fsspec's HTTP client says "not found" for any failed request (a 503, a refused
+    connection), so there the cause decides."""
+    if isinstance(exc, FileNotFoundError) and _masked(exc):
+        return True
     if isinstance(exc, _PERMANENT):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError)):
@@ -104,6 +107,12 @@ def is_transient(exc: BaseException) -> bool:
     return kind.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "http") and any(
         word in kind.__name__ for word in _CUT_SHORT
     )
+
+
+def _masked(exc: FileNotFoundError) -> bool:
+    """Whether a "not found" hides a transient failure it was raised from (fsspec's HTTP client)."""
+    cause = exc.__cause__
+    return cause is not None and not isinstance(cause, FileNotFoundError) and is_transient(cause)
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -159,10 +168,12 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
                 if not is_transient(exc):
                     raise
                 if attempt == RETRIES:
-                    if isinstance(exc, OSError):
+                    # a "not found" masking what failed (`_masked`) is said as what failed
+                    failed = exc.__cause__ if isinstance(exc, FileNotFoundError) and exc.__cause__ else exc
+                    if isinstance(exc, OSError) and failed is exc:
                         exc.storage_retried = True  # type: ignore[attr-defined]  # see `retried`
                         raise
-                    raise StorageUnavailable(display(f"{type(exc).__name__}: {exc}")) from exc
+                    raise StorageUnavailable(display(f"{type(failed).__name__}: {failed}")) from exc
                 delay = min(_BACKOFF_MAX, _BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 target = display(str(args[-1] if fn.__name__ == "publish_file" else args[0])) if args else ""
                 log.warning(

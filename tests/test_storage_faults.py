@@ -321,3 +321,39 @@ def test_a_removal_the_store_answered_but_did_not_do_is_tried_again_then_raised(
         assert storage.exists("s3://keeps/campaign/b.mp4")
     finally:
         fs.s3.meta.events.unregister("before-parameter-build.s3.DeleteObjects", the_store_keeps_b)
+
+
+@pytest.fixture
+def flaky_http(tmp_path):
+    """A folder served over HTTP on loopback (an https narration's server, a CDN), behind the proxy."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = FlakyProxy(f"http://127.0.0.1:{server.server_address[1]}")
+    yield proxy, tmp_path
+    proxy.close()
+    server.shutdown()
+
+
+def test_an_http_input_whose_server_is_briefly_away_is_tried_again_not_missing(flaky_http, monkeypatch):
+    """fsspec's HTTP client says "not found" for any failed request: a narration whose server
+    answered 503 twice (a text-to-speech service under load) failed its row at once with "does not
+    exist". The cause decides now: ridden out; past the retries, the row says what the server
+    answered. A 404 is still missing, at once."""
+    proxy, folder = flaky_http
+    (folder / "narration.wav").write_bytes(b"RIFF" + bytes(60))
+    proxy.answer, proxy.drop_next = 503, 2
+    assert storage.info(f"{proxy.url}/narration.wav")["size"] == 64
+    assert proxy.dropped == 2 and proxy.drop_next == 0
+    proxy.dropped = 0
+    with pytest.raises(FileNotFoundError):
+        storage.info(f"{proxy.url}/never.wav")
+    assert proxy.dropped == 0
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    monkeypatch.setattr(storage, "_BACKOFF", 0.01)
+    proxy.drop_next = 10
+    with pytest.raises(storage.StorageUnavailable, match="503"):
+        storage.info(f"{proxy.url}/narration.wav")
