@@ -56,7 +56,7 @@ def read_manifest(uri: str, output_root: str, allow_outside_output: bool = False
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"manifest {storage.display(uri)} is not a readable Parquet file: {exc}") from None
     case_blind = storage.case_blind(output_root)
-    return rows_from_table(table, output_root, storage.display(uri), allow_outside_output, case_blind)
+    return rows_from_table(table, output_root, storage.display(uri), allow_outside_output, case_blind, manifest=uri)
 
 
 def rows_from_table(
@@ -65,6 +65,7 @@ def rows_from_table(
     name: str = "manifest",
     allow_outside_output: bool = False,
     case_blind: bool = False,
+    manifest: str | None = None,
 ) -> list[Row]:
     """One Row per manifest row, in order. A row that cannot run is kept, refused with why
     (`Row.refused`), so that its result says so and the rest of the campaign goes on; a problem of the
@@ -72,7 +73,8 @@ def rows_from_table(
     ManifestError. Column names are taken without a byte-order mark, spaces or case (a spreadsheet's
     UTF-8 CSV starts "\ufeffaudio", which printed as the "audio" it said was missing).
     `case_blind`: the output root's file system takes names differing in case for one (macOS,
-    Windows, SMB), where rows "Intro" and "intro" would share a video, a marker and a thumbnail."""
+    Windows, SMB), where rows "Intro" and "intro" would share a video, a marker and a thumbnail.
+    `manifest`: where the table was read from, which no row may write over."""
     table = table.rename_columns([column_name(c) for c in table.column_names])
     repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
     if repeated:
@@ -91,7 +93,7 @@ def rows_from_table(
     cells = [_read_row(n, record, root, allow_outside_output) for n, record in enumerate(table.to_pylist())]
     if not cells:
         raise ManifestError(f"{name} has no rows")
-    _refuse_repeats(cells, case_blind)
+    _refuse_repeats(cells, case_blind, manifest)
     rows = [cell.row() for cell in cells]
     if all(row.refused for row in rows):
         refused = [row.refused or "" for row in rows]
@@ -243,11 +245,11 @@ def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_
     return cell
 
 
-def _refuse_repeats(cells: list[_Cells], case_blind: bool = False) -> None:
+def _refuse_repeats(cells: list[_Cells], case_blind: bool = False, manifest: str | None = None) -> None:
     """Refuse every row of an id or an output that several rows share (which of them was meant is
     not ours to guess; `case_blind`: ids and outputs differing only in case are one), and a row
-    whose output is one of the campaign's inputs. Rows of a shared id lose it, so that each result
-    names one row."""
+    whose output is one of the campaign's inputs or its manifest (a rerun could not read it). Rows
+    of a shared id lose it, so that each result names one row."""
     by_id: dict[str, list[_Cells]] = {}
     by_output: dict[str, list[_Cells]] = {}
     for cell in cells:
@@ -271,9 +273,18 @@ def _refuse_repeats(cells: list[_Cells], case_blind: bool = False) -> None:
         if len(sharing) > 1:
             for cell, others in _others(sharing):
                 cell.refuse(f"output {storage.display(cell.output)} is also that of row(s) {others}")
-    inputs = {storage.normalize(uri) for uri in {uri for cell in cells for uri in (cell.audio, cell.avatar) if uri}}
+
+    def key(uri: str) -> str:
+        return uri.casefold() if case_blind else uri
+
+    inputs = {
+        key(storage.normalize(uri)) for uri in {uri for cell in cells for uri in (cell.audio, cell.avatar) if uri}
+    }
+    read_from = key(storage.normalize(manifest)) if manifest else None
     for cell in cells:
-        if cell.output and cell.normal_output in inputs:
+        if cell.output and key(cell.normal_output) == read_from:
+            cell.refuse(f"output {storage.display(cell.output)} is the campaign's manifest")
+        elif cell.output and key(cell.normal_output) in inputs:
             cell.refuse(f"output {storage.display(cell.output)} is one of the campaign's inputs")
 
 

@@ -201,6 +201,22 @@ def test_ids_and_outputs_differing_in_case_are_one_on_a_case_blind_file_system(t
     assert [bool(r.refused) for r in read_manifest(manifest, str(tmp_path / "out"))] == [True, True, False]
 
 
+def test_a_row_whose_output_is_the_manifest_itself_is_refused(tmp_path):
+    """A manifest kept in its output root, a row given `output = campaign.parquet`: the run
+    replaced its own manifest with a video, said ok, and no rerun could read it again. On a
+    case-blind file system an input named in another case is the same file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = str(out / "campaign.parquet")
+    cells = {"id": ["a", "b"], "audio": ["/a.wav", "/b.wav"], "avatar": ["/v.mp4"] * 2}
+    pq.write_table(pa.table({**cells, "output": ["a.mp4", "campaign.parquet"]}), manifest)
+    rows = read_manifest(manifest, str(out))
+    assert rows[0].refused is None
+    assert f"output {manifest} is the campaign's manifest" in (rows[1].refused or "")
+    blind = rows_from_table(pa.table({**cells, "output": ["a.mp4", "/V.mp4"]}), "/", case_blind=True)
+    assert "is one of the campaign's inputs" in (blind[1].refused or "")
+
+
 def test_box_column_accepts_lists_and_strings():
     rows = rows_from_table(table(audio=["a", "b"], avatar=["v", "v"], box=["10,20,110,140", None]), "/o")
     assert rows[0].box == (10, 20, 110, 140) and rows[1].box is None
