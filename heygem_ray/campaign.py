@@ -697,6 +697,8 @@ def run(
     scratch.sweep()  # what killed processes on this node left
     # a manifest no row of which can run stops here, before any rendering
     rows = _boxed(read_manifest(cfg.manifest, cfg.output, cfg.storage.allow_outside_output), cfg)
+    if in_the_way := cfg.layout.folders_in_the_way():
+        raise InputError("output", in_the_way[0], "is a folder where the campaign keeps its own file: move it away")
     cfg = replace(cfg, model_versions=model_versions(cfg))
     _check_models(cfg)
     if accepted is not None:

@@ -18,9 +18,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from heygem_ray.storage import join
+from heygem_ray.storage import is_local, join, local_path
 
 #: the names the campaign's own files take directly under the output root: no video may
 RESERVED = (
@@ -44,6 +45,13 @@ class CampaignLayout:
     output: str
     #: where decoded audio and face tracks go; None = {output}/_cache
     cache_root: str | None = None
+
+    def folders_in_the_way(self) -> list[str]:
+        """The campaign's own files that are folders on a local output root (a copy gone wrong, a
+        tool that made `_results.parquet` a dataset folder): each run failed at the first write and
+        said to run again, which failed the same way."""
+        files = (self.results, self.report, self.progress, self.config, self.forced)
+        return [uri for uri in files if is_local(uri) and os.path.isdir(local_path(uri))]
 
     @property
     def results(self) -> str:

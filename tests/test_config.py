@@ -320,6 +320,24 @@ def test_a_fixed_box_detector_with_no_box_refuses_the_rows_without_one(tmp_path,
     assert not any(r.refused for r in _boxed(read, compose_config(*args, "detector.box=[0,0,8,8]")))
 
 
+def test_a_folder_where_the_results_table_goes_stops_the_run_at_once_saying_so(tmp_path, capsys):
+    """`_results.parquet` made a folder (a dataset written there by another tool): every run
+    failed with the disk's IsADirectoryError, exit 1, "run the same command again to resume",
+    which failed the same way. Now exit 2 naming it, before anything is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heygem_ray.cli import render_main
+
+    manifest, out = tmp_path / "m.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"id": ["a"], "audio": ["/in/a.wav"], "avatar": ["/in/v.mp4"]}), manifest)
+    (out / "_results.parquet").mkdir(parents=True)
+    assert render_main([f"manifest={manifest}", f"output={out}", "cluster=inline"]) == 2
+    said = capsys.readouterr().err
+    assert f"output {out}/_results.parquet: is a folder where the campaign keeps its own file" in said
+    assert sorted(p.name for p in out.iterdir()) == ["_results.parquet"]  # no _config.yaml, no lock left
+
+
 def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path):
     from heygem_ray.cli import demo_main
 
