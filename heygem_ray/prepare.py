@@ -167,8 +167,9 @@ class AudioInfo:
 
 
 #: how a narration is decoded into the PCM cache, in its name: "-mean" since channels are averaged
-#: (a cached decode of FFmpeg's 3 dB louder downmix is not used)
-PCM_VERSION = "-mean"
+#: (a cached decode of FFmpeg's 3 dB louder downmix is not used); "-mean2" since channels that
+#: cancel in the mean are heard one alone (`media.audio._mixable`)
+PCM_VERSION = "-mean2"
 
 
 def prepare_audio(uri: str, cache: str, max_seconds: float = float("inf"), fingerprint: str = "") -> AudioInfo:

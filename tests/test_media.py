@@ -65,6 +65,29 @@ def test_a_stereo_narration_is_the_mean_of_its_channels_as_the_official_flow_hea
         np.testing.assert_allclose(decode_all(path), (pair[0] + pair[1]) / 2, atol=2 / 32768)
 
 
+def test_a_narration_whose_channels_cancel_in_the_mean_is_heard_from_one_of_them(tmp_path):
+    """A stereo narration recorded with one channel's phase flipped (a mic lead wired backwards)
+    plays aloud, but the mean of its channels is silence: the mouth stayed shut for the whole video,
+    reported ok. Where the mean is 20 dB under the channels, one channel is heard instead."""
+    from fractions import Fraction
+
+    t = np.arange(16000) / 16000
+    voice = 0.4 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    for name, pair, heard in (
+        ("opposite.wav", (voice, -voice), voice),
+        ("mostly.wav", (voice, -0.99 * voice), voice),
+        ("wide.wav", (voice, 0.3 * voice), 0.65 * voice),  # no cancelling: the mean, as before
+    ):
+        path = str(tmp_path / name)
+        with av.open(path, "w") as container:
+            stream = container.add_stream("pcm_s16le", rate=16000, layout="stereo")
+            frame = av.AudioFrame.from_ndarray(np.array(pair, np.float32), format="fltp", layout="stereo")
+            frame.sample_rate, frame.time_base, frame.pts = 16000, Fraction(1, 16000), 0
+            container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        np.testing.assert_allclose(decode_all(path), heard, atol=2 / 32768)
+
+
 def test_8bit_pcm_and_nan_float_wav(tmp_path):
     path = str(tmp_path / "u8.wav")
     with wave.open(path, "wb") as fh:

@@ -124,6 +124,8 @@ class Resampler:
 
 #: the most channels FFmpeg mixes down by itself (it knows no order for more)
 MIXABLE_CHANNELS = 8
+#: a mono mix this far below its channels' mean energy (20 dB) is channels cancelling each other
+CANCELLED = 0.01
 
 
 def _mixable(frame: av.AudioFrame, to_mono: bool = False) -> av.AudioFrame:
@@ -136,7 +138,14 @@ def _mixable(frame: av.AudioFrame, to_mono: bool = False) -> av.AudioFrame:
         return frame
     data = frame.to_ndarray()  # planar: (channels, samples); packed: (1, samples * channels)
     per_channel = data.reshape(channels, -1) if frame.format.is_planar else data.reshape(-1, channels).T
-    mono = per_channel.mean(axis=0, dtype=np.float64).astype(data.dtype)[None, :]
+    mean = per_channel.mean(axis=0, dtype=np.float64)
+    energy = np.square(per_channel, dtype=np.float64).sum(axis=1)
+    if np.square(mean).sum() < CANCELLED * energy.mean():
+        # channels in opposite phase (a mic wired with one leg swapped): their mean is silence, and
+        # the mouth stayed shut under a narration that plays aloud. One channel instead: the first,
+        # unless another is much louder (a file whose first channel is silent)
+        mean = per_channel[0 if energy[0] >= 0.5 * energy.max() else int(energy.argmax())].astype(np.float64)
+    mono = mean.astype(data.dtype)[None, :]
     mixed = av.AudioFrame.from_ndarray(mono, format=frame.format.name, layout="mono")
     mixed.sample_rate, mixed.pts, mixed.time_base = frame.sample_rate, frame.pts, frame.time_base
     return mixed
