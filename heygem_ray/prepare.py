@@ -759,7 +759,17 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> tuple[np.ndarray
     # how many packets one comes after those it is shown before (B-frames: a few; counted in
     # packets, not time: a clip that pauses for seconds after a B-frame is no restart)
     behind = int((np.arange(order.size) - np.argsort(order)).max())
-    if behind > REORDER_FRAMES or bool((np.diff(timestamps) <= 0).any()):
+    repeats = int((np.diff(timestamps) == 0).sum())
+    if repeats and behind <= REORDER_FRAMES:
+        # one recording whose recorder stamped frames of a burst alike (a browser's, after a
+        # hiccup): which of them a player shows is its own choice, so none is ours to guess
+        raise InputError(
+            "avatar",
+            uri,
+            f"{repeats} of its frames carry the timestamp of another (a recorder's glitch): re-encode it at a "
+            "steady rate, e.g. `ffmpeg -i in.webm -r 30 -c:v libx264 -crf 18 out.mp4`",
+        )
+    if behind > REORDER_FRAMES or repeats:
         # recordings joined end to end (`cat a.ts b.ts`): frames mapped to others' places, or cut
         # off unsaid, came out as "no face found" or "cannot be decoded this far"
         raise InputError(
