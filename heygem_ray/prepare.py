@@ -386,8 +386,13 @@ def candidates_key(cfg: DetectorConfig, still_fps: float, frames: tuple[Any, ...
 def shown_frames(step: int, info: VideoInfo) -> tuple[Any, ...]:
     """The parts of the track keys that say which frames the detector sees: every `step`-th of a
     clip over `render.max_fps`, an avatar at the size it was shrunk to (another pixel limit or
-    `render.max_side`, another size). Empty for every frame at its own size, so those keys are as they were before either."""
-    return (() if step == 1 else (step,)) + (() if info.scale == 1 else (info.width, info.height))
+    `render.max_side`, another size), ticks of held frames (`_held`). Empty for every frame at its
+    own size, so those keys are as they were before any of these."""
+    return (
+        (() if step == 1 else (step,))
+        + (() if info.scale == 1 else (info.width, info.height))
+        + (("held",) if info.held else ())
+    )
 
 
 #: seconds a checkpoint's version is trusted before the store is asked again (once per row otherwise)
@@ -533,8 +538,9 @@ def _avatar_frames(
     _check_pixels(uri, info, max_pixels)
     if info.still:  # one image read, and its size follows the pixel limit: not cached
         return info, np.zeros(1, np.int64)
-    pts, time_base = _frame_timestamps(local, info, uri)
-    info = _at_timed_rate(info, pts, time_base)
+    stamps = _frame_timestamps(local, info, uri)
+    info = _at_timed_rate(info, stamps.pts, stamps.time_base)
+    info, pts = _held(info, stamps, still_fps)
     buf = io.BytesIO()
     np.savez(buf, pts=pts, info=np.array(json.dumps(asdict(info))))
     with caching(frames_uri):
@@ -543,8 +549,9 @@ def _avatar_frames(
 
 
 #: the version of the facts and timestamps cached per avatar (frames-<key>.npz), with TRACK_VERSION:
-#: 2, a clip's rate from its timestamps where the container's was belied by them
-FRAMES_VERSION = 2
+#: 2, a clip's rate from its timestamps where the container's was belied by them; 3, slow clips and
+#: animated images on a steady timeline (`_held`)
+FRAMES_VERSION = 3
 
 
 #: a gap between two frames over this many times the median one is a pause (a recording's tab in
@@ -572,6 +579,33 @@ def _at_timed_rate(info: VideoInfo, pts: np.ndarray, time_base: Fraction) -> Vid
         return info
     timed = timed.limit_denominator(1001)
     return replace(info, fps=float(timed), fps_fraction=f"{timed.numerator}/{timed.denominator}")
+
+
+#: clips slower than this (frames a second), and animated images, play at `render.still_fps` with
+#: each frame held as long as it is timed: the mouth is drawn anew on every output frame, and a
+#: GIF of two poses at about one frame a second moved its lips once a second (its 0.15 s blink
+#: held a whole second), a GIF's 2 s pose played in a tenth of one
+STEADY_RATE = 10.0
+#: FFmpeg's demuxers of animated images
+ANIMATED_IMAGES = frozenset({"gif", "apng", "webp", "webp_pipe"})
+
+
+def _held(info: VideoInfo, stamps: _Timestamps, rate: float) -> tuple[VideoInfo, np.ndarray]:
+    """A slow clip or an animated image on a steady timeline at `rate`: the timestamp of the frame
+    on screen at each of its ticks (a frame repeats while it is held; one too brief for any tick is
+    left out). Other clips as they are."""
+    pts = stamps.pts
+    if info.still or not len(pts) or not (stamps.animated_image or info.fps < STEADY_RATE):
+        return info, pts
+    seconds = (pts - pts[0]).astype(np.float64) * float(stamps.time_base)
+    last = float(np.median(np.diff(seconds))) if len(pts) > 1 else 1.0 / info.fps
+    if stamps.end is not None and stamps.end > pts[-1]:
+        last = float((stamps.end - pts[-1]) * stamps.time_base)
+    ticks = max(1, round((seconds[-1] + last) * rate))
+    on_screen = np.searchsorted(seconds, np.arange(ticks) / rate, side="right") - 1
+    steady = Fraction(rate).limit_denominator(1001)
+    held = replace(_at_rate(info, steady), frame_count=ticks, held=True)
+    return held, pts[on_screen]
 
 
 def _scaled_box(box: Any, scale: float) -> Any:
@@ -720,21 +754,32 @@ ORDER_CHECK_FRAMES = 32
 REORDER_FRAMES = 32
 
 
-def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> tuple[np.ndarray, Fraction]:
+@dataclass(frozen=True)
+class _Timestamps:
+    pts: np.ndarray  # every frame's, in display order
+    time_base: Fraction
+    end: int | None  # where the last frame's time on screen ends (its packet's duration), if said
+    animated_image: bool  # a GIF, an APNG or an animated WebP: its frames' delays are the artist's
+
+
+def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> _Timestamps:
     """Every frame's pts from a demux pass, less those before the first frame the decoder gives (a
-    clip cut inside a group of pictures starts with packets that decode to nothing), and their time
-    base."""
+    clip cut inside a group of pictures starts with packets that decode to nothing)."""
     try:
         with av.open(local) as container:
             stream = container.streams.video[0]
             time_base = stream.time_base or Fraction(1, 1000)
+            animated_image = container.format.name in ANIMATED_IMAGES
             # packets an edit list cuts (a trimmed clip) are demuxed but never shown: flagged discard
             packets, pts = 0, array.array("q")  # 8 bytes a frame, not a Python int's 36
+            end: int | None = None
             for packet in container.demux(stream):
                 if packet.size > 0 and not packet.is_discard:
                     packets += 1
                     if packet.pts is not None:
                         pts.append(packet.pts)
+                        if packet.duration:
+                            end = max(end or 0, packet.pts + packet.duration)
     except av.error.FFmpegError as exc:
         raise InputError("avatar", uri, f"demuxing failed ({exc.strerror or exc})") from None
     if packets and not pts:
@@ -782,7 +827,7 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> tuple[np.ndarray
     decoded = [t for t, _ in iter_sampled_frames(local, info, ORDER_CHECK_FRAMES, uri, limit=ORDER_CHECK_FRAMES)]
     if not decoded:
         raise InputError("avatar", uri, "has no decodable video frames")
-    return timestamps[timestamps >= decoded[0]], time_base
+    return _Timestamps(timestamps[timestamps >= decoded[0]], time_base, end, animated_image)
 
 
 def _dump_array(array: np.ndarray) -> bytes:

@@ -1135,3 +1135,47 @@ def test_a_frame_damaged_late_in_an_avatar_fails_only_the_narrations_that_reach_
     assert statuses["short"] == ("ok", None), statuses
     assert statuses["long"][0] == "failed" and "decoding failed" in statuses["long"][1], statuses
     assert " at 12.3 s: narrations of up to 7.7 s render" in statuses["long"][1], statuses
+
+
+def test_an_animated_image_plays_each_frame_for_its_delay_at_a_steady_rate(media_dir, tmp_path):
+    """A presenter GIF of two poses (eyes open 2 s, a 0.15 s blink) played at its average rate, 0.93
+    frames a second: the lips moved once a second and the blink lasted a second; a GIF that holds a
+    pose 2 s and then waves in tenths played that pose in a tenth. Now at `render.still_fps`, each
+    frame held for its delay (looped forward and back, as clips are)."""
+    from PIL import Image
+
+    def gif(path: Path, levels: list[int], delays: list[int]) -> None:
+        frames = [Image.fromarray(np.full((96, 128, 3), v, np.uint8)) for v in levels]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=delays, loop=0)
+
+    gif(tmp_path / "blink.gif", [40, 200], [2000, 150])
+    gif(tmp_path / "wave.gif", [40, 100, 160], [2000, 100, 100])
+    manifest = str(tmp_path / "m.parquet")
+    avatars = {"blink": tmp_path / "blink.gif", "wave": tmp_path / "wave.gif"}
+    pq.write_table(
+        pa.table(
+            {
+                "id": list(avatars),
+                "audio": [str(media_dir / "speech3.wav")] * 2,
+                "avatar": [str(p) for p in avatars.values()],
+            }
+        ),
+        manifest,
+    )
+    cfg = compose_config(
+        f"manifest={manifest}", f"output={tmp_path / 'out'}", "cluster=inline", "render.progress=false",
+        "detector=box", "detector.box=[0,0,8,8]",
+    )  # fmt: skip
+    assert campaign.run(cfg).count("ok") == 2
+    shown = {}
+    for name in avatars:
+        with av.open(str(tmp_path / "out" / f"{name}.mp4")) as container:
+            assert container.streams.video[0].average_rate == 25
+            # a corner outside the box: the avatar's own level, frame by frame
+            levels = [int(f.to_ndarray(format="bgr24")[-8:, -8:].mean()) for f in container.decode(video=0)]
+        shown[name] = [round(v / 20) * 20 for v in levels]
+    blink = shown["blink"]
+    assert blink[:50] == [40] * 50  # 2 s open
+    assert blink[50:54] == [200] * 4 and blink[58] == 40  # 0.15 s closed, and again on the way back
+    wave = shown["wave"]
+    assert wave[:50] == [40] * 50 and wave[50:52] == [100, 100] and wave[53:55] == [160, 160]

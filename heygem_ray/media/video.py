@@ -80,6 +80,9 @@ class VideoInfo:
     #: else "deinterlaced", "over-white" (its transparency), joined by "+"; None: not known (a probe
     #: before these were done). Segments of other decoding are not joined with these.
     decoding: str | None = None
+    #: its frames are held on a steady timeline (`prepare._held`: a slow clip, an animated image):
+    #: frame i of the avatar is a tick, several of which may show one frame of the file
+    held: bool = False
 
 
 def decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
@@ -596,14 +599,15 @@ class FrameReader:
             frame = next(decoder, None)
             if frame is None:
                 raise AvatarDecodeError(f"video ended before frame {hi}")
-            index = self._index_of(frame.pts) if frame.pts is not None else self._next
-            if index is None:
+            group = self._indices_of(frame.pts) if frame.pts is not None else range(self._next, self._next + 1)
+            if not group:
                 continue
-            self._next = index + 1
-            if index in want:
-                out[index] = self._convert(frame)
-            elif keep_from <= index < lo:
-                self._spare[index] = self._convert(frame)
+            self._next = group[-1] + 1
+            converted: np.ndarray | None = None
+            for index in group:  # one frame of the file, for each tick it is held (`VideoInfo.held`)
+                if index in want or keep_from <= index < lo:
+                    converted = self._convert(frame) if converted is None else converted.copy()
+                    (out if index in want else self._spare)[index] = converted
         missing = want - out.keys()
         if missing:
             raise AvatarDecodeError(f"frames {sorted(missing)[:5]} not found in the stream")
@@ -620,20 +624,22 @@ class FrameReader:
         decoder = self._seek(start)
         try:
             for frame in decoder:
-                index = self._index_of(frame.pts) if frame.pts is not None else None
-                if index is None or index < start:
-                    continue
-                if index >= stop:
-                    break
-                yield index, None if (index - start) % every else self._convert(frame)
+                for index in self._indices_of(frame.pts) if frame.pts is not None else ():
+                    if index >= stop:
+                        return
+                    if index >= start:
+                        yield index, None if (index - start) % every else self._convert(frame)
         finally:
             self._decoder = None  # the next read seeks again
 
-    def _index_of(self, pts: int) -> int | None:
-        """The index of the frame with timestamp `pts` (the last such, where several share it), or
-        None for a frame not among those this reader was given."""
-        k = int(np.searchsorted(self._sorted, pts, side="right")) - 1
-        return self._first + int(self._order[k]) if k >= 0 and self._sorted[k] == pts else None
+    def _indices_of(self, pts: int) -> range:
+        """The indices of the frames with timestamp `pts`: one, several where a frame is held for
+        several ticks (`VideoInfo.held`, whose repeats are neighbours), none for a frame not among
+        those this reader was given."""
+        k = int(np.searchsorted(self._sorted, pts, side="left"))
+        count = int(np.searchsorted(self._sorted, pts, side="right")) - k
+        first = self._first + int(self._order[k]) if count else 0
+        return range(first, first + count)
 
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         info = self.info
