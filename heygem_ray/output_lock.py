@@ -98,6 +98,7 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
         "pid": os.getpid(),
         "token": token,
     }
+    made = _folders_to_make(layout.output)
     _HELD.add(token)  # before it is written: from then on, this process's lock is alive
     try:
         with writing(layout.output):  # an output root that cannot be written: exit 2
@@ -127,6 +128,21 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
         with contextlib.suppress(OSError, ValueError), _serialized(layout.output):
             if (_read(uri)[0] or {}).get("token") == token:
                 storage.remove(uri)
+        for folder in made:  # a run refused before it wrote anything leaves the disk as it was
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _folders_to_make(root: str) -> list[str]:
+    """The folders of a local output root that do not exist yet, deepest first: the lock's write
+    makes them, and they go again if nothing else was put in them (a manifest refused)."""
+    if not storage.is_local(root):
+        return []
+    missing, path = [], os.path.abspath(storage.local_path(root))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def _take(layout: CampaignLayout, mine: dict) -> None:
