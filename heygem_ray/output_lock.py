@@ -128,9 +128,9 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
         with contextlib.suppress(OSError, ValueError), _serialized(layout.output):
             if (_read(uri)[0] or {}).get("token") == token:
                 storage.remove(uri)
-        for folder in made:  # a run refused before it wrote anything leaves the disk as it was
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+            for folder in made:  # a run refused before it wrote anything leaves the disk as it was
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
 
 
 def _folders_to_make(root: str) -> list[str]:
@@ -248,23 +248,39 @@ def _serialized(output: str) -> Iterator[None]:
         yield
         return
     folder = storage.local_path(output)
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    deadline = time.monotonic() + FLOCK_WAIT_SECONDS
+    while True:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"{folder} stayed locked by another process for {FLOCK_WAIT_SECONDS:.0f} s"
+                        ) from None
+                    time.sleep(0.01)
+                except OSError:  # a file system without flock on folders: best effort
+                    break
+            if _same_folder(folder, fd):
+                yield
+                return
+        finally:
+            os.close(fd)  # lets the flock go
+        # removed while this waited (the run before left a root it had made and not used): again
+
+
+def _same_folder(path: str, fd: int) -> bool:
+    """Whether the folder at `path` is still the one open as `fd`."""
     try:
-        deadline = time.monotonic() + FLOCK_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{folder} stayed locked by another process for {FLOCK_WAIT_SECONDS:.0f} s")
-                time.sleep(0.01)
-            except OSError:  # a file system without flock on folders: best effort
-                break
-        yield
-    finally:
-        os.close(fd)  # lets the flock go
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 class _Refused(Exception):

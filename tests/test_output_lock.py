@@ -28,6 +28,7 @@ def _held_by(
     pidns = lock_module._pid_namespace() if pidns is None else pidns
     boot = lock_module._boot_id() if boot is None else boot
     heartbeat = time.time() - seen_ago
+    os.makedirs(layout.output, exist_ok=True)  # a run that made the root and left nothing removed it
     # whole at once, as another run's write is (a reader between an emptied file and its text saw no lock)
     with open(layout.lock + ".new", "w") as fh:
         json.dump(
