@@ -276,6 +276,20 @@ def test_uploads_are_checked_by_what_they_are(tmp_path, media_dir):
         check_upload(str(media_dir / "speech3.wav"), "avatar", MIB)
     with pytest.raises(UploadError, match="over the upload limit"):
         check_upload(str(media_dir / "clip6.mp4"), "avatar", 1000)
+    # a narration with no samples, or a click: refused here, not by the campaign after Render
+    import wave
+
+    import numpy as np
+
+    from heygem_ray import demo
+
+    with wave.open(str(tmp_path / "empty.wav"), "wb") as header_only:
+        header_only.setnchannels(1), header_only.setsampwidth(2), header_only.setframerate(16000)
+    demo.write_audio(str(tmp_path / "click.wav"), np.full(800, 0.5, np.float32), sample_rate=16000)
+    with pytest.raises(UploadError, match="empty.wav: has no audio samples"):
+        check_upload(str(tmp_path / "empty.wav"), "audio", MIB)
+    with pytest.raises(UploadError, match=r"click.wav: is 0.05 s long: too short \(at least 0.1 s\)"):
+        check_upload(str(tmp_path / "click.wav"), "audio", MIB)
 
 
 def test_campaign_ids_and_users_never_reach_outside_their_folder(tmp_path):

@@ -40,8 +40,9 @@ from heygem_ray.config import LimitsConfig
 from heygem_ray.errors import InputError, ManifestError
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.manifest import build_manifest, column_name, is_text, misspelled, refusals, rows_from_table
-from heygem_ray.media.audio import iter_pcm16k
+from heygem_ray.media.audio import SAMPLE_RATE, iter_pcm16k
 from heygem_ray.media.video import probe
+from heygem_ray.prepare import MIN_AUDIO_SECONDS
 from heygem_ray.results import is_part, read_results, read_table, superseded
 from heygem_ray.studio.users import check_name
 
@@ -713,13 +714,29 @@ def check_upload(local: str, kind: str, max_bytes: int) -> str:
         raise UploadError(f"{name}: {size / 2**20:.0f} MiB is over the upload limit of {max_bytes / 2**20:.0f} MiB")
     try:
         if kind == "audio":
-            next(iter_pcm16k(local, display_uri=name), None)
+            _long_enough(local, name)
         else:
             # the campaign's own limit, before a frame is decoded: a 16K PNG named .mp4 is gigabytes
             probe(local, 25.0, display_uri=name, max_pixels=LimitsConfig().max_avatar_pixels)
     except (InputError, OSError, ValueError) as exc:
         raise UploadError(f"{name}: not a readable {kind} file ({str(exc).splitlines()[0]})") from None
     return name
+
+
+def _long_enough(local: str, name: str) -> None:
+    """UploadError for a narration too short to render (a header with no samples, a click): the
+    campaign refused it only once it ran, after Render had said all was well."""
+    heard = 0
+    for chunk in iter_pcm16k(local, display_uri=name):
+        heard += len(chunk)
+        if heard >= MIN_AUDIO_SECONDS * SAMPLE_RATE:
+            return
+    why = (
+        f"is {heard / SAMPLE_RATE:.2f} s long: too short (at least {MIN_AUDIO_SECONDS:g} s)"
+        if heard
+        else "has no audio samples"
+    )
+    raise UploadError(f"{name}: {why}")
 
 
 class UploadChecks:
