@@ -2319,7 +2319,9 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
 
 def test_the_upload_check_names_the_plans_files_no_upload_has(tmp_path, media_dir):
     """A plan naming a file not uploaded (a typo, one left out) was said to be fine as files were
-    picked, and refused only at Render; names the web server stripped (`Take 2!.wav`) are found."""
+    picked, and refused only at Render; names the web server stripped (`Take 2!.wav`) are found.
+    Two narrations of one name (two takes, each intro.wav) under a plan naming it: Render refuses
+    them, and now so does the check."""
     from starlette.testclient import TestClient
 
     from heygem_ray.studio.app import UPLOAD_PATH
@@ -2327,19 +2329,24 @@ def test_the_upload_check_names_the_plans_files_no_upload_has(tmp_path, media_di
     app, clients = _alice_and_bob_signed_in(tmp_path)
     plan = tmp_path / "plan.csv"
     plan.write_text("audio,avatar\nTake 2!.wav,still.png\nTake 3.wav,still.png\n")
+    takes_plan = tmp_path / "takes.csv"
+    takes_plan.write_text("audio,avatar\nintro.wav,still.png\n")
     with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as alice:
         alice.cookies = clients["alice"].cookies
-        sent = {}
-        for name, source in (
-            ("Take 2.wav", media_dir / "speech3.wav"),
-            ("still.png", media_dir / "still.png"),
-            ("plan.csv", plan),
-        ):
-            (sent[name],) = alice.post(UPLOAD_PATH, files={"files": (name, source.read_bytes())}).json()
-        audio, avatar, manifest = ({"path": sent[n], "meta": {"_type": "gradio.FileData"}} for n in sent)
-        (said,) = _answered(alice, _event_index(alice, "check"), [[audio], [avatar], manifest])
+
+        def sent(name: str, source: Path) -> dict:
+            (path,) = alice.post(UPLOAD_PATH, files={"files": (name, source.read_bytes())}).json()
+            return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+        audio, avatar = sent("Take 2.wav", media_dir / "speech3.wav"), sent("still.png", media_dir / "still.png")
+        (said,) = _answered(alice, _event_index(alice, "check"), [[audio], [avatar], sent("plan.csv", plan)])
+        takes = [sent("intro.wav", media_dir / name) for name in ("speech3.wav", "speech4.wav")]
+        (said_of_takes,) = _answered(
+            alice, _event_index(alice, "check"), [takes, [avatar], sent("takes.csv", takes_plan)]
+        )
     assert "2 video(s)" in said and "row 2: &#x27;Take 3.wav&#x27; is not among your narration uploads" in said, said
     assert "row 1" not in said, said
+    assert "intro.wav: two of your audio uploads have this name" in said_of_takes, said_of_takes
 
 
 def test_a_users_page_is_theirs_alone_whoever_learns_its_session_hash(tmp_path):

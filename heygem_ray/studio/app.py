@@ -43,6 +43,8 @@ from heygem_ray.studio.store import (
     MANIFEST_TYPES,
     UploadError,
     read_uploaded_manifest,
+    repeated_name,
+    repeated_names,
     resolve_uploads,
 )
 from heygem_ray.studio.users import LoginGuard, UsersFile, loopback_peer_uid
@@ -489,7 +491,8 @@ def build_pages(studio: Studio, claims: UploadClaims, sign_out: bool) -> gr.Bloc
                 shown = html.escape(os.path.basename(manifest_file))
                 count = f"**{table.num_rows} video(s)**, one a row of the plan {shown}"
                 # what Render would refuse, said now (its files may still be to come)
-                said = resolve_uploads(table, names, studio.store.own(user))[1]
+                said = [repeated_name(name, kind) for kind in names for name in repeated_names(names[kind])]
+                said += resolve_uploads(table, names, studio.store.own(user))[1]
                 problems += [f"- ❌ {shown}: {html.escape(why)}" for why in said]
             if n_audio or n_avatar:  # the web server keeps them only so long (they count in the quota)
                 count += f" · uploads wait {UPLOAD_WINDOW_SECONDS / 60:.0f} minutes for Render"

@@ -223,10 +223,7 @@ class StudioStore:
             # by their names in any case: on a store that ignores case (macOS, SMB) Intro.wav and
             # intro.wav are one file, and the second replaced the first
             if by_name and name.casefold() in taken:
-                raise UploadError(
-                    f"{name}: two of your {kind} uploads have this name (in some case), and the manifest names "
-                    "files by their names: rename one"
-                )
+                raise UploadError(repeated_name(name, kind))
             stem, suffix = os.path.splitext(name)
             stored, n = name, 1
             while stored.casefold() in taken:  # the campaign's folder is new: what this loop put there is all it holds
@@ -721,6 +718,25 @@ def check_upload(local: str, kind: str, max_bytes: int) -> str:
     except (InputError, OSError, ValueError) as exc:
         raise UploadError(f"{name}: not a readable {kind} file ({str(exc).splitlines()[0]})") from None
     return name
+
+
+def repeated_name(name: str, kind: str) -> str:
+    """Why a manifest's campaign refuses a second upload of `name` (`save_uploads`' `by_name`)."""
+    return (
+        f"{name}: two of your {kind} uploads have this name (in some case), and the manifest names files by "
+        "their names: rename one"
+    )
+
+
+def repeated_names(names: list[str]) -> list[str]:
+    """The stored names given more than once, in any case (the second of each)."""
+    seen: set[str] = set()
+    repeats = []
+    for name in names:
+        if name.casefold() in seen:
+            repeats.append(name)
+        seen.add(name.casefold())
+    return repeats
 
 
 def _long_enough(local: str, name: str) -> None:
