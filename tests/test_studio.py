@@ -1758,6 +1758,59 @@ def test_a_job_that_ended_without_its_drivers_last_feed_shows_nothing_under_way(
         server.close()
 
 
+@pytest.mark.parametrize("rerun", ["PENDING", "STOPPED", "FAILED"])
+def test_a_rerun_not_yet_started_leaves_the_runs_before_rows_and_videos_shown(tmp_path, rerun):
+    """ "Re-run failed rows" on a campaign with a finished video: while the re-run was queued, or
+    once it was cancelled or failed before its driver wrote anything, the page showed 0 rows done,
+    no rows, no videos and no zip of them, as if the campaign had lost its work."""
+    import logging
+
+    from heygem_ray.config import StudioConfig
+    from heygem_ray.results import ResultsTable, RowResult
+    from heygem_ray.studio.cluster import Cluster
+    from heygem_ray.studio.service import Studio as StudioService
+    from heygem_ray.studio.store import CampaignRecord
+
+    first = time.time() - 3600
+
+    def job(name: str, status: str, started: float) -> tuple[int, str]:
+        details = {"type": "SUBMISSION", "submission_id": name, "status": status, "entrypoint": "x"}
+        return 200, json.dumps({**details, "start_time": int(started * 1000)})
+
+    jobs = {"heygem-alice-k-1": job("heygem-alice-k-1", "FAILED", first)}
+    jobs["heygem-alice-k-2"] = job("heygem-alice-k-2", rerun, time.time() - 5)
+    server = JobServerAnswering(jobs)
+    try:
+        studio = StudioService(
+            StudioConfig(store=str(tmp_path / "store")), Cluster(server.address, local=True), logging.getLogger("t")
+        )
+        campaign = studio.store.new_id()
+        output = studio.store.output("alice", campaign)
+        record = CampaignRecord(campaign, "alice", "k", first, 2, "m", "standard", "m", output, jobs=list(jobs))
+        studio.store.save(record)
+        os.makedirs(output, exist_ok=True)
+        feed = {
+            "state": "finished",
+            "started_at": first + 1,
+            "rows": {"total": 2, "ok": 1, "failed": 1},
+            "row_status": {"a": "ok", "b": "failed"},
+        }
+        with open(os.path.join(output, "_progress.json"), "w") as fh:
+            json.dump(feed, fh)
+        layout = CampaignLayout(output)
+        table = ResultsTable(layout.results, layout.results_parts)
+        table.add(RowResult("a", "ok", f"{output}/a.mp4", None, 1.0, 25, 1, 1.0, 1, time.time()))
+        table.add(RowResult("b", "failed", f"{output}/b.mp4", "no face found", 1.0, 25, 1, 1.0, 1, time.time()))
+        table.finish(["a", "b"])
+        view = studio.campaign("alice", campaign)
+        assert view is not None
+        assert view.status == {"PENDING": "queued", "STOPPED": "cancelled", "FAILED": "failed"}[rerun]
+        assert (view.rows_done, view.rows_failed) == (2, 1) and view.eta_seconds is None
+        assert [(r["id"], r["status"]) for r in view.rows] == [("a", "ok"), ("b", "failed")]
+    finally:
+        server.close()
+
+
 def test_a_users_cache_past_its_limit_goes_while_none_of_their_campaigns_runs(tmp_path, caplog):
     """Each user's cache of decoded narrations and face tracks is outside their quota and grew with
     every campaign they ever ran, never trimmed: the store's disk filled. Past `user_cache_gb` it

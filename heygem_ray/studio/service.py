@@ -786,8 +786,10 @@ class Studio:
             if self._submitted_lately(record):
                 job, note = "PENDING", UNCONFIRMED_JOB
         feed = self.store.progress(record, rows) or {}
-        if started is not None and feed.get("started_at", 0) < started - 1:
-            feed = {}  # the previous run's: this job's driver has not written one yet
+        # the run before's, where this job's driver has not written one yet (a re-run queued, or
+        # stopped or failed before it started): its rows and videos stay shown, its state is not this job's
+        earlier = started is not None and feed.get("started_at", 0) < started - 1
+        state = None if earlier else feed.get("state")
         counts = feed.get("rows", {})
         view = CampaignView(record, "queued", counts.get("total", record.rows), note=note)
         view.rows_done = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
@@ -796,11 +798,13 @@ class Studio:
         view.frames_planned = feed.get("frames", {}).get("planned", 0)
         eta, updated = feed.get("eta_seconds"), feed.get("updated_at")
         # as of now, not of the feed's writing (every few seconds; a driver gone quiet: far longer)
-        view.eta_seconds = None if eta is None else max(0.0, eta - max(0.0, time.time() - (updated or time.time())))
-        view.status = _status(job, feed.get("state"))
+        view.eta_seconds = (
+            None if eta is None or earlier else max(0.0, eta - max(0.0, time.time() - (updated or time.time())))
+        )
+        view.status = _status(job, state)
         # the job ended but its driver never wrote its last feed (killed, its node lost): nothing
         # is under way, whatever that feed still says
-        orphaned = view.status in ENDED and feed.get("state") == "running"
+        orphaned = view.status in ENDED and state == "running"
         if orphaned:
             view.eta_seconds = None
         with self._lock:  # an end the cluster did not confirm (it does not answer) is not one yet
