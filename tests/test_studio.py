@@ -703,6 +703,26 @@ def test_uploads_past_the_quota_are_refused_before_their_bytes_arrive(tmp_path, 
         assert client.post(path, content=iter([b"x" * 2**21]), headers=lying).status_code == 411, path
 
 
+def test_an_upload_that_never_arrives_stops_counting_against_the_quota(tmp_path):
+    """An upload the web server refused (over `max_upload_mb`), or one cut off (a refresh, a
+    dropped line), stayed booked at its whole size for the upload window: with nothing stored,
+    the user's next upload was refused as over their quota for a quarter of an hour."""
+    from starlette.testclient import TestClient
+
+    from heygem_ray.studio.app import UPLOAD_PATH
+
+    app, clients = _alice_and_bob_signed_in(tmp_path, user_quota_gb=2000 / 2**30, max_upload_mb=1500 / 2**20)
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as alice:
+        alice.cookies = clients["alice"].cookies
+        for _ in range(3):  # each booked 1,600 bytes of the 2,000 as it began, refused once read
+            answer = alice.post(UPLOAD_PATH, files={"files": ("take.wav", b"x" * 1600)})
+            assert answer.status_code == 413 and "past your" not in answer.text, answer.text
+        answer = alice.post(UPLOAD_PATH, files={"files": ("take.wav", b"x" * 1000)})
+        assert answer.status_code == 200, answer.text
+        answer = alice.post(UPLOAD_PATH, files={"files": ("take2.wav", b"y" * 1000)})
+        assert answer.status_code == 413 and "past your" in answer.text  # the one that arrived counts
+
+
 def test_uploads_a_campaign_took_count_once(tmp_path, media_dir):
     """Once a campaign has taken its uploads into the store (whose usage counts them), they are
     not counted again as recent uploads."""
@@ -2310,8 +2330,8 @@ def _event_index(client, api_name: str) -> int:
     return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
 
 
-def _alice_and_bob_signed_in(tmp_path):
-    """A studio app of two users, and a client signed in as each (by name)."""
+def _alice_and_bob_signed_in(tmp_path, **settings: Any):
+    """A studio app of two users (`settings`: its StudioConfig's), and a client signed in as each (by name)."""
     import logging
 
     from starlette.testclient import TestClient
@@ -2323,7 +2343,8 @@ def _alice_and_bob_signed_in(tmp_path):
     users = tmp_path / "users.json"
     add_user(str(users), "alice", "alice-password")
     add_user(str(users), "bob", "bob-password")
-    service = StudioService(StudioConfig(store=str(tmp_path / "store")), cluster=None, log=logging.getLogger("t"))
+    cfg = StudioConfig(store=str(tmp_path / "store"), **settings)
+    service = StudioService(cfg, cluster=None, log=logging.getLogger("t"))
     app = build_app(service, str(users), Sessions(b"k" * 32))
     clients = {}
     for name in ("alice", "bob"):

@@ -196,7 +196,15 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
                 if request.url.path == API_PATH + "cancel" and _elsewhere(event, page):
                     # Gradio removes the event named from its queue whatever page it is of
                     return Response("not your page's event", status_code=403)
-        response = await call_next(request)
+        booked = getattr(request.state, "upload_booked", None)  # (user, size) `_upload_refused` let in
+        try:
+            response = await call_next(request)
+        except BaseException:
+            if booked is not None:
+                studio.upload_ended(*booked)
+            raise
+        if booked is not None and response.status_code != 200:
+            studio.upload_ended(*booked)
         if request.method == "POST" and request.url.path == UPLOAD_PATH and response.status_code == 200:
             # its bytes are in (the route reads them all before it answers): counted from now, as
             # long as the web server keeps it; counted from its start, a slow upload left the quota
@@ -247,7 +255,10 @@ def build_app(studio: Studio, users_file: str | None, sessions: Sessions) -> Fas
         if size is None:
             return Response("an upload must say its length", status_code=411, headers={"Connection": "close"})
         why = studio.admit_upload(user, size)
-        return None if why is None else Response(why, status_code=413, headers={"Connection": "close"})
+        if why is not None:
+            return Response(why, status_code=413, headers={"Connection": "close"})
+        request.state.upload_booked = (user, size)
+        return None
 
     if users is None:  # one local user: only loopback names reach it (no DNS rebinding to 127.0.0.1)
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"])

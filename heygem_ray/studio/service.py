@@ -509,6 +509,17 @@ class Studio:
                     recent.sort(key=lambda u: u.when)  # counted once, by its latest copy's expiry
                     break
 
+    def upload_ended(self, user: str, size: int) -> None:
+        """An upload `admit_upload` let in whose request ended without it (cut off by a refresh or
+        a dropped line, refused by the web server): it counts no more. Counted for the upload
+        window, it kept the user's next uploads out for a quarter of an hour."""
+        with self._lock:
+            recent = self._uploads.get(user, [])
+            for i, upload in enumerate(recent):
+                if upload.size == size and not upload.arrived:  # the oldest of that size still arriving
+                    del recent[i]
+                    break
+
     def _store_usage(self, user: str, now: float) -> int:
         """What the user's store holds, counted at most every USAGE_SECONDS, one count at a time:
         uploads sent at once while the count is old each walked the whole store (seconds each, in
