@@ -2380,6 +2380,10 @@ def test_a_users_pending_upload_is_theirs_alone_by_link_and_by_page_event(tmp_pa
         old.own("alice", [path])
     with pytest.raises(gr.Error, match="not one of your uploads"):
         old.own("bob", [path])
+    # a page left open while the studio restarted: its uploads are still kept, whose they are is not known
+    os.utime(path, (time.time() - 5, time.time() - 5))
+    with pytest.raises(gr.Error, match="speech.wav was uploaded before the studio restarted.*upload it again"):
+        UploadClaims(900.0).own("alice", [path])
     (same,) = clients["bob"].post(UPLOAD_PATH, files={"files": ("speech.wav", narration)}).json()
     assert same == path and claims.own("bob", [path]) == [path]  # the same file, uploaded by bob too
     # a "#" in the name reaches the route percent-encoded: its own uploader had a 404 for the

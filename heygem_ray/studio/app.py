@@ -906,6 +906,7 @@ class UploadClaims:
 
     def __init__(self, window: float):
         self.window = window
+        self.since = time.time()  # who uploaded what is known from here: a restart forgets it
         self._lock = threading.Lock()
         self._holders: dict[str, dict[str, float]] = {}  # real path -> page -> when last claimed
         self._arrivals: dict[str, dict[str, list[float]]] = {}  # real path -> user -> unclaimed arrivals
@@ -936,6 +937,12 @@ class UploadClaims:
         user's), before the studio reads or removes them."""
         for path in paths:
             when = self._uploaded_at(user, path) if _in_uploads(path) else None
+            if when is None and _in_uploads(path) and self._before_start(path):
+                # the page outlived a restart: its files are still kept, but whose they are is not known
+                raise gr.Error(
+                    f"{os.path.basename(path)} was uploaded before the studio restarted, which forgets who uploaded "
+                    "what: upload it again"
+                )
             if when is None:
                 raise gr.Error(f"{os.path.basename(path)} is not one of your uploads")
             if when < time.time() - self.window:  # theirs: "not yours" sent its uploader looking for why
@@ -944,6 +951,16 @@ class UploadClaims:
                     "takes them, and this one expired: upload it again"
                 )
         return paths
+
+    def _before_start(self, path: str) -> bool:
+        """Whether the file at `path` came before this studio started, and no one uploaded it since."""
+        with self._lock:
+            if self._uploaders.get(os.path.realpath(path)):
+                return False
+        try:
+            return os.path.getmtime(path) < self.since
+        except OSError:
+            return False
 
     def claim(self, holder: str, paths: list[str]) -> None:
         now = time.time()
