@@ -5,6 +5,7 @@ common cross-product campaigns."""
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import unicodedata
 from collections import Counter
@@ -25,7 +26,34 @@ REQUIRED = ("audio", "avatar")
 #: the columns a manifest may have besides REQUIRED
 OPTIONAL = ("id", "output", "box")
 #: what a row id may be: a plain file name (ids name outputs, markers and thumbnails)
-SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+#: the most UTF-8 bytes of an id: a row's files are named by it (`<id>.mp4`, `_markers/<id>.json`),
+#: and a file name takes 255 at most
+ID_BYTES = 200
+
+
+def _name_char(ch: str) -> bool:
+    """A letter or digit of any script, a mark that goes with one (Devanagari's vowel signs), or
+    one of `.`, `_`, `-`."""
+    return ch in "._-" or unicodedata.category(ch)[0] in "LNM"
+
+
+def is_safe_id(text: str) -> bool:
+    """Whether `text` may name a row and its files: 1 to ID_BYTES bytes of `_name_char`s starting
+    with a letter or digit, in one Unicode form (NFC: macOS's "é" and Linux's are one name)."""
+    return (
+        0 < len(text.encode()) <= ID_BYTES
+        and unicodedata.category(text[0])[0] in "LN"
+        and all(_name_char(ch) for ch in text)
+        and unicodedata.is_normalized("NFC", text)
+    )
+
+
+def plain_name(text: str) -> str:
+    """`text` in NFC with each run of characters that are not `_name_char`s (blanks, `!`, `/`,
+    controls, emoji) made one `-`: a name for a file, kept in its own script. Kept to ASCII,
+    "张三" was nothing and "Привет" too: their videos were `x__x-<hash>`, no telling which was which."""
+    text = unicodedata.normalize("NFC", text)
+    return "".join("".join(run) if plain else "-" for plain, run in itertools.groupby(text, key=_name_char))
 
 
 @dataclass(frozen=True)
@@ -213,9 +241,12 @@ def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_
     row_id = (record.get("id") or "").strip() or None  # a spreadsheet's " b", or a blank cell
     if row_id is None and audio and avatar:
         row_id, cell.derived = default_id(audio, avatar), True
-    if row_id is not None and not SAFE_ID.fullmatch(row_id):  # fullmatch: "$" alone would let "abc\n" through
+    if row_id is not None:
+        row_id = unicodedata.normalize("NFC", row_id)
+    if row_id is not None and not is_safe_id(row_id):
         cell.refuse(
-            f"id {_shown(row_id)} must be 1-200 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"id {_shown(row_id)} must be letters (of any script), digits, '.', '_' or '-', starting with a "
+            f"letter or digit, {ID_BYTES} bytes at most"
         )
         return cell
     cell.id = row_id
@@ -425,7 +456,7 @@ def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int
     # video rendered again under the new name, the old one left behind)
     repeated = {i for i, count in Counter(ids).items() if count > 1}
     ids = [
-        f"{i[:193]}-{default_id(*pair)[:6]}" if i in repeated and kept.get(pair) != i else i
+        f"{_cut(i, ID_BYTES - 7)}-{default_id(*pair)[:6]}" if i in repeated and kept.get(pair) != i else i
         for i, pair in zip(ids, pairs, strict=True)
     ]
     table = pa.table({"id": ids, "audio": [a for a, _ in pairs], "avatar": [v for _, v in pairs]})
@@ -453,7 +484,7 @@ def _earlier_ids(uri: str) -> dict[tuple[str, str], str]:
         (a, v): i
         for i, a, v in zip(columns["id"], columns["audio"], columns["avatar"], strict=True)
         # a hand-edited one's ids only where a run would take them
-        if isinstance(i, str) and SAFE_ID.fullmatch(i) and counts[i] == 1
+        if isinstance(i, str) and is_safe_id(i) and counts[i] == 1
     }
 
 
@@ -461,6 +492,11 @@ def _pair_id(audio: str, avatar: str) -> str:
     def stem(uri: str) -> str:
         name = storage.basename(uri)
         name = name.rsplit(".", 1)[0] if "." in name else name
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "x"  # ids start with a letter or digit
+        return plain_name(name).strip("-._") or "x"  # ids start with a letter or digit
 
-    return f"{stem(audio)}__{stem(avatar)}"[:200]
+    return _cut(f"{stem(audio)}__{stem(avatar)}", ID_BYTES)
+
+
+def _cut(text: str, most: int) -> str:
+    """`text`'s first characters that take `most` UTF-8 bytes at most."""
+    return text.encode()[:most].decode(errors="ignore")

@@ -1179,3 +1179,18 @@ def test_an_animated_image_plays_each_frame_for_its_delay_at_a_steady_rate(media
     assert blink[50:54] == [200] * 4 and blink[58] == 40  # 0.15 s closed, and again on the way back
     wave = shown["wave"]
     assert wave[:50] == [40] * 50 and wave[50:52] == [100, 100] and wave[53:55] == [160, 160]
+
+
+def test_a_row_named_in_any_script_renders_is_reported_and_skipped_on_a_rerun(media_dir, tmp_path):
+    """Ids of any script name a row's video, marker and thumbnail, which the report links to."""
+    from urllib.parse import quote
+
+    manifest = write_one_row_manifest(tmp_path, media_dir / "speech3.wav", media_dir / "still.png", "张三-नमस्ते")
+    out = tmp_path / "out"
+    cfg = compose_config(f"manifest={manifest}", f"output={out}", "render.progress=false", "cluster=inline")
+    (row,) = campaign.run(cfg).rows
+    assert row.status == "ok", row.error
+    assert (out / "张三-नमस्ते.mp4").stat().st_size > 0 and (out / "_thumbs" / "张三-नमस्ते.jpg").exists()
+    report = (out / "_report.html").read_text()
+    assert f'href="{quote("张三-नमस्ते.mp4")}"' in report and 'src="data:image/jpeg;base64,' in report
+    assert campaign.run(cfg).count("skipped") == 1

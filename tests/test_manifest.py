@@ -101,7 +101,7 @@ GOOD = {"audio": "good.wav", "avatar": "good.mp4", "id": "good", "output": None,
         ({"audio": None}, "#1", "manifest row 1: empty audio"),
         ({"avatar": " "}, "#1", "manifest row 1: empty avatar"),
         ({"audio": None, "id": "mine"}, "mine", "manifest row 1: empty audio"),
-        ({"id": "../etc"}, "#1", "must be 1-200 letters"),
+        ({"id": "../etc"}, "#1", "must be letters (of any script), digits"),
         ({"id": "x", "box": [1, 2, 3]}, "x", "must be x1, y1, x2, y2"),
         ({"id": "x", "box": "0,0,inf,10"}, "x", "must be four numbers"),
         ({"audio": "a\tb.wav"}, "#1", "manifest row 1: audio 'a\\tb.wav' holds a control character"),
@@ -252,6 +252,38 @@ def test_build_manifest_cross_product_from_globs(tmp_path):
     assert build_manifest([str(tmp_path / "*" / "_intro.wav")], [str(tmp_path / "*" / "*.png")], out) == 4
     ids = [r.id for r in read_manifest(out, str(tmp_path))]
     assert all(i.startswith("intro__nnn") and len(i) <= 200 for i in ids) and len(set(ids)) == 4
+
+
+def test_ids_and_derived_names_keep_any_script(tmp_path):
+    """Names were kept to ASCII: narrations "张三.wav" and "Привет.wav" over "王五.mp4" made rows
+    `x__x` and `x__x-<hash>`, and nothing told which video was which. Any script's letters, digits
+    and marks are kept (Devanagari's vowel signs are marks); an id is one Unicode form (a Mac's
+    decomposed "é" is the same id), at most 200 bytes (files are named by it); emoji, blanks and
+    direction overrides are not id characters."""
+    import unicodedata
+
+    names = ["张三.wav", "Привет.wav", "नमस्ते.wav", "王五.mp4"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    out = str(tmp_path / "m.parquet")
+    build_manifest([str(tmp_path / "*.wav")], [str(tmp_path / "*.mp4")], out)
+    assert sorted(r.id for r in read_manifest(out, str(tmp_path))) == sorted(
+        ["张三__王五", "Привет__王五", "नमस्ते__王五"]
+    )
+    cells = {
+        "id": [unicodedata.normalize("NFD", "café"), "Ünïcode-1", "é" * 101, "🎬clip", "a\u202eb", "日本語" * 22],
+        "audio": [f"/a{i}.wav" for i in range(6)],
+        "avatar": ["/v.mp4"] * 6,
+    }
+    rows = rows_from_table(pa.table(cells), "/out")
+    assert rows[0].id == "café" and rows[0].output == "/out/café.mp4" and not rows[0].refused
+    assert rows[1].id == "Ünïcode-1" and not rows[1].refused
+    assert [bool(r.refused) for r in rows[2:]] == [True, True, True, False]  # 202 bytes; emoji; override; 198
+    long = "长" * 70  # 210 bytes: a derived id is cut to whole characters within 200
+    (tmp_path / f"{long}.wav").write_bytes(b"x")
+    build_manifest([str(tmp_path / f"{long}.wav")], [str(tmp_path / "*.mp4")], out)
+    (derived,) = read_manifest(out, str(tmp_path))
+    assert derived.refused is None and derived.id == "长" * 66 and len(derived.id.encode()) == 198
 
 
 def test_a_file_whose_name_holds_glob_characters_is_that_file(tmp_path):

@@ -21,7 +21,7 @@ from typing import TypeVar
 from heygem_ray import storage
 from heygem_ray.config import StudioConfig
 from heygem_ray.daemon_threads import DaemonThreads
-from heygem_ray.manifest import SAFE_ID
+from heygem_ray.manifest import is_safe_id
 from heygem_ray.studio.cluster import Cluster, ClusterUnavailable, JobUnknown, NotReached, Refused
 from heygem_ray.studio.store import MAX_UPLOADS, CampaignRecord, StudioStore, UploadError
 
@@ -945,7 +945,7 @@ class Studio:
         """A row's thumbnail from the user's own campaign (a row id is a plain file name: checked
         as the manifest checks it, not looked up among every result on each poster a page asks for)."""
         output = self._output(user, campaign_id)
-        if output is None or not SAFE_ID.fullmatch(row_id):
+        if output is None or not is_safe_id(row_id):
             return None
         try:
             return storage.read_bytes(storage.join(output, "_thumbs", f"{row_id}.jpg"))

@@ -39,7 +39,15 @@ from heygem_ray import storage
 from heygem_ray.config import LimitsConfig
 from heygem_ray.errors import InputError, ManifestError
 from heygem_ray.layout import CampaignLayout
-from heygem_ray.manifest import build_manifest, column_name, is_text, misspelled, refusals, rows_from_table
+from heygem_ray.manifest import (
+    build_manifest,
+    column_name,
+    is_text,
+    misspelled,
+    plain_name,
+    refusals,
+    rows_from_table,
+)
 from heygem_ray.media.audio import SAMPLE_RATE, iter_pcm16k
 from heygem_ray.media.video import probe
 from heygem_ray.prepare import MIN_AUDIO_SECONDS
@@ -874,9 +882,7 @@ def _safe_name(name: str) -> str:
     "é" is two code points, a manifest's one), letters and digits of any script kept, other
     characters replaced. Kept to ASCII, "café.wav" and "cafè.wav" were one name (a manifest naming
     one got the other) and "张三.wav" none ("wav", refused)."""
-    name = unicodedata.normalize("NFC", os.path.basename(name))
-    name = re.sub(r"[^\w.-]+", "-", name).strip("-.")
-    return name or "upload"
+    return plain_name(os.path.basename(name)).strip("-.") or "upload"
 
 
 def _keep(cache: dict[Any, Any], key: Any, value: Any, most: int) -> None:
