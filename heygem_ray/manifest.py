@@ -266,9 +266,13 @@ def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_
             "(set storage.allow_outside_output=true to allow)"
         )
     elif under:
-        first = cell.normal_output[len(output_root.normal) + 1 :].split("/")[0]
-        if first.casefold() in _RESERVED_FOLDED:  # in any case: a case-blind disk (macOS, SMB) takes it for ours
-            cell.refuse(f"output {storage.display(output)} is where the campaign keeps {first}")
+        # at any depth: a folder below may be another campaign's output root (`/out/b` beside `/out`);
+        # in any case: a case-blind disk (macOS, SMB) takes it for ours
+        parts = cell.normal_output[len(output_root.normal) + 1 :].split("/")
+        ours = next((part for part in parts if part.casefold() in _RESERVED_FOLDED), None)
+        if ours is not None:
+            whose = "the campaign keeps" if ours == parts[0] else "a campaign keeps"
+            cell.refuse(f"output {storage.display(output)} is where {whose} {ours}")
     try:
         cell.box = _parse_box(record.get("box"))
     except ValueError as exc:

@@ -111,6 +111,7 @@ GOOD = {"audio": "good.wav", "avatar": "good.mp4", "id": "good", "output": None,
         ({"id": "x", "output": "cv\u202egpj.mp4"}, "x", "output 'cv\\u202egpj.mp4' holds a control character"),
         ({"id": "x", "output": "_results.parquet"}, "x", "is where the campaign keeps _results"),
         ({"id": "x", "output": "_markers/x.json"}, "x", "is where the campaign keeps _markers"),
+        ({"id": "x", "output": "b/_results.parquet"}, "x", "is where a campaign keeps _results.parquet"),
         ({"id": "x", "audio": "/out/v.mp4", "avatar": "/out/v.mp4", "output": "v.mp4"}, "x", "campaign's inputs"),
     ],
 )
