@@ -592,14 +592,21 @@ ANIMATED_IMAGES = frozenset({"gif", "apng", "webp", "webp_pipe"})
 
 def _held(info: VideoInfo, stamps: _Timestamps, rate: float) -> tuple[VideoInfo, np.ndarray]:
     """A slow clip or an animated image on a steady timeline at `rate`: the timestamp of the frame
-    on screen at each of its ticks (a frame repeats while it is held; one too brief for any tick is
+    on screen at each of its ticks (a frame repeats while it is held, an animated image's for its
+    delay, a clip's for at most PAUSE_INTERVALS of its usual step; one too brief for any tick is
     left out). Other clips as they are."""
     pts = stamps.pts
     if info.still or not len(pts) or not (stamps.animated_image or info.fps < STEADY_RATE):
         return info, pts
-    seconds = (pts - pts[0]).astype(np.float64) * float(stamps.time_base)
-    last = float(np.median(np.diff(seconds))) if len(pts) > 1 else 1.0 / info.fps
-    if stamps.end is not None and stamps.end > pts[-1]:
+    steps = np.diff(pts).astype(np.float64) * float(stamps.time_base)
+    usual = float(np.median(steps)) if len(steps) else 1.0 / info.fps
+    if not stamps.animated_image:
+        # a recording's pause (its tab in the background) is no pose held: its frames came at their
+        # usual pace around it, as `_at_timed_rate` takes them (and one timestamp far ahead is no hour)
+        steps = np.minimum(steps, PAUSE_INTERVALS * usual)
+    seconds = np.concatenate([[0.0], np.cumsum(steps)])
+    last = usual
+    if stamps.animated_image and stamps.end is not None and stamps.end > pts[-1]:
         last = float((stamps.end - pts[-1]) * stamps.time_base)
     ticks = max(1, round((seconds[-1] + last) * rate))
     on_screen = np.searchsorted(seconds, np.arange(ticks) / rate, side="right") - 1

@@ -238,6 +238,42 @@ def _numbered_clip(path: str, frames: int, options: dict[str, str], codec: str =
         container.mux(stream.encode(None))
 
 
+def test_a_held_clip_is_read_in_chunks_decoding_each_frame_once(tmp_path, monkeypatch):
+    """A slow clip on a steady timeline (`prepare._held`): a frame of the file held across two
+    reads made the second seek back to its keyframe, so a segment decoded its GOP again at nearly
+    every chunk (17x the file at batch 16). A pause is held for 4 usual steps, not its length."""
+    from dataclasses import replace
+    from fractions import Fraction
+
+    from heygem_ray import prepare
+
+    path = str(tmp_path / "slow.mkv")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=5, options={"g": "100", "bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 4, np.uint8), format="bgr24")
+            frame.pts, frame.time_base = i * 200 + (60_000 if i >= 30 else 0), Fraction(1, 1000)  # a minute's pause
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    info = video.probe(path, 25)
+    stamps = prepare._frame_timestamps(path, info, path)
+    held, pts = prepare._held(prepare._at_timed_rate(info, stamps.pts, stamps.time_base), stamps, 25.0)
+    assert held.held and held.fps == 25 and len(pts) == round(25 * (58 * 0.2 + 4 * 0.2 + 0.2))  # the pause 0.8 s
+    seeks = []
+    seek = video.FrameReader._seek
+    monkeypatch.setattr(video.FrameReader, "_seek", lambda self, index: seeks.append(index) or seek(self, index))
+    levels = []
+    with video.FrameReader(path, held, pts) as reader:
+        for start in range(0, len(pts), 8):
+            got = reader.read(np.arange(start, min(start + 8, len(pts))))
+            levels += [int(got[i].mean()) for i in sorted(got)]
+    assert seeks == [0]
+    expected = [int(f.mean()) for _, f in video.iter_frames(path, replace(info, held=False))]
+    assert levels == [expected[i] for i in np.searchsorted(stamps.pts, pts)]
+
+
 def test_reader_seeks_into_open_gops(tmp_path):
     """In an open GOP (x265's default) the frames shown just before a keyframe decode from the GOP
     before it; a seek that lands on that keyframe loses them, so the reader goes further back."""

@@ -555,6 +555,8 @@ class FrameReader:
             frame_bytes = info.width * info.height * 3 // (2 if self._i420 else 1) or 1
             self._spare_frames = SPARE_BYTES // frame_bytes
             self._spare: dict[int, np.ndarray] = {}  # frames decoded before a backward read's first
+            #: the ticks of the last frame decoded that are held past the read that decoded it, and it
+            self._held: tuple[range, np.ndarray] = (range(0), np.empty(0, np.uint8))
 
     @property
     def on_nvdec(self) -> bool:
@@ -584,6 +586,10 @@ class FrameReader:
         if not self._first <= lo <= hi < self._first + len(self._pts):
             raise IndexError(f"frames {lo}..{hi} outside {self._first}..{self._first + len(self._pts) - 1}")
         out = {i: self._spare.pop(i) for i in wanted if i in self._spare}
+        # the ticks of the last frame decoded that ran on past the read before (`VideoInfo.held`):
+        # the decoder is past that frame, and the next read would seek back to its keyframe
+        held, frame_held = self._held
+        out.update({i: frame_held.copy() for i in wanted if i in held and i not in out})
         want = set(wanted) - out.keys()
         if not want:
             return out
@@ -608,6 +614,8 @@ class FrameReader:
                 if index in want or keep_from <= index < lo:
                     converted = self._convert(frame) if converted is None else converted.copy()
                     (out if index in want else self._spare)[index] = converted
+            if group[-1] > hi:  # held on past this read: its next ticks are the next read's
+                self._held = (group, self._convert(frame) if converted is None else converted.copy())
         missing = want - out.keys()
         if missing:
             raise AvatarDecodeError(f"frames {sorted(missing)[:5]} not found in the stream")
