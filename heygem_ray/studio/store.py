@@ -723,6 +723,8 @@ def check_upload(local: str, kind: str, max_bytes: int) -> str:
         else:
             # the campaign's own limit, before a frame is decoded: a 16K PNG named .mp4 is gigabytes
             probe(local, 25.0, display_uri=name, max_pixels=LimitsConfig().max_avatar_pixels)
+    except UploadError:
+        raise  # readable, and said why not usable
     except (InputError, OSError, ValueError) as exc:
         raise UploadError(f"{name}: not a readable {kind} file ({str(exc).splitlines()[0]})") from None
     return name
