@@ -168,7 +168,7 @@ class AudioInfo:
 
 #: how a narration is decoded into the PCM cache, in its name: "-mean" since channels are averaged
 #: (a cached decode of FFmpeg's 3 dB louder downmix is not used); "-mean2" since channels that
-#: cancel in the mean are heard one alone (`media.audio._mixable`)
+#: cancel in the mean are heard one alone (`media.audio._Downmix`)
 PCM_VERSION = "-mean2"
 
 

@@ -73,10 +73,15 @@ def test_a_narration_whose_channels_cancel_in_the_mean_is_heard_from_one_of_them
 
     t = np.arange(16000) / 16000
     voice = 0.4 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    spoken = voice * (np.sin(2 * np.pi * 2 * t) > 0)
+    hiss = np.random.default_rng(0).normal(0, 0.003, (2, len(t)))
     for name, pair, heard in (
         ("opposite.wav", (voice, -voice), voice),
         ("mostly.wav", (voice, -0.99 * voice), voice),
         ("wide.wav", (voice, 0.3 * voice), 0.65 * voice),  # no cancelling: the mean, as before
+        # nearly opposite, with each mic's own hiss, and pauses: one channel throughout, not the
+        # mean in the pauses (where the hiss does not cancel) and a channel in the words
+        ("hiss.wav", (spoken + hiss[0], -0.82 * spoken + hiss[1]), spoken + hiss[0]),
     ):
         path = str(tmp_path / name)
         with av.open(path, "w") as container:

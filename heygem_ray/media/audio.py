@@ -98,19 +98,20 @@ def decoded(container: av.container.InputContainer, stream: av.AudioStream, uri:
 class Resampler:
     """Decoded frames to one format, layout and rate, whatever the stream does: non-finite
     samples silenced (`finite_samples`), a stream whose rate or layout changes midway (TTS chunks
-    joined into one file) followed, and channels averaged into mono by us (`_mixable`) where the
+    joined into one file) followed, and channels averaged into mono by us (`_Downmix`) where the
     target is mono or FFmpeg cannot mix them (over 8, in no known order)."""
 
     def __init__(self, format: str, layout: str, rate: int):
         self._target = (format, layout, rate)
         self._source: tuple[str, str, int] | None = None
         self._resampler: av.AudioResampler | None = None
+        self._downmix = _Downmix(to_mono=layout == "mono")
 
     def resample(self, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
         """The frames ready so far; None: the rest."""
         if frame is None:
             return self._resampler.resample(None) if self._resampler else []
-        frame = _mixable(finite_samples(frame), to_mono=self._target[1] == "mono")
+        frame = self._downmix(finite_samples(frame))
         source = (frame.format.name, frame.layout.name, frame.sample_rate)
         out: list[av.AudioFrame] = []
         if source != self._source:
@@ -128,27 +129,40 @@ MIXABLE_CHANNELS = 8
 CANCELLED = 0.01
 
 
-def _mixable(frame: av.AudioFrame, to_mono: bool = False) -> av.AudioFrame:
-    """`frame`, or its channels averaged into one: for a mono target (the official Wav2Lip hears a
-    narration as librosa's mono, the mean of its channels; FFmpeg's downmix adds them at -3 dB each,
-    3 dB louder for a narration in two identical channels, every mel value off by ~0.24), or where
-    FFmpeg could not mix them."""
-    channels = frame.layout.nb_channels
-    if channels == 1 or (channels <= MIXABLE_CHANNELS and not to_mono):
-        return frame
-    data = frame.to_ndarray()  # planar: (channels, samples); packed: (1, samples * channels)
-    per_channel = data.reshape(channels, -1) if frame.format.is_planar else data.reshape(-1, channels).T
-    mean = per_channel.mean(axis=0, dtype=np.float64)
-    energy = np.square(per_channel, dtype=np.float64).sum(axis=1)
-    if np.square(mean).sum() < CANCELLED * energy.mean():
-        # channels in opposite phase (a mic wired with one leg swapped): their mean is silence, and
-        # the mouth stayed shut under a narration that plays aloud. One channel instead: the first,
-        # unless another is much louder (a file whose first channel is silent)
-        mean = per_channel[0 if energy[0] >= 0.5 * energy.max() else int(energy.argmax())].astype(np.float64)
-    mono = mean.astype(data.dtype)[None, :]
-    mixed = av.AudioFrame.from_ndarray(mono, format=frame.format.name, layout="mono")
-    mixed.sample_rate, mixed.pts, mixed.time_base = frame.sample_rate, frame.pts, frame.time_base
-    return mixed
+class _Downmix:
+    """A stream's frames, or their channels averaged into one: for a mono target (the official
+    Wav2Lip hears a narration as librosa's mono, the mean of its channels; FFmpeg's downmix adds them
+    at -3 dB each, 3 dB louder for a narration in two identical channels, every mel value off by
+    ~0.24), or where FFmpeg could not mix them. Where the mean is CANCELLED under the channels over
+    the stream so far (a mic lead wired with its phase flipped: the mouth stayed shut under a
+    narration that plays aloud), one channel from then on: the first, unless another is much louder.
+    Decided once, not frame by frame: a stream near that line switched and its level jumped 20 dB."""
+
+    def __init__(self, to_mono: bool):
+        self.to_mono = to_mono
+        self._mixed = 0.0  # energy of the mean, and the channels' mean energy, over the stream so far
+        self._heard = 0.0
+        self._channel: int | None = None
+
+    def __call__(self, frame: av.AudioFrame) -> av.AudioFrame:
+        channels = frame.layout.nb_channels
+        if channels == 1 or (channels <= MIXABLE_CHANNELS and not self.to_mono):
+            return frame
+        data = frame.to_ndarray()  # planar: (channels, samples); packed: (1, samples * channels)
+        per_channel = data.reshape(channels, -1) if frame.format.is_planar else data.reshape(-1, channels).T
+        if self._channel is None or self._channel >= channels:
+            mean = per_channel.mean(axis=0, dtype=np.float64)
+            energy = np.square(per_channel, dtype=np.float64).sum(axis=1)
+            self._mixed += float(np.square(mean).sum())
+            self._heard += float(energy.mean())
+            if self._mixed < CANCELLED * self._heard:
+                self._channel = 0 if energy[0] >= 0.5 * energy.max() else int(energy.argmax())
+        if self._channel is not None and self._channel < channels:
+            mean = per_channel[self._channel].astype(np.float64)
+        mono = mean.astype(data.dtype)[None, :]
+        mixed = av.AudioFrame.from_ndarray(mono, format=frame.format.name, layout="mono")
+        mixed.sample_rate, mixed.pts, mixed.time_base = frame.sample_rate, frame.pts, frame.time_base
+        return mixed
 
 
 def finite_samples(frame: av.AudioFrame) -> av.AudioFrame:
