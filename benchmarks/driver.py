@@ -67,6 +67,7 @@ class SimulatedExecutor:
         pass
 
     def call(self, actor: int, method: str, *args: Any) -> Done:
+        from heygem_ray.release import code_version
         from heygem_ray.segment import SegmentResult, WorkerInfo
 
         if method == "ready":
@@ -74,7 +75,7 @@ class SimulatedExecutor:
                 from heygem_ray.errors import RendererStartError
 
                 return Done(error=RendererStartError(self.start_error))
-            return Done(WorkerInfo(1000 + actor, None, "libx264", time.time(), time.time()))
+            return Done(WorkerInfo(1000 + actor, None, "libx264", time.time(), time.time(), code=code_version()))
         job = args[0]
         return Done(SegmentResult(job.row_id, job.index, job.frames, 1 << 20, reused=False))
 

@@ -198,14 +198,15 @@ class ActorPool:
                 return self.unusable(actor, f"{type(cause).__name__}: {cause}".splitlines()[0])
             a.probe_at = time.monotonic() + 1.0  # still restarting (maybe waiting for a node)
             return None
-        if info.code and info.code != self.code:
+        if info.code != self.code:
             # a worker image or an installed package unlike the driver's (a node not yet upgraded):
             # its segments would join one video with segments of another release, under a key that
-            # says they are the driver's
+            # says they are the driver's. A release before this check says no code at all.
             return self.unusable(
                 actor,
-                f"it runs heygem_ray code {info.code} but the driver runs {self.code} (its node's image or "
-                "installed package differs from the driver's: install the same release on every node)",
+                f"it runs heygem_ray code {info.code or 'of an older release'} but the driver runs {self.code} "
+                "(its node's image or installed package differs from the driver's: install the same release on "
+                "every node)",
             )
         if self.codec is None:
             self.codec = info.codec

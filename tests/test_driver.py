@@ -1384,7 +1384,7 @@ def test_actors_gone_for_good_are_given_up_not_asked_for_ever(tmp_path):
     assert all("No module named 'heygem_ray'" in r.error for r in summary.rows)
 
 
-@pytest.mark.parametrize("unlike", ["one actor", "every actor"])
+@pytest.mark.parametrize("unlike", ["one actor", "every actor", "an older release"])
 def test_an_actor_running_other_code_than_the_driver_gets_no_segments(tmp_path, unlike):
     """Segments are keyed by the driver's code (`release.code_version`): an actor on a node whose
     image or installed package differs (a worker group not yet upgraded) rendered segments of
@@ -1400,6 +1400,8 @@ def test_an_actor_running_other_code_than_the_driver_gets_no_segments(tmp_path, 
             answer = super().call(actor, method, *args)
             if method == "ready":
                 code = "0123456789abcdef" if unlike == "every actor" or actor == 0 else code_version()
+                if unlike == "an older release":  # one that says no code
+                    code = "" if actor == 0 else code_version()
                 return Done(changed(answer.result, code=code))
             return answer
 
@@ -1407,9 +1409,10 @@ def test_an_actor_running_other_code_than_the_driver_gets_no_segments(tmp_path, 
     campaign = Campaign(job.cfg, job.rows, executor=MixedImages(actors=2))
     summary = run_within(campaign, 30)
     assert summary is not None
-    why = f"runs heygem_ray code 0123456789abcdef but the driver runs {code_version()}"
+    other = "of an older release" if unlike == "an older release" else "0123456789abcdef"
+    why = f"runs heygem_ray code {other} but the driver runs {code_version()}"
     assert why in (campaign.actors.actors[0].failed or "")
-    if unlike == "one actor":
+    if unlike != "every actor":
         assert summary.count("ok") == ROWS and campaign.actors.actors[1].failed is None
     else:
         assert summary.count("failed") == ROWS and all(why in r.error for r in summary.rows)
