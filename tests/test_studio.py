@@ -1779,7 +1779,7 @@ def test_a_job_that_ended_without_its_drivers_last_feed_shows_nothing_under_way(
 
 
 @pytest.mark.parametrize("rerun", ["PENDING", "STOPPED", "FAILED"])
-def test_a_rerun_not_yet_started_leaves_the_runs_before_rows_and_videos_shown(tmp_path, rerun):
+def test_a_rerun_not_yet_started_leaves_the_runs_before_rows_and_videos_shown(tmp_path, rerun, caplog):
     """ "Re-run failed rows" on a campaign with a finished video: while the re-run was queued, or
     once it was cancelled or failed before its driver wrote anything, the page showed 0 rows done,
     no rows, no videos and no zip of them, as if the campaign had lost its work."""
@@ -1822,11 +1822,19 @@ def test_a_rerun_not_yet_started_leaves_the_runs_before_rows_and_videos_shown(tm
         table.add(RowResult("a", "ok", f"{output}/a.mp4", None, 1.0, 25, 1, 1.0, 1, time.time()))
         table.add(RowResult("b", "failed", f"{output}/b.mp4", "no face found", 1.0, 25, 1, 1.0, 1, time.time()))
         table.finish(["a", "b"])
-        view = studio.campaign("alice", campaign)
+        with caplog.at_level(logging.INFO, logger="t"):
+            view = studio.campaign("alice", campaign)
         assert view is not None
         assert view.status == {"PENDING": "queued", "STOPPED": "cancelled", "FAILED": "failed"}[rerun]
         assert (view.rows_done, view.rows_failed) == (2, 1) and view.eta_seconds is None
         assert [(r["id"], r["status"]) for r in view.rows] == [("a", "ok"), ("b", "failed")]
+        if rerun != "PENDING":  # its end is logged as its own: no rows of its
+            assert "rows=0 failed=0 job=heygem-alice-k-2 (before its driver started)" in caplog.text
+        # the run before was killed mid-run (its feed still says running): its unfinished rows say so
+        with open(os.path.join(output, "_progress.json"), "w") as fh:
+            json.dump({**feed, "state": "running", "row_status": {"a": "ok", "b": "rendering"}}, fh)
+        view = studio.campaign("alice", campaign)
+        assert view is not None and [(r["id"], r["status"]) for r in view.rows] == [("a", "ok"), ("b", "not finished")]
     finally:
         server.close()
 

@@ -97,6 +97,8 @@ class CampaignView:
     eta_seconds: float | None = None
     rows: list[dict] = field(default_factory=list)  # id, status, seconds, error: from the results or the feed
     note: str = ""
+    #: the latest job's driver has written nothing yet: the counts and rows are the run before's
+    earlier: bool = False
 
 
 #: how long the web server keeps an upload no campaign took (Gradio's cache: see server.sweep_uploads)
@@ -771,13 +773,14 @@ class Studio:
         started later neither repeats it nor, when it ended while none ran, leaves it out."""
         event = {"finished": "finish", "failed": "failure", "cancelled": "stopped"}[view.status]
         self.log.info(
-            "%s user=%s campaign=%s rows=%d failed=%d job=%s%s",
+            "%s user=%s campaign=%s rows=%d failed=%d job=%s%s%s",
             event,
             record.user,
             record.id,
-            view.rows_done,
-            view.rows_failed,
+            0 if view.earlier else view.rows_done,  # the run before's are not this job's
+            0 if view.earlier else view.rows_failed,
             record.jobs[-1],
+            " (before its driver started)" if view.earlier else "",
             " (ended while the studio was down)" if late else "",
         )
         try:
@@ -802,7 +805,7 @@ class Studio:
         earlier = started is not None and feed.get("started_at", 0) < started - 1
         state = None if earlier else feed.get("state")
         counts = feed.get("rows", {})
-        view = CampaignView(record, "queued", counts.get("total", record.rows), note=note)
+        view = CampaignView(record, "queued", counts.get("total", record.rows), note=note, earlier=earlier)
         view.rows_done = sum(counts.get(s, 0) for s in ("ok", "failed", "skipped"))
         view.rows_failed = counts.get("failed", 0)
         view.frames_done = feed.get("frames", {}).get("done", 0)
@@ -815,7 +818,8 @@ class Studio:
         view.status = _status(job, state)
         # the job ended but its driver never wrote its last feed (killed, its node lost): nothing
         # is under way, whatever that feed still says
-        orphaned = view.status in ENDED and state == "running"
+        # (and a re-run waiting behind such a one shows its rows alike)
+        orphaned = (view.status in ENDED or earlier) and feed.get("state") == "running"
         if orphaned:
             view.eta_seconds = None
         with self._lock:  # an end the cluster did not confirm (it does not answer) is not one yet
