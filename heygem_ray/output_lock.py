@@ -250,8 +250,13 @@ def _serialized(output: str) -> Iterator[None]:
     folder = storage.local_path(output)
     deadline = time.monotonic() + FLOCK_WAIT_SECONDS
     while True:
-        os.makedirs(folder, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # a parent removed meanwhile by a run that had made it and left it empty
+            if time.monotonic() > deadline:
+                raise
+            continue
         try:
             while True:
                 try:
