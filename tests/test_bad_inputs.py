@@ -310,41 +310,38 @@ def test_recordings_joined_end_to_end_are_refused_saying_so(tmp_path, second_at)
     assert len(alone.boxes) == 50
 
 
-def test_a_recording_with_frames_stamped_alike_is_refused_for_that_not_as_joined(tmp_path):
-    """A browser's recording (1/1000 s ticks) whose recorder stamped two frames of a burst with one
-    millisecond: refused as "recordings joined end to end", which it is not, with a fix (FFmpeg's
-    concat demuxer) that does nothing for it."""
-    path = tmp_path / "burst.webm"
+def _millisecond_clip(path: Path, stamps: list[int], codec: str, options: dict[str, str] | None = None) -> str:
+    """A clip of one frame per timestamp of `stamps`, in 1/1000 s ticks (a browser's recording);
+    its path."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libvpx", rate=30)
+        stream = container.add_stream(codec, rate=30, options=options or {})
         stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
         stream.codec_context.time_base = Fraction(1, 1000)
-        stamps = [round(i * 1000 / 30) for i in range(30)]
-        stamps[20] = stamps[19]
         for i, at in enumerate(stamps):
             frame = av.VideoFrame.from_ndarray(np.full((96, 128, 3), 6 * i, np.uint8), format="bgr24")
             frame.pts, frame.time_base = at, Fraction(1, 1000)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+    return str(path)
+
+
+def test_a_recording_with_frames_stamped_alike_is_refused_for_that_not_as_joined(tmp_path):
+    """A browser's recording (1/1000 s ticks) whose recorder stamped two frames of a burst with one
+    millisecond: refused as "recordings joined end to end", which it is not, with a fix (FFmpeg's
+    concat demuxer) that does nothing for it."""
+    stamps = [round(i * 1000 / 30) for i in range(30)]
+    stamps[20] = stamps[19]
+    path = _millisecond_clip(tmp_path / "burst.webm", stamps, "libvpx")
     cfg = compose_config("manifest=m", f"output={tmp_path}", "detector=box", "detector.box=[10,10,60,60]")
     with pytest.raises(InputError, match=r"1 of its frames carry the timestamp of another \(a recorder's glitch\)"):
-        prepare_avatar(str(path), (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
+        prepare_avatar(path, (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
 
 
 def test_a_clip_that_pauses_for_seconds_between_b_frames_is_no_restart(tmp_path):
     """A screen or webcam recording that stalls: a B-frame demuxed after a frame seconds later. The
     restart check measured that in time (seconds behind, against 32 frames' worth) and refused it."""
-    path = tmp_path / "stalls.mkv"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30, options={"preset": "ultrafast", "bf": "3"})
-        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        pts = [i * 33 + 5000 * (i // 10) for i in range(40)]  # bursts of 10 frames, 5 s apart
-        for i, at in enumerate(pts):
-            frame = av.VideoFrame.from_ndarray(np.full((96, 128, 3), 6 * i, np.uint8), format="bgr24")
-            frame.pts, frame.time_base = at, Fraction(1, 1000)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    stamps = [i * 33 + 5000 * (i // 10) for i in range(40)]  # bursts of 10 frames, 5 s apart
+    path = _millisecond_clip(tmp_path / "stalls.mkv", stamps, "libx264", {"preset": "ultrafast", "bf": "3"})
     cfg = compose_config("manifest=m", f"output={tmp_path}", "detector=box", "detector.box=[10,10,60,60]")
-    track = prepare_avatar(str(path), (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
+    track = prepare_avatar(path, (10, 10, 60, 60), cfg.detector, str(tmp_path / "c"), 25.0)
     assert len(track.boxes) == 40

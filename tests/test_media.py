@@ -50,26 +50,29 @@ def test_a_stereo_narration_is_the_mean_of_its_channels_as_the_official_flow_hea
     """The official Wav2Lip loads a narration as librosa's mono: the mean of its channels. FFmpeg's
     own downmix adds them at -3 dB each: a narration in two identical channels (common from TTS)
     came out 3 dB louder, every mel value off by ~0.24 from what the model was trained on."""
-    from fractions import Fraction
 
     t = np.arange(16000) / 16000
     left, right = 0.5 * np.sin(2 * np.pi * 220 * t), 0.1 * np.sin(2 * np.pi * 330 * t)
     for name, pair in (("dual.wav", (left, left)), ("two.wav", (left, right))):
-        path = str(tmp_path / name)
-        with av.open(path, "w") as container:
-            stream = container.add_stream("pcm_s16le", rate=16000, layout="stereo")
-            frame = av.AudioFrame.from_ndarray(np.array(pair, np.float32), format="fltp", layout="stereo")
-            frame.sample_rate, frame.time_base, frame.pts = 16000, Fraction(1, 16000), 0
-            container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
+        path = _stereo_wav(tmp_path / name, pair)
         np.testing.assert_allclose(decode_all(path), (pair[0] + pair[1]) / 2, atol=2 / 32768)
+
+
+def _stereo_wav(path: Path, pair: tuple[np.ndarray, np.ndarray]) -> str:
+    """A 16 kHz 16-bit stereo WAV of the two channels `pair`; its path."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=16000, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.array(pair, np.float32), format="fltp", layout="stereo")
+        frame.sample_rate, frame.time_base, frame.pts = 16000, Fraction(1, 16000), 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return str(path)
 
 
 def test_a_narration_whose_channels_cancel_in_the_mean_is_heard_from_one_of_them(tmp_path):
     """A stereo narration recorded with one channel's phase flipped (a mic lead wired backwards)
     plays aloud, but the mean of its channels is silence: the mouth stayed shut for the whole video,
     reported ok. Where the mean is 20 dB under the channels, one channel is heard instead."""
-    from fractions import Fraction
 
     t = np.arange(16000) / 16000
     voice = 0.4 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
@@ -83,13 +86,7 @@ def test_a_narration_whose_channels_cancel_in_the_mean_is_heard_from_one_of_them
         # mean in the pauses (where the hiss does not cancel) and a channel in the words
         ("hiss.wav", (spoken + hiss[0], -0.82 * spoken + hiss[1]), spoken + hiss[0]),
     ):
-        path = str(tmp_path / name)
-        with av.open(path, "w") as container:
-            stream = container.add_stream("pcm_s16le", rate=16000, layout="stereo")
-            frame = av.AudioFrame.from_ndarray(np.array(pair, np.float32), format="fltp", layout="stereo")
-            frame.sample_rate, frame.time_base, frame.pts = 16000, Fraction(1, 16000), 0
-            container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
+        path = _stereo_wav(tmp_path / name, pair)
         np.testing.assert_allclose(decode_all(path), heard, atol=2 / 32768)
 
 
