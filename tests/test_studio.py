@@ -268,6 +268,9 @@ def test_uploads_are_checked_by_what_they_are(tmp_path, media_dir):
     heif.register_opener()
     Image.new("RGB", (64, 48), (200, 150, 120)).save(tmp_path / "IMG_0001.HEIC")
     assert check_upload(str(tmp_path / "IMG_0001.HEIC"), "avatar", MIB) == "IMG_0001.HEIC"  # an iPhone's photo
+    poses = [Image.new("RGB", (64, 48), (40 * i, 80, 120)) for i in range(3)]
+    poses[0].save(tmp_path / "wave.gif", save_all=True, append_images=poses[1:], duration=[2000, 100, 100])
+    assert check_upload(str(tmp_path / "wave.gif"), "avatar", MIB) == "wave.gif"  # an animated presenter
     fake = tmp_path / "song.wav"
     fake.write_text("not audio at all")
     with pytest.raises(UploadError, match="song.wav: not a readable audio file"):

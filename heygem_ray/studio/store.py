@@ -55,7 +55,11 @@ from heygem_ray.results import is_part, read_results, read_table, superseded
 from heygem_ray.studio.users import check_name
 
 AUDIO_TYPES = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
-AVATAR_TYPES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".avif")
+AVATAR_TYPES = (
+    *(".mp4", ".mov", ".mkv", ".webm", ".avi"),
+    *(".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".avif"),
+    ".gif",  # played at a steady rate, each frame held for its delay (`prepare._held`)
+)
 MANIFEST_TYPES = (".parquet", ".csv")
 #: an uploaded manifest's limits (it is read whole, on the web server)
 MANIFEST_MAX_BYTES = 10 * 2**20
