@@ -249,13 +249,18 @@ def _serialized(output: str) -> Iterator[None]:
         return
     folder = storage.local_path(output)
     deadline = time.monotonic() + FLOCK_WAIT_SECONDS
+    vanished = 0
     while True:
         try:
             os.makedirs(folder, exist_ok=True)
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:  # a parent removed meanwhile by a run that had made it and left it empty
-            if time.monotonic() > deadline:
+        except FileNotFoundError:
+            # a parent removed meanwhile by a run that had made it and left it empty: made again, a
+            # few times; a folder that cannot be made at all (under /proc, a dead link) raises at once
+            vanished += 1
+            if vanished > VANISHED_TRIES:
                 raise
+            time.sleep(0.01)
             continue
         try:
             while True:
@@ -276,6 +281,10 @@ def _serialized(output: str) -> Iterator[None]:
         finally:
             os.close(fd)  # lets the flock go
         # removed while this waited (the run before left a root it had made and not used): again
+
+
+#: tries of an output root whose parent vanished as it was made (`_serialized`)
+VANISHED_TRIES = 3
 
 
 def _same_folder(path: str, fd: int) -> bool:
