@@ -58,6 +58,23 @@ def test_a_stereo_narration_is_the_mean_of_its_channels_as_the_official_flow_hea
         np.testing.assert_allclose(decode_all(path), (pair[0] + pair[1]) / 2, atol=2 / 32768)
 
 
+def test_which_channels_are_heard_follows_the_narration_not_its_start(tmp_path):
+    """Decided once from the start, an intro in phase kept the mean (silence) for a flipped voice
+    after it, and a quiet lead-in that cancelled kept one channel for an interview panned left and
+    right after it (the other speaker lost). The last half second or so decides."""
+    t = np.arange(64000) / 16000
+    voice = 0.4 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    intro = t < 0.5
+    flipped = _stereo_wav(tmp_path / "intro.wav", (voice, np.where(intro, voice, -voice)))
+    heard = decode_all(flipped)
+    np.testing.assert_allclose(heard[:8000], voice[:8000], atol=2 / 32768)  # the intro: the mean
+    np.testing.assert_allclose(heard[-16000:], voice[-16000:], atol=2 / 32768)  # the voice: one channel
+    lead_in = t < 0.5
+    left, right = np.where(lead_in, 0.001, voice * (t < 2.5)), np.where(lead_in, -0.001, voice * (t >= 2.5))
+    heard = decode_all(_stereo_wav(tmp_path / "interview.wav", (left, right)))
+    np.testing.assert_allclose(heard[-16000:], right[-16000:] / 2, atol=2 / 32768)  # the right speaker, in the mean
+
+
 def _stereo_wav(path: Path, pair: tuple[np.ndarray, np.ndarray]) -> str:
     """A 16 kHz 16-bit stereo WAV of the two channels `pair`; its path."""
     with av.open(str(path), "w") as container:

@@ -4,6 +4,7 @@ memory does not grow with the audio's length."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
@@ -125,22 +126,28 @@ class Resampler:
 
 #: the most channels FFmpeg mixes down by itself (it knows no order for more)
 MIXABLE_CHANNELS = 8
-#: a mono mix this far below its channels' mean energy (20 dB) is channels cancelling each other
+#: a mono mix this far below its channels' mean energy (20 dB) is channels cancelling each other,
+#: and one back within 10 dB of it is channels that no longer do
 CANCELLED = 0.01
+RESTORED = 0.1
+#: the time constant of the energies `_Downmix` compares: a word, not the whole narration
+CHANNEL_MEMORY_SECONDS = 0.5
 
 
 class _Downmix:
     """A stream's frames, or their channels averaged into one: for a mono target (the official
     Wav2Lip hears a narration as librosa's mono, the mean of its channels; FFmpeg's downmix adds them
     at -3 dB each, 3 dB louder for a narration in two identical channels, every mel value off by
-    ~0.24), or where FFmpeg could not mix them. Where the mean is CANCELLED under the channels over
-    the stream so far (a mic lead wired with its phase flipped: the mouth stayed shut under a
-    narration that plays aloud), one channel from then on: the first, unless another is much louder.
-    Decided once, not frame by frame: a stream near that line switched and its level jumped 20 dB."""
+    ~0.24), or where FFmpeg could not mix them. Where the mean falls CANCELLED under the channels
+    over the last second or so (a mic lead wired with its phase flipped: the mouth stayed shut under
+    a narration that plays aloud), one channel instead (the first, unless another is much louder),
+    until the mean is RESTORED: a stream near the line is not switched frame by frame (its level
+    jumped 20 dB between neighbouring frames), and an intro in phase or a quiet lead-in does not
+    decide for the rest."""
 
     def __init__(self, to_mono: bool):
         self.to_mono = to_mono
-        self._mixed = 0.0  # energy of the mean, and the channels' mean energy, over the stream so far
+        self._mixed = 0.0  # energy of the mean, and the channels' mean energy, lately (`CHANNEL_MEMORY_SECONDS`)
         self._heard = 0.0
         self._channel: int | None = None
 
@@ -150,14 +157,16 @@ class _Downmix:
             return frame
         data = frame.to_ndarray()  # planar: (channels, samples); packed: (1, samples * channels)
         per_channel = data.reshape(channels, -1) if frame.format.is_planar else data.reshape(-1, channels).T
-        if self._channel is None or self._channel >= channels:
-            mean = per_channel.mean(axis=0, dtype=np.float64)
-            energy = np.square(per_channel, dtype=np.float64).sum(axis=1)
-            self._mixed += float(np.square(mean).sum())
-            self._heard += float(energy.mean())
-            if self._mixed < CANCELLED * self._heard:
-                self._channel = 0 if energy[0] >= 0.5 * energy.max() else int(energy.argmax())
-        if self._channel is not None and self._channel < channels:
+        mean = per_channel.mean(axis=0, dtype=np.float64)
+        energy = np.square(per_channel, dtype=np.float64).sum(axis=1)
+        kept = math.exp(-per_channel.shape[1] / (CHANNEL_MEMORY_SECONDS * frame.sample_rate))
+        self._mixed = self._mixed * kept + float(np.square(mean).sum())
+        self._heard = self._heard * kept + float(energy.mean())
+        if self._channel is None and self._mixed < CANCELLED * self._heard:
+            self._channel = 0 if energy[0] >= 0.5 * energy.max() else int(energy.argmax())
+        elif self._channel is not None and (self._mixed > RESTORED * self._heard or self._channel >= channels):
+            self._channel = None
+        if self._channel is not None:
             mean = per_channel[self._channel].astype(np.float64)
         mono = mean.astype(data.dtype)[None, :]
         mixed = av.AudioFrame.from_ndarray(mono, format=frame.format.name, layout="mono")
