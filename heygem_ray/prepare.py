@@ -582,7 +582,7 @@ def _at_timed_rate(info: VideoInfo, pts: np.ndarray, time_base: Fraction) -> Vid
 
 
 #: clips slower than this (frames a second), and animated images, play at `render.still_fps` with
-#: each frame held as long as it is timed: the mouth is drawn anew on every output frame, and a
+#: each frame held as long as it is timed (`_held`): the mouth is drawn anew on every output frame, and a
 #: GIF of two poses at about one frame a second moved its lips once a second (its 0.15 s blink
 #: held a whole second), a GIF's 2 s pose played in a tenth of one
 STEADY_RATE = 10.0
