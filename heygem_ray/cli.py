@@ -421,8 +421,9 @@ def manifest_main(argv: Sequence[str]) -> int:
         description="Write the cross product of audio x avatar URIs/globs as a Parquet manifest "
         "(one narration over many presenters, or many narrations over one).",
     )
-    parser.add_argument("--audio", nargs="+", required=True, help="audio URIs or globs (quote globs)")
-    parser.add_argument("--avatar", nargs="+", required=True, help="avatar video/image URIs or globs")
+    # extend: `--audio a.wav --audio b.wav` is both (the default kept the last alone)
+    parser.add_argument("--audio", nargs="+", action="extend", required=True, help="audio URIs or globs (quote globs)")
+    parser.add_argument("--avatar", nargs="+", action="extend", required=True, help="avatar video/image URIs or globs")
     parser.add_argument("--out", required=True, help="manifest URI to write (.parquet)")
     args = parser.parse_args(argv)
     for uri in (*args.audio, *args.avatar, args.out):

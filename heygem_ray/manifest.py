@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import re
 import unicodedata
 from collections import Counter
@@ -414,10 +415,11 @@ def _parse_box(value: object) -> tuple[int, int, int, int] | None:
     return box[0], box[1], box[2], box[3]
 
 
-def expand(patterns: list[str]) -> list[str]:
+def expand(patterns: list[str], leave_out: str = "") -> list[str]:
     """URIs and globs to a sorted, de-duplicated URI list (a pattern matching nothing is an error).
     A file that exists under the name given is that file, glob characters or not ("clip [abc].mp4",
-    as yt-dlp names downloads): as a pattern it named another file, or none."""
+    as yt-dlp names downloads): as a pattern it named another file, or none. `leave_out`: a file no
+    pattern takes (the manifest being written, which a rebuild's glob matched as a presenter)."""
     out: list[str] = []
     for pattern in patterns:
         if any(ch in pattern for ch in "*?[") and not storage.exists(pattern):
@@ -425,10 +427,11 @@ def expand(patterns: list[str]) -> list[str]:
             # .DS_Store, notes and sub-folders as narrations, "aud/**/*.wav" a .Trash's
             fixed = pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)].rpartition("/")[0]
             base = (storage.local_path(fixed or ".") if storage.is_local(pattern) else fixed).rstrip("/")
-            matches = [uri for uri in storage.versions(pattern) if not _hidden(uri, base)]
+            matched = storage.versions(pattern)
+            matches = [uri for uri in matched if not _hidden(uri, base) and not _same_file(uri, leave_out)]
             if not matches:
                 raise ManifestError(f"{storage.display(pattern)} matches no files")
-            out.extend(matches)
+            out.extend(_usable(matches, pattern))
         elif not storage.exists(pattern):
             raise ManifestError(f"{storage.display(pattern)} does not exist")
         elif storage.info(pattern).get("type") == "directory":
@@ -438,6 +441,35 @@ def expand(patterns: list[str]) -> list[str]:
     # local paths absolute, as globs give them: the manifest means the same files from any folder
     # (a job's workers run in Ray's copy of its working directory), and one file is one file
     return list(dict.fromkeys(storage.local_path(u) if storage.is_local(u) else u for u in out))
+
+
+def _same_file(uri: str, other: str) -> bool:
+    return bool(other) and storage.normalize(uri) == storage.normalize(other)
+
+
+def _usable(matches: list[str], pattern: str) -> list[str]:
+    """`matches` of `pattern`, or ManifestError naming those no row could use: a link to nothing
+    (its row would fail as "does not exist"), a name that is not UTF-8 (a Windows zip's Latin-1:
+    no manifest can hold it)."""
+    dangling = [uri for uri in matches if storage.is_local(uri) and not os.path.exists(storage.local_path(uri))]
+    if dangling:
+        shown = ", ".join(storage.display(uri) for uri in dangling[:5])
+        raise ManifestError(f"{storage.display(pattern)} matches link(s) to nothing: {shown}")
+    undecodable = [uri for uri in matches if not _utf8(uri)]
+    if undecodable:
+        shown = ", ".join(ascii(storage.basename(uri)) for uri in undecodable[:5])
+        raise ManifestError(
+            f"{storage.display(pattern)} matches file name(s) that are not UTF-8: {shown} (rename them)"
+        )
+    return matches
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _hidden(uri: str, base: str) -> bool:
@@ -451,7 +483,9 @@ def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int
     manifest; return its row count. Ids name both inputs (`<audio stem>__<avatar stem>`), made unique
     with a hash when stems repeat. A pair the manifest at `out_uri` had keeps its id there: a
     manifest rebuilt with more files renders only the new pairs."""
-    audios, avatars = expand(audio), expand(avatar)
+    audios, avatars = expand(audio, leave_out=out_uri), expand(avatar, leave_out=out_uri)
+    if any(_same_file(uri, out_uri) for uri in (*audios, *avatars)):
+        raise ManifestError(f"--out {storage.display(out_uri)} is one of the inputs: give the manifest another name")
     pairs = [(a, v) for a in audios for v in avatars][:limit]
     kept = _earlier_ids(out_uri)
     ids = [kept.get(pair) or _pair_id(*pair) for pair in pairs]
@@ -480,8 +514,11 @@ def _earlier_ids(uri: str) -> dict[tuple[str, str], str]:
         return {}
     try:
         table = pq.read_table(io.BytesIO(data), columns=["id", "audio", "avatar"])
-    except (ValueError, pa.ArrowException):  # not a manifest `build_manifest` writes
-        return {}
+    except (ValueError, pa.ArrowException):  # not a manifest `build_manifest` writes: not written over
+        raise ManifestError(
+            f"{storage.display(uri)} exists and is no manifest `heygem-ray manifest` wrote: give --out another "
+            "name, or remove it"
+        ) from None
     columns = table.to_pydict()
     counts = Counter(columns["id"])
     return {

@@ -984,7 +984,8 @@ def version_key(uri: str, info: Mapping[str, Any]) -> str | None:
     version = next((info[k] for k in VERSION_FIELDS if info.get(k) not in (None, "")), None)
     if version is None:
         return None
-    return hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode()).hexdigest()
+    # surrogateescape: a local name that is not UTF-8 (a Windows zip's Latin-1) still has a key
+    return hashlib.sha256(f"{normalize(uri)}|{info.get('size')}|{version}".encode(errors="surrogateescape")).hexdigest()
 
 
 def change_key(uri: str, info: Mapping[str, Any]) -> str | None:

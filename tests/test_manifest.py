@@ -411,8 +411,11 @@ def test_the_manifest_command_takes_media_files_only_and_renames_no_row_it_had(t
     pq.write_table(pa.table(edited), out)
     assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 3
     assert "intro en/v2" not in pq.read_table(out).column("id").to_pylist()
-    # built anew over what is no Parquet manifest: both get a hash
+    # what is no Parquet manifest is not written over; once removed, built anew: both get a hash
     (tmp_path / "m.parquet").write_text("id,audio,avatar\n")
+    with pytest.raises(ManifestError, match="exists and is no manifest"):
+        build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out)
+    (tmp_path / "m.parquet").unlink()
     assert build_manifest([str(aud / "*")], [str(tmp_path / "p.mp4")], out) == 3
     ids = [r["id"] for r in pq.read_table(out).to_pylist()]
     assert ids[2] == "b__p" and ids[0].startswith("a__p-") and ids[1].startswith("a__p-") and ids[0] != ids[1]
@@ -509,3 +512,40 @@ def test_a_scheme_nothing_here_reads_is_said_plainly(tmp_path, capsys):
     assert "output foo://bucket/run: foo:// is no storage scheme fsspec knows" in capsys.readouterr().err
     assert manifest_main(["--audio", "foo://b/*.wav", "--avatar", "/v.png", "--out", str(tmp_path / "m.parquet")]) == 2
     assert "foo:// is no storage scheme" in capsys.readouterr().err
+
+
+def test_the_manifest_command_takes_every_flag_and_writes_over_nothing_but_a_manifest(tmp_path, capsys):
+    """`--audio a --audio b` kept b alone; `--out` wrote over whatever was there (a presenter, the
+    user's notes); a rebuild's glob took the manifest it had written for a presenter; a link to
+    nothing became a row that failed; a Latin-1 name from a Windows zip ended in a traceback."""
+    import os
+
+    from heygem_ray.cli import manifest_main
+
+    for name in ("n1.wav", "n2.wav", "p/p1.mp4", "p/p2.mp4"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    n1, n2, p1, p2 = (str(tmp_path / n) for n in ("n1.wav", "n2.wav", "p/p1.mp4", "p/p2.mp4"))
+    out = str(tmp_path / "p" / "campaign.parquet")
+    assert manifest_main(["--audio", n1, "--audio", n2, "--avatar", p1, "--avatar", p2, "--out", out]) == 0
+    assert len(pq.read_table(out)) == 4
+    glob = str(tmp_path / "p" / "*")
+    assert manifest_main(["--audio", n1, "--avatar", glob, "--out", out]) == 0  # over its own: itself no presenter
+    assert [r["avatar"] for r in pq.read_table(out).to_pylist()] == [p1, p2]
+    capsys.readouterr()
+    for wrong in (p1, str(tmp_path / "notes.txt")):
+        if wrong.endswith(".txt"):
+            (tmp_path / "notes.txt").write_text("my notes")
+        assert manifest_main(["--audio", n1, "--avatar", p1, p2, "--out", wrong]) == 2
+        said = capsys.readouterr().err
+        assert "is one of the inputs" in said if wrong == p1 else "is no manifest" in said, said
+    assert (tmp_path / "p" / "p1.mp4").read_bytes() == b"x" and (tmp_path / "notes.txt").read_text() == "my notes"
+    os.symlink(str(tmp_path / "moved.mp4"), str(tmp_path / "p" / "gone.mp4"))
+    assert manifest_main(["--audio", n1, "--avatar", glob, "--out", out]) == 2
+    assert "matches link(s) to nothing" in capsys.readouterr().err
+    os.remove(tmp_path / "p" / "gone.mp4")
+    latin1 = os.fsdecode(str(tmp_path / "p").encode() + b"/caf\xe9.mp4")
+    with open(latin1, "wb") as fh:
+        fh.write(b"x")
+    assert manifest_main(["--audio", n1, "--avatar", glob, "--out", out]) == 2
+    assert r"not UTF-8: 'caf\udce9.mp4' (rename them)" in capsys.readouterr().err
