@@ -30,11 +30,12 @@ from typing import Any
 from heygem_ray import scratch, storage
 from heygem_ray.actor_pool import LOST_ACTOR_SECONDS, ActorPool
 from heygem_ray.config import Config, in_ray_job
-from heygem_ray.errors import CheckpointError, InputError, ManifestError
+from heygem_ray.errors import CheckpointError, InputError, ManifestError, SettingsError
 from heygem_ray.executors import Executor, Expired, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
 from heygem_ray.media.audio import SAMPLE_RATE
+from heygem_ray.media.video import encoder_problem
 from heygem_ray.observers import CampaignObservers
 from heygem_ray.output_lock import OutputLostError
 from heygem_ray.prepare import AvatarTrack, RowPrep, model_versions, prepare_row
@@ -701,6 +702,7 @@ def run(
         raise InputError("output", in_the_way[0], "is a folder where the campaign keeps its own file: move it away")
     cfg = replace(cfg, model_versions=model_versions(cfg))
     _check_models(cfg)
+    _check_encoder(cfg)
     if accepted is not None:
         accepted()
     storage.configure(cfg.storage.options, cfg.model_versions)
@@ -778,6 +780,14 @@ def _forced_run_done(cfg: Config, summary: Summary, input_faults: set[str], guar
     except OutputLostError:
         return
     storage.remove(cfg.layout.forced)
+
+
+def _check_encoder(cfg: Config) -> None:
+    """SettingsError for x264 settings x264 refuses (an option it does not know, a level it cannot
+    keep), where x264 may encode (`libx264`, or `auto` on a node without NVENC): found by every
+    renderer as it started, after the cluster and its actors had, each row failing with it."""
+    if cfg.encoder.codec in ("libx264", "auto") and (problem := encoder_problem("libx264", cfg.encoder)):
+        raise SettingsError(problem)
 
 
 def _check_models(cfg: Config) -> None:

@@ -42,6 +42,10 @@ class ClusterConfigError(HeygemError):
     """The configured actors cannot run on the cluster as it is (raised before any rendering)."""
 
 
+class SettingsError(HeygemError):
+    """A setting that cannot work, found before anything renders (an x264 option x264 refuses)."""
+
+
 class RendererStartError(HeygemError):
     """A renderer actor could not start (bad checkpoint, no encoder on its node): no restart will
     help. Its `ready()` raises it, so the driver gets the cause as a typed exception."""

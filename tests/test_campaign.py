@@ -21,7 +21,7 @@ from browser import chromium, dump_dom, parse_cards
 from helpers import METRICS_PORT, compose_config, write_one_row_manifest
 from heygem_ray import campaign
 from heygem_ray.devices import gpu_room
-from heygem_ray.errors import ClusterConfigError
+from heygem_ray.errors import ClusterConfigError, SettingsError
 from heygem_ray.executors import ray_cluster
 from heygem_ray.manifest import read_manifest
 from heygem_ray.media import video
@@ -801,10 +801,11 @@ def test_auto_codec_comes_from_the_first_actor_and_a_codec_no_node_has_fails_row
         row.error.startswith("renderer could not start:")
         and "h264_nvenc cannot encode yuv420p on this node" in row.error
     )
-    # an x264 option x264 does not know: x264 alone would skip it and encode on
+    # an x264 option x264 does not know: x264 alone would skip it and encode on; refused before
+    # anything starts (it failed every row once the renderers had started)
     cfg = compose_config(*base, f"output={tmp_path / 'x264'}", "cluster=inline", "encoder.x264_params='mb-tree=1'")
-    (row,) = campaign.run(cfg).rows
-    assert row.status == "failed" and "encoder.x264_params=mb-tree=1: x264 says" in row.error
+    with pytest.raises(SettingsError, match="encoder.x264_params=mb-tree=1: x264 says"):
+        campaign.run(cfg)
 
 
 def test_a_thumbnail_the_store_refuses_leaves_the_row_published(media_dir, tmp_path):
