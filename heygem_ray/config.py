@@ -40,6 +40,14 @@ class ClassicRendererConfig:
     #: how dark the mouth gap gets at full opening (0 = unchanged, 1 = black)
     mouth_darkness: float = 0.75
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"renderer.batch_size must be 1 or more, got {self.batch_size}")
+        for key in ("jaw_drop", "mouth_open", "mouth_darkness"):  # nan passes every comparison but this
+            value = getattr(self, key)
+            if not 0 <= value <= 1:
+                raise ValueError(f"renderer.{key} must be within 0 and 1, got {value}")
+
 
 #: the Wav2Lip renderer's choices (heygem_ray.render.wav2lip checks them too, for direct callers)
 PRECISIONS = ("auto", "fp32", "int8", "fp16", "bf16")
@@ -186,6 +194,11 @@ class DetectorConfig:
         ):
             raise ValueError(
                 f"detector.box={list(self.box)} is not [x1, y1, x2, y2] with 0 <= x1 < x2 and 0 <= y1 < y2"
+            )
+        if self.box is not None and self.name != "box":  # the detector would find the face; the box was ignored
+            raise ValueError(
+                f"detector.box is for detector=box (detector={self.name} finds the face itself): add detector=box, "
+                "or give boxes per row in the manifest's `box` column (which any detector takes)"
             )
         if len(self.pads) != 4:
             raise ValueError(f"detector.pads={list(self.pads)} is not [top, bottom, left, right]")
@@ -488,6 +501,16 @@ class QAConfig:
     def __post_init__(self) -> None:
         if self.max_lag < 0:  # searched no offset at all: every row scored None, silently
             raise ValueError(f"qa.max_lag must be 0 or more, got {self.max_lag}")
+        if (
+            self.syncnet is None
+        ):  # scores are correlations: a floor past 1 flagged (or failed, after rendering) every row
+            for key in ("min_sync", "fail_below"):
+                value = getattr(self, key)
+                if value is not None and not -1 <= value <= 1:
+                    raise ValueError(
+                        f"qa.{key} must be within -1 and 1 (the motion-energy score is a correlation), got {value} "
+                        "(the lip-sync expert's confidence, qa.syncnet, scores higher)"
+                    )
 
 
 def in_ray_job() -> bool:

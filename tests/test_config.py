@@ -121,12 +121,25 @@ def test_workers_unpickle_their_config_without_hydra():
         ("encoder.audio_sample_rate=44000", "encoder.audio_sample_rate=44000 is not one of AAC's"),
         ("encoder.audio_bitrate=-1", "encoder.audio_bitrate=-1 is not within 8000 .. 512000"),
         ("qa.max_lag=-1", "qa.max_lag must be 0 or more"),
+        # every row rendered, then failed (or was flagged): a correlation never reaches 2
+        ("qa.fail_below=2", "qa.fail_below must be within -1 and 1"),
+        ("qa.min_sync=5", "qa.min_sync must be within -1 and 1"),
+        # the default detector found the face, the box was silently ignored
+        ("detector.box=[0,0,40,40]", "detector.box is for detector=box (detector=haar finds the face itself)"),
     ],
 )
 def test_choices_are_checked_when_composed(override, message):
     """A typo fails on the driver at once, not as "renderer could not start" on every row."""
     with pytest.raises(ValueError, match=re.escape(message)):
         compose_config("manifest=m", "output=o", "renderer=wav2lip", "renderer.checkpoint=m.pth", override)
+
+
+@pytest.mark.parametrize("override", ["renderer.batch_size=-3", "renderer.mouth_open=nan", "renderer.jaw_drop=-1"])
+def test_the_classic_renderers_settings_are_checked_when_composed(override):
+    """Each was taken: a NaN opening rendered "ok" with a cast warning, a negative batch failed later."""
+    with pytest.raises(ValueError, match=re.escape(override.split("=")[0])):
+        compose_config("manifest=m", "output=o", override)
+    assert compose_config("manifest=m", "output=o", "qa.syncnet=x.pth", "qa.fail_below=4").qa.fail_below == 4
 
 
 def test_valid_choices_compose():
