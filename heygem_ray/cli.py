@@ -407,9 +407,10 @@ def demo_main(argv: Sequence[str]) -> int:
     build_manifest(assets.audios, assets.avatars, manifest, limit=args.rows)
     launched = time.time()  # the render starts here: making the inputs is not the campaign's start-up
     status = render(plain, cfg, launched)
-    print(f"heygem-ray demo: videos in {output}/")
-    layout = plain.layout
-    print(f"heygem-ray demo: open {layout.report} for a page with every row; results table {layout.results}")
+    if status in (0, 1):  # rendered (some rows may have failed); not after a refusal or a stop
+        print(f"heygem-ray demo: videos in {output}/")
+        layout = plain.layout
+        print(f"heygem-ray demo: open {layout.report} for a page with every row; results table {layout.results}")
     return status
 
 

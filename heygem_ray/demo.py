@@ -5,8 +5,10 @@ is synthetic speech-like sound with syllable rhythm and pauses."""
 
 from __future__ import annotations
 
+import functools
 import os
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -198,16 +200,28 @@ def make_demo_assets(
     audios, avatars = [], []
     for i, seconds in enumerate(audio_seconds):
         path = os.path.join(directory, f"narration_{i + 1}.wav")
-        if not os.path.exists(path):
-            write_wav(path, speech_like(seconds, seed=100 + i))
+        _made(path, functools.partial(_write_speech, seconds=seconds, seed=100 + i))
         audios.append(path)
     for i, seconds in enumerate(clip_seconds):
         path = os.path.join(directory, f"presenter_{i + 1}.mp4")
-        if not os.path.exists(path):
-            write_avatar_clip(path, seconds, seed=i, width=width)
+        _made(path, functools.partial(write_avatar_clip, seconds=seconds, seed=i, width=width))
         avatars.append(path)
     still = os.path.join(directory, "presenter_still.jpg")
-    if not os.path.exists(still):
-        write_avatar_image(still, width=width)
+    _made(still, functools.partial(write_avatar_image, width=width))
     avatars.append(still)
     return DemoAssets(audios, avatars)
+
+
+def _write_speech(path: str, seconds: float, seed: int) -> None:
+    write_wav(path, speech_like(seconds, seed=seed))
+
+
+def _made(path: str, write: Callable[[str], object]) -> None:
+    """The file at `path`, written by `write` unless it is there: under another name first, so a
+    demo stopped midway leaves no half-made input (kept by every later demo, its rows failing)."""
+    if os.path.exists(path):
+        return
+    stem, suffix = os.path.splitext(path)
+    part = f"{stem}.part{suffix}"  # the suffix kept: the writers take the format from it
+    write(part)
+    os.replace(part, path)

@@ -1,5 +1,6 @@
 """Every config group option composes and resolves to plain dataclasses; the CLI prints it."""
 
+import functools
 import os
 import re
 import shutil
@@ -362,6 +363,30 @@ def test_the_demo_refuses_a_bad_override_before_making_anything(tmp_path):
         with pytest.raises(SystemExit) as stopped:
             demo_main(["--dir", str(tmp_path / "demo"), *wrong])
         assert stopped.value.code == 2 and not (tmp_path / "demo").exists(), wrong
+
+
+def test_the_demo_keeps_no_half_made_input_and_names_no_videos_it_did_not_make(tmp_path, capsys):
+    """A demo stopped while it made its inputs left a 48-byte presenter_2.mp4 that every later demo
+    kept (2 of 6 rows failing for ever); and a render refused (exit 2) still sent the user to videos
+    and a report that did not exist."""
+    from heygem_ray import demo
+    from heygem_ray.cli import demo_main
+
+    clip = str(tmp_path / "presenter_1.mp4")
+
+    def stopped(path: str) -> None:
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 48)
+        raise KeyboardInterrupt  # the user's Ctrl-C, midway
+
+    with pytest.raises(KeyboardInterrupt):
+        demo._made(clip, stopped)
+    assert not os.path.exists(clip)
+    demo._made(clip, functools.partial(demo.write_avatar_clip, seconds=0.2))
+    assert os.path.getsize(clip) > 48 and os.listdir(tmp_path) == ["presenter_1.mp4"]
+    missing = str(tmp_path / "nowhere" / "expert.pth")
+    assert demo_main(["--dir", str(tmp_path / "demo"), "--rows", "1", "cluster=inline", f"qa.syncnet={missing}"]) == 2
+    assert "videos in" not in capsys.readouterr().out
 
 
 def test_the_manifest_command_says_why_it_cannot_write_not_a_traceback(tmp_path, capsys):
