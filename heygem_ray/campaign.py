@@ -702,7 +702,7 @@ def run(
         raise InputError("output", in_the_way[0], "is a folder where the campaign keeps its own file: move it away")
     cfg = replace(cfg, model_versions=model_versions(cfg))
     _check_models(cfg)
-    _check_encoder(cfg)
+    check_encoder(cfg)
     if accepted is not None:
         accepted()
     storage.configure(cfg.storage.options, cfg.model_versions)
@@ -782,11 +782,14 @@ def _forced_run_done(cfg: Config, summary: Summary, input_faults: set[str], guar
     storage.remove(cfg.layout.forced)
 
 
-def _check_encoder(cfg: Config) -> None:
-    """SettingsError for x264 settings x264 refuses (an option it does not know, a level it cannot
-    keep), where x264 may encode (`libx264`, or `auto` on a node without NVENC): found by every
-    renderer as it started, after the cluster and its actors had, each row failing with it."""
-    if cfg.encoder.codec in ("libx264", "auto") and (problem := encoder_problem("libx264", cfg.encoder)):
+def check_encoder(cfg: Config) -> None:
+    """SettingsError for x264 settings x264 refuses, found by every renderer as it started (after
+    the cluster and its actors had), each row failing with it: with `encoder.codec=libx264` any
+    setting x264 will not open with (a level it cannot keep); with `auto`, which is x264 but on
+    nodes with NVENC, an option x264 does not know (a typo in `encoder.x264_params`)."""
+    codec = cfg.encoder.codec
+    problem = encoder_problem("libx264", cfg.encoder) if codec in ("libx264", "auto") else None
+    if problem and (codec == "libx264" or problem.startswith("encoder.x264_params=")):
         raise SettingsError(problem)
 
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from heygem_ray import storage
 from heygem_ray.config import Config, register_configs, to_plain
-from heygem_ray.errors import HeygemError
+from heygem_ray.errors import HeygemError, ManifestError
 
 
 def _config_path() -> str:
@@ -200,6 +200,10 @@ def render_main(argv: Sequence[str] | None = None) -> int:
         check_job_paths(plain)
         if show and (problem := scheme_problem(plain)) is not None:
             raise ValueError(problem)
+        if show:  # what a run checks before it starts anything, then the config
+            from heygem_ray.campaign import check_encoder
+
+            check_encoder(plain)
         if show:  # resolved, and masked as `_config.yaml` is (a job's log keeps what it prints)
             print(config_yaml(cfg), end="")
             return 0
@@ -404,12 +408,16 @@ def demo_main(argv: Sequence[str]) -> int:
     except OSError as exc:  # a --dir that cannot be written; matplotlib's sample portrait missing
         print(f"heygem-ray: error: the demo's inputs could not be made: {exc}", file=sys.stderr)
         return 2
-    build_manifest(assets.audios, assets.avatars, manifest, limit=args.rows)
+    try:
+        build_manifest(assets.audios, assets.avatars, manifest, limit=args.rows)
+    except ManifestError as exc:  # a manifest.parquet of the user's own in --dir
+        print(f"heygem-ray: error: the demo's manifest: {exc}", file=sys.stderr)
+        return 2
     launched = time.time()  # the render starts here: making the inputs is not the campaign's start-up
     status = render(plain, cfg, launched)
-    if status in (0, 1):  # rendered (some rows may have failed); not after a refusal or a stop
+    layout = plain.layout
+    if status in (0, 1) and os.path.exists(layout.report):  # not after a refusal, a stop or a store failing
         print(f"heygem-ray demo: videos in {output}/")
-        layout = plain.layout
         print(f"heygem-ray demo: open {layout.report} for a page with every row; results table {layout.results}")
     return status
 

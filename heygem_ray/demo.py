@@ -221,7 +221,9 @@ def _made(path: str, write: Callable[[str], object]) -> None:
     demo stopped midway leaves no half-made input (kept by every later demo, its rows failing)."""
     if os.path.exists(path):
         return
-    stem, suffix = os.path.splitext(path)
-    part = f"{stem}.part{suffix}"  # the suffix kept: the writers take the format from it
+    folder, name = os.path.split(path)
+    stem, suffix = os.path.splitext(name)
+    # hidden (no manifest glob takes it), the suffix kept (the writers take the format from it)
+    part = os.path.join(folder, f".{stem}.part{suffix}")
     write(part)
     os.replace(part, path)

@@ -437,14 +437,22 @@ def expand(patterns: list[str], leave_out: str = "") -> list[str]:
         elif storage.info(pattern).get("type") == "directory":
             raise ManifestError(f"{storage.display(pattern)} is a folder: give its files, e.g. {pattern.rstrip('/')}/*")
         else:
-            out.append(pattern)
+            out.extend(_usable([pattern], pattern))  # a shell's glob gives names as they are
     # local paths absolute, as globs give them: the manifest means the same files from any folder
     # (a job's workers run in Ray's copy of its working directory), and one file is one file
     return list(dict.fromkeys(storage.local_path(u) if storage.is_local(u) else u for u in out))
 
 
 def _same_file(uri: str, other: str) -> bool:
-    return bool(other) and storage.normalize(uri) == storage.normalize(other)
+    """Whether two URIs name one file: local paths through links (a folder reached by a link, macOS's
+    /tmp), others as their file system sees them (`memory:///a` and `memory://a`)."""
+    if not other:
+        return False
+    if storage.is_local(uri) and storage.is_local(other):
+        return os.path.realpath(storage.local_path(uri)) == os.path.realpath(storage.local_path(other))
+    if storage.protocol(uri) != storage.protocol(other):
+        return False
+    return storage.url_to_fs(uri)[1].strip("/") == storage.url_to_fs(other)[1].strip("/")
 
 
 def _usable(matches: list[str], pattern: str) -> list[str]:
@@ -458,9 +466,8 @@ def _usable(matches: list[str], pattern: str) -> list[str]:
     undecodable = [uri for uri in matches if not _utf8(uri)]
     if undecodable:
         shown = ", ".join(ascii(storage.basename(uri)) for uri in undecodable[:5])
-        raise ManifestError(
-            f"{storage.display(pattern)} matches file name(s) that are not UTF-8: {shown} (rename them)"
-        )
+        given = storage.display(pattern) if _utf8(pattern) else "a path given"  # printed as is, it could not be
+        raise ManifestError(f"{given} matches file name(s) that are not UTF-8: {shown} (rename them)")
     return matches
 
 

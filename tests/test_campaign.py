@@ -478,7 +478,7 @@ def test_a_forced_run_whose_only_failures_are_bad_inputs_is_whole(tmp_path, medi
         "cluster=inline",
         "render.progress=false",
         "force=true",
-        "qa.fail_below=1.01",
+        "qa.fail_below=1",
     )
     failed = campaign.run(strict).rows
     assert {r.status for r in failed} == {"failed"} and "qa.fail_below" in next(r for r in failed if r.id == "a").error

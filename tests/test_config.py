@@ -383,10 +383,26 @@ def test_the_demo_keeps_no_half_made_input_and_names_no_videos_it_did_not_make(t
         demo._made(clip, stopped)
     assert not os.path.exists(clip)
     demo._made(clip, functools.partial(demo.write_avatar_clip, seconds=0.2))
-    assert os.path.getsize(clip) > 48 and os.listdir(tmp_path) == ["presenter_1.mp4"]
+    assert os.path.getsize(clip) > 48 and os.listdir(tmp_path) == ["presenter_1.mp4"]  # the part made it
+    mine = tmp_path / "mine"  # a manifest of the user's own where the demo writes its manifest
+    mine.mkdir()
+    (mine / "manifest.parquet").write_text("audio,avatar\n")
+    assert demo_main(["--dir", str(mine), "--rows", "1", "cluster=inline"]) == 2
+    assert (
+        "the demo's manifest" in capsys.readouterr().err and (mine / "manifest.parquet").read_text() == "audio,avatar\n"
+    )
     missing = str(tmp_path / "nowhere" / "expert.pth")
     assert demo_main(["--dir", str(tmp_path / "demo"), "--rows", "1", "cluster=inline", f"qa.syncnet={missing}"]) == 2
     assert "videos in" not in capsys.readouterr().out
+
+
+def test_the_printed_config_is_checked_as_a_run_checks_it_x264_included(capsys):
+    """`--cfg job` said 0 for x264 settings x264 refuses, which the run then refused (exit 2)."""
+    from heygem_ray.cli import render_main
+
+    bad = ["manifest=/d/m.parquet", "output=/d/out", "encoder.x264_params='mb-tree=1'", "--cfg", "job"]
+    assert render_main(bad) == 2 and "x264 says" in capsys.readouterr().err
+    assert render_main(["manifest=/d/m.parquet", "output=/d/out", "encoder.codec=h264_nvenc", *bad[2:]]) == 0
 
 
 def test_the_manifest_command_says_why_it_cannot_write_not_a_traceback(tmp_path, capsys):

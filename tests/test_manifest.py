@@ -549,3 +549,10 @@ def test_the_manifest_command_takes_every_flag_and_writes_over_nothing_but_a_man
         fh.write(b"x")
     assert manifest_main(["--audio", n1, "--avatar", glob, "--out", out]) == 2
     assert r"not UTF-8: 'caf\udce9.mp4' (rename them)" in capsys.readouterr().err
+    assert manifest_main(["--audio", n1, "--avatar", latin1, "--out", out]) == 2  # as a shell's glob gives it
+    assert r"not UTF-8: 'caf\udce9.mp4'" in capsys.readouterr().err
+    os.remove(latin1)
+    # the folder reached through a link (a shell's $PWD, macOS's /tmp): its own --out is still itself
+    os.symlink(str(tmp_path / "p"), str(tmp_path / "linked"))
+    assert manifest_main(["--audio", n1, "--avatar", str(tmp_path / "linked" / "*"), "--out", out]) == 0
+    assert len(pq.read_table(out)) == 2
