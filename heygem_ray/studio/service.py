@@ -802,7 +802,7 @@ class Studio:
         feed = self.store.progress(record, rows) or {}
         # the run before's, where this job's driver has not written one yet (a re-run queued, or
         # stopped or failed before it started): its rows and videos stay shown, its state is not this job's
-        earlier = started is not None and feed.get("started_at", 0) < started - 1
+        earlier = started is not None and bool(feed) and feed.get("started_at", 0) < started - 1
         state = None if earlier else feed.get("state")
         counts = feed.get("rows", {})
         view = CampaignView(record, "queued", counts.get("total", record.rows), note=note, earlier=earlier)
