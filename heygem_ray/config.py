@@ -653,6 +653,9 @@ class StudioConfig:
         for name in ("user_quota_gb", "user_cache_gb", "max_active_campaigns"):
             if getattr(self, name) < 0:
                 raise ValueError(f"studio.{name} must be 0 (no limit) or more, got {getattr(self, name)}")
+        for name in ("port", "dashboard_port"):  # else a traceback once the studio had printed its address
+            if not 1 <= getattr(self, name) <= 65535:
+                raise ValueError(f"studio.{name} must be within 1 .. 65535, got {getattr(self, name)}")
 
 
 @dataclass

@@ -370,3 +370,13 @@ def test_the_local_head_and_the_studios_client_agree_on_tokens(tmp_path, mode):
     else:
         assert out.stdout.split()[-1] == "token"
         assert token.is_file() and token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().strip()) >= 32
+
+
+@pytest.mark.parametrize("port", ["studio.port=99999", "studio.dashboard_port=0"])
+def test_a_port_no_server_can_take_is_refused_before_anything_starts(port, capsys):
+    """`studio.port=99999` printed the studio's address, then ended in an OverflowError traceback
+    (and, without `studio.ray_address`, after starting a local Ray head that outlived it)."""
+    from heygem_ray.cli import studio_main
+
+    assert studio_main([port]) == 2
+    assert f"{port.split('=')[0]} must be within 1 .. 65535" in capsys.readouterr().err
