@@ -193,6 +193,14 @@ def render_main(argv: Sequence[str] | None = None) -> int:
     if flags:
         print(f"heygem-ray: error: unknown option {flags[0]} (only --cfg job, at the end)", file=sys.stderr)
         return 2
+    bare = [a for a in overrides if "=" not in a]
+    if bare:  # Hydra said "missing EQUAL" and how to quote special characters
+        print(
+            f"heygem-ray: error: {bare[0]!r} is no key=value: give manifest=URI output=URI (and other settings "
+            "as key=value)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         check_job_secrets(overrides)
         cfg = compose(overrides)

@@ -396,6 +396,14 @@ def test_the_demo_keeps_no_half_made_input_and_names_no_videos_it_did_not_make(t
     assert "videos in" not in capsys.readouterr().out
 
 
+def test_a_path_given_without_its_key_is_said_plainly(capsys):
+    """`heygem-ray render one.parquet out` said "missing EQUAL" and how to quote special characters."""
+    from heygem_ray.cli import render_main
+
+    assert render_main(["one.parquet", "out"]) == 2
+    assert "'one.parquet' is no key=value: give manifest=URI output=URI" in capsys.readouterr().err
+
+
 def test_the_printed_config_is_checked_as_a_run_checks_it_x264_included(capsys):
     """`--cfg job` said 0 for x264 settings x264 refuses, which the run then refused (exit 2)."""
     from heygem_ray.cli import render_main
