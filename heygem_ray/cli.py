@@ -193,7 +193,7 @@ def render_main(argv: Sequence[str] | None = None) -> int:
     if flags:
         print(f"heygem-ray: error: unknown option {flags[0]} (only --cfg job, at the end)", file=sys.stderr)
         return 2
-    bare = [a for a in overrides if "=" not in a]
+    bare = [a for a in overrides if "=" not in a and not a.startswith("~")]  # ~key deletes a key
     if bare:  # Hydra said "missing EQUAL" and how to quote special characters
         print(
             f"heygem-ray: error: {bare[0]!r} is no key=value: give manifest=URI output=URI (and other settings "
