@@ -501,9 +501,9 @@ class QAConfig:
     def __post_init__(self) -> None:
         if self.max_lag < 0:  # searched no offset at all: every row scored None, silently
             raise ValueError(f"qa.max_lag must be 0 or more, got {self.max_lag}")
-        if (
-            self.syncnet is None
-        ):  # scores are correlations: a floor past 1 flagged (or failed, after rendering) every row
+        # without the expert, scores are correlations: a floor past 1 flagged (or failed, after
+        # rendering) every row
+        if self.syncnet is None:
             for key in ("min_sync", "fail_below"):
                 value = getattr(self, key)
                 if value is not None and not -1 <= value <= 1:

@@ -281,6 +281,8 @@ def _serialized(output: str) -> Iterator[None]:
         finally:
             os.close(fd)  # lets the flock go
         # removed while this waited (the run before left a root it had made and not used): again
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{folder} was removed and made again for {FLOCK_WAIT_SECONDS:.0f} s")
 
 
 #: tries of an output root whose parent vanished as it was made (`_serialized`)

@@ -821,7 +821,7 @@ def _frame_timestamps(local: str, info: VideoInfo, uri: str) -> _Timestamps:
             f"{repeats} of its frames carry the timestamp of another (a recorder's glitch): re-encode it at a "
             "steady rate, e.g. `ffmpeg -i in.webm -r 30 -c:v libx264 -crf 18 out.mp4`",
         )
-    if behind > REORDER_FRAMES or repeats:
+    if behind > REORDER_FRAMES:
         # recordings joined end to end (`cat a.ts b.ts`): frames mapped to others' places, or cut
         # off unsaid, came out as "no face found" or "cannot be decoded this far"
         raise InputError(

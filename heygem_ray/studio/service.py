@@ -136,6 +136,12 @@ class RecentUpload:
     arrived: bool = False
 
 
+def _arriving(uploads: list[RecentUpload], size: int) -> int | None:
+    """The index of the oldest of `uploads` (oldest first) of `size` bytes still arriving: the one
+    a request of that size that ends now was booked as."""
+    return next((i for i, u in enumerate(uploads) if u.size == size and not u.arrived), None)
+
+
 def pending_bytes(uploads: list[RecentUpload]) -> int:
     """What `uploads` (oldest first) hold: the size of each one still arriving, and each file once."""
     seen: set[str] = set()
@@ -505,11 +511,10 @@ class Studio:
         real = tuple(os.path.realpath(p) for p in paths) if paths else None
         with self._lock:
             recent = self._uploads.get(user, [])
-            for i, upload in enumerate(recent):
-                if upload.size == size and not upload.arrived:  # the oldest of that size still arriving
-                    recent[i] = RecentUpload(max(upload.when, now), size, real, True)
-                    recent.sort(key=lambda u: u.when)  # counted once, by its latest copy's expiry
-                    break
+            i = _arriving(recent, size)
+            if i is not None:
+                recent[i] = RecentUpload(max(recent[i].when, now), size, real, True)
+                recent.sort(key=lambda u: u.when)  # counted once, by its latest copy's expiry
 
     def upload_ended(self, user: str, size: int) -> None:
         """An upload `admit_upload` let in whose request ended without it (cut off by a refresh or
@@ -517,10 +522,9 @@ class Studio:
         window, it kept the user's next uploads out for a quarter of an hour."""
         with self._lock:
             recent = self._uploads.get(user, [])
-            for i, upload in enumerate(recent):
-                if upload.size == size and not upload.arrived:  # the oldest of that size still arriving
-                    del recent[i]
-                    break
+            i = _arriving(recent, size)
+            if i is not None:
+                del recent[i]
 
     def _store_usage(self, user: str, now: float) -> int:
         """What the user's store holds, counted at most every USAGE_SECONDS, one count at a time:
