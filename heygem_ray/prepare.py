@@ -391,7 +391,7 @@ def shown_frames(step: int, info: VideoInfo) -> tuple[Any, ...]:
     return (
         (() if step == 1 else (step,))
         + (() if info.scale == 1 else (info.width, info.height))
-        + (("held",) if info.held else ())
+        + (("held", "each picture detected once") if info.held else ())
     )
 
 
@@ -694,16 +694,22 @@ def _detect_chunks(
 ) -> Iterator[tuple[int, list[np.ndarray | None]]]:
     """Candidates on chunks `first` .. `last` (decoded in one pass), each detected from a reset
     detector, every `stride`-th frame examined (a divisor of CHUNK_FRAMES: the same frames as
-    over the whole clip), as (chunk, candidates) when each is done."""
+    over the whole clip), as (chunk, candidates) when each is done. A frame held for several ticks
+    (`VideoInfo.held`) is detected once, its candidates given to each tick in its chunk: a 5 fps
+    clip on a 25 fps timeline was detected five times over."""
     start, stop = first * CHUNK_FRAMES, min((last + 1) * CHUNK_FRAMES, total)
     chunk = first
     found: list[np.ndarray | None] = [None] * (min(stop, (chunk + 1) * CHUNK_FRAMES) - chunk * CHUNK_FRAMES)
-    batch: list[tuple[int, np.ndarray]] = []
+    batch: list[tuple[list[int], np.ndarray]] = []  # the ticks each picture shows on, and it
+    detected: tuple[np.ndarray | None, np.ndarray] = (None, np.empty((0, 5), np.float32))  # the last picture
     detector.reset()
 
     def flush() -> None:
-        for (index, _), faces in zip(batch, detector.detect([frame for _, frame in batch]), strict=True):
-            found[index - chunk * CHUNK_FRAMES] = np.asarray(faces, np.float32).reshape(-1, 5)
+        nonlocal detected
+        for (indices, frame), faces in zip(batch, detector.detect([frame for _, frame in batch]), strict=True):
+            detected = (frame, np.asarray(faces, np.float32).reshape(-1, 5))
+            for index in indices:
+                found[index - chunk * CHUNK_FRAMES] = detected[1]
         batch.clear()
 
     previous = start - 1
@@ -718,8 +724,15 @@ def _detect_chunks(
                 chunk += 1
                 found = [None] * (min(stop, (chunk + 1) * CHUNK_FRAMES) - chunk * CHUNK_FRAMES)
                 detector.reset()
-            if frame is not None:
-                batch.append((index, frame))
+                detected = (None, detected[1])  # a chunk's candidates are its own, whatever came before it
+            if frame is None:
+                continue
+            if batch and frame is batch[-1][1]:
+                batch[-1][0].append(index)
+            elif frame is detected[0]:
+                found[index - chunk * CHUNK_FRAMES] = detected[1]
+            else:
+                batch.append(([index], frame))
                 if len(batch) >= detector.batch_size:
                     flush()
         flush()

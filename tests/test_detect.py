@@ -329,3 +329,39 @@ def test_a_short_narration_tracks_only_the_chunks_it_shows_and_a_longer_one_the_
     deeper = prepare.prepare_avatar(clip, None, replace(cfg, pads=[0, 20, 0, 0]), cache, 25.0)
     assert len(deeper.boxes) == frames and chunks()["chunk-3.npz"] != before["chunk-3.npz"]
     assert (deeper.boxes[:, 3] >= whole.boxes[:, 3]).all()
+
+
+def test_a_held_frame_is_detected_once_for_all_its_ticks(tmp_path, monkeypatch):
+    """A clip under 10 fps plays on a steady timeline, each frame held for several ticks
+    (`prepare._held`): the detector saw each picture once per tick (a 2.5 fps clip ten times over);
+    now once, and every tick of it gets that picture's candidates."""
+    from dataclasses import replace
+    from fractions import Fraction
+
+    import av
+
+    from helpers import compose_config
+    from heygem_ray.media.yuv import bgr_to_i420
+    from heygem_ray.prepare import prepare_avatar
+
+    stage, clip = demo.Stage.of_height(360), str(tmp_path / "slow.mp4")
+    with av.open(clip, "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(5, 2), options={"crf": "18", "preset": "ultrafast"})
+        stream.height, stream.width = stage.canvas.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for i in range(6):
+            frame = av.VideoFrame.from_ndarray(bgr_to_i420(stage.frame(i / 2.5)), format="yuv420p")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    seen: list[bytes] = []
+    detect = HaarDetector.detect
+    monkeypatch.setattr(
+        HaarDetector, "detect", lambda self, frames: seen.extend(f.tobytes() for f in frames) or detect(self, frames)
+    )
+    cfg = replace(compose_config("manifest=m", "output=o").detector, stride=1, smooth=False)
+    boxes = prepare_avatar(clip, None, cfg, str(tmp_path / "cache"), 25.0).boxes
+    assert len(boxes) == 60  # 6 pictures, 0.4 s each at 25 fps
+    assert len(seen) == len(set(seen)) == 6
+    # each picture's ticks alike: the box changes only where the picture does, and it does
+    changes = sum((boxes[i] != boxes[i - 1]).any() for i in range(1, 60))
+    assert 0 < changes <= 5

@@ -624,7 +624,9 @@ class FrameReader:
     def frames_between(self, start: int, stop: int, every: int = 1) -> Iterator[tuple[int, np.ndarray | None]]:
         """Frames `start` .. `stop` - 1 in order as (index, frame), streamed: one held at a time.
         Frame `start` and every `every`-th after it come as arrays, the others as None (decoded,
-        each needs its predecessors, but not converted); a frame the stream lacks is left out."""
+        each needs its predecessors, but not converted); a frame the stream lacks is left out. The
+        ticks of a held frame (`VideoInfo.held`) come as one array, the same object each time: a
+        caller may see that it has handled that picture already, and must not write into it."""
         if self._still is not None:
             if start == 0 < stop:
                 yield 0, self._still
@@ -632,11 +634,15 @@ class FrameReader:
         decoder = self._seek(start)
         try:
             for frame in decoder:
+                converted: np.ndarray | None = None
                 for index in self._indices_of(frame.pts) if frame.pts is not None else ():
                     if index >= stop:
                         return
-                    if index >= start:
-                        yield index, None if (index - start) % every else self._convert(frame)
+                    if index >= start and (index - start) % every == 0:
+                        converted = self._convert(frame) if converted is None else converted
+                        yield index, converted
+                    elif index >= start:
+                        yield index, None
         finally:
             self._decoder = None  # the next read seeks again
 
