@@ -314,6 +314,17 @@ def image_problems(b: Bundle) -> list[str]:
     problems += [f"{where}: image {image!r}, expected {expected!r}" for where, image in found if image != expected]
     if expected not in b["deploy_doc"]:
         problems.append(f"docs/deploy.md does not mention the image {expected}")
+    # every tag the page's commands and the Dockerfile's build comment give: a `docker run` line
+    # left at the last release starts nodes of another image, which Ray refuses or feeds no segments
+    repository = expected.rsplit(":", 1)[0]
+    named = re.compile(re.escape(repository) + r":[\w.-]*")
+    for where, text in (("docs/deploy.md", b["deploy_doc"]), ("infra/Dockerfile", b["dockerfile_text"])):
+        for line_number, line in enumerate(text.splitlines(), 1):
+            problems += [
+                f"{where}:{line_number}: image {image!r}, expected {expected!r}"
+                for image in named.findall(line)
+                if image != expected
+            ]
     return problems
 
 

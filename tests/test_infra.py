@@ -178,6 +178,16 @@ MUTATIONS: dict[str, tuple[str, Callable[[dict], None], str]] = {
         "not tagged with the package version",
     ),
     "docs lack the image": ("image", _set("deploy_doc", "nothing here"), "docs/deploy.md does not mention"),
+    "a docs command runs the last release": (
+        "image",
+        lambda b: b.update(deploy_doc=b["deploy_doc"] + "\n    ghcr.io/heygem/heygem-ray:0.0.9 ray start --block\n"),
+        "docs/deploy.md:",
+    ),
+    "the build comment tags the last release": (
+        "image",
+        lambda b: b.update(dockerfile_text="#   docker push ghcr.io/heygem/heygem-ray:0.0.9\n" + b["dockerfile_text"]),
+        "infra/Dockerfile:1: image 'ghcr.io/heygem/heygem-ray:0.0.9'",
+    ),
     "rayVersion differs": (
         "ray-version",
         _set("rayjob.spec.rayClusterSpec.rayVersion", "2.59.0"),

@@ -4,6 +4,7 @@ the file or inside a function (no import hidden in a function to dodge a cycle).
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "heygem_ray"
@@ -60,6 +61,16 @@ def test_no_module_imports_from_a_layer_above_it():
             if target and _layer(target) > _layer(module):
                 upward.append(f"heygem_ray/{path.relative_to(PACKAGE)}:{line} imports heygem_ray.{target}")
     assert not upward, "\n".join(upward)
+
+
+def test_the_architecture_page_names_every_layer_in_order():
+    """docs/architecture.md lists the layers for readers: a module added to LAYERS and not there
+    left the page short of it."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    listed = " ".join(text.split("Layers, bottom first", 1)[1].split("A module imports only", 1)[0].split())
+    places = [[listed.find(name) for name in names] for names in LAYERS]
+    assert all(p >= 0 for layer in places for p in layer), [n for ns in LAYERS for n in ns if n not in listed]
+    assert all(max(a) < min(b) for a, b in itertools.pairwise(places)), places
 
 
 def test_the_check_sees_an_upward_import(tmp_path):
