@@ -276,3 +276,34 @@ def test_a_preparation_that_never_ends_is_stopped_and_only_its_row_fails(ray_loc
         "stuck"
     ].error
     assert held, "the row's preparation never reached the store"
+
+
+def test_a_stage_task_killed_for_memory_is_answered_after_its_retries(ray_local, tmp_path, monkeypatch):
+    """Ray retries a task its memory monitor killed for ever, whatever its max_retries: an avatar
+    too big for its node never answered, its rows waited two hours (`render.stage_timeout`) and
+    failed "hung", and the next row tried again. Now such a task is answered with Ray's
+    OutOfMemoryError after its retries, which the campaign counts as a lost worker. (Here every
+    task is over the monitor's threshold: it is set under what the node already uses.)"""
+    from ray.exceptions import OutOfMemoryError
+
+    from heygem_ray.executors import ray_cluster
+    from heygem_ray.startup import Startup
+
+    ray_local.shutdown()  # a Ray of its own: the monitor's threshold is read where Ray starts
+    monkeypatch.setenv("RAY_memory_usage_threshold", "0.01")
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "100")
+    monkeypatch.delenv("RAY_task_oom_retries", raising=False)
+    monkeypatch.setattr(ray_cluster, "TASK_RETRIES", 1)
+
+    def held_for_a_while() -> None:
+        time.sleep(20)
+
+    cfg = compose_config(f"manifest={tmp_path}/m.parquet", f"output={tmp_path}/out", "cluster.actors=1")
+    try:
+        with ray_cluster.open_ray(cfg, Startup()) as executor:
+            handle = executor.submit(held_for_a_while)
+            assert executor.wait([handle], timeout=120) == [handle], "the task was never answered"
+            with pytest.raises(OutOfMemoryError):
+                executor.get(handle)
+    finally:
+        os.environ.pop("RAY_task_oom_retries", None)

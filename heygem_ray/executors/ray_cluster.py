@@ -100,7 +100,7 @@ class RayExecutor:
 
     def _remote(self, fn: Callable[..., Any], num_gpus: float, in_room: bool) -> Any:
         # re-run when the worker process dies; an exception is final here (storage retried it already)
-        options: dict[str, Any] = {"max_retries": 3, "retry_exceptions": False}
+        options: dict[str, Any] = {"max_retries": TASK_RETRIES, "retry_exceptions": False}
         if in_room:  # any of its bundles with room for it (the first renderer's too, while that is not held)
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._room)
         return ray.remote(fn).options(num_cpus=self.cfg.cluster.task_cpus, num_gpus=num_gpus, **options)
@@ -356,7 +356,18 @@ def _sigterm_handler_kept() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+#: times Ray runs a stage task again after its worker process died (a node lost, a crash) or
+#: Ray's memory monitor killed it
+TASK_RETRIES = 3
+
+
 def _init(cfg: Config) -> None:
+    # Ray retries a task its memory monitor killed for ever (`task_oom_retries` -1), whatever its
+    # max_retries: an avatar too big for its node's memory never answered, so its rows waited for
+    # render.stage_timeout (2 hours) and failed "hung", and the next row tried again. The owner of
+    # a task decides its retries: this process, which reads the setting when it connects (a
+    # cluster's own settings are the raylets'; a local Ray's system config says it to all).
+    os.environ.setdefault("RAY_task_oom_retries", str(TASK_RETRIES))
     kwargs: dict[str, Any] = {"include_dashboard": cfg.cluster.include_dashboard, "log_to_driver": True}
     given = os.environ.get("RAY_ADDRESS", "")
     if cfg.cluster.address in (None, "", "auto") and given.lower().startswith(("http://", "https://")):
@@ -399,6 +410,7 @@ def local_system_config(cfg: Config) -> dict[str, Any]:
         "enable_metrics_collection": cfg.cluster.include_dashboard,
         "raylet_client_connect_timeout_milliseconds": LOCAL_CONNECT_RETRY_MS,
         "raylet_client_num_connect_attempts": max(1, 10 * 1000 // LOCAL_CONNECT_RETRY_MS),
+        "task_oom_retries": int(os.environ.get("RAY_task_oom_retries", TASK_RETRIES)),  # `_init`
     }
 
 
