@@ -42,8 +42,15 @@ class SegmentQueue:
         # per actor with calls out: since when it works on its oldest (sent to it idle, or the
         # one before came back)
         self._busy_since: dict[int, float] = {}
+        # rows a segment of which took its renderer down (`_suspect`): that segment, and the row's
+        # other segments, held back here until it renders. Sent on together, a row whose input
+        # kills every renderer it meets took down two actors for each of its segments (28 restarts,
+        # each a model load, for a row of 10 segments) before one used up its tries.
+        self._suspects: dict[str, int] = {}
+        self._held: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
+        """Segments waiting to go (not those held back behind a suspect: `_suspect`)."""
         return len(self._queue)
 
     def cap(self) -> int:
@@ -55,16 +62,43 @@ class SegmentQueue:
         self._queue.extend((row_id, index) for index in indexes)
 
     def rows(self) -> set[str]:
-        return {row_id for row_id, _ in self._queue}
+        return {row_id for row_id, _ in self._queue} | self._held.keys()
 
     def clear(self) -> None:
         self._queue.clear()
         self._failed_on.clear()
+        self._suspects.clear()
+        self._held.clear()
+
+    def _suspect(self, row_id: str, index: int) -> None:
+        """Segment `index` of a row took its renderer down (the actor died or hung on it): it goes
+        again alone, the row's other segments held back until it renders (a row whose input kills
+        its renderer then takes down one actor a try, not one for each of its segments at once)."""
+        if row_id in self._suspects:
+            return
+        self._suspects[row_id] = index
+        held = [i for r, i in self._queue if r == row_id and i != index]
+        if held:
+            self._queue = deque(segment for segment in self._queue if segment[0] != row_id or segment[1] == index)
+            log.warning(
+                "row %s segment %d took its renderer down: the row's %d other segment(s) wait until it renders",
+                *(row_id, index, len(held)),
+            )
+        self._held[row_id] = held
+
+    def _again(self, row_id: str, index: int) -> None:
+        """A segment back in the queue, at its front: or held back, its row a suspect's."""
+        if self._suspects.get(row_id, index) != index:
+            self._held[row_id].append(index)
+        else:
+            self._queue.appendleft((row_id, index))
 
     def dispatch(self, states: Mapping[str, RowState]) -> Iterator[tuple[Any, SegmentCall]]:
         """Hand queued segments to the actors `ActorPool.pick` chooses, up to `cap` in all: the rest
         wait for whichever actor frees up first, so actors that start late (a GPU node still
         joining) or run faster get their share. Yields each call's handle and what it is about."""
+        for row_id in [r for r in self._suspects if r not in states or r in self.broken]:  # rows ended
+            del self._suspects[row_id], self._held[row_id]
         cap = self.cap()
         while self._queue and self.actors.inflight < cap:
             placed = self._next()
@@ -142,6 +176,9 @@ class SegmentQueue:
         row_id, index, actor = call
         self._back(call)
         self.actors.rendered(actor, self._failed_on.pop((row_id, index), ()))
+        if self._suspects.get(row_id) == index:  # not the row's fault after all: the rest go on, first
+            del self._suspects[row_id]
+            self._queue.extendleft(reversed([(row_id, i) for i in sorted(self._held.pop(row_id))]))
         if result.node:
             self.by_node[result.node] = self.by_node.get(result.node, 0) + 1
         if not result.reused:
@@ -179,8 +216,9 @@ class SegmentQueue:
             else:  # kept off it, and a miss of it once it renders elsewhere (as a failure is)
                 self.actors.actors[actor].last_error = why
                 self._failed_on.setdefault((row_id, index), set()).add(actor)
+                self._suspect(row_id, index)
             log.warning("row %s segment %d: its renderer actor %d %s; sent to another", row_id, index, actor, why)
-            self._queue.appendleft((row_id, index))
+            self._again(row_id, index)
         return failures
 
     def failed(self, call: SegmentCall, state: RowState | None, exc: BaseException) -> str | None:
@@ -205,7 +243,7 @@ class SegmentQueue:
                 self.actors.lost(actor)
             if state is not None:
                 state.attempts[index] -= 1
-                self._queue.appendleft((row_id, index))
+                self._again(row_id, index)
             return None
         if lost:
             self.actors.lost(actor)
@@ -213,7 +251,7 @@ class SegmentQueue:
             self.actors.lost(actor)  # which tries a load that failed for a passing reason once more
             if state is not None:
                 state.attempts[index] -= 1
-                self._queue.appendleft((row_id, index))
+                self._again(row_id, index)
             return None
         if state is None:  # the row failed meanwhile
             self._failed_on.pop((row_id, index), None)
@@ -232,5 +270,7 @@ class SegmentQueue:
         # a lost actor too: it comes back, and one that died on every segment it ran (a broken GPU,
         # a node whose memory monitor kills it) took the retries too, and was never retired
         self._failed_on.setdefault((row_id, index), set()).add(actor)
-        self._queue.appendleft((row_id, index))
+        if lost:
+            self._suspect(row_id, index)
+        self._again(row_id, index)
         return None

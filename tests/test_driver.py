@@ -976,9 +976,9 @@ def test_segment_failures_are_retried_only_where_a_retry_can_help(tmp_path):
 
 
 class _PoisonedActor(SimulatedExecutor):
-    """One renderer actor that renders its calls in order, oldest first, as a Ray actor does; a
-    segment of a row in `poison` kills its process (a decoder's segfault, an out-of-memory kill),
-    and with it fails every call queued on it. Ray restarts it each time."""
+    """Renderer actors that render their calls in order, oldest first, as a Ray actor does, taking
+    turns; a segment of a row in `poison` kills its actor's process (a decoder's segfault, an
+    out-of-memory kill), and with it fails every call queued on it. Ray restarts it each time."""
 
     class Died(Exception):
         pass
@@ -988,40 +988,43 @@ class _PoisonedActor(SimulatedExecutor):
             super().__init__()
             self.job, self.done = job, False
 
-    def __init__(self, poison: set[str]) -> None:
-        super().__init__(actors=1)
-        self.poison, self.deaths = poison, 0
-        self.queued: list[_PoisonedActor.Call] = []  # on the actor, the one rendering first
-        self.rendered: list[str] = []
+    def __init__(self, poison: set[str], actors: int = 1) -> None:
+        super().__init__(actors=actors)
+        self.poison, self.deaths = poison, [0] * actors
+        self.queued: list[list[_PoisonedActor.Call]] = [[] for _ in range(actors)]  # the one rendering first
+        self.turn = 0
 
     def call(self, actor: int, method: str, *args: Any) -> Any:
         if method != "render_segment":
             return super().call(actor, method, *args)
-        self.queued.append(self.Call(args[0]))
-        return self.queued[-1]
+        self.queued[actor].append(self.Call(args[0]))
+        return self.queued[actor][-1]
 
     def wait(self, handles: Any, timeout: float) -> Any:
-        if not any(getattr(h, "done", True) for h in handles) and self.queued:
-            running = self.queued[0]
+        busy = [a for a in range(self.actors) if self.queued[a]]
+        if not any(getattr(h, "done", True) for h in handles) and busy:
+            actor = busy[self.turn % len(busy)]
+            self.turn += 1
+            queued = self.queued[actor]
+            running = queued[0]
             if running.job.row_id in self.poison:
-                self.deaths += 1
-                for call in self.queued:
+                self.deaths[actor] += 1
+                for call in queued:
                     call.error, call.done = self.Died("renderer actor died"), True
-                self.queued.clear()
+                queued.clear()
             else:
-                running.result, running.done = super().call(0, "render_segment", running.job).result, True
-                self.rendered.append(running.job.row_id)
-                self.queued.pop(0)
+                running.result, running.done = super().call(actor, "render_segment", running.job).result, True
+                queued.pop(0)
         return [h for h in handles if getattr(h, "done", True)][:1]
 
     def actor_lost(self, exc: BaseException) -> bool:
         return isinstance(exc, self.Died)
 
     def restarts(self, actor: int) -> int:
-        return self.deaths
+        return self.deaths[actor]
 
     def all_restarts(self) -> list[int]:
-        return [self.deaths] * self.actors
+        return list(self.deaths)
 
 
 def test_a_segment_that_kills_its_renderer_uses_up_its_own_tries_not_those_queued_behind_it(tmp_path):
@@ -1042,8 +1045,29 @@ def test_a_segment_that_kills_its_renderer_uses_up_its_own_tries_not_those_queue
     summary = Campaign(cfg, rows, executor=executor).run()
     results = {r.id: r for r in summary.rows}
     assert results["r001"].status == "failed" and "failed after 1 attempt(s)" in results["r001"].error
-    assert executor.deaths == cfg.render.max_attempts
+    assert sum(executor.deaths) == cfg.render.max_attempts
     assert all(results[r].status == "ok" for r in results if r != "r001"), {r.id: r.error for r in summary.rows}
+
+
+def test_a_row_that_kills_every_renderer_takes_one_down_a_try_not_one_for_each_of_its_segments(tmp_path):
+    """A row whose input kills any renderer it meets, its segments sent out together to many
+    actors, took down two actors for each of its segments (28 restarts, each a model load, for a
+    row of 10 segments on 8 actors) before one of them used up its tries. After its first crash its
+    other segments wait for the one that crashed to render elsewhere: it never does, and the row
+    fails after its tries, having taken down the actors its segments were on then and one a try."""
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.segment_seconds=1"
+    )
+    rows = [Row(f"r{i:03d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(20)]
+    executor = _PoisonedActor({"r003"}, actors=8)
+    summary = Campaign(cfg, rows, executor=executor).run()
+    results = {r.id: r for r in summary.rows}
+    assert results["r000"].segments >= 10
+    assert results["r003"].status == "failed" and "attempt(s)" in results["r003"].error
+    # the segments out when the first one crashed (at most one an actor), then one a try
+    assert sum(executor.deaths) <= 8 + cfg.render.max_attempts, executor.deaths
+    assert all(results[r].status == "ok" for r in results if r != "r003"), {r.id: r.error for r in summary.rows}
 
 
 def test_gpu_face_detection_asks_for_a_gpu_share_only_where_the_actors_leave_one(tmp_path):
