@@ -505,28 +505,42 @@ def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int
         for i, pair in zip(ids, pairs, strict=True)
     ]
     table = pa.table({"id": ids, "audio": [a for a, _ in pairs], "avatar": [v for _, v in pairs]})
+    table = table.replace_schema_metadata(WRITTEN_BY)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(out_uri, buf.getvalue())
     return len(pairs)
 
 
+#: the schema metadata of the manifests `build_manifest` writes: the only files it writes over
+WRITTEN_BY = {b"heygem_ray.written_by": b"heygem-ray manifest"}
+_BUILT_COLUMNS = ["id", "audio", "avatar"]
+
+
 def _earlier_ids(uri: str) -> dict[tuple[str, str], str]:
-    """The ids a manifest at `uri` gave its (audio, avatar) pairs; none where there is no such
-    manifest (or one this cannot read as one). A store that cannot be read raises: rebuilt as
-    new, its rows whose stems repeat would be renamed."""
+    """The ids a manifest at `uri` gave its (audio, avatar) pairs; none where there is none. A file
+    there that `build_manifest` did not write is refused, not written over: a manifest made by hand
+    or by a script (other columns, boxes, notes) lost its rows and columns. A store that cannot be
+    read raises: rebuilt as new, its rows whose stems repeat would be renamed."""
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         return {}
     try:
-        table = pq.read_table(io.BytesIO(data), columns=["id", "audio", "avatar"])
-    except (ValueError, pa.ArrowException):  # not a manifest `build_manifest` writes: not written over
+        table = pq.read_table(io.BytesIO(data))
+    except (ValueError, pa.ArrowException):
+        table = None
+    # one written before manifests were marked: its three columns alone, and no other writer's metadata
+    metadata = (table.schema.metadata or {}) if table is not None else {}
+    built = table is not None and (
+        metadata.items() >= WRITTEN_BY.items() or (table.column_names == _BUILT_COLUMNS and not metadata)
+    )
+    if table is None or not built:
         raise ManifestError(
             f"{storage.display(uri)} exists and is no manifest `heygem-ray manifest` wrote: give --out another "
             "name, or remove it"
         ) from None
-    columns = table.to_pydict()
+    columns = table.select(_BUILT_COLUMNS).to_pydict()
     counts = Counter(columns["id"])
     return {
         (a, v): i

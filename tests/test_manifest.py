@@ -556,3 +556,26 @@ def test_the_manifest_command_takes_every_flag_and_writes_over_nothing_but_a_man
     os.symlink(str(tmp_path / "p"), str(tmp_path / "linked"))
     assert manifest_main(["--audio", n1, "--avatar", str(tmp_path / "linked" / "*"), "--out", out]) == 0
     assert len(pq.read_table(out)) == 2
+
+
+def test_a_manifest_made_by_hand_is_not_written_over(tmp_path):
+    """`heygem-ray manifest --out` took any Parquet file with id, audio and avatar columns for one
+    it wrote: a campaign's own manifest (8 rows, their boxes and notes) came out as the one new
+    row, the rest lost. It writes over its own manifests alone (and those of its three columns,
+    written before it marked them)."""
+    (tmp_path / "a.wav").write_bytes(b"x")
+    (tmp_path / "p.mp4").write_bytes(b"x")
+    curated = tmp_path / "curated.parquet"
+    rows = {"id": ["intro", "outro"], "audio": ["s3://b/1.wav", "s3://b/2.wav"], "avatar": ["s3://b/p.mp4"] * 2}
+    pq.write_table(pa.table({**rows, "box": [[0, 0, 9, 9], None], "notes": ["customer 42", ""]}), curated)
+    before = curated.read_bytes()
+    with pytest.raises(ManifestError, match="exists and is no manifest"):
+        build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], str(curated))
+    assert curated.read_bytes() == before
+    pandas_written = pa.table(rows).replace_schema_metadata({b"pandas": b"{}"})  # another writer's, its columns alone
+    pq.write_table(pandas_written, curated)
+    with pytest.raises(ManifestError, match="exists and is no manifest"):
+        build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], str(curated))
+    out = str(tmp_path / "m.parquet")
+    assert build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], out) == 1
+    assert build_manifest([str(tmp_path / "*.wav")], [str(tmp_path / "p.mp4")], out) == 1  # its own: rebuilt
