@@ -167,19 +167,24 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
+                target = str(args[-1] if fn.__name__ == "publish_file" else args[0]) if args else ""
                 if attempt == RETRIES:
                     # a "not found" masking what failed (`_masked`) is said as what failed
                     failed = exc.__cause__ if isinstance(exc, FileNotFoundError) and exc.__cause__ else exc
-                    if isinstance(exc, OSError) and failed is exc:
-                        exc.storage_retried = True  # type: ignore[attr-defined]  # see `retried`
+                    final = exc if isinstance(exc, OSError) and failed is exc else None
+                    if final is None:
+                        text = f"{type(failed).__name__}: {failed}".strip().rstrip(":")
+                        final = StorageUnavailable(display(text))
+                    final.storage_retried = True  # type: ignore[attr-defined]  # see `retried`
+                    final.storage_uri = target  # type: ignore[attr-defined]  # see `errors.reading`
+                    if final is exc:
                         raise
-                    raise StorageUnavailable(display(f"{type(failed).__name__}: {failed}")) from exc
+                    raise final from exc
                 delay = min(_BACKOFF_MAX, _BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                target = display(str(args[-1] if fn.__name__ == "publish_file" else args[0])) if args else ""
                 log.warning(
                     "storage %s %s: %s: %s; try %d of %d in %.1f s",
                     fn.__name__,
-                    target,
+                    display(target),
                     type(exc).__name__,
                     display(str(exc)),
                     attempt + 1,
@@ -324,13 +329,29 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if scheme and scheme.group(1) != proto:  # "S3://": file systems strip their scheme as they write it
         uri = proto + uri[scheme.end(1) :]
     family = "s3" if proto in ("s3", "s3a") else proto  # s3a:// is s3fs too
-    options = _merged(_DEFAULTS.get(family, {}), _OPTIONS.get(proto) or _OPTIONS.get(family) or {})
+    defaults = _http_defaults() if family in ("http", "https") else _DEFAULTS.get(family, {})
+    options = _merged(defaults, _OPTIONS.get(proto) or _OPTIONS.get(family) or {})
     cls = fsspec.get_filesystem_class(proto)
     fs = cls(**{**cls._get_kwargs_from_urls(uri), **options})  # s3's ?versionId= asks for a version-aware one
     path = cls._strip_protocol(uri)
     if family == "s3":
         fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 tries): ours is the one layer
     return fs, path
+
+
+#: seconds an HTTP(S) server may keep silent (to connect, or between two reads of an answer)
+#: before a try is given up: aiohttp waits 5 minutes for a whole answer, so a server that took the
+#: connection and never answered held a task for RETRIES x 5 minutes (and on a small machine the
+#: rows behind it, whose tasks waited for its thread)
+HTTP_SILENCE_SECONDS = 60.0
+
+
+def _http_defaults() -> dict[str, Any]:
+    import aiohttp  # fsspec's HTTP client
+
+    # no limit on the whole answer (a long clip downloads for minutes), only on silence
+    silence = HTTP_SILENCE_SECONDS
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=silence, sock_read=silence)}}
 
 
 def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:

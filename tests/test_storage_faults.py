@@ -357,3 +357,39 @@ def test_an_http_input_whose_server_is_briefly_away_is_tried_again_not_missing(f
     proxy.drop_next = 10
     with pytest.raises(storage.StorageUnavailable, match="503"):
         storage.info(f"{proxy.url}/narration.wav")
+
+
+def test_an_http_server_that_takes_the_connection_and_never_answers_fails_its_read_in_bounded_time(monkeypatch):
+    """A server that accepts the connection and says nothing (a proxy whose backend is gone): each
+    try waited aiohttp's 5 minutes for the whole answer, so a row's read took half an hour, and on a
+    small machine the rows behind it waited for its thread. Now a try ends after
+    `HTTP_SILENCE_SECONDS` of silence, and the read fails after its retries, saying why."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in iter(int, 1)], daemon=True).start()
+    from heygem_ray.errors import InputError, reading
+
+    monkeypatch.setattr(storage, "HTTP_SILENCE_SECONDS", 0.5)
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    monkeypatch.setattr(storage, "_BACKOFF", 0.01)
+    outcome: list[BaseException] = []
+    uri = f"http://127.0.0.1:{silent.getsockname()[1]}/narration.wav"
+
+    def read() -> None:
+        try:
+            with reading("audio", uri):
+                storage.read_bytes(uri)
+        except BaseException as exc:  # noqa: BLE001 - what the read ended with
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    silent.close()
+    assert not reader.is_alive(), "the read still waits for the silent server"
+    assert held, "the read never reached the server"
+    # the row's error names the input, as for any other input error (it was "FSTimeoutError: ")
+    assert isinstance(outcome[0], InputError) and not outcome[0].lasting, outcome
+    assert str(outcome[0]).startswith(f"audio {uri}: could not be read, its store unreachable after 2 tries"), outcome
