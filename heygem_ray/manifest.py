@@ -123,6 +123,10 @@ def rows_from_table(
     if not cells:
         raise ManifestError(f"{name} has no rows")
     _refuse_repeats(cells, case_blind, manifest)
+    for cell in cells:  # after the other checks of outputs, which say more where they apply
+        problem = _output_name_problem(cell.output) if cell.output else None
+        if problem:
+            cell.refuse(f"output {storage.display(cell.output)} {problem}")
     rows = [cell.row() for cell in cells]
     if all(row.refused for row in rows):
         refused = [row.refused or "" for row in rows]
@@ -257,6 +261,8 @@ def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_
     if problems:
         cell.refuse(problems[-1])
         return cell
+    if output.endswith("/"):  # a folder: the row's video goes in it under the row's name
+        output += f"{row_id}.mp4"
     if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
         output = storage.join(output_root.given, output)  # relative outputs live under the campaign root
     cell.output, cell.normal_output = output, storage.normalize(output)
@@ -279,6 +285,26 @@ def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_
     except ValueError as exc:
         cell.refuse(str(exc))
     return cell
+
+
+#: what a row's video may be named: it is an MP4 (H.264 and AAC), which these name
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
+#: bytes a name in an output's path may take: file systems take 255, and a file is published
+#: under a longer hidden name first (`storage.publish_file`: 15 bytes more)
+NAME_BYTES = 240
+
+
+def _output_name_problem(output: str) -> str | None:
+    """Why a row's output cannot be named so (None: it can): a name no player takes for an MP4, or
+    one a file system refuses. Found when it was published, after the row had rendered."""
+    name = storage.basename(output)
+    if not name.lower().endswith(VIDEO_SUFFIXES):
+        return f"is not named as the MP4 video it will be: end its name in {', '.join(VIDEO_SUFFIXES)}"
+    path = output.split("://", 1)[-1]
+    longest = max(path.split("/"), key=lambda part: len(part.encode()))
+    if len(longest.encode()) > NAME_BYTES:
+        return f"has a name of {len(longest.encode())} bytes in its path: at most {NAME_BYTES}"
+    return None
 
 
 def _refuse_repeats(cells: list[_Cells], case_blind: bool = False, manifest: str | None = None) -> None:
@@ -309,6 +335,14 @@ def _refuse_repeats(cells: list[_Cells], case_blind: bool = False, manifest: str
         if len(sharing) > 1:
             for cell, others in _others(sharing):
                 cell.refuse(f"output {storage.display(cell.output)} is also that of row(s) {others}")
+    for cell in cells:  # `a.mp4/b.mp4` beside `a.mp4`: one is a folder, the other a file
+        parent = cell.normal_output.rsplit("/", 1)[0] if cell.output else ""
+        while "/" in parent.rstrip("/"):
+            if (parent.casefold() if case_blind else parent) in by_output:
+                file_row = by_output[parent.casefold() if case_blind else parent][0].n
+                cell.refuse(f"output {storage.display(cell.output)} is in a folder that is row {file_row}'s output")
+                break
+            parent = parent.rsplit("/", 1)[0]
 
     def key(uri: str) -> str:
         return uri.casefold() if case_blind else uri

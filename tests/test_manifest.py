@@ -113,6 +113,11 @@ GOOD = {"audio": "good.wav", "avatar": "good.mp4", "id": "good", "output": None,
         ({"id": "x", "output": "_markers/x.json"}, "x", "is where the campaign keeps _markers"),
         ({"id": "x", "output": "b/_results.parquet"}, "x", "is where a campaign keeps _results.parquet"),
         ({"id": "x", "audio": "/out/v.mp4", "avatar": "/out/v.mp4", "output": "v.mp4"}, "x", "campaign's inputs"),
+        # an MP4 under another name (players go by it), none at all, or a name no file system takes:
+        # refused after the row had rendered, or published as given
+        ({"id": "x", "output": "clip.webm"}, "x", "output /out/clip.webm is not named as the MP4 video it will be"),
+        ({"id": "x", "output": "newdir"}, "x", "output /out/newdir is not named as the MP4 video it will be"),
+        ({"id": "x", "output": "b" * 296 + ".mp4"}, "x", "has a name of 300 bytes in its path: at most 240"),
     ],
 )
 def test_a_row_that_cannot_run_is_refused_with_the_reason_and_the_others_go_on(bad, refused_id, message):
@@ -579,3 +584,18 @@ def test_a_manifest_made_by_hand_is_not_written_over(tmp_path):
     out = str(tmp_path / "m.parquet")
     assert build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], out) == 1
     assert build_manifest([str(tmp_path / "*.wav")], [str(tmp_path / "p.mp4")], out) == 1  # its own: rebuilt
+
+
+def test_an_output_ending_in_a_slash_is_a_folder_for_the_rows_video_and_a_folder_of_another_is_refused():
+    """An output cell `newdir/` wrote the video as a file named `newdir`; one row's output in a
+    folder another row's output names (`a.mp4/x.mp4` beside `a.mp4`) rendered whole before one of
+    them failed, its segments left behind."""
+    cells = [
+        {**GOOD, "id": "a", "output": "newdir/"},
+        {**GOOD, "id": "b", "audio": "b.wav", "output": "a.mp4"},
+        {**GOOD, "id": "c", "audio": "c.wav", "output": "a.mp4/c.mp4"},
+    ]
+    rows = rows_from_table(pa.Table.from_pylist(cells), "/out")
+    assert rows[0].output == "/out/newdir/a.mp4" and rows[0].refused is None
+    assert rows[1].refused is None
+    assert "output /out/a.mp4/c.mp4 is in a folder that is row 1's output" in (rows[2].refused or "")
