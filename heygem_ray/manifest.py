@@ -527,6 +527,10 @@ def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int
     audios, avatars = expand(audio, leave_out=out_uri), expand(avatar, leave_out=out_uri)
     if any(_same_file(uri, out_uri) for uri in (*audios, *avatars)):
         raise ManifestError(f"--out {storage.display(out_uri)} is one of the inputs: give the manifest another name")
+    if not storage.basename(out_uri).lower().endswith(".parquet"):  # a Parquet file named `.csv` opens as garbage
+        raise ManifestError(
+            f"--out {storage.display(out_uri)}: the manifest is a Parquet file: end its name in .parquet"
+        )
     pairs = [(a, v) for a in audios for v in avatars][:limit]
     kept = _earlier_ids(out_uri)
     ids = [kept.get(pair) or _pair_id(*pair) for pair in pairs]

@@ -418,9 +418,16 @@ def test_the_manifest_command_says_why_it_cannot_write_not_a_traceback(tmp_path,
 
     (tmp_path / "a.wav").write_bytes(b"")
     (tmp_path / "v.mp4").write_bytes(b"")
-    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken.parquet").mkdir()
     code = manifest_main(
-        ["--audio", str(tmp_path / "a.wav"), "--avatar", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "taken")]
+        [
+            "--audio",
+            str(tmp_path / "a.wav"),
+            "--avatar",
+            str(tmp_path / "v.mp4"),
+            "--out",
+            str(tmp_path / "taken.parquet"),
+        ]
     )
     assert code == 2 and "heygem-ray: error: IsADirectoryError" in capsys.readouterr().err
 

@@ -538,13 +538,13 @@ def test_the_manifest_command_takes_every_flag_and_writes_over_nothing_but_a_man
     assert manifest_main(["--audio", n1, "--avatar", glob, "--out", out]) == 0  # over its own: itself no presenter
     assert [r["avatar"] for r in pq.read_table(out).to_pylist()] == [p1, p2]
     capsys.readouterr()
-    for wrong in (p1, str(tmp_path / "notes.txt")):
-        if wrong.endswith(".txt"):
-            (tmp_path / "notes.txt").write_text("my notes")
+    for wrong in (p1, str(tmp_path / "notes.parquet")):
+        if wrong.endswith(".parquet"):
+            (tmp_path / "notes.parquet").write_text("my notes")
         assert manifest_main(["--audio", n1, "--avatar", p1, p2, "--out", wrong]) == 2
         said = capsys.readouterr().err
         assert "is one of the inputs" in said if wrong == p1 else "is no manifest" in said, said
-    assert (tmp_path / "p" / "p1.mp4").read_bytes() == b"x" and (tmp_path / "notes.txt").read_text() == "my notes"
+    assert (tmp_path / "p" / "p1.mp4").read_bytes() == b"x" and (tmp_path / "notes.parquet").read_text() == "my notes"
     os.symlink(str(tmp_path / "moved.mp4"), str(tmp_path / "p" / "gone.mp4"))
     assert manifest_main(["--audio", n1, "--avatar", glob, "--out", out]) == 2
     assert "matches link(s) to nothing" in capsys.readouterr().err
@@ -584,6 +584,9 @@ def test_a_manifest_made_by_hand_is_not_written_over(tmp_path):
     out = str(tmp_path / "m.parquet")
     assert build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], out) == 1
     assert build_manifest([str(tmp_path / "*.wav")], [str(tmp_path / "p.mp4")], out) == 1  # its own: rebuilt
+    with pytest.raises(ManifestError, match="the manifest is a Parquet file: end its name in .parquet"):
+        build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], str(tmp_path / "m.csv"))
+    assert not (tmp_path / "m.csv").exists()
 
 
 def test_an_output_ending_in_a_slash_is_a_folder_for_the_rows_video_and_a_folder_of_another_is_refused():
