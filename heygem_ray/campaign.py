@@ -210,13 +210,28 @@ class Campaign:
                 self._give_up(handle, "waited on nodes of the cluster that went; run the campaign again")
 
     def _give_up(self, handle: Any, why: str) -> None:
-        """Stop a stage task and answer it as failed: `why` follows its name."""
+        """Stop a stage task and answer it as failed: `why` follows its name. A stitch that ends
+        before its stop takes effect (Ray's kill is not at once) counts by its result: it may have
+        published as it was stopped, and its row was reported failed with its video out, skipped by
+        the next run."""
         del self._stages[handle]
         event, key = self._inflight.pop(handle)
         self.executor.abandon(handle)  # a thread's stage runs on, its answer forgotten, publishing nothing
+        if event == "stitched" and self._ended_well(handle):
+            return self._answered(handle, event, key)
         why = f"{_stage_named(event, key)} {why}"
         log.warning("%s", why)
         self._answered(Expired(handle, why), event, key)
+
+    def _ended_well(self, handle: Any) -> bool:
+        """Whether a stopped task ended with a result within CANCEL_SECONDS (else the stop took it)."""
+        if not self.executor.wait([handle], timeout=CANCEL_SECONDS):
+            return False
+        try:
+            self.executor.get(handle)
+        except Exception:  # noqa: BLE001 - stopped, or failed: answered as given up
+            return False
+        return True
 
     def _watch_stages(self) -> None:
         """Say so, once, of a stage task (a row's preparation, an avatar's face track, a narration's

@@ -18,6 +18,7 @@ import pytest
 from benchmarks.driver import STAGES, Done, SimulatedExecutor
 from helpers import compose_config, run_within
 from heygem_ray.campaign import Campaign
+from heygem_ray.executors import Expired
 from heygem_ray.manifest import Row
 from heygem_ray.results import read_results
 
@@ -1482,7 +1483,7 @@ class _StitchesTakeTime(SimulatedExecutor):
         return list(finished)[:1]
 
     def get(self, handle: Any) -> Any:
-        return super().get(handle) if isinstance(handle, Done) else handle.result()
+        return super().get(handle) if isinstance(handle, (Done, Expired)) else handle.result()
 
     def cancel(self, handle: Any) -> bool:
         if isinstance(handle, Done) or self.unstoppable:
@@ -1986,3 +1987,20 @@ def test_a_damaged_frame_found_past_the_output_limit_tracks_no_more_and_fails_th
     assert asked == [2.0, 60.0]
     assert "decoding failed" in (results["v60"].error or "")
     assert results["v4"].status == "failed" and "reached its limit" in (results["v4"].error or ""), results
+
+
+def test_a_stitch_stopped_at_its_deadline_that_published_first_is_its_rows_ok(tmp_path):
+    """A stitch at `render.stage_timeout` is killed, but Ray's kill is not at once: one publishing
+    just then put out its video and marker after its row was reported failed (the next run skipped
+    it, the report said failed). Its end is waited for, as a stop's stitches are: ok by its result."""
+    out = tmp_path / "out"
+    cfg = compose_config(
+        f"manifest={tmp_path}/m.parquet", f"output={out}", "render.progress=false", "render.stage_timeout=0.5"
+    )
+    rows = [Row(f"r{i:03d}", f"/in/a{i}.wav", "/in/v.mp4", str(out / f"r{i:03d}.mp4")) for i in range(3)]
+    executor = _StitchesTakeTime({"r001": 30.0}, ends_first=True)
+    summary = Campaign(cfg, rows, executor=executor).run()
+    results = {r["id"]: r for r in read_results(str(out / "_results.parquet"))}
+    assert executor.cancelled == ["r001"] and "r001" in executor.published
+    assert results["r001"]["status"] == "ok", results["r001"]["error"]
+    assert summary.count("ok") == 3
