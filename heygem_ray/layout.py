@@ -53,6 +53,10 @@ class CampaignLayout:
         files = (self.results, self.report, self.progress, self.config, self.forced)
         return [uri for uri in files if is_local(uri) and os.path.isdir(local_path(uri))]
 
+    def root_is_a_file(self) -> bool:
+        """Whether a local output root is a file (an `output=` that names a video)."""
+        return is_local(self.output) and os.path.isfile(local_path(self.output))
+
     @property
     def results(self) -> str:
         return join(self.output, "_results.parquet")

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from heygem_ray import storage
-from heygem_ray.errors import HeygemError, writing
+from heygem_ray.errors import HeygemError, InputError, writing
 from heygem_ray.layout import CampaignLayout
 from heygem_ray.scratch import pid_alive
 
@@ -98,6 +98,10 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
         "pid": os.getpid(),
         "token": token,
     }
+    if layout.root_is_a_file():  # said as "a parent of it is a file", of the root itself
+        raise InputError(
+            "output", layout.output, "is a file: the output root is the folder the videos and results go in"
+        )
     made = _folders_to_make(layout.output)
     _HELD.add(token)  # before it is written: from then on, this process's lock is alive
     try:

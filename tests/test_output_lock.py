@@ -369,7 +369,8 @@ def test_the_cli_refuses_an_output_another_run_is_writing(tmp_path):
 @pytest.mark.parametrize("where", ["a file", "a folder that cannot be made"])
 def test_an_output_root_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, where):
     """Exit status 2 and why, not "run the same command again to resume" (exit 1): a file where
-    the folder should be, or a place no folder can be made (/proc here; a bucket that is none)."""
+    the folder should be (said of the root, not of "a parent of it"), or a place no folder can be
+    made (/proc here; a bucket that is none)."""
     out = tmp_path / "out"
     if where == "a file":
         out.write_text("a file where the output folder should be")
@@ -377,7 +378,9 @@ def test_an_output_root_that_cannot_be_written_is_an_error_not_a_traceback(tmp_p
         out = Path("/proc/heygem-output")
     result = render_cli(f"manifest={tmp_path / 'm.parquet'}", f"output={out}", "cluster=inline", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "heygem-ray: error: output" in result.stderr and "cannot be written" in result.stderr
+    # the root itself said to be a file (it was "a parent of it is a file")
+    why = f"{out}: is a file: the output root is the folder" if where == "a file" else "cannot be written"
+    assert "heygem-ray: error: output" in result.stderr and why in result.stderr
     assert "Traceback" not in result.stderr and "run the same command again" not in result.stderr
 
 
