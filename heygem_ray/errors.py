@@ -70,12 +70,17 @@ def reading(what: str, uri: str) -> Iterator[None]:
         raise InputError(what, uri, exc.reason, lasting=False) from None
     except OSError as exc:
         # its store unreachable through every try (a server that refuses, or keeps silent): said
-        # of the input, as the rest are, not as a client's error with no name in it
+        # of the input, as the rest are, not as a client's error with no name in it; still the
+        # store's fault, not the input's (an avatar's rows are not failed for good by it)
         if not (storage.retried(exc) and getattr(exc, "storage_uri", None) == uri):
             raise
         detail = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-        problem = f"could not be read, its store unreachable after {storage.RETRIES} tries ({detail}); run again later"
-        raise InputError(what, uri, storage.display(problem), lasting=False) from None
+        problem = (
+            f"{what} {uri}: its store stayed unreachable through {storage.RETRIES} tries ({detail}); run again later"
+        )
+        unreachable = storage.StorageUnavailable(storage.display(problem))
+        unreachable.storage_uri = uri  # type: ignore[attr-defined]
+        raise unreachable from None
 
 
 class CacheError(HeygemError):

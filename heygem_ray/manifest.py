@@ -289,9 +289,9 @@ def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_
 
 #: what a row's video may be named: it is an MP4 (H.264 and AAC), which these name
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
-#: bytes a name in an output's path may take: file systems take 255, and a file is published
-#: under a longer hidden name first (`storage.publish_file`: 15 bytes more)
-NAME_BYTES = 240
+#: bytes a name in a local output's path may take, as file systems do (the hidden name a file is
+#: published under first is cut to fit: `storage._part_name`)
+NAME_BYTES = 255
 
 
 def _output_name_problem(output: str) -> str | None:
@@ -300,8 +300,9 @@ def _output_name_problem(output: str) -> str | None:
     name = storage.basename(output)
     if not name.lower().endswith(VIDEO_SUFFIXES):
         return f"is not named as the MP4 video it will be: end its name in {', '.join(VIDEO_SUFFIXES)}"
-    path = output.split("://", 1)[-1]
-    longest = max(path.split("/"), key=lambda part: len(part.encode()))
+    if not storage.is_local(output):  # an object store's key has no names, only its whole length
+        return None
+    longest = max(output.split("://", 1)[-1].split("/"), key=lambda part: len(part.encode()))
     if len(longest.encode()) > NAME_BYTES:
         return f"has a name of {len(longest.encode())} bytes in its path: at most {NAME_BYTES}"
     return None
@@ -568,10 +569,13 @@ def _earlier_ids(uri: str) -> dict[tuple[str, str], str]:
         table = pq.read_table(io.BytesIO(data))
     except (ValueError, pa.ArrowException):
         table = None
-    # one written before manifests were marked: its three columns alone, and no other writer's metadata
+    # its three columns alone (one given a `box` or `notes` column since, its mark kept, is the
+    # user's now), and its mark, or no other writer's metadata (one written before manifests were marked)
     metadata = (table.schema.metadata or {}) if table is not None else {}
-    built = table is not None and (
-        metadata.items() >= WRITTEN_BY.items() or (table.column_names == _BUILT_COLUMNS and not metadata)
+    built = (
+        table is not None
+        and table.column_names == _BUILT_COLUMNS
+        and (metadata.items() >= WRITTEN_BY.items() or not metadata)
     )
     if table is None or not built:
         raise ManifestError(

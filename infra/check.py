@@ -317,7 +317,7 @@ def image_problems(b: Bundle) -> list[str]:
     # every tag the page's commands and the Dockerfile's build comment give: a `docker run` line
     # left at the last release starts nodes of another image, which Ray refuses or feeds no segments
     repository = expected.rsplit(":", 1)[0]
-    named = re.compile(re.escape(repository) + r":[\w.-]*")
+    named = re.compile(re.escape(repository) + r":\w(?:[\w.+-]*\w)?")  # a tag; not a sentence's full stop
     for where, text in (("docs/deploy.md", b["deploy_doc"]), ("infra/Dockerfile", b["dockerfile_text"])):
         for line_number, line in enumerate(text.splitlines(), 1):
             problems += [

@@ -117,7 +117,7 @@ GOOD = {"audio": "good.wav", "avatar": "good.mp4", "id": "good", "output": None,
         # refused after the row had rendered, or published as given
         ({"id": "x", "output": "clip.webm"}, "x", "output /out/clip.webm is not named as the MP4 video it will be"),
         ({"id": "x", "output": "newdir"}, "x", "output /out/newdir is not named as the MP4 video it will be"),
-        ({"id": "x", "output": "b" * 296 + ".mp4"}, "x", "has a name of 300 bytes in its path: at most 240"),
+        ({"id": "x", "output": "b" * 296 + ".mp4"}, "x", "has a name of 300 bytes in its path: at most 255"),
     ],
 )
 def test_a_row_that_cannot_run_is_refused_with_the_reason_and_the_others_go_on(bad, refused_id, message):
@@ -584,6 +584,11 @@ def test_a_manifest_made_by_hand_is_not_written_over(tmp_path):
     out = str(tmp_path / "m.parquet")
     assert build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], out) == 1
     assert build_manifest([str(tmp_path / "*.wav")], [str(tmp_path / "p.mp4")], out) == 1  # its own: rebuilt
+    ours = pq.read_table(out)  # given a column of the user's since (its mark kept by pyarrow): theirs now
+    pq.write_table(ours.append_column("notes", pa.array(["keep me"])), out)
+    with pytest.raises(ManifestError, match="exists and is no manifest"):
+        build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], out)
+    assert pq.read_table(out).column("notes").to_pylist() == ["keep me"]
     with pytest.raises(ManifestError, match="the manifest is a Parquet file: end its name in .parquet"):
         build_manifest([str(tmp_path / "a.wav")], [str(tmp_path / "p.mp4")], str(tmp_path / "m.csv"))
     assert not (tmp_path / "m.csv").exists()

@@ -369,7 +369,7 @@ def test_an_http_server_that_takes_the_connection_and_never_answers_fails_its_re
     silent = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
     threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in iter(int, 1)], daemon=True).start()
-    from heygem_ray.errors import InputError, reading
+    from heygem_ray.errors import reading
 
     monkeypatch.setattr(storage, "HTTP_SILENCE_SECONDS", 0.5)
     monkeypatch.setattr(storage, "RETRIES", 2)
@@ -390,6 +390,6 @@ def test_an_http_server_that_takes_the_connection_and_never_answers_fails_its_re
     silent.close()
     assert not reader.is_alive(), "the read still waits for the silent server"
     assert held, "the read never reached the server"
-    # the row's error names the input, as for any other input error (it was "FSTimeoutError: ")
-    assert isinstance(outcome[0], InputError) and not outcome[0].lasting, outcome
-    assert str(outcome[0]).startswith(f"audio {uri}: could not be read, its store unreachable after 2 tries"), outcome
+    # the row's error names the input (it was "FSTimeoutError: "), still the store's fault, not the input's
+    assert isinstance(outcome[0], storage.StorageUnavailable) and storage.retried(outcome[0]), outcome
+    assert str(outcome[0]).startswith(f"audio {uri}: its store stayed unreachable through 2 tries"), outcome

@@ -410,8 +410,17 @@ def local_system_config(cfg: Config) -> dict[str, Any]:
         "enable_metrics_collection": cfg.cluster.include_dashboard,
         "raylet_client_connect_timeout_milliseconds": LOCAL_CONNECT_RETRY_MS,
         "raylet_client_num_connect_attempts": max(1, 10 * 1000 // LOCAL_CONNECT_RETRY_MS),
-        "task_oom_retries": int(os.environ.get("RAY_task_oom_retries", TASK_RETRIES)),  # `_init`
+        "task_oom_retries": _task_oom_retries(),  # `_init`
     }
+
+
+def _task_oom_retries() -> int:
+    """The retries of a task Ray's memory monitor killed: the environment's (`_init` sets it where
+    the user did not), TASK_RETRIES where that is no number."""
+    try:
+        return int(os.environ.get("RAY_task_oom_retries", TASK_RETRIES))
+    except ValueError:
+        return TASK_RETRIES
 
 
 #: how long a local Ray's raylet (and its workers) wait before trying a refused socket again
