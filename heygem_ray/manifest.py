@@ -463,7 +463,8 @@ def expand(patterns: list[str], leave_out: str = "") -> list[str]:
             fixed = pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)].rpartition("/")[0]
             base = (storage.local_path(fixed or ".") if storage.is_local(pattern) else fixed).rstrip("/")
             matched = storage.versions(pattern)
-            matches = [uri for uri in matched if not _hidden(uri, base) and not _same_file(uri, leave_out)]
+            below = (pattern[len(fixed) :] if fixed else pattern).lstrip("/").split("/")
+            matches = [uri for uri in matched if not _hidden(uri, base, below) and not _same_file(uri, leave_out)]
             if not matches:
                 raise ManifestError(f"{storage.display(pattern)} matches no files")
             out.extend(_usable(matches, pattern))
@@ -514,10 +515,21 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _hidden(uri: str, base: str) -> bool:
-    """Whether `uri`, matched below the folder `base`, is hidden or in a hidden folder below it."""
+def _hidden(uri: str, base: str, pattern: list[str]) -> bool:
+    """Whether `uri`, matched below the folder `base` by the names `pattern` (the pattern's parts
+    below it), is hidden or in a hidden folder below it that the pattern did not name with its dot,
+    as a shell's glob: `.intro.w[a]v` takes `.intro.wav`, `*` does not (nor does `**`)."""
     below = uri[len(base) :] if uri.startswith(base) else storage.basename(uri)
-    return any(part.startswith(".") for part in below.split("/"))
+    parts = below.strip("/").split("/")
+    if "**" in pattern:  # the parts before it align from the start, those after it from the end
+        k = pattern.index("**")
+        head, tail = pattern[:k], pattern[k + 1 :]
+        named = head + [""] * (len(parts) - len(head) - len(tail)) + tail
+    else:
+        named = pattern
+    return any(
+        part.startswith(".") and not (i < len(named) and named[i].startswith(".")) for i, part in enumerate(parts)
+    )
 
 
 def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int | None = None) -> int:

@@ -434,6 +434,11 @@ def test_the_manifest_command_takes_media_files_only_and_renames_no_row_it_had(t
     for pattern in (aud / "*" / "*.wav", aud / "**" / "*.wav"):
         assert build_manifest([str(pattern)], [str(tmp_path / "p.mp4")], out) == (1 if "**" not in str(pattern) else 3)
     assert build_manifest([str(aud / ".Trash" / "*.wav")], [str(tmp_path / "p.mp4")], out) == 1
+    # and a hidden name the pattern gives with its dot, as a shell's glob takes it (it matched nothing)
+    (aud / ".intro.wav").write_bytes(b"x")
+    assert build_manifest([str(aud / ".intro.w[a]v")], [str(tmp_path / "p.mp4")], out) == 1
+    assert build_manifest([str(aud / ".*" / "*.wav")], [str(tmp_path / "p.mp4")], out) == 1  # .Trash's, not .intro
+    assert build_manifest([str(aud / "*.wav")], [str(tmp_path / "p.mp4")], out) == 2  # a.wav, b.wav: no .intro
     with pytest.raises(ManifestError, match="nosuch.wav does not exist"):
         build_manifest([str(tmp_path / "nosuch.wav")], [str(tmp_path / "p.mp4")], out)
 
