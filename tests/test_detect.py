@@ -4,6 +4,8 @@ in blurred noise, textures, an empty room or a cartoon background."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -253,23 +255,12 @@ def test_the_default_stride_keeps_the_track_of_every_frame(tmp_path):
     views, their boxes differ by the views' shapes, as any two runs would: not so on this clip.)"""
     from dataclasses import replace
 
-    import av
-
     from helpers import compose_config
-    from heygem_ray.media.yuv import bgr_to_i420
     from heygem_ray.prepare import prepare_avatar
 
     cfg = compose_config("manifest=m", "output=o").detector
     assert cfg.name == "haar" and cfg.stride == 2
-    stage, clip = demo.Stage.of_height(720), str(tmp_path / "presenter.mp4")
-    with av.open(clip, "w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"crf": "18", "preset": "ultrafast"})
-        stream.height, stream.width = stage.canvas.shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for i in range(40):
-            frame = av.VideoFrame.from_ndarray(bgr_to_i420(stage.frame(i / 25)), format="yuv420p")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    clip = _swaying_presenter(str(tmp_path / "presenter.mp4"), 720, 40, Fraction(25))
     strided = prepare_avatar(clip, None, cfg, str(tmp_path / "a"), 25.0).boxes.astype(float)
     every = prepare_avatar(clip, None, replace(cfg, stride=1), str(tmp_path / "b"), 25.0).boxes.astype(float)
     face = np.mean(every[:, 2] - every[:, 0])
@@ -336,23 +327,11 @@ def test_a_held_frame_is_detected_once_for_all_its_ticks(tmp_path, monkeypatch):
     (`prepare._held`): the detector saw each picture once per tick (a 2.5 fps clip ten times over);
     now once, and every tick of it gets that picture's candidates."""
     from dataclasses import replace
-    from fractions import Fraction
-
-    import av
 
     from helpers import compose_config
-    from heygem_ray.media.yuv import bgr_to_i420
     from heygem_ray.prepare import prepare_avatar
 
-    stage, clip = demo.Stage.of_height(360), str(tmp_path / "slow.mp4")
-    with av.open(clip, "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(5, 2), options={"crf": "18", "preset": "ultrafast"})
-        stream.height, stream.width = stage.canvas.shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for i in range(6):
-            frame = av.VideoFrame.from_ndarray(bgr_to_i420(stage.frame(i / 2.5)), format="yuv420p")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    clip = _swaying_presenter(str(tmp_path / "slow.mp4"), 360, 6, Fraction(5, 2))
     seen: list[bytes] = []
     detect = HaarDetector.detect
     monkeypatch.setattr(
@@ -365,3 +344,21 @@ def test_a_held_frame_is_detected_once_for_all_its_ticks(tmp_path, monkeypatch):
     # each picture's ticks alike: the box changes only where the picture does, and it does
     changes = sum((boxes[i] != boxes[i - 1]).any() for i in range(1, 60))
     assert 0 < changes <= 5
+
+
+def _swaying_presenter(path: str, height: int, frames: int, rate: Fraction) -> str:
+    """An H.264 clip of the benchmarks' stage at `height`: the presenter swaying, `frames` at `rate`."""
+    import av
+
+    from heygem_ray.media.yuv import bgr_to_i420
+
+    stage = demo.Stage.of_height(height)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=rate, options={"crf": "18", "preset": "ultrafast"})
+        stream.height, stream.width = stage.canvas.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(bgr_to_i420(stage.frame(float(i / rate))), format="yuv420p")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
