@@ -30,7 +30,7 @@ from typing import Any
 from heygem_ray import scratch, storage
 from heygem_ray.actor_pool import LOST_ACTOR_SECONDS, ActorPool
 from heygem_ray.config import Config, in_ray_job
-from heygem_ray.errors import CheckpointError, InputError, ManifestError, SettingsError
+from heygem_ray.errors import CacheError, CheckpointError, InputError, ManifestError, SettingsError
 from heygem_ray.executors import Executor, Expired, failure_reason, open_executor
 from heygem_ray.manifest import Row, read_manifest
 from heygem_ray.markers import Marker
@@ -718,6 +718,7 @@ def run(
     cfg = replace(cfg, model_versions=model_versions(cfg))
     _check_models(cfg)
     check_encoder(cfg)
+    _check_cache(cfg.cache_uri)  # the last check: its probe makes the cache's folder
     if accepted is not None:
         accepted()
     storage.configure(cfg.storage.options, cfg.model_versions)
@@ -806,6 +807,18 @@ def check_encoder(cfg: Config) -> None:
     problem = encoder_problem("libx264", cfg.encoder) if codec in ("libx264", "auto") else None
     if problem and (codec == "libx264" or problem.startswith("encoder.x264_params=")):
         raise SettingsError(problem)
+
+
+def _check_cache(cache: str) -> None:
+    """CacheError for a cache no row could use (a bucket that does not exist, a folder that cannot
+    be written): every row failed with it, one by one, after its inputs were read."""
+    probe = storage.join(cache, f".probe-{secrets.token_hex(4)}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:
+        detail = getattr(exc, "strerror", None) or type(exc).__name__
+        raise CacheError(f"cache {storage.display(cache)}: cannot be used ({detail})") from None
 
 
 def _check_models(cfg: Config) -> None:

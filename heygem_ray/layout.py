@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from heygem_ray.storage import is_local, join, local_path
+from heygem_ray.storage import info, is_local, join, local_path
 
 #: the names the campaign's own files take directly under the output root: no video may
 RESERVED = (
@@ -54,8 +54,14 @@ class CampaignLayout:
         return [uri for uri in files if is_local(uri) and os.path.isdir(local_path(uri))]
 
     def root_is_a_file(self) -> bool:
-        """Whether a local output root is a file (an `output=` that names a video)."""
-        return is_local(self.output) and os.path.isfile(local_path(self.output))
+        """Whether the output root is a file (an `output=` that names a video; in an object store,
+        a key the campaign's files would make a folder of as well)."""
+        if is_local(self.output):
+            return os.path.isfile(local_path(self.output))
+        try:
+            return info(self.output).get("type") == "file"
+        except FileNotFoundError:
+            return False
 
     @property
     def results(self) -> str:

@@ -263,6 +263,10 @@ def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_
         return cell
     if output.endswith("/"):  # a folder: the row's video goes in it under the row's name
         output += f"{row_id}.mp4"
+    if not storage.is_local(output) and "//" in output.split("://", 1)[-1]:
+        # an object store keeps an empty name (`bkt//a`) where every check reads the one without it
+        cell.refuse(f"output {storage.display(output)} holds an empty name (//)")
+        return cell
     if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
         output = storage.join(output_root.given, output)  # relative outputs live under the campaign root
     cell.output, cell.normal_output = output, storage.normalize(output)

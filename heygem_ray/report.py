@@ -82,10 +82,14 @@ def video_href(output: str, report_uri: str | None) -> str | None:
 
 
 def _split(uri: str) -> tuple[str, str, str]:
-    """(scheme, bucket, key) of a remote URI, query string dropped; ('file', '', path) for local."""
+    """(scheme, bucket, key) of a remote URI, an HTTP(S) query string dropped (in an object store's
+    key a '?' is a character of the name: `o/a?b.mp4` was linked as `o/a`); ('file', '', path) for local."""
     if storage.is_local(uri):
         return "file", "", storage.local_path(uri)
-    rest = re.sub(r"/+", "/", uri.split("://", 1)[1].split("?", 1)[0])
+    rest = uri.split("://", 1)[1]
+    if storage.protocol(uri) in ("http", "https"):
+        rest = rest.split("?", 1)[0]
+    rest = re.sub(r"/+", "/", rest)
     rest = re.sub(r"^[^/@]*@", "", rest)  # user:password@
     bucket, _, key = rest.partition("/")
     return storage.protocol(uri), bucket, key

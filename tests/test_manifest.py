@@ -118,6 +118,8 @@ GOOD = {"audio": "good.wav", "avatar": "good.mp4", "id": "good", "output": None,
         ({"id": "x", "output": "clip.webm"}, "x", "output /out/clip.webm is not named as the MP4 video it will be"),
         ({"id": "x", "output": "newdir"}, "x", "output /out/newdir is not named as the MP4 video it will be"),
         ({"id": "x", "output": "b" * 296 + ".mp4"}, "x", "has a name of 300 bytes in its path: at most 255"),
+        # an object store keeps `//` (a key outside the root, as every check reads it inside)
+        ({"id": "x", "output": "s3://out//a.mp4"}, "x", "output s3://out//a.mp4 holds an empty name (//)"),
     ],
 )
 def test_a_row_that_cannot_run_is_refused_with_the_reason_and_the_others_go_on(bad, refused_id, message):

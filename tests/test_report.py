@@ -239,6 +239,10 @@ def test_link_rules():
     assert video_href("javascript://%0aalert(1)", None) is None
     assert video_href("/data/c/javascript:alert(1)", "/data/c/_report.html") == "javascript%3Aalert%281%29"
     assert video_href("", "/x/_report.html") is None
+    # a '?' in an object store's key is a character of the name (it was linked as `o/a`); an
+    # HTTP(S) URL's query string is not part of the path
+    assert video_href("s3://bkt/qq/o/a?b.mp4", "s3://bkt/qq/_report.html") == "o/a%3Fb.mp4"
+    assert video_href("https://h/c/a.mp4?sig=1", "https://h/c/_report.html?x") == "a.mp4"
 
 
 def test_thousands_of_rows_each_get_one_card():

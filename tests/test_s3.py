@@ -299,3 +299,24 @@ def test_a_store_that_refuses_for_want_of_credentials_is_a_message_not_a_traceba
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "the store refused: NoCredentialsError" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_output_root_that_is_an_object_or_a_cache_in_no_bucket_stops_the_run_before_any_row(s3_endpoint, bucket):
+    """An `output=` naming an existing video (a key) made the campaign's files under it as a
+    "folder" too, the key both; a `cache=` in a bucket that does not exist failed every row with
+    `CacheError … (FileNotFoundError)`, one by one. Both are refused at once, exit 2, saying why."""
+    from helpers import render_cli
+
+    endpoint = f"+storage.options.s3.endpoint_url={s3_endpoint}"
+    manifest = "manifest=s3://heygem-e2e/campaign.parquet"
+    done = render_cli(manifest, "output=s3://heygem-e2e/inputs/clip2.mp4", "cluster=inline", endpoint, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "output s3://heygem-e2e/inputs/clip2.mp4: is a file: the output root is the folder" in done.stderr
+    assert keys(bucket, "inputs/clip2.mp4/") == []
+    out = "s3://heygem-e2e/no-cache-run"
+    done = render_cli(
+        manifest, f"output={out}", "cache=s3://heygem-mistyped/cache", "cluster=inline", endpoint, timeout=120
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "cache s3://heygem-mistyped/cache: cannot be used" in done.stderr, done.stderr[-3000:]
+    assert not [k for k in keys(bucket, "no-cache-run/") if k.endswith(".mp4")]
