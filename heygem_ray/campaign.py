@@ -810,15 +810,23 @@ def check_encoder(cfg: Config) -> None:
 
 
 def _check_cache(cache: str) -> None:
-    """CacheError for a cache no row could use (a bucket that does not exist, a folder that cannot
-    be written): every row failed with it, one by one, after its inputs were read."""
-    probe = storage.join(cache, f".probe-{secrets.token_hex(4)}")
+    """CacheError for a cache in a bucket or below a file that does not exist: every row failed
+    with it, one by one, after its inputs were read. Found by writing an empty probe there, left
+    (a store may grant no deletes). A cache that cannot be written is let be: one warmed before
+    serves every row that only reads it."""
     try:
-        storage.write_bytes(probe, b"")
-        storage.remove(probe)
-    except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:
-        detail = getattr(exc, "strerror", None) or type(exc).__name__
+        storage.write_bytes(storage.join(cache, CACHE_PROBE), b"")
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        detail = getattr(exc, "strerror", None) or "no such bucket or folder"
         raise CacheError(f"cache {storage.display(cache)}: cannot be used ({detail})") from None
+    except OSError as exc:
+        if storage.retried(exc):  # the store is down: said as such, the run tried again later
+            raise
+        log.debug("cache %s not writable (%s): rows that need to write it will say so", cache, exc)
+
+
+#: the empty file a campaign writes into its cache to find the cache's bucket there
+CACHE_PROBE = ".heygem-probe"
 
 
 def _check_models(cfg: Config) -> None:

@@ -4,6 +4,8 @@ common cross-product campaigns."""
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import io
 import itertools
 import os
@@ -263,12 +265,15 @@ def _read_row(n: int, record: dict[str, Any], output_root: _Root, allow_outside_
         return cell
     if output.endswith("/"):  # a folder: the row's video goes in it under the row's name
         output += f"{row_id}.mp4"
-    if not storage.is_local(output) and "//" in output.split("://", 1)[-1]:
+    own = output  # the row's own part of its output's path (a root's own `//` is the root's)
+    if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
+        output = storage.join(output_root.given, output)  # relative outputs live under the campaign root
+    elif output.startswith(output_root.given.rstrip("/") + "/"):
+        own = output[len(output_root.given.rstrip("/")) :]
+    if not storage.is_local(output) and "//" in own.split("://", 1)[-1]:
         # an object store keeps an empty name (`bkt//a`) where every check reads the one without it
         cell.refuse(f"output {storage.display(output)} holds an empty name (//)")
         return cell
-    if storage.protocol(output) == "file" and not output.startswith(("/", "~", "file://")):
-        output = storage.join(output_root.given, output)  # relative outputs live under the campaign root
     cell.output, cell.normal_output = output, storage.normalize(output)
     under = _is_under(cell.normal_output, output_root.normal)
     if not allow_outside_output and not under:
@@ -304,7 +309,7 @@ def _output_name_problem(output: str) -> str | None:
     name = storage.basename(output)
     if not name.lower().endswith(VIDEO_SUFFIXES):
         return f"is not named as the MP4 video it will be: end its name in {', '.join(VIDEO_SUFFIXES)}"
-    if not storage.is_local(output):  # an object store's key has no names, only its whole length
+    if storage.protocol(output) in storage.OBJECT_STORES:  # a key has no names, only its whole length
         return None
     longest = max(output.split("://", 1)[-1].split("/"), key=lambda part: len(part.encode()))
     if len(longest.encode()) > NAME_BYTES:
@@ -525,15 +530,17 @@ def _hidden(uri: str, base: str, pattern: list[str]) -> bool:
     as a shell's glob: `.intro.w[a]v` takes `.intro.wav`, `*` does not (nor does `**`)."""
     below = uri[len(base) :] if uri.startswith(base) else storage.basename(uri)
     parts = below.strip("/").split("/")
-    if "**" in pattern:  # the parts before it align from the start, those after it from the end
-        k = pattern.index("**")
-        head, tail = pattern[:k], pattern[k + 1 :]
-        named = head + [""] * (len(parts) - len(head) - len(tail)) + tail
-    else:
-        named = pattern
-    return any(
-        part.startswith(".") and not (i < len(named) and named[i].startswith(".")) for i, part in enumerate(parts)
-    )
+
+    @functools.cache
+    def shown(i: int, j: int) -> bool:  # parts[i:] matched by pattern[j:], a hidden part only by a dot
+        if j == len(pattern):
+            return i == len(parts)
+        if pattern[j] == "**":  # any number of parts, none hidden
+            return shown(i, j + 1) or (i < len(parts) and not parts[i].startswith(".") and shown(i + 1, j))
+        named = i < len(parts) and fnmatch.fnmatchcase(parts[i], pattern[j])
+        return named and (not parts[i].startswith(".") or pattern[j].startswith(".")) and shown(i + 1, j + 1)
+
+    return not shown(0, 0)
 
 
 def build_manifest(audio: list[str], avatar: list[str], out_uri: str, limit: int | None = None) -> int:

@@ -98,10 +98,11 @@ def output_lock(layout: CampaignLayout) -> Iterator[HeldLock]:
         "pid": os.getpid(),
         "token": token,
     }
-    if layout.root_is_a_file():  # said as "a parent of it is a file", of the root itself
-        raise InputError(
-            "output", layout.output, "is a file: the output root is the folder the videos and results go in"
-        )
+    with writing(layout.output):  # its refusals said as the writes' would be
+        if layout.root_is_a_file():  # said as "a parent of it is a file", of the root itself
+            raise InputError(
+                "output", layout.output, "is a file: the output root is the folder the videos and results go in"
+            )
     made = _folders_to_make(layout.output)
     _HELD.add(token)  # before it is written: from then on, this process's lock is alive
     try:

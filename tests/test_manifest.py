@@ -441,6 +441,10 @@ def test_the_manifest_command_takes_media_files_only_and_renames_no_row_it_had(t
     assert build_manifest([str(aud / ".intro.w[a]v")], [str(tmp_path / "p.mp4")], out) == 1
     assert build_manifest([str(aud / ".*" / "*.wav")], [str(tmp_path / "p.mp4")], out) == 1  # .Trash's, not .intro
     assert build_manifest([str(aud / "*.wav")], [str(tmp_path / "p.mp4")], out) == 2  # a.wav, b.wav: no .intro
+    # a hidden folder named with its dot between two `**`: taken there, and only there
+    (aud / "sub" / ".cache" / "deep").mkdir()
+    (aud / "sub" / ".cache" / "deep" / "e.wav").write_bytes(b"x")
+    assert build_manifest([str(aud / "**" / ".cache" / "**" / "*.wav")], [str(tmp_path / "p.mp4")], out) == 2
     with pytest.raises(ManifestError, match="nosuch.wav does not exist"):
         build_manifest([str(tmp_path / "nosuch.wav")], [str(tmp_path / "p.mp4")], out)
 
@@ -511,6 +515,15 @@ def test_a_rows_video_goes_under_the_output_root_as_given_as_the_campaigns_own_f
 
     (row,) = rows_from_table(pa.table({"id": ["r1"], "audio": ["/d/a.wav"], "avatar": ["/d/v.mp4"]}), "s3://b//x/")
     assert row.refused is None and row.output == storage.join("s3://b//x/", "r1.mp4")
+    # a row's own `//` (relative, or below the root written out) is refused: its key is not the one
+    # every check reads
+    cells = {"id": ["r1", "r2", "r3"], "audio": ["/d/a.wav"] * 3, "avatar": ["/d/v.mp4"] * 3}
+    rows = rows_from_table(pa.table({**cells, "output": ["c//a.mp4", "s3://b/x//b.mp4", "c/c.mp4"]}), "s3://b/x")
+    assert [r.refused for r in rows] == [
+        "manifest row 0: output s3://b/x/c//a.mp4 holds an empty name (//)",
+        "manifest row 1: output s3://b/x//b.mp4 holds an empty name (//)",
+        None,
+    ]
 
 
 def test_a_scheme_nothing_here_reads_is_said_plainly(tmp_path, capsys):
