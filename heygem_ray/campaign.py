@@ -826,7 +826,7 @@ def _check_cache(cache: str) -> None:
 
 
 #: the empty file a campaign writes into its cache to find the cache's bucket there
-CACHE_PROBE = ".heygem-probe"
+CACHE_PROBE = "heygem-probe"
 
 
 def _check_models(cfg: Config) -> None:
