@@ -379,7 +379,20 @@ def compose(overrides: Sequence[str], config_name: str = "config", config_dir: s
     else:
         context = initialize_config_dir(config_dir=config_dir, version_base="1.3")
     with context:
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    _check_switches(cfg, overrides)
+    return cfg
+
+
+def _check_switches(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """ValueError for a switch given a number other than 0 or 1: OmegaConf reads any other integer
+    as true (`force=2`, `cluster.include_dashboard=-1`), where a person meant something else."""
+    for override in overrides:
+        key, equals, value = override.lstrip("+").partition("=")
+        if not equals or override.startswith("~") or not re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+            continue
+        if value.strip() not in ("0", "1") and isinstance(OmegaConf.select(cfg, key, default=None), bool):
+            raise ValueError(f"{key}: {value.strip()} is no switch value: give true or false")
 
 
 def demo_main(argv: Sequence[str]) -> int:

@@ -741,6 +741,21 @@ def test_config_mistakes_an_operator_makes_are_exit_2_with_a_way_out_not_a_trace
         capsys.readouterr()
 
 
+def test_a_switch_given_a_number_other_than_0_or_1_is_refused(capsys):
+    """OmegaConf reads any integer as a bool: `force=2` ran as force=true and
+    `cluster.include_dashboard=-1` turned the dashboard on."""
+    from heygem_ray.cli import render_main
+
+    base = ["manifest=/data/m.parquet", "output=/data/out"]
+    for override in ("force=2", "cluster.include_dashboard=-1", "++force=10"):
+        assert render_main([*base, override, "--cfg", "job"]) == 2, override
+        err = capsys.readouterr().err
+        assert "is no switch value: give true or false" in err and "Traceback" not in err, (override, err)
+    for override, shown in (("force=1", "force: true"), ("force=0", "force: false"), ("cluster.actors=2", "actors: 2")):
+        assert render_main([*base, override, "--cfg", "job"]) == 0, override
+        assert shown in capsys.readouterr().out, override
+
+
 def test_a_mistyped_option_is_named_with_what_was_meant(capsys):
     """Hydra said "Could not override 'render.max_sid'. To append to your config use
     +render.max_sid=100", a way out that fails too (the options are a fixed schema); the README's
