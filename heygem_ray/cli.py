@@ -389,10 +389,11 @@ def _check_switches(cfg: DictConfig, overrides: Sequence[str]) -> None:
     as true (`force=2`, `cluster.include_dashboard=-1`), where a person meant something else."""
     for override in overrides:
         key, equals, value = override.lstrip("+").partition("=")
-        if not equals or override.startswith("~") or not re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        number = value.strip()
+        if not equals or override.startswith("~") or not re.fullmatch(r"[+-]?[0-9]+", number):
             continue
-        if value.strip() not in ("0", "1") and isinstance(OmegaConf.select(cfg, key, default=None), bool):
-            raise ValueError(f"{key}: {value.strip()} is no switch value: give true or false")
+        if number not in ("0", "1") and isinstance(OmegaConf.select(cfg, key, default=None), bool):
+            raise ValueError(f"{key}: {number} is no switch value: give true or false")
 
 
 def demo_main(argv: Sequence[str]) -> int:
