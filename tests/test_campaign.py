@@ -551,7 +551,9 @@ def test_metrics_reach_the_prometheus_endpoint(rendered):
     assert frames >= sum(r["frames"] for r in rendered[2].values() if r["status"] == "ok")
 
 
-def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir, tmp_path):
+def test_force_and_changes_re_render_only_what_they_should(media_dir, tmp_path):
+    """What a rerun renders again is the fingerprint's business, not the executor's: checked here
+    without a Ray (the Ray path's skip is test_rerun_skips_finished_rows')."""
     import shutil
 
     audio = tmp_path / "a.wav"
@@ -567,7 +569,7 @@ def test_force_and_changes_re_render_only_what_they_should(ray_local, media_dir,
         ),
         manifest,
     )
-    base = [f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false"]
+    base = [f"manifest={manifest}", f"output={tmp_path / 'out'}", "render.progress=false", "cluster=inline"]
 
     def statuses(*extra):
         return {r.id: r.status for r in campaign.run(compose_config(*base, *extra)).rows}
