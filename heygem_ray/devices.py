@@ -149,8 +149,8 @@ def cpu_int8_is_faster(flags: frozenset[str] | None = None) -> bool:
     (`ONEDNN_MAX_CPU_ISA`; not on Haswell or Zen hardware itself): with VNNI 49.4 against fp32's
     18.6 (2.7x); AVX-512 without VNNI (Skylake-SP) 25.4 against 18.6 (1.4x); AVX2 (Haswell to
     Zen 3) 20.2 against 10.9 (1.9x); on AMD EPYC Zen 3 hardware (family 25, AVX2) the whole
-    generator 16.6 against 8.5 (1.9x), though one other AMD host found them alike. Without VNNI the int8 ranges are narrowed so no sum saturates
-    (`wav2lip_cpu.int8_range`)."""
+    generator 16.6 against 8.5 (1.9x), though one other AMD host found them alike. Without VNNI
+    the int8 ranges are narrowed so no sum saturates (`wav2lip_cpu.int8_range`)."""
     return "avx2" in (cpu_flags() if flags is None else flags)
 
 
