@@ -178,11 +178,14 @@ def test_sigterm_stops_the_campaign_with_every_row_reported(tmp_path, media_dir,
     assert not (out / "_results").exists()
     assert json.loads((out / "_progress.json").read_text())["state"] == "interrupted"
     assert "Stopped before its end: 12 rows" in (out / "_report.html").read_text()  # not "Finished"
-    if not executor:  # resuming does not depend on the executor: checked once, inline
-        return
-
+    # the rerun resumes whichever executor stopped: inline, which starts no Ray of its own
+    resume = [*args, "cluster=inline"]
     rerun = subprocess.run(
-        [sys.executable, "-m", "heygem_ray.cli", "render", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "heygem_ray.cli", "render", *resume],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     again = {r["id"]: r for r in read_results(str(out / "_results.parquet"))}
