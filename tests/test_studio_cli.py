@@ -67,52 +67,12 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
     import httpx
     from gradio_client import Client
 
-    port = _free_port()
     uploads = tmp_path / "uploads"  # Gradio's upload cache: a private folder of this account
     uploads.mkdir(mode=0o700)
-    studio = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "heygem_ray.cli",
-            "studio",
-            f"studio.port={port}",
-            f"studio.store={tmp_path}/store",
-            f"studio.log_file={tmp_path}/log",
-            f"studio.session_key={tmp_path}/key",
-            f"studio.ray_address=http://127.0.0.1:{_free_port()}",
-        ],
-        env={
-            **os.environ,
-            "RAY_AUTH_MODE": "disabled",
-            "GRADIO_ANALYTICS_ENABLED": "False",
-            "GRADIO_TEMP_DIR": str(uploads),
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    studio, url = _offline_studio(tmp_path, GRADIO_TEMP_DIR=str(uploads))
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                health = httpx.get(url + "/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert studio.poll() is None and time.time() < deadline, studio.stdout.read() if studio.stdout else ""
-                time.sleep(0.5)
+        health = _health(studio, url)
         assert health.status_code == 200 and health.json()["cluster"] == "unreachable"
-        if os.geteuid() == 0 and shutil.which("runuser"):  # another account on the host: every one reaches 127.0.0.1
-            for header in ("", "X-Forwarded-For: 10.0.0.1\\r\\n"):  # a header naming another client
-                fetch = (
-                    f"exec 3<>/dev/tcp/127.0.0.1/{port}; "
-                    f"printf 'GET /app/ HTTP/1.0\\r\\nHost: 127.0.0.1\\r\\n{header}\\r\\n' >&3; head -1 <&3"
-                )
-                other = subprocess.run(
-                    ["runuser", "-u", "nobody", "--", "bash", "-c", fetch], capture_output=True, text=True, timeout=60
-                )
-                assert other.stdout.startswith("HTTP/1.1 403"), header + other.stdout + other.stderr
         # one local user: only loopback names reach it (a rebound DNS name does not)
         assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 400
         client = Client(url + "/app/", verbose=False, download_files=False)
@@ -141,6 +101,72 @@ def test_with_the_cluster_down_the_pages_say_so_and_nothing_is_lost(tmp_path, me
         studio.terminate()
         assert studio.wait(60) == 0
         assert "stop saves_cut_short=0" in (tmp_path / "log").read_text()
+    finally:
+        studio.terminate()
+        studio.wait(30)
+
+
+def _offline_studio(tmp_path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`heygem-ray studio` with no users (one local user) and a cluster that does not answer."""
+    port = _free_port()
+    studio = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "heygem_ray.cli",
+            "studio",
+            f"studio.port={port}",
+            f"studio.store={tmp_path}/store",
+            f"studio.log_file={tmp_path}/log",
+            f"studio.session_key={tmp_path}/key",
+            f"studio.ray_address=http://127.0.0.1:{_free_port()}",
+        ],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "GRADIO_ANALYTICS_ENABLED": "False", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return studio, f"http://127.0.0.1:{port}"
+
+
+def _health(studio: subprocess.Popen[str], url: str):
+    """The studio's /health answer, once it listens."""
+    import httpx
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            return httpx.get(url + "/health", timeout=2)
+        except httpx.HTTPError:
+            assert studio.poll() is None and time.time() < deadline, studio.stdout.read() if studio.stdout else ""
+            time.sleep(0.5)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("runuser"),
+    reason="acting as another account of the host needs root and runuser",
+)
+def test_another_account_on_the_host_is_refused_though_it_reaches_loopback(tmp_path):
+    """A one-user studio (no studio.auth) listens on 127.0.0.1, which every account of the host
+    reaches: a connection from another account's process is refused, whatever client it names."""
+    studio, url = _offline_studio(tmp_path)
+    port = url.rsplit(":", 1)[1]
+    try:
+        assert _health(studio, url).status_code == 200
+        for header in ("", "X-Forwarded-For: 10.0.0.1\\r\\n"):  # a header naming another client
+            fetch = (
+                f"exec 3<>/dev/tcp/127.0.0.1/{port}; "
+                f"printf 'GET /app/ HTTP/1.0\\r\\nHost: 127.0.0.1\\r\\n{header}\\r\\n' >&3; head -1 <&3"
+            )
+            other = subprocess.run(
+                ["runuser", "-u", "nobody", "--", "bash", "-c", fetch], capture_output=True, text=True, timeout=60
+            )
+            assert other.stdout.startswith("HTTP/1.1 403"), header + other.stdout + other.stderr
+        # this account's own request is served
+        import httpx
+
+        assert httpx.get(url + "/app/", timeout=30).status_code == 200
     finally:
         studio.terminate()
         studio.wait(30)
