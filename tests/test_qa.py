@@ -247,7 +247,7 @@ def test_the_expert_scores_a_rendered_row(tmp_path, media_dir, syncnet_checkpoin
     first = job.spans[0]
     assert faces.shape == (first[1] - first[0] - 4, 512) and starts[0] == 0
     sync = sync_score(job)
-    assert sync.method == "syncnet" and sync.score is not None and sync.score >= 0 and sync.distance is not None
+    assert sync.method == "syncnet" and sync.score is not None and sync.score > 0 and sync.distance is not None
     assert sync.offset_frames is not None and abs(sync.offset_frames) <= qa.SYNCNET_OFFSETS
     assert sync.frames == sum(b - a - 4 for a, b in job.spans)
     # without the expert the same row scores by motion-energy

@@ -38,10 +38,6 @@ INT8_MIN_PSNR_DB = 40.0
 INT8_NARROW_MIN_PSNR_DB = 37.0
 
 
-def auto_cpu_precision() -> str:
-    return "bf16" if cpu_bf16_is_faster() else "int8" if cpu_int8_is_faster() else "fp32"
-
-
 @pytest.fixture(scope="module")
 def portrait_frames() -> list[np.ndarray]:
     base = demo.portrait(256)
@@ -58,7 +54,7 @@ def mels(recipe_checkpoints) -> np.ndarray:
 def test_auto_precision_and_batch_size_on_the_cpu(recipe_checkpoints, caplog):
     with caplog.at_level(logging.INFO, logger="heygem_ray.render.wav2lip"):
         renderer = Wav2LipRenderer(recipe_checkpoints["wav2lip"], device="cpu")
-    want = auto_cpu_precision()
+    want = resolve_precision("auto", torch.device("cpu"))  # what this CPU's flags give (below)
     assert renderer.precision == want and renderer.batch_size == CPU_BATCH == 8
     logged = [r for r in caplog.records if "precision" in r.getMessage()]
     assert len(logged) == 1 and logged[0].levelno == logging.INFO and want in logged[0].getMessage()
@@ -68,9 +64,20 @@ def test_auto_precision_and_batch_size_on_the_cpu(recipe_checkpoints, caplog):
         Wav2LipRenderer(recipe_checkpoints["wav2lip"], batch_size=-1, device="cpu")
 
 
-def test_resolve_precision():
+@pytest.mark.parametrize(
+    ("flags", "auto"),
+    [
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bf16"),  # Sapphire Rapids
+        ({"avx2", "avx512f", "avx512_vnni"}, "int8"),  # Cascade Lake
+        ({"avx2", "fma"}, "int8"),  # Zen 3
+        ({"avx", "sse4_2"}, "fp32"),  # Sandy Bridge
+        (set(), "fp32"),  # not x86: an Arm /proc/cpuinfo has no "flags"
+    ],
+)
+def test_resolve_precision(monkeypatch, flags, auto):
+    monkeypatch.setattr("heygem_ray.devices.cpu_flags", lambda: frozenset(flags))
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == auto_cpu_precision()
+    assert resolve_precision("auto", cpu) == auto
     assert [resolve_precision(p, cpu) for p in ("fp32", "int8", "fp16", "bf16")] == ["fp32", "int8", "fp32", "bf16"]
     assert resolve_precision("int8", torch.device("meta")) == "fp32"  # int8 is a CPU precision
 
