@@ -140,27 +140,50 @@ def test_the_classic_renderers_settings_are_checked_when_composed(override):
     """Each was taken: a NaN opening rendered "ok" with a cast warning, a negative batch failed later."""
     with pytest.raises(ValueError, match=re.escape(override.split("=")[0])):
         compose_config("manifest=m", "output=o", override)
-    assert compose_config("manifest=m", "output=o", "qa.syncnet=x.pth", "qa.fail_below=4").qa.fail_below == 4
 
 
-def test_valid_choices_compose():
-    for good in (
-        "detector.device=cuda:1",
-        "renderer.device=cuda",
-        "encoder.preset=slow",
-        "encoder.x264_params='partitions=i8x8,i4x4:me=dia'",  # quoted: Hydra reads a comma as a list
-        "encoder.x264_params=",
-        "encoder.codec=h264_nvenc",
-        "cluster=inline",
+@pytest.mark.parametrize(
+    ("good", "read", "value"),
+    [
+        ("detector.device=cuda:1", lambda c: c.detector.device, "cuda:1"),
+        ("renderer.device=cuda", lambda c: c.renderer.device, "cuda"),
+        ("encoder.preset=slow", lambda c: c.encoder.preset, "slow"),
+        # quoted: Hydra reads a comma as a list
+        (
+            "encoder.x264_params='partitions=i8x8,i4x4:me=dia'",
+            lambda c: c.encoder.x264_params,
+            "partitions=i8x8,i4x4:me=dia",
+        ),
+        ("encoder.x264_params=", lambda c: c.encoder.x264_params, ""),
+        ("encoder.codec=h264_nvenc", lambda c: c.encoder.codec, "h264_nvenc"),
+        ("cluster=inline", lambda c: c.cluster.executor, "inline"),
         # store options a filesystem takes along its classes, its listings cache or its session
-        "+storage.options.s3.use_listings_cache=false",
-        "+storage.options.s3.skip_instance_cache=true",
-        "+storage.options.s3.profile=prod",
-        "+storage.options.s3.anon=true",
-        "+storage.options.gs.token=anon",  # gcsfs not installed here: not checked
-        "+storage.options.file.auto_mkdir=true",
-    ):
-        compose_config("manifest=m", "output=o", "renderer=wav2lip", "renderer.checkpoint=m.pth", good)
+        (
+            "+storage.options.s3.use_listings_cache=false",
+            lambda c: c.storage.options,
+            {"s3": {"use_listings_cache": False}},
+        ),
+        (
+            "+storage.options.s3.skip_instance_cache=true",
+            lambda c: c.storage.options,
+            {"s3": {"skip_instance_cache": True}},
+        ),
+        ("+storage.options.s3.profile=prod", lambda c: c.storage.options, {"s3": {"profile": "prod"}}),
+        ("+storage.options.s3.anon=true", lambda c: c.storage.options, {"s3": {"anon": True}}),
+        (
+            "+storage.options.gs.token=anon",
+            lambda c: c.storage.options,
+            {"gs": {"token": "anon"}},
+        ),  # gcsfs not here: not checked
+        ("+storage.options.file.auto_mkdir=true", lambda c: c.storage.options, {"file": {"auto_mkdir": True}}),
+        # the expert's LSE-C has no upper bound: the correlation's range no longer applies
+        ("qa.fail_below=4", lambda c: c.qa.fail_below, 4),
+    ],
+)
+def test_valid_choices_compose(good, read, value):
+    syncnet = ["qa.syncnet=x.pth"] if good.startswith("qa.") else []
+    cfg = compose_config("manifest=m", "output=o", "renderer=wav2lip", "renderer.checkpoint=m.pth", *syncnet, good)
+    assert read(cfg) == value
 
 
 def test_a_local_ray_gives_the_actors_every_core():
