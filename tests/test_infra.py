@@ -27,8 +27,6 @@ from infra.check import (
     cpu_quantity,
     dockerfile_problems,
     dockerignore_matches,
-    gpu_config,
-    k8s_cluster_problems,
     load_bundle,
     main,
     memory_bytes,
@@ -42,14 +40,6 @@ from infra.check import (
 @pytest.fixture(scope="module")
 def bundle() -> Bundle:
     return load_bundle()
-
-
-@pytest.fixture(scope="module")
-def gpu_cfg():
-    """The composed `cluster=gpu` config, as the job's driver would see it."""
-    cfg = gpu_config()
-    assert cfg.cluster.actor.num_gpus > 0 and cfg.cluster.actor.num_cpus > 0
-    return cfg
 
 
 # --------------------------------------------------------------------------- the real files
@@ -81,10 +71,6 @@ def test_the_service_account_is_defined_once_on_its_own(bundle):
     assert {name for name, docs in defined.items() if docs} == {"infra/k8s/serviceaccount.yaml"}
     [account] = defined["infra/k8s/serviceaccount.yaml"]
     assert account["metadata"]["name"] == "heygem-ray"
-
-
-def test_gpu_actor_fits_rayjob_cluster(bundle, gpu_cfg):
-    assert k8s_cluster_problems("rayjob", bundle["rayjob"]["spec"]["rayClusterSpec"], gpu_cfg) == []
 
 
 def test_no_literal_secrets_in_infra(bundle):

@@ -182,21 +182,6 @@ def test_a_key_with_double_colons_is_one_key(bucket):
     assert not storage.exists(uri)
 
 
-def test_saved_config_masks_credentials():
-    text = config_yaml(
-        compose(
-            [
-                "manifest=m",
-                "output=o",
-                f"+storage.options.s3.secret={S3_SECRET}",
-                "+storage.options.s3.key=AKIAEXAMPLE",
-                "+storage.options.s3.endpoint_url=http://e",
-            ]
-        )
-    )
-    assert S3_SECRET not in text and "AKIAEXAMPLE" not in text and "http://e" in text
-
-
 FRESH_WORKERS_CAMPAIGN = """
 import json, sys
 import ray
