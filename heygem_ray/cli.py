@@ -4,7 +4,7 @@ heygem-ray render manifest=URI output=URI [overrides...] [--cfg job]   render a 
 heygem-ray demo [--dir DIR] [--rows N] [hydra overrides...]        make and render a demo campaign
 heygem-ray manifest --audio A... --avatar V... --out URI          build a cross-product manifest
 heygem-ray studio [studio.key=value ...]                          the web front end (http://127.0.0.1:7860)
-heygem-ray studio adduser NAME [--auth users.toml]                add a studio user
+heygem-ray studio adduser NAME [--auth FILE] [--password-stdin]   add a studio user (or set a password)
 """
 
 from __future__ import annotations
@@ -498,7 +498,8 @@ def studio_main(argv: Sequence[str]) -> int:
         print(
             "usage: heygem-ray studio [studio.key=value ...]   the web studio (options: StudioConfig in\n"
             '       heygem_ray/config.py, conf/studio.yaml; docs/ops.md, "The studio")\n'
-            "       heygem-ray studio adduser NAME [studio.auth=FILE]   add a user, or set a password"
+            "       heygem-ray studio adduser NAME [--auth FILE | studio.auth=FILE] [--password-stdin]\n"
+            "                                                   add a user, or set a password"
         )
         return 0
     overrides = [a for a in args if "=" in a and not a.startswith("-")] if adduser else args
