@@ -17,6 +17,10 @@
 4. Several processes sharing the GPU (4 by default, each with its own model, rendering at the same
    moment, bf16 + device image ops as the node benchmark runs) give exactly the frames one
    process gives.
+5. The node's own CPU: the int8 generator CPU actors run by default, at the ranges this CPU sums
+   exactly (`wav2lip_cpu.int8_range`: the full ones where it has VNNI, which the CI machines lack,
+   so only here are they checked against the reference), vs the same reference: PSNR >= 38 dB and
+   max < 0.12 at the full ranges, >= 36 dB and < 0.16 at the narrowed ones (the CPU tests' bounds).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from benchmarks.gpu import common
 GENERATOR_TOLERANCE = {"fp32": (None, 1e-4), "fp16": (1e-3, 1.5e-2), "bf16": (6e-3, 6e-2)}
 IMAGE_OPS_TOLERANCE = {"mean": 0.5, "max": 8, "within_one": 0.98}
 S3FD_ATOL = S3FD_RTOL = 1e-4
+#: the int8 generator's ranges -> (min PSNR dB, max |diff|) against the reference
+#: (tests/test_wav2lip_model.py's bounds; measured 40.4 dB / 0.078 full, 37.3 dB / 0.115 narrowed)
+INT8_TOLERANCE = {"full": (38.0, 0.12), "narrowed": (36.0, 0.16)}
 #: boxes as fractions of the frame: a face, a near twin, the same again (resized together), one past
 #: the left edge, one past the top, the whole frame, a tiny one (upscaled), an empty one
 BOX_FRACTIONS = np.array(
@@ -124,6 +131,36 @@ def check_generator(result: common.StepResult, device: Any, precisions: Sequence
                 max=diff["max"],
                 max_levels=round(diff["max"] * 255, 3),
             )
+
+
+def check_cpu_int8(result: common.StepResult, device: Any) -> None:
+    """The int8 generator on this node's CPU (whatever `device` the other checks use)."""
+    import torch
+
+    from heygem_ray.devices import cpu_int8_is_faster
+    from heygem_ray.models.wav2lip import Wav2Lip
+    from heygem_ray.models.wav2lip_cpu import FULL_RANGE, int8_range, quantize_for_cpu
+
+    levels = int8_range()
+    ranges = "full" if levels == FULL_RANGE else "narrowed"
+    ref = np.load(common.DATA / "wav2lip_reference.npz")
+    model = Wav2Lip()
+    model.load_state_dict(common.recipe_state_dict("wav2lip_state_dict.tsv"), strict=True)
+    int8 = quantize_for_cpu(model.eval().to(memory_format=torch.channels_last), levels)
+    faces = torch.from_numpy(ref["faces"]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        err = int8(torch.from_numpy(ref["mel"]), faces).numpy() - ref["output"]
+    psnr = float(10 * np.log10(1.0 / max(float(np.mean(err**2)), 1e-20)))
+    worst = float(np.abs(err).max())
+    min_db, max_error = INT8_TOLERANCE[ranges]
+    result.check(
+        f"CPU int8 generator ({ranges} ranges) vs official reference",
+        psnr >= min_db and worst < max_error,
+        f"PSNR >= {min_db:g} dB, max < {max_error:g}",
+        psnr_db=round(psnr, 2),
+        max=round(worst, 4),
+        int8_is_cpu_default=cpu_int8_is_faster(),
+    )
 
 
 # --------------------------------------------------------------------------------------- 2. image ops
@@ -427,6 +464,7 @@ def body(result: common.StepResult, args: argparse.Namespace) -> None:
             ("feather",) if dry else ("feather", "hard"),
         )
         timed("s3fd", check_s3fd)
+        timed("cpu_int8", check_cpu_int8)
         timed(
             "sharing",
             check_sharing,
