@@ -150,6 +150,8 @@ def _health(studio: subprocess.Popen[str], url: str):
 def test_another_account_on_the_host_is_refused_though_it_reaches_loopback(tmp_path):
     """A one-user studio (no studio.auth) listens on 127.0.0.1, which every account of the host
     reaches: a connection from another account's process is refused, whatever client it names."""
+    import httpx
+
     studio, url = _offline_studio(tmp_path)
     port = url.rsplit(":", 1)[1]
     try:
@@ -164,8 +166,6 @@ def test_another_account_on_the_host_is_refused_though_it_reaches_loopback(tmp_p
             )
             assert other.stdout.startswith("HTTP/1.1 403"), header + other.stdout + other.stderr
         # this account's own request is served
-        import httpx
-
         assert httpx.get(url + "/app/", timeout=30).status_code == 200
     finally:
         studio.terminate()
