@@ -355,7 +355,10 @@ class RenderWorker:
         # reuse work done on a frame it has seen (a still, or a clip that loops); by content, not
         # name: a presenter replaced at its URI between two rows is another picture
         avatar = job.avatar_fingerprint or job.avatar_uri
-        sources = [(avatar, int(i)) for i in job.avatar_frames]
+        if job.info.held:  # several ticks show one picture of the file (`prepare._held`): its timestamp names it
+            sources = [(avatar, int(job.pts[int(i) - job.pts_offset])) for i in job.avatar_frames]
+        else:
+            sources = [(avatar, int(i)) for i in job.avatar_frames]
 
         def decode(lo: int, hi: int) -> list[np.ndarray]:
             with clock("decode"):

@@ -222,6 +222,47 @@ def test_frames_of_a_presenter_replaced_between_rows_are_not_the_same_frames_to_
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
+def test_the_ticks_a_held_picture_shows_on_are_one_source_to_the_renderer(tmp_path):
+    """An animated image plays each picture for its delay (`prepare._held`: a 2 s pose is 50 ticks
+    at 25 fps): its ticks were 50 source ids, so Wav2Lip's face encoder ran on the one picture 50
+    times. Ticks of one picture share an id; other pictures keep theirs."""
+    from PIL import Image
+
+    from heygem_ray import demo
+    from heygem_ray.layout import CampaignLayout
+    from heygem_ray.manifest import Row
+    from heygem_ray.prepare import prepare_audio, prepare_avatar
+    from heygem_ray.rows import RowState
+
+    avatar, narration = tmp_path / "blink.gif", str(tmp_path / "n.wav")
+    poses = [Image.fromarray(np.full((96, 128, 3), v, np.uint8)) for v in (40, 200, 90)]
+    poses[0].save(avatar, save_all=True, append_images=poses[1:], duration=[600, 150, 250], loop=0)
+    demo.write_wav(narration, demo.speech_like(1.0, seed=2))
+    cfg = compose_config(
+        "manifest=m", f"output={tmp_path}/out", "cluster.actor.threads=1", "encoder.codec=libx264",
+        "detector=box", "detector.box=[0,0,8,8]",
+    )  # fmt: skip
+    audio = prepare_audio(narration, cfg.cache_uri)
+    track = prepare_avatar(str(avatar), None, cfg.detector, cfg.cache_uri, cfg.render.still_fps)
+    assert track.info.held
+    state = RowState.prepared(Row("r", audio.uri, track.uri, f"{tmp_path}/out/r.mp4"), audio, "fp")
+    state.plan(track, 10.0)
+    worker = RenderWorker(cfg)
+    seen: list = []
+    render = worker.renderer.render
+
+    def recording(frames, boxes, features, sources=None):
+        seen.extend(source[:2] for source in sources or [])
+        return render(frames, boxes, features, sources)
+
+    worker.renderer.render = recording
+    job = state.segment_job(0, CampaignLayout(cfg.output), "libx264")
+    worker.render_segment(job)
+    assert len(seen) == job.frames == 25  # one second, every frame rendered
+    # 0.6 s, 0.15 s, 0.25 s: 15 ticks, then 4 (or 3), then the rest
+    assert seen[:15] == [seen[0]] * 15 and seen[15] != seen[0] and len(set(seen)) == 3, seen
+
+
 def test_a_presenter_replaced_while_it_is_tracked_caches_nothing_under_the_old_bytes(tmp_path, media_dir, monkeypatch):
     """The presenter is rewritten after its tracking task took its fingerprint and before it read
     the file: the new clip's frames and face boxes were cached under the old bytes' name, for every
