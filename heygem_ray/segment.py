@@ -352,10 +352,12 @@ class RenderWorker:
         spans = pipeline_chunks(job.frames, self.renderer.batch_size)
 
         # which avatar frame each output frame shows: equal ids mean equal pixels, so a renderer may
-        # reuse work done on a frame it has seen (a still, or a clip that loops); by content, not
-        # name: a presenter replaced at its URI between two rows is another picture
+        # reuse work done on a frame it has seen (a still, a clip that loops, a picture held for
+        # several ticks); by content, not name: a presenter replaced at its URI between two rows is
+        # another picture. A held avatar's ticks (`prepare._held`) are named by the timestamp of the
+        # picture they show, so the ticks of one picture are one source
         avatar = job.avatar_fingerprint or job.avatar_uri
-        if job.info.held:  # several ticks show one picture of the file (`prepare._held`): its timestamp names it
+        if job.info.held:
             sources = [(avatar, int(job.pts[int(i) - job.pts_offset])) for i in job.avatar_frames]
         else:
             sources = [(avatar, int(i)) for i in job.avatar_frames]
